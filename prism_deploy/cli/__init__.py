@@ -1,0 +1,1 @@
+"""Command-line layer: argument parsing, tables and JSON output, exit codes."""

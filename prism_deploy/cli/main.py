@@ -1,0 +1,63 @@
+"""``prism-deploy``: one entry point, one module per sub-command.
+
+Exit codes: 0 success; 1 a check (parity, a tolerance) failed; 2 bad input, reported as a
+single ``error: ...`` line on stderr with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from prism_deploy.errors import CheckFailed, PrismInputError
+
+# Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
+# Heavy imports stay inside the commands' ``run`` functions so that ``--help`` is quick.
+COMMAND_MODULES = [
+    "prism_deploy.cli.inspect_cmd",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse prints usage plus an error on two lines; the project promises one line.
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="prism-deploy", description="Deployment compiler for PRISM adapters.")
+    from prism_deploy import __version__
+
+    parser.add_argument("--version", action="version", version=f"prism-deploy {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except PrismInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except CheckFailed as exc:
+        print(f"error: check failed: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

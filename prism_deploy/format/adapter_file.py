@@ -1,0 +1,121 @@
+"""Reading and writing ``adapter.safetensors`` files of format v1.
+
+The safetensors library parses the container; this module checks what format v1 adds on
+top (metadata, config, tensor names, shapes, dtypes, finiteness) and turns every failure
+into one ``AdapterFormatError`` line that names the file and the key or tensor at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from prism_deploy.errors import AdapterFormatError
+from prism_deploy.format.config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig
+from prism_deploy.fsutil import atomic_output
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class AdapterTensors:
+    """A validated adapter: its config and its tensors, in the stored dtypes."""
+
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+
+
+def read_adapter_file(path: str | os.PathLike[str]) -> AdapterTensors:
+    """Load and fully validate a v1 adapter file."""
+    p = Path(path)
+    if not p.is_file():
+        raise AdapterFormatError(f"{p}: no such file")
+    try:
+        with safe_open(str(p), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except AdapterFormatError:
+        raise
+    except Exception as exc:  # the container parser's own errors, whatever their type
+        raise AdapterFormatError(f"{p}: not a valid safetensors file ({_one_line(exc)})") from None
+    try:
+        config = config_from_metadata(metadata)
+        validate_tensors(config, tensors)
+    except AdapterFormatError as exc:
+        raise AdapterFormatError(f"{p}: {exc}") from None
+    return AdapterTensors(config, tensors)
+
+
+def config_from_metadata(metadata: Mapping[str, str]) -> AdapterConfig:
+    fmt = metadata.get("format")
+    if fmt != FORMAT_NAME:
+        raise AdapterFormatError(f"metadata.format: expected {FORMAT_NAME!r}, got {fmt!r}")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise AdapterFormatError(
+            f"metadata.format_version: unsupported {version!r} (this tool reads {FORMAT_VERSION!r})"
+        )
+    if "config" not in metadata:
+        raise AdapterFormatError("metadata.config: missing")
+    return AdapterConfig.loads(metadata["config"])
+
+
+def validate_tensors(config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+    expected = config.expected_tensor_shapes()
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise AdapterFormatError(f"tensor {missing[0]!r}: missing (config asks for it)")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise AdapterFormatError(f"tensor {extra[0]!r}: not part of format v1 for this config")
+    for name, shape in expected.items():
+        t = tensors[name]
+        if t.dtype not in FLOAT_DTYPES:
+            raise AdapterFormatError(
+                f"tensor {name!r}: dtype {str(t.dtype).removeprefix('torch.')} is not "
+                "float32, float16 or bfloat16"
+            )
+        if tuple(t.shape) != shape:
+            raise AdapterFormatError(
+                f"tensor {name!r}: shape {list(t.shape)} does not match config, expected {list(shape)}"
+            )
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise AdapterFormatError(f"tensor {name!r}: {bad} NaN or Inf value(s)")
+
+
+def write_adapter_file(
+    path: str | os.PathLike[str],
+    config: AdapterConfig,
+    tensors: Mapping[str, torch.Tensor],
+) -> None:
+    """Validate, then write atomically: a failed save leaves no partial file."""
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    validate_tensors(config, cpu)
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": config.dumps(),
+    }
+    with atomic_output(path) as tmp:
+        save_file(cpu, str(tmp), metadata=metadata)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _one_line(exc: Any) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
