@@ -1,0 +1,110 @@
+"""Reading matrices of activations (model-A hidden states, targets, calibration data).
+
+Files are ``.npy`` (memory-mapped), ``.npz`` or ``.safetensors``, each holding a 2-D array
+``[n, dim]``; ``name`` picks an array in a multi-array file. Rows can be streamed in chunks
+so that ``n`` may exceed memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from prism_deploy.errors import PrismInputError
+
+SUPPORTED = (".npy", ".npz", ".safetensors")
+
+
+class MatrixFile:
+    """A 2-D float array in a file, read whole or in row chunks, as float32 (or float64)."""
+
+    def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
+        self.path = Path(path)
+        self.name = name
+        if not self.path.is_file():
+            raise PrismInputError(f"{self.path}: no such file")
+        self.kind = self.path.suffix.lower()
+        if self.kind not in SUPPORTED:
+            raise PrismInputError(
+                f"{self.path}: unknown file type {self.kind or '(none)'!r}, expected one of {', '.join(SUPPORTED)}"
+            )
+        self.shape = self._read_shape()
+        if len(self.shape) != 2:
+            raise PrismInputError(f"{self._label()}: expected a 2-D array [n, dim], got shape {list(self.shape)}")
+
+    # ---- public ----------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def cols(self) -> int:
+        return int(self.shape[1])
+
+    def read(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        return self.rows_range(0, self.rows, dtype)
+
+    def iter_chunks(self, chunk_rows: int, dtype: np.dtype | type = np.float32) -> Iterator[np.ndarray]:
+        for start in range(0, self.rows, chunk_rows):
+            yield self.rows_range(start, min(start + chunk_rows, self.rows), dtype)
+
+    def rows_range(self, start: int, stop: int, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        block = self._slice(start, stop)
+        if not np.issubdtype(block.dtype, np.floating) and block.dtype.name != "bfloat16":
+            raise PrismInputError(f"{self._label()}: dtype {block.dtype} is not a float type")
+        out = np.asarray(block, dtype=dtype)
+        if not np.isfinite(out).all():
+            bad = int((~np.isfinite(out)).sum())
+            raise PrismInputError(f"{self._label()}: {bad} NaN or Inf value(s) in rows {start}..{stop - 1}")
+        return out
+
+    # ---- per format ------------------------------------------------------------------
+    def _label(self) -> str:
+        return f"{self.path}" + (f"[{self.name}]" if self.name else "")
+
+    def _read_shape(self) -> tuple[int, ...]:
+        try:
+            if self.kind == ".npy":
+                self._npy = np.load(self.path, mmap_mode="r", allow_pickle=False)
+                return tuple(self._npy.shape)
+            if self.kind == ".npz":
+                self._npz = np.load(self.path, allow_pickle=False)
+                self.name = self._pick(list(self._npz.files))
+                return tuple(self._npz[self.name].shape)
+            from safetensors import safe_open
+
+            self._st = safe_open(str(self.path), framework="pt")
+            self.name = self._pick(list(self._st.keys()))
+            return tuple(self._st.get_slice(self.name).get_shape())
+        except PrismInputError:
+            raise
+        except Exception as exc:  # the loaders' own parse errors, whatever their type
+            raise PrismInputError(f"{self.path}: cannot read ({' '.join(str(exc).split())})") from None
+
+    def _pick(self, names: list[str]) -> str:
+        if self.name is not None:
+            if self.name not in names:
+                raise PrismInputError(f"{self.path}: no array named {self.name!r} (has {names})")
+            return self.name
+        if len(names) == 1:
+            return names[0]
+        raise PrismInputError(f"{self.path}: holds several arrays {names}; name one")
+
+    def _slice(self, start: int, stop: int) -> np.ndarray:
+        if self.kind == ".npy":
+            return np.asarray(self._npy[start:stop])
+        if self.kind == ".npz":
+            return np.asarray(self._npz[self.name][start:stop])
+        import torch
+
+        t = self._st.get_slice(self.name)[start:stop]
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.numpy()
+
+
+def load_matrix(path: str | os.PathLike[str], name: str | None = None, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    return MatrixFile(path, name).read(dtype)

@@ -1,0 +1,1 @@
+"""Runtime layer: running lowered graphs and built engines (ONNX Runtime, TensorRT)."""

@@ -1,0 +1,95 @@
+"""ONNX Runtime sessions: provider choice and the one way this project opens a model.
+
+The CUDA provider is asked for only when a GPU is really there: ``onnxruntime-gpu`` lists
+it on machines without one, and asking for it then logs errors before falling back.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from typing import Any
+
+from prism_deploy.errors import PrismInputError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@functools.cache
+def gpu_present() -> bool:
+    """True when an NVIDIA GPU answers (nvidia-smi, or /dev/nvidia0 as a fallback)."""
+    if os.environ.get("PRISM_DEPLOY_NO_GPU"):
+        return False
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
+            return out.returncode == 0 and "GPU" in out.stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return os.path.exists("/dev/nvidia0")
+
+
+def cuda_provider_available() -> tuple[bool, str]:
+    """Whether the CUDA provider can run here, and why not when it cannot."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False, "onnxruntime is not installed"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, f"this onnxruntime build ({ort.__version__}) has no CUDA provider"
+    if not gpu_present():
+        return False, "no NVIDIA GPU on this machine"
+    return True, "CUDA provider and a GPU are present"
+
+
+def resolve_provider(provider: str) -> tuple[str, str]:
+    """``cpu``, ``cuda`` or ``auto`` -> (the provider to use, why)."""
+    if provider not in ("cpu", "cuda", "auto"):
+        raise PrismInputError(f"--provider: {provider!r} is not one of cpu, cuda, auto")
+    if provider == "cpu":
+        return "cpu", "asked for"
+    ok, why = cuda_provider_available()
+    if ok:
+        return "cuda", why
+    return "cpu", f"CUDA provider unavailable ({why}); using CPU"
+
+
+def make_session(
+    model: str | os.PathLike[str] | bytes,
+    provider: str = "cpu",
+    *,
+    custom_ops_library: str | None = None,
+    optimized_model_path: str | None = None,
+    intra_op_threads: int | None = None,
+) -> Any:
+    """Open an ``onnxruntime.InferenceSession`` on ``cpu`` or ``cuda`` (no silent fallback)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if intra_op_threads:
+        opts.intra_op_num_threads = intra_op_threads
+    if custom_ops_library:
+        opts.register_custom_ops_library(custom_ops_library)
+    if optimized_model_path:
+        opts.optimized_model_filepath = str(optimized_model_path)
+    providers = [PROVIDERS[provider]]
+    if provider == "cuda":
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # finds the CUDA libraries of the nvidia-* wheels
+        providers.append(PROVIDERS["cpu"])
+    src = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(src, sess_options=opts, providers=providers)
+    except Exception as exc:  # ORT raises its own exception types for bad models
+        raise PrismInputError(f"{'model' if isinstance(model, bytes) else model}: ONNX Runtime cannot load it "
+                              f"({' '.join(str(exc).split())[:400]})") from None
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime as ort
+
+    return {"onnxruntime": ort.__version__, "onnxruntime_build": "gpu" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"}
