@@ -1,0 +1,439 @@
+"""Backends: one small object per way of running an adapter (Polygraphy-style runners).
+
+Each has one way to run: ``prepare()`` (load, export, compile; may raise
+``BackendUnavailable`` with the reason), ``make_input(hidden)`` (turn a float32 numpy
+array ``[batch, seq, in_dim]`` into what ``run`` takes, outside the timed region),
+``run(inputs)`` (one adapter call, returning the output), ``to_numpy(out)`` and
+``describe()``. ``check()`` says, before any work, whether the backend can run here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from prism_deploy.reference import PrismAdapter
+
+BACKEND_NAMES = ("torch", "torch-compile", "ort-cpu", "ort-cuda", "trt", "kernel")
+
+
+class BackendUnavailable(Exception):
+    """This backend (or this precision of it) cannot run here; the message says why."""
+
+
+def torch_device() -> str:
+    """Where the torch backends run: the GPU when there is one torch can use."""
+    import torch
+
+    from prism_deploy.runtime.ort_session import gpu_present
+
+    return "cuda" if gpu_present() and torch.cuda.is_available() else "cpu"
+
+
+class Backend:
+    name: ClassVar[str]
+    device: str = "cpu"
+    # torch ops can be captured in a CUDA graph; runtimes with their own host logic cannot.
+    capturable: ClassVar[bool] = False
+
+    def __init__(self, adapter: PrismAdapter, precision: str) -> None:
+        self.adapter = adapter
+        self.precision = precision
+
+    @classmethod
+    def check(cls, engines_dir: Path | None) -> tuple[bool, str]:
+        return True, "available"
+
+    def prepare(self) -> None:
+        raise NotImplementedError
+
+    def make_input(self, hidden: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def run(self, inputs: Any) -> Any:
+        raise NotImplementedError
+
+    def to_numpy(self, out: Any) -> np.ndarray:
+        return np.asarray(out, dtype=np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "precision": self.precision, "device": self.device}
+
+    def close(self) -> None:
+        """Drop what ``prepare`` built so the next precision starts from a clean slate."""
+
+
+# ---- torch ---------------------------------------------------------------------------------
+
+
+class TorchBackend(Backend):
+    """The PyTorch reference module in eager mode: the baseline every ratio is taken to.
+
+    ``fp32`` is the reference as stored; ``fp16`` stores tiles and gates in float16 (the
+    reference then computes in float32, as it always does). The reference has no int8 path.
+    """
+
+    name = "torch"
+    capturable = True
+
+    def __init__(self, adapter: PrismAdapter, precision: str) -> None:
+        super().__init__(adapter, precision)
+        self.device = torch_device()
+        self.module: Any = None
+
+    def prepare(self) -> None:
+        import torch
+
+        if self.precision == "fp32":
+            module = self.adapter
+        elif self.precision == "fp16":
+            module = PrismAdapter(self.adapter.config, {k: v.to(torch.float16) for k, v in self.adapter.tensors().items()})
+        else:
+            raise BackendUnavailable(f"{self.name}: the PyTorch reference has no {self.precision} path "
+                                     "(int8 exists only in lowered graphs and the kernel)")
+        self.module = module.to(self.device).eval()
+
+    def make_input(self, hidden: np.ndarray) -> Any:
+        import torch
+
+        return torch.from_numpy(hidden).to(self.device)
+
+    def run(self, inputs: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return self.module(inputs)
+
+    def to_numpy(self, out: Any) -> np.ndarray:
+        return out.detach().float().cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        return {**super().describe(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "weights_dtype": "float16" if self.precision == "fp16" else "float32", "compute_dtype": "float32"}
+
+    def close(self) -> None:
+        self.module = None
+
+
+class TorchCompileBackend(TorchBackend):
+    """The same module under ``torch.compile`` (Inductor). Compilation happens in warm-up."""
+
+    name = "torch-compile"
+
+    @classmethod
+    def check(cls, engines_dir: Path | None) -> tuple[bool, str]:
+        if torch_device() == "cpu":
+            # Inductor's CPU backend writes and compiles C++.
+            cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+            if not cxx:
+                return False, "torch.compile on CPU needs a C++ compiler (g++, c++ or clang++) and none is on PATH"
+        return True, "available"
+
+    def prepare(self) -> None:
+        import torch
+
+        super().prepare()
+        self.module = torch.compile(self.module)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "compile": "torch.compile default (inductor)"}
+
+
+# ---- ONNX Runtime --------------------------------------------------------------------------
+
+
+def _lowering_api() -> tuple[Any, Any]:
+    try:
+        lower = importlib.import_module("prism_deploy.lower")
+        runner = importlib.import_module("prism_deploy.runtime.ort_runner")
+        return lower.export_onnx, runner.OrtRunner
+    except (ImportError, AttributeError) as exc:
+        raise BackendUnavailable(f"the ONNX lowering is not in this build ({exc})") from None
+
+
+def _load_engines_api() -> Any:
+    try:
+        return importlib.import_module("prism_deploy.runtime").load_engines
+    except (ImportError, AttributeError):
+        raise BackendUnavailable("prism_deploy.runtime.load_engines (the build issue's loader) is not in this build") from None
+
+
+def _onnx_input_dtype(path: Path) -> np.dtype:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    elem = model.graph.input[0].type.tensor_type.elem_type
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+
+
+def _plain(obj: Any) -> Any:
+    """An export result as JSON-able data (dataclass, mapping or plain value)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+class OrtBackend(Backend):
+    """The lowered ONNX graph on ONNX Runtime (exported into ``workdir`` for this run), or
+    the ``ort-*`` engine built by ``prism-deploy build`` when ``--engines`` names it."""
+
+    name = "ort-cpu"
+    provider = "cpu"
+
+    def __init__(self, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None = None) -> None:
+        super().__init__(adapter, precision)
+        self.device = "cpu"  # inputs and outputs are host arrays; ORT copies for CUDA itself
+        self.workdir = workdir
+        self.engines_dir = engines_dir
+        self.runner: Any = None
+        self.io_dtype = np.dtype(np.float32)
+        self.info: dict[str, Any] = {}
+
+    @classmethod
+    def check(cls, engines_dir: Path | None) -> tuple[bool, str]:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False, "onnxruntime is not installed"
+        if cls.provider == "cuda":
+            from prism_deploy.runtime.ort_session import cuda_provider_available
+
+            ok, why = cuda_provider_available()
+            if not ok:
+                return False, why
+        try:
+            _lowering_api() if engines_dir is None else _load_engines_api()
+        except BackendUnavailable as exc:
+            return False, str(exc)
+        return True, "available"
+
+    def prepare(self) -> None:
+        if self.engines_dir is not None:
+            load_engines = _load_engines_api()
+            try:
+                self.runner = load_engines(self.engines_dir, precision=self.precision, target=self.name)
+            except Exception as exc:
+                raise BackendUnavailable(f"{self.name}: no {self.precision} engine in {self.engines_dir} "
+                                         f"({' '.join(str(exc).split())[:300]})") from None
+            self.info = {"source": "engines", "engines_dir": str(self.engines_dir)}
+            return
+        export_onnx, OrtRunner = _lowering_api()
+        path = self.workdir / f"adapter-{self.precision}.onnx"
+        try:
+            result = export_onnx(self.adapter, path, precision=self.precision)
+        except Exception as exc:
+            raise BackendUnavailable(f"{self.name}: export at {self.precision} failed "
+                                     f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
+        self.io_dtype = _onnx_input_dtype(path)
+        self.runner = OrtRunner(path, self.provider)
+        size = sum(p.stat().st_size for p in self.workdir.glob(f"adapter-{self.precision}.onnx*"))
+        self.info = {"source": "export_onnx", "export": _plain(result), "model_bytes": size,
+                     "io_dtype": str(self.io_dtype)}
+
+    def make_input(self, hidden: np.ndarray) -> Any:
+        return np.ascontiguousarray(hidden.astype(self.io_dtype, copy=False))
+
+    def run(self, inputs: Any) -> Any:
+        return self.runner.run(inputs)
+
+    def to_numpy(self, out: Any) -> np.ndarray:
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        if hasattr(out, "detach"):
+            out = out.detach().cpu().numpy()
+        return np.asarray(out, dtype=np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        return {**super().describe(), "onnxruntime": ort.__version__, "provider": self.provider, **self.info}
+
+    def close(self) -> None:
+        self.runner = None
+
+
+class OrtCudaBackend(OrtBackend):
+    name = "ort-cuda"
+    provider = "cuda"
+
+
+# ---- GPU only: TensorRT engines and the kernel ---------------------------------------------
+
+
+class TrtBackend(Backend):
+    """Engines built by ``prism-deploy build --target trt``, run through ``load_engines``."""
+
+    name = "trt"
+
+    def __init__(self, adapter: PrismAdapter, precision: str, engines_dir: Path | None) -> None:
+        super().__init__(adapter, precision)
+        self.device = "cuda"
+        self.engines_dir = engines_dir
+        self.engine: Any = None
+
+    @classmethod
+    def check(cls, engines_dir: Path | None) -> tuple[bool, str]:
+        from prism_deploy.runtime.ort_session import gpu_present
+
+        if not gpu_present():
+            return False, "TensorRT needs an NVIDIA GPU and this machine has none"
+        try:
+            import tensorrt
+        except Exception as exc:
+            return False, f"tensorrt cannot be imported ({type(exc).__name__}: {exc})"
+        if not hasattr(tensorrt, "Runtime"):
+            return False, "tensorrt is only a namespace here (type stubs), not the TensorRT library"
+        if engines_dir is None:
+            return False, "TensorRT engines are built ahead: pass --engines DIR (from prism-deploy build --target trt)"
+        try:
+            _load_engines_api()
+        except BackendUnavailable as exc:
+            return False, str(exc)
+        return True, "available"
+
+    def prepare(self) -> None:
+        load_engines = _load_engines_api()
+        try:
+            self.engine = load_engines(self.engines_dir, precision=self.precision, target="trt")
+        except Exception as exc:
+            raise BackendUnavailable(f"trt: no {self.precision} engine in {self.engines_dir} "
+                                     f"({' '.join(str(exc).split())[:300]})") from None
+
+    def make_input(self, hidden: np.ndarray) -> Any:
+        import torch
+
+        return torch.from_numpy(hidden).to("cuda")  # load_engines takes torch tensors via DLPack
+
+    def run(self, inputs: Any) -> Any:
+        return self.engine.run(inputs)
+
+    def to_numpy(self, out: Any) -> np.ndarray:
+        return out.float().cpu().numpy() if hasattr(out, "cpu") else np.asarray(out, dtype=np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        import tensorrt
+
+        return {**super().describe(), "tensorrt": tensorrt.__version__, "engines_dir": str(self.engines_dir)}
+
+    def close(self) -> None:
+        self.engine = None
+
+
+class KernelBackend(Backend):
+    """The tile-dispatch kernel launched directly (no TensorRT): gates and ungated pipes in
+    torch on the GPU, each gated pipe one kernel launch, combine in torch.
+
+    Written against the plugin issue's launcher contract (``prism_deploy.kernel``: a
+    ``tile_dispatch(hidden, scores, tiles, scales, *, R, C, tr, tc, top_k, gate_scale,
+    out_dim)`` on torch CUDA tensors); it has not run anywhere yet (no GPU here).
+    """
+
+    name = "kernel"
+    capturable = True
+
+    def __init__(self, adapter: PrismAdapter, precision: str) -> None:
+        super().__init__(adapter, precision)
+        self.device = "cuda"
+        self.launch: Any = None
+        self.pipes: list[dict[str, Any]] = []
+
+    @classmethod
+    def check(cls, engines_dir: Path | None) -> tuple[bool, str]:
+        from prism_deploy.runtime.ort_session import gpu_present
+
+        if not gpu_present():
+            return False, "the tile-dispatch kernel runs only on an NVIDIA GPU and this machine has none"
+        try:
+            kernel = importlib.import_module("prism_deploy.kernel")
+        except ImportError as exc:
+            return False, f"prism_deploy.kernel is not in this build ({exc})"
+        if not hasattr(kernel, "tile_dispatch"):
+            return False, "prism_deploy.kernel has no tile_dispatch launcher"
+        return True, "available"
+
+    def prepare(self) -> None:
+        import torch
+
+        self.launch = importlib.import_module("prism_deploy.kernel").tile_dispatch
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise BackendUnavailable(f"kernel: tiles come in fp32, fp16 or int8, not {self.precision}")
+        self.pipes = []
+        for pipe in self.adapter.pipe_list():
+            tiles = pipe.tiles.detach().to("cuda", torch.float32)
+            entry: dict[str, Any] = {"spec": pipe.spec, "scales": None}
+            if pipe.gate is not None:
+                entry["gate_w"] = pipe.gate.weight.detach().to("cuda", torch.float32)
+                entry["gate_b"] = pipe.gate.bias.detach().to("cuda", torch.float32)
+            if self.precision == "int8":
+                scales = tiles.abs().amax(dim=2).clamp_min(1e-12) / 127.0  # per tile row
+                entry["tiles"] = torch.round(tiles / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+                entry["scales"] = scales
+            else:
+                entry["tiles"] = tiles.to(torch.float16 if self.precision == "fp16" else torch.float32)
+            entry["dense"] = None if pipe.gate is not None else pipe.dense_weight(torch.float32).to("cuda")
+            self.pipes.append(entry)
+        self.betas = self.adapter.betas().to("cuda")
+
+    def make_input(self, hidden: np.ndarray) -> Any:
+        import torch
+
+        return torch.from_numpy(hidden).to("cuda")
+
+    def run(self, inputs: Any) -> Any:
+        import torch
+
+        cfg = self.adapter.config
+        x2 = inputs.reshape(-1, cfg.in_dim)
+        y = torch.zeros(x2.shape[0], cfg.out_dim, device="cuda")
+        for beta, p in zip(self.betas, self.pipes):
+            spec = p["spec"]
+            if p["dense"] is not None:
+                xp = torch.nn.functional.pad(x2, (0, spec.padded_in - cfg.in_dim))
+                out = (xp @ p["dense"].T)[:, : cfg.out_dim]
+            else:
+                scores = torch.addmm(p["gate_b"], x2, p["gate_w"].T)
+                out = self.launch(x2, scores, p["tiles"], p["scales"], R=spec.grid[0], C=spec.grid[1],
+                                  tr=spec.tile[0], tc=spec.tile[1], top_k=spec.top_k,
+                                  gate_scale=spec.gate_scale, out_dim=cfg.out_dim)
+            y = y + beta * out
+        return y.reshape(*inputs.shape[:-1], cfg.out_dim)
+
+    def to_numpy(self, out: Any) -> np.ndarray:
+        return out.float().cpu().numpy()
+
+    def close(self) -> None:
+        self.pipes = []
+
+
+BACKEND_CLASSES: dict[str, type[Backend]] = {
+    "torch": TorchBackend,
+    "torch-compile": TorchCompileBackend,
+    "ort-cpu": OrtBackend,
+    "ort-cuda": OrtCudaBackend,
+    "trt": TrtBackend,
+    "kernel": KernelBackend,
+}
+
+
+def make_backend(name: str, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None) -> Backend:
+    if name in ("ort-cpu", "ort-cuda"):
+        return BACKEND_CLASSES[name](adapter, precision, workdir, engines_dir)  # type: ignore[call-arg]
+    if name == "trt":
+        return TrtBackend(adapter, precision, engines_dir)
+    return BACKEND_CLASSES[name](adapter, precision)

@@ -1,0 +1,205 @@
+"""The machine a benchmark ran on, and the two rates its floor is measured against.
+
+Results from different machines must never be mixed up, so every run records the CPU
+model, core count, load average (the dev machine is shared), GPU and driver, and the
+versions of the libraries that did the work. The copy bandwidth and matrix rate are
+measured at the start of each run on the same machine, not taken from a data sheet.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+# Large enough to fall out of every cache level of a server CPU (L3 is tens of MiB).
+COPY_BYTES_CPU = 256 * 1024 * 1024
+COPY_BYTES_GPU = 1024 * 1024 * 1024
+MATMUL_N_CPU = 2048
+MATMUL_N_GPU = 8192
+RATE_TRIES = 5
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The vector/matrix ISA flags that decide which kernels a library can use."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile", "f16c")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def gpu_info() -> dict[str, Any] | None:
+    """GPU name, driver and memory from nvidia-smi; None when no GPU answers."""
+    from prism_deploy.runtime.ort_session import gpu_present
+
+    if not gpu_present():
+        return None
+    smi = shutil.which("nvidia-smi")
+    info: dict[str, Any] = {}
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=name,driver_version,memory.total,compute_cap", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20,
+            )
+            first = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+            parts = [p.strip() for p in first.split(",")]
+            if len(parts) >= 4:
+                info = {"name": parts[0], "driver": parts[1], "memory": parts[2], "compute_capability": parts[3]}
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info.setdefault("name", torch.cuda.get_device_name(0))
+            info["torch_cuda"] = torch.version.cuda
+    except Exception:  # a broken CUDA install must not stop a CPU benchmark
+        pass
+    return info or {"name": "unknown NVIDIA GPU"}
+
+
+def library_versions() -> dict[str, str]:
+    import torch
+
+    from prism_deploy import __version__
+
+    versions = {
+        "python": platform.python_version(),
+        "prism_deploy": __version__,
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+    }
+    for name in ("onnxruntime", "onnx", "tensorrt", "matplotlib"):
+        try:
+            mod = __import__(name)
+        except Exception:
+            continue
+        # tensorrt-stubs installs a bare namespace package: no version means no library.
+        if hasattr(mod, "__version__"):
+            versions[name] = str(mod.__version__)
+    return versions
+
+
+def describe_machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "hostname": platform.node(),
+        "os": f"{platform.system()} {platform.release()}",
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "memory_total_bytes": _mem_total(),
+        "gpu": gpu_info(),
+        "versions": library_versions(),
+        "argv": list(sys.argv),
+    }
+
+
+def _mem_total() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def measure_copy_bandwidth(device: str = "cpu", nbytes: int | None = None) -> dict[str, Any]:
+    """Best-of-N large copy; bandwidth counts bytes read plus bytes written (as STREAM's Copy).
+
+    A kernel that streams weights once reads each byte and writes almost nothing, so its
+    floor is ``bytes read / bandwidth`` with this definition.
+    """
+    if device == "cuda":
+        return _gpu_copy_bandwidth(nbytes or COPY_BYTES_GPU)
+    n = nbytes or COPY_BYTES_CPU
+    src = np.ones(n // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in before timing
+    best = float("inf")
+    for _ in range(RATE_TRIES):
+        t0 = time.perf_counter_ns()
+        np.copyto(dst, src)
+        best = min(best, (time.perf_counter_ns() - t0) * 1e-9)
+    moved = 2 * src.nbytes
+    return {"bytes_per_s": moved / best, "method": f"numpy copyto of {src.nbytes >> 20} MiB, best of {RATE_TRIES}, read+write counted", "seconds": best}
+
+
+def _gpu_copy_bandwidth(nbytes: int) -> dict[str, Any]:
+    import torch
+
+    src = torch.ones(nbytes // 2, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(RATE_TRIES):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e-3)
+    return {"bytes_per_s": 2 * nbytes / best, "method": f"torch device-to-device copy of {nbytes >> 20} MiB, CUDA events, best of {RATE_TRIES}, read+write counted", "seconds": best}
+
+
+def measure_matrix_rate(device: str = "cpu", dtype: str = "fp32", n: int | None = None) -> dict[str, Any]:
+    """Best-of-N square matmul through torch, in FLOP/s (2*n^3 per product)."""
+    import torch
+
+    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    n = n or (MATMUL_N_GPU if device == "cuda" else MATMUL_N_CPU)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=tdtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=tdtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(RATE_TRIES):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b)
+            end.record()
+            torch.cuda.synchronize()
+            best = min(best, start.elapsed_time(end) * 1e-3)
+        else:
+            t0 = time.perf_counter_ns()
+            torch.mm(a, b)
+            best = min(best, (time.perf_counter_ns() - t0) * 1e-9)
+    return {"flops_per_s": 2 * n**3 / best, "method": f"torch.mm {n}x{n} {dtype} on {device}, best of {RATE_TRIES}, {torch.get_num_threads()} threads" if device == "cpu" else f"torch.mm {n}x{n} {dtype} on {device}, CUDA events, best of {RATE_TRIES}", "seconds": best}
