@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -196,11 +197,13 @@ class OrtBackend(Backend):
     name = "ort-cpu"
     provider = "cpu"
 
-    def __init__(self, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None = None) -> None:
+    def __init__(self, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None = None,
+                 threads: int | None = None) -> None:
         super().__init__(adapter, precision)
         self.device = "cpu"  # inputs and outputs are host arrays; ORT copies for CUDA itself
         self.workdir = workdir
         self.engines_dir = engines_dir
+        self.threads = threads
         self.runner: Any = None
         self.io_dtype = np.dtype(np.float32)
         self.info: dict[str, Any] = {}
@@ -241,10 +244,19 @@ class OrtBackend(Backend):
             raise BackendUnavailable(f"{self.name}: export at {self.precision} failed "
                                      f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
         self.io_dtype = _onnx_input_dtype(path)
-        self.runner = OrtRunner(path, self.provider)
+        self.runner = self._open(OrtRunner, path)
         size = sum(p.stat().st_size for p in self.workdir.glob(f"adapter-{self.precision}.onnx*"))
         self.info = {"source": "export_onnx", "export": _plain(result), "model_bytes": size,
                      "io_dtype": str(self.io_dtype)}
+
+    def _open(self, OrtRunner: Any, path: Path) -> Any:
+        """``OrtRunner`` as the lowering ships it; with ``--threads``, a session of that many
+        intra-op threads (through the runner when it takes them, else ``make_session``)."""
+        if self.threads is None:
+            return OrtRunner(path, self.provider)
+        if "intra_op_threads" in inspect.signature(OrtRunner).parameters:
+            return OrtRunner(path, self.provider, intra_op_threads=self.threads)
+        return _SessionRunner(path, self.provider, self.threads)
 
     def make_input(self, hidden: np.ndarray) -> Any:
         return np.ascontiguousarray(hidden.astype(self.io_dtype, copy=False))
@@ -262,10 +274,25 @@ class OrtBackend(Backend):
     def describe(self) -> dict[str, Any]:
         import onnxruntime as ort
 
-        return {**super().describe(), "onnxruntime": ort.__version__, "provider": self.provider, **self.info}
+        return {**super().describe(), "onnxruntime": ort.__version__, "provider": self.provider,
+                "threads": self.threads if self.threads is not None else "onnxruntime default", **self.info}
 
     def close(self) -> None:
         self.runner = None
+
+
+class _SessionRunner:
+    """A session with a fixed intra-op thread count, run like ``OrtRunner`` (``hidden`` ->
+    ``adapted``)."""
+
+    def __init__(self, path: Path, provider: str, threads: int) -> None:
+        from prism_deploy.runtime.ort_session import make_session
+
+        self.session = make_session(path, provider, intra_op_threads=threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, hidden: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: hidden})[0]
 
 
 class OrtCudaBackend(OrtBackend):
@@ -431,9 +458,10 @@ BACKEND_CLASSES: dict[str, type[Backend]] = {
 }
 
 
-def make_backend(name: str, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None) -> Backend:
+def make_backend(name: str, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None,
+                 threads: int | None = None) -> Backend:
     if name in ("ort-cpu", "ort-cuda"):
-        return BACKEND_CLASSES[name](adapter, precision, workdir, engines_dir)  # type: ignore[call-arg]
+        return BACKEND_CLASSES[name](adapter, precision, workdir, engines_dir, threads)  # type: ignore[call-arg]
     if name == "trt":
         return TrtBackend(adapter, precision, engines_dir)
     return BACKEND_CLASSES[name](adapter, precision)

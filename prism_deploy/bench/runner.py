@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import hashlib
 import math
 import os
 import sys
@@ -43,6 +44,7 @@ class BenchSettings:
     repeat: int = 30
     engines_dir: Path | None = None
     seed: int = 0
+    threads: int | None = None  # CPU threads for torch and ONNX Runtime; None: each library's default
 
     def validate(self) -> None:
         for b in self.backends:
@@ -63,6 +65,8 @@ class BenchSettings:
             raise PrismInputError(f"--repeat: must be at least 1, got {self.repeat}")
         if not math.isfinite(self.warmup_ms) or self.warmup_ms < 0:
             raise PrismInputError(f"--warmup: must be a non-negative number of milliseconds, got {self.warmup_ms}")
+        if self.threads is not None and self.threads < 1:
+            raise PrismInputError(f"--threads: must be a positive integer, got {self.threads}")
         if self.engines_dir is not None and not Path(self.engines_dir).is_dir():
             raise PrismInputError(f"--engines: {self.engines_dir} is not a directory")
 
@@ -94,6 +98,22 @@ def make_inputs(adapter: Any, batch: int, seq: int, seed: int) -> _Inputs:
     return _Inputs(arrays, reference, selected)
 
 
+def adapter_content_digest(adapter: Any) -> str:
+    """sha256 over the config and every tensor's bytes (by name). Unlike the file's sha256 it
+    does not change when the same adapter is written again (safetensors writes its metadata
+    map in no fixed order)."""
+    import torch
+
+    h = hashlib.sha256(adapter.config.dumps().encode())
+    tensors = adapter.tensors()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _error_figures(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     out = out.reshape(ref.shape).astype(np.float64)
     diff = np.abs(out - ref)
@@ -119,6 +139,8 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
     from prism_deploy.reference import load_adapter
 
     settings.validate()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)  # before the matrix rate is measured
     adapter = load_adapter(adapter_path)
     info = adapter.describe()
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -163,7 +185,8 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
         for precision, names in passes:
             prepared: list[bk.Backend] = []
             for name in names:
-                backend = bk.make_backend(name, adapter, precision, workdir, settings.engines_dir)
+                backend = bk.make_backend(name, adapter, precision, workdir, settings.engines_dir,
+                                          settings.threads)
                 with PeakMemory(cuda=backend.device == "cuda") as mem:
                     try:
                         backend.prepare()
@@ -205,6 +228,7 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
         "adapter": {
             "path": str(adapter_path),
             "sha256": file_sha256(adapter_path),
+            "content_sha256": adapter_content_digest(adapter),
             "config": adapter.config.to_json(),
             "describe": {k: info[k] for k in ("in_dim", "out_dim", "params", "bytes", "flops_per_token",
                                               "weight_bytes_per_token")},

@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--seq", default="1", help="sequence length per batch row (default 1)")
     p.add_argument("--warmup", default="200", metavar="MS", help="warm-up time per case in ms (default 200)")
     p.add_argument("--repeat", default="30", metavar="N", help="timed calls per case (default 30)")
+    p.add_argument("--threads", metavar="N", help="CPU threads for torch and ONNX Runtime (default: each library's own)")
     p.add_argument("--seed", default="0", help="seed of the random inputs (default 0)")
     p.add_argument("--json", metavar="FILE", help="write every figure and the machine description here")
     p.add_argument("--plot", metavar="FILE.png", help="draw latency against batch (needs matplotlib)")
@@ -61,6 +62,7 @@ def settings_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def
         repeat=int(_number("--repeat", args.repeat)),
         engines_dir=Path(args.engines) if args.engines else None,
         seed=int(_number("--seed", args.seed)),
+        threads=int(_number("--threads", args.threads)) if args.threads is not None else None,
     )
     settings.validate()
     return settings
