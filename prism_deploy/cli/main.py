@@ -18,6 +18,7 @@ from prism_deploy.errors import CheckFailed, PrismInputError
 COMMAND_MODULES = [
     "prism_deploy.cli.inspect_cmd",
     "prism_deploy.cli.plan_cmd",
+    "prism_deploy.cli.convert_cmd",
 ]
 
 
