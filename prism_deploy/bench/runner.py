@@ -148,7 +148,7 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
     machine = describe_machine()
     device = bk.torch_device()
     bandwidth = measure_copy_bandwidth(device)
-    rates = {"fp32": measure_matrix_rate(device, "fp32")}
+    rates = {"fp32": measure_matrix_rate(device, "fp32", threads=settings.threads)}
     if device == "cuda":
         rates["fp16"] = measure_matrix_rate(device, "fp16")
     rate_for = {p: rates["fp16"]["flops_per_s"] if (p != "fp32" and "fp16" in rates) else rates["fp32"]["flops_per_s"]
