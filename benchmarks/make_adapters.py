@@ -1,11 +1,10 @@
 """Write the benchmark adapters, deterministically, so that results can be reproduced.
 
-    python benchmarks/make_adapters.py [-o build/bench-adapters]
+    python benchmarks/make_adapters.py [-o build/bench-adapters] [big-dense] [big-3pipe]
 
-- ``demo-config.safetensors``: the shipped example's layout (256 -> 160, weighted; "dense"
-  ungated 4x4 grid of 40x64 tiles, "routed" gated 8x8 of 20x32 top_k 16, "coarse" gated
-  2x4 of 80x64 top_k 3) with random weights: a stand-in used only while
-  ``examples/demo-adapter.safetensors`` is not in the tree.
+The third benchmarked adapter, the shipped example, is committed:
+``examples/demo-adapter.safetensors`` (``tools/make_example.py``).
+
 - ``big-dense.safetensors``: 4096 -> 4096, one ungated pipe, 16x32 grid of 256x128 tiles
   (512 workers, 64 MiB of fp32 tiles).
 - ``big-3pipe.safetensors``: 4096 -> 4096, three gated pipes of that grid, top_k 154 each,
@@ -33,14 +32,6 @@ GRID_4096 = (16, 32)
 TILE_4096 = (256, 128)
 
 
-def demo_config() -> AdapterConfig:
-    return AdapterConfig(256, 160, (
-        PipeSpec("dense", (4, 4), (40, 64)),
-        PipeSpec("routed", (8, 8), (20, 32), top_k=16),
-        PipeSpec("coarse", (2, 4), (80, 64), top_k=3),
-    ), combine="weighted")
-
-
 def big_dense_config() -> AdapterConfig:
     return AdapterConfig(4096, 4096, (PipeSpec("dense", GRID_4096, TILE_4096),))
 
@@ -51,7 +42,6 @@ def big_3pipe_config() -> AdapterConfig:
 
 
 ADAPTERS = {
-    "demo-config": (demo_config, 0),
     "big-dense": (big_dense_config, 1),
     "big-3pipe": (big_3pipe_config, 2),
 }
