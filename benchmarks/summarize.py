@@ -1,0 +1,60 @@
+"""Print a results file of ``prism-deploy bench --json`` as Markdown tables (for the README).
+
+    python benchmarks/summarize.py benchmarks/results/2026-11-25-cpu-example.json [...]
+
+One table per file: the machine line, then per precision and batch each backend's median
+and p10-p90 in milliseconds, tokens per second, time relative to torch fp32 eager, and
+relative to the floor. Nothing is computed here that is not in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def machine_line(d: dict) -> str:
+    m = d["machine"]
+    gpu = f"GPU {m['gpu']['name']}, driver {m['gpu'].get('driver')}" if m.get("gpu") else "no GPU"
+    v = m["versions"]
+    libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "onnxruntime") if k in v)
+    return (f"{m['cpu_model']}, {m['cpu_cores']} cores, {gpu}; {libs}; threads {d['settings'].get('threads') or 'default'}; "
+            f"load average {m['load_average_start'][0]} at start, {m['load_average_end'][0]} at end; "
+            f"{d['started_utc']}")
+
+
+def table(d: dict) -> str:
+    rates = d["rates"]
+    lines = [
+        f"`{d['adapter']['path']}` (content sha256 `{d['adapter']['content_sha256'][:12]}`)",
+        "",
+        f"Machine: {machine_line(d)}. Measured copy bandwidth {rates['copy_bandwidth']['bytes_per_s'] / 2**30:.1f} GiB/s "
+        f"(read+write), matmul {rates['matrix_rate']['fp32']['flops_per_s'] / 1e9:.0f} GFLOP/s fp32.",
+        "",
+        "| precision | batch | backend | median ms | p10-p90 ms | tokens/s | x torch fp32 | x floor (floor ms) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    order = {"torch": 0, "torch-compile": 1, "ort-cpu": 2, "ort-cuda": 3, "kernel": 4, "trt": 5}
+    for c in sorted(d["cases"], key=lambda c: (c["precision"] != "fp32", c["precision"], c["batch"], order.get(c["backend"], 9))):
+        ratio = f"{c['ratio_to_torch']:.2f}" if c["ratio_to_torch"] is not None else "-"
+        lines.append(
+            f"| {c['precision']} | {c['batch']} | {c['backend']} | {c['median_s'] * 1e3:.3f} | "
+            f"{c['p10_s'] * 1e3:.3f}-{c['p90_s'] * 1e3:.3f} | {c['tokens_per_s']:,.0f} | {ratio} | "
+            f"{c['ratio_to_floor']:.1f} ({c['floor_s'] * 1e3:.3f}) |")
+    for u in d["backends"]["unavailable"]:
+        where = "".join(f" {u[k]}" for k in ("precision", "batch") if u.get(k) is not None)
+        lines.append(f"\nNot run: {u['backend']}{where}: {u['reason']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    for path in argv:
+        print(f"### {Path(path).name}\n")
+        print(table(json.loads(Path(path).read_text())))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
