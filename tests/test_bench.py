@@ -191,12 +191,15 @@ def test_bench_torch_json_and_unavailable_reasons(tiny: Path, tmp_path: Path, ca
 
 def test_bench_baseline_is_measured_when_fp32_not_asked(tiny: Path, tmp_path: Path, capsys):
     out = tmp_path / "bench.json"
-    code, _, _ = _bench([str(tiny), "--backends", "torch", "--precision", "fp16", "--batch", "2", "--repeat", "3",
-                         "--warmup", "0", "--json", str(out)], capsys)
+    code, _, _ = _bench([str(tiny), "--backends", "torch", "--precision", "fp16", "--batch", "2", "--seq", "3",
+                         "--repeat", "3", "--warmup", "0", "--json", str(out)], capsys)
     assert code == 0
     data = json.loads(out.read_text())
     pairs = {(c["precision"], c["ratio_to_torch"] is not None) for c in data["cases"]}
     assert pairs == {("fp32", True), ("fp16", True)}
+    assert all(c["tokens"] == 6 and c["tokens_per_s"] == pytest.approx(6 / c["median_s"]) for c in data["cases"])
+    # the floor's activations follow the tokens: 6 x (16 in + 12 out) float32
+    assert all(f["bytes"]["activations"] == 6 * 28 * 4 for f in data["floors"])
 
 
 def test_bench_plot(tiny: Path, tmp_path: Path, capsys):

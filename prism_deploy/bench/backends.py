@@ -51,6 +51,11 @@ class Backend:
     def check(cls, engines_dir: Path | None) -> tuple[bool, str]:
         return True, "available"
 
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether device memory should be measured (ONNX Runtime CUDA takes host arrays)."""
+        return self.device == "cuda"
+
     def prepare(self) -> None:
         raise NotImplementedError
 
@@ -298,6 +303,10 @@ class _SessionRunner:
 class OrtCudaBackend(OrtBackend):
     name = "ort-cuda"
     provider = "cuda"
+
+    @property
+    def uses_gpu(self) -> bool:
+        return True
 
 
 # ---- GPU only: TensorRT engines and the kernel ---------------------------------------------

@@ -187,7 +187,7 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
             for name in names:
                 backend = bk.make_backend(name, adapter, precision, workdir, settings.engines_dir,
                                           settings.threads)
-                with PeakMemory(cuda=backend.device == "cuda") as mem:
+                with PeakMemory(cuda=backend.uses_gpu) as mem:
                     try:
                         backend.prepare()
                     except bk.BackendUnavailable as exc:
@@ -254,7 +254,7 @@ def _time_case(backend: bk.Backend, data: _Inputs, settings: BenchSettings, floo
     tokens = batch * settings.seq
     try:
         xs = [backend.make_input(a) for a in data.arrays]
-        with PeakMemory(cuda=backend.device == "cuda") as mem:
+        with PeakMemory(cuda=backend.uses_gpu) as mem:
             if backend.device == "cuda":
                 timing = time_cuda(backend.run, xs, settings.warmup_ms, settings.repeat,
                                    use_graph=backend.capturable and tokens <= GRAPH_MAX_TOKENS)
