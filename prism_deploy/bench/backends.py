@@ -96,14 +96,16 @@ class TorchBackend(Backend):
     def prepare(self) -> None:
         import torch
 
-        if self.precision == "fp32":
-            module = self.adapter
-        elif self.precision == "fp16":
-            module = PrismAdapter(self.adapter.config, {k: v.to(torch.float16) for k, v in self.adapter.tensors().items()})
-        else:
+        if self.precision not in ("fp32", "fp16"):
             raise BackendUnavailable(f"{self.name}: the PyTorch reference has no {self.precision} path "
                                      "(int8 exists only in lowered graphs and the kernel)")
-        self.module = module.to(self.device).eval()
+        if self.precision == "fp32" and self.device == "cpu":
+            self.module = self.adapter
+            return
+        # A copy: Module.to() moves in place, and the other backends need the adapter on the host.
+        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        tensors = {k: v.to(self.device, dtype) for k, v in self.adapter.tensors().items()}
+        self.module = PrismAdapter(self.adapter.config, tensors).eval()
 
     def make_input(self, hidden: np.ndarray) -> Any:
         import torch
