@@ -17,6 +17,8 @@ from prism_deploy.fit.progress import progress_bar
 from prism_deploy.fit.stream import PairedData
 from prism_deploy.reference import PrismAdapter, route
 
+BATCHES_PER_BLOCK = 16
+
 
 def init_gates(adapter: PrismAdapter, x_rms: float, seed: int) -> None:
     """Random gate weights, scaled so that the scores start with unit spread, zero bias."""
@@ -53,11 +55,14 @@ def train_gates(
                      g.bias.detach().float().clone().requires_grad_(True))
     opt = torch.optim.Adam([t for pair in params.values() for t in pair], lr=lr)
     betas = adapter.betas(torch.float32)
-    gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
+    epoch = 0
     with progress_bar(steps, desc, unit="step") as bar:
         while len(losses) < steps:
-            for x, z in data.chunks("train", dtype=torch.float32):
+            # Minibatches are shuffled within fixed blocks of training rows, each block with
+            # its own seed: the same batches whatever the file's chunk size.
+            for b, (x, z) in enumerate(data.blocks("train", batch_rows * BATCHES_PER_BLOCK, torch.float32)):
+                gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + b) % (1 << 62))
                 order = torch.randperm(x.shape[0], generator=gen)
                 for a in range(0, x.shape[0], batch_rows):
                     idx = order[a:a + batch_rows]
@@ -81,6 +86,7 @@ def train_gates(
                         break
                 if len(losses) >= steps:
                     break
+            epoch += 1
     with torch.no_grad():
         for i, (w, b) in params.items():
             gate = pipes[i].gate

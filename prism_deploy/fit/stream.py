@@ -112,3 +112,22 @@ class PairedData:
                     continue
                 x, z = x[keep], z[keep]
             yield torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(z))
+
+    def blocks(self, split: Split, block_rows: int, dtype: torch.dtype = torch.float64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rows of ``split`` re-cut into blocks of exactly ``block_rows`` rows (the last may be
+        shorter), whatever ``chunk_rows`` is: what depends on block boundaries (minibatches of gate
+        training) is then the same for every chunk size."""
+        xs: list[torch.Tensor] = []
+        zs: list[torch.Tensor] = []
+        held = 0
+        for x, z in self.chunks(split, dtype):
+            xs.append(x)
+            zs.append(z)
+            held += x.shape[0]
+            while held >= block_rows:
+                xa, za = torch.cat(xs), torch.cat(zs)
+                yield xa[:block_rows], za[:block_rows]
+                xs, zs = [xa[block_rows:]], [za[block_rows:]]
+                held -= block_rows
+        if held:
+            yield torch.cat(xs), torch.cat(zs)
