@@ -159,3 +159,15 @@ def test_layout_mismatch_and_too_few_rows(tmp_path):
         fit_adapter(fit_config(20, 10, grid=(2, 2)), data)
     with pytest.raises(PrismInputError, match="layout is 21 -> 10"):
         fit_adapter(fit_config(21, 10, grid=(2, 2)), data)
+
+
+def test_three_pipe_planner_layout_gated_backfitting(tmp_path):
+    x, z, _ = synthetic_pair(1200, 24, 20, cond=10, seed=12)
+    data = open_pair(tmp_path, x, z, holdout=0.2)
+    cfg = fit_config(24, 20, workers=12, pipes=3, top_k=3)
+    from prism_deploy.plan import plan_three_pipes
+
+    assert [(p.grid, p.tile) for p in cfg.pipes] == [(p.grid, p.tile) for p in plan_three_pipes(24, 20, 12).pipes]
+    _, report = fit_adapter(cfg, data, FitOptions(rounds=2, gate_steps=80, gate_batch=128, sweeps=2))
+    assert report.holdout.rel_err < report.rounds[0]["holdout_rel_err"]
+    assert report.full_ls_holdout is not None and report.full_ls_holdout.rel_err < report.holdout.rel_err
