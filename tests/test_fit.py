@@ -102,7 +102,7 @@ def test_gated_fit_improves_on_its_initial_routing(tmp_path):
     assert cfg.pipes[0].gate_scale == 4.0
     adapter, report = fit_adapter(cfg, data, FitOptions(rounds=3, gate_steps=150, gate_batch=128))
     initial = report.rounds[0]["holdout_rel_err"]
-    assert report.holdout.rel_err < 0.85 * initial
+    assert report.holdout.rel_err < 0.9 * initial
     # the kept rounds never made the held-out error worse
     kept = [r["holdout_rel_err"] for r in report.rounds if r.get("kept", True)]
     assert kept == sorted(kept, reverse=True)

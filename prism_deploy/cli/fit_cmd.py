@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored dtype of the tensors")
     p.add_argument("--rounds", type=int, default=3, help="gate/worker rounds for gated pipes (default 3)")
     p.add_argument("--gate-steps", type=int, default=300, help="Adam steps per round of gate training (default 300)")
+    p.add_argument("--gate-lr", type=float, default=1e-2, help="Adam step of gate training, relative to the gate weights' size (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and gate initialisation")
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows read per chunk (default 4096)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     config = fit_config(data.in_dim, data.out_dim, workers=args.workers,
                         grid=tuple(args.grid) if args.grid else None, pipes=args.pipes,
                         top_k=args.top_k, gate_scale=args.gate_scale)
-    opts = FitOptions(method=args.method, ridge=args.ridge, rounds=args.rounds, gate_steps=args.gate_steps,
+    opts = FitOptions(method=args.method, ridge=args.ridge, rounds=args.rounds, gate_steps=args.gate_steps, gate_lr=args.gate_lr,
                       seed=args.seed, dtype=getattr(torch, args.dtype))
     adapter, report = fit_adapter(config, data, opts)
     save_adapter(adapter, args.output)

@@ -53,7 +53,14 @@ def train_gates(
         assert g is not None
         params[i] = (g.weight.detach().float().clone().requires_grad_(True),
                      g.bias.detach().float().clone().requires_grad_(True))
-    opt = torch.optim.Adam([t for pair in params.values() for t in pair], lr=lr)
+    # Adam moves each entry by about ``lr`` per step whatever its gradient's size, so the
+    # weights' step is scaled by their own size (scores start at unit spread, see init_gates):
+    # ``lr`` is then a relative step, the same for any in_dim or activation scale.
+    groups = []
+    for w, b in params.values():
+        rms = float(w.detach().pow(2).mean().sqrt()) or 1.0
+        groups += [{"params": [w], "lr": lr * rms}, {"params": [b], "lr": lr}]
+    opt = torch.optim.Adam(groups)
     betas = adapter.betas(torch.float32)
     losses: list[float] = []
     epoch = 0
