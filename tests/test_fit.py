@@ -171,3 +171,21 @@ def test_three_pipe_planner_layout_gated_backfitting(tmp_path):
     _, report = fit_adapter(cfg, data, FitOptions(rounds=2, gate_steps=80, gate_batch=128, sweeps=2))
     assert report.holdout.rel_err < report.rounds[0]["holdout_rel_err"]
     assert report.full_ls_holdout is not None and report.full_ls_holdout.rel_err < report.holdout.rel_err
+
+
+@pytest.mark.parametrize("top_k", [None, 5], ids=["ungated", "gated"])
+def test_every_corrupted_worker_is_ranked_first(tmp_path, top_k):
+    from prism_deploy.fit.localize import worker_excess
+    from prism_deploy.reference import PrismAdapter
+
+    x, z, _ = synthetic_pair(1500, 40, 30, cond=20, seed=11)
+    data = open_pair(tmp_path, x.astype(np.float32), z.astype(np.float32))
+    cfg = fit_config(40, 30, grid=(3, 4), top_k=top_k)
+    good, _ = fit_adapter(cfg, data, FitOptions(rounds=1, gate_steps=60))
+    for w in range(cfg.pipes[0].workers):
+        tensors = {k: v.clone() for k, v in good.tensors().items()}
+        tiles = tensors["pipes.0.tiles"]
+        gen = torch.Generator().manual_seed(w)
+        tiles[w] += 3 * tiles[w].std() * torch.randn(tiles.shape[1:], generator=gen)
+        ranking = worker_excess(PrismAdapter(cfg, tensors), data)
+        assert ranking[0].worker == w, [(s.worker, round(s.excess, 3)) for s in ranking[:3]]
