@@ -19,6 +19,9 @@ COMMAND_MODULES = [
     "prism_deploy.cli.inspect_cmd",
     "prism_deploy.cli.plan_cmd",
     "prism_deploy.cli.convert_cmd",
+    "prism_deploy.cli.fit_cmd",
+    "prism_deploy.cli.workers_cmd",
+    "prism_deploy.cli.refit_cmd",
     "prism_deploy.cli.bench_cmd",
 ]
 
