@@ -59,11 +59,19 @@ METADATA_VERSION = 1
 # within ~10% where the intermediates are close. So the default, "auto", picks per pipe the
 # form with the smaller intermediate (A when R*C*tc <= C*R*tr, i.e. tc <= tr; ties -> A,
 # which keeps the reference's summation order).
+# int8-qdq is the exception: there "auto" always takes B. Form A quantizes the gate-scaled
+# input g*x, whose values span the gate's whole range (0 for unselected workers up to
+# gate_scale), so one per-tensor INT8 scale leaves the small products few levels; form B
+# quantizes x itself. Measured rel L2 vs the reference (512 calibration rows, 128 tokens,
+# ORT CPU, 2026-11-25): demo adapter A 0.0130 / B 0.0123; 1024->1024 8x8 top 16 A 0.058 /
+# B 0.012; 512->512 16x32 top 154 A 0.18 / B 0.012 (max calibrator).
 DEFAULT_GATED_FORM = "auto"
 
 
-def choose_gated_form(spec: Any) -> str:
-    """``auto``'s choice for one gated pipe: the form with the smaller intermediate."""
+def choose_gated_form(spec: Any, precision: str = "fp32") -> str:
+    """``auto``'s choice for one gated pipe (see above)."""
+    if precision == "int8-qdq":
+        return "B"
     R, C = spec.grid
     tr, tc = spec.tile
     return "A" if R * C * tc <= C * R * tr else "B"
@@ -205,12 +213,16 @@ def pipe_prefixes(names: list[str]) -> list[str]:
 class _Lowering:
     """Builds the graph for one adapter, precision and io dtype."""
 
-    def __init__(self, adapter: PrismAdapter, precision: str, io_dtype: str, gated_form: str) -> None:
+    def __init__(self, adapter: PrismAdapter, precision: str, io_dtype: str, gated_form: str,
+                 gate_dtype: str = "float32") -> None:
         self.adapter = adapter
         self.config = adapter.config
         self.precision = precision
         self.io_dtype = io_dtype
         self.gated_form = gated_form
+        # float16 gates exist only for tools/measure_fp16_gate.py (the measurement behind
+        # the float32 choice); exports always use float32 gate scores and Softmax
+        self.gate_dtype = np.dtype(gate_dtype)
         self.cd = np.dtype(COMPUTE_DTYPE[precision])
         self.cd_onnx = ONNX_TYPE[self.cd]
         self.int8 = precision in ("int8", "int8-qdq")
@@ -261,13 +273,12 @@ class _Lowering:
         out_shape = g.op("Concat", [lead, g.ints("output/out_dim", [cfg.out_dim])], "output/shape", axis=0)
         g.op("Reshape", [y2, out_shape], "output/Reshape", outputs=["adapted"])
 
-        graph = helper.make_graph(
-            g.nodes, "prism_adapter",
-            [helper.make_tensor_value_info("hidden", io_type, ["batch", "seq", cfg.in_dim])],
-            [helper.make_tensor_value_info("adapted", io_type, ["batch", "seq", cfg.out_dim])],
-            initializer=g.initializers,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        graph = g.graph
+        graph.name = "prism_adapter"
+        graph.input.append(helper.make_tensor_value_info("hidden", io_type, ["batch", "seq", cfg.in_dim]))
+        graph.output.append(helper.make_tensor_value_info("adapted", io_type, ["batch", "seq", cfg.out_dim]))
+        model = g.model  # built in place: make_graph/make_model would copy the weights twice
+        model.opset_import.append(helper.make_opsetid("", OPSET))
         model.doc_string = (f"PRISM adapter {cfg.in_dim} -> {cfg.out_dim}, {cfg.num_pipes} pipe(s), "
                             f"precision {self.precision}, lowered by prism-deploy")
         helper.set_model_props(model, {METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
@@ -377,20 +388,22 @@ class _Lowering:
     def _folded_ungated(self, run: list[int], betas: list[float]) -> str:
         """Consecutive ungated pipes summed with their combine weights into ONE weight.
 
-        ``sum_p beta_p * (x @ W_p) = x @ (sum_p beta_p * W_p)``: exact in real arithmetic;
-        in floating point the folded weight is summed in float64 and rounded once to the
-        compute dtype, so each weight entry carries one rounding (2^-24 relative in fp32,
-        2^-11 in fp16) instead of one per pipe plus the rounding of the output sum: the
-        folded graph is at least as close to the exact result as the unfolded one. Not done
-        for INT8, whose per-tile-row scales (the metadata contract) need the tiles apart.
+        ``sum_p beta_p * (x @ W_p) = x @ (sum_p beta_p * W_p)``: exact in real arithmetic.
+        In floating point the folded weight is summed in float32 (each entry: at most one
+        rounding of 2^-24 relative per pipe added, a few 1e-7 for 2-3 pipes) and, for fp16,
+        rounded once to float16 (2^-11), where the unfolded graph rounds every pipe's weight
+        to float16 and also rounds each pipe's output and their sum: the folded graph is as
+        close to the exact result as the unfolded one or closer (measured in the tests:
+        fp32 rel L2 error ~2e-7). Not done for INT8, whose per-tile-row scales (the metadata
+        contract) need the tiles kept apart.
         """
         g = self.g
         pipes = self.adapter.pipe_list()
         prefix = f"fold{run[0]}/"
-        acc = np.zeros((self.config.in_dim, self.config.out_dim), dtype=np.float64)
-        for i in run:  # one pipe's weight at a time in float64: the export's one extra copy
-            acc += betas[i] * _dense_weight_t(pipes[i], np.float64)
-        w = g.initializer(f"{prefix}weight", acc.astype(self.cd))
+        acc = np.zeros((self.config.in_dim, self.config.out_dim), dtype=np.float32)
+        for i in run:  # one pipe's weight at a time: transient copies of one pipe's size
+            acc += np.float32(betas[i]) * _dense_weight_t(pipes[i], np.float32)
+        w = g.initializer(f"{prefix}weight", acc.astype(self.cd, copy=False))
         del acc
         out = g.op("MatMul", [self.x_cd, w], f"{prefix}MatMul", outputs=[f"{prefix}output"])
         for i in run:
@@ -408,10 +421,17 @@ class _Lowering:
         g, p = self.g, self.prefixes[i]
         spec = pipe.spec
         assert pipe.gate is not None and spec.top_k is not None
-        wt = g.initializer(f"{p}gate/weight_t", pipe.gate.weight.detach().to(torch.float32).numpy().T)
-        b = g.initializer(f"{p}gate/bias", pipe.gate.bias.detach().to(torch.float32).numpy())
-        mm = g.op("MatMul", [self.x_f32, wt], f"{p}gate/MatMul")
-        scores = g.op("Add", [mm, b], f"{p}gate/Add", outputs=[f"{p}gate/scores"])
+        gd = self.gate_dtype
+        wt = g.initializer(f"{p}gate/weight_t", pipe.gate.weight.detach().to(torch.float32).numpy().T.astype(gd))
+        b = g.initializer(f"{p}gate/bias", pipe.gate.bias.detach().to(torch.float32).numpy().astype(gd))
+        if gd == np.float32:
+            mm = g.op("MatMul", [self.x_f32, wt], f"{p}gate/MatMul")
+            scores = g.op("Add", [mm, b], f"{p}gate/Add", outputs=[f"{p}gate/scores"])
+        else:  # measurement only: float16 scores, widened afterwards (TopK order unchanged)
+            x16 = self.x_cd if self.cd == np.float16 else g.op("Cast", [self.x_cd], f"{p}gate/Cast16", to=TensorProto.FLOAT16)
+            mm = g.op("MatMul", [x16, wt], f"{p}gate/MatMul")
+            s16 = g.op("Add", [mm, b], f"{p}gate/Add")
+            scores = g.op("Cast", [s16], f"{p}gate/CastScores", to=TensorProto.FLOAT)
         values, indices = g.op("TopK", [scores, g.ints(f"{p}gate/k", [spec.top_k])], f"{p}gate/TopK",
                                outputs=[f"{p}gate/topk_values", f"{p}gate/topk_indices"],
                                axis=-1, largest=1, sorted=1)
@@ -433,7 +453,7 @@ class _Lowering:
         pipe = self.adapter.pipe_list()[i]
         cfg = self.config
         (R, C), (tr, tc) = pipe.spec.grid, pipe.spec.tile
-        form = self.gated_form if self.gated_form != "auto" else choose_gated_form(pipe.spec)
+        form = self.gated_form if self.gated_form != "auto" else choose_gated_form(pipe.spec, self.precision)
         scores, _, gates = self._gate(i, pipe)
         tiles, scales, t3 = self._tiles_in_storage_order(i, pipe)
         # zero-pad the input to C*tc (always present, a no-op when C*tc == in_dim, so that
@@ -508,21 +528,30 @@ def _calibrate(model: onnx.ModelProto, lowering: _Lowering, data: np.ndarray, ca
     from prism_deploy.runtime.ort_session import make_session
 
     observed = sorted(set(lowering.act_scales.values()))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    for name in observed:
-        probe.graph.output.append(helper.make_empty_tensor_value_info(name))
     io = np.dtype(lowering.io_dtype)
     observers = {name: ActivationObserver(calibrator) for name in observed}
+    # The session reads the model with the observed tensors as its outputs. Swap them in on
+    # the model itself (no copy of the weights) and put the real output back afterwards.
+    real_outputs = [onnx.ValueInfoProto() for _ in model.graph.output]
+    for copy, out in zip(real_outputs, model.graph.output):
+        copy.CopyFrom(out)
+    del model.graph.output[:]
+    for name in observed:
+        model.graph.output.append(helper.make_empty_tensor_value_info(name))
     with tempfile.TemporaryDirectory(prefix="prism-calib-") as tmp:
-        if probe.ByteSize() < (1 << 31) - (1 << 26):
-            sess = make_session(probe.SerializeToString(), "cpu")
-        else:
-            path = Path(tmp) / "probe.onnx"
-            save_model(probe, path, external=True)
-            sess = make_session(path, "cpu")
-        del probe
+        try:
+            if model.ByteSize() < (1 << 31) - (1 << 26):
+                sess = make_session(model.SerializeToString(), "cpu")
+            else:  # too big for one protobuf message: a copy saved with external data
+                probe = onnx.ModelProto()
+                probe.CopyFrom(model)
+                path = Path(tmp) / "probe.onnx"
+                save_model(probe, path, external=True)
+                del probe
+                sess = make_session(path, "cpu")
+        finally:
+            del model.graph.output[:]
+            model.graph.output.extend(real_outputs)
         for start in range(0, data.shape[0], CALIB_BATCH_ROWS):
             rows = data[start:start + CALIB_BATCH_ROWS].astype(io)[None]
             for name, value in zip(observed, sess.run(observed, {"hidden": rows})):

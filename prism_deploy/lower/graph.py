@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 NP_TO_ONNX = {
     np.dtype(np.float32): TensorProto.FLOAT,
@@ -24,11 +24,18 @@ DTYPE_NAMES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
 class GraphBuilder:
-    """Collects nodes and initializers; names are unique and chosen by the caller."""
+    """Writes nodes and initializers straight into one ``ModelProto``; names are unique and
+    chosen by the caller.
+
+    The weights are copied exactly once, into ``model.graph.initializer``: building a list
+    of TensorProtos and handing it to ``helper.make_graph`` / ``make_model`` would copy each
+    of them twice more (``extend`` and ``CopyFrom`` copy messages), which for a multi-GB
+    adapter means three extra copies of the weights in memory instead of one.
+    """
 
     def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self.model = onnx.ModelProto()
+        self.graph = self.model.graph
         self._names: set[str] = set()
 
     def _claim(self, name: str) -> str:
@@ -46,14 +53,21 @@ class GraphBuilder:
             outs = list(outputs)
         for o in outs:
             self._claim(o)
-        node = helper.make_node(op_type, list(inputs), outs, name=name, **attrs)
-        self.nodes.append(node)
+        self.graph.node.append(helper.make_node(op_type, list(inputs), outs, name=name, **attrs))
         return outs[0] if len(outs) == 1 else outs
 
     def initializer(self, name: str, array: np.ndarray) -> str:
-        """An initializer from ``array``: one copy of its bytes goes into the protobuf."""
+        """An initializer from ``array``: its bytes are copied once, into the model."""
         self._claim(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if array.dtype not in NP_TO_ONNX:
+            raise TypeError(f"initializer {name!r}: unsupported dtype {array.dtype}")
+        t = self.graph.initializer.add()
+        t.name = name
+        t.data_type = NP_TO_ONNX[array.dtype]
+        t.dims.extend(array.shape)
+        # protobuf takes only bytes: one transient copy of this tensor, freed on return
+        t.raw_data = array.tobytes()
         return name
 
     def const(self, name: str, value: Any, dtype: np.dtype | type) -> str:
