@@ -19,6 +19,8 @@ Deployable Plugin by op type + namespace and picks its AOT implementation with `
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -178,3 +180,42 @@ def _restore_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
     dst.producer_name, dst.producer_version, dst.doc_string = src.producer_name, src.producer_version, src.doc_string
     dst.graph.name = src.graph.name
     finalize(dst)
+
+
+def fuse_onnx_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read an exported model (with its external data), fuse it, save it atomically.
+
+    Returns a summary: paths written, node counts before and after, and the fused pipes.
+    """
+    from prism_deploy.onnx_io import save_model
+
+    path = Path(src)
+    if not path.is_file():
+        raise PrismInputError(f"{src}: no such ONNX file")
+    try:
+        model = onnx.load_model(str(path), load_external_data=True)
+    except Exception as exc:  # onnx raises DecodeError and friends for non-ONNX input
+        raise PrismInputError(f"{src}: not a readable ONNX model ({type(exc).__name__})") from exc
+    nodes_before = len(model.graph.node)
+    fused = fuse_gated_pipes(model)
+    del model
+    info = json.loads(next((p.value for p in fused.metadata_props if p.key == FUSION_KEY), '{"pipes": []}'))
+    nodes_after = len(fused.graph.node)
+    written = save_model(fused, dst)
+    return {"paths": [str(p) for p in written], "nodes_before": nodes_before, "nodes_after": nodes_after,
+            "fused_pipes": info["pipes"]}
+
+
+def export_fused(adapter: Any, path: str | os.PathLike[str], **export_options: Any) -> dict[str, Any]:
+    """``prism-deploy export --plugin`` as a function: lower (``prism_deploy.lower.build_model``),
+    fuse, save. ``export_options`` are build_model's (precision, io_dtype, ...)."""
+    from prism_deploy.lower import build_model  # type: ignore[import-not-found,unused-ignore]
+    from prism_deploy.onnx_io import save_model
+
+    model = build_model(adapter, **export_options)
+    nodes_before = len(model.graph.node)
+    fused = fuse_gated_pipes(model)
+    del model
+    nodes_after = len(fused.graph.node)
+    written = save_model(fused, path)
+    return {"paths": [str(p) for p in written], "nodes_before": nodes_before, "nodes_after": nodes_after}
