@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "prism_deploy.cli.refit_cmd",
     "prism_deploy.cli.export_cmd",
     "prism_deploy.cli.parity_cmd",
+    "prism_deploy.cli.fuse_cmd",
 ]
 
 
