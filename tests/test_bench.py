@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from prism_deploy.bench import bytes_must_move, case_floor, floor_seconds, flops_must_do
+from prism_deploy.bench import machine
 from prism_deploy.bench.memory import PeakMemory
 from prism_deploy.bench.timing import time_cpu
 from prism_deploy.cli.main import main
@@ -32,6 +33,9 @@ def no_gpu(monkeypatch):
 
     monkeypatch.setenv("PRISM_DEPLOY_NO_GPU", "1")
     ort_session.gpu_present.cache_clear()
+    # Small rate measurements: the tests check the plumbing, not this machine's speed.
+    monkeypatch.setattr(machine, "COPY_BYTES_CPU", 8 * 1024 * 1024)
+    monkeypatch.setattr(machine, "MATMUL_N_CPU", 256)
     yield
     ort_session.gpu_present.cache_clear()
 

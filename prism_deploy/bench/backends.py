@@ -387,12 +387,13 @@ class TrtBackend(Backend):
 
 
 class KernelBackend(Backend):
-    """The tile-dispatch kernel launched directly (no TensorRT): gates and ungated pipes in
-    torch on the GPU, each gated pipe one kernel launch, combine in torch.
+    """The tile-dispatch kernel launched directly (no TensorRT): each gate's MatMul+Add and
+    each ungated pipe in torch on the GPU, each gated pipe one kernel launch through
+    ``prism_deploy.kernel.launch.tile_dispatch_torch``, the combine in torch.
 
-    Written against the plugin issue's launcher contract (``prism_deploy.kernel``: a
-    ``tile_dispatch(hidden, scores, tiles, scales, *, R, C, tr, tc, top_k, gate_scale,
-    out_dim)`` on torch CUDA tensors); it has not run anywhere yet (no GPU here).
+    Tiles are stored at the case's precision (int8: symmetric per tile row, fp32 scales
+    ``[R*C, tr]``, the kernel's contract). Written against the launcher on main; it has not
+    run on a GPU from this module yet (none was lent to the benchmark work).
     """
 
     name = "kernel"
@@ -411,33 +412,45 @@ class KernelBackend(Backend):
         if not gpu_present():
             return False, "the tile-dispatch kernel runs only on an NVIDIA GPU and this machine has none"
         try:
-            kernel = importlib.import_module("prism_deploy.kernel")
+            importlib.import_module("prism_deploy.kernel.launch")
+            importlib.import_module("cuda.bindings.driver")
         except ImportError as exc:
-            return False, f"prism_deploy.kernel is not in this build ({exc})"
-        if not hasattr(kernel, "tile_dispatch"):
-            return False, "prism_deploy.kernel has no tile_dispatch launcher"
+            return False, f"the kernel launcher cannot be imported ({exc})"
         return True, "available"
 
     def prepare(self) -> None:
         import torch
 
-        self.launch = importlib.import_module("prism_deploy.kernel").tile_dispatch
+        from prism_deploy.kernel import TileDispatchSpec
+        from prism_deploy.kernel.launch import tile_dispatch_torch
+
         if self.precision not in ("fp32", "fp16", "int8"):
             raise BackendUnavailable(f"kernel: tiles come in fp32, fp16 or int8, not {self.precision}")
+        self.launch = tile_dispatch_torch
+        cfg = self.adapter.config
+        tile_dtype = {"fp32": "float32", "fp16": "float16", "int8": "int8"}[self.precision]
         self.pipes = []
         for pipe in self.adapter.pipe_list():
+            spec = pipe.spec
+            entry: dict[str, Any] = {"pad": spec.padded_in - cfg.in_dim}
+            if pipe.gate is None:
+                entry["dense"] = pipe.dense_weight(torch.float32).to("cuda")
+                self.pipes.append(entry)
+                continue
+            assert spec.top_k is not None
             tiles = pipe.tiles.detach().to("cuda", torch.float32)
-            entry: dict[str, Any] = {"spec": pipe.spec, "scales": None}
-            if pipe.gate is not None:
-                entry["gate_w"] = pipe.gate.weight.detach().to("cuda", torch.float32)
-                entry["gate_b"] = pipe.gate.bias.detach().to("cuda", torch.float32)
+            entry["gate_w"] = pipe.gate.weight.detach().to("cuda", torch.float32)
+            entry["gate_b"] = pipe.gate.bias.detach().to("cuda", torch.float32)
+            entry["scales"] = None
             if self.precision == "int8":
-                scales = tiles.abs().amax(dim=2).clamp_min(1e-12) / 127.0  # per tile row
+                scales = tiles.abs().amax(dim=2).clamp_min(1e-12) / 127.0  # [R*C, tr]
                 entry["tiles"] = torch.round(tiles / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-                entry["scales"] = scales
+                entry["scales"] = scales.contiguous()
             else:
                 entry["tiles"] = tiles.to(torch.float16 if self.precision == "fp16" else torch.float32)
-            entry["dense"] = None if pipe.gate is not None else pipe.dense_weight(torch.float32).to("cuda")
+            entry["spec"] = TileDispatchSpec(R=spec.grid[0], C=spec.grid[1], tr=spec.tile[0], tc=spec.tile[1],
+                                             top_k=spec.top_k, gate_scale=spec.gate_scale, out_dim=cfg.out_dim,
+                                             hidden_dtype="float32", tile_dtype=tile_dtype)
             self.pipes.append(entry)
         self.betas = self.adapter.betas().to("cuda")
 
@@ -453,20 +466,21 @@ class KernelBackend(Backend):
         x2 = inputs.reshape(-1, cfg.in_dim)
         y = torch.zeros(x2.shape[0], cfg.out_dim, device="cuda")
         for beta, p in zip(self.betas, self.pipes):
-            spec = p["spec"]
-            if p["dense"] is not None:
-                xp = torch.nn.functional.pad(x2, (0, spec.padded_in - cfg.in_dim))
+            if "dense" in p:
+                xp = torch.nn.functional.pad(x2, (0, p["pad"]))
                 out = (xp @ p["dense"].T)[:, : cfg.out_dim]
             else:
                 scores = torch.addmm(p["gate_b"], x2, p["gate_w"].T)
-                out = self.launch(x2, scores, p["tiles"], p["scales"], R=spec.grid[0], C=spec.grid[1],
-                                  tr=spec.tile[0], tc=spec.tile[1], top_k=spec.top_k,
-                                  gate_scale=spec.gate_scale, out_dim=cfg.out_dim)
+                out = self.launch(x2, scores, p["tiles"], p["scales"], p["spec"])
             y = y + beta * out
         return y.reshape(*inputs.shape[:-1], cfg.out_dim)
 
     def to_numpy(self, out: Any) -> np.ndarray:
         return out.float().cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "launcher": "prism_deploy.kernel.launch.tile_dispatch_torch",
+                "ungated_pipes": "torch matmul (fp32)"}
 
     def close(self) -> None:
         self.pipes = []
