@@ -37,10 +37,11 @@ def plot_results(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
         lo = [(c["median_s"] - c["p10_s"]) * 1e3 for c in rows]
         hi = [(c["p90_s"] - c["median_s"]) * 1e3 for c in rows]
         ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=f"{key[0]} {key[1]}")
-    for p in precisions:
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
+    for i, p in enumerate(precisions):
         rows = sorted((f for f in results["floors"] if f["precision"] == p), key=lambda f: f["batch"])
-        ax.plot([f["batch"] for f in rows], [f["floor_s"] * 1e3 for f in rows], linestyle="--", color="gray",
-                alpha=0.4 + 0.6 / len(precisions), label=f"floor {p}")
+        ax.plot([f["batch"] for f in rows], [f["floor_s"] * 1e3 for f in rows], linestyle=styles[i % len(styles)],
+                color="black", alpha=0.6, label=f"floor {p}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch (tokens = batch x seq)")
