@@ -4,7 +4,8 @@
 
 One table per file: the machine line, then per precision and batch each backend's median
 and p10-p90 in milliseconds, tokens per second, time relative to torch fp32 eager, and
-relative to the floor. Nothing is computed here that is not in the file.
+relative to the floor, and whether the issue's fp32 CPU target is met. Nothing is computed
+here that is not in the file.
 """
 
 from __future__ import annotations
@@ -48,11 +49,23 @@ def table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def fp32_target(d: dict) -> str:
+    """The issue's CPU target: ONNX Runtime CPU at least as fast as torch eager, fp32, every batch."""
+    rows = sorted((c for c in d["cases"] if (c["backend"], c["precision"]) == ("ort-cpu", "fp32")),
+                  key=lambda c: c["batch"])
+    if not rows:
+        return "not measured (no ort-cpu fp32 case)"
+    parts = [f"batch {c['batch']}: {c['ratio_to_torch']:.2f}x" for c in rows]
+    met = all(c["ratio_to_torch"] is not None and c["ratio_to_torch"] <= 1.0 for c in rows)
+    return f"{'met' if met else 'MISSED'} (ort-cpu fp32 time / torch fp32 time: {', '.join(parts)})"
+
+
 def main(argv: list[str]) -> int:
     for path in argv:
+        d = json.loads(Path(path).read_text())
         print(f"### {Path(path).name}\n")
-        print(table(json.loads(Path(path).read_text())))
-        print()
+        print(table(d))
+        print(f"\nTarget (ORT CPU >= torch eager speed, fp32, every batch): {fp32_target(d)}\n")
     return 0
 
 
