@@ -164,7 +164,7 @@ def _runtime_module(version_compatible: bool) -> Any:
         return tensorrt
     if version_compatible:
         try:
-            import tensorrt_lean  # type: ignore[import-not-found]
+            import tensorrt_lean
 
             return tensorrt_lean
         except ImportError:

@@ -1,0 +1,255 @@
+"""``prism-deploy build`` on this CPU machine: engines, manifest, cache, loading, failures.
+
+The ONNX Runtime CPU target is what ``--target auto`` picks without a GPU; every check here
+runs the built engines and compares them with the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prism_deploy.build import builder, environment
+from prism_deploy.build.manifest import EngineFileError, read_manifest
+from prism_deploy.cli.main import main
+from prism_deploy.format import AdapterConfig, PipeSpec
+from prism_deploy.reference import random_adapter
+from prism_deploy.runtime import load_engines
+from prism_deploy.runtime.ort_session import gpu_present
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "demo-adapter.safetensors"
+# The shipped example's layout (examples/demo-adapter.safetensors), for when the file is absent.
+DEMO_CONFIG = AdapterConfig(256, 160, (
+    PipeSpec("dense", (4, 4), (40, 64)),
+    PipeSpec("routed", (8, 8), (20, 32), top_k=16),
+    PipeSpec("coarse", (2, 4), (80, 64), top_k=3),
+), "weighted")
+SMALL_CONFIG = AdapterConfig(48, 40, (
+    PipeSpec("plain", (2, 2), (20, 24)),
+    PipeSpec("gated", (4, 3), (10, 16), top_k=4, gate_scale=1.5),
+), "weighted")
+# small profile: parity runs 2 batches of 2x8 tokens
+FAST = ["--batch", "1:2:4", "--seq", "1:8:16"]
+
+needs_cpu_only = pytest.mark.skipif(gpu_present(), reason="auto picks a GPU target on this machine")
+
+
+def _adapter(tmp_path: Path, config: AdapterConfig = SMALL_CONFIG, seed: int = 0, name: str = "small") -> Path:
+    path = tmp_path / f"{name}.safetensors"
+    random_adapter(config, seed=seed).save(path)
+    return path
+
+
+def _build(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["build", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _reference(adapter_path: Path, x: np.ndarray) -> np.ndarray:
+    from prism_deploy.reference import load_adapter
+
+    return load_adapter(adapter_path)(torch.from_numpy(x).double()).numpy()
+
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@needs_cpu_only
+def test_example_builds_on_cpu_prints_parity_and_second_run_reuses(tmp_path, capsys, monkeypatch):
+    if EXAMPLE.is_file():
+        adapter = tmp_path / EXAMPLE.name
+        shutil.copy(EXAMPLE, adapter)
+    else:
+        adapter = _adapter(tmp_path, DEMO_CONFIG, seed=7, name="demo-adapter")
+    monkeypatch.chdir(tmp_path)  # the default DIR is relative: engines/<stem>-<sha8>/
+    code, out, _ = _build(capsys, str(adapter), *FAST)
+    assert code == 0, out
+    assert out.startswith("target: ort-cpu:")
+    from prism_deploy.format import file_sha256
+
+    directory = tmp_path / "engines" / f"demo-adapter-{file_sha256(adapter)[:8]}"
+    manifest = read_manifest(directory)
+    assert manifest is not None and manifest["adapter"]["sha256"] == file_sha256(adapter)
+    [entry] = manifest["engines"]
+    assert entry["configuration"]["precision"] == "fp32" and entry["target"] == "ort-cpu"
+    assert entry["tools"]["onnxruntime"] and entry["tools"]["prism_deploy"]
+    rel = entry["parity"]["rel_l2"]
+    assert rel < 1e-5
+    assert "built (cache miss)" in out and f"{rel:.4g}" in out  # the table shows the parity figure
+
+    before = (directory / "manifest.json").read_bytes()
+    code, out, _ = _build(capsys, str(adapter), *FAST)
+    assert code == 0
+    assert "reused (cache hit)" in out and "(unchanged)" in out
+    assert (directory / "manifest.json").read_bytes() == before
+
+    x = np.random.default_rng(1).standard_normal((3, 5, 256)).astype(np.float32)
+    y = load_engines(directory, precision="fp32", target="ort-cpu").run(x)
+    assert y.shape == (3, 5, 160)
+    assert _rel_l2(y, _reference(adapter, x)) < 1e-5
+
+
+def test_changed_adapter_rebuilds_and_collects_old_engine(tmp_path, capsys):
+    adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
+    assert _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST)[0] == 0
+    [old_file] = [p["file"] for p in read_manifest(out_dir)["engines"][0]["parts"]]
+    _adapter(tmp_path, seed=1)  # retrained: same file name and topology, new weights
+    code, out, _ = _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST)
+    assert code == 0 and "built (cache miss)" in out
+    manifest = read_manifest(out_dir)
+    [entry] = manifest["engines"]
+    assert entry["parts"][0]["file"] != old_file and not (out_dir / old_file).exists()
+    x = np.random.default_rng(2).standard_normal((2, 3, 48)).astype(np.float32)
+    assert _rel_l2(load_engines(out_dir).run(x), _reference(adapter, x)) < 1e-5
+
+
+def test_changed_tool_version_rebuilds_and_stale_engine_is_refused(tmp_path, capsys, monkeypatch):
+    adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
+    args = [str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST]
+    assert _build(capsys, *args)[0] == 0
+    real = environment.tool_versions
+
+    def upgraded(target: str) -> dict[str, str | None]:
+        return {**real(target), "onnxruntime": "99.0.0"}
+
+    monkeypatch.setattr(environment, "tool_versions", upgraded)
+    code, out, _ = _build(capsys, *args)
+    assert code == 0 and "built (cache miss)" in out
+    assert read_manifest(out_dir)["engines"][0]["tools"]["onnxruntime"] == "99.0.0"
+    code, out, _ = _build(capsys, *args)
+    assert "reused (cache hit)" in out
+    monkeypatch.setattr(environment, "tool_versions", real)  # back to the real version
+    with pytest.raises(EngineFileError, match="built with onnxruntime 99.0.0"):
+        load_engines(out_dir)
+
+
+def test_corrupt_engine_is_refused_on_load_and_rebuilt(tmp_path, capsys):
+    adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
+    args = [str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST]
+    assert _build(capsys, *args)[0] == 0
+    [part] = read_manifest(out_dir)["engines"][0]["parts"]
+    engine = out_dir / part["file"]
+    data = bytearray(engine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    with pytest.raises(EngineFileError, match="does not match the manifest"):
+        load_engines(out_dir)
+    engine.unlink()
+    with pytest.raises(EngineFileError, match="missing"):
+        load_engines(out_dir)
+    code, out, _ = _build(capsys, *args)  # the cache notices and rebuilds
+    assert code == 0 and "built (cache miss)" in out
+    load_engines(out_dir)
+
+
+def test_concurrent_builds_into_one_dir_leave_a_valid_manifest(tmp_path):
+    adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
+    codes: dict[str, int] = {}
+
+    def build(precision: str) -> None:
+        codes[precision] = main(["build", str(adapter), "-o", str(out_dir), "--target", "ort-cpu",
+                                 "--precision", precision, "--json", *FAST])
+
+    threads = [threading.Thread(target=build, args=(p,)) for p in ("fp32", "fp16")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == {"fp32": 0, "fp16": 0}
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert sorted(e["configuration"]["precision"] for e in manifest["engines"]) == ["fp16", "fp32"]
+    x = np.random.default_rng(3).standard_normal((2, 4, 48)).astype(np.float32)
+    ref = _reference(adapter, x)
+    for precision, tol in (("fp32", 1e-5), ("fp16", 2e-2)):
+        assert _rel_l2(load_engines(out_dir, precision=precision).run(x), ref) < tol
+    assert not list(out_dir.glob(".build-*"))  # no temporary folder left behind
+
+
+def test_failed_parity_keeps_previous_engines_and_manifest(tmp_path, capsys, monkeypatch):
+    adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
+    args = [str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST]
+    assert _build(capsys, *args)[0] == 0
+    before = (out_dir / "manifest.json").read_bytes()
+    real_export = builder.export_graph
+
+    def sabotaged(unit, path, cfg, calib):  # an engine of other weights: parity must catch it
+        real_export(random_adapter(unit.config, seed=99), path, cfg, calib)
+
+    monkeypatch.setattr(builder, "export_graph", sabotaged)
+    code, out, err = _build(capsys, *args, "--force")
+    assert code == 1
+    assert err.count("\n") == 1 and "ort-cpu/fp32/whole" in err and "rel_l2=" in err
+    assert (out_dir / "manifest.json").read_bytes() == before
+    x = np.random.default_rng(4).standard_normal((1, 6, 48)).astype(np.float32)
+    assert _rel_l2(load_engines(out_dir).run(x), _reference(adapter, x)) < 1e-5
+
+
+def test_per_pipe_engines_sum_to_the_whole_adapter_engine(tmp_path, capsys):
+    adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
+    for extra in ([], ["--per-pipe"]):
+        assert _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST, *extra)[0] == 0
+    whole = load_engines(out_dir, per_pipe=False)
+    split = load_engines(out_dir, per_pipe=True)
+    assert [p["pipe_name"] for p in split.entry["parts"]] == ["plain", "gated"]
+    assert len(split.parts) == 2 and split.entry["combine_weights"] != [1.0, 1.0]
+    x = np.random.default_rng(5).standard_normal((2, 7, 48)).astype(np.float32)
+    np.testing.assert_allclose(split.run(x), whole.run(x), rtol=1e-5, atol=1e-5)
+    # each part is its pipe alone, before the combine weight
+    from prism_deploy.reference import load_adapter
+
+    pipes = load_adapter(adapter).pipe_outputs(torch.from_numpy(x).double())
+    for (weight, runner), ref in zip(split.parts, pipes):
+        assert _rel_l2(runner.run(x), ref.numpy()) < 1e-5
+    with pytest.raises(EngineFileError, match="2 engines match"):
+        load_engines(out_dir)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch", "1:2"], "--batch"),
+    (["--batch", "8:2:16"], "--batch"),
+    (["--seq", "a:b:c"], "--seq"),
+    (["--precision", "fp8"], "--precision"),
+    (["--precision", ""], "--precision"),
+    (["--target", "tpu"], "--target"),
+    (["--target", "ort-cpu", "--precision", "int8-qdq"], "--calib"),
+    (["--target", "ort-cpu", "--plugin", "on"], "--plugin"),
+    (["--target", "ort-cpu", "--plugin", "maybe"], "--plugin"),
+    (["--target", "ort-cpu", "--refittable"], "--refittable"),
+    (["--target", "ort-cpu", "--calib", "/nonexistent.npy"], "--calib"),
+])
+def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, extra, message):
+    adapter = _adapter(tmp_path)
+    code, out, err = _build(capsys, str(adapter), "-o", str(tmp_path / "eng"), *extra)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "eng" / "manifest.json").exists()
+
+
+@pytest.mark.skipif(gpu_present(), reason="a GPU is present: GPU targets may be available")
+@pytest.mark.parametrize("target", ["trt", "ort-cuda"])
+def test_unavailable_target_exits_2(tmp_path, capsys, target):
+    code, _, err = _build(capsys, str(_adapter(tmp_path)), "--target", target)
+    assert code == 2 and err.count("\n") == 1 and f"--target {target}: unavailable here" in err
+
+
+def test_missing_or_invalid_adapter_exits_2(tmp_path, capsys):
+    code, _, err = _build(capsys, str(tmp_path / "absent.safetensors"))
+    assert code == 2 and "no such file" in err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    code, _, err = _build(capsys, str(bad))
+    assert code == 2 and err.count("\n") == 1 and str(bad) in err
+
+
+def test_load_without_manifest_is_a_clean_error(tmp_path):
+    with pytest.raises(EngineFileError, match="no manifest.json"):
+        load_engines(tmp_path)
