@@ -253,3 +253,40 @@ def test_missing_or_invalid_adapter_exits_2(tmp_path, capsys):
 def test_load_without_manifest_is_a_clean_error(tmp_path):
     with pytest.raises(EngineFileError, match="no manifest.json"):
         load_engines(tmp_path)
+
+
+def test_crash_mid_build_leaves_previous_engines_and_manifest(tmp_path, capsys, monkeypatch):
+    adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
+    args = [str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST]
+    assert _build(capsys, *args)[0] == 0
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
+    from prism_deploy.build import ort_backend
+
+    def crash(onnx_path, engine_path, target):
+        engine_path.write_bytes(b"half an engine")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ort_backend, "build_ort_engine", crash)
+    assert _build(capsys, *args, "--force", "--precision", "fp32,fp16")[0] == 130
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()} == before
+    assert not list(out_dir.glob(".build-*"))
+    load_engines(out_dir).run(np.zeros((1, 2, 48), np.float32))
+
+
+def test_a_build_error_fails_that_configuration_only(tmp_path, capsys, monkeypatch):
+    adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
+    from prism_deploy.build import ort_backend
+    from prism_deploy.errors import PrismInputError
+
+    real = ort_backend.build_ort_engine
+
+    def refuse_fp16(onnx_path, engine_path, target):
+        if "fp16" in onnx_path.name:
+            raise PrismInputError(f"{onnx_path}: ONNX Runtime cannot load it (test)")
+        return real(onnx_path, engine_path, target)
+
+    monkeypatch.setattr(ort_backend, "build_ort_engine", refuse_fp16)
+    code, out, err = _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu",
+                            "--precision", "fp16,fp32", *FAST)
+    assert code == 1 and "ort-cpu/fp16/whole" in err and "ONNX Runtime build failed" in err
+    assert [e["configuration"]["precision"] for e in read_manifest(out_dir)["engines"]] == ["fp32"]
