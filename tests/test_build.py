@@ -290,3 +290,20 @@ def test_a_build_error_fails_that_configuration_only(tmp_path, capsys, monkeypat
                             "--precision", "fp16,fp32", *FAST)
     assert code == 1 and "ort-cpu/fp16/whole" in err and "ONNX Runtime build failed" in err
     assert [e["configuration"]["precision"] for e in read_manifest(out_dir)["engines"]] == ["fp32"]
+
+
+def test_a_second_build_waits_for_the_lock(tmp_path):
+    from filelock import FileLock
+
+    adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
+    out_dir.mkdir()
+    codes: list[int] = []
+    holder = FileLock(str(out_dir / builder.LOCK_NAME))
+    with holder:
+        t = threading.Thread(target=lambda: codes.append(main(
+            ["build", str(adapter), "-o", str(out_dir), "--target", "ort-cpu", "--json", *FAST])))
+        t.start()
+        t.join(timeout=1.0)
+        assert t.is_alive() and not (out_dir / "manifest.json").exists()  # blocked on the lock
+    t.join()
+    assert codes == [0] and read_manifest(out_dir) is not None

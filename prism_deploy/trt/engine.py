@@ -212,7 +212,9 @@ class TrtRunner:
         self._stream = _check(cudart.cudaStreamCreate(), "stream creation")
         self.context.set_optimization_profile_async(0, int(self._stream))
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
-        self._dtypes = {name: np.dtype(trt_module.nptype(self.engine.get_tensor_dtype(name)))
+        # engines are exported with float32 I/O; ask the engine where the module can say
+        to_numpy = getattr(trt_module, "nptype", None)
+        self._dtypes = {name: np.dtype(to_numpy(self.engine.get_tensor_dtype(name)) if to_numpy else np.float32)
                         for name in (INPUT_NAME, OUTPUT_NAME)}
 
     def _device_buffer(self, name: str, nbytes: int) -> int:
