@@ -307,3 +307,37 @@ def test_a_second_build_waits_for_the_lock(tmp_path):
         assert t.is_alive() and not (out_dir / "manifest.json").exists()  # blocked on the lock
     t.join()
     assert codes == [0] and read_manifest(out_dir) is not None
+
+
+def test_retrained_adapter_keeps_topology_key_and_finds_refit_source(tmp_path):
+    """Cache keys: new weights change the cache key, never the topology key; a refittable
+    TensorRT engine of the same topology in a sibling folder is found as the refit source."""
+    from prism_deploy.build.manifest import file_digest, new_manifest, write_manifest
+    from prism_deploy.build.options import EngineConfig, Profile
+    from prism_deploy.format import file_sha256
+
+    a0, a1 = _adapter(tmp_path, seed=0, name="a"), tmp_path / "a1.safetensors"
+    random_adapter(SMALL_CONFIG, seed=1).save(a1)
+    cfg = EngineConfig("trt", "fp16", Profile(), plugin=False, per_pipe=False, refittable=True)
+    tools, device = {"tensorrt": "10.13"}, {"kind": "gpu", "name": "H100", "compute_capability": "9.0"}
+    topo = builder.topology(SMALL_CONFIG)
+    keys = [builder.cache_key(file_sha256(a), cfg, tools, device, None) for a in (a0, a1)]
+    assert keys[0] != keys[1]
+    tkey = builder.topology_key(topo, cfg, tools, device)
+    other = AdapterConfig(48, 40, (PipeSpec("plain", (2, 2), (20, 24)),
+                                   PipeSpec("gated", (4, 3), (10, 16), top_k=5, gate_scale=1.5)), "weighted")
+    assert builder.topology_key(builder.topology(other), cfg, tools, device) != tkey
+    assert builder.topology_key(topo, cfg, tools, {**device, "compute_capability": "8.0"}) != tkey
+
+    old_dir = tmp_path / "engines" / f"a-{keys[0][:8]}"
+    old_dir.mkdir(parents=True)
+    (old_dir / "x.engine").write_bytes(b"plan")
+    part = {"pipe": None, "pipe_name": None, "file": "x.engine", "sha256": file_digest(old_dir / "x.engine"), "bytes": 4}
+    write_manifest(old_dir, new_manifest({"sha256": "old"}, [{"id": cfg.id, "parts": [part], "topology_key": tkey}]))
+    request = builder.BuildRequest(adapter=tmp_path / "a.safetensors")
+    new_dir = tmp_path / "engines" / "a-new"
+    found = builder._refit_source(request, cfg, tkey, new_dir, None)
+    assert found is not None and found[0] == old_dir
+    assert builder._refit_source(request, cfg, "another-topology", new_dir, None) is None
+    (old_dir / "x.engine").write_bytes(b"corrupt")  # a corrupt source is never refit
+    assert builder._refit_source(request, cfg, tkey, new_dir, None) is None
