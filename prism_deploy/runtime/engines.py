@@ -98,6 +98,12 @@ def check_environment(entry: dict[str, Any]) -> None:
     if built != here:
         raise EngineFileError(f"engine {entry['id']}: built with {tool} {built}, this environment has "
                               f"{here}; rebuild with `prism-deploy build`")
+    if target == "ort-cuda":
+        from prism_deploy.runtime.ort_session import cuda_provider_available
+
+        ok, why = cuda_provider_available()
+        if not ok:  # ONNX Runtime would fall back to the CPU silently: refuse instead
+            raise EngineFileError(f"engine {entry['id']}: needs ONNX Runtime's CUDA provider ({why})")
     if target == "trt" and not entry["configuration"].get("version_compatible"):
         gpu = environment.device_info(target)
         if gpu.get("compute_capability") != entry["device"].get("compute_capability"):
