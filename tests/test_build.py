@@ -341,3 +341,14 @@ def test_retrained_adapter_keeps_topology_key_and_finds_refit_source(tmp_path):
     assert builder._refit_source(request, cfg, "another-topology", new_dir, None) is None
     (old_dir / "x.engine").write_bytes(b"corrupt")  # a corrupt source is never refit
     assert builder._refit_source(request, cfg, tkey, new_dir, None) is None
+
+
+@pytest.mark.skipif(gpu_present(), reason="the CUDA provider may run here")
+def test_engine_for_a_missing_provider_is_refused(tmp_path, capsys):
+    adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
+    assert _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST)[0] == 0
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    manifest["engines"][0]["target"] = "ort-cuda"  # as if copied from a GPU machine
+    (out_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineFileError, match="needs ONNX Runtime's CUDA provider"):
+        load_engines(out_dir)
