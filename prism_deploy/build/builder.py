@@ -346,6 +346,7 @@ class _Session:
     def make(self, cfg: EngineConfig, key: str, tkey: str,
              refit_from: tuple[Path, dict[str, Any]] | None) -> Outcome:
         work = Path(tempfile.mkdtemp(prefix=f"{cfg.slug}.", dir=self.tmp))
+        self.adapter  # read and validate the adapter once, outside the build time
         start = time.perf_counter()
         action = "refit" if refit_from is not None else "built"
         try:
