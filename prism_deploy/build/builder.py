@@ -155,12 +155,18 @@ def resolve_plugin(mode: str, target: str, config: AdapterConfig) -> tuple[bool,
         return False, None
     if not config.gated_pipes:
         return False, "plugin off: the adapter has no gated pipe to fuse"
-    try:
-        import prism_deploy.fuse  # noqa: F401
-    except ImportError as exc:
+    from prism_deploy.trt import tensorrt_available as plugin_support
+
+    ok, why = plugin_support()  # Quickly Deployable Plugins with AOT kernels (TensorRT 10.9+)
+    if ok:
+        try:
+            import prism_deploy.fuse  # noqa: F401
+        except ImportError as exc:
+            ok, why = False, f"the fusion pass is not available ({exc})"
+    if not ok:
         if mode == "on":
-            raise PrismInputError(f"--plugin on: the fusion pass is not available ({exc})") from None
-        return False, f"plugin off: the fusion pass is not available ({exc})"
+            raise PrismInputError(f"--plugin on: {why}")
+        return False, f"plugin off: {why}"
     return True, None
 
 

@@ -84,9 +84,10 @@ def _parser_errors(parser: trt.OnnxParser | trt.OnnxParserRefitter) -> str:
 def _import_plugin() -> None:
     """Register the ``prism::tile_dispatch`` plugin before parsing or deserializing."""
     try:
-        import prism_deploy.trt.plugin  # noqa: F401  (registers on import)
+        from prism_deploy.trt.plugin import register_tile_dispatch_plugin
     except ImportError as exc:
         raise PrismInputError(f"--plugin: the tile_dispatch plugin cannot be registered ({exc})") from None
+    register_tile_dispatch_plugin()
 
 
 def build_serialized_engine(onnx_path: str | os.PathLike[str], settings: TrtBuildSettings,
