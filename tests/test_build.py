@@ -186,7 +186,7 @@ def test_failed_parity_keeps_previous_engines_and_manifest(tmp_path, capsys, mon
     real_export = builder.export_graph
 
     def sabotaged(unit, path, cfg, calib):  # an engine of other weights: parity must catch it
-        real_export(random_adapter(unit.config, seed=99), path, cfg, calib)
+        return real_export(random_adapter(unit.config, seed=99), path, cfg, calib)
 
     monkeypatch.setattr(builder, "export_graph", sabotaged)
     code, out, err = _build(capsys, *args, "--force")
@@ -266,7 +266,7 @@ def test_crash_mid_build_leaves_previous_engines_and_manifest(tmp_path, capsys, 
     before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
     from prism_deploy.build import ort_backend
 
-    def crash(onnx_path, engine_path, target):
+    def crash(onnx_path, engine_path, target, **options):
         engine_path.write_bytes(b"half an engine")
         raise KeyboardInterrupt
 
@@ -284,10 +284,10 @@ def test_a_build_error_fails_that_configuration_only(tmp_path, capsys, monkeypat
 
     real = ort_backend.build_ort_engine
 
-    def refuse_fp16(onnx_path, engine_path, target):
+    def refuse_fp16(onnx_path, engine_path, target, **options):
         if "fp16" in onnx_path.name:
             raise PrismInputError(f"{onnx_path}: ONNX Runtime cannot load it (test)")
-        return real(onnx_path, engine_path, target)
+        return real(onnx_path, engine_path, target, **options)
 
     monkeypatch.setattr(ort_backend, "build_ort_engine", refuse_fp16)
     code, out, err = _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu",
@@ -355,4 +355,21 @@ def test_engine_for_a_missing_provider_is_refused(tmp_path, capsys):
     manifest["engines"][0]["target"] = "ort-cuda"  # as if copied from a GPU machine
     (out_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineFileError, match="needs ONNX Runtime's CUDA provider"):
+        load_engines(out_dir)
+
+
+def test_large_model_engine_keeps_its_weights_in_a_checked_data_file(tmp_path, capsys, monkeypatch):
+    """Over 2 GiB an optimized model cannot be one protobuf: its initializers go to a data file.
+    The threshold is lowered here so that a small adapter takes the same path."""
+    monkeypatch.setattr(builder, "ORT_EXTERNAL_THRESHOLD", 0)
+    adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
+    assert _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST)[0] == 0
+    [part] = read_manifest(out_dir)["engines"][0]["parts"]
+    data = out_dir / part["data_file"]
+    assert part["data_file"].endswith(".ort.data") and data.stat().st_size == part["data_bytes"] > 4 * 48 * 40
+    assert (out_dir / part["file"]).stat().st_size < data.stat().st_size  # the weights are outside
+    x = np.random.default_rng(6).standard_normal((2, 3, 48)).astype(np.float32)
+    assert _rel_l2(load_engines(out_dir).run(x), _reference(adapter, x)) < 1e-5
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(EngineFileError, match="does not match the manifest"):
         load_engines(out_dir)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from prism_deploy.build.manifest import (
     canonical_hash,
     file_digest,
     new_manifest,
+    part_files,
     parts_intact,
     read_manifest,
     unreferenced_engine_files,
@@ -53,6 +55,8 @@ LOCK_NAME = ".build.lock"
 TMP_PREFIX = ".build-"
 # Parity runs the engine on this many random batches of the profile's OPT shape.
 PARITY_SAMPLES = 2
+# Exports larger than this (bytes) get ONNX Runtime engines with external initializers.
+ORT_EXTERNAL_THRESHOLD = 1536 * 1024**2
 
 
 @dataclass
@@ -382,7 +386,8 @@ class _Session:
             if not passed:
                 return Outcome(cfg, "failed", None, seconds, f"parity failed: {detail}")
         for part in parts:  # checked: move in under the content-addressed name
-            os.replace(work / part["file"], self.directory / part["file"])
+            for name, _ in part_files(part):
+                os.replace(work / name, self.directory / name)
         return Outcome(cfg, action, entry, seconds, "cache miss" if refit_from is None else "same topology")
 
     def _combine_weights(self) -> list[float]:
@@ -400,7 +405,8 @@ class _Session:
         for index, unit in self._units(cfg):
             stem = cfg.slug if index is None else f"{cfg.slug}.pipe{index}"
             onnx_path = work / f"{stem}.onnx"
-            export_graph(unit, onnx_path, cfg, self.request.calib)
+            exported_bytes = export_graph(unit, onnx_path, cfg, self.request.calib)
+            data_file = None
             if cfg.target == "trt":
                 from prism_deploy.trt.engine import TensorRTError
 
@@ -414,16 +420,24 @@ class _Session:
                 from prism_deploy.build.ort_backend import build_ort_engine
 
                 engine = work / f"{stem}.ort.onnx.tmp"
+                if exported_bytes > ORT_EXTERNAL_THRESHOLD:
+                    # the model refers to its data file by name: a fresh name never clobbers
+                    # the data of an engine the current manifest lists
+                    data_file = f"{stem}.{secrets.token_hex(6)}.ort.data"
                 try:
-                    session = build_ort_engine(onnx_path, engine, cfg.target)
+                    session = build_ort_engine(onnx_path, engine, cfg.target, external_data=data_file)
                 except PrismInputError as exc:  # ORT refused the graph we exported: a failed build, not bad input
                     raise CheckFailed(f"ONNX Runtime build failed: {exc}") from None
                 suffix = ".ort.onnx"
             digest = file_digest(engine)
             name = f"{stem}.{digest[:12]}{suffix}"
             engine.rename(work / name)
-            parts.append({"pipe": index, "pipe_name": None if index is None else self.config.pipes[index].name,
-                          "file": name, "sha256": digest, "bytes": (work / name).stat().st_size})
+            part = {"pipe": index, "pipe_name": None if index is None else self.config.pipes[index].name,
+                    "file": name, "sha256": digest, "bytes": (work / name).stat().st_size}
+            if data_file is not None:
+                part.update(data_file=data_file, data_sha256=file_digest(work / data_file),
+                            data_bytes=(work / data_file).stat().st_size)
+            parts.append(part)
         return parts, session
 
     def _trt_engine(self, cfg: EngineConfig, onnx_path: Path, index: int | None,
@@ -468,12 +482,13 @@ def parity_shortfall(figures: dict[str, Any]) -> str:
     return ", ".join(shown) or "figures outside the precision's tolerances"
 
 
-def export_graph(adapter: Any, path: Path, cfg: EngineConfig, calib: Path | None) -> None:
-    """The lowering issue's exporter; then, with the plugin on, the fusion pass."""
+def export_graph(adapter: Any, path: Path, cfg: EngineConfig, calib: Path | None) -> int:
+    """The lowering issue's exporter; then, with the plugin on, the fusion pass. Returns the
+    bytes written (model and external data)."""
     from prism_deploy.lower import export_onnx
 
-    export_onnx(adapter, path, precision=cfg.precision, io_dtype="float32",
-                calib=str(calib) if calib is not None else None, calibrator=cfg.calibrator)
+    result = export_onnx(adapter, path, precision=cfg.precision, io_dtype="float32",
+                         calib=str(calib) if calib is not None else None, calibrator=cfg.calibrator)
     if cfg.plugin and adapter.config.gated_pipes:
         import onnx
 
@@ -481,6 +496,7 @@ def export_graph(adapter: Any, path: Path, cfg: EngineConfig, calib: Path | None
         from prism_deploy.onnx_io import finalize, save_model
 
         save_model(finalize(fuse_gated_pipes(onnx.load(str(path)))), path)
+    return int(result.bytes)
 
 
 def pipe_adapter(adapter: Any, index: int) -> Any:

@@ -27,7 +27,7 @@ SCHEMA = "prism-deploy.engines"
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # Engine files carry these suffixes; anything else in DIR (timing caches, the lock) is left alone.
-ENGINE_SUFFIXES = (".engine", ".ort.onnx")
+ENGINE_SUFFIXES = (".engine", ".ort.onnx", ".ort.data")
 
 
 class EngineFileError(PrismInputError):
@@ -90,18 +90,27 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def part_files(part: dict[str, Any]) -> list[tuple[str, str]]:
+    """(file name, sha256) of a part: its engine, and its external weights when it has them."""
+    files = [(part["file"], part["sha256"])]
+    if part.get("data_file"):
+        files.append((part["data_file"], part["data_sha256"]))
+    return files
+
+
 def verify_part(directory: Path, part: dict[str, Any]) -> Path:
-    """The part's file, after checking it exists and its sha256 matches the manifest."""
-    path = directory / part["file"]
-    if not path.is_file():
-        raise EngineFileError(f"{path}: engine file missing (the manifest lists it); "
-                              "rebuild with `prism-deploy build`")
-    actual = file_digest(path)
-    if actual != part["sha256"]:
-        raise EngineFileError(f"{path}: sha256 {actual[:12]}... does not match the manifest's "
-                              f"{part['sha256'][:12]}... (corrupt or replaced engine); "
-                              "rebuild with `prism-deploy build --force`")
-    return path
+    """The part's engine file, after checking that it (and its data file) exist and hash as recorded."""
+    for name, expected in part_files(part):
+        path = directory / name
+        if not path.is_file():
+            raise EngineFileError(f"{path}: engine file missing (the manifest lists it); "
+                                  "rebuild with `prism-deploy build`")
+        actual = file_digest(path)
+        if actual != expected:
+            raise EngineFileError(f"{path}: sha256 {actual[:12]}... does not match the manifest's "
+                                  f"{expected[:12]}... (corrupt or replaced engine); "
+                                  "rebuild with `prism-deploy build --force`")
+    return directory / part["file"]
 
 
 def parts_intact(directory: Path, entry: dict[str, Any]) -> bool:
@@ -116,7 +125,7 @@ def parts_intact(directory: Path, entry: dict[str, Any]) -> bool:
 def referenced_files(manifest: dict[str, Any] | None) -> set[str]:
     if manifest is None:
         return set()
-    return {part["file"] for entry in manifest["engines"] for part in entry["parts"]}
+    return {name for entry in manifest["engines"] for part in entry["parts"] for name, _ in part_files(part)}
 
 
 def unreferenced_engine_files(directory: Path, manifest: dict[str, Any]) -> list[Path]:

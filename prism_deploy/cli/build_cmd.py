@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             e = o.entry or {}
             par = e.get("parity") or {}
             rows.append([o.config.id, f"{o.action} ({o.detail})" if o.action != "failed" else "failed",
-                         len(e.get("parts", [])) or "-", human_bytes(sum(p["bytes"] for p in e.get("parts", []))) if e else "-",
+                         len(e.get("parts", [])) or "-", human_bytes(sum(p["bytes"] + p.get("data_bytes", 0) for p in e["parts"])) if e else "-",
                          round(o.seconds, 3), par.get("max_abs"), par.get("rel_l2"), par.get("cosine"),
                          "-" if not par else ("pass" if par.get("passed", True) else "FAIL")])
         print_table(["engine", "action", "files", "size", "build s", "max_abs", "rel_l2", "cosine", "parity"], rows)
