@@ -373,3 +373,22 @@ def test_large_model_engine_keeps_its_weights_in_a_checked_data_file(tmp_path, c
     data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(EngineFileError, match="does not match the manifest"):
         load_engines(out_dir)
+
+
+def test_trt_input_graph_with_the_plugin_matches_the_reference_on_the_twin(tmp_path):
+    """What a ``trt`` build with the plugin hands TensorRT: the export, fused. It cannot be built
+    here, but its numbers can be checked on ONNX Runtime through the plugin's Python twin."""
+    import onnx
+
+    from prism_deploy.build.options import EngineConfig, Profile
+    from prism_deploy.fuse.ort_twin import make_twin_session
+
+    adapter = random_adapter(SMALL_CONFIG, seed=3)
+    path = tmp_path / "fused.onnx"
+    cfg = EngineConfig("trt", "fp32", Profile(), plugin=True, per_pipe=False)
+    builder.export_graph(adapter, path, cfg, None)
+    model = onnx.load(str(path))
+    assert [n.op_type for n in model.graph.node].count("tile_dispatch") == 1  # the one gated pipe
+    x = np.random.default_rng(8).standard_normal((2, 5, 48)).astype(np.float32)
+    y = make_twin_session(model).run(["adapted"], {"hidden": x})[0]
+    assert _rel_l2(y, adapter(torch.from_numpy(x).double()).numpy()) < 1e-5

@@ -490,12 +490,10 @@ def export_graph(adapter: Any, path: Path, cfg: EngineConfig, calib: Path | None
     result = export_onnx(adapter, path, precision=cfg.precision, io_dtype="float32",
                          calib=str(calib) if calib is not None else None, calibrator=cfg.calibrator)
     if cfg.plugin and adapter.config.gated_pipes:
-        import onnx
+        from prism_deploy.fuse import fuse_onnx_file
 
-        from prism_deploy.fuse import fuse_gated_pipes
-        from prism_deploy.onnx_io import finalize, save_model
-
-        save_model(finalize(fuse_gated_pipes(onnx.load(str(path)))), path)
+        fused = fuse_onnx_file(path, path)
+        return sum(Path(p).stat().st_size for p in fused["paths"])
     return int(result.bytes)
 
 
