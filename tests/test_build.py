@@ -245,6 +245,22 @@ def test_unavailable_target_exits_2(tmp_path, capsys, target):
     assert code == 2 and err.count("\n") == 1 and f"--target {target}: unavailable here" in err
 
 
+def test_output_that_is_a_file_exits_2(tmp_path, capsys):
+    (tmp_path / "eng").write_text("not a folder")
+    code, _, err = _build(capsys, str(_adapter(tmp_path)), "-o", str(tmp_path / "eng"), "--target", "ort-cpu")
+    assert code == 2 and err.count("\n") == 1 and "is not a folder" in err
+
+
+def test_json_output_is_one_object_with_the_manifest_entries(tmp_path, capsys):
+    adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
+    code, out, _ = _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu", "--json", *FAST)
+    assert code == 0
+    obj = json.loads(out)
+    assert obj["target"] == "ort-cpu" and obj["manifest_written"] is True
+    [engine] = obj["engines"]
+    assert engine["action"] == "built" and engine["entry"] == read_manifest(out_dir)["engines"][0]
+
+
 def test_missing_or_invalid_adapter_exits_2(tmp_path, capsys):
     code, _, err = _build(capsys, str(tmp_path / "absent.safetensors"))
     assert code == 2 and "no such file" in err

@@ -217,6 +217,8 @@ def locked(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
     """Hold DIR's build lock; clear temporary folders that a killed build left behind."""
     from filelock import FileLock, Timeout
 
+    if directory.exists() and not directory.is_dir():
+        raise PrismInputError(f"-o {directory}: exists and is not a folder")
     directory.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(directory / LOCK_NAME))
     try:
