@@ -92,9 +92,11 @@ def check_environment(entry: dict[str, Any]) -> None:
     from prism_deploy.build import environment
 
     target = entry["target"]
+    version_compatible = target == "trt" and bool(entry["configuration"].get("version_compatible"))
     tool = environment.runtime_tool(target)
     built = entry["tools"].get(tool)
-    here = environment.tool_versions(target).get(tool)
+    # a version-compatible plan is meant for other (later) TensorRT runtimes, the lean one included
+    here = built if version_compatible else environment.tool_versions(target).get(tool)
     if built != here:
         raise EngineFileError(f"engine {entry['id']}: built with {tool} {built}, this environment has "
                               f"{here}; rebuild with `prism-deploy build`")
@@ -104,7 +106,7 @@ def check_environment(entry: dict[str, Any]) -> None:
         ok, why = cuda_provider_available()
         if not ok:  # ONNX Runtime would fall back to the CPU silently: refuse instead
             raise EngineFileError(f"engine {entry['id']}: needs ONNX Runtime's CUDA provider ({why})")
-    if target == "trt" and not entry["configuration"].get("version_compatible"):
+    if target == "trt" and not version_compatible:
         gpu = environment.device_info(target)
         if gpu.get("compute_capability") != entry["device"].get("compute_capability"):
             raise EngineFileError(f"engine {entry['id']}: built for compute capability "
