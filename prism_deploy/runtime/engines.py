@@ -106,7 +106,7 @@ def check_environment(entry: dict[str, Any]) -> None:
         ok, why = cuda_provider_available()
         if not ok:  # ONNX Runtime would fall back to the CPU silently: refuse instead
             raise EngineFileError(f"engine {entry['id']}: needs ONNX Runtime's CUDA provider ({why})")
-    if target == "trt" and not version_compatible:
+    if target == "trt":  # version compatibility is not hardware compatibility: the GPU must match
         gpu = environment.device_info(target)
         if gpu.get("compute_capability") != entry["device"].get("compute_capability"):
             raise EngineFileError(f"engine {entry['id']}: built for compute capability "
