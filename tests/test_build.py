@@ -97,9 +97,11 @@ def test_example_builds_on_cpu_prints_parity_and_second_run_reuses(tmp_path, cap
     assert (directory / "manifest.json").read_bytes() == before
 
     x = np.random.default_rng(1).standard_normal((3, 5, 256)).astype(np.float32)
-    y = load_engines(directory, precision="fp32", target="ort-cpu").run(x)
-    assert y.shape == (3, 5, 160)
+    engines = load_engines(directory, precision="fp32", target="ort-cpu")
+    y = engines.run(x)
+    assert y.shape == (3, 5, 160) and y.dtype == np.float32
     assert _rel_l2(y, _reference(adapter, x)) < 1e-5
+    np.testing.assert_allclose(engines.run(x[1].astype(np.float64)), y[1], rtol=1e-6, atol=1e-6)  # [tokens, in]
 
 
 def test_changed_adapter_rebuilds_and_collects_old_engine(tmp_path, capsys):
