@@ -72,7 +72,7 @@ class Profile:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Profile:
-        return cls(tuple(obj["batch"]), tuple(obj["seq"]))  # type: ignore[arg-type]
+        return cls(tuple(obj["batch"]), tuple(obj["seq"]))
 
 
 @dataclass(frozen=True)
