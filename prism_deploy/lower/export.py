@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,9 @@ METADATA_VERSION = 1
 # (A by 1.6x on the 4096 square grid, B by 1.6x on the tall 32x4 grid) and the two are
 # within ~10% where the intermediates are close. So the default, "auto", picks per pipe the
 # form with the smaller intermediate (A when R*C*tc <= C*R*tr, i.e. tc <= tr; ties -> A,
-# which keeps the reference's summation order).
+# which keeps the reference's summation order). At fp16 (same bench, --precision fp16) the
+# rule holds too; B's float16 Mul+ReduceSum is much slower on ORT CPU for square grids at
+# T=64 (4096: A 31 ms, B 172 ms), which the rule already avoids.
 # int8-qdq is the exception: there "auto" always takes B. Form A quantizes the gate-scaled
 # input g*x, whose values span the gate's whole range (0 for unselected workers up to
 # gate_scale), so one per-tensor INT8 scale leaves the small products few levels; form B
@@ -107,14 +111,25 @@ def export_onnx(
     calib: np.ndarray | str | os.PathLike[str] | None = None,
     calibrator: str = "max",
     gated_form: str = DEFAULT_GATED_FORM,
+    progress: bool = False,
 ) -> ExportResult:
-    """Lower ``adapter`` and save it (atomically; external data over ~2 GiB)."""
-    model = build_model(adapter, precision=precision, io_dtype=io_dtype, calib=calib,
-                        calibrator=calibrator, gated_form=gated_form)
-    node_count = len(model.graph.node)
-    metadata = read_lowering_metadata(model)
-    written = save_model(model, path)  # clears raw_data of external tensors: model is spent
-    del model
+    """Lower ``adapter`` and save it (atomically; external data over ~2 GiB).
+
+    ``progress`` shows a tqdm bar on stderr when it is a terminal (one step per pipe, one
+    for saving).
+    """
+    from tqdm import tqdm
+
+    with tqdm(total=adapter.config.num_pipes + 1, desc="export", unit="step", disable=None if progress else True,
+              file=sys.stderr, leave=False) as bar:
+        model = build_model(adapter, precision=precision, io_dtype=io_dtype, calib=calib,
+                            calibrator=calibrator, gated_form=gated_form, _on_pipe=bar.update)
+        node_count = len(model.graph.node)
+        metadata = read_lowering_metadata(model)
+        bar.set_postfix_str("saving")
+        written = save_model(model, path)  # clears raw_data of external tensors: model is spent
+        del model
+        bar.update(1)
     return ExportResult(
         paths=[str(p) for p in written],
         bytes=sum(p.stat().st_size for p in written),
@@ -134,6 +149,7 @@ def build_model(
     calib: np.ndarray | str | os.PathLike[str] | None = None,
     calibrator: str = "max",
     gated_form: str = DEFAULT_GATED_FORM,
+    _on_pipe: Callable[[int], Any] | None = None,
 ) -> onnx.ModelProto:
     """The ONNX model of ``adapter`` at ``precision``, in memory (finalized: opset 19, IR 9)."""
     _check_options(precision, io_dtype, calibrator, gated_form)
@@ -144,6 +160,7 @@ def build_model(
                                   "(.npy or .safetensors of model-A hidden states [n, in_dim])")
         calib_data = _load_calib(calib, adapter.in_dim)
     lowering = _Lowering(adapter, precision, io_dtype, gated_form)
+    lowering.on_pipe = _on_pipe
     model = lowering.model()
     if calib_data is not None:
         _calibrate(model, lowering, calib_data, calibrator)
@@ -232,6 +249,7 @@ class _Lowering:
         self.pipe_meta: list[dict[str, Any]] = []
         # int8-qdq: scale initializer -> the activation tensor calibration observes for it
         self.act_scales: dict[str, str] = {}
+        self.on_pipe: Callable[[int], Any] | None = None  # progress: called with pipes done
 
     # -- whole graph --------------------------------------------------------------------
     def model(self) -> onnx.ModelProto:
@@ -265,6 +283,8 @@ class _Lowering:
                 if cfg.combine == "weighted":
                     out = g.op("Mul", [out, g.const(f"combine/beta_{i}", betas[i], self.cd)], f"combine/Mul_{i}")
                 outputs.append(out)
+            if self.on_pipe is not None:
+                self.on_pipe(len(run))
             i = run[-1] + 1
 
         y2 = outputs[0] if len(outputs) == 1 else g.op("Sum", outputs, "combine/Sum")
