@@ -219,3 +219,11 @@ def test_tiles_from_dense_inverts_the_permutation():
     (R, C), (tr, tc) = cfg.pipes[0].grid, cfg.pipes[0].tile
     dense = torch.from_numpy(got).reshape(R, C, tr, tc).permute(0, 2, 1, 3).reshape(R * tr, C * tc)
     torch.testing.assert_close(dense[:20, :30], ref[:20, :30], rtol=0, atol=0)
+
+
+def test_pipe_prefixes_are_unique_and_clean():
+    from prism_deploy.lower.export import pipe_prefixes
+
+    got = pipe_prefixes(["a_2", "a", "a", "input", "fold0", "x/y z", "", "a b"])
+    assert got == ["a_2/", "a/", "a_3/", "input_3/", "fold0_4/", "x_y_z/", "pipe/", "a_b/"]
+    assert len(set(got)) == len(got)

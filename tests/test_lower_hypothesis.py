@@ -20,7 +20,7 @@ from prism_deploy.reference import random_adapter
 from tests.lower_helpers import ort_run, reference, rel_l2, selections_agree
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -93,7 +93,7 @@ def test_int8_matches_reference(case):
         assert list(scales.dims) == [p["R"] * p["C"] * p["tr"]] and scales.data_type == onnx.TensorProto.FLOAT
 
 
-@settings(max_examples=6, deadline=None, derandomize=True)
+@settings(max_examples=10, deadline=None, derandomize=True)
 @given(adapters(), st.sampled_from(["max", "percentile"]))
 def test_int8_qdq_runs_and_is_close(case, calibrator):
     adapter, x = case

@@ -205,6 +205,9 @@ def _load_calib(calib: np.ndarray | str | os.PathLike[str], in_dim: int) -> np.n
     return data
 
 
+RESERVED_PREFIXES = ("input", "combine", "output")
+
+
 def sanitize_name(name: str) -> str:
     """A pipe name usable as a node-name prefix: letters, digits, ``_ . -``; never empty."""
     clean = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
@@ -216,11 +219,14 @@ def pipe_prefixes(names: list[str]) -> list[str]:
     out: list[str] = []
     seen: set[str] = set()
     for i, name in enumerate(names):
-        base = sanitize_name(name)
-        if base in seen or base in ("input", "combine", "output") or base.startswith("fold"):
-            base = f"{base}_{i}"
-        seen.add(base)
-        out.append(base + "/")
+        base = candidate = sanitize_name(name)
+        n = i
+        # "input/", "combine/", "output/" and "fold<i>/" prefix the graph's own nodes
+        while candidate in seen or candidate in RESERVED_PREFIXES or re.fullmatch(r"fold\d+", candidate):
+            candidate = f"{base}_{n}"
+            n += 1
+        seen.add(candidate)
+        out.append(candidate + "/")
     return out
 
 
@@ -270,22 +276,17 @@ class _Lowering:
         betas = self.adapter.betas(torch.float64).tolist()
         outputs: list[str] = []  # [T, out_dim] terms of the final sum, compute dtype
         pipes = self.adapter.pipe_list()
-        i = 0
-        while i < len(pipes):
-            run = [i]
-            while not self.int8 and run[-1] + 1 < len(pipes) and not pipes[run[-1] + 1].spec.gated \
-                    and not pipes[i].spec.gated:
-                run.append(run[-1] + 1)
+        for run in self._runs():
             if len(run) > 1:
                 outputs.append(self._folded_ungated(run, betas))
             else:
+                i = run[0]
                 out = self._gated(i) if pipes[i].spec.gated else self._ungated(i)
                 if cfg.combine == "weighted":
                     out = g.op("Mul", [out, g.const(f"combine/beta_{i}", betas[i], self.cd)], f"combine/Mul_{i}")
                 outputs.append(out)
             if self.on_pipe is not None:
                 self.on_pipe(len(run))
-            i = run[-1] + 1
 
         y2 = outputs[0] if len(outputs) == 1 else g.op("Sum", outputs, "combine/Sum")
         if np.dtype(self.io_dtype) != self.cd:
@@ -303,6 +304,19 @@ class _Lowering:
                             f"precision {self.precision}, lowered by prism-deploy")
         helper.set_model_props(model, {METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
         return finalize(model)
+
+    def _runs(self) -> list[list[int]]:
+        """Pipe indices in order, grouped: a run of consecutive ungated pipes is one group
+        (folded into one weight) in fp32/fp16; every other pipe is a group of its own."""
+        runs: list[list[int]] = []
+        for i, spec in enumerate(self.config.pipes):
+            prev = runs[-1][-1] if runs else None
+            if (not self.int8 and not spec.gated and prev is not None
+                    and not self.config.pipes[prev].gated):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return runs
 
     def _input(self) -> tuple[str, str]:
         g = self.g
