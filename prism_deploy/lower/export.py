@@ -260,6 +260,10 @@ class _Lowering:
     # -- whole graph --------------------------------------------------------------------
     def model(self) -> onnx.ModelProto:
         cfg, g = self.config, self.g
+        if self.cd == np.float16:
+            for i, pipe in enumerate(self.adapter.pipe_list()):
+                lo, hi = torch.aminmax(pipe.tiles.detach())
+                _check_float16_range(f"pipes.{i}.tiles", float(lo), float(hi))
         io_type = DTYPE_NAMES[self.io_dtype]
         x2_io, lead = self._input()
         hidden_2d = x2_io
@@ -437,6 +441,8 @@ class _Lowering:
         acc = np.zeros((self.config.in_dim, self.config.out_dim), dtype=np.float32)
         for i in run:  # one pipe's weight at a time: transient copies of one pipe's size
             acc += np.float32(betas[i]) * _dense_weight_t(pipes[i], np.float32)
+        if self.cd == np.float16:
+            _check_float16_range(f"the folded weight of pipes {run}", float(acc.min()), float(acc.max()))
         w = g.initializer(f"{prefix}weight", acc.astype(self.cd, copy=False))
         del acc
         out = g.op("MatMul", [self.x_cd, w], f"{prefix}MatMul", outputs=[f"{prefix}output"])
@@ -528,6 +534,16 @@ class _Lowering:
                              g.ints(f"{p}output/axes", [1])], f"{p}output/Slice", outputs=[f"{p}output"])
         self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales, form=form))
         return out
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _check_float16_range(what: str, lo: float, hi: float) -> None:
+    """float16 graphs hold the weights in float16: values past 65504 would become inf."""
+    if max(abs(lo), abs(hi)) > FLOAT16_MAX:
+        raise PrismInputError(f"{what}: values up to {max(abs(lo), abs(hi)):.4g} exceed the float16 range "
+                              f"(65504); use --precision fp32")
 
 
 def _as_numpy(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
