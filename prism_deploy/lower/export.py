@@ -118,7 +118,7 @@ def export_onnx(
     ``progress`` shows a tqdm bar on stderr when it is a terminal (one step per pipe, one
     for saving).
     """
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     with tqdm(total=adapter.config.num_pipes + 1, desc="export", unit="step", disable=None if progress else True,
               file=sys.stderr, leave=False) as bar:
