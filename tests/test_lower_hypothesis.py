@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from prism_deploy.format import AdapterConfig, PipeSpec
@@ -72,8 +71,9 @@ def test_fp16_matches_reference_when_selections_agree(case, io_dtype):
     x = x.astype(io_dtype)
     model = build_model(adapter, precision="fp16", io_dtype=io_dtype)
     _check_model(model)
-    if not selections_agree(adapter, model, x):
-        pytest.skip("a float32 rounding tie flipped a selection")  # never seen; kept honest
+    # the bound applies when selections agree (the gate is float32: they agreed in
+    # all 150 adapters of a survey; a float32 tie could still flip one)
+    assume(selections_agree(adapter, model, x))
     bound = 2e-3 if io_dtype == "float32" else 3e-3  # float16 output adds one rounding
     assert rel_l2(ort_run(model, x), reference(adapter, x)) < bound
 
