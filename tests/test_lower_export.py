@@ -219,3 +219,21 @@ def test_tiles_from_dense_inverts_the_permutation():
     (R, C), (tr, tc) = cfg.pipes[0].grid, cfg.pipes[0].tile
     dense = torch.from_numpy(got).reshape(R, C, tr, tc).permute(0, 2, 1, 3).reshape(R * tr, C * tc)
     torch.testing.assert_close(dense[:20, :30], ref[:20, :30], rtol=0, atol=0)
+
+
+def test_pipe_prefixes_are_unique_and_clean():
+    from prism_deploy.lower.export import pipe_prefixes
+
+    got = pipe_prefixes(["a_2", "a", "a", "input", "fold0", "x/y z", "", "a b"])
+    assert got == ["a_2/", "a/", "a_3/", "input_3/", "fold0_4/", "x_y_z/", "pipe/", "a_b/"]
+    assert len(set(got)) == len(got)
+
+
+def test_float16_range_is_checked():
+    cfg = AdapterConfig(4, 4, (PipeSpec("p", (1, 1), (4, 4), None),))
+    a = random_adapter(cfg, seed=0)
+    a.pipe_list()[0].tiles.data[0, 1, 2] = 1e5
+    build_model(a, precision="fp32")  # fine in float32
+    for precision in ("fp16", "int8"):
+        with pytest.raises(PrismInputError, match=r"pipes\.0\.tiles.*float16 range"):
+            build_model(a, precision=precision)
