@@ -248,3 +248,23 @@ def test_bench_plot_without_matplotlib_exit_2(tiny: Path, tmp_path: Path, capsys
     code, out, err = _bench([str(tiny), "--backends", "torch", "--plot", str(tmp_path / "p.png")], capsys)
     assert code == 2 and "matplotlib" in err and out == ""  # refused before any timing
     assert not (tmp_path / "p.png").exists()
+
+
+@needs_lowering
+def test_bench_runs_built_engines(tiny: Path, tmp_path: Path, capsys):
+    pytest.importorskip("prism_deploy.runtime.engines")
+    engines = tmp_path / "engines"
+    assert main(["build", str(tiny), "-o", str(engines), "--target", "ort-cpu", "--precision", "fp32"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "bench.json"
+    code, text, _ = _bench([str(tiny), "--engines", str(engines), "--backends", "torch,ort-cpu", "--precision",
+                            "fp32,fp16", "--batch", "2", "--repeat", "3", "--warmup", "0", "--json", str(out)], capsys)
+    assert code == 0
+    data = json.loads(out.read_text())
+    ort = [c for c in data["cases"] if c["backend"] == "ort-cpu"]
+    assert [c["precision"] for c in ort] == ["fp32"] and ort[0]["max_rel_err"] < 1e-4
+    detail = next(d for d in data["backends"]["details"] if d["name"] == "ort-cpu")
+    assert detail["precisions"]["fp32"]["source"] == "engines"
+    # no fp16 engine was built: listed with the reason, not dropped
+    assert any(u["backend"] == "ort-cpu" and u["precision"] == "fp16" and "fp16" in u["reason"]
+               for u in data["backends"]["unavailable"])

@@ -245,7 +245,9 @@ class OrtBackend(Backend):
             except Exception as exc:
                 raise BackendUnavailable(f"{self.name}: no {self.precision} engine in {self.engines_dir} "
                                          f"({' '.join(str(exc).split())[:300]})") from None
-            self.info = {"source": "engines", "engines_dir": str(self.engines_dir)}
+            # The engine opens its own session: --threads does not reach it.
+            self.info = {"source": "engines", "engines_dir": str(self.engines_dir),
+                         "engine": getattr(self.runner, "id", None), "session_threads": "onnxruntime default"}
             return
         export_onnx, OrtRunner = _lowering_api()
         path = self.workdir / f"adapter-{self.precision}.onnx"
@@ -344,12 +346,11 @@ class TrtBackend(Backend):
 
         if not gpu_present():
             return False, "TensorRT needs an NVIDIA GPU and this machine has none"
-        try:
-            import tensorrt
-        except Exception as exc:
-            return False, f"tensorrt cannot be imported ({type(exc).__name__}: {exc})"
-        if not hasattr(tensorrt, "Runtime"):
-            return False, "tensorrt is only a namespace here (type stubs), not the TensorRT library"
+        from prism_deploy.trt.engine import tensorrt_available  # the one module that imports tensorrt
+
+        ok, why = tensorrt_available()
+        if not ok:
+            return False, why
         if engines_dir is None:
             return False, "TensorRT engines are built ahead: pass --engines DIR (from prism-deploy build --target trt)"
         try:
@@ -378,9 +379,9 @@ class TrtBackend(Backend):
         return out.float().cpu().numpy() if hasattr(out, "cpu") else np.asarray(out, dtype=np.float32)
 
     def describe(self) -> dict[str, Any]:
-        import tensorrt
+        from prism_deploy.trt.engine import tensorrt_version
 
-        return {**super().describe(), "tensorrt": tensorrt.__version__, "engines_dir": str(self.engines_dir)}
+        return {**super().describe(), "tensorrt": tensorrt_version(), "engines_dir": str(self.engines_dir)}
 
     def close(self) -> None:
         self.engine = None

@@ -100,14 +100,17 @@ def library_versions() -> dict[str, str]:
         "numpy": np.__version__,
         "torch": torch.__version__,
     }
-    for name in ("onnxruntime", "onnx", "tensorrt", "matplotlib"):
+    for name in ("onnxruntime", "onnx", "matplotlib"):
         try:
             mod = __import__(name)
         except Exception:
             continue
-        # tensorrt-stubs installs a bare namespace package: no version means no library.
-        if hasattr(mod, "__version__"):
-            versions[name] = str(mod.__version__)
+        versions[name] = str(getattr(mod, "__version__", "unknown"))
+    from prism_deploy.trt.engine import tensorrt_version  # None where only the type stubs are installed
+
+    trt = tensorrt_version()
+    if trt is not None:
+        versions["tensorrt"] = trt
     return versions
 
 

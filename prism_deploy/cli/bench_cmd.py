@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prism_deploy.cli.output import human_bytes, print_table
 from prism_deploy.errors import PrismInputError
 
+if TYPE_CHECKING:
+    from prism_deploy.bench import BenchSettings
+
 DEFAULT_BACKENDS = "torch,torch-compile,ort-cpu,ort-cuda,trt,kernel"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="time every available backend on the same inputs, against the floor")
     p.add_argument("adapter", help="adapter .safetensors file (format v1)")
     p.add_argument("--engines", metavar="DIR", help="engines from prism-deploy build (needed for trt)")
@@ -50,7 +54,7 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
 
 
-def settings_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     from prism_deploy.bench import BenchSettings
 
     settings = BenchSettings(
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_report(results: dict) -> None:  # type: ignore[type-arg]
+def print_report(results: dict[str, Any]) -> None:
     m, r = results["machine"], results["rates"]
     gpu = f", GPU {m['gpu']['name']} (driver {m['gpu'].get('driver', '?')})" if m.get("gpu") else ", no GPU"
     print(f"machine: {m['cpu_model']}, {m['cpu_cores']} cores{gpu}; load average "
