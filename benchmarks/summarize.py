@@ -3,8 +3,8 @@
     python benchmarks/summarize.py benchmarks/results/2026-11-25-cpu-example.json [...]
 
 One table per file: the machine line, then per precision and batch each backend's median
-and p10-p90 in milliseconds, tokens per second, time relative to torch fp32 eager, and
-relative to the floor, and whether the issue's fp32 CPU target is met. Nothing is computed
+and p10-p90 in milliseconds, tokens per second, time relative to torch fp32 eager, relative
+to the floor, the same bound if every tile were read (what the portable graph does), and whether the issue's fp32 CPU target is met. Nothing is computed
 here that is not in the file.
 """
 
@@ -25,6 +25,10 @@ def machine_line(d: dict) -> str:
             f"{d['started_utc']}")
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
 def table(d: dict) -> str:
     rates = d["rates"]
     lines = [
@@ -33,16 +37,17 @@ def table(d: dict) -> str:
         f"Machine: {machine_line(d)}. Measured copy bandwidth {rates['copy_bandwidth']['bytes_per_s'] / 2**30:.1f} GiB/s "
         f"(read+write), matmul {rates['matrix_rate']['fp32']['flops_per_s'] / 1e9:.0f} GFLOP/s fp32.",
         "",
-        "| precision | batch | backend | median ms | p10-p90 ms | tokens/s | x torch fp32 | x floor (floor ms) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| precision | batch | backend | median ms | p10-p90 ms | tokens/s | x torch fp32 | x floor (floor ms) | all-tiles bound ms |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+    every = {(f["precision"], f["batch"]): f.get("all_tiles", {}).get("floor_s") for f in d["floors"]}
     order = {"torch": 0, "torch-compile": 1, "ort-cpu": 2, "ort-cuda": 3, "kernel": 4, "trt": 5}
     for c in sorted(d["cases"], key=lambda c: (c["precision"] != "fp32", c["precision"], c["batch"], order.get(c["backend"], 9))):
         ratio = f"{c['ratio_to_torch']:.2f}" if c["ratio_to_torch"] is not None else "-"
         lines.append(
             f"| {c['precision']} | {c['batch']} | {c['backend']} | {c['median_s'] * 1e3:.3f} | "
             f"{c['p10_s'] * 1e3:.3f}-{c['p90_s'] * 1e3:.3f} | {c['tokens_per_s']:,.0f} | {ratio} | "
-            f"{c['ratio_to_floor']:.1f} ({c['floor_s'] * 1e3:.3f}) |")
+            f"{c['ratio_to_floor']:.1f} ({c['floor_s'] * 1e3:.3f}) | {_ms(every.get((c['precision'], c['batch'])))} |")
     for u in d["backends"]["unavailable"]:
         where = "".join(f" {u[k]}" for k in ("precision", "batch") if u.get(k) is not None)
         lines.append(f"\nNot run: {u['backend']}{where}: {u['reason']}")

@@ -86,6 +86,9 @@ def test_floor_time_by_hand():
     assert f == {"memory_s": 0.48, "compute_s": 4.32, "floor_s": 4.32, "bound": "compute"}
     case = case_floor(HAND, info, "fp32", 3, 1000.0, 1e9, [None, 2])
     assert case["floor_s"] == pytest.approx(0.48) and case["bound"] == "memory"
+    # every tile read: the 2 unselected gated tiles add 2 * 8 * 4 bytes
+    assert case["all_tiles"]["bytes"] == 480 + 2 * 8 * 4
+    assert case["all_tiles"]["flops"] == 3 * (64 + 2 * 4 * 8 + 64)  # gated pipe computes all 4 tiles
 
 
 def test_floor_matches_describe_for_one_token():

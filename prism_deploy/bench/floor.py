@@ -102,6 +102,12 @@ def case_floor(
     moved = bytes_must_move(config, precision, tokens, selected_tiles, io_bytes)
     flops = flops_must_do(describe, tokens)
     out = {"bytes": moved, "flops": flops, **floor_seconds(moved["total"], flops, bandwidth, matrix_rate)}
+    # For comparison, not a floor: the same call when every tile is read and multiplied, as
+    # the portable ONNX graph does (it computes all tiles and masks the unselected ones).
+    every = bytes_must_move(config, precision, tokens, [float(p.workers) for p in config.pipes], io_bytes)
+    every_flops = float(tokens * describe["flops_per_token"]["dense"])
+    out["all_tiles"] = {"bytes": every["total"], "flops": every_flops,
+                        **floor_seconds(every["total"], every_flops, bandwidth, matrix_rate)}
     if selected_tiles is not None:
         out["selected_tiles"] = list(selected_tiles)
     return out
