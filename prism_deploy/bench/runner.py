@@ -158,7 +158,7 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
     floors = {
         (p, b): case_floor(adapter.config, info, p, b * settings.seq, bandwidth["bytes_per_s"], rate_for[p],
                            inputs[b].selected_tiles)
-        for p in PRECISIONS for b in settings.batches
+        for p in sorted({"fp32", *settings.precisions}, key=PRECISIONS.index) for b in settings.batches
     }
 
     unavailable: list[dict[str, Any]] = []
@@ -190,8 +190,10 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
                 with PeakMemory(cuda=backend.uses_gpu) as mem:
                     try:
                         backend.prepare()
-                    except bk.BackendUnavailable as exc:
-                        unavailable.append({"backend": name, "precision": precision, "reason": str(exc)})
+                    except Exception as exc:  # listed with the reason; the other backends still run
+                        why = str(exc) if isinstance(exc, bk.BackendUnavailable) else \
+                            f"{name}: preparing {precision} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+                        unavailable.append({"backend": name, "precision": precision, "reason": why})
                         if bar is not None:
                             bar.update(len(settings.batches))
                         continue
