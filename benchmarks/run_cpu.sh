@@ -9,6 +9,8 @@ adapters=build/bench-adapters
 bench="python -m prism_deploy bench"
 common="--precision fp32,fp16,int8 --batch 1,8,64 --threads 1 --warmup 300"
 
+# the checkout's package, even where another copy is installed
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 python benchmarks/make_adapters.py -o "$adapters"
 $bench examples/demo-adapter.safetensors --backends torch,torch-compile,ort-cpu $common --repeat 50 \
     --json "$out/$tag-cpu-example.json" --plot "$out/$tag-cpu-example.png"
