@@ -72,9 +72,10 @@ def test_corrupted_worker_is_found_and_repaired(capsys, pair, tmp_path, top_k):
     code, stdout, _ = run_cli(capsys, "workers", bad, "--x", x, "--z", z, "--json", "--top", 3)
     assert code == 0
     ranking = json.loads(stdout)["workers"]
-    # the corrupted worker first; a worker sharing its rows may compensate for part of it, so
-    # the runner-up can be large too, but never as large
-    assert ranking[0]["worker"] == bad_worker and ranking[0]["excess"] > 1.2 * ranking[1]["excess"]
+    # the corrupted worker first, by far: healthy tiles are their own joint share (up to float32)
+    assert ranking[0]["worker"] == bad_worker and ranking[0]["deviation"] > 100 * ranking[1]["deviation"]
+    # re-solving it alone removes most of the error; a neighbour on its rows could remove less
+    assert ranking[0]["excess"] > 0.3 and ranking[0]["excess"] >= max(r["excess"] for r in ranking)
 
     fixed = tmp_path / "fixed.safetensors"
     code, _, _ = run_cli(capsys, "refit", bad, "--x", x, "--z", z, "--workers", f"{bad_worker}", "-o", fixed)
