@@ -158,3 +158,17 @@ def test_refit_and_workers_refuse_bad_input(capsys, pair, tmp_path):
     np.save(other, np.zeros((1500, 29), np.float32))
     code, _, err = run_cli(capsys, "workers", good, "--x", x, "--z", other)
     assert code == 2 and "adapter maps 40 -> 30" in err
+
+
+def test_safetensors_and_npz_inputs_fit_like_npy(capsys, pair, tmp_path):
+    from safetensors.numpy import save_file
+
+    x, z = pair
+    xs, zs = tmp_path / "x.safetensors", tmp_path / "z.npz"
+    save_file({"hidden": np.load(x)}, str(xs))
+    np.savez(zs, target=np.load(z))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert run_cli(capsys, "fit", "--x", x, "--z", z, "-o", a, "--grid", 2, 2, "--chunk-rows", 500)[0] == 0
+    assert run_cli(capsys, "fit", "--x", xs, "--z", zs, "-o", b, "--grid", 2, 2, "--chunk-rows", 333)[0] == 0
+    ta, tb = load_file(str(a)), load_file(str(b))
+    torch.testing.assert_close(ta["pipes.0.tiles"], tb["pipes.0.tiles"], rtol=1e-5, atol=1e-6)
