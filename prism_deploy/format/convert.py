@@ -9,6 +9,7 @@ grid, so it is given (``grid``) or inferred from the dims (``infer_grid``).
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import warnings
@@ -57,11 +58,9 @@ def infer_grid(workers: int, tile: tuple[int, int], in_dim: int, out_dim: int) -
     choose between two of them: more than one covering pair is reported as ambiguous.
     """
     tr, tc = tile
-    covering = [
-        (r, workers // r)
-        for r in range(1, workers + 1)
-        if workers % r == 0 and r * tr >= out_dim and (workers // r) * tc >= in_dim
-    ]
+    small = [r for r in range(1, math.isqrt(workers) + 1) if workers % r == 0]
+    rows = sorted(set(small) | {workers // r for r in small})  # every divisor, in O(sqrt W)
+    covering = [(r, workers // r) for r in rows if r * tr >= out_dim and (workers // r) * tc >= in_dim]
     if not covering:
         need_r, need_c = -(-out_dim // tr), -(-in_dim // tc)
         raise PrismInputError(
