@@ -69,7 +69,7 @@ def score_workers(adapter: PrismAdapter, data: PairedData, *, ridge: float = 0.0
     sq_err = torch.zeros(cfg.out_dim, dtype=torch.float64)
     sq_target = torch.zeros(cfg.out_dim, dtype=torch.float64)
     rows = 0
-    with progress_bar(data.count(split), f"worker excess ({split})") as bar, torch.no_grad():
+    with progress_bar(data.count(split), f"score workers ({split})") as bar, torch.no_grad():
         for x, z in data.chunks(split):
             e = z - adapter(x)
             sq_err += (e**2).sum(0)
