@@ -138,6 +138,11 @@ def test_rank_deficient_without_ridge_is_an_input_error(tmp_path):
         fit_adapter(cfg, data)
     _, report = fit_adapter(cfg, data, FitOptions(ridge=1e-3))
     assert report.holdout.rel_err < 0.05
+    x[:, 7] = 0  # a dead input column: as singular, and named
+    z = x @ m.T
+    data = PairedData.from_arrays(x, z, tmp_path)
+    with pytest.raises(PrismInputError, match=r"1 feature\(s\) are zero in every row \(index 7\)"):
+        fit_adapter(cfg, data)
 
 
 def test_ill_conditioned_gram_falls_back_to_eigen_least_squares():

@@ -57,6 +57,13 @@ def solve_normal(
     d = gram.shape[0]
     out = torch.zeros(d, rhs.shape[1], dtype=torch.float64)
     live = torch.diagonal(gram) > 0
+    if strict and ridge == 0 and not bool(live.all()):
+        dead = torch.nonzero(~live).flatten().tolist()
+        shown = ", ".join(map(str, dead[:8])) + (", ..." if len(dead) > 8 else "")
+        raise PrismInputError(
+            f"{what} is rank-deficient: {len(dead)} feature(s) are zero in every row (index {shown}); "
+            "add --ridge (e.g. --ridge 1e-3) or drop those columns"
+        )
     if not bool(live.any()):
         return out, SolveInfo("none", d, 0, float("inf"))
     a = gram[live][:, live]
