@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("refit", help="re-solve chosen workers exactly, every other tensor byte-identical")
     p.add_argument("adapter", help="adapter .safetensors file (format v1)")
     p.add_argument("--x", required=True, help="model A hidden states [n, in_dim]")

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prism_deploy.fit import PairedData
+    from prism_deploy.reference import PrismAdapter
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("workers", help="rank an adapter's workers by their share of the held-out error")
     p.add_argument("adapter", help="adapter .safetensors file (format v1)")
     p.add_argument("--x", required=True, help="model A hidden states [n, in_dim]")
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_dims(adapter, data) -> None:  # type: ignore[no-untyped-def]
+def _check_dims(adapter: PrismAdapter, data: PairedData) -> None:
     from prism_deploy.errors import PrismInputError
 
     if (adapter.in_dim, adapter.out_dim) != (data.in_dim, data.out_dim):

@@ -10,6 +10,8 @@ system comes straight from the data (``strict``), and a minimum-norm solution ot
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from prism_deploy.errors import PrismInputError
@@ -109,7 +111,7 @@ def condition_estimate(a: torch.Tensor, chol: torch.Tensor) -> float:
     return lam_max * lam_min_inv
 
 
-def _lstsq(a: torch.Tensor):  # type: ignore[no-untyped-def]
+def _lstsq(a: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
     """Pseudo-inverse of a symmetric PSD matrix via its eigendecomposition, and its rank."""
     evals, evecs = torch.linalg.eigh(a)
     tol = rank_tolerance(a.shape[0]) * float(evals.abs().max())
