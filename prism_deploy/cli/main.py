@@ -17,6 +17,7 @@ from prism_deploy.errors import CheckFailed, PrismInputError
 # Heavy imports stay inside the commands' ``run`` functions so that ``--help`` is quick.
 COMMAND_MODULES = [
     "prism_deploy.cli.inspect_cmd",
+    "prism_deploy.cli.export_model_cmd",
 ]
 
 
