@@ -18,6 +18,9 @@ from prism_deploy.errors import CheckFailed, PrismInputError
 COMMAND_MODULES = [
     "prism_deploy.cli.inspect_cmd",
     "prism_deploy.cli.export_model_cmd",
+    "prism_deploy.cli.run_cmd",
+    "prism_deploy.cli.parity_pipeline_cmd",
+    "prism_deploy.cli.collect_cmd",
 ]
 
 

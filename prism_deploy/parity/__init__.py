@@ -1,0 +1,1 @@
+"""Parity checks of the deployed pieces against their PyTorch references."""
