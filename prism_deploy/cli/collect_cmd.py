@@ -41,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
               f"pool {args.pool}, {info['texts']} texts"
               + (f", {info['skipped_texts']} skipped (no tokens)" if info["skipped_texts"] else "")
               + (f", {info['truncated_texts']} truncated to {args.max_seq} tokens" if info["truncated_texts"] else ""))
-        print(f"fit with: prism-deploy fit --x {args.output}:X --z {args.output}:Z  (names X and Z)")
+        print("tensors: X (model A hidden states, the fit inputs) and Z (model B embeddings, the targets)")
     return 0
