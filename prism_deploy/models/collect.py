@@ -11,13 +11,13 @@ Pooling (``pool``):
 - ``tokens``: one row per model A text token (the pipeline produces one adapted embedding per A
   position, so every row is a situation the deployed adapter meets). Alignment by character
   offsets: A token i (char span [s, e)) is paired with the B token whose span contains its last
-  character e-1. Model A is causal, so its hidden state at token i has read the text up to e-1 and
+  character (for a whitespace token whose span the tokenizer trimmed to (s, s), the character
+  s-1). Model A is causal, so its hidden state at token i has read the text up to e-1 and
   no further; the B token holding that character is the one being spelled at that moment. If no
   B token covers e-1 (a character B's tokenizer drops), the last B token starting at or before it
-  is used. Tokens without a span (special tokens) are left out on both sides. Both tokenizers must
-  be fast tokenizers (offsets); otherwise ``tokens`` is refused.
-In ``last`` and ``mean``, "text tokens" are those with a non-empty char span where offsets exist,
-and all real tokens otherwise.
+  is used. Special tokens (the tokenizer's special-tokens mask) are left out on both sides. Both
+  tokenizers must be fast tokenizers (offsets); otherwise ``tokens`` is refused.
+In ``last`` and ``mean``, "text tokens" are the real tokens that are not special tokens.
 """
 
 from __future__ import annotations
@@ -49,20 +49,30 @@ def read_texts(path: str | os.PathLike[str]) -> list[str]:
     return texts
 
 
-def align_by_offsets(a_offsets: list[tuple[int, int]], b_offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(A index, B index) pairs: each A token with a span -> the B token holding its last character.
+def char_span(start: int, end: int) -> tuple[int, int]:
+    """A token's characters. Offset trimming (``trim_offsets``) empties the span of a
+    whitespace-only token to ``(s, s)``; its character is the one just before, ``[s-1, s)``."""
+    return (start, end) if end > start else (max(start - 1, 0), max(start, 1) if start > 0 else 0)
 
-    Spans of one tokenizer do not overlap and come in order, so "the B token containing char c,
-    else the last one starting before c" is one rule: the last B token starting at or before c.
+
+def align_by_offsets(a_offsets: list[tuple[int, int] | None], b_offsets: list[tuple[int, int] | None]) -> list[tuple[int, int]]:
+    """(A index, B index) pairs: each A token -> the B token holding the A token's last character.
+
+    ``None`` marks a special token (no characters), left out on both sides. Spans of one
+    tokenizer do not overlap and come in order, so "the B token containing char c, else the
+    last one starting before c" is one rule: the last B token starting at or before c.
     """
     import bisect
 
-    b_spans = [(s, j) for j, (s, e) in enumerate(b_offsets) if e > s]
+    b_spans = [(char_span(*o)[0], j) for j, o in enumerate(b_offsets) if o is not None and char_span(*o)[1] > char_span(*o)[0]]
     if not b_spans:
         return []
     starts = [s for s, _ in b_spans]
     pairs = []
-    for i, (s, e) in enumerate(a_offsets):
+    for i, o in enumerate(a_offsets):
+        if o is None:
+            continue
+        s, e = char_span(*o)
         if e <= s:
             continue
         k = max(bisect.bisect_right(starts, e - 1) - 1, 0)
@@ -98,30 +108,32 @@ def collect_pairs(model_a_dir: str | os.PathLike[str], model_b_dir: str | os.Pat
     for start in tqdm(range(0, len(texts), batch), desc="collect", unit="batch", disable=not progress):
         chunk = texts[start:start + batch]
         enc_a = tok_a(chunk, padding=True, truncation=True, max_length=max_seq, return_tensors="pt",
-                      return_offsets_mapping=offsets)
+                      return_offsets_mapping=offsets, return_special_tokens_mask=True)
         enc_b = tok_b(chunk, add_special_tokens=False, truncation=True, max_length=max_seq,
-                      return_offsets_mapping=offsets)
+                      return_offsets_mapping=offsets, return_special_tokens_mask=True)
         with torch.no_grad():
             hidden = hf.final_hidden(model_a, enc_a["input_ids"], enc_a["attention_mask"]).float().numpy()
-        for r, text in enumerate(chunk):
+        for r in range(len(chunk)):
             n_a = int(enc_a["attention_mask"][r].sum())
             truncated += int(n_a >= max_seq)
             ids_b = list(enc_b["input_ids"][r])
-            a_off = [tuple(map(int, o)) for o in enc_a["offset_mapping"][r][:n_a]] if offsets else None
-            b_off = [tuple(map(int, o)) for o in enc_b["offset_mapping"][r]] if offsets else None
+            special_a = [bool(v) for v in enc_a["special_tokens_mask"][r][:n_a]]
+            special_b = [bool(v) for v in enc_b["special_tokens_mask"][r]]
+            a_rows = [i for i in range(n_a) if not special_a[i]]
+            b_rows = [j for j in range(len(ids_b)) if not special_b[j]]
+            if not a_rows or not b_rows:
+                skipped += 1
+                continue
             h = hidden[r, :n_a]
             if pool == "tokens":
-                pairs = align_by_offsets(a_off, b_off)  # type: ignore[arg-type]
+                a_off = [None if special_a[i] else tuple(map(int, o)) for i, o in enumerate(enc_a["offset_mapping"][r][:n_a])]
+                b_off = [None if special_b[j] else tuple(map(int, o)) for j, o in enumerate(enc_b["offset_mapping"][r])]
+                pairs = align_by_offsets(a_off, b_off)
                 if not pairs:
                     skipped += 1
                     continue
                 xs.append(h[[i for i, _ in pairs]])
                 zs.append(embed_b[[ids_b[j] for _, j in pairs]])
-                continue
-            a_rows = [i for i, (s, e) in enumerate(a_off) if e > s] if a_off is not None else list(range(n_a))
-            b_rows = [j for j, (s, e) in enumerate(b_off) if e > s] if b_off is not None else list(range(len(ids_b)))
-            if not a_rows or not b_rows:
-                skipped += 1
                 continue
             emb = embed_b[[ids_b[j] for j in b_rows]]
             if pool == "last":

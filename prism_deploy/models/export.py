@@ -254,9 +254,14 @@ def compare(got: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None, *,
         keep = np.asarray(mask).reshape(-1).astype(bool)
         g, r = g[keep], r[keep]
     diff = g - r
-    cos = (g * r).sum(-1) / np.maximum(np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30)
+    gn, rn = np.linalg.norm(g, axis=-1), np.linalg.norm(r, axis=-1)
+    # Cosine says nothing about (near-)zero vectors (a padding-id embedding row is all zeros):
+    # those tokens are left to max_abs / rel_l2.
+    sized = rn > 1e-6 * max(float(rn.max(initial=0.0)), 1e-30)
+    cos = (g * r).sum(-1)[sized] / np.maximum(gn[sized] * rn[sized], 1e-30)
     fig = {"tokens": int(r.shape[0]), "max_abs": float(np.abs(diff).max()),
-           "rel_l2": float(np.linalg.norm(diff) / max(np.linalg.norm(r), 1e-30)), "min_cosine": float(cos.min())}
+           "rel_l2": float(np.linalg.norm(diff) / max(np.linalg.norm(r), 1e-30)),
+           "min_cosine": float(cos.min()) if cos.size else 1.0}
     if logits:
         top2 = np.sort(r, axis=-1)[:, -2:]
         gap = top2[:, 1] - top2[:, 0]
