@@ -126,8 +126,8 @@ def collect_pairs(model_a_dir: str | os.PathLike[str], model_b_dir: str | os.Pat
                 continue
             h = hidden[r, :n_a]
             if pool == "tokens":
-                a_off = [None if special_a[i] else tuple(map(int, o)) for i, o in enumerate(enc_a["offset_mapping"][r][:n_a])]
-                b_off = [None if special_b[j] else tuple(map(int, o)) for j, o in enumerate(enc_b["offset_mapping"][r])]
+                a_off: list[tuple[int, int] | None] = [None if special_a[i] else (int(o[0]), int(o[1])) for i, o in enumerate(enc_a["offset_mapping"][r][:n_a])]
+                b_off: list[tuple[int, int] | None] = [None if special_b[j] else (int(o[0]), int(o[1])) for j, o in enumerate(enc_b["offset_mapping"][r])]
                 pairs = align_by_offsets(a_off, b_off)
                 if not pairs:
                     skipped += 1

@@ -260,7 +260,7 @@ def compare(got: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None, *,
     sized = rn > 1e-6 * max(float(rn.max(initial=0.0)), 1e-30)
     cos = (g * r).sum(-1)[sized] / np.maximum(gn[sized] * rn[sized], 1e-30)
     fig = {"tokens": int(r.shape[0]), "max_abs": float(np.abs(diff).max()),
-           "rel_l2": float(np.linalg.norm(diff) / max(np.linalg.norm(r), 1e-30)),
+           "rel_l2": float(np.linalg.norm(diff) / max(float(np.linalg.norm(r)), 1e-30)),
            "min_cosine": float(cos.min()) if cos.size else 1.0}
     if logits:
         top2 = np.sort(r, axis=-1)[:, -2:]

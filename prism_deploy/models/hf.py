@@ -106,7 +106,7 @@ def make_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     try:
         return DynamicCache(ddp_cache_data=pairs)
     except TypeError:  # older transformers
-        return DynamicCache.from_legacy_cache(tuple(pairs))
+        return DynamicCache.from_legacy_cache(tuple(pairs))  # type: ignore[attr-defined]
 
 
 def cache_pairs(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

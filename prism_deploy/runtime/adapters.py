@@ -100,7 +100,7 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
         if not (path / "manifest.json").is_file():
             raise PrismInputError(f"{adapter}: a folder without manifest.json (not written by `prism-deploy build`)")
         try:
-            from prism_deploy.runtime import load_engines  # type: ignore[attr-defined]
+            from prism_deploy.runtime import load_engines  # type: ignore[attr-defined, unused-ignore]
         except ImportError:
             raise PrismInputError(f"{adapter}: running built engines needs prism_deploy.runtime.load_engines, "
                                   "which this installation does not have yet; pass the adapter .safetensors") from None
@@ -115,7 +115,7 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
     if path.suffix != ".safetensors":
         raise PrismInputError(f"{adapter}: expected a build folder, an adapter .onnx or an adapter .safetensors")
     try:
-        from prism_deploy.lower import export_onnx  # type: ignore[attr-defined]
+        from prism_deploy.lower import export_onnx  # type: ignore[import-not-found, attr-defined, unused-ignore]
     except ImportError:
         return ReferenceAdapterRunner(path)
     onnx_path = _lowered_path(path, precision or ("fp32" if provider == "cpu" else "fp16"), cache_dir)
@@ -128,7 +128,7 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
 
 def _onnx_runner(path: Path, provider: str) -> Any:
     try:
-        from prism_deploy.runtime.ort_runner import OrtRunner  # type: ignore[import-not-found]
+        from prism_deploy.runtime.ort_runner import OrtRunner  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         return OnnxAdapterRunner(path, provider)
     return OrtRunner(str(path), provider)
