@@ -429,3 +429,38 @@ def test_collect_bad_inputs(zoo, tmp_path, capsys):
         assert main([*base, *extra]) == 2
         assert needle in capsys.readouterr().err
     assert not (tmp_path / "p.safetensors").exists()
+
+
+# -- other precisions and families ---------------------------------------------------------------
+
+
+def test_fp16_pipeline_parity_and_generation(zoo, tmp_path):
+    """fp16 exports of both models: parity within the fp16 set, generation close to float32's."""
+    from prism_deploy.parity.pipeline import check_pipeline_parity
+    from prism_deploy.runtime.pipeline import Pipeline
+
+    export_model(zoo["llama"], "upper", tmp_path / "A16", precision="fp16", max_seq=64)
+    export_model(zoo["qwen2"], "lower", tmp_path / "B16", precision="fp16", max_seq=64)
+    pipe = Pipeline(tmp_path / "A16", zoo["adapter"], tmp_path / "B16")
+    ids, mask = padded_batch(300, batch=4, seq=16, seed=11)
+    report = check_pipeline_parity(zoo["llama"], zoo["adapter"], zoo["qwen2"], pipe, ids, mask)
+    assert report["precision"] == "fp16"
+    assert report["passed"], report["failures"]
+    assert report["logits"]["rel_l2"] > 1e-6  # really ran in half precision
+
+
+def test_gpt2_as_model_b_generates_like_transformers(zoo, tmp_path):
+    from prism_deploy.runtime.pipeline import Pipeline
+
+    export_model(zoo["gpt2"], "lower", tmp_path / "Bg", max_seq=64)
+    path = tmp_path / "to_gpt2.safetensors"
+    random_adapter(simple_config(64, 48, (2, 4), top_k=2), seed=2).save(path)
+    pipe = Pipeline(zoo["A"], path, tmp_path / "Bg")
+    ids, mask = padded_batch(300, batch=2, seq=7, seed=5)
+    got = pipe.generate(ids, mask, max_new_tokens=6)
+    model_a, model_b = hf.load_causal_lm(zoo["llama"]), hf.load_causal_lm(zoo["gpt2"])
+    with torch.no_grad():
+        prefix = load_adapter(path)(hf.final_hidden(model_a, torch.from_numpy(ids), torch.from_numpy(mask)))
+        want = model_b.generate(inputs_embeds=prefix, attention_mask=torch.from_numpy(mask), max_new_tokens=6,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
+    np.testing.assert_array_equal(got, want.numpy())
