@@ -157,6 +157,20 @@ def test_gpt2_exports_both_roles(zoo, tmp_path):
     assert low["validation"]["logits_with_past"]["top1"] == 1.0
 
 
+def test_mistral_with_sliding_window_exports(tmp_path):
+    """A window (4) shorter than the validation sequences: the traced masks must keep applying it."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(4)
+    MistralForCausalLM(MistralConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     sliding_window=4)).save_pretrained(str(tmp_path / "mistral"))
+    up = export_model(tmp_path / "mistral", "upper", tmp_path / "up", max_seq=32)
+    low = export_model(tmp_path / "mistral", "lower", tmp_path / "low", max_seq=32)
+    assert up["family"] == "mistral" and up["validation"]["hidden"]["rel_l2"] < 1e-5
+    assert low["validation"]["logits_with_past"]["top1"] == 1.0 and low["validation"]["logits"]["tokens"] > 4
+
+
 def test_export_fails_when_the_graph_diverges(zoo, tmp_path, monkeypatch):
     """Perturb the exported weights after tracing: the validation must catch it, and no manifest is left."""
     from prism_deploy.models import export as export_mod
