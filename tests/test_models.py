@@ -179,18 +179,37 @@ def test_export_fails_when_the_graph_diverges(zoo, tmp_path, monkeypatch):
     original = export_mod._export_graph
 
     def export_then_perturb(*args, **kwargs):
-        original(*args, **kwargs)
+        written = original(*args, **kwargs)
         path = args[2]
         model = onnx.load(str(path))
         biggest = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
         arr = onnx.numpy_helper.to_array(biggest) * 1.05
         biggest.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), biggest.name))
         save_model(model, path)
+        return written
 
     monkeypatch.setattr(export_mod, "_export_graph", export_then_perturb)
     with pytest.raises(CheckFailed, match="diverges"):
         export_model(zoo["llama"], "upper", tmp_path / "bad", max_seq=32)
     assert not (tmp_path / "bad" / "model.json").exists()
+
+
+def test_export_with_external_weights(zoo, tmp_path, monkeypatch):
+    """Graphs over the 2 GiB protobuf limit keep their weights in ``<graph>.data``: forced here with a 0 threshold."""
+    from prism_deploy import onnx_io
+    from prism_deploy.runtime.pipeline import Pipeline
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 0)
+    m = export_model(zoo["qwen2"], "lower", tmp_path / "B", max_seq=32)
+    assert m["files"]["lower_data"]["name"] == "lower.onnx.data"
+    assert m["files"]["lower_with_past_data"]["name"] == "lower_with_past.onnx.data"
+    assert sorted(p.name for p in (tmp_path / "B").iterdir()) == sorted(
+        ["embed_tokens.npy", "lower.onnx", "lower.onnx.data", "lower_with_past.onnx", "lower_with_past.onnx.data", "model.json"])
+    # the weights really are outside (only tensors under 1 KiB, norms and biases, stay inline)
+    assert (tmp_path / "B" / "lower.onnx").stat().st_size * 4 < (tmp_path / "B" / "lower.onnx.data").stat().st_size
+    pipe = Pipeline(zoo["A"], zoo["adapter"], tmp_path / "B")
+    ids, mask = padded_batch(300, batch=2, seq=5)
+    assert pipe.generate(ids, mask, max_new_tokens=3).shape == (2, 3)
 
 
 def test_export_fp16_lower_validates(zoo, tmp_path):

@@ -19,12 +19,14 @@ default dynamo exporter needs ``onnxscript``, which is not a dependency of this 
 the tracer exports these models in well under a second with dynamic batch/sequence axes. The
 models are loaded with ``attn_implementation="eager"`` for the trace: the eager path always
 materialises the attention mask, so no shape-dependent shortcut of the SDPA path (taken or not
-at the traced shape) is frozen into the graph. Validation then compares against the model as
-``transformers`` loads it by default.
+at the traced shape) is frozen into the graph. Validation compares with that float32 model in
+``transformers``; the end-to-end parity check (:mod:`prism_deploy.parity.pipeline`) compares with
+the models as ``transformers`` loads them by default (SDPA attention).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -109,14 +111,16 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     if out.exists() and not out.is_dir():
         raise PrismInputError(f"{out_dir}: exists and is not a folder")
     started = time.perf_counter()
-    reference = hf.load_causal_lm(hf_dir)  # default attention, float32: what validation compares with
+    # One load: the float32 model is both what validation compares with and, for fp32, what is
+    # traced (big models are loaded once, not twice); fp16 traces a half-precision copy.
+    reference = hf.load_causal_lm(hf_dir, attn_implementation="eager")
     limit = hf.max_positions(reference.config)
     if max_seq is None:
         max_seq = min(limit or 2048, 2048)
     if max_seq < 2 or (limit is not None and max_seq > limit):
         raise PrismInputError(f"--max-seq: {max_seq} must be in 2..{limit or 'inf'} (the model's position limit)")
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    traced = hf.load_causal_lm(hf_dir, dtype=dtype, attn_implementation="eager")
+    traced = reference if dtype == torch.float32 else copy.deepcopy(reference).to(dtype)
     dims = hf.cache_dims(reference.config)
     vocab = int(reference.get_output_embeddings().weight.shape[0]) if role == "lower" else int(reference.config.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +130,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     files: dict[str, str] = {}
     if role == "upper":
         files["graph"] = "upper.onnx"
-        _export_graph(_Upper(traced), _upper_example(vocab), out / files["graph"],
+        written = _export_graph(_Upper(traced), _upper_example(vocab), out / files["graph"],
                       ["input_ids", "attention_mask"], ["hidden"],
                       {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                        "hidden": {0: "batch", 1: "seq"}})
@@ -137,7 +141,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         d = dims["hidden"]
         emb = torch.randn(2, 4, d, dtype=dtype)
         mask = torch.ones(2, 4, dtype=torch.int64)
-        _export_graph(_Lower(traced), (emb, mask), out / files["graph"], ["inputs_embeds", "attention_mask"], ["logits"],
+        written = _export_graph(_Lower(traced), (emb, mask), out / files["graph"], ["inputs_embeds", "attention_mask"], ["logits"],
                       {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                        "logits": {0: "batch", 1: "seq"}})
         layers = dims["layers"]
@@ -151,12 +155,15 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                                            "logits": {0: "batch", 1: "seq"}}
         axes.update({n: {0: "batch", 2: "past_seq"} for n in past_names(layers)})
         axes.update({n: {0: "batch", 2: "total_seq"} for n in past_names(layers, "present")})
-        _export_graph(_LowerWithPast(traced, layers), (emb2, mask2, *past), out / files["graph_with_past"], ins, outs, axes)
+        written += _export_graph(_LowerWithPast(traced, layers), (emb2, mask2, *past), out / files["graph_with_past"], ins, outs, axes)
         from prism_deploy.fsutil import atomic_output
 
         with atomic_output(out / files["embed_tokens"]) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, hf.input_embedding_matrix(reference).astype(np.float16 if precision == "fp16" else np.float32))
+    for name in written:
+        if name.endswith(".data"):  # external weights of a graph over 2 GiB
+            files[name.split(".")[0] + "_data"] = name
     export_s = time.perf_counter() - started
 
     validation: dict[str, Any] = {"skipped": True}
@@ -207,23 +214,29 @@ def _upper_example(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-                  output_names: list[str], dynamic_axes: dict[str, dict[int, str]]) -> None:
+                  output_names: list[str], dynamic_axes: dict[str, dict[int, str]]) -> list[str]:
+    """Trace into a scratch folder (over 2 GiB the tracer writes one file per weight there),
+    then save once through ``finalize`` + ``save_model``. Returns the file names written."""
+    import tempfile
+
     import onnx
 
     from prism_deploy.onnx_io import OPSET, finalize, save_model
 
-    tmp = path.with_name(f".{path.name}.trace.tmp")
-    try:
+    # The exporter puts the module back in the training mode it found it in: a fresh wrapper is
+    # in training mode, which would switch on the wrapped model's dropout for the validation
+    # that follows. Wrappers are exported in eval mode.
+    module.eval()
+    with tempfile.TemporaryDirectory(prefix=".trace-", dir=path.parent) as scratch:
+        traced = Path(scratch) / "model.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             # The tracer warns about every Python-side shape test it freezes; the validation
-            # step below is what checks that the frozen branches hold for other shapes.
+            # step is what checks that the frozen branches hold for other shapes.
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
+            torch.onnx.export(module, args, str(traced), input_names=input_names, output_names=output_names,
                               dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
-        model = onnx.load(str(tmp))
-    finally:
-        tmp.unlink(missing_ok=True)
-    save_model(finalize(model), path)
+        model = onnx.load(str(traced))  # pulls external weights into memory before the folder goes
+    return [p.name for p in save_model(finalize(model), path)]
 
 
 def _io_description(role: str, layers: int) -> dict[str, Any]:
