@@ -410,6 +410,17 @@ def test_align_by_offsets_rule():
     assert align_by_offsets([(0, 1), (1, 3)], [(0, 1), (2, 2), (2, 3)]) == [(0, 0), (1, 2)]
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_embedding_table_is_read_without_loading_the_model(zoo, kind, monkeypatch):
+    full = hf.input_embedding_matrix(hf.load_causal_lm(zoo[kind]))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(hf, "load_causal_lm", refuse)
+    np.testing.assert_array_equal(hf.load_input_embedding_matrix(zoo[kind]), full)
+
+
 def test_collect_pools_against_transformers(zoo, tmp_path):
     from prism_deploy.data import MatrixFile
 

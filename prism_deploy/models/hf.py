@@ -144,3 +144,32 @@ def final_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 def input_embedding_matrix(model: Any) -> np.ndarray:
     return model.get_input_embeddings().weight.detach().float().cpu().numpy()
+
+
+def load_input_embedding_matrix(hf_dir: str | os.PathLike[str]) -> np.ndarray:
+    """Model B's input embedding matrix [vocab, d] as float32, read alone from its safetensors.
+
+    Collecting Z needs only this table: a skeleton of the model on the meta device (no memory)
+    names the parameter, and only that tensor is read. Checkpoints whose tensor names differ
+    from the module's (renamed by a conversion) fall back to loading the whole model.
+    """
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(hf_dir)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        weight = skeleton.get_input_embeddings().weight
+        name = next(n for n, p in skeleton.named_parameters() if p is weight)
+        index = path / "model.safetensors.index.json"
+        shard = json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors"
+        with safe_open(str(path / shard), framework="pt") as fh:
+            if name not in fh.keys():
+                raise KeyError(name)
+            return fh.get_tensor(name).float().numpy()
+    except (OSError, KeyError, StopIteration, ValueError):
+        return input_embedding_matrix(load_causal_lm(path))
