@@ -331,6 +331,10 @@ def test_adapter_onnx_file_runs_in_the_pipeline(zoo, pipeline, tmp_path):
     onnx_pipe = Pipeline(zoo["A"], path, zoo["B"])
     assert onnx_pipe.describe()["adapter_runner"] != "reference-fallback"
     np.testing.assert_allclose(onnx_pipe(ids, mask), pipeline.lower.run(want, mask), rtol=1e-4, atol=1e-4)
+    onnx_pipe.generate(ids, mask, max_new_tokens=2)
+    # an ONNX adapter takes model A's output where it lies; the reference fallback cannot
+    assert onnx_pipe.describe()["adapter_on_device"] and onnx_pipe.host_round_trips == 0
+    assert not pipeline.describe()["adapter_on_device"] and pipeline.host_round_trips > 0
 
 
 @pytest.mark.gpu

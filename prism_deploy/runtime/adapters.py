@@ -59,10 +59,12 @@ class OnnxAdapterRunner:
         from prism_deploy.runtime.ort_session import make_session
 
         self.path = Path(onnx_path)
+        self.device = provider  # ONNX Runtime device names: "cpu", "cuda"
         self.session = make_session(self.path, provider)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if "float16" in inp.type else np.float32
+        self.input_type = inp.type
         self.output_name = self.session.get_outputs()[0].name
         self.in_dim = inp.shape[-1] if isinstance(inp.shape[-1], int) else None
         out_shape = self.session.get_outputs()[0].shape
@@ -71,6 +73,15 @@ class OnnxAdapterRunner:
     def run(self, hidden: np.ndarray) -> np.ndarray:
         out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(hidden, dtype=self.input_dtype)})[0]
         return np.asarray(out)
+
+    def run_device(self, hidden: Any) -> Any:
+        """OrtValue in, OrtValue out, on this runner's device (cast through the host only when
+        the dtypes differ, e.g. an fp16 model A feeding an fp32 adapter graph)."""
+        from prism_deploy.runtime.binding import run_bound
+
+        if hidden.data_type() != self.input_type:
+            hidden = hidden.numpy().astype(self.input_dtype)
+        return run_bound(self.session, {self.input_name: hidden}, [self.output_name], self.device)[0]
 
 
 def target_provider(target: str) -> tuple[str, str]:

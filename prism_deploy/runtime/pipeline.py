@@ -5,8 +5,17 @@
 :func:`prism_deploy.runtime.adapters.adapter_runner` accepts for the adapter.
 
 The adapter works per token, so model B sees a prefix of exactly as many positions as model A
-read, under the same attention mask. Hand-offs between the stages are numpy arrays (host
-memory) on every target for now: on ``ort-cuda`` each stage copies to and from the GPU.
+read, under the same attention mask.
+
+Hand-offs: every graph runs with ONNX Runtime I/O binding (:func:`run_bound`), outputs left as
+``OrtValue``s on the session's device (``cpu`` or ``cuda``): model A's ``hidden`` goes to an
+adapter runner that has ``run_device`` (the ONNX runner here) without leaving the device, its
+output goes to model B the same way, and the KV cache stays on the device between decoding
+steps. Only the last position's logits (for the greedy argmax) and the chosen tokens'
+embeddings (a [batch, d_B] upload) cross to and from the host per step. An adapter runner with
+only ``run(numpy)`` (built engines from another layer, the reference fallback) takes a host
+round-trip, counted in ``host_round_trips``. The CUDA side of this has not been run yet (no
+GPU was available where it was written): CPU runs exercise the same code with device ``cpu``.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import numpy as np
 from prism_deploy.errors import PrismInputError
 from prism_deploy.models.export import past_names, read_manifest
 from prism_deploy.runtime.adapters import adapter_runner, target_provider
+from prism_deploy.runtime.binding import DEVICES, run_bound
 
 
 def _float_type(ort_type: str) -> type:
@@ -38,10 +48,15 @@ class UpperRunner:
         self.hidden_size = int(self.manifest["dims"]["hidden"])
         self.vocab = int(self.manifest["dims"]["vocab"])
         self.max_seq = int(self.manifest["max_seq"])
+        self.device = DEVICES[provider]
         self.session = make_session(self.dir / self.manifest["files"]["graph"]["name"], provider)
 
+    def run_device(self, input_ids: np.ndarray, attention_mask: Any) -> Any:
+        """``hidden`` as an OrtValue on the device."""
+        return run_bound(self.session, {"input_ids": input_ids, "attention_mask": attention_mask}, ["hidden"], self.device)[0]
+
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.session.run(["hidden"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        return self.run_device(input_ids, attention_mask).numpy()
 
 
 class LowerRunner:
@@ -57,8 +72,10 @@ class LowerRunner:
         self.kv_heads, self.head_dim = int(dims["kv_heads"]), int(dims["head_dim"])
         self.max_seq = int(self.manifest["max_seq"])
         files = self.manifest["files"]
+        self.device = DEVICES[provider]
         self.session = make_session(self.dir / files["graph"]["name"], provider)
-        self.dtype = _float_type(self.session.get_inputs()[0].type)
+        self.input_type = self.session.get_inputs()[0].type
+        self.dtype = _float_type(self.input_type)
         self._provider = provider
         self._past_session: Any = None
         self._embed: np.ndarray | None = None
@@ -77,19 +94,27 @@ class LowerRunner:
             self._embed = np.load(self.dir / self.manifest["files"]["embed_tokens"]["name"], mmap_mode="r")
         return self._embed
 
-    def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.session.run(["logits"], {"inputs_embeds": inputs_embeds.astype(self.dtype, copy=False),
-                                             "attention_mask": attention_mask})[0]
+    def _embeds(self, inputs_embeds: Any) -> Any:
+        """numpy -> the graph's float type; an OrtValue of the right type passes through untouched."""
+        if isinstance(inputs_embeds, np.ndarray):
+            return inputs_embeds.astype(self.dtype, copy=False)
+        if inputs_embeds.data_type() != self.input_type:
+            return inputs_embeds.numpy().astype(self.dtype)
+        return inputs_embeds
 
-    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+    def run(self, inputs_embeds: Any, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = {"inputs_embeds": self._embeds(inputs_embeds), "attention_mask": attention_mask}
+        return run_bound(self.session, feeds, ["logits"], self.device)[0].numpy()
+
+    def empty_past(self, batch: int) -> dict[str, Any]:
         return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype) for n in past_names(self.layers)}
 
-    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
-             past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Logits of the new positions and the cache grown by them (mask covers past + new)."""
-        outs = self.past_session.run(None, {"inputs_embeds": inputs_embeds.astype(self.dtype, copy=False),
-                                            "attention_mask": attention_mask, **past})
-        return outs[0], dict(zip(past_names(self.layers), outs[1:]))
+    def step(self, inputs_embeds: Any, attention_mask: np.ndarray, past: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Last position's logits [batch, vocab] (on the host) and the cache grown by the new
+        positions (OrtValues left on the device). The mask covers past + new tokens."""
+        feeds = {"inputs_embeds": self._embeds(inputs_embeds), "attention_mask": attention_mask, **past}
+        outs = run_bound(self.past_session, feeds, None, self.device)
+        return outs[0].numpy()[:, -1], dict(zip(past_names(self.layers), outs[1:]))
 
 
 class Pipeline:
@@ -114,12 +139,14 @@ class Pipeline:
                 raise PrismInputError(f"adapter {side} width {have} does not match {model} {want}")
         self.max_seq = min(self.upper.max_seq, self.lower.max_seq)
         self.timings: dict[str, float] = {}
+        self.host_round_trips = 0  # adapter calls that went through host memory (see _adapt)
 
     def describe(self) -> dict[str, Any]:
         return {"target": self.target, "provider": self.provider, "provider_reason": self.provider_reason,
                 "adapter_runner": self.adapter_kind, "model_a": str(self.upper.dir), "model_b": str(self.lower.dir),
                 "d_a": self.upper.hidden_size, "d_b": self.lower.hidden_size, "vocab_b": self.lower.vocab,
-                "max_seq": self.max_seq}
+                "max_seq": self.max_seq, "adapter_on_device": hasattr(self.adapter, "run_device")
+                and getattr(self.adapter, "device", None) == self.upper.device}
 
     def _inputs(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(input_ids)
@@ -137,24 +164,38 @@ class Pipeline:
         return ids.astype(np.int64), mask.astype(np.int64)
 
     def adapted_prefix(self, input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """(model B's inputs_embeds from the adapter, the attention mask) for these tokens."""
+        """(model B's inputs_embeds from the adapter, as float32 numpy; the attention mask)."""
+        adapted, mask = self._adapted_prefix(input_ids, attention_mask)
+        host = adapted if isinstance(adapted, np.ndarray) else adapted.numpy()
+        return np.asarray(host, dtype=np.float32), mask
+
+    def _adapt(self, hidden: Any) -> Any:
+        """The adapter on model A's output: on the device when the runner can take an OrtValue
+        there (``run_device``), else through host memory as float32 numpy."""
+        if hasattr(self.adapter, "run_device") and getattr(self.adapter, "device", None) == self.upper.device:
+            return self.adapter.run_device(hidden)
+        self.host_round_trips += 1
+        return np.asarray(self.adapter.run(hidden.numpy().astype(np.float32, copy=False)))
+
+    def _adapted_prefix(self, input_ids: Any, attention_mask: Any = None) -> tuple[Any, np.ndarray]:
         ids, mask = self._inputs(input_ids, attention_mask)
         if ids.shape[1] > self.max_seq:
             raise PrismInputError(f"input_ids: {ids.shape[1]} tokens, more than the exported max_seq {self.max_seq}")
         t0 = time.perf_counter()
-        hidden = self.upper.run(ids, mask)
+        hidden = self.upper.run_device(ids, mask)
         t1 = time.perf_counter()
-        adapted = np.asarray(self.adapter.run(np.asarray(hidden, dtype=np.float32)))
+        adapted = self._adapt(hidden)
         t2 = time.perf_counter()
-        if adapted.shape != (*ids.shape, self.lower.hidden_size):
-            raise PrismInputError(f"adapter output has shape {list(adapted.shape)}, model B needs "
+        shape = tuple(adapted.shape) if isinstance(adapted, np.ndarray) else tuple(adapted.shape())
+        if shape != (*ids.shape, self.lower.hidden_size):
+            raise PrismInputError(f"adapter output has shape {list(shape)}, model B needs "
                                   f"{[*ids.shape, self.lower.hidden_size]}")
         self.timings = {"model_a": t1 - t0, "adapter": t2 - t1}
         return adapted, mask
 
     def __call__(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
         """Model B's logits [batch, seq, vocab_B] over the adapted prefix."""
-        adapted, mask = self.adapted_prefix(input_ids, attention_mask)
+        adapted, mask = self._adapted_prefix(input_ids, attention_mask)
         t0 = time.perf_counter()
         logits = self.lower.run(adapted, mask)
         self.timings["model_b"] = time.perf_counter() - t0
@@ -170,7 +211,7 @@ class Pipeline:
         """
         if max_new_tokens < 1:
             raise PrismInputError(f"max_new_tokens: {max_new_tokens} must be at least 1")
-        adapted, mask = self.adapted_prefix(input_ids, attention_mask)
+        adapted, mask = self._adapted_prefix(input_ids, attention_mask)
         if mask.shape[1] + max_new_tokens - 1 > self.lower.max_seq:
             raise PrismInputError(f"{mask.shape[1]} prefix tokens + {max_new_tokens} new ones exceed model B's "
                                   f"exported max_seq {self.lower.max_seq}")
@@ -181,7 +222,7 @@ class Pipeline:
         t1 = time.perf_counter()
         chosen = []
         finished = np.zeros(batch, dtype=bool)
-        token = logits[:, -1].argmax(-1)
+        token = logits.argmax(-1)
         embed = self.lower.embed_tokens
         for step in range(max_new_tokens):
             if eos_token_id is not None:
@@ -192,7 +233,7 @@ class Pipeline:
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             logits, past = self.lower.step(np.asarray(embed[token])[:, None, :], mask, past)
-            token = logits[:, -1].argmax(-1)
+            token = logits.argmax(-1)
         t2 = time.perf_counter()
         self.timings.update({"model_b_prefill": t1 - t0, "model_b_decode": t2 - t1, "steps": float(len(chosen))})
         return np.stack(chosen, axis=1).astype(np.int64)
