@@ -303,26 +303,30 @@ def test_pipeline_refuses_bad_inputs(zoo, pipeline):
         Pipeline(zoo["A"], wrong, zoo["B"])
 
 
-def test_adapter_onnx_file_runs_in_the_pipeline(zoo, pipeline, tmp_path):
-    """An adapter given as ONNX (input ``hidden``, output ``adapted``) plugs in the same way.
-
-    The graph is an ungated adapter's dense matrix as one MatMul, written with onnx.helper.
-    """
+def write_dense_adapter_onnx(adapter, path) -> None:
+    """An ungated adapter's dense matrix as one MatMul graph (input ``hidden``, output ``adapted``)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from prism_deploy.onnx_io import finalize, save_model
+
+    d_in, d_out = adapter.config.in_dim, adapter.config.out_dim
+    weight = adapter.dense_matrix(torch.float32).numpy().T.copy()  # [in, out]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["hidden", "W"], ["adapted"])], "dense_adapter",
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", d_in])],
+        [helper.make_tensor_value_info("adapted", TensorProto.FLOAT, ["batch", "seq", d_out])],
+        [numpy_helper.from_array(weight, "W")])
+    save_model(finalize(helper.make_model(graph)), path)
+
+
+def test_adapter_onnx_file_runs_in_the_pipeline(zoo, pipeline, tmp_path):
+    """An adapter given as ONNX (input ``hidden``, output ``adapted``) plugs in the same way."""
     from prism_deploy.runtime.adapters import adapter_runner
     from prism_deploy.runtime.pipeline import Pipeline
 
     adapter = random_adapter(simple_config(64, 96, (2, 2)), seed=3)
-    weight = adapter.dense_matrix(torch.float32).numpy()[:96, :64].T.copy()  # [in, out]
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["hidden", "W"], ["adapted"])], "dense_adapter",
-        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", 64])],
-        [helper.make_tensor_value_info("adapted", TensorProto.FLOAT, ["batch", "seq", 96])],
-        [numpy_helper.from_array(weight, "W")])
     path = tmp_path / "adapter.onnx"
-    save_model(finalize(helper.make_model(graph)), path)
+    write_dense_adapter_onnx(adapter, path)
     ids, mask = padded_batch(300, batch=2, seq=5)
     hidden = pipeline.upper.run(ids, mask)
     with torch.no_grad():
@@ -335,6 +339,58 @@ def test_adapter_onnx_file_runs_in_the_pipeline(zoo, pipeline, tmp_path):
     # an ONNX adapter takes model A's output where it lies; the reference fallback cannot
     assert onnx_pipe.describe()["adapter_on_device"] and onnx_pipe.host_round_trips == 0
     assert not pipeline.describe()["adapter_on_device"] and pipeline.host_round_trips > 0
+
+
+def test_safetensors_adapter_is_lowered_once_and_cached(tmp_path, monkeypatch):
+    """With a lowering layer present, a .safetensors is exported to ONNX on first use, then reused.
+
+    ``prism_deploy.lower`` is not on this branch yet: a stand-in ``export_onnx`` writes the
+    dense-matrix graph (exact for an ungated adapter) so the resolver's own logic is what runs.
+    """
+    import sys
+    import types
+
+    from prism_deploy.runtime.adapters import OnnxAdapterRunner, adapter_runner
+
+    calls = []
+
+    def export_onnx(adapter, path, precision="fp32"):
+        calls.append((Path(path).name, precision))
+        write_dense_adapter_onnx(adapter, path)
+
+    monkeypatch.setitem(sys.modules, "prism_deploy.lower", types.SimpleNamespace(export_onnx=export_onnx))
+    monkeypatch.delitem(sys.modules, "prism_deploy.runtime.ort_runner", raising=False)
+    path = tmp_path / "ungated.safetensors"
+    adapter = random_adapter(simple_config(40, 24, (2, 4)), seed=8)
+    adapter.save(path)
+    first = adapter_runner(path, "ort-cpu")
+    second = adapter_runner(path, "ort-cpu")
+    assert len(calls) == 1 and calls[0][1] == "fp32" and calls[0][0].startswith("ungated-")
+    assert isinstance(second, OnnxAdapterRunner) and second.path == first.path
+    assert second.path.parent == tmp_path / ".prism-cache"
+    x = np.random.default_rng(0).normal(size=(2, 3, 40)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(second.run(x), adapter(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_build_folder_goes_to_load_engines(tmp_path, monkeypatch):
+    import prism_deploy.runtime as runtime
+    from prism_deploy.runtime.adapters import adapter_runner
+
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    with pytest.raises(PrismInputError, match="manifest.json"):
+        adapter_runner(folder, "ort-cpu")
+    (folder / "manifest.json").write_text("{}")
+    seen = {}
+
+    def load_engines(path, **kwargs):
+        seen.update(kwargs, path=path)
+        return "engines"
+
+    monkeypatch.setattr(runtime, "load_engines", load_engines, raising=False)
+    assert adapter_runner(folder, "ort-cpu", precision="fp16") == "engines"
+    assert seen == {"path": folder, "target": "ort-cpu", "precision": "fp16"}
 
 
 @pytest.mark.gpu

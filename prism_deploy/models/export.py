@@ -233,8 +233,12 @@ def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
             # The tracer warns about every Python-side shape test it freezes; the validation
             # step is what checks that the frozen branches hold for other shapes.
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, str(traced), input_names=input_names, output_names=output_names,
-                              dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+            try:
+                torch.onnx.export(module, args, str(traced), input_names=input_names, output_names=output_names,
+                                  dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+            except Exception as exc:  # the tracer raises many types; the CLI promises one line
+                raise PrismInputError(f"{path.name}: torch.onnx.export cannot trace this model "
+                                      f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from exc
         model = onnx.load(str(traced))  # pulls external weights into memory before the folder goes
     return [p.name for p in save_model(finalize(model), path)]
 

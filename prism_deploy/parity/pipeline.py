@@ -79,7 +79,7 @@ def check_pipeline_parity(model_a_hf: Any, adapter: Any, model_b_hf: Any, pipeli
     model_a = hf.load_causal_lm(model_a_hf) if isinstance(model_a_hf, (str, os.PathLike)) else model_a_hf
     model_b = hf.load_causal_lm(model_b_hf) if isinstance(model_b_hf, (str, os.PathLike)) else model_b_hf
     ref_adapter = adapter if isinstance(adapter, PrismAdapter) else load_adapter(adapter)
-    ids, mask = pipeline._inputs(input_ids, attention_mask)
+    ids, mask = pipeline.prepare_inputs(input_ids, attention_mask)
     ref = reference_chain(model_a, ref_adapter, model_b, ids, mask)
 
     hidden = np.asarray(pipeline.upper.run(ids, mask), dtype=np.float32)

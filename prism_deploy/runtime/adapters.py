@@ -129,11 +129,12 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
         from prism_deploy.lower import export_onnx  # type: ignore[import-not-found, attr-defined, unused-ignore]
     except ImportError:
         return ReferenceAdapterRunner(path)
-    onnx_path = _lowered_path(path, precision or ("fp32" if provider == "cpu" else "fp16"), cache_dir)
+    lowered_precision = precision or ("fp32" if provider == "cpu" else "fp16")
+    onnx_path = _lowered_path(path, lowered_precision, cache_dir)
     if not onnx_path.is_file():
         from prism_deploy.reference import load_adapter
 
-        export_onnx(load_adapter(path), onnx_path, precision=onnx_path.stem.rsplit("-", 1)[-1])
+        export_onnx(load_adapter(path), onnx_path, precision=lowered_precision)
     return _onnx_runner(onnx_path, provider)
 
 

@@ -148,7 +148,8 @@ class Pipeline:
                 "max_seq": self.max_seq, "adapter_on_device": hasattr(self.adapter, "run_device")
                 and getattr(self.adapter, "device", None) == self.upper.device}
 
-    def _inputs(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    def prepare_inputs(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Checked int64 ``input_ids`` and ``attention_mask`` [batch, seq] (a 1-D row becomes batch 1)."""
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -178,7 +179,7 @@ class Pipeline:
         return np.asarray(self.adapter.run(hidden.numpy().astype(np.float32, copy=False)))
 
     def _adapted_prefix(self, input_ids: Any, attention_mask: Any = None) -> tuple[Any, np.ndarray]:
-        ids, mask = self._inputs(input_ids, attention_mask)
+        ids, mask = self.prepare_inputs(input_ids, attention_mask)
         if ids.shape[1] > self.max_seq:
             raise PrismInputError(f"input_ids: {ids.shape[1]} tokens, more than the exported max_seq {self.max_seq}")
         t0 = time.perf_counter()
