@@ -359,7 +359,6 @@ def test_safetensors_adapter_is_lowered_once_and_cached(tmp_path, monkeypatch):
         write_dense_adapter_onnx(adapter, path)
 
     monkeypatch.setitem(sys.modules, "prism_deploy.lower", types.SimpleNamespace(export_onnx=export_onnx))
-    monkeypatch.delitem(sys.modules, "prism_deploy.runtime.ort_runner", raising=False)
     path = tmp_path / "ungated.safetensors"
     adapter = random_adapter(simple_config(40, 24, (2, 4)), seed=8)
     adapter.save(path)

@@ -5,7 +5,8 @@ adapter plugs in the same way:
 
 - a folder written by ``prism-deploy build`` (it has ``manifest.json``):
   ``prism_deploy.runtime.load_engines(DIR, precision=..., target=...)``;
-- an ``.onnx`` file (what ``prism-deploy export`` wrote): ONNX Runtime on the target's provider;
+- an ``.onnx`` file (what ``prism-deploy export`` wrote): ONNX Runtime on the target's provider
+  (``OnnxAdapterRunner``, which can take model A's output where it lies: ``run_device``);
 - an adapter ``.safetensors``: lowered to ONNX on first use with ``prism_deploy.lower.export_onnx``
   (cached beside the file, keyed by its sha256 and the precision) and run on ONNX Runtime.
   Where the lowering layer is not installed in this checkout yet, the PyTorch reference runs
@@ -65,14 +66,15 @@ class OnnxAdapterRunner:
         self.input_name = inp.name
         self.input_dtype = np.float16 if "float16" in inp.type else np.float32
         self.input_type = inp.type
-        self.output_name = self.session.get_outputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = "adapted" if "adapted" in outputs else outputs[0]
         self.in_dim = inp.shape[-1] if isinstance(inp.shape[-1], int) else None
-        out_shape = self.session.get_outputs()[0].shape
+        out_shape = next(o.shape for o in self.session.get_outputs() if o.name == self.output_name)
         self.out_dim = out_shape[-1] if isinstance(out_shape[-1], int) else None
 
     def run(self, hidden: np.ndarray) -> np.ndarray:
         out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(hidden, dtype=self.input_dtype)})[0]
-        return np.asarray(out)
+        return np.asarray(out, dtype=np.float32)
 
     def run_device(self, hidden: Any) -> Any:
         """OrtValue in, OrtValue out, on this runner's device (cast through the host only when
@@ -115,7 +117,9 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
         except ImportError:
             raise PrismInputError(f"{adapter}: running built engines needs prism_deploy.runtime.load_engines, "
                                   "which this installation does not have yet; pass the adapter .safetensors") from None
-        kwargs = {"target": target}
+        # "auto" is a choice among targets, not a target an engine was built for: let the
+        # manifest's entries decide (load_engines refuses an ambiguous choice).
+        kwargs: dict[str, Any] = {"target": None if target == "auto" else target}
         if precision:
             kwargs["precision"] = precision
         return load_engines(path, **kwargs)
@@ -139,11 +143,10 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
 
 
 def _onnx_runner(path: Path, provider: str) -> Any:
-    try:
-        from prism_deploy.runtime.ort_runner import OrtRunner  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        return OnnxAdapterRunner(path, provider)
-    return OrtRunner(str(path), provider)
+    # Not the lowering layer's OrtRunner: that one serves parity (worker selections, stored
+    # tiles) through numpy, while the pipeline needs an OrtValue entry point (run_device) to keep
+    # the hand-offs on the device. Both run the same graph with the same session helper.
+    return OnnxAdapterRunner(path, provider)
 
 
 def _lowered_path(path: Path, precision: str, cache_dir: str | os.PathLike[str] | None) -> Path:
