@@ -366,6 +366,7 @@ def test_safetensors_adapter_is_lowered_once_and_cached(tmp_path, monkeypatch):
     second = adapter_runner(path, "ort-cpu")
     assert len(calls) == 1 and calls[0][1] == "fp32" and calls[0][0].startswith("ungated-")
     assert isinstance(second, OnnxAdapterRunner) and second.path == first.path
+    assert second.precision == "fp32"
     assert second.path.parent == tmp_path / ".prism-cache"
     x = np.random.default_rng(0).normal(size=(2, 3, 40)).astype(np.float32)
     with torch.no_grad():

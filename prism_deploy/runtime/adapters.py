@@ -60,6 +60,7 @@ class OnnxAdapterRunner:
         from prism_deploy.runtime.ort_session import make_session
 
         self.path = Path(onnx_path)
+        self.precision = graph_precision(self.path)
         self.device = provider  # ONNX Runtime device names: "cpu", "cuda"
         self.session = make_session(self.path, provider)
         inp = self.session.get_inputs()[0]
@@ -84,6 +85,20 @@ class OnnxAdapterRunner:
         if hidden.data_type() != self.input_type:
             hidden = hidden.numpy().astype(self.input_dtype)
         return run_bound(self.session, {self.input_name: hidden}, [self.output_name], self.device)[0]
+
+
+def graph_precision(onnx_path: Path) -> str:
+    """``int8``, ``fp16`` or ``fp32``: the least precise weights the graph stores (for the
+    default parity tolerances). Reads the graph without its external weights."""
+    import onnx
+
+    model = onnx.load_model(str(onnx_path), load_external_data=False)
+    types = {t.data_type for t in model.graph.initializer}
+    if types & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4}:
+        return "int8"
+    if types & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}:
+        return "fp16"
+    return "fp32"
 
 
 def target_provider(target: str) -> tuple[str, str]:
