@@ -413,7 +413,7 @@ def test_pipeline_on_ort_cuda_matches_cpu(zoo, pipeline):
 def test_run_cli_text_to_generated_tokens(zoo, capsys):
     argv = ["run", "--model-a", str(zoo["A"]), "--adapter", str(zoo["adapter"]), "--model-b", str(zoo["B"]),
             "--text", "The quick brown fox", "--tokenizer-a", str(zoo["llama"]), "--tokenizer-b", str(zoo["qwen2"]),
-            "--max-new-tokens", "4", "--json"]
+            "--max-new-tokens", "4", "--ignore-eos", "--json"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["generated_ids"][0]) == 4 and isinstance(out["generated_text"][0], str)
@@ -421,6 +421,13 @@ def test_run_cli_text_to_generated_tokens(zoo, capsys):
     assert out["adapter_runner"] in ("reference-fallback", "onnx") or out["adapter_runner"]
     assert main(argv[:-1]) == 0  # the table form
     assert "model_b_decode (4 steps)" in capsys.readouterr().out
+    # without --ignore-eos the row stops at model B's end-of-text id (0, from its config)
+    assert read_manifest(zoo["B"])["eos_token_id"] == 0
+    assert main([a for a in argv if a != "--ignore-eos"]) == 0
+    stopped = json.loads(capsys.readouterr().out)
+    free = out["generated_ids"][0]
+    expected = free[: free.index(0) + 1] if 0 in free else free
+    assert stopped["eos_token_id"] == 0 and stopped["generated_ids"][0] == expected
 
 
 def test_run_cli_ids_file_and_errors(zoo, tmp_path, capsys):

@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     add_input_arguments(p)
     p.add_argument("--tokenizer-b", metavar="DIR", help="model B's tokenizer folder, to decode generated tokens")
     p.add_argument("--max-new-tokens", type=int, default=0, metavar="N", help="greedy tokens to generate in model B (default 0)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past model B's end-of-text token (by default a row stops there)")
     p.add_argument("--json", action="store_true", help="print one JSON object (with per-stage timings)")
     p.set_defaults(func=run)
 
@@ -43,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
               "logits_shape": list(logits.shape), "next_token": last.argmax(-1).tolist(),
               "next_token_logit": last.max(-1).tolist(), "timings_s": {"forward": timings}}
     if args.max_new_tokens:
-        generated = pipe.generate(ids, mask, max_new_tokens=args.max_new_tokens)
+        eos = None if args.ignore_eos else pipe.lower.manifest.get("eos_token_id")
+        generated = pipe.generate(ids, mask, max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+        result["eos_token_id"] = eos
         result["generated_ids"] = generated.tolist()
         result["timings_s"]["generate"] = dict(pipe.timings)
         if args.tokenizer_b:

@@ -180,7 +180,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         "files": {key: {"name": name, "sha256": _sha256(out / name)} for key, name in files.items()},
         "position_ids": "cumsum(attention_mask) - 1 (padding slots: 1), computed inside each graph",
         "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False), eager attention",
-        "opset": _opset(), "export_seconds": round(export_s, 3),
+        "opset": _opset(), "export_seconds": round(export_s, 3), "eos_token_id": _eos_token_id(reference),
         "validation": validation, "versions": _versions(),
     }
     from prism_deploy.fsutil import write_text_atomic
@@ -398,6 +398,17 @@ def _merge(figs: list[dict[str, float]]) -> dict[str, float]:
         out["top1_all"] = sum(f["top1_all"] * f["tokens"] for f in figs) / out["tokens"]
         out["ambiguous"] = sum(f["ambiguous"] for f in figs)
     return out
+
+
+def _eos_token_id(model: Any) -> int | None:
+    """The id that ends generation (the generation config's first, else the config's), if any."""
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        if eos is not None:
+            return int(eos)
+    return None
 
 
 def _sha256(path: Path) -> str:
