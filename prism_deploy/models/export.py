@@ -122,40 +122,17 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     dtype = torch.float16 if precision == "fp16" else torch.float32
     traced = reference if dtype == torch.float32 else copy.deepcopy(reference).to(dtype)
     dims = hf.cache_dims(reference.config)
-    vocab = int(reference.get_output_embeddings().weight.shape[0]) if role == "lower" else int(reference.config.vocab_size)
+    # upper: the ids its embedding table accepts; lower: the width of its logits
+    table = reference.get_input_embeddings() if role == "upper" else reference.get_output_embeddings()
+    vocab = int(table.weight.shape[0])
     out.mkdir(parents=True, exist_ok=True)
     # An old manifest would describe graphs this run is about to replace: drop it first, write it last.
     (out / MANIFEST).unlink(missing_ok=True)
 
-    files: dict[str, str] = {}
     if role == "upper":
-        files["graph"] = "upper.onnx"
-        written = _export_graph(_Upper(traced), _upper_example(vocab), out / files["graph"],
-                      ["input_ids", "attention_mask"], ["hidden"],
-                      {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                       "hidden": {0: "batch", 1: "seq"}})
+        files, written = _export_upper(traced, out, vocab)
     else:
-        files["graph"] = "lower.onnx"
-        files["graph_with_past"] = "lower_with_past.onnx"
-        files["embed_tokens"] = "embed_tokens.npy"
-        d = dims["hidden"]
-        emb = torch.randn(2, 4, d, dtype=dtype)
-        mask = torch.ones(2, 4, dtype=torch.int64)
-        written = _export_graph(_Lower(traced), (emb, mask), out / files["graph"], ["inputs_embeds", "attention_mask"], ["logits"],
-                      {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                       "logits": {0: "batch", 1: "seq"}})
-        layers = dims["layers"]
-        # Traced with a past of 3 and 2 new tokens: the general path, valid for past 0 and new 1 too.
-        past = [torch.randn(2, dims["kv_heads"], 3, dims["head_dim"], dtype=dtype) for _ in range(2 * layers)]
-        emb2 = torch.randn(2, 2, d, dtype=dtype)
-        mask2 = torch.ones(2, 5, dtype=torch.int64)
-        ins = ["inputs_embeds", "attention_mask", *past_names(layers)]
-        outs = ["logits", *past_names(layers, "present")]
-        axes: dict[str, dict[int, str]] = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total_seq"},
-                                           "logits": {0: "batch", 1: "seq"}}
-        axes.update({n: {0: "batch", 2: "past_seq"} for n in past_names(layers)})
-        axes.update({n: {0: "batch", 2: "total_seq"} for n in past_names(layers, "present")})
-        written += _export_graph(_LowerWithPast(traced, layers), (emb2, mask2, *past), out / files["graph_with_past"], ins, outs, axes)
+        files, written = _export_lower(traced, out, dims)
         from prism_deploy.fsutil import atomic_output
 
         with atomic_output(out / files["embed_tokens"]) as tmp:
@@ -208,9 +185,38 @@ def read_manifest(model_dir: str | os.PathLike[str], role: str | None = None) ->
 # -- export -------------------------------------------------------------------------------------------
 
 
-def _upper_example(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _export_upper(traced: Any, out: Path, vocab: int) -> tuple[dict[str, str], list[str]]:
+    files = {"graph": "upper.onnx"}
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab, (2, 4), generator=g), torch.ones(2, 4, dtype=torch.int64)
+    example = (torch.randint(0, vocab, (2, 4), generator=g), torch.ones(2, 4, dtype=torch.int64))
+    written = _export_graph(_Upper(traced), example, out / files["graph"], ["input_ids", "attention_mask"], ["hidden"],
+                            {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                             "hidden": {0: "batch", 1: "seq"}})
+    return files, written
+
+
+def _export_lower(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[str, str], list[str]]:
+    """``lower.onnx`` and ``lower_with_past.onnx`` (the embedding table is written by the caller)."""
+    files = {"graph": "lower.onnx", "graph_with_past": "lower_with_past.onnx", "embed_tokens": "embed_tokens.npy"}
+    dtype = next(traced.parameters()).dtype
+    g = torch.Generator().manual_seed(0)
+    d, layers = dims["hidden"], dims["layers"]
+    emb = torch.randn(2, 4, d, generator=g).to(dtype)
+    written = _export_graph(_Lower(traced), (emb, torch.ones(2, 4, dtype=torch.int64)), out / files["graph"],
+                            ["inputs_embeds", "attention_mask"], ["logits"],
+                            {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                             "logits": {0: "batch", 1: "seq"}})
+    # Traced with a past of 3 and 2 new tokens: the general path, valid for past 0 and new 1 too.
+    past = [torch.randn(2, dims["kv_heads"], 3, dims["head_dim"], generator=g).to(dtype) for _ in range(2 * layers)]
+    emb2 = torch.randn(2, 2, d, generator=g).to(dtype)
+    axes: dict[str, dict[int, str]] = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total_seq"},
+                                       "logits": {0: "batch", 1: "seq"}}
+    axes.update({n: {0: "batch", 2: "past_seq"} for n in past_names(layers)})
+    axes.update({n: {0: "batch", 2: "total_seq"} for n in past_names(layers, "present")})
+    written += _export_graph(_LowerWithPast(traced, layers), (emb2, torch.ones(2, 5, dtype=torch.int64), *past),
+                             out / files["graph_with_past"], ["inputs_embeds", "attention_mask", *past_names(layers)],
+                             ["logits", *past_names(layers, "present")], axes)
+    return files, written
 
 
 def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
