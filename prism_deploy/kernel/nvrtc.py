@@ -1,0 +1,151 @@
+"""Compile the tile-dispatch kernel to PTX with NVRTC, cached on disk.
+
+NVRTC needs no GPU, so CI compiles every variant. PTX is cached under
+``$PRISM_DEPLOY_CACHE/kernels`` (default ``~/.cache/prism-deploy/kernels``), keyed by the
+source's SHA-256, the target architecture, the ``-D`` defines and the NVRTC version: a change
+to any of them is a miss, never a stale hit.
+
+PTX carries an ISA version (NVRTC 13.5 writes 9.5); a driver older than the NVRTC that wrote it
+refuses to load it (CUDA_ERROR_UNSUPPORTED_PTX_VERSION): compile for the device's own
+architecture with an NVRTC no newer than its driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from prism_deploy.errors import PrismInputError
+from prism_deploy.fsutil import write_bytes_atomic
+from prism_deploy.kernel.spec import KERNEL_NAME, TileDispatchSpec, kernel_source_path
+
+SUPPORTED_ARCHS = ("compute_80", "compute_86", "compute_89", "compute_90")
+# No --use_fast_math: expf and the divisions stay IEEE, as in the float32 reference.
+BASE_OPTIONS = ["-std=c++17"]
+
+
+class KernelCompileError(RuntimeError):
+    """NVRTC rejected the kernel: the message names the arch, the defines and the first error."""
+
+    def __init__(self, message: str, log: str) -> None:
+        super().__init__(" ".join(message.split()))
+        self.log = log
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    name: str  # the entry point in the PTX
+    ptx: bytes
+    arch: str
+    options: tuple[str, ...]
+    cache_path: Path | None
+    cache_hit: bool
+
+
+def normalize_arch(arch: str | int | tuple[int, int]) -> str:
+    """``"sm_90"``, ``"compute_90"``, ``"90"``, ``90`` or ``(9, 0)`` -> ``"compute_90"``."""
+    if isinstance(arch, tuple):
+        arch = f"{arch[0]}{arch[1]}"
+    text = str(arch).strip().lower()
+    m = re.fullmatch(r"(?:sm_|compute_)?(\d{2,3})a?", text)
+    if not m:
+        raise PrismInputError(f"kernel arch: {arch!r} is not like compute_90, sm_90 or 90")
+    return f"compute_{m.group(1)}"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PRISM_DEPLOY_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "prism-deploy"
+    return base / "kernels"
+
+
+def nvrtc_version() -> tuple[int, int]:
+    from cuda.bindings import nvrtc
+
+    err, major, minor = nvrtc.nvrtcVersion()
+    _check(err, "nvrtcVersion")
+    return int(major), int(minor)
+
+
+def compile_ptx(
+    spec: TileDispatchSpec,
+    arch: str | int | tuple[int, int],
+    *,
+    source: str | None = None,
+    use_cache: bool = True,
+) -> CompiledKernel:
+    """PTX of the kernel specialised to ``spec`` for ``arch``; from the disk cache when present."""
+    arch_name = normalize_arch(arch)
+    text = kernel_source_path().read_text() if source is None else source
+    options = (f"--gpu-architecture={arch_name}", *BASE_OPTIONS, *spec.defines())
+    key = _cache_key(text, arch_name, options)
+    path = cache_dir() / f"tile_dispatch-{arch_name}-{key[:24]}.ptx"
+    if use_cache and path.is_file():
+        return CompiledKernel(KERNEL_NAME, path.read_bytes(), arch_name, options, path, True)
+    ptx = _nvrtc_compile(text, options, arch_name)
+    if KERNEL_NAME.encode() not in ptx:
+        raise KernelCompileError(f"NVRTC output for {arch_name} lacks the entry point {KERNEL_NAME}", "")
+    if use_cache:
+        try:
+            write_bytes_atomic(path, ptx)
+        except OSError:  # a read-only cache is no reason to fail a compile
+            path = None  # type: ignore[assignment]
+    return CompiledKernel(KERNEL_NAME, ptx, arch_name, options, path if use_cache else None, False)
+
+
+def ptx_entry_points(ptx: bytes) -> list[str]:
+    """The kernel names a PTX module defines (``.entry`` directives)."""
+    return re.findall(r"\.entry\s+([A-Za-z_][A-Za-z0-9_$]*)\s*\(", ptx.decode("ascii", "replace"))
+
+
+def _cache_key(text: str, arch: str, options: tuple[str, ...]) -> str:
+    payload = json.dumps(
+        {"source": hashlib.sha256(text.encode()).hexdigest(), "arch": arch, "options": list(options),
+         "nvrtc": list(nvrtc_version())},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _nvrtc_compile(text: str, options: tuple[str, ...], arch: str) -> bytes:
+    from cuda.bindings import nvrtc
+
+    err, prog = nvrtc.nvrtcCreateProgram(text.encode(), b"tile_dispatch.cu", 0, [], [])
+    _check(err, "nvrtcCreateProgram")
+    try:
+        opts = [o.encode() for o in options]
+        (result,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        log = _program_log(prog)
+        if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            first = next((ln.strip() for ln in log.splitlines() if "error" in ln), log.strip()[:200])
+            defines = " ".join(o for o in options if o.startswith("-D"))
+            raise KernelCompileError(f"NVRTC could not compile tile_dispatch.cu for {arch} ({defines}): {first}", log)
+        err, size = nvrtc.nvrtcGetPTXSize(prog)
+        _check(err, "nvrtcGetPTXSize")
+        buf = b" " * size
+        (err,) = nvrtc.nvrtcGetPTX(prog, buf)
+        _check(err, "nvrtcGetPTX")
+        return buf.rstrip(b"\x00")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def _program_log(prog: object) -> str:
+    from cuda.bindings import nvrtc
+
+    err, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    _check(err, "nvrtcGetProgramLogSize")
+    buf = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, buf)
+    return buf.rstrip(b"\x00").decode("utf-8", "replace")
+
+
+def _check(err: object, what: str) -> None:
+    from cuda.bindings import nvrtc
+
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise KernelCompileError(f"{what} failed: {err}", "")

@@ -1,0 +1,74 @@
+"""The tile-dispatch op in numpy: the reference semantics of one gated pipe, in float32.
+
+Used by the ONNX Runtime twin of the ``prism::tile_dispatch`` node and by tests. It follows
+the PyTorch reference (``prism_deploy.reference``), not the CUDA kernel's loop order: the
+reference is the numerics authority, and both the kernel and this function are checked
+against it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def top_k_select(scores: np.ndarray, top_k: int) -> np.ndarray:
+    """``[T, k]`` indices of the ``top_k`` largest scores per row, ties toward the lower index.
+
+    A stable sort of the negated scores keeps equal scores in index order, as ONNX TopK and
+    ``prism_deploy.reference.top_k_indices`` do. -0.0 and +0.0 compare equal there too.
+    """
+    s = np.asarray(scores, dtype=np.float32)
+    order = np.argsort(-s, axis=-1, kind="stable")
+    return order[..., :top_k]
+
+
+def gate_weights(scores: np.ndarray, top_k: int, gate_scale: float) -> np.ndarray:
+    """``[T, W]``: ``gate_scale * softmax`` over each row's top-k scores, zero elsewhere."""
+    s = np.asarray(scores, dtype=np.float32)
+    idx = top_k_select(s, top_k)
+    sel = np.take_along_axis(s, idx, axis=-1)
+    e = np.exp(sel - sel.max(axis=-1, keepdims=True))
+    w = (e / e.sum(axis=-1, keepdims=True)) * np.float32(gate_scale)
+    dense = np.zeros_like(s)
+    np.put_along_axis(dense, idx, w.astype(np.float32), axis=-1)
+    return dense
+
+
+def dequantize_tiles(tiles: np.ndarray, scales: np.ndarray | None, R: int, C: int, tr: int, tc: int) -> np.ndarray:
+    """``[R*C, tr, tc]`` float32 tiles; int8 tiles times their per-row ``[R*C, tr]`` scales."""
+    t = np.asarray(tiles).reshape(R * C, tr, tc)
+    if t.dtype == np.int8:
+        if scales is None:
+            raise ValueError("int8 tiles need scales of shape [R*C, tr]")
+        return t.astype(np.float32) * np.asarray(scales, dtype=np.float32).reshape(R * C, tr, 1)
+    return t.astype(np.float32)
+
+
+def tile_dispatch(
+    hidden: np.ndarray,
+    scores: np.ndarray,
+    tiles: np.ndarray,
+    scales: np.ndarray | None,
+    *,
+    R: int,
+    C: int,
+    tr: int,
+    tc: int,
+    top_k: int,
+    gate_scale: float,
+    out_dim: int,
+) -> np.ndarray:
+    """``hidden`` ``[T, in_dim]``, ``scores`` ``[T, R*C]`` -> the pipe's output ``[T, out_dim]`` float32."""
+    x = np.asarray(hidden, dtype=np.float32)
+    T, in_dim = x.shape
+    if in_dim > C * tc:
+        raise ValueError(f"hidden has {in_dim} columns, more than C*tc={C * tc}")
+    g = gate_weights(scores, top_k, gate_scale).reshape(T, R, C)
+    xp = np.zeros((T, C, tc), dtype=np.float32)
+    xp.reshape(T, C * tc)[:, :in_dim] = x
+    w = dequantize_tiles(tiles, scales, R, C, tr, tc).reshape(R, C, tr, tc)
+    # As the reference: scale each token's column blocks by the gate of the worker reading
+    # them, then one product per row-block whose reduction runs over all C*tc columns.
+    scaled = g[:, :, :, None] * xp[:, None, :, :]  # [T, R, C, tc]
+    y = np.einsum("trck,rcik->tri", scaled, w, optimize=True).reshape(T, R * tr)
+    return np.ascontiguousarray(y[:, :out_dim], dtype=np.float32)

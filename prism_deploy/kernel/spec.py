@@ -1,0 +1,172 @@
+"""What one compiled tile-dispatch kernel is specialised for, and how it is launched.
+
+The kernel (``plugins/tile_dispatch/tile_dispatch.cu``) takes its shapes, dtypes and the gate
+scale as compile-time constants: a TensorRT AOT plugin gets no attributes at run time, and
+constants let the compiler unroll the routing and the token loops. ``launch_config`` is the
+one place that turns a spec and a token count into grid, block and shared memory: the Python
+launcher and the TensorRT plugin both call it, with an ``int`` or a TensorRT shape expression
+for the token count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from prism_deploy.errors import PrismInputError
+
+KERNEL_NAME = "tile_dispatch_kernel"
+HIDDEN_DTYPES = {"float32": 0, "float16": 1}
+TILE_DTYPES = {"float32": 0, "float16": 1, "int8": 2}
+TILE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
+# One warp per output row; 8 warps per block (256 threads).
+WARPS_PER_BLOCK = 8
+# The per-block gate-weight table [tokens_per_block, C] lives in shared memory; keep it under
+# 32 KiB so several blocks fit on an SM, and never over the 48 KiB a launch gets without an
+# opt-in (which a TensorRT AOT plugin cannot make).
+SMEM_BUDGET = 32 * 1024
+SMEM_LIMIT = 48 * 1024
+MAX_TOKENS_PER_BLOCK = 256
+
+
+def kernel_source_path() -> Path:
+    """``plugins/tile_dispatch/tile_dispatch.cu``; ``$PRISM_DEPLOY_PLUGINS`` overrides the folder."""
+    import os
+
+    root = os.environ.get("PRISM_DEPLOY_PLUGINS")
+    base = Path(root) if root else Path(__file__).resolve().parents[2] / "plugins"
+    return base / "tile_dispatch" / "tile_dispatch.cu"
+
+
+@dataclass(frozen=True)
+class TileDispatchSpec:
+    """One gated pipe as the kernel sees it (the ONNX node's attributes plus the two dtypes)."""
+
+    R: int
+    C: int
+    tr: int
+    tc: int
+    top_k: int
+    gate_scale: float
+    out_dim: int
+    hidden_dtype: str = "float32"
+    tile_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("R", "C", "tr", "tc", "top_k", "out_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise PrismInputError(f"tile_dispatch: {name} must be a positive int, got {value!r}")
+        if self.top_k > self.workers:
+            raise PrismInputError(f"tile_dispatch: top_k={self.top_k} exceeds R*C={self.workers}")
+        if self.out_dim > self.R * self.tr:
+            raise PrismInputError(f"tile_dispatch: out_dim={self.out_dim} exceeds R*tr={self.R * self.tr}")
+        if not math.isfinite(self.gate_scale):
+            raise PrismInputError(f"tile_dispatch: gate_scale must be finite, got {self.gate_scale!r}")
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise PrismInputError(f"tile_dispatch: hidden dtype {self.hidden_dtype!r} is not one of {sorted(HIDDEN_DTYPES)}")
+        if self.tile_dtype not in TILE_DTYPES:
+            raise PrismInputError(f"tile_dispatch: tile dtype {self.tile_dtype!r} is not one of {sorted(TILE_DTYPES)}")
+        if gate_table_bytes(self.C, 32) > SMEM_LIMIT:
+            raise PrismInputError(
+                f"tile_dispatch: C={self.C} column blocks need {gate_table_bytes(self.C, 32)} bytes of shared "
+                f"memory per block, over the {SMEM_LIMIT} a launch gets; use a grid with fewer column blocks"
+            )
+
+    @property
+    def workers(self) -> int:
+        return self.R * self.C
+
+    @property
+    def padded_in(self) -> int:
+        return self.C * self.tc
+
+    @property
+    def gate_scale_f32(self) -> float:
+        """The gate scale rounded to float32, as the float32 reference multiplies by it."""
+        return float(np.float32(self.gate_scale))
+
+    @property
+    def tokens_per_block(self) -> int:
+        """Tokens one block routes and serves: each selected tile row is read once per block."""
+        tpb = MAX_TOKENS_PER_BLOCK
+        while tpb > 32 and gate_table_bytes(self.C, tpb) > SMEM_BUDGET:
+            tpb //= 2
+        return tpb
+
+    def defines(self) -> list[str]:
+        """The NVRTC ``-D`` options that specialise the kernel source to this spec."""
+        # A hexadecimal float literal carries the float32 value exactly (C++17).
+        scale = float(self.gate_scale_f32).hex() + "f"
+        return [
+            f"-DPRISM_HIDDEN_DTYPE={HIDDEN_DTYPES[self.hidden_dtype]}",
+            f"-DPRISM_TILE_DTYPE={TILE_DTYPES[self.tile_dtype]}",
+            f"-DPRISM_R={self.R}",
+            f"-DPRISM_C={self.C}",
+            f"-DPRISM_TR={self.tr}",
+            f"-DPRISM_TC={self.tc}",
+            f"-DPRISM_TOP_K={self.top_k}",
+            f"-DPRISM_GATE_SCALE={scale}",
+            f"-DPRISM_OUT_DIM={self.out_dim}",
+            f"-DPRISM_TOKENS_PER_BLOCK={self.tokens_per_block}",
+            f"-DPRISM_WARPS={WARPS_PER_BLOCK}",
+        ]
+
+    def attributes(self) -> dict[str, Any]:
+        """The ONNX node / plugin attributes (dtypes come from the tensors)."""
+        return {
+            "R": self.R, "C": self.C, "tr": self.tr, "tc": self.tc,
+            "top_k": self.top_k, "gate_scale": float(self.gate_scale), "out_dim": self.out_dim,
+        }
+
+
+def gate_table_bytes(C: int, tokens_per_block: int) -> int:
+    """Shared memory of the gate-weight table; the row stride is odd to avoid bank conflicts."""
+    stride = C + 1 if C % 2 == 0 else C
+    return tokens_per_block * stride * 4
+
+
+N = TypeVar("N")
+
+
+@dataclass(frozen=True)
+class LaunchConfig(Generic[N]):
+    """Grid, block and dynamic shared memory; ``grid_y`` follows the token count ``N``."""
+
+    grid_x: int
+    grid_y: N
+    block_x: int
+    shared_mem: int
+    tokens_per_block: int
+
+    @property
+    def grid(self) -> tuple[int, N, int]:
+        return (self.grid_x, self.grid_y, 1)
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        return (self.block_x, 1, 1)
+
+
+def launch_config(spec: TileDispatchSpec, tokens: N) -> LaunchConfig[N]:
+    """Grid/block/shared memory for ``tokens`` tokens (an int, or a TensorRT shape expression).
+
+    x: one block per (row-block r, slab of WARPS_PER_BLOCK rows); y: one per token chunk.
+    Only ``+`` and ``//`` are applied to ``tokens``, which TensorRT shape expressions support.
+    """
+    tpb = spec.tokens_per_block
+    slabs = -(-spec.tr // WARPS_PER_BLOCK)
+    # Row-blocks wholly in the output padding have no rows to write: no blocks for them.
+    live_row_blocks = -(-spec.out_dim // spec.tr)
+    grid_y: N = (tokens + (tpb - 1)) // tpb  # type: ignore[operator,assignment]
+    return LaunchConfig(
+        grid_x=live_row_blocks * slabs,
+        grid_y=grid_y,
+        block_x=WARPS_PER_BLOCK * 32,
+        shared_mem=gate_table_bytes(spec.C, tpb),
+        tokens_per_block=tpb,
+    )

@@ -1,0 +1,137 @@
+"""The tile-dispatch kernel compiles with NVRTC (no GPU needed), the cache works, and the
+launch geometry keeps its invariants. GPU parity is in tests/test_kernel_gpu.py."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed")
+
+from prism_deploy.errors import PrismInputError  # noqa: E402
+from prism_deploy.kernel import (  # noqa: E402
+    KERNEL_NAME,
+    KernelCompileError,
+    TileDispatchSpec,
+    compile_ptx,
+    kernel_source_path,
+    launch_config,
+    normalize_arch,
+    ptx_entry_points,
+)
+from prism_deploy.kernel.spec import SMEM_LIMIT, WARPS_PER_BLOCK  # noqa: E402
+
+VARIANTS = [("float32", "float32"), ("float16", "float16"), ("float16", "int8"), ("float32", "int8")]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRISM_DEPLOY_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_89", "compute_90"])
+@pytest.mark.parametrize("hidden_dtype,tile_dtype", VARIANTS)
+def test_compiles_to_ptx_with_entry_point(arch, hidden_dtype, tile_dtype):
+    # odd sizes: tc not a multiple of the 16-byte vector, C odd, padding rows
+    spec = TileDispatchSpec(R=3, C=5, tr=7, tc=13, top_k=4, gate_scale=1.3, out_dim=19,
+                            hidden_dtype=hidden_dtype, tile_dtype=tile_dtype)
+    k = compile_ptx(spec, arch)
+    assert ptx_entry_points(k.ptx) == [KERNEL_NAME]
+    text = k.ptx.decode()
+    assert re.search(rf"^\.target\s+sm_{arch.split('_')[1]}\b", text, re.M)
+    # seven parameters: 4 input pointers, T, in_dim, the output pointer (QDP AOT order)
+    params = re.search(rf"\.entry\s+{KERNEL_NAME}\s*\((.*?)\)", text, re.S).group(1)
+    kinds = re.findall(r"\.param\s+\.(u64|u32|s32)", params)
+    assert kinds == ["u64"] * 4 + ["u32", "u32"] + ["u64"] or kinds == ["u64"] * 4 + ["s32", "s32"] + ["u64"]
+
+
+@pytest.mark.parametrize("spec", [
+    # the issue's benchmark shapes: 4096->4096 pipe of 512 workers, seed pipe 3 layout
+    TileDispatchSpec(16, 32, 256, 128, 154, 1.0, 4096, "float16", "float16"),
+    TileDispatchSpec(256, 2, 512, 2048, 154, 1.0, 128256, "float16", "int8"),
+])
+def test_benchmark_shapes_compile(spec):
+    assert ptx_entry_points(compile_ptx(spec, "sm_90").ptx) == [KERNEL_NAME]
+
+
+def test_second_call_hits_cache_and_changes_miss():
+    spec = TileDispatchSpec(2, 2, 8, 8, 2, 1.0, 16)
+    first = compile_ptx(spec, "sm_80")
+    again = compile_ptx(spec, "compute_80")
+    assert not first.cache_hit and again.cache_hit and again.ptx == first.ptx
+    assert first.cache_path is not None and first.cache_path.is_file()
+    # another arch, another define, another source: misses
+    assert not compile_ptx(spec, "sm_90").cache_hit
+    assert not compile_ptx(TileDispatchSpec(2, 2, 8, 8, 2, 0.5, 16), "sm_80").cache_hit
+    src = kernel_source_path().read_text() + "\n// edited\n"
+    assert not compile_ptx(spec, "sm_80", source=src).cache_hit
+
+
+def test_gate_scale_is_exact_float32_literal():
+    spec = TileDispatchSpec(2, 2, 8, 8, 2, 0.1, 16)
+    (d,) = [d for d in spec.defines() if d.startswith("-DPRISM_GATE_SCALE=")]
+    assert float.fromhex(d.split("=", 1)[1].rstrip("f")) == spec.gate_scale_f32 != 0.1
+
+
+def test_compile_error_is_reported_clearly():
+    spec = TileDispatchSpec(2, 2, 8, 8, 2, 1.0, 16)
+    broken = kernel_source_path().read_text().replace("float p = 0.0f;", "float p = undefined_symbol;")
+    with pytest.raises(KernelCompileError) as info:
+        compile_ptx(spec, "sm_80", source=broken, use_cache=False)
+    msg = str(info.value)
+    assert "compute_80" in msg and "undefined_symbol" in msg and "\n" not in msg
+    assert "undefined_symbol" in info.value.log
+
+
+def test_bad_specs_and_archs_rejected():
+    with pytest.raises(PrismInputError, match="top_k"):
+        TileDispatchSpec(2, 2, 8, 8, 5, 1.0, 16)
+    with pytest.raises(PrismInputError, match="out_dim"):
+        TileDispatchSpec(2, 2, 8, 8, 2, 1.0, 17)
+    with pytest.raises(PrismInputError, match="tile dtype"):
+        TileDispatchSpec(2, 2, 8, 8, 2, 1.0, 16, tile_dtype="bfloat16")
+    with pytest.raises(PrismInputError, match="shared memory"):
+        TileDispatchSpec(1, 1024, 8, 8, 2, 1.0, 8)
+    with pytest.raises(PrismInputError, match="arch"):
+        normalize_arch("hopper")
+    assert normalize_arch((9, 0)) == normalize_arch("sm_90") == normalize_arch(90) == "compute_90"
+
+
+@pytest.mark.parametrize("R,C,tr,tc,out_dim", [(16, 32, 256, 128, 4096), (256, 2, 512, 2048, 128256),
+                                                (3, 5, 7, 13, 19), (1, 383, 4, 4, 4), (4, 1, 9, 3, 30)])
+@pytest.mark.parametrize("T", [1, 31, 32, 33, 64, 256, 1000])
+def test_launch_config_invariants(R, C, tr, tc, out_dim, T):
+    spec = TileDispatchSpec(R, C, tr, tc, 1, 1.0, out_dim)
+    cfg = launch_config(spec, T)
+    tpb = cfg.tokens_per_block
+    assert tpb % 32 == 0 and 32 <= tpb <= 256
+    # every token is in exactly one chunk, no empty chunk
+    assert cfg.grid_y * tpb >= T > (cfg.grid_y - 1) * tpb
+    # one warp per row; every live output row has exactly one block, none beyond out_dim's row-blocks
+    assert cfg.block_x == WARPS_PER_BLOCK * 32
+    slabs = -(-tr // WARPS_PER_BLOCK)
+    rows = {(b // slabs) * tr + (b % slabs) * WARPS_PER_BLOCK + w
+            for b in range(cfg.grid_x) for w in range(WARPS_PER_BLOCK) if (b % slabs) * WARPS_PER_BLOCK + w < tr}
+    assert set(range(out_dim)) <= rows and max(rows) < R * tr
+    assert (cfg.grid_x // slabs - 1) * tr < out_dim
+    # the gate table fits and matches the kernel's odd-stride layout
+    stride = C + 1 if C % 2 == 0 else C
+    assert cfg.shared_mem == tpb * stride * 4 <= SMEM_LIMIT
+
+
+def test_launch_config_accepts_shape_expressions():
+    class Expr:
+        """Stands for a TensorRT shape expression: only + and // are used."""
+
+        def __init__(self, text):
+            self.text = text
+
+        def __add__(self, other):
+            return Expr(f"({self.text} + {other})")
+
+        def __floordiv__(self, other):
+            return Expr(f"({self.text} // {other})")
+
+    cfg = launch_config(TileDispatchSpec(16, 32, 256, 128, 154, 1.0, 4096), Expr("T"))
+    assert cfg.grid_y.text == f"((T + {cfg.tokens_per_block - 1}) // {cfg.tokens_per_block})"
