@@ -8,10 +8,9 @@ adapter plugs in the same way:
 - an ``.onnx`` file (what ``prism-deploy export`` wrote): ONNX Runtime on the target's provider
   (``OnnxAdapterRunner``, which can take model A's output where it lies: ``run_device``);
 - an adapter ``.safetensors``: lowered to ONNX on first use with ``prism_deploy.lower.export_onnx``
-  (cached beside the file, keyed by its sha256 and the precision) and run on ONNX Runtime.
-  Where the lowering layer is not installed in this checkout yet, the PyTorch reference runs
-  instead, as ``ReferenceAdapterRunner`` with ``kind == "reference-fallback"``, and the pipeline
-  reports that kind so nobody mistakes it for a deployed engine.
+  (cached beside the file, keyed by its sha256 and the precision) and run on ONNX Runtime;
+- any object with ``.run(numpy) -> numpy``, e.g. ``ReferenceAdapterRunner`` (the PyTorch
+  reference, ``kind == "reference"``: exact, slow, never a deployed engine).
 """
 
 from __future__ import annotations
@@ -33,9 +32,10 @@ class AdapterRunner(Protocol):
 
 
 class ReferenceAdapterRunner:
-    """The PyTorch reference (float32) on numpy arrays: exact, slow, never a deployed engine."""
+    """The PyTorch reference (float32) on numpy arrays: exact, slow, never a deployed engine.
+    Pass one as ``adapter=`` to run the chain on the reference adapter."""
 
-    kind = "reference-fallback"
+    kind = "reference"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         from prism_deploy.reference import load_adapter
@@ -144,10 +144,8 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
         return _onnx_runner(path, provider)
     if path.suffix != ".safetensors":
         raise PrismInputError(f"{adapter}: expected a build folder, an adapter .onnx or an adapter .safetensors")
-    try:
-        from prism_deploy.lower import export_onnx  # type: ignore[import-not-found, attr-defined, unused-ignore]
-    except ImportError:
-        return ReferenceAdapterRunner(path)
+    from prism_deploy.lower import export_onnx
+
     lowered_precision = precision or ("fp32" if provider == "cpu" else "fp16")
     onnx_path = _lowered_path(path, lowered_precision, cache_dir)
     if not onnx_path.is_file():
