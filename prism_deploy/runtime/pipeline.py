@@ -13,7 +13,7 @@ adapter runner that has ``run_device`` (the ONNX runner here) without leaving th
 output goes to model B the same way, and the KV cache stays on the device between decoding
 steps. Only the last position's logits (for the greedy argmax) and the chosen tokens'
 embeddings (a [batch, d_B] upload) cross to and from the host per step. An adapter runner with
-only ``run(numpy)`` (built engines from another layer, the reference fallback) takes a host
+only ``run(numpy)`` (built engines from another layer, the reference runner) takes a host
 round-trip, counted in ``host_round_trips``. The CUDA side of this has not been run yet (no
 GPU was available where it was written): CPU runs exercise the same code with device ``cpu``.
 """
