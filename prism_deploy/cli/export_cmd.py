@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     adapter = load_adapter(args.adapter)
     result = export_onnx(adapter, args.output, precision=args.precision, io_dtype=args.io_dtype,
-                         calib=args.calib, calibrator=args.calibrator)
+                         calib=args.calib, calibrator=args.calibrator, progress=True)
     if args.json:
         print_json(result.to_json())
         return 0
