@@ -375,24 +375,25 @@ def test_safetensors_adapter_is_lowered_once_and_cached(tmp_path, monkeypatch, p
     assert rel < (1e-5 if precision == "fp32" else 2e-2)
 
 
-def test_build_folder_goes_to_load_engines(tmp_path, monkeypatch):
-    import prism_deploy.runtime as runtime
+def test_build_folder_runs_in_the_pipeline(zoo, pipeline, tmp_path, capsys):
+    """`prism-deploy build` output as the adapter: load_engines runs it, parity still holds."""
     from prism_deploy.runtime.adapters import adapter_runner
+    from prism_deploy.runtime.pipeline import Pipeline
 
-    folder = tmp_path / "engines"
-    folder.mkdir()
     with pytest.raises(PrismInputError, match="manifest.json"):
-        adapter_runner(folder, "ort-cpu")
-    (folder / "manifest.json").write_text("{}")
-    seen = {}
-
-    def load_engines(path, **kwargs):
-        seen.update(kwargs, path=path)
-        return "engines"
-
-    monkeypatch.setattr(runtime, "load_engines", load_engines, raising=False)
-    assert adapter_runner(folder, "ort-cpu", precision="fp16") == "engines"
-    assert seen == {"path": folder, "target": "ort-cpu", "precision": "fp16"}
+        adapter_runner(tmp_path, "ort-cpu")
+    engines = tmp_path / "engines"
+    assert main(["build", str(zoo["adapter"]), "-o", str(engines), "--target", "ort-cpu"]) == 0
+    capsys.readouterr()
+    built = Pipeline(zoo["A"], engines, zoo["B"])
+    assert built.describe()["adapter_runner"] != "onnx"  # the build layer's own runner
+    ids, mask = padded_batch(300, batch=2, seq=7, seed=2)
+    np.testing.assert_allclose(built(ids, mask), pipeline(ids, mask), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(built.generate(ids, mask, max_new_tokens=4), pipeline.generate(ids, mask, max_new_tokens=4))
+    assert main(["parity-pipeline", "--model-a-hf", str(zoo["llama"]), "--model-a", str(zoo["A"]),
+                 "--model-b-hf", str(zoo["qwen2"]), "--model-b", str(zoo["B"]), "--adapter", str(engines),
+                 "--adapter-file", str(zoo["adapter"]), "--batch", "2", "--seq", "6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"]
 
 
 @pytest.mark.gpu
