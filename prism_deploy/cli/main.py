@@ -26,6 +26,10 @@ COMMAND_MODULES = [
     "prism_deploy.cli.parity_cmd",
     "prism_deploy.cli.fuse_cmd",
     "prism_deploy.cli.build_cmd",
+    "prism_deploy.cli.export_model_cmd",
+    "prism_deploy.cli.run_cmd",
+    "prism_deploy.cli.parity_pipeline_cmd",
+    "prism_deploy.cli.collect_cmd",
 ]
 
 
