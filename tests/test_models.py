@@ -390,7 +390,8 @@ def test_build_folder_runs_in_the_pipeline(zoo, pipeline, tmp_path, capsys):
     ids, mask = padded_batch(300, batch=2, seq=7, seed=2)
     np.testing.assert_allclose(built(ids, mask), pipeline(ids, mask), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(built.generate(ids, mask, max_new_tokens=4), pipeline.generate(ids, mask, max_new_tokens=4))
-    assert main(["parity-pipeline", "--model-a-hf", str(zoo["llama"]), "--model-a", str(zoo["A"]),
+    # the documented spelling: `parity --pipeline` routes to the end-to-end check
+    assert main(["parity", "--pipeline", "--model-a-hf", str(zoo["llama"]), "--model-a", str(zoo["A"]),
                  "--model-b-hf", str(zoo["qwen2"]), "--model-b", str(zoo["B"]), "--adapter", str(engines),
                  "--adapter-file", str(zoo["adapter"]), "--batch", "2", "--seq", "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["passed"]
