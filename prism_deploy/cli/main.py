@@ -17,6 +17,13 @@ from prism_deploy.errors import CheckFailed, PrismInputError
 # Heavy imports stay inside the commands' ``run`` functions so that ``--help`` is quick.
 COMMAND_MODULES = [
     "prism_deploy.cli.inspect_cmd",
+    "prism_deploy.cli.plan_cmd",
+    "prism_deploy.cli.convert_cmd",
+    "prism_deploy.cli.fit_cmd",
+    "prism_deploy.cli.workers_cmd",
+    "prism_deploy.cli.refit_cmd",
+    "prism_deploy.cli.export_cmd",
+    "prism_deploy.cli.parity_cmd",
     "prism_deploy.cli.fuse_cmd",
 ]
 

@@ -36,8 +36,10 @@ class AdapterTensors:
 def read_adapter_file(path: str | os.PathLike[str]) -> AdapterTensors:
     """Load and fully validate a v1 adapter file."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise AdapterFormatError(f"{p}: no such file")
+    if not p.is_file():
+        raise AdapterFormatError(f"{p}: not a file")
     try:
         with safe_open(str(p), framework="pt") as handle:
             metadata = handle.metadata() or {}

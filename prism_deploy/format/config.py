@@ -179,13 +179,23 @@ class AdapterConfig:
     def loads(cls, text: str) -> AdapterConfig:
         try:
             obj = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:
+            # ValueError covers JSONDecodeError and also an integer literal longer than
+            # Python's int-from-string limit (4300 digits), which json.loads raises as such.
             raise AdapterFormatError(f"config: invalid JSON ({exc})") from None
         return cls.from_json(obj)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _positive_int(obj: dict[str, Any], key: str, where: str) -> int:
@@ -218,6 +228,8 @@ def _parse_pipe(obj: Any, index: int) -> PipeSpec:
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         raise AdapterFormatError(f"{where}.name: must be a non-empty string")
+    if not _is_utf8(name):  # a lone surrogate (legal in JSON escapes) cannot be printed
+        raise AdapterFormatError(f"{where}.name: {name!r} is not valid Unicode text")
     grid = _int_pair(obj, "grid", where)
     tile = _int_pair(obj, "tile", where)
     if "top_k" not in obj:
@@ -230,7 +242,11 @@ def _parse_pipe(obj: Any, index: int) -> PipeSpec:
         raise AdapterFormatError(f"{where}.gate_scale: only a gated pipe has a gate_scale")
     if not isinstance(gate_scale, (int, float)) or isinstance(gate_scale, bool):
         raise AdapterFormatError(f"{where}.gate_scale: must be a number, got {gate_scale!r}")
-    return PipeSpec(name, grid, tile, top_k, float(gate_scale))
+    try:
+        gate_scale = float(gate_scale)
+    except OverflowError:  # an integer literal too large for a float
+        raise AdapterFormatError(f"{where}.gate_scale: must be finite, got an integer too large for a float") from None
+    return PipeSpec(name, grid, tile, top_k, gate_scale)
 
 
 def _validate(cfg: AdapterConfig) -> None:

@@ -223,7 +223,7 @@ def describe(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> dict[st
             for n in ("weight", "bias")
         ) if spec.gated else 0
         gate_flops = 2 * spec.workers * config.in_dim if spec.gated else 0
-        entry = {
+        entry: dict[str, Any] = {
             "index": i,
             "name": spec.name,
             "grid": list(spec.grid),

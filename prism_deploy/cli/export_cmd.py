@@ -1,0 +1,49 @@
+"""``prism-deploy export ADAPTER -o OUT.onnx [--precision ...] [--io-dtype ...] [--calib FILE]``."""
+
+from __future__ import annotations
+
+import argparse
+
+from prism_deploy.cli.output import human_bytes, print_json, print_table
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")  # mirrors prism_deploy.lower.PRECISIONS (kept light)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("export", help="lower an adapter to an ONNX graph at a precision")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The export options; later options (e.g. the fusion pass's) are added beside them."""
+    p.add_argument("adapter", help="adapter .safetensors file (format v1)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file (weights over ~2 GiB go to OUT.onnx.data)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32, fp16 (fp16 weights and compute), int8 (int8 weights, fp16 activations), "
+                        "int8-qdq (int8 weights and activations; needs --calib)")
+    p.add_argument("--io-dtype", default="float32", choices=("float32", "float16"), help="dtype of hidden and adapted")
+    p.add_argument("--calib", metavar="FILE", help="calibration hidden states [n, in_dim] (.npy, .npz, .safetensors)")
+    p.add_argument("--calibrator", default="max", choices=("max", "percentile"),
+                   help="activation range for int8-qdq: max |x| or the 99.99th percentile")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from prism_deploy.lower import export_onnx
+    from prism_deploy.reference import load_adapter
+
+    adapter = load_adapter(args.adapter)
+    result = export_onnx(adapter, args.output, precision=args.precision, io_dtype=args.io_dtype,
+                         calib=args.calib, calibrator=args.calibrator)
+    if args.json:
+        print_json(result.to_json())
+        return 0
+    meta = result.metadata
+    print(f"{args.output}: {result.precision}, io {result.io_dtype}, compute {meta['compute_dtype']}, "
+          f"{result.node_count} nodes, {human_bytes(result.bytes)} in {len(result.paths)} file(s)")
+    rows = [[p["index"], p["name"], p["node_prefix"], "gated" if p["gated"] else "ungated",
+             p["top_k"] if p["gated"] else "all", p["form"] or ("folded" if p["folded_into"] else "dense")]
+            for p in meta["pipes"]]
+    print_table(["#", "pipe", "prefix", "kind", "top_k", "form"], rows)
+    return 0

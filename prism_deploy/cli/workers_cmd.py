@@ -1,0 +1,56 @@
+"""``prism-deploy workers ADAPTER --x X --z Z``: rank workers by their share of the held-out error."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("workers", help="rank an adapter's workers by the held-out error each could remove")
+    p.add_argument("adapter", help="adapter .safetensors file (format v1)")
+    p.add_argument("--x", required=True, help="model A hidden states [n, in_dim]")
+    p.add_argument("--z", required=True, help="targets [n, out_dim], same row count as --x")
+    p.add_argument("--top", type=int, default=20, help="show the N worst workers (default 20; 0: all)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="held-out fraction, as given to fit (default 0.1); 1 scores on every row of a separate file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split, as given to fit")
+    p.add_argument("--chunk-rows", type=int, default=4096, help="rows read per chunk (default 4096)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from prism_deploy.cli.output import print_json, print_table
+    from prism_deploy.errors import PrismInputError
+    from prism_deploy.fit import PairedData, evaluate
+    from prism_deploy.fit.localize import worker_excess
+    from prism_deploy.reference import load_adapter
+
+    if args.top < 0:
+        raise PrismInputError(f"--top: {args.top} must be >= 0")
+    adapter = load_adapter(args.adapter)
+    data = PairedData(args.x, args.z, holdout=args.holdout, seed=args.seed, chunk_rows=args.chunk_rows)
+    _check_dims(adapter, data)
+    if data.count("holdout") == 0:
+        raise PrismInputError(f"no held-out rows (--holdout {args.holdout} of {data.rows} rows); raise --holdout")
+    scores = worker_excess(adapter, data, "holdout")
+    shown = scores if args.top == 0 else scores[: args.top]
+    overall = evaluate(adapter, data, "holdout")
+    if args.json:
+        print_json({"adapter": args.adapter, "holdout": overall.to_json(), "workers": [s.to_json() for s in shown]})
+        return 0
+    print(f"{args.adapter}: held-out rel err {overall.rel_err:.4g} over {overall.rows} rows; "
+          "excess = share of the held-out squared error that re-solving the worker alone would remove")
+    print_table(["rank", "pipe", "worker", "row-block", "col-block", "excess", "row-block rel err"],
+                [[i + 1, s.pipe, s.worker, s.row_block, s.col_block, s.excess, s.row_block_rel_err]
+                 for i, s in enumerate(shown)])
+    return 0
+
+
+def _check_dims(adapter, data) -> None:  # type: ignore[no-untyped-def]
+    from prism_deploy.errors import PrismInputError
+
+    if (adapter.in_dim, adapter.out_dim) != (data.in_dim, data.out_dim):
+        raise PrismInputError(
+            f"adapter maps {adapter.in_dim} -> {adapter.out_dim} but --x has {data.in_dim} columns and --z {data.out_dim}"
+        )

@@ -1,0 +1,24 @@
+"""Fitting adapters to paired activations: one-shot least squares, gate training, localized refit.
+
+Beside the main layers; uses ``format``, ``reference`` and ``data``. See docs/fitting.md.
+"""
+
+from prism_deploy.fit.evaluate import Metrics, evaluate
+from prism_deploy.fit.fitter import FitOptions, FitReport, backfit, fit_adapter
+from prism_deploy.fit.layout import fit_config
+from prism_deploy.fit.routed import assign_tiles, refit_workers
+from prism_deploy.fit.stream import PairedData, holdout_mask
+
+__all__ = [
+    "FitOptions",
+    "FitReport",
+    "Metrics",
+    "PairedData",
+    "assign_tiles",
+    "backfit",
+    "evaluate",
+    "fit_adapter",
+    "fit_config",
+    "holdout_mask",
+    "refit_workers",
+]

@@ -1,0 +1,321 @@
+"""Parity: a lowered graph (or any runner) against the PyTorch reference, with tolerances.
+
+``check_parity(adapter, runner_or_onnx_path, ...)`` feeds the same inputs to the runner and to
+``PrismAdapter.forward`` and reports error figures, per gated pipe the agreement of the
+selected worker sets, and the workers whose stored tile deviates most from the reference
+tile (each tile evaluated alone on the same inputs). docs/precision.md explains the figures
+and the default tolerances.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from prism_deploy.errors import PrismInputError
+from prism_deploy.reference import PrismAdapter
+
+# Default tolerances per precision (docs/precision.md gives the reasons):
+#   rel_l2_max          ||y - y_ref|| / ||y_ref|| over all outputs
+#   cosine_min          cosine of the flattened outputs
+#   selection_match_min fraction of unambiguous tokens whose selected worker SET matches
+#   score_rounding      a token is ambiguous for a gated pipe when its k-th and (k+1)-th
+#                       reference scores are closer than score_rounding * ||x * max_w |g_w|||_2
+#                       (the size of a rounding error in a score at that precision: 2^-24
+#                       with headroom for fp32, 2^-11 with headroom where the gate may run
+#                       in float16 on an engine)
+DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"rel_l2_max": 1e-5, "cosine_min": 0.99999, "selection_match_min": 0.999, "score_rounding": 1e-6},
+    "fp16": {"rel_l2_max": 2e-3, "cosine_min": 0.9999, "selection_match_min": 0.99, "score_rounding": 1e-3},
+    "int8": {"rel_l2_max": 2e-2, "cosine_min": 0.999, "selection_match_min": 0.99, "score_rounding": 1e-3},
+    "int8-qdq": {"rel_l2_max": 5e-2, "cosine_min": 0.995, "selection_match_min": 0.99, "score_rounding": 1e-3},
+}
+# float16 graph inputs and outputs add one float16 rounding (2^-11 relative) to every value
+FLOAT16_IO_FLOOR = {"rel_l2_max": 1e-3, "cosine_min": 0.9999}
+TOP_WORKERS = 10
+GRAM_ROWS = 8192  # input rows used for the per-worker error (a Gram matrix per column-block)
+
+
+class Runner(Protocol):
+    def run(self, hidden: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class ParityReport:
+    precision: str
+    runner: str
+    tokens: int
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    selection: list[dict[str, Any]]
+    top_workers: list[dict[str, Any]]
+    tolerances: dict[str, float]
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_tolerances(precision: str, io_dtype: str = "float32") -> dict[str, float]:
+    if precision not in DEFAULT_TOLERANCES:
+        raise PrismInputError(f"precision {precision!r} is not one of {', '.join(DEFAULT_TOLERANCES)}")
+    tol = dict(DEFAULT_TOLERANCES[precision])
+    if io_dtype == "float16":
+        tol["rel_l2_max"] = max(tol["rel_l2_max"], FLOAT16_IO_FLOOR["rel_l2_max"])
+        tol["cosine_min"] = min(tol["cosine_min"], FLOAT16_IO_FLOOR["cosine_min"])
+    return tol
+
+
+def check_parity(
+    adapter: PrismAdapter,
+    runner_or_onnx_path: Runner | str | os.PathLike[str],
+    *,
+    precision: str | None = None,
+    inputs: np.ndarray | str | os.PathLike[str] | None = None,
+    samples: int = 4,
+    batch: int = 2,
+    seq: int = 16,
+    seed: int = 0,
+    tolerances: dict[str, float] | None = None,
+    provider: str = "cpu",
+) -> ParityReport:
+    """Compare a runner (``.run(hidden) -> adapted``) or an ONNX file with the reference.
+
+    ``precision`` defaults to the runner's own (``runner.precision``, read from the graph's
+    metadata by ``OrtRunner``). Inputs: ``samples`` batches of ``[batch, seq, in_dim]``
+    standard normal values from ``seed``, or the rows of ``inputs`` (``[n, in_dim]`` array or
+    .npy/.npz/.safetensors file), fed ``batch*seq`` rows at a time.
+    """
+    runner: Any = runner_or_onnx_path
+    if isinstance(runner_or_onnx_path, (str, os.PathLike)):
+        from prism_deploy.runtime.ort_runner import OrtRunner
+
+        runner = OrtRunner(runner_or_onnx_path, provider)
+    precision = precision or getattr(runner, "precision", None)
+    if precision is None:
+        raise PrismInputError("check_parity: give precision= (the runner does not say which it runs)")
+    io_dtype = np.dtype(getattr(runner, "io_dtype", np.float32)).name
+    tol = default_tolerances(precision, io_dtype)
+    tol.update(tolerances or {})
+    batches = list(_input_batches(adapter.in_dim, inputs, samples, batch, seq, seed))
+    if not batches:
+        raise PrismInputError("parity: no input rows")
+
+    acc = _ErrorAccumulator()
+    gated = [i for i, p in enumerate(adapter.config.pipes) if p.gated]
+    sel_counts = {i: [0, 0, 0] for i in gated}  # tokens, ambiguous, matched (unambiguous)
+    have_selections = hasattr(runner, "run_with_selections")
+    gram_rows: list[np.ndarray] = []
+    for x in batches:
+        x_io = x.astype(io_dtype)
+        x_ref = torch.from_numpy(x_io.astype(np.float32))
+        with torch.no_grad():
+            ref = adapter(x_ref).numpy()
+        if have_selections:
+            y, selections = runner.run_with_selections(x_io)
+        else:
+            y, selections = np.asarray(runner.run(x_io)), {}
+        if y.shape != ref.shape:
+            raise PrismInputError(f"parity: the runner returned shape {list(y.shape)}, expected {list(ref.shape)}")
+        acc.add(np.asarray(y, dtype=np.float64), ref.astype(np.float64))
+        x2 = x_ref.reshape(-1, adapter.in_dim)
+        if gated and selections:
+            routings = adapter.routings(x2)
+            for i in gated:
+                if i in selections:
+                    _count_selections(adapter, i, x2, routings[i], selections[i], tol["score_rounding"], sel_counts[i])
+        if sum(len(r) for r in gram_rows) < GRAM_ROWS:
+            gram_rows.append(x2.numpy())
+
+    notes: list[str] = []
+    selection: list[dict[str, Any]] = []
+    for i in gated:
+        tokens, ambiguous, matched = sel_counts[i]
+        spec = adapter.config.pipes[i]
+        if tokens == 0:  # the runner gave no selections for this pipe
+            selection.append({"pipe": i, "name": spec.name, "top_k": spec.top_k, "tokens": None,
+                              "ambiguous": None, "match_fraction": None})
+            continue
+        clear = tokens - ambiguous
+        selection.append({"pipe": i, "name": spec.name, "top_k": spec.top_k, "tokens": tokens,
+                          "ambiguous": ambiguous, "match_fraction": matched / clear if clear else 1.0})
+    if any(s["tokens"] is None for s in selection):
+        notes.append("the runner does not expose the selected workers of every gated pipe: "
+                     "selection match not measured for those")
+
+    stored, how = _stored_tiles(runner, adapter, precision)
+    notes.append(f"per-worker errors: {how}")
+    x_all = np.concatenate(gram_rows)[:GRAM_ROWS]
+    top = _worker_errors(adapter, stored, x_all, notes)
+
+    failures = []
+    if not acc.rel_l2 <= tol["rel_l2_max"]:
+        failures.append(f"rel_l2 {acc.rel_l2:.3g} > {tol['rel_l2_max']:.3g}")
+    if not acc.cosine >= tol["cosine_min"]:
+        failures.append(f"cosine {acc.cosine:.8f} < {tol['cosine_min']}")
+    for s in selection:
+        if s["match_fraction"] is not None and s["match_fraction"] < tol["selection_match_min"]:
+            failures.append(f"pipe {s['name']!r}: selection match {s['match_fraction']:.4f} < {tol['selection_match_min']}")
+    return ParityReport(
+        precision=precision, runner=_describe(runner), tokens=acc.tokens,
+        max_abs=acc.max_abs, rel_l2=acc.rel_l2, cosine=acc.cosine,
+        selection=selection, top_workers=top, tolerances=tol,
+        passed=not failures, failures=failures, notes=notes,
+    )
+
+
+# ---- pieces ------------------------------------------------------------------------------
+
+
+def _input_batches(in_dim: int, inputs: np.ndarray | str | os.PathLike[str] | None, samples: int,
+                   batch: int, seq: int, seed: int) -> Any:
+    for name, v in (("samples", samples), ("batch", batch), ("seq", seq)):
+        if v < 1:
+            raise PrismInputError(f"--{name} must be >= 1, got {v}")
+    if inputs is None:
+        rng = np.random.default_rng(seed)
+        for _ in range(samples):
+            yield rng.standard_normal((batch, seq, in_dim)).astype(np.float32)
+        return
+    if isinstance(inputs, np.ndarray):
+        rows, label = inputs, "inputs"
+    else:
+        from prism_deploy.data import load_matrix
+
+        rows, label = load_matrix(inputs), str(inputs)
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim == 3:
+        rows = rows.reshape(-1, rows.shape[-1])
+    if rows.ndim != 2 or rows.shape[1] != in_dim:
+        raise PrismInputError(f"{label}: inputs must be [n, {in_dim}], got {list(rows.shape)}")
+    if not np.isfinite(rows).all():
+        raise PrismInputError(f"{label}: inputs hold NaN or Inf")
+    step = batch * seq
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step]
+        yield chunk.reshape(batch, seq, in_dim) if chunk.shape[0] == step else chunk[None]
+
+
+class _ErrorAccumulator:
+    def __init__(self) -> None:
+        self.err2 = self.ref2 = self.out2 = self.dot = 0.0
+        self.max_abs = 0.0
+        self.tokens = 0
+
+    def add(self, y: np.ndarray, ref: np.ndarray) -> None:
+        d = y - ref
+        self.err2 += float((d * d).sum())
+        self.ref2 += float((ref * ref).sum())
+        self.out2 += float((y * y).sum())
+        self.dot += float((y * ref).sum())
+        self.max_abs = max(self.max_abs, float(np.abs(d).max(initial=0.0)))
+        self.tokens += int(np.prod(y.shape[:-1]))
+
+    @property
+    def rel_l2(self) -> float:
+        if self.ref2 == 0:
+            return 0.0 if self.err2 == 0 else math.inf
+        return math.sqrt(self.err2 / self.ref2)
+
+    @property
+    def cosine(self) -> float:
+        if self.ref2 == 0 or self.out2 == 0:
+            return 1.0 if self.ref2 == self.out2 else 0.0
+        return self.dot / math.sqrt(self.ref2 * self.out2)
+
+
+def _count_selections(adapter: PrismAdapter, i: int, x2: torch.Tensor, routing: Any, got: np.ndarray,
+                      rounding: float, counts: list[int]) -> None:
+    """Add to ``counts`` = [tokens, ambiguous, matched among unambiguous] for pipe ``i``."""
+    pipe = adapter.pipe_list()[i]
+    k = pipe.spec.top_k
+    assert k is not None and pipe.gate is not None
+    n = x2.shape[0]
+    counts[0] += n
+    ref_idx = routing.indices.numpy()
+    if k < pipe.spec.workers:
+        s = torch.sort(routing.scores, dim=-1, descending=True).values
+        gap = (s[:, k - 1] - s[:, k]).numpy()
+        # rounding errors of the in_dim products add up like a random walk: the size of a
+        # score's error is about rounding * ||x * max_w |g_w|||_2 (plus the bias's rounding)
+        w_max = pipe.gate.weight.to(torch.float32).abs().amax(dim=0)
+        bound = rounding * ((x2 * w_max).norm(dim=1).numpy() + float(pipe.gate.bias.abs().max()))
+        ambiguous = gap <= bound
+    else:
+        ambiguous = np.zeros(n, dtype=bool)
+    same = np.sort(ref_idx, axis=1) == np.sort(got.reshape(n, -1), axis=1)
+    matched = same.all(axis=1)
+    counts[1] += int(ambiguous.sum())
+    counts[2] += int((matched & ~ambiguous).sum())
+
+
+def _stored_tiles(runner: Any, adapter: PrismAdapter, precision: str) -> tuple[dict[int, np.ndarray], str]:
+    if hasattr(runner, "stored_tiles"):
+        return runner.stored_tiles(), "the runner's stored tiles (dequantized) vs the reference tiles"
+    return simulated_stored_tiles(adapter, precision), f"tiles rounded as {precision} stores them vs the reference"
+
+
+def simulated_stored_tiles(adapter: PrismAdapter, precision: str) -> dict[int, np.ndarray]:
+    """The tiles as a ``precision`` lowering stores them, as float32 (for runners that do
+    not expose their weights, e.g. engines)."""
+    from prism_deploy.lower.quantize import dequantize_tiles, quantize_tiles
+
+    out = {}
+    for i, pipe in enumerate(adapter.pipe_list()):
+        t = pipe.tiles.detach()
+        if precision == "fp32":
+            out[i] = t.to(torch.float32).numpy()
+        elif precision == "fp16":
+            out[i] = t.to(torch.float16).to(torch.float32).numpy()
+        else:
+            out[i] = dequantize_tiles(*quantize_tiles(t))
+    return out
+
+
+def _worker_errors(adapter: PrismAdapter, stored: dict[int, np.ndarray], x: np.ndarray,
+                   notes: list[str]) -> list[dict[str, Any]]:
+    """Each worker's tile alone on the same inputs: ``||x_c (T_stored - T_ref)^T||_F``.
+
+    Computed from the Gram matrix of each column-block of the inputs, without forming the
+    per-worker outputs: ``||X D^T||_F^2 = sum_j d_j^T (X^T X) d_j``. ``relative`` divides by
+    the norm of the reference tile's own output on the same inputs.
+    """
+    xt = torch.from_numpy(x).to(torch.float64)
+    rows: list[dict[str, Any]] = []
+    for i, pipe in enumerate(adapter.pipe_list()):
+        spec = pipe.spec
+        if i not in stored:
+            notes.append(f"pipe {spec.name!r}: folded into one weight with its ungated neighbours; "
+                         "no per-worker figures")
+            continue
+        (R, C), (tr, tc) = spec.grid, spec.tile
+        xp = torch.nn.functional.pad(xt, (0, spec.padded_in - adapter.in_dim)).reshape(-1, C, tc)
+        gram = torch.einsum("nck,ncl->ckl", xp, xp)  # [C, tc, tc]
+        ref = pipe.tiles.detach().to(torch.float64).reshape(R, C, tr, tc)
+        d = torch.from_numpy(stored[i]).to(torch.float64).reshape(R, C, tr, tc) - ref
+        err = torch.einsum("rcjk,ckl,rcjl->rc", d, gram, d).clamp_min(0).sqrt()
+        base = torch.einsum("rcjk,ckl,rcjl->rc", ref, gram, ref).clamp_min(0).sqrt()
+        # this pipe's candidates for the overall top ten (ties: lower worker index first)
+        order = torch.sort(err.flatten(), descending=True, stable=True).indices[:TOP_WORKERS].tolist()
+        for w in order:
+            r, c = divmod(w, C)
+            e, b = float(err[r, c]), float(base[r, c])
+            rows.append({"pipe": i, "name": spec.name, "worker": w, "r": r, "c": c, "error": e,
+                         "relative": e / b if b > 0 else (0.0 if e == 0 else math.inf)})
+    rows.sort(key=lambda r: (-r["error"], r["pipe"], r["worker"]))
+    return rows[:TOP_WORKERS]
+
+
+def _describe(runner: Any) -> str:
+    if hasattr(runner, "path") and hasattr(runner, "provider"):
+        return f"onnxruntime {runner.provider}: {Path(runner.path).name}"
+    return type(runner).__name__

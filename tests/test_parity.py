@@ -1,0 +1,140 @@
+"""Parity: figures, selection matching, per-worker errors, and the CLI's exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prism_deploy.cli.main import main
+from prism_deploy.format import AdapterConfig, PipeSpec
+from prism_deploy.lower import export_onnx
+from prism_deploy.parity import check_parity, default_tolerances
+from prism_deploy.reference import random_adapter
+from prism_deploy.runtime.ort_runner import OrtRunner
+from prism_deploy.runtime.ort_session import cuda_provider_available
+
+CFG = AdapterConfig(40, 24, (
+    PipeSpec("dense", (2, 2), (12, 20), None),
+    PipeSpec("routed", (4, 4), (6, 10), 3, 2.0),
+), "weighted")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("parity")
+    adapter = random_adapter(CFG, seed=7)
+    adapter.save(d / "a.safetensors")
+    random_adapter(CFG, seed=8).save(d / "other.safetensors")
+    for precision in ("fp32", "int8"):
+        export_onnx(adapter, d / f"{precision}.onnx", precision=precision)
+    return d, adapter
+
+
+def test_fp32_parity_passes(files):
+    d, adapter = files
+    rep = check_parity(adapter, d / "fp32.onnx", samples=2, batch=2, seq=4)
+    assert rep.passed and rep.precision == "fp32" and rep.tokens == 16
+    assert rep.rel_l2 < 1e-6 and rep.cosine > 0.999999
+    assert rep.selection[0]["match_fraction"] == 1.0 and rep.selection[0]["tokens"] == 16
+    assert all(w["error"] == 0.0 for w in rep.top_workers)  # fp32 stores the tiles exactly
+    assert json.loads(json.dumps(rep.to_json()))["tolerances"] == default_tolerances("fp32")
+
+
+def test_int8_worker_errors_are_the_quantization_errors(files):
+    d, adapter = files
+    rep = check_parity(adapter, d / "int8.onnx", samples=1, batch=1, seq=8)
+    assert rep.passed and 1e-4 < rep.rel_l2 < 2e-2
+    top = rep.top_workers
+    assert len(top) == 10 and top[0]["error"] >= top[-1]["error"] > 0
+    # recompute the largest one directly: the stored (dequantized) tile alone on the inputs
+    w = top[0]
+    pipe = adapter.pipe_list()[w["pipe"]]
+    stored = OrtRunner(d / "int8.onnx").stored_tiles()[w["pipe"]][w["worker"]]
+    x = np.random.default_rng(0).standard_normal((1, 8, 40)).astype(np.float32).reshape(8, 40)
+    tc = pipe.spec.tile_cols
+    xp = np.pad(x, ((0, 0), (0, pipe.spec.padded_in - 40)))[:, w["c"] * tc:(w["c"] + 1) * tc]
+    direct = np.linalg.norm(xp.astype(np.float64) @ (stored - pipe.tiles[w["worker"]].numpy()).T.astype(np.float64))
+    assert direct == pytest.approx(w["error"], rel=1e-6)
+
+
+def test_runner_without_extras_and_a_broken_runner(files):
+    d, adapter = files
+
+    class Plain:  # any object with .run(hidden) -> adapted
+        def run(self, hidden):
+            with torch.no_grad():
+                return adapter(torch.from_numpy(hidden)).numpy()
+
+    rep = check_parity(adapter, Plain(), precision="fp16", samples=1, batch=1, seq=4)
+    assert rep.passed and rep.rel_l2 == 0.0 and rep.selection[0]["match_fraction"] is None
+
+    class Broken(Plain):
+        def run(self, hidden):
+            return super().run(hidden) * 1.01
+
+    rep = check_parity(adapter, Broken(), precision="fp32", samples=1, batch=1, seq=4)
+    assert not rep.passed and any("rel_l2" in f for f in rep.failures)
+
+
+def test_ambiguous_tokens_counted_apart(files):
+    """A gate whose scores tie for the k-th place makes every token ambiguous."""
+    _, adapter = files
+    tied = random_adapter(CFG, seed=7)
+    tied.pipe_list()[1].gate.weight.data.zero_()
+    tied.pipe_list()[1].gate.bias.data.zero_()
+
+    class Flipped:  # picks a different (equally good) set: must not count as a mismatch
+        precision = "fp32"
+
+        def run_with_selections(self, hidden):
+            with torch.no_grad():
+                y = tied(torch.from_numpy(hidden)).numpy()
+            n = hidden.shape[0] * hidden.shape[1]
+            return y, {1: np.tile(np.array([[15, 14, 13]]), (n, 1))}
+
+    rep = check_parity(tied, Flipped(), samples=1, batch=2, seq=3)
+    s = rep.selection[0]
+    assert s["ambiguous"] == 6 and s["match_fraction"] == 1.0 and rep.passed
+
+
+def test_cli_exit_codes(files, capsys):
+    d, _ = files
+    assert main(["parity", str(d / "a.safetensors"), "--onnx", str(d / "int8.onnx"), "--provider", "cpu",
+                 "--samples", "1", "--seq", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["passed"] and out["precision"] == "int8" and out["provider"] == "cpu"
+    # the wrong adapter's weights: the check runs and fails -> exit 1
+    assert main(["parity", str(d / "other.safetensors"), "--onnx", str(d / "fp32.onnx"), "--provider", "cpu",
+                 "--samples", "1", "--seq", "4"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    # bad input -> exit 2 with one error line
+    assert main(["parity", str(d / "a.safetensors"), "--onnx", str(d / "missing.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_cli_export_and_int8_qdq_without_calib(files, capsys, tmp_path):
+    d, _ = files
+    assert main(["export", str(d / "a.safetensors"), "-o", str(tmp_path / "q.onnx"), "--precision", "int8-qdq"]) == 2
+    assert "--calib" in capsys.readouterr().err
+    assert not (tmp_path / "q.onnx").exists()
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32))
+    assert main(["export", str(d / "a.safetensors"), "-o", str(tmp_path / "q.onnx"), "--precision", "int8-qdq",
+                 "--calib", str(calib), "--calibrator", "percentile", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["precision"] == "int8-qdq" and res["metadata"]["pipes"][1]["node_prefix"] == "routed/"
+    assert main(["parity", str(d / "a.safetensors"), "--onnx", str(tmp_path / "q.onnx"), "--provider", "auto",
+                 "--samples", "1", "--seq", "4"]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_provider_available()[0], reason=f"CUDA provider: {cuda_provider_available()[1]}")
+def test_parity_on_cuda_provider(files):
+    d, adapter = files
+    for precision in ("fp32", "int8"):
+        rep = check_parity(adapter, OrtRunner(d / f"{precision}.onnx", "cuda"), samples=2, batch=2, seq=8)
+        assert rep.passed, rep.failures
