@@ -206,16 +206,29 @@ def fuse_onnx_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
             "fused_pipes": info["pipes"]}
 
 
-def export_fused(adapter: Any, path: str | os.PathLike[str], **export_options: Any) -> dict[str, Any]:
+def export_fused(adapter: Any, path: str | os.PathLike[str], **export_options: Any) -> Any:
     """``prism-deploy export --plugin`` as a function: lower (``prism_deploy.lower.build_model``),
-    fuse, save. ``export_options`` are build_model's (precision, io_dtype, ...)."""
-    from prism_deploy.lower import build_model  # type: ignore[import-not-found,unused-ignore]
+    fuse, save atomically. ``export_options`` are build_model's (precision, io_dtype, calib, ...).
+    Returns the lowering's ``ExportResult`` for the fused file; its metadata gains ``fused``
+    (the fused pipes, as in the ``prism.fusion`` model property).
+    """
+    from prism_deploy.lower import DEFAULT_GATED_FORM, ExportResult, build_model, read_lowering_metadata
     from prism_deploy.onnx_io import save_model
 
     model = build_model(adapter, **export_options)
-    nodes_before = len(model.graph.node)
     fused = fuse_gated_pipes(model)
     del model
-    nodes_after = len(fused.graph.node)
+    metadata = read_lowering_metadata(fused)
+    metadata["fused"] = json.loads(next((p.value for p in fused.metadata_props if p.key == FUSION_KEY),
+                                        '{"pipes": []}'))["pipes"]
+    node_count = len(fused.graph.node)
     written = save_model(fused, path)
-    return {"paths": [str(p) for p in written], "nodes_before": nodes_before, "nodes_after": nodes_after}
+    return ExportResult(
+        paths=[str(p) for p in written],
+        bytes=sum(p.stat().st_size for p in written),
+        node_count=node_count,
+        precision=export_options.get("precision", "fp32"),
+        io_dtype=export_options.get("io_dtype", "float32"),
+        gated_form=export_options.get("gated_form", DEFAULT_GATED_FORM),
+        metadata=metadata,
+    )
