@@ -123,6 +123,9 @@ class TileDispatchLauncher:
             raise PrismInputError("tile_dispatch: int8 tiles need float32 scales of shape [R*C, tr]")
         if o.shape != (T, spec.out_dim) or o.dtype != spec.hidden_dtype:
             raise PrismInputError(f"tile_dispatch: out must be [{T}, {spec.out_dim}] {spec.hidden_dtype}")
+        if t.ptr % 16:
+            # the kernel reads tile rows with 16-byte vector loads
+            raise PrismInputError("tile_dispatch: tiles must start on a 16-byte boundary (a fresh allocation does)")
         if T == 0:
             return
         cfg = launch_config(spec, T)
