@@ -93,7 +93,9 @@ def test_fused_graph_matches_reference_on_ort(adapter, x, precision):
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_fused_structure(adapter, precision):
     model = contract_model(adapter, precision)
+    before = model.SerializeToString()
     fused = fuse_gated_pipes(model)
+    assert model.SerializeToString() == before  # the input model is left as it was
     meta = json.loads(next(p.value for p in model.metadata_props if p.key == "prism.lowering"))
     nodes = {n.name: n for n in fused.graph.node}
     td = [n for n in fused.graph.node if n.op_type == "tile_dispatch"]

@@ -78,12 +78,16 @@ def fuse_gated_pipes(model: onnx.ModelProto) -> onnx.ModelProto:
             "too, which the kernel (int8 weights, float activations) does not do; export with --precision int8"
         )
     gated = [p for p in meta["pipes"] if p.get("gated")]
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
     if not gated:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
         return out
 
-    graph = gs.import_onnx(out)
+    # onnx-graphsurgeon keeps the weights as references to ``model``'s TensorProtos (LazyValues)
+    # and the export copies each once: one extra copy of the weights at the peak, and ``model``
+    # itself is left as it was.
+    opsets = [onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
+    graph = gs.import_onnx(model)
     graph.cleanup()  # baseline: nodes already dead before the rewrite are not ours to explain
     tensors = graph.tensors()
     before = {n.name for n in graph.nodes}
@@ -105,6 +109,9 @@ def fuse_gated_pipes(model: onnx.ModelProto) -> onnx.ModelProto:
         raise PrismInputError(f"fuse: the gate nodes {', '.join(lost)} do not feed the pipe's scores")
 
     result = gs.export_onnx(graph, do_type_check=True)
+    # the exporter appends the new domain to the imported model's own opset list: put it back
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
     _restore_model_fields(model, result)
     for init in result.graph.initializer:
         if init.name in reshaped:
