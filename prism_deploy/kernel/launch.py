@@ -14,6 +14,8 @@ import ctypes
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from prism_deploy.errors import PrismInputError
 from prism_deploy.kernel.nvrtc import CompiledKernel, compile_ptx
 from prism_deploy.kernel.spec import TileDispatchSpec, launch_config
@@ -70,7 +72,11 @@ class DeviceArray:
 def device_arch(device: int = 0) -> str:
     from cuda.bindings import driver
 
-    _check(driver.cuInit(0), "cuInit")
+    try:
+        init = driver.cuInit(0)
+    except Exception as exc:  # cuda-bindings raises when libcuda (the driver) is absent
+        raise CudaError(f"no usable CUDA driver on this machine ({type(exc).__name__}: {exc})") from exc
+    _check(init, "cuInit")
     dev = _check(driver.cuDeviceGet(device), "cuDeviceGet")
     attr = driver.CUdevice_attribute
     major = _check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute")
@@ -96,8 +102,9 @@ class TileDispatchLauncher:
             ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
             _check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
         self.kernel: CompiledKernel = compile_ptx(spec, self.arch)
-        image = self.kernel.ptx if self.kernel.ptx.endswith(b"\0") else self.kernel.ptx + b"\0"
-        self._module = _check(driver.cuModuleLoadData(image), "cuModuleLoadData")
+        # NUL-terminated PTX in a buffer that outlives the call, passed by address
+        self._image = np.frombuffer(self.kernel.ptx.rstrip(b"\0") + b"\0", dtype=np.uint8).copy()
+        self._module = _check(driver.cuModuleLoadData(self._image.ctypes.data), "cuModuleLoadData")
         self._function = _check(driver.cuModuleGetFunction(self._module, self.kernel.name.encode()), "cuModuleGetFunction")
 
     def __call__(self, hidden: Any, scores: Any, tiles: Any, scales: Any, out: Any, stream: int = 0) -> None:
