@@ -253,3 +253,17 @@ def test_export_plugin_command(tmp_path, capsys):
     code = main(["export", str(demo), "-o", str(bad), "--precision", "int8-qdq", "--calib", str(calib), "--plugin"])
     assert code == 2 and not bad.exists()
     assert "int8-qdq is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAVE_LOWER, reason="prism_deploy.lower (issue 3) is not merged into this branch yet")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_float16_io_graphs_fuse(adapter, precision):
+    """float16 graph I/O: the twin's Casts keep the custom op float32; fused equals unfused."""
+    from prism_deploy.lower import build_model
+
+    x = torch.randn(1, 9, adapter.in_dim, generator=torch.Generator().manual_seed(4)).half().numpy()
+    model = build_model(adapter, precision=precision, io_dtype="float16")
+    unfused = make_session(model.SerializeToString(), "cpu").run(None, {"hidden": x})[0]
+    y = make_twin_session(fuse_gated_pipes(model)).run(None, {"hidden": x})[0]
+    assert y.dtype == np.float16
+    assert _rel(y.astype(np.float32), unfused.astype(np.float32)) < TOL["fp16"]
