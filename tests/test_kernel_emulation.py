@@ -98,3 +98,36 @@ def test_emulated_kernel_matches_reference_adapter_pipe():
     y = emulate_kernel(x.numpy(), routing.scores.numpy(), pipe.tiles.detach().numpy(), None, spec)
     ref = pipe(x).numpy()
     assert np.linalg.norm(y - ref) <= 1e-6 * np.linalg.norm(ref)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    R=st.integers(1, 4), C=st.integers(1, 6), tr=st.integers(1, 9), tc=st.integers(1, 40),
+    T=st.integers(1, 5), k_frac=st.floats(0, 1), pad_in=st.integers(0, 39), pad_out=st.integers(0, 8),
+    tile_dtype=st.sampled_from(["float32", "float16", "int8"]), tie_step=st.sampled_from([0.0, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_emulated_kernel_matches_reference_property(R, C, tr, tc, T, k_frac, pad_in, pad_out, tile_dtype,
+                                                    tie_step, seed):
+    """Random grids with padding on both sides, every top_k, coarse scores (many ties)."""
+    in_dim = max(1, C * tc - min(pad_in, tc - 1))
+    out_dim = max(1, R * tr - min(pad_out, tr - 1))
+    k = 1 + int(k_frac * (R * C - 1))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, in_dim)).astype(np.float32)
+    s = rng.standard_normal((T, R * C)).astype(np.float32)
+    if tie_step:
+        s = (np.round(s / tie_step) * tie_step).astype(np.float32)
+    if tile_dtype == "int8":
+        tiles = rng.integers(-127, 128, (R * C, tr, tc)).astype(np.int8)
+        scales = rng.uniform(0.01, 0.02, (R * C, tr)).astype(np.float32)
+    else:
+        tiles, scales = rng.standard_normal((R * C, tr, tc)).astype(tile_dtype), None
+    spec = TileDispatchSpec(R, C, tr, tc, k, 0.9, out_dim, "float32", tile_dtype)
+    y = emulate_kernel(x, s, tiles, scales, spec)
+    ref = tile_dispatch(x, s, tiles, scales, R=R, C=C, tr=tr, tc=tc, top_k=k, gate_scale=0.9, out_dim=out_dim)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
