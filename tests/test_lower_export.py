@@ -161,3 +161,79 @@ def test_ties_and_negative_scores_select_lower_index():
     x = _x(8)
     assert selections_agree(a, model, x)
     assert rel_l2(ort_run(model, x), reference(a, x)) < 1e-6
+
+
+def test_loads_from_file_on_installed_onnxruntime(tmp_path, mixed):
+    import onnxruntime as ort
+
+    from prism_deploy.runtime.ort_session import make_session
+
+    export_onnx(mixed, tmp_path / "m.onnx", precision="int8")
+    sess = make_session(tmp_path / "m.onnx", "cpu")  # raises PrismInputError if refused
+    assert ort.__version__.split(".")[:2] >= ["1", "18"]
+    x = _x(50)
+    y = sess.run(["adapted"], {"hidden": x})[0]
+    assert rel_l2(y, reference(mixed, x)) < 2e-2
+
+
+def test_batch_invariance(mixed):
+    """A token's output does not depend on which tokens share its batch."""
+    model = build_model(mixed, precision="fp16")
+    x = _x(50, b=3, s=5, seed=4)
+    whole = ort_run(model, x)
+    for b in range(3):
+        for s in range(5):
+            alone = ort_run(model, x[b:b + 1, s:s + 1])
+            np.testing.assert_allclose(alone[0, 0], whole[b, s], rtol=2e-3, atol=2e-3)
+
+
+def test_external_data_model_runs_in_ort_runner(tmp_path, mixed):
+    from prism_deploy.onnx_io import save_model
+    from prism_deploy.runtime.ort_runner import OrtRunner
+
+    written = save_model(build_model(mixed, precision="fp32"), tmp_path / "ext.onnx", external=True)
+    assert [p.name for p in written] == ["ext.onnx", "ext.onnx.data"]
+    runner = OrtRunner(tmp_path / "ext.onnx")
+    x = _x(50)
+    y, sel = runner.run_with_selections(x)
+    assert rel_l2(y, reference(mixed, x)) < 1e-5 and set(sel) == {2, 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data"]  # temp file gone
+    tiles = runner.stored_tiles()
+    assert set(tiles) == {2, 3}  # pipes 0 and 1 are folded
+    np.testing.assert_array_equal(tiles[2], mixed.pipe_list()[2].tiles.numpy())
+
+
+def test_tiles_from_dense_inverts_the_permutation():
+    from prism_deploy.runtime.ort_runner import OrtRunner
+
+    cfg = AdapterConfig(30, 20, (PipeSpec("u", (3, 4), (7, 8), None),))
+    a = random_adapter(cfg, seed=2)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        export_onnx(a, Path(d) / "u.onnx")
+        got = OrtRunner(Path(d) / "u.onnx").stored_tiles()[0]
+    # cropped-away padding comes back as zeros; the rest is the tiles exactly
+    ref = a.pipe_list()[0].dense_weight()
+    (R, C), (tr, tc) = cfg.pipes[0].grid, cfg.pipes[0].tile
+    dense = torch.from_numpy(got).reshape(R, C, tr, tc).permute(0, 2, 1, 3).reshape(R * tr, C * tc)
+    torch.testing.assert_close(dense[:20, :30], ref[:20, :30], rtol=0, atol=0)
+
+
+def test_pipe_prefixes_are_unique_and_clean():
+    from prism_deploy.lower.export import pipe_prefixes
+
+    got = pipe_prefixes(["a_2", "a", "a", "input", "fold0", "x/y z", "", "a b"])
+    assert got == ["a_2/", "a/", "a_3/", "input_3/", "fold0_4/", "x_y_z/", "pipe/", "a_b/"]
+    assert len(set(got)) == len(got)
+
+
+def test_float16_range_is_checked():
+    cfg = AdapterConfig(4, 4, (PipeSpec("p", (1, 1), (4, 4), None),))
+    a = random_adapter(cfg, seed=0)
+    a.pipe_list()[0].tiles.data[0, 1, 2] = 1e5
+    build_model(a, precision="fp32")  # fine in float32
+    for precision in ("fp16", "int8"):
+        with pytest.raises(PrismInputError, match=r"pipes\.0\.tiles.*float16 range"):
+            build_model(a, precision=precision)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from prism_deploy.format import AdapterConfig, PipeSpec
@@ -20,7 +19,7 @@ from prism_deploy.reference import random_adapter
 from tests.lower_helpers import ort_run, reference, rel_l2, selections_agree
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -72,8 +71,9 @@ def test_fp16_matches_reference_when_selections_agree(case, io_dtype):
     x = x.astype(io_dtype)
     model = build_model(adapter, precision="fp16", io_dtype=io_dtype)
     _check_model(model)
-    if not selections_agree(adapter, model, x):
-        pytest.skip("a float32 rounding tie flipped a selection")  # never seen; kept honest
+    # the bound applies when selections agree (the gate is float32: they agreed in
+    # all 150 adapters of a survey; a float32 tie could still flip one)
+    assume(selections_agree(adapter, model, x))
     bound = 2e-3 if io_dtype == "float32" else 3e-3  # float16 output adds one rounding
     assert rel_l2(ort_run(model, x), reference(adapter, x)) < bound
 
@@ -93,7 +93,7 @@ def test_int8_matches_reference(case):
         assert list(scales.dims) == [p["R"] * p["C"] * p["tr"]] and scales.data_type == onnx.TensorProto.FLOAT
 
 
-@settings(max_examples=6, deadline=None, derandomize=True)
+@settings(max_examples=10, deadline=None, derandomize=True)
 @given(adapters(), st.sampled_from(["max", "percentile"]))
 def test_int8_qdq_runs_and_is_close(case, calibrator):
     adapter, x = case

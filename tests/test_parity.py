@@ -138,3 +138,26 @@ def test_parity_on_cuda_provider(files):
     for precision in ("fp32", "int8"):
         rep = check_parity(adapter, OrtRunner(d / f"{precision}.onnx", "cuda"), samples=2, batch=2, seq=8)
         assert rep.passed, rep.failures
+
+
+def test_parity_with_inputs_file_and_float16_io(files, tmp_path):
+    d, adapter = files
+    rows = np.random.default_rng(3).standard_normal((37, 40)).astype(np.float32)
+    np.save(tmp_path / "h.npy", rows)
+    export_onnx(adapter, tmp_path / "h16.onnx", precision="fp16", io_dtype="float16")
+    rep = check_parity(adapter, tmp_path / "h16.onnx", inputs=tmp_path / "h.npy", batch=2, seq=8)
+    assert rep.tokens == 37 and rep.passed
+    assert rep.tolerances["rel_l2_max"] == 2e-3  # fp16 default, above the float16-io floor
+    with pytest.raises(Exception, match=r"\[n, 40\]"):
+        check_parity(adapter, tmp_path / "h16.onnx", inputs=np.zeros((3, 7), np.float32))
+
+
+def test_cli_export_bad_calib(files, tmp_path, capsys):
+    d, _ = files
+    np.save(tmp_path / "bad.npy", np.zeros((5, 3), np.float32))
+    for calib in ("bad.npy", "missing.npy"):
+        assert main(["export", str(d / "a.safetensors"), "-o", str(tmp_path / "q.onnx"), "--precision",
+                     "int8-qdq", "--calib", str(tmp_path / calib)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and calib in err[0]
+    assert not (tmp_path / "q.onnx").exists()

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.reference import load_adapter
 
     adapter = load_adapter(args.adapter)
-    options = dict(precision=args.precision, io_dtype=args.io_dtype, calib=args.calib, calibrator=args.calibrator)
+    options = dict(precision=args.precision, io_dtype=args.io_dtype, calib=args.calib, calibrator=args.calibrator,
+                   progress=True)
     if getattr(args, "plugin", False):
         from prism_deploy.fuse import export_fused
 

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "prism_deploy.cli.export_cmd",
     "prism_deploy.cli.parity_cmd",
     "prism_deploy.cli.fuse_cmd",
+    "prism_deploy.cli.build_cmd",
 ]
 
 

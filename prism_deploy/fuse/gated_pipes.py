@@ -213,23 +213,35 @@ def fuse_onnx_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
             "fused_pipes": info["pipes"]}
 
 
-def export_fused(adapter: Any, path: str | os.PathLike[str], **export_options: Any) -> Any:
+def export_fused(adapter: Any, path: str | os.PathLike[str], *, progress: bool = False,
+                 **export_options: Any) -> Any:
     """``prism-deploy export --plugin`` as a function: lower (``prism_deploy.lower.build_model``),
-    fuse, save atomically. ``export_options`` are build_model's (precision, io_dtype, calib, ...).
-    Returns the lowering's ``ExportResult`` for the fused file; its metadata gains ``fused``
-    (the fused pipes, as in the ``prism.fusion`` model property).
+    fuse, save atomically. ``export_options`` are build_model's (precision, io_dtype, calib, ...);
+    ``progress`` shows a tqdm bar on stderr when it is a terminal. Returns the lowering's
+    ``ExportResult`` for the fused file; its metadata gains ``fused`` (the fused pipes, as in the
+    ``prism.fusion`` model property).
     """
+    import sys
+
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
     from prism_deploy.lower import DEFAULT_GATED_FORM, ExportResult, build_model, read_lowering_metadata
     from prism_deploy.onnx_io import save_model
 
-    model = build_model(adapter, **export_options)
-    fused = fuse_gated_pipes(model)
-    del model
-    metadata = read_lowering_metadata(fused)
-    metadata["fused"] = json.loads(next((p.value for p in fused.metadata_props if p.key == FUSION_KEY),
-                                        '{"pipes": []}'))["pipes"]
-    node_count = len(fused.graph.node)
-    written = save_model(fused, path)
+    with tqdm(total=adapter.config.num_pipes + 2, desc="export --plugin", unit="step",
+              disable=None if progress else True, file=sys.stderr, leave=False) as bar:
+        model = build_model(adapter, _on_pipe=bar.update, **export_options)
+        bar.set_postfix_str("fusing")
+        fused = fuse_gated_pipes(model)
+        del model
+        bar.update(1)
+        metadata = read_lowering_metadata(fused)
+        metadata["fused"] = json.loads(next((p.value for p in fused.metadata_props if p.key == FUSION_KEY),
+                                            '{"pipes": []}'))["pipes"]
+        node_count = len(fused.graph.node)
+        bar.set_postfix_str("saving")
+        written = save_model(fused, path)
+        bar.update(1)
     return ExportResult(
         paths=[str(p) for p in written],
         bytes=sum(p.stat().st_size for p in written),

@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,9 @@ METADATA_VERSION = 1
 # (A by 1.6x on the 4096 square grid, B by 1.6x on the tall 32x4 grid) and the two are
 # within ~10% where the intermediates are close. So the default, "auto", picks per pipe the
 # form with the smaller intermediate (A when R*C*tc <= C*R*tr, i.e. tc <= tr; ties -> A,
-# which keeps the reference's summation order).
+# which keeps the reference's summation order). At fp16 (same bench, --precision fp16) the
+# rule holds too; B's float16 Mul+ReduceSum is much slower on ORT CPU for square grids at
+# T=64 (4096: A 31 ms, B 172 ms), which the rule already avoids.
 # int8-qdq is the exception: there "auto" always takes B. Form A quantizes the gate-scaled
 # input g*x, whose values span the gate's whole range (0 for unselected workers up to
 # gate_scale), so one per-tensor INT8 scale leaves the small products few levels; form B
@@ -107,14 +111,25 @@ def export_onnx(
     calib: np.ndarray | str | os.PathLike[str] | None = None,
     calibrator: str = "max",
     gated_form: str = DEFAULT_GATED_FORM,
+    progress: bool = False,
 ) -> ExportResult:
-    """Lower ``adapter`` and save it (atomically; external data over ~2 GiB)."""
-    model = build_model(adapter, precision=precision, io_dtype=io_dtype, calib=calib,
-                        calibrator=calibrator, gated_form=gated_form)
-    node_count = len(model.graph.node)
-    metadata = read_lowering_metadata(model)
-    written = save_model(model, path)  # clears raw_data of external tensors: model is spent
-    del model
+    """Lower ``adapter`` and save it (atomically; external data over ~2 GiB).
+
+    ``progress`` shows a tqdm bar on stderr when it is a terminal (one step per pipe, one
+    for saving).
+    """
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    with tqdm(total=adapter.config.num_pipes + 1, desc="export", unit="step", disable=None if progress else True,
+              file=sys.stderr, leave=False) as bar:
+        model = build_model(adapter, precision=precision, io_dtype=io_dtype, calib=calib,
+                            calibrator=calibrator, gated_form=gated_form, _on_pipe=bar.update)
+        node_count = len(model.graph.node)
+        metadata = read_lowering_metadata(model)
+        bar.set_postfix_str("saving")
+        written = save_model(model, path)  # clears raw_data of external tensors: model is spent
+        del model
+        bar.update(1)
     return ExportResult(
         paths=[str(p) for p in written],
         bytes=sum(p.stat().st_size for p in written),
@@ -134,6 +149,7 @@ def build_model(
     calib: np.ndarray | str | os.PathLike[str] | None = None,
     calibrator: str = "max",
     gated_form: str = DEFAULT_GATED_FORM,
+    _on_pipe: Callable[[int], Any] | None = None,
 ) -> onnx.ModelProto:
     """The ONNX model of ``adapter`` at ``precision``, in memory (finalized: opset 19, IR 9)."""
     _check_options(precision, io_dtype, calibrator, gated_form)
@@ -144,6 +160,7 @@ def build_model(
                                   "(.npy or .safetensors of model-A hidden states [n, in_dim])")
         calib_data = _load_calib(calib, adapter.in_dim)
     lowering = _Lowering(adapter, precision, io_dtype, gated_form)
+    lowering.on_pipe = _on_pipe
     model = lowering.model()
     if calib_data is not None:
         _calibrate(model, lowering, calib_data, calibrator)
@@ -188,6 +205,9 @@ def _load_calib(calib: np.ndarray | str | os.PathLike[str], in_dim: int) -> np.n
     return data
 
 
+RESERVED_PREFIXES = ("input", "combine", "output")
+
+
 def sanitize_name(name: str) -> str:
     """A pipe name usable as a node-name prefix: letters, digits, ``_ . -``; never empty."""
     clean = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
@@ -199,11 +219,14 @@ def pipe_prefixes(names: list[str]) -> list[str]:
     out: list[str] = []
     seen: set[str] = set()
     for i, name in enumerate(names):
-        base = sanitize_name(name)
-        if base in seen or base in ("input", "combine", "output") or base.startswith("fold"):
-            base = f"{base}_{i}"
-        seen.add(base)
-        out.append(base + "/")
+        base = candidate = sanitize_name(name)
+        n = i
+        # "input/", "combine/", "output/" and "fold<i>/" prefix the graph's own nodes
+        while candidate in seen or candidate in RESERVED_PREFIXES or re.fullmatch(r"fold\d+", candidate):
+            candidate = f"{base}_{n}"
+            n += 1
+        seen.add(candidate)
+        out.append(candidate + "/")
     return out
 
 
@@ -232,10 +255,15 @@ class _Lowering:
         self.pipe_meta: list[dict[str, Any]] = []
         # int8-qdq: scale initializer -> the activation tensor calibration observes for it
         self.act_scales: dict[str, str] = {}
+        self.on_pipe: Callable[[int], Any] | None = None  # progress: called with pipes done
 
     # -- whole graph --------------------------------------------------------------------
     def model(self) -> onnx.ModelProto:
         cfg, g = self.config, self.g
+        if self.cd == np.float16:
+            for i, pipe in enumerate(self.adapter.pipe_list()):
+                lo, hi = torch.aminmax(pipe.tiles.detach())
+                _check_float16_range(f"pipes.{i}.tiles", float(lo), float(hi))
         io_type = DTYPE_NAMES[self.io_dtype]
         x2_io, lead = self._input()
         hidden_2d = x2_io
@@ -252,20 +280,17 @@ class _Lowering:
         betas = self.adapter.betas(torch.float64).tolist()
         outputs: list[str] = []  # [T, out_dim] terms of the final sum, compute dtype
         pipes = self.adapter.pipe_list()
-        i = 0
-        while i < len(pipes):
-            run = [i]
-            while not self.int8 and run[-1] + 1 < len(pipes) and not pipes[run[-1] + 1].spec.gated \
-                    and not pipes[i].spec.gated:
-                run.append(run[-1] + 1)
+        for run in self._runs():
             if len(run) > 1:
                 outputs.append(self._folded_ungated(run, betas))
             else:
+                i = run[0]
                 out = self._gated(i) if pipes[i].spec.gated else self._ungated(i)
                 if cfg.combine == "weighted":
                     out = g.op("Mul", [out, g.const(f"combine/beta_{i}", betas[i], self.cd)], f"combine/Mul_{i}")
                 outputs.append(out)
-            i = run[-1] + 1
+            if self.on_pipe is not None:
+                self.on_pipe(len(run))
 
         y2 = outputs[0] if len(outputs) == 1 else g.op("Sum", outputs, "combine/Sum")
         if np.dtype(self.io_dtype) != self.cd:
@@ -283,6 +308,19 @@ class _Lowering:
                             f"precision {self.precision}, lowered by prism-deploy")
         helper.set_model_props(model, {METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
         return finalize(model)
+
+    def _runs(self) -> list[list[int]]:
+        """Pipe indices in order, grouped: a run of consecutive ungated pipes is one group
+        (folded into one weight) in fp32/fp16; every other pipe is a group of its own."""
+        runs: list[list[int]] = []
+        for i, spec in enumerate(self.config.pipes):
+            prev = runs[-1][-1] if runs else None
+            if (not self.int8 and not spec.gated and prev is not None
+                    and not self.config.pipes[prev].gated):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return runs
 
     def _input(self) -> tuple[str, str]:
         g = self.g
@@ -403,6 +441,8 @@ class _Lowering:
         acc = np.zeros((self.config.in_dim, self.config.out_dim), dtype=np.float32)
         for i in run:  # one pipe's weight at a time: transient copies of one pipe's size
             acc += np.float32(betas[i]) * _dense_weight_t(pipes[i], np.float32)
+        if self.cd == np.float16:
+            _check_float16_range(f"the folded weight of pipes {run}", float(acc.min()), float(acc.max()))
         w = g.initializer(f"{prefix}weight", acc.astype(self.cd, copy=False))
         del acc
         out = g.op("MatMul", [self.x_cd, w], f"{prefix}MatMul", outputs=[f"{prefix}output"])
@@ -494,6 +534,16 @@ class _Lowering:
                              g.ints(f"{p}output/axes", [1])], f"{p}output/Slice", outputs=[f"{p}output"])
         self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales, form=form))
         return out
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _check_float16_range(what: str, lo: float, hi: float) -> None:
+    """float16 graphs hold the weights in float16: values past 65504 would become inf."""
+    if max(abs(lo), abs(hi)) > FLOAT16_MAX:
+        raise PrismInputError(f"{what}: values up to {max(abs(lo), abs(hi)):.4g} exceed the float16 range "
+                              f"(65504); use --precision fp32")
 
 
 def _as_numpy(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:

@@ -64,12 +64,23 @@ def make_session(
     custom_ops_library: str | None = None,
     optimized_model_path: str | None = None,
     intra_op_threads: int | None = None,
+    graph_optimization_level: str | None = None,
+    session_config: dict[str, str] | None = None,
 ) -> Any:
-    """Open an ``onnxruntime.InferenceSession`` on ``cpu`` or ``cuda`` (no silent fallback)."""
+    """Open an ``onnxruntime.InferenceSession`` on ``cpu`` or ``cuda`` (no silent fallback).
+
+    ``graph_optimization_level`` names an ``onnxruntime.GraphOptimizationLevel`` member
+    (``ORT_DISABLE_ALL`` for a model that was already optimized offline); default: ORT's own.
+    ``session_config`` entries go to ``SessionOptions.add_session_config_entry``.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if graph_optimization_level:
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, graph_optimization_level)
+    for key, value in (session_config or {}).items():
+        opts.add_session_config_entry(key, value)
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
     if custom_ops_library:

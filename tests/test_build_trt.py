@@ -1,0 +1,81 @@
+"""The TensorRT path: type-checked against ``tensorrt-stubs`` everywhere, run where TensorRT is.
+
+No real TensorRT can be installed on the CPU machines this project is developed on; there
+``prism_deploy/trt/engine.py`` is checked by mypy against the stubs and the tests that need
+the library skip with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prism_deploy.runtime.ort_session import gpu_present
+from prism_deploy.trt.engine import tensorrt_available
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_TRT, TRT_WHY = tensorrt_available()
+needs_trt = pytest.mark.skipif(not (HAVE_TRT and gpu_present()),
+                               reason=f"needs a real TensorRT and a GPU ({TRT_WHY}; GPU present: {gpu_present()})")
+
+
+TOOL = ROOT / "tools" / "mypy_trt.py"  # copies and repairs tensorrt-stubs, then runs mypy
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed")
+def test_engine_module_typechecks_against_tensorrt_stubs(tmp_path):
+    """engine.py is clean against the stubs, and in the same run a misuse of the API is caught
+    (so the stubs are really consulted, not read as Any)."""
+    bad = tmp_path / "misuse.py"
+    bad.write_text(textwrap.dedent("""\
+        import tensorrt as trt
+
+        def build(logger: trt.ILogger) -> None:
+            builder = trt.Builder(logger)
+            network = builder.create_network("strongly typed")
+            builder.build_serialized_network(network)
+        """))
+    result = subprocess.run([sys.executable, str(TOOL), "prism_deploy/trt/engine.py", str(bad)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if result.returncode == 3:
+        pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert not [e for e in errors if e.startswith("prism_deploy/trt/engine.py")], result.stdout
+    assert any("create_network" in e for e in errors) and any("build_serialized_network" in e for e in errors), \
+        result.stdout + result.stderr
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="a real TensorRT is installed here")
+def test_stubs_are_not_mistaken_for_tensorrt():
+    ok, why = tensorrt_available()
+    assert not ok and ("not installed" in why or "no Builder" in why)
+
+
+@needs_trt
+def test_trt_build_runs_and_matches_reference(tmp_path, capsys):  # pragma: no cover - GPU only
+    from prism_deploy.build.manifest import read_manifest
+    from prism_deploy.cli.main import main
+    from prism_deploy.reference import random_adapter, simple_config
+    from prism_deploy.runtime import load_engines
+
+    adapter = tmp_path / "a.safetensors"
+    random_adapter(simple_config(64, 48, (4, 4), top_k=3, pipes=2, combine="weighted"), seed=0).save(adapter)
+    out_dir = tmp_path / "eng"
+    args = ["build", str(adapter), "-o", str(out_dir), "--target", "trt", "--batch", "1:2:4", "--seq", "1:8:16"]
+    assert main([*args, "--precision", "fp16", "--refittable"]) == 0
+    entry = read_manifest(out_dir)["engines"][0]
+    assert entry["parity"]["passed"] and entry["device"]["compute_capability"]
+    assert list(out_dir.glob("timing-*.cache"))
+    x = np.random.default_rng(0).standard_normal((2, 8, 64)).astype(np.float32)
+    assert load_engines(out_dir, precision="fp16").run(x).shape == (2, 8, 48)
+    # retrained, same topology: the refittable engine is refit, not rebuilt
+    random_adapter(simple_config(64, 48, (4, 4), top_k=3, pipes=2, combine="weighted"), seed=1).save(adapter)
+    capsys.readouterr()
+    assert main([*args, "--precision", "fp16", "--refittable"]) == 0
+    assert "refit" in capsys.readouterr().out
