@@ -223,7 +223,7 @@ def export_fused(adapter: Any, path: str | os.PathLike[str], *, progress: bool =
     """
     import sys
 
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
 
     from prism_deploy.lower import DEFAULT_GATED_FORM, ExportResult, build_model, read_lowering_metadata
     from prism_deploy.onnx_io import save_model

@@ -29,7 +29,7 @@ class CudaError(RuntimeError):
 
 def _check(result: Any, what: str) -> Any:
     """cuda.bindings calls return ``(err, *values)``; raise on an error, return the values."""
-    from cuda.bindings import driver
+    from cuda.bindings import driver  # type: ignore[import-untyped,unused-ignore]
 
     err, *values = result if isinstance(result, tuple) else (result,)
     if err != driver.CUresult.CUDA_SUCCESS:
@@ -70,7 +70,7 @@ class DeviceArray:
 
 
 def device_arch(device: int = 0) -> str:
-    from cuda.bindings import driver
+    from cuda.bindings import driver  # type: ignore[import-untyped,unused-ignore]
 
     try:
         init = driver.cuInit(0)
@@ -92,7 +92,7 @@ class TileDispatchLauncher:
     """
 
     def __init__(self, spec: TileDispatchSpec, device: int = 0) -> None:
-        from cuda.bindings import driver
+        from cuda.bindings import driver  # type: ignore[import-untyped,unused-ignore]
 
         self.spec = spec
         self.arch = device_arch(device)
@@ -109,7 +109,7 @@ class TileDispatchLauncher:
 
     def __call__(self, hidden: Any, scores: Any, tiles: Any, scales: Any, out: Any, stream: int = 0) -> None:
         """Launch on ``stream`` (a raw ``cudaStream_t`` as int; 0 = legacy default stream)."""
-        from cuda.bindings import driver
+        from cuda.bindings import driver  # type: ignore[import-untyped,unused-ignore]
 
         spec = self.spec
         h = DeviceArray.of(hidden, "hidden")
@@ -147,7 +147,7 @@ class TileDispatchLauncher:
         )
 
     def close(self) -> None:
-        from cuda.bindings import driver
+        from cuda.bindings import driver  # type: ignore[import-untyped,unused-ignore]
 
         if getattr(self, "_module", None) is not None:
             driver.cuModuleUnload(self._module)
