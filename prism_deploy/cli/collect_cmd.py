@@ -7,7 +7,7 @@ import argparse
 from prism_deploy.cli.output import print_json
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("collect", help="paired activations for `fit`: X = model A hidden states, Z = model B embeddings")
     p.add_argument("--model-a", required=True, metavar="HF_DIR", help="model A's local Hugging Face folder")
     p.add_argument("--model-b", required=True, metavar="HF_DIR", help="model B's local Hugging Face folder")

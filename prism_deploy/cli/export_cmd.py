@@ -9,7 +9,7 @@ from prism_deploy.cli.output import human_bytes, print_json, print_table
 PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")  # mirrors prism_deploy.lower.PRECISIONS (kept light)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="lower an adapter to an ONNX graph at a precision")
     add_arguments(p)
     p.set_defaults(func=run)

@@ -7,7 +7,7 @@ import argparse
 from prism_deploy.cli.output import print_json, print_table
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export-model", help="export a local causal LM as model A (upper) or model B (lower) to ONNX")
     p.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model folder (nothing is downloaded)")
     p.add_argument("--role", required=True, choices=("upper", "lower"),

@@ -12,7 +12,7 @@ from prism_deploy.cli.pipeline_inputs import add_input_arguments, read_inputs
 from prism_deploy.cli.run_cmd import add_pipeline_arguments
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("parity-pipeline", help="end-to-end parity of model A -> adapter -> model B against PyTorch")
     add_pipeline_arguments(p)
     p.add_argument("--model-a-hf", required=True, metavar="DIR", help="model A's local Hugging Face folder")

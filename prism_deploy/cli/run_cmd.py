@@ -18,7 +18,7 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-precision", default=None, metavar="P", help="adapter precision to load or lower (fp32, fp16, int8)")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="run model A -> adapter -> model B on tokens, optionally generate greedily in B")
     add_pipeline_arguments(p)
     add_input_arguments(p)

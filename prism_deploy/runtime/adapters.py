@@ -127,11 +127,8 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
     if path.is_dir():
         if not (path / "manifest.json").is_file():
             raise PrismInputError(f"{adapter}: a folder without manifest.json (not written by `prism-deploy build`)")
-        try:
-            from prism_deploy.runtime import load_engines  # type: ignore[attr-defined, unused-ignore]
-        except ImportError:
-            raise PrismInputError(f"{adapter}: running built engines needs prism_deploy.runtime.load_engines, "
-                                  "which this installation does not have yet; pass the adapter .safetensors") from None
+        from prism_deploy.runtime.engines import load_engines
+
         # "auto" is a choice among targets, not a target an engine was built for: let the
         # manifest's entries decide (load_engines refuses an ambiguous choice).
         kwargs: dict[str, Any] = {"target": None if target == "auto" else target}
