@@ -7,7 +7,6 @@ into one ``AdapterFormatError`` line that names the file and the key or tensor a
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from safetensors.torch import save_file
 
 from prism_deploy.errors import AdapterFormatError
 from prism_deploy.format.config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig
-from prism_deploy.fsutil import atomic_output
+from prism_deploy.fsutil import atomic_output, file_sha256
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -110,13 +109,6 @@ def write_adapter_file(
     with atomic_output(path) as tmp:
         save_file(cpu, str(tmp), metadata=metadata)
 
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _one_line(exc: Any) -> str:

@@ -39,6 +39,7 @@ import torch
 
 from prism_deploy.errors import CheckFailed, PrismInputError
 from prism_deploy.models import hf
+from prism_deploy.fsutil import file_sha256
 
 ROLES = ("upper", "lower")
 PRECISIONS = ("fp32", "fp16")
@@ -154,7 +155,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         "dims": {"hidden": dims["hidden"], "vocab": vocab, "layers": dims["layers"], "kv_heads": dims["kv_heads"],
                  "head_dim": dims["head_dim"]},
         "io": _io_description(role, dims["layers"]),
-        "files": {key: {"name": name, "sha256": _sha256(out / name)} for key, name in files.items()},
+        "files": {key: {"name": name, "sha256": file_sha256(out / name)} for key, name in files.items()},
         "position_ids": "cumsum(attention_mask) - 1 (padding slots: 1), computed inside each graph",
         "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False), eager attention",
         "opset": _opset(), "export_seconds": round(export_s, 3), "eos_token_id": _eos_token_id(reference),
@@ -416,15 +417,6 @@ def _eos_token_id(model: Any) -> int | None:
             return int(eos)
     return None
 
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _opset() -> dict[str, int]:
