@@ -1,8 +1,9 @@
 """Reading matrices of activations (model-A hidden states, targets, calibration data).
 
 Files are ``.npy`` (memory-mapped), ``.npz`` or ``.safetensors``, each holding a 2-D array
-``[n, dim]``; ``name`` picks an array in a multi-array file. Rows can be streamed in chunks
-so that ``n`` may exceed memory.
+``[n, dim]``; ``name`` (or a ``FILE:NAME`` argument) picks an array in a multi-array file,
+and ``prefer`` names the array to take when none is named (``collect`` writes ``X`` and ``Z``
+into one file). Rows can be streamed in chunks so that ``n`` may exceed memory.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ SUPPORTED = (".npy", ".npz", ".safetensors")
 class MatrixFile:
     """A 2-D float array in a file, read whole or in row chunks, as float32 (or float64)."""
 
-    def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
-        self.path = Path(path)
-        self.name = name
+    def __init__(self, path: str | os.PathLike[str], name: str | None = None, *, prefer: str | None = None) -> None:
+        self.path, self.name = split_name(path, name)
+        self.prefer = prefer
         if not self.path.is_file():
             raise PrismInputError(f"{self.path}: no such file")
         self.kind = self.path.suffix.lower()
@@ -91,6 +92,8 @@ class MatrixFile:
             return self.name
         if len(names) == 1:
             return names[0]
+        if self.prefer in names:
+            return self.prefer
         raise PrismInputError(f"{self.path}: holds several arrays {names}; name one")
 
     def _slice(self, start: int, stop: int) -> np.ndarray:
@@ -106,5 +109,23 @@ class MatrixFile:
         return t.numpy()
 
 
-def load_matrix(path: str | os.PathLike[str], name: str | None = None, dtype: np.dtype | type = np.float32) -> np.ndarray:
-    return MatrixFile(path, name).read(dtype)
+def split_name(path: str | os.PathLike[str], name: str | None = None) -> tuple[Path, str | None]:
+    """``FILE:NAME`` -> (FILE, NAME) when FILE exists and the whole string is no file."""
+    p = Path(path)
+    text = str(path)
+    if name is None and not p.exists() and ":" in text:
+        head, _, tail = text.rpartition(":")
+        if tail and Path(head).is_file():
+            return Path(head), tail
+    return p, name
+
+
+def load_matrix(
+    path: str | os.PathLike[str],
+    name: str | None = None,
+    dtype: np.dtype | type = np.float32,
+    *,
+    prefer: str | None = "X",
+) -> np.ndarray:
+    """The whole array; by default model-A hidden states (``X``) of a pairs file."""
+    return MatrixFile(path, name, prefer=prefer).read(dtype)

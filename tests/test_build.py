@@ -334,7 +334,8 @@ def test_a_second_build_waits_for_the_lock(tmp_path):
 def test_retrained_adapter_keeps_topology_key_and_finds_refit_source(tmp_path):
     """Cache keys: new weights change the cache key, never the topology key; a refittable
     TensorRT engine of the same topology in a sibling folder is found as the refit source."""
-    from prism_deploy.build.manifest import file_digest, new_manifest, write_manifest
+    from prism_deploy.build.manifest import new_manifest, write_manifest
+    from prism_deploy.fsutil import file_sha256
     from prism_deploy.build.options import EngineConfig, Profile
     from prism_deploy.format import file_sha256
 
@@ -354,7 +355,7 @@ def test_retrained_adapter_keeps_topology_key_and_finds_refit_source(tmp_path):
     old_dir = tmp_path / "engines" / f"a-{keys[0][:8]}"
     old_dir.mkdir(parents=True)
     (old_dir / "x.engine").write_bytes(b"plan")
-    part = {"pipe": None, "pipe_name": None, "file": "x.engine", "sha256": file_digest(old_dir / "x.engine"), "bytes": 4}
+    part = {"pipe": None, "pipe_name": None, "file": "x.engine", "sha256": file_sha256(old_dir / "x.engine"), "bytes": 4}
     write_manifest(old_dir, new_manifest({"sha256": "old"}, [{"id": cfg.id, "parts": [part], "topology_key": tkey}]))
     request = builder.BuildRequest(adapter=tmp_path / "a.safetensors")
     new_dir = tmp_path / "engines" / "a-new"

@@ -72,9 +72,10 @@ def test_corrupted_worker_is_found_and_repaired(capsys, pair, tmp_path, top_k):
     code, stdout, _ = run_cli(capsys, "workers", bad, "--x", x, "--z", z, "--json", "--top", 3)
     assert code == 0
     ranking = json.loads(stdout)["workers"]
-    # the corrupted worker first; a worker sharing its rows may compensate for part of it, so
-    # the runner-up can be large too, but never as large
-    assert ranking[0]["worker"] == bad_worker and ranking[0]["excess"] > 1.2 * ranking[1]["excess"]
+    # the corrupted worker first, by far: healthy tiles are their own joint share (up to float32)
+    assert ranking[0]["worker"] == bad_worker and ranking[0]["deviation"] > 100 * ranking[1]["deviation"]
+    # re-solving it alone removes most of the error; a neighbour on its rows could remove less
+    assert ranking[0]["excess"] > 0.3 and ranking[0]["excess"] >= max(r["excess"] for r in ranking)
 
     fixed = tmp_path / "fixed.safetensors"
     code, _, _ = run_cli(capsys, "refit", bad, "--x", x, "--z", z, "--workers", f"{bad_worker}", "-o", fixed)
@@ -157,3 +158,17 @@ def test_refit_and_workers_refuse_bad_input(capsys, pair, tmp_path):
     np.save(other, np.zeros((1500, 29), np.float32))
     code, _, err = run_cli(capsys, "workers", good, "--x", x, "--z", other)
     assert code == 2 and "adapter maps 40 -> 30" in err
+
+
+def test_safetensors_and_npz_inputs_fit_like_npy(capsys, pair, tmp_path):
+    from safetensors.numpy import save_file
+
+    x, z = pair
+    xs, zs = tmp_path / "x.safetensors", tmp_path / "z.npz"
+    save_file({"hidden": np.load(x)}, str(xs))
+    np.savez(zs, target=np.load(z))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert run_cli(capsys, "fit", "--x", x, "--z", z, "-o", a, "--grid", 2, 2, "--chunk-rows", 500)[0] == 0
+    assert run_cli(capsys, "fit", "--x", xs, "--z", zs, "-o", b, "--grid", 2, 2, "--chunk-rows", 333)[0] == 0
+    ta, tb = load_file(str(a)), load_file(str(b))
+    torch.testing.assert_close(ta["pipes.0.tiles"], tb["pipes.0.tiles"], rtol=1e-5, atol=1e-6)

@@ -108,16 +108,29 @@ def test_launch_config_invariants(R, C, tr, tc, out_dim, T):
     assert tpb % 32 == 0 and 32 <= tpb <= 256
     # every token is in exactly one chunk, no empty chunk
     assert cfg.grid_y * tpb >= T > (cfg.grid_y - 1) * tpb
-    # one warp per row; every live output row has exactly one block, none beyond out_dim's row-blocks
+    # every live output row has exactly one (block, warp, i) owner, none beyond out_dim's row-blocks
     assert cfg.block_x == WARPS_PER_BLOCK * 32
-    slabs = -(-tr // WARPS_PER_BLOCK)
-    rows = {(b // slabs) * tr + (b % slabs) * WARPS_PER_BLOCK + w
-            for b in range(cfg.grid_x) for w in range(WARPS_PER_BLOCK) if (b % slabs) * WARPS_PER_BLOCK + w < tr}
-    assert set(range(out_dim)) <= rows and max(rows) < R * tr
+    rpb, rpw = spec.rows_per_block, spec.rows_per_warp
+    assert rpb == WARPS_PER_BLOCK * rpw and rpw in (1, 2, 4, 8)
+    slabs = -(-tr // rpb)
+    owners = [(b // slabs) * tr + (b % slabs) * rpb + i * WARPS_PER_BLOCK + w
+              for b in range(cfg.grid_x) for w in range(WARPS_PER_BLOCK) for i in range(rpw)
+              if (b % slabs) * rpb + i * WARPS_PER_BLOCK + w < tr]
+    assert len(owners) == len(set(owners))
+    assert set(range(out_dim)) <= set(owners) and max(owners) < R * tr
     assert (cfg.grid_x // slabs - 1) * tr < out_dim
     # the gate table fits and matches the kernel's odd-stride layout
     stride = C + 1 if C % 2 == 0 else C
     assert cfg.shared_mem == tpb * stride * 4 <= SMEM_LIMIT
+
+
+def test_rows_per_warp_trades_routing_for_parallelism():
+    # the two benchmark pipes: 512 blocks of one row per warp for 4096 rows; the
+    # 128256-row pipe gets 8 rows per warp (2008 blocks instead of 16064 that each route)
+    square = TileDispatchSpec(16, 32, 256, 128, 154, 1.0, 4096)
+    pipe3 = TileDispatchSpec(256, 2, 512, 2048, 154, 1.0, 128256)
+    assert (square.rows_per_warp, launch_config(square, 1).grid_x) == (1, 512)
+    assert (pipe3.rows_per_warp, launch_config(pipe3, 1).grid_x) == (8, 251 * 8)
 
 
 def test_launch_config_accepts_shape_expressions():

@@ -130,3 +130,13 @@ def test_describe_counts(rng):
     assert info["flops_per_token"]["gated"] == 2 * 4 * tile + 2 * 16 * 16
     assert info["params"] == 16 * tile + 16 * 16 + 16
     assert info["bytes"] == 4 * info["params"]
+
+
+def test_saving_the_same_adapter_twice_gives_the_same_bytes(tmp_path):
+    # build caches key engines by the adapter file's sha256
+    adapter = random_adapter(simple_config(10, 9, (3, 2), top_k=2, pipes=3, combine="weighted"), seed=1)
+    for i in range(4):
+        adapter.save(tmp_path / f"a{i}.safetensors")
+    blobs = {(tmp_path / f"a{i}.safetensors").read_bytes() for i in range(4)}
+    assert len(blobs) == 1
+    assert load_adapter(tmp_path / "a0.safetensors").config == adapter.config

@@ -115,3 +115,49 @@ def test_plugin_builds_and_matches_reference_in_tensorrt():
     stream.synchronize()
     ref = tile_dispatch(x, s, tiles, None, **spec.attributes())
     np.testing.assert_allclose(out.cpu().numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_fused_onnx_parses_and_runs_in_tensorrt(tmp_path):
+    """The fused graph through TensorRT's ONNX parser (op type + plugin_namespace + aot=1)."""
+    reason = _real_trt_reason()
+    if reason:
+        pytest.skip(f"needs a real TensorRT and a GPU: {reason}")
+    import numpy as np
+    import tensorrt as trt
+    import torch
+
+    from prism_deploy.fuse import fuse_gated_pipes
+    from prism_deploy.fuse.ort_twin import make_twin_session
+    from prism_deploy.lower import build_model
+    from prism_deploy.reference import random_adapter, simple_config
+    from prism_deploy.trt.plugin import register_tile_dispatch_plugin
+
+    adapter = random_adapter(simple_config(70, 60, (4, 3), top_k=5, gate_scale=1.5), seed=0)
+    fused = fuse_gated_pipes(build_model(adapter, precision="fp32"))
+    register_tile_dispatch_plugin()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    net = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(net, logger)
+    assert parser.parse(fused.SerializeToString()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("hidden", (1, 1, 70), (1, 8, 70), (2, 64, 70))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(net, config)
+    assert plan is not None
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    ctx = engine.create_execution_context()
+    x = np.random.default_rng(1).standard_normal((1, 8, 70)).astype(np.float32)
+    dx = torch.from_numpy(x).cuda()
+    out = torch.empty(1, 8, 60, device="cuda")
+    ctx.set_input_shape("hidden", tuple(x.shape))
+    ctx.set_tensor_address("hidden", dx.data_ptr())
+    ctx.set_tensor_address("adapted", out.data_ptr())
+    stream = torch.cuda.current_stream()
+    assert ctx.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+    twin = make_twin_session(fused).run(None, {"hidden": x})[0]
+    np.testing.assert_allclose(out.cpu().numpy(), twin, rtol=1e-4, atol=1e-4)

@@ -11,13 +11,13 @@
 // sum over selected c of g * (x[:, c*TC:(c+1)*TC] @ tiles[w]^T), x zero-padded past in_dim.
 //
 // Design (plugins/tile_dispatch/README.md says why):
-//   block (blockIdx.x) = one row-block r and a slab of WARPS output rows of it;
+//   block (blockIdx.x) = one row-block r and a slab of WARPS*ROWS_PER_WARP output rows of it;
 //   blockIdx.y         = a chunk of TOKENS_PER_BLOCK tokens.
 //   1. Each warp routes some tokens of the chunk (bitwise threshold search over the R*C
 //      scores, held in registers) and writes the gate weights of row-block r's C workers to
 //      shared memory.
-//   2. Each warp owns one output row. For every column block c that some token of the chunk
-//      selected, it loads that tile row once into registers and reuses it for every token
+//   2. Each warp owns ROWS_PER_WARP output rows, one after the other. For every column block
+//      c that some token of the chunk selected, it loads that tile row once into registers and reuses it for every token
 //      that selected the worker (grouping by worker). Dots are reduced across the warp with
 //      a fixed shuffle tree; the token's owner lane accumulates in float32.
 //   3. Owner lanes write the outputs. Every output element is written by exactly one lane:
@@ -28,14 +28,15 @@
 // Compile-time constants (NVRTC -D; the TensorRT AOT plugin gets no attributes at run time):
 //   PRISM_HIDDEN_DTYPE 0=float 1=half; PRISM_TILE_DTYPE 0=float 1=half 2=int8;
 //   PRISM_R, PRISM_C, PRISM_TR, PRISM_TC, PRISM_TOP_K, PRISM_GATE_SCALE (a float literal),
-//   PRISM_OUT_DIM, PRISM_TOKENS_PER_BLOCK (a multiple of 32), PRISM_WARPS (rows per block).
+//   PRISM_OUT_DIM, PRISM_TOKENS_PER_BLOCK (a multiple of 32), PRISM_WARPS (warps per block),
+//   PRISM_ROWS_PER_WARP (output rows each warp owns).
 // Run-time int32 arguments: T (tokens) and in_dim.
 
 #if !defined(PRISM_HIDDEN_DTYPE) || !defined(PRISM_TILE_DTYPE) || !defined(PRISM_R) || \
     !defined(PRISM_C) || !defined(PRISM_TR) || !defined(PRISM_TC) || !defined(PRISM_TOP_K) || \
     !defined(PRISM_GATE_SCALE) || !defined(PRISM_OUT_DIM) || !defined(PRISM_TOKENS_PER_BLOCK) || \
-    !defined(PRISM_WARPS)
-#error "define PRISM_HIDDEN_DTYPE, PRISM_TILE_DTYPE, PRISM_R, PRISM_C, PRISM_TR, PRISM_TC, PRISM_TOP_K, PRISM_GATE_SCALE, PRISM_OUT_DIM, PRISM_TOKENS_PER_BLOCK and PRISM_WARPS"
+    !defined(PRISM_WARPS) || !defined(PRISM_ROWS_PER_WARP)
+#error "define PRISM_HIDDEN_DTYPE, PRISM_TILE_DTYPE, PRISM_R, PRISM_C, PRISM_TR, PRISM_TC, PRISM_TOP_K, PRISM_GATE_SCALE, PRISM_OUT_DIM, PRISM_TOKENS_PER_BLOCK, PRISM_WARPS and PRISM_ROWS_PER_WARP"
 #endif
 
 // No #include at all: the kernel compiles with NVRTC alone (the nvidia-cuda-nvrtc wheel ships
@@ -52,6 +53,7 @@
 #define OUT_DIM PRISM_OUT_DIM
 #define TOKENS_PER_BLOCK PRISM_TOKENS_PER_BLOCK
 #define WARPS PRISM_WARPS
+#define ROWS_PER_WARP PRISM_ROWS_PER_WARP
 
 #if HIDDEN_DTYPE == 0
 typedef float hidden_t;
@@ -246,29 +248,11 @@ __device__ __forceinline__ void load_segment(const tile_t* __restrict__ row, int
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
-tile_dispatch_kernel(const hidden_t* __restrict__ hidden, const float* __restrict__ scores,
-                     const tile_t* __restrict__ tiles, const float* __restrict__ scales, int T, int in_dim,
-                     hidden_t* __restrict__ out) {
-    extern __shared__ float gw[];  // [TOKENS_PER_BLOCK][GW_STRIDE] gate weights of row-block r
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int slabs = (TR + WARPS - 1) / WARPS;
-    const int r = blockIdx.x / slabs;
-    const int local_row = (blockIdx.x % slabs) * WARPS + warp;
-    const int row = r * TR + local_row;
-    const int t0 = blockIdx.y * TOKENS_PER_BLOCK;
-    const int nt = min(TOKENS_PER_BLOCK, T - t0);
-    if (nt <= 0 || r * TR >= OUT_DIM) return;  // whole block in the padding: nothing to write
-
-    // 1. Routing: warps take the chunk's tokens round-robin.
-    for (int tl = warp; tl < nt; tl += WARPS) {
-        route_token(scores + (size_t)(t0 + tl) * WORKERS, r, gw + tl * GW_STRIDE, lane);
-    }
-    __syncthreads();
-    if (local_row >= TR || row >= OUT_DIM) return;  // no __syncthreads below this point
-
-    // 2. Grouped dot products: worker by worker, each tile row read once for the chunk.
+// One output row for one token chunk: worker by worker, the tile row is loaded once and used
+// for every token of the chunk that selected the worker; the token's owner lane accumulates.
+__device__ void compute_row(const hidden_t* __restrict__ hidden, const tile_t* __restrict__ tiles,
+                            const float* __restrict__ scales, const float* gw, int r, int local_row, int row,
+                            int t0, int nt, int in_dim, hidden_t* __restrict__ out, int lane) {
     float acc[TOKEN_SLOTS];
 #pragma unroll
     for (int j = 0; j < TOKEN_SLOTS; ++j) acc[j] = 0.0f;
@@ -334,5 +318,36 @@ tile_dispatch_kernel(const hidden_t* __restrict__ hidden, const float* __restric
     for (int j = 0; j < TOKEN_SLOTS; ++j) {
         const int tl = 32 * j + lane;
         if (tl < nt) out[(size_t)(t0 + tl) * OUT_DIM + row] = float_to_hidden(acc[j]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+tile_dispatch_kernel(const hidden_t* __restrict__ hidden, const float* __restrict__ scores,
+                     const tile_t* __restrict__ tiles, const float* __restrict__ scales, int T, int in_dim,
+                     hidden_t* __restrict__ out) {
+    extern __shared__ float gw[];  // [TOKENS_PER_BLOCK][GW_STRIDE] gate weights of row-block r
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int rows_per_block = WARPS * ROWS_PER_WARP;
+    const int slabs = (TR + rows_per_block - 1) / rows_per_block;
+    const int r = blockIdx.x / slabs;
+    const int slab_row0 = (blockIdx.x % slabs) * rows_per_block;
+    const int t0 = blockIdx.y * TOKENS_PER_BLOCK;
+    const int nt = min(TOKENS_PER_BLOCK, T - t0);
+    if (nt <= 0 || r * TR >= OUT_DIM) return;  // whole block in the padding: nothing to write
+
+    // 1. Routing: warps take the chunk's tokens round-robin. Every block of the chunk routes
+    //    the same tokens again: the price of one launch with no grid-wide synchronisation.
+    for (int tl = warp; tl < nt; tl += WARPS) {
+        route_token(scores + (size_t)(t0 + tl) * WORKERS, r, gw + tl * GW_STRIDE, lane);
+    }
+    __syncthreads();  // the last barrier: below, warps work on their own rows
+
+    // 2-3. Warp `warp` owns rows slab_row0 + warp, + WARPS, ... (ROWS_PER_WARP of them).
+    for (int i = 0; i < ROWS_PER_WARP; ++i) {
+        const int local_row = slab_row0 + i * WARPS + warp;
+        const int row = r * TR + local_row;
+        if (local_row >= TR || row >= OUT_DIM) break;
+        compute_row(hidden, tiles, scales, gw, r, local_row, row, t0, nt, in_dim, out, lane);
     }
 }

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.build import environment
+from prism_deploy.fsutil import file_sha256
 from prism_deploy.build.manifest import (
     EngineFileError,
     canonical_hash,
-    file_digest,
     new_manifest,
     part_files,
     parts_intact,
@@ -240,7 +240,6 @@ def _stderr(message: str) -> None:
 
 def build_engines(request: BuildRequest, log: Callable[[str], None] = _stderr) -> BuildResult:
     """Build (or reuse, or refit) every requested configuration; see the module docstring."""
-    from prism_deploy.format import file_sha256
 
     adapter_path = Path(request.adapter)
     config = read_adapter_config(adapter_path)
@@ -431,13 +430,13 @@ class _Session:
                 except PrismInputError as exc:  # ORT refused the graph we exported: a failed build, not bad input
                     raise CheckFailed(f"ONNX Runtime build failed: {exc}") from None
                 suffix = ".ort.onnx"
-            digest = file_digest(engine)
+            digest = file_sha256(engine)
             name = f"{stem}.{digest[:12]}{suffix}"
             engine.rename(work / name)
             part = {"pipe": index, "pipe_name": None if index is None else self.config.pipes[index].name,
                     "file": name, "sha256": digest, "bytes": (work / name).stat().st_size}
             if data_file is not None:
-                part.update(data_file=data_file, data_sha256=file_digest(work / data_file),
+                part.update(data_file=data_file, data_sha256=file_sha256(work / data_file),
                             data_bytes=(work / data_file).stat().st_size)
             parts.append(part)
         return parts, session

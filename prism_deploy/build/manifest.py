@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.errors import PrismInputError
-from prism_deploy.fsutil import atomic_output
+from prism_deploy.fsutil import atomic_output, file_sha256
 
 SCHEMA = "prism-deploy.engines"
 SCHEMA_VERSION = 1
@@ -75,19 +75,8 @@ def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) 
     path = manifest_path(directory)
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        # mkstemp makes the file owner-only; a manifest is read by whoever runs the engines
-        mask = os.umask(0)
-        os.umask(mask)
-        tmp.chmod(0o666 & ~mask)
     return path
 
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def part_files(part: dict[str, Any]) -> list[tuple[str, str]]:
@@ -105,7 +94,7 @@ def verify_part(directory: Path, part: dict[str, Any]) -> Path:
         if not path.is_file():
             raise EngineFileError(f"{path}: engine file missing (the manifest lists it); "
                                   "rebuild with `prism-deploy build`")
-        actual = file_digest(path)
+        actual = file_sha256(path)
         if actual != expected:
             raise EngineFileError(f"{path}: sha256 {actual[:12]}... does not match the manifest's "
                                   f"{expected[:12]}... (corrupt or replaced engine); "

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("build", help="build checked engines (TensorRT / ONNX Runtime) with a manifest")
     p.add_argument("adapter", help="adapter .safetensors file (format v1)")
     p.add_argument("-o", "--output", metavar="DIR",

@@ -9,7 +9,7 @@ from prism_deploy.cli.output import human_bytes, print_json, print_table
 PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")  # mirrors prism_deploy.lower.PRECISIONS (kept light)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="lower an adapter to an ONNX graph at a precision")
     add_arguments(p)
     p.set_defaults(func=run)
@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", metavar="FILE", help="calibration hidden states [n, in_dim] (.npy, .npz, .safetensors)")
     p.add_argument("--calibrator", default="max", choices=("max", "percentile"),
                    help="activation range for int8-qdq: max |x| or the 99.99th percentile")
+    p.add_argument("--plugin", action="store_true",
+                   help="fuse each gated pipe into one prism::tile_dispatch TensorRT plugin node "
+                        "(fp32, fp16, int8; not int8-qdq); ONNX Runtime runs it through prism_deploy.fuse.ort_twin")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -34,8 +37,14 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.reference import load_adapter
 
     adapter = load_adapter(args.adapter)
-    result = export_onnx(adapter, args.output, precision=args.precision, io_dtype=args.io_dtype,
-                         calib=args.calib, calibrator=args.calibrator, progress=True)
+    options = dict(precision=args.precision, io_dtype=args.io_dtype, calib=args.calib, calibrator=args.calibrator,
+                   progress=True)
+    if getattr(args, "plugin", False):
+        from prism_deploy.fuse import export_fused
+
+        result = export_fused(adapter, args.output, **options)
+    else:
+        result = export_onnx(adapter, args.output, **options)
     if args.json:
         print_json(result.to_json())
         return 0
@@ -46,4 +55,6 @@ def run(args: argparse.Namespace) -> int:
              p["top_k"] if p["gated"] else "all", p["form"] or ("folded" if p["folded_into"] else "dense")]
             for p in meta["pipes"]]
     print_table(["#", "pipe", "prefix", "kind", "top_k", "form"], rows)
+    if meta.get("fused"):
+        print(f"fused into prism::tile_dispatch: {', '.join(p['name'] for p in meta['fused'])}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("fit", help="fit an adapter to paired activations (one-shot least squares)")
     p.add_argument("--x", required=True, help="model A hidden states [n, in_dim] (.npy, .npz, .safetensors)")
     p.add_argument("--z", required=True, help="targets for model B [n, out_dim], same row count as --x")

@@ -12,7 +12,7 @@ import argparse
 from prism_deploy.cli.output import print_json, print_table
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     p = subparsers.add_parser("fuse", help="replace each gated pipe of an exported ONNX model by one tile_dispatch plugin node")
     p.add_argument("model", help="ONNX model written by prism-deploy export")
     p.add_argument("-o", "--output", required=True, help="fused ONNX model to write")

@@ -8,7 +8,7 @@ import json
 from prism_deploy.cli.output import human_bytes, print_json, print_table
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("inspect", help="show an adapter file's layout, sizes and costs")
     p.add_argument("adapter", help="adapter .safetensors file (format v1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -26,6 +26,10 @@ COMMAND_MODULES = [
     "prism_deploy.cli.parity_cmd",
     "prism_deploy.cli.fuse_cmd",
     "prism_deploy.cli.build_cmd",
+    "prism_deploy.cli.export_model_cmd",
+    "prism_deploy.cli.run_cmd",
+    "prism_deploy.cli.parity_pipeline_cmd",
+    "prism_deploy.cli.collect_cmd",
     "prism_deploy.cli.bench_cmd",
 ]
 
@@ -49,9 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _route_pipeline_parity(argv: list[str]) -> list[str]:
+    """``parity --pipeline ...`` is the end-to-end check, whose options differ from the
+    adapter-only ``parity``; it is served by the ``parity-pipeline`` parser."""
+    if argv[:1] == ["parity"] and "--pipeline" in argv:
+        rest = [a for a in argv[1:] if a != "--pipeline"]
+        return ["parity-pipeline", *rest]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_route_pipeline_parity(list(sys.argv[1:] if argv is None else argv)))
     try:
         code = args.func(args)
     except PrismInputError as exc:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 import sys
 
 from prism_deploy.cli.output import print_json, print_table
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser("parity", help="compare an exported ONNX graph with the PyTorch reference")
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "parity", help="compare an exported ONNX graph with the PyTorch reference",
+        epilog="prism-deploy parity --pipeline ... checks model A -> adapter -> model B end to end "
+               "(options: prism-deploy parity-pipeline --help)")
     p.add_argument("adapter", help="adapter .safetensors file (format v1)")
     p.add_argument("--onnx", required=True, help="the graph written by prism-deploy export")
     p.add_argument("--provider", default="auto", choices=("cpu", "cuda", "auto"),
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_report(report, provider: str) -> None:  # type: ignore[no-untyped-def]
+def print_report(report: Any, provider: str) -> None:
     tol = report.tolerances
     print(f"parity: {report.runner} ({provider}), precision {report.precision}, {report.tokens} tokens")
     print_table(["figure", "value", "tolerance"], [

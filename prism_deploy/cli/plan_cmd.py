@@ -7,7 +7,7 @@ import argparse
 from prism_deploy.cli.output import print_json, print_table
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan", help="plan the tile grid for an IN -> OUT adapter (docs/planner.md)")
     p.add_argument("in_dim", type=int, metavar="IN", help="input width (model A's hidden state)")
     p.add_argument("out_dim", type=int, metavar="OUT", help="output width (model B's input embedding)")

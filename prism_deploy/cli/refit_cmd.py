@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("refit", help="re-solve chosen workers exactly, every other tensor byte-identical")
     p.add_argument("adapter", help="adapter .safetensors file (format v1)")
     p.add_argument("--x", required=True, help="model A hidden states [n, in_dim]")
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.cli.workers_cmd import _check_dims
     from prism_deploy.errors import PrismInputError
     from prism_deploy.fit import PairedData, assign_tiles, evaluate, refit_workers
+    from prism_deploy.fit.stream import Split
     from prism_deploy.format import read_adapter_file, write_adapter_file
     from prism_deploy.reference import PrismAdapter
 
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     _check_dims(adapter, data)
     if data.count("train") == 0:
         raise PrismInputError(f"no training rows: --holdout {args.holdout} holds out all {data.rows} rows")
-    split = "holdout" if data.count("holdout") else "train"
+    split: Split = "holdout" if data.count("holdout") else "train"
     before = evaluate(adapter, data, split)
     new = refit_workers(adapter, data, [(args.pipe, w) for w in workers], ridge=args.ridge)
     assign_tiles(adapter, new)

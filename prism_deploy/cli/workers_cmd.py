@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prism_deploy.fit import PairedData
+    from prism_deploy.reference import PrismAdapter
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser("workers", help="rank an adapter's workers by the held-out error each could remove")
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("workers", help="rank an adapter's workers by their share of the held-out error")
     p.add_argument("adapter", help="adapter .safetensors file (format v1)")
     p.add_argument("--x", required=True, help="model A hidden states [n, in_dim]")
     p.add_argument("--z", required=True, help="targets [n, out_dim], same row count as --x")
+    p.add_argument("--ridge", type=float, default=0.0, help="ridge of the joint re-solve that defines each worker's share (default 0)")
     p.add_argument("--top", type=int, default=20, help="show the N worst workers (default 20; 0: all)")
     p.add_argument("--holdout", type=float, default=0.1,
                    help="held-out fraction, as given to fit (default 0.1); 1 scores on every row of a separate file")
@@ -23,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.cli.output import print_json, print_table
     from prism_deploy.errors import PrismInputError
     from prism_deploy.fit import PairedData, evaluate
-    from prism_deploy.fit.localize import worker_excess
+    from prism_deploy.fit.localize import score_workers
     from prism_deploy.reference import load_adapter
 
     if args.top < 0:
@@ -33,21 +39,24 @@ def run(args: argparse.Namespace) -> int:
     _check_dims(adapter, data)
     if data.count("holdout") == 0:
         raise PrismInputError(f"no held-out rows (--holdout {args.holdout} of {data.rows} rows); raise --holdout")
-    scores = worker_excess(adapter, data, "holdout")
+    if args.ridge < 0:
+        raise PrismInputError(f"--ridge: {args.ridge} must be >= 0")
+    scores = score_workers(adapter, data, ridge=args.ridge)
     shown = scores if args.top == 0 else scores[: args.top]
     overall = evaluate(adapter, data, "holdout")
     if args.json:
         print_json({"adapter": args.adapter, "holdout": overall.to_json(), "workers": [s.to_json() for s in shown]})
         return 0
-    print(f"{args.adapter}: held-out rel err {overall.rel_err:.4g} over {overall.rows} rows; "
-          "excess = share of the held-out squared error that re-solving the worker alone would remove")
-    print_table(["rank", "pipe", "worker", "row-block", "col-block", "excess", "row-block rel err"],
-                [[i + 1, s.pipe, s.worker, s.row_block, s.col_block, s.excess, s.row_block_rel_err]
+    print(f"{args.adapter}: held-out rel err {overall.rel_err:.4g} over {overall.rows} rows")
+    print("deviation: held-out squared output of (tile - its share of the joint solution); excess: held-out")
+    print("squared error that re-solving the worker alone would remove; both relative to the held-out squared error")
+    print_table(["rank", "pipe", "worker", "row-block", "col-block", "deviation", "excess", "row-block rel err"],
+                [[i + 1, s.pipe, s.worker, s.row_block, s.col_block, s.deviation, s.excess, s.row_block_rel_err]
                  for i, s in enumerate(shown)])
     return 0
 
 
-def _check_dims(adapter, data) -> None:  # type: ignore[no-untyped-def]
+def _check_dims(adapter: PrismAdapter, data: PairedData) -> None:
     from prism_deploy.errors import PrismInputError
 
     if (adapter.in_dim, adapter.out_dim) != (data.in_dim, data.out_dim):

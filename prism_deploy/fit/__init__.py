@@ -6,6 +6,7 @@ Beside the main layers; uses ``format``, ``reference`` and ``data``. See docs/fi
 from prism_deploy.fit.evaluate import Metrics, evaluate
 from prism_deploy.fit.fitter import FitOptions, FitReport, backfit, fit_adapter
 from prism_deploy.fit.layout import fit_config
+from prism_deploy.fit.localize import WorkerScore, score_workers
 from prism_deploy.fit.routed import assign_tiles, refit_workers
 from prism_deploy.fit.stream import PairedData, holdout_mask
 
@@ -13,6 +14,7 @@ __all__ = [
     "FitOptions",
     "FitReport",
     "Metrics",
+    "WorkerScore",
     "PairedData",
     "assign_tiles",
     "backfit",
@@ -21,4 +23,5 @@ __all__ = [
     "fit_config",
     "holdout_mask",
     "refit_workers",
+    "score_workers",
 ]

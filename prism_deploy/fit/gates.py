@@ -68,8 +68,8 @@ def train_gates(
         while len(losses) < steps:
             # Minibatches are shuffled within fixed blocks of training rows, each block with
             # its own seed: the same batches whatever the file's chunk size.
-            for b, (x, z) in enumerate(data.blocks("train", batch_rows * BATCHES_PER_BLOCK, torch.float32)):
-                gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + b) % (1 << 62))
+            for block, (x, z) in enumerate(data.blocks("train", batch_rows * BATCHES_PER_BLOCK, torch.float32)):
+                gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + block) % (1 << 62))
                 order = torch.randperm(x.shape[0], generator=gen)
                 for a in range(0, x.shape[0], batch_rows):
                     idx = order[a:a + batch_rows]
@@ -77,8 +77,8 @@ def train_gates(
                     y = torch.zeros_like(zb)
                     for i, pipe in enumerate(pipes):
                         if i in params:
-                            w, b = params[i]
-                            dense = route(xb, w, b, pipe.spec.top_k, pipe.spec.gate_scale).dense  # type: ignore[arg-type]
+                            gw, gb = params[i]
+                            dense = route(xb, gw, gb, pipe.spec.top_k, pipe.spec.gate_scale).dense  # type: ignore[arg-type]
                             y = y + betas[i] * pipe(xb, gates=dense)
                         else:
                             with torch.no_grad():

@@ -33,7 +33,7 @@ def fit_config(
         r, c = grid
         if r < 1 or c < 1:
             raise PrismInputError(f"--grid: {list(grid)} must be two positive integers")
-        layouts = [((r, c), (-(-out_dim // r), -(-in_dim // c)))] * pipes
+        layouts: list[tuple[tuple[int, int], tuple[int, int]]] = [((r, c), (-(-out_dim // r), -(-in_dim // c)))] * pipes
     elif pipes == 3:
         layouts = [(p.grid, p.tile) for p in plan_three_pipes(in_dim, out_dim, n).pipes]
     else:
@@ -44,5 +44,5 @@ def fit_config(
         if top_k is not None and not 1 <= top_k <= g[0] * g[1]:
             raise PrismInputError(f"--top-k: {top_k} is out of range [1, {g[0] * g[1]}] for grid {list(g)}")
         scale = (float(top_k) if gate_scale is None else gate_scale) if top_k is not None else 1.0
-        specs.append(PipeSpec(f"pipe{i + 1}", tuple(g), tuple(t), top_k, scale))
+        specs.append(PipeSpec(f"pipe{i + 1}", (g[0], g[1]), (t[0], t[1]), top_k, scale))
     return AdapterConfig(in_dim, out_dim, tuple(specs))

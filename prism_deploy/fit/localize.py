@@ -1,17 +1,26 @@
-"""Localized error: how much of the held-out error each worker is responsible for.
+"""Localized error: which workers are responsible for the held-out error.
 
-A worker's *excess* is the held-out squared error that re-solving that one worker alone
-(every other tile and the routing fixed) would remove, as a fraction of the adapter's
-held-out squared error. With ``e = z - y`` the residual on the rows the worker writes and
-``f = beta_p * g_w(x) * x_c`` its features, the best change ``D`` of its tile minimises
-``||e - f D^T||^2``, which removes
+Two numbers per worker, both as a fraction of the adapter's held-out squared error
+``||E||^2 = sum ||z - y||^2`` over the held-out rows:
 
-    excess_w = tr(B^T A^+ B),   A = sum f^T f,  B = sum f^T e    (sums over held-out rows),
+- **deviation** (the ranking key): how far the worker's tile is from its share of the joint
+  solution, in output units. The share ``T*_w`` is the worker's tile when its whole pipe is
+  re-solved exactly on the training rows, every other pipe and the routing fixed (the joint
+  least-squares solution of that pipe; unique when the data have full rank). With
+  ``D_w = T_w - T*_w`` and ``f = beta_p * g_w(x) * x_c`` the worker's features,
 
-an exact, per-worker quantity from one pass over the held-out rows. A tile that is far from
-its share of the optimum (corrupted, stale, badly routed) has a large excess; in a fitted
-adapter every worker's excess is small and of similar size (the held-out noise it could fit).
-This is the same least-squares problem ``refit`` solves on the training rows.
+      deviation_w = sum over held-out rows ||f D_w^T||^2 / ||E||^2 = tr(D_w A_w D_w^T) / ||E||^2.
+
+  In an adapter fitted to this data every deviation is ~0 (rounding to the stored dtype);
+  a corrupted, stale or badly refitted tile stands out by orders of magnitude, because the
+  joint solution of its pipe does not depend on its current value.
+- **excess**: the held-out squared error that re-solving the worker alone (everything else
+  fixed) would remove, ``tr(B_w^T A_w^+ B_w) / ||E||^2`` with ``A_w = sum f^T f`` and
+  ``B_w = sum f^T e`` over the held-out rows. It says how much a single-worker ``refit`` could
+  gain, but it does not single out the culprit: when input slices are correlated, a
+  neighbour sharing the culprit's output rows can undo most of the same damage.
+
+One pass over the training rows per pipe (the joint re-solve) and one over the held-out rows.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from prism_deploy.fit.progress import progress_bar
+from prism_deploy.fit.routed import WorkerId, refit_workers
 from prism_deploy.fit.solve import solve_normal
 from prism_deploy.fit.stream import PairedData, Split
 from prism_deploy.fit.tiles import worker_block
@@ -33,16 +43,22 @@ class WorkerScore:
     worker: int
     row_block: int
     col_block: int
-    excess: float  # removable held-out squared error / total held-out squared error
+    deviation: float  # held-out squared output of (tile - its joint share) / held-out squared error
+    excess: float  # held-out squared error re-solving it alone would remove / held-out squared error
     row_block_rel_err: float | None  # held-out relative error of the combined output on its rows
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
 
 
-def worker_excess(adapter: PrismAdapter, data: PairedData, split: Split = "holdout") -> list[WorkerScore]:
-    """Every real worker's excess, worst first."""
+def score_workers(adapter: PrismAdapter, data: PairedData, *, ridge: float = 0.0) -> list[WorkerScore]:
+    """Every real worker's deviation and excess on the held-out rows, worst deviation first."""
     cfg = adapter.config
+    shares: dict[WorkerId, torch.Tensor] = {}
+    for p, spec in enumerate(cfg.pipes):
+        shares.update(refit_workers(adapter, data, [(p, w) for w in range(spec.workers)], ridge=ridge,
+                                    split="train", desc=f"joint share of pipe {p}"))
+    split: Split = "holdout"
     pipes = adapter.pipe_list()
     betas = adapter.betas(torch.float64)
     grams, cross = [], []
@@ -53,7 +69,7 @@ def worker_excess(adapter: PrismAdapter, data: PairedData, split: Split = "holdo
     sq_err = torch.zeros(cfg.out_dim, dtype=torch.float64)
     sq_target = torch.zeros(cfg.out_dim, dtype=torch.float64)
     rows = 0
-    with progress_bar(data.count(split), f"worker excess ({split})") as bar, torch.no_grad():
+    with progress_bar(data.count(split), f"score workers ({split})") as bar, torch.no_grad():
         for x, z in data.chunks(split):
             e = z - adapter(x)
             sq_err += (e**2).sum(0)
@@ -83,8 +99,12 @@ def worker_excess(adapter: PrismAdapter, data: PairedData, split: Split = "holdo
             b = cross[p][r, c]
             sol, _ = solve_normal(a, b)
             gain = float((b * sol).sum())
+            d = pipes[p].tiles.detach()[w].to(torch.float64) - shares[(p, w)]
+            d = d[: out_rows.stop - out_rows.start]  # rows past out_dim are discarded anyway
+            dev = float(torch.einsum("ri,ij,rj->", d, a, d))
             den = float(sq_target[out_rows].sum())
             rb = (float(sq_err[out_rows].sum()) / den) ** 0.5 if den > 0 else None
-            scores.append(WorkerScore(p, w, r, c, gain / total if total > 0 else 0.0, rb))
-    scores.sort(key=lambda s: -s.excess)
+            scale = 1.0 / total if total > 0 else 0.0
+            scores.append(WorkerScore(p, w, r, c, dev * scale, gain * scale, rb))
+    scores.sort(key=lambda s: (-s.deviation, -s.excess))
     return scores

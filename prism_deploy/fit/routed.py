@@ -80,6 +80,10 @@ def refit_workers(
         return result
     segments = _segments(members)
     fixed = _without(adapter, selected)
+    # Pipes whose every worker is being re-solved contribute nothing to the fixed part: skip
+    # their (all-zero) forward, which would cost as much as the accumulation itself.
+    counts = {p: sum(1 for q, _ in selected if q == p) for p in range(cfg.num_pipes)}
+    fixed_pipes = [p for p in range(cfg.num_pipes) if counts[p] < cfg.pipes[p].workers]
     betas = adapter.betas(torch.float64)
 
     grams: dict[tuple, torch.Tensor] = {}
@@ -92,7 +96,9 @@ def refit_workers(
 
     with progress_bar(data.count(split), desc) as bar, torch.no_grad():
         for x, z in data.chunks(split):
-            e = z - fixed(x)
+            e = z.clone()
+            for p in fixed_pipes:
+                e -= betas[p] * fixed.pipe_list()[p](x)
             gates = {p: pipes[p].routing(x).dense for p in gated_pipes}  # type: ignore[union-attr]
             features: dict[tuple, torch.Tensor] = {}
             for i, seg in enumerate(segments):

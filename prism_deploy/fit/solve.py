@@ -10,6 +10,8 @@ system comes straight from the data (``strict``), and a minimum-norm solution ot
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from prism_deploy.errors import PrismInputError
@@ -57,6 +59,13 @@ def solve_normal(
     d = gram.shape[0]
     out = torch.zeros(d, rhs.shape[1], dtype=torch.float64)
     live = torch.diagonal(gram) > 0
+    if strict and ridge == 0 and not bool(live.all()):
+        dead = torch.nonzero(~live).flatten().tolist()
+        shown = ", ".join(map(str, dead[:8])) + (", ..." if len(dead) > 8 else "")
+        raise PrismInputError(
+            f"{what} is rank-deficient: {len(dead)} feature(s) are zero in every row (index {shown}); "
+            "add --ridge (e.g. --ridge 1e-3) or drop those columns"
+        )
     if not bool(live.any()):
         return out, SolveInfo("none", d, 0, float("inf"))
     a = gram[live][:, live]
@@ -102,7 +111,7 @@ def condition_estimate(a: torch.Tensor, chol: torch.Tensor) -> float:
     return lam_max * lam_min_inv
 
 
-def _lstsq(a: torch.Tensor):  # type: ignore[no-untyped-def]
+def _lstsq(a: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
     """Pseudo-inverse of a symmetric PSD matrix via its eigendecomposition, and its rank."""
     evals, evecs = torch.linalg.eigh(a)
     tol = rank_tolerance(a.shape[0]) * float(evals.abs().max())

@@ -53,8 +53,8 @@ class PairedData:
         seed: int = 0,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
     ) -> None:
-        self.x = MatrixFile(x_path)
-        self.z = MatrixFile(z_path)
+        self.x = MatrixFile(x_path, prefer="X")
+        self.z = MatrixFile(z_path, prefer="Z")
         if self.x.rows != self.z.rows:
             raise PrismInputError(
                 f"--x {self.x.path} has {self.x.rows} rows but --z {self.z.path} has {self.z.rows}: "

@@ -7,8 +7,9 @@ into one ``AdapterFormatError`` line that names the file and the key or tensor a
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 
 from prism_deploy.errors import AdapterFormatError
 from prism_deploy.format.config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig
-from prism_deploy.fsutil import atomic_output
+from prism_deploy.fsutil import atomic_output, file_sha256
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -109,14 +110,26 @@ def write_adapter_file(
     }
     with atomic_output(path) as tmp:
         save_file(cpu, str(tmp), metadata=metadata)
+        _canonicalize_header(tmp)
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _canonicalize_header(path: Path) -> None:
+    """Rewrite the safetensors header with sorted keys, so equal adapters are equal bytes.
+
+    The library serialises ``__metadata__`` from a hash map, in a different order on each
+    save; build caches key engines by the file's sha256, so the same adapter saved twice must
+    hash the same. Tensor offsets are untouched: only the header's key order changes, and
+    the header keeps its length (it is padded with spaces, which the format allows).
+    """
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:  # cannot happen for the compact form; keep the library's bytes
+            return
+        f.seek(8)
+        f.write(text + b" " * (length - len(text)))
+
 
 
 def _one_line(exc: Any) -> str:

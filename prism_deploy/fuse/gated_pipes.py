@@ -78,12 +78,16 @@ def fuse_gated_pipes(model: onnx.ModelProto) -> onnx.ModelProto:
             "too, which the kernel (int8 weights, float activations) does not do; export with --precision int8"
         )
     gated = [p for p in meta["pipes"] if p.get("gated")]
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
     if not gated:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
         return out
 
-    graph = gs.import_onnx(out)
+    # onnx-graphsurgeon keeps the weights as references to ``model``'s TensorProtos (LazyValues)
+    # and the export copies each once: one extra copy of the weights at the peak, and ``model``
+    # itself is left as it was.
+    opsets = [onnx.helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
+    graph = gs.import_onnx(model)
     graph.cleanup()  # baseline: nodes already dead before the rewrite are not ours to explain
     tensors = graph.tensors()
     before = {n.name for n in graph.nodes}
@@ -105,6 +109,9 @@ def fuse_gated_pipes(model: onnx.ModelProto) -> onnx.ModelProto:
         raise PrismInputError(f"fuse: the gate nodes {', '.join(lost)} do not feed the pipe's scores")
 
     result = gs.export_onnx(graph, do_type_check=True)
+    # the exporter appends the new domain to the imported model's own opset list: put it back
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
     _restore_model_fields(model, result)
     for init in result.graph.initializer:
         if init.name in reshaped:
@@ -206,16 +213,41 @@ def fuse_onnx_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
             "fused_pipes": info["pipes"]}
 
 
-def export_fused(adapter: Any, path: str | os.PathLike[str], **export_options: Any) -> dict[str, Any]:
+def export_fused(adapter: Any, path: str | os.PathLike[str], *, progress: bool = False,
+                 **export_options: Any) -> Any:
     """``prism-deploy export --plugin`` as a function: lower (``prism_deploy.lower.build_model``),
-    fuse, save. ``export_options`` are build_model's (precision, io_dtype, ...)."""
-    from prism_deploy.lower import build_model  # type: ignore[import-not-found,unused-ignore]
+    fuse, save atomically. ``export_options`` are build_model's (precision, io_dtype, calib, ...);
+    ``progress`` shows a tqdm bar on stderr when it is a terminal. Returns the lowering's
+    ``ExportResult`` for the fused file; its metadata gains ``fused`` (the fused pipes, as in the
+    ``prism.fusion`` model property).
+    """
+    import sys
+
+    from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+
+    from prism_deploy.lower import DEFAULT_GATED_FORM, ExportResult, build_model, read_lowering_metadata
     from prism_deploy.onnx_io import save_model
 
-    model = build_model(adapter, **export_options)
-    nodes_before = len(model.graph.node)
-    fused = fuse_gated_pipes(model)
-    del model
-    nodes_after = len(fused.graph.node)
-    written = save_model(fused, path)
-    return {"paths": [str(p) for p in written], "nodes_before": nodes_before, "nodes_after": nodes_after}
+    with tqdm(total=adapter.config.num_pipes + 2, desc="export --plugin", unit="step",
+              disable=None if progress else True, file=sys.stderr, leave=False) as bar:
+        model = build_model(adapter, _on_pipe=bar.update, **export_options)
+        bar.set_postfix_str("fusing")
+        fused = fuse_gated_pipes(model)
+        del model
+        bar.update(1)
+        metadata = read_lowering_metadata(fused)
+        metadata["fused"] = json.loads(next((p.value for p in fused.metadata_props if p.key == FUSION_KEY),
+                                            '{"pipes": []}'))["pipes"]
+        node_count = len(fused.graph.node)
+        bar.set_postfix_str("saving")
+        written = save_model(fused, path)
+        bar.update(1)
+    return ExportResult(
+        paths=[str(p) for p in written],
+        bytes=sum(p.stat().st_size for p in written),
+        node_count=node_count,
+        precision=export_options.get("precision", "fp32"),
+        io_dtype=export_options.get("io_dtype", "float32"),
+        gated_form=export_options.get("gated_form", DEFAULT_GATED_FORM),
+        metadata=metadata,
+    )

@@ -14,6 +14,8 @@ import ctypes
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from prism_deploy.errors import PrismInputError
 from prism_deploy.kernel.nvrtc import CompiledKernel, compile_ptx
 from prism_deploy.kernel.spec import TileDispatchSpec, launch_config
@@ -27,7 +29,7 @@ class CudaError(RuntimeError):
 
 def _check(result: Any, what: str) -> Any:
     """cuda.bindings calls return ``(err, *values)``; raise on an error, return the values."""
-    from cuda.bindings import driver
+    from cuda.bindings import driver  # type: ignore[import-untyped,unused-ignore]
 
     err, *values = result if isinstance(result, tuple) else (result,)
     if err != driver.CUresult.CUDA_SUCCESS:
@@ -68,9 +70,13 @@ class DeviceArray:
 
 
 def device_arch(device: int = 0) -> str:
-    from cuda.bindings import driver
+    from cuda.bindings import driver  # type: ignore[import-untyped,unused-ignore]
 
-    _check(driver.cuInit(0), "cuInit")
+    try:
+        init = driver.cuInit(0)
+    except Exception as exc:  # cuda-bindings raises when libcuda (the driver) is absent
+        raise CudaError(f"no usable CUDA driver on this machine ({type(exc).__name__}: {exc})") from exc
+    _check(init, "cuInit")
     dev = _check(driver.cuDeviceGet(device), "cuDeviceGet")
     attr = driver.CUdevice_attribute
     major = _check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute")
@@ -86,7 +92,7 @@ class TileDispatchLauncher:
     """
 
     def __init__(self, spec: TileDispatchSpec, device: int = 0) -> None:
-        from cuda.bindings import driver
+        from cuda.bindings import driver  # type: ignore[import-untyped,unused-ignore]
 
         self.spec = spec
         self.arch = device_arch(device)
@@ -96,13 +102,14 @@ class TileDispatchLauncher:
             ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
             _check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
         self.kernel: CompiledKernel = compile_ptx(spec, self.arch)
-        image = self.kernel.ptx if self.kernel.ptx.endswith(b"\0") else self.kernel.ptx + b"\0"
-        self._module = _check(driver.cuModuleLoadData(image), "cuModuleLoadData")
+        # NUL-terminated PTX in a buffer that outlives the call, passed by address
+        self._image = np.frombuffer(self.kernel.ptx.rstrip(b"\0") + b"\0", dtype=np.uint8).copy()
+        self._module = _check(driver.cuModuleLoadData(self._image.ctypes.data), "cuModuleLoadData")
         self._function = _check(driver.cuModuleGetFunction(self._module, self.kernel.name.encode()), "cuModuleGetFunction")
 
     def __call__(self, hidden: Any, scores: Any, tiles: Any, scales: Any, out: Any, stream: int = 0) -> None:
         """Launch on ``stream`` (a raw ``cudaStream_t`` as int; 0 = legacy default stream)."""
-        from cuda.bindings import driver
+        from cuda.bindings import driver  # type: ignore[import-untyped,unused-ignore]
 
         spec = self.spec
         h = DeviceArray.of(hidden, "hidden")
@@ -123,6 +130,9 @@ class TileDispatchLauncher:
             raise PrismInputError("tile_dispatch: int8 tiles need float32 scales of shape [R*C, tr]")
         if o.shape != (T, spec.out_dim) or o.dtype != spec.hidden_dtype:
             raise PrismInputError(f"tile_dispatch: out must be [{T}, {spec.out_dim}] {spec.hidden_dtype}")
+        if t.ptr % 16:
+            # the kernel reads tile rows with 16-byte vector loads
+            raise PrismInputError("tile_dispatch: tiles must start on a 16-byte boundary (a fresh allocation does)")
         if T == 0:
             return
         cfg = launch_config(spec, T)
@@ -137,7 +147,7 @@ class TileDispatchLauncher:
         )
 
     def close(self) -> None:
-        from cuda.bindings import driver
+        from cuda.bindings import driver  # type: ignore[import-untyped,unused-ignore]
 
         if getattr(self, "_module", None) is not None:
             driver.cuModuleUnload(self._module)

@@ -64,7 +64,7 @@ def cache_dir() -> Path:
 
 
 def nvrtc_version() -> tuple[int, int]:
-    from cuda.bindings import nvrtc
+    from cuda.bindings import nvrtc  # type: ignore[import-untyped,unused-ignore]
 
     err, major, minor = nvrtc.nvrtcVersion()
     _check(err, "nvrtcVersion")
@@ -93,7 +93,7 @@ def compile_ptx(
         try:
             write_bytes_atomic(path, ptx)
         except OSError:  # a read-only cache is no reason to fail a compile
-            path = None  # type: ignore[assignment]
+            path = None  # type: ignore[assignment,unused-ignore]
     return CompiledKernel(KERNEL_NAME, ptx, arch_name, options, path if use_cache else None, False)
 
 
@@ -112,7 +112,7 @@ def _cache_key(text: str, arch: str, options: tuple[str, ...]) -> str:
 
 
 def _nvrtc_compile(text: str, options: tuple[str, ...], arch: str) -> bytes:
-    from cuda.bindings import nvrtc
+    from cuda.bindings import nvrtc  # type: ignore[import-untyped,unused-ignore]
 
     err, prog = nvrtc.nvrtcCreateProgram(text.encode(), b"tile_dispatch.cu", 0, [], [])
     _check(err, "nvrtcCreateProgram")
@@ -135,7 +135,7 @@ def _nvrtc_compile(text: str, options: tuple[str, ...], arch: str) -> bytes:
 
 
 def _program_log(prog: object) -> str:
-    from cuda.bindings import nvrtc
+    from cuda.bindings import nvrtc  # type: ignore[import-untyped,unused-ignore]
 
     err, size = nvrtc.nvrtcGetProgramLogSize(prog)
     _check(err, "nvrtcGetProgramLogSize")
@@ -145,7 +145,7 @@ def _program_log(prog: object) -> str:
 
 
 def _check(err: object, what: str) -> None:
-    from cuda.bindings import nvrtc
+    from cuda.bindings import nvrtc  # type: ignore[import-untyped,unused-ignore]
 
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         raise KernelCompileError(f"{what} failed: {err}", "")

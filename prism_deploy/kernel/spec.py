@@ -23,8 +23,13 @@ KERNEL_NAME = "tile_dispatch_kernel"
 HIDDEN_DTYPES = {"float32": 0, "float16": 1}
 TILE_DTYPES = {"float32": 0, "float16": 1, "int8": 2}
 TILE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
-# One warp per output row; 8 warps per block (256 threads).
+# 8 warps per block (256 threads); each warp owns ROWS_PER_WARP output rows in turn.
 WARPS_PER_BLOCK = 8
+# Every block routes its token chunk itself (one launch, no grid-wide sync), so blocks are
+# made larger (more rows per warp) until the grid is down to about this many blocks: several
+# waves on a 132-SM H100 keep the memory system busy, fewer blocks repeat less routing.
+TARGET_BLOCKS = 1024
+MAX_ROWS_PER_WARP = 8
 # The per-block gate-weight table [tokens_per_block, C] lives in shared memory; keep it under
 # 32 KiB so several blocks fit on an SM, and never over the 48 KiB a launch gets without an
 # opt-in (which a TensorRT AOT plugin cannot make).
@@ -98,6 +103,19 @@ class TileDispatchSpec:
             tpb //= 2
         return tpb
 
+    @property
+    def rows_per_warp(self) -> int:
+        """1, 2, 4 or 8: the largest that still leaves TARGET_BLOCKS row slabs (or 1)."""
+        live_row_blocks = -(-min(self.out_dim, self.R * self.tr) // self.tr)
+        rpw = 1
+        while rpw < MAX_ROWS_PER_WARP and live_row_blocks * -(-self.tr // (WARPS_PER_BLOCK * rpw * 2)) >= TARGET_BLOCKS:
+            rpw *= 2
+        return rpw
+
+    @property
+    def rows_per_block(self) -> int:
+        return WARPS_PER_BLOCK * self.rows_per_warp
+
     def defines(self) -> list[str]:
         """The NVRTC ``-D`` options that specialise the kernel source to this spec."""
         # A hexadecimal float literal carries the float32 value exactly (C++17).
@@ -114,6 +132,7 @@ class TileDispatchSpec:
             f"-DPRISM_OUT_DIM={self.out_dim}",
             f"-DPRISM_TOKENS_PER_BLOCK={self.tokens_per_block}",
             f"-DPRISM_WARPS={WARPS_PER_BLOCK}",
+            f"-DPRISM_ROWS_PER_WARP={self.rows_per_warp}",
         ]
 
     def attributes(self) -> dict[str, Any]:
@@ -155,11 +174,11 @@ class LaunchConfig(Generic[N]):
 def launch_config(spec: TileDispatchSpec, tokens: N) -> LaunchConfig[N]:
     """Grid/block/shared memory for ``tokens`` tokens (an int, or a TensorRT shape expression).
 
-    x: one block per (row-block r, slab of WARPS_PER_BLOCK rows); y: one per token chunk.
+    x: one block per (row-block r, slab of ``spec.rows_per_block`` rows); y: one per token chunk.
     Only ``+`` and ``//`` are applied to ``tokens``, which TensorRT shape expressions support.
     """
     tpb = spec.tokens_per_block
-    slabs = -(-spec.tr // WARPS_PER_BLOCK)
+    slabs = -(-spec.tr // spec.rows_per_block)
     # Row-blocks wholly in the output padding have no rows to write: no blocks for them.
     live_row_blocks = -(-spec.out_dim // spec.tr)
     grid_y: N = (tokens + (tpb - 1)) // tpb  # type: ignore[operator,assignment]

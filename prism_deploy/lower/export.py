@@ -118,7 +118,7 @@ def export_onnx(
     ``progress`` shows a tqdm bar on stderr when it is a terminal (one step per pipe, one
     for saving).
     """
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    from tqdm import tqdm
 
     with tqdm(total=adapter.config.num_pipes + 1, desc="export", unit="step", disable=None if progress else True,
               file=sys.stderr, leave=False) as bar:
@@ -171,7 +171,7 @@ def read_lowering_metadata(model: onnx.ModelProto) -> dict[str, Any]:
     """The ``prism.lowering`` metadata contract of a model this module wrote."""
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
-            return json.loads(prop.value)  # type: ignore[no-any-return]
+            return dict(json.loads(prop.value))
     raise PrismInputError(f"the model has no {METADATA_KEY!r} metadata: not written by prism-deploy export")
 
 

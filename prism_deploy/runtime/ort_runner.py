@@ -20,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from prism_deploy.errors import PrismInputError
-from prism_deploy.lower.export import METADATA_KEY
+from prism_deploy.lower.export import read_lowering_metadata
 from prism_deploy.runtime.ort_session import make_session
 
 
@@ -37,7 +37,10 @@ class OrtRunner:
             self._skeleton = onnx.load_model(str(self.path), load_external_data=False)
         except Exception as exc:  # onnx raises DecodeError and friends
             raise PrismInputError(f"{self.path}: not an ONNX model ({' '.join(str(exc).split())[:200]})") from None
-        self.metadata = _lowering_metadata(self._skeleton, self.path)
+        try:
+            self.metadata = read_lowering_metadata(self._skeleton)
+        except PrismInputError as exc:
+            raise PrismInputError(f"{self.path}: {exc}") from None
         self.io_dtype = np.dtype(self.metadata["io_dtype"])
         self.precision: str = self.metadata["precision"]
         # tensor names of each gated pipe's TopK indices, fetched alongside the output
@@ -115,13 +118,6 @@ def tiles_from_dense(weight_t: np.ndarray, pipe: dict[str, Any]) -> np.ndarray:
     return full.reshape(C, tc, R, tr).transpose(2, 0, 3, 1).reshape(R * C, tr, tc)
 
 
-def _lowering_metadata(model: onnx.ModelProto, path: Path) -> dict[str, Any]:
-    import json
-
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            return json.loads(prop.value)  # type: ignore[no-any-return]
-    raise PrismInputError(f"{path}: no {METADATA_KEY!r} metadata: not a graph written by prism-deploy export")
 
 
 def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:

@@ -39,7 +39,7 @@ def register_tile_dispatch_plugin() -> None:
     global _registered
     if _registered:
         return
-    import tensorrt as trt
+    import tensorrt as trt  # type: ignore[import-untyped,unused-ignore]
 
     if not hasattr(trt, "Builder"):
         raise RuntimeError("TensorRT is not installed here (only type stubs): cannot register prism::tile_dispatch")
@@ -48,7 +48,7 @@ def register_tile_dispatch_plugin() -> None:
 
 
 def _dtype_name(dtype: Any) -> str:
-    import tensorrt as trt
+    import tensorrt as trt  # type: ignore[import-untyped,unused-ignore]
 
     names = {trt.float32: "float32", trt.float16: "float16", trt.int8: "int8"}
     if dtype not in names:
@@ -73,7 +73,7 @@ def build_arch() -> str:
 
 
 def _define_plugin() -> None:
-    import tensorrt.plugin as trtp
+    import tensorrt.plugin as trtp  # type: ignore[import-untyped,unused-ignore]
 
     @trtp.register(PLUGIN_ID)
     def tile_dispatch_desc(
@@ -134,7 +134,7 @@ def _define_plugin() -> None:
 def add_tile_dispatch(network: Any, hidden: Any, scores: Any, tiles: Any, scales: Any, spec: TileDispatchSpec,
                       aot: bool = True) -> Any:
     """Add the plugin to a ``trt.INetworkDefinition`` directly (the ONNX route needs no call)."""
-    import tensorrt.plugin as trtp
+    import tensorrt.plugin as trtp  # type: ignore[import-untyped,unused-ignore]
 
     register_tile_dispatch_plugin()
     op = getattr(getattr(trtp.op, PLUGIN_NAMESPACE), PLUGIN_NAME)

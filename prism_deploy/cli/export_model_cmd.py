@@ -1,0 +1,44 @@
+"""``prism-deploy export-model HF_DIR --role upper|lower -o DIR [--precision fp32|fp16] [--max-seq N] [--json]``."""
+
+from __future__ import annotations
+
+import argparse
+
+from prism_deploy.cli.output import print_json, print_table
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export-model", help="export a local causal LM as model A (upper) or model B (lower) to ONNX")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model folder (nothing is downloaded)")
+    p.add_argument("--role", required=True, choices=("upper", "lower"),
+                   help="upper: ids -> final hidden states (model A); lower: embeddings -> logits, with a KV-cache graph (model B)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (graphs and model.json)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    p.add_argument("--max-seq", type=int, default=None, metavar="N",
+                   help="longest sequence the pipeline will accept (default: the model's limit, at most 2048)")
+    p.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from prism_deploy.models.export import export_model
+
+    manifest = export_model(args.hf_dir, args.role, args.output, precision=args.precision, max_seq=args.max_seq)
+    if args.json:
+        print_json(manifest)
+        return 0
+    dims = manifest["dims"]
+    print(f"{args.hf_dir}: {manifest['family']} exported as {manifest['role']} ({manifest['precision']}) to {args.output} "
+          f"in {manifest['export_seconds']:.1f} s; hidden {dims['hidden']}, vocab {dims['vocab']}, "
+          f"{dims['layers']} layers, max seq {manifest['max_seq']}")
+    rows = []
+    for output, fig in manifest["validation"].items():
+        if not isinstance(fig, dict) or "tokens" not in fig:
+            continue
+        rows.append([output, fig["tokens"], f"{fig['max_abs']:.3g}", f"{fig['rel_l2']:.3g}", f"{fig['min_cosine']:.6f}",
+                     f"{fig['top1']:.3f}" if "top1" in fig else "-"])
+    print("validation against transformers on ONNX Runtime CPU (random inputs, one left-padded row):")
+    print_table(["output", "tokens", "max abs", "rel L2", "min cosine", "top-1"], rows)
+    if not manifest["known_family"]:
+        print(f"note: family {manifest['family']!r} is not one of the tested ones; the validation above passed")
+    return 0

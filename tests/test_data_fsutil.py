@@ -1,0 +1,77 @@
+"""Matrix files (activations, targets, calibration) and atomic writes."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from prism_deploy.data import MatrixFile, load_matrix
+from prism_deploy.errors import PrismInputError
+from prism_deploy.fsutil import atomic_output, write_text_atomic
+
+
+@pytest.fixture
+def arrays():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((10, 3)).astype(np.float32), rng.standard_normal((10, 2)).astype(np.float32)
+
+
+def test_formats_agree_and_chunks_concatenate(tmp_path, arrays):
+    x, z = arrays
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "xz.npz", X=x, Z=z)
+    save_file({"X": torch.from_numpy(x), "Z": torch.from_numpy(z)}, str(tmp_path / "xz.safetensors"))
+    for arg in ("x.npy", "xz.npz:X", "xz.safetensors:X"):
+        m = MatrixFile(tmp_path / arg if ":" not in arg else f"{tmp_path}/{arg}")
+        assert m.shape == (10, 3)
+        np.testing.assert_array_equal(m.read(), x)
+        np.testing.assert_array_equal(np.concatenate(list(m.iter_chunks(4))), x)
+    # a pairs file (as written by `collect`) gives X or Z by preference when none is named
+    np.testing.assert_array_equal(MatrixFile(tmp_path / "xz.safetensors", prefer="Z").read(), z)
+    np.testing.assert_array_equal(load_matrix(tmp_path / "xz.npz"), x)
+
+
+def test_bad_matrix_inputs_are_clean_errors(tmp_path, arrays):
+    x, z = arrays
+    np.savez(tmp_path / "two.npz", A=x, B=z)
+    with pytest.raises(PrismInputError, match="several arrays"):
+        MatrixFile(tmp_path / "two.npz")
+    with pytest.raises(PrismInputError, match="no array named 'C'"):
+        MatrixFile(f"{tmp_path}/two.npz:C")
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(PrismInputError, match="NaN"):
+        MatrixFile(tmp_path / "nan.npy").read()
+    (tmp_path / "x.csv").write_text("1,2\n")
+    with pytest.raises(PrismInputError, match="unknown file type"):
+        MatrixFile(tmp_path / "x.csv")
+    np.save(tmp_path / "v.npy", np.zeros(4, np.float32))
+    with pytest.raises(PrismInputError, match="2-D"):
+        MatrixFile(tmp_path / "v.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    with pytest.raises(PrismInputError, match="cannot read"):
+        MatrixFile(tmp_path / "junk.npy")
+
+
+def test_atomic_output_keeps_old_content_on_failure_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "out.txt"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_atomic_output_has_the_mode_of_a_plain_file(tmp_path):
+    write_text_atomic(tmp_path / "a.txt", "x")
+    (tmp_path / "b.txt").write_text("x")
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "a.txt") == mode(tmp_path / "b.txt")
