@@ -11,10 +11,10 @@ The third benchmarked adapter, the shipped example, is committed:
   weighted combine (about 216 MiB).
 
 Weights come from ``prism_deploy.reference.random_adapter`` with fixed seeds (torch's CPU
-generator), so the same torch version writes the same tensors. The file's own sha256 is not
-stable (safetensors writes its metadata map in a random order), so the script prints a
-content digest (config JSON plus every tensor's bytes, by name) beside it; results files
-record the file sha256 of the copy they ran. These files are not committed
+generator), so the same torch version writes the same tensors, and the adapter writer's
+canonical header makes the file bytes the same too. The script prints the file's sha256 and
+a content digest (config plus every tensor's bytes, by name) that results files record as
+``adapter.sha256`` and ``adapter.content_sha256``. These files are not committed
 (the 4096 ones are large); ``build/`` is ignored by git.
 """
 

@@ -99,9 +99,8 @@ def make_inputs(adapter: Any, batch: int, seq: int, seed: int) -> _Inputs:
 
 
 def adapter_content_digest(adapter: Any) -> str:
-    """sha256 over the config and every tensor's bytes (by name). Unlike the file's sha256 it
-    does not change when the same adapter is written again (safetensors writes its metadata
-    map in no fixed order)."""
+    """sha256 over the config and every tensor's bytes (by name): what the adapter computes,
+    whatever else its file holds (source/target notes, header layout)."""
     import torch
 
     h = hashlib.sha256(adapter.config.dumps().encode())
