@@ -146,7 +146,7 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
     load_start = load_average()
     machine = describe_machine()
     device = bk.torch_device()
-    bandwidth = measure_copy_bandwidth(device)
+    bandwidth = measure_copy_bandwidth(device, threads=settings.threads, working_set=int(info["bytes"]))
     rates = {"fp32": measure_matrix_rate(device, "fp32", threads=settings.threads)}
     if device == "cuda":
         rates["fp16"] = measure_matrix_rate(device, "fp16")
