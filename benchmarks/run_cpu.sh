@@ -18,4 +18,4 @@ $bench "$adapters/big-dense.safetensors" --backends torch,ort-cpu $common --repe
     --json "$out/$tag-cpu-4096-dense.json" --plot "$out/$tag-cpu-4096-dense.png"
 $bench "$adapters/big-3pipe.safetensors" --backends torch,ort-cpu $common --repeat 20 \
     --json "$out/$tag-cpu-4096-3pipe.json" --plot "$out/$tag-cpu-4096-3pipe.png"
-python benchmarks/summarize.py "$out/$tag"-cpu-*.json
+python benchmarks/summarize.py "$out/$tag-cpu-example.json" "$out/$tag-cpu-4096-dense.json" "$out/$tag-cpu-4096-3pipe.json"

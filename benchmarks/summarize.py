@@ -68,6 +68,9 @@ def fp32_target(d: dict) -> str:
 def main(argv: list[str]) -> int:
     for path in argv:
         d = json.loads(Path(path).read_text())
+        if not isinstance(d, dict) or d.get("schema") != "prism-deploy-bench/1":
+            print(f"(skipped {path}: not a prism-deploy bench results file)\n")
+            continue
         print(f"### {Path(path).name}\n")
         print(table(d))
         print(f"\nTarget (ORT CPU >= torch eager speed, fp32, every batch): {fp32_target(d)}\n")
