@@ -148,3 +148,11 @@ def test_launch_config_accepts_shape_expressions():
 
     cfg = launch_config(TileDispatchSpec(16, 32, 256, 128, 154, 1.0, 4096), Expr("T"))
     assert cfg.grid_y.text == f"((T + {cfg.tokens_per_block - 1}) // {cfg.tokens_per_block})"
+
+
+def test_compiling_leaves_python_constants_intact(tmp_path, monkeypatch):
+    # NVRTC writes its log and PTX into the buffers it is given; an immutable bytes buffer of
+    # size 1 is CPython's shared b" ", which then became b"\x00" for the whole process.
+    monkeypatch.setenv("PRISM_DEPLOY_CACHE", str(tmp_path / "fresh-cache"))
+    compile_ptx(TileDispatchSpec(R=2, C=2, tr=4, tc=8, top_k=1, gate_scale=1.0, out_dim=8), "compute_80")
+    assert b" " * 3 == bytes([32, 32, 32])

@@ -126,10 +126,10 @@ def _nvrtc_compile(text: str, options: tuple[str, ...], arch: str) -> bytes:
             raise KernelCompileError(f"NVRTC could not compile tile_dispatch.cu for {arch} ({defines}): {first}", log)
         err, size = nvrtc.nvrtcGetPTXSize(prog)
         _check(err, "nvrtcGetPTXSize")
-        buf = b" " * size
+        buf = _out_buffer(size)
         (err,) = nvrtc.nvrtcGetPTX(prog, buf)
         _check(err, "nvrtcGetPTX")
-        return buf.rstrip(b"\x00")
+        return bytes(buf).rstrip(b"\x00")
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
@@ -139,9 +139,16 @@ def _program_log(prog: object) -> str:
 
     err, size = nvrtc.nvrtcGetProgramLogSize(prog)
     _check(err, "nvrtcGetProgramLogSize")
-    buf = b" " * size
+    buf = _out_buffer(size)
     nvrtc.nvrtcGetProgramLog(prog, buf)
-    return buf.rstrip(b"\x00").decode("utf-8", "replace")
+    return bytes(buf).rstrip(b"\x00").decode("utf-8", "replace")
+
+
+def _out_buffer(size: int) -> bytearray:
+    """A writable buffer for NVRTC to fill. Never ``b" " * size``: bytes are immutable, and
+    for size 1 (an empty log) CPython returns its shared ``b" "`` object, which NVRTC would
+    then overwrite for the whole process (seen here: every later ``b" "`` became ``b"\\x00"``)."""
+    return bytearray(size)
 
 
 def _check(err: object, what: str) -> None:
