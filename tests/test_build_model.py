@@ -200,3 +200,19 @@ def test_bad_input_exits_2_with_one_error_line(exports, built, tmp_path, capsys,
     _, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_default_output_is_role_and_model_json_hash(exports, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, result, _ = _build(capsys, "--model", str(exports["B"]), "--target", "ort-cpu", "--json")
+    expected = Path("engines") / f"lower-{file_sha256(exports['B'] / 'model.json')[:8]}"
+    assert code == 0 and Path(result["directory"]) == expected and (tmp_path / expected / "manifest.json").is_file()
+
+
+def test_end_to_end_parity_from_built_folders(exports, built, capsys):
+    capsys.readouterr()
+    assert main(["parity-pipeline", "--model-a-hf", str(exports["llama"]), "--model-a", str(built["A"]),
+                 "--model-b-hf", str(exports["qwen2"]), "--model-b", str(built["B"]),
+                 "--adapter", str(exports["adapter"]), "--batch", "2", "--seq", "6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["logits"]["kl_max"] < 1e-8

@@ -337,7 +337,7 @@ def parity_inputs(session: Any, model: dict[str, Any], key: str, seed: int,
     (KV graph). Returns (feeds, mask over the new tokens)."""
     rng = np.random.default_rng(seed)
     dims = model["dims"]
-    batch, seq = 2, min(int(model["max_seq"]) - PARITY_PAST, 7)
+    batch, seq = 2, max(1, min(int(model["max_seq"]) - PARITY_PAST, 7))
     past = PARITY_PAST if key == "graph_with_past" else 0
     mask = np.ones((batch, past + seq), dtype=np.int64)
     mask[-1, :2] = 0  # one left-padded row
