@@ -216,3 +216,19 @@ def test_end_to_end_parity_from_built_folders(exports, built, capsys):
                  "--adapter", str(exports["adapter"]), "--batch", "2", "--seq", "6", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["logits"]["kl_max"] < 1e-8
+
+
+def test_changed_embedding_copy_is_refused_and_restored_by_a_rebuild(exports, built, tmp_path, capsys):
+    from prism_deploy.build.manifest import EngineFileError
+    from prism_deploy.runtime.pipeline import Pipeline
+
+    out = tmp_path / "B"
+    shutil.copytree(built["B"], out)
+    table = np.load(out / "embed_tokens.npy")
+    np.save(out / "embed_tokens.npy", table * 2)
+    with pytest.raises(EngineFileError, match="embed_tokens.npy: sha256"):
+        Pipeline(exports["A"], exports["adapter"], out, target="ort-cpu")
+    code, result, _ = _build(capsys, "--model", str(exports["B"]), "-o", str(out), "--target", "ort-cpu", "--json")
+    assert code == 0 and [e["action"] for e in result["engines"]] == ["reused", "reused"] and result["manifest_written"]
+    np.testing.assert_array_equal(np.load(out / "embed_tokens.npy"), table)
+    Pipeline(exports["A"], exports["adapter"], out, target="ort-cpu")

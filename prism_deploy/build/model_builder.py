@@ -247,15 +247,10 @@ def _trt_engine(onnx_path: Path, model: dict[str, Any], key: str, profile: Profi
             kv, hd = int(dims["kv_heads"]), int(dims["head_dim"])
             shapes.append(("attention_mask", (b0, s0), (b1, 2 * s1), (b2, 2 * s2)))
             shapes += [(n, (b0, kv, 0, hd), (b1, kv, s1, hd), (b2, kv, s2, hd)) for n in past_names(int(dims["layers"]))]
-    first = shapes[0]
-    settings = trt_engine.TrtBuildSettings(min_shape=_three(first[1]), opt_shape=_three(first[2]),
-                                           max_shape=_three(first[3]), input_shapes=tuple(shapes))
+    unused = (0, 0, 0)  # the adapter's single-input shapes: input_shapes replaces them
+    settings = trt_engine.TrtBuildSettings(min_shape=unused, opt_shape=unused, max_shape=unused,
+                                           input_shapes=tuple(shapes))
     return trt_engine.build_serialized_engine(onnx_path, settings)
-
-
-def _three(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    padded = (*shape, 1, 1, 1)
-    return padded[0], padded[1], padded[2]
 
 
 def _commit(directory: Path, source: Path, model: dict[str, Any], old: dict[str, Any] | None,
