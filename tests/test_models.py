@@ -20,56 +20,7 @@ from prism_deploy.errors import CheckFailed, PrismInputError
 from prism_deploy.models import hf
 from prism_deploy.models.export import export_model, past_names, read_manifest
 from prism_deploy.reference import load_adapter, random_adapter, simple_config
-
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Adapters map hidden states of one model to the embeddings of another.",
-    "Tiles of weights are routed per token by a small gate.",
-    "ONNX Runtime runs the exported graphs on the CPU of this machine.",
-    "Greedy decoding picks the most likely token at every step.",
-    "Byte-level tokenizers never meet an unknown character: caf\u00e9, na\u00efve, \u00fcber.",
-]
-
-
-def make_tokenizer(folder: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(SENTENCES * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-    assert len(fast) <= vocab_size
-    fast.save_pretrained(str(folder))
-
-
-def make_model(kind: str, folder: Path) -> Path:
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
-
-    torch.manual_seed({"llama": 1, "qwen2": 2, "gpt2": 3}[kind])
-    if kind == "llama":
-        vocab = 300
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                             bos_token_id=None, eos_token_id=0, pad_token_id=0))
-    elif kind == "qwen2":
-        vocab = 320
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                             bos_token_id=None, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False))
-    else:
-        vocab = 280
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=48, n_layer=2, n_head=4, n_positions=128,
-                                           bos_token_id=0, eos_token_id=0, pad_token_id=0))
-    model.save_pretrained(str(folder))
-    make_tokenizer(folder, vocab)
-    return folder
-
+from tests.model_helpers import SENTENCES, make_model
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):

@@ -407,37 +407,16 @@ class _Session:
             stem = cfg.slug if index is None else f"{cfg.slug}.pipe{index}"
             onnx_path = work / f"{stem}.onnx"
             exported_bytes = export_graph(unit, onnx_path, cfg, self.request.calib)
-            data_file = None
             if cfg.target == "trt":
                 from prism_deploy.trt.engine import TensorRTError
 
-                engine = work / f"{stem}.engine.tmp"
                 try:
-                    engine.write_bytes(self._trt_engine(cfg, onnx_path, index, refit_from))
+                    part = engine_part(work, stem, ".engine", self._trt_engine(cfg, onnx_path, index, refit_from))
                 except TensorRTError as exc:
                     raise CheckFailed(f"TensorRT build failed: {exc}") from None
-                suffix = ".engine"
             else:
-                from prism_deploy.build.ort_backend import build_ort_engine
-
-                engine = work / f"{stem}.ort.onnx.tmp"
-                if exported_bytes > ORT_EXTERNAL_THRESHOLD:
-                    # the model refers to its data file by name: a fresh name never clobbers
-                    # the data of an engine the current manifest lists
-                    data_file = f"{stem}.{secrets.token_hex(6)}.ort.data"
-                try:
-                    session = build_ort_engine(onnx_path, engine, cfg.target, external_data=data_file)
-                except PrismInputError as exc:  # ORT refused the graph we exported: a failed build, not bad input
-                    raise CheckFailed(f"ONNX Runtime build failed: {exc}") from None
-                suffix = ".ort.onnx"
-            digest = file_sha256(engine)
-            name = f"{stem}.{digest[:12]}{suffix}"
-            engine.rename(work / name)
-            part = {"pipe": index, "pipe_name": None if index is None else self.config.pipes[index].name,
-                    "file": name, "sha256": digest, "bytes": (work / name).stat().st_size}
-            if data_file is not None:
-                part.update(data_file=data_file, data_sha256=file_sha256(work / data_file),
-                            data_bytes=(work / data_file).stat().st_size)
+                part, session = ort_engine_part(onnx_path, work, stem, cfg.target, exported_bytes)
+            part = {"pipe": index, "pipe_name": None if index is None else self.config.pipes[index].name, **part}
             parts.append(part)
         return parts, session
 
@@ -481,6 +460,43 @@ def parity_shortfall(figures: dict[str, Any]) -> str:
             limit = tolerances.get(name)
             shown.append(f"{name}={figures[name]:.3g}" + (f" (tolerance {limit:.3g})" if limit is not None else ""))
     return ", ".join(shown) or "figures outside the precision's tolerances"
+
+
+def engine_part(work: Path, stem: str, suffix: str, engine: bytes | Path) -> dict[str, Any]:
+    """Move an engine (bytes, or a file in ``work``) to its content-addressed name
+    ``<stem>.<sha12><suffix>`` in ``work``; the manifest part record for it."""
+    tmp = work / f"{stem}{suffix}.tmp"
+    if isinstance(engine, bytes):
+        tmp.write_bytes(engine)
+    elif engine != tmp:
+        engine.rename(tmp)
+    digest = file_sha256(tmp)
+    name = f"{stem}.{digest[:12]}{suffix}"
+    tmp.rename(work / name)
+    return {"file": name, "sha256": digest, "bytes": (work / name).stat().st_size}
+
+
+def ort_engine_part(onnx_path: Path, work: Path, stem: str, target: str,
+                    source_bytes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """ONNX Runtime's offline-optimized model of ``onnx_path`` in ``work``: (part record, session record).
+    A refused graph is a failed build (``CheckFailed``), not bad input."""
+    from prism_deploy.build.ort_backend import build_ort_engine
+
+    engine = work / f"{stem}.ort.onnx.tmp"
+    data_file = None
+    if source_bytes > ORT_EXTERNAL_THRESHOLD:
+        # the model refers to its data file by name: a fresh name never clobbers the data of
+        # an engine the current manifest lists
+        data_file = f"{stem}.{secrets.token_hex(6)}.ort.data"
+    try:
+        session = build_ort_engine(onnx_path, engine, target, external_data=data_file)
+    except PrismInputError as exc:  # ORT refused a graph we were given to build: a failed build
+        raise CheckFailed(f"ONNX Runtime build failed: {exc}") from None
+    part = engine_part(work, stem, ".ort.onnx", engine)
+    if data_file is not None:
+        part.update(data_file=data_file, data_sha256=file_sha256(work / data_file),
+                    data_bytes=(work / data_file).stat().st_size)
+    return part, session
 
 
 def export_graph(adapter: Any, path: Path, cfg: EngineConfig, calib: Path | None) -> int:

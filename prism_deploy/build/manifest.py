@@ -3,7 +3,8 @@
 Schema (version 1; docs/engines.md describes every field)::
 
     {"schema": "prism-deploy.engines", "schema_version": 1,
-     "adapter": {"file", "sha256", "config", "topology_sha256"},
+     "adapter": {"file", "sha256", "config", "topology_sha256"},   # an adapter build, or
+     "model": {"role", "source", "model_json_sha256", "precision", "copies": [{"file", "sha256", "bytes"}]},
      "engines": [{"id", "configuration", "target", "parts": [{"pipe", "pipe_name", "file",
                   "sha256", "bytes"}], "combine_weights", "session", "tools", "device",
                   "cache_key", "topology_key", "build_seconds", "built_at", "how", "parity"}]}
@@ -62,13 +63,22 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     if version != SCHEMA_VERSION:
         raise EngineFileError(f"{path}: manifest schema_version {version!r} is not supported "
                               f"(this tool reads {SCHEMA_VERSION}); rebuild with `prism-deploy build --force`")
-    if not isinstance(obj.get("engines"), list) or not isinstance(obj.get("adapter"), dict):
-        raise EngineFileError(f"{path}: manifest lacks 'adapter' or 'engines'")
+    if not isinstance(obj.get("engines"), list) or not any(isinstance(obj.get(k), dict) for k in SOURCE_KINDS):
+        raise EngineFileError(f"{path}: manifest lacks 'engines' or a source ({' or '.join(SOURCE_KINDS)})")
     return obj
 
 
-def new_manifest(adapter: dict[str, Any], engines: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "adapter": adapter, "engines": engines}
+# What a build folder was built from: an adapter file (``build ADAPTER``) or a model export
+# folder (``build --model DIR``); the manifest names its source under this key.
+SOURCE_KINDS = ("adapter", "model")
+
+
+def source_kind(manifest: dict[str, Any]) -> str:
+    return "model" if isinstance(manifest.get("model"), dict) else "adapter"
+
+
+def new_manifest(source: dict[str, Any], engines: list[dict[str, Any]], kind: str = "adapter") -> dict[str, Any]:
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, kind: source, "engines": engines}
 
 
 def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:

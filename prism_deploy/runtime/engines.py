@@ -198,6 +198,8 @@ def load_engines(directory: str | os.PathLike[str], precision: str | None = None
     manifest = read_manifest(base)
     if manifest is None:
         raise EngineFileError(f"{base}: no manifest.json (build engines with `prism-deploy build` first)")
+    if "adapter" not in manifest:
+        raise EngineFileError(f"{base}: a `build --model` folder (model graphs), not adapter engines")
     entry = select_entry(manifest, base, precision=precision, target=target, per_pipe=per_pipe,
                          plugin=plugin, engine_id=engine_id)
     return open_entry(base, entry, manifest["adapter"]["config"])

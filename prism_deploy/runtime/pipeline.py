@@ -1,7 +1,9 @@
 """Model A -> adapter -> model B as one callable, and greedy generation in model B.
 
 ``Pipeline(model_a=DIR, adapter=..., model_b=DIR, target=...)`` takes the folders written by
-``prism-deploy export-model`` (``--role upper`` for A, ``--role lower`` for B) and anything
+``prism-deploy export-model`` (``--role upper`` for A, ``--role lower`` for B), or the folders
+``prism-deploy build --model`` made of them (told apart by their ``manifest.json``; see
+:class:`prism_deploy.runtime.model_folder.ModelFolder`), and anything
 :func:`prism_deploy.runtime.adapters.adapter_runner` accepts for the adapter.
 
 The adapter works per token, so model B sees a prefix of exactly as many positions as model A
@@ -28,9 +30,10 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.errors import PrismInputError
-from prism_deploy.models.export import past_names, read_manifest
+from prism_deploy.models.export import past_names
 from prism_deploy.runtime.adapters import adapter_runner, target_provider
 from prism_deploy.runtime.binding import DEVICES, run_bound
+from prism_deploy.runtime.model_folder import ModelFolder
 
 
 def _float_type(ort_type: str) -> type:
@@ -38,18 +41,17 @@ def _float_type(ort_type: str) -> type:
 
 
 class UpperRunner:
-    """Model A's exported graph: ``input_ids``, ``attention_mask`` -> ``hidden``."""
+    """Model A's exported (or built) graph: ``input_ids``, ``attention_mask`` -> ``hidden``."""
 
     def __init__(self, model_dir: str | os.PathLike[str], provider: str = "cpu") -> None:
-        from prism_deploy.runtime.ort_session import make_session
-
         self.dir = Path(model_dir)
-        self.manifest = read_manifest(model_dir, "upper")
+        self.folder = ModelFolder(model_dir, "upper")
+        self.manifest = self.folder.manifest
         self.hidden_size = int(self.manifest["dims"]["hidden"])
         self.vocab = int(self.manifest["dims"]["vocab"])
         self.max_seq = int(self.manifest["max_seq"])
         self.device = DEVICES[provider]
-        self.session = make_session(self.dir / self.manifest["files"]["graph"]["name"], provider)
+        self.session = self.folder.session("graph", provider)
 
     def run_device(self, input_ids: np.ndarray, attention_mask: Any) -> Any:
         """``hidden`` as an OrtValue on the device."""
@@ -60,20 +62,18 @@ class UpperRunner:
 
 
 class LowerRunner:
-    """Model B's exported graphs: full-sequence logits, and the KV-cache graph for generation."""
+    """Model B's exported (or built) graphs: full-sequence logits, and the KV-cache graph for generation."""
 
     def __init__(self, model_dir: str | os.PathLike[str], provider: str = "cpu") -> None:
-        from prism_deploy.runtime.ort_session import make_session
-
         self.dir = Path(model_dir)
-        self.manifest = read_manifest(model_dir, "lower")
+        self.folder = ModelFolder(model_dir, "lower")
+        self.manifest = self.folder.manifest
         dims = self.manifest["dims"]
         self.hidden_size, self.vocab, self.layers = int(dims["hidden"]), int(dims["vocab"]), int(dims["layers"])
         self.kv_heads, self.head_dim = int(dims["kv_heads"]), int(dims["head_dim"])
         self.max_seq = int(self.manifest["max_seq"])
-        files = self.manifest["files"]
         self.device = DEVICES[provider]
-        self.session = make_session(self.dir / files["graph"]["name"], provider)
+        self.session = self.folder.session("graph", provider)
         self.input_type = self.session.get_inputs()[0].type
         self.dtype = _float_type(self.input_type)
         self._provider = provider
@@ -83,9 +83,7 @@ class LowerRunner:
     @property
     def past_session(self) -> Any:
         if self._past_session is None:  # opened on first generate: plain calls never pay for it
-            from prism_deploy.runtime.ort_session import make_session
-
-            self._past_session = make_session(self.dir / self.manifest["files"]["graph_with_past"]["name"], self._provider)
+            self._past_session = self.folder.session("graph_with_past", self._provider)
         return self._past_session
 
     @property

@@ -71,6 +71,9 @@ class TrtBuildSettings:
     plugin: bool = False
     optimization_level: int = 3
     workspace_bytes: int | None = None
+    # Graphs with other inputs than the adapter's ``hidden`` (the exported models): one
+    # (name, min, opt, max) per dynamic input; when given, the three shapes above are unused.
+    input_shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...] = ()
 
 
 def _logger(trt_module: Any) -> Any:
@@ -113,8 +116,9 @@ def build_serialized_engine(onnx_path: str | os.PathLike[str], settings: TrtBuil
     if settings.workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
     profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT_NAME, trt.Dims(list(settings.min_shape)), trt.Dims(list(settings.opt_shape)),
-                      trt.Dims(list(settings.max_shape)))
+    for name, lo, opt, hi in settings.input_shapes or ((INPUT_NAME, settings.min_shape, settings.opt_shape,
+                                                        settings.max_shape),):
+        profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
     config.add_optimization_profile(profile)
     if settings.refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
