@@ -290,3 +290,13 @@ def test_mutated_files_load_cleanly_or_fail_cleanly(mutations, valid_file_bytes,
     # it loaded, so it is a valid adapter: it must run
     y = adapter(torch.ones(2, adapter.in_dim))
     assert y.shape == (2, adapter.out_dim)
+
+
+def test_default_gate_scale_on_an_ungated_pipe_is_accepted(tmp_path):
+    # some writers emit every optional key with its default; 1.0 on an ungated pipe means nothing
+    from prism_deploy.format import AdapterConfig
+
+    obj = CONFIG.to_json()
+    ungated = next(i for i, p in enumerate(obj["pipes"]) if p["top_k"] is None)
+    obj["pipes"][ungated]["gate_scale"] = 1.0
+    assert AdapterConfig.from_json(obj) == CONFIG

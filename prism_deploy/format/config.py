@@ -238,8 +238,10 @@ def _parse_pipe(obj: Any, index: int) -> PipeSpec:
     if top_k is not None and not _is_int(top_k):
         raise AdapterFormatError(f"{where}.top_k: must be an integer or null, got {top_k!r}")
     gate_scale = obj.get("gate_scale", 1.0)
-    if top_k is None and "gate_scale" in obj:
-        raise AdapterFormatError(f"{where}.gate_scale: only a gated pipe has a gate_scale")
+    # A writer that emits the default for every pipe is harmless; any other value on an
+    # ungated pipe (where no gate weight exists to scale) is a mistake worth naming.
+    if top_k is None and "gate_scale" in obj and gate_scale != 1.0:
+        raise AdapterFormatError(f"{where}.gate_scale: only a gated pipe has a gate_scale (got {gate_scale!r})")
     if not isinstance(gate_scale, (int, float)) or isinstance(gate_scale, bool):
         raise AdapterFormatError(f"{where}.gate_scale: must be a number, got {gate_scale!r}")
     try:
