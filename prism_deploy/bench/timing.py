@@ -46,14 +46,7 @@ def summarize(samples_ns: Sequence[int]) -> dict[str, float]:
 def time_cpu(run: Callable[[Any], Any], inputs: Sequence[Any], warmup_ms: float, repeat: int) -> dict[str, Any]:
     """Warm up for ``warmup_ms`` (at least one call per buffer), then time ``repeat`` calls."""
     k = len(inputs)
-    t0 = time.perf_counter_ns()
-    run(inputs[0])
-    first_call_s = (time.perf_counter_ns() - t0) * 1e-9
-    calls = 1
-    deadline = time.perf_counter_ns() + int(warmup_ms * 1e6)
-    while calls < k or time.perf_counter_ns() < deadline:
-        run(inputs[calls % k])
-        calls += 1
+    first_call_s, calls = _warm_up(run, inputs, warmup_ms)
     samples = []
     for i in range(repeat):
         x = inputs[(calls + i) % k]
@@ -75,16 +68,7 @@ def time_cuda(
     import torch
 
     k = len(inputs)
-    t0 = time.perf_counter_ns()
-    run(inputs[0])
-    torch.cuda.synchronize()
-    first_call_s = (time.perf_counter_ns() - t0) * 1e-9
-    calls = 1
-    deadline = time.perf_counter_ns() + int(warmup_ms * 1e6)
-    while calls < k or time.perf_counter_ns() < deadline:
-        run(inputs[calls % k])
-        calls += 1
-    torch.cuda.synchronize()
+    first_call_s, calls = _warm_up(run, inputs, warmup_ms, sync=torch.cuda.synchronize)
     method = "cuda events per call"
     step: Callable[[int], Any] = lambda i: run(inputs[i % k])  # noqa: E731
     if use_graph:
@@ -104,6 +88,25 @@ def time_cuda(
     torch.cuda.synchronize()
     samples = [int(s.elapsed_time(e) * 1e6) for s, e in zip(starts, ends)]
     return {**summarize(samples), "warmup_calls": calls, "first_call_s": first_call_s, "buffers": k, "method": method}
+
+
+def _warm_up(
+    run: Callable[[Any], Any], inputs: Sequence[Any], warmup_ms: float, sync: Callable[[], Any] = lambda: None
+) -> tuple[float, int]:
+    """Time the first call alone (loading, compilation), then call for ``warmup_ms`` and at
+    least once per buffer. Returns (first call seconds, calls made)."""
+    k = len(inputs)
+    t0 = time.perf_counter_ns()
+    run(inputs[0])
+    sync()
+    first_call_s = (time.perf_counter_ns() - t0) * 1e-9
+    calls = 1
+    deadline = time.perf_counter_ns() + int(warmup_ms * 1e6)
+    while calls < k or time.perf_counter_ns() < deadline:
+        run(inputs[calls % k])
+        calls += 1
+    sync()
+    return first_call_s, calls
 
 
 def _capture_graphs(run: Callable[[Any], Any], inputs: Sequence[Any]) -> list[Any] | None:
