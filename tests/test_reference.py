@@ -130,6 +130,10 @@ def test_describe_counts(rng):
     assert info["flops_per_token"]["gated"] == 2 * 4 * tile + 2 * 16 * 16
     assert info["params"] == 16 * tile + 16 * 16 + 16
     assert info["bytes"] == 4 * info["params"]
+    adapter = random_adapter(cfg, dtype=torch.float16)
+    assert adapter.num_parameters == info["params"]
+    assert adapter.nbytes == 2 * info["params"]
+    assert adapter.flops_per_token == info["flops_per_token"]
 
 
 def test_saving_the_same_adapter_twice_gives_the_same_bytes(tmp_path):

@@ -39,12 +39,24 @@ MAX_TOKENS_PER_BLOCK = 256
 
 
 def kernel_source_path() -> Path:
-    """``plugins/tile_dispatch/tile_dispatch.cu``; ``$PRISM_DEPLOY_PLUGINS`` overrides the folder."""
+    """``plugins/tile_dispatch/tile_dispatch.cu``; ``$PRISM_DEPLOY_PLUGINS`` overrides the folder.
+
+    A checkout (or editable install) reads the repository's ``plugins/``; a wheel install reads
+    the copy that pyproject's data-files put under ``<prefix>/share/prism-deploy/plugins``.
+    """
     import os
+    import sys
 
     root = os.environ.get("PRISM_DEPLOY_PLUGINS")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / "plugins"
-    return base / "tile_dispatch" / "tile_dispatch.cu"
+    candidates = [Path(root)] if root else [
+        Path(__file__).resolve().parents[2] / "plugins",
+        Path(sys.prefix) / "share" / "prism-deploy" / "plugins",
+    ]
+    for base in candidates:
+        path = base / "tile_dispatch" / "tile_dispatch.cu"
+        if path.is_file():
+            return path
+    return candidates[0] / "tile_dispatch" / "tile_dispatch.cu"
 
 
 @dataclass(frozen=True)

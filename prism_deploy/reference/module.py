@@ -178,6 +178,20 @@ class PrismAdapter(nn.Module):
     def describe(self) -> dict[str, Any]:
         return describe(self.config, self.tensors())
 
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (what the file's data section holds)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def flops_per_token(self) -> dict[str, int]:
+        """``{"dense": ..., "gated": ...}``: every worker, or only the selected ones (plus gates)."""
+        return dict(self.describe()["flops_per_token"])
+
 
 def load_adapter(path: str | os.PathLike[str]) -> PrismAdapter:
     """Read, validate and wrap an adapter file (format v1)."""
