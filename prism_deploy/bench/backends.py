@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import os
 import shutil
 from pathlib import Path
@@ -271,13 +270,8 @@ class OrtBackend(Backend):
             self.info["calibration"] = f"{CALIB_ROWS} standard-normal rows, seed {CALIB_SEED}"
 
     def _open(self, OrtRunner: Any, path: Path) -> Any:
-        """``OrtRunner`` as the lowering ships it; with ``--threads``, a session of that many
-        intra-op threads (through the runner when it takes them, else ``make_session``)."""
-        if self.threads is None:
-            return OrtRunner(path, self.provider)
-        if "intra_op_threads" in inspect.signature(OrtRunner).parameters:
-            return OrtRunner(path, self.provider, intra_op_threads=self.threads)
-        return _SessionRunner(path, self.provider, self.threads)
+        """``OrtRunner`` as the lowering ships it, with ``--threads`` intra-op threads if given."""
+        return OrtRunner(path, self.provider, intra_op_threads=self.threads)
 
     def make_input(self, hidden: np.ndarray) -> Any:
         return np.ascontiguousarray(hidden.astype(self.io_dtype, copy=False))
@@ -302,19 +296,6 @@ class OrtBackend(Backend):
         self.runner = None
 
 
-class _SessionRunner:
-    """A session with a fixed intra-op thread count, run like ``OrtRunner`` (``hidden`` ->
-    ``adapted``), on the same exported graph. Unlike ``OrtRunner`` it does not also fetch
-    the gates' selections, which only parity checks need."""
-
-    def __init__(self, path: Path, provider: str, threads: int) -> None:
-        from prism_deploy.runtime.ort_session import make_session
-
-        self.session = make_session(path, provider, intra_op_threads=threads)
-        self.input_name = self.session.get_inputs()[0].name
-
-    def run(self, hidden: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: hidden})[0]
 
 
 class OrtCudaBackend(OrtBackend):

@@ -415,7 +415,7 @@ class _Session:
                 except TensorRTError as exc:
                     raise CheckFailed(f"TensorRT build failed: {exc}") from None
             else:
-                part, session = ort_engine_part(onnx_path, work, stem, cfg.target, exported_bytes)
+                part, session = ort_engine_part(onnx_path, work, stem, cfg.target, exported_bytes, cfg.precision)
             part = {"pipe": index, "pipe_name": None if index is None else self.config.pipes[index].name, **part}
             parts.append(part)
         return parts, session
@@ -477,7 +477,7 @@ def engine_part(work: Path, stem: str, suffix: str, engine: bytes | Path) -> dic
 
 
 def ort_engine_part(onnx_path: Path, work: Path, stem: str, target: str,
-                    source_bytes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                    source_bytes: int, precision: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """ONNX Runtime's offline-optimized model of ``onnx_path`` in ``work``: (part record, session record).
     A refused graph is a failed build (``CheckFailed``), not bad input."""
     from prism_deploy.build.ort_backend import build_ort_engine
@@ -489,7 +489,7 @@ def ort_engine_part(onnx_path: Path, work: Path, stem: str, target: str,
         # an engine the current manifest lists
         data_file = f"{stem}.{secrets.token_hex(6)}.ort.data"
     try:
-        session = build_ort_engine(onnx_path, engine, target, external_data=data_file)
+        session = build_ort_engine(onnx_path, engine, target, external_data=data_file, precision=precision)
     except PrismInputError as exc:  # ORT refused a graph we were given to build: a failed build
         raise CheckFailed(f"ONNX Runtime build failed: {exc}") from None
     part = engine_part(work, stem, ".ort.onnx", engine)

@@ -15,6 +15,7 @@ from typing import Any
 
 BUILD_OPTIMIZATION_LEVEL = "ORT_ENABLE_EXTENDED"
 LOAD_OPTIMIZATION_LEVEL = "ORT_DISABLE_ALL"
+FOLDING_LOAD_LEVEL = "ORT_ENABLE_BASIC"  # constant folding, nothing hardware-specific
 # Protobuf cannot hold a model over 2 GiB: above this, the optimized model's initializers go to
 # a data file beside it (ONNX Runtime's session config keys for offline-optimized models).
 EXTERNAL_FILE_KEY = "session.optimized_model_external_initializers_file_name"
@@ -27,13 +28,13 @@ def provider_for(target: str) -> str:
 
 
 def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
-                     external_data: str | None = None) -> dict[str, Any]:
+                     external_data: str | None = None, precision: str | None = None) -> dict[str, Any]:
     """Optimize ``onnx_path`` for ``target``'s provider into ``engine_path``; return the session record.
 
     ``external_data``: a file name (in ``engine_path``'s folder) for the initializers of a
     model too large for one protobuf; the optimized model refers to it by that name.
     """
-    from prism_deploy.runtime.ort_session import make_session
+    from prism_deploy.runtime.ort_session import make_session, session_config_for
 
     provider = provider_for(target)
     config = None
@@ -45,8 +46,14 @@ def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
         raise RuntimeError(f"{onnx_path}: ONNX Runtime did not write the optimized model")
     if external_data is not None and not (engine_path.parent / external_data).is_file():
         raise RuntimeError(f"{onnx_path}: ONNX Runtime did not write the external initializers")
-    return {
+    record: dict[str, Any] = {
         "provider": provider,
         "build_graph_optimization_level": BUILD_OPTIMIZATION_LEVEL,
         "load_graph_optimization_level": LOAD_OPTIMIZATION_LEVEL,
     }
+    load_config = session_config_for(precision)
+    if load_config:
+        # Weight-only int8: the engine file keeps int8 weights; their dequantization is folded
+        # into floats once, when the engine is opened (which needs constant folding on).
+        record.update(load_graph_optimization_level=FOLDING_LOAD_LEVEL, load_session_config=load_config)
+    return record

@@ -57,12 +57,12 @@ class OnnxAdapterRunner:
     kind = "onnx"
 
     def __init__(self, onnx_path: str | os.PathLike[str], provider: str = "cpu") -> None:
-        from prism_deploy.runtime.ort_session import make_session
+        from prism_deploy.runtime.ort_session import make_session, session_config_for
 
         self.path = Path(onnx_path)
         self.precision = graph_precision(self.path)
         self.device = provider  # ONNX Runtime device names: "cpu", "cuda"
-        self.session = make_session(self.path, provider)
+        self.session = make_session(self.path, provider, session_config=session_config_for(self.precision))
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if "float16" in inp.type else np.float32

@@ -54,7 +54,8 @@ class OrtEngineRunner:
         self.provider = session["provider"]
         self.out_dim = out_dim
         self.session = make_session(path, self.provider,
-                                    graph_optimization_level=session["load_graph_optimization_level"])
+                                    graph_optimization_level=session["load_graph_optimization_level"],
+                                    session_config=session.get("load_session_config"))
 
     def run(self, hidden: Any) -> Any:
         dev = _as_torch_cuda(hidden)

@@ -21,14 +21,16 @@ from onnx import helper, numpy_helper
 
 from prism_deploy.errors import PrismInputError
 from prism_deploy.lower.export import read_lowering_metadata
-from prism_deploy.runtime.ort_session import make_session
+from prism_deploy.runtime.ort_session import make_session, session_config_for
 
 
 class OrtRunner:
     """An ONNX Runtime session on an adapter graph written by ``prism-deploy export``."""
 
-    def __init__(self, onnx_path: str | os.PathLike[str], provider: str = "cpu") -> None:
+    def __init__(self, onnx_path: str | os.PathLike[str], provider: str = "cpu", *,
+                 intra_op_threads: int | None = None) -> None:
         self.path = Path(onnx_path)
+        self.intra_op_threads = intra_op_threads
         if not self.path.is_file():
             raise PrismInputError(f"{self.path}: no such file")
         self.provider = provider
@@ -53,22 +55,26 @@ class OrtRunner:
         self.session = self._open()
         self._outputs = ["adapted", *self.selection_outputs.values()]
 
+    def _session(self, model: str | os.PathLike[str] | bytes) -> Any:
+        return make_session(model, self.provider, intra_op_threads=self.intra_op_threads,
+                            session_config=session_config_for(self.precision))
+
     def _open(self) -> Any:
         if not self.selection_outputs:
-            return make_session(self.path, self.provider)
+            return self._session(self.path)
         probe = onnx.ModelProto()
         probe.CopyFrom(self._skeleton)
         for name in self.selection_outputs.values():
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
         if not _has_external_data(probe):
-            return make_session(probe.SerializeToString(), self.provider)
+            return self._session(probe.SerializeToString())
         # External weights are found relative to the model file: write the extended
         # skeleton beside it for as long as the session takes to open.
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".runner.onnx", dir=self.path.parent)
         os.close(fd)
         try:
             onnx.save_model(probe, tmp)
-            return make_session(tmp, self.provider)
+            return self._session(tmp)
         finally:
             os.unlink(tmp)
 
