@@ -67,3 +67,16 @@ def test_built_int8_engine_folds_at_load(adapter, tmp_path):
     ref = adapter(__import__("torch").from_numpy(x)).numpy()
     got = engines.run(x)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-2
+
+
+@pytest.mark.parametrize("precision,expected", [("int8", "1"), ("int8-qdq", "0")])
+def test_pipeline_adapter_runner_follows_the_lowered_precision(adapter, tmp_path, precision, expected):
+    # both precisions store int8 weights; only weight-only int8 may fold its dequantization
+    from prism_deploy.runtime.adapters import OnnxAdapterRunner
+
+    path = tmp_path / f"p-{precision}.onnx"
+    calib = np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32)
+    export_onnx(adapter, path, precision=precision, calib=calib if precision == "int8-qdq" else None)
+    runner = OnnxAdapterRunner(path)
+    assert runner.precision == "int8"  # the tolerance class
+    assert _config_entry(runner.session) == expected

@@ -59,10 +59,16 @@ class OnnxAdapterRunner:
     def __init__(self, onnx_path: str | os.PathLike[str], provider: str = "cpu") -> None:
         from prism_deploy.runtime.ort_session import make_session, session_config_for
 
+        import onnx
+
         self.path = Path(onnx_path)
-        self.precision = graph_precision(self.path)
+        skeleton = onnx.load_model(str(self.path), load_external_data=False)
+        self.precision = graph_precision(skeleton)
         self.device = provider  # ONNX Runtime device names: "cpu", "cuda"
-        self.session = make_session(self.path, provider, session_config=session_config_for(self.precision))
+        # The session options follow the exact lowering (weight-only int8 and int8-qdq both
+        # store int8 weights, but only the former folds its dequantization).
+        self.session = make_session(self.path, provider,
+                                    session_config=session_config_for(lowered_precision(skeleton)))
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if "float16" in inp.type else np.float32
@@ -87,18 +93,28 @@ class OnnxAdapterRunner:
         return run_bound(self.session, {self.input_name: hidden}, [self.output_name], self.device)[0]
 
 
-def graph_precision(onnx_path: Path) -> str:
+def graph_precision(model: Any) -> str:
     """``int8``, ``fp16`` or ``fp32``: the least precise weights the graph stores (for the
-    default parity tolerances). Reads the graph without its external weights."""
+    default parity tolerances)."""
     import onnx
 
-    model = onnx.load_model(str(onnx_path), load_external_data=False)
     types = {t.data_type for t in model.graph.initializer}
     if types & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4}:
         return "int8"
     if types & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}:
         return "fp16"
     return "fp32"
+
+
+def lowered_precision(model: Any) -> str | None:
+    """The ``precision`` the lowering recorded (``int8-qdq`` included); None for other graphs."""
+    from prism_deploy.errors import PrismInputError
+    from prism_deploy.lower import read_lowering_metadata
+
+    try:
+        return str(read_lowering_metadata(model)["precision"])
+    except PrismInputError:
+        return None
 
 
 def target_provider(target: str) -> tuple[str, str]:
