@@ -42,6 +42,11 @@
 // No #include at all: the kernel compiles with NVRTC alone (the nvidia-cuda-nvrtc wheel ships
 // no CUDA headers), so half precision is handled as raw 16-bit values converted by PTX cvt.
 // The -D names carry a PRISM_ prefix so they cannot collide with NVRTC's built-in names.
+// The dynamic shared memory; host/cuda_host.h (the CPU test harness) defines its own.
+#ifndef PRISM_DYNAMIC_SHARED
+#define PRISM_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 #define HIDDEN_DTYPE PRISM_HIDDEN_DTYPE
 #define TILE_DTYPE PRISM_TILE_DTYPE
 #define R PRISM_R
@@ -102,6 +107,7 @@ typedef signed char tile_t;
 #error "TOP_K must be in [1, R*C]"
 #endif
 
+#ifndef PRISM_HOST_EMULATION
 __device__ __forceinline__ float half_bits_to_float(unsigned short h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -113,6 +119,11 @@ __device__ __forceinline__ unsigned short float_to_half_bits(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#else
+// host/cuda_host.h runs this source on a CPU (tests without a GPU): same conversions, no PTX.
+#define half_bits_to_float prism_half_bits_to_float
+#define float_to_half_bits prism_float_to_half_bits
+#endif
 
 __device__ __forceinline__ float hidden_to_float(hidden_t v) {
 #if HIDDEN_DTYPE == 0
@@ -325,7 +336,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 tile_dispatch_kernel(const hidden_t* __restrict__ hidden, const float* __restrict__ scores,
                      const tile_t* __restrict__ tiles, const float* __restrict__ scales, int T, int in_dim,
                      hidden_t* __restrict__ out) {
-    extern __shared__ float gw[];  // [TOKENS_PER_BLOCK][GW_STRIDE] gate weights of row-block r
+    PRISM_DYNAMIC_SHARED(float, gw);  // [TOKENS_PER_BLOCK][GW_STRIDE] gate weights of row-block r
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int rows_per_block = WARPS * ROWS_PER_WARP;

@@ -27,7 +27,8 @@ def gate_weights(scores: np.ndarray, top_k: int, gate_scale: float) -> np.ndarra
     s = np.asarray(scores, dtype=np.float32)
     idx = top_k_select(s, top_k)
     sel = np.take_along_axis(s, idx, axis=-1)
-    e = np.exp(sel - sel.max(axis=-1, keepdims=True))
+    with np.errstate(over="ignore"):  # -3e38 - 3e38 = -inf, and exp(-inf) = 0 is what is meant
+        e = np.exp(sel - sel.max(axis=-1, keepdims=True))
     w = (e / e.sum(axis=-1, keepdims=True)) * np.float32(gate_scale)
     dense = np.zeros_like(s)
     np.put_along_axis(dense, idx, w.astype(np.float32), axis=-1)

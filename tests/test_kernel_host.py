@@ -1,0 +1,200 @@
+"""The kernel's own CUDA source, run on the CPU (prism_deploy.kernel.host), against the reference.
+
+This is the kernel code itself, compiled as host C++ with the defines and launch geometry a GPU
+launch uses; warp shuffles and ballots are real exchanges between 32 lanes. Every buffer lies
+against an inaccessible page, so out-of-bounds accesses crash the run; output starts as NaN, so
+an element no thread writes shows. The negative controls at the end show the harness fails
+when the kernel is wrong."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from prism_deploy.kernel.host import HostRunError, build_host_runner, compiler, run_on_host
+from prism_deploy.kernel.semantics import gate_weights, tile_dispatch
+from prism_deploy.kernel.spec import TileDispatchSpec, kernel_source_path, launch_config
+from prism_deploy.reference import random_adapter, simple_config
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler (g++) to build the host runner")
+
+# relative L2 against the float32 reference: float32 I/O 1e-6; float16 I/O rounds input and output.
+TOL = {"float32": 1e-6, "float16": 2e-3}
+
+CASES = [
+    # R, C, tr, tc, top_k, in_dim, out_dim, hidden dtype, tile dtype, T
+    (3, 4, 10, 10, 5, 37, 29, "float32", "float32", 7),       # padding rows and columns, scalar loads
+    (3, 4, 10, 16, 5, 60, 29, "float16", "int8", 40),         # int8 with row scales, vector loads
+    (2, 3, 7, 300, 1, 850, 13, "float16", "float16", 33),     # top_k = 1, a row-block wholly in padding
+    (4, 2, 5, 40, 8, 70, 20, "float32", "int8", 5),           # top_k = R*C
+    (1, 5, 3, 13, 5, 40, 3, "float32", "float32", 3),         # whole column blocks in the padding
+    (2, 2, 8, 2100, 2, 4000, 16, "float16", "float16", 3),    # tiles wider than one 2048-column segment
+    (4, 8, 16, 64, 3, 500, 60, "float32", "float16", 300),    # two token chunks, the second partial
+    (32, 2, 1024, 8, 3, 16, 32668, "float32", "float32", 2),  # 4 rows per warp (a 1024-block grid)
+]
+
+
+def _inputs(case, seed=0, tie_step=0.0):
+    R, C, tr, tc, k, in_dim, out_dim, hd, td, T = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, in_dim)).astype(hd)
+    s = rng.standard_normal((T, R * C)).astype(np.float32)
+    if tie_step:
+        s = (np.round(s / tie_step) * tie_step).astype(np.float32)
+    if td == "int8":
+        tiles = rng.integers(-127, 128, (R * C, tr, tc)).astype(np.int8)
+        scales = (rng.uniform(0.5, 1.0, (R * C, tr)) / (127 * np.sqrt(in_dim))).astype(np.float32)
+    else:
+        tiles = (rng.standard_normal((R * C, tr, tc)) / np.sqrt(in_dim)).astype(td)
+        scales = None
+    spec = TileDispatchSpec(R, C, tr, tc, k, 1.7, out_dim, hd, td)
+    return spec, x, s, tiles, scales
+
+
+def _reference(spec, x, s, tiles, scales):
+    return tile_dispatch(x.astype(np.float32), s, tiles, scales, **spec.attributes())
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_kernel_source_matches_reference(case):
+    spec, x, s, tiles, scales = _inputs(case)
+    for guard in ("end", "start"):  # overruns, then underruns, of every buffer fault
+        out = run_on_host(spec, x, s, tiles, scales, guard=guard)
+        assert out.dtype == x.dtype and not np.isnan(out).any(), "an output element nobody wrote"
+        assert _rel(out, _reference(spec, x, s, tiles, scales)) < TOL[spec.hidden_dtype]
+
+
+def test_kernel_source_matches_reference_adapter_pipe():
+    """Against PrismAdapter itself: one gated pipe, its own gate scores and tiles."""
+    adapter = random_adapter(simple_config(45, 33, (3, 5), top_k=4, gate_scale=2.0), seed=7)
+    pipe = adapter.pipe_list()[0]
+    x = torch.randn(9, 45, generator=torch.Generator().manual_seed(2))
+    sp = pipe.spec
+    spec = TileDispatchSpec(*sp.grid, *sp.tile, sp.top_k, sp.gate_scale, 33)
+    out = run_on_host(spec, x.numpy(), pipe.routing(x).scores.detach().numpy(), pipe.tiles.detach().numpy())
+    ref = pipe(x).detach().numpy()
+    assert _rel(out, ref) < 1e-6
+
+
+HARD = np.array([
+    [-3.0, -1.0, -1.0, -2.0, -1.0, -5.0, -1.0, -7.0],           # all negative, four-way tie
+    [0.0, -0.0, 0.0, -0.0, 1.0, 0.0, -0.0, -1.0],              # signed zeros compare equal
+    [2.0] * 8,                                                 # everything tied
+    [3e38, -3e38, 3.0, 3e38, 0.0, -3.0, 1e-38, -1e-38],         # extremes, denormal-adjacent
+    [1.0, np.nextafter(np.float32(1), np.float32(2)), 1.0, 1.0, 0.5, 0.5, 0.5, 0.5],  # one ulp apart
+], dtype=np.float32)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 5, 8])
+def test_kernel_source_routing_on_hard_scores(k):
+    """Ties go to the lower index, -0 == +0: the selected set must equal the reference's exactly,
+    which a one-worker difference would break far beyond the tolerance (tiles differ per worker)."""
+    rng = np.random.default_rng(k)
+    spec = TileDispatchSpec(2, 4, 3, 8, k, 1.3, 6, "float32", "float32")
+    x = rng.standard_normal((len(HARD), 32)).astype(np.float32)
+    tiles = rng.standard_normal((8, 3, 8)).astype(np.float32)
+    out = run_on_host(spec, x, HARD, tiles)
+    ref = _reference(spec, x, HARD, tiles, None)
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=2e-6)
+
+
+def test_kernel_source_is_batch_invariant():
+    """A token alone gives bit-identical results to the same token inside a batch of 300."""
+    spec, x, s, tiles, scales = _inputs(CASES[6], seed=3)
+    batch = run_on_host(spec, x, s, tiles, scales)
+    for i in (0, 137, 299):
+        alone = run_on_host(spec, x[i:i + 1], s[i:i + 1], tiles, scales)
+        np.testing.assert_array_equal(alone[0], batch[i])
+
+
+@pytest.mark.parametrize("hd,td,tr,tc", [("float32", "float32", 16, 64), ("float16", "float16", 32, 64),
+                                         ("float16", "int8", 64, 64)])
+@pytest.mark.parametrize("T", [1, 4])
+def test_kernel_source_never_touches_unselected_tiles(hd, td, tr, tc, T):
+    """Tiles of exactly one page each; every tile no token selected is made inaccessible."""
+    R, C, k = 3, 6, 4
+    case = (R, C, tr, tc, k, C * tc - 5, R * tr - 3, hd, td, T)
+    spec, x, s, tiles, scales = _inputs(case, seed=T)
+    assert tiles.nbytes // (R * C) == os.sysconf("SC_PAGE_SIZE")
+    chosen = set(np.flatnonzero(gate_weights(s, k, 1.7).any(axis=0)))
+    unread = [w for w in range(R * C) if w not in chosen]
+    assert unread, "the test needs unselected workers"
+    out = run_on_host(spec, x, s, tiles, scales, guard="start", unread_workers=unread)
+    assert _rel(out, _reference(spec, x, s, tiles, scales)) < TOL[hd]
+    # ... and the protection is real: hiding one selected tile crashes the run
+    with pytest.raises(HostRunError, match="SIGSEGV"):
+        run_on_host(spec, x, s, tiles, scales, guard="start", unread_workers=[min(chosen)])
+
+
+# ---------------------------------------------------------------- negative controls
+
+
+def _mutated_plugins(tmp_path, old, new):
+    src = kernel_source_path()
+    root = tmp_path / "plugins"
+    shutil.copytree(src.parent.parent, root)
+    path = root / "tile_dispatch" / "tile_dispatch.cu"
+    text = path.read_text()
+    assert text.count(old) == 1, old
+    path.write_text(text.replace(old, new))
+    return root
+
+
+def test_a_wrong_tie_break_in_the_source_is_caught(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRISM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PRISM_DEPLOY_PLUGINS", str(_mutated_plugins(
+        tmp_path, "const bool sel = kw > tau || (kw == tau && w <= cutoff);",
+        "const bool sel = kw > tau || (kw == tau && w >= cutoff);")))
+    rng = np.random.default_rng(0)
+    spec = TileDispatchSpec(2, 4, 3, 8, 3, 1.3, 6, "float32", "float32")
+    x = rng.standard_normal((len(HARD), 32)).astype(np.float32)
+    tiles = rng.standard_normal((8, 3, 8)).astype(np.float32)
+    out = run_on_host(spec, x, HARD, tiles)
+    assert not np.allclose(out, _reference(spec, x, HARD, tiles, None), rtol=1e-3, atol=1e-3)
+
+
+def test_a_collective_in_a_divergent_branch_is_reported_as_deadlock(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRISM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PRISM_DEPLOY_PLUGINS", str(_mutated_plugins(
+        tmp_path, "                    p = warp_sum_float(p);",
+        "                    if (lane < 16) p = warp_sum_float(p);")))
+    spec, x, s, tiles, scales = _inputs(CASES[0])
+    with pytest.raises(HostRunError, match="deadlock"):
+        run_on_host(spec, x, s, tiles, scales)
+
+
+def _run_exe(spec, x, s, tiles, tmp_path, *, grid_x=None, shared=None):
+    """Call the host runner directly with a geometry other than launch_config's."""
+    cfg = launch_config(spec, x.shape[0])
+    for name, arr in (("hidden", x), ("scores", s), ("tiles", tiles), ("scales", np.ones(1, np.float32))):
+        arr.tofile(tmp_path / f"{name}.bin")
+    argv = [str(build_host_runner(spec)), str(grid_x or cfg.grid_x), str(cfg.grid_y), str(cfg.block_x),
+            str(cfg.shared_mem if shared is None else shared), str(x.shape[0]), str(x.shape[1]), "end", str(tmp_path)]
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+def test_too_little_shared_memory_faults(tmp_path):
+    """A full token chunk writes the gate table up to its last real column (the padding column
+    of an even C is never written): 8 bytes fewer than launch_config gives must fault."""
+    spec, x, s, tiles, _ = _inputs(CASES[0][:-1] + (256,))
+    cfg = launch_config(spec, 256)
+    assert cfg.tokens_per_block == 256 and spec.C % 2 == 0
+    assert _run_exe(spec, x, s, tiles, tmp_path).returncode == 0
+    assert _run_exe(spec, x, s, tiles, tmp_path, shared=cfg.shared_mem - 8).returncode < 0
+
+
+def test_a_grid_short_of_one_block_leaves_outputs_unwritten(tmp_path):
+    spec, x, s, tiles, _ = _inputs(CASES[0])
+    done = _run_exe(spec, x, s, tiles, tmp_path, grid_x=launch_config(spec, 7).grid_x - 1)
+    assert done.returncode == 0
+    out = np.fromfile(tmp_path / "out.bin", np.float32).reshape(7, spec.out_dim)
+    assert np.isnan(out).any()
