@@ -30,9 +30,9 @@ WARPS_PER_BLOCK = 8
 # waves on a 132-SM H100 keep the memory system busy, fewer blocks repeat less routing.
 TARGET_BLOCKS = 1024
 MAX_ROWS_PER_WARP = 8
-# The per-block gate-weight table [tokens_per_block, C] lives in shared memory; keep it under
-# 32 KiB so several blocks fit on an SM, and never over the 48 KiB a launch gets without an
-# opt-in (which a TensorRT AOT plugin cannot make).
+# Shared memory per block: the gate-weight table [tokens_per_block, C] and the list of selected
+# column blocks; keep it under 32 KiB so several blocks fit on an SM, and never over the 48 KiB
+# a launch gets without an opt-in (which a TensorRT AOT plugin cannot make).
 SMEM_BUDGET = 32 * 1024
 SMEM_LIMIT = 48 * 1024
 MAX_TOKENS_PER_BLOCK = 256
@@ -88,9 +88,9 @@ class TileDispatchSpec:
             raise PrismInputError(f"tile_dispatch: hidden dtype {self.hidden_dtype!r} is not one of {sorted(HIDDEN_DTYPES)}")
         if self.tile_dtype not in TILE_DTYPES:
             raise PrismInputError(f"tile_dispatch: tile dtype {self.tile_dtype!r} is not one of {sorted(TILE_DTYPES)}")
-        if gate_table_bytes(self.C, 32) > SMEM_LIMIT:
+        if shared_bytes(self.C, 32) > SMEM_LIMIT:
             raise PrismInputError(
-                f"tile_dispatch: C={self.C} column blocks need {gate_table_bytes(self.C, 32)} bytes of shared "
+                f"tile_dispatch: C={self.C} column blocks need {shared_bytes(self.C, 32)} bytes of shared "
                 f"memory per block, over the {SMEM_LIMIT} a launch gets; use a grid with fewer column blocks"
             )
 
@@ -111,7 +111,7 @@ class TileDispatchSpec:
     def tokens_per_block(self) -> int:
         """Tokens one block routes and serves: each selected tile row is read once per block."""
         tpb = MAX_TOKENS_PER_BLOCK
-        while tpb > 32 and gate_table_bytes(self.C, tpb) > SMEM_BUDGET:
+        while tpb > 32 and shared_bytes(self.C, tpb) > SMEM_BUDGET:
             tpb //= 2
         return tpb
 
@@ -155,10 +155,12 @@ class TileDispatchSpec:
         }
 
 
-def gate_table_bytes(C: int, tokens_per_block: int) -> int:
-    """Shared memory of the gate-weight table; the row stride is odd to avoid bank conflicts."""
+def shared_bytes(C: int, tokens_per_block: int) -> int:
+    """Dynamic shared memory of one block: the gate-weight table (float32, its row stride odd so
+    that lanes reading one column hit different banks), then the list of selected column
+    blocks and its length (int32, C + 1)."""
     stride = C + 1 if C % 2 == 0 else C
-    return tokens_per_block * stride * 4
+    return (tokens_per_block * stride + C + 1) * 4
 
 
 N = TypeVar("N")
@@ -198,6 +200,6 @@ def launch_config(spec: TileDispatchSpec, tokens: N) -> LaunchConfig[N]:
         grid_x=live_row_blocks * slabs,
         grid_y=grid_y,
         block_x=WARPS_PER_BLOCK * 32,
-        shared_mem=gate_table_bytes(spec.C, tpb),
+        shared_mem=shared_bytes(spec.C, tpb),
         tokens_per_block=tpb,
     )

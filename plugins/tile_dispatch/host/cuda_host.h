@@ -6,7 +6,7 @@
 // cooperative fibers in one OS thread (started with makecontext, switched with _setjmp /
 // _longjmp, which skip the signal-mask system call that swapcontext makes). A fiber runs until
 // it reaches a barrier: __syncthreads() (all threads of the block) or a warp collective
-// (__shfl_xor_sync, __ballot_sync: the 32 lanes of its warp publish a value in one of two slot
+// (__shfl_xor_sync, __shfl_sync, __ballot_sync, __reduce_add_sync: the 32 lanes of its warp publish a value in one of two slot
 // arrays, alternating, then pass a warp barrier and read; alternating means a lane that runs
 // ahead to the next collective never overwrites values a slower lane has still to read). Warp collectives therefore see exactly the values the lanes hold at that
 // point, as on the GPU, and the xor-butterfly adds in the GPU's order. A barrier that some
@@ -154,6 +154,27 @@ inline V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
     return out;
 }
 
+template <typename V>
+inline V __shfl_sync(unsigned mask, V value, int src_lane) {
+    static_assert(sizeof(V) == 4, "32-bit shuffles only");
+    prism_host::check_full_mask(mask);
+    std::uint32_t bits;
+    std::memcpy(&bits, &value, 4);
+    const std::uint32_t* slots = prism_host::publish(bits);
+    std::uint32_t got = slots[static_cast<unsigned>(src_lane) & 31u];
+    V out;
+    std::memcpy(&out, &got, 4);
+    return out;
+}
+
+inline int __reduce_add_sync(unsigned mask, int value) {
+    prism_host::check_full_mask(mask);
+    const std::uint32_t* slots = prism_host::publish(static_cast<std::uint32_t>(value));
+    std::uint32_t sum = 0;  // wraps like the 32-bit hardware adder
+    for (unsigned l = 0; l < 32; ++l) sum += slots[l];
+    return static_cast<int>(sum);
+}
+
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
     prism_host::check_full_mask(mask);
     const std::uint32_t* slots = prism_host::publish(predicate ? 1u : 0u);
@@ -170,6 +191,8 @@ inline float __int_as_float(unsigned bits) {
     std::memcpy(&f, &bits, 4);
     return f;
 }
+
+inline float __uint_as_float(unsigned bits) { return __int_as_float(bits); }
 
 inline unsigned __float_as_uint(float f) {
     unsigned u;
