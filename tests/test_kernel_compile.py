@@ -156,3 +156,16 @@ def test_compiling_leaves_python_constants_intact(tmp_path, monkeypatch):
     monkeypatch.setenv("PRISM_DEPLOY_CACHE", str(tmp_path / "fresh-cache"))
     compile_ptx(TileDispatchSpec(R=2, C=2, tr=4, tc=8, top_k=1, gate_scale=1.0, out_dim=8), "compute_80")
     assert b" " * 3 == bytes([32, 32, 32])
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_ptxas_resources_are_reported(arch):
+    from prism_deploy.kernel.nvrtc import ptxas_resources
+
+    res = ptxas_resources(TileDispatchSpec(3, 4, 10, 16, 5, 1.0, 29, "float16", "int8"), arch)
+    assert res.arch == arch
+    # __launch_bounds__(256) allows up to 255 registers per thread; a kernel this size needs dozens
+    assert 16 <= res.registers <= 255
+    assert res.stack_bytes >= 0 and res.spill_store_bytes >= 0 and res.spill_load_bytes >= 0
+    with pytest.raises(KernelCompileError):
+        ptxas_resources(TileDispatchSpec(2, 2, 8, 8, 2, 1.0, 16), arch, source="this is not CUDA")

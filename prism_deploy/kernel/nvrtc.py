@@ -102,6 +102,44 @@ def ptx_entry_points(ptx: bytes) -> list[str]:
     return re.findall(r"\.entry\s+([A-Za-z_][A-Za-z0-9_$]*)\s*\(", ptx.decode("ascii", "replace"))
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What ptxas reports for one compiled variant (``--ptxas-options=-v``)."""
+
+    arch: str
+    registers: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+
+
+def ptxas_resources(spec: TileDispatchSpec, arch: str | int | tuple[int, int] = "sm_90",
+                    *, source: str | None = None) -> Resources:
+    """Registers, stack and spills of the kernel for ``spec`` on a real architecture (``sm_XX``).
+
+    NVRTC compiles to a cubin with ptxas verbose, so this needs no GPU and no CUDA toolkit."""
+    from cuda.bindings import nvrtc  # type: ignore[import-untyped,unused-ignore]
+
+    sm = normalize_arch(arch).replace("compute_", "sm_")
+    text = kernel_source_path().read_text() if source is None else source
+    options = (f"--gpu-architecture={sm}", *BASE_OPTIONS, "--ptxas-options=-v", *spec.defines())
+    err, prog = nvrtc.nvrtcCreateProgram(text.encode(), b"tile_dispatch.cu", 0, [], [])
+    _check(err, "nvrtcCreateProgram")
+    try:
+        opts = [o.encode() for o in options]
+        (result,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        log = _program_log(prog)
+        if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise KernelCompileError(f"NVRTC could not compile tile_dispatch.cu for {sm}", log)
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    regs = re.search(r"Used (\d+) registers", log)
+    stack = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or stack is None:
+        raise KernelCompileError(f"no ptxas resource report in the NVRTC log for {sm}", log)
+    return Resources(sm, int(regs.group(1)), int(stack.group(1)), int(stack.group(2)), int(stack.group(3)))
+
+
 def _cache_key(text: str, arch: str, options: tuple[str, ...]) -> str:
     payload = json.dumps(
         {"source": hashlib.sha256(text.encode()).hexdigest(), "arch": arch, "options": list(options),
