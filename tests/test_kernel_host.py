@@ -236,3 +236,27 @@ def test_kernel_source_matches_reference_property(R, C, tr, tc, T, k_frac, pad_i
     ref = _reference(spec, x, s, tiles, scales)
     tol = 1e-5 if dtypes[0] == "float32" else 2e-3
     np.testing.assert_allclose(out.astype(np.float32), ref, rtol=tol, atol=tol * max(1.0, float(np.abs(ref).max())))
+
+
+@pytest.mark.parametrize("hd,td,T", [("float32", "float32", 300), ("float16", "float16", 1),
+                                     ("float16", "int8", 40), ("float32", "float16", 260)])
+def test_each_selected_tile_row_is_loaded_once_per_token_chunk(hd, td, T):
+    """Every 16-byte load of the tiles is counted: a live piece of worker w is loaded exactly once
+    per token chunk in which some token selected w, and nothing else is ever loaded (unselected
+    workers, rows past out_dim). Columns are all live (in_dim = C*tc), so every load is 16 bytes."""
+    from prism_deploy.kernel.host import count_tile_reads
+
+    R, C, tr, tc, k = 4, 8, 16, 64, 3
+    spec, x, s, tiles, scales = _inputs((R, C, tr, tc, k, C * tc, R * tr - 5, hd, td, T), seed=T)
+    out, reads = count_tile_reads(spec, x, s, tiles, scales)
+    assert _rel(out, _reference(spec, x, s, tiles, scales)) < TOL[hd]
+    tpb = launch_config(spec, T).tokens_per_block
+    selected = gate_weights(s, k, 1.7) != 0
+    chunks = np.stack([selected[i:i + tpb].any(axis=0) for i in range(0, T, tpb)]).sum(axis=0)  # [W]
+    expected = np.zeros_like(reads)
+    live_rows = np.arange(R * tr).reshape(R, tr) < spec.out_dim  # [R, tr]
+    for w in range(R * C):
+        expected[w][live_rows[w // C]] = chunks[w]
+    np.testing.assert_array_equal(reads, expected)
+    if T > tpb:
+        assert expected.max() > 1  # the case really has a worker read in two chunks

@@ -95,6 +95,46 @@ def run_on_host(
     overruns, ``"start"`` underruns). ``unread_workers``: workers whose tiles must not be
     touched (needs ``guard="start"`` and tiles of whole pages); touching one is a HostRunError.
     """
+    out, _ = _run(spec, hidden, scores, tiles, scales, guard=guard, unread_workers=unread_workers,
+                  count_reads=False, timeout=timeout)
+    return out
+
+
+def count_tile_reads(
+    spec: TileDispatchSpec,
+    hidden: np.ndarray,
+    scores: np.ndarray,
+    tiles: np.ndarray,
+    scales: np.ndarray | None = None,
+    *,
+    timeout: float = 600.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The output, and how many times each 16-byte piece of ``tiles`` was loaded by a 16-byte
+    load: ``[R*C, tr, tc * itemsize // 16]`` (needs ``tc * itemsize`` a multiple of 16).
+
+    Only the kernel's vector loads are counted; a tile row whose valid columns do not end on a
+    16-byte boundary is read partly by scalar loads, which this does not see."""
+    row_bytes = spec.tc * np.dtype(spec.tile_dtype).itemsize
+    if row_bytes % 16:
+        raise PrismInputError(f"count_tile_reads needs tile rows of whole 16-byte pieces, got {row_bytes} bytes")
+    out, reads = _run(spec, hidden, scores, tiles, scales, guard="end", unread_workers=(), count_reads=True,
+                      timeout=timeout)
+    assert reads is not None
+    return out, reads.reshape(spec.workers, spec.tr, row_bytes // 16)
+
+
+def _run(
+    spec: TileDispatchSpec,
+    hidden: np.ndarray,
+    scores: np.ndarray,
+    tiles: np.ndarray,
+    scales: np.ndarray | None,
+    *,
+    guard: str,
+    unread_workers: Iterable[int],
+    count_reads: bool,
+    timeout: float,
+) -> tuple[np.ndarray, np.ndarray | None]:
     hidden, scores, tiles, scales = _checked_inputs(spec, hidden, scores, tiles, scales)
     if guard not in ("end", "start"):
         raise PrismInputError(f"guard must be 'end' or 'start', got {guard!r}")
@@ -107,13 +147,16 @@ def run_on_host(
         unread = sorted({int(w) for w in unread_workers})
         if unread:
             Path(d, "unread_workers.txt").write_text("".join(f"{w}\n" for w in unread))
+        if count_reads:
+            Path(d, "count_reads").touch()
         argv = [str(exe), str(cfg.grid_x), str(cfg.grid_y), str(cfg.block_x), str(cfg.shared_mem),
                 str(T), str(in_dim), guard, d]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise HostRunError(_describe_failure(done.returncode, done.stderr))
         out = np.fromfile(os.path.join(d, "out.bin"), dtype=hidden.dtype)
-    return out.reshape(T, spec.out_dim)
+        reads = np.fromfile(os.path.join(d, "tile_reads.bin"), dtype=np.uint32) if count_reads else None
+    return out.reshape(T, spec.out_dim), reads
 
 
 def _describe_failure(code: int, stderr: str) -> str:

@@ -94,6 +94,9 @@ inline Block& block() {
 
 inline void* dynamic_shared() { return block().shared; }
 
+// Called with the address and size of every __ldg (the kernel's 16-byte tile loads) when set.
+inline void (*load_hook)(const void*, std::size_t) = nullptr;
+
 inline void yield_to_scheduler() {
     Block& b = block();
     if (!_setjmp(b.current->resume)) _longjmp(b.scheduler, 1);
@@ -207,6 +210,7 @@ inline V __ldg(const V* p) {
     if (reinterpret_cast<std::uintptr_t>(p) % alignof(V) != 0 ||
         (sizeof(V) == 16 && reinterpret_cast<std::uintptr_t>(p) % 16 != 0))
         prism_host::fail("misaligned vector load (__ldg)");
+    if (prism_host::load_hook) prism_host::load_hook(p, sizeof(V));
     return *p;
 }
 

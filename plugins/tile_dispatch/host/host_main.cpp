@@ -3,8 +3,9 @@
 // -include cuda_host.h. Usage:
 //   tile_dispatch_host GRID_X GRID_Y BLOCK_X SHARED_BYTES T IN_DIM end|start DIR
 // DIR holds hidden.bin, scores.bin, tiles.bin, scales.bin (raw, C order) and, optionally,
-// unread_workers.txt (worker ids whose tiles the kernel must not touch); out.bin is written
-// there. Every buffer sits against an inaccessible page, flush with its end ("end") or its
+// unread_workers.txt (worker ids whose tiles the kernel must not touch) and count_reads (an
+// empty file: count the 16-byte loads of each 16-byte piece of the tiles, written to
+// tile_reads.bin as uint32); out.bin is written there. Every buffer sits against an inaccessible page, flush with its end ("end") or its
 // start ("start"), so an out-of-bounds access one element past either edge faults
 // (SIGSEGV) instead of reading a neighbour. With "start", tiles of whole pages listed in
 // unread_workers.txt are made inaccessible too: touching one faults. Exit 3 means a rule of
@@ -57,6 +58,18 @@ struct Args {
     hidden_t* out;
 };
 Args g_args;
+
+// 16-byte tile loads per 16-byte piece of the tiles buffer (count_reads).
+const char* g_tiles_begin = nullptr;
+std::size_t g_tiles_bytes = 0;
+std::vector<std::uint32_t> g_tile_reads;
+
+void count_tile_read(const void* p, std::size_t size) {
+    const char* c = static_cast<const char*>(p);
+    if (c < g_tiles_begin || c >= g_tiles_begin + g_tiles_bytes) return;
+    if (size != 16) prism_host::fail("a tile load that is not 16 bytes wide");
+    ++g_tile_reads[static_cast<std::size_t>(c - g_tiles_begin) / 16];
+}
 
 void thread_main() {
     prism_host::Block& b = prism_host::block();
@@ -143,6 +156,14 @@ int main(int argc, char** argv) {
         mprotect(tiles + w * tile_bytes, tile_bytes, PROT_NONE);
     }
 
+    const bool count_reads = std::ifstream(dir + "/count_reads").good();
+    if (count_reads) {
+        g_tiles_begin = tiles;
+        g_tiles_bytes = tiles_bytes;
+        g_tile_reads.assign((tiles_bytes + 15) / 16, 0u);
+        prism_host::load_hook = count_tile_read;
+    }
+
     prism_host::Block& b = prism_host::block();
     b.block_dim = {block_x, 1, 1};
     b.grid_dim = {grid_x, grid_y, 1};
@@ -154,6 +175,12 @@ int main(int argc, char** argv) {
     for (unsigned by = 0; by < grid_y; ++by)
         for (unsigned bx = 0; bx < grid_x; ++bx) run_block(bx, by, shared_bytes, shared);
 
+    if (count_reads) {
+        std::ofstream r(dir + "/tile_reads.bin", std::ios::binary);
+        r.write(reinterpret_cast<const char*>(g_tile_reads.data()),
+                static_cast<std::streamsize>(g_tile_reads.size() * sizeof(std::uint32_t)));
+        if (!r) return 4;
+    }
     std::ofstream f(dir + "/out.bin", std::ios::binary);
     f.write(out, static_cast<std::streamsize>(out_bytes));
     return f ? 0 : 4;
