@@ -93,16 +93,19 @@ def _import_plugin() -> None:
     register_tile_dispatch_plugin()
 
 
-def build_serialized_engine(onnx_path: str | os.PathLike[str], settings: TrtBuildSettings,
-                            timing_cache: Path | None = None) -> bytes:
-    """Parse ``onnx_path`` into a strongly typed network and build a serialized engine.
+def parse_network(onnx_path: str | os.PathLike[str], *, plugin: bool = False,
+                  trt_module: Any = None) -> tuple[trt.Builder, trt.INetworkDefinition, trt.OnnxParser]:
+    """``(builder, network, parser)``: ``onnx_path`` parsed into a strongly typed network.
 
-    ``timing_cache`` is read when it exists and rewritten (atomically) after the build, so
-    later builds on the same GPU and TensorRT version skip most kernel timing.
+    ``trt_module`` is ``tensorrt`` unless given: TensorRT-RTX's ``tensorrt_rtx`` has the same
+    builder and parser API and builds without a GPU, which is how CI runs this code
+    (tests/test_trt_rtx_build.py). The parser must outlive the network (it owns its weights).
     """
-    import tensorrt as trt
-
-    if settings.plugin:
+    if trt_module is None:
+        import tensorrt as trt
+    else:
+        trt = trt_module
+    if plugin:
         _import_plugin()
     logger = _logger(trt)
     builder = trt.Builder(logger)
@@ -110,6 +113,22 @@ def build_serialized_engine(onnx_path: str | os.PathLike[str], settings: TrtBuil
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         raise TensorRTError(f"{onnx_path}: TensorRT's ONNX parser failed: {_parser_errors(parser)}")
+    return builder, network, parser
+
+
+def build_serialized_engine(onnx_path: str | os.PathLike[str], settings: TrtBuildSettings,
+                            timing_cache: Path | None = None, *, trt_module: Any = None) -> bytes:
+    """Parse ``onnx_path`` into a strongly typed network and build a serialized engine.
+
+    ``timing_cache`` is read when it exists and rewritten (atomically) after the build, so
+    later builds on the same GPU and TensorRT version skip most kernel timing. ``trt_module``:
+    see ``parse_network``.
+    """
+    if trt_module is None:
+        import tensorrt as trt
+    else:
+        trt = trt_module
+    builder, network, _parser = parse_network(onnx_path, plugin=settings.plugin, trt_module=trt_module)
 
     config = builder.create_builder_config()
     config.builder_optimization_level = settings.optimization_level
