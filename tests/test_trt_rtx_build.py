@@ -119,3 +119,35 @@ def test_parser_errors_reach_the_caller(graphs, tmp_path):
     broken.write_bytes(graphs["fp32", "A"].read_bytes()[:1000])
     with pytest.raises(TensorRTError, match="ONNX parser failed"):
         parse_network(broken, trt_module=trt)
+
+
+@pytest.fixture(scope="module")
+def model_exports(tmp_path_factory):
+    """A tiny Llama exported as model A and a tiny Qwen2 as model B (both of its graphs)."""
+    from prism_deploy.models.export import export_model
+    from tests.model_helpers import make_model
+
+    root = tmp_path_factory.mktemp("models")
+    export_model(make_model("llama", root / "llama"), "upper", root / "A", max_seq=32)
+    export_model(make_model("qwen2", root / "qwen2"), "lower", root / "B", max_seq=32)
+    return root
+
+
+@pytest.mark.filterwarnings("ignore:Use Deprecated in TensorRT-RTX:DeprecationWarning")
+@pytest.mark.parametrize("role,key", [("A", "graph"), ("B", "graph"), ("B", "graph_with_past")])
+def test_exported_model_graphs_parse_and_build(model_exports, role, key):
+    """The graphs of `prism-deploy export-model` with the profile `build --model --target trt` gives
+    them (batch x seq, and past length 0..max for the KV-cache graph)."""
+    import json
+
+    from prism_deploy.build.model_builder import trt_input_shapes
+    from prism_deploy.build.options import Profile
+
+    folder = model_exports / role
+    model = json.loads((folder / "model.json").read_text())
+    shapes = trt_input_shapes(model, key, Profile(batch=(1, 2, 4), seq=(1, 8, 32)))
+    _builder, network, _parser = parse_network(folder / model["files"][key]["name"], trt_module=trt)
+    assert {network.get_input(i).name for i in range(network.num_inputs)} == {name for name, *_ in shapes}
+    unused = (0, 0, 0)
+    settings = TrtBuildSettings(unused, unused, unused, input_shapes=shapes)
+    assert len(build_serialized_engine(folder / model["files"][key]["name"], settings, trt_module=trt)) > 100_000

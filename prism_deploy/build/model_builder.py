@@ -226,30 +226,36 @@ def _make(request: ModelBuildRequest, source: Path, model: dict[str, Any], key: 
     return GraphOutcome(entry_id, key, "built", entry, seconds, "cache miss")
 
 
-def _trt_engine(onnx_path: Path, model: dict[str, Any], key: str, profile: Profile) -> bytes:
-    """A TensorRT engine with one profile over batch x seq (and past length for the KV graph).
-    Written against the documented API; it has not run (no TensorRT builder on these machines)."""
-    from prism_deploy.trt import engine as trt_engine
-
+def trt_input_shapes(model: dict[str, Any], key: str,
+                     profile: Profile) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]:
+    """The TensorRT optimization profile of one graph: ``(input, min, opt, max)`` over batch x
+    seq, and past length 0..max seq for the KV-cache graph (whose mask covers past + new)."""
     dims = model["dims"]
     (b0, b1, b2), (s0, s1, s2) = profile.batch, profile.seq
-    shapes: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
     if model["role"] == "upper":
-        shapes = [(n, (b0, s0), (b1, s1), (b2, s2)) for n in ("input_ids", "attention_mask")]
-    else:
-        from prism_deploy.models.export import past_names
+        return tuple((n, (b0, s0), (b1, s1), (b2, s2)) for n in ("input_ids", "attention_mask"))
+    from prism_deploy.models.export import past_names
 
-        d = int(dims["hidden"])
-        shapes.append(("inputs_embeds", (b0, s0, d), (b1, s1, d), (b2, s2, d)))
-        if key == "graph":
-            shapes.append(("attention_mask", (b0, s0), (b1, s1), (b2, s2)))
-        else:  # past 0..max seq; the mask covers past + new tokens
-            kv, hd = int(dims["kv_heads"]), int(dims["head_dim"])
-            shapes.append(("attention_mask", (b0, s0), (b1, 2 * s1), (b2, 2 * s2)))
-            shapes += [(n, (b0, kv, 0, hd), (b1, kv, s1, hd), (b2, kv, s2, hd)) for n in past_names(int(dims["layers"]))]
+    d = int(dims["hidden"])
+    shapes: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = [
+        ("inputs_embeds", (b0, s0, d), (b1, s1, d), (b2, s2, d))]
+    if key == "graph":
+        shapes.append(("attention_mask", (b0, s0), (b1, s1), (b2, s2)))
+    else:
+        kv, hd = int(dims["kv_heads"]), int(dims["head_dim"])
+        shapes.append(("attention_mask", (b0, s0), (b1, 2 * s1), (b2, 2 * s2)))
+        shapes += [(n, (b0, kv, 0, hd), (b1, kv, s1, hd), (b2, kv, s2, hd)) for n in past_names(int(dims["layers"]))]
+    return tuple(shapes)
+
+
+def _trt_engine(onnx_path: Path, model: dict[str, Any], key: str, profile: Profile) -> bytes:
+    """A TensorRT engine with one profile over the graph's dynamic inputs. Built through
+    TensorRT-RTX in CI (tests/test_trt_rtx_build.py); never by TensorRT itself on a GPU yet."""
+    from prism_deploy.trt import engine as trt_engine
+
     unused = (0, 0, 0)  # the adapter's single-input shapes: input_shapes replaces them
     settings = trt_engine.TrtBuildSettings(min_shape=unused, opt_shape=unused, max_shape=unused,
-                                           input_shapes=tuple(shapes))
+                                           input_shapes=trt_input_shapes(model, key, profile))
     return trt_engine.build_serialized_engine(onnx_path, settings)
 
 
