@@ -3,21 +3,14 @@ baseline (which the benchmark also uses to check the kernel's output before timi
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from prism_deploy.kernel.semantics import tile_dispatch
+from tests.tool_helpers import load_tool
 
-_PATH = Path(__file__).resolve().parents[1] / "tools" / "bench_kernel.py"
-_spec = importlib.util.spec_from_file_location("bench_kernel", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_kernel"] = bench  # dataclasses look their module up there
-_spec.loader.exec_module(bench)
+bench = load_tool("bench_kernel")
 
 SMALL = bench.Case("small 50->37", 50, 37, 3, 4, 13, 16, 5)
 

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from prism_deploy import load_adapter
+from tests.tool_helpers import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "demo-adapter.safetensors"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("make_example", ROOT / "tools" / "make_example.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
 
 def metadata(path: Path) -> dict[str, str]:
@@ -28,7 +20,7 @@ def metadata(path: Path) -> dict[str, str]:
 
 
 def test_committed_example_is_what_the_script_makes(tmp_path):
-    tool = load_tool()
+    tool = load_tool("make_example")
     fresh = tmp_path / "demo.safetensors"
     tool.demo_adapter().save(fresh)
     committed, made = load_adapter(EXAMPLE), load_adapter(fresh)

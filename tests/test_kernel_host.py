@@ -260,3 +260,31 @@ def test_each_selected_tile_row_is_loaded_once_per_token_chunk(hd, td, T):
     np.testing.assert_array_equal(reads, expected)
     if T > tpb:
         assert expected.max() > 1  # the case really has a worker read in two chunks
+
+
+@pytest.mark.parametrize("tile_dtype", ["float16", "int8"])
+@pytest.mark.parametrize("T", [1, 8])
+def test_benchmark_pipe_loads_exactly_its_floor(tile_dtype, T):
+    """The square benchmark pipe of tools/bench_kernel.py (4096->4096, 16x32 grid of 256x128
+    tiles, top 154), with the benchmark's own seeded scores: the kernel's 16-byte tile loads add
+    up to exactly the tile bytes of the floor that docs/plugin.md tabulates (int8: less the
+    float32 row scales, which are scalar loads)."""
+    from prism_deploy.kernel.host import count_tile_reads
+    from tests.tool_helpers import load_tool
+
+    bench = load_tool("bench_kernel")
+    case = bench.CASES["square"]
+    spec = case.spec(tile_dtype, "float16")
+    scores = bench.seeded_scores(case, T, 0)
+    rng = np.random.default_rng(T)
+    x = rng.standard_normal((T, case.in_dim)).astype(np.float16)
+    if tile_dtype == "int8":
+        tiles = rng.integers(-127, 128, (512, case.tr, case.tc)).astype(np.int8)
+        scales = np.full((512, case.tr), 1e-3, np.float32)
+    else:
+        tiles, scales = (rng.standard_normal((512, case.tr, case.tc)) * 0.02).astype(np.float16), None
+    _, reads = count_tile_reads(spec, x, scores, tiles, scales)
+    floor = bench.floor_bytes(case, scores, tile_dtype, "float16")
+    scale_bytes = floor["distinct_tiles"] * case.tr * 4 if tile_dtype == "int8" else 0
+    assert int(reads.sum()) * 16 == floor["tile_bytes"] - scale_bytes
+    assert reads.max() == 1  # one token chunk: no piece loaded twice
