@@ -36,6 +36,8 @@ CASES = [
     (2, 2, 8, 2100, 2, 4000, 16, "float16", "float16", 3),    # tiles wider than one 2048-column segment
     (4, 8, 16, 64, 3, 500, 60, "float32", "float16", 300),    # two token chunks, the second partial
     (32, 2, 1024, 8, 3, 16, 32668, "float32", "float32", 2),  # 4 rows per warp (a 1024-block grid)
+    (2, 40, 3, 8, 30, 310, 5, "float32", "float32", 9),       # C > 32: two list words, batches of 32
+    (2, 2, 4, 2100, 2, 4100, 8, "float16", "int8", 3),        # int8 rows over one segment
 ]
 
 
