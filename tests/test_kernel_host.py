@@ -290,3 +290,12 @@ def test_benchmark_pipe_loads_exactly_its_floor(tile_dtype, T):
     scale_bytes = floor["distinct_tiles"] * case.tr * 4 if tile_dtype == "int8" else 0
     assert int(reads.sum()) * 16 == floor["tile_bytes"] - scale_bytes
     assert reads.max() == 1  # one token chunk: no piece loaded twice
+
+
+@pytest.mark.slow
+def test_planted_kernel_bugs_are_caught():
+    """tools/kernel_mutants.py: thirteen plausible bugs, each planted alone in the source; the host
+    tests must fail on every one but the one the tool marks equivalent (about a minute)."""
+    from tests.tool_helpers import load_tool
+
+    assert load_tool("kernel_mutants").main() == 0
