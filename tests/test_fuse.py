@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 
 import numpy as np
 import onnx
@@ -88,6 +90,25 @@ def test_fused_graph_matches_reference_on_ort(adapter, x, precision):
         assert y.shape == ref.shape
         assert _rel(y, ref) < TOL[precision], (source, _rel(y, ref))
         assert _rel(y, unfused) < TOL[precision], (source, _rel(y, unfused))
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++ compiler for the host kernel")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_fused_graph_with_the_kernel_source_matches_reference(adapter, x, precision):
+    """The fused graph on ONNX Runtime CPU with its tile_dispatch nodes computed by the CUDA
+    kernel's own source (run on the CPU): the graph rewrite and the kernel code, end to end."""
+    ref_adapter = dequantized_adapter(adapter) if precision == "int8" else adapter
+    ref = ref_adapter(x).numpy()
+    from prism_deploy.lower import build_model
+
+    model = build_model(adapter, precision=precision)
+    fused = fuse_gated_pipes(model)
+    y = _run(make_twin_session(fused, kernel="host"), x, 3)
+    assert _rel(y, ref) < TOL[precision], _rel(y, ref)
+    # ... and with the numpy twin, up to float32 rounding (one float16 ulp where the graph's
+    # output is float16: the two may round a last bit apart before the cast)
+    close = 2e-5 if precision == "fp32" else 1e-3
+    np.testing.assert_allclose(y, _run(make_twin_session(fused), x, 3), rtol=close, atol=close * 0.1)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
