@@ -288,3 +288,22 @@ def test_float16_io_graphs_fuse(adapter, precision):
     y = make_twin_session(fuse_gated_pipes(model)).run(None, {"hidden": x})[0]
     assert y.dtype == np.float16
     assert _rel(y.astype(np.float32), unfused.astype(np.float32)) < TOL["fp16"]
+
+
+@pytest.mark.parametrize("precision,twin", [("fp32", "semantics"), ("fp16", "host"), ("int8", "host")])
+def test_parity_cli_checks_fused_graphs_through_the_twin(adapter, tmp_path, capsys, precision, twin):
+    """`prism-deploy parity --onnx FUSED` runs the fused graph on the CPU through the twin (numpy
+    or the kernel source) and passes; the same graph against another adapter fails with exit 1."""
+    if twin == "host" and shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("needs a C++ compiler for the host kernel")
+    src, fused = tmp_path / "adapter.safetensors", tmp_path / "fused.onnx"
+    adapter.save(src)
+    assert main(["export", str(src), "-o", str(fused), "--precision", precision, "--plugin"]) == 0
+    capsys.readouterr()
+    assert main(["parity", str(src), "--onnx", str(fused), "--twin", twin, "--provider", "cpu", "--samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"tile_dispatch twin: {twin}" in out and "PASSED" in out
+    other = tmp_path / "other.safetensors"
+    random_adapter(_config(), seed=4).save(other)
+    assert main(["parity", str(other), "--onnx", str(fused), "--twin", twin, "--provider", "cpu",
+                 "--samples", "2"]) == 1

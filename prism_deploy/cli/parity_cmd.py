@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--inputs", metavar="FILE", help="model-A hidden states [n, in_dim] instead of random inputs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--twin", default="semantics", choices=("semantics", "host"),
+                   help="a fused graph (export --plugin) runs on the CPU with its tile_dispatch nodes computed by "
+                        "numpy (semantics) or by the CUDA kernel's own source compiled for the CPU (host)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -35,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.runtime.ort_session import resolve_provider
 
     provider, why = resolve_provider(args.provider)
+    if args.provider == "auto" and provider != "cpu" and _is_fused_file(args.onnx):
+        provider, why = "cpu", "a fused graph runs on ONNX Runtime only on the CPU, through the op's twin"
     adapter = load_adapter(args.adapter)
-    runner = OrtRunner(args.onnx, provider)
+    runner = OrtRunner(args.onnx, provider, twin=args.twin)
     if args.provider != "cpu" and provider == "cpu":  # said once the inputs are known to be good
         print(f"note: {why}", file=sys.stderr)
     meta = runner.metadata
@@ -82,3 +87,14 @@ def print_report(report: Any, provider: str) -> None:
     for n in report.notes:
         print(f"note: {n}")
     print("PASSED" if report.passed else "FAILED: " + "; ".join(report.failures))
+
+
+def _is_fused_file(path: str) -> bool:
+    import onnx
+
+    from prism_deploy.fuse.ort_twin import is_fused
+
+    try:
+        return is_fused(onnx.load_model(path, load_external_data=False))
+    except Exception:  # not a model: OrtRunner says so with one clean line
+        return False

@@ -141,7 +141,7 @@ def _original_input_type(model: onnx.ModelProto, types: dict[str, int], node: on
 
 
 def make_twin_session(model: onnx.ModelProto, intra_op_threads: int | None = None, *,
-                      kernel: str = "semantics") -> Any:
+                      kernel: str = "semantics", session_config: dict[str, str] | None = None) -> Any:
     """An ONNX Runtime CPU session running a fused model with the twin op (``kernel``: see
     ``twin_model``)."""
     from prism_deploy.runtime.ort_session import make_session
@@ -150,7 +150,12 @@ def make_twin_session(model: onnx.ModelProto, intra_op_threads: int | None = Non
     if kernel == "host":
         _build_host_runners(model)
     return make_session(twin_model(model, kernel).SerializeToString(), "cpu", custom_ops_library=library,
-                        intra_op_threads=intra_op_threads)
+                        intra_op_threads=intra_op_threads, session_config=session_config)
+
+
+def is_fused(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` holds ``prism::tile_dispatch`` nodes (ONNX Runtime needs the twin for it)."""
+    return any(n.op_type == OP_TYPE and n.domain == DOMAIN for n in model.graph.node)
 
 
 def _build_host_runners(model: onnx.ModelProto) -> None:

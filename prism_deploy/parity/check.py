@@ -317,5 +317,6 @@ def _worker_errors(adapter: PrismAdapter, stored: dict[int, np.ndarray], x: np.n
 
 def _describe(runner: Any) -> str:
     if hasattr(runner, "path") and hasattr(runner, "provider"):
-        return f"onnxruntime {runner.provider}: {Path(runner.path).name}"
+        twin = f" (tile_dispatch twin: {runner.twin})" if getattr(runner, "fused", False) else ""
+        return f"onnxruntime {runner.provider}: {Path(runner.path).name}{twin}"
     return type(runner).__name__

@@ -28,9 +28,13 @@ class OrtRunner:
     """An ONNX Runtime session on an adapter graph written by ``prism-deploy export``."""
 
     def __init__(self, onnx_path: str | os.PathLike[str], provider: str = "cpu", *,
-                 intra_op_threads: int | None = None) -> None:
+                 intra_op_threads: int | None = None, twin: str = "semantics") -> None:
+        """``twin``: for a fused graph (``export --plugin``), which implementation computes its
+        ``prism::tile_dispatch`` nodes on the CPU: ``"semantics"`` (numpy) or ``"host"`` (the CUDA
+        kernel's own source); see ``prism_deploy.fuse.ort_twin``."""
         self.path = Path(onnx_path)
         self.intra_op_threads = intra_op_threads
+        self.twin = twin
         if not self.path.is_file():
             raise PrismInputError(f"{self.path}: no such file")
         self.provider = provider
@@ -52,6 +56,9 @@ class OrtRunner:
                 topk = _node(self._skeleton, pipe["node_prefix"] + "gate/TopK")
                 if topk is not None:
                     self.selection_outputs[pipe["index"]] = topk.output[1]
+        from prism_deploy.fuse.ort_twin import is_fused
+
+        self.fused = is_fused(self._skeleton)
         self.session = self._open()
         self._outputs = ["adapted", *self.selection_outputs.values()]
 
@@ -60,6 +67,15 @@ class OrtRunner:
                             session_config=session_config_for(self.precision))
 
     def _open(self) -> Any:
+        from prism_deploy.fuse.ort_twin import make_twin_session
+
+        if self.fused:
+            if self.provider != "cpu":
+                raise PrismInputError(f"{self.path}: a fused graph (prism::tile_dispatch nodes) runs on ONNX Runtime "
+                                      "only on the CPU, through the op's twin; TensorRT runs the plugin itself")
+            model = onnx.load_model(str(self.path))  # the twin rewrite needs the weights in memory
+            return make_twin_session(model, self.intra_op_threads, kernel=self.twin,
+                                     session_config=session_config_for(self.precision))
         if not self.selection_outputs:
             return self._session(self.path)
         probe = onnx.ModelProto()
