@@ -294,7 +294,7 @@ def test_benchmark_pipe_loads_exactly_its_floor(tile_dtype, T):
 
 @pytest.mark.slow
 def test_planted_kernel_bugs_are_caught():
-    """tools/kernel_mutants.py: thirteen plausible bugs, each planted alone in the source; the host
+    """tools/kernel_mutants.py: fifteen plausible bugs, each planted alone in the source; the host
     tests must fail on every one but the one the tool marks equivalent (about a minute)."""
     from tests.tool_helpers import load_tool
 

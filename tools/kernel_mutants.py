@@ -43,6 +43,8 @@ MUTANTS = [
     ("segments overwrite", "                            dot[j] += d;", "                            dot[j] = d;", False),
     ("tie break", "const bool sel = kw > tau || (kw == tau && w <= cutoff);",
      "const bool sel = kw > tau || (kw == tau && w < cutoff);", False),
+    ("routing stops too early", "if (n == TOP_K) {", "if (n >= TOP_K) {", False),
+    ("routing minimum misses tau", "key[i] >= tau && key[i] < lowest", "key[i] > tau && key[i] < lowest", False),
 ]
 SELECT = ("not property and not benchmark_pipe and not wrong_tie and not divergent and not shared_memory "
           "and not grid_short")

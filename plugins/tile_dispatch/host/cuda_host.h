@@ -6,12 +6,13 @@
 // cooperative fibers in one OS thread (started with makecontext, switched with _setjmp /
 // _longjmp, which skip the signal-mask system call that swapcontext makes). A fiber runs until
 // it reaches a barrier: __syncthreads() (all threads of the block) or a warp collective
-// (__shfl_xor_sync, __shfl_sync, __ballot_sync, __reduce_add_sync: the 32 lanes of its warp publish a value in one of two slot
-// arrays, alternating, then pass a warp barrier and read; alternating means a lane that runs
-// ahead to the next collective never overwrites values a slower lane has still to read). Warp collectives therefore see exactly the values the lanes hold at that
-// point, as on the GPU, and the xor-butterfly adds in the GPU's order. A barrier that some
-// threads can never reach (a lane exited or took a path without the collective) is reported
-// as a deadlock, where a GPU would hang or be undefined.
+// (__shfl_xor_sync, __shfl_sync, __ballot_sync, __reduce_add_sync, __reduce_min_sync: the 32
+// lanes of its warp publish a value in one of two slot arrays, alternating, then pass a warp
+// barrier and read; alternating means a lane that runs ahead to the next collective never
+// overwrites values a slower lane has still to read). Warp collectives therefore see exactly
+// the values the lanes hold at that point, as on the GPU, and the xor-butterfly adds in the
+// GPU's order. A barrier that some threads can never reach (a lane exited or took a path
+// without the collective) is reported as a deadlock, where a GPU would hang or be undefined.
 //
 // Checked as it runs: full-mask collectives only; 16-byte loads (__ldg of uint4) 16-byte
 // aligned; the dynamic shared memory is exactly the launch's size, followed by an inaccessible
@@ -176,6 +177,14 @@ inline int __reduce_add_sync(unsigned mask, int value) {
     std::uint32_t sum = 0;  // wraps like the 32-bit hardware adder
     for (unsigned l = 0; l < 32; ++l) sum += slots[l];
     return static_cast<int>(sum);
+}
+
+inline unsigned __reduce_min_sync(unsigned mask, unsigned value) {
+    prism_host::check_full_mask(mask);
+    const std::uint32_t* slots = prism_host::publish(value);
+    std::uint32_t least = slots[0];
+    for (unsigned l = 1; l < 32; ++l) least = slots[l] < least ? slots[l] : least;
+    return least;
 }
 
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
