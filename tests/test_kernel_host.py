@@ -299,3 +299,33 @@ def test_planted_kernel_bugs_are_caught():
     from tests.tool_helpers import load_tool
 
     assert load_tool("kernel_mutants").main() == 0
+
+
+def test_bad_inputs_and_builds_are_clean_errors(tmp_path, monkeypatch):
+    from prism_deploy.errors import PrismInputError
+    from prism_deploy.kernel.host import count_tile_reads
+
+    spec, x, s, tiles, scales = _inputs(CASES[0])
+    with pytest.raises(PrismInputError, match="hidden must be"):
+        run_on_host(spec, x.astype(np.float16), s, tiles)
+    with pytest.raises(PrismInputError, match="scores must be"):
+        run_on_host(spec, x, s[:, :-1], tiles)
+    with pytest.raises(PrismInputError, match="tiles must be"):
+        run_on_host(spec, x, s, tiles[:, :, :-1])
+    with pytest.raises(PrismInputError, match="in_dim"):
+        run_on_host(spec, np.zeros((2, spec.padded_in + 1), np.float32), s[:2], tiles)
+    with pytest.raises(PrismInputError, match="guard"):
+        run_on_host(spec, x, s, tiles, guard="middle")
+    with pytest.raises(PrismInputError, match="16-byte"):
+        count_tile_reads(spec, x, s, tiles)  # 10 float32 columns: 40-byte rows
+    i8 = TileDispatchSpec(spec.R, spec.C, spec.tr, spec.tc, spec.top_k, 1.0, spec.out_dim, "float32", "int8")
+    with pytest.raises(PrismInputError, match="scales"):
+        run_on_host(i8, x, s, tiles.astype(np.int8))
+    # a broken source: one line naming the defines and the compiler's first error
+    monkeypatch.setenv("PRISM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PRISM_DEPLOY_PLUGINS", str(_mutated_plugins(tmp_path, "float part = 0.0f;", "float part = nope;")))
+    with pytest.raises(HostRunError, match="host build of tile_dispatch.cu failed .*-DPRISM_R=3.*nope"):
+        build_host_runner(spec)
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(HostRunError, match="no C\\+\\+ compiler"):
+        build_host_runner(spec)
