@@ -304,9 +304,9 @@ __device__ void route_token(const float* __restrict__ srow, int r, float* gw, in
     }
 }
 
-// This lane's vectors of one tile row for one segment: `nslots` 16-byte vectors starting at
-// vector (seg * SEG_SLOTS + i) * LPR + li. Columns at or past kvalid read as 0 and are never
-// fetched: they multiply the zero padding of x.
+// This lane's SEG_SLOTS 16-byte vectors of one tile row in segment `seg`: slot i holds vector
+// (seg * SEG_SLOTS + i) * LPR + li of the row. Columns at or past kvalid read as 0 and are
+// never fetched: they multiply the zero padding of x.
 __device__ __forceinline__ void load_row(const tile_t* __restrict__ row, int seg, int kvalid, int li,
                                          uint4* raw) {
 #pragma unroll
