@@ -12,10 +12,12 @@ architecture with an NVRTC no newer than its driver.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,21 +120,11 @@ def ptxas_resources(spec: TileDispatchSpec, arch: str | int | tuple[int, int] = 
     """Registers, stack and spills of the kernel for ``spec`` on a real architecture (``sm_XX``).
 
     NVRTC compiles to a cubin with ptxas verbose, so this needs no GPU and no CUDA toolkit."""
-    from cuda.bindings import nvrtc  # type: ignore[import-untyped,unused-ignore]
-
     sm = normalize_arch(arch).replace("compute_", "sm_")
     text = kernel_source_path().read_text() if source is None else source
     options = (f"--gpu-architecture={sm}", *BASE_OPTIONS, "--ptxas-options=-v", *spec.defines())
-    err, prog = nvrtc.nvrtcCreateProgram(text.encode(), b"tile_dispatch.cu", 0, [], [])
-    _check(err, "nvrtcCreateProgram")
-    try:
-        opts = [o.encode() for o in options]
-        (result,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        log = _program_log(prog)
-        if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise KernelCompileError(f"NVRTC could not compile tile_dispatch.cu for {sm}", log)
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    with _compiled_program(text, options, sm) as (_prog, log):
+        pass
     regs = re.search(r"Used (\d+) registers", log)
     stack = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if regs is None or stack is None:
@@ -152,6 +144,21 @@ def _cache_key(text: str, arch: str, options: tuple[str, ...]) -> str:
 def _nvrtc_compile(text: str, options: tuple[str, ...], arch: str) -> bytes:
     from cuda.bindings import nvrtc  # type: ignore[import-untyped,unused-ignore]
 
+    with _compiled_program(text, options, arch) as (prog, _log):
+        err, size = nvrtc.nvrtcGetPTXSize(prog)
+        _check(err, "nvrtcGetPTXSize")
+        buf = _out_buffer(size)
+        (err,) = nvrtc.nvrtcGetPTX(prog, buf)
+        _check(err, "nvrtcGetPTX")
+        return bytes(buf).rstrip(b"\x00")
+
+
+@contextlib.contextmanager
+def _compiled_program(text: str, options: tuple[str, ...], arch: str) -> Iterator[tuple[object, str]]:
+    """``(program, log)`` of ``tile_dispatch.cu`` compiled with ``options``, destroyed on exit; a
+    failed compile is one ``KernelCompileError`` naming the arch, the defines and the first error."""
+    from cuda.bindings import nvrtc  # type: ignore[import-untyped,unused-ignore]
+
     err, prog = nvrtc.nvrtcCreateProgram(text.encode(), b"tile_dispatch.cu", 0, [], [])
     _check(err, "nvrtcCreateProgram")
     try:
@@ -162,12 +169,7 @@ def _nvrtc_compile(text: str, options: tuple[str, ...], arch: str) -> bytes:
             first = next((ln.strip() for ln in log.splitlines() if "error" in ln), log.strip()[:200])
             defines = " ".join(o for o in options if o.startswith("-D"))
             raise KernelCompileError(f"NVRTC could not compile tile_dispatch.cu for {arch} ({defines}): {first}", log)
-        err, size = nvrtc.nvrtcGetPTXSize(prog)
-        _check(err, "nvrtcGetPTXSize")
-        buf = _out_buffer(size)
-        (err,) = nvrtc.nvrtcGetPTX(prog, buf)
-        _check(err, "nvrtcGetPTX")
-        return bytes(buf).rstrip(b"\x00")
+        yield prog, log
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
