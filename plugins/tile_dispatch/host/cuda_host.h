@@ -145,30 +145,31 @@ inline std::uint32_t* publish(std::uint32_t bits) {
 
 inline void __syncthreads() { prism_host::wait(prism_host::block().block_barrier); }
 
+namespace prism_host {
+
+// Every lane publishes `value`; each gets the value of lane `src` (a shuffle).
 template <typename V>
-inline V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
+inline V shuffle(unsigned mask, V value, unsigned src) {
     static_assert(sizeof(V) == 4, "32-bit shuffles only");
-    prism_host::check_full_mask(mask);
+    check_full_mask(mask);
     std::uint32_t bits;
     std::memcpy(&bits, &value, 4);
-    const std::uint32_t* slots = prism_host::publish(bits);
-    std::uint32_t got = slots[(prism_host::lane_id() ^ static_cast<unsigned>(lane_mask)) & 31u];
+    const std::uint32_t got = publish(bits)[src & 31u];
     V out;
     std::memcpy(&out, &got, 4);
     return out;
 }
 
+}  // namespace prism_host
+
+template <typename V>
+inline V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
+    return prism_host::shuffle(mask, value, prism_host::lane_id() ^ static_cast<unsigned>(lane_mask));
+}
+
 template <typename V>
 inline V __shfl_sync(unsigned mask, V value, int src_lane) {
-    static_assert(sizeof(V) == 4, "32-bit shuffles only");
-    prism_host::check_full_mask(mask);
-    std::uint32_t bits;
-    std::memcpy(&bits, &value, 4);
-    const std::uint32_t* slots = prism_host::publish(bits);
-    std::uint32_t got = slots[static_cast<unsigned>(src_lane) & 31u];
-    V out;
-    std::memcpy(&out, &got, 4);
-    return out;
+    return prism_host::shuffle(mask, value, static_cast<unsigned>(src_lane));
 }
 
 inline int __reduce_add_sync(unsigned mask, int value) {
