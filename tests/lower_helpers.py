@@ -7,7 +7,7 @@ import onnx
 import torch
 
 from prism_deploy.reference import PrismAdapter
-from prism_deploy.runtime.ort_session import make_session
+from prism_deploy.ort_session import make_session
 
 
 def ort_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

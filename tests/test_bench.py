@@ -5,7 +5,6 @@ Tiny adapters and ``--repeat 3`` keep this fast; nothing here asserts a time.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -21,15 +20,11 @@ from prism_deploy.cli.main import main
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.reference import describe, random_adapter, simple_config
 
-HAVE_LOWERING = importlib.util.find_spec("prism_deploy.lower") is not None and \
-    importlib.util.find_spec("prism_deploy.runtime.ort_runner") is not None
-needs_lowering = pytest.mark.skipif(not HAVE_LOWERING, reason="prism_deploy.lower (the ONNX lowering) is not merged yet")
-
 
 @pytest.fixture(autouse=True)
 def no_gpu(monkeypatch):
     """Run as on a CPU-only machine, so the GPU backends are unavailable on any runner."""
-    from prism_deploy.runtime import ort_session
+    from prism_deploy import ort_session
 
     monkeypatch.setenv("PRISM_DEPLOY_NO_GPU", "1")
     ort_session.gpu_present.cache_clear()
@@ -157,7 +152,6 @@ def _check_results(data: dict, batches: list[int]) -> None:
         assert u["reason"].strip()
 
 
-@needs_lowering
 def test_bench_runs_torch_and_ort_cpu(tiny: Path, tmp_path: Path, capsys):
     out = tmp_path / "r" / "bench.json"
     code, text, _ = _bench([str(tiny), "--backends", "torch,ort-cpu", "--batch", "1,4", "--repeat", "3",
@@ -253,7 +247,6 @@ def test_bench_plot_without_matplotlib_exit_2(tiny: Path, tmp_path: Path, capsys
     assert not (tmp_path / "p.png").exists()
 
 
-@needs_lowering
 def test_bench_runs_built_engines(tiny: Path, tmp_path: Path, capsys):
     pytest.importorskip("prism_deploy.runtime.engines")
     engines = tmp_path / "engines"

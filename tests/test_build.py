@@ -15,17 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-# every build exports through the lowering layer and checks through parity
-pytest.importorskip("prism_deploy.lower", reason="the lowering layer (issue 3) is not merged here yet")
-pytest.importorskip("prism_deploy.parity", reason="the parity layer (issue 3) is not merged here yet")
-
-from prism_deploy.build import builder, environment  # noqa: E402
-from prism_deploy.build.manifest import EngineFileError, read_manifest  # noqa: E402
-from prism_deploy.cli.main import main  # noqa: E402
-from prism_deploy.format import AdapterConfig, PipeSpec  # noqa: E402
-from prism_deploy.reference import random_adapter  # noqa: E402
-from prism_deploy.runtime import load_engines  # noqa: E402
-from prism_deploy.runtime.ort_session import gpu_present  # noqa: E402
+from prism_deploy.build import builder, environment
+from prism_deploy.build.manifest import EngineFileError, read_manifest
+from prism_deploy.cli.main import main
+from prism_deploy.format import AdapterConfig, PipeSpec
+from prism_deploy.reference import random_adapter
+from prism_deploy.runtime import load_engines
+from prism_deploy.ort_session import gpu_present
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "demo-adapter.safetensors"
 # The shipped example's layout (examples/demo-adapter.safetensors), for when the file is absent.

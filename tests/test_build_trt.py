@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prism_deploy.runtime.ort_session import gpu_present
+from prism_deploy.ort_session import gpu_present
 from prism_deploy.trt.engine import tensorrt_available
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,13 +2,11 @@
 
 The fused graph runs on ONNX Runtime CPU with the Python twin and must match the PyTorch
 reference: that proves every input, attribute and output of the new node is wired. Graphs come
-from tests/fuse_helpers.py (the lowering's metadata contract) and, once ``prism_deploy.lower``
-is on this branch, from the real exporter as well.
+from tests/fuse_helpers.py (the lowering's metadata contract) and from the real exporter.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -31,9 +29,8 @@ from prism_deploy.kernel.semantics import gate_weights, top_k_select  # noqa: E4
 from prism_deploy.onnx_io import save_model  # noqa: E402
 from prism_deploy.reference import random_adapter, top_k_indices  # noqa: E402
 from prism_deploy.reference.routing import route  # noqa: E402
-from prism_deploy.runtime.ort_session import make_session  # noqa: E402
+from prism_deploy.ort_session import make_session  # noqa: E402
 
-HAVE_LOWER = importlib.util.find_spec("prism_deploy.lower") is not None
 # Relative L2 error bounds per precision (issue 3's quality bar): fp32 1e-5; fp16/int8 compute in
 # float16 (rounding 2^-11 ~ 4.9e-4 per element, accumulated), so 2e-3.
 TOL = {"fp32": 1e-5, "fp16": 2e-3, "int8": 2e-3}
@@ -55,11 +52,10 @@ def _rel(y, ref):
 def _models(adapter, precision):
     """(source, model, input rank): the contract stand-in takes [T, in_dim], exports [b, s, in_dim]."""
     yield "contract", contract_model(adapter, precision), 2
-    if HAVE_LOWER:
-        from prism_deploy.lower import build_model
+    from prism_deploy.lower import build_model
 
-        for form in ("A", "B"):
-            yield f"export form {form}", build_model(adapter, precision=precision, gated_form=form), 3
+    for form in ("A", "B"):
+        yield f"export form {form}", build_model(adapter, precision=precision, gated_form=form), 3
 
 
 def _run(session, x, rank):
@@ -241,7 +237,6 @@ def test_twin_is_batch_invariant_and_applies_scales():
         tile_dispatch_twin(x, s, q, sc[:, :2], **attrs)
 
 
-@pytest.mark.skipif(not HAVE_LOWER, reason="prism_deploy.lower (issue 3) is not merged into this branch yet")
 def test_real_export_int8_qdq_is_refused(adapter):
     from prism_deploy.lower import build_model
 
@@ -250,7 +245,6 @@ def test_real_export_int8_qdq_is_refused(adapter):
         fuse_gated_pipes(build_model(adapter, precision="int8-qdq", calib=calib))
 
 
-@pytest.mark.skipif(not HAVE_LOWER, reason="prism_deploy.lower (issue 3) is not merged into this branch yet")
 def test_export_plugin_command(tmp_path, capsys):
     from pathlib import Path
 
@@ -276,7 +270,6 @@ def test_export_plugin_command(tmp_path, capsys):
     assert "int8-qdq is not supported" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not HAVE_LOWER, reason="prism_deploy.lower (issue 3) is not merged into this branch yet")
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_float16_io_graphs_fuse(adapter, precision):
     """float16 graph I/O: the twin's Casts keep the custom op float32; fused equals unfused."""

@@ -90,7 +90,7 @@ def test_device_array_reads_the_interface():
 
 
 def test_without_a_driver_the_error_is_clear():
-    from prism_deploy.runtime.ort_session import gpu_present
+    from prism_deploy.ort_session import gpu_present
 
     if gpu_present():
         pytest.skip("a GPU is present")

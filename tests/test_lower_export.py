@@ -166,7 +166,7 @@ def test_ties_and_negative_scores_select_lower_index():
 def test_loads_from_file_on_installed_onnxruntime(tmp_path, mixed):
     import onnxruntime as ort
 
-    from prism_deploy.runtime.ort_session import make_session
+    from prism_deploy.ort_session import make_session
 
     export_onnx(mixed, tmp_path / "m.onnx", precision="int8")
     sess = make_session(tmp_path / "m.onnx", "cpu")  # raises PrismInputError if refused

@@ -55,7 +55,7 @@ def padded_batch(vocab: int, batch: int = 3, seq: int = 9, seed: int = 0) -> tup
 
 
 def test_upper_export_matches_transformers_on_new_inputs(zoo):
-    from prism_deploy.runtime.ort_session import make_session
+    from prism_deploy.ort_session import make_session
 
     manifest = read_manifest(zoo["A"], "upper")
     assert manifest["family"] == "llama" and manifest["dims"]["hidden"] == 64 and manifest["max_seq"] == 64
@@ -350,7 +350,7 @@ def test_build_folder_runs_in_the_pipeline(zoo, pipeline, tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_pipeline_on_ort_cuda_matches_cpu(zoo, pipeline):
-    from prism_deploy.runtime.ort_session import cuda_provider_available
+    from prism_deploy.ort_session import cuda_provider_available
     from prism_deploy.runtime.pipeline import Pipeline
 
     ok, why = cuda_provider_available()

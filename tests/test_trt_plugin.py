@@ -67,7 +67,7 @@ def _real_trt_reason() -> str | None:
     ok, why = tensorrt_available()
     if not ok:
         return why
-    from prism_deploy.runtime.ort_session import gpu_present
+    from prism_deploy.ort_session import gpu_present
 
     return None if gpu_present() else "no NVIDIA GPU on this machine"
 

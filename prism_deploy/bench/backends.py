@@ -35,7 +35,7 @@ def torch_device() -> str:
     """Where the torch backends run: the GPU when there is one torch can use."""
     import torch
 
-    from prism_deploy.runtime.ort_session import gpu_present
+    from prism_deploy.ort_session import gpu_present
 
     return "cuda" if gpu_present() and torch.cuda.is_available() else "cpu"
 
@@ -225,7 +225,7 @@ class OrtBackend(Backend):
         except ImportError:
             return False, "onnxruntime is not installed"
         if cls.provider == "cuda":
-            from prism_deploy.runtime.ort_session import cuda_provider_available
+            from prism_deploy.ort_session import cuda_provider_available
 
             ok, why = cuda_provider_available()
             if not ok:
@@ -323,7 +323,7 @@ class TrtBackend(Backend):
 
     @classmethod
     def check(cls, engines_dir: Path | None) -> tuple[bool, str]:
-        from prism_deploy.runtime.ort_session import gpu_present
+        from prism_deploy.ort_session import gpu_present
 
         if not gpu_present():
             return False, "TensorRT needs an NVIDIA GPU and this machine has none"
@@ -389,7 +389,7 @@ class KernelBackend(Backend):
 
     @classmethod
     def check(cls, engines_dir: Path | None) -> tuple[bool, str]:
-        from prism_deploy.runtime.ort_session import gpu_present
+        from prism_deploy.ort_session import gpu_present
 
         if not gpu_present():
             return False, "the tile-dispatch kernel runs only on an NVIDIA GPU and this machine has none"

@@ -60,7 +60,7 @@ def load_average() -> list[float] | None:
 
 def gpu_info() -> dict[str, Any] | None:
     """GPU name, driver and memory from nvidia-smi; None when no GPU answers."""
-    from prism_deploy.runtime.ort_session import gpu_present
+    from prism_deploy.ort_session import gpu_present
 
     if not gpu_present():
         return None
@@ -263,7 +263,7 @@ def _ort_matmul(a: np.ndarray, b: np.ndarray, threads: int | None) -> Any:
         from onnx import TensorProto, helper, numpy_helper
 
         from prism_deploy.onnx_io import finalize
-        from prism_deploy.runtime.ort_session import make_session
+        from prism_deploy.ort_session import make_session
     except ImportError:
         return None
     n = a.shape[0]

@@ -20,7 +20,7 @@ from prism_deploy.build.options import TARGETS
 
 def tensorrt_status() -> tuple[bool, str]:
     """Whether a real TensorRT builder can run here (needs the library and a GPU), and why."""
-    from prism_deploy.runtime.ort_session import gpu_present
+    from prism_deploy.ort_session import gpu_present
     from prism_deploy.trt.engine import tensorrt_available
 
     ok, why = tensorrt_available()
@@ -32,7 +32,7 @@ def tensorrt_status() -> tuple[bool, str]:
 
 
 def target_status(target: str) -> tuple[bool, str]:
-    from prism_deploy.runtime.ort_session import cuda_provider_available
+    from prism_deploy.ort_session import cuda_provider_available
 
     if target == "trt":
         return tensorrt_status()

@@ -302,7 +302,7 @@ def graph_parity(source_onnx: Path, work: Path, entry: dict[str, Any], model: di
     multi-input TensorRT runner yet): their figures say so."""
     from prism_deploy.build.ort_backend import provider_for
     from prism_deploy.models.export import compare
-    from prism_deploy.runtime.ort_session import make_session
+    from prism_deploy.ort_session import make_session
 
     if entry["target"] == "trt":
         return {"passed": True, "skipped": "no TensorRT runner for model graphs yet", "detail": ""}

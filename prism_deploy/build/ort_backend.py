@@ -34,7 +34,7 @@ def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
     ``external_data``: a file name (in ``engine_path``'s folder) for the initializers of a
     model too large for one protobuf; the optimized model refers to it by that name.
     """
-    from prism_deploy.runtime.ort_session import make_session, session_config_for
+    from prism_deploy.ort_session import make_session, session_config_for
 
     provider = provider_for(target)
     config = None

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.parity import check_parity
     from prism_deploy.reference import load_adapter
     from prism_deploy.runtime.ort_runner import OrtRunner
-    from prism_deploy.runtime.ort_session import resolve_provider
+    from prism_deploy.ort_session import resolve_provider
 
     provider, why = resolve_provider(args.provider)
     if args.provider == "auto" and provider != "cpu" and _is_fused_file(args.onnx):

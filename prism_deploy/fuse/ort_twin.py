@@ -144,7 +144,7 @@ def make_twin_session(model: onnx.ModelProto, intra_op_threads: int | None = Non
                       kernel: str = "semantics", session_config: dict[str, str] | None = None) -> Any:
     """An ONNX Runtime CPU session running a fused model with the twin op (``kernel``: see
     ``twin_model``)."""
-    from prism_deploy.runtime.ort_session import make_session
+    from prism_deploy.ort_session import make_session
 
     library = register_twin()
     if kernel == "host":

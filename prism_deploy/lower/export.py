@@ -575,7 +575,7 @@ def _calibrate(model: onnx.ModelProto, lowering: _Lowering, data: np.ndarray, ca
     input and the float32 gates, never on another quantized MatMul, so the placeholder
     scales do not affect what is observed.
     """
-    from prism_deploy.runtime.ort_session import make_session
+    from prism_deploy.ort_session import make_session
 
     observed = sorted(set(lowering.act_scales.values()))
     io = np.dtype(lowering.io_dtype)

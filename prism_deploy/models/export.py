@@ -326,7 +326,7 @@ def _shapes(max_seq: int) -> list[tuple[int, int]]:
 
 
 def _validate_upper(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
-    from prism_deploy.runtime.ort_session import make_session
+    from prism_deploy.ort_session import make_session
 
     tol = TOLERANCES[precision]
     session = make_session(out / files["graph"], "cpu")
@@ -344,7 +344,7 @@ def _validate_upper(reference: Any, out: Path, files: dict[str, str], precision:
 
 
 def _validate_lower(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
-    from prism_deploy.runtime.ort_session import make_session
+    from prism_deploy.ort_session import make_session
 
     tol = TOLERANCES[precision]
     d = hf.cache_dims(reference.config)

@@ -57,7 +57,7 @@ class OnnxAdapterRunner:
     kind = "onnx"
 
     def __init__(self, onnx_path: str | os.PathLike[str], provider: str = "cpu") -> None:
-        from prism_deploy.runtime.ort_session import make_session, session_config_for
+        from prism_deploy.ort_session import make_session, session_config_for
 
         import onnx
 
@@ -119,7 +119,7 @@ def lowered_precision(model: Any) -> str | None:
 
 def target_provider(target: str) -> tuple[str, str]:
     """ONNX Runtime provider for the models (and ONNX adapters) under ``target``, and why."""
-    from prism_deploy.runtime.ort_session import resolve_provider
+    from prism_deploy.ort_session import resolve_provider
 
     if target not in TARGETS:
         raise PrismInputError(f"--target: {target!r} is not one of {', '.join(TARGETS)}")

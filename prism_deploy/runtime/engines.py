@@ -49,7 +49,7 @@ class OrtEngineRunner:
     (it is already optimized) on the provider it was optimized for."""
 
     def __init__(self, path: Path, session: dict[str, Any], out_dim: int) -> None:
-        from prism_deploy.runtime.ort_session import make_session
+        from prism_deploy.ort_session import make_session
 
         self.provider = session["provider"]
         self.out_dim = out_dim
@@ -102,7 +102,7 @@ def check_environment(entry: dict[str, Any]) -> None:
         raise EngineFileError(f"engine {entry['id']}: built with {tool} {built}, this environment has "
                               f"{here}; rebuild with `prism-deploy build`")
     if target == "ort-cuda":
-        from prism_deploy.runtime.ort_session import cuda_provider_available
+        from prism_deploy.ort_session import cuda_provider_available
 
         ok, why = cuda_provider_available()
         if not ok:  # ONNX Runtime would fall back to the CPU silently: refuse instead

@@ -41,7 +41,7 @@ class ModelFolder:
     def session(self, key: str, provider: str) -> Any:
         """An ONNX Runtime session of graph ``key`` on ``provider``: the export's ``.onnx``, or
         the build's engine for ``ort-<provider>`` (opened with optimization off, as built)."""
-        from prism_deploy.runtime.ort_session import make_session
+        from prism_deploy.ort_session import make_session
 
         if self.build is None:
             return make_session(self.dir / self.manifest["files"][key]["name"], provider)

@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 
 from prism_deploy.errors import PrismInputError
 from prism_deploy.lower.export import read_lowering_metadata
-from prism_deploy.runtime.ort_session import make_session, session_config_for
+from prism_deploy.ort_session import make_session, session_config_for
 
 
 class OrtRunner:
