@@ -132,6 +132,22 @@ def test_kernel_source_is_batch_invariant():
         np.testing.assert_array_equal(alone[0], batch[i])
 
 
+def test_kernel_source_with_no_tokens_reads_and_writes_nothing():
+    """T = 0 launched as the TensorRT plugin launches it (one token chunk, since a zero grid is
+    an invalid launch): no tile touched, nothing written past the empty output, no fault."""
+    R, C, k = 3, 6, 4
+    spec, x, s, tiles, scales = _inputs((R, C, 64, 64, k, C * 64 - 5, R * 64 - 3, "float16", "int8", 2))
+    assert tiles.nbytes // (R * C) == os.sysconf("SC_PAGE_SIZE")
+    assert launch_config(spec, 0).grid_y == 0  # the host runner raises it to 1, as the plugin does
+    out = run_on_host(spec, x[:0], s[:0], tiles, scales, guard="start", unread_workers=range(R * C))
+    assert out.shape == (0, spec.out_dim)
+    # the empty output ends at an inaccessible page: any write faults
+    assert run_on_host(spec, x[:0], s[:0], tiles, scales, guard="end").shape == (0, spec.out_dim)
+    # the same protection catches the first token's reads
+    with pytest.raises(HostRunError, match="SIGSEGV"):
+        run_on_host(spec, x[:1], s[:1], tiles, scales, guard="start", unread_workers=range(R * C))
+
+
 @pytest.mark.parametrize("hd,td,tr,tc", [("float32", "float32", 16, 64), ("float16", "float16", 32, 64),
                                          ("float16", "int8", 64, 64)])
 @pytest.mark.parametrize("T", [1, 4])

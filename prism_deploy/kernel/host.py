@@ -149,7 +149,8 @@ def _run(
             Path(d, "unread_workers.txt").write_text("".join(f"{w}\n" for w in unread))
         if count_reads:
             Path(d, "count_reads").touch()
-        argv = [str(exe), str(cfg.grid_x), str(cfg.grid_y), str(cfg.block_x), str(cfg.shared_mem),
+        # at least one token chunk, as the TensorRT plugin launches it (T = 0 included)
+        argv = [str(exe), str(cfg.grid_x), str(max(cfg.grid_y, 1)), str(cfg.block_x), str(cfg.shared_mem),
                 str(T), str(in_dim), guard, d]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:

@@ -105,7 +105,10 @@ def _define_plugin() -> None:
         cfg = launch_config(spec, tokens)
         params = trtp.KernelLaunchParams()
         params.grid_x = cfg.grid_x
-        params.grid_y = cfg.grid_y
+        # TensorRT launches an AOT kernel itself, so nothing skips the launch at T = 0 (as the
+        # Python launcher does), and a zero grid is an invalid launch. One chunk instead: the
+        # kernel returns at once from a chunk with no tokens (checked on the host build).
+        params.grid_y = trtp.max(cfg.grid_y, 1)
         params.grid_z = 1
         params.block_x = cfg.block_x
         params.block_y = 1
