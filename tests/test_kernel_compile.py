@@ -68,6 +68,18 @@ def test_second_call_hits_cache_and_changes_miss():
     assert not compile_ptx(spec, "sm_80", source=src).cache_hit
 
 
+def test_cache_keeps_the_most_recently_used_entries(monkeypatch):
+    from prism_deploy.kernel import nvrtc
+
+    monkeypatch.setattr(nvrtc, "CACHE_KEEP", 2)
+    a, b, c = (TileDispatchSpec(2, 2, 8, 8, 2, scale, 16) for scale in (1.0, 2.0, 3.0))
+    path_a, path_b = compile_ptx(a, "sm_80").cache_path, compile_ptx(b, "sm_80").cache_path
+    assert compile_ptx(a, "sm_80").cache_hit  # a is now used more recently than b
+    path_c = compile_ptx(c, "sm_80").cache_path
+    assert path_a.is_file() and path_c.is_file() and not path_b.exists()
+    assert not compile_ptx(b, "sm_80").cache_hit
+
+
 def test_gate_scale_is_exact_float32_literal():
     spec = TileDispatchSpec(2, 2, 8, 8, 2, 0.1, 16)
     (d,) = [d for d in spec.defines() if d.startswith("-DPRISM_GATE_SCALE=")]

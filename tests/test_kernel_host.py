@@ -345,3 +345,14 @@ def test_bad_inputs_and_builds_are_clean_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.raises(HostRunError, match="no C\\+\\+ compiler"):
         build_host_runner(spec)
+
+
+def test_host_runner_cache_keeps_the_most_recently_used(tmp_path, monkeypatch):
+    from prism_deploy.kernel import nvrtc
+
+    monkeypatch.setenv("PRISM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(nvrtc, "CACHE_KEEP", 1)
+    first = build_host_runner(TileDispatchSpec(2, 2, 4, 4, 2, 1.0, 8))
+    second = build_host_runner(TileDispatchSpec(2, 2, 4, 4, 2, 2.0, 8))
+    assert second.is_file() and not first.exists()
+    assert sorted(p.name for p in second.parent.iterdir()) == [second.name]

@@ -31,7 +31,7 @@ import numpy as np
 
 from prism_deploy.errors import PrismInputError
 from prism_deploy.fsutil import atomic_output
-from prism_deploy.kernel.nvrtc import cache_dir
+from prism_deploy.kernel.nvrtc import cache_dir, prune_cache, touch_cache_entry
 from prism_deploy.kernel.spec import TileDispatchSpec, kernel_source_path, launch_config
 
 CXX_FLAGS = ["-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas"]
@@ -65,6 +65,7 @@ def build_host_runner(spec: TileDispatchSpec, *, use_cache: bool = True) -> Path
         h.update(hashlib.sha256(part).digest())
     exe = cache_dir() / f"tile_dispatch-host-{h.hexdigest()[:24]}"
     if use_cache and exe.is_file():
+        touch_cache_entry(exe)
         return exe
     host_dir = sources[1].parent
     exe.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +76,7 @@ def build_host_runner(spec: TileDispatchSpec, *, use_cache: bool = True) -> Path
             first = next((ln for ln in done.stderr.splitlines() if "error" in ln), done.stderr.strip()[:300])
             raise HostRunError(f"host build of tile_dispatch.cu failed ({' '.join(spec.defines())}): {first}")
         os.chmod(tmp, 0o755)
+    prune_cache("tile_dispatch-host-*")
     return exe
 
 

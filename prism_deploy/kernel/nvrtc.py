@@ -3,7 +3,8 @@
 NVRTC needs no GPU, so CI compiles every variant. PTX is cached under
 ``$PRISM_DEPLOY_CACHE/kernels`` (default ``~/.cache/prism-deploy/kernels``), keyed by the
 source's SHA-256, the target architecture, the ``-D`` defines and the NVRTC version: a change
-to any of them is a miss, never a stale hit.
+to any of them is a miss, never a stale hit. Each kind of entry (PTX, host executables) is
+capped at ``CACHE_KEEP`` files, least recently used first out.
 
 PTX carries an ISA version (NVRTC 13.5 writes 9.5); a driver older than the NVRTC that wrote it
 refuses to load it (CUDA_ERROR_UNSUPPORTED_PTX_VERSION): compile for the device's own
@@ -65,6 +66,41 @@ def cache_dir() -> Path:
     return base / "kernels"
 
 
+# Entries of one kind the kernel cache keeps. Every edit of the source and every new shape adds
+# an entry and nothing else removes one, so after a write the least recently used beyond this
+# many go (a hit refreshes an entry's mtime). A just-written entry is the newest: never pruned.
+CACHE_KEEP = 256
+
+
+def touch_cache_entry(path: Path) -> None:
+    """Mark a cache entry as just used (best effort: a read-only cache still serves hits)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def prune_cache(pattern: str, keep: int | None = None) -> int:
+    """Remove all but the ``keep`` most recently used cache entries matching ``pattern``;
+    returns how many went. Temporary files (``.name.*.tmp``) never match a pattern."""
+    keep = CACHE_KEEP if keep is None else keep
+    entries = []
+    for path in cache_dir().glob(pattern):
+        try:
+            entries.append((path.stat().st_mtime_ns, path))
+        except OSError:  # removed by another process meanwhile
+            continue
+    entries.sort(reverse=True)
+    removed = 0
+    for _, path in entries[keep:]:
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def nvrtc_version() -> tuple[int, int]:
     from cuda.bindings import nvrtc  # type: ignore[import-untyped,unused-ignore]
 
@@ -87,6 +123,7 @@ def compile_ptx(
     key = _cache_key(text, arch_name, options)
     path = cache_dir() / f"tile_dispatch-{arch_name}-{key[:24]}.ptx"
     if use_cache and path.is_file():
+        touch_cache_entry(path)
         return CompiledKernel(KERNEL_NAME, path.read_bytes(), arch_name, options, path, True)
     ptx = _nvrtc_compile(text, options, arch_name)
     if KERNEL_NAME.encode() not in ptx:
@@ -94,6 +131,7 @@ def compile_ptx(
     if use_cache:
         try:
             write_bytes_atomic(path, ptx)
+            prune_cache("tile_dispatch-compute_*.ptx")
         except OSError:  # a read-only cache is no reason to fail a compile
             path = None  # type: ignore[assignment,unused-ignore]
     return CompiledKernel(KERNEL_NAME, ptx, arch_name, options, path if use_cache else None, False)
