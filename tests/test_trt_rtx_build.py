@@ -6,7 +6,8 @@ CPU (its "CPU-only AOT" phase) and build strongly typed networks only. Through i
 ``prism_deploy.trt.engine`` code parses every lowering into a network and builds an engine,
 and the network shows what precision TensorRT gives each MatMul. What this cannot show: that
 the engines run (TensorRT-RTX engines need an RTX GPU; none targets an H100), or anything
-about the plugin (TensorRT-RTX has no ``tensorrt.plugin``).
+about the plugin beyond its ONNX node (TensorRT-RTX ships no usable ``tensorrt.plugin``;
+tools/qdp_check.py takes NVIDIA's from a TensorRT checkout).
 """
 
 from __future__ import annotations
