@@ -196,6 +196,10 @@ def test_fuse_command(adapter, x, tmp_path, capsys):
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
     assert main(["fuse", str(tmp_path / "junk.onnx"), "-o", str(tmp_path / "o.onnx")]) == 2
     assert "error:" in capsys.readouterr().err and not (tmp_path / "o.onnx").exists()
+    # a fused graph is not fused again: one clear error, nothing written
+    assert main(["fuse", str(dst), "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already fused" in err[0] and not (tmp_path / "o.onnx").exists()
 
 
 # ---- the twin's semantics on hard gates (ties, all-negative, signed zeros, extremes) ---------

@@ -92,7 +92,7 @@ def print_report(report: Any, provider: str) -> None:
 def _is_fused_file(path: str) -> bool:
     import onnx
 
-    from prism_deploy.fuse.ort_twin import is_fused
+    from prism_deploy.fuse import is_fused
 
     try:
         return is_fused(onnx.load_model(path, load_external_data=False))

@@ -8,7 +8,9 @@ from prism_deploy.fuse.gated_pipes import (
     export_fused,
     fuse_gated_pipes,
     fuse_onnx_file,
+    is_fused,
     lowering_metadata,
 )
 
-__all__ = ["DOMAIN", "FUSION_KEY", "OP_TYPE", "export_fused", "fuse_gated_pipes", "fuse_onnx_file", "lowering_metadata"]
+__all__ = ["DOMAIN", "FUSION_KEY", "OP_TYPE", "export_fused", "fuse_gated_pipes", "fuse_onnx_file", "is_fused",
+           "lowering_metadata"]

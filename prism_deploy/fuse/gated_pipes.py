@@ -61,6 +61,11 @@ def lowering_metadata(model: onnx.ModelProto) -> dict[str, Any]:
     return meta
 
 
+def is_fused(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` holds ``prism::tile_dispatch`` nodes (ONNX Runtime needs the twin for it)."""
+    return any(n.op_type == OP_TYPE and n.domain == DOMAIN for n in model.graph.node)
+
+
 def fuse_gated_pipes(model: onnx.ModelProto) -> onnx.ModelProto:
     """A new model in which every gated pipe is one ``prism::tile_dispatch`` node.
 
@@ -72,6 +77,9 @@ def fuse_gated_pipes(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
     meta = lowering_metadata(model)
+    if is_fused(model):
+        raise PrismInputError(f"fuse: the model is already fused (it has {DOMAIN}::{OP_TYPE} nodes): "
+                              "fuse the graph prism-deploy export wrote")
     if meta["precision"] == "int8-qdq":
         raise PrismInputError(
             "fuse: precision int8-qdq is not supported by the tile_dispatch plugin: it quantizes activations "

@@ -153,11 +153,6 @@ def make_twin_session(model: onnx.ModelProto, intra_op_threads: int | None = Non
                         intra_op_threads=intra_op_threads, session_config=session_config)
 
 
-def is_fused(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` holds ``prism::tile_dispatch`` nodes (ONNX Runtime needs the twin for it)."""
-    return any(n.op_type == OP_TYPE and n.domain == DOMAIN for n in model.graph.node)
-
-
 def _build_host_runners(model: onnx.ModelProto) -> None:
     """Compile the host kernel of every ``tile_dispatch`` node now: an exception inside a
     Python op aborts the process (onnxruntime-extensions), so a missing compiler or a build

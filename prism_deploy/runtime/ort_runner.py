@@ -56,7 +56,7 @@ class OrtRunner:
                 topk = _node(self._skeleton, pipe["node_prefix"] + "gate/TopK")
                 if topk is not None:
                     self.selection_outputs[pipe["index"]] = topk.output[1]
-        from prism_deploy.fuse.ort_twin import is_fused
+        from prism_deploy.fuse import is_fused
 
         self.fused = is_fused(self._skeleton)
         self.session = self._open()
