@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from prism_deploy.errors import PrismInputError
+
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -18,8 +20,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     atomic rename on the same file system. On any exception the temporary file is removed
     and ``path`` is left as it was (absent, or its previous content).
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = output_path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     # mkstemp makes the file private (0600); give it the mode a plain open() would have.
@@ -32,6 +33,16 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def output_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a file to be written: its folder is created; a folder at ``path`` itself is
+    bad input (said now, in its own words, rather than by a failed rename of a temporary file)."""
+    target = Path(path)
+    if target.is_dir():
+        raise PrismInputError(f"{path}: is a folder; give a file name to write")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
 
 
 def _umask() -> int:

@@ -9,9 +9,12 @@ float16 scale (weight-only INT8 with float16 activations).
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import onnx
+
+from prism_deploy.fsutil import output_path
 
 OPSET = 19
 IR_VERSION = 9
@@ -38,16 +41,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
     Returns the files written. Both files are written under temporary names and renamed
     only once both are complete, so a failure leaves no half-written model.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = output_path(path)
     weights = sum(len(t.raw_data) for t in model.graph.initializer)
     use_external = weights > EXTERNAL_DATA_THRESHOLD if external is None else external
-    tmp_model = target.with_name(f".{target.name}.tmp")
+    # names of this call's own: two saves to one target never write into each other's files
+    token = secrets.token_hex(4)
+    tmp_model = target.with_name(f".{target.name}.{token}.tmp")
+    data_name = target.name + ".data"
+    tmp_data = target.with_name(f".{data_name}.{token}.tmp")
     written: list[Path] = []
     try:
         if use_external:
-            data_name = target.name + ".data"
-            tmp_data = target.with_name(f".{data_name}.tmp")
             # onnx writes the data file under the location name, relative to the model's folder
             onnx.save_model(
                 model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -62,7 +66,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
         written.insert(0, target)
         return written
     finally:
-        for leftover in (tmp_model, target.with_name(f".{target.name}.data.tmp")):
+        for leftover in (tmp_model, tmp_data):
             if leftover.exists():
                 leftover.unlink()
 

@@ -6,13 +6,16 @@ import os
 import stat
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
 from prism_deploy.data import MatrixFile, load_matrix
 from prism_deploy.errors import PrismInputError
 from prism_deploy.fsutil import atomic_output, write_text_atomic
+from prism_deploy.onnx_io import save_model
 
 
 @pytest.fixture
@@ -75,3 +78,24 @@ def test_atomic_output_has_the_mode_of_a_plain_file(tmp_path):
     (tmp_path / "b.txt").write_text("x")
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
     assert mode(tmp_path / "a.txt") == mode(tmp_path / "b.txt")
+
+
+def test_a_folder_is_not_an_output_file(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(PrismInputError, match="out: is a folder"):
+        write_text_atomic(tmp_path / "out", "x")
+    with pytest.raises(PrismInputError, match="out: is a folder"):
+        save_model(onnx.ModelProto(), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any((tmp_path / "out").iterdir())
+
+
+def test_save_model_leaves_only_its_files_even_when_external(tmp_path):
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    written = save_model(helper.make_model(graph), tmp_path / "m.onnx", external=True)
+    assert [p.name for p in written] == ["m.onnx", "m.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    loaded = onnx.load(str(tmp_path / "m.onnx"))
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), np.ones((64, 64), np.float32))
