@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import torch
 
-from prism_deploy.reference import PrismAdapter
 from prism_deploy.ort_session import make_session
+from prism_deploy.reference import PrismAdapter
 
 
 def ort_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

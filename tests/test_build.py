@@ -19,9 +19,9 @@ from prism_deploy.build import builder, environment
 from prism_deploy.build.manifest import EngineFileError, read_manifest
 from prism_deploy.cli.main import main
 from prism_deploy.format import AdapterConfig, PipeSpec
+from prism_deploy.ort_session import gpu_present
 from prism_deploy.reference import random_adapter
 from prism_deploy.runtime import load_engines
-from prism_deploy.ort_session import gpu_present
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "demo-adapter.safetensors"
 # The shipped example's layout (examples/demo-adapter.safetensors), for when the file is absent.

@@ -27,9 +27,9 @@ from prism_deploy.fuse import FUSION_KEY, fuse_gated_pipes  # noqa: E402
 from prism_deploy.fuse.ort_twin import make_twin_session, tile_dispatch_twin  # noqa: E402
 from prism_deploy.kernel.semantics import gate_weights, top_k_select  # noqa: E402
 from prism_deploy.onnx_io import save_model  # noqa: E402
+from prism_deploy.ort_session import make_session  # noqa: E402
 from prism_deploy.reference import random_adapter, top_k_indices  # noqa: E402
 from prism_deploy.reference.routing import route  # noqa: E402
-from prism_deploy.ort_session import make_session  # noqa: E402
 
 # Relative L2 error bounds per precision (issue 3's quality bar): fp32 1e-5; fp16/int8 compute in
 # float16 (rounding 2^-11 ~ 4.9e-4 per element, accumulated), so 2e-3.

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from prism_deploy.lower import export_onnx
+from prism_deploy.ort_session import make_session
 from prism_deploy.reference import random_adapter, simple_config
 from prism_deploy.runtime.ort_runner import OrtRunner
-from prism_deploy.ort_session import make_session
 
 KEY = "session.disable_quant_qdq"
 

@@ -11,10 +11,10 @@ import torch
 from prism_deploy.cli.main import main
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.lower import export_onnx
+from prism_deploy.ort_session import cuda_provider_available
 from prism_deploy.parity import check_parity, default_tolerances
 from prism_deploy.reference import random_adapter
 from prism_deploy.runtime.ort_runner import OrtRunner
-from prism_deploy.ort_session import cuda_provider_available
 
 CFG = AdapterConfig(40, 24, (
     PipeSpec("dense", (2, 2), (12, 20), None),

@@ -21,8 +21,8 @@ from onnx import helper
 
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.lower.export import _Lowering
-from prism_deploy.reference import load_adapter, random_adapter
 from prism_deploy.ort_session import make_session
+from prism_deploy.reference import load_adapter, random_adapter
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo-adapter.safetensors"
 
