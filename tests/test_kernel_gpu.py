@@ -16,7 +16,7 @@ pytestmark = [
 
 from prism_deploy.kernel.host import compiler, run_on_host  # noqa: E402
 from prism_deploy.kernel.launch import tile_dispatch_torch  # noqa: E402
-from prism_deploy.kernel.semantics import tile_dispatch  # noqa: E402
+from prism_deploy.kernel.semantics import random_inputs, tile_dispatch  # noqa: E402
 from prism_deploy.kernel.spec import TileDispatchSpec  # noqa: E402
 
 # relative L2 bounds against the float32 reference: float32 I/O 1e-5; float16 I/O rounds the
@@ -37,17 +37,7 @@ CASES = [
 
 def _inputs(case, T, tile_dtype, seed=0):
     R, C, tr, tc, k, in_dim, out_dim = case
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((T, in_dim)).astype(np.float32)
-    s = rng.standard_normal((T, R * C)).astype(np.float32)
-    if tile_dtype == "int8":
-        tiles = rng.integers(-127, 128, (R * C, tr, tc)).astype(np.int8)
-        # cast after dividing: np.sqrt gives a float64 scalar, which would make the scales float64
-        scales = (rng.uniform(0.5, 1.0, (R * C, tr)) / (127 * np.sqrt(in_dim))).astype(np.float32)
-    else:
-        tiles = (rng.standard_normal((R * C, tr, tc)) / np.sqrt(in_dim)).astype(tile_dtype)
-        scales = None
-    return x, s, tiles, scales
+    return random_inputs(np.random.default_rng(seed), T, in_dim, R, C, tr, tc, tile_dtype)
 
 
 def _run(spec, x, s, tiles, scales):

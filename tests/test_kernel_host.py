@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from prism_deploy.kernel.host import HostRunError, build_host_runner, compiler, run_on_host
-from prism_deploy.kernel.semantics import gate_weights, tile_dispatch
+from prism_deploy.kernel.semantics import gate_weights, random_inputs, tile_dispatch
 from prism_deploy.kernel.spec import TileDispatchSpec, kernel_source_path, launch_config
 from prism_deploy.reference import random_adapter, simple_config
 
@@ -43,17 +43,9 @@ CASES = [
 
 def _inputs(case, seed=0, tie_step=0.0):
     R, C, tr, tc, k, in_dim, out_dim, hd, td, T = case
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((T, in_dim)).astype(hd)
-    s = rng.standard_normal((T, R * C)).astype(np.float32)
+    x, s, tiles, scales = random_inputs(np.random.default_rng(seed), T, in_dim, R, C, tr, tc, td, hd)
     if tie_step:
         s = (np.round(s / tie_step) * tie_step).astype(np.float32)
-    if td == "int8":
-        tiles = rng.integers(-127, 128, (R * C, tr, tc)).astype(np.int8)
-        scales = (rng.uniform(0.5, 1.0, (R * C, tr)) / (127 * np.sqrt(in_dim))).astype(np.float32)
-    else:
-        tiles = (rng.standard_normal((R * C, tr, tc)) / np.sqrt(in_dim)).astype(td)
-        scales = None
     spec = TileDispatchSpec(R, C, tr, tc, k, 1.7, out_dim, hd, td)
     return spec, x, s, tiles, scales
 

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prism_deploy.kernel.semantics import tile_dispatch  # noqa: E402
+from prism_deploy.kernel.semantics import random_inputs, tile_dispatch  # noqa: E402
 from prism_deploy.kernel.spec import TileDispatchSpec  # noqa: E402
 
 # R, C, tr, tc, top_k, in_dim, out_dim, T: padding rows/columns, top_k 1 and R*C, wide tiles,
@@ -53,14 +53,7 @@ def main() -> int:
     for R, C, tr, tc, k, in_dim, out_dim, T in CASES:
         for hidden, tiles_dtype in DTYPES:
             spec = TileDispatchSpec(R, C, tr, tc, k, 1.3, out_dim, hidden, tiles_dtype)
-            x = rng.standard_normal((T, in_dim)).astype(hidden)
-            s = rng.standard_normal((T, R * C)).astype(np.float32)
-            if tiles_dtype == "int8":
-                tiles = rng.integers(-127, 128, (R * C, tr, tc)).astype(np.int8)
-                scales = (rng.uniform(0.5, 1.0, (R * C, tr)) / (127 * np.sqrt(in_dim))).astype(np.float32)
-            else:
-                tiles = (rng.standard_normal((R * C, tr, tc)) / np.sqrt(in_dim)).astype(tiles_dtype)
-                scales = None
+            x, s, tiles, scales = random_inputs(rng, T, in_dim, R, C, tr, tc, tiles_dtype, hidden)
             out = torch.full((T, out_dim), float("nan"), dtype=getattr(torch, hidden), device=dev)
             q = torch.ones(1, device=dev) if scales is None else torch.from_numpy(scales).to(dev)
             TileDispatchLauncher(spec)(torch.from_numpy(x).to(dev), torch.from_numpy(s).to(dev),

@@ -73,3 +73,22 @@ def tile_dispatch(
     scaled = g[:, :, :, None] * xp[:, None, :, :]  # [T, R, C, tc]
     y = np.einsum("trck,rcik->tri", scaled, w, optimize=True).reshape(T, R * tr)
     return np.ascontiguousarray(y[:, :out_dim], dtype=np.float32)
+
+
+def random_inputs(
+    rng: np.random.Generator, T: int, in_dim: int, R: int, C: int, tr: int, tc: int,
+    tile_dtype: str, hidden_dtype: str = "float32",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Random ``(hidden, scores, tiles, scales)`` for the op, drawn in that order (tests, tools).
+
+    Tiles are scaled by ``1/sqrt(in_dim)`` so outputs stay O(1) at any width; int8 tiles take
+    the full [-127, 127] range with float32 row scales of the same overall size.
+    """
+    x = rng.standard_normal((T, in_dim)).astype(hidden_dtype)
+    s = rng.standard_normal((T, R * C)).astype(np.float32)
+    if tile_dtype == "int8":
+        tiles = rng.integers(-127, 128, (R * C, tr, tc)).astype(np.int8)
+        # cast after dividing: np.sqrt gives a float64 scalar, which would make the scales float64
+        scales = (rng.uniform(0.5, 1.0, (R * C, tr)) / (127 * np.sqrt(in_dim))).astype(np.float32)
+        return x, s, tiles, scales
+    return x, s, (rng.standard_normal((R * C, tr, tc)) / np.sqrt(in_dim)).astype(tile_dtype), None
