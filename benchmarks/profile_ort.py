@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in result["by_op_type"][:8]:
         print(f"  {row['op']:<20} {row['ms']:9.3f} ms  {row['share'] * 100:5.1f} %")
     if args.json:
-        from prism_deploy.fsutil import write_text_atomic
+        from prism_deploy.core.fsutil import write_text_atomic
 
         path = Path(args.json)
         existing = json.loads(path.read_text()) if path.exists() else []

@@ -1,43 +1,50 @@
 """prism-deploy: a deployment compiler for PRISM adapters.
 
-Layers, data flowing one way: ``format`` (load, validate, save) -> ``reference`` (PyTorch
-semantics) -> ``lower`` (ONNX per precision) -> ``fuse`` (plugin rewrite) -> ``build``
-(engines, manifest) -> ``runtime`` (run engines, pipeline) -> ``cli``. ``fit`` and ``bench``
-sit beside them and use the same pieces.
+Layers, data flowing one way: ``format`` (every file: load, validate, save) -> ``reference``
+(PyTorch semantics) -> ``lower`` (ONNX per precision) -> ``fuse`` (plugin rewrite) -> ``builder``
+(engines, manifest) -> ``runtime`` (run engines and models, the pipeline) -> ``serving`` /
+``cli``. ``fit``, ``parity`` and ``bench`` sit beside them; ``core`` holds what every layer
+shares. Importing this package loads no layer: each name below loads its module on first use,
+and only ``PrismAdapter`` / ``load_adapter`` (the reference) need PyTorch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prism_deploy.errors import AdapterFormatError, CheckFailed, PrismInputError
-from prism_deploy.format import AdapterConfig, PipeSpec
-from prism_deploy.reference import PrismAdapter, load_adapter, save_adapter
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterConfig",
-    "AdapterFormatError",
-    "CheckFailed",
-    "PipeSpec",
-    "PrismAdapter",
-    "PrismInputError",
-    "__version__",
-    "load_adapter",
-    "plan_tiles",
-    "save_adapter",
-]
+_LAZY = {
+    "AdapterConfig": "prism_deploy.format",
+    "PipeSpec": "prism_deploy.format",
+    "AdapterTensors": "prism_deploy.format",
+    "read_adapter": ("prism_deploy.format", "read_adapter_file"),
+    "write_adapter": ("prism_deploy.format", "write_adapter_file"),
+    "AdapterFormatError": "prism_deploy.core.errors",
+    "CheckFailed": "prism_deploy.core.errors",
+    "PrismInputError": "prism_deploy.core.errors",
+    "PrismAdapter": "prism_deploy.reference",
+    "load_adapter": "prism_deploy.reference",
+    "save_adapter": "prism_deploy.reference",
+    "plan_tiles": "prism_deploy.plan",
+    "load_engines": "prism_deploy.runtime.engines",
+    "Pipeline": "prism_deploy.runtime.pipeline",
+}
+
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
-    # Later layers import heavy libraries (onnx, onnxruntime): load them on first use only.
-    if name == "plan_tiles":
-        from prism_deploy.plan import plan_tiles
+    if name in _LAZY:
+        import importlib
 
-        return plan_tiles
-    if name == "Pipeline":
-        from prism_deploy.runtime.pipeline import Pipeline
-
-        return Pipeline
+        target = _LAZY[name]
+        module, attr = target if isinstance(target, tuple) else (target, name)
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'prism_deploy' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.format import AdapterConfig, PipeSpec
 
 DEFAULT_WORKERS = 512

@@ -13,7 +13,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from prism_deploy.onnx_io import finalize
+from prism_deploy.core.onnx_io import finalize
 from prism_deploy.reference import PrismAdapter
 
 NP = {"float32": np.float32, "float16": np.float16}

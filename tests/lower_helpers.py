@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import torch
 
-from prism_deploy.ort_session import make_session
+from prism_deploy.core.ort_session import make_session
 from prism_deploy.reference import PrismAdapter
 
 

@@ -18,21 +18,15 @@ from prism_deploy.bench.memory import PeakMemory
 from prism_deploy.bench.timing import time_cpu
 from prism_deploy.cli.main import main
 from prism_deploy.format import AdapterConfig, PipeSpec
-from prism_deploy.reference import describe, random_adapter, simple_config
+from prism_deploy.reference import describe, random_adapter, simple_config  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
-def no_gpu(monkeypatch):
-    """Run as on a CPU-only machine, so the GPU backends are unavailable on any runner."""
-    from prism_deploy import ort_session
-
-    monkeypatch.setenv("PRISM_DEPLOY_NO_GPU", "1")
-    ort_session.gpu_present.cache_clear()
-    # Small rate measurements: the tests check the plumbing, not this machine's speed.
+def small_rate_measurements(monkeypatch):
+    """The tests check the plumbing, not this machine's speed (and run as on a CPU-only
+    machine, tests/conftest.py, so the GPU backends are unavailable on any runner)."""
     monkeypatch.setattr(machine, "COPY_BYTES_CPU", 8 * 1024 * 1024)
     monkeypatch.setattr(machine, "MATMUL_N_CPU", 256)
-    yield
-    ort_session.gpu_present.cache_clear()
 
 
 @pytest.fixture
@@ -94,7 +88,7 @@ def test_floor_matches_describe_for_one_token():
 
 
 def test_floor_rejects_unknown_precision():
-    from prism_deploy.errors import PrismInputError
+    from prism_deploy.core.errors import PrismInputError
 
     with pytest.raises(PrismInputError, match="fp8"):
         bytes_must_move(HAND, "fp8", 1)

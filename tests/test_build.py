@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from prism_deploy.build import builder, environment
-from prism_deploy.build.manifest import EngineFileError, read_manifest
+from prism_deploy.builder import adapter_source, loop, ort_engine
+from prism_deploy.core import targets
+from prism_deploy.format.engine_manifest import EngineFileError, read_manifest
 from prism_deploy.cli.main import main
 from prism_deploy.format import AdapterConfig, PipeSpec
-from prism_deploy.ort_session import gpu_present
 from prism_deploy.reference import random_adapter
 from prism_deploy.runtime import load_engines
 
@@ -37,7 +37,6 @@ SMALL_CONFIG = AdapterConfig(48, 40, (
 # small profile: parity runs 2 batches of 2x8 tokens
 FAST = ["--batch", "1:2:4", "--seq", "1:8:16"]
 
-needs_cpu_only = pytest.mark.skipif(gpu_present(), reason="auto picks a GPU target on this machine")
 
 
 def _adapter(tmp_path: Path, config: AdapterConfig = SMALL_CONFIG, seed: int = 0, name: str = "small") -> Path:
@@ -63,7 +62,6 @@ def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@needs_cpu_only
 def test_example_builds_on_cpu_prints_parity_and_second_run_reuses(tmp_path, capsys, monkeypatch):
     if EXAMPLE.is_file():
         adapter = tmp_path / EXAMPLE.name
@@ -118,18 +116,18 @@ def test_changed_tool_version_rebuilds_and_stale_engine_is_refused(tmp_path, cap
     adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
     args = [str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST]
     assert _build(capsys, *args)[0] == 0
-    real = environment.tool_versions
+    real = targets.tool_versions
 
     def upgraded(target: str) -> dict[str, str | None]:
         return {**real(target), "onnxruntime": "99.0.0"}
 
-    monkeypatch.setattr(environment, "tool_versions", upgraded)
+    monkeypatch.setattr(targets, "tool_versions", upgraded)
     code, out, _ = _build(capsys, *args)
     assert code == 0 and "built (cache miss)" in out
     assert read_manifest(out_dir)["engines"][0]["tools"]["onnxruntime"] == "99.0.0"
     code, out, _ = _build(capsys, *args)
     assert "reused (cache hit)" in out
-    monkeypatch.setattr(environment, "tool_versions", real)  # back to the real version
+    monkeypatch.setattr(targets, "tool_versions", real)  # back to the real version
     with pytest.raises(EngineFileError, match="built with onnxruntime 99.0.0"):
         load_engines(out_dir)
 
@@ -181,12 +179,12 @@ def test_failed_parity_keeps_previous_engines_and_manifest(tmp_path, capsys, mon
     args = [str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST]
     assert _build(capsys, *args)[0] == 0
     before = (out_dir / "manifest.json").read_bytes()
-    real_export = builder.export_graph
+    real_export = adapter_source.export_graph
 
     def sabotaged(unit, path, cfg, calib):  # an engine of other weights: parity must catch it
-        return real_export(random_adapter(unit.config, seed=99), path, cfg, calib)
+        return real_export(random_adapter(unit.config, seed=99).arrays(), path, cfg, calib)
 
-    monkeypatch.setattr(builder, "export_graph", sabotaged)
+    monkeypatch.setattr(adapter_source, "export_graph", sabotaged)
     code, out, err = _build(capsys, *args, "--force")
     assert code == 1
     assert err.count("\n") == 1 and "ort-cpu/fp32/whole" in err and "rel_l2 " in err and "> 1e-05" in err
@@ -236,7 +234,6 @@ def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, extra, message)
     assert not (tmp_path / "eng" / "manifest.json").exists()
 
 
-@pytest.mark.skipif(gpu_present(), reason="a GPU is present: GPU targets may be available")
 @pytest.mark.parametrize("target", ["trt", "ort-cuda"])
 def test_unavailable_target_exits_2(tmp_path, capsys, target):
     code, _, err = _build(capsys, str(_adapter(tmp_path)), "--target", target)
@@ -278,13 +275,11 @@ def test_crash_mid_build_leaves_previous_engines_and_manifest(tmp_path, capsys, 
     args = [str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST]
     assert _build(capsys, *args)[0] == 0
     before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
-    from prism_deploy.build import ort_backend
-
     def crash(onnx_path, engine_path, target, **options):
         engine_path.write_bytes(b"half an engine")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ort_backend, "build_ort_engine", crash)
+    monkeypatch.setattr(ort_engine, "build_ort_engine", crash)
     assert _build(capsys, *args, "--force", "--precision", "fp32,fp16")[0] == 130
     assert {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()} == before
     assert not list(out_dir.glob(".build-*"))
@@ -293,17 +288,16 @@ def test_crash_mid_build_leaves_previous_engines_and_manifest(tmp_path, capsys, 
 
 def test_a_build_error_fails_that_configuration_only(tmp_path, capsys, monkeypatch):
     adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
-    from prism_deploy.build import ort_backend
-    from prism_deploy.errors import PrismInputError
+    from prism_deploy.core.errors import PrismInputError
 
-    real = ort_backend.build_ort_engine
+    real = ort_engine.build_ort_engine
 
     def refuse_fp16(onnx_path, engine_path, target, **options):
         if "fp16" in onnx_path.name:
             raise PrismInputError(f"{onnx_path}: ONNX Runtime cannot load it (test)")
         return real(onnx_path, engine_path, target, **options)
 
-    monkeypatch.setattr(ort_backend, "build_ort_engine", refuse_fp16)
+    monkeypatch.setattr(ort_engine, "build_ort_engine", refuse_fp16)
     code, out, err = _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu",
                             "--precision", "fp16,fp32", *FAST)
     assert code == 1 and "ort-cpu/fp16/whole" in err and "ONNX Runtime build failed" in err
@@ -316,7 +310,7 @@ def test_a_second_build_waits_for_the_lock(tmp_path):
     adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
     out_dir.mkdir()
     codes: list[int] = []
-    holder = FileLock(str(out_dir / builder.LOCK_NAME))
+    holder = FileLock(str(out_dir / loop.LOCK_NAME))
     with holder:
         t = threading.Thread(target=lambda: codes.append(main(
             ["build", str(adapter), "-o", str(out_dir), "--target", "ort-cpu", "--json", *FAST])))
@@ -330,39 +324,41 @@ def test_a_second_build_waits_for_the_lock(tmp_path):
 def test_retrained_adapter_keeps_topology_key_and_finds_refit_source(tmp_path):
     """Cache keys: new weights change the cache key, never the topology key; a refittable
     TensorRT engine of the same topology in a sibling folder is found as the refit source."""
-    from prism_deploy.build.manifest import new_manifest, write_manifest
-    from prism_deploy.fsutil import file_sha256
-    from prism_deploy.build.options import EngineConfig, Profile
+    from prism_deploy.builder.options import EngineConfig, Profile
     from prism_deploy.format import file_sha256
+    from prism_deploy.format.engine_manifest import new_manifest, write_manifest
 
     a0, a1 = _adapter(tmp_path, seed=0, name="a"), tmp_path / "a1.safetensors"
     random_adapter(SMALL_CONFIG, seed=1).save(a1)
-    cfg = EngineConfig("trt", "fp16", Profile(), plugin=False, per_pipe=False, refittable=True)
+    cfg = EngineConfig("trt", "fp16", Profile(), plugin=False, refittable=True)
     tools, device = {"tensorrt": "10.13"}, {"kind": "gpu", "name": "H100", "compute_capability": "9.0"}
-    topo = builder.topology(SMALL_CONFIG)
-    keys = [builder.cache_key(file_sha256(a), cfg, tools, device, None) for a in (a0, a1)]
+    topo = adapter_source.topology(SMALL_CONFIG)
+    keys = [loop.cache_key(loop.Unit(cfg, {"adapter": file_sha256(a)}, cfg.id), tools, device) for a in (a0, a1)]
     assert keys[0] != keys[1]
-    tkey = builder.topology_key(topo, cfg, tools, device)
+    tkey = adapter_source.topology_key(topo, cfg, tools, device)
     other = AdapterConfig(48, 40, (PipeSpec("plain", (2, 2), (20, 24)),
                                    PipeSpec("gated", (4, 3), (10, 16), top_k=5, gate_scale=1.5)), "weighted")
-    assert builder.topology_key(builder.topology(other), cfg, tools, device) != tkey
-    assert builder.topology_key(topo, cfg, tools, {**device, "compute_capability": "8.0"}) != tkey
+    assert adapter_source.topology_key(adapter_source.topology(other), cfg, tools, device) != tkey
+    assert adapter_source.topology_key(topo, cfg, tools, {**device, "compute_capability": "8.0"}) != tkey
 
     old_dir = tmp_path / "engines" / f"a-{keys[0][:8]}"
     old_dir.mkdir(parents=True)
     (old_dir / "x.engine").write_bytes(b"plan")
     part = {"pipe": None, "pipe_name": None, "file": "x.engine", "sha256": file_sha256(old_dir / "x.engine"), "bytes": 4}
-    write_manifest(old_dir, new_manifest({"sha256": "old"}, [{"id": cfg.id, "parts": [part], "topology_key": tkey}]))
-    request = builder.BuildRequest(adapter=tmp_path / "a.safetensors")
+    entry = {"id": cfg.id, "configuration": cfg.to_json(), "target": "trt", "parts": [part], "tools": tools,
+             "device": device, "cache_key": keys[0], "topology_key": tkey}
+    write_manifest(old_dir, new_manifest({"file": "a.safetensors", "sha256": file_sha256(a0),
+                                          "config": SMALL_CONFIG.to_json()}, [entry]))
+    source = adapter_source.AdapterSource(adapter_source.BuildRequest(adapter=tmp_path / "a.safetensors"))
     new_dir = tmp_path / "engines" / "a-new"
-    found = builder._refit_source(request, cfg, tkey, new_dir, None)
+    unit = loop.Unit(cfg, {}, cfg.id, topology_key=tkey)
+    found = source.refit_source(unit, new_dir, None)
     assert found is not None and found[0] == old_dir
-    assert builder._refit_source(request, cfg, "another-topology", new_dir, None) is None
+    assert source.refit_source(loop.Unit(cfg, {}, cfg.id, topology_key="another-topology"), new_dir, None) is None
     (old_dir / "x.engine").write_bytes(b"corrupt")  # a corrupt source is never refit
-    assert builder._refit_source(request, cfg, tkey, new_dir, None) is None
+    assert source.refit_source(unit, new_dir, None) is None
 
 
-@pytest.mark.skipif(gpu_present(), reason="the CUDA provider may run here")
 def test_engine_for_a_missing_provider_is_refused(tmp_path, capsys):
     adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
     assert _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST)[0] == 0
@@ -376,7 +372,7 @@ def test_engine_for_a_missing_provider_is_refused(tmp_path, capsys):
 def test_large_model_engine_keeps_its_weights_in_a_checked_data_file(tmp_path, capsys, monkeypatch):
     """Over 2 GiB an optimized model cannot be one protobuf: its initializers go to a data file.
     The threshold is lowered here so that a small adapter takes the same path."""
-    monkeypatch.setattr(builder, "ORT_EXTERNAL_THRESHOLD", 0)
+    monkeypatch.setattr(ort_engine, "ORT_EXTERNAL_THRESHOLD", 0)
     adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
     assert _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST)[0] == 0
     [part] = read_manifest(out_dir)["engines"][0]["parts"]
@@ -395,13 +391,13 @@ def test_trt_input_graph_with_the_plugin_matches_the_reference_on_the_twin(tmp_p
     here, but its numbers can be checked on ONNX Runtime through the plugin's Python twin."""
     import onnx
 
-    from prism_deploy.build.options import EngineConfig, Profile
+    from prism_deploy.builder.options import EngineConfig, Profile
     from prism_deploy.fuse.ort_twin import make_twin_session
 
     adapter = random_adapter(SMALL_CONFIG, seed=3)
     path = tmp_path / "fused.onnx"
-    cfg = EngineConfig("trt", "fp32", Profile(), plugin=True, per_pipe=False)
-    builder.export_graph(adapter, path, cfg, None)
+    cfg = EngineConfig("trt", "fp32", Profile(), plugin=True)
+    adapter_source.export_graph(adapter.arrays(), path, cfg, None)
     model = onnx.load(str(path))
     assert [n.op_type for n in model.graph.node].count("tile_dispatch") == 1  # the one gated pipe
     x = np.random.default_rng(8).standard_normal((2, 5, 48)).astype(np.float32)

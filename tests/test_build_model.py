@@ -13,22 +13,16 @@ import pytest
 from onnx import numpy_helper
 
 from prism_deploy.cli.main import main
-from prism_deploy.fsutil import file_sha256
+from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.models.export import export_model
 from prism_deploy.reference import random_adapter, simple_config
 from tests.model_helpers import make_model
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("build_model")
-    z = {"llama": make_model("llama", root / "llama"), "qwen2": make_model("qwen2", root / "qwen2")}
-    z["A"], z["B"] = root / "A", root / "B"
-    export_model(z["llama"], "upper", z["A"], max_seq=32)
-    export_model(z["qwen2"], "lower", z["B"], max_seq=32)
-    z["adapter"] = root / "adapter.safetensors"
-    random_adapter(simple_config(64, 96, (4, 2), top_k=3), seed=5).save(z["adapter"])
-    return z
+def exports(zoo):
+    """The shared exports (tests/conftest.py): model A, model B, their HF folders, an adapter."""
+    return zoo
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +88,7 @@ def test_second_run_reuses_and_changed_model_rebuilds(exports, tmp_path, capsys)
 
 
 def test_changed_tool_version_rebuilds(exports, tmp_path, capsys, monkeypatch):
-    from prism_deploy.build import environment
+    from prism_deploy.core import targets as environment
 
     out = tmp_path / "out"
     assert _build(capsys, "--model", str(exports["A"]), "-o", str(out), "--target", "ort-cpu")[0] == 0
@@ -105,7 +99,7 @@ def test_changed_tool_version_rebuilds(exports, tmp_path, capsys, monkeypatch):
 
 
 def test_corrupt_engine_is_refused_by_the_pipeline_and_rebuilt(exports, tmp_path, capsys):
-    from prism_deploy.build.manifest import EngineFileError
+    from prism_deploy.format.engine_manifest import EngineFileError
     from prism_deploy.runtime.pipeline import Pipeline
 
     out = tmp_path / "A"
@@ -123,12 +117,12 @@ def test_corrupt_engine_is_refused_by_the_pipeline_and_rebuilt(exports, tmp_path
 
 
 def test_failed_parity_exits_1_and_keeps_the_manifest(exports, tmp_path, capsys, monkeypatch):
-    from prism_deploy.build import builder
+    from prism_deploy.builder import ort_engine
 
     out = tmp_path / "B"
     assert _build(capsys, "--model", str(exports["B"]), "-o", str(out), "--target", "ort-cpu")[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    real = builder.ort_engine_part
+    real = ort_engine.ort_engine_part
 
     def sabotaged(onnx_path, work, stem, target, size):  # an engine of other weights: parity must see it
         model = onnx.load(str(onnx_path))
@@ -138,7 +132,7 @@ def test_failed_parity_exits_1_and_keeps_the_manifest(exports, tmp_path, capsys,
         onnx.save(model, str(bad))
         return real(bad, work, stem, target, size)
 
-    monkeypatch.setattr("prism_deploy.build.model_builder.ort_engine_part", sabotaged)
+    monkeypatch.setattr("prism_deploy.builder.model_source.ort_engine_part", sabotaged)
     code, _, err = _build(capsys, "--model", str(exports["B"]), "-o", str(out), "--target", "ort-cpu", "--force")
     assert code == 1 and "parity failed" in err and "rel_l2" in err
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -174,7 +168,7 @@ def test_run_cli_accepts_built_folders(exports, built, capsys):
 
 
 def test_built_folder_of_the_wrong_role_is_refused(exports, built):
-    from prism_deploy.errors import PrismInputError
+    from prism_deploy.core.errors import PrismInputError
     from prism_deploy.runtime.pipeline import Pipeline
 
     with pytest.raises(PrismInputError, match="role 'lower', 'upper' is needed"):
@@ -219,7 +213,7 @@ def test_end_to_end_parity_from_built_folders(exports, built, capsys):
 
 
 def test_changed_embedding_copy_is_refused_and_restored_by_a_rebuild(exports, built, tmp_path, capsys):
-    from prism_deploy.build.manifest import EngineFileError
+    from prism_deploy.format.engine_manifest import EngineFileError
     from prism_deploy.runtime.pipeline import Pipeline
 
     out = tmp_path / "B"

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prism_deploy.ort_session import gpu_present
-from prism_deploy.trt.engine import tensorrt_available
+from prism_deploy.core.targets import gpu_present
+from prism_deploy.core.targets import tensorrt_available
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_TRT, TRT_WHY = tensorrt_available()
@@ -37,7 +37,7 @@ def test_stubs_are_not_mistaken_for_tensorrt():
 
 @needs_trt
 def test_trt_build_runs_and_matches_reference(tmp_path, capsys):  # pragma: no cover - GPU only
-    from prism_deploy.build.manifest import read_manifest
+    from prism_deploy.format.engine_manifest import read_manifest
     from prism_deploy.cli.main import main
     from prism_deploy.reference import random_adapter, simple_config
     from prism_deploy.runtime import load_engines

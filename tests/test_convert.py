@@ -11,7 +11,7 @@ import torch
 
 from prism_deploy import load_adapter
 from prism_deploy.cli.main import main
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.format.convert import infer_grid, load_seed_tiles, tiles_to_adapter
 
 

@@ -12,10 +12,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
-from prism_deploy.data import MatrixFile, load_matrix
-from prism_deploy.errors import PrismInputError
-from prism_deploy.fsutil import atomic_output, write_text_atomic
-from prism_deploy.onnx_io import save_model
+from prism_deploy.core.data import MatrixFile, load_matrix
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.fsutil import atomic_output, write_text_atomic
+from prism_deploy.core.onnx_io import save_model
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.fit import FitOptions, PairedData, fit_adapter, fit_config, holdout_mask
 from prism_deploy.fit.normal import accumulate_normal
 from prism_deploy.fit.solve import solve_normal
-from prism_deploy.fit.tiles import dense_from_tiles, tiles_from_dense
+from prism_deploy.core.tiles import dense_from_tiles, tiles_from_dense
 from tests.fit_data import full_ls_holdout_error, synthetic_pair
 
 
@@ -33,9 +33,9 @@ def test_holdout_mask_does_not_depend_on_chunking():
 def test_tiles_round_trip_with_padding():
     spec = fit_config(10, 7, grid=(3, 4)).pipes[0]  # tiles 3x3: 9 >= 7 rows, 12 >= 10 cols
     w = torch.randn(7, 10, dtype=torch.float64)
-    tiles = tiles_from_dense(w, spec)
+    tiles = tiles_from_dense(w, spec.grid, spec.tile)
     assert tiles.shape == (12, 3, 3)
-    assert torch.equal(dense_from_tiles(tiles, spec, 10, 7), w)
+    assert torch.equal(dense_from_tiles(tiles, spec.grid, spec.tile, crop=(7, 10)), w)
     padded = tiles.reshape(3, 4, 3, 3).permute(0, 2, 1, 3).reshape(9, 12)
     assert float(padded[7:].abs().sum()) == 0 and float(padded[:, 10:].abs().sum()) == 0
 

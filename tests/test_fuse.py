@@ -21,13 +21,13 @@ pytest.importorskip("onnxruntime_extensions", reason="onnxruntime-extensions is 
 from fuse_helpers import contract_model, dequantized_adapter  # noqa: E402
 
 from prism_deploy.cli.main import main  # noqa: E402
-from prism_deploy.errors import PrismInputError  # noqa: E402
+from prism_deploy.core.errors import PrismInputError  # noqa: E402
 from prism_deploy.format import AdapterConfig, PipeSpec  # noqa: E402
 from prism_deploy.fuse import FUSION_KEY, fuse_gated_pipes  # noqa: E402
 from prism_deploy.fuse.ort_twin import make_twin_session, tile_dispatch_twin  # noqa: E402
 from prism_deploy.kernel.semantics import gate_weights, top_k_select  # noqa: E402
-from prism_deploy.onnx_io import save_model  # noqa: E402
-from prism_deploy.ort_session import make_session  # noqa: E402
+from prism_deploy.core.onnx_io import save_model  # noqa: E402
+from prism_deploy.core.ort_session import make_session  # noqa: E402
 from prism_deploy.reference import random_adapter, top_k_indices  # noqa: E402
 from prism_deploy.reference.routing import route  # noqa: E402
 

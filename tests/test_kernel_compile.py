@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed")
 
-from prism_deploy.errors import PrismInputError  # noqa: E402
+from prism_deploy.core.errors import PrismInputError  # noqa: E402
 from prism_deploy.kernel import (  # noqa: E402
     KERNEL_NAME,
     KernelCompileError,

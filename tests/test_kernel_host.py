@@ -310,7 +310,7 @@ def test_planted_kernel_bugs_are_caught():
 
 
 def test_bad_inputs_and_builds_are_clean_errors(tmp_path, monkeypatch):
-    from prism_deploy.errors import PrismInputError
+    from prism_deploy.core.errors import PrismInputError
     from prism_deploy.kernel.host import count_tile_reads
 
     spec, x, s, tiles, scales = _inputs(CASES[0])

@@ -9,10 +9,10 @@ import onnx
 import pytest
 import torch
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.format import AdapterConfig, PipeSpec
-from prism_deploy.lower import build_model, export_onnx, read_lowering_metadata
-from prism_deploy.onnx_io import IR_VERSION, OPSET
+from prism_deploy.lower import build_model, export_onnx, read_metadata
+from prism_deploy.core.onnx_io import IR_VERSION, OPSET
 from prism_deploy.reference import random_adapter
 from tests.lower_helpers import ort_run, reference, rel_l2, selections_agree
 
@@ -73,7 +73,7 @@ def test_int8_qdq_calibrated(mixed, calibrator):
 
 def test_metadata_contract(mixed):
     model = build_model(mixed, precision="int8")
-    meta = read_lowering_metadata(model)
+    meta = read_metadata(model)
     assert meta["version"] == 1 and meta["precision"] == "int8" and meta["compute_dtype"] == "float16"
     assert (meta["in_dim"], meta["out_dim"]) == (50, 37)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -106,14 +106,14 @@ def test_int8_scales_per_tile_row():
     cfg = AdapterConfig(4, 2, (PipeSpec("p", (1, 1), (2, 4), None),))
     a = random_adapter(cfg, seed=0)
     a.pipe_list()[0].tiles.data = torch.tensor([[[1.0, -2.0, 0.5, 0.0], [0.001, 0.0, -0.002, 0.0005]]])
-    meta = read_lowering_metadata(model := build_model(a, precision="int8"))
+    meta = read_metadata(model := build_model(a, precision="int8"))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     np.testing.assert_allclose(inits[meta["pipes"][0]["scales"]], [2.0 / 127, 0.002 / 127], rtol=1e-6)
     assert inits[meta["pipes"][0]["tiles"]].tolist() == [[64, -127, 32, 0], [64, 0, -127, 32]]
 
 
 def test_fp32_folds_consecutive_ungated_pipes(mixed):
-    meta = read_lowering_metadata(build_model(mixed, precision="fp32"))
+    meta = read_metadata(build_model(mixed, precision="fp32"))
     dense, two = meta["pipes"][0], meta["pipes"][1]
     assert dense["folded_into"] == two["folded_into"] == "fold0/"
     assert dense["dense_weight"] == two["dense_weight"] and dense["output"] is None
@@ -140,7 +140,7 @@ def test_export_writes_checked_model(tmp_path, mixed):
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     out = inferred.graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in out] == ["batch", "seq", 37]
-    assert res.metadata == read_lowering_metadata(model)
+    assert res.metadata == read_metadata(model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # nothing half-written left
 
 
@@ -166,7 +166,7 @@ def test_ties_and_negative_scores_select_lower_index():
 def test_loads_from_file_on_installed_onnxruntime(tmp_path, mixed):
     import onnxruntime as ort
 
-    from prism_deploy.ort_session import make_session
+    from prism_deploy.core.ort_session import make_session
 
     export_onnx(mixed, tmp_path / "m.onnx", precision="int8")
     sess = make_session(tmp_path / "m.onnx", "cpu")  # raises PrismInputError if refused
@@ -188,12 +188,12 @@ def test_batch_invariance(mixed):
 
 
 def test_external_data_model_runs_in_ort_runner(tmp_path, mixed):
-    from prism_deploy.onnx_io import save_model
-    from prism_deploy.runtime.ort_runner import OrtRunner
+    from prism_deploy.core.onnx_io import save_model
+    from prism_deploy.runtime.adapter_graph import AdapterGraph
 
     written = save_model(build_model(mixed, precision="fp32"), tmp_path / "ext.onnx", external=True)
     assert [p.name for p in written] == ["ext.onnx", "ext.onnx.data"]
-    runner = OrtRunner(tmp_path / "ext.onnx")
+    runner = AdapterGraph(tmp_path / "ext.onnx")
     x = _x(50)
     y, sel = runner.run_with_selections(x)
     assert rel_l2(y, reference(mixed, x)) < 1e-5 and set(sel) == {2, 3}
@@ -204,7 +204,7 @@ def test_external_data_model_runs_in_ort_runner(tmp_path, mixed):
 
 
 def test_tiles_from_dense_inverts_the_permutation():
-    from prism_deploy.runtime.ort_runner import OrtRunner
+    from prism_deploy.runtime.adapter_graph import AdapterGraph
 
     cfg = AdapterConfig(30, 20, (PipeSpec("u", (3, 4), (7, 8), None),))
     a = random_adapter(cfg, seed=2)
@@ -213,7 +213,7 @@ def test_tiles_from_dense_inverts_the_permutation():
 
     with tempfile.TemporaryDirectory() as d:
         export_onnx(a, Path(d) / "u.onnx")
-        got = OrtRunner(Path(d) / "u.onnx").stored_tiles()[0]
+        got = AdapterGraph(Path(d) / "u.onnx").stored_tiles()[0]
     # cropped-away padding comes back as zeros; the rest is the tiles exactly
     ref = a.pipe_list()[0].dense_weight()
     (R, C), (tr, tc) = cfg.pipes[0].grid, cfg.pipes[0].tile
@@ -222,7 +222,7 @@ def test_tiles_from_dense_inverts_the_permutation():
 
 
 def test_pipe_prefixes_are_unique_and_clean():
-    from prism_deploy.lower.export import pipe_prefixes
+    from prism_deploy.lower.adapter_graph import pipe_prefixes
 
     got = pipe_prefixes(["a_2", "a", "a", "input", "fold0", "x/y z", "", "a b"])
     assert got == ["a_2/", "a/", "a_3/", "input_3/", "fold0_4/", "x_y_z/", "pipe/", "a_b/"]

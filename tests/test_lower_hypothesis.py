@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from prism_deploy.format import AdapterConfig, PipeSpec
-from prism_deploy.lower import build_model, read_lowering_metadata
+from prism_deploy.lower import build_model, read_metadata
 from prism_deploy.reference import random_adapter
 from tests.lower_helpers import ort_run, reference, rel_l2, selections_agree
 
@@ -86,7 +86,7 @@ def test_int8_matches_reference(case):
     _check_model(model)
     assert selections_agree(adapter, model, x)
     assert rel_l2(ort_run(model, x), reference(adapter, x)) < 2e-2
-    meta = read_lowering_metadata(model)
+    meta = read_metadata(model)
     inits = {i.name: i for i in model.graph.initializer}
     for p in meta["pipes"]:
         scales = inits[p["scales"]]

@@ -16,25 +16,14 @@ import pytest
 import torch
 
 from prism_deploy.cli.main import main
-from prism_deploy.errors import CheckFailed, PrismInputError
+from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.models import hf
-from prism_deploy.models.export import export_model, past_names, read_manifest
+from prism_deploy.models.tokenizers import load_tokenizer
+from prism_deploy.format.model_folder import past_names
+from prism_deploy.format.model_folder import read_model_json as read_manifest
+from prism_deploy.models.export import export_model
 from prism_deploy.reference import load_adapter, random_adapter, simple_config
 from tests.model_helpers import SENTENCES, make_model
-
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory):
-    """Local model folders, their exports and an adapter from Llama (64) to Qwen2 (96)."""
-    root = tmp_path_factory.mktemp("models")
-    z = {kind: make_model(kind, root / kind) for kind in ("llama", "qwen2", "gpt2")}
-    z["A"] = root / "A_llama_upper"
-    z["B"] = root / "B_qwen2_lower"
-    export_model(z["llama"], "upper", z["A"], max_seq=64)
-    export_model(z["qwen2"], "lower", z["B"], max_seq=64)
-    z["adapter"] = root / "adapter.safetensors"
-    random_adapter(simple_config(64, 96, (4, 2), top_k=3), seed=5).save(z["adapter"])
-    return z
-
 
 @pytest.fixture(scope="session")
 def pipeline(zoo):
@@ -55,7 +44,7 @@ def padded_batch(vocab: int, batch: int = 3, seq: int = 9, seed: int = 0) -> tup
 
 
 def test_upper_export_matches_transformers_on_new_inputs(zoo):
-    from prism_deploy.ort_session import make_session
+    from prism_deploy.core.ort_session import make_session
 
     manifest = read_manifest(zoo["A"], "upper")
     assert manifest["family"] == "llama" and manifest["dims"]["hidden"] == 64 and manifest["max_seq"] == 64
@@ -125,7 +114,7 @@ def test_mistral_with_sliding_window_exports(tmp_path):
 def test_export_fails_when_the_graph_diverges(zoo, tmp_path, monkeypatch):
     """Perturb the exported weights after tracing: the validation must catch it, and no manifest is left."""
     from prism_deploy.models import export as export_mod
-    from prism_deploy.onnx_io import save_model
+    from prism_deploy.core.onnx_io import save_model
 
     original = export_mod._export_graph
 
@@ -147,7 +136,7 @@ def test_export_fails_when_the_graph_diverges(zoo, tmp_path, monkeypatch):
 
 def test_export_with_external_weights(zoo, tmp_path, monkeypatch):
     """Graphs over the 2 GiB protobuf limit keep their weights in ``<graph>.data``: forced here with a 0 threshold."""
-    from prism_deploy import onnx_io
+    from prism_deploy.core import onnx_io
     from prism_deploy.runtime.pipeline import Pipeline
 
     monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 0)
@@ -258,7 +247,7 @@ def write_dense_adapter_onnx(adapter, path) -> None:
     """An ungated adapter's dense matrix as one MatMul graph (input ``hidden``, output ``adapted``)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from prism_deploy.onnx_io import finalize, save_model
+    from prism_deploy.core.onnx_io import finalize, save_model
 
     d_in, d_out = adapter.config.in_dim, adapter.config.out_dim
     weight = adapter.dense_matrix(torch.float32).numpy().T.copy()  # [in, out]
@@ -289,7 +278,7 @@ def test_adapter_onnx_file_runs_in_the_pipeline(zoo, pipeline, tmp_path):
     onnx_pipe.generate(ids, mask, max_new_tokens=2)
     # an ONNX adapter takes model A's output where it lies; a numpy-only runner cannot
     assert onnx_pipe.describe()["adapter_on_device"] and onnx_pipe.host_round_trips == 0
-    from prism_deploy.runtime.adapters import ReferenceAdapterRunner
+    from prism_deploy.reference import ReferenceAdapterRunner
 
     host_pipe = Pipeline(zoo["A"], ReferenceAdapterRunner(zoo["adapter"]), zoo["B"])
     host_pipe(ids, mask)
@@ -300,7 +289,8 @@ def test_adapter_onnx_file_runs_in_the_pipeline(zoo, pipeline, tmp_path):
 def test_safetensors_adapter_is_lowered_once_and_cached(tmp_path, monkeypatch, precision):
     """A .safetensors is lowered with prism_deploy.lower.export_onnx on first use, then reused."""
     import prism_deploy.lower as lower
-    from prism_deploy.runtime.adapters import OnnxAdapterRunner, adapter_runner
+    from prism_deploy.runtime.adapter_graph import AdapterGraph
+    from prism_deploy.runtime.adapters import adapter_runner
 
     calls = []
     real = lower.export_onnx
@@ -316,7 +306,7 @@ def test_safetensors_adapter_is_lowered_once_and_cached(tmp_path, monkeypatch, p
     first = adapter_runner(path, "ort-cpu", precision=precision)
     second = adapter_runner(path, "ort-cpu", precision=precision)
     assert calls == [(first.path.name, precision)] and first.path.name.startswith("gated-")
-    assert isinstance(second, OnnxAdapterRunner) and second.path == first.path
+    assert isinstance(second, AdapterGraph) and second.path == first.path
     assert second.path.parent == tmp_path / ".prism-cache" and second.precision == precision
     x = np.random.default_rng(0).normal(size=(2, 3, 40)).astype(np.float32)
     with torch.no_grad():
@@ -350,7 +340,7 @@ def test_build_folder_runs_in_the_pipeline(zoo, pipeline, tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_pipeline_on_ort_cuda_matches_cpu(zoo, pipeline):
-    from prism_deploy.ort_session import cuda_provider_available
+    from prism_deploy.core.targets import cuda_provider_available
     from prism_deploy.runtime.pipeline import Pipeline
 
     ok, why = cuda_provider_available()
@@ -444,11 +434,11 @@ def test_embedding_table_is_read_without_loading_the_model(zoo, kind, monkeypatc
 
 
 def test_collect_pools_against_transformers(zoo, tmp_path):
-    from prism_deploy.data import MatrixFile
+    from prism_deploy.core.data import MatrixFile
 
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(SENTENCES[:4]) + "\n\n")
-    tok_a, tok_b = hf.load_tokenizer(zoo["llama"]), hf.load_tokenizer(zoo["qwen2"])
+    tok_a, tok_b = load_tokenizer(zoo["llama"]), load_tokenizer(zoo["qwen2"])
     model_a = hf.load_causal_lm(zoo["llama"])
     table_b = hf.load_causal_lm(zoo["qwen2"]).get_input_embeddings().weight.detach().numpy()
     for pool in ("last", "mean", "tokens"):

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from prism_deploy.lower import export_onnx
-from prism_deploy.ort_session import make_session
+from prism_deploy.core.ort_session import make_session
 from prism_deploy.reference import random_adapter, simple_config
-from prism_deploy.runtime.ort_runner import OrtRunner
+from prism_deploy.core.precision import loosest
+from prism_deploy.runtime.adapter_graph import AdapterGraph
 
 KEY = "session.disable_quant_qdq"
 
@@ -36,7 +37,7 @@ def test_only_weight_only_int8_folds_its_dequantization(adapter, tmp_path, preci
     path = tmp_path / f"a-{precision}.onnx"
     calib = np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32)
     export_onnx(adapter, path, precision=precision, calib=calib if precision == "int8-qdq" else None)
-    runner = OrtRunner(path)
+    runner = AdapterGraph(path)
     assert (_config_entry(runner.session) or "0") == expected
 
 
@@ -44,14 +45,14 @@ def test_folding_changes_only_rounding(adapter, tmp_path):
     path = tmp_path / "a-int8.onnx"
     export_onnx(adapter, path, precision="int8")
     x = np.random.default_rng(1).standard_normal((2, 5, 40)).astype(np.float32)
-    folded = OrtRunner(path).run(x)
+    folded = AdapterGraph(path).run(x)
     unfolded = make_session(path).run(["adapted"], {"hidden": x})[0]
     assert _config_entry(make_session(path)) == "0"
     np.testing.assert_allclose(folded, unfolded, rtol=1e-4, atol=1e-5)
 
 
 def test_built_int8_engine_folds_at_load(adapter, tmp_path):
-    from prism_deploy.build.manifest import read_manifest
+    from prism_deploy.format.engine_manifest import read_manifest
     from prism_deploy.cli.main import main
     from prism_deploy.runtime import load_engines
 
@@ -72,11 +73,12 @@ def test_built_int8_engine_folds_at_load(adapter, tmp_path):
 @pytest.mark.parametrize("precision,expected", [("int8", "1"), ("int8-qdq", "0")])
 def test_pipeline_adapter_runner_follows_the_lowered_precision(adapter, tmp_path, precision, expected):
     # both precisions store int8 weights; only weight-only int8 may fold its dequantization
-    from prism_deploy.runtime.adapters import OnnxAdapterRunner
+    from prism_deploy.runtime.adapter_graph import AdapterGraph
 
     path = tmp_path / f"p-{precision}.onnx"
     calib = np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32)
     export_onnx(adapter, path, precision=precision, calib=calib if precision == "int8-qdq" else None)
-    runner = OnnxAdapterRunner(path)
-    assert runner.precision == "int8"  # the tolerance class
+    runner = AdapterGraph(path)
+    assert runner.precision == precision  # what the lowering recorded; its tolerance class is int8
+    assert loosest([runner.precision]) == "int8"
     assert _config_entry(runner.session) == expected

@@ -11,10 +11,10 @@ import torch
 from prism_deploy.cli.main import main
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.lower import export_onnx
-from prism_deploy.ort_session import cuda_provider_available
+from prism_deploy.core.targets import cuda_provider_available
 from prism_deploy.parity import check_parity, default_tolerances
 from prism_deploy.reference import random_adapter
-from prism_deploy.runtime.ort_runner import OrtRunner
+from prism_deploy.runtime.adapter_graph import AdapterGraph
 
 CFG = AdapterConfig(40, 24, (
     PipeSpec("dense", (2, 2), (12, 20), None),
@@ -52,7 +52,7 @@ def test_int8_worker_errors_are_the_quantization_errors(files):
     # recompute the largest one directly: the stored (dequantized) tile alone on the inputs
     w = top[0]
     pipe = adapter.pipe_list()[w["pipe"]]
-    stored = OrtRunner(d / "int8.onnx").stored_tiles()[w["pipe"]][w["worker"]]
+    stored = AdapterGraph(d / "int8.onnx").stored_tiles()[w["pipe"]][w["worker"]]
     x = np.random.default_rng(0).standard_normal((1, 8, 40)).astype(np.float32).reshape(8, 40)
     tc = pipe.spec.tile_cols
     xp = np.pad(x, ((0, 0), (0, pipe.spec.padded_in - 40)))[:, w["c"] * tc:(w["c"] + 1) * tc]
@@ -136,7 +136,7 @@ def test_cli_export_and_int8_qdq_without_calib(files, capsys, tmp_path):
 def test_parity_on_cuda_provider(files):
     d, adapter = files
     for precision in ("fp32", "int8"):
-        rep = check_parity(adapter, OrtRunner(d / f"{precision}.onnx", "cuda"), samples=2, batch=2, seq=8)
+        rep = check_parity(adapter, AdapterGraph(d / f"{precision}.onnx", "cuda"), samples=2, batch=2, seq=8)
         assert rep.passed, rep.failures
 
 

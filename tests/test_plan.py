@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from prism_deploy import plan_tiles
 from prism_deploy.cli.main import main
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.plan import factor_pairs, next_pow2, plan_cubic_pipe, plan_layer3_pipe, plan_three_pipes
 from prism_deploy.reference import random_adapter

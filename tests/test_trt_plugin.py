@@ -44,7 +44,7 @@ def test_trt_package_type_checks_against_stubs(tmp_path):
 
 
 def test_detection_without_real_tensorrt_is_honest():
-    from prism_deploy.trt import tensorrt_available
+    from prism_deploy.trt import plugin_support as tensorrt_available
 
     ok, why = tensorrt_available()
     try:
@@ -62,12 +62,12 @@ def test_detection_without_real_tensorrt_is_honest():
 
 
 def _real_trt_reason() -> str | None:
-    from prism_deploy.trt import tensorrt_available
+    from prism_deploy.trt import plugin_support as tensorrt_available
 
     ok, why = tensorrt_available()
     if not ok:
         return why
-    from prism_deploy.ort_session import gpu_present
+    from prism_deploy.core.targets import gpu_present
 
     return None if gpu_present() else "no NVIDIA GPU on this machine"
 

@@ -18,7 +18,7 @@ import pytest
 from prism_deploy.reference.module import load_adapter
 from prism_deploy.fuse import fuse_gated_pipes
 from prism_deploy.lower import export_onnx
-from prism_deploy.onnx_io import save_model
+from prism_deploy.core.onnx_io import save_model
 from prism_deploy.trt.engine import TensorRTError, TrtBuildSettings, build_serialized_engine, parse_network
 
 try:
@@ -123,15 +123,9 @@ def test_parser_errors_reach_the_caller(graphs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model_exports(tmp_path_factory):
-    """A tiny Llama exported as model A and a tiny Qwen2 as model B (both of its graphs)."""
-    from prism_deploy.models.export import export_model
-    from tests.model_helpers import make_model
-
-    root = tmp_path_factory.mktemp("models")
-    export_model(make_model("llama", root / "llama"), "upper", root / "A", max_seq=32)
-    export_model(make_model("qwen2", root / "qwen2"), "lower", root / "B", max_seq=32)
-    return root
+def model_exports(zoo):
+    """A tiny Llama exported as model A and a tiny Qwen2 as model B (tests/conftest.py)."""
+    return {"A": zoo["A"], "B": zoo["B"]}
 
 
 @pytest.mark.filterwarnings("ignore:Use Deprecated in TensorRT-RTX:DeprecationWarning")
@@ -141,10 +135,10 @@ def test_exported_model_graphs_parse_and_build(model_exports, role, key):
     them (batch x seq, and past length 0..max for the KV-cache graph)."""
     import json
 
-    from prism_deploy.build.model_builder import trt_input_shapes
-    from prism_deploy.build.options import Profile
+    from prism_deploy.builder.model_source import trt_input_shapes
+    from prism_deploy.builder.options import Profile
 
-    folder = model_exports / role
+    folder = model_exports[role]
     model = json.loads((folder / "model.json").read_text())
     shapes = trt_input_shapes(model, key, Profile(batch=(1, 2, 4), seq=(1, 8, 32)))
     _builder, network, _parser = parse_network(folder / model["files"][key]["name"], trt_module=trt)

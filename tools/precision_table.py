@@ -20,7 +20,7 @@ from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.lower import export_onnx
 from prism_deploy.parity import check_parity
 from prism_deploy.reference import load_adapter, random_adapter
-from prism_deploy.runtime.ort_runner import OrtRunner
+from prism_deploy.runtime.adapter_graph import AdapterGraph
 
 VARIANTS = [  # (label, precision, io dtype, calibrator)
     ("fp32", "fp32", "float32", None),
@@ -43,7 +43,7 @@ def table(label: str, adapter, provider: str, samples: int, batch: int, seq: int
             path = Path(tmp) / "m.onnx"
             res = export_onnx(adapter, path, precision=precision, io_dtype=io, calib=calib if cal else None,
                               calibrator=cal or "max")
-            rep = check_parity(adapter, OrtRunner(path, provider), samples=samples, batch=batch, seq=seq, seed=0)
+            rep = check_parity(adapter, AdapterGraph(path, provider), samples=samples, batch=batch, seq=seq, seed=0)
             sel = ", ".join(f"{s['name']} {s['match_fraction']:.4f} ({s['ambiguous']})" for s in rep.selection) or "-"
             worst = max((w["relative"] for w in rep.top_workers), default=0.0)
             print(f"| {name} | {res.bytes / 1024:,.0f} KiB | {rep.max_abs:.3g} | {rep.rel_l2:.3g} | "

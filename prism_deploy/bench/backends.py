@@ -10,7 +10,6 @@ array ``[batch, seq, in_dim]`` into what ``run`` takes, outside the timed region
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import shutil
 from pathlib import Path
@@ -35,7 +34,7 @@ def torch_device() -> str:
     """Where the torch backends run: the GPU when there is one torch can use."""
     import torch
 
-    from prism_deploy.ort_session import gpu_present
+    from prism_deploy.core.targets import gpu_present
 
     return "cuda" if gpu_present() and torch.cuda.is_available() else "cpu"
 
@@ -161,22 +160,6 @@ class TorchCompileBackend(TorchBackend):
 # ---- ONNX Runtime --------------------------------------------------------------------------
 
 
-def _lowering_api() -> tuple[Any, Any]:
-    try:
-        lower = importlib.import_module("prism_deploy.lower")
-        runner = importlib.import_module("prism_deploy.runtime.ort_runner")
-        return lower.export_onnx, runner.OrtRunner
-    except (ImportError, AttributeError) as exc:
-        raise BackendUnavailable(f"the ONNX lowering is not in this build ({exc})") from None
-
-
-def _load_engines_api() -> Any:
-    try:
-        return importlib.import_module("prism_deploy.runtime").load_engines
-    except (ImportError, AttributeError):
-        raise BackendUnavailable("prism_deploy.runtime.load_engines (the build issue's loader) is not in this build") from None
-
-
 def _onnx_input_dtype(path: Path) -> np.dtype:
     import onnx
 
@@ -225,20 +208,19 @@ class OrtBackend(Backend):
         except ImportError:
             return False, "onnxruntime is not installed"
         if cls.provider == "cuda":
-            from prism_deploy.ort_session import cuda_provider_available
+            from prism_deploy.core.targets import cuda_provider_available
 
             ok, why = cuda_provider_available()
             if not ok:
                 return False, why
-        try:
-            _lowering_api() if engines_dir is None else _load_engines_api()
-        except BackendUnavailable as exc:
-            return False, str(exc)
         return True, "available"
 
     def prepare(self) -> None:
+        from prism_deploy.lower import export_onnx
+        from prism_deploy.runtime.adapter_graph import AdapterGraph
+        from prism_deploy.runtime.engines import load_engines
+
         if self.engines_dir is not None:
-            load_engines = _load_engines_api()
             try:
                 self.runner = load_engines(self.engines_dir, precision=self.precision, target=self.name)
             except Exception as exc:
@@ -248,7 +230,6 @@ class OrtBackend(Backend):
             self.info = {"source": "engines", "engines_dir": str(self.engines_dir),
                          "engine": getattr(self.runner, "id", None), "session_threads": "onnxruntime default"}
             return
-        export_onnx, OrtRunner = _lowering_api()
         path = self.workdir / f"adapter-{self.precision}.onnx"
         extra: dict[str, Any] = {}
         if self.precision == "int8-qdq":
@@ -262,16 +243,12 @@ class OrtBackend(Backend):
             raise BackendUnavailable(f"{self.name}: export at {self.precision} failed "
                                      f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
         self.io_dtype = _onnx_input_dtype(path)
-        self.runner = self._open(OrtRunner, path)
+        self.runner = AdapterGraph(path, self.provider, intra_op_threads=self.threads)
         size = sum(p.stat().st_size for p in self.workdir.glob(f"adapter-{self.precision}.onnx*"))
         self.info = {"source": "export_onnx", "export": _plain(result), "model_bytes": size,
                      "io_dtype": str(self.io_dtype), "runner": type(self.runner).__name__}
         if extra:
             self.info["calibration"] = f"{CALIB_ROWS} standard-normal rows, seed {CALIB_SEED}"
-
-    def _open(self, OrtRunner: Any, path: Path) -> Any:
-        """``OrtRunner`` as the lowering ships it, with ``--threads`` intra-op threads if given."""
-        return OrtRunner(path, self.provider, intra_op_threads=self.threads)
 
     def make_input(self, hidden: np.ndarray) -> Any:
         return np.ascontiguousarray(hidden.astype(self.io_dtype, copy=False))
@@ -323,26 +300,24 @@ class TrtBackend(Backend):
 
     @classmethod
     def check(cls, engines_dir: Path | None) -> tuple[bool, str]:
-        from prism_deploy.ort_session import gpu_present
+        from prism_deploy.core.targets import gpu_present
 
         if not gpu_present():
             return False, "TensorRT needs an NVIDIA GPU and this machine has none"
-        from prism_deploy.trt.engine import tensorrt_available  # the one module that imports tensorrt
+        from prism_deploy.core.targets import tensorrt_available
 
         ok, why = tensorrt_available()
         if not ok:
             return False, why
         if engines_dir is None:
             return False, "TensorRT engines are built ahead: pass --engines DIR (from prism-deploy build --target trt)"
-        try:
-            _load_engines_api()
-        except BackendUnavailable as exc:
-            return False, str(exc)
         return True, "available"
 
     def prepare(self) -> None:
-        load_engines = _load_engines_api()
+        from prism_deploy.runtime.engines import load_engines
+
         try:
+            assert self.engines_dir is not None  # check() refused to run without it
             self.engine = load_engines(self.engines_dir, precision=self.precision, target="trt")
         except Exception as exc:
             raise BackendUnavailable(f"trt: no {self.precision} engine in {self.engines_dir} "
@@ -360,7 +335,7 @@ class TrtBackend(Backend):
         return out.float().cpu().numpy() if hasattr(out, "cpu") else np.asarray(out, dtype=np.float32)
 
     def describe(self) -> dict[str, Any]:
-        from prism_deploy.trt.engine import tensorrt_version
+        from prism_deploy.core.targets import tensorrt_version
 
         return {**super().describe(), "tensorrt": tensorrt_version(), "engines_dir": str(self.engines_dir)}
 
@@ -389,13 +364,12 @@ class KernelBackend(Backend):
 
     @classmethod
     def check(cls, engines_dir: Path | None) -> tuple[bool, str]:
-        from prism_deploy.ort_session import gpu_present
+        from prism_deploy.core.targets import gpu_present
 
         if not gpu_present():
             return False, "the tile-dispatch kernel runs only on an NVIDIA GPU and this machine has none"
         try:
-            importlib.import_module("prism_deploy.kernel.launch")
-            importlib.import_module("cuda.bindings.driver")
+            import cuda.bindings.driver  # noqa: F401
         except ImportError as exc:
             return False, f"the kernel launcher cannot be imported ({exc})"
         return True, "available"
@@ -403,6 +377,7 @@ class KernelBackend(Backend):
     def prepare(self) -> None:
         import torch
 
+        from prism_deploy.core.tiles import quantize_rows
         from prism_deploy.kernel import TileDispatchSpec
         from prism_deploy.kernel.launch import tile_dispatch_torch
 
@@ -424,10 +399,10 @@ class KernelBackend(Backend):
             entry["gate_w"] = pipe.gate.weight.detach().to("cuda", torch.float32)
             entry["gate_b"] = pipe.gate.bias.detach().to("cuda", torch.float32)
             entry["scales"] = None
-            if self.precision == "int8":
-                scales = tiles.abs().amax(dim=2).clamp_min(1e-12) / 127.0  # [R*C, tr]
-                entry["tiles"] = torch.round(tiles / scales.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-                entry["scales"] = scales.contiguous()
+            if self.precision == "int8":  # the lowering's own quantization (prism_deploy.core.tiles)
+                q, scales = quantize_rows(pipe.tiles)
+                entry["tiles"] = torch.from_numpy(q).to("cuda")
+                entry["scales"] = torch.from_numpy(scales).to("cuda")
             else:
                 entry["tiles"] = tiles.to(torch.float16 if self.precision == "fp16" else torch.float32)
             entry["spec"] = TileDispatchSpec(R=spec.grid[0], C=spec.grid[1], tr=spec.tile[0], tc=spec.tile[1],

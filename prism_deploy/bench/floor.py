@@ -21,13 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from prism_deploy.core.precision import Precision
 from prism_deploy.format import AdapterConfig
-from prism_deploy.errors import PrismInputError
-
-PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
-WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "int8-qdq": 1}
-# Width of the small float side tensors (biases, per-row scales) for each precision.
-SIDE_BYTES = {"fp32": 4, "fp16": 2, "int8": 4, "int8-qdq": 4}
 
 FLOOR_MODEL = (
     "bytes = tiles selected by at least one token (all tiles of an ungated pipe) + whole gates "
@@ -49,10 +44,9 @@ def bytes_must_move(
     the tokens (measured from the real routing); when not given, the least possible
     (``top_k``: every token picks the same tiles) is used, which keeps the floor a floor.
     """
-    if precision not in WEIGHT_BYTES:
-        raise PrismInputError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-    item, side = WEIGHT_BYTES[precision], SIDE_BYTES[precision]
-    quantized = precision.startswith("int8")
+    prec = Precision.parse(precision)
+    item, side = prec.weight_bytes, prec.side_bytes
+    quantized = prec.quantized
     tiles = gates = 0.0
     for i, spec in enumerate(config.pipes):
         tr, tc = spec.tile

@@ -60,7 +60,7 @@ def load_average() -> list[float] | None:
 
 def gpu_info() -> dict[str, Any] | None:
     """GPU name, driver and memory from nvidia-smi; None when no GPU answers."""
-    from prism_deploy.ort_session import gpu_present
+    from prism_deploy.core.targets import gpu_present
 
     if not gpu_present():
         return None
@@ -106,7 +106,7 @@ def library_versions() -> dict[str, str]:
         except Exception:
             continue
         versions[name] = str(getattr(mod, "__version__", "unknown"))
-    from prism_deploy.trt.engine import tensorrt_version  # None where only the type stubs are installed
+    from prism_deploy.core.targets import tensorrt_version  # None where only the type stubs are installed
 
     trt = tensorrt_version()
     if trt is not None:
@@ -262,8 +262,8 @@ def _ort_matmul(a: np.ndarray, b: np.ndarray, threads: int | None) -> Any:
     try:
         from onnx import TensorProto, helper, numpy_helper
 
-        from prism_deploy.onnx_io import finalize
-        from prism_deploy.ort_session import make_session
+        from prism_deploy.core.onnx_io import finalize
+        from prism_deploy.core.ort_session import make_session
     except ImportError:
         return None
     n = a.shape[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 
 
 def require_matplotlib() -> None:
@@ -26,7 +26,7 @@ def plot_results(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from prism_deploy.fsutil import atomic_output
+    from prism_deploy.core.fsutil import atomic_output
 
     precisions = sorted({c["precision"] for c in results["cases"]})
     fig, ax = plt.subplots(figsize=(8, 5.5))

@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.bench import backends as bk
-from prism_deploy.bench.floor import FLOOR_MODEL, PRECISIONS, case_floor
+from prism_deploy.bench.floor import FLOOR_MODEL, case_floor
 from prism_deploy.bench.machine import describe_machine, load_average, measure_copy_bandwidth, measure_matrix_rate
 from prism_deploy.bench.memory import PeakMemory, merge_peaks
 from prism_deploy.bench.timing import GRAPH_MAX_TOKENS, buffer_count, time_cpu, time_cuda
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.metrics import max_abs_relative
+from prism_deploy.core.precision import PRECISIONS
 
 SCHEMA = "prism-deploy-bench/1"
 BASELINE = ("torch", "fp32")
@@ -52,7 +54,7 @@ class BenchSettings:
                 raise PrismInputError(f"--backends: {b!r} is not one of {','.join(bk.BACKEND_NAMES)}")
         for p in self.precisions:
             if p not in PRECISIONS:
-                raise PrismInputError(f"--precision: {p!r} is not one of {','.join(PRECISIONS)}")
+                raise PrismInputError(f"--precision: {p!r} is not one of {', '.join(PRECISIONS)}")
         if not self.backends:
             raise PrismInputError("--backends: name at least one backend")
         if not self.precisions:
@@ -101,23 +103,15 @@ def make_inputs(adapter: Any, batch: int, seq: int, seed: int) -> _Inputs:
 def adapter_content_digest(adapter: Any) -> str:
     """sha256 over the config and every tensor's bytes (by name): what the adapter computes,
     whatever else its file holds (source/target notes, header layout)."""
-    import torch
-
-    h = hashlib.sha256(adapter.config.dumps().encode())
-    tensors = adapter.tensors()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
+    data = adapter.arrays()
+    h = hashlib.sha256(data.config.dumps().encode())
+    for name in sorted(data.tensors):
+        t = np.ascontiguousarray(data.tensors[name])
         h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        # dtype spelled as torch spells it: digests recorded in benchmarks/results stay comparable
+        h.update(f"torch.{t.dtype.name}".encode())
+        h.update(t.tobytes())
     return h.hexdigest()
-
-
-def _error_figures(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    out = out.reshape(ref.shape).astype(np.float64)
-    diff = np.abs(out - ref)
-    scale = float(np.abs(ref).max()) or 1.0
-    return {"max_abs_err": float(diff.max()), "max_rel_err": float(diff.max()) / scale}
 
 
 def _progress(total: int) -> Any:
@@ -261,7 +255,7 @@ def _time_case(backend: bk.Backend, data: _Inputs, settings: BenchSettings, floo
                                    use_graph=backend.capturable and tokens <= GRAPH_MAX_TOKENS)
             else:
                 timing = time_cpu(backend.run, xs, settings.warmup_ms, settings.repeat)
-        errors = _error_figures(backend.to_numpy(backend.run(xs[0])), data.reference)
+        errors = max_abs_relative(backend.to_numpy(backend.run(xs[0])), data.reference)
     except Exception as exc:  # a backend that breaks on one case is reported, not fatal
         return {"error": f"{backend.name} {backend.precision} batch {batch}: {type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:300]}"}

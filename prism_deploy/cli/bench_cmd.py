@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prism_deploy.cli.output import human_bytes, print_table
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 
 if TYPE_CHECKING:
     from prism_deploy.bench import BenchSettings
@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", default="0", help="seed of the random inputs (default 0)")
     p.add_argument("--json", metavar="FILE", help="write every figure and the machine description here")
     p.add_argument("--plot", metavar="FILE.png", help="draw latency against batch (needs matplotlib)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, needs=("torch",))
 
 
 def _int_list(option: str, text: str) -> tuple[int, ...]:
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         require_matplotlib()  # fail before the timing, not after it
 
     from prism_deploy.bench import run_bench
-    from prism_deploy.fsutil import write_text_atomic
+    from prism_deploy.core.fsutil import write_text_atomic
 
     results = run_bench(args.adapter, settings)
     print_report(results)

@@ -20,11 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq", type=int, default=512, metavar="N", help="truncate texts to N tokens (default 512)")
     p.add_argument("--batch", type=int, default=8, metavar="N", help="texts per forward pass (default 8)")
     p.add_argument("--json", action="store_true", help="print what was written as one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, needs=("torch", "transformers"))
 
 
 def run(args: argparse.Namespace) -> int:
-    from prism_deploy.errors import PrismInputError
+    from prism_deploy.core.errors import PrismInputError
     from prism_deploy.models.collect import collect_pairs, read_texts, save_pairs
 
     if not str(args.output).endswith(".safetensors"):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from prism_deploy.cli.output import human_bytes, print_json, print_table
-
-PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")  # mirrors prism_deploy.lower.PRECISIONS (kept light)
+from prism_deploy.core.precision import CALIBRATORS, PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "int8-qdq (int8 weights and activations; needs --calib)")
     p.add_argument("--io-dtype", default="float32", choices=("float32", "float16"), help="dtype of hidden and adapted")
     p.add_argument("--calib", metavar="FILE", help="calibration hidden states [n, in_dim] (.npy, .npz, .safetensors)")
-    p.add_argument("--calibrator", default="max", choices=("max", "percentile"),
+    p.add_argument("--calibrator", default="max", choices=CALIBRATORS,
                    help="activation range for int8-qdq: max |x| or the 99.99th percentile")
     p.add_argument("--plugin", action="store_true",
                    help="fuse each gated pipe into one prism::tile_dispatch TensorRT plugin node "
@@ -33,10 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from prism_deploy.format import read_adapter_file
     from prism_deploy.lower import export_onnx
-    from prism_deploy.reference import load_adapter
 
-    adapter = load_adapter(args.adapter)
+    adapter = read_adapter_file(args.adapter)
     options = dict(precision=args.precision, io_dtype=args.io_dtype, calib=args.calib, calibrator=args.calibrator,
                    progress=True)
     if getattr(args, "plugin", False):

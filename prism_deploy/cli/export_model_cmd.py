@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq", type=int, default=None, metavar="N",
                    help="longest sequence the pipeline will accept (default: the model's limit, at most 2048)")
     p.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, needs=("torch", "transformers"))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and gate initialisation")
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows read per chunk (default 4096)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, needs=("torch",))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,10 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from prism_deploy.format import read_adapter_file
-    from prism_deploy.reference import describe
 
-    data = read_adapter_file(args.adapter)
-    info = describe(data.config, data.tensors)
+    info = read_adapter_file(args.adapter).describe()
     if args.json:
         print_json(info)
         return 0

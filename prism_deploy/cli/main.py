@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from prism_deploy.errors import CheckFailed, PrismInputError
+from prism_deploy.core.errors import CheckFailed, PrismInputError, require
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
 # Heavy imports stay inside the commands' ``run`` functions so that ``--help`` is quick.
@@ -66,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_route_pipeline_parity(list(sys.argv[1:] if argv is None else argv)))
     try:
+        # optional libraries a command needs (``set_defaults(needs=...)``): one line each if missing
+        for module in getattr(args, "needs", ()):
+            require(module, f"prism-deploy {args.command}")
         code = args.func(args)
     except PrismInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

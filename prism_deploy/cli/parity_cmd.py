@@ -27,24 +27,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a fused graph (export --plugin) runs on the CPU with its tile_dispatch nodes computed by "
                         "numpy (semantics) or by the CUDA kernel's own source compiled for the CPU (host)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, needs=("torch",))
 
 
 def run(args: argparse.Namespace) -> int:
-    from prism_deploy.errors import CheckFailed, PrismInputError
+    from prism_deploy.core.errors import CheckFailed, PrismInputError
+    from prism_deploy.core.targets import resolve_provider
     from prism_deploy.parity import check_parity
     from prism_deploy.reference import load_adapter
-    from prism_deploy.runtime.ort_runner import OrtRunner
-    from prism_deploy.ort_session import resolve_provider
+    from prism_deploy.runtime.adapter_graph import AdapterGraph
 
     provider, why = resolve_provider(args.provider)
     if args.provider == "auto" and provider != "cpu" and _is_fused_file(args.onnx):
         provider, why = "cpu", "a fused graph runs on ONNX Runtime only on the CPU, through the op's twin"
     adapter = load_adapter(args.adapter)
-    runner = OrtRunner(args.onnx, provider, twin=args.twin)
+    runner = AdapterGraph(args.onnx, provider, twin=args.twin)
+    meta = runner.metadata
+    if meta is None:
+        raise PrismInputError(f"{args.onnx}: the model has no 'prism.lowering' metadata: not written by "
+                              "prism-deploy export")
     if args.provider != "cpu" and provider == "cpu":  # said once the inputs are known to be good
         print(f"note: {why}", file=sys.stderr)
-    meta = runner.metadata
     if (meta["in_dim"], meta["out_dim"]) != (adapter.in_dim, adapter.out_dim):
         raise PrismInputError(f"{args.onnx}: graph is {meta['in_dim']} -> {meta['out_dim']}, adapter "
                               f"{args.adapter} is {adapter.in_dim} -> {adapter.out_dim}")
@@ -96,5 +99,5 @@ def _is_fused_file(path: str) -> bool:
 
     try:
         return is_fused(onnx.load_model(path, load_external_data=False))
-    except Exception:  # not a model: OrtRunner says so with one clean line
+    except Exception:  # not a model: AdapterGraph says so with one clean line
         return False

@@ -26,13 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", choices=("fp32", "fp16", "int8"), default=None,
                    help="tolerance set (default: from the least precise part)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, needs=("torch", "transformers"))
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from prism_deploy.errors import CheckFailed, PrismInputError
+    from prism_deploy.core.errors import CheckFailed, PrismInputError
     from prism_deploy.parity.pipeline import check_pipeline_parity
     from prism_deploy.runtime.pipeline import Pipeline
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{f['top1']:.3f}" if "top1" in f else "-"])
         print_table(["stage", "max abs", "rel L2", "min cosine", "KL mean", "KL max", "top-1"], rows)
         tol = report["tolerances"]
-        print(f"tolerances: logits rel L2 <= {tol['rel_l2']:g}, KL max <= {tol['kl_max']:g}, top-1 >= {tol['top1']:g}")
+        print(f"tolerances: logits rel L2 <= {tol['rel_l2_max']:g}, KL max <= {tol['kl_max']:g}, top-1 >= {tol['top1_min']:g}")
     if not report["passed"]:
         raise CheckFailed("pipeline parity: " + "; ".join(report["failures"]))
     if not args.json:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 
 
 def add_input_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -25,7 +25,7 @@ def read_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None
     if args.text is not None:
         if not args.tokenizer_a:
             raise PrismInputError("--text needs --tokenizer-a DIR (model A's tokenizer)")
-        from prism_deploy.models.hf import load_tokenizer
+        from prism_deploy.models.tokenizers import load_tokenizer
 
         enc = load_tokenizer(args.tokenizer_a)(args.text, return_tensors="np")
         ids = np.asarray(enc["input_ids"], dtype=np.int64)

@@ -19,12 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split, as given to fit")
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows read per chunk (default 4096)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, needs=("torch",))
 
 
 def parse_workers(text: str, count: int) -> list[int]:
     """``"12,40-45"`` -> ``[12, 40, ..., 45]``, each checked against ``[0, count)``."""
-    from prism_deploy.errors import PrismInputError
+    from prism_deploy.core.errors import PrismInputError
 
     out: set[int] = set()
     for part in text.split(","):
@@ -45,7 +45,7 @@ def parse_workers(text: str, count: int) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from prism_deploy.cli.output import print_json
     from prism_deploy.cli.workers_cmd import _check_dims
-    from prism_deploy.errors import PrismInputError
+    from prism_deploy.core.errors import PrismInputError
     from prism_deploy.fit import PairedData, assign_tiles, evaluate, refit_workers
     from prism_deploy.fit.stream import Split
     from prism_deploy.format import read_adapter_file, write_adapter_file
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise PrismInputError(f"--pipe: {args.pipe} is outside [0, {cfg.num_pipes - 1}]")
     workers = parse_workers(args.workers, cfg.pipes[args.pipe].workers)
     data = PairedData(args.x, args.z, holdout=args.holdout, seed=args.seed, chunk_rows=args.chunk_rows)
-    adapter = PrismAdapter(cfg, {k: v.clone() for k, v in stored.tensors.items()})
+    adapter = PrismAdapter(cfg, {k: v.copy() for k, v in stored.tensors.items()})
     _check_dims(adapter, data)
     if data.count("train") == 0:
         raise PrismInputError(f"no training rows: --holdout {args.holdout} holds out all {data.rows} rows")
@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     # keeps the exact bytes it was read with.
     tensors = dict(stored.tensors)
     name = f"pipes.{args.pipe}.tiles"
-    tiles = stored.tensors[name].clone()
-    tiles[workers] = adapter.pipe_list()[args.pipe].tiles.detach()[workers]
+    tiles = stored.tensors[name].copy()
+    tiles[workers] = adapter.arrays().tiles(args.pipe)[workers]
     tensors[name] = tiles
     out = Path(args.output) if args.output else Path(args.adapter).with_suffix(".refit.safetensors")
     write_adapter_file(out, cfg, tensors)

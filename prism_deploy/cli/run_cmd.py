@@ -6,6 +6,7 @@ import argparse
 
 from prism_deploy.cli.output import print_json, print_table
 from prism_deploy.cli.pipeline_inputs import add_input_arguments, read_inputs
+from prism_deploy.core.targets import TARGET_CHOICES
 
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,7 +14,7 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True, metavar="DIR_OR_FILE",
                    help="adapter: a `build` folder, an exported .onnx, or the .safetensors (lowered on first use)")
     p.add_argument("--model-b", required=True, metavar="DIR", help="model B folder from `export-model --role lower`")
-    p.add_argument("--target", default="ort-cpu", choices=("auto", "ort-cpu", "ort-cuda", "trt"),
+    p.add_argument("--target", default="ort-cpu", choices=TARGET_CHOICES,
                    help="where to run (default ort-cpu); trt runs the adapter engines with TensorRT, the models on ORT CUDA")
     p.add_argument("--adapter-precision", default=None, metavar="P", help="adapter precision to load or lower (fp32, fp16, int8)")
 
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prism_deploy.errors import PrismInputError
+    from prism_deploy.core.errors import PrismInputError
     from prism_deploy.runtime.pipeline import Pipeline
 
     if args.max_new_tokens < 0:
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         result["generated_ids"] = generated.tolist()
         result["timings_s"]["generate"] = dict(pipe.timings)
         if args.tokenizer_b:
-            from prism_deploy.models.hf import load_tokenizer
+            from prism_deploy.models.tokenizers import load_tokenizer
 
             tok_b = load_tokenizer(args.tokenizer_b)
             result["generated_text"] = [tok_b.decode(row, skip_special_tokens=True) for row in generated]

@@ -22,12 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split, as given to fit")
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows read per chunk (default 4096)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, needs=("torch",))
 
 
 def run(args: argparse.Namespace) -> int:
     from prism_deploy.cli.output import print_json, print_table
-    from prism_deploy.errors import PrismInputError
+    from prism_deploy.core.errors import PrismInputError
     from prism_deploy.fit import PairedData, evaluate
     from prism_deploy.fit.localize import score_workers
     from prism_deploy.reference import load_adapter
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_dims(adapter: PrismAdapter, data: PairedData) -> None:
-    from prism_deploy.errors import PrismInputError
+    from prism_deploy.core.errors import PrismInputError
 
     if (adapter.in_dim, adapter.out_dim) != (data.in_dim, data.out_dim):
         raise PrismInputError(

@@ -23,14 +23,14 @@ from typing import Any, Literal
 
 import torch
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.fit.evaluate import Metrics, evaluate
 from prism_deploy.fit.gates import init_gates, train_gates
 from prism_deploy.fit.normal import NormalEquations, accumulate_normal, solve_joint, solve_per_tile
 from prism_deploy.fit.routed import assign_tiles, refit_workers
 from prism_deploy.fit.solve import SolveInfo
 from prism_deploy.fit.stream import PairedData
-from prism_deploy.fit.tiles import tiles_from_dense
+from prism_deploy.core.tiles import tiles_from_dense
 from prism_deploy.format import AdapterConfig
 from prism_deploy.reference import PrismAdapter
 
@@ -181,7 +181,7 @@ def _adapter_from_dense(config: AdapterConfig, mats: list[torch.Tensor]) -> Pris
     """A float64 working adapter: pipe ``p`` holds ``mats[p]`` cut into tiles, gates zero."""
     tensors: dict[str, torch.Tensor] = {}
     for i, (spec, w) in enumerate(zip(config.pipes, mats)):
-        tensors[f"pipes.{i}.tiles"] = tiles_from_dense(w, spec)
+        tensors[f"pipes.{i}.tiles"] = tiles_from_dense(w, spec.grid, spec.tile)
         if spec.gated:
             tensors[f"pipes.{i}.gate.weight"] = torch.zeros(spec.workers, config.in_dim, dtype=torch.float64)
             tensors[f"pipes.{i}.gate.bias"] = torch.zeros(spec.workers, dtype=torch.float64)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.plan import DEFAULT_WORKERS, plan_three_pipes, plan_tiles
 

@@ -33,7 +33,7 @@ from prism_deploy.fit.progress import progress_bar
 from prism_deploy.fit.routed import WorkerId, refit_workers
 from prism_deploy.fit.solve import solve_normal
 from prism_deploy.fit.stream import PairedData, Split
-from prism_deploy.fit.tiles import worker_block
+from prism_deploy.core.tiles import worker_block
 from prism_deploy.reference import PrismAdapter
 
 
@@ -92,7 +92,7 @@ def score_workers(adapter: PrismAdapter, data: PairedData, *, ridge: float = 0.0
     for p, spec in enumerate(cfg.pipes):
         for w in range(spec.workers):
             r, c = divmod(w, spec.cols)
-            out_rows, cols = worker_block(spec, w, cfg.in_dim, cfg.out_dim)
+            out_rows, cols = worker_block(spec.grid, spec.tile, w, cfg.in_dim, cfg.out_dim)
             if out_rows.start == out_rows.stop or cols.start == cols.stop or rows == 0:
                 continue
             a = grams[p][r if spec.gated else 0, c]

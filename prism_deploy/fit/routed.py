@@ -25,7 +25,7 @@ import torch
 from prism_deploy.fit.progress import progress_bar
 from prism_deploy.fit.solve import solve_normal
 from prism_deploy.fit.stream import PairedData, Split
-from prism_deploy.fit.tiles import worker_block
+from prism_deploy.core.tiles import worker_block
 from prism_deploy.reference import PrismAdapter
 
 WorkerId = tuple[int, int]  # (pipe index, worker index)
@@ -71,7 +71,7 @@ def refit_workers(
     members = []
     for p, w in selected:
         spec = cfg.pipes[p]
-        rows, cols = worker_block(spec, w, cfg.in_dim, cfg.out_dim)
+        rows, cols = worker_block(spec.grid, spec.tile, w, cfg.in_dim, cfg.out_dim)
         if rows.start == rows.stop or cols.start == cols.stop:
             continue  # wholly in the padding: it multiplies zeros or writes discarded rows
         key = (p, w % spec.cols, w if spec.gated else -1)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 
 # Past this condition number a float64 Cholesky solve keeps fewer than ~4 of its ~16 digits:
 # use the eigendecomposition instead (it can drop the directions that are only rounding noise).

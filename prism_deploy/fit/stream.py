@@ -15,8 +15,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from prism_deploy.data import MatrixFile
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.data import MatrixFile
+from prism_deploy.core.errors import PrismInputError
 
 Split = Literal["train", "holdout", "all"]
 

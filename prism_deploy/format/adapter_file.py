@@ -1,8 +1,11 @@
-"""Reading and writing ``adapter.safetensors`` files of format v1.
+"""Reading and writing ``adapter.safetensors`` files of format v1, as numpy arrays.
 
 The safetensors library parses the container; this module checks what format v1 adds on
 top (metadata, config, tensor names, shapes, dtypes, finiteness) and turns every failure
 into one ``AdapterFormatError`` line that names the file and the key or tensor at fault.
+Tensors are numpy arrays (bfloat16 through ``ml_dtypes``, which ``onnx`` already needs), so
+reading, inspecting, lowering and running an adapter never needs PyTorch; the PyTorch
+reference wraps the same arrays (``prism_deploy.reference``).
 """
 
 from __future__ import annotations
@@ -15,34 +18,85 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+import ml_dtypes
+import numpy as np
 
-from prism_deploy.errors import AdapterFormatError
+from prism_deploy.core.errors import AdapterFormatError
+from prism_deploy.core.fsutil import atomic_output, file_sha256
 from prism_deploy.format.config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig
-from prism_deploy.fsutil import atomic_output, file_sha256
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
+
+__all__ = ["AdapterTensors", "FLOAT_DTYPES", "adapter_arrays", "config_from_metadata", "file_sha256",
+           "read_adapter_config", "read_adapter_file", "validate_tensors", "write_adapter_file"]
+
+
+def dtype_name(dtype: Any) -> str:
+    """``float32``, ``float16``, ``bfloat16``, ... for numpy and torch dtypes alike."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
 class AdapterTensors:
-    """A validated adapter: its config and its tensors, in the stored dtypes."""
+    """A validated adapter: its config and its tensors (numpy, in the stored dtypes)."""
 
     config: AdapterConfig
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, np.ndarray]
+
+    def arrays(self) -> AdapterTensors:
+        return self
+
+    # ---- views of the tensors ----------------------------------------------------------------
+    def tiles(self, pipe: int) -> np.ndarray:
+        return self.tensors[f"pipes.{pipe}.tiles"]
+
+    def gate(self, pipe: int) -> tuple[np.ndarray, np.ndarray] | None:
+        if not self.config.pipes[pipe].gated:
+            return None
+        return self.tensors[f"pipes.{pipe}.gate.weight"], self.tensors[f"pipes.{pipe}.gate.bias"]
+
+    def betas(self) -> list[float]:
+        """The combine weight of each pipe (1.0 each for ``combine = sum``), as float64 values."""
+        if self.config.combine != "weighted":
+            return [1.0] * self.config.num_pipes
+        return [float(b) for b in np.asarray(self.tensors["combine.weight"], dtype=np.float64)]
+
+    def pipe(self, index: int) -> AdapterTensors:
+        """Pipe ``index`` alone, as a one-pipe adapter (combine ``sum``: whoever runs it applies
+        the combine weight), so pipes can be built, loaded and swapped one by one."""
+        cfg = self.config
+        sub = AdapterConfig(cfg.in_dim, cfg.out_dim, (cfg.pipes[index],), "sum")
+        prefix = f"pipes.{index}."
+        return AdapterTensors(sub, {f"pipes.0.{k[len(prefix):]}": v for k, v in self.tensors.items()
+                                    if k.startswith(prefix)})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.nbytes) for t in self.tensors.values())
+
+    def describe(self) -> dict[str, Any]:
+        return describe(self.config, self.tensors)
+
+
+def adapter_arrays(adapter: Any) -> AdapterTensors:
+    """``AdapterTensors`` of an adapter given as such, or as any object with ``arrays()``
+    (the PyTorch reference's ``PrismAdapter``)."""
+    if isinstance(adapter, AdapterTensors):
+        return adapter
+    if hasattr(adapter, "arrays"):
+        return adapter.arrays()
+    raise TypeError(f"expected an adapter (AdapterTensors or PrismAdapter), got {type(adapter).__name__}")
 
 
 def read_adapter_file(path: str | os.PathLike[str]) -> AdapterTensors:
     """Load and fully validate a v1 adapter file."""
+    from safetensors import safe_open
+
     p = Path(path)
-    if not p.exists():
-        raise AdapterFormatError(f"{p}: no such file")
-    if not p.is_file():
-        raise AdapterFormatError(f"{p}: not a file")
+    _check_is_file(p)
     try:
-        with safe_open(str(p), framework="pt") as handle:
+        with safe_open(str(p), framework="numpy") as handle:
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except AdapterFormatError:
@@ -55,6 +109,30 @@ def read_adapter_file(path: str | os.PathLike[str]) -> AdapterTensors:
     except AdapterFormatError as exc:
         raise AdapterFormatError(f"{p}: {exc}") from None
     return AdapterTensors(config, tensors)
+
+
+def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:
+    """The adapter's config from the file header only (a build cache hit never reads the weights)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    _check_is_file(p)
+    try:
+        with safe_open(str(p), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as exc:  # the container parser's own error types
+        raise AdapterFormatError(f"{p}: not a valid safetensors file ({_one_line(exc)})") from None
+    try:
+        return config_from_metadata(metadata)
+    except AdapterFormatError as exc:
+        raise AdapterFormatError(f"{p}: {exc}") from None
+
+
+def _check_is_file(p: Path) -> None:
+    if not p.exists():
+        raise AdapterFormatError(f"{p}: no such file")
+    if not p.is_file():
+        raise AdapterFormatError(f"{p}: not a file")
 
 
 def config_from_metadata(metadata: Mapping[str, str]) -> AdapterConfig:
@@ -71,7 +149,21 @@ def config_from_metadata(metadata: Mapping[str, str]) -> AdapterConfig:
     return AdapterConfig.loads(metadata["config"])
 
 
-def validate_tensors(config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+def _as_numpy(t: Any) -> np.ndarray:
+    """A tensor (numpy or torch, any device) as a numpy array in its own dtype."""
+    if isinstance(t, np.ndarray):
+        return t
+    if hasattr(t, "detach"):  # torch; bfloat16 crosses as its bits
+        t = t.detach().to("cpu").contiguous()
+        if str(t.dtype) == "torch.bfloat16":
+            import torch
+
+            return t.view(torch.int16).numpy().view(BFLOAT16)
+        return t.numpy()
+    return np.asarray(t)
+
+
+def validate_tensors(config: AdapterConfig, tensors: Mapping[str, Any]) -> None:
     expected = config.expected_tensor_shapes()
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -80,36 +172,40 @@ def validate_tensors(config: AdapterConfig, tensors: Mapping[str, torch.Tensor])
     if extra:
         raise AdapterFormatError(f"tensor {extra[0]!r}: not part of format v1 for this config")
     for name, shape in expected.items():
-        t = tensors[name]
+        t = _as_numpy(tensors[name])
         if t.dtype not in FLOAT_DTYPES:
             raise AdapterFormatError(
-                f"tensor {name!r}: dtype {str(t.dtype).removeprefix('torch.')} is not "
-                "float32, float16 or bfloat16"
+                f"tensor {name!r}: dtype {dtype_name(t.dtype)} is not float32, float16 or bfloat16"
             )
         if tuple(t.shape) != shape:
             raise AdapterFormatError(
                 f"tensor {name!r}: shape {list(t.shape)} does not match config, expected {list(shape)}"
             )
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise AdapterFormatError(f"tensor {name!r}: {bad} NaN or Inf value(s)")
+        finite = np.isfinite(t.astype(np.float32)) if t.dtype == BFLOAT16 else np.isfinite(t)
+        if not finite.all():
+            raise AdapterFormatError(f"tensor {name!r}: {int((~finite).sum())} NaN or Inf value(s)")
 
 
 def write_adapter_file(
     path: str | os.PathLike[str],
     config: AdapterConfig,
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, Any],
 ) -> None:
-    """Validate, then write atomically: a failed save leaves no partial file."""
-    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    validate_tensors(config, cpu)
+    """Validate, then write atomically: a failed save leaves no partial file.
+
+    ``tensors`` may be numpy arrays or torch tensors (moved to the CPU, bfloat16 kept).
+    """
+    from safetensors.numpy import save_file
+
+    arrays = {name: np.ascontiguousarray(_as_numpy(t)) for name, t in tensors.items()}
+    validate_tensors(config, arrays)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": config.dumps(),
     }
     with atomic_output(path) as tmp:
-        save_file(cpu, str(tmp), metadata=metadata)
+        save_file(arrays, str(tmp), metadata=metadata)
         _canonicalize_header(tmp)
 
 
@@ -130,6 +226,68 @@ def _canonicalize_header(path: Path) -> None:
         f.seek(8)
         f.write(text + b" " * (length - len(text)))
 
+
+def describe(config: AdapterConfig, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain facts about an adapter: sizes, FLOPs and weight bytes per token, dense and gated.
+
+    Per token, "dense" counts every worker; "gated" counts only the ``top_k`` selected ones
+    (what a kernel that reads only the selected tiles moves) plus the gate itself.
+    """
+    arrays = {k: _as_numpy(v) for k, v in tensors.items()}
+    pipes = []
+    totals = {"params": 0, "bytes": 0, "flops_dense": 0, "flops_gated": 0, "bytes_dense": 0, "bytes_gated": 0}
+    for i, spec in enumerate(config.pipes):
+        tiles = arrays[f"pipes.{i}.tiles"]
+        item = tiles.dtype.itemsize
+        tile_elems = spec.tile_rows * spec.tile_cols
+        params = spec.tile_params
+        gate_params = (spec.workers * config.in_dim + spec.workers) if spec.gated else 0
+        gate_bytes = sum(int(arrays[f"pipes.{i}.gate.{n}"].nbytes) for n in ("weight", "bias")) if spec.gated else 0
+        gate_flops = 2 * spec.workers * config.in_dim if spec.gated else 0
+        entry: dict[str, Any] = {
+            "index": i,
+            "name": spec.name,
+            "grid": list(spec.grid),
+            "tile": list(spec.tile),
+            "workers": spec.workers,
+            "top_k": spec.top_k,
+            "gate_scale": spec.gate_scale if spec.gated else None,
+            "dtype": dtype_name(tiles.dtype),
+            "params": params + gate_params,
+            "bytes": params * item + gate_bytes,
+            "padding_workers": len(spec.padding_workers(config.in_dim, config.out_dim)),
+            "flops_per_token_dense": 2 * spec.workers * tile_elems + gate_flops,
+            "flops_per_token_gated": 2 * spec.active_workers * tile_elems + gate_flops,
+            "weight_bytes_per_token_dense": spec.workers * tile_elems * item + gate_bytes,
+            "weight_bytes_per_token_gated": spec.active_workers * tile_elems * item + gate_bytes,
+        }
+        pipes.append(entry)
+        totals["params"] += entry["params"]
+        totals["bytes"] += entry["bytes"]
+        totals["flops_dense"] += entry["flops_per_token_dense"]
+        totals["flops_gated"] += entry["flops_per_token_gated"]
+        totals["bytes_dense"] += entry["weight_bytes_per_token_dense"]
+        totals["bytes_gated"] += entry["weight_bytes_per_token_gated"]
+    if config.combine == "weighted":
+        w = arrays["combine.weight"]
+        totals["params"] += int(w.size)
+        totals["bytes"] += int(w.nbytes)
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "in_dim": config.in_dim,
+        "out_dim": config.out_dim,
+        "combine": config.combine,
+        "combine_weights": [float(v) for v in arrays["combine.weight"].astype(np.float32)]
+        if config.combine == "weighted" else None,
+        "pipes": pipes,
+        "params": totals["params"],
+        "bytes": totals["bytes"],
+        "flops_per_token": {"dense": totals["flops_dense"], "gated": totals["flops_gated"]},
+        "weight_bytes_per_token": {"dense": totals["bytes_dense"], "gated": totals["bytes_gated"]},
+        "source": config.source,
+        "target": config.target,
+    }
 
 
 def _one_line(exc: Any) -> str:

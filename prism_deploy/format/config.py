@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from prism_deploy.errors import AdapterFormatError
+from prism_deploy.core.errors import AdapterFormatError
 
 FORMAT_NAME = "prism-adapter"
 FORMAT_VERSION = "1"

@@ -14,19 +14,23 @@ import os
 import pickle
 import warnings
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
-from prism_deploy.errors import AdapterFormatError, PrismInputError
-from prism_deploy.format.adapter_file import FLOAT_DTYPES, AdapterTensors, validate_tensors, write_adapter_file
+from prism_deploy.core.errors import AdapterFormatError, PrismInputError, require_torch
+from prism_deploy.format.adapter_file import FLOAT_DTYPES, AdapterTensors, _as_numpy, validate_tensors, write_adapter_file
 from prism_deploy.format.config import AdapterConfig, PipeSpec
 
 
-def load_seed_tiles(path: str | os.PathLike[str]) -> torch.Tensor:
+def load_seed_tiles(path: str | os.PathLike[str]) -> np.ndarray:
     """The ``[W, tr, tc]`` float tensor of a seed ``.pt`` file, read without running its code."""
     p = Path(path)
     if not p.is_file():
         raise PrismInputError(f"{p}: no such file")
+    require_torch("reading a torch.save'd .pt file")
+    import torch
+
     try:
         with warnings.catch_warnings():
             # torch warns (on stderr) about pickle protocols; the project prints one line only
@@ -47,7 +51,14 @@ def load_seed_tiles(path: str | os.PathLike[str]) -> torch.Tensor:
         raise PrismInputError(f"{p}: tensor dtype {_dtype(obj)} is not a float type")
     if 0 in obj.shape:
         raise PrismInputError(f"{p}: tensor has an empty dimension, shape {list(obj.shape)}")
-    return obj
+    if obj.untyped_storage().nbytes() < obj.numel() * obj.element_size():
+        # an expanded view (stride 0) of a small storage: its dense copy could be terabytes
+        raise PrismInputError(f"{p}: tensor of shape {list(obj.shape)} is a view of a storage of "
+                              f"{obj.untyped_storage().nbytes()} bytes (an expanded tensor); save a plain tensor")
+    if obj.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        # float64 (what a float64 least-squares solve gives) is not a format v1 dtype
+        obj = obj.to(torch.float32)
+    return _as_numpy(obj)
 
 
 def infer_grid(workers: int, tile: tuple[int, int], in_dim: int, out_dim: int) -> tuple[int, int]:
@@ -77,7 +88,7 @@ def infer_grid(workers: int, tile: tuple[int, int], in_dim: int, out_dim: int) -
 
 
 def tiles_to_adapter(
-    tiles: torch.Tensor,
+    tiles: Any,
     in_dim: int,
     out_dim: int,
     grid: tuple[int, int] | None = None,
@@ -93,14 +104,15 @@ def tiles_to_adapter(
     R, C = grid
     if R < 1 or C < 1 or R * C != workers:
         raise PrismInputError(f"--grid: {R}x{C} = {R * C} workers, but the tensor holds {workers}")
+    tiles = _as_numpy(tiles)
     if tiles.dtype not in FLOAT_DTYPES:
         # float64 (what a float64 least-squares solve gives) is not a format v1 dtype
-        tiles = tiles.to(torch.float32)
+        tiles = tiles.astype(np.float32)
     try:
         config = AdapterConfig(in_dim, out_dim, (PipeSpec(name, (R, C), (tr, tc), None),))
     except AdapterFormatError as exc:
         raise PrismInputError(f"--grid {R} {C}: {exc}") from None
-    tensors = {"pipes.0.tiles": tiles.contiguous()}
+    tensors = {"pipes.0.tiles": np.ascontiguousarray(tiles)}
     validate_tensors(config, tensors)  # NaN/Inf: refuse before anything is written
     return AdapterTensors(config, tensors)
 
@@ -137,5 +149,5 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _dtype(t: torch.Tensor) -> str:
+def _dtype(t: Any) -> str:
     return str(t.dtype).removeprefix("torch.")

@@ -26,39 +26,21 @@ from typing import Any
 import numpy as np
 import onnx
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.lower.contract import read_metadata
 
-LOWERING_KEY = "prism.lowering"
 FUSION_KEY = "prism.fusion"
 DOMAIN = "prism"
 OP_TYPE = "tile_dispatch"
 FUSION_VERSION = 1
-# Keys of a gated pipe's metadata entry that the pass needs.
-_PIPE_KEYS = ("index", "name", "R", "C", "tr", "tc", "top_k", "gate_scale", "scores", "output", "tiles", "node_prefix")
 
 
 def lowering_metadata(model: onnx.ModelProto) -> dict[str, Any]:
-    """The ``prism.lowering`` JSON of an exported model, checked for what the pass uses."""
-    for prop in model.metadata_props:
-        if prop.key == LOWERING_KEY:
-            try:
-                meta = json.loads(prop.value)
-            except json.JSONDecodeError as exc:
-                raise PrismInputError(f"fuse: metadata {LOWERING_KEY!r} is not valid JSON ({exc})") from exc
-            break
-    else:
-        raise PrismInputError(f"fuse: the model has no {LOWERING_KEY!r} metadata: export it with prism-deploy export")
-    if meta.get("version") != 1:
-        raise PrismInputError(f"fuse: metadata {LOWERING_KEY!r} version {meta.get('version')!r} is not 1")
-    for key in ("precision", "hidden_2d", "pipes", "in_dim", "out_dim"):
-        if key not in meta:
-            raise PrismInputError(f"fuse: metadata {LOWERING_KEY!r} lacks {key!r}")
-    for pipe in meta["pipes"]:
-        if pipe.get("gated"):
-            missing = [k for k in _PIPE_KEYS if pipe.get(k) is None]
-            if missing:
-                raise PrismInputError(f"fuse: metadata of gated pipe {pipe.get('index')} lacks {', '.join(missing)}")
-    return meta
+    """The lowering's contract (``prism_deploy.lower.contract``), its errors said as the pass's."""
+    try:
+        return read_metadata(model)
+    except PrismInputError as exc:
+        raise PrismInputError(f"fuse: {exc}") from None
 
 
 def is_fused(model: onnx.ModelProto) -> bool:
@@ -185,7 +167,7 @@ def _fuse_one(graph: Any, tensors: dict[str, Any], meta: dict[str, Any], pipe: d
 
 def _restore_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
     """Keep the exporter's IR version, opsets, producer and doc; add the ``prism`` domain."""
-    from prism_deploy.onnx_io import finalize
+    from prism_deploy.core.onnx_io import finalize
 
     dst.ir_version = src.ir_version
     del dst.opset_import[:]
@@ -202,7 +184,7 @@ def fuse_onnx_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
 
     Returns a summary: paths written, node counts before and after, and the fused pipes.
     """
-    from prism_deploy.onnx_io import save_model
+    from prism_deploy.core.onnx_io import save_model
 
     path = Path(src)
     if not path.is_file():
@@ -233,9 +215,12 @@ def export_fused(adapter: Any, path: str | os.PathLike[str], *, progress: bool =
 
     from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
 
-    from prism_deploy.lower import DEFAULT_GATED_FORM, ExportResult, build_model, read_lowering_metadata
-    from prism_deploy.onnx_io import save_model
+    from prism_deploy.lower import DEFAULT_GATED_FORM, ExportResult, build_model
+    from prism_deploy.core.onnx_io import save_model
 
+    from prism_deploy.format import adapter_arrays
+
+    adapter = adapter_arrays(adapter)
     with tqdm(total=adapter.config.num_pipes + 2, desc="export --plugin", unit="step",
               disable=None if progress else True, file=sys.stderr, leave=False) as bar:
         model = build_model(adapter, _on_pipe=bar.update, **export_options)
@@ -243,7 +228,7 @@ def export_fused(adapter: Any, path: str | os.PathLike[str], *, progress: bool =
         fused = fuse_gated_pipes(model)
         del model
         bar.update(1)
-        metadata = read_lowering_metadata(fused)
+        metadata = read_metadata(fused)
         metadata["fused"] = json.loads(next((p.value for p in fused.metadata_props if p.key == FUSION_KEY),
                                             '{"pipes": []}'))["pipes"]
         node_count = len(fused.graph.node)

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.fuse.gated_pipes import DOMAIN, OP_TYPE
 from prism_deploy.kernel.semantics import tile_dispatch
 
@@ -144,7 +144,7 @@ def make_twin_session(model: onnx.ModelProto, intra_op_threads: int | None = Non
                       kernel: str = "semantics", session_config: dict[str, str] | None = None) -> Any:
     """An ONNX Runtime CPU session running a fused model with the twin op (``kernel``: see
     ``twin_model``)."""
-    from prism_deploy.ort_session import make_session
+    from prism_deploy.core.ort_session import make_session
 
     library = register_twin()
     if kernel == "host":

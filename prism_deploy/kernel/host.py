@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_deploy.errors import PrismInputError
-from prism_deploy.fsutil import atomic_output
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.fsutil import atomic_output
 from prism_deploy.kernel.nvrtc import cache_dir, prune_cache, touch_cache_entry
 from prism_deploy.kernel.spec import TileDispatchSpec, kernel_source_path, launch_config
 

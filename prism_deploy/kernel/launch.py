@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.kernel.nvrtc import CompiledKernel, compile_ptx
 from prism_deploy.kernel.spec import TileDispatchSpec, launch_config
 

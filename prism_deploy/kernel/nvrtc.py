@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from prism_deploy.errors import PrismInputError
-from prism_deploy.fsutil import write_bytes_atomic
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.fsutil import write_bytes_atomic
 from prism_deploy.kernel.spec import KERNEL_NAME, TileDispatchSpec, kernel_source_path
 
 SUPPORTED_ARCHS = ("compute_80", "compute_86", "compute_89", "compute_90")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from prism_deploy.core.tiles import dequantize_rows
+
 
 def top_k_select(scores: np.ndarray, top_k: int) -> np.ndarray:
     """``[T, k]`` indices of the ``top_k`` largest scores per row, ties toward the lower index.
@@ -35,16 +37,6 @@ def gate_weights(scores: np.ndarray, top_k: int, gate_scale: float) -> np.ndarra
     return dense
 
 
-def dequantize_tiles(tiles: np.ndarray, scales: np.ndarray | None, R: int, C: int, tr: int, tc: int) -> np.ndarray:
-    """``[R*C, tr, tc]`` float32 tiles; int8 tiles times their per-row ``[R*C, tr]`` scales."""
-    t = np.asarray(tiles).reshape(R * C, tr, tc)
-    if t.dtype == np.int8:
-        if scales is None:
-            raise ValueError("int8 tiles need scales of shape [R*C, tr]")
-        return t.astype(np.float32) * np.asarray(scales, dtype=np.float32).reshape(R * C, tr, 1)
-    return t.astype(np.float32)
-
-
 def tile_dispatch(
     hidden: np.ndarray,
     scores: np.ndarray,
@@ -67,7 +59,10 @@ def tile_dispatch(
     g = gate_weights(scores, top_k, gate_scale).reshape(T, R, C)
     xp = np.zeros((T, C, tc), dtype=np.float32)
     xp.reshape(T, C * tc)[:, :in_dim] = x
-    w = dequantize_tiles(tiles, scales, R, C, tr, tc).reshape(R, C, tr, tc)
+    t = np.asarray(tiles).reshape(R * C, tr, tc)
+    if t.dtype == np.int8 and scales is None:
+        raise ValueError("int8 tiles need scales of shape [R*C, tr]")
+    w = (dequantize_rows(t, scales) if scales is not None and t.dtype == np.int8 else t.astype(np.float32)).reshape(R, C, tr, tc)
     # As the reference: scale each token's column blocks by the gate of the worker reading
     # them, then one product per row-block whose reduction runs over all C*tc columns.
     scaled = g[:, :, :, None] * xp[:, None, :, :]  # [T, R, C, tc]

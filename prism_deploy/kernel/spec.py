@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 
 KERNEL_NAME = "tile_dispatch_kernel"
 HIDDEN_DTYPES = {"float32": 0, "float16": 1}

@@ -1,25 +1,22 @@
-"""Lowering layer: a ``PrismAdapter`` as an ONNX graph per precision (docs/onnx-lowering.md)."""
+"""Lowering layer: an adapter as an ONNX graph per precision (docs/onnx-lowering.md).
 
-from prism_deploy.lower.export import (
-    DEFAULT_GATED_FORM,
-    GATED_FORMS,
-    IO_DTYPES,
-    METADATA_KEY,
-    PRECISIONS,
-    ExportResult,
-    build_model,
-    export_onnx,
-    read_lowering_metadata,
-)
+numpy and onnx only: lowering never needs PyTorch.
+"""
+
+from prism_deploy.lower.adapter_graph import DEFAULT_GATED_FORM, GATED_FORMS, choose_gated_form, pipe_prefixes
+from prism_deploy.lower.contract import METADATA_KEY, graph_precision, read_metadata
+from prism_deploy.lower.export import IO_DTYPES, ExportResult, build_model, export_onnx
 
 __all__ = [
     "DEFAULT_GATED_FORM",
     "GATED_FORMS",
     "IO_DTYPES",
     "METADATA_KEY",
-    "PRECISIONS",
     "ExportResult",
     "build_model",
+    "choose_gated_form",
     "export_onnx",
-    "read_lowering_metadata",
+    "graph_precision",
+    "pipe_prefixes",
+    "read_metadata",
 ]

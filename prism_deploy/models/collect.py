@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.models import hf
+from prism_deploy.models.tokenizers import load_tokenizer
 
 POOLS = ("last", "mean", "tokens")
 
@@ -88,8 +89,8 @@ def collect_pairs(model_a_dir: str | os.PathLike[str], model_b_dir: str | os.Pat
         raise PrismInputError(f"--pool: {pool!r} is not one of {', '.join(POOLS)}")
     if max_seq < 1 or batch < 1:
         raise PrismInputError("--max-seq and --batch must be at least 1")
-    tok_a = hf.load_tokenizer(tokenizer_a or model_a_dir)
-    tok_b = hf.load_tokenizer(tokenizer_b or model_b_dir)
+    tok_a = load_tokenizer(tokenizer_a or model_a_dir)
+    tok_b = load_tokenizer(tokenizer_b or model_b_dir)
     offsets = bool(getattr(tok_a, "is_fast", False) and getattr(tok_b, "is_fast", False))
     if pool == "tokens" and not offsets:
         raise PrismInputError("--pool tokens needs fast tokenizers (character offsets) for both models")
@@ -156,7 +157,7 @@ def save_pairs(path: str | os.PathLike[str], x: np.ndarray, z: np.ndarray, info:
     """Write ``X`` and ``Z`` to one safetensors file atomically (metadata: the collect settings)."""
     from safetensors.numpy import save_file
 
-    from prism_deploy.fsutil import atomic_output
+    from prism_deploy.core.fsutil import atomic_output
 
     with atomic_output(path) as tmp:
         save_file({"X": np.ascontiguousarray(x), "Z": np.ascontiguousarray(z)}, str(tmp),

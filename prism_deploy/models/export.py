@@ -37,23 +37,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from prism_deploy.errors import CheckFailed, PrismInputError
+from prism_deploy.core import tolerances
+from prism_deploy.core.errors import CheckFailed, PrismInputError
+from prism_deploy.core.fsutil import file_sha256
+from prism_deploy.core.metrics import compare, merge
+from prism_deploy.core.precision import ModelPrecision
+from prism_deploy.format.model_folder import FORMAT, MANIFEST, ROLES, VERSION, io_description, past_names
 from prism_deploy.models import hf
-from prism_deploy.fsutil import file_sha256
 
-ROLES = ("upper", "lower")
-PRECISIONS = ("fp32", "fp16")
-MANIFEST = "model.json"
-MANIFEST_VERSION = 1
-
-# Validation tolerances against the float32 transformers model. Relative L2 error over the real
-# (unpadded) tokens, the smallest per-token cosine similarity, and top-1 agreement of logits on
-# tokens whose reference top-1/top-2 gap is larger than ``tie_gap`` x max|logit| (closer ones are
-# counted apart as ambiguous: any rounding may flip them).
-TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"rel_l2": 1e-4, "min_cosine": 0.9999, "top1": 0.99, "tie_gap": 1e-4},
-    "fp16": {"rel_l2": 2e-2, "min_cosine": 0.999, "top1": 0.95, "tie_gap": 1e-2},
-}
+# Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
+# (relative L2 over the real tokens, the smallest per-token cosine, top-1 agreement of logits on
+# tokens whose reference top-1/top-2 gap is clear).
 
 
 class _Upper(torch.nn.Module):
@@ -91,10 +85,6 @@ class _LowerWithPast(torch.nn.Module):
         return tuple(flat)
 
 
-def past_names(layers: int, prefix: str = "past_key_values") -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-
-
 def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.PathLike[str], *,
                  precision: str = "fp32", max_seq: int | None = None, validate: bool = True,
                  seed: int = 0) -> dict[str, Any]:
@@ -106,8 +96,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     """
     if role not in ROLES:
         raise PrismInputError(f"--role: {role!r} is not one of {', '.join(ROLES)}")
-    if precision not in PRECISIONS:
-        raise PrismInputError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    precision = ModelPrecision.parse(precision).value
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PrismInputError(f"{out_dir}: exists and is not a folder")
@@ -134,7 +123,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         files, written = _export_upper(traced, out, vocab)
     else:
         files, written = _export_lower(traced, out, dims)
-        from prism_deploy.fsutil import atomic_output
+        from prism_deploy.core.fsutil import atomic_output
 
         with atomic_output(out / files["embed_tokens"]) as tmp:
             with open(tmp, "wb") as fh:
@@ -149,37 +138,21 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         checker = _validate_upper if role == "upper" else _validate_lower
         validation = checker(reference, out, files, precision, max_seq, seed)
     manifest = {
-        "format": "prism-deploy-model", "version": MANIFEST_VERSION, "role": role, "family": hf.family(reference),
+        "format": FORMAT, "version": VERSION, "role": role, "family": hf.family(reference),
         "known_family": hf.family(reference) in hf.KNOWN_FAMILIES, "source": str(Path(hf_dir).resolve()),
         "precision": precision, "max_seq": max_seq,
         "dims": {"hidden": dims["hidden"], "vocab": vocab, "layers": dims["layers"], "kv_heads": dims["kv_heads"],
                  "head_dim": dims["head_dim"]},
-        "io": _io_description(role, dims["layers"]),
+        "io": io_description(role, dims["layers"]),
         "files": {key: {"name": name, "sha256": file_sha256(out / name)} for key, name in files.items()},
         "position_ids": "cumsum(attention_mask) - 1 (padding slots: 1), computed inside each graph",
         "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False), eager attention",
         "opset": _opset(), "export_seconds": round(export_s, 3), "eos_token_id": _eos_token_id(reference),
         "validation": validation, "versions": _versions(),
     }
-    from prism_deploy.fsutil import write_text_atomic
+    from prism_deploy.core.fsutil import write_text_atomic
 
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return manifest
-
-
-def read_manifest(model_dir: str | os.PathLike[str], role: str | None = None) -> dict[str, Any]:
-    """``model.json`` of an export folder, checked for the expected role."""
-    path = Path(model_dir) / MANIFEST
-    if not path.is_file():
-        raise PrismInputError(f"{model_dir}: no {MANIFEST} (not a folder written by `prism-deploy export-model`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PrismInputError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format") != "prism-deploy-model":
-        raise PrismInputError(f"{path}: not a prism-deploy model manifest")
-    if role is not None and manifest.get("role") != role:
-        raise PrismInputError(f"{model_dir}: exported as role {manifest.get('role')!r}, {role!r} is needed here")
     return manifest
 
 
@@ -228,7 +201,7 @@ def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
 
     import onnx
 
-    from prism_deploy.onnx_io import OPSET, finalize, save_model
+    from prism_deploy.core.onnx_io import OPSET, finalize, save_model
 
     # The exporter puts the module back in the training mode it found it in: a fresh wrapper is
     # in training mode, which would switch on the wrapped model's dropout for the validation
@@ -250,62 +223,11 @@ def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
     return [p.name for p in save_model(finalize(model), path)]
 
 
-def _io_description(role: str, layers: int) -> dict[str, Any]:
-    if role == "upper":
-        return {"inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]},
-                "outputs": {"hidden": ["batch", "seq", "hidden"]}}
-    return {
-        "inputs": {"inputs_embeds": ["batch", "seq", "hidden"], "attention_mask": ["batch", "seq"]},
-        "outputs": {"logits": ["batch", "seq", "vocab"]},
-        "with_past": {
-            "inputs": {"inputs_embeds": ["batch", "seq", "hidden"], "attention_mask": ["batch", "total_seq"],
-                       **{n: ["batch", "kv_heads", "past_seq", "head_dim"] for n in past_names(layers)}},
-            "outputs": {"logits": ["batch", "seq", "vocab"],
-                        **{n: ["batch", "kv_heads", "total_seq", "head_dim"] for n in past_names(layers, "present")}},
-        },
-    }
-
-
 # -- validation ---------------------------------------------------------------------------------------
 
 
-def compare(got: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None, *, logits: bool = False,
-            tie_gap: float = 1e-4) -> dict[str, float]:
-    """Error figures of ``got`` vs ``ref`` ([..., features]) over the tokens where ``mask`` is 1."""
-    g = np.asarray(got, dtype=np.float64).reshape(-1, got.shape[-1])
-    r = np.asarray(ref, dtype=np.float64).reshape(-1, ref.shape[-1])
-    if mask is not None:
-        keep = np.asarray(mask).reshape(-1).astype(bool)
-        g, r = g[keep], r[keep]
-    diff = g - r
-    gn, rn = np.linalg.norm(g, axis=-1), np.linalg.norm(r, axis=-1)
-    # Cosine says nothing about (near-)zero vectors (a padding-id embedding row is all zeros):
-    # those tokens are left to max_abs / rel_l2.
-    sized = rn > 1e-6 * max(float(rn.max(initial=0.0)), 1e-30)
-    cos = (g * r).sum(-1)[sized] / np.maximum(gn[sized] * rn[sized], 1e-30)
-    fig = {"tokens": int(r.shape[0]), "max_abs": float(np.abs(diff).max()),
-           "rel_l2": float(np.linalg.norm(diff) / max(float(np.linalg.norm(r)), 1e-30)),
-           "min_cosine": float(cos.min()) if cos.size else 1.0}
-    if logits:
-        top2 = np.sort(r, axis=-1)[:, -2:]
-        gap = top2[:, 1] - top2[:, 0]
-        ambiguous = gap <= tie_gap * max(np.abs(r).max(), 1e-30)
-        agree = g.argmax(-1) == r.argmax(-1)
-        clear = ~ambiguous
-        fig["top1"] = float(agree[clear].mean()) if clear.any() else 1.0
-        fig["top1_all"] = float(agree.mean())
-        fig["ambiguous"] = int(ambiguous.sum())
-    return fig
-
-
-def _check(name: str, fig: dict[str, float], tol: dict[str, float], precision: str) -> None:
-    bad = []
-    if not fig["rel_l2"] <= tol["rel_l2"]:
-        bad.append(f"rel_l2 {fig['rel_l2']:.3g} > {tol['rel_l2']:.3g}")
-    if not fig["min_cosine"] >= tol["min_cosine"]:
-        bad.append(f"min cosine {fig['min_cosine']:.6f} < {tol['min_cosine']}")
-    if "top1" in fig and not fig["top1"] >= tol["top1"]:
-        bad.append(f"top-1 agreement {fig['top1']:.3f} < {tol['top1']}")
+def _check(name: str, fig: dict[str, Any], tol: tolerances.Tolerances, precision: str) -> None:
+    bad = tol.failures(fig)
     if bad:
         raise CheckFailed(f"{name} ({precision}) diverges from the transformers model: {'; '.join(bad)} "
                           f"(max abs {fig['max_abs']:.3g})")
@@ -326,9 +248,9 @@ def _shapes(max_seq: int) -> list[tuple[int, int]]:
 
 
 def _validate_upper(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
-    from prism_deploy.ort_session import make_session
+    from prism_deploy.core.ort_session import make_session
 
-    tol = TOLERANCES[precision]
+    tol = tolerances.model_export(precision)
     session = make_session(out / files["graph"], "cpu")
     rng = np.random.default_rng(seed)
     figs = []
@@ -338,15 +260,15 @@ def _validate_upper(reference: Any, out: Path, files: dict[str, str], precision:
         with torch.no_grad():
             ref = hf.final_hidden(reference, torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
         figs.append(compare(got, ref, mask))
-    fig = _merge(figs)
+    fig = merge(figs)
     _check("upper graph `hidden`", fig, tol, precision)
-    return {"provider": "cpu", "tolerances": tol, "hidden": fig}
+    return {"provider": "cpu", "tolerances": tol.to_json(), "hidden": fig}
 
 
 def _validate_lower(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
-    from prism_deploy.ort_session import make_session
+    from prism_deploy.core.ort_session import make_session
 
-    tol = TOLERANCES[precision]
+    tol = tolerances.model_export(precision)
     d = hf.cache_dims(reference.config)
     io_dtype = np.float16 if precision == "fp16" else np.float32
     rng = np.random.default_rng(seed)
@@ -366,8 +288,8 @@ def _validate_lower(reference: Any, out: Path, files: dict[str, str], precision:
         got = plain.run(["logits"], {"inputs_embeds": emb.astype(io_dtype), "attention_mask": mask})[0]
         with torch.no_grad():
             ref, _ = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(emb), attention_mask=torch.from_numpy(mask))
-        figs.append(compare(got, ref.numpy(), mask, logits=True, tie_gap=tol["tie_gap"]))
-    fig_plain = _merge(figs)
+        figs.append(compare(got, ref.numpy(), mask, logits=True, tie_gap=tol.tie_gap))
+    fig_plain = merge(figs)
     _check("lower graph `logits`", fig_plain, tol, precision)
 
     # KV graph: prefill with an empty past, then two steps of 1 and 2 new tokens; each step's
@@ -388,23 +310,11 @@ def _validate_lower(reference: Any, out: Path, files: dict[str, str], precision:
         with torch.no_grad():
             ref, _ = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(emb_all[:, :stop]),
                                           attention_mask=torch.from_numpy(mask_all[:, :stop]))
-        figs.append(compare(outs[0], ref.numpy()[:, start:stop], mask_all[:, start:stop], logits=True, tie_gap=tol["tie_gap"]))
+        figs.append(compare(outs[0], ref.numpy()[:, start:stop], mask_all[:, start:stop], logits=True, tie_gap=tol.tie_gap))
         start = stop
-    fig_past = _merge(figs)
+    fig_past = merge(figs)
     _check("lower KV-cache graph `logits`", fig_past, tol, precision)
-    return {"provider": "cpu", "tolerances": tol, "logits": fig_plain, "logits_with_past": fig_past}
-
-
-def _merge(figs: list[dict[str, float]]) -> dict[str, float]:
-    """Worst case over several validation shapes (top-1 weighted by token count)."""
-    out: dict[str, float] = {"tokens": sum(f["tokens"] for f in figs),
-                             "max_abs": max(f["max_abs"] for f in figs), "rel_l2": max(f["rel_l2"] for f in figs),
-                             "min_cosine": min(f["min_cosine"] for f in figs)}
-    if "top1" in figs[0]:
-        out["top1"] = min(f["top1"] for f in figs)
-        out["top1_all"] = sum(f["top1_all"] * f["tokens"] for f in figs) / out["tokens"]
-        out["ambiguous"] = sum(f["ambiguous"] for f in figs)
-    return out
+    return {"provider": "cpu", "tolerances": tol.to_json(), "logits": fig_plain, "logits_with_past": fig_past}
 
 
 def _eos_token_id(model: Any) -> int | None:
@@ -420,7 +330,7 @@ def _eos_token_id(model: Any) -> int | None:
 
 
 def _opset() -> dict[str, int]:
-    from prism_deploy.onnx_io import IR_VERSION, OPSET
+    from prism_deploy.core.onnx_io import IR_VERSION, OPSET
 
     return {"opset": OPSET, "ir_version": IR_VERSION}
 

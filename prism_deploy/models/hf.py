@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 
 # Families exported and tested; others built on the same ``*ForCausalLM`` + ``base_model`` layout
 # usually work, and the export's validation step says so either way.
@@ -49,17 +49,6 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
     if getattr(model.config, "is_encoder_decoder", False):
         raise PrismInputError(f"{hf_dir}: encoder-decoder models are not supported (decoder-only causal LMs only)")
     return model
-
-
-def load_tokenizer(tok_dir: str | os.PathLike[str]) -> Any:
-    from transformers import AutoTokenizer
-
-    if not Path(tok_dir).is_dir():
-        raise PrismInputError(f"{tok_dir}: not a folder (a local tokenizer folder is expected)")
-    try:
-        return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise PrismInputError(f"{tok_dir}: cannot load a tokenizer from it ({' '.join(str(exc).split())[:300]})") from None
 
 
 def family(model: Any) -> str:

@@ -1,11 +1,27 @@
-"""Parity checks: any runner against the PyTorch reference (docs/precision.md)."""
+"""Parity checks: any runner against the PyTorch reference (docs/precision.md), end-to-end
+pipeline parity (``parity.pipeline``), and the checks a build runs on each engine
+(``parity.engines``). Loaded lazily: the model-graph check needs no PyTorch."""
 
-from prism_deploy.parity.check import (
-    DEFAULT_TOLERANCES,
-    ParityReport,
-    check_parity,
-    default_tolerances,
-    simulated_stored_tiles,
-)
+from __future__ import annotations
 
-__all__ = ["DEFAULT_TOLERANCES", "ParityReport", "check_parity", "default_tolerances", "simulated_stored_tiles"]
+from typing import Any
+
+__all__ = ["ParityReport", "adapter_engine_check", "check_parity", "default_tolerances", "model_graph_check",
+           "simulated_stored_tiles"]
+
+_LAZY = {
+    "ParityReport": "prism_deploy.parity.check",
+    "check_parity": "prism_deploy.parity.check",
+    "default_tolerances": "prism_deploy.parity.check",
+    "simulated_stored_tiles": "prism_deploy.parity.check",
+    "adapter_engine_check": "prism_deploy.parity.engines",
+    "model_graph_check": "prism_deploy.parity.engines",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'prism_deploy.parity' has no attribute {name!r}")

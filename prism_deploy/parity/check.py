@@ -12,32 +12,21 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.tolerances import Tolerances
+from prism_deploy.core.tolerances import adapter as adapter_tolerances
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.metrics import ErrorAccumulator
+from prism_deploy.core.tiles import stored_as
 from prism_deploy.reference import PrismAdapter
 
-# Default tolerances per precision (docs/precision.md gives the reasons):
-#   rel_l2_max          ||y - y_ref|| / ||y_ref|| over all outputs
-#   cosine_min          cosine of the flattened outputs
-#   selection_match_min fraction of unambiguous tokens whose selected worker SET matches
-#   score_rounding      a token is ambiguous for a gated pipe when its k-th and (k+1)-th
-#                       reference scores are closer than score_rounding * ||x * max_w |g_w|||_2
-#                       (the size of a rounding error in a score at that precision: 2^-24
-#                       with headroom for fp32, 2^-11 with headroom where the gate may run
-#                       in float16 on an engine)
-DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"rel_l2_max": 1e-5, "cosine_min": 0.99999, "selection_match_min": 0.999, "score_rounding": 1e-6},
-    "fp16": {"rel_l2_max": 2e-3, "cosine_min": 0.9999, "selection_match_min": 0.99, "score_rounding": 1e-3},
-    "int8": {"rel_l2_max": 2e-2, "cosine_min": 0.999, "selection_match_min": 0.99, "score_rounding": 1e-3},
-    "int8-qdq": {"rel_l2_max": 5e-2, "cosine_min": 0.995, "selection_match_min": 0.99, "score_rounding": 1e-3},
-}
-# float16 graph inputs and outputs add one float16 rounding (2^-11 relative) to every value
-FLOAT16_IO_FLOOR = {"rel_l2_max": 1e-3, "cosine_min": 0.9999}
+# Tolerances per precision: prism_deploy.core.tolerances.adapter (docs/precision.md gives the
+# reasons); score_rounding there is the size of a rounding error in a gate score, which decides
+# when a token's selection is ambiguous.
 TOP_WORKERS = 10
 GRAM_ROWS = 8192  # input rows used for the per-worker error (a Gram matrix per column-block)
 
@@ -66,13 +55,7 @@ class ParityReport:
 
 
 def default_tolerances(precision: str, io_dtype: str = "float32") -> dict[str, float]:
-    if precision not in DEFAULT_TOLERANCES:
-        raise PrismInputError(f"precision {precision!r} is not one of {', '.join(DEFAULT_TOLERANCES)}")
-    tol = dict(DEFAULT_TOLERANCES[precision])
-    if io_dtype == "float16":
-        tol["rel_l2_max"] = max(tol["rel_l2_max"], FLOAT16_IO_FLOOR["rel_l2_max"])
-        tol["cosine_min"] = min(tol["cosine_min"], FLOAT16_IO_FLOOR["cosine_min"])
-    return tol
+    return adapter_tolerances(precision, io_dtype).to_json()
 
 
 def check_parity(
@@ -88,29 +71,30 @@ def check_parity(
     tolerances: dict[str, float] | None = None,
     provider: str = "cpu",
 ) -> ParityReport:
+    tolerance_overrides = tolerances  # the argument's name is the public API; the module is imported apart
     """Compare a runner (``.run(hidden) -> adapted``) or an ONNX file with the reference.
 
     ``precision`` defaults to the runner's own (``runner.precision``, read from the graph's
-    metadata by ``OrtRunner``). Inputs: ``samples`` batches of ``[batch, seq, in_dim]``
+    metadata by ``AdapterGraph``). Inputs: ``samples`` batches of ``[batch, seq, in_dim]``
     standard normal values from ``seed``, or the rows of ``inputs`` (``[n, in_dim]`` array or
     .npy/.npz/.safetensors file), fed ``batch*seq`` rows at a time.
     """
     runner: Any = runner_or_onnx_path
     if isinstance(runner_or_onnx_path, (str, os.PathLike)):
-        from prism_deploy.runtime.ort_runner import OrtRunner
+        from prism_deploy.runtime.adapter_graph import AdapterGraph
 
-        runner = OrtRunner(runner_or_onnx_path, provider)
+        runner = AdapterGraph(runner_or_onnx_path, provider)
     precision = precision or getattr(runner, "precision", None)
     if precision is None:
         raise PrismInputError("check_parity: give precision= (the runner does not say which it runs)")
     io_dtype = np.dtype(getattr(runner, "io_dtype", np.float32)).name
     tol = default_tolerances(precision, io_dtype)
-    tol.update(tolerances or {})
+    tol.update(tolerance_overrides or {})
     batches = list(_input_batches(adapter.in_dim, inputs, samples, batch, seq, seed))
     if not batches:
         raise PrismInputError("parity: no input rows")
 
-    acc = _ErrorAccumulator()
+    acc = ErrorAccumulator()
     gated = [i for i, p in enumerate(adapter.config.pipes) if p.gated]
     sel_counts = {i: [0, 0, 0] for i in gated}  # tokens, ambiguous, matched (unambiguous)
     have_selections = hasattr(runner, "run_with_selections")
@@ -157,11 +141,7 @@ def check_parity(
     x_all = np.concatenate(gram_rows)[:GRAM_ROWS]
     top = _worker_errors(adapter, stored, x_all, notes)
 
-    failures = []
-    if not acc.rel_l2 <= tol["rel_l2_max"]:
-        failures.append(f"rel_l2 {acc.rel_l2:.3g} > {tol['rel_l2_max']:.3g}")
-    if not acc.cosine >= tol["cosine_min"]:
-        failures.append(f"cosine {acc.cosine:.8f} < {tol['cosine_min']}")
+    failures = Tolerances(**tol).failures(acc.figures())
     for s in selection:
         if s["match_fraction"] is not None and s["match_fraction"] < tol["selection_match_min"]:
             failures.append(f"pipe {s['name']!r}: selection match {s['match_fraction']:.4f} < {tol['selection_match_min']}")
@@ -189,7 +169,7 @@ def _input_batches(in_dim: int, inputs: np.ndarray | str | os.PathLike[str] | No
     if isinstance(inputs, np.ndarray):
         rows, label = inputs, "inputs"
     else:
-        from prism_deploy.data import load_matrix
+        from prism_deploy.core.data import load_matrix
 
         rows, label = load_matrix(inputs), str(inputs)
     rows = np.asarray(rows, dtype=np.float32)
@@ -203,34 +183,6 @@ def _input_batches(in_dim: int, inputs: np.ndarray | str | os.PathLike[str] | No
     for start in range(0, rows.shape[0], step):
         chunk = rows[start:start + step]
         yield chunk.reshape(batch, seq, in_dim) if chunk.shape[0] == step else chunk[None]
-
-
-class _ErrorAccumulator:
-    def __init__(self) -> None:
-        self.err2 = self.ref2 = self.out2 = self.dot = 0.0
-        self.max_abs = 0.0
-        self.tokens = 0
-
-    def add(self, y: np.ndarray, ref: np.ndarray) -> None:
-        d = y - ref
-        self.err2 += float((d * d).sum())
-        self.ref2 += float((ref * ref).sum())
-        self.out2 += float((y * y).sum())
-        self.dot += float((y * ref).sum())
-        self.max_abs = max(self.max_abs, float(np.abs(d).max(initial=0.0)))
-        self.tokens += int(np.prod(y.shape[:-1]))
-
-    @property
-    def rel_l2(self) -> float:
-        if self.ref2 == 0:
-            return 0.0 if self.err2 == 0 else math.inf
-        return math.sqrt(self.err2 / self.ref2)
-
-    @property
-    def cosine(self) -> float:
-        if self.ref2 == 0 or self.out2 == 0:
-            return 1.0 if self.ref2 == self.out2 else 0.0
-        return self.dot / math.sqrt(self.ref2 * self.out2)
 
 
 def _count_selections(adapter: PrismAdapter, i: int, x2: torch.Tensor, routing: Any, got: np.ndarray,
@@ -267,18 +219,7 @@ def _stored_tiles(runner: Any, adapter: PrismAdapter, precision: str) -> tuple[d
 def simulated_stored_tiles(adapter: PrismAdapter, precision: str) -> dict[int, np.ndarray]:
     """The tiles as a ``precision`` lowering stores them, as float32 (for runners that do
     not expose their weights, e.g. engines)."""
-    from prism_deploy.lower.quantize import dequantize_tiles, quantize_tiles
-
-    out = {}
-    for i, pipe in enumerate(adapter.pipe_list()):
-        t = pipe.tiles.detach()
-        if precision == "fp32":
-            out[i] = t.to(torch.float32).numpy()
-        elif precision == "fp16":
-            out[i] = t.to(torch.float16).to(torch.float32).numpy()
-        else:
-            out[i] = dequantize_tiles(*quantize_tiles(t))
-    return out
+    return {i: stored_as(pipe.tiles, precision) for i, pipe in enumerate(adapter.pipe_list())}
 
 
 def _worker_errors(adapter: PrismAdapter, stored: dict[int, np.ndarray], x: np.ndarray,
@@ -316,7 +257,6 @@ def _worker_errors(adapter: PrismAdapter, stored: dict[int, np.ndarray], x: np.n
 
 
 def _describe(runner: Any) -> str:
-    if hasattr(runner, "path") and hasattr(runner, "provider"):
-        twin = f" (tile_dispatch twin: {runner.twin})" if getattr(runner, "fused", False) else ""
-        return f"onnxruntime {runner.provider}: {Path(runner.path).name}{twin}"
+    if callable(getattr(runner, "describe", None)):
+        return str(runner.describe())
     return type(runner).__name__

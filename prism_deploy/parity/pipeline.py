@@ -19,28 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from prism_deploy.core import tolerances
+from prism_deploy.core.metrics import compare, compare_logits
+from prism_deploy.core.precision import loosest
 from prism_deploy.models import hf
-from prism_deploy.models.export import compare
-
-# By the least precise part of the pipeline. fp32 is float rounding only; fp16 / int8 allow the
-# quantisation of the adapter and the models (int8 is an adapter precision: its figures come
-# from issue 3's tolerances, loosened for going through model B).
-TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"rel_l2": 1e-4, "kl_max": 1e-6, "top1": 0.99, "tie_gap": 1e-4},
-    "fp16": {"rel_l2": 3e-2, "kl_max": 1e-2, "top1": 0.95, "tie_gap": 1e-2},
-    "int8": {"rel_l2": 1e-1, "kl_max": 5e-2, "top1": 0.90, "tie_gap": 3e-2},
-}
-
-
-def kl_divergence(ref_logits: np.ndarray, got_logits: np.ndarray) -> np.ndarray:
-    """KL(softmax(ref) || softmax(got)) per row, in nats, computed in float64."""
-    r = ref_logits.astype(np.float64)
-    g = got_logits.astype(np.float64)
-    log_p = r - r.max(-1, keepdims=True)
-    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
-    log_q = g - g.max(-1, keepdims=True)
-    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
-    return np.maximum((np.exp(log_p) * (log_p - log_q)).sum(-1), 0.0)
 
 
 def reference_chain(model_a: Any, adapter: Any, model_b: Any, input_ids: np.ndarray,
@@ -57,12 +39,8 @@ def reference_chain(model_a: Any, adapter: Any, model_b: Any, input_ids: np.ndar
 
 def pipeline_precision(pipeline: Any) -> str:
     """The loosest precision among the pipeline's parts (for the default tolerances)."""
-    precisions = {pipeline.upper.manifest.get("precision", "fp32"), pipeline.lower.manifest.get("precision", "fp32")}
-    precisions.add(str(getattr(pipeline.adapter, "precision", "fp32")))
-    for p in ("int8", "fp16"):
-        if any(q.startswith(p) for q in precisions):
-            return p
-    return "fp32"
+    return loosest([pipeline.upper.manifest.get("precision", "fp32"), pipeline.lower.manifest.get("precision", "fp32"),
+                    str(getattr(pipeline.adapter, "precision", "fp32"))])
 
 
 def check_pipeline_parity(model_a_hf: Any, adapter: Any, model_b_hf: Any, pipeline: Any, input_ids: Any,
@@ -86,31 +64,21 @@ def check_pipeline_parity(model_a_hf: Any, adapter: Any, model_b_hf: Any, pipeli
     adapted = np.asarray(pipeline.adapter.run(hidden), dtype=np.float32)
     logits = pipeline(ids, mask)
     precision = tolerance or pipeline_precision(pipeline)
-    tol = TOLERANCES[precision]
+    tol = tolerances.pipeline(precision)
 
-    report: dict[str, Any] = {"precision": precision, "tolerances": tol, "pipeline": pipeline.describe(),
+    report: dict[str, Any] = {"precision": precision, "tolerances": tol.to_json(), "pipeline": pipeline.describe(),
                               "batch": int(ids.shape[0]), "seq": int(ids.shape[1]), "tokens": int(mask.sum())}
     report["hidden"] = compare(hidden, ref["hidden"], mask)
     report["adapted"] = compare(adapted, ref["adapted"], mask)
-    fig = compare(logits, ref["logits"], mask, logits=True, tie_gap=tol["tie_gap"])
-    keep = mask.reshape(-1).astype(bool)
-    kl = kl_divergence(ref["logits"].reshape(-1, ref["logits"].shape[-1])[keep], logits.reshape(-1, logits.shape[-1])[keep])
-    fig["kl_mean"] = float(kl.mean())
-    fig["kl_max"] = float(kl.max())
+    fig = compare_logits(logits, ref["logits"], mask, tie_gap=tol.tie_gap)
     report["logits"] = fig
     report["timings"] = dict(pipeline.timings)
 
-    failures = []
-    if not fig["rel_l2"] <= tol["rel_l2"]:
-        failures.append(f"logits rel_l2 {fig['rel_l2']:.3g} > {tol['rel_l2']:.3g}")
-    if not fig["kl_max"] <= tol["kl_max"]:
-        failures.append(f"next-token KL max {fig['kl_max']:.3g} > {tol['kl_max']:.3g}")
-    if not fig["top1"] >= tol["top1"]:
-        failures.append(f"top-1 agreement {fig['top1']:.3f} < {tol['top1']}")
+    failures = tol.failures({k: fig[k] for k in ("rel_l2", "kl_max", "top1")}, "logits")
     if failures:
         # Name the first stage that moved off the reference, to say where to look.
         for stage in ("hidden", "adapted"):
-            if report[stage]["rel_l2"] > tol["rel_l2"]:
+            if report[stage]["rel_l2"] > tol.rel_l2_max:
                 failures.append(f"first diverging stage: {stage} (rel_l2 {report[stage]['rel_l2']:.3g})")
                 break
     report["passed"] = not failures

@@ -1,8 +1,9 @@
 """Reference layer: the PyTorch semantics every backend is checked against."""
 
 from prism_deploy.reference.module import (
-    PrismAdapter,
     Pipe,
+    PrismAdapter,
+    ReferenceAdapterRunner,
     compute_dtype_for,
     describe,
     load_adapter,
@@ -14,6 +15,7 @@ from prism_deploy.reference.synthetic import random_adapter, simple_config
 __all__ = [
     "Pipe",
     "PrismAdapter",
+    "ReferenceAdapterRunner",
     "Routing",
     "compute_dtype_for",
     "describe",

@@ -8,18 +8,17 @@ no Python loop over workers or tokens, only batched matmuls over the tile grid.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from prism_deploy.format import (
-    FORMAT_VERSION,
-    AdapterConfig,
-    PipeSpec,
-    read_adapter_file,
-    write_adapter_file,
-)
+from prism_deploy.core.tiles import dense_from_tiles
+from prism_deploy.format import AdapterConfig, AdapterTensors, PipeSpec, read_adapter_file, write_adapter_file
+from prism_deploy.format.adapter_file import BFLOAT16
+from prism_deploy.format.adapter_file import describe as describe_tensors
 from prism_deploy.reference.routing import Routing, route
 
 
@@ -68,9 +67,7 @@ class Pipe(nn.Module):
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tiles assembled into the padded ``[R*tr, C*tc]`` matrix (worker w = r*C + c)."""
-        (R, C), (tr, tc) = self.spec.grid, self.spec.tile
-        t = self.tiles.to(dtype).reshape(R, C, tr, tc)
-        return t.permute(0, 2, 1, 3).reshape(R * tr, C * tc)
+        return dense_from_tiles(self.tiles.to(dtype), self.spec.grid, self.spec.tile)
 
     def padded_input(self, x2: torch.Tensor) -> torch.Tensor:
         return nn.functional.pad(x2, (0, self.spec.padded_in - self.in_dim))
@@ -104,9 +101,10 @@ class Pipe(nn.Module):
 class PrismAdapter(nn.Module):
     """A loaded adapter. ``forward(x)`` maps ``[..., in_dim]`` to ``[..., out_dim]``."""
 
-    def __init__(self, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, config: AdapterConfig, tensors: Mapping[str, Any]) -> None:
         super().__init__()
         self.config = config
+        tensors = {name: as_tensor(t) for name, t in tensors.items()}
         pipes = []
         for i, spec in enumerate(config.pipes):
             gate = None
@@ -172,6 +170,11 @@ class PrismAdapter(nn.Module):
         """The file's tensors, named as format v1 names them, in their stored dtypes."""
         return {name: t.detach() for name, t in self.state_dict().items()}
 
+    def arrays(self) -> AdapterTensors:
+        """The same tensors as numpy arrays (views where the dtype allows), for the torch-free
+        layers (lowering, inspection)."""
+        return AdapterTensors(self.config, {name: as_array(t) for name, t in self.tensors().items()})
+
     def save(self, path: str | os.PathLike[str]) -> None:
         write_adapter_file(path, self.config, self.tensors())
 
@@ -191,6 +194,23 @@ class PrismAdapter(nn.Module):
     def flops_per_token(self) -> dict[str, int]:
         """``{"dense": ..., "gated": ...}``: every worker, or only the selected ones (plus gates)."""
         return dict(self.describe()["flops_per_token"])
+
+
+class ReferenceAdapterRunner:
+    """The PyTorch reference (float32) on numpy arrays: exact, slow, never a deployed engine.
+    Pass one as ``adapter=`` to run a pipeline on the reference adapter."""
+
+    kind = "reference"
+
+    def __init__(self, path_or_adapter: str | os.PathLike[str] | PrismAdapter) -> None:
+        self.adapter = path_or_adapter if isinstance(path_or_adapter, PrismAdapter) else load_adapter(path_or_adapter)
+        self.in_dim = self.adapter.config.in_dim
+        self.out_dim = self.adapter.config.out_dim
+        self.precision = "fp32"
+
+    def run(self, hidden: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.adapter(torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))).numpy()
 
 
 def load_adapter(path: str | os.PathLike[str]) -> PrismAdapter:
@@ -218,65 +238,26 @@ def save_adapter(
     write_adapter_file(path, cfg, tensors)
 
 
-def describe(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Plain facts about an adapter: sizes, FLOPs and weight bytes per token, dense and gated.
+def describe(config: AdapterConfig, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Sizes, FLOPs and weight bytes per token (``prism_deploy.format.describe`` on these tensors)."""
+    return describe_tensors(config, tensors)
 
-    Per token, "dense" counts every worker; "gated" counts only the ``top_k`` selected ones
-    (what a kernel that reads only the selected tiles moves) plus the gate itself.
-    """
-    pipes = []
-    totals = {"params": 0, "bytes": 0, "flops_dense": 0, "flops_gated": 0, "bytes_dense": 0, "bytes_gated": 0}
-    for i, spec in enumerate(config.pipes):
-        tiles = tensors[f"pipes.{i}.tiles"]
-        item = tiles.element_size()
-        tile_elems = spec.tile_rows * spec.tile_cols
-        params = spec.tile_params
-        gate_params = (spec.workers * config.in_dim + spec.workers) if spec.gated else 0
-        gate_bytes = sum(
-            tensors[f"pipes.{i}.gate.{n}"].numel() * tensors[f"pipes.{i}.gate.{n}"].element_size()
-            for n in ("weight", "bias")
-        ) if spec.gated else 0
-        gate_flops = 2 * spec.workers * config.in_dim if spec.gated else 0
-        entry: dict[str, Any] = {
-            "index": i,
-            "name": spec.name,
-            "grid": list(spec.grid),
-            "tile": list(spec.tile),
-            "workers": spec.workers,
-            "top_k": spec.top_k,
-            "gate_scale": spec.gate_scale if spec.gated else None,
-            "dtype": str(tiles.dtype).removeprefix("torch."),
-            "params": params + gate_params,
-            "bytes": params * item + gate_bytes,
-            "padding_workers": len(spec.padding_workers(config.in_dim, config.out_dim)),
-            "flops_per_token_dense": 2 * spec.workers * tile_elems + gate_flops,
-            "flops_per_token_gated": 2 * spec.active_workers * tile_elems + gate_flops,
-            "weight_bytes_per_token_dense": spec.workers * tile_elems * item + gate_bytes,
-            "weight_bytes_per_token_gated": spec.active_workers * tile_elems * item + gate_bytes,
-        }
-        pipes.append(entry)
-        totals["params"] += entry["params"]
-        totals["bytes"] += entry["bytes"]
-        totals["flops_dense"] += entry["flops_per_token_dense"]
-        totals["flops_gated"] += entry["flops_per_token_gated"]
-        totals["bytes_dense"] += entry["weight_bytes_per_token_dense"]
-        totals["bytes_gated"] += entry["weight_bytes_per_token_gated"]
-    if config.combine == "weighted":
-        w = tensors["combine.weight"]
-        totals["params"] += w.numel()
-        totals["bytes"] += w.numel() * w.element_size()
-    return {
-        "format": "prism-adapter",
-        "format_version": FORMAT_VERSION,
-        "in_dim": config.in_dim,
-        "out_dim": config.out_dim,
-        "combine": config.combine,
-        "combine_weights": tensors["combine.weight"].tolist() if config.combine == "weighted" else None,
-        "pipes": pipes,
-        "params": totals["params"],
-        "bytes": totals["bytes"],
-        "flops_per_token": {"dense": totals["flops_dense"], "gated": totals["flops_gated"]},
-        "weight_bytes_per_token": {"dense": totals["bytes_dense"], "gated": totals["bytes_gated"]},
-        "source": config.source,
-        "target": config.target,
-    }
+
+def as_tensor(t: Any) -> torch.Tensor:
+    """A numpy array (bfloat16 from ``ml_dtypes`` included) or tensor as a torch tensor, sharing
+    memory where it can."""
+    if isinstance(t, torch.Tensor):
+        return t
+    a = np.asarray(t)
+    if a.dtype == BFLOAT16:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    if not a.flags.writeable:  # torch warns on read-only memory (safetensors maps the file)
+        a = a.copy()
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def as_array(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().to("cpu")
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(BFLOAT16)
+    return t.numpy()

@@ -1,16 +1,28 @@
-"""Runtime layer: running lowered graphs and built engines (ONNX Runtime, TensorRT)."""
+"""Runtime layer: running lowered graphs, built engines and model folders (ONNX Runtime, TensorRT).
+
+One runner runs any ONNX graph by feed dict (``OnnxRunner``); the adapter graph, the built
+engines and the model folders are thin views over it; ``Pipeline`` chains them. Nothing here
+imports PyTorch (a torch CUDA tensor handed to ``load_engines(...).run`` is the one exception,
+and only then). Heavy modules load on first use.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load_engines"]
+__all__ = ["AdapterGraph", "OnnxRunner", "Pipeline", "load_engines"]
+
+_LAZY = {
+    "load_engines": "prism_deploy.runtime.engines",
+    "AdapterGraph": "prism_deploy.runtime.adapter_graph",
+    "OnnxRunner": "prism_deploy.runtime.onnx_runner",
+    "Pipeline": "prism_deploy.runtime.pipeline",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # Loading engines pulls in onnxruntime (and TensorRT for trt engines): only on first use.
-    if name == "load_engines":
-        from prism_deploy.runtime.engines import load_engines
+    if name in _LAZY:
+        import importlib
 
-        return load_engines
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'prism_deploy.runtime' has no attribute {name!r}")

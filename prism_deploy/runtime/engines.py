@@ -1,8 +1,9 @@
 """Loading what ``prism-deploy build`` built: ``load_engines(DIR, precision=..., target=...)``.
 
-Every engine file is checked against the manifest's sha256 before it is opened, and against
-the tool version (ONNX Runtime or TensorRT) it was built with: a corrupt, replaced or stale
-engine is refused with one clean error (``EngineFileError``, exit 2 on the CLI).
+Every engine file is checked against the manifest's sha256 before it is opened (and must lie
+inside DIR), and against the tool version (ONNX Runtime or TensorRT) it was built with: a
+corrupt, replaced or stale engine is refused with one clean error (``EngineFileError``, exit 2
+on the CLI). The manifest itself is validated whole before any field is used.
 
 A per-pipe build is one engine per pipe; the loader adds the pipes' outputs weighted by the
 adapter's combine weights (the "tiny combine step").
@@ -17,55 +18,62 @@ from typing import Any
 
 import numpy as np
 
-from prism_deploy.build.manifest import EngineFileError, read_manifest, verify_part
+from prism_deploy.core import targets
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.format.engine_manifest import EngineFileError, read_manifest, source_kind, verify_part
+from prism_deploy.runtime.onnx_runner import OnnxRunner
 
 INPUT_NAME = "hidden"
 OUTPUT_NAME = "adapted"
 
 
-def _as_torch_cuda(hidden: Any) -> tuple[Any, bool] | None:
-    """(torch CUDA tensor viewing ``hidden``, whether the caller gave torch), or None for host data."""
+def _cuda_tensor(hidden: Any) -> Any | None:
+    """A torch CUDA tensor viewing ``hidden`` (torch, or any DLPack producer on a GPU), else None.
+    torch is imported only when such a tensor is given: host callers never need it."""
     if isinstance(hidden, np.ndarray) or not hasattr(hidden, "__dlpack__"):
+        return None
+    if getattr(getattr(hidden, "device", None), "type", None) == "cpu":
         return None
     import torch
 
-    is_torch = isinstance(hidden, torch.Tensor)
-    x = hidden if is_torch else torch.from_dlpack(hidden)
-    if not x.is_cuda:
-        return None
-    return x, is_torch
+    x = hidden if isinstance(hidden, torch.Tensor) else torch.from_dlpack(hidden)
+    return x if x.is_cuda else None
 
 
-def _same_framework(out: Any, is_torch: bool) -> Any:
-    if is_torch:
-        return out
-    import cupy  # the other DLPack producer callers use
-
-    return cupy.from_dlpack(out)
+def as_hidden(hidden: Any, in_dim: int) -> np.ndarray:
+    """Host input as a float32 numpy array ``[..., in_dim]``; anything else is bad input, said in one line."""
+    if hasattr(hidden, "detach") and hasattr(hidden, "numpy"):  # a CPU tensor (grad or not)
+        hidden = hidden.detach().cpu().numpy()
+    try:
+        x = np.asarray(hidden)
+    except (ValueError, TypeError) as exc:
+        raise PrismInputError(f"hidden: not an array ({' '.join(str(exc).split())[:120]})") from None
+    if x.dtype.kind not in "fiu" or x.dtype == np.bool_:
+        raise PrismInputError(f"hidden: dtype {x.dtype} is not a number type")
+    if x.ndim not in (2, 3) or x.shape[-1] != in_dim:
+        raise PrismInputError(f"hidden must be [batch, seq, {in_dim}] or [tokens, {in_dim}], got {list(x.shape)}")
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 class OrtEngineRunner:
-    """An ONNX Runtime engine: the offline-optimized model, opened with optimization off
-    (it is already optimized) on the provider it was optimized for."""
+    """An ONNX Runtime engine: the offline-optimized model, opened as it was built (optimization
+    off, or constant folding for weight-only int8) on the provider it was optimized for."""
 
     def __init__(self, path: Path, session: dict[str, Any], out_dim: int) -> None:
-        from prism_deploy.ort_session import make_session
-
         self.provider = session["provider"]
         self.out_dim = out_dim
-        self.session = make_session(path, self.provider,
-                                    graph_optimization_level=session["load_graph_optimization_level"],
-                                    session_config=session.get("load_session_config"))
+        self.runner = OnnxRunner.open(path, self.provider, optimization_level=session["load_graph_optimization_level"],
+                                      session_config=session.get("load_session_config"))
+        self.session = self.runner.session
 
     def run(self, hidden: Any) -> Any:
-        dev = _as_torch_cuda(hidden)
+        dev = _cuda_tensor(hidden)
         if dev is None:
-            x = np.ascontiguousarray(np.asarray(hidden), dtype=np.float32)
-            return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        return self._run_device(*dev)
+            return self.runner.run({INPUT_NAME: np.asarray(hidden, np.float32)}, [OUTPUT_NAME])[OUTPUT_NAME]
+        return self._run_device(dev, hidden)
 
-    def _run_device(self, x: Any, is_torch: bool) -> Any:
-        """CUDA tensors bound in place through IOBinding: no host copy (GPU only, untested here)."""
+    def _run_device(self, x: Any, given: Any) -> Any:
+        """CUDA tensors bound in place through I/O binding: no host copy (GPU only; not run yet)."""
         import torch
 
         x = x.to(dtype=torch.float32).contiguous()
@@ -76,39 +84,41 @@ class OrtEngineRunner:
         binding.bind_input(INPUT_NAME, "cuda", index, np.float32, list(x.shape), x.data_ptr())
         binding.bind_output(OUTPUT_NAME, "cuda", index, np.float32, list(out.shape), out.data_ptr())
         self.session.run_with_iobinding(binding)
-        return _same_framework(out, is_torch)
+        if isinstance(given, torch.Tensor):
+            return out
+        import cupy  # the other DLPack producer callers use
+
+        return cupy.from_dlpack(out)
 
 
 def _open_runner(path: Path, entry: dict[str, Any], out_dim: int) -> Any:
     cfg = entry["configuration"]
-    if entry["target"] == "trt":
+    if entry["target"] == targets.Target.TRT:
         from prism_deploy.trt.engine import TrtRunner
 
-        return TrtRunner(path, plugin=cfg["plugin"], version_compatible=cfg["version_compatible"])
+        return TrtRunner(path, plugin=bool(cfg.get("plugin")), version_compatible=bool(cfg.get("version_compatible")))
+    if not isinstance(entry.get("session"), dict) or "provider" not in entry["session"]:
+        raise EngineFileError(f"engine {entry['id']}: the manifest lacks its session record")
     return OrtEngineRunner(path, entry["session"], out_dim)
 
 
 def check_environment(entry: dict[str, Any]) -> None:
     """Refuse an engine built with another runtime version, or for another GPU."""
-    from prism_deploy.build import environment
-
-    target = entry["target"]
-    version_compatible = target == "trt" and bool(entry["configuration"].get("version_compatible"))
-    tool = environment.runtime_tool(target)
+    target = targets.Target(entry["target"])
+    version_compatible = target is targets.Target.TRT and bool(entry["configuration"].get("version_compatible"))
+    tool = target.runtime_tool
     built = entry["tools"].get(tool)
     # a version-compatible plan is meant for other (later) TensorRT runtimes, the lean one included
-    here = built if version_compatible else environment.tool_versions(target).get(tool)
+    here = built if version_compatible else targets.tool_versions(target).get(tool)
     if built != here:
         raise EngineFileError(f"engine {entry['id']}: built with {tool} {built}, this environment has "
                               f"{here}; rebuild with `prism-deploy build`")
-    if target == "ort-cuda":
-        from prism_deploy.ort_session import cuda_provider_available
-
-        ok, why = cuda_provider_available()
+    if target is targets.Target.ORT_CUDA:
+        ok, why = targets.cuda_provider_available()
         if not ok:  # ONNX Runtime would fall back to the CPU silently: refuse instead
             raise EngineFileError(f"engine {entry['id']}: needs ONNX Runtime's CUDA provider ({why})")
-    if target == "trt":  # version compatibility is not hardware compatibility: the GPU must match
-        gpu = environment.device_info(target)
+    if target is targets.Target.TRT:  # version compatibility is not hardware compatibility: the GPU must match
+        gpu = targets.device_info(target)
         if gpu.get("compute_capability") != entry["device"].get("compute_capability"):
             raise EngineFileError(f"engine {entry['id']}: built for compute capability "
                                   f"{entry['device'].get('compute_capability')}, this GPU is "
@@ -127,6 +137,7 @@ class LoadedEngines:
     in_dim: int
     out_dim: int
     parts: list[tuple[float, Any]] = field(default_factory=list)  # (combine weight, runner)
+    kind = "engines"
 
     @property
     def id(self) -> str:
@@ -141,15 +152,19 @@ class LoadedEngines:
         return str(self.entry["target"])
 
     def run(self, hidden: Any) -> Any:
-        shape = tuple(hidden.shape)
+        device = _cuda_tensor(hidden)
+        x = hidden if device is not None else as_hidden(hidden, self.in_dim)
+        shape = tuple(x.shape)
         if len(shape) not in (2, 3) or shape[-1] != self.in_dim:
-            raise ValueError(f"hidden must be [batch, seq, {self.in_dim}] or [tokens, {self.in_dim}], "
-                             f"got {list(shape)}")
-        x = hidden.reshape(1, *shape) if len(shape) == 2 else hidden
+            raise PrismInputError(f"hidden must be [batch, seq, {self.in_dim}] or [tokens, {self.in_dim}], "
+                                  f"got {list(shape)}")
+        if device is None and 0 in shape:  # zero tokens: an empty answer, no engine call
+            return np.zeros((*shape[:-1], self.out_dim), np.float32)
+        x3 = x.reshape(1, *shape) if len(shape) == 2 else x
         y = None
         for weight, runner in self.parts:
-            out = runner.run(x)
-            term = out if weight == 1.0 else out * weight
+            out = runner.run(x3)
+            term = out if weight == 1.0 else out * np.float32(weight)
             y = term if y is None else y + term
         assert y is not None
         return y.reshape(*shape[:-1], self.out_dim)
@@ -162,27 +177,29 @@ def open_entry(directory: str | os.PathLike[str], entry: dict[str, Any], config:
     paths = [verify_part(base, part) for part in entry["parts"]]
     weights = entry.get("combine_weights") or [1.0] * len(paths)
     loaded = LoadedEngines(base, entry, int(config["in_dim"]), int(config["out_dim"]))
-    for weight, path in zip(weights, paths):
+    for weight, path in zip(weights, paths, strict=True):
         loaded.parts.append((float(weight), _open_runner(path, entry, loaded.out_dim)))
     return loaded
 
 
 def select_entry(manifest: dict[str, Any], directory: Path, *, precision: str | None = None,
                  target: str | None = None, per_pipe: bool | None = None, plugin: bool | None = None,
-                 engine_id: str | None = None) -> dict[str, Any]:
+                 layout: str | None = None, engine_id: str | None = None) -> dict[str, Any]:
     """The one entry matching the filters; none or several is an error listing what exists."""
     def matches(e: dict[str, Any]) -> bool:
         c = e["configuration"]
         return ((engine_id is None or e["id"] == engine_id)
                 and (precision is None or c["precision"] == precision)
                 and (target is None or e["target"] == target)
-                and (per_pipe is None or (c["layout"] == "per-pipe") == per_pipe)
-                and (plugin is None or bool(c["plugin"]) == plugin))
+                and (per_pipe is None or (c.get("layout") == "per-pipe") == per_pipe)
+                and (layout is None or c.get("layout") == layout)
+                and (plugin is None or bool(c.get("plugin")) == plugin))
 
     found = [e for e in manifest["engines"] if matches(e)]
     have = ", ".join(e["id"] for e in manifest["engines"]) or "none"
     want = ", ".join(f"{k}={v}" for k, v in (("precision", precision), ("target", target), ("per_pipe", per_pipe),
-                                             ("plugin", plugin), ("engine_id", engine_id)) if v is not None)
+                                             ("plugin", plugin), ("layout", layout), ("engine_id", engine_id))
+                     if v is not None)
     if not found:
         raise EngineFileError(f"{directory}: no engine matches {want or 'any'} (built: {have})")
     if len(found) > 1:
@@ -199,7 +216,7 @@ def load_engines(directory: str | os.PathLike[str], precision: str | None = None
     manifest = read_manifest(base)
     if manifest is None:
         raise EngineFileError(f"{base}: no manifest.json (build engines with `prism-deploy build` first)")
-    if "adapter" not in manifest:
+    if source_kind(manifest) != "adapter":
         raise EngineFileError(f"{base}: a `build --model` folder (model graphs), not adapter engines")
     entry = select_entry(manifest, base, precision=precision, target=target, per_pipe=per_pipe,
                          plugin=plugin, engine_id=engine_id)

@@ -9,7 +9,7 @@
 The adapter works per token, so model B sees a prefix of exactly as many positions as model A
 read, under the same attention mask.
 
-Hand-offs: every graph runs with ONNX Runtime I/O binding (:func:`run_bound`), outputs left as
+Hand-offs: every graph runs with ONNX Runtime I/O binding (``OnnxRunner.run_device``), outputs left as
 ``OrtValue``s on the session's device (``cpu`` or ``cuda``): model A's ``hidden`` goes to an
 adapter runner that has ``run_device`` (the ONNX runner here) without leaving the device, its
 output goes to model B the same way, and the KV cache stays on the device between decoding
@@ -29,15 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from prism_deploy.errors import PrismInputError
-from prism_deploy.models.export import past_names
-from prism_deploy.runtime.adapters import adapter_runner, target_provider
-from prism_deploy.runtime.binding import DEVICES, run_bound
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.targets import target_provider
+from prism_deploy.format.model_folder import past_names
+from prism_deploy.runtime.adapters import adapter_runner
 from prism_deploy.runtime.model_folder import ModelFolder
-
-
-def _float_type(ort_type: str) -> type:
-    return np.float16 if "float16" in ort_type else np.float32
+from prism_deploy.runtime.onnx_runner import host, shape_of
 
 
 class UpperRunner:
@@ -50,15 +47,15 @@ class UpperRunner:
         self.hidden_size = int(self.manifest["dims"]["hidden"])
         self.vocab = int(self.manifest["dims"]["vocab"])
         self.max_seq = int(self.manifest["max_seq"])
-        self.device = DEVICES[provider]
-        self.session = self.folder.session("graph", provider)
+        self.graph = self.folder.runner("graph", provider)
+        self.device = self.graph.device
 
     def run_device(self, input_ids: np.ndarray, attention_mask: Any) -> Any:
         """``hidden`` as an OrtValue on the device."""
-        return run_bound(self.session, {"input_ids": input_ids, "attention_mask": attention_mask}, ["hidden"], self.device)[0]
+        return self.graph.run_device({"input_ids": input_ids, "attention_mask": attention_mask}, ["hidden"])[0]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.run_device(input_ids, attention_mask).numpy()
+        return host(self.run_device(input_ids, attention_mask))
 
 
 class LowerRunner:
@@ -72,37 +69,28 @@ class LowerRunner:
         self.hidden_size, self.vocab, self.layers = int(dims["hidden"]), int(dims["vocab"]), int(dims["layers"])
         self.kv_heads, self.head_dim = int(dims["kv_heads"]), int(dims["head_dim"])
         self.max_seq = int(self.manifest["max_seq"])
-        self.device = DEVICES[provider]
-        self.session = self.folder.session("graph", provider)
-        self.input_type = self.session.get_inputs()[0].type
-        self.dtype = _float_type(self.input_type)
+        self.graph = self.folder.runner("graph", provider)
+        self.device = self.graph.device
+        self.dtype = self.graph.input_dtype("inputs_embeds")
         self._provider = provider
-        self._past_session: Any = None
+        self._past: Any = None
         self._embed: np.ndarray | None = None
 
     @property
-    def past_session(self) -> Any:
-        if self._past_session is None:  # opened on first generate: plain calls never pay for it
-            self._past_session = self.folder.session("graph_with_past", self._provider)
-        return self._past_session
+    def past_graph(self) -> Any:
+        if self._past is None:  # opened on first generate: plain calls never pay for it
+            self._past = self.folder.runner("graph_with_past", self._provider)
+        return self._past
 
     @property
     def embed_tokens(self) -> np.ndarray:
         if self._embed is None:
-            self._embed = np.load(self.dir / self.manifest["files"]["embed_tokens"]["name"], mmap_mode="r")
+            self._embed = self.folder.table("embed_tokens")
         return self._embed
 
-    def _embeds(self, inputs_embeds: Any) -> Any:
-        """numpy -> the graph's float type; an OrtValue of the right type passes through untouched."""
-        if isinstance(inputs_embeds, np.ndarray):
-            return inputs_embeds.astype(self.dtype, copy=False)
-        if inputs_embeds.data_type() != self.input_type:
-            return inputs_embeds.numpy().astype(self.dtype)
-        return inputs_embeds
-
     def run(self, inputs_embeds: Any, attention_mask: np.ndarray) -> np.ndarray:
-        feeds = {"inputs_embeds": self._embeds(inputs_embeds), "attention_mask": attention_mask}
-        return run_bound(self.session, feeds, ["logits"], self.device)[0].numpy()
+        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
+        return host(self.graph.run_device(feeds, ["logits"])[0])
 
     def empty_past(self, batch: int) -> dict[str, Any]:
         return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype) for n in past_names(self.layers)}
@@ -110,9 +98,9 @@ class LowerRunner:
     def step(self, inputs_embeds: Any, attention_mask: np.ndarray, past: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         """Last position's logits [batch, vocab] (on the host) and the cache grown by the new
         positions (OrtValues left on the device). The mask covers past + new tokens."""
-        feeds = {"inputs_embeds": self._embeds(inputs_embeds), "attention_mask": attention_mask, **past}
-        outs = run_bound(self.past_session, feeds, None, self.device)
-        return outs[0].numpy()[:, -1], dict(zip(past_names(self.layers), outs[1:]))
+        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **past}
+        outs = self.past_graph.run_device(feeds)
+        return host(outs[0])[:, -1], dict(zip(past_names(self.layers), outs[1:]))
 
 
 class Pipeline:
@@ -165,8 +153,7 @@ class Pipeline:
     def adapted_prefix(self, input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """(model B's inputs_embeds from the adapter, as float32 numpy; the attention mask)."""
         adapted, mask = self._adapted_prefix(input_ids, attention_mask)
-        host = adapted if isinstance(adapted, np.ndarray) else adapted.numpy()
-        return np.asarray(host, dtype=np.float32), mask
+        return np.asarray(host(adapted), dtype=np.float32), mask
 
     def _adapt(self, hidden: Any) -> Any:
         """The adapter on model A's output: on the device when the runner can take an OrtValue
@@ -174,7 +161,7 @@ class Pipeline:
         if hasattr(self.adapter, "run_device") and getattr(self.adapter, "device", None) == self.upper.device:
             return self.adapter.run_device(hidden)
         self.host_round_trips += 1
-        return np.asarray(self.adapter.run(hidden.numpy().astype(np.float32, copy=False)))
+        return np.asarray(self.adapter.run(host(hidden).astype(np.float32, copy=False)))
 
     def _adapted_prefix(self, input_ids: Any, attention_mask: Any = None) -> tuple[Any, np.ndarray]:
         ids, mask = self.prepare_inputs(input_ids, attention_mask)
@@ -185,7 +172,7 @@ class Pipeline:
         t1 = time.perf_counter()
         adapted = self._adapt(hidden)
         t2 = time.perf_counter()
-        shape = tuple(adapted.shape) if isinstance(adapted, np.ndarray) else tuple(adapted.shape())
+        shape = shape_of(adapted)
         if shape != (*ids.shape, self.lower.hidden_size):
             raise PrismInputError(f"adapter output has shape {list(shape)}, model B needs "
                                   f"{[*ids.shape, self.lower.hidden_size]}")
@@ -215,7 +202,7 @@ class Pipeline:
             raise PrismInputError(f"{mask.shape[1]} prefix tokens + {max_new_tokens} new ones exceed model B's "
                                   f"exported max_seq {self.lower.max_seq}")
         batch = mask.shape[0]
-        _ = self.lower.past_session, self.lower.embed_tokens  # opened outside the timed steps
+        _ = self.lower.past_graph, self.lower.embed_tokens  # opened outside the timed steps
         t0 = time.perf_counter()
         logits, past = self.lower.step(adapted, mask, self.lower.empty_past(batch))
         t1 = time.perf_counter()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 
 
-def tensorrt_available() -> tuple[bool, str]:
-    """Whether a real TensorRT with Quickly Deployable Plugins (10.9+, AOT) imports here."""
+def plugin_support() -> tuple[bool, str]:
+    """Whether a real TensorRT with Quickly Deployable Plugins (10.9+, AOT) imports here (whether
+    TensorRT imports at all: ``prism_deploy.core.targets.tensorrt_available``)."""
     try:
         trt = importlib.import_module("tensorrt")
     except ImportError as exc:

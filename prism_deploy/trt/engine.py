@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from prism_deploy.errors import PrismInputError
-from prism_deploy.fsutil import write_bytes_atomic
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.targets import tensorrt_available, tensorrt_version
+from prism_deploy.core.fsutil import write_bytes_atomic
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -35,27 +36,6 @@ OUTPUT_NAME = "adapted"
 
 class TensorRTError(RuntimeError):
     """TensorRT refused a step (parse, build, refit, deserialize); the message says which."""
-
-
-def tensorrt_available() -> tuple[bool, str]:
-    """Whether ``import tensorrt`` gives the real library. ``tensorrt-stubs`` alone gives an
-    empty namespace package, so test for ``Builder``, never for a successful import."""
-    try:
-        import tensorrt
-    except (ImportError, OSError) as exc:
-        return False, f"TensorRT is not installed ({type(exc).__name__}: {exc})"
-    if not hasattr(tensorrt, "Builder"):
-        return False, "`import tensorrt` finds no real TensorRT (no Builder: only type stubs are installed)"
-    return True, f"TensorRT {tensorrt.__version__}"
-
-
-def tensorrt_version() -> str | None:
-    ok, _ = tensorrt_available()
-    if not ok:
-        return None
-    import tensorrt
-
-    return str(tensorrt.__version__)
 
 
 @dataclass(frozen=True)

@@ -1,61 +1,17 @@
-"""ONNX Runtime sessions: provider choice and the one way this project opens a model.
+"""ONNX Runtime sessions: the one way this project opens a model.
 
-The CUDA provider is asked for only when a GPU is really there: ``onnxruntime-gpu`` lists
-it on machines without one, and asking for it then logs errors before falling back.
+Which provider can run here is decided in :mod:`prism_deploy.core.targets` (the CUDA provider
+only where a GPU really answers: ``onnxruntime-gpu`` lists it on machines without one, and
+asking for it then logs errors before falling back).
 """
 
 from __future__ import annotations
 
-import functools
 import os
-import shutil
-import subprocess
 from typing import Any
 
-from prism_deploy.errors import PrismInputError
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-@functools.cache
-def gpu_present() -> bool:
-    """True when an NVIDIA GPU answers (nvidia-smi, or /dev/nvidia0 as a fallback)."""
-    if os.environ.get("PRISM_DEPLOY_NO_GPU"):
-        return False
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
-            return out.returncode == 0 and "GPU" in out.stdout
-        except (OSError, subprocess.SubprocessError):
-            return False
-    return os.path.exists("/dev/nvidia0")
-
-
-def cuda_provider_available() -> tuple[bool, str]:
-    """Whether the CUDA provider can run here, and why not when it cannot."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False, "onnxruntime is not installed"
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False, f"this onnxruntime build ({ort.__version__}) has no CUDA provider"
-    if not gpu_present():
-        return False, "no NVIDIA GPU on this machine"
-    return True, "CUDA provider and a GPU are present"
-
-
-def resolve_provider(provider: str) -> tuple[str, str]:
-    """``cpu``, ``cuda`` or ``auto`` -> (the provider to use, why)."""
-    if provider not in ("cpu", "cuda", "auto"):
-        raise PrismInputError(f"--provider: {provider!r} is not one of cpu, cuda, auto")
-    if provider == "cpu":
-        return "cpu", "asked for"
-    ok, why = cuda_provider_available()
-    if ok:
-        return "cuda", why
-    return "cpu", f"CUDA provider unavailable ({why}); using CPU"
-
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.targets import PROVIDERS
 
 # ONNX Runtime leaves a DequantizeLinear on constant weights unfolded (it is the QDQ pattern
 # its quantized kernels look for), so a weight-only int8 graph dequantizes and re-lays out

@@ -5,13 +5,24 @@ ONNX Runtime's docs ask that an offline-optimized model be run with the same exe
 provider, optimization level and hardware it was optimized for. So the saved model is
 optimized at ``ORT_ENABLE_EXTENDED`` (fusions, no hardware-specific layout transforms) for the
 target's provider, the provider and levels are recorded in the manifest, and the loader opens
-the file with optimization disabled: the work was done once, at build time.
+the file with optimization disabled: the work was done once, at build time. The exception is
+weight-only int8: its file keeps int8 weights, and the loader opens it with constant folding on
+(``ORT_ENABLE_BASIC``) so the dequantization is folded into floats once, when it opens.
 """
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
+
+from prism_deploy.builder.loop import engine_part
+from prism_deploy.core.errors import CheckFailed, PrismInputError
+from prism_deploy.core.fsutil import file_sha256
+from prism_deploy.core.targets import Target
+
+# Exports larger than this (bytes) get ONNX Runtime engines with external initializers.
+ORT_EXTERNAL_THRESHOLD = 1536 * 1024**2
 
 BUILD_OPTIMIZATION_LEVEL = "ORT_ENABLE_EXTENDED"
 LOAD_OPTIMIZATION_LEVEL = "ORT_DISABLE_ALL"
@@ -23,10 +34,6 @@ EXTERNAL_MIN_SIZE_KEY = "session.optimized_model_external_initializers_min_size_
 EXTERNAL_MIN_BYTES = 1024
 
 
-def provider_for(target: str) -> str:
-    return "cuda" if target == "ort-cuda" else "cpu"
-
-
 def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
                      external_data: str | None = None, precision: str | None = None) -> dict[str, Any]:
     """Optimize ``onnx_path`` for ``target``'s provider into ``engine_path``; return the session record.
@@ -34,9 +41,9 @@ def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
     ``external_data``: a file name (in ``engine_path``'s folder) for the initializers of a
     model too large for one protobuf; the optimized model refers to it by that name.
     """
-    from prism_deploy.ort_session import make_session, session_config_for
+    from prism_deploy.core.ort_session import make_session, session_config_for
 
-    provider = provider_for(target)
+    provider = Target(target).provider
     config = None
     if external_data is not None:
         config = {EXTERNAL_FILE_KEY: external_data, EXTERNAL_MIN_SIZE_KEY: str(EXTERNAL_MIN_BYTES)}
@@ -57,3 +64,24 @@ def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
         # into floats once, when the engine is opened (which needs constant folding on).
         record.update(load_graph_optimization_level=FOLDING_LOAD_LEVEL, load_session_config=load_config)
     return record
+
+
+def ort_engine_part(onnx_path: Path, work: Path, stem: str, target: str,
+                    source_bytes: int, precision: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """ONNX Runtime's offline-optimized model of ``onnx_path`` in ``work``: (part record, session record).
+    A refused graph is a failed build (``CheckFailed``), not bad input."""
+    engine = work / f"{stem}.ort.onnx.tmp"
+    data_file = None
+    if source_bytes > ORT_EXTERNAL_THRESHOLD:
+        # the model refers to its data file by name: a fresh name never clobbers the data of
+        # an engine the current manifest lists
+        data_file = f"{stem}.{secrets.token_hex(6)}.ort.data"
+    try:
+        session = build_ort_engine(onnx_path, engine, target, external_data=data_file, precision=precision)
+    except PrismInputError as exc:  # ORT refused a graph we were given to build: a failed build
+        raise CheckFailed(f"ONNX Runtime build failed: {exc}") from None
+    part = engine_part(work, stem, ".ort.onnx", engine)
+    if data_file is not None:
+        part.update(data_file=data_file, data_sha256=file_sha256(work / data_file),
+                    data_bytes=(work / data_file).stat().st_size)
+    return part, session

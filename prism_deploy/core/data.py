@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 
 SUPPORTED = (".npy", ".npz", ".safetensors")
 

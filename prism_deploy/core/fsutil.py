@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from prism_deploy.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError
 
 
 @contextlib.contextmanager
@@ -67,3 +67,17 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def inside(directory: str | os.PathLike[str], name: object, what: str) -> Path:
+    """``directory / name`` for a file name read from a manifest, refused unless it stays inside
+    ``directory``: a plain file name (no folders, no ``..``, not absolute) whose real path,
+    symlinks resolved, is in the folder's real path. ``what`` names the manifest field."""
+    base = Path(directory)
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise PrismInputError(f"{what}: {name!r} is not a plain file name inside {base}")
+    path = base / name
+    real_base = os.path.realpath(base)
+    if os.path.commonpath([real_base, os.path.realpath(path)]) != real_base:
+        raise PrismInputError(f"{what}: {name!r} leads outside {base} (a symlink out of the folder)")
+    return path

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from prism_deploy.fsutil import output_path
+from prism_deploy.core.fsutil import output_path
 
 OPSET = 19
 IR_VERSION = 9

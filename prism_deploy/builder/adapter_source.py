@@ -1,0 +1,242 @@
+"""An adapter file as a build source: one engine per configuration (precision x layout).
+
+Each configuration exports the adapter (``prism_deploy.lower``), fuses its gated pipes when
+the plugin is on (``prism_deploy.fuse``), and builds a TensorRT engine or an ONNX Runtime
+optimized model from it; ``--per-pipe`` makes one engine per pipe, combined by the loader.
+The weights are read only when something has to be built: a cache hit reads the header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prism_deploy.builder.loop import BuildOptions, BuildResult, Unit, build, engine_part
+from prism_deploy.builder.options import PLUGIN_MODES, EngineConfig, Profile, check_calibrator, default_precisions
+from prism_deploy.builder.ort_engine import ort_engine_part
+from prism_deploy.core.errors import CheckFailed, PrismInputError
+from prism_deploy.core.fsutil import file_sha256
+from prism_deploy.core.precision import Precision
+from prism_deploy.core.targets import Target
+from prism_deploy.format import AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_file
+from prism_deploy.format.engine_manifest import EngineFileError, canonical_hash, parts_intact, read_manifest, source_kind
+
+
+@dataclass
+class BuildRequest:
+    """The inputs of one ``prism-deploy build ADAPTER`` call (see the CLI for their meaning)."""
+
+    adapter: Path
+    out_dir: Path | None = None
+    target: str = "auto"
+    precisions: tuple[str, ...] | None = None
+    profile: Profile = field(default_factory=Profile)
+    per_pipe: bool = False
+    plugin: str = "auto"
+    calib: Path | None = None
+    calibrator: str = "max"
+    force: bool = False
+    refittable: bool = False
+    version_compatible: bool = False
+    weight_streaming: bool = False
+    progress: bool = False
+
+
+def topology(config: AdapterConfig) -> dict[str, Any]:
+    """What fixes an engine's graph (and so decides whether a refit can replace its weights)."""
+    return {
+        "in_dim": config.in_dim,
+        "out_dim": config.out_dim,
+        "combine": config.combine,
+        "pipes": [{"name": p.name, "grid": list(p.grid), "tile": list(p.tile), "top_k": p.top_k,
+                   "gate_scale": p.gate_scale if p.gated else None} for p in config.pipes],
+    }
+
+
+def topology_key(topo: dict[str, Any], cfg: EngineConfig, tools: dict[str, Any], device: dict[str, Any]) -> str:
+    """Same key = an engine of identical structure: only the weights differ (refit them)."""
+    arch = device.get("compute_capability", device.get("machine"))
+    return canonical_hash({"topology": topo, "configuration": cfg.to_json(), "tools": tools, "arch": arch})
+
+
+def resolve_plugin(mode: str, target: str, config: AdapterConfig) -> tuple[bool, str | None]:
+    """Whether gated pipes are fused into the tile_dispatch plugin, and a note saying why not."""
+    if mode not in PLUGIN_MODES:
+        raise PrismInputError(f"--plugin: {mode!r} is not one of {', '.join(PLUGIN_MODES)}")
+    if mode == "off":
+        return False, None
+    if target != Target.TRT:
+        if mode == "on":
+            raise PrismInputError(f"--plugin on: the tile_dispatch plugin runs inside TensorRT engines only, "
+                                  f"not with --target {target}")
+        return False, None
+    if not config.gated_pipes:
+        return False, "plugin off: the adapter has no gated pipe to fuse"
+    from prism_deploy.trt import plugin_support
+
+    ok, why = plugin_support()  # Quickly Deployable Plugins with AOT kernels (TensorRT 10.9+)
+    if not ok:
+        if mode == "on":
+            raise PrismInputError(f"--plugin on: {why}")
+        return False, f"plugin off: {why}"
+    return True, None
+
+
+class AdapterSource:
+    """``build ADAPTER``: see the module docstring."""
+
+    kind = "adapter"
+
+    def __init__(self, request: BuildRequest) -> None:
+        self.request = request
+        self.path = Path(request.adapter)
+        self.config = read_adapter_config(self.path)
+        self.sha256 = file_sha256(self.path)
+        self.label = self.path.name
+        self.calib_sha = file_sha256(request.calib) if request.calib is not None and request.calib.is_file() else None
+        self.topology = topology(self.config)
+        self.record = {"file": self.path.name, "sha256": self.sha256, "config": self.config.to_json(),
+                       "topology_sha256": canonical_hash(self.topology)}
+        self.notes: list[str] = []
+        self._data: AdapterTensors | None = None
+
+    @property
+    def data(self) -> AdapterTensors:
+        """The full adapter, read (and validated) only when something has to be built."""
+        if self._data is None:
+            self._data = read_adapter_file(self.path)
+        return self._data
+
+    def default_out_dir(self) -> Path:
+        return Path("engines") / f"{self.path.stem}-{self.sha256[:8]}"
+
+    def same_source(self, old: dict[str, Any]) -> bool:
+        return source_kind(old) == "adapter" and old["adapter"]["sha256"] == self.sha256
+
+    def owns(self, old: dict[str, Any]) -> bool:
+        """A folder of this adapter file's engines (a retrained version of the same file counts)."""
+        return source_kind(old) == "adapter" and old["adapter"].get("file") == self.path.name
+
+    def copies(self) -> list[tuple[str, Path]]:
+        return []
+
+    def units(self, target: str) -> list[Unit]:
+        from prism_deploy.core import targets
+
+        request = self.request
+        plugin, note = resolve_plugin(request.plugin, target, self.config)
+        if note:
+            self.notes.append(note)
+        precisions = tuple(Precision.parse(p) for p in request.precisions) if request.precisions else default_precisions(target)
+        if Precision.INT8_QDQ in precisions:
+            if request.calib is None:
+                raise PrismInputError("--precision int8-qdq: needs --calib FILE (model-A hidden states, [n, in_dim]) "
+                                      "for its activation scales")
+            check_calibrator(request.calibrator)
+        if request.calib is not None and not request.calib.is_file():
+            raise PrismInputError(f"--calib: {request.calib}: no such file")
+        for flag, on in (("--refittable", request.refittable), ("--version-compatible", request.version_compatible),
+                         ("--weight-streaming", request.weight_streaming)):
+            if on and target != Target.TRT:
+                raise PrismInputError(f"{flag}: a TensorRT engine option, but the target is {target}")
+        tools, device = targets.tool_versions(target), targets.device_info(target)
+        units = []
+        for p in precisions:
+            cfg = EngineConfig(target=target, precision=p.value, profile=request.profile, plugin=plugin,
+                               layout="per-pipe" if request.per_pipe else "whole", refittable=request.refittable,
+                               version_compatible=request.version_compatible,
+                               weight_streaming=request.weight_streaming, calibrator=request.calibrator)
+            sources: dict[str, Any] = {"adapter": self.sha256}
+            if p is Precision.INT8_QDQ:
+                sources["calib"] = self.calib_sha
+            units.append(Unit(cfg, sources, group=cfg.id, topology_key=topology_key(self.topology, cfg, tools, device),
+                              extra={"combine_weights": None}))
+        return units
+
+    def refit_source(self, unit: Unit, directory: Path, old: dict[str, Any] | None) -> tuple[Path, dict[str, Any]] | None:
+        """A refittable engine of the same topology: in DIR, or in a sibling DIR of the same adapter stem."""
+        cfg = unit.config
+        if not (cfg.refittable and cfg.target == Target.TRT):
+            return None
+        candidates: list[tuple[Path, dict[str, Any] | None]] = [(directory, old)]
+        if self.request.out_dir is None:  # default layout: engines/<stem>-<sha8>/ for each retrained version
+            for sibling in sorted(directory.parent.glob(f"{self.path.stem}-*")):
+                if sibling != directory and sibling.is_dir():
+                    with contextlib.suppress(EngineFileError):
+                        candidates.append((sibling, read_manifest(sibling)))
+        for folder, manifest in candidates:
+            for entry in (manifest or {}).get("engines", []):
+                if entry.get("topology_key") == unit.topology_key and parts_intact(folder, entry):
+                    return folder, entry
+        return None
+
+    def make(self, unit: Unit, work: Path, directory: Path,
+             refit_from: tuple[Path, dict[str, Any]] | None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        cfg = unit.config
+        data = self.data
+        if cfg.per_pipe:  # the loader applies them: one engine per pipe
+            unit.extra["combine_weights"] = data.betas()
+        pieces: list[tuple[int | None, AdapterTensors]] = [(None, data)] if not cfg.per_pipe else \
+            [(i, data.pipe(i)) for i in range(self.config.num_pipes)]
+        parts = []
+        session = None
+        for index, piece in pieces:
+            stem = cfg.slug if index is None else f"{cfg.slug}.pipe{index}"
+            onnx_path = work / f"{stem}.onnx"
+            exported_bytes = export_graph(piece, onnx_path, cfg, self.request.calib)
+            if cfg.target == Target.TRT:
+                from prism_deploy.trt.engine import TensorRTError
+
+                try:
+                    part = engine_part(work, stem, ".engine", self._trt_engine(cfg, onnx_path, index, refit_from,
+                                                                               directory, unit))
+                except TensorRTError as exc:
+                    raise CheckFailed(f"TensorRT build failed: {exc}") from None
+            else:
+                part, session = ort_engine_part(onnx_path, work, stem, cfg.target, exported_bytes, cfg.precision)
+            parts.append({"pipe": index, "pipe_name": None if index is None else self.config.pipes[index].name, **part})
+        return parts, session
+
+    def _trt_engine(self, cfg: EngineConfig, onnx_path: Path, index: int | None,
+                    refit_from: tuple[Path, dict[str, Any]] | None, directory: Path, unit: Unit) -> bytes:
+        from prism_deploy.core import targets
+        from prism_deploy.trt import engine as trt_engine
+
+        if refit_from is not None:
+            folder, entry = refit_from
+            part = next(p for p in entry["parts"] if p["pipe"] == index)
+            return trt_engine.refit_serialized_engine((folder / part["file"]).read_bytes(), onnx_path,
+                                                      plugin=cfg.plugin)
+        lo, opt, hi = cfg.profile.shapes(self.config.in_dim)
+        settings = trt_engine.TrtBuildSettings(min_shape=lo, opt_shape=opt, max_shape=hi,
+                                               refittable=cfg.refittable, version_compatible=cfg.version_compatible,
+                                               weight_streaming=cfg.weight_streaming, plugin=cfg.plugin)
+        device = targets.device_info(cfg.target)
+        cc = str(device.get("compute_capability", "unknown")).replace(".", "")
+        cache = directory / f"timing-trt{targets.tensorrt_version()}-sm{cc}.cache"
+        return trt_engine.build_serialized_engine(onnx_path, settings, cache)
+
+
+def export_graph(adapter: AdapterTensors, path: Path, cfg: EngineConfig, calib: Path | None) -> int:
+    """The lowering (``prism_deploy.lower``), then with the plugin on the fusion pass; the bytes
+    written (model and external data)."""
+    from prism_deploy.lower import export_onnx
+
+    result = export_onnx(adapter, path, precision=cfg.precision, io_dtype="float32",
+                         calib=str(calib) if calib is not None else None, calibrator=cfg.calibrator)
+    if cfg.plugin and adapter.config.gated_pipes:
+        from prism_deploy.fuse import fuse_onnx_file
+
+        fused = fuse_onnx_file(path, path)
+        return sum(Path(p).stat().st_size for p in fused["paths"])
+    return int(result.bytes)
+
+
+def build_engines(request: BuildRequest, check: Any = None, log: Any = None) -> BuildResult:
+    """``prism-deploy build ADAPTER``: the engines of every requested configuration, checked by
+    ``check`` (``prism_deploy.parity.adapter_engine_check``; None: unchecked)."""
+    options = BuildOptions(out_dir=request.out_dir, target=request.target, check=check, force=request.force,
+                           progress=request.progress)
+    return build(AdapterSource(request), options, log)

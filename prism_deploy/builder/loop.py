@@ -1,0 +1,395 @@
+"""The one build loop: a source's engines into a folder, checked, with a manifest and a cache.
+
+A *source* (an adapter file, :mod:`prism_deploy.builder.adapter_source`; or an ``export-model``
+folder, :mod:`prism_deploy.builder.model_source`) says which engines it has (``Unit``s, each one
+``EngineConfig`` and so one manifest entry) and how to make each. For every unit, in order:
+
+1. reuse: an entry of the folder's manifest with the same id and cache key (the source's file
+   hashes, the configuration, tool versions, device) whose files still hash as recorded;
+2. refit (TensorRT ``--refittable`` adapters only): an engine of the same topology has its
+   weights replaced instead of being rebuilt;
+3. build, then the check the caller passed in (parity against the reference, or against the
+   export the graph came from). The builder never runs engines itself: the check is given to
+   it, so this layer depends on nothing above it.
+
+Everything is written in a private temporary folder inside DIR, checked there, and only then
+moved in under content-addressed names. One commit rule: units of one group (an adapter's
+configuration; all graphs of a model, which needs every one of them) land together or not at
+all; a failed unit keeps its previous engine. The manifest is replaced atomically last, and
+only the files the previous manifest listed and the new one no longer does are deleted: a
+build deletes nothing it cannot prove it wrote. A file lock serialises builds into one DIR.
+
+Folder ownership (refused before any work, unless ``force``): a folder that holds another
+source's engines, files prism-deploy did not write, or a manifest this version cannot read.
+With ``force`` the build goes ahead and still deletes nothing it did not write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from prism_deploy.builder.options import EngineConfig
+from prism_deploy.core import targets
+from prism_deploy.core.errors import CheckFailed, PrismInputError
+from prism_deploy.core.fsutil import atomic_output, file_sha256
+from prism_deploy.format.engine_manifest import (
+    MANIFEST_NAME,
+    EngineFileError,
+    canonical_hash,
+    manifest_path,
+    new_manifest,
+    part_files,
+    parts_intact,
+    read_manifest,
+    referenced_files,
+    source_kind,
+    write_manifest,
+)
+
+LOCK_NAME = ".build.lock"
+TMP_PREFIX = ".build-"
+# Files of a build folder that are the builder's own besides what the manifest lists.
+OWN_PATTERNS = (MANIFEST_NAME, LOCK_NAME, f".{MANIFEST_NAME}.*.tmp", f"{TMP_PREFIX}*", "timing-*.cache")
+
+
+@dataclass
+class CheckResult:
+    """What the check of one built engine found. ``passed`` is None when nothing was checked
+    (``figures`` then says why); it is never True without a comparison behind it."""
+
+    passed: bool | None
+    figures: dict[str, Any]
+    detail: str = ""
+
+
+# (unit, the folder holding the engine's files, its manifest entry) -> the check's result
+EngineCheck = Callable[["Unit", Path, dict[str, Any]], CheckResult]
+
+
+@dataclass
+class Unit:
+    """One engine of a source: one configuration, one manifest entry."""
+
+    config: EngineConfig
+    sources: dict[str, Any]  # hashes of every input file the engine depends on
+    group: str  # units of one group commit together
+    topology_key: str | None = None  # same key = same structure (a refit can reuse the engine)
+    extra: dict[str, Any] = field(default_factory=dict)  # entry fields the source adds (combine weights)
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+
+@dataclass
+class Outcome:
+    """What happened to one unit: ``built``, ``reused``, ``refit`` or ``failed``."""
+
+    unit: Unit
+    action: str
+    entry: dict[str, Any] | None
+    seconds: float
+    detail: str = ""
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.unit.config
+
+    @property
+    def id(self) -> str:
+        return self.unit.id
+
+
+@dataclass
+class BuildResult:
+    directory: Path
+    kind: str  # "adapter" or "model"
+    label: str  # the adapter file name, or the model's role
+    target: str
+    target_reason: str
+    notes: list[str]
+    outcomes: list[Outcome]
+    manifest_written: bool
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.action == "failed"]
+
+    def raise_for_failures(self) -> None:
+        if self.failed:
+            raise CheckFailed("; ".join(f"{o.id}: {o.detail}" for o in self.failed)
+                              + (" (manifest unchanged)" if not self.manifest_written else ""))
+
+
+class BuildSource(Protocol):
+    """What the loop needs from a source (an adapter file or a model folder)."""
+
+    kind: str
+    label: str
+    record: dict[str, Any]  # the manifest's source section
+
+    def default_out_dir(self) -> Path: ...
+
+    def same_source(self, old: dict[str, Any]) -> bool: ...
+
+    def owns(self, old: dict[str, Any]) -> bool: ...
+
+    def units(self, target: str) -> list[Unit]: ...
+
+    def make(self, unit: Unit, work: Path, directory: Path,
+             refit_from: tuple[Path, dict[str, Any]] | None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]: ...
+
+    def refit_source(self, unit: Unit, directory: Path, old: dict[str, Any] | None) -> tuple[Path, dict[str, Any]] | None: ...
+
+    def copies(self) -> list[tuple[str, Path]]: ...
+
+
+@dataclass
+class BuildOptions:
+    """What every build call takes besides its source."""
+
+    out_dir: Path | None = None
+    target: str = "auto"
+    check: EngineCheck | None = None
+    force: bool = False
+    progress: bool = False
+
+
+def cache_key(unit: Unit, tools: dict[str, Any], device: dict[str, Any]) -> str:
+    """Same key = same engine: any change to a source file, the options, the tools or the device rebuilds."""
+    return canonical_hash({"sources": unit.sources, "configuration": unit.config.to_json(), "tools": tools,
+                           "device": device})
+
+
+def build(source: BuildSource, options: BuildOptions, log: Callable[[str], None] | None = None) -> BuildResult:
+    """Build (or reuse, or refit) every unit of ``source``; see the module docstring."""
+    say = log or (lambda message: print(message, file=sys.stderr))
+    target, target_reason = targets.resolve_target(options.target)
+    units = source.units(target.value)
+    directory = Path(options.out_dir) if options.out_dir is not None else source.default_out_dir()
+    tools, device = targets.tool_versions(target), targets.device_info(target)
+    notes: list[str] = list(getattr(source, "notes", []))
+    created = not directory.exists()
+    with locked(directory, say):
+        old = _previous_manifest(directory, source, options.force)
+        same = old is not None and source.same_source(old)
+        old_entries = {e["id"]: e for e in old["engines"]} if old is not None and same else {}
+        outcomes: list[Outcome] = []
+        written = False
+        work_root = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=directory))
+        try:
+            for unit in _progress(units, options.progress, source.kind):
+                key = cache_key(unit, tools, device)
+                previous = old_entries.get(unit.id)
+                if (not options.force and previous is not None and previous.get("cache_key") == key
+                        and parts_intact(directory, previous)):
+                    outcomes.append(Outcome(unit, "reused", previous, 0.0, "cache hit"))
+                    continue
+                refit_from = None if options.force else source.refit_source(unit, directory, old)
+                outcomes.append(_make(source, unit, key, tools, device, work_root, directory, refit_from,
+                                      options.check))
+            written = _commit(directory, source, old if same else None, old, outcomes, work_root)
+        finally:
+            shutil.rmtree(work_root, ignore_errors=True)
+    if created and not written:
+        _remove_if_only_ours(directory)
+    return BuildResult(directory, source.kind, source.label, target.value, target_reason, notes, outcomes, written)
+
+
+# ---- the folder --------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def locked(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold DIR's build lock; clear temporary files and folders a killed build left behind
+    (only those with the builder's own temporary names)."""
+    from filelock import FileLock, Timeout
+
+    check_out_dir(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PrismInputError(f"-o {directory}: cannot create the folder ({exc.strerror or exc})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PrismInputError(f"-o {directory}: the folder is not writable")
+    lock = FileLock(str(directory / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"waiting for another build into {directory} to finish")
+        lock.acquire()
+    try:
+        for stale in directory.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in directory.glob(f".{MANIFEST_NAME}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.release()
+
+
+def check_out_dir(directory: Path) -> None:
+    """An output folder must be a folder (or not exist yet): never a file, a device or a FIFO."""
+    try:
+        mode = os.stat(directory).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise PrismInputError(f"-o {directory}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(mode):
+        raise PrismInputError(f"-o {directory}: exists and is not a folder")
+
+
+def _is_own(name: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch(name, pattern) for pattern in OWN_PATTERNS)
+
+
+def _previous_manifest(directory: Path, source: BuildSource, force: bool) -> dict[str, Any] | None:
+    """The folder's manifest, after the ownership rules (see the module docstring)."""
+    try:
+        old = read_manifest(directory)
+    except EngineFileError as exc:
+        if not force:
+            raise PrismInputError(f"-o {directory}: {exc}; nothing was changed (to build there anyway, "
+                                  "pass --force: the files it lists are kept, not deleted)") from None
+        return None
+    listed = referenced_files(old)
+    foreign = sorted(p.name for p in directory.iterdir() if p.name not in listed and not _is_own(p.name))
+    if foreign and not force:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise PrismInputError(f"-o {directory}: holds files prism-deploy did not write ({shown}); build into a "
+                              "new or empty folder, or pass --force (they are kept)")
+    if old is not None and not source.owns(old) and not force:
+        what = describe_source(old)
+        raise PrismInputError(f"-o {directory}: holds the engines of {what} ({len(old['engines'])} engine(s), "
+                              f"{len(listed)} file(s)), which this build would replace; use another folder, "
+                              "or --force to replace them")
+    return old
+
+
+def describe_source(manifest: dict[str, Any]) -> str:
+    if source_kind(manifest) == "model":
+        return f"a {manifest['model'].get('role')} model build (model.json {manifest['model']['model_json_sha256'][:8]})"
+    return f"adapter {manifest['adapter'].get('file')} ({manifest['adapter']['sha256'][:8]})"
+
+
+def _remove_if_only_ours(directory: Path) -> None:
+    """A build that wrote nothing into a folder it created leaves no folder behind."""
+    with contextlib.suppress(OSError):
+        leftovers = [p for p in directory.iterdir() if p.name != LOCK_NAME]
+        if not leftovers:
+            (directory / LOCK_NAME).unlink(missing_ok=True)
+            directory.rmdir()
+
+
+def _progress(units: list[Unit], enabled: bool, kind: str) -> Any:
+    if not enabled:
+        return units
+    from tqdm import tqdm
+
+    return tqdm(units, desc="build" if kind == "adapter" else "build --model", unit="engine", file=sys.stderr)
+
+
+# ---- one unit ----------------------------------------------------------------------------------
+
+def _make(source: BuildSource, unit: Unit, key: str, tools: dict[str, Any], device: dict[str, Any], work_root: Path,
+          directory: Path, refit_from: tuple[Path, dict[str, Any]] | None, check: EngineCheck | None) -> Outcome:
+    work = Path(tempfile.mkdtemp(prefix=f"{unit.config.slug}.", dir=work_root))
+    start = time.perf_counter()
+    action = "refit" if refit_from is not None else "built"
+    try:
+        parts, session = source.make(unit, work, directory, refit_from)
+    except CheckFailed as exc:
+        return Outcome(unit, "failed", None, time.perf_counter() - start, str(exc))
+    seconds = time.perf_counter() - start
+    entry: dict[str, Any] = {
+        "id": unit.id,
+        "configuration": unit.config.to_json(),
+        "target": unit.config.target,
+        "parts": parts,
+        **unit.extra,
+        "session": session,
+        "tools": tools,
+        "device": device,
+        "cache_key": key,
+        "topology_key": unit.topology_key,
+        "build_seconds": round(seconds, 3),
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "how": action if refit_from is None else f"refit from {refit_from[0] / refit_from[1]['parts'][0]['file']}",
+        "parity": None,
+    }
+    if check is not None:
+        result = check(unit, work, entry)
+        entry["parity"] = {**result.figures, "passed": result.passed}
+        if result.passed is False:
+            return Outcome(unit, "failed", None, seconds, f"parity failed: {result.detail}")
+    return Outcome(unit, action, entry, seconds, "cache miss" if refit_from is None else "same topology")
+
+
+def engine_part(work: Path, stem: str, suffix: str, engine: bytes | Path) -> dict[str, Any]:
+    """Move an engine (bytes, or a file in ``work``) to its content-addressed name
+    ``<stem>.<sha12><suffix>`` in ``work``; the manifest part record for it."""
+    tmp = work / f"{stem}{suffix}.tmp"
+    if isinstance(engine, bytes):
+        tmp.write_bytes(engine)
+    elif engine != tmp:
+        engine.rename(tmp)
+    digest = file_sha256(tmp)
+    name = f"{stem}.{digest[:12]}{suffix}"
+    tmp.rename(work / name)
+    return {"file": name, "sha256": digest, "bytes": (work / name).stat().st_size}
+
+
+# ---- the commit --------------------------------------------------------------------------------
+
+def _commit(directory: Path, source: BuildSource, kept_from: dict[str, Any] | None, old: dict[str, Any] | None,
+            outcomes: list[Outcome], work_root: Path) -> bool:
+    """Move the engines of every group that fully succeeded in, refresh the copied files, write
+    the manifest; then delete the files the old manifest listed that the new one does not."""
+    failed_groups = {o.unit.group for o in outcomes if o.action == "failed"}
+    fresh = {o.id: o.entry for o in outcomes
+             if o.action in ("built", "refit") and o.entry is not None and o.unit.group not in failed_groups}
+    copies = source.copies()
+    copy_records = kept_from[source.kind].get("copies", []) if kept_from is not None else []
+    copies_intact = kept_from is not None and len(copy_records) == len(copies) and parts_intact(directory, {"parts": copy_records})
+    if not fresh and (copies_intact or not copies or failed_groups):
+        return False
+    for entry in fresh.values():
+        for part in entry["parts"]:
+            for name, _ in part_files(part):
+                moved = next(work_root.rglob(name))
+                os.replace(moved, directory / name)
+    record = dict(source.record)
+    if copies:
+        for name, path in copies:
+            with atomic_output(directory / name) as tmp:
+                shutil.copyfile(path, tmp)
+        record["copies"] = [{"file": n, "sha256": file_sha256(directory / n), "bytes": (directory / n).stat().st_size}
+                            for n, _ in copies]
+    engines: list[dict[str, Any]] = []
+    if kept_from is not None:
+        # every earlier entry stays (a configuration that failed now keeps its previous engine)
+        engines = [fresh.pop(e["id"], e) for e in kept_from["engines"]]
+    engines += list(fresh.values())
+    manifest = new_manifest(record, engines, kind=source.kind)
+    write_manifest(directory, manifest)
+    for name in sorted(referenced_files(old) - referenced_files(manifest)):
+        with contextlib.suppress(OSError):
+            (directory / name).unlink()
+    return True
+
+
+__all__ = ["BuildOptions", "BuildResult", "BuildSource", "CheckResult", "EngineCheck", "Outcome", "Unit", "build",
+           "cache_key", "engine_part", "locked", "manifest_path"]

@@ -1,0 +1,141 @@
+"""An ``export-model`` folder as a build source: one engine per graph of the model.
+
+Per graph of the export (``upper``: ``graph``; ``lower``: ``graph`` and ``graph_with_past``): an
+ONNX Runtime offline-optimized model (``ort-*``) or a TensorRT engine with one profile from
+``--batch``/``--seq`` (``trt``). A model needs all of its graphs, so they are one group: one
+failing graph fails the whole build and leaves the folder as it was. ``model.json`` and the
+embedding table are copied along, so the folder is a complete pipeline part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prism_deploy.builder.loop import BuildOptions, BuildResult, Unit, build, engine_part
+from prism_deploy.builder.options import EngineConfig, Profile
+from prism_deploy.builder.ort_engine import ort_engine_part
+from prism_deploy.core.errors import CheckFailed, PrismInputError
+from prism_deploy.core.fsutil import file_sha256
+from prism_deploy.core.targets import Target
+from prism_deploy.format import model_folder
+from prism_deploy.format.engine_manifest import MANIFEST_NAME, source_kind
+
+
+@dataclass
+class ModelBuildRequest:
+    """The inputs of one ``prism-deploy build --model DIR`` call."""
+
+    model_dir: Path
+    out_dir: Path | None = None
+    target: str = "auto"
+    profile: Profile = field(default_factory=Profile)
+    force: bool = False
+    progress: bool = False
+
+
+def read_model_export(model_dir: Path) -> dict[str, Any]:
+    """``model.json`` of an export folder, after checking that every file it lists is there and
+    hashes as recorded."""
+    if not model_dir.is_dir():
+        raise PrismInputError(f"--model {model_dir}: not a folder (give what `prism-deploy export-model` wrote)")
+    if (model_dir / MANIFEST_NAME).is_file():
+        raise PrismInputError(f"--model {model_dir}: already a build folder; give the `export-model` folder")
+    manifest = model_folder.read_model_json(model_dir)
+    model_folder.verify_files(model_dir, manifest)
+    return manifest
+
+
+def trt_input_shapes(model: dict[str, Any], key: str,
+                     profile: Profile) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]:
+    """The TensorRT optimization profile of one graph: ``(input, min, opt, max)`` over batch x
+    seq, and past length 0..max seq for the KV-cache graph (whose mask covers past + new)."""
+    dims = model["dims"]
+    (b0, b1, b2), (s0, s1, s2) = profile.batch, profile.seq
+    if model["role"] == "upper":
+        return tuple((n, (b0, s0), (b1, s1), (b2, s2)) for n in ("input_ids", "attention_mask"))
+    d = int(dims["hidden"])
+    shapes: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = [
+        ("inputs_embeds", (b0, s0, d), (b1, s1, d), (b2, s2, d))]
+    if key == "graph":
+        shapes.append(("attention_mask", (b0, s0), (b1, s1), (b2, s2)))
+    else:
+        kv, hd = int(dims["kv_heads"]), int(dims["head_dim"])
+        shapes.append(("attention_mask", (b0, s0), (b1, 2 * s1), (b2, 2 * s2)))
+        shapes += [(n, (b0, kv, 0, hd), (b1, kv, s1, hd), (b2, kv, s2, hd))
+                   for n in model_folder.past_names(int(dims["layers"]))]
+    return tuple(shapes)
+
+
+class ModelSource:
+    """``build --model DIR``: see the module docstring."""
+
+    kind = "model"
+
+    def __init__(self, request: ModelBuildRequest) -> None:
+        self.request = request
+        self.dir = Path(request.model_dir)
+        self.model = read_model_export(self.dir)
+        self.role = str(self.model["role"])
+        self.precision = str(self.model.get("precision", "fp32"))
+        self.label = self.role
+        self.model_json_sha = file_sha256(self.dir / model_folder.MANIFEST)
+        self.record = {"role": self.role, "source": str(self.dir.resolve()), "model_json_sha256": self.model_json_sha,
+                       "precision": self.precision, "copies": []}
+
+    def default_out_dir(self) -> Path:
+        return Path("engines") / f"{self.role}-{self.model_json_sha[:8]}"
+
+    def same_source(self, old: dict[str, Any]) -> bool:
+        return source_kind(old) == "model" and old["model"].get("model_json_sha256") == self.model_json_sha
+
+    def owns(self, old: dict[str, Any]) -> bool:
+        if source_kind(old) != "model":
+            raise PrismInputError(f"-o {self.request.out_dir}: holds adapter engines; build the model into another folder")
+        return old["model"].get("role") == self.role
+
+    def copies(self) -> list[tuple[str, Path]]:
+        names = [model_folder.MANIFEST, *(self.model["files"][k]["name"] for k in model_folder.TABLES
+                                          if k in self.model["files"])]
+        return [(name, self.dir / name) for name in names]
+
+    def units(self, target: str) -> list[Unit]:
+        units = []
+        for key in model_folder.GRAPHS[self.role]:
+            cfg = EngineConfig(target=target, precision=self.precision, profile=self.request.profile, layout=key)
+            sources = {"graph": [f["sha256"] for f in model_folder.graph_files(self.model, key)]}
+            units.append(Unit(cfg, sources, group="model"))
+        return units
+
+    def refit_source(self, unit: Unit, directory: Path, old: dict[str, Any] | None) -> None:
+        return None
+
+    def make(self, unit: Unit, work: Path, directory: Path,
+             refit_from: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        key = unit.config.layout
+        onnx_path = model_folder.file_path(self.dir, self.model, key)
+        stem = f"{self.role}.{key}.{unit.config.target}"
+        session: dict[str, Any] | None = None
+        if unit.config.target == Target.TRT:
+            from prism_deploy.trt import engine as trt_engine
+
+            unused = (0, 0, 0)  # the adapter's single-input shapes: input_shapes replaces them
+            settings = trt_engine.TrtBuildSettings(min_shape=unused, opt_shape=unused, max_shape=unused,
+                                                   input_shapes=trt_input_shapes(self.model, key, self.request.profile))
+            try:
+                part = engine_part(work, stem, ".engine", trt_engine.build_serialized_engine(onnx_path, settings))
+            except trt_engine.TensorRTError as exc:
+                raise CheckFailed(f"TensorRT build failed: {exc}") from None
+        else:
+            size = sum((self.dir / f["name"]).stat().st_size for f in model_folder.graph_files(self.model, key))
+            part, session = ort_engine_part(onnx_path, work, stem, unit.config.target, size)
+        return [{"graph": key, **part}], session
+
+
+def build_model_engines(request: ModelBuildRequest, check: Any = None, log: Any = None) -> BuildResult:
+    """``prism-deploy build --model DIR``: an engine per graph, checked by ``check``
+    (``prism_deploy.parity.model_graph_check``; None: unchecked)."""
+    options = BuildOptions(out_dir=request.out_dir, target=request.target, check=check, force=request.force,
+                           progress=request.progress)
+    return build(ModelSource(request), options, log)

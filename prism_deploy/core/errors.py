@@ -1,0 +1,56 @@
+"""The project's two kinds of failure, which the CLI maps to exit codes.
+
+- ``PrismInputError``: the user's input is wrong (bad file, bad option). Exit 2 with one
+  ``error: ...`` line.
+- ``CheckFailed``: the input was fine but a check (parity, a tolerance) did not pass. Exit 1.
+"""
+
+from __future__ import annotations
+
+
+class PrismInputError(ValueError):
+    """Bad input: a file, a tensor, a config key or an option. The message names it."""
+
+    def __init__(self, message: str) -> None:
+        # One line only: the CLI prints it after "error: ".
+        super().__init__(" ".join(str(message).split()))
+
+
+class AdapterFormatError(PrismInputError):
+    """An adapter file that does not follow format v1 (docs/adapter-format.md)."""
+
+
+class CheckFailed(RuntimeError):
+    """A check ran and did not pass (exit code 1)."""
+
+
+class MissingDependency(PrismInputError):
+    """An optional library a command needs is not installed (exit 2, one line saying what to install)."""
+
+
+# What each optional library is installed with (pyproject.toml extras).
+INSTALL_HINTS = {
+    "torch": "pip install torch (the CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu)",
+    "transformers": "pip install 'prism-deploy[compile]'",
+    "onnxruntime": "pip install 'prism-deploy[ort]' (or [ort-gpu])",
+}
+
+
+def require(module: str, what: str) -> None:
+    """Raise ``MissingDependency`` unless ``module`` is installed; ``what`` says what needs it.
+
+    Looks the module up without importing it (importing PyTorch alone takes seconds)."""
+    import importlib.util
+    import sys
+
+    try:
+        found = sys.modules[module] is not None if module in sys.modules else importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise MissingDependency(f"{what} needs {module}, which is not installed here; "
+                                f"{INSTALL_HINTS.get(module, f'pip install {module}')}")
+
+
+def require_torch(what: str) -> None:
+    require("torch", what)

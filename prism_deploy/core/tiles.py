@@ -1,0 +1,121 @@
+"""The tile layout: the one home of how a pipe's tiles sit in its matrix, and of INT8 tiles.
+
+A pipe of ``R x C`` workers with ``tr x tc`` tiles stores ``tiles`` ``[R*C, tr, tc]``, worker
+``w = r*C + c`` (format v1's row-major order). Assembled, they form the padded matrix
+``[R*tr, C*tc]`` (output rows x input columns): worker ``w``'s tile sits at rows
+``r*tr .. (r+1)*tr`` and columns ``c*tc .. (c+1)*tc``. The real matrix is its top-left
+``[out_dim, in_dim]``; the rest is padding (padded input columns multiply zeros, padded output
+rows are cut).
+
+INT8 tiles: symmetric, one float32 scale per tile row (scales ``[R*C, tr]``), so a worker never
+shares a scale with another and a small tile keeps its own resolution: ``q = round(t / s)``
+clipped to [-127, 127], ``s = max|row| / 127`` (a row of zeros gets scale 1, so dequantization
+is exact and nothing divides by zero).
+
+The layout functions take numpy arrays or torch tensors and return the same kind, so the
+PyTorch reference, the fitting code and the numpy lowering share one definition.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+QMAX = 127.0
+# Quantize this many tile values at a time, so only a slice is ever held in float32.
+_QUANT_BLOCK = 1 << 24
+
+
+def _permute(a: Any, axes: tuple[int, ...]) -> Any:
+    return a.permute(*axes) if hasattr(a, "permute") else a.transpose(axes)
+
+
+def _zeros_like(a: Any, shape: tuple[int, ...]) -> Any:
+    return a.new_zeros(shape) if hasattr(a, "new_zeros") else np.zeros(shape, dtype=a.dtype)
+
+
+def dense_from_tiles(tiles: Any, grid: tuple[int, int], tile: tuple[int, int], *,
+                     crop: tuple[int, int] | None = None, transpose: bool = False) -> Any:
+    """The tiles assembled: ``[R*tr, C*tc]`` (``crop=(out_dim, in_dim)``: its real part).
+
+    ``transpose=True`` gives ``[C*tc, R*tr]`` (inputs x outputs, what ``x @ W`` wants) in one
+    permutation, without assembling the untransposed matrix first. A view where the library
+    can; callers that need contiguous memory copy it once.
+    """
+    (R, C), (tr, tc) = grid, tile
+    t = tiles.reshape(R, C, tr, tc)
+    if transpose:
+        m = _permute(t, (1, 3, 0, 2)).reshape(C * tc, R * tr)
+        return m if crop is None else m[: crop[1], : crop[0]]
+    m = _permute(t, (0, 2, 1, 3)).reshape(R * tr, C * tc)
+    return m if crop is None else m[: crop[0], : crop[1]]
+
+
+def tiles_from_dense(w: Any, grid: tuple[int, int], tile: tuple[int, int], *, transposed: bool = False) -> Any:
+    """Cut a matrix into tiles ``[R*C, tr, tc]``, zero in the padding.
+
+    ``w`` is ``[out_dim, in_dim]`` (any size up to the padded one), or ``[in_dim, out_dim]``
+    with ``transposed=True`` (the layout ``dense_from_tiles(..., transpose=True)`` gives).
+    """
+    (R, C), (tr, tc) = grid, tile
+    if transposed:
+        padded = _zeros_like(w, (C * tc, R * tr))
+        padded[: w.shape[0], : w.shape[1]] = w
+        out = _permute(padded.reshape(C, tc, R, tr), (2, 0, 3, 1)).reshape(R * C, tr, tc)
+    else:
+        padded = _zeros_like(w, (R * tr, C * tc))
+        padded[: w.shape[0], : w.shape[1]] = w
+        out = _permute(padded.reshape(R, tr, C, tc), (0, 2, 1, 3)).reshape(R * C, tr, tc)
+    return out.contiguous() if hasattr(out, "contiguous") else np.ascontiguousarray(out)
+
+
+def worker_block(grid: tuple[int, int], tile: tuple[int, int], worker: int, in_dim: int,
+                 out_dim: int) -> tuple[slice, slice]:
+    """The real output rows and input columns of ``worker`` (empty slices when all padding)."""
+    r, c = divmod(worker, grid[1])
+    tr, tc = tile
+    rows = slice(min(r * tr, out_dim), min((r + 1) * tr, out_dim))
+    cols = slice(min(c * tc, in_dim), min((c + 1) * tc, in_dim))
+    return rows, cols
+
+
+def quantize_rows(tiles: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``[W, tr, tc]`` -> (int8 ``[W, tr, tc]``, float32 scales ``[W, tr]``), symmetric per row.
+
+    Accepts numpy (any float dtype, bfloat16 included) or a CPU torch tensor.
+    """
+    if hasattr(tiles, "detach"):  # torch: numpy has no bfloat16 without ml_dtypes
+        tiles = tiles.detach().float().cpu().numpy()
+    w = tiles.shape[0]
+    q = np.empty(tuple(tiles.shape), dtype=np.int8)
+    scales = np.empty(tuple(tiles.shape[:2]), dtype=np.float32)
+    step = max(1, _QUANT_BLOCK // max(1, tiles.shape[1] * tiles.shape[2]))
+    for a in range(0, w, step):
+        t = np.asarray(tiles[a:a + step], dtype=np.float32)
+        amax = np.abs(t).max(axis=-1)
+        s = np.where(amax > 0, amax / np.float32(QMAX), np.float32(1.0)).astype(np.float32)
+        # float32 division then round-half-even: the same steps the graph's DequantizeLinear
+        # inverts, so dequantize(quantize(t)) is what every backend computes with
+        q[a:a + step] = np.clip(np.rint(t / s[..., None]), -QMAX, QMAX).astype(np.int8)
+        scales[a:a + step] = s
+    return q, scales
+
+
+def dequantize_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The float32 tiles INT8 tiles stand for: ``q * s`` per row (``scales`` ``[W, tr]``,
+    or flat ``[W*tr]``)."""
+    q = np.asarray(q)
+    s = np.asarray(scales, dtype=np.float32).reshape(q.shape[:-1])
+    return q.astype(np.float32) * s[..., None]
+
+
+def stored_as(tiles: Any, precision: str) -> np.ndarray:
+    """The tiles as a graph of ``precision`` stores them, back in float32: float16 rounding for
+    ``fp16``, quantize-dequantize for the int8 precisions."""
+    t = tiles.detach().float().cpu().numpy() if hasattr(tiles, "detach") else np.asarray(tiles, np.float32)
+    if precision == "fp32":
+        return np.asarray(t, np.float32)
+    if precision == "fp16":
+        return t.astype(np.float16).astype(np.float32)
+    return dequantize_rows(*quantize_rows(t))

@@ -1,0 +1,123 @@
+"""Tolerances: the one home of every pass/fail bound, with one spelling for each bound.
+
+Four checks use them; docs/precision.md and docs/pipeline.md give each value's reason:
+
+- ``adapter(precision, io_dtype)``: a lowered graph or engine against the PyTorch reference
+  (``parity``, the build's parity gate);
+- ``model_export(precision)``: an exported model graph against the transformers model
+  (``export-model``'s validation);
+- ``built_graph(precision)``: a built model engine against the export it was built from
+  (same precision: only graph rewrites may differ);
+- ``pipeline(name)``: a whole pipeline or chain end to end, by its least precise part.
+
+A bound's name says the figure it bounds and which way (``*_max``, ``*_min``); the figures are
+those :mod:`prism_deploy.core.metrics` computes, and ``failures`` is the one comparison of
+figures against bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.precision import PIPELINE_TOLERANCE_SETS, ModelPrecision, Precision
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Bounds on the figures of one comparison; ``None`` means the figure is not bounded."""
+
+    rel_l2_max: float  # ||got - ref|| / ||ref|| over the compared values
+    cosine_min: float | None = None  # cosine of the flattened outputs
+    token_cosine_min: float | None = None  # the smallest per-token cosine
+    top1_min: float | None = None  # top-1 agreement over tokens whose reference top-1 is clear
+    kl_max: float | None = None  # the largest next-token KL(reference || got), nats
+    # Parameters of the figures, not bounds:
+    tie_gap: float | None = None  # a token is ambiguous when top-1 - top-2 <= tie_gap * max|logit|
+    selection_match_min: float | None = None  # unambiguous tokens whose selected worker set matches
+    score_rounding: float | None = None  # a gate score's rounding, relative (ambiguous selections)
+
+    def to_json(self) -> dict[str, float]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def replace(self, **changes: Any) -> Tolerances:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise PrismInputError(f"tolerances: unknown bound(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def failures(self, figures: dict[str, Any], what: str = "") -> list[str]:
+        """One line per figure outside its bound (NaN fails every bound)."""
+        prefix = f"{what} " if what else ""
+        out = []
+        checks = (("rel_l2", self.rel_l2_max, "<=", "rel_l2"), ("cosine", self.cosine_min, ">=", "cosine"),
+                  ("min_cosine", self.token_cosine_min, ">=", "min cosine"), ("top1", self.top1_min, ">=", "top-1 agreement"),
+                  ("kl_max", self.kl_max, "<=", "next-token KL max"))
+        for key, bound, way, label in checks:
+            if bound is None or key not in figures or figures[key] is None:
+                continue
+            value = float(figures[key])
+            ok = value <= bound if way == "<=" else value >= bound
+            if not ok:
+                shown = f"{value:.6f}" if key in ("cosine", "min_cosine") else f"{value:.3g}"
+                out.append(f"{prefix}{label} {shown} {'>' if way == '<=' else '<'} {bound:.3g}")
+        return out
+
+
+# An adapter graph against the reference. score_rounding: the size of a rounding error in a gate
+# score at that precision (2^-24 with headroom for fp32; 2^-11 with headroom where the gate may
+# run in float16 on an engine).
+ADAPTER: dict[Precision, Tolerances] = {
+    Precision.FP32: Tolerances(rel_l2_max=1e-5, cosine_min=0.99999, selection_match_min=0.999, score_rounding=1e-6),
+    Precision.FP16: Tolerances(rel_l2_max=2e-3, cosine_min=0.9999, selection_match_min=0.99, score_rounding=1e-3),
+    Precision.INT8: Tolerances(rel_l2_max=2e-2, cosine_min=0.999, selection_match_min=0.99, score_rounding=1e-3),
+    Precision.INT8_QDQ: Tolerances(rel_l2_max=5e-2, cosine_min=0.995, selection_match_min=0.99, score_rounding=1e-3),
+}
+# float16 graph inputs and outputs add one float16 rounding (2^-11 relative) to every value
+FLOAT16_IO_FLOOR = {"rel_l2_max": 1e-3, "cosine_min": 0.9999}
+
+# An exported model graph against the float32 transformers model, over the real (unpadded) tokens.
+MODEL_EXPORT: dict[ModelPrecision, Tolerances] = {
+    ModelPrecision.FP32: Tolerances(rel_l2_max=1e-4, token_cosine_min=0.9999, top1_min=0.99, tie_gap=1e-4),
+    ModelPrecision.FP16: Tolerances(rel_l2_max=2e-2, token_cosine_min=0.999, top1_min=0.95, tie_gap=1e-2),
+}
+
+# A built model engine against the export it was built from (same precision, same provider family).
+BUILT_GRAPH: dict[ModelPrecision, Tolerances] = {
+    ModelPrecision.FP32: Tolerances(rel_l2_max=1e-4, top1_min=0.99, tie_gap=1e-4),
+    ModelPrecision.FP16: Tolerances(rel_l2_max=1e-2, top1_min=0.95, tie_gap=1e-2),
+}
+
+# A pipeline end to end against transformers + the reference adapter, by its least precise part.
+# fp32 is float rounding only; fp16 / int8 allow the quantisation of the adapter and the models
+# (int8 is an adapter precision: the adapter's int8 bound, loosened for going through a model).
+PIPELINE: dict[str, Tolerances] = {
+    "fp32": Tolerances(rel_l2_max=1e-4, kl_max=1e-6, top1_min=0.99, tie_gap=1e-4),
+    "fp16": Tolerances(rel_l2_max=3e-2, kl_max=1e-2, top1_min=0.95, tie_gap=1e-2),
+    "int8": Tolerances(rel_l2_max=1e-1, kl_max=5e-2, top1_min=0.90, tie_gap=3e-2),
+}
+assert set(PIPELINE) == set(PIPELINE_TOLERANCE_SETS)
+
+
+def adapter(precision: Precision | str, io_dtype: str = "float32") -> Tolerances:
+    tol = ADAPTER[Precision.parse(precision, "precision")]
+    if io_dtype == "float16":
+        tol = tol.replace(rel_l2_max=max(tol.rel_l2_max, FLOAT16_IO_FLOOR["rel_l2_max"]),
+                          cosine_min=min(tol.cosine_min or 1.0, FLOAT16_IO_FLOOR["cosine_min"]))
+    return tol
+
+
+def model_export(precision: ModelPrecision | str) -> Tolerances:
+    return MODEL_EXPORT[ModelPrecision.parse(precision, "precision")]
+
+
+def built_graph(precision: ModelPrecision | str) -> Tolerances:
+    return BUILT_GRAPH.get(ModelPrecision.parse(precision, "precision"), BUILT_GRAPH[ModelPrecision.FP32])
+
+
+def pipeline(name: str) -> Tolerances:
+    if name not in PIPELINE:
+        raise PrismInputError(f"--tolerance: {name!r} is not one of {', '.join(PIPELINE)}")
+    return PIPELINE[name]

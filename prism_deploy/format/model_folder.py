@@ -1,0 +1,131 @@
+"""The model folder ``export-model`` writes: ``model.json`` and the graphs it lists.
+
+``model.json`` (``format: prism-deploy-model``, version 1) records the role, the dims, the
+graphs and copied tables with their sha256, and the validation figures. Its schema is checked
+whole when it is read, and every file name in it must stay inside its folder
+(:func:`prism_deploy.core.fsutil.inside`). The graph inputs and outputs of each role are
+defined here, so the exporter that writes them and the runtime that feeds them agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.fsutil import file_sha256, inside
+from prism_deploy.core.precision import MODEL_PRECISIONS
+
+FORMAT = "prism-deploy-model"
+VERSION = 1
+MANIFEST = "model.json"
+ROLES = ("upper", "lower")
+# The graphs of each role, by their key in model.json's "files".
+GRAPHS = {"upper": ("graph",), "lower": ("graph", "graph_with_past")}
+# Files that travel with the graphs (copied into a build folder so that it runs on its own).
+TABLES = ("embed_tokens",)
+
+_FILE = {"type": "object", "required": ["name", "sha256"],
+         "properties": {"name": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}
+_POS_INT = {"type": "integer", "minimum": 1}
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["format", "version", "role", "precision", "max_seq", "dims", "files"],
+    "properties": {
+        "format": {"const": FORMAT},
+        "version": {"const": VERSION},
+        "role": {"enum": list(ROLES)},
+        "precision": {"enum": list(MODEL_PRECISIONS)},
+        "max_seq": {"type": "integer", "minimum": 2},
+        "dims": {"type": "object", "required": ["hidden", "vocab", "layers", "kv_heads", "head_dim"],
+                 "properties": {k: _POS_INT for k in ("hidden", "vocab", "layers", "kv_heads", "head_dim")}},
+        "files": {"type": "object", "required": ["graph"], "additionalProperties": _FILE},
+        "eos_token_id": {"type": ["integer", "null"], "minimum": 0},
+    },
+}
+
+
+def past_names(layers: int, prefix: str = "past_key_values") -> list[str]:
+    """The KV-cache inputs (``past_key_values``) or outputs (``present``) of the decoding graph."""
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def io_description(role: str, layers: int) -> dict[str, Any]:
+    """Inputs and outputs of each graph of ``role``, with named dims (recorded in model.json)."""
+    if role == "upper":
+        return {"inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]},
+                "outputs": {"hidden": ["batch", "seq", "hidden"]}}
+    return {
+        "inputs": {"inputs_embeds": ["batch", "seq", "hidden"], "attention_mask": ["batch", "seq"]},
+        "outputs": {"logits": ["batch", "seq", "vocab"]},
+        "with_past": {
+            "inputs": {"inputs_embeds": ["batch", "seq", "hidden"], "attention_mask": ["batch", "total_seq"],
+                       **{n: ["batch", "kv_heads", "past_seq", "head_dim"] for n in past_names(layers)}},
+            "outputs": {"logits": ["batch", "seq", "vocab"],
+                        **{n: ["batch", "kv_heads", "total_seq", "head_dim"] for n in past_names(layers, "present")}},
+        },
+    }
+
+
+def validate_model_json(manifest: Any, where: str) -> dict[str, Any]:
+    """Check ``manifest`` against the schema and the role's graphs; one error line naming the field."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(manifest, SCHEMA)
+    except jsonschema.ValidationError as exc:
+        field = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise PrismInputError(f"{where}: {field}: {_short(exc.message)}") from None
+    missing = [g for g in (*GRAPHS[manifest["role"]], *(TABLES if manifest["role"] == "lower" else ()))
+               if g not in manifest["files"]]
+    if missing:
+        raise PrismInputError(f"{where}: files: role {manifest['role']!r} needs {', '.join(missing)}")
+    return dict(manifest)
+
+
+def read_model_json(model_dir: str | os.PathLike[str], role: str | None = None) -> dict[str, Any]:
+    """``model.json`` of a model folder, validated, checked for the expected role."""
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise PrismInputError(f"{model_dir}: no {MANIFEST} (not a folder written by `prism-deploy export-model`)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PrismInputError(f"{path}: not valid JSON ({_short(str(exc))})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise PrismInputError(f"{path}: not a prism-deploy model manifest")
+    manifest = validate_model_json(raw, str(path))
+    if role is not None and manifest.get("role") != role:
+        raise PrismInputError(f"{model_dir}: exported as role {manifest.get('role')!r}, {role!r} is needed here")
+    return manifest
+
+
+def file_path(model_dir: str | os.PathLike[str], manifest: dict[str, Any], key: str) -> Path:
+    """The file model.json lists under ``key``, confined to the folder."""
+    return inside(model_dir, manifest["files"][key]["name"], f"{Path(model_dir) / MANIFEST}: files.{key}.name")
+
+
+def graph_files(manifest: dict[str, Any], key: str) -> list[dict[str, str]]:
+    """model.json records of a graph: the ``.onnx`` and, over 2 GiB, its external data file."""
+    files = manifest["files"]
+    stem = files[key]["name"].split(".")[0]
+    return [files[k] for k in (key, f"{stem}_data") if k in files]
+
+
+def verify_files(model_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    """Every file model.json lists is there, inside the folder, and hashes as recorded (a graph
+    changed behind the manifest is bad input, not a new model)."""
+    for key, record in manifest["files"].items():
+        path = file_path(model_dir, manifest, key)
+        if not path.is_file():
+            raise PrismInputError(f"{path}: missing ({MANIFEST} lists it as {key!r})")
+        if file_sha256(path) != record["sha256"]:
+            raise PrismInputError(f"{path}: sha256 differs from {MANIFEST} (changed after the export; "
+                                  "export the model again)")
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."

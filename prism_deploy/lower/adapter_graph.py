@@ -1,0 +1,416 @@
+"""The adapter graph: a ``PrismAdapter``'s semantics in standard ONNX ops, per precision.
+
+Graph, for ``hidden`` ``[batch, seq, in_dim]``:
+
+    hidden -> Reshape [T, in_dim] (-> Cast to the compute dtype) = hidden_2d
+    per pipe (nodes named "<pipe>/..."):
+      ungated: one MatMul on a dense weight (folded with its ungated neighbours in fp32/fp16)
+      gated:   gate/MatMul + gate/Add (float32 scores) -> gate/TopK -> gate/Softmax ->
+               gate/Mul (gate_scale) -> gate/ScatterElements into gate/ConstantOfShape zeros
+               [T, R*C] -> grouped batched MatMul over the tile grid (form A or B below)
+    combine: Mul by the combine weight (weighted), Sum over pipes -> Cast -> Reshape = adapted
+
+The node count depends on the pipes and the precision, never on the number of workers. The
+adapter arrives as numpy arrays (``AdapterTensors``): no PyTorch here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.onnx_io import OPSET, finalize
+from prism_deploy.core.precision import Precision
+from prism_deploy.core.tiles import dense_from_tiles, quantize_rows
+from prism_deploy.format import AdapterTensors
+from prism_deploy.lower.contract import write_metadata
+from prism_deploy.lower.graph import DTYPE_NAMES, NP_TO_ONNX, GraphBuilder
+
+GATED_FORMS = ("auto", "A", "B")
+DEFAULT_GATED_FORM = "auto"
+# The gated form. Both compute every worker (ONNX has no sparse op; the plugin of the fusion
+# pass is the sparse path), so they differ only in the intermediate they materialise:
+#   A: scale the input per row-block by the gates, one MatMul batched over the R row-blocks
+#      ([R, T, C*tc] @ [R, C*tc, tr]); the sum over column-blocks happens inside the MatMul's
+#      reduction, as in the reference. Intermediate: R * T * C*tc values.
+#   B: one MatMul batched over the C column-blocks ([C, T, tc] @ [C, tc, R*tr]), then weight
+#      the per-column-block partials by the gates and ReduceSum over C. Intermediate:
+#      C * T * R*tr values, plus a separate reduction pass.
+# "auto" picks per pipe the form with the smaller intermediate (A when tc <= tr; ties -> A,
+# which keeps the reference's summation order), except for int8-qdq, where it always takes B
+# (form A would quantize the gate-scaled input g*x, whose values span the gate's whole range).
+# The measurements behind both rules are in docs/onnx-lowering.md ("Gated pipes: form A and form B").
+
+
+def choose_gated_form(spec: Any, precision: str = "fp32") -> str:
+    """``auto``'s choice for one gated pipe (see above)."""
+    if precision == "int8-qdq":
+        return "B"
+    R, C = spec.grid
+    tr, tc = spec.tile
+    return "A" if R * C * tc <= C * R * tr else "B"
+
+
+RESERVED_PREFIXES = ("input", "combine", "output")
+
+
+def sanitize_name(name: str) -> str:
+    """A pipe name usable as a node-name prefix: letters, digits, ``_ . -``; never empty."""
+    clean = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+    return clean or "pipe"
+
+
+def pipe_prefixes(names: list[str]) -> list[str]:
+    """``<sanitized name>/`` per pipe, made unique (``_<i>`` appended) when names collide."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        base = candidate = sanitize_name(name)
+        n = i
+        # "input/", "combine/", "output/" and "fold<i>/" prefix the graph's own nodes
+        while candidate in seen or candidate in RESERVED_PREFIXES or re.fullmatch(r"fold\d+", candidate):
+            candidate = f"{base}_{n}"
+            n += 1
+        seen.add(candidate)
+        out.append(candidate + "/")
+    return out
+
+
+# ---- the lowering ------------------------------------------------------------------------
+
+
+class AdapterGraphBuilder:
+    """Builds the graph for one adapter, precision and io dtype."""
+
+    def __init__(self, adapter: AdapterTensors, precision: str, io_dtype: str, gated_form: str,
+                 gate_dtype: str = "float32") -> None:
+        self.adapter = adapter
+        self.config = adapter.config
+        self.precision = Precision.parse(precision)
+        self.io_dtype = io_dtype
+        self.gated_form = gated_form
+        # float16 gates exist only for tools/measure_fp16_gate.py (the measurement behind
+        # the float32 choice); exports always use float32 gate scores and Softmax
+        self.gate_dtype = np.dtype(gate_dtype)
+        self.cd = self.precision.compute_dtype
+        self.cd_onnx = NP_TO_ONNX[self.cd]
+        self.int8 = self.precision.quantized
+        self.qdq = self.precision.quantizes_activations
+        self.g = GraphBuilder()
+        self.prefixes = pipe_prefixes([p.name for p in self.config.pipes])
+        self.pipe_meta: list[dict[str, Any]] = []
+        # int8-qdq: scale initializer -> the activation tensor calibration observes for it
+        self.act_scales: dict[str, str] = {}
+        self.on_pipe: Callable[[int], Any] | None = None  # progress: called with pipes done
+
+    # -- whole graph --------------------------------------------------------------------
+    def model(self) -> onnx.ModelProto:
+        cfg, g = self.config, self.g
+        if self.cd == np.float16:
+            for i in range(cfg.num_pipes):
+                _check_float16_range(f"pipes.{i}.tiles", *_min_max(self.adapter.tiles(i)))
+        io_type = DTYPE_NAMES[self.io_dtype]
+        x2_io, lead = self._input()
+        hidden_2d = x2_io
+        if np.dtype(self.io_dtype) != self.cd:
+            hidden_2d = g.op("Cast", [x2_io], "hidden_2d", to=self.cd_onnx)
+        if self.cd == np.float32:
+            x_f32 = hidden_2d
+        elif self.io_dtype == "float32":
+            x_f32 = x2_io
+        else:
+            x_f32 = g.op("Cast", [hidden_2d], "hidden_2d_f32", to=TensorProto.FLOAT)
+        self.x_cd, self.x_f32 = hidden_2d, x_f32
+
+        betas = self.adapter.betas()
+        outputs: list[str] = []  # [T, out_dim] terms of the final sum, compute dtype
+        for run in self._runs():
+            if len(run) > 1:
+                outputs.append(self._folded_ungated(run, betas))
+            else:
+                i = run[0]
+                out = self._gated(i) if cfg.pipes[i].gated else self._ungated(i)
+                if cfg.combine == "weighted":
+                    out = g.op("Mul", [out, g.const(f"combine/beta_{i}", betas[i], self.cd)], f"combine/Mul_{i}")
+                outputs.append(out)
+            if self.on_pipe is not None:
+                self.on_pipe(len(run))
+
+        y2 = outputs[0] if len(outputs) == 1 else g.op("Sum", outputs, "combine/Sum")
+        if np.dtype(self.io_dtype) != self.cd:
+            y2 = g.op("Cast", [y2], "output/Cast", to=io_type)
+        out_shape = g.op("Concat", [lead, g.ints("output/out_dim", [cfg.out_dim])], "output/shape", axis=0)
+        g.op("Reshape", [y2, out_shape], "output/Reshape", outputs=["adapted"])
+
+        graph = g.graph
+        graph.name = "prism_adapter"
+        graph.input.append(helper.make_tensor_value_info("hidden", io_type, ["batch", "seq", cfg.in_dim]))
+        graph.output.append(helper.make_tensor_value_info("adapted", io_type, ["batch", "seq", cfg.out_dim]))
+        model = g.model  # built in place: make_graph/make_model would copy the weights twice
+        model.opset_import.append(helper.make_opsetid("", OPSET))
+        model.doc_string = (f"PRISM adapter {cfg.in_dim} -> {cfg.out_dim}, {cfg.num_pipes} pipe(s), "
+                            f"precision {self.precision}, lowered by prism-deploy")
+        write_metadata(model, self.metadata())
+        return finalize(model)
+
+    def _runs(self) -> list[list[int]]:
+        """Pipe indices in order, grouped: a run of consecutive ungated pipes is one group
+        (folded into one weight) in fp32/fp16; every other pipe is a group of its own."""
+        runs: list[list[int]] = []
+        for i, spec in enumerate(self.config.pipes):
+            prev = runs[-1][-1] if runs else None
+            if (not self.int8 and not spec.gated and prev is not None
+                    and not self.config.pipes[prev].gated):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return runs
+
+    def _input(self) -> tuple[str, str]:
+        g = self.g
+        shape = g.op("Shape", ["hidden"], "input/Shape")
+        lead = g.op("Slice", [shape, g.ints("input/zero", [0]), g.ints("input/two", [2])], "input/lead")
+        name = "hidden_2d" if np.dtype(self.io_dtype) == self.cd else "hidden_2d_io"
+        x2 = g.op("Reshape", ["hidden", g.ints("input/flat_shape", [-1, self.config.in_dim])],
+                  "input/Reshape", outputs=[name])
+        return x2, lead
+
+    def metadata(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "precision": self.precision.value,
+            "io_dtype": self.io_dtype,
+            "compute_dtype": self.cd.name,
+            "in_dim": cfg.in_dim,
+            "out_dim": cfg.out_dim,
+            "combine": cfg.combine,
+            "gated_form": self.gated_form,
+            "hidden_2d": self.x_cd,
+            "pipes": self.pipe_meta,
+        }
+
+    def _pipe_entry(self, i: int, **extra: Any) -> dict[str, Any]:
+        spec = self.config.pipes[i]
+        entry: dict[str, Any] = {
+            "index": i, "name": spec.name, "gated": spec.gated,
+            "R": spec.rows, "C": spec.cols, "tr": spec.tile_rows, "tc": spec.tile_cols,
+            "top_k": spec.top_k, "gate_scale": spec.gate_scale if spec.gated else None,
+            "scores": None, "output": None, "tiles": None, "scales": None,
+            "dense_weight": None, "folded_into": None, "form": None, "node_prefix": self.prefixes[i],
+        }
+        entry.update(extra)
+        return entry
+
+    # -- weights ------------------------------------------------------------------------
+    def _dense_weight_t(self, i: int, dtype: np.dtype | type) -> np.ndarray:
+        """``[in_dim, out_dim]``: pipe ``i``'s tiles permuted into the dense (transposed) matrix
+        and cropped to the real dims (``prism_deploy.core.tiles``). One new array; the tiles
+        themselves are only viewed."""
+        spec, cfg = self.config.pipes[i], self.config
+        view = dense_from_tiles(self.adapter.tiles(i), spec.grid, spec.tile, crop=(cfg.out_dim, cfg.in_dim),
+                                transpose=True)
+        return np.ascontiguousarray(view, dtype=dtype)
+
+    def _tiles_in_storage_order(self, i: int) -> tuple[str, str | None, str]:
+        """The tile initializer in storage order -> (tiles name, scales name, compute-dtype
+        tensor ``[R*C, tr, tc]``). INT8 tiles are dequantized in the graph (per axis, on the
+        tiles flattened to ``[R*C*tr, tc]``, axis 0: one scale per tile row)."""
+        g, p = self.g, self.prefixes[i]
+        spec = self.config.pipes[i]
+        W, (tr, tc) = spec.workers, spec.tile
+        if not self.int8:
+            tiles = g.initializer(f"{p}tiles", np.ascontiguousarray(self.adapter.tiles(i), dtype=self.cd))
+            return tiles, None, tiles
+        q, scales = quantize_rows(self.adapter.tiles(i))
+        tiles = g.initializer(f"{p}tiles", q.reshape(W * tr, tc))
+        scale_name = g.initializer(f"{p}tiles/scales", scales.reshape(W * tr))
+        del q
+        deq = g.op("DequantizeLinear", [tiles, scale_name, g.const(f"{p}tiles/zero_point", np.zeros(W * tr), np.int8)],
+                   f"{p}tiles/DequantizeLinear", axis=0)
+        # DequantizeLinear's output type is the scale's (float32, per the metadata contract)
+        deq = g.op("Cast", [deq], f"{p}tiles/Cast", to=self.cd_onnx)
+        return tiles, scale_name, g.op("Reshape", [deq, g.ints(f"{p}tiles/shape", [W, tr, tc])], f"{p}tiles/Reshape")
+
+    def _act_qdq(self, x: str, key: str) -> str:
+        """int8-qdq: QuantizeLinear -> DequantizeLinear on a MatMul's activation input.
+        The scale is a placeholder until calibration fills it in (``_calibrate``)."""
+        if not self.qdq:
+            return x
+        g = self.g
+        scale = g.const(f"{key}act_scale", 1.0, self.cd)
+        zp = g.const(f"{key}act_zero_point", 0, np.int8)
+        self.act_scales[scale] = x
+        q = g.op("QuantizeLinear", [x, scale, zp], f"{key}QuantizeLinear")
+        return g.op("DequantizeLinear", [q, scale, zp], f"{key}DequantizeLinear")
+
+    # -- ungated ------------------------------------------------------------------------
+    def _ungated(self, i: int) -> str:
+        """One MatMul ``[T, in_dim] @ [in_dim, out_dim]``.
+
+        fp32/fp16: the weight is built at export time: the tiles ``[R*C, tr, tc]`` in
+        row-major storage are NOT the dense matrix laid out flat (worker ``r*C + c``'s tile
+        sits at rows ``r*tr..`` and columns ``c*tc..`` of it), so this is a permutation of
+        the storage (``[R, C, tr, tc] -> [C, tc, R, tr]``), then a crop to the real dims
+        (padded input columns multiply zeros, padded output rows are cut: dropping them is
+        exact and saves their work). INT8: the same permutation and crop in the graph, after
+        the DequantizeLinear, so that the tiles and scales stay in storage order.
+        """
+        g, p = self.g, self.prefixes[i]
+        spec = self.config.pipes[i]
+        cfg = self.config
+        if not self.int8:
+            w = g.initializer(f"{p}weight", self._dense_weight_t(i, self.cd))
+            x = self.x_cd
+            out = g.op("MatMul", [x, w], f"{p}MatMul", outputs=[f"{p}output"])
+            self.pipe_meta.append(self._pipe_entry(i, output=out, dense_weight=w))
+            return out
+        (R, C), (tr, tc) = spec.grid, spec.tile
+        tiles, scales, t3 = self._tiles_in_storage_order(i)
+        t4 = g.op("Reshape", [t3, g.ints(f"{p}weight/shape4", [R, C, tr, tc])], f"{p}weight/Reshape4")
+        tt = g.op("Transpose", [t4], f"{p}weight/Transpose", perm=[1, 3, 0, 2])  # [C, tc, R, tr]
+        dense = g.op("Reshape", [tt, g.ints(f"{p}weight/shape2", [C * tc, R * tr])], f"{p}weight/Reshape2")
+        w = g.op("Slice", [dense, g.ints(f"{p}weight/starts", [0, 0]),
+                           g.ints(f"{p}weight/ends", [cfg.in_dim, cfg.out_dim])], f"{p}weight/Slice")
+        x = self._act_qdq(self.x_cd, f"{p}input/")
+        out = g.op("MatMul", [x, w], f"{p}MatMul", outputs=[f"{p}output"])
+        self.pipe_meta.append(self._pipe_entry(i, output=out, tiles=tiles, scales=scales))
+        return out
+
+    def _folded_ungated(self, run: list[int], betas: list[float]) -> str:
+        """Consecutive ungated pipes summed with their combine weights into ONE weight.
+
+        ``sum_p beta_p * (x @ W_p) = x @ (sum_p beta_p * W_p)``: exact in real arithmetic.
+        In floating point the folded weight is summed in float32 (each entry: at most one
+        rounding of 2^-24 relative per pipe added, a few 1e-7 for 2-3 pipes) and, for fp16,
+        rounded once to float16 (2^-11), where the unfolded graph rounds every pipe's weight
+        to float16 and also rounds each pipe's output and their sum: the folded graph is as
+        close to the exact result as the unfolded one or closer (measured in the tests:
+        fp32 rel L2 error ~2e-7). Not done for INT8, whose per-tile-row scales (the metadata
+        contract) need the tiles kept apart.
+        """
+        g = self.g
+        prefix = f"fold{run[0]}/"
+        acc = np.zeros((self.config.in_dim, self.config.out_dim), dtype=np.float32)
+        for i in run:  # one pipe's weight at a time: transient copies of one pipe's size
+            acc += np.float32(betas[i]) * self._dense_weight_t(i, np.float32)
+        if self.cd == np.float16:
+            _check_float16_range(f"the folded weight of pipes {run}", float(acc.min()), float(acc.max()))
+        w = g.initializer(f"{prefix}weight", acc.astype(self.cd, copy=False))
+        del acc
+        out = g.op("MatMul", [self.x_cd, w], f"{prefix}MatMul", outputs=[f"{prefix}output"])
+        for i in run:
+            self.pipe_meta.append(self._pipe_entry(i, dense_weight=w, folded_into=prefix))
+        return out
+
+    # -- gated --------------------------------------------------------------------------
+    def _gate(self, i: int) -> tuple[str, str, str]:
+        """float32 scores -> TopK -> Softmax -> * gate_scale -> scattered into zeros [T, R*C].
+
+        Scores and Softmax stay float32 in every precision (docs/onnx-lowering.md: float16
+        scores flip TopK selections far more often than float32 rounding does, and the gate
+        is a small part of the work). Returns (scores, indices, dense gates in compute dtype).
+        """
+        g, p = self.g, self.prefixes[i]
+        spec = self.config.pipes[i]
+        gate = self.adapter.gate(i)
+        assert gate is not None and spec.top_k is not None
+        gd = self.gate_dtype
+        wt = g.initializer(f"{p}gate/weight_t", np.asarray(gate[0], dtype=np.float32).T.astype(gd))
+        b = g.initializer(f"{p}gate/bias", np.asarray(gate[1], dtype=np.float32).astype(gd))
+        if gd == np.float32:
+            mm = g.op("MatMul", [self.x_f32, wt], f"{p}gate/MatMul")
+            scores = g.op("Add", [mm, b], f"{p}gate/Add", outputs=[f"{p}gate/scores"])
+        else:  # measurement only: float16 scores, widened afterwards (TopK order unchanged)
+            x16 = self.x_cd if self.cd == np.float16 else g.op("Cast", [self.x_cd], f"{p}gate/Cast16", to=TensorProto.FLOAT16)
+            mm = g.op("MatMul", [x16, wt], f"{p}gate/MatMul")
+            s16 = g.op("Add", [mm, b], f"{p}gate/Add")
+            scores = g.op("Cast", [s16], f"{p}gate/CastScores", to=TensorProto.FLOAT)
+        values, indices = g.op("TopK", [scores, g.ints(f"{p}gate/k", [spec.top_k])], f"{p}gate/TopK",
+                               outputs=[f"{p}gate/topk_values", f"{p}gate/topk_indices"],
+                               axis=-1, largest=1, sorted=1)
+        soft = g.op("Softmax", [values], f"{p}gate/Softmax", axis=-1)
+        weights = g.op("Mul", [soft, g.const(f"{p}gate/scale", spec.gate_scale, np.float32)], f"{p}gate/Mul",
+                       outputs=[f"{p}gate/weights"])
+        shape = g.op("Shape", [scores], f"{p}gate/Shape")
+        zeros = g.op("ConstantOfShape", [shape], f"{p}gate/ConstantOfShape",
+                     value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0]))
+        # no reduction: indices are distinct (TopK), and reduction="add" fails in float16 on ORT
+        dense = g.op("ScatterElements", [zeros, indices, weights], f"{p}gate/ScatterElements",
+                     outputs=[f"{p}gate/dense"], axis=1)
+        if self.cd != np.float32:
+            dense = g.op("Cast", [dense], f"{p}gate/Cast", to=self.cd_onnx)
+        return scores, indices, dense
+
+    def _gated(self, i: int) -> str:
+        g, p = self.g, self.prefixes[i]
+        spec = self.config.pipes[i]
+        cfg = self.config
+        (R, C), (tr, tc) = spec.grid, spec.tile
+        form = self.gated_form if self.gated_form != "auto" else choose_gated_form(spec, self.precision)
+        scores, _, gates = self._gate(i)
+        tiles, scales, t3 = self._tiles_in_storage_order(i)
+        # zero-pad the input to C*tc (always present, a no-op when C*tc == in_dim, so that
+        # the node count never depends on the grid)
+        xp = g.op("Pad", [self.x_cd, g.ints(f"{p}pad/pads", [0, 0, 0, spec.padded_in - cfg.in_dim])],
+                  f"{p}Pad")
+        t4 = g.op("Reshape", [t3, g.ints(f"{p}tiles/shape4", [R, C, tr, tc])], f"{p}tiles/Reshape4")
+        if form == "A":
+            # weights [R, C*tc, tr]: per row-block, the tiles of its C workers stacked along K
+            wt = g.op("Transpose", [t4], f"{p}tiles/Transpose", perm=[0, 1, 3, 2])
+            w = g.op("Reshape", [wt, g.ints(f"{p}tiles/shapeA", [R, C * tc, tr])], f"{p}tiles/ReshapeA")
+            g3 = g.op("Reshape", [gates, g.ints(f"{p}gates/shape", [-1, R, C])], f"{p}gates/Reshape")
+            gt = g.op("Transpose", [g3], f"{p}gates/Transpose", perm=[1, 0, 2])  # [R, T, C]
+            g4 = g.op("Unsqueeze", [gt, g.ints(f"{p}gates/axes", [3])], f"{p}gates/Unsqueeze")
+            x4 = g.op("Reshape", [xp, g.ints(f"{p}input/shape", [1, -1, C, tc])], f"{p}input/Reshape")
+            scaled = g.op("Mul", [g4, x4], f"{p}input/Mul")  # [R, T, C, tc]
+            scaled = g.op("Reshape", [scaled, g.ints(f"{p}input/shapeA", [R, -1, C * tc])], f"{p}input/ReshapeA")
+            scaled = self._act_qdq(scaled, f"{p}input/")
+            y = g.op("MatMul", [scaled, w], f"{p}MatMul")  # [R, T, tr]
+            y = g.op("Transpose", [y], f"{p}output/Transpose", perm=[1, 0, 2])  # [T, R, tr]
+        else:
+            # weights [C, tc, R*tr]: per column-block, its R workers side by side along N
+            wt = g.op("Transpose", [t4], f"{p}tiles/Transpose", perm=[1, 3, 0, 2])
+            w = g.op("Reshape", [wt, g.ints(f"{p}tiles/shapeB", [C, tc, R * tr])], f"{p}tiles/ReshapeB")
+            xq = self._act_qdq(xp, f"{p}input/")
+            x3 = g.op("Reshape", [xq, g.ints(f"{p}input/shape", [-1, C, tc])], f"{p}input/Reshape")
+            xt = g.op("Transpose", [x3], f"{p}input/Transpose", perm=[1, 0, 2])  # [C, T, tc]
+            part = g.op("MatMul", [xt, w], f"{p}MatMul")  # [C, T, R*tr]
+            part = g.op("Reshape", [part, g.ints(f"{p}partials/shape", [C, -1, R, tr])], f"{p}partials/Reshape")
+            g3 = g.op("Reshape", [gates, g.ints(f"{p}gates/shape", [-1, R, C])], f"{p}gates/Reshape")
+            gt = g.op("Transpose", [g3], f"{p}gates/Transpose", perm=[2, 0, 1])  # [C, T, R]
+            g4 = g.op("Unsqueeze", [gt, g.ints(f"{p}gates/axes", [3])], f"{p}gates/Unsqueeze")
+            weighted = g.op("Mul", [part, g4], f"{p}partials/Mul")  # [C, T, R, tr]
+            y = g.op("ReduceSum", [weighted, g.ints(f"{p}partials/axes", [0])], f"{p}partials/ReduceSum",
+                     keepdims=0)  # [T, R, tr]
+        y = g.op("Reshape", [y, g.ints(f"{p}output/shape", [-1, R * tr])], f"{p}output/Reshape")
+        out = g.op("Slice", [y, g.ints(f"{p}output/starts", [0]), g.ints(f"{p}output/ends", [cfg.out_dim]),
+                             g.ints(f"{p}output/axes", [1])], f"{p}output/Slice", outputs=[f"{p}output"])
+        self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales, form=form))
+        return out
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _check_float16_range(what: str, lo: float, hi: float) -> None:
+    """float16 graphs hold the weights in float16: values past 65504 would become inf."""
+    if max(abs(lo), abs(hi)) > FLOAT16_MAX:
+        raise PrismInputError(f"{what}: values up to {max(abs(lo), abs(hi)):.4g} exceed the float16 range "
+                              f"(65504); use --precision fp32")
+
+
+def _min_max(a: np.ndarray) -> tuple[float, float]:
+    """Smallest and largest value, a slice at a time (bfloat16 widened only a slice at a time)."""
+    flat = a.reshape(-1)
+    lo, hi = np.inf, -np.inf
+    step = 1 << 24
+    for s in range(0, flat.size, step):
+        chunk = np.asarray(flat[s:s + step], dtype=np.float32)
+        lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+    return lo, hi

@@ -1,0 +1,21 @@
+"""Local tokenizers (``transformers.AutoTokenizer``): no PyTorch needed, nothing downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prism_deploy.core.errors import PrismInputError, require
+
+
+def load_tokenizer(tok_dir: str | os.PathLike[str]) -> Any:
+    require("transformers", "reading a tokenizer")
+    from transformers import AutoTokenizer
+
+    if not Path(tok_dir).is_dir():
+        raise PrismInputError(f"{tok_dir}: not a folder (a local tokenizer folder is expected)")
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise PrismInputError(f"{tok_dir}: cannot load a tokenizer from it ({' '.join(str(exc).split())[:300]})") from None

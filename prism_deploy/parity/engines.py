@@ -1,0 +1,121 @@
+"""The checks a build runs on each engine it makes, before the engine enters the folder.
+
+The builder (``prism_deploy.builder``) is handed one of these; it never runs engines itself.
+
+- ``adapter_engine_check(ADAPTER)``: the engine, opened through the loader users get
+  (``prism_deploy.runtime.engines``), against the PyTorch reference (``check_parity``).
+- ``model_graph_check(MODEL_DIR)``: a built model graph against the exported ONNX it was built
+  from, on the same random inputs (same precision: only graph rewrites may differ). A TensorRT
+  engine of a model graph cannot be run here (no multi-input TensorRT runner yet): it is
+  recorded as not checked, never as passed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prism_deploy.builder.loop import CheckResult, EngineCheck, Unit
+from prism_deploy.core import tolerances
+from prism_deploy.core.metrics import compare
+from prism_deploy.core.targets import Target
+from prism_deploy.format import model_folder
+
+# Parity runs the engine on this many random batches of the profile's OPT shape.
+PARITY_SAMPLES = 2
+PARITY_PAST = 3  # past length fed to the KV-cache graph in a model graph's check
+
+
+def adapter_engine_check(adapter_path: str | os.PathLike[str]) -> EngineCheck:
+    """The build's parity gate for adapter engines (needs PyTorch: the reference)."""
+    from prism_deploy.core.errors import require_torch
+
+    require_torch("the build's parity check (pass --no-parity to build without it)")
+    state: dict[str, Any] = {}
+
+    def check(unit: Unit, folder: Path, entry: dict[str, Any]) -> CheckResult:
+        from prism_deploy.parity.check import check_parity
+        from prism_deploy.reference import load_adapter
+        from prism_deploy.runtime.engines import open_entry
+
+        if "adapter" not in state:
+            state["adapter"] = load_adapter(adapter_path)
+        adapter = state["adapter"]
+        loaded = open_entry(folder, entry, adapter.config.to_json())
+        profile = unit.config.profile
+        report = check_parity(adapter, loaded, precision=unit.config.precision, samples=PARITY_SAMPLES,
+                              batch=profile.batch[1], seq=profile.seq[1], seed=0)
+        return CheckResult(bool(report.passed), report.to_json(), "; ".join(report.failures))
+
+    return check
+
+
+def model_graph_check(model_dir: str | os.PathLike[str]) -> EngineCheck:
+    """The build's parity gate for model graphs (no PyTorch needed)."""
+    source = Path(model_dir)
+    model = model_folder.read_model_json(source)
+
+    def check(unit: Unit, folder: Path, entry: dict[str, Any]) -> CheckResult:
+        key = unit.config.layout
+        if Target(entry["target"]) is Target.TRT:
+            return CheckResult(None, {"checked": False, "reason": "no TensorRT runner for model graphs yet"})
+        return graph_parity(model_folder.file_path(source, model, key), folder, entry, model, key)
+
+    return check
+
+
+def graph_parity(source_onnx: Path, work: Path, entry: dict[str, Any], model: dict[str, Any], key: str,
+                 seed: int = 0) -> CheckResult:
+    """Run the built graph and the source ONNX on the same random inputs; relative L2 on every
+    output, top-1 agreement on logits."""
+    from prism_deploy.format.engine_manifest import verify_part
+    from prism_deploy.runtime.onnx_runner import OnnxRunner
+
+    provider = Target(entry["target"]).provider
+    part = entry["parts"][0]
+    session = entry["session"]
+    built = OnnxRunner.open(verify_part(work, part), provider, optimization_level=session["load_graph_optimization_level"],
+                            session_config=session.get("load_session_config"))
+    reference = OnnxRunner.open(source_onnx, provider)
+    feeds, mask = parity_inputs(reference, model, key, seed, source_onnx.parent)
+    got, want = built.run(feeds), reference.run(feeds)
+    tol = tolerances.built_graph(str(model.get("precision", "fp32")))
+    figures: dict[str, Any] = {"checked": True, "tolerances": tol.to_json(), "outputs": {}}
+    bad: list[str] = []
+    for name in reference.output_names:
+        is_logits = name == "logits"
+        fig = compare(got[name], want[name], mask if is_logits or name == "hidden" else None, logits=is_logits,
+                      tie_gap=tol.tie_gap)
+        figures["outputs"][name] = fig
+        bad += tol.failures({k: fig[k] for k in ("rel_l2", "top1") if k in fig}, name)
+    figures["rel_l2"] = max(f["rel_l2"] for f in figures["outputs"].values())
+    figures["max_abs"] = max(f["max_abs"] for f in figures["outputs"].values())
+    return CheckResult(not bad, figures, "; ".join(bad))
+
+
+def parity_inputs(runner: Any, model: dict[str, Any], key: str, seed: int,
+                  model_dir: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """Random feeds for one graph: ids/mask (upper), embeds/mask (lower), plus a short past
+    (KV graph). Returns (feeds, mask over the new tokens)."""
+    rng = np.random.default_rng(seed)
+    dims = model["dims"]
+    batch, seq = 2, max(1, min(int(model["max_seq"]) - PARITY_PAST, 7))
+    past = PARITY_PAST if key == "graph_with_past" else 0
+    mask = np.ones((batch, past + seq), dtype=np.int64)
+    mask[-1, :2] = 0  # one left-padded row
+    if model["role"] == "upper":
+        ids = rng.integers(0, int(dims["vocab"]), size=(batch, seq), dtype=np.int64)
+        return {"input_ids": ids, "attention_mask": mask}, mask
+    # embedding-scale inputs: rows of model B's own table plus noise
+    table = np.load(model_folder.file_path(model_dir, model, "embed_tokens"), mmap_mode="r", allow_pickle=False)
+    rows = np.asarray(table[rng.integers(0, table.shape[0], size=(batch, seq))], dtype=np.float32)
+    embeds = rows + rng.normal(0.0, float(rows.std()) or 1.0, size=rows.shape)
+    feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask}
+    if key == "graph_with_past":
+        shape = (batch, int(dims["kv_heads"]), past, int(dims["head_dim"]))
+        for name in model_folder.past_names(int(dims["layers"])):
+            feeds[name] = rng.normal(0.0, 1.0, size=shape).astype(np.float32)
+    return feeds, mask[:, past:]
