@@ -242,7 +242,6 @@ def test_bench_plot_without_matplotlib_exit_2(tiny: Path, tmp_path: Path, capsys
 
 
 def test_bench_runs_built_engines(tiny: Path, tmp_path: Path, capsys):
-    pytest.importorskip("prism_deploy.runtime.engines")
     engines = tmp_path / "engines"
     assert main(["build", str(tiny), "-o", str(engines), "--target", "ort-cpu", "--precision", "fp32"]) == 0
     capsys.readouterr()

@@ -18,10 +18,11 @@ import torch
 
 pytest.importorskip("onnxruntime_extensions", reason="onnxruntime-extensions is not installed")
 
-from fuse_helpers import contract_model, dequantized_adapter  # noqa: E402
 
 from prism_deploy.cli.main import main  # noqa: E402
 from prism_deploy.core.errors import PrismInputError  # noqa: E402
+from prism_deploy.core.tiles import stored_as  # noqa: E402
+from prism_deploy.lower import build_model  # noqa: E402
 from prism_deploy.format import AdapterConfig, PipeSpec  # noqa: E402
 from prism_deploy.fuse import FUSION_KEY, fuse_gated_pipes  # noqa: E402
 from prism_deploy.fuse.ort_twin import make_twin_session, tile_dispatch_twin  # noqa: E402
@@ -50,12 +51,17 @@ def _rel(y, ref):
 
 
 def _models(adapter, precision):
-    """(source, model, input rank): the contract stand-in takes [T, in_dim], exports [b, s, in_dim]."""
-    yield "contract", contract_model(adapter, precision), 2
-    from prism_deploy.lower import build_model
-
+    """(source, model, input rank): the exporter's graphs, both gated forms."""
     for form in ("A", "B"):
         yield f"export form {form}", build_model(adapter, precision=precision, gated_form=form), 3
+
+
+def dequantized_adapter(adapter):
+    """The adapter whose tiles are exactly what int8 tiles with row scales stand for."""
+    tensors = dict(adapter.tensors())
+    for i, pipe in enumerate(adapter.pipe_list()):
+        tensors[f"pipes.{i}.tiles"] = torch.from_numpy(stored_as(pipe.tiles, "int8"))
+    return type(adapter)(adapter.config, tensors)
 
 
 def _run(session, x, rank):
@@ -95,8 +101,6 @@ def test_fused_graph_with_the_kernel_source_matches_reference(adapter, x, precis
     kernel's own source (run on the CPU): the graph rewrite and the kernel code, end to end."""
     ref_adapter = dequantized_adapter(adapter) if precision == "int8" else adapter
     ref = ref_adapter(x).numpy()
-    from prism_deploy.lower import build_model
-
     model = build_model(adapter, precision=precision)
     fused = fuse_gated_pipes(model)
     y = _run(make_twin_session(fused, kernel="host"), x, 3)
@@ -109,7 +113,7 @@ def test_fused_graph_with_the_kernel_source_matches_reference(adapter, x, precis
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_fused_structure(adapter, precision):
-    model = contract_model(adapter, precision)
+    model = build_model(adapter, precision=precision)
     before = model.SerializeToString()
     fused = fuse_gated_pipes(model)
     assert model.SerializeToString() == before  # the input model is left as it was
@@ -151,24 +155,24 @@ def test_value_attributes_are_used(adapter, x, attr, value):
     (Shape attributes are covered by the parity test: a wrong R, C, tr, tc or out_dim cannot
     reshape the tiles. They are not mutated here because an exception inside an
     onnxruntime-extensions Python op aborts the whole process.)"""
-    fused = fuse_gated_pipes(contract_model(adapter, "fp32"))
-    good = make_twin_session(fused).run(None, {"hidden": x.numpy()})[0]
+    fused = fuse_gated_pipes(build_model(adapter, precision="fp32"))
+    good = make_twin_session(fused).run(None, {"hidden": x.numpy()[None]})[0][0]
     node = next(n for n in fused.graph.node if n.name == "p1/tile_dispatch")
     for a in node.attribute:
         if a.name == attr:
             a.CopyFrom(onnx.helper.make_attribute(attr, value))
-    bad = make_twin_session(fused).run(None, {"hidden": x.numpy()})[0]
+    bad = make_twin_session(fused).run(None, {"hidden": x.numpy()[None]})[0][0]
     assert not np.allclose(bad, good, rtol=1e-4, atol=1e-5)
 
 
 def test_no_gated_pipe_is_a_no_op():
     cfg = AdapterConfig(8, 6, (PipeSpec("p1", (2, 2), (3, 4), None, 1.0),), "sum")
-    model = contract_model(random_adapter(cfg, seed=1), "fp32")
+    model = build_model(random_adapter(cfg, seed=1), precision="fp32")
     assert fuse_gated_pipes(model).SerializeToString() == model.SerializeToString()
 
 
 def test_bad_models_get_clean_errors(adapter):
-    model = contract_model(adapter, "fp32")
+    model = build_model(adapter, precision="fp32")
     bare = onnx.ModelProto()
     bare.CopyFrom(model)
     del bare.metadata_props[:]
@@ -186,11 +190,11 @@ def test_bad_models_get_clean_errors(adapter):
 
 def test_fuse_command(adapter, x, tmp_path, capsys):
     src, dst = tmp_path / "a.onnx", tmp_path / "a.fused.onnx"
-    save_model(contract_model(adapter, "fp32"), src)
+    save_model(build_model(adapter, precision="fp32"), src)
     assert main(["fuse", str(src), "-o", str(dst), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [p["name"] for p in out["fused_pipes"]] == ["p1", "p3"] and out["nodes_after"] < out["nodes_before"]
-    y = make_twin_session(onnx.load(str(dst))).run(None, {"hidden": x.numpy()})[0]
+    y = make_twin_session(onnx.load(str(dst))).run(None, {"hidden": x.numpy()[None]})[0][0]
     assert _rel(y, adapter(x).numpy()) < TOL["fp32"]
     assert main(["fuse", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx")]) == 2
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")

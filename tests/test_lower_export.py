@@ -204,6 +204,7 @@ def test_external_data_model_runs_in_ort_runner(tmp_path, mixed):
 
 
 def test_tiles_from_dense_inverts_the_permutation():
+    from prism_deploy.core.tiles import dense_from_tiles
     from prism_deploy.runtime.adapter_graph import AdapterGraph
 
     cfg = AdapterConfig(30, 20, (PipeSpec("u", (3, 4), (7, 8), None),))
@@ -216,8 +217,7 @@ def test_tiles_from_dense_inverts_the_permutation():
         got = AdapterGraph(Path(d) / "u.onnx").stored_tiles()[0]
     # cropped-away padding comes back as zeros; the rest is the tiles exactly
     ref = a.pipe_list()[0].dense_weight()
-    (R, C), (tr, tc) = cfg.pipes[0].grid, cfg.pipes[0].tile
-    dense = torch.from_numpy(got).reshape(R, C, tr, tc).permute(0, 2, 1, 3).reshape(R * tr, C * tc)
+    dense = dense_from_tiles(torch.from_numpy(got), cfg.pipes[0].grid, cfg.pipes[0].tile)
     torch.testing.assert_close(dense[:20, :30], ref[:20, :30], rtol=0, atol=0)
 
 

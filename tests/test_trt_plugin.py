@@ -43,18 +43,28 @@ def test_trt_package_type_checks_against_stubs(tmp_path):
     assert any("no_such_method" in ln for ln in errors)
 
 
-def test_detection_without_real_tensorrt_is_honest():
-    from prism_deploy.trt import plugin_support as tensorrt_available
+def test_detection_is_honest():
+    """plugin_support says yes exactly when a real TensorRT with AOT plugins imports, and always says why."""
+    from prism_deploy.trt import plugin_support
 
-    ok, why = tensorrt_available()
+    ok, why = plugin_support()
+    assert why
     try:
         import tensorrt
 
         real = hasattr(tensorrt, "Builder")
     except ImportError:
         real = False
-    if not real:
-        assert not ok and why
+    if real:
+        try:
+            import tensorrt.plugin as trtp
+
+            has_aot = hasattr(trtp, "aot_impl")
+        except ImportError:
+            has_aot = False
+        assert ok == has_aot
+    else:
+        assert not ok
         from prism_deploy.trt.plugin import register_tile_dispatch_plugin
 
         with pytest.raises(RuntimeError, match="not installed"):

@@ -19,6 +19,7 @@ from prism_deploy.reference.module import load_adapter
 from prism_deploy.fuse import fuse_gated_pipes
 from prism_deploy.lower import export_onnx
 from prism_deploy.core.onnx_io import save_model
+from prism_deploy.core.precision import PRECISIONS
 from prism_deploy.trt.engine import TensorRTError, TrtBuildSettings, build_serialized_engine, parse_network
 
 try:
@@ -41,7 +42,7 @@ def graphs(tmp_path_factory):
     adapter = load_adapter(EXAMPLE)
     calib = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
     paths = {}
-    for precision in ("fp32", "fp16", "int8", "int8-qdq"):
+    for precision in PRECISIONS:
         for form in ("A", "B"):
             path = out / f"{precision}-{form}.onnx"
             export_onnx(adapter, path, precision=precision, gated_form=form,
@@ -62,7 +63,7 @@ def _matmuls(network):
 
 
 @pytest.mark.parametrize("form", ["A", "B"])
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8-qdq"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_every_lowering_parses_strongly_typed_with_its_precision(graphs, precision, form):
     _builder, network, _parser = parse_network(graphs[precision, form], trt_module=trt)
     layers = _matmuls(network)
@@ -94,7 +95,7 @@ def test_every_lowering_parses_strongly_typed_with_its_precision(graphs, precisi
 # reads and atomically rewrites the cache file still runs.
 @pytest.mark.filterwarnings("ignore:Use Deprecated in TensorRT-RTX:DeprecationWarning")
 @pytest.mark.parametrize("form", ["A", "B"])
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8-qdq"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_engine_builds_with_a_timing_cache(graphs, precision, form, tmp_path):
     """REFIT builds are not tried: TensorRT-RTX 1.7 needs CUDA for them (on a CPU its Myelin
     compiler fails with `CHECK(status == CUDA_SUCCESS)`), so they wait for a GPU and full TensorRT."""

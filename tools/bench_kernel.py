@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prism_deploy.core.tiles import dense_from_tiles  # noqa: E402
 from prism_deploy.kernel.semantics import top_k_select  # noqa: E402
 from prism_deploy.kernel.spec import TILE_BYTES, TileDispatchSpec  # noqa: E402
 
@@ -138,7 +139,7 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:  # pragma: no cover - needs
                 scales = torch.ones(1, device=dev)
                 dense_tiles = tiles
             # the dense baseline's weight [C*tc, R*tr] (a copy: cuBLAS needs one matrix)
-            dense_w = dense_tiles.reshape(R, C, tr, tc).permute(1, 3, 0, 2).reshape(C * tc, R * tr).contiguous()
+            dense_w = dense_from_tiles(dense_tiles, (R, C), (tr, tc), transpose=True).contiguous()
             del dense_tiles
             spec = case.spec(dtype, hidden_dtype)
             launcher = TileDispatchLauncher(spec)

@@ -91,9 +91,8 @@ class ModelSource:
         return source_kind(old) == "model" and old["model"].get("model_json_sha256") == self.model_json_sha
 
     def owns(self, old: dict[str, Any]) -> bool:
-        if source_kind(old) != "model":
-            raise PrismInputError(f"-o {self.request.out_dir}: holds adapter engines; build the model into another folder")
-        return old["model"].get("role") == self.role
+        """A folder of this role's model engines (a re-export of the model counts)."""
+        return source_kind(old) == "model" and old["model"].get("role") == self.role
 
     def copies(self) -> list[tuple[str, Path]]:
         names = [model_folder.MANIFEST, *(self.model["files"][k]["name"] for k in model_folder.TABLES

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from prism_deploy.cli.output import print_json, print_table
+from prism_deploy.core.precision import MODEL_PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--role", required=True, choices=("upper", "lower"),
                    help="upper: ids -> final hidden states (model A); lower: embeddings -> logits, with a KV-cache graph (model B)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (graphs and model.json)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    p.add_argument("--precision", default="fp32", choices=MODEL_PRECISIONS)
     p.add_argument("--max-seq", type=int, default=None, metavar="N",
                    help="longest sequence the pipeline will accept (default: the model's limit, at most 2048)")
     p.add_argument("--json", action="store_true", help="print the manifest as one JSON object")

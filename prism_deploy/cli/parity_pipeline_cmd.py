@@ -1,7 +1,5 @@
-"""``prism-deploy parity-pipeline``: the exported chain against transformers A + reference adapter + transformers B.
-
-To be merged by the lead into ``prism-deploy parity`` as ``--pipeline``.
-"""
+"""``prism-deploy parity --pipeline`` (also spelled ``parity-pipeline``): the exported chain against
+transformers A + the reference adapter + transformers B."""
 
 from __future__ import annotations
 
@@ -10,6 +8,7 @@ import argparse
 from prism_deploy.cli.output import print_json, print_table
 from prism_deploy.cli.pipeline_inputs import add_input_arguments, read_inputs
 from prism_deploy.cli.run_cmd import add_pipeline_arguments
+from prism_deploy.core.precision import PIPELINE_TOLERANCE_SETS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=2, help="random inputs: rows (default 2)")
     p.add_argument("--seq", type=int, default=16, help="random inputs: tokens per row (default 16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tolerance", choices=("fp32", "fp16", "int8"), default=None,
+    p.add_argument("--tolerance", choices=PIPELINE_TOLERANCE_SETS, default=None,
                    help="tolerance set (default: from the least precise part)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run, needs=("torch", "transformers"))

@@ -109,6 +109,17 @@ def nvrtc_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def nvrtc_status() -> tuple[bool, str]:
+    """Whether NVRTC can compile here: the binding imports and the library (libnvrtc) loads."""
+    try:
+        major, minor = nvrtc_version()
+    except ImportError as exc:
+        return False, f"cuda-bindings (NVRTC) is not installed ({exc})"
+    except Exception as exc:  # the binding raises when libnvrtc cannot be loaded
+        return False, f"NVRTC cannot be loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    return True, f"NVRTC {major}.{minor}"
+
+
 def compile_ptx(
     spec: TileDispatchSpec,
     arch: str | int | tuple[int, int],

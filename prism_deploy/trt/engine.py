@@ -9,8 +9,10 @@ Written against the API documented for TensorRT 10.8+ and 11.x (see docs/engines
   (runs on the lean runtime, which must be allowed to run the engine's host code) and
   ``WEIGHT_STREAMING`` (weights larger than GPU memory stream in at run time).
 
-No real TensorRT could be installed where this was written: this module type-checks
-against ``tensorrt-stubs`` (tests/test_build_trt.py) and its real tests skip without a GPU.
+No real TensorRT could be installed where this was written: this module type-checks against
+``tensorrt-stubs`` (tests/test_trt_plugin.py, through tools/mypy_trt.py), its parser and builder
+calls run through TensorRT-RTX (tests/test_trt_rtx_build.py), and its real tests
+(tests/test_build_trt.py) skip without a GPU.
 ``tensorrt`` is imported inside the functions: importing this module never needs it.
 """
 
