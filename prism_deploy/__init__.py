@@ -28,7 +28,8 @@ _LAZY = {
     "save_adapter": "prism_deploy.reference",
     "plan_tiles": "prism_deploy.plan",
     "load_engines": "prism_deploy.runtime.engines",
-    "Pipeline": "prism_deploy.runtime.pipeline",
+    "Pipeline": "prism_deploy.runtime.chain",
+    "Chain": "prism_deploy.runtime.chain",
 }
 
 __all__ = ["__version__", *_LAZY]

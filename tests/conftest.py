@@ -48,10 +48,10 @@ def zoo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("models")
     z = {kind: make_model(kind, root / kind) for kind in ("llama", "qwen2", "gpt2")}
-    z["A"] = root / "A_llama_upper"
-    z["B"] = root / "B_qwen2_lower"
-    export_model(z["llama"], "upper", z["A"], max_seq=64)
-    export_model(z["qwen2"], "lower", z["B"], max_seq=64)
+    z["A"] = root / "A_llama_first"
+    z["B"] = root / "B_qwen2_last"
+    export_model(z["llama"], "first", z["A"], max_seq=64)
+    export_model(z["qwen2"], "last", z["B"], max_seq=64)
     z["adapter"] = root / "adapter.safetensors"
     random_adapter(simple_config(64, 96, (4, 2), top_k=3), seed=5).save(z["adapter"])
     return z

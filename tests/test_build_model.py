@@ -41,8 +41,8 @@ def _build(capsys, *argv: str) -> tuple[int, dict | None, str]:
     return code, (json.loads(out) if "--json" in argv and code == 0 else None), err
 
 
-def test_upper_and_lower_builds_write_engines_manifest_and_copies(exports, built):
-    for key, role, graphs in (("A", "upper", ["graph"]), ("B", "lower", ["graph", "graph_with_past"])):
+def test_first_and_last_builds_write_engines_manifest_and_copies(exports, built):
+    for key, role, graphs in (("A", "first", ["graph"]), ("B", "last", ["graph", "graph_with_past"])):
         manifest = json.loads((built[key] / "manifest.json").read_text())
         assert manifest["schema"] == "prism-deploy.engines" and manifest["model"]["role"] == role
         assert manifest["model"]["model_json_sha256"] == file_sha256(exports[key] / "model.json")
@@ -56,7 +56,7 @@ def test_upper_and_lower_builds_write_engines_manifest_and_copies(exports, built
             ops = {n.op_type for n in onnx.load(str(built[key] / part["file"])).graph.node}
             assert "SimplifiedLayerNormalization" in ops
         copies = {c["file"] for c in manifest["model"]["copies"]}
-        assert copies == ({"model.json"} if role == "upper" else {"model.json", "embed_tokens.npy"})
+        assert copies == ({"model.json"} if role == "first" else {"model.json", "embed_tokens.npy"})
         for name in copies:
             assert (built[key] / name).read_bytes() == (exports[key] / name).read_bytes()
 
@@ -72,12 +72,12 @@ def test_second_run_reuses_and_changed_model_rebuilds(exports, tmp_path, capsys)
     assert code == 0 and [e["action"] for e in second["engines"]] == ["reused"] and not second["manifest_written"]
     assert (out / "manifest.json").read_bytes() == manifest_bytes
     # a re-export with other weights (same shapes): new graph hash, recorded in model.json
-    model = onnx.load(str(src / "upper.onnx"))
+    model = onnx.load(str(src / "first.onnx"))
     init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
-    onnx.save(model, str(src / "upper.onnx"))
+    onnx.save(model, str(src / "first.onnx"))
     meta = json.loads((src / "model.json").read_text())
-    meta["files"]["graph"]["sha256"] = file_sha256(src / "upper.onnx")
+    meta["files"]["graph"]["sha256"] = file_sha256(src / "first.onnx")
     (src / "model.json").write_text(json.dumps(meta))
     old_file = first["engines"][0]["entry"]["parts"][0]["file"]
     code, third, _ = _build(capsys, "--model", str(src), "-o", str(out), "--target", "ort-cpu", "--json")
@@ -100,7 +100,7 @@ def test_changed_tool_version_rebuilds(exports, tmp_path, capsys, monkeypatch):
 
 def test_corrupt_engine_is_refused_by_the_pipeline_and_rebuilt(exports, tmp_path, capsys):
     from prism_deploy.format.engine_manifest import EngineFileError
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.runtime.chain import Pipeline
 
     out = tmp_path / "A"
     assert _build(capsys, "--model", str(exports["A"]), "-o", str(out), "--target", "ort-cpu")[0] == 0
@@ -140,11 +140,11 @@ def test_failed_parity_exits_1_and_keeps_the_manifest(exports, tmp_path, capsys,
 
 
 def test_pipeline_from_built_folders_equals_pipeline_from_exports(exports, built):
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.runtime.chain import Pipeline
 
     plain = Pipeline(exports["A"], exports["adapter"], exports["B"], target="ort-cpu")
     engines = Pipeline(built["A"], exports["adapter"], built["B"], target="ort-cpu")
-    assert engines.upper.folder.built and engines.lower.folder.built and not plain.upper.folder.built
+    assert engines.first.folder.built and engines.last.folder.built and not plain.first.folder.built
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 300, size=(3, 9), dtype=np.int64)
     mask = np.ones_like(ids)
@@ -169,9 +169,9 @@ def test_run_cli_accepts_built_folders(exports, built, capsys):
 
 def test_built_folder_of_the_wrong_role_is_refused(exports, built):
     from prism_deploy.core.errors import PrismInputError
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.runtime.chain import Pipeline
 
-    with pytest.raises(PrismInputError, match="role 'lower', 'upper' is needed"):
+    with pytest.raises(PrismInputError, match="role 'last', 'first' is needed"):
         Pipeline(built["B"], exports["adapter"], built["B"], target="ort-cpu")
     with pytest.raises(PrismInputError, match="not adapter engines"):
         Pipeline(exports["A"], built["A"], exports["B"], target="ort-cpu")
@@ -199,7 +199,7 @@ def test_bad_input_exits_2_with_one_error_line(exports, built, tmp_path, capsys,
 def test_default_output_is_role_and_model_json_hash(exports, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, result, _ = _build(capsys, "--model", str(exports["B"]), "--target", "ort-cpu", "--json")
-    expected = Path("engines") / f"lower-{file_sha256(exports['B'] / 'model.json')[:8]}"
+    expected = Path("engines") / f"last-{file_sha256(exports['B'] / 'model.json')[:8]}"
     assert code == 0 and Path(result["directory"]) == expected and (tmp_path / expected / "manifest.json").is_file()
 
 
@@ -214,7 +214,7 @@ def test_end_to_end_parity_from_built_folders(exports, built, capsys):
 
 def test_changed_embedding_copy_is_refused_and_restored_by_a_rebuild(exports, built, tmp_path, capsys):
     from prism_deploy.format.engine_manifest import EngineFileError
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.runtime.chain import Pipeline
 
     out = tmp_path / "B"
     shutil.copytree(built["B"], out)

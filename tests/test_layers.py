@@ -104,5 +104,5 @@ def test_the_check_sees_a_backward_import(tmp_path):
     src = tmp_path / "probe.py"
     src.write_text("def f():\n    from prism_deploy.runtime.engines import open_entry\n"
                    "    import prism_deploy.cli.main as m\n    from prism_deploy import core\n"
-                   "_LAZY = {'Pipeline': 'prism_deploy.runtime.pipeline', 'x': ('prism_deploy.fit', 'y')}\n")
+                   "_LAZY = {'Pipeline': 'prism_deploy.runtime.chain', 'x': ('prism_deploy.fit', 'y')}\n")
     assert imported_layers(src) == {"runtime", "cli", "core", "fit"}

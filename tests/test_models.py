@@ -27,7 +27,7 @@ from tests.model_helpers import SENTENCES, make_model
 
 @pytest.fixture(scope="session")
 def pipeline(zoo):
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.runtime.chain import Pipeline
 
     return Pipeline(zoo["A"], zoo["adapter"], zoo["B"], target="ort-cpu")
 
@@ -43,20 +43,20 @@ def padded_batch(vocab: int, batch: int = 3, seq: int = 9, seed: int = 0) -> tup
 # -- export ------------------------------------------------------------------------------------------
 
 
-def test_upper_export_matches_transformers_on_new_inputs(zoo):
+def test_first_export_matches_transformers_on_new_inputs(zoo):
     from prism_deploy.core.ort_session import make_session
 
-    manifest = read_manifest(zoo["A"], "upper")
+    manifest = read_manifest(zoo["A"], "first")
     assert manifest["family"] == "llama" and manifest["dims"]["hidden"] == 64 and manifest["max_seq"] == 64
     assert manifest["validation"]["hidden"]["rel_l2"] < 1e-5
-    model = onnx.load(str(zoo["A"] / "upper.onnx"))
+    model = onnx.load(str(zoo["A"] / "first.onnx"))
     onnx.checker.check_model(model, full_check=True)
     assert model.ir_version == 9 and [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [19]
     assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
     assert [o.name for o in model.graph.output] == ["hidden"]
     # inputs the export's own validation never saw: another shape, another seed
     ids, mask = padded_batch(300, batch=4, seq=13, seed=7)
-    got = make_session(zoo["A"] / "upper.onnx", "cpu").run(["hidden"], {"input_ids": ids, "attention_mask": mask})[0]
+    got = make_session(zoo["A"] / "first.onnx", "cpu").run(["hidden"], {"input_ids": ids, "attention_mask": mask})[0]
     reference = hf.load_causal_lm(zoo["llama"])
     with torch.no_grad():
         ref = reference.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
@@ -70,15 +70,15 @@ def test_upper_export_matches_transformers_on_new_inputs(zoo):
     np.testing.assert_allclose(got[:1] @ reference.lm_head.weight.detach().numpy().T, logits, rtol=1e-4, atol=1e-4)
 
 
-def test_lower_export_graphs_names_and_embedding_table(zoo):
-    manifest = read_manifest(zoo["B"], "lower")
+def test_last_export_graphs_names_and_embedding_table(zoo):
+    manifest = read_manifest(zoo["B"], "last")
     assert manifest["dims"] == {"hidden": 96, "vocab": 320, "layers": 2, "kv_heads": 2, "head_dim": 24}
     assert manifest["validation"]["logits"]["top1"] == 1.0
     assert manifest["validation"]["logits_with_past"]["rel_l2"] < 1e-5
-    plain = onnx.load(str(zoo["B"] / "lower.onnx"))
+    plain = onnx.load(str(zoo["B"] / "last.onnx"))
     assert [i.name for i in plain.graph.input] == ["inputs_embeds", "attention_mask"]
     assert [o.name for o in plain.graph.output] == ["logits"]
-    with_past = onnx.load(str(zoo["B"] / "lower_with_past.onnx"))
+    with_past = onnx.load(str(zoo["B"] / "last_with_past.onnx"))
     onnx.checker.check_model(with_past, full_check=True)
     assert [i.name for i in with_past.graph.input] == ["inputs_embeds", "attention_mask", *past_names(2)]
     assert [o.name for o in with_past.graph.output] == ["logits", *past_names(2, "present")]
@@ -90,8 +90,8 @@ def test_lower_export_graphs_names_and_embedding_table(zoo):
 
 
 def test_gpt2_exports_both_roles(zoo, tmp_path):
-    up = export_model(zoo["gpt2"], "upper", tmp_path / "up", max_seq=32)
-    low = export_model(zoo["gpt2"], "lower", tmp_path / "low", max_seq=32)
+    up = export_model(zoo["gpt2"], "first", tmp_path / "up", max_seq=32)
+    low = export_model(zoo["gpt2"], "last", tmp_path / "low", max_seq=32)
     assert up["family"] == low["family"] == "gpt2"
     assert up["validation"]["hidden"]["rel_l2"] < 1e-5
     assert low["validation"]["logits_with_past"]["top1"] == 1.0
@@ -105,8 +105,8 @@ def test_mistral_with_sliding_window_exports(tmp_path):
     MistralForCausalLM(MistralConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                      sliding_window=4)).save_pretrained(str(tmp_path / "mistral"))
-    up = export_model(tmp_path / "mistral", "upper", tmp_path / "up", max_seq=32)
-    low = export_model(tmp_path / "mistral", "lower", tmp_path / "low", max_seq=32)
+    up = export_model(tmp_path / "mistral", "first", tmp_path / "up", max_seq=32)
+    low = export_model(tmp_path / "mistral", "last", tmp_path / "low", max_seq=32)
     assert up["family"] == "mistral" and up["validation"]["hidden"]["rel_l2"] < 1e-5
     assert low["validation"]["logits_with_past"]["top1"] == 1.0 and low["validation"]["logits"]["tokens"] > 4
 
@@ -130,55 +130,55 @@ def test_export_fails_when_the_graph_diverges(zoo, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_mod, "_export_graph", export_then_perturb)
     with pytest.raises(CheckFailed, match="diverges"):
-        export_model(zoo["llama"], "upper", tmp_path / "bad", max_seq=32)
+        export_model(zoo["llama"], "first", tmp_path / "bad", max_seq=32)
     assert not (tmp_path / "bad" / "model.json").exists()
 
 
 def test_export_with_external_weights(zoo, tmp_path, monkeypatch):
     """Graphs over the 2 GiB protobuf limit keep their weights in ``<graph>.data``: forced here with a 0 threshold."""
     from prism_deploy.core import onnx_io
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.runtime.chain import Pipeline
 
     monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 0)
-    m = export_model(zoo["qwen2"], "lower", tmp_path / "B", max_seq=32)
-    assert m["files"]["lower_data"]["name"] == "lower.onnx.data"
-    assert m["files"]["lower_with_past_data"]["name"] == "lower_with_past.onnx.data"
+    m = export_model(zoo["qwen2"], "last", tmp_path / "B", max_seq=32)
+    assert m["files"]["last_data"]["name"] == "last.onnx.data"
+    assert m["files"]["last_with_past_data"]["name"] == "last_with_past.onnx.data"
     assert sorted(p.name for p in (tmp_path / "B").iterdir()) == sorted(
-        ["embed_tokens.npy", "lower.onnx", "lower.onnx.data", "lower_with_past.onnx", "lower_with_past.onnx.data", "model.json"])
+        ["embed_tokens.npy", "last.onnx", "last.onnx.data", "last_with_past.onnx", "last_with_past.onnx.data", "model.json"])
     # the weights really are outside (only tensors under 1 KiB, norms and biases, stay inline)
-    assert (tmp_path / "B" / "lower.onnx").stat().st_size * 4 < (tmp_path / "B" / "lower.onnx.data").stat().st_size
+    assert (tmp_path / "B" / "last.onnx").stat().st_size * 4 < (tmp_path / "B" / "last.onnx.data").stat().st_size
     pipe = Pipeline(zoo["A"], zoo["adapter"], tmp_path / "B")
     ids, mask = padded_batch(300, batch=2, seq=5)
     assert pipe.generate(ids, mask, max_new_tokens=3).shape == (2, 3)
 
 
 def test_export_fp16_lower_validates(zoo, tmp_path):
-    m = export_model(zoo["llama"], "lower", tmp_path / "fp16", precision="fp16", max_seq=32)
+    m = export_model(zoo["llama"], "last", tmp_path / "fp16", precision="fp16", max_seq=32)
     v = m["validation"]
     assert 0 < v["logits"]["rel_l2"] < 2e-2 and v["logits"]["top1"] >= 0.95
     assert np.load(tmp_path / "fp16" / "embed_tokens.npy").dtype == np.float16
 
 
 def test_export_model_cli_and_bad_inputs(zoo, tmp_path, capsys):
-    assert main(["export-model", str(zoo["gpt2"]), "--role", "upper", "-o", str(tmp_path / "g"), "--max-seq", "16", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["role"] == "upper"
+    assert main(["export-model", str(zoo["gpt2"]), "--role", "first", "-o", str(tmp_path / "g"), "--max-seq", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["role"] == "first"
     for argv, needle in (
-        (["export-model", str(tmp_path / "missing"), "--role", "upper", "-o", str(tmp_path / "x")], "not a folder"),
-        (["export-model", str(tmp_path), "--role", "upper", "-o", str(tmp_path / "x")], "no config.json"),
-        (["export-model", str(zoo["gpt2"]), "--role", "upper", "-o", str(tmp_path / "x"), "--max-seq", "4096"], "--max-seq"),
+        (["export-model", str(tmp_path / "missing"), "--role", "first", "-o", str(tmp_path / "x")], "not a folder"),
+        (["export-model", str(tmp_path), "--role", "first", "-o", str(tmp_path / "x")], "no config.json"),
+        (["export-model", str(zoo["gpt2"]), "--role", "first", "-o", str(tmp_path / "x"), "--max-seq", "4096"], "--max-seq"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1
     with pytest.raises(PrismInputError, match="role"):
-        read_manifest(zoo["A"], "lower")
+        read_manifest(zoo["A"], "last")
 
 
 # -- pipeline ----------------------------------------------------------------------------------------
 
 
 def test_pipeline_logits_match_the_pytorch_chain(zoo, pipeline):
-    from prism_deploy.parity.pipeline import check_pipeline_parity
+    from prism_deploy.parity.chain import check_pipeline_parity
 
     ids, mask = padded_batch(300)
     logits = pipeline(ids, mask)
@@ -191,14 +191,15 @@ def test_pipeline_logits_match_the_pytorch_chain(zoo, pipeline):
 
 
 def test_parity_catches_a_different_adapter(zoo, pipeline, tmp_path):
-    from prism_deploy.parity.pipeline import check_pipeline_parity
+    from prism_deploy.parity.chain import check_pipeline_parity
 
     other = tmp_path / "other.safetensors"
     random_adapter(simple_config(64, 96, (4, 2), top_k=3), seed=6).save(other)
     ids, mask = padded_batch(300, batch=2, seq=6)
     report = check_pipeline_parity(zoo["llama"], other, zoo["qwen2"], pipeline, ids, mask)
     assert not report["passed"]
-    assert any("first diverging stage: adapted" in f for f in report["failures"])
+    assert any(f.startswith("stage 2 (adapter") for f in report["failures"])  # charged to the adapter hop
+    assert report["bisect"]["found"] == 2 and report["bisect"]["kind"] == "adapter"
     assert report["hidden"]["rel_l2"] < 1e-5  # model A itself still agrees
 
 
@@ -227,7 +228,7 @@ def test_generation_stops_at_eos(pipeline):
 
 
 def test_pipeline_refuses_bad_inputs(zoo, pipeline):
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.runtime.chain import Pipeline
 
     with pytest.raises(PrismInputError, match="vocabulary"):
         pipeline(np.array([[1, 2, 300]]))
@@ -239,7 +240,7 @@ def test_pipeline_refuses_bad_inputs(zoo, pipeline):
         Pipeline(zoo["B"], zoo["adapter"], zoo["A"])
     wrong = zoo["adapter"].with_name("wrong-width.safetensors")
     random_adapter(simple_config(64, 90, (2, 2)), seed=1).save(wrong)
-    with pytest.raises(PrismInputError, match="output width 90"):
+    with pytest.raises(PrismInputError, match="out_dim 90 does not match the embedding width 96"):
         Pipeline(zoo["A"], wrong, zoo["B"])
 
 
@@ -262,19 +263,19 @@ def write_dense_adapter_onnx(adapter, path) -> None:
 def test_adapter_onnx_file_runs_in_the_pipeline(zoo, pipeline, tmp_path):
     """An adapter given as ONNX (input ``hidden``, output ``adapted``) plugs in the same way."""
     from prism_deploy.runtime.adapters import adapter_runner
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.runtime.chain import Pipeline
 
     adapter = random_adapter(simple_config(64, 96, (2, 2)), seed=3)
     path = tmp_path / "adapter.onnx"
     write_dense_adapter_onnx(adapter, path)
     ids, mask = padded_batch(300, batch=2, seq=5)
-    hidden = pipeline.upper.run(ids, mask)
+    hidden = pipeline.first.run(ids, mask)
     with torch.no_grad():
         want = adapter(torch.from_numpy(hidden)).numpy()
     np.testing.assert_allclose(adapter_runner(path, "ort-cpu").run(hidden), want, rtol=1e-4, atol=1e-5)
     onnx_pipe = Pipeline(zoo["A"], path, zoo["B"])
     assert onnx_pipe.describe()["adapter_runner"] == "onnx"
-    np.testing.assert_allclose(onnx_pipe(ids, mask), pipeline.lower.run(want, mask), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(onnx_pipe(ids, mask), pipeline.last.run(want, mask), rtol=1e-4, atol=1e-4)
     onnx_pipe.generate(ids, mask, max_new_tokens=2)
     # an ONNX adapter takes model A's output where it lies; a numpy-only runner cannot
     assert onnx_pipe.describe()["adapter_on_device"] and onnx_pipe.host_round_trips == 0
@@ -287,7 +288,7 @@ def test_adapter_onnx_file_runs_in_the_pipeline(zoo, pipeline, tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_safetensors_adapter_is_lowered_once_and_cached(tmp_path, monkeypatch, precision):
-    """A .safetensors is lowered with prism_deploy.lower.export_onnx on first use, then reused."""
+    """A .safetensors is lowered with prism_deploy.last.export_onnx on first use, then reused."""
     import prism_deploy.lower as lower
     from prism_deploy.runtime.adapter_graph import AdapterGraph
     from prism_deploy.runtime.adapters import adapter_runner
@@ -319,7 +320,7 @@ def test_safetensors_adapter_is_lowered_once_and_cached(tmp_path, monkeypatch, p
 def test_build_folder_runs_in_the_pipeline(zoo, pipeline, tmp_path, capsys):
     """`prism-deploy build` output as the adapter: load_engines runs it, parity still holds."""
     from prism_deploy.runtime.adapters import adapter_runner
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.runtime.chain import Pipeline
 
     with pytest.raises(PrismInputError, match="manifest.json"):
         adapter_runner(tmp_path, "ort-cpu")
@@ -341,7 +342,7 @@ def test_build_folder_runs_in_the_pipeline(zoo, pipeline, tmp_path, capsys):
 @pytest.mark.gpu
 def test_pipeline_on_ort_cuda_matches_cpu(zoo, pipeline):
     from prism_deploy.core.targets import cuda_provider_available
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.runtime.chain import Pipeline
 
     ok, why = cuda_provider_available()
     if not ok:
@@ -401,7 +402,7 @@ def test_parity_pipeline_cli_passes_and_fails(zoo, tmp_path, capsys):
     random_adapter(simple_config(64, 96, (4, 2), top_k=3), seed=9).save(other)
     assert main([*base, "--adapter-file", str(other)]) == 1
     err = capsys.readouterr().err
-    assert "check failed" in err and "first diverging stage: adapted" in err
+    assert "check failed" in err and "stage 2 (adapter adapter)" in err and "bisect: stage 2" in err
 
 
 # -- collect -------------------------------------------------------------------------------------------
@@ -492,11 +493,11 @@ def test_collect_bad_inputs(zoo, tmp_path, capsys):
 
 def test_fp16_pipeline_parity_and_generation(zoo, tmp_path):
     """fp16 exports of both models: parity within the fp16 set, generation close to float32's."""
-    from prism_deploy.parity.pipeline import check_pipeline_parity
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.parity.chain import check_pipeline_parity
+    from prism_deploy.runtime.chain import Pipeline
 
-    export_model(zoo["llama"], "upper", tmp_path / "A16", precision="fp16", max_seq=64)
-    export_model(zoo["qwen2"], "lower", tmp_path / "B16", precision="fp16", max_seq=64)
+    export_model(zoo["llama"], "first", tmp_path / "A16", precision="fp16", max_seq=64)
+    export_model(zoo["qwen2"], "last", tmp_path / "B16", precision="fp16", max_seq=64)
     pipe = Pipeline(tmp_path / "A16", zoo["adapter"], tmp_path / "B16")
     ids, mask = padded_batch(300, batch=4, seq=16, seed=11)
     report = check_pipeline_parity(zoo["llama"], zoo["adapter"], zoo["qwen2"], pipe, ids, mask)
@@ -506,9 +507,9 @@ def test_fp16_pipeline_parity_and_generation(zoo, tmp_path):
 
 
 def test_gpt2_as_model_b_generates_like_transformers(zoo, tmp_path):
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.runtime.chain import Pipeline
 
-    export_model(zoo["gpt2"], "lower", tmp_path / "Bg", max_seq=64)
+    export_model(zoo["gpt2"], "last", tmp_path / "Bg", max_seq=64)
     path = tmp_path / "to_gpt2.safetensors"
     random_adapter(simple_config(64, 48, (2, 4), top_k=2), seed=2).save(path)
     pipe = Pipeline(zoo["A"], path, tmp_path / "Bg")

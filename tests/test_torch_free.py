@@ -76,7 +76,7 @@ def test_inspect_plan_export_and_build_without_torch(tmp_path):
 @pytest.mark.parametrize("argv,what", [
     (["fit", "--x", "x.npy", "--z", "z.npy", "-o", "a.safetensors"], "prism-deploy fit needs torch"),
     (["parity", "a.safetensors", "--onnx", "a.onnx"], "prism-deploy parity needs torch"),
-    (["export-model", "hf", "--role", "upper", "-o", "out"], "prism-deploy export-model needs torch"),
+    (["export-model", "hf", "--role", "first", "-o", "out"], "prism-deploy export-model needs torch"),
     (["build", str(EXAMPLE), "-o", "eng", "--target", "ort-cpu"], "parity check"),
 ])
 def test_commands_that_need_torch_say_so_in_one_line(tmp_path, argv, what):

@@ -1,6 +1,6 @@
 """An ``export-model`` folder as a build source: one engine per graph of the model.
 
-Per graph of the export (``upper``: ``graph``; ``lower``: ``graph`` and ``graph_with_past``): an
+Per graph of the export (``first`` and ``middle``: ``graph``; ``last``: ``graph`` and ``graph_with_past``): an
 ONNX Runtime offline-optimized model (``ort-*``) or a TensorRT engine with one profile from
 ``--batch``/``--seq`` (``trt``). A model needs all of its graphs, so they are one group: one
 failing graph fails the whole build and leaves the folder as it was. ``model.json`` and the
@@ -53,7 +53,7 @@ def trt_input_shapes(model: dict[str, Any], key: str,
     seq, and past length 0..max seq for the KV-cache graph (whose mask covers past + new)."""
     dims = model["dims"]
     (b0, b1, b2), (s0, s1, s2) = profile.batch, profile.seq
-    if model["role"] == "upper":
+    if model["role"] == "first":
         return tuple((n, (b0, s0), (b1, s1), (b2, s2)) for n in ("input_ids", "attention_mask"))
     d = int(dims["hidden"])
     shapes: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = [

@@ -1,5 +1,6 @@
-"""``prism-deploy build ADAPTER [-o DIR] [--target ...] [--precision ...] ...`` and
-``prism-deploy build --model DIR [-o OUT] [--target ...] [--batch ...] [--seq ...] [--force] [--json]``."""
+"""``prism-deploy build ADAPTER [-o DIR] [--target ...] [--precision ...] ...``,
+``prism-deploy build --model DIR [-o OUT] [--target ...] [--batch ...] [--seq ...] [--force] [--json]`` and
+``prism-deploy build --chain FILE [-o OUT] [...]`` (every stage, and OUT/chain.json)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("adapter", nargs="?", help="adapter .safetensors file (format v1)")
     p.add_argument("--model", metavar="DIR",
                    help="instead of ADAPTER: a folder from `export-model`; one engine per graph")
+    p.add_argument("--chain", metavar="FILE",
+                   help="instead of ADAPTER: a chain file; builds every stage into OUT/<n>-<name>/ and writes "
+                        "OUT/chain.json (run --chain OUT runs it)")
     p.add_argument("-o", "--output", metavar="DIR",
                    help="output folder (default engines/<adapter-stem>-<sha8>/; with --model engines/<role>-<sha8 of model.json>/)")
     p.add_argument("--target", default="auto", help=f"{', '.join(TARGET_CHOICES)} (default auto)")
@@ -53,13 +57,21 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.core.errors import PrismInputError
     from prism_deploy.core.precision import parse_precision_list
 
-    if args.model is not None and args.adapter is not None:
-        raise PrismInputError("build: give ADAPTER or --model DIR, not both")
-    if args.model is None and args.adapter is None:
-        raise PrismInputError("build: give ADAPTER (an adapter .safetensors) or --model DIR (an export-model folder)")
+    sources = [name for name, value in (("ADAPTER", args.adapter), ("--model", args.model), ("--chain", args.chain))
+               if value is not None]
+    if len(sources) > 1:
+        raise PrismInputError(f"build: give one of ADAPTER, --model DIR, --chain FILE, not both {' and '.join(sources)}")
+    if not sources:
+        raise PrismInputError("build: give ADAPTER (an adapter .safetensors), --model DIR (an export-model folder) "
+                              "or --chain FILE")
     profile = Profile(parse_range(args.batch, "--batch"), parse_range(args.seq, "--seq"))
     out_dir = Path(args.output) if args.output else None
     progress = not args.json and sys.stderr.isatty()
+    if args.chain is not None:
+        for option, attr, default in ADAPTER_OPTIONS:
+            if getattr(args, attr) != default:
+                raise PrismInputError(f"{option}: not valid with --chain (a chain file sets each stage's precision)")
+        return run_chain(args, profile, out_dir, progress)
     if args.model is not None:
         for option, attr, default in ADAPTER_OPTIONS:
             if getattr(args, attr) != default:
@@ -95,6 +107,37 @@ def run(args: argparse.Namespace) -> int:
             check = adapter_engine_check(request.adapter)
         result = build_engines(request, check)
     print_result(result, args.json)
+    result.raise_for_failures()
+    return 0
+
+
+def run_chain(args: argparse.Namespace, profile: Any, out_dir: Path | None, progress: bool) -> int:
+    from prism_deploy.builder.chain_source import ChainBuildRequest, build_chain, summary
+    from prism_deploy.cli.output import print_json
+    from prism_deploy.core.fsutil import file_sha256
+    from prism_deploy.format.chain_file import read_chain_file
+
+    spec = read_chain_file(args.chain)
+    if out_dir is None:
+        out_dir = Path("engines") / f"chain-{Path(args.chain).stem}-{file_sha256(args.chain)[:8]}"
+    adapter_check = model_check = None
+    if not args.no_parity:
+        from prism_deploy.parity.engines import adapter_engine_check, model_graph_check
+
+        adapter_check, model_check = adapter_engine_check, model_graph_check
+    result = build_chain(ChainBuildRequest(spec, out_dir, None if args.target == "auto" else args.target, profile,
+                                           args.force, progress), adapter_check, model_check)
+    if args.json:
+        print_json({"directory": str(result.directory),
+                    "chain_file": str(result.chain_file) if result.chain_file else None, "stages": summary(result)})
+    else:
+        for label, stage in result.stages:
+            print(f"== {label}")
+            if stage is None:
+                print("already a build folder: used as it is")
+            else:
+                print_result(stage, False)
+        print(f"chain: {result.chain_file}" if result.chain_file else "chain: not written (a stage failed)")
     result.raise_for_failures()
     return 0
 

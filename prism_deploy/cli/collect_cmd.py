@@ -9,8 +9,11 @@ from prism_deploy.cli.output import print_json
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("collect", help="paired activations for `fit`: X = model A hidden states, Z = model B embeddings")
-    p.add_argument("--model-a", required=True, metavar="HF_DIR", help="model A's local Hugging Face folder")
-    p.add_argument("--model-b", required=True, metavar="HF_DIR", help="model B's local Hugging Face folder")
+    p.add_argument("--model-a", metavar="HF_DIR", help="model A's local Hugging Face folder")
+    p.add_argument("--model-b", metavar="HF_DIR", help="model B's local Hugging Face folder")
+    p.add_argument("--chain", metavar="FILE", help="instead of --model-a/--model-b: a chain file, with --hop")
+    p.add_argument("--hop", type=int, metavar="N",
+                   help="with --chain: the hop from model N to model N+1 (from 1), their `hf` folders")
     p.add_argument("--tokenizer-a", metavar="DIR", help="model A's tokenizer folder (default: --model-a)")
     p.add_argument("--tokenizer-b", metavar="DIR", help="model B's tokenizer folder (default: --model-b)")
     p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file, one text per non-empty line")
@@ -27,6 +30,14 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.core.errors import PrismInputError
     from prism_deploy.models.collect import collect_pairs, read_texts, save_pairs
 
+    if args.chain is not None:
+        if args.model_a is not None or args.model_b is not None:
+            raise PrismInputError("--chain: give a chain file and --hop, or --model-a and --model-b, not both")
+        args.model_a, args.model_b = hop_models(args.chain, args.hop)
+    elif args.hop is not None:
+        raise PrismInputError("--hop: only with --chain")
+    if args.model_a is None or args.model_b is None:
+        raise PrismInputError("collect: give --model-a HF_DIR and --model-b HF_DIR, or --chain FILE --hop N")
     if not str(args.output).endswith(".safetensors"):
         raise PrismInputError(f"-o: {args.output}: the output must be a .safetensors file")
     texts = read_texts(args.text)
@@ -43,3 +54,19 @@ def run(args: argparse.Namespace) -> int:
               + (f", {info['truncated_texts']} truncated to {args.max_seq} tokens" if info["truncated_texts"] else ""))
         print("tensors: X (model A hidden states, the fit inputs) and Z (model B embeddings, the targets)")
     return 0
+
+
+def hop_models(chain_file: str, hop: int | None) -> tuple[str, str]:
+    """The Hugging Face folders of models ``hop`` and ``hop + 1`` of a chain file."""
+    from prism_deploy.core.errors import PrismInputError
+    from prism_deploy.format.chain_file import read_chain_file
+
+    spec = read_chain_file(chain_file)
+    models = spec.models
+    if hop is None or not 1 <= hop < len(models):
+        raise PrismInputError(f"--hop: {hop!r} must be in 1..{len(models) - 1} (the chain has {len(models)} models)")
+    pair = models[hop - 1], models[hop]
+    for s in pair:
+        if s.hf is None:
+            raise PrismInputError(f"{spec.where()}: {s.label}: collect needs its Hugging Face folder (hf = ...)")
+    return str(pair[0].hf), str(pair[1].hf)

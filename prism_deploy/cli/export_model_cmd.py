@@ -1,4 +1,4 @@
-"""``prism-deploy export-model HF_DIR --role upper|lower -o DIR [--precision fp32|fp16] [--max-seq N] [--json]``."""
+"""``prism-deploy export-model HF_DIR --role first|middle|last -o DIR [--precision ...] [--max-seq N] [--json]``."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import argparse
 
 from prism_deploy.cli.output import print_json, print_table
 from prism_deploy.core.precision import MODEL_PRECISIONS
+from prism_deploy.format.model_folder import ROLE_ALIASES, ROLES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export-model", help="export a local causal LM as model A (upper) or model B (lower) to ONNX")
+    p = subparsers.add_parser("export-model", help="export a local causal LM as a chain's first, middle or last model")
     p.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model folder (nothing is downloaded)")
-    p.add_argument("--role", required=True, choices=("upper", "lower"),
-                   help="upper: ids -> final hidden states (model A); lower: embeddings -> logits, with a KV-cache graph (model B)")
+    p.add_argument("--role", required=True, choices=(*ROLES, *ROLE_ALIASES), metavar="{" + ",".join(ROLES) + "}",
+                   help="first: token ids -> final hidden states; middle: embeddings -> final hidden states; "
+                        "last: embeddings -> logits, with a KV-cache graph for generation "
+                        "(upper and lower are the old names of first and last)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (graphs and model.json)")
     p.add_argument("--precision", default="fp32", choices=MODEL_PRECISIONS)
     p.add_argument("--max-seq", type=int, default=None, metavar="N",
@@ -22,8 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from prism_deploy.models.export import export_model
 
+    if args.role in ROLE_ALIASES:
+        print(f"note: --role {args.role} is now called --role {ROLE_ALIASES[args.role]}", file=sys.stderr)
     manifest = export_model(args.hf_dir, args.role, args.output, precision=args.precision, max_seq=args.max_seq)
     if args.json:
         print_json(manifest)

@@ -28,7 +28,7 @@ COMMAND_MODULES = [
     "prism_deploy.cli.build_cmd",
     "prism_deploy.cli.export_model_cmd",
     "prism_deploy.cli.run_cmd",
-    "prism_deploy.cli.parity_pipeline_cmd",
+    "prism_deploy.cli.parity_chain_cmd",
     "prism_deploy.cli.collect_cmd",
     "prism_deploy.cli.bench_cmd",
 ]
@@ -53,18 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _route_pipeline_parity(argv: list[str]) -> list[str]:
-    """``parity --pipeline ...`` is the end-to-end check, whose options differ from the
-    adapter-only ``parity``; it is served by the ``parity-pipeline`` parser."""
-    if argv[:1] == ["parity"] and "--pipeline" in argv:
+def _route_chain_parity(argv: list[str]) -> list[str]:
+    """``parity --chain ...`` / ``parity --pipeline ...`` is the end-to-end check, whose options
+    differ from the adapter-only ``parity``; it is served by the ``parity-chain`` parser."""
+    if argv[:1] == ["parity"] and ("--pipeline" in argv or "--chain" in argv
+                                   or any(a.startswith("--chain=") for a in argv)):
         rest = [a for a in argv[1:] if a != "--pipeline"]
-        return ["parity-pipeline", *rest]
+        return ["parity-chain", *rest]
     return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_route_pipeline_parity(list(sys.argv[1:] if argv is None else argv)))
+    args = parser.parse_args(_route_chain_parity(list(sys.argv[1:] if argv is None else argv)))
     try:
         # optional libraries a command needs (``set_defaults(needs=...)``): one line each if missing
         for module in getattr(args, "needs", ()):

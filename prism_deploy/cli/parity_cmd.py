@@ -12,7 +12,7 @@ from prism_deploy.cli.output import print_json, print_table
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "parity", help="compare an exported ONNX graph with the PyTorch reference",
-        epilog="prism-deploy parity --pipeline ... checks model A -> adapter -> model B end to end "
+        epilog="prism-deploy parity --chain FILE (or --pipeline ...) checks a chain of models end to end "
                "(options: prism-deploy parity-pipeline --help)")
     p.add_argument("adapter", help="adapter .safetensors file (format v1)")
     p.add_argument("--onnx", required=True, help="the graph written by prism-deploy export")

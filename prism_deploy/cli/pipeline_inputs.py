@@ -1,4 +1,4 @@
-"""Token inputs shared by ``run`` and ``parity-pipeline``: ``--text`` + tokenizer, or ``--ids FILE``."""
+"""Token inputs shared by ``run`` and ``parity --chain``: ``--text`` + tokenizer, or ``--ids FILE``."""
 
 from __future__ import annotations
 
@@ -14,20 +14,26 @@ from prism_deploy.core.errors import PrismInputError
 
 def add_input_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     group = p.add_mutually_exclusive_group(required=required)
-    group.add_argument("--text", help="text to tokenize with --tokenizer-a (one sequence)")
+    group.add_argument("--text", help="text to tokenize with the first model's tokenizer (one sequence)")
     group.add_argument("--ids", metavar="FILE",
-                       help="token ids of model A: .npy [batch, seq] or [seq] integers, or .json (list or list of lists)")
-    p.add_argument("--tokenizer-a", metavar="DIR", help="local tokenizer folder of model A (needed with --text)")
+                       help="token ids of the first model: .npy [batch, seq] or [seq] integers, or .json (list or list of lists)")
+    p.add_argument("--tokenizer-a", metavar="DIR",
+                   help="the first model's tokenizer folder, for --text (default: the chain file's `tokenizers.first`)")
 
 
-def read_inputs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None]:
+MAX_IDS_FILE_BYTES = 1 << 30  # a token-id file larger than this is not a prompt
+
+
+def read_inputs(args: argparse.Namespace, chain: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(input_ids [batch, seq] int64, attention_mask or None) from the parsed arguments."""
     if args.text is not None:
-        if not args.tokenizer_a:
-            raise PrismInputError("--text needs --tokenizer-a DIR (model A's tokenizer)")
+        tokenizer = args.tokenizer_a or (chain.spec.tokenizers.get("first") if getattr(chain, "spec", None) else None)
+        if not tokenizer:
+            raise PrismInputError("--text needs --tokenizer-a DIR (the first model's tokenizer), or a chain file "
+                                  "with tokenizers.first")
         from prism_deploy.models.tokenizers import load_tokenizer
 
-        enc = load_tokenizer(args.tokenizer_a)(args.text, return_tensors="np")
+        enc = load_tokenizer(tokenizer)(args.text, return_tensors="np")
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         if ids.shape[1] == 0:
             raise PrismInputError("--text: the tokenizer gave no tokens")
@@ -39,22 +45,38 @@ def read_ids_file(path: str) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise PrismInputError(f"{path}: no such file")
+    if p.stat().st_size > MAX_IDS_FILE_BYTES:
+        raise PrismInputError(f"{path}: {p.stat().st_size} bytes is too large for a file of token ids")
     data: Any
     if p.suffix == ".npy":
-        data = np.load(p, allow_pickle=False)
+        try:
+            data = np.load(p, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:  # object arrays, truncated or foreign files
+            raise PrismInputError(f"{path}: not a .npy array of token ids ({' '.join(str(exc).split())[:150]})") from None
     elif p.suffix == ".json":
         try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise PrismInputError(f"{path}: not valid JSON ({exc})") from None
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+            raise PrismInputError(f"{path}: not valid JSON ({' '.join(str(exc).split())[:150]})") from None
     else:
         raise PrismInputError(f"{path}: expected a .npy or .json file of token ids")
+    if isinstance(data, list):
+        flat = all(_is_id(v) for v in data)
+        nested = all(isinstance(row, list) and all(_is_id(v) for v in row) for row in data)
+        if not (flat or nested):
+            raise PrismInputError(f"{path}: expected a list of token ids or a list of lists of token ids")
+    elif not isinstance(data, np.ndarray):
+        raise PrismInputError(f"{path}: expected a list of token ids or a list of lists of token ids")
     try:
         ids = np.asarray(data)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise PrismInputError(f"{path}: rows of token ids must all have the same length") from None
     if ids.ndim == 1:
         ids = ids[None, :]
     if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise PrismInputError(f"{path}: expected integer token ids [batch, seq], got {ids.dtype} {list(ids.shape)}")
     return ids.astype(np.int64)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63

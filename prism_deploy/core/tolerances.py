@@ -8,7 +8,8 @@ Four checks use them; docs/precision.md and docs/pipeline.md give each value's r
   (``export-model``'s validation);
 - ``built_graph(precision)``: a built model engine against the export it was built from
   (same precision: only graph rewrites may differ);
-- ``pipeline(name)``: a whole pipeline or chain end to end, by its least precise part.
+- ``pipeline(name)``: a whole pipeline or chain end to end, by its least precise part;
+- ``hop(kind, precision)``: one stage of a chain fed the reference's own input.
 
 A bound's name says the figure it bounds and which way (``*_max``, ``*_min``); the figures are
 those :mod:`prism_deploy.core.metrics` computes, and ``failures`` is the one comparison of
@@ -115,6 +116,15 @@ def model_export(precision: ModelPrecision | str) -> Tolerances:
 
 def built_graph(precision: ModelPrecision | str) -> Tolerances:
     return BUILT_GRAPH.get(ModelPrecision.parse(precision, "precision"), BUILT_GRAPH[ModelPrecision.FP32])
+
+
+def hop(kind: str, precision: str) -> Tolerances:
+    """One stage of a chain fed the reference's own input, against the reference stage: a model
+    by its export's bounds, an adapter by its relative L2 bound (its cosine bound is for the
+    flattened output, a figure hops do not compute)."""
+    if kind == "adapter":
+        return Tolerances(rel_l2_max=adapter(precision).rel_l2_max)
+    return model_export(precision)
 
 
 def pipeline(name: str) -> Tolerances:

@@ -5,6 +5,17 @@ graphs and copied tables with their sha256, and the validation figures. Its sche
 whole when it is read, and every file name in it must stay inside its folder
 (:func:`prism_deploy.core.fsutil.inside`). The graph inputs and outputs of each role are
 defined here, so the exporter that writes them and the runtime that feeds them agree.
+
+A model in a chain has one of three roles, named by what goes in and out:
+
+- ``first``: ``input_ids``, ``attention_mask`` -> ``hidden`` (the last hidden state after the
+  final norm, before the LM head);
+- ``middle``: ``inputs_embeds``, ``attention_mask`` -> ``hidden`` (likewise);
+- ``last``: ``inputs_embeds``, ``attention_mask`` -> ``logits``, and a KV-cache graph for
+  decoding, with the model's input embedding table (``embed_tokens.npy``) to feed its own tokens.
+
+``upper`` and ``lower`` are the names earlier releases gave ``first`` and ``last``: a folder
+that records them reads as the new role, and ``--role upper|lower`` is accepted with a note.
 """
 
 from __future__ import annotations
@@ -21,11 +32,23 @@ from prism_deploy.core.precision import MODEL_PRECISIONS
 FORMAT = "prism-deploy-model"
 VERSION = 1
 MANIFEST = "model.json"
-ROLES = ("upper", "lower")
+ROLES = ("first", "middle", "last")
+ROLE_ALIASES = {"upper": "first", "lower": "last"}  # the names of releases before chains
 # The graphs of each role, by their key in model.json's "files".
-GRAPHS = {"upper": ("graph",), "lower": ("graph", "graph_with_past")}
+GRAPHS = {"first": ("graph",), "middle": ("graph",), "last": ("graph", "graph_with_past")}
 # Files that travel with the graphs (copied into a build folder so that it runs on its own).
 TABLES = ("embed_tokens",)
+# What each role takes and gives (the hand-off of a chain).
+INPUT = {"first": "input_ids", "middle": "inputs_embeds", "last": "inputs_embeds"}
+OUTPUT = {"first": "hidden", "middle": "hidden", "last": "logits"}
+
+
+def canonical_role(role: str, option: str = "--role") -> str:
+    """``first``, ``middle`` or ``last`` (``upper`` / ``lower`` read as their new names)."""
+    role = ROLE_ALIASES.get(role, role)
+    if role not in ROLES:
+        raise PrismInputError(f"{option}: {role!r} is not one of {', '.join(ROLES)}")
+    return role
 
 _FILE = {"type": "object", "required": ["name", "sha256"],
          "properties": {"name": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}
@@ -36,7 +59,7 @@ SCHEMA: dict[str, Any] = {
     "properties": {
         "format": {"const": FORMAT},
         "version": {"const": VERSION},
-        "role": {"enum": list(ROLES)},
+        "role": {"enum": [*ROLES, *ROLE_ALIASES]},
         "precision": {"enum": list(MODEL_PRECISIONS)},
         "max_seq": {"type": "integer", "minimum": 2},
         "dims": {"type": "object", "required": ["hidden", "vocab", "layers", "kv_heads", "head_dim"],
@@ -54,8 +77,11 @@ def past_names(layers: int, prefix: str = "past_key_values") -> list[str]:
 
 def io_description(role: str, layers: int) -> dict[str, Any]:
     """Inputs and outputs of each graph of ``role``, with named dims (recorded in model.json)."""
-    if role == "upper":
+    if role == "first":
         return {"inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]},
+                "outputs": {"hidden": ["batch", "seq", "hidden"]}}
+    if role == "middle":
+        return {"inputs": {"inputs_embeds": ["batch", "seq", "hidden"], "attention_mask": ["batch", "seq"]},
                 "outputs": {"hidden": ["batch", "seq", "hidden"]}}
     return {
         "inputs": {"inputs_embeds": ["batch", "seq", "hidden"], "attention_mask": ["batch", "seq"]},
@@ -78,11 +104,13 @@ def validate_model_json(manifest: Any, where: str) -> dict[str, Any]:
     except jsonschema.ValidationError as exc:
         field = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise PrismInputError(f"{where}: {field}: {_short(exc.message)}") from None
-    missing = [g for g in (*GRAPHS[manifest["role"]], *(TABLES if manifest["role"] == "lower" else ()))
+    manifest = dict(manifest)
+    manifest["role"] = ROLE_ALIASES.get(manifest["role"], manifest["role"])
+    missing = [g for g in (*GRAPHS[manifest["role"]], *(TABLES if manifest["role"] == "last" else ()))
                if g not in manifest["files"]]
     if missing:
         raise PrismInputError(f"{where}: files: role {manifest['role']!r} needs {', '.join(missing)}")
-    return dict(manifest)
+    return manifest
 
 
 def read_model_json(model_dir: str | os.PathLike[str], role: str | None = None) -> dict[str, Any]:
@@ -97,7 +125,7 @@ def read_model_json(model_dir: str | os.PathLike[str], role: str | None = None) 
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise PrismInputError(f"{path}: not a prism-deploy model manifest")
     manifest = validate_model_json(raw, str(path))
-    if role is not None and manifest.get("role") != role:
+    if role is not None and manifest.get("role") != canonical_role(role, "role"):
         raise PrismInputError(f"{model_dir}: exported as role {manifest.get('role')!r}, {role!r} is needed here")
     return manifest
 

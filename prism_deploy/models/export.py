@@ -1,14 +1,18 @@
-"""Export local decoder-only causal LMs to ONNX as the two ends of a PRISM pipeline.
+"""Export local decoder-only causal LMs to ONNX as the models of a PRISM chain.
 
-- ``upper`` (model A): ``input_ids`` [batch, seq] int64, ``attention_mask`` [batch, seq] int64
-  -> ``hidden`` [batch, seq, d_A]: the last hidden state after the final norm, before the LM head.
-- ``lower`` (model B): ``inputs_embeds`` [batch, seq, d_B], ``attention_mask`` [batch, seq] int64
-  -> ``logits`` [batch, seq, vocab_B] (``lower.onnx``); and ``lower_with_past.onnx`` with the KV
-  cache for greedy continuation: extra inputs ``past_key_values.<i>.key|value``
-  [batch, kv_heads, past, head_dim], ``attention_mask`` then covering past + new tokens, extra
-  outputs ``present.<i>.key|value`` [batch, kv_heads, past + new, head_dim]. A past of length 0
-  is allowed, so the same graph does the prefill. ``embed_tokens.npy`` [vocab_B, d_B] holds model
-  B's input embedding matrix, which the generation loop needs to feed its own tokens back.
+- ``first``: ``input_ids`` [batch, seq] int64, ``attention_mask`` [batch, seq] int64 -> ``hidden``
+  [batch, seq, d]: the last hidden state after the final norm, before the LM head (``first.onnx``).
+- ``middle``: ``inputs_embeds`` [batch, seq, d], ``attention_mask`` -> ``hidden`` [batch, seq, d],
+  the same state, read from embeddings instead of ids (``middle.onnx``).
+- ``last``: ``inputs_embeds`` [batch, seq, d], ``attention_mask`` [batch, seq] int64 -> ``logits``
+  [batch, seq, vocab] (``last.onnx``); and ``last_with_past.onnx`` with the KV cache for greedy
+  continuation: extra inputs ``past_key_values.<i>.key|value`` [batch, kv_heads, past, head_dim],
+  ``attention_mask`` then covering past + new tokens, extra outputs ``present.<i>.key|value``
+  [batch, kv_heads, past + new, head_dim]. A past of length 0 is allowed, so the same graph does
+  the prefill. ``embed_tokens.npy`` [vocab, d] holds the model's input embedding matrix, which
+  the generation loop needs to feed its own tokens back.
+
+(``upper`` and ``lower``, the names before chains, are ``first`` and ``last``.)
 
 Position ids are derived inside every graph from ``attention_mask`` (cumulative count of real
 tokens minus one, as ``generate`` does for left padding), so left-padded batches give the same
@@ -20,7 +24,7 @@ the tracer exports these models in well under a second with dynamic batch/sequen
 models are loaded with ``attn_implementation="eager"`` for the trace: the eager path always
 materialises the attention mask, so no shape-dependent shortcut of the SDPA path (taken or not
 at the traced shape) is frozen into the graph. Validation compares with that float32 model in
-``transformers``; the end-to-end parity check (:mod:`prism_deploy.parity.pipeline`) compares with
+``transformers``; the end-to-end parity check (:mod:`prism_deploy.parity.chain`) compares with
 the models as ``transformers`` loads them by default (SDPA attention).
 """
 
@@ -42,7 +46,7 @@ from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.core.metrics import compare, merge
 from prism_deploy.core.precision import ModelPrecision
-from prism_deploy.format.model_folder import FORMAT, MANIFEST, ROLES, VERSION, io_description, past_names
+from prism_deploy.format.model_folder import FORMAT, MANIFEST, VERSION, canonical_role, io_description, past_names
 from prism_deploy.models import hf
 
 # Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
@@ -50,7 +54,7 @@ from prism_deploy.models import hf
 # tokens whose reference top-1/top-2 gap is clear).
 
 
-class _Upper(torch.nn.Module):
+class _First(torch.nn.Module):
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
@@ -59,7 +63,16 @@ class _Upper(torch.nn.Module):
         return hf.final_hidden(self.model, input_ids, attention_mask)
 
 
-class _Lower(torch.nn.Module):
+class _Middle(torch.nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return hf.final_hidden(self.model, None, attention_mask, inputs_embeds=inputs_embeds)
+
+
+class _Last(torch.nn.Module):
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
@@ -69,7 +82,7 @@ class _Lower(torch.nn.Module):
         return logits
 
 
-class _LowerWithPast(torch.nn.Module):
+class _LastWithPast(torch.nn.Module):
     def __init__(self, model: Any, layers: int) -> None:
         super().__init__()
         self.model = model
@@ -94,8 +107,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     diverges from the transformers model beyond the precision's tolerances (the manifest is
     then not written, so the folder is not usable as a pipeline part).
     """
-    if role not in ROLES:
-        raise PrismInputError(f"--role: {role!r} is not one of {', '.join(ROLES)}")
+    role = canonical_role(role)
     precision = ModelPrecision.parse(precision).value
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -112,17 +124,20 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     dtype = torch.float16 if precision == "fp16" else torch.float32
     traced = reference if dtype == torch.float32 else copy.deepcopy(reference).to(dtype)
     dims = hf.cache_dims(reference.config)
-    # upper: the ids its embedding table accepts; lower: the width of its logits
-    table = reference.get_input_embeddings() if role == "upper" else reference.get_output_embeddings()
+    # first: the ids its embedding table accepts; middle, last: the width of its logits
+    table = reference.get_input_embeddings() if role == "first" else reference.get_output_embeddings()
     vocab = int(table.weight.shape[0])
+    embed_std = float(hf.input_embedding_matrix(reference).std())
     out.mkdir(parents=True, exist_ok=True)
     # An old manifest would describe graphs this run is about to replace: drop it first, write it last.
     (out / MANIFEST).unlink(missing_ok=True)
 
-    if role == "upper":
-        files, written = _export_upper(traced, out, vocab)
+    if role == "first":
+        files, written = _export_first(traced, out, vocab)
+    elif role == "middle":
+        files, written = _export_middle(traced, out, dims)
     else:
-        files, written = _export_lower(traced, out, dims)
+        files, written = _export_last(traced, out, dims)
         from prism_deploy.core.fsutil import atomic_output
 
         with atomic_output(out / files["embed_tokens"]) as tmp:
@@ -135,7 +150,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
 
     validation: dict[str, Any] = {"skipped": True}
     if validate:
-        checker = _validate_upper if role == "upper" else _validate_lower
+        checker = {"first": _validate_first, "middle": _validate_middle, "last": _validate_last}[role]
         validation = checker(reference, out, files, precision, max_seq, seed)
     manifest = {
         "format": FORMAT, "version": VERSION, "role": role, "family": hf.family(reference),
@@ -143,6 +158,8 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         "precision": precision, "max_seq": max_seq,
         "dims": {"hidden": dims["hidden"], "vocab": vocab, "layers": dims["layers"], "kv_heads": dims["kv_heads"],
                  "head_dim": dims["head_dim"]},
+        # the scale of its input embeddings: random inputs of that size check a middle model's build
+        "embed_std": embed_std,
         "io": io_description(role, dims["layers"]),
         "files": {key: {"name": name, "sha256": file_sha256(out / name)} for key, name in files.items()},
         "position_ids": "cumsum(attention_mask) - 1 (padding slots: 1), computed inside each graph",
@@ -159,24 +176,35 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
 # -- export -------------------------------------------------------------------------------------------
 
 
-def _export_upper(traced: Any, out: Path, vocab: int) -> tuple[dict[str, str], list[str]]:
-    files = {"graph": "upper.onnx"}
+def _export_first(traced: Any, out: Path, vocab: int) -> tuple[dict[str, str], list[str]]:
+    files = {"graph": "first.onnx"}
     g = torch.Generator().manual_seed(0)
     example = (torch.randint(0, vocab, (2, 4), generator=g), torch.ones(2, 4, dtype=torch.int64))
-    written = _export_graph(_Upper(traced), example, out / files["graph"], ["input_ids", "attention_mask"], ["hidden"],
+    written = _export_graph(_First(traced), example, out / files["graph"], ["input_ids", "attention_mask"], ["hidden"],
                             {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                              "hidden": {0: "batch", 1: "seq"}})
     return files, written
 
 
-def _export_lower(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[str, str], list[str]]:
-    """``lower.onnx`` and ``lower_with_past.onnx`` (the embedding table is written by the caller)."""
-    files = {"graph": "lower.onnx", "graph_with_past": "lower_with_past.onnx", "embed_tokens": "embed_tokens.npy"}
+def _export_middle(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[str, str], list[str]]:
+    files = {"graph": "middle.onnx"}
+    dtype = next(traced.parameters()).dtype
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randn(2, 4, dims["hidden"], generator=g).to(dtype), torch.ones(2, 4, dtype=torch.int64))
+    written = _export_graph(_Middle(traced), example, out / files["graph"], ["inputs_embeds", "attention_mask"],
+                            ["hidden"], {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                                         "hidden": {0: "batch", 1: "seq"}})
+    return files, written
+
+
+def _export_last(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[str, str], list[str]]:
+    """``last.onnx`` and ``last_with_past.onnx`` (the embedding table is written by the caller)."""
+    files = {"graph": "last.onnx", "graph_with_past": "last_with_past.onnx", "embed_tokens": "embed_tokens.npy"}
     dtype = next(traced.parameters()).dtype
     g = torch.Generator().manual_seed(0)
     d, layers = dims["hidden"], dims["layers"]
     emb = torch.randn(2, 4, d, generator=g).to(dtype)
-    written = _export_graph(_Lower(traced), (emb, torch.ones(2, 4, dtype=torch.int64)), out / files["graph"],
+    written = _export_graph(_Last(traced), (emb, torch.ones(2, 4, dtype=torch.int64)), out / files["graph"],
                             ["inputs_embeds", "attention_mask"], ["logits"],
                             {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                              "logits": {0: "batch", 1: "seq"}})
@@ -187,7 +215,7 @@ def _export_lower(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[st
                                        "logits": {0: "batch", 1: "seq"}}
     axes.update({n: {0: "batch", 2: "past_seq"} for n in past_names(layers)})
     axes.update({n: {0: "batch", 2: "total_seq"} for n in past_names(layers, "present")})
-    written += _export_graph(_LowerWithPast(traced, layers), (emb2, torch.ones(2, 5, dtype=torch.int64), *past),
+    written += _export_graph(_LastWithPast(traced, layers), (emb2, torch.ones(2, 5, dtype=torch.int64), *past),
                              out / files["graph_with_past"], ["inputs_embeds", "attention_mask", *past_names(layers)],
                              ["logits", *past_names(layers, "present")], axes)
     return files, written
@@ -247,7 +275,7 @@ def _shapes(max_seq: int) -> list[tuple[int, int]]:
     return [(2, min(max_seq, 11)), (1, 1), (3, min(max_seq, 5))]
 
 
-def _validate_upper(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
+def _validate_first(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
     from prism_deploy.core.ort_session import make_session
 
     tol = tolerances.model_export(precision)
@@ -261,19 +289,14 @@ def _validate_upper(reference: Any, out: Path, files: dict[str, str], precision:
             ref = hf.final_hidden(reference, torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
         figs.append(compare(got, ref, mask))
     fig = merge(figs)
-    _check("upper graph `hidden`", fig, tol, precision)
+    _check("first graph `hidden`", fig, tol, precision)
     return {"provider": "cpu", "tolerances": tol.to_json(), "hidden": fig}
 
 
-def _validate_lower(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
-    from prism_deploy.core.ort_session import make_session
-
-    tol = tolerances.model_export(precision)
-    d = hf.cache_dims(reference.config)
-    io_dtype = np.float16 if precision == "fp16" else np.float32
+def _embedding_scale_inputs(reference: Any, seed: int) -> Any:
+    """Random inputs the size real adapted prefixes have: rows of the model's own embedding
+    matrix plus noise of the same scale."""
     rng = np.random.default_rng(seed)
-    # Embedding-scale inputs: rows of the model's own embedding matrix plus noise, so the
-    # validation sees activations of the size real adapted prefixes have.
     table = hf.input_embedding_matrix(reference)
     scale = float(table.std()) or 1.0
 
@@ -281,6 +304,35 @@ def _validate_lower(reference: Any, out: Path, files: dict[str, str], precision:
         rows = table[rng.integers(0, table.shape[0], size=(b, s))]
         return (rows + rng.normal(0, scale, size=rows.shape)).astype(np.float32)
 
+    return random_embeds
+
+
+def _validate_middle(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
+    from prism_deploy.core.ort_session import make_session
+
+    tol = tolerances.model_export(precision)
+    session = make_session(out / files["graph"], "cpu")
+    io_dtype = np.float16 if precision == "fp16" else np.float32
+    random_embeds = _embedding_scale_inputs(reference, seed)
+    figs = []
+    for mask in _validation_masks(_shapes(max_seq)):
+        emb = random_embeds(*mask.shape)
+        got = session.run(["hidden"], {"inputs_embeds": emb.astype(io_dtype), "attention_mask": mask})[0]
+        with torch.no_grad():
+            ref = hf.final_hidden(reference, None, torch.from_numpy(mask), inputs_embeds=torch.from_numpy(emb)).numpy()
+        figs.append(compare(got, ref, mask))
+    fig = merge(figs)
+    _check("middle graph `hidden`", fig, tol, precision)
+    return {"provider": "cpu", "tolerances": tol.to_json(), "hidden": fig}
+
+
+def _validate_last(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
+    from prism_deploy.core.ort_session import make_session
+
+    tol = tolerances.model_export(precision)
+    d = hf.cache_dims(reference.config)
+    io_dtype = np.float16 if precision == "fp16" else np.float32
+    random_embeds = _embedding_scale_inputs(reference, seed)
     plain = make_session(out / files["graph"], "cpu")
     figs = []
     for mask in _validation_masks(_shapes(max_seq)):
@@ -290,7 +342,7 @@ def _validate_lower(reference: Any, out: Path, files: dict[str, str], precision:
             ref, _ = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(emb), attention_mask=torch.from_numpy(mask))
         figs.append(compare(got, ref.numpy(), mask, logits=True, tie_gap=tol.tie_gap))
     fig_plain = merge(figs)
-    _check("lower graph `logits`", fig_plain, tol, precision)
+    _check("last graph `logits`", fig_plain, tol, precision)
 
     # KV graph: prefill with an empty past, then two steps of 1 and 2 new tokens; each step's
     # logits against transformers run on the whole sequence so far.
@@ -313,7 +365,7 @@ def _validate_lower(reference: Any, out: Path, files: dict[str, str], precision:
         figs.append(compare(outs[0], ref.numpy()[:, start:stop], mask_all[:, start:stop], logits=True, tie_gap=tol.tie_gap))
         start = stop
     fig_past = merge(figs)
-    _check("lower KV-cache graph `logits`", fig_past, tol, precision)
+    _check("last KV-cache graph `logits`", fig_past, tol, precision)
     return {"provider": "cpu", "tolerances": tol.to_json(), "logits": fig_plain, "logits_with_past": fig_past}
 
 

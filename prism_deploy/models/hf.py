@@ -124,9 +124,11 @@ def causal_lm_forward(model: Any, *, attention_mask: torch.Tensor, input_ids: to
     return out.logits, returned
 
 
-def final_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden state after its final norm, before the LM head."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+def final_hidden(model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *,
+                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's last hidden state after its final norm, before the LM head, from token ids
+    (a chain's first model) or from input embeddings (a middle model)."""
+    out = model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            position_ids=positions_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state
 

@@ -98,7 +98,7 @@ def graph_parity(source_onnx: Path, work: Path, entry: dict[str, Any], model: di
 
 def parity_inputs(runner: Any, model: dict[str, Any], key: str, seed: int,
                   model_dir: Path) -> tuple[dict[str, Any], np.ndarray]:
-    """Random feeds for one graph: ids/mask (upper), embeds/mask (lower), plus a short past
+    """Random feeds for one graph: ids/mask (first), embeds/mask (middle, last), plus a short past
     (KV graph). Returns (feeds, mask over the new tokens)."""
     rng = np.random.default_rng(seed)
     dims = model["dims"]
@@ -106,13 +106,15 @@ def parity_inputs(runner: Any, model: dict[str, Any], key: str, seed: int,
     past = PARITY_PAST if key == "graph_with_past" else 0
     mask = np.ones((batch, past + seq), dtype=np.int64)
     mask[-1, :2] = 0  # one left-padded row
-    if model["role"] == "upper":
+    if model["role"] == "first":
         ids = rng.integers(0, int(dims["vocab"]), size=(batch, seq), dtype=np.int64)
         return {"input_ids": ids, "attention_mask": mask}, mask
-    # embedding-scale inputs: rows of model B's own table plus noise
-    table = np.load(model_folder.file_path(model_dir, model, "embed_tokens"), mmap_mode="r", allow_pickle=False)
-    rows = np.asarray(table[rng.integers(0, table.shape[0], size=(batch, seq))], dtype=np.float32)
-    embeds = rows + rng.normal(0.0, float(rows.std()) or 1.0, size=rows.shape)
+    if "embed_tokens" in model["files"]:  # embedding-scale inputs: rows of the model's own table plus noise
+        table = np.load(model_folder.file_path(model_dir, model, "embed_tokens"), mmap_mode="r", allow_pickle=False)
+        rows = np.asarray(table[rng.integers(0, table.shape[0], size=(batch, seq))], dtype=np.float32)
+        embeds = rows + rng.normal(0.0, float(rows.std()) or 1.0, size=rows.shape)
+    else:  # a middle model keeps no table: noise of its embeddings' recorded scale
+        embeds = rng.normal(0.0, float(model.get("embed_std") or 1.0), size=(batch, seq, int(dims["hidden"])))
     feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask}
     if key == "graph_with_past":
         shape = (batch, int(dims["kv_heads"]), past, int(dims["head_dim"]))

@@ -1,7 +1,8 @@
 """Runtime layer: running lowered graphs, built engines and model folders (ONNX Runtime, TensorRT).
 
 One runner runs any ONNX graph by feed dict (``OnnxRunner``); the adapter graph, the built
-engines and the model folders are thin views over it; ``Pipeline`` chains them. Nothing here
+engines and the model folders are thin views over it; ``Chain`` (and ``Pipeline``, its two-model
+case) runs them one after the other. Nothing here
 imports PyTorch (a torch CUDA tensor handed to ``load_engines(...).run`` is the one exception,
 and only then). Heavy modules load on first use.
 """
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AdapterGraph", "OnnxRunner", "Pipeline", "load_engines"]
+__all__ = ["AdapterGraph", "Chain", "OnnxRunner", "Pipeline", "load_engines"]
 
 _LAZY = {
     "load_engines": "prism_deploy.runtime.engines",
     "AdapterGraph": "prism_deploy.runtime.adapter_graph",
     "OnnxRunner": "prism_deploy.runtime.onnx_runner",
-    "Pipeline": "prism_deploy.runtime.pipeline",
+    "Pipeline": "prism_deploy.runtime.chain",
+    "Chain": "prism_deploy.runtime.chain",
 }
 
 

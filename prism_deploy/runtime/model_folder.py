@@ -1,9 +1,10 @@
-"""A model on disk: the folder ``export-model`` wrote, or the one ``build --model`` wrote.
+"""A model on disk: the folder ``export-model`` wrote, or the one ``build --model`` wrote, and the
+model as a stage of a chain.
 
-Both hold ``model.json`` (dims, max_seq, the embedding table's name); a build folder also has
-``manifest.json`` (that is how it is told apart) whose entries name one engine per graph and
-target. Engines and copied files are checked against the manifest's sha256 and the engine's
-ONNX Runtime version before they are opened, as adapter engines are
+Both folders hold ``model.json`` (role, dims, max_seq, the embedding table's name); a build
+folder also has ``manifest.json`` (that is how it is told apart) whose entries name one engine
+per graph and target. Engines and copied files are checked against the manifest's sha256 and
+the engine's ONNX Runtime version before they are opened, as adapter engines are
 (:mod:`prism_deploy.runtime.engines`); every file name stays inside the folder.
 """
 
@@ -19,24 +20,29 @@ from prism_deploy.core.targets import Target
 from prism_deploy.format import model_folder
 from prism_deploy.format.engine_manifest import EngineFileError, read_manifest, source_kind, verify_part
 from prism_deploy.runtime.engines import check_environment, select_entry
-from prism_deploy.runtime.onnx_runner import OnnxRunner
+from prism_deploy.runtime.onnx_runner import OnnxRunner, host
 
 
 class ModelFolder:
     """``model.json`` and one :class:`OnnxRunner` per graph (``graph``, ``graph_with_past``)."""
 
-    def __init__(self, directory: str | os.PathLike[str], role: str) -> None:
+    def __init__(self, directory: str | os.PathLike[str], role: str | None = None) -> None:
         self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise EngineFileError(f"{self.dir}: not a folder (a model folder from `export-model` or `build --model`)")
         self.build = read_manifest(self.dir)  # None for an export folder
+        want = None if role is None else model_folder.canonical_role(role, "role")
         if self.build is not None:
             if source_kind(self.build) != "model":
-                raise EngineFileError(f"{self.dir}: holds adapter engines, not a model build (role {role} needed)")
-            built_role = self.build["model"].get("role")
-            if built_role != role:
-                raise EngineFileError(f"{self.dir}: a build of role {built_role!r}, {role!r} is needed here")
+                raise EngineFileError(f"{self.dir}: holds adapter engines, not a model build"
+                                      + (f" (role {want} needed)" if want else ""))
+            built_role = model_folder.ROLE_ALIASES.get(self.build["model"].get("role"), self.build["model"].get("role"))
+            if want is not None and built_role != want:
+                raise EngineFileError(f"{self.dir}: a build of role {built_role!r}, {want!r} is needed here")
             for copy in self.build["model"].get("copies", []):  # model.json and the embedding table
                 verify_part(self.dir, copy)
-        self.manifest = model_folder.read_model_json(self.dir, role)
+        self.manifest = model_folder.read_model_json(self.dir, want)
+        self.role = str(self.manifest["role"])
 
     @property
     def built(self) -> bool:
@@ -57,3 +63,73 @@ class ModelFolder:
     def table(self, key: str) -> np.ndarray:
         """A table model.json lists (the embedding matrix), memory-mapped."""
         return np.load(model_folder.file_path(self.dir, self.manifest, key), mmap_mode="r", allow_pickle=False)
+
+
+class ModelStage:
+    """One model of a chain, by role: ``first`` (token ids -> hidden), ``middle`` (embeddings ->
+    hidden) or ``last`` (embeddings -> logits, and the KV-cache graph for generation)."""
+
+    def __init__(self, directory: str | os.PathLike[str], role: str | None = None, provider: str = "cpu",
+                 name: str = "model") -> None:
+        self.folder = ModelFolder(directory, role)
+        self.dir = self.folder.dir
+        self.name = name
+        self.manifest = self.folder.manifest
+        self.role = self.folder.role
+        dims = self.manifest["dims"]
+        self.hidden_size, self.vocab, self.layers = int(dims["hidden"]), int(dims["vocab"]), int(dims["layers"])
+        self.kv_heads, self.head_dim = int(dims["kv_heads"]), int(dims["head_dim"])
+        self.max_seq = int(self.manifest["max_seq"])
+        self.precision = str(self.manifest.get("precision", "fp32"))
+        self.input_name = model_folder.INPUT[self.role]
+        self.output_name = model_folder.OUTPUT[self.role]
+        self._provider = provider
+        self.graph = self.folder.runner("graph", provider)
+        self.device = self.graph.device
+        self.dtype = self.graph.input_dtype(self.input_name)  # None for token ids
+        self._past: Any = None
+        self._embed: np.ndarray | None = None
+
+    @property
+    def in_width(self) -> int | None:
+        """The width of the embeddings it takes (None for a first model, which takes ids)."""
+        return None if self.role == "first" else self.hidden_size
+
+    @property
+    def out_width(self) -> int:
+        """The width of what it gives: hidden states, or logits over its vocabulary."""
+        return self.vocab if self.role == "last" else self.hidden_size
+
+    def run_device(self, inputs: Any, attention_mask: Any) -> Any:
+        """The output as an OrtValue on the device."""
+        return self.graph.run_device({self.input_name: inputs, "attention_mask": attention_mask}, [self.output_name])[0]
+
+    def run(self, inputs: Any, attention_mask: Any) -> np.ndarray:
+        return host(self.run_device(inputs, attention_mask))
+
+    # ---- a last model's decoding ---------------------------------------------------------------
+    @property
+    def past_graph(self) -> OnnxRunner:
+        if self.role != "last":
+            raise EngineFileError(f"{self.dir}: a {self.role} model has no KV-cache graph")
+        if self._past is None:  # opened on first generate: plain calls never pay for it
+            self._past = self.folder.runner("graph_with_past", self._provider)
+        return self._past
+
+    @property
+    def embed_tokens(self) -> np.ndarray:
+        if self._embed is None:
+            self._embed = self.folder.table("embed_tokens")
+        return self._embed
+
+    def empty_past(self, batch: int) -> dict[str, Any]:
+        dtype = self.dtype or np.float32
+        return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=dtype)
+                for n in model_folder.past_names(self.layers)}
+
+    def step(self, inputs_embeds: Any, attention_mask: np.ndarray, past: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Last position's logits [batch, vocab] (on the host) and the cache grown by the new
+        positions (OrtValues left on the device). The mask covers past + new tokens."""
+        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **past}
+        outs = self.past_graph.run_device(feeds)
+        return host(outs[0])[:, -1], dict(zip(model_folder.past_names(self.layers), outs[1:]))

@@ -1,0 +1,118 @@
+"""``build --chain FILE -o OUT``: every stage of a chain built into ``OUT``, and ``OUT/chain.json``.
+
+Each model stage given as an ``export-model`` folder is built as ``build --model`` does into
+``OUT/<n>-<name>/``; each adapter stage given as a ``.safetensors`` as ``build ADAPTER`` does;
+a stage that is already a build folder is used where it is. Every stage goes through the one
+build loop, with the check the caller hands in, so a rebuild reuses each unchanged stage from
+its own cache. ``OUT/chain.json`` is a chain file (``prism_deploy.format.chain_file``) naming the
+built stage folders, each with the sha256 of its ``manifest.json``; ``run --chain OUT`` and
+``parity --chain OUT`` take it. It is written (atomically) only when every stage built.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from prism_deploy.builder.adapter_source import BuildRequest, build_engines
+from prism_deploy.builder.loop import BuildResult, EngineCheck, check_out_dir
+from prism_deploy.builder.model_source import ModelBuildRequest, build_model_engines
+from prism_deploy.builder.options import Profile
+from prism_deploy.core.errors import CheckFailed, PrismInputError
+from prism_deploy.core.fsutil import write_text_atomic
+from prism_deploy.format.chain_file import ChainSpec, chain_to_object, stage_digest
+
+CHAIN_FILE = "chain.json"
+
+
+@dataclass
+class ChainBuildRequest:
+    spec: ChainSpec
+    out_dir: Path
+    target: str | None = None
+    profile: Profile = field(default_factory=Profile)
+    force: bool = False
+    progress: bool = False
+
+
+@dataclass
+class ChainBuildResult:
+    directory: Path
+    stages: list[tuple[str, BuildResult | None]]  # (stage label, its build; None when used as it is)
+    chain_file: Path | None
+
+    def raise_for_failures(self) -> None:
+        failed = [(label, r) for label, r in self.stages if r is not None and r.failed]
+        if failed:
+            raise CheckFailed("; ".join(f"{label}: " + "; ".join(f"{o.id}: {o.detail}" for o in r.failed)
+                                        for label, r in failed) + " (chain.json unchanged)")
+
+
+def stage_folder_name(index: int, name: str) -> str:
+    return f"{index + 1}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:64]}"
+
+
+def build_chain(request: ChainBuildRequest, adapter_check: Callable[[Path], EngineCheck] | None = None,
+                model_check: Callable[[Path], EngineCheck] | None = None,
+                log: Callable[[str], None] | None = None) -> ChainBuildResult:
+    """Build every stage (see the module docstring); checks are made per stage by the factories
+    given (None: unchecked)."""
+    spec, out = request.spec, Path(request.out_dir)
+    check_out_dir(out)
+    for s in spec.stages:
+        if s.kind == "adapter" and s.path.is_file() and s.path.suffix != ".safetensors":
+            raise PrismInputError(f"{spec.where()}: {s.label}: {s.path}: build --chain builds an adapter from its "
+                                  ".safetensors (or uses a build folder as it is), not from a .onnx")
+    results: list[tuple[str, BuildResult | None]] = []
+    built_paths: list[Path] = []
+    for s in spec.stages:
+        target = request.target or s.target or spec.target or "auto"
+        folder = out / stage_folder_name(s.index, s.name)
+        if s.path.is_dir() and (s.path / "manifest.json").is_file():
+            results.append((s.label, None))
+            built_paths.append(s.path)
+            continue
+        try:
+            if s.kind == "model":
+                check = model_check(s.path) if model_check is not None else None
+                result = build_model_engines(ModelBuildRequest(model_dir=s.path, out_dir=folder, target=target,
+                                                               profile=request.profile, force=request.force,
+                                                               progress=request.progress), check, log)
+            else:
+                check = adapter_check(s.path) if adapter_check is not None else None
+                precisions = (s.precision,) if s.precision else None
+                result = build_engines(BuildRequest(adapter=s.path, out_dir=folder, target=target, precisions=precisions,
+                                                    profile=request.profile, force=request.force,
+                                                    progress=request.progress), check, log)
+        except PrismInputError as exc:
+            raise PrismInputError(f"{spec.where()}: {s.label}: {exc}") from None
+        results.append((s.label, result))
+        built_paths.append(folder)
+    if any(r is not None and r.failed for _, r in results):
+        return ChainBuildResult(out, results, None)
+    stages = []
+    for s, path in zip(spec.stages, built_paths):
+        reference = s.reference if s.reference is not None else (s.path if s.kind == "adapter" and s.path.is_file() else None)
+        stages.append(replace(s, path=path, sha256=stage_digest(path), reference=reference))
+    obj = chain_to_object(replace(spec, stages=stages), out)
+    chain_file = out / CHAIN_FILE
+    text = json.dumps(obj, indent=2) + "\n"
+    if not chain_file.is_file() or chain_file.read_text(encoding="utf-8") != text:
+        write_text_atomic(chain_file, text)
+    return ChainBuildResult(out, results, chain_file)
+
+
+def summary(result: ChainBuildResult) -> list[dict[str, Any]]:
+    """Per stage: label, what happened to each engine (or that the folder was used as it was)."""
+    rows: list[dict[str, Any]] = []
+    for label, r in result.stages:
+        if r is None:
+            rows.append({"stage": label, "directory": None, "engines": [], "used_as_is": True})
+        else:
+            rows.append({"stage": label, "directory": str(r.directory), "used_as_is": False,
+                         "engines": [{"id": o.id, "action": o.action, "detail": o.detail} for o in r.outcomes]})
+    return rows

@@ -1,0 +1,242 @@
+"""The chain file: a chain of models and adapters, ``chain.toml`` (or ``chain.json``).
+
+    name = "math-code-science"        # optional
+    target = "ort-cpu"                # optional: every stage's default
+
+    [tokenizers]                      # optional: for --text, and to decode generated tokens
+    first = "models/math"
+    last = "models/science"
+
+    [[stages]]
+    model = "exports/math"            # the first model: an export-model or build --model folder
+    hf = "models/math"                # optional: its Hugging Face folder (parity, collect)
+
+    [[stages]]
+    adapter = "adapters/math-code.safetensors"   # or an exported .onnx, or a build folder
+    precision = "fp32"                # optional: the precision to lower or load
+    reference = "adapters/math-code.safetensors" # optional: the .safetensors parity compares with
+
+    [[stages]]
+    model = "exports/code"            # a middle model
+    ...
+
+Stages alternate model, adapter, model, ..., model: at least two models. Paths are relative to
+the chain file's folder. A stage may carry ``sha256``: of the file (an adapter file), or of the
+folder's ``manifest.json`` (a build folder) or ``model.json`` (an export folder), checked before
+anything runs; ``build --chain`` writes them. The file is validated whole against ``SCHEMA``
+(unknown keys, wrong types, a stage with both or neither of ``model`` and ``adapter``): one
+error line naming the stage. Whether the roles, widths and files fit together is checked by
+the runtime when it opens the chain (``prism_deploy.runtime.chain``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.fsutil import file_sha256
+from prism_deploy.core.precision import PRECISIONS
+from prism_deploy.core.targets import TARGET_CHOICES
+
+SCHEMA_NAME = "prism-deploy.chain"
+SCHEMA_VERSION = 1
+SUFFIXES = (".toml", ".json")
+_PATH = {"type": "string", "minLength": 1}
+_SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_COMMON = {"name": {"type": "string", "minLength": 1}, "target": {"enum": list(TARGET_CHOICES)}, "sha256": _SHA}
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["stages"],
+    "properties": {
+        "schema": {"const": SCHEMA_NAME},
+        "schema_version": {"type": "integer", "const": SCHEMA_VERSION},
+        "name": {"type": "string"},
+        "target": {"enum": list(TARGET_CHOICES)},
+        "tokenizers": {"type": "object", "additionalProperties": False,
+                       "properties": {"first": _PATH, "last": _PATH}},
+        "stages": {
+            "type": "array", "minItems": 3,
+            "items": {"oneOf": [
+                {"type": "object", "additionalProperties": False, "required": ["model"],
+                 "properties": {"model": _PATH, "hf": _PATH, **_COMMON}},
+                {"type": "object", "additionalProperties": False, "required": ["adapter"],
+                 "properties": {"adapter": _PATH, "reference": _PATH, "precision": {"enum": list(PRECISIONS)},
+                                **_COMMON}},
+            ]},
+        },
+    },
+}
+
+
+@dataclass
+class StageSpec:
+    """One stage as the chain file gives it, paths resolved against the file's folder."""
+
+    index: int
+    kind: str  # "model" or "adapter"
+    path: Path
+    name: str
+    target: str | None = None
+    precision: str | None = None
+    hf: Path | None = None  # a model's Hugging Face folder
+    reference: Path | None = None  # an adapter's .safetensors, for parity
+    sha256: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How errors name the stage: its number (from 1), kind and name."""
+        return f"stage {self.index + 1} ({self.kind} {self.name})"
+
+
+@dataclass
+class ChainSpec:
+    path: Path | None
+    stages: list[StageSpec]
+    name: str | None = None
+    target: str | None = None
+    tokenizers: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def models(self) -> list[StageSpec]:
+        return [s for s in self.stages if s.kind == "model"]
+
+    @property
+    def adapters(self) -> list[StageSpec]:
+        return [s for s in self.stages if s.kind == "adapter"]
+
+    def where(self) -> str:
+        return str(self.path) if self.path is not None else "chain"
+
+
+def read_chain_file(path: str | os.PathLike[str]) -> ChainSpec:
+    """Parse and validate a chain file (TOML or JSON, by its suffix)."""
+    p = Path(path)
+    if p.suffix not in SUFFIXES:
+        raise PrismInputError(f"{p}: a chain file is .toml or .json, not {p.suffix or '(no suffix)'!r}")
+    if not p.is_file():
+        raise PrismInputError(f"{p}: no such chain file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrismInputError(f"{p}: cannot read it ({exc})") from None
+    try:
+        if p.suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover - Python 3.10
+                import tomli as tomllib
+            obj = tomllib.loads(text)
+        else:
+            obj = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not JSON")))
+    except (ValueError, RecursionError) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise PrismInputError(f"{p}: not valid {p.suffix[1:].upper()} ({' '.join(str(exc).split())[:200]})") from None
+    return chain_from_object(obj, p)
+
+
+def chain_from_object(obj: Any, path: Path | None = None) -> ChainSpec:
+    """A chain from its parsed form (``path``: the file, whose folder relative paths start from)."""
+    import jsonschema
+
+    where = str(path) if path is not None else "chain"
+    try:
+        jsonschema.validate(obj, SCHEMA)
+    except jsonschema.ValidationError as exc:
+        raise PrismInputError(f"{where}: {_describe_error(exc)}") from None
+    base = path.parent if path is not None else Path(".")
+
+    def resolve(text: str) -> Path:
+        q = Path(os.path.expanduser(text))
+        return q if q.is_absolute() else base / q
+
+    stages = []
+    for i, raw in enumerate(obj["stages"]):
+        kind = "model" if "model" in raw else "adapter"
+        expected = "model" if i % 2 == 0 else "adapter"
+        if kind != expected:
+            raise PrismInputError(f"{where}: stages.{i} (stage {i + 1}): a {kind}, but stages alternate model, adapter, "
+                                  "model, ... and start and end with a model")
+        stages.append(StageSpec(
+            index=i, kind=kind, path=resolve(raw[kind]), name=str(raw.get("name") or Path(raw[kind]).stem or raw[kind]),
+            target=raw.get("target"), precision=raw.get("precision"),
+            hf=resolve(raw["hf"]) if "hf" in raw else None,
+            reference=resolve(raw["reference"]) if "reference" in raw else None, sha256=raw.get("sha256")))
+    if stages[-1].kind != "model":
+        raise PrismInputError(f"{where}: the last stage is an adapter; a chain ends with a model")
+    tokenizers = {k: resolve(v) for k, v in obj.get("tokenizers", {}).items()}
+    return ChainSpec(path, stages, obj.get("name"), obj.get("target"), tokenizers)
+
+
+def stage_digest(path: Path) -> str | None:
+    """What a stage's ``sha256`` covers: a file's bytes, or a folder's ``manifest.json``
+    (build) or ``model.json`` (export). None when there is nothing to hash."""
+    if path.is_file():
+        return file_sha256(path)
+    for name in ("manifest.json", "model.json"):
+        if (path / name).is_file():
+            return file_sha256(path / name)
+    return None
+
+
+def chain_to_object(spec: ChainSpec, relative_to: Path) -> dict[str, Any]:
+    """The chain file's JSON form, paths relative to ``relative_to`` where they lie below it."""
+    def rel(p: Path) -> str:
+        try:
+            return str(p.resolve().relative_to(relative_to.resolve()))
+        except ValueError:
+            return str(p.resolve())
+
+    stages = []
+    for s in spec.stages:
+        item: dict[str, Any] = {s.kind: rel(s.path), "name": s.name}
+        for key in ("target", "precision", "sha256"):
+            if getattr(s, key) is not None:
+                item[key] = getattr(s, key)
+        if s.hf is not None:
+            item["hf"] = rel(s.hf)
+        if s.reference is not None:
+            item["reference"] = rel(s.reference)
+        stages.append(item)
+    obj: dict[str, Any] = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION}
+    if spec.name:
+        obj["name"] = spec.name
+    if spec.target:
+        obj["target"] = spec.target
+    if spec.tokenizers:
+        obj["tokenizers"] = {k: rel(v) for k, v in spec.tokenizers.items()}
+    obj["stages"] = stages
+    return obj
+
+
+def _describe_error(exc: Any) -> str:
+    """One line: the field (as ``stages.2.adapter``, with the stage number) and what is wrong."""
+    parts = list(exc.absolute_path)
+    field = ".".join(str(p) for p in parts) or "(top level)"
+    if len(parts) >= 2 and parts[0] == "stages" and isinstance(parts[1], int):
+        field += f" (stage {parts[1] + 1})"
+    message = exc.message
+    if exc.validator == "oneOf" and isinstance(exc.instance, dict):
+        keys = set(exc.instance)
+        if {"model", "adapter"} <= keys:
+            message = "a stage is a model or an adapter, not both"
+        elif not keys & {"model", "adapter"}:
+            message = "a stage needs 'model' or 'adapter'"
+        else:  # the stage's own schema says exactly what is wrong
+            import jsonschema
+
+            kind_schema = exc.schema["oneOf"][0 if "model" in keys else 1]
+            inner = next(iter(jsonschema.Draft202012Validator(kind_schema).iter_errors(exc.instance)), None)
+            if inner is not None:
+                if inner.validator == "additionalProperties":
+                    allowed = set(kind_schema["properties"])
+                    message = f"unknown key(s) {sorted(keys - allowed)}"
+                else:
+                    sub = ".".join(str(p) for p in inner.absolute_path)
+                    field += f".{sub}" if sub else ""
+                    message = inner.message
+    return f"{field}: {' '.join(message.split())[:200]}"

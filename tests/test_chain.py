@@ -1,0 +1,368 @@
+"""Chains of N models: roles, the chain file, ``Chain`` against transformers + the reference
+adapters (end to end, greedy tokens, hop by hop), bisection, bad chain files, and the whole CLI
+path export-model -> collect -> fit -> build --chain -> run --chain -> parity --chain.
+
+Tiny random local models of three families and widths (tests/model_helpers.py): GPT-2 (48
+wide), Llama (64), Qwen2 (96); random gated adapters between them. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from prism_deploy.cli.main import main
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.fsutil import file_sha256
+from prism_deploy.models import hf
+from prism_deploy.models.export import export_model
+from prism_deploy.parity.chain import ReferenceChain, check_chain_parity
+from prism_deploy.reference import load_adapter, random_adapter, simple_config
+from prism_deploy.runtime.chain import Chain, Pipeline
+from tests.model_helpers import SENTENCES
+
+WIDTH = {"gpt2": 48, "llama": 64, "qwen2": 96}
+
+
+@pytest.fixture(scope="module")
+def parts(zoo, tmp_path_factory):
+    """Exports by role (first: GPT-2, middle: Llama and Qwen2, last: Qwen2 and GPT-2) and
+    adapters between every pair of widths used."""
+    root = tmp_path_factory.mktemp("chain")
+    p = {"hf": zoo}
+    for name, kind, role in (("gpt2_first", "gpt2", "first"), ("llama_middle", "llama", "middle"),
+                             ("qwen2_middle", "qwen2", "middle"), ("gpt2_last", "gpt2", "last")):
+        p[name] = root / name
+        export_model(zoo[kind], role, p[name], max_seq=64)
+    p["qwen2_last"] = zoo["B"]
+    for a, b, seed in (("gpt2", "llama", 11), ("llama", "qwen2", 12), ("qwen2", "gpt2", 13)):
+        path = root / f"{a}-{b}.safetensors"
+        random_adapter(simple_config(WIDTH[a], WIDTH[b], (4, 2), top_k=3), seed=seed).save(path)
+        p[f"{a}-{b}"] = path
+    p["root"] = root
+    return p
+
+
+def write_chain(path: Path, stages: list[dict], **top) -> Path:
+    path.write_text(json.dumps({**top, "stages": stages}))
+    return path
+
+
+def three_model_stages(parts) -> list[dict]:
+    hfz = parts["hf"]
+    return [{"model": str(parts["gpt2_first"]), "hf": str(hfz["gpt2"]), "name": "gpt2"},
+            {"adapter": str(parts["gpt2-llama"]), "name": "a1"},
+            {"model": str(parts["llama_middle"]), "hf": str(hfz["llama"]), "name": "llama"},
+            {"adapter": str(parts["llama-qwen2"]), "name": "a2"},
+            {"model": str(parts["qwen2_last"]), "hf": str(hfz["qwen2"]), "name": "qwen2"}]
+
+
+def ids_and_mask(vocab: int, batch: int = 2, seq: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[-1, :2] = 0  # one left-padded row
+    return ids, mask
+
+
+def transformers_greedy(parts, hf_kinds: list[str], adapters: list[Path], ids, mask, new_tokens: int) -> np.ndarray:
+    """An independent greedy loop over the chain in transformers + the reference adapters."""
+    models = [hf.load_causal_lm(parts["hf"][k]) for k in hf_kinds]
+    refs = [load_adapter(a) for a in adapters]
+    m = torch.from_numpy(mask)
+    with torch.no_grad():
+        x = hf.final_hidden(models[0], torch.from_numpy(ids), m)
+        for adapter, model in zip(refs[:-1], models[1:-1]):
+            x = hf.final_hidden(model, None, m, inputs_embeds=adapter(x).float())
+        embeds = refs[-1](x).float()
+        table = models[-1].get_input_embeddings().weight.detach().float()
+        out = []
+        for _ in range(new_tokens):
+            logits, _ = hf.causal_lm_forward(models[-1], inputs_embeds=embeds, attention_mask=m)
+            token = logits[:, -1].argmax(-1)
+            out.append(token.numpy())
+            embeds = torch.cat([embeds, table[token][:, None]], dim=1)
+            m = torch.cat([m, torch.ones(m.shape[0], 1, dtype=m.dtype)], dim=1)
+    return np.stack(out, axis=1)
+
+
+def test_roles_are_named_by_what_goes_in_and_out(parts):
+    for name, role, inputs, output in (("gpt2_first", "first", "input_ids", "hidden"),
+                                       ("llama_middle", "middle", "inputs_embeds", "hidden"),
+                                       ("qwen2_last", "last", "inputs_embeds", "logits")):
+        manifest = json.loads((parts[name] / "model.json").read_text())
+        assert manifest["role"] == role
+        model = onnx.load(str(parts[name] / manifest["files"]["graph"]["name"]), load_external_data=False)
+        assert model.graph.input[0].name == inputs and model.graph.output[0].name == output
+    middle = json.loads((parts["llama_middle"] / "model.json").read_text())
+    assert set(middle["files"]) == {"graph"} and middle["validation"]["hidden"]["rel_l2"] < 1e-5
+
+
+def test_old_role_names_still_work_and_say_the_new_one(zoo, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["export-model", str(zoo["gpt2"]), "--role", "upper", "-o", str(tmp_path / "g"), "--max-seq", "16",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["role"] == "first"
+    assert err.strip().splitlines() == ["note: --role upper is now called --role first"]
+    # a folder an earlier release wrote (role "upper") reads as role "first"
+    meta = json.loads((tmp_path / "g" / "model.json").read_text())
+    meta["role"] = "upper"
+    (tmp_path / "g" / "model.json").write_text(json.dumps(meta))
+    from prism_deploy.runtime.model_folder import ModelStage
+
+    assert ModelStage(tmp_path / "g", "first").role == "first"
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["exported", "built"])
+def test_three_model_chain_matches_transformers_and_the_reference(parts, tmp_path, built, capsys):
+    chain_file = write_chain(tmp_path / "chain.json", three_model_stages(parts))
+    if built:
+        capsys.readouterr()
+        assert main(["build", "--chain", str(chain_file), "-o", str(tmp_path / "out"), "--target", "ort-cpu",
+                     "--batch", "1:2:4", "--seq", "1:8:16", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert len(report["stages"]) == 5 and report["chain_file"] == str(tmp_path / "out" / "chain.json")
+        chain_file = tmp_path / "out" / "chain.json"
+    chain = Chain.from_file(chain_file)
+    assert [m.role for m in chain.models] == ["first", "middle", "last"]
+    assert all(m.folder.built == built for m in chain.models)
+    ids, mask = ids_and_mask(chain.first.vocab)
+    ref = ReferenceChain([parts["hf"][k] for k in ("gpt2", "llama", "qwen2")],
+                         [parts["gpt2-llama"], parts["llama-qwen2"]])
+    report = check_chain_parity(chain, ref, ids, mask, new_tokens=4)
+    assert report["passed"], report["failures"]
+    assert report["logits"]["rel_l2"] <= 1e-4 and report["logits"]["top1"] >= 0.99
+    assert [h["passed"] for h in report["stages"]] == [True] * 5
+    want = transformers_greedy(parts, ["gpt2", "llama", "qwen2"], [parts["gpt2-llama"], parts["llama-qwen2"]],
+                               ids, mask, 4)
+    np.testing.assert_array_equal(chain.generate(ids, mask, max_new_tokens=4), want)
+    assert set(chain.timings) >= {"gpt2", "a1", "llama", "a2", "qwen2_prefill", "qwen2_decode", "steps"}
+
+
+def test_four_model_chain(parts):
+    hfz = parts["hf"]
+    stages = [parts["gpt2_first"], parts["gpt2-llama"], parts["llama_middle"], parts["llama-qwen2"],
+              parts["qwen2_middle"], parts["qwen2-gpt2"], parts["gpt2_last"]]
+    chain = Chain(stages)
+    assert [m.role for m in chain.models] == ["first", "middle", "middle", "last"]
+    ids, mask = ids_and_mask(chain.first.vocab, seed=3)
+    ref = ReferenceChain([hfz["gpt2"], hfz["llama"], hfz["qwen2"], hfz["gpt2"]],
+                         [parts["gpt2-llama"], parts["llama-qwen2"], parts["qwen2-gpt2"]])
+    report = check_chain_parity(chain, ref, ids, mask, new_tokens=3)
+    assert report["passed"], report["failures"]
+    assert report["logits"]["rel_l2"] <= 1e-4
+    want = transformers_greedy(parts, ["gpt2", "llama", "qwen2", "gpt2"],
+                               [parts["gpt2-llama"], parts["llama-qwen2"], parts["qwen2-gpt2"]], ids, mask, 3)
+    np.testing.assert_array_equal(chain.generate(ids, mask, max_new_tokens=3), want)
+
+
+def test_two_model_chain_is_the_pipeline(zoo):
+    ids, mask = ids_and_mask(300, seed=5)
+    chain = Chain([zoo["A"], zoo["adapter"], zoo["B"]])
+    pipe = Pipeline(zoo["A"], zoo["adapter"], zoo["B"])
+    np.testing.assert_array_equal(chain(ids, mask), pipe(ids, mask))
+    np.testing.assert_array_equal(chain.generate(ids, mask, max_new_tokens=5), pipe.generate(ids, mask, max_new_tokens=5))
+    assert set(pipe.timings) >= {"model_a", "adapter", "model_b_prefill", "model_b_decode"}
+
+
+def scaled_worker_adapter(src: Path, dst: Path, pipe: int, worker: int, factor: float) -> None:
+    adapter = load_adapter(src)
+    tensors = {k: v.clone() for k, v in adapter.tensors().items()}
+    tensors[f"pipes.{pipe}.tiles"][worker] *= factor
+    type(adapter)(adapter.config, tensors).save(dst)
+
+
+@pytest.mark.parametrize("as_engines", [False, True], ids=["lowered", "engines"])
+def test_bisect_names_the_adapter_its_pipe_and_worker(parts, tmp_path, as_engines, capsys):
+    bad = tmp_path / "a2-bad.safetensors"
+    scaled_worker_adapter(parts["llama-qwen2"], bad, pipe=0, worker=5, factor=4.0)
+    stages = three_model_stages(parts)
+    stages[3] = {"adapter": str(bad), "reference": str(parts["llama-qwen2"]), "name": "a2"}
+    if as_engines:  # a black box: the blame comes from probing, not from stored tiles
+        capsys.readouterr()
+        assert main(["build", str(bad), "-o", str(tmp_path / "eng"), "--target", "ort-cpu", "--no-parity",
+                     "--json"]) == 0
+        stages[3]["adapter"] = str(tmp_path / "eng")
+    chain_file = write_chain(tmp_path / "chain.json", stages)
+    capsys.readouterr()
+    code = main(["parity", "--chain", str(chain_file), "--bisect", "--json", "--seq", "8"])
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert code == 1 and err.count("\n") == 1
+    found = report["bisect"]
+    assert found["found"] == 4 and found["kind"] == "adapter" and found["name"] == "a2"
+    assert found["pipe"]["index"] == 0 and found["workers"][0]["worker"] == 5
+    assert [h["passed"] for h in report["stages"]] == [True, True, True, False, True]  # charged to its own stage
+
+
+def test_bisect_names_a_broken_middle_model(parts, tmp_path, capsys):
+    broken = tmp_path / "llama_middle"
+    shutil.copytree(parts["llama_middle"], broken)
+    graph = broken / "middle.onnx"
+    model = onnx.load(str(graph))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.3, init.name))
+    onnx.save(model, str(graph))
+    meta = json.loads((broken / "model.json").read_text())  # a re-export with other weights, hashes right
+    meta["files"]["graph"]["sha256"] = file_sha256(graph)
+    (broken / "model.json").write_text(json.dumps(meta))
+    stages = three_model_stages(parts)
+    stages[2]["model"] = str(broken)
+    chain = Chain.from_file(write_chain(tmp_path / "chain.json", stages))
+    ids, mask = ids_and_mask(chain.first.vocab)
+    hfz = parts["hf"]
+    report = check_chain_parity(chain, ReferenceChain([hfz["gpt2"], hfz["llama"], hfz["qwen2"]],
+                                                      [parts["gpt2-llama"], parts["llama-qwen2"]]), ids, mask)
+    assert not report["passed"]
+    assert report["bisect"]["found"] == 3 and report["bisect"]["kind"] == "model" and report["bisect"]["graph"] == "graph"
+    assert [h["passed"] for h in report["stages"]][:2] == [True, True] and not report["stages"][2]["passed"]
+
+
+def test_bisect_names_the_decoding_graph_of_the_last_model(parts, tmp_path):
+    broken = tmp_path / "qwen2_last"
+    shutil.copytree(parts["qwen2_last"], broken)
+    graph = broken / "last_with_past.onnx"
+    model = onnx.load(str(graph))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.3, init.name))
+    onnx.save(model, str(graph))
+    meta = json.loads((broken / "model.json").read_text())
+    meta["files"]["graph_with_past"]["sha256"] = file_sha256(graph)
+    (broken / "model.json").write_text(json.dumps(meta))
+    stages = three_model_stages(parts)
+    stages[4]["model"] = str(broken)
+    chain = Chain.from_file(write_chain(tmp_path / "chain.json", stages))
+    ids, mask = ids_and_mask(chain.first.vocab)
+    hfz = parts["hf"]
+    report = check_chain_parity(chain, ReferenceChain([hfz["gpt2"], hfz["llama"], hfz["qwen2"]],
+                                                      [parts["gpt2-llama"], parts["llama-qwen2"]]), ids, mask,
+                                new_tokens=3, bisect=True)
+    # the prefill graph is right; generation (the KV-cache graph) is not
+    graphs = report["stages"][4]["graphs"]
+    assert graphs["graph"]["passed"] and not graphs["graph_with_past"]["passed"] and not report["passed"]
+    assert report["bisect"]["found"] == 5 and report["bisect"]["graph"] == "graph_with_past"
+
+
+def bad_chain_cases(parts, tmp_path) -> list[tuple[str, object, str]]:
+    good = three_model_stages(parts)
+    wrong_width = [dict(s) for s in good]
+    wrong_width[1]["adapter"] = str(parts["llama-qwen2"])  # 64 -> 96 where 48 -> 64 belongs
+    missing = [dict(s) for s in good]
+    missing[2]["model"] = str(tmp_path / "no-such-model")
+    hashed = [dict(s) for s in good]
+    hashed[1]["sha256"] = "0" * 64
+    unknown = [dict(s) for s in good]
+    unknown[3]["precison"] = "fp16"
+    order = [good[1], good[0], *good[2:]]
+    return [
+        ("width", {"stages": wrong_width}, "stage 2 (adapter a1): in_dim 64 does not match the hidden width 48"),
+        ("order", {"stages": order}, "stage 1"),
+        ("missing", {"stages": missing}, "stage 3 (model llama)"),
+        ("hash", {"stages": hashed}, "stage 2 (adapter a1)"),
+        ("unknown", {"stages": unknown}, "unknown key(s) ['precison']"),
+        ("two", {"stages": good[:2]}, "stages"),
+    ]
+
+
+def test_bad_chain_files_exit_2_with_one_line(parts, tmp_path, capsys):
+    (tmp_path / "ids.json").write_text("[[1, 2, 3]]")
+    for name, obj, message in bad_chain_cases(parts, tmp_path):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(obj))
+        capsys.readouterr()
+        code = main(["run", "--chain", str(path), "--ids", str(tmp_path / "ids.json")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (name, err)
+        assert str(path) in err[0]
+    toml = tmp_path / "bad.toml"
+    toml.write_text("[[stages]\nmodel = 1\n")
+    assert main(["run", "--chain", str(toml), "--ids", str(tmp_path / "ids.json")]) == 2
+
+
+def test_chain_toml_runs_from_its_own_folder(parts, tmp_path, capsys):
+    """Paths in a chain file are relative to the file; tokenizers come from it too."""
+    hfz = parts["hf"]
+    for key in ("gpt2_first", "llama_middle", "qwen2_last"):
+        shutil.copytree(parts[key], tmp_path / key)
+    for key in ("gpt2-llama", "llama-qwen2"):
+        shutil.copy(parts[key], tmp_path / f"{key}.safetensors")
+    (tmp_path / "chain.toml").write_text(f'''name = "three"
+[tokenizers]
+first = "{hfz['gpt2']}"
+last = "{hfz['qwen2']}"
+
+[[stages]]
+model = "gpt2_first"
+[[stages]]
+adapter = "gpt2-llama.safetensors"
+[[stages]]
+model = "llama_middle"
+[[stages]]
+adapter = "llama-qwen2.safetensors"
+[[stages]]
+model = "qwen2_last"
+''')
+    capsys.readouterr()
+    assert main(["run", "--chain", str(tmp_path / "chain.toml"), "--text", "the quick brown fox",
+                 "--max-new-tokens", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["generated_ids"][0]) == 3 and len(result["generated_text"]) == 1
+    assert [s["kind"] for s in result["stages"]] == ["model", "adapter", "model", "adapter", "model"]
+
+
+def test_whole_cli_path_export_collect_fit_build_run_parity(zoo, tmp_path, capsys):
+    """Three Hugging Face folders and a text file to a checked, built, running chain."""
+    import random
+
+    rnd = random.Random(0)
+    words = " ".join(SENTENCES).split()
+    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 12)))
+                                                   for _ in range(40)) + "\n")
+    for kind, role in (("gpt2", "first"), ("llama", "middle"), ("qwen2", "last")):
+        assert main(["export-model", str(zoo[kind]), "--role", role, "-o", str(tmp_path / kind), "--max-seq", "32",
+                     "--json"]) == 0
+    stages: list[dict] = [{"model": "gpt2", "hf": str(zoo["gpt2"])}, {"adapter": "a1.safetensors"},
+                          {"model": "llama", "hf": str(zoo["llama"])}, {"adapter": "a2.safetensors"},
+                          {"model": "qwen2", "hf": str(zoo["qwen2"])}]
+    chain = write_chain(tmp_path / "chain.json", stages, tokenizers={"first": str(zoo["gpt2"]), "last": str(zoo["qwen2"])})
+    for hop, out in ((1, "a1"), (2, "a2")):
+        pairs = tmp_path / f"pairs{hop}.safetensors"
+        assert main(["collect", "--chain", str(chain), "--hop", str(hop), "--text", str(tmp_path / "corpus.txt"),
+                     "-o", str(pairs), "--pool", "tokens", "--batch", "16", "--json"]) == 0
+        assert main(["fit", "--x", f"{pairs}:X", "--z", f"{pairs}:Z", "-o", str(tmp_path / f"{out}.safetensors"),
+                     "--grid", "4", "2", "--top-k", "3", "--rounds", "1", "--gate-steps", "30", "--ridge", "1e-3",
+                     "--json"]) == 0
+    capsys.readouterr()
+    assert main(["build", "--chain", str(chain), "-o", str(tmp_path / "built"), "--target", "ort-cpu",
+                 "--batch", "1:2:4", "--seq", "1:8:16", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["build", "--chain", str(chain), "-o", str(tmp_path / "built"), "--target", "ort-cpu",
+                 "--batch", "1:2:4", "--seq", "1:8:16", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert all(e["action"] == "built" for s in first["stages"] for e in s["engines"])
+    assert all(e["action"] == "reused" for s in again["stages"] for e in s["engines"])  # a rebuild reuses every stage
+    assert main(["run", "--chain", str(tmp_path / "built"), "--text", "the lazy dog", "--max-new-tokens", "4",
+                 "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["generated_ids"][0]) == 4
+    assert main(["parity", "--chain", str(tmp_path / "built"), "--text", "Tiles of weights are routed",
+                 "--new-tokens", "3"]) == 0
+    assert "parity: passed" in capsys.readouterr().out
+
+
+def test_chain_refuses_bad_inputs(parts):
+    chain = Chain([parts["gpt2_first"], parts["gpt2-llama"], parts["llama_middle"], parts["llama-qwen2"],
+                   parts["qwen2_last"]])
+    with pytest.raises(PrismInputError, match="vocabulary"):
+        chain([[0, 10**6]])
+    with pytest.raises(PrismInputError, match="max_new_tokens"):
+        chain.generate([[1, 2]], max_new_tokens=0)
+    with pytest.raises(PrismInputError, match="stage 3 \\(model model_2\\).*role 'first', 'middle' is needed"):
+        Chain([parts["gpt2_first"], parts["gpt2-llama"], parts["gpt2_first"], parts["llama-qwen2"], parts["qwen2_last"]])
