@@ -145,6 +145,11 @@ def build_model_engines(request: ModelBuildRequest, log: Callable[[str], None] |
     role, precision = str(model["role"]), str(model.get("precision", "fp32"))
     model_json_sha = file_sha256(source / MODEL_MANIFEST)
     target, target_reason = environment.resolve_target(request.target)
+    form = (model.get("quantization") or {}).get("form")
+    if target == "trt" and form == "nbits":
+        # TensorRT's parser takes MatMulNBits with float16 activations only; these graphs are float32
+        raise PrismInputError(f"--model {source}: its {precision} weights are in the nbits form (MatMulNBits), "
+                              "which is for ONNX Runtime; export with --form dq for TensorRT")
     tools, device = environment.tool_versions(target), environment.device_info(target)
     directory = Path(request.out_dir) if request.out_dir is not None else default_out_dir(role, model_json_sha)
     record = {"role": role, "source": str(source.resolve()), "model_json_sha256": model_json_sha,

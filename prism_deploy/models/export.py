@@ -42,7 +42,7 @@ from prism_deploy.models import hf
 from prism_deploy.fsutil import file_sha256
 
 ROLES = ("upper", "lower")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # int8/int4: weight-only, models/quantize.py
 MANIFEST = "model.json"
 MANIFEST_VERSION = 1
 
@@ -54,6 +54,27 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"rel_l2": 1e-4, "min_cosine": 0.9999, "top1": 0.99, "tie_gap": 1e-4},
     "fp16": {"rel_l2": 2e-2, "min_cosine": 0.999, "top1": 0.95, "tie_gap": 1e-2},
 }
+
+# Weight-only quantized graphs (models/quantize.py) against the float32 transformers model: the
+# same figures plus ``kl_max``, KL(reference || graph) of the next-token distributions in nats,
+# worst token. Chosen from measurement (docs/quantized-models.md, "Tolerances": every form and
+# option, on the tests' 2-layer models and the 8-layer benchmark models A and B, all random):
+# - int8: worst measured rel L2 0.032 (model B, dq form: per-channel scales, and ONNX Runtime's
+#   CPU fusion rounds activations to int8), min cosine 0.9995, KL max 1e-4, top-1 1.000. Bounds
+#   2.5x the rel L2 (KL grows as its square: 20x), far below what a wrong tensor gives.
+# - int4: a step of max|block|/7 is ~8% of a Gaussian weight, and random 8-layer models pass it
+#   on: worst measured rel L2 0.37, min cosine 0.918, top-1 0.857 (model B, block 128), KL max
+#   0.012 (block 32). Bounds 1.35x / 0.93x / 0.93x of those and 8x KL: they catch a broken
+#   lowering (rel L2 ~1, cosine ~0), not int4's own rounding; ``tie_gap`` is 0.1 x max|logit|
+#   because the logits move by that much.
+QUANTIZED_TOLERANCES: dict[str, dict[str, float]] = {
+    "int8": {"rel_l2": 8e-2, "min_cosine": 0.995, "top1": 0.98, "tie_gap": 2e-2, "kl_max": 2e-3},
+    "int4": {"rel_l2": 5e-1, "min_cosine": 0.85, "top1": 0.80, "tie_gap": 1e-1, "kl_max": 1e-1},
+}
+
+
+def tolerances(precision: str) -> dict[str, float]:
+    return TOLERANCES.get(precision) or QUANTIZED_TOLERANCES[precision]
 
 
 class _Upper(torch.nn.Module):
@@ -97,8 +118,12 @@ def past_names(layers: int, prefix: str = "past_key_values") -> list[str]:
 
 def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.PathLike[str], *,
                  precision: str = "fp32", max_seq: int | None = None, validate: bool = True,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, quantization: Any = None) -> dict[str, Any]:
     """Export ``hf_dir`` as ``role`` into ``out_dir`` and validate it; returns the manifest.
+
+    ``int8``/``int4``: the float32 graphs are traced, then their weights quantized
+    (:func:`prism_deploy.models.quantize.quantize_graph`) with ``quantization`` (a ``QuantSpec``
+    from ``quantize.make_spec``; default: ``make_spec(precision)``).
 
     Raises ``PrismInputError`` for a bad folder/option and ``CheckFailed`` when an exported graph
     diverges from the transformers model beyond the precision's tolerances (the manifest is
@@ -108,6 +133,12 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         raise PrismInputError(f"--role: {role!r} is not one of {', '.join(ROLES)}")
     if precision not in PRECISIONS:
         raise PrismInputError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    from prism_deploy.models import quantize
+
+    if precision in quantize.BITS and quantization is None:
+        quantization = quantize.make_spec(precision)
+    if quantization is not None and quantize.BITS.get(precision) != quantization.bits:
+        raise PrismInputError(f"--precision {precision}: the quantization options are for {quantization.bits} bits")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PrismInputError(f"{out_dir}: exists and is not a folder")
@@ -120,7 +151,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         max_seq = min(limit or 2048, 2048)
     if max_seq < 2 or (limit is not None and max_seq > limit):
         raise PrismInputError(f"--max-seq: {max_seq} must be in 2..{limit or 'inf'} (the model's position limit)")
-    dtype = torch.float16 if precision == "fp16" else torch.float32
+    dtype = torch.float16 if precision == "fp16" else torch.float32  # int8/int4 trace float32, then quantize
     traced = reference if dtype == torch.float32 else copy.deepcopy(reference).to(dtype)
     dims = hf.cache_dims(reference.config)
     # upper: the ids its embedding table accepts; lower: the width of its logits
@@ -139,6 +170,16 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         with atomic_output(out / files["embed_tokens"]) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, hf.input_embedding_matrix(reference).astype(np.float16 if precision == "fp16" else np.float32))
+    quantized: dict[str, Any] = {}
+    if quantization is not None:
+        written = [n for n in written if not n.endswith(".data")]
+        for key in ("graph", "graph_with_past"):
+            if key in files:  # quantized in place; a float graph's external data file goes
+                stale = out / (files[key] + ".data")
+                quantized[key] = quantize.quantize_graph(out / files[key], out / files[key], quantization)
+                written += quantized[key]["files"]
+                if stale.name not in quantized[key]["files"]:
+                    stale.unlink(missing_ok=True)
     for name in written:
         if name.endswith(".data"):  # external weights of a graph over 2 GiB
             files[name.split(".")[0] + "_data"] = name
@@ -161,6 +202,9 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         "opset": _opset(), "export_seconds": round(export_s, 3), "eos_token_id": _eos_token_id(reference),
         "validation": validation, "versions": _versions(),
     }
+    if quantized:
+        # the form, block size and per-layer choices of each graph; weights stay float in embed_tokens.npy
+        manifest["quantization"] = {**quantization.to_json(), "graphs": quantized}
     from prism_deploy.fsutil import write_text_atomic
 
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -295,7 +339,18 @@ def compare(got: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None, *,
         fig["top1"] = float(agree[clear].mean()) if clear.any() else 1.0
         fig["top1_all"] = float(agree.mean())
         fig["ambiguous"] = int(ambiguous.sum())
+        kl = _kl(r, g)  # KL(reference || got) of the next-token distributions, nats
+        fig["kl_mean"], fig["kl_max"] = float(kl.mean()), float(kl.max())
     return fig
+
+
+def _kl(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(got)) per row, float64 (the same as parity's ``kl_divergence``)."""
+    log_p = ref - ref.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    log_q = got - got.max(-1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+    return np.maximum((np.exp(log_p) * (log_p - log_q)).sum(-1), 0.0)
 
 
 def _check(name: str, fig: dict[str, float], tol: dict[str, float], precision: str) -> None:
@@ -306,6 +361,8 @@ def _check(name: str, fig: dict[str, float], tol: dict[str, float], precision: s
         bad.append(f"min cosine {fig['min_cosine']:.6f} < {tol['min_cosine']}")
     if "top1" in fig and not fig["top1"] >= tol["top1"]:
         bad.append(f"top-1 agreement {fig['top1']:.3f} < {tol['top1']}")
+    if "kl_max" in fig and "kl_max" in tol and not fig["kl_max"] <= tol["kl_max"]:
+        bad.append(f"KL max {fig['kl_max']:.3g} > {tol['kl_max']:.3g} nats")
     if bad:
         raise CheckFailed(f"{name} ({precision}) diverges from the transformers model: {'; '.join(bad)} "
                           f"(max abs {fig['max_abs']:.3g})")
@@ -328,7 +385,7 @@ def _shapes(max_seq: int) -> list[tuple[int, int]]:
 def _validate_upper(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
     from prism_deploy.ort_session import make_session
 
-    tol = TOLERANCES[precision]
+    tol = tolerances(precision)
     session = make_session(out / files["graph"], "cpu")
     rng = np.random.default_rng(seed)
     figs = []
@@ -346,7 +403,7 @@ def _validate_upper(reference: Any, out: Path, files: dict[str, str], precision:
 def _validate_lower(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
     from prism_deploy.ort_session import make_session
 
-    tol = TOLERANCES[precision]
+    tol = tolerances(precision)
     d = hf.cache_dims(reference.config)
     io_dtype = np.float16 if precision == "fp16" else np.float32
     rng = np.random.default_rng(seed)
@@ -404,6 +461,8 @@ def _merge(figs: list[dict[str, float]]) -> dict[str, float]:
         out["top1"] = min(f["top1"] for f in figs)
         out["top1_all"] = sum(f["top1_all"] * f["tokens"] for f in figs) / out["tokens"]
         out["ambiguous"] = sum(f["ambiguous"] for f in figs)
+        out["kl_max"] = max(f["kl_max"] for f in figs)
+        out["kl_mean"] = sum(f["kl_mean"] * f["tokens"] for f in figs) / out["tokens"]
     return out
 
 
