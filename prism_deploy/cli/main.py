@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "prism_deploy.cli.parity_pipeline_cmd",
     "prism_deploy.cli.collect_cmd",
     "prism_deploy.cli.bench_cmd",
+    "prism_deploy.cli.bench_model_cmd",
 ]
 
 
@@ -62,9 +63,16 @@ def _route_pipeline_parity(argv: list[str]) -> list[str]:
     return argv
 
 
+def _route_model_bench(argv: list[str]) -> list[str]:
+    """``bench --model DIR [DIR ...]`` times model folders, not an adapter: served by ``bench-model``."""
+    if argv[:1] == ["bench"] and "--model" in argv:
+        return ["bench-model", *[a for a in argv[1:] if a != "--model"]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_route_pipeline_parity(list(sys.argv[1:] if argv is None else argv)))
+    args = parser.parse_args(_route_model_bench(_route_pipeline_parity(list(sys.argv[1:] if argv is None else argv))))
     try:
         code = args.func(args)
     except PrismInputError as exc:

@@ -38,16 +38,19 @@ class ModelFolder:
     def built(self) -> bool:
         return self.build is not None
 
-    def session(self, key: str, provider: str) -> Any:
+    def session(self, key: str, provider: str, *, intra_op_threads: int | None = None) -> Any:
         """An ONNX Runtime session of graph ``key`` on ``provider``: the export's ``.onnx``, or
-        the build's engine for ``ort-<provider>`` (opened with optimization off, as built)."""
+        the build's engine for ``ort-<provider>`` (opened with optimization off, as built).
+        ``intra_op_threads``: ONNX Runtime's own default when None (benchmarks set it)."""
         from prism_deploy.ort_session import make_session
 
         if self.build is None:
-            return make_session(self.dir / self.manifest["files"][key]["name"], provider)
+            return make_session(self.dir / self.manifest["files"][key]["name"], provider,
+                                intra_op_threads=intra_op_threads)
         from prism_deploy.runtime.engines import check_environment, select_entry
 
         entry = select_entry(self.build, self.dir, engine_id=f"ort-{provider}/{key}")
         check_environment(entry)
         path = verify_part(self.dir, entry["parts"][0])
-        return make_session(path, provider, graph_optimization_level=entry["session"]["load_graph_optimization_level"])
+        return make_session(path, provider, graph_optimization_level=entry["session"]["load_graph_optimization_level"],
+                            intra_op_threads=intra_op_threads)
