@@ -293,6 +293,10 @@ def test_build_model_accepts_quantized_folders(zoo, exports, tmp_path, capsys):
     from prism_deploy.runtime.pipeline import Pipeline
 
     a, b = exports["A", "int8", "dq"], exports["B", "int4", "nbits"]
+    assert main(["build", "--model", str(b), "-o", str(tmp_path / "trt"), "--target", "trt"]) == 2
+    err = capsys.readouterr().err
+    assert "nbits form (MatMulNBits), which is for ONNX Runtime; export with --form dq for TensorRT" in err
+    assert err.count("\n") == 1 and not (tmp_path / "trt").exists()
     built = {}
     for tag, folder in (("A", a), ("B", b)):
         built[tag] = tmp_path / f"built-{tag}"
@@ -304,3 +308,34 @@ def test_build_model_accepts_quantized_folders(zoo, exports, tmp_path, capsys):
     plain, engines = Pipeline(a, zoo["adapter"], b), Pipeline(built["A"], zoo["adapter"], built["B"])
     np.testing.assert_allclose(engines(ids), plain(ids), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(engines.generate(ids, max_new_tokens=3), plain.generate(ids, max_new_tokens=3))
+
+
+@pytest.mark.filterwarnings("ignore:Use Deprecated in TensorRT-RTX:DeprecationWarning")
+def test_tensorrt_parses_and_builds_the_dq_form_only(zoo, tmp_path):
+    """TensorRT-RTX (TensorRT's parser and builder, no GPU needed) reads the dq form as INT8 / INT4
+    DequantizeLinear layers feeding float MatMuls, and builds an engine; the nbits form's
+    MatMulNBits is refused (TensorRT's importer wants float16 activations; ours are float32),
+    which is why `build --model --target trt` refuses it up front."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (the dev extra's tensorrt-rtx-cu13)")
+    from prism_deploy.build.model_builder import trt_input_shapes
+    from prism_deploy.build.options import Profile
+    from prism_deploy.trt.engine import TensorRTError, TrtBuildSettings, build_serialized_engine, parse_network
+
+    folder = zoo["qwen2", "lower", "fp32"]
+    model = json.loads((folder / "model.json").read_text())
+    shapes = trt_input_shapes(model, "graph_with_past", Profile(batch=(1, 1, 2), seq=(1, 4, 16)))
+    for precision, dtype in (("int8", trt.DataType.INT8), ("int4", trt.DataType.INT4)):
+        path = tmp_path / f"{precision}.onnx"
+        quantize.quantize_graph(folder / "lower_with_past.onnx", path, quantize.make_spec(precision, form="dq"))
+        _builder, network, _parser = parse_network(path, trt_module=trt)
+        layers = [network.get_layer(i) for i in range(network.num_layers)]
+        dq = [layer for layer in layers if layer.type == trt.LayerType.DEQUANTIZE]
+        assert len(dq) == 15 and all(layer.get_input(0).dtype == dtype for layer in dq)
+        assert all(layer.get_output(0).dtype == trt.DataType.FLOAT for layer in dq)
+        unused = (0, 0, 0)
+        assert len(build_serialized_engine(path, TrtBuildSettings(unused, unused, unused, input_shapes=shapes),
+                                           trt_module=trt)) > 100_000
+    nbits = tmp_path / "nbits.onnx"
+    quantize.quantize_graph(folder / "lower_with_past.onnx", nbits, quantize.make_spec("int4"))
+    with pytest.raises(TensorRTError, match="MatMulNBits"):
+        parse_network(nbits, trt_module=trt)

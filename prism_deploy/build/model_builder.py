@@ -144,12 +144,9 @@ def build_model_engines(request: ModelBuildRequest, log: Callable[[str], None] |
     model = read_model_export(source)
     role, precision = str(model["role"]), str(model.get("precision", "fp32"))
     model_json_sha = file_sha256(source / MODEL_MANIFEST)
+    _check_form_for(request.target, model, source)  # said before looking for TensorRT
     target, target_reason = environment.resolve_target(request.target)
-    form = (model.get("quantization") or {}).get("form")
-    if target == "trt" and form == "nbits":
-        # TensorRT's parser takes MatMulNBits with float16 activations only; these graphs are float32
-        raise PrismInputError(f"--model {source}: its {precision} weights are in the nbits form (MatMulNBits), "
-                              "which is for ONNX Runtime; export with --form dq for TensorRT")
+    _check_form_for(target, model, source)  # and where `auto` chose it
     tools, device = environment.tool_versions(target), environment.device_info(target)
     directory = Path(request.out_dir) if request.out_dir is not None else default_out_dir(role, model_json_sha)
     record = {"role": role, "source": str(source.resolve()), "model_json_sha256": model_json_sha,
@@ -176,6 +173,14 @@ def build_model_engines(request: ModelBuildRequest, log: Callable[[str], None] |
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return ModelBuildResult(directory, role, target, target_reason, outcomes, written)
+
+
+def _check_form_for(target: str, model: dict[str, Any], source: Path) -> None:
+    """TensorRT's parser takes MatMulNBits with float16 activations only, and these graphs are
+    float32: the nbits form is for ONNX Runtime, the dq form for TensorRT (models/quantize.py)."""
+    if target == "trt" and (model.get("quantization") or {}).get("form") == "nbits":
+        raise PrismInputError(f"--model {source}: its {model.get('precision')} weights are in the nbits form "
+                              "(MatMulNBits), which is for ONNX Runtime; export with --form dq for TensorRT")
 
 
 def _previous(directory: Path, say: Callable[[str], None]) -> dict[str, Any] | None:
