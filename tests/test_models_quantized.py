@@ -339,3 +339,29 @@ def test_tensorrt_parses_and_builds_the_dq_form_only(zoo, tmp_path):
     quantize.quantize_graph(folder / "lower_with_past.onnx", nbits, quantize.make_spec("int4"))
     with pytest.raises(TensorRTError, match="MatMulNBits"):
         parse_network(nbits, trt_module=trt)
+
+
+def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys):
+    """`bench --model` (routed to bench-model): every folder and transformers eager timed on the
+    same inputs; floors from the graphs' bytes; the issue's targets evaluated, not enforced."""
+    folders = [zoo["qwen2", "lower", "fp32"], exports["B", "int8", "nbits"], exports["B", "int4", "dq"]]
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", *map(str, folders), "--prompt", "4", "--new-tokens", "3", "--repeat", "1",
+                 "--warmup", "0", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "transformers eager" in text and "target int4" in text
+    results = json.loads(out.read_text())
+    cases = {c["name"]: c for c in results["cases"]}
+    assert list(cases) == [f.name for f in folders] + ["transformers eager"]
+    for c in cases.values():
+        assert c["prefill"]["samples"] == 1 and c["decode"]["samples"] == 3 and c["floor"]["decode_s"] > 0
+    fp32, int8, int4 = (cases[f.name] for f in folders)
+    # bytes per token: the graph's weights as stored, without the embedding table (not in model B's graph)
+    assert fp32["weight_bytes_per_token"] > 3.5 * int8["weight_bytes_per_token"] > 3.5 * 1.6 * int4["weight_bytes_per_token"]
+    assert fp32["decode"]["speedup_vs_fp32"] == 1.0 and results["machine"]["load_average_start"] is not None
+    assert {t["precision"] for t in results["targets"]} == {"int8", "int4"}
+    # bad input, before any timing: mixed roles, a folder that is not an export
+    assert main(["bench-model", str(zoo["qwen2", "lower", "fp32"]), str(zoo["llama", "upper", "fp32"])]) == 2
+    assert "share one role" in capsys.readouterr().err
+    assert main(["bench-model", str(tmp_path)]) == 2
+    assert "no model.json" in capsys.readouterr().err
