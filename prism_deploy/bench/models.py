@@ -84,7 +84,7 @@ class _OrtModel:
         self.layers, self.kv, self.hd = int(dims["layers"]), int(dims["kv_heads"]), int(dims["head_dim"])
         self.dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
         path = self.folder.dir / self.manifest["files"][self.key]["name"]
-        if self.folder.built:  # the engine file the session opened
+        if self.folder.build is not None:  # the engine file the session opened
             from prism_deploy.runtime.engines import select_entry
 
             entry = select_entry(self.folder.build, self.folder.dir, engine_id=f"ort-cpu/{self.key}")
@@ -111,15 +111,17 @@ class _OrtModel:
             return (time.perf_counter_ns() - t0) * 1e-9, []
         names = past_names(self.layers)
         past = {n: np.zeros((1, self.kv, 0, self.hd), dtype=self.dtype) for n in names}
-        mask = np.ones((1, first.shape[1]), dtype=np.int64)
+        length = int(first.shape[1])
         outputs = ["logits", *past_names(self.layers, "present")]
         t0 = time.perf_counter_ns()
-        out = self.session.run(outputs, {"inputs_embeds": first.astype(self.dtype), "attention_mask": mask, **past})
+        out = self.session.run(outputs, {"inputs_embeds": first.astype(self.dtype),
+                                         "attention_mask": np.ones((1, length), dtype=np.int64), **past})
         prefill = (time.perf_counter_ns() - t0) * 1e-9
         decode = []
         for emb in steps:
             past = dict(zip(names, out[1:]))
-            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+            length += 1
+            mask = np.ones((1, length), dtype=np.int64)
             t0 = time.perf_counter_ns()
             out = self.session.run(outputs, {"inputs_embeds": emb.astype(self.dtype), "attention_mask": mask, **past})
             decode.append((time.perf_counter_ns() - t0) * 1e-9)
@@ -221,10 +223,10 @@ def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = 1, 
             eager_reason = f"no Hugging Face folder at {source!r} (give --hf)"
     # inputs: the same for every runner; embedding-table rows for model B (what the chain feeds it)
     rng = np.random.default_rng(seed)
-    vocab = int(dims["vocab"]) if role == "upper" else None
+    first_in: np.ndarray
+    steps: list[np.ndarray] = []
     if role == "upper":
-        first_in = rng.integers(0, int(vocab), size=(1, prompt), dtype=np.int64)
-        steps: list[np.ndarray] = []
+        first_in = rng.integers(0, int(dims["vocab"]), size=(1, prompt), dtype=np.int64)
     else:
         table = first.folder.dir / first.manifest["files"]["embed_tokens"]["name"]
         emb = np.load(table, mmap_mode="r")

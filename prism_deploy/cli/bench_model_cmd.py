@@ -65,7 +65,7 @@ def print_report(results: dict[str, Any]) -> None:
         rows.append([c["name"], precision, human_bytes(floor["weights_bytes"]) if floor else "-",
                      _ms(pre), (pre or {}).get("speedup_vs_eager"), (pre or {}).get("ratio_to_floor"),
                      _ms(dec), _ms(dec, "p90_s"), (dec or {}).get("speedup_vs_fp32"), (dec or {}).get("speedup_vs_eager"),
-                     floor.get("decode_s") * 1e3 if floor.get("decode_s") else None, (dec or {}).get("ratio_to_floor")])
+                     _ms(floor, "decode_s"), (dec or {}).get("ratio_to_floor")])
     print_table(["model", "precision", "weights/token", "prefill ms", "x eager", "x floor",
                  "decode ms/tok", "p90", "x fp32", "x eager", "floor ms", "x floor"], rows)
     print("x fp32 / x eager: speed-up (above 1 is faster); x floor: median over the bytes floor (1 is the floor)")
