@@ -282,7 +282,7 @@ def test_export_model_cli_prints_the_quantization(zoo, tmp_path, capsys):
     assert main(["export-model", str(zoo["llama"]), "--role", "upper", "-o", str(out), "--precision", "int4",
                  "--block-size", "64", "--max-seq", "16"]) == 0
     text = capsys.readouterr().out
-    assert "quantized: int4 nbits, block 64, symmetric, accuracy level 4; 14 weights quantized, 1 kept float" in text
+    assert "quantized: int4 nbits, block 64, symmetric, accuracy level 4; graph: 14 weights quantized, 1 kept float" in text
     manifest = json.loads((out / "model.json").read_text())
     assert manifest["quantization"]["block_size"] == 64 and manifest["quantization"]["graphs"]["graph"]["layers"]
 

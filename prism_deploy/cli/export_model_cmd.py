@@ -75,14 +75,14 @@ def run(args: argparse.Namespace) -> int:
     print_table(["output", "tokens", "max abs", "rel L2", "min cosine", "top-1", "KL max"], rows)
     q = manifest.get("quantization")
     if q:
-        graphs = q["graphs"].values()
-        done = sum(1 for g in graphs for layer in g["layers"] if "quantized" in layer)
-        kept = sum(1 for g in graphs for layer in g["layers"] if "kept" in layer)
         block = "per channel" if q["block_size"] is None else f"block {q['block_size']}"
         print(f"quantized: {manifest['precision']} {q['form']}, {block}, {'symmetric' if q['symmetric'] else 'asymmetric'}"
-              + (f", accuracy level {q['accuracy_level']}" if q["accuracy_level"] is not None else "")
-              + f"; {done} weights quantized, {kept} kept float (model.json lists each); weights "
-              + ", ".join(f"{g['quantized_bytes_float'] / 2**20:.2f} -> {g['quantized_bytes'] / 2**20:.2f} MiB" for g in graphs))
+              + (f", accuracy level {q['accuracy_level']}" if q["accuracy_level"] is not None else "") + "; "
+              + "; ".join(f"{key}: {sum('quantized' in x for x in g['layers'])} weights quantized, "
+                          f"{sum('kept' in x for x in g['layers'])} kept float, "
+                          f"{g['quantized_bytes_float'] / 2**20:.2f} -> {g['quantized_bytes'] / 2**20:.2f} MiB"
+                          for key, g in q["graphs"].items())
+              + " (model.json lists each weight)")
     if not manifest["known_family"]:
         print(f"note: family {manifest['family']!r} is not one of the tested ones; the validation above passed")
     return 0
