@@ -83,6 +83,14 @@ class ModelSource:
         self.model_json_sha = file_sha256(self.dir / model_folder.MANIFEST)
         self.record = {"role": self.role, "source": str(self.dir.resolve()), "model_json_sha256": self.model_json_sha,
                        "precision": self.precision, "copies": []}
+        self._check_form_for(request.target)  # said before looking for TensorRT
+
+    def _check_form_for(self, target: str) -> None:
+        """TensorRT's parser takes MatMulNBits with float16 activations only, and these graphs are
+        float32: the nbits form is for ONNX Runtime, the dq form for TensorRT (models/quantize.py)."""
+        if target == Target.TRT and (self.model.get("quantization") or {}).get("form") == "nbits":
+            raise PrismInputError(f"--model {self.dir}: its {self.precision} weights are in the nbits form "
+                                  "(MatMulNBits), which is for ONNX Runtime; export with --form dq for TensorRT")
 
     def default_out_dir(self) -> Path:
         return Path("engines") / f"{self.role}-{self.model_json_sha[:8]}"
@@ -100,6 +108,7 @@ class ModelSource:
         return [(name, self.dir / name) for name in names]
 
     def units(self, target: str) -> list[Unit]:
+        self._check_form_for(target)  # and where `auto` chose it
         units = []
         for key in model_folder.GRAPHS[self.role]:
             cfg = EngineConfig(target=target, precision=self.precision, profile=self.request.profile, layout=key)

@@ -1,4 +1,8 @@
-"""``prism-deploy export-model HF_DIR --role first|middle|last -o DIR [--precision ...] [--max-seq N] [--json]``."""
+"""``prism-deploy export-model HF_DIR --role first|middle|last -o DIR [--precision fp32|fp16|int8|int4] [--max-seq N] [--json]``.
+
+With ``int8``/``int4``: ``[--form nbits|dq] [--block-size N] [--asymmetric] [--accuracy-level L]
+[--quantize-embedding]`` (docs/quantized-models.md).
+"""
 
 from __future__ import annotations
 
@@ -17,11 +21,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "last: embeddings -> logits, with a KV-cache graph for generation "
                         "(upper and lower are the old names of first and last)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (graphs and model.json)")
-    p.add_argument("--precision", default="fp32", choices=MODEL_PRECISIONS)
+    p.add_argument("--precision", default="fp32", choices=MODEL_PRECISIONS,
+                   help="int8/int4: weight-only quantized MatMul weights and LM head, float activations")
+    q = p.add_argument_group("int8 / int4 (docs/quantized-models.md)")
+    q.add_argument("--form", default=None, choices=("nbits", "dq"),
+                   help="nbits (default): MatMulNBits, for ONNX Runtime; dq: DequantizeLinear -> MatMul, for TensorRT")
+    q.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="weights per scale along K, a power of two >= 16 (default 32; int8 dq is per channel)")
+    q.add_argument("--asymmetric", action="store_true", help="zero points per block (nbits form only)")
+    q.add_argument("--accuracy-level", type=int, default=None, metavar="L",
+                   help="MatMulNBits accuracy_level: 0 float compute, 4 int8 compute on CPU (default 4; nbits only)")
+    q.add_argument("--quantize-embedding", action="store_true",
+                   help="also quantize embedding tables that the graph gathers from (int4, nbits form)")
     p.add_argument("--max-seq", type=int, default=None, metavar="N",
                    help="longest sequence the pipeline will accept (default: the model's limit, at most 2048)")
     p.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
     p.set_defaults(func=run, needs=("torch", "transformers"))
+
+
+def quantization_spec(args: argparse.Namespace) -> object | None:
+    """The checked quantization options, or None for a float precision (where giving any is bad input)."""
+    from prism_deploy.core.errors import PrismInputError
+    from prism_deploy.models import quantize
+
+    given = [flag for flag, value in (("--form", args.form), ("--block-size", args.block_size),
+                                      ("--asymmetric", args.asymmetric), ("--accuracy-level", args.accuracy_level),
+                                      ("--quantize-embedding", args.quantize_embedding)) if value not in (None, False)]
+    if args.precision not in quantize.BITS:
+        if given:
+            raise PrismInputError(f"{given[0]}: only with --precision int8 or int4")
+        return None
+    return quantize.make_spec(args.precision, form=args.form or "nbits", block_size=args.block_size,
+                              symmetric=not args.asymmetric, accuracy_level=args.accuracy_level,
+                              embedding=args.quantize_embedding)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.role in ROLE_ALIASES:
         print(f"note: --role {args.role} is now called --role {ROLE_ALIASES[args.role]}", file=sys.stderr)
-    manifest = export_model(args.hf_dir, args.role, args.output, precision=args.precision, max_seq=args.max_seq)
+    spec = quantization_spec(args)  # checked before the model is loaded
+    manifest = export_model(args.hf_dir, args.role, args.output, precision=args.precision, max_seq=args.max_seq,
+                            quantization=spec)
     if args.json:
         print_json(manifest)
         return 0
@@ -44,9 +78,19 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(fig, dict) or "tokens" not in fig:
             continue
         rows.append([output, fig["tokens"], f"{fig['max_abs']:.3g}", f"{fig['rel_l2']:.3g}", f"{fig['min_cosine']:.6f}",
-                     f"{fig['top1']:.3f}" if "top1" in fig else "-"])
+                     f"{fig['top1']:.3f}" if "top1" in fig else "-", f"{fig['kl_max']:.3g}" if "kl_max" in fig else "-"])
     print("validation against transformers on ONNX Runtime CPU (random inputs, one left-padded row):")
-    print_table(["output", "tokens", "max abs", "rel L2", "min cosine", "top-1"], rows)
+    print_table(["output", "tokens", "max abs", "rel L2", "min cosine", "top-1", "KL max"], rows)
+    q = manifest.get("quantization")
+    if q:
+        block = "per channel" if q["block_size"] is None else f"block {q['block_size']}"
+        print(f"quantized: {manifest['precision']} {q['form']}, {block}, {'symmetric' if q['symmetric'] else 'asymmetric'}"
+              + (f", accuracy level {q['accuracy_level']}" if q["accuracy_level"] is not None else "") + "; "
+              + "; ".join(f"{key}: {sum('quantized' in x for x in g['layers'])} weights quantized, "
+                          f"{sum('kept' in x for x in g['layers'])} kept float, "
+                          f"{g['quantized_bytes_float'] / 2**20:.2f} -> {g['quantized_bytes'] / 2**20:.2f} MiB"
+                          for key, g in q["graphs"].items())
+              + " (model.json lists each weight)")
     if not manifest["known_family"]:
         print(f"note: family {manifest['family']!r} is not one of the tested ones; the validation above passed")
     return 0

@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "prism_deploy.cli.parity_chain_cmd",
     "prism_deploy.cli.collect_cmd",
     "prism_deploy.cli.bench_cmd",
+    "prism_deploy.cli.bench_model_cmd",
 ]
 
 
@@ -63,9 +64,16 @@ def _route_chain_parity(argv: list[str]) -> list[str]:
     return argv
 
 
+def _route_model_bench(argv: list[str]) -> list[str]:
+    """``bench --model DIR [DIR ...]`` times model folders, not an adapter: served by ``bench-model``."""
+    if argv[:1] == ["bench"] and "--model" in argv:
+        return ["bench-model", *[a for a in argv[1:] if a != "--model"]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_route_chain_parity(list(sys.argv[1:] if argv is None else argv)))
+    args = parser.parse_args(_route_model_bench(_route_chain_parity(list(sys.argv[1:] if argv is None else argv))))
     try:
         # optional libraries a command needs (``set_defaults(needs=...)``): one line each if missing
         for module in getattr(args, "needs", ()):

@@ -105,9 +105,9 @@ def merge(figs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["top1"] = min(f["top1"] for f in figs)
         out["top1_all"] = sum(f["top1_all"] * f["tokens"] for f in figs) / max(out["tokens"], 1)
         out["ambiguous"] = sum(f["ambiguous"] for f in figs)
-    for key in ("kl_max",):
-        if key in figs[0]:
-            out[key] = max(f[key] for f in figs)
+    if "kl_max" in figs[0]:
+        out["kl_max"] = max(f["kl_max"] for f in figs)
+        out["kl_mean"] = sum(f["kl_mean"] * f["tokens"] for f in figs) / max(out["tokens"], 1)
     return out
 
 

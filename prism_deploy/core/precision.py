@@ -70,6 +70,8 @@ class ModelPrecision(str, Enum):
 
     FP32 = "fp32"
     FP16 = "fp16"
+    INT8 = "int8"  # weight-only: float activations (prism_deploy.models.quantize)
+    INT4 = "int4"  # weight-only, block-quantized
 
     def __str__(self) -> str:
         return self.value
@@ -83,13 +85,17 @@ class ModelPrecision(str, Enum):
         """The dtype of the graph's float inputs and outputs (embeddings, KV cache)."""
         return np.dtype(np.float16 if self is ModelPrecision.FP16 else np.float32)
 
+    @property
+    def weight_only(self) -> bool:
+        return self in (ModelPrecision.INT8, ModelPrecision.INT4)
+
 
 PRECISIONS: tuple[str, ...] = tuple(p.value for p in Precision)
 MODEL_PRECISIONS: tuple[str, ...] = tuple(p.value for p in ModelPrecision)
 # int8-qdq activation calibrators: max |x|, or the 99.99th percentile of |x|
 CALIBRATORS = ("max", "percentile")
 # The tolerance sets of an end-to-end check: named by the least precise part of the pipeline.
-PIPELINE_TOLERANCE_SETS = ("fp32", "fp16", "int8")
+PIPELINE_TOLERANCE_SETS = ("fp32", "fp16", "int8", "int4")
 
 
 def _parse(cls: Any, value: Any, option: str) -> Any:
@@ -109,10 +115,11 @@ def parse_precision_list(text: str, option: str = "--precision") -> tuple[Precis
 
 
 def loosest(names: Any) -> str:
-    """The tolerance set of a pipeline whose parts have these precisions: ``int8`` if any
-    part is int8 (weights or activations), else ``fp16`` if any is half, else ``fp32``."""
+    """The tolerance set of a pipeline whose parts have these precisions: ``int4`` if any part
+    is int4, ``int8`` if any is int8 (weights or activations), else ``fp16`` if any is half,
+    else ``fp32``."""
     found = {str(n) for n in names if n}
-    for family in ("int8", "fp16"):
+    for family in ("int4", "int8", "fp16"):
         if any(n.startswith(family) for n in found):
             return family
     return "fp32"

@@ -44,7 +44,7 @@ import torch
 from prism_deploy.core import tolerances
 from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.fsutil import file_sha256
-from prism_deploy.core.metrics import compare, merge
+from prism_deploy.core.metrics import compare, compare_logits, merge
 from prism_deploy.core.precision import ModelPrecision
 from prism_deploy.format.model_folder import FORMAT, MANIFEST, VERSION, canonical_role, io_description, past_names
 from prism_deploy.models import hf
@@ -52,7 +52,6 @@ from prism_deploy.models import hf
 # Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
 # (relative L2 over the real tokens, the smallest per-token cosine, top-1 agreement of logits on
 # tokens whose reference top-1/top-2 gap is clear).
-
 
 class _First(torch.nn.Module):
     def __init__(self, model: Any) -> None:
@@ -100,8 +99,12 @@ class _LastWithPast(torch.nn.Module):
 
 def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.PathLike[str], *,
                  precision: str = "fp32", max_seq: int | None = None, validate: bool = True,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, quantization: Any = None) -> dict[str, Any]:
     """Export ``hf_dir`` as ``role`` into ``out_dir`` and validate it; returns the manifest.
+
+    ``int8``/``int4``: the float32 graphs are traced, then their weights quantized
+    (:func:`prism_deploy.models.quantize.quantize_graph`) with ``quantization`` (a ``QuantSpec``
+    from ``quantize.make_spec``; default: ``make_spec(precision)``).
 
     Raises ``PrismInputError`` for a bad folder/option and ``CheckFailed`` when an exported graph
     diverges from the transformers model beyond the precision's tolerances (the manifest is
@@ -109,6 +112,12 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     """
     role = canonical_role(role)
     precision = ModelPrecision.parse(precision).value
+    from prism_deploy.models import quantize
+
+    if precision in quantize.BITS and quantization is None:
+        quantization = quantize.make_spec(precision)
+    if quantization is not None and quantize.BITS.get(precision) != quantization.bits:
+        raise PrismInputError(f"--precision {precision}: the quantization options are for {quantization.bits} bits")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PrismInputError(f"{out_dir}: exists and is not a folder")
@@ -121,7 +130,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         max_seq = min(limit or 2048, 2048)
     if max_seq < 2 or (limit is not None and max_seq > limit):
         raise PrismInputError(f"--max-seq: {max_seq} must be in 2..{limit or 'inf'} (the model's position limit)")
-    dtype = torch.float16 if precision == "fp16" else torch.float32
+    dtype = torch.float16 if precision == "fp16" else torch.float32  # int8/int4 trace float32, then quantize
     traced = reference if dtype == torch.float32 else copy.deepcopy(reference).to(dtype)
     dims = hf.cache_dims(reference.config)
     # first: the ids its embedding table accepts; middle, last: the width of its logits
@@ -143,6 +152,16 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         with atomic_output(out / files["embed_tokens"]) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, hf.input_embedding_matrix(reference).astype(np.float16 if precision == "fp16" else np.float32))
+    quantized: dict[str, Any] = {}
+    if quantization is not None:
+        written = [n for n in written if not n.endswith(".data")]
+        for key in ("graph", "graph_with_past"):
+            if key in files:  # quantized in place; a float graph's external data file goes
+                stale = out / (files[key] + ".data")
+                quantized[key] = quantize.quantize_graph(out / files[key], out / files[key], quantization)
+                written += quantized[key]["files"]
+                if stale.name not in quantized[key]["files"]:
+                    stale.unlink(missing_ok=True)
     for name in written:
         if name.endswith(".data"):  # external weights of a graph over 2 GiB
             files[name.split(".")[0] + "_data"] = name
@@ -167,6 +186,9 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         "opset": _opset(), "export_seconds": round(export_s, 3), "eos_token_id": _eos_token_id(reference),
         "validation": validation, "versions": _versions(),
     }
+    if quantized:
+        # the form, block size and per-layer choices of each graph; weights stay float in embed_tokens.npy
+        manifest["quantization"] = {**quantization.to_json(), "graphs": quantized}
     from prism_deploy.core.fsutil import write_text_atomic
 
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -340,7 +362,7 @@ def _validate_last(reference: Any, out: Path, files: dict[str, str], precision: 
         got = plain.run(["logits"], {"inputs_embeds": emb.astype(io_dtype), "attention_mask": mask})[0]
         with torch.no_grad():
             ref, _ = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(emb), attention_mask=torch.from_numpy(mask))
-        figs.append(compare(got, ref.numpy(), mask, logits=True, tie_gap=tol.tie_gap))
+        figs.append(compare_logits(got, ref.numpy(), mask, tie_gap=tol.tie_gap))
     fig_plain = merge(figs)
     _check("last graph `logits`", fig_plain, tol, precision)
 
@@ -362,7 +384,7 @@ def _validate_last(reference: Any, out: Path, files: dict[str, str], precision: 
         with torch.no_grad():
             ref, _ = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(emb_all[:, :stop]),
                                           attention_mask=torch.from_numpy(mask_all[:, :stop]))
-        figs.append(compare(outs[0], ref.numpy()[:, start:stop], mask_all[:, start:stop], logits=True, tie_gap=tol.tie_gap))
+        figs.append(compare_logits(outs[0], ref.numpy()[:, start:stop], mask_all[:, start:stop], tie_gap=tol.tie_gap))
         start = stop
     fig_past = merge(figs)
     _check("last KV-cache graph `logits`", fig_past, tol, precision)

@@ -38,7 +38,7 @@ class AdapterRunner(Protocol):
 
 
 def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | None = None,
-                   cache_dir: str | os.PathLike[str] | None = None) -> Any:
+                   cache_dir: str | os.PathLike[str] | None = None, threads: int | None = None) -> Any:
     """The runner for ``adapter``: a build folder, an ``.onnx``, a ``.safetensors``, or a runner object."""
     if hasattr(adapter, "run") and not isinstance(adapter, (str, os.PathLike)):
         return adapter
@@ -62,11 +62,11 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
     from prism_deploy.runtime.adapter_graph import AdapterGraph
 
     if path.suffix == ".onnx":
-        return AdapterGraph(path, provider)
+        return AdapterGraph(path, provider, intra_op_threads=threads)
     if path.suffix != ".safetensors":
         raise PrismInputError(f"{adapter}: expected a build folder, an adapter .onnx or an adapter .safetensors")
     lowered = Precision.parse(precision or ("fp32" if provider == "cpu" else "fp16"), "adapter_precision")
-    return AdapterGraph(lowered_graph(path, lowered, cache_dir), provider)
+    return AdapterGraph(lowered_graph(path, lowered, cache_dir), provider, intra_op_threads=threads)
 
 
 def lowered_graph(path: Path, precision: Precision, cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -61,9 +61,11 @@ class Chain:
 
     def __init__(self, stages: Sequence[Any], target: str = "ort-cpu", *, names: Sequence[str] | None = None,
                  precisions: Sequence[str | None] | None = None, targets: Sequence[str | None] | None = None,
-                 spec: ChainSpec | None = None) -> None:
+                 spec: ChainSpec | None = None, threads: int | None = None) -> None:
         """``stages``: model folders and adapters, alternating, models first and last. ``names``,
-        ``precisions`` (adapters) and ``targets`` (per stage, defaulting to ``target``) are optional."""
+        ``precisions`` (adapters) and ``targets`` (per stage, defaulting to ``target``) are optional;
+        ``threads``: ONNX Runtime's intra-op threads for the models and ONNX adapters (its own
+        default when None; a built engine opens its sessions as it was built)."""
         if len(stages) < 3 or len(stages) % 2 == 0:
             raise PrismInputError(f"a chain is model, adapter, model[, adapter, model ...]: got {len(stages)} stage(s)")
         n = len(stages)
@@ -82,10 +84,10 @@ class Chain:
                 if i % 2 == 0:
                     role = "first" if i == 0 else "last" if i == n - 1 else "middle"
                     provider, _ = target_provider(stage_targets[i])
-                    obj: Any = ModelStage(stage, role, provider, self.names[i])
+                    obj: Any = ModelStage(stage, role, provider, self.names[i], threads=threads)
                     self.models.append(obj)
                 else:
-                    obj = adapter_runner(stage, stage_targets[i], precision=precisions[i])
+                    obj = adapter_runner(stage, stage_targets[i], precision=precisions[i], threads=threads)
                     self.adapters.append(obj)
             except PrismInputError as exc:  # the same kind of error (an engine's stays an EngineFileError), labelled
                 raise type(exc)(f"{label}: {exc}") from None
@@ -274,9 +276,9 @@ class Pipeline(Chain):
     ``model_a``, ``adapter``, ``model_b``)."""
 
     def __init__(self, model_a: str | os.PathLike[str], adapter: Any, model_b: str | os.PathLike[str],
-                 target: str = "ort-cpu", *, adapter_precision: str | None = None) -> None:
+                 target: str = "ort-cpu", *, adapter_precision: str | None = None, threads: int | None = None) -> None:
         super().__init__([model_a, adapter, model_b], target, names=["model_a", "adapter", "model_b"],
-                         precisions=[None, adapter_precision, None])
+                         precisions=[None, adapter_precision, None], threads=threads)
 
     @property
     def adapter(self) -> Any:

@@ -48,17 +48,18 @@ class ModelFolder:
     def built(self) -> bool:
         return self.build is not None
 
-    def runner(self, key: str, provider: str) -> OnnxRunner:
+    def runner(self, key: str, provider: str, *, threads: int | None = None) -> OnnxRunner:
         """Graph ``key`` on ``provider``: the export's ``.onnx``, or the build's engine for
-        ``ort-<provider>`` (opened as it was built)."""
+        ``ort-<provider>`` (opened as it was built). ``threads``: ONNX Runtime's intra-op
+        threads (its own default when None; benchmarks set it)."""
         if self.build is None:
-            return OnnxRunner.open(model_folder.file_path(self.dir, self.manifest, key), provider)
+            return OnnxRunner.open(model_folder.file_path(self.dir, self.manifest, key), provider, threads=threads)
         target = Target.ORT_CPU if provider == "cpu" else Target.ORT_CUDA
         entry = select_entry(self.build, self.dir, target=target.value, layout=key)
         check_environment(entry)
         path = verify_part(self.dir, entry["parts"][0])
         return OnnxRunner.open(path, provider, optimization_level=entry["session"]["load_graph_optimization_level"],
-                               session_config=entry["session"].get("load_session_config"))
+                               session_config=entry["session"].get("load_session_config"), threads=threads)
 
     def table(self, key: str) -> np.ndarray:
         """A table model.json lists (the embedding matrix), memory-mapped."""
@@ -70,7 +71,7 @@ class ModelStage:
     hidden) or ``last`` (embeddings -> logits, and the KV-cache graph for generation)."""
 
     def __init__(self, directory: str | os.PathLike[str], role: str | None = None, provider: str = "cpu",
-                 name: str = "model") -> None:
+                 name: str = "model", *, threads: int | None = None) -> None:
         self.folder = ModelFolder(directory, role)
         self.dir = self.folder.dir
         self.name = name
@@ -84,7 +85,8 @@ class ModelStage:
         self.input_name = model_folder.INPUT[self.role]
         self.output_name = model_folder.OUTPUT[self.role]
         self._provider = provider
-        self.graph = self.folder.runner("graph", provider)
+        self._threads = threads
+        self.graph = self.folder.runner("graph", provider, threads=threads)
         self.device = self.graph.device
         self.dtype = self.graph.input_dtype(self.input_name)  # None for token ids
         self._past: Any = None
@@ -113,7 +115,7 @@ class ModelStage:
         if self.role != "last":
             raise EngineFileError(f"{self.dir}: a {self.role} model has no KV-cache graph")
         if self._past is None:  # opened on first generate: plain calls never pay for it
-            self._past = self.folder.runner("graph_with_past", self._provider)
+            self._past = self.folder.runner("graph_with_past", self._provider, threads=self._threads)
         return self._past
 
     @property

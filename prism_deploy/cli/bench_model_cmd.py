@@ -1,0 +1,77 @@
+"""``prism-deploy bench-model DIR [DIR ...]`` (also ``bench --model DIR ...``): model folders side by
+side, prefill and per-token decode, against transformers eager and each precision's bytes floor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from prism_deploy.cli.output import human_bytes, print_table
+from prism_deploy.core.errors import PrismInputError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("bench-model", help="time model folders (any precision) side by side: prefill, "
+                              "decode per token, transformers eager, bytes floor")
+    p.add_argument("folders", nargs="+", metavar="DIR", help="folders from export-model or build --model, one role")
+    p.add_argument("--hf", metavar="HF_DIR", help="the source model for the eager baseline (default: model.json's source)")
+    p.add_argument("--no-eager", action="store_true", help="skip transformers eager")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for ONNX Runtime and torch (default 1)")
+    p.add_argument("--prompt", type=int, default=64, help="prompt positions (default 64)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decoding steps after the prompt (default 32; model B)")
+    p.add_argument("--repeat", type=int, default=5, help="timed generations per folder, interleaved (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed generations first (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write every figure and the machine description here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    for folder in args.folders:
+        if not Path(folder, "model.json").is_file():
+            raise PrismInputError(f"{folder}: no model.json (not a folder from export-model or build --model)")
+    if args.json and Path(args.json).is_dir():
+        raise PrismInputError(f"--json: {args.json} is a directory, give a file name")
+    from prism_deploy.bench.models import run_model_bench
+    from prism_deploy.core.fsutil import write_text_atomic
+
+    results = run_model_bench(args.folders, threads=args.threads, prompt=args.prompt, new_tokens=args.new_tokens,
+                              repeat=args.repeat, warmup=args.warmup, seed=args.seed, eager=not args.no_eager,
+                              hf_dir=args.hf)
+    print_report(results)
+    if args.json:
+        write_text_atomic(args.json, json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _ms(stats: dict[str, Any] | None, key: str = "median_s") -> Any:
+    return None if not stats or stats.get(key) is None else stats[key] * 1e3
+
+
+def print_report(results: dict[str, Any]) -> None:
+    m, s = results["machine"], results["settings"]
+    print(f"machine: {m['cpu_model']}, {m['cpu_cores']} cores; load average {m['load_average_start']} at start, "
+          f"{m['load_average_timed']} after timing; {s['threads']} thread(s), batch 1, prompt {s['prompt']}"
+          + (f", {s['new_tokens']} new tokens" if results["role"] == "last" else "") + f", {s['repeat']} repetitions")
+    rows = []
+    for c in results["cases"]:
+        pre, dec, floor = c["prefill"], c["decode"], c.get("floor") or {}
+        precision = c["precision"] + (f" {c['form']}" if c.get("form") else "") + \
+            (f" b{c['block_size']}" if c.get("block_size") else "") + \
+            (f" acc{c['accuracy_level']}" if c.get("accuracy_level") is not None else "")
+        rows.append([c["name"], precision, human_bytes(floor["weights_bytes"]) if floor else "-",
+                     _ms(pre), (pre or {}).get("speedup_vs_eager"), (pre or {}).get("ratio_to_floor"),
+                     _ms(dec), _ms(dec, "p90_s"), (dec or {}).get("speedup_vs_fp32"), (dec or {}).get("speedup_vs_eager"),
+                     _ms(floor, "decode_s"), (dec or {}).get("ratio_to_floor")])
+    print_table(["model", "precision", "weights/token", "prefill ms", "x eager", "x floor",
+                 "decode ms/tok", "p90", "x fp32", "x eager", "floor ms", "x floor"], rows)
+    print("x fp32 / x eager: speed-up (above 1 is faster); x floor: median over the bytes floor (1 is the floor)")
+    for t in results["targets"]:
+        print(f"target {t['precision']} ({t['name']}): decode {t['speedup_vs_fp32']:.2f}x fp32 "
+              f"(target >= {t['speedup_target']}x: {'met' if t['speedup_met'] else 'missed'}), "
+              f"{t['ratio_to_floor']:.2f}x its floor (target <= {t['floor_target']}x: {'met' if t['floor_met'] else 'missed'})")
+    if results.get("eager_unavailable"):
+        print(f"unavailable: transformers eager: {results['eager_unavailable']}")
