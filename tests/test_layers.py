@@ -35,8 +35,10 @@ ALLOWED: dict[str, set[str]] = {
     "runtime": {"format", "reference", "lower", "fuse", "build", "models", "trt"},
     "parity": {"format", "reference", "lower", "models", "runtime"},
     "bench": {"format", "reference", "plan", "kernel", "lower", "trt", "runtime"},
+    # Triton serving sits above the runtime; `triton update` builds a new adapter version (build)
+    "serving": {"build", "runtime"},
     "cli": {"format", "reference", "plan", "lower", "fuse", "build", "runtime", "fit", "models", "parity", "bench",
-            "kernel", "trt"},
+            "kernel", "trt", "serving"},
     # the package root re-exports the user-facing pieces (lazily, for the heavy ones)
     "__init__": {"format", "reference", "plan", "runtime"},
     "__main__": {"cli"},
