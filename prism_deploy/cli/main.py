@@ -31,6 +31,10 @@ COMMAND_MODULES = [
     "prism_deploy.cli.parity_pipeline_cmd",
     "prism_deploy.cli.collect_cmd",
     "prism_deploy.cli.bench_cmd",
+    "prism_deploy.cli.triton_cmd",
+    "prism_deploy.cli.triton_update_cmd",
+    "prism_deploy.cli.triton_env_cmd",
+    "prism_deploy.cli.serve_cmd",
 ]
 
 
@@ -62,9 +66,18 @@ def _route_pipeline_parity(argv: list[str]) -> list[str]:
     return argv
 
 
+# ``triton update ...`` and ``triton env ...`` are commands of their own: ``triton`` takes folders.
+SUBCOMMAND_WORDS = {("triton", "update"): "triton-update", ("triton", "env"): "triton-env"}
+
+
+def _route_subcommand_words(argv: list[str]) -> list[str]:
+    routed = SUBCOMMAND_WORDS.get(tuple(argv[:2]))  # type: ignore[call-overload]
+    return [routed, *argv[2:]] if routed else argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_route_pipeline_parity(list(sys.argv[1:] if argv is None else argv)))
+    args = parser.parse_args(_route_subcommand_words(_route_pipeline_parity(list(sys.argv[1:] if argv is None else argv))))
     try:
         code = args.func(args)
     except PrismInputError as exc:

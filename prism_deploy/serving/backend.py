@@ -230,6 +230,7 @@ class GenerateModel:
         self.decoupled = decoupled
         self.present = json.loads(params["present_outputs"])
         self.past = json.loads(params["past_inputs"])
+        self.empty_past = json.loads(params["past_shape"]) if params.get("decode_needs_past") == "1" else None
 
     def _bls(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         pb = _pb()
@@ -276,7 +277,11 @@ class GenerateModel:
         """Yields the chosen tokens [b] step by step."""
         ids, mask, max_new, eos = self._read(request)
         embeds = self._prefix(ids, mask)
-        outs = self._bls(self.decode_model, {"inputs_embeds": embeds, "attention_mask": mask}, ["logits", *self.present])
+        first = {"inputs_embeds": embeds, "attention_mask": mask}
+        if self.empty_past is not None:  # a native decode model has no optional inputs: an empty cache
+            first.update({n: np.zeros((ids.shape[0], self.empty_past[0], 0, self.empty_past[1]), np.float32)
+                          for n in self.past})
+        outs = self._bls(self.decode_model, first, ["logits", *self.present])
         logits, past = _last_position(outs[0]), dict(zip(self.past, outs[1:]))
         batch = ids.shape[0]
         finished = np.zeros(batch, dtype=bool)

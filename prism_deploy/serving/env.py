@@ -245,6 +245,7 @@ def backend_process_env(env_path: Path, code: Path, base: dict[str, str] | None 
         out.pop(name, None)
     out["PATH"] = f"{env_path / 'bin'}{os.pathsep}{out.get('PATH', '')}"
     out["PYTHONPATH"] = str(code)
+    out["PRISM_DEPLOY_BACKEND_CODE"] = str(code)  # what model.py reads (the stub ignores PYTHONPATH)
     out["PYTHONNOUSERSITE"] = "1"
     return out
 

@@ -306,7 +306,8 @@ def _generate(name: str, names: list[str], infos: list[StageInfo], decode: Model
             eos_token_id="none" if eos is None else eos, max_new_tokens_limit=options.max_new_tokens_limit,
             past_inputs=json.dumps([t.name for t in last.decode[0] if t.name.startswith("past_key_values.")]),
             present_outputs=json.dumps([t.name for t in decode_outputs if t.name.startswith("present.")]),
-            decode_needs_past="1" if native else "0"),
+            decode_needs_past="1" if native else "0",
+            past_shape=json.dumps([last.model["dims"]["kv_heads"], last.model["dims"]["head_dim"]])),
     }
     if decoupled:
         config["model_transaction_policy"] = {"decoupled": True}

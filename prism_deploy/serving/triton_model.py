@@ -10,8 +10,22 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import sys
 import types
+
+# Where `prism-deploy serve` put the project code for the backend. The stub's embedded
+# interpreter ignores PYTHONPATH (checked with tritonserver 2.51), so the path travels in a
+# variable of its own; ahead of everything, so a `prism_deploy` in the server's working
+# folder cannot shadow it. Without the variable (a container with the project installed in
+# the backend environment), the installed package is used.
+CODE_VARIABLE = "PRISM_DEPLOY_BACKEND_CODE"
+
+
+def _code_path() -> None:
+    code = os.environ.get(CODE_VARIABLE)
+    if code and code not in sys.path:
+        sys.path.insert(0, code)
 
 
 def _bare_packages() -> None:
@@ -48,6 +62,7 @@ def _literal(path: str, name: str) -> str:
     return "unknown"
 
 
+_code_path()
 _bare_packages()
 
 from prism_deploy.serving.backend import TritonPythonModel  # noqa: E402,F401
