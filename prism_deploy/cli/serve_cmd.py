@@ -62,7 +62,12 @@ def run(args: argparse.Namespace) -> int:
     wrote_state = False
     try:
         server.start()
-        ready_s = server.wait_ready(args.ready_timeout)
+        try:
+            ready_s = server.wait_ready(args.ready_timeout)
+        except PrismInputError:
+            if stop_requested:  # asked to stop while loading: the server's exit is the expected one
+                return _stopped(server)
+            raise
         if stop_requested:
             return _stopped(server)
         info = {"repository": str(repo), "http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,

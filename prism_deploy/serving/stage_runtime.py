@@ -320,7 +320,7 @@ class ModelStage:
         self.kind = kind
         self.model = self.graphs.model
         dims = self.model["dims"]
-        self.hidden, self.vocab, self.max_seq = int(dims["hidden"]), int(dims["vocab"]), int(self.model["max_seq"])
+        self.hidden, self.vocab, self.max_seq = int(dims["hidden"]), int(dims.get("vocab", 0)), int(self.model["max_seq"])
         self.layers = int(dims.get("layers", 0))
         self.session = self.graphs.session("graph")
         self.input_name = "input_ids" if kind == "first" else "inputs_embeds"
