@@ -71,7 +71,7 @@ SUBCOMMAND_WORDS = {("triton", "update"): "triton-update", ("triton", "env"): "t
 
 
 def _route_subcommand_words(argv: list[str]) -> list[str]:
-    routed = SUBCOMMAND_WORDS.get(tuple(argv[:2]))  # type: ignore[call-overload]
+    routed = SUBCOMMAND_WORDS.get((argv[0], argv[1])) if len(argv) >= 2 else None
     return [routed, *argv[2:]] if routed else argv
 
 

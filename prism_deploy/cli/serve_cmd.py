@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             raise PrismInputError(f"--{option.replace('_', '-')}: {getattr(args, option)} is not a port")
     be = backend_env(str(repo), args.env)
     http, grpc, metrics = srv.ports(args.host, args.http_port, args.grpc_port, args.metrics_port)
-    server = srv.TritonServer(repo, be, http, grpc, metrics, host=args.host,  # type: ignore[arg-type]
+    server = srv.TritonServer(repo, be, http, grpc, metrics, host=args.host,
                               log_path=Path(args.log) if args.log else None)
     stop_requested: list[int] = []
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         if stop_requested:
             return _stopped(server)
-        info = {"repository": str(repo), "http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,
+        info: dict[str, Any] = {"repository": str(repo), "http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,
                 "models": sorted(manifest["models"]), "tritonserver": str(server.binary.path) if server.binary else None,
                 "environment": str(be.path), "log": str(server.log_path), "ready_seconds": round(ready_s, 2),
                 "pid": os.getpid()}

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prism_deploy.serving.env import BackendEnv
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def backend_env(repository: str | None, env_dir: str | None) -> object:
+def backend_env(repository: str | None, env_dir: str | None) -> BackendEnv:
     """The checked environment for ``repository`` (shared with ``serve``)."""
     import onnxruntime
 
@@ -35,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.cli.output import print_json, print_table
 
     be = backend_env(args.repository, args.env)
-    info = {"environment": str(be.path), "code": str(be.code), **be.info}  # type: ignore[attr-defined]
+    info = {"environment": str(be.path), "code": str(be.code), **be.info}
     if args.json:
         print_json(info)
         return 0

@@ -98,7 +98,7 @@ class StageModel:
 
     def __init__(self, kind: str, version_dir: Path, params: dict[str, str], config: dict[str, Any]) -> None:
         self.kind = kind
-        self.stage = stage_runtime.open_stage(version_dir / stage_runtime.STAGE_DIR, kind,
+        self.stage: Any = stage_runtime.open_stage(version_dir / stage_runtime.STAGE_DIR, kind,
                                               params.get("prism_provider", "cpu"))
         self.max_seq = int(params["max_seq"])
         inputs = {i["name"]: i for i in config["input"]}
@@ -154,7 +154,7 @@ class StageModel:
     def _run(self, group: list[tuple[int, np.ndarray, np.ndarray | None]]) -> list[np.ndarray]:
         if self.kind == "adapter":
             flat = np.concatenate([x.reshape(-1, x.shape[-1]) for _, x, _ in group], axis=0)
-            y = self.stage.run(flat[None])[0]  # type: ignore[union-attr]
+            y = self.stage.run(flat[None])[0]
             outs, start = [], 0
             for _, x, _ in group:
                 n = x.shape[0] * x.shape[1]
@@ -162,8 +162,8 @@ class StageModel:
                 start += n
             return outs
         x = np.concatenate([x for _, x, _ in group], axis=0)
-        mask = np.concatenate([m for _, _, m in group], axis=0)  # type: ignore[misc]
-        y = self.stage.run(x, mask)  # type: ignore[call-arg]
+        mask = np.concatenate([m for _, _, m in group if m is not None], axis=0)
+        y = self.stage.run(x, mask)
         bounds = np.cumsum([0] + [g[1].shape[0] for g in group])
         return [np.ascontiguousarray(y[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
