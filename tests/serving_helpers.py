@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_stages(root: Path) -> dict[str, Path]:
-    """Model A and B exports, a dense and a gated adapter (64 -> 96) and their ort-cpu fp32 builds."""
+    """Model A and B exports and their ort-cpu builds, a dense and a gated adapter (64 -> 96) and
+    their ort-cpu fp32 builds, and a second dense adapter for hot-swapping."""
     from prism_deploy.build import BuildRequest, build_engines
     from prism_deploy.models.export import export_model
     from tests.model_helpers import make_model
@@ -44,6 +45,12 @@ def make_stages(root: Path) -> dict[str, Path]:
         result = build_engines(BuildRequest(adapter=z[name], out_dir=z[f"{name}_build"], target="ort-cpu",
                                             precisions=("fp32",)), log=lambda _m: None)
         result.raise_for_failures()
+    from prism_deploy.build.model_builder import ModelBuildRequest, build_model_engines
+
+    for name in ("A", "B"):  # the same models as `build --model` folders (engines + manifest)
+        z[f"{name}_build"] = root / f"{name}_build"
+        build_model_engines(ModelBuildRequest(model_dir=z[name], out_dir=z[f"{name}_build"], target="ort-cpu"),
+                            log=lambda _m: None).raise_for_failures()
     return z
 
 
@@ -74,7 +81,8 @@ def running_server(repo: Path, be, log: Path, timeout_s: float = 120) -> Iterato
     from prism_deploy.serving.server import TritonServer, ports
 
     http, grpc, metrics = ports("127.0.0.1", 0, 0, 0)
-    server = TritonServer(repo, be, http, grpc, metrics, log_path=log)
+    # a test's client objects may keep keep-alive connections open; Triton would wait 30 s for them
+    server = TritonServer(repo, be, http, grpc, metrics, log_path=log, exit_timeout_s=5)
     try:
         server.start()
         server.wait_ready(timeout_s)

@@ -79,6 +79,8 @@ def test_adapter_over_http_and_grpc_equals_the_reference(adapters_server, servin
     got_http = http.infer(model, [http_input("hidden", x, "FP32")]).as_numpy("adapted")
     grpc = grpcclient.InferenceServerClient(adapters_server.grpc_url)
     got_grpc = grpc.infer(model, [grpc_input("hidden", x, "FP32")]).as_numpy("adapted")
+    http.close()
+    grpc.close()
     assert got_http.shape == got_grpc.shape == (2, 7, 96)
     assert rel_l2(got_http, ref) <= 1e-5 and rel_l2(got_grpc, ref) <= 1e-5
     np.testing.assert_array_equal(got_http, got_grpc)
@@ -92,7 +94,10 @@ def test_dynamic_batching_under_16_concurrent_clients(adapters_server, serving_s
 
     def one(i: int) -> float:
         client = httpclient.InferenceServerClient(adapters_server.http_url, network_timeout=60)
-        return rel_l2(client.infer(model, [http_input("hidden", inputs[i], "FP32")]).as_numpy("adapted"), refs[i])
+        try:
+            return rel_l2(client.infer(model, [http_input("hidden", inputs[i], "FP32")]).as_numpy("adapted"), refs[i])
+        finally:
+            client.close()
 
     with ThreadPoolExecutor(16) as pool:
         errors = list(pool.map(one, range(len(inputs)), timeout=120))
@@ -104,7 +109,9 @@ def test_dynamic_batching_under_16_concurrent_clients(adapters_server, serving_s
 
 
 def _batch_counts(server, model: str) -> dict[int, int]:
-    stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics(model)
+    client = httpclient.InferenceServerClient(server.http_url)
+    stats = client.get_inference_statistics(model)
+    client.close()
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]}
 
 
@@ -130,6 +137,7 @@ def test_bad_requests_get_clean_errors_and_the_server_keeps_serving(adapters_ser
     with pytest.raises(InferenceServerException):
         client.infer("adapter_1", [http_input("hidden", big, "FP32")])
     assert client.is_server_ready() and client.is_model_ready("adapter_1")
+    client.close()
 
 
 def test_chain_ensemble_logits_equal_the_pipeline(chain_server, pipeline):
@@ -140,6 +148,7 @@ def test_chain_ensemble_logits_equal_the_pipeline(chain_server, pipeline):
     client = grpcclient.InferenceServerClient(chain_server.grpc_url)
     out = client.infer("chain", [grpc_input("input_ids", ids, "INT64"), grpc_input("attention_mask", mask, "INT64")])
     logits = out.as_numpy("logits")
+    client.close()
     ref = pipeline(ids, mask)
     real = mask.astype(bool)
     assert logits.shape == (3, 9, 320)
@@ -162,6 +171,7 @@ def test_generate_equals_in_process_greedy_generation(chain_server, pipeline):
     np.testing.assert_array_equal(got, pipeline.generate(ids, mask, max_new_tokens=10))
     # with model B's end-of-sequence token (0 for the test Qwen2): rows stop and keep emitting it
     got_eos = client.infer("generate", _generate_inputs(http_input, ids, mask, 10, 0)).as_numpy("tokens")
+    client.close()
     np.testing.assert_array_equal(got_eos, pipeline.generate(ids, mask, max_new_tokens=10, eos_token_id=0))
 
 
@@ -189,6 +199,29 @@ def test_generate_streams_the_same_tokens_over_grpc(chain_server, pipeline):
     np.testing.assert_array_equal(tokens, pipeline.generate(ids, mask, max_new_tokens=6))
 
 
+def test_built_model_folders_serve_the_same_chain(serving_stages, serving_env, tmp_path):
+    """`build --model` folders (checked engines + manifest) as the chain's ends, served."""
+    from prism_deploy.runtime.pipeline import Pipeline
+
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["A_build"]), str(z["gated_build"]), str(z["B_build"]), "-o", str(repo)]) == 0
+    assert (repo / "last_decode" / "1" / "stage" / "manifest.json").is_file()
+    pipe = Pipeline(z["A_build"], z["gated_build"], z["B_build"], target="ort-cpu")
+    ids = np.random.default_rng(6).integers(0, 300, size=(2, 7), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    with running_server(repo, serving_env, tmp_path / "server.log") as server:
+        client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
+        logits = client.infer("chain", [http_input("input_ids", ids, "INT64"),
+                                        http_input("attention_mask", mask, "INT64")]).as_numpy("logits")
+        tokens = client.infer("generate", _generate_inputs(http_input, ids, mask, 6, -1)).as_numpy("tokens")
+        client.close()
+    real = mask.astype(bool)
+    assert rel_l2(logits[real], pipe(ids, mask)[real]) <= 1e-5
+    np.testing.assert_array_equal(tokens, pipe.generate(ids, mask, max_new_tokens=6))
+
+
 def test_generate_refuses_bad_requests_cleanly(chain_server):
     client = httpclient.InferenceServerClient(chain_server.http_url)
     ids = np.zeros((1, 4), np.int64)
@@ -197,6 +230,7 @@ def test_generate_refuses_bad_requests_cleanly(chain_server):
     with pytest.raises(InferenceServerException, match="ids must be in 0..299"):
         client.infer("generate", _generate_inputs(http_input, ids + 300, np.ones_like(ids), 2, -1))
     assert client.infer("generate", _generate_inputs(http_input, ids, np.ones_like(ids), 2, -1)).as_numpy("tokens").shape == (1, 2)
+    client.close()
 
 
 def test_hot_swap_under_load(serving_stages, serving_env, tmp_path):

@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002; 0: a free one)")
     p.add_argument("--env", metavar="DIR", help="a Python-backend environment to use instead of the cached one")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness (default 180)")
+    p.add_argument("--exit-timeout", type=int, default=30,
+                   help="on SIGINT/SIGTERM, seconds Triton waits for in-flight requests and open client connections "
+                        "(default 30, Triton's)")
     p.add_argument("--log", metavar="FILE", help="server log file (default: a file in the temporary folder)")
     p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line once ready")
     p.set_defaults(func=run)
@@ -50,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
             raise PrismInputError(f"--{option.replace('_', '-')}: {getattr(args, option)} is not a port")
     be = backend_env(str(repo), args.env)
     http, grpc, metrics = srv.ports(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    if args.exit_timeout < 0:
+        raise PrismInputError(f"--exit-timeout: {args.exit_timeout} must be >= 0")
     server = srv.TritonServer(repo, be, http, grpc, metrics, host=args.host,
-                              log_path=Path(args.log) if args.log else None)
+                              log_path=Path(args.log) if args.log else None, exit_timeout_s=args.exit_timeout)
     stop_requested: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
@@ -100,10 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stopped(server: object) -> int:
-    from prism_deploy.serving.server import EXIT_TIMEOUT_S
-
     started = time.monotonic()
-    code = server.stop(EXIT_TIMEOUT_S + 15)  # type: ignore[attr-defined]
+    code = server.stop()  # type: ignore[attr-defined]
     print(f"stopped (tritonserver exit code {code}, {time.monotonic() - started:.1f} s)", file=sys.stderr)
     return 0
 

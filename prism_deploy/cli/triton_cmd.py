@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for e in entries:
         c = e.config
-        kind = e.stage.kind if e.stage is not None else e.role
+        kind = e.stage.kind if e.role == "stage" and e.stage is not None else e.role
         where = c.get("backend") or c.get("platform")
         batching = f"max {c['max_batch_size']}" + (", dynamic" if "dynamic_batching" in c else "")
         group = c.get("instance_group", [{}])[0]

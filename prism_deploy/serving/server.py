@@ -82,6 +82,8 @@ class TritonServer:
     host: str = "127.0.0.1"
     log_path: Path | None = None
     load: list[str] = field(default_factory=lambda: ["*"])
+    # how long Triton waits, on SIGTERM, for in-flight requests and open client connections
+    exit_timeout_s: int = EXIT_TIMEOUT_S
     binary: ServerBinary | None = None
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
@@ -111,7 +113,7 @@ class TritonServer:
                "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.load),
                # our configs are complete: no auto-complete stub process per Python model at load
                "--disable-auto-complete-config", "--strict-readiness=true", "--exit-on-error=true",
-               f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--allow-gpu-metrics=false", "--log-verbose=0"]
+               f"--exit-timeout-secs={self.exit_timeout_s}", "--allow-gpu-metrics=false", "--log-verbose=0"]
         if binary.backend_dir is not None:
             cmd.append(f"--backend-directory={binary.backend_dir}")
         return cmd
@@ -177,13 +179,13 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             return None
 
-    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 15) -> int | None:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL after ``timeout_s``."""
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL after its exit timeout and 15 s more."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            if self.wait(timeout_s) is None:
+            if self.wait(self.exit_timeout_s + 15 if timeout_s is None else timeout_s) is None:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
         if self._log is not None:
