@@ -199,3 +199,41 @@ def test_three_model_chain_falls_out_of_the_same_code(serving_stages, tmp_path):
     with pytest.raises(PrismInputError, match="does not match"):
         repository.plan([z["A"], z["gated_build"], middle, z["gated_build"], z["B"]], repository.Options())
     assert inspect_stage(middle).kind == "middle"
+
+
+def test_update_refuses_a_shape_change_and_writes_nothing(serving_stages, tmp_path, capsys):
+    from prism_deploy.reference import random_adapter, simple_config
+
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["A"]), str(z["gated_build"]), str(z["B"]), "-o", str(repo)]) == 0
+    wide = tmp_path / "wide.safetensors"
+    random_adapter(simple_config(64, 80, (4, 2)), seed=1).save(wide)
+    before = sorted(p.name for p in (repo / "adapter").iterdir())
+    capsys.readouterr()
+    # inside a chain the neighbours fix the widths: refused even when allowed
+    for extra in ([], ["--allow-shape-change"]):
+        assert main(["triton", "update", str(repo), "--adapter", str(wide), "--no-load", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "64 -> 80, the served adapter is 64 -> 96" in err[0] and str(wide) in err[0]
+    assert sorted(p.name for p in (repo / "adapter").iterdir()) == before
+
+
+def test_update_writes_the_next_version_without_a_server(serving_stages, tmp_path, capsys):
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["dense_build"]), "-o", str(repo)]) == 0
+    capsys.readouterr()
+    assert main(["triton", "update", str(repo), "--adapter", str(z["dense_new"]), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["version"] == 2 and report["server"] is None and report["parity"]["passed"]
+    assert sorted(p.name for p in (repo / "adapter").iterdir()) == ["1", "2", "config.pbtxt"]  # no staging left
+    stage = json.loads((repo / "adapter" / "2" / "stage" / "manifest.json").read_text())
+    assert stage["adapter"]["sha256"] == hashlib.sha256(z["dense_new"].read_bytes()).hexdigest()
+    assert json.loads((repo / repository.REPO_MANIFEST).read_text())["models"]["adapter"]["versions"] == [1, 2]
+
+
+def test_serve_refuses_a_folder_that_is_no_repository(tmp_path, capsys):
+    assert main(["serve", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}: no prism-repository.json")
