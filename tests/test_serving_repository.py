@@ -237,3 +237,27 @@ def test_serve_refuses_a_folder_that_is_no_repository(tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}: no prism-repository.json")
+
+
+def test_the_serving_layer_imports_no_pytorch():
+    """Every serving module imports with PyTorch made unimportable (the package roots registered
+    bare, as the backend's model.py does until issue 13 makes `import prism_deploy` torch-free)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import importlib.abc, runpy, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("PyTorch is blocked in this test")
+sys.meta_path.insert(0, Block())
+runpy.run_path({str(repository.ENTRY_FILE)!r})
+for name in ("stage_runtime", "backend", "config", "repository", "env", "server", "update"):
+    __import__("prism_deploy.serving." + name)
+print("torch" in sys.modules)
+"""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

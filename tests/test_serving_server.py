@@ -370,3 +370,11 @@ def test_serve_refuses_an_environment_with_numpy_2(serving_stages, tmp_path):
     lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("error:")]
     assert out.returncode == 2 and len(lines) == 1 and "numpy 2." in lines[0] and str(fake) in lines[0]
     assert "Traceback" not in out.stderr and not (repo / ".prism-serve.json").exists()
+
+
+def test_triton_env_reports_numpy_1_and_no_pytorch(serving_env, capsys):
+    assert main(["triton", "env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["environment"] == str(serving_env.path)
+    assert int(info["numpy"].split(".")[0]) < 2 and info["torch_imported"] is False
+    assert info["pytriton"] and Path(info["pytriton"], "tritonserver", "bin", "tritonserver").is_file()

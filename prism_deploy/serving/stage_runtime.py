@@ -173,6 +173,11 @@ def _adapter_stage(folder: Path, manifest: dict[str, Any], precision: str | None
     from prism_deploy.build.manifest import part_files
     from prism_deploy.runtime.engines import select_entry
 
+    found = [e for e in manifest["engines"] if (precision is None or e["configuration"]["precision"] == precision)
+             and (target is None or e["target"] == target)]
+    if len(found) > 1:
+        raise PrismInputError(f"{folder}: {len(found)} engines ({', '.join(e['id'] for e in found)}); "
+                              "pick the one to serve with --precision or --target")
     entry = select_entry(manifest, folder, precision=precision, target=target)
     config = manifest["adapter"]["config"]
     cfg = entry["configuration"]
