@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from prism_deploy.cli.main import main
+from prism_deploy.serving.server import group_members
 from tests.serving_helpers import (children, grpc_input, http_input, reference, rel_l2, running_server, serve_process,
                                    stop_process_group, wait_ready)
 
@@ -323,6 +324,7 @@ def test_a_killed_server_gives_clean_errors_and_serve_starts_again(serving_stage
         time.sleep(0.5)
         servers = children(proc.pid)
         assert len(servers) == 1
+        assert group_members(servers[0])  # the server and its stub(s), in the group it leads
         os.kill(servers[0], signal.SIGKILL)
         for t in threads:
             t.join(timeout=30)
@@ -332,6 +334,10 @@ def test_a_killed_server_gives_clean_errors_and_serve_starts_again(serving_stage
         code = proc.wait(timeout=30)
         err = proc.stderr.read() if proc.stderr else ""
         assert code == 1 and err.strip().splitlines()[-1].startswith("error: tritonserver exited by itself")
+        deadline = time.monotonic() + 10  # serve killed the stubs the dead server left: gone shortly
+        while group_members(servers[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert group_members(servers[0]) == []
     finally:
         stop_process_group(proc)
     # serve started again serves, and stops cleanly on SIGTERM

@@ -180,7 +180,8 @@ class TritonServer:
             return None
 
     def stop(self, timeout_s: float | None = None) -> int | None:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL after its exit timeout and 15 s more."""
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL after its exit timeout and 15 s more;
+        then whatever is left of the server's process group (see :meth:`reap_group`)."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -188,10 +189,33 @@ class TritonServer:
             if self.wait(self.exit_timeout_s + 15 if timeout_s is None else timeout_s) is None:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
+        self.reap_group()
         if self._log is not None:
             self._log.close()
             self._log = None
         return self.proc.returncode
+
+    def group_members(self) -> list[int]:
+        """Processes still in the server's process group (its Python backend stubs)."""
+        if self.proc is None:
+            return []
+        return group_members(self.proc.pid)
+
+    def reap_group(self) -> list[int]:
+        """Kill the server's stubs left behind when it died without unloading its models.
+
+        ``tritonserver`` was started as the leader of a new process group, which its stub
+        processes inherit. A stub whose server was killed (SIGKILL) was seen to live on,
+        ignoring SIGTERM; after the server has exited, the members left in its group are
+        killed, by that group id only.
+        """
+        if self.proc is None or self.proc.poll() is None:
+            return []
+        left = self.group_members()
+        if left:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return left
 
     def __enter__(self) -> TritonServer:
         self.start()
@@ -199,6 +223,19 @@ class TritonServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live pids whose process group is ``pgid`` (Linux /proc; zombies are dead already)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
 
 
 def ports(host: str, http: int, grpc: int, metrics: int) -> tuple[int, int, int]:
