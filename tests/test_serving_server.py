@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from prism_deploy.cli.main import main
-from prism_deploy.serving.server import group_members
+from prism_deploy.serving.server import stub_region, group_members
 from tests.serving_helpers import (children, grpc_input, http_input, reference, rel_l2, running_server, serve_process,
                                    stop_process_group, wait_ready)
 
@@ -324,7 +324,9 @@ def test_a_killed_server_gives_clean_errors_and_serve_starts_again(serving_stage
         time.sleep(0.5)
         servers = children(proc.pid)
         assert len(servers) == 1
-        assert group_members(servers[0])  # the server and its stub(s), in the group it leads
+        members = group_members(servers[0])  # the server and its stub(s), in the group it leads
+        regions = [r for r in map(stub_region, members) if r]
+        assert regions and all((Path("/dev/shm") / r).exists() for r in regions)
         os.kill(servers[0], signal.SIGKILL)
         for t in threads:
             t.join(timeout=30)
@@ -338,6 +340,7 @@ def test_a_killed_server_gives_clean_errors_and_serve_starts_again(serving_stage
         while group_members(servers[0]) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert group_members(servers[0]) == []
+        assert not any((Path("/dev/shm") / r).exists() for r in regions)  # and their shared memory
     finally:
         stop_process_group(proc)
     # serve started again serves, and stops cleanly on SIGTERM

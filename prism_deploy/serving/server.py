@@ -212,9 +212,17 @@ class TritonServer:
         if self.proc is None or self.proc.poll() is None:
             return []
         left = self.group_members()
-        if left:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        if not left:
+            return []
+        regions = [r for r in (stub_region(pid) for pid in left) if r]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self.group_members() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for region in regions:  # named on the killed stub's own command line: that server's, no other's
+            with contextlib.suppress(OSError):
+                (Path("/dev/shm") / region).unlink()
         return left
 
     def __enter__(self) -> TritonServer:
@@ -223,6 +231,19 @@ class TritonServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def stub_region(pid: int) -> str | None:
+    """The shared-memory region a Python backend stub was started with (its second argument)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if len(argv) > 2 and argv[0].endswith(b"triton_python_backend_stub"):
+        name = argv[2].decode(errors="replace")
+        if name.startswith("triton_python_backend_shm_region_") and "/" not in name:
+            return name
+    return None
 
 
 def group_members(pgid: int) -> list[int]:

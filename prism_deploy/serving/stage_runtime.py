@@ -189,7 +189,7 @@ def _adapter_stage(folder: Path, manifest: dict[str, Any], precision: str | None
         outputs=[TensorSpec("adapted", "float32", [-1, int(config["out_dim"])])], files=files,
         onnxruntime=entry["tools"].get("onnxruntime"), manifest={**manifest, "engines": [entry]}, graphs=graphs,
         details={"engine_id": entry["id"], "adapter_sha256": manifest["adapter"]["sha256"],
-                 "topology_sha256": manifest["adapter"].get("topology_sha256"), "layout": cfg["layout"],
+                 "topology_sha256": manifest["adapter"].get("topology_sha256"), "engine_layout": cfg["layout"],
                  "plugin": bool(cfg.get("plugin"))})
 
 

@@ -91,7 +91,7 @@ def update_adapter(repo: str | os.PathLike[str], adapter: str | os.PathLike[str]
     try:
         result = build_engines(BuildRequest(adapter=new_path, out_dir=build_dir, target=record["target"],
                                             precisions=(record["precision"],), profile=profile,
-                                            per_pipe=record.get("layout") == "per-pipe",
+                                            per_pipe=record.get("engine_layout") == "per-pipe",
                                             plugin="on" if record.get("plugin") else "off"),
                                log=log or (lambda _m: None))
         result.raise_for_failures()  # the parity gate: exit 1, nothing written
