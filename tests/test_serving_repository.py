@@ -261,3 +261,19 @@ print("torch" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_update_with_allow_shape_change_rewrites_a_standalone_adapters_widths(serving_stages, tmp_path, capsys):
+    from prism_deploy.reference import random_adapter, simple_config
+
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["dense_build"]), "-o", str(repo)]) == 0
+    wide = tmp_path / "wide.safetensors"
+    random_adapter(simple_config(64, 80, (4, 2)), seed=1).save(wide)
+    assert main(["triton", "update", str(repo), "--adapter", str(wide), "--no-load"]) == 2  # not without the flag
+    assert main(["triton", "update", str(repo), "--adapter", str(wide), "--no-load", "--allow-shape-change"]) == 0
+    message = cfg.parse_text((repo / "adapter" / "config.pbtxt").read_text(), "adapter")
+    assert list(message.input[0].dims) == [-1, 64] and list(message.output[0].dims) == [-1, 80]
+    record = json.loads((repo / repository.REPO_MANIFEST).read_text())["models"]["adapter"]
+    assert record["outputs"][0]["dims"] == [-1, 80] and record["versions"] == [1, 2]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from prism_deploy.cli.main import main
-from prism_deploy.serving.server import stub_region, group_members
+from prism_deploy.serving.server import group_members, stub_region
 from tests.serving_helpers import (children, grpc_input, http_input, reference, rel_l2, running_server, serve_process,
                                    stop_process_group, wait_ready)
 
