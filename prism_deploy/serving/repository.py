@@ -33,7 +33,8 @@ from typing import Any
 
 from prism_deploy.errors import PrismInputError
 from prism_deploy.serving import config as cfg
-from prism_deploy.serving.stage_runtime import STAGE_DIR, StageInfo, TensorSpec, inspect_stage, write_stage_files
+from prism_deploy.serving.stage_runtime import (STAGE_DIR, StageInfo, TensorSpec, graph_io, inspect_stage,
+                                                   write_stage_files)
 
 REPO_MANIFEST = "prism-repository.json"
 REPO_FORMAT = "prism-deploy-triton-repository"
@@ -166,21 +167,6 @@ def _python_decode(name: str, info: StageInfo, options: Options) -> ModelEntry:
 # ---- the native form -----------------------------------------------------------------------
 
 
-def _onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs of an ONNX file as ONNX Runtime opens it (symbolic dims -> -1)."""
-    from prism_deploy.ort_session import make_session
-
-    session = make_session(path, "cpu", graph_optimization_level="ORT_DISABLE_ALL")
-    numpy_of = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-                "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(int8)": "int8"}
-
-    def spec(arg: Any) -> TensorSpec:
-        if arg.type not in numpy_of:
-            raise PrismInputError(f"{path}: tensor {arg.name!r} of type {arg.type} has no Triton data type here")
-        return TensorSpec(arg.name, numpy_of[arg.type], [d if isinstance(d, int) and d > 0 else -1 for d in arg.shape])
-    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
-
-
 def _native_files(info: StageInfo, key: str) -> tuple[str, list[str]]:
     """(the graph/engine file of ``key``, the external data files that must sit beside it)."""
     main = info.graphs.get(key)
@@ -199,7 +185,7 @@ def _native_model(name: str, info: StageInfo, key: str, options: Options, batche
         inputs, outputs = (info.inputs, info.outputs) if key == "graph" else info.decode  # type: ignore[misc]
     else:
         platform, model_file = "onnxruntime_onnx", "model.onnx"
-        inputs, outputs = _onnx_io(info.source / main)
+        inputs, outputs = graph_io(info.source / main)
         if batched:  # Triton's batch dim is the graph's first one
             inputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in inputs]
             outputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in outputs]
@@ -234,7 +220,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def check_native_onnx(config_text: str, onnx_path: Path, where: str) -> None:
     """A native ONNX Runtime model's config against the ``model.onnx`` it points at, as ORT opens it."""
     message = cfg.parse_text(config_text, where)
-    inputs, outputs = _onnx_io(onnx_path)
+    inputs, outputs = graph_io(onnx_path)
     batched = message.max_batch_size > 0
     for group, declared, actual in (("input", message.input, inputs), ("output", message.output, outputs)):
         have = {t.name: t for t in actual}

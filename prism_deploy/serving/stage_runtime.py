@@ -22,7 +22,8 @@ this one place:
   ``select_entry``; the manifest through :mod:`prism_deploy.build.manifest`;
 - model graphs: ``prism_deploy.runtime.engines.select_entry``/``check_environment`` and
   ``build.manifest.verify_part`` for built model folders, then ONNX Runtime sessions through
-  :func:`prism_deploy.ort_session.make_session`. TODO(issue 13/14): replace ``_ModelGraphs``
+  :func:`prism_deploy.ort_session.make_session` (also :func:`graph_io`, which reads an engine's
+  tensors for the native form). TODO(issue 13/14): replace ``_ModelGraphs``
   by ``prism_deploy.runtime.model_folder.ModelFolder`` and the pipeline's
   ``UpperRunner``/``LowerRunner`` (the chain's stage runners) once they import without PyTorch:
   today ``ModelFolder`` imports ``prism_deploy.models.export``, which imports torch, so
@@ -263,6 +264,22 @@ def write_stage_files(info: StageInfo, dest: Path) -> None:
         for key, record in (info.model or {}).get("files", {}).items():
             if file_sha256(dest / record["name"]) != record["sha256"]:
                 raise PrismInputError(f"{info.source / record['name']}: sha256 differs from model.json ({key})")
+
+
+def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX graph or engine as ONNX Runtime opens it (symbolic dims -> -1);
+    the native form's configs are written from, and checked against, this."""
+    from prism_deploy.ort_session import make_session
+
+    session = make_session(path, "cpu", graph_optimization_level="ORT_DISABLE_ALL")
+    numpy_of = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+                "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(int8)": "int8"}
+
+    def spec(arg: Any) -> TensorSpec:
+        if arg.type not in numpy_of:
+            raise PrismInputError(f"{path}: tensor {arg.name!r} of type {arg.type} has no Triton data type here")
+        return TensorSpec(arg.name, numpy_of[arg.type], [d if isinstance(d, int) and d > 0 else -1 for d in arg.shape])
+    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
 
 
 # ---- running, inside the backend -------------------------------------------------------------
