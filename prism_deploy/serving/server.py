@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -263,7 +262,3 @@ def ports(host: str, http: int, grpc: int, metrics: int) -> tuple[int, int, int]
     """The ports to use: 0 picks a free one."""
     return tuple(p if p else free_port(host if host not in ("0.0.0.0", "") else "127.0.0.1")  # type: ignore[return-value]
                  for p in (http, grpc, metrics))
-
-
-def python_tag() -> str:
-    return f"{sys.version_info.major}.{sys.version_info.minor}"
