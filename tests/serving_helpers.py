@@ -155,3 +155,32 @@ def children(pid: int) -> list[int]:
         with contextlib.suppress(OSError):
             out += [int(c) for c in (task / "children").read_text().split()]
     return out
+
+
+def middle_model(folder: Path, width: int, seed: int) -> Path:
+    """A stand-in middle model (inputs_embeds, attention_mask -> hidden): tanh(x W) masked."""
+    import hashlib
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder.mkdir()
+    w = (np.random.default_rng(seed).standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["inputs_embeds", "W"], ["xw"]), helper.make_node("Tanh", ["xw"], ["t"]),
+         helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+         helper.make_node("Unsqueeze", ["mf", "axis"], ["m3"]), helper.make_node("Mul", ["t", "m3"], ["hidden"])],
+        "middle",
+        [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", width]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", width])],
+        [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(np.array([-1], np.int64), "axis")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    onnx.save(model, folder / "middle.onnx")
+    sha = hashlib.sha256((folder / "middle.onnx").read_bytes()).hexdigest()
+    (folder / "model.json").write_text(json.dumps({
+        "format": "prism-deploy-model", "version": 1, "role": "middle", "max_seq": 64, "precision": "fp32",
+        "dims": {"hidden": width}, "files": {"graph": {"name": "middle.onnx", "sha256": sha}}}))
+    return folder

@@ -11,16 +11,14 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from prism_deploy.cli.main import main
 from prism_deploy.errors import PrismInputError
 from prism_deploy.serving import config as cfg
 from prism_deploy.serving import repository
 from prism_deploy.serving.stage_runtime import inspect_stage
+from tests.serving_helpers import middle_model
 
 
 def _adapter_config(**overrides):
@@ -152,36 +150,13 @@ def test_bad_input_writes_nothing(serving_stages, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def _middle_model(folder: Path, width: int, seed: int) -> Path:
-    """A stand-in middle model (inputs_embeds, attention_mask -> hidden): tanh(x W) masked."""
-    folder.mkdir()
-    w = np.random.default_rng(seed).standard_normal((width, width)).astype(np.float32) / np.sqrt(width)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["inputs_embeds", "W"], ["xw"]), helper.make_node("Tanh", ["xw"], ["t"]),
-         helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
-         helper.make_node("Unsqueeze", ["mf", "axis"], ["m3"]), helper.make_node("Mul", ["t", "m3"], ["hidden"])],
-        "middle",
-        [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", width]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", width])],
-        [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(np.array([-1], np.int64), "axis")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-    model.ir_version = 9
-    onnx.save(model, folder / "middle.onnx")
-    sha = hashlib.sha256((folder / "middle.onnx").read_bytes()).hexdigest()
-    (folder / "model.json").write_text(json.dumps({
-        "format": "prism-deploy-model", "version": 1, "role": "middle", "max_seq": 64, "precision": "fp32",
-        "dims": {"hidden": width}, "files": {"graph": {"name": "middle.onnx", "sha256": sha}}}))
-    return folder
-
-
 def test_three_model_chain_falls_out_of_the_same_code(serving_stages, tmp_path):
     """first -> adapter -> middle -> adapter -> last: names, ensemble order, generate's prefix."""
     from prism_deploy.build import BuildRequest, build_engines
     from prism_deploy.reference import random_adapter, simple_config
 
     z = serving_stages
-    middle = _middle_model(tmp_path / "M", 96, seed=3)
+    middle = middle_model(tmp_path / "M", 96, seed=3)
     random_adapter(simple_config(96, 96, (4, 4)), seed=9).save(tmp_path / "a2.safetensors")
     build_engines(BuildRequest(adapter=tmp_path / "a2.safetensors", out_dir=tmp_path / "a2", target="ort-cpu",
                                precisions=("fp32",)), log=lambda _m: None).raise_for_failures()

@@ -387,3 +387,52 @@ def test_triton_env_reports_numpy_1_and_no_pytorch(serving_env, capsys):
     assert info["environment"] == str(serving_env.path)
     assert int(info["numpy"].split(".")[0]) < 2 and info["torch_imported"] is False
     assert info["pytriton"] and Path(info["pytriton"], "tritonserver", "bin", "tritonserver").is_file()
+
+
+def test_a_three_model_chain_serves_like_its_stages_run_in_process(serving_stages, serving_env, tmp_path):
+    """first -> adapter -> middle -> adapter -> last, served: the ensemble's logits and generate's
+    tokens against the stages composed by hand in process (pipeline runners, load_engines, ORT)."""
+    from prism_deploy.build import BuildRequest, build_engines
+    from prism_deploy.ort_session import make_session
+    from prism_deploy.reference import random_adapter, simple_config
+    from prism_deploy.runtime import load_engines
+    from prism_deploy.runtime.pipeline import Pipeline
+    from tests.serving_helpers import middle_model
+
+    z = serving_stages
+    middle = middle_model(tmp_path / "M", 96, seed=3)
+    random_adapter(simple_config(96, 96, (4, 4)), seed=9).save(tmp_path / "a2.safetensors")
+    build_engines(BuildRequest(adapter=tmp_path / "a2.safetensors", out_dir=tmp_path / "a2", target="ort-cpu",
+                               precisions=("fp32",)), log=lambda _m: None).raise_for_failures()
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["A"]), str(z["gated_build"]), str(middle), str(tmp_path / "a2"), str(z["B"]),
+                 "-o", str(repo)]) == 0
+    pipe = Pipeline(z["A"], z["gated_build"], z["B"], target="ort-cpu")
+    a1, a2 = load_engines(z["gated_build"]), load_engines(tmp_path / "a2")
+    mid = make_session(middle / "middle.onnx", "cpu")
+    ids = np.random.default_rng(12).integers(0, 300, size=(2, 6), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[0, :1] = 0
+
+    def prefix(x_ids: np.ndarray, x_mask: np.ndarray) -> np.ndarray:
+        h = a1.run(pipe.upper.run(x_ids, x_mask))
+        return a2.run(mid.run(["hidden"], {"inputs_embeds": h, "attention_mask": x_mask})[0])
+
+    adapted = prefix(ids, mask)
+    ref_logits = pipe.lower.run(adapted, mask)
+    logits, past = pipe.lower.step(adapted, mask, pipe.lower.empty_past(2))
+    ref_tokens, m = [], mask
+    for step in range(5):
+        token = logits.argmax(-1)
+        ref_tokens.append(token)
+        m = np.concatenate([m, np.ones((2, 1), np.int64)], axis=1)
+        logits, past = pipe.lower.step(np.asarray(pipe.lower.embed_tokens[token])[:, None, :], m, past)
+    with running_server(repo, serving_env, tmp_path / "server.log") as server:
+        client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
+        logits_served = client.infer("chain", [http_input("input_ids", ids, "INT64"),
+                                               http_input("attention_mask", mask, "INT64")]).as_numpy("logits")
+        tokens = client.infer("generate", _generate_inputs(http_input, ids, mask, 5, -1)).as_numpy("tokens")
+        client.close()
+    real = mask.astype(bool)
+    assert rel_l2(logits_served[real], ref_logits[real]) <= 1e-5
+    np.testing.assert_array_equal(tokens, np.stack(ref_tokens, axis=1))
