@@ -23,11 +23,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from prism_deploy.build import build_engines
     from prism_deploy.cli.output import print_json, print_table
     from prism_deploy.serving.update import update_adapter
 
-    report = update_adapter(args.repository, args.adapter, model=args.model, allow_shape_change=args.allow_shape_change,
-                            url=args.url, load=not args.no_load, log=lambda m: print(m, file=sys.stderr))
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    def build(request: object) -> object:
+        # the builder checks each engine against the PyTorch reference here (the parity gate)
+        return build_engines(request, log=log)  # type: ignore[arg-type]
+
+    report = update_adapter(args.repository, args.adapter, build=build, model=args.model,
+                            allow_shape_change=args.allow_shape_change, url=args.url, load=not args.no_load, log=log)
     if args.json:
         print_json(report)
         return 0

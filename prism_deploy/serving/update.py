@@ -54,10 +54,13 @@ def server_url(repo: Path, url: str | None) -> str | None:
     return str(obj["http"])
 
 
-def update_adapter(repo: str | os.PathLike[str], adapter: str | os.PathLike[str], *, model: str | None = None,
-                   allow_shape_change: bool = False, url: str | None = None, load: bool = True,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    from prism_deploy.build import BuildRequest, Profile, build_engines
+def update_adapter(repo: str | os.PathLike[str], adapter: str | os.PathLike[str], *,
+                   build: Callable[[Any], Any], model: str | None = None, allow_shape_change: bool = False,
+                   url: str | None = None, load: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``build(BuildRequest) -> BuildResult`` is the caller's: the CLI passes the builder with its
+    parity check (this layer does not import the parity layer), and ``update_adapter`` refuses a
+    result that was not checked."""
+    from prism_deploy.build import BuildRequest, Profile
     from prism_deploy.build.builder import read_adapter_config
 
     root = Path(repo)
@@ -89,13 +92,14 @@ def update_adapter(repo: str | os.PathLike[str], adapter: str | os.PathLike[str]
     build_dir = Path(tempfile.mkdtemp(prefix=f"{repo_mod.STAGING_PREFIX}build-", dir=model_dir))
     started = time.monotonic()
     try:
-        result = build_engines(BuildRequest(adapter=new_path, out_dir=build_dir, target=record["target"],
-                                            precisions=(record["precision"],), profile=profile,
-                                            per_pipe=record.get("engine_layout") == "per-pipe",
-                                            plugin="on" if record.get("plugin") else "off"),
-                               log=log or (lambda _m: None))
+        result = build(BuildRequest(adapter=new_path, out_dir=build_dir, target=record["target"],
+                                    precisions=(record["precision"],), profile=profile,
+                                    per_pipe=record.get("engine_layout") == "per-pipe",
+                                    plugin="on" if record.get("plugin") else "off"))
         result.raise_for_failures()  # the parity gate: exit 1, nothing written
         outcome = result.outcomes[0]
+        if not (outcome.entry or {}).get("parity"):
+            raise PrismInputError(f"{adapter}: the new engine was built without a parity check; refusing to serve it")
         info = inspect_stage(build_dir, precision=record["precision"], target=record["target"])
         build_s = time.monotonic() - started
         if manifest["backend"] == "native":
