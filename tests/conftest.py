@@ -55,3 +55,19 @@ def zoo(tmp_path_factory):
     z["adapter"] = root / "adapter.safetensors"
     random_adapter(simple_config(64, 96, (4, 2), top_k=3), seed=5).save(z["adapter"])
     return z
+
+
+@pytest.fixture(scope="session")
+def serving_stages(tmp_path_factory, zoo):
+    """Tiny chain stages and adapter builds for the serving tests (tests/serving_helpers.py)."""
+    from tests.serving_helpers import make_stages
+
+    return make_stages(tmp_path_factory.mktemp("serving"), zoo)
+
+
+@pytest.fixture(scope="session")
+def serving_env():
+    """The Python-backend environment (created from PyPI on a machine's first run, then cached)."""
+    from tests.serving_helpers import backend_env
+
+    return backend_env()

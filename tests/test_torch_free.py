@@ -49,6 +49,7 @@ def test_package_import_and_help_load_no_torch(tmp_path):
         from prism_deploy.cli.main import build_parser
         build_parser().format_help()
         import prism_deploy.runtime, prism_deploy.format, prism_deploy.lower, prism_deploy.builder
+        import prism_deploy.serving.stage_runtime, prism_deploy.serving.repository, prism_deploy.serving.backend
         assert sys.modules.get('torch') is None
         print(prism_deploy.__version__)
     """, tmp_path)

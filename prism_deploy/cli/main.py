@@ -32,6 +32,10 @@ COMMAND_MODULES = [
     "prism_deploy.cli.collect_cmd",
     "prism_deploy.cli.bench_cmd",
     "prism_deploy.cli.bench_model_cmd",
+    "prism_deploy.cli.triton_cmd",
+    "prism_deploy.cli.triton_update_cmd",
+    "prism_deploy.cli.triton_env_cmd",
+    "prism_deploy.cli.serve_cmd",
 ]
 
 
@@ -71,9 +75,19 @@ def _route_model_bench(argv: list[str]) -> list[str]:
     return argv
 
 
+# ``triton update ...`` and ``triton env ...`` are commands of their own: ``triton`` takes folders.
+SUBCOMMAND_WORDS = {("triton", "update"): "triton-update", ("triton", "env"): "triton-env"}
+
+
+def _route_subcommand_words(argv: list[str]) -> list[str]:
+    routed = SUBCOMMAND_WORDS.get((argv[0], argv[1])) if len(argv) >= 2 else None
+    return [routed, *argv[2:]] if routed else argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_route_model_bench(_route_chain_parity(list(sys.argv[1:] if argv is None else argv))))
+    args = parser.parse_args(_route_subcommand_words(_route_model_bench(_route_chain_parity(
+        list(sys.argv[1:] if argv is None else argv)))))
     try:
         # optional libraries a command needs (``set_defaults(needs=...)``): one line each if missing
         for module in getattr(args, "needs", ()):

@@ -1,0 +1,118 @@
+"""``prism-deploy serve REPO [--http-port --grpc-port --metrics-port --host]``: a real Triton on a repository.
+
+Prepares (first use: creates from PyPI) and checks the Python-backend environment, refusing a
+numpy >= 2 there; finds ``tritonserver`` (PATH, else the nvidia-pytriton wheel's); starts it in
+explicit model-control mode with every model loaded; waits for readiness within
+``--ready-timeout``; prints the endpoints; forwards SIGINT/SIGTERM (Triton then finishes the
+requests it holds) and exits 0 once it has stopped. A server that dies on its own is exit 1.
+While it runs, ``REPO/.prism-serve.json`` tells ``triton update`` where it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run Triton Inference Server on a repository from `prism-deploy triton`")
+    p.add_argument("repository", metavar="REPO")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0: a free one)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: a free one)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002; 0: a free one)")
+    p.add_argument("--env", metavar="DIR", help="a Python-backend environment to use instead of the cached one")
+    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness (default 180)")
+    p.add_argument("--exit-timeout", type=int, default=30,
+                   help="on SIGINT/SIGTERM, seconds Triton waits for in-flight requests and open client connections "
+                        "(default 30, Triton's)")
+    p.add_argument("--log", metavar="FILE", help="server log file (default: a file in the temporary folder)")
+    p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line once ready")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from prism_deploy.cli.output import print_table
+    from prism_deploy.cli.triton_env_cmd import backend_env
+    from prism_deploy.core.errors import PrismInputError
+    from prism_deploy.core.fsutil import write_text_atomic
+    from prism_deploy.serving import server as srv
+    from prism_deploy.serving.repository import read_manifest
+    from prism_deploy.serving.update import SERVE_STATE
+
+    repo = Path(args.repository)
+    manifest = read_manifest(repo)
+    for option in ("http_port", "grpc_port", "metrics_port"):
+        if not 0 <= getattr(args, option) <= 65535:
+            raise PrismInputError(f"--{option.replace('_', '-')}: {getattr(args, option)} is not a port")
+    be = backend_env(str(repo), args.env)
+    http, grpc, metrics = srv.ports(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    if args.exit_timeout < 0:
+        raise PrismInputError(f"--exit-timeout: {args.exit_timeout} must be >= 0")
+    server = srv.TritonServer(repo, be, http, grpc, metrics, host=args.host,
+                              log_path=Path(args.log) if args.log else None, exit_timeout_s=args.exit_timeout)
+    stop_requested: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        stop_requested.append(signum)
+        server.signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    state = repo / SERVE_STATE
+    wrote_state = False
+    try:
+        server.start()
+        try:
+            ready_s = server.wait_ready(args.ready_timeout)
+        except PrismInputError:
+            if stop_requested:  # asked to stop while loading: the server's exit is the expected one
+                return _stopped(server)
+            raise
+        if stop_requested:
+            return _stopped(server)
+        info: dict[str, Any] = {"repository": str(repo), "http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,
+                "models": sorted(manifest["models"]), "tritonserver": str(server.binary.path) if server.binary else None,
+                "environment": str(be.path), "log": str(server.log_path), "ready_seconds": round(ready_s, 2),
+                "pid": os.getpid()}
+        write_text_atomic(state, json.dumps(info) + "\n")
+        wrote_state = True
+        if args.json:
+            print(json.dumps(info), flush=True)
+        else:
+            print_table(["endpoint", "address"], [["HTTP", info["http"]], ["gRPC", info["grpc"]],
+                                                  ["metrics", info["metrics"]]])
+            print(f"models: {', '.join(info['models'])}; ready in {info['ready_seconds']} s; log: {info['log']}")
+            print("serving; Ctrl-C (SIGINT) or SIGTERM stops it", flush=True)
+        while not stop_requested:
+            code = server.wait(0.5)
+            if code is not None:
+                print(f"error: tritonserver exited by itself with code {code} ({server.log_reason()}); "
+                      f"log: {server.log_path}", file=sys.stderr)
+                return 1
+        return _stopped(server)
+    finally:
+        server.stop()
+        if wrote_state and _ours(state):
+            state.unlink()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _stopped(server: object) -> int:
+    started = time.monotonic()
+    code = server.stop()  # type: ignore[attr-defined]
+    print(f"stopped (tritonserver exit code {code}, {time.monotonic() - started:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def _ours(state: Path) -> bool:
+    try:
+        return int(json.loads(state.read_text(encoding="utf-8"))["pid"]) == os.getpid()
+    except (OSError, ValueError, KeyError):
+        return False

@@ -1,0 +1,264 @@
+"""A real ``tritonserver`` on a model repository: found, started, waited for, stopped.
+
+The binary is the first ``tritonserver`` on ``PATH`` or, else, the one in the ``nvidia-pytriton``
+wheel of the backend environment (:mod:`prism_deploy.serving.env`): its libraries come from
+the wheel's ``nvidia_pytriton.libs`` (``LD_LIBRARY_PATH``), its Python backend from
+``pytriton/tritonserver/backends`` (where the environment put the stub for this Python). The
+server starts in explicit model-control mode with every model loaded (``--load-model=*``), so
+versions can be loaded and unloaded later (hot-swap), binds the given host (127.0.0.1 unless
+told otherwise), and is asked to die with its parent (``PR_SET_PDEATHSIG``) so a killed
+``serve`` leaves no server behind. Readiness is polled on ``/v2/health/ready`` within a bound;
+if the server exits first, its log's error lines say why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.serving.env import BackendEnv, backend_process_env
+
+EXIT_TIMEOUT_S = 30  # tritonserver's own wait for in-flight requests on SIGTERM
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerBinary:
+    path: Path
+    backend_dir: Path | None
+    lib_dirs: list[Path]
+    source: str  # "PATH" or "nvidia-pytriton"
+
+
+def find_tritonserver(env: BackendEnv) -> ServerBinary:
+    """``tritonserver`` on PATH, else the nvidia-pytriton wheel's in the backend environment."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return ServerBinary(Path(on_path), None, [], "PATH")
+    wheel = env.pytriton_dir()
+    if wheel is None:
+        raise PrismInputError(f"{env.path}: no tritonserver on PATH and no nvidia-pytriton in the backend environment")
+    binary = wheel / "tritonserver" / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise PrismInputError(f"{binary}: missing from the nvidia-pytriton wheel")
+    libs = wheel.parent / "nvidia_pytriton.libs"
+    return ServerBinary(binary, wheel / "tritonserver" / "backends", [libs] if libs.is_dir() else [], "nvidia-pytriton")
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class TritonServer:
+    """One ``tritonserver`` process on ``repo``. Use as a context manager: stopped on exit."""
+
+    repo: Path
+    env: BackendEnv
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    host: str = "127.0.0.1"
+    log_path: Path | None = None
+    load: list[str] = field(default_factory=lambda: ["*"])
+    # how long Triton waits, on SIGTERM, for in-flight requests and open client connections
+    exit_timeout_s: int = EXIT_TIMEOUT_S
+    binary: ServerBinary | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    @property
+    def probe_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.probe_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.probe_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.probe_host}:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        binary = self.binary or find_tritonserver(self.env)
+        self.binary = binary
+        cmd = [str(binary.path), f"--model-repository={self.repo.resolve()}",
+               f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
+               f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
+               "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.load),
+               # our configs are complete: no auto-complete stub process per Python model at load
+               "--disable-auto-complete-config", "--strict-readiness=true", "--exit-on-error=true",
+               f"--exit-timeout-secs={self.exit_timeout_s}", "--allow-gpu-metrics=false", "--log-verbose=0"]
+        if binary.backend_dir is not None:
+            cmd.append(f"--backend-directory={binary.backend_dir}")
+        return cmd
+
+    def environment(self) -> dict[str, str]:
+        env = backend_process_env(self.env.path, self.env.code)
+        if self.binary is not None and self.binary.lib_dirs:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join([*map(str, self.binary.lib_dirs), env.get("LD_LIBRARY_PATH", "")])
+        return env
+
+    def start(self) -> None:
+        cmd = self.command()
+        if self.log_path is None:
+            self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"prism-tritonserver-{os.getpid()}-{self.http_port}.log"
+        self._log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                         env=self.environment(), start_new_session=True, preexec_fn=_die_with_parent)
+        except OSError as exc:
+            raise PrismInputError(f"{cmd[0]}: cannot start ({exc})") from None
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> float:
+        """Seconds until ready; the server's exit or the bound is bad input with the log's reason."""
+        assert self.proc is not None
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.proc.poll() is not None:
+                raise PrismInputError(f"{self.repo}: tritonserver exited with code {self.proc.returncode} while loading "
+                                      f"({self.log_reason()}); log: {self.log_path}")
+            if self.ready():
+                return time.monotonic() - started
+            time.sleep(0.2)
+        self.stop()
+        raise PrismInputError(f"{self.repo}: tritonserver not ready within {timeout_s:.0f} s ({self.log_reason()}); "
+                              f"log: {self.log_path}")
+
+    def log_reason(self) -> str:
+        """The most telling lines of the server's log: its errors, else its last line."""
+        try:
+            lines = Path(self.log_path or "").read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        errors = [ln for ln in lines if ln.startswith("E") and "CudaDriverHelper" not in ln and "pinned" not in ln
+                  and "NVML" not in ln and "DCGM" not in ln]
+        picked = errors[-2:] if errors else lines[-1:]
+        return " | ".join(" ".join(ln.split())[:300] for ln in picked) or "empty log"
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL after its exit timeout and 15 s more;
+        then whatever is left of the server's process group (see :meth:`reap_group`)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            if self.wait(self.exit_timeout_s + 15 if timeout_s is None else timeout_s) is None:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self.reap_group()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    def group_members(self) -> list[int]:
+        """Processes still in the server's process group (its Python backend stubs)."""
+        if self.proc is None:
+            return []
+        return group_members(self.proc.pid)
+
+    def reap_group(self) -> list[int]:
+        """Kill the server's stubs left behind when it died without unloading its models.
+
+        ``tritonserver`` was started as the leader of a new process group, which its stub
+        processes inherit. A stub whose server was killed (SIGKILL) was seen to live on,
+        ignoring SIGTERM; after the server has exited, the members left in its group are
+        killed, by that group id only.
+        """
+        if self.proc is None or self.proc.poll() is None:
+            return []
+        left = self.group_members()
+        if not left:
+            return []
+        regions = [r for r in (stub_region(pid) for pid in left) if r]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self.group_members() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for region in regions:  # named on the killed stub's own command line: that server's, no other's
+            with contextlib.suppress(OSError):
+                (Path("/dev/shm") / region).unlink()
+        return left
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def stub_region(pid: int) -> str | None:
+    """The shared-memory region a Python backend stub was started with (its second argument)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if len(argv) > 2 and argv[0].endswith(b"triton_python_backend_stub"):
+        name = argv[2].decode(errors="replace")
+        if name.startswith("triton_python_backend_shm_region_") and "/" not in name:
+            return name
+    return None
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live pids whose process group is ``pgid`` (Linux /proc; zombies are dead already)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def ports(host: str, http: int, grpc: int, metrics: int) -> tuple[int, int, int]:
+    """The ports to use: 0 picks a free one."""
+    return tuple(p if p else free_port(host if host not in ("0.0.0.0", "") else "127.0.0.1")  # type: ignore[return-value]
+                 for p in (http, grpc, metrics))

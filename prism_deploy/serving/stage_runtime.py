@@ -1,0 +1,392 @@
+"""The one module of the serving layer that calls the project's runtime (and reads its folders).
+
+A *stage* is one step of a chain, in order: the first model (``input_ids``, ``attention_mask``
+int64 -> ``hidden`` [b, s, d]), an adapter (``hidden`` -> ``adapted``), a middle model
+(``inputs_embeds``, ``attention_mask`` -> ``hidden``) and the last model (``inputs_embeds``,
+``attention_mask`` -> ``logits``, plus its KV-cache graph ``graph_with_past`` and the
+``embed_tokens.npy`` table for decoding). Today's two-model pipeline is
+``[first, adapter, last]``; a chain of N models is ``[first, adapter, middle, adapter, ..., last]``.
+
+Two sides:
+
+- :func:`inspect_stage` (the repository generator, in the CLI's environment): what a build or
+  export folder holds, which files a served version needs, its tensors, profile and target;
+- :func:`open_stage` (inside Triton's Python backend, in the backend environment without
+  PyTorch): run the stage from the folder a served version carries.
+
+Calls into the runtime, all here:
+
+- adapter build folders: :func:`prism_deploy.runtime.engines.load_engines` and
+  ``select_entry``; manifests through :mod:`prism_deploy.format.engine_manifest`;
+- model folders (export or build): :class:`prism_deploy.runtime.model_folder.ModelFolder` and
+  its runners (one ONNX Runtime session per graph), also :func:`graph_io`, which reads an
+  engine's tensors for the native form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prism_deploy.core.errors import PrismInputError
+
+KINDS = ("first", "adapter", "middle", "last")
+# model.json roles -> chain stage kinds (prism_deploy.format.model_folder reads old names as new)
+ROLE_KINDS = {"first": "first", "middle": "middle", "last": "last"}
+MODEL_JSON = "model.json"
+MANIFEST_JSON = "manifest.json"
+# a served stage's files live in this folder of the model version
+STAGE_DIR = "stage"
+# the profile assumed for a model export folder that was not built (build/options.py defaults)
+DEFAULT_PROFILE = {"batch": [1, 4, 32], "seq": [1, 64, 1024]}
+
+
+@dataclass
+class TensorSpec:
+    """One tensor at the Triton interface: name, numpy dtype name, dims after the batch dim."""
+
+    name: str
+    dtype: str
+    dims: list[int]
+
+
+@dataclass
+class StageInfo:
+    """What the repository generator needs to know about one stage folder."""
+
+    kind: str
+    source: Path
+    layout: str  # "adapter-build", "model-build" or "model-export"
+    target: str
+    precision: str
+    profile: dict[str, list[int]]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    files: list[str]  # relative to ``source``: what a served version copies
+    onnxruntime: str | None  # version the engines were built with (None: an export, any version)
+    manifest: dict[str, Any] | None = None  # build manifest reduced to the served entries
+    model: dict[str, Any] | None = None  # model.json of model stages
+    graphs: dict[str, str] = field(default_factory=dict)  # graph key -> engine/graph file (native form)
+    decode: tuple[list[TensorSpec], list[TensorSpec]] | None = None  # KV-cache graph io (last stage)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_seq(self) -> int:
+        limit = int(self.profile["seq"][2])
+        if self.model is not None:
+            limit = min(limit, int(self.model["max_seq"]))
+        return limit
+
+    @property
+    def max_batch(self) -> int:
+        return int(self.profile["batch"][2])
+
+    @property
+    def width_in(self) -> int | None:
+        """The float width this stage reads (adapter ``in_dim``, model embedding width); None for ids."""
+        x = next((t for t in self.inputs if t.dtype.startswith("float")), None)
+        return x.dims[-1] if x is not None else None
+
+    @property
+    def width_out(self) -> int:
+        return self.outputs[0].dims[-1]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrismInputError(f"{path}: not readable JSON ({' '.join(str(exc).split())})") from None
+    if not isinstance(obj, dict):
+        raise PrismInputError(f"{path}: not a JSON object")
+    return obj
+
+
+def _read_model_json(folder: Path) -> dict[str, Any]:
+    from prism_deploy.format.model_folder import read_model_json
+
+    return read_model_json(folder)
+
+
+def _past_names(layers: int, prefix: str) -> list[str]:
+    from prism_deploy.format.model_folder import past_names
+
+    return past_names(layers, prefix)
+
+
+def _model_io(kind: str, model: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    dims = model["dims"]
+    mask = TensorSpec("attention_mask", "int64", [-1])
+    if kind == "first":
+        return [TensorSpec("input_ids", "int64", [-1]), mask], [TensorSpec("hidden", "float32", [-1, int(dims["hidden"])])]
+    embeds = TensorSpec("inputs_embeds", "float32", [-1, int(dims["hidden"])])
+    if kind == "middle":
+        return [embeds, mask], [TensorSpec("hidden", "float32", [-1, int(dims["hidden"])])]
+    return [embeds, mask], [TensorSpec("logits", "float32", [-1, int(dims["vocab"])])]
+
+
+def _decode_io(model: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The KV-cache step with the batch dim explicit (its model is not batched by Triton); it
+    returns the last position's logits, all that greedy decoding reads."""
+    d = model["dims"]
+    kv = [-1, int(d["kv_heads"]), -1, int(d["head_dim"])]
+    inputs = [TensorSpec("inputs_embeds", "float32", [-1, -1, int(d["hidden"])]), TensorSpec("attention_mask", "int64", [-1, -1])]
+    inputs += [TensorSpec(n, "float32", list(kv)) for n in _past_names(int(d["layers"]), "past_key_values")]
+    outputs = [TensorSpec("logits", "float32", [-1, int(d["vocab"])])]  # the last position only
+    outputs += [TensorSpec(n, "float32", list(kv)) for n in _past_names(int(d["layers"]), "present")]
+    return inputs, outputs
+
+
+def inspect_stage(path: str | os.PathLike[str], *, precision: str | None = None, target: str | None = None) -> StageInfo:
+    """Describe a build folder (adapter or model) or a model export folder as a chain stage."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PrismInputError(f"{path}: no such folder (give a `prism-deploy build` or `export-model` folder)")
+    if (folder / MANIFEST_JSON).is_file():
+        from prism_deploy.format.engine_manifest import read_manifest, source_kind
+
+        manifest = read_manifest(folder)
+        assert manifest is not None
+        if source_kind(manifest) == "adapter":
+            return _adapter_stage(folder, manifest, precision, target)
+        return _model_build_stage(folder, manifest, target)
+    if (folder / MODEL_JSON).is_file():
+        return _model_export_stage(folder)
+    raise PrismInputError(f"{path}: neither a build folder (manifest.json) nor a model export folder (model.json)")
+
+
+def _adapter_stage(folder: Path, manifest: dict[str, Any], precision: str | None, target: str | None) -> StageInfo:
+    from prism_deploy.format.engine_manifest import part_files
+    from prism_deploy.runtime.engines import select_entry
+
+    found = [e for e in manifest["engines"] if (precision is None or e["configuration"]["precision"] == precision)
+             and (target is None or e["target"] == target)]
+    if len(found) > 1:
+        raise PrismInputError(f"{folder}: {len(found)} engines ({', '.join(e['id'] for e in found)}); "
+                              "pick the one to serve with --precision or --target")
+    entry = select_entry(manifest, folder, precision=precision, target=target)
+    config = manifest["adapter"]["config"]
+    cfg = entry["configuration"]
+    files = [name for part in entry["parts"] for name, _ in part_files(part)]
+    graphs = {"graph": entry["parts"][0]["file"]} if len(entry["parts"]) == 1 else {}
+    return StageInfo(
+        kind="adapter", source=folder, layout="adapter-build", target=entry["target"], precision=cfg["precision"],
+        profile=dict(cfg["profile"]), inputs=[TensorSpec("hidden", "float32", [-1, int(config["in_dim"])])],
+        outputs=[TensorSpec("adapted", "float32", [-1, int(config["out_dim"])])], files=files,
+        onnxruntime=entry["tools"].get("onnxruntime"), manifest={**manifest, "engines": [entry]}, graphs=graphs,
+        details={"engine_id": entry["id"], "adapter_sha256": manifest["adapter"]["sha256"],
+                 "topology_sha256": manifest["adapter"].get("topology_sha256"), "engine_layout": cfg["layout"],
+                 "plugin": bool(cfg.get("plugin"))})
+
+
+def _model_build_stage(folder: Path, manifest: dict[str, Any], target: str | None) -> StageInfo:
+    from prism_deploy.format.engine_manifest import part_files
+
+    model = _read_model_json(folder)
+    kind = ROLE_KINDS[model["role"]]
+    graphs_needed = ("graph", "graph_with_past") if kind == "last" else ("graph",)
+    targets = sorted({e["target"] for e in manifest["engines"]})
+    if target is None:
+        if len(targets) != 1:
+            raise PrismInputError(f"{folder}: engines for {', '.join(targets) or 'no target'}; pick one with --target")
+        target = targets[0]
+    entries = {e["configuration"]["graph"]: e for e in manifest["engines"] if e["target"] == target}
+    missing = [g for g in graphs_needed if g not in entries]
+    if missing:
+        raise PrismInputError(f"{folder}: no {target} engine for graph(s) {', '.join(missing)}")
+    chosen = [entries[g] for g in graphs_needed]
+    files = [c["file"] for c in manifest["model"].get("copies", [])]
+    files += [name for e in chosen for part in e["parts"] for name, _ in part_files(part)]
+    inputs, outputs = _model_io(kind, model)
+    profile = chosen[0]["configuration"].get("profile") or DEFAULT_PROFILE
+    return StageInfo(
+        kind=kind, source=folder, layout="model-build", target=target, precision=str(model.get("precision", "fp32")),
+        profile=dict(profile), inputs=inputs, outputs=outputs, files=files,
+        onnxruntime=chosen[0]["tools"].get("onnxruntime"), manifest={**manifest, "engines": chosen}, model=model,
+        graphs={g: entries[g]["parts"][0]["file"] for g in graphs_needed},
+        decode=_decode_io(model) if kind == "last" else None, details={"role": model["role"]})
+
+
+def _model_export_stage(folder: Path) -> StageInfo:
+    model = _read_model_json(folder)
+    kind = ROLE_KINDS[model["role"]]
+    for key, record in model["files"].items():
+        if not (folder / record["name"]).is_file():
+            raise PrismInputError(f"{folder / record['name']}: missing (model.json lists it as {key})")
+    inputs, outputs = _model_io(kind, model)
+    files = [MODEL_JSON, *(record["name"] for record in model["files"].values())]
+    graphs = {k: model["files"][k]["name"] for k in ("graph", "graph_with_past") if k in model["files"]}
+    return StageInfo(
+        kind=kind, source=folder, layout="model-export", target="ort-cpu", precision=str(model.get("precision", "fp32")),
+        profile={"batch": list(DEFAULT_PROFILE["batch"]), "seq": list(DEFAULT_PROFILE["seq"])}, inputs=inputs,
+        outputs=outputs, files=files, onnxruntime=None, model=model, graphs=graphs,
+        decode=_decode_io(model) if kind == "last" else None, details={"role": model["role"]})
+
+
+def stage_manifest_text(info: StageInfo) -> str | None:
+    """The build manifest a served version carries: only the entries it serves."""
+    return None if info.manifest is None else json.dumps(info.manifest, indent=2) + "\n"
+
+
+def write_stage_files(info: StageInfo, dest: Path) -> None:
+    """Fill ``dest`` (a new folder) with what ``open_stage`` needs: hard links where the file
+    system allows (engines are never rewritten in place), else copies; hashes re-checked."""
+    from prism_deploy.core.fsutil import file_sha256
+
+    dest.mkdir(parents=True)
+    for name in info.files:
+        src, dst = info.source / name, dest / name
+        try:
+            os.link(src, dst)
+        except OSError:
+            import shutil
+
+            shutil.copy2(src, dst)
+    text = stage_manifest_text(info)
+    if text is not None:
+        (dest / MANIFEST_JSON).write_text(text, encoding="utf-8")
+    if info.layout == "model-export":  # an export's files carry their hashes in model.json
+        for key, record in (info.model or {}).get("files", {}).items():
+            if file_sha256(dest / record["name"]) != record["sha256"]:
+                raise PrismInputError(f"{info.source / record['name']}: sha256 differs from model.json ({key})")
+
+
+def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX graph or engine as ONNX Runtime opens it (symbolic dims -> -1);
+    the native form's configs are written from, and checked against, this."""
+    from prism_deploy.core.ort_session import make_session
+
+    session = make_session(path, "cpu", graph_optimization_level="ORT_DISABLE_ALL")
+    numpy_of = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+                "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(int8)": "int8"}
+
+    def spec(arg: Any) -> TensorSpec:
+        if arg.type not in numpy_of:
+            raise PrismInputError(f"{path}: tensor {arg.name!r} of type {arg.type} has no Triton data type here")
+        return TensorSpec(arg.name, numpy_of[arg.type], [d if isinstance(d, int) and d > 0 else -1 for d in arg.shape])
+    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
+
+
+# ---- running, inside the backend -------------------------------------------------------------
+
+
+class AdapterStage:
+    """An adapter build folder: ``run(hidden [b, s, in_dim]) -> adapted [b, s, out_dim]`` float32."""
+
+    kind = "adapter"
+
+    def __init__(self, folder: Path) -> None:
+        from prism_deploy.runtime.engines import load_engines
+
+        self.engines = load_engines(folder)
+        self.in_dim, self.out_dim = self.engines.in_dim, self.engines.out_dim
+        self.engine_id = self.engines.id
+
+    def run(self, hidden: np.ndarray) -> np.ndarray:
+        return np.asarray(self.engines.run(np.ascontiguousarray(hidden, dtype=np.float32)), dtype=np.float32)
+
+
+class _ModelGraphs:
+    """ONNX Runtime sessions on a model export or model build folder (``ModelFolder``'s runners)."""
+
+    def __init__(self, folder: Path, provider: str) -> None:
+        from prism_deploy.runtime.model_folder import ModelFolder
+
+        self.folder = folder
+        self.provider = provider
+        self.model_folder = ModelFolder(folder)
+        self.model = self.model_folder.manifest
+
+    def session(self, key: str) -> Any:
+        return self.model_folder.runner(key, self.provider).session
+
+
+def _graph_float(session: Any, name: str) -> type:
+    kind = next(i.type for i in session.get_inputs() if i.name == name)
+    return np.float16 if "float16" in kind else np.float32
+
+
+class ModelStage:
+    """A model graph: ``run(x, attention_mask)``; the last model also ``step`` and ``embed``."""
+
+    def __init__(self, folder: Path, kind: str, provider: str = "cpu") -> None:
+        self.graphs = _ModelGraphs(folder, provider)
+        self.kind = kind
+        self.model = self.graphs.model
+        dims = self.model["dims"]
+        self.hidden, self.vocab, self.max_seq = int(dims["hidden"]), int(dims.get("vocab", 0)), int(self.model["max_seq"])
+        self.layers = int(dims.get("layers", 0))
+        self.session = self.graphs.session("graph")
+        self.input_name = "input_ids" if kind == "first" else "inputs_embeds"
+        self.output_name = self.session.get_outputs()[0].name
+        self.float_in = None if kind == "first" else _graph_float(self.session, "inputs_embeds")
+        self._past_session: Any = None
+        self._embed: np.ndarray | None = None
+
+    def run(self, x: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feed = x.astype(np.int64, copy=False) if self.float_in is None else x.astype(self.float_in, copy=False)
+        out = self.session.run([self.output_name], {self.input_name: feed,
+                                                    "attention_mask": attention_mask.astype(np.int64, copy=False)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    # -- the last model's decoding side -------------------------------------------------------
+    @property
+    def past_session(self) -> Any:
+        if self._past_session is None:
+            self._past_session = self.graphs.session("graph_with_past")
+        return self._past_session
+
+    @property
+    def past_inputs(self) -> list[str]:
+        return _past_names(self.layers, "past_key_values")
+
+    @property
+    def present_outputs(self) -> list[str]:
+        return _past_names(self.layers, "present")
+
+    @property
+    def embed_tokens(self) -> np.ndarray:
+        if self._embed is None:
+            self._embed = np.load(self.graphs.folder / self.model["files"]["embed_tokens"]["name"], mmap_mode="r")
+        return self._embed
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        d = self.model["dims"]
+        shape = (batch, int(d["kv_heads"]), 0, int(d["head_dim"]))
+        return {n: np.zeros(shape, dtype=np.float32) for n in self.past_inputs}
+
+    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
+             past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """All positions' logits [b, s, vocab] and the grown cache (float32 at the interface)."""
+        dtype = _graph_float(self.past_session, "inputs_embeds")
+        feeds = {"inputs_embeds": inputs_embeds.astype(dtype, copy=False),
+                 "attention_mask": attention_mask.astype(np.int64, copy=False),
+                 **{k: v.astype(dtype, copy=False) for k, v in past.items()}}
+        outs = self.past_session.run(["logits", *self.present_outputs], feeds)
+        return (np.asarray(outs[0], dtype=np.float32),
+                {n: np.asarray(o, dtype=np.float32) for n, o in zip(self.past_inputs, outs[1:])})
+
+
+def open_stage(folder: str | os.PathLike[str], kind: str, provider: str = "cpu") -> AdapterStage | ModelStage:
+    """Open a served version's stage folder (written by :func:`write_stage_files`)."""
+    if kind not in KINDS:
+        raise PrismInputError(f"stage kind {kind!r} is not one of {', '.join(KINDS)}")
+    path = Path(folder)
+    if kind == "adapter":
+        return AdapterStage(path)
+    return ModelStage(path, kind, provider)
+
+
+def provider_of(target: str) -> str:
+    """The ONNX Runtime provider that runs engines of ``target`` in the Python backend."""
+    if target == "ort-cpu":
+        return "cpu"
+    if target == "ort-cuda":
+        return "cuda"
+    raise PrismInputError(f"target {target!r}: the Python backend form runs ONNX Runtime engines only "
+                          "(TensorRT engines: use --backend native)")
