@@ -14,9 +14,6 @@ from onnx import numpy_helper
 
 from prism_deploy.cli.main import main
 from prism_deploy.core.fsutil import file_sha256
-from prism_deploy.models.export import export_model
-from prism_deploy.reference import random_adapter, simple_config
-from tests.model_helpers import make_model
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,6 @@ the library skip with the reason.
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np

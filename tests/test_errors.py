@@ -101,6 +101,30 @@ def _header(edit: Callable[[bytes], bytes]) -> Callable[[Path], None]:
     return build
 
 
+def _header_text(edit: Callable[[str], str]) -> Callable[[Path], None]:
+    """Edit the header's JSON text (the length prefix follows; tensor data is unchanged)."""
+    def build(path: Path) -> None:
+        metadata, tensors = valid_parts()
+        raw_file(path, metadata, tensors)
+        data = path.read_bytes()
+        (length,) = struct.unpack("<Q", data[:8])
+        header = edit(data[8:8 + length].decode()).encode()
+        path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length:])
+
+    return build
+
+
+def _onnx_bytes() -> bytes:
+    from onnx import TensorProto, helper
+
+    from prism_deploy.core.onnx_io import finalize
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    return finalize(helper.make_model(graph)).SerializeToString()
+
+
 def _set(key: str, value) -> Callable[[dict], None]:
     def edit(obj: dict) -> None:
         target = obj
@@ -135,9 +159,9 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "wrong format": (_meta(format="prism"), "metadata.format"),
     "unknown version": (_meta(format_version="2"), "metadata.format_version"),
     "no config": (_meta(config=None), "metadata.config"),
-    "config not JSON": (_meta(config="{in_dim: 6"), "config: invalid JSON"),
+    "config not JSON": (_meta(config="{in_dim: 6"), "config: not valid JSON"),
     "config a list": (_meta(config="[1, 2]"), "config: must be a JSON object"),
-    "config huge int": (_meta(config='{"in_dim": 1' + "0" * 5000 + "}"), "config: invalid JSON"),
+    "config huge int": (_meta(config='{"in_dim": 1' + "0" * 5000 + "}"), "config: not valid JSON"),
     "unknown config key": (_config(_set("layers", 3)), "unknown key(s) ['layers']"),
     "in_dim zero": (_config(_set("in_dim", 0)), "config.in_dim"),
     "in_dim a string": (_config(_set("in_dim", "6")), "config.in_dim"),
@@ -151,7 +175,21 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "top_k > R*C": (_config(_set("pipes/1/top_k", 3)), "config.pipes[1].top_k"),
     "top_k a float": (_config(_set("pipes/1/top_k", 1.0)), "config.pipes[1].top_k"),
     "gate_scale on ungated": (_config(_set("pipes/0/gate_scale", 2.0)), "config.pipes[0].gate_scale"),
-    "gate_scale NaN": (_config(_set("pipes/1/gate_scale", float("nan"))), "config.pipes[1].gate_scale"),
+    "gate_scale NaN": (_config(_set("pipes/1/gate_scale", float("nan"))), "NaN is not a JSON number"),
+    # finite in float64, infinite in float32, where the gate uses it
+    "gate_scale 1e308": (_config(_set("pipes/1/gate_scale", 1e308)), "config.pipes[1].gate_scale: must be finite in float32"),
+    "gate_scale 3.5e38": (_config(_set("pipes/1/gate_scale", -3.5e38)), "config.pipes[1].gate_scale"),
+    "NaN in a source note": (_config(_set("source", {"loss": float("nan")})), "NaN is not a JSON number"),
+    "Infinity in a note": (_config(_set("target", {"x": float("inf")})), "Infinity is not a JSON number"),
+    "repeated config key": (_meta(config=CONFIG.dumps().replace('{"combine"', '{"in_dim":7,"combine"', 1)),
+                            "key 'in_dim' appears twice"),
+    "repeated tensor key": (_header_text(lambda h: h.replace('{', '{"pipes.0.tiles":{"dtype":"F32","shape":[1],'
+                                                               '"data_offsets":[0,4]},', 1)),
+                            "key 'pipes.0.tiles' appears twice"),
+    "header over the bound": (_config(_set("source", {"lists": [[]] * (6 << 20)})), "over the"),
+    "deeply nested note": (_meta(config=CONFIG.dumps()[:-1] + ',"source":{"a":' + "[" * 100000 + "]" * 100000 + "}}"),
+                           "nested too deeply"),
+    "an ONNX model": (lambda path: path.write_bytes(_onnx_bytes()), "is an ONNX model"),
     "gate_scale too big": (_meta(config=CONFIG.dumps().replace('"gate_scale":0.5', '"gate_scale":1' + "0" * 400)),
                            "config.pipes[1].gate_scale"),
     "duplicate names": (_config(_set("pipes/1/name", "dense")), "config.pipes[1].name"),

@@ -23,7 +23,7 @@ from prism_deploy.format.model_folder import past_names
 from prism_deploy.format.model_folder import read_model_json as read_manifest
 from prism_deploy.models.export import export_model
 from prism_deploy.reference import load_adapter, random_adapter, simple_config
-from tests.model_helpers import SENTENCES, make_model
+from tests.model_helpers import SENTENCES
 
 @pytest.fixture(scope="session")
 def pipeline(zoo):

@@ -181,29 +181,31 @@ def build(source: BuildSource, options: BuildOptions, log: Callable[[str], None]
     tools, device = targets.tool_versions(target), targets.device_info(target)
     notes: list[str] = list(getattr(source, "notes", []))
     created = not directory.exists()
-    with locked(directory, say):
-        old = _previous_manifest(directory, source, options.force)
-        same = old is not None and source.same_source(old)
-        old_entries = {e["id"]: e for e in old["engines"]} if old is not None and same else {}
-        outcomes: list[Outcome] = []
-        written = False
-        work_root = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=directory))
-        try:
-            for unit in _progress(units, options.progress, source.kind):
-                key = cache_key(unit, tools, device)
-                previous = old_entries.get(unit.id)
-                if (not options.force and previous is not None and previous.get("cache_key") == key
-                        and parts_intact(directory, previous)):
-                    outcomes.append(Outcome(unit, "reused", previous, 0.0, "cache hit"))
-                    continue
-                refit_from = None if options.force else source.refit_source(unit, directory, old)
-                outcomes.append(_make(source, unit, key, tools, device, work_root, directory, refit_from,
-                                      options.check))
-            written = _commit(directory, source, old if same else None, old, outcomes, work_root)
-        finally:
-            shutil.rmtree(work_root, ignore_errors=True)
-    if created and not written:
-        _remove_if_only_ours(directory)
+    written = False
+    try:
+        with locked(directory, say):
+            old = _previous_manifest(directory, source, options.force)
+            same = old is not None and source.same_source(old)
+            old_entries = {e["id"]: e for e in old["engines"]} if old is not None and same else {}
+            outcomes: list[Outcome] = []
+            work_root = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=directory))
+            try:
+                for unit in _progress(units, options.progress, source.kind):
+                    key = cache_key(unit, tools, device)
+                    previous = old_entries.get(unit.id)
+                    if (not options.force and previous is not None and previous.get("cache_key") == key
+                            and parts_intact(directory, previous)):
+                        outcomes.append(Outcome(unit, "reused", previous, 0.0, "cache hit"))
+                        continue
+                    refit_from = None if options.force else source.refit_source(unit, directory, old)
+                    outcomes.append(_make(source, unit, key, tools, device, work_root, directory, refit_from,
+                                          options.check))
+                written = _commit(directory, source, old if same else None, old, outcomes, work_root)
+            finally:
+                shutil.rmtree(work_root, ignore_errors=True)
+    finally:
+        if created and not written:  # a failed or empty build leaves no folder behind
+            _remove_if_only_ours(directory)
     return BuildResult(directory, source.kind, source.label, target.value, target_reason, notes, outcomes, written)
 
 

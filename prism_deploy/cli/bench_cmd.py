@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prism_deploy.cli.output import human_bytes, print_table
+from prism_deploy.cli.paths import declare_outputs
 from prism_deploy.core.errors import PrismInputError
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", default="0", help="seed of the random inputs (default 0)")
     p.add_argument("--json", metavar="FILE", help="write every figure and the machine description here")
     p.add_argument("--plot", metavar="FILE.png", help="draw latency against batch (needs matplotlib)")
+    declare_outputs(p, files=("json", "plot"), folders=())
     p.set_defaults(func=run, needs=("torch",))
 
 

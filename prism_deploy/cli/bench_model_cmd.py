@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.cli.output import human_bytes, print_table
+from prism_deploy.cli.paths import declare_outputs
 from prism_deploy.core.errors import PrismInputError
 
 
@@ -25,6 +26,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed generations first (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write every figure and the machine description here")
+    declare_outputs(p, files=("json",), folders=())
     p.set_defaults(func=run)
 
 

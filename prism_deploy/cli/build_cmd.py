@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from prism_deploy.cli.paths import declare_outputs
 from prism_deploy.core.precision import CALIBRATORS, PRECISIONS
 from prism_deploy.core.targets import TARGET_CHOICES
 
@@ -42,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-streaming", action="store_true",
                    help="TensorRT: allow weights larger than GPU memory to stream at run time")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    declare_outputs(p, files=(), folders=("output",))
     p.set_defaults(func=run)
 
 

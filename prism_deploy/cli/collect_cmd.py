@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from prism_deploy.cli.output import print_json
+from prism_deploy.cli.paths import declare_outputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq", type=int, default=512, metavar="N", help="truncate texts to N tokens (default 512)")
     p.add_argument("--batch", type=int, default=8, metavar="N", help="texts per forward pass (default 8)")
     p.add_argument("--json", action="store_true", help="print what was written as one JSON object")
+    declare_outputs(p, files=("output",), folders=())
     p.set_defaults(func=run, needs=("torch", "transformers"))
 
 

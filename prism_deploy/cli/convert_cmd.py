@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from prism_deploy.cli.paths import declare_outputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="row-blocks x column-blocks (default: the one grid whose tiles cover the dims)")
     p.add_argument("--name", default="pipe1", help="the pipe's name (default pipe1)")
     p.add_argument("-o", "--output", required=True, help="adapter .safetensors to write")
+    declare_outputs(p, files=("output",), folders=())
     p.set_defaults(func=run)
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 
 from prism_deploy.cli.output import human_bytes, print_json, print_table
+from prism_deploy.cli.paths import declare_outputs
 from prism_deploy.core.precision import CALIBRATORS, PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="lower an adapter to an ONNX graph at a precision")
     add_arguments(p)
+    declare_outputs(p, files=("output",), folders=())
     p.set_defaults(func=run)
 
 

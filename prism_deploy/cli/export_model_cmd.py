@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from prism_deploy.cli.output import print_json, print_table
+from prism_deploy.cli.paths import declare_outputs
 from prism_deploy.core.precision import MODEL_PRECISIONS
 from prism_deploy.format.model_folder import ROLE_ALIASES, ROLES
 
@@ -36,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq", type=int, default=None, metavar="N",
                    help="longest sequence the pipeline will accept (default: the model's limit, at most 2048)")
     p.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
+    p.add_argument("--force", action="store_true",
+                   help="export into a folder holding files export-model did not write (they are kept)")
+    declare_outputs(p, files=(), folders=("output",))
     p.set_defaults(func=run, needs=("torch", "transformers"))
 
 
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: --role {args.role} is now called --role {ROLE_ALIASES[args.role]}", file=sys.stderr)
     spec = quantization_spec(args)  # checked before the model is loaded
     manifest = export_model(args.hf_dir, args.role, args.output, precision=args.precision, max_seq=args.max_seq,
-                            quantization=spec)
+                            quantization=spec, force=args.force)
     if args.json:
         print_json(manifest)
         return 0

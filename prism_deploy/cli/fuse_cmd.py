@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from prism_deploy.cli.output import print_json, print_table
+from prism_deploy.cli.paths import declare_outputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
@@ -17,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("model", help="ONNX model written by prism-deploy export")
     p.add_argument("-o", "--output", required=True, help="fused ONNX model to write")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    declare_outputs(p, files=("output",), folders=())
     p.set_defaults(func=run)
 
 

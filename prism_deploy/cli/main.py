@@ -1,16 +1,20 @@
 """``prism-deploy``: one entry point, one module per sub-command.
 
 Exit codes: 0 success; 1 a check (parity, a tolerance) failed; 2 bad input, reported as a
-single ``error: ...`` line on stderr with no traceback.
+single ``error: ...`` line on stderr with no traceback; 141 (128 + SIGPIPE) when the reader of
+the output went away, as for any Unix tool in a pipe.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
+from prism_deploy.cli.paths import check_outputs
 from prism_deploy.core.errors import CheckFailed, PrismInputError, require
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
@@ -92,15 +96,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         # optional libraries a command needs (``set_defaults(needs=...)``): one line each if missing
         for module in getattr(args, "needs", ()):
             require(module, f"prism-deploy {args.command}")
+        check_outputs(args)  # before any work: an output that is an input, a device, unwritable
         code = args.func(args)
+        sys.stdout.flush()
     except PrismInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except CheckFailed as exc:
         print(f"error: check failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+    except BrokenPipeError:
+        # the reader went away (``inspect | head -1``): stop quietly, as a tool killed by
+        # SIGPIPE does; stdout is pointed at /dev/null so that the interpreter's final flush
+        # does not fail a second time
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except OSError as exc:
+        # a file the command reads or writes (writes name the user's path: core.fsutil)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -42,7 +42,13 @@ def _cell(v: Any) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    return printable(str(v))
+
+
+def printable(text: str) -> str:
+    """``text`` as it may reach a terminal: names read from files (pipe names, tensor names) can
+    hold newlines or escape sequences, which are shown escaped, never acted on."""
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _numeric(v: str) -> bool:

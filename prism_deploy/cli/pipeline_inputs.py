@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError
 
 
@@ -54,10 +54,7 @@ def read_ids_file(path: str) -> np.ndarray:
         except (ValueError, OSError, EOFError) as exc:  # object arrays, truncated or foreign files
             raise PrismInputError(f"{path}: not a .npy array of token ids ({' '.join(str(exc).split())[:150]})") from None
     elif p.suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-            raise PrismInputError(f"{path}: not valid JSON ({' '.join(str(exc).split())[:150]})") from None
+        data = jsontext.loads(p.read_bytes(), str(path))
     else:
         raise PrismInputError(f"{path}: expected a .npy or .json file of token ids")
     if isinstance(data, list):

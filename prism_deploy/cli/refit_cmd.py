@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from prism_deploy.cli.paths import declare_outputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split, as given to fit")
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows read per chunk (default 4096)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    declare_outputs(p, files=("output",), folders=())
     p.set_defaults(func=run, needs=("torch",))
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from prism_deploy.cli.paths import declare_outputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default 30, Triton's)")
     p.add_argument("--log", metavar="FILE", help="server log file (default: a file in the temporary folder)")
     p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line once ready")
+    declare_outputs(p, files=("log",), folders=())
     p.set_defaults(func=run)
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+from prism_deploy.cli.paths import declare_outputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="also write generate_stream (decoupled: one response per token)")
     p.add_argument("--max-new-tokens-limit", type=int, default=256, help="the most tokens one generate request may ask for")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    declare_outputs(p, files=(), folders=("output",))
     p.set_defaults(func=run)
 
 

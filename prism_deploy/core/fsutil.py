@@ -3,13 +3,49 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from prism_deploy.core.errors import PrismInputError
+
+
+# The errors a write can meet that are about where it writes (not about what it reads).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                 errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ETXTBSY, errno.EIO}
+# file-name limit of every common Linux file system (bytes); temporary names stay within it
+NAME_MAX = 255
+
+
+@contextlib.contextmanager
+def write_errors(path: str | os.PathLike[str], *own: str | os.PathLike[str]) -> Iterator[None]:
+    """Report an ``OSError`` met while writing ``path`` (or ``own``: its temporary files, its
+    folder) as bad input naming ``path``, the user's name, never a temporary one."""
+    try:
+        yield
+    except OSError as exc:
+        names = {os.fspath(path), *(os.fspath(o) for o in own), os.fspath(Path(path).parent)}
+        if exc.filename is None or os.fspath(exc.filename) in names or exc.errno in _WRITE_ERRNOS:
+            raise PrismInputError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+        raise
+
+
+def temp_sibling(target: Path, token: str | None = None, suffix: str = ".tmp") -> Path:
+    """A hidden name in ``target``'s folder, unique to this call, within ``NAME_MAX`` bytes
+    even when ``target``'s own name is close to the limit."""
+    token = token or secrets.token_hex(4)
+    room = NAME_MAX - len(f"..{token}{suffix}".encode())
+    stem = target.name.encode()[:room].decode("utf-8", "ignore")
+    return target.with_name(f".{stem}.{token}{suffix}")
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file under the user's umask."""
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -18,31 +54,84 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     The temporary file lives in the same folder so that the final ``os.replace`` is an
     atomic rename on the same file system. On any exception the temporary file is removed
-    and ``path`` is left as it was (absent, or its previous content).
+    and ``path`` is left as it was (absent, or its previous content). The file gets the mode
+    the user's umask gives (writers that replace the temporary file, such as safetensors',
+    would otherwise leave mkstemp's 0600). Write errors name ``path``.
     """
     target = output_path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); give it the mode a plain open() would have.
-    os.chmod(tmp_name, 0o666 & ~_umask())
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    tmp = temp_sibling(target)
+    with write_errors(path, tmp):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        try:
+            yield tmp
+            # a writer may have made it executable (a compiled program): keep that, as umask says
+            executable = os.stat(tmp).st_mode & 0o111 and 0o777 & ~_umask() & 0o111
+            os.chmod(tmp, new_file_mode() | executable)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
 
 
 def output_path(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a file to be written: its folder is created; a folder at ``path`` itself is
-    bad input (said now, in its own words, rather than by a failed rename of a temporary file)."""
+    """``path`` as a file to be written, checked before anything is written: a folder, a
+    device, a FIFO or a socket at ``path`` is refused (a write would replace the node, or
+    block), as is a path below a regular file; the folder is created."""
     target = Path(path)
-    if target.is_dir():
-        raise PrismInputError(f"{path}: is a folder; give a file name to write")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    refuse_special(target, "file")
+    with write_errors(path):
+        target.parent.mkdir(parents=True, exist_ok=True)
     return target
+
+
+def refuse_special(target: Path, kind: str) -> None:
+    """Refuse to write ``kind`` ("file" or "folder") at ``target`` when something else is
+    there, or when a parent of it is not a folder. Nothing is created."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        st = None
+    except OSError as exc:
+        raise PrismInputError(f"{target}: cannot write: {exc.strerror or exc}") from exc
+    if st is not None:
+        if kind == "file" and stat.S_ISDIR(st.st_mode):
+            raise PrismInputError(f"{target}: is a folder; give a file name to write")
+        if kind == "folder" and not stat.S_ISDIR(st.st_mode):
+            raise PrismInputError(f"{target}: is not a folder")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            what = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                    else "a device")
+            raise PrismInputError(f"{target}: is {what}, not a file; refusing to write over it")
+        return
+    for parent in target.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise PrismInputError(f"{target}: cannot write: {parent} is a file, not a folder")
+            return
+
+
+def check_writable(target: Path, kind: str) -> None:
+    """Refuse ``target`` before any work when it cannot be written: see :func:`refuse_special`,
+    plus a nearest existing folder that the user may not write into (read-only file system,
+    permissions)."""
+    refuse_special(target, kind)
+    folder = target if kind == "folder" and target.is_dir() else target.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(folder) else "permission denied"
+        raise PrismInputError(f"{target}: cannot write: {why} ({folder})")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _umask() -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from prism_deploy.core.fsutil import output_path
+from prism_deploy.core.fsutil import output_path, temp_sibling, write_errors
 
 OPSET = 19
 IR_VERSION = 9
@@ -46,29 +46,30 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
     use_external = weights > EXTERNAL_DATA_THRESHOLD if external is None else external
     # names of this call's own: two saves to one target never write into each other's files
     token = secrets.token_hex(4)
-    tmp_model = target.with_name(f".{target.name}.{token}.tmp")
+    tmp_model = temp_sibling(target, token)
     data_name = target.name + ".data"
-    tmp_data = target.with_name(f".{data_name}.{token}.tmp")
+    tmp_data = temp_sibling(target.with_name(data_name), token)
     written: list[Path] = []
-    try:
-        if use_external:
-            # onnx writes the data file under the location name, relative to the model's folder
-            onnx.save_model(
-                model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=tmp_data.name, size_threshold=1024,
-            )
-            _relocate_external_data(tmp_model, tmp_data.name, data_name)
-            os.replace(tmp_data, target.with_name(data_name))
-            written.append(target.with_name(data_name))
-        else:
-            onnx.save_model(model, str(tmp_model))
-        os.replace(tmp_model, target)
-        written.insert(0, target)
-        return written
-    finally:
-        for leftover in (tmp_model, tmp_data):
-            if leftover.exists():
-                leftover.unlink()
+    with write_errors(path, tmp_model, tmp_data):
+        try:
+            if use_external:
+                # onnx writes the data file under the location name, relative to the model's folder
+                onnx.save_model(
+                    model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=tmp_data.name, size_threshold=1024,
+                )
+                _relocate_external_data(tmp_model, tmp_data.name, data_name)
+                os.replace(tmp_data, target.with_name(data_name))
+                written.append(target.with_name(data_name))
+            else:
+                onnx.save_model(model, str(tmp_model))
+            os.replace(tmp_model, target)
+            written.insert(0, target)
+            return written
+        finally:
+            for leftover in (tmp_model, tmp_data):
+                if leftover.exists():
+                    leftover.unlink()
 
 
 def _relocate_external_data(model_path: Path, old: str, new: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from prism_deploy.core import jsontext
 from prism_deploy.core.errors import AdapterFormatError
 from prism_deploy.core.fsutil import atomic_output, file_sha256
 from prism_deploy.format.config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig
@@ -129,10 +130,47 @@ def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:
 
 
 def _check_is_file(p: Path) -> None:
+    """An adapter file as far as can be told before the container parser reads it: a regular
+    file, not an ONNX model, whose header is bounded and is strict JSON (no repeated key).
+
+    The bound keeps a small file from costing gigabytes: a v1 header lists a few tensors and a
+    config of a few KB, while a ``source`` note of millions of empty lists would take far more
+    memory to parse than its bytes suggest."""
     if not p.exists():
         raise AdapterFormatError(f"{p}: no such file")
     if not p.is_file():
         raise AdapterFormatError(f"{p}: not a file")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(16)
+        if len(head) < 8:
+            raise AdapterFormatError(f"{p}: not a valid safetensors file ({size} bytes, too short)")
+        (length,) = struct.unpack("<Q", head[:8])
+        if _looks_like_onnx(head) and length > size - 8:
+            raise AdapterFormatError(f"{p}: is an ONNX model, not an adapter (.safetensors, format v1); "
+                                     "give the adapter it was exported from")
+        if length > size - 8:
+            raise AdapterFormatError(f"{p}: not a valid safetensors file (header length {length} "
+                                     f"is past the end of the {size}-byte file)")
+        if length > MAX_HEADER_BYTES:
+            raise AdapterFormatError(f"{p}: header of {length:,} bytes is over the {MAX_HEADER_BYTES:,}-byte bound "
+                                     "of an adapter (a note too large?)")
+        f.seek(8)
+        header = jsontext.loads(f.read(length), f"{p}: not a valid safetensors file; header",
+                                AdapterFormatError)
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{p}: not a valid safetensors file (the header is not a JSON object)")
+
+
+# the most header bytes an adapter file may have (a v1 header is a few KB)
+MAX_HEADER_BYTES = 16 << 20
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    """An ONNX ModelProto starts with field 1 (ir_version, a small varint), then another field
+    of the message: producer name, graph, opset import..."""
+    return len(head) >= 3 and head[0] == 0x08 and 0 < head[1] < 0x80 and head[2] in (
+        0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x40, 0x42, 0x52, 0x5A, 0x62, 0x72, 0x7A)
 
 
 def config_from_metadata(metadata: Mapping[str, str]) -> AdapterConfig:
@@ -195,8 +233,6 @@ def write_adapter_file(
 
     ``tensors`` may be numpy arrays or torch tensors (moved to the CPU, bfloat16 kept).
     """
-    from safetensors.numpy import save_file
-
     arrays = {name: np.ascontiguousarray(_as_numpy(t)) for name, t in tensors.items()}
     validate_tensors(config, arrays)
     metadata = {
@@ -205,8 +241,27 @@ def write_adapter_file(
         "config": config.dumps(),
     }
     with atomic_output(path) as tmp:
-        save_file(arrays, str(tmp), metadata=metadata)
+        save_safetensors(arrays, tmp, metadata)
         _canonicalize_header(tmp)
+
+
+def save_safetensors(arrays: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, str]) -> None:
+    """``safetensors.numpy.save_file``, its I/O failures raised as ``OSError`` (the library
+    raises its own error type), so that a full disk is reported like any other write error."""
+    import errno
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        save_file(dict(arrays), str(path), metadata=dict(metadata))
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number) if number in errno.errorcode else str(exc), str(path)) from None
 
 
 def _canonicalize_header(path: Path) -> None:

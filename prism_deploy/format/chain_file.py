@@ -31,13 +31,13 @@ the runtime when it opens the chain (``prism_deploy.runtime.chain``).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.core.precision import PRECISIONS
@@ -133,7 +133,7 @@ def read_chain_file(path: str | os.PathLike[str]) -> ChainSpec:
                 import tomli as tomllib
             obj = tomllib.loads(text)
         else:
-            obj = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not JSON")))
+            obj = jsontext.loads(text, str(p))
     except (ValueError, RecursionError) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
         raise PrismInputError(f"{p}: not valid {p.suffix[1:].upper()} ({' '.join(str(exc).split())[:200]})") from None
     return chain_from_object(obj, p)

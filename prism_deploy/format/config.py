@@ -6,16 +6,18 @@ where a config object from a file or a user is checked against docs/adapter-form
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from prism_deploy.core import jsontext
 from prism_deploy.core.errors import AdapterFormatError
 
 FORMAT_NAME = "prism-adapter"
 FORMAT_VERSION = "1"
 COMBINE_MODES = ("sum", "weighted")
+# the largest finite float32: numbers used in float32 graphs (gate_scale) are checked against it
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,10 @@ class AdapterConfig:
         return obj
 
     def dumps(self) -> str:
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        try:
+            return jsontext.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        except ValueError as exc:  # NaN or an infinity in a note: the file would not be JSON
+            raise AdapterFormatError(f"config: {exc} (a note holds NaN or an infinity)") from None
 
     @classmethod
     def from_json(cls, obj: Any) -> AdapterConfig:
@@ -177,13 +182,7 @@ class AdapterConfig:
 
     @classmethod
     def loads(cls, text: str) -> AdapterConfig:
-        try:
-            obj = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            # ValueError covers JSONDecodeError and also an integer literal longer than
-            # Python's int-from-string limit (4300 digits), which json.loads raises as such.
-            raise AdapterFormatError(f"config: invalid JSON ({exc})") from None
-        return cls.from_json(obj)
+        return cls.from_json(jsontext.loads(text, "config", AdapterFormatError))
 
 
 def _is_int(value: Any) -> bool:
@@ -196,6 +195,14 @@ def _is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _check_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise AdapterFormatError(f"{where}.name: must be a non-empty string")
+    if not _is_utf8(name):  # a lone surrogate (legal in JSON escapes) cannot be printed
+        raise AdapterFormatError(f"{where}.name: {name!r} is not valid Unicode text")
+    return name
 
 
 def _positive_int(obj: dict[str, Any], key: str, where: str) -> int:
@@ -225,11 +232,7 @@ def _parse_pipe(obj: Any, index: int) -> PipeSpec:
     unknown = sorted(set(obj) - {"name", "grid", "tile", "top_k", "gate_scale"})
     if unknown:
         raise AdapterFormatError(f"{where}: unknown key(s) {unknown}")
-    name = obj.get("name")
-    if not isinstance(name, str) or not name:
-        raise AdapterFormatError(f"{where}.name: must be a non-empty string")
-    if not _is_utf8(name):  # a lone surrogate (legal in JSON escapes) cannot be printed
-        raise AdapterFormatError(f"{where}.name: {name!r} is not valid Unicode text")
+    name = _check_name(obj.get("name"), where)
     grid = _int_pair(obj, "grid", where)
     tile = _int_pair(obj, "tile", where)
     if "top_k" not in obj:
@@ -263,6 +266,7 @@ def _validate(cfg: AdapterConfig) -> None:
     names: set[str] = set()
     for i, p in enumerate(cfg.pipes):
         where = f"config.pipes[{i}]"
+        _check_name(p.name, where)  # a writer never writes a name the loader refuses
         if p.name in names:
             raise AdapterFormatError(f"{where}.name: {p.name!r} is not unique")
         names.add(p.name)
@@ -280,5 +284,7 @@ def _validate(cfg: AdapterConfig) -> None:
             raise AdapterFormatError(
                 f"{where}.top_k: {p.top_k} is out of range [1, {p.workers}] (R*C)"
             )
-        if not math.isfinite(p.gate_scale):
-            raise AdapterFormatError(f"{where}.gate_scale: must be finite, got {p.gate_scale!r}")
+        if not math.isfinite(p.gate_scale) or abs(p.gate_scale) > FLOAT32_MAX:
+            # the gate's logits are scaled in float32: a larger value is infinite there
+            raise AdapterFormatError(f"{where}.gate_scale: must be finite in float32 (|x| <= {FLOAT32_MAX:.6g}), "
+                                     f"got {p.gate_scale!r}")

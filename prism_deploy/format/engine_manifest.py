@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import atomic_output, file_sha256, inside
 from prism_deploy.core.precision import MODEL_PRECISIONS, PRECISIONS
@@ -118,19 +119,16 @@ def manifest_path(directory: str | os.PathLike[str]) -> Path:
     return Path(directory) / MANIFEST_NAME
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
-
-
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The validated manifest of ``directory``, or None when there is none; anything else is bad input."""
     path = manifest_path(directory)
     if not path.exists():
         return None
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise EngineFileError(f"{path}: not a readable manifest ({' '.join(str(exc).split())[:200]})") from None
+        text = path.read_bytes()
+    except OSError as exc:
+        raise EngineFileError(f"{path}: not a readable manifest ({exc.strerror or exc})") from None
+    obj = jsontext.loads(text, f"{path}: not a readable manifest;", EngineFileError)
     if not isinstance(obj, dict) or obj.get("schema") != SCHEMA_NAME:
         raise EngineFileError(f"{path}: not a prism-deploy engine manifest (schema != {SCHEMA_NAME!r})")
     version = obj.get("schema_version")

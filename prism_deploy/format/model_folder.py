@@ -20,11 +20,11 @@ that records them reads as the new role, and ``--role upper|lower`` is accepted 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256, inside
 from prism_deploy.core.precision import MODEL_PRECISIONS
@@ -119,9 +119,10 @@ def read_model_json(model_dir: str | os.PathLike[str], role: str | None = None) 
     if not path.is_file():
         raise PrismInputError(f"{model_dir}: no {MANIFEST} (not a folder written by `prism-deploy export-model`)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PrismInputError(f"{path}: not valid JSON ({_short(str(exc))})") from None
+        text = path.read_bytes()
+    except OSError as exc:
+        raise PrismInputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    raw = jsontext.loads(text, str(path))
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise PrismInputError(f"{path}: not a prism-deploy model manifest")
     manifest = validate_model_json(raw, str(path))
@@ -152,6 +153,29 @@ def verify_files(model_dir: str | os.PathLike[str], manifest: dict[str, Any]) ->
         if file_sha256(path) != record["sha256"]:
             raise PrismInputError(f"{path}: sha256 differs from {MANIFEST} (changed after the export; "
                                   "export the model again)")
+
+
+def check_export_folder(model_dir: str | os.PathLike[str], force: bool = False) -> None:
+    """``export-model -o DIR`` writes into a new or empty folder, or over an earlier export (only
+    the files its ``model.json`` lists, and hidden ``.*.tmp`` names of a killed export). Anything
+    else there (a user's files, a Hugging Face folder, a build) is refused unless ``force``, and
+    even then only the export's own file names are written; nothing else is deleted."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return
+    names = {p.name for p in folder.iterdir()}
+    listed: set[str] = set()
+    if MANIFEST in names:
+        try:
+            listed = {MANIFEST, *(r["name"] for r in read_model_json(folder)["files"].values())}
+        except PrismInputError:
+            listed = set()
+    foreign = sorted(n for n in names - listed if not (n.startswith(".") and n.endswith(".tmp")))
+    if foreign and not force:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise PrismInputError(f"-o {model_dir}: holds files export-model did not write ({shown}); export into a "
+                              "new or empty folder, or pass --force (they are kept; files of the same names "
+                              "as the export's are replaced)")
 
 
 def _short(text: str) -> str:

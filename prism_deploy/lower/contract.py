@@ -15,6 +15,7 @@ from typing import Any
 
 import onnx
 
+from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.precision import Precision
 
@@ -41,10 +42,7 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
     raw = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
     if raw is None:
         raise PrismInputError(f"the model has no {METADATA_KEY!r} metadata: not written by prism-deploy export")
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise PrismInputError(f"metadata {METADATA_KEY!r} is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
+    meta = jsontext.loads(raw, f"metadata {METADATA_KEY!r}")
     if not isinstance(meta, dict) or meta.get("version") != METADATA_VERSION:
         version = meta.get("version") if isinstance(meta, dict) else None
         raise PrismInputError(f"metadata {METADATA_KEY!r} version {version!r} is not {METADATA_VERSION}")

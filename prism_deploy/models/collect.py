@@ -155,10 +155,9 @@ def collect_pairs(model_a_dir: str | os.PathLike[str], model_b_dir: str | os.Pat
 
 def save_pairs(path: str | os.PathLike[str], x: np.ndarray, z: np.ndarray, info: dict[str, Any]) -> None:
     """Write ``X`` and ``Z`` to one safetensors file atomically (metadata: the collect settings)."""
-    from safetensors.numpy import save_file
-
     from prism_deploy.core.fsutil import atomic_output
+    from prism_deploy.format.adapter_file import save_safetensors
 
     with atomic_output(path) as tmp:
-        save_file({"X": np.ascontiguousarray(x), "Z": np.ascontiguousarray(z)}, str(tmp),
-                  metadata={k: str(v) for k, v in info.items()})
+        save_safetensors({"X": np.ascontiguousarray(x), "Z": np.ascontiguousarray(z)}, tmp,
+                         {k: str(v) for k, v in info.items()})

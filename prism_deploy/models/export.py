@@ -46,7 +46,8 @@ from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.core.metrics import compare, compare_logits, merge
 from prism_deploy.core.precision import ModelPrecision
-from prism_deploy.format.model_folder import FORMAT, MANIFEST, VERSION, canonical_role, io_description, past_names
+from prism_deploy.format.model_folder import (FORMAT, MANIFEST, VERSION, canonical_role, check_export_folder,
+                                             io_description, past_names)
 from prism_deploy.models import hf
 
 # Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
@@ -99,7 +100,7 @@ class _LastWithPast(torch.nn.Module):
 
 def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.PathLike[str], *,
                  precision: str = "fp32", max_seq: int | None = None, validate: bool = True,
-                 seed: int = 0, quantization: Any = None) -> dict[str, Any]:
+                 seed: int = 0, quantization: Any = None, force: bool = False) -> dict[str, Any]:
     """Export ``hf_dir`` as ``role`` into ``out_dir`` and validate it; returns the manifest.
 
     ``int8``/``int4``: the float32 graphs are traced, then their weights quantized
@@ -121,6 +122,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PrismInputError(f"{out_dir}: exists and is not a folder")
+    check_export_folder(out, force)  # before the model is loaded: nothing of the user's is replaced
     started = time.perf_counter()
     # One load: the float32 model is both what validation compares with and, for fp32, what is
     # traced (big models are loaded once, not twice); fp16 traces a half-precision copy.

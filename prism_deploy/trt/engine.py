@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from prism_deploy.core.errors import PrismInputError
-from prism_deploy.core.targets import tensorrt_available, tensorrt_version
+from prism_deploy.core.targets import tensorrt_available
 from prism_deploy.core.fsutil import write_bytes_atomic
 
 if TYPE_CHECKING:
