@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from prism_deploy.fit.budget import gate_step_macs
 from prism_deploy.fit.progress import progress_bar
 from prism_deploy.fit.stream import PairedData
 from prism_deploy.reference import PrismAdapter, route
@@ -64,7 +65,7 @@ def train_gates(
     betas = adapter.betas(torch.float32)
     losses: list[float] = []
     epoch = 0
-    with progress_bar(steps, desc, unit="step") as bar:
+    with progress_bar(steps, desc, unit="step", work=gate_step_macs(adapter.config, batch_rows)) as bar:
         while len(losses) < steps:
             # Minibatches are shuffled within fixed blocks of training rows, each block with
             # its own seed: the same batches whatever the file's chunk size.
