@@ -4,7 +4,9 @@
 - cosine: the mean over rows of ``cos(y_i, z_i)`` (a row with ``y_i = 0`` or ``z_i = 0`` counts 0);
 - per row-block: the relative error restricted to the output rows of one row-block of a pipe.
 
-The adapter is run through the reference in float64, as stored (after any dtype cast).
+The adapter is run through the reference in float64, as stored (after any dtype cast); the
+routing's top-k is found by ``torch.topk`` instead of a full sort, with identical results
+(fit/forward.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from prism_deploy.fit import budget
+from prism_deploy.fit.forward import adapter_forward
 from prism_deploy.fit.progress import progress_bar
 from prism_deploy.fit.stream import PairedData, Split
 from prism_deploy.format import PipeSpec
@@ -63,7 +66,7 @@ def evaluate(adapter: PrismAdapter, data: PairedData, split: Split, *, desc: str
     per_row = budget.pass_work(budget.forward_macs(adapter.config), data.chunk_rows)
     with progress_bar(data.count(split), desc or f"evaluate {split}", work=per_row) as bar, torch.no_grad():
         for x, z in data.chunks(split):
-            y = adapter(x)
+            y = adapter_forward(adapter, x)  # adapter(x), bit for bit (fit/forward.py)
             sq_err += ((y - z) ** 2).sum(0)
             sq_target += (z**2).sum(0)
             cos_sum += float(row_cosines(y, z).sum())

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from prism_deploy.fit import budget
+from prism_deploy.fit.forward import adapter_forward, routing
 from prism_deploy.fit.progress import progress_bar
 from prism_deploy.fit.routed import WorkerId, refit_work, refit_workers
 from prism_deploy.fit.solve import solve_normal
@@ -93,7 +94,7 @@ def score_workers(adapter: PrismAdapter, data: PairedData, *, ridge: float = 0.0
     per_row = budget.pass_work(_scoring_macs(cfg), data.chunk_rows)
     with progress_bar(data.count(split), f"score workers ({split})", work=per_row) as bar, torch.no_grad():
         for x, z in data.chunks(split):
-            e = z - adapter(x)
+            e = z - adapter_forward(adapter, x)
             sq_err += (e**2).sum(0)
             sq_target += (z**2).sum(0)
             rows += x.shape[0]
@@ -102,7 +103,7 @@ def score_workers(adapter: PrismAdapter, data: PairedData, *, ridge: float = 0.0
                 xp = pipe.padded_input(x).reshape(-1, C, tc) * betas[p]
                 ep = torch.nn.functional.pad(e, (0, spec.padded_out - cfg.out_dim)).reshape(-1, R, tr)
                 if spec.gated:
-                    g = pipe.routing(x).dense.reshape(-1, R, C)  # type: ignore[union-attr]
+                    g = routing(pipe, x).dense.reshape(-1, R, C)  # type: ignore[union-attr]
                     grams[p] += torch.einsum("nrc,nci,ncj->rcij", g * g, xp, xp)
                     cross[p] += torch.einsum("nrc,nci,nrj->rcij", g, xp, ep)
                 else:

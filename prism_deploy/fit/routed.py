@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prism_deploy.fit import budget
+from prism_deploy.fit.forward import pipe_forward, routing
 from prism_deploy.fit.progress import add_work, progress_bar
 from prism_deploy.fit.solve import solve_normal
 from prism_deploy.fit.stream import PairedData, Split
@@ -89,8 +90,8 @@ def refit_workers(
         for x, z in data.chunks(split):
             e = z.clone()
             for p in fixed_pipes:
-                e -= betas[p] * fixed.pipe_list()[p](x)
-            gates = {p: pipes[p].routing(x).dense for p in gated_pipes}  # type: ignore[union-attr]
+                e -= betas[p] * pipe_forward(fixed.pipe_list()[p], x)
+            gates = {p: routing(pipes[p], x).dense for p in gated_pipes}  # type: ignore[union-attr]
             features: dict[tuple, torch.Tensor] = {}
             for i, seg in enumerate(segments):
                 f = features.get(seg.key)
