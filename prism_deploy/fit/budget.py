@@ -169,9 +169,13 @@ def estimate_fit(config: AdapterConfig, *, rows_train: int, rows_holdout: int, c
             + tile_params(s) * F64
             for s in config.pipes
         )
-        phases["re-solving the workers of a pipe"] = normal + 3 * work + refit + workers + held
+        # the working adapter, the round's saved copy, the fixed part (a float64 copy with the
+        # pipe's tiles zeroed), the new tiles, the grams, and the other pipes' forward (which
+        # copies its tiles into the product's layout on every call)
+        phases["re-solving the workers of a pipe"] = (normal + 3 * work + refit + workers + held
+                                                      + 2 * largest_tile * F64)
         batch_row = 3 * forward_row_bytes(config, F32) // 2
-        phases["training the gates"] = (normal + 2 * work + 4 * gates * F32 + gate_batch * batch_row
+        phases["training the gates"] = (normal + 2 * work + tiles * F32 + 4 * gates * F32 + gate_batch * batch_row
                                         + 16 * gate_batch * (d + m) * F32 * 2)
     step = max(phases, key=lambda k: phases[k])
     return FitEstimate(stored, BASE_BYTES + phases[step], step, chunk, row)
