@@ -2,9 +2,10 @@
 
 One table, used twice: by the command line (each option's argparse ``type``, so a bad value is
 one ``error:`` line before anything is read) and by ``FitOptions`` (the same check for library
-callers). A value outside its range would otherwise surface much later, or never: ``--ridge nan``
-wrote NaN tiles, ``--gate-lr nan`` looped forever on NaN gates, ``--seed -1`` overflowed in the
-held-out hash, ``--gate-scale 1e308`` broke the solver.
+callers). A value outside its range used to surface late or not at all: ``--ridge nan``
+computed NaN tiles and failed at the save, ``--gate-lr nan`` gave NaN gates whose round was
+silently undone (exit 0), ``--seed -1`` overflowed in the held-out hash, ``--gate-scale 1e308``
+gave NaN tiles or a solver traceback.
 """
 
 from __future__ import annotations

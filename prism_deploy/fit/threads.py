@@ -5,7 +5,7 @@ torch's default is one intra-op thread per core. On a machine whose cores are al
 at its barrier for a thread the scheduler has put aside: a gated fit of 8000 x 256 -> 160 took
 38.6 s in gate training with 2 threads against 2.9 s with 1, next to three busy processes,
 and burned 15 s of CPU spinning (docs/fitting.md, "Measurements"). Idle, the second thread
-gains 10 to 45 %. So the default ("auto") takes the cores that are not already busy,
+saved 10 to 44 % of the time. So the default ("auto") takes the cores that are not already busy,
 judged by the 1-minute load average before the fit starts, at least one; ``--threads N`` sets
 it. Only speed depends on it: results agree to rounding.
 """
