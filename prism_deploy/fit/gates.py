@@ -18,10 +18,10 @@ import math
 import torch
 
 from prism_deploy.fit.budget import gate_step_macs
+from prism_deploy.fit.forward import pipe_forward, route
 from prism_deploy.fit.progress import progress_bar
 from prism_deploy.fit.stream import PairedData
 from prism_deploy.format import PipeSpec
-from prism_deploy.fit.forward import pipe_forward, route
 from prism_deploy.reference import PrismAdapter
 
 BATCHES_PER_BLOCK = 16
@@ -138,7 +138,7 @@ def gated_output(spec: PipeSpec, u: torch.Tensor, dense: torch.Tensor, out_dim: 
 class Adam:
     """``torch.optim.Adam`` with its defaults (betas 0.9, 0.999, eps 1e-8, no weight decay), one
     learning rate per tensor: the same arithmetic, operation for operation, as torch's
-    single-tensor step on CPU (tests/test_fit.py compares them bit for bit). Written out because
+    single-tensor step on CPU (tests/test_fit_speed.py compares them bit for bit). Written out because
     constructing ``torch.optim.Adam`` imports ``torch._dynamo``: 0.8-1 s per process, a fifth of
     a small gated fit."""
 
