@@ -7,6 +7,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from prism_deploy.core.units import human_bytes
+
+__all__ = ["format_table", "human_bytes", "print_json", "print_table", "printable"]
+
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
@@ -27,14 +31,6 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], file: Tex
 
 def print_json(obj: Any, file: TextIO | None = None) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False, default=_json_default), file=file or sys.stdout)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def _cell(v: Any) -> str:

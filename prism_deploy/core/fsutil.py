@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,15 +117,38 @@ def refuse_special(target: Path, kind: str) -> None:
 
 def check_writable(target: Path, kind: str) -> None:
     """Refuse ``target`` before any work when it cannot be written: see :func:`refuse_special`,
-    plus a nearest existing folder that the user may not write into (read-only file system,
-    permissions)."""
+    plus a nearest existing folder that does not take a new file. That is asked of the file
+    system with a real (hidden, at once removed) probe file, not ``os.access``: root passes
+    permission bits but not a read-only mount or ``/proc``, and ACLs and quotas count."""
     refuse_special(target, kind)
     folder = target if kind == "folder" and target.is_dir() else target.parent
-    while not folder.exists():
+    while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    if not os.access(folder, os.W_OK | os.X_OK):
-        why = "read-only file system" if _read_only(folder) else "permission denied"
-        raise PrismInputError(f"{target}: cannot write: {why} ({folder})")
+    probe = folder / f".prism-deploy-probe.{secrets.token_hex(4)}.tmp"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        why = "read-only file system" if _read_only(folder) else (exc.strerror or str(exc))
+        raise PrismInputError(f"{target}: cannot write: {why} ({folder})") from None
+    with contextlib.suppress(OSError):
+        probe.unlink()
+
+
+def check_free_space(target: str | os.PathLike[str], need_bytes: int) -> None:
+    """Refuse a write of about ``need_bytes`` when the file system that would hold ``target``
+    has less free space (checked before a long computation, not at its end)."""
+    from prism_deploy.core.units import human_bytes
+
+    folder = Path(target).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need_bytes:
+        raise PrismInputError(f"{target}: cannot write: about {human_bytes(need_bytes)} is needed and "
+                              f"{folder} has {human_bytes(free)} free")
 
 
 def _read_only(folder: Path) -> bool:

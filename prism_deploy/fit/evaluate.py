@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prism_deploy.fit import budget
 from prism_deploy.fit.progress import progress_bar
 from prism_deploy.fit.stream import PairedData, Split
 from prism_deploy.format import PipeSpec
@@ -59,7 +60,8 @@ def evaluate(adapter: PrismAdapter, data: PairedData, split: Split, *, desc: str
     sq_err = torch.zeros(data.out_dim, dtype=torch.float64)
     sq_target = torch.zeros(data.out_dim, dtype=torch.float64)
     cos_sum, rows = 0.0, 0
-    with progress_bar(data.count(split), desc or f"evaluate {split}") as bar, torch.no_grad():
+    per_row = budget.pass_work(budget.forward_macs(adapter.config), data.chunk_rows)
+    with progress_bar(data.count(split), desc or f"evaluate {split}", work=per_row) as bar, torch.no_grad():
         for x, z in data.chunks(split):
             y = adapter(x)
             sq_err += ((y - z) ** 2).sum(0)

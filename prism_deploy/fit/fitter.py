@@ -24,12 +24,16 @@ from typing import Any, Literal
 import torch
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.fit import budget
 from prism_deploy.fit.evaluate import Metrics, evaluate
 from prism_deploy.fit.gates import init_gates, train_gates
+from prism_deploy.fit.limits import check_number
 from prism_deploy.fit.normal import NormalEquations, accumulate_normal, solve_joint, solve_per_tile
-from prism_deploy.fit.routed import assign_tiles, refit_workers
+from prism_deploy.fit.progress import overall_progress
+from prism_deploy.fit.routed import assign_tiles, refit_work, refit_workers
 from prism_deploy.fit.solve import SolveInfo
 from prism_deploy.fit.stream import PairedData
+from prism_deploy.fit.threads import choose_threads, torch_threads
 from prism_deploy.core.tiles import tiles_from_dense
 from prism_deploy.format import AdapterConfig
 from prism_deploy.reference import PrismAdapter
@@ -48,6 +52,16 @@ class FitOptions:
     sweeps: int = 3  # backfitting sweeps over the pipes (several pipes, some gated)
     seed: int = 0
     dtype: torch.dtype = torch.float32
+    threads: int | None = None  # intra-op threads; None: auto (fit/threads.py)
+
+    def __post_init__(self) -> None:
+        # The numeric options' one range check (fit/limits.py), for library callers too.
+        for name in ("ridge", "rounds", "gate_steps", "gate_lr", "gate_batch", "sweeps", "seed"):
+            setattr(self, name, check_number(name, getattr(self, name)))
+        if self.threads is not None:
+            self.threads = int(check_number("threads", self.threads))
+        if self.dtype not in (torch.float32, torch.float16):
+            raise PrismInputError(f"--dtype: {self.dtype} is not float32 or float16")
 
 
 @dataclass
@@ -60,6 +74,9 @@ class FitReport:
     solve: SolveInfo | None = None
     full_ls_holdout: Metrics | None = None  # the unconstrained full-matrix LS map, for comparison
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    estimate: budget.FitEstimate | None = None
+    threads: int | None = None
+    threads_why: str = ""
 
     def to_json(self) -> dict[str, Any]:
         pipes = []
@@ -77,13 +94,71 @@ class FitReport:
             "solve": None if self.solve is None else self.solve.to_json(),
             "pipes": pipes,
             "rounds": self.rounds,
+            "threads": self.threads,
+            "threads_why": self.threads_why,
+            "estimate": None if self.estimate is None else {
+                "adapter_bytes": self.estimate.adapter_bytes, "peak_bytes": self.estimate.peak_bytes,
+                "peak_step": self.estimate.peak_step, "chunk_rows": self.estimate.chunk_rows},
         }
 
 
 def fit_adapter(config: AdapterConfig, data: PairedData, opts: FitOptions | None = None) -> tuple[PrismAdapter, FitReport]:
-    """Fit every tile (and gate) of ``config`` to ``data``; returns the adapter in ``opts.dtype``."""
+    """Fit every tile (and gate) of ``config`` to ``data``; returns the adapter in ``opts.dtype``.
+
+    Before the first pass: the options and layout are checked, the memory the fit needs is
+    estimated and refused when it exceeds what is available (fit/budget.py), and the chunks
+    are cut so that one step's working set is bounded. Progress goes to stderr when it is a
+    terminal: one bar per step and one for the whole fit, with the time left.
+    """
     opts = opts or FitOptions()
     _check(config, data, opts)
+    est = fit_estimate(config, data, opts)
+    budget.check_budget(est, "this fit")
+    data = data.with_chunk_rows(est.chunk_rows)
+    threads, why = choose_threads(opts.threads)
+    with torch_threads(threads), overall_progress(fit_work(config, data, opts), "fit"):
+        adapter, report = _fit(config, data, opts)
+    report.estimate, report.threads, report.threads_why = est, threads, why
+    return adapter, report
+
+
+def fit_estimate(config: AdapterConfig, data: PairedData, opts: FitOptions) -> budget.FitEstimate:
+    return budget.estimate_fit(config, rows_train=data.count("train"), rows_holdout=data.count("holdout"),
+                               chunk_rows=data.chunk_rows, itemsize=torch.finfo(opts.dtype).bits // 8,
+                               gate_batch=opts.gate_batch, method=opts.method)
+
+
+def fit_work(config: AdapterConfig, data: PairedData, opts: FitOptions) -> float:
+    """The work of every step ``_fit`` will run, in multiply-adds (fit/budget.py), assuming every
+    gate round runs; the steps report theirs to the overall bar with the same formulas."""
+    n_train, n_held = data.count("train"), data.count("holdout")
+    chunk = data.chunk_rows
+    d, m = config.in_dim, config.out_dim
+    work = n_train * budget.pass_work(budget.normal_macs(config), chunk)
+    if opts.method == "per-tile":
+        work += sum(s.cols * budget.solve_macs(s.tile_cols, m) for s in config.pipes)
+    else:
+        work += budget.solve_macs(d, m)
+    evaluate_row = budget.pass_work(budget.forward_macs(config), chunk)
+    if config.gated_pipes:
+        split_rows = n_held if n_held else n_train
+        sweeps = 1 if config.num_pipes == 1 else opts.sweeps
+        backfit_work = 0.0
+        for p, spec in enumerate(config.pipes):
+            per_row, solves = refit_work(config, [(p, w) for w in range(spec.workers)], chunk)
+            backfit_work += sweeps * (n_train * per_row + solves)
+        work += backfit_work + split_rows * evaluate_row
+        work += opts.rounds * (opts.gate_steps * budget.gate_step_macs(config, opts.gate_batch)
+                               + backfit_work + 2 * split_rows * evaluate_row)
+    work += (n_train + n_held) * evaluate_row
+    if config.gated_pipes or opts.method != "joint":
+        work += n_held * budget.pass_work(d * m, chunk)
+        if opts.method != "joint":
+            work += budget.solve_macs(d, m)
+    return work
+
+
+def _fit(config: AdapterConfig, data: PairedData, opts: FitOptions) -> tuple[PrismAdapter, FitReport]:
     ne = accumulate_normal(data, "train")
     gated = bool(config.gated_pipes)
     if opts.method == "per-tile":
@@ -95,11 +170,13 @@ def fit_adapter(config: AdapterConfig, data: PairedData, opts: FitOptions | None
         norm = sum(b * b for b in betas)
         mats = [w * (b / norm) for b in betas]
     work = _adapter_from_dense(config, mats)
+    del mats
     rounds: list[dict[str, Any]] = []
     if gated:
         init_gates(work, _x_rms(ne), opts.seed)
         rounds = _fit_gated(work, data, opts)
     adapter = _cast(work, opts.dtype)
+    del work
     train = evaluate(adapter, data, "train", desc="evaluate train")
     holdout = evaluate(adapter, data, "holdout", desc="evaluate held-out")
     full_ls = None
@@ -118,7 +195,7 @@ def backfit(adapter: PrismAdapter, data: PairedData, *, ridge: float, sweeps: in
     for sweep in range(1 if n == 1 else sweeps):
         for p, spec in enumerate(adapter.config.pipes):
             new = refit_workers(adapter, data, [(p, w) for w in range(spec.workers)], ridge=ridge,
-                                desc=f"refit pipe {p}" + (f" (sweep {sweep + 1})" if n > 1 else ""))
+                                desc=f"re-solve pipe {p}" + (f" (sweep {sweep + 1})" if n > 1 else ""))
             assign_tiles(adapter, new)
 
 
@@ -161,8 +238,6 @@ def _check(config: AdapterConfig, data: PairedData, opts: FitOptions) -> None:
         raise PrismInputError(f"--method: {opts.method!r} is not joint or per-tile")
     if opts.method == "per-tile" and config.gated_pipes:
         raise PrismInputError("--method per-tile is the seed's recipe for ungated pipes; drop --top-k or use joint")
-    if opts.ridge < 0:
-        raise PrismInputError(f"--ridge: {opts.ridge} must be >= 0")
     n_train = data.count("train")
     if n_train == 0:
         raise PrismInputError(f"no training rows: --holdout {data.holdout} holds out all {data.rows} rows")

@@ -29,11 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
+from prism_deploy.fit import budget
 from prism_deploy.fit.progress import progress_bar
-from prism_deploy.fit.routed import WorkerId, refit_workers
+from prism_deploy.fit.routed import WorkerId, refit_work, refit_workers
 from prism_deploy.fit.solve import solve_normal
 from prism_deploy.fit.stream import PairedData, Split
 from prism_deploy.core.tiles import worker_block
+from prism_deploy.format import AdapterConfig
 from prism_deploy.reference import PrismAdapter
 
 
@@ -49,6 +51,25 @@ class WorkerScore:
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+def score_work(config: AdapterConfig, data: PairedData) -> float:
+    """The work of ``score_workers`` in multiply-adds (fit/budget.py): each pipe's joint re-solve
+    on the training rows, then the scoring pass over the held-out rows."""
+    n_train, n_held = data.count("train"), data.count("holdout")
+    work = 0.0
+    for p, spec in enumerate(config.pipes):
+        per_row, solves = refit_work(config, [(p, w) for w in range(spec.workers)], data.chunk_rows)
+        work += n_train * per_row + solves
+    return work + n_held * budget.pass_work(_scoring_macs(config), data.chunk_rows)
+
+
+def _scoring_macs(config: AdapterConfig) -> int:
+    """Per held-out row: the forward, then per pipe the per-worker grams and cross terms."""
+    total = budget.forward_macs(config)
+    for s in config.pipes:
+        total += (s.rows if s.gated else 1) * s.cols * s.tile_cols**2 + s.rows * s.cols * s.tile_cols * s.tile_rows
+    return total
 
 
 def score_workers(adapter: PrismAdapter, data: PairedData, *, ridge: float = 0.0) -> list[WorkerScore]:
@@ -69,7 +90,8 @@ def score_workers(adapter: PrismAdapter, data: PairedData, *, ridge: float = 0.0
     sq_err = torch.zeros(cfg.out_dim, dtype=torch.float64)
     sq_target = torch.zeros(cfg.out_dim, dtype=torch.float64)
     rows = 0
-    with progress_bar(data.count(split), f"score workers ({split})") as bar, torch.no_grad():
+    per_row = budget.pass_work(_scoring_macs(cfg), data.chunk_rows)
+    with progress_bar(data.count(split), f"score workers ({split})", work=per_row) as bar, torch.no_grad():
         for x, z in data.chunks(split):
             e = z - adapter(x)
             sq_err += (e**2).sum(0)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prism_deploy.fit.progress import progress_bar
+from prism_deploy.fit import budget
+from prism_deploy.fit.progress import add_work, progress_bar
 from prism_deploy.fit.solve import SolveInfo, solve_normal
 from prism_deploy.fit.stream import PairedData, Split
 from prism_deploy.format import PipeSpec
@@ -33,7 +34,8 @@ def accumulate_normal(data: PairedData, split: Split = "train", *, desc: str = "
     xtx = torch.zeros(data.in_dim, data.in_dim, dtype=torch.float64)
     xtz = torch.zeros(data.in_dim, data.out_dim, dtype=torch.float64)
     rows = 0
-    with progress_bar(data.count(split), desc) as bar:
+    per_row = budget.pass_work(data.in_dim * (data.in_dim + data.out_dim), data.chunk_rows)
+    with progress_bar(data.count(split), desc, work=per_row) as bar:
         for x, z in data.chunks(split):
             xtx.addmm_(x.T, x)
             xtz.addmm_(x.T, z)
@@ -45,6 +47,7 @@ def accumulate_normal(data: PairedData, split: Split = "train", *, desc: str = "
 def solve_joint(ne: NormalEquations, ridge: float, *, strict: bool = True) -> tuple[torch.Tensor, SolveInfo]:
     """The full-matrix least-squares map ``W`` ``[out_dim, in_dim]``: every row-block at once."""
     b, info = solve_normal(ne.xtx, ne.xtz, ridge, what=f"X^T X of the {ne.rows} training rows", strict=strict)
+    add_work(budget.solve_macs(*ne.xtz.shape))
     return b.T.contiguous(), info
 
 
@@ -64,5 +67,6 @@ def solve_per_tile(ne: NormalEquations, spec: PipeSpec, ridge: float, *, strict:
             continue
         b, _ = solve_normal(ne.xtx[cols, cols], ne.xtz[cols], ridge,
                             what=f"X_c^T X_c of column block {c}", strict=strict)
+        add_work(budget.solve_macs(tc, ne.xtz.shape[1]))
         w[:, cols] = b.T
     return w

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prism_deploy.fit.progress import progress_bar
+from prism_deploy.fit import budget
+from prism_deploy.fit.progress import add_work, progress_bar
 from prism_deploy.fit.solve import solve_normal
 from prism_deploy.fit.stream import PairedData, Split
 from prism_deploy.core.tiles import worker_block
+from prism_deploy.format import AdapterConfig
 from prism_deploy.reference import PrismAdapter
 
 WorkerId = tuple[int, int]  # (pipe index, worker index)
@@ -68,33 +70,22 @@ def refit_workers(
         if not (0 <= p < cfg.num_pipes and 0 <= w < cfg.pipes[p].workers):
             raise ValueError(f"no worker {w} in pipe {p}")
     result = {(p, w): torch.zeros(cfg.pipes[p].tile, dtype=torch.float64) for p, w in selected}
-    members = []
-    for p, w in selected:
-        spec = cfg.pipes[p]
-        rows, cols = worker_block(spec.grid, spec.tile, w, cfg.in_dim, cfg.out_dim)
-        if rows.start == rows.stop or cols.start == cols.stop:
-            continue  # wholly in the padding: it multiplies zeros or writes discarded rows
-        key = (p, w % spec.cols, w if spec.gated else -1)
-        members.append(_Member(p, w, rows, cols, key))
-    if not members:
+    plan = _plan(cfg, selected)
+    if not plan.segments:
         return result
-    segments = _segments(members)
+    segments, fixed_pipes, gated_pipes = plan.segments, plan.fixed_pipes, plan.gated_pipes
     fixed = _without(adapter, selected)
-    # Pipes whose every worker is being re-solved contribute nothing to the fixed part: skip
-    # their (all-zero) forward, which would cost as much as the accumulation itself.
-    counts = {p: sum(1 for q, _ in selected if q == p) for p in range(cfg.num_pipes)}
-    fixed_pipes = [p for p in range(cfg.num_pipes) if counts[p] < cfg.pipes[p].workers]
     betas = adapter.betas(torch.float64)
 
     grams: dict[tuple, torch.Tensor] = {}
     rhs = [torch.zeros(0)] * len(segments)
     for i, seg in enumerate(segments):
-        dim = sum(m.cols.stop - m.cols.start for m in seg.members)
+        dim = plan.dims[seg.key]
         grams.setdefault(seg.key, torch.zeros(dim, dim, dtype=torch.float64))
         rhs[i] = torch.zeros(dim, seg.rows.stop - seg.rows.start, dtype=torch.float64)
-    gated_pipes = sorted({m.pipe for m in members if cfg.pipes[m.pipe].gated})
+    per_row, _ = plan.work()
 
-    with progress_bar(data.count(split), desc) as bar, torch.no_grad():
+    with progress_bar(data.count(split), desc, work=budget.pass_work(per_row, data.chunk_rows)) as bar, torch.no_grad():
         for x, z in data.chunks(split):
             e = z.clone()
             for p in fixed_pipes:
@@ -114,6 +105,7 @@ def refit_workers(
         idx = [i for i, s in enumerate(segments) if s.key == key]
         sol, _ = solve_normal(gram, torch.cat([rhs[i] for i in idx], dim=1), ridge,
                               what="the selected workers' normal equations", strict=strict)
+        add_work(budget.solve_macs(gram.shape[0], sol.shape[1]))  # as _Plan.work counts it
         offset = 0
         for i in idx:
             seg = segments[i]
@@ -130,6 +122,59 @@ def refit_workers(
                      m.cols.start - c * spec.tile_cols: m.cols.stop - c * spec.tile_cols] = part[f0:f0 + n].T
                 f0 += n
     return result
+
+
+def refit_work(config: AdapterConfig, selection: Iterable[WorkerId], chunk_rows: int) -> tuple[float, float]:
+    """``(per_row, solves)``: the work ``refit_workers`` reports for this selection, in
+    multiply-adds (fit/budget.py), for the overall progress estimate of a command."""
+    per_row, solves = _plan(config, sorted(set(selection))).work()
+    return budget.pass_work(per_row, chunk_rows) if per_row else 0.0, solves
+
+
+@dataclass
+class _Plan:
+    """What a refit of a selection solves: its members, segments and gram sizes."""
+
+    config: AdapterConfig
+    segments: list[_Segment]
+    fixed_pipes: list[int]  # pipes whose forward gives the fixed part of the output
+    gated_pipes: list[int]  # pipes whose routing the features need
+    dims: dict[tuple, int]  # gram size per feature key
+
+    def work(self) -> tuple[int, int]:
+        """Per row: the fixed pipes' forward, the routing, every gram and right-hand side;
+        and the solves (one per key, right-hand sides: its segments' rows)."""
+        if not self.segments:
+            return 0, 0
+        cfg = self.config
+        widths: dict[tuple, int] = {}
+        for seg in self.segments:
+            widths[seg.key] = widths.get(seg.key, 0) + seg.rows.stop - seg.rows.start
+        per_row = (budget.forward_macs(cfg, self.fixed_pipes)
+                   + sum(cfg.in_dim * cfg.pipes[p].workers for p in self.gated_pipes)
+                   + sum(d * d + d * widths[k] for k, d in self.dims.items()))
+        return per_row, sum(budget.solve_macs(d, widths[k]) for k, d in self.dims.items())
+
+
+def _plan(cfg: AdapterConfig, selected: list[WorkerId]) -> _Plan:
+    members = []
+    for p, w in selected:
+        spec = cfg.pipes[p]
+        rows, cols = worker_block(spec.grid, spec.tile, w, cfg.in_dim, cfg.out_dim)
+        if rows.start == rows.stop or cols.start == cols.stop:
+            continue  # wholly in the padding: it multiplies zeros or writes discarded rows
+        key = (p, w % spec.cols, w if spec.gated else -1)
+        members.append(_Member(p, w, rows, cols, key))
+    segments = _segments(members)
+    # Pipes whose every worker is being re-solved contribute nothing to the fixed part: skip
+    # their (all-zero) forward, which would cost as much as the accumulation itself.
+    counts = {p: 0 for p in range(cfg.num_pipes)}
+    for p, _ in selected:
+        counts[p] += 1
+    fixed_pipes = [p for p in range(cfg.num_pipes) if counts[p] < cfg.pipes[p].workers]
+    gated_pipes = sorted({m.pipe for m in members if cfg.pipes[m.pipe].gated})
+    dims = {seg.key: sum(m.cols.stop - m.cols.start for m in seg.members) for seg in segments}
+    return _Plan(cfg, segments, fixed_pipes, gated_pipes, dims)
 
 
 def assign_tiles(adapter: PrismAdapter, new: dict[WorkerId, torch.Tensor]) -> None:

@@ -8,6 +8,7 @@ rows are held out whatever the chunk size, in ``fit``, ``workers`` and ``refit``
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator
 from typing import Literal
@@ -77,6 +78,15 @@ class PairedData:
         np.save(xp, x)
         np.save(zp, z)
         return cls(xp, zp, **kw)  # type: ignore[arg-type]
+
+    def with_chunk_rows(self, chunk_rows: int) -> PairedData:
+        """The same files and split, read ``chunk_rows`` rows at a time (every statistic is a sum
+        over rows and gate minibatches come from fixed blocks, so only rounding depends on it)."""
+        if chunk_rows < 1:
+            raise PrismInputError(f"chunk_rows: must be positive, got {chunk_rows}")
+        other = copy.copy(self)
+        other.chunk_rows = chunk_rows
+        return other
 
     @property
     def in_dim(self) -> int:
