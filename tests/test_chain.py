@@ -366,3 +366,24 @@ def test_chain_refuses_bad_inputs(parts):
         chain.generate([[1, 2]], max_new_tokens=0)
     with pytest.raises(PrismInputError, match="stage 3 \\(model model_2\\).*role 'first', 'middle' is needed"):
         Chain([parts["gpt2_first"], parts["gpt2-llama"], parts["gpt2_first"], parts["llama-qwen2"], parts["qwen2_last"]])
+
+
+def test_an_ambiguous_adapter_build_names_the_keyword_of_the_api_in_use(zoo, tmp_path, capsys):
+    """A build folder with several engines: each API says how it picks one (issue 17)."""
+    from prism_deploy.builder import BuildRequest, build_engines
+
+    build = tmp_path / "a"
+    build_engines(BuildRequest(adapter=zoo["adapter"], out_dir=build, target="ort-cpu",
+                               precisions=("fp32", "fp16")), log=lambda _m: None).raise_for_failures()
+    with pytest.raises(PrismInputError, match=r"pick one with adapter_precision= \(one of fp16, fp32\)"):
+        Pipeline(zoo["A"], build, zoo["B"])
+    assert Pipeline(zoo["A"], build, zoo["B"], adapter_precision="fp16").adapter.precision == "fp16"
+    code = main(["run", "--model-a", str(zoo["A"]), "--adapter", str(build), "--model-b", str(zoo["B"]),
+                 "--ids", str(write_ids(tmp_path))])
+    assert code == 2 and "pick one with --adapter-precision" in capsys.readouterr().err
+
+
+def write_ids(tmp_path: Path) -> Path:
+    path = tmp_path / "ids.json"
+    path.write_text("[[1, 2, 3]]")
+    return path

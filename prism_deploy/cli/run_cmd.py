@@ -39,7 +39,7 @@ def open_chain(args: argparse.Namespace) -> Any:
     if any(v is None for v in pair):
         raise PrismInputError("give --chain FILE, or all of --model-a DIR --adapter DIR_OR_FILE --model-b DIR")
     return Pipeline(args.model_a, args.adapter, args.model_b, target=args.target or "ort-cpu",
-                    adapter_precision=args.adapter_precision)
+                    adapter_precision=args.adapter_precision, precision_keyword="--adapter-precision")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -64,7 +64,7 @@ def build_host_runner(spec: TileDispatchSpec, *, use_cache: bool = True) -> Path
     for part in [*(p.read_bytes() for p in sources), *(s.encode() for s in spec.defines()), *(v.encode() for v in version)]:
         h.update(hashlib.sha256(part).digest())
     exe = cache_dir() / f"tile_dispatch-host-{h.hexdigest()[:24]}"
-    if use_cache and exe.is_file():
+    if use_cache and exe.is_file() and os.access(exe, os.X_OK):  # a copy without its x bit is rebuilt
         touch_cache_entry(exe)
         return exe
     host_dir = sources[1].parent

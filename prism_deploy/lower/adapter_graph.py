@@ -145,8 +145,10 @@ class AdapterGraphBuilder:
         y2 = outputs[0] if len(outputs) == 1 else g.op("Sum", outputs, "combine/Sum")
         if np.dtype(self.io_dtype) != self.cd:
             y2 = g.op("Cast", [y2], "output/Cast", to=io_type)
+        y2 = g.op("Slice", [y2, g.ints("output/zero", [0]), self.rows, g.ints("output/axes", [0])], "output/rows")
         out_shape = g.op("Concat", [lead, g.ints("output/out_dim", [cfg.out_dim])], "output/shape", axis=0)
-        g.op("Reshape", [y2, out_shape], "output/Reshape", outputs=["adapted"])
+        # allowzero: a 0 in the shape is a dimension of 0 tokens, not "copy the input's"
+        g.op("Reshape", [y2, out_shape], "output/Reshape", outputs=["adapted"], allowzero=1)
 
         graph = g.graph
         graph.name = "prism_adapter"
@@ -177,8 +179,18 @@ class AdapterGraphBuilder:
         shape = g.op("Shape", ["hidden"], "input/Shape")
         lead = g.op("Slice", [shape, g.ints("input/zero", [0]), g.ints("input/two", [2])], "input/lead")
         name = "hidden_2d" if np.dtype(self.io_dtype) == self.cd else "hidden_2d_io"
-        x2 = g.op("Reshape", ["hidden", g.ints("input/flat_shape", [-1, self.config.in_dim])],
-                  "input/Reshape", outputs=[name])
+        x2 = g.op("Reshape", ["hidden", g.ints("input/flat_shape", [-1, self.config.in_dim])], "input/Reshape")
+        # Zero tokens are legal input. ONNX Runtime's CPU MatMul with a batch dimension and no
+        # rows dies of SIGFPE (and int8's DynamicQuantizeLinear has no range to take), so the
+        # graph computes on one row of zeros when there are none and keeps only the real rows
+        # at the end (output/rows): for T > 0 the pad is zero rows and the slice keeps all.
+        self.rows = g.op("Slice", [g.op("Shape", [x2], "input/Shape2d"), g.ints("input/zero_", [0]),
+                                   g.ints("input/one", [1])], "input/rows")
+        empty = g.op("Cast", [g.op("Equal", [self.rows, g.ints("input/none", [0])], "input/Equal")],
+                     "input/empty", to=TensorProto.INT64)
+        pads = g.op("Concat", [g.ints("input/pads_begin", [0, 0]), empty, g.ints("input/pads_col", [0])],
+                    "input/pads", axis=0)
+        x2 = g.op("Pad", [x2, pads], "input/Pad", outputs=[name])
         return x2, lead
 
     def metadata(self) -> dict[str, Any]:

@@ -133,8 +133,6 @@ class AdapterGraph:
         """The output and, per gated pipe index, its selected workers ``[tokens, top_k]``."""
         x = np.asarray(hidden)
         shape = self._check(x)
-        if 0 in shape:  # zero tokens: the answer is empty, no session needed
-            return np.zeros((*shape[:2], self.out_dim or 0), np.float32), {}
         res = self.runner.run({self.input_name: x}, self._outputs)
         sel = {i: res[name].reshape(-1, res[name].shape[-1]) for i, name in self.selection_outputs.items()}
         return np.asarray(res[self.output_name], dtype=np.float32), sel

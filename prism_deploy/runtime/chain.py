@@ -40,6 +40,7 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.targets import target_provider
 from prism_deploy.format.chain_file import ChainSpec, StageSpec, read_chain_file, stage_digest
 from prism_deploy.runtime.adapters import adapter_runner
+from prism_deploy.runtime.engines import AmbiguousEngines
 from prism_deploy.runtime.model_folder import ModelStage
 from prism_deploy.runtime.onnx_runner import host, shape_of
 
@@ -61,7 +62,8 @@ class Chain:
 
     def __init__(self, stages: Sequence[Any], target: str = "ort-cpu", *, names: Sequence[str] | None = None,
                  precisions: Sequence[str | None] | None = None, targets: Sequence[str | None] | None = None,
-                 spec: ChainSpec | None = None, threads: int | None = None) -> None:
+                 spec: ChainSpec | None = None, threads: int | None = None,
+                 precision_keyword: str = "precisions=[...]") -> None:
         """``stages``: model folders and adapters, alternating, models first and last. ``names``,
         ``precisions`` (adapters) and ``targets`` (per stage, defaulting to ``target``) are optional;
         ``threads``: ONNX Runtime's intra-op threads for the models and ONNX adapters (its own
@@ -89,6 +91,9 @@ class Chain:
                 else:
                     obj = adapter_runner(stage, stage_targets[i], precision=precisions[i], threads=threads)
                     self.adapters.append(obj)
+            except AmbiguousEngines as exc:  # said in this API's words
+                raise exc.saying(f"pick one with {precision_keyword} (one of {', '.join(sorted(_precisions(exc.ids)))})"
+                                 ) from None
             except PrismInputError as exc:  # the same kind of error (an engine's stays an EngineFileError), labelled
                 raise type(exc)(f"{label}: {exc}") from None
             self.stages.append(obj)
@@ -104,7 +109,8 @@ class Chain:
         for s in spec.stages:
             check_stage_files(spec, s)
         return cls([s.path for s in spec.stages], target or spec.target or "ort-cpu", names=[s.name for s in spec.stages],
-                    precisions=[s.precision for s in spec.stages], targets=[s.target for s in spec.stages], spec=spec)
+                    precisions=[s.precision for s in spec.stages], targets=[s.target for s in spec.stages], spec=spec,
+                   precision_keyword=f"precision = \"...\" on that stage of {spec.path}")
 
     # ---- structure --------------------------------------------------------------------------------
     @property
@@ -276,9 +282,11 @@ class Pipeline(Chain):
     ``model_a``, ``adapter``, ``model_b``)."""
 
     def __init__(self, model_a: str | os.PathLike[str], adapter: Any, model_b: str | os.PathLike[str],
-                 target: str = "ort-cpu", *, adapter_precision: str | None = None, threads: int | None = None) -> None:
+                 target: str = "ort-cpu", *, adapter_precision: str | None = None, threads: int | None = None,
+                 precision_keyword: str = "adapter_precision=") -> None:
         super().__init__([model_a, adapter, model_b], target, names=["model_a", "adapter", "model_b"],
-                         precisions=[None, adapter_precision, None], threads=threads)
+                         precisions=[None, adapter_precision, None], threads=threads,
+                         precision_keyword=precision_keyword)
 
     @property
     def adapter(self) -> Any:
@@ -293,6 +301,11 @@ class Pipeline(Chain):
         a, b = self.models
         return {**super().describe(), "adapter_runner": self.adapter_kind, "model_a": str(a.dir), "model_b": str(b.dir),
                 "d_a": a.hidden_size, "d_b": b.hidden_size, "vocab_b": b.vocab, "adapter_on_device": self._adapter_on_device(1)}
+
+
+def _precisions(ids: list[str]) -> set[str]:
+    """The precisions named in engine ids (``target/precision/layout/...``)."""
+    return {i.split("/")[1] for i in ids if i.count("/") >= 2}
 
 
 def default_names(n: int) -> list[str]:

@@ -158,7 +158,9 @@ class LoadedEngines:
         if len(shape) not in (2, 3) or shape[-1] != self.in_dim:
             raise PrismInputError(f"hidden must be [batch, seq, {self.in_dim}] or [tokens, {self.in_dim}], "
                                   f"got {list(shape)}")
-        if device is None and 0 in shape:  # zero tokens: an empty answer, no engine call
+        if device is None and 0 in shape and self.target == "trt":
+            # zero tokens: the ONNX graphs answer them themselves (lower/adapter_graph.py); a
+            # TensorRT engine's profile starts at one token, so the answer is made here
             return np.zeros((*shape[:-1], self.out_dim), np.float32)
         x3 = x.reshape(1, *shape) if len(shape) == 2 else x
         y = None
@@ -182,6 +184,18 @@ def open_entry(directory: str | os.PathLike[str], entry: dict[str, Any], config:
     return loaded
 
 
+class AmbiguousEngines(EngineFileError):
+    """Several engines of a build folder match; ``how`` says how the caller's API picks one."""
+
+    def __init__(self, directory: Any, want: str, ids: list[str],
+                 how: str = "pass precision=, target=, per_pipe=, plugin= or engine_id= to pick one") -> None:
+        self.directory, self.want, self.ids = directory, want, ids
+        super().__init__(f"{directory}: {len(ids)} engines match {want or 'any'} ({', '.join(ids)}); {how}")
+
+    def saying(self, how: str) -> AmbiguousEngines:
+        return AmbiguousEngines(self.directory, self.want, self.ids, how)
+
+
 def select_entry(manifest: dict[str, Any], directory: Path, *, precision: str | None = None,
                  target: str | None = None, per_pipe: bool | None = None, plugin: bool | None = None,
                  layout: str | None = None, engine_id: str | None = None) -> dict[str, Any]:
@@ -203,8 +217,7 @@ def select_entry(manifest: dict[str, Any], directory: Path, *, precision: str | 
     if not found:
         raise EngineFileError(f"{directory}: no engine matches {want or 'any'} (built: {have})")
     if len(found) > 1:
-        raise EngineFileError(f"{directory}: {len(found)} engines match {want or 'any'} ({', '.join(e['id'] for e in found)}); "
-                              "pass precision=, target=, per_pipe=, plugin= or engine_id= to pick one")
+        raise AmbiguousEngines(directory, want, [e["id"] for e in found])
     return found[0]
 
 
