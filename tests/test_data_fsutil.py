@@ -62,6 +62,62 @@ def test_bad_matrix_inputs_are_clean_errors(tmp_path, arrays):
         MatrixFile(tmp_path / "junk.npy")
 
 
+def _npz_member(path, name: str, header: dict, payload_bytes: int) -> None:
+    """An .npz whose member declares ``header`` and holds ``payload_bytes`` zero bytes, deflated."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+            head = io.BytesIO()
+            np.lib.format.write_array_header_1_0(head, header)
+            f.write(head.getvalue())
+            block = bytes(1 << 24)
+            for start in range(0, payload_bytes, len(block)):
+                f.write(block[: min(len(block), payload_bytes - start)])
+
+
+def test_a_compressed_npz_is_read_in_bounded_memory(tmp_path):
+    """Issue 17: a 2 MB .npz bomb took 2.3 GB just to read its shape; now the shape comes from
+    the member's header and rows are decompressed as they are read."""
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "bomb.npz"
+    rows, cols = 100_000, 1024  # 400 MB of float32 zeros in well under 1 MB
+    _npz_member(bomb, "x", {"descr": "<f4", "fortran_order": False, "shape": (rows, cols)}, rows * cols * 4)
+    assert bomb.stat().st_size < (1 << 20)
+    # VmHWM is the process's own peak (getrusage's maxrss carries the parent's over fork)
+    code = f"""
+from prism_deploy.core.data import MatrixFile
+m = MatrixFile({str(bomb)!r})
+assert m.shape == ({rows}, {cols})
+total = sum(float(c.sum()) for c in m.iter_chunks(4096))
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(total, peak // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    total, peak_mib = out.stdout.split()
+    assert float(total) == 0.0 and int(peak_mib) < 250  # the array alone would be 400 MB
+
+
+def test_npz_members_are_checked_before_they_are_read(tmp_path):
+    lying = tmp_path / "lying.npz"  # declares 1e6 x 1000 float32, holds 400 bytes
+    _npz_member(lying, "x", {"descr": "<f4", "fortran_order": False, "shape": (1_000_000, 1000)}, 400)
+    with pytest.raises(PrismInputError, match="declares .* bytes, the archive holds"):
+        MatrixFile(lying)
+    np.savez(tmp_path / "objects.npz", x=np.array([[object()]], dtype=object))
+    with pytest.raises(PrismInputError, match="Python objects"):
+        MatrixFile(tmp_path / "objects.npz")
+    np.savez(tmp_path / "fortran.npz", x=np.asfortranarray(np.ones((3, 4), np.float32)))
+    with pytest.raises(PrismInputError, match="Fortran order"):
+        MatrixFile(tmp_path / "fortran.npz")
+    np.savez_compressed(tmp_path / "ok.npz", x=np.arange(12, dtype=np.float32).reshape(4, 3))
+    m = MatrixFile(tmp_path / "ok.npz")
+    assert m.rows_range(2, 4).tolist() == [[6, 7, 8], [9, 10, 11]] and m.rows_range(0, 1).tolist() == [[0, 1, 2]]
+
+
 def test_atomic_output_keeps_old_content_on_failure_and_leaves_no_temp(tmp_path):
     target = tmp_path / "out.txt"
     write_text_atomic(target, "old")

@@ -161,3 +161,28 @@ def test_cli_export_bad_calib(files, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and calib in err[0]
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_graph_is_checked_only_against_the_adapter_it_was_lowered_from(tmp_path, capsys):
+    """Issue 17: parity against another adapter's graph says so before comparing any number."""
+    from prism_deploy.cli.main import main
+    from prism_deploy.format import read_adapter_file, write_adapter_file
+    from prism_deploy.lower import export_onnx
+    from prism_deploy.reference import random_adapter, simple_config
+
+    source = random_adapter(simple_config(24, 20, (2, 2), top_k=2), seed=3)
+    source.save(tmp_path / "a.safetensors")
+    export_onnx(source, tmp_path / "a.onnx")
+    stored = read_adapter_file(tmp_path / "a.safetensors")
+    tensors = {k: v.copy() for k, v in stored.tensors.items()}
+    tensors["pipes.0.tiles"][1] *= 2  # one worker's weights changed: same layout, another adapter
+    write_adapter_file(tmp_path / "b.safetensors", stored.config, tensors)
+    random_adapter(simple_config(24, 20, (4, 1)), seed=3).save(tmp_path / "c.safetensors")
+
+    assert main(["parity", str(tmp_path / "a.safetensors"), "--onnx", str(tmp_path / "a.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["parity", str(tmp_path / "b.safetensors"), "--onnx", str(tmp_path / "a.onnx")]) == 1
+    out = capsys.readouterr()
+    assert "lowered from another adapter of the same layout" in out.err and "worker" not in out.out
+    assert main(["parity", str(tmp_path / "c.safetensors"), "--onnx", str(tmp_path / "a.onnx")]) == 2
+    assert "lowered from an adapter of another layout" in capsys.readouterr().err

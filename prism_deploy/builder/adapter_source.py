@@ -44,17 +44,6 @@ class BuildRequest:
     progress: bool = False
 
 
-def topology(config: AdapterConfig) -> dict[str, Any]:
-    """What fixes an engine's graph (and so decides whether a refit can replace its weights)."""
-    return {
-        "in_dim": config.in_dim,
-        "out_dim": config.out_dim,
-        "combine": config.combine,
-        "pipes": [{"name": p.name, "grid": list(p.grid), "tile": list(p.tile), "top_k": p.top_k,
-                   "gate_scale": p.gate_scale if p.gated else None} for p in config.pipes],
-    }
-
-
 def topology_key(topo: dict[str, Any], cfg: EngineConfig, tools: dict[str, Any], device: dict[str, Any]) -> str:
     """Same key = an engine of identical structure: only the weights differ (refit them)."""
     arch = device.get("compute_capability", device.get("machine"))
@@ -96,7 +85,7 @@ class AdapterSource:
         self.sha256 = file_sha256(self.path)
         self.label = self.path.name
         self.calib_sha = file_sha256(request.calib) if request.calib is not None and request.calib.is_file() else None
-        self.topology = topology(self.config)
+        self.topology = self.config.topology()
         self.record = {"file": self.path.name, "sha256": self.sha256, "config": self.config.to_json(),
                        "topology_sha256": canonical_hash(self.topology)}
         self.notes: list[str] = []

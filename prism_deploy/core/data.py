@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,9 +73,9 @@ class MatrixFile:
                 self._npy = np.load(self.path, mmap_mode="r", allow_pickle=False)
                 return tuple(self._npy.shape)
             if self.kind == ".npz":
-                self._npz = np.load(self.path, allow_pickle=False)
-                self.name = self._pick(list(self._npz.files))
-                return tuple(self._npz[self.name].shape)
+                self._npz = NpzMember(self.path, self._pick)
+                self.name = self._npz.name
+                return self._npz.shape
             from safetensors import safe_open
 
             self._st = safe_open(str(self.path), framework="pt")
@@ -100,13 +101,54 @@ class MatrixFile:
         if self.kind == ".npy":
             return np.asarray(self._npy[start:stop])
         if self.kind == ".npz":
-            return np.asarray(self._npz[self.name][start:stop])
+            return self._npz.rows(start, stop)
         import torch
 
         t = self._st.get_slice(self.name)[start:stop]
         if t.dtype == torch.bfloat16:
             t = t.float()
         return t.numpy()
+
+
+class NpzMember:
+    """One array of an ``.npz`` archive, read a row range at a time.
+
+    ``np.load(...)[name]`` decompresses the whole array for every access: a 2 MB archive of
+    zeros can declare gigabytes, and reading its shape alone would allocate them. Here only the
+    member's ``.npy`` header is read to learn the shape, the declared size is checked against
+    the size the archive records for the member, and rows are decompressed as they are asked
+    for (forward reads stream; a backward seek decompresses from the start again)."""
+
+    def __init__(self, path: Path, pick: Any) -> None:
+        import zipfile
+
+        self.path = path
+        self._zip = zipfile.ZipFile(path)
+        names = [n[:-4] for n in self._zip.namelist() if n.endswith(".npy")]
+        self.name = pick(names)
+        info = self._zip.getinfo(self.name + ".npy")
+        self._fh = self._zip.open(info)
+        version = np.lib.format.read_magic(self._fh)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise PrismInputError(f"{path}[{self.name}]: .npy format version {version} is not supported")
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(self._fh)
+        if dtype.hasobject:
+            raise PrismInputError(f"{path}[{self.name}]: holds Python objects (pickled data), not numbers")
+        if fortran and len(shape) > 1:
+            raise PrismInputError(f"{path}[{self.name}]: stored in Fortran order; save it in C order (np.ascontiguousarray)")
+        self.shape, self.dtype = tuple(int(d) for d in shape), dtype
+        self._data = self._fh.tell()
+        declared = self._data + int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+        if declared != info.file_size:
+            raise PrismInputError(f"{path}[{self.name}]: the header declares {declared:,} bytes, the archive holds "
+                                  f"{info.file_size:,}")
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._fh.seek(self._data + start * row_bytes)
+        data = self._fh.read((stop - start) * row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(stop - start, *self.shape[1:])
 
 
 def split_name(path: str | os.PathLike[str], name: str | None = None) -> tuple[Path, str | None]:

@@ -79,6 +79,21 @@ class AdapterTensors:
     def describe(self) -> dict[str, Any]:
         return describe(self.config, self.tensors)
 
+    def content_digest(self) -> str:
+        """``sha256:...`` of what the adapter computes: its topology and every tensor's name,
+        dtype, shape and bytes (notes such as ``source`` left out). A lowered graph records it,
+        so a graph is never checked against an adapter it was not lowered from."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps(self.config.topology(), sort_keys=True).encode())
+        for name in sorted(self.tensors):
+            t = np.ascontiguousarray(self.tensors[name])
+            h.update(json.dumps([name, dtype_name(t.dtype), list(t.shape)]).encode())
+            flat = t.reshape(-1).view(np.uint8)
+            for start in range(0, flat.size, 1 << 26):  # 64 MiB at a time: no copy of big tensors
+                h.update(flat[start:start + (1 << 26)])
+        return "sha256:" + h.hexdigest()
+
 
 def adapter_arrays(adapter: Any) -> AdapterTensors:
     """``AdapterTensors`` of an adapter given as such, or as any object with ``arrays()``

@@ -146,6 +146,17 @@ class AdapterConfig:
             obj["target"] = self.target
         return obj
 
+    def topology(self) -> dict[str, Any]:
+        """What fixes the structure of a lowered graph or engine: the same topology with other
+        weights is the same graph with other initializers (a refit, not a rebuild)."""
+        return {
+            "in_dim": self.in_dim,
+            "out_dim": self.out_dim,
+            "combine": self.combine,
+            "pipes": [{"name": p.name, "grid": list(p.grid), "tile": list(p.tile), "top_k": p.top_k,
+                       "gate_scale": p.gate_scale if p.gated else None} for p in self.pipes],
+        }
+
     def dumps(self) -> str:
         try:
             return jsontext.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))

@@ -17,11 +17,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from prism_deploy.core.tolerances import Tolerances
-from prism_deploy.core.tolerances import adapter as adapter_tolerances
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.metrics import ErrorAccumulator
 from prism_deploy.core.tiles import stored_as
+from prism_deploy.core.tolerances import Tolerances
+from prism_deploy.core.tolerances import adapter as adapter_tolerances
 from prism_deploy.reference import PrismAdapter
 
 # Tolerances per precision: prism_deploy.core.tolerances.adapter (docs/precision.md gives the
@@ -84,6 +84,7 @@ def check_parity(
         from prism_deploy.runtime.adapter_graph import AdapterGraph
 
         runner = AdapterGraph(runner_or_onnx_path, provider)
+    check_lowered_from(adapter, getattr(runner, "metadata", None), getattr(runner, "path", None))
     precision = precision or getattr(runner, "precision", None)
     if precision is None:
         raise PrismInputError("check_parity: give precision= (the runner does not say which it runs)")
@@ -183,6 +184,33 @@ def _input_batches(in_dim: int, inputs: np.ndarray | str | os.PathLike[str] | No
     for start in range(0, rows.shape[0], step):
         chunk = rows[start:start + step]
         yield chunk.reshape(batch, seq, in_dim) if chunk.shape[0] == step else chunk[None]
+
+
+def check_lowered_from(adapter: PrismAdapter, metadata: dict[str, Any] | None, graph: Any) -> None:
+    """A graph is compared only with the adapter it was lowered from (recorded in its metadata
+    by ``export``): another layout is bad input, other weights of the same layout a failed
+    check, said before any number is compared (blame would name workers of the wrong adapter)."""
+    record = (metadata or {}).get("adapter")
+    if not isinstance(record, dict):
+        return  # lowered before graphs recorded their adapter
+    name = graph or "the graph"
+    if record.get("topology") != adapter.config.topology():
+        raise PrismInputError(f"{name}: lowered from an adapter of another layout than this one "
+                              f"(pipes {_pipes(record.get('topology'))} vs {_pipes(adapter.config.topology())})")
+    digest = adapter.arrays().content_digest()
+    if record.get("digest") != digest:
+        raise CheckFailed(f"{name}: lowered from another adapter of the same layout (weights {str(record.get('digest'))[7:19]} "
+                          f"in the graph, {digest[7:19]} here); export this adapter again to check it")
+
+
+def _pipes(topology: Any) -> str:
+    pipes = topology.get("pipes", []) if isinstance(topology, dict) else []
+    return ", ".join(f"{p.get('name')} {_x(p.get('grid'))} of {_x(p.get('tile'))}" for p in pipes
+                     if isinstance(p, dict)) or "?"
+
+
+def _x(pair: Any) -> str:
+    return "x".join(str(v) for v in pair) if isinstance(pair, list) else "?"
 
 
 def _count_selections(adapter: PrismAdapter, i: int, x2: torch.Tensor, routing: Any, got: np.ndarray,
