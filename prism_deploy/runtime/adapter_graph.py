@@ -132,7 +132,7 @@ class AdapterGraph:
     def run_with_selections(self, hidden: Any) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """The output and, per gated pipe index, its selected workers ``[tokens, top_k]``."""
         x = np.asarray(hidden)
-        shape = self._check(x)
+        self._check(x)
         res = self.runner.run({self.input_name: x}, self._outputs)
         sel = {i: res[name].reshape(-1, res[name].shape[-1]) for i, name in self.selection_outputs.items()}
         return np.asarray(res[self.output_name], dtype=np.float32), sel
