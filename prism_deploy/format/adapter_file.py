@@ -91,7 +91,7 @@ class AdapterTensors:
             h.update(json.dumps([name, dtype_name(t.dtype), list(t.shape)]).encode())
             flat = t.reshape(-1).view(np.uint8)
             for start in range(0, flat.size, 1 << 26):  # 64 MiB at a time: no copy of big tensors
-                h.update(memoryview(flat[start:start + (1 << 26)]))
+                h.update(flat[start:start + (1 << 26)].tobytes())  # a 64 MiB copy at most
         return "sha256:" + h.hexdigest()
 
 
