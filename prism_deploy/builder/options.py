@@ -14,13 +14,13 @@ from typing import Any
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.precision import CALIBRATORS, Precision
 from prism_deploy.core.targets import Target
+from prism_deploy.format.engine_manifest import PROFILE_MAX
 
 PLUGIN_MODES = ("auto", "on", "off")
 DEFAULT_BATCH = (1, 4, 32)
 DEFAULT_SEQ = (1, 64, 1024)
 # Largest batch or sequence a profile may name: far beyond any engine, small enough that no
 # shape arithmetic downstream overflows.
-PROFILE_MAX = 1 << 20
 # What part of its source an engine holds: an adapter whole or one engine per pipe, or one
 # graph of an exported model.
 ADAPTER_LAYOUTS = ("whole", "per-pipe")

@@ -41,10 +41,13 @@ ENGINE_SUFFIXES = (".engine", ".ort.onnx", ".ort.data")
 # folder (``build --model DIR``); the manifest names its source under this key.
 SOURCE_KINDS = ("adapter", "model")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# the largest batch or sequence length an engine profile may name (MIN <= OPT <= MAX)
+PROFILE_MAX = 1 << 20
 
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _NAME = {"type": "string", "minLength": 1}
 _COUNT = {"type": "integer", "minimum": 0}
+_RANGE = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "integer", "minimum": 1, "maximum": PROFILE_MAX}}
 _PART = {
     "type": "object",
     "required": ["file", "sha256", "bytes"],
@@ -66,11 +69,13 @@ _ENTRY = {
             "properties": {"target": {"enum": list(TARGETS)},
                            "precision": {"enum": sorted(set(PRECISIONS) | set(MODEL_PRECISIONS))},
                            "plugin": {"type": "boolean"}, "layout": {"type": "string"},
+                           "profile": {"type": "object", "required": ["batch", "seq"],
+                                       "properties": {"batch": _RANGE, "seq": _RANGE}},
                            "version_compatible": {"type": "boolean"}},
         },
         "parts": {"type": "array", "minItems": 1, "items": _PART},
         "combine_weights": {"type": ["array", "null"], "items": {"type": "number"}},
-        "session": {"type": ["object", "null"],
+        "session": {"type": ["object", "null"], "required": ["provider", "load_graph_optimization_level"],
                     "properties": {"provider": {"enum": ["cpu", "cuda"]},
                                    "load_graph_optimization_level": {"enum": ["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC",
                                                                                "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"]},
@@ -152,7 +157,25 @@ def validate_manifest(obj: Any, where: str | os.PathLike[str]) -> None:
     ids = [e["id"] for e in obj["engines"]]
     if len(set(ids)) != len(ids):
         raise EngineFileError(f"{where}: engines: duplicate id")
+    config = None
+    if "adapter" in obj:
+        from prism_deploy.core.errors import AdapterFormatError
+        from prism_deploy.format.config import AdapterConfig
+
+        try:
+            config = AdapterConfig.from_json(obj["adapter"]["config"])
+        except AdapterFormatError as exc:
+            raise EngineFileError(f"{where}: adapter.{exc}") from None
     for i, entry in enumerate(obj["engines"]):
+        profile = entry["configuration"].get("profile") or {}
+        for axis, (lo, opt, hi) in ((k, v) for k, v in profile.items() if k in ("batch", "seq")):
+            if not lo <= opt <= hi:
+                raise EngineFileError(f"{where}: engines.{i}.configuration.profile.{axis}: {[lo, opt, hi]} is not "
+                                      "MIN <= OPT <= MAX")
+        for j, part in enumerate(entry["parts"]):
+            if config is not None and part.get("pipe") is not None and part["pipe"] >= config.num_pipes:
+                raise EngineFileError(f"{where}: engines.{i}.parts.{j}.pipe: {part['pipe']} is not a pipe of the "
+                                      f"adapter ({config.num_pipes} pipe(s))")
         weights = entry.get("combine_weights")
         if weights is not None:
             if len(weights) != len(entry["parts"]):

@@ -66,6 +66,11 @@ class OrtEngineRunner:
                                       session_config=session.get("load_session_config"))
         self.session = self.runner.session
 
+    def widths(self) -> tuple[Any, Any]:
+        """The last dimension of ``hidden`` and of ``adapted``, as the engine file says."""
+        dims = {i.name: i.shape[-1] for i in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        return dims.get(INPUT_NAME), dims.get(OUTPUT_NAME)
+
     def run(self, hidden: Any) -> Any:
         dev = _cuda_tensor(hidden)
         if dev is None:
@@ -91,15 +96,26 @@ class OrtEngineRunner:
         return cupy.from_dlpack(out)
 
 
-def _open_runner(path: Path, entry: dict[str, Any], out_dim: int) -> Any:
+def _open_runner(path: Path, entry: dict[str, Any], in_dim: int, out_dim: int) -> Any:
     cfg = entry["configuration"]
     if entry["target"] == targets.Target.TRT:
         from prism_deploy.trt.engine import TrtRunner
 
-        return TrtRunner(path, plugin=bool(cfg.get("plugin")), version_compatible=bool(cfg.get("version_compatible")))
+        trt_runner = TrtRunner(path, plugin=bool(cfg.get("plugin")), version_compatible=bool(cfg.get("version_compatible")))
+        _check_widths(path, trt_runner, in_dim, out_dim)
+        return trt_runner
     if not isinstance(entry.get("session"), dict) or "provider" not in entry["session"]:
         raise EngineFileError(f"engine {entry['id']}: the manifest lacks its session record")
-    return OrtEngineRunner(path, entry["session"], out_dim)
+    runner = OrtEngineRunner(path, entry["session"], out_dim)
+    _check_widths(path, runner, in_dim, out_dim)
+    return runner
+
+
+def _check_widths(path: Path, runner: Any, in_dim: int, out_dim: int) -> None:
+    """The file is the one the manifest hashed; its interface must also be the one it states."""
+    have = runner.widths()
+    if have != (in_dim, out_dim):
+        raise EngineFileError(f"{path}: is {have[0]} -> {have[1]} wide, the manifest says {in_dim} -> {out_dim}")
 
 
 def check_environment(entry: dict[str, Any]) -> None:
@@ -180,7 +196,7 @@ def open_entry(directory: str | os.PathLike[str], entry: dict[str, Any], config:
     weights = entry.get("combine_weights") or [1.0] * len(paths)
     loaded = LoadedEngines(base, entry, int(config["in_dim"]), int(config["out_dim"]))
     for weight, path in zip(weights, paths, strict=True):
-        loaded.parts.append((float(weight), _open_runner(path, entry, loaded.out_dim)))
+        loaded.parts.append((float(weight), _open_runner(path, entry, loaded.in_dim, loaded.out_dim)))
     return loaded
 
 

@@ -223,6 +223,10 @@ class TrtRunner:
         self._dtypes = {name: np.dtype(to_numpy(self.engine.get_tensor_dtype(name)) if to_numpy else np.float32)
                         for name in (INPUT_NAME, OUTPUT_NAME)}
 
+    def widths(self) -> tuple[int, int]:
+        """The last dimension of ``hidden`` and of ``adapted``, as the engine says."""
+        return (int(self.engine.get_tensor_shape(INPUT_NAME)[-1]), int(self.engine.get_tensor_shape(OUTPUT_NAME)[-1]))
+
     def _device_buffer(self, name: str, nbytes: int) -> int:
         from cuda.bindings import runtime as cudart
 
