@@ -403,3 +403,13 @@ def test_trt_input_graph_with_the_plugin_matches_the_reference_on_the_twin(tmp_p
     x = np.random.default_rng(8).standard_normal((2, 5, 48)).astype(np.float32)
     y = make_twin_session(model).run(["adapted"], {"hidden": x})[0]
     assert _rel_l2(y, adapter(torch.from_numpy(x).double()).numpy()) < 1e-5
+
+
+def test_the_parity_gate_runs_a_bounded_shape_whatever_the_profile():
+    """``--batch 1:100000:100000`` was killed for memory: the gate compared 6.4 million tokens."""
+    from prism_deploy.builder.options import Profile
+    from prism_deploy.parity.engines import PARITY_TOKENS, checked_shape
+
+    assert checked_shape(Profile((1, 100_000, 100_000), (1, 64, 1024))) == (PARITY_TOKENS // 64, 64)
+    assert checked_shape(Profile((1, 4, 32), (1, 64, 1024))) == (4, 64)
+    assert checked_shape(Profile((1, 1, 1), (1, 1 << 20, 1 << 20))) == (1, PARITY_TOKENS)

@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from prism_deploy.cli.numbers import COUNT, COUNT_OR_ZERO, SEED, THREADS, number
 from prism_deploy.cli.output import human_bytes, print_table
 from prism_deploy.cli.paths import declare_outputs
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.limits import Limit
 
 
 def register(subparsers: Any) -> None:
@@ -19,12 +21,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("folders", nargs="+", metavar="DIR", help="folders from export-model or build --model, one role")
     p.add_argument("--hf", metavar="HF_DIR", help="the source model for the eager baseline (default: model.json's source)")
     p.add_argument("--no-eager", action="store_true", help="skip transformers eager")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for ONNX Runtime and torch (default 1)")
-    p.add_argument("--prompt", type=int, default=64, help="prompt positions (default 64)")
-    p.add_argument("--new-tokens", type=int, default=32, help="decoding steps after the prompt (default 32; model B)")
-    p.add_argument("--repeat", type=int, default=5, help="timed generations per folder, interleaved (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed generations first (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=number(THREADS), default=1, help="CPU threads for ONNX Runtime and torch (default 1)")
+    p.add_argument("--prompt", type=number(COUNT), default=64, help="prompt positions (default 64)")
+    p.add_argument("--new-tokens", type=number(COUNT_OR_ZERO), default=32, help="decoding steps after the prompt (default 32; model B)")
+    p.add_argument("--repeat", type=number(Limit(int, 1, 100_000)), default=5, help="timed generations per folder, interleaved (default 5)")
+    p.add_argument("--warmup", type=number(Limit(int, 0, 100_000)), default=1, help="untimed generations first (default 1)")
+    p.add_argument("--seed", type=number(SEED), default=0)
     p.add_argument("--json", metavar="FILE", help="write every figure and the machine description here")
     declare_outputs(p, files=("json",), folders=())
     p.set_defaults(func=run)

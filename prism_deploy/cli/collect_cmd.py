@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from prism_deploy.cli.numbers import COUNT, number
 from prism_deploy.cli.output import print_json
 from prism_deploy.cli.paths import declare_outputs
+from prism_deploy.core.limits import Limit
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-a", metavar="HF_DIR", help="model A's local Hugging Face folder")
     p.add_argument("--model-b", metavar="HF_DIR", help="model B's local Hugging Face folder")
     p.add_argument("--chain", metavar="FILE", help="instead of --model-a/--model-b: a chain file, with --hop")
-    p.add_argument("--hop", type=int, metavar="N",
+    p.add_argument("--hop", type=number(Limit(int, 1, 1 << 10)), metavar="N",
                    help="with --chain: the hop from model N to model N+1 (from 1), their `hf` folders")
     p.add_argument("--tokenizer-a", metavar="DIR", help="model A's tokenizer folder (default: --model-a)")
     p.add_argument("--tokenizer-b", metavar="DIR", help="model B's tokenizer folder (default: --model-b)")
@@ -21,8 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="output .safetensors with tensors X and Z")
     p.add_argument("--pool", default="last", choices=("last", "mean", "tokens"),
                    help="one row per text (last token / mean) or per model-A token aligned by char offsets")
-    p.add_argument("--max-seq", type=int, default=512, metavar="N", help="truncate texts to N tokens (default 512)")
-    p.add_argument("--batch", type=int, default=8, metavar="N", help="texts per forward pass (default 8)")
+    p.add_argument("--max-seq", type=number(COUNT), default=512, metavar="N", help="truncate texts to N tokens (default 512)")
+    p.add_argument("--batch", type=number(Limit(int, 1, 1 << 16)), default=8, metavar="N", help="texts per forward pass (default 8)")
     p.add_argument("--json", action="store_true", help="print what was written as one JSON object")
     declare_outputs(p, files=("output",), folders=())
     p.set_defaults(func=run, needs=("torch", "transformers"))

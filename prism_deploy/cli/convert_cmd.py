@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from prism_deploy.cli.numbers import WIDTH, number
 from prism_deploy.cli.paths import declare_outputs
+from prism_deploy.core.limits import Limit
+from prism_deploy.plan import MAX_WORKERS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -12,9 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert", help="turn the seed's torch.save'd [workers, tr, tc] tiles into a v1 adapter"
     )
     p.add_argument("tiles", help="a .pt file holding one tensor [workers, tile_rows, tile_cols]")
-    p.add_argument("--in-dim", type=int, required=True, help="input width the tiles were trained for")
-    p.add_argument("--out-dim", type=int, required=True, help="output width the tiles were trained for")
-    p.add_argument("--grid", type=int, nargs=2, metavar=("R", "C"),
+    p.add_argument("--in-dim", type=number(WIDTH), required=True, help="input width the tiles were trained for")
+    p.add_argument("--out-dim", type=number(WIDTH), required=True, help="output width the tiles were trained for")
+    p.add_argument("--grid", type=number(Limit(int, 1, MAX_WORKERS)), nargs=2, metavar=("R", "C"),
                    help="row-blocks x column-blocks (default: the one grid whose tiles cover the dims)")
     p.add_argument("--name", default="pipe1", help="the pipe's name (default pipe1)")
     p.add_argument("-o", "--output", required=True, help="adapter .safetensors to write")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from prism_deploy.cli.numbers import COUNT, number
 from prism_deploy.cli.output import print_json, print_table
 from prism_deploy.cli.paths import declare_outputs
+from prism_deploy.core.limits import Limit
 from prism_deploy.core.precision import MODEL_PRECISIONS
 from prism_deploy.format.model_folder import ROLE_ALIASES, ROLES
 
@@ -27,14 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q = p.add_argument_group("int8 / int4 (docs/quantized-models.md)")
     q.add_argument("--form", default=None, choices=("nbits", "dq"),
                    help="nbits (default): MatMulNBits, for ONNX Runtime; dq: DequantizeLinear -> MatMul, for TensorRT")
-    q.add_argument("--block-size", type=int, default=None, metavar="N",
+    q.add_argument("--block-size", type=number(Limit(int, 1, 1 << 16)), default=None, metavar="N",
                    help="weights per scale along K, a power of two >= 16 (default 32; int8 dq is per channel)")
     q.add_argument("--asymmetric", action="store_true", help="zero points per block (nbits form only)")
-    q.add_argument("--accuracy-level", type=int, default=None, metavar="L",
+    q.add_argument("--accuracy-level", type=number(Limit(int, 0, 4)), default=None, metavar="L",
                    help="MatMulNBits accuracy_level: 0 float compute, 4 int8 compute on CPU (default 4; nbits only)")
     q.add_argument("--quantize-embedding", action="store_true",
                    help="also quantize embedding tables that the graph gathers from (int4, nbits form)")
-    p.add_argument("--max-seq", type=int, default=None, metavar="N",
+    p.add_argument("--max-seq", type=number(COUNT), default=None, metavar="N",
                    help="longest sequence the pipeline will accept (default: the model's limit, at most 2048)")
     p.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
     p.add_argument("--force", action="store_true",

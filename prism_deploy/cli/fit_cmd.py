@@ -9,21 +9,11 @@ from prism_deploy.cli.paths import declare_outputs
 
 
 def number(name: str) -> Callable[[str], int | float]:
-    """An argparse ``type`` that parses option ``name`` and checks its range (fit/limits.py):
-    a bad value is one ``error:`` line (exit 2) before anything is read or computed."""
+    """The argparse ``type`` of fit option ``name``, with its range from fit/limits.py."""
+    from prism_deploy.cli import numbers
+    from prism_deploy.fit.limits import LIMITS, flag
 
-    def parse(text: str) -> int | float:
-        from prism_deploy.core.errors import PrismInputError
-        from prism_deploy.fit.limits import parse_number
-
-        try:
-            return parse_number(name, text)
-        except PrismInputError as exc:
-            # argparse prints "argument --x: <this>": say only what is wrong with the value
-            raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
-
-    parse.__name__ = name  # argparse names the type in some messages
-    return parse
+    return numbers.number(LIMITS[name], flag(name))
 
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:

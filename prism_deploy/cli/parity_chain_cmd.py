@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from prism_deploy.cli.numbers import COUNT, COUNT_OR_ZERO, SEED, number
 from prism_deploy.cli.output import print_json, print_table
 from prism_deploy.cli.pipeline_inputs import add_input_arguments, read_inputs
 from prism_deploy.cli.run_cmd import add_chain_arguments, open_chain
+from prism_deploy.core.limits import Limit
 from prism_deploy.core.precision import PIPELINE_TOLERANCE_SETS
 
 
@@ -23,10 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter-file", metavar="FILE",
                    help="two-model case: the adapter .safetensors for the reference (default: --adapter when it is one)")
     add_input_arguments(p, required=False)
-    p.add_argument("--batch", type=int, default=2, help="random inputs: rows (default 2)")
-    p.add_argument("--seq", type=int, default=16, help="random inputs: tokens per row (default 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--new-tokens", type=int, default=0, metavar="N",
+    p.add_argument("--batch", type=number(Limit(int, 1, 1 << 16)), default=2, help="random inputs: rows (default 2)")
+    p.add_argument("--seq", type=number(COUNT), default=16, help="random inputs: tokens per row (default 16)")
+    p.add_argument("--seed", type=number(SEED), default=0)
+    p.add_argument("--new-tokens", type=number(COUNT_OR_ZERO), default=0, metavar="N",
                    help="also compare N greedy tokens with a greedy loop over the reference chain (default 0)")
     p.add_argument("--bisect", action="store_true",
                    help="name the first stage out of tolerance, and inside it the pipe and workers or the graph "

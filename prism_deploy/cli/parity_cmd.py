@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 import sys
+from typing import Any
 
+from prism_deploy.cli.numbers import COUNT, SEED, number
 from prism_deploy.cli.output import print_json, print_table
+from prism_deploy.core.limits import Limit
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,11 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", required=True, help="the graph written by prism-deploy export")
     p.add_argument("--provider", default="auto", choices=("cpu", "cuda", "auto"),
                    help="ONNX Runtime provider; cuda only where a GPU is present (auto: cuda if possible)")
-    p.add_argument("--samples", type=int, default=4, help="random input batches (default 4)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--samples", type=number(COUNT), default=4, help="random input batches (default 4)")
+    p.add_argument("--batch", type=number(Limit(int, 1, 1 << 16)), default=2)
+    p.add_argument("--seq", type=number(COUNT), default=16)
     p.add_argument("--inputs", metavar="FILE", help="model-A hidden states [n, in_dim] instead of random inputs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(SEED), default=0)
     p.add_argument("--twin", default="semantics", choices=("semantics", "host"),
                    help="a fused graph (export --plugin) runs on the CPU with its tile_dispatch nodes computed by "
                         "numpy (semantics) or by the CUDA kernel's own source compiled for the CPU (host)")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from prism_deploy.cli.numbers import WIDTH, number
 from prism_deploy.cli.output import print_json, print_table
+from prism_deploy.core.limits import Limit
+from prism_deploy.plan import MAX_WORKERS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan", help="plan the tile grid for an IN -> OUT adapter (docs/planner.md)")
-    p.add_argument("in_dim", type=int, metavar="IN", help="input width (model A's hidden state)")
-    p.add_argument("out_dim", type=int, metavar="OUT", help="output width (model B's input embedding)")
-    p.add_argument("--workers", type=int, default=512, metavar="N", help="number of workers (default 512)")
+    p.add_argument("in_dim", type=number(WIDTH, "IN"), metavar="IN", help="input width (model A's hidden state)")
+    p.add_argument("out_dim", type=number(WIDTH, "OUT"), metavar="OUT", help="output width (model B's input embedding)")
+    p.add_argument("--workers", type=number(Limit(int, 1, MAX_WORKERS)), default=512, metavar="N", help="number of workers (default 512)")
     p.add_argument("--three-pipe", action="store_true",
                    help="the seed's three pipes: two of 512x512 tiles, one of power-of-two N x K tiles")
     p.add_argument("--json", action="store_true", help="print one JSON object")

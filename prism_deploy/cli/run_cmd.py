@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from prism_deploy.cli.numbers import COUNT_OR_ZERO, number
 from prism_deploy.cli.output import print_json, print_table
 from prism_deploy.cli.pipeline_inputs import add_input_arguments, read_inputs
 from prism_deploy.core.precision import PRECISIONS
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_input_arguments(p)
     p.add_argument("--tokenizer-b", metavar="DIR",
                    help="the last model's tokenizer folder, to decode generated tokens (default: the chain file's)")
-    p.add_argument("--max-new-tokens", type=int, default=0, metavar="N",
+    p.add_argument("--max-new-tokens", type=number(COUNT_OR_ZERO), default=0, metavar="N",
                    help="greedy tokens to generate in the last model (default 0)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="keep generating past the last model's end-of-text token (by default a row stops there)")

@@ -18,19 +18,21 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from prism_deploy.cli.numbers import PORT, number
 from prism_deploy.cli.paths import declare_outputs
+from prism_deploy.core.limits import Limit
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run Triton Inference Server on a repository from `prism-deploy triton`")
     p.add_argument("repository", metavar="REPO")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0: a free one)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0: a free one)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002; 0: a free one)")
+    p.add_argument("--http-port", type=number(PORT), default=8000, help="HTTP port (default 8000; 0: a free one)")
+    p.add_argument("--grpc-port", type=number(PORT), default=8001, help="gRPC port (default 8001; 0: a free one)")
+    p.add_argument("--metrics-port", type=number(PORT), default=8002, help="Prometheus metrics port (default 8002; 0: a free one)")
     p.add_argument("--env", metavar="DIR", help="a Python-backend environment to use instead of the cached one")
-    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness (default 180)")
-    p.add_argument("--exit-timeout", type=int, default=30,
+    p.add_argument("--ready-timeout", type=number(Limit(float, 0.0, 86_400.0, low_open=True)), default=180.0, help="seconds to wait for readiness (default 180)")
+    p.add_argument("--exit-timeout", type=number(Limit(int, 0, 86_400)), default=30,
                    help="on SIGINT/SIGTERM, seconds Triton waits for in-flight requests and open client connections "
                         "(default 30, Triton's)")
     p.add_argument("--log", metavar="FILE", help="server log file (default: a file in the temporary folder)")

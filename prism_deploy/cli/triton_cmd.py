@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import argparse
+from prism_deploy.cli.numbers import COUNT, number
 from prism_deploy.cli.paths import declare_outputs
+from prism_deploy.core.limits import Limit
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,11 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "CPU included; default); native: Triton's onnxruntime/tensorrt backends (GPU containers)")
     p.add_argument("--precision", help="the engine to serve when a build folder has several (fp32, fp16, int8, int8-qdq)")
     p.add_argument("--target", help="the engine target to serve when a build folder has several")
-    p.add_argument("--instances", type=int, default=1, help="model instances per stage (instance_group count; default 1)")
-    p.add_argument("--max-queue-delay-us", type=int, default=100,
+    p.add_argument("--instances", type=number(Limit(int, 1, 1024)), default=1, help="model instances per stage (instance_group count; default 1)")
+    p.add_argument("--max-queue-delay-us", type=number(Limit(int, 0, 10**9)), default=100,
                    help="dynamic batching: longest wait to fill a batch, microseconds (default 100)")
     p.add_argument("--stream", action="store_true", help="also write generate_stream (decoupled: one response per token)")
-    p.add_argument("--max-new-tokens-limit", type=int, default=256, help="the most tokens one generate request may ask for")
+    p.add_argument("--max-new-tokens-limit", type=number(COUNT), default=256, help="the most tokens one generate request may ask for")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     declare_outputs(p, files=(), folders=("output",))
     p.set_defaults(func=run)

@@ -12,12 +12,11 @@ from typing import Any
 
 from prism_deploy.core import jsontext
 from prism_deploy.core.errors import AdapterFormatError
+from prism_deploy.core.limits import FLOAT32_MAX
 
 FORMAT_NAME = "prism-adapter"
 FORMAT_VERSION = "1"
 COMBINE_MODES = ("sum", "weighted")
-# the largest finite float32: numbers used in float32 graphs (gate_scale) are checked against it
-FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import atomic_output, file_sha256, inside
+from prism_deploy.core.limits import FLOAT32_MAX
 from prism_deploy.core.precision import MODEL_PRECISIONS, PRECISIONS
 from prism_deploy.core.targets import TARGETS
 
@@ -40,7 +39,6 @@ ENGINE_SUFFIXES = (".engine", ".ort.onnx", ".ort.data")
 # What a build folder was built from: an adapter file (``build ADAPTER``) or a model export
 # folder (``build --model DIR``); the manifest names its source under this key.
 SOURCE_KINDS = ("adapter", "model")
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 # the largest batch or sequence length an engine profile may name (MIN <= OPT <= MAX)
 PROFILE_MAX = 1 << 20
 

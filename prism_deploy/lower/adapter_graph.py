@@ -25,6 +25,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.limits import FLOAT16_MAX
 from prism_deploy.core.onnx_io import OPSET, finalize
 from prism_deploy.core.precision import Precision
 from prism_deploy.core.tiles import dense_from_tiles, quantize_rows
@@ -409,7 +410,6 @@ class AdapterGraphBuilder:
         return out
 
 
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 def _check_float16_range(what: str, lo: float, hi: float) -> None:
