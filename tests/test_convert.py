@@ -136,7 +136,7 @@ def test_bad_tiles_files_exit_2_and_write_nothing(case, tmp_path, capsys):
     [
         (["--grid", "3", "2"], "6 workers, but the tensor holds 4"),
         (["--grid", "4", "1"], "spans 2 input columns"),
-        (["--grid", "0", "4"], "0x4"),
+        (["--grid", "0", "4"], "--grid: 0 is not an integer in [1, "),
     ],
 )
 def test_bad_grid_exit_2(extra, message, tmp_path, capsys):
