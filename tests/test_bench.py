@@ -37,7 +37,10 @@ def tiny(tmp_path: Path) -> Path:
 
 
 def _bench(args: list[str], capsys) -> tuple[int, str, str]:
-    code = main(["bench", *args])
+    try:
+        code = main(["bench", *args])
+    except SystemExit as exc:  # refused by the option parser
+        code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -51,10 +51,11 @@ def test_hostile_values_are_one_line_before_any_work(command, option, action, ca
         except argparse.ArgumentTypeError as exc:
             assert "\n" not in str(exc) and len(str(exc)) < 200
             continue
-        # accepted: then it is a number inside the range
-        assert isinstance(value, (int, float)) and math.isfinite(value), (text, value)
-        below = value <= limit.low if limit.low_open else value < limit.low
-        assert not below and value <= limit.high, (text, value)
+        # accepted: then it is a number (or a comma list of numbers) inside the range
+        for v in value if isinstance(value, tuple) else (value,):
+            assert isinstance(v, (int, float)) and math.isfinite(v), (text, v)
+            below = v <= limit.low if limit.low_open else v < limit.low
+            assert not below and v <= limit.high, (text, v)
     # through the command line: exit 2, one line naming the option, nothing on stdout
     if option.startswith("-"):
         argv = [command, option, "nan"]
@@ -85,7 +86,8 @@ def test_any_text_parses_into_the_range_or_is_refused(index, text):
         value = action.type(text)
     except argparse.ArgumentTypeError:
         return
-    assert isinstance(value, limit.kind) or (limit.kind is float and isinstance(value, int))
-    assert math.isfinite(value)
-    below = value <= limit.low if limit.low_open else value < limit.low
-    assert not below and value <= limit.high
+    for v in value if isinstance(value, tuple) else (value,):
+        assert isinstance(v, limit.kind) or (limit.kind is float and isinstance(v, int))
+        assert math.isfinite(v)
+        below = v <= limit.low if limit.low_open else v < limit.low
+        assert not below and v <= limit.high

@@ -7,14 +7,18 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prism_deploy.cli.numbers import COUNT, SEED, THREADS, number, number_list
 from prism_deploy.cli.output import human_bytes, print_table
 from prism_deploy.cli.paths import declare_outputs
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.limits import Limit
 
 if TYPE_CHECKING:
     from prism_deploy.bench import BenchSettings
 
 DEFAULT_BACKENDS = "torch,torch-compile,ort-cpu,ort-cuda,trt,kernel"
+# a case whose 90th percentile is over this many times its 10th is flagged: its median does not repeat
+NOISY_SPREAD = 2.0
 
 
 def register(subparsers: Any) -> None:
@@ -23,33 +27,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--engines", metavar="DIR", help="engines from prism-deploy build (needed for trt)")
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma list (default {DEFAULT_BACKENDS})")
     p.add_argument("--precision", default="fp32", help="comma list of fp32,fp16,int8,int8-qdq (default fp32)")
-    p.add_argument("--batch", default="1,8,64", help="comma list of batch sizes (default 1,8,64)")
-    p.add_argument("--seq", default="1", help="sequence length per batch row (default 1)")
-    p.add_argument("--warmup", default="200", metavar="MS", help="warm-up time per case in ms (default 200)")
-    p.add_argument("--repeat", default="30", metavar="N", help="timed calls per case (default 30)")
-    p.add_argument("--threads", metavar="N", help="CPU threads for torch and ONNX Runtime (default: each library's own)")
-    p.add_argument("--seed", default="0", help="seed of the random inputs (default 0)")
+    p.add_argument("--batch", type=number_list(COUNT), default=(1, 8, 64), help="comma list of batch sizes (default 1,8,64)")
+    p.add_argument("--seq", type=number(COUNT), default=1, help="sequence length per batch row (default 1)")
+    p.add_argument("--warmup", type=number(Limit(float, 0.0, 3.6e6)), default=200.0, metavar="MS",
+                   help="warm-up time per case in ms (default 200)")
+    p.add_argument("--repeat", type=number(Limit(int, 1, 1_000_000)), default=30, metavar="N",
+                   help="timed calls per case (default 30)")
+    p.add_argument("--threads", type=number(THREADS), default=1, metavar="N",
+                   help="CPU threads for torch and ONNX Runtime (default 1: each library's own default "
+                        "oversubscribes a shared machine and its figures do not repeat; docs/bench.md)")
+    p.add_argument("--seed", type=number(SEED), default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--json", metavar="FILE", help="write every figure and the machine description here")
     p.add_argument("--plot", metavar="FILE.png", help="draw latency against batch (needs matplotlib)")
     declare_outputs(p, files=("json", "plot"), folders=())
     p.set_defaults(func=run, needs=("torch",))
-
-
-def _int_list(option: str, text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise PrismInputError(f"{option}: {text!r} is not a comma list of integers") from None
-    if not values:
-        raise PrismInputError(f"{option}: give at least one value")
-    return values
-
-
-def _number(option: str, text: str, kind: type = int) -> float:
-    try:
-        return kind(text)
-    except ValueError:
-        raise PrismInputError(f"{option}: {text!r} is not a{'n integer' if kind is int else ' number'}") from None
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -62,13 +53,13 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     settings = BenchSettings(
         backends=_names(args.backends),
         precisions=_names(args.precision),
-        batches=_int_list("--batch", args.batch),
-        seq=int(_number("--seq", args.seq)),
-        warmup_ms=float(_number("--warmup", args.warmup, float)),
-        repeat=int(_number("--repeat", args.repeat)),
+        batches=tuple(int(b) for b in args.batch),
+        seq=int(args.seq),
+        warmup_ms=float(args.warmup),
+        repeat=int(args.repeat),
         engines_dir=Path(args.engines) if args.engines else None,
-        seed=int(_number("--seed", args.seed)),
-        threads=int(_number("--threads", args.threads)) if args.threads is not None else None,
+        seed=int(args.seed),
+        threads=int(args.threads),
     )
     settings.validate()
     return settings
@@ -113,13 +104,20 @@ def print_report(results: dict[str, Any]) -> None:
     a = results["adapter"]
     print(f"adapter: {a['path']} ({a['describe']['in_dim']} -> {a['describe']['out_dim']}, "
           f"{len(a['config']['pipes'])} pipe(s), {human_bytes(a['describe']['bytes'])})")
-    rows = []
+    rows, noisy = [], []
     for c in sorted(results["cases"], key=lambda c: (c["precision"], c["batch"], c["backend"])):
+        spread = c["p90_s"] / c["p10_s"] if c["p10_s"] > 0 else float("inf")
+        if spread > NOISY_SPREAD:
+            noisy.append(f"{c['backend']} {c['precision']} batch {c['batch']}")
         rows.append([c["precision"], c["batch"], c["backend"], c["median_s"] * 1e3, c["p10_s"] * 1e3,
-                     c["p90_s"] * 1e3, c["tokens_per_s"], c["ratio_to_torch"], c["floor_s"] * 1e3,
-                     c["ratio_to_floor"], c["max_rel_err"], human_bytes(c["memory"]["peak_rss_bytes"] or 0)])
-    print_table(["prec", "batch", "backend", "median ms", "p10 ms", "p90 ms", "tok/s", "x torch",
+                     c["p90_s"] * 1e3, f"{spread:.2f}" + (" !" if spread > NOISY_SPREAD else ""), c["tokens_per_s"],
+                     c["ratio_to_torch"], c["floor_s"] * 1e3, c["ratio_to_floor"], c["max_rel_err"],
+                     human_bytes(c["memory"]["peak_rss_bytes"] or 0)])
+    print_table(["prec", "batch", "backend", "median ms", "p10 ms", "p90 ms", "p90/p10", "tok/s", "x torch",
                  "floor ms", "x floor", "rel err", "peak RSS"], rows)
+    if noisy:
+        print(f"noisy (p90/p10 over {NOISY_SPREAD:g}, marked !): {', '.join(noisy)}: the machine was busy or "
+              "threads contended; their medians do not repeat (run again, or with fewer --threads)")
     print("x torch: median over torch fp32 eager at the same batch (below 1 is faster); "
           "x floor: median over the bytes/FLOPs floor")
     for u in results["backends"]["unavailable"]:

@@ -18,6 +18,21 @@ THREADS = Limit(int, 1, 1024)
 PORT = Limit(int, 0, 65535)  # 0: a free port
 
 
+def number_list(limit: Limit, flag: str = "") -> Callable[[str], tuple[int | float, ...]]:
+    """An argparse ``type`` reading a comma list of numbers, each within ``limit``."""
+    one = number(limit, flag)
+
+    def parse(text: str) -> tuple[int | float, ...]:
+        values = tuple(one(v.strip()) for v in text.split(",") if v.strip())
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: give at least one value")
+        return values
+
+    parse.__name__ = "number list"
+    parse.limit = limit  # type: ignore[attr-defined]
+    return parse
+
+
 def number(limit: Limit, flag: str = "") -> Callable[[str], int | float]:
     """An argparse ``type`` reading a number within ``limit``."""
 
