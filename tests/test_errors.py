@@ -338,3 +338,29 @@ def test_default_gate_scale_on_an_ungated_pipe_is_accepted(tmp_path):
     ungated = next(i for i, p in enumerate(obj["pipes"]) if p["top_k"] is None)
     obj["pipes"][ungated]["gate_scale"] = 1.0
     assert AdapterConfig.from_json(obj) == CONFIG
+
+
+@pytest.mark.parametrize("name", ["", "\ud800", "a\ud800b"])
+def test_the_writer_refuses_the_names_the_loader_refuses(name, tmp_path):
+    with pytest.raises(AdapterFormatError, match=r"config.pipes\[0\].name"):
+        AdapterConfig(6, 5, (PipeSpec(name, (2, 2), (3, 3), None),))
+
+
+def test_the_writer_refuses_notes_that_are_not_json(tmp_path):
+    import numpy as np
+
+    from prism_deploy.format import write_adapter_file
+
+    config = AdapterConfig(6, 5, (PipeSpec("p", (2, 2), (3, 3), None),), source={"loss": float("nan")})
+    with pytest.raises(AdapterFormatError, match="NaN"):
+        write_adapter_file(tmp_path / "a.safetensors", config, {"pipes.0.tiles": np.zeros((4, 3, 3), np.float32)})
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_names_with_control_characters_are_printed_escaped(tmp_path, capsys):
+    path = tmp_path / "odd.safetensors"
+    config = AdapterConfig(6, 5, (PipeSpec("evil\n\x1b[31mred", (2, 2), (3, 3), None),))
+    random_adapter(config, seed=0).save(path)
+    assert run_cli(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "evil\\n\\x1b[31mred" in out
