@@ -118,9 +118,9 @@ def causal_lm_forward(model: Any, *, attention_mask: torch.Tensor, input_ids: to
     kwargs = {_cache_kwarg(model): cache} if cache is not None else {}
     out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                 position_ids=position_ids, use_cache=use_cache, **kwargs)
-    returned = getattr(out, "cache", None)
-    if returned is None:
-        returned = getattr(out, "past_key_values", None)
+    # read as a mapping: transformers 5 warns on the old attribute name, even to say it is unset
+    keys = out.keys() if hasattr(out, "keys") else ()
+    returned = out["cache"] if "cache" in keys else out["past_key_values"] if "past_key_values" in keys else None
     return out.logits, returned
 
 
