@@ -282,3 +282,21 @@ def test_mutated_manifests_load_cleanly_or_fail_cleanly(built, tmp_path_factory,
 def test_the_fuzz_starts_from_a_folder_that_loads(built):
     assert load_engines(built["eng"]).run(np.ones((1, 3, 24), np.float32)).shape == (1, 3, 20)
     assert os.path.isfile(built["eng"] / "manifest.json")
+
+
+@pytest.mark.parametrize("name", ["../first.onnx", "/etc/passwd", "sub/first.onnx", "link.onnx"])
+def test_model_json_paths_stay_inside_the_folder(name, zoo, tmp_path):
+    from prism_deploy.runtime.chain import Pipeline
+
+    folder = tmp_path / "A"
+    shutil.copytree(zoo["A"], folder)
+    manifest = json.loads((folder / "model.json").read_text())
+    graph = manifest["files"]["graph"]["name"]
+    if name == "link.onnx":  # a symlink inside the folder to a copy outside it
+        shutil.copyfile(folder / graph, tmp_path / "outside.onnx")
+        (folder / name).symlink_to(tmp_path / "outside.onnx")
+    manifest["files"]["graph"]["name"] = name
+    (folder / "model.json").write_text(json.dumps(manifest))
+    with pytest.raises(PrismInputError, match="outside|not a plain file name") as info:
+        Pipeline(folder, zoo["adapter"], zoo["B"])
+    assert "\n" not in str(info.value)
