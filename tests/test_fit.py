@@ -110,7 +110,8 @@ def test_gated_fit_improves_on_its_initial_routing(tmp_path):
 
 def test_gated_worker_refit_is_the_least_squares_optimum_for_the_routing(tmp_path):
     # with the routing fixed, perturbing any worker after the refit cannot lower the train error
-    from prism_deploy.fit import backfit, evaluate
+    from prism_deploy.fit import backfit
+    from prism_deploy.fit.evaluate import evaluate
 
     x, z, _ = synthetic_pair(600, 16, 12, cond=5, seed=7)
     data = open_pair(tmp_path, x, z, holdout=0.0)

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from prism_deploy.cli.main import main
-from prism_deploy.fit import PairedData, evaluate
+from prism_deploy.fit import PairedData
+from prism_deploy.fit.evaluate import evaluate
 from prism_deploy.reference import load_adapter, save_adapter
 from tests.fit_data import synthetic_pair
 

@@ -263,7 +263,7 @@ def test_a_model_that_fails_validation_writes_nothing(zoo, tmp_path, monkeypatch
     (["--precision", "int8", "--quantize-embedding"], "4 bits only"),
     (["--precision", "int4", "--form", "dq", "--quantize-embedding"], "only the nbits form"),
     (["--precision", "int4", "--form", "dq", "--accuracy-level", "4"], "--accuracy-level: a MatMulNBits attribute"),
-    (["--precision", "int4", "--accuracy-level", "7"], "--accuracy-level: 7 is not one of"),
+    (["--precision", "int4", "--accuracy-level", "7"], "--accuracy-level: 7 is not an integer in [0, 4]"),
     (["--block-size", "32"], "--block-size: only with --precision int8 or int4"),
     (["--precision", "int4", "--form", "qdq"], "invalid choice: 'qdq'"),
 ])

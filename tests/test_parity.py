@@ -106,8 +106,19 @@ def test_cli_exit_codes(files, capsys):
                  "--samples", "1", "--seq", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["passed"] and out["precision"] == "int8" and out["provider"] == "cpu"
-    # the wrong adapter's weights: the check runs and fails -> exit 1
+    # the wrong adapter: said before any number is compared -> exit 1
     assert main(["parity", str(d / "other.safetensors"), "--onnx", str(d / "fp32.onnx"), "--provider", "cpu",
+                 "--samples", "1", "--seq", "4"]) == 1
+    assert "lowered from another adapter" in capsys.readouterr().err
+    # the right adapter, a graph whose weights changed after export: the check runs and fails -> exit 1
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(d / "fp32.onnx"))
+    biggest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    biggest.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(biggest) * 1.5, biggest.name))
+    onnx.save(model, str(d / "tampered.onnx"))
+    assert main(["parity", str(d / "a.safetensors"), "--onnx", str(d / "tampered.onnx"), "--provider", "cpu",
                  "--samples", "1", "--seq", "4"]) == 1
     assert "FAILED" in capsys.readouterr().out
     # bad input -> exit 2 with one error line

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.cli.output import print_json
     from prism_deploy.cli.workers_cmd import _check_dims
     from prism_deploy.core.errors import PrismInputError
-    from prism_deploy.fit import PairedData, assign_tiles, evaluate, refit_workers
+    from prism_deploy.fit import PairedData, assign_tiles, refit_workers
+    from prism_deploy.fit.evaluate import evaluate
     from prism_deploy.fit.budget import adapter_bytes, forward_macs, pass_work, step_rows
     from prism_deploy.core.fsutil import check_free_space, check_writable
     from prism_deploy.fit.progress import overall_progress

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from prism_deploy.cli.output import print_json, print_table
     from prism_deploy.core.errors import PrismInputError
-    from prism_deploy.fit import PairedData, evaluate
+    from prism_deploy.fit import PairedData
+    from prism_deploy.fit.evaluate import evaluate
     from prism_deploy.fit.budget import forward_macs, pass_work, step_rows
     from prism_deploy.fit.localize import score_work, score_workers
     from prism_deploy.fit.progress import overall_progress

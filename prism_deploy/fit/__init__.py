@@ -1,29 +1,36 @@
 """Fitting adapters to paired activations: one-shot least squares, gate training, localized refit.
 
 Beside the main layers; uses ``format``, ``reference`` and ``data``. See docs/fitting.md.
+Loaded lazily: the command line reads the options' ranges (``fit.limits``) without PyTorch,
+which the fitting itself needs.
 """
 
-from prism_deploy.fit.evaluate import Metrics, evaluate
-from prism_deploy.fit.fitter import FitOptions, FitReport, backfit, fit_adapter
-from prism_deploy.fit.layout import FitLayout, fit_config, fit_layout
-from prism_deploy.fit.localize import WorkerScore, score_workers
-from prism_deploy.fit.routed import assign_tiles, refit_workers
-from prism_deploy.fit.stream import PairedData, holdout_mask
+from __future__ import annotations
 
-__all__ = [
-    "FitOptions",
-    "FitLayout",
-    "FitReport",
-    "Metrics",
-    "WorkerScore",
-    "PairedData",
-    "assign_tiles",
-    "backfit",
-    "evaluate",
-    "fit_adapter",
-    "fit_config",
-    "fit_layout",
-    "holdout_mask",
-    "refit_workers",
-    "score_workers",
-]
+from typing import Any
+
+_LAZY = {
+    "Metrics": "prism_deploy.fit.evaluate",  # evaluate() itself: from prism_deploy.fit.evaluate (the module's name)
+    "FitOptions": "prism_deploy.fit.fitter",
+    "FitReport": "prism_deploy.fit.fitter",
+    "backfit": "prism_deploy.fit.fitter",
+    "fit_adapter": "prism_deploy.fit.fitter",
+    "FitLayout": "prism_deploy.fit.layout",
+    "fit_config": "prism_deploy.fit.layout",
+    "fit_layout": "prism_deploy.fit.layout",
+    "WorkerScore": "prism_deploy.fit.localize",
+    "score_workers": "prism_deploy.fit.localize",
+    "assign_tiles": "prism_deploy.fit.routed",
+    "refit_workers": "prism_deploy.fit.routed",
+    "PairedData": "prism_deploy.fit.stream",
+    "holdout_mask": "prism_deploy.fit.stream",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'prism_deploy.fit' has no attribute {name!r}")
