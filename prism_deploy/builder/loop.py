@@ -301,7 +301,8 @@ def _progress(units: list[Unit], enabled: bool, kind: str) -> Any:
         return units
     from tqdm import tqdm
 
-    return tqdm(units, desc="build" if kind == "adapter" else "build --model", unit="engine", file=sys.stderr)
+    return tqdm(units, desc="build" if kind == "adapter" else "build --model", unit="engine", file=sys.stderr,
+                disable=None)  # None: shown on a terminal only
 
 
 # ---- one unit ----------------------------------------------------------------------------------

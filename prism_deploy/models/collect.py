@@ -106,7 +106,7 @@ def collect_pairs(model_a_dir: str | os.PathLike[str], model_b_dir: str | os.Pat
     zs: list[np.ndarray] = []
     skipped = 0
     truncated = 0
-    for start in tqdm(range(0, len(texts), batch), desc="collect", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(texts), batch), desc="collect", unit="batch", disable=None if progress else True):
         chunk = texts[start:start + batch]
         enc_a = tok_a(chunk, padding=True, truncation=True, max_length=max_seq, return_tensors="pt",
                       return_offsets_mapping=offsets, return_special_tokens_mask=True)
