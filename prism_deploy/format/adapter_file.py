@@ -11,6 +11,7 @@ reference wraps the same arrays (``prism_deploy.reference``).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Mapping
@@ -158,8 +159,6 @@ def _mapped_dtype(entry: Any) -> np.dtype | None:
 
 def _map_tensors(p: Path, header: dict[str, Any], data_start: int, names: list[str]) -> dict[str, np.ndarray]:
     """``names``' tensors as arrays over one copy-on-write mapping of the file."""
-    import mmap
-
     if not names:
         return {}
     with open(p, "rb") as f:

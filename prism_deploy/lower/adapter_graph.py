@@ -24,10 +24,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from prism_deploy.core.blocks import DeferredTensor, blocks
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.onnx_io import OPSET, finalize
 from prism_deploy.core.precision import Precision
-from prism_deploy.core.blocks import DeferredTensor, blocks
 from prism_deploy.core.tiles import dense_rows, quantize_with_scales, row_scales
 from prism_deploy.format import AdapterTensors
 from prism_deploy.lower.contract import write_metadata
