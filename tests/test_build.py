@@ -413,3 +413,29 @@ def test_the_parity_gate_runs_a_bounded_shape_whatever_the_profile():
     assert checked_shape(Profile((1, 100_000, 100_000), (1, 64, 1024))) == (PARITY_TOKENS // 64, 64)
     assert checked_shape(Profile((1, 4, 32), (1, 64, 1024))) == (4, 64)
     assert checked_shape(Profile((1, 1, 1), (1, 1 << 20, 1 << 20))) == (1, PARITY_TOKENS)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_build_session_skips_prepacking_and_writes_the_same_model(tmp_path, precision, monkeypatch):
+    """The offline optimization opens its session without prepacking (a second copy of each
+    weight, docs/onnx-lowering.md "Memory"); the file it writes is the same as with it."""
+    import hashlib
+
+    from prism_deploy.core import ort_session
+    from prism_deploy.lower import export_onnx
+
+    export_onnx(random_adapter(SMALL_CONFIG, seed=0), tmp_path / "m.onnx", precision=precision)
+    configs = []
+    real = ort_session.make_session
+
+    def spy(*args, **kwargs):
+        configs.append(dict(kwargs.get("session_config") or {}))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort_session, "make_session", spy)
+    ort_engine.build_ort_engine(tmp_path / "m.onnx", tmp_path / "built.onnx", "ort-cpu", precision=precision)
+    assert configs == [{"session.disable_prepacking": "1"}]
+    real(tmp_path / "m.onnx", "cpu", optimized_model_path=str(tmp_path / "prepacked.onnx"),
+         graph_optimization_level=ort_engine.BUILD_OPTIMIZATION_LEVEL)
+    digest = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("built.onnx", "prepacked.onnx")]
+    assert digest[0] == digest[1]

@@ -32,6 +32,12 @@ FOLDING_LOAD_LEVEL = "ORT_ENABLE_BASIC"  # constant folding, nothing hardware-sp
 EXTERNAL_FILE_KEY = "session.optimized_model_external_initializers_file_name"
 EXTERNAL_MIN_SIZE_KEY = "session.optimized_model_external_initializers_min_size_in_bytes"
 EXTERNAL_MIN_BYTES = 1024
+# Prepacking lays constant weights out for the CPU kernels when a session opens: a second copy
+# of every MatMul weight, and most of the time spent opening, for nothing the saved file keeps
+# (the optimized model is the same bytes without it). The build's session only writes that
+# file, so it goes without; the loader's sessions prepack as usual (docs/onnx-lowering.md,
+# "Memory", has the figures).
+BUILD_SESSION_CONFIG = {"session.disable_prepacking": "1"}
 
 
 def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
@@ -44,9 +50,9 @@ def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
     from prism_deploy.core.ort_session import make_session, session_config_for
 
     provider = Target(target).provider
-    config = None
+    config = dict(BUILD_SESSION_CONFIG)
     if external_data is not None:
-        config = {EXTERNAL_FILE_KEY: external_data, EXTERNAL_MIN_SIZE_KEY: str(EXTERNAL_MIN_BYTES)}
+        config.update({EXTERNAL_FILE_KEY: external_data, EXTERNAL_MIN_SIZE_KEY: str(EXTERNAL_MIN_BYTES)})
     make_session(onnx_path, provider, optimized_model_path=str(engine_path),
                  graph_optimization_level=BUILD_OPTIMIZATION_LEVEL, session_config=config)
     if not engine_path.is_file():

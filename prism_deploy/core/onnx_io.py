@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
 
+from prism_deploy.core.blocks import DeferredTensor
 from prism_deploy.core.fsutil import output_path, temp_sibling, write_errors
 
 OPSET = 19
@@ -35,14 +38,21 @@ def finalize(model: onnx.ModelProto, producer: str = "prism-deploy") -> onnx.Mod
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external: bool | None = None) -> list[Path]:
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external: bool | None = None,
+               deferred: Mapping[str, DeferredTensor] | None = None) -> list[Path]:
     """Save atomically; weights go to ``<name>.data`` beside the model when over ~2 GiB.
 
+    ``deferred``: initializers of the main graph that are in ``model`` without their bytes
+    (name, type, dims only), computed here a block at a time and written straight to the
+    file, so that the saved weights are never held whole in memory (``DeferredTensor``).
+
     Returns the files written. Both files are written under temporary names and renamed
-    only once both are complete, so a failure leaves no half-written model.
+    only once both are complete, so a failure leaves no half-written model. Either way the
+    model is spent: external tensors lose their bytes, deferred ones stay without them.
     """
     target = output_path(path)
-    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    deferred = dict(deferred or {})
+    weights = sum(len(t.raw_data) for t in model.graph.initializer) + sum(d.nbytes for d in deferred.values())
     use_external = weights > EXTERNAL_DATA_THRESHOLD if external is None else external
     # names of this call's own: two saves to one target never write into each other's files
     token = secrets.token_hex(4)
@@ -53,16 +63,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
     with write_errors(path, tmp_model, tmp_data):
         try:
             if use_external:
-                # onnx writes the data file under the location name, relative to the model's folder
-                onnx.save_model(
-                    model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=tmp_data.name, size_threshold=1024,
-                )
-                _relocate_external_data(tmp_model, tmp_data.name, data_name)
-                os.replace(tmp_data, target.with_name(data_name))
-                written.append(target.with_name(data_name))
+                # the model names the data file by its final name, relative to the model's folder
+                _write_external_data(model, tmp_data, data_name, deferred)
+                deferred = {}
+            if deferred:
+                _write_streamed(model, tmp_model, deferred)
             else:
                 onnx.save_model(model, str(tmp_model))
+            if use_external:
+                os.replace(tmp_data, target.with_name(data_name))
+                written.append(target.with_name(data_name))
             os.replace(tmp_model, target)
             written.insert(0, target)
             return written
@@ -72,11 +82,171 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external
                     leftover.unlink()
 
 
-def _relocate_external_data(model_path: Path, old: str, new: str) -> None:
-    """Point the saved model's external-data entries at the final data file name."""
-    m = onnx.load_model(str(model_path), load_external_data=False)
-    for tensor in m.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == old:
-                entry.value = new
-    onnx.save_model(m, str(model_path))
+# Tensors of at least this many bytes go to the external data file (onnx's own default);
+# smaller ones (shapes, axes, biases) stay in the model.
+EXTERNAL_MIN_BYTES = 1024
+# Tensors of at least ALIGN_MIN_BYTES start at a multiple of ALIGNMENT in the data file, as ONNX
+# Runtime aligns the files it writes (64 KiB, the Windows allocation granularity, a multiple of
+# every page size): readers can then map a weight from the file instead of copying it.
+ALIGNMENT = 64 * 1024
+ALIGN_MIN_BYTES = 1024**2
+
+
+def _write_external_data(model: onnx.ModelProto, data_path: Path, location: str,
+                         deferred: Mapping[str, DeferredTensor]) -> None:
+    """Every initializer of ``EXTERNAL_MIN_BYTES`` or more (subgraphs' too) into a new file
+    ``data_path``, its bytes replaced in the model by a reference to ``location``. Deferred
+    tensors are computed and written a block at a time; smaller deferred ones stay inline."""
+    with open(data_path, "xb") as f:  # mode 0666 less the umask, as for any new file
+        for tensor, source in [(t, deferred.get(t.name)) for t in model.graph.initializer] + \
+                [(t, None) for t in _subgraph_initializers(model.graph)]:
+            size = source.nbytes if source is not None else len(tensor.raw_data)
+            if size < EXTERNAL_MIN_BYTES:
+                if source is not None:
+                    tensor.raw_data = source.materialize().tobytes()
+                continue
+            if source is None and not tensor.HasField("raw_data"):
+                continue  # data in typed fields (or already external): left as it is
+            if size >= ALIGN_MIN_BYTES and f.tell() % ALIGNMENT:
+                f.write(b"\0" * (ALIGNMENT - f.tell() % ALIGNMENT))
+            offset = f.tell()
+            if source is not None:
+                for block in source.blocks():
+                    f.write(_bytes_of(block))
+            else:
+                f.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", offset), ("length", size)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+
+
+def _subgraph_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """The initializers of the graph's subgraphs, at any depth (``onnx`` writes them too)."""
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from sub.initializer
+                yield from _subgraph_initializers(sub)
+
+
+def _bytes_of(block: np.ndarray) -> memoryview:
+    """A contiguous array's bytes, without copying them."""
+    return block.reshape(-1).view(np.uint8).data
+
+
+# ---- one protobuf file, its largest fields streamed ------------------------------------------------
+#
+# A model under the protobuf limit is one file: what ``model.SerializeToString()`` would give.
+# Serialized whole, a 1.5 GB model costs its tensors' bytes in the message plus the serialized
+# copy. Here the model is serialized without the deferred tensors' bytes (a few KB), and the
+# file is written from that, with each deferred tensor's ``raw_data`` field put where protobuf
+# puts it and its bytes streamed from the ``DeferredTensor``. Length prefixes of the tensor, the
+# graph and nothing else change; the bytes are the same as serializing the whole message
+# (tests/test_lower_stream.py compares them).
+
+_LEN = 2  # wire type of length-delimited fields
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
+
+
+def _write_streamed(model: onnx.ModelProto, path: Path, deferred: Mapping[str, DeferredTensor]) -> None:
+    pieces = _streamed_pieces(model, deferred)
+    with open(path, "xb") as f:
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                f.write(piece)
+            else:
+                for block in piece.blocks():
+                    f.write(_bytes_of(block))
+
+
+Piece = bytes | DeferredTensor
+
+
+def _streamed_pieces(model: onnx.ModelProto, deferred: Mapping[str, DeferredTensor]) -> list[Piece]:
+    """The model's serialization as bytes and deferred tensors, in file order."""
+    inits = list(model.graph.initializer)
+    found = [t.name for t in inits if t.name in deferred]
+    if sorted(found) != sorted(deferred):
+        raise ValueError(f"deferred tensors not among the graph's initializers: {sorted(set(deferred) - set(found))}")
+    model_bytes = model.SerializeToString()  # small: the deferred tensors' bytes are not in it
+    graph_bytes = _field_payload(model_bytes, _MODEL_GRAPH)
+    graph: list[Piece] = []
+    k = 0
+    for number, start, body, end in _fields(graph_bytes):
+        if number == _GRAPH_INITIALIZER:
+            tensor = inits[k]
+            k += 1
+            if tensor.name in deferred:
+                graph += _message_field(_GRAPH_INITIALIZER, _with_raw_data(graph_bytes[body:end], deferred[tensor.name]))
+                continue
+        graph.append(graph_bytes[start:end])
+    out: list[Piece] = []
+    for number, start, _, end in _fields(model_bytes):
+        out += _message_field(_MODEL_GRAPH, graph) if number == _MODEL_GRAPH else [model_bytes[start:end]]
+    return out
+
+
+def _with_raw_data(tensor: bytes, data: DeferredTensor) -> list[Piece]:
+    """A serialized TensorProto without ``raw_data``, with it: the field goes after the fields
+    numbered below it, as protobuf writes fields in number order."""
+    at = next((start for number, start, _, _ in _fields(tensor) if number > _TENSOR_RAW_DATA), len(tensor))
+    return [tensor[:at], _key(_TENSOR_RAW_DATA) + _varint(data.nbytes), data, tensor[at:]]
+
+
+def _message_field(number: int, pieces: list[Piece]) -> list[Piece]:
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
+    return [_key(number) + _varint(size), *pieces]
+
+
+def _field_payload(message: bytes, number: int) -> bytes:
+    """The payload of the (one) length-delimited field ``number`` of ``message``."""
+    return b"".join(message[body:end] for n, _, body, end in _fields(message) if n == number)
+
+
+def _fields(message: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """``(field number, start, payload start, end)`` of each field of a serialized message."""
+    pos = 0
+    while pos < len(message):
+        start = pos
+        key, pos = _read_varint(message, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _read_varint(message, pos)
+            body = start
+        elif wire == 1:
+            body, pos = pos, pos + 8
+        elif wire == _LEN:
+            length, body = _read_varint(message, pos)
+            pos = body + length
+        elif wire == 5:
+            body, pos = pos, pos + 4
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        yield key >> 3, start, body, pos
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(number: int) -> bytes:
+    return _varint(number << 3 | _LEN)

@@ -13,7 +13,9 @@ clipped to [-127, 127], ``s = max|row| / 127`` (a row of zeros gets scale 1, so 
 is exact and nothing divides by zero).
 
 The layout functions take numpy arrays or torch tensors and return the same kind, so the
-PyTorch reference, the fitting code and the numpy lowering share one definition.
+PyTorch reference, the fitting code and the numpy lowering share one definition. The
+row-block forms (``dense_rows``, ``row_scales`` + ``quantize_with_scales``) give the same values
+a bounded block at a time, for weights too large to copy whole (numpy only).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from prism_deploy.core.blocks import blocks
+
 QMAX = 127.0
-# Quantize this many tile values at a time, so only a slice is ever held in float32.
-_QUANT_BLOCK = 1 << 24
 
 
 def _permute(a: Any, axes: tuple[int, ...]) -> Any:
@@ -50,6 +52,34 @@ def dense_from_tiles(tiles: Any, grid: tuple[int, int], tile: tuple[int, int], *
         return m if crop is None else m[: crop[1], : crop[0]]
     m = _permute(t, (0, 2, 1, 3)).reshape(R * tr, C * tc)
     return m if crop is None else m[: crop[0], : crop[1]]
+
+
+def dense_rows(tiles: np.ndarray, grid: tuple[int, int], tile: tuple[int, int], start: int, stop: int, *,
+               crop: tuple[int, int] | None = None, dtype: Any = None) -> np.ndarray:
+    """Rows ``start:stop`` of ``dense_from_tiles(tiles, grid, tile, crop=crop, transpose=True)``
+    (inputs x outputs), a new C-contiguous array of ``dtype`` (default: the tiles'), read from
+    the tiles without assembling the rest of the matrix: the dense weight a row-block at a time.
+
+    Row ``c*tc + j`` of the transposed matrix is column ``j`` of every tile in column-block
+    ``c``, laid end to end (row-block 0's ``tr`` values, then row-block 1's, ...); the crop keeps
+    the first ``crop[0]`` of them. numpy only.
+    """
+    (R, C), (tr, tc) = grid, tile
+    width = R * tr if crop is None else crop[0]
+    t = tiles.reshape(R, C, tr, tc)
+    out = np.empty((stop - start, width), dtype=tiles.dtype if dtype is None else dtype)
+    whole, rest = divmod(width, tr)  # uncropped row-blocks, and the rows kept of the next one
+    row = start
+    while row < stop:
+        c, j = divmod(row, tc)
+        n = min(stop - row, tc - j)
+        o = out[row - start:row - start + n]
+        if whole:  # splitting the last axis of a view is itself a view: the writes land in out
+            o[:, :whole * tr].reshape(n, whole, tr)[...] = t[:whole, c, :, j:j + n].transpose(2, 0, 1)
+        if rest:
+            o[:, whole * tr:] = t[whole, c, :rest, j:j + n].T
+        row += n
+    return out
 
 
 def tiles_from_dense(w: Any, grid: tuple[int, int], tile: tuple[int, int], *, transposed: bool = False) -> Any:
@@ -87,19 +117,52 @@ def quantize_rows(tiles: Any) -> tuple[np.ndarray, np.ndarray]:
     """
     if hasattr(tiles, "detach"):  # torch: numpy has no bfloat16 without ml_dtypes
         tiles = tiles.detach().float().cpu().numpy()
-    w = tiles.shape[0]
     q = np.empty(tuple(tiles.shape), dtype=np.int8)
-    scales = np.empty(tuple(tiles.shape[:2]), dtype=np.float32)
-    step = max(1, _QUANT_BLOCK // max(1, tiles.shape[1] * tiles.shape[2]))
-    for a in range(0, w, step):
-        t = np.asarray(tiles[a:a + step], dtype=np.float32)
-        amax = np.abs(t).max(axis=-1)
-        s = np.where(amax > 0, amax / np.float32(QMAX), np.float32(1.0)).astype(np.float32)
-        # float32 division then round-half-even: the same steps the graph's DequantizeLinear
-        # inverts, so dequantize(quantize(t)) is what every backend computes with
-        q[a:a + step] = np.clip(np.rint(t / s[..., None]), -QMAX, QMAX).astype(np.int8)
-        scales[a:a + step] = s
+    scales = np.empty(tuple(tiles.shape[:-1]), dtype=np.float32)
+    at = 0
+    for block in blocks(tiles):  # only a block is ever held in float32
+        t = np.asarray(block, dtype=np.float32)
+        s = _scales(t)
+        q[at:at + len(t)] = _quantize(t, s)
+        scales[at:at + len(t)] = s
+        at += len(t)
     return q, scales
+
+
+def row_scales(tiles: np.ndarray) -> np.ndarray:
+    """The float32 scales ``quantize_rows`` gives (shape ``tiles.shape[:-1]``), a block at a time."""
+    scales = np.empty(tuple(tiles.shape[:-1]), dtype=np.float32)
+    at = 0
+    for block in blocks(tiles):
+        scales[at:at + len(block)] = _scales(np.asarray(block, dtype=np.float32))
+        at += len(block)
+    return scales
+
+
+def quantize_with_scales(tiles: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The int8 values ``quantize_rows`` gives for ``tiles`` (any block of rows), given their
+    scales from ``row_scales``: ``quantize_rows`` is these two, one block at a time."""
+    q = np.empty(tuple(tiles.shape), dtype=np.int8)
+    at = 0
+    for block in blocks(tiles):  # int8 is a quarter of float32: the float32 work, a block at a time
+        q[at:at + len(block)] = _quantize(np.asarray(block, dtype=np.float32),
+                                          np.asarray(scales[at:at + len(block)], dtype=np.float32))
+        at += len(block)
+    return q
+
+
+def _scales(t: np.ndarray) -> np.ndarray:
+    amax = np.abs(t).max(axis=-1)
+    return np.where(amax > 0, amax / np.float32(QMAX), np.float32(1.0)).astype(np.float32)
+
+
+def _quantize(t: np.ndarray, s: np.ndarray) -> np.ndarray:
+    # float32 division then round-half-even: the same steps the graph's DequantizeLinear
+    # inverts, so dequantize(quantize(t)) is what every backend computes with
+    x = t / s[..., None]
+    np.rint(x, out=x)
+    np.clip(x, -QMAX, QMAX, out=x)
+    return x.astype(np.int8)
 
 
 def dequantize_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:

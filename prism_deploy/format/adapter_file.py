@@ -11,6 +11,7 @@ reference wraps the same arrays (``prism_deploy.reference``).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from prism_deploy.core import jsontext
+from prism_deploy.core.blocks import blocks
 from prism_deploy.core.errors import AdapterFormatError
 from prism_deploy.core.fsutil import atomic_output, file_sha256
 from prism_deploy.format.config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig
@@ -106,19 +108,31 @@ def adapter_arrays(adapter: Any) -> AdapterTensors:
 
 
 def read_adapter_file(path: str | os.PathLike[str]) -> AdapterTensors:
-    """Load and fully validate a v1 adapter file."""
+    """Load and fully validate a v1 adapter file.
+
+    The float tensors map the file (copy-on-write: writable, and writes never reach the file)
+    instead of being read into memory: a multi-GB adapter costs pages of the page cache, which
+    the kernel can drop and read again, and whatever uses the tensors reads them a block at a
+    time (``export`` writes the ONNX weights from them without a copy of its own). Replace the
+    file by renaming a new one over it (``write_adapter_file`` does) while its tensors are in
+    use; rewriting it in place would change or cut the mapped bytes under them.
+    """
     from safetensors import safe_open
 
     p = Path(path)
-    _check_is_file(p)
+    header, data_start = _check_is_file(p)
     try:
+        # the container's own checks (offsets in bounds, contiguous, sized by shape and dtype)
         with safe_open(str(p), framework="numpy") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            names = list(handle.keys())
+            tensors = {name: handle.get_tensor(name) for name in names if _mapped_dtype(header[name]) is None}
     except AdapterFormatError:
         raise
     except Exception as exc:  # the container parser's own errors, whatever their type
         raise AdapterFormatError(f"{p}: not a valid safetensors file ({_one_line(exc)})") from None
+    tensors.update(_map_tensors(p, header, data_start, [n for n in names if n not in tensors]))
+    tensors = {name: tensors[name] for name in names}
     try:
         config = config_from_metadata(metadata)
         validate_tensors(config, tensors)
@@ -144,9 +158,48 @@ def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:
         raise AdapterFormatError(f"{p}: {exc}") from None
 
 
-def _check_is_file(p: Path) -> None:
+_SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": BFLOAT16}
+
+
+def _mapped_dtype(entry: Any) -> np.dtype | None:
+    """The dtype of a header entry that ``read_adapter_file`` maps (a non-empty float tensor);
+    None for anything else, which the container parser reads (and validation then refuses)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
+        return None
+    dtype = _SAFETENSORS_DTYPES.get(str(entry.get("dtype")))
+    if dtype is None or any(not isinstance(d, int) or d <= 0 for d in entry["shape"]):
+        return None
+    return dtype
+
+
+def _map_tensors(p: Path, header: dict[str, Any], data_start: int, names: list[str]) -> dict[str, np.ndarray]:
+    """``names``' tensors as arrays over one copy-on-write mapping of the file."""
+    if not names:
+        return {}
+    with open(p, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        entry = header[name]
+        dtype = _mapped_dtype(entry)
+        assert dtype is not None
+        begin, end = (int(v) for v in entry["data_offsets"])
+        shape = tuple(int(d) for d in entry["shape"])
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - begin != count * dtype.itemsize or data_start + end > size:  # checked by the parser too
+            raise AdapterFormatError(f"{p}: tensor {name!r}: data offsets do not match its shape and dtype")
+        array = np.frombuffer(mapping, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
+        # safetensors writers align every tensor; one that is not would trip consumers that
+        # assume alignment (torch.from_numpy), so it is copied instead
+        out[name] = array if array.flags.aligned else array.copy()
+    return out
+
+
+def _check_is_file(p: Path) -> tuple[dict[str, Any], int]:
     """An adapter file as far as can be told before the container parser reads it: a regular
     file, not an ONNX model, whose header is bounded and is strict JSON (no repeated key).
+    Returns the header and where the tensors' data starts.
 
     The bound keeps a small file from costing gigabytes: a v1 header lists a few tensors and a
     config of a few KB, while a ``source`` note of millions of empty lists would take far more
@@ -175,6 +228,7 @@ def _check_is_file(p: Path) -> None:
                                 AdapterFormatError)
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{p}: not a valid safetensors file (the header is not a JSON object)")
+    return header, 8 + length
 
 
 # the most header bytes an adapter file may have (a v1 header is a few KB)
@@ -234,9 +288,18 @@ def validate_tensors(config: AdapterConfig, tensors: Mapping[str, Any]) -> None:
             raise AdapterFormatError(
                 f"tensor {name!r}: shape {list(t.shape)} does not match config, expected {list(shape)}"
             )
-        finite = np.isfinite(t.astype(np.float32)) if t.dtype == BFLOAT16 else np.isfinite(t)
-        if not finite.all():
-            raise AdapterFormatError(f"tensor {name!r}: {int((~finite).sum())} NaN or Inf value(s)")
+        bad = _count_nonfinite(t)
+        if bad:
+            raise AdapterFormatError(f"tensor {name!r}: {bad} NaN or Inf value(s)")
+
+
+def _count_nonfinite(t: np.ndarray) -> int:
+    """NaN and Inf values in ``t``, a block at a time (no full-size temporary)."""
+    bad = 0
+    for block in blocks(t):
+        finite = np.isfinite(block.astype(np.float32) if block.dtype == BFLOAT16 else block)
+        bad += int(finite.size - np.count_nonzero(finite))
+    return bad
 
 
 def write_adapter_file(

@@ -24,11 +24,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from prism_deploy.core.blocks import DeferredTensor, blocks
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.limits import FLOAT16_MAX
 from prism_deploy.core.onnx_io import OPSET, finalize
 from prism_deploy.core.precision import Precision
-from prism_deploy.core.tiles import dense_from_tiles, quantize_rows
+from prism_deploy.core.tiles import dense_rows, quantize_with_scales, row_scales
 from prism_deploy.format import AdapterTensors
 from prism_deploy.lower.contract import write_metadata
 from prism_deploy.lower.graph import DTYPE_NAMES, NP_TO_ONNX, GraphBuilder
@@ -111,7 +112,10 @@ class AdapterGraphBuilder:
         self.on_pipe: Callable[[int], Any] | None = None  # progress: called with pipes done
 
     # -- whole graph --------------------------------------------------------------------
-    def model(self) -> onnx.ModelProto:
+    def model(self, *, defer: bool = False) -> onnx.ModelProto:
+        """The finalized model. ``defer``: its large weights are left out, in ``self.g.deferred``,
+        for ``save_model`` to compute and write a block at a time (``GraphBuilder``); otherwise
+        the model is whole."""
         cfg, g = self.config, self.g
         if self.cd == np.float16:
             for i in range(cfg.num_pipes):
@@ -160,6 +164,8 @@ class AdapterGraphBuilder:
         model.doc_string = (f"PRISM adapter {cfg.in_dim} -> {cfg.out_dim}, {cfg.num_pipes} pipe(s), "
                             f"precision {self.precision}, lowered by prism-deploy")
         write_metadata(model, self.metadata())
+        if not defer:
+            g.materialize()
         return finalize(model)
 
     def _runs(self) -> list[list[int]]:
@@ -223,14 +229,14 @@ class AdapterGraphBuilder:
         return entry
 
     # -- weights ------------------------------------------------------------------------
-    def _dense_weight_t(self, i: int, dtype: np.dtype | type) -> np.ndarray:
+    def _dense_weight_t(self, i: int, dtype: np.dtype | type) -> DeferredTensor:
         """``[in_dim, out_dim]``: pipe ``i``'s tiles permuted into the dense (transposed) matrix
-        and cropped to the real dims (``prism_deploy.core.tiles``). One new array; the tiles
-        themselves are only viewed."""
+        and cropped to the real dims (``prism_deploy.core.tiles.dense_rows``), a row-block at a
+        time when it is written; the tiles themselves are only viewed."""
         spec, cfg = self.config.pipes[i], self.config
-        view = dense_from_tiles(self.adapter.tiles(i), spec.grid, spec.tile, crop=(cfg.out_dim, cfg.in_dim),
-                                transpose=True)
-        return np.ascontiguousarray(view, dtype=dtype)
+        tiles = self.adapter.tiles(i)
+        return DeferredTensor((cfg.in_dim, cfg.out_dim), np.dtype(dtype), lambda a, b: dense_rows(
+            tiles, spec.grid, spec.tile, a, b, crop=(cfg.out_dim, cfg.in_dim), dtype=dtype))
 
     def _tiles_in_storage_order(self, i: int) -> tuple[str, str | None, str]:
         """The tile initializer in storage order -> (tiles name, scales name, compute-dtype
@@ -239,13 +245,18 @@ class AdapterGraphBuilder:
         g, p = self.g, self.prefixes[i]
         spec = self.config.pipes[i]
         W, (tr, tc) = spec.workers, spec.tile
+        source, cd = self.adapter.tiles(i), self.cd
         if not self.int8:
-            tiles = g.initializer(f"{p}tiles", np.ascontiguousarray(self.adapter.tiles(i), dtype=self.cd))
+            tiles = g.initializer(f"{p}tiles", DeferredTensor(
+                (W, tr, tc), cd, lambda a, b: np.ascontiguousarray(source[a:b], dtype=cd)))
             return tiles, None, tiles
-        q, scales = quantize_rows(self.adapter.tiles(i))
-        tiles = g.initializer(f"{p}tiles", q.reshape(W * tr, tc))
-        scale_name = g.initializer(f"{p}tiles/scales", scales.reshape(W * tr))
-        del q
+        # quantize_rows, split: the scales (4 bytes per tile row) in one pass now, the int8
+        # values a block of tile rows at a time when they are written
+        rows = source.reshape(W * tr, tc)
+        scales = row_scales(rows)
+        tiles = g.initializer(f"{p}tiles", DeferredTensor(
+            (W * tr, tc), np.dtype(np.int8), lambda a, b: quantize_with_scales(rows[a:b], scales[a:b])))
+        scale_name = g.initializer(f"{p}tiles/scales", scales)
         deq = g.op("DequantizeLinear", [tiles, scale_name, g.const(f"{p}tiles/zero_point", np.zeros(W * tr), np.int8)],
                    f"{p}tiles/DequantizeLinear", axis=0)
         # DequantizeLinear's output type is the scale's (float32, per the metadata contract)
@@ -311,13 +322,18 @@ class AdapterGraphBuilder:
         """
         g = self.g
         prefix = f"fold{run[0]}/"
-        acc = np.zeros((self.config.in_dim, self.config.out_dim), dtype=np.float32)
-        for i in run:  # one pipe's weight at a time: transient copies of one pipe's size
-            acc += np.float32(betas[i]) * self._dense_weight_t(i, np.float32)
-        if self.cd == np.float16:
-            _check_float16_range(f"the folded weight of pipes {run}", float(acc.min()), float(acc.max()))
-        w = g.initializer(f"{prefix}weight", acc.astype(self.cd, copy=False))
-        del acc
+        parts = [(np.float32(betas[i]), self._dense_weight_t(i, np.float32)) for i in run]
+        cd = self.cd
+
+        def rows(a: int, b: int) -> np.ndarray:
+            acc = np.zeros((b - a, self.config.out_dim), dtype=np.float32)
+            for beta, weight in parts:  # in pipe order: the same float32 sums whatever the blocks
+                acc += beta * weight.rows(a, b)
+            if cd == np.float16:  # checked as it is written (the whole weight is never held)
+                _check_float16_range(f"the folded weight of pipes {run}", float(acc.min()), float(acc.max()))
+            return acc.astype(cd, copy=False)
+
+        w = g.initializer(f"{prefix}weight", DeferredTensor((self.config.in_dim, self.config.out_dim), np.dtype(cd), rows))
         out = g.op("MatMul", [self.x_cd, w], f"{prefix}MatMul", outputs=[f"{prefix}output"])
         for i in run:
             self.pipe_meta.append(self._pipe_entry(i, dense_weight=w, folded_into=prefix))
@@ -336,7 +352,10 @@ class AdapterGraphBuilder:
         gate = self.adapter.gate(i)
         assert gate is not None and spec.top_k is not None
         gd = self.gate_dtype
-        wt = g.initializer(f"{p}gate/weight_t", np.asarray(gate[0], dtype=np.float32).T.astype(gd))
+        gw = gate[0]
+        wt = g.initializer(f"{p}gate/weight_t", DeferredTensor(  # [in_dim, W]: read a block of columns at a time
+            (self.config.in_dim, spec.workers), gd,
+            lambda a, b: np.ascontiguousarray(np.asarray(gw[:, a:b], dtype=np.float32).T, dtype=gd)))
         b = g.initializer(f"{p}gate/bias", np.asarray(gate[1], dtype=np.float32).astype(gd))
         if gd == np.float32:
             mm = g.op("MatMul", [self.x_f32, wt], f"{p}gate/MatMul")
@@ -421,10 +440,8 @@ def _check_float16_range(what: str, lo: float, hi: float) -> None:
 
 def _min_max(a: np.ndarray) -> tuple[float, float]:
     """Smallest and largest value, a slice at a time (bfloat16 widened only a slice at a time)."""
-    flat = a.reshape(-1)
     lo, hi = np.inf, -np.inf
-    step = 1 << 24
-    for s in range(0, flat.size, step):
-        chunk = np.asarray(flat[s:s + step], dtype=np.float32)
+    for block in blocks(a):
+        chunk = np.asarray(block, dtype=np.float32)
         lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
     return lo, hi

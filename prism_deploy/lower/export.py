@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from prism_deploy.core.blocks import DeferredTensor
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.onnx_io import save_model
 from prism_deploy.core.precision import CALIBRATORS, Precision
@@ -56,7 +57,10 @@ def export_onnx(
     progress: bool = False,
 ) -> ExportResult:
     """Lower ``adapter`` (``AdapterTensors`` or a ``PrismAdapter``) and save it atomically
-    (external data over ~2 GiB).
+    (external data over ~2 GiB). The large weights are computed and written a block at a time
+    (``DeferredTensor``): the export holds the adapter plus a bounded working set, not a copy
+    of the weights (docs/onnx-lowering.md, "Memory"); int8-qdq, whose calibration runs the
+    graph, holds the model whole as ``build_model`` does.
 
     ``progress`` shows a tqdm bar on stderr when it is a terminal (one step per pipe, one
     for saving).
@@ -66,13 +70,13 @@ def export_onnx(
     data = adapter_arrays(adapter)
     with tqdm(total=data.config.num_pipes + 1, desc="export", unit="step", disable=None if progress else True,
               file=sys.stderr, leave=False) as bar:
-        model = build_model(data, precision=precision, io_dtype=io_dtype, calib=calib,
-                            calibrator=calibrator, gated_form=gated_form, _on_pipe=bar.update)
+        model, deferred = _lower(data, precision=precision, io_dtype=io_dtype, calib=calib, calibrator=calibrator,
+                                 gated_form=gated_form, on_pipe=bar.update, defer=True)
         node_count = len(model.graph.node)
         metadata = read_metadata(model)
         bar.set_postfix_str("saving")
-        written = save_model(model, path)  # clears raw_data of external tensors: model is spent
-        del model
+        written = save_model(model, path, deferred=deferred)  # the model is spent
+        del model, deferred
         bar.update(1)
     return ExportResult(
         paths=[str(p) for p in written],
@@ -96,6 +100,15 @@ def build_model(
     _on_pipe: Callable[[int], Any] | None = None,
 ) -> onnx.ModelProto:
     """The ONNX model of ``adapter`` at ``precision``, in memory (finalized: opset 19, IR 9)."""
+    model, _ = _lower(adapter, precision=precision, io_dtype=io_dtype, calib=calib, calibrator=calibrator,
+                      gated_form=gated_form, on_pipe=_on_pipe, defer=False)
+    return model
+
+
+def _lower(adapter: Any, *, precision: str, io_dtype: str, calib: np.ndarray | str | os.PathLike[str] | None,
+           calibrator: str, gated_form: str, on_pipe: Callable[[int], Any] | None,
+           defer: bool) -> tuple[onnx.ModelProto, dict[str, DeferredTensor]]:
+    """The model, and (``defer``) its large initializers left for ``save_model`` to write."""
     prec = check_options(precision, io_dtype, calibrator, gated_form)
     data = adapter_arrays(adapter)
     calib_data = None
@@ -105,11 +118,11 @@ def build_model(
                                   "(.npy or .safetensors of model-A hidden states [n, in_dim])")
         calib_data = _load_calib(calib, data.config.in_dim)
     builder = AdapterGraphBuilder(data, prec, io_dtype, gated_form)
-    builder.on_pipe = _on_pipe
-    model = builder.model()
+    builder.on_pipe = on_pipe
+    model = builder.model(defer=defer and calib_data is None)  # calibration runs the whole model
     if calib_data is not None:
         calibrate(model, builder.act_scales, io_dtype, builder.cd, calib_data, calibrator)
-    return model
+    return model, builder.g.deferred
 
 
 def check_options(precision: str, io_dtype: str, calibrator: str, gated_form: str) -> Precision:

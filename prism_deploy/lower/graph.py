@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from prism_deploy.core.blocks import DeferredTensor
+
 NP_TO_ONNX = {
     np.dtype(np.float32): TensorProto.FLOAT,
     np.dtype(np.float16): TensorProto.FLOAT16,
@@ -31,12 +33,18 @@ class GraphBuilder:
     of TensorProtos and handing it to ``helper.make_graph`` / ``make_model`` would copy each
     of them twice more (``extend`` and ``CopyFrom`` copy messages), which for a multi-GB
     adapter means three extra copies of the weights in memory instead of one.
+
+    Large weights are better not copied at all: an initializer given as a ``DeferredTensor``
+    enters the model as its name, type and shape only, and is kept in ``deferred`` for
+    ``save_model``, which computes and writes it a block at a time. ``materialize()`` fills
+    them in instead, for a model wanted whole in memory (the same bytes either way).
     """
 
     def __init__(self) -> None:
         self.model = onnx.ModelProto()
         self.graph = self.model.graph
         self._names: set[str] = set()
+        self.deferred: dict[str, DeferredTensor] = {}
 
     def _claim(self, name: str) -> str:
         if name in self._names:
@@ -56,19 +64,31 @@ class GraphBuilder:
         self.graph.node.append(helper.make_node(op_type, list(inputs), outs, name=name, **attrs))
         return outs[0] if len(outs) == 1 else outs
 
-    def initializer(self, name: str, array: np.ndarray) -> str:
-        """An initializer from ``array``: its bytes are copied once, into the model."""
+    def initializer(self, name: str, array: np.ndarray | DeferredTensor) -> str:
+        """An initializer from ``array``: its bytes are copied once, into the model (or, for a
+        ``DeferredTensor``, not yet: see the class)."""
         self._claim(name)
-        array = np.ascontiguousarray(array)
-        if array.dtype not in NP_TO_ONNX:
-            raise TypeError(f"initializer {name!r}: unsupported dtype {array.dtype}")
+        if not isinstance(array, DeferredTensor):
+            array = np.ascontiguousarray(array)
+        dtype = np.dtype(array.dtype)
+        if dtype not in NP_TO_ONNX:
+            raise TypeError(f"initializer {name!r}: unsupported dtype {dtype}")
         t = self.graph.initializer.add()
         t.name = name
-        t.data_type = NP_TO_ONNX[array.dtype]
+        t.data_type = NP_TO_ONNX[dtype]
         t.dims.extend(array.shape)
-        # protobuf takes only bytes: one transient copy of this tensor, freed on return
-        t.raw_data = array.tobytes()
+        if isinstance(array, DeferredTensor):
+            self.deferred[name] = array
+        else:
+            # protobuf takes only bytes: one transient copy of this tensor, freed on return
+            t.raw_data = array.tobytes()
         return name
+
+    def materialize(self) -> None:
+        """Put every deferred initializer's bytes into the model (one tensor at a time)."""
+        for t in self.graph.initializer:
+            if t.name in self.deferred:
+                t.raw_data = self.deferred.pop(t.name).materialize().tobytes()
 
     def const(self, name: str, value: Any, dtype: np.dtype | type) -> str:
         return self.initializer(name, np.asarray(value, dtype=dtype))
