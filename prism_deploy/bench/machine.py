@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import time
 from typing import Any
@@ -59,25 +57,13 @@ def load_average() -> list[float] | None:
 
 
 def gpu_info() -> dict[str, Any] | None:
-    """GPU name, driver and memory from nvidia-smi; None when no GPU answers."""
+    """The GPU as ``core.targets.gpu_info`` finds it, with torch's CUDA version; None without one."""
+    from prism_deploy.core.targets import gpu_info as smi_info
     from prism_deploy.core.targets import gpu_present
 
     if not gpu_present():
         return None
-    smi = shutil.which("nvidia-smi")
-    info: dict[str, Any] = {}
-    if smi:
-        try:
-            out = subprocess.run(
-                [smi, "--query-gpu=name,driver_version,memory.total,compute_cap", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20,
-            )
-            first = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
-            parts = [p.strip() for p in first.split(",")]
-            if len(parts) >= 4:
-                info = {"name": parts[0], "driver": parts[1], "memory": parts[2], "compute_capability": parts[3]}
-        except (OSError, subprocess.SubprocessError, IndexError):
-            pass
+    info: dict[str, Any] = dict(smi_info() or {})
     try:
         import torch
 

@@ -19,6 +19,7 @@ from typing import Any
 from prism_deploy.builder.loop import engine_part
 from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.fsutil import file_sha256
+from prism_deploy.core.onnx_io import EXTERNAL_MIN_BYTES
 from prism_deploy.core.targets import Target
 
 # Exports larger than this (bytes) get ONNX Runtime engines with external initializers.
@@ -31,7 +32,6 @@ FOLDING_LOAD_LEVEL = "ORT_ENABLE_BASIC"  # constant folding, nothing hardware-sp
 # a data file beside it (ONNX Runtime's session config keys for offline-optimized models).
 EXTERNAL_FILE_KEY = "session.optimized_model_external_initializers_file_name"
 EXTERNAL_MIN_SIZE_KEY = "session.optimized_model_external_initializers_min_size_in_bytes"
-EXTERNAL_MIN_BYTES = 1024
 # Prepacking lays constant weights out for the CPU kernels when a session opens: a second copy
 # of every MatMul weight, and most of the time spent opening, for nothing the saved file keeps
 # (the optimized model is the same bytes without it). The build's session only writes that

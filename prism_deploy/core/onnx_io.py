@@ -20,6 +20,9 @@ from prism_deploy.core.blocks import DeferredTensor
 from prism_deploy.core.fsutil import output_path, temp_sibling, write_errors
 
 OPSET = 19
+# every adapter graph's interface (exported, fused, built): [batch, seq, in_dim] in, [batch, seq, out_dim] out
+INPUT_NAME = "hidden"
+OUTPUT_NAME = "adapted"
 IR_VERSION = 9
 # Protobuf cannot serialise a message over 2 GiB: larger models keep weights outside.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2

@@ -197,19 +197,21 @@ def tool_versions(target: Target | str) -> dict[str, str | None]:
 
 @functools.cache
 def gpu_info() -> dict[str, str] | None:
-    """Name and compute capability of GPU 0, from nvidia-smi (no CUDA context needed)."""
+    """Name, compute capability, driver and memory of GPU 0, from nvidia-smi (no CUDA context
+    needed); None where no GPU answers."""
     smi = shutil.which("nvidia-smi")
     if not smi or os.environ.get(NO_GPU_ENV):
         return None
     try:
-        out = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+        out = subprocess.run([smi, "--query-gpu=name,compute_cap,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0 or not out.stdout.strip():
         return None
-    name, _, cc = out.stdout.strip().splitlines()[0].rpartition(",")
-    return {"name": name.strip(), "compute_capability": cc.strip()}
+    # the name may hold commas; the three fields after it do not
+    name, cc, driver, memory = (out.stdout.strip().splitlines()[0].rsplit(",", 3) + ["", "", ""])[:4]
+    return {"name": name.strip(), "compute_capability": cc.strip(), "driver": driver.strip(), "memory": memory.strip()}
 
 
 def device_info(target: Target | str) -> dict[str, Any]:

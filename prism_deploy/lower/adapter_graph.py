@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 from prism_deploy.core.blocks import DeferredTensor, blocks
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.limits import FLOAT16_MAX
-from prism_deploy.core.onnx_io import OPSET, finalize
+from prism_deploy.core.onnx_io import INPUT_NAME, OPSET, OUTPUT_NAME, finalize
 from prism_deploy.core.precision import Precision
 from prism_deploy.core.tiles import dense_rows, quantize_with_scales, row_scales
 from prism_deploy.format import AdapterTensors
@@ -153,12 +153,12 @@ class AdapterGraphBuilder:
         y2 = g.op("Slice", [y2, g.ints("output/zero", [0]), self.rows, g.ints("output/axes", [0])], "output/rows")
         out_shape = g.op("Concat", [lead, g.ints("output/out_dim", [cfg.out_dim])], "output/shape", axis=0)
         # allowzero: a 0 in the shape is a dimension of 0 tokens, not "copy the input's"
-        g.op("Reshape", [y2, out_shape], "output/Reshape", outputs=["adapted"], allowzero=1)
+        g.op("Reshape", [y2, out_shape], "output/Reshape", outputs=[OUTPUT_NAME], allowzero=1)
 
         graph = g.graph
         graph.name = "prism_adapter"
-        graph.input.append(helper.make_tensor_value_info("hidden", io_type, ["batch", "seq", cfg.in_dim]))
-        graph.output.append(helper.make_tensor_value_info("adapted", io_type, ["batch", "seq", cfg.out_dim]))
+        graph.input.append(helper.make_tensor_value_info(INPUT_NAME, io_type, ["batch", "seq", cfg.in_dim]))
+        graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, io_type, ["batch", "seq", cfg.out_dim]))
         model = g.model  # built in place: make_graph/make_model would copy the weights twice
         model.opset_import.append(helper.make_opsetid("", OPSET))
         model.doc_string = (f"PRISM adapter {cfg.in_dim} -> {cfg.out_dim}, {cfg.num_pipes} pipe(s), "
@@ -183,10 +183,10 @@ class AdapterGraphBuilder:
 
     def _input(self) -> tuple[str, str]:
         g = self.g
-        shape = g.op("Shape", ["hidden"], "input/Shape")
+        shape = g.op("Shape", [INPUT_NAME], "input/Shape")
         lead = g.op("Slice", [shape, g.ints("input/zero", [0]), g.ints("input/two", [2])], "input/lead")
         name = "hidden_2d" if np.dtype(self.io_dtype) == self.cd else "hidden_2d_io"
-        x2 = g.op("Reshape", ["hidden", g.ints("input/flat_shape", [-1, self.config.in_dim])], "input/Reshape")
+        x2 = g.op("Reshape", [INPUT_NAME, g.ints("input/flat_shape", [-1, self.config.in_dim])], "input/Reshape")
         # Zero tokens are legal input. ONNX Runtime's CPU MatMul with a batch dimension and no
         # rows dies of SIGFPE (and int8's DynamicQuantizeLinear has no range to take), so the
         # graph computes on one row of zeros when there are none and keeps only the real rows

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from prism_deploy.core.onnx_io import save_model
+from prism_deploy.core.onnx_io import INPUT_NAME, save_model
 from prism_deploy.core.precision import CALIBRATORS
 from prism_deploy.core.tiles import QMAX
 
@@ -91,7 +91,7 @@ def calibrate(model: onnx.ModelProto, act_scales: dict[str, str], io_dtype: str,
             model.graph.output.extend(real_outputs)
         for start in range(0, data.shape[0], CALIB_BATCH_ROWS):
             rows = data[start:start + CALIB_BATCH_ROWS].astype(io)[None]
-            for name, value in zip(observed, sess.run(observed, {"hidden": rows})):
+            for name, value in zip(observed, sess.run(observed, {INPUT_NAME: rows})):
                 observers[name].observe(value)
     values = {scale: observers[x].scale() for scale, x in act_scales.items()}
     for init in model.graph.initializer:

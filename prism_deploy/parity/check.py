@@ -22,12 +22,12 @@ from prism_deploy.core.metrics import ErrorAccumulator
 from prism_deploy.core.tiles import stored_as
 from prism_deploy.core.tolerances import Tolerances
 from prism_deploy.core.tolerances import adapter as adapter_tolerances
+from prism_deploy.parity.blame import TOP_WORKERS
 from prism_deploy.reference import PrismAdapter
 
 # Tolerances per precision: prism_deploy.core.tolerances.adapter (docs/precision.md gives the
 # reasons); score_rounding there is the size of a rounding error in a gate score, which decides
 # when a token's selection is ambiguous.
-TOP_WORKERS = 10
 GRAM_ROWS = 8192  # input rows used for the per-worker error (a Gram matrix per column-block)
 
 

@@ -23,13 +23,12 @@ import onnx
 from onnx import helper, numpy_helper
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.onnx_io import OUTPUT_NAME
 from prism_deploy.core.ort_session import session_config_for
 from prism_deploy.core.tiles import dequantize_rows, tiles_from_dense
 from prism_deploy.lower.contract import graph_precision, has_metadata, read_metadata
 from prism_deploy.runtime.onnx_runner import OnnxRunner, shape_of
 
-INPUT_NAME = "hidden"
-OUTPUT_NAME = "adapted"
 
 
 class AdapterGraph:

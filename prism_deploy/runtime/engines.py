@@ -20,11 +20,10 @@ import numpy as np
 
 from prism_deploy.core import targets
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.onnx_io import INPUT_NAME, OUTPUT_NAME
 from prism_deploy.format.engine_manifest import EngineFileError, read_manifest, source_kind, verify_part
 from prism_deploy.runtime.onnx_runner import OnnxRunner
 
-INPUT_NAME = "hidden"
-OUTPUT_NAME = "adapted"
 
 
 def _cuda_tensor(hidden: Any) -> Any | None:

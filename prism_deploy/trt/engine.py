@@ -26,14 +26,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from prism_deploy.core.errors import PrismInputError
-from prism_deploy.core.targets import tensorrt_available
 from prism_deploy.core.fsutil import write_bytes_atomic
+from prism_deploy.core.onnx_io import INPUT_NAME, OUTPUT_NAME
+from prism_deploy.core.targets import tensorrt_available
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-INPUT_NAME = "hidden"
-OUTPUT_NAME = "adapted"
 
 
 class TensorRTError(RuntimeError):
