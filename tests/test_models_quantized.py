@@ -367,3 +367,12 @@ def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys):
     assert "share one role" in capsys.readouterr().err
     assert main(["bench-model", str(tmp_path)]) == 2
     assert "no model.json" in capsys.readouterr().err
+
+
+def test_model_json_says_the_opset_its_graphs_were_written_at():
+    from prism_deploy.models.export import _opset
+
+    assert _opset({}) == {"opset": 19, "ir_version": 9}
+    assert _opset({"graph": {"opset": 21, "ir_version": 10}, "graph_with_past": {"opset": 21, "ir_version": 10}}) == \
+        {"opset": 21, "ir_version": 10}
+    assert _opset({"graph": {"opset": 19, "ir_version": 9}}) == {"opset": 19, "ir_version": 9}

@@ -185,7 +185,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         "files": {key: {"name": name, "sha256": file_sha256(out / name)} for key, name in files.items()},
         "position_ids": "cumsum(attention_mask) - 1 (padding slots: 1), computed inside each graph",
         "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False), eager attention",
-        "opset": _opset(), "export_seconds": round(export_s, 3), "eos_token_id": _eos_token_id(reference),
+        "opset": _opset(quantized), "export_seconds": round(export_s, 3), "eos_token_id": _eos_token_id(reference),
         "validation": validation, "versions": _versions(),
     }
     if quantized:
@@ -405,10 +405,12 @@ def _eos_token_id(model: Any) -> int | None:
 
 
 
-def _opset() -> dict[str, int]:
+def _opset(quantized: dict[str, Any]) -> dict[str, int]:
+    """The opset and IR version the folder's graphs were written at (int4 graphs: 21 / 10)."""
     from prism_deploy.core.onnx_io import IR_VERSION, OPSET
 
-    return {"opset": OPSET, "ir_version": IR_VERSION}
+    return {"opset": max([OPSET, *(int(q["opset"]) for q in quantized.values())]),
+            "ir_version": max([IR_VERSION, *(int(q["ir_version"]) for q in quantized.values())])}
 
 
 def _versions() -> dict[str, str]:
