@@ -253,3 +253,41 @@ def test_update_with_allow_shape_change_rewrites_a_standalone_adapters_widths(se
     assert list(message.input[0].dims) == [-1, 64] and list(message.output[0].dims) == [-1, 80]
     record = json.loads((repo / repository.REPO_MANIFEST).read_text())["models"]["adapter"]
     assert record["outputs"][0]["dims"] == [-1, 80] and record["versions"] == [1, 2]
+
+
+@pytest.mark.parametrize("where", ["model copies", "engine part"])
+def test_manifest_names_outside_the_folder_are_refused_before_anything_is_written(where, serving_stages, tmp_path):
+    """A build manifest naming ``../victim`` made ``triton`` overwrite a file outside the repository."""
+    import shutil as sh
+
+    z = serving_stages
+    stage = tmp_path / "a" / "b" / "q"
+    sh.copytree(z["B_build"], stage)
+    victim = tmp_path / "a" / "victim.txt"
+    victim.write_text("precious")
+    evil = b"attacker"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    record = {"file": "../../victim.txt", "sha256": hashlib.sha256(evil).hexdigest(), "bytes": len(evil)}
+    if where == "model copies":
+        manifest["model"]["copies"].append(record)
+    else:
+        manifest["engines"][0]["parts"][0].update(record)
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    stages = [z["A_build"], z["gated_build"], stage]
+    with pytest.raises(PrismInputError, match="not a plain file name"):
+        repository.plan(stages, repository.Options())
+    assert main(["triton", *map(str, stages), "-o", str(tmp_path / "repo")]) == 2
+    assert victim.read_text() == "precious" and not (tmp_path / "repo").exists()
+
+
+def test_engine_id_picks_among_a_whole_and_a_per_pipe_build(serving_stages, tmp_path):
+    from prism_deploy.builder import BuildRequest, build_engines
+
+    out = tmp_path / "eng"
+    for per_pipe in (False, True):
+        build_engines(BuildRequest(adapter=serving_stages["gated"], out_dir=out, target="ort-cpu",
+                                   precisions=("fp32",), per_pipe=per_pipe), log=lambda _m: None).raise_for_failures()
+    with pytest.raises(PrismInputError, match="--engine-id"):
+        inspect_stage(out, precision="fp32")
+    ids = [e["id"] for e in json.loads((out / "manifest.json").read_text())["engines"]]
+    assert inspect_stage(out, engine_id=ids[1]).details["engine_id"] == ids[1]

@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "CPU included; default); native: Triton's onnxruntime/tensorrt backends (GPU containers)")
     p.add_argument("--precision", help="the engine to serve when a build folder has several (fp32, fp16, int8, int8-qdq)")
     p.add_argument("--target", help="the engine target to serve when a build folder has several")
+    p.add_argument("--engine-id", metavar="ID",
+                   help="the engine to serve, by its manifest id (when precision and target leave several: whole "
+                        "and per-pipe builds)")
     p.add_argument("--instances", type=number(Limit(int, 1, 1024)), default=1, help="model instances per stage (instance_group count; default 1)")
     p.add_argument("--max-queue-delay-us", type=number(Limit(int, 0, 10**9)), default=100,
                    help="dynamic batching: longest wait to fill a batch, microseconds (default 100)")
@@ -43,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_queue_delay_us < 0:
         raise PrismInputError(f"--max-queue-delay-us: {args.max_queue_delay_us} must be >= 0")
     options = repository.Options(backend=args.backend, precision=args.precision, target=args.target,
+                                 engine_id=args.engine_id,
                                  instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
                                  stream=args.stream, max_new_tokens_limit=args.max_new_tokens_limit)
     entries, manifest = repository.plan(args.stages, options)

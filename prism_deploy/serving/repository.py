@@ -49,6 +49,7 @@ class Options:
     backend: str = "python"
     precision: str | None = None
     target: str | None = None
+    engine_id: str | None = None
     instances: int = 1
     max_queue_delay_us: int = 100
     stream: bool = False
@@ -315,7 +316,8 @@ def plan(paths: list[str | os.PathLike[str]], options: Options) -> tuple[list[Mo
         raise PrismInputError("give at least one build folder")
     if options.instances < 1:
         raise PrismInputError(f"--instances: {options.instances} must be at least 1")
-    infos = [inspect_stage(p, precision=options.precision, target=options.target) for p in paths]
+    infos = [inspect_stage(p, precision=options.precision, target=options.target, engine_id=options.engine_id)
+             for p in paths]
     chain = check_chain(infos)
     native = options.backend == "native"
     names = stage_names(infos)

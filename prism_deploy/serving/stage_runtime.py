@@ -67,13 +67,22 @@ class StageInfo:
     profile: dict[str, list[int]]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    files: list[str]  # relative to ``source``: what a served version copies
+    files: list[str]  # plain names inside ``source`` (checked): what a served version copies
     onnxruntime: str | None  # version the engines were built with (None: an export, any version)
     manifest: dict[str, Any] | None = None  # build manifest reduced to the served entries
     model: dict[str, Any] | None = None  # model.json of model stages
     graphs: dict[str, str] = field(default_factory=dict)  # graph key -> engine/graph file (native form)
     decode: tuple[list[TensorSpec], list[TensorSpec]] | None = None  # KV-cache graph io (last stage)
     details: dict[str, Any] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)  # of the files whose hash a manifest records
+
+    def __post_init__(self) -> None:
+        # every name read from a manifest or model.json stays inside its folder (no "..", no
+        # absolute path, no symlink out): checked before anything is written or linked
+        from prism_deploy.core.fsutil import inside
+
+        for name in self.files:
+            inside(self.source, name, f"{self.source}: file")
 
     @property
     def max_seq(self) -> int:
@@ -142,7 +151,8 @@ def _decode_io(model: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec
     return inputs, outputs
 
 
-def inspect_stage(path: str | os.PathLike[str], *, precision: str | None = None, target: str | None = None) -> StageInfo:
+def inspect_stage(path: str | os.PathLike[str], *, precision: str | None = None, target: str | None = None,
+                  engine_id: str | None = None) -> StageInfo:
     """Describe a build folder (adapter or model) or a model export folder as a chain stage."""
     folder = Path(path)
     if not folder.is_dir():
@@ -153,23 +163,22 @@ def inspect_stage(path: str | os.PathLike[str], *, precision: str | None = None,
         manifest = read_manifest(folder)
         assert manifest is not None
         if source_kind(manifest) == "adapter":
-            return _adapter_stage(folder, manifest, precision, target)
+            return _adapter_stage(folder, manifest, precision, target, engine_id)
         return _model_build_stage(folder, manifest, target)
     if (folder / MODEL_JSON).is_file():
         return _model_export_stage(folder)
     raise PrismInputError(f"{path}: neither a build folder (manifest.json) nor a model export folder (model.json)")
 
 
-def _adapter_stage(folder: Path, manifest: dict[str, Any], precision: str | None, target: str | None) -> StageInfo:
+def _adapter_stage(folder: Path, manifest: dict[str, Any], precision: str | None, target: str | None,
+                   engine_id: str | None = None) -> StageInfo:
     from prism_deploy.format.engine_manifest import part_files
-    from prism_deploy.runtime.engines import select_entry
+    from prism_deploy.runtime.engines import AmbiguousEngines, select_entry
 
-    found = [e for e in manifest["engines"] if (precision is None or e["configuration"]["precision"] == precision)
-             and (target is None or e["target"] == target)]
-    if len(found) > 1:
-        raise PrismInputError(f"{folder}: {len(found)} engines ({', '.join(e['id'] for e in found)}); "
-                              "pick the one to serve with --precision or --target")
-    entry = select_entry(manifest, folder, precision=precision, target=target)
+    try:
+        entry = select_entry(manifest, folder, precision=precision, target=target, engine_id=engine_id)
+    except AmbiguousEngines as exc:
+        raise exc.saying("pick the one to serve with --precision, --target or --engine-id") from None
     config = manifest["adapter"]["config"]
     cfg = entry["configuration"]
     files = [name for part in entry["parts"] for name, _ in part_files(part)]
@@ -178,6 +187,7 @@ def _adapter_stage(folder: Path, manifest: dict[str, Any], precision: str | None
         kind="adapter", source=folder, layout="adapter-build", target=entry["target"], precision=cfg["precision"],
         profile=dict(cfg["profile"]), inputs=[TensorSpec("hidden", "float32", [-1, int(config["in_dim"])])],
         outputs=[TensorSpec("adapted", "float32", [-1, int(config["out_dim"])])], files=files,
+        sha256={name: sha for part in entry["parts"] for name, sha in part_files(part)},
         onnxruntime=entry["tools"].get("onnxruntime"), manifest={**manifest, "engines": [entry]}, graphs=graphs,
         details={"engine_id": entry["id"], "adapter_sha256": manifest["adapter"]["sha256"],
                  "topology_sha256": manifest["adapter"].get("topology_sha256"), "engine_layout": cfg["layout"],
@@ -200,13 +210,14 @@ def _model_build_stage(folder: Path, manifest: dict[str, Any], target: str | Non
     if missing:
         raise PrismInputError(f"{folder}: no {target} engine for graph(s) {', '.join(missing)}")
     chosen = [entries[g] for g in graphs_needed]
-    files = [c["file"] for c in manifest["model"].get("copies", [])]
-    files += [name for e in chosen for part in e["parts"] for name, _ in part_files(part)]
+    copies = {c["file"]: c["sha256"] for c in manifest["model"].get("copies", [])}
+    copies.update({name: sha for e in chosen for part in e["parts"] for name, sha in part_files(part)})
+    files = list(copies)
     inputs, outputs = _model_io(kind, model)
     profile = chosen[0]["configuration"].get("profile") or DEFAULT_PROFILE
     return StageInfo(
         kind=kind, source=folder, layout="model-build", target=target, precision=str(model.get("precision", "fp32")),
-        profile=dict(profile), inputs=inputs, outputs=outputs, files=files,
+        profile=dict(profile), inputs=inputs, outputs=outputs, files=files, sha256=copies,
         onnxruntime=chosen[0]["tools"].get("onnxruntime"), manifest={**manifest, "engines": chosen}, model=model,
         graphs={g: entries[g]["parts"][0]["file"] for g in graphs_needed},
         decode=_decode_io(model) if kind == "last" else None, details={"role": model["role"]})
@@ -215,16 +226,19 @@ def _model_build_stage(folder: Path, manifest: dict[str, Any], target: str | Non
 def _model_export_stage(folder: Path) -> StageInfo:
     model = _read_model_json(folder)
     kind = ROLE_KINDS[model["role"]]
-    for key, record in model["files"].items():
-        if not (folder / record["name"]).is_file():
-            raise PrismInputError(f"{folder / record['name']}: missing (model.json lists it as {key})")
+    from prism_deploy.format.model_folder import file_path
+
+    for key in model["files"]:
+        if not file_path(folder, model, key).is_file():
+            raise PrismInputError(f"{file_path(folder, model, key)}: missing (model.json lists it as {key})")
     inputs, outputs = _model_io(kind, model)
     files = [MODEL_JSON, *(record["name"] for record in model["files"].values())]
+    hashes = {record["name"]: record["sha256"] for record in model["files"].values()}
     graphs = {k: model["files"][k]["name"] for k in ("graph", "graph_with_past") if k in model["files"]}
     return StageInfo(
         kind=kind, source=folder, layout="model-export", target="ort-cpu", precision=str(model.get("precision", "fp32")),
         profile={"batch": list(DEFAULT_PROFILE["batch"]), "seq": list(DEFAULT_PROFILE["seq"])}, inputs=inputs,
-        outputs=outputs, files=files, onnxruntime=None, model=model, graphs=graphs,
+        outputs=outputs, files=files, sha256=hashes, onnxruntime=None, model=model, graphs=graphs,
         decode=_decode_io(model) if kind == "last" else None, details={"role": model["role"]})
 
 
@@ -236,24 +250,25 @@ def stage_manifest_text(info: StageInfo) -> str | None:
 def write_stage_files(info: StageInfo, dest: Path) -> None:
     """Fill ``dest`` (a new folder) with what ``open_stage`` needs: hard links where the file
     system allows (engines are never rewritten in place), else copies; hashes re-checked."""
-    from prism_deploy.core.fsutil import file_sha256
+    import shutil
+
+    from prism_deploy.core.fsutil import file_sha256, inside
 
     dest.mkdir(parents=True)
     for name in info.files:
-        src, dst = info.source / name, dest / name
+        src, dst = inside(info.source, name, f"{info.source}: file"), dest / name
+        if dst.exists():  # two records naming one file; never write over anything
+            raise PrismInputError(f"{src}: named twice by the folder's manifest")
         try:
             os.link(src, dst)
         except OSError:
-            import shutil
-
-            shutil.copy2(src, dst)
+            shutil.copyfile(src, dst)
+        if name in info.sha256 and file_sha256(dst) != info.sha256[name]:
+            raise PrismInputError(f"{src}: sha256 differs from what its folder's manifest records (changed after "
+                                  "the build or export; build or export it again)")
     text = stage_manifest_text(info)
     if text is not None:
         (dest / MANIFEST_JSON).write_text(text, encoding="utf-8")
-    if info.layout == "model-export":  # an export's files carry their hashes in model.json
-        for key, record in (info.model or {}).get("files", {}).items():
-            if file_sha256(dest / record["name"]) != record["sha256"]:
-                raise PrismInputError(f"{info.source / record['name']}: sha256 differs from model.json ({key})")
 
 
 def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
