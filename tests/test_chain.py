@@ -387,3 +387,25 @@ def write_ids(tmp_path: Path) -> Path:
     path = tmp_path / "ids.json"
     path.write_text("[[1, 2, 3]]")
     return path
+
+
+def test_build_chain_writes_only_into_a_folder_it_owns(parts, tmp_path, capsys):
+    """build --chain -o DIR replaced the input chain file and wrote among a user's files (issue 17)."""
+    stages = three_model_stages(parts)
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    own = write_chain(inside / "chain.json", stages)
+    before = own.read_text()
+    assert main(["build", "--chain", str(own), "-o", str(inside), "--target", "ort-cpu"]) == 2
+    assert "is the chain file being built" in capsys.readouterr().err and own.read_text() == before
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "chain.json").write_text("my notes")
+    chain_file = write_chain(tmp_path / "chain.json", stages)
+    assert main(["build", "--chain", str(chain_file), "-o", str(notes), "--target", "ort-cpu"]) == 2
+    assert "was not written by build --chain" in capsys.readouterr().err
+    assert (notes / "chain.json").read_text() == "my notes"
+    (notes / "chain.json").unlink()
+    (notes / "mine.txt").write_text("mine")
+    assert main(["build", "--chain", str(chain_file), "-o", str(notes), "--target", "ort-cpu"]) == 2
+    assert "did not write (mine.txt)" in capsys.readouterr().err and sorted(p.name for p in notes.iterdir()) == ["mine.txt"]

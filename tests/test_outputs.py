@@ -276,3 +276,21 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert err == ""
+
+
+def test_an_output_inside_an_input_folder_replaces_nothing_there(inputs, capsys):
+    """``collect -o HF_DIR/model.safetensors`` replaced the model's own weights (issue 17)."""
+    hf = inputs / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"weights")
+    assert run_cli(["collect", "--model-a", hf, "--model-b", hf, "--text", inputs / "texts.txt",
+                    "-o", hf / "model.safetensors"]) == 2
+    one_error_line(capsys, "is inside", "would replace a file the command reads")
+    assert (hf / "model.safetensors").read_bytes() == b"weights"
+    # a new file inside a folder prism-deploy owns (a build folder given as input) is refused too
+    eng = inputs / "eng"
+    assert run_cli(["build", inputs / "a.safetensors", "-o", eng, "--target", "ort-cpu", "--precision", "fp32"]) == 0
+    capsys.readouterr()
+    assert run_cli(["triton", eng, "-o", eng / "repo"]) == 2
+    one_error_line(capsys, "a folder prism-deploy wrote")
+    assert not (eng / "repo").exists()

@@ -63,6 +63,7 @@ def build_chain(request: ChainBuildRequest, adapter_check: Callable[[Path], Engi
     given (None: unchecked)."""
     spec, out = request.spec, Path(request.out_dir)
     check_out_dir(out)
+    check_chain_out_dir(out, spec, request.force)
     for s in spec.stages:
         if s.kind == "adapter" and s.path.is_file() and s.path.suffix != ".safetensors":
             raise PrismInputError(f"{spec.where()}: {s.label}: {s.path}: build --chain builds an adapter from its "
@@ -98,12 +99,54 @@ def build_chain(request: ChainBuildRequest, adapter_check: Callable[[Path], Engi
     for s, path in zip(spec.stages, built_paths):
         reference = s.reference if s.reference is not None else (s.path if s.kind == "adapter" and s.path.is_file() else None)
         stages.append(replace(s, path=path, sha256=stage_digest(path), reference=reference))
-    obj = chain_to_object(replace(spec, stages=stages), out)
+    obj = chain_to_object(replace(spec, stages=stages), out, built=True)
     chain_file = out / CHAIN_FILE
     text = json.dumps(obj, indent=2) + "\n"
     if not chain_file.is_file() or chain_file.read_text(encoding="utf-8") != text:
         write_text_atomic(chain_file, text)
     return ChainBuildResult(out, results, chain_file)
+
+
+def check_chain_out_dir(out: Path, spec: ChainSpec, force: bool) -> None:
+    """``OUT`` holds only what ``build --chain`` writes: stage build folders (each with its
+    manifest, whose own rules the stage's build applies) and its own ``chain.json``. Anything
+    else is refused unless ``force`` (which keeps it); a ``chain.json`` it did not write (the
+    input chain file itself, a user's file) is never replaced."""
+    if not out.is_dir():
+        return
+    chain_file = out / CHAIN_FILE
+    if spec.path is not None and chain_file.exists() and chain_file.resolve() == Path(spec.path).resolve():
+        raise PrismInputError(f"-o {out}: {chain_file} is the chain file being built; give another output folder")
+    if chain_file.exists() and not _ours(chain_file):
+        raise PrismInputError(f"-o {out}: {chain_file} was not written by build --chain; it would be replaced "
+                              "(move it, or give another output folder)")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name != CHAIN_FILE and not (p.is_dir() and (p / "manifest.json").is_file()))
+    if foreign and not force:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise PrismInputError(f"-o {out}: holds files build --chain did not write ({shown}); build into a new or "
+                              "empty folder, or pass --force (they are kept)")
+
+
+def _ours(chain_file: Path) -> bool:
+    from prism_deploy.core import jsontext
+    from prism_deploy.format.chain_file import BUILT_BY
+
+    try:
+        obj = jsontext.loads(chain_file.read_bytes(), str(chain_file))
+    except (OSError, PrismInputError):
+        return False
+    if not isinstance(obj, dict):
+        return False
+    if obj.get("built_by") == BUILT_BY:
+        return True
+    # written before the mark existed: every stage one of this folder's build folders
+    stages = obj.get("stages")
+    if not isinstance(stages, list):
+        return False
+    names = [st.get("model", st.get("adapter")) for st in stages if isinstance(st, dict)]
+    return bool(names) and len(names) == len(stages) and all(
+        isinstance(n, str) and "/" not in n and (chain_file.parent / n / "manifest.json").is_file() for n in names)
 
 
 def summary(result: ChainBuildResult) -> list[dict[str, Any]]:

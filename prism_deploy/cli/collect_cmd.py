@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from prism_deploy.cli.numbers import COUNT, number
 from prism_deploy.cli.output import print_json
-from prism_deploy.cli.paths import declare_outputs
+from prism_deploy.cli.paths import declare_outputs, refuse_overlap
 from prism_deploy.core.limits import Limit
 
 
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         if args.model_a is not None or args.model_b is not None:
             raise PrismInputError("--chain: give a chain file and --hop, or --model-a and --model-b, not both")
         args.model_a, args.model_b = hop_models(args.chain, args.hop)
+        # the chain file's folders are inputs too (the command line's are checked by main)
+        refuse_overlap(Path(args.output), [args.model_a, args.model_b])
     elif args.hop is not None:
         raise PrismInputError("--hop: only with --chain")
     if args.model_a is None or args.model_b is None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prism_deploy.core.errors import PrismInputError
-from prism_deploy.core.fsutil import check_writable
+from prism_deploy.core.fsutil import check_writable, refuse_special
 
 # argparse bookkeeping, never paths
 _NOT_PATHS = {"func", "command", "needs", "output_files", "output_folders"}
@@ -43,12 +43,40 @@ def check_outputs(args: argparse.Namespace) -> None:
         for _dest2, other, _kind2 in given[:i]:
             if _same(path, other):
                 raise PrismInputError(f"{path}: named as two outputs of one command")
-        for source in inputs:
-            if _same(path, source):
-                also = "" if os.fspath(source) == os.fspath(path) else f" (as {source})"
-                raise PrismInputError(f"{path}: is also an input of this command{also}; writing it "
-                                      "would destroy it; give another output path")
+        refuse_overlap(path, inputs, kind)
         check_writable(path, kind)
+
+
+def refuse_overlap(path: Path, inputs: Iterable[str | os.PathLike[str]], kind: str = "file") -> None:
+    """Refuse ``path`` as an output when it is one of ``inputs``, or would replace a file inside
+    an input folder, or lies inside a folder prism-deploy owns (a build or export folder:
+    anything else there makes the next build or export refuse it). Commands whose inputs come
+    from a file (a chain file's stages) call this with them once they are known."""
+    sources = [Path(s) for s in inputs]
+    for source in sources:
+        if _same(path, source):
+            also = "" if os.fspath(source) == os.fspath(path) else f" (as {source})"
+            raise PrismInputError(f"{path}: is also an input of this command{also}; writing it "
+                                  "would destroy it; give another output path")
+    refuse_special(path, kind)  # a device or FIFO is said as such, wherever it is
+    for source in sources:
+        if source.is_dir() and _within(path, source):
+            if os.path.lexists(path):
+                raise PrismInputError(f"{path}: is inside {source}, an input of this command; writing it would "
+                                      "replace a file the command reads; give another output path")
+            if any((source / name).is_file() for name in OWNED_MARKERS):
+                raise PrismInputError(f"{path}: is inside {source}, a folder prism-deploy wrote (an input here); "
+                                      "give a path outside it")
+
+
+# a folder holding one of these is a build or export folder: only the tool's own files go there
+OWNED_MARKERS = ("manifest.json", "model.json", "prism-repository.json")
+
+
+def _within(path: Path, folder: Path) -> bool:
+    real_folder = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    return real != real_folder and os.path.commonpath([real, real_folder]) == real_folder
 
 
 def _input_paths(args: argparse.Namespace, outputs: set[str]) -> Iterator[Path]:

@@ -46,6 +46,7 @@ from prism_deploy.core.targets import TARGET_CHOICES
 SCHEMA_NAME = "prism-deploy.chain"
 SCHEMA_VERSION = 1
 SUFFIXES = (".toml", ".json")
+BUILT_BY = "prism-deploy build --chain"
 _PATH = {"type": "string", "minLength": 1}
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _COMMON = {"name": {"type": "string", "minLength": 1}, "target": {"enum": list(TARGET_CHOICES)}, "sha256": _SHA}
@@ -56,6 +57,8 @@ SCHEMA: dict[str, Any] = {
     "properties": {
         "schema": {"const": SCHEMA_NAME},
         "schema_version": {"type": "integer", "const": SCHEMA_VERSION},
+        # written by ``build --chain`` into the file it owns (so a later build may replace it)
+        "built_by": {"const": BUILT_BY},
         "name": {"type": "string"},
         "target": {"enum": list(TARGET_CHOICES)},
         "tokenizers": {"type": "object", "additionalProperties": False,
@@ -183,8 +186,9 @@ def stage_digest(path: Path) -> str | None:
     return None
 
 
-def chain_to_object(spec: ChainSpec, relative_to: Path) -> dict[str, Any]:
-    """The chain file's JSON form, paths relative to ``relative_to`` where they lie below it."""
+def chain_to_object(spec: ChainSpec, relative_to: Path, built: bool = False) -> dict[str, Any]:
+    """The chain file's JSON form, paths relative to ``relative_to`` where they lie below it;
+    ``built``: marked as ``build --chain``'s own file."""
     def rel(p: Path) -> str:
         try:
             return str(p.resolve().relative_to(relative_to.resolve()))
@@ -203,6 +207,8 @@ def chain_to_object(spec: ChainSpec, relative_to: Path) -> dict[str, Any]:
             item["reference"] = rel(s.reference)
         stages.append(item)
     obj: dict[str, Any] = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION}
+    if built:
+        obj["built_by"] = BUILT_BY
     if spec.name:
         obj["name"] = spec.name
     if spec.target:
