@@ -300,3 +300,38 @@ def test_model_json_paths_stay_inside_the_folder(name, zoo, tmp_path):
     with pytest.raises(PrismInputError, match="outside|not a plain file name") as info:
         Pipeline(folder, zoo["adapter"], zoo["B"])
     assert "\n" not in str(info.value)
+
+
+def test_an_interrupted_commit_leaves_the_folder_as_it_was(built, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the engines moved in but before the manifest: they go again (issue 17)."""
+    from prism_deploy.builder import loop
+
+    eng = copy_build(built, tmp_path / "eng")
+    before = files(eng)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "write_manifest", interrupted)
+    assert main(["build", str(built["a"]), "-o", str(eng), "--target", "ort-cpu", "--precision", "fp16",
+                 "--per-pipe", *FAST]) == 130  # "error: interrupted"
+    assert files(eng) == before
+    monkeypatch.undo()
+    code, _ = build_into(capsys, built["a"], eng)
+    assert code == 0
+
+
+def test_engines_a_killed_build_left_unlisted_are_recognised_and_removed(built, tmp_path, capsys):
+    """SIGKILL between the move and the manifest: the engine files carry their own hash in their
+    names, so the next build knows them for its own; a user's file of such a name is not."""
+    eng = copy_build(built, tmp_path / "eng")
+    (eng / "manifest.json").unlink()  # as if killed before the first manifest was written
+    engines = sorted(p.name for p in eng.iterdir() if p.name.endswith(".ort.onnx"))
+    fake = eng / "mine.0123456789ab.ort.onnx"  # an engine-like name whose content does not match it
+    fake.write_bytes(b"not an engine")
+    code, err = build_into(capsys, built["a"], eng)
+    assert code == 2 and "did not write (mine.0123456789ab.ort.onnx)" in err
+    assert all((eng / name).exists() for name in engines)  # refused: nothing removed
+    fake.unlink()
+    code, _ = build_into(capsys, built["a"], eng)
+    assert code == 0 and load_engines(eng).run(np.ones((1, 2, 24), np.float32)).shape == (1, 2, 20)

@@ -30,6 +30,7 @@ import contextlib
 import os
 import shutil
 import stat
+import re
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ from prism_deploy.core import targets
 from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.fsutil import atomic_output, file_sha256
 from prism_deploy.format.engine_manifest import (
+    ENGINE_SUFFIXES,
     MANIFEST_NAME,
     EngineFileError,
     canonical_hash,
@@ -233,8 +235,9 @@ def locked(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
     try:
         for stale in directory.glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
-        for stale in directory.glob(f".{MANIFEST_NAME}.*.tmp"):
-            stale.unlink(missing_ok=True)
+        for stale in directory.glob(".*.tmp"):
+            if _is_own(stale.name):  # atomic_output's temporary names: ".<name>.<8 hex>.tmp"
+                stale.unlink(missing_ok=True)
         yield
     finally:
         lock.release()
@@ -255,7 +258,46 @@ def check_out_dir(directory: Path) -> None:
 def _is_own(name: str) -> bool:
     import fnmatch
 
-    return any(fnmatch.fnmatch(name, pattern) for pattern in OWN_PATTERNS)
+    return any(fnmatch.fnmatch(name, pattern) for pattern in OWN_PATTERNS) or bool(_TEMP_NAME.fullmatch(name))
+
+
+# atomic_output's temporary names (core.fsutil.temp_sibling): ".<name>.<8 hex>.tmp"
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+# engine_part's names: "<stem>.<first 12 hex of the file's sha256><suffix>"
+_ENGINE_NAME = re.compile(r".+\.([0-9a-f]{12})(" + "|".join(re.escape(s) for s in ENGINE_SUFFIXES) + ")")
+
+
+def _orphans(directory: Path, listed: set[str], source: BuildSource) -> list[Path]:
+    """Files a killed build moved in before it could list them: engines, whose names carry the
+    first 12 hex digits of their own sha256, which the file's content must match (so a user's
+    file is never taken for one), the data files such an engine names, and copies of the
+    source's files (a model build's model.json, embed_tokens.npy) equal to the source's."""
+    found = []
+    for name, src in source.copies():
+        copy = directory / name
+        if name not in listed and copy.is_file() and not copy.is_symlink() and file_sha256(copy) == file_sha256(src):
+            found.append(copy)
+    for path in directory.iterdir():
+        match = _ENGINE_NAME.fullmatch(path.name)
+        if match and path.name not in listed and path.is_file() and not path.is_symlink() \
+                and file_sha256(path).startswith(match.group(1)):
+            found.append(path)
+            found += [directory / name for name in _external_data(path) if name not in listed
+                      and (directory / name).is_file() and "/" not in name]
+    return found
+
+
+def _external_data(engine: Path) -> set[str]:
+    """The external-data files an ONNX Runtime engine names (its weights over ~2 GiB)."""
+    if not engine.name.endswith(".ort.onnx"):
+        return set()
+    import onnx
+
+    try:
+        model = onnx.load(str(engine), load_external_data=False)
+    except Exception:  # not loadable: then it names nothing we could prove ours
+        return set()
+    return {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
 
 
 def _previous_manifest(directory: Path, source: BuildSource, force: bool) -> dict[str, Any] | None:
@@ -268,7 +310,9 @@ def _previous_manifest(directory: Path, source: BuildSource, force: bool) -> dic
                                   "pass --force: the files it lists are kept, not deleted)") from None
         return None
     listed = referenced_files(old)
-    foreign = sorted(p.name for p in directory.iterdir() if p.name not in listed and not _is_own(p.name))
+    orphans = _orphans(directory, listed, source)  # provably ours, and listed by no manifest
+    foreign = sorted(p.name for p in directory.iterdir()
+                     if p.name not in listed and not _is_own(p.name) and p not in orphans)
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise PrismInputError(f"-o {directory}: holds files prism-deploy did not write ({shown}); build into a "
@@ -278,6 +322,8 @@ def _previous_manifest(directory: Path, source: BuildSource, force: bool) -> dic
         raise PrismInputError(f"-o {directory}: holds the engines of {what} ({len(old['engines'])} engine(s), "
                               f"{len(listed)} file(s)), which this build would replace; use another folder, "
                               "or --force to replace them")
+    for orphan in orphans:  # the build goes ahead: what a killed one left goes now
+        orphan.unlink(missing_ok=True)
     return old
 
 
@@ -369,14 +415,37 @@ def _commit(directory: Path, source: BuildSource, kept_from: dict[str, Any] | No
     copies_intact = kept_from is not None and len(copy_records) == len(copies) and parts_intact(directory, {"parts": copy_records})
     if not fresh and (copies_intact or not copies or failed_groups):
         return False
+    moved_in: list[Path] = []
+    try:
+        _move_in_and_write(directory, source, kept_from, fresh, copies, work_root, moved_in)
+    except BaseException:
+        # interrupted or failed before the manifest listed them: the engines moved in go again
+        # (a name the old manifest lists is the same content, and stays)
+        for path in moved_in:
+            if path.name not in referenced_files(old):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        raise
+    manifest = read_manifest(directory)
+    for name in sorted(referenced_files(old) - referenced_files(manifest)):
+        with contextlib.suppress(OSError):
+            (directory / name).unlink()
+    return True
+
+
+def _move_in_and_write(directory: Path, source: BuildSource, kept_from: dict[str, Any] | None,
+                       fresh: dict[str, dict[str, Any]], copies: list[tuple[str, Path]], work_root: Path,
+                       moved_in: list[Path]) -> None:
     for entry in fresh.values():
         for part in entry["parts"]:
             for name, _ in part_files(part):
                 moved = next(work_root.rglob(name))
+                moved_in.append(directory / name)
                 os.replace(moved, directory / name)
     record = dict(source.record)
     if copies:
         for name, path in copies:
+            moved_in.append(directory / name)
             with atomic_output(directory / name) as tmp:
                 shutil.copyfile(path, tmp)
         record["copies"] = [{"file": n, "sha256": file_sha256(directory / n), "bytes": (directory / n).stat().st_size}
@@ -386,12 +455,7 @@ def _commit(directory: Path, source: BuildSource, kept_from: dict[str, Any] | No
         # every earlier entry stays (a configuration that failed now keeps its previous engine)
         engines = [fresh.pop(e["id"], e) for e in kept_from["engines"]]
     engines += list(fresh.values())
-    manifest = new_manifest(record, engines, kind=source.kind)
-    write_manifest(directory, manifest)
-    for name in sorted(referenced_files(old) - referenced_files(manifest)):
-        with contextlib.suppress(OSError):
-            (directory / name).unlink()
-    return True
+    write_manifest(directory, new_manifest(record, engines, kind=source.kind))
 
 
 __all__ = ["BuildOptions", "BuildResult", "BuildSource", "CheckResult", "EngineCheck", "Outcome", "Unit", "build",
