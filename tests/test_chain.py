@@ -262,6 +262,10 @@ def bad_chain_cases(parts, tmp_path) -> list[tuple[str, object, str]]:
     unknown = [dict(s) for s in good]
     unknown[3]["precison"] = "fp16"
     order = [good[1], good[0], *good[2:]]
+    model_as_adapter = [dict(s) for s in good]
+    model_as_adapter[1] = {"adapter": str(parts["gpt2_first"] / "first.onnx")}
+    both = [dict(s) for s in good]
+    both[1] = {"adapter": good[1]["adapter"], "model": good[0]["model"]}
     return [
         ("width", {"stages": wrong_width}, "stage 2 (adapter a1): in_dim 64 does not match the hidden width 48"),
         ("order", {"stages": order}, "stage 1"),
@@ -269,6 +273,8 @@ def bad_chain_cases(parts, tmp_path) -> list[tuple[str, object, str]]:
         ("hash", {"stages": hashed}, "stage 2 (adapter a1)"),
         ("unknown", {"stages": unknown}, "unknown key(s) ['precison']"),
         ("two", {"stages": good[:2]}, "stages"),
+        ("model graph as adapter", {"stages": model_as_adapter}, "not an adapter graph"),
+        ("model and adapter in one stage", {"stages": both}, "(stage 2): a stage is a model or an adapter, not both"),
     ]
 
 

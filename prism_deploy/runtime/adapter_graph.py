@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from prism_deploy.core.errors import PrismInputError
-from prism_deploy.core.onnx_io import OUTPUT_NAME
+from prism_deploy.core.onnx_io import INPUT_NAME, OUTPUT_NAME
 from prism_deploy.core.ort_session import session_config_for
 from prism_deploy.core.tiles import dequantize_rows, tiles_from_dense
 from prism_deploy.lower.contract import graph_precision, has_metadata, read_metadata
@@ -57,6 +57,7 @@ class AdapterGraph:
             self.precision: str = graph_precision(self._skeleton)
         except PrismInputError as exc:
             raise PrismInputError(f"{self.path}: {exc}") from None
+        _check_interface(self._skeleton, self.path)
         from prism_deploy.fuse import is_fused
 
         self.fused = is_fused(self._skeleton)
@@ -72,7 +73,7 @@ class AdapterGraph:
         self.input_name = inp.name
         self.io_dtype = self.runner.input_dtype(inp.name) or np.dtype(np.float32)
         outputs = self.runner.output_names
-        self.output_name = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
+        self.output_name = OUTPUT_NAME
         self.in_dim = inp.shape[-1] if isinstance(inp.shape[-1], int) else None
         out_dim = self.runner.output_shapes[self.output_name][-1]
         self.out_dim = out_dim if isinstance(out_dim, int) else None
@@ -170,3 +171,19 @@ class AdapterGraph:
 
 def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
     return next((n for n in model.graph.node if n.name == name), None)
+
+
+def _check_interface(model: onnx.ModelProto, path: Path) -> None:
+    """An adapter graph takes one float input ``hidden`` [batch, seq, in_dim] and gives
+    ``adapted``; anything else (a model graph given as an adapter, say) is refused here, not by
+    ONNX Runtime in the middle of a chain."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    outputs = [o.name for o in model.graph.output]
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    ok = (len(inputs) == 1 and inputs[0].name == INPUT_NAME and inputs[0].type.tensor_type.elem_type in floats
+          and len(inputs[0].type.tensor_type.shape.dim) == 3 and OUTPUT_NAME in outputs)
+    if not ok:
+        have = ", ".join(i.name for i in inputs) or "none"
+        raise PrismInputError(f"{path}: not an adapter graph (one float input {INPUT_NAME!r} [batch, seq, in_dim], "
+                              f"output {OUTPUT_NAME!r}); it takes {have} and gives {', '.join(outputs) or 'nothing'}")
