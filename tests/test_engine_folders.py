@@ -152,8 +152,10 @@ def test_manifest_paths_stay_inside_the_folder(where, built, tmp_path, capsys):
         part["file"] = f"../outside/{part['file']}"
     elif where == "absolute":
         part["file"] = str(outside / part["file"])
-    elif where == "passwd":
-        part["file"] = "/etc/passwd"
+    elif where == "passwd":  # a system file stands outside; a copy of the idea in tmp, never /etc itself
+        secret = tmp_path / "passwd"
+        secret.write_text("root:x:0:0::/root:/bin/sh\n")
+        part["file"] = str(secret)
     else:  # a name inside the folder that is a symlink to a copy outside it
         (eng / part["file"]).unlink()
         (eng / part["file"]).symlink_to(outside / part["file"])
@@ -165,11 +167,13 @@ def test_manifest_paths_stay_inside_the_folder(where, built, tmp_path, capsys):
     if where == "passwd":
         import hashlib
 
-        assert hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()[:12] not in message
+        assert hashlib.sha256((tmp_path / "passwd").read_bytes()).hexdigest()[:12] not in message
     capsys.readouterr()
     assert main(["build", str(built["a"]), "-o", str(eng), "--target", "ort-cpu", "--precision", "fp32",
                  "--per-pipe", *FAST]) in (0, 2)
-    assert (outside / name).is_file() and Path("/etc/passwd").is_file()  # nothing outside was touched
+    assert (outside / name).is_file()  # nothing outside was touched: not read, not hashed, not deleted
+    if where == "passwd":
+        assert (tmp_path / "passwd").read_text() == "root:x:0:0::/root:/bin/sh\n"
 
 
 # ---- 2 and 4. every field -------------------------------------------------------------------------
@@ -243,7 +247,7 @@ def test_each_wrong_manifest_field_is_one_clean_error(case, built, tmp_path, cap
 JSON_VALUES = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(min_value=-(1 << 70), max_value=1 << 70),
               st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-              st.sampled_from(["../x.ort.onnx", "/etc/passwd", "", ".", "fp32", "ort-cpu", "trt", "per-pipe"])),
+              st.sampled_from(["../x.ort.onnx", "/nonexistent/prism-deploy-victim", "", ".", "fp32", "ort-cpu", "trt", "per-pipe"])),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
     max_leaves=6)
 
@@ -284,7 +288,7 @@ def test_the_fuzz_starts_from_a_folder_that_loads(built):
     assert os.path.isfile(built["eng"] / "manifest.json")
 
 
-@pytest.mark.parametrize("name", ["../first.onnx", "/etc/passwd", "sub/first.onnx", "link.onnx"])
+@pytest.mark.parametrize("name", ["../first.onnx", "/nonexistent/first.onnx", "sub/first.onnx", "link.onnx"])
 def test_model_json_paths_stay_inside_the_folder(name, zoo, tmp_path):
     from prism_deploy.runtime.chain import Pipeline
 

@@ -43,7 +43,7 @@ from typing import Any, Protocol
 from prism_deploy.builder.options import EngineConfig
 from prism_deploy.core import targets
 from prism_deploy.core.errors import CheckFailed, PrismInputError
-from prism_deploy.core.fsutil import atomic_output, file_sha256
+from prism_deploy.core.fsutil import atomic_output, file_sha256, folder_lock, inside, write_errors
 from prism_deploy.format.engine_manifest import (
     ENGINE_SUFFIXES,
     MANIFEST_NAME,
@@ -185,7 +185,7 @@ def build(source: BuildSource, options: BuildOptions, log: Callable[[str], None]
     created = not directory.exists()
     written = False
     try:
-        with locked(directory, say):
+        with write_errors(directory), locked(directory, say):  # a full disk names DIR, not a file in it
             old = _previous_manifest(directory, source, options.force)
             same = old is not None and source.same_source(old)
             old_entries = {e["id"]: e for e in old["engines"]} if old is not None and same else {}
@@ -217,8 +217,6 @@ def build(source: BuildSource, options: BuildOptions, log: Callable[[str], None]
 def locked(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
     """Hold DIR's build lock; clear temporary files and folders a killed build left behind
     (only those with the builder's own temporary names)."""
-    from filelock import FileLock, Timeout
-
     check_out_dir(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -226,21 +224,13 @@ def locked(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
         raise PrismInputError(f"-o {directory}: cannot create the folder ({exc.strerror or exc})") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PrismInputError(f"-o {directory}: the folder is not writable")
-    lock = FileLock(str(directory / LOCK_NAME))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log(f"waiting for another build into {directory} to finish")
-        lock.acquire()
-    try:
+    with folder_lock(directory, LOCK_NAME, log):
         for stale in directory.glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
         for stale in directory.glob(".*.tmp"):
             if _is_own(stale.name):  # atomic_output's temporary names: ".<name>.<8 hex>.tmp"
                 stale.unlink(missing_ok=True)
         yield
-    finally:
-        lock.release()
 
 
 def check_out_dir(directory: Path) -> None:
@@ -428,9 +418,20 @@ def _commit(directory: Path, source: BuildSource, kept_from: dict[str, Any] | No
         raise
     manifest = read_manifest(directory)
     for name in sorted(referenced_files(old) - referenced_files(manifest)):
-        with contextlib.suppress(OSError):
-            (directory / name).unlink()
+        _remove_listed(directory, name)
     return True
+
+
+def _remove_listed(directory: Path, name: str) -> None:
+    """Delete a file an earlier manifest listed, only if it is a plain name of a file inside
+    DIR (the schema says so already; a delete is where it must never fail to hold)."""
+    try:
+        path = inside(directory, name, "manifest file")
+    except PrismInputError:
+        return
+    if path.is_file() and not path.is_symlink():
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _move_in_and_write(directory: Path, source: BuildSource, kept_from: dict[str, Any] | None,

@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from prism_deploy.cli.paths import check_outputs
+from prism_deploy.cli.paths import FULL_OR_READ_ONLY, check_outputs, declared_output
 from prism_deploy.core.errors import CheckFailed, PrismInputError, require
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
@@ -112,9 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except OSError as exc:
-        # a file the command reads or writes (writes name the user's path: core.fsutil)
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        # a file the command reads or writes; where the disk or file system refused a write,
+        # the output the user named, whatever file (temporary, inside a library) met it
+        output = declared_output(args) if exc.errno in FULL_OR_READ_ONLY else None
+        if output is not None:
+            print(f"error: {output}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+        else:
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

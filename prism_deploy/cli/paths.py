@@ -15,6 +15,7 @@ then refuses, with exit 2 and one line, an output that
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,6 +32,19 @@ def declare_outputs(parser: argparse.ArgumentParser, files: tuple[str, ...] = ()
                     folders: tuple[str, ...] = ()) -> None:
     """Name the ``dest`` of the options a command writes to: files, or folders it fills."""
     parser.set_defaults(output_files=files, output_folders=folders)
+
+
+# errors of the place written to, not of what is read: reported against the output
+FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def declared_output(args: argparse.Namespace) -> str | None:
+    """The first output the user named (file or folder), for errors met while writing it."""
+    for dest in (*getattr(args, "output_files", ()), *getattr(args, "output_folders", ())):
+        value = getattr(args, dest, None)
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    return None
 
 
 def check_outputs(args: argparse.Namespace) -> None:

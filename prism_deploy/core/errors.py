@@ -20,6 +20,16 @@ class AdapterFormatError(PrismInputError):
     """An adapter file that does not follow format v1 (docs/adapter-format.md)."""
 
 
+class WriteError(PrismInputError):
+    """A write the file system refused (full, read-only, name too long...). ``reason`` is what
+    it said; an enclosing ``core.fsutil.write_errors`` re-raises it naming its own, outer path,
+    so the user sees the output they named, not a temporary file inside it."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: cannot write: {reason}")
+
+
 class CheckFailed(RuntimeError):
     """A check ran and did not pass (exit code 1)."""
 

@@ -11,8 +11,9 @@ import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, WriteError
 
 
 # The errors a write can meet that are about where it writes (not about what it reads).
@@ -28,10 +29,12 @@ def write_errors(path: str | os.PathLike[str], *own: str | os.PathLike[str]) -> 
     folder) as bad input naming ``path``, the user's name, never a temporary one."""
     try:
         yield
+    except WriteError as exc:  # met by a write nested inside this one: said of this, outer, path
+        raise WriteError(path, exc.reason) from None
     except OSError as exc:
         names = {os.fspath(path), *(os.fspath(o) for o in own), os.fspath(Path(path).parent)}
         if exc.filename is None or os.fspath(exc.filename) in names or exc.errno in _WRITE_ERRNOS:
-            raise PrismInputError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+            raise WriteError(path, exc.strerror or str(exc)) from exc
         raise
 
 
@@ -132,6 +135,25 @@ def check_writable(target: Path, kind: str) -> None:
         raise PrismInputError(f"{target}: cannot write: {why} ({folder})") from None
     with contextlib.suppress(OSError):
         probe.unlink()
+
+
+@contextlib.contextmanager
+def folder_lock(directory: Path, name: str, log: Any = None) -> Iterator[None]:
+    """Hold ``directory/name`` (a file lock) while writing into ``directory``: a second writer
+    says it is waiting (through ``log``) and waits, instead of mixing its files with ours."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(directory / name))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if log is not None:
+            log(f"waiting for another command writing into {directory} to finish")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_free_space(target: str | os.PathLike[str], need_bytes: int) -> None:

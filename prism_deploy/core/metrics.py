@@ -99,7 +99,7 @@ def compare_logits(got: Any, ref: Any, mask: Any = None, *, tie_gap: float | Non
 
 def merge(figs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The worst case over several comparisons (top-1 weighted by token count)."""
-    out: dict[str, Any] = {"tokens": sum(f["tokens"] for f in figs), "max_abs": max(f["max_abs"] for f in figs),
+    out: dict[str, Any] = {"tokens": sum(f["tokens"] for f in figs), "max_abs": worst(*(f["max_abs"] for f in figs)),
                            "rel_l2": max(f["rel_l2"] for f in figs), "min_cosine": min(f["min_cosine"] for f in figs)}
     if "top1" in figs[0]:
         out["top1"] = min(f["top1"] for f in figs)
@@ -109,6 +109,14 @@ def merge(figs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["kl_max"] = max(f["kl_max"] for f in figs)
         out["kl_mean"] = sum(f["kl_mean"] * f["tokens"] for f in figs) / max(out["tokens"], 1)
     return out
+
+
+def worst(*errors: float) -> float:
+    """The largest error, NaN when any is NaN (Python's ``max`` would drop a NaN that is not
+    first, and an overflow would show as an error of 0)."""
+    if any(math.isnan(e) for e in errors):
+        return math.nan
+    return max(errors)
 
 
 class ErrorAccumulator:
@@ -127,7 +135,7 @@ class ErrorAccumulator:
         self.ref2 += float((r * r).sum())
         self.out2 += float((y * y).sum())
         self.dot += float((y * r).sum())
-        self.max_abs = max(self.max_abs, float(np.abs(d).max(initial=0.0)))
+        self.max_abs = worst(self.max_abs, float(np.abs(d).max(initial=0.0)))
         self.tokens += int(np.prod(y.shape[:-1]))
 
     @property

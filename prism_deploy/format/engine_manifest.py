@@ -44,14 +44,17 @@ PROFILE_MAX = 1 << 20
 
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _NAME = {"type": "string", "minLength": 1}
+# a file of the folder: a plain name (no folder, no "..", not absolute), checked before any use
+# (a name such as "/etc/passwd" must never reach a read, a hash or a delete)
+_FILE = {"type": "string", "pattern": r"^(?!\.\.?$)[^/\\\x00]+$"}
 _COUNT = {"type": "integer", "minimum": 0}
 _RANGE = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "integer", "minimum": 1, "maximum": PROFILE_MAX}}
 _PART = {
     "type": "object",
     "required": ["file", "sha256", "bytes"],
     "properties": {
-        "file": _NAME, "sha256": _SHA, "bytes": _COUNT,
-        "data_file": {"type": ["string", "null"], "minLength": 1},
+        "file": _FILE, "sha256": _SHA, "bytes": _COUNT,
+        "data_file": {"anyOf": [_FILE, {"type": "null"}]},
         "data_sha256": {**_SHA, "type": ["string", "null"]}, "data_bytes": {"type": ["integer", "null"], "minimum": 0},
         "pipe": {"type": ["integer", "null"], "minimum": 0}, "graph": {"type": "string"},
     },
@@ -151,6 +154,9 @@ def validate_manifest(obj: Any, where: str | os.PathLike[str]) -> None:
         jsonschema.validate(obj, SCHEMA)
     except jsonschema.ValidationError as exc:
         field = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
+        if exc.schema is _FILE or (exc.validator == "pattern" and field.endswith("file")):
+            raise EngineFileError(f"{where}: {field}: {exc.instance!r} is not a plain file name inside the "
+                                  "folder (no folder, no '..', not absolute)") from None
         raise EngineFileError(f"{where}: {field}: {' '.join(exc.message.split())[:200]}") from None
     ids = [e["id"] for e in obj["engines"]]
     if len(set(ids)) != len(ids):

@@ -32,6 +32,7 @@ from prism_deploy.core.precision import MODEL_PRECISIONS
 FORMAT = "prism-deploy-model"
 VERSION = 1
 MANIFEST = "model.json"
+LOCK_NAME = ".export.lock"  # held by export-model while it writes into the folder
 ROLES = ("first", "middle", "last")
 ROLE_ALIASES = {"upper": "first", "lower": "last"}  # the names of releases before chains
 # The graphs of each role, by their key in model.json's "files".
@@ -170,7 +171,7 @@ def check_export_folder(model_dir: str | os.PathLike[str], force: bool = False) 
             listed = {MANIFEST, *(r["name"] for r in read_model_json(folder)["files"].values())}
         except PrismInputError:
             listed = set()
-    foreign = sorted(n for n in names - listed if not (n.startswith(".") and n.endswith(".tmp")))
+    foreign = sorted(n for n in names - listed if n != LOCK_NAME and not (n.startswith(".") and n.endswith(".tmp")))
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise PrismInputError(f"-o {model_dir}: holds files export-model did not write ({shown}); export into a "

@@ -194,7 +194,10 @@ def fuse_onnx_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
     except Exception as exc:  # onnx raises DecodeError and friends for non-ONNX input
         raise PrismInputError(f"{src}: not a readable ONNX model ({type(exc).__name__})") from exc
     nodes_before = len(model.graph.node)
-    fused = fuse_gated_pipes(model)
+    try:
+        fused = fuse_gated_pipes(model)
+    except PrismInputError as exc:  # "fuse: ..." said of the user's file
+        raise PrismInputError(f"{src}: {str(exc).removeprefix('fuse: ')}") from None
     del model
     info = json.loads(next((p.value for p in fused.metadata_props if p.key == FUSION_KEY), '{"pipes": []}'))
     nodes_after = len(fused.graph.node)

@@ -30,6 +30,7 @@ the models as ``transformers`` loads them by default (SDPA attention).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -43,11 +44,11 @@ import torch
 
 from prism_deploy.core import tolerances
 from prism_deploy.core.errors import CheckFailed, PrismInputError
-from prism_deploy.core.fsutil import file_sha256
+from prism_deploy.core.fsutil import file_sha256, folder_lock
 from prism_deploy.core.metrics import compare, compare_logits, merge
 from prism_deploy.core.precision import ModelPrecision
-from prism_deploy.format.model_folder import (FORMAT, MANIFEST, VERSION, canonical_role, check_export_folder,
-                                             io_description, past_names)
+from prism_deploy.format.model_folder import (FORMAT, LOCK_NAME, MANIFEST, VERSION, canonical_role,
+                                             check_export_folder, io_description, past_names)
 from prism_deploy.models import hf
 
 # Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
@@ -139,62 +140,86 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     table = reference.get_input_embeddings() if role == "first" else reference.get_output_embeddings()
     vocab = int(table.weight.shape[0])
     embed_std = float(hf.input_embedding_matrix(reference).std())
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    # An old manifest would describe graphs this run is about to replace: drop it first, write it last.
-    (out / MANIFEST).unlink(missing_ok=True)
+    try:
+        with folder_lock(out, LOCK_NAME):
+            check_export_folder(out, force)  # again, under the lock: another export may have written
+            try:
+                # An old manifest would describe graphs this run is about to replace: drop it first, write it last.
+                (out / MANIFEST).unlink(missing_ok=True)
 
-    if role == "first":
-        files, written = _export_first(traced, out, vocab)
-    elif role == "middle":
-        files, written = _export_middle(traced, out, dims)
-    else:
-        files, written = _export_last(traced, out, dims)
-        from prism_deploy.core.fsutil import atomic_output
+                if role == "first":
+                    files, written = _export_first(traced, out, vocab)
+                elif role == "middle":
+                    files, written = _export_middle(traced, out, dims)
+                else:
+                    files, written = _export_last(traced, out, dims)
+                    from prism_deploy.core.fsutil import atomic_output
 
-        with atomic_output(out / files["embed_tokens"]) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, hf.input_embedding_matrix(reference).astype(np.float16 if precision == "fp16" else np.float32))
-    quantized: dict[str, Any] = {}
-    if quantization is not None:
-        written = [n for n in written if not n.endswith(".data")]
-        for key in ("graph", "graph_with_past"):
-            if key in files:  # quantized in place; a float graph's external data file goes
-                stale = out / (files[key] + ".data")
-                quantized[key] = quantize.quantize_graph(out / files[key], out / files[key], quantization)
-                written += quantized[key]["files"]
-                if stale.name not in quantized[key]["files"]:
-                    stale.unlink(missing_ok=True)
-    for name in written:
-        if name.endswith(".data"):  # external weights of a graph over 2 GiB
-            files[name.split(".")[0] + "_data"] = name
-    export_s = time.perf_counter() - started
+                    with atomic_output(out / files["embed_tokens"]) as tmp:
+                        with open(tmp, "wb") as fh:
+                            np.save(fh, hf.input_embedding_matrix(reference).astype(np.float16 if precision == "fp16" else np.float32))
+                quantized: dict[str, Any] = {}
+                if quantization is not None:
+                    written = [n for n in written if not n.endswith(".data")]
+                    for key in ("graph", "graph_with_past"):
+                        if key in files:  # quantized in place; a float graph's external data file goes
+                            stale = out / (files[key] + ".data")
+                            quantized[key] = quantize.quantize_graph(out / files[key], out / files[key], quantization)
+                            written += quantized[key]["files"]
+                            if stale.name not in quantized[key]["files"]:
+                                stale.unlink(missing_ok=True)
+                for name in written:
+                    if name.endswith(".data"):  # external weights of a graph over 2 GiB
+                        files[name.split(".")[0] + "_data"] = name
+                export_s = time.perf_counter() - started
 
-    validation: dict[str, Any] = {"skipped": True}
-    if validate:
-        checker = {"first": _validate_first, "middle": _validate_middle, "last": _validate_last}[role]
-        validation = checker(reference, out, files, precision, max_seq, seed)
-    manifest = {
-        "format": FORMAT, "version": VERSION, "role": role, "family": hf.family(reference),
-        "known_family": hf.family(reference) in hf.KNOWN_FAMILIES, "source": str(Path(hf_dir).resolve()),
-        "precision": precision, "max_seq": max_seq,
-        "dims": {"hidden": dims["hidden"], "vocab": vocab, "layers": dims["layers"], "kv_heads": dims["kv_heads"],
-                 "head_dim": dims["head_dim"]},
-        # the scale of its input embeddings: random inputs of that size check a middle model's build
-        "embed_std": embed_std,
-        "io": io_description(role, dims["layers"]),
-        "files": {key: {"name": name, "sha256": file_sha256(out / name)} for key, name in files.items()},
-        "position_ids": "cumsum(attention_mask) - 1 (padding slots: 1), computed inside each graph",
-        "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False), eager attention",
-        "opset": _opset(quantized), "export_seconds": round(export_s, 3), "eos_token_id": _eos_token_id(reference),
-        "validation": validation, "versions": _versions(),
-    }
-    if quantized:
-        # the form, block size and per-layer choices of each graph; weights stay float in embed_tokens.npy
-        manifest["quantization"] = {**quantization.to_json(), "graphs": quantized}
-    from prism_deploy.core.fsutil import write_text_atomic
+                validation: dict[str, Any] = {"skipped": True}
+                if validate:
+                    checker = {"first": _validate_first, "middle": _validate_middle, "last": _validate_last}[role]
+                    validation = checker(reference, out, files, precision, max_seq, seed)
+                manifest = {
+                    "format": FORMAT, "version": VERSION, "role": role, "family": hf.family(reference),
+                    "known_family": hf.family(reference) in hf.KNOWN_FAMILIES, "source": str(Path(hf_dir).resolve()),
+                    "precision": precision, "max_seq": max_seq,
+                    "dims": {"hidden": dims["hidden"], "vocab": vocab, "layers": dims["layers"], "kv_heads": dims["kv_heads"],
+                             "head_dim": dims["head_dim"]},
+                    # the scale of its input embeddings: random inputs of that size check a middle model's build
+                    "embed_std": embed_std,
+                    "io": io_description(role, dims["layers"]),
+                    "files": {key: {"name": name, "sha256": file_sha256(out / name)} for key, name in files.items()},
+                    "position_ids": "cumsum(attention_mask) - 1 (padding slots: 1), computed inside each graph",
+                    "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False), eager attention",
+                    "opset": _opset(quantized), "export_seconds": round(export_s, 3), "eos_token_id": _eos_token_id(reference),
+                    "validation": validation, "versions": _versions(),
+                }
+                if quantized:
+                    # the form, block size and per-layer choices of each graph; weights stay float in embed_tokens.npy
+                    manifest["quantization"] = {**quantization.to_json(), "graphs": quantized}
+                from prism_deploy.core.fsutil import write_text_atomic
 
-    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+                write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            except BaseException:
+                _remove_export_files(out, role)  # a failed export leaves no graph without its model.json
+                raise
+    except BaseException:
+        if created:  # a failed export into a folder it made leaves no folder behind
+            with contextlib.suppress(OSError):
+                (out / LOCK_NAME).unlink(missing_ok=True)
+                out.rmdir()
+        raise
     return manifest
+
+
+def _remove_export_files(out: Path, role: str) -> None:
+    """The files an export of ``role`` writes (graphs, their external data, the embedding table),
+    removed after a failure: without a model.json they are no usable export."""
+    names = {"first": ["first.onnx"], "middle": ["middle.onnx"],
+             "last": ["last.onnx", "last_with_past.onnx", "embed_tokens.npy"]}[role]
+    for name in [*names, *(n + ".data" for n in names)]:
+        with contextlib.suppress(OSError):
+            (out / name).unlink(missing_ok=True)
 
 
 # -- export -------------------------------------------------------------------------------------------
@@ -268,6 +293,8 @@ def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
             try:
                 torch.onnx.export(module, args, str(traced), input_names=input_names, output_names=output_names,
                                   dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+            except OSError:
+                raise  # a full disk or a read-only folder is not the model's fault (the CLI names the output)
             except Exception as exc:  # the tracer raises many types; the CLI promises one line
                 raise PrismInputError(f"{path.name}: torch.onnx.export cannot trace this model "
                                       f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from exc

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.fsutil import inside
 
 # Families exported and tested; others built on the same ``*ForCausalLM`` + ``base_model`` layout
 # usually work, and the export's validation step says so either way.
@@ -144,7 +146,6 @@ def load_input_embedding_matrix(hf_dir: str | os.PathLike[str]) -> np.ndarray:
     names the parameter, and only that tensor is read. Checkpoints whose tensor names differ
     from the module's (renamed by a conversion) fall back to loading the whole model.
     """
-    import json
 
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -157,8 +158,14 @@ def load_input_embedding_matrix(hf_dir: str | os.PathLike[str]) -> np.ndarray:
         weight = skeleton.get_input_embeddings().weight
         name = next(n for n, p in skeleton.named_parameters() if p is weight)
         index = path / "model.safetensors.index.json"
-        shard = json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors"
-        with safe_open(str(path / shard), framework="pt") as fh:
+        shard = "model.safetensors"
+        if index.is_file():
+            obj = jsontext.loads(index.read_bytes(), str(index))
+            weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+            if not isinstance(weight_map, dict) or name not in weight_map:
+                raise PrismInputError(f"{index}: weight_map names no shard for {name!r}")
+            shard = str(weight_map[name])
+        with safe_open(str(inside(path, shard, f"{index}: weight_map")), framework="pt") as fh:
             if name not in fh.keys():
                 raise KeyError(name)
             return fh.get_tensor(name).float().numpy()

@@ -72,7 +72,6 @@ class AdapterGraph:
         inp = self.runner.session.get_inputs()[0]
         self.input_name = inp.name
         self.io_dtype = self.runner.input_dtype(inp.name) or np.dtype(np.float32)
-        outputs = self.runner.output_names
         self.output_name = OUTPUT_NAME
         self.in_dim = inp.shape[-1] if isinstance(inp.shape[-1], int) else None
         out_dim = self.runner.output_shapes[self.output_name][-1]

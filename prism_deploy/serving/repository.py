@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.fsutil import write_errors
 from prism_deploy.serving import config as cfg
 from prism_deploy.serving.stage_runtime import (STAGE_DIR, StageInfo, TensorSpec, graph_io, inspect_stage,
                                                    write_stage_files)
@@ -378,19 +380,20 @@ def write(out: str | os.PathLike[str], entries: list[ModelEntry], manifest: dict
     target.parent.mkdir(parents=True, exist_ok=True)
     work = target.parent / f".{target.name}.partial-{secrets.token_hex(4)}"
     work.mkdir()
-    try:
-        for entry in entries:
-            model_dir = work / entry.name
-            model_dir.mkdir()
-            vdir = model_dir / "1"
-            vdir.mkdir()
-            entry.fill(vdir)
-            (model_dir / "config.pbtxt").write_text(entry.text, encoding="utf-8")
-        (work / REPO_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.replace(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # our own temporary folder, never the target
-        raise
+    with write_errors(out, work):
+        try:
+            for entry in entries:
+                model_dir = work / entry.name
+                model_dir.mkdir()
+                vdir = model_dir / "1"
+                vdir.mkdir()
+                entry.fill(vdir)
+                (model_dir / "config.pbtxt").write_text(entry.text, encoding="utf-8")
+            (work / REPO_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            os.replace(work, target)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # our own temporary folder, never the target
+            raise
     return target
 
 
@@ -399,10 +402,11 @@ def read_manifest(repo: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise PrismInputError(f"{repo}: no {REPO_MANIFEST} (not a repository written by `prism-deploy triton`)")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PrismInputError(f"{path}: not readable ({' '.join(str(exc).split())})") from None
-    if obj.get("format") != REPO_FORMAT or obj.get("version") != REPO_VERSION:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise PrismInputError(f"{path}: not readable ({exc.strerror or exc})") from None
+    obj = jsontext.loads(text, str(path))
+    if not isinstance(obj, dict) or obj.get("format") != REPO_FORMAT or obj.get("version") != REPO_VERSION:
         raise PrismInputError(f"{path}: not a prism-deploy repository manifest of version {REPO_VERSION}")
     return dict(obj)
 

@@ -106,16 +106,6 @@ class StageInfo:
         return self.outputs[0].dims[-1]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrismInputError(f"{path}: not readable JSON ({' '.join(str(exc).split())})") from None
-    if not isinstance(obj, dict):
-        raise PrismInputError(f"{path}: not a JSON object")
-    return obj
-
-
 def _read_model_json(folder: Path) -> dict[str, Any]:
     from prism_deploy.format.model_folder import read_model_json
 

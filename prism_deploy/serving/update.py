@@ -86,7 +86,10 @@ def update_adapter(repo: str | os.PathLike[str], adapter: str | os.PathLike[str]
         if not allow_shape_change:
             raise PrismInputError(f"{adapter}: {what}; pass --allow-shape-change to serve the new widths")
 
-    model_dir = root / model
+    from prism_deploy.core.fsutil import inside
+
+    # a name read from the repository's manifest: a folder of the repository, nothing outside it
+    model_dir = inside(root, model, f"{root / repo_mod.REPO_MANIFEST}: models")
     version = max(versions_of(model_dir), default=0) + 1
     profile = Profile.from_json(record["profile"])
     build_dir = Path(tempfile.mkdtemp(prefix=f"{repo_mod.STAGING_PREFIX}build-", dir=model_dir))
