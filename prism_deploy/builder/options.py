@@ -36,8 +36,10 @@ def parse_range(text: str, option: str) -> tuple[int, int, int]:
     parts = str(text).split(":")
     if len(parts) == 1:
         parts = parts * 3
-    if len(parts) != 3 or not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
         raise PrismInputError(f"{option}: {text!r} is not MIN:OPT:MAX (three integers, e.g. 1:8:64)")
+    if any(len(p.strip()) > 9 for p in parts):  # far past PROFILE_MAX, and no int() of 250 digits
+        raise PrismInputError(f"{option}: {text!r}: MAX must be at most {PROFILE_MAX}")
     lo, opt, hi = (int(p) for p in parts)
     if not 1 <= lo <= opt <= hi:
         raise PrismInputError(f"{option}: {text!r} must satisfy 1 <= MIN <= OPT <= MAX")

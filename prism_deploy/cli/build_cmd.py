@@ -174,12 +174,12 @@ def print_result(result: Any, as_json: bool) -> None:
         size = human_bytes(sum(p["bytes"] + (p.get("data_bytes") or 0) for p in e["parts"])) if e else "-"
         action = f"{o.action} ({o.detail})" if o.action != "failed" else "failed"
         if result.kind == "model":
-            rows.append([o.id, action, size, round(o.seconds, 3), par.get("rel_l2"), par.get("max_abs"), parity_cell(par)])
+            rows.append([o.id, action, size, round(o.seconds, 3), par.get("max_abs"), par.get("rel_l2"), parity_cell(par)])
         else:
             rows.append([o.id, action, len(e.get("parts", [])) or "-", size, round(o.seconds, 3), par.get("max_abs"),
                          par.get("rel_l2"), par.get("cosine"), parity_cell(par)])
     if result.kind == "model":
-        print_table(["engine", "action", "size", "build s", "rel_l2", "max_abs", "parity"], rows)
+        print_table(["engine", "action", "size", "build s", "max_abs", "rel_l2", "parity"], rows)
     else:
         print_table(["engine", "action", "files", "size", "build s", "max_abs", "rel_l2", "cosine", "parity"], rows)
     print(f"manifest: {result.directory / 'manifest.json'}" + ("" if result.manifest_written else " (unchanged)"))

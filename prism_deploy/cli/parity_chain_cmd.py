@@ -31,8 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=number(COUNT_OR_ZERO), default=0, metavar="N",
                    help="also compare N greedy tokens with a greedy loop over the reference chain (default 0)")
     p.add_argument("--bisect", action="store_true",
-                   help="name the first stage out of tolerance, and inside it the pipe and workers or the graph "
-                        "(done anyway when the chain fails)")
+                   help="print the bisection line also when the chain passes (it runs whenever the chain "
+                        "fails: the first stage out of tolerance, and inside it the pipe and workers or the graph)")
     p.add_argument("--tolerance", choices=PIPELINE_TOLERANCE_SETS, default=None,
                    help="end-to-end tolerance set (default: from the least precise part)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -118,6 +118,6 @@ def print_report(report: dict[str, Any]) -> None:
     bisect = report.get("bisect")
     if bisect:
         print(f"bisect: {bisect.get('summary', 'nothing out of tolerance')}")
-        for w in bisect.get("workers", [])[:5]:
+        for w in [w for w in bisect.get("workers", []) if w["error"] != 0][:5]:  # the ones to blame
             print(f"  pipe {w['pipe']} ({w['name']}) worker {w['worker']} (r {w['r']}, c {w['c']}): "
                   f"error {w['error']:.4g}, relative {w['relative']:.4g}")

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from prism_deploy.core.errors import CheckFailed, PrismInputError
-    from prism_deploy.core.targets import resolve_provider
+    from prism_deploy.core.targets import gpu_present, resolve_provider
     from prism_deploy.parity import check_parity
     from prism_deploy.reference import load_adapter
     from prism_deploy.runtime.adapter_graph import AdapterGraph
@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     if meta is None:
         raise PrismInputError(f"{args.onnx}: the model has no 'prism.lowering' metadata: not written by "
                               "prism-deploy export")
-    if args.provider != "cpu" and provider == "cpu":  # said once the inputs are known to be good
+    # said once the inputs are known to be good; "auto" on a machine without a GPU is no news
+    if args.provider != "cpu" and provider == "cpu" and (args.provider == "cuda" or gpu_present()):
         print(f"note: {why}", file=sys.stderr)
     if (meta["in_dim"], meta["out_dim"]) != (adapter.in_dim, adapter.out_dim):
         raise PrismInputError(f"{args.onnx}: graph is {meta['in_dim']} -> {meta['out_dim']}, adapter "

@@ -70,7 +70,9 @@ def read_ids_file(path: str) -> np.ndarray:
         raise PrismInputError(f"{path}: rows of token ids must all have the same length") from None
     if ids.ndim == 1:
         ids = ids[None, :]
-    if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+    if ids.size == 0:
+        raise PrismInputError(f"{path}: holds no token ids")
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise PrismInputError(f"{path}: expected integer token ids [batch, seq], got {ids.dtype} {list(ids.shape)}")
     return ids.astype(np.int64)
 

@@ -204,6 +204,10 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+# a plain file name (no folder, not "." or "..", no NUL): what every manifest's file fields must be
+PLAIN_FILE_NAME = r"^(?!\.\.?$)[^/\\\x00]+$"
+
+
 def inside(directory: str | os.PathLike[str], name: object, what: str) -> Path:
     """``directory / name`` for a file name read from a manifest, refused unless it stays inside
     ``directory``: a plain file name (no folders, no ``..``, not absolute) whose real path,

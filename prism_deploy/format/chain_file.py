@@ -137,6 +137,8 @@ def read_chain_file(path: str | os.PathLike[str]) -> ChainSpec:
             obj = tomllib.loads(text)
         else:
             obj = jsontext.loads(text, str(p))
+    except PrismInputError:
+        raise  # said already, naming the file
     except (ValueError, RecursionError) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
         raise PrismInputError(f"{p}: not valid {p.suffix[1:].upper()} ({' '.join(str(exc).split())[:200]})") from None
     return chain_from_object(obj, p)

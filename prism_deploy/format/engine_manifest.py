@@ -26,7 +26,7 @@ from typing import Any
 
 from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError
-from prism_deploy.core.fsutil import atomic_output, file_sha256, inside
+from prism_deploy.core.fsutil import PLAIN_FILE_NAME, atomic_output, file_sha256, inside
 from prism_deploy.core.limits import FLOAT32_MAX
 from prism_deploy.core.precision import MODEL_PRECISIONS, PRECISIONS
 from prism_deploy.core.targets import TARGETS
@@ -46,7 +46,7 @@ _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _NAME = {"type": "string", "minLength": 1}
 # a file of the folder: a plain name (no folder, no "..", not absolute), checked before any use
 # (a name such as "/etc/passwd" must never reach a read, a hash or a delete)
-_FILE = {"type": "string", "pattern": r"^(?!\.\.?$)[^/\\\x00]+$"}
+_FILE = {"type": "string", "pattern": PLAIN_FILE_NAME}
 _COUNT = {"type": "integer", "minimum": 0}
 _RANGE = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "integer", "minimum": 1, "maximum": PROFILE_MAX}}
 _PART = {
@@ -134,7 +134,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
         text = path.read_bytes()
     except OSError as exc:
         raise EngineFileError(f"{path}: not a readable manifest ({exc.strerror or exc})") from None
-    obj = jsontext.loads(text, f"{path}: not a readable manifest;", EngineFileError)
+    obj = jsontext.loads(text, str(path), EngineFileError)
     if not isinstance(obj, dict) or obj.get("schema") != SCHEMA_NAME:
         raise EngineFileError(f"{path}: not a prism-deploy engine manifest (schema != {SCHEMA_NAME!r})")
     version = obj.get("schema_version")

@@ -26,7 +26,7 @@ from typing import Any
 
 from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError
-from prism_deploy.core.fsutil import file_sha256, inside
+from prism_deploy.core.fsutil import PLAIN_FILE_NAME, file_sha256, inside
 from prism_deploy.core.precision import MODEL_PRECISIONS
 
 FORMAT = "prism-deploy-model"
@@ -52,7 +52,8 @@ def canonical_role(role: str, option: str = "--role") -> str:
     return role
 
 _FILE = {"type": "object", "required": ["name", "sha256"],
-         "properties": {"name": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}
+         "properties": {"name": {"type": "string", "pattern": PLAIN_FILE_NAME},
+                        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}
 _POS_INT = {"type": "integer", "minimum": 1}
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -104,6 +105,9 @@ def validate_model_json(manifest: Any, where: str) -> dict[str, Any]:
         jsonschema.validate(manifest, SCHEMA)
     except jsonschema.ValidationError as exc:
         field = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
+        if exc.validator == "pattern" and field.endswith(".name"):
+            raise PrismInputError(f"{where}: {field}: {exc.instance!r} is not a plain file name inside the folder "
+                                  "(no folder, no '..', not absolute)") from None
         raise PrismInputError(f"{where}: {field}: {_short(exc.message)}") from None
     manifest = dict(manifest)
     manifest["role"] = ROLE_ALIASES.get(manifest["role"], manifest["role"])

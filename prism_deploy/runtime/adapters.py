@@ -57,8 +57,10 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
         if precision:
             kwargs["precision"] = precision
         return load_engines(path, **kwargs)
-    if not path.is_file():
+    if not path.exists():
         raise PrismInputError(f"{adapter}: no such adapter file or build folder")
+    if not path.is_file():
+        raise PrismInputError(f"{adapter}: not a regular file (give an adapter .safetensors or .onnx, or a build folder)")
     from prism_deploy.runtime.adapter_graph import AdapterGraph
 
     if path.suffix == ".onnx":
