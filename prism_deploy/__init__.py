@@ -10,7 +10,7 @@ and only ``PrismAdapter`` / ``load_adapter`` (the reference) need PyTorch.
 
 from __future__ import annotations
 
-from typing import Any
+from prism_deploy.core.lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -34,17 +34,7 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        target = _LAZY[name]
-        module, attr = target if isinstance(target, tuple) else (target, name)
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'prism_deploy' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

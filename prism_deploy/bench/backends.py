@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from prism_deploy.core.errors import brief
 from prism_deploy.reference import PrismAdapter
 
 # int8-qdq calibration: as many rows as a small calibration set, never the timed inputs.
@@ -225,7 +226,7 @@ class OrtBackend(Backend):
                 self.runner = load_engines(self.engines_dir, precision=self.precision, target=self.name)
             except Exception as exc:
                 raise BackendUnavailable(f"{self.name}: no {self.precision} engine in {self.engines_dir} "
-                                         f"({' '.join(str(exc).split())[:300]})") from None
+                                         f"({brief(exc, 300)})") from None
             # The engine opens its own session: --threads does not reach it.
             self.info = {"source": "engines", "engines_dir": str(self.engines_dir),
                          "engine": getattr(self.runner, "id", None), "session_threads": "onnxruntime default"}
@@ -241,7 +242,7 @@ class OrtBackend(Backend):
             result = export_onnx(self.adapter, path, precision=self.precision, **extra)
         except Exception as exc:
             raise BackendUnavailable(f"{self.name}: export at {self.precision} failed "
-                                     f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
+                                     f"({type(exc).__name__}: {brief(exc, 300)})") from None
         self.io_dtype = _onnx_input_dtype(path)
         self.runner = AdapterGraph(path, self.provider, intra_op_threads=self.threads)
         size = sum(p.stat().st_size for p in self.workdir.glob(f"adapter-{self.precision}.onnx*"))
@@ -321,7 +322,7 @@ class TrtBackend(Backend):
             self.engine = load_engines(self.engines_dir, precision=self.precision, target="trt")
         except Exception as exc:
             raise BackendUnavailable(f"trt: no {self.precision} engine in {self.engines_dir} "
-                                     f"({' '.join(str(exc).split())[:300]})") from None
+                                     f"({brief(exc, 300)})") from None
 
     def make_input(self, hidden: np.ndarray) -> Any:
         import torch

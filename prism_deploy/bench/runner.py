@@ -28,7 +28,7 @@ from prism_deploy.bench.floor import FLOOR_MODEL, case_floor
 from prism_deploy.bench.machine import describe_machine, load_average, measure_copy_bandwidth, measure_matrix_rate
 from prism_deploy.bench.memory import PeakMemory, merge_peaks
 from prism_deploy.bench.timing import GRAPH_MAX_TOKENS, buffer_count, time_cpu, time_cuda
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.metrics import max_abs_relative
 from prism_deploy.core.precision import PRECISIONS
 
@@ -185,7 +185,7 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
                         backend.prepare()
                     except Exception as exc:  # listed with the reason; the other backends still run
                         why = str(exc) if isinstance(exc, bk.BackendUnavailable) else \
-                            f"{name}: preparing {precision} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+                            f"{name}: preparing {precision} failed ({type(exc).__name__}: {brief(exc, 300)})"
                         unavailable.append({"backend": name, "precision": precision, "reason": why})
                         if bar is not None:
                             bar.update(len(settings.batches))
@@ -258,7 +258,7 @@ def _time_case(backend: bk.Backend, data: _Inputs, settings: BenchSettings, floo
         errors = max_abs_relative(backend.to_numpy(backend.run(xs[0])), data.reference)
     except Exception as exc:  # a backend that breaks on one case is reported, not fatal
         return {"error": f"{backend.name} {backend.precision} batch {batch}: {type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:300]}"}
+                         f"{brief(exc, 300)}"}
     median = timing["median_s"]
     return {
         "backend": backend.name,

@@ -133,8 +133,8 @@ def _ours(chain_file: Path) -> bool:
     from prism_deploy.format.chain_file import BUILT_BY
 
     try:
-        obj = jsontext.loads(chain_file.read_bytes(), str(chain_file))
-    except (OSError, PrismInputError):
+        obj = jsontext.load_file(chain_file)
+    except PrismInputError:
         return False
     if not isinstance(obj, dict):
         return False

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core import jsontext
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, brief
 
 
 def add_input_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -52,9 +52,9 @@ def read_ids_file(path: str) -> np.ndarray:
         try:
             data = np.load(p, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:  # object arrays, truncated or foreign files
-            raise PrismInputError(f"{path}: not a .npy array of token ids ({' '.join(str(exc).split())[:150]})") from None
+            raise PrismInputError(f"{path}: not a .npy array of token ids ({brief(exc, 150)})") from None
     elif p.suffix == ".json":
-        data = jsontext.loads(p.read_bytes(), str(path))
+        data = jsontext.load_file(path)
     else:
         raise PrismInputError(f"{path}: expected a .npy or .json file of token ids")
     if isinstance(data, list):

@@ -16,6 +16,12 @@ class PrismInputError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
+def brief(text: object, limit: int = 200) -> str:
+    """``text`` (a library's error message, say) on one line, at most ``limit`` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class AdapterFormatError(PrismInputError):
     """An adapter file that does not follow format v1 (docs/adapter-format.md)."""
 

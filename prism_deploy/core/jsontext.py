@@ -10,6 +10,8 @@ those is bad input named by its file, never a crash or a silently different valu
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from prism_deploy.core.errors import PrismInputError
@@ -38,6 +40,16 @@ def loads(text: str | bytes, where: str, error: type[PrismInputError] = PrismInp
         # ValueError also covers an integer literal over Python's int-from-string limit
         message = " ".join(str(exc).split())
         raise error(f"{where}: not valid JSON ({message[:200]})") from None
+
+
+def load_file(path: str | os.PathLike[str], error: type[PrismInputError] = PrismInputError) -> Any:
+    """The JSON file at ``path``, read and parsed as :func:`loads` does; a file that cannot be
+    read raises ``error`` naming it too."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    return loads(text, str(path), error)
 
 
 def dumps(obj: Any, **kwargs: Any) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.targets import PROVIDERS
 
 # ONNX Runtime leaves a DequantizeLinear on constant weights unfolded (it is the QDQ pattern
@@ -68,7 +68,7 @@ def make_session(
         return ort.InferenceSession(src, sess_options=opts, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for bad models
         raise PrismInputError(f"{'model' if isinstance(model, bytes) else model}: ONNX Runtime cannot load it "
-                              f"({' '.join(str(exc).split())[:400]})") from None
+                              f"({brief(exc, 400)})") from None
 
 
 def versions() -> dict[str, str]:

@@ -7,7 +7,7 @@ which the fitting itself needs.
 
 from __future__ import annotations
 
-from typing import Any
+from prism_deploy.core.lazy import lazy_getattr
 
 _LAZY = {
     "Metrics": "prism_deploy.fit.evaluate",  # evaluate() itself: from prism_deploy.fit.evaluate (the module's name)
@@ -28,9 +28,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'prism_deploy.fit' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

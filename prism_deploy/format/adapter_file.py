@@ -24,7 +24,7 @@ import numpy as np
 
 from prism_deploy.core import jsontext
 from prism_deploy.core.blocks import blocks
-from prism_deploy.core.errors import AdapterFormatError
+from prism_deploy.core.errors import AdapterFormatError, brief
 from prism_deploy.core.fsutil import atomic_output, file_sha256
 from prism_deploy.format.config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig
 
@@ -130,7 +130,7 @@ def read_adapter_file(path: str | os.PathLike[str]) -> AdapterTensors:
     except AdapterFormatError:
         raise
     except Exception as exc:  # the container parser's own errors, whatever their type
-        raise AdapterFormatError(f"{p}: not a valid safetensors file ({_one_line(exc)})") from None
+        raise AdapterFormatError(f"{p}: not a valid safetensors file ({brief(exc) or type(exc).__name__})") from None
     tensors.update(_map_tensors(p, header, data_start, [n for n in names if n not in tensors]))
     tensors = {name: tensors[name] for name in names}
     try:
@@ -151,7 +151,7 @@ def read_adapter_config(path: str | os.PathLike[str]) -> AdapterConfig:
         with safe_open(str(p), framework="numpy") as handle:
             metadata = handle.metadata() or {}
     except Exception as exc:  # the container parser's own error types
-        raise AdapterFormatError(f"{p}: not a valid safetensors file ({_one_line(exc)})") from None
+        raise AdapterFormatError(f"{p}: not a valid safetensors file ({brief(exc) or type(exc).__name__})") from None
     try:
         return config_from_metadata(metadata)
     except AdapterFormatError as exc:
@@ -421,7 +421,3 @@ def describe(config: AdapterConfig, tensors: Mapping[str, Any]) -> dict[str, Any
         "source": config.source,
         "target": config.target,
     }
-
-
-def _one_line(exc: Any) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

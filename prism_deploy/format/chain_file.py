@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.core import jsontext
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.core.precision import PRECISIONS
 from prism_deploy.core.targets import TARGET_CHOICES
@@ -140,7 +140,7 @@ def read_chain_file(path: str | os.PathLike[str]) -> ChainSpec:
     except PrismInputError:
         raise  # said already, naming the file
     except (ValueError, RecursionError) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
-        raise PrismInputError(f"{p}: not valid {p.suffix[1:].upper()} ({' '.join(str(exc).split())[:200]})") from None
+        raise PrismInputError(f"{p}: not valid {p.suffix[1:].upper()} ({brief(exc)})") from None
     return chain_from_object(obj, p)
 
 
@@ -247,4 +247,4 @@ def _describe_error(exc: Any) -> str:
                     sub = ".".join(str(p) for p in inner.absolute_path)
                     field += f".{sub}" if sub else ""
                     message = inner.message
-    return f"{field}: {' '.join(message.split())[:200]}"
+    return f"{field}: {brief(message)}"

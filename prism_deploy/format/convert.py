@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from prism_deploy.core.errors import AdapterFormatError, PrismInputError, require_torch
+from prism_deploy.core.errors import AdapterFormatError, PrismInputError, brief, require_torch
 from prism_deploy.format.adapter_file import FLOAT_DTYPES, AdapterTensors, _as_numpy, validate_tensors, write_adapter_file
 from prism_deploy.format.config import AdapterConfig, PipeSpec
 
@@ -42,7 +42,7 @@ def load_seed_tiles(path: str | os.PathLike[str]) -> np.ndarray:
             "torch.save'd tensor is accepted, and no code in the file is ever run"
         ) from None
     except Exception as exc:  # torch.load's many ways to fail on a file that is not a .pt
-        raise PrismInputError(f"{p}: not a file torch.load can read ({_one_line(exc)})") from None
+        raise PrismInputError(f"{p}: not a file torch.load can read ({brief(f'{type(exc).__name__}: {exc}')})") from None
     if not isinstance(obj, torch.Tensor):
         raise PrismInputError(f"{p}: holds a {type(obj).__name__}, expected one tensor [workers, tile_rows, tile_cols]")
     if obj.dim() != 3:
@@ -143,10 +143,6 @@ def _weights_only_reason(exc: BaseException) -> str:
                 return line.rstrip(".")
     return "weights_only load failed"
 
-
-def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _dtype(t: Any) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.core import jsontext
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.fsutil import PLAIN_FILE_NAME, atomic_output, file_sha256, inside
 from prism_deploy.core.limits import FLOAT32_MAX
 from prism_deploy.core.precision import MODEL_PRECISIONS, PRECISIONS
@@ -130,11 +130,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     path = manifest_path(directory)
     if not path.exists():
         return None
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise EngineFileError(f"{path}: not a readable manifest ({exc.strerror or exc})") from None
-    obj = jsontext.loads(text, str(path), EngineFileError)
+    obj = jsontext.load_file(path, EngineFileError)
     if not isinstance(obj, dict) or obj.get("schema") != SCHEMA_NAME:
         raise EngineFileError(f"{path}: not a prism-deploy engine manifest (schema != {SCHEMA_NAME!r})")
     version = obj.get("schema_version")
@@ -157,7 +153,7 @@ def validate_manifest(obj: Any, where: str | os.PathLike[str]) -> None:
         if exc.schema is _FILE or (exc.validator == "pattern" and field.endswith("file")):
             raise EngineFileError(f"{where}: {field}: {exc.instance!r} is not a plain file name inside the "
                                   "folder (no folder, no '..', not absolute)") from None
-        raise EngineFileError(f"{where}: {field}: {' '.join(exc.message.split())[:200]}") from None
+        raise EngineFileError(f"{where}: {field}: {brief(exc.message)}") from None
     ids = [e["id"] for e in obj["engines"]]
     if len(set(ids)) != len(ids):
         raise EngineFileError(f"{where}: engines: duplicate id")

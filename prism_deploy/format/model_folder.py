@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.core import jsontext
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.fsutil import PLAIN_FILE_NAME, file_sha256, inside
 from prism_deploy.core.precision import MODEL_PRECISIONS
 
@@ -108,7 +108,7 @@ def validate_model_json(manifest: Any, where: str) -> dict[str, Any]:
         if exc.validator == "pattern" and field.endswith(".name"):
             raise PrismInputError(f"{where}: {field}: {exc.instance!r} is not a plain file name inside the folder "
                                   "(no folder, no '..', not absolute)") from None
-        raise PrismInputError(f"{where}: {field}: {_short(exc.message)}") from None
+        raise PrismInputError(f"{where}: {field}: {brief(exc.message)}") from None
     manifest = dict(manifest)
     manifest["role"] = ROLE_ALIASES.get(manifest["role"], manifest["role"])
     missing = [g for g in (*GRAPHS[manifest["role"]], *(TABLES if manifest["role"] == "last" else ()))
@@ -123,11 +123,7 @@ def read_model_json(model_dir: str | os.PathLike[str], role: str | None = None) 
     path = Path(model_dir) / MANIFEST
     if not path.is_file():
         raise PrismInputError(f"{model_dir}: no {MANIFEST} (not a folder written by `prism-deploy export-model`)")
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise PrismInputError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    raw = jsontext.loads(text, str(path))
+    raw = jsontext.load_file(path)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise PrismInputError(f"{path}: not a prism-deploy model manifest")
     manifest = validate_model_json(raw, str(path))
@@ -181,8 +177,3 @@ def check_export_folder(model_dir: str | os.PathLike[str], force: bool = False) 
         raise PrismInputError(f"-o {model_dir}: holds files export-model did not write ({shown}); export into a "
                               "new or empty folder, or pass --force (they are kept; files of the same names "
                               "as the export's are replaced)")
-
-
-def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= 200 else text[:197] + "..."

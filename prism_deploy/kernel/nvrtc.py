@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.fsutil import write_bytes_atomic
 from prism_deploy.kernel.spec import KERNEL_NAME, TileDispatchSpec, kernel_source_path
 
@@ -116,7 +116,7 @@ def nvrtc_status() -> tuple[bool, str]:
     except ImportError as exc:
         return False, f"cuda-bindings (NVRTC) is not installed ({exc})"
     except Exception as exc:  # the binding raises when libnvrtc cannot be loaded
-        return False, f"NVRTC cannot be loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        return False, f"NVRTC cannot be loaded ({type(exc).__name__}: {brief(exc)})"
     return True, f"NVRTC {major}.{minor}"
 
 

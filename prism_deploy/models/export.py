@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from prism_deploy.core import tolerances
-from prism_deploy.core.errors import CheckFailed, PrismInputError
+from prism_deploy.core.errors import CheckFailed, PrismInputError, brief
 from prism_deploy.core.fsutil import file_sha256, folder_lock
 from prism_deploy.core.metrics import compare, compare_logits, merge
 from prism_deploy.core.precision import ModelPrecision
@@ -297,7 +297,7 @@ def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
                 raise  # a full disk or a read-only folder is not the model's fault (the CLI names the output)
             except Exception as exc:  # the tracer raises many types; the CLI promises one line
                 raise PrismInputError(f"{path.name}: torch.onnx.export cannot trace this model "
-                                      f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from exc
+                                      f"({type(exc).__name__}: {brief(exc, 300)})") from exc
         model = onnx.load(str(traced))  # pulls external weights into memory before the folder goes
     return [p.name for p in save_model(finalize(model), path)]
 

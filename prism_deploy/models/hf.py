@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from prism_deploy.core import jsontext
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.fsutil import inside
 
 # Families exported and tested; others built on the same ``*ForCausalLM`` + ``base_model`` layout
@@ -46,7 +46,7 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise PrismInputError(f"{hf_dir}: transformers cannot load it as a causal LM "
-                              f"({' '.join(str(exc).split())[:300]})") from None
+                              f"({brief(exc, 300)})") from None
     model.eval()
     if getattr(model.config, "is_encoder_decoder", False):
         raise PrismInputError(f"{hf_dir}: encoder-decoder models are not supported (decoder-only causal LMs only)")
@@ -160,7 +160,7 @@ def load_input_embedding_matrix(hf_dir: str | os.PathLike[str]) -> np.ndarray:
         index = path / "model.safetensors.index.json"
         shard = "model.safetensors"
         if index.is_file():
-            obj = jsontext.loads(index.read_bytes(), str(index))
+            obj = jsontext.load_file(index)
             weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
             if not isinstance(weight_map, dict) or name not in weight_map:
                 raise PrismInputError(f"{index}: weight_map names no shard for {name!r}")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prism_deploy.core.errors import PrismInputError, require
+from prism_deploy.core.errors import PrismInputError, brief, require
 
 
 def load_tokenizer(tok_dir: str | os.PathLike[str]) -> Any:
@@ -18,4 +18,4 @@ def load_tokenizer(tok_dir: str | os.PathLike[str]) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise PrismInputError(f"{tok_dir}: cannot load a tokenizer from it ({' '.join(str(exc).split())[:300]})") from None
+        raise PrismInputError(f"{tok_dir}: cannot load a tokenizer from it ({brief(exc, 300)})") from None

@@ -4,7 +4,7 @@ pipeline parity (``parity.pipeline``), and the checks a build runs on each engin
 
 from __future__ import annotations
 
-from typing import Any
+from prism_deploy.core.lazy import lazy_getattr
 
 __all__ = ["ParityReport", "adapter_engine_check", "check_parity", "default_tolerances", "model_graph_check",
            "simulated_stored_tiles"]
@@ -19,9 +19,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'prism_deploy.parity' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

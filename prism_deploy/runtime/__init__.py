@@ -9,7 +9,7 @@ and only then). Heavy modules load on first use.
 
 from __future__ import annotations
 
-from typing import Any
+from prism_deploy.core.lazy import lazy_getattr
 
 __all__ = ["AdapterGraph", "Chain", "OnnxRunner", "Pipeline", "load_engines"]
 
@@ -22,9 +22,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'prism_deploy.runtime' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

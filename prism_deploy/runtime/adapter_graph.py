@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.onnx_io import INPUT_NAME, OUTPUT_NAME
 from prism_deploy.core.ort_session import session_config_for
 from prism_deploy.core.tiles import dequantize_rows, tiles_from_dense
@@ -51,7 +51,7 @@ class AdapterGraph:
             # structure only: external weights stay on disk until ONNX Runtime reads them
             self._skeleton = onnx.load_model(str(self.path), load_external_data=False)
         except Exception as exc:  # onnx raises DecodeError and friends
-            raise PrismInputError(f"{self.path}: not an ONNX model ({' '.join(str(exc).split())[:200]})") from None
+            raise PrismInputError(f"{self.path}: not an ONNX model ({brief(exc)})") from None
         try:
             self.metadata: dict[str, Any] | None = read_metadata(self._skeleton) if has_metadata(self._skeleton) else None
             self.precision: str = graph_precision(self._skeleton)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core import targets
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.onnx_io import INPUT_NAME, OUTPUT_NAME
 from prism_deploy.format.engine_manifest import EngineFileError, read_manifest, source_kind, verify_part
 from prism_deploy.runtime.onnx_runner import OnnxRunner
@@ -46,7 +46,7 @@ def as_hidden(hidden: Any, in_dim: int) -> np.ndarray:
     try:
         x = np.asarray(hidden)
     except (ValueError, TypeError) as exc:
-        raise PrismInputError(f"hidden: not an array ({' '.join(str(exc).split())[:120]})") from None
+        raise PrismInputError(f"hidden: not an array ({brief(exc, 120)})") from None
     if x.dtype.kind not in "fiu" or x.dtype == np.bool_:
         raise PrismInputError(f"hidden: dtype {x.dtype} is not a number type")
     if x.ndim not in (2, 3) or x.shape[-1] != in_dim:

@@ -401,11 +401,7 @@ def read_manifest(repo: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(repo) / REPO_MANIFEST
     if not path.is_file():
         raise PrismInputError(f"{repo}: no {REPO_MANIFEST} (not a repository written by `prism-deploy triton`)")
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise PrismInputError(f"{path}: not readable ({exc.strerror or exc})") from None
-    obj = jsontext.loads(text, str(path))
+    obj = jsontext.load_file(path)
     if not isinstance(obj, dict) or obj.get("format") != REPO_FORMAT or obj.get("version") != REPO_VERSION:
         raise PrismInputError(f"{path}: not a prism-deploy repository manifest of version {REPO_VERSION}")
     return dict(obj)

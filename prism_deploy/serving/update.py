@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.serving import config as cfg
 from prism_deploy.serving import repository as repo_mod
 from prism_deploy.serving.stage_runtime import inspect_stage
@@ -157,7 +157,7 @@ def swap(url: str, model: str, version: int, *, wait_s: float = UNLOAD_WAIT_S) -
     try:
         client.load_model(model)
     except InferenceServerException as exc:
-        raise PrismInputError(f"{url}: loading {model} version {version} failed ({' '.join(str(exc).split())[:300]})") from None
+        raise PrismInputError(f"{url}: loading {model} version {version} failed ({brief(exc, 300)})") from None
     loaded_s = time.monotonic() - started
     if not client.is_model_ready(model, str(version)):
         raise PrismInputError(f"{url}: {model} version {version} is not ready after loading")
