@@ -116,7 +116,7 @@ def test_dynamic_batching_under_16_concurrent_clients(adapters_server, serving_s
 
 def _batch_counts(server, model: str) -> dict[int, int]:
     client = httpclient.InferenceServerClient(server.http_url)
-    stats = client.get_inference_statistics(model)
+    stats = client.get_inference_statistics(model, headers=server.control_headers)
     client.close()
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]}
 
@@ -289,7 +289,7 @@ def test_hot_swap_under_load(serving_stages, serving_env, tmp_path):
         assert "other" not in kinds and "old" in kinds and "new" in kinds
         assert all(k == "new" for (t0, _, _), k in zip(results, kinds) if t0 > swapped)
         assert len(results) > 50
-        index = {(m["name"], m["version"]): m.get("state") for m in client.get_model_repository_index()}
+        index = {(m["name"], m["version"]): m.get("state") for m in client.get_model_repository_index(headers=server.control_headers)}
         client.close()
         assert index[("adapter", "2")] == "READY" and index.get(("adapter", "1")) != "READY"
 

@@ -5,7 +5,9 @@ numpy >= 2 there; finds ``tritonserver`` (PATH, else the nvidia-pytriton wheel's
 explicit model-control mode with every model loaded; waits for readiness within
 ``--ready-timeout``; prints the endpoints; forwards SIGINT/SIGTERM (Triton then finishes the
 requests it holds) and exits 0 once it has stopped. A server that dies on its own is exit 1.
-While it runs, ``REPO/.prism-serve.json`` tells ``triton update`` where it is.
+While it runs, ``REPO/.prism-serve.json`` (owner-only) tells ``triton update`` where it is and
+holds the secret that Triton's model-control APIs require (a fresh one per start; see
+:mod:`prism_deploy.serving.server`).
 """
 
 from __future__ import annotations
@@ -45,10 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.cli.output import print_table
     from prism_deploy.cli.triton_env_cmd import backend_env
     from prism_deploy.core.errors import PrismInputError
-    from prism_deploy.core.fsutil import write_text_atomic
     from prism_deploy.serving import server as srv
     from prism_deploy.serving.repository import read_manifest
-    from prism_deploy.serving.update import SERVE_STATE
+    from prism_deploy.serving.server import SERVE_STATE
 
     repo = Path(args.repository)
     manifest = read_manifest(repo)
@@ -83,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
         info: dict[str, Any] = {"repository": str(repo), "http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,
                 "models": sorted(manifest["models"]), "tritonserver": str(server.binary.path) if server.binary else None,
                 "environment": str(be.path), "log": str(server.log_path), "ready_seconds": round(ready_s, 2),
-                "pid": os.getpid()}
-        write_text_atomic(state, json.dumps(info) + "\n")
+                "pid": os.getpid(), "control_secret_file": str(state)}
+        srv.write_state(repo, {**info, "secret": server.secret})
         wrote_state = True
         if args.json:
             print(json.dumps(info), flush=True)
@@ -92,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             print_table(["endpoint", "address"], [["HTTP", info["http"]], ["gRPC", info["grpc"]],
                                                   ["metrics", info["metrics"]]])
             print(f"models: {', '.join(info['models'])}; ready in {info['ready_seconds']} s; log: {info['log']}")
+            print(f"model control (load, unload, config, statistics): header {srv.SECRET_HEADER}, its secret in {state} "
+                  "(owner-only)")
             print("serving; Ctrl-C (SIGINT) or SIGTERM stops it", flush=True)
         while not stop_requested:
             code = server.wait(0.5)

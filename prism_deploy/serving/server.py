@@ -9,12 +9,24 @@ versions can be loaded and unloaded later (hot-swap), binds the given host (127.
 told otherwise), and is asked to die with its parent (``PR_SET_PDEATHSIG``) so a killed
 ``serve`` leaves no server behind. Readiness is polled on ``/v2/health/ready`` within a bound;
 if the server exits first, its log's error lines say why.
+
+The control APIs are restricted to a secret (Triton's ``--http-restricted-api`` and
+``--grpc-restricted-protocol``): loading a model with a configuration and files given in the
+request runs that code in the server, so a request without the secret's header may not load,
+unload or reconfigure a model, read statistics, touch shared-memory regions, or change the trace
+or log settings. Inference, health and metadata stay open. ``serve`` keeps the secret in
+``REPO/.prism-serve.json``, readable by its owner only, where ``triton update`` reads it. The
+secret is on the server's command line (Triton takes it nowhere else), which other users of the
+machine can read in ``/proc``: the restriction keeps out cross-origin browser requests and
+processes that cannot read it, not a local user who can; a shared machine needs a proxy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,6 +42,38 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.serving.env import BackendEnv, backend_process_env
 
 EXIT_TIMEOUT_S = 30  # tritonserver's own wait for in-flight requests on SIGTERM
+
+SERVE_STATE = ".prism-serve.json"  # in the repository folder, owner-only: where serve runs, and its secret
+SECRET_HEADER = "prism-serve-key"  # the HTTP header the control APIs require
+# gRPC: Triton expects the key with this prefix in the call's metadata
+GRPC_SECRET_HEADER = f"triton-grpc-protocol-{SECRET_HEADER}"
+# Triton's names for its control APIs (HTTP) and protocols (gRPC): the same list for both
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)  # [A-Za-z0-9_-]: nothing Triton's "key=value" option could split on
+
+
+def write_state(repo: Path, info: dict[str, Any]) -> Path:
+    """``REPO/.prism-serve.json``, owner-only (0600) from its first byte: it holds the secret."""
+    from prism_deploy.core.fsutil import write_text_atomic
+
+    state = repo / SERVE_STATE
+    write_text_atomic(state, json.dumps(info) + "\n", mode=0o600)
+    return state
+
+
+def read_state(repo: Path) -> dict[str, Any] | None:
+    """What a running ``serve`` recorded for ``repo``; None when none runs (no file, or its process is gone)."""
+    state = repo / SERVE_STATE
+    try:
+        obj = json.loads(state.read_text(encoding="utf-8"))
+        os.kill(int(obj["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a stale file from a serve that is gone
+    return obj if isinstance(obj, dict) else None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -83,6 +127,8 @@ class TritonServer:
     load: list[str] = field(default_factory=lambda: ["*"])
     # how long Triton waits, on SIGTERM, for in-flight requests and open client connections
     exit_timeout_s: int = EXIT_TIMEOUT_S
+    # the control APIs' secret; None serves them unrestricted, which only a loopback host may
+    secret: str | None = field(default_factory=new_secret)
     binary: ServerBinary | None = None
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
@@ -103,7 +149,27 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.probe_host}:{self.metrics_port}/metrics"
 
+    @property
+    def control_headers(self) -> dict[str, str]:
+        """The header an HTTP control request (load, unload, config, statistics...) must carry."""
+        return {SECRET_HEADER: self.secret} if self.secret else {}
+
+    @property
+    def grpc_control_headers(self) -> dict[str, str]:
+        """The metadata a gRPC control call must carry."""
+        return {GRPC_SECRET_HEADER: self.secret} if self.secret else {}
+
+    def restriction(self) -> list[str]:
+        if not self.secret:
+            if self.host not in LOOPBACK_HOSTS:
+                raise PrismInputError(f"--host {self.host}: refusing to serve the model-control APIs unrestricted "
+                                      "beyond this machine (no secret)")
+            return []
+        group = f"{','.join(RESTRICTED_APIS)}:{SECRET_HEADER}={self.secret}"
+        return [f"--http-restricted-api={group}", f"--grpc-restricted-protocol={group}"]
+
     def command(self) -> list[str]:
+        restriction = self.restriction()
         binary = self.binary or find_tritonserver(self.env)
         self.binary = binary
         cmd = [str(binary.path), f"--model-repository={self.repo.resolve()}",
@@ -112,7 +178,8 @@ class TritonServer:
                "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.load),
                # our configs are complete: no auto-complete stub process per Python model at load
                "--disable-auto-complete-config", "--strict-readiness=true", "--exit-on-error=true",
-               f"--exit-timeout-secs={self.exit_timeout_s}", "--allow-gpu-metrics=false", "--log-verbose=0"]
+               f"--exit-timeout-secs={self.exit_timeout_s}", "--allow-gpu-metrics=false", "--log-verbose=0",
+               *restriction]
         if binary.backend_dir is not None:
             cmd.append(f"--backend-directory={binary.backend_dir}")
         return cmd

@@ -1,0 +1,121 @@
+"""What a hostile or unlucky client must not do to a served repository: take over its models,
+kill the server, or leave a dead backend serving errors for good.
+
+Against a real Triton (the nvidia-pytriton wheel's), loopback only, free ports, bounded loops,
+every server stopped by a ``finally``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prism_deploy.cli.main import main
+from prism_deploy.serving.server import GRPC_SECRET_HEADER, SECRET_HEADER, SERVE_STATE, ServerBinary, TritonServer, free_port
+from tests.serving_helpers import http_input, reference, rel_l2, serve_process, stop_process_group, wait_ready
+
+httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def _wait_state(repo: Path, timeout_s: float = 30) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s  # serve records itself just after its own readiness check
+    while not (repo / SERVE_STATE).is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return json.loads((repo / SERVE_STATE).read_text())
+
+
+def test_the_control_apis_are_restricted_on_both_protocols_and_never_open_beyond_loopback():
+    binary = ServerBinary(Path("tritonserver"), None, [], "PATH")
+    server = TritonServer(Path("repo"), None, 1, 2, 3, binary=binary)  # type: ignore[arg-type]
+    cmd = server.command()
+    http = [a for a in cmd if a.startswith("--http-restricted-api=")]
+    grpc = [a for a in cmd if a.startswith("--grpc-restricted-protocol=")]
+    assert len(http) == 1 and len(grpc) == 1
+    apis, header = http[0].split("=", 1)[1].split(":")
+    assert {"model-repository", "model-config", "shared-memory", "statistics", "trace", "logging"} <= set(apis.split(","))
+    assert "inference" not in apis and header == f"{SECRET_HEADER}={server.secret}" and len(server.secret or "") >= 32
+    assert grpc[0].split("=", 1)[1] == http[0].split("=", 1)[1]
+    assert TritonServer(Path("repo"), None, 1, 2, 3, binary=binary).secret != server.secret  # one per server
+    from prism_deploy.core.errors import PrismInputError
+
+    for host in ("0.0.0.0", "192.168.1.5"):
+        with pytest.raises(PrismInputError, match="unrestricted"):
+            TritonServer(Path("repo"), None, 1, 2, 3, host=host, secret=None, binary=binary).command()  # type: ignore[arg-type]
+    unrestricted = TritonServer(Path("repo"), None, 1, 2, 3, secret=None, binary=binary).command()  # type: ignore[arg-type]
+    assert not any("restricted" in a for a in unrestricted)
+
+
+def test_a_request_without_the_secret_cannot_load_code_or_unload_and_triton_update_still_swaps(
+        serving_stages, serving_env, tmp_path):
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["dense_build"]), "-o", str(repo)]) == 0
+    x = np.random.default_rng(3).standard_normal((1, 5, 64)).astype(np.float32)
+    ports = [free_port() for _ in range(3)]
+    proc = serve_process(repo, *ports, tmp_path / "serve.log")
+    http_url, grpc_url = f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"
+    try:
+        wait_ready(http_url, proc)
+        state = _wait_state(repo)
+        assert stat.S_IMODE((repo / SERVE_STATE).stat().st_mode) == 0o600 and state["secret"]
+        printed = json.loads(proc.stdout.readline()) if proc.stdout else {}
+        assert "secret" not in printed and str(state["secret"]) not in json.dumps(printed)
+
+        # the exploit: a model config and a model.py in the load request, under the served name
+        marker = tmp_path / "ran"
+        code = f"open({str(marker)!r}, 'w').write('x')\nclass TritonPythonModel:\n    def execute(self, r):\n        return []\n"
+        config = {"name": "adapter", "backend": "python", "max_batch_size": 0,
+                  "input": [{"name": "hidden", "data_type": "TYPE_FP32", "dims": [-1]}],
+                  "output": [{"name": "adapted", "data_type": "TYPE_FP32", "dims": [-1]}]}
+        body = json.dumps({"parameters": {"config": json.dumps(config),
+                                          "file:1/model.py": base64.b64encode(code.encode()).decode()}}).encode()
+        base = f"http://{http_url}/v2/repository/models/adapter"
+        status, text = _post(f"{base}/load", body, {"Content-Type": "application/json"})
+        assert status in (401, 403), (status, text)
+        # what a browser sends cross-origin without a preflight
+        status, text = _post(f"{base}/unload", b"{}", {"Content-Type": "text/plain", "Origin": "http://evil.example"})
+        assert status in (401, 403), (status, text)
+        status, _ = _post(f"{base}/unload", b"{}", {SECRET_HEADER: "a-guess"})
+        assert status in (401, 403)
+        status, _ = _post(f"http://{http_url}/v2/repository/index", b"{}", {})
+        assert status in (401, 403)
+        grpc = grpcclient.InferenceServerClient(grpc_url)
+        for control in (lambda: grpc.unload_model("adapter"), lambda: grpc.get_model_config("adapter"),
+                        lambda: grpc.get_inference_statistics("adapter")):
+            with pytest.raises(InferenceServerException):
+                control()
+        grpc.get_inference_statistics("adapter", headers={GRPC_SECRET_HEADER: str(state["secret"])})  # the owner may
+        grpc.close()
+        assert not marker.exists()
+        client = httpclient.InferenceServerClient(http_url)
+        assert client.is_model_ready("adapter")
+        got = client.infer("adapter", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
+        assert rel_l2(got, reference(z["dense"], x)) <= 1e-5
+
+        # the owner's hot-swap reads the secret serve recorded and still works
+        assert main(["triton", "update", str(repo), "--adapter", str(z["dense_new"]), "--json"]) == 0
+        got = client.infer("adapter", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
+        client.close()
+        assert rel_l2(got, reference(z["dense_new"], x)) <= 1e-5
+    finally:
+        stop_process_group(proc)
+    assert not (repo / SERVE_STATE).exists()
