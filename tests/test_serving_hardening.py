@@ -119,3 +119,52 @@ def test_a_request_without_the_secret_cannot_load_code_or_unload_and_triton_upda
     finally:
         stop_process_group(proc)
     assert not (repo / SERVE_STATE).exists()
+
+
+def test_a_server_that_aborted_is_reported_by_its_fatal_lines_not_its_gpu_noise(tmp_path):
+    from prism_deploy.serving.server import exit_status, log_reason
+
+    log = tmp_path / "server.log"
+    log.write_text('I1206 19:48:46.6 13006 server.cc:100] "started"\n'
+                   'E1206 19:48:46.6 13006 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+                   "terminate called after throwing an instance of 'std::bad_alloc'\n  what():  std::bad_alloc\n"
+                   "Signal (6) received.\n 0# 0x00005570A913F29C in tritonserver\n 1# 0x00007FB3B37278EC in libc.so.6\n")
+    reason = log_reason(log)
+    assert "std::bad_alloc" in reason and "Signal (6)" in reason and "Cuda" not in reason and "0x" not in reason
+    log.write_text('E1206 1 model_lifecycle.cc:1] "failed to load \'adapter\'"\nE1206 2 server.cc:241] "CudaDriverHelper x"\n')
+    assert "failed to load" in log_reason(log) and "Cuda" not in log_reason(log)
+    assert exit_status(-6) == "killed by SIGABRT (exit code -6)" and exit_status(137).startswith("killed by SIGKILL")
+    assert exit_status(1) == "exit code 1"
+
+
+def test_requests_over_the_declared_bounds_get_one_line_400s_and_the_server_keeps_serving(
+        serving_stages, serving_env, tmp_path):
+    from tests.serving_helpers import running_server
+
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["dense_build"]), "-o", str(repo)]) == 0
+    config = (repo / "adapter" / "config.pbtxt").read_text()
+    max_seq = int(config.split('key: "max_seq"')[1].split('string_value: "')[1].split('"')[0])
+    max_batch = int(config.split("max_batch_size:")[1].split()[0])
+    x = np.random.default_rng(4).standard_normal((1, 3, 64)).astype(np.float32)
+    with running_server(repo, serving_env, tmp_path / "server.log") as server:
+        url = f"http://{server.http_url}/v2/models/adapter/infer"
+        cases = {  # what the request declares, what its body holds
+            "over max_seq": ([1, max_seq + 1, 64], (max_seq + 1) * 64 * 4),
+            "over the batch": ([max_batch + 1, 2, 64], (max_batch + 1) * 2 * 64 * 4),
+            "huge shape, short body": ([1, 10**9, 48], 8),
+            "wrong width": ([1, 2, 48], 2 * 48 * 4),
+        }
+        for what, (shape, nbytes) in cases.items():
+            head = json.dumps({"inputs": [{"name": "hidden", "shape": shape, "datatype": "FP32",
+                                           "parameters": {"binary_data_size": nbytes}}]}).encode()
+            status, text = _post(url, head + b"\0" * nbytes, {"Inference-Header-Content-Length": str(len(head))})
+            assert status == 400, (what, status, text)
+            message = json.loads(text)["error"]
+            assert "\n" not in message and "Traceback" not in message, (what, message)
+            assert server.proc.poll() is None, what
+        client = httpclient.InferenceServerClient(server.http_url)
+        got = client.infer("adapter", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
+        client.close()
+        assert rel_l2(got, reference(z["dense"], x)) <= 1e-5

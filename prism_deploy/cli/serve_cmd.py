@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
         while not stop_requested:
             code = server.wait(0.5)
             if code is not None:
-                print(f"error: tritonserver exited by itself with code {code} ({server.log_reason()}); "
-                      f"log: {server.log_path}", file=sys.stderr)
+                print(f"error: tritonserver exited by itself ({server.exit_cause()}); log: {server.log_path}",
+                      file=sys.stderr)
                 return 1
         return _stopped(server)
     finally:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -214,8 +215,8 @@ class TritonServer:
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
             if self.proc.poll() is not None:
-                raise PrismInputError(f"{self.repo}: tritonserver exited with code {self.proc.returncode} while loading "
-                                      f"({self.log_reason()}); log: {self.log_path}")
+                raise PrismInputError(f"{self.repo}: tritonserver ended while loading ({self.exit_cause()}); "
+                                      f"log: {self.log_path}")
             if self.ready():
                 return time.monotonic() - started
             time.sleep(0.2)
@@ -224,15 +225,13 @@ class TritonServer:
                               f"log: {self.log_path}")
 
     def log_reason(self) -> str:
-        """The most telling lines of the server's log: its errors, else its last line."""
-        try:
-            lines = Path(self.log_path or "").read_text(errors="replace").splitlines()
-        except OSError:
-            return "no log"
-        errors = [ln for ln in lines if ln.startswith("E") and "CudaDriverHelper" not in ln and "pinned" not in ln
-                  and "NVML" not in ln and "DCGM" not in ln]
-        picked = errors[-2:] if errors else lines[-1:]
-        return " | ".join(" ".join(ln.split())[:300] for ln in picked) or "empty log"
+        """The most telling lines of the server's log (see :func:`log_reason`)."""
+        return log_reason(self.log_path)
+
+    def exit_cause(self) -> str:
+        """How the server ended and why, for one line: its exit code or signal, and its log's reason."""
+        assert self.proc is not None
+        return f"{exit_status(self.proc.returncode)}: {self.log_reason()}"
 
     def signal(self, signum: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -297,6 +296,37 @@ class TritonServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+# A server that aborts prints these lines (C++ runtime, Triton's signal handler) after its last
+# log record; the stack frames after them say nothing to a user.
+FATAL_MARKS = ("terminate called", "what():", "Signal (", "Segmentation fault", "Aborted", "Killed")
+# Harmless on a machine without a GPU: never the reason
+NOISE_MARKS = ("CudaDriverHelper", "pinned", "NVML", "DCGM")
+
+
+def log_reason(log_path: Path | None) -> str:
+    """A fatal line if the server aborted, else its last error lines, else its last line."""
+    try:
+        lines = Path(log_path or "").read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    fatal = [ln.strip() for ln in lines if any(ln.lstrip().startswith(m) for m in FATAL_MARKS)]
+    errors = [ln for ln in lines if ln.startswith("E") and not any(m in ln for m in NOISE_MARKS)]
+    plain = [ln for ln in lines if ln.strip() and not re.match(r"\s*\d+# ", ln)]
+    picked = fatal[-3:] if fatal else errors[-2:] if errors else plain[-1:]
+    return " | ".join(" ".join(ln.split())[:300] for ln in picked) or "empty log"
+
+
+def exit_status(code: int | None) -> str:
+    """``code`` as a person reads it: a signal by name (Popen's negative code, or a shell's 128+N)."""
+    if code is None:
+        return "still running"
+    number = -code if code < 0 else code - 128 if 128 < code < 160 else 0
+    if number:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(number).name} (exit code {code})"
+    return f"exit code {code}"
 
 
 def stub_region(pid: int) -> str | None:
