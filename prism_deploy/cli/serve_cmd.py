@@ -5,6 +5,8 @@ numpy >= 2 there; finds ``tritonserver`` (PATH, else the nvidia-pytriton wheel's
 explicit model-control mode with every model loaded; waits for readiness within
 ``--ready-timeout``; prints the endpoints; forwards SIGINT/SIGTERM (Triton then finishes the
 requests it holds) and exits 0 once it has stopped. A server that dies on its own is exit 1.
+A Python-backend process that dies is noticed within about a second and its model restarted
+(:mod:`prism_deploy.serving.watchdog`).
 While it runs, ``REPO/.prism-serve.json`` (owner-only) tells ``triton update`` where it is and
 holds the secret that Triton's model-control APIs require (a fresh one per start; see
 :mod:`prism_deploy.serving.server`).
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.serving import server as srv
     from prism_deploy.serving.repository import read_manifest
     from prism_deploy.serving.server import SERVE_STATE
+    from prism_deploy.serving.watchdog import StubWatch
 
     repo = Path(args.repository)
     manifest = read_manifest(repo)
@@ -96,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"model control (load, unload, config, statistics): header {srv.SECRET_HEADER}, its secret in {state} "
                   "(owner-only)")
             print("serving; Ctrl-C (SIGINT) or SIGTERM stops it", flush=True)
+        # a Python-backend stub that dies is not replaced by Triton: its model is restarted here
+        watch = StubWatch(server, log=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
         while not stop_requested:
+            watch.check()
             code = server.wait(0.5)
             if code is not None:
                 print(f"error: tritonserver exited by itself ({server.exit_cause()}); log: {server.log_path}",
