@@ -168,3 +168,82 @@ def test_requests_over_the_declared_bounds_get_one_line_400s_and_the_server_keep
         got = client.infer("adapter", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
         client.close()
         assert rel_l2(got, reference(z["dense"], x)) <= 1e-5
+
+
+def test_serve_restarts_a_model_whose_backend_process_was_killed(serving_stages, serving_env, tmp_path):
+    import os
+    import signal
+
+    from prism_deploy.serving.watchdog import stub_model
+    from tests.serving_helpers import children
+
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["dense_build"]), str(z["gated_build"]), "-o", str(repo)]) == 0
+    x = np.random.default_rng(5).standard_normal((1, 4, 64)).astype(np.float32)
+    ports = [free_port() for _ in range(3)]
+    proc = serve_process(repo, *ports, tmp_path / "serve.log")
+    http_url = f"127.0.0.1:{ports[0]}"
+    try:
+        wait_ready(http_url, proc)
+        _wait_state(repo)
+        (server,) = children(proc.pid)
+        from prism_deploy.serving.server import group_members
+
+        stubs = {pid: stub_model(pid) for pid in group_members(server)}
+        victim = [pid for pid, mv in stubs.items() if mv and mv[0] == "adapter_1"]
+        other = [pid for pid, mv in stubs.items() if mv and mv[0] == "adapter_2"]
+        assert len(victim) == 1 and len(other) == 1
+        os.kill(victim[0], signal.SIGKILL)
+        client = httpclient.InferenceServerClient(http_url, connection_timeout=5, network_timeout=30)
+        got = None
+        deadline = time.monotonic() + 60  # bounded: a restart takes about a second
+        while got is None and time.monotonic() < deadline:
+            try:
+                got = client.infer("adapter_1", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
+            except InferenceServerException:
+                time.sleep(0.2)
+        assert got is not None and rel_l2(got, reference(z["dense"], x)) <= 1e-5
+        now = {pid: stub_model(pid) for pid in group_members(server)}
+        assert other[0] in now and victim[0] not in now  # only the dead model's process was replaced
+        assert any(mv and mv[0] == "adapter_1" for mv in now.values())
+        got2 = client.infer("adapter_2", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
+        client.close()
+        assert rel_l2(got2, reference(z["gated"], x)) <= 1e-5
+    finally:
+        stop_process_group(proc)
+    err = proc.stderr.read() if proc.stderr else ""
+    assert "adapter_1: its backend process died; restarted in" in err and proc.returncode == 0, err
+
+
+def test_concurrent_updates_of_two_models_of_one_repository_both_stay_recorded(serving_stages, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from prism_deploy.reference import random_adapter, simple_config
+    from tests.serving_helpers import ROOT
+
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["dense_build"]), str(z["gated_build"]), "-o", str(repo)]) == 0
+    new = {}
+    for model, seed in (("adapter_1", 21), ("adapter_2", 22)):
+        new[model] = tmp_path / f"{model}-new.safetensors"
+        random_adapter(simple_config(64, 96, (4, 2)), seed=seed).save(new[model])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-m", "prism_deploy", "triton", "update", str(repo), "--adapter",
+                               str(new[m]), "--model", m, "--no-load", "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for m in new]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    manifest = json.loads((repo / "prism-repository.json").read_text())
+    for model in new:
+        record = manifest["models"][model]
+        assert record["versions"] == [1, 2], (model, record["versions"])
+        assert record["sources"]["2"] == str(new[model].resolve())
+        assert (repo / model / "2").is_dir()
+    # and the recorded widths still guard a shape change
+    wide = tmp_path / "wide.safetensors"
+    random_adapter(simple_config(64, 128, (4, 2)), seed=23).save(wide)
+    assert main(["triton", "update", str(repo), "--adapter", str(wide), "--model", "adapter_1", "--no-load"]) == 2

@@ -32,6 +32,7 @@ from prism_deploy.serving.server import SECRET_HEADER, read_state
 from prism_deploy.serving.stage_runtime import inspect_stage
 
 UNLOAD_WAIT_S = 120.0
+UPDATE_LOCK = ".prism-update.lock"  # in the repository folder; Triton ignores files there
 
 
 def versions_of(model_dir: Path) -> list[int]:
@@ -54,10 +55,26 @@ def update_adapter(repo: str | os.PathLike[str], adapter: str | os.PathLike[str]
     """``build(BuildRequest) -> BuildResult`` is the caller's: the CLI passes the builder with its
     parity check (this layer does not import the parity layer), and ``update_adapter`` refuses a
     result that was not checked."""
+    from prism_deploy.core.fsutil import folder_lock
+
+    root = Path(repo)
+    repo_mod.read_manifest(root)  # not a repository: said before waiting for its lock
+    # one writer of the repository at a time: the manifest is read, the version chosen and the
+    # manifest written again under the lock, so a concurrent update of another model is kept
+    with folder_lock(root, UPDATE_LOCK, log):
+        report = _add_adapter_version(root, repo, adapter, build=build, model=model,
+                                      allow_shape_change=allow_shape_change)
+    endpoint, headers = server_endpoint(root, url)
+    if load and endpoint is not None:
+        report["server"] = swap(endpoint, report["model"], report["version"], headers=headers)
+    return report
+
+
+def _add_adapter_version(root: Path, repo: str | os.PathLike[str], adapter: str | os.PathLike[str], *,
+                         build: Callable[[Any], Any], model: str | None, allow_shape_change: bool) -> dict[str, Any]:
     from prism_deploy.builder import BuildRequest, Profile
     from prism_deploy.format import read_adapter_config
 
-    root = Path(repo)
     manifest = repo_mod.read_manifest(root)
     adapters = sorted(n for n, r in manifest["models"].items() if r.get("kind") == "adapter")
     if model is None:
@@ -124,9 +141,6 @@ def update_adapter(repo: str | os.PathLike[str], adapter: str | os.PathLike[str]
         "previous": version - 1 if version > 1 else None, "engine": outcome.config.id, "build": outcome.action,
         "build_seconds": round(build_s, 3), "parity": (outcome.entry or {}).get("parity"),
         "shape_changed": shape_changed, "server": None}
-    endpoint, headers = server_endpoint(root, url)
-    if load and endpoint is not None:
-        report["server"] = swap(endpoint, model, version, headers=headers)
     return report
 
 
