@@ -247,3 +247,28 @@ def test_concurrent_updates_of_two_models_of_one_repository_both_stay_recorded(s
     wide = tmp_path / "wide.safetensors"
     random_adapter(simple_config(64, 128, (4, 2)), seed=23).save(wide)
     assert main(["triton", "update", str(repo), "--adapter", str(wide), "--model", "adapter_1", "--no-load"]) == 2
+
+
+def test_serve_refuses_ports_in_use_before_starting(serving_stages, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.serving_helpers import ROOT
+
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["dense_build"]), "-o", str(repo)]) == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flag in ("--http-port", "--grpc-port", "--metrics-port"):
+            others = [f for f in ("--http-port", "--grpc-port", "--metrics-port") if f != flag]
+            out = subprocess.run([sys.executable, "-m", "prism_deploy", "serve", str(repo), flag, str(port),
+                                  others[0], "0", others[1], "0"], capture_output=True, text=True, timeout=120,
+                                 env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+            assert out.returncode == 2, out.stderr
+            assert out.stderr.strip().splitlines() == [f"error: port {port} in use (on 127.0.0.1); choose another "
+                                                       "or stop what holds it"], out.stderr
+            assert not (repo / SERVE_STATE).exists() and out.stdout == ""

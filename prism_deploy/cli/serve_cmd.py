@@ -59,8 +59,13 @@ def run(args: argparse.Namespace) -> int:
     for option in ("http_port", "grpc_port", "metrics_port"):
         if not 0 <= getattr(args, option) <= 65535:
             raise PrismInputError(f"--{option.replace('_', '-')}: {getattr(args, option)} is not a port")
-    be = backend_env(str(repo), args.env)
+    given = [p for p in (args.http_port, args.grpc_port, args.metrics_port) if p]
+    if len(set(given)) < len(given):
+        raise PrismInputError(f"port {max(given, key=given.count)} given twice (HTTP, gRPC and metrics need one each)")
+    # before the environment (minutes on first use): a taken port is said at once
     http, grpc, metrics = srv.ports(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    srv.check_ports_free(args.host, http, grpc, metrics)
+    be = backend_env(str(repo), args.env)
     if args.exit_timeout < 0:
         raise PrismInputError(f"--exit-timeout: {args.exit_timeout} must be >= 0")
     server = srv.TritonServer(repo, be, http, grpc, metrics, host=args.host,

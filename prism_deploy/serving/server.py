@@ -355,6 +355,24 @@ def group_members(pgid: int) -> list[int]:
     return found
 
 
+def check_ports_free(host: str, *ports_: int) -> None:
+    """Refuse a port another process listens on: the readiness poll would otherwise be answered
+    by that other server. (A port taken between this check and Triton's bind still fails Triton.)"""
+    import errno
+
+    bind_host = "0.0.0.0" if host == "" else host
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    for port in ports_:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton binds: a closing socket is no owner
+            try:
+                s.bind((bind_host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PrismInputError(f"port {port} in use (on {bind_host}); choose another or stop what holds it") from None
+                raise PrismInputError(f"--host {host}: cannot bind port {port} ({exc.strerror})") from None
+
+
 def ports(host: str, http: int, grpc: int, metrics: int) -> tuple[int, int, int]:
     """The ports to use: 0 picks a free one."""
     return tuple(p if p else free_port(host if host not in ("0.0.0.0", "") else "127.0.0.1")  # type: ignore[return-value]
