@@ -272,3 +272,29 @@ def test_serve_refuses_ports_in_use_before_starting(serving_stages, tmp_path):
             assert out.stderr.strip().splitlines() == [f"error: port {port} in use (on 127.0.0.1); choose another "
                                                        "or stop what holds it"], out.stderr
             assert not (repo / SERVE_STATE).exists() and out.stdout == ""
+
+
+def test_the_served_adapter_answers_zero_tokens_as_load_engines_does(serving_stages, serving_env, tmp_path):
+    from prism_deploy.runtime import load_engines
+    from tests.serving_helpers import running_server
+
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["dense_build"]), "-o", str(repo)]) == 0
+    engines = load_engines(z["dense_build"])
+    with running_server(repo, serving_env, tmp_path / "server.log") as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        from tests.serving_helpers import grpc_input
+
+        for shape in ((1, 0, 64), (3, 0, 64)):
+            x = np.zeros(shape, np.float32)
+            expected = np.asarray(engines.run(x))
+            served = client.infer("adapter", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
+            over_grpc = grpc.infer("adapter", [grpc_input("hidden", x, "FP32")]).as_numpy("adapted")
+            assert served.shape == over_grpc.shape == expected.shape == (shape[0], 0, 96)
+        x = np.random.default_rng(6).standard_normal((1, 2, 64)).astype(np.float32)  # and real tokens still
+        got = client.infer("adapter", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
+        client.close()
+        grpc.close()
+        assert rel_l2(got, np.asarray(engines.run(x))) <= 1e-5
