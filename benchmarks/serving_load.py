@@ -166,7 +166,7 @@ def _run(args, levels, machine, load_start, work: Path) -> int:  # type: ignore[
                 results[name].append(row)
                 print(f"{name:10s} c={c:2d}: {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:.3f} ms  "
                       f"p99 {row['p99_ms']:.3f} ms  errors {row['errors']}", file=sys.stderr)
-        stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics("adapter")
+        stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics("adapter", headers=server.control_headers)
     batch_stats = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]}
     for c in levels:
         row = run_level(lambda _s, x: np.asarray(engines.run(x)), inputs, c, args.requests, args.seconds, lambda: None)

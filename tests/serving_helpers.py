@@ -71,7 +71,7 @@ def backend_env():  # type: ignore[no-untyped-def]
 @contextlib.contextmanager
 def running_server(repo: Path, be, log: Path, timeout_s: float = 120) -> Iterator[object]:  # type: ignore[no-untyped-def]
     """A TritonServer on ``repo`` (free loopback ports), stopped however the block ends."""
-    from prism_deploy.serving.server import TritonServer, ports
+    from prism_deploy.serving.server import SERVE_STATE, TritonServer, ports, write_state
 
     http, grpc, metrics = ports("127.0.0.1", 0, 0, 0)
     # a test's client objects may keep keep-alive connections open; Triton would wait 30 s for them
@@ -79,9 +79,12 @@ def running_server(repo: Path, be, log: Path, timeout_s: float = 120) -> Iterato
     try:
         server.start()
         server.wait_ready(timeout_s)
+        # as serve records itself: `triton update` finds the control secret there
+        write_state(repo, {"http": server.http_url, "pid": os.getpid(), "secret": server.secret})
         yield server
     finally:
         server.stop()
+        (repo / SERVE_STATE).unlink(missing_ok=True)
 
 
 def http_input(name: str, array: np.ndarray, dtype: str):  # type: ignore[no-untyped-def]

@@ -116,7 +116,7 @@ def test_dynamic_batching_under_16_concurrent_clients(adapters_server, serving_s
 
 def _batch_counts(server, model: str) -> dict[int, int]:
     client = httpclient.InferenceServerClient(server.http_url)
-    stats = client.get_inference_statistics(model)
+    stats = client.get_inference_statistics(model, headers=server.control_headers)
     client.close()
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]}
 
@@ -289,7 +289,7 @@ def test_hot_swap_under_load(serving_stages, serving_env, tmp_path):
         assert "other" not in kinds and "old" in kinds and "new" in kinds
         assert all(k == "new" for (t0, _, _), k in zip(results, kinds) if t0 > swapped)
         assert len(results) > 50
-        index = {(m["name"], m["version"]): m.get("state") for m in client.get_model_repository_index()}
+        index = {(m["name"], m["version"]): m.get("state") for m in client.get_model_repository_index(headers=server.control_headers)}
         client.close()
         assert index[("adapter", "2")] == "READY" and index.get(("adapter", "1")) != "READY"
 
@@ -370,19 +370,26 @@ def test_a_killed_server_gives_clean_errors_and_serve_starts_again(serving_stage
 
 
 def test_serve_refuses_an_environment_with_numpy_2(serving_stages, tmp_path):
-    """The CLI's own Python has numpy 2: as a backend environment it must be refused, not served."""
+    """An environment with numpy 2 is refused as a backend environment, not served. The fake
+    environment sees none of the base interpreter's packages: only its own numpy 2 record."""
+    import sysconfig
+
     z = serving_stages
     repo = tmp_path / "repo"
     assert main(["triton", str(z["dense_build"]), "-o", str(repo)]) == 0
     fake = tmp_path / "numpy2-env"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(fake)], check=True,
-                   timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fake)], check=True, timeout=120)
+    purelib = Path(sysconfig.get_path("purelib", vars={"base": str(fake), "platbase": str(fake)}))
+    (purelib / "numpy-2.1.0.dist-info").mkdir(parents=True)
+    (purelib / "numpy-2.1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: numpy\nVersion: 2.1.0\n")
+    (purelib / "numpy").mkdir()
+    (purelib / "numpy" / "__init__.py").write_text("__version__ = '2.1.0'\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     out = subprocess.run([sys.executable, "-m", "prism_deploy", "serve", str(repo), "--env", str(fake),
                           "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
                          capture_output=True, text=True, timeout=180, env=env)
     lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert out.returncode == 2 and len(lines) == 1 and "numpy 2." in lines[0] and str(fake) in lines[0]
+    assert out.returncode == 2 and len(lines) == 1 and "numpy 2.1.0" in lines[0] and str(fake) in lines[0], out.stderr
     assert "Traceback" not in out.stderr and not (repo / ".prism-serve.json").exists()
 
 

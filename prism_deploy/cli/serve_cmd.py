@@ -5,7 +5,11 @@ numpy >= 2 there; finds ``tritonserver`` (PATH, else the nvidia-pytriton wheel's
 explicit model-control mode with every model loaded; waits for readiness within
 ``--ready-timeout``; prints the endpoints; forwards SIGINT/SIGTERM (Triton then finishes the
 requests it holds) and exits 0 once it has stopped. A server that dies on its own is exit 1.
-While it runs, ``REPO/.prism-serve.json`` tells ``triton update`` where it is.
+A Python-backend process that dies is noticed within about a second and its model restarted
+(:mod:`prism_deploy.serving.watchdog`).
+While it runs, ``REPO/.prism-serve.json`` (owner-only) tells ``triton update`` where it is and
+holds the secret that Triton's model-control APIs require (a fresh one per start; see
+:mod:`prism_deploy.serving.server`).
 """
 
 from __future__ import annotations
@@ -45,18 +49,23 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.cli.output import print_table
     from prism_deploy.cli.triton_env_cmd import backend_env
     from prism_deploy.core.errors import PrismInputError
-    from prism_deploy.core.fsutil import write_text_atomic
     from prism_deploy.serving import server as srv
     from prism_deploy.serving.repository import read_manifest
-    from prism_deploy.serving.update import SERVE_STATE
+    from prism_deploy.serving.server import SERVE_STATE
+    from prism_deploy.serving.watchdog import StubWatch
 
     repo = Path(args.repository)
     manifest = read_manifest(repo)
     for option in ("http_port", "grpc_port", "metrics_port"):
         if not 0 <= getattr(args, option) <= 65535:
             raise PrismInputError(f"--{option.replace('_', '-')}: {getattr(args, option)} is not a port")
-    be = backend_env(str(repo), args.env)
+    given = [p for p in (args.http_port, args.grpc_port, args.metrics_port) if p]
+    if len(set(given)) < len(given):
+        raise PrismInputError(f"port {max(given, key=given.count)} given twice (HTTP, gRPC and metrics need one each)")
+    # before the environment (minutes on first use): a taken port is said at once
     http, grpc, metrics = srv.ports(args.host, args.http_port, args.grpc_port, args.metrics_port)
+    srv.check_ports_free(args.host, http, grpc, metrics)
+    be = backend_env(str(repo), args.env)
     if args.exit_timeout < 0:
         raise PrismInputError(f"--exit-timeout: {args.exit_timeout} must be >= 0")
     server = srv.TritonServer(repo, be, http, grpc, metrics, host=args.host,
@@ -83,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
         info: dict[str, Any] = {"repository": str(repo), "http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,
                 "models": sorted(manifest["models"]), "tritonserver": str(server.binary.path) if server.binary else None,
                 "environment": str(be.path), "log": str(server.log_path), "ready_seconds": round(ready_s, 2),
-                "pid": os.getpid()}
-        write_text_atomic(state, json.dumps(info) + "\n")
+                "pid": os.getpid(), "control_secret_file": str(state)}
+        srv.write_state(repo, {**info, "secret": server.secret})
         wrote_state = True
         if args.json:
             print(json.dumps(info), flush=True)
@@ -92,12 +101,17 @@ def run(args: argparse.Namespace) -> int:
             print_table(["endpoint", "address"], [["HTTP", info["http"]], ["gRPC", info["grpc"]],
                                                   ["metrics", info["metrics"]]])
             print(f"models: {', '.join(info['models'])}; ready in {info['ready_seconds']} s; log: {info['log']}")
+            print(f"model control (load, unload, config, statistics): header {srv.SECRET_HEADER}, its secret in {state} "
+                  "(owner-only)")
             print("serving; Ctrl-C (SIGINT) or SIGTERM stops it", flush=True)
+        # a Python-backend stub that dies is not replaced by Triton: its model is restarted here
+        watch = StubWatch(server, log=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
         while not stop_requested:
+            watch.check()
             code = server.wait(0.5)
             if code is not None:
-                print(f"error: tritonserver exited by itself with code {code} ({server.log_reason()}); "
-                      f"log: {server.log_path}", file=sys.stderr)
+                print(f"error: tritonserver exited by itself ({server.exit_cause()}); log: {server.log_path}",
+                      file=sys.stderr)
                 return 1
         return _stopped(server)
     finally:

@@ -53,14 +53,15 @@ def new_file_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
 
     The temporary file lives in the same folder so that the final ``os.replace`` is an
     atomic rename on the same file system. On any exception the temporary file is removed
     and ``path`` is left as it was (absent, or its previous content). The file gets the mode
     the user's umask gives (writers that replace the temporary file, such as safetensors',
-    would otherwise leave mkstemp's 0600). Write errors name ``path``.
+    would otherwise leave mkstemp's 0600), or ``mode`` when given (0o600: a secret, owner-only
+    from its first byte). Write errors name ``path``.
     """
     target = output_path(path)
     tmp = temp_sibling(target)
@@ -71,7 +72,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
             yield tmp
             # a writer may have made it executable (a compiled program): keep that, as umask says
             executable = os.stat(tmp).st_mode & 0o111 and 0o777 & ~_umask() & 0o111
-            os.chmod(tmp, new_file_mode() | executable)
+            os.chmod(tmp, mode if mode is not None else new_file_mode() | executable)
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -186,13 +187,13 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_output(path) as tmp:
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
+    with atomic_output(path, mode) as tmp:
         tmp.write_bytes(data)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+def write_text_atomic(path: str | os.PathLike[str], text: str, mode: int | None = None) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"), mode)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

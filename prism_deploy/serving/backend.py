@@ -110,7 +110,9 @@ class StageModel:
         x = _input(request, names[0])
         assert x is not None
         mask = _input(request, names[1]) if len(names) > 1 else None
-        if x.ndim < 2 or x.shape[1] < 1:
+        # zero tokens are legal adapter input, answered with zero rows as by ``load_engines(...).run``;
+        # a model stage needs at least one position
+        if x.ndim < 2 or x.shape[1] < (0 if self.kind == "adapter" else 1):
             raise RequestError(f"{names[0]}: expected [batch, seq{', width' if self.width else ''}], got {list(x.shape)}")
         if x.shape[1] > self.max_seq:
             raise RequestError(f"{names[0]}: {x.shape[1]} positions, more than this model's {self.max_seq}")
@@ -158,7 +160,7 @@ class StageModel:
             outs, start = [], 0
             for _, x, _ in group:
                 n = x.shape[0] * x.shape[1]
-                outs.append(np.ascontiguousarray(y[start:start + n].reshape(*x.shape[:2], -1)))
+                outs.append(np.ascontiguousarray(y[start:start + n].reshape(*x.shape[:2], y.shape[-1])))
                 start += n
             return outs
         x = np.concatenate([x for _, x, _ in group], axis=0)

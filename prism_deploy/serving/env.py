@@ -225,6 +225,14 @@ def code_overlay(log: Callable[[str], None] | None = None) -> Path:
 
 _CHECK = """
 import json, runpy, sys
+from importlib import metadata
+try:  # numpy >= 2 is refused before anything imports it (or stops on another package first)
+    numpy_version = metadata.version("numpy")
+except metadata.PackageNotFoundError:
+    numpy_version = None
+if numpy_version and int(numpy_version.split(".")[0]) >= 2:
+    print(json.dumps({"numpy": numpy_version}))
+    sys.exit(0)
 runpy.run_path(sys.argv[1])  # the shipped model.py: registers the project code, imports the backend
 import numpy, onnxruntime, sysconfig
 try:

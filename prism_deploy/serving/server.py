@@ -9,12 +9,25 @@ versions can be loaded and unloaded later (hot-swap), binds the given host (127.
 told otherwise), and is asked to die with its parent (``PR_SET_PDEATHSIG``) so a killed
 ``serve`` leaves no server behind. Readiness is polled on ``/v2/health/ready`` within a bound;
 if the server exits first, its log's error lines say why.
+
+The control APIs are restricted to a secret (Triton's ``--http-restricted-api`` and
+``--grpc-restricted-protocol``): loading a model with a configuration and files given in the
+request runs that code in the server, so a request without the secret's header may not load,
+unload or reconfigure a model, read statistics, touch shared-memory regions, or change the trace
+or log settings. Inference, health and metadata stay open. ``serve`` keeps the secret in
+``REPO/.prism-serve.json``, readable by its owner only, where ``triton update`` reads it. The
+secret is on the server's command line (Triton takes it nowhere else), which other users of the
+machine can read in ``/proc``: the restriction keeps out cross-origin browser requests and
+processes that cannot read it, not a local user who can; a shared machine needs a proxy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -30,6 +43,38 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.serving.env import BackendEnv, backend_process_env
 
 EXIT_TIMEOUT_S = 30  # tritonserver's own wait for in-flight requests on SIGTERM
+
+SERVE_STATE = ".prism-serve.json"  # in the repository folder, owner-only: where serve runs, and its secret
+SECRET_HEADER = "prism-serve-key"  # the HTTP header the control APIs require
+# gRPC: Triton expects the key with this prefix in the call's metadata
+GRPC_SECRET_HEADER = f"triton-grpc-protocol-{SECRET_HEADER}"
+# Triton's names for its control APIs (HTTP) and protocols (gRPC): the same list for both
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)  # [A-Za-z0-9_-]: nothing Triton's "key=value" option could split on
+
+
+def write_state(repo: Path, info: dict[str, Any]) -> Path:
+    """``REPO/.prism-serve.json``, owner-only (0600) from its first byte: it holds the secret."""
+    from prism_deploy.core.fsutil import write_text_atomic
+
+    state = repo / SERVE_STATE
+    write_text_atomic(state, json.dumps(info) + "\n", mode=0o600)
+    return state
+
+
+def read_state(repo: Path) -> dict[str, Any] | None:
+    """What a running ``serve`` recorded for ``repo``; None when none runs (no file, or its process is gone)."""
+    state = repo / SERVE_STATE
+    try:
+        obj = json.loads(state.read_text(encoding="utf-8"))
+        os.kill(int(obj["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a stale file from a serve that is gone
+    return obj if isinstance(obj, dict) else None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -83,6 +128,8 @@ class TritonServer:
     load: list[str] = field(default_factory=lambda: ["*"])
     # how long Triton waits, on SIGTERM, for in-flight requests and open client connections
     exit_timeout_s: int = EXIT_TIMEOUT_S
+    # the control APIs' secret; None serves them unrestricted, which only a loopback host may
+    secret: str | None = field(default_factory=new_secret)
     binary: ServerBinary | None = None
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
@@ -103,7 +150,27 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.probe_host}:{self.metrics_port}/metrics"
 
+    @property
+    def control_headers(self) -> dict[str, str]:
+        """The header an HTTP control request (load, unload, config, statistics...) must carry."""
+        return {SECRET_HEADER: self.secret} if self.secret else {}
+
+    @property
+    def grpc_control_headers(self) -> dict[str, str]:
+        """The metadata a gRPC control call must carry."""
+        return {GRPC_SECRET_HEADER: self.secret} if self.secret else {}
+
+    def restriction(self) -> list[str]:
+        if not self.secret:
+            if self.host not in LOOPBACK_HOSTS:
+                raise PrismInputError(f"--host {self.host}: refusing to serve the model-control APIs unrestricted "
+                                      "beyond this machine (no secret)")
+            return []
+        group = f"{','.join(RESTRICTED_APIS)}:{SECRET_HEADER}={self.secret}"
+        return [f"--http-restricted-api={group}", f"--grpc-restricted-protocol={group}"]
+
     def command(self) -> list[str]:
+        restriction = self.restriction()
         binary = self.binary or find_tritonserver(self.env)
         self.binary = binary
         cmd = [str(binary.path), f"--model-repository={self.repo.resolve()}",
@@ -112,7 +179,8 @@ class TritonServer:
                "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.load),
                # our configs are complete: no auto-complete stub process per Python model at load
                "--disable-auto-complete-config", "--strict-readiness=true", "--exit-on-error=true",
-               f"--exit-timeout-secs={self.exit_timeout_s}", "--allow-gpu-metrics=false", "--log-verbose=0"]
+               f"--exit-timeout-secs={self.exit_timeout_s}", "--allow-gpu-metrics=false", "--log-verbose=0",
+               *restriction]
         if binary.backend_dir is not None:
             cmd.append(f"--backend-directory={binary.backend_dir}")
         return cmd
@@ -147,8 +215,8 @@ class TritonServer:
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
             if self.proc.poll() is not None:
-                raise PrismInputError(f"{self.repo}: tritonserver exited with code {self.proc.returncode} while loading "
-                                      f"({self.log_reason()}); log: {self.log_path}")
+                raise PrismInputError(f"{self.repo}: tritonserver ended while loading ({self.exit_cause()}); "
+                                      f"log: {self.log_path}")
             if self.ready():
                 return time.monotonic() - started
             time.sleep(0.2)
@@ -157,15 +225,13 @@ class TritonServer:
                               f"log: {self.log_path}")
 
     def log_reason(self) -> str:
-        """The most telling lines of the server's log: its errors, else its last line."""
-        try:
-            lines = Path(self.log_path or "").read_text(errors="replace").splitlines()
-        except OSError:
-            return "no log"
-        errors = [ln for ln in lines if ln.startswith("E") and "CudaDriverHelper" not in ln and "pinned" not in ln
-                  and "NVML" not in ln and "DCGM" not in ln]
-        picked = errors[-2:] if errors else lines[-1:]
-        return " | ".join(" ".join(ln.split())[:300] for ln in picked) or "empty log"
+        """The most telling lines of the server's log (see :func:`log_reason`)."""
+        return log_reason(self.log_path)
+
+    def exit_cause(self) -> str:
+        """How the server ended and why, for one line: its exit code or signal, and its log's reason."""
+        assert self.proc is not None
+        return f"{exit_status(self.proc.returncode)}: {self.log_reason()}"
 
     def signal(self, signum: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -232,6 +298,37 @@ class TritonServer:
         self.stop()
 
 
+# A server that aborts prints these lines (C++ runtime, Triton's signal handler) after its last
+# log record; the stack frames after them say nothing to a user.
+FATAL_MARKS = ("terminate called", "what():", "Signal (", "Segmentation fault", "Aborted", "Killed")
+# Harmless on a machine without a GPU: never the reason
+NOISE_MARKS = ("CudaDriverHelper", "pinned", "NVML", "DCGM")
+
+
+def log_reason(log_path: Path | None) -> str:
+    """A fatal line if the server aborted, else its last error lines, else its last line."""
+    try:
+        lines = Path(log_path or "").read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    fatal = [ln.strip() for ln in lines if any(ln.lstrip().startswith(m) for m in FATAL_MARKS)]
+    errors = [ln for ln in lines if ln.startswith("E") and not any(m in ln for m in NOISE_MARKS)]
+    plain = [ln for ln in lines if ln.strip() and not re.match(r"\s*\d+# ", ln)]
+    picked = fatal[-3:] if fatal else errors[-2:] if errors else plain[-1:]
+    return " | ".join(" ".join(ln.split())[:300] for ln in picked) or "empty log"
+
+
+def exit_status(code: int | None) -> str:
+    """``code`` as a person reads it: a signal by name (Popen's negative code, or a shell's 128+N)."""
+    if code is None:
+        return "still running"
+    number = -code if code < 0 else code - 128 if 128 < code < 160 else 0
+    if number:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(number).name} (exit code {code})"
+    return f"exit code {code}"
+
+
 def stub_region(pid: int) -> str | None:
     """The shared-memory region a Python backend stub was started with (its second argument)."""
     try:
@@ -256,6 +353,24 @@ def group_members(pgid: int) -> list[int]:
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
             found.append(int(stat.parent.name))
     return found
+
+
+def check_ports_free(host: str, *ports_: int) -> None:
+    """Refuse a port another process listens on: the readiness poll would otherwise be answered
+    by that other server. (A port taken between this check and Triton's bind still fails Triton.)"""
+    import errno
+
+    bind_host = "0.0.0.0" if host == "" else host
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    for port in ports_:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton binds: a closing socket is no owner
+            try:
+                s.bind((bind_host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PrismInputError(f"port {port} in use (on {bind_host}); choose another or stop what holds it") from None
+                raise PrismInputError(f"--host {host}: cannot bind port {port} ({exc.strerror})") from None
 
 
 def ports(host: str, http: int, grpc: int, metrics: int) -> tuple[int, int, int]:

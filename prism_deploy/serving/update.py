@@ -9,7 +9,7 @@
    and nothing is written;
 3. writes ``REPO/<model>/<N+1>/`` atomically (filled under a staging name, then renamed);
 4. if a server runs on the repository (``--url``, else the ``.prism-serve.json`` that ``serve``
-   writes), asks it to load the model again through the model-control API (explicit mode).
+   writes, which also holds the secret the model-control API requires), asks it to load the model again through the model-control API (explicit mode).
    With ``version_policy { latest { num_versions: 1 } }`` Triton loads version N+1, moves new
    requests to it, and unloads version N once the requests it holds have finished; this call
    waits (bounded) until version N is no longer ready, and reports both times.
@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -29,29 +28,25 @@ from typing import Any
 from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.serving import config as cfg
 from prism_deploy.serving import repository as repo_mod
+from prism_deploy.serving.server import SECRET_HEADER, read_state
 from prism_deploy.serving.stage_runtime import inspect_stage
 
-SERVE_STATE = ".prism-serve.json"
 UNLOAD_WAIT_S = 120.0
+UPDATE_LOCK = ".prism-update.lock"  # in the repository folder; Triton ignores files there
 
 
 def versions_of(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
 
 
-def server_url(repo: Path, url: str | None) -> str | None:
-    """``url`` if given, else the HTTP endpoint of a ``serve`` still running on ``repo``."""
+def server_endpoint(repo: Path, url: str | None) -> tuple[str | None, dict[str, str]]:
+    """``url`` if given, else the HTTP endpoint of a ``serve`` still running on ``repo``; with the
+    header carrying the secret that ``serve`` recorded for ``repo`` (none when it recorded none)."""
+    state = read_state(repo) or {}
+    headers = {SECRET_HEADER: str(state["secret"])} if state.get("secret") else {}
     if url:
-        return url
-    state = repo / SERVE_STATE
-    if not state.is_file():
-        return None
-    try:
-        obj = json.loads(state.read_text(encoding="utf-8"))
-        os.kill(int(obj["pid"]), 0)
-    except (OSError, ValueError, KeyError):
-        return None  # a stale file from a serve that is gone
-    return str(obj["http"])
+        return url, headers
+    return (str(state["http"]) if state.get("http") else None), headers
 
 
 def update_adapter(repo: str | os.PathLike[str], adapter: str | os.PathLike[str], *,
@@ -60,10 +55,26 @@ def update_adapter(repo: str | os.PathLike[str], adapter: str | os.PathLike[str]
     """``build(BuildRequest) -> BuildResult`` is the caller's: the CLI passes the builder with its
     parity check (this layer does not import the parity layer), and ``update_adapter`` refuses a
     result that was not checked."""
+    from prism_deploy.core.fsutil import folder_lock
+
+    root = Path(repo)
+    repo_mod.read_manifest(root)  # not a repository: said before waiting for its lock
+    # one writer of the repository at a time: the manifest is read, the version chosen and the
+    # manifest written again under the lock, so a concurrent update of another model is kept
+    with folder_lock(root, UPDATE_LOCK, log):
+        report = _add_adapter_version(root, repo, adapter, build=build, model=model,
+                                      allow_shape_change=allow_shape_change)
+    endpoint, headers = server_endpoint(root, url)
+    if load and endpoint is not None:
+        report["server"] = swap(endpoint, report["model"], report["version"], headers=headers)
+    return report
+
+
+def _add_adapter_version(root: Path, repo: str | os.PathLike[str], adapter: str | os.PathLike[str], *,
+                         build: Callable[[Any], Any], model: str | None, allow_shape_change: bool) -> dict[str, Any]:
     from prism_deploy.builder import BuildRequest, Profile
     from prism_deploy.format import read_adapter_config
 
-    root = Path(repo)
     manifest = repo_mod.read_manifest(root)
     adapters = sorted(n for n, r in manifest["models"].items() if r.get("kind") == "adapter")
     if model is None:
@@ -130,9 +141,6 @@ def update_adapter(repo: str | os.PathLike[str], adapter: str | os.PathLike[str]
         "previous": version - 1 if version > 1 else None, "engine": outcome.config.id, "build": outcome.action,
         "build_seconds": round(build_s, 3), "parity": (outcome.entry or {}).get("parity"),
         "shape_changed": shape_changed, "server": None}
-    endpoint = server_url(root, url)
-    if load and endpoint is not None:
-        report["server"] = swap(endpoint, model, version)
     return report
 
 
@@ -147,7 +155,8 @@ def _with_widths(text: str, in_dim: int, out_dim: int) -> str:
     return out
 
 
-def swap(url: str, model: str, version: int, *, wait_s: float = UNLOAD_WAIT_S) -> dict[str, Any]:
+def swap(url: str, model: str, version: int, *, wait_s: float = UNLOAD_WAIT_S,
+         headers: dict[str, str] | None = None) -> dict[str, Any]:
     """Load ``model`` again (its newest version serves) and wait until older versions are unloaded."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
@@ -155,7 +164,7 @@ def swap(url: str, model: str, version: int, *, wait_s: float = UNLOAD_WAIT_S) -
     client = httpclient.InferenceServerClient(url, network_timeout=wait_s, connection_timeout=10)
     started = time.monotonic()
     try:
-        client.load_model(model)
+        client.load_model(model, headers=headers)
     except InferenceServerException as exc:
         raise PrismInputError(f"{url}: loading {model} version {version} failed ({brief(exc, 300)})") from None
     loaded_s = time.monotonic() - started
@@ -164,7 +173,7 @@ def swap(url: str, model: str, version: int, *, wait_s: float = UNLOAD_WAIT_S) -
     deadline = started + wait_s
     old_ready = True
     while time.monotonic() < deadline:
-        index = client.get_model_repository_index()
+        index = client.get_model_repository_index(headers=headers)
         old_ready = any(m.get("name") == model and m.get("version") not in (None, "", str(version))
                         and m.get("state") == "READY" for m in index)
         if not old_ready:
