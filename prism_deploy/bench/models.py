@@ -134,7 +134,7 @@ class _EagerModel:
         from prism_deploy.models import hf
 
         self.hf, self.role = hf, role
-        self.model = hf.load_causal_lm(hf_dir)
+        self.model = hf.load_causal_lm(hf_dir, uses_head=role == "last")
         self.source = hf_dir
 
     def describe(self) -> dict[str, Any]:

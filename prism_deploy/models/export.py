@@ -127,7 +127,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     started = time.perf_counter()
     # One load: the float32 model is both what validation compares with and, for fp32, what is
     # traced (big models are loaded once, not twice); fp16 traces a half-precision copy.
-    reference = hf.load_causal_lm(hf_dir, attn_implementation="eager")
+    reference = hf.load_causal_lm(hf_dir, attn_implementation="eager", uses_head=role == "last")
     limit = hf.max_positions(reference.config)
     if max_seq is None:
         max_seq = min(limit or 2048, 2048)

@@ -43,7 +43,9 @@ class ReferenceChain:
         if len(models) != len(adapters) + 1:
             raise PrismInputError(f"reference chain: {len(models)} models need {len(models) - 1} adapters, "
                                   f"got {len(adapters)}")
-        self.models = [hf.load_causal_lm(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
+        # only the last model's LM head is used: the others read their base model's hidden states
+        self.models = [hf.load_causal_lm(m, uses_head=i == len(models) - 1) if isinstance(m, (str, os.PathLike)) else m
+                       for i, m in enumerate(models)]
         self.adapters = [a if isinstance(a, PrismAdapter) else load_adapter(a) for a in adapters]
 
     def stage(self, i: int, value: Any, mask: np.ndarray) -> np.ndarray:
