@@ -266,7 +266,13 @@ def bad_chain_cases(parts, tmp_path) -> list[tuple[str, object, str]]:
     model_as_adapter[1] = {"adapter": str(parts["gpt2_first"] / "first.onnx")}
     both = [dict(s) for s in good]
     both[1] = {"adapter": good[1]["adapter"], "model": good[0]["model"]}
+    forged = [dict(s) for s in good]
+    forged[1]["name"] = "a1\nerror: forged line"
+    escaped = [dict(s) for s in good]
+    escaped[2]["name"] = "\x1b[2Jllama"
     return [
+        ("name with a newline", {"stages": forged}, "(stage 2): the name 'a1\\nerror: forged line' holds control"),
+        ("name with an escape", {"stages": escaped}, "(stage 3): the name '\\x1b[2Jllama' holds control"),
         ("width", {"stages": wrong_width}, "stage 2 (adapter a1): in_dim 64 does not match the hidden width 48"),
         ("order", {"stages": order}, "stage 1"),
         ("missing", {"stages": missing}, "stage 3 (model llama)"),
@@ -415,3 +421,24 @@ def test_build_chain_writes_only_into_a_folder_it_owns(parts, tmp_path, capsys):
     (notes / "mine.txt").write_text("mine")
     assert main(["build", "--chain", str(chain_file), "-o", str(notes), "--target", "ort-cpu"]) == 2
     assert "did not write (mine.txt)" in capsys.readouterr().err and sorted(p.name for p in notes.iterdir()) == ["mine.txt"]
+
+
+def wrong_reference_cases(parts) -> list[tuple[int, str, str]]:
+    """(stage index, key in the chain file, the wrong reference) for every kind of stage."""
+    hfz = parts["hf"]
+    return [(0, "hf", str(hfz["llama"])), (2, "hf", str(hfz["gpt2"])), (4, "hf", str(hfz["gpt2"])),
+            (1, "reference", str(parts["llama-qwen2"])), (3, "reference", str(parts["gpt2-llama"]))]
+
+
+@pytest.mark.parametrize("bisect", [False, True])
+def test_parity_with_another_models_reference_is_one_line(parts, tmp_path, capsys, bisect):
+    for index, key, wrong in wrong_reference_cases(parts):
+        stages = three_model_stages(parts)
+        stages[index][key] = wrong
+        chain_file = write_chain(tmp_path / f"chain{index}.json", stages)
+        capsys.readouterr()
+        code = main(["parity", "--chain", str(chain_file), "--seq", "6", "--new-tokens", "2",
+                     *(["--bisect"] if bisect else [])])
+        out, err = capsys.readouterr()
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (index, err)
+        assert f"stage {index + 1} (" in err and wrong in err and "not this stage's source" in err, err

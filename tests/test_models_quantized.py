@@ -256,8 +256,10 @@ def test_a_model_that_fails_validation_writes_nothing(zoo, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--precision", "int4", "--block-size", "48"], "--block-size: 48 must be a power of two >= 16"),
-    (["--precision", "int8", "--block-size", "8"], "--block-size: 8 must be a power of two >= 16"),
+    (["--precision", "int4", "--block-size", "48"], "--block-size: 48 must be a power of two from 16 to 256"),
+    (["--precision", "int8", "--block-size", "8"], "--block-size: 8 must be a power of two from 16 to 256"),
+    (["--precision", "int4", "--block-size", "512"], "--block-size: 512 must be a power of two from 16 to 256"),
+    (["--precision", "int8", "--block-size", "65536"], "--block-size: 65536 must be a power of two from 16 to 256"),
     (["--precision", "int4", "--form", "dq", "--asymmetric"], "--asymmetric: the dq form"),
     (["--precision", "int8", "--form", "dq", "--block-size", "32"], "int8 in the dq form is per output channel"),
     (["--precision", "int8", "--quantize-embedding"], "4 bits only"),

@@ -166,8 +166,12 @@ def chain_from_object(obj: Any, path: Path | None = None) -> ChainSpec:
         if kind != expected:
             raise PrismInputError(f"{where}: stages.{i} (stage {i + 1}): a {kind}, but stages alternate model, adapter, "
                                   "model, ... and start and end with a model")
+        name = str(raw.get("name") or Path(raw[kind]).stem or raw[kind])
+        if not name.isprintable():  # names are printed and become folder names: no line breaks or escapes
+            raise PrismInputError(f"{where}: stages.{i} (stage {i + 1}): the name {name!r} holds control characters; "
+                                  "give it a printable name")
         stages.append(StageSpec(
-            index=i, kind=kind, path=resolve(raw[kind]), name=str(raw.get("name") or Path(raw[kind]).stem or raw[kind]),
+            index=i, kind=kind, path=resolve(raw[kind]), name=name,
             target=raw.get("target"), precision=raw.get("precision"),
             hf=resolve(raw["hf"]) if "hf" in raw else None,
             reference=resolve(raw["reference"]) if "reference" in raw else None, sha256=raw.get("sha256")))

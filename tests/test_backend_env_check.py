@@ -1,0 +1,22 @@
+"""``serve --env`` on an environment that lacks what the backend imports: one line saying what
+to install there, not the traceback of the first failed import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from prism_deploy.core.errors import PrismInputError
+from prism_deploy.serving.env import check_env
+
+
+def test_an_environment_without_the_backend_packages_says_what_it_needs(tmp_path):
+    bare = tmp_path / "bare-env"  # no system site packages: what the base interpreter has does not count
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    with pytest.raises(PrismInputError) as caught:
+        check_env(bare, tmp_path, onnxruntime_version="1.2.3")
+    message = str(caught.value)
+    assert str(bare) in message and "lacks numpy and onnxruntime" in message
+    assert "pip install 'numpy<2' onnxruntime==1.2.3" in message and "Traceback" not in message
