@@ -155,7 +155,8 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol warning on a .bin checkpoint
-            model, info = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            loaded: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            model, info = loaded
     except pickle.UnpicklingError as exc:
         raise PrismInputError(f"{hf_dir}: its PyTorch checkpoint holds more than tensors, and pickled objects are "
                               f"not loaded (they could run code); save it as safetensors ({brief(exc, 80)})") from None
