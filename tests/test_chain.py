@@ -510,3 +510,19 @@ def test_build_chain_never_writes_through_a_link_at_a_stage_folder(parts, tmp_pa
     assert main(["build", "--chain", str(chain_file), "-o", str(out), "--target", "ort-cpu", "--force"]) == 2
     assert "1-gpt2 is a symbolic link" in capsys.readouterr().err
     assert list(elsewhere.iterdir()) == [] and (out / "1-gpt2").is_symlink()
+
+
+def test_a_killed_chain_builds_leftovers_do_not_block_a_rerun(parts, tmp_path, capsys):
+    """A build --chain killed mid-stage leaves a stage folder with only the builder's temporary
+    folder (and, before, its lock file): a rerun builds over them and leaves no lock files."""
+    chain_file = write_chain(tmp_path / "chain.json", three_model_stages(parts))
+    out = tmp_path / "out"
+    (out / "1-gpt2" / ".build-k1ll3d00" / "gpt2.x1").mkdir(parents=True)
+    (out / "1-gpt2" / ".build.lock").write_text("")
+    (out / "3-llama").mkdir()
+    assert main(["build", "--chain", str(chain_file), "-o", str(out), "--target", "ort-cpu", "--no-parity"]) == 0
+    capsys.readouterr()
+    for stage in ("1-gpt2", "2-a1", "3-llama", "4-a2", "5-qwen2"):
+        names = {p.name for p in (out / stage).iterdir()}
+        assert "manifest.json" in names and not any(n.startswith(".build") for n in names - {".build.lock"}), names
+    assert not (out / "3-llama" / ".build.lock").exists()  # the folder is locked, not a file in it

@@ -189,3 +189,23 @@ def test_an_unreadable_checkpoint_is_one_line(tiny, tmp_path, capsys, case):
     BROKEN_CHECKPOINTS[case](folder / "model.safetensors")
     err = _refused(["export-model", str(folder), "--role", "first", "-o", str(tmp_path / "o")], capsys, str(folder))
     assert "weights_only` set to `False`" not in err  # no advice to run pickled code
+
+
+def test_a_killed_exports_scratch_folders_are_removed_by_the_next(tiny, tmp_path, capsys):
+    from prism_deploy.format.model_folder import TRACE_MARK
+
+    out = tmp_path / "o"
+    out.mkdir()
+    left = out / ".trace-k1ll3d00"  # what a killed export leaves: its marked scratch folder
+    left.mkdir()
+    (left / TRACE_MARK).touch()
+    (left / "model.onnx").write_bytes(b"partial")
+    assert main(["export-model", str(tiny["gpt2"]), "--role", "first", "-o", str(out), "--max-seq", "16"]) == 0
+    assert not left.exists() and not any(p.name.startswith((".trace-", ".export.lock")) for p in out.iterdir())
+    users = out / ".trace-notours1"  # the same name pattern without the mark is not provably ours
+    users.mkdir()
+    _refused(["export-model", str(tiny["gpt2"]), "--role", "first", "-o", str(out), "--max-seq", "16"], capsys,
+             ".trace-notours1")
+    assert main(["export-model", str(tiny["gpt2"]), "--role", "first", "-o", str(out), "--max-seq", "16",
+                 "--force"]) == 0
+    assert users.is_dir()  # kept

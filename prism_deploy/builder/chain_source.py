@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.builder.adapter_source import BuildRequest, build_engines
-from prism_deploy.builder.loop import BuildResult, EngineCheck, check_out_dir
+from prism_deploy.builder.loop import BuildResult, EngineCheck, check_out_dir, holds_only_leftovers
 from prism_deploy.builder.model_source import ModelBuildRequest, build_model_engines
 from prism_deploy.builder.options import Profile
 from prism_deploy.core.errors import CheckFailed, PrismInputError
@@ -154,8 +154,10 @@ def check_chain_out_dir(out: Path, spec: ChainSpec, force: bool) -> None:
     if chain_file.exists() and not _ours(chain_file):
         raise PrismInputError(f"-o {out}: {chain_file} was not written by build --chain; it would be replaced "
                               "(move it, or give another output folder)")
+    stage_folders = {stage_folder_name(s.index, s.name) for s in spec.stages}
     foreign = sorted(p.name for p in out.iterdir()
-                     if p.name != CHAIN_FILE and not (p.is_dir() and (p / "manifest.json").is_file()))
+                     if p.name != CHAIN_FILE and not (p.is_dir() and (p / "manifest.json").is_file())
+                     and not (p.name in stage_folders and holds_only_leftovers(p)))  # a killed build's stage
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise PrismInputError(f"-o {out}: holds files build --chain did not write ({shown}); build into a new or "
