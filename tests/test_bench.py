@@ -152,7 +152,7 @@ def _check_results(data: dict, batches: list[int]) -> None:
 def test_bench_runs_torch_and_ort_cpu(tiny: Path, tmp_path: Path, capsys):
     out = tmp_path / "r" / "bench.json"
     code, text, _ = _bench([str(tiny), "--backends", "torch,ort-cpu", "--batch", "1,4", "--repeat", "3",
-                            "--warmup", "0", "--json", str(out)], capsys)
+                            "--warmup", "0", "--json-out", str(out)], capsys)
     assert code == 0, text
     data = json.loads(out.read_text())
     _check_results(data, [1, 4])
@@ -171,7 +171,7 @@ def test_bench_runs_torch_and_ort_cpu(tiny: Path, tmp_path: Path, capsys):
 def test_bench_torch_json_and_unavailable_reasons(tiny: Path, tmp_path: Path, capsys):
     out = tmp_path / "bench.json"
     code, text, _ = _bench([str(tiny), "--backends", "torch,ort-cuda,trt,kernel", "--precision", "fp32,fp16,int8",
-                            "--batch", "1,2", "--repeat", "3", "--warmup", "0", "--json", str(out)], capsys)
+                            "--batch", "1,2", "--repeat", "3", "--warmup", "0", "--json-out", str(out)], capsys)
     assert code == 0
     data = json.loads(out.read_text())
     _check_results(data, [1, 2])
@@ -190,7 +190,7 @@ def test_bench_torch_json_and_unavailable_reasons(tiny: Path, tmp_path: Path, ca
 def test_bench_baseline_is_measured_when_fp32_not_asked(tiny: Path, tmp_path: Path, capsys):
     out = tmp_path / "bench.json"
     code, _, _ = _bench([str(tiny), "--backends", "torch", "--precision", "fp16", "--batch", "2", "--seq", "3",
-                         "--repeat", "3", "--warmup", "0", "--json", str(out)], capsys)
+                         "--repeat", "3", "--warmup", "0", "--json-out", str(out)], capsys)
     assert code == 0
     data = json.loads(out.read_text())
     pairs = {(c["precision"], c["ratio_to_torch"] is not None) for c in data["cases"]}
@@ -250,7 +250,7 @@ def test_bench_runs_built_engines(tiny: Path, tmp_path: Path, capsys):
     capsys.readouterr()
     out = tmp_path / "bench.json"
     code, text, _ = _bench([str(tiny), "--engines", str(engines), "--backends", "torch,ort-cpu", "--precision",
-                            "fp32,fp16", "--batch", "2", "--repeat", "3", "--warmup", "0", "--json", str(out)], capsys)
+                            "fp32,fp16", "--batch", "2", "--repeat", "3", "--warmup", "0", "--json-out", str(out)], capsys)
     assert code == 0
     data = json.loads(out.read_text())
     ort = [c for c in data["cases"] if c["backend"] == "ort-cpu"]

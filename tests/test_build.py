@@ -305,13 +305,12 @@ def test_a_build_error_fails_that_configuration_only(tmp_path, capsys, monkeypat
 
 
 def test_a_second_build_waits_for_the_lock(tmp_path):
-    from filelock import FileLock
+    from prism_deploy.core.fsutil import folder_lock
 
     adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
     out_dir.mkdir()
     codes: list[int] = []
-    holder = FileLock(str(out_dir / loop.LOCK_NAME))
-    with holder:
+    with folder_lock(out_dir, loop.LOCK_NAME):
         t = threading.Thread(target=lambda: codes.append(main(
             ["build", str(adapter), "-o", str(out_dir), "--target", "ort-cpu", "--json", *FAST])))
         t.start()
@@ -319,6 +318,7 @@ def test_a_second_build_waits_for_the_lock(tmp_path):
         assert t.is_alive() and not (out_dir / "manifest.json").exists()  # blocked on the lock
     t.join()
     assert codes == [0] and read_manifest(out_dir) is not None
+    assert not (out_dir / loop.LOCK_NAME).exists()  # the folder itself is locked: no lock file is left
 
 
 def test_retrained_adapter_keeps_topology_key_and_finds_refit_source(tmp_path):

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.builder.adapter_source import BuildRequest, build_engines
-from prism_deploy.builder.loop import BuildResult, EngineCheck, check_out_dir
+from prism_deploy.builder.loop import BuildResult, EngineCheck, check_out_dir, holds_only_leftovers
 from prism_deploy.builder.model_source import ModelBuildRequest, build_model_engines
 from prism_deploy.builder.options import Profile
 from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.fsutil import write_text_atomic
-from prism_deploy.format.chain_file import ChainSpec, chain_to_object, stage_digest
+from prism_deploy.format.chain_file import ChainSpec, chain_to_object, check_chain, stage_digest
 
 CHAIN_FILE = "chain.json"
 
@@ -49,7 +49,8 @@ class ChainBuildResult:
         failed = [(label, r) for label, r in self.stages if r is not None and r.failed]
         if failed:
             raise CheckFailed("; ".join(f"{label}: " + "; ".join(f"{o.id}: {o.detail}" for o in r.failed)
-                                        for label, r in failed) + " (chain.json unchanged)")
+                                        for label, r in failed) + " (chain.json unchanged; the stage folders "
+                                                                   "this run made are removed)")
 
 
 def stage_folder_name(index: int, name: str) -> str:
@@ -68,6 +69,43 @@ def build_chain(request: ChainBuildRequest, adapter_check: Callable[[Path], Engi
         if s.kind == "adapter" and s.path.is_file() and s.path.suffix != ".safetensors":
             raise PrismInputError(f"{spec.where()}: {s.label}: {s.path}: build --chain builds an adapter from its "
                                   ".safetensors (or uses a build folder as it is), not from a .onnx")
+    check_chain(spec)  # roles, widths and files of every stage, before the first build
+    made: list[Path] = [] if out.exists() else [out]  # what this run creates, removed if it fails
+    try:
+        results, built_paths = _build_stages(request, adapter_check, model_check, log, made)
+    except BaseException:
+        _remove_made(made)
+        raise
+    if any(r is not None and r.failed for _, r in results):
+        _remove_made(made)
+        return ChainBuildResult(out, results, None)
+    stages = []
+    for s, path in zip(spec.stages, built_paths):
+        reference = s.reference if s.reference is not None else (s.path if s.kind == "adapter" and s.path.is_file() else None)
+        stages.append(replace(s, path=path, sha256=stage_digest(path), reference=reference))
+    obj = chain_to_object(replace(spec, stages=stages), out, built=True)
+    chain_file = out / CHAIN_FILE
+    text = json.dumps(obj, indent=2) + "\n"
+    if not chain_file.is_file() or chain_file.read_text(encoding="utf-8") != text:
+        write_text_atomic(chain_file, text)
+    return ChainBuildResult(out, results, chain_file)
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove the stage folders (and the output folder) this run created: a failed build
+    leaves nothing of itself. Folders that were there before keep what their own build left."""
+    import shutil
+
+    for folder in reversed(made):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _build_stages(request: ChainBuildRequest, adapter_check: Callable[[Path], EngineCheck] | None,
+                  model_check: Callable[[Path], EngineCheck] | None, log: Callable[[str], None] | None,
+                  made: list[Path]) -> tuple[list[tuple[str, BuildResult | None]], list[Path]]:
+    spec, out = request.spec, Path(request.out_dir)
     results: list[tuple[str, BuildResult | None]] = []
     built_paths: list[Path] = []
     for s in spec.stages:
@@ -77,6 +115,8 @@ def build_chain(request: ChainBuildRequest, adapter_check: Callable[[Path], Engi
             results.append((s.label, None))
             built_paths.append(s.path)
             continue
+        if not folder.exists() and not folder.is_symlink():
+            made.append(folder)
         try:
             if s.kind == "model":
                 check = model_check(s.path) if model_check is not None else None
@@ -93,18 +133,7 @@ def build_chain(request: ChainBuildRequest, adapter_check: Callable[[Path], Engi
             raise PrismInputError(f"{spec.where()}: {s.label}: {exc}") from None
         results.append((s.label, result))
         built_paths.append(folder)
-    if any(r is not None and r.failed for _, r in results):
-        return ChainBuildResult(out, results, None)
-    stages = []
-    for s, path in zip(spec.stages, built_paths):
-        reference = s.reference if s.reference is not None else (s.path if s.kind == "adapter" and s.path.is_file() else None)
-        stages.append(replace(s, path=path, sha256=stage_digest(path), reference=reference))
-    obj = chain_to_object(replace(spec, stages=stages), out, built=True)
-    chain_file = out / CHAIN_FILE
-    text = json.dumps(obj, indent=2) + "\n"
-    if not chain_file.is_file() or chain_file.read_text(encoding="utf-8") != text:
-        write_text_atomic(chain_file, text)
-    return ChainBuildResult(out, results, chain_file)
+    return results, built_paths
 
 
 def check_chain_out_dir(out: Path, spec: ChainSpec, force: bool) -> None:
@@ -117,11 +146,18 @@ def check_chain_out_dir(out: Path, spec: ChainSpec, force: bool) -> None:
     chain_file = out / CHAIN_FILE
     if spec.path is not None and chain_file.exists() and chain_file.resolve() == Path(spec.path).resolve():
         raise PrismInputError(f"-o {out}: {chain_file} is the chain file being built; give another output folder")
+    for s in spec.stages:  # a link placed at a stage folder's name would take the build elsewhere
+        folder = out / stage_folder_name(s.index, s.name)
+        if folder.is_symlink():
+            raise PrismInputError(f"-o {out}: {folder} is a symbolic link; build --chain writes only into folders "
+                                  "it makes (remove the link, or give another output folder)")
     if chain_file.exists() and not _ours(chain_file):
         raise PrismInputError(f"-o {out}: {chain_file} was not written by build --chain; it would be replaced "
                               "(move it, or give another output folder)")
+    stage_folders = {stage_folder_name(s.index, s.name) for s in spec.stages}
     foreign = sorted(p.name for p in out.iterdir()
-                     if p.name != CHAIN_FILE and not (p.is_dir() and (p / "manifest.json").is_file()))
+                     if p.name != CHAIN_FILE and not (p.is_dir() and (p / "manifest.json").is_file())
+                     and not (p.name in stage_folders and holds_only_leftovers(p)))  # a killed build's stage
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise PrismInputError(f"-o {out}: holds files build --chain did not write ({shown}); build into a new or "

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--form", default=None, choices=("nbits", "dq"),
                    help="nbits (default): MatMulNBits, for ONNX Runtime; dq: DequantizeLinear -> MatMul, for TensorRT")
     q.add_argument("--block-size", type=number(Limit(int, 1, 1 << 16)), default=None, metavar="N",
-                   help="weights per scale along K, a power of two >= 16 (default 32; int8 dq is per channel)")
+                   help="weights per scale along K: 16, 32, 64, 128 or 256 (default 32; int8 dq is per channel)")
     q.add_argument("--asymmetric", action="store_true", help="zero points per block (nbits form only)")
     q.add_argument("--accuracy-level", type=number(Limit(int, 0, 4)), default=None, metavar="L",
                    help="MatMulNBits accuracy_level: 0 float compute, 4 int8 compute on CPU (default 4; nbits only)")

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from prism_deploy.cli.paths import FULL_OR_READ_ONLY, check_outputs, declared_output
-from prism_deploy.core.errors import CheckFailed, PrismInputError, require
+from prism_deploy.core.errors import CheckFailed, PrismInputError, printable, require
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
 # Heavy imports stay inside the commands' ``run`` functions so that ``--help`` is quick.
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except CheckFailed as exc:
-        print(f"error: check failed: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: check failed: {printable(' '.join(str(exc).split()))}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # the reader went away (``inspect | head -1``): stop quietly, as a tool killed by

@@ -25,8 +25,9 @@ the chain file's folder. A stage may carry ``sha256``: of the file (an adapter f
 folder's ``manifest.json`` (a build folder) or ``model.json`` (an export folder), checked before
 anything runs; ``build --chain`` writes them. The file is validated whole against ``SCHEMA``
 (unknown keys, wrong types, a stage with both or neither of ``model`` and ``adapter``): one
-error line naming the stage. Whether the roles, widths and files fit together is checked by
-the runtime when it opens the chain (``prism_deploy.runtime.chain``).
+error line naming the stage. Whether the roles, widths and files fit together is checked from
+the stages' headers and manifests alone by :func:`check_chain` (``build --chain``, before it
+builds anything) and again by the runtime when it opens the chain (``prism_deploy.runtime.chain``).
 """
 
 from __future__ import annotations
@@ -166,8 +167,12 @@ def chain_from_object(obj: Any, path: Path | None = None) -> ChainSpec:
         if kind != expected:
             raise PrismInputError(f"{where}: stages.{i} (stage {i + 1}): a {kind}, but stages alternate model, adapter, "
                                   "model, ... and start and end with a model")
+        name = str(raw.get("name") or Path(raw[kind]).stem or raw[kind])
+        if not name.isprintable():  # names are printed and become folder names: no line breaks or escapes
+            raise PrismInputError(f"{where}: stages.{i} (stage {i + 1}): the name {name!r} holds control characters; "
+                                  "give it a printable name")
         stages.append(StageSpec(
-            index=i, kind=kind, path=resolve(raw[kind]), name=str(raw.get("name") or Path(raw[kind]).stem or raw[kind]),
+            index=i, kind=kind, path=resolve(raw[kind]), name=name,
             target=raw.get("target"), precision=raw.get("precision"),
             hf=resolve(raw["hf"]) if "hf" in raw else None,
             reference=resolve(raw["reference"]) if "reference" in raw else None, sha256=raw.get("sha256")))
@@ -186,6 +191,92 @@ def stage_digest(path: Path) -> str | None:
         if (path / name).is_file():
             return file_sha256(path / name)
     return None
+
+
+def check_stage_files(spec: ChainSpec, stage: StageSpec) -> None:
+    """A stage's files are there and, where the chain file records a sha256, hash as recorded;
+    an export folder's graphs hash as its model.json records."""
+    where = f"{spec.where()}: {stage.label}"
+    if not stage.path.exists():
+        raise PrismInputError(f"{where}: {stage.path}: no such file or folder")
+    if stage.sha256 is not None:
+        digest = stage_digest(stage.path)
+        if digest != stage.sha256:
+            raise PrismInputError(f"{where}: {stage.path}: sha256 {str(digest)[:12]}... does not match the chain "
+                                  f"file's {stage.sha256[:12]}... (changed since the chain was written)")
+    if stage.kind == "model" and stage.path.is_dir() and not (stage.path / "manifest.json").is_file():
+        from prism_deploy.format import model_folder
+
+        try:
+            model_folder.verify_files(stage.path, model_folder.read_model_json(stage.path))
+        except PrismInputError as exc:
+            raise PrismInputError(f"{where}: {exc}") from None
+
+
+
+def role_at(index: int, count: int) -> str:
+    """The role a model stage's place asks for."""
+    return "first" if index == 0 else "last" if index == count - 1 else "middle"
+
+
+def _widths(spec: ChainSpec, stage: StageSpec, count: int) -> tuple[int | None, int | None]:
+    """(width in, width out) of a stage from its manifest or header, its role checked; None where
+    only the runtime can tell (an exported adapter .onnx) or nothing goes in (a first model)."""
+    from prism_deploy.format.engine_manifest import read_manifest, source_kind
+    from prism_deploy.format.model_folder import MANIFEST, read_model_json
+
+    where = f"{spec.where()}: {stage.label}"
+    path = stage.path
+    build = read_manifest(path) if path.is_dir() else None
+    if stage.kind == "model":
+        if not path.is_dir():
+            raise PrismInputError(f"{where}: {path}: a file; a model stage is an export-model or build --model folder")
+        if build is not None and source_kind(build) != "model":
+            raise PrismInputError(f"{where}: {path}: a build of an adapter, where a model belongs")
+        role = role_at(stage.index, count)
+        try:
+            manifest = read_model_json(path, role)
+        except PrismInputError as exc:
+            raise PrismInputError(f"{where}: {exc}") from None
+        hidden = int(manifest["dims"]["hidden"])
+        return (None if role == "first" else hidden), (int(manifest["dims"]["vocab"]) if role == "last" else hidden)
+    if path.is_dir():
+        if build is None:
+            if (path / MANIFEST).is_file():
+                raise PrismInputError(f"{where}: {path}: a model export folder, where an adapter belongs (an adapter "
+                                      ".safetensors, .onnx or build folder)")
+            raise PrismInputError(f"{where}: {path}: a folder without manifest.json (not an adapter build folder)")
+        if source_kind(build) != "adapter":
+            raise PrismInputError(f"{where}: {path}: a build of a model, where an adapter belongs")
+        config = build["adapter"]["config"]
+        return int(config["in_dim"]), int(config["out_dim"])
+    if path.suffix == ".safetensors":
+        from prism_deploy.format.adapter_file import read_adapter_config
+
+        try:
+            adapter = read_adapter_config(path)
+        except PrismInputError as exc:
+            raise PrismInputError(f"{where}: {exc}") from None
+        return adapter.in_dim, adapter.out_dim
+    return None, None
+
+
+def check_chain(spec: ChainSpec) -> None:
+    """The whole chain fits together before anything is built or loaded: every stage's files
+    (:func:`check_stage_files`), each model's role for its place, and each adapter's widths
+    against the models beside it. One ``PrismInputError`` naming the first stage that does not."""
+    count = len(spec.stages)
+    widths = []
+    for stage in spec.stages:
+        check_stage_files(spec, stage)
+        widths.append(_widths(spec, stage, count))
+    for i in range(1, count, 2):
+        (in_dim, out_dim), before, after = widths[i], spec.stages[i - 1], spec.stages[i + 1]
+        for side, have, want, what in (("in_dim", in_dim, widths[i - 1][1], f"the hidden width {{}} of {before.label}"),
+                                       ("out_dim", out_dim, widths[i + 1][0], f"the embedding width {{}} of {after.label}")):
+            if have is not None and want is not None and have != want:
+                raise PrismInputError(f"{spec.where()}: {spec.stages[i].label}: {side} {have} does not match "
+                                      + what.format(want))
 
 
 def chain_to_object(spec: ChainSpec, relative_to: Path, built: bool = False) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def collect_pairs(model_a_dir: str | os.PathLike[str], model_b_dir: str | os.Pat
     offsets = bool(getattr(tok_a, "is_fast", False) and getattr(tok_b, "is_fast", False))
     if pool == "tokens" and not offsets:
         raise PrismInputError("--pool tokens needs fast tokenizers (character offsets) for both models")
-    model_a = hf.load_causal_lm(model_a_dir)
+    model_a = hf.load_causal_lm(model_a_dir, uses_head=False)  # its final hidden states only
     embed_b = hf.load_input_embedding_matrix(model_b_dir)
     if tok_a.pad_token_id is None:
         tok_a.pad_token = tok_a.eos_token or tok_a.unk_token or tok_a.convert_ids_to_tokens(0)

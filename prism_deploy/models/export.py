@@ -34,6 +34,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -47,8 +48,9 @@ from prism_deploy.core.errors import CheckFailed, PrismInputError, brief
 from prism_deploy.core.fsutil import file_sha256, folder_lock
 from prism_deploy.core.metrics import compare, compare_logits, merge
 from prism_deploy.core.precision import ModelPrecision
-from prism_deploy.format.model_folder import (FORMAT, LOCK_NAME, MANIFEST, VERSION, canonical_role,
-                                             check_export_folder, io_description, past_names)
+from prism_deploy.format.model_folder import (FORMAT, LOCK_NAME, MANIFEST, TRACE_MARK, TRACE_PREFIX, VERSION,
+                                             canonical_role, check_export_folder, io_description, is_own_trace,
+                                             past_names)
 from prism_deploy.models import hf
 
 # Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
@@ -127,7 +129,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     started = time.perf_counter()
     # One load: the float32 model is both what validation compares with and, for fp32, what is
     # traced (big models are loaded once, not twice); fp16 traces a half-precision copy.
-    reference = hf.load_causal_lm(hf_dir, attn_implementation="eager")
+    reference = hf.load_causal_lm(hf_dir, attn_implementation="eager", uses_head=role == "last")
     limit = hf.max_positions(reference.config)
     if max_seq is None:
         max_seq = min(limit or 2048, 2048)
@@ -145,6 +147,9 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     try:
         with folder_lock(out, LOCK_NAME):
             check_export_folder(out, force)  # again, under the lock: another export may have written
+            for stale in out.glob(f"{TRACE_PREFIX}*"):  # a killed export's scratch folders (none runs now)
+                if is_own_trace(stale):
+                    shutil.rmtree(stale, ignore_errors=True)
             try:
                 # An old manifest would describe graphs this run is about to replace: drop it first, write it last.
                 (out / MANIFEST).unlink(missing_ok=True)
@@ -284,7 +289,8 @@ def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
     # in training mode, which would switch on the wrapped model's dropout for the validation
     # that follows. Wrappers are exported in eval mode.
     module.eval()
-    with tempfile.TemporaryDirectory(prefix=".trace-", dir=path.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=TRACE_PREFIX, dir=path.parent) as scratch:
+        (Path(scratch) / TRACE_MARK).touch()  # proves the folder ours if this process is killed
         traced = Path(scratch) / "model.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             # The tracer warns about every Python-side shape test it freezes; the validation

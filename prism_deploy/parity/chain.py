@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from prism_deploy.core import tolerances
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, printable
 from prism_deploy.core.metrics import compare, compare_logits
 from prism_deploy.core.precision import loosest
 from prism_deploy.models import hf
@@ -43,8 +43,48 @@ class ReferenceChain:
         if len(models) != len(adapters) + 1:
             raise PrismInputError(f"reference chain: {len(models)} models need {len(models) - 1} adapters, "
                                   f"got {len(adapters)}")
-        self.models = [hf.load_causal_lm(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
+        # only the last model's LM head is used: the others read their base model's hidden states
+        self.models = [hf.load_causal_lm(m, uses_head=i == len(models) - 1) if isinstance(m, (str, os.PathLike)) else m
+                       for i, m in enumerate(models)]
         self.adapters = [a if isinstance(a, PrismAdapter) else load_adapter(a) for a in adapters]
+        self.sources = [str(m) if isinstance(m, (str, os.PathLike)) else type(m).__name__ for m in models]
+        self.adapter_sources = [str(a) if not isinstance(a, PrismAdapter) else "adapter" for a in adapters]
+
+    def widths(self) -> list[dict[str, int]]:
+        """Per stage, the sizes that must equal the deployed stage's: a model's hidden width, layers
+        and the vocabulary its ids or logits span; an adapter's in and out widths."""
+        out: list[dict[str, int]] = []
+        for i, model in enumerate(self.models):
+            if i:
+                a = self.adapters[i - 1]
+                out.append({"in_dim": int(a.in_dim), "out_dim": int(a.out_dim)})
+            dims = hf.cache_dims(model.config)
+            table = model.get_input_embeddings() if i == 0 else model.get_output_embeddings()
+            vocab = int(table.weight.shape[0]) if table is not None else int(model.config.vocab_size)
+            out.append({"hidden": dims["hidden"], "layers": dims["layers"], "vocab": vocab})
+        return out
+
+    def check_matches(self, chain: Any) -> None:
+        """Raise unless every reference part has the sizes of the deployed stage it checks (a
+        reference of another model is bad input, not a shape error halfway through the run)."""
+        if len(chain.stages) != 2 * len(self.models) - 1:
+            raise PrismInputError(f"reference chain: {len(self.models)} models for a chain of {len(chain.stages)} stages")
+        for i, want in enumerate(self.widths()):
+            stage, name = chain.stages[i], chain.names[i]
+            if i % 2:
+                have = {"in_dim": getattr(stage, "in_dim", None), "out_dim": getattr(stage, "out_dim", None)}
+                source = self.adapter_sources[i // 2]
+            else:
+                have = {"hidden": stage.hidden_size, "layers": stage.layers, "vocab": stage.vocab}
+                if i != 0 and i != len(chain.stages) - 1:
+                    have.pop("vocab")  # a middle model's logits are not part of the chain
+                source = self.sources[i // 2]
+            for key, value in have.items():
+                if value is not None and int(value) != want[key]:
+                    kind = "adapter" if i % 2 else "model"
+                    raise PrismInputError(f"stage {i + 1} ({kind} {printable(name)}): its reference {printable(source)} "
+                                          f"has {key} {want[key]}, the deployed stage {value}: "
+                                          "the reference is not this stage's source")
 
     def stage(self, i: int, value: Any, mask: np.ndarray) -> np.ndarray:
         """Stage ``i`` (0-based, models at even indices) on ``value``: ids for the first model,
@@ -97,6 +137,7 @@ def check_chain_parity(chain: Any, reference: ReferenceChain, input_ids: Any, at
                        tolerance: str | None = None, new_tokens: int = 0, bisect: bool = False) -> dict[str, Any]:
     """Compare ``chain`` with ``reference`` on ``input_ids``; returns a report (``passed``,
     ``failures`` one line each, ``stages`` per hop, ``logits`` end to end, ``bisect``)."""
+    reference.check_matches(chain)
     ids, mask = chain.prepare_inputs(input_ids, attention_mask)
     ref = reference.outputs(ids, mask)
     precision = tolerance or chain_precision(chain)

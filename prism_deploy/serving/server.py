@@ -133,6 +133,7 @@ class TritonServer:
     binary: ServerBinary | None = None
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
+    _temp_log: bool = False  # the log is a temporary file of ours: removed on a clean stop
 
     @property
     def probe_host(self) -> str:
@@ -195,6 +196,7 @@ class TritonServer:
         cmd = self.command()
         if self.log_path is None:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"prism-tritonserver-{os.getpid()}-{self.http_port}.log"
+            self._temp_log = True
         self._log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
@@ -220,6 +222,7 @@ class TritonServer:
             if self.ready():
                 return time.monotonic() - started
             time.sleep(0.2)
+        self._temp_log = False  # the error names the log: it stays
         self.stop()
         raise PrismInputError(f"{self.repo}: tritonserver not ready within {timeout_s:.0f} s ({self.log_reason()}); "
                               f"log: {self.log_path}")
@@ -258,6 +261,8 @@ class TritonServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._temp_log and self.proc.returncode == 0 and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)  # a server that failed keeps its log: messages name it
         return self.proc.returncode
 
     def group_members(self) -> list[int]:
