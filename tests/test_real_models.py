@@ -73,3 +73,15 @@ def test_zip_members_leaving_the_folder_are_refused(tmp_path):
     with pytest.raises(PrismInputError, match="leaves its folder"):
         real._extract_zip(bad, out)
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_a_gguf_that_is_not_one_is_one_line_naming_it(tmp_path):
+    pytest.importorskip("gguf")
+    from prism_deploy.models import hf
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(PrismInputError, match=r"model\.gguf: transformers cannot load it"):
+        hf.load_causal_lm(bad)
+    with pytest.raises(PrismInputError, match=r"absent\.gguf: not a file"):
+        hf.load_causal_lm(tmp_path / "absent.gguf")

@@ -13,8 +13,8 @@ from prism_deploy.core.limits import Limit
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("collect", help="paired activations for `fit`: X = model A hidden states, Z = model B embeddings")
-    p.add_argument("--model-a", metavar="HF_DIR", help="model A's local Hugging Face folder")
-    p.add_argument("--model-b", metavar="HF_DIR", help="model B's local Hugging Face folder")
+    p.add_argument("--model-a", metavar="HF_DIR", help="model A's local Hugging Face folder, or a .gguf file")
+    p.add_argument("--model-b", metavar="HF_DIR", help="model B's local Hugging Face folder, or a .gguf file")
     p.add_argument("--chain", metavar="FILE", help="instead of --model-a/--model-b: a chain file, with --hop")
     p.add_argument("--hop", type=number(Limit(int, 1, 1 << 10)), metavar="N",
                    help="with --chain: the hop from model N to model N+1 (from 1), their `hf` folders")

@@ -1,4 +1,4 @@
-"""``prism-deploy export-model HF_DIR --role first|middle|last -o DIR [--precision fp32|fp16|int8|int4] [--max-seq N] [--json]``.
+"""``prism-deploy export-model HF_DIR|FILE.gguf --role first|middle|last -o DIR [--precision fp32|fp16|int8|int4] [--max-seq N] [--json]``.
 
 With ``int8``/``int4``: ``[--form nbits|dq] [--block-size N] [--asymmetric] [--accuracy-level L]
 [--quantize-embedding]`` (docs/quantized-models.md).
@@ -18,7 +18,7 @@ from prism_deploy.format.model_folder import ROLE_ALIASES, ROLES
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export-model", help="export a local causal LM as a chain's first, middle or last model")
-    p.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model folder (nothing is downloaded)")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model folder, or a .gguf file (its weights dequantized; nothing is downloaded)")
     p.add_argument("--role", required=True, choices=(*ROLES, *ROLE_ALIASES), metavar="{" + ",".join(ROLES) + "}",
                    help="first: token ids -> final hidden states; middle: embeddings -> final hidden states; "
                         "last: embeddings -> logits, with a KV-cache graph for generation "

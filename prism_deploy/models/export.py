@@ -49,7 +49,7 @@ from prism_deploy.core.metrics import compare, compare_logits, merge
 from prism_deploy.core.precision import ModelPrecision
 from prism_deploy.format.model_folder import (FORMAT, LOCK_NAME, MANIFEST, VERSION, canonical_role,
                                              check_export_folder, io_description, past_names)
-from prism_deploy.models import hf
+from prism_deploy.models import gguf, hf
 
 # Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
 # (relative L2 over the real tokens, the smallest per-token cosine, top-1 agreement of logits on
@@ -128,6 +128,8 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     # One load: the float32 model is both what validation compares with and, for fp32, what is
     # traced (big models are loaded once, not twice); fp16 traces a half-precision copy.
     reference = hf.load_causal_lm(hf_dir, attn_implementation="eager")
+    # a model read from one file (GGUF): model.json names that file and its digest
+    source_file = {"source_file": gguf.source_record(hf_dir)} if gguf.is_gguf(hf_dir) else {}
     limit = hf.max_positions(reference.config)
     if max_seq is None:
         max_seq = min(limit or 2048, 2048)
@@ -182,6 +184,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                 manifest = {
                     "format": FORMAT, "version": VERSION, "role": role, "family": hf.family(reference),
                     "known_family": hf.family(reference) in hf.KNOWN_FAMILIES, "source": str(Path(hf_dir).resolve()),
+                    **source_file,
                     "precision": precision, "max_seq": max_seq,
                     "dims": {"hidden": dims["hidden"], "vocab": vocab, "layers": dims["layers"], "kv_heads": dims["kv_heads"],
                              "head_dim": dims["head_dim"]},

@@ -18,6 +18,7 @@ import torch
 from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.fsutil import inside
+from prism_deploy.models import gguf
 
 # Families exported and tested; others built on the same ``*ForCausalLM`` + ``base_model`` layout
 # usually work, and the export's validation step says so either way.
@@ -26,13 +27,13 @@ KNOWN_FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 
 def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
                    attn_implementation: str | None = None) -> Any:
-    """Load a local ``*ForCausalLM`` folder in eval mode (no download, ever)."""
+    """Load a local ``*ForCausalLM`` folder, or a ``.gguf`` file, in eval mode (no download, ever)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # tiny folders load in milliseconds; our own bars say what runs
     path = Path(hf_dir)
-    if is_gguf(path):
+    if gguf.is_gguf(path):
         return _load_gguf_causal_lm(path, dtype, attn_implementation)
     if not path.is_dir():
         raise PrismInputError(f"{hf_dir}: not a folder (a local Hugging Face model folder is expected)")
@@ -55,46 +56,21 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
     return model
 
 
-def is_gguf(path: str | os.PathLike[str]) -> bool:
-    """A GGUF file (llama.cpp's single-file format), told by its name and read by
-    transformers' GGUF loader (``gguf_file=``), which dequantizes its tensors."""
-    return Path(path).suffix.lower() == ".gguf"
-
-
-def _gguf_kwargs(path: Path) -> dict[str, Any]:
-    from prism_deploy.core.errors import require
-
-    require("gguf", "reading a .gguf file")
-    if not path.is_file():
-        raise PrismInputError(f"{path}: not a file (a .gguf model file is expected)")
-    return {"gguf_file": path.name, "local_files_only": True}
-
-
 def _load_gguf_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: str | None) -> Any:
-    """A ``*ForCausalLM`` from a GGUF file; its weights dequantized to ``dtype``."""
+    """A ``*ForCausalLM`` from a GGUF file, its weights dequantized to ``dtype``."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {**_gguf_kwargs(path), "dtype": dtype}
+    folder, kwargs = gguf.loader_kwargs(path)
+    kwargs["dtype"] = dtype
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except gguf.LOAD_ERRORS as exc:
         raise PrismInputError(f"{path}: transformers cannot load it as a causal LM "
                               f"({brief(exc, 300)})") from None
     model.eval()
     return model
-
-
-def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """The tokenizer a GGUF file carries (its vocabulary and merges), as a fast tokenizer."""
-    from transformers import AutoTokenizer
-
-    gguf = Path(path)
-    try:
-        return AutoTokenizer.from_pretrained(str(gguf.parent), **_gguf_kwargs(gguf))
-    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
-        raise PrismInputError(f"{path}: transformers cannot read its tokenizer ({brief(exc, 300)})") from None
 
 
 def family(model: Any) -> str:
@@ -195,6 +171,8 @@ def load_input_embedding_matrix(hf_dir: str | os.PathLike[str]) -> np.ndarray:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(hf_dir)
+    if gguf.is_gguf(path):  # one file: its tensors are read (and dequantized) together
+        return input_embedding_matrix(load_causal_lm(path))
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         with torch.device("meta"):

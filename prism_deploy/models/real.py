@@ -165,12 +165,12 @@ def _finished(target: Path, source: Path) -> bool:
 def _convert_gguf(source: Path, out: Path) -> None:
     import torch
 
-    from prism_deploy.models import hf
+    from prism_deploy.models import gguf, hf
 
     from transformers import AutoModelForCausalLM
 
     loaded = hf.load_causal_lm(source, dtype=torch.float32)
-    tokenizer = hf.load_gguf_tokenizer(source)
+    tokenizer = gguf.load_tokenizer(source)
     # transformers refuses to save a model it loaded from GGUF (it counts as quantized): the
     # dequantized weights move into a plain model of the same configuration, saved as usual.
     config = loaded.config
