@@ -1,4 +1,4 @@
-"""``prism-deploy collect --model-a HF_DIR --model-b HF_DIR --text FILE -o pairs.safetensors``."""
+"""``prism-deploy collect --model-a HF_DIR --model-b HF_DIR [--text FILE] -o pairs.safetensors``."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from prism_deploy.core.limits import Limit
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("collect", help="paired activations for `fit`: X = model A hidden states, Z = model B embeddings")
-    p.add_argument("--model-a", metavar="HF_DIR", help="model A's local Hugging Face folder")
-    p.add_argument("--model-b", metavar="HF_DIR", help="model B's local Hugging Face folder")
+    p.add_argument("--model-a", metavar="HF_DIR", help="model A's local Hugging Face folder, or a .gguf file")
+    p.add_argument("--model-b", metavar="HF_DIR", help="model B's local Hugging Face folder, or a .gguf file")
     p.add_argument("--chain", metavar="FILE", help="instead of --model-a/--model-b: a chain file, with --hop")
     p.add_argument("--hop", type=number(Limit(int, 1, 1 << 10)), metavar="N",
                    help="with --chain: the hop from model N to model N+1 (from 1), their `hf` folders")
     p.add_argument("--tokenizer-a", metavar="DIR", help="model A's tokenizer folder (default: --model-a)")
     p.add_argument("--tokenizer-b", metavar="DIR", help="model B's tokenizer folder (default: --model-b)")
-    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file, one text per non-empty line")
+    p.add_argument("--text", metavar="FILE", default=None,
+                   help="UTF-8 text file, one text per non-empty line (default: the calibration part of the prose "
+                        "of Python's pydoc_data.topics, one paragraph per text; docs/real-models.md)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="output .safetensors with tensors X and Z")
     p.add_argument("--pool", default="last", choices=("last", "mean", "tokens"),
                    help="one row per text (last token / mean) or per model-A token aligned by char offsets")
@@ -47,7 +49,12 @@ def run(args: argparse.Namespace) -> int:
         raise PrismInputError("collect: give --model-a HF_DIR and --model-b HF_DIR, or --chain FILE --hop N")
     if not str(args.output).endswith(".safetensors"):
         raise PrismInputError(f"-o: {args.output}: the output must be a .safetensors file")
-    texts = read_texts(args.text)
+    if args.text is None:
+        from prism_deploy.core import corpus
+
+        texts = list(corpus.default().calibration)
+    else:
+        texts = read_texts(args.text)
     x, z, info = collect_pairs(args.model_a, args.model_b, texts, pool=args.pool, max_seq=args.max_seq, batch=args.batch,
                                tokenizer_a=args.tokenizer_a, tokenizer_b=args.tokenizer_b)
     save_pairs(args.output, x, z, info)

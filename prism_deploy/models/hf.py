@@ -20,6 +20,7 @@ import torch
 from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.fsutil import inside
+from prism_deploy.models import gguf
 
 # Families exported and tested; others built on the same ``*ForCausalLM`` + ``base_model`` layout
 # usually work, and the export's validation step says so either way.
@@ -131,7 +132,7 @@ def _check_size(config: Any, files: list[Path], where: object) -> None:
 
 def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
                    attn_implementation: str | None = None, *, uses_head: bool = True) -> Any:
-    """Load a local ``*ForCausalLM`` folder in eval mode (no download, ever).
+    """Load a local ``*ForCausalLM`` folder, or a ``.gguf`` file, in eval mode (no download, ever).
 
     Every weight must come from the checkpoint: missing, unexpected or mis-sized keys are bad
     input (transformers would initialise them at random), except those the family lacks
@@ -143,6 +144,8 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
 
     hf_logging.disable_progress_bar()  # tiny folders load in milliseconds; our own bars say what runs
     path = Path(hf_dir)
+    if gguf.is_gguf(path):
+        return _load_gguf_causal_lm(path, dtype, attn_implementation, uses_head=uses_head)
     config = load_config(path)
     files = _checkpoint_files(path)
     _check_size(config, files, hf_dir)
@@ -169,6 +172,27 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
     if getattr(model.config, "is_encoder_decoder", False):
         raise PrismInputError(f"{hf_dir}: encoder-decoder models are not supported (decoder-only causal LMs only)")
     check_loaded_keys(model, info, hf_dir, uses_head=uses_head)
+    return model
+
+
+def _load_gguf_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: str | None, *,
+                         uses_head: bool) -> Any:
+    """A ``*ForCausalLM`` from a GGUF file, its weights dequantized to ``dtype``; its keys are
+    checked as a folder's are (:func:`check_loaded_keys`)."""
+    from transformers import AutoModelForCausalLM
+
+    folder, kwargs = gguf.loader_kwargs(path)
+    kwargs["dtype"] = dtype
+    kwargs["output_loading_info"] = True
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except gguf.LOAD_ERRORS as exc:
+        raise PrismInputError(f"{path}: transformers cannot load it as a causal LM "
+                              f"({brief(exc, 300)})") from None
+    model.eval()
+    check_loaded_keys(model, info, path, uses_head=uses_head)
     return model
 
 
@@ -297,6 +321,8 @@ def load_input_embedding_matrix(hf_dir: str | os.PathLike[str]) -> np.ndarray:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(hf_dir)
+    if gguf.is_gguf(path):  # one file: its tensors are read (and dequantized) together
+        return input_embedding_matrix(load_causal_lm(path))
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         with torch.device("meta"):
