@@ -34,7 +34,7 @@ from prism_deploy.format import AdapterTensors
 from prism_deploy.lower.contract import write_metadata
 from prism_deploy.lower.graph import DTYPE_NAMES, NP_TO_ONNX, GraphBuilder
 
-GATED_FORMS = ("auto", "A", "B")
+GATED_FORMS = ("auto", "A", "B", "sparse")
 DEFAULT_GATED_FORM = "auto"
 # The gated form. Both compute every worker (ONNX has no sparse op; the plugin of the fusion
 # pass is the sparse path), so they differ only in the intermediate they materialise:
@@ -48,6 +48,9 @@ DEFAULT_GATED_FORM = "auto"
 # which keeps the reference's summation order), except for int8-qdq, where it always takes B
 # (form A would quantize the gate-scaled input g*x, whose values span the gate's whole range).
 # The measurements behind both rules are in docs/onnx-lowering.md ("Gated pipes: form A and form B").
+#   sparse: only the tiles selected by at least one token of the call (the union of the
+#      tokens' TopK sets) are gathered, each once, and multiplied; never picked by "auto"
+#      (its speed depends on the batch: `build` times it per batch bucket).
 
 
 def choose_gated_form(spec: Any, precision: str = "fp32") -> str:
@@ -387,6 +390,8 @@ class AdapterGraphBuilder:
         cfg = self.config
         (R, C), (tr, tc) = spec.grid, spec.tile
         form = self.gated_form if self.gated_form != "auto" else choose_gated_form(spec, self.precision)
+        if form == "sparse":
+            return self._gated_sparse(i)
         scores, _, gates = self._gate(i)
         tiles, scales, t3 = self._tiles_in_storage_order(i)
         # zero-pad the input to C*tc (always present, a no-op when C*tc == in_dim, so that
@@ -429,6 +434,90 @@ class AdapterGraphBuilder:
         return out
 
 
+    def _gated_sparse(self, i: int) -> str:
+        """Only the selected tiles: the union ``S`` of the tokens' TopK sets, each tile read once.
+
+        The tiles stay in storage order ``[R*C, tr, tc]``: each worker's tile is one contiguous
+        block, so Gather copies whole blocks, and the product is taken as ``tile @ x_c^T``
+        (``[n, tr, tc] @ [n, tc, T]``) so that no gathered tile is transposed. INT8 tiles are
+        gathered as int8 with their per-row scales and dequantized after the gather (the same
+        float32 ``q * s`` then cast as DequantizeLinear + Cast in forms A and B).
+
+        Summation order: each tile's product sums over its ``tc`` columns (in the MatMul's
+        reduction), then a second MatMul ``[T, R, n] @ [T, n, tr]`` sums the selected tiles of
+        each row-block, weighted by their gates (the coefficient is the gate for the tile's own
+        row-block and an exact 0 otherwise). That is form B's order (per-tile partial sums,
+        then a sum over column blocks), over the selected tiles only: the unselected tiles'
+        terms that A and B add are exact zeros.
+        """
+        g, p = self.g, self.prefixes[i]
+        spec = self.config.pipes[i]
+        cfg = self.config
+        (R, C), (tr, tc) = spec.grid, spec.tile
+        scores, indices, gates = self._gate(i)
+        # the union of the selections: a [W] mask from TopK's indices, then its nonzero positions
+        ones = g.op("ConstantOfShape", [g.op("Shape", [indices], f"{p}select/ShapeK")], f"{p}select/Ones",
+                    value=helper.make_tensor("value", TensorProto.FLOAT, [1], [1.0]))
+        zeros = g.op("ConstantOfShape", [g.op("Shape", [scores], f"{p}select/Shape")], f"{p}select/Zeros",
+                     value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0]))
+        hits = g.op("ScatterElements", [zeros, indices, ones], f"{p}select/ScatterElements", axis=1)  # [T, W]
+        mask = g.op("ReduceMax", [hits, g.ints(f"{p}select/axes", [0])], f"{p}select/ReduceMax", keepdims=0)
+        sel = g.op("Reshape", [g.op("NonZero", [mask], f"{p}select/NonZero"), g.ints(f"{p}select/flat", [-1])],
+                   f"{p}select/indices")  # [n], ascending worker index
+        tiles, scales, t3 = self._tiles_gathered(i, sel)  # [n, tr, tc], compute dtype
+        # the input column block of each selected tile: x as [C, T, tc], gathered by c = w % C
+        xp = g.op("Pad", [self.x_cd, g.ints(f"{p}pad/pads", [0, 0, 0, spec.padded_in - cfg.in_dim])], f"{p}Pad")
+        xq = self._act_qdq(xp, f"{p}input/")
+        x3 = g.op("Reshape", [xq, g.ints(f"{p}input/shape", [-1, C, tc])], f"{p}input/Reshape")
+        xt = g.op("Transpose", [x3], f"{p}input/Transpose", perm=[1, 2, 0])  # [C, tc, T]
+        col = g.op("Mod", [sel, g.ints(f"{p}select/C", [C])], f"{p}select/col")
+        row = g.op("Div", [sel, g.ints(f"{p}select/C_", [C])], f"{p}select/row")
+        xs = g.op("Gather", [xt, col], f"{p}input/Gather", axis=0)  # [n, tc, T]
+        part = g.op("MatMul", [t3, xs], f"{p}MatMul")  # [n, tr, T]
+        part = g.op("Transpose", [part], f"{p}partials/Transpose", perm=[2, 0, 1])  # [T, n, tr]
+        # coefficients [T, R, n]: the tile's gate where R is its row-block, 0 elsewhere
+        gsel = g.op("Gather", [gates, sel], f"{p}gates/Gather", axis=1)  # [T, n]
+        gsel = g.op("Unsqueeze", [gsel, g.ints(f"{p}gates/axes", [1])], f"{p}gates/Unsqueeze")  # [T, 1, n]
+        rows_r = g.ints(f"{p}select/rows", list(range(R)))
+        onehot = g.op("Equal", [g.op("Unsqueeze", [row, g.ints(f"{p}select/axes0", [0])], f"{p}select/Unsqueeze"),
+                                g.op("Unsqueeze", [rows_r, g.ints(f"{p}select/axes1", [1])], f"{p}select/Unsqueeze_")],
+                      f"{p}select/Equal")  # [R, n]
+        onehot = g.op("Cast", [onehot], f"{p}select/onehot", to=self.cd_onnx)
+        coef = g.op("Mul", [gsel, onehot], f"{p}gates/Mul")  # [T, R, n]
+        y = g.op("MatMul", [coef, part], f"{p}partials/MatMul")  # [T, R, tr]
+        y = g.op("Reshape", [y, g.ints(f"{p}output/shape", [-1, R * tr])], f"{p}output/Reshape")
+        out = g.op("Slice", [y, g.ints(f"{p}output/starts", [0]), g.ints(f"{p}output/ends", [cfg.out_dim]),
+                             g.ints(f"{p}output/axes", [1])], f"{p}output/Slice", outputs=[f"{p}output"])
+        self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales,
+                                               form="sparse"))
+        return out
+
+    def _tiles_gathered(self, i: int, sel: str) -> tuple[str, str | None, str]:
+        """The selected tiles ``[n, tr, tc]`` in the compute dtype, gathered from the storage-order
+        initializer (``_tiles_in_storage_order``'s, which stays the contract's ``tiles``).
+        INT8: gathered at 1 byte a value, dequantized after the gather."""
+        g, p = self.g, self.prefixes[i]
+        spec = self.config.pipes[i]
+        W, (tr, tc) = spec.workers, spec.tile
+        source, cd = self.adapter.tiles(i), self.cd
+        if not self.int8:
+            tiles = g.initializer(f"{p}tiles", DeferredTensor(
+                (W, tr, tc), cd, lambda a, b: np.ascontiguousarray(source[a:b], dtype=cd)))
+            return tiles, None, g.op("Gather", [tiles, sel], f"{p}tiles/Gather", axis=0)
+        rows = source.reshape(W * tr, tc)
+        scales = row_scales(rows)
+        # the contract's shapes ([R*C*tr, tc] int8, [R*C*tr] float32); the graph views them per worker
+        tiles = g.initializer(f"{p}tiles", DeferredTensor(
+            (W * tr, tc), np.dtype(np.int8), lambda a, b: quantize_with_scales(rows[a:b], scales[a:b])))
+        scale_name = g.initializer(f"{p}tiles/scales", scales)
+        q = g.op("Gather", [g.op("Reshape", [tiles, g.ints(f"{p}tiles/shape", [W, tr, tc])], f"{p}tiles/Reshape"),
+                            sel], f"{p}tiles/Gather", axis=0)  # [n, tr, tc] int8
+        s = g.op("Gather", [g.op("Reshape", [scale_name, g.ints(f"{p}tiles/scale_shape", [W, tr, 1])],
+                                 f"{p}tiles/ReshapeScales"), sel], f"{p}tiles/GatherScales", axis=0)  # [n, tr, 1]
+        deq = g.op("Mul", [g.op("Cast", [q], f"{p}tiles/CastQ", to=TensorProto.FLOAT), s], f"{p}tiles/Dequantize")
+        if self.cd != np.float32:
+            deq = g.op("Cast", [deq], f"{p}tiles/Cast", to=self.cd_onnx)
+        return tiles, scale_name, deq
 
 
 def _check_float16_range(what: str, lo: float, hi: float) -> None:
