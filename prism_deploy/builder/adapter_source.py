@@ -274,9 +274,11 @@ def export_graph(adapter: AdapterTensors, path: Path, cfg: EngineConfig, calib: 
     written (model and external data)."""
     from prism_deploy.lower import export_onnx
 
+    # ONNX Runtime CPU: INT8 ungated pipes as MatMulNBits, weights read at 8 bits (lower/adapter_graph.py)
+    nbits = cfg.target == Target.ORT_CPU and not cfg.plugin
     result = export_onnx(adapter, path, precision=cfg.precision, io_dtype="float32",
                          calib=str(calib) if calib is not None else None, calibrator=cfg.calibrator,
-                         gated_form=gated_form)
+                         gated_form=gated_form, ort_nbits=nbits)
     if cfg.plugin and adapter.config.gated_pipes:
         from prism_deploy.fuse import fuse_onnx_file
 

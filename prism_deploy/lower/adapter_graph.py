@@ -63,6 +63,14 @@ def choose_gated_form(spec: Any, precision: str = "fp32") -> str:
 
 
 RESERVED_PREFIXES = ("input", "combine", "output")
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits)
+
+
+def nbits_applies(spec: Any) -> bool:
+    """MatMulNBits takes blocks of a power of two >= 16 along K: the tile width must be one, so
+    that each block is one tile row and its scale the tile row's own (no requantization)."""
+    tc = spec.tile[1]
+    return tc >= 16 and tc & (tc - 1) == 0
 
 
 def sanitize_name(name: str) -> str:
@@ -94,7 +102,7 @@ class AdapterGraphBuilder:
     """Builds the graph for one adapter, precision and io dtype."""
 
     def __init__(self, adapter: AdapterTensors, precision: str, io_dtype: str, gated_form: str,
-                 gate_dtype: str = "float32") -> None:
+                 gate_dtype: str = "float32", ort_nbits: bool = False) -> None:
         self.adapter = adapter
         self.config = adapter.config
         self.precision = Precision.parse(precision)
@@ -113,6 +121,9 @@ class AdapterGraphBuilder:
         # int8-qdq: scale initializer -> the activation tensor calibration observes for it
         self.act_scales: dict[str, str] = {}
         self.on_pipe: Callable[[int], Any] | None = None  # progress: called with pipes done
+        # ONNX Runtime only: INT8 ungated pipes as com.microsoft MatMulNBits (8-bit weights read at
+        # their own width; see _ungated_nbits); TensorRT does not know the op
+        self.ort_nbits = ort_nbits and self.int8 and not self.qdq
 
     # -- whole graph --------------------------------------------------------------------
     def model(self, *, defer: bool = False) -> onnx.ModelProto:
@@ -164,6 +175,8 @@ class AdapterGraphBuilder:
         graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, io_type, ["batch", "seq", cfg.out_dim]))
         model = g.model  # built in place: make_graph/make_model would copy the weights twice
         model.opset_import.append(helper.make_opsetid("", OPSET))
+        if any(p.get("nbits_weight") for p in self.pipe_meta):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
         model.doc_string = (f"PRISM adapter {cfg.in_dim} -> {cfg.out_dim}, {cfg.num_pipes} pipe(s), "
                             f"precision {self.precision}, lowered by prism-deploy")
         write_metadata(model, self.metadata())
@@ -299,6 +312,8 @@ class AdapterGraphBuilder:
             out = g.op("MatMul", [x, w], f"{p}MatMul", outputs=[f"{p}output"])
             self.pipe_meta.append(self._pipe_entry(i, output=out, dense_weight=w))
             return out
+        if self.ort_nbits and nbits_applies(spec):
+            return self._ungated_nbits(i)
         (R, C), (tr, tc) = spec.grid, spec.tile
         tiles, scales, t3 = self._tiles_in_storage_order(i)
         t4 = g.op("Reshape", [t3, g.ints(f"{p}weight/shape4", [R, C, tr, tc])], f"{p}weight/Reshape4")
@@ -309,6 +324,37 @@ class AdapterGraphBuilder:
         x = self._act_qdq(self.x_cd, f"{p}input/")
         out = g.op("MatMul", [x, w], f"{p}MatMul", outputs=[f"{p}output"])
         self.pipe_meta.append(self._pipe_entry(i, output=out, tiles=tiles, scales=scales))
+        return out
+
+    def _ungated_nbits(self, i: int) -> str:
+        """INT8 ungated pipe as ONNX Runtime's ``MatMulNBits`` (bits 8, blocks of ``tc`` along K):
+        the weights stay 8-bit where the product reads them.
+
+        The same int8 values and scales as the DequantizeLinear path (``quantize_rows``): block
+        ``c`` of output ``n`` is tile ``(n // tr, c)``'s row ``n % tr``, stored as ``q + 128``
+        (MatMulNBits' default zero point for 8 bits). ``accuracy_level`` 4 runs ONNX Runtime's
+        int8 CPU kernel, which also quantizes the input per block to int8 (the other levels take
+        a slow path on CPU; docs/onnx-lowering.md has the figures and the error).
+        """
+        g, p = self.g, self.prefixes[i]
+        spec, cfg = self.config.pipes[i], self.config
+        (R, C), (tr, tc) = spec.grid, spec.tile
+        W = spec.workers
+        rows = self.adapter.tiles(i).reshape(W * tr, tc)
+        scales = row_scales(rows)
+        q = quantize_with_scales(rows, scales).reshape(R, C, tr, tc)
+        n_blocks = -(-cfg.in_dim // tc)
+        # [R, C, tr, tc] -> [R, tr, C, tc] -> [R*tr, C, tc]: output row n, block c
+        packed = (q.transpose(0, 2, 1, 3).reshape(R * tr, C, tc)[:cfg.out_dim, :n_blocks].astype(np.int16) + 128)
+        packed = packed.astype(np.uint8)
+        block_scales = scales.reshape(R, C, tr).transpose(0, 2, 1).reshape(R * tr, C)[:cfg.out_dim, :n_blocks]
+        w = g.initializer(f"{p}nbits/weight", np.ascontiguousarray(packed))
+        s = g.initializer(f"{p}nbits/scales", np.ascontiguousarray(block_scales.reshape(-1), dtype=np.float32))
+        y = g.op("MatMulNBits", [self.x_f32, w, s], f"{p}MatMulNBits", domain=MS_DOMAIN,
+                 K=cfg.in_dim, N=cfg.out_dim, bits=8, block_size=tc, accuracy_level=4)
+        out = y if self.cd == np.float32 else g.op("Cast", [y], f"{p}output/Cast", to=self.cd_onnx,
+                                                    outputs=[f"{p}output"])
+        self.pipe_meta.append(self._pipe_entry(i, output=out, nbits_weight=w, nbits_scales=s))
         return out
 
     def _folded_ungated(self, run: list[int], betas: list[float]) -> str:
