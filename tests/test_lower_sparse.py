@@ -1,6 +1,7 @@
-"""The sparse gated form: only the tiles some token selected are gathered (each once) and
-multiplied. It must equal the reference like forms A and B, in every precision, for awkward
-shapes (padded tiles, top_k of 1 and of every worker, one token, many tokens)."""
+"""The sparse gated forms: "sparse" gathers only the tiles some token selected (each once) and
+multiplies them; "grouped" multiplies each tile by only the tokens that selected it. Both must
+equal the reference like forms A and B, in every precision, for awkward shapes (padded tiles,
+top_k of 1 and of every worker, one token, many tokens)."""
 
 from __future__ import annotations
 
@@ -25,15 +26,16 @@ BOUNDS = {"fp32": 1e-5, "fp16": 2e-3, "int8": 2e-2}
 TOKENS = [(1, 1), (2, 3), (4, 40)]  # one token, a few, many (every tile selected by someone)
 
 
+@pytest.mark.parametrize("form", ["sparse", "grouped"])
 @pytest.mark.parametrize("precision", sorted(BOUNDS))
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_sparse_matches_reference(shape, precision):
+def test_sparse_matches_reference(shape, precision, form):
     cfg = SHAPES[shape]
     adapter = random_adapter(cfg, seed=7)
-    model = build_model(adapter, precision=precision, gated_form="sparse")
+    model = build_model(adapter, precision=precision, gated_form=form)
     onnx.checker.check_model(model, full_check=True)
     meta = read_metadata(model)
-    assert [p["form"] for p in meta["pipes"] if p["gated"]] == ["sparse"] * sum(p.gated for p in cfg.pipes)
+    assert [p["form"] for p in meta["pipes"] if p["gated"]] == [form] * sum(p.gated for p in cfg.pipes)
     for b, s in TOKENS:
         x = np.random.default_rng(b * 10 + s).standard_normal((b, s, cfg.in_dim)).astype(np.float32)
         assert selections_agree(adapter, model, x)
@@ -70,3 +72,24 @@ def test_sparse_int8_keeps_tiles_int8_in_storage_order():
     # dequantized after the gather: the Gather reads the int8 tensor
     gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.name.endswith("tiles/Gather")]
     assert gathers and all("tiles/Reshape" in n.input[0] for n in gathers)
+
+
+def test_grouped_multiplies_each_tile_by_its_own_tokens_only():
+    """The group table holds, per tile, exactly the tokens that selected it, then the zero row."""
+    cfg = AdapterConfig(32, 32, (PipeSpec("g", (4, 4), (8, 8), 3),))
+    model = build_model(random_adapter(cfg, seed=1), precision="fp32", gated_form="grouped")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in ("g/group/table", "g/gate/topk_indices"):
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    from prism_deploy.core.ort_session import make_session
+
+    sess = make_session(probe.SerializeToString(), "cpu", intra_op_threads=1)
+    for t in (1, 3, 9):
+        x = np.random.default_rng(t).standard_normal((1, t, 32)).astype(np.float32)
+        table, topk = sess.run(["g/group/table", "g/gate/topk_indices"], {"hidden": x})
+        counts = [int((topk == w).sum()) for w in range(16)]
+        assert table.shape == (16, max(counts))
+        for w in range(16):
+            want = sorted(int(tok) for tok in np.nonzero((topk == w).any(axis=1))[0])
+            assert table[w].tolist() == want + [t] * (max(counts) - len(want))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-CANDIDATE_FORMS = ("A", "B", "sparse")
+CANDIDATE_FORMS = ("A", "B", "sparse", "grouped")
 # Bucket edges in tokens (batch * seq): a bucket holds the token counts above the previous edge
 # up to its own. The last bucket reaches the profile's largest call and is timed at
 # TIMED_TOKENS_MAX tokens at most (timing a 32768-token call of every form would make

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", metavar="FILE", help="calibration hidden states for int8-qdq (.npy/.safetensors)")
     p.add_argument("--calibrator", default="max", help=f"int8-qdq activation calibrator: {' or '.join(CALIBRATORS)}")
     p.add_argument("--forms", default="timed", metavar="MODE",
-                   help="gated pipes on ONNX Runtime: 'timed' builds every gated form (A, B, sparse) and keeps the "
+                   help="gated pipes on ONNX Runtime: 'timed' builds every gated form (A, B, sparse, grouped) and keeps the "
                         "fastest per token bucket, measured here; 'auto' builds one graph by the lowering's rule "
                         "(default timed)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check against the reference")

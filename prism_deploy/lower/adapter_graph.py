@@ -34,7 +34,7 @@ from prism_deploy.format import AdapterTensors
 from prism_deploy.lower.contract import write_metadata
 from prism_deploy.lower.graph import DTYPE_NAMES, NP_TO_ONNX, GraphBuilder
 
-GATED_FORMS = ("auto", "A", "B", "sparse")
+GATED_FORMS = ("auto", "A", "B", "sparse", "grouped")
 DEFAULT_GATED_FORM = "auto"
 # The gated form. Both compute every worker (ONNX has no sparse op; the plugin of the fusion
 # pass is the sparse path), so they differ only in the intermediate they materialise:
@@ -51,6 +51,8 @@ DEFAULT_GATED_FORM = "auto"
 #   sparse: only the tiles selected by at least one token of the call (the union of the
 #      tokens' TopK sets) are gathered, each once, and multiplied; never picked by "auto"
 #      (its speed depends on the batch: `build` times it per batch bucket).
+#   grouped: tokens grouped by tile: every tile multiplies only the tokens that selected it
+#      (padded to the largest group), never all T tokens; for many tokens (same choice rule).
 
 
 def choose_gated_form(spec: Any, precision: str = "fp32") -> str:
@@ -438,6 +440,8 @@ class AdapterGraphBuilder:
         form = self.gated_form if self.gated_form != "auto" else choose_gated_form(spec, self.precision)
         if form == "sparse":
             return self._gated_sparse(i)
+        if form == "grouped":
+            return self._gated_grouped(i)
         scores, _, gates = self._gate(i)
         tiles, scales, t3 = self._tiles_in_storage_order(i)
         # zero-pad the input to C*tc (always present, a no-op when C*tc == in_dim, so that
@@ -536,6 +540,92 @@ class AdapterGraphBuilder:
                              g.ints(f"{p}output/axes", [1])], f"{p}output/Slice", outputs=[f"{p}output"])
         self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales,
                                                form="sparse"))
+        return out
+
+    def _gated_grouped(self, i: int) -> str:
+        """Tokens grouped by tile: tile ``w`` multiplies only the ``m_w`` tokens that selected it,
+        as one batched MatMul over all tiles with every group padded to the largest, ``m``
+        (padding rows are a zero token). Work ``R*C * m`` token-tile products instead of A's and
+        B's ``R*C * T``: for T tokens of top-k over R*C workers, ``m`` is about ``T*k/(R*C)`` plus
+        its spread. No tile is gathered (at many tokens nearly every tile is selected, and a
+        Gather would copy them all); the tiles are the storage-order initializer, transposed
+        per tile in the graph (ONNX Runtime folds that constant when the session opens).
+
+        Table: position of token t in tile w's group = exclusive CumSum over tokens of the
+        selection mask; ScatterND writes t at [w, position] into a [R*C, m] table filled with
+        T (the zero row). Back to tokens: each (t, j) selection gathers its product row at
+        ``w * m + position``, and a MatMul ``[T, R, k] @ [T, k, tr]`` sums each row-block's
+        selections weighted by their gates (the coefficient is 0 for another row-block).
+        Summation order: per-tile partial sums over ``tc`` (in the MatMul), then a sum over the
+        token's selected tiles of each row-block in TopK's order (scores descending), in the
+        second MatMul's reduction: form B's rule, over the selected tiles only.
+        """
+        g, p = self.g, self.prefixes[i]
+        spec = self.config.pipes[i]
+        cfg = self.config
+        (R, C), (tr, tc) = spec.grid, spec.tile
+        W = spec.workers
+        scores, indices, _ = self._gate(i)
+        weights = f"{p}gate/weights"  # [T, k] float32, the gates of the selected tiles
+        tiles, scales, t3 = self._tiles_in_storage_order(i)
+        wt = g.op("Transpose", [t3], f"{p}tiles/Transpose", perm=[0, 2, 1])  # [W, tc, tr]
+        one_f = helper.make_tensor("value", TensorProto.FLOAT, [1], [1.0])
+        hits = g.op("ScatterElements", [
+            g.op("ConstantOfShape", [g.op("Shape", [scores], f"{p}group/Shape")], f"{p}group/Zeros",
+                 value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0])),
+            indices, g.op("ConstantOfShape", [g.op("Shape", [indices], f"{p}group/ShapeK")], f"{p}group/Ones",
+                          value=one_f)], f"{p}group/hits", axis=1)  # [T, W]
+        pos = g.op("Cast", [g.op("CumSum", [hits, g.ints(f"{p}group/axis0", [0])], f"{p}group/CumSum",
+                                 exclusive=1)], f"{p}group/pos", to=TensorProto.INT64)  # [T, W]
+        m = g.op("Cast", [g.op("ReduceMax", [g.op("ReduceSum", [hits, g.ints(f"{p}group/axes0", [0])],
+                                                   f"{p}group/counts", keepdims=0)],
+                               f"{p}group/m_f", keepdims=1)], f"{p}group/m", to=TensorProto.INT64)  # [1]
+        # T here counts the rows the gate saw (one zero row when the call has no tokens)
+        shape_k = g.op("Shape", [indices], f"{p}group/ShapeK2")
+        rows = g.op("Slice", [shape_k, g.ints(f"{p}group/s0", [0]), g.ints(f"{p}group/s1", [1])], f"{p}group/T")
+        table = g.op("ConstantOfShape", [g.op("Concat", [g.ints(f"{p}group/W", [W]), m], f"{p}group/table_shape",
+                                              axis=0)], f"{p}group/table0",
+                     value=helper.make_tensor("value", TensorProto.INT64, [1], [0]))
+        table = g.op("Add", [table, rows], f"{p}group/table_T")  # [W, m] filled with T (the zero row)
+        tpos = g.op("GatherElements", [pos, indices], f"{p}group/tpos", axis=1)  # [T, k]
+        token_ids = g.op("Range", [g.const(f"{p}group/zero_s", 0, np.int64),
+                                   g.op("Squeeze", [rows], f"{p}group/T_s"),
+                                   g.const(f"{p}group/one_s", 1, np.int64)], f"{p}group/Range")  # [T]
+        tok = g.op("Expand", [g.op("Unsqueeze", [token_ids, g.ints(f"{p}group/axes1", [1])], f"{p}group/tok1"),
+                              shape_k], f"{p}group/tok")  # [T, k]
+        where = g.op("Concat", [g.op("Unsqueeze", [indices, g.ints(f"{p}group/axes_l", [2])], f"{p}group/w3"),
+                                g.op("Unsqueeze", [tpos, g.ints(f"{p}group/axes_l2", [2])], f"{p}group/p3")],
+                     f"{p}group/where", axis=2)  # [T, k, 2]
+        table = g.op("ScatterND", [table, where, tok], f"{p}group/table")  # [W, m] token per slot
+        # inputs: x padded to C*tc, one zero row appended (index T), as [T+1, C, tc]
+        xp = g.op("Pad", [self.x_cd, g.ints(f"{p}pad/pads", [0, 0, 1, spec.padded_in - cfg.in_dim])], f"{p}Pad")
+        xq = self._act_qdq(xp, f"{p}input/")
+        x3 = g.op("Reshape", [xq, g.ints(f"{p}input/shape", [-1, C, tc])], f"{p}input/Reshape")
+        colw = g.initializer(f"{p}group/col_of_worker", np.array([[w % C] for w in range(W)], dtype=np.int64))
+        col = g.op("Expand", [colw, g.op("Shape", [table], f"{p}group/ShapeTable2")], f"{p}group/col")  # [W, m]
+        nd = g.op("Concat", [g.op("Unsqueeze", [table, g.ints(f"{p}group/axes_t", [2])], f"{p}group/t3"),
+                             g.op("Unsqueeze", [col, g.ints(f"{p}group/axes_c", [2])], f"{p}group/c3")],
+                  f"{p}group/nd", axis=2)  # [W, m, 2]
+        xg = g.op("GatherND", [x3, nd], f"{p}input/GatherND")  # [W, m, tc]
+        part = g.op("MatMul", [xg, wt], f"{p}MatMul")  # [W, m, tr]
+        flat = g.op("Reshape", [part, g.ints(f"{p}partials/flat", [-1, tr])], f"{p}partials/Reshape")
+        slot = g.op("Add", [g.op("Mul", [indices, m], f"{p}group/slot_w"), tpos], f"{p}group/slot")  # [T, k]
+        mine = g.op("Gather", [flat, slot], f"{p}partials/Gather", axis=0)  # [T, k, tr]
+        roww = g.op("Div", [indices, g.ints(f"{p}group/C", [C])], f"{p}group/row")  # [T, k]
+        onehot = g.op("Cast", [g.op("Equal", [g.op("Unsqueeze", [roww, g.ints(f"{p}group/axes_r", [1])],
+                                                   f"{p}group/row3"),
+                                              g.initializer(f"{p}group/row_ids",
+                                                            np.arange(R, dtype=np.int64).reshape(1, R, 1))],
+                                      f"{p}group/Equal")], f"{p}group/onehot", to=self.cd_onnx)  # [T, R, k]
+        gw = weights if self.cd == np.float32 else g.op("Cast", [weights], f"{p}gates/Cast", to=self.cd_onnx)
+        coef = g.op("Mul", [onehot, g.op("Unsqueeze", [gw, g.ints(f"{p}gates/axes", [1])], f"{p}gates/Unsqueeze")],
+                    f"{p}gates/Mul")  # [T, R, k]
+        y = g.op("MatMul", [coef, mine], f"{p}partials/MatMul")  # [T, R, tr]
+        y = g.op("Reshape", [y, g.ints(f"{p}output/shape", [-1, R * tr])], f"{p}output/Reshape")
+        out = g.op("Slice", [y, g.ints(f"{p}output/starts", [0]), g.ints(f"{p}output/ends", [cfg.out_dim]),
+                             g.ints(f"{p}output/axes", [1])], f"{p}output/Slice", outputs=[f"{p}output"])
+        self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales,
+                                               form="grouped"))
         return out
 
     def _tiles_gathered(self, i: int, sel: str) -> tuple[str, str | None, str]:
