@@ -131,3 +131,17 @@ def test_forms_auto_builds_one_graph(tmp_path):
                                profile=PROFILE, forms="auto"), log=lambda _m: None).raise_for_failures()
     entry = read_manifest(tmp_path / "e")["engines"][0]
     assert entry.get("forms") is None and len(entry["parts"]) == 1
+
+
+def test_the_lowering_rule_graph_is_a_candidate_and_kept_when_nothing_is_faster(tmp_path):
+    """Two gated pipes whose rule picks A (tc <= tr) and B (tc > tr): "auto" (the graph builds
+    made before forms were timed) is a candidate, the baseline, and wins every tie."""
+    mixed = AdapterConfig(24, 20, (PipeSpec("a", (2, 3), (10, 8), top_k=2), PipeSpec("b", (4, 2), (5, 12), top_k=3)))
+    adapter = tmp_path / "mixed.safetensors"
+    random_adapter(mixed, seed=5).save(adapter)
+    build_engines(BuildRequest(adapter=adapter, out_dir=tmp_path / "e", target="ort-cpu", precisions=("fp32",),
+                               profile=PROFILE, form_timer=planted({})), log=lambda _m: None).raise_for_failures()
+    entry = read_manifest(tmp_path / "e")["engines"][0]
+    assert entry["forms"]["baseline"] == "auto" and entry["forms"]["candidates"][0] == "auto"
+    assert [b["form"] for b in entry["forms"]["buckets"]] == ["auto"] * 4
+    assert [p["form"] for p in entry["parts"]] == ["auto"]
