@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plugin", default="auto", help="fuse gated pipes into the tile_dispatch plugin: auto, on, off")
     p.add_argument("--calib", metavar="FILE", help="calibration hidden states for int8-qdq (.npy/.safetensors)")
     p.add_argument("--calibrator", default="max", help=f"int8-qdq activation calibrator: {' or '.join(CALIBRATORS)}")
+    p.add_argument("--forms", default="timed", metavar="MODE",
+                   help="gated pipes on ONNX Runtime: 'timed' builds every gated form (A, B, sparse, grouped) and keeps the "
+                        "fastest per token bucket, measured here; 'auto' builds one graph by the lowering's rule "
+                        "(default timed)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check against the reference")
     p.add_argument("--force", action="store_true",
                    help="rebuild even when the cache has the engine; build into a folder that holds other engines "
@@ -50,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # Adapter-only options, refused with --model (name, value when left at its default).
 ADAPTER_OPTIONS = (("--precision", "precision", None), ("--per-pipe", "per_pipe", False), ("--plugin", "plugin", "auto"),
                    ("--calib", "calib", None), ("--calibrator", "calibrator", "max"), ("--refittable", "refittable", False),
-                   ("--version-compatible", "version_compatible", False), ("--weight-streaming", "weight_streaming", False))
+                   ("--version-compatible", "version_compatible", False), ("--weight-streaming", "weight_streaming", False),
+                   ("--forms", "forms", "timed"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             version_compatible=args.version_compatible,
             weight_streaming=args.weight_streaming,
             progress=progress,
+            forms=args.forms,
         )
         check = None
         if not args.no_parity:

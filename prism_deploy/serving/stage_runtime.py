@@ -173,6 +173,14 @@ def _adapter_stage(folder: Path, manifest: dict[str, Any], precision: str | None
     cfg = entry["configuration"]
     files = [name for part in entry["parts"] for name, _ in part_files(part)]
     graphs = {"graph": entry["parts"][0]["file"]} if len(entry["parts"]) == 1 else {}
+    if entry.get("forms"):
+        # one gated form per token bucket: a server running one graph (Triton's ONNX Runtime
+        # backend, the native form) gets the form chosen for the profile's OPT call
+        from prism_deploy.format.engine_manifest import bucket_for
+
+        opt = cfg["profile"]["batch"][1] * cfg["profile"]["seq"][1]
+        form = bucket_for(entry["forms"]["buckets"], opt)["form"]
+        graphs = {"graph": next(p["file"] for p in entry["parts"] if p.get("form") == form)}
     return StageInfo(
         kind="adapter", source=folder, layout="adapter-build", target=entry["target"], precision=cfg["precision"],
         profile=dict(cfg["profile"]), inputs=[TensorSpec("hidden", "float32", [-1, int(config["in_dim"])])],
