@@ -226,3 +226,41 @@ def test_bad_graphs_are_refused_in_one_line_before_anything_runs(parts, tmp_path
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (name, err)
         assert str(path) in err[0]
+
+
+def test_collect_and_fit_per_edge_including_the_fusion(parts, tmp_path, capsys):
+    """collect --graph --edge: a plain edge pairs as collect --hop does; the fusion edge's X is
+    B's and C's hidden states side by side (48 + 96), aligned by characters; fit makes an
+    adapter of in_dim 144 that the diamond runs with, matching its reference."""
+    from tests.model_helpers import SENTENCES
+
+    from prism_deploy.models.collect import collect_pairs
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(SENTENCES))
+    graph = write(tmp_path / "graph.json", diamond(parts))
+    for edge in ("a-b", "fuse"):
+        capsys.readouterr()
+        assert main(["collect", "--graph", str(graph), "--edge", edge, "--text", str(texts), "-o",
+                     str(tmp_path / f"{edge}.safetensors"), "--pool", "tokens", "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert (info["d_a"], info["d_b"]) == {"a-b": (64, 48), "fuse": (144, 96)}[edge]
+    from safetensors.numpy import load_file
+
+    plain = load_file(str(tmp_path / "a-b.safetensors"))
+    hfz = parts["hf"]
+    x, z, _ = collect_pairs(hfz["llama"], hfz["gpt2"], SENTENCES, pool="tokens", progress=False)
+    assert np.array_equal(plain["X"], x) and np.array_equal(plain["Z"], z)
+    fused = load_file(str(tmp_path / "fuse.safetensors"))
+    xb, _, _ = collect_pairs(hfz["gpt2"], hfz["qwen2"], SENTENCES, pool="tokens", progress=False)
+    assert fused["X"].shape[1] == 144 and fused["X"].shape[0] == xb.shape[0]  # one row per B token
+    assert np.allclose(fused["X"][:, :48], xb)  # B's side is B's own collect
+    fitted = tmp_path / "fuse-fit.safetensors"
+    assert main(["fit", "--x", f"{tmp_path / 'fuse.safetensors'}:X", "--z", f"{tmp_path / 'fuse.safetensors'}:Z",
+                 "-o", str(fitted), "--grid", "2", "2", "--ridge", "1e-3", "--json"]) == 0
+    assert load_adapter(fitted).config.in_dim == 144
+    stages = diamond(parts)
+    stages[5]["adapter"] = str(fitted)
+    spec = read_graph_file(write(tmp_path / "fitted.json", stages))
+    ids, mask = ids_and_mask()
+    assert check_graph_parity(Graph.from_file(spec), ReferenceGraph(spec), ids, mask)["passed"]
