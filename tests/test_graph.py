@@ -264,3 +264,30 @@ def test_collect_and_fit_per_edge_including_the_fusion(parts, tmp_path, capsys):
     spec = read_graph_file(write(tmp_path / "fitted.json", stages))
     ids, mask = ids_and_mask()
     assert check_graph_parity(Graph.from_file(spec), ReferenceGraph(spec), ids, mask)["passed"]
+
+
+def test_build_graph_builds_each_source_once_and_runs_as_the_graph(opened, parts, tmp_path, capsys):
+    """build --graph: the logit fusion's two branches share one last model, built once; the
+    built graph runs equal to the graph of sources; triton refuses a graph in one line."""
+    stages = logit_fusion(parts)
+    src = write(tmp_path / "graph.json", stages)
+    out = tmp_path / "built"
+    capsys.readouterr()
+    assert main(["build", "--graph", str(src), "-o", str(out), "--target", "ort-cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    built = json.loads((out / "graph.json").read_text())
+    assert report["graph_file"] == str(out / "graph.json")
+    assert len(report["stages"]) == 4 and {e["action"] for s in report["stages"] for e in s["engines"]} == {"built"}
+    assert built["stages"][2]["model"] == built["stages"][4]["model"]  # D1 and D2: one build of D
+    assert sorted(p.name for p in out.iterdir()) == ["1-A", "2-a-d1", "3-D1", "4-a-d2", "graph.json"]
+    assert built["stages"][5] == {"fusion": "logits", "weights": [0.7, 0.3], "name": "mix", "inputs": ["D1", "D2"]}
+    ids, mask = ids_and_mask()
+    graph, _ = opened["logits"]
+    assert np.allclose(Graph.from_file(read_graph_file(out / "graph.json"))(ids, mask), graph(ids, mask), atol=1e-5)
+    # a second build reuses every stage
+    assert main(["build", "--graph", str(src), "-o", str(out), "--target", "ort-cpu", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert {e["action"] for s in again["stages"] for e in s["engines"]} == {"reused"}
+    assert main(["triton", str(out), "-o", str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "triton does not write graphs" in err[0] and not (tmp_path / "repo").exists()
