@@ -94,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    widths = " -> ".join(f"{s['name']} ({s.get('role') or s.get('runner') or s.get('fusion')})" for s in result["stages"])
+    widths = " -> ".join(f"{s['name']} ({s.get('role') or s.get('runner')})" for s in result["stages"])
+    if args.graph is not None:  # not a line: each stage with the stages it takes
+        widths = "; ".join(f"{s['name']} ({s.get('role') or s.get('runner') or s.get('fusion')})"
+                           + (f" <- {' + '.join(s['inputs'])}" if s["inputs"] else "") for s in result["stages"])
     what = "graph" if args.graph is not None else "chain"
     print(f"{what} on {chain.provider} ({chain.target}): {widths}")
     if args.graph is not None:
