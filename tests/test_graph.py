@@ -144,11 +144,15 @@ def scaled_worker_adapter(src: Path, dst: Path, pipe: int, worker: int, factor: 
     type(adapter)(adapter.config, tensors).save(dst)
 
 
-def test_bisect_names_the_fusion_edge_pipe_and_worker(parts, tmp_path, capsys):
-    bad = tmp_path / "fuse-bad.safetensors"
-    scaled_worker_adapter(parts["fuse"], bad, pipe=0, worker=5, factor=4.0)
+@pytest.mark.parametrize(("index", "edge"), [(5, "B + C -> fuse"), (3, "A -> a-c")], ids=["fusion", "branch"])
+def test_bisect_names_the_edge_pipe_and_worker(parts, tmp_path, capsys, index, edge):
+    """A worker scaled in the fusion adapter, or in one branch's adapter: the failing stage is
+    that one, named with its edge; the stages after it pass on the reference's inputs."""
+    name = diamond(parts)[index]["name"]
+    bad = tmp_path / f"{name}-bad.safetensors"
+    scaled_worker_adapter(parts[name], bad, pipe=0, worker=5, factor=4.0)
     stages = diamond(parts)
-    stages[5].update(adapter=str(bad), reference=str(parts["fuse"]))
+    stages[index].update(adapter=str(bad), reference=str(parts[name]))
     path = write(tmp_path / "graph.json", stages)
     capsys.readouterr()
     code = main(["parity", "--graph", str(path), "--json", "--seq", "8"])
@@ -156,10 +160,11 @@ def test_bisect_names_the_fusion_edge_pipe_and_worker(parts, tmp_path, capsys):
     report = json.loads(out)
     assert code == 1 and err.count("\n") == 1
     found = report["bisect"]
-    assert found["found"] == 6 and found["edge"] == "B + C -> fuse"
+    assert found["found"] == index + 1 and found["edge"] == edge and found["name"] == name
     assert found["pipe"]["index"] == 0 and found["workers"][0]["worker"] == 5
-    assert [h["passed"] for h in report["stages"]] == [True, True, True, True, True, False, True]
-    assert "bisect: stage 6 (adapter fuse) on edge B + C -> fuse, pipe 0" in err
+    by_name = {h["name"]: h["passed"] for h in report["stages"]}
+    assert by_name == {s["name"]: s["name"] != name for s in stages}
+    assert f"bisect: stage {index + 1} (adapter {name}) on edge {edge}, pipe 0" in err
 
 
 def test_chain_files_run_as_graphs_unchanged(parts, tmp_path, capsys):

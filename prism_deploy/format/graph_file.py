@@ -355,8 +355,9 @@ def check_files(spec: GraphSpec) -> None:
             dims = _adapter_dims(n)
             if dims is None:
                 continue
-            widths = [models[i]["dims"]["hidden"] if models[i] else None for i in n.inputs]
-            if None not in widths and dims[0] != sum(widths):
+            known = [models[i] for i in n.inputs]
+            widths = [int(m["dims"]["hidden"]) for m in known if m is not None]
+            if len(widths) == len(known) and dims[0] != sum(widths):
                 said = " + ".join(map(str, widths)) + (f" = {sum(widths)}" if len(widths) > 1 else "")
                 raise PrismInputError(f"{where}: {n.label}: edge {spec.edge(n)}: in_dim {dims[0]} does not match the "
                                       f"hidden width{'s' if len(widths) > 1 else ''} {said}")
@@ -367,17 +368,17 @@ def check_files(spec: GraphSpec) -> None:
                                           f"does not match the embedding width {m['dims']['hidden']} of {nodes[j].label}")
         elif n.kind == "fusion":
             toks = [(nodes[i], nodes[i].tokenizer) for i in n.inputs]
-            missing = [m.name for m, t in toks if t is None]
+            missing = [node.name for node, t in toks if t is None]
             if missing:
                 raise PrismInputError(f"{where}: {n.label}: edge {spec.edge(n)}: a logit fusion needs each input's "
                                       f"tokenizer (`hf` or `tokenizer` on {', '.join(missing)})")
             first_node, first_tok = toks[0]
             want = tokenizer_digest(first_tok)  # type: ignore[arg-type]
-            for m, t in toks[1:]:
+            for other, t in toks[1:]:
                 if tokenizer_digest(t) != want or not want:  # type: ignore[arg-type]
-                    raise PrismInputError(f"{where}: {n.label}: edge {spec.edge(n)}: {m.name}'s tokenizer ({t}) is not "
+                    raise PrismInputError(f"{where}: {n.label}: edge {spec.edge(n)}: {other.name}'s tokenizer ({t}) is not "
                                           f"{first_node.name}'s ({first_tok}); logit fusion needs one shared tokenizer")
-            vocabs = {nodes[i].name: models[i]["dims"]["vocab"] for i in n.inputs if models[i] is not None}
+            vocabs = {nodes[i].name: m["dims"]["vocab"] for i in n.inputs if (m := models[i]) is not None}
             if len(set(vocabs.values())) > 1:
                 raise PrismInputError(f"{where}: {n.label}: edge {spec.edge(n)}: a logit fusion joins one vocabulary, "
                                       f"got {', '.join(f'{k} {v}' for k, v in vocabs.items())}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -163,7 +164,7 @@ def save_pairs(path: str | os.PathLike[str], x: np.ndarray, z: np.ndarray, info:
                          {k: str(v) for k, v in info.items()})
 
 
-def collect_fusion_pairs(input_dirs: list[str | os.PathLike[str]], model_b_dir: str | os.PathLike[str], texts: list[str],
+def collect_fusion_pairs(input_dirs: Sequence[str | os.PathLike[str]], model_b_dir: str | os.PathLike[str], texts: list[str],
                          *, pool: str = "tokens", max_seq: int = 512, batch: int = 8,
                          progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(X [n, sum of the inputs' widths], Z [n, d_B], info) for a fusion adapter: the inputs'
@@ -190,8 +191,8 @@ def collect_fusion_pairs(input_dirs: list[str | os.PathLike[str]], model_b_dir: 
                       return_special_tokens_mask=True)
         ids_b = list(enc_b["input_ids"])
         b_off = [None if sp else (int(o[0]), int(o[1])) for o, sp in zip(enc_b["offset_mapping"], enc_b["special_tokens_mask"])]
-        states = [p[t] for p in per_input]  # (hidden [n, d], offsets) per input
-        if any(s is None for s in states) or not any(o is not None for o in b_off):
+        states = [s for s in (p[t] for p in per_input) if s is not None]  # (hidden [n, d], offsets) per input
+        if len(states) < len(per_input) or not any(o is not None for o in b_off):
             skipped += 1
             continue
         if pool == "tokens":

@@ -71,11 +71,11 @@ class ReferenceGraph:
             model, role = self.models[i], self.spec.roles[i]
             if role == "first":
                 return hf.final_hidden(model, torch.from_numpy(np.asarray(inputs[0], np.int64)), m).float().numpy()
-            x = torch.from_numpy(np.asarray(inputs[0], np.float32))
+            embeds = torch.from_numpy(np.asarray(inputs[0], np.float32))
             if role == "last":
-                logits, _ = hf.causal_lm_forward(model, inputs_embeds=x, attention_mask=m)
+                logits, _ = hf.causal_lm_forward(model, inputs_embeds=embeds, attention_mask=m)
                 return logits.float().numpy()
-            return hf.final_hidden(model, None, m, inputs_embeds=x).float().numpy()
+            return hf.final_hidden(model, None, m, inputs_embeds=embeds).float().numpy()
 
     def outputs(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         out: dict[int, np.ndarray] = {}

@@ -165,7 +165,10 @@ class Graph:
                 "max_seq": self.max_seq, "waves": [[self.names[i] for i in w] for w in self.waves], "stages": stages}
 
     # ---- running ----------------------------------------------------------------------------------
-    prepare_inputs = Chain.prepare_inputs
+    def prepare_inputs(self, input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Checked int64 ``input_ids`` and ``attention_mask`` [batch, seq], as a chain checks them
+        (against the source's vocabulary and the smallest max_seq)."""
+        return Chain.prepare_inputs(self, input_ids, attention_mask)  # type: ignore[arg-type]
 
     def run_stage(self, i: int, inputs: list[Any], mask: np.ndarray) -> Any:
         """Stage ``i`` on its inputs' outputs (in its ``inputs`` order): ids for the source."""
