@@ -10,6 +10,9 @@ C = Qwen2 (96, middle), D = Qwen2 (96, last); random gated adapters. Nothing is 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +292,20 @@ def test_build_graph_builds_each_source_once_and_runs_as_the_graph(opened, parts
     ids, mask = ids_and_mask()
     graph, _ = opened["logits"]
     assert np.allclose(Graph.from_file(read_graph_file(out / "graph.json"))(ids, mask), graph(ids, mask), atol=1e-5)
+    # the deploy path needs no PyTorch: the built graph generates the same tokens without it
+    ids_file = tmp_path / "ids.json"
+    ids_file.write_text(json.dumps(ids[:1].tolist()))
+    capsys.readouterr()
+    assert main(["run", "--graph", str(out), "--ids", str(ids_file), "--max-new-tokens", "3", "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)["generated_ids"]
+    block = "import sys\nfor _name in ('torch', 'transformers'):\n    sys.modules[_name] = None\n"
+    code = (block + "from prism_deploy.cli.main import main\n"
+            f"sys.exit(main(['run', '--graph', {str(out)!r}, '--ids', {str(ids_file)!r}, '--max-new-tokens', '3', "
+            "'--json']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["generated_ids"] == want
     # a second build reuses every stage
     assert main(["build", "--graph", str(src), "-o", str(out), "--target", "ort-cpu", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
