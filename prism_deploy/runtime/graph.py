@@ -74,7 +74,9 @@ class Graph:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str] | GraphSpec, target: str | None = None, **kwargs: Any) -> Graph:
-        spec = path if isinstance(path, GraphSpec) else read_graph_file(path)
+        """A graph from a graph (or chain) file, or a ``build --graph`` folder; files checked as a
+        chain's are (present, and hashing as any recorded sha256)."""
+        spec = path if isinstance(path, GraphSpec) else read_graph_file(graph_path(path))
         chain = spec.as_chain()
         for n in spec.nodes:
             if n.stage is not None:
