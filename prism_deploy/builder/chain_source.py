@@ -24,7 +24,7 @@ from prism_deploy.builder.model_source import ModelBuildRequest, build_model_eng
 from prism_deploy.builder.options import Profile
 from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.fsutil import write_text_atomic
-from prism_deploy.format.chain_file import ChainSpec, chain_to_object, check_chain, stage_digest
+from prism_deploy.format.chain_file import ChainSpec, StageSpec, chain_to_object, check_chain, stage_digest
 
 CHAIN_FILE = "chain.json"
 
@@ -117,46 +117,53 @@ def _build_stages(request: ChainBuildRequest, adapter_check: Callable[[Path], En
             continue
         if not folder.exists() and not folder.is_symlink():
             made.append(folder)
-        try:
-            if s.kind == "model":
-                check = model_check(s.path) if model_check is not None else None
-                result = build_model_engines(ModelBuildRequest(model_dir=s.path, out_dir=folder, target=target,
-                                                               profile=request.profile, force=request.force,
-                                                               progress=request.progress), check, log)
-            else:
-                check = adapter_check(s.path) if adapter_check is not None else None
-                precisions = (s.precision,) if s.precision else None
-                result = build_engines(BuildRequest(adapter=s.path, out_dir=folder, target=target, precisions=precisions,
-                                                    profile=request.profile, force=request.force,
-                                                    progress=request.progress), check, log)
-        except PrismInputError as exc:
-            raise PrismInputError(f"{spec.where()}: {s.label}: {exc}") from None
+        result = build_stage(spec.where(), s, folder, target, request, adapter_check, model_check, log)
         results.append((s.label, result))
         built_paths.append(folder)
     return results, built_paths
 
 
-def check_chain_out_dir(out: Path, spec: ChainSpec, force: bool) -> None:
+def build_stage(where: str, s: StageSpec, folder: Path, target: str, request: Any,
+                adapter_check: Callable[[Path], EngineCheck] | None, model_check: Callable[[Path], EngineCheck] | None,
+                log: Callable[[str], None] | None) -> BuildResult:
+    """One stage built into ``folder``: a model as ``build --model``, an adapter as ``build``."""
+    try:
+        if s.kind == "model":
+            check = model_check(s.path) if model_check is not None else None
+            return build_model_engines(ModelBuildRequest(model_dir=s.path, out_dir=folder, target=target,
+                                                         profile=request.profile, force=request.force,
+                                                         progress=request.progress), check, log)
+        check = adapter_check(s.path) if adapter_check is not None else None
+        precisions = (s.precision,) if s.precision else None
+        return build_engines(BuildRequest(adapter=s.path, out_dir=folder, target=target, precisions=precisions,
+                                          profile=request.profile, force=request.force,
+                                          progress=request.progress), check, log)
+    except PrismInputError as exc:
+        raise PrismInputError(f"{where}: {s.label}: {exc}") from None
+
+
+def check_chain_out_dir(out: Path, spec: Any, force: bool, file_name: str = CHAIN_FILE,
+                        built_by: str | None = None) -> None:
     """``OUT`` holds only what ``build --chain`` writes: stage build folders (each with its
     manifest, whose own rules the stage's build applies) and its own ``chain.json``. Anything
     else is refused unless ``force`` (which keeps it); a ``chain.json`` it did not write (the
     input chain file itself, a user's file) is never replaced."""
     if not out.is_dir():
         return
-    chain_file = out / CHAIN_FILE
+    chain_file = out / file_name
     if spec.path is not None and chain_file.exists() and chain_file.resolve() == Path(spec.path).resolve():
         raise PrismInputError(f"-o {out}: {chain_file} is the chain file being built; give another output folder")
     for s in spec.stages:  # a link placed at a stage folder's name would take the build elsewhere
         folder = out / stage_folder_name(s.index, s.name)
         if folder.is_symlink():
-            raise PrismInputError(f"-o {out}: {folder} is a symbolic link; build --chain writes only into folders "
-                                  "it makes (remove the link, or give another output folder)")
-    if chain_file.exists() and not _ours(chain_file):
-        raise PrismInputError(f"-o {out}: {chain_file} was not written by build --chain; it would be replaced "
+            raise PrismInputError(f"-o {out}: {folder} is a symbolic link; {built_by or 'build --chain'} writes only "
+                                  "into folders it makes (remove the link, or give another output folder)")
+    if chain_file.exists() and not _ours(chain_file, built_by):
+        raise PrismInputError(f"-o {out}: {chain_file} was not written by {built_by or 'build --chain'}; it would be replaced "
                               "(move it, or give another output folder)")
     stage_folders = {stage_folder_name(s.index, s.name) for s in spec.stages}
     foreign = sorted(p.name for p in out.iterdir()
-                     if p.name != CHAIN_FILE and not (p.is_dir() and (p / "manifest.json").is_file())
+                     if p.name != file_name and not (p.is_dir() and (p / "manifest.json").is_file())
                      and not (p.name in stage_folders and holds_only_leftovers(p)))  # a killed build's stage
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -164,7 +171,7 @@ def check_chain_out_dir(out: Path, spec: ChainSpec, force: bool) -> None:
                               "empty folder, or pass --force (they are kept)")
 
 
-def _ours(chain_file: Path) -> bool:
+def _ours(chain_file: Path, built_by: str | None = None) -> bool:
     from prism_deploy.core import jsontext
     from prism_deploy.format.chain_file import BUILT_BY
 
@@ -174,8 +181,10 @@ def _ours(chain_file: Path) -> bool:
         return False
     if not isinstance(obj, dict):
         return False
-    if obj.get("built_by") == BUILT_BY:
+    if obj.get("built_by") == (built_by or BUILT_BY):
         return True
+    if built_by is not None:
+        return False
     # written before the mark existed: every stage one of this folder's build folders
     stages = obj.get("stages")
     if not isinstance(stages, list):

@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _route_chain_parity(argv: list[str]) -> list[str]:
     """``parity --chain ...`` / ``parity --pipeline ...`` is the end-to-end check, whose options
     differ from the adapter-only ``parity``; it is served by the ``parity-chain`` parser."""
-    if argv[:1] == ["parity"] and ("--pipeline" in argv or "--chain" in argv
-                                   or any(a.startswith("--chain=") for a in argv)):
+    if argv[:1] == ["parity"] and ("--pipeline" in argv or "--chain" in argv or "--graph" in argv
+                                   or any(a.startswith(("--chain=", "--graph=")) for a in argv)):
         rest = [a for a in argv[1:] if a != "--pipeline"]
         return ["parity-chain", *rest]
     return argv

@@ -121,6 +121,11 @@ class ChainSpec:
 def read_chain_file(path: str | os.PathLike[str]) -> ChainSpec:
     """Parse and validate a chain file (TOML or JSON, by its suffix)."""
     p = Path(path)
+    return chain_from_object(parse_file(p), p)
+
+
+def parse_file(p: Path) -> Any:
+    """A chain or graph file's parsed TOML or JSON (by its suffix); one error line naming it."""
     if p.suffix not in SUFFIXES:
         raise PrismInputError(f"{p}: a chain file is .toml or .json, not {p.suffix or '(no suffix)'!r}")
     if not p.is_file():
@@ -135,14 +140,12 @@ def read_chain_file(path: str | os.PathLike[str]) -> ChainSpec:
                 import tomllib
             else:  # pragma: no cover - Python 3.10
                 import tomli as tomllib
-            obj = tomllib.loads(text)
-        else:
-            obj = jsontext.loads(text, str(p))
+            return tomllib.loads(text)
+        return jsontext.loads(text, str(p))
     except PrismInputError:
         raise  # said already, naming the file
     except (ValueError, RecursionError) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
         raise PrismInputError(f"{p}: not valid {p.suffix[1:].upper()} ({brief(exc)})") from None
-    return chain_from_object(obj, p)
 
 
 def chain_from_object(obj: Any, path: Path | None = None) -> ChainSpec:
@@ -150,21 +153,42 @@ def chain_from_object(obj: Any, path: Path | None = None) -> ChainSpec:
     import jsonschema
 
     where = str(path) if path is not None else "chain"
+    if isinstance(obj, dict) and isinstance(obj.get("stages"), list):
+        graphish = next((i for i, s in enumerate(obj["stages"]) if isinstance(s, dict) and {"inputs", "fusion"} & set(s)),
+                        None)
+        if graphish is not None:
+            raise PrismInputError(f"{where}: stages.{graphish} (stage {graphish + 1}) names its inputs or is a fusion: "
+                                  "a graph file; run it with --graph")
     try:
         jsonschema.validate(obj, SCHEMA)
     except jsonschema.ValidationError as exc:
         raise PrismInputError(f"{where}: {_describe_error(exc)}") from None
+    stages = [s for s in stages_from_object(obj["stages"], path) if s is not None]
+    if stages[-1].kind != "model":
+        raise PrismInputError(f"{where}: the last stage is an adapter; a chain ends with a model")
     base = path.parent if path is not None else Path(".")
+    tokenizers = {k: _resolve(base, v) for k, v in obj.get("tokenizers", {}).items()}
+    return ChainSpec(path, stages, obj.get("name"), obj.get("target"), tokenizers)
 
-    def resolve(text: str) -> Path:
-        q = Path(os.path.expanduser(text))
-        return q if q.is_absolute() else base / q
 
-    stages = []
-    for i, raw in enumerate(obj["stages"]):
+def _resolve(base: Path, text: str) -> Path:
+    q = Path(os.path.expanduser(text))
+    return q if q.is_absolute() else base / q
+
+
+def stages_from_object(raw_stages: list[Any], path: Path | None, alternate: bool = True) -> list[StageSpec | None]:
+    """Each schema-checked stage as a ``StageSpec`` (None for a graph's fusion stage); with
+    ``alternate``, checked to alternate model, adapter, model, ..."""
+    where = str(path) if path is not None else "chain"
+    base = path.parent if path is not None else Path(".")
+    stages: list[StageSpec | None] = []
+    for i, raw in enumerate(raw_stages):
+        if "model" not in raw and "adapter" not in raw:
+            stages.append(None)
+            continue
         kind = "model" if "model" in raw else "adapter"
         expected = "model" if i % 2 == 0 else "adapter"
-        if kind != expected:
+        if alternate and kind != expected:
             raise PrismInputError(f"{where}: stages.{i} (stage {i + 1}): a {kind}, but stages alternate model, adapter, "
                                   "model, ... and start and end with a model")
         name = str(raw.get("name") or Path(raw[kind]).stem or raw[kind])
@@ -172,14 +196,11 @@ def chain_from_object(obj: Any, path: Path | None = None) -> ChainSpec:
             raise PrismInputError(f"{where}: stages.{i} (stage {i + 1}): the name {name!r} holds control characters; "
                                   "give it a printable name")
         stages.append(StageSpec(
-            index=i, kind=kind, path=resolve(raw[kind]), name=name,
+            index=i, kind=kind, path=_resolve(base, raw[kind]), name=name,
             target=raw.get("target"), precision=raw.get("precision"),
-            hf=resolve(raw["hf"]) if "hf" in raw else None,
-            reference=resolve(raw["reference"]) if "reference" in raw else None, sha256=raw.get("sha256")))
-    if stages[-1].kind != "model":
-        raise PrismInputError(f"{where}: the last stage is an adapter; a chain ends with a model")
-    tokenizers = {k: resolve(v) for k, v in obj.get("tokenizers", {}).items()}
-    return ChainSpec(path, stages, obj.get("name"), obj.get("target"), tokenizers)
+            hf=_resolve(base, raw["hf"]) if "hf" in raw else None,
+            reference=_resolve(base, raw["reference"]) if "reference" in raw else None, sha256=raw.get("sha256")))
+    return stages
 
 
 def stage_digest(path: Path) -> str | None:

@@ -233,8 +233,12 @@ def _last_model_graphs(chain: Any, reference: ReferenceChain, embeds: np.ndarray
     """The last model's prefill graph and its KV-cache graph, each against transformers on the
     reference's embeddings: the prefill on every position, the KV graph as a prefill of all but
     the last position and one decoding step."""
-    last = chain.last
-    want = reference.stage(len(chain.stages) - 1, embeds, mask)
+    return last_model_graphs(chain.last, reference.stage(len(chain.stages) - 1, embeds, mask), embeds, mask, tol)
+
+
+def last_model_graphs(last: Any, want: np.ndarray, embeds: np.ndarray, mask: np.ndarray,
+                      tol: tolerances.Tolerances) -> dict[str, Any]:
+    """A last model's two graphs on ``embeds`` against the reference logits ``want``."""
     plain = compare(last.run(embeds, mask), want, mask, logits=True, tie_gap=tol.tie_gap)
     seq = embeds.shape[1]
 
