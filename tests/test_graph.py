@@ -136,6 +136,7 @@ def test_logit_fusion_is_the_weighted_branches(opened, parts):
     got = graph(ids, mask)
     assert np.allclose(got, want, atol=1e-4)
     assert not np.array_equal(branches[0].argmax(-1), branches[1].argmax(-1))  # the branches differ
+    assert graph.stages[2] is graph.stages[4]  # D1 and D2 name one folder: opened once
     tokens = graph.generate(ids, mask, max_new_tokens=1)
     assert np.array_equal(tokens[:, 0], want[:, -1].argmax(-1))
 
