@@ -206,7 +206,14 @@ def bad_graphs(p) -> list[tuple[str, list[dict], str]]:
     tokenizers[3]["adapter"] = str(p["a-g"])
     tokenizers[4] = {"model": str(p["G"]), "hf": str(p["hf"]["gpt2"]), "name": "G"}
     tokenizers[5]["inputs"] = ["D1", "G"]
+    role = diamond(p)
+    role[6]["model"] = str(p["C"])  # a middle export where the output needs a last model
+    adapter_to_adapter = diamond(p)
+    adapter_to_adapter[3]["inputs"] = ["a-b"]
     return [
+        ("role", role, "stage 7 (model D): exported as role 'middle'; its place in the graph needs a 'last' model"),
+        ("adapter to adapter", adapter_to_adapter, "stage 4 (adapter a-c): edge a-b -> a-c: an adapter takes models' "
+                                                   "hidden states"),
         ("cycle", cycle, "a cycle through the edges"),
         ("two sources", two_sources, "stage 1 (model A) and stage 4 (adapter a-c) both take no input"),
         ("width", width, "stage 6 (adapter fuse): edge B + C -> fuse: in_dim 64 does not match the hidden widths "
