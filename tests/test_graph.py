@@ -188,7 +188,7 @@ def test_chain_files_run_as_graphs_unchanged(parts, tmp_path, capsys):
         assert len(json.loads(capsys.readouterr().out)["generated_ids"][0]) == 3
     # a graph file given as a chain says to use --graph
     assert main(["run", "--chain", str(write(tmp_path / "g.json", diamond(parts))), "--ids", str(ids_file)]) == 2
-    assert "run it with --graph" in capsys.readouterr().err
+    assert "a graph file; give it with --graph" in capsys.readouterr().err
 
 
 def bad_graphs(p) -> list[tuple[str, list[dict], str]]:
