@@ -136,6 +136,7 @@ def test_logit_fusion_is_the_weighted_branches(opened, parts):
     got = graph(ids, mask)
     assert np.allclose(got, want, atol=1e-4)
     assert not np.array_equal(branches[0].argmax(-1), branches[1].argmax(-1))  # the branches differ
+    assert graph.stages[2] is graph.stages[4]  # D1 and D2 name one folder: opened once
     tokens = graph.generate(ids, mask, max_new_tokens=1)
     assert np.array_equal(tokens[:, 0], want[:, -1].argmax(-1))
 
@@ -187,7 +188,7 @@ def test_chain_files_run_as_graphs_unchanged(parts, tmp_path, capsys):
         assert len(json.loads(capsys.readouterr().out)["generated_ids"][0]) == 3
     # a graph file given as a chain says to use --graph
     assert main(["run", "--chain", str(write(tmp_path / "g.json", diamond(parts))), "--ids", str(ids_file)]) == 2
-    assert "run it with --graph" in capsys.readouterr().err
+    assert "a graph file; give it with --graph" in capsys.readouterr().err
 
 
 def bad_graphs(p) -> list[tuple[str, list[dict], str]]:
@@ -205,7 +206,14 @@ def bad_graphs(p) -> list[tuple[str, list[dict], str]]:
     tokenizers[3]["adapter"] = str(p["a-g"])
     tokenizers[4] = {"model": str(p["G"]), "hf": str(p["hf"]["gpt2"]), "name": "G"}
     tokenizers[5]["inputs"] = ["D1", "G"]
+    role = diamond(p)
+    role[6]["model"] = str(p["C"])  # a middle export where the output needs a last model
+    adapter_to_adapter = diamond(p)
+    adapter_to_adapter[3]["inputs"] = ["a-b"]
     return [
+        ("role", role, "stage 7 (model D): exported as role 'middle'; its place in the graph needs a 'last' model"),
+        ("adapter to adapter", adapter_to_adapter, "stage 4 (adapter a-c): edge a-b -> a-c: an adapter takes models' "
+                                                   "hidden states"),
         ("cycle", cycle, "a cycle through the edges"),
         ("two sources", two_sources, "stage 1 (model A) and stage 4 (adapter a-c) both take no input"),
         ("width", width, "stage 6 (adapter fuse): edge B + C -> fuse: in_dim 64 does not match the hidden widths "

@@ -158,7 +158,7 @@ def chain_from_object(obj: Any, path: Path | None = None) -> ChainSpec:
                         None)
         if graphish is not None:
             raise PrismInputError(f"{where}: stages.{graphish} (stage {graphish + 1}) names its inputs or is a fusion: "
-                                  "a graph file; run it with --graph")
+                                  "a graph file; give it with --graph")
     try:
         jsonschema.validate(obj, SCHEMA)
     except jsonschema.ValidationError as exc:

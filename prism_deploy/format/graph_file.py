@@ -263,8 +263,6 @@ def check_structure(spec: GraphSpec) -> None:
             after = [nodes[j] for j in spec.consumers(n.index)]
             spec.roles[n.index] = ("first" if n.index == 0 else
                                    "middle" if any(c.kind == "adapter" for c in after) else "last")
-    if spec.roles.get(0) == "first" and not spec.consumers(0):  # pragma: no cover - caught as unreachable
-        raise PrismInputError(f"{where}: {nodes[0].label}: the source feeds nothing")
 
 
 def _find_cycle(nodes: list[GraphNode]) -> list[int]:

@@ -4,7 +4,9 @@ A :class:`Graph` opens every stage of a graph file (:mod:`prism_deploy.format.gr
 chain does (models by the role their place asks for, adapters by
 :func:`~prism_deploy.runtime.adapters.adapter_runner`) and runs them in topological order, wave
 by wave: the stages of one wave take only earlier waves' outputs, and run on threads at the same
-time when ``concurrent`` (ONNX Runtime releases the GIL while a session runs). Hand-offs stay on
+time when ``concurrent`` (ONNX Runtime releases the GIL while a session runs). A model folder
+that several stages name with one role and target (one last model behind two branches) is
+opened once, its sessions shared. Hand-offs stay on
 the device as in the chain (``run_device``), except into a fusion adapter: its inputs' hidden
 states are concatenated on the host (one round trip, counted in ``host_round_trips``).
 
@@ -65,8 +67,16 @@ class Graph:
         self.names = [n.name for n in spec.nodes]
         self.waves = levels(spec)
         self.stages: list[Any] = []
+        opened: dict[tuple[str, ...], Any] = {}  # a model folder several stages name is opened once
         for n in spec.nodes:
+            key = ((str(n.stage.path.resolve()), spec.roles[n.index], n.stage.target or self.target)
+                   if n.kind == "model" and n.stage is not None else None)
+            if key is not None and key in opened:
+                self.stages.append(opened[key])
+                continue
             self.stages.append(self._open(n, threads, (adapters or {}).get(n.index)))
+            if key is not None:
+                opened[key] = self.stages[-1]
         self._check_widths()
         self.max_seq = min(s.max_seq for s in self.models)
         self.timings: dict[str, float] = {}
