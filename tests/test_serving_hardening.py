@@ -298,3 +298,59 @@ def test_the_served_adapter_answers_zero_tokens_as_load_engines_does(serving_sta
         client.close()
         grpc.close()
         assert rel_l2(got, np.asarray(engines.run(x))) <= 1e-5
+
+
+def test_serve_refuses_a_json_request_declaring_more_values_than_it_carries_and_keeps_serving(
+        serving_stages, serving_env, tmp_path):
+    """Triton 2.51 allocates a JSON input's declared shape before reading it ([1, 10^9, 48] with two
+    numbers aborted it); serve's HTTP front refuses such a request, and passes the rest through."""
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["dense_build"]), "-o", str(repo)]) == 0
+    x = np.random.default_rng(8).standard_normal((1, 2, 64)).astype(np.float32)
+    ports = [free_port() for _ in range(3)]
+    proc = serve_process(repo, *ports, tmp_path / "serve.log")
+    http_url = f"127.0.0.1:{ports[0]}"
+    try:
+        wait_ready(http_url, proc)
+        _wait_state(repo)
+        url = f"http://{http_url}/v2/models/adapter/infer"
+        for shape in ([1, 10**9, 48], [10**6, 1, 64], [1, 2**40, 64]):
+            body = json.dumps({"inputs": [{"name": "hidden", "shape": shape, "datatype": "FP32",
+                                           "data": [1.0, 2.0]}]}).encode()
+            status, text = _post(url, body, {"Content-Type": "application/json"})
+            assert status == 400 and "declares" in json.loads(text)["error"] and "\n" not in text, (shape, text)
+        head = json.dumps({"inputs": [{"name": "hidden", "shape": [1, 10**9, 48], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": 8}}]}).encode()
+        status, text = _post(url, head + b"\0" * 8, {"Inference-Header-Content-Length": str(len(head))})
+        assert status == 400, text  # Triton's own check, through the front
+        ok = json.dumps({"inputs": [{"name": "hidden", "shape": [1, 2, 64], "datatype": "FP32",
+                                     "data": x.ravel().tolist()}]}).encode()
+        status, text = _post(url, ok, {"Content-Type": "application/json"})
+        assert status == 200
+        got = np.asarray(json.loads(text)["outputs"][0]["data"], np.float32).reshape(1, 2, 96)
+        assert rel_l2(got, reference(z["dense"], x)) <= 1e-5
+        client = httpclient.InferenceServerClient(http_url)  # keep-alive, binary tensors
+        for _ in range(3):
+            got = client.infer("adapter", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
+            assert rel_l2(got, reference(z["dense"], x)) <= 1e-5
+        assert client.is_server_ready() and client.is_model_ready("adapter")
+        client.close()
+        assert proc.poll() is None
+    finally:
+        stop_process_group(proc)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def test_the_front_judges_only_json_data_against_the_body():
+    from prism_deploy.serving.http_guard import declared_too_much
+
+    def body(inputs: list[dict[str, object]]) -> bytes:
+        return json.dumps({"inputs": inputs}).encode()
+
+    assert declared_too_much(body([{"name": "h", "shape": [1, 10**9, 48], "data": [1.0]}]), None)
+    assert declared_too_much(body([{"name": "h", "shape": [1, 2, 2], "data": [1.0] * 4}]), None) is None
+    assert declared_too_much(body([{"name": "h", "shape": [1, 0, 64], "data": []}]), None) is None  # zero tokens
+    head = body([{"name": "h", "shape": [1, 10**9, 48], "parameters": {"binary_data_size": 8}}])
+    assert declared_too_much(head + b"\0" * 8, str(len(head))) is None  # binary: Triton checks the bytes
+    assert declared_too_much(b"not json", None) is None and declared_too_much(b"[]", None) is None
