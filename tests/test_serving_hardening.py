@@ -354,3 +354,32 @@ def test_the_front_judges_only_json_data_against_the_body():
     head = body([{"name": "h", "shape": [1, 10**9, 48], "parameters": {"binary_data_size": 8}}])
     assert declared_too_much(head + b"\0" * 8, str(len(head))) is None  # binary: Triton checks the bytes
     assert declared_too_much(b"not json", None) is None and declared_too_much(b"[]", None) is None
+
+
+def test_serve_removes_its_default_log_after_a_clean_stop(serving_stages, serving_env, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.serving_helpers import ROOT
+
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["dense_build"]), "-o", str(repo)]) == 0
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    ports = [free_port() for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "prism_deploy", "serve", str(repo), "--http-port", str(ports[0]),
+                             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir)})
+    try:
+        wait_ready(f"127.0.0.1:{ports[0]}", proc)
+        _wait_state(repo)
+        assert len(list(tmpdir.glob("prism-tritonserver-*.log"))) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        stop_process_group(proc)
+    assert list(tmpdir.glob("prism-tritonserver-*.log")) == []

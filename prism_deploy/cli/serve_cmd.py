@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exit-timeout", type=number(Limit(int, 0, 86_400)), default=30,
                    help="on SIGINT/SIGTERM, seconds Triton waits for in-flight requests and open client connections "
                         "(default 30, Triton's)")
-    p.add_argument("--log", metavar="FILE", help="server log file (default: a file in the temporary folder)")
+    p.add_argument("--log", metavar="FILE", help="server log file (default: a file in the temporary folder, removed "
+                   "after a clean stop)")
     p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line once ready")
     declare_outputs(p, files=("log",), folders=())
     p.set_defaults(func=run)
@@ -85,15 +86,18 @@ def run(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     state = repo / SERVE_STATE
     wrote_state = False
+    stopped_cleanly = False
     try:
         server.start()
         try:
             ready_s = server.wait_ready(args.ready_timeout)
         except PrismInputError:
             if stop_requested:  # asked to stop while loading: the server's exit is the expected one
+                stopped_cleanly = True
                 return _stopped(server)
             raise
         if stop_requested:
+            stopped_cleanly = True
             return _stopped(server)
         try:
             guard = HttpGuard(args.host, http, server.http_port)
@@ -126,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"error: tritonserver exited by itself ({server.exit_cause()}); log: {server.log_path}",
                       file=sys.stderr)
                 return 1
+        stopped_cleanly = True
         return _stopped(server, guard)
     finally:
         if guard is not None:
@@ -133,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
         server.stop()
         if wrote_state and _ours(state):
             state.unlink()
+        if stopped_cleanly and not args.log and server.log_path is not None:
+            # the default log, in the temporary folder, is ours: kept only when it explains a failure
+            server.log_path.unlink(missing_ok=True)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
