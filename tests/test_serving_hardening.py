@@ -383,3 +383,43 @@ def test_serve_removes_its_default_log_after_a_clean_stop(serving_stages, servin
     finally:
         stop_process_group(proc)
     assert list(tmpdir.glob("prism-tritonserver-*.log")) == []
+
+
+def test_the_front_leaves_no_connection_open_per_client_and_passes_bodies_unchanged():
+    import http.server
+    import os
+    import threading
+
+    from prism_deploy.serving.http_guard import HttpGuard
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    front = HttpGuard("127.0.0.1", 0, upstream.server_address[1])
+    front.start()
+    try:
+        url = f"http://127.0.0.1:{front.server_address[1]}/v2/models/m/infer"
+        fds = len(os.listdir("/proc/self/fd"))
+        for i in range(50):  # a new client connection each time
+            body = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [i, 2]}]}).encode()
+            assert _post(url, body, {}) == (200, body.decode())
+        deadline = time.monotonic() + 10
+        while front._open and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert front._open == set() and len(os.listdir("/proc/self/fd")) <= fds + 2
+    finally:
+        front.stop()
+        upstream.shutdown()
+        upstream.server_close()

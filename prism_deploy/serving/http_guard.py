@@ -131,6 +131,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _forward
 
+    def finish(self) -> None:
+        """The client's connection ends: so does this thread's connection to Triton (one per client
+        connection, never left open: Triton's shutdown waits for open connections)."""
+        try:
+            super().finish()
+        finally:
+            conn = getattr(self.server._local, "conn", None)
+            if conn is not None:
+                self.server.drop(conn)
+
 
 class _NoDelayConnection(http.client.HTTPConnection):
     def connect(self) -> None:
