@@ -116,9 +116,12 @@ def test_a_request_without_the_secret_cannot_load_code_or_unload_and_triton_upda
         got = client.infer("adapter", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
         client.close()
         assert rel_l2(got, reference(z["dense_new"], x)) <= 1e-5
+        time.sleep(1.5)  # the stub watch looks every 0.5 s: the old version's stub has exited by now
     finally:
         stop_process_group(proc)
     assert not (repo / SERVE_STATE).exists()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert "backend process died" not in err, err  # a version unloaded by the swap is not a dead process
 
 
 def test_a_server_that_aborted_is_reported_by_its_fatal_lines_not_its_gpu_noise(tmp_path):
