@@ -130,6 +130,8 @@ class TritonServer:
     exit_timeout_s: int = EXIT_TIMEOUT_S
     # the control APIs' secret; None serves them unrestricted, which only a loopback host may
     secret: str | None = field(default_factory=new_secret)
+    # where Triton's own HTTP listens when it differs from ``host`` (serve: loopback, behind its guard)
+    http_host: str | None = None
     binary: ServerBinary | None = None
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
@@ -141,7 +143,7 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"{self.probe_host}:{self.http_port}"
+        return f"{self.http_host or self.probe_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
@@ -176,7 +178,7 @@ class TritonServer:
         self.binary = binary
         cmd = [str(binary.path), f"--model-repository={self.repo.resolve()}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
-               f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
+               f"--http-address={self.http_host or self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
                "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.load),
                # our configs are complete: no auto-complete stub process per Python model at load
                "--disable-auto-complete-config", "--strict-readiness=true", "--exit-on-error=true",
