@@ -85,3 +85,10 @@ def test_a_file_where_a_stage_folder_belongs_is_named(tmp_path):
         inspect_stage(chain_json)
     with pytest.raises(PrismInputError, match="no such folder"):
         inspect_stage(tmp_path / "missing")
+
+
+def test_json_is_a_stdout_flag_in_every_command():
+    for name, parser in _commands().items():
+        for action in parser._actions:
+            if "--json" in action.option_strings:
+                assert action.nargs == 0 and action.const is True, name  # store_true: never a FILE
