@@ -92,3 +92,10 @@ def test_json_is_a_stdout_flag_in_every_command():
         for action in parser._actions:
             if "--json" in action.option_strings:
                 assert action.nargs == 0 and action.const is True, name  # store_true: never a FILE
+
+
+def test_a_typo_is_named_before_a_missing_required_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["export-model", "m", "--rol", "first", "-o", "o"])  # --role is required: the typo is the cause
+    err = capsys.readouterr().err
+    assert "unrecognized argument: --rol" in err and "did you mean --role?" in err

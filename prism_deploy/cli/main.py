@@ -56,6 +56,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        commands = getattr(self, "_commands", {})
+        words = list(sys.argv[1:] if args is None else args)
+        if words and words[0] in commands:  # a mistyped flag is named before a missing required one
+            command = commands[words[0]]
+            known = {s for action in command._actions for s in action.option_strings}
+            rest = words[1:words.index("--")] if "--" in words else words[1:]
+            unknown = [w for w in rest if w.startswith("--") and w.split("=", 1)[0] not in known]
+            if unknown:
+                command.error(unrecognized(unknown, command))
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:  # said by the sub-command's parser, with the flag it probably meant
             command = self._commands.get(getattr(parsed, "command", None) or "", self) if hasattr(self, "_commands") else self
