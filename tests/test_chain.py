@@ -526,3 +526,29 @@ def test_a_killed_chain_builds_leftovers_do_not_block_a_rerun(parts, tmp_path, c
         names = {p.name for p in (out / stage).iterdir()}
         assert "manifest.json" in names and not any(n.startswith(".build") for n in names - {".build.lock"}), names
     assert not (out / "3-llama" / ".build.lock").exists()  # the folder is locked, not a file in it
+
+
+@pytest.mark.parametrize("tolerance", ["fp32", "fp16", "int8", "int4"])
+def test_parity_says_whether_greedy_agreement_is_part_of_the_check(parts, tmp_path, capsys, tolerance):
+    chain_file = write_chain(tmp_path / "chain.json", three_model_stages(parts))
+    capsys.readouterr()
+    code = main(["parity", "--chain", str(chain_file), "--seq", "6", "--new-tokens", "2", "--tolerance", tolerance])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("greedy tokens:"))
+    assert code == 0 and "parity: passed" in out
+    assert ("not part of the check" in line) == (tolerance != "fp32"), line
+    if tolerance != "fp32":
+        assert f"at {tolerance}" in line
+
+
+@pytest.mark.parametrize("value", [2, -1, 255])
+def test_attention_mask_values_other_than_0_and_1_are_refused(parts, value):
+    chain = Chain.from_file(write_chain(parts["root"] / "mask-chain.json", three_model_stages(parts)))
+    ids, mask = ids_and_mask(chain.first.vocab)
+    mask[0, -1] = value
+    with pytest.raises(PrismInputError, match="attention_mask: values must be 0 .* or 1"):
+        chain(ids, mask)
+    with pytest.raises(PrismInputError, match="attention_mask: values must be 0 .* or 1"):
+        chain.generate(ids, mask, max_new_tokens=1)
+    mask[0, -1] = 1
+    chain(ids, mask.astype(bool))  # booleans are 0 and 1

@@ -74,6 +74,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if not Path(args.adapter).is_file():
+        from prism_deploy.format.model_folder import not_an_adapter
+
+        reason = not_an_adapter(args.adapter)
+        if reason is not None:
+            raise PrismInputError(f"{args.adapter}: {reason} (time model folders with bench --model)")
         raise PrismInputError(f"{args.adapter}: no such adapter file")
     for option, value in (("--json-out", args.json_out), ("--plot", args.plot)):
         if value and Path(value).is_dir():

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from prism_deploy.cli.paths import FULL_OR_READ_ONLY, check_outputs, declared_output
 from prism_deploy.core.errors import CheckFailed, PrismInputError, printable, require
@@ -44,10 +45,47 @@ COMMAND_MODULES = [
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # "--max-new-token" must not pass for "--max-new-tokens": a prefix is a typo, not a choice
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse prints usage plus an error on two lines; the project promises one line.
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        print(f"error: {self.prog}: {printable(message)}", file=sys.stderr)
         raise SystemExit(2)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        commands = getattr(self, "_commands", {})
+        words = list(sys.argv[1:] if args is None else args)
+        if words and words[0] in commands:  # a mistyped flag is named before a missing required one
+            command = commands[words[0]]
+            known = {s for action in command._actions for s in action.option_strings}
+            rest = words[1:words.index("--")] if "--" in words else words[1:]
+            unknown = [w for w in rest if w.startswith("--") and w.split("=", 1)[0] not in known]
+            if unknown:
+                command.error(unrecognized(unknown, command))
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # said by the sub-command's parser, with the flag it probably meant
+            command = self._commands.get(getattr(parsed, "command", None) or "", self) if hasattr(self, "_commands") else self
+            command.error(unrecognized(extras, command))
+        return parsed
+
+
+def unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """"unrecognized argument(s): ..." and, for a flag close to one of ``parser``'s, that flag."""
+    import difflib
+
+    flags = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    hints = []
+    for extra in extras:
+        word = extra.split("=", 1)[0]
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word, flags, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{word}: did you mean {close[0]}?")
+    return (f"unrecognized argument{'s' if len(extras) > 1 else ''}: {' '.join(extras)}"
+            + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    parser._commands = dict(subparsers.choices)  # type: ignore[attr-defined]
     return parser
 
 

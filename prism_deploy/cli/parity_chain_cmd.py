@@ -134,8 +134,9 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"end to end: logits rel L2 {f['rel_l2']:.3g} (<= {tol['rel_l2_max']:g}), KL mean {f['kl_mean']:.3g} "
           f"max {f['kl_max']:.3g} (<= {tol['kl_max']:g}), top-1 {f['top1']:.3f} (>= {tol['top1_min']:g})")
     if "greedy" in report:
-        print(f"greedy tokens: {report['greedy']['match']:.3f} agree with the reference {what}'s "
-              f"({report['greedy']['new_tokens']} new tokens)")
+        greedy = report["greedy"]
+        print(f"greedy tokens: {greedy['match']:.3f} agree with the reference {what}'s ({greedy['new_tokens']} new tokens)"
+              + ("" if greedy.get("judged", True) else f"; {greedy['why']}"))
     bisect = report.get("bisect")
     if bisect:
         print(f"bisect: {bisect.get('summary', 'nothing out of tolerance')}")

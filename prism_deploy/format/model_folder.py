@@ -160,6 +160,16 @@ def verify_files(model_dir: str | os.PathLike[str], manifest: dict[str, Any]) ->
                                   "export the model again)")
 
 
+def not_an_adapter(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not an adapter, where it is something else the project writes (a model
+    export or build folder); None when it is none of those."""
+    p = Path(path)
+    if p.is_dir() and (p / MANIFEST).is_file():
+        return ("a model folder (export-model or build --model), where an adapter belongs: give an adapter "
+                ".safetensors, .onnx or build folder")
+    return None
+
+
 def is_own_trace(path: Path) -> bool:
     """A scratch folder export-model made (its name and its mark), left by a killed export."""
     return (path.name.startswith(TRACE_PREFIX) and not path.is_symlink() and path.is_dir()

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.limits import mask_problem
 from prism_deploy.core.targets import target_provider
 from prism_deploy.format.chain_file import ChainSpec, check_stage_files, read_chain_file
 from prism_deploy.runtime.adapters import adapter_runner
@@ -173,6 +174,9 @@ class Chain:
         if mask.shape != ids.shape or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
             raise PrismInputError(f"attention_mask: shape {list(mask.shape)} {mask.dtype} differs from input_ids "
                                   f"{list(ids.shape)} (integers 0/1 expected)")
+        problem = mask_problem(mask)
+        if problem is not None:
+            raise PrismInputError(problem)
         if ids.shape[1] > self.max_seq:
             raise PrismInputError(f"input_ids: {ids.shape[1]} tokens, more than the exported max_seq {self.max_seq}")
         return ids.astype(np.int64), mask.astype(np.int64)

@@ -146,7 +146,9 @@ def inspect_stage(path: str | os.PathLike[str], *, precision: str | None = None,
     """Describe a build folder (adapter or model) or a model export folder as a chain stage."""
     folder = Path(path)
     if not folder.is_dir():
-        raise PrismInputError(f"{path}: no such folder (give a `prism-deploy build` or `export-model` folder)")
+        what = ("a file, not a folder: give the stage folders (a build --chain folder's chain.json lists them)"
+                if folder.is_file() else "no such folder")
+        raise PrismInputError(f"{path}: {what} (give `prism-deploy build` or `export-model` folders)")
     if (folder / MANIFEST_JSON).is_file():
         from prism_deploy.format.engine_manifest import read_manifest, source_kind
 
