@@ -426,3 +426,21 @@ def test_the_front_leaves_no_connection_open_per_client_and_passes_bodies_unchan
         front.stop()
         upstream.shutdown()
         upstream.server_close()
+
+
+@pytest.mark.parametrize("values", [[[1, 2, 1]], [[1, 1, 7]], [[-1, 1, 1]]])
+def test_the_backend_refuses_attention_mask_values_other_than_0_and_1(monkeypatch, values):
+    """The served stages refuse what the in-process runtime refuses (core.limits.mask_problem):
+    another number would be read as a weight and change the logits."""
+    from types import SimpleNamespace
+
+    from prism_deploy.serving import backend
+
+    tensors = {"attention_mask": np.asarray(values, dtype=np.int64), "input_ids": np.ones((1, 3), np.int64)}
+    fake_pb = SimpleNamespace(get_input_tensor_by_name=lambda request, name: (
+        SimpleNamespace(as_numpy=lambda: tensors[name]) if name in tensors else None))
+    monkeypatch.setattr(backend, "_pb", lambda: fake_pb)
+    with pytest.raises(backend.RequestError, match="attention_mask: values must be 0"):
+        backend._input(object(), "attention_mask")
+    tensors["attention_mask"] = np.asarray([[0, 1, 1]], dtype=np.int64)
+    assert backend._input(object(), "attention_mask").tolist() == [[0, 1, 1]]
