@@ -7,7 +7,9 @@ Graph, for ``hidden`` ``[batch, seq, in_dim]``:
       ungated: one MatMul on a dense weight (folded with its ungated neighbours in fp32/fp16)
       gated:   gate/MatMul + gate/Add (float32 scores) -> gate/TopK -> gate/Softmax ->
                gate/Mul (gate_scale) -> gate/ScatterElements into gate/ConstantOfShape zeros
-               [T, R*C] -> grouped batched MatMul over the tile grid (form A or B below)
+               [T, R*C] -> batched MatMul over the tile grid (form A or B below), or only
+               the selected tiles (the sparse and grouped forms)
+      INT8 ungated with ``ort_nbits``: ONNX Runtime's MatMulNBits on the 8-bit weights
     combine: Mul by the combine weight (weighted), Sum over pipes -> Cast -> Reshape = adapted
 
 The node count depends on the pipes and the precision, never on the number of workers. The
@@ -36,8 +38,8 @@ from prism_deploy.lower.graph import DTYPE_NAMES, NP_TO_ONNX, GraphBuilder
 
 GATED_FORMS = ("auto", "A", "B", "sparse", "grouped")
 DEFAULT_GATED_FORM = "auto"
-# The gated form. Both compute every worker (ONNX has no sparse op; the plugin of the fusion
-# pass is the sparse path), so they differ only in the intermediate they materialise:
+# The gated form. A and B compute every worker (the sparse and grouped forms below compute
+# only the selected ones), so they differ only in the intermediate they materialise:
 #   A: scale the input per row-block by the gates, one MatMul batched over the R row-blocks
 #      ([R, T, C*tc] @ [R, C*tc, tr]); the sum over column-blocks happens inside the MatMul's
 #      reduction, as in the reference. Intermediate: R * T * C*tc values.
