@@ -531,6 +531,7 @@ class AdapterGraphBuilder:
         xs = g.op("Gather", [xt, col], f"{p}input/Gather", axis=0)  # [n, tc, T]
         part = g.op("MatMul", [t3, xs], f"{p}MatMul")  # [n, tr, T]
         if scaled_after:
+            assert scales is not None  # int8 tiles always have their row scales
             s = g.op("Gather", [g.op("Reshape", [scales, g.ints(f"{p}tiles/scale_shape", [spec.workers, tr, 1])],
                                      f"{p}tiles/ReshapeScales"), sel], f"{p}tiles/GatherScales", axis=0)
             part = g.op("Mul", [part, s], f"{p}partials/Scale")  # [n, tr, T] * [n, tr, 1]
