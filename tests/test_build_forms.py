@@ -145,3 +145,21 @@ def test_the_lowering_rule_graph_is_a_candidate_and_kept_when_nothing_is_faster(
     assert entry["forms"]["baseline"] == "auto" and entry["forms"]["candidates"][0] == "auto"
     assert [b["form"] for b in entry["forms"]["buckets"]] == ["auto"] * 4
     assert [p["form"] for p in entry["parts"]] == ["auto"]
+
+
+def test_inspect_shows_the_table_of_a_build_folder(tmp_path, capsys):
+    from prism_deploy.cli.main import main
+
+    _, out = _build(tmp_path, planted({("sparse", 1): 1e-5, ("A", None): 2e-3}))
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = [line.split() for line in text.splitlines() if line[:1].isdigit()]
+    assert [(r[0], r[-1]) for r in rows] == [("1-1", "sparse"), ("2-8", "B"), ("9-64", "B"), ("65-128", "B")]
+    assert main(["inspect", str(out), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["engines"][0]["forms"] == read_manifest(out)["engines"][0]["forms"]
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "empty" in err[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,7 +69,7 @@ def choose_form(seconds: dict[str, float | None], passed: dict[str, bool], candi
     return min(ok, key=lambda f: (seconds[f], candidates.index(f)))
 
 
-def time_forms(runs: dict[str, Callable[[np.ndarray], np.ndarray]], buckets: Sequence[tuple[int, int]],
+def time_forms(runs: Mapping[str, Callable[[np.ndarray], np.ndarray]], buckets: Sequence[tuple[int, int]],
                in_dim: int, baseline: str, rel_l2_max: float, timer: FormTimer | None = None,
                seed: int = 0) -> list[dict[str, Any]]:
     """Per bucket: every candidate's seconds per call, whether it agrees with ``baseline``'s
@@ -89,9 +89,13 @@ def time_forms(runs: dict[str, Callable[[np.ndarray], np.ndarray]], buckets: Seq
             got = run(x)
             passed[form] = bool(got.shape == want.shape and np.isfinite(got).all()
                                 and rel_l2(got, want) <= rel_l2_max)
-            seconds[form] = float(timer(form, tokens, lambda run=run: run(x))) if passed[form] else None
-        form = choose_form(seconds, passed, candidates)
-        records.append({"max_tokens": max_tokens, "timed_tokens": tokens, "form": form,
+            seconds[form] = float(timer(form, tokens, _bound(run, x))) if passed[form] else None
+        chosen = choose_form(seconds, passed, candidates)
+        records.append({"max_tokens": max_tokens, "timed_tokens": tokens, "form": chosen,
                         "seconds": seconds, "passed": passed})
     return records
 
+
+
+def _bound(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> Callable[[], Any]:
+    return lambda: run(x)

@@ -7,7 +7,9 @@ Graph, for ``hidden`` ``[batch, seq, in_dim]``:
       ungated: one MatMul on a dense weight (folded with its ungated neighbours in fp32/fp16)
       gated:   gate/MatMul + gate/Add (float32 scores) -> gate/TopK -> gate/Softmax ->
                gate/Mul (gate_scale) -> gate/ScatterElements into gate/ConstantOfShape zeros
-               [T, R*C] -> grouped batched MatMul over the tile grid (form A or B below)
+               [T, R*C] -> batched MatMul over the tile grid (form A or B below), or only
+               the selected tiles (the sparse and grouped forms)
+      INT8 ungated with ``ort_nbits``: ONNX Runtime's MatMulNBits on the 8-bit weights
     combine: Mul by the combine weight (weighted), Sum over pipes -> Cast -> Reshape = adapted
 
 The node count depends on the pipes and the precision, never on the number of workers. The
@@ -36,8 +38,8 @@ from prism_deploy.lower.graph import DTYPE_NAMES, NP_TO_ONNX, GraphBuilder
 
 GATED_FORMS = ("auto", "A", "B", "sparse", "grouped")
 DEFAULT_GATED_FORM = "auto"
-# The gated form. Both compute every worker (ONNX has no sparse op; the plugin of the fusion
-# pass is the sparse path), so they differ only in the intermediate they materialise:
+# The gated form. A and B compute every worker (the sparse and grouped forms below compute
+# only the selected ones), so they differ only in the intermediate they materialise:
 #   A: scale the input per row-block by the gates, one MatMul batched over the R row-blocks
 #      ([R, T, C*tc] @ [R, C*tc, tr]); the sum over column-blocks happens inside the MatMul's
 #      reduction, as in the reference. Intermediate: R * T * C*tc values.
@@ -514,9 +516,13 @@ class AdapterGraphBuilder:
         mask = g.op("ReduceMax", [hits, g.ints(f"{p}select/axes", [0])], f"{p}select/ReduceMax", keepdims=0)
         sel = g.op("Reshape", [g.op("NonZero", [mask], f"{p}select/NonZero"), g.ints(f"{p}select/flat", [-1])],
                    f"{p}select/indices")  # [n], ascending worker index
-        tiles, scales, t3 = self._tiles_gathered(i, sel)  # [n, tr, tc], compute dtype
+        # weight-only INT8: the gathered int8 tiles multiply in float32 and their row scales
+        # apply to the [n, tr, T] products (one pass over the gathered tiles, not three)
+        scaled_after = self.int8 and not self.qdq
+        tiles, scales, t3 = self._tiles_gathered(i, sel, scaled_after)  # [n, tr, tc]
         # the input column block of each selected tile: x as [C, T, tc], gathered by c = w % C
-        xp = g.op("Pad", [self.x_cd, g.ints(f"{p}pad/pads", [0, 0, 0, spec.padded_in - cfg.in_dim])], f"{p}Pad")
+        x_in = self.x_f32 if scaled_after else self.x_cd
+        xp = g.op("Pad", [x_in, g.ints(f"{p}pad/pads", [0, 0, 0, spec.padded_in - cfg.in_dim])], f"{p}Pad")
         xq = self._act_qdq(xp, f"{p}input/")
         x3 = g.op("Reshape", [xq, g.ints(f"{p}input/shape", [-1, C, tc])], f"{p}input/Reshape")
         xt = g.op("Transpose", [x3], f"{p}input/Transpose", perm=[1, 2, 0])  # [C, tc, T]
@@ -524,6 +530,13 @@ class AdapterGraphBuilder:
         row = g.op("Div", [sel, g.ints(f"{p}select/C_", [C])], f"{p}select/row")
         xs = g.op("Gather", [xt, col], f"{p}input/Gather", axis=0)  # [n, tc, T]
         part = g.op("MatMul", [t3, xs], f"{p}MatMul")  # [n, tr, T]
+        if scaled_after:
+            assert scales is not None  # int8 tiles always have their row scales
+            s = g.op("Gather", [g.op("Reshape", [scales, g.ints(f"{p}tiles/scale_shape", [spec.workers, tr, 1])],
+                                     f"{p}tiles/ReshapeScales"), sel], f"{p}tiles/GatherScales", axis=0)
+            part = g.op("Mul", [part, s], f"{p}partials/Scale")  # [n, tr, T] * [n, tr, 1]
+            if self.cd != np.float32:
+                part = g.op("Cast", [part], f"{p}partials/Cast", to=self.cd_onnx)
         part = g.op("Transpose", [part], f"{p}partials/Transpose", perm=[2, 0, 1])  # [T, n, tr]
         # coefficients [T, R, n]: the tile's gate where R is its row-block, 0 elsewhere
         gsel = g.op("Gather", [gates, sel], f"{p}gates/Gather", axis=1)  # [T, n]
@@ -628,10 +641,11 @@ class AdapterGraphBuilder:
                                                form="grouped"))
         return out
 
-    def _tiles_gathered(self, i: int, sel: str) -> tuple[str, str | None, str]:
+    def _tiles_gathered(self, i: int, sel: str, scaled_after: bool = False) -> tuple[str, str | None, str]:
         """The selected tiles ``[n, tr, tc]`` in the compute dtype, gathered from the storage-order
         initializer (``_tiles_in_storage_order``'s, which stays the contract's ``tiles``).
-        INT8: gathered at 1 byte a value, dequantized after the gather."""
+        INT8: gathered at 1 byte a value, dequantized after the gather; with ``scaled_after``
+        only cast to float32 (the caller applies the row scales to the products)."""
         g, p = self.g, self.prefixes[i]
         spec = self.config.pipes[i]
         W, (tr, tc) = spec.workers, spec.tile
@@ -648,6 +662,8 @@ class AdapterGraphBuilder:
         scale_name = g.initializer(f"{p}tiles/scales", scales)
         q = g.op("Gather", [g.op("Reshape", [tiles, g.ints(f"{p}tiles/shape", [W, tr, tc])], f"{p}tiles/Reshape"),
                             sel], f"{p}tiles/Gather", axis=0)  # [n, tr, tc] int8
+        if scaled_after:
+            return tiles, scale_name, g.op("Cast", [q], f"{p}tiles/CastQ", to=TensorProto.FLOAT)
         s = g.op("Gather", [g.op("Reshape", [scale_name, g.ints(f"{p}tiles/scale_shape", [W, tr, 1])],
                                  f"{p}tiles/ReshapeScales"), sel], f"{p}tiles/GatherScales", axis=0)  # [n, tr, 1]
         deq = g.op("Mul", [g.op("Cast", [q], f"{p}tiles/CastQ", to=TensorProto.FLOAT), s], f"{p}tiles/Dequantize")

@@ -188,6 +188,7 @@ class LoadedEngines:
         x3 = x.reshape(1, *shape) if len(shape) == 2 else x
         if self.by_form:
             form = self.form_for(int(np.prod(shape[:-1])))
+            assert form is not None  # by_form is filled only for entries with forms
             return self.by_form[form].run(x3).reshape(*shape[:-1], self.out_dim)
         y = None
         for weight, runner in self.parts:
