@@ -343,9 +343,11 @@ def test_tensorrt_parses_and_builds_the_dq_form_only(zoo, tmp_path):
         parse_network(nbits, trt_module=trt)
 
 
-def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys):
+def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys, monkeypatch):
     """`bench --model` (routed to bench-model): every folder and transformers eager timed on the
     same inputs; floors from the graphs' bytes; the issue's targets evaluated, not enforced."""
+    # the peers (ONNX Runtime GenAI, llama.cpp) where installed: tests/test_model_forms.py
+    monkeypatch.setattr("prism_deploy.bench.peers.peer_reasons", lambda: {"onnxruntime-genai": "off", "llama.cpp": "off"})
     folders = [zoo["qwen2", "last", "fp32"], exports["B", "int8", "nbits"], exports["B", "int4", "dq"]]
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", *map(str, folders), "--prompt", "4", "--new-tokens", "3", "--repeat", "1",
