@@ -363,7 +363,10 @@ def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys, monkeypatch):
     # bytes per token: the graph's weights as stored, without the embedding table (not in model B's graph)
     assert fp32["weight_bytes_per_token"] > 3.5 * int8["weight_bytes_per_token"] > 3.5 * 1.6 * int4["weight_bytes_per_token"]
     assert fp32["decode"]["speedup_vs_fp32"] == 1.0 and results["machine"]["load_average_start"] is not None
-    assert {t["precision"] for t in results["targets"]} == {"int8", "int4"}
+    # each quantized folder is judged against its target, or says why not: a timing too unstable to compare
+    judged = {t["precision"] for t in results["targets"]}
+    assert all(p in judged or (c["decode"].get("unstable_vs_fp32") and "speedup_vs_fp32" not in c["decode"])
+               for p, c in (("int8", int8), ("int4", int4)))
     # bad input, before any timing: mixed roles, a folder that is not an export
     assert main(["bench-model", str(zoo["qwen2", "last", "fp32"]), str(zoo["llama", "first", "fp32"])]) == 2
     assert "share one role" in capsys.readouterr().err
