@@ -207,3 +207,16 @@ def test_bench_peers_say_why_they_are_skipped(monkeypatch):
     reasons = peers.peer_reasons()
     assert reasons["llama.cpp"].startswith("llama_cpp is not installed")
     assert "pip install --no-deps onnxruntime-genai" in reasons["onnxruntime-genai"]
+
+
+@pytest.mark.slow
+def test_bench_times_genai_beside_both_forms(ort_forms, zoo, tmp_path):
+    """bench --model on the two forms of one last model, with ONNX Runtime GenAI beside them."""
+    from prism_deploy.bench.models import run_model_bench
+
+    results = run_model_bench([ort_forms["portable_last"], ort_forms["ort_last"]], prompt=4, new_tokens=3, repeat=2,
+                              warmup=0, eager=False, hf_dir=str(zoo["llama"]))
+    cases = {c["name"]: c for c in results["cases"]}
+    assert set(cases) == {"portable_last", "ort_last", "onnxruntime-genai fp32"}
+    assert cases["ort_last"]["graph_form"] == "ort" and cases["onnxruntime-genai fp32"]["decode"]["samples"] == 6
+    assert results["peers_skipped"]["llama.cpp"]

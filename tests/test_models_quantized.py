@@ -353,7 +353,7 @@ def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys, monkeypatch):
     assert main(["bench", "--model", *map(str, folders), "--prompt", "4", "--new-tokens", "3", "--repeat", "1",
                  "--warmup", "0", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "transformers eager" in text and "target int4" in text
+    assert "transformers eager" in text and ("target int4" in text or "unstable: " in text)
     results = json.loads(out.read_text())
     cases = {c["name"]: c for c in results["cases"]}
     assert list(cases) == [f.name for f in folders] + ["transformers eager"]

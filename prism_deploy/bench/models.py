@@ -19,6 +19,14 @@ compute (MatMulNBits accuracy level 4) can in principle go below it.
 
 Interleaving: each repetition runs every folder (and eager) once, in turn, so a change of load
 on a shared machine hits all of them alike. Everything is single-batch (batch 1).
+
+Peers (a last model): ONNX Runtime GenAI on the same source model at the folders' precisions,
+where installed, and llama.cpp's reason for being skipped (:mod:`prism_deploy.bench.peers`).
+Folders of either graph form (docs/model-forms.md) are timed as the chain runs them.
+
+Stability: a timing whose p90 / p10 exceeds :data:`UNSTABLE_SPREAD` is flagged ``unstable``
+and gives no speed-up, as base or subject (a baseline that collapsed on a busy machine once read
+as a 13.7x speed-up).
 """
 
 from __future__ import annotations
@@ -34,11 +42,11 @@ from prism_deploy.core.errors import PrismInputError
 
 # The issue's targets for decode per token on ONNX Runtime CPU (issue 18): speed-up over float32
 # and distance to the precision's bytes floor. Read from results, never enforced by the command.
+SPEED_TARGETS = {"int8": {"speedup_vs_fp32": 1.8, "max_ratio_to_floor": 1.5},
+                 "int4": {"speedup_vs_fp32": 3.0, "max_ratio_to_floor": 1.5}}
 # A timing whose 90th percentile exceeds its 10th by more than this is unstable (a core taken by
 # another job, PyTorch's threads collapsing): flagged, and never the base of a speed-up.
 UNSTABLE_SPREAD = 1.5
-SPEED_TARGETS = {"int8": {"speedup_vs_fp32": 1.8, "max_ratio_to_floor": 1.5},
-                 "int4": {"speedup_vs_fp32": 3.0, "max_ratio_to_floor": 1.5}}
 
 
 def graph_bytes(path: str | os.PathLike[str]) -> dict[str, int]:

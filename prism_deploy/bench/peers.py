@@ -8,8 +8,10 @@ decode step), in the same interleaved repetitions.
 
 - **ONNX Runtime GenAI**: its model builder writes the model into a scratch folder (a child
   process; the time is not counted), with ``intra_op_num_threads`` set in its
-  ``genai_config.json``; ``Generator.append_tokens`` is the prefill, ``generate_next_token``
-  a decode step (greedy), on its KV cache shared between past and present.
+  ``genai_config.json``; ``Generator.append_tokens`` and the first ``generate_next_token`` (which
+  only picks from the prefill's logits) are the prefill, each later ``generate_next_token`` a
+  decode step (one model run on the token picked before, greedy), on its KV cache shared
+  between past and present.
 - **llama.cpp** (``llama_cpp``): needs a GGUF file of the model, which this project does not
   write; it is listed with that reason where installed, and as not installed otherwise.
 """
@@ -60,7 +62,7 @@ class GenAIPeer:
         self.build_s = time.perf_counter() - started
         config = json.loads(config_path.read_text())
         config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-        config["search"]["max_length"] = max_length
+        config["search"]["max_length"] = max_length + 1  # the prompt, the prefill's token, one per step
         config_path.write_text(json.dumps(config, indent=2))
         self.model = og.Model(str(out))
         self.max_length = max_length
@@ -75,10 +77,13 @@ class GenAIPeer:
         og = self.og
         assert self.ids is not None
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=self.max_length, do_sample=False)
+        params.set_search_options(max_length=self.max_length + 1, do_sample=False)
         generator = og.Generator(self.model, params)
         t0 = time.perf_counter_ns()
         generator.append_tokens(self.ids.astype(np.int32))  # the prefill, and the first token's logits
+        # picks the first token from the prefill's logits (no model run: GenAI runs the model on a
+        # chosen token in the next call), so each timed call below is one model step, as the folders'
+        generator.generate_next_token()
         prefill = (time.perf_counter_ns() - t0) * 1e-9
         decode = []
         for _ in steps:
