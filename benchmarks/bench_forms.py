@@ -50,7 +50,8 @@ def main() -> int:
               "load_average": {t: {k: r["machine"][k] for k in ("load_average_start", "load_average_timed",
                                                                "load_average_end")} for t, r in runs.items()},
               "summary_by_threads": summary, "runs_by_threads": runs}
-    write_text_atomic(args.output, json.dumps(result, indent=1) + "\n")
+    # paths as the command gave them: relative to the repository, nothing of this machine's
+    write_text_atomic(args.output, json.dumps(result, indent=1).replace(str(Path.cwd()) + "/", "") + "\n")
     for t, cases in summary.items():
         print(f"{t} thread(s), load {result['load_average'][t]}")
         for name, c in cases.items():
