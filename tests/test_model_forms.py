@@ -220,3 +220,24 @@ def test_bench_times_genai_beside_both_forms(ort_forms, zoo, tmp_path):
     assert set(cases) == {"portable_last", "ort_last", "onnxruntime-genai fp32"}
     assert cases["ort_last"]["graph_form"] == "ort" and cases["onnxruntime-genai fp32"]["decode"]["samples"] == 6
     assert results["peers_skipped"]["llama.cpp"]
+
+
+def test_chain_runs_on_the_ort_form(ort_forms, zoo, tmp_path):
+    """first -> adapter -> last with the ort form's stages generates the portable chain's tokens."""
+    from prism_deploy.reference import random_adapter, simple_config
+    from prism_deploy.runtime.chain import Chain
+
+    adapter = tmp_path / "a.safetensors"
+    random_adapter(simple_config(64, 64, (4, 2), top_k=3), seed=7).save(adapter)
+    ids = np.random.default_rng(5).integers(0, 300, size=(2, 6), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    want = Chain([zoo["A"], adapter, ort_forms["portable_last"]]).generate(ids, mask, max_new_tokens=5)
+    chain = Chain([ort_forms["ort_first"], adapter, ort_forms["ort_last"]])
+    np.testing.assert_array_equal(chain.generate(ids, mask, max_new_tokens=5), want)
+    # and the chain's parity check against transformers, the last model's KV path included
+    from prism_deploy.parity.chain import ReferenceChain, check_chain_parity
+
+    report = check_chain_parity(chain, ReferenceChain([zoo["llama"], zoo["llama"]], [adapter]), ids, mask, new_tokens=3)
+    assert report["passed"], report["failures"]
+    assert report["stages"][-1]["graphs"]["graph_with_past"]["passed"]
