@@ -346,15 +346,18 @@ def test_tensorrt_parses_and_builds_the_dq_form_only(zoo, tmp_path):
         parse_network(nbits, trt_module=trt)
 
 
-def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys):
+def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys, monkeypatch):
     """`bench --model` (routed to bench-model): every folder and transformers eager timed on the
     same inputs; floors from the graphs' bytes; the issue's targets evaluated, not enforced."""
+    # the peers (ONNX Runtime GenAI, llama.cpp) where installed: tests/test_model_forms.py
+    monkeypatch.setattr("prism_deploy.bench.peers.peer_reasons", lambda: {"onnxruntime-genai": "off", "llama.cpp": "off"})
     folders = [zoo["qwen2", "last", "fp32"], exports["B", "int8", "nbits"], exports["B", "int4", "dq"]]
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", *map(str, folders), "--prompt", "4", "--new-tokens", "3", "--repeat", "1",
                  "--warmup", "0", "--json-out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "transformers eager" in text and "target int4" in text and "the targets apply to" in text
+    assert "transformers eager" in text and ("target int4" in text or "unstable: " in text)
+    assert "the targets apply to" in text or "unstable: " in text
     results = json.loads(out.read_text())
     cases = {c["name"]: c for c in results["cases"]}
     assert list(cases) == [f.name for f in folders] + ["transformers eager"]
@@ -364,7 +367,10 @@ def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys):
     # bytes per token: the graph's weights as stored, without the embedding table (not in model B's graph)
     assert fp32["weight_bytes_per_token"] > 3.5 * int8["weight_bytes_per_token"] > 3.5 * 1.6 * int4["weight_bytes_per_token"]
     assert fp32["decode"]["speedup_vs_fp32"] == 1.0 and results["machine"]["load_average_start"] is not None
-    assert {t["precision"] for t in results["targets"]} == {"int8", "int4"}
+    # each quantized folder is judged against its target, or says why not: a timing too unstable to compare
+    judged = {t["precision"] for t in results["targets"]}
+    assert all(p in judged or (c["decode"].get("unstable_vs_fp32") and "speedup_vs_fp32" not in c["decode"])
+               for p, c in (("int8", int8), ("int4", int4)))
     # bad input, before any timing: mixed roles, a folder that is not an export
     assert main(["bench-model", str(zoo["qwen2", "last", "fp32"]), str(zoo["llama", "first", "fp32"])]) == 2
     assert "share one role" in capsys.readouterr().err

@@ -19,6 +19,14 @@ compute (MatMulNBits accuracy level 4) can in principle go below it.
 
 Interleaving: each repetition runs every folder (and eager) once, in turn, so a change of load
 on a shared machine hits all of them alike. Everything is single-batch (batch 1).
+
+Peers (a last model): ONNX Runtime GenAI on the same source model at the folders' precisions,
+where installed, and llama.cpp's reason for being skipped (:mod:`prism_deploy.bench.peers`).
+Folders of either graph form (docs/model-forms.md) are timed as the chain runs them.
+
+Stability: a timing whose p90 / p10 exceeds :data:`UNSTABLE_SPREAD` is flagged ``unstable``
+and gives no speed-up, as base or subject (a baseline that collapsed on a busy machine once read
+as a 13.7x speed-up).
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ TARGETS_APPLY_TO = ("the targets apply to the benchmark's model B (weights in th
                     "whose weights are small, call overhead decides and a miss is expected")
 # Default prompt and decode lengths, shortened to fit a folder exported with a smaller max_seq.
 DEFAULT_PROMPT, DEFAULT_NEW_TOKENS = 64, 32
+# A timing whose 90th percentile exceeds its 10th by more than this is unstable (a core taken by
+# another job, PyTorch's threads collapsing): flagged, and never the base of a speed-up.
+UNSTABLE_SPREAD = 1.5
 
 
 def graph_bytes(path: str | os.PathLike[str]) -> dict[str, int]:
@@ -82,8 +93,17 @@ class _OrtModel:
         self.folder = ModelFolder(folder)
         self.role = self.folder.role
         self.manifest = self.folder.manifest
-        self.key = "graph_with_past" if self.role == "last" else "graph"
-        self.session = self.folder.runner(self.key, "cpu", threads=threads).session
+        from prism_deploy.format.model_folder import graph_form
+
+        self.graph_form = graph_form(self.manifest)
+        self.key = "graph_with_past" if self.role == "last" and self.graph_form == "portable" else "graph"
+        runner = self.folder.runner(self.key, "cpu", threads=threads)
+        self.session = runner.session
+        self.ort_form: Any = None
+        if self.graph_form == "ort":  # the fused graph on its shared, preallocated KV buffer
+            from prism_deploy.runtime.ort_form import OrtFormGraph
+
+            self.ort_form = OrtFormGraph(runner, self.role, self.manifest["dims"], int(self.manifest["max_seq"]))
         dims = self.manifest["dims"]
         self.layers, self.kv, self.hd = int(dims["layers"]), int(dims["kv_heads"]), int(dims["head_dim"])
         self.dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
@@ -100,6 +120,7 @@ class _OrtModel:
         return {"path": str(self.folder.dir), "role": self.role, "precision": self.manifest.get("precision", "fp32"),
                 "form": q.get("form"), "block_size": q.get("block_size"), "symmetric": q.get("symmetric"),
                 "accuracy_level": q.get("accuracy_level"), "built": self.folder.built, "graph": self.key,
+                "graph_form": self.graph_form,
                 "weight_bytes_per_token": self.bytes["per_token"], "table_bytes": self.bytes["tables"],
                 "source": self.manifest.get("source")}
 
@@ -108,6 +129,8 @@ class _OrtModel:
         embeddings [1, P, d] (middle, last); ``steps``: embeddings [1, 1, d] fed one by one (last only)."""
         from prism_deploy.format.model_folder import past_names
 
+        if self.ort_form is not None:
+            return self._generate_ort_form(first, steps)
         if self.role in ("first", "middle"):
             mask = np.ones(first.shape[:2], dtype=np.int64)
             feed = {"input_ids": first} if self.role == "first" else {"inputs_embeds": first.astype(self.dtype)}
@@ -129,6 +152,27 @@ class _OrtModel:
             mask = np.ones((1, length), dtype=np.int64)
             t0 = time.perf_counter_ns()
             out = self.session.run(outputs, {"inputs_embeds": emb.astype(self.dtype), "attention_mask": mask, **past})
+            decode.append((time.perf_counter_ns() - t0) * 1e-9)
+        return prefill, decode
+
+    def _generate_ort_form(self, first: np.ndarray, steps: list[np.ndarray]) -> tuple[float, list[float]]:
+        graph = self.ort_form
+        x = first if self.role == "first" else first.astype(self.dtype)
+        length = int(first.shape[1])
+        if self.role in ("first", "middle"):
+            t0 = time.perf_counter_ns()
+            graph.run(x, np.ones((1, length), dtype=np.int64))
+            return (time.perf_counter_ns() - t0) * 1e-9, []
+        cache = graph.new_cache(1)  # allocated once per generation, outside the timed calls, as the chain does
+        t0 = time.perf_counter_ns()
+        graph.step(x, np.ones((1, length), dtype=np.int64), cache)
+        prefill = (time.perf_counter_ns() - t0) * 1e-9
+        decode = []
+        for emb in steps:
+            length += 1
+            mask = np.ones((1, length), dtype=np.int64)
+            t0 = time.perf_counter_ns()
+            graph.step(emb.astype(self.dtype), mask, cache)
             decode.append((time.perf_counter_ns() - t0) * 1e-9)
         return prefill, decode
 
@@ -191,8 +235,19 @@ def _stats(samples: list[float]) -> dict[str, float] | None:
 
 def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = 1, prompt: int | None = None,
                     new_tokens: int | None = None, repeat: int = 5, warmup: int = 1, seed: int = 0, eager: bool = True,
-                    hf_dir: str | None = None) -> dict[str, Any]:
-    """Time every folder (and transformers eager on their source) interleaved; see the module docstring."""
+                    hf_dir: str | None = None, peers: bool = True) -> dict[str, Any]:
+    """Time every folder (and transformers eager on their source, and the installed peers of
+    :mod:`prism_deploy.bench.peers` for a last model) interleaved; see the module docstring."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="prism-bench-peers-") as scratch:
+        return _run_model_bench(folders, threads=threads, prompt=prompt, new_tokens=new_tokens, repeat=repeat,
+                                warmup=warmup, seed=seed, eager=eager, hf_dir=hf_dir, peers=peers, scratch=Path(scratch))
+
+
+def _run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int, prompt: int | None,
+                     new_tokens: int | None, repeat: int, warmup: int, seed: int, eager: bool, hf_dir: str | None,
+                     peers: bool, scratch: Path) -> dict[str, Any]:
     import torch
 
     from prism_deploy.bench.machine import (describe_machine, load_average, measure_copy_bandwidth,
@@ -239,14 +294,39 @@ def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = 1, 
     else:
         table = first.folder.dir / first.manifest["files"]["embed_tokens"]["name"]
         emb = np.load(table, mmap_mode="r")
-        rows = np.asarray(emb[rng.integers(0, emb.shape[0], size=prompt + new_tokens)], dtype=np.float32)
+        token_ids = rng.integers(0, emb.shape[0], size=prompt + new_tokens)
+        rows = np.asarray(emb[token_ids], dtype=np.float32)
         first_in = rows[None, :prompt]
         steps = [rows[None, prompt + i: prompt + i + 1] for i in range(new_tokens)]
 
+    peer_skipped: dict[str, str] = {}
+    if peers and role == "last":
+        from prism_deploy.bench.peers import GENAI_PRECISIONS, GenAIPeer, peer_reasons
+
+        for peer_name, why in peer_reasons().items():
+            if why:
+                peer_skipped[peer_name] = why
+        precisions = sorted({str(r.manifest.get("precision", "fp32")) for r in runners.values() if isinstance(r, _OrtModel)})
+        if "onnxruntime-genai" not in peer_skipped:
+            if not (source and (Path(source) / "config.json").is_file()):
+                peer_skipped["onnxruntime-genai"] = f"no Hugging Face folder at {source!r} (give --hf)"
+            for precision in precisions:
+                if precision not in GENAI_PRECISIONS or "onnxruntime-genai" in peer_skipped:
+                    continue
+                try:
+                    peer = GenAIPeer(str(source), precision, threads, prompt + new_tokens, scratch)
+                except Exception as exc:  # the builder or GenAI's loader: the peer is skipped, with the reason
+                    peer_skipped[f"onnxruntime-genai {precision}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    continue
+                peer.ids = token_ids[None, :prompt]
+                runners[f"onnxruntime-genai {precision}"] = peer
     machine = describe_machine()
     matrix_rate = measure_matrix_rate("cpu", "fp32", threads=threads)
     fp32_runs = [r for r in runners.values() if isinstance(r, _OrtModel) and r.describe()["precision"] == "fp32"]
+    same_precision = {str(r.manifest.get("precision", "fp32")): r for r in runners.values() if isinstance(r, _OrtModel)}
     weights_of = {name: (r.bytes["per_token"] if isinstance(r, _OrtModel)  # eager: the fp32 graph's weights
+                         else same_precision[r.precision].bytes["per_token"]  # a peer: the folder's of its precision
+                         if getattr(r, "precision", None) in same_precision
                          else (fp32_runs[0].bytes["per_token"] if fp32_runs else None)) for name, r in runners.items()}
     bandwidths = {w: measure_copy_bandwidth("cpu", threads=threads, working_set=w)
                   for w in sorted({w for w in weights_of.values() if w is not None})}
@@ -257,10 +337,18 @@ def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = 1, 
     prefill: dict[str, list[float]] = {n: [] for n in runners}
     decode: dict[str, list[float]] = {n: [] for n in runners}
     first_call: dict[str, float] = {}
+    peer_names = {n for n in runners if n.startswith("onnxruntime-genai")}
     for rep in range(warmup + repeat):
-        for name, runner in runners.items():
+        for name, runner in list(runners.items()):
             t0 = time.perf_counter()
-            p, d = runner.generate(first_in, steps)
+            try:
+                p, d = runner.generate(first_in, steps)
+            except Exception as exc:  # a peer that cannot run this model is skipped, with its reason
+                if name not in peer_names or rep:
+                    raise
+                peer_skipped[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                del runners[name], prefill[name], decode[name]
+                continue
             if rep == 0:
                 first_call[name] = time.perf_counter() - t0
             if rep >= warmup:
@@ -285,6 +373,7 @@ def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = 1, 
             if case["decode"]:
                 case["decode"]["ratio_to_floor"] = case["decode"]["median_s"] / floor_decode
             case["prefill"]["ratio_to_floor"] = case["prefill"]["median_s"] / floor_prefill
+        case["unstable"] = _instability(case)
         cases.append(case)
     _ratios(cases)
     return {
@@ -294,7 +383,8 @@ def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = 1, 
         "machine": {**machine, "load_average_start": load_start, "load_average_timed": load_timed,
                     "load_average_end": load_average()},
         "rates": {"matrix_rate_fp32": matrix_rate, "copy_bandwidth": {str(k): v for k, v in bandwidths.items()}},
-        "eager_unavailable": eager_reason, "cases": cases, "targets": _targets(cases) if role == "last" else [],
+        "eager_unavailable": eager_reason, "peers_skipped": peer_skipped, "unstable_spread": UNSTABLE_SPREAD,
+        "cases": cases, "targets": _targets(cases) if role == "last" else [],
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -307,8 +397,19 @@ def _bytes_per_weight(info: dict[str, Any]) -> float:
     return {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + scale, "int4": 0.5 + scale}.get(precision, 4.0)
 
 
+def _instability(case: dict[str, Any]) -> list[str]:
+    """The phases whose timings spread beyond :data:`UNSTABLE_SPREAD` (p90 / p10)."""
+    out = []
+    for phase in ("prefill", "decode"):
+        stats = case[phase]
+        if stats and stats["samples"] >= 3 and stats["p10_s"] > 0 and stats["p90_s"] / stats["p10_s"] > UNSTABLE_SPREAD:
+            out.append(f"{phase} p90/p10 {stats['p90_s'] / stats['p10_s']:.2f} > {UNSTABLE_SPREAD}")
+    return out
+
+
 def _ratios(cases: list[dict[str, Any]]) -> None:
-    """Speed-ups over the fp32 ONNX folder and over transformers eager, per phase."""
+    """Speed-ups over the fp32 ONNX folder and over transformers eager, per phase; none where
+    either timing is unstable (the reason is kept instead: a collapsed baseline is no speed-up)."""
     fp32 = next((c for c in cases if c.get("precision") == "fp32" and not c.get("backend")), None)
     eager = next((c for c in cases if c.get("backend") == "transformers eager"), None)
     for c in cases:
@@ -316,7 +417,13 @@ def _ratios(cases: list[dict[str, Any]]) -> None:
             if not c[phase]:
                 continue
             for label, base in (("speedup_vs_fp32", fp32), ("speedup_vs_eager", eager)):
-                if base is not None and base[phase]:
+                if base is None or not base[phase]:
+                    continue
+                shaky = [f"{who}: {why}" for who, case in ((base["name"], base), (c["name"], c))
+                         for why in case["unstable"] if why.startswith(phase)]
+                if shaky:
+                    c[phase][label.replace("speedup", "unstable")] = sorted(set(shaky))
+                else:
                     c[phase][label] = base[phase]["median_s"] / c[phase]["median_s"]
 
 

@@ -43,6 +43,9 @@ def read_model_export(model_dir: Path) -> dict[str, Any]:
     if (model_dir / MANIFEST_NAME).is_file():
         raise PrismInputError(f"--model {model_dir}: already a build folder; give the `export-model` folder")
     manifest = model_folder.read_model_json(model_dir)
+    if model_folder.graph_form(manifest) != "portable":
+        raise PrismInputError(f"--model {model_dir}: the {model_folder.graph_form(manifest)} graph form runs as exported "
+                              "(a chain stage); builds take the portable form (export-model --graph-form portable)")
     model_folder.verify_files(model_dir, manifest)
     return manifest
 

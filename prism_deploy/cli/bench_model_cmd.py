@@ -22,6 +22,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("folders", nargs="+", metavar="DIR", help="folders from export-model or build --model, one role")
     p.add_argument("--hf", metavar="HF_DIR", help="the source model for the eager baseline (default: model.json's source)")
     p.add_argument("--no-eager", action="store_true", help="skip transformers eager")
+    p.add_argument("--no-peers", action="store_true",
+                   help="skip the ONNX peers (ONNX Runtime GenAI, llama.cpp) timed beside a last model where installed")
     p.add_argument("--threads", type=number(THREADS), default=1, help="CPU threads for ONNX Runtime and torch (default 1)")
     p.add_argument("--prompt", type=number(COUNT), default=None,
                    help="prompt positions (default 64, fewer where the folders' max_seq is smaller)")
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_model_bench(args.folders, threads=args.threads, prompt=args.prompt, new_tokens=args.new_tokens,
                               repeat=args.repeat, warmup=args.warmup, seed=args.seed, eager=not args.no_eager,
-                              hf_dir=args.hf)
+                              hf_dir=args.hf, peers=not args.no_peers)
     if args.json:
         print_json(results)
     else:
@@ -57,6 +59,13 @@ def run(args: argparse.Namespace) -> int:
         write_text_atomic(args.json_out, json.dumps(results, indent=1) + "\n")
         print(f"wrote {args.json_out}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _ratio(stats: dict[str, Any] | None, label: str) -> Any:
+    """A speed-up, or ``unstable`` where either timing spread too far to make one."""
+    if not stats:
+        return None
+    return "unstable" if stats.get(label.replace("speedup", "unstable")) else stats.get(label)
 
 
 def _ms(stats: dict[str, Any] | None, key: str = "median_s") -> Any:
@@ -75,8 +84,8 @@ def print_report(results: dict[str, Any]) -> None:
             (f" b{c['block_size']}" if c.get("block_size") else "") + \
             (f" acc{c['accuracy_level']}" if c.get("accuracy_level") is not None else "")
         rows.append([c["name"], precision, human_bytes(floor["weights_bytes"]) if floor else "-",
-                     _ms(pre), (pre or {}).get("speedup_vs_eager"), (pre or {}).get("ratio_to_floor"),
-                     _ms(dec), _ms(dec, "p90_s"), (dec or {}).get("speedup_vs_fp32"), (dec or {}).get("speedup_vs_eager"),
+                     _ms(pre), _ratio(pre, "speedup_vs_eager"), (pre or {}).get("ratio_to_floor"),
+                     _ms(dec), _ms(dec, "p90_s"), _ratio(dec, "speedup_vs_fp32"), _ratio(dec, "speedup_vs_eager"),
                      _ms(floor, "decode_s"), (dec or {}).get("ratio_to_floor")])
     print_table(["model", "precision", "weights/token", "prefill ms", "x eager", "x floor",
                  "decode ms/tok", "p90", "x fp32", "x eager", "floor ms", "x floor"], rows)
@@ -86,5 +95,11 @@ def print_report(results: dict[str, Any]) -> None:
               f"(target >= {t['speedup_target']}x: {'met' if t['speedup_met'] else 'missed'}), "
               f"{t['ratio_to_floor']:.2f}x its floor (target <= {t['floor_target']}x: {'met' if t['floor_met'] else 'missed'})"
               f"; {t['applies_to']}")
+    for c in results["cases"]:
+        if c.get("unstable"):
+            print(f"unstable: {c['name']}: {'; '.join(c['unstable'])}: its speed-ups are not given "
+                  "(a busy machine; rerun on a quiet one)")
+    for peer, why in (results.get("peers_skipped") or {}).items():
+        print(f"skipped: {peer}: {why}")
     if results.get("eager_unavailable"):
         print(f"unavailable: transformers eager: {results['eager_unavailable']}")

@@ -13,7 +13,7 @@ from prism_deploy.cli.output import print_json, print_table
 from prism_deploy.cli.paths import declare_outputs
 from prism_deploy.core.limits import Limit
 from prism_deploy.core.precision import MODEL_PRECISIONS
-from prism_deploy.format.model_folder import ROLE_ALIASES, ROLES
+from prism_deploy.format.model_folder import GRAPH_FORMS, ROLE_ALIASES, ROLES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="MatMulNBits accuracy_level: 0 float compute, 4 int8 compute on CPU (default 4; nbits only)")
     q.add_argument("--quantize-embedding", action="store_true",
                    help="also quantize embedding tables that the graph gathers from (int4, nbits form)")
+    p.add_argument("--graph-form", default="portable", choices=GRAPH_FORMS,
+                   help="portable (default): standard ONNX from the PyTorch tracer, what TensorRT parses; ort: "
+                        "ONNX Runtime's fused operators (GroupQueryAttention, SkipSimplifiedLayerNormalization, "
+                        "MatMulNBits) from ONNX Runtime GenAI's model builder, with a shared preallocated KV cache "
+                        "(fp32, int8, int4; docs/model-forms.md)")
     p.add_argument("--max-seq", type=number(COUNT), default=None, metavar="N",
                    help="longest sequence the pipeline will accept (default: the model's limit, at most 2048)")
     p.add_argument("--text", metavar="FILE", default=None,
@@ -73,8 +78,19 @@ def run(args: argparse.Namespace) -> int:
     if args.role in ROLE_ALIASES:
         print(f"note: --role {args.role} is now called --role {ROLE_ALIASES[args.role]}", file=sys.stderr)
     spec = quantization_spec(args)  # checked before the model is loaded
-    manifest = export_model(args.hf_dir, args.role, args.output, precision=args.precision, max_seq=args.max_seq,
-                            quantization=spec, force=args.force, text=args.text)
+    if args.graph_form == "ort":
+        from prism_deploy.core.errors import PrismInputError
+        from prism_deploy.models.ort_form import export_ort_form
+
+        if any(v not in (None, False) for v in (args.form, args.block_size, args.asymmetric, args.accuracy_level,
+                                                 args.quantize_embedding)):
+            raise PrismInputError("--graph-form ort: the quantization options are the model builder's own "
+                                  "(block 32, symmetric); give only --precision")
+        manifest = export_ort_form(args.hf_dir, args.role, args.output, precision=args.precision,
+                                   max_seq=args.max_seq, force=args.force)
+    else:
+        manifest = export_model(args.hf_dir, args.role, args.output, precision=args.precision, max_seq=args.max_seq,
+                                quantization=spec, force=args.force, text=args.text)
     if args.json:
         print_json(manifest)
         return 0

@@ -41,6 +41,15 @@ ROLES = ("first", "middle", "last")
 ROLE_ALIASES = {"upper": "first", "lower": "last"}  # the names of releases before chains
 # The graphs of each role, by their key in model.json's "files".
 GRAPHS = {"first": ("graph",), "middle": ("graph",), "last": ("graph", "graph_with_past")}
+# Graph forms (docs/model-forms.md): ``portable`` is standard ONNX from the PyTorch tracer (what
+# TensorRT parses); ``ort`` is ONNX Runtime's fused form (GroupQueryAttention with rotary inside,
+# SkipSimplifiedLayerNormalization, MatMulNBits, fused QKV) from ONNX Runtime GenAI's model
+# builder: one graph per role, with a KV cache that past and present share in one buffer.
+GRAPH_FORMS = ("portable", "ort")
+GRAPHS_BY_FORM: dict[str, dict[str, tuple[str, ...]]] = {
+    "portable": GRAPHS, "ort": {"first": ("graph",), "middle": ("graph",), "last": ("graph",)}}
+# What the ort form's graph of each role gives (ONNX Runtime GenAI's names).
+OUTPUT_ORT_FORM = {"first": "hidden_states", "middle": "hidden_states", "last": "logits"}
 # Files that travel with the graphs (copied into a build folder so that it runs on its own).
 TABLES = ("embed_tokens",)
 # What each role takes and gives (the hand-off of a chain).
@@ -72,6 +81,7 @@ SCHEMA: dict[str, Any] = {
                  "properties": {k: _POS_INT for k in ("hidden", "vocab", "layers", "kv_heads", "head_dim")}},
         "files": {"type": "object", "required": ["graph"], "additionalProperties": _FILE},
         "eos_token_id": {"type": ["integer", "null"], "minimum": 0},
+        "graph_form": {"enum": list(GRAPH_FORMS)},
     },
 }
 
@@ -101,6 +111,42 @@ def io_description(role: str, layers: int) -> dict[str, Any]:
     }
 
 
+def graph_form(manifest: dict[str, Any]) -> str:
+    """``portable`` (folders written before forms existed) or ``ort``."""
+    return str(manifest.get("graph_form", "portable"))
+
+
+def ort_form_io(role: str, layers: int) -> dict[str, Any]:
+    """Inputs and outputs of the ``ort`` form's one graph per role (ONNX Runtime GenAI's names)."""
+    inputs: dict[str, Any] = {"input_ids": ["batch", "seq"]} if role == "first" else {"inputs_embeds": ["batch", "seq", "hidden"]}
+    inputs.update({"attention_mask": ["batch", "total_seq"],
+                   **{n: ["batch", "kv_heads", "past_seq", "head_dim"] for n in past_names(layers)}})
+    out = {OUTPUT_ORT_FORM[role]: ["batch", "seq", "vocab" if role == "last" else "hidden"]}
+    return {"inputs": inputs, "outputs": {**out, **{n: ["batch", "kv_heads", "total_seq", "head_dim"]
+                                                     for n in past_names(layers, "present")}}}
+
+
+def right_padding_shifts(attention_mask: Any) -> Any:
+    """How far each row's real tokens move left when a left-padded batch is fed right-padded.
+
+    GroupQueryAttention counts a row's real tokens from position 0 (``seqlens_k`` = real - 1): it
+    takes right padding only. The ``ort`` form's runners roll each row left by its padding, run,
+    and roll the outputs back (:func:`roll_rows`), so its callers keep this project's left padding."""
+    import numpy as np
+
+    return (np.asarray(attention_mask) == 0).sum(axis=1)
+
+
+def roll_rows(x: Any, shifts: Any, sign: int = -1) -> Any:
+    """Each row ``x[i]`` rolled along its first axis by ``sign * shifts[i]`` (a copy)."""
+    import numpy as np
+
+    x = np.asarray(x)
+    if not np.any(shifts):
+        return x
+    return np.stack([np.roll(x[i], sign * int(s), axis=0) for i, s in enumerate(shifts)])
+
+
 def validate_model_json(manifest: Any, where: str) -> dict[str, Any]:
     """Check ``manifest`` against the schema and the role's graphs; one error line naming the field."""
     import jsonschema
@@ -115,7 +161,8 @@ def validate_model_json(manifest: Any, where: str) -> dict[str, Any]:
         raise PrismInputError(f"{where}: {field}: {brief(exc.message)}") from None
     manifest = dict(manifest)
     manifest["role"] = ROLE_ALIASES.get(manifest["role"], manifest["role"])
-    missing = [g for g in (*GRAPHS[manifest["role"]], *(TABLES if manifest["role"] == "last" else ()))
+    graphs = GRAPHS_BY_FORM[graph_form(manifest)][manifest["role"]]
+    missing = [g for g in (*graphs, *(TABLES if manifest["role"] == "last" else ()))
                if g not in manifest["files"]]
     if missing:
         raise PrismInputError(f"{where}: files: role {manifest['role']!r} needs {', '.join(missing)}")

@@ -251,7 +251,15 @@ def last_model_graphs(last: Any, want: np.ndarray, embeds: np.ndarray, mask: np.
         return {**fig, "passed": not bad, "failures": bad}
 
     figures = {"graph": judged(plain)}
-    if seq >= 2:
+    if seq >= 2 and getattr(last, "graph_form", "portable") == "ort":
+        # one graph on its shared KV buffer: a prefill of all but the last position, then one step
+        # (whose logits, of the last position, are what the step gives)
+        cache = last.empty_past(embeds.shape[0])
+        last.step(embeds[:, : seq - 1], mask[:, : seq - 1], cache)
+        step, _ = last.step(embeds[:, seq - 1:], mask, cache)
+        figures["graph_with_past"] = judged(compare(np.asarray(step, np.float32)[:, None], want[:, seq - 1:],
+                                                    mask[:, seq - 1:], logits=True, tie_gap=tol.tie_gap))
+    elif seq >= 2:
         past = last.empty_past(embeds.shape[0])
         feeds = {"inputs_embeds": embeds[:, : seq - 1], "attention_mask": mask[:, : seq - 1], **past}
         outs = last.past_graph.run_device(feeds)

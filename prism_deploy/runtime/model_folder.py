@@ -20,7 +20,7 @@ from prism_deploy.core.targets import Target
 from prism_deploy.format import model_folder
 from prism_deploy.format.engine_manifest import EngineFileError, read_manifest, source_kind, verify_part
 from prism_deploy.runtime.engines import check_environment, select_entry
-from prism_deploy.runtime.onnx_runner import OnnxRunner, host
+from prism_deploy.runtime.onnx_runner import OnnxRunner, host, shape_of
 
 
 class ModelFolder:
@@ -86,10 +86,25 @@ class ModelStage:
         self.output_name = model_folder.OUTPUT[self.role]
         self._provider = provider
         self._threads = threads
-        self.graph = self.folder.runner("graph", provider, threads=threads)
+        self.graph_form = model_folder.graph_form(self.manifest)
+        self.graph: Any
+        if self.graph_form == "ort":  # one fused graph per role on a shared, preallocated KV buffer
+            from prism_deploy.runtime.ort_form import OrtFormGraph
+
+            self.output_name = model_folder.OUTPUT_ORT_FORM[self.role]
+            self.shares_past_graph = self.role == "last"
+            self.graph = OrtFormGraph(self.folder.runner("graph", provider, threads=threads), self.role, dims,
+                                      self.max_seq)
+        else:
+            # One set of weights in memory: a last model runs its KV-cache graph for plain calls too
+            # (a past of length zero), instead of opening ``graph`` beside it with a second copy of
+            # every weight (docs/model-forms.md has the resident memory before and after).
+            self.shares_past_graph = self.role == "last" and "graph_with_past" in self.manifest["files"]
+            self.graph = self.folder.runner("graph_with_past" if self.shares_past_graph else "graph", provider,
+                                            threads=threads)
         self.device = self.graph.device
         self.dtype = self.graph.input_dtype(self.input_name)  # None for token ids
-        self._past: Any = None
+        self._past: Any = self.graph if self.shares_past_graph else None
         self._embed: np.ndarray | None = None
 
     @property
@@ -103,8 +118,13 @@ class ModelStage:
         return self.vocab if self.role == "last" else self.hidden_size
 
     def run_device(self, inputs: Any, attention_mask: Any) -> Any:
-        """The output as an OrtValue on the device."""
-        return self.graph.run_device({self.input_name: inputs, "attention_mask": attention_mask}, [self.output_name])[0]
+        """The output as an OrtValue on the device (a host array for the ort form)."""
+        if self.graph_form == "ort":
+            return self.graph.run(inputs, attention_mask)
+        feeds = {self.input_name: inputs, "attention_mask": attention_mask}
+        if self.shares_past_graph:
+            feeds.update(self.empty_past(int(shape_of(inputs)[0])))
+        return self.graph.run_device(feeds, [self.output_name])[0]
 
     def run(self, inputs: Any, attention_mask: Any) -> np.ndarray:
         return host(self.run_device(inputs, attention_mask))
@@ -124,14 +144,21 @@ class ModelStage:
             self._embed = self.folder.table("embed_tokens")
         return self._embed
 
-    def empty_past(self, batch: int) -> dict[str, Any]:
+    def empty_past(self, batch: int) -> Any:
+        """An empty KV cache: zero-length arrays (portable form) or the ort form's buffers
+        preallocated to max_seq, updated in place by each step."""
+        if self.graph_form == "ort":
+            return self.graph.new_cache(batch)
         dtype = self.dtype or np.float32
         return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=dtype)
                 for n in model_folder.past_names(self.layers)}
 
-    def step(self, inputs_embeds: Any, attention_mask: np.ndarray, past: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    def step(self, inputs_embeds: Any, attention_mask: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
         """Last position's logits [batch, vocab] (on the host) and the cache grown by the new
-        positions (OrtValues left on the device). The mask covers past + new tokens."""
+        positions (OrtValues left on the device; the ort form's cache, written in place). The
+        mask covers past + new tokens."""
+        if self.graph_form == "ort":
+            return self.graph.step(inputs_embeds, attention_mask, past), past
         feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **past}
         outs = self.past_graph.run_device(feeds)
         return host(outs[0])[:, -1], dict(zip(model_folder.past_names(self.layers), outs[1:]))

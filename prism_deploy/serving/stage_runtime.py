@@ -226,7 +226,11 @@ def _model_build_stage(folder: Path, manifest: dict[str, Any], target: str | Non
 def _model_export_stage(folder: Path) -> StageInfo:
     model = _read_model_json(folder)
     kind = ROLE_KINDS[model["role"]]
-    from prism_deploy.format.model_folder import file_path
+    from prism_deploy.format.model_folder import file_path, graph_form
+
+    if graph_form(model) != "portable":  # Triton's ONNX Runtime backend feeds the portable graphs' inputs
+        raise PrismInputError(f"{folder}: the {graph_form(model)} graph form is not served yet; "
+                              "export the portable form (export-model --graph-form portable)")
 
     for key in model["files"]:
         if not file_path(folder, model, key).is_file():
@@ -336,17 +340,24 @@ class ModelStage:
         dims = self.model["dims"]
         self.hidden, self.vocab, self.max_seq = int(dims["hidden"]), int(dims.get("vocab", 0)), int(self.model["max_seq"])
         self.layers = int(dims.get("layers", 0))
-        self.session = self.graphs.session("graph")
+        # One set of weights in memory: a last model's plain calls run its KV-cache graph with
+        # a past of length zero rather than a second session holding a copy of every weight.
+        self.shares_past_graph = kind == "last" and "graph_with_past" in self.model["files"]
+        self.session = self.graphs.session("graph_with_past" if self.shares_past_graph else "graph")
         self.input_name = "input_ids" if kind == "first" else "inputs_embeds"
         self.output_name = self.session.get_outputs()[0].name
         self.float_in = None if kind == "first" else _graph_float(self.session, "inputs_embeds")
-        self._past_session: Any = None
+        self._past_session: Any = self.session if self.shares_past_graph else None
         self._embed: np.ndarray | None = None
 
     def run(self, x: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feed = x.astype(np.int64, copy=False) if self.float_in is None else x.astype(self.float_in, copy=False)
-        out = self.session.run([self.output_name], {self.input_name: feed,
-                                                    "attention_mask": attention_mask.astype(np.int64, copy=False)})[0]
+        feeds = {self.input_name: feed, "attention_mask": attention_mask.astype(np.int64, copy=False)}
+        if self.shares_past_graph:
+            dims = self.model["dims"]
+            empty = np.zeros((feed.shape[0], int(dims["kv_heads"]), 0, int(dims["head_dim"])), dtype=self.float_in)
+            feeds.update({name: empty for name in self.past_inputs})
+        out = self.session.run([self.output_name], feeds)[0]
         return np.asarray(out, dtype=np.float32)
 
     # -- the last model's decoding side -------------------------------------------------------

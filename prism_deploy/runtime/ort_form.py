@@ -1,0 +1,108 @@
+"""Running a model folder of the ``ort`` graph form (docs/model-forms.md).
+
+One graph per role, with ONNX Runtime's fused operators; its ``GroupQueryAttention`` takes a KV
+cache that past and present share. Plain calls feed an empty past. Generation preallocates one
+buffer per layer's key and value at the run's maximum length, ``[batch, kv_heads, max_seq,
+head_dim]``, and binds it (IO binding) as both the past input and the present output: each step
+writes its new positions in place, with no allocation or copy of the cache per step.
+
+GroupQueryAttention counts a row's real tokens from position 0 (right padding); this project's
+batches are left-padded. The runner feeds each row rolled left by its padding
+(:func:`prism_deploy.format.model_folder.right_padding_shifts`) and gives results back in the
+caller's layout, so the ``ort`` form is a drop-in for the portable one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from prism_deploy.format.model_folder import OUTPUT_ORT_FORM as OUTPUT
+from prism_deploy.format.model_folder import past_names, right_padding_shifts, roll_rows
+from prism_deploy.runtime.onnx_runner import OnnxRunner, host
+
+
+
+class KvCache:
+    """One generation's cache: per past name an OrtValue ``[batch, kv_heads, max_seq, head_dim]``,
+    bound as past and present at once, and each row's left padding (fixed at the prefill)."""
+
+    def __init__(self, values: dict[str, Any], batch: int) -> None:
+        self.values = values
+        self.batch = batch
+        self.shifts: np.ndarray | None = None  # set by the prefill
+
+
+class OrtFormGraph:
+    """An ``ort``-form graph: ``run(x, mask)`` (an empty past) and ``step(x, mask, cache)``."""
+
+    def __init__(self, runner: OnnxRunner, role: str, dims: dict[str, Any], max_seq: int) -> None:
+        self.runner = runner
+        self.session = runner.session
+        self.device = runner.device
+        self.role = role
+        self.layers, self.kv_heads, self.head_dim = int(dims["layers"]), int(dims["kv_heads"]), int(dims["head_dim"])
+        self.max_seq = max_seq
+        self.input_name = "input_ids" if role == "first" else "inputs_embeds"
+        self.output_name = OUTPUT[role]
+        self.names = past_names(self.layers)
+        self.presents = past_names(self.layers, "present")
+        self.dtype = runner.input_dtype(self.names[0]) or np.dtype(np.float32)
+
+    def input_dtype(self, name: str) -> np.dtype | None:
+        return self.runner.input_dtype(name)
+
+    def run(self, x: Any, attention_mask: Any) -> np.ndarray:
+        """The role's output over every position, in the caller's (left-padded) layout."""
+        mask = np.asarray(host(attention_mask), dtype=np.int64)
+        shifts = right_padding_shifts(mask)
+        empty = np.zeros((mask.shape[0], self.kv_heads, 0, self.head_dim), dtype=self.dtype)
+        feeds = {self.input_name: roll_rows(host(x), shifts), "attention_mask": roll_rows(mask, shifts),
+                 **{n: empty for n in self.names}}
+        out = self.runner.run(feeds, [self.output_name])[self.output_name]
+        return roll_rows(out, shifts, sign=1)
+
+    def new_cache(self, batch: int) -> KvCache:
+        """Zeroed buffers at the maximum length, on the session's device."""
+        import onnxruntime as ort
+
+        shape = (batch, self.kv_heads, self.max_seq, self.head_dim)
+        # on the CPU the OrtValue wraps the numpy array (and keeps it alive): no copy
+        values = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype), self.device, 0)
+                  for n in self.names}
+        return KvCache(values, batch)
+
+    def step(self, x: Any, attention_mask: Any, cache: KvCache) -> np.ndarray:
+        """Logits of each row's last position [batch, vocab]; the new positions written into
+        ``cache`` in place. The first call is the prefill (any left padding); later calls add
+        real tokens only. ``attention_mask`` covers past + new tokens, left-padded as elsewhere."""
+        import onnxruntime as ort
+
+        mask = np.asarray(host(attention_mask), dtype=np.int64)
+        if mask.shape[1] > self.max_seq:
+            raise ValueError(f"{mask.shape[1]} tokens exceed the cache's {self.max_seq}")
+        x = host(x)
+        new = int(x.shape[1])
+        prefill = cache.shifts is None
+        if cache.shifts is None:
+            shifts = cache.shifts = right_padding_shifts(mask)
+            x = roll_rows(x, shifts)
+        else:
+            shifts = cache.shifts
+        # right-padded: each row's real tokens counted from position 0
+        real = mask.sum(axis=1)
+        feed_mask = (np.arange(mask.shape[1])[None, :] < real[:, None]).astype(np.int64)
+        binding = self.session.io_binding()
+        value = self.runner.feed(self.input_name, np.ascontiguousarray(x))
+        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
+        binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(feed_mask, self.device, 0))
+        binding.bind_output(self.output_name, self.device)  # first: get_outputs() keeps the binding order
+        for past, present in zip(self.names, self.presents):
+            binding.bind_ortvalue_input(past, cache.values[past])
+            binding.bind_ortvalue_output(present, cache.values[past])
+        self.session.run_with_iobinding(binding)
+        logits = host(binding.get_outputs()[0])
+        # each row's last real token: the prefill's rows end early by their padding; later calls add real tokens
+        last = new - 1 - shifts if prefill else np.full(mask.shape[0], new - 1)
+        return logits[np.arange(mask.shape[0]), last]
