@@ -80,3 +80,186 @@ def test_recording_is_off_unless_asked(tmp_path, monkeypatch):
     assert settings.budget_bytes == 1 << 20
     on = record.from_environment("first", "llama", 300)
     assert on is not None and on.settings == settings
+
+
+# ---------------------------------------------------------------------------------------------
+# The adaptation round, in process (no server: versions are written, not loaded)
+
+from prism_deploy.cli.main import main  # noqa: E402
+
+
+def prose_and_code() -> tuple[list[str], list[str]]:
+    """Two text domains from the standard library: the language reference's prose, and source code."""
+    import inspect
+    import json.decoder
+    import json.encoder
+
+    import pydoc_data.topics as topics
+
+    prose = [line.strip() for key in sorted(topics.topics) for line in topics.topics[key].splitlines()
+             if len(line.strip()) > 30]
+    code = [line.strip() for mod in (json.encoder, json.decoder) for line in inspect.getsource(mod).splitlines()
+            if len(line.strip()) > 20]
+    rng = np.random.default_rng(0)
+    return [prose[i] for i in rng.permutation(len(prose))[:80]], [code[i] for i in rng.permutation(len(code))[:64]]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A fitted adapter (Llama 64 -> Qwen2 96, 8 workers) on prose, served alone (version 1), and
+    recorded traffic of source code."""
+    from prism_deploy.fit import FitOptions, PairedData, fit_adapter, fit_config
+    from prism_deploy.models.collect import collect_pairs, save_pairs
+    from prism_deploy.models.tokenizers import load_tokenizer
+    from tests.model_helpers import make_model
+
+    root = tmp_path_factory.mktemp("adapt")
+    z = {kind: make_model(kind, root / kind) for kind in ("llama", "qwen2")}
+    prose, code = prose_and_code()
+    x, zz, info = collect_pairs(z["llama"], z["qwen2"], prose, pool="tokens", max_seq=32, progress=False)
+    z["pairs"] = root / "pairs.safetensors"
+    save_pairs(z["pairs"], x, zz, info)
+    data = PairedData(f"{z['pairs']}:X", f"{z['pairs']}:Z", holdout=0.1)
+    adapter, _ = fit_adapter(fit_config(64, 96, workers=8, top_k=None), data, FitOptions(method="joint"))
+    z["adapter"] = root / "fitted.safetensors"
+    adapter.save(z["adapter"])
+    assert main(["build", str(z["adapter"]), "-o", str(root / "build"), "--target", "ort-cpu", "--precision", "fp32"]) == 0
+    z["repo"] = root / "repo"
+    assert main(["triton", str(root / "build"), "-o", str(z["repo"])]) == 0
+    z["records"] = record.prepare_folder(root / "records")
+    tok = load_tokenizer(z["llama"])
+    rec = record.Recorder(record.RecordSettings(z["records"]), "first", "llama", len(tok))
+    for i in range(0, len(code), 4):
+        enc = tok(code[i:i + 4], padding=True, truncation=True, max_length=32, return_tensors="np")
+        rec.offer(enc["input_ids"], enc["attention_mask"])
+    return z
+
+
+def _copy(served, tmp_path):
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(served["repo"], repo)
+    return repo
+
+
+def _tree(folder):
+    """Every file under ``folder`` with its bytes' hash (what a refusal must leave alone)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+def _adapt(served, repo, *extra, records=None):
+    return main(["adapt", str(repo), "--from", str(records or served["records"]), "--model-a", str(served["llama"]),
+                 "--model-b", str(served["qwen2"]), "--original", str(served["pairs"]), "--adapter",
+                 str(served["adapter"]), "--max-seq", "32", "--no-load", *extra])
+
+
+def test_a_round_goes_live_when_better_and_logs_it(served, tmp_path, capsys):
+    import json
+
+    repo = _copy(served, tmp_path)
+    assert _adapt(served, repo, "--top", "2", "--margin", "0.2", "--json") == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["decision"] == "live" and entry["version"] == 2
+    assert entry["after"]["recorded"] < entry["before"]["recorded"]
+    assert entry["after"]["original"] <= entry["before"]["original"] * 1.2
+    assert (repo / "adapter" / "2").is_dir()
+    manifest = json.loads((repo / "prism-repository.json").read_text())
+    assert manifest["models"]["adapter"]["sources"]["2"] == entry["adapter"]
+    assert main(["adapt", str(repo), "--log", "--json"]) == 0
+    [logged] = json.loads(capsys.readouterr().out)["rounds"]
+    assert logged["round"] == 1 and logged["version"] == 2 and logged["data"]["texts"] == entry["data"]["texts"]
+    assert main(["adapt", str(repo), "--log"]) == 0
+    assert "live" in capsys.readouterr().out
+
+
+def test_the_gate_refuses_what_harms_the_original_set(served, tmp_path, capsys):
+    import json
+
+    repo = _copy(served, tmp_path)
+    before = _tree(repo)
+    assert _adapt(served, repo, "--top", "4", "--margin", "0", "--json") == 1
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["decision"] == "refused" and entry["version"] is None
+    assert all(not c["passes"] for c in entry["candidates"])
+    assert any("original set" in c["why"] for c in entry["candidates"])
+    after = _tree(repo)
+    assert after.pop("prism-adapt-log.json") and after == before  # only the log changed
+
+
+@pytest.mark.parametrize("case", ["one-text", "too-few", "rank-deficient"])
+def test_degenerate_data_stops_in_one_line_and_changes_nothing(served, tmp_path, capsys, case):
+    from prism_deploy.models.tokenizers import load_tokenizer
+
+    repo = _copy(served, tmp_path)
+    before = _tree(repo)
+    folder = record.prepare_folder(tmp_path / "rec")
+    tok = load_tokenizer(served["llama"])
+    rec = record.Recorder(record.RecordSettings(folder), "first", "llama", len(tok))
+    _, code = prose_and_code()
+    texts = {"one-text": [code[0]] * 20, "too-few": code[:3], "rank-deficient": code[:12]}[case]
+    for t in texts:
+        rec.offer(tok([t], return_tensors="np")["input_ids"], None)
+    extra = ["--pool", "last", "--min-texts", "2"] if case == "rank-deficient" else []
+    assert _adapt(served, repo, *extra, records=folder) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nothing was changed" in err[0]
+    assert {"one-text": "same text", "too-few": "fewer than --min-texts", "rank-deficient": "rank-deficient"}[case] in err[0]
+    assert _tree(repo) == before
+
+
+def test_two_rounds_on_one_adapter_never_run_at_once(served, tmp_path, capsys):
+    from prism_deploy.serving.versions import round_lock
+
+    repo = _copy(served, tmp_path)
+    before = _tree(repo)
+    with round_lock(repo, "adapter"):
+        assert _adapt(served, repo, "--top", "2", "--margin", "0.2") == 2
+    assert "running already" in capsys.readouterr().err
+    assert _tree(repo) == before
+
+
+def test_decide():
+    from prism_deploy.fit.adapt import Candidate, decide
+
+    def judged(rec, orig, margin=0.1):
+        c = Candidate("worst", [], {}, recorded=rec, original=orig)
+        decide(0.5, 0.4, c, margin)
+        return c.passes
+
+    assert judged(0.45, 0.44)  # better on recorded, original within 10 %
+    assert not judged(0.45, 0.441)  # original beyond the margin
+    assert not judged(0.5, 0.3)  # not better on the recorded text
+    assert not judged(float("nan"), 0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# triton rollback
+
+def test_rollback_restores_the_previous_files_exactly_and_keeps_k(served, tmp_path, capsys):
+    import json
+
+    from prism_deploy.reference import random_adapter, simple_config
+
+    repo = _copy(served, tmp_path)
+    other = tmp_path / "other.safetensors"
+    random_adapter(simple_config(64, 96, (4, 2)), seed=7).save(other)
+    assert main(["triton", "update", str(repo), "--adapter", str(other), "--no-load"]) == 0  # v2
+    v1, v2 = _tree(repo / "adapter" / "1"), _tree(repo / "adapter" / "2")
+    assert v1 != v2
+    capsys.readouterr()
+    assert main(["triton", "rollback", str(repo), "--no-load", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["version"], report["restored"], report["previous"]) == (3, 1, 2)
+    assert _tree(repo / "adapter" / "3") == v1
+    # a second rollback goes back past what the first restored: nothing is older than 1
+    assert main(["triton", "rollback", str(repo), "--no-load"]) == 2
+    assert main(["triton", "rollback", str(repo), "--to", "2", "--no-load", "--keep", "2"]) == 0
+    assert sorted(p.name for p in (repo / "adapter").iterdir() if p.name.isdigit()) == ["3", "4"]
+    assert _tree(repo / "adapter" / "4") == v2
+    manifest = json.loads((repo / "prism-repository.json").read_text())
+    assert manifest["models"]["adapter"]["versions"] == [3, 4]
+    assert manifest["models"]["adapter"]["restored_from"] == {"3": 1, "4": 2}
