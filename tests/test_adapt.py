@@ -222,6 +222,24 @@ def test_two_rounds_on_one_adapter_never_run_at_once(served, tmp_path, capsys):
     assert _tree(repo) == before
 
 
+def test_a_round_interrupted_in_its_build_leaves_the_repository_as_it_was(served, tmp_path, monkeypatch, capsys):
+    import json
+
+    import prism_deploy.parity.engines as engines
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    repo = _copy(served, tmp_path)
+    before = _tree(repo)
+    monkeypatch.setattr(engines, "adapter_engine_check", interrupted)
+    assert _adapt(served, repo, "--top", "2", "--margin", "0.2") == 130
+    after = _tree(repo)
+    log = json.loads(after.pop("prism-adapt-log.json") and (repo / "prism-adapt-log.json").read_text())
+    assert after == before  # no version, no staging folder, no adapter file left behind
+    assert [r["decision"] for r in log] == ["failed"]
+
+
 def test_decide():
     from prism_deploy.fit.adapt import Candidate, decide
 
