@@ -86,52 +86,22 @@ def test_recording_is_off_unless_asked(tmp_path, monkeypatch):
 # The adaptation round, in process (no server: versions are written, not loaded)
 
 from prism_deploy.cli.main import main  # noqa: E402
-
-
-def prose_and_code() -> tuple[list[str], list[str]]:
-    """Two text domains from the standard library: the language reference's prose, and source code."""
-    import inspect
-    import json.decoder
-    import json.encoder
-
-    import pydoc_data.topics as topics
-
-    prose = [line.strip() for key in sorted(topics.topics) for line in topics.topics[key].splitlines()
-             if len(line.strip()) > 30]
-    code = [line.strip() for mod in (json.encoder, json.decoder) for line in inspect.getsource(mod).splitlines()
-            if len(line.strip()) > 20]
-    rng = np.random.default_rng(0)
-    return [prose[i] for i in rng.permutation(len(prose))[:80]], [code[i] for i in rng.permutation(len(code))[:64]]
+from tests.adapt_helpers import fitted_on_prose, prose_and_code, record_texts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A fitted adapter (Llama 64 -> Qwen2 96, 8 workers) on prose, served alone (version 1), and
     recorded traffic of source code."""
-    from prism_deploy.fit import FitOptions, PairedData, fit_adapter, fit_config
-    from prism_deploy.models.collect import collect_pairs, save_pairs
-    from prism_deploy.models.tokenizers import load_tokenizer
     from tests.model_helpers import make_model
 
     root = tmp_path_factory.mktemp("adapt")
-    z = {kind: make_model(kind, root / kind) for kind in ("llama", "qwen2")}
-    prose, code = prose_and_code()
-    x, zz, info = collect_pairs(z["llama"], z["qwen2"], prose, pool="tokens", max_seq=32, progress=False)
-    z["pairs"] = root / "pairs.safetensors"
-    save_pairs(z["pairs"], x, zz, info)
-    data = PairedData(f"{z['pairs']}:X", f"{z['pairs']}:Z", holdout=0.1)
-    adapter, _ = fit_adapter(fit_config(64, 96, workers=8, top_k=None), data, FitOptions(method="joint"))
-    z["adapter"] = root / "fitted.safetensors"
-    adapter.save(z["adapter"])
-    assert main(["build", str(z["adapter"]), "-o", str(root / "build"), "--target", "ort-cpu", "--precision", "fp32"]) == 0
+    z: dict = {kind: make_model(kind, root / kind) for kind in ("llama", "qwen2")}
+    z.update(fitted_on_prose(root, z["llama"], z["qwen2"]))
     z["repo"] = root / "repo"
-    assert main(["triton", str(root / "build"), "-o", str(z["repo"])]) == 0
+    assert main(["triton", str(z["build"]), "-o", str(z["repo"])]) == 0
     z["records"] = record.prepare_folder(root / "records")
-    tok = load_tokenizer(z["llama"])
-    rec = record.Recorder(record.RecordSettings(z["records"]), "first", "llama", len(tok))
-    for i in range(0, len(code), 4):
-        enc = tok(code[i:i + 4], padding=True, truncation=True, max_length=32, return_tensors="np")
-        rec.offer(enc["input_ids"], enc["attention_mask"])
+    record_texts(z["records"], z["llama"], prose_and_code()[1])
     return z
 
 
@@ -192,17 +162,12 @@ def test_the_gate_refuses_what_harms_the_original_set(served, tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["one-text", "too-few", "rank-deficient"])
 def test_degenerate_data_stops_in_one_line_and_changes_nothing(served, tmp_path, capsys, case):
-    from prism_deploy.models.tokenizers import load_tokenizer
-
     repo = _copy(served, tmp_path)
     before = _tree(repo)
     folder = record.prepare_folder(tmp_path / "rec")
-    tok = load_tokenizer(served["llama"])
-    rec = record.Recorder(record.RecordSettings(folder), "first", "llama", len(tok))
     _, code = prose_and_code()
-    texts = {"one-text": [code[0]] * 20, "too-few": code[:3], "rank-deficient": code[:12]}[case]
-    for t in texts:
-        rec.offer(tok([t], return_tensors="np")["input_ids"], None)
+    record_texts(folder, served["llama"], {"one-text": [code[0]] * 20, "too-few": code[:3],
+                                           "rank-deficient": code[:12]}[case], per_request=1)
     extra = ["--pool", "last", "--min-texts", "2"] if case == "rank-deficient" else []
     assert _adapt(served, repo, *extra, records=folder) == 2
     err = capsys.readouterr().err.strip().splitlines()
