@@ -61,6 +61,24 @@ def test_budget_drops_the_oldest_and_nothing_else(tmp_path):
     assert (folder / "notes.txt").read_text() == "the user's own file"
 
 
+def test_budget_with_two_processes_recording_into_one_folder(tmp_path):
+    """Each recorder lists the folder every RESCAN_WRITES writes, not on every request: two of them
+    (two model instances) overshoot by at most that many records each, never more."""
+    folder = record.prepare_folder(tmp_path / "rec")
+    budget = 3000
+    recs = [record.Recorder(record.RecordSettings(folder, budget_bytes=budget), "first", "llama", 300)
+            for _ in range(2)]
+    sizes = []
+    for i in range(150):
+        written = recs[i % 2].write([list(range(i, i + 10))])
+        sizes.append(written.stat().st_size)
+        total = sum(f.stat().st_size for f in record.record_files(folder))
+        assert total <= budget + 2 * record.RESCAN_WRITES * max(sizes)
+    recs[0].total = None  # the next write lists the folder again
+    recs[0].write([[1]])
+    assert sum(f.stat().st_size for f in record.record_files(folder)) <= budget
+
+
 def test_sampling_rate(tmp_path):
     folder = record.prepare_folder(tmp_path / "rec")
     rec = record.Recorder(record.RecordSettings(folder, rate=0.25), "first", "llama", 300, rng=random.Random(3))

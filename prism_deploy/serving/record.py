@@ -7,9 +7,14 @@ the served model's name and the time. Never the outputs, never hidden states. On
 request in ``DIR``, written under a temporary name and renamed, mode 0600; ``DIR`` is created
 0700 and an existing folder that group or others may read is refused.
 
-Sampling: each request is kept with probability ``rate``. Budget: after each write the record
-files in ``DIR`` are summed and the oldest are deleted until the total is within
-``budget_bytes``; only files named as this module names them are counted or deleted.
+Sampling: each request is kept with probability ``rate``. Budget: the record files in ``DIR``
+are summed (a listing of the folder) when a recorder starts, after every
+:data:`RESCAN_WRITES` of its writes, and whenever its own count passes ``budget_bytes``; then
+the oldest are deleted until the total is within the budget. Between listings a process adds
+its own writes to the sum, so one process keeps the folder within the budget exactly, and
+several (one per model instance) overshoot by at most ``RESCAN_WRITES`` records each; a request
+does not pay for listing a large folder each time. Only files named as this module names them
+are counted or deleted.
 
 The settings reach Triton's Python-backend processes in one environment variable
 (:data:`RECORD_VARIABLE`, JSON), which ``serve`` sets only with ``--record`` and clears
@@ -39,6 +44,7 @@ RECORD_VERSION = 1
 # <time ns, 20 digits>-<pid>-<random>.json: the name sorts oldest first
 RECORD_NAME = re.compile(r"^\d{20}-\d+-[0-9a-f]{8}\.json$")
 DEFAULT_BUDGET_BYTES = 64 << 20
+RESCAN_WRITES = 32
 
 
 @dataclass(frozen=True)
@@ -94,19 +100,18 @@ def _size(path: Path) -> int:
         return 0
 
 
-def enforce_budget(folder: Path, budget_bytes: int) -> list[Path]:
-    """Delete the oldest record files until the folder's records total at most ``budget_bytes``."""
+def enforce_budget(folder: Path, budget_bytes: int) -> int:
+    """Delete the oldest record files until the folder's records total at most ``budget_bytes``;
+    the total left."""
     files = record_files(folder)
     sizes = [_size(f) for f in files]
     total = sum(sizes)
-    dropped = []
     for f, size in zip(files, sizes):
         if total <= budget_bytes:
             break
         f.unlink(missing_ok=True)
         total -= size
-        dropped.append(f)
-    return dropped
+    return total
 
 
 class Recorder:
@@ -119,6 +124,8 @@ class Recorder:
         self.tokenizer = tokenizer
         self.vocab = vocab
         self.rng = rng or random.Random()
+        self.total: int | None = None  # the folder's record bytes as last listed, plus our writes since
+        self.writes_since_scan = 0
 
     def offer(self, ids: np.ndarray, mask: np.ndarray | None) -> Path | None:
         """Record this request with probability ``rate``; the file written, or None."""
@@ -147,7 +154,12 @@ class Recorder:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        enforce_budget(folder, self.settings.budget_bytes)
+        self.writes_since_scan += 1
+        if self.total is not None:
+            self.total += len(body)
+        if self.total is None or self.total > self.settings.budget_bytes or self.writes_since_scan >= RESCAN_WRITES:
+            self.total = enforce_budget(folder, self.settings.budget_bytes)
+            self.writes_since_scan = 0
         return folder / name
 
 
