@@ -223,6 +223,16 @@ def test_a_round_interrupted_in_its_build_leaves_the_repository_as_it_was(served
     assert [r["decision"] for r in log] == ["failed"]
 
 
+def test_every_runs_a_round_when_enough_records_are_new(served, tmp_path, capsys):
+    from prism_deploy.serving.versions import read_log
+
+    repo = _copy(served, tmp_path)
+    assert _adapt(served, repo, "--top", "2", "--margin", "0.2", "--every", "1", "--min-new", "8", "--rounds", "1") == 0
+    assert [r["decision"] for r in read_log(repo)] == ["live"]
+    assert _adapt(served, repo, "--rounds", "1") == 2  # only with --every
+    assert "need --every" in capsys.readouterr().err
+
+
 def test_decide():
     from prism_deploy.fit.adapt import Candidate, decide
 

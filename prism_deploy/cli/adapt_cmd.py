@@ -59,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fewer recorded texts stop the round (default 8)")
     p.add_argument("--keep", type=number(Limit(int, 1, 1 << 20)), default=5,
                    help="versions of the adapter model kept (default 5)")
+    p.add_argument("--every", type=number(Limit(float, 1.0, 1e7)), metavar="SECONDS",
+                   help="keep running: every SECONDS, run a round when --min-new records have arrived since the last")
+    p.add_argument("--min-new", type=number(COUNT), metavar="N",
+                   help="with --every: new records that start a round (default 64)")
+    p.add_argument("--rounds", type=number(COUNT), metavar="N", help="with --every: stop after N rounds")
     p.add_argument("--url", metavar="HOST:PORT", help="the running server (default: the one `serve` recorded)")
     p.add_argument("--no-load", action="store_true", help="write the version only; do not ask a server to load it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -86,8 +91,39 @@ def run(args: argparse.Namespace) -> int:
         args.model_a, args.model_b = hop_models(args.chain, args.hop)
     if args.model_a is None or args.model_b is None:
         raise PrismInputError("adapt: give --model-a HF_DIR and --model-b HF_DIR, or --chain FILE --hop N")
-    with round_lock(root, model):
-        return adapt_once(args, root, model)
+    if args.every is None and (args.min_new is not None or args.rounds is not None):
+        raise PrismInputError("--min-new and --rounds need --every SECONDS")
+    with round_lock(root, model):  # held while watching too: no other round on this adapter meanwhile
+        return adapt_once(args, root, model) if args.every is None else watch(args, root, model)
+
+
+def watch(args: argparse.Namespace, root: Path, model: str) -> int:
+    """Rounds while records arrive: a round each time ``--min-new`` records are newer than those
+    the previous round saw (each round reads every record in the folder: the budget's window).
+    A round stopped for its data is reported in one line and the watch goes on."""
+    from prism_deploy.core.errors import PrismInputError
+    from prism_deploy.serving.record import record_files
+
+    folder = Path(args.records)
+    if not folder.is_dir():
+        raise PrismInputError(f"--from {args.records}: no such record folder")
+    min_new = args.min_new or 64
+    seen: str | None = None
+    done = 0
+    while True:
+        files = record_files(folder)
+        if len([f for f in files if seen is None or f.name > seen]) >= min_new:
+            try:
+                if adapt_once(args, root, model) == 0:
+                    args.adapter = None  # the new version's own file, recorded in the repository
+                done += 1
+            except PrismInputError as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            seen = files[-1].name
+            sys.stdout.flush()
+            if args.rounds is not None and done >= args.rounds:
+                return 0
+        time.sleep(args.every)
 
 
 def recorded_texts(folder: str, tokenizer_dir: str) -> tuple[list[str], dict[str, Any]]:
