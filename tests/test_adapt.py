@@ -79,6 +79,17 @@ def test_budget_with_two_processes_recording_into_one_folder(tmp_path):
     assert sum(f.stat().st_size for f in record.record_files(folder)) <= budget
 
 
+def test_record_is_refused_where_no_request_text_arrives():
+    from prism_deploy.cli.serve_cmd import _check_recordable
+
+    chain = {"backend": "python", "models": {"first": {"kind": "first"}, "adapter": {"kind": "adapter"}}}
+    _check_recordable(chain, "repo")
+    with pytest.raises(PrismInputError, match="native form"):
+        _check_recordable({**chain, "backend": "native"}, "repo")
+    with pytest.raises(PrismInputError, match="no first model"):
+        _check_recordable({"backend": "python", "models": {"adapter": {"kind": "adapter"}}}, "repo")
+
+
 def test_sampling_rate(tmp_path):
     folder = record.prepare_folder(tmp_path / "rec")
     rec = record.Recorder(record.RecordSettings(folder, rate=0.25), "first", "llama", 300, rng=random.Random(3))

@@ -74,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     http, grpc, metrics = srv.ports(args.host, args.http_port, args.grpc_port, args.metrics_port)
     srv.check_ports_free(args.host, http, grpc, metrics)
     recording = _recording(args)
+    if recording is not None:
+        _check_recordable(manifest, args.repository)
     be = backend_env(str(repo), args.env)
     if args.exit_timeout < 0:
         raise PrismInputError(f"--exit-timeout: {args.exit_timeout} must be >= 0")
@@ -149,6 +151,18 @@ def _recording(args: argparse.Namespace) -> Any:
     settings = RecordSettings(prepare_folder(args.record), args.record_rate, int(args.record_budget_mb * (1 << 20)))
     os.environ[RECORD_VARIABLE] = settings.to_env()
     return settings
+
+
+def _check_recordable(manifest: dict[str, Any], repo: str) -> None:
+    """Request text reaches a Python-form first model only: anything else would record nothing."""
+    from prism_deploy.core.errors import PrismInputError
+
+    if manifest.get("backend") == "native":
+        raise PrismInputError(f"--record: {repo} is in the native form; its first model runs in Triton's own "
+                              "backend, which records nothing (write the repository with --backend python)")
+    if not any(r.get("kind") == "first" for r in manifest.get("models", {}).values()):
+        raise PrismInputError(f"--record: {repo} serves no first model: no request text reaches it "
+                              "(only a chain's first model sees token ids)")
 
 
 def _stopped(server: object) -> int:
