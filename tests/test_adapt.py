@@ -205,6 +205,18 @@ def test_degenerate_data_stops_in_one_line_and_changes_nothing(served, tmp_path,
     assert _tree(repo) == before
 
 
+def test_records_of_another_tokenizer_are_refused(served, tmp_path, capsys):
+    repo = _copy(served, tmp_path)
+    before = _tree(repo)
+    folder = record.prepare_folder(tmp_path / "rec")
+    rec = record.Recorder(record.RecordSettings(folder), "first", "gpt2", 300)
+    for i in range(10):
+        rec.write([[i, i + 1, i + 2]])
+    assert _adapt(served, repo, records=folder) == 2
+    assert "recorded with tokenizer gpt2" in capsys.readouterr().err
+    assert _tree(repo) == before
+
+
 def test_two_rounds_on_one_adapter_never_run_at_once(served, tmp_path, capsys):
     from prism_deploy.serving.versions import round_lock
 

@@ -126,8 +126,10 @@ def watch(args: argparse.Namespace, root: Path, model: str) -> int:
         time.sleep(args.every)
 
 
-def recorded_texts(folder: str, tokenizer_dir: str) -> tuple[list[str], dict[str, Any]]:
-    """The recorded rows read back as text by the tokenizer that made them."""
+def recorded_texts(folder: str, tokenizer_dir: str, *, named: bool = False) -> tuple[list[str], dict[str, Any]]:
+    """The recorded rows read back as text by the tokenizer that made them: the records name it
+    (the first model's source folder); a folder of another name is refused unless the user
+    ``named`` it (``--tokenizer``)."""
     from prism_deploy.core.errors import PrismInputError
     from prism_deploy.models.tokenizers import load_tokenizer
     from prism_deploy.serving.record import read_records
@@ -135,13 +137,17 @@ def recorded_texts(folder: str, tokenizer_dir: str) -> tuple[list[str], dict[str
     records = read_records(folder)
     names = sorted({str(r.get("tokenizer")) for r in records})
     ours = Path(tokenizer_dir).resolve().name
-    if records and names != [ours]:
+    if records and names != [ours] and not (named and len(names) == 1):
         raise PrismInputError(f"{folder}: recorded with tokenizer {', '.join(names)}, reading with {ours} "
                               f"({tokenizer_dir}); pass --tokenizer DIR, the first model's tokenizer; nothing was changed")
     tok = load_tokenizer(tokenizer_dir)
     texts = []
+    size = len(tok)
     for r in records:
         for row in r["ids"]:
+            if any(not 0 <= int(v) < size for v in row):
+                raise PrismInputError(f"{folder}: a recorded id is outside the {size} ids of the tokenizer "
+                                      f"{tokenizer_dir}; pass --tokenizer DIR, the one that made them; nothing was changed")
             text = tok.decode([int(v) for v in row], skip_special_tokens=True).strip()
             if text:
                 texts.append(text)
@@ -197,7 +203,7 @@ def adapt_once(args: argparse.Namespace, root: Path, model: str) -> int:
         print(message, file=sys.stderr)
 
     unchanged = "nothing was changed"
-    texts, data_info = recorded_texts(args.records, args.tokenizer or args.model_a)
+    texts, data_info = recorded_texts(args.records, args.tokenizer or args.model_a, named=args.tokenizer is not None)
     if len(texts) < args.min_texts:
         raise PrismInputError(f"{args.records}: {len(texts)} recorded texts, fewer than --min-texts {args.min_texts}; "
                               f"{unchanged}")
