@@ -167,7 +167,8 @@ def test_a_round_goes_live_when_better_and_logs_it(served, tmp_path, capsys):
     assert entry["after"]["original"] <= entry["before"]["original"] * 1.2
     assert (repo / "adapter" / "2").is_dir()
     manifest = json.loads((repo / "prism-repository.json").read_text())
-    assert manifest["models"]["adapter"]["sources"]["2"] == entry["adapter"]
+    assert manifest["models"]["adapter"]["sources"]["2"] == entry["new_adapter"]
+    assert entry["adapter"] == str(served["adapter"].resolve())
     assert main(["adapt", str(repo), "--log", "--json"]) == 0
     [logged] = json.loads(capsys.readouterr().out)["rounds"]
     assert logged["round"] == 1 and logged["version"] == 2 and logged["data"]["texts"] == entry["data"]["texts"]

@@ -280,7 +280,7 @@ def adapt_once(args: argparse.Namespace, root: Path, model: str) -> int:
             append_log(root, entry, log)
             raise
         entry.update(decision="live", version=report["version"], previous_version=report["previous"],
-                     adapter=str(new_path.resolve()), reason=chosen.why, server=report.get("server"),
+                     new_adapter=str(new_path.resolve()), reason=chosen.why, server=report.get("server"),
                      parity={k: (report.get("parity") or {}).get(k) for k in ("precision", "rel_l2", "max_abs", "passed")})
         entry["removed_versions"] = prune(root, model, args.keep, log)
         code = 0
