@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import random
 import stat
 
@@ -174,6 +175,12 @@ def test_a_round_goes_live_when_better_and_logs_it(served, tmp_path, capsys):
     assert logged["round"] == 1 and logged["version"] == 2 and logged["data"]["texts"] == entry["data"]["texts"]
     assert main(["adapt", str(repo), "--log"]) == 0
     assert "live" in capsys.readouterr().out
+    # rolled back, keeping one version: version 2 goes, and the adapter file adapt wrote for it
+    new_file = Path(entry["new_adapter"])
+    assert new_file.is_file() and new_file.parent.name == ".adapted"
+    assert main(["triton", "rollback", str(repo), "--no-load", "--keep", "1"]) == 0
+    assert sorted(p.name for p in (repo / "adapter").iterdir() if p.name.isdigit()) == ["3"]
+    assert not new_file.exists() and served["adapter"].is_file()
 
 
 def test_the_gate_refuses_what_harms_the_original_set(served, tmp_path, capsys):

@@ -197,7 +197,7 @@ def adapt_once(args: argparse.Namespace, root: Path, model: str) -> int:
     from prism_deploy.models.collect import collect_pairs
     from prism_deploy.parity.engines import adapter_engine_check
     from prism_deploy.serving.update import update_adapter
-    from prism_deploy.serving.versions import append_log, model_dir, prune
+    from prism_deploy.serving.versions import ADAPTED_DIR, append_log, model_dir, prune
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
@@ -261,7 +261,7 @@ def adapt_once(args: argparse.Namespace, root: Path, model: str) -> int:
         entry["reason"] = "; ".join(f"{c.name}: {c.why}" for c in result.candidates)
     else:
         entry["after"] = {"recorded": chosen.recorded, "original": chosen.original, "candidate": chosen.name}
-        keep_dir = model_dir(root, model) / ".adapted"  # not a number: Triton ignores it
+        keep_dir = model_dir(root, model) / ADAPTED_DIR
         keep_dir.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
         new_path = keep_dir / f"{model}-{stamp}-{np.random.default_rng().integers(1 << 32):08x}.safetensors"

@@ -7,7 +7,8 @@
   before the one served; a version that is itself a rollback counts as the version it restored,
   so two rollbacks in a row go two versions back.
 - :func:`prune`: keep the newest K versions; only version folders the manifest lists (the
-  repository wrote them) are removed, never the newest.
+  repository wrote them) are removed, never the newest, and with them the adapter files
+  ``adapt`` wrote for them (``NAME/.adapted/``) that no kept version was built from.
 - The adaptation log (``REPO/prism-adapt-log.json``, one JSON list, rewritten by temporary file
   and rename under the update lock) and each adapter's round lock
   (``REPO/.prism-adapt-<model>.lock``: a second round on one adapter is refused, not queued).
@@ -27,6 +28,7 @@ from prism_deploy.serving import repository as repo_mod
 from prism_deploy.serving.update import UPDATE_LOCK, server_endpoint, swap, versions_of
 
 ADAPT_LOG = "prism-adapt-log.json"  # a file at the repository's root: Triton ignores it
+ADAPTED_DIR = ".adapted"  # in a model's folder, the adapters `adapt` wrote; not a number: Triton ignores it
 DEFAULT_KEEP = 5
 
 
@@ -167,7 +169,15 @@ def prune(root: Path, model: str, keep: int, log: Callable[[str], None] | None =
                 removed.append(v)
         if removed:
             record["versions"] = sorted(listed - set(removed))
+            sources = record.get("sources", {})
+            gone_sources = {sources.pop(str(v), None) for v in removed} - set(sources.values()) - {None}
             repo_mod.write_manifest(root, manifest)
+            # the adapter files `adapt` wrote for the removed versions (its own folder), if no kept version uses them
+            adapted = (mdir / ADAPTED_DIR).resolve()
+            for source in gone_sources:
+                path = Path(str(source))
+                if path.parent == adapted and path.suffix == ".safetensors":
+                    path.unlink(missing_ok=True)
     return removed
 
 
