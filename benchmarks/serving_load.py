@@ -7,7 +7,8 @@ Builds the adapter (ort-cpu, fp32, default profile) into a temporary folder, wri
 Python-form repository (`prism-deploy triton`), starts tritonserver on free loopback ports
 (`prism_deploy.serving.server`), and for each concurrency level sends ``--requests`` requests
 of one ``[1, seq, in_dim]`` float32 batch each from that many client threads (each thread its
-own client), over HTTP and over gRPC, stopping early after ``--seconds``. The same inputs then
+own client), over HTTP, over gRPC, and over HTTP through ``serve``'s front
+(``serving.http_guard``), stopping early after ``--seconds``. The same inputs then
 go through ``load_engines(DIR).run`` in this process from the same number of threads.
 Throughput (requests/s) and the p50/p99 latency of each request, and the serving overhead as
 the ratio of the server's p50 to the in-process p50, go into one JSON file with the machine.
@@ -153,19 +154,27 @@ def _run(args, levels, machine, load_start, work: Path) -> int:  # type: ignore[
         t.set_data_from_numpy(x)
         return state.c.infer("adapter", [t]).as_numpy("adapted")
 
-    results: dict[str, list[dict[str, object]]] = {"in_process": [], "http": [], "grpc": []}
+    results: dict[str, list[dict[str, object]]] = {"in_process": [], "http": [], "grpc": [], "http_front": []}
     http, grpc, metrics = ports("127.0.0.1", 0, 0, 0)
     with TritonServer(repo, be, http, grpc, metrics, log_path=work / "server.log") as server:
         server.wait_ready(180)
         for c in levels:  # warm-up: every instance path once
             run_level(http_call, inputs, c, 2 * c, 10, lambda: Http(server.http_url))
+        # serve's HTTP front (serving.http_guard) before Triton's HTTP port, as `serve` runs it
+        from prism_deploy.serving.http_guard import HttpGuard
+
+        front = HttpGuard("127.0.0.1", 0, server.http_port)
+        front.start()
+        front_url = f"127.0.0.1:{front.server_address[1]}"
         for c in levels:
             for name, call, state in (("http", http_call, lambda: Http(server.http_url)),
-                                      ("grpc", grpc_call, lambda: Grpc(server.grpc_url))):
+                                      ("grpc", grpc_call, lambda: Grpc(server.grpc_url)),
+                                      ("http_front", http_call, lambda: Http(front_url))):
                 row = run_level(call, inputs, c, args.requests, args.seconds, state)
                 results[name].append(row)
                 print(f"{name:10s} c={c:2d}: {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:.3f} ms  "
                       f"p99 {row['p99_ms']:.3f} ms  errors {row['errors']}", file=sys.stderr)
+        front.stop()
         stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics("adapter", headers=server.control_headers)
     batch_stats = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]}
     for c in levels:
@@ -174,9 +183,9 @@ def _run(args, levels, machine, load_start, work: Path) -> int:  # type: ignore[
         print(f"{'in-process':10s} c={c:2d}: {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:.3f} ms  "
               f"p99 {row['p99_ms']:.3f} ms", file=sys.stderr)
     overhead = {proto: {str(r["concurrency"]): round(float(r["p50_ms"]) / float(base["p50_ms"]), 2)  # type: ignore[arg-type]
-                        for r, base in zip(results[proto], results["in_process"])} for proto in ("http", "grpc")}
+                        for r, base in zip(results[proto], results["in_process"])} for proto in ("http", "grpc", "http_front")}
     throughput_ratio = {proto: {str(r["concurrency"]): round(float(r["throughput_rps"]) / float(base["throughput_rps"]), 3)  # type: ignore[arg-type]
-                                for r, base in zip(results[proto], results["in_process"])} for proto in ("http", "grpc")}
+                                for r, base in zip(results[proto], results["in_process"])} for proto in ("http", "grpc", "http_front")}
     out = {
         "benchmark": "prism-deploy serving load (benchmarks/serving_load.py)",
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),

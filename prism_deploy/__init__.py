@@ -30,6 +30,7 @@ _LAZY = {
     "load_engines": "prism_deploy.runtime.engines",
     "Pipeline": "prism_deploy.runtime.chain",
     "Chain": "prism_deploy.runtime.chain",
+    "Graph": "prism_deploy.runtime.graph",
 }
 
 __all__ = ["__version__", *_LAZY]

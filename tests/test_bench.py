@@ -152,7 +152,7 @@ def _check_results(data: dict, batches: list[int]) -> None:
 def test_bench_runs_torch_and_ort_cpu(tiny: Path, tmp_path: Path, capsys):
     out = tmp_path / "r" / "bench.json"
     code, text, _ = _bench([str(tiny), "--backends", "torch,ort-cpu", "--batch", "1,4", "--repeat", "3",
-                            "--warmup", "0", "--json", str(out)], capsys)
+                            "--warmup", "0", "--json-out", str(out)], capsys)
     assert code == 0, text
     data = json.loads(out.read_text())
     _check_results(data, [1, 4])
@@ -171,7 +171,7 @@ def test_bench_runs_torch_and_ort_cpu(tiny: Path, tmp_path: Path, capsys):
 def test_bench_torch_json_and_unavailable_reasons(tiny: Path, tmp_path: Path, capsys):
     out = tmp_path / "bench.json"
     code, text, _ = _bench([str(tiny), "--backends", "torch,ort-cuda,trt,kernel", "--precision", "fp32,fp16,int8",
-                            "--batch", "1,2", "--repeat", "3", "--warmup", "0", "--json", str(out)], capsys)
+                            "--batch", "1,2", "--repeat", "3", "--warmup", "0", "--json-out", str(out)], capsys)
     assert code == 0
     data = json.loads(out.read_text())
     _check_results(data, [1, 2])
@@ -190,7 +190,7 @@ def test_bench_torch_json_and_unavailable_reasons(tiny: Path, tmp_path: Path, ca
 def test_bench_baseline_is_measured_when_fp32_not_asked(tiny: Path, tmp_path: Path, capsys):
     out = tmp_path / "bench.json"
     code, _, _ = _bench([str(tiny), "--backends", "torch", "--precision", "fp16", "--batch", "2", "--seq", "3",
-                         "--repeat", "3", "--warmup", "0", "--json", str(out)], capsys)
+                         "--repeat", "3", "--warmup", "0", "--json-out", str(out)], capsys)
     assert code == 0
     data = json.loads(out.read_text())
     pairs = {(c["precision"], c["ratio_to_torch"] is not None) for c in data["cases"]}
@@ -209,6 +209,24 @@ def test_bench_plot(tiny: Path, tmp_path: Path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_runs_each_gated_form_side_by_side(tiny: Path, tmp_path: Path, capsys):
+    out = tmp_path / "forms.json"
+    backends = "ort-cpu,ort-cpu/A,ort-cpu/B,ort-cpu/sparse"
+    code, text, _ = _bench([str(tiny), "--backends", backends, "--precision", "fp32,int8", "--batch", "1,4",
+                            "--repeat", "3", "--warmup", "0", "--json", str(out)], capsys)
+    assert code == 0, text
+    data = json.loads(out.read_text())
+    assert data["backends"]["ran"] == sorted(backends.split(","))
+    for backend in backends.split(","):
+        cases = [c for c in data["cases"] if c["backend"] == backend]
+        assert sorted((c["precision"], c["batch"]) for c in cases) == [("fp32", 1), ("fp32", 4), ("int8", 1), ("int8", 4)]
+        for c in cases:  # each form against the same floor, and right
+            assert c["floor_s"] > 0 and c["max_rel_err"] < (1e-4 if c["precision"] == "fp32" else 5e-2)
+        assert backend in text
+    details = {d["name"]: d for d in data["backends"]["details"]}
+    assert details["ort-cpu/sparse"]["precisions"]["fp32"]["export"]["gated_form"] == "sparse"
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--backends", "torch,cuda-magic"], "--backends"),
     (["--precision", "fp8"], "--precision"),
@@ -219,6 +237,8 @@ def test_bench_plot(tiny: Path, tmp_path: Path, capsys):
     (["--seq", "x"], "--seq"),
     (["--threads", "0"], "--threads"),
     (["--engines", "/nonexistent/engines"], "--engines"),
+    (["--backends", "torch/sparse"], "--backends"),
+    (["--backends", "ort-cpu/C"], "--backends"),
 ])
 def test_bench_bad_options_exit_2(tiny: Path, capsys, args, fragment):
     code, _, err = _bench([str(tiny), "--backends", "torch", *args] if "--backends" not in args else [str(tiny), *args],
@@ -250,7 +270,7 @@ def test_bench_runs_built_engines(tiny: Path, tmp_path: Path, capsys):
     capsys.readouterr()
     out = tmp_path / "bench.json"
     code, text, _ = _bench([str(tiny), "--engines", str(engines), "--backends", "torch,ort-cpu", "--precision",
-                            "fp32,fp16", "--batch", "2", "--repeat", "3", "--warmup", "0", "--json", str(out)], capsys)
+                            "fp32,fp16", "--batch", "2", "--repeat", "3", "--warmup", "0", "--json-out", str(out)], capsys)
     assert code == 0
     data = json.loads(out.read_text())
     ort = [c for c in data["cases"] if c["backend"] == "ort-cpu"]

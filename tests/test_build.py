@@ -101,13 +101,14 @@ def test_example_builds_on_cpu_prints_parity_and_second_run_reuses(tmp_path, cap
 def test_changed_adapter_rebuilds_and_collects_old_engine(tmp_path, capsys):
     adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
     assert _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST)[0] == 0
-    [old_file] = [p["file"] for p in read_manifest(out_dir)["engines"][0]["parts"]]
+    old_files = [p["file"] for p in read_manifest(out_dir)["engines"][0]["parts"]]  # one per chosen gated form
     _adapter(tmp_path, seed=1)  # retrained: same file name and topology, new weights
     code, out, _ = _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST)
     assert code == 0 and "built (cache miss)" in out
     manifest = read_manifest(out_dir)
     [entry] = manifest["engines"]
-    assert entry["parts"][0]["file"] != old_file and not (out_dir / old_file).exists()
+    assert old_files and not {p["file"] for p in entry["parts"]} & set(old_files)
+    assert not any((out_dir / f).exists() for f in old_files)
     x = np.random.default_rng(2).standard_normal((2, 3, 48)).astype(np.float32)
     assert _rel_l2(load_engines(out_dir).run(x), _reference(adapter, x)) < 1e-5
 
@@ -181,8 +182,8 @@ def test_failed_parity_keeps_previous_engines_and_manifest(tmp_path, capsys, mon
     before = (out_dir / "manifest.json").read_bytes()
     real_export = adapter_source.export_graph
 
-    def sabotaged(unit, path, cfg, calib):  # an engine of other weights: parity must catch it
-        return real_export(random_adapter(unit.config, seed=99).arrays(), path, cfg, calib)
+    def sabotaged(unit, path, cfg, calib, **kw):  # an engine of other weights: parity must catch it
+        return real_export(random_adapter(unit.config, seed=99).arrays(), path, cfg, calib, **kw)
 
     monkeypatch.setattr(adapter_source, "export_graph", sabotaged)
     code, out, err = _build(capsys, *args, "--force")
@@ -305,13 +306,12 @@ def test_a_build_error_fails_that_configuration_only(tmp_path, capsys, monkeypat
 
 
 def test_a_second_build_waits_for_the_lock(tmp_path):
-    from filelock import FileLock
+    from prism_deploy.core.fsutil import folder_lock
 
     adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
     out_dir.mkdir()
     codes: list[int] = []
-    holder = FileLock(str(out_dir / loop.LOCK_NAME))
-    with holder:
+    with folder_lock(out_dir, loop.LOCK_NAME):
         t = threading.Thread(target=lambda: codes.append(main(
             ["build", str(adapter), "-o", str(out_dir), "--target", "ort-cpu", "--json", *FAST])))
         t.start()
@@ -319,6 +319,7 @@ def test_a_second_build_waits_for_the_lock(tmp_path):
         assert t.is_alive() and not (out_dir / "manifest.json").exists()  # blocked on the lock
     t.join()
     assert codes == [0] and read_manifest(out_dir) is not None
+    assert not (out_dir / loop.LOCK_NAME).exists()  # the folder itself is locked: no lock file is left
 
 
 def test_retrained_adapter_keeps_topology_key_and_finds_refit_source(tmp_path):
@@ -375,10 +376,12 @@ def test_large_model_engine_keeps_its_weights_in_a_checked_data_file(tmp_path, c
     monkeypatch.setattr(ort_engine, "ORT_EXTERNAL_THRESHOLD", 0)
     adapter, out_dir = _adapter(tmp_path), tmp_path / "eng"
     assert _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST)[0] == 0
-    [part] = read_manifest(out_dir)["engines"][0]["parts"]
-    data = out_dir / part["data_file"]
-    assert part["data_file"].endswith(".ort.data") and data.stat().st_size == part["data_bytes"] > 4 * 48 * 40
-    assert (out_dir / part["file"]).stat().st_size < data.stat().st_size  # the weights are outside
+    parts = read_manifest(out_dir)["engines"][0]["parts"]  # one per chosen gated form
+    for part in parts:
+        data = out_dir / part["data_file"]
+        assert part["data_file"].endswith(".ort.data") and data.stat().st_size == part["data_bytes"] > 4 * 48 * 40
+        assert (out_dir / part["file"]).stat().st_size < data.stat().st_size  # the weights are outside
+    data = out_dir / parts[0]["data_file"]
     x = np.random.default_rng(6).standard_normal((2, 3, 48)).astype(np.float32)
     assert _rel_l2(load_engines(out_dir).run(x), _reference(adapter, x)) < 1e-5
     data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")

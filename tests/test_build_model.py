@@ -170,7 +170,7 @@ def test_built_folder_of_the_wrong_role_is_refused(exports, built):
 
     with pytest.raises(PrismInputError, match="role 'last', 'first' is needed"):
         Pipeline(built["B"], exports["adapter"], built["B"], target="ort-cpu")
-    with pytest.raises(PrismInputError, match="not adapter engines"):
+    with pytest.raises(PrismInputError, match="a model folder .*where an adapter belongs"):
         Pipeline(exports["A"], built["A"], exports["B"], target="ort-cpu")
 
 

@@ -266,7 +266,13 @@ def bad_chain_cases(parts, tmp_path) -> list[tuple[str, object, str]]:
     model_as_adapter[1] = {"adapter": str(parts["gpt2_first"] / "first.onnx")}
     both = [dict(s) for s in good]
     both[1] = {"adapter": good[1]["adapter"], "model": good[0]["model"]}
+    forged = [dict(s) for s in good]
+    forged[1]["name"] = "a1\nerror: forged line"
+    escaped = [dict(s) for s in good]
+    escaped[2]["name"] = "\x1b[2Jllama"
     return [
+        ("name with a newline", {"stages": forged}, "(stage 2): the name 'a1\\nerror: forged line' holds control"),
+        ("name with an escape", {"stages": escaped}, "(stage 3): the name '\\x1b[2Jllama' holds control"),
         ("width", {"stages": wrong_width}, "stage 2 (adapter a1): in_dim 64 does not match the hidden width 48"),
         ("order", {"stages": order}, "stage 1"),
         ("missing", {"stages": missing}, "stage 3 (model llama)"),
@@ -415,3 +421,134 @@ def test_build_chain_writes_only_into_a_folder_it_owns(parts, tmp_path, capsys):
     (notes / "mine.txt").write_text("mine")
     assert main(["build", "--chain", str(chain_file), "-o", str(notes), "--target", "ort-cpu"]) == 2
     assert "did not write (mine.txt)" in capsys.readouterr().err and sorted(p.name for p in notes.iterdir()) == ["mine.txt"]
+
+
+def wrong_reference_cases(parts) -> list[tuple[int, str, str]]:
+    """(stage index, key in the chain file, the wrong reference) for every kind of stage."""
+    hfz = parts["hf"]
+    return [(0, "hf", str(hfz["llama"])), (2, "hf", str(hfz["gpt2"])), (4, "hf", str(hfz["gpt2"])),
+            (1, "reference", str(parts["llama-qwen2"])), (3, "reference", str(parts["gpt2-llama"]))]
+
+
+@pytest.mark.parametrize("bisect", [False, True])
+def test_parity_with_another_models_reference_is_one_line(parts, tmp_path, capsys, bisect):
+    for index, key, wrong in wrong_reference_cases(parts):
+        stages = three_model_stages(parts)
+        stages[index][key] = wrong
+        chain_file = write_chain(tmp_path / f"chain{index}.json", stages)
+        capsys.readouterr()
+        code = main(["parity", "--chain", str(chain_file), "--seq", "6", "--new-tokens", "2",
+                     *(["--bisect"] if bisect else [])])
+        out, err = capsys.readouterr()
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (index, err)
+        assert f"stage {index + 1} (" in err and wrong in err and "not this stage's source" in err, err
+
+
+def unbuildable_chain_cases(parts, tmp_path) -> list[tuple[str, list[dict], str]]:
+    """Chains that fail the whole-chain check: every kind of misfit, at every place."""
+    good = three_model_stages(parts)
+
+    def changed(index: int, **stage) -> list[dict]:
+        stages = [dict(s) for s in good]
+        stages[index] = {**{k: v for k, v in stages[index].items() if k in ("name",)}, **stage}
+        return stages
+
+    return [
+        ("width in", changed(1, adapter=str(parts["llama-qwen2"])), "stage 2 (adapter a1): in_dim 64 does not match"),
+        ("width out", changed(3, adapter=str(parts["gpt2-llama"])),
+         "stage 4 (adapter a2): in_dim 48 does not match"),
+        ("role first", changed(0, model=str(parts["llama_middle"])), "stage 1 (model gpt2)"),
+        ("role middle", changed(2, model=str(parts["qwen2_last"])), "'last', 'middle' is needed"),
+        ("role last", changed(4, model=str(parts["qwen2_middle"])), "'middle', 'last' is needed"),
+        ("missing adapter", changed(3, adapter=str(tmp_path / "no-such.safetensors")), "stage 4 (adapter a2)"),
+        ("missing model", changed(4, model=str(tmp_path / "no-such-model")), "stage 5 (model qwen2)"),
+        ("model as adapter", changed(3, adapter=str(parts["llama_middle"])), "a model export folder, where an adapter"),
+        ("adapter as model", changed(2, model=str(parts["gpt2-llama"])), "a model stage is an export-model"),
+    ]
+
+
+def test_build_chain_checks_the_whole_chain_before_building(parts, tmp_path, capsys):
+    for name, stages, needle in unbuildable_chain_cases(parts, tmp_path):
+        chain_file = write_chain(tmp_path / f"{name}.json", stages)
+        out = tmp_path / f"out-{name}"
+        capsys.readouterr()
+        code = main(["build", "--chain", str(chain_file), "-o", str(out), "--target", "ort-cpu", "--no-parity"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, (name, err)
+        assert not out.exists(), name  # nothing was built
+
+
+def test_a_failed_chain_build_leaves_nothing(parts, tmp_path, capsys, monkeypatch):
+    from prism_deploy.builder import chain_source
+
+    real = chain_source.build_model_engines
+
+    def failing_at_the_second_model(request, *args, **kwargs):
+        if request.model_dir == parts["llama_middle"]:
+            raise PrismInputError("simulated failure of stage 3")
+        return real(request, *args, **kwargs)
+
+    monkeypatch.setattr(chain_source, "build_model_engines", failing_at_the_second_model)
+    chain_file = write_chain(tmp_path / "chain.json", three_model_stages(parts))
+    out = tmp_path / "out"
+    assert main(["build", "--chain", str(chain_file), "-o", str(out), "--target", "ort-cpu", "--no-parity"]) == 2
+    assert "simulated failure of stage 3" in capsys.readouterr().err
+    assert not out.exists()  # stages 1 and 2 were built, then removed with the folder this run made
+    out.mkdir()
+    (out / "kept.txt").write_text("mine")
+    assert main(["build", "--chain", str(chain_file), "-o", str(out), "--target", "ort-cpu", "--no-parity",
+                 "--force"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["kept.txt"]  # the user's file stays, the stages go
+
+
+def test_build_chain_never_writes_through_a_link_at_a_stage_folder(parts, tmp_path, capsys):
+    chain_file = write_chain(tmp_path / "chain.json", three_model_stages(parts))
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "1-gpt2").symlink_to(elsewhere, target_is_directory=True)
+    assert main(["build", "--chain", str(chain_file), "-o", str(out), "--target", "ort-cpu", "--force"]) == 2
+    assert "1-gpt2 is a symbolic link" in capsys.readouterr().err
+    assert list(elsewhere.iterdir()) == [] and (out / "1-gpt2").is_symlink()
+
+
+def test_a_killed_chain_builds_leftovers_do_not_block_a_rerun(parts, tmp_path, capsys):
+    """A build --chain killed mid-stage leaves a stage folder with only the builder's temporary
+    folder (and, before, its lock file): a rerun builds over them and leaves no lock files."""
+    chain_file = write_chain(tmp_path / "chain.json", three_model_stages(parts))
+    out = tmp_path / "out"
+    (out / "1-gpt2" / ".build-k1ll3d00" / "gpt2.x1").mkdir(parents=True)
+    (out / "1-gpt2" / ".build.lock").write_text("")
+    (out / "3-llama").mkdir()
+    assert main(["build", "--chain", str(chain_file), "-o", str(out), "--target", "ort-cpu", "--no-parity"]) == 0
+    capsys.readouterr()
+    for stage in ("1-gpt2", "2-a1", "3-llama", "4-a2", "5-qwen2"):
+        names = {p.name for p in (out / stage).iterdir()}
+        assert "manifest.json" in names and not any(n.startswith(".build") for n in names - {".build.lock"}), names
+    assert not (out / "3-llama" / ".build.lock").exists()  # the folder is locked, not a file in it
+
+
+@pytest.mark.parametrize("tolerance", ["fp32", "fp16", "int8", "int4"])
+def test_parity_says_whether_greedy_agreement_is_part_of_the_check(parts, tmp_path, capsys, tolerance):
+    chain_file = write_chain(tmp_path / "chain.json", three_model_stages(parts))
+    capsys.readouterr()
+    code = main(["parity", "--chain", str(chain_file), "--seq", "6", "--new-tokens", "2", "--tolerance", tolerance])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("greedy tokens:"))
+    assert code == 0 and "parity: passed" in out
+    assert ("not part of the check" in line) == (tolerance != "fp32"), line
+    if tolerance != "fp32":
+        assert f"at {tolerance}" in line
+
+
+@pytest.mark.parametrize("value", [2, -1, 255])
+def test_attention_mask_values_other_than_0_and_1_are_refused(parts, value):
+    chain = Chain.from_file(write_chain(parts["root"] / "mask-chain.json", three_model_stages(parts)))
+    ids, mask = ids_and_mask(chain.first.vocab)
+    mask[0, -1] = value
+    with pytest.raises(PrismInputError, match="attention_mask: values must be 0 .* or 1"):
+        chain(ids, mask)
+    with pytest.raises(PrismInputError, match="attention_mask: values must be 0 .* or 1"):
+        chain.generate(ids, mask, max_new_tokens=1)
+    mask[0, -1] = 1
+    chain(ids, mask.astype(bool))  # booleans are 0 and 1

@@ -51,8 +51,8 @@ def _rel(y, ref):
 
 
 def _models(adapter, precision):
-    """(source, model, input rank): the exporter's graphs, both gated forms."""
-    for form in ("A", "B"):
+    """(source, model, input rank): the exporter's graphs, every gated form."""
+    for form in ("A", "B", "sparse", "grouped"):
         yield f"export form {form}", build_model(adapter, precision=precision, gated_form=form), 3
 
 

@@ -32,7 +32,7 @@ def _x(in_dim, b=2, s=3, seed=0):
     return np.random.default_rng(seed).standard_normal((b, s, in_dim)).astype(np.float32)
 
 
-@pytest.mark.parametrize("form", ["auto", "A", "B"])
+@pytest.mark.parametrize("form", ["auto", "A", "B", "sparse", "grouped"])
 def test_fp32_matches_reference_every_form(mixed, form):
     model = build_model(mixed, precision="fp32", gated_form=form)
     x = _x(50)

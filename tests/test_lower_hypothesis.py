@@ -56,7 +56,7 @@ def _check_model(model: onnx.ModelProto) -> None:
 
 
 @SETTINGS
-@given(adapters(), st.sampled_from(["auto", "A", "B"]))
+@given(adapters(), st.sampled_from(["auto", "A", "B", "sparse", "grouped"]))
 def test_fp32_matches_reference(case, form):
     adapter, x = case
     model = build_model(adapter, precision="fp32", gated_form=form)

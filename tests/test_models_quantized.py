@@ -16,6 +16,7 @@ import onnx
 import pytest
 
 from prism_deploy.cli.main import main
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.models import quantize
 from prism_deploy.format.model_folder import read_model_json as read_manifest
 from prism_deploy.models.export import export_model
@@ -256,8 +257,10 @@ def test_a_model_that_fails_validation_writes_nothing(zoo, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--precision", "int4", "--block-size", "48"], "--block-size: 48 must be a power of two >= 16"),
-    (["--precision", "int8", "--block-size", "8"], "--block-size: 8 must be a power of two >= 16"),
+    (["--precision", "int4", "--block-size", "48"], "--block-size: 48 must be a power of two from 16 to 256"),
+    (["--precision", "int8", "--block-size", "8"], "--block-size: 8 must be a power of two from 16 to 256"),
+    (["--precision", "int4", "--block-size", "512"], "--block-size: 512 must be a power of two from 16 to 256"),
+    (["--precision", "int8", "--block-size", "65536"], "--block-size: 65536 must be a power of two from 16 to 256"),
     (["--precision", "int4", "--form", "dq", "--asymmetric"], "--asymmetric: the dq form"),
     (["--precision", "int8", "--form", "dq", "--block-size", "32"], "int8 in the dq form is per output channel"),
     (["--precision", "int8", "--quantize-embedding"], "4 bits only"),
@@ -349,9 +352,9 @@ def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys):
     folders = [zoo["qwen2", "last", "fp32"], exports["B", "int8", "nbits"], exports["B", "int4", "dq"]]
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", *map(str, folders), "--prompt", "4", "--new-tokens", "3", "--repeat", "1",
-                 "--warmup", "0", "--json", str(out)]) == 0
+                 "--warmup", "0", "--json-out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "transformers eager" in text and "target int4" in text
+    assert "transformers eager" in text and "target int4" in text and "the targets apply to" in text
     results = json.loads(out.read_text())
     cases = {c["name"]: c for c in results["cases"]}
     assert list(cases) == [f.name for f in folders] + ["transformers eager"]
@@ -367,6 +370,28 @@ def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys):
     assert "share one role" in capsys.readouterr().err
     assert main(["bench-model", str(tmp_path)]) == 2
     assert "no model.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("role", ["first", "middle", "last"])
+@pytest.mark.parametrize("max_seq", [2, 3, 16, 64, 95, 96, 97, 2048])
+def test_bench_model_defaults_fit_every_max_seq(role, max_seq):
+    from prism_deploy.bench.models import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT, fitted_lengths
+
+    prompt, new_tokens = fitted_lengths(None, None, role, max_seq)
+    used = prompt + new_tokens if role == "last" else prompt
+    assert prompt >= 1 and new_tokens >= 1 and used <= max_seq + (role == "last")
+    if max_seq >= DEFAULT_PROMPT + DEFAULT_NEW_TOKENS:
+        assert (prompt, new_tokens) == (DEFAULT_PROMPT, DEFAULT_NEW_TOKENS)  # unchanged where they fit
+    with pytest.raises(PrismInputError, match="exceed"):
+        fitted_lengths(max_seq + 2, 1, role, max_seq)  # given lengths are checked, never shortened
+
+
+def test_bench_model_json_on_stdout_with_its_defaults(zoo, capsys):
+    folder = zoo["qwen2", "last", "fp32"]  # exported with max_seq 32: the defaults 64 + 32 do not fit
+    assert main(["bench", "--model", str(folder), "--no-eager", "--repeat", "1", "--warmup", "0", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)  # stdout is the JSON object alone
+    settings = results["settings"]
+    assert settings["prompt"] + settings["new_tokens"] <= 32 + 1 and settings["new_tokens"] >= 1
 
 
 def test_model_json_says_the_opset_its_graphs_were_written_at():

@@ -116,9 +116,12 @@ def test_a_request_without_the_secret_cannot_load_code_or_unload_and_triton_upda
         got = client.infer("adapter", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
         client.close()
         assert rel_l2(got, reference(z["dense_new"], x)) <= 1e-5
+        time.sleep(1.5)  # the stub watch looks every 0.5 s: the old version's stub has exited by now
     finally:
         stop_process_group(proc)
     assert not (repo / SERVE_STATE).exists()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert "backend process died" not in err, err  # a version unloaded by the swap is not a dead process
 
 
 def test_a_server_that_aborted_is_reported_by_its_fatal_lines_not_its_gpu_noise(tmp_path):
@@ -298,3 +301,146 @@ def test_the_served_adapter_answers_zero_tokens_as_load_engines_does(serving_sta
         client.close()
         grpc.close()
         assert rel_l2(got, np.asarray(engines.run(x))) <= 1e-5
+
+
+def test_serve_refuses_a_json_request_declaring_more_values_than_it_carries_and_keeps_serving(
+        serving_stages, serving_env, tmp_path):
+    """Triton 2.51 allocates a JSON input's declared shape before reading it ([1, 10^9, 48] with two
+    numbers aborted it); serve's HTTP front refuses such a request, and passes the rest through."""
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["dense_build"]), "-o", str(repo)]) == 0
+    x = np.random.default_rng(8).standard_normal((1, 2, 64)).astype(np.float32)
+    ports = [free_port() for _ in range(3)]
+    proc = serve_process(repo, *ports, tmp_path / "serve.log")
+    http_url = f"127.0.0.1:{ports[0]}"
+    try:
+        wait_ready(http_url, proc)
+        _wait_state(repo)
+        url = f"http://{http_url}/v2/models/adapter/infer"
+        for shape in ([1, 10**9, 48], [10**6, 1, 64], [1, 2**40, 64]):
+            body = json.dumps({"inputs": [{"name": "hidden", "shape": shape, "datatype": "FP32",
+                                           "data": [1.0, 2.0]}]}).encode()
+            status, text = _post(url, body, {"Content-Type": "application/json"})
+            assert status == 400 and "declares" in json.loads(text)["error"] and "\n" not in text, (shape, text)
+        head = json.dumps({"inputs": [{"name": "hidden", "shape": [1, 10**9, 48], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": 8}}]}).encode()
+        status, text = _post(url, head + b"\0" * 8, {"Inference-Header-Content-Length": str(len(head))})
+        assert status == 400, text  # Triton's own check, through the front
+        ok = json.dumps({"inputs": [{"name": "hidden", "shape": [1, 2, 64], "datatype": "FP32",
+                                     "data": x.ravel().tolist()}]}).encode()
+        status, text = _post(url, ok, {"Content-Type": "application/json"})
+        assert status == 200
+        got = np.asarray(json.loads(text)["outputs"][0]["data"], np.float32).reshape(1, 2, 96)
+        assert rel_l2(got, reference(z["dense"], x)) <= 1e-5
+        client = httpclient.InferenceServerClient(http_url)  # keep-alive, binary tensors
+        for _ in range(3):
+            got = client.infer("adapter", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
+            assert rel_l2(got, reference(z["dense"], x)) <= 1e-5
+        assert client.is_server_ready() and client.is_model_ready("adapter")
+        client.close()
+        assert proc.poll() is None
+    finally:
+        stop_process_group(proc)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def test_the_front_judges_only_json_data_against_the_body():
+    from prism_deploy.serving.http_guard import declared_too_much
+
+    def body(inputs: list[dict[str, object]]) -> bytes:
+        return json.dumps({"inputs": inputs}).encode()
+
+    assert declared_too_much(body([{"name": "h", "shape": [1, 10**9, 48], "data": [1.0]}]), None)
+    assert declared_too_much(body([{"name": "h", "shape": [1, 2, 2], "data": [1.0] * 4}]), None) is None
+    assert declared_too_much(body([{"name": "h", "shape": [1, 0, 64], "data": []}]), None) is None  # zero tokens
+    head = body([{"name": "h", "shape": [1, 10**9, 48], "parameters": {"binary_data_size": 8}}])
+    assert declared_too_much(head + b"\0" * 8, str(len(head))) is None  # binary: Triton checks the bytes
+    assert declared_too_much(b"not json", None) is None and declared_too_much(b"[]", None) is None
+
+
+def test_serve_removes_its_default_log_after_a_clean_stop(serving_stages, serving_env, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.serving_helpers import ROOT
+
+    z = serving_stages
+    repo = tmp_path / "repo"
+    assert main(["triton", str(z["dense_build"]), "-o", str(repo)]) == 0
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    ports = [free_port() for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "prism_deploy", "serve", str(repo), "--http-port", str(ports[0]),
+                             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir)})
+    try:
+        wait_ready(f"127.0.0.1:{ports[0]}", proc)
+        _wait_state(repo)
+        assert len(list(tmpdir.glob("prism-tritonserver-*.log"))) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        stop_process_group(proc)
+    assert list(tmpdir.glob("prism-tritonserver-*.log")) == []
+
+
+def test_the_front_leaves_no_connection_open_per_client_and_passes_bodies_unchanged():
+    import http.server
+    import os
+    import threading
+
+    from prism_deploy.serving.http_guard import HttpGuard
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    front = HttpGuard("127.0.0.1", 0, upstream.server_address[1])
+    front.start()
+    try:
+        url = f"http://127.0.0.1:{front.server_address[1]}/v2/models/m/infer"
+        fds = len(os.listdir("/proc/self/fd"))
+        for i in range(50):  # a new client connection each time
+            body = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [i, 2]}]}).encode()
+            assert _post(url, body, {}) == (200, body.decode())
+        deadline = time.monotonic() + 10
+        while front._open and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert front._open == set() and len(os.listdir("/proc/self/fd")) <= fds + 2
+    finally:
+        front.stop()
+        upstream.shutdown()
+        upstream.server_close()
+
+
+@pytest.mark.parametrize("values", [[[1, 2, 1]], [[1, 1, 7]], [[-1, 1, 1]]])
+def test_the_backend_refuses_attention_mask_values_other_than_0_and_1(monkeypatch, values):
+    """The served stages refuse what the in-process runtime refuses (core.limits.mask_problem):
+    another number would be read as a weight and change the logits."""
+    from types import SimpleNamespace
+
+    from prism_deploy.serving import backend
+
+    tensors = {"attention_mask": np.asarray(values, dtype=np.int64), "input_ids": np.ones((1, 3), np.int64)}
+    fake_pb = SimpleNamespace(get_input_tensor_by_name=lambda request, name: (
+        SimpleNamespace(as_numpy=lambda: tensors[name]) if name in tensors else None))
+    monkeypatch.setattr(backend, "_pb", lambda: fake_pb)
+    with pytest.raises(backend.RequestError, match="attention_mask: values must be 0"):
+        backend._input(object(), "attention_mask")
+    tensors["attention_mask"] = np.asarray([[0, 1, 1]], dtype=np.int64)
+    assert backend._input(object(), "attention_mask").tolist() == [[0, 1, 1]]

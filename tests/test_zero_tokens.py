@@ -30,7 +30,7 @@ def run_child(code: str) -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("form", ["A", "B"])
+@pytest.mark.parametrize("form", ["A", "B", "sparse", "grouped"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8-qdq", "fused"])
 def test_every_graph_answers_zero_tokens_itself(precision, form, tmp_path):
     adapter = read_adapter_file(EXAMPLE)

@@ -25,6 +25,27 @@ CALIB_ROWS = 256
 CALIB_SEED = 12345
 
 BACKEND_NAMES = ("torch", "torch-compile", "ort-cpu", "ort-cuda", "trt", "kernel")
+# ONNX Runtime backends can be named with a gated form, "ort-cpu/sparse": the graph exported in
+# that form (docs/onnx-lowering.md), so that every form is timed side by side with the floor
+FORM_BACKENDS = ("ort-cpu", "ort-cuda")
+
+
+def split_backend_name(name: str) -> tuple[str, str | None]:
+    """``ort-cpu/sparse`` -> (``ort-cpu``, ``sparse``); a plain name has no form."""
+    base, _, form = name.partition("/")
+    return base, (form or None)
+
+
+def check_backend_name(name: str) -> str | None:
+    """Why ``name`` is not a backend this bench runs (None when it is)."""
+    from prism_deploy.lower import GATED_FORMS
+
+    base, form = split_backend_name(name)
+    if base not in BACKEND_NAMES:
+        return f"{name!r} is not one of {','.join(BACKEND_NAMES)} (ort-cpu and ort-cuda take /FORM)"
+    if form is not None and (base not in FORM_BACKENDS or form not in GATED_FORMS[1:]):
+        return f"{name!r}: only {' and '.join(FORM_BACKENDS)} take a gated form, one of {', '.join(GATED_FORMS[1:])}"
+    return None
 
 
 class BackendUnavailable(Exception):
@@ -192,8 +213,11 @@ class OrtBackend(Backend):
     provider = "cpu"
 
     def __init__(self, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, gated_form: str | None = None) -> None:
         super().__init__(adapter, precision)
+        self.gated_form = gated_form
+        if gated_form is not None:
+            self.name = f"{type(self).name}/{gated_form}"  # type: ignore[misc]
         self.device = "cpu"  # inputs and outputs are host arrays; ORT copies for CUDA itself
         self.workdir = workdir
         self.engines_dir = engines_dir
@@ -221,6 +245,10 @@ class OrtBackend(Backend):
         from prism_deploy.runtime.adapter_graph import AdapterGraph
         from prism_deploy.runtime.engines import load_engines
 
+        if self.engines_dir is not None and self.gated_form is not None:
+            raise BackendUnavailable(f"{self.name}: a gated form is exported for the run, not read from "
+                                     "--engines (the engines' own per-bucket choice runs as "
+                                     f"{type(self).name})")
         if self.engines_dir is not None:
             try:
                 self.runner = load_engines(self.engines_dir, precision=self.precision, target=self.name)
@@ -231,7 +259,8 @@ class OrtBackend(Backend):
             self.info = {"source": "engines", "engines_dir": str(self.engines_dir),
                          "engine": getattr(self.runner, "id", None), "session_threads": "onnxruntime default"}
             return
-        path = self.workdir / f"adapter-{self.precision}.onnx"
+        stem = f"adapter-{self.precision}" + (f"-{self.gated_form}" if self.gated_form else "")
+        path = self.workdir / f"{stem}.onnx"
         extra: dict[str, Any] = {}
         if self.precision == "int8-qdq":
             # Static activation scales need calibration data: hidden states drawn like the
@@ -239,13 +268,15 @@ class OrtBackend(Backend):
             extra["calib"] = np.random.default_rng(CALIB_SEED).standard_normal(
                 (CALIB_ROWS, self.adapter.config.in_dim), dtype=np.float32)
         try:
-            result = export_onnx(self.adapter, path, precision=self.precision, **extra)
+            # as `build` exports for this target: MatMulNBits for INT8 ungated pipes on the CPU
+            result = export_onnx(self.adapter, path, precision=self.precision, gated_form=self.gated_form or "auto",
+                                 ort_nbits=self.provider == "cpu", **extra)
         except Exception as exc:
             raise BackendUnavailable(f"{self.name}: export at {self.precision} failed "
                                      f"({type(exc).__name__}: {brief(exc, 300)})") from None
         self.io_dtype = _onnx_input_dtype(path)
         self.runner = AdapterGraph(path, self.provider, intra_op_threads=self.threads)
-        size = sum(p.stat().st_size for p in self.workdir.glob(f"adapter-{self.precision}.onnx*"))
+        size = sum(p.stat().st_size for p in self.workdir.glob(f"{stem}.onnx*"))
         self.info = {"source": "export_onnx", "export": _plain(result), "model_bytes": size,
                      "io_dtype": str(self.io_dtype), "runner": type(self.runner).__name__}
         if extra:
@@ -456,8 +487,9 @@ BACKEND_CLASSES: dict[str, type[Backend]] = {
 
 def make_backend(name: str, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None,
                  threads: int | None = None) -> Backend:
-    if name in ("ort-cpu", "ort-cuda"):
-        return BACKEND_CLASSES[name](adapter, precision, workdir, engines_dir, threads)  # type: ignore[call-arg]
+    base, form = split_backend_name(name)
+    if base in FORM_BACKENDS:
+        return BACKEND_CLASSES[base](adapter, precision, workdir, engines_dir, threads, form)  # type: ignore[call-arg]
     if name == "trt":
         return TrtBackend(adapter, precision, engines_dir)
     return BACKEND_CLASSES[name](adapter, precision)

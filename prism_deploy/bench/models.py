@@ -36,6 +36,12 @@ from prism_deploy.core.errors import PrismInputError
 # and distance to the precision's bytes floor. Read from results, never enforced by the command.
 SPEED_TARGETS = {"int8": {"speedup_vs_fp32": 1.8, "max_ratio_to_floor": 1.5},
                  "int4": {"speedup_vs_fp32": 3.0, "max_ratio_to_floor": 1.5}}
+# What the targets were set for: on a small model per-call overhead, not weight bytes, sets the
+# decode time, so "missed" there is no failure.
+TARGETS_APPLY_TO = ("the targets apply to the benchmark's model B (weights in the hundreds of MiB); on a model "
+                    "whose weights are small, call overhead decides and a miss is expected")
+# Default prompt and decode lengths, shortened to fit a folder exported with a smaller max_seq.
+DEFAULT_PROMPT, DEFAULT_NEW_TOKENS = 64, 32
 
 
 def graph_bytes(path: str | os.PathLike[str]) -> dict[str, int]:
@@ -134,7 +140,7 @@ class _EagerModel:
         from prism_deploy.models import hf
 
         self.hf, self.role = hf, role
-        self.model = hf.load_causal_lm(hf_dir)
+        self.model = hf.load_causal_lm(hf_dir, uses_head=role == "last")
         self.source = hf_dir
 
     def describe(self) -> dict[str, Any]:
@@ -183,8 +189,8 @@ def _stats(samples: list[float]) -> dict[str, float] | None:
             "min_s": float(s.min()), "samples": int(s.size)}
 
 
-def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = 1, prompt: int = 64,
-                    new_tokens: int = 32, repeat: int = 5, warmup: int = 1, seed: int = 0, eager: bool = True,
+def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = 1, prompt: int | None = None,
+                    new_tokens: int | None = None, repeat: int = 5, warmup: int = 1, seed: int = 0, eager: bool = True,
                     hf_dir: str | None = None) -> dict[str, Any]:
     """Time every folder (and transformers eager on their source) interleaved; see the module docstring."""
     import torch
@@ -194,7 +200,7 @@ def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = 1, 
 
     if not folders:
         raise PrismInputError("give at least one model folder")
-    if min(threads, prompt, new_tokens, repeat) < 1 or warmup < 0:
+    if min(threads, prompt or 1, 1 if new_tokens is None else new_tokens, repeat) < 1 or warmup < 0:
         raise PrismInputError("--threads, --prompt, --new-tokens and --repeat must be at least 1, --warmup at least 0")
     load_start = load_average()
     torch.set_num_threads(threads)
@@ -213,9 +219,7 @@ def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = 1, 
     for name, r in runners.items():
         if r.manifest["dims"] != dims:
             raise PrismInputError(f"{name}: dims {r.manifest['dims']} differ from {dims}: not the same model")
-    if prompt + new_tokens > int(first.manifest["max_seq"]) + 1:
-        raise PrismInputError(f"--prompt {prompt} + --new-tokens {new_tokens} exceed the exported max_seq "
-                              f"{first.manifest['max_seq']}")
+    prompt, new_tokens = fitted_lengths(prompt, new_tokens, role, min(int(r.manifest["max_seq"]) for r in runners.values()))
     source = hf_dir or first.manifest.get("source")
     eager_reason = None
     if eager:
@@ -316,6 +320,21 @@ def _ratios(cases: list[dict[str, Any]]) -> None:
                     c[phase][label] = base[phase]["median_s"] / c[phase]["median_s"]
 
 
+def fitted_lengths(prompt: int | None, new_tokens: int | None, role: str, max_seq: int) -> tuple[int, int]:
+    """(prompt, new tokens): the ones given, checked against ``max_seq``; defaults shortened to fit
+    it (the last model's KV cache holds the prompt and all but the last new token)."""
+    room = max_seq + 1 if role == "last" else max_seq
+    if new_tokens is None:
+        new_tokens = min(DEFAULT_NEW_TOKENS, max(1, room // 3)) if role == "last" else DEFAULT_NEW_TOKENS
+    if prompt is None:
+        prompt = max(1, min(DEFAULT_PROMPT, room - new_tokens if role == "last" else room))
+    used = prompt + new_tokens if role == "last" else prompt
+    if used > room:
+        given = f"--prompt {prompt} + --new-tokens {new_tokens}" if role == "last" else f"--prompt {prompt}"
+        raise PrismInputError(f"{given} exceed the exported max_seq {max_seq}")
+    return prompt, new_tokens
+
+
 def _targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for c in cases:
@@ -326,5 +345,6 @@ def _targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"name": c["name"], "precision": c["precision"], "speedup_vs_fp32": speed,
                     "speedup_target": target["speedup_vs_fp32"], "speedup_met": speed >= target["speedup_vs_fp32"],
                     "ratio_to_floor": ratio, "floor_target": target["max_ratio_to_floor"],
-                    "floor_met": ratio is not None and ratio <= target["max_ratio_to_floor"]})
+                    "floor_met": ratio is not None and ratio <= target["max_ratio_to_floor"],
+                    "applies_to": TARGETS_APPLY_TO})
     return out

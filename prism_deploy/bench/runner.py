@@ -50,8 +50,9 @@ class BenchSettings:
 
     def validate(self) -> None:
         for b in self.backends:
-            if b not in bk.BACKEND_NAMES:
-                raise PrismInputError(f"--backends: {b!r} is not one of {','.join(bk.BACKEND_NAMES)}")
+            why = bk.check_backend_name(b)
+            if why is not None:
+                raise PrismInputError(f"--backends: {why}")
         for p in self.precisions:
             if p not in PRECISIONS:
                 raise PrismInputError(f"--precision: {p!r} is not one of {', '.join(PRECISIONS)}")
@@ -157,7 +158,7 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
     unavailable: list[dict[str, Any]] = []
     runnable: list[str] = []
     for name in settings.backends:
-        ok, why = bk.BACKEND_CLASSES[name].check(settings.engines_dir)
+        ok, why = bk.BACKEND_CLASSES[bk.split_backend_name(name)[0]].check(settings.engines_dir)
         if ok:
             runnable.append(name)
         else:

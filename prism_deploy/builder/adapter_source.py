@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prism_deploy.builder.forms import CANDIDATE_FORMS, FORMS_RULES, time_forms, token_buckets
 from prism_deploy.builder.loop import BuildOptions, BuildResult, Unit, build, engine_part
 from prism_deploy.builder.options import PLUGIN_MODES, EngineConfig, Profile, check_calibrator, default_precisions
 from prism_deploy.builder.ort_engine import ort_engine_part
@@ -22,6 +23,9 @@ from prism_deploy.core.precision import Precision
 from prism_deploy.core.targets import Target
 from prism_deploy.format import AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_file
 from prism_deploy.format.engine_manifest import EngineFileError, canonical_hash, parts_intact, read_manifest, source_kind
+
+
+FORM_MODES = ("timed", "auto")
 
 
 @dataclass
@@ -42,6 +46,10 @@ class BuildRequest:
     version_compatible: bool = False
     weight_streaming: bool = False
     progress: bool = False
+    # "timed": ONNX Runtime builds of gated adapters time every candidate gated form per token
+    # bucket and keep the fastest (builder/forms.py); "auto": the lowering's own rule, one graph
+    forms: str = "timed"
+    form_timer: Any = None  # builder.forms.FormTimer; None: the lower quartile of a few calls
 
 
 def topology_key(topo: dict[str, Any], cfg: EngineConfig, tools: dict[str, Any], device: dict[str, Any]) -> str:
@@ -140,6 +148,8 @@ class AdapterSource:
             sources: dict[str, Any] = {"adapter": self.sha256}
             if p is Precision.INT8_QDQ:
                 sources["calib"] = self.calib_sha
+            if self._times_forms(cfg):
+                sources["forms"] = FORMS_RULES
             units.append(Unit(cfg, sources, group=cfg.id, topology_key=topology_key(self.topology, cfg, tools, device),
                               extra={"combine_weights": None}))
         return units
@@ -161,9 +171,63 @@ class AdapterSource:
                     return folder, entry
         return None
 
+    def _times_forms(self, cfg: EngineConfig) -> bool:
+        """Whether this engine is built in every candidate gated form and chosen per bucket."""
+        if self.request.forms not in FORM_MODES:
+            raise PrismInputError(f"--forms: {self.request.forms!r} is not one of {', '.join(FORM_MODES)}")
+        return (self.request.forms == "timed" and cfg.target != Target.TRT and not cfg.per_pipe
+                and not cfg.plugin and bool(self.config.gated_pipes))
+
+    def _make_timed(self, unit: Unit, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """Every candidate form built; per token bucket the fastest that agrees with the
+        baseline (the form the lowering's own rule picks) is kept, one part per chosen form."""
+        from prism_deploy.core import tolerances
+        from prism_deploy.core.ort_session import make_session
+        from prism_deploy.lower import choose_gated_form
+
+        cfg, data = unit.config, self.data
+        # the baseline is the graph the lowering's own rule gives (what builds made before the
+        # forms were timed): one of the candidates when every gated pipe gets the same form,
+        # else "auto" (A and B mixed per pipe) is a candidate too, so the choice is never slower
+        auto = {choose_gated_form(spec, cfg.precision) for spec in self.config.pipes if spec.gated}
+        baseline = auto.pop() if len(auto) == 1 else "auto"
+        candidates = list(CANDIDATE_FORMS) if baseline != "auto" else ["auto", *CANDIDATE_FORMS]
+        built: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        for form in candidates:
+            stem = f"{cfg.slug}.{form}"
+            onnx_path = work / f"{stem}.onnx"
+            exported = export_graph(data, onnx_path, cfg, self.request.calib, gated_form=form)
+            built[form] = ort_engine_part(onnx_path, work, stem, cfg.target, exported, cfg.precision)
+            onnx_path.unlink()
+            for extra in work.glob(f"{stem}.onnx.data"):
+                extra.unlink()
+        sessions = {form: make_session(work / part["file"], session["provider"],
+                                       graph_optimization_level=session["load_graph_optimization_level"],
+                                       session_config=session.get("load_session_config"))
+                    for form, (part, session) in built.items()}
+        runs = {form: (lambda x, s=s: s.run(["adapted"], {"hidden": x})[0]) for form, s in sessions.items()}
+        records = time_forms(runs, token_buckets(cfg.profile), self.config.in_dim, baseline,
+                             tolerances.adapter(cfg.precision).rel_l2_max, self.request.form_timer)
+        del sessions, runs
+        chosen = list(dict.fromkeys(r["form"] for r in records))
+        for form, (part, _) in built.items():
+            if form not in chosen:
+                (work / part["file"]).unlink()
+                if part.get("data_file"):
+                    (work / part["data_file"]).unlink()
+        unit.extra["forms"] = {"candidates": candidates, "baseline": baseline,
+                               "method": "lower quartile of 5-50 calls' seconds on the build machine, one input of "
+                                         "timed_tokens tokens; passed = relative L2 to the baseline form "
+                                         "within the precision's parity bound",
+                               "buckets": records}
+        parts = [{"pipe": None, "pipe_name": None, "form": form, **built[form][0]} for form in chosen]
+        return parts, built[chosen[0]][1]
+
     def make(self, unit: Unit, work: Path, directory: Path,
              refit_from: tuple[Path, dict[str, Any]] | None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         cfg = unit.config
+        if self._times_forms(cfg):
+            return self._make_timed(unit, work)
         data = self.data
         if cfg.per_pipe:  # the loader applies them: one engine per pipe
             unit.extra["combine_weights"] = data.betas()
@@ -208,13 +272,17 @@ class AdapterSource:
         return trt_engine.build_serialized_engine(onnx_path, settings, cache)
 
 
-def export_graph(adapter: AdapterTensors, path: Path, cfg: EngineConfig, calib: Path | None) -> int:
+def export_graph(adapter: AdapterTensors, path: Path, cfg: EngineConfig, calib: Path | None,
+                 gated_form: str = "auto") -> int:
     """The lowering (``prism_deploy.lower``), then with the plugin on the fusion pass; the bytes
     written (model and external data)."""
     from prism_deploy.lower import export_onnx
 
+    # ONNX Runtime CPU: INT8 ungated pipes as MatMulNBits, weights read at 8 bits (lower/adapter_graph.py)
+    nbits = cfg.target == Target.ORT_CPU and not cfg.plugin
     result = export_onnx(adapter, path, precision=cfg.precision, io_dtype="float32",
-                         calib=str(calib) if calib is not None else None, calibrator=cfg.calibrator)
+                         calib=str(calib) if calib is not None else None, calibrator=cfg.calibrator,
+                         gated_form=gated_form, ort_nbits=nbits)
     if cfg.plugin and adapter.config.gated_pipes:
         from prism_deploy.fuse import fuse_onnx_file
 

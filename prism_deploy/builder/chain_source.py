@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.builder.adapter_source import BuildRequest, build_engines
-from prism_deploy.builder.loop import BuildResult, EngineCheck, check_out_dir
+from prism_deploy.builder.loop import BuildResult, EngineCheck, check_out_dir, holds_only_leftovers
 from prism_deploy.builder.model_source import ModelBuildRequest, build_model_engines
 from prism_deploy.builder.options import Profile
 from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.fsutil import write_text_atomic
-from prism_deploy.format.chain_file import ChainSpec, chain_to_object, stage_digest
+from prism_deploy.format.chain_file import ChainSpec, StageSpec, chain_to_object, check_chain, stage_digest
 
 CHAIN_FILE = "chain.json"
 
@@ -49,7 +49,8 @@ class ChainBuildResult:
         failed = [(label, r) for label, r in self.stages if r is not None and r.failed]
         if failed:
             raise CheckFailed("; ".join(f"{label}: " + "; ".join(f"{o.id}: {o.detail}" for o in r.failed)
-                                        for label, r in failed) + " (chain.json unchanged)")
+                                        for label, r in failed) + " (chain.json unchanged; the stage folders "
+                                                                   "this run made are removed)")
 
 
 def stage_folder_name(index: int, name: str) -> str:
@@ -68,32 +69,15 @@ def build_chain(request: ChainBuildRequest, adapter_check: Callable[[Path], Engi
         if s.kind == "adapter" and s.path.is_file() and s.path.suffix != ".safetensors":
             raise PrismInputError(f"{spec.where()}: {s.label}: {s.path}: build --chain builds an adapter from its "
                                   ".safetensors (or uses a build folder as it is), not from a .onnx")
-    results: list[tuple[str, BuildResult | None]] = []
-    built_paths: list[Path] = []
-    for s in spec.stages:
-        target = request.target or s.target or spec.target or "auto"
-        folder = out / stage_folder_name(s.index, s.name)
-        if s.path.is_dir() and (s.path / "manifest.json").is_file():
-            results.append((s.label, None))
-            built_paths.append(s.path)
-            continue
-        try:
-            if s.kind == "model":
-                check = model_check(s.path) if model_check is not None else None
-                result = build_model_engines(ModelBuildRequest(model_dir=s.path, out_dir=folder, target=target,
-                                                               profile=request.profile, force=request.force,
-                                                               progress=request.progress), check, log)
-            else:
-                check = adapter_check(s.path) if adapter_check is not None else None
-                precisions = (s.precision,) if s.precision else None
-                result = build_engines(BuildRequest(adapter=s.path, out_dir=folder, target=target, precisions=precisions,
-                                                    profile=request.profile, force=request.force,
-                                                    progress=request.progress), check, log)
-        except PrismInputError as exc:
-            raise PrismInputError(f"{spec.where()}: {s.label}: {exc}") from None
-        results.append((s.label, result))
-        built_paths.append(folder)
+    check_chain(spec)  # roles, widths and files of every stage, before the first build
+    made: list[Path] = [] if out.exists() else [out]  # what this run creates, removed if it fails
+    try:
+        results, built_paths = _build_stages(request, adapter_check, model_check, log, made)
+    except BaseException:
+        _remove_made(made)
+        raise
     if any(r is not None and r.failed for _, r in results):
+        _remove_made(made)
         return ChainBuildResult(out, results, None)
     stages = []
     for s, path in zip(spec.stages, built_paths):
@@ -107,28 +91,87 @@ def build_chain(request: ChainBuildRequest, adapter_check: Callable[[Path], Engi
     return ChainBuildResult(out, results, chain_file)
 
 
-def check_chain_out_dir(out: Path, spec: ChainSpec, force: bool) -> None:
+def _remove_made(made: list[Path]) -> None:
+    """Remove the stage folders (and the output folder) this run created: a failed build
+    leaves nothing of itself. Folders that were there before keep what their own build left."""
+    import shutil
+
+    for folder in reversed(made):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _build_stages(request: ChainBuildRequest, adapter_check: Callable[[Path], EngineCheck] | None,
+                  model_check: Callable[[Path], EngineCheck] | None, log: Callable[[str], None] | None,
+                  made: list[Path]) -> tuple[list[tuple[str, BuildResult | None]], list[Path]]:
+    spec, out = request.spec, Path(request.out_dir)
+    results: list[tuple[str, BuildResult | None]] = []
+    built_paths: list[Path] = []
+    for s in spec.stages:
+        target = request.target or s.target or spec.target or "auto"
+        folder = out / stage_folder_name(s.index, s.name)
+        if s.path.is_dir() and (s.path / "manifest.json").is_file():
+            results.append((s.label, None))
+            built_paths.append(s.path)
+            continue
+        if not folder.exists() and not folder.is_symlink():
+            made.append(folder)
+        result = build_stage(spec.where(), s, folder, target, request, adapter_check, model_check, log)
+        results.append((s.label, result))
+        built_paths.append(folder)
+    return results, built_paths
+
+
+def build_stage(where: str, s: StageSpec, folder: Path, target: str, request: Any,
+                adapter_check: Callable[[Path], EngineCheck] | None, model_check: Callable[[Path], EngineCheck] | None,
+                log: Callable[[str], None] | None) -> BuildResult:
+    """One stage built into ``folder``: a model as ``build --model``, an adapter as ``build``."""
+    try:
+        if s.kind == "model":
+            check = model_check(s.path) if model_check is not None else None
+            return build_model_engines(ModelBuildRequest(model_dir=s.path, out_dir=folder, target=target,
+                                                         profile=request.profile, force=request.force,
+                                                         progress=request.progress), check, log)
+        check = adapter_check(s.path) if adapter_check is not None else None
+        precisions = (s.precision,) if s.precision else None
+        return build_engines(BuildRequest(adapter=s.path, out_dir=folder, target=target, precisions=precisions,
+                                          profile=request.profile, force=request.force,
+                                          progress=request.progress), check, log)
+    except PrismInputError as exc:
+        raise PrismInputError(f"{where}: {s.label}: {exc}") from None
+
+
+def check_chain_out_dir(out: Path, spec: Any, force: bool, file_name: str = CHAIN_FILE,
+                        built_by: str | None = None) -> None:
     """``OUT`` holds only what ``build --chain`` writes: stage build folders (each with its
     manifest, whose own rules the stage's build applies) and its own ``chain.json``. Anything
     else is refused unless ``force`` (which keeps it); a ``chain.json`` it did not write (the
     input chain file itself, a user's file) is never replaced."""
     if not out.is_dir():
         return
-    chain_file = out / CHAIN_FILE
+    chain_file = out / file_name
     if spec.path is not None and chain_file.exists() and chain_file.resolve() == Path(spec.path).resolve():
         raise PrismInputError(f"-o {out}: {chain_file} is the chain file being built; give another output folder")
-    if chain_file.exists() and not _ours(chain_file):
-        raise PrismInputError(f"-o {out}: {chain_file} was not written by build --chain; it would be replaced "
+    for s in spec.stages:  # a link placed at a stage folder's name would take the build elsewhere
+        folder = out / stage_folder_name(s.index, s.name)
+        if folder.is_symlink():
+            raise PrismInputError(f"-o {out}: {folder} is a symbolic link; {built_by or 'build --chain'} writes only "
+                                  "into folders it makes (remove the link, or give another output folder)")
+    if chain_file.exists() and not _ours(chain_file, built_by):
+        raise PrismInputError(f"-o {out}: {chain_file} was not written by {built_by or 'build --chain'}; it would be replaced "
                               "(move it, or give another output folder)")
+    stage_folders = {stage_folder_name(s.index, s.name) for s in spec.stages}
     foreign = sorted(p.name for p in out.iterdir()
-                     if p.name != CHAIN_FILE and not (p.is_dir() and (p / "manifest.json").is_file()))
+                     if p.name != file_name and not (p.is_dir() and (p / "manifest.json").is_file())
+                     and not (p.name in stage_folders and holds_only_leftovers(p)))  # a killed build's stage
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise PrismInputError(f"-o {out}: holds files build --chain did not write ({shown}); build into a new or "
                               "empty folder, or pass --force (they are kept)")
 
 
-def _ours(chain_file: Path) -> bool:
+def _ours(chain_file: Path, built_by: str | None = None) -> bool:
     from prism_deploy.core import jsontext
     from prism_deploy.format.chain_file import BUILT_BY
 
@@ -138,8 +181,10 @@ def _ours(chain_file: Path) -> bool:
         return False
     if not isinstance(obj, dict):
         return False
-    if obj.get("built_by") == BUILT_BY:
+    if obj.get("built_by") == (built_by or BUILT_BY):
         return True
+    if built_by is not None:
+        return False
     # written before the mark existed: every stage one of this folder's build folders
     stages = obj.get("stages")
     if not isinstance(stages, list):

@@ -245,6 +245,16 @@ def check_out_dir(directory: Path) -> None:
         raise PrismInputError(f"-o {directory}: exists and is not a folder")
 
 
+def holds_only_leftovers(directory: Path) -> bool:
+    """``directory`` holds nothing but what a killed build leaves (its temporary names, an old
+    lock file): a rerun builds into it and clears them."""
+    try:
+        return directory.is_dir() and not directory.is_symlink() and all(
+            _is_own(p.name) and p.name != MANIFEST_NAME for p in directory.iterdir())
+    except OSError:
+        return False
+
+
 def _is_own(name: str) -> bool:
     import fnmatch
 

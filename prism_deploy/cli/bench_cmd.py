@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prism_deploy.cli.numbers import COUNT, SEED, THREADS, number, number_list
-from prism_deploy.cli.output import human_bytes, print_table
+from prism_deploy.cli.output import human_bytes, print_json, print_table
 from prism_deploy.cli.paths import declare_outputs
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.limits import Limit
@@ -37,9 +38,14 @@ def register(subparsers: Any) -> None:
                    help="CPU threads for torch and ONNX Runtime (default 1: each library's own default "
                         "oversubscribes a shared machine and its figures do not repeat; docs/bench.md)")
     p.add_argument("--seed", type=number(SEED), default=0, help="seed of the random inputs (default 0)")
-    p.add_argument("--json", metavar="FILE", help="write every figure and the machine description here")
+    p.add_argument("--json", action="store_true", help="print every figure and the machine description as one "
+                                                        "JSON object (instead of the tables)")
+    p.add_argument("--json-out", metavar="FILE", help="also write that JSON object to FILE")
     p.add_argument("--plot", metavar="FILE.png", help="draw latency against batch (needs matplotlib)")
-    declare_outputs(p, files=("json", "plot"), folders=())
+    p.add_argument("--model", action="store_true",
+                   help="time model folders instead of an adapter: bench --model DIR [DIR ...] takes the options "
+                        "of bench-model (prefill, decode per token; see prism-deploy bench-model --help)")
+    declare_outputs(p, files=("json_out", "plot"), folders=())
     p.set_defaults(func=run, needs=("torch",))
 
 
@@ -68,8 +74,13 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if not Path(args.adapter).is_file():
+        from prism_deploy.format.model_folder import not_an_adapter
+
+        reason = not_an_adapter(args.adapter)
+        if reason is not None:
+            raise PrismInputError(f"{args.adapter}: {reason} (time model folders with bench --model)")
         raise PrismInputError(f"{args.adapter}: no such adapter file")
-    for option, value in (("--json", args.json), ("--plot", args.plot)):
+    for option, value in (("--json-out", args.json_out), ("--plot", args.plot)):
         if value and Path(value).is_dir():
             raise PrismInputError(f"{option}: {value} is a directory, give a file name")
     if args.plot:
@@ -81,15 +92,18 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.core.fsutil import write_text_atomic
 
     results = run_bench(args.adapter, settings)
-    print_report(results)
     if args.json:
-        write_text_atomic(args.json, json.dumps(results, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        print_json(results)
+    else:
+        print_report(results)
+    if args.json_out:
+        write_text_atomic(args.json_out, json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.json_out}", file=sys.stderr if args.json else sys.stdout)
     if args.plot:
         from prism_deploy.bench.plot import plot_results
 
         plot_results(results, args.plot)
-        print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

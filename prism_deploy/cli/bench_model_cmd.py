@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from prism_deploy.cli.numbers import COUNT, COUNT_OR_ZERO, SEED, THREADS, number
-from prism_deploy.cli.output import human_bytes, print_table
+from prism_deploy.cli.output import human_bytes, print_json, print_table
 from prism_deploy.cli.paths import declare_outputs
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.limits import Limit
@@ -22,13 +23,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--hf", metavar="HF_DIR", help="the source model for the eager baseline (default: model.json's source)")
     p.add_argument("--no-eager", action="store_true", help="skip transformers eager")
     p.add_argument("--threads", type=number(THREADS), default=1, help="CPU threads for ONNX Runtime and torch (default 1)")
-    p.add_argument("--prompt", type=number(COUNT), default=64, help="prompt positions (default 64)")
-    p.add_argument("--new-tokens", type=number(COUNT_OR_ZERO), default=32, help="decoding steps after the prompt (default 32; model B)")
+    p.add_argument("--prompt", type=number(COUNT), default=None,
+                   help="prompt positions (default 64, fewer where the folders' max_seq is smaller)")
+    p.add_argument("--new-tokens", type=number(COUNT_OR_ZERO), default=None,
+                   help="decoding steps after the prompt (default 32, fewer where max_seq is smaller; last models)")
     p.add_argument("--repeat", type=number(Limit(int, 1, 100_000)), default=5, help="timed generations per folder, interleaved (default 5)")
     p.add_argument("--warmup", type=number(Limit(int, 0, 100_000)), default=1, help="untimed generations first (default 1)")
     p.add_argument("--seed", type=number(SEED), default=0)
-    p.add_argument("--json", metavar="FILE", help="write every figure and the machine description here")
-    declare_outputs(p, files=("json",), folders=())
+    p.add_argument("--json", action="store_true", help="print every figure and the machine description as one "
+                                                        "JSON object (instead of the tables)")
+    p.add_argument("--json-out", metavar="FILE", help="also write that JSON object to FILE")
+    declare_outputs(p, files=("json_out",), folders=())
     p.set_defaults(func=run)
 
 
@@ -36,18 +41,21 @@ def run(args: argparse.Namespace) -> int:
     for folder in args.folders:
         if not Path(folder, "model.json").is_file():
             raise PrismInputError(f"{folder}: no model.json (not a folder from export-model or build --model)")
-    if args.json and Path(args.json).is_dir():
-        raise PrismInputError(f"--json: {args.json} is a directory, give a file name")
+    if args.json_out and Path(args.json_out).is_dir():
+        raise PrismInputError(f"--json-out: {args.json_out} is a directory, give a file name")
     from prism_deploy.bench.models import run_model_bench
     from prism_deploy.core.fsutil import write_text_atomic
 
     results = run_model_bench(args.folders, threads=args.threads, prompt=args.prompt, new_tokens=args.new_tokens,
                               repeat=args.repeat, warmup=args.warmup, seed=args.seed, eager=not args.no_eager,
                               hf_dir=args.hf)
-    print_report(results)
     if args.json:
-        write_text_atomic(args.json, json.dumps(results, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        print_json(results)
+    else:
+        print_report(results)
+    if args.json_out:
+        write_text_atomic(args.json_out, json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.json_out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -76,6 +84,7 @@ def print_report(results: dict[str, Any]) -> None:
     for t in results["targets"]:
         print(f"target {t['precision']} ({t['name']}): decode {t['speedup_vs_fp32']:.2f}x fp32 "
               f"(target >= {t['speedup_target']}x: {'met' if t['speedup_met'] else 'missed'}), "
-              f"{t['ratio_to_floor']:.2f}x its floor (target <= {t['floor_target']}x: {'met' if t['floor_met'] else 'missed'})")
+              f"{t['ratio_to_floor']:.2f}x its floor (target <= {t['floor_target']}x: {'met' if t['floor_met'] else 'missed'})"
+              f"; {t['applies_to']}")
     if results.get("eager_unavailable"):
         print(f"unavailable: transformers eager: {results['eager_unavailable']}")

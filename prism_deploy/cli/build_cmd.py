@@ -1,6 +1,7 @@
 """``prism-deploy build ADAPTER [-o DIR] [--target ...] [--precision ...] ...``,
 ``prism-deploy build --model DIR [-o OUT] [--target ...] [--batch ...] [--seq ...] [--force] [--json]`` and
-``prism-deploy build --chain FILE [-o OUT] [...]`` (every stage, and OUT/chain.json)."""
+``prism-deploy build --chain FILE [-o OUT] [...]`` (every stage, and OUT/chain.json) and
+``prism-deploy build --graph FILE [-o OUT] [...]`` (every stage once, and OUT/graph.json)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chain", metavar="FILE",
                    help="instead of ADAPTER: a chain file; builds every stage into OUT/<n>-<name>/ and writes "
                         "OUT/chain.json (run --chain OUT runs it)")
+    p.add_argument("--graph", metavar="FILE",
+                   help="instead of ADAPTER: a graph file; builds every stage once (a source stages share is built "
+                        "once) into OUT/<n>-<name>/ and writes OUT/graph.json (run --graph OUT runs it)")
     p.add_argument("-o", "--output", metavar="DIR",
                    help="output folder (default engines/<adapter-stem>-<sha8>/; with --model engines/<role>-<sha8 of model.json>/)")
     p.add_argument("--target", default="auto", help=f"{', '.join(TARGET_CHOICES)} (default auto)")
@@ -33,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plugin", default="auto", help="fuse gated pipes into the tile_dispatch plugin: auto, on, off")
     p.add_argument("--calib", metavar="FILE", help="calibration hidden states for int8-qdq (.npy/.safetensors)")
     p.add_argument("--calibrator", default="max", help=f"int8-qdq activation calibrator: {' or '.join(CALIBRATORS)}")
+    p.add_argument("--forms", default="timed", metavar="MODE",
+                   help="gated pipes on ONNX Runtime: 'timed' builds every gated form (A, B, sparse, grouped) and keeps the "
+                        "fastest per token bucket, measured here; 'auto' builds one graph by the lowering's rule "
+                        "(default timed)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check against the reference")
     p.add_argument("--force", action="store_true",
                    help="rebuild even when the cache has the engine; build into a folder that holds other engines "
@@ -50,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # Adapter-only options, refused with --model (name, value when left at its default).
 ADAPTER_OPTIONS = (("--precision", "precision", None), ("--per-pipe", "per_pipe", False), ("--plugin", "plugin", "auto"),
                    ("--calib", "calib", None), ("--calibrator", "calibrator", "max"), ("--refittable", "refittable", False),
-                   ("--version-compatible", "version_compatible", False), ("--weight-streaming", "weight_streaming", False))
+                   ("--version-compatible", "version_compatible", False), ("--weight-streaming", "weight_streaming", False),
+                   ("--forms", "forms", "timed"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,20 +68,21 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.core.errors import PrismInputError
     from prism_deploy.core.precision import parse_precision_list
 
-    sources = [name for name, value in (("ADAPTER", args.adapter), ("--model", args.model), ("--chain", args.chain))
-               if value is not None]
+    sources = [name for name, value in (("ADAPTER", args.adapter), ("--model", args.model), ("--chain", args.chain),
+                                        ("--graph", args.graph)) if value is not None]
     if len(sources) > 1:
-        raise PrismInputError(f"build: give one of ADAPTER, --model DIR, --chain FILE, not both {' and '.join(sources)}")
+        raise PrismInputError(f"build: give one of ADAPTER, --model DIR, --chain FILE, --graph FILE, not both {' and '.join(sources)}")
     if not sources:
         raise PrismInputError("build: give ADAPTER (an adapter .safetensors), --model DIR (an export-model folder) "
                               "or --chain FILE")
     profile = Profile(parse_range(args.batch, "--batch"), parse_range(args.seq, "--seq"))
     out_dir = Path(args.output) if args.output else None
     progress = not args.json and sys.stderr.isatty()
-    if args.chain is not None:
+    if args.chain is not None or args.graph is not None:
+        flag = "--chain" if args.chain is not None else "--graph"
         for option, attr, default in ADAPTER_OPTIONS:
             if getattr(args, attr) != default:
-                raise PrismInputError(f"{option}: not valid with --chain (a chain file sets each stage's precision)")
+                raise PrismInputError(f"{option}: not valid with {flag} (the file sets each stage's precision)")
         return run_chain(args, profile, out_dir, progress)
     if args.model is not None:
         for option, attr, default in ADAPTER_OPTIONS:
@@ -101,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             version_compatible=args.version_compatible,
             weight_streaming=args.weight_streaming,
             progress=progress,
+            forms=args.forms,
         )
         check = None
         if not args.no_parity:
@@ -119,19 +130,28 @@ def run_chain(args: argparse.Namespace, profile: Any, out_dir: Path | None, prog
     from prism_deploy.core.fsutil import file_sha256
     from prism_deploy.format.chain_file import read_chain_file
 
-    spec = read_chain_file(args.chain)
+    source = args.chain if args.chain is not None else args.graph
+    kind = "chain" if args.chain is not None else "graph"
     if out_dir is None:
-        out_dir = Path("engines") / f"chain-{Path(args.chain).stem}-{file_sha256(args.chain)[:8]}"
+        out_dir = Path("engines") / f"{kind}-{Path(source).stem}-{file_sha256(source)[:8]}"
     adapter_check = model_check = None
     if not args.no_parity:
         from prism_deploy.parity.engines import adapter_engine_check, model_graph_check
 
         adapter_check, model_check = adapter_engine_check, model_graph_check
-    result = build_chain(ChainBuildRequest(spec, out_dir, None if args.target == "auto" else args.target, profile,
-                                           args.force, progress), adapter_check, model_check)
+    target = None if args.target == "auto" else args.target
+    if args.graph is not None:
+        from prism_deploy.builder.graph_source import GraphBuildRequest, build_graph
+        from prism_deploy.format.graph_file import read_graph_file
+
+        result = build_graph(GraphBuildRequest(read_graph_file(args.graph), out_dir, target, profile, args.force,
+                                               progress), adapter_check, model_check)
+    else:
+        result = build_chain(ChainBuildRequest(read_chain_file(args.chain), out_dir, target, profile, args.force,
+                                               progress), adapter_check, model_check)
     if args.json:
         print_json({"directory": str(result.directory),
-                    "chain_file": str(result.chain_file) if result.chain_file else None, "stages": summary(result)})
+                    f"{kind}_file": str(result.chain_file) if result.chain_file else None, "stages": summary(result)})
     else:
         for label, stage in result.stages:
             print(f"== {label}")
@@ -139,7 +159,7 @@ def run_chain(args: argparse.Namespace, profile: Any, out_dir: Path | None, prog
                 print("already a build folder: used as it is")
             else:
                 print_result(stage, False)
-        print(f"chain: {result.chain_file}" if result.chain_file else "chain: not written (a stage failed)")
+        print(f"{kind}: {result.chain_file}" if result.chain_file else f"{kind}: not written (a stage failed)")
     result.raise_for_failures()
     return 0
 

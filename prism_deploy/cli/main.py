@@ -13,9 +13,10 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from prism_deploy.cli.paths import FULL_OR_READ_ONLY, check_outputs, declared_output
-from prism_deploy.core.errors import CheckFailed, PrismInputError, require
+from prism_deploy.core.errors import CheckFailed, PrismInputError, printable, require
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
 # Heavy imports stay inside the commands' ``run`` functions so that ``--help`` is quick.
@@ -46,10 +47,47 @@ COMMAND_MODULES = [
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # "--max-new-token" must not pass for "--max-new-tokens": a prefix is a typo, not a choice
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse prints usage plus an error on two lines; the project promises one line.
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        print(f"error: {self.prog}: {printable(message)}", file=sys.stderr)
         raise SystemExit(2)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        commands = getattr(self, "_commands", {})
+        words = list(sys.argv[1:] if args is None else args)
+        if words and words[0] in commands:  # a mistyped flag is named before a missing required one
+            command = commands[words[0]]
+            known = {s for action in command._actions for s in action.option_strings}
+            rest = words[1:words.index("--")] if "--" in words else words[1:]
+            unknown = [w for w in rest if w.startswith("--") and w.split("=", 1)[0] not in known]
+            if unknown:
+                command.error(unrecognized(unknown, command))
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # said by the sub-command's parser, with the flag it probably meant
+            command = self._commands.get(getattr(parsed, "command", None) or "", self) if hasattr(self, "_commands") else self
+            command.error(unrecognized(extras, command))
+        return parsed
+
+
+def unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """"unrecognized argument(s): ..." and, for a flag close to one of ``parser``'s, that flag."""
+    import difflib
+
+    flags = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    hints = []
+    for extra in extras:
+        word = extra.split("=", 1)[0]
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word, flags, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{word}: did you mean {close[0]}?")
+    return (f"unrecognized argument{'s' if len(extras) > 1 else ''}: {' '.join(extras)}"
+            + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,14 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    parser._commands = dict(subparsers.choices)  # type: ignore[attr-defined]
     return parser
 
 
 def _route_chain_parity(argv: list[str]) -> list[str]:
     """``parity --chain ...`` / ``parity --pipeline ...`` is the end-to-end check, whose options
     differ from the adapter-only ``parity``; it is served by the ``parity-chain`` parser."""
-    if argv[:1] == ["parity"] and ("--pipeline" in argv or "--chain" in argv
-                                   or any(a.startswith("--chain=") for a in argv)):
+    if argv[:1] == ["parity"] and ("--pipeline" in argv or "--chain" in argv or "--graph" in argv
+                                   or any(a.startswith(("--chain=", "--graph=")) for a in argv)):
         rest = [a for a in argv[1:] if a != "--pipeline"]
         return ["parity-chain", *rest]
     return argv
@@ -106,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except CheckFailed as exc:
-        print(f"error: check failed: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: check failed: {printable(' '.join(str(exc).split()))}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # the reader went away (``inspect | head -1``): stop quietly, as a tool killed by

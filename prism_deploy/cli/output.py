@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from prism_deploy.core.errors import printable
 from prism_deploy.core.units import human_bytes
 
 __all__ = ["format_table", "human_bytes", "print_json", "print_table", "printable"]
@@ -41,10 +42,6 @@ def _cell(v: Any) -> str:
     return printable(str(v))
 
 
-def printable(text: str) -> str:
-    """``text`` as it may reach a terminal: names read from files (pipe names, tensor names) can
-    hold newlines or escape sequences, which are shown escaped, never acted on."""
-    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _numeric(v: str) -> bool:

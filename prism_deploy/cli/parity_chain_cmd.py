@@ -70,51 +70,73 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from prism_deploy.core.errors import CheckFailed, PrismInputError
-    from prism_deploy.parity.chain import ReferenceChain, check_chain_parity
+    from prism_deploy.parity.chain import check_chain_parity
 
     if args.batch < 1 or args.seq < 1:
         raise PrismInputError("--batch and --seq must be at least 1")
     if args.new_tokens < 0:
         raise PrismInputError(f"--new-tokens: {args.new_tokens} must be >= 0")
     chain = open_chain(args)
-    models, adapters = references(args, chain)
+    if args.graph is not None:
+        from prism_deploy.parity.graph import ReferenceGraph
+
+        reference: Any = ReferenceGraph(chain.spec)
+    else:
+        from prism_deploy.parity.chain import ReferenceChain
+
+        reference = ReferenceChain(*references(args, chain))
     if args.text is not None or args.ids is not None:
         ids, mask = read_inputs(args, chain)
     else:
         rng = np.random.default_rng(args.seed)
         ids = rng.integers(0, chain.first.vocab, size=(args.batch, min(args.seq, chain.max_seq)), dtype=np.int64)
         mask = None
-    report = check_chain_parity(chain, ReferenceChain(models, adapters), ids, mask, tolerance=args.tolerance,
-                                new_tokens=args.new_tokens, bisect=args.bisect)
+    if args.graph is not None:
+        from prism_deploy.parity.graph import check_graph_parity
+
+        report = check_graph_parity(chain, reference, ids, mask, tolerance=args.tolerance, new_tokens=args.new_tokens,
+                                    bisect=args.bisect)
+    else:
+        report = check_chain_parity(chain, reference, ids, mask, tolerance=args.tolerance,
+                                    new_tokens=args.new_tokens, bisect=args.bisect)
     if args.json:
         print_json(report)
     else:
         print_report(report)
     if not report["passed"]:
-        raise CheckFailed("chain parity: " + "; ".join(report["failures"]))
+        raise CheckFailed(f"{'graph' if args.graph is not None else 'chain'} parity: " + "; ".join(report["failures"]))
     if not args.json:
         print("parity: passed")
     return 0
 
 
 def print_report(report: dict[str, Any]) -> None:
-    chain = report["chain"]
-    print(f"chain on {chain['provider']} ({chain['target']}), {len(chain['stages'])} stages; {report['tokens']} tokens; "
+    what = "graph" if "graph" in report else "chain"
+    chain = report[what]
+    print(f"{what} on {chain['provider']} ({chain['target']}), {len(chain['stages'])} stages; {report['tokens']} tokens; "
           f"tolerance set {report['precision']}")
     rows = []
     for h in report["stages"]:
         rows.append([h["stage"], h["name"], h["kind"], h["precision"], f"{h['max_abs']:.3g}", f"{h['rel_l2']:.3g}",
                      f"{h['min_cosine']:.6f}", f"{h['top1']:.3f}" if "top1" in h else "-",
                      f"<= {h['tolerances']['rel_l2_max']:g}", "pass" if h["passed"] else "FAIL"])
-    print("per hop (each stage on the reference's own input):")
-    print_table(["#", "stage", "kind", "precision", "max abs", "rel L2", "min cosine", "top-1", "rel L2 bound", "hop"],
-                rows)
+    if what == "graph":
+        for row, h in zip(rows, report["stages"]):
+            row.insert(2, h["edge"])
+        print("per edge (each stage on the reference's own inputs):")
+        print_table(["#", "stage", "edge", "kind", "precision", "max abs", "rel L2", "min cosine", "top-1",
+                     "rel L2 bound", "stage"], rows)
+    else:
+        print("per hop (each stage on the reference's own input):")
+        print_table(["#", "stage", "kind", "precision", "max abs", "rel L2", "min cosine", "top-1", "rel L2 bound", "hop"],
+                    rows)
     f, tol = report["logits"], report["tolerances"]
     print(f"end to end: logits rel L2 {f['rel_l2']:.3g} (<= {tol['rel_l2_max']:g}), KL mean {f['kl_mean']:.3g} "
           f"max {f['kl_max']:.3g} (<= {tol['kl_max']:g}), top-1 {f['top1']:.3f} (>= {tol['top1_min']:g})")
     if "greedy" in report:
-        print(f"greedy tokens: {report['greedy']['match']:.3f} agree with the reference chain's "
-              f"({report['greedy']['new_tokens']} new tokens)")
+        greedy = report["greedy"]
+        print(f"greedy tokens: {greedy['match']:.3f} agree with the reference {what}'s ({greedy['new_tokens']} new tokens)"
+              + ("" if greedy.get("judged", True) else f"; {greedy['why']}"))
     bisect = report.get("bisect")
     if bisect:
         print(f"bisect: {bisect.get('summary', 'nothing out of tolerance')}")

@@ -1,4 +1,4 @@
-"""``prism-deploy run (--chain FILE | --model-a DIR --adapter DIR_OR_FILE --model-b DIR) (--text T | --ids FILE)``."""
+"""``prism-deploy run (--chain FILE | --graph FILE | --model-a DIR --adapter DIR_OR_FILE --model-b DIR) (--text T | --ids FILE)``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ def add_chain_arguments(p: argparse.ArgumentParser) -> None:
     """What to run: a chain file, or the two-model case spelled out."""
     p.add_argument("--chain", metavar="FILE",
                    help="a chain file (chain.toml / chain.json) or a `build --chain` folder: models and adapters in order")
+    p.add_argument("--graph", metavar="FILE",
+                   help="a graph file (a chain file whose stages name their inputs; docs/graphs.md) or a `build --graph` "
+                        "folder; any chain file runs as a graph too")
     p.add_argument("--model-a", metavar="DIR", help="two-model case: the first model (export-model --role first, or its build)")
     p.add_argument("--adapter", metavar="DIR_OR_FILE",
                    help="two-model case: a `build` folder, an exported .onnx, or the .safetensors (lowered on first use)")
@@ -33,12 +36,18 @@ def open_chain(args: argparse.Namespace) -> Any:
     from prism_deploy.runtime.chain import Chain, Pipeline, chain_path
 
     pair = (args.model_a, args.adapter, args.model_b)
+    if args.graph is not None:
+        if args.chain is not None or any(v is not None for v in pair) or args.adapter_precision is not None:
+            raise PrismInputError("--graph: give a graph file alone (not with --chain or --model-a/--adapter/--model-b)")
+        from prism_deploy.runtime.graph import Graph, graph_path
+
+        return Graph.from_file(graph_path(args.graph), args.target)
     if args.chain is not None:
         if any(v is not None for v in pair) or args.adapter_precision is not None:
             raise PrismInputError("--chain: give a chain file, or --model-a/--adapter/--model-b, not both")
         return Chain.from_file(chain_path(args.chain), args.target)
     if any(v is None for v in pair):
-        raise PrismInputError("give --chain FILE, or all of --model-a DIR --adapter DIR_OR_FILE --model-b DIR")
+        raise PrismInputError("give --chain FILE, --graph FILE, or all of --model-a DIR --adapter DIR_OR_FILE --model-b DIR")
     return Pipeline(args.model_a, args.adapter, args.model_b, target=args.target or "ort-cpu",
                     adapter_precision=args.adapter_precision, precision_keyword="--adapter-precision")
 
@@ -86,7 +95,14 @@ def run(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     widths = " -> ".join(f"{s['name']} ({s.get('role') or s.get('runner')})" for s in result["stages"])
-    print(f"chain on {chain.provider} ({chain.target}): {widths}")
+    if args.graph is not None:  # not a line: each stage with the stages it takes
+        widths = "; ".join(f"{s['name']} ({s.get('role') or s.get('runner') or s.get('fusion')})"
+                           + (f" <- {' + '.join(s['inputs'])}" if s["inputs"] else "") for s in result["stages"])
+    what = "graph" if args.graph is not None else "chain"
+    print(f"{what} on {chain.provider} ({chain.target}): {widths}")
+    if args.graph is not None:
+        print("waves (stages that run at the same time): "
+              + " | ".join(", ".join(w) for w in result["waves"]))
     print(f"{ids.shape[0]} x {ids.shape[1]} tokens -> logits {list(logits.shape)}; next token per row: "
           f"{', '.join(map(str, result['next_token']))}")
     rows = [[stage, f"{seconds * 1e3:.2f}"] for stage, seconds in timings.items()]

@@ -7,6 +7,8 @@ explicit model-control mode with every model loaded; waits for readiness within
 requests it holds) and exits 0 once it has stopped. A server that dies on its own is exit 1.
 A Python-backend process that dies is noticed within about a second and its model restarted
 (:mod:`prism_deploy.serving.watchdog`).
+The HTTP port is a small front (:mod:`prism_deploy.serving.http_guard`) that refuses requests
+declaring more than they carry, Triton's own HTTP on a loopback port behind it.
 While it runs, ``REPO/.prism-serve.json`` (owner-only) tells ``triton update`` where it is and
 holds the secret that Triton's model-control APIs require (a fresh one per start; see
 :mod:`prism_deploy.serving.server`).
@@ -15,6 +17,7 @@ holds the secret that Triton's model-control APIs require (a fresh one per start
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -39,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exit-timeout", type=number(Limit(int, 0, 86_400)), default=30,
                    help="on SIGINT/SIGTERM, seconds Triton waits for in-flight requests and open client connections "
                         "(default 30, Triton's)")
-    p.add_argument("--log", metavar="FILE", help="server log file (default: a file in the temporary folder)")
+    p.add_argument("--log", metavar="FILE", help="server log file (default: a file in the temporary folder, removed "
+                   "after a clean stop)")
     p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line once ready")
     p.add_argument("--record", metavar="DIR",
                    help="keep a sample of the requests' token ids (never outputs) in DIR, owner-only, for "
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.serving import server as srv
     from prism_deploy.serving.repository import read_manifest
     from prism_deploy.serving.server import SERVE_STATE
+    from prism_deploy.serving.http_guard import HttpGuard
     from prism_deploy.serving.watchdog import StubWatch
 
     repo = Path(args.repository)
@@ -79,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
     be = backend_env(str(repo), args.env)
     if args.exit_timeout < 0:
         raise PrismInputError(f"--exit-timeout: {args.exit_timeout} must be >= 0")
-    server = srv.TritonServer(repo, be, http, grpc, metrics, host=args.host,
+    # Triton's HTTP on a loopback port of its own; the user's HTTP port is the guard in front of it
+    server = srv.TritonServer(repo, be, srv.free_port(), grpc, metrics, host=args.host, http_host="127.0.0.1",
                               log_path=Path(args.log) if args.log else None, exit_timeout_s=args.exit_timeout)
+    guard: HttpGuard | None = None
     stop_requested: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
@@ -90,17 +97,27 @@ def run(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     state = repo / SERVE_STATE
     wrote_state = False
+    stopped_cleanly = False
     try:
         server.start()
         try:
             ready_s = server.wait_ready(args.ready_timeout)
         except PrismInputError:
             if stop_requested:  # asked to stop while loading: the server's exit is the expected one
+                stopped_cleanly = True
                 return _stopped(server)
             raise
         if stop_requested:
+            stopped_cleanly = True
             return _stopped(server)
-        info: dict[str, Any] = {"repository": str(repo), "http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,
+        try:
+            guard = HttpGuard(args.host, http, server.http_port)
+        except OSError as exc:  # taken since the check: said as the check says it
+            raise PrismInputError(f"port {http} in use (on {args.host}); choose another or stop what holds it"
+                                  if exc.errno == errno.EADDRINUSE else f"--host {args.host}: cannot bind port {http} "
+                                  f"({exc.strerror})") from None
+        guard.start()
+        info: dict[str, Any] = {"repository": str(repo), "http": f"{server.probe_host}:{http}", "grpc": server.grpc_url, "metrics": server.metrics_url,
                 "models": sorted(manifest["models"]), "tritonserver": str(server.binary.path) if server.binary else None,
                 "environment": str(be.path), "log": str(server.log_path), "ready_seconds": round(ready_s, 2),
                 "pid": os.getpid(), "control_secret_file": str(state),
@@ -128,11 +145,17 @@ def run(args: argparse.Namespace) -> int:
                 print(f"error: tritonserver exited by itself ({server.exit_cause()}); log: {server.log_path}",
                       file=sys.stderr)
                 return 1
-        return _stopped(server)
+        stopped_cleanly = True
+        return _stopped(server, guard)
     finally:
+        if guard is not None:
+            guard.stop()  # first: its connections to Triton would hold Triton's shutdown
         server.stop()
         if wrote_state and _ours(state):
             state.unlink()
+        if stopped_cleanly and not args.log and server.log_path is not None:
+            # the default log, in the temporary folder, is ours: kept only when it explains a failure
+            server.log_path.unlink(missing_ok=True)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -165,8 +188,10 @@ def _check_recordable(manifest: dict[str, Any], repo: str) -> None:
                               "(only a chain's first model sees token ids)")
 
 
-def _stopped(server: object) -> int:
+def _stopped(server: object, guard: Any = None) -> int:
     started = time.monotonic()
+    if guard is not None:
+        guard.stop()
     code = server.stop()  # type: ignore[attr-defined]
     print(f"stopped (tritonserver exit code {code}, {time.monotonic() - started:.1f} s)", file=sys.stderr)
     return 0

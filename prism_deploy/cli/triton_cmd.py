@@ -43,6 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.core.errors import PrismInputError
     from prism_deploy.serving import repository
 
+    from pathlib import Path
+
+    for stage in args.stages:
+        p = Path(stage)
+        if (p / "graph.json").is_file() or (p.is_file() and p.suffix in (".json", ".toml")):
+            raise PrismInputError(f"{stage}: a graph: triton does not write graphs (fan-out and fan-in as ensemble "
+                                  "steps) yet; run it in-process with `run --graph`, or give a chain's build folders")
     if args.max_queue_delay_us < 0:
         raise PrismInputError(f"--max-queue-delay-us: {args.max_queue_delay_us} must be >= 0")
     options = repository.Options(backend=args.backend, precision=args.precision, target=args.target,

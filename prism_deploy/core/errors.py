@@ -8,12 +8,19 @@
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """``text`` as it may reach a terminal: names read from files (stage, pipe, tensor names)
+    can hold newlines or escape sequences, which are shown escaped, never acted on."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 class PrismInputError(ValueError):
     """Bad input: a file, a tensor, a config key or an option. The message names it."""
 
     def __init__(self, message: str) -> None:
-        # One line only: the CLI prints it after "error: ".
-        super().__init__(" ".join(str(message).split()))
+        # One line only, control characters escaped: the CLI prints it after "error: ", and a name
+        # read from a file must not forge a line of its own.
+        super().__init__(printable(" ".join(str(message).split())))
 
 
 def brief(text: object, limit: int = 200) -> str:
@@ -49,6 +56,7 @@ INSTALL_HINTS = {
     "torch": "pip install torch (the CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu)",
     "transformers": "pip install 'prism-deploy[compile]'",
     "onnxruntime": "pip install 'prism-deploy[ort]' (or [ort-gpu])",
+    "gguf": "pip install 'prism-deploy[gguf]'",
 }
 
 

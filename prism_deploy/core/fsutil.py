@@ -140,8 +140,29 @@ def check_writable(target: Path, kind: str) -> None:
 
 @contextlib.contextmanager
 def folder_lock(directory: Path, name: str, log: Any = None) -> Iterator[None]:
-    """Hold ``directory/name`` (a file lock) while writing into ``directory``: a second writer
-    says it is waiting (through ``log``) and waits, instead of mixing its files with ours."""
+    """Hold a lock on ``directory`` while writing into it: a second writer says it is waiting
+    (through ``log``) and waits, instead of mixing its files with ours.
+
+    On POSIX the folder itself is locked (``flock`` on its descriptor), so no lock file is left
+    in every output folder; elsewhere ``directory/name`` is a lock file. Not re-entrant: a
+    process holds one lock per folder at a time."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None  # type: ignore[assignment]
+    if fcntl is not None:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if log is not None:
+                    log(f"waiting for another command writing into {directory} to finish")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+        return
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(directory / name))

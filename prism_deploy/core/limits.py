@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from prism_deploy.core.errors import PrismInputError
 
@@ -79,3 +80,17 @@ def _num(x: float) -> str:
     if float(x).is_integer() and abs(x) < 1e7:
         return str(int(x))
     return f"{x:g}"
+
+
+def mask_problem(mask: Any) -> str | None:
+    """What is wrong with an ``attention_mask``'s values, or None: only 0 (padding) and 1 (a token)
+    mean something; the graphs would read any other number as a weight and change the logits."""
+    import numpy as np
+
+    values = np.asarray(mask)
+    if values.size == 0:
+        return None
+    bad = values[(values != 0) & (values != 1)]
+    if bad.size:
+        return f"attention_mask: values must be 0 (padding) or 1 (a token), got {bad.reshape(-1)[0]!r}"
+    return None

@@ -152,3 +152,40 @@ class ErrorAccumulator:
 
     def figures(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "max_abs": self.max_abs, "rel_l2": self.rel_l2, "cosine": self.cosine}
+
+
+def log_softmax(logits: Any) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def perplexity(logits: Any, ids: Any) -> float:
+    """exp(mean next-token negative log-likelihood): logits [seq, vocab] at positions 0..n-2
+    predict ids 1..n-1 (one window of real text, no padding)."""
+    lp = log_softmax(np.asarray(logits)[:-1])
+    nxt = np.asarray(ids)[1:]
+    return float(np.exp(-lp[np.arange(len(nxt)), nxt].mean()))
+
+
+def next_token_quality(got: Sequence[Any], ref: Sequence[Any], ids: Sequence[Any]) -> dict[str, Any]:
+    """Figures of a model's logits against the float reference's on windows of real text:
+
+    - ``agreement``: next-token top-1 agreement over every position (no tie filter: what a
+      greedy decoder would pick differently);
+    - ``perplexity`` and ``perplexity_reference`` of the text (over all windows' predictions), and
+      ``perplexity_ratio`` = got / reference.
+    """
+    agree = []
+    nll_got: list[np.ndarray] = []
+    nll_ref: list[np.ndarray] = []
+    for g, r, t in zip(got, ref, ids):
+        g, r, t = np.asarray(g), np.asarray(r), np.asarray(t)
+        agree.append(g.argmax(-1) == r.argmax(-1))
+        idx = np.arange(len(t) - 1)
+        nll_got.append(-log_softmax(g[:-1])[idx, t[1:]])
+        nll_ref.append(-log_softmax(r[:-1])[idx, t[1:]])
+    ppl = float(np.exp(np.concatenate(nll_got).mean()))
+    ppl_ref = float(np.exp(np.concatenate(nll_ref).mean()))
+    return {"tokens": int(sum(a.size for a in agree)), "agreement": float(np.concatenate(agree).mean()),
+            "perplexity": ppl, "perplexity_reference": ppl_ref, "perplexity_ratio": ppl / ppl_ref}

@@ -207,7 +207,9 @@ def _check_is_file(p: Path) -> tuple[dict[str, Any], int]:
     if not p.exists():
         raise AdapterFormatError(f"{p}: no such file")
     if not p.is_file():
-        raise AdapterFormatError(f"{p}: not a file")
+        from prism_deploy.format.model_folder import not_an_adapter
+
+        raise AdapterFormatError(f"{p}: {not_an_adapter(p) or 'not a file'}")
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(16)

@@ -25,8 +25,9 @@ the chain file's folder. A stage may carry ``sha256``: of the file (an adapter f
 folder's ``manifest.json`` (a build folder) or ``model.json`` (an export folder), checked before
 anything runs; ``build --chain`` writes them. The file is validated whole against ``SCHEMA``
 (unknown keys, wrong types, a stage with both or neither of ``model`` and ``adapter``): one
-error line naming the stage. Whether the roles, widths and files fit together is checked by
-the runtime when it opens the chain (``prism_deploy.runtime.chain``).
+error line naming the stage. Whether the roles, widths and files fit together is checked from
+the stages' headers and manifests alone by :func:`check_chain` (``build --chain``, before it
+builds anything) and again by the runtime when it opens the chain (``prism_deploy.runtime.chain``).
 """
 
 from __future__ import annotations
@@ -120,6 +121,11 @@ class ChainSpec:
 def read_chain_file(path: str | os.PathLike[str]) -> ChainSpec:
     """Parse and validate a chain file (TOML or JSON, by its suffix)."""
     p = Path(path)
+    return chain_from_object(parse_file(p), p)
+
+
+def parse_file(p: Path) -> Any:
+    """A chain or graph file's parsed TOML or JSON (by its suffix); one error line naming it."""
     if p.suffix not in SUFFIXES:
         raise PrismInputError(f"{p}: a chain file is .toml or .json, not {p.suffix or '(no suffix)'!r}")
     if not p.is_file():
@@ -134,14 +140,12 @@ def read_chain_file(path: str | os.PathLike[str]) -> ChainSpec:
                 import tomllib
             else:  # pragma: no cover - Python 3.10
                 import tomli as tomllib
-            obj = tomllib.loads(text)
-        else:
-            obj = jsontext.loads(text, str(p))
+            return tomllib.loads(text)
+        return jsontext.loads(text, str(p))
     except PrismInputError:
         raise  # said already, naming the file
     except (ValueError, RecursionError) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
         raise PrismInputError(f"{p}: not valid {p.suffix[1:].upper()} ({brief(exc)})") from None
-    return chain_from_object(obj, p)
 
 
 def chain_from_object(obj: Any, path: Path | None = None) -> ChainSpec:
@@ -149,32 +153,54 @@ def chain_from_object(obj: Any, path: Path | None = None) -> ChainSpec:
     import jsonschema
 
     where = str(path) if path is not None else "chain"
+    if isinstance(obj, dict) and isinstance(obj.get("stages"), list):
+        graphish = next((i for i, s in enumerate(obj["stages"]) if isinstance(s, dict) and {"inputs", "fusion"} & set(s)),
+                        None)
+        if graphish is not None:
+            raise PrismInputError(f"{where}: stages.{graphish} (stage {graphish + 1}) names its inputs or is a fusion: "
+                                  "a graph file; give it with --graph")
     try:
         jsonschema.validate(obj, SCHEMA)
     except jsonschema.ValidationError as exc:
         raise PrismInputError(f"{where}: {_describe_error(exc)}") from None
-    base = path.parent if path is not None else Path(".")
-
-    def resolve(text: str) -> Path:
-        q = Path(os.path.expanduser(text))
-        return q if q.is_absolute() else base / q
-
-    stages = []
-    for i, raw in enumerate(obj["stages"]):
-        kind = "model" if "model" in raw else "adapter"
-        expected = "model" if i % 2 == 0 else "adapter"
-        if kind != expected:
-            raise PrismInputError(f"{where}: stages.{i} (stage {i + 1}): a {kind}, but stages alternate model, adapter, "
-                                  "model, ... and start and end with a model")
-        stages.append(StageSpec(
-            index=i, kind=kind, path=resolve(raw[kind]), name=str(raw.get("name") or Path(raw[kind]).stem or raw[kind]),
-            target=raw.get("target"), precision=raw.get("precision"),
-            hf=resolve(raw["hf"]) if "hf" in raw else None,
-            reference=resolve(raw["reference"]) if "reference" in raw else None, sha256=raw.get("sha256")))
+    stages = [s for s in stages_from_object(obj["stages"], path) if s is not None]
     if stages[-1].kind != "model":
         raise PrismInputError(f"{where}: the last stage is an adapter; a chain ends with a model")
-    tokenizers = {k: resolve(v) for k, v in obj.get("tokenizers", {}).items()}
+    base = path.parent if path is not None else Path(".")
+    tokenizers = {k: _resolve(base, v) for k, v in obj.get("tokenizers", {}).items()}
     return ChainSpec(path, stages, obj.get("name"), obj.get("target"), tokenizers)
+
+
+def _resolve(base: Path, text: str) -> Path:
+    q = Path(os.path.expanduser(text))
+    return q if q.is_absolute() else base / q
+
+
+def stages_from_object(raw_stages: list[Any], path: Path | None, alternate: bool = True) -> list[StageSpec | None]:
+    """Each schema-checked stage as a ``StageSpec`` (None for a graph's fusion stage); with
+    ``alternate``, checked to alternate model, adapter, model, ..."""
+    where = str(path) if path is not None else "chain"
+    base = path.parent if path is not None else Path(".")
+    stages: list[StageSpec | None] = []
+    for i, raw in enumerate(raw_stages):
+        if "model" not in raw and "adapter" not in raw:
+            stages.append(None)
+            continue
+        kind = "model" if "model" in raw else "adapter"
+        expected = "model" if i % 2 == 0 else "adapter"
+        if alternate and kind != expected:
+            raise PrismInputError(f"{where}: stages.{i} (stage {i + 1}): a {kind}, but stages alternate model, adapter, "
+                                  "model, ... and start and end with a model")
+        name = str(raw.get("name") or Path(raw[kind]).stem or raw[kind])
+        if not name.isprintable():  # names are printed and become folder names: no line breaks or escapes
+            raise PrismInputError(f"{where}: stages.{i} (stage {i + 1}): the name {name!r} holds control characters; "
+                                  "give it a printable name")
+        stages.append(StageSpec(
+            index=i, kind=kind, path=_resolve(base, raw[kind]), name=name,
+            target=raw.get("target"), precision=raw.get("precision"),
+            hf=_resolve(base, raw["hf"]) if "hf" in raw else None,
+            reference=_resolve(base, raw["reference"]) if "reference" in raw else None, sha256=raw.get("sha256")))
+    return stages
 
 
 def stage_digest(path: Path) -> str | None:
@@ -186,6 +212,92 @@ def stage_digest(path: Path) -> str | None:
         if (path / name).is_file():
             return file_sha256(path / name)
     return None
+
+
+def check_stage_files(spec: ChainSpec, stage: StageSpec) -> None:
+    """A stage's files are there and, where the chain file records a sha256, hash as recorded;
+    an export folder's graphs hash as its model.json records."""
+    where = f"{spec.where()}: {stage.label}"
+    if not stage.path.exists():
+        raise PrismInputError(f"{where}: {stage.path}: no such file or folder")
+    if stage.sha256 is not None:
+        digest = stage_digest(stage.path)
+        if digest != stage.sha256:
+            raise PrismInputError(f"{where}: {stage.path}: sha256 {str(digest)[:12]}... does not match the chain "
+                                  f"file's {stage.sha256[:12]}... (changed since the chain was written)")
+    if stage.kind == "model" and stage.path.is_dir() and not (stage.path / "manifest.json").is_file():
+        from prism_deploy.format import model_folder
+
+        try:
+            model_folder.verify_files(stage.path, model_folder.read_model_json(stage.path))
+        except PrismInputError as exc:
+            raise PrismInputError(f"{where}: {exc}") from None
+
+
+
+def role_at(index: int, count: int) -> str:
+    """The role a model stage's place asks for."""
+    return "first" if index == 0 else "last" if index == count - 1 else "middle"
+
+
+def _widths(spec: ChainSpec, stage: StageSpec, count: int) -> tuple[int | None, int | None]:
+    """(width in, width out) of a stage from its manifest or header, its role checked; None where
+    only the runtime can tell (an exported adapter .onnx) or nothing goes in (a first model)."""
+    from prism_deploy.format.engine_manifest import read_manifest, source_kind
+    from prism_deploy.format.model_folder import MANIFEST, read_model_json
+
+    where = f"{spec.where()}: {stage.label}"
+    path = stage.path
+    build = read_manifest(path) if path.is_dir() else None
+    if stage.kind == "model":
+        if not path.is_dir():
+            raise PrismInputError(f"{where}: {path}: a file; a model stage is an export-model or build --model folder")
+        if build is not None and source_kind(build) != "model":
+            raise PrismInputError(f"{where}: {path}: a build of an adapter, where a model belongs")
+        role = role_at(stage.index, count)
+        try:
+            manifest = read_model_json(path, role)
+        except PrismInputError as exc:
+            raise PrismInputError(f"{where}: {exc}") from None
+        hidden = int(manifest["dims"]["hidden"])
+        return (None if role == "first" else hidden), (int(manifest["dims"]["vocab"]) if role == "last" else hidden)
+    if path.is_dir():
+        if build is None:
+            if (path / MANIFEST).is_file():
+                raise PrismInputError(f"{where}: {path}: a model export folder, where an adapter belongs (an adapter "
+                                      ".safetensors, .onnx or build folder)")
+            raise PrismInputError(f"{where}: {path}: a folder without manifest.json (not an adapter build folder)")
+        if source_kind(build) != "adapter":
+            raise PrismInputError(f"{where}: {path}: a build of a model, where an adapter belongs")
+        config = build["adapter"]["config"]
+        return int(config["in_dim"]), int(config["out_dim"])
+    if path.suffix == ".safetensors":
+        from prism_deploy.format.adapter_file import read_adapter_config
+
+        try:
+            adapter = read_adapter_config(path)
+        except PrismInputError as exc:
+            raise PrismInputError(f"{where}: {exc}") from None
+        return adapter.in_dim, adapter.out_dim
+    return None, None
+
+
+def check_chain(spec: ChainSpec) -> None:
+    """The whole chain fits together before anything is built or loaded: every stage's files
+    (:func:`check_stage_files`), each model's role for its place, and each adapter's widths
+    against the models beside it. One ``PrismInputError`` naming the first stage that does not."""
+    count = len(spec.stages)
+    widths = []
+    for stage in spec.stages:
+        check_stage_files(spec, stage)
+        widths.append(_widths(spec, stage, count))
+    for i in range(1, count, 2):
+        (in_dim, out_dim), before, after = widths[i], spec.stages[i - 1], spec.stages[i + 1]
+        for side, have, want, what in (("in_dim", in_dim, widths[i - 1][1], f"the hidden width {{}} of {before.label}"),
+                                       ("out_dim", out_dim, widths[i + 1][0], f"the embedding width {{}} of {after.label}")):
+            if have is not None and want is not None and have != want:
+                raise PrismInputError(f"{spec.where()}: {spec.stages[i].label}: {side} {have} does not match "
+                                      + what.format(want))
 
 
 def chain_to_object(spec: ChainSpec, relative_to: Path, built: bool = False) -> dict[str, Any]:

@@ -1,13 +1,19 @@
 """``DIR/manifest.json`` of a build folder: what was built, from what, with what, how well it matched.
 
-Schema (``prism-deploy.engines``, version 1; docs/engines.md describes every field)::
+Schema (``prism-deploy.engines``, version 2; docs/engines.md describes every field)::
 
-    {"schema": "prism-deploy.engines", "schema_version": 1,
+    {"schema": "prism-deploy.engines", "schema_version": 2,
      "adapter": {"file", "sha256", "config", "topology_sha256"},   # an adapter build, or
      "model": {"role", "source", "model_json_sha256", "precision", "copies": [{"file", "sha256", "bytes"}]},
      "engines": [{"id", "configuration", "target", "parts": [{"pipe" | "graph", "file", "sha256", "bytes",
-                  ["data_file", "data_sha256", "data_bytes"]}], "combine_weights", "session", "tools",
-                  "device", "cache_key", "topology_key", "build_seconds", "built_at", "how", "parity"}]}
+                  ["data_file", "data_sha256", "data_bytes"], ["form"]}], "combine_weights", "session", "tools",
+                  "device", "cache_key", "topology_key", "build_seconds", "built_at", "how", "parity",
+                  ["forms": {"candidates", "method", "buckets": [{"max_tokens", "timed_tokens", "form",
+                                                                  "seconds": {form: s | null}, "passed": {form: bool}}]}]}]}
+
+Version 2 added the gated form chosen per token bucket (``forms``, and ``form`` on each part:
+one part per chosen form, the runtime opens one session per part and runs the one whose bucket
+holds the request's token count). Version 1 manifests (no ``forms``) are still read.
 
 The manifest is the single source of truth: a file that no entry names is not the build's
 (and is never deleted by it unless it carries the build's own name pattern), and an entry
@@ -32,7 +38,9 @@ from prism_deploy.core.precision import MODEL_PRECISIONS, PRECISIONS
 from prism_deploy.core.targets import TARGETS
 
 SCHEMA_NAME = "prism-deploy.engines"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# versions this tool reads: 1 is 2 without the per-bucket forms
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 # Engine files carry these suffixes; anything else in DIR (timing caches, the lock) is left alone.
 ENGINE_SUFFIXES = (".engine", ".ort.onnx", ".ort.data")
@@ -57,7 +65,25 @@ _PART = {
         "data_file": {"anyOf": [_FILE, {"type": "null"}]},
         "data_sha256": {**_SHA, "type": ["string", "null"]}, "data_bytes": {"type": ["integer", "null"], "minimum": 0},
         "pipe": {"type": ["integer", "null"], "minimum": 0}, "graph": {"type": "string"},
+        "form": {"type": "string", "minLength": 1},
     },
+}
+_BUCKET = {
+    "type": "object",
+    "required": ["max_tokens", "timed_tokens", "form", "seconds", "passed"],
+    "properties": {
+        "max_tokens": {"type": "integer", "minimum": 1}, "timed_tokens": {"type": "integer", "minimum": 1},
+        "form": {"type": "string", "minLength": 1},
+        "seconds": {"type": "object", "additionalProperties": {"type": ["number", "null"], "minimum": 0}},
+        "passed": {"type": "object", "additionalProperties": {"type": "boolean"}},
+    },
+}
+_FORMS = {
+    "type": "object",
+    "required": ["candidates", "buckets"],
+    "properties": {"candidates": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                   "method": {"type": "string"},
+                   "buckets": {"type": "array", "minItems": 1, "items": _BUCKET}},
 }
 _ENTRY = {
     "type": "object",
@@ -85,6 +111,7 @@ _ENTRY = {
         "tools": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
         "device": {"type": "object"},
         "cache_key": _SHA,
+        "forms": {"anyOf": [_FORMS, {"type": "null"}]},
     },
 }
 SCHEMA: dict[str, Any] = {
@@ -92,7 +119,7 @@ SCHEMA: dict[str, Any] = {
     "required": ["schema", "schema_version", "engines"],
     "properties": {
         "schema": {"const": SCHEMA_NAME},
-        "schema_version": {"type": "integer", "const": SCHEMA_VERSION},
+        "schema_version": {"type": "integer", "enum": list(READABLE_SCHEMA_VERSIONS)},
         "adapter": {"type": "object", "required": ["file", "sha256", "config"],
                     "properties": {"file": _NAME, "sha256": _SHA,
                                    "config": {"type": "object", "required": ["in_dim", "out_dim"],
@@ -134,9 +161,10 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not isinstance(obj, dict) or obj.get("schema") != SCHEMA_NAME:
         raise EngineFileError(f"{path}: not a prism-deploy engine manifest (schema != {SCHEMA_NAME!r})")
     version = obj.get("schema_version")
-    if not (isinstance(version, int) and not isinstance(version, bool)) or version != SCHEMA_VERSION:
+    if not (isinstance(version, int) and not isinstance(version, bool)) or version not in READABLE_SCHEMA_VERSIONS:
         raise EngineFileError(f"{path}: manifest schema_version {version!r} is not supported "
-                              f"(this tool reads {SCHEMA_VERSION}); rebuild into a new folder")
+                              f"(this tool reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); "
+                              "rebuild into a new folder")
     validate_manifest(obj, path)
     return obj
 
@@ -176,6 +204,7 @@ def validate_manifest(obj: Any, where: str | os.PathLike[str]) -> None:
             if config is not None and part.get("pipe") is not None and part["pipe"] >= config.num_pipes:
                 raise EngineFileError(f"{where}: engines.{i}.parts.{j}.pipe: {part['pipe']} is not a pipe of the "
                                       f"adapter ({config.num_pipes} pipe(s))")
+        _check_forms(entry, f"{where}: engines.{i}")
         weights = entry.get("combine_weights")
         if weights is not None:
             if len(weights) != len(entry["parts"]):
@@ -183,6 +212,34 @@ def validate_manifest(obj: Any, where: str | os.PathLike[str]) -> None:
                                       f"{len(entry['parts'])} part(s)")
             if not all(math.isfinite(w) and abs(w) <= FLOAT32_MAX for w in weights):
                 raise EngineFileError(f"{where}: engines.{i}.combine_weights: not finite in float32")
+
+
+def _check_forms(entry: dict[str, Any], where: str) -> None:
+    """Parts with a ``form`` go with ``forms``: each bucket's form is one part's, each part is one
+    bucket's choice, and the buckets rise (the runtime takes the first that holds the tokens)."""
+    forms = entry.get("forms")
+    part_forms = [p.get("form") for p in entry["parts"]]
+    if not forms:
+        if any(f is not None for f in part_forms):
+            raise EngineFileError(f"{where}.parts: a part names a form but the entry has no forms")
+        return
+    if None in part_forms or len(set(part_forms)) != len(part_forms):
+        raise EngineFileError(f"{where}.parts: with forms, every part names a form, each once")
+    chosen = [b["form"] for b in forms["buckets"]]
+    if set(chosen) != set(part_forms):
+        raise EngineFileError(f"{where}.forms: the buckets choose {sorted(set(chosen))}, the parts hold "
+                              f"{sorted(set(part_forms))}")
+    tops = [b["max_tokens"] for b in forms["buckets"]]
+    if tops != sorted(set(tops)):
+        raise EngineFileError(f"{where}.forms.buckets: max_tokens must rise")
+
+
+def bucket_for(buckets: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+    """The bucket of an entry's ``forms`` whose range holds ``tokens`` (past the last: the last)."""
+    for bucket in buckets:
+        if tokens <= bucket["max_tokens"]:
+            return bucket
+    return buckets[-1]
 
 
 def new_manifest(source: dict[str, Any], engines: list[dict[str, Any]], kind: str = "adapter") -> dict[str, Any]:

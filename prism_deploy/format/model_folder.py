@@ -32,7 +32,11 @@ from prism_deploy.core.precision import MODEL_PRECISIONS
 FORMAT = "prism-deploy-model"
 VERSION = 1
 MANIFEST = "model.json"
-LOCK_NAME = ".export.lock"  # held by export-model while it writes into the folder
+LOCK_NAME = ".export.lock"  # export-model's lock file where the folder itself cannot be locked (not POSIX)
+# export-model traces each graph in a scratch folder ".trace-<8 random>" inside the output folder,
+# marked by TRACE_MARK as it is made: a later export removes the ones a killed export left.
+TRACE_PREFIX = ".trace-"
+TRACE_MARK = ".prism-export-trace"
 ROLES = ("first", "middle", "last")
 ROLE_ALIASES = {"upper": "first", "lower": "last"}  # the names of releases before chains
 # The graphs of each role, by their key in model.json's "files".
@@ -156,6 +160,22 @@ def verify_files(model_dir: str | os.PathLike[str], manifest: dict[str, Any]) ->
                                   "export the model again)")
 
 
+def not_an_adapter(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not an adapter, where it is something else the project writes (a model
+    export or build folder); None when it is none of those."""
+    p = Path(path)
+    if p.is_dir() and (p / MANIFEST).is_file():
+        return ("a model folder (export-model or build --model), where an adapter belongs: give an adapter "
+                ".safetensors, .onnx or build folder")
+    return None
+
+
+def is_own_trace(path: Path) -> bool:
+    """A scratch folder export-model made (its name and its mark), left by a killed export."""
+    return (path.name.startswith(TRACE_PREFIX) and not path.is_symlink() and path.is_dir()
+            and (path / TRACE_MARK).is_file())
+
+
 def check_export_folder(model_dir: str | os.PathLike[str], force: bool = False) -> None:
     """``export-model -o DIR`` writes into a new or empty folder, or over an earlier export (only
     the files its ``model.json`` lists, and hidden ``.*.tmp`` names of a killed export). Anything
@@ -171,7 +191,8 @@ def check_export_folder(model_dir: str | os.PathLike[str], force: bool = False) 
             listed = {MANIFEST, *(r["name"] for r in read_model_json(folder)["files"].values())}
         except PrismInputError:
             listed = set()
-    foreign = sorted(n for n in names - listed if n != LOCK_NAME and not (n.startswith(".") and n.endswith(".tmp")))
+    foreign = sorted(n for n in names - listed if n != LOCK_NAME and not (n.startswith(".") and n.endswith(".tmp"))
+                     and not is_own_trace(folder / n))
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise PrismInputError(f"-o {model_dir}: holds files export-model did not write ({shown}); export into a "

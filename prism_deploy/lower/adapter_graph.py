@@ -7,7 +7,9 @@ Graph, for ``hidden`` ``[batch, seq, in_dim]``:
       ungated: one MatMul on a dense weight (folded with its ungated neighbours in fp32/fp16)
       gated:   gate/MatMul + gate/Add (float32 scores) -> gate/TopK -> gate/Softmax ->
                gate/Mul (gate_scale) -> gate/ScatterElements into gate/ConstantOfShape zeros
-               [T, R*C] -> grouped batched MatMul over the tile grid (form A or B below)
+               [T, R*C] -> batched MatMul over the tile grid (form A or B below), or only
+               the selected tiles (the sparse and grouped forms)
+      INT8 ungated with ``ort_nbits``: ONNX Runtime's MatMulNBits on the 8-bit weights
     combine: Mul by the combine weight (weighted), Sum over pipes -> Cast -> Reshape = adapted
 
 The node count depends on the pipes and the precision, never on the number of workers. The
@@ -34,10 +36,10 @@ from prism_deploy.format import AdapterTensors
 from prism_deploy.lower.contract import write_metadata
 from prism_deploy.lower.graph import DTYPE_NAMES, NP_TO_ONNX, GraphBuilder
 
-GATED_FORMS = ("auto", "A", "B")
+GATED_FORMS = ("auto", "A", "B", "sparse", "grouped")
 DEFAULT_GATED_FORM = "auto"
-# The gated form. Both compute every worker (ONNX has no sparse op; the plugin of the fusion
-# pass is the sparse path), so they differ only in the intermediate they materialise:
+# The gated form. A and B compute every worker (the sparse and grouped forms below compute
+# only the selected ones), so they differ only in the intermediate they materialise:
 #   A: scale the input per row-block by the gates, one MatMul batched over the R row-blocks
 #      ([R, T, C*tc] @ [R, C*tc, tr]); the sum over column-blocks happens inside the MatMul's
 #      reduction, as in the reference. Intermediate: R * T * C*tc values.
@@ -48,6 +50,11 @@ DEFAULT_GATED_FORM = "auto"
 # which keeps the reference's summation order), except for int8-qdq, where it always takes B
 # (form A would quantize the gate-scaled input g*x, whose values span the gate's whole range).
 # The measurements behind both rules are in docs/onnx-lowering.md ("Gated pipes: form A and form B").
+#   sparse: only the tiles selected by at least one token of the call (the union of the
+#      tokens' TopK sets) are gathered, each once, and multiplied; never picked by "auto"
+#      (its speed depends on the batch: `build` times it per batch bucket).
+#   grouped: tokens grouped by tile: every tile multiplies only the tokens that selected it
+#      (padded to the largest group), never all T tokens; for many tokens (same choice rule).
 
 
 def choose_gated_form(spec: Any, precision: str = "fp32") -> str:
@@ -60,6 +67,14 @@ def choose_gated_form(spec: Any, precision: str = "fp32") -> str:
 
 
 RESERVED_PREFIXES = ("input", "combine", "output")
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits)
+
+
+def nbits_applies(spec: Any) -> bool:
+    """MatMulNBits takes blocks of a power of two >= 16 along K: the tile width must be one, so
+    that each block is one tile row and its scale the tile row's own (no requantization)."""
+    tc = spec.tile[1]
+    return tc >= 16 and tc & (tc - 1) == 0
 
 
 def sanitize_name(name: str) -> str:
@@ -91,7 +106,7 @@ class AdapterGraphBuilder:
     """Builds the graph for one adapter, precision and io dtype."""
 
     def __init__(self, adapter: AdapterTensors, precision: str, io_dtype: str, gated_form: str,
-                 gate_dtype: str = "float32") -> None:
+                 gate_dtype: str = "float32", ort_nbits: bool = False) -> None:
         self.adapter = adapter
         self.config = adapter.config
         self.precision = Precision.parse(precision)
@@ -110,6 +125,9 @@ class AdapterGraphBuilder:
         # int8-qdq: scale initializer -> the activation tensor calibration observes for it
         self.act_scales: dict[str, str] = {}
         self.on_pipe: Callable[[int], Any] | None = None  # progress: called with pipes done
+        # ONNX Runtime only: INT8 ungated pipes as com.microsoft MatMulNBits (8-bit weights read at
+        # their own width; see _ungated_nbits); TensorRT does not know the op
+        self.ort_nbits = ort_nbits and self.int8 and not self.qdq
 
     # -- whole graph --------------------------------------------------------------------
     def model(self, *, defer: bool = False) -> onnx.ModelProto:
@@ -161,6 +179,8 @@ class AdapterGraphBuilder:
         graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, io_type, ["batch", "seq", cfg.out_dim]))
         model = g.model  # built in place: make_graph/make_model would copy the weights twice
         model.opset_import.append(helper.make_opsetid("", OPSET))
+        if any(p.get("nbits_weight") for p in self.pipe_meta):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
         model.doc_string = (f"PRISM adapter {cfg.in_dim} -> {cfg.out_dim}, {cfg.num_pipes} pipe(s), "
                             f"precision {self.precision}, lowered by prism-deploy")
         write_metadata(model, self.metadata())
@@ -296,6 +316,8 @@ class AdapterGraphBuilder:
             out = g.op("MatMul", [x, w], f"{p}MatMul", outputs=[f"{p}output"])
             self.pipe_meta.append(self._pipe_entry(i, output=out, dense_weight=w))
             return out
+        if self.ort_nbits and nbits_applies(spec):
+            return self._ungated_nbits(i)
         (R, C), (tr, tc) = spec.grid, spec.tile
         tiles, scales, t3 = self._tiles_in_storage_order(i)
         t4 = g.op("Reshape", [t3, g.ints(f"{p}weight/shape4", [R, C, tr, tc])], f"{p}weight/Reshape4")
@@ -306,6 +328,37 @@ class AdapterGraphBuilder:
         x = self._act_qdq(self.x_cd, f"{p}input/")
         out = g.op("MatMul", [x, w], f"{p}MatMul", outputs=[f"{p}output"])
         self.pipe_meta.append(self._pipe_entry(i, output=out, tiles=tiles, scales=scales))
+        return out
+
+    def _ungated_nbits(self, i: int) -> str:
+        """INT8 ungated pipe as ONNX Runtime's ``MatMulNBits`` (bits 8, blocks of ``tc`` along K):
+        the weights stay 8-bit where the product reads them.
+
+        The same int8 values and scales as the DequantizeLinear path (``quantize_rows``): block
+        ``c`` of output ``n`` is tile ``(n // tr, c)``'s row ``n % tr``, stored as ``q + 128``
+        (MatMulNBits' default zero point for 8 bits). ``accuracy_level`` 4 runs ONNX Runtime's
+        int8 CPU kernel, which also quantizes the input per block to int8 (the other levels take
+        a slow path on CPU; docs/onnx-lowering.md has the figures and the error).
+        """
+        g, p = self.g, self.prefixes[i]
+        spec, cfg = self.config.pipes[i], self.config
+        (R, C), (tr, tc) = spec.grid, spec.tile
+        W = spec.workers
+        rows = self.adapter.tiles(i).reshape(W * tr, tc)
+        scales = row_scales(rows)
+        q = quantize_with_scales(rows, scales).reshape(R, C, tr, tc)
+        n_blocks = -(-cfg.in_dim // tc)
+        # [R, C, tr, tc] -> [R, tr, C, tc] -> [R*tr, C, tc]: output row n, block c
+        packed = (q.transpose(0, 2, 1, 3).reshape(R * tr, C, tc)[:cfg.out_dim, :n_blocks].astype(np.int16) + 128)
+        packed = packed.astype(np.uint8)
+        block_scales = scales.reshape(R, C, tr).transpose(0, 2, 1).reshape(R * tr, C)[:cfg.out_dim, :n_blocks]
+        w = g.initializer(f"{p}nbits/weight", np.ascontiguousarray(packed))
+        s = g.initializer(f"{p}nbits/scales", np.ascontiguousarray(block_scales.reshape(-1), dtype=np.float32))
+        y = g.op("MatMulNBits", [self.x_f32, w, s], f"{p}MatMulNBits", domain=MS_DOMAIN,
+                 K=cfg.in_dim, N=cfg.out_dim, bits=8, block_size=tc, accuracy_level=4)
+        out = y if self.cd == np.float32 else g.op("Cast", [y], f"{p}output/Cast", to=self.cd_onnx,
+                                                    outputs=[f"{p}output"])
+        self.pipe_meta.append(self._pipe_entry(i, output=out, nbits_weight=w, nbits_scales=s))
         return out
 
     def _folded_ungated(self, run: list[int], betas: list[float]) -> str:
@@ -387,6 +440,10 @@ class AdapterGraphBuilder:
         cfg = self.config
         (R, C), (tr, tc) = spec.grid, spec.tile
         form = self.gated_form if self.gated_form != "auto" else choose_gated_form(spec, self.precision)
+        if form == "sparse":
+            return self._gated_sparse(i)
+        if form == "grouped":
+            return self._gated_grouped(i)
         scores, _, gates = self._gate(i)
         tiles, scales, t3 = self._tiles_in_storage_order(i)
         # zero-pad the input to C*tc (always present, a no-op when C*tc == in_dim, so that
@@ -429,6 +486,190 @@ class AdapterGraphBuilder:
         return out
 
 
+    def _gated_sparse(self, i: int) -> str:
+        """Only the selected tiles: the union ``S`` of the tokens' TopK sets, each tile read once.
+
+        The tiles stay in storage order ``[R*C, tr, tc]``: each worker's tile is one contiguous
+        block, so Gather copies whole blocks, and the product is taken as ``tile @ x_c^T``
+        (``[n, tr, tc] @ [n, tc, T]``) so that no gathered tile is transposed. INT8 tiles are
+        gathered as int8 with their per-row scales and dequantized after the gather (the same
+        float32 ``q * s`` then cast as DequantizeLinear + Cast in forms A and B).
+
+        Summation order: each tile's product sums over its ``tc`` columns (in the MatMul's
+        reduction), then a second MatMul ``[T, R, n] @ [T, n, tr]`` sums the selected tiles of
+        each row-block, weighted by their gates (the coefficient is the gate for the tile's own
+        row-block and an exact 0 otherwise). That is form B's order (per-tile partial sums,
+        then a sum over column blocks), over the selected tiles only: the unselected tiles'
+        terms that A and B add are exact zeros.
+        """
+        g, p = self.g, self.prefixes[i]
+        spec = self.config.pipes[i]
+        cfg = self.config
+        (R, C), (tr, tc) = spec.grid, spec.tile
+        scores, indices, gates = self._gate(i)
+        # the union of the selections: a [W] mask from TopK's indices, then its nonzero positions
+        ones = g.op("ConstantOfShape", [g.op("Shape", [indices], f"{p}select/ShapeK")], f"{p}select/Ones",
+                    value=helper.make_tensor("value", TensorProto.FLOAT, [1], [1.0]))
+        zeros = g.op("ConstantOfShape", [g.op("Shape", [scores], f"{p}select/Shape")], f"{p}select/Zeros",
+                     value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0]))
+        hits = g.op("ScatterElements", [zeros, indices, ones], f"{p}select/ScatterElements", axis=1)  # [T, W]
+        mask = g.op("ReduceMax", [hits, g.ints(f"{p}select/axes", [0])], f"{p}select/ReduceMax", keepdims=0)
+        sel = g.op("Reshape", [g.op("NonZero", [mask], f"{p}select/NonZero"), g.ints(f"{p}select/flat", [-1])],
+                   f"{p}select/indices")  # [n], ascending worker index
+        # weight-only INT8: the gathered int8 tiles multiply in float32 and their row scales
+        # apply to the [n, tr, T] products (one pass over the gathered tiles, not three)
+        scaled_after = self.int8 and not self.qdq
+        tiles, scales, t3 = self._tiles_gathered(i, sel, scaled_after)  # [n, tr, tc]
+        # the input column block of each selected tile: x as [C, T, tc], gathered by c = w % C
+        x_in = self.x_f32 if scaled_after else self.x_cd
+        xp = g.op("Pad", [x_in, g.ints(f"{p}pad/pads", [0, 0, 0, spec.padded_in - cfg.in_dim])], f"{p}Pad")
+        xq = self._act_qdq(xp, f"{p}input/")
+        x3 = g.op("Reshape", [xq, g.ints(f"{p}input/shape", [-1, C, tc])], f"{p}input/Reshape")
+        xt = g.op("Transpose", [x3], f"{p}input/Transpose", perm=[1, 2, 0])  # [C, tc, T]
+        col = g.op("Mod", [sel, g.ints(f"{p}select/C", [C])], f"{p}select/col")
+        row = g.op("Div", [sel, g.ints(f"{p}select/C_", [C])], f"{p}select/row")
+        xs = g.op("Gather", [xt, col], f"{p}input/Gather", axis=0)  # [n, tc, T]
+        part = g.op("MatMul", [t3, xs], f"{p}MatMul")  # [n, tr, T]
+        if scaled_after:
+            assert scales is not None  # int8 tiles always have their row scales
+            s = g.op("Gather", [g.op("Reshape", [scales, g.ints(f"{p}tiles/scale_shape", [spec.workers, tr, 1])],
+                                     f"{p}tiles/ReshapeScales"), sel], f"{p}tiles/GatherScales", axis=0)
+            part = g.op("Mul", [part, s], f"{p}partials/Scale")  # [n, tr, T] * [n, tr, 1]
+            if self.cd != np.float32:
+                part = g.op("Cast", [part], f"{p}partials/Cast", to=self.cd_onnx)
+        part = g.op("Transpose", [part], f"{p}partials/Transpose", perm=[2, 0, 1])  # [T, n, tr]
+        # coefficients [T, R, n]: the tile's gate where R is its row-block, 0 elsewhere
+        gsel = g.op("Gather", [gates, sel], f"{p}gates/Gather", axis=1)  # [T, n]
+        gsel = g.op("Unsqueeze", [gsel, g.ints(f"{p}gates/axes", [1])], f"{p}gates/Unsqueeze")  # [T, 1, n]
+        rows_r = g.ints(f"{p}select/rows", list(range(R)))
+        onehot = g.op("Equal", [g.op("Unsqueeze", [row, g.ints(f"{p}select/axes0", [0])], f"{p}select/Unsqueeze"),
+                                g.op("Unsqueeze", [rows_r, g.ints(f"{p}select/axes1", [1])], f"{p}select/Unsqueeze_")],
+                      f"{p}select/Equal")  # [R, n]
+        onehot = g.op("Cast", [onehot], f"{p}select/onehot", to=self.cd_onnx)
+        coef = g.op("Mul", [gsel, onehot], f"{p}gates/Mul")  # [T, R, n]
+        y = g.op("MatMul", [coef, part], f"{p}partials/MatMul")  # [T, R, tr]
+        y = g.op("Reshape", [y, g.ints(f"{p}output/shape", [-1, R * tr])], f"{p}output/Reshape")
+        out = g.op("Slice", [y, g.ints(f"{p}output/starts", [0]), g.ints(f"{p}output/ends", [cfg.out_dim]),
+                             g.ints(f"{p}output/axes", [1])], f"{p}output/Slice", outputs=[f"{p}output"])
+        self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales,
+                                               form="sparse"))
+        return out
+
+    def _gated_grouped(self, i: int) -> str:
+        """Tokens grouped by tile: tile ``w`` multiplies only the ``m_w`` tokens that selected it,
+        as one batched MatMul over all tiles with every group padded to the largest, ``m``
+        (padding rows are a zero token). Work ``R*C * m`` token-tile products instead of A's and
+        B's ``R*C * T``: for T tokens of top-k over R*C workers, ``m`` is about ``T*k/(R*C)`` plus
+        its spread. No tile is gathered (at many tokens nearly every tile is selected, and a
+        Gather would copy them all); the tiles are the storage-order initializer, transposed
+        per tile in the graph (ONNX Runtime folds that constant when the session opens).
+
+        Table: position of token t in tile w's group = exclusive CumSum over tokens of the
+        selection mask; ScatterND writes t at [w, position] into a [R*C, m] table filled with
+        T (the zero row). Back to tokens: each (t, j) selection gathers its product row at
+        ``w * m + position``, and a MatMul ``[T, R, k] @ [T, k, tr]`` sums each row-block's
+        selections weighted by their gates (the coefficient is 0 for another row-block).
+        Summation order: per-tile partial sums over ``tc`` (in the MatMul), then a sum over the
+        token's selected tiles of each row-block in TopK's order (scores descending), in the
+        second MatMul's reduction: form B's rule, over the selected tiles only.
+        """
+        g, p = self.g, self.prefixes[i]
+        spec = self.config.pipes[i]
+        cfg = self.config
+        (R, C), (tr, tc) = spec.grid, spec.tile
+        W = spec.workers
+        scores, indices, _ = self._gate(i)
+        weights = f"{p}gate/weights"  # [T, k] float32, the gates of the selected tiles
+        tiles, scales, t3 = self._tiles_in_storage_order(i)
+        wt = g.op("Transpose", [t3], f"{p}tiles/Transpose", perm=[0, 2, 1])  # [W, tc, tr]
+        one_f = helper.make_tensor("value", TensorProto.FLOAT, [1], [1.0])
+        hits = g.op("ScatterElements", [
+            g.op("ConstantOfShape", [g.op("Shape", [scores], f"{p}group/Shape")], f"{p}group/Zeros",
+                 value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0])),
+            indices, g.op("ConstantOfShape", [g.op("Shape", [indices], f"{p}group/ShapeK")], f"{p}group/Ones",
+                          value=one_f)], f"{p}group/hits", axis=1)  # [T, W]
+        pos = g.op("Cast", [g.op("CumSum", [hits, g.ints(f"{p}group/axis0", [0])], f"{p}group/CumSum",
+                                 exclusive=1)], f"{p}group/pos", to=TensorProto.INT64)  # [T, W]
+        m = g.op("Cast", [g.op("ReduceMax", [g.op("ReduceSum", [hits, g.ints(f"{p}group/axes0", [0])],
+                                                   f"{p}group/counts", keepdims=0)],
+                               f"{p}group/m_f", keepdims=1)], f"{p}group/m", to=TensorProto.INT64)  # [1]
+        # T here counts the rows the gate saw (one zero row when the call has no tokens)
+        shape_k = g.op("Shape", [indices], f"{p}group/ShapeK2")
+        rows = g.op("Slice", [shape_k, g.ints(f"{p}group/s0", [0]), g.ints(f"{p}group/s1", [1])], f"{p}group/T")
+        table = g.op("ConstantOfShape", [g.op("Concat", [g.ints(f"{p}group/W", [W]), m], f"{p}group/table_shape",
+                                              axis=0)], f"{p}group/table0",
+                     value=helper.make_tensor("value", TensorProto.INT64, [1], [0]))
+        table = g.op("Add", [table, rows], f"{p}group/table_T")  # [W, m] filled with T (the zero row)
+        tpos = g.op("GatherElements", [pos, indices], f"{p}group/tpos", axis=1)  # [T, k]
+        token_ids = g.op("Range", [g.const(f"{p}group/zero_s", 0, np.int64),
+                                   g.op("Squeeze", [rows], f"{p}group/T_s"),
+                                   g.const(f"{p}group/one_s", 1, np.int64)], f"{p}group/Range")  # [T]
+        tok = g.op("Expand", [g.op("Unsqueeze", [token_ids, g.ints(f"{p}group/axes1", [1])], f"{p}group/tok1"),
+                              shape_k], f"{p}group/tok")  # [T, k]
+        where = g.op("Concat", [g.op("Unsqueeze", [indices, g.ints(f"{p}group/axes_l", [2])], f"{p}group/w3"),
+                                g.op("Unsqueeze", [tpos, g.ints(f"{p}group/axes_l2", [2])], f"{p}group/p3")],
+                     f"{p}group/where", axis=2)  # [T, k, 2]
+        table = g.op("ScatterND", [table, where, tok], f"{p}group/table")  # [W, m] token per slot
+        # inputs: x padded to C*tc, one zero row appended (index T), as [T+1, C, tc]
+        xp = g.op("Pad", [self.x_cd, g.ints(f"{p}pad/pads", [0, 0, 1, spec.padded_in - cfg.in_dim])], f"{p}Pad")
+        xq = self._act_qdq(xp, f"{p}input/")
+        x3 = g.op("Reshape", [xq, g.ints(f"{p}input/shape", [-1, C, tc])], f"{p}input/Reshape")
+        colw = g.initializer(f"{p}group/col_of_worker", np.array([[w % C] for w in range(W)], dtype=np.int64))
+        col = g.op("Expand", [colw, g.op("Shape", [table], f"{p}group/ShapeTable2")], f"{p}group/col")  # [W, m]
+        nd = g.op("Concat", [g.op("Unsqueeze", [table, g.ints(f"{p}group/axes_t", [2])], f"{p}group/t3"),
+                             g.op("Unsqueeze", [col, g.ints(f"{p}group/axes_c", [2])], f"{p}group/c3")],
+                  f"{p}group/nd", axis=2)  # [W, m, 2]
+        xg = g.op("GatherND", [x3, nd], f"{p}input/GatherND")  # [W, m, tc]
+        part = g.op("MatMul", [xg, wt], f"{p}MatMul")  # [W, m, tr]
+        flat = g.op("Reshape", [part, g.ints(f"{p}partials/flat", [-1, tr])], f"{p}partials/Reshape")
+        slot = g.op("Add", [g.op("Mul", [indices, m], f"{p}group/slot_w"), tpos], f"{p}group/slot")  # [T, k]
+        mine = g.op("Gather", [flat, slot], f"{p}partials/Gather", axis=0)  # [T, k, tr]
+        roww = g.op("Div", [indices, g.ints(f"{p}group/C", [C])], f"{p}group/row")  # [T, k]
+        onehot = g.op("Cast", [g.op("Equal", [g.op("Unsqueeze", [roww, g.ints(f"{p}group/axes_r", [1])],
+                                                   f"{p}group/row3"),
+                                              g.initializer(f"{p}group/row_ids",
+                                                            np.arange(R, dtype=np.int64).reshape(1, R, 1))],
+                                      f"{p}group/Equal")], f"{p}group/onehot", to=self.cd_onnx)  # [T, R, k]
+        gw = weights if self.cd == np.float32 else g.op("Cast", [weights], f"{p}gates/Cast", to=self.cd_onnx)
+        coef = g.op("Mul", [onehot, g.op("Unsqueeze", [gw, g.ints(f"{p}gates/axes", [1])], f"{p}gates/Unsqueeze")],
+                    f"{p}gates/Mul")  # [T, R, k]
+        y = g.op("MatMul", [coef, mine], f"{p}partials/MatMul")  # [T, R, tr]
+        y = g.op("Reshape", [y, g.ints(f"{p}output/shape", [-1, R * tr])], f"{p}output/Reshape")
+        out = g.op("Slice", [y, g.ints(f"{p}output/starts", [0]), g.ints(f"{p}output/ends", [cfg.out_dim]),
+                             g.ints(f"{p}output/axes", [1])], f"{p}output/Slice", outputs=[f"{p}output"])
+        self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales,
+                                               form="grouped"))
+        return out
+
+    def _tiles_gathered(self, i: int, sel: str, scaled_after: bool = False) -> tuple[str, str | None, str]:
+        """The selected tiles ``[n, tr, tc]`` in the compute dtype, gathered from the storage-order
+        initializer (``_tiles_in_storage_order``'s, which stays the contract's ``tiles``).
+        INT8: gathered at 1 byte a value, dequantized after the gather; with ``scaled_after``
+        only cast to float32 (the caller applies the row scales to the products)."""
+        g, p = self.g, self.prefixes[i]
+        spec = self.config.pipes[i]
+        W, (tr, tc) = spec.workers, spec.tile
+        source, cd = self.adapter.tiles(i), self.cd
+        if not self.int8:
+            tiles = g.initializer(f"{p}tiles", DeferredTensor(
+                (W, tr, tc), cd, lambda a, b: np.ascontiguousarray(source[a:b], dtype=cd)))
+            return tiles, None, g.op("Gather", [tiles, sel], f"{p}tiles/Gather", axis=0)
+        rows = source.reshape(W * tr, tc)
+        scales = row_scales(rows)
+        # the contract's shapes ([R*C*tr, tc] int8, [R*C*tr] float32); the graph views them per worker
+        tiles = g.initializer(f"{p}tiles", DeferredTensor(
+            (W * tr, tc), np.dtype(np.int8), lambda a, b: quantize_with_scales(rows[a:b], scales[a:b])))
+        scale_name = g.initializer(f"{p}tiles/scales", scales)
+        q = g.op("Gather", [g.op("Reshape", [tiles, g.ints(f"{p}tiles/shape", [W, tr, tc])], f"{p}tiles/Reshape"),
+                            sel], f"{p}tiles/Gather", axis=0)  # [n, tr, tc] int8
+        if scaled_after:
+            return tiles, scale_name, g.op("Cast", [q], f"{p}tiles/CastQ", to=TensorProto.FLOAT)
+        s = g.op("Gather", [g.op("Reshape", [scale_name, g.ints(f"{p}tiles/scale_shape", [W, tr, 1])],
+                                 f"{p}tiles/ReshapeScales"), sel], f"{p}tiles/GatherScales", axis=0)  # [n, tr, 1]
+        deq = g.op("Mul", [g.op("Cast", [q], f"{p}tiles/CastQ", to=TensorProto.FLOAT), s], f"{p}tiles/Dequantize")
+        if self.cd != np.float32:
+            deq = g.op("Cast", [deq], f"{p}tiles/Cast", to=self.cd_onnx)
+        return tiles, scale_name, deq
 
 
 def _check_float16_range(what: str, lo: float, hi: float) -> None:

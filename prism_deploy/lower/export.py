@@ -55,6 +55,7 @@ def export_onnx(
     calibrator: str = "max",
     gated_form: str = DEFAULT_GATED_FORM,
     progress: bool = False,
+    ort_nbits: bool = False,
 ) -> ExportResult:
     """Lower ``adapter`` (``AdapterTensors`` or a ``PrismAdapter``) and save it atomically
     (external data over ~2 GiB). The large weights are computed and written a block at a time
@@ -71,7 +72,8 @@ def export_onnx(
     with tqdm(total=data.config.num_pipes + 1, desc="export", unit="step", disable=None if progress else True,
               file=sys.stderr, leave=False) as bar:
         model, deferred = _lower(data, precision=precision, io_dtype=io_dtype, calib=calib, calibrator=calibrator,
-                                 gated_form=gated_form, on_pipe=bar.update, defer=True)
+                                 gated_form=gated_form, on_pipe=bar.update, defer=True,
+                                 ort_nbits=ort_nbits)
         node_count = len(model.graph.node)
         metadata = read_metadata(model)
         bar.set_postfix_str("saving")
@@ -98,16 +100,17 @@ def build_model(
     calibrator: str = "max",
     gated_form: str = DEFAULT_GATED_FORM,
     _on_pipe: Callable[[int], Any] | None = None,
+    ort_nbits: bool = False,
 ) -> onnx.ModelProto:
     """The ONNX model of ``adapter`` at ``precision``, in memory (finalized: opset 19, IR 9)."""
     model, _ = _lower(adapter, precision=precision, io_dtype=io_dtype, calib=calib, calibrator=calibrator,
-                      gated_form=gated_form, on_pipe=_on_pipe, defer=False)
+                      gated_form=gated_form, on_pipe=_on_pipe, defer=False, ort_nbits=ort_nbits)
     return model
 
 
 def _lower(adapter: Any, *, precision: str, io_dtype: str, calib: np.ndarray | str | os.PathLike[str] | None,
            calibrator: str, gated_form: str, on_pipe: Callable[[int], Any] | None,
-           defer: bool) -> tuple[onnx.ModelProto, dict[str, DeferredTensor]]:
+           defer: bool, ort_nbits: bool = False) -> tuple[onnx.ModelProto, dict[str, DeferredTensor]]:
     """The model, and (``defer``) its large initializers left for ``save_model`` to write."""
     prec = check_options(precision, io_dtype, calibrator, gated_form)
     data = adapter_arrays(adapter)
@@ -117,7 +120,7 @@ def _lower(adapter: Any, *, precision: str, io_dtype: str, calib: np.ndarray | s
             raise PrismInputError("--precision int8-qdq needs calibration data: pass --calib FILE "
                                   "(.npy or .safetensors of model-A hidden states [n, in_dim])")
         calib_data = _load_calib(calib, data.config.in_dim)
-    builder = AdapterGraphBuilder(data, prec, io_dtype, gated_form)
+    builder = AdapterGraphBuilder(data, prec, io_dtype, gated_form, ort_nbits=ort_nbits)
     builder.on_pipe = on_pipe
     model = builder.model(defer=defer and calib_data is None)  # calibration runs the whole model
     if calib_data is not None:

@@ -20,6 +20,7 @@ NP_TO_ONNX = {
     np.dtype(np.float32): TensorProto.FLOAT,
     np.dtype(np.float16): TensorProto.FLOAT16,
     np.dtype(np.int8): TensorProto.INT8,
+    np.dtype(np.uint8): TensorProto.UINT8,
     np.dtype(np.int64): TensorProto.INT64,
 }
 DTYPE_NAMES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,7 @@ def collect_pairs(model_a_dir: str | os.PathLike[str], model_b_dir: str | os.Pat
     offsets = bool(getattr(tok_a, "is_fast", False) and getattr(tok_b, "is_fast", False))
     if pool == "tokens" and not offsets:
         raise PrismInputError("--pool tokens needs fast tokenizers (character offsets) for both models")
-    model_a = hf.load_causal_lm(model_a_dir)
+    model_a = hf.load_causal_lm(model_a_dir, uses_head=False)  # its final hidden states only
     embed_b = hf.load_input_embedding_matrix(model_b_dir)
     if tok_a.pad_token_id is None:
         tok_a.pad_token = tok_a.eos_token or tok_a.unk_token or tok_a.convert_ids_to_tokens(0)
@@ -161,3 +162,93 @@ def save_pairs(path: str | os.PathLike[str], x: np.ndarray, z: np.ndarray, info:
     with atomic_output(path) as tmp:
         save_safetensors({"X": np.ascontiguousarray(x), "Z": np.ascontiguousarray(z)}, tmp,
                          {k: str(v) for k, v in info.items()})
+
+
+def collect_fusion_pairs(input_dirs: Sequence[str | os.PathLike[str]], model_b_dir: str | os.PathLike[str], texts: list[str],
+                         *, pool: str = "tokens", max_seq: int = 512, batch: int = 8,
+                         progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(X [n, sum of the inputs' widths], Z [n, d_B], info) for a fusion adapter: the inputs'
+    hidden states side by side, in ``input_dirs`` order, against model B's embeddings.
+
+    Aligned by the text's characters as :func:`collect_pairs` aligns: with ``tokens``, one row per
+    text token of the first input; every other input's state is that of its token holding the
+    same last character, and Z is model B's token holding it (a row any side cannot pair is
+    left out). ``last`` / ``mean`` pool each input as :func:`collect_pairs` does."""
+    if len(input_dirs) < 2:
+        raise PrismInputError("a fusion adapter has two or more inputs")
+    if pool not in POOLS:
+        raise PrismInputError(f"--pool: {pool!r} is not one of {', '.join(POOLS)}")
+    per_input = []
+    for d in input_dirs:  # each input against B, as collect_pairs pairs one model
+        per_input.append(_token_states(d, texts, max_seq=max_seq, batch=batch, progress=progress))
+    tok_b = load_tokenizer(model_b_dir)
+    embed_b = hf.load_input_embedding_matrix(model_b_dir)
+    xs: list[np.ndarray] = []
+    zs: list[np.ndarray] = []
+    skipped = 0
+    for t, text in enumerate(texts):
+        enc_b = tok_b(text, add_special_tokens=False, truncation=True, max_length=max_seq, return_offsets_mapping=True,
+                      return_special_tokens_mask=True)
+        ids_b = list(enc_b["input_ids"])
+        b_off = [None if sp else (int(o[0]), int(o[1])) for o, sp in zip(enc_b["offset_mapping"], enc_b["special_tokens_mask"])]
+        states = [s for s in (p[t] for p in per_input) if s is not None]  # (hidden [n, d], offsets) per input
+        if len(states) < len(per_input) or not any(o is not None for o in b_off):
+            skipped += 1
+            continue
+        if pool == "tokens":
+            first_h, first_off = states[0]
+            to_b = dict(align_by_offsets(first_off, b_off))
+            others = [dict(align_by_offsets(first_off, off)) for _, off in states[1:]]
+            rows = [i for i in range(len(first_off)) if i in to_b and all(i in o for o in others)]
+            if not rows:
+                skipped += 1
+                continue
+            xs.append(np.concatenate([first_h[rows]] + [h[[o[i] for i in rows]] for (h, _), o in zip(states[1:], others)],
+                                     axis=1))
+            zs.append(embed_b[[ids_b[to_b[i]] for i in rows]])
+            continue
+        real_b = [ids_b[j] for j, o in enumerate(b_off) if o is not None]
+        picks = []
+        for h, off in states:
+            real = [i for i, o in enumerate(off) if o is not None]
+            picks.append(h[real[-1]] if pool == "last" else h[real].mean(0))
+        xs.append(np.concatenate(picks)[None])
+        zs.append((embed_b[real_b[-1]] if pool == "last" else embed_b[real_b].mean(0))[None])
+    if not xs:
+        raise PrismInputError("no pairs: no text gave tokens every model could align")
+    x = np.concatenate(xs).astype(np.float32)
+    z = np.concatenate(zs).astype(np.float32)
+    info = {"pool": pool, "texts": len(texts), "skipped_texts": skipped, "truncated_texts": 0, "rows": int(x.shape[0]),
+            "d_a": int(x.shape[1]), "d_b": int(z.shape[1]), "max_seq": max_seq,
+            "inputs": ",".join(str(Path(d).resolve()) for d in input_dirs), "model_b": str(Path(model_b_dir).resolve())}
+    return x, z, info
+
+
+def _token_states(model_dir: str | os.PathLike[str], texts: list[str], *, max_seq: int, batch: int,
+                  progress: bool) -> list[tuple[np.ndarray, list[tuple[int, int] | None]] | None]:
+    """Per text: the model's final hidden states over its own tokens [n, d] (tokenized as the
+    pipeline does) and each token's character offsets (None for a special token); None for a
+    text with no real token."""
+    tok = load_tokenizer(model_dir)
+    if not getattr(tok, "is_fast", False):  # character alignment needs offsets
+        raise PrismInputError(f"{model_dir}: a fusion's pairs need a fast tokenizer (character offsets)")
+    model = hf.load_causal_lm(model_dir)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.unk_token or tok.convert_ids_to_tokens(0)
+    tok.padding_side = "right"
+    from tqdm.auto import tqdm
+
+    out: list[tuple[np.ndarray, list[tuple[int, int] | None]] | None] = []
+    for start in tqdm(range(0, len(texts), batch), desc=f"collect {Path(model_dir).name}", unit="batch",
+                      disable=None if progress else True):
+        chunk = texts[start:start + batch]
+        enc = tok(chunk, padding=True, truncation=True, max_length=max_seq, return_tensors="pt",
+                  return_offsets_mapping=True, return_special_tokens_mask=True)
+        with torch.no_grad():
+            hidden = hf.final_hidden(model, enc["input_ids"], enc["attention_mask"]).float().numpy()
+        for r in range(len(chunk)):
+            n = int(enc["attention_mask"][r].sum())
+            special = [bool(v) for v in enc["special_tokens_mask"][r][:n]]
+            offsets = [None if special[i] else (int(o[0]), int(o[1])) for i, o in enumerate(enc["offset_mapping"][r][:n])]
+            out.append((hidden[r, :n], offsets) if any(o is not None for o in offsets) else None)
+    return out

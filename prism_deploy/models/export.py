@@ -34,6 +34,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -47,9 +48,10 @@ from prism_deploy.core.errors import CheckFailed, PrismInputError, brief
 from prism_deploy.core.fsutil import file_sha256, folder_lock
 from prism_deploy.core.metrics import compare, compare_logits, merge
 from prism_deploy.core.precision import ModelPrecision
-from prism_deploy.format.model_folder import (FORMAT, LOCK_NAME, MANIFEST, VERSION, canonical_role,
-                                             check_export_folder, io_description, past_names)
-from prism_deploy.models import hf
+from prism_deploy.format.model_folder import (FORMAT, LOCK_NAME, MANIFEST, TRACE_MARK, TRACE_PREFIX, VERSION,
+                                             canonical_role, check_export_folder, io_description, is_own_trace,
+                                             past_names)
+from prism_deploy.models import gguf, hf
 
 # Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
 # (relative L2 over the real tokens, the smallest per-token cosine, top-1 agreement of logits on
@@ -101,12 +103,21 @@ class _LastWithPast(torch.nn.Module):
 
 def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.PathLike[str], *,
                  precision: str = "fp32", max_seq: int | None = None, validate: bool = True,
-                 seed: int = 0, quantization: Any = None, force: bool = False) -> dict[str, Any]:
+                 seed: int = 0, quantization: Any = None, force: bool = False,
+                 text: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Export ``hf_dir`` as ``role`` into ``out_dir`` and validate it; returns the manifest.
 
     ``int8``/``int4``: the float32 graphs are traced, then their weights quantized
     (:func:`prism_deploy.models.quantize.quantize_graph`) with ``quantization`` (a ``QuantSpec``
     from ``quantize.make_spec``; default: ``make_spec(precision)``).
+
+    Validation runs on random inputs (embedding rows plus noise, random ids) and, where the model
+    has a tokenizer, on real text: the held-out part of ``text`` (a UTF-8 file; default: the
+    corpus every machine has, :mod:`prism_deploy.core.corpus`). A model that predicts that text
+    (a language model with real weights) is judged by its real-text figures, next-token
+    agreement and perplexity included (``tolerances.real_text``); the random-input figures are
+    then reported, not gated. Any other model (random weights, an encoder) keeps the random-input
+    checks, and its real-text figures are checked with the same bounds.
 
     Raises ``PrismInputError`` for a bad folder/option and ``CheckFailed`` when an exported graph
     diverges from the transformers model beyond the precision's tolerances (the manifest is
@@ -124,10 +135,15 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     if out.exists() and not out.is_dir():
         raise PrismInputError(f"{out_dir}: exists and is not a folder")
     check_export_folder(out, force)  # before the model is loaded: nothing of the user's is replaced
+    from prism_deploy.core import corpus
+
+    text_corpus = corpus.load(text) if validate else None  # a bad --text is said before the long load
     started = time.perf_counter()
     # One load: the float32 model is both what validation compares with and, for fp32, what is
     # traced (big models are loaded once, not twice); fp16 traces a half-precision copy.
-    reference = hf.load_causal_lm(hf_dir, attn_implementation="eager")
+    reference = hf.load_causal_lm(hf_dir, attn_implementation="eager", uses_head=role == "last")
+    # a model read from one file (GGUF): model.json names that file and its digest
+    source_file = {"source_file": gguf.source_record(hf_dir)} if gguf.is_gguf(hf_dir) else {}
     limit = hf.max_positions(reference.config)
     if max_seq is None:
         max_seq = min(limit or 2048, 2048)
@@ -145,6 +161,9 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     try:
         with folder_lock(out, LOCK_NAME):
             check_export_folder(out, force)  # again, under the lock: another export may have written
+            for stale in out.glob(f"{TRACE_PREFIX}*"):  # a killed export's scratch folders (none runs now)
+                if is_own_trace(stale):
+                    shutil.rmtree(stale, ignore_errors=True)
             try:
                 # An old manifest would describe graphs this run is about to replace: drop it first, write it last.
                 (out / MANIFEST).unlink(missing_ok=True)
@@ -177,11 +196,17 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
 
                 validation: dict[str, Any] = {"skipped": True}
                 if validate:
+                    real = _real_text_windows(hf_dir, reference, text_corpus, max_seq)
                     checker = {"first": _validate_first, "middle": _validate_middle, "last": _validate_last}[role]
-                    validation = checker(reference, out, files, precision, max_seq, seed)
+                    gate_random = real is None or not real["language_model"]
+                    validation = checker(reference, out, files, precision, max_seq, seed, gate_random)
+                    validation["random_inputs"] = "gated" if gate_random else "reported (real text gates a language model)"
+                    if real is not None:
+                        validation["real_text"] = _validate_real_text(reference, out, files, role, precision, real)
                 manifest = {
                     "format": FORMAT, "version": VERSION, "role": role, "family": hf.family(reference),
                     "known_family": hf.family(reference) in hf.KNOWN_FAMILIES, "source": str(Path(hf_dir).resolve()),
+                    **source_file,
                     "precision": precision, "max_seq": max_seq,
                     "dims": {"hidden": dims["hidden"], "vocab": vocab, "layers": dims["layers"], "kv_heads": dims["kv_heads"],
                              "head_dim": dims["head_dim"]},
@@ -284,7 +309,8 @@ def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
     # in training mode, which would switch on the wrapped model's dropout for the validation
     # that follows. Wrappers are exported in eval mode.
     module.eval()
-    with tempfile.TemporaryDirectory(prefix=".trace-", dir=path.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=TRACE_PREFIX, dir=path.parent) as scratch:
+        (Path(scratch) / TRACE_MARK).touch()  # proves the folder ours if this process is killed
         traced = Path(scratch) / "model.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             # The tracer warns about every Python-side shape test it freezes; the validation
@@ -305,8 +331,12 @@ def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
 # -- validation ---------------------------------------------------------------------------------------
 
 
-def _check(name: str, fig: dict[str, Any], tol: tolerances.Tolerances, precision: str) -> None:
+def _check(name: str, fig: dict[str, Any], tol: tolerances.Tolerances, precision: str, gate: bool = True) -> None:
+    """Raise ``CheckFailed`` for figures outside ``tol``; with ``gate`` off, note them in ``fig``."""
     bad = tol.failures(fig)
+    if bad and not gate:
+        fig["outside_bounds"] = bad
+        return
     if bad:
         raise CheckFailed(f"{name} ({precision}) diverges from the transformers model: {'; '.join(bad)} "
                           f"(max abs {fig['max_abs']:.3g})")
@@ -326,7 +356,8 @@ def _shapes(max_seq: int) -> list[tuple[int, int]]:
     return [(2, min(max_seq, 11)), (1, 1), (3, min(max_seq, 5))]
 
 
-def _validate_first(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
+def _validate_first(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int,
+                    gate: bool = True) -> dict[str, Any]:
     from prism_deploy.core.ort_session import make_session
 
     tol = tolerances.model_export(precision)
@@ -340,7 +371,7 @@ def _validate_first(reference: Any, out: Path, files: dict[str, str], precision:
             ref = hf.final_hidden(reference, torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
         figs.append(compare(got, ref, mask))
     fig = merge(figs)
-    _check("first graph `hidden`", fig, tol, precision)
+    _check("first graph `hidden`", fig, tol, precision, gate)
     return {"provider": "cpu", "tolerances": tol.to_json(), "hidden": fig}
 
 
@@ -358,7 +389,8 @@ def _embedding_scale_inputs(reference: Any, seed: int) -> Any:
     return random_embeds
 
 
-def _validate_middle(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
+def _validate_middle(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int,
+                     gate: bool = True) -> dict[str, Any]:
     from prism_deploy.core.ort_session import make_session
 
     tol = tolerances.model_export(precision)
@@ -373,11 +405,12 @@ def _validate_middle(reference: Any, out: Path, files: dict[str, str], precision
             ref = hf.final_hidden(reference, None, torch.from_numpy(mask), inputs_embeds=torch.from_numpy(emb)).numpy()
         figs.append(compare(got, ref, mask))
     fig = merge(figs)
-    _check("middle graph `hidden`", fig, tol, precision)
+    _check("middle graph `hidden`", fig, tol, precision, gate)
     return {"provider": "cpu", "tolerances": tol.to_json(), "hidden": fig}
 
 
-def _validate_last(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int) -> dict[str, Any]:
+def _validate_last(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int,
+                   gate: bool = True) -> dict[str, Any]:
     from prism_deploy.core.ort_session import make_session
 
     tol = tolerances.model_export(precision)
@@ -393,7 +426,7 @@ def _validate_last(reference: Any, out: Path, files: dict[str, str], precision: 
             ref, _ = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(emb), attention_mask=torch.from_numpy(mask))
         figs.append(compare_logits(got, ref.numpy(), mask, tie_gap=tol.tie_gap))
     fig_plain = merge(figs)
-    _check("last graph `logits`", fig_plain, tol, precision)
+    _check("last graph `logits`", fig_plain, tol, precision, gate)
 
     # KV graph: prefill with an empty past, then two steps of 1 and 2 new tokens; each step's
     # logits against transformers run on the whole sequence so far.
@@ -416,8 +449,99 @@ def _validate_last(reference: Any, out: Path, files: dict[str, str], precision: 
         figs.append(compare_logits(outs[0], ref.numpy()[:, start:stop], mask_all[:, start:stop], tie_gap=tol.tie_gap))
         start = stop
     fig_past = merge(figs)
-    _check("last KV-cache graph `logits`", fig_past, tol, precision)
+    _check("last KV-cache graph `logits`", fig_past, tol, precision, gate)
     return {"provider": "cpu", "tolerances": tol.to_json(), "logits": fig_plain, "logits_with_past": fig_past}
+
+
+# -- validation on real text --------------------------------------------------------------------------
+
+REAL_WINDOWS = 4  # windows of REAL_WINDOW tokens of the corpus' held-out part: 256 tokens
+REAL_WINDOW = 64
+
+
+def _real_text_windows(hf_dir: Any, reference: Any, text_corpus: Any, max_seq: int) -> dict[str, Any] | None:
+    """Token windows of the held-out text under the model's own tokenizer, and whether the
+    float model predicts that text (its perplexity under a tenth of the vocabulary's: a model
+    with random weights scores about the vocabulary size). None without a tokenizer."""
+    from prism_deploy.core import corpus
+    from prism_deploy.core.metrics import perplexity
+    from prism_deploy.models.tokenizers import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(hf_dir)
+    except PrismInputError:
+        return None  # a folder without a tokenizer (the tests' random models): random inputs only
+    length = min(REAL_WINDOW, max_seq)
+    windows = corpus.token_windows(tokenizer, text_corpus.text("held_out"), length, REAL_WINDOWS)
+    if not windows:
+        windows = corpus.token_windows(tokenizer, text_corpus.text("calibration"), length, REAL_WINDOWS)
+    vocab = int(reference.get_input_embeddings().weight.shape[0])
+    windows = [w for w in windows if max(w) < vocab]
+    if not windows:
+        return None
+    ids = np.asarray(windows, dtype=np.int64)
+    logits = _reference_logits(reference, ids)
+    ppl = float(np.mean([perplexity(logits[i], ids[i]) for i in range(len(ids))]))
+    return {"ids": ids, "corpus": text_corpus.describe(), "part": "held_out", "reference_logits": logits,
+            "language_model": bool(ppl < 0.1 * vocab)}
+
+
+def _reference_logits(reference: Any, ids: np.ndarray) -> np.ndarray:
+    mask = torch.ones(ids.shape, dtype=torch.int64)
+    with torch.no_grad():
+        hidden = hf.final_hidden(reference, torch.from_numpy(ids), mask)
+        return _head(reference, hidden.numpy())
+
+
+def _head(reference: Any, hidden: np.ndarray) -> np.ndarray:
+    """The reference's LM head applied to final hidden states (after the final norm)."""
+    head = reference.get_output_embeddings()
+    with torch.no_grad():
+        return head(torch.from_numpy(np.asarray(hidden, np.float32))).float().numpy()
+
+
+def _validate_real_text(reference: Any, out: Path, files: dict[str, str], role: str, precision: str,
+                        real: dict[str, Any]) -> dict[str, Any]:
+    """The exported graph on real text against the float32 model: its output's figures and,
+    through the model's LM head for a first or middle graph, next-token agreement and perplexity."""
+    from prism_deploy.core.metrics import next_token_quality
+    from prism_deploy.core.ort_session import make_session
+
+    ids = real["ids"]
+    mask = np.ones(ids.shape, dtype=np.int64)
+    io_dtype = np.float16 if precision == "fp16" else np.float32
+    session = make_session(out / files["graph"], "cpu")
+    table = hf.input_embedding_matrix(reference)
+    if role == "first":
+        got = session.run(["hidden"], {"input_ids": ids, "attention_mask": mask})[0]
+    else:
+        name = "logits" if role == "last" else "hidden"
+        got = session.run([name], {"inputs_embeds": table[ids].astype(io_dtype), "attention_mask": mask})[0]
+    got = np.asarray(got, np.float32)
+    ref_logits = real["reference_logits"]
+    if role == "last":
+        got_logits = got
+        tol = tolerances.real_text(precision) if real["language_model"] else tolerances.model_export(precision)
+        fig = compare_logits(got_logits, ref_logits, mask, tie_gap=tolerances.model_export(precision).tie_gap)
+    else:
+        with torch.no_grad():
+            ref_hidden = hf.final_hidden(reference, torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        got_logits = _head(reference, got)
+        tol = tolerances.real_text(precision) if real["language_model"] else tolerances.model_export(precision)
+        fig = compare(got, ref_hidden, mask)
+    quality = next_token_quality(list(got_logits), list(ref_logits), list(ids))
+    figures = {**fig, **{k: v for k, v in quality.items() if k != "tokens"}}
+    # a model that does not predict the text (random weights, an encoder without its LM head):
+    # its outputs are checked, its perplexity means nothing
+    bounds = tol if real["language_model"] else tol.replace(agreement_min=None, perplexity_ratio_max=None,
+                                                            top1_min=None, kl_max=None)
+    bad = bounds.failures(figures)
+    if bad:
+        raise CheckFailed(f"{role} graph on real text ({precision}) diverges from the transformers model: "
+                          f"{'; '.join(bad)}")
+    return {"provider": "cpu", "corpus": real["corpus"], "part": real["part"], "windows": int(ids.shape[0]),
+            "window_tokens": int(ids.shape[1]), "language_model": real["language_model"],
+            "tolerances": bounds.to_json(), "output": fig, "next_token": quality}
 
 
 def _eos_token_id(model: Any) -> int | None:

@@ -55,6 +55,8 @@ FORMS = ("nbits", "dq")
 # MatMulNBits' fast paths). Measured on the benchmark model B (docs/quantized-models.md): 32
 # against 128 halves the int4 logits error, and costs 17% more bytes for INT4.
 DEFAULT_BLOCK_SIZE = 32
+# The block sizes ONNX Runtime's MatMulNBits kernels take (its quantizer traces back beyond them).
+BLOCK_SIZES = tuple(1 << n for n in range(4, 9))  # 16 .. 256
 # 4: the CPU kernels' integer dot products. 0 is exact float compute but leaves 8-bit
 # MatMulNBits 10x slower than float32 on ONNX Runtime 1.31's CPU provider (docs).
 DEFAULT_ACCURACY_LEVEL = 4
@@ -87,8 +89,9 @@ def make_spec(precision: str, *, form: str = "nbits", block_size: int | None = N
     bits = BITS[precision]
     if form not in FORMS:
         raise PrismInputError(f"--form: {form!r} is not one of {', '.join(FORMS)}")
-    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
-        raise PrismInputError(f"--block-size: {block_size} must be a power of two >= 16")
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        raise PrismInputError(f"--block-size: {block_size} must be a power of two from {BLOCK_SIZES[0]} to "
+                              f"{BLOCK_SIZES[-1]} ({', '.join(map(str, BLOCK_SIZES))})")
     if form == "dq":
         if not symmetric:
             raise PrismInputError("--asymmetric: the dq form is read by TensorRT, whose dequantize takes no zero "

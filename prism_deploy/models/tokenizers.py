@@ -10,9 +10,14 @@ from prism_deploy.core.errors import PrismInputError, brief, require
 
 
 def load_tokenizer(tok_dir: str | os.PathLike[str]) -> Any:
+    """A local tokenizer folder's tokenizer, or the one a ``.gguf`` file carries."""
     require("transformers", "reading a tokenizer")
     from transformers import AutoTokenizer
 
+    from prism_deploy.models import gguf
+
+    if gguf.is_gguf(tok_dir):
+        return gguf.load_tokenizer(tok_dir)
     if not Path(tok_dir).is_dir():
         raise PrismInputError(f"{tok_dir}: not a folder (a local tokenizer folder is expected)")
     try:

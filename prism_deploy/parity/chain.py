@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from prism_deploy.core import tolerances
-from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.errors import PrismInputError, printable
 from prism_deploy.core.metrics import compare, compare_logits
 from prism_deploy.core.precision import loosest
 from prism_deploy.models import hf
@@ -43,8 +43,48 @@ class ReferenceChain:
         if len(models) != len(adapters) + 1:
             raise PrismInputError(f"reference chain: {len(models)} models need {len(models) - 1} adapters, "
                                   f"got {len(adapters)}")
-        self.models = [hf.load_causal_lm(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
+        # only the last model's LM head is used: the others read their base model's hidden states
+        self.models = [hf.load_causal_lm(m, uses_head=i == len(models) - 1) if isinstance(m, (str, os.PathLike)) else m
+                       for i, m in enumerate(models)]
         self.adapters = [a if isinstance(a, PrismAdapter) else load_adapter(a) for a in adapters]
+        self.sources = [str(m) if isinstance(m, (str, os.PathLike)) else type(m).__name__ for m in models]
+        self.adapter_sources = [str(a) if not isinstance(a, PrismAdapter) else "adapter" for a in adapters]
+
+    def widths(self) -> list[dict[str, int]]:
+        """Per stage, the sizes that must equal the deployed stage's: a model's hidden width, layers
+        and the vocabulary its ids or logits span; an adapter's in and out widths."""
+        out: list[dict[str, int]] = []
+        for i, model in enumerate(self.models):
+            if i:
+                a = self.adapters[i - 1]
+                out.append({"in_dim": int(a.in_dim), "out_dim": int(a.out_dim)})
+            dims = hf.cache_dims(model.config)
+            table = model.get_input_embeddings() if i == 0 else model.get_output_embeddings()
+            vocab = int(table.weight.shape[0]) if table is not None else int(model.config.vocab_size)
+            out.append({"hidden": dims["hidden"], "layers": dims["layers"], "vocab": vocab})
+        return out
+
+    def check_matches(self, chain: Any) -> None:
+        """Raise unless every reference part has the sizes of the deployed stage it checks (a
+        reference of another model is bad input, not a shape error halfway through the run)."""
+        if len(chain.stages) != 2 * len(self.models) - 1:
+            raise PrismInputError(f"reference chain: {len(self.models)} models for a chain of {len(chain.stages)} stages")
+        for i, want in enumerate(self.widths()):
+            stage, name = chain.stages[i], chain.names[i]
+            if i % 2:
+                have = {"in_dim": getattr(stage, "in_dim", None), "out_dim": getattr(stage, "out_dim", None)}
+                source = self.adapter_sources[i // 2]
+            else:
+                have = {"hidden": stage.hidden_size, "layers": stage.layers, "vocab": stage.vocab}
+                if i != 0 and i != len(chain.stages) - 1:
+                    have.pop("vocab")  # a middle model's logits are not part of the chain
+                source = self.sources[i // 2]
+            for key, value in have.items():
+                if value is not None and int(value) != want[key]:
+                    kind = "adapter" if i % 2 else "model"
+                    raise PrismInputError(f"stage {i + 1} ({kind} {printable(name)}): its reference {printable(source)} "
+                                          f"has {key} {want[key]}, the deployed stage {value}: "
+                                          "the reference is not this stage's source")
 
     def stage(self, i: int, value: Any, mask: np.ndarray) -> np.ndarray:
         """Stage ``i`` (0-based, models at even indices) on ``value``: ids for the first model,
@@ -97,6 +137,7 @@ def check_chain_parity(chain: Any, reference: ReferenceChain, input_ids: Any, at
                        tolerance: str | None = None, new_tokens: int = 0, bisect: bool = False) -> dict[str, Any]:
     """Compare ``chain`` with ``reference`` on ``input_ids``; returns a report (``passed``,
     ``failures`` one line each, ``stages`` per hop, ``logits`` end to end, ``bisect``)."""
+    reference.check_matches(chain)
     ids, mask = chain.prepare_inputs(input_ids, attention_mask)
     ref = reference.outputs(ids, mask)
     precision = tolerance or chain_precision(chain)
@@ -133,9 +174,13 @@ def check_chain_parity(chain: Any, reference: ReferenceChain, input_ids: Any, at
         got_tokens = chain.generate(ids, mask, max_new_tokens=new_tokens)
         want_tokens = reference.generate(ids, mask, new_tokens)
         match = float((got_tokens == want_tokens[:, : got_tokens.shape[1]]).mean())
+        judged = precision == "fp32"
         report["greedy"] = {"new_tokens": new_tokens, "chain": got_tokens.tolist(), "reference": want_tokens.tolist(),
-                            "match": match}
-        if precision == "fp32" and match < 1.0:  # fp32 rounding cannot move a greedy token but on a tie
+                            "match": match, "judged": judged,
+                            "why": "fp32: rounding cannot move a greedy token but on a tie" if judged else
+                            f"not part of the check at {precision}: its rounding moves a token wherever two logits "
+                            "are close, and every later token follows that one; the logits bounds above are the check"}
+        if judged and match < 1.0:
             failures.append(f"greedy tokens differ from the reference chain's ({match:.3f} of them agree)")
     failed_hops = [h for h in hops if not h["passed"]]
     for h in failed_hops:
@@ -192,8 +237,12 @@ def _last_model_graphs(chain: Any, reference: ReferenceChain, embeds: np.ndarray
     """The last model's prefill graph and its KV-cache graph, each against transformers on the
     reference's embeddings: the prefill on every position, the KV graph as a prefill of all but
     the last position and one decoding step."""
-    last = chain.last
-    want = reference.stage(len(chain.stages) - 1, embeds, mask)
+    return last_model_graphs(chain.last, reference.stage(len(chain.stages) - 1, embeds, mask), embeds, mask, tol)
+
+
+def last_model_graphs(last: Any, want: np.ndarray, embeds: np.ndarray, mask: np.ndarray,
+                      tol: tolerances.Tolerances) -> dict[str, Any]:
+    """A last model's two graphs on ``embeds`` against the reference logits ``want``."""
     plain = compare(last.run(embeds, mask), want, mask, logits=True, tie_gap=tol.tie_gap)
     seq = embeds.shape[1]
 

@@ -28,7 +28,10 @@ from prism_deploy.format import model_folder
 PARITY_SAMPLES = 2
 # the most tokens one parity batch of the build gate compares (a few MB of activations)
 PARITY_TOKENS = 4096
-PARITY_PAST = 3  # past length fed to the KV-cache graph in a model graph's check
+PARITY_PAST = 3
+# the most tokens the check of each further gated form runs (a form chosen for a bucket above
+# it is the same graph at this size)
+PARITY_FORM_TOKENS = 64  # past length fed to the KV-cache graph in a model graph's check
 
 
 def adapter_engine_check(adapter_path: str | os.PathLike[str]) -> EngineCheck:
@@ -50,7 +53,24 @@ def adapter_engine_check(adapter_path: str | os.PathLike[str]) -> EngineCheck:
         batch, seq = checked_shape(unit.config.profile)
         report = check_parity(adapter, loaded, precision=unit.config.precision, samples=PARITY_SAMPLES,
                               batch=batch, seq=seq, seed=0)
-        return CheckResult(bool(report.passed), report.to_json(), "; ".join(report.failures))
+        figures, passed, failures = report.to_json(), bool(report.passed), list(report.failures)
+        # an entry with a form per token bucket: every chosen form is checked too, at the token
+        # count it was timed at (the profile's shape above runs only one of them)
+        by_form: dict[str, Any] = {}
+        checked = {loaded.form_for(batch * seq)}
+        for bucket in (entry.get("forms") or {}).get("buckets", []):
+            if bucket["form"] in checked:
+                continue
+            checked.add(bucket["form"])
+            tokens = min(bucket["timed_tokens"], PARITY_FORM_TOKENS)
+            r = check_parity(adapter, loaded, precision=unit.config.precision, samples=1,
+                             batch=1, seq=tokens, seed=1)
+            by_form[bucket["form"]] = {"tokens": tokens, **r.to_json()}
+            passed = passed and bool(r.passed)
+            failures += [f"form {bucket['form']} at {tokens} token(s): {f}" for f in r.failures]
+        if by_form:
+            figures["forms"] = by_form
+        return CheckResult(passed, figures, "; ".join(failures))
 
     return check
 

@@ -157,6 +157,11 @@ class AdapterGraph:
                     out[pipe["index"]] = dequantize_rows(tiles, numpy_helper.to_array(inits[pipe["scales"]]))
                 else:
                     out[pipe["index"]] = tiles.astype(np.float32)
+            elif pipe.get("nbits_weight") is not None:  # MatMulNBits: [out_dim, blocks, tc] of q + 128
+                packed = numpy_helper.to_array(inits[pipe["nbits_weight"]]).astype(np.float32) - 128.0
+                scales = numpy_helper.to_array(inits[pipe["nbits_scales"]]).reshape(packed.shape[:2])
+                weight = (packed * scales[..., None]).reshape(packed.shape[0], -1)  # [out_dim, blocks*tc]
+                out[pipe["index"]] = tiles_from_dense(weight, (pipe["R"], pipe["C"]), (pipe["tr"], pipe["tc"]))
             elif pipe.get("dense_weight") is not None and pipe.get("folded_into") is None:
                 weight_t = numpy_helper.to_array(inits[pipe["dense_weight"]]).astype(np.float32)
                 out[pipe["index"]] = tiles_from_dense(weight_t, (pipe["R"], pipe["C"]), (pipe["tr"], pipe["tc"]),

@@ -47,6 +47,11 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
     path = Path(adapter)
     provider, _ = target_provider(target)
     if path.is_dir():
+        from prism_deploy.format.model_folder import not_an_adapter
+
+        reason = not_an_adapter(path)
+        if reason is not None:
+            raise PrismInputError(f"{adapter}: {reason}")
         if not (path / "manifest.json").is_file():
             raise PrismInputError(f"{adapter}: a folder without manifest.json (not written by `prism-deploy build`)")
         from prism_deploy.runtime.engines import load_engines

@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.limits import mask_problem
 from prism_deploy.core.targets import target_provider
-from prism_deploy.format.chain_file import ChainSpec, StageSpec, read_chain_file, stage_digest
+from prism_deploy.format.chain_file import ChainSpec, check_stage_files, read_chain_file
 from prism_deploy.runtime.adapters import adapter_runner
 from prism_deploy.runtime.engines import AmbiguousEngines
 from prism_deploy.runtime.model_folder import ModelStage
@@ -173,6 +174,9 @@ class Chain:
         if mask.shape != ids.shape or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
             raise PrismInputError(f"attention_mask: shape {list(mask.shape)} {mask.dtype} differs from input_ids "
                                   f"{list(ids.shape)} (integers 0/1 expected)")
+        problem = mask_problem(mask)
+        if problem is not None:
+            raise PrismInputError(problem)
         if ids.shape[1] > self.max_seq:
             raise PrismInputError(f"input_ids: {ids.shape[1]} tokens, more than the exported max_seq {self.max_seq}")
         return ids.astype(np.int64), mask.astype(np.int64)
@@ -311,26 +315,6 @@ def _precisions(ids: list[str]) -> set[str]:
 def default_names(n: int) -> list[str]:
     """``model_1``, ``adapter_1_2``, ``model_2``, ... for a chain of ``n`` stages."""
     return [f"model_{i // 2 + 1}" if i % 2 == 0 else f"adapter_{i // 2 + 1}_{i // 2 + 2}" for i in range(n)]
-
-
-def check_stage_files(spec: ChainSpec, stage: StageSpec) -> None:
-    """A stage's files are there and, where the chain file records a sha256, hash as recorded;
-    an export folder's graphs hash as its model.json records."""
-    where = f"{spec.where()}: {stage.label}"
-    if not stage.path.exists():
-        raise PrismInputError(f"{where}: {stage.path}: no such file or folder")
-    if stage.sha256 is not None:
-        digest = stage_digest(stage.path)
-        if digest != stage.sha256:
-            raise PrismInputError(f"{where}: {stage.path}: sha256 {str(digest)[:12]}... does not match the chain "
-                                  f"file's {stage.sha256[:12]}... (changed since the chain was written)")
-    if stage.kind == "model" and stage.path.is_dir() and not (stage.path / "manifest.json").is_file():
-        from prism_deploy.format import model_folder
-
-        try:
-            model_folder.verify_files(stage.path, model_folder.read_model_json(stage.path))
-        except PrismInputError as exc:
-            raise PrismInputError(f"{where}: {exc}") from None
 
 
 def chain_path(path: str | os.PathLike[str]) -> Path:

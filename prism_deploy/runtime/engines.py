@@ -21,7 +21,7 @@ import numpy as np
 from prism_deploy.core import targets
 from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.onnx_io import INPUT_NAME, OUTPUT_NAME
-from prism_deploy.format.engine_manifest import EngineFileError, read_manifest, source_kind, verify_part
+from prism_deploy.format.engine_manifest import EngineFileError, bucket_for, read_manifest, source_kind, verify_part
 from prism_deploy.runtime.onnx_runner import OnnxRunner
 
 
@@ -152,7 +152,15 @@ class LoadedEngines:
     in_dim: int
     out_dim: int
     parts: list[tuple[float, Any]] = field(default_factory=list)  # (combine weight, runner)
+    # an entry with ``forms``: one runner per chosen gated form; a call runs only the one its
+    # token count's bucket chose (the parts are alternatives, not terms of a sum)
+    by_form: dict[str, Any] = field(default_factory=dict)
     kind = "engines"
+
+    def form_for(self, tokens: int) -> str | None:
+        """The gated form that runs a call of ``tokens`` tokens (None: the entry has one graph)."""
+        forms = self.entry.get("forms")
+        return bucket_for(forms["buckets"], tokens)["form"] if forms else None
 
     @property
     def id(self) -> str:
@@ -178,6 +186,10 @@ class LoadedEngines:
             # TensorRT engine's profile starts at one token, so the answer is made here
             return np.zeros((*shape[:-1], self.out_dim), np.float32)
         x3 = x.reshape(1, *shape) if len(shape) == 2 else x
+        if self.by_form:
+            form = self.form_for(int(np.prod(shape[:-1])))
+            assert form is not None  # by_form is filled only for entries with forms
+            return self.by_form[form].run(x3).reshape(*shape[:-1], self.out_dim)
         y = None
         for weight, runner in self.parts:
             out = runner.run(x3)
@@ -194,8 +206,11 @@ def open_entry(directory: str | os.PathLike[str], entry: dict[str, Any], config:
     paths = [verify_part(base, part) for part in entry["parts"]]
     weights = entry.get("combine_weights") or [1.0] * len(paths)
     loaded = LoadedEngines(base, entry, int(config["in_dim"]), int(config["out_dim"]))
-    for weight, path in zip(weights, paths, strict=True):
-        loaded.parts.append((float(weight), _open_runner(path, entry, loaded.in_dim, loaded.out_dim)))
+    for weight, path, part in zip(weights, paths, entry["parts"], strict=True):
+        runner = _open_runner(path, entry, loaded.in_dim, loaded.out_dim)
+        loaded.parts.append((float(weight), runner))
+        if entry.get("forms"):
+            loaded.by_form[part["form"]] = runner
     return loaded
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from prism_deploy.core.limits import mask_problem
 from prism_deploy.serving import stage_runtime
 
 # the names a stage reads and writes, by kind (the chain's hand-off contract)
@@ -90,7 +91,12 @@ def _input(request: Any, name: str, *, required: bool = True) -> np.ndarray | No
         if required:
             raise RequestError(f"input {name!r} is missing")
         return None
-    return tensor.as_numpy()
+    values = tensor.as_numpy()
+    if name == "attention_mask":  # the same refusal as the in-process runtime's (core.limits)
+        problem = mask_problem(values)
+        if problem:
+            raise RequestError(problem)
+    return values
 
 
 class StageModel:

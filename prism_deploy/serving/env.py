@@ -224,14 +224,18 @@ def code_overlay(log: Callable[[str], None] | None = None) -> Path:
 
 
 _CHECK = """
-import json, runpy, sys
+import importlib.util, json, runpy, sys
 from importlib import metadata
 try:  # numpy >= 2 is refused before anything imports it (or stops on another package first)
     numpy_version = metadata.version("numpy")
 except metadata.PackageNotFoundError:
     numpy_version = None
+missing = [m for m in ("numpy", "onnxruntime") if importlib.util.find_spec(m) is None]
 if numpy_version and int(numpy_version.split(".")[0]) >= 2:
     print(json.dumps({"numpy": numpy_version}))
+    sys.exit(0)
+if missing:  # said as what to install, not as the traceback of the first failed import
+    print(json.dumps({"missing": missing}))
     sys.exit(0)
 runpy.run_path(sys.argv[1])  # the shipped model.py: registers the project code, imports the backend
 import numpy, onnxruntime, sysconfig
@@ -271,6 +275,12 @@ def check_env(env_path: Path, code: Path, *, onnxruntime_version: str | None) ->
         info = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
         raise PrismInputError(f"{env_path}: environment check printed no result") from None
+    if info.get("missing"):
+        wanted = {"numpy": "'numpy<2'", "onnxruntime": f"onnxruntime=={onnxruntime_version}" if onnxruntime_version
+                  else "onnxruntime"}
+        raise PrismInputError(f"{env_path}: the backend environment lacks {' and '.join(info['missing'])}; it needs "
+                              f"numpy < 2 and the engines' onnxruntime: {python} -m pip install "
+                              + " ".join(wanted[m] for m in info["missing"]))
     major = int(str(info["numpy"]).split(".")[0])
     if major >= 2:
         raise PrismInputError(f"{env_path}: numpy {info['numpy']} in the backend environment; Triton's bundled Python "

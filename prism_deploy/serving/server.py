@@ -130,9 +130,12 @@ class TritonServer:
     exit_timeout_s: int = EXIT_TIMEOUT_S
     # the control APIs' secret; None serves them unrestricted, which only a loopback host may
     secret: str | None = field(default_factory=new_secret)
+    # where Triton's own HTTP listens when it differs from ``host`` (serve: loopback, behind its guard)
+    http_host: str | None = None
     binary: ServerBinary | None = None
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
+    _temp_log: bool = False  # the log is a temporary file of ours: removed on a clean stop
 
     @property
     def probe_host(self) -> str:
@@ -140,7 +143,7 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"{self.probe_host}:{self.http_port}"
+        return f"{self.http_host or self.probe_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
@@ -175,7 +178,7 @@ class TritonServer:
         self.binary = binary
         cmd = [str(binary.path), f"--model-repository={self.repo.resolve()}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
-               f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
+               f"--http-address={self.http_host or self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
                "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.load),
                # our configs are complete: no auto-complete stub process per Python model at load
                "--disable-auto-complete-config", "--strict-readiness=true", "--exit-on-error=true",
@@ -195,6 +198,7 @@ class TritonServer:
         cmd = self.command()
         if self.log_path is None:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"prism-tritonserver-{os.getpid()}-{self.http_port}.log"
+            self._temp_log = True
         self._log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
@@ -220,6 +224,7 @@ class TritonServer:
             if self.ready():
                 return time.monotonic() - started
             time.sleep(0.2)
+        self._temp_log = False  # the error names the log: it stays
         self.stop()
         raise PrismInputError(f"{self.repo}: tritonserver not ready within {timeout_s:.0f} s ({self.log_reason()}); "
                               f"log: {self.log_path}")
@@ -258,6 +263,8 @@ class TritonServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._temp_log and self.proc.returncode == 0 and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)  # a server that failed keeps its log: messages name it
         return self.proc.returncode
 
     def group_members(self) -> list[int]:

@@ -146,7 +146,9 @@ def inspect_stage(path: str | os.PathLike[str], *, precision: str | None = None,
     """Describe a build folder (adapter or model) or a model export folder as a chain stage."""
     folder = Path(path)
     if not folder.is_dir():
-        raise PrismInputError(f"{path}: no such folder (give a `prism-deploy build` or `export-model` folder)")
+        what = ("a file, not a folder: give the stage folders (a build --chain folder's chain.json lists them)"
+                if folder.is_file() else "no such folder")
+        raise PrismInputError(f"{path}: {what} (give `prism-deploy build` or `export-model` folders)")
     if (folder / MANIFEST_JSON).is_file():
         from prism_deploy.format.engine_manifest import read_manifest, source_kind
 
@@ -173,6 +175,14 @@ def _adapter_stage(folder: Path, manifest: dict[str, Any], precision: str | None
     cfg = entry["configuration"]
     files = [name for part in entry["parts"] for name, _ in part_files(part)]
     graphs = {"graph": entry["parts"][0]["file"]} if len(entry["parts"]) == 1 else {}
+    if entry.get("forms"):
+        # one gated form per token bucket: a server running one graph (Triton's ONNX Runtime
+        # backend, the native form) gets the form chosen for the profile's OPT call
+        from prism_deploy.format.engine_manifest import bucket_for
+
+        opt = cfg["profile"]["batch"][1] * cfg["profile"]["seq"][1]
+        form = bucket_for(entry["forms"]["buckets"], opt)["form"]
+        graphs = {"graph": next(p["file"] for p in entry["parts"] if p.get("form") == form)}
     return StageInfo(
         kind="adapter", source=folder, layout="adapter-build", target=entry["target"], precision=cfg["precision"],
         profile=dict(cfg["profile"]), inputs=[TensorSpec("hidden", "float32", [-1, int(config["in_dim"])])],

@@ -9,7 +9,8 @@
    and nothing is written;
 3. writes ``REPO/<model>/<N+1>/`` atomically (filled under a staging name, then renamed);
 4. if a server runs on the repository (``--url``, else the ``.prism-serve.json`` that ``serve``
-   writes, which also holds the secret the model-control API requires), asks it to load the model again through the model-control API (explicit mode).
+   writes, which also holds the secret the model-control API requires), asks it to load the
+   model again through the model-control API (explicit mode).
    With ``version_policy { latest { num_versions: 1 } }`` Triton loads version N+1, moves new
    requests to it, and unloads version N once the requests it holds have finished; this call
    waits (bounded) until version N is no longer ready, and reports both times.
