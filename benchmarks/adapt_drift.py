@@ -93,8 +93,8 @@ def main() -> int:
         print(f"{r['config']:24} {r['before']['recorded']:16.4f} {after.get('recorded', float('nan')):8.4f} "
               f"{r['before']['original']:16.4f} {after.get('original', float('nan')):8.4f}  {r['decision']}"
               f" ({cands})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.json:  # the temporary folder is gone: its paths are written as <tmp>
+        Path(args.json).write_text(json.dumps(result, indent=1).replace(str(tmp), "<tmp>") + "\n")
     return 0
 
 
