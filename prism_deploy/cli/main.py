@@ -41,6 +41,8 @@ COMMAND_MODULES = [
     "prism_deploy.cli.triton_update_cmd",
     "prism_deploy.cli.triton_env_cmd",
     "prism_deploy.cli.serve_cmd",
+    "prism_deploy.cli.adapt_cmd",
+    "prism_deploy.cli.triton_rollback_cmd",
 ]
 
 
@@ -119,7 +121,8 @@ def _route_model_bench(argv: list[str]) -> list[str]:
 
 
 # ``triton update ...`` and ``triton env ...`` are commands of their own: ``triton`` takes folders.
-SUBCOMMAND_WORDS = {("triton", "update"): "triton-update", ("triton", "env"): "triton-env"}
+SUBCOMMAND_WORDS = {("triton", "update"): "triton-update", ("triton", "env"): "triton-env",
+                    ("triton", "rollback"): "triton-rollback"}
 
 
 def _route_subcommand_words(argv: list[str]) -> list[str]:

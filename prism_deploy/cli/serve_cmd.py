@@ -45,7 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log", metavar="FILE", help="server log file (default: a file in the temporary folder, removed "
                    "after a clean stop)")
     p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line once ready")
-    declare_outputs(p, files=("log",), folders=())
+    p.add_argument("--record", metavar="DIR",
+                   help="keep a sample of the requests' token ids (never outputs) in DIR, owner-only, for "
+                        "`prism-deploy adapt` (default: nothing is recorded); docs/adaptation.md")
+    p.add_argument("--record-rate", type=number(Limit(float, 0.0, 1.0, low_open=True)), default=1.0, metavar="F",
+                   help="with --record: the fraction of requests kept (default 1)")
+    p.add_argument("--record-budget-mb", type=number(Limit(float, 0.0, float(1 << 30), low_open=True)), default=64.0,
+                   metavar="MB", help="with --record: at most this many MiB of records; the oldest are dropped first "
+                                      "(default 64)")
+    declare_outputs(p, files=("log",), folders=("record",))
     p.set_defaults(func=run)
 
 
@@ -70,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     # before the environment (minutes on first use): a taken port is said at once
     http, grpc, metrics = srv.ports(args.host, args.http_port, args.grpc_port, args.metrics_port)
     srv.check_ports_free(args.host, http, grpc, metrics)
+    recording = _recording(args)
+    if recording is not None:
+        _check_recordable(manifest, args.repository)
     be = backend_env(str(repo), args.env)
     if args.exit_timeout < 0:
         raise PrismInputError(f"--exit-timeout: {args.exit_timeout} must be >= 0")
@@ -109,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         info: dict[str, Any] = {"repository": str(repo), "http": f"{server.probe_host}:{http}", "grpc": server.grpc_url, "metrics": server.metrics_url,
                 "models": sorted(manifest["models"]), "tritonserver": str(server.binary.path) if server.binary else None,
                 "environment": str(be.path), "log": str(server.log_path), "ready_seconds": round(ready_s, 2),
-                "pid": os.getpid(), "control_secret_file": str(state)}
+                "pid": os.getpid(), "control_secret_file": str(state),
+                "record": None if recording is None else str(recording.folder)}
         srv.write_state(repo, {**info, "secret": server.secret})
         wrote_state = True
         if args.json:
@@ -120,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"models: {', '.join(info['models'])}; ready in {info['ready_seconds']} s; log: {info['log']}")
             print(f"model control (load, unload, config, statistics): header {srv.SECRET_HEADER}, its secret in {state} "
                   "(owner-only)")
+            if recording is not None:
+                print(f"recording a {recording.rate:g} sample of the first model's request token ids in {recording.folder} "
+                      f"(owner-only, at most {recording.budget_bytes / (1 << 20):g} MiB, oldest dropped first)")
             print("serving; Ctrl-C (SIGINT) or SIGTERM stops it", flush=True)
         # a Python-backend stub that dies is not replaced by Triton: its model is restarted here
         watch = StubWatch(server, log=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
@@ -143,6 +158,34 @@ def run(args: argparse.Namespace) -> int:
             server.log_path.unlink(missing_ok=True)
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _recording(args: argparse.Namespace) -> Any:
+    """The record settings the backend processes get through their environment; without
+    ``--record`` the variable is cleared, so nothing is recorded unless asked."""
+    from prism_deploy.core.errors import PrismInputError
+    from prism_deploy.serving.record import RECORD_VARIABLE, RecordSettings, prepare_folder
+
+    if args.record is None:
+        if args.record_rate != 1.0 or args.record_budget_mb != 64.0:
+            raise PrismInputError("--record-rate and --record-budget-mb need --record DIR")
+        os.environ.pop(RECORD_VARIABLE, None)
+        return None
+    settings = RecordSettings(prepare_folder(args.record), args.record_rate, int(args.record_budget_mb * (1 << 20)))
+    os.environ[RECORD_VARIABLE] = settings.to_env()
+    return settings
+
+
+def _check_recordable(manifest: dict[str, Any], repo: str) -> None:
+    """Request text reaches a Python-form first model only: anything else would record nothing."""
+    from prism_deploy.core.errors import PrismInputError
+
+    if manifest.get("backend") == "native":
+        raise PrismInputError(f"--record: {repo} is in the native form; its first model runs in Triton's own "
+                              "backend, which records nothing (write the repository with --backend python)")
+    if not any(r.get("kind") == "first" for r in manifest.get("models", {}).values()):
+        raise PrismInputError(f"--record: {repo} serves no first model: no request text reaches it "
+                              "(only a chain's first model sees token ids)")
 
 
 def _stopped(server: object, guard: Any = None) -> int:

@@ -110,6 +110,13 @@ class StageModel:
         inputs = {i["name"]: i for i in config["input"]}
         self.width = int(inputs[STAGE_INPUTS[kind][0]]["dims"][-1]) if kind != "first" else None
         self.vocab = int(getattr(self.stage, "vocab", 0)) if kind == "first" else None
+        # `serve --record DIR`: a sample of the request text (token ids) kept for `prism-deploy adapt`
+        self.recorder = None
+        if kind == "first":
+            from prism_deploy.serving import record
+
+            source = str(getattr(self.stage, "model", {}).get("source", ""))
+            self.recorder = record.from_environment(config["name"], Path(source).name, int(self.vocab or 0))
 
     def _read(self, request: Any) -> tuple[np.ndarray, np.ndarray | None]:
         names = STAGE_INPUTS[self.kind]
@@ -140,6 +147,9 @@ class StageModel:
                 ready.append((i, x, mask))
             except RequestError as exc:
                 responses[i] = _error_response(str(exc))
+                continue
+            if self.recorder is not None:
+                self._record(x, mask)
         for group in self._groups(ready):
             try:
                 outs = self._run(group)
@@ -150,6 +160,13 @@ class StageModel:
             for (i, _, _), out in zip(group, outs):
                 responses[i] = pb.InferenceResponse(output_tensors=[pb.Tensor(STAGE_OUTPUT[self.kind], out)])
         return responses
+
+    def _record(self, x: np.ndarray, mask: np.ndarray | None) -> None:
+        try:
+            assert self.recorder is not None
+            self.recorder.offer(x, mask)
+        except Exception as exc:  # recording never fails a request; the server's log says why
+            _pb().Logger.log_warn(f"{self.kind}: request not recorded ({exc})")
 
     def _groups(self, ready: list[tuple[int, np.ndarray, np.ndarray | None]]) -> list[list[Any]]:
         if self.kind == "adapter":  # per token: any shapes run together
