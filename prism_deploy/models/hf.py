@@ -187,7 +187,8 @@ def _load_gguf_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: st
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model, info = loaded
     except gguf.LOAD_ERRORS as exc:
         raise PrismInputError(f"{path}: transformers cannot load it as a causal LM "
                               f"({brief(exc, 300)})") from None
