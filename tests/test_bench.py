@@ -213,7 +213,7 @@ def test_bench_runs_each_gated_form_side_by_side(tiny: Path, tmp_path: Path, cap
     out = tmp_path / "forms.json"
     backends = "ort-cpu,ort-cpu/A,ort-cpu/B,ort-cpu/sparse"
     code, text, _ = _bench([str(tiny), "--backends", backends, "--precision", "fp32,int8", "--batch", "1,4",
-                            "--repeat", "3", "--warmup", "0", "--json", str(out)], capsys)
+                            "--repeat", "3", "--warmup", "0", "--json-out", str(out)], capsys)
     assert code == 0, text
     data = json.loads(out.read_text())
     assert data["backends"]["ran"] == sorted(backends.split(","))

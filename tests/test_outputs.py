@@ -58,7 +58,7 @@ WRITERS = {
     "fit": ["fit", "--x", "{d}/X.npy", "--z", "{d}/Z.npy", "--grid", "2", "2", "-o", "OUT"],
     "refit": ["refit", "{d}/a.safetensors", "--x", "{d}/X.npy", "--z", "{d}/Z.npy", "--workers", "0", "-o", "OUT"],
     "collect": ["collect", "--model-a", "{d}", "--model-b", "{d}", "--text", "{d}/texts.txt", "-o", "OUT"],
-    "bench --json": ["bench", "{d}/a.safetensors", "--backends", "ort-cpu", "--json", "OUT"],
+    "bench --json-out": ["bench", "{d}/a.safetensors", "--backends", "ort-cpu", "--json-out", "OUT"],
 }
 FOLDER_WRITERS = {
     "build": ["build", "{d}/a.safetensors", "--target", "ort-cpu", "-o", "OUT"],
@@ -129,7 +129,7 @@ def test_a_folder_where_a_file_is_written_is_refused(command, inputs, capsys):
 
 def test_two_outputs_on_one_path_are_refused(inputs, capsys):
     out = inputs / "r.json"
-    assert run_cli(["bench", inputs / "a.safetensors", "--json", out, "--plot", out]) == 2
+    assert run_cli(["bench", inputs / "a.safetensors", "--json-out", out, "--plot", out]) == 2
     one_error_line(capsys, "named as two outputs")
 
 
