@@ -1,11 +1,13 @@
 """Tolerances: the one home of every pass/fail bound, with one spelling for each bound.
 
-Four checks use them; docs/precision.md and docs/pipeline.md give each value's reason:
+The checks that use them; docs/precision.md and docs/pipeline.md give each value's reason:
 
 - ``adapter(precision, io_dtype)``: a lowered graph or engine against the PyTorch reference
   (``parity``, the build's parity gate);
 - ``model_export(precision)``: an exported model graph against the transformers model
   (``export-model``'s validation);
+- ``real_text(precision)``: the same on real text, for a language model with real weights
+  (next-token agreement and perplexity ratio too; docs/real-models.md);
 - ``built_graph(precision)``: a built model engine against the export it was built from
   (same precision: only graph rewrites may differ);
 - ``pipeline(name)``: a whole pipeline or chain end to end, by its least precise part;
