@@ -14,7 +14,8 @@ from conftest import real_model_dir
 from prism_deploy.cli.main import main
 from prism_deploy.models import real
 
-pytestmark = pytest.mark.real
+# one worker for the real set: the models are converted and exported once
+pytestmark = [pytest.mark.real, pytest.mark.xdist_group("real-models")]
 
 
 @pytest.fixture(scope="module")

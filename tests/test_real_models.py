@@ -12,7 +12,8 @@ from conftest import real_model_dir
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.models import real
 
-pytestmark = pytest.mark.real
+# one worker for the real set: the models are converted and exported once
+pytestmark = [pytest.mark.real, pytest.mark.xdist_group("real-models")]
 
 
 def test_smollm2_folder_is_the_real_model_and_answers():

@@ -8,7 +8,7 @@ on ``calibration``; figures that judge a result are measured on ``held_out``.
 
 Paragraphs are the units: blank-line separated blocks, each joined into one line. From
 ``pydoc_data.topics`` only prose is kept (indented code, ``>>>`` sessions, headings and
-signatures are dropped), and every fifth topic (in sorted topic order) is held out, so the held-out
+signatures are dropped, and a paragraph repeated in a later topic), and every fifth topic (in sorted topic order) is held out, so the held-out
 text is about subjects the calibration text never saw. A user's file is split by paragraph the
 same way: every fifth paragraph is held out. The text differs between Python versions: a report
 names the corpus by its ``sha256``.
@@ -80,8 +80,13 @@ def default() -> Corpus:
 
     calib: list[str] = []
     held: list[str] = []
+    seen: set[str] = set()  # topics repeat paragraphs: each is kept once, where it first appears
     for i, key in enumerate(sorted(topics)):
-        (held if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else calib).extend(prose(topics[key]))
+        part = held if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else calib
+        for paragraph in prose(topics[key]):
+            if paragraph not in seen:
+                seen.add(paragraph)
+                part.append(paragraph)
     return Corpus(DEFAULT_NAME, tuple(calib), tuple(held), _digest([*calib, *held]))
 
 

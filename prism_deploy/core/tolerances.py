@@ -1,11 +1,13 @@
 """Tolerances: the one home of every pass/fail bound, with one spelling for each bound.
 
-Four checks use them; docs/precision.md and docs/pipeline.md give each value's reason:
+The checks that use them; docs/precision.md and docs/pipeline.md give each value's reason:
 
 - ``adapter(precision, io_dtype)``: a lowered graph or engine against the PyTorch reference
   (``parity``, the build's parity gate);
 - ``model_export(precision)``: an exported model graph against the transformers model
   (``export-model``'s validation);
+- ``real_text(precision)``: the same on real text, for a language model with real weights
+  (next-token agreement and perplexity ratio too; docs/real-models.md);
 - ``built_graph(precision)``: a built model engine against the export it was built from
   (same precision: only graph rewrites may differ);
 - ``pipeline(name)``: a whole pipeline or chain end to end, by its least precise part;
@@ -110,13 +112,23 @@ MODEL_EXPORT: dict[ModelPrecision, Tolerances] = {
 # part of the corpus (prism_deploy.core.corpus; 4 windows of 64 tokens) against the float32
 # transformers model. These gate such a model instead of the random-input figures, which are
 # still reported: noise around embedding rows is no input a real model meets, and exaggerates a
-# quantized model's error (int8 SmolLM2-135M: rel L2 0.122 on random inputs). Values measured on
-# SmolLM2-135M-Instruct (docs/real-models.md, "Validation"); rel_l2/cosine bound the logits.
+# quantized model's error (int8 SmolLM2-135M: rel L2 0.122 on random inputs, 0.038 on real text).
+# Measured on SmolLM2-135M-Instruct, 256 held-out tokens (docs/real-models.md, "Validation"):
+# - fp32: rel L2 1.1e-6, agreement 1.000, perplexity ratio 1.0000006: float rounding only.
+# - fp16: rel L2 6.6e-4, min cosine 0.999997, agreement 1.000, ratio 1.0005. Bounds: 2^-11
+#   rounding through 30 layers, with 30x the rel L2 and 20x the ratio's excess of room.
+# - int8 (MatMulNBits, block 32, accuracy level 4): rel L2 0.038, min cosine 0.970, agreement
+#   0.973, ratio 1.0078. Bounds 2.6x the rel L2; agreement 3 tokens in 256 under the measurement;
+#   the perplexity ratio at the issue's int8 target (1.02).
+# - int4: round-to-nearest, block 32 measured agreement 0.672, ratio 1.30, min cosine 0.25 and is
+#   refused; keeping down_proj and the LM head out of int4 measured 0.81 and 1.08. The bound is
+#   the target's perplexity (1.10) and agreement 0.80; a single token's cosine is no quality
+#   figure once int4 flips some tokens' top-1, so it is not bounded.
 REAL_TEXT: dict[ModelPrecision, Tolerances] = {
     ModelPrecision.FP32: Tolerances(rel_l2_max=1e-4, token_cosine_min=0.9999, agreement_min=0.99, perplexity_ratio_max=1.001),
     ModelPrecision.FP16: Tolerances(rel_l2_max=2e-2, token_cosine_min=0.999, agreement_min=0.97, perplexity_ratio_max=1.01),
-    ModelPrecision.INT8: Tolerances(rel_l2_max=1.5e-1, token_cosine_min=0.98, agreement_min=0.93, perplexity_ratio_max=1.03),
-    ModelPrecision.INT4: Tolerances(rel_l2_max=6e-1, token_cosine_min=0.7, agreement_min=0.75, perplexity_ratio_max=1.15),
+    ModelPrecision.INT8: Tolerances(rel_l2_max=1e-1, token_cosine_min=0.95, agreement_min=0.96, perplexity_ratio_max=1.02),
+    ModelPrecision.INT4: Tolerances(rel_l2_max=5e-1, agreement_min=0.80, perplexity_ratio_max=1.10),
 }
 
 # A built model engine against the export it was built from (same precision, same provider family).

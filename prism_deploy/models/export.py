@@ -530,18 +530,40 @@ def _validate_real_text(reference: Any, out: Path, files: dict[str, str], role: 
         tol = tolerances.real_text(precision) if real["language_model"] else tolerances.model_export(precision)
         fig = compare(got, ref_hidden, mask)
     quality = next_token_quality(list(got_logits), list(ref_logits), list(ids))
-    figures = {**fig, **{k: v for k, v in quality.items() if k != "tokens"}}
     # a model that does not predict the text (random weights, an encoder without its LM head):
     # its outputs are checked, its perplexity means nothing
     bounds = tol if real["language_model"] else tol.replace(agreement_min=None, perplexity_ratio_max=None,
                                                             top1_min=None, kl_max=None)
-    bad = bounds.failures(figures)
+    _check_real_text(f"{role} graph", fig, quality, bounds, precision)
+    result = {"provider": "cpu", "corpus": real["corpus"], "part": real["part"], "windows": int(ids.shape[0]),
+              "window_tokens": int(ids.shape[1]), "language_model": real["language_model"],
+              "tolerances": bounds.to_json(), "output": fig, "next_token": quality}
+    if role == "last" and "graph_with_past" in files:
+        # the decoding graph on the same text: a prefill of three quarters of each window, then
+        # the rest read against that cache
+        d = hf.cache_dims(reference.config)
+        names = past_names(d["layers"])
+        decoder = make_session(out / files["graph_with_past"], "cpu")
+        emb = table[ids].astype(io_dtype)
+        cut = max(1, ids.shape[1] * 3 // 4)
+        past = {n: np.zeros((ids.shape[0], d["kv_heads"], 0, d["head_dim"]), dtype=io_dtype) for n in names}
+        head = decoder.run(None, {"inputs_embeds": emb[:, :cut], "attention_mask": mask[:, :cut], **past})
+        tail = decoder.run(None, {"inputs_embeds": emb[:, cut:], "attention_mask": mask,
+                                  **dict(zip(names, head[1:]))})
+        got_kv = np.concatenate([np.asarray(head[0], np.float32), np.asarray(tail[0], np.float32)], axis=1)
+        fig_kv = compare_logits(got_kv, ref_logits, mask, tie_gap=tolerances.model_export(precision).tie_gap)
+        quality_kv = next_token_quality(list(got_kv), list(ref_logits), list(ids))
+        _check_real_text("last KV-cache graph", fig_kv, quality_kv, bounds, precision)
+        result["output_with_past"] = fig_kv
+        result["next_token_with_past"] = quality_kv
+    return result
+
+
+def _check_real_text(name: str, fig: dict[str, Any], quality: dict[str, Any], bounds: tolerances.Tolerances,
+                     precision: str) -> None:
+    bad = bounds.failures({**fig, **{k: v for k, v in quality.items() if k != "tokens"}})
     if bad:
-        raise CheckFailed(f"{role} graph on real text ({precision}) diverges from the transformers model: "
-                          f"{'; '.join(bad)}")
-    return {"provider": "cpu", "corpus": real["corpus"], "part": real["part"], "windows": int(ids.shape[0]),
-            "window_tokens": int(ids.shape[1]), "language_model": real["language_model"],
-            "tolerances": bounds.to_json(), "output": fig, "next_token": quality}
+        raise CheckFailed(f"{name} on real text ({precision}) diverges from the transformers model: {'; '.join(bad)}")
 
 
 def _eos_token_id(model: Any) -> int | None:
