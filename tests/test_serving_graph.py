@@ -78,3 +78,16 @@ def test_served_graph_equals_the_in_process_graph_and_hot_swaps_one_adapter(part
             np.testing.assert_allclose(after, swapped, atol=1e-4, rtol=1e-4)
         finally:
             client.close()  # an open keep-alive connection would hold the server's shutdown
+
+
+def test_a_graph_triton_cannot_serve_is_refused_in_one_line(parts, tmp_path, capsys):  # noqa: F811
+    """An adapter given as a .safetensors (not built) names its stage; a graph among other folders
+    is refused; nothing is written either time."""
+    src = write(tmp_path / "graph.json", diamond(parts))
+    repo = tmp_path / "repo"
+    for argv, says in (([str(src)], "stage 2 (adapter a-b)"), ([str(src), str(parts["A"])], "served on its own")):
+        capsys.readouterr()
+        assert main(["triton", *argv, "-o", str(repo)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+        assert not repo.exists()
