@@ -2,7 +2,8 @@
 adapters, each to its own SmolLM2-135M-Instruct last model (an fp32 and an fp16 export; an int8
 export of SmolLM2 fails its own real-text gate), joined by a logit fusion; the adapters collected
 and fitted per edge on texts of the default real-text corpus, then run and checked edge by edge
-against the PyTorch reference. Long: a SmolLM2 export alone took 8 minutes on the loaded machine."""
+against the PyTorch reference. 139 s at load average 2 to 5; a SmolLM2 export alone took 8 minutes
+at load average 19 (run with `-m real` or `-m slow`)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def test_minilm_into_two_smollm2_branches_joined_by_logit_fusion(tmp_path, capsy
         {"name": "smol-fp16", "model": str(exports["fp16"]), "hf": str(smol)},
         {"name": "mix", "fusion": "logits", "inputs": ["smol-fp32", "smol-fp16"], "weights": [0.5, 0.5]}]}))
     for edge in ("to-fp32", "to-fp16"):
+        capsys.readouterr()  # the exports' and the last fit's JSON
         pairs = tmp_path / f"{edge}.pairs.safetensors"
         assert main(["collect", "--graph", str(graph), "--edge", edge, "--text", str(texts), "-o", str(pairs),
                      "--pool", "tokens", "--max-seq", "32", "--json"]) == 0
