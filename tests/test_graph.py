@@ -284,7 +284,7 @@ def test_collect_and_fit_per_edge_including_the_fusion(parts, tmp_path, capsys):
 
 def test_build_graph_builds_each_source_once_and_runs_as_the_graph(opened, parts, tmp_path, capsys):
     """build --graph: the logit fusion's two branches share one last model, built once; the
-    built graph runs equal to the graph of sources; triton refuses a graph in one line."""
+    built graph runs equal to the graph of sources; triton writes it as an ensemble."""
     stages = logit_fusion(parts)
     src = write(tmp_path / "graph.json", stages)
     out = tmp_path / "built"
@@ -318,6 +318,19 @@ def test_build_graph_builds_each_source_once_and_runs_as_the_graph(opened, parts
     assert main(["build", "--graph", str(src), "-o", str(out), "--target", "ort-cpu", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert {e["action"] for s in again["stages"] for e in s["engines"]} == {"reused"}
-    assert main(["triton", str(out), "-o", str(tmp_path / "repo")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "triton does not write graphs" in err[0] and not (tmp_path / "repo").exists()
+    # served as a Triton ensemble (tests/test_serving_graph.py runs it): the repository is written
+    assert main(["triton", str(out), "-o", str(tmp_path / "repo"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["graph"]["ensemble"] == "graph"
+
+
+@pytest.mark.slow  # the whole corpus (1,084 texts): 3 min on the loaded 2-core machine
+def test_collect_per_edge_defaults_to_the_real_text_corpus(parts, tmp_path, capsys):
+    """collect --graph --edge without --text reads the default corpus, as collect of two models does."""
+    from prism_deploy.core import corpus
+
+    graph = write(tmp_path / "graph.json", diamond(parts))
+    capsys.readouterr()
+    assert main(["collect", "--graph", str(graph), "--edge", "a-c", "-o", str(tmp_path / "a-c.safetensors"),
+                 "--pool", "last", "--max-seq", "16", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["texts"] == len(corpus.default().calibration) and (info["d_a"], info["d_b"]) == (64, 96)

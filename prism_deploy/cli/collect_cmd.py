@@ -129,7 +129,12 @@ def run_graph_edge(args: argparse.Namespace) -> int:
         raise PrismInputError(f"-o: {args.output}: the output must be a .safetensors file")
     inputs, target = edge_models(args.graph, args.edge)
     refuse_overlap(Path(args.output), [*inputs, target])
-    texts = read_texts(args.text)
+    if args.text is None:  # the default real-text corpus, as for one pair of models
+        from prism_deploy.core import corpus
+
+        texts = list(corpus.default().calibration)
+    else:
+        texts = read_texts(args.text)
     if len(inputs) == 1:
         x, z, info = collect_pairs(inputs[0], target, texts, pool=args.pool, max_seq=args.max_seq, batch=args.batch,
                                    tokenizer_a=args.tokenizer_a, tokenizer_b=args.tokenizer_b)

@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "triton", help="write a Triton Inference Server model repository from built stages (docs/serving.md)",
         description="BUILD_DIR...: the stages of one chain in order (first model, adapter, [middle model, "
                     "adapter]..., last model: `export-model`/`build --model` folders and adapter `build` folders), "
-                    "or adapter build folders only. Also: `triton update REPO --adapter FILE`, `triton env`.")
+                    "or adapter build folders only, or one `build --graph` folder (a Triton ensemble `graph` and "
+                    "`generate`, docs/graphs.md). Also: `triton update REPO --adapter FILE`, `triton env`.")
     p.add_argument("stages", nargs="+", metavar="BUILD_DIR", help="build or export folders, in chain order")
     p.add_argument("-o", "--output", required=True, metavar="REPO", help="the repository folder to write (new or empty)")
     p.add_argument("--backend", default="python", choices=("python", "native"),
@@ -43,20 +44,18 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.core.errors import PrismInputError
     from prism_deploy.serving import repository
 
-    from pathlib import Path
+    from prism_deploy.serving.graph_repository import is_graph, plan_graph
 
-    for stage in args.stages:
-        p = Path(stage)
-        if (p / "graph.json").is_file() or (p.is_file() and p.suffix in (".json", ".toml")):
-            raise PrismInputError(f"{stage}: a graph: triton does not write graphs (fan-out and fan-in as ensemble "
-                                  "steps) yet; run it in-process with `run --graph`, or give a chain's build folders")
+    graphs = [stage for stage in args.stages if is_graph(stage)]
+    if graphs and len(args.stages) > 1:
+        raise PrismInputError(f"{graphs[0]}: a graph is served on its own (give its `build --graph` folder alone)")
     if args.max_queue_delay_us < 0:
         raise PrismInputError(f"--max-queue-delay-us: {args.max_queue_delay_us} must be >= 0")
     options = repository.Options(backend=args.backend, precision=args.precision, target=args.target,
                                  engine_id=args.engine_id,
                                  instances=args.instances, max_queue_delay_us=args.max_queue_delay_us,
                                  stream=args.stream, max_new_tokens_limit=args.max_new_tokens_limit)
-    entries, manifest = repository.plan(args.stages, options)
+    entries, manifest = plan_graph(graphs[0], options) if graphs else repository.plan(args.stages, options)
     out = repository.write(args.output, entries, manifest)
     if args.json:
         print_json({"repository": str(out), **manifest})

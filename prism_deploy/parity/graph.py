@@ -46,7 +46,8 @@ class ReferenceGraph:
                 assert n.stage is not None
                 if n.stage.hf is None:
                     raise PrismInputError(f"{spec.where()}: {n.label}: no `hf` folder, the reference parity needs")
-                self.models[n.index] = hf.load_causal_lm(n.stage.hf)
+                # only a last model's head is used (an encoder such as MiniLM has none in its checkpoint)
+                self.models[n.index] = hf.load_causal_lm(n.stage.hf, uses_head=spec.roles[n.index] == "last")
             elif n.kind == "adapter":
                 assert n.stage is not None
                 ref = n.stage.reference or n.stage.path
