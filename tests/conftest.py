@@ -71,3 +71,14 @@ def serving_env():
     from tests.serving_helpers import backend_env
 
     return backend_env()
+
+
+def real_model_dir(name: str):
+    """The Hugging Face folder of a real model (prism_deploy.models.real), or a skip saying which
+    package to install. Converted once into the user's cache, then reused by every test run."""
+    from prism_deploy.models import real
+
+    why = real.missing(name)
+    if why:
+        pytest.skip(f"{why}; the real set needs it ({real.install_hint(name)})")
+    return real.model_dir(name)

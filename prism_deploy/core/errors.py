@@ -49,6 +49,7 @@ INSTALL_HINTS = {
     "torch": "pip install torch (the CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu)",
     "transformers": "pip install 'prism-deploy[compile]'",
     "onnxruntime": "pip install 'prism-deploy[ort]' (or [ort-gpu])",
+    "gguf": "pip install 'prism-deploy[gguf]'",
 }
 
 

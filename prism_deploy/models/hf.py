@@ -32,6 +32,8 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
 
     hf_logging.disable_progress_bar()  # tiny folders load in milliseconds; our own bars say what runs
     path = Path(hf_dir)
+    if is_gguf(path):
+        return _load_gguf_causal_lm(path, dtype, attn_implementation)
     if not path.is_dir():
         raise PrismInputError(f"{hf_dir}: not a folder (a local Hugging Face model folder is expected)")
     if not (path / "config.json").is_file():
@@ -51,6 +53,48 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
     if getattr(model.config, "is_encoder_decoder", False):
         raise PrismInputError(f"{hf_dir}: encoder-decoder models are not supported (decoder-only causal LMs only)")
     return model
+
+
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """A GGUF file (llama.cpp's single-file format), told by its name and read by
+    transformers' GGUF loader (``gguf_file=``), which dequantizes its tensors."""
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def _gguf_kwargs(path: Path) -> dict[str, Any]:
+    from prism_deploy.core.errors import require
+
+    require("gguf", "reading a .gguf file")
+    if not path.is_file():
+        raise PrismInputError(f"{path}: not a file (a .gguf model file is expected)")
+    return {"gguf_file": path.name, "local_files_only": True}
+
+
+def _load_gguf_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: str | None) -> Any:
+    """A ``*ForCausalLM`` from a GGUF file; its weights dequantized to ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {**_gguf_kwargs(path), "dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
+        raise PrismInputError(f"{path}: transformers cannot load it as a causal LM "
+                              f"({brief(exc, 300)})") from None
+    model.eval()
+    return model
+
+
+def load_gguf_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The tokenizer a GGUF file carries (its vocabulary and merges), as a fast tokenizer."""
+    from transformers import AutoTokenizer
+
+    gguf = Path(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(gguf.parent), **_gguf_kwargs(gguf))
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
+        raise PrismInputError(f"{path}: transformers cannot read its tokenizer ({brief(exc, 300)})") from None
 
 
 def family(model: Any) -> str:
