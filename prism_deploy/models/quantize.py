@@ -67,7 +67,7 @@ ALGORITHMS = ("rtn", "hqq", "k_quant", "gptq")
 DEFAULT_ALGORITHM = "rtn"
 # The mixed plan's bound on one layer's output error on calibration text (relative L2):
 # measured on SmolLM2-135M (docs/quantized-models.md, "Mixed precision").
-DEFAULT_MAX_ERROR = 0.05
+DEFAULT_MAX_ERROR = 0.1
 RECORD_FORMAT = 2
 
 
@@ -120,9 +120,12 @@ def make_spec(precision: str, *, form: str = "nbits", block_size: int | None = N
         if embedding:
             raise PrismInputError(f"--quantize-embedding: with --algorithm rtn only ({algorithm} quantizes MatMul "
                                   "weights)")
-        if algorithm == "gptq" and bits == 8 and not mixed:
+        if algorithm == "gptq" and bits == 8:
             raise PrismInputError("--algorithm gptq: ONNX Runtime's GPTQ writes 4-bit weights only; use "
                                   "--precision int4 (or another algorithm for int8)")
+        if algorithm == "hqq" and bits == 8:
+            raise PrismInputError("--algorithm hqq: its 8-bit weights (float zero points) have no ONNX Runtime CPU "
+                                  "kernel; use --precision int4 (or another algorithm for int8)")
         # hqq and k_quant always write zero points: their weights are asymmetric whatever was asked
         symmetric = symmetric and algorithm not in ("hqq", "k_quant")
     extra = {"algorithm": algorithm, "mixed": mixed, "max_error": (max_error or DEFAULT_MAX_ERROR) if mixed else None}
@@ -161,13 +164,15 @@ def make_spec(precision: str, *, form: str = "nbits", block_size: int | None = N
 
 def quantize_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], spec: QuantSpec, *,
                    activations: dict[str, np.ndarray] | None = None,
-                   plan: dict[str, int | None] | None = None) -> dict[str, Any]:
+                   plan: dict[str, int | None] | None = None,
+                   plan_errors: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """Quantize the float graph ``src`` into ``dst`` (written atomically; ``dst`` may be ``src``).
 
     ``activations``: ``{MatMul node name: its float input rows [rows, K]}`` on calibration text
     (:func:`layer_inputs`), needed by GPTQ and by the mixed plan (``spec.mixed``), which measures
     each weight's error on them. ``plan``: ``{node name: bits, or None for float}`` decided
-    already (the plan of the folder's other graph); nodes not in it get ``spec.bits``.
+    already (the plan of the folder's other graph), with ``plan_errors`` the errors it was
+    decided on (recorded again here); nodes not in it get ``spec.bits``.
 
     Returns the record that goes into ``model.json``: the spec, opset and IR version written,
     bytes of the quantized weights before (float) and after (codes, scales, zero points), the
@@ -201,7 +206,7 @@ def quantize_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], spe
             raise PrismInputError(f"{node.name}: no calibration activations for this weight")
         record = {"node": node.name, "weight": weight_name, "shape": list(w.shape), "float_bytes": int(w.nbytes)}
         if plan is not None and node.name in plan:
-            bits, errors = plan[node.name], None
+            bits, errors = plan[node.name], (plan_errors or {}).get(node.name)
         elif spec.mixed and not is_gather:
             bits, errors = _choose_bits(node, w, x, spec, replaced)
         else:
@@ -254,10 +259,16 @@ def quantize_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], spe
             "files": [Path(p).name for p in written_files], "plan": chosen_plan, "layers": layers}
 
 
+def plan_of(record: dict[str, Any]) -> tuple[dict[str, int | None], dict[str, dict[str, float]]]:
+    """A graph's plan and the errors it was decided on, from its record, for the folder's other graph."""
+    return record["plan"], {layer["node"]: layer["error"] for layer in record["layers"] if "error" in layer}
+
+
 def _algorithm_for(spec: QuantSpec, bits: int) -> str:
-    """GPTQ in ONNX Runtime's tool writes MatMulNBits at 4 bits only: a mixed plan's int8
-    layers of a GPTQ export are round to nearest."""
-    return "rtn" if spec.algorithm == "gptq" and bits == 8 else spec.algorithm
+    """GPTQ in ONNX Runtime's tool writes MatMulNBits at 4 bits only, and HQQ's float zero points
+    have no 8-bit kernel in ONNX Runtime 1.31's CPU provider ("Only 2b and 4b quantization is
+    supported for unpacked compute"): a mixed plan's int8 layers of those are round to nearest."""
+    return "rtn" if spec.algorithm in ("gptq", "hqq") and bits == 8 else spec.algorithm
 
 
 def _block_of(node: Any) -> int | None:
@@ -376,6 +387,12 @@ def _ort_quantize(model: Any, spec: QuantSpec, bits: int, x: np.ndarray | None) 
     if algorithm == "hqq":
         config = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=ops)
     elif algorithm == "k_quant":
+        k = int(model.graph.initializer[0].dims[0])
+        if bits == 4 and -(-k // block) % 2:
+            # its writer packs the 4-bit zero points of all rows as one stream, which is
+            # MatMulNBits' per-row layout only for an even number of blocks per column
+            raise PrismInputError(f"{model.graph.node[1].name}: --algorithm k_quant at 4 bits needs an even number "
+                                  f"of blocks along K ({k} / {block} gives {-(-k // block)}); choose --block-size")
         config = mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=ops,
                                                  customized_weight_config={n.name: {"bits": bits} for n in model.graph.node})
     elif algorithm == "gptq":
