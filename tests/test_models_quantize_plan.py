@@ -134,9 +134,11 @@ def test_mixed_plan_follows_the_measured_errors(qwen, tmp_path):
 
 def test_export_mixed_records_the_plan_and_shares_it_with_the_kv_graph(qwen, tmp_path):
     out = tmp_path / "mixed"
-    manifest = export_model(qwen["hf"], "last", out, precision="int4", max_seq=32, validate=False,
+    manifest = export_model(qwen["hf"], "last", out, precision="int4", max_seq=32,
                             quantization=quantize.make_spec("int4", algorithm="hqq", mixed=True, max_error=0.05))
-    q = json.loads((out / "model.json").read_text())["quantization"]
+    from prism_deploy.format.model_folder import read_model_json
+
+    q = read_model_json(out, "last")["quantization"]  # the schema holds the plan and its errors
     assert q == json.loads(json.dumps(manifest["quantization"]))
     assert q["mixed"] and q["max_error"] == 0.05 and q["calibration"]["tokens"] > 16
     plans = [g["plan"] for g in q["graphs"].values()]

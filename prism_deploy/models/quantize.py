@@ -251,7 +251,6 @@ def quantize_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], spe
     ir_version = model.ir_version
     domains = sorted({imp.domain for imp in model.opset_import if imp.domain not in ("", "ai.onnx")})
     written_files = save_model(model, dst, deferred=weights.deferred(model))
-    weights.close()
     done = [layer for layer in layers if "quantized" in layer]
     return {"format": RECORD_FORMAT, **spec.to_json(), "opset": opset, "ir_version": ir_version, "domains": domains,
             "quantized_bytes_float": sum(layer["float_bytes"] for layer in done),
@@ -430,41 +429,42 @@ def _splice(model: Any, replaced: dict[str, tuple[list[Any], list[Any]]], weight
 
 class _WeightReader:
     """The graph's initializers as arrays, read one at a time: from ``raw_data`` when the graph
-    holds its bytes, else from its external data file (read into memory for that weight only).
-    :meth:`deferred` gives the kept external tensors as ``DeferredTensor`` so that saving copies
-    them from the source file block by block."""
+    holds its bytes, else from its external data file with plain reads (not a mapping, whose
+    pages would stay in the process for the whole run: reading every weight of a 10 GB graph
+    through one would hold the 10 GB). :meth:`deferred` gives the kept external tensors as
+    ``DeferredTensor``, copied from the source file a block at a time while saving."""
 
     def __init__(self, model: Any, folder: Path) -> None:
         self.folder = folder
         self.external = {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer
                          if t.data_location == 1}  # onnx.TensorProto.EXTERNAL
-        self.maps: dict[str, np.memmap] = {}
         self.meta = {t.name: t for t in model.graph.initializer}
 
-    def _map(self, location: str) -> np.memmap:
-        from prism_deploy.core.fsutil import inside
-
-        if location not in self.maps:
-            self.maps[location] = np.memmap(inside(self.folder, location, "external data location"),
-                                            dtype=np.uint8, mode="r")
-        return self.maps[location]
-
-    def _view(self, tensor: Any) -> np.ndarray:
+    def _read(self, tensor: Any, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` (along the first axis) of an external tensor."""
         from onnx import helper
 
+        from prism_deploy.core.fsutil import inside
+
         info = self.external[tensor.name]
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        offset = int(info.get("offset", 0))
-        raw = self._map(info["location"])
-        length = int(info.get("length", len(raw) - offset))
-        return raw[offset:offset + length].view(dtype).reshape(tuple(tensor.dims))
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        shape = tuple(int(d) for d in tensor.dims)
+        row = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
+        stop = (shape[0] if shape else 1) if stop is None else stop
+        path = inside(self.folder, info["location"], "external data location")
+        offset = int(info.get("offset", 0)) + start * row * dtype.itemsize
+        count = (stop - start) * row
+        out = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        if out.size != count:
+            raise PrismInputError(f"{path.name}: ends before tensor {tensor.name!r} does")
+        return out.reshape((stop - start, *shape[1:]) if shape else ())
 
     def array(self, name: str) -> np.ndarray:
         from onnx import numpy_helper
 
         tensor = self.meta[name]
         if name in self.external:
-            return np.array(self._view(tensor))  # a copy: the mapped pages can go
+            return self._read(tensor)
         return numpy_helper.to_array(tensor)
 
     def add(self, tensor: Any) -> None:
@@ -472,24 +472,31 @@ class _WeightReader:
 
     def deferred(self, model: Any) -> dict[str, Any]:
         """The graph's remaining external tensors, copied from the source as the file is saved."""
+        from onnx import helper
+
         from prism_deploy.core.blocks import DeferredTensor
 
         out = {}
         for tensor in model.graph.initializer:
             if tensor.name not in self.external or tensor.data_location != 1:
                 continue
-            view = self._view(tensor)
+            shape = tuple(int(d) for d in tensor.dims)
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+            if not shape:
+                value = self._read(tensor)
             del tensor.external_data[:]
             tensor.data_location = 0  # onnx.TensorProto.DEFAULT: the saver writes its bytes
-            if view.ndim == 0:
-                tensor.raw_data = view.tobytes()
+            if not shape:
+                tensor.raw_data = value.tobytes()
                 continue
-            out[tensor.name] = DeferredTensor(view.shape, view.dtype,
-                                              lambda a, b, v=view: np.ascontiguousarray(v[a:b]))
+            out[tensor.name] = DeferredTensor(shape, dtype, lambda a, b, t=tensor, info=self.external[tensor.name]:
+                                              self._read_rows(t, info, a, b))
         return out
 
-    def close(self) -> None:
-        self.maps.clear()
+    def _read_rows(self, tensor: Any, info: dict[str, str], start: int, stop: int) -> np.ndarray:
+        # the tensor's external fields are cleared by now: read with the ones it had
+        self.external[tensor.name] = info
+        return self._read(tensor, start, stop)
 
 
 def _initializers(model: Any) -> dict[str, Any]:
