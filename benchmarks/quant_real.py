@@ -132,7 +132,8 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=4, help="held-out windows of 256 tokens")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--prepare-only", action="store_true", help="quantize the cases, measure nothing")
+    ap.add_argument("-o", "--output", default=None)
     args = ap.parse_args()
     if args.model is None:
         from prism_deploy.models import real
@@ -178,6 +179,8 @@ def main() -> int:
             manifest = {**manifest, **json.loads(record_file.read_text())}
         exports[name] = {"folder": folder, "manifest": manifest}
         print(f"{name}: ready ({time.time() - t0:.0f} s)", flush=True)
+    if args.prepare_only:
+        return 0
     dims = exports[names[0]]["manifest"]["dims"]
     table = np.load(fp32 / "embed_tokens.npy")
     windows = held_out_ids(load_tokenizer(args.model), args.windows)
