@@ -26,7 +26,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
-LAYERS, WIDTH = 35, 4096
+LAYERS, WIDTH = int(os.environ.get("PRISM_TEST_BIG_LAYERS", 35)), 4096
 FLOAT_BYTES = LAYERS * WIDTH * WIDTH * 4
 
 MAKE = textwrap.dedent("""

@@ -39,6 +39,7 @@ they check the lowering, not only a tolerance.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -369,8 +370,17 @@ def _quantize_one(node: Any, w: np.ndarray, x: np.ndarray | None, spec: QuantSpe
         out = _per_channel_int8(model)
     else:
         out = _ort_quantize(model, spec, bits, x)
-    nodes = [n for n in out.graph.node if n.op_type != "Identity" or not n.name.endswith("_calibration_input")]
-    return nodes, list(out.graph.initializer)
+    # Copies, not references: a message taken from ``out`` keeps all of ``out``'s memory alive
+    # (protobuf's arena), the float weight included, so holding the references for every
+    # layer held every float weight again (measured: 2.07x the weights of a 2.2 GiB graph).
+    nodes = [_copy(n) for n in out.graph.node if n.op_type != "Identity" or not n.name.endswith("_calibration_input")]
+    return nodes, [_copy(t) for t in out.graph.initializer]
+
+
+def _copy(message: Any) -> Any:
+    fresh = type(message)()
+    fresh.CopyFrom(message)
+    return fresh
 
 
 def _ort_quantize(model: Any, spec: QuantSpec, bits: int, x: np.ndarray | None) -> Any:
@@ -402,7 +412,9 @@ def _ort_quantize(model: Any, spec: QuantSpec, bits: int, x: np.ndarray | None) 
         model, bits=bits, block_size=block, is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level or None,
         quant_format=QuantFormat.QOperator if spec.form == "nbits" else QuantFormat.QDQ,
         op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)), algo_config=config)
-    with _quiet("onnxruntime.quantization.matmul_nbits_quantizer"), _quiet("onnxruntime.quantization.neural_compressor"):
+    # its neural_compressor part (rtn/k_quant/gptq) prints a progress bar to stdout
+    with _quiet("onnxruntime.quantization.matmul_nbits_quantizer"), _quiet("neural_compressor"), \
+            contextlib.redirect_stdout(io.StringIO()):
         quantizer.process()
     out = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
     if not any(n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear") for n in out.graph.node):
