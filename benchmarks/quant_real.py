@@ -224,7 +224,7 @@ def main() -> int:
     out = {"what": "SmolLM2-135M-Instruct, held-out real text (pydoc_data.topics, second half), ONNX Runtime CPU",
            "command": " ".join(["python", "benchmarks/quant_real.py", *_public(sys.argv[1:])]), "started": started,
            "finished": {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load_average": load_average()},
-           "machine": describe_machine(), "threads": args.threads, "held_out_tokens": int(sum(len(w) for w in windows)),
+           "machine": {**describe_machine(), "argv": ["benchmarks/quant_real.py", *_public(sys.argv[1:])]}, "threads": args.threads, "held_out_tokens": int(sum(len(w) for w in windows)),
            "fp32_perplexity": round(ref_ppl, 4), "decode": {"prompt": 64, "steps": args.steps, "reps": args.reps},
            "targets": TARGETS, "cases": results}
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
