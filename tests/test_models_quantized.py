@@ -237,8 +237,8 @@ def test_a_model_that_fails_validation_writes_nothing(zoo, tmp_path, monkeypatch
     command exits 1 and no model.json is written."""
     real = quantize.quantize_graph
 
-    def quantize_then_break(src, dst, spec):
-        record = real(src, dst, spec)
+    def quantize_then_break(src, dst, spec, **kwargs):
+        record = real(src, dst, spec, **kwargs)
         model = onnx.load(str(dst))
         target = next(layer for layer in record["layers"] if "quantized" in layer and "down_proj" in layer["node"])
         node = next(n for n in model.graph.node if n.name == target["written"])

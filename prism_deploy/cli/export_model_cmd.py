@@ -1,7 +1,8 @@
 """``prism-deploy export-model HF_DIR|FILE.gguf --role first|middle|last -o DIR [--precision fp32|fp16|int8|int4] [--max-seq N] [--json]``.
 
 With ``int8``/``int4``: ``[--form nbits|dq] [--block-size N] [--asymmetric] [--accuracy-level L]
-[--quantize-embedding]`` (docs/quantized-models.md).
+[--quantize-embedding] [--algorithm rtn|hqq|k_quant|gptq] [--mixed [--max-error E]]
+[--calibration-text FILE]`` (docs/quantized-models.md).
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="MatMulNBits accuracy_level: 0 float compute, 4 int8 compute on CPU (default 4; nbits only)")
     q.add_argument("--quantize-embedding", action="store_true",
                    help="also quantize embedding tables that the graph gathers from (int4, nbits form)")
+    q.add_argument("--algorithm", default=None, choices=("rtn", "hqq", "k_quant", "gptq"),
+                   help="ONNX Runtime's weight-only algorithm: rtn (default, round to nearest), hqq, k_quant, "
+                        "gptq (int4, calibrated on text); hqq/k_quant/gptq: nbits form")
+    q.add_argument("--mixed", action="store_true",
+                   help="per layer: the fewest bits (int4, int8, else float) whose error on calibration text "
+                        "is within --max-error; each choice and its error go into model.json")
+    q.add_argument("--max-error", type=float, default=None, metavar="E",
+                   help="--mixed's bound: relative L2 error of one layer's output on calibration text (default 0.05)")
+    q.add_argument("--calibration-text", default=None, metavar="FILE",
+                   help="UTF-8 text for GPTQ and --mixed (default: the calibration part of the default corpus, Python's pydoc topics)")
     p.add_argument("--graph-form", default="portable", choices=GRAPH_FORMS,
                    help="portable (default): standard ONNX from the PyTorch tracer, what TensorRT parses; ort: "
                         "ONNX Runtime's fused operators (GroupQueryAttention, SkipSimplifiedLayerNormalization, "
@@ -60,14 +71,32 @@ def quantization_spec(args: argparse.Namespace) -> object | None:
 
     given = [flag for flag, value in (("--form", args.form), ("--block-size", args.block_size),
                                       ("--asymmetric", args.asymmetric), ("--accuracy-level", args.accuracy_level),
-                                      ("--quantize-embedding", args.quantize_embedding)) if value not in (None, False)]
+                                      ("--quantize-embedding", args.quantize_embedding), ("--algorithm", args.algorithm),
+                                      ("--mixed", args.mixed), ("--max-error", args.max_error),
+                                      ("--calibration-text", args.calibration_text)) if value not in (None, False)]
     if args.precision not in quantize.BITS:
         if given:
             raise PrismInputError(f"{given[0]}: only with --precision int8 or int4")
         return None
     return quantize.make_spec(args.precision, form=args.form or "nbits", block_size=args.block_size,
                               symmetric=not args.asymmetric, accuracy_level=args.accuracy_level,
-                              embedding=args.quantize_embedding)
+                              embedding=args.quantize_embedding, algorithm=args.algorithm or "rtn",
+                              mixed=args.mixed, max_error=args.max_error)
+
+
+def _calibration_text(path: str | None, spec: object | None) -> str | None:
+    """The text of ``--calibration-text``, read before the model is loaded."""
+    from prism_deploy.core.errors import PrismInputError
+
+    if path is None:
+        return None
+    if not getattr(spec, "needs_calibration", False):
+        raise PrismInputError("--calibration-text: only GPTQ and --mixed calibrate; give one of them")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrismInputError(f"{path}: cannot read it as UTF-8 text ({type(exc).__name__})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,19 +107,21 @@ def run(args: argparse.Namespace) -> int:
     if args.role in ROLE_ALIASES:
         print(f"note: --role {args.role} is now called --role {ROLE_ALIASES[args.role]}", file=sys.stderr)
     spec = quantization_spec(args)  # checked before the model is loaded
+    text = _calibration_text(args.calibration_text, spec)
     if args.graph_form == "ort":
         from prism_deploy.core.errors import PrismInputError
         from prism_deploy.models.ort_form import export_ort_form
 
         if any(v not in (None, False) for v in (args.form, args.block_size, args.asymmetric, args.accuracy_level,
-                                                 args.quantize_embedding)):
+                                                 args.quantize_embedding, args.algorithm, args.mixed, args.max_error,
+                                                 args.calibration_text)):
             raise PrismInputError("--graph-form ort: the quantization options are the model builder's own "
-                                  "(block 32, symmetric); give only --precision")
+                                  "(block 32, symmetric, round to nearest); give only --precision")
         manifest = export_ort_form(args.hf_dir, args.role, args.output, precision=args.precision,
                                    max_seq=args.max_seq, force=args.force)
     else:
         manifest = export_model(args.hf_dir, args.role, args.output, precision=args.precision, max_seq=args.max_seq,
-                                quantization=spec, force=args.force, text=args.text)
+                                quantization=spec, force=args.force, text=args.text, calibration_text=text)
     if args.json:
         print_json(manifest)
         return 0
@@ -118,6 +149,12 @@ def run(args: argparse.Namespace) -> int:
               + ("" if real["language_model"] else "; the model does not predict the text (perplexity not gated)"))
     q = manifest.get("quantization")
     if q:
+        if q.get("mixed"):
+            plan = next(iter(q["graphs"].values()))["plan"]
+            counts = {label: sum(1 for b in plan.values() if b == bits) for label, bits in
+                      (("int4", 4), ("int8", 8), ("float", None))}
+            print(f"mixed plan ({q['algorithm']}, max error {q['max_error']:g} on {q['calibration']['tokens']} tokens of "
+                  f"{q['calibration']['source']}): " + ", ".join(f"{n} {label}" for label, n in counts.items() if n))
         block = "per channel" if q["block_size"] is None else f"block {q['block_size']}"
         print(f"quantized: {manifest['precision']} {q['form']}, {block}, {'symmetric' if q['symmetric'] else 'asymmetric'}"
               + (f", accuracy level {q['accuracy_level']}" if q["accuracy_level"] is not None else "") + "; "

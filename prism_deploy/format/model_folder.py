@@ -68,6 +68,27 @@ _FILE = {"type": "object", "required": ["name", "sha256"],
          "properties": {"name": {"type": "string", "pattern": PLAIN_FILE_NAME},
                         "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}
 _POS_INT = {"type": "integer", "minimum": 1}
+# int8 / int4 exports (docs/quantized-models.md, "What model.json records"): the options, and per
+# graph the plan ({node: 4, 8, or null for float}) and one record per weight, with the error
+# measured on calibration text where the mixed plan measured it ({"4": e, "8": e}).
+_ERRORS = {"type": "object", "additionalProperties": {"type": "number", "minimum": 0},
+           "propertyNames": {"enum": ["4", "8"]}}
+_LAYER = {"type": "object", "required": ["node"],
+          "properties": {"node": {"type": "string"}, "bits": {"enum": [4, 8]},
+                         "algorithm": {"enum": ["rtn", "hqq", "k_quant", "gptq"]}, "error": _ERRORS,
+                         "quantized": {"type": "string"}, "kept": {"type": "string"}}}
+_QUANT_GRAPH = {"type": "object", "required": ["layers"],
+                "properties": {"plan": {"type": "object", "additionalProperties": {"enum": [4, 8, None]}},
+                               "layers": {"type": "array", "items": _LAYER}}}
+_QUANTIZATION = {
+    "type": "object", "required": ["bits", "form", "graphs"],
+    "properties": {"bits": {"enum": [4, 8]}, "form": {"enum": ["nbits", "dq"]},
+                   "algorithm": {"enum": ["rtn", "hqq", "k_quant", "gptq"]}, "mixed": {"type": "boolean"},
+                   "max_error": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                   "calibration": {"type": "object", "required": ["source", "tokens"],
+                                   "properties": {"source": {"type": "string"}, "tokens": _POS_INT}},
+                   "graphs": {"type": "object", "additionalProperties": _QUANT_GRAPH}},
+}
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["format", "version", "role", "precision", "max_seq", "dims", "files"],
@@ -82,6 +103,7 @@ SCHEMA: dict[str, Any] = {
         "files": {"type": "object", "required": ["graph"], "additionalProperties": _FILE},
         "eos_token_id": {"type": ["integer", "null"], "minimum": 0},
         "graph_form": {"enum": list(GRAPH_FORMS)},
+        "quantization": _QUANTIZATION,
     },
 }
 

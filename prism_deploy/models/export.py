@@ -104,7 +104,7 @@ class _LastWithPast(torch.nn.Module):
 def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.PathLike[str], *,
                  precision: str = "fp32", max_seq: int | None = None, validate: bool = True,
                  seed: int = 0, quantization: Any = None, force: bool = False,
-                 text: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+                 text: str | os.PathLike[str] | None = None, calibration_text: str | None = None) -> dict[str, Any]:
     """Export ``hf_dir`` as ``role`` into ``out_dir`` and validate it; returns the manifest.
 
     ``int8``/``int4``: the float32 graphs are traced, then their weights quantized
@@ -180,15 +180,26 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                         with open(tmp, "wb") as fh:
                             np.save(fh, hf.input_embedding_matrix(reference).astype(np.float16 if precision == "fp16" else np.float32))
                 quantized: dict[str, Any] = {}
+                calibration: dict[str, Any] | None = None
                 if quantization is not None:
                     written = [n for n in written if not n.endswith(".data")]
+                    activations, plan, plan_errors = None, None, None
+                    if quantization.needs_calibration:
+                        feeds, calibration = _calibration_feeds(hf_dir, reference, role, calibration_text)
+                        activations = quantize.layer_inputs(out / files["graph"], feeds)
                     for key in ("graph", "graph_with_past"):
                         if key in files:  # quantized in place; a float graph's external data file goes
                             stale = out / (files[key] + ".data")
-                            quantized[key] = quantize.quantize_graph(out / files[key], out / files[key], quantization)
+                            # the KV graph has the same nodes and weights: it takes the first graph's plan
+                            quantized[key] = quantize.quantize_graph(out / files[key], out / files[key], quantization,
+                                                                     activations=activations, plan=plan,
+                                                                     plan_errors=plan_errors)
+                            if quantization.mixed:
+                                plan, plan_errors = quantize.plan_of(quantized[key])
                             written += quantized[key]["files"]
                             if stale.name not in quantized[key]["files"]:
                                 stale.unlink(missing_ok=True)
+                    del activations
                 for name in written:
                     if name.endswith(".data"):  # external weights of a graph over 2 GiB
                         files[name.split(".")[0] + "_data"] = name
@@ -221,7 +232,8 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                 }
                 if quantized:
                     # the form, block size and per-layer choices of each graph; weights stay float in embed_tokens.npy
-                    manifest["quantization"] = {**quantization.to_json(), "graphs": quantized}
+                    manifest["quantization"] = {**quantization.to_json(), "graphs": quantized,
+                                                **({"calibration": calibration} if calibration else {})}
                 from prism_deploy.core.fsutil import write_text_atomic
 
                 write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -235,6 +247,42 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                 out.rmdir()
         raise
     return manifest
+
+
+# Calibration for GPTQ and the mixed plan: this many tokens of text, in windows of this many.
+CALIBRATION_TOKENS = 512
+CALIBRATION_WINDOW = 256
+
+
+def default_calibration_text() -> tuple[str, str]:
+    """The calibration part of the default corpus (:mod:`prism_deploy.core.corpus`): text every
+    Python has, kept apart from the held-out part that validation and the benchmarks measure on."""
+    from prism_deploy.core import corpus
+
+    default = corpus.default()
+    return default.text("calibration"), f"{default.name} (calibration part)"
+
+
+def _calibration_feeds(hf_dir: Any, reference: Any, role: str, text: str | None) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """The graph's inputs on calibration text: token ids (first) or their input embeddings
+    (middle, last), ``CALIBRATION_TOKENS`` tokens in windows of ``CALIBRATION_WINDOW``."""
+    from prism_deploy.models.tokenizers import load_tokenizer
+
+    source = "--calibration-text"
+    if text is None:
+        text, source = default_calibration_text()
+    tokenizer = load_tokenizer(hf_dir)
+    ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)[:CALIBRATION_TOKENS]
+    if len(ids) < 16:
+        raise PrismInputError(f"{source}: {len(ids)} tokens; calibration needs at least 16")
+    table = hf.input_embedding_matrix(reference) if role != "first" else None
+    feeds = []
+    for start in range(0, len(ids), CALIBRATION_WINDOW):
+        window = ids[None, start:start + CALIBRATION_WINDOW]
+        mask = np.ones_like(window)
+        feeds.append({"input_ids": window, "attention_mask": mask} if table is None else
+                     {"inputs_embeds": table[window].astype(np.float32), "attention_mask": mask})
+    return feeds, {"source": source, "tokens": int(len(ids)), "window": CALIBRATION_WINDOW}
 
 
 def _remove_export_files(out: Path, role: str) -> None:

@@ -39,6 +39,7 @@ they check the lowering, not only a tolerance.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -61,13 +62,25 @@ BLOCK_SIZES = tuple(1 << n for n in range(4, 9))  # 16 .. 256
 # MatMulNBits 10x slower than float32 on ONNX Runtime 1.31's CPU provider (docs).
 DEFAULT_ACCURACY_LEVEL = 4
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-RECORD_FORMAT = 1
+# ONNX Runtime's weight-only algorithms (onnxruntime.quantization.matmul_nbits_quantizer), by the
+# names of its own --quant_method: rtn is its default quantizer (round to nearest, C++), hqq
+# (half-quadratic, zero points in float), k_quant (llama.cpp's k-quant search of scale and zero
+# point per block), gptq (Hessian-guided rounding on calibration inputs; 4 bits only there).
+ALGORITHMS = ("rtn", "hqq", "k_quant", "gptq")
+DEFAULT_ALGORITHM = "rtn"
+# The mixed plan's bound on one layer's output error on calibration text (relative L2). On
+# SmolLM2-135M int4 errors run 0.03-0.22 (median 0.077): 0.1 keeps about a sixth of the weights
+# at int8 (docs/quantized-models.md, "On a real model", with what it does and does not fix).
+DEFAULT_MAX_ERROR = 0.1
+RECORD_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     """How to quantize: bits (8 or 4), form, block size (None: per output channel, int8 dq),
-    symmetric, MatMulNBits accuracy level (None for dq), and whether embedding tables go too."""
+    symmetric, MatMulNBits accuracy level (None for dq), whether embedding tables go too, the
+    algorithm, and the mixed plan (each weight at the fewest bits whose measured error on
+    calibration text is within ``max_error``, else float)."""
 
     bits: int
     form: str = "nbits"
@@ -75,20 +88,51 @@ class QuantSpec:
     symmetric: bool = True
     accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL
     embedding: bool = False
+    algorithm: str = DEFAULT_ALGORITHM
+    mixed: bool = False
+    max_error: float | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.mixed or self.algorithm == "gptq"
 
     def to_json(self) -> dict[str, Any]:
         return {"bits": self.bits, "form": self.form, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "embedding": self.embedding}
+                "accuracy_level": self.accuracy_level, "embedding": self.embedding, "algorithm": self.algorithm,
+                "mixed": self.mixed, "max_error": self.max_error}
 
 
 def make_spec(precision: str, *, form: str = "nbits", block_size: int | None = None, symmetric: bool = True,
-              accuracy_level: int | None = None, embedding: bool = False) -> QuantSpec:
+              accuracy_level: int | None = None, embedding: bool = False, algorithm: str = DEFAULT_ALGORITHM,
+              mixed: bool = False, max_error: float | None = None) -> QuantSpec:
     """Check the options of ``--precision int8|int4``; every refusal is one line of bad input."""
     if precision not in BITS:
         raise PrismInputError(f"--precision: {precision!r} is not a quantized precision ({', '.join(BITS)})")
     bits = BITS[precision]
     if form not in FORMS:
         raise PrismInputError(f"--form: {form!r} is not one of {', '.join(FORMS)}")
+    if algorithm not in ALGORITHMS:
+        raise PrismInputError(f"--algorithm: {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    if max_error is not None and not mixed:
+        raise PrismInputError("--max-error: the bound of the mixed plan; give --mixed too")
+    if max_error is not None and not 0 < max_error < 1:
+        raise PrismInputError(f"--max-error: {max_error:g} must be in (0, 1) (a relative L2 error)")
+    if algorithm != DEFAULT_ALGORITHM:
+        if form == "dq":
+            raise PrismInputError(f"--algorithm {algorithm}: ONNX Runtime writes it as MatMulNBits only; "
+                                  "the dq form is --algorithm rtn")
+        if embedding:
+            raise PrismInputError(f"--quantize-embedding: with --algorithm rtn only ({algorithm} quantizes MatMul "
+                                  "weights)")
+        if algorithm == "gptq" and bits == 8:
+            raise PrismInputError("--algorithm gptq: ONNX Runtime's GPTQ writes 4-bit weights only; use "
+                                  "--precision int4 (or another algorithm for int8)")
+        if algorithm == "hqq" and bits == 8:
+            raise PrismInputError("--algorithm hqq: its 8-bit weights (float zero points) have no ONNX Runtime CPU "
+                                  "kernel; use --precision int4 (or another algorithm for int8)")
+        # hqq and k_quant always write zero points: their weights are asymmetric whatever was asked
+        symmetric = symmetric and algorithm not in ("hqq", "k_quant")
+    extra = {"algorithm": algorithm, "mixed": mixed, "max_error": (max_error or DEFAULT_MAX_ERROR) if mixed else None}
     if block_size is not None and block_size not in BLOCK_SIZES:
         raise PrismInputError(f"--block-size: {block_size} must be a power of two from {BLOCK_SIZES[0]} to "
                               f"{BLOCK_SIZES[-1]} ({', '.join(map(str, BLOCK_SIZES))})")
@@ -104,40 +148,98 @@ def make_spec(precision: str, *, form: str = "nbits", block_size: int | None = N
         if bits == 8 and block_size is not None:
             raise PrismInputError("--block-size: int8 in the dq form is per output channel (TensorRT reads no "
                                   "blocked INT8); leave --block-size out")
-        return QuantSpec(bits, "dq", None if bits == 8 else (block_size or DEFAULT_BLOCK_SIZE), True, None, False)
+        return QuantSpec(bits, "dq", None if bits == 8 else (block_size or DEFAULT_BLOCK_SIZE), True, None, False, **extra)
     if embedding and bits != 4:
         raise PrismInputError("--quantize-embedding: ONNX Runtime's quantizer writes GatherBlockQuantized at 4 bits "
                               "only; use --precision int4")
     if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
         raise PrismInputError(f"--accuracy-level: {accuracy_level} is not one of {', '.join(map(str, ACCURACY_LEVELS))}")
     return QuantSpec(bits, "nbits", block_size or DEFAULT_BLOCK_SIZE, symmetric,
-                     DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level, embedding)
+                     DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level, embedding, **extra)
 
 
-# -- quantizing -----------------------------------------------------------------------------------
+# -- quantizing, one weight at a time ---------------------------------------------------------------
+#
+# Every weight is quantized on its own: a one-node model (Identity -> MatMul with that weight, or
+# Gather from that table) goes through ONNX Runtime's quantizer, and its nodes and initializers
+# are spliced into the graph in place of the float node. So only one float weight is in memory at
+# a time (read from the graph's external data file when it has one), the algorithm and bits can
+# differ per weight (the mixed plan), and the same code serves a 100 MB and a 10 GB graph.
 
 
-def quantize_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], spec: QuantSpec) -> dict[str, Any]:
+def quantize_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], spec: QuantSpec, *,
+                   activations: dict[str, np.ndarray] | None = None,
+                   plan: dict[str, int | None] | None = None,
+                   plan_errors: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """Quantize the float graph ``src`` into ``dst`` (written atomically; ``dst`` may be ``src``).
 
+    ``activations``: ``{MatMul node name: its float input rows [rows, K]}`` on calibration text
+    (:func:`layer_inputs`), needed by GPTQ and by the mixed plan (``spec.mixed``), which measures
+    each weight's error on them. ``plan``: ``{node name: bits, or None for float}`` decided
+    already (the plan of the folder's other graph), with ``plan_errors`` the errors it was
+    decided on (recorded again here); nodes not in it get ``spec.bits``.
+
     Returns the record that goes into ``model.json``: the spec, opset and IR version written,
-    bytes of the quantized weights before (float) and after (codes, scales, zero points), and one
-    entry per weight: ``quantized`` (node, weight, shape, op written, the node that computes with
-    it, bytes) or ``kept`` with the reason it stayed float.
+    bytes of the quantized weights before (float) and after (codes, scales, zero points), the
+    plan (``{node: bits}``), and one entry per weight: ``quantized`` (node, weight, shape,
+    algorithm, bits, op written, the node that computes with it, bytes, measured error where
+    measured) or ``kept`` with the reason it stayed float.
     """
     import onnx
 
     from prism_deploy.core.onnx_io import finalize, save_model
 
-    model = onnx.load(str(src))
+    src = Path(src)
+    model = onnx.load(str(src), load_external_data=False)  # weights stay in their file until used
+    weights = _WeightReader(model, src.parent)
     layers: list[dict[str, Any]] = []
-    _gemm_to_matmul(model, layers)
+    _gemm_to_matmul(model, weights, layers)
     candidates = _matmul_weights(model, layers)
     gathers = _gather_tables(model, layers, spec.embedding)
-    if spec.form == "dq" and spec.bits == 8:
-        _per_channel_int8(model, candidates, layers)
-    else:
-        _ort_quantize(model, spec, candidates, gathers, layers)
+    if spec.mixed and plan is None and activations is None:
+        raise PrismInputError("the mixed plan measures each weight on calibration text: no activations given")
+    if spec.algorithm == "gptq" and activations is None:
+        raise PrismInputError("--algorithm gptq: needs calibration text (no activations given)")
+    chosen_plan: dict[str, int | None] = {}
+    replaced: dict[str, tuple[list[Any], list[Any]]] = {}
+    for node in [*candidates, *gathers]:
+        is_gather = node.op_type == "Gather"
+        weight_name = node.input[0] if is_gather else node.input[1]
+        w = weights.array(weight_name)
+        x = None if activations is None or is_gather else activations.get(node.name)
+        if (spec.algorithm == "gptq" or (spec.mixed and plan is None)) and x is None and not is_gather:
+            raise PrismInputError(f"{node.name}: no calibration activations for this weight")
+        record = {"node": node.name, "weight": weight_name, "shape": list(w.shape), "float_bytes": int(w.nbytes)}
+        if plan is not None and node.name in plan:
+            bits, errors = plan[node.name], (plan_errors or {}).get(node.name)
+        elif spec.mixed and not is_gather:
+            bits, errors = _choose_bits(node, w, x, spec, replaced)
+        else:
+            bits, errors = spec.bits, None
+        chosen_plan[node.name] = bits
+        if errors is not None:
+            record["error"] = errors  # relative L2 of this layer's output on calibration text, per bits
+        if bits is None:
+            layers.append({**record, "kept": f"mixed plan: int8 error {errors['8']:.3g} over --max-error "
+                           f"{spec.max_error:g}" if errors else "mixed plan: float"})
+            continue
+        if node.name not in replaced or replaced[node.name][2] != bits:
+            replaced[node.name] = (*_quantize_one(node, w, x, spec, bits), bits)
+        nodes, inits, _ = replaced[node.name]
+        algorithm = _algorithm_for(spec, bits)
+        written = next(n for n in nodes if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear"))
+        runs_as = next(n for n in nodes if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMul"))
+        layers.append({**record, "quantized": written.op_type, "written": written.name, "runs_as": runs_as.name,
+                       "algorithm": algorithm, "bits": bits, "block_size": _block_of(written),
+                       **({"axis": 1} if spec.form == "dq" and bits == 8 else {}),
+                       "bytes": sum(_tensor_bytes(t) for t in inits)})
+        del w
+    _splice(model, {name: (n, i) for name, (n, i, _) in replaced.items()}, weights)
+    if spec.accuracy_level:
+        _set_accuracy_level(model, spec.accuracy_level)
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and \
+            not any(imp.domain == "com.microsoft" for imp in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     needs_ir10 = any(t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) for t in model.graph.initializer)
     finalize(model)  # opset 19 / IR 9 ...
     if needs_ir10:
@@ -147,32 +249,274 @@ def quantize_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], spe
         for imp in model.opset_import:
             if imp.domain in ("", "ai.onnx"):
                 imp.version = 21
+    # The checker sees the graph without the bytes of the float tensors it kept (they are
+    # deferred: read from the source file while saving), so it never holds a >2 GiB message.
     onnx.checker.check_model(model)
-    written = save_model(model, dst)
     opset = next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx"))
-    inits = _initializers(model)
-    by_name = {n.name: n for n in model.graph.node}
-    for layer in layers:
-        if "quantized" in layer:  # codes + scales + zero points as stored
-            layer["bytes"] = sum(_tensor_bytes(inits[i]) for i in by_name[layer["written"]].input if i in inits)
+    ir_version = model.ir_version
+    domains = sorted({imp.domain for imp in model.opset_import if imp.domain not in ("", "ai.onnx")})
+    written_files = save_model(model, dst, deferred=weights.deferred(model))
     done = [layer for layer in layers if "quantized" in layer]
-    return {"format": RECORD_FORMAT, **spec.to_json(), "opset": opset, "ir_version": model.ir_version,
-            "domains": sorted({imp.domain for imp in model.opset_import if imp.domain not in ("", "ai.onnx")}),
+    return {"format": RECORD_FORMAT, **spec.to_json(), "opset": opset, "ir_version": ir_version, "domains": domains,
             "quantized_bytes_float": sum(layer["float_bytes"] for layer in done),
             "quantized_bytes": sum(layer["bytes"] for layer in done),
-            "files": [Path(p).name for p in written], "layers": layers}
+            "files": [Path(p).name for p in written_files], "plan": chosen_plan, "layers": layers}
+
+
+def plan_of(record: dict[str, Any]) -> tuple[dict[str, int | None], dict[str, dict[str, float]]]:
+    """A graph's plan and the errors it was decided on, from its record, for the folder's other graph."""
+    return record["plan"], {layer["node"]: layer["error"] for layer in record["layers"] if "error" in layer}
+
+
+def _algorithm_for(spec: QuantSpec, bits: int) -> str:
+    """GPTQ in ONNX Runtime's tool writes MatMulNBits at 4 bits only, and HQQ's float zero points
+    have no 8-bit kernel in ONNX Runtime 1.31's CPU provider ("Only 2b and 4b quantization is
+    supported for unpacked compute"): a mixed plan's int8 layers of those are round to nearest."""
+    return "rtn" if spec.algorithm in ("gptq", "hqq") and bits == 8 else spec.algorithm
+
+
+def _block_of(node: Any) -> int | None:
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return attrs.get("block_size") or None
+
+
+def _set_accuracy_level(model: Any, level: int) -> None:
+    """Every MatMulNBits node gets the spec's ``accuracy_level`` (HQQ's writer sets none)."""
+    from onnx import helper
+
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
+
+
+def _choose_bits(node: Any, w: np.ndarray, x: np.ndarray, spec: QuantSpec,
+                 cache: dict[str, Any]) -> tuple[int | None, dict[str, float]]:
+    """The fewest bits whose measured error (:func:`layer_error`) is within ``spec.max_error``;
+    None (float) when even int8 is not. Each trial's nodes are kept for the one chosen."""
+    errors: dict[str, float] = {}
+    for bits in ([4, 8] if spec.bits == 4 else [8]):
+        nodes, inits = _quantize_one(node, w, x, spec, bits)
+        err = layer_error(w, _dequantized_one(nodes, inits), x)
+        errors[str(bits)] = err
+        if err <= spec.max_error:
+            cache[node.name] = (nodes, inits, bits)
+            return bits, errors
+    return None, errors
+
+
+def layer_error(w: np.ndarray, w_hat: np.ndarray, x: np.ndarray) -> float:
+    """Relative L2 error of one layer's output on its calibration inputs:
+    ``|x (w_hat - w)| / |x w|``. The error the layer adds where it sits in the model, as the
+    model's own activations (outlier channels included) weigh it."""
+    x = x.astype(np.float32)
+    ref = x @ w.astype(np.float32)
+    diff = x @ (w_hat - w.astype(np.float32))
+    return float(np.linalg.norm(diff) / max(float(np.linalg.norm(ref)), 1e-30))
+
+
+def _dequantized_one(nodes: list[Any], inits: list[Any]) -> np.ndarray:
+    import onnx
+
+    g = onnx.helper.make_graph(nodes, "one", [], [], initializer=inits)
+    return next(iter(dequantized_weights(onnx.helper.make_model(g)).values()))
+
+
+def _one_node_model(node: Any, w: np.ndarray) -> Any:
+    """A model of the node alone: its input through an Identity (ONNX Runtime's GPTQ reads the
+    node's input as an output of the graph, which a graph input cannot be), the weight as its
+    initializer, the same node, input and output names as in the graph."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    elem = helper.np_dtype_to_tensor_dtype(w.dtype)
+    if node.op_type == "Gather":
+        ids = helper.make_tensor_value_info(node.input[1] + "_in", onnx.TensorProto.INT64, None)
+        inputs, weight_name = [ids], node.input[0]
+        first = helper.make_node("Identity", [ids.name], [node.input[1]], name=node.name + "_calibration_input")
+    else:
+        x = helper.make_tensor_value_info(node.input[0] + "_in", elem, [None, w.shape[0]])
+        inputs, weight_name = [x], node.input[1]
+        first = helper.make_node("Identity", [x.name], [node.input[0]], name=node.name + "_calibration_input")
+    y = helper.make_tensor_value_info(node.output[0], elem, None)
+    graph = helper.make_graph([first, node], "one_weight", inputs, [y], initializer=[numpy_helper.from_array(w, weight_name)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    return model
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader protocol over one node's input rows."""
+
+    def __init__(self, name: str, x: np.ndarray, rows: int = 256) -> None:
+        self.feeds = [{name: x[i:i + rows]} for i in range(0, len(x), rows)]
+        self.at = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        self.at += 1
+        return self.feeds[self.at - 1] if self.at <= len(self.feeds) else None
+
+    def __iter__(self) -> Any:
+        return iter(self.feeds)
+
+    def rewind(self) -> None:
+        self.at = 0
+
+
+def _quantize_one(node: Any, w: np.ndarray, x: np.ndarray | None, spec: QuantSpec, bits: int) -> tuple[list[Any], list[Any]]:
+    """One weight through ONNX Runtime's quantizer (or :func:`_per_channel_int8` for the int8 dq
+    form): the nodes and initializers that replace ``node`` and its weight."""
+    model = _one_node_model(node, w)
+    if spec.form == "dq" and bits == 8:
+        out = _per_channel_int8(model)
+    else:
+        out = _ort_quantize(model, spec, bits, x)
+    # Copies, not references: a message taken from ``out`` keeps all of ``out``'s memory alive
+    # (protobuf's arena), the float weight included, so holding the references for every
+    # layer held every float weight again (measured: 2.07x the weights of a 2.2 GiB graph).
+    nodes = [_copy(n) for n in out.graph.node if n.op_type != "Identity" or not n.name.endswith("_calibration_input")]
+    return nodes, [_copy(t) for t in out.graph.initializer]
+
+
+def _copy(message: Any) -> Any:
+    fresh = type(message)()
+    fresh.CopyFrom(message)
+    return fresh
+
+
+def _ort_quantize(model: Any, spec: QuantSpec, bits: int, x: np.ndarray | None) -> Any:
+    """ONNX Runtime's MatMulNBitsQuantizer with the spec's algorithm on a one-node model."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    algorithm = _algorithm_for(spec, bits)
+    block = spec.block_size or DEFAULT_BLOCK_SIZE
+    is_gather = any(n.op_type == "Gather" for n in model.graph.node)
+    ops = ("Gather",) if is_gather else ("MatMul",)
+    config = None
+    if algorithm == "hqq":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=ops)
+    elif algorithm == "k_quant":
+        k = int(model.graph.initializer[0].dims[0])
+        if bits == 4 and -(-k // block) % 2:
+            # its writer packs the 4-bit zero points of all rows as one stream, which is
+            # MatMulNBits' per-row layout only for an even number of blocks per column
+            raise PrismInputError(f"{model.graph.node[1].name}: --algorithm k_quant at 4 bits needs an even number "
+                                  f"of blocks along K ({k} / {block} gives {-(-k // block)}); choose --block-size")
+        config = mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=ops,
+                                                 customized_weight_config={n.name: {"bits": bits} for n in model.graph.node})
+    elif algorithm == "gptq":
+        name = model.graph.input[0].name
+        config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Calibration(name, x), block_size=128,
+                                               op_types_to_quantize=ops)
+    quantizer = mnq.MatMulNBitsQuantizer(
+        model, bits=bits, block_size=block, is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level or None,
+        quant_format=QuantFormat.QOperator if spec.form == "nbits" else QuantFormat.QDQ,
+        op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)), algo_config=config)
+    # its neural_compressor part (rtn/k_quant/gptq) prints a progress bar to stdout
+    with _quiet("onnxruntime.quantization.matmul_nbits_quantizer"), _quiet("neural_compressor"), \
+            contextlib.redirect_stdout(io.StringIO()):
+        quantizer.process()
+    out = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    if not any(n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear") for n in out.graph.node):
+        raise PrismInputError(f"{model.graph.node[1].name}: ONNX Runtime's quantizer ({algorithm}, {bits} bits) "
+                              "left it unquantized")
+    return out
+
+
+def _splice(model: Any, replaced: dict[str, tuple[list[Any], list[Any]]], weights: "_WeightReader") -> None:
+    """Each quantized node replaced by its nodes, their initializers added, float weights no
+    longer read by any node dropped."""
+    nodes = []
+    for node in model.graph.node:
+        if node.name in replaced:
+            nodes.extend(replaced[node.name][0])
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for _, inits in replaced.values():
+        model.graph.initializer.extend(inits)
+    _drop_unused_initializers(model)
+
+
+class _WeightReader:
+    """The graph's initializers as arrays, read one at a time: from ``raw_data`` when the graph
+    holds its bytes, else from its external data file with plain reads (not a mapping, whose
+    pages would stay in the process for the whole run: reading every weight of a 10 GB graph
+    through one would hold the 10 GB). :meth:`deferred` gives the kept external tensors as
+    ``DeferredTensor``, copied from the source file a block at a time while saving."""
+
+    def __init__(self, model: Any, folder: Path) -> None:
+        self.folder = folder
+        self.external = {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer
+                         if t.data_location == 1}  # onnx.TensorProto.EXTERNAL
+        self.meta = {t.name: t for t in model.graph.initializer}
+
+    def _read(self, tensor: Any, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` (along the first axis) of an external tensor."""
+        from onnx import helper
+
+        from prism_deploy.core.fsutil import inside
+
+        info = self.external[tensor.name]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        shape = tuple(int(d) for d in tensor.dims)
+        row = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
+        stop = (shape[0] if shape else 1) if stop is None else stop
+        path = inside(self.folder, info["location"], "external data location")
+        offset = int(info.get("offset", 0)) + start * row * dtype.itemsize
+        count = (stop - start) * row
+        out = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        if out.size != count:
+            raise PrismInputError(f"{path.name}: ends before tensor {tensor.name!r} does")
+        return out.reshape((stop - start, *shape[1:]) if shape else ())
+
+    def array(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        tensor = self.meta[name]
+        if name in self.external:
+            return self._read(tensor)
+        return numpy_helper.to_array(tensor)
+
+    def add(self, tensor: Any) -> None:
+        self.meta[tensor.name] = tensor
+
+    def deferred(self, model: Any) -> dict[str, Any]:
+        """The graph's remaining external tensors, copied from the source as the file is saved."""
+        from onnx import helper
+
+        from prism_deploy.core.blocks import DeferredTensor
+
+        out = {}
+        for tensor in model.graph.initializer:
+            if tensor.name not in self.external or tensor.data_location != 1:
+                continue
+            shape = tuple(int(d) for d in tensor.dims)
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+            if not shape:
+                value = self._read(tensor)
+            del tensor.external_data[:]
+            tensor.data_location = 0  # onnx.TensorProto.DEFAULT: the saver writes its bytes
+            if not shape:
+                tensor.raw_data = value.tobytes()
+                continue
+            out[tensor.name] = DeferredTensor(shape, dtype, lambda a, b, t=tensor, info=self.external[tensor.name]:
+                                              self._read_rows(t, info, a, b))
+        return out
+
+    def _read_rows(self, tensor: Any, info: dict[str, str], start: int, stop: int) -> np.ndarray:
+        # the tensor's external fields are cleared by now: read with the ones it had
+        self.external[tensor.name] = info
+        return self._read(tensor, start, stop)
 
 
 def _initializers(model: Any) -> dict[str, Any]:
     return {t.name: t for t in model.graph.initializer}
-
-
-def _consumers(model: Any) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
 
 
 def _is_float(tensor: Any) -> bool:
@@ -181,11 +525,10 @@ def _is_float(tensor: Any) -> bool:
     return tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
-def _gemm_to_matmul(model: Any, layers: list[dict[str, Any]]) -> None:
+def _gemm_to_matmul(model: Any, weights: _WeightReader, layers: list[dict[str, Any]]) -> None:
     """``Gemm(A, B, C)`` with constant 2-D ``B``, alpha = beta = 1, no transA -> ``MatMul`` and
     ``Add``: the same arithmetic, in the op type ONNX Runtime's quantizer handles. ``transB``
     is applied to the stored weight."""
-    import onnx
     from onnx import helper, numpy_helper
 
     inits = _initializers(model)
@@ -201,9 +544,11 @@ def _gemm_to_matmul(model: Any, layers: list[dict[str, Any]]) -> None:
             continue
         weight = node.input[1]
         if attrs.get("transB", 0):
-            w = numpy_helper.to_array(inits[weight]).T.copy()
+            w = weights.array(weight).T.copy()
             weight = weight + "_transposed"
-            model.graph.initializer.append(numpy_helper.from_array(w, weight))
+            tensor = numpy_helper.from_array(w, weight)
+            model.graph.initializer.append(tensor)
+            weights.add(tensor)
         has_bias = len(node.input) > 2 and node.input[2] != ""
         mm_out = node.output[0] + "_matmul" if has_bias else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=node.name + "_MatMul"))
@@ -212,7 +557,6 @@ def _gemm_to_matmul(model: Any, layers: list[dict[str, Any]]) -> None:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     _drop_unused_initializers(model)
-    onnx.checker.check_model(model)
 
 
 def _drop_unused_initializers(model: Any) -> None:
@@ -226,6 +570,7 @@ def _matmul_weights(model: Any, layers: list[dict[str, Any]]) -> list[Any]:
     """MatMul nodes whose second input is a constant 2-D float weight [K, N]; others recorded as kept."""
     inits = _initializers(model)
     chosen = []
+    unnamed = 0
     for node in model.graph.node:
         if node.op_type != "MatMul":
             continue
@@ -236,7 +581,10 @@ def _matmul_weights(model: Any, layers: list[dict[str, Any]]) -> list[Any]:
             layers.append({"node": node.name, "weight": node.input[1], "kept": f"weight of shape {list(weight.dims)}: "
                            "only 2-D float weights are quantized"})
             continue
+        unnamed += not node.name
         chosen.append(node)
+    if unnamed:  # records, plans and the float reference key by name; the exporter names every node
+        raise PrismInputError(f"{unnamed} unnamed MatMul node(s): cannot record them for quantization")
     return chosen
 
 
@@ -256,82 +604,67 @@ def _gather_tables(model: Any, layers: list[dict[str, Any]], embedding: bool) ->
     return tables
 
 
-def _ort_quantize(model: Any, spec: QuantSpec, matmuls: list[Any], gathers: list[Any],
-                  layers: list[dict[str, Any]]) -> None:
-    """ONNX Runtime's MatMulNBitsQuantizer on exactly the chosen nodes (QOperator for nbits,
-    QDQ for the int4 dq form)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    from onnxruntime.quantization.quant_utils import QuantFormat
-
-    inits = _initializers(model)
-    float_bytes = {n.name: _tensor_bytes(inits[n.input[1]]) for n in matmuls}
-    float_bytes.update({n.name: _tensor_bytes(inits[n.input[0]]) for n in gathers})
-    shapes = {n.name: list(inits[n.input[1]].dims) for n in matmuls}
-    shapes.update({n.name: list(inits[n.input[0]].dims) for n in gathers})
-    weights = {n.name: n.input[1] for n in matmuls} | {n.name: n.input[0] for n in gathers}
-    chosen = set(weights)
-    ops = ("MatMul", "Gather") if gathers else ("MatMul",)
-    exclude = [n.name for n in model.graph.node if n.op_type in ops and n.name not in chosen]
-    unnamed = [n for n in model.graph.node if n.op_type in ops and not n.name]
-    if unnamed:  # the tool selects by name; the exporter names every node, so this is a broken graph
-        raise PrismInputError(f"{len(unnamed)} unnamed {'/'.join(ops)} node(s): cannot select them for quantization")
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=spec.bits, block_size=spec.block_size or DEFAULT_BLOCK_SIZE, is_symmetric=spec.symmetric,
-        accuracy_level=spec.accuracy_level or None, nodes_to_exclude=exclude,
-        quant_format=QuantFormat.QOperator if spec.form == "nbits" else QuantFormat.QDQ,
-        op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
-    with _quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
-        quantizer.process()
-    out = quantizer.model.model
-    produced = {n.name: n for n in out.graph.node}
-    for name in weights:
-        op = "MatMulNBits" if spec.form == "nbits" else "DequantizeLinear"
-        written = f"{name}_Q{spec.bits}" if spec.form == "nbits" else f"{name}_DQ_Q{spec.bits}"
-        # the node that computes with the weight: the key of dequantized_weights
-        runs_as = written if spec.form == "nbits" else f"{name}_matmul_Q{spec.bits}"
-        if name in {n.name for n in gathers}:
-            op, written = "GatherBlockQuantized", f"{name}_Q4"
-            runs_as = written
-        if written not in produced or runs_as not in produced:
-            raise PrismInputError(f"{name}: ONNX Runtime's quantizer left it unquantized")
-        layers.append({"node": name, "weight": weights[name], "shape": shapes[name], "quantized": op,
-                       "written": written, "runs_as": runs_as, "bits": spec.bits, "block_size": spec.block_size,
-                       "float_bytes": float_bytes[name]})
-    if out is not model:
-        model.CopyFrom(out)
-
-
-def _per_channel_int8(model: Any, matmuls: list[Any], layers: list[dict[str, Any]]) -> None:
-    """INT8 per output channel as ``DequantizeLinear(axis=1) -> MatMul``: the form TensorRT reads
-    for INT8 weights, which ONNX Runtime's weight-only tool does not write (it has no 8-bit QDQ
-    form). Symmetric round to nearest, ``scale = max|W[:, n]| / 127`` (127, not 128: the
-    symmetric range, so -W quantizes to -q)."""
+def _per_channel_int8(model: Any) -> Any:
+    """INT8 per output channel as ``DequantizeLinear(axis=1) -> MatMul`` on a one-node model:
+    the form TensorRT reads for INT8 weights, which ONNX Runtime's weight-only tool does not
+    write (it has no 8-bit QDQ form). Symmetric round to nearest, ``scale = max|W[:, n]| / 127``
+    (127, not 128: the symmetric range, so -W quantizes to -q)."""
     from onnx import helper, numpy_helper
 
+    node = next(n for n in model.graph.node if n.op_type == "MatMul")
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == node.input[1])).astype(np.float32)
+    scale = np.abs(w).max(axis=0) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero column: any scale, codes 0
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    base = node.input[1]
+    deq = base + "_DQ_Q8_output"
+    nodes = [n for n in model.graph.node if n.op_type != "MatMul"]
+    nodes += [helper.make_node("DequantizeLinear", [base + "_DQ_Q8", base + "_DQ_scales"], [deq], name=node.name + "_DQ_Q8", axis=1),
+              helper.make_node("MatMul", [node.input[0], deq], list(node.output), name=node.name)]
+    graph = helper.make_graph(nodes, "one_weight", list(model.graph.input), list(model.graph.output),
+                              initializer=[numpy_helper.from_array(q, base + "_DQ_Q8"),
+                                           numpy_helper.from_array(scale, base + "_DQ_scales")])
+    return helper.make_model(graph, opset_imports=list(model.opset_import))
+
+
+def layer_inputs(graph: str | os.PathLike[str], feeds: list[dict[str, np.ndarray]],
+                 masks: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """``{MatMul node name: its input rows [rows, K]}`` over ``feeds`` (the graph's inputs on
+    calibration text), the float graph run by ONNX Runtime with those tensors as extra outputs.
+    ``masks``: per feed, which token rows are real (padding rows dropped)."""
+    import onnx
+
+    from prism_deploy.core.fsutil import temp_sibling
+    from prism_deploy.core.ort_session import make_session
+
+    graph = Path(graph)
+    model = onnx.load(str(graph), load_external_data=False)
     inits = _initializers(model)
-    names = {n.name for n in matmuls}
-    nodes = []
+    wanted: dict[str, list[str]] = {}
     for node in model.graph.node:
-        if node.name not in names or node.op_type != "MatMul":
-            nodes.append(node)
-            continue
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        scale = np.abs(w).max(axis=0) / 127.0
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero column: any scale, codes 0
-        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-        base = node.input[1]
-        model.graph.initializer.extend([numpy_helper.from_array(q, base + "_DQ_Q8"),
-                                        numpy_helper.from_array(scale, base + "_DQ_scales")])
-        deq = base + "_DQ_Q8_output"
-        written = node.name + "_DQ_Q8"
-        nodes.append(helper.make_node("DequantizeLinear", [base + "_DQ_Q8", base + "_DQ_scales"], [deq], name=written, axis=1))
-        nodes.append(helper.make_node("MatMul", [node.input[0], deq], list(node.output), name=node.name))
-        layers.append({"node": node.name, "weight": node.input[1], "shape": list(w.shape), "quantized": "DequantizeLinear",
-                       "written": written, "runs_as": node.name, "bits": 8, "block_size": None, "axis": 1,
-                       "float_bytes": _tensor_bytes(inits[node.input[1]])})
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    _drop_unused_initializers(model)
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits:
+            wanted.setdefault(node.input[0], []).append(node.name)
+            if node.op_type == "Gemm":  # quantize_graph names the rewritten node so
+                wanted[node.input[0]].append(node.name + "_MatMul")
+    outputs = {o.name for o in model.graph.output}
+    for name in wanted:
+        if name not in outputs:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    tmp = temp_sibling(graph)  # beside the graph: its external data file is found by relative name
+    try:
+        onnx.save_model(model, str(tmp))
+        session = make_session(tmp, "cpu")
+    finally:
+        tmp.unlink(missing_ok=True)
+    names = list(wanted)
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i, feed in enumerate(feeds):
+        for name, value in zip(names, session.run(names, feed)):
+            flat = value.reshape(-1, value.shape[-1])
+            if masks is not None:
+                flat = flat[masks[i].reshape(-1).astype(bool)]
+            rows[name].append(flat.astype(np.float32))
+    return {node: np.concatenate(rows[name]) for name, nodes in wanted.items() for node in nodes}
 
 
 @contextlib.contextmanager
@@ -388,8 +721,11 @@ def dequantized_weights(model: Any) -> dict[str, np.ndarray]:
             k_blocks = -(-k // bs)
             scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n, k_blocks)
             if len(node.input) > 3 and node.input[3]:
-                zp_raw = numpy_helper.to_array(inits[node.input[3]]).reshape(n, -1)
-                zero = _unpack(zp_raw, bits)[:, :k_blocks].astype(np.float32)
+                zp_raw = numpy_helper.to_array(inits[node.input[3]])
+                if zp_raw.dtype.kind == "f":  # HQQ's float zero points, one per block, unpacked
+                    zero = zp_raw.astype(np.float32).reshape(n, k_blocks)
+                else:
+                    zero = _unpack(zp_raw.reshape(n, -1), bits)[:, :k_blocks].astype(np.float32)
             else:
                 zero = np.full((n, k_blocks), 2 ** (bits - 1), dtype=np.float32)
             codes = codes[:, : k_blocks * bs].reshape(n, k_blocks, bs).astype(np.float32)
