@@ -276,7 +276,7 @@ def _calibration_feeds(hf_dir: Any, reference: Any, role: str, text: str | None)
     if len(ids) < 16:
         raise PrismInputError(f"{source}: {len(ids)} tokens; calibration needs at least 16")
     table = hf.input_embedding_matrix(reference) if role != "first" else None
-    feeds = []
+    feeds: list[dict[str, np.ndarray]] = []
     for start in range(0, len(ids), CALIBRATION_WINDOW):
         window = ids[None, start:start + CALIBRATION_WINDOW]
         mask = np.ones_like(window)

@@ -39,6 +39,7 @@ they check the lowering, not only a tolerance.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -132,7 +133,7 @@ def make_spec(precision: str, *, form: str = "nbits", block_size: int | None = N
                                   "kernel; use --precision int4 (or another algorithm for int8)")
         # hqq and k_quant always write zero points: their weights are asymmetric whatever was asked
         symmetric = symmetric and algorithm not in ("hqq", "k_quant")
-    extra = {"algorithm": algorithm, "mixed": mixed, "max_error": (max_error or DEFAULT_MAX_ERROR) if mixed else None}
+    plan_bound = (max_error or DEFAULT_MAX_ERROR) if mixed else None
     if block_size is not None and block_size not in BLOCK_SIZES:
         raise PrismInputError(f"--block-size: {block_size} must be a power of two from {BLOCK_SIZES[0]} to "
                               f"{BLOCK_SIZES[-1]} ({', '.join(map(str, BLOCK_SIZES))})")
@@ -148,14 +149,16 @@ def make_spec(precision: str, *, form: str = "nbits", block_size: int | None = N
         if bits == 8 and block_size is not None:
             raise PrismInputError("--block-size: int8 in the dq form is per output channel (TensorRT reads no "
                                   "blocked INT8); leave --block-size out")
-        return QuantSpec(bits, "dq", None if bits == 8 else (block_size or DEFAULT_BLOCK_SIZE), True, None, False, **extra)
+        return QuantSpec(bits, "dq", None if bits == 8 else (block_size or DEFAULT_BLOCK_SIZE), True, None, False,
+                         algorithm=algorithm, mixed=mixed, max_error=plan_bound)
     if embedding and bits != 4:
         raise PrismInputError("--quantize-embedding: ONNX Runtime's quantizer writes GatherBlockQuantized at 4 bits "
                               "only; use --precision int4")
     if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
         raise PrismInputError(f"--accuracy-level: {accuracy_level} is not one of {', '.join(map(str, ACCURACY_LEVELS))}")
     return QuantSpec(bits, "nbits", block_size or DEFAULT_BLOCK_SIZE, symmetric,
-                     DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level, embedding, **extra)
+                     DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level, embedding,
+                     algorithm=algorithm, mixed=mixed, max_error=plan_bound)
 
 
 # -- quantizing, one weight at a time ---------------------------------------------------------------
@@ -201,18 +204,21 @@ def quantize_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], spe
     if spec.algorithm == "gptq" and activations is None:
         raise PrismInputError("--algorithm gptq: needs calibration text (no activations given)")
     chosen_plan: dict[str, int | None] = {}
-    replaced: dict[str, tuple[list[Any], list[Any]]] = {}
+    # {node name: (its replacement nodes, their initializers, the bits they were written at)}
+    replaced: dict[str, tuple[list[Any], list[Any], int]] = {}
     for node in [*candidates, *gathers]:
         is_gather = node.op_type == "Gather"
         weight_name = node.input[0] if is_gather else node.input[1]
         w = weights.array(weight_name)
         x = None if activations is None or is_gather else activations.get(node.name)
-        if (spec.algorithm == "gptq" or (spec.mixed and plan is None)) and x is None and not is_gather:
+        measured = spec.mixed and not is_gather and (plan is None or node.name not in plan)
+        if (spec.algorithm == "gptq" or measured) and x is None and not is_gather:
             raise PrismInputError(f"{node.name}: no calibration activations for this weight")
         record = {"node": node.name, "weight": weight_name, "shape": list(w.shape), "float_bytes": int(w.nbytes)}
         if plan is not None and node.name in plan:
             bits, errors = plan[node.name], (plan_errors or {}).get(node.name)
-        elif spec.mixed and not is_gather:
+        elif measured:
+            assert x is not None  # refused above: a weight the mixed plan measures has calibration inputs
             bits, errors = _choose_bits(node, w, x, spec, replaced)
         else:
             bits, errors = spec.bits, None
@@ -294,15 +300,17 @@ def _set_accuracy_level(model: Any, level: int) -> None:
 
 
 def _choose_bits(node: Any, w: np.ndarray, x: np.ndarray, spec: QuantSpec,
-                 cache: dict[str, Any]) -> tuple[int | None, dict[str, float]]:
+                 cache: dict[str, tuple[list[Any], list[Any], int]]) -> tuple[int | None, dict[str, float]]:
     """The fewest bits whose measured error (:func:`layer_error`) is within ``spec.max_error``;
     None (float) when even int8 is not. Each trial's nodes are kept for the one chosen."""
+    bound = spec.max_error
+    assert bound is not None  # make_spec sets the mixed plan's bound whenever mixed is on
     errors: dict[str, float] = {}
     for bits in ([4, 8] if spec.bits == 4 else [8]):
         nodes, inits = _quantize_one(node, w, x, spec, bits)
         err = layer_error(w, _dequantized_one(nodes, inits), x)
         errors[str(bits)] = err
-        if err <= spec.max_error:
+        if err <= bound:
             cache[node.name] = (nodes, inits, bits)
             return bits, errors
     return None, errors
@@ -410,6 +418,7 @@ def _ort_quantize(model: Any, spec: QuantSpec, bits: int, x: np.ndarray | None) 
                                                  customized_weight_config={n.name: {"bits": bits} for n in model.graph.node})
     elif algorithm == "gptq":
         name = model.graph.input[0].name
+        assert x is not None  # quantize_graph refuses a gptq weight without calibration inputs
         config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Calibration(name, x), block_size=128,
                                                op_types_to_quantize=ops)
     quantizer = mnq.MatMulNBitsQuantizer(
@@ -505,8 +514,8 @@ class _WeightReader:
             if not shape:
                 tensor.raw_data = value.tobytes()
                 continue
-            out[tensor.name] = DeferredTensor(shape, dtype, lambda a, b, t=tensor, info=self.external[tensor.name]:
-                                              self._read_rows(t, info, a, b))
+            out[tensor.name] = DeferredTensor(shape, dtype,
+                                              functools.partial(self._read_rows, tensor, self.external[tensor.name]))
         return out
 
     def _read_rows(self, tensor: Any, info: dict[str, str], start: int, stop: int) -> np.ndarray:
