@@ -380,6 +380,22 @@ def test_chain_refuses_bad_inputs(parts):
         Chain([parts["gpt2_first"], parts["gpt2-llama"], parts["gpt2_first"], parts["llama-qwen2"], parts["qwen2_last"]])
 
 
+def test_ids_the_chain_refuses_are_charged_to_the_users_file(parts, tmp_path, capsys):
+    """run/parity --ids: an id past the vocabulary or a prompt past max_seq named the runtime's
+    `input_ids`, not the file the user gave."""
+    chain_file = write_chain(tmp_path / "chain.json", three_model_stages(parts))
+    big = tmp_path / "big.json"
+    big.write_text("[1, 2, 1000000]")
+    long = tmp_path / "long.npy"
+    np.save(long, np.ones((1, 10_000), dtype=np.int64))
+    for command in (["run"], ["parity"]):
+        for path, message in ((big, "vocabulary"), (long, "more than the exported max_seq")):
+            assert main([*command, "--chain", str(chain_file), "--ids", str(path)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {path}: ") and message in err and "input_ids" not in err
+            assert err.count("\n") == 1
+
+
 def test_an_ambiguous_adapter_build_names_the_keyword_of_the_api_in_use(zoo, tmp_path, capsys):
     """A build folder with several engines: each API says how it picks one (issue 17)."""
     from prism_deploy.builder import BuildRequest, build_engines
