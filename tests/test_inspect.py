@@ -73,3 +73,17 @@ def test_inspect_example_via_subprocess():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
     assert "256 -> 160, 3 pipe(s), combine=weighted" in proc.stdout
+
+
+def test_a_model_folder_is_named_as_such(tmp_path, capsys):
+    """inspect on an export-model folder said only 'a folder without manifest.json'."""
+    model = tmp_path / "exported"
+    model.mkdir()
+    (model / "model.json").write_text("{}")
+    assert main(["inspect", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {model}: a model folder (export-model; its model.json says what it holds); inspect takes " \
+                  "an adapter file or a build folder\n"
+    (model / "model.json").unlink()
+    assert main(["inspect", str(model)]) == 2
+    assert "a folder without manifest.json" in capsys.readouterr().err
