@@ -75,15 +75,8 @@ def test_inspect_example_via_subprocess():
     assert "256 -> 160, 3 pipe(s), combine=weighted" in proc.stdout
 
 
-def test_a_model_folder_is_named_as_such(tmp_path, capsys):
-    """inspect on an export-model folder said only 'a folder without manifest.json'."""
-    model = tmp_path / "exported"
-    model.mkdir()
-    (model / "model.json").write_text("{}")
-    assert main(["inspect", str(model)]) == 2
-    err = capsys.readouterr().err
-    assert err == f"error: {model}: a model folder (export-model; its model.json says what it holds); inspect takes " \
-                  "an adapter file or a build folder\n"
-    (model / "model.json").unlink()
-    assert main(["inspect", str(model)]) == 2
-    assert "a folder without manifest.json" in capsys.readouterr().err
+
+def test_a_folder_that_is_neither_build_nor_model_is_named(tmp_path, capsys):
+    """A model folder is named as such (tests/test_cli_wording.py); any other folder as not a build."""
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: a folder without manifest.json (not a `prism-deploy build` folder)\n"
