@@ -396,6 +396,20 @@ def test_ids_the_chain_refuses_are_charged_to_the_users_file(parts, tmp_path, ca
             assert err.count("\n") == 1
 
 
+def test_a_two_model_width_refusal_names_the_adapter_file(zoo, tmp_path, capsys):
+    """run --model-a/--adapter/--model-b named the adapter `stage 2 (adapter adapter)`."""
+    narrow = tmp_path / "narrow.safetensors"
+    random_adapter(simple_config(64, 48, (4, 2)), seed=1).save(narrow)
+    with pytest.raises(PrismInputError, match=f"^{narrow} \\(adapter\\): out_dim 48 does not match the embedding "
+                                              "width 96"):
+        Pipeline(zoo["A"], narrow, zoo["B"])
+    code = main(["run", "--model-a", str(zoo["A"]), "--adapter", str(narrow), "--model-b", str(zoo["B"]),
+                 "--ids", str(write_ids(tmp_path))])
+    assert code == 2 and capsys.readouterr().err.startswith(f"error: {narrow} (adapter): out_dim 48")
+    with pytest.raises(PrismInputError, match="^stage 2 \\(adapter adapter\\): .*missing"):  # a load error names it once
+        Pipeline(zoo["A"], tmp_path / "missing.safetensors", zoo["B"])
+
+
 def test_an_ambiguous_adapter_build_names_the_keyword_of_the_api_in_use(zoo, tmp_path, capsys):
     """A build folder with several engines: each API says how it picks one (issue 17)."""
     from prism_deploy.builder import BuildRequest, build_engines
