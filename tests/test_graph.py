@@ -321,3 +321,15 @@ def test_build_graph_builds_each_source_once_and_runs_as_the_graph(opened, parts
     assert main(["triton", str(out), "-o", str(tmp_path / "repo")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "triton does not write graphs" in err[0] and not (tmp_path / "repo").exists()
+
+
+def test_a_missing_graph_file_is_called_a_graph_file(tmp_path, capsys):
+    """`run --graph nope.toml` said 'no such chain file'."""
+    missing = tmp_path / "nope.toml"
+    for argv in (["run", "--graph", str(missing), "--text", "hi"], ["parity", "--graph", str(missing)]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"error: {missing}: no such graph file\n"
+    assert main(["run", "--graph", str(tmp_path / "g.txt"), "--text", "hi"]) == 2
+    assert "a graph file is .toml or .json, not '.txt'" in capsys.readouterr().err
+    assert main(["run", "--chain", str(missing), "--text", "hi"]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: no such chain file\n"
