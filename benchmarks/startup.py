@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ COMMANDS = {
     "python -c pass": [sys.executable, "-c", "pass"],
     "prism-deploy --help": [sys.executable, "-m", "prism_deploy", "--help"],
     "prism-deploy inspect example": [sys.executable, "-m", "prism_deploy", "inspect",
-                                     str(ROOT / "examples" / "demo-adapter.safetensors")],
+                                     "examples/demo-adapter.safetensors"],  # each runs in its checkout
     "python -c 'import torch'": [sys.executable, "-c", "import torch"],
 }
 
@@ -68,7 +69,9 @@ def main() -> None:
         "started_utc": started.isoformat(timespec="seconds"),
         "machine": {**describe_machine(), "load_average_start": load_start, "load_average_end": load_average()},
         "command": " ".join(["python benchmarks/startup.py", *sys.argv[1:]]),
-        "commands": {name: {"argv": commands[name][0][1:], "pythonpath": commands[name][1]["PYTHONPATH"],
+        # paths relative to this checkout: a committed result names no machine's folders
+        "commands": {name: {"argv": commands[name][0][1:],
+                            "pythonpath": os.path.relpath(commands[name][1]["PYTHONPATH"], ROOT),
                             "runs": len(s), "min_s": min(s),
                             "median_s": statistics.median(s), "max_s": max(s)} for name, s in samples.items()},
     }

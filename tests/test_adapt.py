@@ -135,6 +135,15 @@ def served(tmp_path_factory):
     return z
 
 
+def test_a_refused_record_folder_is_not_made(served, tmp_path, capsys):
+    """serve --record on a repository without a first model made DIR, then refused."""
+    folder = tmp_path / "rec"
+    ports = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+    assert main(["serve", str(served["repo"]), "--record", str(folder), *ports]) == 2
+    assert "serves no first model" in capsys.readouterr().err
+    assert not folder.exists()
+
+
 def _copy(served, tmp_path):
     import shutil
 

@@ -280,3 +280,14 @@ def test_bench_runs_built_engines(tiny: Path, tmp_path: Path, capsys):
     # no fp16 engine was built: listed with the reason, not dropped
     assert any(u["backend"] == "ort-cpu" and u["precision"] == "fp16" and "fp16" in u["reason"]
                for u in data["backends"]["unavailable"])
+
+
+def test_a_result_records_the_command_without_the_checkouts_folder():
+    """`python -m prism_deploy bench` put the checkout's absolute __main__.py in every result."""
+    import prism_deploy
+    from prism_deploy.bench.machine import recorded_argv
+
+    main_py = str(Path(prism_deploy.__file__).resolve().parent / "__main__.py")
+    assert recorded_argv([main_py, "bench", "/data/a.safetensors"]) == ["prism_deploy/__main__.py", "bench",
+                                                                         "/data/a.safetensors"]
+    assert recorded_argv(["/usr/local/bin/prism-deploy", "bench"]) == ["/usr/local/bin/prism-deploy", "bench"]

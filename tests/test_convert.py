@@ -175,3 +175,19 @@ def test_convert_subprocess_prints_no_traceback(tmp_path):
     assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not out.exists() and not marker.exists()
+
+
+def test_json_prints_one_object(tmp_path, capsys):
+    """convert was the one command without --json."""
+    import json
+
+    tiles = torch.randn(6, 4, 7, generator=torch.Generator().manual_seed(0))
+    src, dst = tmp_path / "tiles.pt", tmp_path / "adapter.safetensors"
+    torch.save(tiles, src)
+    assert run_cli(["convert", str(src), "--in-dim", "13", "--out-dim", "10", "-o", str(dst), "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert (report["in_dim"], report["out_dim"], report["grid"], report["tile"]) == (13, 10, [3, 2], [4, 7])
+    assert report["output"] == str(dst) and report["padding_workers"] == len(
+        load_adapter(dst).config.pipes[0].padding_workers(13, 10))
+    assert captured.err == ""

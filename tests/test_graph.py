@@ -334,3 +334,15 @@ def test_collect_per_edge_defaults_to_the_real_text_corpus(parts, tmp_path, caps
                  "--pool", "last", "--max-seq", "16", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["texts"] == len(corpus.default().calibration) and (info["d_a"], info["d_b"]) == (64, 96)
+
+
+def test_a_missing_graph_file_is_called_a_graph_file(tmp_path, capsys):
+    """`run --graph nope.toml` said 'no such chain file'."""
+    missing = tmp_path / "nope.toml"
+    for argv in (["run", "--graph", str(missing), "--text", "hi"], ["parity", "--graph", str(missing)]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"error: {missing}: no such graph file\n"
+    assert main(["run", "--graph", str(tmp_path / "g.txt"), "--text", "hi"]) == 2
+    assert "a graph file is .toml or .json, not '.txt'" in capsys.readouterr().err
+    assert main(["run", "--chain", str(missing), "--text", "hi"]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: no such chain file\n"

@@ -73,3 +73,10 @@ def test_inspect_example_via_subprocess():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
     assert "256 -> 160, 3 pipe(s), combine=weighted" in proc.stdout
+
+
+
+def test_a_folder_that_is_neither_build_nor_model_is_named(tmp_path, capsys):
+    """A model folder is named as such (tests/test_cli_wording.py); any other folder as not a build."""
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: a folder without manifest.json (not a `prism-deploy build` folder)\n"

@@ -114,8 +114,19 @@ def describe_machine() -> dict[str, Any]:
         "memory_total_bytes": _mem_total(),
         "gpu": gpu_info(),
         "versions": library_versions(),
-        "argv": list(sys.argv),
+        "argv": recorded_argv(sys.argv),
     }
+
+
+def recorded_argv(argv: list[str]) -> list[str]:
+    """The command line as a result file records it: ``python -m prism_deploy`` puts the absolute
+    path of the checkout's ``__main__.py`` in argv[0], which names the machine's folders in a
+    committed result; it is recorded from the package's parent instead."""
+    head = argv[:1]
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if head and os.path.isabs(head[0]) and head[0].startswith(package_parent + os.sep):
+        head = [os.path.relpath(head[0], package_parent)]
+    return [*head, *argv[1:]]
 
 
 def _mem_total() -> int | None:

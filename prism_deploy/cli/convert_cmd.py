@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="row-blocks x column-blocks (default: the one grid whose tiles cover the dims)")
     p.add_argument("--name", default="pipe1", help="the pipe's name (default pipe1)")
     p.add_argument("-o", "--output", required=True, help="adapter .safetensors to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the line")
     declare_outputs(p, files=("output",), folders=())
     p.set_defaults(func=run)
 
@@ -35,6 +36,13 @@ def run(args: argparse.Namespace) -> int:
     spec = data.config.pipes[0]
     padding = len(spec.padding_workers(data.config.in_dim, data.config.out_dim))
     dtype = str(data.tensors["pipes.0.tiles"].dtype).removeprefix("torch.")
+    if args.json:
+        from prism_deploy.cli.output import print_json
+
+        print_json({"output": args.output, "in_dim": data.config.in_dim, "out_dim": data.config.out_dim,
+                    "pipe": spec.name, "grid": list(spec.grid), "tile": list(spec.tile), "gated": False,
+                    "dtype": dtype, "padding_workers": padding})
+        return 0
     print(f"wrote {args.output}: {data.config.in_dim} -> {data.config.out_dim}, pipe {spec.name!r} "
           f"grid {spec.grid[0]}x{spec.grid[1]} of {spec.tile[0]}x{spec.tile[1]} tiles, ungated, {dtype}")
     if padding:

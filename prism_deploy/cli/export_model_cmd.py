@@ -15,6 +15,7 @@ from prism_deploy.cli.paths import declare_outputs
 from prism_deploy.core.limits import Limit
 from prism_deploy.core.precision import MODEL_PRECISIONS
 from prism_deploy.format.model_folder import GRAPH_FORMS, ROLE_ALIASES, ROLES
+from prism_deploy.models.quantize import DEFAULT_MAX_ERROR
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,8 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--mixed", action="store_true",
                    help="per layer: the fewest bits (int4, int8, else float) whose error on calibration text "
                         "is within --max-error; each choice and its error go into model.json")
-    q.add_argument("--max-error", type=float, default=None, metavar="E",
-                   help="--mixed's bound: relative L2 error of one layer's output on calibration text (default 0.05)")
+    q.add_argument("--max-error", type=number(Limit(float, 0.0, 1.0, low_open=True)), default=None, metavar="E",
+                   help="--mixed's bound: relative L2 error of one layer's output on calibration text, below 1 "
+                        f"(default {DEFAULT_MAX_ERROR:g})")
     q.add_argument("--calibration-text", default=None, metavar="FILE",
                    help="UTF-8 text for GPTQ and --mixed (default: the calibration part of the default corpus, Python's pydoc topics)")
     p.add_argument("--graph-form", default="portable", choices=GRAPH_FORMS,

@@ -37,6 +37,11 @@ def run_engines(args: argparse.Namespace) -> int:
     if manifest is None:
         from prism_deploy.core.errors import PrismInputError
 
+        from prism_deploy.format.model_folder import not_an_adapter
+
+        reason = not_an_adapter(args.adapter)  # an export-model folder: the one a user most often tries next
+        if reason is not None:
+            raise PrismInputError(f"{args.adapter}: {reason}")
         raise PrismInputError(f"{args.adapter}: a folder without manifest.json (not a `prism-deploy build` folder)")
     if args.json:
         print_json({"engines": [{"id": e["id"], "forms": e.get("forms")} for e in manifest["engines"]]})

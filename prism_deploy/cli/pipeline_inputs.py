@@ -25,7 +25,20 @@ MAX_IDS_FILE_BYTES = 1 << 30  # a token-id file larger than this is not a prompt
 
 
 def read_inputs(args: argparse.Namespace, chain: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(input_ids [batch, seq] int64, attention_mask or None) from the parsed arguments."""
+    """(input_ids [batch, seq] int64, attention_mask or None) from the parsed arguments; with a
+    chain (or graph), checked against it here so that a refusal names the user's --ids file or
+    --text rather than the runtime's ``input_ids``."""
+    ids, mask = _read_inputs(args, chain)
+    if chain is not None and hasattr(chain, "prepare_inputs"):
+        try:
+            chain.prepare_inputs(ids, mask)
+        except PrismInputError as exc:
+            source = "--text" if args.text is not None else args.ids
+            raise PrismInputError(f"{source}: {str(exc).removeprefix('input_ids: ')}") from None
+    return ids, mask
+
+
+def _read_inputs(args: argparse.Namespace, chain: Any) -> tuple[np.ndarray, np.ndarray | None]:
     if args.text is not None:
         tokenizer = args.tokenizer_a or (chain.spec.tokenizers.get("first") if getattr(chain, "spec", None) else None)
         if not tokenizer:

@@ -78,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
     # before the environment (minutes on first use): a taken port is said at once
     http, grpc, metrics = srv.ports(args.host, args.http_port, args.grpc_port, args.metrics_port)
     srv.check_ports_free(args.host, http, grpc, metrics)
-    recording = _recording(args)
-    if recording is not None:
+    if args.record is not None:  # before _recording makes the folder: a refusal leaves nothing behind
         _check_recordable(manifest, args.repository)
+    recording = _recording(args)
     be = backend_env(str(repo), args.env)
     if args.exit_timeout < 0:
         raise PrismInputError(f"--exit-timeout: {args.exit_timeout} must be >= 0")

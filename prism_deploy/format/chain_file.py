@@ -124,12 +124,13 @@ def read_chain_file(path: str | os.PathLike[str]) -> ChainSpec:
     return chain_from_object(parse_file(p), p)
 
 
-def parse_file(p: Path) -> Any:
-    """A chain or graph file's parsed TOML or JSON (by its suffix); one error line naming it."""
+def parse_file(p: Path, what: str = "chain file") -> Any:
+    """A chain or graph file's parsed TOML or JSON (by its suffix); one error line naming it
+    (and ``what`` the command took it for)."""
     if p.suffix not in SUFFIXES:
-        raise PrismInputError(f"{p}: a chain file is .toml or .json, not {p.suffix or '(no suffix)'!r}")
+        raise PrismInputError(f"{p}: a {what} is .toml or .json, not {p.suffix or '(no suffix)'!r}")
     if not p.is_file():
-        raise PrismInputError(f"{p}: no such chain file")
+        raise PrismInputError(f"{p}: no such {what}")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -152,7 +152,7 @@ class GraphSpec:
 def read_graph_file(path: str | os.PathLike[str]) -> GraphSpec:
     """Parse and validate a graph file (a chain file is one): TOML or JSON, by its suffix."""
     p = Path(path)
-    obj = chain_file.parse_file(p)
+    obj = chain_file.parse_file(p, "graph file")
     return graph_from_object(obj, p)
 
 

@@ -4,7 +4,7 @@ rewrite end to end against the reference (every input, attribute and output must
 right for the numbers to match).
 
 ``onnxruntime-extensions`` Python ops take one fixed input signature, and float16 inputs abort
-the process (see /work/shared/TENSORRT.md). So the op is declared all-float32, and
+the process. So the op is declared all-float32, and
 ``twin_model`` wraps every ``tile_dispatch`` node of a fused model in Casts: inputs to float32
 (int8 tiles are integers, exact in float32), the output back to its dtype. The twin applies
 ``scales`` whenever they hold one value per tile row (int8 tiles); a one-element ``scales``

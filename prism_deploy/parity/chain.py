@@ -226,10 +226,19 @@ def _bisect(chain: Any, reference: ReferenceChain, ids: np.ndarray, mask: np.nda
         else:
             out["summary"] = f"stage {h['stage']} (adapter {h['name']})"
     else:
-        bad = [g for g, f in h.get("graphs", {}).items() if not f["passed"]]
-        out["graph"] = bad[0] if bad else "graph"
+        out["graph"] = blamed_graph(chain.stages[i], h.get("graphs", {}))
         out["summary"] = f"stage {h['stage']} (model {h['name']}), graph {out['graph']}"
     return out
+
+
+def blamed_graph(stage: Any, graphs: dict[str, Any]) -> str:
+    """The graph file of a failing model stage to blame: the first whose figures fail."""
+    bad = [g for g, f in graphs.items() if not f["passed"]]
+    name = bad[0] if bad else "graph"
+    if name == "graph" and getattr(stage, "shares_past_graph", False):
+        # its plain calls (the prefill figures) ran on the KV-cache graph too: that is the file
+        return "graph_with_past"
+    return name
 
 
 def _last_model_graphs(chain: Any, reference: ReferenceChain, embeds: np.ndarray, mask: np.ndarray,

@@ -23,7 +23,7 @@ from prism_deploy.core.metrics import compare, compare_logits
 from prism_deploy.core.precision import loosest
 from prism_deploy.format.graph_file import GraphSpec
 from prism_deploy.models import hf
-from prism_deploy.parity.chain import last_model_graphs
+from prism_deploy.parity.chain import blamed_graph, last_model_graphs
 from prism_deploy.runtime.graph import fuse_logits
 
 
@@ -214,7 +214,6 @@ def _bisect(graph: Any, reference: ReferenceGraph, mask: np.ndarray, ref: list[n
             out["summary"] = (f"{head}, pipe {top['pipe']} ({top['name']}), worker {top['worker']} "
                               f"(row block {top['r']}, column block {top['c']})")
     elif n.kind == "model":
-        bad = [g for g, f in h.get("graphs", {}).items() if not f["passed"]]
-        out["graph"] = bad[0] if bad else "graph"
+        out["graph"] = blamed_graph(graph.stages[i], h.get("graphs", {}))
         out["summary"] = f"{head}, graph {out['graph']}"
     return out

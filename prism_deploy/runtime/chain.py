@@ -288,9 +288,25 @@ class Pipeline(Chain):
     def __init__(self, model_a: str | os.PathLike[str], adapter: Any, model_b: str | os.PathLike[str],
                  target: str = "ort-cpu", *, adapter_precision: str | None = None, threads: int | None = None,
                  precision_keyword: str = "adapter_precision=") -> None:
+        # width refusals name the files given (set before the base class checks them)
+        self._sources = [str(model_a), str(adapter) if isinstance(adapter, (str, os.PathLike)) else None,
+                         str(model_b)]
         super().__init__([model_a, adapter, model_b], target, names=["model_a", "adapter", "model_b"],
                          precisions=[None, adapter_precision, None], threads=threads,
                          precision_keyword=precision_keyword)
+
+    def _check_widths(self) -> None:
+        self._by_file = True  # a width refusal is about the files given: name them (a load error already does)
+        try:
+            super()._check_widths()
+        finally:
+            self._by_file = False
+
+    def _label(self, i: int) -> str:
+        source = self._sources[i]
+        if getattr(self, "_by_file", False) and source is not None:
+            return f"{source} ({self.names[i]})"
+        return super()._label(i)
 
     @property
     def adapter(self) -> Any:

@@ -3,7 +3,7 @@
 The tritonserver shipped in the ``nvidia-pytriton`` wheel runs each Python-backend model in a
 stub process whose embedded interpreter takes its packages from the ``python3`` first on
 ``PATH``. Its stub predates numpy 2's ABI: with numpy 2 it served empty outputs and zeros
-without failing (``/work/shared/TRITON.md``). So the models run in a virtual environment of
+without failing. So the models run in a virtual environment of
 their own, never in the CLI's:
 
 - packages: ``numpy<2``, ``onnxruntime`` at the exact version the engines were built with
