@@ -2,7 +2,7 @@
 
 With ``int8``/``int4``: ``[--form nbits|dq] [--block-size N] [--asymmetric] [--accuracy-level L]
 [--quantize-embedding] [--algorithm rtn|hqq|k_quant|gptq] [--mixed [--max-error E]]
-[--calibration-text FILE]`` (docs/quantized-models.md).
+[--calibration-text FILE] [--calibration-chain CHAIN --hop N]`` (docs/quantized-models.md).
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"(default {DEFAULT_MAX_ERROR:g})")
     q.add_argument("--calibration-text", default=None, metavar="FILE",
                    help="UTF-8 text for GPTQ and --mixed (default: the calibration part of the default corpus, Python's pydoc topics)")
+    q.add_argument("--calibration-chain", default=None, metavar="CHAIN",
+                   help="middle/last with GPTQ or --mixed: calibrate on what this model reads in the chain, the "
+                        "text through model N and the adapter of --hop N (this model is the chain's model N+1)")
+    q.add_argument("--hop", type=number(Limit(int, 1, 1 << 10)), default=None, metavar="N",
+                   help="with --calibration-chain: the hop whose adapter feeds this model (from 1)")
     p.add_argument("--graph-form", default="portable", choices=GRAPH_FORMS,
                    help="portable (default): standard ONNX from the PyTorch tracer, what TensorRT parses; ort: "
                         "ONNX Runtime's fused operators (GroupQueryAttention, SkipSimplifiedLayerNormalization, "
@@ -75,7 +80,8 @@ def quantization_spec(args: argparse.Namespace) -> object | None:
                                       ("--asymmetric", args.asymmetric), ("--accuracy-level", args.accuracy_level),
                                       ("--quantize-embedding", args.quantize_embedding), ("--algorithm", args.algorithm),
                                       ("--mixed", args.mixed), ("--max-error", args.max_error),
-                                      ("--calibration-text", args.calibration_text)) if value not in (None, False)]
+                                      ("--calibration-text", args.calibration_text),
+                                      ("--calibration-chain", args.calibration_chain), ("--hop", args.hop)) if value not in (None, False)]
     if args.precision not in quantize.BITS:
         if given:
             raise PrismInputError(f"{given[0]}: only with --precision int8 or int4")
@@ -101,6 +107,26 @@ def _calibration_text(path: str | None, spec: object | None) -> str | None:
         raise PrismInputError(f"{path}: cannot read it as UTF-8 text ({type(exc).__name__})") from None
 
 
+def _chain_inputs(args: argparse.Namespace, spec: object | None, text: str | None) -> object | None:
+    """``--calibration-chain CHAIN --hop N``: the upstream adapter's outputs on the calibration text."""
+    from prism_deploy.core.errors import PrismInputError
+
+    if args.calibration_chain is None:
+        if args.hop is not None:
+            raise PrismInputError("--hop: only with --calibration-chain")
+        return None
+    if not getattr(spec, "needs_calibration", False):
+        raise PrismInputError("--calibration-chain: only GPTQ and --mixed calibrate; give one of them")
+    if ROLE_ALIASES.get(args.role, args.role) == "first":
+        raise PrismInputError("--calibration-chain: a first model reads token ids, not an adapter's output; "
+                              "it calibrates on text")
+    if args.graph_form == "ort":
+        return None  # refused with the other quantization options below
+    from prism_deploy.cli.chain_calibration import chain_calibration_inputs
+
+    return chain_calibration_inputs(args.calibration_chain, args.hop, args.hf_dir, text)
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -110,20 +136,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: --role {args.role} is now called --role {ROLE_ALIASES[args.role]}", file=sys.stderr)
     spec = quantization_spec(args)  # checked before the model is loaded
     text = _calibration_text(args.calibration_text, spec)
+    inputs = _chain_inputs(args, spec, text)
     if args.graph_form == "ort":
         from prism_deploy.core.errors import PrismInputError
         from prism_deploy.models.ort_form import export_ort_form
 
         if any(v not in (None, False) for v in (args.form, args.block_size, args.asymmetric, args.accuracy_level,
                                                  args.quantize_embedding, args.algorithm, args.mixed, args.max_error,
-                                                 args.calibration_text)):
+                                                 args.calibration_text, args.calibration_chain)):
             raise PrismInputError("--graph-form ort: the quantization options are the model builder's own "
                                   "(block 32, symmetric, round to nearest); give only --precision")
         manifest = export_ort_form(args.hf_dir, args.role, args.output, precision=args.precision,
                                    max_seq=args.max_seq, force=args.force)
     else:
         manifest = export_model(args.hf_dir, args.role, args.output, precision=args.precision, max_seq=args.max_seq,
-                                quantization=spec, force=args.force, text=args.text, calibration_text=text)
+                                quantization=spec, force=args.force, text=args.text, calibration_text=text,
+                                calibration_inputs=inputs)
     if args.json:
         print_json(manifest)
         return 0

@@ -252,3 +252,25 @@ def _token_states(model_dir: str | os.PathLike[str], texts: list[str], *, max_se
             offsets = [None if special[i] else (int(o[0]), int(o[1])) for i, o in enumerate(enc["offset_mapping"][r][:n])]
             out.append((hidden[r, :n], offsets) if any(o is not None for o in offsets) else None)
     return out
+
+
+def hidden_states_on_texts(model_dir: str | os.PathLike[str], texts: list[str], *, tokens: int,
+                           max_seq: int) -> list[np.ndarray]:
+    """The model's final hidden states ``[n, d]`` per text, over its own tokens (as ``collect``
+    takes model A's), one text at a time until ``tokens`` tokens are held; texts with no token
+    are left out."""
+    tok = load_tokenizer(model_dir)
+    model = hf.load_causal_lm(model_dir, uses_head=False)
+    out: list[np.ndarray] = []
+    held = 0
+    for text in texts:
+        ids = tok(text, truncation=True, max_length=max_seq, return_tensors="pt")["input_ids"]
+        if ids.shape[1] == 0:
+            continue
+        with torch.no_grad():
+            hidden = hf.final_hidden(model, ids, torch.ones_like(ids)).float().numpy()[0]
+        out.append(hidden)
+        held += len(hidden)
+        if held >= tokens:
+            break
+    return out

@@ -104,12 +104,16 @@ class _LastWithPast(torch.nn.Module):
 def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.PathLike[str], *,
                  precision: str = "fp32", max_seq: int | None = None, validate: bool = True,
                  seed: int = 0, quantization: Any = None, force: bool = False,
-                 text: str | os.PathLike[str] | None = None, calibration_text: str | None = None) -> dict[str, Any]:
+                 text: str | os.PathLike[str] | None = None, calibration_text: str | None = None,
+                 calibration_inputs: tuple[list[np.ndarray], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Export ``hf_dir`` as ``role`` into ``out_dir`` and validate it; returns the manifest.
 
     ``int8``/``int4``: the float32 graphs are traced, then their weights quantized
     (:func:`prism_deploy.models.quantize.quantize_graph`) with ``quantization`` (a ``QuantSpec``
-    from ``quantize.make_spec``; default: ``make_spec(precision)``).
+    from ``quantize.make_spec``; default: ``make_spec(precision)``). GPTQ and the mixed plan
+    calibrate on ``calibration_text``'s token embeddings, or, for a middle or last model,
+    on ``calibration_inputs``: what it will read in its chain (the upstream adapter's outputs on
+    text, one ``[tokens, hidden]`` array per text) and the record of where they came from.
 
     Validation runs on random inputs (embedding rows plus noise, random ids) and, where the model
     has a tokenizer, on real text: the held-out part of ``text`` (a UTF-8 file; default: the
@@ -127,6 +131,9 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     precision = ModelPrecision.parse(precision).value
     from prism_deploy.models import quantize
 
+    if calibration_inputs is not None and role == "first":
+        raise PrismInputError("--calibration-chain: a first model reads token ids, not an adapter's output; "
+                              "it calibrates on text")
     if precision in quantize.BITS and quantization is None:
         quantization = quantize.make_spec(precision)
     if quantization is not None and quantize.BITS.get(precision) != quantization.bits:
@@ -185,7 +192,10 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                     written = [n for n in written if not n.endswith(".data")]
                     activations, plan, plan_errors = None, None, None
                     if quantization.needs_calibration:
-                        feeds, calibration = _calibration_feeds(hf_dir, reference, role, calibration_text)
+                        if calibration_inputs is not None:
+                            feeds, calibration = embedding_feeds(*calibration_inputs, dims["hidden"])
+                        else:
+                            feeds, calibration = _calibration_feeds(hf_dir, reference, role, calibration_text)
                         activations = quantize.layer_inputs(out / files["graph"], feeds)
                     for key in ("graph", "graph_with_past"):
                         if key in files:  # quantized in place; a float graph's external data file goes
@@ -283,6 +293,31 @@ def _calibration_feeds(hf_dir: Any, reference: Any, role: str, text: str | None)
         feeds.append({"input_ids": window, "attention_mask": mask} if table is None else
                      {"inputs_embeds": table[window].astype(np.float32), "attention_mask": mask})
     return feeds, {"source": source, "tokens": int(len(ids)), "window": CALIBRATION_WINDOW}
+
+
+def embedding_feeds(inputs: list[np.ndarray], source: dict[str, Any], hidden: int) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """A middle or last graph's inputs from the embeddings it will read in its chain (one
+    ``[tokens, hidden]`` array per text, e.g. the upstream adapter's outputs): the first
+    ``CALIBRATION_TOKENS`` tokens, each text in windows of ``CALIBRATION_WINDOW``."""
+    where = source.get("chain", "calibration inputs")
+    feeds: list[dict[str, np.ndarray]] = []
+    tokens = 0
+    for rows in inputs:
+        if rows.ndim != 2 or rows.shape[1] != hidden:
+            raise PrismInputError(f"{where}: the calibration inputs are {list(rows.shape)} wide rows; "
+                                  f"this model reads [tokens, {hidden}]")
+        rows = np.asarray(rows[:CALIBRATION_TOKENS - tokens], dtype=np.float32)
+        if not np.isfinite(rows).all():
+            raise PrismInputError(f"{where}: the calibration inputs hold NaN or Inf")
+        for start in range(0, len(rows), CALIBRATION_WINDOW):
+            window = rows[None, start:start + CALIBRATION_WINDOW]
+            feeds.append({"inputs_embeds": window, "attention_mask": np.ones(window.shape[:2], dtype=np.int64)})
+        tokens += len(rows)
+        if tokens >= CALIBRATION_TOKENS:
+            break
+    if tokens < 16:
+        raise PrismInputError(f"{where}: {tokens} tokens of calibration inputs; calibration needs at least 16")
+    return feeds, {**source, "tokens": tokens, "window": CALIBRATION_WINDOW}
 
 
 def _remove_export_files(out: Path, role: str) -> None:
