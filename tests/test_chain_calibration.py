@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 import transformers
@@ -98,3 +100,25 @@ def test_inputs_of_the_wrong_width_are_refused():
         embedding_feeds([np.zeros((40, 64), np.float32)], {"source": "chain", "chain": "chain.json"}, 96)
     feeds, record = embedding_feeds([np.ones((300, 96), np.float32), np.ones((300, 96), np.float32)], {"source": "x"}, 96)
     assert [f["inputs_embeds"].shape[1] for f in feeds] == [256, 44, 212] and record["tokens"] == 512
+
+
+def test_adapter_int8_calibration_reads_a_collect_pairs_file_as_its_hidden_states(zoo, tmp_path):
+    """The adapter's existing hook, build/export --calib FILE: a `collect --chain --hop N` pairs file
+    calibrates on its X (the upstream model's hidden states on the chain's text)."""
+    from prism_deploy.lower import export_onnx
+    from prism_deploy.models.collect import save_pairs
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 3, size=(200, 64)).astype(np.float32)
+    pairs = tmp_path / "pairs.safetensors"
+    save_pairs(pairs, x, rng.normal(size=(200, 96)).astype(np.float32), {"pool": "tokens"})
+    adapter = load_adapter(zoo["adapter"])
+
+    def scales(calib, name):
+        export_onnx(adapter, tmp_path / name, precision="int8-qdq", calib=calib)
+        model = onnx.load(str(tmp_path / name))
+        return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if "scale" in i.name}
+
+    from_file, from_x, from_other = scales(pairs, "f.onnx"), scales(x, "x.onnx"), scales(2 * x, "o.onnx")
+    assert from_file and all(np.array_equal(from_file[k], from_x[k]) for k in from_x)
+    assert any(not np.array_equal(from_file[k], from_other[k]) for k in from_x)

@@ -31,6 +31,8 @@ def chain_calibration_inputs(chain_file: str, hop: int | None, hf_dir: str,
     from prism_deploy.models.export import CALIBRATION_TOKENS, CALIBRATION_WINDOW
     from prism_deploy.reference import load_adapter
 
+    if hop is None:
+        raise PrismInputError("--calibration-chain: needs --hop N, the hop whose adapter feeds this model")
     upstream, model = hop_models(chain_file, hop)
     if Path(model).resolve() != Path(hf_dir).resolve():
         raise PrismInputError(f"--hop {hop}: {chain_file}'s model {hop + 1} is {model}, not {hf_dir}; "

@@ -8,6 +8,7 @@ With ``int8``/``int4``: ``[--form nbits|dq] [--block-size N] [--asymmetric] [--a
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from prism_deploy.cli.numbers import COUNT, number
 from prism_deploy.cli.output import print_json, print_table
@@ -107,7 +108,7 @@ def _calibration_text(path: str | None, spec: object | None) -> str | None:
         raise PrismInputError(f"{path}: cannot read it as UTF-8 text ({type(exc).__name__})") from None
 
 
-def _chain_inputs(args: argparse.Namespace, spec: object | None, text: str | None) -> object | None:
+def _chain_inputs(args: argparse.Namespace, spec: object | None, text: str | None) -> Any:
     """``--calibration-chain CHAIN --hop N``: the upstream adapter's outputs on the calibration text."""
     from prism_deploy.core.errors import PrismInputError
 
