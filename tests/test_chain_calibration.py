@@ -73,7 +73,9 @@ def test_feeds_are_the_adapter_outputs_on_the_chain_text(zoo, tmp_path, chain, m
     assert calibration["adapter_sha256"] == file_sha256(zoo["adapter"])
     assert calibration["upstream_model"] == str(zoo["llama"]) and calibration["text"] == "--calibration-text"
     assert calibration["tokens"] == sum(f["inputs_embeds"].shape[1] for f in seen) > 16
-    assert json.loads((tmp_path / "out" / "model.json").read_text())["quantization"]["calibration"] == calibration
+    from prism_deploy.format.model_folder import read_model_json
+
+    assert read_model_json(tmp_path / "out", "last")["quantization"]["calibration"] == calibration
 
 
 @pytest.mark.parametrize("change,expected", [

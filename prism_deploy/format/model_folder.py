@@ -86,7 +86,11 @@ _QUANTIZATION = {
                    "algorithm": {"enum": ["rtn", "hqq", "k_quant", "gptq"]}, "mixed": {"type": "boolean"},
                    "max_error": {"type": ["number", "null"], "exclusiveMinimum": 0},
                    "calibration": {"type": "object", "required": ["source", "tokens"],
-                                   "properties": {"source": {"type": "string"}, "tokens": _POS_INT}},
+                                   # source "chain": the hop's adapter outputs on text (export-model --calibration-chain)
+                                   "properties": {"source": {"type": "string"}, "tokens": _POS_INT,
+                                                  "chain": {"type": "string"}, "hop": _POS_INT,
+                                                  "upstream_model": {"type": "string"}, "adapter": {"type": "string"},
+                                                  "adapter_sha256": {"type": "string"}, "text": {"type": "string"}}},
                    "graphs": {"type": "object", "additionalProperties": _QUANT_GRAPH}},
 }
 SCHEMA: dict[str, Any] = {
