@@ -124,3 +124,10 @@ def test_adapter_int8_calibration_reads_a_collect_pairs_file_as_its_hidden_state
     from_file, from_x, from_other = scales(pairs, "f.onnx"), scales(x, "x.onnx"), scales(2 * x, "o.onnx")
     assert from_file and all(np.array_equal(from_file[k], from_x[k]) for k in from_x)
     assert any(not np.array_equal(from_file[k], from_other[k]) for k in from_x)
+
+
+def test_the_summary_names_the_chain(zoo, tmp_path, chain, capsys):
+    assert main(["export-model", str(zoo["qwen2"]), "--role", "last", "-o", str(tmp_path / "out"), "--max-seq", "32",
+                 "--precision", "int8", "--mixed", "--calibration-chain", str(chain), "--hop", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"through hop 1 of {chain}" in out and "(calibration part)" in out

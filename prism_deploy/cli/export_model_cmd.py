@@ -128,6 +128,12 @@ def _chain_inputs(args: argparse.Namespace, spec: object | None, text: str | Non
     return chain_calibration_inputs(args.calibration_chain, args.hop, args.hf_dir, text)
 
 
+def _calibration_label(calibration: dict[str, Any]) -> str:
+    if calibration["source"] == "chain":
+        return f"{calibration['text']} through hop {calibration['hop']} of {calibration['chain']}"
+    return str(calibration["source"])
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -185,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
             counts = {label: sum(1 for b in plan.values() if b == bits) for label, bits in
                       (("int4", 4), ("int8", 8), ("float", None))}
             print(f"mixed plan ({q['algorithm']}, max error {q['max_error']:g} on {q['calibration']['tokens']} tokens of "
-                  f"{q['calibration']['source']}): " + ", ".join(f"{n} {label}" for label, n in counts.items() if n))
+                  f"{_calibration_label(q['calibration'])}): " + ", ".join(f"{n} {label}" for label, n in counts.items() if n))
         block = "per channel" if q["block_size"] is None else f"block {q['block_size']}"
         print(f"quantized: {manifest['precision']} {q['form']}, {block}, {'symmetric' if q['symmetric'] else 'asymmetric'}"
               + (f", accuracy level {q['accuracy_level']}" if q["accuracy_level"] is not None else "") + "; "
