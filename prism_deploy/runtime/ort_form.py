@@ -39,7 +39,10 @@ class KvCache:
         self.shifts: np.ndarray | None = None  # set by the prefill
         self.binding: Any = None  # made by the first step
         self.real: np.ndarray | None = None  # each row's real tokens so far (set by the prefill)
+        self.length = 0  # the mask's length so far, padding included
         self.mask_buffer: np.ndarray | None = None
+        # the host arrays the binding points at, kept alive until the next step rebinds them
+        self.bound: tuple[np.ndarray, ...] = ()
 
 
 class OrtFormGraph:
@@ -103,8 +106,11 @@ class OrtFormGraph:
             cache.real = mask.sum(axis=1)
             cache.mask_buffer = np.empty(batch * self.max_seq, dtype=np.int64)
             cache.binding = self._bind_cache(cache)
+        elif length != cache.length + new:
+            raise ValueError(f"a mask of {length} tokens after {cache.length} cached and {new} new")
         else:
             cache.real += new  # later calls add real tokens only
+        cache.length = length
         # right-padded: each row's real tokens counted from position 0, written into the buffer
         feed_mask = cache.mask_buffer[: batch * length].reshape(batch, length)
         np.less(self._positions(length), cache.real[:, None], out=feed_mask, casting="unsafe")
@@ -116,6 +122,7 @@ class OrtFormGraph:
             self._bind_array(binding.bind_input, self.input_name, value)
             self._bind_array(binding.bind_input, "attention_mask", feed_mask)
             self._bind_array(binding.bind_output, self.output_name, logits)
+            cache.bound = (value, feed_mask, logits)
         else:
             binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
             binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(feed_mask, self.device, 0))
@@ -131,6 +138,8 @@ class OrtFormGraph:
     def _bind_cache(self, cache: KvCache) -> Any:
         """The generation's IO binding, with each layer's buffer bound as past and present."""
         binding = self.session.io_binding()
+        # the output first: get_outputs() keeps the binding order, and a rebind keeps its place
+        binding.bind_output(self.output_name, self.device)
         for past, present in zip(self.names, self.presents):
             binding.bind_ortvalue_input(past, cache.values[past])
             binding.bind_ortvalue_output(present, cache.values[past])
@@ -143,5 +152,5 @@ class OrtFormGraph:
 
     @staticmethod
     def _bind_array(bind: Any, name: str, array: np.ndarray) -> None:
-        """Bind a contiguous host array by its pointer (the caller keeps it alive through the run)."""
+        """Bind a contiguous host array by its pointer (``KvCache.bound`` keeps it alive)."""
         bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
