@@ -4,7 +4,9 @@ One graph per role, with ONNX Runtime's fused operators; its ``GroupQueryAttenti
 cache that past and present share. Plain calls feed an empty past. Generation preallocates one
 buffer per layer's key and value at the run's maximum length, ``[batch, kv_heads, max_seq,
 head_dim]``, and binds it (IO binding) as both the past input and the present output: each step
-writes its new positions in place, with no allocation or copy of the cache per step.
+writes its new positions in place, with no allocation or copy of the cache per step. The
+generation keeps one IO binding (docs/model-forms.md, "The step loop"): a step rebinds only its
+input, mask and logits.
 
 GroupQueryAttention counts a row's real tokens from position 0 (right padding); this project's
 batches are left-padded. The runner feeds each row rolled left by its padding
@@ -38,9 +40,9 @@ class KvCache:
         self.batch = batch
         self.shifts: np.ndarray | None = None  # set by the prefill
         self.binding: Any = None  # made by the first step
-        self.real: np.ndarray | None = None  # each row's real tokens so far (set by the prefill)
+        self.real = np.zeros(batch, dtype=np.int64)  # each row's real tokens so far (set by the prefill)
         self.length = 0  # the mask's length so far, padding included
-        self.mask_buffer: np.ndarray | None = None
+        self.mask_buffer = np.empty(0, dtype=np.int64)  # made by the prefill
         # the host arrays the binding points at, kept alive until the next step rebinds them
         self.bound: tuple[np.ndarray, ...] = ()
 
