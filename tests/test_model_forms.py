@@ -148,8 +148,8 @@ def test_interleaved_generations_keep_their_own_binding(ort_forms):
     stage = ModelStage(ort_forms["ort_last"])
     table = stage.embed_tokens
 
-    def generate(emb, mask, turns, caches=None):
-        cache = stage.empty_past(emb.shape[0]) if caches is None else caches
+    def generate(emb, mask, turns):
+        cache = stage.empty_past(emb.shape[0])
         logits, cache = stage.step(emb, mask, cache)
         out = [logits]
         for _ in range(turns):
