@@ -142,6 +142,47 @@ def test_shared_kv_buffer_decodes_as_the_plain_graph_token_by_token(ort_forms):
         assert np.abs(key[row, :, :n]).min(axis=-1).max() > 0 and not key[row, :, n + 1:].any()
 
 
+def test_interleaved_generations_keep_their_own_binding(ort_forms):
+    """Each cache carries its own IO binding and mask buffer: two generations stepped in turn on
+    one session give what each gives alone, and logits returned earlier are not overwritten."""
+    stage = ModelStage(ort_forms["ort_last"])
+    table = stage.embed_tokens
+
+    def generate(emb, mask, turns):
+        cache = stage.empty_past(emb.shape[0])
+        logits, cache = stage.step(emb, mask, cache)
+        out = [logits]
+        for _ in range(turns):
+            step = np.asarray(table[out[-1].argmax(-1)])[:, None, :]
+            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
+            logits, cache = stage.step(step, mask, cache)
+            out.append(logits)
+        return out
+
+    a_emb, a_mask = _left_padded(2, 6, stage.hidden_size, seed=1)
+    b_emb, b_mask = _left_padded(1, 9, stage.hidden_size, seed=2)
+    alone_a, alone_b = generate(a_emb, a_mask, 4), generate(b_emb, b_mask, 4)
+    kept = [x.copy() for x in alone_a]
+    ca, cb = stage.empty_past(2), stage.empty_past(1)
+    la, ca = stage.step(a_emb, a_mask, ca)
+    lb, cb = stage.step(b_emb, b_mask, cb)
+    got_a, got_b = [la], [lb]
+    for _ in range(4):
+        for got, cache_, mask_ in ((got_a, ca, a_mask), (got_b, cb, b_mask)):
+            step = np.asarray(table[got[-1].argmax(-1)])[:, None, :]
+            full = np.ones((mask_.shape[0], mask_.shape[1] + len(got)), dtype=np.int64)
+            full[:, : mask_.shape[1]] = mask_
+            logits, _ = stage.step(step, full, cache_)
+            got.append(logits)
+    for got, alone in ((got_a, alone_a), (got_b, alone_b)):
+        for x, y in zip(got, alone):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    for x, y in zip(alone_a, kept):  # earlier steps' logits untouched by later steps
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="a mask of 20 tokens after 13 cached and 1 new"):
+        stage.step(np.asarray(table[[0]])[:, None, :], np.ones((1, 20), dtype=np.int64), cb)
+
+
 def test_ort_form_cli_refusals(ort_forms, zoo, tmp_path, capsys):
     import subprocess
     import sys

@@ -34,6 +34,7 @@ class OnnxRunner:
         self.device = provider if provider in DEVICES else "cpu"
         self.label = label
         self.input_types = {i.name: i.type for i in session.get_inputs()}
+        self.output_types = {o.name: o.type for o in session.get_outputs()}
         self.input_shapes = {i.name: list(i.shape) for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
         self.output_shapes = {o.name: list(o.shape) for o in session.get_outputs()}
@@ -50,6 +51,10 @@ class OnnxRunner:
     def input_dtype(self, name: str) -> np.dtype | None:
         """The float dtype the graph declares for ``name`` (None for integer inputs)."""
         return _FLOAT_TYPES.get(self.input_types[name])
+
+    def output_dtype(self, name: str) -> np.dtype | None:
+        """The float dtype the graph declares for output ``name`` (None for integer outputs)."""
+        return _FLOAT_TYPES.get(self.output_types[name])
 
     def feed(self, name: str, value: Any) -> Any:
         """``value`` as the graph wants it: numpy cast to a declared float type; an OrtValue of

@@ -4,7 +4,9 @@ One graph per role, with ONNX Runtime's fused operators; its ``GroupQueryAttenti
 cache that past and present share. Plain calls feed an empty past. Generation preallocates one
 buffer per layer's key and value at the run's maximum length, ``[batch, kv_heads, max_seq,
 head_dim]``, and binds it (IO binding) as both the past input and the present output: each step
-writes its new positions in place, with no allocation or copy of the cache per step.
+writes its new positions in place, with no allocation or copy of the cache per step. The
+generation keeps one IO binding (docs/model-forms.md, "The step loop"): a step rebinds only its
+input, mask and logits.
 
 GroupQueryAttention counts a row's real tokens from position 0 (right padding); this project's
 batches are left-padded. The runner feeds each row rolled left by its padding
@@ -20,18 +22,29 @@ import numpy as np
 
 from prism_deploy.format.model_folder import OUTPUT_ORT_FORM as OUTPUT
 from prism_deploy.format.model_folder import past_names, right_padding_shifts, roll_rows
-from prism_deploy.runtime.onnx_runner import OnnxRunner, host
+from prism_deploy.runtime.onnx_runner import OnnxRunner, host, shape_of
 
 
 
 class KvCache:
     """One generation's cache: per past name an OrtValue ``[batch, kv_heads, max_seq, head_dim]``,
-    bound as past and present at once, and each row's left padding (fixed at the prefill)."""
+    bound as past and present at once, and each row's left padding (fixed at the prefill).
+
+    It also holds the generation's one IO binding (the past/present buffers bound once, each step
+    rebinding only its input, mask and logits) and a mask buffer of ``batch * max_seq`` whose
+    first ``batch * length`` entries are each step's mask: the step's Python work stays a few
+    binds instead of a new binding, mask and copies per token."""
 
     def __init__(self, values: dict[str, Any], batch: int) -> None:
         self.values = values
         self.batch = batch
         self.shifts: np.ndarray | None = None  # set by the prefill
+        self.binding: Any = None  # made by the first step
+        self.real = np.zeros(batch, dtype=np.int64)  # each row's real tokens so far (set by the prefill)
+        self.length = 0  # the mask's length so far, padding included
+        self.mask_buffer = np.empty(0, dtype=np.int64)  # made by the prefill
+        # the host arrays the binding points at, kept alive until the next step rebinds them
+        self.bound: tuple[np.ndarray, ...] = ()
 
 
 class OrtFormGraph:
@@ -49,6 +62,9 @@ class OrtFormGraph:
         self.names = past_names(self.layers)
         self.presents = past_names(self.layers, "present")
         self.dtype = runner.input_dtype(self.names[0]) or np.dtype(np.float32)
+        self._arange: np.ndarray | None = None
+        self.vocab = int(dims["vocab"])
+        self.output_dtype = runner.output_dtype(self.output_name) or np.dtype(np.float32)
 
     def input_dtype(self, name: str) -> np.dtype | None:
         return self.runner.input_dtype(name)
@@ -79,30 +95,64 @@ class OrtFormGraph:
         real tokens only. ``attention_mask`` covers past + new tokens, left-padded as elsewhere."""
         import onnxruntime as ort
 
-        mask = np.asarray(host(attention_mask), dtype=np.int64)
-        if mask.shape[1] > self.max_seq:
-            raise ValueError(f"{mask.shape[1]} tokens exceed the cache's {self.max_seq}")
+        length = int(shape_of(attention_mask)[1])
+        if length > self.max_seq:
+            raise ValueError(f"{length} tokens exceed the cache's {self.max_seq}")
         x = host(x)
-        new = int(x.shape[1])
+        batch, new = int(x.shape[0]), int(x.shape[1])
         prefill = cache.shifts is None
-        if cache.shifts is None:
+        if prefill:
+            mask = np.asarray(host(attention_mask), dtype=np.int64)
             shifts = cache.shifts = right_padding_shifts(mask)
             x = roll_rows(x, shifts)
+            cache.real = mask.sum(axis=1)
+            cache.mask_buffer = np.empty(batch * self.max_seq, dtype=np.int64)
+            cache.binding = self._bind_cache(cache)
+        elif length != cache.length + new:
+            raise ValueError(f"a mask of {length} tokens after {cache.length} cached and {new} new")
         else:
-            shifts = cache.shifts
-        # right-padded: each row's real tokens counted from position 0
-        real = mask.sum(axis=1)
-        feed_mask = (np.arange(mask.shape[1])[None, :] < real[:, None]).astype(np.int64)
+            cache.real += new  # later calls add real tokens only
+        cache.length = length
+        # right-padded: each row's real tokens counted from position 0, written into the buffer
+        feed_mask = cache.mask_buffer[: batch * length].reshape(batch, length)
+        np.less(self._positions(length), cache.real[:, None], out=feed_mask, casting="unsafe")
+        binding = cache.binding
+        value = np.ascontiguousarray(self.runner.feed(self.input_name, x))
+        # the step's logits land in an array made here (one allocation, no copy out of ONNX Runtime)
+        logits = np.empty((batch, new, self.vocab), dtype=self.output_dtype)
+        if self.device == "cpu":  # bind the host arrays where they are: no OrtValue per step
+            self._bind_array(binding.bind_input, self.input_name, value)
+            self._bind_array(binding.bind_input, "attention_mask", feed_mask)
+            self._bind_array(binding.bind_output, self.output_name, logits)
+            cache.bound = (value, feed_mask, logits)
+        else:
+            binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
+            binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(feed_mask, self.device, 0))
+            binding.bind_output(self.output_name, self.device)
+        self.session.run_with_iobinding(binding)
+        if self.device != "cpu":
+            logits = host(binding.get_outputs()[0])
+        if not prefill:  # each row's last token is the step's last: a view, no copy
+            return logits[:, new - 1]
+        # the prefill's rows end early by their padding
+        return logits[np.arange(batch), new - 1 - shifts]
+
+    def _bind_cache(self, cache: KvCache) -> Any:
+        """The generation's IO binding, with each layer's buffer bound as past and present."""
         binding = self.session.io_binding()
-        value = self.runner.feed(self.input_name, np.ascontiguousarray(x))
-        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
-        binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(feed_mask, self.device, 0))
-        binding.bind_output(self.output_name, self.device)  # first: get_outputs() keeps the binding order
+        # the output first: get_outputs() keeps the binding order, and a rebind keeps its place
+        binding.bind_output(self.output_name, self.device)
         for past, present in zip(self.names, self.presents):
             binding.bind_ortvalue_input(past, cache.values[past])
             binding.bind_ortvalue_output(present, cache.values[past])
-        self.session.run_with_iobinding(binding)
-        logits = host(binding.get_outputs()[0])
-        # each row's last real token: the prefill's rows end early by their padding; later calls add real tokens
-        last = new - 1 - shifts if prefill else np.full(mask.shape[0], new - 1)
-        return logits[np.arange(mask.shape[0]), last]
+        return binding
+
+    def _positions(self, length: int) -> np.ndarray:
+        if self._arange is None or len(self._arange) < self.max_seq:
+            self._arange = np.arange(self.max_seq)
+        return self._arange[:length]
+
+    @staticmethod
+    def _bind_array(bind: Any, name: str, array: np.ndarray) -> None:
+        """Bind a contiguous host array by its pointer (``KvCache.bound`` keeps it alive)."""
+        bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
