@@ -191,7 +191,7 @@ def test_ort_form_cli_refusals(ort_forms, zoo, tmp_path, capsys):
            str(tmp_path / "x"), "--graph-form", "ort", "--precision", "int4", "--block-size", "64"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "error: --graph-form ort: the quantization options are the model builder's own (block 32, symmetric); "
+        "error: --graph-form ort: the quantization options are the model builder's own (block 32, symmetric, round to nearest); "
         "give only --precision"]
     assert not (tmp_path / "x").exists()
     cmd = [sys.executable, "-m", "prism_deploy", "build", "--model", str(ort_forms["ort_last"]), "-o", str(tmp_path / "b")]
