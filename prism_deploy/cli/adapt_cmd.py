@@ -67,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--url", metavar="HOST:PORT", help="the running server (default: the one `serve` recorded)")
     p.add_argument("--no-load", action="store_true", help="write the version only; do not ask a server to load it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run, needs=("torch", "transformers"))
+    p.set_defaults(func=run, needs=("torch", "transformers"),
+                   graph_hint="adapt reads a chain file (--chain FILE --hop N) or --model-a HF_DIR --model-b HF_DIR: "
+                              "give the two models of the graph edge with --model-a and --model-b")
 
 
 def run(args: argparse.Namespace) -> int:
