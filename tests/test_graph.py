@@ -375,3 +375,7 @@ def test_a_graph_file_given_as_a_chain_suggests_what_the_command_takes(tmp_path,
             assert "--graph" not in err and "--model-a HF_DIR --model-b HF_DIR" in err
         else:
             assert err == what + "give it with --graph\n", (name, err)
+    # a chain file whose model lacks its Hugging Face folder: the error names adapt, not collect
+    chain = write(tmp_path / "c.json", [{"model": "A", "name": "A"}, {"adapter": "a.safetensors"}, {"model": "B"}])
+    assert main([*commands["adapt"][:-4], "--chain", str(chain), "--hop", "1"]) == 2
+    assert capsys.readouterr().err.endswith(": adapt needs its Hugging Face folder (hf = ...)\n")

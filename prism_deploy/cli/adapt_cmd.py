@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.model_a is not None or args.model_b is not None:
             raise PrismInputError("--chain: give a chain file and --hop, or --model-a and --model-b, not both")
-        args.model_a, args.model_b = hop_models(args.chain, args.hop)
+        args.model_a, args.model_b = hop_models(args.chain, args.hop, "adapt")
     if args.model_a is None or args.model_b is None:
         raise PrismInputError("adapt: give --model-a HF_DIR and --model-b HF_DIR, or --chain FILE --hop N")
     if args.every is None and (args.min_new is not None or args.rounds is not None):
