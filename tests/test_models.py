@@ -586,3 +586,18 @@ def test_the_gguf_loaders_own_bar_is_off_only_while_loading(capfd):
     with pytest.raises(ValueError), hf.quiet_loading(gguf_file=True):
         raise ValueError("a real error passes through")
     assert gguf_loader.tqdm is bar
+
+
+def test_a_long_text_tokenized_whole_says_nothing(tmp_path, capfd):
+    """Export tokenizes its calibration text whole and cuts it into windows: transformers'
+    "sequence length is longer than the specified maximum" warning was noise on stderr."""
+    from tests.model_helpers import make_tokenizer
+
+    make_tokenizer(tmp_path, 300)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 8}))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.model_max_length == 8
+    capfd.readouterr()
+    assert len(tokenizer(" ".join(SENTENCES))["input_ids"]) > 8
+    assert capfd.readouterr().err == ""
