@@ -188,7 +188,7 @@ def test_chain_files_run_as_graphs_unchanged(parts, tmp_path, capsys):
         assert len(json.loads(capsys.readouterr().out)["generated_ids"][0]) == 3
     # a graph file given as a chain says to use --graph
     assert main(["run", "--chain", str(write(tmp_path / "g.json", diamond(parts))), "--ids", str(ids_file)]) == 2
-    assert "a graph file; give it with --graph" in capsys.readouterr().err
+    assert "a graph file, not a chain file; give it with --graph" in capsys.readouterr().err
 
 
 def bad_graphs(p) -> list[tuple[str, list[dict], str]]:
@@ -346,3 +346,36 @@ def test_a_missing_graph_file_is_called_a_graph_file(tmp_path, capsys):
     assert "a graph file is .toml or .json, not '.txt'" in capsys.readouterr().err
     assert main(["run", "--chain", str(missing), "--text", "hi"]) == 2
     assert capsys.readouterr().err == f"error: {missing}: no such chain file\n"
+
+
+def test_a_graph_file_given_as_a_chain_suggests_what_the_command_takes(tmp_path, capsys):
+    """`adapt --chain graph.toml` said "give it with --graph", an option adapt does not have:
+    each command that reads a chain file says --graph only where it has it."""
+    from prism_deploy.serving.repository import REPO_FORMAT, REPO_VERSION, write_manifest
+
+    graph = write(tmp_path / "g.json", [{"model": "A", "name": "A"}, {"adapter": "a.safetensors"},
+                                        {"model": "B", "name": "B"}, {"adapter": "c.safetensors", "inputs": ["A"]},
+                                        {"model": "C"}])
+    what = f"error: {graph}: stages.3 (stage 4) names its inputs or is a fusion: a graph file, not a chain file; "
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_manifest(repo, {"format": REPO_FORMAT, "version": REPO_VERSION, "models": {"ad": {"kind": "adapter"}}})
+    (tmp_path / "pairs.safetensors").write_bytes(b"")
+    commands = {"run": ["run", "--chain", str(graph), "--text", "hi"],
+                "build": ["build", "--chain", str(graph), "-o", str(tmp_path / "out")],
+                "collect": ["collect", "--chain", str(graph), "--hop", "1", "-o", str(tmp_path / "pairs.safetensors")],
+                "parity": ["parity", "--chain", str(graph)],
+                "adapt": ["adapt", str(repo), "--from", str(tmp_path), "--original", str(tmp_path / "pairs.safetensors"),
+                          "--chain", str(graph), "--hop", "1"]}
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(what), (name, err)
+        if name == "adapt":
+            assert "--graph" not in err and "--model-a HF_DIR --model-b HF_DIR" in err
+        else:
+            assert err == what + "give it with --graph\n", (name, err)
+    # a chain file whose model lacks its Hugging Face folder: the error names adapt, not collect
+    chain = write(tmp_path / "c.json", [{"model": "A", "name": "A"}, {"adapter": "a.safetensors"}, {"model": "B"}])
+    assert main([*commands["adapt"][:-4], "--chain", str(chain), "--hop", "1"]) == 2
+    assert capsys.readouterr().err.endswith(": adapt needs its Hugging Face folder (hf = ...)\n")

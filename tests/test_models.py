@@ -551,3 +551,53 @@ def test_chain_collect_fit_run_parity(zoo, tmp_path, capsys):
     assert main(["parity-pipeline", *base, "--model-a-hf", str(zoo["llama"]), "--model-b-hf", str(zoo["qwen2"]),
                  "--text", "Tiles of weights are routed", "--tokenizer-a", str(zoo["llama"])]) == 0
     assert "parity: passed" in capsys.readouterr().out
+
+
+def test_loading_a_sentence_encoder_as_a_first_model_says_nothing(tmp_path, capfd):
+    """A BERT encoder read as a first model made transformers warn that BertLMHeadModel wants
+    is_decoder=True (its head is never used): the library's notes are silenced around the
+    loads, and its verbosity is as it was afterwards."""
+    from transformers import BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32)).save_pretrained(str(tmp_path))
+    verbosity = hf_logging.get_verbosity()
+    capfd.readouterr()
+    model = hf.load_causal_lm(tmp_path, uses_head=False)
+    assert type(model).__name__ == "BertLMHeadModel" and not model.config.is_decoder
+    assert capfd.readouterr().err == ""
+    assert hf_logging.get_verbosity() == verbosity
+
+
+def test_the_gguf_loaders_own_bar_is_off_only_while_loading(capfd):
+    """transformers draws its GGUF tensor bar with plain tqdm, which its progress switch does not
+    reach: the loader's bar is turned off for the load, and back as it was after."""
+    pytest.importorskip("gguf")
+    import transformers.modeling_gguf_pytorch_utils as gguf_loader
+
+    bar = gguf_loader.tqdm
+    capfd.readouterr()
+    with hf.quiet_loading(gguf_file=True):
+        assert sum(gguf_loader.tqdm(range(5), desc="Converting and de-quantizing GGUF tensors...")) == 10
+    assert capfd.readouterr().err == ""
+    assert gguf_loader.tqdm is bar
+    with pytest.raises(ValueError), hf.quiet_loading(gguf_file=True):
+        raise ValueError("a real error passes through")
+    assert gguf_loader.tqdm is bar
+
+
+def test_a_long_text_tokenized_whole_says_nothing(tmp_path, capfd):
+    """Export tokenizes its calibration text whole and cuts it into windows: transformers'
+    "sequence length is longer than the specified maximum" warning was noise on stderr."""
+    from tests.model_helpers import make_tokenizer
+
+    make_tokenizer(tmp_path, 300)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 8}))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.model_max_length == 8
+    capfd.readouterr()
+    assert len(tokenizer(" ".join(SENTENCES))["input_ids"]) > 8
+    assert capfd.readouterr().err == ""

@@ -127,6 +127,16 @@ def test_a_folder_where_a_file_is_written_is_refused(command, inputs, capsys):
     one_error_line(capsys, "folder", "is a folder")
 
 
+@pytest.mark.parametrize("command", ["export", "fit", "refit", "bench --json-out"])
+def test_a_file_output_in_a_missing_folder_is_written_there(command, inputs, capsys):
+    """One rule for every file output (``core.fsutil.output_path``, as fit's preflight tests too):
+    its missing folders are made at the write; before any work only the nearest existing folder
+    is probed (an unwritable one is refused, tests below)."""
+    out = inputs / "no" / "such" / "out.bin"
+    assert run_cli(argv_for(WRITERS[command], inputs, out)) == 0, capsys.readouterr().err
+    assert out.is_file() and [p.name for p in out.parent.iterdir()] == ["out.bin"]  # no temp file left
+
+
 def test_two_outputs_on_one_path_are_refused(inputs, capsys):
     out = inputs / "r.json"
     assert run_cli(["bench", inputs / "a.safetensors", "--json-out", out, "--plot", out]) == 2
@@ -190,8 +200,10 @@ def test_an_unwritable_place_is_refused_before_any_work(command, inputs, tmp_pat
     with _read_only_folder(tmp_path) as ro:
         if ro is None:
             pytest.skip("cannot make a read-only folder here (root without mount)")
-        assert run_cli(argv_for(template, inputs, ro / "out")) == 2
-        one_error_line(capsys, str(ro / "out"), "cannot write")
+        for out in (ro / "out", ro / "no" / "such" / "out"):  # a missing folder is probed where it would be made
+            assert run_cli(argv_for(template, inputs, out)) == 2
+            one_error_line(capsys, str(out), "cannot write")
+        assert not (ro / "no").exists()
 
 
 def _limited(code: str, limit: int, cwd: Path) -> subprocess.CompletedProcess[str]:

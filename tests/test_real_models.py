@@ -86,3 +86,17 @@ def test_a_gguf_that_is_not_one_is_one_line_naming_it(tmp_path):
         hf.load_causal_lm(bad)
     with pytest.raises(PrismInputError, match=r"absent\.gguf: not a file"):
         hf.load_causal_lm(tmp_path / "absent.gguf")
+
+
+def test_loading_prints_none_of_the_librarys_own_bars_or_warnings(capfd):
+    """`export-model x.gguf` printed transformers' GGUF tensor bar, and all-MiniLM-L6-v2 read as
+    a first model its "BertLMHeadModel ... is_decoder=True" warning: the commands print their
+    own progress. Real errors still raise (the test above)."""
+    from prism_deploy.models import hf
+
+    minilm = real_model_dir(real.MINILM)  # made (and anything it says said) before the capture
+    real_model_dir(real.SMOLLM2)
+    capfd.readouterr()
+    assert type(hf.load_causal_lm(minilm, uses_head=False)).__name__ == "BertLMHeadModel"
+    assert type(hf.load_causal_lm(real.source_file(real.SMOLLM2))).__name__ == "LlamaForCausalLM"
+    assert capfd.readouterr().err == ""

@@ -67,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--url", metavar="HOST:PORT", help="the running server (default: the one `serve` recorded)")
     p.add_argument("--no-load", action="store_true", help="write the version only; do not ask a server to load it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run, needs=("torch", "transformers"))
+    p.set_defaults(func=run, needs=("torch", "transformers"),
+                   graph_hint="adapt reads a chain file (--chain FILE --hop N) or --model-a HF_DIR --model-b HF_DIR: "
+                              "give the two models of the graph edge with --model-a and --model-b")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.model_a is not None or args.model_b is not None:
             raise PrismInputError("--chain: give a chain file and --hop, or --model-a and --model-b, not both")
-        args.model_a, args.model_b = hop_models(args.chain, args.hop)
+        args.model_a, args.model_b = hop_models(args.chain, args.hop, "adapt")
     if args.model_a is None or args.model_b is None:
         raise PrismInputError("adapt: give --model-a HF_DIR and --model-b HF_DIR, or --chain FILE --hop N")
     if args.every is None and (args.min_new is not None or args.rounds is not None):

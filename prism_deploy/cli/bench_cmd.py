@@ -80,9 +80,6 @@ def run(args: argparse.Namespace) -> int:
         if reason is not None:
             raise PrismInputError(f"{args.adapter}: {reason} (time model folders with bench --model)")
         raise PrismInputError(f"{args.adapter}: no such adapter file")
-    for option, value in (("--json-out", args.json_out), ("--plot", args.plot)):
-        if value and Path(value).is_dir():
-            raise PrismInputError(f"{option}: {value} is a directory, give a file name")
     if args.plot:
         from prism_deploy.bench.plot import require_matplotlib
 

@@ -43,8 +43,6 @@ def run(args: argparse.Namespace) -> int:
     for folder in args.folders:
         if not Path(folder, "model.json").is_file():
             raise PrismInputError(f"{folder}: no model.json (not a folder from export-model or build --model)")
-    if args.json_out and Path(args.json_out).is_dir():
-        raise PrismInputError(f"--json-out: {args.json_out} is a directory, give a file name")
     from prism_deploy.bench.models import run_model_bench
     from prism_deploy.core.fsutil import write_text_atomic
 

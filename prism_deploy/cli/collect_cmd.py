@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def hop_models(chain_file: str, hop: int | None) -> tuple[str, str]:
-    """The Hugging Face folders of models ``hop`` and ``hop + 1`` of a chain file."""
+def hop_models(chain_file: str, hop: int | None, command: str = "collect") -> tuple[str, str]:
+    """The Hugging Face folders of models ``hop`` and ``hop + 1`` of a chain file (``command``:
+    the one that needs them, as errors name it)."""
     from prism_deploy.core.errors import PrismInputError
     from prism_deploy.format.chain_file import read_chain_file
 
@@ -90,7 +91,7 @@ def hop_models(chain_file: str, hop: int | None) -> tuple[str, str]:
     pair = models[hop - 1], models[hop]
     for s in pair:
         if s.hf is None:
-            raise PrismInputError(f"{spec.where()}: {s.label}: collect needs its Hugging Face folder (hf = ...)")
+            raise PrismInputError(f"{spec.where()}: {s.label}: {command} needs its Hugging Face folder (hf = ...)")
     return str(pair[0].hf), str(pair[1].hf)
 
 

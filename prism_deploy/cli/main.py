@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from prism_deploy.cli.paths import FULL_OR_READ_ONLY, check_outputs, declared_output
-from prism_deploy.core.errors import CheckFailed, PrismInputError, printable, require
+from prism_deploy.core.errors import CheckFailed, GraphFileAsChain, PrismInputError, printable, require
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
 # Heavy imports stay inside the commands' ``run`` functions so that ``--help`` is quick.
@@ -130,6 +130,15 @@ def _route_subcommand_words(argv: list[str]) -> list[str]:
     return [routed, *argv[2:]] if routed else argv
 
 
+def graph_hint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """What to do with a graph file given where a chain file goes: ``--graph`` where the command
+    has it; else the command's own ``graph_hint`` (``set_defaults``), naming what it does take."""
+    command = getattr(parser, "_commands", {}).get(args.command)
+    if command is not None and any("--graph" in action.option_strings for action in command._actions):
+        return "give it with --graph"
+    return getattr(args, "graph_hint", None) or f"{args.command} does not read graph files"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_route_subcommand_words(_route_model_bench(_route_chain_parity(
@@ -142,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.func(args)
         sys.stdout.flush()
     except PrismInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        hint = f"; {graph_hint(parser, args)}" if isinstance(exc, GraphFileAsChain) else ""
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return 2
     except CheckFailed as exc:
         print(f"error: check failed: {printable(' '.join(str(exc).split()))}", file=sys.stderr)

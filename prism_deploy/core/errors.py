@@ -43,6 +43,12 @@ class WriteError(PrismInputError):
         super().__init__(f"{path}: cannot write: {reason}")
 
 
+class GraphFileAsChain(PrismInputError):
+    """A graph file (a stage names its inputs or is a fusion) read as a chain file. The message
+    says what it is; the command that read it knows what to suggest instead (``--graph`` where it
+    has that option), so the CLI adds that, not the reader."""
+
+
 class CheckFailed(RuntimeError):
     """A check ran and did not pass (exit code 1)."""
 

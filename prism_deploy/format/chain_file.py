@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.core import jsontext
-from prism_deploy.core.errors import PrismInputError, brief
+from prism_deploy.core.errors import GraphFileAsChain, PrismInputError, brief
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.core.precision import PRECISIONS
 from prism_deploy.core.targets import TARGET_CHOICES
@@ -158,8 +158,8 @@ def chain_from_object(obj: Any, path: Path | None = None) -> ChainSpec:
         graphish = next((i for i, s in enumerate(obj["stages"]) if isinstance(s, dict) and {"inputs", "fusion"} & set(s)),
                         None)
         if graphish is not None:
-            raise PrismInputError(f"{where}: stages.{graphish} (stage {graphish + 1}) names its inputs or is a fusion: "
-                                  "a graph file; give it with --graph")
+            raise GraphFileAsChain(f"{where}: stages.{graphish} (stage {graphish + 1}) names its inputs or is a fusion: "
+                                   "a graph file, not a chain file")
     try:
         jsonschema.validate(obj, SCHEMA)
     except jsonschema.ValidationError as exc:

@@ -7,10 +7,13 @@ differences (``past_key_values`` renamed ``cache`` in transformers 5) live in on
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import os
 import pickle
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +123,7 @@ def _check_size(config: Any, files: list[Path], where: object) -> None:
     if not held:
         return  # no weight file: transformers names what it looked for
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), quiet_loading():
             skeleton = AutoModelForCausalLM.from_config(config)
     except Exception:  # noqa: BLE001 -- the real load below says why
         return
@@ -153,10 +156,8 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
                               "output_loading_info": True, "ignore_mismatched_sizes": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report is replaced by the check below
     try:
-        with warnings.catch_warnings():
+        with quiet_loading(), warnings.catch_warnings():  # its load report is replaced by the check below
             warnings.simplefilter("ignore")  # torch's pickle-protocol warning on a .bin checkpoint
             loaded: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
             model, info = loaded
@@ -166,8 +167,6 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
     except Exception as exc:  # a pickled .bin, an unknown architecture...: many types, one line
         raise PrismInputError(f"{hf_dir}: transformers cannot load it as a causal LM "
                               f"({type(exc).__name__}: {brief(exc, 300)})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     model.eval()
     if getattr(model.config, "is_encoder_decoder", False):
         raise PrismInputError(f"{hf_dir}: encoder-decoder models are not supported (decoder-only causal LMs only)")
@@ -187,7 +186,8 @@ def _load_gguf_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: st
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        loaded: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        with quiet_loading(gguf_file=True):
+            loaded: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         model, info = loaded
     except gguf.LOAD_ERRORS as exc:
         raise PrismInputError(f"{path}: transformers cannot load it as a causal LM "
@@ -195,6 +195,29 @@ def _load_gguf_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: st
     model.eval()
     check_loaded_keys(model, info, path, uses_head=uses_head)
     return model
+
+
+@contextlib.contextmanager
+def quiet_loading(gguf_file: bool = False) -> Iterator[None]:
+    """transformers' own chatter while it builds or loads a model, silenced: its warnings and
+    notes (``BertLMHeadModel`` asks for ``is_decoder=True`` when a sentence encoder is read as
+    a first model, whose head is never used) and, with ``gguf_file``, the GGUF loader's tensor bar,
+    which it draws with plain tqdm rather than its switchable one. The command prints its own
+    progress; errors still raise, and transformers' error-level log lines still show."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    with contextlib.ExitStack() as undo:
+        undo.callback(hf_logging.set_verbosity, verbosity)
+        if gguf_file:
+            import transformers.modeling_gguf_pytorch_utils as gguf_loader
+
+            bar = getattr(gguf_loader, "tqdm", None)
+            if bar is not None:  # a transformers that moved it draws whatever bar it draws
+                setattr(gguf_loader, "tqdm", functools.partial(bar, disable=True))
+                undo.callback(setattr, gguf_loader, "tqdm", bar)
+        yield
 
 
 def check_loaded_keys(model: Any, info: dict[str, Any], where: object, *, uses_head: bool = True) -> None:
