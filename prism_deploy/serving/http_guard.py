@@ -152,6 +152,9 @@ class HttpGuard(ThreadingHTTPServer):
     """Listens on ``(host, port)``, forwards to Triton's HTTP on ``127.0.0.1:upstream_port``."""
 
     daemon_threads = True
+    # socketserver's default backlog of 5 is less than the concurrent clients a served chain
+    # meets (the tests alone open 16 at once); connections past it wait on SYN retries
+    request_queue_size = 128
 
     def __init__(self, host: str, port: int, upstream_port: int) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
