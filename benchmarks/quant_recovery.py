@@ -193,7 +193,9 @@ def main() -> None:
     }
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.output).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    # the results name no path of this machine: MODEL is --model (or the real-model cache's folder), WORK is --work
+    text = json.dumps(result, indent=2, default=str).replace(str(model_dir), "MODEL").replace(str(work), "WORK")
+    tmp.write_text(text + "\n")
     tmp.replace(a.output)
     for k, v in quality.items():
         print(f"{k:26s} top-1 {v['agreement']:.3f}  perplexity {v['perplexity']:.3f}  ratio {v['perplexity_ratio']:.3f}")
