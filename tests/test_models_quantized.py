@@ -366,7 +366,9 @@ def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys, monkeypatch):
     fp32, int8, int4 = (cases[f.name] for f in folders)
     # bytes per token: the graph's weights as stored, without the embedding table (not in model B's graph)
     assert fp32["weight_bytes_per_token"] > 3.5 * int8["weight_bytes_per_token"] > 3.5 * 1.6 * int4["weight_bytes_per_token"]
-    assert fp32["decode"]["speedup_vs_fp32"] == 1.0 and results["machine"]["load_average_start"] is not None
+    # fp32 is its own base: 1.0, unless its own timing was unstable (3 samples on a busy machine)
+    assert fp32["decode"].get("speedup_vs_fp32") == 1.0 or fp32["decode"].get("unstable_vs_fp32")
+    assert results["machine"]["load_average_start"] is not None
     # each quantized folder is judged against its target, or says why not: a timing too unstable to compare
     judged = {t["precision"] for t in results["targets"]}
     assert all(p in judged or (c["decode"].get("unstable_vs_fp32") and "speedup_vs_fp32" not in c["decode"])
