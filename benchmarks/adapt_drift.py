@@ -7,7 +7,7 @@ on pairs collected from prose (the language reference's text in ``pydoc_data.top
 (ort-cpu fp32, parity checked) and written as a repository. Traffic then drifts to source code
 (the lines of ``json.encoder`` and ``json.decoder``), recorded as ``serve --record`` records it.
 Each configuration runs one `adapt` round on its own copy of the repository (``--no-load``: the
-hot-swap itself is tested in tests/test_serving_adapt.py) and reports the round's log record:
+hot-swap itself is tested in tests/serving/test_adapt.py) and reports the round's log record:
 errors before and after on the recorded held-out texts and on the original held-out set, and
 the decision. Random models: the figures show the loop's behaviour, not a trained pair's errors.
 """

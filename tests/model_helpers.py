@@ -1,6 +1,6 @@
 """Tiny local causal LMs for tests: random 2-layer Llama (hidden 64), Qwen2 (hidden 96) and
 GPT-2 (hidden 48) models from configs, with byte-level BPE tokenizers trained on a few
-sentences. Nothing is downloaded. Used by tests/test_models.py and tests/test_build_model.py.
+sentences. Nothing is downloaded. Used by tests/models/test_models.py and tests/builder/test_model_source.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Shared by the serving tests: tiny stages, the backend environment, a server that is always stopped.
 
-The stages are the ones tests/test_models.py uses (random 2-layer Llama 64 -> adapter -> Qwen2
+The stages are the ones tests/models/test_models.py uses (random 2-layer Llama 64 -> adapter -> Qwen2
 96, exported at max_seq 64) plus adapters from ``prism_deploy.reference.random_adapter`` built
 for ort-cpu fp32. Nothing is downloaded except, on a machine's first run, the Python-backend
 environment (PyPI, cached under ``$PRISM_DEPLOY_CACHE``).

@@ -1,6 +1,6 @@
 """The whole package type-checks under the project's mypy settings (pyproject.toml).
 
-The TensorRT module is checked against TensorRT's stubs separately (tests/test_trt_plugin.py).
+The TensorRT module is checked against TensorRT's stubs separately (tests/trt/test_plugin.py).
 """
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ def relative_error(out, ref) -> float:
 
 def gather_sparse(xpad, scores, tiles, scales, case: Case):
     """Torch baseline grouped by worker: the distinct selected tiles, one bmm, index_add by row-block.
-    Runs on any torch device (tests/test_bench_kernel.py checks it on CPU against the reference)."""
+    Runs on any torch device (tests/bench/test_kernel_bench.py checks it on CPU against the reference)."""
     import torch
 
     R, C, tr, tc, k = case.R, case.C, case.tr, case.tc, case.top_k

@@ -10,8 +10,8 @@
 # Steps, each with its own time limit, each logged whatever the others do:
 #   env        nvidia-smi, python, torch, NVRTC and driver versions
 #   smoke      tools/kernel_smoke.py: small shapes, every dtype, against the reference
-#   pytest     tests/test_kernel_gpu.py (parity, bit-identical reruns, batch invariance, hard
-#              gates, agreement with the host run) and tests/test_kernel_host.py
+#   pytest     tests/kernel/test_gpu.py (parity, bit-identical reruns, batch invariance, hard
+#              gates, agreement with the host run) and tests/kernel/test_host.py
 #   bench      tools/bench_kernel.py --json (checks the kernel against the gather baseline
 #              before timing each case)
 #   resources  tools/kernel_resources.py for the device's own architecture
@@ -50,7 +50,7 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'device', to
 print('nvrtc', nvrtc.nvrtcVersion()[1:], 'driver CUDA', driver.cuDriverGetVersion()[1])
 PYEOF"
 want smoke && step smoke 180 "$PY" tools/kernel_smoke.py
-want pytest && step pytest 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernel_gpu.py tests/test_kernel_host.py
+want pytest && step pytest 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernel/test_gpu.py tests/kernel/test_host.py
 want bench && step bench 300 bash -c "$PY tools/bench_kernel.py --json > '$OUT/bench_kernel.json'"
 ARCH=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"sm_{m}{n}")')
 want resources && step resources 120 "$PY" tools/kernel_resources.py --arch "$ARCH"

@@ -4,7 +4,7 @@
     python tools/kernel_mutants.py      # about a minute on 2 cores; exit 1 if a bug goes unnoticed
 
 Each mutant is a copy of plugins/ with one edit to tile_dispatch.cu, run through
-tests/test_kernel_host.py on the CPU (PRISM_DEPLOY_PLUGINS points the harness at the copy). The
+tests/kernel/test_host.py on the CPU (PRISM_DEPLOY_PLUGINS points the harness at the copy). The
 tests that plant their own bugs, and the slow property and benchmark-pipe tests, are left out.
 A mutant marked equivalent changes nothing the contract promises (it reads one more padding
 element inside a 16-byte piece the original reads in part): it is expected to survive.
@@ -64,7 +64,7 @@ def main() -> int:
             (plugins / KERNEL).write_text(source.replace(old, new))
             env = dict(os.environ, PRISM_DEPLOY_PLUGINS=str(plugins), PRISM_DEPLOY_CACHE=str(Path(tmp) / "cache"))
             run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                                  "tests/test_kernel_host.py", "-k", SELECT],
+                                  "tests/kernel/test_host.py", "-k", SELECT],
                                  capture_output=True, text=True, env=env, cwd=ROOT)
             caught = run.returncode != 0
             summary = next((ln for ln in reversed(run.stdout.splitlines()) if " in " in ln), "").strip("= ")

@@ -23,7 +23,7 @@ can show:
 TensorRT-RTX lacks the AOT interfaces (``IPluginV3QuickAOTBuild``, ``KernelLaunchParams``,
 ``ISymExpr``, ``QuickPluginCreationRequest``); the shim gives them empty placeholders so the
 package imports with AOT enabled. So this shows nothing about a built engine, the AOT kernel
-inside one, or a run: those need TensorRT and a GPU (tests/test_trt_plugin.py).
+inside one, or a run: those need TensorRT and a GPU (tests/trt/test_plugin.py).
 Exit 0 when every check holds, 1 when one fails, 2 on bad input.
 """
 

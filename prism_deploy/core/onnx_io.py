@@ -148,7 +148,7 @@ def _bytes_of(block: np.ndarray) -> memoryview:
 # file is written from that, with each deferred tensor's ``raw_data`` field put where protobuf
 # puts it and its bytes streamed from the ``DeferredTensor``. Length prefixes of the tensor, the
 # graph and nothing else change; the bytes are the same as serializing the whole message
-# (tests/test_lower_stream.py compares them).
+# (tests/lower/test_stream.py compares them).
 
 _LEN = 2  # wire type of length-delimited fields
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto

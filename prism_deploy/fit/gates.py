@@ -137,7 +137,7 @@ def gated_output(spec: PipeSpec, u: torch.Tensor, dense: torch.Tensor, out_dim: 
 class Adam:
     """``torch.optim.Adam`` with its defaults (betas 0.9, 0.999, eps 1e-8, no weight decay), one
     learning rate per tensor: the same arithmetic, operation for operation, as torch's
-    single-tensor step on CPU (tests/test_fit_speed.py compares them bit for bit). Written out because
+    single-tensor step on CPU (tests/fit/test_speed.py compares them bit for bit). Written out because
     constructing ``torch.optim.Adam`` imports ``torch._dynamo``: 0.8-1 s per process, a fifth of
     a small gated fit."""
 

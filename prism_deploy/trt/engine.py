@@ -10,9 +10,9 @@ Written against the API documented for TensorRT 10.8+ and 11.x (see docs/engines
   ``WEIGHT_STREAMING`` (weights larger than GPU memory stream in at run time).
 
 No real TensorRT could be installed where this was written: this module type-checks against
-``tensorrt-stubs`` (tests/test_trt_plugin.py, through tools/mypy_trt.py), its parser and builder
-calls run through TensorRT-RTX (tests/test_trt_rtx_build.py), and its real tests
-(tests/test_build_trt.py) skip without a GPU.
+``tensorrt-stubs`` (tests/trt/test_plugin.py, through tools/mypy_trt.py), its parser and builder
+calls run through TensorRT-RTX (tests/trt/test_rtx_build.py), and its real tests
+(tests/builder/test_trt_build.py) skip without a GPU.
 ``tensorrt`` is imported inside the functions: importing this module never needs it.
 """
 
@@ -80,7 +80,7 @@ def parse_network(onnx_path: str | os.PathLike[str], *, plugin: bool = False,
 
     ``trt_module`` is ``tensorrt`` unless given: TensorRT-RTX's ``tensorrt_rtx`` has the same
     builder and parser API and builds without a GPU, which is how CI runs this code
-    (tests/test_trt_rtx_build.py). The parser must outlive the network (it owns its weights).
+    (tests/trt/test_rtx_build.py). The parser must outlive the network (it owns its weights).
     """
     if trt_module is None:
         import tensorrt as trt
