@@ -41,6 +41,7 @@ from prism_deploy.core.limits import mask_problem
 from prism_deploy.core.targets import target_provider
 from prism_deploy.format.chain_file import ChainSpec, check_stage_files, read_chain_file
 from prism_deploy.runtime.adapters import adapter_runner
+from prism_deploy.runtime.decode import greedy_tokens
 from prism_deploy.runtime.engines import AmbiguousEngines
 from prism_deploy.runtime.model_folder import ModelStage
 from prism_deploy.runtime.onnx_runner import host, shape_of
@@ -261,20 +262,13 @@ class Chain:
         t0 = time.perf_counter()
         logits, past = last.step(_on_device(embeds, last.device), mask, last.empty_past(batch))
         t1 = time.perf_counter()
-        chosen = []
-        finished = np.zeros(batch, dtype=bool)
-        token = logits.argmax(-1)
         table = last.embed_tokens
-        for step in range(max_new_tokens):
-            if eos_token_id is not None:
-                token = np.where(finished, eos_token_id, token)
-                finished |= token == eos_token_id
-            chosen.append(token)
-            if step == max_new_tokens - 1 or finished.all():
-                break
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            logits, past = last.step(np.asarray(table[token])[:, None, :], mask, past)
-            token = logits.argmax(-1)
+
+        def step(token: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            nonlocal past
+            next_logits, past = last.step(np.asarray(table[token])[:, None, :], mask, past)
+            return next_logits
+        chosen = list(greedy_tokens(logits, mask, step, max_new_tokens, eos_token_id))
         t2 = time.perf_counter()
         name = self.names[-1]
         self.timings.update({f"{name}_prefill": t1 - t0, f"{name}_decode": t2 - t1, "steps": float(len(chosen))})

@@ -32,6 +32,7 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.targets import target_provider
 from prism_deploy.format.graph_file import GraphNode, GraphSpec, levels, read_graph_file
 from prism_deploy.runtime.adapters import adapter_runner
+from prism_deploy.runtime.decode import greedy_tokens
 from prism_deploy.runtime.chain import Chain, _on_device, check_stage_files
 from prism_deploy.runtime.model_folder import ModelStage
 from prism_deploy.runtime.onnx_runner import host, shape_of
@@ -267,23 +268,15 @@ class Graph:
             step_logits.append(logits)
         t1 = time.perf_counter()
         weights = [w for _, w in heads]
-        token = fuse_logits(step_logits, weights).argmax(-1)
-        chosen = []
-        finished = np.zeros(batch, dtype=bool)
-        for step in range(max_new_tokens):
-            if eos_token_id is not None:
-                token = np.where(finished, eos_token_id, token)
-                finished |= token == eos_token_id
-            chosen.append(token)
-            if step == max_new_tokens - 1 or finished.all():
-                break
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            step_logits = []
+
+        def step(token: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            head_logits = []
             for i, _ in heads:
                 last = self.stages[i]
                 logits, pasts[i] = last.step(np.asarray(last.embed_tokens[token])[:, None, :], mask, pasts[i])
-                step_logits.append(logits)
-            token = fuse_logits(step_logits, weights).argmax(-1)
+                head_logits.append(logits)
+            return fuse_logits(head_logits, weights)  # every head fed the token, one distribution
+        chosen = list(greedy_tokens(fuse_logits(step_logits, weights), mask, step, max_new_tokens, eos_token_id))
         t2 = time.perf_counter()
         name = self.spec.output.name
         self.timings.update({f"{name}_prefill": t1 - t0, f"{name}_decode": t2 - t1, "steps": float(len(chosen))})
