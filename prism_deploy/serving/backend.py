@@ -14,8 +14,8 @@ config's ``parameters`` (``prism_kind``: a stage kind, ``decode`` or ``generate`
   ``attention_mask`` over past + new positions and, optionally, the past cache (absent: an
   empty one) -> the last position's ``logits`` [b, vocab] and the grown cache.
 - **generate** (Business Logic Scripting): the prefix through the stage models, then greedy
-  decoding through the decode model, exactly the loop of the in-process pipeline's
-  ``generate``. With ``model_transaction_policy { decoupled: true }`` it streams one response
+  decoding through the decode model, by the in-process chain's own loop
+  (:func:`prism_deploy.runtime.decode.greedy_tokens`). With ``model_transaction_policy { decoupled: true }`` it streams one response
   per step (``tokens`` [b, 1]) and ends with an empty final one.
 """
 
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core.limits import mask_problem
+from prism_deploy.runtime.decode import greedy_tokens
 from prism_deploy.serving import stage_runtime
 
 # the names a stage reads and writes, by kind (the chain's hand-off contract)
@@ -308,22 +309,16 @@ class GenerateModel:
                           for n in self.past})
         outs = self._bls(self.decode_model, first, ["logits", *self.present])
         logits, past = _last_position(outs[0]), dict(zip(self.past, outs[1:]))
-        batch = ids.shape[0]
-        finished = np.zeros(batch, dtype=bool)
-        token = logits.argmax(-1)
-        for step in range(max_new):
-            if eos is not None:
-                token = np.where(finished, eos, token)
-                finished |= token == eos
-            yield token.astype(np.int64)
-            if step == max_new - 1 or finished.all():
-                return
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+
+        def step(token: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            nonlocal past
             step_embeds = np.asarray(self.embed[token], dtype=np.float32)[:, None, :]
             outs = self._bls(self.decode_model, {"inputs_embeds": step_embeds, "attention_mask": mask, **past},
                              ["logits", *self.present])
-            logits, past = _last_position(outs[0]), dict(zip(self.past, outs[1:]))
-            token = logits.argmax(-1)
+            past = dict(zip(self.past, outs[1:]))
+            return _last_position(outs[0])
+        for token in greedy_tokens(logits, mask, step, max_new, eos):
+            yield token.astype(np.int64)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
         pb = _pb()

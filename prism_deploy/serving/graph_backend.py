@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from prism_deploy.runtime.decode import greedy_tokens
 from prism_deploy.serving import backend
 from prism_deploy.serving.backend import GenerateModel, RequestError, _error_response, _input, _last_position, _pb
 
@@ -140,20 +141,13 @@ class GraphGenerateModel(GenerateModel):
             step_logits, past = self._step(head, {"inputs_embeds": tensors[head["embeds"]], "attention_mask": mask})
             logits.append(step_logits)
             pasts.append(past)
-        token = fuse_logits(logits, weights).argmax(-1)
-        batch = ids.shape[0]
-        finished = np.zeros(batch, dtype=bool)
-        for step in range(max_new):
-            if eos is not None:
-                token = np.where(finished, eos, token)
-                finished |= token == eos
-            yield token.astype(np.int64)
-            if step == max_new - 1 or finished.all():
-                return
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            logits = []
+
+        def step(token: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            head_logits = []
             for k, head in enumerate(self.heads):
                 embeds = np.asarray(head["embed"][token], dtype=np.float32)[:, None, :]
                 step_logits, pasts[k] = self._step(head, {"inputs_embeds": embeds, "attention_mask": mask, **pasts[k]})
-                logits.append(step_logits)
-            token = fuse_logits(logits, weights).argmax(-1)
+                head_logits.append(step_logits)
+            return fuse_logits(head_logits, weights)  # every head fed the token, one distribution
+        for token in greedy_tokens(fuse_logits(logits, weights), mask, step, max_new, eos):
+            yield token.astype(np.int64)
