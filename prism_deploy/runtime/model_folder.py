@@ -22,6 +22,8 @@ from prism_deploy.format.engine_manifest import EngineFileError, read_manifest, 
 from prism_deploy.runtime.engines import check_environment, select_entry
 from prism_deploy.runtime.onnx_runner import OnnxRunner, host, shape_of
 
+POSITIONS = ("last", "all")  # which positions' logits ModelStage.step gives
+
 
 class ModelFolder:
     """``model.json`` and one :class:`OnnxRunner` per graph (``graph``, ``graph_with_past``)."""
@@ -153,12 +155,19 @@ class ModelStage:
         return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=dtype)
                 for n in model_folder.past_names(self.layers)}
 
-    def step(self, inputs_embeds: Any, attention_mask: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
-        """Last position's logits [batch, vocab] (on the host) and the cache grown by the new
-        positions (OrtValues left on the device; the ort form's cache, written in place). The
-        mask covers past + new tokens."""
+    def step(self, inputs_embeds: Any, attention_mask: np.ndarray, past: Any, *,
+             positions: str = "last") -> tuple[np.ndarray, Any]:
+        """Logits on the host and the cache grown by the new positions (OrtValues left on the
+        device; the ort form's cache, written in place). The mask covers past + new tokens.
+        ``positions``: ``"last"`` gives the last position's logits [batch, vocab], all greedy
+        decoding reads; ``"all"`` every new position's [batch, new, vocab] (portable form)."""
+        if positions not in POSITIONS:
+            raise ValueError(f"positions: {positions!r} is not one of {', '.join(POSITIONS)}")
         if self.graph_form == "ort":
+            if positions != "last":
+                raise EngineFileError(f"{self.dir}: the ort form's KV-cache step gives the last position only")
             return self.graph.step(inputs_embeds, attention_mask, past), past
         feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **past}
         outs = self.past_graph.run_device(feeds)
-        return host(outs[0])[:, -1], dict(zip(model_folder.past_names(self.layers), outs[1:]))
+        logits = host(outs[0])
+        return (logits[:, -1] if positions == "last" else logits), dict(zip(model_folder.past_names(self.layers), outs[1:]))

@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core.limits import mask_problem
+from prism_deploy.format.model_folder import past_names
 from prism_deploy.runtime.decode import greedy_tokens
+from prism_deploy.runtime.onnx_runner import host
 from prism_deploy.serving import stage_runtime
 
 # the names a stage reads and writes, by kind (the chain's hand-off contract)
@@ -116,7 +118,7 @@ class StageModel:
         if kind == "first":
             from prism_deploy.serving import record
 
-            source = str(getattr(self.stage, "model", {}).get("source", ""))
+            source = str(getattr(self.stage, "manifest", {}).get("source", ""))  # model.json's
             self.recorder = record.from_environment(config["name"], Path(source).name, int(self.vocab or 0))
 
     def _read(self, request: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -188,8 +190,10 @@ class StageModel:
                 start += n
             return outs
         x = np.concatenate([x for _, x, _ in group], axis=0)
-        mask = np.concatenate([m for _, _, m in group if m is not None], axis=0)
-        y = self.stage.run(x, mask)
+        if self.kind == "first":
+            x = x.astype(np.int64, copy=False)  # float inputs: cast to the graph's dtype by its runner
+        mask = np.concatenate([m for _, _, m in group if m is not None], axis=0).astype(np.int64, copy=False)
+        y = np.asarray(self.stage.run(x, mask), dtype=np.float32)  # float32 at the Triton interface
         bounds = np.cumsum([0] + [g[1].shape[0] for g in group])
         return [np.ascontiguousarray(y[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -198,10 +202,13 @@ class DecodeModel:
     """The last model's KV-cache graph, one request at a time (past lengths differ)."""
 
     def __init__(self, version_dir: Path, params: dict[str, str]) -> None:
+        from prism_deploy.runtime.model_folder import ModelStage
+
         stage = stage_runtime.open_stage(version_dir / stage_runtime.STAGE_DIR, "last", params.get("prism_provider", "cpu"))
-        assert isinstance(stage, stage_runtime.ModelStage)
+        assert isinstance(stage, ModelStage)
         self.stage = stage
-        _ = stage.past_session  # opened at load time, not on the first request
+        self.past_inputs, self.present_outputs = past_names(stage.layers), past_names(stage.layers, "present")
+        _ = stage.past_graph  # opened at load time, not on the first request
 
     def execute(self, requests: list[Any]) -> list[Any]:
         pb = _pb()
@@ -210,7 +217,7 @@ class DecodeModel:
             try:
                 embeds, mask = _input(request, "inputs_embeds"), _input(request, "attention_mask")
                 assert embeds is not None and mask is not None
-                past_given = {n: _input(request, n, required=False) for n in self.stage.past_inputs}
+                past_given = {n: _input(request, n, required=False) for n in self.past_inputs}
                 if all(v is None for v in past_given.values()):
                     past = self.stage.empty_past(embeds.shape[0])
                 elif any(v is None for v in past_given.values()):
@@ -223,15 +230,17 @@ class DecodeModel:
                                        f"(past + new positions), got {list(mask.shape)}")
                 if mask.shape[1] > self.stage.max_seq:
                     raise RequestError(f"{mask.shape[1]} positions, more than the model's max_seq {self.stage.max_seq}")
-                logits, present = self.stage.step(embeds, mask, past)
+                logits, present = self.stage.step(embeds, mask.astype(np.int64, copy=False), past)
             except RequestError as exc:
                 responses.append(_error_response(str(exc)))
                 continue
             except Exception as exc:
                 responses.append(_error_response(f"decode failed: {exc}", invalid=False))
                 continue
-            tensors = [pb.Tensor("logits", np.ascontiguousarray(logits[:, -1]))]
-            tensors += [pb.Tensor(out, present[inp]) for inp, out in zip(self.stage.past_inputs, self.stage.present_outputs)]
+            # float32 at the Triton interface, whatever the graph's own dtype
+            tensors = [pb.Tensor("logits", np.ascontiguousarray(logits, dtype=np.float32))]
+            tensors += [pb.Tensor(out, np.ascontiguousarray(host(present[inp]), dtype=np.float32))
+                        for inp, out in zip(self.past_inputs, self.present_outputs)]
             responses.append(pb.InferenceResponse(output_tensors=tensors))
         return responses
 

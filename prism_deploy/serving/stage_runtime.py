@@ -18,8 +18,8 @@ Calls into the runtime, all here:
 
 - adapter build folders: :func:`prism_deploy.runtime.engines.load_engines` and
   ``select_entry``; manifests through :mod:`prism_deploy.format.engine_manifest`;
-- model folders (export or build): :class:`prism_deploy.runtime.model_folder.ModelFolder` and
-  its runners (one ONNX Runtime session per graph), also :func:`graph_io`, which reads an
+- model folders (export or build): :class:`prism_deploy.runtime.model_folder.ModelStage`, the
+  stage the in-process chain runs (no copy of it here); also :func:`graph_io`, which reads an
   engine's tensors for the native form.
 """
 
@@ -29,11 +29,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from prism_deploy.core.errors import PrismInputError
+
+if TYPE_CHECKING:
+    from prism_deploy.runtime.model_folder import ModelStage
 
 KINDS = ("first", "adapter", "middle", "last")
 # model.json roles -> chain stage kinds (prism_deploy.format.model_folder reads old names as new)
@@ -310,101 +313,18 @@ class AdapterStage:
         return np.asarray(self.engines.run(np.ascontiguousarray(hidden, dtype=np.float32)), dtype=np.float32)
 
 
-class _ModelGraphs:
-    """ONNX Runtime sessions on a model export or model build folder (``ModelFolder``'s runners)."""
-
-    def __init__(self, folder: Path, provider: str) -> None:
-        from prism_deploy.runtime.model_folder import ModelFolder
-
-        self.folder = folder
-        self.provider = provider
-        self.model_folder = ModelFolder(folder)
-        self.model = self.model_folder.manifest
-
-    def session(self, key: str) -> Any:
-        return self.model_folder.runner(key, self.provider).session
-
-
-def _graph_float(session: Any, name: str) -> type:
-    kind = next(i.type for i in session.get_inputs() if i.name == name)
-    return np.float16 if "float16" in kind else np.float32
-
-
-class ModelStage:
-    """A model graph: ``run(x, attention_mask)``; the last model also ``step`` and ``embed``."""
-
-    def __init__(self, folder: Path, kind: str, provider: str = "cpu") -> None:
-        self.graphs = _ModelGraphs(folder, provider)
-        self.kind = kind
-        self.model = self.graphs.model
-        dims = self.model["dims"]
-        self.hidden, self.vocab, self.max_seq = int(dims["hidden"]), int(dims.get("vocab", 0)), int(self.model["max_seq"])
-        self.layers = int(dims.get("layers", 0))
-        # One set of weights in memory: a last model's plain calls run its KV-cache graph with
-        # a past of length zero rather than a second session holding a copy of every weight.
-        self.shares_past_graph = kind == "last" and "graph_with_past" in self.model["files"]
-        self.session = self.graphs.session("graph_with_past" if self.shares_past_graph else "graph")
-        self.input_name = "input_ids" if kind == "first" else "inputs_embeds"
-        self.output_name = self.session.get_outputs()[0].name
-        self.float_in = None if kind == "first" else _graph_float(self.session, "inputs_embeds")
-        self._past_session: Any = self.session if self.shares_past_graph else None
-        self._embed: np.ndarray | None = None
-
-    def run(self, x: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        feed = x.astype(np.int64, copy=False) if self.float_in is None else x.astype(self.float_in, copy=False)
-        feeds = {self.input_name: feed, "attention_mask": attention_mask.astype(np.int64, copy=False)}
-        if self.shares_past_graph:
-            dims = self.model["dims"]
-            empty = np.zeros((feed.shape[0], int(dims["kv_heads"]), 0, int(dims["head_dim"])), dtype=self.float_in)
-            feeds.update({name: empty for name in self.past_inputs})
-        out = self.session.run([self.output_name], feeds)[0]
-        return np.asarray(out, dtype=np.float32)
-
-    # -- the last model's decoding side -------------------------------------------------------
-    @property
-    def past_session(self) -> Any:
-        if self._past_session is None:
-            self._past_session = self.graphs.session("graph_with_past")
-        return self._past_session
-
-    @property
-    def past_inputs(self) -> list[str]:
-        return _past_names(self.layers, "past_key_values")
-
-    @property
-    def present_outputs(self) -> list[str]:
-        return _past_names(self.layers, "present")
-
-    @property
-    def embed_tokens(self) -> np.ndarray:
-        if self._embed is None:
-            self._embed = np.load(self.graphs.folder / self.model["files"]["embed_tokens"]["name"], mmap_mode="r")
-        return self._embed
-
-    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        d = self.model["dims"]
-        shape = (batch, int(d["kv_heads"]), 0, int(d["head_dim"]))
-        return {n: np.zeros(shape, dtype=np.float32) for n in self.past_inputs}
-
-    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
-             past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """All positions' logits [b, s, vocab] and the grown cache (float32 at the interface)."""
-        dtype = _graph_float(self.past_session, "inputs_embeds")
-        feeds = {"inputs_embeds": inputs_embeds.astype(dtype, copy=False),
-                 "attention_mask": attention_mask.astype(np.int64, copy=False),
-                 **{k: v.astype(dtype, copy=False) for k, v in past.items()}}
-        outs = self.past_session.run(["logits", *self.present_outputs], feeds)
-        return (np.asarray(outs[0], dtype=np.float32),
-                {n: np.asarray(o, dtype=np.float32) for n, o in zip(self.past_inputs, outs[1:])})
-
-
 def open_stage(folder: str | os.PathLike[str], kind: str, provider: str = "cpu") -> AdapterStage | ModelStage:
-    """Open a served version's stage folder (written by :func:`write_stage_files`)."""
+    """Open a served version's stage folder (written by :func:`write_stage_files`): a model
+    stage is the runtime's own :class:`~prism_deploy.runtime.model_folder.ModelStage`, so a
+    served model runs as the in-process chain runs it (its one session for a last model's plain
+    calls and decoding steps included)."""
     if kind not in KINDS:
         raise PrismInputError(f"stage kind {kind!r} is not one of {', '.join(KINDS)}")
     path = Path(folder)
     if kind == "adapter":
         return AdapterStage(path)
+    from prism_deploy.runtime.model_folder import ModelStage
+
     return ModelStage(path, kind, provider)
 
 

@@ -35,15 +35,31 @@ def test_last_stage_holds_one_session_and_matches_the_plain_graph(zoo):
     np.testing.assert_allclose(got[real], plain[real], rtol=1e-4, atol=1e-4)
 
 
-def test_served_last_stage_holds_one_session(zoo):
-    from prism_deploy.serving.stage_runtime import ModelStage as ServedStage
+def test_served_last_stage_is_the_runtime_stage_with_one_session(zoo):
+    from prism_deploy.serving.stage_runtime import open_stage
 
-    served = ServedStage(zoo["B"], "last")
-    assert served.shares_past_graph and served.session is served.past_session
-    emb, mask = _left_padded(2, 6, served.hidden)
+    served = open_stage(zoo["B"], "last")
+    assert isinstance(served, ModelStage)  # no serving copy of the model stage
+    assert served.shares_past_graph and served.graph is served.past_graph
+    emb, mask = _left_padded(2, 6, served.hidden_size)
     plain = make_session(zoo["B"] / "last.onnx", "cpu").run(["logits"], {"inputs_embeds": emb, "attention_mask": mask})[0]
     real = mask.astype(bool)
     np.testing.assert_allclose(served.run(emb, mask)[real], plain[real], rtol=1e-4, atol=1e-4)
+
+
+def test_step_gives_the_last_position_or_all_of_them(zoo):
+    stage = ModelStage(zoo["B"])
+    emb, mask = _left_padded(2, 6, stage.hidden_size)
+    last, _ = stage.step(emb, mask, stage.empty_past(2))
+    every, present = stage.step(emb, mask, stage.empty_past(2), positions="all")
+    plain = make_session(zoo["B"] / "last.onnx", "cpu").run(["logits"], {"inputs_embeds": emb, "attention_mask": mask})[0]
+    assert last.shape == (2, stage.vocab) and every.shape == plain.shape
+    np.testing.assert_array_equal(every[:, -1], last)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(every[real], plain[real], rtol=1e-4, atol=1e-4)
+    assert len(present) == 2 * stage.layers
+    with pytest.raises(ValueError, match="positions"):
+        stage.step(emb, mask, stage.empty_past(2), positions="first")
 
 
 # -- the ort form ------------------------------------------------------------------------------------
