@@ -14,6 +14,8 @@ A model in a chain has one of three roles, named by what goes in and out:
 - ``last``: ``inputs_embeds``, ``attention_mask`` -> ``logits``, and a KV-cache graph for
   decoding, with the model's input embedding table (``embed_tokens.npy``) to feed its own tokens.
 
+(The names, dtypes and dims are :mod:`prism_deploy.format.stage_io`'s table, read here.)
+
 ``upper`` and ``lower`` are the names earlier releases gave ``first`` and ``last``: a folder
 that records them reads as the new role, and ``--role upper|lower`` is accepted with a note.
 """
@@ -28,6 +30,7 @@ from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.fsutil import PLAIN_FILE_NAME, file_sha256, inside
 from prism_deploy.core.precision import MODEL_PRECISIONS
+from prism_deploy.format.stage_io import STAGE_IO, StageTensor, decode_io, input_names, output_name, past_names
 
 FORMAT = "prism-deploy-model"
 VERSION = 1
@@ -52,9 +55,9 @@ GRAPHS_BY_FORM: dict[str, dict[str, tuple[str, ...]]] = {
 OUTPUT_ORT_FORM = {"first": "hidden_states", "middle": "hidden_states", "last": "logits"}
 # Files that travel with the graphs (copied into a build folder so that it runs on its own).
 TABLES = ("embed_tokens",)
-# What each role takes and gives (the hand-off of a chain).
-INPUT = {"first": "input_ids", "middle": "inputs_embeds", "last": "inputs_embeds"}
-OUTPUT = {"first": "hidden", "middle": "hidden", "last": "logits"}
+# What each role takes and gives (the hand-off of a chain, from format.stage_io).
+INPUT = {role: input_names(role)[0] for role in ROLES}
+OUTPUT = {role: output_name(role) for role in ROLES}
 
 
 def canonical_role(role: str, option: str = "--role") -> str:
@@ -112,29 +115,18 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-def past_names(layers: int, prefix: str = "past_key_values") -> list[str]:
-    """The KV-cache inputs (``past_key_values``) or outputs (``present``) of the decoding graph."""
-    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+def _named(tensors: tuple[StageTensor, ...]) -> dict[str, list[str]]:
+    return {t.name: list(t.dims) for t in tensors}
 
 
 def io_description(role: str, layers: int) -> dict[str, Any]:
     """Inputs and outputs of each graph of ``role``, with named dims (recorded in model.json)."""
-    if role == "first":
-        return {"inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]},
-                "outputs": {"hidden": ["batch", "seq", "hidden"]}}
-    if role == "middle":
-        return {"inputs": {"inputs_embeds": ["batch", "seq", "hidden"], "attention_mask": ["batch", "seq"]},
-                "outputs": {"hidden": ["batch", "seq", "hidden"]}}
-    return {
-        "inputs": {"inputs_embeds": ["batch", "seq", "hidden"], "attention_mask": ["batch", "seq"]},
-        "outputs": {"logits": ["batch", "seq", "vocab"]},
-        "with_past": {
-            "inputs": {"inputs_embeds": ["batch", "seq", "hidden"], "attention_mask": ["batch", "total_seq"],
-                       **{n: ["batch", "kv_heads", "past_seq", "head_dim"] for n in past_names(layers)}},
-            "outputs": {"logits": ["batch", "seq", "vocab"],
-                        **{n: ["batch", "kv_heads", "total_seq", "head_dim"] for n in past_names(layers, "present")}},
-        },
-    }
+    inputs, outputs = STAGE_IO[role]
+    description: dict[str, Any] = {"inputs": _named(inputs), "outputs": _named(outputs)}
+    if role == "last":
+        with_past = decode_io(layers)
+        description["with_past"] = {"inputs": _named(with_past[0]), "outputs": _named(with_past[1])}
+    return description
 
 
 def graph_form(manifest: dict[str, Any]) -> str:

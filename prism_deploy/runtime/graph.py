@@ -32,8 +32,8 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.targets import target_provider
 from prism_deploy.format.graph_file import GraphNode, GraphSpec, levels, read_graph_file
 from prism_deploy.runtime.adapters import adapter_runner
-from prism_deploy.runtime.decode import greedy_tokens
 from prism_deploy.runtime.chain import Chain, _on_device, check_stage_files
+from prism_deploy.runtime.decode import greedy_tokens
 from prism_deploy.runtime.model_folder import ModelStage
 from prism_deploy.runtime.onnx_runner import host, shape_of
 

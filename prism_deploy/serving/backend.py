@@ -28,15 +28,10 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core.limits import mask_problem
-from prism_deploy.format.model_folder import past_names
+from prism_deploy.format.stage_io import input_names, output_name, past_names
 from prism_deploy.runtime.decode import greedy_tokens
 from prism_deploy.runtime.onnx_runner import host
 from prism_deploy.serving import stage_runtime
-
-# the names a stage reads and writes, by kind (the chain's hand-off contract)
-STAGE_INPUTS = {"first": ("input_ids", "attention_mask"), "adapter": ("hidden",),
-                "middle": ("inputs_embeds", "attention_mask"), "last": ("inputs_embeds", "attention_mask")}
-STAGE_OUTPUT = {"first": "hidden", "adapter": "adapted", "middle": "hidden", "last": "logits"}
 
 
 class RequestError(ValueError):
@@ -111,7 +106,7 @@ class StageModel:
                                               params.get("prism_provider", "cpu"))
         self.max_seq = int(params["max_seq"])
         inputs = {i["name"]: i for i in config["input"]}
-        self.width = int(inputs[STAGE_INPUTS[kind][0]]["dims"][-1]) if kind != "first" else None
+        self.width = int(inputs[input_names(kind)[0]]["dims"][-1]) if kind != "first" else None
         self.vocab = int(getattr(self.stage, "vocab", 0)) if kind == "first" else None
         # `serve --record DIR`: a sample of the request text (token ids) kept for `prism-deploy adapt`
         self.recorder = None
@@ -122,7 +117,7 @@ class StageModel:
             self.recorder = record.from_environment(config["name"], Path(source).name, int(self.vocab or 0))
 
     def _read(self, request: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        names = STAGE_INPUTS[self.kind]
+        names = input_names(self.kind)
         x = _input(request, names[0])
         assert x is not None
         mask = _input(request, names[1]) if len(names) > 1 else None
@@ -161,7 +156,7 @@ class StageModel:
                     responses[i] = _error_response(f"{self.kind} stage failed: {exc}", invalid=False)
                 continue
             for (i, _, _), out in zip(group, outs):
-                responses[i] = pb.InferenceResponse(output_tensors=[pb.Tensor(STAGE_OUTPUT[self.kind], out)])
+                responses[i] = pb.InferenceResponse(output_tensors=[pb.Tensor(output_name(self.kind), out)])
         return responses
 
     def _record(self, x: np.ndarray, mask: np.ndarray | None) -> None:
@@ -303,9 +298,9 @@ class GenerateModel:
         x: np.ndarray = ids
         for stage in self.stages:
             kind = stage["kind"]
-            names = STAGE_INPUTS[kind]
+            names = input_names(kind)
             feeds = {names[0]: x, **({names[1]: mask} if len(names) > 1 else {})}
-            x = self._bls(stage["model"], feeds, [STAGE_OUTPUT[kind]])[0]
+            x = self._bls(stage["model"], feeds, [output_name(kind)])[0]
         return x
 
     def _tokens(self, request: Any) -> Any:

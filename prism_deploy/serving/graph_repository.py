@@ -34,9 +34,9 @@ from typing import Any
 
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.format.graph_file import GraphSpec, read_graph_file
+from prism_deploy.format.stage_io import input_names, output_name, past_names
 from prism_deploy.serving import config as cfg
 from prism_deploy.serving import repository as repo_mod
-from prism_deploy.serving.backend import STAGE_INPUTS, STAGE_OUTPUT
 from prism_deploy.serving.repository import ModelEntry, Options, _params, _python_decode, _python_stage
 from prism_deploy.serving.stage_runtime import StageInfo, inspect_stage
 
@@ -111,7 +111,7 @@ def _tensor_of(spec: GraphSpec, i: int) -> str:
     n = spec.nodes[i]
     if i == spec.output.index:
         return "logits"
-    out = "logits" if n.kind == "fusion" else STAGE_OUTPUT["adapter" if n.kind == "adapter" else spec.roles[i]]
+    out = "logits" if n.kind == "fusion" else output_name("adapter" if n.kind == "adapter" else spec.roles[i])
     return f"{n.name}__{out}"
 
 
@@ -151,7 +151,7 @@ def plan_graph(path: str | os.PathLike[str], options: Options) -> tuple[list[Mod
         info = infos[i]
         add(_python_stage(n.name, info, options))
         kind = info.kind
-        names = STAGE_INPUTS[kind]
+        names = input_names(kind)
         if kind == "first":
             source = "input_ids"
         elif len(n.inputs) == 1:
@@ -165,7 +165,7 @@ def plan_graph(path: str | os.PathLike[str], options: Options) -> tuple[list[Mod
                           "output_map": {"hidden": source}})
         input_map = {names[0]: source, **({names[1]: "attention_mask"} if len(names) > 1 else {})}
         steps.append({"model_name": n.name, "model_version": -1, "input_map": input_map,
-                      "output_map": {STAGE_OUTPUT[kind]: produced}})
+                      "output_map": {output_name(kind): produced}})
     out = spec.output
     heads = list(zip(out.inputs, out.weights)) if out.kind == "fusion" else [(out.index, 1.0)]
     for h, _ in heads:
@@ -208,8 +208,6 @@ def plan_graph(path: str | os.PathLike[str], options: Options) -> tuple[list[Mod
 
 def _generate(name: str, spec: GraphSpec, infos: dict[int, StageInfo], heads: list[tuple[int, float]],
               prefix: list[dict[str, Any]], options: Options, decoupled: bool) -> ModelEntry:
-    from prism_deploy.format.model_folder import past_names
-
     head_params = []
     embed_files: list[tuple[Path, str]] = []
     for k, (h, weight) in enumerate(heads):

@@ -34,6 +34,7 @@ from typing import Any
 from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import write_errors
+from prism_deploy.format.stage_io import input_names, output_name
 from prism_deploy.serving import config as cfg
 from prism_deploy.serving.stage_runtime import (STAGE_DIR, StageInfo, TensorSpec, graph_io, inspect_stage,
                                                    write_stage_files)
@@ -246,15 +247,13 @@ def _dtype_name(value: int) -> str:
 
 
 def _ensemble(names: list[str], infos: list[StageInfo], entries: dict[str, ModelEntry]) -> ModelEntry:
-    from prism_deploy.serving.backend import STAGE_INPUTS, STAGE_OUTPUT
-
     steps, previous = [], ""
     for i, (name, info) in enumerate(zip(names, infos)):
-        ins = STAGE_INPUTS[info.kind]
+        ins = input_names(info.kind)
         input_map = {ins[0]: previous or "input_ids"}
         if len(ins) > 1:
             input_map[ins[1]] = "attention_mask"
-        out = STAGE_OUTPUT[info.kind]
+        out = output_name(info.kind)
         produced = "logits" if i == len(infos) - 1 else f"{name}_{out}"
         steps.append({"model_name": name, "model_version": -1, "input_map": input_map, "output_map": {out: produced}})
         previous = produced

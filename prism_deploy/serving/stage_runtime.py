@@ -1,11 +1,10 @@
-"""The one module of the serving layer that calls the project's runtime (and reads its folders).
+"""Where the serving layer reads the project's folders and opens their stages on the runtime.
 
-A *stage* is one step of a chain, in order: the first model (``input_ids``, ``attention_mask``
-int64 -> ``hidden`` [b, s, d]), an adapter (``hidden`` -> ``adapted``), a middle model
-(``inputs_embeds``, ``attention_mask`` -> ``hidden``) and the last model (``inputs_embeds``,
-``attention_mask`` -> ``logits``, plus its KV-cache graph ``graph_with_past`` and the
-``embed_tokens.npy`` table for decoding). Today's two-model pipeline is
-``[first, adapter, last]``; a chain of N models is ``[first, adapter, middle, adapter, ..., last]``.
+A *stage* is one step of a chain, in order: the first model, an adapter, a middle model and the
+last model (with its KV-cache graph ``graph_with_past`` and the ``embed_tokens.npy`` table for
+decoding); what each takes and gives is :mod:`prism_deploy.format.stage_io`'s table, which the
+configs here are written from. Today's two-model pipeline is ``[first, adapter, last]``; a
+chain of N models is ``[first, adapter, middle, adapter, ..., last]``.
 
 Two sides:
 
@@ -14,7 +13,8 @@ Two sides:
 - :func:`open_stage` (inside Triton's Python backend, in the backend environment without
   PyTorch): run the stage from the folder a served version carries.
 
-Calls into the runtime, all here:
+The serving layer's calls into the runtime are here, but for the decoding loop the ``generate``
+models share with the in-process chain (:mod:`prism_deploy.runtime.decode`, used by the backend):
 
 - adapter build folders: :func:`prism_deploy.runtime.engines.load_engines` and
   ``select_entry``; manifests through :mod:`prism_deploy.format.engine_manifest`;
@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.format.stage_io import KINDS, STAGE_IO, StageTensor, decode_io
 
 if TYPE_CHECKING:
     from prism_deploy.runtime.model_folder import ModelStage
 
-KINDS = ("first", "adapter", "middle", "last")
 # model.json roles -> chain stage kinds (prism_deploy.format.model_folder reads old names as new)
 ROLE_KINDS = {"first": "first", "middle": "middle", "last": "last"}
 MODEL_JSON = "model.json"
@@ -115,33 +115,26 @@ def _read_model_json(folder: Path) -> dict[str, Any]:
     return read_model_json(folder)
 
 
-def _past_names(layers: int, prefix: str) -> list[str]:
-    from prism_deploy.format.model_folder import past_names
-
-    return past_names(layers, prefix)
+def _specs(tensors: tuple[StageTensor, ...], sizes: dict[str, int], *, batched: bool) -> list[TensorSpec]:
+    """Contract tensors as Triton sees them: numbers for the widths, -1 for free dims, and the
+    batch dim left out where Triton batches the model."""
+    return [TensorSpec(t.name, t.dtype, t.sized(sizes)[1:] if batched else t.sized(sizes)) for t in tensors]
 
 
 def _model_io(kind: str, model: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    dims = model["dims"]
-    mask = TensorSpec("attention_mask", "int64", [-1])
-    if kind == "first":
-        return [TensorSpec("input_ids", "int64", [-1]), mask], [TensorSpec("hidden", "float32", [-1, int(dims["hidden"])])]
-    embeds = TensorSpec("inputs_embeds", "float32", [-1, int(dims["hidden"])])
-    if kind == "middle":
-        return [embeds, mask], [TensorSpec("hidden", "float32", [-1, int(dims["hidden"])])]
-    return [embeds, mask], [TensorSpec("logits", "float32", [-1, int(dims["vocab"])])]
+    inputs, outputs = STAGE_IO[kind]
+    return _specs(inputs, model["dims"], batched=True), _specs(outputs, model["dims"], batched=True)
 
 
 def _decode_io(model: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The KV-cache step with the batch dim explicit (its model is not batched by Triton); it
-    returns the last position's logits, all that greedy decoding reads."""
-    d = model["dims"]
-    kv = [-1, int(d["kv_heads"]), -1, int(d["head_dim"])]
-    inputs = [TensorSpec("inputs_embeds", "float32", [-1, -1, int(d["hidden"])]), TensorSpec("attention_mask", "int64", [-1, -1])]
-    inputs += [TensorSpec(n, "float32", list(kv)) for n in _past_names(int(d["layers"]), "past_key_values")]
-    outputs = [TensorSpec("logits", "float32", [-1, int(d["vocab"])])]  # the last position only
-    outputs += [TensorSpec(n, "float32", list(kv)) for n in _past_names(int(d["layers"]), "present")]
-    return inputs, outputs
+    returns the last position's logits [batch, vocab], all that greedy decoding reads
+    (``ModelStage.step``'s ``positions="last"``)."""
+    inputs, outputs = decode_io(int(model["dims"]["layers"]))
+    specs = _specs(outputs, model["dims"], batched=False)
+    logits = specs[0]
+    specs[0] = TensorSpec(logits.name, logits.dtype, [logits.dims[0], logits.dims[-1]])  # the last position only
+    return _specs(inputs, model["dims"], batched=False), specs
 
 
 def inspect_stage(path: str | os.PathLike[str], *, precision: str | None = None, target: str | None = None,
@@ -186,10 +179,11 @@ def _adapter_stage(folder: Path, manifest: dict[str, Any], precision: str | None
         opt = cfg["profile"]["batch"][1] * cfg["profile"]["seq"][1]
         form = bucket_for(entry["forms"]["buckets"], opt)["form"]
         graphs = {"graph": next(p["file"] for p in entry["parts"] if p.get("form") == form)}
+    sizes = {"in_dim": int(config["in_dim"]), "out_dim": int(config["out_dim"])}
+    adapter_io = (_specs(STAGE_IO["adapter"][0], sizes, batched=True), _specs(STAGE_IO["adapter"][1], sizes, batched=True))
     return StageInfo(
         kind="adapter", source=folder, layout="adapter-build", target=entry["target"], precision=cfg["precision"],
-        profile=dict(cfg["profile"]), inputs=[TensorSpec("hidden", "float32", [-1, int(config["in_dim"])])],
-        outputs=[TensorSpec("adapted", "float32", [-1, int(config["out_dim"])])], files=files,
+        profile=dict(cfg["profile"]), inputs=adapter_io[0], outputs=adapter_io[1], files=files,
         sha256={name: sha for part in entry["parts"] for name, sha in part_files(part)},
         onnxruntime=entry["tools"].get("onnxruntime"), manifest={**manifest, "engines": [entry]}, graphs=graphs,
         details={"engine_id": entry["id"], "adapter_sha256": manifest["adapter"]["sha256"],
