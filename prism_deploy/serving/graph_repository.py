@@ -221,31 +221,11 @@ def _generate(name: str, spec: GraphSpec, infos: dict[int, StageInfo], heads: li
                             "embeds": _tensor_of(spec, spec.nodes[h].inputs[0]), "embed_tokens": local,
                             "past_inputs": past_names(layers, "past_key_values"),
                             "present_outputs": past_names(layers, "present")})
-    first = infos[spec.source.index]
-    assert first.model is not None
-    last = infos[heads[0][0]]
-    assert last.model is not None
-    eos = last.model.get("eos_token_id")
-    models = [i for i in infos.values() if i.model is not None]
-    config: dict[str, Any] = {
-        "name": name, "backend": "python", "max_batch_size": 0,
-        "input": [{"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1, -1]},
-                  {"name": "attention_mask", "data_type": "TYPE_INT64", "dims": [-1, -1], "optional": True},
-                  {"name": "max_new_tokens", "data_type": "TYPE_INT32", "dims": [1], "optional": True},
-                  {"name": "eos_token_id", "data_type": "TYPE_INT64", "dims": [1], "optional": True}],
-        "output": [{"name": "tokens", "data_type": "TYPE_INT64", "dims": [-1, -1]}],
-        "instance_group": [{"kind": "KIND_CPU", "count": options.instances}],
-        "parameters": _params(
-            prism_kind="graph_generate", steps=json.dumps(prefix), heads=json.dumps(head_params),
-            max_seq=min(i.max_seq for i in models), max_batch=min(i.max_batch for i in infos.values()),
-            vocab_first=first.model["dims"]["vocab"], eos_token_id="none" if eos is None else eos,
-            max_new_tokens_limit=options.max_new_tokens_limit),
-    }
-    if decoupled:
-        config["model_transaction_policy"] = {"decoupled": True}
 
     def fill(vdir: Path) -> None:
         _copy_entry(vdir)
         for src, local in embed_files:
             repo_mod._link_or_copy(src, vdir / local)
-    return ModelEntry(name, "generate", config, fill)
+    return repo_mod.generate_entry(name, "graph_generate", list(infos.values()), infos[spec.source.index],
+                                   infos[heads[0][0]], options, decoupled, fill,
+                                   lead={"steps": json.dumps(prefix), "heads": json.dumps(head_params)})

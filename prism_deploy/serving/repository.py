@@ -269,15 +269,16 @@ def _ensemble(names: list[str], infos: list[StageInfo], entries: dict[str, Model
     return ModelEntry("chain", "ensemble", config, lambda vdir: None)
 
 
-def _generate(name: str, names: list[str], infos: list[StageInfo], decode: ModelEntry, options: Options,
-              decoupled: bool, native: bool) -> ModelEntry:
-    last = infos[-1]
-    assert last.model is not None and last.decode is not None
-    embed = last.model["files"]["embed_tokens"]["name"]
-    first = infos[0]
-    assert first.model is not None
-    eos = last.model.get("eos_token_id")
-    _, decode_outputs = last.decode
+def generate_entry(name: str, prism_kind: str, models: list[StageInfo], source: StageInfo, head: StageInfo,
+                   options: Options, decoupled: bool, fill: Callable[[Path], None], *,
+                   lead: dict[str, Any], tail: dict[str, Any] | None = None) -> ModelEntry:
+    """The greedy ``generate`` model of a chain or a graph (a Python model, BLS over the stage
+    models): token ids -> new tokens. ``models``: the stages whose limits bound it (max_seq of
+    the models, max_batch of all), ``source`` the model reading the ids (its vocabulary),
+    ``head`` a last model (its end-of-sequence id). Parameters: ``prism_kind``, ``lead``, the
+    limits every generate model reads, ``tail``."""
+    assert source.model is not None and head.model is not None
+    eos = head.model.get("eos_token_id")
     config: dict[str, Any] = {
         "name": name, "backend": "python", "max_batch_size": 0,
         "input": [{"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1, -1]},
@@ -287,23 +288,34 @@ def _generate(name: str, names: list[str], infos: list[StageInfo], decode: Model
         "output": [{"name": "tokens", "data_type": "TYPE_INT64", "dims": [-1, -1]}],
         "instance_group": [{"kind": "KIND_CPU", "count": options.instances}],
         "parameters": _params(
-            prism_kind="generate",
-            stages=json.dumps([{"model": n, "kind": i.kind} for n, i in zip(names[:-1], infos[:-1])]),
-            decode_model=decode.name, embed_tokens=embed, max_seq=min(i.max_seq for i in infos if i.model is not None),
-            max_batch=min(i.max_batch for i in infos), vocab_first=first.model["dims"]["vocab"],
-            eos_token_id="none" if eos is None else eos, max_new_tokens_limit=options.max_new_tokens_limit,
-            past_inputs=json.dumps([t.name for t in last.decode[0] if t.name.startswith("past_key_values.")]),
-            present_outputs=json.dumps([t.name for t in decode_outputs if t.name.startswith("present.")]),
-            decode_needs_past="1" if native else "0",
-            past_shape=json.dumps([last.model["dims"]["kv_heads"], last.model["dims"]["head_dim"]])),
+            prism_kind=prism_kind, **lead,
+            max_seq=min(i.max_seq for i in models if i.model is not None), max_batch=min(i.max_batch for i in models),
+            vocab_first=source.model["dims"]["vocab"], eos_token_id="none" if eos is None else eos,
+            max_new_tokens_limit=options.max_new_tokens_limit, **(tail or {})),
     }
     if decoupled:
         config["model_transaction_policy"] = {"decoupled": True}
+    return ModelEntry(name, "generate", config, fill)
+
+
+def _generate(name: str, names: list[str], infos: list[StageInfo], decode: ModelEntry, options: Options,
+              decoupled: bool, native: bool) -> ModelEntry:
+    last = infos[-1]
+    assert last.model is not None and last.decode is not None
+    embed = last.model["files"]["embed_tokens"]["name"]
+    decode_inputs, decode_outputs = last.decode
 
     def fill(vdir: Path) -> None:
         shutil.copy2(ENTRY_FILE, vdir / "model.py")
         _link_or_copy(last.source / embed, vdir / embed)
-    return ModelEntry(name, "generate", config, fill)
+    return generate_entry(
+        name, "generate", infos, infos[0], last, options, decoupled, fill,
+        lead={"stages": json.dumps([{"model": n, "kind": i.kind} for n, i in zip(names[:-1], infos[:-1])]),
+              "decode_model": decode.name, "embed_tokens": embed},
+        tail={"past_inputs": json.dumps([t.name for t in decode_inputs if t.name.startswith("past_key_values.")]),
+              "present_outputs": json.dumps([t.name for t in decode_outputs if t.name.startswith("present.")]),
+              "decode_needs_past": "1" if native else "0",
+              "past_shape": json.dumps([last.model["dims"]["kv_heads"], last.model["dims"]["head_dim"]])})
 
 
 # ---- planning and writing ------------------------------------------------------------------
