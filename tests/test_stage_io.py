@@ -3,6 +3,7 @@ model.json's ``io`` record, the role names the runtime feeds, the Triton stage a
 
 from __future__ import annotations
 
+from prism_deploy.core import onnx_io
 from prism_deploy.format import model_folder
 from prism_deploy.format.stage_io import KINDS, input_names, output_name
 from prism_deploy.serving.stage_runtime import TensorSpec, _decode_io, _model_io
@@ -15,6 +16,7 @@ def test_names_by_kind():
     assert [input_names(k) for k in KINDS] == [("input_ids", "attention_mask"), ("hidden",),
                                               ("inputs_embeds", "attention_mask"), ("inputs_embeds", "attention_mask")]
     assert [output_name(k) for k in KINDS] == ["hidden", "adapted", "hidden", "logits"]
+    assert (input_names("adapter"), output_name("adapter")) == ((onnx_io.INPUT_NAME,), onnx_io.OUTPUT_NAME)
     assert model_folder.INPUT == {"first": "input_ids", "middle": "inputs_embeds", "last": "inputs_embeds"}
     assert model_folder.OUTPUT == {"first": "hidden", "middle": "hidden", "last": "logits"}
 

@@ -40,7 +40,9 @@ _MASK = StageTensor("attention_mask", "int64", ("batch", "seq"))
 _EMBEDS = StageTensor("inputs_embeds", "float32", ("batch", "seq", "hidden"))
 _HIDDEN = StageTensor("hidden", "float32", ("batch", "seq", "hidden"))
 
-# kind -> (inputs, outputs); the first input is what the stage before hands over
+# kind -> (inputs, outputs); the first input is what the stage before hands over. An adapter's
+# names are its graph's own (core.onnx_io.INPUT_NAME, OUTPUT_NAME; not imported: that module
+# needs onnx, which the serving backend's environment may lack).
 STAGE_IO: dict[str, tuple[tuple[StageTensor, ...], tuple[StageTensor, ...]]] = {
     "first": ((_IDS, _MASK), (_HIDDEN,)),
     "adapter": ((StageTensor("hidden", "float32", ("batch", "seq", "in_dim")),),
