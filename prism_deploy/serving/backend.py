@@ -15,8 +15,9 @@ config's ``parameters`` (``prism_kind``: a stage kind, ``decode`` or ``generate`
   empty one) -> the last position's ``logits`` [b, vocab] and the grown cache.
 - **generate** (Business Logic Scripting): the prefix through the stage models, then greedy
   decoding through the decode model, by the in-process chain's own loop
-  (:func:`prism_deploy.runtime.decode.greedy_tokens`). With ``model_transaction_policy { decoupled: true }`` it streams one response
-  per step (``tokens`` [b, 1]) and ends with an empty final one.
+  (:func:`prism_deploy.runtime.decode.greedy_tokens`). With ``model_transaction_policy
+  { decoupled: true }`` it streams one response per step (``tokens`` [b, 1]) and ends with an
+  empty final one.
 """
 
 from __future__ import annotations
