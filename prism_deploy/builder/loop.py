@@ -58,6 +58,7 @@ from prism_deploy.format.engine_manifest import (
     source_kind,
     write_manifest,
 )
+from prism_deploy.target_backends import EngineBuild, TargetBackend
 
 LOCK_NAME = ".build.lock"
 TMP_PREFIX = ".build-"
@@ -399,6 +400,17 @@ def engine_part(work: Path, stem: str, suffix: str, engine: bytes | Path) -> dic
     name = f"{stem}.{digest[:12]}{suffix}"
     tmp.rename(work / name)
     return {"file": name, "sha256": digest, "bytes": (work / name).stat().st_size}
+
+
+def build_part(backend: TargetBackend, onnx_path: Path, work: Path, stem: str,
+               request: EngineBuild) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``backend`` builds ``onnx_path`` into ``work``: (the manifest's part record, session record)."""
+    built = backend.build(onnx_path, work, stem, request)
+    part = engine_part(work, stem, built.suffix, built.engine)
+    if built.data_file is not None:
+        data = work / built.data_file
+        part.update(data_file=built.data_file, data_sha256=file_sha256(data), data_bytes=data.stat().st_size)
+    return part, built.session
 
 
 # ---- the commit --------------------------------------------------------------------------------
