@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from prism_deploy.core.targets import Target, parse_target
 from prism_deploy.target_backends.base import AdapterRunner, BuiltEngine, EngineBuild, GraphLoader, TargetBackend
-from prism_deploy.target_backends.ort_cpu import OrtCpuBackend
-from prism_deploy.target_backends.ort_cuda import OrtCudaBackend
-from prism_deploy.target_backends.tensorrt import TensorRTBackend
+from prism_deploy.target_backends.ort_cpu import OrtCpuTarget
+from prism_deploy.target_backends.ort_cuda import OrtCudaTarget
+from prism_deploy.target_backends.tensorrt import TensorRTTarget
 
-BACKENDS: dict[Target, TargetBackend] = {b.target: b for b in (TensorRTBackend(), OrtCudaBackend(), OrtCpuBackend())}
+BACKENDS: dict[Target, TargetBackend] = {b.target: b for b in (TensorRTTarget(), OrtCudaTarget(), OrtCpuTarget())}
 
 
 def backend_for(target: Target | str) -> TargetBackend:

@@ -122,7 +122,7 @@ class OrtEngineRunner:
         return cupy.from_dlpack(out)
 
 
-class OnnxRuntimeBackend(TargetBackend):
+class OnnxRuntimeTarget(TargetBackend):
     """ONNX Runtime on one execution provider; a subclass names the target and its provider."""
 
     tool: ClassVar[str] = "ONNX Runtime"

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from prism_deploy.core.targets import Target
-from prism_deploy.target_backends.onnxruntime import OnnxRuntimeBackend
+from prism_deploy.target_backends.onnxruntime import OnnxRuntimeTarget
 
 
-class OrtCpuBackend(OnnxRuntimeBackend):
+class OrtCpuTarget(OnnxRuntimeTarget):
     target: ClassVar[Target] = Target.ORT_CPU
     provider: ClassVar[str] = "cpu"
     gpu: ClassVar[bool] = False

@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 from prism_deploy.core import targets
 from prism_deploy.core.targets import Target
 from prism_deploy.format.engine_manifest import EngineFileError
-from prism_deploy.target_backends.onnxruntime import OnnxRuntimeBackend
+from prism_deploy.target_backends.onnxruntime import OnnxRuntimeTarget
 
 
-class OrtCudaBackend(OnnxRuntimeBackend):
+class OrtCudaTarget(OnnxRuntimeTarget):
     target: ClassVar[Target] = Target.ORT_CUDA
     provider: ClassVar[str] = "cuda"
     gpu: ClassVar[bool] = True

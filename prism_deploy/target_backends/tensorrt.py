@@ -19,7 +19,7 @@ from prism_deploy.target_backends.base import BuiltEngine, EngineBuild, GraphLoa
 UNUSED_SHAPE = (0, 0, 0)  # the adapter's single-input shapes, when input_shapes replaces them
 
 
-class TensorRTBackend(TargetBackend):
+class TensorRTTarget(TargetBackend):
     target: ClassVar[Target] = Target.TRT
     provider: ClassVar[str] = "cuda"
     gpu: ClassVar[bool] = True
