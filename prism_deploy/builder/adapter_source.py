@@ -19,6 +19,7 @@ from prism_deploy.builder.options import PLUGIN_MODES, EngineConfig, Profile, ch
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.core.precision import Precision
+from prism_deploy.core.targets import Target
 from prism_deploy.format import AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_file
 from prism_deploy.format.engine_manifest import EngineFileError, canonical_hash, parts_intact, read_manifest, source_kind
 from prism_deploy.target_backends import EngineBuild, backend_for
@@ -56,7 +57,7 @@ def topology_key(topo: dict[str, Any], cfg: EngineConfig, tools: dict[str, Any],
     return canonical_hash({"topology": topo, "configuration": cfg.to_json(), "tools": tools, "arch": arch})
 
 
-def resolve_plugin(mode: str, target: str, config: AdapterConfig) -> tuple[bool, str | None]:
+def resolve_plugin(mode: str, target: Target, config: AdapterConfig) -> tuple[bool, str | None]:
     """Whether gated pipes are fused into the tile_dispatch plugin, and a note saying why not."""
     if mode not in PLUGIN_MODES:
         raise PrismInputError(f"--plugin: {mode!r} is not one of {', '.join(PLUGIN_MODES)}")
@@ -117,7 +118,7 @@ class AdapterSource:
     def copies(self) -> list[tuple[str, Path]]:
         return []
 
-    def units(self, target: str) -> list[Unit]:
+    def units(self, target: Target) -> list[Unit]:
         from prism_deploy.core import targets
 
         request = self.request

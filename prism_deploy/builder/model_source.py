@@ -17,6 +17,7 @@ from prism_deploy.builder.loop import BuildOptions, BuildResult, Unit, build, bu
 from prism_deploy.builder.options import EngineConfig, Profile
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256
+from prism_deploy.core.targets import Target
 from prism_deploy.format import model_folder
 from prism_deploy.format.engine_manifest import MANIFEST_NAME, source_kind
 from prism_deploy.target_backends import EngineBuild, backend_for
@@ -87,10 +88,12 @@ class ModelSource:
                        "precision": self.precision, "copies": []}
         self._check_form_for(request.target)  # said before looking for TensorRT
 
-    def _check_form_for(self, target: str) -> None:
+    def _check_form_for(self, target: Target | str) -> None:
         """TensorRT's parser takes MatMulNBits with float16 activations only, and these graphs are
         float32: the nbits form is for ONNX Runtime, the dq form for TensorRT (models/quantize.py)."""
-        if not backend_for(target).takes_nbits_models and (self.model.get("quantization") or {}).get("form") == "nbits":
+        if target == "auto" or backend_for(target).takes_nbits_models:  # `auto`: checked again once chosen
+            return
+        if (self.model.get("quantization") or {}).get("form") == "nbits":
             raise PrismInputError(f"--model {self.dir}: its {self.precision} weights are in the nbits form "
                                   "(MatMulNBits), which is for ONNX Runtime; export with --form dq for TensorRT")
 
@@ -109,7 +112,7 @@ class ModelSource:
                                           if k in self.model["files"])]
         return [(name, self.dir / name) for name in names]
 
-    def units(self, target: str) -> list[Unit]:
+    def units(self, target: Target) -> list[Unit]:
         self._check_form_for(target)  # and where `auto` chose it
         units = []
         for key in model_folder.GRAPHS[self.role]:
