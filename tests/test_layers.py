@@ -1,6 +1,7 @@
 """Data flows one way through the package: each layer imports only the layers before it.
 
-The chain is format -> reference -> lower -> fuse -> builder -> runtime -> serving/cli;
+The chain is format -> reference -> lower -> fuse -> builder -> runtime -> serving/cli, with the
+target backends (build and open per target) below the builder and the runtime, beside TensorRT;
 fitting, planning, the kernel, TensorRT, model export, parity and benchmarks sit beside it and
 use its pieces; ``core`` is below everything. Every import counts, including the lazy ones
 inside functions and the names the package root loads on first use: a lazy import is still a
@@ -29,16 +30,20 @@ ALLOWED: dict[str, set[str]] = {
     "fuse": {"format", "lower", "kernel"},
     "trt": {"kernel"},
     "models": {"format"},
-    "builder": {"format", "lower", "fuse", "trt"},
-    "runtime": {"format", "lower", "fuse", "trt"},
-    "serving": {"format", "builder", "runtime"},
+    # one backend object per target (builds, opens, checks its engines): below the builder
+    # (build) and the runtime (open) so both use the same object; it reaches TensorRT's API
+    # through trt, and is handed the runtime's graph loader rather than importing it
+    "target_backends": {"format", "trt"},
+    "builder": {"format", "lower", "fuse", "trt", "target_backends"},
+    "runtime": {"format", "lower", "fuse", "trt", "target_backends"},
+    "serving": {"format", "builder", "runtime", "target_backends"},
     # beside the flow: they use its pieces, nothing in the flow uses them
     "fit": {"format", "reference", "plan"},
-    "parity": {"format", "reference", "lower", "builder", "runtime", "models"},
+    "parity": {"format", "reference", "lower", "builder", "runtime", "models", "target_backends"},
     # bench-model times model folders and their transformers source (bench/models.py)
-    "bench": {"format", "reference", "plan", "kernel", "lower", "trt", "runtime", "models"},
+    "bench": {"format", "reference", "plan", "kernel", "lower", "trt", "runtime", "models", "target_backends"},
     "cli": {"format", "reference", "plan", "lower", "fuse", "builder", "runtime", "serving", "fit", "models", "parity",
-            "bench", "kernel", "trt"},
+            "bench", "kernel", "trt", "target_backends"},
     # the package root names the user-facing pieces (lazily)
     "__init__": {"format", "reference", "plan", "runtime"},
     "__main__": {"cli"},

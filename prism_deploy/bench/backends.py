@@ -18,7 +18,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from prism_deploy.core.errors import brief
+from prism_deploy.core.targets import Target
 from prism_deploy.reference import PrismAdapter
+from prism_deploy.target_backends import backend_for
 
 # int8-qdq calibration: as many rows as a small calibration set, never the timed inputs.
 CALIB_ROWS = 256
@@ -210,7 +212,7 @@ class OrtBackend(Backend):
     the ``ort-*`` engine built by ``prism-deploy build`` when ``--engines`` names it."""
 
     name = "ort-cpu"
-    provider = "cpu"
+    target: ClassVar[Target] = Target.ORT_CPU
 
     def __init__(self, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None = None,
                  threads: int | None = None, gated_form: str | None = None) -> None:
@@ -226,19 +228,19 @@ class OrtBackend(Backend):
         self.io_dtype = np.dtype(np.float32)
         self.info: dict[str, Any] = {}
 
+    @property
+    def provider(self) -> str:
+        return backend_for(self.target).provider
+
+    @property
+    def uses_gpu(self) -> bool:
+        """ONNX Runtime CUDA takes host arrays, but its memory is the GPU's."""
+        return backend_for(self.target).gpu
+
     @classmethod
     def check(cls, engines_dir: Path | None) -> tuple[bool, str]:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return False, "onnxruntime is not installed"
-        if cls.provider == "cuda":
-            from prism_deploy.core.targets import cuda_provider_available
-
-            ok, why = cuda_provider_available()
-            if not ok:
-                return False, why
-        return True, "available"
+        ok, why = backend_for(cls.target).status()
+        return (True, "available") if ok else (False, why)
 
     def prepare(self) -> None:
         from prism_deploy.lower import export_onnx
@@ -251,7 +253,7 @@ class OrtBackend(Backend):
                                      f"{type(self).name})")
         if self.engines_dir is not None:
             try:
-                self.runner = load_engines(self.engines_dir, precision=self.precision, target=self.name)
+                self.runner = load_engines(self.engines_dir, precision=self.precision, target=self.target.value)
             except Exception as exc:
                 raise BackendUnavailable(f"{self.name}: no {self.precision} engine in {self.engines_dir} "
                                          f"({brief(exc, 300)})") from None
@@ -270,7 +272,7 @@ class OrtBackend(Backend):
         try:
             # as `build` exports for this target: MatMulNBits for INT8 ungated pipes on the CPU
             result = export_onnx(self.adapter, path, precision=self.precision, gated_form=self.gated_form or "auto",
-                                 ort_nbits=self.provider == "cpu", **extra)
+                                 ort_nbits=backend_for(self.target).nbits_export, **extra)
         except Exception as exc:
             raise BackendUnavailable(f"{self.name}: export at {self.precision} failed "
                                      f"({type(exc).__name__}: {brief(exc, 300)})") from None
@@ -309,11 +311,7 @@ class OrtBackend(Backend):
 
 class OrtCudaBackend(OrtBackend):
     name = "ort-cuda"
-    provider = "cuda"
-
-    @property
-    def uses_gpu(self) -> bool:
-        return True
+    target: ClassVar[Target] = Target.ORT_CUDA
 
 
 # ---- GPU only: TensorRT engines and the kernel ---------------------------------------------
@@ -323,9 +321,11 @@ class TrtBackend(Backend):
     """Engines built by ``prism-deploy build --target trt``, run through ``load_engines``."""
 
     name = "trt"
+    target: ClassVar[Target] = Target.TRT
 
-    def __init__(self, adapter: PrismAdapter, precision: str, engines_dir: Path | None) -> None:
-        super().__init__(adapter, precision)
+    def __init__(self, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None = None,
+                 threads: int | None = None, gated_form: str | None = None) -> None:
+        super().__init__(adapter, precision)  # the engines were built ahead: no workdir, threads or form
         self.device = "cuda"
         self.engines_dir = engines_dir
         self.engine: Any = None
@@ -336,9 +336,7 @@ class TrtBackend(Backend):
 
         if not gpu_present():
             return False, "TensorRT needs an NVIDIA GPU and this machine has none"
-        from prism_deploy.core.targets import tensorrt_available
-
-        ok, why = tensorrt_available()
+        ok, why = backend_for(cls.target).status()
         if not ok:
             return False, why
         if engines_dir is None:
@@ -350,7 +348,7 @@ class TrtBackend(Backend):
 
         try:
             assert self.engines_dir is not None  # check() refused to run without it
-            self.engine = load_engines(self.engines_dir, precision=self.precision, target="trt")
+            self.engine = load_engines(self.engines_dir, precision=self.precision, target=self.target.value)
         except Exception as exc:
             raise BackendUnavailable(f"trt: no {self.precision} engine in {self.engines_dir} "
                                      f"({brief(exc, 300)})") from None
@@ -475,21 +473,17 @@ class KernelBackend(Backend):
         self.pipes = []
 
 
-BACKEND_CLASSES: dict[str, type[Backend]] = {
-    "torch": TorchBackend,
-    "torch-compile": TorchCompileBackend,
-    "ort-cpu": OrtBackend,
-    "ort-cuda": OrtCudaBackend,
-    "trt": TrtBackend,
-    "kernel": KernelBackend,
-}
+# the backends of a deployment target (target_backends): an engine of --engines, or (ONNX
+# Runtime) a graph exported for the run; all take the same arguments
+TARGET_CLASSES: dict[str, type[OrtBackend | TrtBackend]] = {c.target.value: c for c in (OrtBackend, OrtCudaBackend,
+                                                                                     TrtBackend)}
+BACKEND_CLASSES: dict[str, type[Backend]] = {"torch": TorchBackend, "torch-compile": TorchCompileBackend,
+                                             **TARGET_CLASSES, "kernel": KernelBackend}
 
 
 def make_backend(name: str, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None,
                  threads: int | None = None) -> Backend:
     base, form = split_backend_name(name)
-    if base in FORM_BACKENDS:
-        return BACKEND_CLASSES[base](adapter, precision, workdir, engines_dir, threads, form)  # type: ignore[call-arg]
-    if name == "trt":
-        return TrtBackend(adapter, precision, engines_dir)
+    if base in TARGET_CLASSES:
+        return TARGET_CLASSES[base](adapter, precision, workdir, engines_dir, threads, form)
     return BACKEND_CLASSES[name](adapter, precision)

@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.builder.forms import CANDIDATE_FORMS, FORMS_RULES, time_forms, token_buckets
-from prism_deploy.builder.loop import BuildOptions, BuildResult, Unit, build, engine_part
+from prism_deploy.builder.loop import BuildOptions, BuildResult, Unit, build, build_part
 from prism_deploy.builder.options import PLUGIN_MODES, EngineConfig, Profile, check_calibrator, default_precisions
-from prism_deploy.builder.ort_engine import ort_engine_part
-from prism_deploy.core.errors import CheckFailed, PrismInputError
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.core.precision import Precision
 from prism_deploy.core.targets import Target
 from prism_deploy.format import AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_file
 from prism_deploy.format.engine_manifest import EngineFileError, canonical_hash, parts_intact, read_manifest, source_kind
-
+from prism_deploy.target_backends import EngineBuild, backend_for
 
 FORM_MODES = ("timed", "auto")
 
@@ -58,13 +57,13 @@ def topology_key(topo: dict[str, Any], cfg: EngineConfig, tools: dict[str, Any],
     return canonical_hash({"topology": topo, "configuration": cfg.to_json(), "tools": tools, "arch": arch})
 
 
-def resolve_plugin(mode: str, target: str, config: AdapterConfig) -> tuple[bool, str | None]:
+def resolve_plugin(mode: str, target: Target, config: AdapterConfig) -> tuple[bool, str | None]:
     """Whether gated pipes are fused into the tile_dispatch plugin, and a note saying why not."""
     if mode not in PLUGIN_MODES:
         raise PrismInputError(f"--plugin: {mode!r} is not one of {', '.join(PLUGIN_MODES)}")
     if mode == "off":
         return False, None
-    if target != Target.TRT:
+    if not backend_for(target).fuses_plugin:
         if mode == "on":
             raise PrismInputError(f"--plugin on: the tile_dispatch plugin runs inside TensorRT engines only, "
                                   f"not with --target {target}")
@@ -119,7 +118,7 @@ class AdapterSource:
     def copies(self) -> list[tuple[str, Path]]:
         return []
 
-    def units(self, target: str) -> list[Unit]:
+    def units(self, target: Target) -> list[Unit]:
         from prism_deploy.core import targets
 
         request = self.request
@@ -136,7 +135,7 @@ class AdapterSource:
             raise PrismInputError(f"--calib: {request.calib}: no such file")
         for flag, on in (("--refittable", request.refittable), ("--version-compatible", request.version_compatible),
                          ("--weight-streaming", request.weight_streaming)):
-            if on and target != Target.TRT:
+            if on and flag not in backend_for(target).engine_options:
                 raise PrismInputError(f"{flag}: a TensorRT engine option, but the target is {target}")
         tools, device = targets.tool_versions(target), targets.device_info(target)
         units = []
@@ -157,7 +156,7 @@ class AdapterSource:
     def refit_source(self, unit: Unit, directory: Path, old: dict[str, Any] | None) -> tuple[Path, dict[str, Any]] | None:
         """A refittable engine of the same topology: in DIR, or in a sibling DIR of the same adapter stem."""
         cfg = unit.config
-        if not (cfg.refittable and cfg.target == Target.TRT):
+        if not (cfg.refittable and backend_for(cfg.target).refits):
             return None
         candidates: list[tuple[Path, dict[str, Any] | None]] = [(directory, old)]
         if self.request.out_dir is None:  # default layout: engines/<stem>-<sha8>/ for each retrained version
@@ -175,7 +174,7 @@ class AdapterSource:
         """Whether this engine is built in every candidate gated form and chosen per bucket."""
         if self.request.forms not in FORM_MODES:
             raise PrismInputError(f"--forms: {self.request.forms!r} is not one of {', '.join(FORM_MODES)}")
-        return (self.request.forms == "timed" and cfg.target != Target.TRT and not cfg.per_pipe
+        return (self.request.forms == "timed" and backend_for(cfg.target).times_gated_forms and not cfg.per_pipe
                 and not cfg.plugin and bool(self.config.gated_pipes))
 
     def _make_timed(self, unit: Unit, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -192,12 +191,13 @@ class AdapterSource:
         auto = {choose_gated_form(spec, cfg.precision) for spec in self.config.pipes if spec.gated}
         baseline = auto.pop() if len(auto) == 1 else "auto"
         candidates = list(CANDIDATE_FORMS) if baseline != "auto" else ["auto", *CANDIDATE_FORMS]
-        built: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        built: dict[str, tuple[dict[str, Any], Any]] = {}  # form -> (part, session record)
         for form in candidates:
             stem = f"{cfg.slug}.{form}"
             onnx_path = work / f"{stem}.onnx"
             exported = export_graph(data, onnx_path, cfg, self.request.calib, gated_form=form)
-            built[form] = ort_engine_part(onnx_path, work, stem, cfg.target, exported, cfg.precision)
+            built[form] = build_part(backend_for(cfg.target), onnx_path, work, stem,
+                                     EngineBuild(precision=cfg.precision, source_bytes=exported))
             onnx_path.unlink()
             for extra in work.glob(f"{stem}.onnx.data"):
                 extra.unlink()
@@ -239,37 +239,17 @@ class AdapterSource:
             stem = cfg.slug if index is None else f"{cfg.slug}.pipe{index}"
             onnx_path = work / f"{stem}.onnx"
             exported_bytes = export_graph(piece, onnx_path, cfg, self.request.calib)
-            if cfg.target == Target.TRT:
-                from prism_deploy.trt.engine import TensorRTError
-
-                try:
-                    part = engine_part(work, stem, ".engine", self._trt_engine(cfg, onnx_path, index, refit_from,
-                                                                               directory, unit))
-                except TensorRTError as exc:
-                    raise CheckFailed(f"TensorRT build failed: {exc}") from None
-            else:
-                part, session = ort_engine_part(onnx_path, work, stem, cfg.target, exported_bytes, cfg.precision)
+            refit_part = None
+            if refit_from is not None:
+                folder, entry = refit_from
+                refit_part = folder / next(p for p in entry["parts"] if p["pipe"] == index)["file"]
+            request = EngineBuild(precision=cfg.precision, source_bytes=exported_bytes,
+                                  shapes=cfg.profile.shapes(self.config.in_dim), refittable=cfg.refittable,
+                                  version_compatible=cfg.version_compatible, weight_streaming=cfg.weight_streaming,
+                                  plugin=cfg.plugin, refit_from=refit_part, cache_dir=directory)
+            part, session = build_part(backend_for(cfg.target), onnx_path, work, stem, request)
             parts.append({"pipe": index, "pipe_name": None if index is None else self.config.pipes[index].name, **part})
         return parts, session
-
-    def _trt_engine(self, cfg: EngineConfig, onnx_path: Path, index: int | None,
-                    refit_from: tuple[Path, dict[str, Any]] | None, directory: Path, unit: Unit) -> bytes:
-        from prism_deploy.core import targets
-        from prism_deploy.trt import engine as trt_engine
-
-        if refit_from is not None:
-            folder, entry = refit_from
-            part = next(p for p in entry["parts"] if p["pipe"] == index)
-            return trt_engine.refit_serialized_engine((folder / part["file"]).read_bytes(), onnx_path,
-                                                      plugin=cfg.plugin)
-        lo, opt, hi = cfg.profile.shapes(self.config.in_dim)
-        settings = trt_engine.TrtBuildSettings(min_shape=lo, opt_shape=opt, max_shape=hi,
-                                               refittable=cfg.refittable, version_compatible=cfg.version_compatible,
-                                               weight_streaming=cfg.weight_streaming, plugin=cfg.plugin)
-        device = targets.device_info(cfg.target)
-        cc = str(device.get("compute_capability", "unknown")).replace(".", "")
-        cache = directory / f"timing-trt{targets.tensorrt_version()}-sm{cc}.cache"
-        return trt_engine.build_serialized_engine(onnx_path, settings, cache)
 
 
 def export_graph(adapter: AdapterTensors, path: Path, cfg: EngineConfig, calib: Path | None,
@@ -279,7 +259,7 @@ def export_graph(adapter: AdapterTensors, path: Path, cfg: EngineConfig, calib: 
     from prism_deploy.lower import export_onnx
 
     # ONNX Runtime CPU: INT8 ungated pipes as MatMulNBits, weights read at 8 bits (lower/adapter_graph.py)
-    nbits = cfg.target == Target.ORT_CPU and not cfg.plugin
+    nbits = backend_for(cfg.target).nbits_export and not cfg.plugin
     result = export_onnx(adapter, path, precision=cfg.precision, io_dtype="float32",
                          calib=str(calib) if calib is not None else None, calibrator=cfg.calibrator,
                          gated_form=gated_form, ort_nbits=nbits)

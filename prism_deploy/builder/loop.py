@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from prism_deploy.builder.options import EngineConfig
 from prism_deploy.core import targets
+from prism_deploy.core.targets import Target
 from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.fsutil import atomic_output, file_sha256, folder_lock, inside, write_errors
 from prism_deploy.format.engine_manifest import (
@@ -58,6 +59,7 @@ from prism_deploy.format.engine_manifest import (
     source_kind,
     write_manifest,
 )
+from prism_deploy.target_backends import EngineBuild, TargetBackend
 
 LOCK_NAME = ".build.lock"
 TMP_PREFIX = ".build-"
@@ -147,7 +149,7 @@ class BuildSource(Protocol):
 
     def owns(self, old: dict[str, Any]) -> bool: ...
 
-    def units(self, target: str) -> list[Unit]: ...
+    def units(self, target: Target) -> list[Unit]: ...
 
     def make(self, unit: Unit, work: Path, directory: Path,
              refit_from: tuple[Path, dict[str, Any]] | None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]: ...
@@ -178,7 +180,7 @@ def build(source: BuildSource, options: BuildOptions, log: Callable[[str], None]
     """Build (or reuse, or refit) every unit of ``source``; see the module docstring."""
     say = log or (lambda message: print(message, file=sys.stderr))
     target, target_reason = targets.resolve_target(options.target)
-    units = source.units(target.value)
+    units = source.units(target)
     directory = Path(options.out_dir) if options.out_dir is not None else source.default_out_dir()
     tools, device = targets.tool_versions(target), targets.device_info(target)
     notes: list[str] = list(getattr(source, "notes", []))
@@ -399,6 +401,17 @@ def engine_part(work: Path, stem: str, suffix: str, engine: bytes | Path) -> dic
     name = f"{stem}.{digest[:12]}{suffix}"
     tmp.rename(work / name)
     return {"file": name, "sha256": digest, "bytes": (work / name).stat().st_size}
+
+
+def build_part(backend: TargetBackend, onnx_path: Path, work: Path, stem: str,
+               request: EngineBuild) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``backend`` builds ``onnx_path`` into ``work``: (the manifest's part record, session record)."""
+    built = backend.build(onnx_path, work, stem, request)
+    part = engine_part(work, stem, built.suffix, built.engine)
+    if built.data_file is not None:
+        data = work / built.data_file
+        part.update(data_file=built.data_file, data_sha256=file_sha256(data), data_bytes=data.stat().st_size)
+    return part, built.session
 
 
 # ---- the commit --------------------------------------------------------------------------------

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prism_deploy.builder.loop import BuildOptions, BuildResult, Unit, build, engine_part
+from prism_deploy.builder.loop import BuildOptions, BuildResult, Unit, build, build_part
 from prism_deploy.builder.options import EngineConfig, Profile
-from prism_deploy.builder.ort_engine import ort_engine_part
-from prism_deploy.core.errors import CheckFailed, PrismInputError
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.core.targets import Target
 from prism_deploy.format import model_folder
 from prism_deploy.format.engine_manifest import MANIFEST_NAME, source_kind
+from prism_deploy.target_backends import EngineBuild, backend_for
 
 
 @dataclass
@@ -88,10 +88,12 @@ class ModelSource:
                        "precision": self.precision, "copies": []}
         self._check_form_for(request.target)  # said before looking for TensorRT
 
-    def _check_form_for(self, target: str) -> None:
+    def _check_form_for(self, target: Target | str) -> None:
         """TensorRT's parser takes MatMulNBits with float16 activations only, and these graphs are
         float32: the nbits form is for ONNX Runtime, the dq form for TensorRT (models/quantize.py)."""
-        if target == Target.TRT and (self.model.get("quantization") or {}).get("form") == "nbits":
+        if target == "auto" or backend_for(target).takes_nbits_models:  # `auto`: checked again once chosen
+            return
+        if (self.model.get("quantization") or {}).get("form") == "nbits":
             raise PrismInputError(f"--model {self.dir}: its {self.precision} weights are in the nbits form "
                                   "(MatMulNBits), which is for ONNX Runtime; export with --form dq for TensorRT")
 
@@ -110,7 +112,7 @@ class ModelSource:
                                           if k in self.model["files"])]
         return [(name, self.dir / name) for name in names]
 
-    def units(self, target: str) -> list[Unit]:
+    def units(self, target: Target) -> list[Unit]:
         self._check_form_for(target)  # and where `auto` chose it
         units = []
         for key in model_folder.GRAPHS[self.role]:
@@ -127,20 +129,9 @@ class ModelSource:
         key = unit.config.layout
         onnx_path = model_folder.file_path(self.dir, self.model, key)
         stem = f"{self.role}.{key}.{unit.config.target}"
-        session: dict[str, Any] | None = None
-        if unit.config.target == Target.TRT:
-            from prism_deploy.trt import engine as trt_engine
-
-            unused = (0, 0, 0)  # the adapter's single-input shapes: input_shapes replaces them
-            settings = trt_engine.TrtBuildSettings(min_shape=unused, opt_shape=unused, max_shape=unused,
-                                                   input_shapes=trt_input_shapes(self.model, key, self.request.profile))
-            try:
-                part = engine_part(work, stem, ".engine", trt_engine.build_serialized_engine(onnx_path, settings))
-            except trt_engine.TensorRTError as exc:
-                raise CheckFailed(f"TensorRT build failed: {exc}") from None
-        else:
-            size = sum((self.dir / f["name"]).stat().st_size for f in model_folder.graph_files(self.model, key))
-            part, session = ort_engine_part(onnx_path, work, stem, unit.config.target, size)
+        size = sum((self.dir / f["name"]).stat().st_size for f in model_folder.graph_files(self.model, key))
+        request = EngineBuild(source_bytes=size, input_shapes=trt_input_shapes(self.model, key, self.request.profile))
+        part, session = build_part(backend_for(unit.config.target), onnx_path, work, stem, request)
         return [{"graph": key, **part}], session
 
 

@@ -75,7 +75,7 @@ class Profile:
 class EngineConfig:
     """One engine to build: what it holds (``layout``) and everything it is built with."""
 
-    target: str
+    target: Target
     precision: str
     profile: Profile
     plugin: bool = False

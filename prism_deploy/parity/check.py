@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,15 +24,12 @@ from prism_deploy.core.tolerances import Tolerances
 from prism_deploy.core.tolerances import adapter as adapter_tolerances
 from prism_deploy.parity.blame import TOP_WORKERS
 from prism_deploy.reference import PrismAdapter
+from prism_deploy.target_backends import AdapterRunner
 
 # Tolerances per precision: prism_deploy.core.tolerances.adapter (docs/precision.md gives the
 # reasons); score_rounding there is the size of a rounding error in a gate score, which decides
 # when a token's selection is ambiguous.
 GRAM_ROWS = 8192  # input rows used for the per-worker error (a Gram matrix per column-block)
-
-
-class Runner(Protocol):
-    def run(self, hidden: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass
@@ -60,7 +57,7 @@ def default_tolerances(precision: str, io_dtype: str = "float32") -> dict[str, f
 
 def check_parity(
     adapter: PrismAdapter,
-    runner_or_onnx_path: Runner | str | os.PathLike[str],
+    runner_or_onnx_path: AdapterRunner | str | os.PathLike[str],
     *,
     precision: str | None = None,
     inputs: np.ndarray | str | os.PathLike[str] | None = None,

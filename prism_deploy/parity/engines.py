@@ -21,8 +21,8 @@ import numpy as np
 from prism_deploy.builder.loop import CheckResult, EngineCheck, Unit
 from prism_deploy.core import tolerances
 from prism_deploy.core.metrics import compare
-from prism_deploy.core.targets import Target
 from prism_deploy.format import model_folder
+from prism_deploy.target_backends import backend_for
 
 # Parity runs the engine on this many random batches of the profile's OPT shape (cut: checked_shape).
 PARITY_SAMPLES = 2
@@ -91,8 +91,9 @@ def model_graph_check(model_dir: str | os.PathLike[str]) -> EngineCheck:
 
     def check(unit: Unit, folder: Path, entry: dict[str, Any]) -> CheckResult:
         key = unit.config.layout
-        if Target(entry["target"]) is Target.TRT:
-            return CheckResult(None, {"checked": False, "reason": "no TensorRT runner for model graphs yet"})
+        backend = backend_for(entry["target"])
+        if not backend.opens_model_graphs:
+            return CheckResult(None, {"checked": False, "reason": f"no {backend.tool} runner for model graphs yet"})
         return graph_parity(model_folder.file_path(source, model, key), folder, entry, model, key)
 
     return check
@@ -105,12 +106,9 @@ def graph_parity(source_onnx: Path, work: Path, entry: dict[str, Any], model: di
     from prism_deploy.format.engine_manifest import verify_part
     from prism_deploy.runtime.onnx_runner import OnnxRunner
 
-    provider = Target(entry["target"]).provider
-    part = entry["parts"][0]
-    session = entry["session"]
-    built = OnnxRunner.open(verify_part(work, part), provider, optimization_level=session["load_graph_optimization_level"],
-                            session_config=session.get("load_session_config"))
-    reference = OnnxRunner.open(source_onnx, provider)
+    backend = backend_for(entry["target"])
+    built = backend.open_graph(verify_part(work, entry["parts"][0]), entry, OnnxRunner.open)
+    reference = OnnxRunner.open(source_onnx, backend.provider)
     feeds, mask = parity_inputs(reference, model, key, seed, source_onnx.parent)
     got, want = built.run(feeds), reference.run(feeds)
     tol = tolerances.built_graph(str(model.get("precision", "fp32")))

@@ -1,7 +1,7 @@
 """Resolve the pipeline's ``adapter`` argument to something with ``.run(hidden) -> adapted``.
 
-The pipeline only needs that one method (``AdapterRunner``), so every way of running an
-adapter plugs in the same way:
+The pipeline only needs that one method (``prism_deploy.target_backends.AdapterRunner``), so
+every way of running an adapter plugs in the same way:
 
 - a folder written by ``prism-deploy build`` (it has ``manifest.json``):
   ``prism_deploy.runtime.load_engines(DIR, precision=..., target=...)``;
@@ -21,9 +21,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256, write_text_atomic
@@ -31,10 +29,6 @@ from prism_deploy.core.precision import Precision
 from prism_deploy.core.targets import TARGET_CHOICES, target_provider
 
 CACHE_FOLDER = ".prism-cache"
-
-
-class AdapterRunner(Protocol):
-    def run(self, hidden: np.ndarray) -> np.ndarray: ...
 
 
 def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | None = None,

@@ -18,25 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from prism_deploy.core import targets
 from prism_deploy.core.errors import PrismInputError, brief
-from prism_deploy.core.onnx_io import INPUT_NAME, OUTPUT_NAME
 from prism_deploy.format.engine_manifest import EngineFileError, bucket_for, read_manifest, source_kind, verify_part
 from prism_deploy.runtime.onnx_runner import OnnxRunner
-
-
-
-def _cuda_tensor(hidden: Any) -> Any | None:
-    """A torch CUDA tensor viewing ``hidden`` (torch, or any DLPack producer on a GPU), else None.
-    torch is imported only when such a tensor is given: host callers never need it."""
-    if isinstance(hidden, np.ndarray) or not hasattr(hidden, "__dlpack__"):
-        return None
-    if getattr(getattr(hidden, "device", None), "type", None) == "cpu":
-        return None
-    import torch
-
-    x = hidden if isinstance(hidden, torch.Tensor) else torch.from_dlpack(hidden)
-    return x if x.is_cuda else None
+from prism_deploy.target_backends import backend_for
+from prism_deploy.target_backends.base import cuda_tensor
 
 
 def as_hidden(hidden: Any, in_dim: int) -> np.ndarray:
@@ -54,58 +40,8 @@ def as_hidden(hidden: Any, in_dim: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-class OrtEngineRunner:
-    """An ONNX Runtime engine: the offline-optimized model, opened as it was built (optimization
-    off, or constant folding for weight-only int8) on the provider it was optimized for."""
-
-    def __init__(self, path: Path, session: dict[str, Any], out_dim: int) -> None:
-        self.provider = session["provider"]
-        self.out_dim = out_dim
-        self.runner = OnnxRunner.open(path, self.provider, optimization_level=session["load_graph_optimization_level"],
-                                      session_config=session.get("load_session_config"))
-        self.session = self.runner.session
-
-    def widths(self) -> tuple[Any, Any]:
-        """The last dimension of ``hidden`` and of ``adapted``, as the engine file says."""
-        dims = {i.name: i.shape[-1] for i in [*self.session.get_inputs(), *self.session.get_outputs()]}
-        return dims.get(INPUT_NAME), dims.get(OUTPUT_NAME)
-
-    def run(self, hidden: Any) -> Any:
-        dev = _cuda_tensor(hidden)
-        if dev is None:
-            return self.runner.run({INPUT_NAME: np.asarray(hidden, np.float32)}, [OUTPUT_NAME])[OUTPUT_NAME]
-        return self._run_device(dev, hidden)
-
-    def _run_device(self, x: Any, given: Any) -> Any:
-        """CUDA tensors bound in place through I/O binding: no host copy (GPU only; not run yet)."""
-        import torch
-
-        x = x.to(dtype=torch.float32).contiguous()
-        out = torch.empty((*x.shape[:-1], self.out_dim), dtype=torch.float32, device=x.device)
-        torch.cuda.current_stream(x.device).synchronize()  # ORT runs on its own stream
-        binding = self.session.io_binding()
-        index = x.device.index or 0
-        binding.bind_input(INPUT_NAME, "cuda", index, np.float32, list(x.shape), x.data_ptr())
-        binding.bind_output(OUTPUT_NAME, "cuda", index, np.float32, list(out.shape), out.data_ptr())
-        self.session.run_with_iobinding(binding)
-        if isinstance(given, torch.Tensor):
-            return out
-        import cupy  # the other DLPack producer callers use
-
-        return cupy.from_dlpack(out)
-
-
 def _open_runner(path: Path, entry: dict[str, Any], in_dim: int, out_dim: int) -> Any:
-    cfg = entry["configuration"]
-    if entry["target"] == targets.Target.TRT:
-        from prism_deploy.trt.engine import TrtRunner
-
-        trt_runner = TrtRunner(path, plugin=bool(cfg.get("plugin")), version_compatible=bool(cfg.get("version_compatible")))
-        _check_widths(path, trt_runner, in_dim, out_dim)
-        return trt_runner
-    if not isinstance(entry.get("session"), dict) or "provider" not in entry["session"]:
-        raise EngineFileError(f"engine {entry['id']}: the manifest lacks its session record")
-    runner = OrtEngineRunner(path, entry["session"], out_dim)
+    runner = backend_for(entry["target"]).open(path, entry, OnnxRunner.open, out_dim)
     _check_widths(path, runner, in_dim, out_dim)
     return runner
 
@@ -118,26 +54,8 @@ def _check_widths(path: Path, runner: Any, in_dim: int, out_dim: int) -> None:
 
 
 def check_environment(entry: dict[str, Any]) -> None:
-    """Refuse an engine built with another runtime version, or for another GPU."""
-    target = targets.Target(entry["target"])
-    version_compatible = target is targets.Target.TRT and bool(entry["configuration"].get("version_compatible"))
-    tool = target.runtime_tool
-    built = entry["tools"].get(tool)
-    # a version-compatible plan is meant for other (later) TensorRT runtimes, the lean one included
-    here = built if version_compatible else targets.tool_versions(target).get(tool)
-    if built != here:
-        raise EngineFileError(f"engine {entry['id']}: built with {tool} {built}, this environment has "
-                              f"{here}; rebuild with `prism-deploy build`")
-    if target is targets.Target.ORT_CUDA:
-        ok, why = targets.cuda_provider_available()
-        if not ok:  # ONNX Runtime would fall back to the CPU silently: refuse instead
-            raise EngineFileError(f"engine {entry['id']}: needs ONNX Runtime's CUDA provider ({why})")
-    if target is targets.Target.TRT:  # version compatibility is not hardware compatibility: the GPU must match
-        gpu = targets.device_info(target)
-        if gpu.get("compute_capability") != entry["device"].get("compute_capability"):
-            raise EngineFileError(f"engine {entry['id']}: built for compute capability "
-                                  f"{entry['device'].get('compute_capability')}, this GPU is "
-                                  f"{gpu.get('compute_capability')}; rebuild with `prism-deploy build`")
+    """Refuse an engine built with another runtime version, or for another GPU (its target says how)."""
+    backend_for(entry["target"]).check_environment(entry)
 
 
 @dataclass
@@ -175,13 +93,13 @@ class LoadedEngines:
         return str(self.entry["target"])
 
     def run(self, hidden: Any) -> Any:
-        device = _cuda_tensor(hidden)
+        device = cuda_tensor(hidden)
         x = hidden if device is not None else as_hidden(hidden, self.in_dim)
         shape = tuple(x.shape)
         if len(shape) not in (2, 3) or shape[-1] != self.in_dim:
             raise PrismInputError(f"hidden must be [batch, seq, {self.in_dim}] or [tokens, {self.in_dim}], "
                                   f"got {list(shape)}")
-        if device is None and 0 in shape and self.target == "trt":
+        if device is None and 0 in shape and not backend_for(self.target).answers_zero_tokens:
             # zero tokens: the ONNX graphs answer them themselves (lower/adapter_graph.py); a
             # TensorRT engine's profile starts at one token, so the answer is made here
             return np.zeros((*shape[:-1], self.out_dim), np.float32)

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from prism_deploy.core.targets import Target
 from prism_deploy.format import model_folder
 from prism_deploy.format.engine_manifest import EngineFileError, read_manifest, source_kind, verify_part
-from prism_deploy.runtime.engines import check_environment, select_entry
+from prism_deploy.runtime.engines import select_entry
 from prism_deploy.runtime.onnx_runner import OnnxRunner, host, shape_of
+from prism_deploy.target_backends import graph_backend
 
 POSITIONS = ("last", "all")  # which positions' logits ModelStage.step gives
 
@@ -56,12 +56,12 @@ class ModelFolder:
         threads (its own default when None; benchmarks set it)."""
         if self.build is None:
             return OnnxRunner.open(model_folder.file_path(self.dir, self.manifest, key), provider, threads=threads)
-        target = Target.ORT_CPU if provider == "cpu" else Target.ORT_CUDA
-        entry = select_entry(self.build, self.dir, target=target.value, layout=key)
-        check_environment(entry)
+        backend = graph_backend(provider)
+        entry = select_entry(self.build, self.dir, target=backend.target.value, layout=key)
+        backend.check_environment(entry)
         path = verify_part(self.dir, entry["parts"][0])
-        return OnnxRunner.open(path, provider, optimization_level=entry["session"]["load_graph_optimization_level"],
-                               session_config=entry["session"].get("load_session_config"), threads=threads)
+        runner: OnnxRunner = backend.open_graph(path, entry, OnnxRunner.open, threads=threads)
+        return runner
 
     def table(self, key: str) -> np.ndarray:
         """A table model.json lists (the embedding matrix), memory-mapped."""

@@ -39,6 +39,7 @@ from prism_deploy.serving import config as cfg
 from prism_deploy.serving import repository as repo_mod
 from prism_deploy.serving.repository import ModelEntry, Options, _params, _python_decode, _python_stage
 from prism_deploy.serving.stage_runtime import StageInfo, inspect_stage
+from prism_deploy.target_backends import backend_for
 
 GRAPH_ENTRY_FILE = Path(__file__).with_name("triton_graph_model.py")
 ENSEMBLE = "graph"
@@ -200,7 +201,7 @@ def plan_graph(path: str | os.PathLike[str], options: Options) -> tuple[list[Mod
                   "stages": [{"name": n.name, "kind": n.kind, "inputs": [spec.nodes[j].name for j in n.inputs],
                               **({"weights": list(n.weights)} if n.kind == "fusion" else {})} for n in spec.nodes]},
         "onnxruntime": versions.pop() if versions else None,
-        "gpu": any(i.target != "ort-cpu" for i in infos.values()),
+        "gpu": any(backend_for(i.target).gpu for i in infos.values()),
         "models": {e.name: repo_mod._record(e) for e in entries.values()},
     }
     return list(entries.values()), manifest

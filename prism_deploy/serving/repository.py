@@ -38,6 +38,7 @@ from prism_deploy.format.stage_io import input_names, output_name
 from prism_deploy.serving import config as cfg
 from prism_deploy.serving.stage_runtime import (STAGE_DIR, StageInfo, TensorSpec, graph_io, inspect_stage,
                                                    write_stage_files)
+from prism_deploy.target_backends import backend_for
 
 REPO_MANIFEST = "prism-repository.json"
 REPO_FORMAT = "prism-deploy-triton-repository"
@@ -81,7 +82,7 @@ def _params(**values: Any) -> dict[str, Any]:
 
 
 def _instance_group(target: str, count: int) -> list[dict[str, Any]]:
-    return [{"kind": "KIND_CPU" if target == "ort-cpu" else "KIND_GPU", "count": count}]
+    return [{"kind": "KIND_GPU" if backend_for(target).gpu else "KIND_CPU", "count": count}]
 
 
 def _batching(info: StageInfo, options: Options) -> dict[str, Any]:
@@ -184,11 +185,10 @@ def _native_files(info: StageInfo, key: str) -> tuple[str, list[str]]:
 
 def _native_model(name: str, info: StageInfo, key: str, options: Options, batched: bool) -> ModelEntry:
     main, extra = _native_files(info, key)
-    if info.target == "trt":
-        platform, model_file = "tensorrt_plan", "model.plan"
+    platform, model_file = backend_for(info.target).triton_platform
+    if platform == "tensorrt_plan":  # a plan's I/O is the stage's; an ONNX graph says its own
         inputs, outputs = (info.inputs, info.outputs) if key == "graph" else info.decode  # type: ignore[misc]
     else:
-        platform, model_file = "onnxruntime_onnx", "model.onnx"
         inputs, outputs = graph_io(info.source / main)
         if batched:  # Triton's batch dim is the graph's first one
             inputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in inputs]
@@ -365,7 +365,7 @@ def plan(paths: list[str | os.PathLike[str]], options: Options) -> tuple[list[Mo
     manifest = {
         "format": REPO_FORMAT, "version": REPO_VERSION, "backend": options.backend, "chain": names if chain else [],
         "onnxruntime": versions.pop() if versions else None,
-        "gpu": any(i.target != "ort-cpu" for i in infos),
+        "gpu": any(backend_for(i.target).gpu for i in infos),
         "models": {e.name: _record(e) for e in entries.values()},
     }
     return list(entries.values()), manifest

@@ -324,9 +324,10 @@ def open_stage(folder: str | os.PathLike[str], kind: str, provider: str = "cpu")
 
 def provider_of(target: str) -> str:
     """The ONNX Runtime provider that runs engines of ``target`` in the Python backend."""
-    if target == "ort-cpu":
-        return "cpu"
-    if target == "ort-cuda":
-        return "cuda"
+    from prism_deploy.target_backends import backend_for
+
+    backend = backend_for(target)
+    if backend.runtime_tool == "onnxruntime":
+        return backend.provider
     raise PrismInputError(f"target {target!r}: the Python backend form runs ONNX Runtime engines only "
                           "(TensorRT engines: use --backend native)")

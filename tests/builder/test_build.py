@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from prism_deploy.builder import adapter_source, loop, ort_engine
+from prism_deploy.builder import adapter_source, loop
+from prism_deploy.target_backends import onnxruntime as ort_engine
 from prism_deploy.core import targets
 from prism_deploy.format.engine_manifest import EngineFileError, read_manifest
 from prism_deploy.cli.main import main

@@ -114,22 +114,22 @@ def test_corrupt_engine_is_refused_by_the_pipeline_and_rebuilt(exports, tmp_path
 
 
 def test_failed_parity_exits_1_and_keeps_the_manifest(exports, tmp_path, capsys, monkeypatch):
-    from prism_deploy.builder import ort_engine
+    from prism_deploy.builder import loop
 
     out = tmp_path / "B"
     assert _build(capsys, "--model", str(exports["B"]), "-o", str(out), "--target", "ort-cpu")[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    real = ort_engine.ort_engine_part
+    real = loop.build_part
 
-    def sabotaged(onnx_path, work, stem, target, size):  # an engine of other weights: parity must see it
+    def sabotaged(backend, onnx_path, work, stem, request):  # an engine of other weights: parity must see it
         model = onnx.load(str(onnx_path))
         init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
         init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 0.5, init.name))
         bad = work / f"{stem}.bad.onnx"
         onnx.save(model, str(bad))
-        return real(bad, work, stem, target, size)
+        return real(backend, bad, work, stem, request)
 
-    monkeypatch.setattr("prism_deploy.builder.model_source.ort_engine_part", sabotaged)
+    monkeypatch.setattr("prism_deploy.builder.model_source.build_part", sabotaged)
     code, _, err = _build(capsys, "--model", str(exports["B"]), "-o", str(out), "--target", "ort-cpu", "--force")
     assert code == 1 and "parity failed" in err and "rel_l2" in err
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
