@@ -5,13 +5,19 @@ from __future__ import annotations
 import itertools
 import math
 
-from prism_deploy.core.tiles import (ceil_div, covering_tile, padded_shape, padding_worker_count, real_blocks,
-                                     real_workers)
+from prism_deploy.core.tiles import (
+    ceil_div,
+    covering_tile,
+    padded_shape,
+    padding_worker_count,
+    real_blocks,
+    real_workers,
+)
 from prism_deploy.format import PipeSpec
 
 
 def test_ceil_div_is_the_ceiling_without_floats():
-    for a, b in itertools.product(range(0, 40), range(1, 9)):
+    for a, b in itertools.product(range(40), range(1, 9)):
         assert ceil_div(a, b) == math.ceil(a / b)
     big = (1 << 62) + 1  # past float64's exact integers
     assert ceil_div(big, 2) == (1 << 61) + 1

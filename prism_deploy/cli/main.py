@@ -92,7 +92,7 @@ def unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prism-deploy", description="Deployment compiler for PRISM adapters.")
-    from prism_deploy import __version__
+    from prism_deploy.core.version import __version__
 
     parser.add_argument("--version", action="version", version=f"prism-deploy {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -674,7 +674,7 @@ def _versions() -> dict[str, str]:
     import onnxruntime
     import transformers
 
-    from prism_deploy import __version__
+    from prism_deploy.core.version import __version__
 
     return {"prism_deploy": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}

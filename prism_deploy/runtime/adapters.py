@@ -80,7 +80,7 @@ def lowered_graph(path: Path, precision: Precision, cache_dir: str | os.PathLike
     """The ONNX lowering of adapter ``path`` at ``precision``, from the cache when a verified copy
     is there, else lowered now and recorded. The cache entry is named by the adapter's sha256
     and the precision; its record holds the graph's own sha256, checked on every use."""
-    from prism_deploy import __version__
+    from prism_deploy.core.version import __version__
 
     sha = file_sha256(path)
     folder = _cache_folder(path, cache_dir)
