@@ -29,6 +29,7 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256, write_text_atomic
 from prism_deploy.core.precision import Precision
 from prism_deploy.core.targets import TARGET_CHOICES, target_provider
+from prism_deploy.format.engine_manifest import MANIFEST_NAME
 
 CACHE_FOLDER = ".prism-cache"
 
@@ -52,7 +53,7 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
         reason = not_an_adapter(path)
         if reason is not None:
             raise PrismInputError(f"{adapter}: {reason}")
-        if not (path / "manifest.json").is_file():
+        if not (path / MANIFEST_NAME).is_file():
             raise PrismInputError(f"{adapter}: a folder without manifest.json (not written by `prism-deploy build`)")
         from prism_deploy.runtime.engines import load_engines
 
