@@ -326,3 +326,25 @@ def test_an_output_inside_an_input_folder_replaces_nothing_there(inputs, capsys)
     assert run_cli(["triton", eng, "-o", eng / "repo"]) == 2
     one_error_line(capsys, "a folder prism-deploy wrote")
     assert not (eng / "repo").exists()
+
+
+@pytest.mark.parametrize("errno_name, code", [("ENOSPC", 3), ("EROFS", 3), ("ENOENT", 2)])
+def test_an_os_error_from_inside_a_library_is_said_of_the_users_output(errno_name, code, tmp_path, capsys,
+                                                                       monkeypatch):
+    """An OSError that escapes every write helper (a library writing its own temporary file): a full
+    or read-only file system is exit 3 naming the output given; any other OSError stays exit 2."""
+    import errno
+
+    from prism_deploy.cli import export_cmd
+
+    number = getattr(errno, errno_name)
+    hidden = tmp_path / ".inside-a-library.tmp"
+
+    def refused(args):
+        raise OSError(number, os.strerror(number), str(hidden))
+
+    monkeypatch.setattr(export_cmd, "run", refused)
+    out = tmp_path / "out.onnx"
+    assert run_cli(["export", EXAMPLE, "-o", out]) == code
+    line = one_error_line(capsys, os.strerror(number))
+    assert line.startswith(f"error: cannot write {out}: ") if code == 3 else str(hidden) in line
