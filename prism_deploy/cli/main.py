@@ -16,8 +16,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from prism_deploy.cli.paths import FULL_OR_READ_ONLY, check_outputs, declared_output
-from prism_deploy.core.errors import (CheckFailed, GraphFileAsChain, OutputError, PrismInputError, WriteError, printable,
-                                      require)
+from prism_deploy.core.errors import (
+    CheckFailed,
+    GraphFileAsChain,
+    OutputError,
+    PrismInputError,
+    WriteError,
+    printable,
+    require,
+)
 
 # The exit codes besides 0: a check failed (1), bad input (2), an output could not be written (3).
 CHECK_FAILED, BAD_INPUT, OUTPUT_FAILED = 1, 2, 3
