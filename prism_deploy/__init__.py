@@ -11,8 +11,7 @@ and only ``PrismAdapter`` / ``load_adapter`` (the reference) need PyTorch.
 from __future__ import annotations
 
 from prism_deploy.core.lazy import lazy_getattr
-
-__version__ = "0.1.0"
+from prism_deploy.core.version import __version__
 
 _LAZY = {
     "AdapterConfig": "prism_deploy.format",

@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.tiles import (
+    ceil_div,
+    covering_tile,
+    padded_shape,
+    padding_worker_count,
+)
 from prism_deploy.format import AdapterConfig, PipeSpec
 
 DEFAULT_WORKERS = 512
@@ -48,11 +54,11 @@ class TilePlan:
 
     @property
     def padded_out(self) -> int:
-        return self.grid[0] * self.tile[0]
+        return padded_shape(self.grid, self.tile)[0]
 
     @property
     def padded_in(self) -> int:
-        return self.grid[1] * self.tile[1]
+        return padded_shape(self.grid, self.tile)[1]
 
     @property
     def padding_rows(self) -> int:
@@ -65,9 +71,7 @@ class TilePlan:
     @property
     def padding_workers(self) -> int:
         """Workers whose tile lies wholly in the padding (they compute nothing useful)."""
-        real_rows = min(self.grid[0], _real_blocks(self.out_dim, self.tile[0]))
-        real_cols = min(self.grid[1], _real_blocks(self.in_dim, self.tile[1]))
-        return self.workers - real_rows * real_cols
+        return padding_worker_count(self.grid, self.tile, self.in_dim, self.out_dim)
 
     @property
     def covers(self) -> bool:
@@ -142,8 +146,7 @@ def plan_tiles(in_dim: int, out_dim: int, num_workers: int = DEFAULT_WORKERS) ->
     aspect = out_dim / in_dim
 
     def candidate(pair: tuple[int, int]) -> TilePlan:
-        R, C = pair
-        return TilePlan(in_dim, out_dim, pair, (_ceil_div(out_dim, R), _ceil_div(in_dim, C)), num_workers)
+        return TilePlan(in_dim, out_dim, pair, covering_tile(pair, in_dim, out_dim), num_workers)
 
     def distance(plan: TilePlan) -> float:
         return abs(plan.grid[0] / plan.grid[1] - aspect)
@@ -193,7 +196,7 @@ def plan_cubic_pipe(in_dim: int, out_dim: int, num_workers: int = DEFAULT_WORKER
                 f"{num_workers} tiles of {tile}x{tile} hold more than the {out_dim}x{in_dim} map needs",
             )
         return TilePlan(in_dim, out_dim, best.grid, best.tile, num_workers, notes)
-    R, C = _ceil_div(out_dim, tile), _ceil_div(in_dim, tile)
+    R, C = ceil_div(out_dim, tile), ceil_div(in_dim, tile)
     # The grid the seed gives all three pipes (its layer-3 rule), to show how far short it falls.
     seed_pair = _layer3_grid(out_dim, num_workers)
     note = (
@@ -216,16 +219,13 @@ def plan_layer3_pipe(in_dim: int, out_dim: int, num_workers: int = DEFAULT_WORKE
     _check_dims(in_dim, out_dim, num_workers)
     aspect = out_dim / CUBIC_TILE
     R, C = _layer3_grid(out_dim, num_workers)
-    plan = TilePlan(
-        in_dim, out_dim, (R, C), (next_pow2(_ceil_div(out_dim, R)), next_pow2(_ceil_div(in_dim, C))), num_workers
-    )
+    plan = TilePlan(in_dim, out_dim, (R, C), _pow2_tile((R, C), in_dim, out_dim), num_workers)
     notes = [f"grid chosen by the seed's literal aspect out_dim/512 = {aspect:.4g}, not out/in = {out_dim / in_dim:.4g}"]
     if plan.padding_workers:
         alternatives = [
             p
             for p in (
-                TilePlan(in_dim, out_dim, pair, (next_pow2(_ceil_div(out_dim, pair[0])),
-                                                 next_pow2(_ceil_div(in_dim, pair[1]))), num_workers)
+                TilePlan(in_dim, out_dim, pair, _pow2_tile(pair, in_dim, out_dim), num_workers)
                 for pair in factor_pairs(num_workers)
             )
             if p.padding_workers == 0
@@ -258,13 +258,10 @@ def _check_dims(in_dim: int, out_dim: int, num_workers: int) -> None:
         raise PrismInputError(f"workers: {num_workers} is more than this planner handles ({MAX_WORKERS})")
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _real_blocks(dim: int, tile: int) -> int:
-    """How many blocks of ``tile`` hold at least one real (non-padding) index of ``dim``."""
-    return _ceil_div(dim, tile)
+def _pow2_tile(grid: tuple[int, int], in_dim: int, out_dim: int) -> tuple[int, int]:
+    """The covering tile, each side rounded up to a power of two (the seed's layer-3 tiles)."""
+    tr, tc = covering_tile(grid, in_dim, out_dim)
+    return next_pow2(tr), next_pow2(tc)
 
 
 def _grid(pair: tuple[int, int]) -> str:

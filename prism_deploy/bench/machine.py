@@ -78,7 +78,7 @@ def gpu_info() -> dict[str, Any] | None:
 def library_versions() -> dict[str, str]:
     import torch
 
-    from prism_deploy import __version__
+    from prism_deploy.core.version import __version__
 
     versions = {
         "python": platform.python_version(),

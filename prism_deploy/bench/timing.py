@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from prism_deploy.core.tiles import ceil_div
+
 # Few enough that setup stays cheap, enough that consecutive calls never share an input.
 MIN_BUFFERS = 4
 MAX_BUFFERS = 16
@@ -27,7 +29,7 @@ GRAPH_MAX_TOKENS = 64
 
 
 def buffer_count(bytes_per_input: int) -> int:
-    want = -(-ROTATION_BYTES // max(1, bytes_per_input))
+    want = ceil_div(ROTATION_BYTES, max(1, bytes_per_input))
     return int(min(MAX_BUFFERS, max(MIN_BUFFERS, want)))
 
 

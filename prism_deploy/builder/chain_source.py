@@ -25,6 +25,7 @@ from prism_deploy.builder.options import Profile
 from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.fsutil import write_text_atomic
 from prism_deploy.format.chain_file import ChainSpec, StageSpec, chain_to_object, check_chain, stage_digest
+from prism_deploy.format.engine_manifest import MANIFEST_NAME
 
 CHAIN_FILE = "chain.json"
 
@@ -111,7 +112,7 @@ def _build_stages(request: ChainBuildRequest, adapter_check: Callable[[Path], En
     for s in spec.stages:
         target = request.target or s.target or spec.target or "auto"
         folder = out / stage_folder_name(s.index, s.name)
-        if s.path.is_dir() and (s.path / "manifest.json").is_file():
+        if s.path.is_dir() and (s.path / MANIFEST_NAME).is_file():
             results.append((s.label, None))
             built_paths.append(s.path)
             continue
@@ -163,7 +164,7 @@ def check_chain_out_dir(out: Path, spec: Any, force: bool, file_name: str = CHAI
                               "(move it, or give another output folder)")
     stage_folders = {stage_folder_name(s.index, s.name) for s in spec.stages}
     foreign = sorted(p.name for p in out.iterdir()
-                     if p.name != file_name and not (p.is_dir() and (p / "manifest.json").is_file())
+                     if p.name != file_name and not (p.is_dir() and (p / MANIFEST_NAME).is_file())
                      and not (p.name in stage_folders and holds_only_leftovers(p)))  # a killed build's stage
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -191,7 +192,7 @@ def _ours(chain_file: Path, built_by: str | None = None) -> bool:
         return False
     names = [st.get("model", st.get("adapter")) for st in stages if isinstance(st, dict)]
     return bool(names) and len(names) == len(stages) and all(
-        isinstance(n, str) and "/" not in n and (chain_file.parent / n / "manifest.json").is_file() for n in names)
+        isinstance(n, str) and "/" not in n and (chain_file.parent / n / MANIFEST_NAME).is_file() for n in names)
 
 
 def summary(result: ChainBuildResult) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from prism_deploy.builder.options import Profile
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import write_text_atomic
 from prism_deploy.format.chain_file import ChainSpec, chain_to_object, stage_digest
+from prism_deploy.format.engine_manifest import MANIFEST_NAME
 from prism_deploy.format.graph_file import BUILT_BY, GraphSpec, graph_to_object
 
 GRAPH_FILE = "graph.json"
@@ -56,7 +57,7 @@ def build_graph(request: GraphBuildRequest, adapter_check: Callable[[Path], Engi
     paths: dict[int, Path] = {}
     for s in stages:
         target = request.target or s.target or spec.target or "auto"
-        if s.path.is_dir() and (s.path / "manifest.json").is_file():
+        if s.path.is_dir() and (s.path / MANIFEST_NAME).is_file():
             results.append((s.label, None))
             paths[s.index] = s.path
             continue

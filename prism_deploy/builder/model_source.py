@@ -83,7 +83,7 @@ class ModelSource:
         self.role = str(self.model["role"])
         self.precision = str(self.model.get("precision", "fp32"))
         self.label = self.role
-        self.model_json_sha = file_sha256(self.dir / model_folder.MANIFEST)
+        self.model_json_sha = file_sha256(self.dir / model_folder.MODEL_JSON)
         self.record = {"role": self.role, "source": str(self.dir.resolve()), "model_json_sha256": self.model_json_sha,
                        "precision": self.precision, "copies": []}
         self._check_form_for(request.target)  # said before looking for TensorRT
@@ -108,7 +108,7 @@ class ModelSource:
         return source_kind(old) == "model" and old["model"].get("role") == self.role
 
     def copies(self) -> list[tuple[str, Path]]:
-        names = [model_folder.MANIFEST, *(self.model["files"][k]["name"] for k in model_folder.TABLES
+        names = [model_folder.MODEL_JSON, *(self.model["files"][k]["name"] for k in model_folder.TABLES
                                           if k in self.model["files"])]
         return [(name, self.dir / name) for name in names]
 

@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
 def watch(args: argparse.Namespace, root: Path, model: str) -> int:
     """Rounds while records arrive: a round each time ``--min-new`` records are newer than those
     the previous round saw (each round reads every record in the folder: the budget's window).
-    A round stopped for its data is reported in one line and the watch goes on."""
-    from prism_deploy.core.errors import PrismInputError
+    A round stopped for its data, or by a write the disk refused (it may have room by the next
+    round), is reported in one line and the watch goes on."""
+    from prism_deploy.core.errors import OutputError, PrismInputError
     from prism_deploy.serving.record import record_files
 
     folder = Path(args.records)
@@ -119,7 +120,7 @@ def watch(args: argparse.Namespace, root: Path, model: str) -> int:
                 if adapt_once(args, root, model) == 0:
                     args.adapter = None  # the new version's own file, recorded in the repository
                 done += 1
-            except PrismInputError as exc:
+            except (PrismInputError, OutputError) as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             seen = files[-1].name
             sys.stdout.flush()

@@ -40,8 +40,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from prism_deploy.format.model_folder import MODEL_JSON
+
     for folder in args.folders:
-        if not Path(folder, "model.json").is_file():
+        if not Path(folder, MODEL_JSON).is_file():
             raise PrismInputError(f"{folder}: no model.json (not a folder from export-model or build --model)")
     from prism_deploy.bench.models import run_model_bench
     from prism_deploy.core.fsutil import write_text_atomic

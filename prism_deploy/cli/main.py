@@ -16,7 +16,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from prism_deploy.cli.paths import FULL_OR_READ_ONLY, check_outputs, declared_output
-from prism_deploy.core.errors import CheckFailed, GraphFileAsChain, PrismInputError, printable, require
+from prism_deploy.core.errors import (
+    CheckFailed,
+    GraphFileAsChain,
+    OutputError,
+    PrismInputError,
+    WriteError,
+    printable,
+    require,
+)
+
+# The exit codes besides 0: a check failed (1), bad input (2), an output could not be written (3).
+CHECK_FAILED, BAD_INPUT, OUTPUT_FAILED = 1, 2, 3
 
 # Each module defines ``register(subparsers)``, which adds its parser and sets ``func``.
 # Heavy imports stay inside the commands' ``run`` functions so that ``--help`` is quick.
@@ -92,7 +103,7 @@ def unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prism-deploy", description="Deployment compiler for PRISM adapters.")
-    from prism_deploy import __version__
+    from prism_deploy.core.version import __version__
 
     parser.add_argument("--version", action="version", version=f"prism-deploy {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -153,10 +164,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrismInputError as exc:
         hint = f"; {graph_hint(parser, args)}" if isinstance(exc, GraphFileAsChain) else ""
         print(f"error: {exc}{hint}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     except CheckFailed as exc:
         print(f"error: check failed: {printable(' '.join(str(exc).split()))}", file=sys.stderr)
-        return 1
+        return CHECK_FAILED
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return OUTPUT_FAILED
     except BrokenPipeError:
         # the reader went away (``inspect | head -1``): stop quietly, as a tool killed by
         # SIGPIPE does; stdout is pointed at /dev/null so that the interpreter's final flush
@@ -168,11 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the output the user named, whatever file (temporary, inside a library) met it
         output = declared_output(args) if exc.errno in FULL_OR_READ_ONLY else None
         if output is not None:
-            print(f"error: {output}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+            print(f"error: {WriteError(output, exc.strerror or str(exc))}", file=sys.stderr)
         else:
             where = f"{exc.filename}: " if exc.filename else ""
             print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return OUTPUT_FAILED if exc.errno in FULL_OR_READ_ONLY else BAD_INPUT
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

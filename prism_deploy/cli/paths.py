@@ -78,13 +78,18 @@ def refuse_overlap(path: Path, inputs: Iterable[str | os.PathLike[str]], kind: s
             if os.path.lexists(path):
                 raise PrismInputError(f"{path}: is inside {source}, an input of this command; writing it would "
                                       "replace a file the command reads; give another output path")
-            if any((source / name).is_file() for name in OWNED_MARKERS):
+            if any((source / name).is_file() for name in owned_markers()):
                 raise PrismInputError(f"{path}: is inside {source}, a folder prism-deploy wrote (an input here); "
                                       "give a path outside it")
 
 
-# a folder holding one of these is a build or export folder: only the tool's own files go there
-OWNED_MARKERS = ("manifest.json", "model.json", "prism-repository.json")
+def owned_markers() -> tuple[str, ...]:
+    """The files that make a folder a build, export or serving repository folder: only the tool's
+    own files go there. Their names' homes load the format package, so only when asked."""
+    from prism_deploy.format.engine_manifest import MANIFEST_NAME
+    from prism_deploy.format.model_folder import MODEL_JSON
+
+    return MANIFEST_NAME, MODEL_JSON, "prism-repository.json"
 
 
 def _within(path: Path, folder: Path) -> bool:

@@ -1,8 +1,11 @@
-"""The project's two kinds of failure, which the CLI maps to exit codes.
+"""The project's three kinds of failure, which the CLI maps to exit codes.
 
 - ``PrismInputError``: the user's input is wrong (bad file, bad option). Exit 2 with one
   ``error: ...`` line.
 - ``CheckFailed``: the input was fine but a check (parity, a tolerance) did not pass. Exit 1.
+- ``OutputError``: the input was fine but an output could not be written (a full disk, a
+  read-only place, no permission). Exit 3 with one ``error: cannot write PATH: ...`` line: the
+  same command succeeds once there is room or permission, so it is not bad input.
 """
 
 from __future__ import annotations
@@ -33,14 +36,22 @@ class AdapterFormatError(PrismInputError):
     """An adapter file that does not follow format v1 (docs/adapter-format.md)."""
 
 
-class WriteError(PrismInputError):
+class OutputError(Exception):
+    """An output could not be written: the place refused it, not the input (exit code 3). The
+    message is one line, control characters escaped, as ``PrismInputError``'s."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(" ".join(str(message).split())))
+
+
+class WriteError(OutputError):
     """A write the file system refused (full, read-only, name too long...). ``reason`` is what
     it said; an enclosing ``core.fsutil.write_errors`` re-raises it naming its own, outer path,
     so the user sees the output they named, not a temporary file inside it."""
 
     def __init__(self, path: object, reason: str) -> None:
         self.path, self.reason = path, reason
-        super().__init__(f"{path}: cannot write: {reason}")
+        super().__init__(f"cannot write {path}: {reason}")
 
 
 class GraphFileAsChain(PrismInputError):

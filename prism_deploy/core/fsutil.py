@@ -26,7 +26,7 @@ NAME_MAX = 255
 @contextlib.contextmanager
 def write_errors(path: str | os.PathLike[str], *own: str | os.PathLike[str]) -> Iterator[None]:
     """Report an ``OSError`` met while writing ``path`` (or ``own``: its temporary files, its
-    folder) as bad input naming ``path``, the user's name, never a temporary one."""
+    folder) as a ``WriteError`` naming ``path``, the user's name, never a temporary one."""
     try:
         yield
     except WriteError as exc:  # met by a write nested inside this one: said of this, outer, path
@@ -101,7 +101,7 @@ def refuse_special(target: Path, kind: str) -> None:
     except NotADirectoryError:
         st = None
     except OSError as exc:
-        raise PrismInputError(f"{target}: cannot write: {exc.strerror or exc}") from exc
+        raise WriteError(target, exc.strerror or str(exc)) from exc
     if st is not None:
         if kind == "file" and stat.S_ISDIR(st.st_mode):
             raise PrismInputError(f"{target}: is a folder; give a file name to write")
@@ -133,7 +133,7 @@ def check_writable(target: Path, kind: str) -> None:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as exc:
         why = "read-only file system" if _read_only(folder) else (exc.strerror or str(exc))
-        raise PrismInputError(f"{target}: cannot write: {why} ({folder})") from None
+        raise WriteError(target, f"{why} ({folder})") from None
     with contextlib.suppress(OSError):
         probe.unlink()
 
@@ -191,8 +191,8 @@ def check_free_space(target: str | os.PathLike[str], need_bytes: int) -> None:
     except OSError:
         return
     if free < need_bytes:
-        raise PrismInputError(f"{target}: cannot write: about {human_bytes(need_bytes)} is needed and "
-                              f"{folder} has {human_bytes(free)} free")
+        raise WriteError(target, f"about {human_bytes(need_bytes)} is needed and {folder} has "
+                                 f"{human_bytes(free)} free")
 
 
 def _read_only(folder: Path) -> bool:

@@ -30,7 +30,7 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 
 def finalize(model: onnx.ModelProto, producer: str = "prism-deploy") -> onnx.ModelProto:
     """Pin IR version and opset imports so old and new readers both accept the model."""
-    from prism_deploy import __version__
+    from prism_deploy.core.version import __version__
 
     model.ir_version = IR_VERSION
     model.producer_name = producer

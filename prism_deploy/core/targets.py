@@ -183,7 +183,7 @@ def tool_versions(target: Target | str) -> dict[str, str | None]:
     """Versions of everything that shapes an engine of ``target`` (part of its cache key)."""
     import onnx
 
-    from prism_deploy import __version__
+    from prism_deploy.core.version import __version__
 
     versions: dict[str, str | None] = {"prism_deploy": __version__, "onnx": onnx.__version__}
     if parse_target(target) is Target.TRT:

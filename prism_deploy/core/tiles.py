@@ -7,6 +7,11 @@ A pipe of ``R x C`` workers with ``tr x tc`` tiles stores ``tiles`` ``[R*C, tr, 
 ``[out_dim, in_dim]``; the rest is padding (padded input columns multiply zeros, padded output
 rows are cut).
 
+The tile arithmetic (``ceil_div``, ``covering_tile``, ``real_blocks``, ``padded_shape``,
+``real_workers``, ``padding_worker_count``) is here too, once: the planner, the format's
+checks, the fit's layout and budget, the kernel's launch and the lowering all count blocks and
+padding the same way.
+
 INT8 tiles: symmetric, one float32 scale per tile row (scales ``[R*C, tr]``), so a worker never
 shares a scale with another and a small tile keeps its own resolution: ``q = round(t / s)``
 clipped to [-127, 127], ``s = max|row| / 127`` (a row of zeros gets scale 1, so dequantization
@@ -27,6 +32,37 @@ import numpy as np
 from prism_deploy.core.blocks import blocks
 
 QMAX = 127.0
+
+
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for integers ``b > 0``, exact (no float)."""
+    return -(-a // b)
+
+
+def covering_tile(grid: tuple[int, int], in_dim: int, out_dim: int) -> tuple[int, int]:
+    """The smallest ``(tr, tc)`` whose ``R x C`` grid covers ``out_dim x in_dim``."""
+    return ceil_div(out_dim, grid[0]), ceil_div(in_dim, grid[1])
+
+
+def real_blocks(dim: int, tile: int) -> int:
+    """Blocks of ``tile`` that hold at least one real (non-padding) index of ``dim``; blocks
+    from this index on lie wholly in the padding (cap it at the grid's count)."""
+    return ceil_div(dim, tile)
+
+
+def padded_shape(grid: tuple[int, int], tile: tuple[int, int]) -> tuple[int, int]:
+    """The padded matrix the tiles form: ``(R*tr output rows, C*tc input columns)``."""
+    return grid[0] * tile[0], grid[1] * tile[1]
+
+
+def real_workers(grid: tuple[int, int], tile: tuple[int, int], in_dim: int, out_dim: int) -> int:
+    """Workers whose tile holds at least one real weight."""
+    return min(grid[0], real_blocks(out_dim, tile[0])) * min(grid[1], real_blocks(in_dim, tile[1]))
+
+
+def padding_worker_count(grid: tuple[int, int], tile: tuple[int, int], in_dim: int, out_dim: int) -> int:
+    """Workers wholly in the padding, by arithmetic (``PipeSpec.padding_workers`` lists them)."""
+    return grid[0] * grid[1] - real_workers(grid, tile, in_dim, out_dim)
 
 
 def _permute(a: Any, axes: tuple[int, ...]) -> Any:

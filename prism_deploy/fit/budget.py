@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from prism_deploy.core import tiles
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.units import human_bytes
 from prism_deploy.format import AdapterConfig, PipeSpec
@@ -57,11 +58,11 @@ def gate_params(spec: PipeSpec, in_dim: int) -> int:
 
 
 def real_row_blocks(spec: PipeSpec, out_dim: int) -> int:
-    return min(spec.rows, -(-out_dim // spec.tile_rows))
+    return min(spec.rows, tiles.real_blocks(out_dim, spec.tile_rows))
 
 
 def real_workers(spec: PipeSpec, in_dim: int, out_dim: int) -> int:
-    return real_row_blocks(spec, out_dim) * min(spec.cols, -(-in_dim // spec.tile_cols))
+    return tiles.real_workers(spec.grid, spec.tile, in_dim, out_dim)
 
 
 def adapter_bytes(config: AdapterConfig, itemsize: int) -> int:

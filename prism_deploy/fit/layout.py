@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.tiles import covering_tile, padding_worker_count
 from prism_deploy.core.units import human_bytes
 from prism_deploy.fit.limits import check_number
 from prism_deploy.format import AdapterConfig, PipeSpec
@@ -39,13 +40,6 @@ class FitLayout:
 def padding_fraction(grid: tuple[int, int], tile: tuple[int, int], in_dim: int, out_dim: int) -> float:
     """The share of a pipe's tile weights that lie in the padding (``1 - in*out / (R*tr*C*tc)``)."""
     return 1.0 - (in_dim * out_dim) / (grid[0] * tile[0] * grid[1] * tile[1])
-
-
-def padding_worker_count(grid: tuple[int, int], tile: tuple[int, int], in_dim: int, out_dim: int) -> int:
-    """Workers wholly in the padding, by arithmetic (``PipeSpec.padding_workers`` lists them one by one)."""
-    real_rows = min(grid[0], -(-out_dim // tile[0]))
-    real_cols = min(grid[1], -(-in_dim // tile[1]))
-    return grid[0] * grid[1] - real_rows * real_cols
 
 
 def fit_config(
@@ -103,7 +97,7 @@ def fit_layout(
         r, c = (int(check_number("grid", v)) for v in grid)
         if r * c > MAX_WORKERS:
             raise PrismInputError(f"--grid: {r} x {c} = {r * c} workers is more than the planner handles ({MAX_WORKERS})")
-        layouts: list[Layout] = [((r, c), (-(-out_dim // r), -(-in_dim // c)))] * pipes
+        layouts: list[Layout] = [((r, c), covering_tile((r, c), in_dim, out_dim))] * pipes
         asked = f"--grid {r} {c}"
     elif pipes == 3:
         layouts = [(p.grid, p.tile) for p in plan_three_pipes(in_dim, out_dim, n).pipes]

@@ -43,6 +43,8 @@ from prism_deploy.core.errors import GraphFileAsChain, PrismInputError, brief
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.core.precision import PRECISIONS
 from prism_deploy.core.targets import TARGET_CHOICES
+from prism_deploy.format.engine_manifest import MANIFEST_NAME
+from prism_deploy.format.model_folder import MODEL_JSON
 
 SCHEMA_NAME = "prism-deploy.chain"
 SCHEMA_VERSION = 1
@@ -209,7 +211,7 @@ def stage_digest(path: Path) -> str | None:
     (build) or ``model.json`` (export). None when there is nothing to hash."""
     if path.is_file():
         return file_sha256(path)
-    for name in ("manifest.json", "model.json"):
+    for name in (MANIFEST_NAME, MODEL_JSON):
         if (path / name).is_file():
             return file_sha256(path / name)
     return None
@@ -226,7 +228,7 @@ def check_stage_files(spec: ChainSpec, stage: StageSpec) -> None:
         if digest != stage.sha256:
             raise PrismInputError(f"{where}: {stage.path}: sha256 {str(digest)[:12]}... does not match the chain "
                                   f"file's {stage.sha256[:12]}... (changed since the chain was written)")
-    if stage.kind == "model" and stage.path.is_dir() and not (stage.path / "manifest.json").is_file():
+    if stage.kind == "model" and stage.path.is_dir() and not (stage.path / MANIFEST_NAME).is_file():
         from prism_deploy.format import model_folder
 
         try:
@@ -245,7 +247,7 @@ def _widths(spec: ChainSpec, stage: StageSpec, count: int) -> tuple[int | None, 
     """(width in, width out) of a stage from its manifest or header, its role checked; None where
     only the runtime can tell (an exported adapter .onnx) or nothing goes in (a first model)."""
     from prism_deploy.format.engine_manifest import read_manifest, source_kind
-    from prism_deploy.format.model_folder import MANIFEST, read_model_json
+    from prism_deploy.format.model_folder import read_model_json
 
     where = f"{spec.where()}: {stage.label}"
     path = stage.path
@@ -264,7 +266,7 @@ def _widths(spec: ChainSpec, stage: StageSpec, count: int) -> tuple[int | None, 
         return (None if role == "first" else hidden), (int(manifest["dims"]["vocab"]) if role == "last" else hidden)
     if path.is_dir():
         if build is None:
-            if (path / MANIFEST).is_file():
+            if (path / MODEL_JSON).is_file():
                 raise PrismInputError(f"{where}: {path}: a model export folder, where an adapter belongs (an adapter "
                                       ".safetensors, .onnx or build folder)")
             raise PrismInputError(f"{where}: {path}: a folder without manifest.json (not an adapter build folder)")

@@ -13,6 +13,7 @@ from typing import Any
 from prism_deploy.core import jsontext
 from prism_deploy.core.errors import AdapterFormatError
 from prism_deploy.core.limits import FLOAT32_MAX
+from prism_deploy.core.tiles import padded_shape, real_blocks
 
 FORMAT_NAME = "prism-adapter"
 FORMAT_VERSION = "1"
@@ -55,11 +56,11 @@ class PipeSpec:
 
     @property
     def padded_in(self) -> int:
-        return self.grid[1] * self.tile[1]
+        return padded_shape(self.grid, self.tile)[1]
 
     @property
     def padded_out(self) -> int:
-        return self.grid[0] * self.tile[0]
+        return padded_shape(self.grid, self.tile)[0]
 
     @property
     def tile_params(self) -> int:
@@ -72,8 +73,8 @@ class PipeSpec:
 
     def padding_blocks(self, in_dim: int, out_dim: int) -> tuple[list[int], list[int]]:
         """Row-blocks wholly past ``out_dim`` and column-blocks wholly past ``in_dim``."""
-        rows = [r for r in range(self.rows) if r * self.tile_rows >= out_dim]
-        cols = [c for c in range(self.cols) if c * self.tile_cols >= in_dim]
+        rows = list(range(min(self.rows, real_blocks(out_dim, self.tile_rows)), self.rows))
+        cols = list(range(min(self.cols, real_blocks(in_dim, self.tile_cols)), self.cols))
         return rows, cols
 
     def padding_workers(self, in_dim: int, out_dim: int) -> list[int]:

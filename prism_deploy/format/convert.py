@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core.errors import AdapterFormatError, PrismInputError, brief, require_torch
+from prism_deploy.core.tiles import real_blocks
 from prism_deploy.format.adapter_file import FLOAT_DTYPES, AdapterTensors, _as_numpy, validate_tensors, write_adapter_file
 from prism_deploy.format.config import AdapterConfig, PipeSpec
 
@@ -73,7 +74,7 @@ def infer_grid(workers: int, tile: tuple[int, int], in_dim: int, out_dim: int) -
     rows = sorted(set(small) | {workers // r for r in small})  # every divisor, in O(sqrt W)
     covering = [(r, workers // r) for r in rows if r * tr >= out_dim and (workers // r) * tc >= in_dim]
     if not covering:
-        need_r, need_c = -(-out_dim // tr), -(-in_dim // tc)
+        need_r, need_c = real_blocks(out_dim, tr), real_blocks(in_dim, tc)
         raise PrismInputError(
             f"--grid: no grid R x C = {workers} of {tr}x{tc} tiles covers in_dim={in_dim}, out_dim={out_dim} "
             f"(it needs R >= {need_r} and C >= {need_c}, {need_r * need_c} workers); check --in-dim/--out-dim"

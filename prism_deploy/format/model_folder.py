@@ -34,7 +34,7 @@ from prism_deploy.format.stage_io import STAGE_IO, StageTensor, decode_io, input
 
 FORMAT = "prism-deploy-model"
 VERSION = 1
-MANIFEST = "model.json"
+MODEL_JSON = "model.json"
 LOCK_NAME = ".export.lock"  # export-model's lock file where the folder itself cannot be locked (not POSIX)
 # export-model traces each graph in a scratch folder ".trace-<8 random>" inside the output folder,
 # marked by TRACE_MARK as it is made: a later export removes the ones a killed export left.
@@ -189,9 +189,9 @@ def validate_model_json(manifest: Any, where: str) -> dict[str, Any]:
 
 def read_model_json(model_dir: str | os.PathLike[str], role: str | None = None) -> dict[str, Any]:
     """``model.json`` of a model folder, validated, checked for the expected role."""
-    path = Path(model_dir) / MANIFEST
+    path = Path(model_dir) / MODEL_JSON
     if not path.is_file():
-        raise PrismInputError(f"{model_dir}: no {MANIFEST} (not a folder written by `prism-deploy export-model`)")
+        raise PrismInputError(f"{model_dir}: no {MODEL_JSON} (not a folder written by `prism-deploy export-model`)")
     raw = jsontext.load_file(path)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise PrismInputError(f"{path}: not a prism-deploy model manifest")
@@ -203,7 +203,7 @@ def read_model_json(model_dir: str | os.PathLike[str], role: str | None = None) 
 
 def file_path(model_dir: str | os.PathLike[str], manifest: dict[str, Any], key: str) -> Path:
     """The file model.json lists under ``key``, confined to the folder."""
-    return inside(model_dir, manifest["files"][key]["name"], f"{Path(model_dir) / MANIFEST}: files.{key}.name")
+    return inside(model_dir, manifest["files"][key]["name"], f"{Path(model_dir) / MODEL_JSON}: files.{key}.name")
 
 
 def graph_files(manifest: dict[str, Any], key: str) -> list[dict[str, str]]:
@@ -219,9 +219,9 @@ def verify_files(model_dir: str | os.PathLike[str], manifest: dict[str, Any]) ->
     for key, record in manifest["files"].items():
         path = file_path(model_dir, manifest, key)
         if not path.is_file():
-            raise PrismInputError(f"{path}: missing ({MANIFEST} lists it as {key!r})")
+            raise PrismInputError(f"{path}: missing ({MODEL_JSON} lists it as {key!r})")
         if file_sha256(path) != record["sha256"]:
-            raise PrismInputError(f"{path}: sha256 differs from {MANIFEST} (changed after the export; "
+            raise PrismInputError(f"{path}: sha256 differs from {MODEL_JSON} (changed after the export; "
                                   "export the model again)")
 
 
@@ -229,7 +229,7 @@ def not_an_adapter(path: str | os.PathLike[str]) -> str | None:
     """Why ``path`` is not an adapter, where it is something else the project writes (a model
     export or build folder); None when it is none of those."""
     p = Path(path)
-    if p.is_dir() and (p / MANIFEST).is_file():
+    if p.is_dir() and (p / MODEL_JSON).is_file():
         return ("a model folder (export-model or build --model), where an adapter belongs: give an adapter "
                 ".safetensors, .onnx or build folder")
     return None
@@ -251,9 +251,9 @@ def check_export_folder(model_dir: str | os.PathLike[str], force: bool = False) 
         return
     names = {p.name for p in folder.iterdir()}
     listed: set[str] = set()
-    if MANIFEST in names:
+    if MODEL_JSON in names:
         try:
-            listed = {MANIFEST, *(r["name"] for r in read_model_json(folder)["files"].values())}
+            listed = {MODEL_JSON, *(r["name"] for r in read_model_json(folder)["files"].values())}
         except PrismInputError:
             listed = set()
     foreign = sorted(n for n in names - listed if n != LOCK_NAME and not (n.startswith(".") and n.endswith(".tmp"))

@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.tiles import ceil_div, padded_shape, real_blocks
 
 KERNEL_NAME = "tile_dispatch_kernel"
 HIDDEN_DTYPES = {"float32": 0, "float16": 1}
@@ -100,7 +101,7 @@ class TileDispatchSpec:
 
     @property
     def padded_in(self) -> int:
-        return self.C * self.tc
+        return padded_shape((self.R, self.C), (self.tr, self.tc))[1]
 
     @property
     def gate_scale_f32(self) -> float:
@@ -118,9 +119,9 @@ class TileDispatchSpec:
     @property
     def rows_per_warp(self) -> int:
         """1, 2, 4 or 8: the largest that still leaves TARGET_BLOCKS row slabs (or 1)."""
-        live_row_blocks = -(-min(self.out_dim, self.R * self.tr) // self.tr)
+        live_row_blocks = min(self.R, real_blocks(self.out_dim, self.tr))
         rpw = 1
-        while rpw < MAX_ROWS_PER_WARP and live_row_blocks * -(-self.tr // (WARPS_PER_BLOCK * rpw * 2)) >= TARGET_BLOCKS:
+        while rpw < MAX_ROWS_PER_WARP and live_row_blocks * ceil_div(self.tr, WARPS_PER_BLOCK * rpw * 2) >= TARGET_BLOCKS:
             rpw *= 2
         return rpw
 
@@ -192,9 +193,9 @@ def launch_config(spec: TileDispatchSpec, tokens: N) -> LaunchConfig[N]:
     Only ``+`` and ``//`` are applied to ``tokens``, which TensorRT shape expressions support.
     """
     tpb = spec.tokens_per_block
-    slabs = -(-spec.tr // spec.rows_per_block)
+    slabs = ceil_div(spec.tr, spec.rows_per_block)
     # Row-blocks wholly in the output padding have no rows to write: no blocks for them.
-    live_row_blocks = -(-spec.out_dim // spec.tr)
+    live_row_blocks = real_blocks(spec.out_dim, spec.tr)
     grid_y: N = (tokens + (tpb - 1)) // tpb  # type: ignore[operator,assignment]
     return LaunchConfig(
         grid_x=live_row_blocks * slabs,

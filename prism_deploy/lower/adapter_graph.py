@@ -31,7 +31,12 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.limits import FLOAT16_MAX
 from prism_deploy.core.onnx_io import INPUT_NAME, OPSET, OUTPUT_NAME, finalize
 from prism_deploy.core.precision import Precision
-from prism_deploy.core.tiles import dense_rows, quantize_with_scales, row_scales
+from prism_deploy.core.tiles import (
+    dense_rows,
+    quantize_with_scales,
+    real_blocks,
+    row_scales,
+)
 from prism_deploy.format import AdapterTensors
 from prism_deploy.lower.contract import write_metadata
 from prism_deploy.lower.graph import DTYPE_NAMES, NP_TO_ONNX, GraphBuilder
@@ -347,7 +352,7 @@ class AdapterGraphBuilder:
         rows = self.adapter.tiles(i).reshape(W * tr, tc)
         scales = row_scales(rows)
         q = quantize_with_scales(rows, scales).reshape(R, C, tr, tc)
-        n_blocks = -(-cfg.in_dim // tc)
+        n_blocks = real_blocks(cfg.in_dim, tc)
         # [R, C, tr, tc] -> [R, tr, C, tc] -> [R*tr, C, tc]: output row n, block c
         packed = (q.transpose(0, 2, 1, 3).reshape(R * tr, C, tc)[:cfg.out_dim, :n_blocks].astype(np.int16) + 128)
         packed = packed.astype(np.uint8)

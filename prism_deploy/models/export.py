@@ -48,7 +48,7 @@ from prism_deploy.core.errors import CheckFailed, PrismInputError, brief
 from prism_deploy.core.fsutil import file_sha256, folder_lock
 from prism_deploy.core.metrics import compare, compare_logits, merge
 from prism_deploy.core.precision import ModelPrecision
-from prism_deploy.format.model_folder import (FORMAT, LOCK_NAME, MANIFEST, TRACE_MARK, TRACE_PREFIX, VERSION,
+from prism_deploy.format.model_folder import (FORMAT, LOCK_NAME, MODEL_JSON, TRACE_MARK, TRACE_PREFIX, VERSION,
                                              canonical_role, check_export_folder, io_description, is_own_trace,
                                              past_names)
 from prism_deploy.models import gguf, hf
@@ -173,7 +173,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                     shutil.rmtree(stale, ignore_errors=True)
             try:
                 # An old manifest would describe graphs this run is about to replace: drop it first, write it last.
-                (out / MANIFEST).unlink(missing_ok=True)
+                (out / MODEL_JSON).unlink(missing_ok=True)
 
                 if role == "first":
                     files, written = _export_first(traced, out, vocab)
@@ -246,7 +246,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                                                 **({"calibration": calibration} if calibration else {})}
                 from prism_deploy.core.fsutil import write_text_atomic
 
-                write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+                write_text_atomic(out / MODEL_JSON, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             except BaseException:
                 _remove_export_files(out, role)  # a failed export leaves no graph without its model.json
                 raise
@@ -674,7 +674,7 @@ def _versions() -> dict[str, str]:
     import onnxruntime
     import transformers
 
-    from prism_deploy import __version__
+    from prism_deploy.core.version import __version__
 
     return {"prism_deploy": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}

@@ -39,7 +39,7 @@ from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.fsutil import atomic_output, file_sha256, folder_lock, write_text_atomic
 from prism_deploy.core.metrics import compare, compare_logits, merge
 from prism_deploy.core.precision import ModelPrecision
-from prism_deploy.format.model_folder import (FORMAT, LOCK_NAME, MANIFEST, VERSION, canonical_role,
+from prism_deploy.format.model_folder import (FORMAT, LOCK_NAME, MODEL_JSON, VERSION, canonical_role,
                                              check_export_folder, ort_form_io,
                                              OUTPUT_ORT_FORM as OUTPUT, past_names, right_padding_shifts,
                                              roll_rows)
@@ -99,7 +99,7 @@ def export_ort_form(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os
         with folder_lock(out, LOCK_NAME):
             check_export_folder(out, force)
             try:
-                (out / MANIFEST).unlink(missing_ok=True)
+                (out / MODEL_JSON).unlink(missing_ok=True)
                 files = {"graph": graph_name, "graph_data": graph_name + ".data"}
                 builder = _run_builder(Path(hf_dir), role, out, graph_name, precision, max_seq)
                 if role == "last":
@@ -124,7 +124,7 @@ def export_ort_form(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os
                     "exporter": builder, "export_seconds": round(export_s, 3),
                     "eos_token_id": _eos_token_id(reference), "validation": validation, "versions": _versions(),
                 }
-                write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+                write_text_atomic(out / MODEL_JSON, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             except BaseException:
                 for name in (graph_name, graph_name + ".data", "embed_tokens.npy"):
                     with contextlib.suppress(OSError):

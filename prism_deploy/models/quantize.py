@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.tiles import ceil_div
 
 BITS = {"int8": 8, "int4": 4}
 FORMS = ("nbits", "dq")
@@ -409,11 +410,11 @@ def _ort_quantize(model: Any, spec: QuantSpec, bits: int, x: np.ndarray | None) 
         config = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=ops)
     elif algorithm == "k_quant":
         k = int(model.graph.initializer[0].dims[0])
-        if bits == 4 and -(-k // block) % 2:
+        if bits == 4 and ceil_div(k, block) % 2:
             # its writer packs the 4-bit zero points of all rows as one stream, which is
             # MatMulNBits' per-row layout only for an even number of blocks per column
             raise PrismInputError(f"{model.graph.node[1].name}: --algorithm k_quant at 4 bits needs an even number "
-                                  f"of blocks along K ({k} / {block} gives {-(-k // block)}); choose --block-size")
+                                  f"of blocks along K ({k} / {block} gives {ceil_div(k, block)}); choose --block-size")
         config = mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=ops,
                                                  customized_weight_config={n.name: {"bits": bits} for n in model.graph.node})
     elif algorithm == "gptq":
@@ -727,7 +728,7 @@ def dequantized_weights(model: Any) -> dict[str, np.ndarray]:
         if node.op_type == "MatMulNBits":
             k, n, bits, bs = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
             codes = _unpack(numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1), bits)  # [N, k_blocks*bs]
-            k_blocks = -(-k // bs)
+            k_blocks = ceil_div(k, bs)
             scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n, k_blocks)
             if len(node.input) > 3 and node.input[3]:
                 zp_raw = numpy_helper.to_array(inits[node.input[3]])

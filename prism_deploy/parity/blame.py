@@ -5,7 +5,7 @@ worst first):
 
 - a runner that exposes the tiles it computes with (``stored_tiles``: exported and lowered ONNX
   graphs) is compared tile by tile, each tile alone on the given inputs (the adapter parity's own
-  ranking, ``prism_deploy.parity.check``);
+  ranking: ``worker_errors``, which ``prism_deploy.parity.check`` reports);
 - any other runner (built engines: a black box) is probed: for each column block of each pipe,
   the inputs with every other column zeroed go through the runner and the reference, and each
   worker of that column block is scored by how much of the error lies along its own reference
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from prism_deploy.core.tiles import worker_block
+from prism_deploy.reference import PrismAdapter
 
 TOP_WORKERS = 10
 
@@ -33,10 +34,42 @@ def blame_workers(reference: Any, runner: Any, x: np.ndarray, top: int = TOP_WOR
     x = np.asarray(x, np.float32)
     stored = runner.stored_tiles() if hasattr(runner, "stored_tiles") else {}
     if stored and len(stored) == reference.config.num_pipes:
-        from prism_deploy.parity.check import _worker_errors
-
-        return _worker_errors(reference, stored, x, [])[:top]
+        return worker_errors(reference, stored, x, [])[:top]
     return _probe(reference, runner, x)[:top]
+
+
+def worker_errors(adapter: PrismAdapter, stored: dict[int, np.ndarray], x: np.ndarray,
+                  notes: list[str]) -> list[dict[str, Any]]:
+    """Each worker's tile alone on the same inputs: ``||x_c (T_stored - T_ref)^T||_F``.
+
+    Computed from the Gram matrix of each column-block of the inputs, without forming the
+    per-worker outputs: ``||X D^T||_F^2 = sum_j d_j^T (X^T X) d_j``. ``relative`` divides by
+    the norm of the reference tile's own output on the same inputs.
+    """
+    xt = torch.from_numpy(x).to(torch.float64)
+    rows: list[dict[str, Any]] = []
+    for i, pipe in enumerate(adapter.pipe_list()):
+        spec = pipe.spec
+        if i not in stored:
+            notes.append(f"pipe {spec.name!r}: folded into one weight with its ungated neighbours; "
+                         "no per-worker figures")
+            continue
+        (R, C), (tr, tc) = spec.grid, spec.tile
+        xp = torch.nn.functional.pad(xt, (0, spec.padded_in - adapter.in_dim)).reshape(-1, C, tc)
+        gram = torch.einsum("nck,ncl->ckl", xp, xp)  # [C, tc, tc]
+        ref = pipe.tiles.detach().to(torch.float64).reshape(R, C, tr, tc)
+        d = torch.from_numpy(stored[i]).to(torch.float64).reshape(R, C, tr, tc) - ref
+        err = torch.einsum("rcjk,ckl,rcjl->rc", d, gram, d).clamp_min(0).sqrt()
+        base = torch.einsum("rcjk,ckl,rcjl->rc", ref, gram, ref).clamp_min(0).sqrt()
+        # this pipe's candidates for the overall top ten (ties: lower worker index first)
+        order = torch.sort(err.flatten(), descending=True, stable=True).indices[:TOP_WORKERS].tolist()
+        for w in order:
+            r, c = divmod(w, C)
+            e, b = float(err[r, c]), float(base[r, c])
+            rows.append({"pipe": i, "name": spec.name, "worker": w, "r": r, "c": c, "error": e,
+                         "relative": e / b if b > 0 else (0.0 if e == 0 else math.inf)})
+    rows.sort(key=lambda r: (-r["error"], r["pipe"], r["worker"]))
+    return rows[:TOP_WORKERS]
 
 
 def _probe(reference: Any, runner: Any, x: np.ndarray) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ and the default tolerances.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ from prism_deploy.core.metrics import ErrorAccumulator
 from prism_deploy.core.tiles import stored_as
 from prism_deploy.core.tolerances import Tolerances
 from prism_deploy.core.tolerances import adapter as adapter_tolerances
-from prism_deploy.parity.blame import TOP_WORKERS
+from prism_deploy.parity.blame import worker_errors
 from prism_deploy.reference import PrismAdapter
 from prism_deploy.target_backends import AdapterRunner
 
@@ -137,7 +136,7 @@ def check_parity(
     stored, how = _stored_tiles(runner, adapter, precision)
     notes.append(f"per-worker errors: {how}")
     x_all = np.concatenate(gram_rows)[:GRAM_ROWS]
-    top = _worker_errors(adapter, stored, x_all, notes)
+    top = worker_errors(adapter, stored, x_all, notes)
 
     failures = Tolerances(**tol).failures(acc.figures())
     for s in selection:
@@ -245,40 +244,6 @@ def simulated_stored_tiles(adapter: PrismAdapter, precision: str) -> dict[int, n
     """The tiles as a ``precision`` lowering stores them, as float32 (for runners that do
     not expose their weights, e.g. engines)."""
     return {i: stored_as(pipe.tiles, precision) for i, pipe in enumerate(adapter.pipe_list())}
-
-
-def _worker_errors(adapter: PrismAdapter, stored: dict[int, np.ndarray], x: np.ndarray,
-                   notes: list[str]) -> list[dict[str, Any]]:
-    """Each worker's tile alone on the same inputs: ``||x_c (T_stored - T_ref)^T||_F``.
-
-    Computed from the Gram matrix of each column-block of the inputs, without forming the
-    per-worker outputs: ``||X D^T||_F^2 = sum_j d_j^T (X^T X) d_j``. ``relative`` divides by
-    the norm of the reference tile's own output on the same inputs.
-    """
-    xt = torch.from_numpy(x).to(torch.float64)
-    rows: list[dict[str, Any]] = []
-    for i, pipe in enumerate(adapter.pipe_list()):
-        spec = pipe.spec
-        if i not in stored:
-            notes.append(f"pipe {spec.name!r}: folded into one weight with its ungated neighbours; "
-                         "no per-worker figures")
-            continue
-        (R, C), (tr, tc) = spec.grid, spec.tile
-        xp = torch.nn.functional.pad(xt, (0, spec.padded_in - adapter.in_dim)).reshape(-1, C, tc)
-        gram = torch.einsum("nck,ncl->ckl", xp, xp)  # [C, tc, tc]
-        ref = pipe.tiles.detach().to(torch.float64).reshape(R, C, tr, tc)
-        d = torch.from_numpy(stored[i]).to(torch.float64).reshape(R, C, tr, tc) - ref
-        err = torch.einsum("rcjk,ckl,rcjl->rc", d, gram, d).clamp_min(0).sqrt()
-        base = torch.einsum("rcjk,ckl,rcjl->rc", ref, gram, ref).clamp_min(0).sqrt()
-        # this pipe's candidates for the overall top ten (ties: lower worker index first)
-        order = torch.sort(err.flatten(), descending=True, stable=True).indices[:TOP_WORKERS].tolist()
-        for w in order:
-            r, c = divmod(w, C)
-            e, b = float(err[r, c]), float(base[r, c])
-            rows.append({"pipe": i, "name": spec.name, "worker": w, "r": r, "c": c, "error": e,
-                         "relative": e / b if b > 0 else (0.0 if e == 0 else math.inf)})
-    rows.sort(key=lambda r: (-r["error"], r["pipe"], r["worker"]))
-    return rows[:TOP_WORKERS]
 
 
 def _describe(runner: Any) -> str:

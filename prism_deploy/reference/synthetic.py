@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from prism_deploy.core.tiles import covering_tile
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.reference.module import PrismAdapter
 
@@ -49,7 +50,6 @@ def simple_config(
     gate_scale: float = 1.0,
 ) -> AdapterConfig:
     """``pipes`` identical pipes of the smallest tiles that cover the dims with ``grid``."""
-    R, C = grid
-    tile = (-(-out_dim // R), -(-in_dim // C))
+    tile = covering_tile(grid, in_dim, out_dim)
     specs = tuple(PipeSpec(f"pipe{i + 1}", grid, tile, top_k, gate_scale) for i in range(pipes))
     return AdapterConfig(in_dim, out_dim, specs, combine)

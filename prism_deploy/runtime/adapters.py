@@ -27,6 +27,7 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256, write_text_atomic
 from prism_deploy.core.precision import Precision
 from prism_deploy.core.targets import TARGET_CHOICES, target_provider
+from prism_deploy.format.engine_manifest import MANIFEST_NAME
 
 CACHE_FOLDER = ".prism-cache"
 
@@ -46,7 +47,7 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
         reason = not_an_adapter(path)
         if reason is not None:
             raise PrismInputError(f"{adapter}: {reason}")
-        if not (path / "manifest.json").is_file():
+        if not (path / MANIFEST_NAME).is_file():
             raise PrismInputError(f"{adapter}: a folder without manifest.json (not written by `prism-deploy build`)")
         from prism_deploy.runtime.engines import load_engines
 
@@ -74,7 +75,7 @@ def lowered_graph(path: Path, precision: Precision, cache_dir: str | os.PathLike
     """The ONNX lowering of adapter ``path`` at ``precision``, from the cache when a verified copy
     is there, else lowered now and recorded. The cache entry is named by the adapter's sha256
     and the precision; its record holds the graph's own sha256, checked on every use."""
-    from prism_deploy import __version__
+    from prism_deploy.core.version import __version__
 
     sha = file_sha256(path)
     folder = _cache_folder(path, cache_dir)

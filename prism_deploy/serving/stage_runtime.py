@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 
 # model.json roles -> chain stage kinds (prism_deploy.format.model_folder reads old names as new)
 ROLE_KINDS = {"first": "first", "middle": "middle", "last": "last"}
-MODEL_JSON = "model.json"
-MANIFEST_JSON = "manifest.json"
 # a served stage's files live in this folder of the model version
 STAGE_DIR = "stage"
 # the profile assumed for a model export folder that was not built (build/options.py defaults)
@@ -140,12 +138,15 @@ def _decode_io(model: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec
 def inspect_stage(path: str | os.PathLike[str], *, precision: str | None = None, target: str | None = None,
                   engine_id: str | None = None) -> StageInfo:
     """Describe a build folder (adapter or model) or a model export folder as a chain stage."""
+    from prism_deploy.format.engine_manifest import MANIFEST_NAME
+    from prism_deploy.format.model_folder import MODEL_JSON
+
     folder = Path(path)
     if not folder.is_dir():
         what = ("a file, not a folder: give the stage folders (a build --chain folder's chain.json lists them)"
                 if folder.is_file() else "no such folder")
         raise PrismInputError(f"{path}: {what} (give `prism-deploy build` or `export-model` folders)")
-    if (folder / MANIFEST_JSON).is_file():
+    if (folder / MANIFEST_NAME).is_file():
         from prism_deploy.format.engine_manifest import read_manifest, source_kind
 
         manifest = read_manifest(folder)
@@ -223,7 +224,7 @@ def _model_build_stage(folder: Path, manifest: dict[str, Any], target: str | Non
 def _model_export_stage(folder: Path) -> StageInfo:
     model = _read_model_json(folder)
     kind = ROLE_KINDS[model["role"]]
-    from prism_deploy.format.model_folder import file_path, graph_form
+    from prism_deploy.format.model_folder import MODEL_JSON, file_path, graph_form
 
     if graph_form(model) != "portable":  # Triton's ONNX Runtime backend feeds the portable graphs' inputs
         raise PrismInputError(f"{folder}: the {graph_form(model)} graph form is not served yet; "
@@ -254,6 +255,7 @@ def write_stage_files(info: StageInfo, dest: Path) -> None:
     import shutil
 
     from prism_deploy.core.fsutil import file_sha256, inside
+    from prism_deploy.format.engine_manifest import MANIFEST_NAME
 
     dest.mkdir(parents=True)
     for name in info.files:
@@ -269,7 +271,7 @@ def write_stage_files(info: StageInfo, dest: Path) -> None:
                                   "the build or export; build or export it again)")
     text = stage_manifest_text(info)
     if text is not None:
-        (dest / MANIFEST_JSON).write_text(text, encoding="utf-8")
+        (dest / MANIFEST_NAME).write_text(text, encoding="utf-8")
 
 
 def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.format.engine_manifest import MANIFEST_NAME
 from prism_deploy.serving import repository as repo_mod
 from prism_deploy.serving.update import UPDATE_LOCK, server_endpoint, swap, versions_of
 
@@ -129,7 +130,7 @@ def version_adapter_sha256(mdir: Path, version: int) -> str | None:
     from prism_deploy.core.jsontext import load_file
     from prism_deploy.serving.stage_runtime import STAGE_DIR
 
-    path = mdir / str(version) / STAGE_DIR / "manifest.json"
+    path = mdir / str(version) / STAGE_DIR / MANIFEST_NAME
     if not path.is_file():
         return None
     adapter = load_file(path).get("adapter")

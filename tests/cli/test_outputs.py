@@ -201,8 +201,8 @@ def test_an_unwritable_place_is_refused_before_any_work(command, inputs, tmp_pat
         if ro is None:
             pytest.skip("cannot make a read-only folder here (root without mount)")
         for out in (ro / "out", ro / "no" / "such" / "out"):  # a missing folder is probed where it would be made
-            assert run_cli(argv_for(template, inputs, out)) == 2
-            one_error_line(capsys, str(out), "cannot write")
+            assert run_cli(argv_for(template, inputs, out)) == 3  # the place refused: not bad input
+            one_error_line(capsys, f"cannot write {out}: ")
         assert not (ro / "no").exists()
 
 
@@ -225,9 +225,9 @@ def test_a_full_disk_is_one_line_naming_the_users_path_and_leaves_nothing(comman
     argv = argv_for(template, inputs, out)
     before = sorted(p.name for p in inputs.iterdir())
     proc = _limited(f"from prism_deploy.cli.main import main\nsys.exit(main({argv!r}))", 4096, inputs)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 3, proc.stderr
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {out}") and "too large" in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {out}: ") and "too large" in lines[0], proc.stderr
     assert ".tmp" not in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in inputs.iterdir()) == before  # no temp file, no empty folder
 
@@ -236,10 +236,30 @@ def test_names_at_the_file_system_limit(tmp_path):
     longest = tmp_path / ("n" * 250 + ".onnx")  # 255 bytes: its temporary name must fit too
     write_bytes_atomic(longest, b"x")
     assert longest.read_bytes() == b"x" and [p.name for p in tmp_path.iterdir()] == [longest.name]
-    from prism_deploy.core.errors import PrismInputError
+    from prism_deploy.core.errors import PrismInputError, WriteError
 
-    with pytest.raises(PrismInputError, match=r"n+\.onnxx: cannot write: File name too long"):
+    with pytest.raises(WriteError, match=r"cannot write .*n+\.onnxx: File name too long") as caught:
         write_bytes_atomic(tmp_path / ("n" * 250 + ".onnxx"), b"x")
+    assert not isinstance(caught.value, PrismInputError)  # the file system's refusal, not bad input
+
+
+def test_a_write_the_disk_refuses_is_exit_3_naming_the_users_path(inputs, capsys, monkeypatch):
+    """ENOSPC met while writing a temporary file: one line naming the output the user gave, exit 3
+    (not 2: the input was fine), no traceback, no temporary file left."""
+    import errno
+
+    from prism_deploy.core import fsutil
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
+
+    monkeypatch.setattr(fsutil.os, "replace", full)
+    out = inputs / "out.onnx"
+    before = sorted(p.name for p in inputs.iterdir())
+    assert run_cli(argv_for(WRITERS["export"], inputs, out)) == 3
+    line = one_error_line(capsys, f"cannot write {out}: No space left on device")
+    assert ".tmp" not in line and "Traceback" not in line
+    assert sorted(p.name for p in inputs.iterdir()) == before
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
@@ -306,3 +326,25 @@ def test_an_output_inside_an_input_folder_replaces_nothing_there(inputs, capsys)
     assert run_cli(["triton", eng, "-o", eng / "repo"]) == 2
     one_error_line(capsys, "a folder prism-deploy wrote")
     assert not (eng / "repo").exists()
+
+
+@pytest.mark.parametrize("errno_name, code", [("ENOSPC", 3), ("EROFS", 3), ("ENOENT", 2)])
+def test_an_os_error_from_inside_a_library_is_said_of_the_users_output(errno_name, code, tmp_path, capsys,
+                                                                       monkeypatch):
+    """An OSError that escapes every write helper (a library writing its own temporary file): a full
+    or read-only file system is exit 3 naming the output given; any other OSError stays exit 2."""
+    import errno
+
+    from prism_deploy.cli import export_cmd
+
+    number = getattr(errno, errno_name)
+    hidden = tmp_path / ".inside-a-library.tmp"
+
+    def refused(args):
+        raise OSError(number, os.strerror(number), str(hidden))
+
+    monkeypatch.setattr(export_cmd, "run", refused)
+    out = tmp_path / "out.onnx"
+    assert run_cli(["export", EXAMPLE, "-o", out]) == code
+    line = one_error_line(capsys, os.strerror(number))
+    assert line.startswith(f"error: cannot write {out}: ") if code == 3 else str(hidden) in line

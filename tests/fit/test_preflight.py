@@ -183,35 +183,37 @@ def test_large_steps_are_cut_into_bounded_chunks():
 
 # ---- the output folder, checked first -----------------------------------------------------------
 def unwritable_outputs(tmp_path):
+    """(output, exit code): a path that cannot be a file is bad input (2); a place that refuses
+    the write is an output failure (3)."""
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    outs = [a_file / "out.safetensors", tmp_path]  # below a regular file; a folder
+    outs = [(a_file / "out.safetensors", 2), (tmp_path, 2)]  # below a regular file; a folder
     if sys.platform.startswith("linux"):
-        outs.append("/proc/prism-deploy-test.safetensors")  # no one can create files there, root included
+        outs.append(("/proc/prism-deploy-test.safetensors", 3))  # no one can create files there, root included
     if os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir()
         locked.chmod(0o555)
-        outs.append(locked / "out.safetensors")
+        outs.append((locked / "out.safetensors", 3))
     return outs
 
 
 def test_unwritable_output_fails_before_any_pass(capsys, pair, tmp_path, no_pass):
     x, z = pair
-    for out in unwritable_outputs(tmp_path):
+    for out, want in unwritable_outputs(tmp_path):
         code, _, err = run_cli(capsys, "fit", "--x", x, "--z", z, "-o", out, "--grid", 3, 4)
         line = one_error_line(err)
-        assert code == 2 and str(out) in line and ".probe" not in line and ".tmp" not in line, line
+        assert code == want and str(out) in line and ".probe" not in line and ".tmp" not in line, line
 
 
 def test_refit_checks_its_output_before_any_pass(capsys, pair, tmp_path, no_pass):
     x, z = pair
     adapter = tmp_path / "a.safetensors"
     random_adapter(fit_config(40, 30, grid=(3, 4)), seed=0).save(adapter)
-    for out in unwritable_outputs(tmp_path):
+    for out, want in unwritable_outputs(tmp_path):
         code, _, err = run_cli(capsys, "refit", adapter, "--x", x, "--z", z, "--workers", "1", "-o", out)
         line = one_error_line(err)
-        assert code == 2 and str(out) in line and ".tmp" not in line, line
+        assert code == want and str(out) in line and ".tmp" not in line, line
 
 
 def test_a_full_disk_is_refused_before_any_pass(capsys, pair, tmp_path, monkeypatch, no_pass):
@@ -223,7 +225,9 @@ def test_a_full_disk_is_refused_before_any_pass(capsys, pair, tmp_path, monkeypa
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10_000, 9_990, 10))
     out = tmp_path / "a.safetensors"
     code, _, err = run_cli(capsys, "fit", "--x", x, "--z", z, "-o", out, "--grid", 3, 4)
-    assert code == 2 and "has 10 B free" in one_error_line(err) and not out.exists()
+    line = one_error_line(err)
+    assert code == 3 and line.startswith(f"error: cannot write {out}: ") and "has 10 B free" in line, line
+    assert not out.exists()
 
 
 def test_missing_output_folders_are_still_created(capsys, pair, tmp_path):
