@@ -20,6 +20,7 @@ from prism_deploy.builder.loop import engine_part
 from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.core.onnx_io import EXTERNAL_MIN_BYTES
+from prism_deploy.core.precision import ModelPrecision, Precision
 from prism_deploy.core.targets import Target
 
 # Exports larger than this (bytes) get ONNX Runtime engines with external initializers.
@@ -41,7 +42,7 @@ BUILD_SESSION_CONFIG = {"session.disable_prepacking": "1"}
 
 
 def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
-                     external_data: str | None = None, precision: str | None = None) -> dict[str, Any]:
+                     external_data: str | None = None, precision: Precision | ModelPrecision | None = None) -> dict[str, Any]:
     """Optimize ``onnx_path`` for ``target``'s provider into ``engine_path``; return the session record.
 
     ``external_data``: a file name (in ``engine_path``'s folder) for the initializers of a
@@ -73,7 +74,7 @@ def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
 
 
 def ort_engine_part(onnx_path: Path, work: Path, stem: str, target: str,
-                    source_bytes: int, precision: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                    source_bytes: int, precision: Precision | ModelPrecision | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """ONNX Runtime's offline-optimized model of ``onnx_path`` in ``work``: (part record, session record).
     A refused graph is a failed build (``CheckFailed``), not bad input."""
     engine = work / f"{stem}.ort.onnx.tmp"

@@ -89,6 +89,11 @@ class ModelPrecision(str, Enum):
     def weight_only(self) -> bool:
         return self in (ModelPrecision.INT8, ModelPrecision.INT4)
 
+    @property
+    def bits(self) -> int | None:
+        """Bits per stored weight of a weight-only precision (None for the float ones)."""
+        return {ModelPrecision.INT8: 8, ModelPrecision.INT4: 4}.get(self)
+
 
 PRECISIONS: tuple[str, ...] = tuple(p.value for p in Precision)
 MODEL_PRECISIONS: tuple[str, ...] = tuple(p.value for p in ModelPrecision)
