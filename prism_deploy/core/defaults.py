@@ -29,8 +29,9 @@ MODEL_PRECISION = ModelPrecision.FP32
 # The int8-qdq activation calibrator (``--calibrator``; one of ``precision.CALIBRATORS``).
 CALIBRATOR = "max"
 
-# CPU threads of a benchmark (``bench --threads``, ``bench-model --threads``): one, so that
-# timings do not depend on what else the machine runs.
+# A benchmark (``bench``): the batch sizes it times, and its CPU threads (``bench --threads``,
+# ``bench-model --threads``): one, so that timings do not depend on what else the machine runs.
+BENCH_BATCHES: tuple[int, ...] = (1, 8, 64)
 BENCH_THREADS = 1
 
 
