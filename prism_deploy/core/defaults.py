@@ -9,6 +9,8 @@ defaults (they are bounds a check enforces): they live in ``core/tolerances.py``
 
 from __future__ import annotations
 
+from typing import Any
+
 from prism_deploy.core.precision import ModelPrecision, Precision
 
 # An engine's shape profile (``build --batch`` / ``--seq``): MIN, OPT, MAX.
@@ -33,6 +35,12 @@ CALIBRATOR = "max"
 # ``bench-model --threads``): one, so that timings do not depend on what else the machine runs.
 BENCH_BATCHES: tuple[int, ...] = (1, 8, 64)
 BENCH_THREADS = 1
+
+
+def runner_precision(runner: Any) -> str:
+    """The precision an adapter runner says it runs; one that says none (any object with
+    ``run``) is taken as the default precision."""
+    return str(getattr(runner, "precision", None) or PRECISION)
 
 
 def range_text(values: tuple[int, int, int]) -> str:
