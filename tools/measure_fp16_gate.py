@@ -22,6 +22,7 @@ from onnx import helper
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.lower.adapter_graph import AdapterGraphBuilder
 from prism_deploy.core.ort_session import make_session
+from prism_deploy.core.precision import Precision
 from prism_deploy.reference import load_adapter, random_adapter
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo-adapter.safetensors"
@@ -58,7 +59,7 @@ def main() -> None:
         # float32 reference (torch) as the yardstick of float32 rounding itself
         ref32 = {i: np.sort(r.indices.numpy(), axis=1) for i, r in
                  enumerate(adapter.routings(torch.from_numpy(x))) if r is not None}
-        got = {gd: selections(AdapterGraphBuilder(adapter.arrays(), "fp16", "float32", "auto", gate_dtype=gd).model(), x)
+        got = {gd: selections(AdapterGraphBuilder(adapter.arrays(), Precision.FP16, "float32", "auto", gate_dtype=gd).model(), x)
                for gd in ("float32", "float16")}
         for i in ref:
             def flips(sel: np.ndarray) -> int:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from prism_deploy.core.errors import brief
+from prism_deploy.core.precision import Precision
 from prism_deploy.core.targets import Target
 from prism_deploy.reference import PrismAdapter
 from prism_deploy.target_backends import backend_for
@@ -69,7 +70,7 @@ class Backend:
     # torch ops can be captured in a CUDA graph; runtimes with their own host logic cannot.
     capturable: ClassVar[bool] = False
 
-    def __init__(self, adapter: PrismAdapter, precision: str) -> None:
+    def __init__(self, adapter: PrismAdapter, precision: Precision) -> None:
         self.adapter = adapter
         self.precision = precision
 
@@ -114,7 +115,7 @@ class TorchBackend(Backend):
     name = "torch"
     capturable = True
 
-    def __init__(self, adapter: PrismAdapter, precision: str) -> None:
+    def __init__(self, adapter: PrismAdapter, precision: Precision) -> None:
         super().__init__(adapter, precision)
         self.device = torch_device()
         self.module: Any = None
@@ -122,14 +123,14 @@ class TorchBackend(Backend):
     def prepare(self) -> None:
         import torch
 
-        if self.precision not in ("fp32", "fp16"):
+        if self.precision.quantized:
             raise BackendUnavailable(f"{self.name}: the PyTorch reference has no {self.precision} path "
                                      "(int8 exists only in lowered graphs and the kernel)")
-        if self.precision == "fp32" and self.device == "cpu":
+        if self.precision is Precision.FP32 and self.device == "cpu":
             self.module = self.adapter
             return
         # A copy: Module.to() moves in place, and the other backends need the adapter on the host.
-        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        dtype = getattr(torch, self.precision.weight_dtype.name)  # float16 or float32 (quantized refused above)
         tensors = {k: v.to(self.device, dtype) for k, v in self.adapter.tensors().items()}
         self.module = PrismAdapter(self.adapter.config, tensors).eval()
 
@@ -151,7 +152,7 @@ class TorchBackend(Backend):
         import torch
 
         return {**super().describe(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "weights_dtype": "float16" if self.precision == "fp16" else "float32", "compute_dtype": "float32"}
+                "weights_dtype": self.precision.weight_dtype.name, "compute_dtype": "float32"}
 
     def close(self) -> None:
         self.module = None
@@ -214,7 +215,7 @@ class OrtBackend(Backend):
     name = "ort-cpu"
     target: ClassVar[Target] = Target.ORT_CPU
 
-    def __init__(self, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None = None,
+    def __init__(self, adapter: PrismAdapter, precision: Precision, workdir: Path, engines_dir: Path | None = None,
                  threads: int | None = None, gated_form: str | None = None) -> None:
         super().__init__(adapter, precision)
         self.gated_form = gated_form
@@ -264,7 +265,7 @@ class OrtBackend(Backend):
         stem = f"adapter-{self.precision}" + (f"-{self.gated_form}" if self.gated_form else "")
         path = self.workdir / f"{stem}.onnx"
         extra: dict[str, Any] = {}
-        if self.precision == "int8-qdq":
+        if self.precision.quantizes_activations:
             # Static activation scales need calibration data: hidden states drawn like the
             # benchmark's inputs (standard normal) from a seed of their own.
             extra["calib"] = np.random.default_rng(CALIB_SEED).standard_normal(
@@ -323,7 +324,7 @@ class TrtBackend(Backend):
     name = "trt"
     target: ClassVar[Target] = Target.TRT
 
-    def __init__(self, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None = None,
+    def __init__(self, adapter: PrismAdapter, precision: Precision, workdir: Path, engines_dir: Path | None = None,
                  threads: int | None = None, gated_form: str | None = None) -> None:
         super().__init__(adapter, precision)  # the engines were built ahead: no workdir, threads or form
         self.device = "cuda"
@@ -386,7 +387,7 @@ class KernelBackend(Backend):
     name = "kernel"
     capturable = True
 
-    def __init__(self, adapter: PrismAdapter, precision: str) -> None:
+    def __init__(self, adapter: PrismAdapter, precision: Precision) -> None:
         super().__init__(adapter, precision)
         self.device = "cuda"
         self.launch: Any = None
@@ -411,11 +412,11 @@ class KernelBackend(Backend):
         from prism_deploy.kernel import TileDispatchSpec
         from prism_deploy.kernel.launch import tile_dispatch_torch
 
-        if self.precision not in ("fp32", "fp16", "int8"):
+        if self.precision.quantizes_activations:
             raise BackendUnavailable(f"kernel: tiles come in fp32, fp16 or int8, not {self.precision}")
         self.launch = tile_dispatch_torch
         cfg = self.adapter.config
-        tile_dtype = {"fp32": "float32", "fp16": "float16", "int8": "int8"}[self.precision]
+        tile_dtype = self.precision.weight_dtype.name  # float32, float16 or int8
         self.pipes = []
         for pipe in self.adapter.pipe_list():
             spec = pipe.spec
@@ -429,12 +430,12 @@ class KernelBackend(Backend):
             entry["gate_w"] = pipe.gate.weight.detach().to("cuda", torch.float32)
             entry["gate_b"] = pipe.gate.bias.detach().to("cuda", torch.float32)
             entry["scales"] = None
-            if self.precision == "int8":  # the lowering's own quantization (prism_deploy.core.tiles)
+            if self.precision.quantized:  # the lowering's own quantization (prism_deploy.core.tiles)
                 q, scales = quantize_rows(pipe.tiles)
                 entry["tiles"] = torch.from_numpy(q).to("cuda")
                 entry["scales"] = torch.from_numpy(scales).to("cuda")
             else:
-                entry["tiles"] = tiles.to(torch.float16 if self.precision == "fp16" else torch.float32)
+                entry["tiles"] = tiles.to(getattr(torch, self.precision.weight_dtype.name))
             entry["spec"] = TileDispatchSpec(R=spec.grid[0], C=spec.grid[1], tr=spec.tile[0], tc=spec.tile[1],
                                              top_k=spec.top_k, gate_scale=spec.gate_scale, out_dim=cfg.out_dim,
                                              hidden_dtype="float32", tile_dtype=tile_dtype)
@@ -481,7 +482,7 @@ BACKEND_CLASSES: dict[str, type[Backend]] = {"torch": TorchBackend, "torch-compi
                                              **TARGET_CLASSES, "kernel": KernelBackend}
 
 
-def make_backend(name: str, adapter: PrismAdapter, precision: str, workdir: Path, engines_dir: Path | None,
+def make_backend(name: str, adapter: PrismAdapter, precision: Precision, workdir: Path, engines_dir: Path | None,
                  threads: int | None = None) -> Backend:
     base, form = split_backend_name(name)
     if base in TARGET_CLASSES:

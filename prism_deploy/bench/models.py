@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from prism_deploy.core import defaults
 from prism_deploy.core.errors import PrismInputError
 
 # The issue's targets for decode per token on ONNX Runtime CPU (issue 18): speed-up over float32
@@ -233,7 +234,7 @@ def _stats(samples: list[float]) -> dict[str, float] | None:
             "min_s": float(s.min()), "samples": int(s.size)}
 
 
-def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = 1, prompt: int | None = None,
+def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = defaults.BENCH_THREADS, prompt: int | None = None,
                     new_tokens: int | None = None, repeat: int = 5, warmup: int = 1, seed: int = 0, eager: bool = True,
                     hf_dir: str | None = None, peers: bool = True) -> dict[str, Any]:
     """Time every folder (and transformers eager on their source, and the installed peers of

@@ -28,9 +28,10 @@ from prism_deploy.bench.floor import FLOOR_MODEL, case_floor
 from prism_deploy.bench.machine import describe_machine, load_average, measure_copy_bandwidth, measure_matrix_rate
 from prism_deploy.bench.memory import PeakMemory, merge_peaks
 from prism_deploy.bench.timing import GRAPH_MAX_TOKENS, buffer_count, time_cpu, time_cuda
+from prism_deploy.core import defaults
 from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.metrics import max_abs_relative
-from prism_deploy.core.precision import PRECISIONS
+from prism_deploy.core.precision import Precision
 
 SCHEMA = "prism-deploy-bench/1"
 BASELINE = ("torch", "fp32")
@@ -39,8 +40,8 @@ BASELINE = ("torch", "fp32")
 @dataclass(frozen=True)
 class BenchSettings:
     backends: tuple[str, ...] = bk.BACKEND_NAMES
-    precisions: tuple[str, ...] = ("fp32",)
-    batches: tuple[int, ...] = (1, 8, 64)
+    precisions: tuple[Precision, ...] = (Precision.FP32,)
+    batches: tuple[int, ...] = defaults.BENCH_BATCHES
     seq: int = 1
     warmup_ms: float = 200.0
     repeat: int = 30
@@ -48,14 +49,16 @@ class BenchSettings:
     seed: int = 0
     threads: int | None = None  # CPU threads for torch and ONNX Runtime; None: each library's default
 
+    def __post_init__(self) -> None:
+        # the settings of a run: a precision an API caller names is parsed here (the CLI passes them parsed)
+        object.__setattr__(self, "precisions", tuple(p if isinstance(p, Precision) else Precision.parse(p)
+                                                     for p in self.precisions))
+
     def validate(self) -> None:
         for b in self.backends:
             why = bk.check_backend_name(b)
             if why is not None:
                 raise PrismInputError(f"--backends: {why}")
-        for p in self.precisions:
-            if p not in PRECISIONS:
-                raise PrismInputError(f"--precision: {p!r} is not one of {', '.join(PRECISIONS)}")
         if not self.backends:
             raise PrismInputError("--backends: name at least one backend")
         if not self.precisions:
@@ -145,14 +148,15 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
     rates = {"fp32": measure_matrix_rate(device, "fp32", threads=settings.threads)}
     if device == "cuda":
         rates["fp16"] = measure_matrix_rate(device, "fp16")
-    rate_for = {p: rates["fp16"]["flops_per_s"] if (p != "fp32" and "fp16" in rates) else rates["fp32"]["flops_per_s"]
-                for p in PRECISIONS}
+    # each precision at the rate of its own compute dtype (float16 where it was measured)
+    rate_for = {p: rates["fp16" if p.compute_dtype == np.float16 and "fp16" in rates else "fp32"]["flops_per_s"]
+                for p in Precision}
 
     inputs = {b: make_inputs(adapter, b, settings.seq, settings.seed) for b in settings.batches}
     floors = {
         (p, b): case_floor(adapter.config, info, p, b * settings.seq, bandwidth["bytes_per_s"], rate_for[p],
                            inputs[b].selected_tiles)
-        for p in sorted({"fp32", *settings.precisions}, key=PRECISIONS.index) for b in settings.batches
+        for p in sorted({Precision.FP32, *settings.precisions}, key=lambda p: p.rank) for b in settings.batches
     }
 
     unavailable: list[dict[str, Any]] = []
@@ -165,10 +169,10 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
             unavailable.append({"backend": name, "precision": None, "reason": why})
 
     # Precision passes: the asked ones, plus torch fp32 first when torch must give a baseline.
-    passes: list[tuple[str, list[str]]] = []
-    if "torch" in runnable and "fp32" not in settings.precisions:
-        passes.append(("fp32", ["torch"]))
-    ordered = sorted(settings.precisions, key=lambda p: (p != "fp32", PRECISIONS.index(p)))
+    passes: list[tuple[Precision, list[str]]] = []
+    if "torch" in runnable and Precision.FP32 not in settings.precisions:
+        passes.append((Precision.FP32, ["torch"]))
+    ordered = sorted(settings.precisions, key=lambda p: (p is not Precision.FP32, p.rank))
     passes += [(p, list(runnable)) for p in ordered]
 
     cases: list[dict[str, Any]] = []

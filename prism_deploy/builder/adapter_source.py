@@ -16,6 +16,7 @@ from typing import Any
 from prism_deploy.builder.forms import CANDIDATE_FORMS, FORMS_RULES, time_forms, token_buckets
 from prism_deploy.builder.loop import BuildOptions, BuildResult, Unit, build, build_part
 from prism_deploy.builder.options import PLUGIN_MODES, EngineConfig, Profile, check_calibrator, default_precisions
+from prism_deploy.core import defaults
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.core.precision import Precision
@@ -29,17 +30,20 @@ FORM_MODES = ("timed", "auto")
 
 @dataclass
 class BuildRequest:
-    """The inputs of one ``prism-deploy build ADAPTER`` call (see the CLI for their meaning)."""
+    """The inputs of one ``prism-deploy build ADAPTER`` call (see the CLI for their meaning).
+
+    The settings of an adapter build: its options are checked here, once, when it is made
+    (a precision given by name is parsed here; the CLI passes them parsed)."""
 
     adapter: Path
     out_dir: Path | None = None
     target: str = "auto"
-    precisions: tuple[str, ...] | None = None
+    precisions: tuple[Precision, ...] | None = None
     profile: Profile = field(default_factory=Profile)
     per_pipe: bool = False
     plugin: str = "auto"
     calib: Path | None = None
-    calibrator: str = "max"
+    calibrator: str = defaults.CALIBRATOR
     force: bool = False
     refittable: bool = False
     version_compatible: bool = False
@@ -50,6 +54,21 @@ class BuildRequest:
     forms: str = "timed"
     form_timer: Any = None  # builder.forms.FormTimer; None: the lower quartile of a few calls
 
+    def __post_init__(self) -> None:
+        if self.precisions:
+            self.precisions = tuple(p if isinstance(p, Precision) else Precision.parse(p) for p in self.precisions)
+        if self.plugin not in PLUGIN_MODES:
+            raise PrismInputError(f"--plugin: {self.plugin!r} is not one of {', '.join(PLUGIN_MODES)}")
+        if self.forms not in FORM_MODES:
+            raise PrismInputError(f"--forms: {self.forms!r} is not one of {', '.join(FORM_MODES)}")
+        if self.precisions and Precision.INT8_QDQ in self.precisions:
+            if self.calib is None:
+                raise PrismInputError("--precision int8-qdq: needs --calib FILE (model-A hidden states, [n, in_dim]) "
+                                      "for its activation scales")
+            check_calibrator(self.calibrator)
+        if self.calib is not None and not self.calib.is_file():
+            raise PrismInputError(f"--calib: {self.calib}: no such file")
+
 
 def topology_key(topo: dict[str, Any], cfg: EngineConfig, tools: dict[str, Any], device: dict[str, Any]) -> str:
     """Same key = an engine of identical structure: only the weights differ (refit them)."""
@@ -59,8 +78,6 @@ def topology_key(topo: dict[str, Any], cfg: EngineConfig, tools: dict[str, Any],
 
 def resolve_plugin(mode: str, target: Target, config: AdapterConfig) -> tuple[bool, str | None]:
     """Whether gated pipes are fused into the tile_dispatch plugin, and a note saying why not."""
-    if mode not in PLUGIN_MODES:
-        raise PrismInputError(f"--plugin: {mode!r} is not one of {', '.join(PLUGIN_MODES)}")
     if mode == "off":
         return False, None
     if not backend_for(target).fuses_plugin:
@@ -125,14 +142,7 @@ class AdapterSource:
         plugin, note = resolve_plugin(request.plugin, target, self.config)
         if note:
             self.notes.append(note)
-        precisions = tuple(Precision.parse(p) for p in request.precisions) if request.precisions else default_precisions(target)
-        if Precision.INT8_QDQ in precisions:
-            if request.calib is None:
-                raise PrismInputError("--precision int8-qdq: needs --calib FILE (model-A hidden states, [n, in_dim]) "
-                                      "for its activation scales")
-            check_calibrator(request.calibrator)
-        if request.calib is not None and not request.calib.is_file():
-            raise PrismInputError(f"--calib: {request.calib}: no such file")
+        precisions = request.precisions or default_precisions(target)
         for flag, on in (("--refittable", request.refittable), ("--version-compatible", request.version_compatible),
                          ("--weight-streaming", request.weight_streaming)):
             if on and flag not in backend_for(target).engine_options:
@@ -140,7 +150,7 @@ class AdapterSource:
         tools, device = targets.tool_versions(target), targets.device_info(target)
         units = []
         for p in precisions:
-            cfg = EngineConfig(target=target, precision=p.value, profile=request.profile, plugin=plugin,
+            cfg = EngineConfig(target=target, precision=p, profile=request.profile, plugin=plugin,
                                layout="per-pipe" if request.per_pipe else "whole", refittable=request.refittable,
                                version_compatible=request.version_compatible,
                                weight_streaming=request.weight_streaming, calibrator=request.calibrator)
@@ -172,8 +182,6 @@ class AdapterSource:
 
     def _times_forms(self, cfg: EngineConfig) -> bool:
         """Whether this engine is built in every candidate gated form and chosen per bucket."""
-        if self.request.forms not in FORM_MODES:
-            raise PrismInputError(f"--forms: {self.request.forms!r} is not one of {', '.join(FORM_MODES)}")
         return (self.request.forms == "timed" and backend_for(cfg.target).times_gated_forms and not cfg.per_pipe
                 and not cfg.plugin and bool(self.config.gated_pipes))
 
@@ -188,7 +196,7 @@ class AdapterSource:
         # the baseline is the graph the lowering's own rule gives (what builds made before the
         # forms were timed): one of the candidates when every gated pipe gets the same form,
         # else "auto" (A and B mixed per pipe) is a candidate too, so the choice is never slower
-        auto = {choose_gated_form(spec, cfg.precision) for spec in self.config.pipes if spec.gated}
+        auto = {choose_gated_form(spec, cfg.adapter_precision) for spec in self.config.pipes if spec.gated}
         baseline = auto.pop() if len(auto) == 1 else "auto"
         candidates = list(CANDIDATE_FORMS) if baseline != "auto" else ["auto", *CANDIDATE_FORMS]
         built: dict[str, tuple[dict[str, Any], Any]] = {}  # form -> (part, session record)
@@ -260,7 +268,7 @@ def export_graph(adapter: AdapterTensors, path: Path, cfg: EngineConfig, calib: 
 
     # ONNX Runtime CPU: INT8 ungated pipes as MatMulNBits, weights read at 8 bits (lower/adapter_graph.py)
     nbits = backend_for(cfg.target).nbits_export and not cfg.plugin
-    result = export_onnx(adapter, path, precision=cfg.precision, io_dtype="float32",
+    result = export_onnx(adapter, path, precision=cfg.adapter_precision, io_dtype="float32",
                          calib=str(calib) if calib is not None else None, calibrator=cfg.calibrator,
                          gated_form=gated_form, ort_nbits=nbits)
     if cfg.plugin and adapter.config.gated_pipes:

@@ -17,6 +17,7 @@ from prism_deploy.builder.loop import BuildOptions, BuildResult, Unit, build, bu
 from prism_deploy.builder.options import EngineConfig, Profile
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256
+from prism_deploy.core.precision import ModelPrecision
 from prism_deploy.core.targets import Target
 from prism_deploy.format import model_folder
 from prism_deploy.format.engine_manifest import MANIFEST_NAME, source_kind
@@ -81,11 +82,11 @@ class ModelSource:
         self.dir = Path(request.model_dir)
         self.model = read_model_export(self.dir)
         self.role = str(self.model["role"])
-        self.precision = str(self.model.get("precision", "fp32"))
+        self.precision = ModelPrecision(self.model["precision"])  # model.json's schema requires one of them
         self.label = self.role
         self.model_json_sha = file_sha256(self.dir / model_folder.MODEL_JSON)
-        self.record = {"role": self.role, "source": str(self.dir.resolve()), "model_json_sha256": self.model_json_sha,
-                       "precision": self.precision, "copies": []}
+        self.record: dict[str, Any] = {"role": self.role, "source": str(self.dir.resolve()), "model_json_sha256": self.model_json_sha,
+                       "precision": self.precision.value, "copies": []}
         self._check_form_for(request.target)  # said before looking for TensorRT
 
     def _check_form_for(self, target: Target | str) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from prism_deploy.core import defaults
 from prism_deploy.core.errors import PrismInputError
-from prism_deploy.core.precision import CALIBRATORS, Precision
+from prism_deploy.core.precision import CALIBRATORS, ModelPrecision, Precision
 from prism_deploy.core.targets import Target
 from prism_deploy.format.engine_manifest import PROFILE_MAX
 
 PLUGIN_MODES = ("auto", "on", "off")
-DEFAULT_BATCH = (1, 4, 32)
-DEFAULT_SEQ = (1, 64, 1024)
 # Largest batch or sequence a profile may name: far beyond any engine, small enough that no
 # shape arithmetic downstream overflows.
 # What part of its source an engine holds: an adapter whole or one engine per pipe, or one
@@ -52,8 +51,8 @@ def parse_range(text: str, option: str) -> tuple[int, int, int]:
 class Profile:
     """The batch and sequence ranges an engine accepts (one TensorRT optimization profile)."""
 
-    batch: tuple[int, int, int] = DEFAULT_BATCH
-    seq: tuple[int, int, int] = DEFAULT_SEQ
+    batch: tuple[int, int, int] = defaults.BATCH_RANGE
+    seq: tuple[int, int, int] = defaults.SEQ_RANGE
 
     def shapes(self, in_dim: int) -> tuple[tuple[int, int, int], ...]:
         """(min, opt, max) shapes of the ``hidden`` input ``[batch, seq, in_dim]``."""
@@ -73,17 +72,33 @@ class Profile:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """One engine to build: what it holds (``layout``) and everything it is built with."""
+    """One engine to build: what it holds (``layout``) and everything it is built with.
+
+    ``precision`` is typed: an adapter engine's ``Precision``, a model graph's ``ModelPrecision``
+    (what its ``model.json`` says); both serialise as their plain names."""
 
     target: Target
-    precision: str
+    precision: Precision | ModelPrecision
     profile: Profile
     plugin: bool = False
     layout: str = "whole"  # "whole" | "per-pipe" (adapters) | the graph key of a model ("graph", ...)
     refittable: bool = False
     version_compatible: bool = False
     weight_streaming: bool = False
-    calibrator: str = "max"
+    calibrator: str = defaults.CALIBRATOR
+
+    def __post_init__(self) -> None:
+        # the settings object is an edge of the API: a name given here is parsed once, here
+        if not isinstance(self.precision, (Precision, ModelPrecision)):
+            kind = Precision if self.layout in ADAPTER_LAYOUTS else ModelPrecision
+            object.__setattr__(self, "precision", kind.parse(self.precision, "precision"))
+
+    @property
+    def adapter_precision(self) -> Precision:
+        """The precision of an adapter engine (a model graph's engine has a ``ModelPrecision``)."""
+        if not isinstance(self.precision, Precision):
+            raise TypeError(f"{self.layout}: a model graph's engine, of model precision {self.precision}")
+        return self.precision
 
     @property
     def per_pipe(self) -> bool:
@@ -92,9 +107,9 @@ class EngineConfig:
     @property
     def id(self) -> str:
         """Stable, readable identity: the manifest's key and the stem of the engine files."""
-        parts = [str(self.target), str(self.precision), self.layout, self.profile.slug,
+        parts = [str(self.target), self.precision.value, self.layout, self.profile.slug,
                  "plugin" if self.plugin else "noplugin"]
-        if self.precision == Precision.INT8_QDQ:
+        if self.precision is Precision.INT8_QDQ:
             parts.append(f"calib-{self.calibrator}")
         flags = [name for name, on in (("refit", self.refittable), ("vc", self.version_compatible),
                                        ("ws", self.weight_streaming)) if on]
@@ -111,14 +126,14 @@ class EngineConfig:
         return {
             **graph,
             "target": str(self.target),
-            "precision": str(self.precision),
+            "precision": self.precision.value,
             "layout": self.layout,
             "profile": self.profile.to_json(),
             "plugin": self.plugin,
             "refittable": self.refittable,
             "version_compatible": self.version_compatible,
             "weight_streaming": self.weight_streaming,
-            "calibrator": self.calibrator if self.precision == Precision.INT8_QDQ else None,
+            "calibrator": self.calibrator if self.precision is Precision.INT8_QDQ else None,
             # engines take and return float32 adapters' I/O; model graphs keep their own types
             "io_dtype": "float32" if self.layout in ADAPTER_LAYOUTS else None,
         }
@@ -129,7 +144,7 @@ class EngineConfig:
             target=obj["target"], precision=obj["precision"], profile=Profile.from_json(obj["profile"]),
             plugin=bool(obj.get("plugin")), layout=str(obj.get("layout", "whole")),
             refittable=bool(obj.get("refittable")), version_compatible=bool(obj.get("version_compatible")),
-            weight_streaming=bool(obj.get("weight_streaming")), calibrator=obj.get("calibrator") or "max",
+            weight_streaming=bool(obj.get("weight_streaming")), calibrator=obj.get("calibrator") or defaults.CALIBRATOR,
         )
 
 

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 from prism_deploy.cli.numbers import COUNT, SEED, THREADS, number, number_list
 from prism_deploy.cli.output import human_bytes, print_json, print_table
 from prism_deploy.cli.paths import declare_outputs
+from prism_deploy.core import defaults
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.limits import Limit
+from prism_deploy.core.precision import PRECISIONS, Precision
 
 if TYPE_CHECKING:
     from prism_deploy.bench import BenchSettings
@@ -27,16 +29,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("adapter", help="adapter .safetensors file (format v1)")
     p.add_argument("--engines", metavar="DIR", help="engines from prism-deploy build (needed for trt)")
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma list (default {DEFAULT_BACKENDS})")
-    p.add_argument("--precision", default="fp32", help="comma list of fp32,fp16,int8,int8-qdq (default fp32)")
-    p.add_argument("--batch", type=number_list(COUNT), default=(1, 8, 64), help="comma list of batch sizes (default 1,8,64)")
+    p.add_argument("--precision", default=defaults.PRECISION.value,
+                   help=f"comma list of {','.join(PRECISIONS)} (default {defaults.PRECISION})")
+    p.add_argument("--batch", type=number_list(COUNT), default=defaults.BENCH_BATCHES,
+                   help=f"comma list of batch sizes (default {','.join(map(str, defaults.BENCH_BATCHES))})")
     p.add_argument("--seq", type=number(COUNT), default=1, help="sequence length per batch row (default 1)")
     p.add_argument("--warmup", type=number(Limit(float, 0.0, 3.6e6)), default=200.0, metavar="MS",
                    help="warm-up time per case in ms (default 200)")
     p.add_argument("--repeat", type=number(Limit(int, 1, 1_000_000)), default=30, metavar="N",
                    help="timed calls per case (default 30)")
-    p.add_argument("--threads", type=number(THREADS), default=1, metavar="N",
-                   help="CPU threads for torch and ONNX Runtime (default 1: each library's own default "
-                        "oversubscribes a shared machine and its figures do not repeat; docs/bench.md)")
+    p.add_argument("--threads", type=number(THREADS), default=defaults.BENCH_THREADS, metavar="N",
+                   help=f"CPU threads for torch and ONNX Runtime (default {defaults.BENCH_THREADS}: each library's "
+                        "own default oversubscribes a shared machine and its figures do not repeat; docs/bench.md)")
     p.add_argument("--seed", type=number(SEED), default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--json", action="store_true", help="print every figure and the machine description as one "
                                                         "JSON object (instead of the tables)")
@@ -58,7 +62,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
     settings = BenchSettings(
         backends=_names(args.backends),
-        precisions=_names(args.precision),
+        precisions=tuple(Precision.parse(name) for name in _names(args.precision)),  # the CLI's edge
         batches=tuple(int(b) for b in args.batch),
         seq=int(args.seq),
         warmup_ms=float(args.warmup),

@@ -12,6 +12,7 @@ from typing import Any
 from prism_deploy.cli.numbers import COUNT, COUNT_OR_ZERO, SEED, THREADS, number
 from prism_deploy.cli.output import human_bytes, print_json, print_table
 from prism_deploy.cli.paths import declare_outputs
+from prism_deploy.core import defaults
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.limits import Limit
 
@@ -24,7 +25,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-eager", action="store_true", help="skip transformers eager")
     p.add_argument("--no-peers", action="store_true",
                    help="skip the ONNX peers (ONNX Runtime GenAI, llama.cpp) timed beside a last model where installed")
-    p.add_argument("--threads", type=number(THREADS), default=1, help="CPU threads for ONNX Runtime and torch (default 1)")
+    p.add_argument("--threads", type=number(THREADS), default=defaults.BENCH_THREADS,
+                   help=f"CPU threads for ONNX Runtime and torch (default {defaults.BENCH_THREADS})")
     p.add_argument("--prompt", type=number(COUNT), default=None,
                    help="prompt positions (default 64, fewer where the folders' max_seq is smaller)")
     p.add_argument("--new-tokens", type=number(COUNT_OR_ZERO), default=None,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.cli.paths import declare_outputs
+from prism_deploy.core import defaults
 from prism_deploy.core.precision import CALIBRATORS, PRECISIONS
 from prism_deploy.core.targets import TARGET_CHOICES
 
@@ -31,12 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default="auto", help=f"{', '.join(TARGET_CHOICES)} (default auto)")
     p.add_argument("--precision", metavar="LIST",
                    help=f"comma-separated: {', '.join(PRECISIONS)} (default fp16,int8 on GPU targets, fp32 on ort-cpu)")
-    p.add_argument("--batch", default="1:4:32", metavar="MIN:OPT:MAX", help="batch range (default 1:4:32)")
-    p.add_argument("--seq", default="1:64:1024", metavar="MIN:OPT:MAX", help="sequence range (default 1:64:1024)")
+    batch, seq = defaults.range_text(defaults.BATCH_RANGE), defaults.range_text(defaults.SEQ_RANGE)
+    p.add_argument("--batch", default=batch, metavar="MIN:OPT:MAX", help=f"batch range (default {batch})")
+    p.add_argument("--seq", default=seq, metavar="MIN:OPT:MAX", help=f"sequence range (default {seq})")
     p.add_argument("--per-pipe", action="store_true", help="one engine per pipe, combined by the loader")
     p.add_argument("--plugin", default="auto", help="fuse gated pipes into the tile_dispatch plugin: auto, on, off")
     p.add_argument("--calib", metavar="FILE", help="calibration hidden states for int8-qdq (.npy/.safetensors)")
-    p.add_argument("--calibrator", default="max", help=f"int8-qdq activation calibrator: {' or '.join(CALIBRATORS)}")
+    p.add_argument("--calibrator", default=defaults.CALIBRATOR, help=f"int8-qdq activation calibrator: {' or '.join(CALIBRATORS)}")
     p.add_argument("--forms", default="timed", metavar="MODE",
                    help="gated pipes on ONNX Runtime: 'timed' builds every gated form (A, B, sparse, grouped) and keeps the "
                         "fastest per token bucket, measured here; 'auto' builds one graph by the lowering's rule "
@@ -57,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # Adapter-only options, refused with --model (name, value when left at its default).
 ADAPTER_OPTIONS = (("--precision", "precision", None), ("--per-pipe", "per_pipe", False), ("--plugin", "plugin", "auto"),
-                   ("--calib", "calib", None), ("--calibrator", "calibrator", "max"), ("--refittable", "refittable", False),
+                   ("--calib", "calib", None), ("--calibrator", "calibrator", defaults.CALIBRATOR), ("--refittable", "refittable", False),
                    ("--version-compatible", "version_compatible", False), ("--weight-streaming", "weight_streaming", False),
                    ("--forms", "forms", "timed"))
 
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             adapter=Path(args.adapter),
             out_dir=out_dir,
             target=args.target,
-            precisions=tuple(p.value for p in parse_precision_list(args.precision)) if args.precision is not None else None,
+            precisions=parse_precision_list(args.precision) if args.precision is not None else None,
             profile=profile,
             per_pipe=args.per_pipe,
             plugin=args.plugin,

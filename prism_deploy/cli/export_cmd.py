@@ -6,7 +6,8 @@ import argparse
 
 from prism_deploy.cli.output import human_bytes, print_json, print_table
 from prism_deploy.cli.paths import declare_outputs
-from prism_deploy.core.precision import CALIBRATORS, PRECISIONS
+from prism_deploy.core import defaults
+from prism_deploy.core.precision import CALIBRATORS, PRECISIONS, Precision
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,12 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The export options; later options (e.g. the fusion pass's) are added beside them."""
     p.add_argument("adapter", help="adapter .safetensors file (format v1)")
     p.add_argument("-o", "--output", required=True, help="output .onnx file (weights over ~2 GiB go to OUT.onnx.data)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+    p.add_argument("--precision", default=defaults.PRECISION.value, choices=PRECISIONS,
                    help="fp32, fp16 (fp16 weights and compute), int8 (int8 weights, fp16 activations), "
                         "int8-qdq (int8 weights and activations; needs --calib)")
     p.add_argument("--io-dtype", default="float32", choices=("float32", "float16"), help="dtype of hidden and adapted")
     p.add_argument("--calib", metavar="FILE", help="calibration hidden states [n, in_dim] (.npy, .npz, .safetensors)")
-    p.add_argument("--calibrator", default="max", choices=CALIBRATORS,
+    p.add_argument("--calibrator", default=defaults.CALIBRATOR, choices=CALIBRATORS,
                    help="activation range for int8-qdq: max |x| or the 99.99th percentile")
     p.add_argument("--plugin", action="store_true",
                    help="fuse each gated pipe into one prism::tile_dispatch TensorRT plugin node "
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.lower import export_onnx
 
     adapter = read_adapter_file(args.adapter)
-    options = dict(precision=args.precision, io_dtype=args.io_dtype, calib=args.calib, calibrator=args.calibrator,
+    # the CLI's edge: the name parsed once (choices= checked it); the lowering takes the Precision
+    options = dict(precision=Precision(args.precision), io_dtype=args.io_dtype, calib=args.calib, calibrator=args.calibrator,
                    progress=True)
     if getattr(args, "plugin", False):
         from prism_deploy.fuse import export_fused

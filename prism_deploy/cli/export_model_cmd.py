@@ -13,8 +13,9 @@ from typing import Any
 from prism_deploy.cli.numbers import COUNT, number
 from prism_deploy.cli.output import print_json, print_table
 from prism_deploy.cli.paths import declare_outputs
+from prism_deploy.core import defaults
 from prism_deploy.core.limits import Limit
-from prism_deploy.core.precision import MODEL_PRECISIONS
+from prism_deploy.core.precision import MODEL_PRECISIONS, ModelPrecision
 from prism_deploy.format.model_folder import GRAPH_FORMS, ROLE_ALIASES, ROLES
 from prism_deploy.models.quantize import DEFAULT_MAX_ERROR
 
@@ -27,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "last: embeddings -> logits, with a KV-cache graph for generation "
                         "(upper and lower are the old names of first and last)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (graphs and model.json)")
-    p.add_argument("--precision", default="fp32", choices=MODEL_PRECISIONS,
+    p.add_argument("--precision", default=defaults.MODEL_PRECISION.value, choices=MODEL_PRECISIONS,
                    help="int8/int4: weight-only quantized MatMul weights and LM head, float activations")
     q = p.add_argument_group("int8 / int4 (docs/quantized-models.md)")
     q.add_argument("--form", default=None, choices=("nbits", "dq"),
@@ -72,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, needs=("torch", "transformers"))
 
 
-def quantization_spec(args: argparse.Namespace) -> object | None:
+def quantization_spec(args: argparse.Namespace, precision: ModelPrecision) -> object | None:
     """The checked quantization options, or None for a float precision (where giving any is bad input)."""
     from prism_deploy.core.errors import PrismInputError
     from prism_deploy.models import quantize
@@ -83,11 +84,11 @@ def quantization_spec(args: argparse.Namespace) -> object | None:
                                       ("--mixed", args.mixed), ("--max-error", args.max_error),
                                       ("--calibration-text", args.calibration_text),
                                       ("--calibration-chain", args.calibration_chain), ("--hop", args.hop)) if value not in (None, False)]
-    if args.precision not in quantize.BITS:
+    if not precision.weight_only:
         if given:
             raise PrismInputError(f"{given[0]}: only with --precision int8 or int4")
         return None
-    return quantize.make_spec(args.precision, form=args.form or "nbits", block_size=args.block_size,
+    return quantize.make_spec(precision, form=args.form or "nbits", block_size=args.block_size,
                               symmetric=not args.asymmetric, accuracy_level=args.accuracy_level,
                               embedding=args.quantize_embedding, algorithm=args.algorithm or "rtn",
                               mixed=args.mixed, max_error=args.max_error)
@@ -141,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.role in ROLE_ALIASES:
         print(f"note: --role {args.role} is now called --role {ROLE_ALIASES[args.role]}", file=sys.stderr)
-    spec = quantization_spec(args)  # checked before the model is loaded
+    precision = ModelPrecision(args.precision)  # the CLI's edge: parsed once (choices= checked the name)
+    spec = quantization_spec(args, precision)  # checked before the model is loaded
     text = _calibration_text(args.calibration_text, spec)
     inputs = _chain_inputs(args, spec, text)
     if args.graph_form == "ort":
@@ -153,10 +155,10 @@ def run(args: argparse.Namespace) -> int:
                                                  args.calibration_text, args.calibration_chain)):
             raise PrismInputError("--graph-form ort: the quantization options are the model builder's own "
                                   "(block 32, symmetric, round to nearest); give only --precision")
-        manifest = export_ort_form(args.hf_dir, args.role, args.output, precision=args.precision,
+        manifest = export_ort_form(args.hf_dir, args.role, args.output, precision=precision,
                                    max_seq=args.max_seq, force=args.force)
     else:
-        manifest = export_model(args.hf_dir, args.role, args.output, precision=args.precision, max_seq=args.max_seq,
+        manifest = export_model(args.hf_dir, args.role, args.output, precision=precision, max_seq=args.max_seq,
                                 quantization=spec, force=args.force, text=args.text, calibration_text=text,
                                 calibration_inputs=inputs)
     if args.json:

@@ -8,7 +8,7 @@ from typing import Any
 from prism_deploy.cli.numbers import COUNT_OR_ZERO, number
 from prism_deploy.cli.output import print_json, print_table
 from prism_deploy.cli.pipeline_inputs import add_input_arguments, read_inputs
-from prism_deploy.core.precision import PRECISIONS
+from prism_deploy.core.precision import PRECISIONS, Precision
 from prism_deploy.core.targets import TARGET_CHOICES
 
 
@@ -49,7 +49,8 @@ def open_chain(args: argparse.Namespace) -> Any:
     if any(v is None for v in pair):
         raise PrismInputError("give --chain FILE, --graph FILE, or all of --model-a DIR --adapter DIR_OR_FILE --model-b DIR")
     return Pipeline(args.model_a, args.adapter, args.model_b, target=args.target or "ort-cpu",
-                    adapter_precision=args.adapter_precision, precision_keyword="--adapter-precision")
+                    adapter_precision=Precision(args.adapter_precision) if args.adapter_precision else None,
+                    precision_keyword="--adapter-precision")  # parsed once here (choices= checked the name)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

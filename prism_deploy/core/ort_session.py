@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from prism_deploy.core.errors import PrismInputError, brief
+from prism_deploy.core.precision import ModelPrecision, Precision
 from prism_deploy.core.targets import PROVIDERS
 
 # ONNX Runtime leaves a DequantizeLinear on constant weights unfolded (it is the QDQ pattern
@@ -23,9 +24,11 @@ from prism_deploy.core.targets import PROVIDERS
 WEIGHT_ONLY_INT8_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
 
 
-def session_config_for(precision: str | None) -> dict[str, str]:
-    """Session config entries an adapter graph of ``precision`` should be opened with."""
-    return dict(WEIGHT_ONLY_INT8_SESSION_CONFIG) if precision == "int8" else {}
+def session_config_for(precision: Precision | ModelPrecision | None) -> dict[str, str]:
+    """Session config entries a graph of ``precision`` should be opened with: weight-only int8
+    (an adapter's ``Precision.INT8``, a model's ``ModelPrecision.INT8``: string enums of one
+    value, so one comparison covers both) folds its weights once."""
+    return dict(WEIGHT_ONLY_INT8_SESSION_CONFIG) if precision == Precision.INT8 else {}
 
 
 def make_session(

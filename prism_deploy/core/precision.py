@@ -41,6 +41,11 @@ class Precision(str, Enum):
         return np.dtype(np.float32 if self is Precision.FP32 else np.float16)
 
     @property
+    def weight_dtype(self) -> np.dtype:
+        """The dtype the graph stores its tiles in."""
+        return np.dtype({Precision.FP32: np.float32, Precision.FP16: np.float16}.get(self, np.int8))
+
+    @property
     def quantized(self) -> bool:
         """int8 weights (dequantized in the graph, or by the kernel)."""
         return self in (Precision.INT8, Precision.INT8_QDQ)
@@ -52,7 +57,7 @@ class Precision(str, Enum):
     @property
     def weight_bytes(self) -> int:
         """Bytes per stored tile value."""
-        return {Precision.FP32: 4, Precision.FP16: 2}.get(self, 1)
+        return self.weight_dtype.itemsize
 
     @property
     def side_bytes(self) -> int:
@@ -88,6 +93,11 @@ class ModelPrecision(str, Enum):
     @property
     def weight_only(self) -> bool:
         return self in (ModelPrecision.INT8, ModelPrecision.INT4)
+
+    @property
+    def bits(self) -> int | None:
+        """Bits per stored weight of a weight-only precision (None for the float ones)."""
+        return {ModelPrecision.INT8: 8, ModelPrecision.INT4: 4}.get(self)
 
 
 PRECISIONS: tuple[str, ...] = tuple(p.value for p in Precision)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core.blocks import blocks
+from prism_deploy.core.precision import Precision
 
 QMAX = 127.0
 
@@ -209,12 +210,10 @@ def dequantize_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * s[..., None]
 
 
-def stored_as(tiles: Any, precision: str) -> np.ndarray:
-    """The tiles as a graph of ``precision`` stores them, back in float32: float16 rounding for
-    ``fp16``, quantize-dequantize for the int8 precisions."""
+def stored_as(tiles: Any, precision: Precision) -> np.ndarray:
+    """The tiles as a graph of ``precision`` stores them, back in float32: rounded to the
+    precision's weight dtype (float16 for ``fp16``), quantize-dequantize for the int8 precisions."""
     t = tiles.detach().float().cpu().numpy() if hasattr(tiles, "detach") else np.asarray(tiles, np.float32)
-    if precision == "fp32":
-        return np.asarray(t, np.float32)
-    if precision == "fp16":
-        return t.astype(np.float16).astype(np.float32)
-    return dequantize_rows(*quantize_rows(t))
+    if precision.quantized:
+        return dequantize_rows(*quantize_rows(t))
+    return t.astype(precision.weight_dtype).astype(np.float32)

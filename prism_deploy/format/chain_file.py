@@ -41,7 +41,7 @@ from typing import Any
 from prism_deploy.core import jsontext
 from prism_deploy.core.errors import GraphFileAsChain, PrismInputError, brief
 from prism_deploy.core.fsutil import file_sha256
-from prism_deploy.core.precision import PRECISIONS
+from prism_deploy.core.precision import PRECISIONS, Precision
 from prism_deploy.core.targets import TARGET_CHOICES
 from prism_deploy.format.engine_manifest import MANIFEST_NAME
 from prism_deploy.format.model_folder import MODEL_JSON
@@ -89,7 +89,7 @@ class StageSpec:
     path: Path
     name: str
     target: str | None = None
-    precision: str | None = None
+    precision: Precision | None = None  # parsed here, from the file (its schema lists the names)
     hf: Path | None = None  # a model's Hugging Face folder
     reference: Path | None = None  # an adapter's .safetensors, for parity
     sha256: str | None = None
@@ -200,7 +200,7 @@ def stages_from_object(raw_stages: list[Any], path: Path | None, alternate: bool
                                   "give it a printable name")
         stages.append(StageSpec(
             index=i, kind=kind, path=_resolve(base, raw[kind]), name=name,
-            target=raw.get("target"), precision=raw.get("precision"),
+            target=raw.get("target"), precision=Precision(raw["precision"]) if raw.get("precision") else None,
             hf=_resolve(base, raw["hf"]) if "hf" in raw else None,
             reference=_resolve(base, raw["reference"]) if "reference" in raw else None, sha256=raw.get("sha256")))
     return stages

@@ -62,7 +62,7 @@ def fuse_gated_pipes(model: onnx.ModelProto) -> onnx.ModelProto:
     if is_fused(model):
         raise PrismInputError(f"fuse: the model is already fused (it has {DOMAIN}::{OP_TYPE} nodes): "
                               "fuse the graph prism-deploy export wrote")
-    if meta["precision"] == "int8-qdq":
+    if meta["precision"].quantizes_activations:  # a Precision: read_metadata parsed it
         raise PrismInputError(
             "fuse: precision int8-qdq is not supported by the tile_dispatch plugin: it quantizes activations "
             "too, which the kernel (int8 weights, float activations) does not do; export with --precision int8"
@@ -242,7 +242,7 @@ def export_fused(adapter: Any, path: str | os.PathLike[str], *, progress: bool =
         paths=[str(p) for p in written],
         bytes=sum(p.stat().st_size for p in written),
         node_count=node_count,
-        precision=export_options.get("precision", "fp32"),
+        precision=metadata["precision"],  # what the lowering wrote, parsed by read_metadata
         io_dtype=export_options.get("io_dtype", "float32"),
         gated_form=export_options.get("gated_form", DEFAULT_GATED_FORM),
         metadata=metadata,

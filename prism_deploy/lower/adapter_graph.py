@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from prism_deploy.core import defaults
 from prism_deploy.core.blocks import DeferredTensor, blocks
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.limits import FLOAT16_MAX
@@ -62,9 +63,9 @@ DEFAULT_GATED_FORM = "auto"
 #      (padded to the largest group), never all T tokens; for many tokens (same choice rule).
 
 
-def choose_gated_form(spec: Any, precision: str = "fp32") -> str:
+def choose_gated_form(spec: Any, precision: Precision = defaults.PRECISION) -> str:
     """``auto``'s choice for one gated pipe (see above)."""
-    if precision == "int8-qdq":
+    if precision.quantizes_activations:
         return "B"
     R, C = spec.grid
     tr, tc = spec.tile
@@ -110,11 +111,11 @@ def pipe_prefixes(names: list[str]) -> list[str]:
 class AdapterGraphBuilder:
     """Builds the graph for one adapter, precision and io dtype."""
 
-    def __init__(self, adapter: AdapterTensors, precision: str, io_dtype: str, gated_form: str,
+    def __init__(self, adapter: AdapterTensors, precision: Precision, io_dtype: str, gated_form: str,
                  gate_dtype: str = "float32", ort_nbits: bool = False) -> None:
         self.adapter = adapter
         self.config = adapter.config
-        self.precision = Precision.parse(precision)
+        self.precision = precision
         self.io_dtype = io_dtype
         self.gated_form = gated_form
         # float16 gates exist only for tools/measure_fp16_gate.py (the measurement behind

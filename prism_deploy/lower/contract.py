@@ -49,7 +49,7 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
     for key in REQUIRED:
         if key not in meta:
             raise PrismInputError(f"metadata {METADATA_KEY!r} lacks {key!r}")
-    Precision.parse(meta["precision"], f"metadata {METADATA_KEY!r} precision")
+    meta["precision"] = Precision.parse(meta["precision"], f"metadata {METADATA_KEY!r} precision")
     if not isinstance(meta["pipes"], list) or not all(isinstance(p, dict) for p in meta["pipes"]):
         raise PrismInputError(f"metadata {METADATA_KEY!r}: pipes must be a list of objects")
     for pipe in meta["pipes"]:
@@ -60,14 +60,15 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
     return meta
 
 
-def graph_precision(model: onnx.ModelProto) -> str:
+def graph_precision(model: onnx.ModelProto) -> Precision:
     """The precision of an adapter graph: what its contract says (``int8-qdq`` included), else
     (a graph from elsewhere) the least precise weights it stores."""
     if has_metadata(model):
-        return str(read_metadata(model)["precision"])
+        parsed: Precision = read_metadata(model)["precision"]  # parsed when the contract was read
+        return parsed
     types = {t.data_type for t in model.graph.initializer}
     if types & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4}:
-        return Precision.INT8.value
+        return Precision.INT8
     if types & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}:
-        return Precision.FP16.value
-    return Precision.FP32.value
+        return Precision.FP16
+    return Precision.FP32

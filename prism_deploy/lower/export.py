@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from prism_deploy.core import defaults
 from prism_deploy.core.blocks import DeferredTensor
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.onnx_io import save_model
@@ -36,7 +37,7 @@ class ExportResult:
     paths: list[str]
     bytes: int
     node_count: int
-    precision: str
+    precision: Precision
     io_dtype: str
     gated_form: str
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -49,10 +50,10 @@ def export_onnx(
     adapter: Any,
     path: str | os.PathLike[str],
     *,
-    precision: str = "fp32",
+    precision: Precision | str = defaults.PRECISION,
     io_dtype: str = "float32",
     calib: np.ndarray | str | os.PathLike[str] | None = None,
-    calibrator: str = "max",
+    calibrator: str = defaults.CALIBRATOR,
     gated_form: str = DEFAULT_GATED_FORM,
     progress: bool = False,
     ort_nbits: bool = False,
@@ -63,15 +64,19 @@ def export_onnx(
     of the weights (docs/onnx-lowering.md, "Memory"); int8-qdq, whose calibration runs the
     graph, holds the model whole as ``build_model`` does.
 
+    ``precision``: a ``Precision``, or its name from an API caller (parsed here, once: this is
+    the lowering's edge; everything below it takes the ``Precision``).
+
     ``progress`` shows a tqdm bar on stderr when it is a terminal (one step per pipe, one
     for saving).
     """
     from tqdm import tqdm
 
+    prec = check_options(precision, io_dtype, calibrator, gated_form)
     data = adapter_arrays(adapter)
     with tqdm(total=data.config.num_pipes + 1, desc="export", unit="step", disable=None if progress else True,
               file=sys.stderr, leave=False) as bar:
-        model, deferred = _lower(data, precision=precision, io_dtype=io_dtype, calib=calib, calibrator=calibrator,
+        model, deferred = _lower(data, precision=prec, io_dtype=io_dtype, calib=calib, calibrator=calibrator,
                                  gated_form=gated_form, on_pipe=bar.update, defer=True,
                                  ort_nbits=ort_nbits)
         node_count = len(model.graph.node)
@@ -84,7 +89,7 @@ def export_onnx(
         paths=[str(p) for p in written],
         bytes=sum(p.stat().st_size for p in written),
         node_count=node_count,
-        precision=str(precision),
+        precision=prec,
         io_dtype=io_dtype,
         gated_form=gated_form,
         metadata=metadata,
@@ -94,33 +99,34 @@ def export_onnx(
 def build_model(
     adapter: Any,
     *,
-    precision: str = "fp32",
+    precision: Precision | str = defaults.PRECISION,
     io_dtype: str = "float32",
     calib: np.ndarray | str | os.PathLike[str] | None = None,
-    calibrator: str = "max",
+    calibrator: str = defaults.CALIBRATOR,
     gated_form: str = DEFAULT_GATED_FORM,
     _on_pipe: Callable[[int], Any] | None = None,
     ort_nbits: bool = False,
 ) -> onnx.ModelProto:
-    """The ONNX model of ``adapter`` at ``precision``, in memory (finalized: opset 19, IR 9)."""
-    model, _ = _lower(adapter, precision=precision, io_dtype=io_dtype, calib=calib, calibrator=calibrator,
+    """The ONNX model of ``adapter`` at ``precision``, in memory (finalized: opset 19, IR 9);
+    ``precision`` as ``export_onnx`` takes it."""
+    prec = check_options(precision, io_dtype, calibrator, gated_form)
+    model, _ = _lower(adapter, precision=prec, io_dtype=io_dtype, calib=calib, calibrator=calibrator,
                       gated_form=gated_form, on_pipe=_on_pipe, defer=False, ort_nbits=ort_nbits)
     return model
 
 
-def _lower(adapter: Any, *, precision: str, io_dtype: str, calib: np.ndarray | str | os.PathLike[str] | None,
+def _lower(adapter: Any, *, precision: Precision, io_dtype: str, calib: np.ndarray | str | os.PathLike[str] | None,
            calibrator: str, gated_form: str, on_pipe: Callable[[int], Any] | None,
            defer: bool, ort_nbits: bool = False) -> tuple[onnx.ModelProto, dict[str, DeferredTensor]]:
     """The model, and (``defer``) its large initializers left for ``save_model`` to write."""
-    prec = check_options(precision, io_dtype, calibrator, gated_form)
     data = adapter_arrays(adapter)
     calib_data = None
-    if prec.quantizes_activations:
+    if precision.quantizes_activations:
         if calib is None:
             raise PrismInputError("--precision int8-qdq needs calibration data: pass --calib FILE "
                                   "(.npy or .safetensors of model-A hidden states [n, in_dim])")
         calib_data = _load_calib(calib, data.config.in_dim)
-    builder = AdapterGraphBuilder(data, prec, io_dtype, gated_form, ort_nbits=ort_nbits)
+    builder = AdapterGraphBuilder(data, precision, io_dtype, gated_form, ort_nbits=ort_nbits)
     builder.on_pipe = on_pipe
     model = builder.model(defer=defer and calib_data is None)  # calibration runs the whole model
     if calib_data is not None:
@@ -128,7 +134,8 @@ def _lower(adapter: Any, *, precision: str, io_dtype: str, calib: np.ndarray | s
     return model, builder.g.deferred
 
 
-def check_options(precision: str, io_dtype: str, calibrator: str, gated_form: str) -> Precision:
+def check_options(precision: Precision | str, io_dtype: str, calibrator: str, gated_form: str) -> Precision:
+    """The lowering's options checked, and its precision parsed (the lowering's edge)."""
     prec = Precision.parse(precision)
     if io_dtype not in IO_DTYPES:
         raise PrismInputError(f"--io-dtype: {io_dtype!r} is not one of {', '.join(IO_DTYPES)}")

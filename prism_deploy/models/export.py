@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prism_deploy.core import tolerances
+from prism_deploy.core import defaults, tolerances
 from prism_deploy.core.errors import CheckFailed, PrismInputError, brief
 from prism_deploy.core.fsutil import file_sha256, folder_lock
 from prism_deploy.core.metrics import compare, compare_logits, merge
@@ -102,8 +102,8 @@ class _LastWithPast(torch.nn.Module):
 
 
 def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.PathLike[str], *,
-                 precision: str = "fp32", max_seq: int | None = None, validate: bool = True,
-                 seed: int = 0, quantization: Any = None, force: bool = False,
+                 precision: ModelPrecision | str = defaults.MODEL_PRECISION, max_seq: int | None = None,
+                 validate: bool = True, seed: int = 0, quantization: Any = None, force: bool = False,
                  text: str | os.PathLike[str] | None = None, calibration_text: str | None = None,
                  calibration_inputs: tuple[list[np.ndarray], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Export ``hf_dir`` as ``role`` into ``out_dir`` and validate it; returns the manifest.
@@ -128,16 +128,16 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     then not written, so the folder is not usable as a pipeline part).
     """
     role = canonical_role(role)
-    precision = ModelPrecision.parse(precision).value
+    prec = ModelPrecision.parse(precision)  # the export's edge: a name from an API caller is parsed once, here
     from prism_deploy.models import quantize
 
     if calibration_inputs is not None and role == "first":
         raise PrismInputError("--calibration-chain: a first model reads token ids, not an adapter's output; "
                               "it calibrates on text")
-    if precision in quantize.BITS and quantization is None:
-        quantization = quantize.make_spec(precision)
-    if quantization is not None and quantize.BITS.get(precision) != quantization.bits:
-        raise PrismInputError(f"--precision {precision}: the quantization options are for {quantization.bits} bits")
+    if prec.weight_only and quantization is None:
+        quantization = quantize.make_spec(prec)
+    if quantization is not None and prec.bits != quantization.bits:
+        raise PrismInputError(f"--precision {prec}: the quantization options are for {quantization.bits} bits")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PrismInputError(f"{out_dir}: exists and is not a folder")
@@ -156,7 +156,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
         max_seq = min(limit or 2048, 2048)
     if max_seq < 2 or (limit is not None and max_seq > limit):
         raise PrismInputError(f"--max-seq: {max_seq} must be in 2..{limit or 'inf'} (the model's position limit)")
-    dtype = torch.float16 if precision == "fp16" else torch.float32  # int8/int4 trace float32, then quantize
+    dtype = getattr(torch, prec.float_dtype.name)  # int8/int4 trace float32, then quantize
     traced = reference if dtype == torch.float32 else copy.deepcopy(reference).to(dtype)
     dims = hf.cache_dims(reference.config)
     # first: the ids its embedding table accepts; middle, last: the width of its logits
@@ -185,7 +185,7 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
 
                     with atomic_output(out / files["embed_tokens"]) as tmp:
                         with open(tmp, "wb") as fh:
-                            np.save(fh, hf.input_embedding_matrix(reference).astype(np.float16 if precision == "fp16" else np.float32))
+                            np.save(fh, hf.input_embedding_matrix(reference).astype(prec.float_dtype))
                 quantized: dict[str, Any] = {}
                 calibration: dict[str, Any] | None = None
                 if quantization is not None:
@@ -220,15 +220,15 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                     real = _real_text_windows(hf_dir, reference, text_corpus, max_seq)
                     checker = {"first": _validate_first, "middle": _validate_middle, "last": _validate_last}[role]
                     gate_random = real is None or not real["language_model"]
-                    validation = checker(reference, out, files, precision, max_seq, seed, gate_random)
+                    validation = checker(reference, out, files, prec, max_seq, seed, gate_random)
                     validation["random_inputs"] = "gated" if gate_random else "reported (real text gates a language model)"
                     if real is not None:
-                        validation["real_text"] = _validate_real_text(reference, out, files, role, precision, real)
+                        validation["real_text"] = _validate_real_text(reference, out, files, role, prec, real)
                 manifest = {
                     "format": FORMAT, "version": VERSION, "role": role, "family": hf.family(reference),
                     "known_family": hf.family(reference) in hf.KNOWN_FAMILIES, "source": str(Path(hf_dir).resolve()),
                     **source_file,
-                    "precision": precision, "max_seq": max_seq,
+                    "precision": prec.value, "max_seq": max_seq,
                     "dims": {"hidden": dims["hidden"], "vocab": vocab, "layers": dims["layers"], "kv_heads": dims["kv_heads"],
                              "head_dim": dims["head_dim"]},
                     # the scale of its input embeddings: random inputs of that size check a middle model's build
@@ -414,7 +414,7 @@ def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
 # -- validation ---------------------------------------------------------------------------------------
 
 
-def _check(name: str, fig: dict[str, Any], tol: tolerances.Tolerances, precision: str, gate: bool = True) -> None:
+def _check(name: str, fig: dict[str, Any], tol: tolerances.Tolerances, precision: ModelPrecision, gate: bool = True) -> None:
     """Raise ``CheckFailed`` for figures outside ``tol``; with ``gate`` off, note them in ``fig``."""
     bad = tol.failures(fig)
     if bad and not gate:
@@ -439,7 +439,7 @@ def _shapes(max_seq: int) -> list[tuple[int, int]]:
     return [(2, min(max_seq, 11)), (1, 1), (3, min(max_seq, 5))]
 
 
-def _validate_first(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int,
+def _validate_first(reference: Any, out: Path, files: dict[str, str], precision: ModelPrecision, max_seq: int, seed: int,
                     gate: bool = True) -> dict[str, Any]:
     from prism_deploy.core.ort_session import make_session
 
@@ -472,13 +472,13 @@ def _embedding_scale_inputs(reference: Any, seed: int) -> Any:
     return random_embeds
 
 
-def _validate_middle(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int,
+def _validate_middle(reference: Any, out: Path, files: dict[str, str], precision: ModelPrecision, max_seq: int, seed: int,
                      gate: bool = True) -> dict[str, Any]:
     from prism_deploy.core.ort_session import make_session
 
     tol = tolerances.model_export(precision)
     session = make_session(out / files["graph"], "cpu")
-    io_dtype = np.float16 if precision == "fp16" else np.float32
+    io_dtype = precision.float_dtype
     random_embeds = _embedding_scale_inputs(reference, seed)
     figs = []
     for mask in _validation_masks(_shapes(max_seq)):
@@ -492,13 +492,13 @@ def _validate_middle(reference: Any, out: Path, files: dict[str, str], precision
     return {"provider": "cpu", "tolerances": tol.to_json(), "hidden": fig}
 
 
-def _validate_last(reference: Any, out: Path, files: dict[str, str], precision: str, max_seq: int, seed: int,
+def _validate_last(reference: Any, out: Path, files: dict[str, str], precision: ModelPrecision, max_seq: int, seed: int,
                    gate: bool = True) -> dict[str, Any]:
     from prism_deploy.core.ort_session import make_session
 
     tol = tolerances.model_export(precision)
     d = hf.cache_dims(reference.config)
-    io_dtype = np.float16 if precision == "fp16" else np.float32
+    io_dtype = precision.float_dtype
     random_embeds = _embedding_scale_inputs(reference, seed)
     plain = make_session(out / files["graph"], "cpu")
     figs = []
@@ -583,7 +583,7 @@ def _head(reference: Any, hidden: np.ndarray) -> np.ndarray:
         return head(torch.from_numpy(np.asarray(hidden, np.float32))).float().numpy()
 
 
-def _validate_real_text(reference: Any, out: Path, files: dict[str, str], role: str, precision: str,
+def _validate_real_text(reference: Any, out: Path, files: dict[str, str], role: str, precision: ModelPrecision,
                         real: dict[str, Any]) -> dict[str, Any]:
     """The exported graph on real text against the float32 model: its output's figures and,
     through the model's LM head for a first or middle graph, next-token agreement and perplexity."""
@@ -592,7 +592,7 @@ def _validate_real_text(reference: Any, out: Path, files: dict[str, str], role: 
 
     ids = real["ids"]
     mask = np.ones(ids.shape, dtype=np.int64)
-    io_dtype = np.float16 if precision == "fp16" else np.float32
+    io_dtype = precision.float_dtype
     session = make_session(out / files["graph"], "cpu")
     table = hf.input_embedding_matrix(reference)
     if role == "first":
@@ -643,7 +643,7 @@ def _validate_real_text(reference: Any, out: Path, files: dict[str, str], role: 
 
 
 def _check_real_text(name: str, fig: dict[str, Any], quality: dict[str, Any], bounds: tolerances.Tolerances,
-                     precision: str) -> None:
+                     precision: ModelPrecision) -> None:
     bad = bounds.failures({**fig, **{k: v for k, v in quality.items() if k != "tokens"}})
     if bad:
         raise CheckFailed(f"{name} on real text ({precision}) diverges from the transformers model: {'; '.join(bad)}")

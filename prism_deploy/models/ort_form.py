@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from prism_deploy.core import tolerances
+from prism_deploy.core import defaults, tolerances
 from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.fsutil import atomic_output, file_sha256, folder_lock, write_text_atomic
 from prism_deploy.core.metrics import compare, compare_logits, merge
@@ -61,16 +61,17 @@ def builder_missing() -> str | None:
 
 
 def export_ort_form(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.PathLike[str], *,
-                    precision: str = "fp32", max_seq: int | None = None, validate: bool = True, seed: int = 0,
+                    precision: ModelPrecision | str = defaults.MODEL_PRECISION, max_seq: int | None = None,
+                    validate: bool = True, seed: int = 0,
                     force: bool = False) -> dict[str, Any]:
     """Export ``hf_dir`` as ``role`` in the ``ort`` form into ``out_dir``, validate it against
     transformers and write model.json; returns the manifest."""
     from prism_deploy.models import hf
 
     role = canonical_role(role)
-    precision = ModelPrecision.parse(precision).value
-    if precision not in BUILDER_PRECISION:
-        raise PrismInputError(f"--precision {precision}: the ort graph form is written for the CPU at "
+    prec = ModelPrecision.parse(precision)  # the export's edge: a name from an API caller is parsed once, here
+    if prec not in BUILDER_PRECISION:
+        raise PrismInputError(f"--precision {prec}: the ort graph form is written for the CPU at "
                               f"{', '.join(BUILDER_PRECISION)} (fp16: the portable form)")
     why = builder_missing()
     if why:
@@ -101,7 +102,7 @@ def export_ort_form(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os
             try:
                 (out / MODEL_JSON).unlink(missing_ok=True)
                 files = {"graph": graph_name, "graph_data": graph_name + ".data"}
-                builder = _run_builder(Path(hf_dir), role, out, graph_name, precision, max_seq)
+                builder = _run_builder(Path(hf_dir), role, out, graph_name, prec, max_seq)
                 if role == "last":
                     files["embed_tokens"] = "embed_tokens.npy"
                     with atomic_output(out / files["embed_tokens"]) as tmp, open(tmp, "wb") as fh:
@@ -109,11 +110,11 @@ def export_ort_form(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os
                 export_s = time.perf_counter() - started
                 validation: dict[str, Any] = {"skipped": True}
                 if validate:
-                    validation = _validate(reference, out / graph_name, role, precision, max_seq, dims, seed)
+                    validation = _validate(reference, out / graph_name, role, prec, max_seq, dims, seed)
                 manifest = {
                     "format": FORMAT, "version": VERSION, "role": role, "graph_form": "ort",
                     "family": hf.family(reference), "known_family": hf.family(reference) in hf.KNOWN_FAMILIES,
-                    "source": str(Path(hf_dir).resolve()), "precision": precision, "max_seq": max_seq,
+                    "source": str(Path(hf_dir).resolve()), "precision": prec.value, "max_seq": max_seq,
                     "dims": {"hidden": dims["hidden"], "vocab": vocab, "layers": dims["layers"],
                              "kv_heads": dims["kv_heads"], "head_dim": dims["head_dim"]},
                     "embed_std": float(hf.input_embedding_matrix(reference).std()),
@@ -139,7 +140,7 @@ def export_ort_form(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os
     return manifest
 
 
-def _run_builder(hf_dir: Path, role: str, out: Path, graph_name: str, precision: str, max_seq: int) -> str:
+def _run_builder(hf_dir: Path, role: str, out: Path, graph_name: str, precision: ModelPrecision, max_seq: int) -> str:
     """The builder in a child process, into a scratch folder; the graph and its data moved in.
     Returns the exporter's description for model.json."""
     import onnx
@@ -180,7 +181,7 @@ def run_graph(session: Any, role: str, x: np.ndarray, mask: np.ndarray, dims: di
     return roll_rows(session.run([OUTPUT[role]], feeds)[0], shifts, sign=1)
 
 
-def _validate(reference: Any, graph: Path, role: str, precision: str, max_seq: int, dims: dict[str, int],
+def _validate(reference: Any, graph: Path, role: str, precision: ModelPrecision, max_seq: int, dims: dict[str, int],
               seed: int) -> dict[str, Any]:
     import torch
 

@@ -50,9 +50,11 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.precision import ModelPrecision
 from prism_deploy.core.tiles import ceil_div
 
-BITS = {"int8": 8, "int4": 4}
+# bits per stored weight of each weight-only precision (ModelPrecision.bits is their home)
+BITS = {p.value: p.bits for p in ModelPrecision if p.bits is not None}
 FORMS = ("nbits", "dq")
 # Per block of 32 along K, one scale: the usual size for INT4 weights (llama.cpp's Q4_0,
 # MatMulNBits' fast paths). Measured on the benchmark model B (docs/quantized-models.md): 32
@@ -104,7 +106,7 @@ class QuantSpec:
                 "mixed": self.mixed, "max_error": self.max_error}
 
 
-def make_spec(precision: str, *, form: str = "nbits", block_size: int | None = None, symmetric: bool = True,
+def make_spec(precision: ModelPrecision | str, *, form: str = "nbits", block_size: int | None = None, symmetric: bool = True,
               accuracy_level: int | None = None, embedding: bool = False, algorithm: str = DEFAULT_ALGORITHM,
               mixed: bool = False, max_error: float | None = None) -> QuantSpec:
     """Check the options of ``--precision int8|int4``; every refusal is one line of bad input."""

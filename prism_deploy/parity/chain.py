@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prism_deploy.core import tolerances
+from prism_deploy.core import defaults, tolerances
 from prism_deploy.core.errors import PrismInputError, printable
 from prism_deploy.core.metrics import compare, compare_logits
 from prism_deploy.core.precision import loosest
@@ -130,7 +130,7 @@ class ReferenceChain:
 
 def chain_precision(chain: Any) -> str:
     """The loosest precision among the chain's parts (for the default end-to-end tolerances)."""
-    return loosest([m.precision for m in chain.models] + [str(getattr(a, "precision", "fp32")) for a in chain.adapters])
+    return loosest([m.precision for m in chain.models] + [defaults.runner_precision(a) for a in chain.adapters])
 
 
 def check_chain_parity(chain: Any, reference: ReferenceChain, input_ids: Any, attention_mask: Any = None, *,
@@ -152,7 +152,7 @@ def check_chain_parity(chain: Any, reference: ReferenceChain, input_ids: Any, at
         got = _run_stage(chain, i, given, mask)
         kind = "model" if i % 2 == 0 else "adapter"
         is_logits = i == len(chain.stages) - 1
-        prec = stage.precision if kind == "model" else str(getattr(stage, "precision", None) or "fp32")
+        prec = stage.precision if kind == "model" else defaults.runner_precision(stage)
         hop_tol = tolerances.hop(kind, prec)
         fig = compare(got, ref[i], mask, logits=is_logits, tie_gap=hop_tol.tie_gap)
         bad = hop_tol.failures({k: fig[k] for k in ("rel_l2", "min_cosine", "top1") if k in fig})

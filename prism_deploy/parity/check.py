@@ -18,6 +18,7 @@ import torch
 
 from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.metrics import ErrorAccumulator
+from prism_deploy.core.precision import Precision
 from prism_deploy.core.tiles import stored_as
 from prism_deploy.core.tolerances import Tolerances
 from prism_deploy.core.tolerances import adapter as adapter_tolerances
@@ -33,7 +34,7 @@ GRAM_ROWS = 8192  # input rows used for the per-worker error (a Gram matrix per 
 
 @dataclass
 class ParityReport:
-    precision: str
+    precision: Precision
     runner: str
     tokens: int
     max_abs: float
@@ -58,7 +59,7 @@ def check_parity(
     adapter: PrismAdapter,
     runner_or_onnx_path: AdapterRunner | str | os.PathLike[str],
     *,
-    precision: str | None = None,
+    precision: Precision | str | None = None,
     inputs: np.ndarray | str | os.PathLike[str] | None = None,
     samples: int = 4,
     batch: int = 2,
@@ -81,11 +82,12 @@ def check_parity(
 
         runner = AdapterGraph(runner_or_onnx_path, provider)
     check_lowered_from(adapter, getattr(runner, "metadata", None), getattr(runner, "path", None))
-    precision = precision or getattr(runner, "precision", None)
-    if precision is None:
+    named = precision or getattr(runner, "precision", None)
+    if named is None:
         raise PrismInputError("check_parity: give precision= (the runner does not say which it runs)")
+    prec = Precision.parse(named, "precision")  # the check's edge: a name from a caller or a manifest
     io_dtype = np.dtype(getattr(runner, "io_dtype", np.float32)).name
-    tol = default_tolerances(precision, io_dtype)
+    tol = default_tolerances(prec, io_dtype)
     tol.update(tolerance_overrides or {})
     batches = list(_input_batches(adapter.in_dim, inputs, samples, batch, seq, seed))
     if not batches:
@@ -133,7 +135,7 @@ def check_parity(
         notes.append("the runner does not expose the selected workers of every gated pipe: "
                      "selection match not measured for those")
 
-    stored, how = _stored_tiles(runner, adapter, precision)
+    stored, how = _stored_tiles(runner, adapter, prec)
     notes.append(f"per-worker errors: {how}")
     x_all = np.concatenate(gram_rows)[:GRAM_ROWS]
     top = worker_errors(adapter, stored, x_all, notes)
@@ -143,7 +145,7 @@ def check_parity(
         if s["match_fraction"] is not None and s["match_fraction"] < tol["selection_match_min"]:
             failures.append(f"pipe {s['name']!r}: selection match {s['match_fraction']:.4f} < {tol['selection_match_min']}")
     return ParityReport(
-        precision=precision, runner=_describe(runner), tokens=acc.tokens,
+        precision=prec, runner=_describe(runner), tokens=acc.tokens,
         max_abs=acc.max_abs, rel_l2=acc.rel_l2, cosine=acc.cosine,
         selection=selection, top_workers=top, tolerances=tol,
         passed=not failures, failures=failures, notes=notes,
@@ -234,13 +236,13 @@ def _count_selections(adapter: PrismAdapter, i: int, x2: torch.Tensor, routing: 
     counts[2] += int((matched & ~ambiguous).sum())
 
 
-def _stored_tiles(runner: Any, adapter: PrismAdapter, precision: str) -> tuple[dict[int, np.ndarray], str]:
+def _stored_tiles(runner: Any, adapter: PrismAdapter, precision: Precision) -> tuple[dict[int, np.ndarray], str]:
     if hasattr(runner, "stored_tiles"):
         return runner.stored_tiles(), "the runner's stored tiles (dequantized) vs the reference tiles"
     return simulated_stored_tiles(adapter, precision), f"tiles rounded as {precision} stores them vs the reference"
 
 
-def simulated_stored_tiles(adapter: PrismAdapter, precision: str) -> dict[int, np.ndarray]:
+def simulated_stored_tiles(adapter: PrismAdapter, precision: Precision) -> dict[int, np.ndarray]:
     """The tiles as a ``precision`` lowering stores them, as float32 (for runners that do
     not expose their weights, e.g. engines)."""
     return {i: stored_as(pipe.tiles, precision) for i, pipe in enumerate(adapter.pipe_list())}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prism_deploy.core import tolerances
+from prism_deploy.core import defaults, tolerances
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.metrics import compare, compare_logits
 from prism_deploy.core.precision import loosest
@@ -116,7 +116,7 @@ def _stage_precision(graph: Any, i: int) -> str:
     if n.kind == "model":
         return str(s.precision)
     if n.kind == "adapter":
-        return str(getattr(s, "precision", None) or "fp32")
+        return defaults.runner_precision(s)
     return loosest([graph.stages[j].precision for j in n.inputs])
 
 

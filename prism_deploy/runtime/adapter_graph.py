@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.onnx_io import INPUT_NAME, OUTPUT_NAME
 from prism_deploy.core.ort_session import session_config_for
+from prism_deploy.core.precision import Precision
 from prism_deploy.core.tiles import dequantize_rows, tiles_from_dense
 from prism_deploy.lower.contract import graph_precision, has_metadata, read_metadata
 from prism_deploy.runtime.onnx_runner import OnnxRunner, shape_of
@@ -54,7 +55,7 @@ class AdapterGraph:
             raise PrismInputError(f"{self.path}: not an ONNX model ({brief(exc)})") from None
         try:
             self.metadata: dict[str, Any] | None = read_metadata(self._skeleton) if has_metadata(self._skeleton) else None
-            self.precision: str = graph_precision(self._skeleton)
+            self.precision: Precision = graph_precision(self._skeleton)
         except PrismInputError as exc:
             raise PrismInputError(f"{self.path}: {exc}") from None
         _check_interface(self._skeleton, self.path)

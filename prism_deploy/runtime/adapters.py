@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from prism_deploy.core import defaults
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256, write_text_atomic
 from prism_deploy.core.precision import Precision
@@ -32,9 +33,12 @@ from prism_deploy.format.engine_manifest import MANIFEST_NAME
 CACHE_FOLDER = ".prism-cache"
 
 
-def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | None = None,
+def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: Precision | str | None = None,
                    cache_dir: str | os.PathLike[str] | None = None, threads: int | None = None) -> Any:
-    """The runner for ``adapter``: a build folder, an ``.onnx``, a ``.safetensors``, or a runner object."""
+    """The runner for ``adapter``: a build folder, an ``.onnx``, a ``.safetensors``, or a runner object.
+
+    ``precision``: the engine to load, or the precision to lower a ``.safetensors`` at (a name
+    from an API caller is parsed here; the CLI and chain files pass a ``Precision``)."""
     if hasattr(adapter, "run") and not isinstance(adapter, (str, os.PathLike)):
         return adapter
     if target not in TARGET_CHOICES:
@@ -67,7 +71,10 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: str | No
         return AdapterGraph(path, provider, intra_op_threads=threads)
     if path.suffix != ".safetensors":
         raise PrismInputError(f"{adapter}: expected a build folder, an adapter .onnx or an adapter .safetensors")
-    lowered = Precision.parse(precision or ("fp32" if provider == "cpu" else "fp16"), "adapter_precision")
+    if precision:
+        lowered = Precision.parse(precision, "adapter_precision")
+    else:
+        lowered = defaults.CPU_RUN_PRECISION if provider == "cpu" else defaults.GPU_RUN_PRECISION
     return AdapterGraph(lowered_graph(path, lowered, cache_dir), provider, intra_op_threads=threads)
 
 
@@ -92,7 +99,7 @@ def lowered_graph(path: Path, precision: Precision, cache_dir: str | os.PathLike
     from prism_deploy.format import read_adapter_file
     from prism_deploy.lower import export_onnx
 
-    export_onnx(read_adapter_file(path), onnx_path, precision=precision.value)
+    export_onnx(read_adapter_file(path), onnx_path, precision=precision)
     write_text_atomic(record_path, json.dumps({**want, "onnx_sha256": file_sha256(onnx_path)}, sort_keys=True) + "\n")
     return onnx_path
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.limits import mask_problem
+from prism_deploy.core.precision import Precision
 from prism_deploy.core.targets import target_provider
 from prism_deploy.format.chain_file import ChainSpec, check_stage_files, read_chain_file
 from prism_deploy.runtime.adapters import adapter_runner
@@ -63,7 +64,7 @@ class Chain:
     """
 
     def __init__(self, stages: Sequence[Any], target: str = "ort-cpu", *, names: Sequence[str] | None = None,
-                 precisions: Sequence[str | None] | None = None, targets: Sequence[str | None] | None = None,
+                 precisions: Sequence[Precision | str | None] | None = None, targets: Sequence[str | None] | None = None,
                  spec: ChainSpec | None = None, threads: int | None = None,
                  precision_keyword: str = "precisions=[...]") -> None:
         """``stages``: model folders and adapters, alternating, models first and last. ``names``,
@@ -280,7 +281,7 @@ class Pipeline(Chain):
     ``model_a``, ``adapter``, ``model_b``)."""
 
     def __init__(self, model_a: str | os.PathLike[str], adapter: Any, model_b: str | os.PathLike[str],
-                 target: str = "ort-cpu", *, adapter_precision: str | None = None, threads: int | None = None,
+                 target: str = "ort-cpu", *, adapter_precision: Precision | str | None = None, threads: int | None = None,
                  precision_keyword: str = "adapter_precision=") -> None:
         # width refusals name the files given (set before the base class checks them)
         self._sources = [str(model_a), str(adapter) if isinstance(adapter, (str, os.PathLike)) else None,

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from prism_deploy.core import defaults
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.targets import target_provider
 from prism_deploy.format.graph_file import GraphNode, GraphSpec, levels, read_graph_file
@@ -141,7 +142,7 @@ class Graph:
     def precision(self) -> str:
         from prism_deploy.core.precision import loosest
 
-        return loosest([m.precision for m in self.models] + [str(getattr(a, "precision", "fp32")) for a in self.adapters])
+        return loosest([m.precision for m in self.models] + [defaults.runner_precision(a) for a in self.adapters])
 
     def _check_widths(self) -> None:
         for n, s in zip(self.nodes, self.stages):

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from prism_deploy.core.precision import ModelPrecision
 from prism_deploy.format import model_folder
 from prism_deploy.format.engine_manifest import EngineFileError, read_manifest, source_kind, verify_part
 from prism_deploy.runtime.engines import select_entry
@@ -83,7 +84,7 @@ class ModelStage:
         self.hidden_size, self.vocab, self.layers = int(dims["hidden"]), int(dims["vocab"]), int(dims["layers"])
         self.kv_heads, self.head_dim = int(dims["kv_heads"]), int(dims["head_dim"])
         self.max_seq = int(self.manifest["max_seq"])
-        self.precision = str(self.manifest.get("precision", "fp32"))
+        self.precision = ModelPrecision(self.manifest["precision"])  # model.json's schema requires one of them
         self.input_name = model_folder.INPUT[self.role]
         self.output_name = model_folder.OUTPUT[self.role]
         self._provider = provider

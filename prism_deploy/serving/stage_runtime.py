@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prism_deploy.core import defaults
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.format.stage_io import KINDS, STAGE_IO, StageTensor, decode_io
 
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
 ROLE_KINDS = {"first": "first", "middle": "middle", "last": "last"}
 # a served stage's files live in this folder of the model version
 STAGE_DIR = "stage"
-# the profile assumed for a model export folder that was not built (build/options.py defaults)
-DEFAULT_PROFILE = {"batch": [1, 4, 32], "seq": [1, 64, 1024]}
 
 
 @dataclass
@@ -212,7 +211,7 @@ def _model_build_stage(folder: Path, manifest: dict[str, Any], target: str | Non
     copies.update({name: sha for e in chosen for part in e["parts"] for name, sha in part_files(part)})
     files = list(copies)
     inputs, outputs = _model_io(kind, model)
-    profile = chosen[0]["configuration"].get("profile") or DEFAULT_PROFILE
+    profile = chosen[0]["configuration"].get("profile") or defaults.SERVING_PROFILE
     return StageInfo(
         kind=kind, source=folder, layout="model-build", target=target, precision=str(model.get("precision", "fp32")),
         profile=dict(profile), inputs=inputs, outputs=outputs, files=files, sha256=copies,
@@ -239,7 +238,7 @@ def _model_export_stage(folder: Path) -> StageInfo:
     graphs = {k: model["files"][k]["name"] for k in ("graph", "graph_with_past") if k in model["files"]}
     return StageInfo(
         kind=kind, source=folder, layout="model-export", target="ort-cpu", precision=str(model.get("precision", "fp32")),
-        profile={"batch": list(DEFAULT_PROFILE["batch"]), "seq": list(DEFAULT_PROFILE["seq"])}, inputs=inputs,
+        profile={key: list(values) for key, values in defaults.SERVING_PROFILE.items()}, inputs=inputs,
         outputs=outputs, files=files, sha256=hashes, onnxruntime=None, model=model, graphs=graphs,
         decode=_decode_io(model) if kind == "last" else None, details={"role": model["role"]})
 

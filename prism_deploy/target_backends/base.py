@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from prism_deploy.core import targets
+from prism_deploy.core.precision import ModelPrecision, Precision
 from prism_deploy.core.targets import Target
 from prism_deploy.format.engine_manifest import EngineFileError
 
@@ -45,7 +46,7 @@ class GraphLoader(Protocol):
 class EngineBuild:
     """What one engine is built with besides its ONNX graph; each backend uses what it needs."""
 
-    precision: str | None = None
+    precision: Precision | ModelPrecision | None = None
     source_bytes: int = 0  # the graph with its external data (large ONNX Runtime models keep theirs apart)
     # the adapter's ``hidden`` input as (min, opt, max) shapes; models give ``input_shapes``
     # instead: one (name, min, opt, max) per dynamic input

@@ -20,6 +20,7 @@ import numpy as np
 
 from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.onnx_io import EXTERNAL_MIN_BYTES, INPUT_NAME, OUTPUT_NAME
+from prism_deploy.core.precision import ModelPrecision, Precision
 from prism_deploy.core.targets import Target
 from prism_deploy.format.engine_manifest import EngineFileError
 from prism_deploy.target_backends.base import BuiltEngine, EngineBuild, GraphLoader, TargetBackend, cuda_tensor
@@ -43,7 +44,8 @@ BUILD_SESSION_CONFIG = {"session.disable_prepacking": "1"}
 
 
 def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
-                     external_data: str | None = None, precision: str | None = None) -> dict[str, Any]:
+                     external_data: str | None = None,
+                     precision: Precision | ModelPrecision | None = None) -> dict[str, Any]:
     """Optimize ``onnx_path`` for ``target``'s provider into ``engine_path``; return the session record.
 
     ``external_data``: a file name (in ``engine_path``'s folder) for the initializers of a

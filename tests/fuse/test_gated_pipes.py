@@ -21,6 +21,7 @@ pytest.importorskip("onnxruntime_extensions", reason="onnxruntime-extensions is 
 
 from prism_deploy.cli.main import main  # noqa: E402
 from prism_deploy.core.errors import PrismInputError  # noqa: E402
+from prism_deploy.core.precision import Precision  # noqa: E402
 from prism_deploy.core.tiles import stored_as  # noqa: E402
 from prism_deploy.lower import build_model  # noqa: E402
 from prism_deploy.format import AdapterConfig, PipeSpec  # noqa: E402
@@ -60,7 +61,7 @@ def dequantized_adapter(adapter):
     """The adapter whose tiles are exactly what int8 tiles with row scales stand for."""
     tensors = dict(adapter.tensors())
     for i, pipe in enumerate(adapter.pipe_list()):
-        tensors[f"pipes.{i}.tiles"] = torch.from_numpy(stored_as(pipe.tiles, "int8"))
+        tensors[f"pipes.{i}.tiles"] = torch.from_numpy(stored_as(pipe.tiles, Precision.INT8))
     return type(adapter)(adapter.config, tensors)
 
 
