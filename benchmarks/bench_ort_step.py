@@ -41,7 +41,7 @@ class _TimedSession:
 
 
 def measure(folder: str, threads: int, prompt: int, steps: int, repeats: int) -> dict[str, Any]:
-    from prism_deploy.runtime.model_folder import ModelStage
+    from prism_deploy.runtime.model_stage import ModelStage
 
     stage = ModelStage(folder, threads=threads)
     graph = stage.graph

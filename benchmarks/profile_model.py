@@ -32,7 +32,7 @@ def profile(folder: str, past: int, threads: int, calls: int) -> dict:
     import onnxruntime as ort
 
     from prism_deploy.bench.machine import load_average
-    from prism_deploy.models.export import past_names, read_manifest
+    from prism_deploy.models.lm_export import past_names, read_manifest
 
     manifest = read_manifest(folder, "lower")
     d = manifest["dims"]
@@ -76,7 +76,7 @@ def weights_only(folder: str, threads: int, calls: int, past: int) -> dict:
     from onnx import helper
 
     from prism_deploy.bench.machine import load_average
-    from prism_deploy.models.export import past_names, read_manifest
+    from prism_deploy.models.lm_export import past_names, read_manifest
 
     manifest = read_manifest(folder, "lower")
     path = Path(folder) / manifest["files"]["graph_with_past"]["name"]

@@ -120,7 +120,7 @@ def _public(argv: list[str]) -> list[str]:
 def main() -> int:
     from prism_deploy.bench.machine import describe_machine, load_average
     from prism_deploy.models import quantize
-    from prism_deploy.models.export import export_model
+    from prism_deploy.models.lm_export import export_model
     from prism_deploy.models.tokenizers import load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -159,7 +159,7 @@ def main() -> int:
             spec = quantize.make_spec(precision, **options)
             if spec.needs_calibration and activations is None:
                 from prism_deploy.models import hf
-                from prism_deploy.models.export import _calibration_feeds
+                from prism_deploy.models.lm_export import _calibration_feeds
 
                 feeds, _ = _calibration_feeds(args.model, hf.load_causal_lm(args.model), "last", None)
                 activations = quantize.layer_inputs(fp32 / "last.onnx", feeds)

@@ -103,7 +103,7 @@ def main() -> None:
             # the validation refuses int4 SmolLM2 (docs/real-models.md): the same export without
             # that gate is what this measurement needs
             from prism_deploy.models import quantize
-            from prism_deploy.models.export import export_model
+            from prism_deploy.models.lm_export import export_model
 
             commands.append("export_model(..., validate=False)  # the same graph, without the refusing gate")
             export_model(model_dir, "first", first_dir, precision="int4", max_seq=a.max_seq, validate=False,

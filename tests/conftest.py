@@ -42,7 +42,7 @@ def zoo(tmp_path_factory):
     """Tiny local models (Llama 64, Qwen2 96, GPT-2 48 wide), model A (the Llama) and model B (the
     Qwen2) exported once per test run, and a gated adapter from A to B. Tests must not change
     these files: copy them first."""
-    from prism_deploy.models.export import export_model
+    from prism_deploy.models.lm_export import export_model
     from prism_deploy.reference import random_adapter, simple_config
     from tests.model_helpers import make_model
 

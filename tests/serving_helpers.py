@@ -29,7 +29,7 @@ def make_stages(root: Path, zoo: dict[str, Path]) -> dict[str, Path]:
     a gated adapter (64 -> 96) and their ort-cpu fp32 builds (checked against the reference), and
     a second dense adapter for hot-swapping."""
     from prism_deploy.builder import BuildRequest, ModelBuildRequest, build_engines, build_model_engines
-    from prism_deploy.parity.engines import adapter_engine_check, model_graph_check
+    from prism_deploy.parity.build_checks import adapter_engine_check, model_graph_check
 
     z: dict[str, Path] = {key: zoo[key] for key in ("llama", "qwen2", "A", "B")}
     for name, top_k, seed in (("dense", None, 6), ("gated", 3, 5), ("dense_new", None, 7)):

@@ -20,7 +20,7 @@ import torch
 from onnx import helper
 
 from prism_deploy.format import AdapterConfig, PipeSpec
-from prism_deploy.lower.adapter_graph import AdapterGraphBuilder
+from prism_deploy.lower.adapter_onnx import AdapterGraphBuilder
 from prism_deploy.core.ort_session import make_session
 from prism_deploy.core.precision import Precision
 from prism_deploy.reference import load_adapter, random_adapter

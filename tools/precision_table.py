@@ -20,7 +20,7 @@ from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.lower import export_onnx
 from prism_deploy.parity import check_parity
 from prism_deploy.reference import load_adapter, random_adapter
-from prism_deploy.runtime.adapter_graph import AdapterGraph
+from prism_deploy.runtime.adapter_session import AdapterGraph
 
 VARIANTS = [  # (label, precision, io dtype, calibrator)
     ("fp32", "fp32", "float32", None),

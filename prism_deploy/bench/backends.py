@@ -245,7 +245,7 @@ class OrtBackend(Backend):
 
     def prepare(self) -> None:
         from prism_deploy.lower import export_onnx
-        from prism_deploy.runtime.adapter_graph import AdapterGraph
+        from prism_deploy.runtime.adapter_session import AdapterGraph
         from prism_deploy.runtime.engines import load_engines
 
         if self.engines_dir is not None and self.gated_form is not None:

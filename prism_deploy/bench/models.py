@@ -89,7 +89,7 @@ class _OrtModel:
     """One folder's graph on ONNX Runtime CPU with the benchmark's thread count."""
 
     def __init__(self, folder: Path, threads: int | None) -> None:
-        from prism_deploy.runtime.model_folder import ModelFolder
+        from prism_deploy.runtime.model_stage import ModelFolder
 
         self.folder = ModelFolder(folder)
         self.role = self.folder.role

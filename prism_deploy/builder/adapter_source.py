@@ -266,7 +266,7 @@ def export_graph(adapter: AdapterTensors, path: Path, cfg: EngineConfig, calib: 
     written (model and external data)."""
     from prism_deploy.lower import export_onnx
 
-    # ONNX Runtime CPU: INT8 ungated pipes as MatMulNBits, weights read at 8 bits (lower/adapter_graph.py)
+    # ONNX Runtime CPU: INT8 ungated pipes as MatMulNBits, weights read at 8 bits (lower/adapter_onnx.py)
     nbits = backend_for(cfg.target).nbits_export and not cfg.plugin
     result = export_onnx(adapter, path, precision=cfg.adapter_precision, io_dtype="float32",
                          calib=str(calib) if calib is not None else None, calibrator=cfg.calibrator,

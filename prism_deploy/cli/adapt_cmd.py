@@ -198,7 +198,7 @@ def adapt_once(args: argparse.Namespace, root: Path, model: str) -> int:
     from prism_deploy.fit.adapt import adapt_round
     from prism_deploy.format import read_adapter_file, write_adapter_file
     from prism_deploy.models.collect import collect_pairs
-    from prism_deploy.parity.engines import adapter_engine_check
+    from prism_deploy.parity.build_checks import adapter_engine_check
     from prism_deploy.serving.update import update_adapter
     from prism_deploy.serving.versions import ADAPTED_DIR, append_log, model_dir, prune
 

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                 raise PrismInputError(f"{option}: an adapter build option, not valid with --model")
         check = None
         if not args.no_parity:
-            from prism_deploy.parity.engines import model_graph_check
+            from prism_deploy.parity.build_checks import model_graph_check
 
             check = model_graph_check(args.model)
         result = build_model_engines(ModelBuildRequest(model_dir=Path(args.model), out_dir=out_dir, target=args.target,
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         )
         check = None
         if not args.no_parity:
-            from prism_deploy.parity.engines import adapter_engine_check
+            from prism_deploy.parity.build_checks import adapter_engine_check
 
             check = adapter_engine_check(request.adapter)
         result = build_engines(request, check)
@@ -138,7 +138,7 @@ def run_chain(args: argparse.Namespace, profile: Any, out_dir: Path | None, prog
         out_dir = Path("engines") / f"{kind}-{Path(source).stem}-{file_sha256(source)[:8]}"
     adapter_check = model_check = None
     if not args.no_parity:
-        from prism_deploy.parity.engines import adapter_engine_check, model_graph_check
+        from prism_deploy.parity.build_checks import adapter_engine_check, model_graph_check
 
         adapter_check, model_check = adapter_engine_check, model_graph_check
     target = None if args.target == "auto" else args.target

@@ -28,7 +28,7 @@ def chain_calibration_inputs(chain_file: str, hop: int | None, hf_dir: str,
     from prism_deploy.core import corpus
     from prism_deploy.format.chain_file import read_chain_file
     from prism_deploy.models.collect import hidden_states_on_texts
-    from prism_deploy.models.export import CALIBRATION_TOKENS, CALIBRATION_WINDOW
+    from prism_deploy.models.lm_export import CALIBRATION_TOKENS, CALIBRATION_WINDOW
     from prism_deploy.reference import load_adapter
 
     if hop is None:

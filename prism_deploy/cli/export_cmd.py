@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="activation range for int8-qdq: max |x| or the 99.99th percentile")
     p.add_argument("--plugin", action="store_true",
                    help="fuse each gated pipe into one prism::tile_dispatch TensorRT plugin node "
-                        "(fp32, fp16, int8; not int8-qdq); ONNX Runtime runs it through prism_deploy.fuse.ort_twin")
+                        "(fp32, fp16, int8; not int8-qdq); ONNX Runtime runs it through prism_deploy.fuse.tile_dispatch_twin")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -138,7 +138,7 @@ def _calibration_label(calibration: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from prism_deploy.models.export import export_model
+    from prism_deploy.models.lm_export import export_model
 
     if args.role in ROLE_ALIASES:
         print(f"note: --role {args.role} is now called --role {ROLE_ALIASES[args.role]}", file=sys.stderr)

@@ -9,9 +9,9 @@ from prism_deploy.cli.paths import declare_outputs
 
 
 def number(name: str) -> Callable[[str], int | float]:
-    """The argparse ``type`` of fit option ``name``, with its range from fit/limits.py."""
+    """The argparse ``type`` of fit option ``name``, with its range from fit/option_ranges.py."""
     from prism_deploy.cli import numbers
-    from prism_deploy.fit.limits import LIMITS, flag
+    from prism_deploy.fit.option_ranges import LIMITS, flag
 
     return numbers.number(LIMITS[name], flag(name))
 

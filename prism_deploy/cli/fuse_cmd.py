@@ -1,7 +1,7 @@
 """``prism-deploy fuse IN.onnx -o OUT.onnx [--json]``: the plugin fusion pass on an exported model.
 
 Each gated pipe's masked subgraph becomes one ``prism::tile_dispatch`` node (a TensorRT plugin;
-the ONNX Runtime twin in ``prism_deploy.fuse.ort_twin`` runs it on CPU). ``export --plugin`` is
+the ONNX Runtime twin in ``prism_deploy.fuse.tile_dispatch_twin`` runs it on CPU). ``export --plugin`` is
 the same pass applied right after lowering.
 """
 

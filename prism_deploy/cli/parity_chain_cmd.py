@@ -1,6 +1,6 @@
 """``prism-deploy parity --chain FILE [--bisect]`` and ``parity --pipeline ...`` (the two-model
 spelling): a chain against transformers models and the reference adapters, end to end and hop by
-hop (``prism_deploy.parity.chain``)."""
+hop (``prism_deploy.parity.chain_parity``)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from prism_deploy.core.errors import CheckFailed, PrismInputError
-    from prism_deploy.parity.chain import check_chain_parity
+    from prism_deploy.parity.chain_parity import check_chain_parity
 
     if args.batch < 1 or args.seq < 1:
         raise PrismInputError("--batch and --seq must be at least 1")
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
         reference: Any = ReferenceGraph(chain.spec)
     else:
-        from prism_deploy.parity.chain import ReferenceChain
+        from prism_deploy.parity.chain_parity import ReferenceChain
 
         reference = ReferenceChain(*references(args, chain))
     if args.text is not None or args.ids is not None:

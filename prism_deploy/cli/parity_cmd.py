@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.core.targets import gpu_present, resolve_provider
     from prism_deploy.parity import check_parity
     from prism_deploy.reference import load_adapter
-    from prism_deploy.runtime.adapter_graph import AdapterGraph
+    from prism_deploy.runtime.adapter_session import AdapterGraph
 
     provider, why = resolve_provider(args.provider)
     if args.provider == "auto" and provider != "cpu" and _is_fused_file(args.onnx):

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from prism_deploy.builder import build_engines
     from prism_deploy.cli.output import print_json, print_table
-    from prism_deploy.parity.engines import adapter_engine_check
+    from prism_deploy.parity.build_checks import adapter_engine_check
     from prism_deploy.serving.update import update_adapter
 
     def log(message: str) -> None:

@@ -4,7 +4,7 @@ they are parsed: a bad value is one ``error:`` line before anything is read or c
 A :class:`Limit` says what a number may be; :func:`check_number` checks a value (library
 callers), :func:`parse_number` parses and checks the text of an option (the command line's
 argparse types, ``prism_deploy.cli.numbers``). The tables of limits live with their users
-(``prism_deploy.fit.limits`` for fitting; the commands' own options beside them).
+(``prism_deploy.fit.option_ranges`` for fitting; the commands' own options beside them).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Fitting adapters to paired activations: one-shot least squares, gate training, localized refit.
 
 Beside the main layers; uses ``format``, ``reference`` and ``data``. See docs/fitting.md.
-Loaded lazily: the command line reads the options' ranges (``fit.limits``) without PyTorch,
+Loaded lazily: the command line reads the options' ranges (``fit.option_ranges``) without PyTorch,
 which the fitting itself needs.
 """
 

@@ -27,7 +27,7 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.fit import budget
 from prism_deploy.fit.evaluate import Metrics, evaluate
 from prism_deploy.fit.gates import init_gates, train_gates
-from prism_deploy.fit.limits import check_number
+from prism_deploy.fit.option_ranges import check_number
 from prism_deploy.fit.normal import NormalEquations, accumulate_normal, solve_joint, solve_per_tile
 from prism_deploy.fit.progress import overall_progress
 from prism_deploy.fit.routed import assign_tiles, refit_work, refit_workers
@@ -55,7 +55,7 @@ class FitOptions:
     threads: int | None = None  # intra-op threads; None: auto (fit/threads.py)
 
     def __post_init__(self) -> None:
-        # The numeric options' one range check (fit/limits.py), for library callers too.
+        # The numeric options' one range check (fit/option_ranges.py), for library callers too.
         for name in ("ridge", "rounds", "gate_steps", "gate_lr", "gate_batch", "sweeps", "seed"):
             setattr(self, name, check_number(name, getattr(self, name)))
         if self.threads is not None:

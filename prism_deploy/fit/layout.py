@@ -15,7 +15,7 @@ from typing import Literal
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.tiles import covering_tile, padding_worker_count
 from prism_deploy.core.units import human_bytes
-from prism_deploy.fit.limits import check_number
+from prism_deploy.fit.option_ranges import check_number
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.plan import DEFAULT_WORKERS, MAX_WORKERS, plan_three_pipes, plan_tiles
 

@@ -1,6 +1,6 @@
 """Format layer: every file the project reads and writes, validated on the way in.
 
-- the v1 adapter file (``adapter_file``, ``config``; the seed's ``.pt`` import in ``convert``);
+- the v1 adapter file (``adapter_file``, ``adapter_config``; the seed's ``.pt`` import in ``convert``);
 - the model folder ``export-model`` writes (``model_folder``: ``model.json``, roles, graphs);
 - the build folder's ``manifest.json`` (``engine_manifest``).
 
@@ -8,6 +8,7 @@ Plain numpy and JSON: nothing here imports PyTorch (``convert`` does, lazily, to
 pickle).
 """
 
+from prism_deploy.format.adapter_config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig, PipeSpec
 from prism_deploy.format.adapter_file import (
     FLOAT_DTYPES,
     AdapterTensors,
@@ -19,7 +20,6 @@ from prism_deploy.format.adapter_file import (
     validate_tensors,
     write_adapter_file,
 )
-from prism_deploy.format.config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig, PipeSpec
 
 __all__ = [
     "FLOAT_DTYPES",

@@ -26,7 +26,7 @@ from prism_deploy.core import jsontext
 from prism_deploy.core.blocks import blocks
 from prism_deploy.core.errors import AdapterFormatError, brief
 from prism_deploy.core.fsutil import atomic_output, file_sha256
-from prism_deploy.format.config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig
+from prism_deploy.format.adapter_config import FORMAT_NAME, FORMAT_VERSION, AdapterConfig
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)

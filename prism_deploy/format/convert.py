@@ -21,7 +21,7 @@ import numpy as np
 from prism_deploy.core.errors import AdapterFormatError, PrismInputError, brief, require_torch
 from prism_deploy.core.tiles import real_blocks
 from prism_deploy.format.adapter_file import FLOAT_DTYPES, AdapterTensors, _as_numpy, validate_tensors, write_adapter_file
-from prism_deploy.format.config import AdapterConfig, PipeSpec
+from prism_deploy.format.adapter_config import AdapterConfig, PipeSpec
 
 
 def load_seed_tiles(path: str | os.PathLike[str]) -> np.ndarray:

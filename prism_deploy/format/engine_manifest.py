@@ -188,7 +188,7 @@ def validate_manifest(obj: Any, where: str | os.PathLike[str]) -> None:
     config = None
     if "adapter" in obj:
         from prism_deploy.core.errors import AdapterFormatError
-        from prism_deploy.format.config import AdapterConfig
+        from prism_deploy.format.adapter_config import AdapterConfig
 
         try:
             config = AdapterConfig.from_json(obj["adapter"]["config"])

@@ -1,5 +1,5 @@
 """Plugin fusion: gated pipes of an exported graph -> ``prism::tile_dispatch`` nodes, and the
-ONNX Runtime twin of that op (``prism_deploy.fuse.ort_twin``)."""
+ONNX Runtime twin of that op (``prism_deploy.fuse.tile_dispatch_twin``)."""
 
 from prism_deploy.fuse.gated_pipes import (
     DOMAIN,

@@ -3,7 +3,7 @@
 numpy and onnx only: lowering never needs PyTorch.
 """
 
-from prism_deploy.lower.adapter_graph import DEFAULT_GATED_FORM, GATED_FORMS, choose_gated_form, pipe_prefixes
+from prism_deploy.lower.adapter_onnx import DEFAULT_GATED_FORM, GATED_FORMS, choose_gated_form, pipe_prefixes
 from prism_deploy.lower.contract import METADATA_KEY, graph_precision, read_metadata
 from prism_deploy.lower.export import IO_DTYPES, ExportResult, build_model, export_onnx
 

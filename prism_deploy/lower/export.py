@@ -1,6 +1,6 @@
 """``export_onnx``: an adapter as one ONNX graph per precision, saved (docs/onnx-lowering.md).
 
-The graph itself is built by :mod:`prism_deploy.lower.adapter_graph`, its self-description by
+The graph itself is built by :mod:`prism_deploy.lower.adapter_onnx`, its self-description by
 :mod:`prism_deploy.lower.contract`, int8-qdq activation scales by
 :mod:`prism_deploy.lower.calibrate`; this module checks the options, runs the three and saves.
 """
@@ -22,7 +22,7 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.onnx_io import save_model
 from prism_deploy.core.precision import CALIBRATORS, Precision
 from prism_deploy.format import adapter_arrays
-from prism_deploy.lower.adapter_graph import DEFAULT_GATED_FORM, GATED_FORMS, AdapterGraphBuilder
+from prism_deploy.lower.adapter_onnx import DEFAULT_GATED_FORM, GATED_FORMS, AdapterGraphBuilder
 from prism_deploy.lower.calibrate import calibrate
 from prism_deploy.lower.contract import read_metadata
 from prism_deploy.lower.graph import DTYPE_NAMES

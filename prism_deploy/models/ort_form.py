@@ -187,7 +187,7 @@ def _validate(reference: Any, graph: Path, role: str, precision: ModelPrecision,
 
     from prism_deploy.core.ort_session import make_session
     from prism_deploy.models import hf
-    from prism_deploy.models.export import _check, _embedding_scale_inputs, _shapes, _validation_masks
+    from prism_deploy.models.lm_export import _check, _embedding_scale_inputs, _shapes, _validation_masks
 
     tol = tolerances.model_export(precision)
     session = make_session(graph, "cpu")
@@ -216,7 +216,7 @@ def _validate(reference: Any, graph: Path, role: str, precision: ModelPrecision,
 
 
 def _eos_token_id(model: Any) -> int | None:
-    from prism_deploy.models.export import _eos_token_id as eos
+    from prism_deploy.models.lm_export import _eos_token_id as eos
 
     return eos(model)
 
@@ -224,7 +224,7 @@ def _eos_token_id(model: Any) -> int | None:
 def _versions() -> dict[str, str]:
     import onnxruntime_genai
 
-    from prism_deploy.models.export import _versions as versions
+    from prism_deploy.models.lm_export import _versions as versions
 
     return {**versions(), "onnxruntime_genai": onnxruntime_genai.__version__}
 

@@ -1,6 +1,6 @@
 """Parity checks: any runner against the PyTorch reference (docs/precision.md), end-to-end
-pipeline parity (``parity.pipeline``), and the checks a build runs on each engine
-(``parity.engines``). Loaded lazily: the model-graph check needs no PyTorch."""
+pipeline parity (``parity.chain_parity``), and the checks a build runs on each engine
+(``parity.build_checks``). Loaded lazily: the model-graph check needs no PyTorch."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ _LAZY = {
     "check_parity": "prism_deploy.parity.check",
     "default_tolerances": "prism_deploy.parity.check",
     "simulated_stored_tiles": "prism_deploy.parity.check",
-    "adapter_engine_check": "prism_deploy.parity.engines",
-    "model_graph_check": "prism_deploy.parity.engines",
+    "adapter_engine_check": "prism_deploy.parity.build_checks",
+    "model_graph_check": "prism_deploy.parity.build_checks",
 }
 
 

@@ -78,7 +78,7 @@ def check_parity(
     """
     runner: Any = runner_or_onnx_path
     if isinstance(runner_or_onnx_path, (str, os.PathLike)):
-        from prism_deploy.runtime.adapter_graph import AdapterGraph
+        from prism_deploy.runtime.adapter_session import AdapterGraph
 
         runner = AdapterGraph(runner_or_onnx_path, provider)
     check_lowered_from(adapter, getattr(runner, "metadata", None), getattr(runner, "path", None))

@@ -2,7 +2,7 @@
 bisection to the stage and edge that broke it.
 
 The reference graph runs in float32 PyTorch as the reference chain does
-(:mod:`prism_deploy.parity.chain`): each model in ``transformers`` by its role, each adapter
+(:mod:`prism_deploy.parity.chain_parity`): each model in ``transformers`` by its role, each adapter
 (a fusion adapter too, on its inputs concatenated) through ``PrismAdapter.forward``, a logit
 fusion as the weighted sum of its inputs' log-softmax. Per stage, the deployed stage takes the
 reference's outputs of the stages that feed it, so each edge's error is charged to the stage at
@@ -23,7 +23,7 @@ from prism_deploy.core.metrics import compare, compare_logits
 from prism_deploy.core.precision import loosest
 from prism_deploy.format.graph_file import GraphSpec
 from prism_deploy.models import hf
-from prism_deploy.parity.chain import blamed_graph, last_model_graphs
+from prism_deploy.parity.chain_parity import blamed_graph, last_model_graphs
 from prism_deploy.runtime.graph import fuse_logits
 
 

@@ -15,7 +15,7 @@ __all__ = ["AdapterGraph", "Chain", "Graph", "OnnxRunner", "Pipeline", "load_eng
 
 _LAZY = {
     "load_engines": "prism_deploy.runtime.engines",
-    "AdapterGraph": "prism_deploy.runtime.adapter_graph",
+    "AdapterGraph": "prism_deploy.runtime.adapter_session",
     "OnnxRunner": "prism_deploy.runtime.onnx_runner",
     "Pipeline": "prism_deploy.runtime.chain",
     "Chain": "prism_deploy.runtime.chain",

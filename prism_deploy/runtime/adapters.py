@@ -6,7 +6,7 @@ every way of running an adapter plugs in the same way:
 - a folder written by ``prism-deploy build`` (it has ``manifest.json``):
   ``prism_deploy.runtime.load_engines(DIR, precision=..., target=...)``;
 - an ``.onnx`` file (what ``prism-deploy export`` wrote): ONNX Runtime on the target's provider
-  (:class:`~prism_deploy.runtime.adapter_graph.AdapterGraph`, which can take model A's output
+  (:class:`~prism_deploy.runtime.adapter_session.AdapterGraph`, which can take model A's output
   where it lies: ``run_device``);
 - an adapter ``.safetensors``: lowered to ONNX on first use with ``prism_deploy.lower.export_onnx``
   into a cache keyed by the file's content and the precision, and verified on every use like an
@@ -65,7 +65,7 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: Precisio
         raise PrismInputError(f"{adapter}: no such adapter file or build folder")
     if not path.is_file():
         raise PrismInputError(f"{adapter}: not a regular file (give an adapter .safetensors or .onnx, or a build folder)")
-    from prism_deploy.runtime.adapter_graph import AdapterGraph
+    from prism_deploy.runtime.adapter_session import AdapterGraph
 
     if path.suffix == ".onnx":
         return AdapterGraph(path, provider, intra_op_threads=threads)

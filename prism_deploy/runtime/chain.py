@@ -1,7 +1,7 @@
 """Chains of models: ``Model_1 -> adapter -> Model_2 -> adapter -> ... -> Model_N`` on ONNX Runtime.
 
 Stages alternate models and adapters. A model is a folder from ``prism-deploy export-model`` or
-``prism-deploy build --model`` (:class:`~prism_deploy.runtime.model_folder.ModelStage`), with the
+``prism-deploy build --model`` (:class:`~prism_deploy.runtime.model_stage.ModelStage`), with the
 role its place asks for: ``first`` (token ids -> hidden), ``middle`` (embeddings -> hidden),
 ``last`` (embeddings -> logits, and the KV-cache graph for generation). An adapter is anything
 :func:`~prism_deploy.runtime.adapters.adapter_runner` accepts: a build folder, an exported
@@ -44,7 +44,7 @@ from prism_deploy.format.chain_file import ChainSpec, check_stage_files, read_ch
 from prism_deploy.runtime.adapters import adapter_runner
 from prism_deploy.runtime.decode import greedy_tokens
 from prism_deploy.runtime.engines import AmbiguousEngines
-from prism_deploy.runtime.model_folder import ModelStage
+from prism_deploy.runtime.model_stage import ModelStage
 from prism_deploy.runtime.onnx_runner import host, shape_of
 
 

@@ -100,7 +100,7 @@ class LoadedEngines:
             raise PrismInputError(f"hidden must be [batch, seq, {self.in_dim}] or [tokens, {self.in_dim}], "
                                   f"got {list(shape)}")
         if device is None and 0 in shape and not backend_for(self.target).answers_zero_tokens:
-            # zero tokens: the ONNX graphs answer them themselves (lower/adapter_graph.py); a
+            # zero tokens: the ONNX graphs answer them themselves (lower/adapter_onnx.py); a
             # TensorRT engine's profile starts at one token, so the answer is made here
             return np.zeros((*shape[:-1], self.out_dim), np.float32)
         x3 = x.reshape(1, *shape) if len(shape) == 2 else x

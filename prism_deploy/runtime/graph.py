@@ -35,7 +35,7 @@ from prism_deploy.format.graph_file import GraphNode, GraphSpec, levels, read_gr
 from prism_deploy.runtime.adapters import adapter_runner
 from prism_deploy.runtime.chain import Chain, _on_device, check_stage_files
 from prism_deploy.runtime.decode import greedy_tokens
-from prism_deploy.runtime.model_folder import ModelStage
+from prism_deploy.runtime.model_stage import ModelStage
 from prism_deploy.runtime.onnx_runner import host, shape_of
 
 

@@ -198,7 +198,7 @@ class DecodeModel:
     """The last model's KV-cache graph, one request at a time (past lengths differ)."""
 
     def __init__(self, version_dir: Path, params: dict[str, str]) -> None:
-        from prism_deploy.runtime.model_folder import ModelStage
+        from prism_deploy.runtime.model_stage import ModelStage
 
         stage = stage_runtime.open_stage(version_dir / stage_runtime.STAGE_DIR, "last", params.get("prism_provider", "cpu"))
         assert isinstance(stage, ModelStage)

@@ -35,8 +35,8 @@ from typing import Any
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.format.graph_file import GraphSpec, read_graph_file
 from prism_deploy.format.stage_io import input_names, output_name, past_names
-from prism_deploy.serving import config as cfg
 from prism_deploy.serving import repository as repo_mod
+from prism_deploy.serving import triton_config as cfg
 from prism_deploy.serving.repository import ModelEntry, Options, _params, _python_decode, _python_stage
 from prism_deploy.serving.stage_runtime import StageInfo, inspect_stage
 from prism_deploy.target_backends import backend_for

@@ -6,7 +6,7 @@ from ``build``), or adapter build folders only (each served on its own). Layout
 (docs/serving.md)::
 
     REPO/prism-repository.json          what was served from where (read by `serve`, `triton update`)
-    REPO/<model>/config.pbtxt           schema-checked (prism_deploy.serving.config)
+    REPO/<model>/config.pbtxt           schema-checked (prism_deploy.serving.triton_config)
     REPO/<model>/<version>/model.py     Python form: prism_deploy/serving/triton_model.py
     REPO/<model>/<version>/stage/...    Python form: the stage's engines/graphs and manifest
     REPO/<model>/<version>/model.onnx   native form, ONNX Runtime engines (model.plan: TensorRT)
@@ -35,7 +35,7 @@ from prism_deploy.core import jsontext
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import write_errors
 from prism_deploy.format.stage_io import input_names, output_name
-from prism_deploy.serving import config as cfg
+from prism_deploy.serving import triton_config as cfg
 from prism_deploy.serving.stage_runtime import (STAGE_DIR, StageInfo, TensorSpec, graph_io, inspect_stage,
                                                    write_stage_files)
 from prism_deploy.target_backends import backend_for

@@ -18,7 +18,7 @@ models share with the in-process chain (:mod:`prism_deploy.runtime.decode`, used
 
 - adapter build folders: :func:`prism_deploy.runtime.engines.load_engines` and
   ``select_entry``; manifests through :mod:`prism_deploy.format.engine_manifest`;
-- model folders (export or build): :class:`prism_deploy.runtime.model_folder.ModelStage`, the
+- model folders (export or build): :class:`prism_deploy.runtime.model_stage.ModelStage`, the
   stage the in-process chain runs (no copy of it here); also :func:`graph_io`, which reads an
   engine's tensors for the native form.
 """
@@ -38,7 +38,7 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.format.stage_io import KINDS, STAGE_IO, StageTensor, decode_io
 
 if TYPE_CHECKING:
-    from prism_deploy.runtime.model_folder import ModelStage
+    from prism_deploy.runtime.model_stage import ModelStage
 
 # model.json roles -> chain stage kinds (prism_deploy.format.model_folder reads old names as new)
 ROLE_KINDS = {"first": "first", "middle": "middle", "last": "last"}
@@ -310,7 +310,7 @@ class AdapterStage:
 
 def open_stage(folder: str | os.PathLike[str], kind: str, provider: str = "cpu") -> AdapterStage | ModelStage:
     """Open a served version's stage folder (written by :func:`write_stage_files`): a model
-    stage is the runtime's own :class:`~prism_deploy.runtime.model_folder.ModelStage`, so a
+    stage is the runtime's own :class:`~prism_deploy.runtime.model_stage.ModelStage`, so a
     served model runs as the in-process chain runs it (its one session for a last model's plain
     calls and decoding steps included)."""
     if kind not in KINDS:
@@ -318,7 +318,7 @@ def open_stage(folder: str | os.PathLike[str], kind: str, provider: str = "cpu")
     path = Path(folder)
     if kind == "adapter":
         return AdapterStage(path)
-    from prism_deploy.runtime.model_folder import ModelStage
+    from prism_deploy.runtime.model_stage import ModelStage
 
     return ModelStage(path, kind, provider)
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from prism_deploy.core.errors import PrismInputError, brief
-from prism_deploy.serving import config as cfg
 from prism_deploy.serving import repository as repo_mod
+from prism_deploy.serving import triton_config as cfg
 from prism_deploy.serving.server import SECRET_HEADER, read_state
 from prism_deploy.serving.stage_runtime import inspect_stage
 

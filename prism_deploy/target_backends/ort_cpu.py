@@ -1,7 +1,7 @@
 """``ort-cpu``: ONNX Runtime's CPU provider, the target every machine has.
 
 INT8 ungated pipes are exported as MatMulNBits (weights read at 8 bits), the form ONNX
-Runtime's CPU kernels run fastest (lower/adapter_graph.py)."""
+Runtime's CPU kernels run fastest (lower/adapter_onnx.py)."""
 
 from __future__ import annotations
 

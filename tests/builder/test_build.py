@@ -396,7 +396,7 @@ def test_trt_input_graph_with_the_plugin_matches_the_reference_on_the_twin(tmp_p
     import onnx
 
     from prism_deploy.builder.options import EngineConfig, Profile
-    from prism_deploy.fuse.ort_twin import make_twin_session
+    from prism_deploy.fuse.tile_dispatch_twin import make_twin_session
 
     adapter = random_adapter(SMALL_CONFIG, seed=3)
     path = tmp_path / "fused.onnx"
@@ -412,7 +412,7 @@ def test_trt_input_graph_with_the_plugin_matches_the_reference_on_the_twin(tmp_p
 def test_the_parity_gate_runs_a_bounded_shape_whatever_the_profile():
     """``--batch 1:100000:100000`` was killed for memory: the gate compared 6.4 million tokens."""
     from prism_deploy.builder.options import Profile
-    from prism_deploy.parity.engines import PARITY_TOKENS, checked_shape
+    from prism_deploy.parity.build_checks import PARITY_TOKENS, checked_shape
 
     assert checked_shape(Profile((1, 100_000, 100_000), (1, 64, 1024))) == (PARITY_TOKENS // 64, 64)
     assert checked_shape(Profile((1, 4, 32), (1, 64, 1024))) == (4, 64)

@@ -248,7 +248,7 @@ def test_two_rounds_on_one_adapter_never_run_at_once(served, tmp_path, capsys):
 def test_a_round_interrupted_in_its_build_leaves_the_repository_as_it_was(served, tmp_path, monkeypatch, capsys):
     import json
 
-    import prism_deploy.parity.engines as engines
+    import prism_deploy.parity.build_checks as engines
 
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt

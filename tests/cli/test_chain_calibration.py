@@ -17,7 +17,7 @@ from prism_deploy.cli.main import main
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.models import quantize
-from prism_deploy.models.export import embedding_feeds
+from prism_deploy.models.lm_export import embedding_feeds
 from prism_deploy.models.tokenizers import load_tokenizer
 from prism_deploy.reference import load_adapter
 

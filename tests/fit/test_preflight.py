@@ -308,7 +308,7 @@ def test_refit_and_workers_estimate_their_whole_work_too(capsys, pair, tmp_path,
 
 
 def test_check_number_edges():
-    from prism_deploy.fit.limits import check_number
+    from prism_deploy.fit.option_ranges import check_number
 
     assert check_number("seed", 3.0) == 3 and check_number("ridge", 1) == 1.0
     for name, value in (("seed", 10**400), ("ridge", 10**400), ("seed", True), ("seed", "3"), ("seed", 2.5),

@@ -26,7 +26,7 @@ from prism_deploy.core.tiles import stored_as  # noqa: E402
 from prism_deploy.lower import build_model  # noqa: E402
 from prism_deploy.format import AdapterConfig, PipeSpec  # noqa: E402
 from prism_deploy.fuse import FUSION_KEY, fuse_gated_pipes  # noqa: E402
-from prism_deploy.fuse.ort_twin import make_twin_session, tile_dispatch_twin  # noqa: E402
+from prism_deploy.fuse.tile_dispatch_twin import make_twin_session, tile_dispatch_twin  # noqa: E402
 from prism_deploy.kernel.semantics import gate_weights, top_k_select  # noqa: E402
 from prism_deploy.core.onnx_io import save_model  # noqa: E402
 from prism_deploy.core.ort_session import make_session  # noqa: E402

@@ -188,7 +188,7 @@ def test_batch_invariance(mixed):
 
 def test_external_data_model_runs_in_ort_runner(tmp_path, mixed):
     from prism_deploy.core.onnx_io import save_model
-    from prism_deploy.runtime.adapter_graph import AdapterGraph
+    from prism_deploy.runtime.adapter_session import AdapterGraph
 
     written = save_model(build_model(mixed, precision="fp32"), tmp_path / "ext.onnx", external=True)
     assert [p.name for p in written] == ["ext.onnx", "ext.onnx.data"]
@@ -204,7 +204,7 @@ def test_external_data_model_runs_in_ort_runner(tmp_path, mixed):
 
 def test_tiles_from_dense_inverts_the_permutation():
     from prism_deploy.core.tiles import dense_from_tiles
-    from prism_deploy.runtime.adapter_graph import AdapterGraph
+    from prism_deploy.runtime.adapter_session import AdapterGraph
 
     cfg = AdapterConfig(30, 20, (PipeSpec("u", (3, 4), (7, 8), None),))
     a = random_adapter(cfg, seed=2)
@@ -221,7 +221,7 @@ def test_tiles_from_dense_inverts_the_permutation():
 
 
 def test_pipe_prefixes_are_unique_and_clean():
-    from prism_deploy.lower.adapter_graph import pipe_prefixes
+    from prism_deploy.lower.adapter_onnx import pipe_prefixes
 
     got = pipe_prefixes(["a_2", "a", "a", "input", "fold0", "x/y z", "", "a b"])
     assert got == ["a_2/", "a/", "a_3/", "input_3/", "fold0_4/", "x_y_z/", "pipe/", "a_b/"]

@@ -15,7 +15,7 @@ from prism_deploy.lower import export_onnx
 from prism_deploy.core.ort_session import make_session
 from prism_deploy.reference import random_adapter, simple_config
 from prism_deploy.core.precision import loosest
-from prism_deploy.runtime.adapter_graph import AdapterGraph
+from prism_deploy.runtime.adapter_session import AdapterGraph
 
 KEY = "session.disable_quant_qdq"
 
@@ -73,7 +73,7 @@ def test_built_int8_engine_folds_at_load(adapter, tmp_path):
 @pytest.mark.parametrize("precision,expected", [("int8", "1"), ("int8-qdq", "0")])
 def test_pipeline_adapter_runner_follows_the_lowered_precision(adapter, tmp_path, precision, expected):
     # both precisions store int8 weights; only weight-only int8 may fold its dequantization
-    from prism_deploy.runtime.adapter_graph import AdapterGraph
+    from prism_deploy.runtime.adapter_session import AdapterGraph
 
     path = tmp_path / f"p-{precision}.onnx"
     calib = np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32)

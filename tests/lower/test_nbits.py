@@ -9,7 +9,7 @@ import pytest
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.lower import build_model, export_onnx, read_metadata
 from prism_deploy.reference import random_adapter
-from prism_deploy.runtime.adapter_graph import AdapterGraph
+from prism_deploy.runtime.adapter_session import AdapterGraph
 from tests.lower_helpers import ort_run, reference, rel_l2
 
 # "u" and "w" have power-of-two tile widths (MatMulNBits blocks); "odd" (tc 20) falls back to

@@ -147,7 +147,7 @@ def test_read_bfloat16_file(tmp_path):
 def test_nan_and_inf_are_counted_across_blocks(dtype, tiny_blocks, tmp_path):
     from safetensors.numpy import save_file
 
-    from prism_deploy.format.config import FORMAT_NAME, FORMAT_VERSION
+    from prism_deploy.format.adapter_config import FORMAT_NAME, FORMAT_VERSION
 
     a = random_adapter(SINGLE, seed=1)
     tiles = np.asarray(a.arrays().tiles(0), np.float32)

@@ -21,7 +21,7 @@ from prism_deploy.models import hf
 from prism_deploy.models.tokenizers import load_tokenizer
 from prism_deploy.format.model_folder import past_names
 from prism_deploy.format.model_folder import read_model_json as read_manifest
-from prism_deploy.models.export import export_model
+from prism_deploy.models.lm_export import export_model
 from prism_deploy.reference import load_adapter, random_adapter, simple_config
 from tests.model_helpers import SENTENCES
 
@@ -113,7 +113,7 @@ def test_mistral_with_sliding_window_exports(tmp_path):
 
 def test_export_fails_when_the_graph_diverges(zoo, tmp_path, monkeypatch):
     """Perturb the exported weights after tracing: the validation must catch it, and no manifest is left."""
-    from prism_deploy.models import export as export_mod
+    from prism_deploy.models import lm_export as export_mod
     from prism_deploy.core.onnx_io import save_model
 
     original = export_mod._export_graph
@@ -178,7 +178,7 @@ def test_export_model_cli_and_bad_inputs(zoo, tmp_path, capsys):
 
 
 def test_pipeline_logits_match_the_pytorch_chain(zoo, pipeline):
-    from prism_deploy.parity.chain import check_pipeline_parity
+    from prism_deploy.parity.chain_parity import check_pipeline_parity
 
     ids, mask = padded_batch(300)
     logits = pipeline(ids, mask)
@@ -191,7 +191,7 @@ def test_pipeline_logits_match_the_pytorch_chain(zoo, pipeline):
 
 
 def test_parity_catches_a_different_adapter(zoo, pipeline, tmp_path):
-    from prism_deploy.parity.chain import check_pipeline_parity
+    from prism_deploy.parity.chain_parity import check_pipeline_parity
 
     other = tmp_path / "other.safetensors"
     random_adapter(simple_config(64, 96, (4, 2), top_k=3), seed=6).save(other)
@@ -290,7 +290,7 @@ def test_adapter_onnx_file_runs_in_the_pipeline(zoo, pipeline, tmp_path):
 def test_safetensors_adapter_is_lowered_once_and_cached(tmp_path, monkeypatch, precision):
     """A .safetensors is lowered with prism_deploy.last.export_onnx on first use, then reused."""
     import prism_deploy.lower as lower
-    from prism_deploy.runtime.adapter_graph import AdapterGraph
+    from prism_deploy.runtime.adapter_session import AdapterGraph
     from prism_deploy.runtime.adapters import adapter_runner
 
     calls = []
@@ -493,7 +493,7 @@ def test_collect_bad_inputs(zoo, tmp_path, capsys):
 
 def test_fp16_pipeline_parity_and_generation(zoo, tmp_path):
     """fp16 exports of both models: parity within the fp16 set, generation close to float32's."""
-    from prism_deploy.parity.chain import check_pipeline_parity
+    from prism_deploy.parity.chain_parity import check_pipeline_parity
     from prism_deploy.runtime.chain import Pipeline
 
     export_model(zoo["llama"], "first", tmp_path / "A16", precision="fp16", max_seq=64)

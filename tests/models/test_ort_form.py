@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from prism_deploy.core.ort_session import make_session
-from prism_deploy.runtime.model_folder import ModelStage
+from prism_deploy.runtime.model_stage import ModelStage
 
 
 def _left_padded(batch: int, seq: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +76,7 @@ def _builder_or_skip() -> None:
 def ort_forms(zoo, tmp_path_factory):
     """The tiny Llama (head size 16, as GroupQueryAttention needs) exported in both forms."""
     _builder_or_skip()
-    from prism_deploy.models.export import export_model
+    from prism_deploy.models.lm_export import export_model
     from prism_deploy.models.ort_form import export_ort_form
 
     root = tmp_path_factory.mktemp("forms")
@@ -293,7 +293,7 @@ def test_chain_runs_on_the_ort_form(ort_forms, zoo, tmp_path):
     chain = Chain([ort_forms["ort_first"], adapter, ort_forms["ort_last"]])
     np.testing.assert_array_equal(chain.generate(ids, mask, max_new_tokens=5), want)
     # and the chain's parity check against transformers, the last model's KV path included
-    from prism_deploy.parity.chain import ReferenceChain, check_chain_parity
+    from prism_deploy.parity.chain_parity import ReferenceChain, check_chain_parity
 
     report = check_chain_parity(chain, ReferenceChain([zoo["llama"], zoo["llama"]], [adapter]), ids, mask, new_tokens=3)
     assert report["passed"], report["failures"]

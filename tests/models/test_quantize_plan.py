@@ -22,7 +22,7 @@ import pytest
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.onnx_io import save_model
 from prism_deploy.models import quantize
-from prism_deploy.models.export import export_model
+from prism_deploy.models.lm_export import export_model
 from tests.model_helpers import make_model
 
 

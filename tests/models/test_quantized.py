@@ -19,7 +19,7 @@ from prism_deploy.cli.main import main
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.models import quantize
 from prism_deploy.format.model_folder import read_model_json as read_manifest
-from prism_deploy.models.export import export_model
+from prism_deploy.models.lm_export import export_model
 from prism_deploy.reference import random_adapter, simple_config
 from tests.model_helpers import make_model
 
@@ -188,7 +188,7 @@ def exports(zoo):
 @pytest.mark.parametrize("precision,form", FORMS)
 def test_every_role_exports_validates_and_runs_in_the_chain(zoo, exports, precision, form):
     from prism_deploy.core import tolerances
-    from prism_deploy.parity.chain import check_pipeline_parity
+    from prism_deploy.parity.chain_parity import check_pipeline_parity
     from prism_deploy.runtime.chain import Pipeline
 
     a, b = exports["A", precision, form], exports["B", precision, form]
@@ -403,7 +403,7 @@ def test_bench_model_json_on_stdout_with_its_defaults(zoo, capsys):
 
 
 def test_model_json_says_the_opset_its_graphs_were_written_at():
-    from prism_deploy.models.export import _opset
+    from prism_deploy.models.lm_export import _opset
 
     assert _opset({}) == {"opset": 19, "ir_version": 9}
     assert _opset({"graph": {"opset": 21, "ir_version": 10}, "graph_with_past": {"opset": 21, "ir_version": 10}}) == \

@@ -14,7 +14,7 @@ from prism_deploy.lower import export_onnx
 from prism_deploy.core.targets import cuda_provider_available
 from prism_deploy.parity import check_parity, default_tolerances
 from prism_deploy.reference import random_adapter
-from prism_deploy.runtime.adapter_graph import AdapterGraph
+from prism_deploy.runtime.adapter_session import AdapterGraph
 
 CFG = AdapterConfig(40, 24, (
     PipeSpec("dense", (2, 2), (12, 20), None),

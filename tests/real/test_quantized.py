@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import real_model_dir
 from prism_deploy.models import quantize, real
-from prism_deploy.models.export import export_model
+from prism_deploy.models.lm_export import export_model
 
 pytestmark = pytest.mark.real
 
@@ -64,7 +64,7 @@ def test_int8_holds_on_real_text(smol, tmp_path):
 
 def test_int4_mixed_plan_beats_plain_int4_on_real_text(smol, tmp_path):
     from prism_deploy.models import hf
-    from prism_deploy.models.export import _calibration_feeds
+    from prism_deploy.models.lm_export import _calibration_feeds
 
     src = smol["fp32"] / "last.onnx"
     feeds, _ = _calibration_feeds(smol["hf"], hf.load_causal_lm(smol["hf"]), "last", None)

@@ -22,8 +22,8 @@ from prism_deploy.cli.main import main
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.models import hf
-from prism_deploy.models.export import export_model
-from prism_deploy.parity.chain import ReferenceChain, check_chain_parity
+from prism_deploy.models.lm_export import export_model
+from prism_deploy.parity.chain_parity import ReferenceChain, check_chain_parity
 from prism_deploy.reference import load_adapter, random_adapter, simple_config
 from prism_deploy.runtime.chain import Chain, Pipeline
 from tests.model_helpers import SENTENCES
@@ -116,7 +116,7 @@ def test_old_role_names_still_work_and_say_the_new_one(zoo, tmp_path, capsys):
     meta = json.loads((tmp_path / "g" / "model.json").read_text())
     meta["role"] = "upper"
     (tmp_path / "g" / "model.json").write_text(json.dumps(meta))
-    from prism_deploy.runtime.model_folder import ModelStage
+    from prism_deploy.runtime.model_stage import ModelStage
 
     assert ModelStage(tmp_path / "g", "first").role == "first"
 

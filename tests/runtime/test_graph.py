@@ -29,7 +29,7 @@ from prism_deploy.runtime.graph import Graph, log_softmax
 
 @pytest.fixture(scope="module")
 def parts(zoo, tmp_path_factory):
-    from prism_deploy.models.export import export_model
+    from prism_deploy.models.lm_export import export_model
 
     root = tmp_path_factory.mktemp("graph")
     p: dict = {"hf": zoo, "A": zoo["A"], "D": zoo["B"], "root": root}

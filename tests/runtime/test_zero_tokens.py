@@ -45,7 +45,7 @@ def test_every_graph_answers_zero_tokens_itself(precision, form, tmp_path):
                     calib=calib if precision == "int8-qdq" else None)
     out = run_child(f"""
         import json, numpy as np
-        from prism_deploy.runtime.adapter_graph import AdapterGraph
+        from prism_deploy.runtime.adapter_session import AdapterGraph
         graph = AdapterGraph({str(path)!r}, "cpu")
         shapes = {{}}
         for b, s in {SHAPES!r}:

@@ -15,10 +15,10 @@ import pytest
 
 from prism_deploy.cli.main import main
 from prism_deploy.core.errors import PrismInputError
-from prism_deploy.serving import config as cfg
+from prism_deploy.serving import triton_config as cfg
 from prism_deploy.serving import repository
 from prism_deploy.serving.stage_runtime import inspect_stage
-from prism_deploy.models.export import export_model
+from prism_deploy.models.lm_export import export_model
 
 
 def _adapter_config(**overrides):
@@ -229,7 +229,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError("PyTorch is blocked in this test")
 sys.meta_path.insert(0, Block())
 runpy.run_path({str(repository.ENTRY_FILE)!r})
-for name in ("stage_runtime", "backend", "config", "repository", "env", "server", "update"):
+for name in ("stage_runtime", "backend", "triton_config", "repository", "env", "server", "update"):
     __import__("prism_deploy.serving." + name)
 print("torch" in sys.modules)
 """

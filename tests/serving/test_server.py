@@ -408,7 +408,7 @@ def test_a_three_model_chain_serves_like_its_stages_run_in_process(serving_stage
     """first -> adapter -> middle -> adapter -> last, served: the ensemble's logits and generate's
     tokens against the same chain run in process (``Chain``)."""
     from prism_deploy.builder import BuildRequest, build_engines
-    from prism_deploy.models.export import export_model
+    from prism_deploy.models.lm_export import export_model
     from prism_deploy.reference import random_adapter, simple_config
     from prism_deploy.runtime.chain import Chain
 

@@ -139,7 +139,7 @@ def test_fused_onnx_parses_and_runs_in_tensorrt(tmp_path):
     import torch
 
     from prism_deploy.fuse import fuse_gated_pipes
-    from prism_deploy.fuse.ort_twin import make_twin_session
+    from prism_deploy.fuse.tile_dispatch_twin import make_twin_session
     from prism_deploy.lower import build_model
     from prism_deploy.reference import random_adapter, simple_config
     from prism_deploy.trt.plugin import register_tile_dispatch_plugin

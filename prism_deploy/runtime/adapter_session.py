@@ -8,7 +8,7 @@ what parity checks need and a black-box engine may not have: ``run_with_selectio
 pipe's TopK indices, fetched as extra outputs) and ``stored_tiles`` (the tiles as the graph
 holds them, dequantized to float32); and ``run_device`` (OrtValue in and out) for the pipeline's
 device-resident hand-offs. A fused graph (``export --plugin``) runs on the CPU through the
-``prism::tile_dispatch`` op's twin (``prism_deploy.fuse.ort_twin``).
+``prism::tile_dispatch`` op's twin (``prism_deploy.fuse.tile_dispatch_twin``).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class AdapterGraph:
     def _open(self) -> OnnxRunner:
         config = session_config_for(self.precision)
         if self.fused:
-            from prism_deploy.fuse.ort_twin import make_twin_session
+            from prism_deploy.fuse.tile_dispatch_twin import make_twin_session
 
             if self.provider != "cpu":
                 raise PrismInputError(f"{self.path}: a fused graph (prism::tile_dispatch nodes) runs on ONNX Runtime "

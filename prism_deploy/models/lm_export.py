@@ -24,7 +24,7 @@ the tracer exports these models in well under a second with dynamic batch/sequen
 models are loaded with ``attn_implementation="eager"`` for the trace: the eager path always
 materialises the attention mask, so no shape-dependent shortcut of the SDPA path (taken or not
 at the traced shape) is frozen into the graph. Validation compares with that float32 model in
-``transformers``; the end-to-end parity check (:mod:`prism_deploy.parity.chain`) compares with
+``transformers``; the end-to-end parity check (:mod:`prism_deploy.parity.chain_parity`) compares with
 the models as ``transformers`` loads them by default (SDPA attention).
 """
 
