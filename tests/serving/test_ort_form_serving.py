@@ -57,6 +57,25 @@ def test_repository_of_an_ort_chain_decodes_in_process(ort_chain, tmp_path):
         assert 'key: "decode_in_process"' in (repo / name / "config.pbtxt").read_text()
 
 
+def test_a_built_ort_last_is_served_from_its_engine(ort_chain, tmp_path):
+    """A `build --model` folder of the ort form as the last stage: generate's stage folder holds
+    the built engine and its manifest, and opens on the runtime as the export does."""
+    from prism_deploy.runtime.model_folder import ModelStage
+
+    built = tmp_path / "last_build"
+    assert main(["build", "--model", str(ort_chain[2]), "--target", "ort-cpu", "-o", str(built)]) == 0
+    repo = tmp_path / "repo"
+    assert main(["triton", str(ort_chain[0]), str(ort_chain[1]), str(built), "-o", str(repo)]) == 0
+    served = repo / "generate" / "1" / "stage"
+    assert (served / "manifest.json").is_file() and list(served.glob("*.ort.onnx"))
+    stage, export = ModelStage(served), ModelStage(ort_chain[2])
+    assert stage.folder.built and stage.graph_form == "ort"
+    x = np.random.default_rng(1).normal(0, 0.05, (1, 5, 64)).astype(np.float32)
+    mask = np.ones((1, 5), dtype=np.int64)
+    got = stage.step(x, mask, stage.empty_past(1))[0]
+    np.testing.assert_allclose(got, export.step(x, mask, export.empty_past(1))[0], rtol=1e-5, atol=1e-5)
+
+
 def test_native_form_refuses_the_ort_form(ort_chain, tmp_path, capsys):
     assert main(["triton", *map(str, ort_chain), "-o", str(tmp_path / "repo"), "--backend", "native"]) == 2
     err = capsys.readouterr().err
