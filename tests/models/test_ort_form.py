@@ -263,6 +263,14 @@ def test_ort_form_quantized_roles(zoo, tmp_path, precision):
         manifest = export_ort_form(zoo["llama"], role, tmp_path / role, precision=precision, max_seq=32)
         assert "MatMulNBits" in _op_types(tmp_path / role / manifest["files"]["graph"]["name"])
         assert manifest["validation"]["hidden_states" if role == "middle" else "logits"]["tokens"] > 0
+    # and `build --model` of the quantized form: checked, and running as the export does
+    from prism_deploy.cli.main import main
+
+    assert main(["build", "--model", str(tmp_path / "last"), "--target", "ort-cpu", "-o", str(tmp_path / "b")]) == 0
+    x = np.random.default_rng(0).normal(0, 0.05, (1, 5, 64)).astype(np.float32)
+    mask = np.ones((1, 5), dtype=np.int64)
+    np.testing.assert_allclose(ModelStage(tmp_path / "b").run(x, mask), ModelStage(tmp_path / "last").run(x, mask),
+                               rtol=1e-5, atol=1e-5)
 
 
 # -- bench --model: peers and unstable timings --------------------------------------------------------
