@@ -44,9 +44,6 @@ def read_model_export(model_dir: Path) -> dict[str, Any]:
     if (model_dir / MANIFEST_NAME).is_file():
         raise PrismInputError(f"--model {model_dir}: already a build folder; give the `export-model` folder")
     manifest = model_folder.read_model_json(model_dir)
-    if model_folder.graph_form(manifest) != "portable":
-        raise PrismInputError(f"--model {model_dir}: the {model_folder.graph_form(manifest)} graph form runs as exported "
-                              "(a chain stage); builds take the portable form (export-model --graph-form portable)")
     model_folder.verify_files(model_dir, manifest)
     return manifest
 
@@ -83,16 +80,28 @@ class ModelSource:
         self.model = read_model_export(self.dir)
         self.role = str(self.model["role"])
         self.precision = ModelPrecision(self.model["precision"])  # model.json's schema requires one of them
+        self.form = model_folder.graph_form(self.model)  # portable or ort: its graphs per role differ
         self.label = self.role
         self.model_json_sha = file_sha256(self.dir / model_folder.MODEL_JSON)
-        self.record: dict[str, Any] = {"role": self.role, "source": str(self.dir.resolve()), "model_json_sha256": self.model_json_sha,
-                       "precision": self.precision.value, "copies": []}
+        self.record: dict[str, Any] = {"role": self.role, "source": str(self.dir.resolve()),
+                                       "model_json_sha256": self.model_json_sha, "precision": self.precision.value,
+                                       "graph_form": self.form, "copies": []}
         self._check_form_for(request.target)  # said before looking for TensorRT
 
     def _check_form_for(self, target: Target | str) -> None:
         """TensorRT's parser takes MatMulNBits with float16 activations only, and these graphs are
-        float32: the nbits form is for ONNX Runtime, the dq form for TensorRT (models/quantize.py)."""
-        if target == "auto" or backend_for(target).takes_nbits_models:  # `auto`: checked again once chosen
+        float32: the nbits form is for ONNX Runtime, the dq form for TensorRT (models/quantize.py).
+        The ``ort`` graph form builds for ``ort-cpu`` only: TensorRT cannot parse
+        GroupQueryAttention, and the form is written for the CPU execution provider (float32
+        activations; ONNX Runtime's CUDA GroupQueryAttention and MatMulNBits take float16)."""
+        if target == "auto":  # checked again once chosen
+            return
+        if self.form == "ort" and target != Target.ORT_CPU:
+            why = ("TensorRT cannot parse its GroupQueryAttention" if backend_for(target).runtime_tool != "onnxruntime"
+                   else "it is written for the CPU execution provider (float32 GroupQueryAttention)")
+            raise PrismInputError(f"--model {self.dir}: the ort graph form builds for ort-cpu only, not {target}: "
+                                  f"{why}; export --graph-form portable for {target}")
+        if backend_for(target).takes_nbits_models:
             return
         if (self.model.get("quantization") or {}).get("form") == "nbits":
             raise PrismInputError(f"--model {self.dir}: its {self.precision} weights are in the nbits form "
@@ -116,7 +125,7 @@ class ModelSource:
     def units(self, target: Target) -> list[Unit]:
         self._check_form_for(target)  # and where `auto` chose it
         units = []
-        for key in model_folder.GRAPHS[self.role]:
+        for key in model_folder.GRAPHS_BY_FORM[self.form][self.role]:
             cfg = EngineConfig(target=target, precision=self.precision, profile=self.request.profile, layout=key)
             sources = {"graph": [f["sha256"] for f in model_folder.graph_files(self.model, key)]}
             units.append(Unit(cfg, sources, group="model"))
@@ -130,8 +139,10 @@ class ModelSource:
         key = unit.config.layout
         onnx_path = model_folder.file_path(self.dir, self.model, key)
         stem = f"{self.role}.{key}.{unit.config.target}"
-        size = sum((self.dir / f["name"]).stat().st_size for f in model_folder.graph_files(self.model, key))
-        request = EngineBuild(source_bytes=size, input_shapes=trt_input_shapes(self.model, key, self.request.profile))
+        files = model_folder.graph_files(self.model, key)
+        size = sum((self.dir / f["name"]).stat().st_size for f in files)
+        request = EngineBuild(source_bytes=size, source_external=len(files) > 1,
+                              input_shapes=trt_input_shapes(self.model, key, self.request.profile))
         part, session = build_part(backend_for(unit.config.target), onnx_path, work, stem, request)
         return [{"graph": key, **part}], session
 

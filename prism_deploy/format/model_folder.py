@@ -207,10 +207,11 @@ def file_path(model_dir: str | os.PathLike[str], manifest: dict[str, Any], key: 
 
 
 def graph_files(manifest: dict[str, Any], key: str) -> list[dict[str, str]]:
-    """model.json records of a graph: the ``.onnx`` and, over 2 GiB, its external data file."""
+    """model.json records of a graph: the ``.onnx`` and its external data file (``<stem>_data``:
+    a portable graph over 2 GiB; ``<key>_data``: the ort form's, always)."""
     files = manifest["files"]
     stem = files[key]["name"].split(".")[0]
-    return [files[k] for k in (key, f"{stem}_data") if k in files]
+    return [files[k] for k in dict.fromkeys((key, f"{stem}_data", f"{key}_data")) if k in files]
 
 
 def verify_files(model_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> None:

@@ -114,15 +114,27 @@ def graph_parity(source_onnx: Path, work: Path, entry: dict[str, Any], model: di
     tol = tolerances.built_graph(model["precision"])  # model.json's schema requires one of them
     figures: dict[str, Any] = {"checked": True, "tolerances": tol.to_json(), "outputs": {}}
     bad: list[str] = []
-    for name in reference.output_names:
+    # the ort form's present.* past its real tokens is not written (GroupQueryAttention): its output only
+    names = ([model_folder.OUTPUT_ORT_FORM[model["role"]]] if model_folder.graph_form(model) == "ort"
+             else reference.output_names)
+    for name in names:
         is_logits = name == "logits"
-        fig = compare(got[name], want[name], mask if is_logits or name == "hidden" else None, logits=is_logits,
+        fig = compare(got[name], want[name], mask if is_logits or name in ("hidden", "hidden_states") else None, logits=is_logits,
                       tie_gap=tol.tie_gap)
         figures["outputs"][name] = fig
         bad += tol.failures({k: fig[k] for k in ("rel_l2", "top1") if k in fig}, name)
     figures["rel_l2"] = max(f["rel_l2"] for f in figures["outputs"].values())
     figures["max_abs"] = max(f["max_abs"] for f in figures["outputs"].values())
     return CheckResult(not bad, figures, "; ".join(bad))
+
+
+def _empty_ort_past(runner: Any, feeds: dict[str, Any], dims: dict[str, Any]) -> dict[str, Any]:
+    """An ``ort``-form graph's plain call: its KV inputs given a past of length zero."""
+    batch = int(feeds["attention_mask"].shape[0])
+    names = model_folder.past_names(int(dims["layers"]))
+    dtype = runner.input_dtype(names[0]) or np.dtype(np.float32)
+    empty = np.zeros((batch, int(dims["kv_heads"]), 0, int(dims["head_dim"])), dtype=dtype)
+    return {**feeds, **{n: empty for n in names}}
 
 
 def parity_inputs(runner: Any, model: dict[str, Any], key: str, seed: int,
@@ -134,10 +146,15 @@ def parity_inputs(runner: Any, model: dict[str, Any], key: str, seed: int,
     batch, seq = 2, max(1, min(int(model["max_seq"]) - PARITY_PAST, 7))
     past = PARITY_PAST if key == "graph_with_past" else 0
     mask = np.ones((batch, past + seq), dtype=np.int64)
-    mask[-1, :2] = 0  # one left-padded row
+    ort_form = model_folder.graph_form(model) == "ort"
+    if ort_form:  # its graph reads the mask as GroupQueryAttention does: real tokens first (right padding)
+        mask[-1, -2:] = 0
+    else:
+        mask[-1, :2] = 0  # one left-padded row
     if model["role"] == "first":
         ids = rng.integers(0, int(dims["vocab"]), size=(batch, seq), dtype=np.int64)
-        return {"input_ids": ids, "attention_mask": mask}, mask
+        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        return (_empty_ort_past(runner, feeds, dims) if ort_form else feeds), mask
     if "embed_tokens" in model["files"]:  # embedding-scale inputs: rows of the model's own table plus noise
         table = np.load(model_folder.file_path(model_dir, model, "embed_tokens"), mmap_mode="r", allow_pickle=False)
         rows = np.asarray(table[rng.integers(0, table.shape[0], size=(batch, seq))], dtype=np.float32)
@@ -145,6 +162,8 @@ def parity_inputs(runner: Any, model: dict[str, Any], key: str, seed: int,
     else:  # a middle model keeps no table: noise of its embeddings' recorded scale
         embeds = rng.normal(0.0, float(model.get("embed_std") or 1.0), size=(batch, seq, int(dims["hidden"])))
     feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask}
+    if ort_form:
+        return _empty_ort_past(runner, feeds, dims), mask
     if key == "graph_with_past":
         shape = (batch, int(dims["kv_heads"]), past, int(dims["head_dim"]))
         for name in model_folder.past_names(int(dims["layers"])):

@@ -15,7 +15,9 @@ config's ``parameters`` (``prism_kind``: a stage kind, ``decode`` or ``generate`
   empty one) -> the last position's ``logits`` [b, vocab] and the grown cache.
 - **generate** (Business Logic Scripting): the prefix through the stage models, then greedy
   decoding through the decode model, by the in-process chain's own loop
-  (:func:`prism_deploy.runtime.decode.greedy_tokens`). With ``model_transaction_policy
+  (:func:`prism_deploy.runtime.decode.greedy_tokens`); over an ``ort``-form last model, which
+  has no decode model, the prefill and steps run here on the runtime's shared KV buffer. With
+  ``model_transaction_policy
   { decoupled: true }`` it streams one response per step (``tokens`` [b, 1]) and ends with an
   empty final one.
 """
@@ -252,16 +254,22 @@ class GenerateModel:
     def __init__(self, version_dir: Path, params: dict[str, str], decoupled: bool) -> None:
         self.stages = json.loads(params["stages"])  # [{"model", "kind"}], the prefix up to the last model
         self.decode_model = params["decode_model"]
-        self.embed = np.load(version_dir / params["embed_tokens"], mmap_mode="r")
         self.max_seq = int(params["max_seq"])
         self.max_batch = int(params["max_batch"])
         self.vocab_first = int(params["vocab_first"])
         self.default_eos = int(params["eos_token_id"]) if params.get("eos_token_id", "") not in ("", "none") else None
         self.max_new_limit = int(params.get("max_new_tokens_limit", "256"))
         self.decoupled = decoupled
-        self.present = json.loads(params["present_outputs"])
-        self.past = json.loads(params["past_inputs"])
         self.empty_past = json.loads(params["past_shape"]) if params.get("decode_needs_past") == "1" else None
+        # an ort-form last model decodes here, on its shared KV buffer (repository._generate_in_process)
+        self.last: Any = None
+        if params.get("decode_in_process") == "1":
+            self.last = stage_runtime.open_stage(version_dir / stage_runtime.STAGE_DIR, "last",
+                                                 params.get("prism_provider", "cpu"))
+        else:
+            self.embed = np.load(version_dir / params["embed_tokens"], mmap_mode="r")
+            self.present = json.loads(params["present_outputs"])
+            self.past = json.loads(params["past_inputs"])
 
     def _bls(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         pb = _pb()
@@ -308,6 +316,9 @@ class GenerateModel:
         """Yields the chosen tokens [b] step by step."""
         ids, mask, max_new, eos = self._read(request)
         embeds = self._prefix(ids, mask)
+        if self.last is not None:
+            yield from self._tokens_in_process(embeds, mask, max_new, eos)
+            return
         first = {"inputs_embeds": embeds, "attention_mask": mask}
         if self.empty_past is not None:  # a native decode model has no optional inputs: an empty cache
             first.update({n: np.zeros((ids.shape[0], self.empty_past[0], 0, self.empty_past[1]), np.float32)
@@ -322,6 +333,18 @@ class GenerateModel:
                              ["logits", *self.present])
             past = dict(zip(self.past, outs[1:]))
             return _last_position(outs[0])
+        for token in greedy_tokens(logits, mask, step, max_new, eos):
+            yield token.astype(np.int64)
+
+    def _tokens_in_process(self, embeds: np.ndarray, mask: np.ndarray, max_new: int, eos: int | None) -> Any:
+        """The last model's prefill and steps on one preallocated KV buffer, as the chain runs them."""
+        last = self.last
+        cache = last.empty_past(embeds.shape[0])
+        logits, _ = last.step(embeds, mask, cache)
+
+        def step(token: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            step_embeds = np.asarray(last.embed_tokens[token], dtype=np.float32)[:, None, :]
+            return last.step(step_embeds, mask, cache)[0]
         for token in greedy_tokens(logits, mask, step, max_new, eos):
             yield token.astype(np.int64)
 

@@ -14,6 +14,8 @@ from ``build``), or adapter build folders only (each served on its own). Layout
 Models: one per stage (``first``, ``adapter`` or ``adapter_<i>``, ``middle_<i>``, ``last``),
 ``last_decode`` (the last model's KV-cache step), the ensemble ``chain`` (token ids -> logits),
 ``generate`` (greedy decoding by BLS) and, with ``stream``, the decoupled ``generate_stream``.
+A last model of the ``ort`` graph form has no ``last_decode``: its ``generate`` models carry the
+stage and decode in their own process on the shared KV buffer (Python form only).
 
 Every configuration is rendered and checked before anything is written; the repository is
 assembled in a temporary sibling folder and renamed into place, so a failed run leaves no
@@ -298,6 +300,26 @@ def generate_entry(name: str, prism_kind: str, models: list[StageInfo], source: 
     return ModelEntry(name, "generate", config, fill)
 
 
+def _generate_in_process(name: str, names: list[str], infos: list[StageInfo], options: Options,
+                         decoupled: bool) -> ModelEntry:
+    """``generate`` over an ``ort``-form last model: the stages before it through BLS, then the
+    last model's prefill and steps in the generate model's own process, on the runtime's shared,
+    preallocated KV buffer (docs/model-forms.md). A ``last_decode`` model would hand the whole
+    cache to the caller and back on every step, the copy this form exists to remove."""
+    from prism_deploy.serving.stage_runtime import provider_of
+
+    last = infos[-1]
+
+    def fill(vdir: Path) -> None:
+        shutil.copy2(ENTRY_FILE, vdir / "model.py")
+        write_stage_files(last, vdir / STAGE_DIR)
+    return generate_entry(
+        name, "generate", infos, infos[0], last, options, decoupled, fill,
+        lead={"stages": json.dumps([{"model": n, "kind": i.kind} for n, i in zip(names[:-1], infos[:-1])]),
+              "decode_model": "", "embed_tokens": ""},
+        tail={"decode_in_process": "1", "prism_provider": provider_of(last.target)})
+
+
 def _generate(name: str, names: list[str], infos: list[StageInfo], decode: ModelEntry, options: Options,
               decoupled: bool, native: bool) -> ModelEntry:
     last = infos[-1]
@@ -333,6 +355,11 @@ def plan(paths: list[str | os.PathLike[str]], options: Options) -> tuple[list[Mo
              for p in paths]
     chain = check_chain(infos)
     native = options.backend == "native"
+    for info in infos:
+        if native and info.graph_form == "ort":
+            raise PrismInputError(f"{info.source}: the ort graph form is served by the Python backend only "
+                                  "(--backend python): its GroupQueryAttention reads a KV buffer that past and "
+                                  "present share, which Triton's ONNX Runtime backend cannot bind")
     names = stage_names(infos)
     entries: dict[str, ModelEntry] = {}
     for name, info in zip(names, infos):
@@ -340,7 +367,11 @@ def plan(paths: list[str | os.PathLike[str]], options: Options) -> tuple[list[Mo
             entries[name] = _native_model(name, info, "graph", options, batched=True)
         else:
             entries[name] = _python_stage(name, info, options)
-    if chain:
+    if chain and infos[-1].graph_form == "ort":  # no decode model: generate decodes in process
+        entries["chain"] = _ensemble(names, infos, entries)
+        for name, decoupled in (("generate", False), ("generate_stream", True))[:2 if options.stream else 1]:
+            entries[name] = _generate_in_process(name, names, infos, options, decoupled)
+    elif chain:
         last = infos[-1]
         decode = (_native_model("last_decode", last, "graph_with_past", options, batched=False) if native
                   else _python_decode("last_decode", last, options))

@@ -72,7 +72,8 @@ class StageInfo:
     manifest: dict[str, Any] | None = None  # build manifest reduced to the served entries
     model: dict[str, Any] | None = None  # model.json of model stages
     graphs: dict[str, str] = field(default_factory=dict)  # graph key -> engine/graph file (native form)
-    decode: tuple[list[TensorSpec], list[TensorSpec]] | None = None  # KV-cache graph io (last stage)
+    # KV-cache graph io (a last stage of the portable form; the ort form's cache stays in its process)
+    decode: tuple[list[TensorSpec], list[TensorSpec]] | None = None
     details: dict[str, Any] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)  # of the files whose hash a manifest records
 
@@ -94,6 +95,11 @@ class StageInfo:
     @property
     def max_batch(self) -> int:
         return int(self.profile["batch"][2])
+
+    @property
+    def graph_form(self) -> str:
+        """``portable`` or ``ort`` for a model stage (docs/model-forms.md); ``portable`` for adapters."""
+        return str(self.details.get("graph_form", "portable"))
 
     @property
     def width_in(self) -> int | None:
@@ -193,10 +199,12 @@ def _adapter_stage(folder: Path, manifest: dict[str, Any], precision: str | None
 
 def _model_build_stage(folder: Path, manifest: dict[str, Any], target: str | None) -> StageInfo:
     from prism_deploy.format.engine_manifest import part_files
+    from prism_deploy.format.model_folder import GRAPHS_BY_FORM, graph_form
 
     model = _read_model_json(folder)
     kind = ROLE_KINDS[model["role"]]
-    graphs_needed = ("graph", "graph_with_past") if kind == "last" else ("graph",)
+    form = graph_form(model)
+    graphs_needed = GRAPHS_BY_FORM[form][model["role"]]
     targets = sorted({e["target"] for e in manifest["engines"]})
     if target is None:
         if len(targets) != 1:
@@ -217,17 +225,14 @@ def _model_build_stage(folder: Path, manifest: dict[str, Any], target: str | Non
         profile=dict(profile), inputs=inputs, outputs=outputs, files=files, sha256=copies,
         onnxruntime=chosen[0]["tools"].get("onnxruntime"), manifest={**manifest, "engines": chosen}, model=model,
         graphs={g: entries[g]["parts"][0]["file"] for g in graphs_needed},
-        decode=_decode_io(model) if kind == "last" else None, details={"role": model["role"]})
+        decode=_decode_io(model) if kind == "last" and form == "portable" else None,
+        details={"role": model["role"], "graph_form": form})
 
 
 def _model_export_stage(folder: Path) -> StageInfo:
     model = _read_model_json(folder)
     kind = ROLE_KINDS[model["role"]]
     from prism_deploy.format.model_folder import MODEL_JSON, file_path, graph_form
-
-    if graph_form(model) != "portable":  # Triton's ONNX Runtime backend feeds the portable graphs' inputs
-        raise PrismInputError(f"{folder}: the {graph_form(model)} graph form is not served yet; "
-                              "export the portable form (export-model --graph-form portable)")
 
     for key in model["files"]:
         if not file_path(folder, model, key).is_file():
@@ -240,7 +245,8 @@ def _model_export_stage(folder: Path) -> StageInfo:
         kind=kind, source=folder, layout="model-export", target="ort-cpu", precision=str(model.get("precision", "fp32")),
         profile={key: list(values) for key, values in defaults.SERVING_PROFILE.items()}, inputs=inputs,
         outputs=outputs, files=files, sha256=hashes, onnxruntime=None, model=model, graphs=graphs,
-        decode=_decode_io(model) if kind == "last" else None, details={"role": model["role"]})
+        decode=_decode_io(model) if kind == "last" and graph_form(model) == "portable" else None,
+        details={"role": model["role"], "graph_form": graph_form(model)})
 
 
 def stage_manifest_text(info: StageInfo) -> str | None:

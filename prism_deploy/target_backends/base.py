@@ -48,6 +48,9 @@ class EngineBuild:
 
     precision: Precision | ModelPrecision | None = None
     source_bytes: int = 0  # the graph with its external data (large ONNX Runtime models keep theirs apart)
+    # the graph keeps its weights in a data file beside it: so does the ONNX Runtime engine (ONNX
+    # Runtime would otherwise write the engine with references into the source's data file)
+    source_external: bool = False
     # the adapter's ``hidden`` input as (min, opt, max) shapes; models give ``input_shapes``
     # instead: one (name, min, opt, max) per dynamic input
     shapes: tuple[tuple[int, int, int], ...] | None = None

@@ -135,7 +135,7 @@ class OnnxRuntimeTarget(TargetBackend):
         is a failed build (``CheckFailed``), not bad input."""
         engine = work / f"{stem}.ort.onnx.tmp"
         data_file = None
-        if request.source_bytes > ORT_EXTERNAL_THRESHOLD:
+        if request.source_bytes > ORT_EXTERNAL_THRESHOLD or request.source_external:
             # the model refers to its data file by name: a fresh name never clobbers the data of
             # an engine the current manifest lists
             data_file = f"{stem}.{secrets.token_hex(6)}.ort.data"

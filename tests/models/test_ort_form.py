@@ -210,9 +210,47 @@ def test_ort_form_cli_refusals(ort_forms, zoo, tmp_path, capsys):
         "error: --graph-form ort: the quantization options are the model builder's own (block 32, symmetric, round to nearest); "
         "give only --precision"]
     assert not (tmp_path / "x").exists()
-    cmd = [sys.executable, "-m", "prism_deploy", "build", "--model", str(ort_forms["ort_last"]), "-o", str(tmp_path / "b")]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert done.returncode == 2 and "builds take the portable form" in done.stderr and "Traceback" not in done.stderr
+    folder = ort_forms["ort_last"]
+    for target, why in (("trt", "TensorRT cannot parse its GroupQueryAttention"),
+                        ("ort-cuda", "it is written for the CPU execution provider (float32 GroupQueryAttention)")):
+        cmd = [sys.executable, "-m", "prism_deploy", "build", "--model", str(folder), "--target", target,
+               "-o", str(tmp_path / "b")]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+            f"error: --model {folder}: the ort graph form builds for ort-cpu only, not {target}: {why}; "
+            f"export --graph-form portable for {target}"]
+        assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("role", ["first", "last"])
+def test_build_model_of_the_ort_form_runs_as_its_export(ort_forms, tmp_path, role):
+    """`build --model` of an ort-form folder: the offline-optimized graph, checked against the
+    folder's own graph, in a build folder that the runtime opens on the shared KV buffer."""
+    from prism_deploy.cli.main import main
+    from prism_deploy.format.engine_manifest import read_manifest
+
+    out = tmp_path / "b"
+    assert main(["build", "--model", str(ort_forms[f"ort_{role}"]), "--target", "ort-cpu", "-o", str(out)]) == 0
+    manifest = read_manifest(out)
+    assert manifest is not None and manifest["model"]["graph_form"] == "ort"
+    [entry] = manifest["engines"]  # one graph per role in this form
+    assert entry["configuration"]["graph"] == "graph" and entry["parity"]["passed"] is True
+    assert entry["parity"]["outputs"].keys() == {"logits" if role == "last" else "hidden_states"}
+    built, exported = ModelStage(out), ModelStage(ort_forms[f"ort_{role}"])
+    assert built.folder.built and built.graph_form == "ort"
+    mask = np.ones((2, 7), dtype=np.int64)
+    mask[1, :3] = 0
+    x = (np.random.default_rng(2).integers(0, 300, size=mask.shape, dtype=np.int64) if role == "first"
+         else _left_padded(2, 7, 64, seed=2)[0])
+    real = mask.astype(bool)
+    np.testing.assert_allclose(built.run(x, mask)[real], exported.run(x, mask)[real], rtol=1e-5, atol=1e-5)
+    if role == "last":  # prefill + a step on the built graph's shared buffer
+        cache_b, cache_e = built.empty_past(2), exported.empty_past(2)
+        np.testing.assert_allclose(built.step(x, mask, cache_b)[0], exported.step(x, mask, cache_e)[0], rtol=1e-5, atol=1e-5)
+        step = np.asarray(built.embed_tokens[[1, 2]])[:, None, :]
+        longer = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        np.testing.assert_allclose(built.step(step, longer, cache_b)[0], exported.step(step, longer, cache_e)[0],
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -225,6 +263,14 @@ def test_ort_form_quantized_roles(zoo, tmp_path, precision):
         manifest = export_ort_form(zoo["llama"], role, tmp_path / role, precision=precision, max_seq=32)
         assert "MatMulNBits" in _op_types(tmp_path / role / manifest["files"]["graph"]["name"])
         assert manifest["validation"]["hidden_states" if role == "middle" else "logits"]["tokens"] > 0
+    # and `build --model` of the quantized form: checked, and running as the export does
+    from prism_deploy.cli.main import main
+
+    assert main(["build", "--model", str(tmp_path / "last"), "--target", "ort-cpu", "-o", str(tmp_path / "b")]) == 0
+    x = np.random.default_rng(0).normal(0, 0.05, (1, 5, 64)).astype(np.float32)
+    mask = np.ones((1, 5), dtype=np.int64)
+    np.testing.assert_allclose(ModelStage(tmp_path / "b").run(x, mask), ModelStage(tmp_path / "last").run(x, mask),
+                               rtol=1e-5, atol=1e-5)
 
 
 # -- bench --model: peers and unstable timings --------------------------------------------------------
