@@ -2,7 +2,7 @@
 the peer issue 21's int4 target names ("no worse in perplexity ratio than llama.cpp's Q4_K_M").
 
     python benchmarks/quant_llamacpp.py --llama-cpp-src DIR [--model HF_DIR] [--work DIR]
-        [--types F32,Q8_0,Q4_K_M,Q4_0] [--windows 2] [--threads 1] [--reps 3] [--steps 32]
+        [--types Q8_0,Q4_K_M,Q4_0,Q4_1] [--windows 2] [--threads 1] [--reps 3] [--steps 32]
         [--compare benchmarks/results/DATE-cpu-quant-real.json] -o benchmarks/results/DATE-cpu-quant-llamacpp.json
 
 An optional peer, never a dependency: it needs ``llama-cpp-python`` (a source build, about
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quant_real import WINDOW, _public, held_out_ids, perplexity
 
 # llama.cpp's file types (enum llama_ftype); F32 is the converter's output, not a quantization
-FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_S": 14, "Q4_K_M": 15, "Q6_K": 18}
+FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q4_K_S": 14, "Q4_K_M": 15, "Q6_K": 18}
 REFERENCE = "F32"
 PEER = "Q4_K_M"
 LOCAL = ("--work", "--model", "--llama-cpp-src", "--gguf")  # local paths, left out of the recorded command
@@ -150,7 +150,7 @@ def main() -> int:
     ap.add_argument("--llama-cpp-src", default=None, help="llama.cpp's source (the sdist's vendor/llama.cpp)")
     ap.add_argument("--gguf", default=None, help="an F32/F16 GGUF of the model instead of converting")
     ap.add_argument("--work", default="quant-llamacpp-work", help="folder for the GGUF files (reused when present)")
-    ap.add_argument("--types", default="Q8_0,Q4_K_M,Q4_0")
+    ap.add_argument("--types", default="Q8_0,Q4_K_M,Q4_0,Q4_1")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--windows", type=int, default=2, help="held-out windows of 256 tokens")
     ap.add_argument("--reps", type=int, default=3)
@@ -231,7 +231,10 @@ def main() -> int:
            "f32_top1_agreement_with_float_model": cases[REFERENCE]["top1_agreement_with_float_model"],
            "decode": {"prompt": len(prompt), "steps": args.steps, "reps": args.reps}, "cases": cases}
     if args.compare and PEER in cases:
-        out["compare"] = compare(Path(args.compare), cases[PEER]["ppl_ratio"], float_ppl)
+        if Path(args.compare).is_file():
+            out["compare"] = compare(Path(args.compare), cases[PEER]["ppl_ratio"], float_ppl)
+        else:
+            print(f"note: --compare {args.compare}: no such file, nothing compared")
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.output}")
     return 0
