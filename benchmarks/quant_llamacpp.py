@@ -2,7 +2,7 @@
 the peer issue 21's int4 target names ("no worse in perplexity ratio than llama.cpp's Q4_K_M").
 
     python benchmarks/quant_llamacpp.py --llama-cpp-src DIR [--model HF_DIR] [--work DIR]
-        [--types Q8_0,Q4_K_M,Q4_0,Q4_1] [--windows 2] [--threads 1] [--reps 3] [--steps 32]
+        [--types Q8_0,Q4_K_M,Q4_0,Q4_1,Q4_0-pure] [--windows 2] [--threads 1] [--reps 3] [--steps 32]
         [--compare benchmarks/results/DATE-cpu-quant-real.json] -o benchmarks/results/DATE-cpu-quant-llamacpp.json
 
 An optional peer, never a dependency: it needs ``llama-cpp-python`` (a source build, about
@@ -14,7 +14,8 @@ elsewhere. Without ``llama_cpp`` it prints one ``skipped:`` line and exits 0.
 
 Steps: the model's Hugging Face folder (default: the real-model cache, ``prism_deploy.models.real``)
 -> an F32 GGUF (the converter) -> each type by ``llama_cpp.llama_model_quantize`` (llama.cpp's
-own mixes: Q4_K_M keeps some tensors at Q6_K by rule). Then, for every type, on 1 thread:
+own mixes: Q4_K_M keeps some tensors at Q6_K by rule; ``-pure`` puts every tensor at the type).
+Then, for every type, on 1 thread:
 
 - quality: the same token ids as ``quant_real.py`` (its ``held_out_ids``: the default corpus's
   held-out part, windows of 256), fed to llama.cpp as ids (``logits_all``), so tokenization cannot
@@ -47,8 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quant_real import WINDOW, _public, held_out_ids, perplexity
 
-# llama.cpp's file types (enum llama_ftype); F32 is the converter's output, not a quantization
+# llama.cpp's file types (enum llama_ftype); F32 is the converter's output, not a quantization.
+# "-pure": every tensor at that type (llama.cpp's --pure), the tied embedding / LM head included,
+# which llama.cpp otherwise keeps at more bits by rule
 FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q4_K_S": 14, "Q4_K_M": 15, "Q6_K": 18}
+PURE = "-pure"
 REFERENCE = "F32"
 PEER = "Q4_K_M"
 LOCAL = ("--work", "--model", "--llama-cpp-src", "--gguf")  # local paths, left out of the recorded command
@@ -72,11 +76,13 @@ def convert(src: Path, model: Path, out: Path) -> None:
         raise SystemExit(f"error: convert_hf_to_gguf.py failed: {done.stderr.strip().splitlines()[-1:]}")
 
 
-def quantize(source: Path, out: Path, ftype: int, threads: int) -> None:
+def quantize(source: Path, out: Path, name: str, threads: int) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
+    ftype = FTYPES[name.removesuffix(PURE)]
     params.ftype = ftype
+    params.pure = name.endswith(PURE)
     params.nthread = threads
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
     if rc != 0 or not out.is_file():
@@ -166,9 +172,9 @@ def main() -> int:
     from prism_deploy.models.tokenizers import load_tokenizer
 
     types = [t for t in args.types.split(",") if t]
-    unknown = [t for t in types if t not in FTYPES]
+    unknown = [t for t in types if t.removesuffix(PURE) not in FTYPES]
     if unknown:
-        print(f"error: --types {','.join(unknown)}: not one of {', '.join(FTYPES)}")
+        print(f"error: --types {','.join(unknown)}: not one of {', '.join(FTYPES)} (each may end in {PURE})")
         return 2
     if args.model is None:
         from prism_deploy.models import real
@@ -189,7 +195,7 @@ def main() -> int:
         files[t] = work / f"model-{t.lower()}.gguf"
         if not files[t].is_file():
             t0 = time.time()
-            quantize(files[REFERENCE], files[t], FTYPES[t], args.threads)
+            quantize(files[REFERENCE], files[t], t, args.threads)
             print(f"{t}: quantized ({time.time() - t0:.0f} s)", flush=True)
     names = [REFERENCE, *types]
     windows = held_out_ids(load_tokenizer(args.model), args.windows)
