@@ -104,15 +104,15 @@ def decode_steps(folder: Path, table: np.ndarray, prompt: np.ndarray, steps: int
     return times, tokens
 
 
-def _public(argv: list[str]) -> list[str]:
-    """The command's arguments without local folders (--work, --model)."""
+def _public(argv: list[str], local: tuple[str, ...] = ("--work", "--model")) -> list[str]:
+    """The command's arguments without the options that name local folders (``local``)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a in ("--work", "--model"):
+        elif a in local:
             skip = True
-        elif not a.startswith(("--work=", "--model=")):
+        elif not a.startswith(tuple(f"{o}=" for o in local)):
             out.append(a)
     return out
 
