@@ -25,7 +25,8 @@ def test_committed_example_is_what_the_script_makes(tmp_path):
     tool.demo_adapter().save(fresh)
     committed, made = load_adapter(EXAMPLE), load_adapter(fresh)
     assert committed.config == made.config == tool.demo_config()
-    assert (committed.config.source, committed.config.target) == (made.config.source, made.config.target)
+    assert (committed.config.source_model, committed.config.target_model) == (made.config.source_model,
+                                                                                made.config.target_model)
     assert metadata(EXAMPLE) == metadata(fresh)
     # saves are canonical (sorted header), so the committed file is the script's output byte for byte
     assert EXAMPLE.read_bytes() == fresh.read_bytes()
@@ -45,7 +46,7 @@ def test_example_is_small_and_shows_every_feature():
         ("routed", (8, 8), (20, 32), 16),
         ("coarse", (2, 4), (80, 64), 3),
     ]
-    assert "synthetic" in cfg.source["model"] and "synthetic" in cfg.target["model"]
+    assert "synthetic" in cfg.source_model["model"] and "synthetic" in cfg.target_model["model"]
 
 
 def test_example_runs():

@@ -31,8 +31,8 @@ def demo_config() -> AdapterConfig:
             PipeSpec("coarse", grid=(2, 4), tile=(80, 64), top_k=3),
         ),
         combine="weighted",
-        source={"model": "synthetic", "hidden_size": 256, "note": "demo: random weights, not trained"},
-        target={"model": "synthetic", "embedding_size": 160, "note": "demo: random weights, not trained"},
+        source_model={"model": "synthetic", "hidden_size": 256, "note": "demo: random weights, not trained"},
+        target_model={"model": "synthetic", "embedding_size": 160, "note": "demo: random weights, not trained"},
     )
 
 

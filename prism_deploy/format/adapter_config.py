@@ -106,8 +106,10 @@ class AdapterConfig:
     out_dim: int
     pipes: tuple[PipeSpec, ...]
     combine: str = "sum"
-    source: dict[str, Any] | None = field(default=None, compare=False)
-    target: dict[str, Any] | None = field(default=None, compare=False)
+    # provenance: the models the adapter maps between (the file's "source" and "target" keys;
+    # named apart from a build's --target, the deployment backend)
+    source_model: dict[str, Any] | None = field(default=None, compare=False)
+    target_model: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # Constructed in code (not from JSON) configs go through the same checks.
@@ -140,10 +142,10 @@ class AdapterConfig:
             "combine": self.combine,
             "pipes": [p.to_json() for p in self.pipes],
         }
-        if self.source is not None:
-            obj["source"] = self.source
-        if self.target is not None:
-            obj["target"] = self.target
+        if self.source_model is not None:
+            obj["source"] = self.source_model
+        if self.target_model is not None:
+            obj["target"] = self.target_model
         return obj
 
     def topology(self) -> dict[str, Any]:

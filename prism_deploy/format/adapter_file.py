@@ -420,6 +420,6 @@ def describe(config: AdapterConfig, tensors: Mapping[str, Any]) -> dict[str, Any
         "bytes": totals["bytes"],
         "flops_per_token": {"dense": totals["flops_dense"], "gated": totals["flops_gated"]},
         "weight_bytes_per_token": {"dense": totals["bytes_dense"], "gated": totals["bytes_gated"]},
-        "source": config.source,
-        "target": config.target,
+        "source": config.source_model,
+        "target": config.target_model,
     }

@@ -351,7 +351,7 @@ def test_the_writer_refuses_notes_that_are_not_json(tmp_path):
 
     from prism_deploy.format import write_adapter_file
 
-    config = AdapterConfig(6, 5, (PipeSpec("p", (2, 2), (3, 3), None),), source={"loss": float("nan")})
+    config = AdapterConfig(6, 5, (PipeSpec("p", (2, 2), (3, 3), None),), source_model={"loss": float("nan")})
     with pytest.raises(AdapterFormatError, match="NaN"):
         write_adapter_file(tmp_path / "a.safetensors", config, {"pipes.0.tiles": np.zeros((4, 3, 3), np.float32)})
     assert not (tmp_path / "a.safetensors").exists()
