@@ -128,8 +128,8 @@ def run_graph_edge(args: argparse.Namespace) -> int:
         raise PrismInputError("--graph: give a graph file and --edge alone (not --model-a/--model-b or --chain)")
     if not str(args.output).endswith(".safetensors"):
         raise PrismInputError(f"-o: {args.output}: the output must be a .safetensors file")
-    inputs, target = edge_models(args.graph, args.edge)
-    refuse_overlap(Path(args.output), [*inputs, target])
+    inputs, downstream_model = edge_models(args.graph, args.edge)
+    refuse_overlap(Path(args.output), [*inputs, downstream_model])
     if args.text is None:  # the default real-text corpus, as for one pair of models
         from prism_deploy.core import corpus
 
@@ -137,12 +137,12 @@ def run_graph_edge(args: argparse.Namespace) -> int:
     else:
         texts = read_texts(args.text)
     if len(inputs) == 1:
-        x, z, info = collect_pairs(inputs[0], target, texts, pool=args.pool, max_seq=args.max_seq, batch=args.batch,
+        x, z, info = collect_pairs(inputs[0], downstream_model, texts, pool=args.pool, max_seq=args.max_seq, batch=args.batch,
                                    tokenizer_a=args.tokenizer_a, tokenizer_b=args.tokenizer_b)
     else:
         if args.tokenizer_a is not None or args.tokenizer_b is not None:
             raise PrismInputError("--tokenizer-a/--tokenizer-b: a fusion edge reads each model's own tokenizer")
-        x, z, info = collect_fusion_pairs(inputs, target, texts, pool=args.pool, max_seq=args.max_seq, batch=args.batch)
+        x, z, info = collect_fusion_pairs(inputs, downstream_model, texts, pool=args.pool, max_seq=args.max_seq, batch=args.batch)
     info["edge"] = args.edge
     save_pairs(args.output, x, z, info)
     info["output"] = str(args.output)

@@ -24,12 +24,12 @@ from prism_deploy.reference import PrismAdapter
 class Metrics:
     rows: int
     sq_err: torch.Tensor  # [out_dim] sum over rows of (y - z)^2, per output feature
-    sq_target: torch.Tensor  # [out_dim] sum over rows of z^2
+    sq_z: torch.Tensor  # [out_dim] sum over rows of z^2
     cosine_sum: float
 
     @property
     def rel_err(self) -> float | None:
-        den = float(self.sq_target.sum())
+        den = float(self.sq_z.sum())
         return None if self.rows == 0 or den == 0 else (float(self.sq_err.sum()) / den) ** 0.5
 
     @property
@@ -42,7 +42,7 @@ class Metrics:
         errs: list[float | None] = []
         for r in range(spec.rows):
             rows = slice(min(r * tr, out), min((r + 1) * tr, out))
-            den = float(self.sq_target[rows].sum())
+            den = float(self.sq_z[rows].sum())
             errs.append(None if rows.start == rows.stop or den == 0 else (float(self.sq_err[rows].sum()) / den) ** 0.5)
         return errs
 
@@ -58,18 +58,18 @@ class Metrics:
 def evaluate(adapter: PrismAdapter, data: PairedData, split: Split, *, desc: str | None = None) -> Metrics:
     """One pass over ``split`` through the reference forward in float64."""
     sq_err = torch.zeros(data.out_dim, dtype=torch.float64)
-    sq_target = torch.zeros(data.out_dim, dtype=torch.float64)
+    sq_z = torch.zeros(data.out_dim, dtype=torch.float64)
     cos_sum, rows = 0.0, 0
     per_row = budget.pass_work(budget.forward_macs(adapter.config), data.chunk_rows)
     with progress_bar(data.count(split), desc or f"evaluate {split}", work=per_row) as bar, torch.no_grad():
         for x, z in data.chunks(split):
             y = adapter(x)
             sq_err += ((y - z) ** 2).sum(0)
-            sq_target += (z**2).sum(0)
+            sq_z += (z**2).sum(0)
             cos_sum += float(row_cosines(y, z).sum())
             rows += x.shape[0]
             bar.update(x.shape[0])
-    return Metrics(rows, sq_err, sq_target, cos_sum)
+    return Metrics(rows, sq_err, sq_z, cos_sum)
 
 
 def row_cosines(y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

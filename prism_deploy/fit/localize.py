@@ -88,14 +88,14 @@ def score_workers(adapter: PrismAdapter, data: PairedData, *, ridge: float = 0.0
         grams.append(torch.zeros((R if spec.gated else 1), C, tc, tc, dtype=torch.float64))
         cross.append(torch.zeros(R, C, tc, tr, dtype=torch.float64))
     sq_err = torch.zeros(cfg.out_dim, dtype=torch.float64)
-    sq_target = torch.zeros(cfg.out_dim, dtype=torch.float64)
+    sq_z = torch.zeros(cfg.out_dim, dtype=torch.float64)
     rows = 0
     per_row = budget.pass_work(_scoring_macs(cfg), data.chunk_rows)
     with progress_bar(data.count(split), f"score workers ({split})", work=per_row) as bar, torch.no_grad():
         for x, z in data.chunks(split):
             e = z - adapter(x)
             sq_err += (e**2).sum(0)
-            sq_target += (z**2).sum(0)
+            sq_z += (z**2).sum(0)
             rows += x.shape[0]
             for p, (spec, pipe) in enumerate(zip(cfg.pipes, pipes)):
                 (R, C), (tr, tc) = spec.grid, spec.tile
@@ -124,7 +124,7 @@ def score_workers(adapter: PrismAdapter, data: PairedData, *, ridge: float = 0.0
             d = pipes[p].tiles.detach()[w].to(torch.float64) - shares[(p, w)]
             d = d[: out_rows.stop - out_rows.start]  # rows past out_dim are discarded anyway
             dev = float(torch.einsum("ri,ij,rj->", d, a, d))
-            den = float(sq_target[out_rows].sum())
+            den = float(sq_z[out_rows].sum())
             rb = (float(sq_err[out_rows].sum()) / den) ** 0.5 if den > 0 else None
             scale = 1.0 / total if total > 0 else 0.0
             scores.append(WorkerScore(p, w, r, c, dev * scale, gain * scale, rb))
