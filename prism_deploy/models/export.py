@@ -210,6 +210,10 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                             if stale.name not in quantized[key]["files"]:
                                 stale.unlink(missing_ok=True)
                     del activations
+                if role == "last":  # generation asks for the last position's logits only
+                    from prism_deploy.models.logits_positions import add_logits_start
+
+                    add_logits_start(out / files["graph_with_past"])
                 for name in written:
                     if name.endswith(".data"):  # external weights of a graph over 2 GiB
                         files[name.split(".")[0] + "_data"] = name

@@ -103,6 +103,9 @@ def export_ort_form(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os
                 files = {"graph": graph_name, "graph_data": graph_name + ".data"}
                 builder = _run_builder(Path(hf_dir), role, out, graph_name, precision, max_seq)
                 if role == "last":
+                    from prism_deploy.models.logits_positions import add_logits_start
+
+                    add_logits_start(out / graph_name)  # generation asks for the last position's logits only
                     files["embed_tokens"] = "embed_tokens.npy"
                     with atomic_output(out / files["embed_tokens"]) as tmp, open(tmp, "wb") as fh:
                         np.save(fh, hf.input_embedding_matrix(reference).astype(np.float32))
