@@ -9,7 +9,9 @@ preallocated to the maximum length. Its options map onto this project's roles:
 - ``first``: ``exclude_lm_head`` (ids -> ``hidden_states``, after the final norm);
 - ``middle``: ``exclude_embeds`` + ``exclude_lm_head`` (embeddings -> ``hidden_states``);
 - ``last``: ``exclude_embeds`` (embeddings -> ``logits`` at every position) plus
-  ``embed_tokens.npy`` for the generation loop.
+  ``embed_tokens.npy`` for the generation loop; the graph then gets the optional
+  ``logits_start`` (:mod:`prism_deploy.models.logits_positions`), so that a prefill computes
+  logits only at the positions the runner reads.
 
 Why the builder rather than fusions written here: docs/model-forms.md. The builder is run in a
 child process (``python -m onnxruntime_genai.models.builder``): it loads the model itself and
