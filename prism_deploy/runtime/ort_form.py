@@ -20,11 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from prism_deploy.format.model_folder import LOGITS_START
+from prism_deploy.format.model_folder import LOGITS_START, past_names, right_padding_shifts, roll_rows
 from prism_deploy.format.model_folder import OUTPUT_ORT_FORM as OUTPUT
-from prism_deploy.format.model_folder import past_names, right_padding_shifts, roll_rows
 from prism_deploy.runtime.onnx_runner import OnnxRunner, host, shape_of
-
 
 
 class KvCache:
