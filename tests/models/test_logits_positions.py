@@ -101,8 +101,12 @@ def test_generation_asks_for_the_last_position_and_decodes_as_before(lasts, prec
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
         logits, past = stage.step(step_emb, mask, past)
     assert shapes[0] == (2, 1, stage.vocab)  # the prefill ran the LM head on the last position only
-    # plain calls (parity, perplexity) still get every position
+    # plain calls (parity, perplexity) and a step asking for every position still get them all
     assert stage.run(emb, mask[:, :7]).shape == (2, 7, stage.vocab)
+    every, _ = stage.step(emb, mask[:, :7], stage.empty_past(2), positions="all")
+    assert every.shape == (2, 7, stage.vocab) and shapes[-1] == (2, 7, stage.vocab)
+    first, _ = stage.step(emb, mask[:, :7], stage.empty_past(2))
+    np.testing.assert_allclose(first, every[:, -1], rtol=CLOSE[precision], atol=CLOSE[precision])
 
 
 def test_portable_graph_with_logits_start_stays_what_tensorrt_parses(zoo):
