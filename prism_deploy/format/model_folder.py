@@ -58,6 +58,12 @@ TABLES = ("embed_tokens",)
 # What each role takes and gives (the hand-off of a chain, from format.stage_io).
 INPUT = {role: input_names(role)[0] for role in ROLES}
 OUTPUT = {role: output_name(role) for role in ROLES}
+# A last model's KV-cache graph (either form) takes an optional input, an initializer it may be fed
+# over: the first position whose logits it computes ([1] int64, a Slice start on the sequence
+# axis). Its default 0 gives every position (parity, perplexity); generation feeds -1 and gets the
+# last position only, so the prefill does not run the LM head over the whole prompt (ONNX Runtime
+# runs every node whatever outputs are asked for: docs/model-forms.md, "Prefill logits").
+LOGITS_START = "logits_start"
 
 
 def canonical_role(role: str, option: str = "--role") -> str:
@@ -125,7 +131,8 @@ def io_description(role: str, layers: int) -> dict[str, Any]:
     description: dict[str, Any] = {"inputs": _named(inputs), "outputs": _named(outputs)}
     if role == "last":
         with_past = decode_io(layers)
-        description["with_past"] = {"inputs": _named(with_past[0]), "outputs": _named(with_past[1])}
+        description["with_past"] = {"inputs": _named(with_past[0]), "outputs": _named(with_past[1]),
+                                    "optional_inputs": {LOGITS_START: [1]}}
     return description
 
 
@@ -140,8 +147,9 @@ def ort_form_io(role: str, layers: int) -> dict[str, Any]:
     inputs.update({"attention_mask": ["batch", "total_seq"],
                    **{n: ["batch", "kv_heads", "past_seq", "head_dim"] for n in past_names(layers)}})
     out = {OUTPUT_ORT_FORM[role]: ["batch", "seq", "vocab" if role == "last" else "hidden"]}
+    optional = {"optional_inputs": {LOGITS_START: [1]}} if role == "last" else {}
     return {"inputs": inputs, "outputs": {**out, **{n: ["batch", "kv_heads", "total_seq", "head_dim"]
-                                                     for n in past_names(layers, "present")}}}
+                                                     for n in past_names(layers, "present")}}, **optional}
 
 
 def right_padding_shifts(attention_mask: Any) -> Any:

@@ -10,7 +10,9 @@
   ``attention_mask`` then covering past + new tokens, extra outputs ``present.<i>.key|value``
   [batch, kv_heads, past + new, head_dim]. A past of length 0 is allowed, so the same graph does
   the prefill. ``embed_tokens.npy`` [vocab, d] holds the model's input embedding matrix, which
-  the generation loop needs to feed its own tokens back.
+  the generation loop needs to feed its own tokens back. ``last_with_past.onnx`` also takes an
+  optional ``logits_start`` (default 0: every position; generation feeds -1 and the LM head runs
+  on the last position only: :mod:`prism_deploy.models.logits_positions`).
 
 (``upper`` and ``lower``, the names before chains, are ``first`` and ``last``.)
 
@@ -210,6 +212,10 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                             if stale.name not in quantized[key]["files"]:
                                 stale.unlink(missing_ok=True)
                     del activations
+                if role == "last":  # generation asks for the last position's logits only
+                    from prism_deploy.models.logits_positions import add_logits_start
+
+                    add_logits_start(out / files["graph_with_past"])
                 for name in written:
                     if name.endswith(".data"):  # external weights of a graph over 2 GiB
                         files[name.split(".")[0] + "_data"] = name

@@ -9,7 +9,9 @@ preallocated to the maximum length. Its options map onto this project's roles:
 - ``first``: ``exclude_lm_head`` (ids -> ``hidden_states``, after the final norm);
 - ``middle``: ``exclude_embeds`` + ``exclude_lm_head`` (embeddings -> ``hidden_states``);
 - ``last``: ``exclude_embeds`` (embeddings -> ``logits`` at every position) plus
-  ``embed_tokens.npy`` for the generation loop.
+  ``embed_tokens.npy`` for the generation loop; the graph then gets the optional
+  ``logits_start`` (:mod:`prism_deploy.models.logits_positions`), so that a prefill computes
+  logits only at the positions the runner reads.
 
 Why the builder rather than fusions written here: docs/model-forms.md. The builder is run in a
 child process (``python -m onnxruntime_genai.models.builder``): it loads the model itself and
@@ -104,6 +106,9 @@ def export_ort_form(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os
                 files = {"graph": graph_name, "graph_data": graph_name + ".data"}
                 builder = _run_builder(Path(hf_dir), role, out, graph_name, prec, max_seq)
                 if role == "last":
+                    from prism_deploy.models.logits_positions import add_logits_start
+
+                    add_logits_start(out / graph_name)  # generation asks for the last position's logits only
                     files["embed_tokens"] = "embed_tokens.npy"
                     with atomic_output(out / files["embed_tokens"]) as tmp, open(tmp, "wb") as fh:
                         np.save(fh, hf.input_embedding_matrix(reference).astype(np.float32))

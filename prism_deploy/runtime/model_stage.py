@@ -169,6 +169,9 @@ class ModelStage:
                 raise EngineFileError(f"{self.dir}: the ort form's KV-cache step gives the last position only")
             return self.graph.step(inputs_embeds, attention_mask, past), past
         feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **past}
+        if positions == "last" and model_folder.LOGITS_START in self.past_graph.optional_inputs:
+            # the LM head on the last position only (docs/model-forms.md, "Prefill logits")
+            feeds[model_folder.LOGITS_START] = np.array([-1], dtype=np.int64)
         outs = self.past_graph.run_device(feeds)
         logits = host(outs[0])
         return (logits[:, -1] if positions == "last" else logits), dict(zip(model_folder.past_names(self.layers), outs[1:]))

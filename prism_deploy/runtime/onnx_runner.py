@@ -33,7 +33,10 @@ class OnnxRunner:
         self.provider = provider
         self.device = provider if provider in DEVICES else "cpu"
         self.label = label
-        self.input_types = {i.name: i.type for i in session.get_inputs()}
+        # initializers a call may feed over (ONNX Runtime's get_inputs leaves them out): a last
+        # model's ``logits_start`` (prism_deploy.models.logits_positions)
+        self.optional_inputs = {i.name: i.type for i in session.get_overridable_initializers()}
+        self.input_types = {**self.optional_inputs, **{i.name: i.type for i in session.get_inputs()}}
         self.output_types = {o.name: o.type for o in session.get_outputs()}
         self.input_shapes = {i.name: list(i.shape) for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]

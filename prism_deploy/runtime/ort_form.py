@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from prism_deploy.format.model_folder import LOGITS_START, past_names, right_padding_shifts, roll_rows
 from prism_deploy.format.model_folder import OUTPUT_ORT_FORM as OUTPUT
-from prism_deploy.format.model_folder import past_names, right_padding_shifts, roll_rows
 from prism_deploy.runtime.onnx_runner import OnnxRunner, host, shape_of
-
 
 
 class KvCache:
@@ -65,6 +64,9 @@ class OrtFormGraph:
         self._arange: np.ndarray | None = None
         self.vocab = int(dims["vocab"])
         self.output_dtype = runner.output_dtype(self.output_name) or np.dtype(np.float32)
+        # a last graph that takes logits_start: a step computes logits at the positions it reads only
+        self.selects_positions = LOGITS_START in runner.optional_inputs
+        self._starts: dict[int, np.ndarray] = {}
 
     def input_dtype(self, name: str) -> np.dtype | None:
         return self.runner.input_dtype(name)
@@ -118,24 +120,33 @@ class OrtFormGraph:
         np.less(self._positions(length), cache.real[:, None], out=feed_mask, casting="unsafe")
         binding = cache.binding
         value = np.ascontiguousarray(self.runner.feed(self.input_name, x))
+        # the positions whose logits are read: each row's last real one. The prefill's rows are fed
+        # right-padded and end early by their padding; later steps add real tokens only.
+        keep = new
+        if self.selects_positions:
+            keep = min(new, int(shifts.max()) + 1) if prefill else 1
         # the step's logits land in an array made here (one allocation, no copy out of ONNX Runtime)
-        logits = np.empty((batch, new, self.vocab), dtype=self.output_dtype)
+        logits = np.empty((batch, keep, self.vocab), dtype=self.output_dtype)
+        start = self._start(keep)
         if self.device == "cpu":  # bind the host arrays where they are: no OrtValue per step
             self._bind_array(binding.bind_input, self.input_name, value)
             self._bind_array(binding.bind_input, "attention_mask", feed_mask)
+            if self.selects_positions:
+                self._bind_array(binding.bind_input, LOGITS_START, start)
             self._bind_array(binding.bind_output, self.output_name, logits)
             cache.bound = (value, feed_mask, logits)
         else:
             binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
             binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(feed_mask, self.device, 0))
+            if self.selects_positions:
+                binding.bind_cpu_input(LOGITS_START, start)
             binding.bind_output(self.output_name, self.device)
         self.session.run_with_iobinding(binding)
         if self.device != "cpu":
             logits = host(binding.get_outputs()[0])
         if not prefill:  # each row's last token is the step's last: a view, no copy
-            return logits[:, new - 1]
-        # the prefill's rows end early by their padding
-        return logits[np.arange(batch), new - 1 - shifts]
+            return logits[:, keep - 1]
+        return logits[np.arange(batch), keep - 1 - shifts]
 
     def _bind_cache(self, cache: KvCache) -> Any:
         """The generation's IO binding, with each layer's buffer bound as past and present."""
@@ -146,6 +157,12 @@ class OrtFormGraph:
             binding.bind_ortvalue_input(past, cache.values[past])
             binding.bind_ortvalue_output(present, cache.values[past])
         return binding
+
+    def _start(self, keep: int) -> np.ndarray:
+        """``logits_start`` for the last ``keep`` positions (kept: the binding points at it)."""
+        if keep not in self._starts:
+            self._starts[keep] = np.array([-keep], dtype=np.int64)
+        return self._starts[keep]
 
     def _positions(self, length: int) -> np.ndarray:
         if self._arange is None or len(self._arange) < self.max_seq:

@@ -33,7 +33,8 @@ def test_model_json_io_record():
                    "past_key_values.0.value": ["batch", "kv_heads", "past_seq", "head_dim"]},
         "outputs": {"logits": ["batch", "seq", "vocab"],
                     "present.0.key": ["batch", "kv_heads", "total_seq", "head_dim"],
-                    "present.0.value": ["batch", "kv_heads", "total_seq", "head_dim"]}}
+                    "present.0.value": ["batch", "kv_heads", "total_seq", "head_dim"]},
+        "optional_inputs": {"logits_start": [1]}}  # the positions whose logits it computes (default: all)
 
 
 def test_triton_specs_size_the_widths_and_leave_out_the_batch():

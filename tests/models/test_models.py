@@ -80,7 +80,9 @@ def test_last_export_graphs_names_and_embedding_table(zoo):
     assert [o.name for o in plain.graph.output] == ["logits"]
     with_past = onnx.load(str(zoo["B"] / "last_with_past.onnx"))
     onnx.checker.check_model(with_past, full_check=True)
-    assert [i.name for i in with_past.graph.input] == ["inputs_embeds", "attention_mask", *past_names(2)]
+    # logits_start: an initializer listed as an input too (fed only to compute fewer positions' logits)
+    assert [i.name for i in with_past.graph.input] == ["inputs_embeds", "attention_mask", *past_names(2), "logits_start"]
+    assert "logits_start" in {t.name for t in with_past.graph.initializer}
     assert [o.name for o in with_past.graph.output] == ["logits", *past_names(2, "present")]
     table = np.load(zoo["B"] / "embed_tokens.npy")
     expected = hf.load_causal_lm(zoo["qwen2"]).get_input_embeddings().weight.detach().numpy()

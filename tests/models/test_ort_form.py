@@ -158,6 +158,37 @@ def test_shared_kv_buffer_decodes_as_the_plain_graph_token_by_token(ort_forms):
         assert np.abs(key[row, :, :n]).min(axis=-1).max() > 0 and not key[row, :, n + 1:].any()
 
 
+def _assert_logits_start_selects(graph, dims, seed: int = 5) -> None:
+    """The ort form's last graph fed ``logits_start`` = -k gives the full output's last k positions."""
+    from prism_deploy.format.model_folder import LOGITS_START, past_names
+
+    session = make_session(graph, "cpu")
+    assert [i.name for i in session.get_overridable_initializers()] == [LOGITS_START]
+    emb, mask = _left_padded(3, 8, dims["hidden"], seed=seed)
+    mask = mask[:, ::-1].copy()  # GroupQueryAttention's right padding
+    empty = np.zeros((3, dims["kv_heads"], 0, dims["head_dim"]), np.float32)
+    feeds = {"inputs_embeds": emb, "attention_mask": mask, **{n: empty for n in past_names(dims["layers"])}}
+    full = session.run(["logits"], feeds)[0]
+    for keep in (1, 3):
+        part = session.run(["logits"], {**feeds, LOGITS_START: np.array([-keep], np.int64)})[0]
+        assert part.shape == (3, keep, dims["vocab"])
+        np.testing.assert_allclose(part, full[:, -keep:], rtol=1e-4, atol=1e-4)
+
+
+def test_ort_form_prefill_computes_the_logits_it_reads(ort_forms):
+    from prism_deploy.format.model_folder import read_model_json
+
+    stage = ModelStage(ort_forms["ort_last"])
+    assert stage.graph.selects_positions  # the runner asks for each row's last real position only
+    _assert_logits_start_selects(ort_forms["ort_last"] / "last.onnx", read_model_json(ort_forms["ort_last"])["dims"])
+    # the left-padded prefill reads the same logits with and without the selection
+    emb, mask = _left_padded(3, 8, stage.hidden_size, seed=6)
+    picked, _ = stage.step(emb, mask, stage.empty_past(3))
+    stage.graph.selects_positions = False
+    every, _ = stage.step(emb, mask, stage.empty_past(3))
+    np.testing.assert_allclose(picked, every, rtol=1e-5, atol=1e-5)
+
+
 def test_interleaved_generations_keep_their_own_binding(ort_forms):
     """Each cache carries its own IO binding and mask buffer: two generations stepped in turn on
     one session give what each gives alone, and logits returned earlier are not overwritten."""
@@ -262,6 +293,8 @@ def test_ort_form_quantized_roles(zoo, tmp_path, precision):
     for role in ("middle", "last"):
         manifest = export_ort_form(zoo["llama"], role, tmp_path / role, precision=precision, max_seq=32)
         assert "MatMulNBits" in _op_types(tmp_path / role / manifest["files"]["graph"]["name"])
+        if role == "last":
+            _assert_logits_start_selects(tmp_path / role / manifest["files"]["graph"]["name"], manifest["dims"])
         assert manifest["validation"]["hidden_states" if role == "middle" else "logits"]["tokens"] > 0
     # and `build --model` of the quantized form: checked, and running as the export does
     from prism_deploy.cli.main import main

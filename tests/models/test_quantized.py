@@ -53,8 +53,11 @@ def _feeds(path, seed=0):
     model = onnx.load(str(path), load_external_data=False)
     feeds = {}
     batch, seq = 2, 5
+    initializers = {t.name for t in model.graph.initializer}  # logits_start: optional, left at its default
     for i in model.graph.input:
         dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+        if i.name in initializers:
+            continue
         if i.name == "input_ids":
             feeds[i.name] = rng.integers(0, 200, size=(batch, seq), dtype=np.int64)
         elif i.name == "inputs_embeds":
