@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import shutil
 import sys
 import tempfile
@@ -28,9 +27,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = [("worst 2, margin 0.05", ["--top", "2", "--margin", "0.05"]),
-           ("worst 4, margin 0.05", ["--top", "4", "--margin", "0.05"]),
-           ("worst 4, margin 0.2", ["--top", "4", "--margin", "0.2"])]
+CONFIGS = [
+    ("worst 2, margin 0.05", ["--top", "2", "--margin", "0.05"]),
+    ("worst 4, margin 0.05", ["--top", "4", "--margin", "0.05"]),
+    ("worst 4, margin 0.2", ["--top", "4", "--margin", "0.2"]),
+]
 
 
 def main() -> int:
@@ -42,7 +43,6 @@ def main() -> int:
 
     import json.decoder
     import json.encoder
-
     import pydoc_data.topics as topics
 
     from prism_deploy.cli.main import main as cli
@@ -56,11 +56,19 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="adapt-drift-"))
     try:
         llama, qwen2 = make_model("llama", tmp / "llama"), make_model("qwen2", tmp / "qwen2")
-        prose = [line.strip() for key in sorted(topics.topics) for line in topics.topics[key].splitlines()
-                 if len(line.strip()) > 30]
-        prose = [prose[i] for i in np.random.default_rng(0).permutation(len(prose))[:args.prose]]
-        code = [line.strip() for mod in (json.encoder, json.decoder) for line in inspect.getsource(mod).splitlines()
-                if len(line.strip()) > 20]
+        prose = [
+            line.strip()
+            for key in sorted(topics.topics)
+            for line in topics.topics[key].splitlines()
+            if len(line.strip()) > 30
+        ]
+        prose = [prose[i] for i in np.random.default_rng(0).permutation(len(prose))[: args.prose]]
+        code = [
+            line.strip()
+            for mod in (json.encoder, json.decoder)
+            for line in inspect.getsource(mod).splitlines()
+            if len(line.strip()) > 20
+        ]
         x, z, info = collect_pairs(llama, qwen2, prose, pool="tokens", max_seq=args.max_seq, progress=False)
         pairs = tmp / "pairs.safetensors"
         save_pairs(pairs, x, z, info)
@@ -76,23 +84,51 @@ def main() -> int:
         for name, extra in CONFIGS:
             repo = tmp / f"repo-{len(rounds)}"
             shutil.copytree(tmp / "repo", repo)
-            code_rc = cli(["adapt", str(repo), "--from", str(records), "--model-a", str(llama), "--model-b", str(qwen2),
-                           "--original", str(pairs), "--adapter", str(fitted), "--max-seq", str(args.max_seq),
-                           "--no-load", "--json", *extra])
+            code_rc = cli(
+                [
+                    "adapt",
+                    str(repo),
+                    "--from",
+                    str(records),
+                    "--model-a",
+                    str(llama),
+                    "--model-b",
+                    str(qwen2),
+                    "--original",
+                    str(pairs),
+                    "--adapter",
+                    str(fitted),
+                    "--max-seq",
+                    str(args.max_seq),
+                    "--no-load",
+                    "--json",
+                    *extra,
+                ]
+            )
             [entry] = json.loads((repo / "prism-adapt-log.json").read_text())
             rounds.append({"config": name, "exit": code_rc, **entry})
-        result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "prose_lines": len(prose),
-                  "code_lines": len(code), "original_pairs": int(x.shape[0]), "fit_report": report.to_json(),
-                  "rounds": rounds, "seconds": round(time.time() - started, 1)}
+        result = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+            "prose_lines": len(prose),
+            "code_lines": len(code),
+            "original_pairs": int(x.shape[0]),
+            "fit_report": report.to_json(),
+            "rounds": rounds,
+            "seconds": round(time.time() - started, 1),
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{'config':24} {'recorded before':>16} {'after':>8} {'original before':>16} {'after':>8}  decision")
     for r in rounds:
         after = r["after"] or {}
-        cands = ", ".join(f"{c['name']}: {c['recorded_rel_err']:.4f}/{c['original_rel_err']:.4f}" for c in r["candidates"])
-        print(f"{r['config']:24} {r['before']['recorded']:16.4f} {after.get('recorded', float('nan')):8.4f} "
-              f"{r['before']['original']:16.4f} {after.get('original', float('nan')):8.4f}  {r['decision']}"
-              f" ({cands})")
+        cands = ", ".join(
+            f"{c['name']}: {c['recorded_rel_err']:.4f}/{c['original_rel_err']:.4f}" for c in r["candidates"]
+        )
+        print(
+            f"{r['config']:24} {r['before']['recorded']:16.4f} {after.get('recorded', float('nan')):8.4f} "
+            f"{r['before']['original']:16.4f} {after.get('original', float('nan')):8.4f}  {r['decision']}"
+            f" ({cands})"
+        )
     if args.json:  # the temporary folder is gone: its paths are written as <tmp>
         Path(args.json).write_text(json.dumps(result, indent=1).replace(str(tmp), "<tmp>") + "\n")
     return 0

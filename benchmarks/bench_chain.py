@@ -45,13 +45,18 @@ def eager_chain(model_a, adapter, model_b, ids: np.ndarray, new_tokens: int) -> 
         chosen = [token]
         for _ in range(new_tokens - 1):
             mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], dim=1)
-            logits, cache = hf.causal_lm_forward(model_b, inputs_embeds=table(token)[:, None, :], attention_mask=mask,
-                                                 cache=cache, use_cache=True)
+            logits, cache = hf.causal_lm_forward(
+                model_b, inputs_embeds=table(token)[:, None, :], attention_mask=mask, cache=cache, use_cache=True
+            )
             token = logits[:, -1].argmax(-1)
             chosen.append(token)
         t4 = time.perf_counter()
-    return torch.stack(chosen, 1).numpy(), {"model_a": t1 - t0, "adapter": t2 - t1, "model_b_prefill": t3 - t2,
-                                            "model_b_decode": t4 - t3}
+    return torch.stack(chosen, 1).numpy(), {
+        "model_a": t1 - t0,
+        "adapter": t2 - t1,
+        "model_b_prefill": t3 - t2,
+        "model_b_decode": t4 - t3,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from prism_deploy.runtime.pipeline import Pipeline
 
     from prism_deploy.bench.machine import describe_machine, load_average
     from prism_deploy.models import hf
     from prism_deploy.reference import load_adapter, random_adapter, simple_config
-    from prism_deploy.runtime.pipeline import Pipeline
 
     torch.set_num_threads(args.threads)
     load_start = load_average()
@@ -106,16 +111,26 @@ def main(argv: list[str] | None = None) -> int:
         if rep:
             runs["eager"].append({"total": total, **stages})
     eager_total = float(np.median([r["total"] for r in runs["eager"]]))
-    results = {"kind": "chain-bench", "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "settings": vars(args), "adapter": str(adapter_path),
-               "machine": {**describe_machine(), "load_average_start": load_start, "load_average_end": load_average()},
-               "chains": {}}
+    results = {
+        "kind": "chain-bench",
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": vars(args),
+        "adapter": str(adapter_path),
+        "machine": {**describe_machine(), "load_average_start": load_start, "load_average_end": load_average()},
+        "chains": {},
+    }
     for name, samples in runs.items():
         med = {k: float(np.median([s[k] for s in samples])) for k in samples[0]}
-        results["chains"][name] = {"median_s": med, "samples": samples, "speedup_vs_eager": eager_total / med["total"],
-                                   "tokens_equal_eager": tokens[name] == tokens["eager"]}
-        print(f"{name:>8}: {med['total'] * 1e3:8.1f} ms  ({', '.join(f'{k} {v * 1e3:.1f}' for k, v in med.items() if k != 'total')})"
-              f"  {eager_total / med['total']:.2f}x eager; same tokens as eager: {tokens[name] == tokens['eager']}")
+        results["chains"][name] = {
+            "median_s": med,
+            "samples": samples,
+            "speedup_vs_eager": eager_total / med["total"],
+            "tokens_equal_eager": tokens[name] == tokens["eager"],
+        }
+        print(
+            f"{name:>8}: {med['total'] * 1e3:8.1f} ms  ({', '.join(f'{k} {v * 1e3:.1f}' for k, v in med.items() if k != 'total')})"
+            f"  {eager_total / med['total']:.2f}x eager; same tokens as eager: {tokens[name] == tokens['eager']}"
+        )
     print(f"load average {load_start} -> {load_average()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

@@ -69,9 +69,14 @@ def measure(folder: str, threads: int, prompt: int, steps: int, repeats: int) ->
                 run_ms.append(timed.times[0] * 1e3)
     med_step, med_run = statistics.median(step_ms), statistics.median(run_ms)
     return {
-        "threads": threads, "prompt": prompt, "steps": steps, "repeats": repeats,
-        "step_ms_min": min(step_ms), "step_ms_median": med_step,
-        "run_with_iobinding_ms_min": min(run_ms), "run_with_iobinding_ms_median": med_run,
+        "threads": threads,
+        "prompt": prompt,
+        "steps": steps,
+        "repeats": repeats,
+        "step_ms_min": min(step_ms),
+        "step_ms_median": med_step,
+        "run_with_iobinding_ms_min": min(run_ms),
+        "run_with_iobinding_ms_median": med_run,
         # per step, the step's time outside the graph run: its median is steadier than a
         # difference of medians when the machine is loaded
         "overhead_ms_median": statistics.median(s - r for s, r in zip(step_ms, run_ms)),
@@ -92,8 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
     result = measure(args.folder, args.threads, args.prompt, args.steps, args.repeats)
-    result.update(label=args.label, loadavg_before=load_before, loadavg_after=os.getloadavg(),
-                  cpus=os.cpu_count(), machine=platform.platform(), command=" ".join(sys.argv))
+    result.update(
+        label=args.label,
+        loadavg_before=load_before,
+        loadavg_after=os.getloadavg(),
+        cpus=os.cpu_count(),
+        machine=platform.platform(),
+        command=" ".join(sys.argv),
+    )
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

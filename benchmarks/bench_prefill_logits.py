@@ -66,15 +66,27 @@ def measure(folder: str, baseline: str | None, threads: int, prompt: int, repeat
                 times[mode].append(took)
     if len(set(tokens.values())) != 1:
         raise SystemExit(f"the modes disagree on the next token: {tokens}")
-    summary = {mode: {"min_ms": round(min(t) * 1e3, 2), "median_ms": round(statistics.median(t) * 1e3, 2)}
-               for mode, t in times.items()}
-    return {"folder": folder, "baseline": baseline, "graph_form": stages["all"].graph_form,
-            "layers": stages["all"].layers, "vocab": stages["all"].vocab, "hidden": stages["all"].hidden_size,
-            "precision": stages["all"].precision, "threads": threads, "prompt_tokens": prompt, "batch": 1,
-            "repeats": repeats, "prefill": summary,
-            "last_over_all_min": round(summary["last"]["min_ms"] / summary["all"]["min_ms"], 3),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+    summary = {
+        mode: {"min_ms": round(min(t) * 1e3, 2), "median_ms": round(statistics.median(t) * 1e3, 2)}
+        for mode, t in times.items()
+    }
+    return {
+        "folder": folder,
+        "baseline": baseline,
+        "graph_form": stages["all"].graph_form,
+        "layers": stages["all"].layers,
+        "vocab": stages["all"].vocab,
+        "hidden": stages["all"].hidden_size,
+        "precision": stages["all"].precision,
+        "threads": threads,
+        "prompt_tokens": prompt,
+        "batch": 1,
+        "repeats": repeats,
+        "prefill": summary,
+        "last_over_all_min": round(summary["last"]["min_ms"] / summary["all"]["min_ms"], 3),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,9 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     result = measure(args.folder, args.baseline, args.threads, args.prompt, args.repeats)
-    result.update({"command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
-                   "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)",
-                   "onnxruntime": onnxruntime.__version__})
+    result.update(
+        {
+            "command": " ".join(["python", *sys.argv]),
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)",
+            "onnxruntime": onnxruntime.__version__,
+        }
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:  # a list of runs: each call adds its own

@@ -32,16 +32,38 @@ def make(name: str, folder: Path) -> Path:
 
     if name == "model-b":
         torch.manual_seed(2)
-        model = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=VOCAB, hidden_size=640, intermediate_size=1664, num_hidden_layers=8, num_attention_heads=10,
-            num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
-            bos_token_id=None, eos_token_id=0, pad_token_id=0))
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=VOCAB,
+                hidden_size=640,
+                intermediate_size=1664,
+                num_hidden_layers=8,
+                num_attention_heads=10,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                tie_word_embeddings=False,
+                bos_token_id=None,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
+        )
     elif name == "model-a":
         torch.manual_seed(1)
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
-            bos_token_id=None, eos_token_id=0, pad_token_id=0))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=512,
+                intermediate_size=1408,
+                num_hidden_layers=8,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                tie_word_embeddings=False,
+                bos_token_id=None,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
+        )
     else:
         raise SystemExit(f"unknown model {name!r}: model-a or model-b")
     model.save_pretrained(str(folder))

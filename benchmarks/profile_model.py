@@ -38,8 +38,10 @@ def profile(folder: str, past: int, threads: int, calls: int) -> dict:
     d = manifest["dims"]
     load_start = load_average()
     rng = np.random.default_rng(0)
-    feeds = {"inputs_embeds": rng.normal(0, 0.02, size=(1, 1, d["hidden"])).astype(np.float32),
-             "attention_mask": np.ones((1, past + 1), dtype=np.int64)}
+    feeds = {
+        "inputs_embeds": rng.normal(0, 0.02, size=(1, 1, d["hidden"])).astype(np.float32),
+        "attention_mask": np.ones((1, past + 1), dtype=np.int64),
+    }
     for name in past_names(d["layers"]):
         feeds[name] = rng.normal(size=(1, d["kv_heads"], past, d["head_dim"])).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="prism-profile-") as tmp:
@@ -47,8 +49,9 @@ def profile(folder: str, past: int, threads: int, calls: int) -> dict:
         opts.intra_op_num_threads = threads
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(Path(folder) / manifest["files"]["graph_with_past"]["name"]), opts,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(Path(folder) / manifest["files"]["graph_with_past"]["name"]), opts, providers=["CPUExecutionProvider"]
+        )
         for _ in range(3 + calls):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -60,10 +63,19 @@ def profile(folder: str, past: int, threads: int, calls: int) -> dict:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= t0:
             by_op[e["args"].get("op_name", "?")] += e["dur"] / calls
     kernels = sum(by_op.values())
-    return {"folder": folder, "precision": manifest["precision"], "quantization": {k: v for k, v in
-            (manifest.get("quantization") or {}).items() if k != "graphs"}, "past": past, "threads": threads,
-            "calls": calls, "step_us": step_us, "kernels_us": kernels, "between_kernels_us": step_us - kernels,
-            "by_op_us": dict(sorted(by_op.items(), key=lambda kv: -kv[1])), "load_average": [load_start, load_average()]}
+    return {
+        "folder": folder,
+        "precision": manifest["precision"],
+        "quantization": {k: v for k, v in (manifest.get("quantization") or {}).items() if k != "graphs"},
+        "past": past,
+        "threads": threads,
+        "calls": calls,
+        "step_us": step_us,
+        "kernels_us": kernels,
+        "between_kernels_us": step_us - kernels,
+        "by_op_us": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+        "load_average": [load_start, load_average()],
+    }
 
 
 def weights_only(folder: str, threads: int, calls: int, past: int) -> dict:
@@ -86,8 +98,12 @@ def weights_only(folder: str, threads: int, calls: int, past: int) -> dict:
     keep, inputs, outputs = [], [], []
     for node in model.graph.node:
         weight_fed = node.op_type == "MatMulNBits" or (
-            node.op_type == "MatMul" and (node.input[1] in inits or (node.input[1] in producers and
-                                                                    producers[node.input[1]].op_type == "DequantizeLinear")))
+            node.op_type == "MatMul"
+            and (
+                node.input[1] in inits
+                or (node.input[1] in producers and producers[node.input[1]].op_type == "DequantizeLinear")
+            )
+        )
         if not weight_fed:
             continue
         if node.op_type == "MatMul" and node.input[1] in producers:
@@ -95,8 +111,11 @@ def weights_only(folder: str, threads: int, calls: int, past: int) -> dict:
         k = next(a.i for a in node.attribute if a.name == "K") if node.op_type == "MatMulNBits" else None
         if k is None:
             w = node.input[1]
-            dims = (next(t for t in model.graph.initializer if t.name == w).dims if w in inits else
-                    next(t for t in model.graph.initializer if t.name == producers[w].input[0]).dims)
+            dims = (
+                next(t for t in model.graph.initializer if t.name == w).dims
+                if w in inits
+                else next(t for t in model.graph.initializer if t.name == producers[w].input[0]).dims
+            )
             k = dims[0]
         x = f"x{len(inputs)}"
         inputs.append(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [1, 1, k]))
@@ -122,9 +141,13 @@ def weights_only(folder: str, threads: int, calls: int, past: int) -> dict:
     full = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     d = manifest["dims"]
-    wfeeds = {i.name: rng.normal(size=[1, 1, i.type.tensor_type.shape.dim[2].dim_value]).astype(np.float32) for i in inputs}
-    ffeeds = {"inputs_embeds": rng.normal(0, 0.02, size=(1, 1, d["hidden"])).astype(np.float32),
-              "attention_mask": np.ones((1, past + 1), dtype=np.int64)}
+    wfeeds = {
+        i.name: rng.normal(size=[1, 1, i.type.tensor_type.shape.dim[2].dim_value]).astype(np.float32) for i in inputs
+    }
+    ffeeds = {
+        "inputs_embeds": rng.normal(0, 0.02, size=(1, 1, d["hidden"])).astype(np.float32),
+        "attention_mask": np.ones((1, past + 1), dtype=np.int64),
+    }
     for name in past_names(d["layers"]):
         ffeeds[name] = rng.normal(size=(1, d["kv_heads"], past, d["head_dim"])).astype(np.float32)
     load_start = load_average()
@@ -136,10 +159,19 @@ def weights_only(folder: str, threads: int, calls: int, past: int) -> dict:
             if i >= 3:
                 times[label].append((time.perf_counter_ns() - t0) * 1e-9)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    return {"folder": folder, "precision": manifest["precision"], "weight_nodes": len(inputs), "past": past,
-            "threads": threads, "calls": calls, "full_step_s": med["full"], "weights_only_s": med["weights"],
-            "rest_s": med["full"] - med["weights"], "nodes_in_step": len(onnx.load(str(path), load_external_data=False).graph.node),
-            "load_average": [load_start, load_average()]}
+    return {
+        "folder": folder,
+        "precision": manifest["precision"],
+        "weight_nodes": len(inputs),
+        "past": past,
+        "threads": threads,
+        "calls": calls,
+        "full_step_s": med["full"],
+        "weights_only_s": med["weights"],
+        "rest_s": med["full"] - med["weights"],
+        "nodes_in_step": len(onnx.load(str(path), load_external_data=False).graph.node),
+        "load_average": [load_start, load_average()],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,15 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     for folder in args.folders if args.weights_only else []:
         r = weights_only(folder, args.threads, args.calls, args.past)
         results.append(r)
-        print(f"{folder} ({r['precision']}): step {r['full_step_s'] * 1e3:.2f} ms, its {r['weight_nodes']} weight ops alone "
-              f"{r['weights_only_s'] * 1e3:.2f} ms, the other {r['nodes_in_step'] - r['weight_nodes']} nodes "
-              f"{r['rest_s'] * 1e3:.2f} ms; load {r['load_average']}")
+        print(
+            f"{folder} ({r['precision']}): step {r['full_step_s'] * 1e3:.2f} ms, its {r['weight_nodes']} weight ops alone "
+            f"{r['weights_only_s'] * 1e3:.2f} ms, the other {r['nodes_in_step'] - r['weight_nodes']} nodes "
+            f"{r['rest_s'] * 1e3:.2f} ms; load {r['load_average']}"
+        )
     for folder in [] if args.weights_only else args.folders:
         r = profile(folder, args.past, args.threads, args.calls)
         results.append(r)
         top = ", ".join(f"{op} {us / 1e3:.2f}" for op, us in list(r["by_op_us"].items())[:6])
-        print(f"{folder} ({r['precision']}): step {r['step_us'] / 1e3:.2f} ms = kernels {r['kernels_us'] / 1e3:.2f} ms "
-              f"({top}) + between kernels {r['between_kernels_us'] / 1e3:.2f} ms; load {r['load_average']}")
+        print(
+            f"{folder} ({r['precision']}): step {r['step_us'] / 1e3:.2f} ms = kernels {r['kernels_us'] / 1e3:.2f} ms "
+            f"({top}) + between kernels {r['between_kernels_us'] / 1e3:.2f} ms; load {r['load_average']}"
+        )
     if args.json:
         path = Path(args.json)
         old = json.loads(path.read_text()) if path.is_file() else []

@@ -31,7 +31,9 @@ def profile(adapter_path: str, precision: str, batch: int, threads: int, calls: 
         path = Path(tmp) / "adapter.onnx"
         extra = {}
         if precision == "int8-qdq":
-            extra["calib"] = np.random.default_rng(12345).standard_normal((256, adapter.config.in_dim), dtype=np.float32)
+            extra["calib"] = np.random.default_rng(12345).standard_normal(
+                (256, adapter.config.in_dim), dtype=np.float32
+            )
         export_onnx(adapter, path, precision=precision, **extra)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -57,13 +59,20 @@ def profile(adapter_path: str, precision: str, batch: int, threads: int, calls: 
             by_node[e["name"].removesuffix("_kernel_time")] += e["dur"] / calls
     total = sum(by_op.values())
     return {
-        "adapter": adapter_path, "precision": precision, "batch": batch, "threads": threads, "calls": calls,
+        "adapter": adapter_path,
+        "precision": precision,
+        "batch": batch,
+        "threads": threads,
+        "calls": calls,
         "model_run_ms": sum(r["dur"] for r in timed) / calls / 1e3,
         "kernel_ms": total / 1e3,
-        "by_op_type": [{"op": k, "ms": v / 1e3, "share": v / total} for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])],
+        "by_op_type": [
+            {"op": k, "ms": v / 1e3, "share": v / total} for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])
+        ],
         "top_nodes": [{"node": k, "ms": v / 1e3} for k, v in sorted(by_node.items(), key=lambda kv: -kv[1])[:8]],
         "machine": {k: v for k, v in describe_machine().items() if k in ("cpu_model", "cpu_cores", "versions")},
-        "load_average_start": load_start, "load_average_end": load_average(),
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
     }
 
 
@@ -77,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="append this profile to a JSON list in FILE")
     args = p.parse_args(argv)
     result = profile(args.adapter, args.precision, args.batch, args.threads, args.calls)
-    print(f"{args.adapter} {args.precision} batch {args.batch}, {args.threads} thread(s): "
-          f"{result['model_run_ms']:.2f} ms per run, {result['kernel_ms']:.2f} ms in kernels")
+    print(
+        f"{args.adapter} {args.precision} batch {args.batch}, {args.threads} thread(s): "
+        f"{result['model_run_ms']:.2f} ms per run, {result['kernel_ms']:.2f} ms in kernels"
+    )
     for row in result["by_op_type"][:8]:
         print(f"  {row['op']:<20} {row['ms']:9.3f} ms  {row['share'] * 100:5.1f} %")
     if args.json:

@@ -70,8 +70,13 @@ def convert(src: Path, model: Path, out: Path) -> None:
     if not script.is_file():
         raise SystemExit(f"error: {src}: no convert_hf_to_gguf.py (the sdist's vendor/llama.cpp)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(script), str(model), "--outtype", "f32", "--outfile", str(out)],
-                          check=False, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(script), str(model), "--outtype", "f32", "--outfile", str(out)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0 or not out.is_file():
         raise SystemExit(f"error: convert_hf_to_gguf.py failed: {done.stderr.strip().splitlines()[-1:]}")
 
@@ -102,14 +107,21 @@ def tensor_types(path: Path) -> dict[str, int]:
 def load(path: Path, threads: int):
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=WINDOW, n_batch=WINDOW, n_threads=threads, n_threads_batch=threads,
-                 logits_all=True, verbose=False)
+    return Llama(
+        model_path=str(path),
+        n_ctx=WINDOW,
+        n_batch=WINDOW,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=True,
+        verbose=False,
+    )
 
 
 def logits_of(llm, window: np.ndarray) -> np.ndarray:
     llm.reset()
     llm.eval([int(t) for t in window])
-    return np.array(llm.scores[:len(window)], dtype=np.float32)
+    return np.array(llm.scores[: len(window)], dtype=np.float32)
 
 
 def decode_steps(llm, prompt: np.ndarray, steps: int) -> list[float]:
@@ -142,12 +154,22 @@ def agreement(got: list[np.ndarray], ref: list[np.ndarray]) -> float:
 def compare(results_file: Path, peer_ratio: float, float_ppl: float) -> dict:
     """Each int4 case of a quant_real.py results file against Q4_K_M's perplexity ratio."""
     other = json.loads(results_file.read_text())
-    verdicts = {name: {"ppl_ratio": c["ppl_ratio"], "top1_agreement": c["top1_agreement"],
-                       "no_worse_than_q4_k_m": c["ppl_ratio"] <= peer_ratio}
-                for name, c in other["cases"].items() if name.startswith("int4")}
-    return {"file": str(results_file), "its_fp32_perplexity": other["fp32_perplexity"],
-            "same_text": abs(other["fp32_perplexity"] - float_ppl) / float_ppl < 1e-3,
-            "q4_k_m_ppl_ratio": peer_ratio, "int4_cases": verdicts}
+    verdicts = {
+        name: {
+            "ppl_ratio": c["ppl_ratio"],
+            "top1_agreement": c["top1_agreement"],
+            "no_worse_than_q4_k_m": c["ppl_ratio"] <= peer_ratio,
+        }
+        for name, c in other["cases"].items()
+        if name.startswith("int4")
+    }
+    return {
+        "file": str(results_file),
+        "its_fp32_perplexity": other["fp32_perplexity"],
+        "same_text": abs(other["fp32_perplexity"] - float_ppl) / float_ppl < 1e-3,
+        "q4_k_m_ppl_ratio": peer_ratio,
+        "int4_cases": verdicts,
+    }
 
 
 def main() -> int:
@@ -207,11 +229,15 @@ def main() -> int:
     cases: dict[str, dict] = {}
     for n in names:
         ppl = perplexity(logits[n], windows)
-        cases[n] = {"perplexity": round(ppl, 4), "ppl_ratio": round(ppl / ref_ppl, 4),
-                    "ppl_ratio_to_float_model": round(ppl / float_ppl, 4),
-                    "top1_agreement": round(agreement(logits[n], logits[REFERENCE]), 4),
-                    "top1_agreement_with_float_model": round(agreement(logits[n], float_ref), 4),
-                    "file_bytes": files[n].stat().st_size, "tensor_types": tensor_types(files[n])}
+        cases[n] = {
+            "perplexity": round(ppl, 4),
+            "ppl_ratio": round(ppl / ref_ppl, 4),
+            "ppl_ratio_to_float_model": round(ppl / float_ppl, 4),
+            "top1_agreement": round(agreement(logits[n], logits[REFERENCE]), 4),
+            "top1_agreement_with_float_model": round(agreement(logits[n], float_ref), 4),
+            "file_bytes": files[n].stat().st_size,
+            "tensor_types": tensor_types(files[n]),
+        }
         print(f"{n}: ppl {ppl:.3f} ({ppl / ref_ppl:.4f}x F32), top-1 {cases[n]['top1_agreement']:.4f}", flush=True)
     prompt = windows[0][:64]
     step_times: dict[str, list[float]] = {n: [] for n in names}
@@ -221,21 +247,29 @@ def main() -> int:
     ref_ms = statistics.median(step_times[REFERENCE]) * 1e3
     for n in names:
         ms = statistics.median(step_times[n]) * 1e3
-        cases[n].update(decode_ms=round(ms, 3), decode_ms_min=round(min(step_times[n]) * 1e3, 3),
-                        decode_speedup=round(ref_ms / ms, 3))
+        cases[n].update(
+            decode_ms=round(ms, 3),
+            decode_ms_min=round(min(step_times[n]) * 1e3, 3),
+            decode_speedup=round(ref_ms / ms, 3),
+        )
         print(f"{n}: decode {ms:.2f} ms/token ({ref_ms / ms:.2f}x F32)", flush=True)
     import llama_cpp
 
-    out = {"what": "SmolLM2-135M-Instruct through llama.cpp (llama-cpp-python) on the held-out token ids of "
-                   "quant_real.py, CPU", "command": " ".join(["python", "benchmarks/quant_llamacpp.py",
-                                                               *_public(sys.argv[1:], LOCAL)]),
-           "started": started,
-           "finished": {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load_average": load_average()},
-           "machine": {**describe_machine(), "llama_cpp_python": llama_cpp.__version__}, "threads": args.threads,
-           "held_out_tokens": int(sum(len(w) for w in windows)),
-           "float_model_perplexity": round(float_ppl, 4), "f32_perplexity": round(ref_ppl, 4),
-           "f32_top1_agreement_with_float_model": cases[REFERENCE]["top1_agreement_with_float_model"],
-           "decode": {"prompt": len(prompt), "steps": args.steps, "reps": args.reps}, "cases": cases}
+    out = {
+        "what": "SmolLM2-135M-Instruct through llama.cpp (llama-cpp-python) on the held-out token ids of "
+        "quant_real.py, CPU",
+        "command": " ".join(["python", "benchmarks/quant_llamacpp.py", *_public(sys.argv[1:], LOCAL)]),
+        "started": started,
+        "finished": {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load_average": load_average()},
+        "machine": {**describe_machine(), "llama_cpp_python": llama_cpp.__version__},
+        "threads": args.threads,
+        "held_out_tokens": int(sum(len(w) for w in windows)),
+        "float_model_perplexity": round(float_ppl, 4),
+        "f32_perplexity": round(ref_ppl, 4),
+        "f32_top1_agreement_with_float_model": cases[REFERENCE]["top1_agreement_with_float_model"],
+        "decode": {"prompt": len(prompt), "steps": args.steps, "reps": args.reps},
+        "cases": cases,
+    }
     if args.compare and PEER in cases:
         if Path(args.compare).is_file():
             out["compare"] = compare(Path(args.compare), cases[PEER]["ppl_ratio"], float_ppl)

@@ -45,8 +45,10 @@ CASES = {
     "int4-mixed": ("int4", {"mixed": True}),
     "int4-k_quant-mixed": ("int4", {"algorithm": "k_quant", "mixed": True}),
 }
-TARGETS = {"int8": {"ppl_ratio": 1.02, "top1": 0.97, "decode_speedup": 1.8},
-           "int4": {"ppl_ratio": 1.10, "top1": 0.85, "decode_speedup": 2.5}}
+TARGETS = {
+    "int8": {"ppl_ratio": 1.02, "top1": 0.97, "decode_speedup": 1.8},
+    "int4": {"ppl_ratio": 1.10, "top1": 0.85, "decode_speedup": 2.5},
+}
 WINDOW = 256
 
 
@@ -55,7 +57,7 @@ def held_out_ids(tokenizer, windows: int) -> list[np.ndarray]:
     from prism_deploy.core import corpus
 
     ids = np.asarray(tokenizer(corpus.default().text("held_out"))["input_ids"], dtype=np.int64)
-    return [ids[i * WINDOW:(i + 1) * WINDOW] for i in range(min(windows, len(ids) // WINDOW))]
+    return [ids[i * WINDOW : (i + 1) * WINDOW] for i in range(min(windows, len(ids) // WINDOW))]
 
 
 def session(path: Path, threads: int):
@@ -69,8 +71,13 @@ def session(path: Path, threads: int):
 
 def logits_on(folder: Path, table: np.ndarray, windows: list[np.ndarray], threads: int) -> list[np.ndarray]:
     s = session(folder / "last.onnx", threads)
-    return [s.run(["logits"], {"inputs_embeds": table[w[None]].astype(np.float32),
-                               "attention_mask": np.ones((1, len(w)), np.int64)})[0][0] for w in windows]
+    return [
+        s.run(
+            ["logits"],
+            {"inputs_embeds": table[w[None]].astype(np.float32), "attention_mask": np.ones((1, len(w)), np.int64)},
+        )[0][0]
+        for w in windows
+    ]
 
 
 def perplexity(logits: list[np.ndarray], windows: list[np.ndarray]) -> float:
@@ -83,8 +90,17 @@ def perplexity(logits: list[np.ndarray], windows: list[np.ndarray]) -> float:
     return float(np.exp(np.concatenate(nll).mean()))
 
 
-def decode_steps(folder: Path, table: np.ndarray, prompt: np.ndarray, steps: int, threads: int, layers: int,
-                 kv_heads: int, head_dim: int, sess=None) -> tuple[list[float], list[int]]:
+def decode_steps(
+    folder: Path,
+    table: np.ndarray,
+    prompt: np.ndarray,
+    steps: int,
+    threads: int,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    sess=None,
+) -> tuple[list[float], list[int]]:
     s = sess or session(folder / "last_with_past.onnx", threads)
     names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     past = {n: np.zeros((1, kv_heads, 0, head_dim), np.float32) for n in names}
@@ -97,7 +113,11 @@ def decode_steps(folder: Path, table: np.ndarray, prompt: np.ndarray, steps: int
         tokens.append(tok)
         past = dict(zip(names, outs[1:]))
         total += 1
-        feeds = {"inputs_embeds": table[[[tok]]].astype(np.float32), "attention_mask": np.ones((1, total), np.int64), **past}
+        feeds = {
+            "inputs_embeds": table[[[tok]]].astype(np.float32),
+            "attention_mask": np.ones((1, total), np.int64),
+            **past,
+        }
         t0 = time.perf_counter()
         outs = s.run(None, feeds)
         times.append(time.perf_counter() - t0)
@@ -166,13 +186,21 @@ def main() -> int:
             folder.mkdir(parents=True, exist_ok=True)
             graphs, plan, plan_errors = {}, None, None
             for key, graph in (("graph", "last.onnx"), ("graph_with_past", "last_with_past.onnx")):
-                graphs[key] = quantize.quantize_graph(fp32 / graph, folder / graph, spec,
-                                                      activations=activations if spec.needs_calibration else None,
-                                                      plan=plan, plan_errors=plan_errors)
+                graphs[key] = quantize.quantize_graph(
+                    fp32 / graph,
+                    folder / graph,
+                    spec,
+                    activations=activations if spec.needs_calibration else None,
+                    plan=plan,
+                    plan_errors=plan_errors,
+                )
                 if spec.mixed:
                     plan, plan_errors = quantize.plan_of(graphs[key])
-            record_file.write_text(json.dumps({"quantization": {**spec.to_json(), "graphs": graphs},
-                                               "seconds": round(time.time() - t0, 1)}))
+            record_file.write_text(
+                json.dumps(
+                    {"quantization": {**spec.to_json(), "graphs": graphs}, "seconds": round(time.time() - t0, 1)}
+                )
+            )
         manifest = json.loads((fp32 / "model.json").read_text())
         if options is not None:
             manifest = {**manifest, **json.loads(record_file.read_text())}
@@ -194,38 +222,68 @@ def main() -> int:
         plan = None
         if q:
             g = q["graphs"]["graph_with_past"]
-            plan = {label: sum(1 for b in g["plan"].values() if b == bits) for label, bits in
-                    (("int4", 4), ("int8", 8), ("float", None))}
-        results[name] = {"perplexity": round(ppl, 4), "ppl_ratio": round(ppl / ref_ppl, 4), "top1_agreement": round(agree, 4),
-                         "plan": plan, "quantize_s": exports[name]["manifest"].get("seconds"), "weights_bytes": q["graphs"]["graph_with_past"]["quantized_bytes"] if q else None,
-                         "options": CASES[name][1]}
+            plan = {
+                label: sum(1 for b in g["plan"].values() if b == bits)
+                for label, bits in (("int4", 4), ("int8", 8), ("float", None))
+            }
+        results[name] = {
+            "perplexity": round(ppl, 4),
+            "ppl_ratio": round(ppl / ref_ppl, 4),
+            "top1_agreement": round(agree, 4),
+            "plan": plan,
+            "quantize_s": exports[name]["manifest"].get("seconds"),
+            "weights_bytes": q["graphs"]["graph_with_past"]["quantized_bytes"] if q else None,
+            "options": CASES[name][1],
+        }
         print(f"{name}: ppl {ppl:.3f} ({ppl / ref_ppl:.4f}x), top-1 {agree:.4f}, plan {plan}", flush=True)
     prompt = windows[0][:64]
     sessions = {n: session(exports[n]["folder"] / "last_with_past.onnx", args.threads) for n in names}
     step_times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.reps):  # interleaved: each repetition runs every case in turn
         for n in names:
-            times, _ = decode_steps(exports[n]["folder"], table, prompt, args.steps, args.threads, dims["layers"],
-                                    dims["kv_heads"], dims["head_dim"], sess=sessions[n])
+            times, _ = decode_steps(
+                exports[n]["folder"],
+                table,
+                prompt,
+                args.steps,
+                args.threads,
+                dims["layers"],
+                dims["kv_heads"],
+                dims["head_dim"],
+                sess=sessions[n],
+            )
             step_times[n].append(statistics.median(times))
     fp32_ms = statistics.median(step_times["fp32"]) * 1e3
     for n in names:
         ms = statistics.median(step_times[n]) * 1e3
-        results[n].update(decode_ms=round(ms, 3), decode_ms_min=round(min(step_times[n]) * 1e3, 3),
-                          decode_speedup=round(fp32_ms / ms, 3))
+        results[n].update(
+            decode_ms=round(ms, 3),
+            decode_ms_min=round(min(step_times[n]) * 1e3, 3),
+            decode_speedup=round(fp32_ms / ms, 3),
+        )
         print(f"{n}: decode {ms:.2f} ms/token ({fp32_ms / ms:.2f}x fp32)", flush=True)
     for n, r in results.items():
         kind = "int8" if n.startswith("int8") else "int4" if n.startswith("int4") else None
         if kind:
             t = TARGETS[kind]
-            r["targets"] = {k: {"target": v, "met": (r[k] <= v if k == "ppl_ratio" else r[k] >= v)} for k, v in t.items()
-                            for k in [{"ppl_ratio": "ppl_ratio", "top1": "top1_agreement", "decode_speedup": "decode_speedup"}[k]]}
-    out = {"what": "SmolLM2-135M-Instruct, held-out real text (the default corpus's held-out part), ONNX Runtime CPU",
-           "command": " ".join(["python", "benchmarks/quant_real.py", *_public(sys.argv[1:])]), "started": started,
-           "finished": {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load_average": load_average()},
-           "machine": {**describe_machine(), "argv": ["benchmarks/quant_real.py", *_public(sys.argv[1:])]}, "threads": args.threads, "held_out_tokens": int(sum(len(w) for w in windows)),
-           "fp32_perplexity": round(ref_ppl, 4), "decode": {"prompt": 64, "steps": args.steps, "reps": args.reps},
-           "targets": TARGETS, "cases": results}
+            r["targets"] = {
+                k: {"target": v, "met": (r[k] <= v if k == "ppl_ratio" else r[k] >= v)}
+                for k, v in t.items()
+                for k in [{"ppl_ratio": "ppl_ratio", "top1": "top1_agreement", "decode_speedup": "decode_speedup"}[k]]
+            }
+    out = {
+        "what": "SmolLM2-135M-Instruct, held-out real text (the default corpus's held-out part), ONNX Runtime CPU",
+        "command": " ".join(["python", "benchmarks/quant_real.py", *_public(sys.argv[1:])]),
+        "started": started,
+        "finished": {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load_average": load_average()},
+        "machine": {**describe_machine(), "argv": ["benchmarks/quant_real.py", *_public(sys.argv[1:])]},
+        "threads": args.threads,
+        "held_out_tokens": int(sum(len(w) for w in windows)),
+        "fp32_perplexity": round(ref_ppl, 4),
+        "decode": {"prompt": 64, "steps": args.steps, "reps": args.reps},
+        "targets": TARGETS,
+        "cases": results,
+    }
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.output}")
     return 0

@@ -50,8 +50,9 @@ def cli(*args: str, refusal_ok: bool = False) -> dict:
     comes back as ``{"refused": its error line}`` where ``refusal_ok``)."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "prism_deploy", *args, "--json"], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "prism_deploy", *args, "--json"], env=env, capture_output=True, text=True
+    )
     if refusal_ok and done.returncode == 1:
         return {"refused": done.stderr.strip().splitlines()[-1], "_wall_s": round(time.perf_counter() - t0, 1)}
     if done.returncode != 0:
@@ -89,8 +90,18 @@ def main() -> None:
     commands: list[str] = []
 
     first_dir = work / ("smol-int4-first" + ("-mixed" if a.mixed else ""))
-    export_args = ["export-model", str(model_dir), "--role", "first", "--precision", "int4",
-                   "-o", str(first_dir), "--max-seq", str(a.max_seq)] + (["--mixed"] if a.mixed else [])
+    export_args = [
+        "export-model",
+        str(model_dir),
+        "--role",
+        "first",
+        "--precision",
+        "int4",
+        "-o",
+        str(first_dir),
+        "--max-seq",
+        str(a.max_seq),
+    ] + (["--mixed"] if a.mixed else [])
     commands.append("prism-deploy " + " ".join(export_args))
     refusal_file = work / (first_dir.name + ".refusal.txt")
     refusal = refusal_file.read_text().strip() if refusal_file.exists() else None
@@ -106,8 +117,16 @@ def main() -> None:
             from prism_deploy.models.lm_export import export_model
 
             commands.append("export_model(..., validate=False)  # the same graph, without the refusing gate")
-            export_model(model_dir, "first", first_dir, precision="int4", max_seq=a.max_seq, validate=False,
-                         force=True, quantization=quantize.make_spec("int4", mixed=a.mixed))
+            export_model(
+                model_dir,
+                "first",
+                first_dir,
+                precision="int4",
+                max_seq=a.max_seq,
+                validate=False,
+                force=True,
+                quantization=quantize.make_spec("int4", mixed=a.mixed),
+            )
     manifest = json.loads((first_dir / "model.json").read_text())
     session = make_session(first_dir / manifest["files"]["graph"]["name"], "cpu")
 
@@ -132,7 +151,7 @@ def main() -> None:
 
     # 2. pairs on the calibration part
     t0 = time.perf_counter()
-    texts = corpus.default().part("calibration")[:a.texts]
+    texts = corpus.default().part("calibration")[: a.texts]
     xs, xs_fp, zs = [], [], []
     for text in texts:
         ids = np.asarray(tokenizer(text, truncation=True, max_length=a.max_seq)["input_ids"], dtype=np.int64)
@@ -149,8 +168,20 @@ def main() -> None:
     # 3. fit
     fits = {}
     for name, x in (("int4", "X"), ("fp32_control", "X_fp32")):
-        fit_args = ["fit", "--x", f"{pairs}:{x}", "--z", f"{pairs}:Z", "-o", str(work / f"adapter-{name}.safetensors"),
-                    "--grid", "1", "1", "--ridge", str(a.ridge)]
+        fit_args = [
+            "fit",
+            "--x",
+            f"{pairs}:{x}",
+            "--z",
+            f"{pairs}:Z",
+            "-o",
+            str(work / f"adapter-{name}.safetensors"),
+            "--grid",
+            "1",
+            "1",
+            "--ridge",
+            str(a.ridge),
+        ]
         commands.append("prism-deploy " + " ".join(fit_args))
         fits[name] = cli(*fit_args)
         timings[f"fit_{name}_s"] = fits[name]["_wall_s"]
@@ -159,8 +190,10 @@ def main() -> None:
 
     # 4. held-out windows
     t0 = time.perf_counter()
-    windows = [np.asarray(w, dtype=np.int64) for w in
-               corpus.token_windows(tokenizer, corpus.default().text("held_out"), a.max_seq, a.windows)]
+    windows = [
+        np.asarray(w, dtype=np.int64)
+        for w in corpus.token_windows(tokenizer, corpus.default().text("held_out"), a.max_seq, a.windows)
+    ]
     ref, cases = [], {k: [] for k in ("b_identity", "c_adapter", "d_control_fp32_adapter", "e_int4_alone")}
     head = model.get_output_embeddings().weight.detach().numpy()
     for ids in windows:
@@ -176,8 +209,12 @@ def main() -> None:
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
-                    "note": a.load_note},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(),
+            "note": a.load_note,
+        },
         "command": "python benchmarks/quant_recovery.py " + " ".join(sys.argv[1:]),
         "steps": commands,
         "model": real.SMOLLM2 if not a.model else str(model_dir.name),
@@ -185,8 +222,10 @@ def main() -> None:
         "pairs": {"texts": len(xs), "rows": int(X.shape[0]), "max_seq": a.max_seq},
         "held_out": {"windows": len(windows), "window_tokens": a.max_seq},
         "export_int4_first_refused": refusal,
-        "export_int4_first": {"precision": manifest["precision"],
-                              "quantization": {k: v for k, v in manifest["quantization"].items() if k != "graphs"}},
+        "export_int4_first": {
+            "precision": manifest["precision"],
+            "quantization": {k: v for k, v in manifest["quantization"].items() if k != "graphs"},
+        },
         "fit": {k: {kk: vv for kk, vv in v.items() if kk != "_wall_s"} for k, v in fits.items()},
         "quality_vs_fp32": quality,
         "timings_s": timings,
@@ -198,7 +237,9 @@ def main() -> None:
     tmp.write_text(text + "\n")
     tmp.replace(a.output)
     for k, v in quality.items():
-        print(f"{k:26s} top-1 {v['agreement']:.3f}  perplexity {v['perplexity']:.3f}  ratio {v['perplexity_ratio']:.3f}")
+        print(
+            f"{k:26s} top-1 {v['agreement']:.3f}  perplexity {v['perplexity']:.3f}  ratio {v['perplexity_ratio']:.3f}"
+        )
 
 
 def hf_tokenizer(model_dir: Path):

@@ -37,8 +37,14 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def run_level(call, inputs: list[np.ndarray], concurrency: int, requests: int, seconds: float,  # type: ignore[no-untyped-def]
-              make_state) -> dict[str, object]:
+def run_level(
+    call,
+    inputs: list[np.ndarray],
+    concurrency: int,
+    requests: int,
+    seconds: float,  # type: ignore[no-untyped-def]
+    make_state,
+) -> dict[str, object]:
     """``requests`` calls split over ``concurrency`` threads; each call's latency; stops after ``seconds``."""
     latencies: list[float] = []
     worst = [0.0]
@@ -80,10 +86,17 @@ def run_level(call, inputs: list[np.ndarray], concurrency: int, requests: int, s
     for t in threads:
         t.join(timeout=seconds + 60)
     wall = time.perf_counter() - started
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors), "error_examples": errors[:3],
-            "seconds": round(wall, 3), "throughput_rps": round(len(latencies) / wall, 1),
-            "p50_ms": round(1e3 * percentile(latencies, 50), 3), "p99_ms": round(1e3 * percentile(latencies, 99), 3),
-            "max_abs_diff_vs_in_process": worst[0]}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "seconds": round(wall, 3),
+        "throughput_rps": round(len(latencies) / wall, 1),
+        "p50_ms": round(1e3 * percentile(latencies, 50), 3),
+        "p99_ms": round(1e3 * percentile(latencies, 99), 3),
+        "max_abs_diff_vs_in_process": worst[0],
+    }
 
 
 def main() -> int:
@@ -123,8 +136,10 @@ def _run(args, levels, machine, load_start, work: Path) -> int:  # type: ignore[
     from prism_deploy.serving.server import TritonServer, ports
 
     build = work / "build"
-    build_engines(BuildRequest(adapter=Path(args.adapter), out_dir=build, target="ort-cpu", precisions=("fp32",)),
-                  log=lambda m: print(m, file=sys.stderr)).raise_for_failures()
+    build_engines(
+        BuildRequest(adapter=Path(args.adapter), out_dir=build, target="ort-cpu", precisions=("fp32",)),
+        log=lambda m: print(m, file=sys.stderr),
+    ).raise_for_failures()
     engines = load_engines(build)
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((1, args.seq, engines.in_dim)).astype(np.float32) for _ in range(32)]
@@ -167,39 +182,75 @@ def _run(args, levels, machine, load_start, work: Path) -> int:  # type: ignore[
         front.start()
         front_url = f"127.0.0.1:{front.server_address[1]}"
         for c in levels:
-            for name, call, state in (("http", http_call, lambda: Http(server.http_url)),
-                                      ("grpc", grpc_call, lambda: Grpc(server.grpc_url)),
-                                      ("http_front", http_call, lambda: Http(front_url))):
+            for name, call, state in (
+                ("http", http_call, lambda: Http(server.http_url)),
+                ("grpc", grpc_call, lambda: Grpc(server.grpc_url)),
+                ("http_front", http_call, lambda: Http(front_url)),
+            ):
                 row = run_level(call, inputs, c, args.requests, args.seconds, state)
                 results[name].append(row)
-                print(f"{name:10s} c={c:2d}: {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:.3f} ms  "
-                      f"p99 {row['p99_ms']:.3f} ms  errors {row['errors']}", file=sys.stderr)
+                print(
+                    f"{name:10s} c={c:2d}: {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:.3f} ms  "
+                    f"p99 {row['p99_ms']:.3f} ms  errors {row['errors']}",
+                    file=sys.stderr,
+                )
         front.stop()
-        stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics("adapter", headers=server.control_headers)
-    batch_stats = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]}
+        stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics(
+            "adapter", headers=server.control_headers
+        )
+    batch_stats = {
+        int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]
+    }
     for c in levels:
         row = run_level(lambda _s, x: np.asarray(engines.run(x)), inputs, c, args.requests, args.seconds, lambda: None)
         results["in_process"].append(row)
-        print(f"{'in-process':10s} c={c:2d}: {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:.3f} ms  "
-              f"p99 {row['p99_ms']:.3f} ms", file=sys.stderr)
-    overhead = {proto: {str(r["concurrency"]): round(float(r["p50_ms"]) / float(base["p50_ms"]), 2)  # type: ignore[arg-type]
-                        for r, base in zip(results[proto], results["in_process"])} for proto in ("http", "grpc", "http_front")}
-    throughput_ratio = {proto: {str(r["concurrency"]): round(float(r["throughput_rps"]) / float(base["throughput_rps"]), 3)  # type: ignore[arg-type]
-                                for r, base in zip(results[proto], results["in_process"])} for proto in ("http", "grpc", "http_front")}
+        print(
+            f"{'in-process':10s} c={c:2d}: {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:.3f} ms  "
+            f"p99 {row['p99_ms']:.3f} ms",
+            file=sys.stderr,
+        )
+    overhead = {
+        proto: {
+            str(r["concurrency"]): round(float(r["p50_ms"]) / float(base["p50_ms"]), 2)  # type: ignore[arg-type]
+            for r, base in zip(results[proto], results["in_process"])
+        }
+        for proto in ("http", "grpc", "http_front")
+    }
+    throughput_ratio = {
+        proto: {
+            str(r["concurrency"]): round(float(r["throughput_rps"]) / float(base["throughput_rps"]), 3)  # type: ignore[arg-type]
+            for r, base in zip(results[proto], results["in_process"])
+        }
+        for proto in ("http", "grpc", "http_front")
+    }
     out = {
         "benchmark": "prism-deploy serving load (benchmarks/serving_load.py)",
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine, "load_average_start": load_start, "load_average_end": load_average(),
-        "adapter": os.path.relpath(args.adapter, ROOT), "engine": engines.id,
+        "machine": machine,
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "adapter": os.path.relpath(args.adapter, ROOT),
+        "engine": engines.id,
         "request": {"shape": [1, args.seq, engines.in_dim], "dtype": "float32"},
-        "server": {"tritonserver": str(server.binary.path) if server.binary else None, "form": "python",
-                   "dynamic_batching": entries[0].config["dynamic_batching"], "max_batch_size": entries[0].config["max_batch_size"],
-                   "instances": 1, "backend_environment": be.info, "batch_sizes_executed": batch_stats},
+        "server": {
+            "tritonserver": str(server.binary.path) if server.binary else None,
+            "form": "python",
+            "dynamic_batching": entries[0].config["dynamic_batching"],
+            "max_batch_size": entries[0].config["max_batch_size"],
+            "instances": 1,
+            "backend_environment": be.info,
+            "batch_sizes_executed": batch_stats,
+        },
         "settings": {"requests_per_level": args.requests, "seconds_bound": args.seconds, "concurrency": levels},
-        "results": results, "p50_ratio_server_over_in_process": overhead,
+        "results": results,
+        "p50_ratio_server_over_in_process": overhead,
         "throughput_ratio_server_over_in_process": throughput_ratio,
     }
-    path = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / f"{datetime.now():%Y-%m-%d}-cpu-serving.json"
+    path = (
+        Path(args.json)
+        if args.json
+        else ROOT / "benchmarks" / "results" / f"{datetime.now():%Y-%m-%d}-cpu-serving.json"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

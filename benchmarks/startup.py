@@ -31,8 +31,13 @@ from prism_deploy.bench.machine import describe_machine, load_average  # noqa: E
 COMMANDS = {
     "python -c pass": [sys.executable, "-c", "pass"],
     "prism-deploy --help": [sys.executable, "-m", "prism_deploy", "--help"],
-    "prism-deploy inspect example": [sys.executable, "-m", "prism_deploy", "inspect",
-                                     "examples/demo-adapter.safetensors"],  # each runs in its checkout
+    "prism-deploy inspect example": [
+        sys.executable,
+        "-m",
+        "prism_deploy",
+        "inspect",
+        "examples/demo-adapter.safetensors",
+    ],  # each runs in its checkout
     "python -c 'import torch'": [sys.executable, "-c", "import torch"],
 }
 
@@ -48,8 +53,9 @@ def main() -> None:
     commands = {name: (argv, env, ROOT) for name, argv in COMMANDS.items()}
     if args.compare is not None:
         other = {**env, "PYTHONPATH": str(args.compare.resolve())}
-        rev = subprocess.run(["git", "-C", str(args.compare), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True).stdout.strip() or str(args.compare)
+        rev = subprocess.run(
+            ["git", "-C", str(args.compare), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip() or str(args.compare)
         for name in ("prism-deploy --help", "prism-deploy inspect example"):
             commands[f"{name} [{rev}]"] = (COMMANDS[name], other, args.compare.resolve())
     started = dt.datetime.now(dt.timezone.utc)
@@ -70,13 +76,22 @@ def main() -> None:
         "machine": {**describe_machine(), "load_average_start": load_start, "load_average_end": load_average()},
         "command": " ".join(["python benchmarks/startup.py", *sys.argv[1:]]),
         # paths relative to this checkout: a committed result names no machine's folders
-        "commands": {name: {"argv": commands[name][0][1:],
-                            "pythonpath": os.path.relpath(commands[name][1]["PYTHONPATH"], ROOT),
-                            "runs": len(s), "min_s": min(s),
-                            "median_s": statistics.median(s), "max_s": max(s)} for name, s in samples.items()},
+        "commands": {
+            name: {
+                "argv": commands[name][0][1:],
+                "pythonpath": os.path.relpath(commands[name][1]["PYTHONPATH"], ROOT),
+                "runs": len(s),
+                "min_s": min(s),
+                "median_s": statistics.median(s),
+                "max_s": max(s),
+            }
+            for name, s in samples.items()
+        },
     }
     for name, r in result["commands"].items():
-        print(f"{name:32s} median {r['median_s']:.3f} s  (min {r['min_s']:.3f}, max {r['max_s']:.3f}, {r['runs']} runs)")
+        print(
+            f"{name:32s} median {r['median_s']:.3f} s  (min {r['min_s']:.3f}, max {r['max_s']:.3f}, {r['runs']} runs)"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -68,8 +68,10 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     from prism_deploy.serving.watchdog import StubWatch
 
     build = work / "build"
-    build_engines(BuildRequest(adapter=Path(args.adapter), out_dir=build, target="ort-cpu", precisions=("fp32",)),
-                  log=lambda m: print(m, file=sys.stderr)).raise_for_failures()
+    build_engines(
+        BuildRequest(adapter=Path(args.adapter), out_dir=build, target="ort-cpu", precisions=("fp32",)),
+        log=lambda m: print(m, file=sys.stderr),
+    ).raise_for_failures()
     engines = load_engines(build)
     x = np.random.default_rng(0).standard_normal((1, 8, engines.in_dim)).astype(np.float32)
     expected = np.asarray(engines.run(x))
@@ -144,25 +146,38 @@ def _run(args: argparse.Namespace, work: Path) -> int:
                     window = [(t, k) for t, k in events if t > killed_at]
                 failed = [t for t, k in window if k == "error"]
                 first_ok = min((t for t, k in window if k == "ok" and t > max(failed, default=killed_at)), default=None)
-                kills.append({"stubs_killed": len(stubs), "recovered": bool(restart.get("ok")) and first_ok is not None,
-                              "restart_done_seconds": round(restart_done - killed_at, 3) if restart_done else None,
-                              "outage_seconds": round(first_ok - killed_at, 3) if failed and first_ok else 0.0,
-                              "failed_requests": len(failed), "wrong_answers": sum(k == "wrong" for _t, k in window),
-                              "restart": restart,
-                              # Triton holds a readiness request while the model reloads: the longest wait
-                              "readiness_longest_gap_seconds": round(max(
-                                  (b - a for (a, _), (b, _) in zip(readiness, readiness[1:])), default=0.0), 3),
-                              "readiness_turned_false": any(not r for t, r in readiness if t > killed_at)})
+                kills.append(
+                    {
+                        "stubs_killed": len(stubs),
+                        "recovered": bool(restart.get("ok")) and first_ok is not None,
+                        "restart_done_seconds": round(restart_done - killed_at, 3) if restart_done else None,
+                        "outage_seconds": round(first_ok - killed_at, 3) if failed and first_ok else 0.0,
+                        "failed_requests": len(failed),
+                        "wrong_answers": sum(k == "wrong" for _t, k in window),
+                        "restart": restart,
+                        # Triton holds a readiness request while the model reloads: the longest wait
+                        "readiness_longest_gap_seconds": round(
+                            max((b - a for (a, _), (b, _) in zip(readiness, readiness[1:])), default=0.0), 3
+                        ),
+                        "readiness_turned_false": any(not r for t, r in readiness if t > killed_at),
+                    }
+                )
                 print(json.dumps(kills[-1]), file=sys.stderr)
         finally:
             stop.set()
             for th in threads:
                 th.join(timeout=90)
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": describe_machine(),
-              "load_average_start": load_start, "load_average_end": load_average(),
-              "command": "python benchmarks/stub_recovery.py " + " ".join(argv_of(args)),
-              "clients": args.clients, "requests": len(events), "wrong_answers": sum(k == "wrong" for _t, k in events),
-              "kills": kills}
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe_machine(),
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "command": "python benchmarks/stub_recovery.py " + " ".join(argv_of(args)),
+        "clients": args.clients,
+        "requests": len(events),
+        "wrong_answers": sum(k == "wrong" for _t, k in events),
+        "kills": kills,
+    }
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")

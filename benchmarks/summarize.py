@@ -20,9 +20,11 @@ def machine_line(d: dict) -> str:
     gpu = f"GPU {m['gpu']['name']}, driver {m['gpu'].get('driver')}" if m.get("gpu") else "no GPU"
     v = m["versions"]
     libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "onnxruntime") if k in v)
-    return (f"{m['cpu_model']}, {m['cpu_cores']} cores, {gpu}; {libs}; threads {d['settings'].get('threads') or 'default'}; "
-            f"load average {m['load_average_start'][0]} at start, {m['load_average_end'][0]} at end; "
-            f"{d['started_utc']}")
+    return (
+        f"{m['cpu_model']}, {m['cpu_cores']} cores, {gpu}; {libs}; threads {d['settings'].get('threads') or 'default'}; "
+        f"load average {m['load_average_start'][0]} at start, {m['load_average_end'][0]} at end; "
+        f"{d['started_utc']}"
+    )
 
 
 def _ms(seconds: float | None) -> str:
@@ -42,12 +44,15 @@ def table(d: dict) -> str:
     ]
     every = {(f["precision"], f["batch"]): f.get("all_tiles", {}).get("floor_s") for f in d["floors"]}
     order = {"torch": 0, "torch-compile": 1, "ort-cpu": 2, "ort-cuda": 3, "kernel": 4, "trt": 5}
-    for c in sorted(d["cases"], key=lambda c: (c["precision"] != "fp32", c["precision"], c["batch"], order.get(c["backend"], 9))):
+    for c in sorted(
+        d["cases"], key=lambda c: (c["precision"] != "fp32", c["precision"], c["batch"], order.get(c["backend"], 9))
+    ):
         ratio = f"{c['ratio_to_torch']:.2f}" if c["ratio_to_torch"] is not None else "-"
         lines.append(
             f"| {c['precision']} | {c['batch']} | {c['backend']} | {c['median_s'] * 1e3:.3f} | "
             f"{c['p10_s'] * 1e3:.3f}-{c['p90_s'] * 1e3:.3f} | {c['tokens_per_s']:,.0f} | {ratio} | "
-            f"{c['ratio_to_floor']:.1f} ({c['floor_s'] * 1e3:.3f}) | {_ms(every.get((c['precision'], c['batch'])))} |")
+            f"{c['ratio_to_floor']:.1f} ({c['floor_s'] * 1e3:.3f}) | {_ms(every.get((c['precision'], c['batch'])))} |"
+        )
     for u in d["backends"]["unavailable"]:
         where = "".join(f" {u[k]}" for k in ("precision", "batch") if u.get(k) is not None)
         lines.append(f"\nNot run: {u['backend']}{where}: {u['reason']}")
@@ -56,8 +61,9 @@ def table(d: dict) -> str:
 
 def fp32_target(d: dict) -> str:
     """The issue's CPU target: ONNX Runtime CPU at least as fast as torch eager, fp32, every batch."""
-    rows = sorted((c for c in d["cases"] if (c["backend"], c["precision"]) == ("ort-cpu", "fp32")),
-                  key=lambda c: c["batch"])
+    rows = sorted(
+        (c for c in d["cases"] if (c["backend"], c["precision"]) == ("ort-cpu", "fp32")), key=lambda c: c["batch"]
+    )
     if not rows:
         return "not measured (no ort-cpu fp32 case)"
     parts = [f"batch {c['batch']}: {c['ratio_to_torch']:.2f}x" for c in rows]

@@ -220,7 +220,9 @@ def plan_layer3_pipe(in_dim: int, out_dim: int, num_workers: int = DEFAULT_WORKE
     aspect = out_dim / CUBIC_TILE
     R, C = _layer3_grid(out_dim, num_workers)
     plan = TilePlan(in_dim, out_dim, (R, C), _pow2_tile((R, C), in_dim, out_dim), num_workers)
-    notes = [f"grid chosen by the seed's literal aspect out_dim/512 = {aspect:.4g}, not out/in = {out_dim / in_dim:.4g}"]
+    notes = [
+        f"grid chosen by the seed's literal aspect out_dim/512 = {aspect:.4g}, not out/in = {out_dim / in_dim:.4g}"
+    ]
     if plan.padding_workers:
         alternatives = [
             p

@@ -17,13 +17,20 @@ def prose_and_code() -> tuple[list[str], list[str]]:
     import inspect
     import json.decoder
     import json.encoder
-
     import pydoc_data.topics as topics
 
-    prose = [line.strip() for key in sorted(topics.topics) for line in topics.topics[key].splitlines()
-             if len(line.strip()) > 30]
-    code = [line.strip() for mod in (json.encoder, json.decoder) for line in inspect.getsource(mod).splitlines()
-            if len(line.strip()) > 20]
+    prose = [
+        line.strip()
+        for key in sorted(topics.topics)
+        for line in topics.topics[key].splitlines()
+        if len(line.strip()) > 30
+    ]
+    code = [
+        line.strip()
+        for mod in (json.encoder, json.decoder)
+        for line in inspect.getsource(mod).splitlines()
+        if len(line.strip()) > 20
+    ]
     rng = np.random.default_rng(0)
     return [prose[i] for i in rng.permutation(len(prose))[:80]], [code[i] for i in rng.permutation(len(code))[:64]]
 
@@ -41,7 +48,9 @@ def fitted_on_prose(root: Path, llama: Path, qwen2: Path) -> dict[str, Path]:
     data = PairedData(f"{out['pairs']}:X", f"{out['pairs']}:Z", holdout=0.1)
     adapter, _ = fit_adapter(fit_config(64, 96, workers=8, top_k=None), data, FitOptions(method="joint"))
     adapter.save(out["adapter"])
-    assert main(["build", str(out["adapter"]), "-o", str(out["build"]), "--target", "ort-cpu", "--precision", "fp32"]) == 0
+    assert (
+        main(["build", str(out["adapter"]), "-o", str(out["build"]), "--target", "ort-cpu", "--precision", "fp32"]) == 0
+    )
     return out
 
 
@@ -52,5 +61,5 @@ def record_texts(folder: Path, tokenizer_dir: Path, texts: list[str], per_reques
     tok = load_tokenizer(tokenizer_dir)
     rec = record.Recorder(record.RecordSettings(folder), "first", Path(tokenizer_dir).name, len(tok))
     for i in range(0, len(texts), per_request):
-        enc = tok(texts[i:i + per_request], padding=True, truncation=True, max_length=MAX_SEQ, return_tensors="np")
+        enc = tok(texts[i : i + per_request], padding=True, truncation=True, max_length=MAX_SEQ, return_tensors="np")
         rec.offer(enc["input_ids"], enc["attention_mask"])

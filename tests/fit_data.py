@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def synthetic_pair(n: int, in_dim: int, out_dim: int, *, cond: float = 1.0, noise: float = 0.01,
-                   seed: int = 0, mean: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def synthetic_pair(
+    n: int, in_dim: int, out_dim: int, *, cond: float = 1.0, noise: float = 0.01, seed: int = 0, mean: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``X`` with singular values spread log-evenly over ``[1/cond, 1]`` in a random basis
     (so column blocks are correlated, as in real hidden states), a dense ``M``, and
     ``Z = X M^T + noise``. Returns ``(X, Z, M)``, float64."""
@@ -18,7 +19,9 @@ def synthetic_pair(n: int, in_dim: int, out_dim: int, *, cond: float = 1.0, nois
     return x, z, m
 
 
-def full_ls_holdout_error(x: np.ndarray, z: np.ndarray, held: np.ndarray, ridge: float = 0.0) -> tuple[np.ndarray, float]:
+def full_ls_holdout_error(
+    x: np.ndarray, z: np.ndarray, held: np.ndarray, ridge: float = 0.0
+) -> tuple[np.ndarray, float]:
     """The unconstrained full-matrix least-squares map on the training rows (SVD-based
     ``lstsq`` on ``X`` itself, not the normal equations) and its held-out relative error."""
     xt, zt = x[~held], z[~held]

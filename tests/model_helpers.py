@@ -27,8 +27,12 @@ def make_tokenizer(folder: Path, vocab_size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(SENTENCES * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
     assert len(fast) <= vocab_size
@@ -36,24 +40,56 @@ def make_tokenizer(folder: Path, vocab_size: int) -> None:
 
 
 def make_model(kind: str, folder: Path) -> Path:
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed({"llama": 1, "qwen2": 2, "gpt2": 3}[kind])
     if kind == "llama":
         vocab = 300
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                             bos_token_id=None, eos_token_id=0, pad_token_id=0))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                bos_token_id=None,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
+        )
     elif kind == "qwen2":
         vocab = 320
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                             bos_token_id=None, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False))
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=vocab,
+                hidden_size=96,
+                intermediate_size=192,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                bos_token_id=None,
+                eos_token_id=0,
+                pad_token_id=0,
+                tie_word_embeddings=False,
+            )
+        )
     else:
         vocab = 280
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=48, n_layer=2, n_head=4, n_positions=128,
-                                           bos_token_id=0, eos_token_id=0, pad_token_id=0))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab,
+                n_embd=48,
+                n_layer=2,
+                n_head=4,
+                n_positions=128,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
+        )
     model.save_pretrained(str(folder))
     make_tokenizer(folder, vocab)
     return folder

@@ -37,13 +37,19 @@ def make_stages(root: Path, zoo: dict[str, Path]) -> dict[str, Path]:
         random_adapter(simple_config(64, 96, (4, 2), top_k=top_k), seed=seed).save(z[name])
     for name in ("dense", "gated"):
         z[f"{name}_build"] = root / f"{name}_build"
-        result = build_engines(BuildRequest(adapter=z[name], out_dir=z[f"{name}_build"], target="ort-cpu",
-                                            precisions=("fp32",)), adapter_engine_check(z[name]), log=lambda _m: None)
+        result = build_engines(
+            BuildRequest(adapter=z[name], out_dir=z[f"{name}_build"], target="ort-cpu", precisions=("fp32",)),
+            adapter_engine_check(z[name]),
+            log=lambda _m: None,
+        )
         result.raise_for_failures()
     for name in ("A", "B"):  # the same models as `build --model` folders (engines + manifest)
         z[f"{name}_build"] = root / f"{name}_build"
-        build_model_engines(ModelBuildRequest(model_dir=z[name], out_dir=z[f"{name}_build"], target="ort-cpu"),
-                            model_graph_check(z[name]), log=lambda _m: None).raise_for_failures()
+        build_model_engines(
+            ModelBuildRequest(model_dir=z[name], out_dir=z[f"{name}_build"], target="ort-cpu"),
+            model_graph_check(z[name]),
+            log=lambda _m: None,
+        ).raise_for_failures()
     return z
 
 
@@ -106,10 +112,30 @@ def grpc_input(name: str, array: np.ndarray, dtype: str):  # type: ignore[no-unt
 def serve_process(repo: Path, http: int, grpc: int, metrics: int, log: Path) -> subprocess.Popen[str]:
     """``prism-deploy serve`` as a user runs it, in a process group of its own (so a test can stop it all)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "prism_deploy", "serve", str(repo), "--http-port", str(http),
-                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--log", str(log), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(repo.parent),
-                            start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prism_deploy",
+            "serve",
+            str(repo),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+            "--log",
+            str(log),
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=str(repo.parent),
+        start_new_session=True,
+    )
 
 
 def stop_process_group(proc: subprocess.Popen[str], timeout_s: float = 60) -> None:
@@ -133,8 +159,9 @@ def wait_ready(http_url: str, proc: subprocess.Popen[str] | None = None, timeout
     try:
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
-                raise AssertionError(f"serve exited early with {proc.returncode}: "
-                                     f"{proc.stderr.read() if proc.stderr else ''}")
+                raise AssertionError(
+                    f"serve exited early with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
+                )
             with contextlib.suppress(Exception):
                 if client.is_server_ready():
                     return
@@ -151,5 +178,3 @@ def children(pid: int) -> list[int]:
         with contextlib.suppress(OSError):
             out += [int(c) for c in (task / "children").read_text().split()]
     return out
-
-

@@ -25,8 +25,10 @@ def test_committed_example_is_what_the_script_makes(tmp_path):
     tool.demo_adapter().save(fresh)
     committed, made = load_adapter(EXAMPLE), load_adapter(fresh)
     assert committed.config == made.config == tool.demo_config()
-    assert (committed.config.source_model, committed.config.target_model) == (made.config.source_model,
-                                                                                made.config.target_model)
+    assert (committed.config.source_model, committed.config.target_model) == (
+        made.config.source_model,
+        made.config.target_model,
+    )
     assert metadata(EXAMPLE) == metadata(fresh)
     # saves are canonical (sorted header), so the committed file is the script's output byte for byte
     assert EXAMPLE.read_bytes() == fresh.read_bytes()

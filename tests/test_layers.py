@@ -42,8 +42,23 @@ ALLOWED: dict[str, set[str]] = {
     "parity": {"format", "reference", "lower", "builder", "runtime", "models", "target_backends"},
     # bench-model times model folders and their transformers source (bench/models.py)
     "bench": {"format", "reference", "plan", "kernel", "lower", "trt", "runtime", "models", "target_backends"},
-    "cli": {"format", "reference", "plan", "lower", "fuse", "builder", "runtime", "serving", "fit", "models", "parity",
-            "bench", "kernel", "trt", "target_backends"},
+    "cli": {
+        "format",
+        "reference",
+        "plan",
+        "lower",
+        "fuse",
+        "builder",
+        "runtime",
+        "serving",
+        "fit",
+        "models",
+        "parity",
+        "bench",
+        "kernel",
+        "trt",
+        "target_backends",
+    },
     # the package root names the user-facing pieces (lazily)
     "__init__": {"format", "reference", "plan", "runtime"},
     "__main__": {"cli"},
@@ -70,8 +85,11 @@ def imported_layers(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level > 0:
             raise AssertionError(f"{path}: relative import; this package imports absolutely")
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names
-                         if a.name.startswith("prism_deploy.") and a.name.count(".") >= 1)
+            found.update(
+                a.name.split(".")[1]
+                for a in node.names
+                if a.name.startswith("prism_deploy.") and a.name.count(".") >= 1
+            )
     return found
 
 
@@ -99,8 +117,10 @@ def test_shared_modules_import_no_layer(layer):
 def test_imports_follow_the_flow():
     wrong = {
         f"{src} -> {dst}": sorted(files)
-        for src, deps in import_table().items() if src not in SHARED
-        for dst, files in deps.items() if dst not in SHARED and dst not in ALLOWED[src]
+        for src, deps in import_table().items()
+        if src not in SHARED
+        for dst, files in deps.items()
+        if dst not in SHARED and dst not in ALLOWED[src]
     }
     assert wrong == {}
 
@@ -108,7 +128,9 @@ def test_imports_follow_the_flow():
 def test_the_check_sees_a_backward_import(tmp_path):
     """Negative control: the parser finds lazy, dotted and aliased imports."""
     src = tmp_path / "probe.py"
-    src.write_text("def f():\n    from prism_deploy.runtime.engines import open_entry\n"
-                   "    import prism_deploy.cli.main as m\n    from prism_deploy import core\n"
-                   "_LAZY = {'Pipeline': 'prism_deploy.runtime.chain', 'x': ('prism_deploy.fit', 'y')}\n")
+    src.write_text(
+        "def f():\n    from prism_deploy.runtime.engines import open_entry\n"
+        "    import prism_deploy.cli.main as m\n    from prism_deploy import core\n"
+        "_LAZY = {'Pipeline': 'prism_deploy.runtime.chain', 'x': ('prism_deploy.fit', 'y')}\n"
+    )
     assert imported_layers(src) == {"runtime", "cli", "core", "fit"}

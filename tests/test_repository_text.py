@@ -40,6 +40,9 @@ def test_no_committed_file_names_a_path_outside_the_repository():
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue  # binary: weights, images
-        found += [f"{name}:{i}" for i, line in enumerate(text.splitlines(), 1)
-                  if OUTSIDE.search(line) and name != "tests/test_repository_text.py"]
+        found += [
+            f"{name}:{i}"
+            for i, line in enumerate(text.splitlines(), 1)
+            if OUTSIDE.search(line) and name != "tests/test_repository_text.py"
+        ]
     assert not found, f"paths outside the repository in {found[:10]}"

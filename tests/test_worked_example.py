@@ -53,8 +53,9 @@ def test_worked_example_numbers(tmp_path):
     # the padded output of the dense pipe, before the cut to out_dim: [4, 2, 8, 21]
     pipe = adapter.pipe_list()[0]
     xp = pipe.padded_input(x)
-    torch.testing.assert_close(xp @ pipe.dense_weight(torch.float64).T, torch.tensor([[4.0, 2.0, 8.0, 21.0]],
-                                                                                     dtype=torch.float64))
+    torch.testing.assert_close(
+        xp @ pipe.dense_weight(torch.float64).T, torch.tensor([[4.0, 2.0, 8.0, 21.0]], dtype=torch.float64)
+    )
 
 
 def test_worked_example_ties():

@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
+from prism_deploy.core.ort_session import make_session
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.lower import build_model
-from prism_deploy.core.ort_session import make_session
 from prism_deploy.reference import random_adapter
 
 SHAPES = [

@@ -46,8 +46,17 @@ class Case:
     top_k: int
 
     def spec(self, tile_dtype: str, hidden_dtype: str) -> TileDispatchSpec:
-        return TileDispatchSpec(self.R, self.C, self.tr, self.tc, self.top_k, 1.0, self.out_dim,
-                                hidden_dtype=hidden_dtype, tile_dtype=tile_dtype)
+        return TileDispatchSpec(
+            self.R,
+            self.C,
+            self.tr,
+            self.tc,
+            self.top_k,
+            1.0,
+            self.out_dim,
+            hidden_dtype=hidden_dtype,
+            tile_dtype=tile_dtype,
+        )
 
 
 CASES = {
@@ -73,8 +82,12 @@ def floor_bytes(case: Case, scores: np.ndarray, tile_dtype: str, hidden_dtype: s
     scales = sum(rows) * 4 if tile_dtype == "int8" else 0
     T = scores.shape[0]
     act = T * case.in_dim * HIDDEN_BYTES[hidden_dtype] + scores.nbytes + T * case.out_dim * HIDDEN_BYTES[hidden_dtype]
-    return {"distinct_tiles": int(len(selected)), "tile_bytes": int(tiles + scales), "activation_bytes": int(act),
-            "floor_bytes": int(tiles + scales + act)}
+    return {
+        "distinct_tiles": int(len(selected)),
+        "tile_bytes": int(tiles + scales),
+        "activation_bytes": int(act),
+        "floor_bytes": int(tiles + scales + act),
+    }
 
 
 def print_floors(args: argparse.Namespace) -> list[dict]:
@@ -88,8 +101,10 @@ def print_floors(args: argparse.Namespace) -> list[dict]:
     if not args.json:
         print(f"{'case':22} {'tiles':8} {'T':>4} {'distinct':>8} {'tile MB':>9} {'act MB':>8} {'floor MB':>9}")
         for r in rows:
-            print(f"{r['case']:22} {r['tiles']:8} {r['T']:>4} {r['distinct_tiles']:>8} {r['tile_bytes'] / 1e6:>9.3f} "
-                  f"{r['activation_bytes'] / 1e6:>8.3f} {r['floor_bytes'] / 1e6:>9.3f}")
+            print(
+                f"{r['case']:22} {r['tiles']:8} {r['T']:>4} {r['distinct_tiles']:>8} {r['tile_bytes'] / 1e6:>9.3f} "
+                f"{r['activation_bytes'] / 1e6:>8.3f} {r['floor_bytes'] / 1e6:>9.3f}"
+            )
     return rows
 
 
@@ -120,7 +135,10 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:  # pragma: no cover - needs
     copy_us = timed(lambda i: copy_dst.copy_(copy_src), lambda i: None)
     copy_gbs = 2 * copy_src.numel() / (copy_us * 1e-6) / 1e9
     del copy_src, copy_dst
-    print(f"device: {torch.cuda.get_device_name()}, device-to-device copy {copy_gbs:.0f} GB/s (read+write)", file=sys.stderr)
+    print(
+        f"device: {torch.cuda.get_device_name()}, device-to-device copy {copy_gbs:.0f} GB/s (read+write)",
+        file=sys.stderr,
+    )
 
     results = []
     for key in args.cases:
@@ -133,7 +151,7 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:  # pragma: no cover - needs
             if dtype == "int8":
                 tiles = torch.randint(-127, 128, (W, tr, tc), dtype=torch.int8, device=dev, generator=gen)
                 scales = torch.rand(W, tr, device=dev, generator=gen) * 1e-3
-                dense_tiles = (tiles.to(torch.float16) * scales.to(torch.float16)[..., None])
+                dense_tiles = tiles.to(torch.float16) * scales.to(torch.float16)[..., None]
             else:
                 tiles = (torch.randn(W, tr, tc, device=dev, generator=gen) * 0.02).to(hdt)
                 scales = torch.ones(1, device=dev)
@@ -153,23 +171,40 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:  # pragma: no cover - needs
                 launcher(xs[0], ss[0], tiles, scales, out, stream)
                 err = relative_error(out, gather_sparse(xpad[0], ss[0], tiles, scales, case))
                 if not err < CHECK_TOLERANCE:
-                    raise SystemExit(f"error: {case.name} {dtype} T={T}: kernel disagrees with the torch gather "
-                                     f"baseline (relative L2 {err:.2e} >= {CHECK_TOLERANCE})")
-                k_us = timed(lambda i: launcher(xs[i % args.rotate], ss[i % args.rotate], tiles, scales, out, stream),
-                             lambda i: None)
+                    raise SystemExit(
+                        f"error: {case.name} {dtype} T={T}: kernel disagrees with the torch gather "
+                        f"baseline (relative L2 {err:.2e} >= {CHECK_TOLERANCE})"
+                    )
+                k_us = timed(
+                    lambda i: launcher(xs[i % args.rotate], ss[i % args.rotate], tiles, scales, out, stream),
+                    lambda i: None,
+                )
                 w16 = dense_w.to(hdt)
                 d_us = timed(lambda i: torch.matmul(xpad[i % args.rotate], w16), lambda i: None)
-                g_us = timed(lambda i: gather_sparse(xpad[i % args.rotate], ss[i % args.rotate], tiles, scales, case),
-                             lambda i: None)
+                g_us = timed(
+                    lambda i: gather_sparse(xpad[i % args.rotate], ss[i % args.rotate], tiles, scales, case),
+                    lambda i: None,
+                )
                 f = floor_bytes(case, seeded_scores(case, T, 0), dtype, hidden_dtype)
                 bw = f["floor_bytes"] / (k_us * 1e-6) / 1e9
-                results.append({
-                    "case": case.name, "tiles": dtype, "T": T, "rel_err_vs_gather": err, "kernel_us": k_us, "dense_cublas_us": d_us,
-                    "torch_gather_us": g_us, "speedup_vs_dense": d_us / k_us, "floor_bytes": f["floor_bytes"],
-                    "achieved_GBps": bw, "copy_GBps": copy_gbs, "fraction_of_copy": bw / copy_gbs,
-                    "floor_us_at_copy_bw": f["floor_bytes"] / (copy_gbs * 1e9) * 1e6,
-                    "device": torch.cuda.get_device_name(),
-                })
+                results.append(
+                    {
+                        "case": case.name,
+                        "tiles": dtype,
+                        "T": T,
+                        "rel_err_vs_gather": err,
+                        "kernel_us": k_us,
+                        "dense_cublas_us": d_us,
+                        "torch_gather_us": g_us,
+                        "speedup_vs_dense": d_us / k_us,
+                        "floor_bytes": f["floor_bytes"],
+                        "achieved_GBps": bw,
+                        "copy_GBps": copy_gbs,
+                        "fraction_of_copy": bw / copy_gbs,
+                        "floor_us_at_copy_bw": f["floor_bytes"] / (copy_gbs * 1e9) * 1e6,
+                        "device": torch.cuda.get_device_name(),
+                    }
+                )
                 print(json.dumps(results[-1]), file=sys.stderr)
             del dense_w, tiles, launcher
             torch.cuda.empty_cache()

@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{'pipe':20} {'hidden':8} {'tiles':8} {'arch':6} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9}")
     for r in rows:
-        print(f"{r['pipe']:20} {r['hidden']:8} {r['tiles']:8} {r['arch']:6} {r['registers']:>5} {r['stack_bytes']:>6} "
-              f"{r['spill_store_bytes']:>9} {r['spill_load_bytes']:>9}")
+        print(
+            f"{r['pipe']:20} {r['hidden']:8} {r['tiles']:8} {r['arch']:6} {r['registers']:>5} {r['stack_bytes']:>6} "
+            f"{r['spill_store_bytes']:>9} {r['spill_load_bytes']:>9}"
+        )
     return 0
 
 

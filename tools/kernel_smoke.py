@@ -56,9 +56,14 @@ def main() -> int:
             x, s, tiles, scales = random_inputs(rng, T, in_dim, R, C, tr, tc, tiles_dtype, hidden)
             out = torch.full((T, out_dim), float("nan"), dtype=getattr(torch, hidden), device=dev)
             q = torch.ones(1, device=dev) if scales is None else torch.from_numpy(scales).to(dev)
-            TileDispatchLauncher(spec)(torch.from_numpy(x).to(dev), torch.from_numpy(s).to(dev),
-                                       torch.from_numpy(tiles).to(dev), q, out,
-                                       torch.cuda.current_stream().cuda_stream)
+            TileDispatchLauncher(spec)(
+                torch.from_numpy(x).to(dev),
+                torch.from_numpy(s).to(dev),
+                torch.from_numpy(tiles).to(dev),
+                q,
+                out,
+                torch.cuda.current_stream().cuda_stream,
+            )
             torch.cuda.synchronize()
             got = out.float().cpu().numpy()
             ref = tile_dispatch(x.astype(np.float32), s, tiles, scales, **spec.attributes())

@@ -19,10 +19,10 @@ import onnx
 import torch
 from onnx import helper
 
-from prism_deploy.format import AdapterConfig, PipeSpec
-from prism_deploy.lower.adapter_onnx import AdapterGraphBuilder
 from prism_deploy.core.ort_session import make_session
 from prism_deploy.core.precision import Precision
+from prism_deploy.format import AdapterConfig, PipeSpec
+from prism_deploy.lower.adapter_onnx import AdapterGraphBuilder
 from prism_deploy.reference import load_adapter, random_adapter
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo-adapter.safetensors"
@@ -45,28 +45,45 @@ def main() -> None:
     args = ap.parse_args()
     cases = {
         "4096->4096 16x32 of 256x128 top 154": random_adapter(
-            AdapterConfig(4096, 4096, (PipeSpec("routed", (16, 32), (256, 128), 154),)), seed=0),
+            AdapterConfig(4096, 4096, (PipeSpec("routed", (16, 32), (256, 128), 154),)), seed=0
+        ),
         "1024->1024 8x8 of 128x128 top 16": random_adapter(
-            AdapterConfig(1024, 1024, (PipeSpec("routed", (8, 8), (128, 128), 16),)), seed=0),
+            AdapterConfig(1024, 1024, (PipeSpec("routed", (8, 8), (128, 128), 16),)), seed=0
+        ),
     }
     if args.demo.exists():
         cases["demo adapter (examples/demo-adapter.safetensors)"] = load_adapter(args.demo)
     rng = np.random.default_rng(0)
     for label, adapter in cases.items():
         x = rng.standard_normal((args.tokens, adapter.in_dim)).astype(np.float32)
-        ref = {i: np.sort(r.indices.numpy(), axis=1) for i, r in
-               enumerate(adapter.routings(torch.from_numpy(x).double())) if r is not None}
+        ref = {
+            i: np.sort(r.indices.numpy(), axis=1)
+            for i, r in enumerate(adapter.routings(torch.from_numpy(x).double()))
+            if r is not None
+        }
         # float32 reference (torch) as the yardstick of float32 rounding itself
-        ref32 = {i: np.sort(r.indices.numpy(), axis=1) for i, r in
-                 enumerate(adapter.routings(torch.from_numpy(x))) if r is not None}
-        got = {gd: selections(AdapterGraphBuilder(adapter.arrays(), Precision.FP16, "float32", "auto", gate_dtype=gd).model(), x)
-               for gd in ("float32", "float16")}
+        ref32 = {
+            i: np.sort(r.indices.numpy(), axis=1)
+            for i, r in enumerate(adapter.routings(torch.from_numpy(x)))
+            if r is not None
+        }
+        got = {
+            gd: selections(
+                AdapterGraphBuilder(adapter.arrays(), Precision.FP16, "float32", "auto", gate_dtype=gd).model(), x
+            )
+            for gd in ("float32", "float16")
+        }
         for i in ref:
+
             def flips(sel: np.ndarray) -> int:
                 return int((~(sel == ref[i]).all(axis=1)).sum())
-            print(f"{label:48s} pipe {adapter.config.pipes[i].name:7s} tokens {args.tokens}: sets differing from "
-                  f"float64: torch f32 {flips(ref32[i])}, graph f32 gate {flips(got['float32'][i])}, "
-                  f"graph f16 gate {flips(got['float16'][i])}", flush=True)
+
+            print(
+                f"{label:48s} pipe {adapter.config.pipes[i].name:7s} tokens {args.tokens}: sets differing from "
+                f"float64: torch f32 {flips(ref32[i])}, graph f32 gate {flips(got['float32'][i])}, "
+                f"graph f16 gate {flips(got['float16'][i])}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

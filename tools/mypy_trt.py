@@ -71,8 +71,15 @@ def main(argv: list[str]) -> int:
             "[mypy-tensorrt_bindings.*]\nignore_errors = True\n[mypy-tensorrt]\nignore_errors = True\n"
         )
         env = dict(os.environ, MYPYPATH=tmp)
-        cmd = [sys.executable, "-m", "mypy", "--config-file", str(config), "--no-incremental",
-               *(argv or ["prism_deploy/trt"])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(config),
+            "--no-incremental",
+            *(argv or ["prism_deploy/trt"]),
+        ]
         return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 

@@ -35,19 +35,25 @@ VARIANTS = [  # (label, precision, io dtype, calibrator)
 def table(label: str, adapter, provider: str, samples: int, batch: int, seq: int) -> None:  # type: ignore[no-untyped-def]
     calib = np.random.default_rng(1).standard_normal((1024, adapter.in_dim)).astype(np.float32)
     print(f"\n### {label}\n")
-    print("| precision | file size | max abs | rel L2 | cosine | selection match (ambiguous) | "
-          "worst tile rel. error | passed |")
+    print(
+        "| precision | file size | max abs | rel L2 | cosine | selection match (ambiguous) | "
+        "worst tile rel. error | passed |"
+    )
     print("|---|---:|---:|---:|---:|---|---:|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, precision, io, cal in VARIANTS:
             path = Path(tmp) / "m.onnx"
-            res = export_onnx(adapter, path, precision=precision, io_dtype=io, calib=calib if cal else None,
-                              calibrator=cal or "max")
+            res = export_onnx(
+                adapter, path, precision=precision, io_dtype=io, calib=calib if cal else None, calibrator=cal or "max"
+            )
             rep = check_parity(adapter, AdapterGraph(path, provider), samples=samples, batch=batch, seq=seq, seed=0)
             sel = ", ".join(f"{s['name']} {s['match_fraction']:.4f} ({s['ambiguous']})" for s in rep.selection) or "-"
             worst = max((w["relative"] for w in rep.top_workers), default=0.0)
-            print(f"| {name} | {res.bytes / 1024:,.0f} KiB | {rep.max_abs:.3g} | {rep.rel_l2:.3g} | "
-                  f"{rep.cosine:.7f} | {sel} | {worst:.3g} | {'yes' if rep.passed else 'NO'} |", flush=True)
+            print(
+                f"| {name} | {res.bytes / 1024:,.0f} KiB | {rep.max_abs:.3g} | {rep.rel_l2:.3g} | "
+                f"{rep.cosine:.7f} | {sel} | {worst:.3g} | {'yes' if rep.passed else 'NO'} |",
+                flush=True,
+            )
     print(f"\n{rep.tokens} tokens ({samples} x [{batch}, {seq}]), provider {provider}")
 
 
@@ -58,8 +64,14 @@ def main() -> None:
     args = ap.parse_args()
     table(f"shipped example ({args.demo.name})", load_adapter(args.demo), args.provider, 8, 4, 32)
     big = random_adapter(AdapterConfig(4096, 4096, (PipeSpec("routed", (16, 32), (256, 128), 154),)), seed=0)
-    table("4096 -> 4096, 16x32 grid of 256x128 tiles, top 154 of 512 (random_adapter seed 0)", big,
-          args.provider, 4, 4, 32)
+    table(
+        "4096 -> 4096, 16x32 grid of 256x128 tiles, top 154 of 512 (random_adapter seed 0)",
+        big,
+        args.provider,
+        4,
+        4,
+        32,
+    )
 
 
 if __name__ == "__main__":

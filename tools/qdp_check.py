@@ -43,7 +43,7 @@ EXAMPLE = ROOT / "examples" / "demo-adapter.safetensors"
 RTX_REFUSAL = "imports IPluginV3 plugins registered with an IPluginCreatorV3One creator only"
 NOT_FOUND = "Plugin not found"
 
-SHIM = '''\
+SHIM = """\
 # Written by prism-deploy tools/qdp_check.py: TensorRT-RTX's bindings as `tensorrt`, with the
 # `plugin` subpackage found in the TensorRT source checkout below.
 import tensorrt_rtx as _rtx
@@ -54,7 +54,7 @@ for _name in ("QuickPluginCreationRequest", "ISymExpr", "ISymExprs", "IPluginV3Q
     if _name not in globals():  # AOT interfaces TensorRT-RTX lacks: placeholders, never used
         globals()[_name] = type(_name, (), {"__init__": lambda self, *a, **k: None})
 __path__.append(%r)
-'''
+"""
 
 
 def make_shim(trt_source: Path, folder: Path) -> Path:
@@ -113,8 +113,11 @@ def child_functions(folder: Path) -> list[dict[str, object]]:
 
     register_tile_dispatch_plugin()  # the validators run here, at decoration
     plugin = QDP_REGISTRY[PLUGIN_ID]
-    check("registered with its validators", plugin.aot_impl_func is not None and plugin.impl_func is not None,
-          f"inputs {plugin.input_tensor_names}, attributes {list(plugin.input_attrs)}")
+    check(
+        "registered with its validators",
+        plugin.aot_impl_func is not None and plugin.impl_func is not None,
+        f"inputs {plugin.input_tensor_names}, attributes {list(plugin.input_attrs)}",
+    )
 
     def desc(dtype: object, *dims: int | None) -> object:
         exprs = tuple(trtp.ShapeExpr() if d is None else d for d in dims)
@@ -126,19 +129,30 @@ def child_functions(folder: Path) -> list[dict[str, object]]:
     for hidden_dtype in (trt.float32, trt.float16):
         for tile_dtype in (trt.float32, trt.float16, trt.int8):
             label = f"{names[hidden_dtype]} hidden, {names[tile_dtype]} tiles"
-            inputs = (desc(hidden_dtype, None, 256), desc(trt.float32, None, 64), desc(tile_dtype, 64, 20, 32),
-                      desc(trt.float32, 64 if tile_dtype == trt.int8 else 1, 20 if tile_dtype == trt.int8 else 1))
+            inputs = (
+                desc(hidden_dtype, None, 256),
+                desc(trt.float32, None, 64),
+                desc(tile_dtype, 64, 20, 32),
+                desc(trt.float32, 64 if tile_dtype == trt.int8 else 1, 20 if tile_dtype == trt.int8 else 1),
+            )
             out = plugin.register_func(*inputs, **attrs)
             check(f"register: {label}", out.dtype == hidden_dtype, f"output dtype {out.dtype}")
             name, ptx, params, extra = plugin.aot_impl_func(*inputs, **attrs, outputs=(out,), tactic=0)
             ptx = ptx.encode() if isinstance(ptx, str) else ptx
-            ok = (name == KERNEL_NAME and ptx_entry_points(ptx) == [KERNEL_NAME]
-                  and isinstance(params, trtp.KernelLaunchParams) and len(extra) == 2)
+            ok = (
+                name == KERNEL_NAME
+                and ptx_entry_points(ptx) == [KERNEL_NAME]
+                and isinstance(params, trtp.KernelLaunchParams)
+                and len(extra) == 2
+            )
             check(f"aot_impl: {label}", ok, f"{name}, {len(ptx)} bytes of PTX, {len(extra)} int32 extras")
     (combination,) = plugin.autotune_func(*inputs, (out,))
     got = {tuple(names[t] for t in c.types) for c in combination._get_combinations()}
-    check("autotune: the kernel's six dtype combinations", got == expected,
-          f"{len(got)} combinations" + ("" if got == expected else f"; missing {expected - got}, extra {got - expected}"))
+    check(
+        "autotune: the kernel's six dtype combinations",
+        got == expected,
+        f"{len(got)} combinations" + ("" if got == expected else f"; missing {expected - got}, extra {got - expected}"),
+    )
     for precision, path in fused_graphs(folder).items():
         outcome = parse_outcome(path)
         # A full TensorRT would parse; TensorRT-RTX finds the creator and then refuses it.
@@ -149,18 +163,31 @@ def child_functions(folder: Path) -> list[dict[str, object]]:
 def child_unregistered(folder: Path) -> list[dict[str, object]]:
     path = fused_graphs(folder)["fp16"]
     outcome = parse_outcome(path)
-    return [{"check": "negative control: unregistered, the parser finds no creator",
-             "ok": outcome == NOT_FOUND, "detail": outcome}]
+    return [
+        {
+            "check": "negative control: unregistered, the parser finds no creator",
+            "ok": outcome == NOT_FOUND,
+            "detail": outcome,
+        }
+    ]
 
 
 # ---- the driver ------------------------------------------------------------------------------
 
 
 def run_child(which: str, shim: Path, folder: Path) -> list[dict[str, object]]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(ROOT)]),
-               PRISM_DEPLOY_KERNEL_ARCH=os.environ.get("PRISM_DEPLOY_KERNEL_ARCH", "sm_90"))
-    done = subprocess.run([sys.executable, __file__, "--child", which, "--folder", str(folder)],
-                          capture_output=True, text=True, env=env, timeout=900)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(shim), str(ROOT)]),
+        PRISM_DEPLOY_KERNEL_ARCH=os.environ.get("PRISM_DEPLOY_KERNEL_ARCH", "sm_90"),
+    )
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", which, "--folder", str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -180,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"checks": run(args.folder)}))
         return 0
     if args.trt_source is None or not (args.trt_source / PLUGIN_PACKAGE / "plugin" / "_lib.py").is_file():
-        print(f"error: --trt-source must be a checkout of NVIDIA/TensorRT with {PLUGIN_PACKAGE}/plugin", file=sys.stderr)
+        print(
+            f"error: --trt-source must be a checkout of NVIDIA/TensorRT with {PLUGIN_PACKAGE}/plugin", file=sys.stderr
+        )
         return 2
     try:
         import tensorrt_rtx  # noqa: F401
@@ -194,10 +223,18 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(tmp) / which
             folder.mkdir()
             checks += run_child(which, shim, folder)
-    commit = subprocess.run(["git", "-C", str(args.trt_source), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = (
+        subprocess.run(
+            ["git", "-C", str(args.trt_source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        or "unknown"
+    )
     if args.json:
-        print(json.dumps({"trt_source_commit": commit, "tensorrt_rtx": tensorrt_rtx.__version__, "checks": checks}, indent=2))
+        print(
+            json.dumps(
+                {"trt_source_commit": commit, "tensorrt_rtx": tensorrt_rtx.__version__, "checks": checks}, indent=2
+            )
+        )
     else:
         print(f"tensorrt.plugin from NVIDIA/TensorRT {commit}, bindings TensorRT-RTX {tensorrt_rtx.__version__}")
         width = max(len(str(c["check"])) for c in checks)

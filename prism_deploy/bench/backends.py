@@ -124,8 +124,10 @@ class TorchBackend(Backend):
         import torch
 
         if self.precision.quantized:
-            raise BackendUnavailable(f"{self.name}: the PyTorch reference has no {self.precision} path "
-                                     "(int8 exists only in lowered graphs and the kernel)")
+            raise BackendUnavailable(
+                f"{self.name}: the PyTorch reference has no {self.precision} path "
+                "(int8 exists only in lowered graphs and the kernel)"
+            )
         if self.precision is Precision.FP32 and self.device == "cpu":
             self.module = self.adapter
             return
@@ -151,8 +153,13 @@ class TorchBackend(Backend):
     def describe(self) -> dict[str, Any]:
         import torch
 
-        return {**super().describe(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "weights_dtype": self.precision.weight_dtype.name, "compute_dtype": "float32"}
+        return {
+            **super().describe(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "weights_dtype": self.precision.weight_dtype.name,
+            "compute_dtype": "float32",
+        }
 
     def close(self) -> None:
         self.module = None
@@ -215,8 +222,15 @@ class OrtBackend(Backend):
     name = "ort-cpu"
     target: ClassVar[Target] = Target.ORT_CPU
 
-    def __init__(self, adapter: PrismAdapter, precision: Precision, workdir: Path, engines_dir: Path | None = None,
-                 threads: int | None = None, gated_form: str | None = None) -> None:
+    def __init__(
+        self,
+        adapter: PrismAdapter,
+        precision: Precision,
+        workdir: Path,
+        engines_dir: Path | None = None,
+        threads: int | None = None,
+        gated_form: str | None = None,
+    ) -> None:
         super().__init__(adapter, precision)
         self.gated_form = gated_form
         if gated_form is not None:
@@ -249,18 +263,25 @@ class OrtBackend(Backend):
         from prism_deploy.runtime.engines import load_engines
 
         if self.engines_dir is not None and self.gated_form is not None:
-            raise BackendUnavailable(f"{self.name}: a gated form is exported for the run, not read from "
-                                     "--engines (the engines' own per-bucket choice runs as "
-                                     f"{type(self).name})")
+            raise BackendUnavailable(
+                f"{self.name}: a gated form is exported for the run, not read from "
+                "--engines (the engines' own per-bucket choice runs as "
+                f"{type(self).name})"
+            )
         if self.engines_dir is not None:
             try:
                 self.runner = load_engines(self.engines_dir, precision=self.precision, target=self.target.value)
             except Exception as exc:
-                raise BackendUnavailable(f"{self.name}: no {self.precision} engine in {self.engines_dir} "
-                                         f"({brief(exc, 300)})") from None
+                raise BackendUnavailable(
+                    f"{self.name}: no {self.precision} engine in {self.engines_dir} ({brief(exc, 300)})"
+                ) from None
             # The engine opens its own session: --threads does not reach it.
-            self.info = {"source": "engines", "engines_dir": str(self.engines_dir),
-                         "engine": getattr(self.runner, "id", None), "session_threads": "onnxruntime default"}
+            self.info = {
+                "source": "engines",
+                "engines_dir": str(self.engines_dir),
+                "engine": getattr(self.runner, "id", None),
+                "session_threads": "onnxruntime default",
+            }
             return
         stem = f"adapter-{self.precision}" + (f"-{self.gated_form}" if self.gated_form else "")
         path = self.workdir / f"{stem}.onnx"
@@ -269,19 +290,32 @@ class OrtBackend(Backend):
             # Static activation scales need calibration data: hidden states drawn like the
             # benchmark's inputs (standard normal) from a seed of their own.
             extra["calib"] = np.random.default_rng(CALIB_SEED).standard_normal(
-                (CALIB_ROWS, self.adapter.config.in_dim), dtype=np.float32)
+                (CALIB_ROWS, self.adapter.config.in_dim), dtype=np.float32
+            )
         try:
             # as `build` exports for this target: MatMulNBits for INT8 ungated pipes on the CPU
-            result = export_onnx(self.adapter, path, precision=self.precision, gated_form=self.gated_form or "auto",
-                                 ort_nbits=backend_for(self.target).nbits_export, **extra)
+            result = export_onnx(
+                self.adapter,
+                path,
+                precision=self.precision,
+                gated_form=self.gated_form or "auto",
+                ort_nbits=backend_for(self.target).nbits_export,
+                **extra,
+            )
         except Exception as exc:
-            raise BackendUnavailable(f"{self.name}: export at {self.precision} failed "
-                                     f"({type(exc).__name__}: {brief(exc, 300)})") from None
+            raise BackendUnavailable(
+                f"{self.name}: export at {self.precision} failed ({type(exc).__name__}: {brief(exc, 300)})"
+            ) from None
         self.io_dtype = _onnx_input_dtype(path)
         self.runner = AdapterGraph(path, self.provider, intra_op_threads=self.threads)
         size = sum(p.stat().st_size for p in self.workdir.glob(f"{stem}.onnx*"))
-        self.info = {"source": "export_onnx", "export": _plain(result), "model_bytes": size,
-                     "io_dtype": str(self.io_dtype), "runner": type(self.runner).__name__}
+        self.info = {
+            "source": "export_onnx",
+            "export": _plain(result),
+            "model_bytes": size,
+            "io_dtype": str(self.io_dtype),
+            "runner": type(self.runner).__name__,
+        }
         if extra:
             self.info["calibration"] = f"{CALIB_ROWS} standard-normal rows, seed {CALIB_SEED}"
 
@@ -301,13 +335,16 @@ class OrtBackend(Backend):
     def describe(self) -> dict[str, Any]:
         import onnxruntime as ort
 
-        return {**super().describe(), "onnxruntime": ort.__version__, "provider": self.provider,
-                "threads": self.threads if self.threads is not None else "onnxruntime default", **self.info}
+        return {
+            **super().describe(),
+            "onnxruntime": ort.__version__,
+            "provider": self.provider,
+            "threads": self.threads if self.threads is not None else "onnxruntime default",
+            **self.info,
+        }
 
     def close(self) -> None:
         self.runner = None
-
-
 
 
 class OrtCudaBackend(OrtBackend):
@@ -324,8 +361,15 @@ class TrtBackend(Backend):
     name = "trt"
     target: ClassVar[Target] = Target.TRT
 
-    def __init__(self, adapter: PrismAdapter, precision: Precision, workdir: Path, engines_dir: Path | None = None,
-                 threads: int | None = None, gated_form: str | None = None) -> None:
+    def __init__(
+        self,
+        adapter: PrismAdapter,
+        precision: Precision,
+        workdir: Path,
+        engines_dir: Path | None = None,
+        threads: int | None = None,
+        gated_form: str | None = None,
+    ) -> None:
         super().__init__(adapter, precision)  # the engines were built ahead: no workdir, threads or form
         self.device = "cuda"
         self.engines_dir = engines_dir
@@ -351,8 +395,9 @@ class TrtBackend(Backend):
             assert self.engines_dir is not None  # check() refused to run without it
             self.engine = load_engines(self.engines_dir, precision=self.precision, target=self.target.value)
         except Exception as exc:
-            raise BackendUnavailable(f"trt: no {self.precision} engine in {self.engines_dir} "
-                                     f"({brief(exc, 300)})") from None
+            raise BackendUnavailable(
+                f"trt: no {self.precision} engine in {self.engines_dir} ({brief(exc, 300)})"
+            ) from None
 
     def make_input(self, hidden: np.ndarray) -> Any:
         import torch
@@ -436,9 +481,17 @@ class KernelBackend(Backend):
                 entry["scales"] = torch.from_numpy(scales).to("cuda")
             else:
                 entry["tiles"] = tiles.to(getattr(torch, self.precision.weight_dtype.name))
-            entry["spec"] = TileDispatchSpec(R=spec.grid[0], C=spec.grid[1], tr=spec.tile[0], tc=spec.tile[1],
-                                             top_k=spec.top_k, gate_scale=spec.gate_scale, out_dim=cfg.out_dim,
-                                             hidden_dtype="float32", tile_dtype=tile_dtype)
+            entry["spec"] = TileDispatchSpec(
+                R=spec.grid[0],
+                C=spec.grid[1],
+                tr=spec.tile[0],
+                tc=spec.tile[1],
+                top_k=spec.top_k,
+                gate_scale=spec.gate_scale,
+                out_dim=cfg.out_dim,
+                hidden_dtype="float32",
+                tile_dtype=tile_dtype,
+            )
             self.pipes.append(entry)
         self.betas = self.adapter.betas().to("cuda")
 
@@ -467,8 +520,11 @@ class KernelBackend(Backend):
         return out.float().cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "launcher": "prism_deploy.kernel.launch.tile_dispatch_torch",
-                "ungated_pipes": "torch matmul (fp32)"}
+        return {
+            **super().describe(),
+            "launcher": "prism_deploy.kernel.launch.tile_dispatch_torch",
+            "ungated_pipes": "torch matmul (fp32)",
+        }
 
     def close(self) -> None:
         self.pipes = []
@@ -476,14 +532,25 @@ class KernelBackend(Backend):
 
 # the backends of a deployment target (target_backends): an engine of --engines, or (ONNX
 # Runtime) a graph exported for the run; all take the same arguments
-TARGET_CLASSES: dict[str, type[OrtBackend | TrtBackend]] = {c.target.value: c for c in (OrtBackend, OrtCudaBackend,
-                                                                                     TrtBackend)}
-BACKEND_CLASSES: dict[str, type[Backend]] = {"torch": TorchBackend, "torch-compile": TorchCompileBackend,
-                                             **TARGET_CLASSES, "kernel": KernelBackend}
+TARGET_CLASSES: dict[str, type[OrtBackend | TrtBackend]] = {
+    c.target.value: c for c in (OrtBackend, OrtCudaBackend, TrtBackend)
+}
+BACKEND_CLASSES: dict[str, type[Backend]] = {
+    "torch": TorchBackend,
+    "torch-compile": TorchCompileBackend,
+    **TARGET_CLASSES,
+    "kernel": KernelBackend,
+}
 
 
-def make_backend(name: str, adapter: PrismAdapter, precision: Precision, workdir: Path, engines_dir: Path | None,
-                 threads: int | None = None) -> Backend:
+def make_backend(
+    name: str,
+    adapter: PrismAdapter,
+    precision: Precision,
+    workdir: Path,
+    engines_dir: Path | None,
+    threads: int | None = None,
+) -> Backend:
     base, form = split_backend_name(name)
     if base in TARGET_CLASSES:
         return TARGET_CLASSES[base](adapter, precision, workdir, engines_dir, threads, form)

@@ -100,8 +100,11 @@ def case_floor(
     # the portable ONNX graph does (it computes all tiles and masks the unselected ones).
     every = bytes_must_move(config, precision, tokens, [float(p.workers) for p in config.pipes], io_bytes)
     every_flops = float(tokens * describe["flops_per_token"]["dense"])
-    out["all_tiles"] = {"bytes": every["total"], "flops": every_flops,
-                        **floor_seconds(every["total"], every_flops, bandwidth, matrix_rate)}
+    out["all_tiles"] = {
+        "bytes": every["total"],
+        "flops": every_flops,
+        **floor_seconds(every["total"], every_flops, bandwidth, matrix_rate),
+    }
     if selected_tiles is not None:
         out["selected_tiles"] = list(selected_tiles)
     return out

@@ -37,7 +37,17 @@ def cpu_model() -> str:
 
 def cpu_flags() -> list[str]:
     """The vector/matrix ISA flags that decide which kernels a library can use."""
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile", "f16c")
+    wanted = (
+        "avx2",
+        "avx512f",
+        "avx512_bf16",
+        "avx512_fp16",
+        "avx512_vnni",
+        "amx_bf16",
+        "amx_int8",
+        "amx_tile",
+        "f16c",
+    )
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -140,8 +150,9 @@ def _mem_total() -> int | None:
     return None
 
 
-def measure_copy_bandwidth(device: str = "cpu", nbytes: int | None = None, threads: int | None = None,
-                           working_set: int | None = None) -> dict[str, Any]:
+def measure_copy_bandwidth(
+    device: str = "cpu", nbytes: int | None = None, threads: int | None = None, working_set: int | None = None
+) -> dict[str, Any]:
     """Best-of-N large copy; bandwidth counts bytes read plus bytes written (as STREAM's Copy).
 
     A kernel that streams weights once reads each byte and writes almost nothing, so its
@@ -163,11 +174,13 @@ def measure_copy_bandwidth(device: str = "cpu", nbytes: int | None = None, threa
         # src + dst together span ``total`` for the working-set copy; 2 x ``total`` for the large one
         src_bytes = total if label == "large" else total // 2
         size = f"{src_bytes / 2**20:.0f} MiB" if src_bytes >= 2**20 else f"{src_bytes / 2**10:.0f} KiB"
-        results[f"numpy copyto, {n_threads} thread(s), {size} ({label})"] = \
-            _copy_rate(src_bytes, n_threads)
+        results[f"numpy copyto, {n_threads} thread(s), {size} ({label})"] = _copy_rate(src_bytes, n_threads)
     name = max(results, key=lambda k: results[k])
-    return {"bytes_per_s": results[name], "by_method": results,
-            "method": f"{name}, best of {RATE_TRIES}, read+write counted"}
+    return {
+        "bytes_per_s": results[name],
+        "by_method": results,
+        "method": f"{name}, best of {RATE_TRIES}, read+write counted",
+    }
 
 
 def _copy_rate(src_bytes: int, threads: int) -> float:
@@ -177,8 +190,9 @@ def _copy_rate(src_bytes: int, threads: int) -> float:
     dst = np.empty_like(src)
     bounds = [(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(src.size), threads) if c.size]
     with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
+
         def copy() -> None:
-            list(pool.map(lambda ab: np.copyto(dst[ab[0]:ab[1]], src[ab[0]:ab[1]]), bounds))
+            list(pool.map(lambda ab: np.copyto(dst[ab[0] : ab[1]], src[ab[0] : ab[1]]), bounds))
 
         copy()  # fault the pages in (and warm the cache) before timing
         # Small buffers copy in microseconds: time enough repetitions per sample.
@@ -207,11 +221,16 @@ def _gpu_copy_bandwidth(nbytes: int) -> dict[str, Any]:
         end.record()
         torch.cuda.synchronize()
         best = min(best, start.elapsed_time(end) * 1e-3)
-    return {"bytes_per_s": 2 * nbytes / best, "method": f"torch device-to-device copy of {nbytes >> 20} MiB, CUDA events, best of {RATE_TRIES}, read+write counted", "seconds": best}
+    return {
+        "bytes_per_s": 2 * nbytes / best,
+        "method": f"torch device-to-device copy of {nbytes >> 20} MiB, CUDA events, best of {RATE_TRIES}, read+write counted",
+        "seconds": best,
+    }
 
 
-def measure_matrix_rate(device: str = "cpu", dtype: str = "fp32", n: int | None = None,
-                        threads: int | None = None) -> dict[str, Any]:
+def measure_matrix_rate(
+    device: str = "cpu", dtype: str = "fp32", n: int | None = None, threads: int | None = None
+) -> dict[str, Any]:
     """Best-of-N square matmul, in FLOP/s (2*n^3 per product).
 
     On CPU both torch (oneDNN/MKL) and ONNX Runtime (MLAS) are measured and the faster kept,
@@ -234,14 +253,20 @@ def measure_matrix_rate(device: str = "cpu", dtype: str = "fp32", n: int | None 
             end.record()
             torch.cuda.synchronize()
             best = min(best, start.elapsed_time(end) * 1e-3)
-        return {"flops_per_s": 2 * n**3 / best, "method": f"torch.mm {n}x{n} {dtype} on cuda, CUDA events, best of {RATE_TRIES}"}
+        return {
+            "flops_per_s": 2 * n**3 / best,
+            "method": f"torch.mm {n}x{n} {dtype} on cuda, CUDA events, best of {RATE_TRIES}",
+        }
     results = {f"torch.mm ({torch.get_num_threads()} threads)": 2 * n**3 / _best_seconds(lambda: torch.mm(a, b))}
     ort_run = _ort_matmul(a.numpy(), b.numpy(), threads)
     if ort_run is not None:
         results[f"onnxruntime MatMul ({threads or 'default'} threads)"] = 2 * n**3 / _best_seconds(ort_run)
     name = max(results, key=lambda k: results[k])
-    return {"flops_per_s": results[name], "by_method": results,
-            "method": f"{name}, {n}x{n} {dtype}, best of {RATE_TRIES}"}
+    return {
+        "flops_per_s": results[name],
+        "by_method": results,
+        "method": f"{name}, {n}x{n} {dtype}, best of {RATE_TRIES}",
+    }
 
 
 def _best_seconds(fn: Any) -> float:
@@ -265,7 +290,8 @@ def _ort_matmul(a: np.ndarray, b: np.ndarray, threads: int | None) -> Any:
         return None
     n = a.shape[0]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "matrix_rate",
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "matrix_rate",
         [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
         [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
         [numpy_helper.from_array(np.ascontiguousarray(b, dtype=np.float32), "b")],

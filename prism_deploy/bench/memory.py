@@ -72,7 +72,9 @@ class PeakMemory:
         out: dict[str, Any] = {
             "peak_rss_bytes": self.peak,
             "rss_at_start_bytes": self.rss_before,
-            "peak_rss_method": "VmHWM after clear_refs reset" if self.resettable else "getrusage ru_maxrss (process lifetime)",
+            "peak_rss_method": "VmHWM after clear_refs reset"
+            if self.resettable
+            else "getrusage ru_maxrss (process lifetime)",
         }
         if self.cuda:
             out["device_peak_bytes"] = self.device_peak

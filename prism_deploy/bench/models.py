@@ -43,12 +43,16 @@ from prism_deploy.core.errors import PrismInputError
 
 # The issue's targets for decode per token on ONNX Runtime CPU (issue 18): speed-up over float32
 # and distance to the precision's bytes floor. Read from results, never enforced by the command.
-SPEED_TARGETS = {"int8": {"speedup_vs_fp32": 1.8, "max_ratio_to_floor": 1.5},
-                 "int4": {"speedup_vs_fp32": 3.0, "max_ratio_to_floor": 1.5}}
+SPEED_TARGETS = {
+    "int8": {"speedup_vs_fp32": 1.8, "max_ratio_to_floor": 1.5},
+    "int4": {"speedup_vs_fp32": 3.0, "max_ratio_to_floor": 1.5},
+}
 # What the targets were set for: on a small model per-call overhead, not weight bytes, sets the
 # decode time, so "missed" there is no failure.
-TARGETS_APPLY_TO = ("the targets apply to the benchmark's model B (weights in the hundreds of MiB); on a model "
-                    "whose weights are small, call overhead decides and a miss is expected")
+TARGETS_APPLY_TO = (
+    "the targets apply to the benchmark's model B (weights in the hundreds of MiB); on a model "
+    "whose weights are small, call overhead decides and a miss is expected"
+)
 # Default prompt and decode lengths, shortened to fit a folder exported with a smaller max_seq.
 DEFAULT_PROMPT, DEFAULT_NEW_TOKENS = 64, 32
 # A timing whose 90th percentile exceeds its 10th by more than this is unstable (a core taken by
@@ -118,12 +122,21 @@ class _OrtModel:
 
     def describe(self) -> dict[str, Any]:
         q = self.manifest.get("quantization") or {}
-        return {"path": str(self.folder.dir), "role": self.role, "precision": self.manifest.get("precision", "fp32"),
-                "form": q.get("form"), "block_size": q.get("block_size"), "symmetric": q.get("symmetric"),
-                "accuracy_level": q.get("accuracy_level"), "built": self.folder.built, "graph": self.key,
-                "graph_form": self.graph_form,
-                "weight_bytes_per_token": self.bytes["per_token"], "table_bytes": self.bytes["tables"],
-                "source": self.manifest.get("source")}
+        return {
+            "path": str(self.folder.dir),
+            "role": self.role,
+            "precision": self.manifest.get("precision", "fp32"),
+            "form": q.get("form"),
+            "block_size": q.get("block_size"),
+            "symmetric": q.get("symmetric"),
+            "accuracy_level": q.get("accuracy_level"),
+            "built": self.folder.built,
+            "graph": self.key,
+            "graph_form": self.graph_form,
+            "weight_bytes_per_token": self.bytes["per_token"],
+            "table_bytes": self.bytes["tables"],
+            "source": self.manifest.get("source"),
+        }
 
     def generate(self, first: np.ndarray, steps: list[np.ndarray]) -> tuple[float, list[float]]:
         """(prefill seconds, per-step decode seconds). ``first``: ids [1, P] (a first model) or
@@ -143,8 +156,10 @@ class _OrtModel:
         length = int(first.shape[1])
         outputs = ["logits", *past_names(self.layers, "present")]
         t0 = time.perf_counter_ns()
-        out = self.session.run(outputs, {"inputs_embeds": first.astype(self.dtype),
-                                         "attention_mask": np.ones((1, length), dtype=np.int64), **past})
+        out = self.session.run(
+            outputs,
+            {"inputs_embeds": first.astype(self.dtype), "attention_mask": np.ones((1, length), dtype=np.int64), **past},
+        )
         prefill = (time.perf_counter_ns() - t0) * 1e-9
         decode = []
         for emb in steps:
@@ -192,9 +207,15 @@ class _EagerModel:
         import torch
         import transformers
 
-        return {"path": self.source, "role": self.role, "precision": "fp32", "backend": "transformers eager",
-                "torch": torch.__version__, "transformers": transformers.__version__,
-                "attn_implementation": getattr(self.model.config, "_attn_implementation", None)}
+        return {
+            "path": self.source,
+            "role": self.role,
+            "precision": "fp32",
+            "backend": "transformers eager",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+        }
 
     def generate(self, first: np.ndarray, steps: list[np.ndarray]) -> tuple[float, list[float]]:
         import torch
@@ -220,8 +241,9 @@ class _EagerModel:
                 mask = torch.ones((1, mask.shape[1] + 1), dtype=torch.int64)
                 x = torch.from_numpy(step.astype(np.float32))
                 t0 = time.perf_counter_ns()
-                _, cache = hf.causal_lm_forward(self.model, inputs_embeds=x, attention_mask=mask, cache=cache,
-                                                use_cache=True)
+                _, cache = hf.causal_lm_forward(
+                    self.model, inputs_embeds=x, attention_mask=mask, cache=cache, use_cache=True
+                )
                 decode.append((time.perf_counter_ns() - t0) * 1e-9)
         return prefill, decode
 
@@ -230,29 +252,65 @@ def _stats(samples: list[float]) -> dict[str, float] | None:
     if not samples:
         return None
     s = np.asarray(samples)
-    return {"median_s": float(np.median(s)), "p10_s": float(np.percentile(s, 10)), "p90_s": float(np.percentile(s, 90)),
-            "min_s": float(s.min()), "samples": int(s.size)}
+    return {
+        "median_s": float(np.median(s)),
+        "p10_s": float(np.percentile(s, 10)),
+        "p90_s": float(np.percentile(s, 90)),
+        "min_s": float(s.min()),
+        "samples": int(s.size),
+    }
 
 
-def run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int = defaults.BENCH_THREADS, prompt: int | None = None,
-                    new_tokens: int | None = None, repeat: int = 5, warmup: int = 1, seed: int = 0, eager: bool = True,
-                    hf_dir: str | None = None, peers: bool = True) -> dict[str, Any]:
+def run_model_bench(
+    folders: list[str | os.PathLike[str]],
+    *,
+    threads: int = defaults.BENCH_THREADS,
+    prompt: int | None = None,
+    new_tokens: int | None = None,
+    repeat: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+    eager: bool = True,
+    hf_dir: str | None = None,
+    peers: bool = True,
+) -> dict[str, Any]:
     """Time every folder (and transformers eager on their source, and the installed peers of
     :mod:`prism_deploy.bench.peers` for a last model) interleaved; see the module docstring."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="prism-bench-peers-") as scratch:
-        return _run_model_bench(folders, threads=threads, prompt=prompt, new_tokens=new_tokens, repeat=repeat,
-                                warmup=warmup, seed=seed, eager=eager, hf_dir=hf_dir, peers=peers, scratch=Path(scratch))
+        return _run_model_bench(
+            folders,
+            threads=threads,
+            prompt=prompt,
+            new_tokens=new_tokens,
+            repeat=repeat,
+            warmup=warmup,
+            seed=seed,
+            eager=eager,
+            hf_dir=hf_dir,
+            peers=peers,
+            scratch=Path(scratch),
+        )
 
 
-def _run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int, prompt: int | None,
-                     new_tokens: int | None, repeat: int, warmup: int, seed: int, eager: bool, hf_dir: str | None,
-                     peers: bool, scratch: Path) -> dict[str, Any]:
+def _run_model_bench(
+    folders: list[str | os.PathLike[str]],
+    *,
+    threads: int,
+    prompt: int | None,
+    new_tokens: int | None,
+    repeat: int,
+    warmup: int,
+    seed: int,
+    eager: bool,
+    hf_dir: str | None,
+    peers: bool,
+    scratch: Path,
+) -> dict[str, Any]:
     import torch
 
-    from prism_deploy.bench.machine import (describe_machine, load_average, measure_copy_bandwidth,
-                                            measure_matrix_rate)
+    from prism_deploy.bench.machine import describe_machine, load_average, measure_copy_bandwidth, measure_matrix_rate
 
     if not folders:
         raise PrismInputError("give at least one model folder")
@@ -275,7 +333,9 @@ def _run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int, pro
     for name, r in runners.items():
         if r.manifest["dims"] != dims:
             raise PrismInputError(f"{name}: dims {r.manifest['dims']} differ from {dims}: not the same model")
-    prompt, new_tokens = fitted_lengths(prompt, new_tokens, role, min(int(r.manifest["max_seq"]) for r in runners.values()))
+    prompt, new_tokens = fitted_lengths(
+        prompt, new_tokens, role, min(int(r.manifest["max_seq"]) for r in runners.values())
+    )
     source = hf_dir or first.manifest.get("source")
     eager_reason = None
     if eager:
@@ -290,15 +350,16 @@ def _run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int, pro
     if role == "first":
         first_in = rng.integers(0, int(dims["vocab"]), size=(1, prompt), dtype=np.int64)
     elif role == "middle":  # a middle model keeps no embedding table: noise of its embeddings' scale
-        first_in = rng.normal(0.0, float(first.manifest.get("embed_std") or 1.0),
-                              size=(1, prompt, int(dims["hidden"]))).astype(np.float32)
+        first_in = rng.normal(
+            0.0, float(first.manifest.get("embed_std") or 1.0), size=(1, prompt, int(dims["hidden"]))
+        ).astype(np.float32)
     else:
         table = first.folder.dir / first.manifest["files"]["embed_tokens"]["name"]
         emb = np.load(table, mmap_mode="r")
         token_ids = rng.integers(0, emb.shape[0], size=prompt + new_tokens)
         rows = np.asarray(emb[token_ids], dtype=np.float32)
         first_in = rows[None, :prompt]
-        steps = [rows[None, prompt + i: prompt + i + 1] for i in range(new_tokens)]
+        steps = [rows[None, prompt + i : prompt + i + 1] for i in range(new_tokens)]
 
     peer_skipped: dict[str, str] = {}
     if peers and role == "last":
@@ -307,7 +368,9 @@ def _run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int, pro
         for peer_name, why in peer_reasons().items():
             if why:
                 peer_skipped[peer_name] = why
-        precisions = sorted({str(r.manifest.get("precision", "fp32")) for r in runners.values() if isinstance(r, _OrtModel)})
+        precisions = sorted(
+            {str(r.manifest.get("precision", "fp32")) for r in runners.values() if isinstance(r, _OrtModel)}
+        )
         if "onnxruntime-genai" not in peer_skipped:
             if not (source and (Path(source) / "config.json").is_file()):
                 peer_skipped["onnxruntime-genai"] = f"no Hugging Face folder at {source!r} (give --hf)"
@@ -325,12 +388,20 @@ def _run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int, pro
     matrix_rate = measure_matrix_rate("cpu", "fp32", threads=threads)
     fp32_runs = [r for r in runners.values() if isinstance(r, _OrtModel) and r.describe()["precision"] == "fp32"]
     same_precision = {str(r.manifest.get("precision", "fp32")): r for r in runners.values() if isinstance(r, _OrtModel)}
-    weights_of = {name: (r.bytes["per_token"] if isinstance(r, _OrtModel)  # eager: the fp32 graph's weights
-                         else same_precision[r.precision].bytes["per_token"]  # a peer: the folder's of its precision
-                         if getattr(r, "precision", None) in same_precision
-                         else (fp32_runs[0].bytes["per_token"] if fp32_runs else None)) for name, r in runners.items()}
-    bandwidths = {w: measure_copy_bandwidth("cpu", threads=threads, working_set=w)
-                  for w in sorted({w for w in weights_of.values() if w is not None})}
+    weights_of = {
+        name: (
+            r.bytes["per_token"]
+            if isinstance(r, _OrtModel)  # eager: the fp32 graph's weights
+            else same_precision[r.precision].bytes["per_token"]  # a peer: the folder's of its precision
+            if getattr(r, "precision", None) in same_precision
+            else (fp32_runs[0].bytes["per_token"] if fp32_runs else None)
+        )
+        for name, r in runners.items()
+    }
+    bandwidths = {
+        w: measure_copy_bandwidth("cpu", threads=threads, working_set=w)
+        for w in sorted({w for w in weights_of.values() if w is not None})
+    }
     # Measured before the timing, as the matrix rate. A smaller working set copies as fast or
     # faster (caches): where a larger one measured faster (load on a shared machine), the floor
     # takes that rate, so that it stays a floor.
@@ -362,15 +433,26 @@ def _run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int, pro
     for name, runner in runners.items():
         info = runner.describe()
         weights = weights_of[name]
-        case: dict[str, Any] = {"name": name, **info, "prefill": _stats(prefill[name]), "decode": _stats(decode[name]),
-                                "first_generation_s": first_call[name]}
+        case: dict[str, Any] = {
+            "name": name,
+            **info,
+            "prefill": _stats(prefill[name]),
+            "decode": _stats(decode[name]),
+            "first_generation_s": first_call[name],
+        }
         if weights is not None:
             bw = best_at_or_above[weights]
             mid_past = prompt + new_tokens / 2  # the mean past length of the decode steps
             floor_decode = (weights + kv_bytes * mid_past) / bw
-            floor_prefill = max(weights / bw, 2 * (weights / _bytes_per_weight(info)) * prompt / matrix_rate["flops_per_s"])
-            case["floor"] = {"weights_bytes": weights, "bandwidth_bytes_per_s": bw,
-                             "decode_s": floor_decode if role == "last" else None, "prefill_s": floor_prefill}
+            floor_prefill = max(
+                weights / bw, 2 * (weights / _bytes_per_weight(info)) * prompt / matrix_rate["flops_per_s"]
+            )
+            case["floor"] = {
+                "weights_bytes": weights,
+                "bandwidth_bytes_per_s": bw,
+                "decode_s": floor_decode if role == "last" else None,
+                "prefill_s": floor_prefill,
+            }
             if case["decode"]:
                 case["decode"]["ratio_to_floor"] = case["decode"]["median_s"] / floor_decode
             case["prefill"]["ratio_to_floor"] = case["prefill"]["median_s"] / floor_prefill
@@ -378,14 +460,31 @@ def _run_model_bench(folders: list[str | os.PathLike[str]], *, threads: int, pro
         cases.append(case)
     _ratios(cases)
     return {
-        "kind": "model-bench", "role": role, "dims": dims,
-        "settings": {"threads": threads, "prompt": prompt, "new_tokens": new_tokens, "repeat": repeat, "warmup": warmup,
-                     "seed": seed, "batch": 1, "provider": "cpu"},
-        "machine": {**machine, "load_average_start": load_start, "load_average_timed": load_timed,
-                    "load_average_end": load_average()},
+        "kind": "model-bench",
+        "role": role,
+        "dims": dims,
+        "settings": {
+            "threads": threads,
+            "prompt": prompt,
+            "new_tokens": new_tokens,
+            "repeat": repeat,
+            "warmup": warmup,
+            "seed": seed,
+            "batch": 1,
+            "provider": "cpu",
+        },
+        "machine": {
+            **machine,
+            "load_average_start": load_start,
+            "load_average_timed": load_timed,
+            "load_average_end": load_average(),
+        },
         "rates": {"matrix_rate_fp32": matrix_rate, "copy_bandwidth": {str(k): v for k, v in bandwidths.items()}},
-        "eager_unavailable": eager_reason, "peers_skipped": peer_skipped, "unstable_spread": UNSTABLE_SPREAD,
-        "cases": cases, "targets": _targets(cases) if role == "last" else [],
+        "eager_unavailable": eager_reason,
+        "peers_skipped": peer_skipped,
+        "unstable_spread": UNSTABLE_SPREAD,
+        "cases": cases,
+        "targets": _targets(cases) if role == "last" else [],
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -420,8 +519,12 @@ def _ratios(cases: list[dict[str, Any]]) -> None:
             for label, base in (("speedup_vs_fp32", fp32), ("speedup_vs_eager", eager)):
                 if base is None or not base[phase]:
                     continue
-                shaky = [f"{who}: {why}" for who, case in ((base["name"], base), (c["name"], c))
-                         for why in case["unstable"] if why.startswith(phase)]
+                shaky = [
+                    f"{who}: {why}"
+                    for who, case in ((base["name"], base), (c["name"], c))
+                    for why in case["unstable"]
+                    if why.startswith(phase)
+                ]
                 if shaky:
                     c[phase][label.replace("speedup", "unstable")] = sorted(set(shaky))
                 else:
@@ -450,9 +553,17 @@ def _targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if target is None or not c["decode"] or "speedup_vs_fp32" not in c["decode"]:
             continue
         speed, ratio = c["decode"]["speedup_vs_fp32"], c["decode"].get("ratio_to_floor")
-        out.append({"name": c["name"], "precision": c["precision"], "speedup_vs_fp32": speed,
-                    "speedup_target": target["speedup_vs_fp32"], "speedup_met": speed >= target["speedup_vs_fp32"],
-                    "ratio_to_floor": ratio, "floor_target": target["max_ratio_to_floor"],
-                    "floor_met": ratio is not None and ratio <= target["max_ratio_to_floor"],
-                    "applies_to": TARGETS_APPLY_TO})
+        out.append(
+            {
+                "name": c["name"],
+                "precision": c["precision"],
+                "speedup_vs_fp32": speed,
+                "speedup_target": target["speedup_vs_fp32"],
+                "speedup_met": speed >= target["speedup_vs_fp32"],
+                "ratio_to_floor": ratio,
+                "floor_target": target["max_ratio_to_floor"],
+                "floor_met": ratio is not None and ratio <= target["max_ratio_to_floor"],
+                "applies_to": TARGETS_APPLY_TO,
+            }
+        )
     return out

@@ -33,10 +33,16 @@ GENAI_PRECISIONS = ("fp32", "int8", "int4")
 
 def peer_reasons() -> dict[str, str | None]:
     """Why each peer is skipped (None: it runs)."""
-    genai = None if importlib.util.find_spec("onnxruntime_genai") else (
-        "onnxruntime_genai is not installed (pip install --no-deps onnxruntime-genai==0.18.0)")
-    llama = ("llama_cpp is not installed (pip install llama-cpp-python)" if importlib.util.find_spec("llama_cpp") is None
-             else "llama_cpp is installed, but timing it needs a GGUF file of the model, which prism-deploy does not write")
+    genai = (
+        None
+        if importlib.util.find_spec("onnxruntime_genai")
+        else ("onnxruntime_genai is not installed (pip install --no-deps onnxruntime-genai==0.18.0)")
+    )
+    llama = (
+        "llama_cpp is not installed (pip install llama-cpp-python)"
+        if importlib.util.find_spec("llama_cpp") is None
+        else "llama_cpp is installed, but timing it needs a GGUF file of the model, which prism-deploy does not write"
+    )
     return {"onnxruntime-genai": genai, "llama.cpp": llama}
 
 
@@ -50,8 +56,21 @@ class GenAIPeer:
         self.precision = precision
         self.source = hf_dir
         out = scratch / f"genai-{precision}"
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_dir, "-o", str(out), "-p", precision,
-               "-e", "cpu", "-c", str(scratch / "cache")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            hf_dir,
+            "-o",
+            str(out),
+            "-p",
+            precision,
+            "-e",
+            "cpu",
+            "-c",
+            str(scratch / "cache"),
+        ]
         config_path = out / "genai_config.json"
         started = time.perf_counter()
         if not config_path.is_file():  # a scratch folder kept between runs (several thread counts) is reused
@@ -69,9 +88,15 @@ class GenAIPeer:
         self.ids: np.ndarray | None = None  # the prompt's token ids, set by the bench
 
     def describe(self) -> dict[str, Any]:
-        return {"path": self.source, "role": "last", "precision": self.precision, "backend": "onnxruntime-genai",
-                "onnxruntime_genai": getattr(self.og, "__version__", None), "builder_seconds": round(self.build_s, 1),
-                "graph_form": "ort (GenAI's own loop)"}
+        return {
+            "path": self.source,
+            "role": "last",
+            "precision": self.precision,
+            "backend": "onnxruntime-genai",
+            "onnxruntime_genai": getattr(self.og, "__version__", None),
+            "builder_seconds": round(self.build_s, 1),
+            "graph_form": "ort (GenAI's own loop)",
+        }
 
     def generate(self, first: np.ndarray, steps: list[np.ndarray]) -> tuple[float, list[float]]:
         og = self.og

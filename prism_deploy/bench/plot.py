@@ -40,8 +40,14 @@ def plot_results(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
     for i, p in enumerate(precisions):
         rows = sorted((f for f in results["floors"] if f["precision"] == p), key=lambda f: f["batch"])
-        ax.plot([f["batch"] for f in rows], [f["floor_s"] * 1e3 for f in rows], linestyle=styles[i % len(styles)],
-                color="black", alpha=0.6, label=f"floor {p}")
+        ax.plot(
+            [f["batch"] for f in rows],
+            [f["floor_s"] * 1e3 for f in rows],
+            linestyle=styles[i % len(styles)],
+            color="black",
+            alpha=0.6,
+            label=f"floor {p}",
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch (tokens = batch x seq)")

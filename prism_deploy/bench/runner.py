@@ -51,8 +51,9 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         # the settings of a run: a precision an API caller names is parsed here (the CLI passes them parsed)
-        object.__setattr__(self, "precisions", tuple(p if isinstance(p, Precision) else Precision.parse(p)
-                                                     for p in self.precisions))
+        object.__setattr__(
+            self, "precisions", tuple(p if isinstance(p, Precision) else Precision.parse(p) for p in self.precisions)
+        )
 
     def validate(self) -> None:
         for b in self.backends:
@@ -122,8 +123,9 @@ def _progress(total: int) -> Any:
     try:
         from tqdm import tqdm
 
-        return tqdm(total=total, file=sys.stderr, desc="bench", unit="case", leave=False,
-                    disable=not sys.stderr.isatty())
+        return tqdm(
+            total=total, file=sys.stderr, desc="bench", unit="case", leave=False, disable=not sys.stderr.isatty()
+        )
     except ImportError:  # pragma: no cover
         return None
 
@@ -149,14 +151,18 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
     if device == "cuda":
         rates["fp16"] = measure_matrix_rate(device, "fp16")
     # each precision at the rate of its own compute dtype (float16 where it was measured)
-    rate_for = {p: rates["fp16" if p.compute_dtype == np.float16 and "fp16" in rates else "fp32"]["flops_per_s"]
-                for p in Precision}
+    rate_for = {
+        p: rates["fp16" if p.compute_dtype == np.float16 and "fp16" in rates else "fp32"]["flops_per_s"]
+        for p in Precision
+    }
 
     inputs = {b: make_inputs(adapter, b, settings.seq, settings.seed) for b in settings.batches}
     floors = {
-        (p, b): case_floor(adapter.config, info, p, b * settings.seq, bandwidth["bytes_per_s"], rate_for[p],
-                           inputs[b].selected_tiles)
-        for p in sorted({Precision.FP32, *settings.precisions}, key=lambda p: p.rank) for b in settings.batches
+        (p, b): case_floor(
+            adapter.config, info, p, b * settings.seq, bandwidth["bytes_per_s"], rate_for[p], inputs[b].selected_tiles
+        )
+        for p in sorted({Precision.FP32, *settings.precisions}, key=lambda p: p.rank)
+        for b in settings.batches
     }
 
     unavailable: list[dict[str, Any]] = []
@@ -183,14 +189,16 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
         for precision, names in passes:
             prepared: list[bk.Backend] = []
             for name in names:
-                backend = bk.make_backend(name, adapter, precision, workdir, settings.engines_dir,
-                                          settings.threads)
+                backend = bk.make_backend(name, adapter, precision, workdir, settings.engines_dir, settings.threads)
                 with PeakMemory(cuda=backend.uses_gpu) as mem:
                     try:
                         backend.prepare()
                     except Exception as exc:  # listed with the reason; the other backends still run
-                        why = str(exc) if isinstance(exc, bk.BackendUnavailable) else \
-                            f"{name}: preparing {precision} failed ({type(exc).__name__}: {brief(exc, 300)})"
+                        why = (
+                            str(exc)
+                            if isinstance(exc, bk.BackendUnavailable)
+                            else f"{name}: preparing {precision} failed ({type(exc).__name__}: {brief(exc, 300)})"
+                        )
                         unavailable.append({"backend": name, "precision": precision, "reason": why})
                         if bar is not None:
                             bar.update(len(settings.batches))
@@ -206,8 +214,9 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
                     if bar is not None:
                         bar.update(1)
                     if "error" in case:
-                        unavailable.append({"backend": backend.name, "precision": precision, "batch": batch,
-                                            "reason": case["error"]})
+                        unavailable.append(
+                            {"backend": backend.name, "precision": precision, "batch": batch, "reason": case["error"]}
+                        )
                         continue
                     rec = backend_records[backend.name]
                     rec["memory"] = merge_peaks(rec["memory"], case["memory"])
@@ -230,15 +239,19 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
             "sha256": file_sha256(adapter_path),
             "content_sha256": adapter_content_digest(adapter),
             "config": adapter.config.to_json(),
-            "describe": {k: info[k] for k in ("in_dim", "out_dim", "params", "bytes", "flops_per_token",
-                                              "weight_bytes_per_token")},
+            "describe": {
+                k: info[k]
+                for k in ("in_dim", "out_dim", "params", "bytes", "flops_per_token", "weight_bytes_per_token")
+            },
         },
         "machine": {**machine, "device": device, "load_average_start": load_start, "load_average_end": load_average()},
         "rates": {"copy_bandwidth": bandwidth, "matrix_rate": rates, "floor_model": FLOOR_MODEL},
-        "settings": {**{k: v for k, v in asdict(settings).items() if k != "engines_dir"},
-                     "engines_dir": str(settings.engines_dir) if settings.engines_dir else None,
-                     "baseline": {"backend": BASELINE[0], "precision": BASELINE[1]},
-                     "torch_threads": torch.get_num_threads()},
+        "settings": {
+            **{k: v for k, v in asdict(settings).items() if k != "engines_dir"},
+            "engines_dir": str(settings.engines_dir) if settings.engines_dir else None,
+            "baseline": {"backend": BASELINE[0], "precision": BASELINE[1]},
+            "torch_threads": torch.get_num_threads(),
+        },
         "backends": {
             "asked": list(settings.backends),
             "ran": sorted({c["backend"] for c in cases}),
@@ -250,20 +263,26 @@ def run_bench(adapter_path: str | os.PathLike[str], settings: BenchSettings) -> 
     }
 
 
-def _time_case(backend: bk.Backend, data: _Inputs, settings: BenchSettings, floor: dict[str, Any], batch: int) -> dict[str, Any]:
+def _time_case(
+    backend: bk.Backend, data: _Inputs, settings: BenchSettings, floor: dict[str, Any], batch: int
+) -> dict[str, Any]:
     tokens = batch * settings.seq
     try:
         xs = [backend.make_input(a) for a in data.arrays]
         with PeakMemory(cuda=backend.uses_gpu) as mem:
             if backend.device == "cuda":
-                timing = time_cuda(backend.run, xs, settings.warmup_ms, settings.repeat,
-                                   use_graph=backend.capturable and tokens <= GRAPH_MAX_TOKENS)
+                timing = time_cuda(
+                    backend.run,
+                    xs,
+                    settings.warmup_ms,
+                    settings.repeat,
+                    use_graph=backend.capturable and tokens <= GRAPH_MAX_TOKENS,
+                )
             else:
                 timing = time_cpu(backend.run, xs, settings.warmup_ms, settings.repeat)
         errors = max_abs_relative(backend.to_numpy(backend.run(xs[0])), data.reference)
     except Exception as exc:  # a backend that breaks on one case is reported, not fatal
-        return {"error": f"{backend.name} {backend.precision} batch {batch}: {type(exc).__name__}: "
-                         f"{brief(exc, 300)}"}
+        return {"error": f"{backend.name} {backend.precision} batch {batch}: {type(exc).__name__}: {brief(exc, 300)}"}
     median = timing["median_s"]
     return {
         "backend": backend.name,
@@ -283,8 +302,7 @@ def _time_case(backend: bk.Backend, data: _Inputs, settings: BenchSettings, floo
 
 def _add_ratios(cases: list[dict[str, Any]]) -> None:
     """Each case's median over the torch fp32 median at the same batch and seq."""
-    base = {(c["batch"], c["seq"]): c["median_s"] for c in cases
-            if (c["backend"], c["precision"]) == BASELINE}
+    base = {(c["batch"], c["seq"]): c["median_s"] for c in cases if (c["backend"], c["precision"]) == BASELINE}
     for c in cases:
         b = base.get((c["batch"], c["seq"]))
         c["ratio_to_torch"] = c["median_s"] / b if b else None

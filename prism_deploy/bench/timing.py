@@ -55,8 +55,13 @@ def time_cpu(run: Callable[[Any], Any], inputs: Sequence[Any], warmup_ms: float,
         t = time.perf_counter_ns()
         run(x)
         samples.append(time.perf_counter_ns() - t)
-    return {**summarize(samples), "warmup_calls": calls, "first_call_s": first_call_s,
-            "buffers": k, "method": "cpu perf_counter_ns per call"}
+    return {
+        **summarize(samples),
+        "warmup_calls": calls,
+        "first_call_s": first_call_s,
+        "buffers": k,
+        "method": "cpu perf_counter_ns per call",
+    }
 
 
 def time_cuda(

@@ -22,7 +22,13 @@ from prism_deploy.core.fsutil import file_sha256
 from prism_deploy.core.precision import Precision
 from prism_deploy.core.targets import Target
 from prism_deploy.format import AdapterConfig, AdapterTensors, read_adapter_config, read_adapter_file
-from prism_deploy.format.engine_manifest import EngineFileError, canonical_hash, parts_intact, read_manifest, source_kind
+from prism_deploy.format.engine_manifest import (
+    EngineFileError,
+    canonical_hash,
+    parts_intact,
+    read_manifest,
+    source_kind,
+)
 from prism_deploy.target_backends import EngineBuild, backend_for
 
 FORM_MODES = ("timed", "auto")
@@ -63,8 +69,10 @@ class BuildRequest:
             raise PrismInputError(f"--forms: {self.forms!r} is not one of {', '.join(FORM_MODES)}")
         if self.precisions and Precision.INT8_QDQ in self.precisions:
             if self.calib is None:
-                raise PrismInputError("--precision int8-qdq: needs --calib FILE (model-A hidden states, [n, in_dim]) "
-                                      "for its activation scales")
+                raise PrismInputError(
+                    "--precision int8-qdq: needs --calib FILE (model-A hidden states, [n, in_dim]) "
+                    "for its activation scales"
+                )
             check_calibrator(self.calibrator)
         if self.calib is not None and not self.calib.is_file():
             raise PrismInputError(f"--calib: {self.calib}: no such file")
@@ -82,8 +90,9 @@ def resolve_plugin(mode: str, target: Target, config: AdapterConfig) -> tuple[bo
         return False, None
     if not backend_for(target).fuses_plugin:
         if mode == "on":
-            raise PrismInputError(f"--plugin on: the tile_dispatch plugin runs inside TensorRT engines only, "
-                                  f"not with --target {target}")
+            raise PrismInputError(
+                f"--plugin on: the tile_dispatch plugin runs inside TensorRT engines only, not with --target {target}"
+            )
         return False, None
     if not config.gated_pipes:
         return False, "plugin off: the adapter has no gated pipe to fuse"
@@ -110,8 +119,12 @@ class AdapterSource:
         self.label = self.path.name
         self.calib_sha = file_sha256(request.calib) if request.calib is not None and request.calib.is_file() else None
         self.topology = self.config.topology()
-        self.record = {"file": self.path.name, "sha256": self.sha256, "config": self.config.to_json(),
-                       "topology_sha256": canonical_hash(self.topology)}
+        self.record = {
+            "file": self.path.name,
+            "sha256": self.sha256,
+            "config": self.config.to_json(),
+            "topology_sha256": canonical_hash(self.topology),
+        }
         self.notes: list[str] = []
         self._data: AdapterTensors | None = None
 
@@ -143,27 +156,46 @@ class AdapterSource:
         if note:
             self.notes.append(note)
         precisions = request.precisions or default_precisions(target)
-        for flag, on in (("--refittable", request.refittable), ("--version-compatible", request.version_compatible),
-                         ("--weight-streaming", request.weight_streaming)):
+        for flag, on in (
+            ("--refittable", request.refittable),
+            ("--version-compatible", request.version_compatible),
+            ("--weight-streaming", request.weight_streaming),
+        ):
             if on and flag not in backend_for(target).engine_options:
                 raise PrismInputError(f"{flag}: a TensorRT engine option, but the target is {target}")
         tools, device = targets.tool_versions(target), targets.device_info(target)
         units = []
         for p in precisions:
-            cfg = EngineConfig(target=target, precision=p, profile=request.profile, plugin=plugin,
-                               layout="per-pipe" if request.per_pipe else "whole", refittable=request.refittable,
-                               version_compatible=request.version_compatible,
-                               weight_streaming=request.weight_streaming, calibrator=request.calibrator)
+            cfg = EngineConfig(
+                target=target,
+                precision=p,
+                profile=request.profile,
+                plugin=plugin,
+                layout="per-pipe" if request.per_pipe else "whole",
+                refittable=request.refittable,
+                version_compatible=request.version_compatible,
+                weight_streaming=request.weight_streaming,
+                calibrator=request.calibrator,
+            )
             sources: dict[str, Any] = {"adapter": self.sha256}
             if p is Precision.INT8_QDQ:
                 sources["calib"] = self.calib_sha
             if self._times_forms(cfg):
                 sources["forms"] = FORMS_RULES
-            units.append(Unit(cfg, sources, group=cfg.id, topology_key=topology_key(self.topology, cfg, tools, device),
-                              extra={"combine_weights": None}))
+            units.append(
+                Unit(
+                    cfg,
+                    sources,
+                    group=cfg.id,
+                    topology_key=topology_key(self.topology, cfg, tools, device),
+                    extra={"combine_weights": None},
+                )
+            )
         return units
 
-    def refit_source(self, unit: Unit, directory: Path, old: dict[str, Any] | None) -> tuple[Path, dict[str, Any]] | None:
+    def refit_source(
+        self, unit: Unit, directory: Path, old: dict[str, Any] | None
+    ) -> tuple[Path, dict[str, Any]] | None:
         """A refittable engine of the same topology: in DIR, or in a sibling DIR of the same adapter stem."""
         cfg = unit.config
         if not (cfg.refittable and backend_for(cfg.target).refits):
@@ -182,8 +214,13 @@ class AdapterSource:
 
     def _times_forms(self, cfg: EngineConfig) -> bool:
         """Whether this engine is built in every candidate gated form and chosen per bucket."""
-        return (self.request.forms == "timed" and backend_for(cfg.target).times_gated_forms and not cfg.per_pipe
-                and not cfg.plugin and bool(self.config.gated_pipes))
+        return (
+            self.request.forms == "timed"
+            and backend_for(cfg.target).times_gated_forms
+            and not cfg.per_pipe
+            and not cfg.plugin
+            and bool(self.config.gated_pipes)
+        )
 
     def _make_timed(self, unit: Unit, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """Every candidate form built; per token bucket the fastest that agrees with the
@@ -204,18 +241,34 @@ class AdapterSource:
             stem = f"{cfg.slug}.{form}"
             onnx_path = work / f"{stem}.onnx"
             exported = export_graph(data, onnx_path, cfg, self.request.calib, gated_form=form)
-            built[form] = build_part(backend_for(cfg.target), onnx_path, work, stem,
-                                     EngineBuild(precision=cfg.precision, source_bytes=exported))
+            built[form] = build_part(
+                backend_for(cfg.target),
+                onnx_path,
+                work,
+                stem,
+                EngineBuild(precision=cfg.precision, source_bytes=exported),
+            )
             onnx_path.unlink()
             for extra in work.glob(f"{stem}.onnx.data"):
                 extra.unlink()
-        sessions = {form: make_session(work / part["file"], session["provider"],
-                                       graph_optimization_level=session["load_graph_optimization_level"],
-                                       session_config=session.get("load_session_config"))
-                    for form, (part, session) in built.items()}
+        sessions = {
+            form: make_session(
+                work / part["file"],
+                session["provider"],
+                graph_optimization_level=session["load_graph_optimization_level"],
+                session_config=session.get("load_session_config"),
+            )
+            for form, (part, session) in built.items()
+        }
         runs = {form: (lambda x, s=s: s.run(["adapted"], {"hidden": x})[0]) for form, s in sessions.items()}
-        records = time_forms(runs, token_buckets(cfg.profile), self.config.in_dim, baseline,
-                             tolerances.adapter(cfg.precision).rel_l2_max, self.request.form_timer)
+        records = time_forms(
+            runs,
+            token_buckets(cfg.profile),
+            self.config.in_dim,
+            baseline,
+            tolerances.adapter(cfg.precision).rel_l2_max,
+            self.request.form_timer,
+        )
         del sessions, runs
         chosen = list(dict.fromkeys(r["form"] for r in records))
         for form, (part, _) in built.items():
@@ -223,24 +276,29 @@ class AdapterSource:
                 (work / part["file"]).unlink()
                 if part.get("data_file"):
                     (work / part["data_file"]).unlink()
-        unit.extra["forms"] = {"candidates": candidates, "baseline": baseline,
-                               "method": "lower quartile of 5-50 calls' seconds on the build machine, one input of "
-                                         "timed_tokens tokens; passed = relative L2 to the baseline form "
-                                         "within the precision's parity bound",
-                               "buckets": records}
+        unit.extra["forms"] = {
+            "candidates": candidates,
+            "baseline": baseline,
+            "method": "lower quartile of 5-50 calls' seconds on the build machine, one input of "
+            "timed_tokens tokens; passed = relative L2 to the baseline form "
+            "within the precision's parity bound",
+            "buckets": records,
+        }
         parts = [{"pipe": None, "pipe_name": None, "form": form, **built[form][0]} for form in chosen]
         return parts, built[chosen[0]][1]
 
-    def make(self, unit: Unit, work: Path, directory: Path,
-             refit_from: tuple[Path, dict[str, Any]] | None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    def make(
+        self, unit: Unit, work: Path, directory: Path, refit_from: tuple[Path, dict[str, Any]] | None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         cfg = unit.config
         if self._times_forms(cfg):
             return self._make_timed(unit, work)
         data = self.data
         if cfg.per_pipe:  # the loader applies them: one engine per pipe
             unit.extra["combine_weights"] = data.betas()
-        pieces: list[tuple[int | None, AdapterTensors]] = [(None, data)] if not cfg.per_pipe else \
-            [(i, data.pipe(i)) for i in range(self.config.num_pipes)]
+        pieces: list[tuple[int | None, AdapterTensors]] = (
+            [(None, data)] if not cfg.per_pipe else [(i, data.pipe(i)) for i in range(self.config.num_pipes)]
+        )
         parts = []
         session = None
         for index, piece in pieces:
@@ -251,26 +309,41 @@ class AdapterSource:
             if refit_from is not None:
                 folder, entry = refit_from
                 refit_part = folder / next(p for p in entry["parts"] if p["pipe"] == index)["file"]
-            request = EngineBuild(precision=cfg.precision, source_bytes=exported_bytes,
-                                  shapes=cfg.profile.shapes(self.config.in_dim), refittable=cfg.refittable,
-                                  version_compatible=cfg.version_compatible, weight_streaming=cfg.weight_streaming,
-                                  plugin=cfg.plugin, refit_from=refit_part, cache_dir=directory)
+            request = EngineBuild(
+                precision=cfg.precision,
+                source_bytes=exported_bytes,
+                shapes=cfg.profile.shapes(self.config.in_dim),
+                refittable=cfg.refittable,
+                version_compatible=cfg.version_compatible,
+                weight_streaming=cfg.weight_streaming,
+                plugin=cfg.plugin,
+                refit_from=refit_part,
+                cache_dir=directory,
+            )
             part, session = build_part(backend_for(cfg.target), onnx_path, work, stem, request)
             parts.append({"pipe": index, "pipe_name": None if index is None else self.config.pipes[index].name, **part})
         return parts, session
 
 
-def export_graph(adapter: AdapterTensors, path: Path, cfg: EngineConfig, calib: Path | None,
-                 gated_form: str = "auto") -> int:
+def export_graph(
+    adapter: AdapterTensors, path: Path, cfg: EngineConfig, calib: Path | None, gated_form: str = "auto"
+) -> int:
     """The lowering (``prism_deploy.lower``), then with the plugin on the fusion pass; the bytes
     written (model and external data)."""
     from prism_deploy.lower import export_onnx
 
     # ONNX Runtime CPU: INT8 ungated pipes as MatMulNBits, weights read at 8 bits (lower/adapter_onnx.py)
     nbits = backend_for(cfg.target).nbits_export and not cfg.plugin
-    result = export_onnx(adapter, path, precision=cfg.adapter_precision, io_dtype="float32",
-                         calib=str(calib) if calib is not None else None, calibrator=cfg.calibrator,
-                         gated_form=gated_form, ort_nbits=nbits)
+    result = export_onnx(
+        adapter,
+        path,
+        precision=cfg.adapter_precision,
+        io_dtype="float32",
+        calib=str(calib) if calib is not None else None,
+        calibrator=cfg.calibrator,
+        gated_form=gated_form,
+        ort_nbits=nbits,
+    )
     if cfg.plugin and adapter.config.gated_pipes:
         from prism_deploy.fuse import fuse_onnx_file
 
@@ -282,6 +355,7 @@ def export_graph(adapter: AdapterTensors, path: Path, cfg: EngineConfig, calib: 
 def build_engines(request: BuildRequest, check: Any = None, log: Any = None) -> BuildResult:
     """``prism-deploy build ADAPTER``: the engines of every requested configuration, checked by
     ``check`` (``prism_deploy.parity.adapter_engine_check``; None: unchecked)."""
-    options = BuildOptions(out_dir=request.out_dir, target=request.target, check=check, force=request.force,
-                           progress=request.progress)
+    options = BuildOptions(
+        out_dir=request.out_dir, target=request.target, check=check, force=request.force, progress=request.progress
+    )
     return build(AdapterSource(request), options, log)

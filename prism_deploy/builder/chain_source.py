@@ -49,18 +49,23 @@ class ChainBuildResult:
     def raise_for_failures(self) -> None:
         failed = [(label, r) for label, r in self.stages if r is not None and r.failed]
         if failed:
-            raise CheckFailed("; ".join(f"{label}: " + "; ".join(f"{o.id}: {o.detail}" for o in r.failed)
-                                        for label, r in failed) + " (chain.json unchanged; the stage folders "
-                                                                   "this run made are removed)")
+            raise CheckFailed(
+                "; ".join(f"{label}: " + "; ".join(f"{o.id}: {o.detail}" for o in r.failed) for label, r in failed)
+                + " (chain.json unchanged; the stage folders "
+                "this run made are removed)"
+            )
 
 
 def stage_folder_name(index: int, name: str) -> str:
     return f"{index + 1}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:64]}"
 
 
-def build_chain(request: ChainBuildRequest, adapter_check: Callable[[Path], EngineCheck] | None = None,
-                model_check: Callable[[Path], EngineCheck] | None = None,
-                log: Callable[[str], None] | None = None) -> ChainBuildResult:
+def build_chain(
+    request: ChainBuildRequest,
+    adapter_check: Callable[[Path], EngineCheck] | None = None,
+    model_check: Callable[[Path], EngineCheck] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ChainBuildResult:
     """Build every stage (see the module docstring); checks are made per stage by the factories
     given (None: unchecked)."""
     spec, out = request.spec, Path(request.out_dir)
@@ -68,8 +73,10 @@ def build_chain(request: ChainBuildRequest, adapter_check: Callable[[Path], Engi
     check_chain_out_dir(out, spec, request.force)
     for s in spec.stages:
         if s.kind == "adapter" and s.path.is_file() and s.path.suffix != ".safetensors":
-            raise PrismInputError(f"{spec.where()}: {s.label}: {s.path}: build --chain builds an adapter from its "
-                                  ".safetensors (or uses a build folder as it is), not from a .onnx")
+            raise PrismInputError(
+                f"{spec.where()}: {s.label}: {s.path}: build --chain builds an adapter from its "
+                ".safetensors (or uses a build folder as it is), not from a .onnx"
+            )
     check_chain(spec)  # roles, widths and files of every stage, before the first build
     made: list[Path] = [] if out.exists() else [out]  # what this run creates, removed if it fails
     try:
@@ -82,7 +89,9 @@ def build_chain(request: ChainBuildRequest, adapter_check: Callable[[Path], Engi
         return ChainBuildResult(out, results, None)
     stages = []
     for s, path in zip(spec.stages, built_paths):
-        reference = s.reference if s.reference is not None else (s.path if s.kind == "adapter" and s.path.is_file() else None)
+        reference = (
+            s.reference if s.reference is not None else (s.path if s.kind == "adapter" and s.path.is_file() else None)
+        )
         stages.append(replace(s, path=path, sha256=stage_digest(path), reference=reference))
     obj = chain_to_object(replace(spec, stages=stages), out, built=True)
     chain_file = out / CHAIN_FILE
@@ -103,9 +112,13 @@ def _remove_made(made: list[Path]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _build_stages(request: ChainBuildRequest, adapter_check: Callable[[Path], EngineCheck] | None,
-                  model_check: Callable[[Path], EngineCheck] | None, log: Callable[[str], None] | None,
-                  made: list[Path]) -> tuple[list[tuple[str, BuildResult | None]], list[Path]]:
+def _build_stages(
+    request: ChainBuildRequest,
+    adapter_check: Callable[[Path], EngineCheck] | None,
+    model_check: Callable[[Path], EngineCheck] | None,
+    log: Callable[[str], None] | None,
+    made: list[Path],
+) -> tuple[list[tuple[str, BuildResult | None]], list[Path]]:
     spec, out = request.spec, Path(request.out_dir)
     results: list[tuple[str, BuildResult | None]] = []
     built_paths: list[Path] = []
@@ -124,27 +137,54 @@ def _build_stages(request: ChainBuildRequest, adapter_check: Callable[[Path], En
     return results, built_paths
 
 
-def build_stage(where: str, s: StageSpec, folder: Path, target: str, request: Any,
-                adapter_check: Callable[[Path], EngineCheck] | None, model_check: Callable[[Path], EngineCheck] | None,
-                log: Callable[[str], None] | None) -> BuildResult:
+def build_stage(
+    where: str,
+    s: StageSpec,
+    folder: Path,
+    target: str,
+    request: Any,
+    adapter_check: Callable[[Path], EngineCheck] | None,
+    model_check: Callable[[Path], EngineCheck] | None,
+    log: Callable[[str], None] | None,
+) -> BuildResult:
     """One stage built into ``folder``: a model as ``build --model``, an adapter as ``build``."""
     try:
         if s.kind == "model":
             check = model_check(s.path) if model_check is not None else None
-            return build_model_engines(ModelBuildRequest(model_dir=s.path, out_dir=folder, target=target,
-                                                         profile=request.profile, force=request.force,
-                                                         progress=request.progress), check, log)
+            return build_model_engines(
+                ModelBuildRequest(
+                    model_dir=s.path,
+                    out_dir=folder,
+                    target=target,
+                    profile=request.profile,
+                    force=request.force,
+                    progress=request.progress,
+                ),
+                check,
+                log,
+            )
         check = adapter_check(s.path) if adapter_check is not None else None
         precisions = (s.precision,) if s.precision else None
-        return build_engines(BuildRequest(adapter=s.path, out_dir=folder, target=target, precisions=precisions,
-                                          profile=request.profile, force=request.force,
-                                          progress=request.progress), check, log)
+        return build_engines(
+            BuildRequest(
+                adapter=s.path,
+                out_dir=folder,
+                target=target,
+                precisions=precisions,
+                profile=request.profile,
+                force=request.force,
+                progress=request.progress,
+            ),
+            check,
+            log,
+        )
     except PrismInputError as exc:
         raise PrismInputError(f"{where}: {s.label}: {exc}") from None
 
 
-def check_chain_out_dir(out: Path, spec: Any, force: bool, file_name: str = CHAIN_FILE,
-                        built_by: str | None = None) -> None:
+def check_chain_out_dir(
+    out: Path, spec: Any, force: bool, file_name: str = CHAIN_FILE, built_by: str | None = None
+) -> None:
     """``OUT`` holds only what ``build --chain`` writes: stage build folders (each with its
     manifest, whose own rules the stage's build applies) and its own ``chain.json``. Anything
     else is refused unless ``force`` (which keeps it); a ``chain.json`` it did not write (the
@@ -157,19 +197,29 @@ def check_chain_out_dir(out: Path, spec: Any, force: bool, file_name: str = CHAI
     for s in spec.stages:  # a link placed at a stage folder's name would take the build elsewhere
         folder = out / stage_folder_name(s.index, s.name)
         if folder.is_symlink():
-            raise PrismInputError(f"-o {out}: {folder} is a symbolic link; {built_by or 'build --chain'} writes only "
-                                  "into folders it makes (remove the link, or give another output folder)")
+            raise PrismInputError(
+                f"-o {out}: {folder} is a symbolic link; {built_by or 'build --chain'} writes only "
+                "into folders it makes (remove the link, or give another output folder)"
+            )
     if chain_file.exists() and not _ours(chain_file, built_by):
-        raise PrismInputError(f"-o {out}: {chain_file} was not written by {built_by or 'build --chain'}; it would be replaced "
-                              "(move it, or give another output folder)")
+        raise PrismInputError(
+            f"-o {out}: {chain_file} was not written by {built_by or 'build --chain'}; it would be replaced "
+            "(move it, or give another output folder)"
+        )
     stage_folders = {stage_folder_name(s.index, s.name) for s in spec.stages}
-    foreign = sorted(p.name for p in out.iterdir()
-                     if p.name != file_name and not (p.is_dir() and (p / MANIFEST_NAME).is_file())
-                     and not (p.name in stage_folders and holds_only_leftovers(p)))  # a killed build's stage
+    foreign = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name != file_name
+        and not (p.is_dir() and (p / MANIFEST_NAME).is_file())
+        and not (p.name in stage_folders and holds_only_leftovers(p))
+    )  # a killed build's stage
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise PrismInputError(f"-o {out}: holds files build --chain did not write ({shown}); build into a new or "
-                              "empty folder, or pass --force (they are kept)")
+        raise PrismInputError(
+            f"-o {out}: holds files build --chain did not write ({shown}); build into a new or "
+            "empty folder, or pass --force (they are kept)"
+        )
 
 
 def _ours(chain_file: Path, built_by: str | None = None) -> bool:
@@ -191,8 +241,13 @@ def _ours(chain_file: Path, built_by: str | None = None) -> bool:
     if not isinstance(stages, list):
         return False
     names = [st.get("model", st.get("adapter")) for st in stages if isinstance(st, dict)]
-    return bool(names) and len(names) == len(stages) and all(
-        isinstance(n, str) and "/" not in n and (chain_file.parent / n / MANIFEST_NAME).is_file() for n in names)
+    return (
+        bool(names)
+        and len(names) == len(stages)
+        and all(
+            isinstance(n, str) and "/" not in n and (chain_file.parent / n / MANIFEST_NAME).is_file() for n in names
+        )
+    )
 
 
 def summary(result: ChainBuildResult) -> list[dict[str, Any]]:
@@ -202,6 +257,12 @@ def summary(result: ChainBuildResult) -> list[dict[str, Any]]:
         if r is None:
             rows.append({"stage": label, "directory": None, "engines": [], "used_as_is": True})
         else:
-            rows.append({"stage": label, "directory": str(r.directory), "used_as_is": False,
-                         "engines": [{"id": o.id, "action": o.action, "detail": o.detail} for o in r.outcomes]})
+            rows.append(
+                {
+                    "stage": label,
+                    "directory": str(r.directory),
+                    "used_as_is": False,
+                    "engines": [{"id": o.id, "action": o.action, "detail": o.detail} for o in r.outcomes],
+                }
+            )
     return rows

@@ -44,8 +44,9 @@ def token_buckets(profile: Any) -> list[tuple[int, int]]:
     return buckets + [(hi, top)]
 
 
-def quartile_timer(form: str, tokens: int, call: Callable[[], Any], *, budget_s: float = 0.1,
-                   min_calls: int = 5, max_calls: int = 50) -> float:
+def quartile_timer(
+    form: str, tokens: int, call: Callable[[], Any], *, budget_s: float = 0.1, min_calls: int = 5, max_calls: int = 50
+) -> float:
     """The lower quartile of a few timed calls after one untimed call (the default timer): on a
     shared machine a call another process interrupts is slower, never faster, so the lower
     quartile repeats where the median of a few calls does not."""
@@ -69,9 +70,15 @@ def choose_form(seconds: dict[str, float | None], passed: dict[str, bool], candi
     return min(ok, key=lambda f: (seconds[f], candidates.index(f)))
 
 
-def time_forms(runs: Mapping[str, Callable[[np.ndarray], np.ndarray]], buckets: Sequence[tuple[int, int]],
-               in_dim: int, baseline: str, rel_l2_max: float, timer: FormTimer | None = None,
-               seed: int = 0) -> list[dict[str, Any]]:
+def time_forms(
+    runs: Mapping[str, Callable[[np.ndarray], np.ndarray]],
+    buckets: Sequence[tuple[int, int]],
+    in_dim: int,
+    baseline: str,
+    rel_l2_max: float,
+    timer: FormTimer | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Per bucket: every candidate's seconds per call, whether it agrees with ``baseline``'s
     output within ``rel_l2_max`` (relative L2) on the same input, and the chosen form."""
     from prism_deploy.core.metrics import rel_l2
@@ -87,14 +94,13 @@ def time_forms(runs: Mapping[str, Callable[[np.ndarray], np.ndarray]], buckets: 
         passed: dict[str, bool] = {}
         for form, run in runs.items():
             got = run(x)
-            passed[form] = bool(got.shape == want.shape and np.isfinite(got).all()
-                                and rel_l2(got, want) <= rel_l2_max)
+            passed[form] = bool(got.shape == want.shape and np.isfinite(got).all() and rel_l2(got, want) <= rel_l2_max)
             seconds[form] = float(timer(form, tokens, _bound(run, x))) if passed[form] else None
         chosen = choose_form(seconds, passed, candidates)
-        records.append({"max_tokens": max_tokens, "timed_tokens": tokens, "form": chosen,
-                        "seconds": seconds, "passed": passed})
+        records.append(
+            {"max_tokens": max_tokens, "timed_tokens": tokens, "form": chosen, "seconds": seconds, "passed": passed}
+        )
     return records
-
 
 
 def _bound(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> Callable[[], Any]:

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from prism_deploy.builder.chain_source import (ChainBuildResult, build_stage, check_chain_out_dir,
-                                               stage_folder_name)
+from prism_deploy.builder.chain_source import ChainBuildResult, build_stage, check_chain_out_dir, stage_folder_name
 from prism_deploy.builder.loop import BuildResult, EngineCheck, check_out_dir
 from prism_deploy.builder.options import Profile
 from prism_deploy.core.errors import PrismInputError
@@ -39,9 +38,12 @@ class GraphBuildRequest:
     progress: bool = False
 
 
-def build_graph(request: GraphBuildRequest, adapter_check: Callable[[Path], EngineCheck] | None = None,
-                model_check: Callable[[Path], EngineCheck] | None = None,
-                log: Callable[[str], None] | None = None) -> ChainBuildResult:
+def build_graph(
+    request: GraphBuildRequest,
+    adapter_check: Callable[[Path], EngineCheck] | None = None,
+    model_check: Callable[[Path], EngineCheck] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ChainBuildResult:
     """Build every stage once (see the module docstring); the result's ``chain_file`` is
     ``OUT/graph.json`` (None when a stage failed)."""
     spec, out = request.spec, Path(request.out_dir)
@@ -50,8 +52,10 @@ def build_graph(request: GraphBuildRequest, adapter_check: Callable[[Path], Engi
     stages = [n.stage for n in spec.nodes if n.stage is not None]
     for s in stages:
         if s.kind == "adapter" and s.path.is_file() and s.path.suffix != ".safetensors":
-            raise PrismInputError(f"{spec.where()}: {s.label}: {s.path}: build --graph builds an adapter from its "
-                                  ".safetensors (or uses a build folder as it is), not from a .onnx")
+            raise PrismInputError(
+                f"{spec.where()}: {s.label}: {s.path}: build --graph builds an adapter from its "
+                ".safetensors (or uses a build folder as it is), not from a .onnx"
+            )
     results: list[tuple[str, BuildResult | None]] = []
     built: dict[tuple[str, str, str | None, str], Path] = {}
     paths: dict[int, Path] = {}
@@ -66,14 +70,18 @@ def build_graph(request: GraphBuildRequest, adapter_check: Callable[[Path], Engi
             paths[s.index] = built[key]
             continue
         folder = out / stage_folder_name(s.index, s.name)
-        results.append((s.label, build_stage(spec.where(), s, folder, target, request, adapter_check, model_check, log)))
+        results.append(
+            (s.label, build_stage(spec.where(), s, folder, target, request, adapter_check, model_check, log))
+        )
         built[key] = paths[s.index] = folder
     if any(r is not None and r.failed for _, r in results):
         return ChainBuildResult(out, results, None)
     built_stages = []
     for s in stages:
         path = paths[s.index]
-        reference = s.reference if s.reference is not None else (s.path if s.kind == "adapter" and s.path.is_file() else None)
+        reference = (
+            s.reference if s.reference is not None else (s.path if s.kind == "adapter" and s.path.is_file() else None)
+        )
         built_stages.append(replace(s, path=path, sha256=stage_digest(path), reference=reference))
     items = iter(chain_to_object(ChainSpec(spec.path, built_stages), out)["stages"])
     objects: list[dict[str, Any]] = []

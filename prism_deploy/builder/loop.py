@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import stat
-import re
 import sys
 import tempfile
 import time
@@ -42,9 +42,9 @@ from typing import Any, Protocol
 
 from prism_deploy.builder.options import EngineConfig
 from prism_deploy.core import targets
-from prism_deploy.core.targets import Target
 from prism_deploy.core.errors import CheckFailed, PrismInputError
 from prism_deploy.core.fsutil import atomic_output, file_sha256, folder_lock, inside, write_errors
+from prism_deploy.core.targets import Target
 from prism_deploy.format.engine_manifest import (
     ENGINE_SUFFIXES,
     MANIFEST_NAME,
@@ -132,8 +132,10 @@ class BuildResult:
 
     def raise_for_failures(self) -> None:
         if self.failed:
-            raise CheckFailed("; ".join(f"{o.id}: {o.detail}" for o in self.failed)
-                              + (" (manifest unchanged)" if not self.manifest_written else ""))
+            raise CheckFailed(
+                "; ".join(f"{o.id}: {o.detail}" for o in self.failed)
+                + (" (manifest unchanged)" if not self.manifest_written else "")
+            )
 
 
 class BuildSource(Protocol):
@@ -151,10 +153,13 @@ class BuildSource(Protocol):
 
     def units(self, target: Target) -> list[Unit]: ...
 
-    def make(self, unit: Unit, work: Path, directory: Path,
-             refit_from: tuple[Path, dict[str, Any]] | None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]: ...
+    def make(
+        self, unit: Unit, work: Path, directory: Path, refit_from: tuple[Path, dict[str, Any]] | None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]: ...
 
-    def refit_source(self, unit: Unit, directory: Path, old: dict[str, Any] | None) -> tuple[Path, dict[str, Any]] | None: ...
+    def refit_source(
+        self, unit: Unit, directory: Path, old: dict[str, Any] | None
+    ) -> tuple[Path, dict[str, Any]] | None: ...
 
     def copies(self) -> list[tuple[str, Path]]: ...
 
@@ -172,8 +177,9 @@ class BuildOptions:
 
 def cache_key(unit: Unit, tools: dict[str, Any], device: dict[str, Any]) -> str:
     """Same key = same engine: any change to a source file, the options, the tools or the device rebuilds."""
-    return canonical_hash({"sources": unit.sources, "configuration": unit.config.to_json(), "tools": tools,
-                           "device": device})
+    return canonical_hash(
+        {"sources": unit.sources, "configuration": unit.config.to_json(), "tools": tools, "device": device}
+    )
 
 
 def build(source: BuildSource, options: BuildOptions, log: Callable[[str], None] | None = None) -> BuildResult:
@@ -197,13 +203,18 @@ def build(source: BuildSource, options: BuildOptions, log: Callable[[str], None]
                 for unit in _progress(units, options.progress, source.kind):
                     key = cache_key(unit, tools, device)
                     previous = old_entries.get(unit.id)
-                    if (not options.force and previous is not None and previous.get("cache_key") == key
-                            and parts_intact(directory, previous)):
+                    if (
+                        not options.force
+                        and previous is not None
+                        and previous.get("cache_key") == key
+                        and parts_intact(directory, previous)
+                    ):
                         outcomes.append(Outcome(unit, "reused", previous, 0.0, "cache hit"))
                         continue
                     refit_from = None if options.force else source.refit_source(unit, directory, old)
-                    outcomes.append(_make(source, unit, key, tools, device, work_root, directory, refit_from,
-                                          options.check))
+                    outcomes.append(
+                        _make(source, unit, key, tools, device, work_root, directory, refit_from, options.check)
+                    )
                 written = _commit(directory, source, old if same else None, old, outcomes, work_root)
             finally:
                 shutil.rmtree(work_root, ignore_errors=True)
@@ -214,6 +225,7 @@ def build(source: BuildSource, options: BuildOptions, log: Callable[[str], None]
 
 
 # ---- the folder --------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def locked(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
@@ -251,8 +263,11 @@ def holds_only_leftovers(directory: Path) -> bool:
     """``directory`` holds nothing but what a killed build leaves (its temporary names, an old
     lock file): a rerun builds into it and clears them."""
     try:
-        return directory.is_dir() and not directory.is_symlink() and all(
-            _is_own(p.name) and p.name != MANIFEST_NAME for p in directory.iterdir())
+        return (
+            directory.is_dir()
+            and not directory.is_symlink()
+            and all(_is_own(p.name) and p.name != MANIFEST_NAME for p in directory.iterdir())
+        )
     except OSError:
         return False
 
@@ -281,11 +296,19 @@ def _orphans(directory: Path, listed: set[str], source: BuildSource) -> list[Pat
             found.append(copy)
     for path in directory.iterdir():
         match = _ENGINE_NAME.fullmatch(path.name)
-        if match and path.name not in listed and path.is_file() and not path.is_symlink() \
-                and file_sha256(path).startswith(match.group(1)):
+        if (
+            match
+            and path.name not in listed
+            and path.is_file()
+            and not path.is_symlink()
+            and file_sha256(path).startswith(match.group(1))
+        ):
             found.append(path)
-            found += [directory / name for name in _external_data(path) if name not in listed
-                      and (directory / name).is_file() and "/" not in name]
+            found += [
+                directory / name
+                for name in _external_data(path)
+                if name not in listed and (directory / name).is_file() and "/" not in name
+            ]
     return found
 
 
@@ -308,22 +331,29 @@ def _previous_manifest(directory: Path, source: BuildSource, force: bool) -> dic
         old = read_manifest(directory)
     except EngineFileError as exc:
         if not force:
-            raise PrismInputError(f"-o {directory}: {exc}; nothing was changed (to build there anyway, "
-                                  "pass --force: the files it lists are kept, not deleted)") from None
+            raise PrismInputError(
+                f"-o {directory}: {exc}; nothing was changed (to build there anyway, "
+                "pass --force: the files it lists are kept, not deleted)"
+            ) from None
         return None
     listed = referenced_files(old)
     orphans = _orphans(directory, listed, source)  # provably ours, and listed by no manifest
-    foreign = sorted(p.name for p in directory.iterdir()
-                     if p.name not in listed and not _is_own(p.name) and p not in orphans)
+    foreign = sorted(
+        p.name for p in directory.iterdir() if p.name not in listed and not _is_own(p.name) and p not in orphans
+    )
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise PrismInputError(f"-o {directory}: holds files prism-deploy did not write ({shown}); build into a "
-                              "new or empty folder, or pass --force (they are kept)")
+        raise PrismInputError(
+            f"-o {directory}: holds files prism-deploy did not write ({shown}); build into a "
+            "new or empty folder, or pass --force (they are kept)"
+        )
     if old is not None and not source.owns(old) and not force:
         what = describe_source(old)
-        raise PrismInputError(f"-o {directory}: holds the engines of {what} ({len(old['engines'])} engine(s), "
-                              f"{len(listed)} file(s)), which this build would replace; use another folder, "
-                              "or --force to replace them")
+        raise PrismInputError(
+            f"-o {directory}: holds the engines of {what} ({len(old['engines'])} engine(s), "
+            f"{len(listed)} file(s)), which this build would replace; use another folder, "
+            "or --force to replace them"
+        )
     for orphan in orphans:  # the build goes ahead: what a killed one left goes now
         orphan.unlink(missing_ok=True)
     return old
@@ -331,7 +361,9 @@ def _previous_manifest(directory: Path, source: BuildSource, force: bool) -> dic
 
 def describe_source(manifest: dict[str, Any]) -> str:
     if source_kind(manifest) == "model":
-        return f"a {manifest['model'].get('role')} model build (model.json {manifest['model']['model_json_sha256'][:8]})"
+        return (
+            f"a {manifest['model'].get('role')} model build (model.json {manifest['model']['model_json_sha256'][:8]})"
+        )
     return f"adapter {manifest['adapter'].get('file')} ({manifest['adapter']['sha256'][:8]})"
 
 
@@ -349,14 +381,25 @@ def _progress(units: list[Unit], enabled: bool, kind: str) -> Any:
         return units
     from tqdm import tqdm
 
-    return tqdm(units, desc="build" if kind == "adapter" else "build --model", unit="engine", file=sys.stderr,
-                disable=None)  # None: shown on a terminal only
+    return tqdm(
+        units, desc="build" if kind == "adapter" else "build --model", unit="engine", file=sys.stderr, disable=None
+    )  # None: shown on a terminal only
 
 
 # ---- one unit ----------------------------------------------------------------------------------
 
-def _make(source: BuildSource, unit: Unit, key: str, tools: dict[str, Any], device: dict[str, Any], work_root: Path,
-          directory: Path, refit_from: tuple[Path, dict[str, Any]] | None, check: EngineCheck | None) -> Outcome:
+
+def _make(
+    source: BuildSource,
+    unit: Unit,
+    key: str,
+    tools: dict[str, Any],
+    device: dict[str, Any],
+    work_root: Path,
+    directory: Path,
+    refit_from: tuple[Path, dict[str, Any]] | None,
+    check: EngineCheck | None,
+) -> Outcome:
     work = Path(tempfile.mkdtemp(prefix=f"{unit.config.slug}.", dir=work_root))
     start = time.perf_counter()
     action = "refit" if refit_from is not None else "built"
@@ -403,8 +446,9 @@ def engine_part(work: Path, stem: str, suffix: str, engine: bytes | Path) -> dic
     return {"file": name, "sha256": digest, "bytes": (work / name).stat().st_size}
 
 
-def build_part(backend: TargetBackend, onnx_path: Path, work: Path, stem: str,
-               request: EngineBuild) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def build_part(
+    backend: TargetBackend, onnx_path: Path, work: Path, stem: str, request: EngineBuild
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """``backend`` builds ``onnx_path`` into ``work``: (the manifest's part record, session record)."""
     built = backend.build(onnx_path, work, stem, request)
     part = engine_part(work, stem, built.suffix, built.engine)
@@ -416,16 +460,28 @@ def build_part(backend: TargetBackend, onnx_path: Path, work: Path, stem: str,
 
 # ---- the commit --------------------------------------------------------------------------------
 
-def _commit(directory: Path, source: BuildSource, kept_from: dict[str, Any] | None, old: dict[str, Any] | None,
-            outcomes: list[Outcome], work_root: Path) -> bool:
+
+def _commit(
+    directory: Path,
+    source: BuildSource,
+    kept_from: dict[str, Any] | None,
+    old: dict[str, Any] | None,
+    outcomes: list[Outcome],
+    work_root: Path,
+) -> bool:
     """Move the engines of every group that fully succeeded in, refresh the copied files, write
     the manifest; then delete the files the old manifest listed that the new one does not."""
     failed_groups = {o.unit.group for o in outcomes if o.action == "failed"}
-    fresh = {o.id: o.entry for o in outcomes
-             if o.action in ("built", "refit") and o.entry is not None and o.unit.group not in failed_groups}
+    fresh = {
+        o.id: o.entry
+        for o in outcomes
+        if o.action in ("built", "refit") and o.entry is not None and o.unit.group not in failed_groups
+    }
     copies = source.copies()
     copy_records = kept_from[source.kind].get("copies", []) if kept_from is not None else []
-    copies_intact = kept_from is not None and len(copy_records) == len(copies) and parts_intact(directory, {"parts": copy_records})
+    copies_intact = (
+        kept_from is not None and len(copy_records) == len(copies) and parts_intact(directory, {"parts": copy_records})
+    )
     if not fresh and (copies_intact or not copies or failed_groups):
         return False
     moved_in: list[Path] = []
@@ -457,9 +513,15 @@ def _remove_listed(directory: Path, name: str) -> None:
             path.unlink()
 
 
-def _move_in_and_write(directory: Path, source: BuildSource, kept_from: dict[str, Any] | None,
-                       fresh: dict[str, dict[str, Any]], copies: list[tuple[str, Path]], work_root: Path,
-                       moved_in: list[Path]) -> None:
+def _move_in_and_write(
+    directory: Path,
+    source: BuildSource,
+    kept_from: dict[str, Any] | None,
+    fresh: dict[str, dict[str, Any]],
+    copies: list[tuple[str, Path]],
+    work_root: Path,
+    moved_in: list[Path],
+) -> None:
     for entry in fresh.values():
         for part in entry["parts"]:
             for name, _ in part_files(part):
@@ -472,8 +534,10 @@ def _move_in_and_write(directory: Path, source: BuildSource, kept_from: dict[str
             moved_in.append(directory / name)
             with atomic_output(directory / name) as tmp:
                 shutil.copyfile(path, tmp)
-        record["copies"] = [{"file": n, "sha256": file_sha256(directory / n), "bytes": (directory / n).stat().st_size}
-                            for n, _ in copies]
+        record["copies"] = [
+            {"file": n, "sha256": file_sha256(directory / n), "bytes": (directory / n).stat().st_size}
+            for n, _ in copies
+        ]
     engines: list[dict[str, Any]] = []
     if kept_from is not None:
         # every earlier entry stays (a configuration that failed now keeps its previous engine)
@@ -482,5 +546,17 @@ def _move_in_and_write(directory: Path, source: BuildSource, kept_from: dict[str
     write_manifest(directory, new_manifest(record, engines, kind=source.kind))
 
 
-__all__ = ["BuildOptions", "BuildResult", "BuildSource", "CheckResult", "EngineCheck", "Outcome", "Unit", "build",
-           "cache_key", "engine_part", "locked", "manifest_path"]
+__all__ = [
+    "BuildOptions",
+    "BuildResult",
+    "BuildSource",
+    "CheckResult",
+    "EngineCheck",
+    "Outcome",
+    "Unit",
+    "build",
+    "cache_key",
+    "engine_part",
+    "locked",
+    "manifest_path",
+]

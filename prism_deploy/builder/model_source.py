@@ -48,8 +48,9 @@ def read_model_export(model_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def trt_input_shapes(model: dict[str, Any], key: str,
-                     profile: Profile) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]:
+def trt_input_shapes(
+    model: dict[str, Any], key: str, profile: Profile
+) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]:
     """The TensorRT optimization profile of one graph: ``(input, min, opt, max)`` over batch x
     seq, and past length 0..max seq for the KV-cache graph (whose mask covers past + new)."""
     dims = model["dims"]
@@ -58,14 +59,17 @@ def trt_input_shapes(model: dict[str, Any], key: str,
         return tuple((n, (b0, s0), (b1, s1), (b2, s2)) for n in ("input_ids", "attention_mask"))
     d = int(dims["hidden"])
     shapes: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = [
-        ("inputs_embeds", (b0, s0, d), (b1, s1, d), (b2, s2, d))]
+        ("inputs_embeds", (b0, s0, d), (b1, s1, d), (b2, s2, d))
+    ]
     if key == "graph":
         shapes.append(("attention_mask", (b0, s0), (b1, s1), (b2, s2)))
     else:
         kv, hd = int(dims["kv_heads"]), int(dims["head_dim"])
         shapes.append(("attention_mask", (b0, s0), (b1, 2 * s1), (b2, 2 * s2)))
-        shapes += [(n, (b0, kv, 0, hd), (b1, kv, s1, hd), (b2, kv, s2, hd))
-                   for n in model_folder.past_names(int(dims["layers"]))]
+        shapes += [
+            (n, (b0, kv, 0, hd), (b1, kv, s1, hd), (b2, kv, s2, hd))
+            for n in model_folder.past_names(int(dims["layers"]))
+        ]
     return tuple(shapes)
 
 
@@ -83,9 +87,14 @@ class ModelSource:
         self.form = model_folder.graph_form(self.model)  # portable or ort: its graphs per role differ
         self.label = self.role
         self.model_json_sha = file_sha256(self.dir / model_folder.MODEL_JSON)
-        self.record: dict[str, Any] = {"role": self.role, "source": str(self.dir.resolve()),
-                                       "model_json_sha256": self.model_json_sha, "precision": self.precision.value,
-                                       "graph_form": self.form, "copies": []}
+        self.record: dict[str, Any] = {
+            "role": self.role,
+            "source": str(self.dir.resolve()),
+            "model_json_sha256": self.model_json_sha,
+            "precision": self.precision.value,
+            "graph_form": self.form,
+            "copies": [],
+        }
         self._check_form_for(request.target)  # said before looking for TensorRT
 
     def _check_form_for(self, target: Target | str) -> None:
@@ -97,15 +106,22 @@ class ModelSource:
         if target == "auto":  # checked again once chosen
             return
         if self.form == "ort" and target != Target.ORT_CPU:
-            why = ("TensorRT cannot parse its GroupQueryAttention" if backend_for(target).runtime_tool != "onnxruntime"
-                   else "it is written for the CPU execution provider (float32 GroupQueryAttention)")
-            raise PrismInputError(f"--model {self.dir}: the ort graph form builds for ort-cpu only, not {target}: "
-                                  f"{why}; export --graph-form portable for {target}")
+            why = (
+                "TensorRT cannot parse its GroupQueryAttention"
+                if backend_for(target).runtime_tool != "onnxruntime"
+                else "it is written for the CPU execution provider (float32 GroupQueryAttention)"
+            )
+            raise PrismInputError(
+                f"--model {self.dir}: the ort graph form builds for ort-cpu only, not {target}: "
+                f"{why}; export --graph-form portable for {target}"
+            )
         if backend_for(target).takes_nbits_models:
             return
         if (self.model.get("quantization") or {}).get("form") == "nbits":
-            raise PrismInputError(f"--model {self.dir}: its {self.precision} weights are in the nbits form "
-                                  "(MatMulNBits), which is for ONNX Runtime; export with --form dq for TensorRT")
+            raise PrismInputError(
+                f"--model {self.dir}: its {self.precision} weights are in the nbits form "
+                "(MatMulNBits), which is for ONNX Runtime; export with --form dq for TensorRT"
+            )
 
     def default_out_dir(self) -> Path:
         return Path("engines") / f"{self.role}-{self.model_json_sha[:8]}"
@@ -118,8 +134,10 @@ class ModelSource:
         return source_kind(old) == "model" and old["model"].get("role") == self.role
 
     def copies(self) -> list[tuple[str, Path]]:
-        names = [model_folder.MODEL_JSON, *(self.model["files"][k]["name"] for k in model_folder.TABLES
-                                          if k in self.model["files"])]
+        names = [
+            model_folder.MODEL_JSON,
+            *(self.model["files"][k]["name"] for k in model_folder.TABLES if k in self.model["files"]),
+        ]
         return [(name, self.dir / name) for name in names]
 
     def units(self, target: Target) -> list[Unit]:
@@ -134,15 +152,19 @@ class ModelSource:
     def refit_source(self, unit: Unit, directory: Path, old: dict[str, Any] | None) -> None:
         return None
 
-    def make(self, unit: Unit, work: Path, directory: Path,
-             refit_from: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    def make(
+        self, unit: Unit, work: Path, directory: Path, refit_from: Any
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         key = unit.config.layout
         onnx_path = model_folder.file_path(self.dir, self.model, key)
         stem = f"{self.role}.{key}.{unit.config.target}"
         files = model_folder.graph_files(self.model, key)
         size = sum((self.dir / f["name"]).stat().st_size for f in files)
-        request = EngineBuild(source_bytes=size, source_external=len(files) > 1,
-                              input_shapes=trt_input_shapes(self.model, key, self.request.profile))
+        request = EngineBuild(
+            source_bytes=size,
+            source_external=len(files) > 1,
+            input_shapes=trt_input_shapes(self.model, key, self.request.profile),
+        )
         part, session = build_part(backend_for(unit.config.target), onnx_path, work, stem, request)
         return [{"graph": key, **part}], session
 
@@ -150,6 +172,7 @@ class ModelSource:
 def build_model_engines(request: ModelBuildRequest, check: Any = None, log: Any = None) -> BuildResult:
     """``prism-deploy build --model DIR``: an engine per graph, checked by ``check``
     (``prism_deploy.parity.model_graph_check``; None: unchecked)."""
-    options = BuildOptions(out_dir=request.out_dir, target=request.target, check=check, force=request.force,
-                           progress=request.progress)
+    options = BuildOptions(
+        out_dir=request.out_dir, target=request.target, check=check, force=request.force, progress=request.progress
+    )
     return build(ModelSource(request), options, log)

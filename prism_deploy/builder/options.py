@@ -107,12 +107,20 @@ class EngineConfig:
     @property
     def id(self) -> str:
         """Stable, readable identity: the manifest's key and the stem of the engine files."""
-        parts = [str(self.target), self.precision.value, self.layout, self.profile.slug,
-                 "plugin" if self.plugin else "noplugin"]
+        parts = [
+            str(self.target),
+            self.precision.value,
+            self.layout,
+            self.profile.slug,
+            "plugin" if self.plugin else "noplugin",
+        ]
         if self.precision is Precision.INT8_QDQ:
             parts.append(f"calib-{self.calibrator}")
-        flags = [name for name, on in (("refit", self.refittable), ("vc", self.version_compatible),
-                                       ("ws", self.weight_streaming)) if on]
+        flags = [
+            name
+            for name, on in (("refit", self.refittable), ("vc", self.version_compatible), ("ws", self.weight_streaming))
+            if on
+        ]
         if flags:
             parts.append("+".join(flags))
         return "/".join(parts)
@@ -141,10 +149,15 @@ class EngineConfig:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> EngineConfig:
         return cls(
-            target=obj["target"], precision=obj["precision"], profile=Profile.from_json(obj["profile"]),
-            plugin=bool(obj.get("plugin")), layout=str(obj.get("layout", "whole")),
-            refittable=bool(obj.get("refittable")), version_compatible=bool(obj.get("version_compatible")),
-            weight_streaming=bool(obj.get("weight_streaming")), calibrator=obj.get("calibrator") or defaults.CALIBRATOR,
+            target=obj["target"],
+            precision=obj["precision"],
+            profile=Profile.from_json(obj["profile"]),
+            plugin=bool(obj.get("plugin")),
+            layout=str(obj.get("layout", "whole")),
+            refittable=bool(obj.get("refittable")),
+            version_compatible=bool(obj.get("version_compatible")),
+            weight_streaming=bool(obj.get("weight_streaming")),
+            calibrator=obj.get("calibrator") or defaults.CALIBRATOR,
         )
 
 

@@ -18,8 +18,9 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import file_sha256
 
 
-def chain_calibration_inputs(chain_file: str, hop: int | None, hf_dir: str,
-                             text: str | None) -> tuple[list[np.ndarray], dict[str, Any]]:
+def chain_calibration_inputs(
+    chain_file: str, hop: int | None, hf_dir: str, text: str | None
+) -> tuple[list[np.ndarray], dict[str, Any]]:
     """The embeddings the chain's model ``hop + 1`` reads on calibration ``text`` (default: the
     calibration part of the default corpus), one array per paragraph, and their record."""
     import torch
@@ -35,8 +36,10 @@ def chain_calibration_inputs(chain_file: str, hop: int | None, hf_dir: str,
         raise PrismInputError("--calibration-chain: needs --hop N, the hop whose adapter feeds this model")
     upstream, model = hop_models(chain_file, hop)
     if Path(model).resolve() != Path(hf_dir).resolve():
-        raise PrismInputError(f"--hop {hop}: {chain_file}'s model {hop + 1} is {model}, not {hf_dir}; "
-                              "the model exported must be the one the hop's adapter feeds")
+        raise PrismInputError(
+            f"--hop {hop}: {chain_file}'s model {hop + 1} is {model}, not {hf_dir}; "
+            "the model exported must be the one the hop's adapter feeds"
+        )
     spec = read_chain_file(chain_file)
     first, second = spec.models[hop - 1], spec.models[hop]
     between = [s for s in spec.adapters if first.index < s.index < second.index]
@@ -45,8 +48,10 @@ def chain_calibration_inputs(chain_file: str, hop: int | None, hf_dir: str,
     stage = between[0]
     weights = stage.reference if stage.reference is not None else stage.path
     if weights.suffix != ".safetensors" or not weights.is_file():
-        raise PrismInputError(f"{chain_file}: {stage.label}: calibration runs its adapter file (.safetensors; "
-                              "give `reference = ...` for a built adapter)")
+        raise PrismInputError(
+            f"{chain_file}: {stage.label}: calibration runs its adapter file (.safetensors; "
+            "give `reference = ...` for a built adapter)"
+        )
     if text is None:
         default = corpus.default()
         texts, text_source = list(default.calibration), f"{default.name} (calibration part)"
@@ -56,9 +61,18 @@ def chain_calibration_inputs(chain_file: str, hop: int | None, hf_dir: str,
     adapter = load_adapter(weights)
     hidden = hidden_states_on_texts(upstream, texts, tokens=CALIBRATION_TOKENS, max_seq=CALIBRATION_WINDOW)
     if hidden and hidden[0].shape[1] != adapter.config.in_dim:
-        raise PrismInputError(f"{chain_file}: {stage.label}: reads {adapter.config.in_dim} wide states, "
-                              f"model {hop} ({upstream}) gives {hidden[0].shape[1]}")
+        raise PrismInputError(
+            f"{chain_file}: {stage.label}: reads {adapter.config.in_dim} wide states, "
+            f"model {hop} ({upstream}) gives {hidden[0].shape[1]}"
+        )
     with torch.no_grad():
         inputs = [adapter(torch.from_numpy(h)).numpy() for h in hidden]
-    return inputs, {"source": "chain", "chain": str(chain_file), "hop": hop, "upstream_model": str(upstream),
-                    "adapter": str(weights), "adapter_sha256": file_sha256(weights), "text": text_source}
+    return inputs, {
+        "source": "chain",
+        "chain": str(chain_file),
+        "hop": hop,
+        "upstream_model": str(upstream),
+        "adapter": str(weights),
+        "adapter_sha256": file_sha256(weights),
+        "text": text_source,
+    }

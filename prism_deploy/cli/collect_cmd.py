@@ -12,28 +12,54 @@ from prism_deploy.core.limits import Limit
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("collect", help="paired activations for `fit`: X = model A hidden states, Z = model B embeddings")
+    p = subparsers.add_parser(
+        "collect", help="paired activations for `fit`: X = model A hidden states, Z = model B embeddings"
+    )
     p.add_argument("--model-a", metavar="HF_DIR", help="model A's local Hugging Face folder, or a .gguf file")
     p.add_argument("--model-b", metavar="HF_DIR", help="model B's local Hugging Face folder, or a .gguf file")
     p.add_argument("--chain", metavar="FILE", help="instead of --model-a/--model-b: a chain file, with --hop")
-    p.add_argument("--hop", type=number(Limit(int, 1, 1 << 10)), metavar="N",
-                   help="with --chain: the hop from model N to model N+1 (from 1), their `hf` folders")
-    p.add_argument("--graph", metavar="FILE",
-                   help="instead of --model-a/--model-b: a graph file, with --edge (docs/graphs.md)")
-    p.add_argument("--edge", metavar="ADAPTER",
-                   help="with --graph: the adapter stage (by name) whose pairs to collect: X = its input models' hidden "
-                        "states (concatenated in its inputs' order for a fusion adapter), Z = the embeddings of the "
-                        "model it feeds, from their `hf` folders")
+    p.add_argument(
+        "--hop",
+        type=number(Limit(int, 1, 1 << 10)),
+        metavar="N",
+        help="with --chain: the hop from model N to model N+1 (from 1), their `hf` folders",
+    )
+    p.add_argument(
+        "--graph", metavar="FILE", help="instead of --model-a/--model-b: a graph file, with --edge (docs/graphs.md)"
+    )
+    p.add_argument(
+        "--edge",
+        metavar="ADAPTER",
+        help="with --graph: the adapter stage (by name) whose pairs to collect: X = its input models' hidden "
+        "states (concatenated in its inputs' order for a fusion adapter), Z = the embeddings of the "
+        "model it feeds, from their `hf` folders",
+    )
     p.add_argument("--tokenizer-a", metavar="DIR", help="model A's tokenizer folder (default: --model-a)")
     p.add_argument("--tokenizer-b", metavar="DIR", help="model B's tokenizer folder (default: --model-b)")
-    p.add_argument("--text", metavar="FILE", default=None,
-                   help="UTF-8 text file, one text per non-empty line (default: the calibration part of the prose "
-                        "of Python's pydoc_data.topics, one paragraph per text; docs/real-models.md)")
+    p.add_argument(
+        "--text",
+        metavar="FILE",
+        default=None,
+        help="UTF-8 text file, one text per non-empty line (default: the calibration part of the prose "
+        "of Python's pydoc_data.topics, one paragraph per text; docs/real-models.md)",
+    )
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="output .safetensors with tensors X and Z")
-    p.add_argument("--pool", default="last", choices=("last", "mean", "tokens"),
-                   help="one row per text (last token / mean) or per model-A token aligned by char offsets")
-    p.add_argument("--max-seq", type=number(COUNT), default=512, metavar="N", help="truncate texts to N tokens (default 512)")
-    p.add_argument("--batch", type=number(Limit(int, 1, 1 << 16)), default=8, metavar="N", help="texts per forward pass (default 8)")
+    p.add_argument(
+        "--pool",
+        default="last",
+        choices=("last", "mean", "tokens"),
+        help="one row per text (last token / mean) or per model-A token aligned by char offsets",
+    )
+    p.add_argument(
+        "--max-seq", type=number(COUNT), default=512, metavar="N", help="truncate texts to N tokens (default 512)"
+    )
+    p.add_argument(
+        "--batch",
+        type=number(Limit(int, 1, 1 << 16)),
+        default=8,
+        metavar="N",
+        help="texts per forward pass (default 8)",
+    )
     p.add_argument("--json", action="store_true", help="print what was written as one JSON object")
     declare_outputs(p, files=("output",), folders=())
     p.set_defaults(func=run, needs=("torch", "transformers"))
@@ -63,17 +89,27 @@ def run(args: argparse.Namespace) -> int:
         texts = list(corpus.default().calibration)
     else:
         texts = read_texts(args.text)
-    x, z, info = collect_pairs(args.model_a, args.model_b, texts, pool=args.pool, max_seq=args.max_seq, batch=args.batch,
-                               tokenizer_a=args.tokenizer_a, tokenizer_b=args.tokenizer_b)
+    x, z, info = collect_pairs(
+        args.model_a,
+        args.model_b,
+        texts,
+        pool=args.pool,
+        max_seq=args.max_seq,
+        batch=args.batch,
+        tokenizer_a=args.tokenizer_a,
+        tokenizer_b=args.tokenizer_b,
+    )
     save_pairs(args.output, x, z, info)
     info["output"] = str(args.output)
     if args.json:
         print_json(info)
     else:
-        print(f"{args.output}: X {list(x.shape)} (model A hidden), Z {list(z.shape)} (model B embeddings), "
-              f"pool {args.pool}, {info['texts']} texts"
-              + (f", {info['skipped_texts']} skipped (no tokens)" if info["skipped_texts"] else "")
-              + (f", {info['truncated_texts']} truncated to {args.max_seq} tokens" if info["truncated_texts"] else ""))
+        print(
+            f"{args.output}: X {list(x.shape)} (model A hidden), Z {list(z.shape)} (model B embeddings), "
+            f"pool {args.pool}, {info['texts']} texts"
+            + (f", {info['skipped_texts']} skipped (no tokens)" if info["skipped_texts"] else "")
+            + (f", {info['truncated_texts']} truncated to {args.max_seq} tokens" if info["truncated_texts"] else "")
+        )
         print("tensors: X (model A hidden states, the fit inputs) and Z (model B embeddings, the targets)")
     return 0
 
@@ -104,8 +140,9 @@ def edge_models(graph_file: str, edge: str | None) -> tuple[list[str], str]:
     adapters = [n for n in spec.nodes if n.kind == "adapter"]
     node = next((n for n in adapters if n.name == edge), None)
     if node is None:
-        raise PrismInputError(f"--edge: {edge!r} is not an adapter stage of {graph_file} "
-                              f"(one of {', '.join(n.name for n in adapters)})")
+        raise PrismInputError(
+            f"--edge: {edge!r} is not an adapter stage of {graph_file} (one of {', '.join(n.name for n in adapters)})"
+        )
     after = [spec.nodes[j] for j in spec.consumers(node.index)]
     if len(after) != 1:
         raise PrismInputError(f"{spec.where()}: {node.label}: feeds {len(after)} models; collect pairs one target")
@@ -137,20 +174,32 @@ def run_graph_edge(args: argparse.Namespace) -> int:
     else:
         texts = read_texts(args.text)
     if len(inputs) == 1:
-        x, z, info = collect_pairs(inputs[0], downstream_model, texts, pool=args.pool, max_seq=args.max_seq, batch=args.batch,
-                                   tokenizer_a=args.tokenizer_a, tokenizer_b=args.tokenizer_b)
+        x, z, info = collect_pairs(
+            inputs[0],
+            downstream_model,
+            texts,
+            pool=args.pool,
+            max_seq=args.max_seq,
+            batch=args.batch,
+            tokenizer_a=args.tokenizer_a,
+            tokenizer_b=args.tokenizer_b,
+        )
     else:
         if args.tokenizer_a is not None or args.tokenizer_b is not None:
             raise PrismInputError("--tokenizer-a/--tokenizer-b: a fusion edge reads each model's own tokenizer")
-        x, z, info = collect_fusion_pairs(inputs, downstream_model, texts, pool=args.pool, max_seq=args.max_seq, batch=args.batch)
+        x, z, info = collect_fusion_pairs(
+            inputs, downstream_model, texts, pool=args.pool, max_seq=args.max_seq, batch=args.batch
+        )
     info["edge"] = args.edge
     save_pairs(args.output, x, z, info)
     info["output"] = str(args.output)
     if args.json:
         print_json(info)
     else:
-        print(f"{args.output}: X {list(x.shape)} (hidden states of {len(inputs)} input model(s)"
-              f"{', concatenated' if len(inputs) > 1 else ''}), Z {list(z.shape)} (embeddings of the model it feeds), "
-              f"edge {args.edge}, pool {args.pool}, {info['texts']} texts"
-              + (f", {info['skipped_texts']} skipped" if info["skipped_texts"] else ""))
+        print(
+            f"{args.output}: X {list(x.shape)} (hidden states of {len(inputs)} input model(s)"
+            f"{', concatenated' if len(inputs) > 1 else ''}), Z {list(z.shape)} (embeddings of the model it feeds), "
+            f"edge {args.edge}, pool {args.pool}, {info['texts']} texts"
+            + (f", {info['skipped_texts']} skipped" if info["skipped_texts"] else "")
+        )
     return 0

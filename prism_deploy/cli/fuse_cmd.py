@@ -14,7 +14,9 @@ from prism_deploy.cli.paths import declare_outputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
-    p = subparsers.add_parser("fuse", help="replace each gated pipe of an exported ONNX model by one tile_dispatch plugin node")
+    p = subparsers.add_parser(
+        "fuse", help="replace each gated pipe of an exported ONNX model by one tile_dispatch plugin node"
+    )
     p.add_argument("model", help="ONNX model written by prism-deploy export")
     p.add_argument("-o", "--output", required=True, help="fused ONNX model to write")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -29,11 +31,22 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0
-    print(f"{args.output}: {result['nodes_before']} -> {result['nodes_after']} nodes, "
-          f"{len(result['fused_pipes'])} gated pipe(s) fused")
-    rows = [[p["index"], p["name"], p["node"], p["tile_dtype"],
-             "x".join(str(p["attributes"][k]) for k in ("R", "C")), "x".join(str(p["attributes"][k]) for k in ("tr", "tc")),
-             p["attributes"]["top_k"]] for p in result["fused_pipes"]]
+    print(
+        f"{args.output}: {result['nodes_before']} -> {result['nodes_after']} nodes, "
+        f"{len(result['fused_pipes'])} gated pipe(s) fused"
+    )
+    rows = [
+        [
+            p["index"],
+            p["name"],
+            p["node"],
+            p["tile_dtype"],
+            "x".join(str(p["attributes"][k]) for k in ("R", "C")),
+            "x".join(str(p["attributes"][k]) for k in ("tr", "tc")),
+            p["attributes"]["top_k"],
+        ]
+        for p in result["fused_pipes"]
+    ]
     if rows:
         print_table(["#", "pipe", "node", "tiles", "grid", "tile", "top_k"], rows)
     return 0

@@ -74,19 +74,21 @@ class _Parser(argparse.ArgumentParser):
         if words and words[0] in commands:  # a mistyped flag is named before a missing required one
             command = commands[words[0]]
             known = {s for action in command._actions for s in action.option_strings}
-            rest = words[1:words.index("--")] if "--" in words else words[1:]
+            rest = words[1 : words.index("--")] if "--" in words else words[1:]
             unknown = [w for w in rest if w.startswith("--") and w.split("=", 1)[0] not in known]
             if unknown:
                 command.error(unrecognized(unknown, command))
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:  # said by the sub-command's parser, with the flag it probably meant
-            command = self._commands.get(getattr(parsed, "command", None) or "", self) if hasattr(self, "_commands") else self
+            command = (
+                self._commands.get(getattr(parsed, "command", None) or "", self) if hasattr(self, "_commands") else self
+            )
             command.error(unrecognized(extras, command))
         return parsed
 
 
 def unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
-    """"unrecognized argument(s): ..." and, for a flag close to one of ``parser``'s, that flag."""
+    """ "unrecognized argument(s): ..." and, for a flag close to one of ``parser``'s, that flag."""
     import difflib
 
     flags = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
@@ -97,8 +99,9 @@ def unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
             close = difflib.get_close_matches(word, flags, n=1, cutoff=0.6)
             if close:
                 hints.append(f"{word}: did you mean {close[0]}?")
-    return (f"unrecognized argument{'s' if len(extras) > 1 else ''}: {' '.join(extras)}"
-            + (f" ({'; '.join(hints)})" if hints else ""))
+    return f"unrecognized argument{'s' if len(extras) > 1 else ''}: {' '.join(extras)}" + (
+        f" ({'; '.join(hints)})" if hints else ""
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,8 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _route_chain_parity(argv: list[str]) -> list[str]:
     """``parity --chain ...`` / ``parity --pipeline ...`` is the end-to-end check, whose options
     differ from the adapter-only ``parity``; it is served by the ``parity-chain`` parser."""
-    if argv[:1] == ["parity"] and ("--pipeline" in argv or "--chain" in argv or "--graph" in argv
-                                   or any(a.startswith(("--chain=", "--graph=")) for a in argv)):
+    if argv[:1] == ["parity"] and (
+        "--pipeline" in argv
+        or "--chain" in argv
+        or "--graph" in argv
+        or any(a.startswith(("--chain=", "--graph=")) for a in argv)
+    ):
         rest = [a for a in argv[1:] if a != "--pipeline"]
         return ["parity-chain", *rest]
     return argv
@@ -132,8 +139,11 @@ def _route_model_bench(argv: list[str]) -> list[str]:
 
 
 # ``triton update ...`` and ``triton env ...`` are commands of their own: ``triton`` takes folders.
-SUBCOMMAND_WORDS = {("triton", "update"): "triton-update", ("triton", "env"): "triton-env",
-                    ("triton", "rollback"): "triton-rollback"}
+SUBCOMMAND_WORDS = {
+    ("triton", "update"): "triton-update",
+    ("triton", "env"): "triton-env",
+    ("triton", "rollback"): "triton-rollback",
+}
 
 
 def _route_subcommand_words(argv: list[str]) -> list[str]:
@@ -152,8 +162,9 @@ def graph_hint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_route_subcommand_words(_route_model_bench(_route_chain_parity(
-        list(sys.argv[1:] if argv is None else argv)))))
+    args = parser.parse_args(
+        _route_subcommand_words(_route_model_bench(_route_chain_parity(list(sys.argv[1:] if argv is None else argv))))
+    )
     try:
         # optional libraries a command needs (``set_defaults(needs=...)``): one line each if missing
         for module in getattr(args, "needs", ()):

@@ -19,8 +19,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     for row in cells:
         for i, v in enumerate(row):
             widths[i] = max(widths[i], len(v))
+
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(values, widths)).rstrip()
+
     out = [line(list(headers)), "  ".join("-" * w for w in widths)]
     out += [line(row) for row in cells]
     return "\n".join(out)
@@ -40,8 +42,6 @@ def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return printable(str(v))
-
-
 
 
 def _numeric(v: str) -> bool:

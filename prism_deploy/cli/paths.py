@@ -28,8 +28,9 @@ from prism_deploy.core.fsutil import check_writable, refuse_special
 _NOT_PATHS = {"func", "command", "needs", "output_files", "output_folders"}
 
 
-def declare_outputs(parser: argparse.ArgumentParser, files: tuple[str, ...] = (),
-                    folders: tuple[str, ...] = ()) -> None:
+def declare_outputs(
+    parser: argparse.ArgumentParser, files: tuple[str, ...] = (), folders: tuple[str, ...] = ()
+) -> None:
     """Name the ``dest`` of the options a command writes to: files, or folders it fills."""
     parser.set_defaults(output_files=files, output_folders=folders)
 
@@ -50,8 +51,11 @@ def declared_output(args: argparse.Namespace) -> str | None:
 def check_outputs(args: argparse.Namespace) -> None:
     outputs = [(dest, "file") for dest in getattr(args, "output_files", ())]
     outputs += [(dest, "folder") for dest in getattr(args, "output_folders", ())]
-    given = [(dest, Path(getattr(args, dest)), kind) for dest, kind in outputs
-             if isinstance(getattr(args, dest, None), (str, os.PathLike))]
+    given = [
+        (dest, Path(getattr(args, dest)), kind)
+        for dest, kind in outputs
+        if isinstance(getattr(args, dest, None), (str, os.PathLike))
+    ]
     inputs = list(_input_paths(args, {dest for dest, _ in outputs}))
     for i, (dest, path, kind) in enumerate(given):
         for _dest2, other, _kind2 in given[:i]:
@@ -70,17 +74,21 @@ def refuse_overlap(path: Path, inputs: Iterable[str | os.PathLike[str]], kind: s
     for source in sources:
         if _same(path, source):
             also = "" if os.fspath(source) == os.fspath(path) else f" (as {source})"
-            raise PrismInputError(f"{path}: is also an input of this command{also}; writing it "
-                                  "would destroy it; give another output path")
+            raise PrismInputError(
+                f"{path}: is also an input of this command{also}; writing it would destroy it; give another output path"
+            )
     refuse_special(path, kind)  # a device or FIFO is said as such, wherever it is
     for source in sources:
         if source.is_dir() and _within(path, source):
             if os.path.lexists(path):
-                raise PrismInputError(f"{path}: is inside {source}, an input of this command; writing it would "
-                                      "replace a file the command reads; give another output path")
+                raise PrismInputError(
+                    f"{path}: is inside {source}, an input of this command; writing it would "
+                    "replace a file the command reads; give another output path"
+                )
             if any((source / name).is_file() for name in owned_markers()):
-                raise PrismInputError(f"{path}: is inside {source}, a folder prism-deploy wrote (an input here); "
-                                      "give a path outside it")
+                raise PrismInputError(
+                    f"{path}: is inside {source}, a folder prism-deploy wrote (an input here); give a path outside it"
+                )
 
 
 def owned_markers() -> tuple[str, ...]:

@@ -15,10 +15,16 @@ from prism_deploy.core.errors import PrismInputError, brief
 def add_input_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("--text", help="text to tokenize with the first model's tokenizer (one sequence)")
-    group.add_argument("--ids", metavar="FILE",
-                       help="token ids of the first model: .npy [batch, seq] or [seq] integers, or .json (list or list of lists)")
-    p.add_argument("--tokenizer-a", metavar="DIR",
-                   help="the first model's tokenizer folder, for --text (default: the chain file's `tokenizers.first`)")
+    group.add_argument(
+        "--ids",
+        metavar="FILE",
+        help="token ids of the first model: .npy [batch, seq] or [seq] integers, or .json (list or list of lists)",
+    )
+    p.add_argument(
+        "--tokenizer-a",
+        metavar="DIR",
+        help="the first model's tokenizer folder, for --text (default: the chain file's `tokenizers.first`)",
+    )
 
 
 MAX_IDS_FILE_BYTES = 1 << 30  # a token-id file larger than this is not a prompt
@@ -42,8 +48,9 @@ def _read_inputs(args: argparse.Namespace, chain: Any) -> tuple[np.ndarray, np.n
     if args.text is not None:
         tokenizer = args.tokenizer_a or (chain.spec.tokenizers.get("first") if getattr(chain, "spec", None) else None)
         if not tokenizer:
-            raise PrismInputError("--text needs --tokenizer-a DIR (the first model's tokenizer), or a chain file "
-                                  "with tokenizers.first")
+            raise PrismInputError(
+                "--text needs --tokenizer-a DIR (the first model's tokenizer), or a chain file with tokenizers.first"
+            )
         from prism_deploy.models.tokenizers import load_tokenizer
 
         enc = load_tokenizer(tokenizer)(args.text, return_tensors="np")

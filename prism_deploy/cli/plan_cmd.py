@@ -14,9 +14,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan", help="plan the tile grid for an IN -> OUT adapter (docs/planner.md)")
     p.add_argument("in_dim", type=number(WIDTH, "IN"), metavar="IN", help="input width (model A's hidden state)")
     p.add_argument("out_dim", type=number(WIDTH, "OUT"), metavar="OUT", help="output width (model B's input embedding)")
-    p.add_argument("--workers", type=number(Limit(int, 1, MAX_WORKERS)), default=512, metavar="N", help="number of workers (default 512)")
-    p.add_argument("--three-pipe", action="store_true",
-                   help="the seed's three pipes: two of 512x512 tiles, one of power-of-two N x K tiles")
+    p.add_argument(
+        "--workers",
+        type=number(Limit(int, 1, MAX_WORKERS)),
+        default=512,
+        metavar="N",
+        help="number of workers (default 512)",
+    )
+    p.add_argument(
+        "--three-pipe",
+        action="store_true",
+        help="the seed's three pipes: two of 512x512 tiles, one of power-of-two N x K tiles",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -35,11 +44,21 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(obj)
         return 0
-    print(f"{args.in_dim} -> {args.out_dim}, {args.workers} workers requested "
-          f"(aspect out/in = {args.out_dim / args.in_dim:.4g})")
+    print(
+        f"{args.in_dim} -> {args.out_dim}, {args.workers} workers requested "
+        f"(aspect out/in = {args.out_dim / args.in_dim:.4g})"
+    )
     rows = [
-        [name, f"{p.grid[0]}x{p.grid[1]}", f"{p.tile[0]}x{p.tile[1]}", p.workers,
-         f"{p.padded_out}x{p.padded_in}", p.padding_rows, p.padding_cols, p.padding_workers]
+        [
+            name,
+            f"{p.grid[0]}x{p.grid[1]}",
+            f"{p.tile[0]}x{p.tile[1]}",
+            p.workers,
+            f"{p.padded_out}x{p.padded_in}",
+            p.padding_rows,
+            p.padding_cols,
+            p.padding_workers,
+        ]
         for name, p in plans
     ]
     print_table(["pipe", "grid", "tile", "workers", "padded out x in", "pad rows", "pad cols", "pad-only"], rows)

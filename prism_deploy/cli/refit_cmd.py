@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pipe", type=number("pipe"), default=0, help="pipe of those workers (default 0)")
     p.add_argument("-o", "--output", help="new adapter (default: ADAPTER with suffix .refit.safetensors)")
     p.add_argument("--ridge", type=number("ridge"), default=0.0, help="ridge lambda (default 0)")
-    p.add_argument("--holdout", type=number("holdout"), default=0.1, help="held-out fraction, as given to fit (default 0.1)")
+    p.add_argument(
+        "--holdout", type=number("holdout"), default=0.1, help="held-out fraction, as given to fit (default 0.1)"
+    )
     p.add_argument("--seed", type=number("seed"), default=0, help="seed of the held-out split, as given to fit")
     p.add_argument("--chunk-rows", type=number("chunk_rows"), default=4096, help="rows read per chunk (default 4096)")
     add_threads_option(p)
@@ -51,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.cli.output import print_json
     from prism_deploy.cli.workers_cmd import _check_dims
     from prism_deploy.core.errors import PrismInputError
-    from prism_deploy.fit import PairedData, assign_tiles, refit_workers
-    from prism_deploy.fit.evaluate import evaluate
-    from prism_deploy.fit.budget import adapter_bytes, forward_macs, pass_work, step_rows
     from prism_deploy.core.fsutil import check_free_space, check_writable
+    from prism_deploy.fit import PairedData, assign_tiles, refit_workers
+    from prism_deploy.fit.budget import adapter_bytes, forward_macs, pass_work, step_rows
+    from prism_deploy.fit.evaluate import evaluate
     from prism_deploy.fit.progress import overall_progress
     from prism_deploy.fit.routed import refit_work
     from prism_deploy.fit.stream import Split
@@ -82,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     split: Split = "holdout" if data.count("holdout") else "train"
     selection = [(args.pipe, w) for w in workers]
     per_row, solves = refit_work(cfg, selection, data.chunk_rows)
-    total = (2 * data.count(split) * pass_work(forward_macs(cfg), data.chunk_rows)
-             + data.count("train") * per_row + solves)
+    total = (
+        2 * data.count(split) * pass_work(forward_macs(cfg), data.chunk_rows) + data.count("train") * per_row + solves
+    )
     threads, _ = choose_threads(args.threads)
     with torch_threads(threads), overall_progress(total, "refit"):
         before = evaluate(adapter, data, split)
@@ -99,11 +102,20 @@ def run(args: argparse.Namespace) -> int:
     tiles[workers] = adapter.arrays().tiles(args.pipe)[workers]
     tensors[name] = tiles
     write_adapter_file(out, cfg, tensors)
-    info = {"output": str(out), "pipe": args.pipe, "workers": workers, "split": split,
-            "rel_err_before": before.rel_err, "rel_err_after": after.rel_err, "threads": threads}
+    info = {
+        "output": str(out),
+        "pipe": args.pipe,
+        "workers": workers,
+        "split": split,
+        "rel_err_before": before.rel_err,
+        "rel_err_after": after.rel_err,
+        "threads": threads,
+    }
     if args.json:
         print_json(info)
     else:
-        print(f"wrote {out}: refit {len(workers)} worker(s) of pipe {args.pipe}; "
-              f"{split} rel err {before.rel_err:.6g} -> {after.rel_err:.6g}")
+        print(
+            f"wrote {out}: refit {len(workers)} worker(s) of pipe {args.pipe}; "
+            f"{split} rel err {before.rel_err:.6g} -> {after.rel_err:.6g}"
+        )
     return 0

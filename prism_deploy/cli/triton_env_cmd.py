@@ -12,11 +12,17 @@ if TYPE_CHECKING:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "triton-env", help="create (from PyPI, cached) and check the environment Triton's Python backend runs in",
+        "triton-env",
+        help="create (from PyPI, cached) and check the environment Triton's Python backend runs in",
         description="Also spelled `prism-deploy triton env`. numpy < 2, onnxruntime at the engines' version, onnx, "
-                    "nvidia-pytriton (the tritonserver binary), and a copy of this project's code; no PyTorch.")
-    p.add_argument("repository", nargs="?", metavar="REPO",
-                   help="a repository: its engines' ONNX Runtime version picks the environment (default: this one's)")
+        "nvidia-pytriton (the tritonserver binary), and a copy of this project's code; no PyTorch.",
+    )
+    p.add_argument(
+        "repository",
+        nargs="?",
+        metavar="REPO",
+        help="a repository: its engines' ONNX Runtime version picks the environment (default: this one's)",
+    )
     p.add_argument("--env", metavar="DIR", help="check this environment instead of the cached one")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -31,8 +37,9 @@ def backend_env(repository: str | None, env_dir: str | None) -> BackendEnv:
 
     manifest = read_manifest(repository) if repository else {}
     version = manifest.get("onnxruntime") or onnxruntime.__version__
-    return env.prepare(version, gpu=bool(manifest.get("gpu")), env_path=env_dir,
-                       log=lambda m: print(m, file=sys.stderr))
+    return env.prepare(
+        version, gpu=bool(manifest.get("gpu")), env_path=env_dir, log=lambda m: print(m, file=sys.stderr)
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +50,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
         return 0
-    print_table(["environment", "python", "numpy", "onnxruntime", "pytorch", "tritonserver"],
-                [[info["environment"], info["python"], info["numpy"], info["onnxruntime"],
-                  "imported" if info["torch_imported"] else "not imported", "nvidia-pytriton" if info["pytriton"] else "-"]])
+    print_table(
+        ["environment", "python", "numpy", "onnxruntime", "pytorch", "tritonserver"],
+        [
+            [
+                info["environment"],
+                info["python"],
+                info["numpy"],
+                info["onnxruntime"],
+                "imported" if info["torch_imported"] else "not imported",
+                "nvidia-pytriton" if info["pytriton"] else "-",
+            ]
+        ],
+    )
     return 0

@@ -17,11 +17,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("adapter", help="adapter .safetensors file (format v1)")
     p.add_argument("--x", required=True, help="model A hidden states [n, in_dim]")
     p.add_argument("--z", required=True, help="targets [n, out_dim], same row count as --x")
-    p.add_argument("--ridge", type=number("ridge"), default=0.0,
-                   help="ridge of the joint re-solve that defines each worker's share (default 0)")
+    p.add_argument(
+        "--ridge",
+        type=number("ridge"),
+        default=0.0,
+        help="ridge of the joint re-solve that defines each worker's share (default 0)",
+    )
     p.add_argument("--top", type=number("top"), default=20, help="show the N worst workers (default 20; 0: all)")
-    p.add_argument("--holdout", type=number("holdout"), default=0.1,
-                   help="held-out fraction, as given to fit (default 0.1); 1 scores on every row of a separate file")
+    p.add_argument(
+        "--holdout",
+        type=number("holdout"),
+        default=0.1,
+        help="held-out fraction, as given to fit (default 0.1); 1 scores on every row of a separate file",
+    )
     p.add_argument("--seed", type=number("seed"), default=0, help="seed of the held-out split, as given to fit")
     p.add_argument("--chunk-rows", type=number("chunk_rows"), default=4096, help="rows read per chunk (default 4096)")
     add_threads_option(p)
@@ -33,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from prism_deploy.cli.output import print_json, print_table
     from prism_deploy.core.errors import PrismInputError
     from prism_deploy.fit import PairedData
-    from prism_deploy.fit.evaluate import evaluate
     from prism_deploy.fit.budget import forward_macs, pass_work, step_rows
+    from prism_deploy.fit.evaluate import evaluate
     from prism_deploy.fit.localize import score_work, score_workers
     from prism_deploy.fit.progress import overall_progress
     from prism_deploy.fit.threads import choose_threads, torch_threads
@@ -47,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     _check_dims(adapter, data)
     if data.count("holdout") == 0:
         raise PrismInputError(f"no held-out rows (--holdout {args.holdout} of {data.rows} rows); raise --holdout")
-    total = score_work(adapter.config, data) + data.count("holdout") * pass_work(forward_macs(adapter.config), data.chunk_rows)
+    total = score_work(adapter.config, data) + data.count("holdout") * pass_work(
+        forward_macs(adapter.config), data.chunk_rows
+    )
     threads, _ = choose_threads(args.threads)
     with torch_threads(threads), overall_progress(total, "workers"):
         scores = score_workers(adapter, data, ridge=args.ridge)
@@ -59,9 +69,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.adapter}: held-out rel err {overall.rel_err:.4g} over {overall.rows} rows")
     print("deviation: held-out squared output of (tile - its share of the joint solution); excess: held-out")
     print("squared error that re-solving the worker alone would remove; both relative to the held-out squared error")
-    print_table(["rank", "pipe", "worker", "row-block", "col-block", "deviation", "excess", "row-block rel err"],
-                [[i + 1, s.pipe, s.worker, s.row_block, s.col_block, s.deviation, s.excess, s.row_block_rel_err]
-                 for i, s in enumerate(shown)])
+    print_table(
+        ["rank", "pipe", "worker", "row-block", "col-block", "deviation", "excess", "row-block rel err"],
+        [
+            [i + 1, s.pipe, s.worker, s.row_block, s.col_block, s.deviation, s.excess, s.row_block_rel_err]
+            for i, s in enumerate(shown)
+        ],
+    )
     return 0
 
 

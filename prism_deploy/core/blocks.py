@@ -73,13 +73,15 @@ class DeferredTensor:
         out = np.empty(self.shape, dtype=self.dtype)
         at = 0
         for block in self.blocks():
-            out[at:at + len(block)] = block
+            out[at : at + len(block)] = block
             at += len(block)
         return out
 
     def _checked(self, block: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         if block.shape != shape or block.dtype != self.dtype or not block.flags.c_contiguous:
-            raise ValueError(f"deferred tensor: rows gave {block.dtype}{list(block.shape)}"
-                             f"{'' if block.flags.c_contiguous else ' (not contiguous)'}, "
-                             f"expected {np.dtype(self.dtype)}{list(shape)}")
+            raise ValueError(
+                f"deferred tensor: rows gave {block.dtype}{list(block.shape)}"
+                f"{'' if block.flags.c_contiguous else ' (not contiguous)'}, "
+                f"expected {np.dtype(self.dtype)}{list(shape)}"
+            )
         return block

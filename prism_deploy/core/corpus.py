@@ -47,8 +47,12 @@ class Corpus:
         return self.calibration if part == "calibration" else self.held_out
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "sha256": self.sha256, "calibration_paragraphs": len(self.calibration),
-                "held_out_paragraphs": len(self.held_out)}
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "calibration_paragraphs": len(self.calibration),
+            "held_out_paragraphs": len(self.held_out),
+        }
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Corpus:
@@ -113,7 +117,7 @@ def token_windows(tokenizer: Any, text: str, length: int, count: int) -> list[li
     """Up to ``count`` windows of ``length`` consecutive token ids of ``text`` (no special tokens),
     from its start: the same windows on every machine with the same text and tokenizer."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    windows = [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
+    windows = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
     return windows[:count]
 
 

@@ -136,13 +136,16 @@ class NpzMember:
         if dtype.hasobject:
             raise PrismInputError(f"{path}[{self.name}]: holds Python objects (pickled data), not numbers")
         if fortran and len(shape) > 1:
-            raise PrismInputError(f"{path}[{self.name}]: stored in Fortran order; save it in C order (np.ascontiguousarray)")
+            raise PrismInputError(
+                f"{path}[{self.name}]: stored in Fortran order; save it in C order (np.ascontiguousarray)"
+            )
         self.shape, self.dtype = tuple(int(d) for d in shape), dtype
         self._data = self._fh.tell()
         declared = self._data + int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
         if declared != info.file_size:
-            raise PrismInputError(f"{path}[{self.name}]: the header declares {declared:,} bytes, the archive holds "
-                                  f"{info.file_size:,}")
+            raise PrismInputError(
+                f"{path}[{self.name}]: the header declares {declared:,} bytes, the archive holds {info.file_size:,}"
+            )
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize

@@ -85,12 +85,15 @@ def require(module: str, what: str) -> None:
     import sys
 
     try:
-        found = sys.modules[module] is not None if module in sys.modules else importlib.util.find_spec(module) is not None
+        found = (
+            sys.modules[module] is not None if module in sys.modules else importlib.util.find_spec(module) is not None
+        )
     except (ImportError, ValueError):
         found = False
     if not found:
-        raise MissingDependency(f"{what} needs {module}, which is not installed here; "
-                                f"{INSTALL_HINTS.get(module, f'pip install {module}')}")
+        raise MissingDependency(
+            f"{what} needs {module}, which is not installed here; {INSTALL_HINTS.get(module, f'pip install {module}')}"
+        )
 
 
 def require_torch(what: str) -> None:

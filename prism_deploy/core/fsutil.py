@@ -15,10 +15,21 @@ from typing import Any
 
 from prism_deploy.core.errors import PrismInputError, WriteError
 
-
 # The errors a write can meet that are about where it writes (not about what it reads).
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                 errno.ENAMETOOLONG, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ETXTBSY, errno.EIO}
+_WRITE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENAMETOOLONG,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EISDIR,
+    errno.ETXTBSY,
+    errno.EIO,
+}
 # file-name limit of every common Linux file system (bytes); temporary names stay within it
 NAME_MAX = 255
 
@@ -108,8 +119,7 @@ def refuse_special(target: Path, kind: str) -> None:
         if kind == "folder" and not stat.S_ISDIR(st.st_mode):
             raise PrismInputError(f"{target}: is not a folder")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            what = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-                    else "a device")
+            what = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
             raise PrismInputError(f"{target}: is {what}, not a file; refusing to write over it")
         return
     for parent in target.parents:
@@ -191,8 +201,7 @@ def check_free_space(target: str | os.PathLike[str], need_bytes: int) -> None:
     except OSError:
         return
     if free < need_bytes:
-        raise WriteError(target, f"about {human_bytes(need_bytes)} is needed and {folder} has "
-                                 f"{human_bytes(free)} free")
+        raise WriteError(target, f"about {human_bytes(need_bytes)} is needed and {folder} has {human_bytes(free)} free")
 
 
 def _read_only(folder: Path) -> bool:

@@ -35,7 +35,9 @@ def max_abs_relative(got: Any, ref: Any) -> dict[str, float]:
     return {"max_abs_err": diff, "max_rel_err": diff / scale}
 
 
-def compare(got: Any, ref: Any, mask: Any = None, *, logits: bool = False, tie_gap: float | None = 1e-4) -> dict[str, Any]:
+def compare(
+    got: Any, ref: Any, mask: Any = None, *, logits: bool = False, tie_gap: float | None = 1e-4
+) -> dict[str, Any]:
     """Error figures of ``got`` vs ``ref`` ([..., features]) over the tokens where ``mask`` is 1."""
     got, ref = np.asarray(got), np.asarray(ref)
     g = np.asarray(got, dtype=np.float64).reshape(-1, got.shape[-1])
@@ -49,9 +51,12 @@ def compare(got: Any, ref: Any, mask: Any = None, *, logits: bool = False, tie_g
     # those tokens are left to max_abs / rel_l2.
     sized = rn > 1e-6 * max(float(rn.max(initial=0.0)), 1e-30)
     cos = (g * r).sum(-1)[sized] / np.maximum(gn[sized] * rn[sized], 1e-30)
-    fig: dict[str, Any] = {"tokens": int(r.shape[0]), "max_abs": float(np.abs(diff).max(initial=0.0)),
-                           "rel_l2": float(np.linalg.norm(diff) / max(float(np.linalg.norm(r)), 1e-30)),
-                           "min_cosine": float(cos.min()) if cos.size else 1.0}
+    fig: dict[str, Any] = {
+        "tokens": int(r.shape[0]),
+        "max_abs": float(np.abs(diff).max(initial=0.0)),
+        "rel_l2": float(np.linalg.norm(diff) / max(float(np.linalg.norm(r)), 1e-30)),
+        "min_cosine": float(cos.min()) if cos.size else 1.0,
+    }
     if logits:
         fig.update(top1_agreement(g, r, tie_gap if tie_gap is not None else 1e-4))
     return fig
@@ -67,8 +72,11 @@ def top1_agreement(got: np.ndarray, ref: np.ndarray, tie_gap: float) -> dict[str
     ambiguous = gap <= tie_gap * max(float(np.abs(ref).max()), 1e-30)
     agree = got.argmax(-1) == ref.argmax(-1)
     clear = ~ambiguous
-    return {"top1": float(agree[clear].mean()) if clear.any() else 1.0, "top1_all": float(agree.mean()),
-            "ambiguous": int(ambiguous.sum())}
+    return {
+        "top1": float(agree[clear].mean()) if clear.any() else 1.0,
+        "top1_all": float(agree.mean()),
+        "ambiguous": int(ambiguous.sum()),
+    }
 
 
 def kl_divergence(ref_logits: Any, got_logits: Any) -> np.ndarray:
@@ -99,8 +107,12 @@ def compare_logits(got: Any, ref: Any, mask: Any = None, *, tie_gap: float | Non
 
 def merge(figs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The worst case over several comparisons (top-1 weighted by token count)."""
-    out: dict[str, Any] = {"tokens": sum(f["tokens"] for f in figs), "max_abs": worst(*(f["max_abs"] for f in figs)),
-                           "rel_l2": max(f["rel_l2"] for f in figs), "min_cosine": min(f["min_cosine"] for f in figs)}
+    out: dict[str, Any] = {
+        "tokens": sum(f["tokens"] for f in figs),
+        "max_abs": worst(*(f["max_abs"] for f in figs)),
+        "rel_l2": max(f["rel_l2"] for f in figs),
+        "min_cosine": min(f["min_cosine"] for f in figs),
+    }
     if "top1" in figs[0]:
         out["top1"] = min(f["top1"] for f in figs)
         out["top1_all"] = sum(f["top1_all"] * f["tokens"] for f in figs) / max(out["tokens"], 1)
@@ -187,5 +199,10 @@ def next_token_quality(got: Sequence[Any], ref: Sequence[Any], ids: Sequence[Any
         nll_ref.append(-log_softmax(r[:-1])[idx, t[1:]])
     ppl = float(np.exp(np.concatenate(nll_got).mean()))
     ppl_ref = float(np.exp(np.concatenate(nll_ref).mean()))
-    return {"tokens": int(sum(a.size for a in agree)), "agreement": float(np.concatenate(agree).mean()),
-            "perplexity": ppl, "perplexity_reference": ppl_ref, "perplexity_ratio": ppl / ppl_ref}
+    return {
+        "tokens": int(sum(a.size for a in agree)),
+        "agreement": float(np.concatenate(agree).mean()),
+        "perplexity": ppl,
+        "perplexity_reference": ppl_ref,
+        "perplexity_ratio": ppl / ppl_ref,
+    }

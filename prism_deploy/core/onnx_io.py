@@ -41,8 +41,13 @@ def finalize(model: onnx.ModelProto, producer: str = "prism-deploy") -> onnx.Mod
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, external: bool | None = None,
-               deferred: Mapping[str, DeferredTensor] | None = None) -> list[Path]:
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external: bool | None = None,
+    deferred: Mapping[str, DeferredTensor] | None = None,
+) -> list[Path]:
     """Save atomically; weights go to ``<name>.data`` beside the model when over ~2 GiB.
 
     ``deferred``: initializers of the main graph that are in ``model`` without their bytes
@@ -95,14 +100,16 @@ ALIGNMENT = 64 * 1024
 ALIGN_MIN_BYTES = 1024**2
 
 
-def _write_external_data(model: onnx.ModelProto, data_path: Path, location: str,
-                         deferred: Mapping[str, DeferredTensor]) -> None:
+def _write_external_data(
+    model: onnx.ModelProto, data_path: Path, location: str, deferred: Mapping[str, DeferredTensor]
+) -> None:
     """Every initializer of ``EXTERNAL_MIN_BYTES`` or more (subgraphs' too) into a new file
     ``data_path``, its bytes replaced in the model by a reference to ``location``. Deferred
     tensors are computed and written a block at a time; smaller deferred ones stay inline."""
     with open(data_path, "xb") as f:  # mode 0666 less the umask, as for any new file
-        for tensor, source in [(t, deferred.get(t.name)) for t in model.graph.initializer] + \
-                [(t, None) for t in _subgraph_initializers(model.graph)]:
+        for tensor, source in [(t, deferred.get(t.name)) for t in model.graph.initializer] + [
+            (t, None) for t in _subgraph_initializers(model.graph)
+        ]:
             size = source.nbytes if source is not None else len(tensor.raw_data)
             if size < EXTERNAL_MIN_BYTES:
                 if source is not None:
@@ -183,7 +190,9 @@ def _streamed_pieces(model: onnx.ModelProto, deferred: Mapping[str, DeferredTens
             tensor = inits[k]
             k += 1
             if tensor.name in deferred:
-                graph += _message_field(_GRAPH_INITIALIZER, _with_raw_data(graph_bytes[body:end], deferred[tensor.name]))
+                graph += _message_field(
+                    _GRAPH_INITIALIZER, _with_raw_data(graph_bytes[body:end], deferred[tensor.name])
+                )
                 continue
         graph.append(graph_bytes[start:end])
     out: list[Piece] = []

@@ -70,11 +70,15 @@ def make_session(
     try:
         return ort.InferenceSession(src, sess_options=opts, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for bad models
-        raise PrismInputError(f"{'model' if isinstance(model, bytes) else model}: ONNX Runtime cannot load it "
-                              f"({brief(exc, 400)})") from None
+        raise PrismInputError(
+            f"{'model' if isinstance(model, bytes) else model}: ONNX Runtime cannot load it ({brief(exc, 400)})"
+        ) from None
 
 
 def versions() -> dict[str, str]:
     import onnxruntime as ort
 
-    return {"onnxruntime": ort.__version__, "onnxruntime_build": "gpu" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"}
+    return {
+        "onnxruntime": ort.__version__,
+        "onnxruntime_build": "gpu" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu",
+    }

@@ -68,6 +68,7 @@ def parse_target(value: Any, option: str = "--target") -> Target:
 
 # ---- what this machine has -------------------------------------------------------------------
 
+
 @functools.cache
 def gpu_present() -> bool:
     """True when an NVIDIA GPU answers (nvidia-smi, or /dev/nvidia0 as a fallback)."""
@@ -179,6 +180,7 @@ def target_provider(target: Target | str) -> tuple[str, str]:
 
 # ---- what ties an engine to this machine ---------------------------------------------------------
 
+
 def tool_versions(target: Target | str) -> dict[str, str | None]:
     """Versions of everything that shapes an engine of ``target`` (part of its cache key)."""
     import onnx
@@ -203,8 +205,12 @@ def gpu_info() -> dict[str, str] | None:
     if not smi or os.environ.get(NO_GPU_ENV):
         return None
     try:
-        out = subprocess.run([smi, "--query-gpu=name,compute_cap,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            [smi, "--query-gpu=name,compute_cap,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0 or not out.stdout.strip():

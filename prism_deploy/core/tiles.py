@@ -74,8 +74,14 @@ def _zeros_like(a: Any, shape: tuple[int, ...]) -> Any:
     return a.new_zeros(shape) if hasattr(a, "new_zeros") else np.zeros(shape, dtype=a.dtype)
 
 
-def dense_from_tiles(tiles: Any, grid: tuple[int, int], tile: tuple[int, int], *,
-                     crop: tuple[int, int] | None = None, transpose: bool = False) -> Any:
+def dense_from_tiles(
+    tiles: Any,
+    grid: tuple[int, int],
+    tile: tuple[int, int],
+    *,
+    crop: tuple[int, int] | None = None,
+    transpose: bool = False,
+) -> Any:
     """The tiles assembled: ``[R*tr, C*tc]`` (``crop=(out_dim, in_dim)``: its real part).
 
     ``transpose=True`` gives ``[C*tc, R*tr]`` (inputs x outputs, what ``x @ W`` wants) in one
@@ -91,8 +97,16 @@ def dense_from_tiles(tiles: Any, grid: tuple[int, int], tile: tuple[int, int], *
     return m if crop is None else m[: crop[0], : crop[1]]
 
 
-def dense_rows(tiles: np.ndarray, grid: tuple[int, int], tile: tuple[int, int], start: int, stop: int, *,
-               crop: tuple[int, int] | None = None, dtype: Any = None) -> np.ndarray:
+def dense_rows(
+    tiles: np.ndarray,
+    grid: tuple[int, int],
+    tile: tuple[int, int],
+    start: int,
+    stop: int,
+    *,
+    crop: tuple[int, int] | None = None,
+    dtype: Any = None,
+) -> np.ndarray:
     """Rows ``start:stop`` of ``dense_from_tiles(tiles, grid, tile, crop=crop, transpose=True)``
     (inputs x outputs), a new C-contiguous array of ``dtype`` (default: the tiles'), read from
     the tiles without assembling the rest of the matrix: the dense weight a row-block at a time.
@@ -110,11 +124,11 @@ def dense_rows(tiles: np.ndarray, grid: tuple[int, int], tile: tuple[int, int], 
     while row < stop:
         c, j = divmod(row, tc)
         n = min(stop - row, tc - j)
-        o = out[row - start:row - start + n]
+        o = out[row - start : row - start + n]
         if whole:  # splitting the last axis of a view is itself a view: the writes land in out
-            o[:, :whole * tr].reshape(n, whole, tr)[...] = t[:whole, c, :, j:j + n].transpose(2, 0, 1)
+            o[:, : whole * tr].reshape(n, whole, tr)[...] = t[:whole, c, :, j : j + n].transpose(2, 0, 1)
         if rest:
-            o[:, whole * tr:] = t[whole, c, :rest, j:j + n].T
+            o[:, whole * tr :] = t[whole, c, :rest, j : j + n].T
         row += n
     return out
 
@@ -137,8 +151,9 @@ def tiles_from_dense(w: Any, grid: tuple[int, int], tile: tuple[int, int], *, tr
     return out.contiguous() if hasattr(out, "contiguous") else np.ascontiguousarray(out)
 
 
-def worker_block(grid: tuple[int, int], tile: tuple[int, int], worker: int, in_dim: int,
-                 out_dim: int) -> tuple[slice, slice]:
+def worker_block(
+    grid: tuple[int, int], tile: tuple[int, int], worker: int, in_dim: int, out_dim: int
+) -> tuple[slice, slice]:
     """The real output rows and input columns of ``worker`` (empty slices when all padding)."""
     r, c = divmod(worker, grid[1])
     tr, tc = tile
@@ -160,8 +175,8 @@ def quantize_rows(tiles: Any) -> tuple[np.ndarray, np.ndarray]:
     for block in blocks(tiles):  # only a block is ever held in float32
         t = np.asarray(block, dtype=np.float32)
         s = _scales(t)
-        q[at:at + len(t)] = _quantize(t, s)
-        scales[at:at + len(t)] = s
+        q[at : at + len(t)] = _quantize(t, s)
+        scales[at : at + len(t)] = s
         at += len(t)
     return q, scales
 
@@ -171,7 +186,7 @@ def row_scales(tiles: np.ndarray) -> np.ndarray:
     scales = np.empty(tuple(tiles.shape[:-1]), dtype=np.float32)
     at = 0
     for block in blocks(tiles):
-        scales[at:at + len(block)] = _scales(np.asarray(block, dtype=np.float32))
+        scales[at : at + len(block)] = _scales(np.asarray(block, dtype=np.float32))
         at += len(block)
     return scales
 
@@ -182,8 +197,9 @@ def quantize_with_scales(tiles: np.ndarray, scales: np.ndarray) -> np.ndarray:
     q = np.empty(tuple(tiles.shape), dtype=np.int8)
     at = 0
     for block in blocks(tiles):  # int8 is a quarter of float32: the float32 work, a block at a time
-        q[at:at + len(block)] = _quantize(np.asarray(block, dtype=np.float32),
-                                          np.asarray(scales[at:at + len(block)], dtype=np.float32))
+        q[at : at + len(block)] = _quantize(
+            np.asarray(block, dtype=np.float32), np.asarray(scales[at : at + len(block)], dtype=np.float32)
+        )
         at += len(block)
     return q
 

@@ -59,11 +59,15 @@ class Tolerances:
         """One line per figure outside its bound (NaN fails every bound)."""
         prefix = f"{what} " if what else ""
         out = []
-        checks = (("rel_l2", self.rel_l2_max, "<=", "rel_l2"), ("cosine", self.cosine_min, ">=", "cosine"),
-                  ("min_cosine", self.token_cosine_min, ">=", "min cosine"), ("top1", self.top1_min, ">=", "top-1 agreement"),
-                  ("kl_max", self.kl_max, "<=", "next-token KL max"),
-                  ("agreement", self.agreement_min, ">=", "next-token top-1 agreement on real text"),
-                  ("perplexity_ratio", self.perplexity_ratio_max, "<=", "perplexity ratio on real text"))
+        checks = (
+            ("rel_l2", self.rel_l2_max, "<=", "rel_l2"),
+            ("cosine", self.cosine_min, ">=", "cosine"),
+            ("min_cosine", self.token_cosine_min, ">=", "min cosine"),
+            ("top1", self.top1_min, ">=", "top-1 agreement"),
+            ("kl_max", self.kl_max, "<=", "next-token KL max"),
+            ("agreement", self.agreement_min, ">=", "next-token top-1 agreement on real text"),
+            ("perplexity_ratio", self.perplexity_ratio_max, "<=", "perplexity ratio on real text"),
+        )
         for key, bound, way, label in checks:
             if bound is None or key not in figures or figures[key] is None:
                 continue
@@ -125,9 +129,15 @@ MODEL_EXPORT: dict[ModelPrecision, Tolerances] = {
 #   the target's perplexity (1.10) and agreement 0.80; a single token's cosine is no quality
 #   figure once int4 flips some tokens' top-1, so it is not bounded.
 REAL_TEXT: dict[ModelPrecision, Tolerances] = {
-    ModelPrecision.FP32: Tolerances(rel_l2_max=1e-4, token_cosine_min=0.9999, agreement_min=0.99, perplexity_ratio_max=1.001),
-    ModelPrecision.FP16: Tolerances(rel_l2_max=2e-2, token_cosine_min=0.999, agreement_min=0.97, perplexity_ratio_max=1.01),
-    ModelPrecision.INT8: Tolerances(rel_l2_max=1e-1, token_cosine_min=0.95, agreement_min=0.96, perplexity_ratio_max=1.02),
+    ModelPrecision.FP32: Tolerances(
+        rel_l2_max=1e-4, token_cosine_min=0.9999, agreement_min=0.99, perplexity_ratio_max=1.001
+    ),
+    ModelPrecision.FP16: Tolerances(
+        rel_l2_max=2e-2, token_cosine_min=0.999, agreement_min=0.97, perplexity_ratio_max=1.01
+    ),
+    ModelPrecision.INT8: Tolerances(
+        rel_l2_max=1e-1, token_cosine_min=0.95, agreement_min=0.96, perplexity_ratio_max=1.02
+    ),
     ModelPrecision.INT4: Tolerances(rel_l2_max=5e-1, agreement_min=0.80, perplexity_ratio_max=1.10),
 }
 
@@ -158,8 +168,10 @@ assert set(PIPELINE) == set(PIPELINE_TOLERANCE_SETS)
 def adapter(precision: Precision | str, io_dtype: str = "float32") -> Tolerances:
     tol = ADAPTER[Precision.parse(precision, "precision")]
     if io_dtype == "float16":
-        tol = tol.replace(rel_l2_max=max(tol.rel_l2_max, FLOAT16_IO_FLOOR["rel_l2_max"]),
-                          cosine_min=min(tol.cosine_min or 1.0, FLOAT16_IO_FLOOR["cosine_min"]))
+        tol = tol.replace(
+            rel_l2_max=max(tol.rel_l2_max, FLOAT16_IO_FLOOR["rel_l2_max"]),
+            cosine_min=min(tol.cosine_min or 1.0, FLOAT16_IO_FLOOR["cosine_min"]),
+        )
     return tol
 
 

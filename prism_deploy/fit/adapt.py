@@ -43,8 +43,14 @@ class Candidate:
     why: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "workers": len(self.workers), "recorded_rel_err": self.recorded,
-                "original_rel_err": self.original, "passes": self.passes, "why": self.why}
+        return {
+            "name": self.name,
+            "workers": len(self.workers),
+            "recorded_rel_err": self.recorded,
+            "original_rel_err": self.original,
+            "passes": self.passes,
+            "why": self.why,
+        }
 
 
 @dataclass
@@ -64,8 +70,9 @@ def rel_err(adapter: PrismAdapter, data: PairedData, split: Split) -> float | No
     return evaluate(adapter, data, split).rel_err
 
 
-def refit_candidate(stored: AdapterTensors, fit_data: PairedData, name: str, workers: list[WorkerId],
-                    ridge: float) -> Candidate:
+def refit_candidate(
+    stored: AdapterTensors, fit_data: PairedData, name: str, workers: list[WorkerId], ridge: float
+) -> Candidate:
     """``workers`` re-solved on every row of ``fit_data``; every other tensor byte keeps its value."""
     adapter = adapter_from(stored)
     new = refit_workers(adapter, fit_data, workers, ridge=ridge, strict=True, desc=f"refit {name}")
@@ -92,14 +99,25 @@ def decide(before_recorded: float, before_original: float, candidate: Candidate,
     elif rec >= before_recorded:
         candidate.passes, candidate.why = False, f"not better on the recorded text ({rec:.4g} >= {before_recorded:.4g})"
     elif orig > before_original * (1.0 + margin):
-        candidate.passes, candidate.why = False, (f"worse on the original set beyond the margin ({orig:.4g} > "
-                                                  f"{before_original:.4g} x (1 + {margin:g}))")
+        candidate.passes, candidate.why = (
+            False,
+            (f"worse on the original set beyond the margin ({orig:.4g} > {before_original:.4g} x (1 + {margin:g}))"),
+        )
     else:
         candidate.passes, candidate.why = True, "better on the recorded text, original within the margin"
 
 
-def adapt_round(stored: AdapterTensors, fit_data: PairedData, score_data: PairedData, recorded_eval: PairedData,
-                original: PairedData, *, top: int, margin: float, ridge: float = 0.0) -> RoundResult:
+def adapt_round(
+    stored: AdapterTensors,
+    fit_data: PairedData,
+    score_data: PairedData,
+    recorded_eval: PairedData,
+    original: PairedData,
+    *,
+    top: int,
+    margin: float,
+    ridge: float = 0.0,
+) -> RoundResult:
     """Score, refit the ``top`` worst workers and all workers, evaluate both, choose (or none)."""
     served = adapter_from(stored)
     result = RoundResult(rel_err(served, recorded_eval, "holdout"), rel_err(served, original, "holdout"))

@@ -138,8 +138,16 @@ def step_rows(config: AdapterConfig, chunk_rows: int) -> int:
     return max(1, min(chunk_rows, STEP_BYTES // step_row_bytes(config)))
 
 
-def estimate_fit(config: AdapterConfig, *, rows_train: int, rows_holdout: int, chunk_rows: int,
-                 itemsize: int, gate_batch: int, method: str = "joint") -> FitEstimate:
+def estimate_fit(
+    config: AdapterConfig,
+    *,
+    rows_train: int,
+    rows_holdout: int,
+    chunk_rows: int,
+    itemsize: int,
+    gate_batch: int,
+    method: str = "joint",
+) -> FitEstimate:
     """Bytes and chunking of ``fit_adapter`` on this config (see the module docstring)."""
     d, m = config.in_dim, config.out_dim
     P = config.num_pipes
@@ -167,18 +175,24 @@ def estimate_fit(config: AdapterConfig, *, rows_train: int, rows_holdout: int, c
         phases["the least-squares solve"] += solve
     if gated:
         refit = max(
-            (real_row_blocks(s, m) if s.gated else 1) * (d * d * F64 + solve // 2) + 2 * d * m * F64
+            (real_row_blocks(s, m) if s.gated else 1) * (d * d * F64 + solve // 2)
+            + 2 * d * m * F64
             + tile_params(s) * F64
             for s in config.pipes
         )
         # the working adapter, the round's saved copy, the fixed part (a float64 copy with the
         # pipe's tiles zeroed), the new tiles, the grams, and the other pipes' forward (which
         # copies its tiles into the product's layout on every call)
-        phases["re-solving the workers of a pipe"] = (normal + 3 * work + refit + workers + held
-                                                      + 2 * largest_tile * F64)
+        phases["re-solving the workers of a pipe"] = normal + 3 * work + refit + workers + held + 2 * largest_tile * F64
         batch_row = 3 * forward_row_bytes(config, F32) // 2
-        phases["training the gates"] = (normal + 2 * work + tiles * F32 + 4 * gates * F32 + gate_batch * batch_row
-                                        + 16 * gate_batch * (d + m) * F32 * 2)
+        phases["training the gates"] = (
+            normal
+            + 2 * work
+            + tiles * F32
+            + 4 * gates * F32
+            + gate_batch * batch_row
+            + 16 * gate_batch * (d + m) * F32 * 2
+        )
     step = max(phases, key=lambda k: phases[k])
     return FitEstimate(stored, BASE_BYTES + phases[step], step, chunk, row)
 

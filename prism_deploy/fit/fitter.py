@@ -24,17 +24,17 @@ from typing import Any, Literal
 import torch
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.tiles import tiles_from_dense
 from prism_deploy.fit import budget
 from prism_deploy.fit.evaluate import Metrics, evaluate
 from prism_deploy.fit.gates import init_gates, train_gates
-from prism_deploy.fit.option_ranges import check_number
 from prism_deploy.fit.normal import NormalEquations, accumulate_normal, solve_joint, solve_per_tile
+from prism_deploy.fit.option_ranges import check_number
 from prism_deploy.fit.progress import overall_progress
 from prism_deploy.fit.routed import assign_tiles, refit_work, refit_workers
 from prism_deploy.fit.solve import SolveInfo
 from prism_deploy.fit.stream import PairedData
 from prism_deploy.fit.threads import choose_threads, torch_threads
-from prism_deploy.core.tiles import tiles_from_dense
 from prism_deploy.format import AdapterConfig
 from prism_deploy.reference import PrismAdapter
 
@@ -82,9 +82,18 @@ class FitReport:
         pipes = []
         for i, spec in enumerate(self.config.pipes):
             r, e = self.holdout.worst_row_block(spec) if self.holdout.rows else self.train.worst_row_block(spec)
-            pipes.append({"index": i, "name": spec.name, "grid": list(spec.grid), "tile": list(spec.tile),
-                          "top_k": spec.top_k, "gate_scale": spec.gate_scale if spec.gated else None,
-                          "worst_row_block": r, "worst_row_block_rel_err": e})
+            pipes.append(
+                {
+                    "index": i,
+                    "name": spec.name,
+                    "grid": list(spec.grid),
+                    "tile": list(spec.tile),
+                    "top_k": spec.top_k,
+                    "gate_scale": spec.gate_scale if spec.gated else None,
+                    "worst_row_block": r,
+                    "worst_row_block_rel_err": e,
+                }
+            )
         return {
             "method": self.method,
             "ridge": self.ridge,
@@ -96,13 +105,20 @@ class FitReport:
             "rounds": self.rounds,
             "threads": self.threads,
             "threads_why": self.threads_why,
-            "estimate": None if self.estimate is None else {
-                "adapter_bytes": self.estimate.adapter_bytes, "peak_bytes": self.estimate.peak_bytes,
-                "peak_step": self.estimate.peak_step, "chunk_rows": self.estimate.chunk_rows},
+            "estimate": None
+            if self.estimate is None
+            else {
+                "adapter_bytes": self.estimate.adapter_bytes,
+                "peak_bytes": self.estimate.peak_bytes,
+                "peak_step": self.estimate.peak_step,
+                "chunk_rows": self.estimate.chunk_rows,
+            },
         }
 
 
-def fit_adapter(config: AdapterConfig, data: PairedData, opts: FitOptions | None = None) -> tuple[PrismAdapter, FitReport]:
+def fit_adapter(
+    config: AdapterConfig, data: PairedData, opts: FitOptions | None = None
+) -> tuple[PrismAdapter, FitReport]:
     """Fit every tile (and gate) of ``config`` to ``data``; returns the adapter in ``opts.dtype``.
 
     Before the first pass: the options and layout are checked, the memory the fit needs is
@@ -123,9 +139,15 @@ def fit_adapter(config: AdapterConfig, data: PairedData, opts: FitOptions | None
 
 
 def fit_estimate(config: AdapterConfig, data: PairedData, opts: FitOptions) -> budget.FitEstimate:
-    return budget.estimate_fit(config, rows_train=data.count("train"), rows_holdout=data.count("holdout"),
-                               chunk_rows=data.chunk_rows, itemsize=torch.finfo(opts.dtype).bits // 8,
-                               gate_batch=opts.gate_batch, method=opts.method)
+    return budget.estimate_fit(
+        config,
+        rows_train=data.count("train"),
+        rows_holdout=data.count("holdout"),
+        chunk_rows=data.chunk_rows,
+        itemsize=torch.finfo(opts.dtype).bits // 8,
+        gate_batch=opts.gate_batch,
+        method=opts.method,
+    )
 
 
 def fit_work(config: AdapterConfig, data: PairedData, opts: FitOptions) -> float:
@@ -148,8 +170,11 @@ def fit_work(config: AdapterConfig, data: PairedData, opts: FitOptions) -> float
             per_row, solves = refit_work(config, [(p, w) for w in range(spec.workers)], chunk)
             backfit_work += sweeps * (n_train * per_row + solves)
         work += backfit_work + split_rows * evaluate_row
-        work += opts.rounds * (opts.gate_steps * budget.gate_step_macs(config, opts.gate_batch)
-                               + backfit_work + 2 * split_rows * evaluate_row)
+        work += opts.rounds * (
+            opts.gate_steps * budget.gate_step_macs(config, opts.gate_batch)
+            + backfit_work
+            + 2 * split_rows * evaluate_row
+        )
     work += (n_train + n_held) * evaluate_row
     if config.gated_pipes or opts.method != "joint":
         work += n_held * budget.pass_work(d * m, chunk)
@@ -194,8 +219,13 @@ def backfit(adapter: PrismAdapter, data: PairedData, *, ridge: float, sweeps: in
     n = adapter.config.num_pipes
     for sweep in range(1 if n == 1 else sweeps):
         for p, spec in enumerate(adapter.config.pipes):
-            new = refit_workers(adapter, data, [(p, w) for w in range(spec.workers)], ridge=ridge,
-                                desc=f"re-solve pipe {p}" + (f" (sweep {sweep + 1})" if n > 1 else ""))
+            new = refit_workers(
+                adapter,
+                data,
+                [(p, w) for w in range(spec.workers)],
+                ridge=ridge,
+                desc=f"re-solve pipe {p}" + (f" (sweep {sweep + 1})" if n > 1 else ""),
+            )
             assign_tiles(adapter, new)
 
 
@@ -207,14 +237,27 @@ def _fit_gated(work: PrismAdapter, data: PairedData, opts: FitOptions) -> list[d
     rounds = [{"round": 0, "step": "workers for the initial routing", f"{split}_rel_err": best}]
     for k in range(1, opts.rounds + 1):
         saved = copy.deepcopy(work.state_dict())
-        losses = train_gates(work, data, steps=opts.gate_steps, lr=opts.gate_lr, batch_rows=opts.gate_batch,
-                             seed=opts.seed + k, desc=f"round {k}: gates")
+        losses = train_gates(
+            work,
+            data,
+            steps=opts.gate_steps,
+            lr=opts.gate_lr,
+            batch_rows=opts.gate_batch,
+            seed=opts.seed + k,
+            desc=f"round {k}: gates",
+        )
         after_gates = _score(work, data, split)
         backfit(work, data, ridge=opts.ridge, sweeps=opts.sweeps)
         err = _score(work, data, split)
-        rounds.append({"round": k, "gate_loss_first": losses[0] if losses else None,
-                       "gate_loss_last": losses[-1] if losses else None,
-                       f"{split}_rel_err_after_gates": after_gates, f"{split}_rel_err": err})
+        rounds.append(
+            {
+                "round": k,
+                "gate_loss_first": losses[0] if losses else None,
+                "gate_loss_last": losses[-1] if losses else None,
+                f"{split}_rel_err_after_gates": after_gates,
+                f"{split}_rel_err": err,
+            }
+        )
         if not err < best:
             work.load_state_dict(saved)  # this round did not help: keep the previous state and stop
             rounds[-1]["kept"] = False

@@ -57,8 +57,10 @@ def train_gates(
     for i in gated:
         g = pipes[i].gate
         assert g is not None
-        params[i] = (g.weight.detach().float().clone().requires_grad_(True),
-                     g.bias.detach().float().clone().requires_grad_(True))
+        params[i] = (
+            g.weight.detach().float().clone().requires_grad_(True),
+            g.bias.detach().float().clone().requires_grad_(True),
+        )
     # Adam moves each entry by about ``lr`` per step whatever its gradient's size, so the
     # weights' step is scaled by their own size (scores start at unit spread, see init_gates):
     # ``lr`` is then a relative step, the same for any in_dim or activation scale.
@@ -81,7 +83,7 @@ def train_gates(
                 gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + block) % (1 << 62))
                 order = torch.randperm(x.shape[0], generator=gen)
                 for a in range(0, x.shape[0], batch_rows):
-                    idx = order[a:a + batch_rows]
+                    idx = order[a : a + batch_rows]
                     xb, zb = x[idx], z[idx]
                     y = torch.zeros_like(zb)
                     for i, pipe in enumerate(pipes):
@@ -141,8 +143,9 @@ class Adam:
     constructing ``torch.optim.Adam`` imports ``torch._dynamo``: 0.8-1 s per process, a fifth of
     a small gated fit."""
 
-    def __init__(self, params: list[torch.Tensor], lrs: list[float], betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+    def __init__(
+        self, params: list[torch.Tensor], lrs: list[float], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
         self.params, self.lrs, self.betas, self.eps = params, lrs, betas, eps
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]

@@ -55,8 +55,17 @@ def fit_config(
     dtype_bytes: int = 4,
 ) -> AdapterConfig:
     """The config of the adapter to fit (``fit_layout(...).config``)."""
-    return fit_layout(in_dim, out_dim, workers=workers, grid=grid, pipes=pipes, top_k=top_k,
-                      gate_scale=gate_scale, padding=padding, dtype_bytes=dtype_bytes).config
+    return fit_layout(
+        in_dim,
+        out_dim,
+        workers=workers,
+        grid=grid,
+        pipes=pipes,
+        top_k=top_k,
+        gate_scale=gate_scale,
+        padding=padding,
+        dtype_bytes=dtype_bytes,
+    ).config
 
 
 def fit_layout(
@@ -96,7 +105,9 @@ def fit_layout(
     if grid is not None:
         r, c = (int(check_number("grid", v)) for v in grid)
         if r * c > MAX_WORKERS:
-            raise PrismInputError(f"--grid: {r} x {c} = {r * c} workers is more than the planner handles ({MAX_WORKERS})")
+            raise PrismInputError(
+                f"--grid: {r} x {c} = {r * c} workers is more than the planner handles ({MAX_WORKERS})"
+            )
         layouts: list[Layout] = [((r, c), covering_tile((r, c), in_dim, out_dim))] * pipes
         asked = f"--grid {r} {c}"
     elif pipes == 3:
@@ -113,14 +124,18 @@ def fit_layout(
     if padded and padding == "adapt":
         for i in padded:
             new = adapted_layout(layouts[i], in_dim, out_dim)
-            notes.append(f"pipe{i + 1}: {_describe(layouts[i], in_dim, out_dim)} re-planned as "
-                         f"{_describe(new, in_dim, out_dim)} (--mostly-padding adapt)")
+            notes.append(
+                f"pipe{i + 1}: {_describe(layouts[i], in_dim, out_dim)} re-planned as "
+                f"{_describe(new, in_dim, out_dim)} (--mostly-padding adapt)"
+            )
             layouts[i] = new
     specs = []
     for i, (g, t) in enumerate(layouts):
         if top_k is not None and not 1 <= top_k <= g[0] * g[1]:
-            raise PrismInputError(f"--top-k: {top_k} is out of range [1, {g[0] * g[1]}] for grid {list(g)}"
-                                  + (" (re-planned by --mostly-padding adapt)" if i in padded and padding == "adapt" else ""))
+            raise PrismInputError(
+                f"--top-k: {top_k} is out of range [1, {g[0] * g[1]}] for grid {list(g)}"
+                + (" (re-planned by --mostly-padding adapt)" if i in padded and padding == "adapt" else "")
+            )
         scale = (float(top_k) if gate_scale is None else gate_scale) if top_k is not None else 1.0
         specs.append(PipeSpec(f"pipe{i + 1}", (g[0], g[1]), (t[0], t[1]), top_k, scale))
     return FitLayout(AdapterConfig(in_dim, out_dim, tuple(specs)), tuple(notes))
@@ -137,8 +152,9 @@ def adapted_layout(layout: Layout, in_dim: int, out_dim: int) -> Layout:
         n //= 2
 
 
-def _refusal(asked: str, layouts: list[Layout], padded: list[int], in_dim: int, out_dim: int,
-             top_k: int | None, dtype_bytes: int) -> str:
+def _refusal(
+    asked: str, layouts: list[Layout], padded: list[int], in_dim: int, out_dim: int, top_k: int | None, dtype_bytes: int
+) -> str:
     groups: dict[Layout, list[int]] = {}
     for i in padded:
         groups.setdefault(layouts[i], []).append(i)
@@ -147,18 +163,24 @@ def _refusal(asked: str, layouts: list[Layout], padded: list[int], in_dim: int, 
         (R, C), _ = layout
         names = " and ".join(f"pipe{i + 1}" for i in idx)
         verb = "are" if len(idx) > 1 else "is"
-        parts.append(f"{names} ({_grid(layout)}) {verb} {padding_fraction(*layout, in_dim, out_dim):.2%} padding, "
-                     f"{padding_worker_count(*layout, in_dim, out_dim)} of {R * C} workers holding no real weight")
+        parts.append(
+            f"{names} ({_grid(layout)}) {verb} {padding_fraction(*layout, in_dim, out_dim):.2%} padding, "
+            f"{padding_worker_count(*layout, in_dim, out_dim)} of {R * C} workers holding no real weight"
+        )
     params = sum(g[0] * t[0] * g[1] * t[1] for g, t in layouts)
     gates = sum(g[0] * g[1] * (in_dim + 1) for g, _ in layouts) if top_k is not None else 0
     size = (params + gates) * dtype_bytes
     plans: dict[Layout, list[int]] = {}
     for i in padded:
         plans.setdefault(adapted_layout(layouts[i], in_dim, out_dim), []).append(i)
-    adapted = "; ".join(f"{' and '.join(f'pipe{i + 1}' for i in idx)} to {_grid(layout)}" for layout, idx in plans.items())
-    return (f"{asked} on {in_dim} -> {out_dim}: {'; '.join(parts)}; the adapter would be {human_bytes(size)} "
-            f"for a map of {in_dim * out_dim:,} weights. Refused before computing: --mostly-padding adapt "
-            f"re-plans {'them' if len(padded) > 1 else 'it'} ({adapted}), --mostly-padding keep fits the layout as planned")
+    adapted = "; ".join(
+        f"{' and '.join(f'pipe{i + 1}' for i in idx)} to {_grid(layout)}" for layout, idx in plans.items()
+    )
+    return (
+        f"{asked} on {in_dim} -> {out_dim}: {'; '.join(parts)}; the adapter would be {human_bytes(size)} "
+        f"for a map of {in_dim * out_dim:,} weights. Refused before computing: --mostly-padding adapt "
+        f"re-plans {'them' if len(padded) > 1 else 'it'} ({adapted}), --mostly-padding keep fits the layout as planned"
+    )
 
 
 def _describe(layout: Layout, in_dim: int, out_dim: int) -> str:

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
+from prism_deploy.core.tiles import worker_block
 from prism_deploy.fit import budget
 from prism_deploy.fit.progress import progress_bar
 from prism_deploy.fit.routed import WorkerId, refit_work, refit_workers
 from prism_deploy.fit.solve import solve_normal
 from prism_deploy.fit.stream import PairedData, Split
-from prism_deploy.core.tiles import worker_block
 from prism_deploy.format import AdapterConfig
 from prism_deploy.reference import PrismAdapter
 
@@ -77,8 +77,16 @@ def score_workers(adapter: PrismAdapter, data: PairedData, *, ridge: float = 0.0
     cfg = adapter.config
     shares: dict[WorkerId, torch.Tensor] = {}
     for p, spec in enumerate(cfg.pipes):
-        shares.update(refit_workers(adapter, data, [(p, w) for w in range(spec.workers)], ridge=ridge,
-                                    split="train", desc=f"joint share of pipe {p}"))
+        shares.update(
+            refit_workers(
+                adapter,
+                data,
+                [(p, w) for w in range(spec.workers)],
+                ridge=ridge,
+                split="train",
+                desc=f"joint share of pipe {p}",
+            )
+        )
     split: Split = "holdout"
     pipes = adapter.pipe_list()
     betas = adapter.betas(torch.float64)

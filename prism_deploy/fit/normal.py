@@ -65,8 +65,9 @@ def solve_per_tile(ne: NormalEquations, spec: PipeSpec, ridge: float, *, strict:
         cols = slice(min(c * tc, in_dim), min((c + 1) * tc, in_dim))
         if cols.start == cols.stop:
             continue
-        b, _ = solve_normal(ne.xtx[cols, cols], ne.xtz[cols], ridge,
-                            what=f"X_c^T X_c of column block {c}", strict=strict)
+        b, _ = solve_normal(
+            ne.xtx[cols, cols], ne.xtz[cols], ridge, what=f"X_c^T X_c of column block {c}", strict=strict
+        )
         add_work(budget.solve_macs(tc, ne.xtz.shape[1]))
         w[:, cols] = b.T
     return w

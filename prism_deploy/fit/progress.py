@@ -56,8 +56,13 @@ def progress_bar(total: int | None, desc: str, unit: str = "row", work: float = 
 def overall_progress(total_work: float, desc: str) -> Iterator[Any]:
     """The whole command's bar: percent of the estimated work done, elapsed and time left."""
     # smoothing=0: the rate is the average since the start, the honest one for steps of mixed kinds.
-    bar = _tqdm(total=max(total_work, 1.0), desc=desc, position=0, smoothing=0,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, about {remaining} left")
+    bar = _tqdm(
+        total=max(total_work, 1.0),
+        desc=desc,
+        position=0,
+        smoothing=0,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, about {remaining} left",
+    )
     token = _OVERALL.set(bar)
     try:
         yield bar

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prism_deploy.core.tiles import worker_block
 from prism_deploy.fit import budget
 from prism_deploy.fit.progress import add_work, progress_bar
 from prism_deploy.fit.solve import solve_normal
 from prism_deploy.fit.stream import PairedData, Split
-from prism_deploy.core.tiles import worker_block
 from prism_deploy.format import AdapterConfig
 from prism_deploy.reference import PrismAdapter
 
@@ -103,14 +103,19 @@ def refit_workers(
 
     for key, gram in grams.items():
         idx = [i for i, s in enumerate(segments) if s.key == key]
-        sol, _ = solve_normal(gram, torch.cat([rhs[i] for i in idx], dim=1), ridge,
-                              what="the selected workers' normal equations", strict=strict)
+        sol, _ = solve_normal(
+            gram,
+            torch.cat([rhs[i] for i in idx], dim=1),
+            ridge,
+            what="the selected workers' normal equations",
+            strict=strict,
+        )
         add_work(budget.solve_macs(gram.shape[0], sol.shape[1]))  # as _Plan.work counts it
         offset = 0
         for i in idx:
             seg = segments[i]
             width = seg.rows.stop - seg.rows.start
-            part = sol[:, offset:offset + width]
+            part = sol[:, offset : offset + width]
             offset += width
             f0 = 0
             for m in seg.members:
@@ -118,8 +123,10 @@ def refit_workers(
                 r, c = divmod(m.worker, spec.cols)
                 n = m.cols.stop - m.cols.start
                 tile = result[(m.pipe, m.worker)]
-                tile[seg.rows.start - r * spec.tile_rows: seg.rows.stop - r * spec.tile_rows,
-                     m.cols.start - c * spec.tile_cols: m.cols.stop - c * spec.tile_cols] = part[f0:f0 + n].T
+                tile[
+                    seg.rows.start - r * spec.tile_rows : seg.rows.stop - r * spec.tile_rows,
+                    m.cols.start - c * spec.tile_cols : m.cols.stop - c * spec.tile_cols,
+                ] = part[f0 : f0 + n].T
                 f0 += n
     return result
 
@@ -150,9 +157,11 @@ class _Plan:
         widths: dict[tuple, int] = {}
         for seg in self.segments:
             widths[seg.key] = widths.get(seg.key, 0) + seg.rows.stop - seg.rows.start
-        per_row = (budget.forward_macs(cfg, self.fixed_pipes)
-                   + sum(cfg.in_dim * cfg.pipes[p].workers for p in self.gated_pipes)
-                   + sum(d * d + d * widths[k] for k, d in self.dims.items()))
+        per_row = (
+            budget.forward_macs(cfg, self.fixed_pipes)
+            + sum(cfg.in_dim * cfg.pipes[p].workers for p in self.gated_pipes)
+            + sum(d * d + d * widths[k] for k, d in self.dims.items())
+        )
         return per_row, sum(budget.solve_macs(d, widths[k]) for k, d in self.dims.items())
 
 

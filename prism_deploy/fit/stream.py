@@ -104,11 +104,15 @@ class PairedData:
         """Rows in ``split`` (one cheap pass over the mask only, no data read)."""
         if split == "all":
             return self.rows
-        held = sum(int(holdout_mask(a, min(a + 1_000_000, self.rows), self.holdout, self.seed).sum())
-                   for a in range(0, self.rows, 1_000_000))
+        held = sum(
+            int(holdout_mask(a, min(a + 1_000_000, self.rows), self.holdout, self.seed).sum())
+            for a in range(0, self.rows, 1_000_000)
+        )
         return held if split == "holdout" else self.rows - held
 
-    def chunks(self, split: Split = "train", dtype: torch.dtype = torch.float64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def chunks(
+        self, split: Split = "train", dtype: torch.dtype = torch.float64
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(x, z)`` tensors of the rows of ``split``, ``chunk_rows`` file rows at a time."""
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
         for start in range(0, self.rows, self.chunk_rows):
@@ -123,7 +127,9 @@ class PairedData:
                 x, z = x[keep], z[keep]
             yield torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(z))
 
-    def blocks(self, split: Split, block_rows: int, dtype: torch.dtype = torch.float64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def blocks(
+        self, split: Split, block_rows: int, dtype: torch.dtype = torch.float64
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The rows of ``split`` re-cut into blocks of exactly ``block_rows`` rows (the last may be
         shorter), whatever ``chunk_rows`` is: what depends on block boundaries (minibatches of gate
         training) is then the same for every chunk size."""

@@ -81,12 +81,7 @@ class PipeSpec:
         """Workers whose tile lies wholly in the padding (legal, but pure waste)."""
         rows, cols = self.padding_blocks(in_dim, out_dim)
         row_set, col_set = set(rows), set(cols)
-        return [
-            r * self.cols + c
-            for r in range(self.rows)
-            for c in range(self.cols)
-            if r in row_set or c in col_set
-        ]
+        return [r * self.cols + c for r in range(self.rows) for c in range(self.cols) if r in row_set or c in col_set]
 
     def to_json(self) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -155,8 +150,16 @@ class AdapterConfig:
             "in_dim": self.in_dim,
             "out_dim": self.out_dim,
             "combine": self.combine,
-            "pipes": [{"name": p.name, "grid": list(p.grid), "tile": list(p.tile), "top_k": p.top_k,
-                       "gate_scale": p.gate_scale if p.gated else None} for p in self.pipes],
+            "pipes": [
+                {
+                    "name": p.name,
+                    "grid": list(p.grid),
+                    "tile": list(p.tile),
+                    "top_k": p.top_k,
+                    "gate_scale": p.gate_scale if p.gated else None,
+                }
+                for p in self.pipes
+            ],
         }
 
     def dumps(self) -> str:
@@ -178,9 +181,7 @@ class AdapterConfig:
         out_dim = _positive_int(obj, "out_dim", "config")
         combine = obj.get("combine", "sum")
         if combine not in COMBINE_MODES:
-            raise AdapterFormatError(
-                f"config.combine: {combine!r} is not one of {list(COMBINE_MODES)}"
-            )
+            raise AdapterFormatError(f"config.combine: {combine!r} is not one of {list(COMBINE_MODES)}")
         raw_pipes = obj.get("pipes")
         if not isinstance(raw_pipes, list) or not raw_pipes:
             raise AdapterFormatError("config.pipes: must be a non-empty list")
@@ -229,11 +230,7 @@ def _positive_int(obj: dict[str, Any], key: str, where: str) -> int:
 
 def _int_pair(obj: dict[str, Any], key: str, where: str) -> tuple[int, int]:
     value = obj.get(key)
-    if (
-        not isinstance(value, list)
-        or len(value) != 2
-        or not all(_is_int(v) and v > 0 for v in value)
-    ):
+    if not isinstance(value, list) or len(value) != 2 or not all(_is_int(v) and v > 0 for v in value):
         raise AdapterFormatError(f"{where}.{key}: must be a list of two positive integers, got {value!r}")
     return int(value[0]), int(value[1])
 
@@ -294,10 +291,9 @@ def _validate(cfg: AdapterConfig) -> None:
                 f"rows (R*tr), fewer than out_dim={cfg.out_dim}"
             )
         if p.top_k is not None and not (1 <= p.top_k <= p.workers):
-            raise AdapterFormatError(
-                f"{where}.top_k: {p.top_k} is out of range [1, {p.workers}] (R*C)"
-            )
+            raise AdapterFormatError(f"{where}.top_k: {p.top_k} is out of range [1, {p.workers}] (R*C)")
         if not math.isfinite(p.gate_scale) or abs(p.gate_scale) > FLOAT32_MAX:
             # the gate's logits are scaled in float32: a larger value is infinite there
-            raise AdapterFormatError(f"{where}.gate_scale: must be finite in float32 (|x| <= {FLOAT32_MAX:.6g}), "
-                                     f"got {p.gate_scale!r}")
+            raise AdapterFormatError(
+                f"{where}.gate_scale: must be finite in float32 (|x| <= {FLOAT32_MAX:.6g}), got {p.gate_scale!r}"
+            )

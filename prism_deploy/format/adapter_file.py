@@ -31,8 +31,17 @@ from prism_deploy.format.adapter_config import FORMAT_NAME, FORMAT_VERSION, Adap
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
 
-__all__ = ["AdapterTensors", "FLOAT_DTYPES", "adapter_arrays", "config_from_metadata", "file_sha256",
-           "read_adapter_config", "read_adapter_file", "validate_tensors", "write_adapter_file"]
+__all__ = [
+    "AdapterTensors",
+    "FLOAT_DTYPES",
+    "adapter_arrays",
+    "config_from_metadata",
+    "file_sha256",
+    "read_adapter_config",
+    "read_adapter_file",
+    "validate_tensors",
+    "write_adapter_file",
+]
 
 
 def dtype_name(dtype: Any) -> str:
@@ -71,8 +80,9 @@ class AdapterTensors:
         cfg = self.config
         sub = AdapterConfig(cfg.in_dim, cfg.out_dim, (cfg.pipes[index],), "sum")
         prefix = f"pipes.{index}."
-        return AdapterTensors(sub, {f"pipes.0.{k[len(prefix):]}": v for k, v in self.tensors.items()
-                                    if k.startswith(prefix)})
+        return AdapterTensors(
+            sub, {f"pipes.0.{k[len(prefix) :]}": v for k, v in self.tensors.items() if k.startswith(prefix)}
+        )
 
     @property
     def nbytes(self) -> int:
@@ -93,7 +103,7 @@ class AdapterTensors:
             h.update(json.dumps([name, dtype_name(t.dtype), list(t.shape)]).encode())
             flat = t.reshape(-1).view(np.uint8)
             for start in range(0, flat.size, 1 << 26):  # 64 MiB at a time: no copy of big tensors
-                h.update(flat[start:start + (1 << 26)].tobytes())  # a 64 MiB copy at most
+                h.update(flat[start : start + (1 << 26)].tobytes())  # a 64 MiB copy at most
         return "sha256:" + h.hexdigest()
 
 
@@ -217,17 +227,21 @@ def _check_is_file(p: Path) -> tuple[dict[str, Any], int]:
             raise AdapterFormatError(f"{p}: not a valid safetensors file ({size} bytes, too short)")
         (length,) = struct.unpack("<Q", head[:8])
         if _looks_like_onnx(head) and length > size - 8:
-            raise AdapterFormatError(f"{p}: is an ONNX model, not an adapter (.safetensors, format v1); "
-                                     "give the adapter it was exported from")
+            raise AdapterFormatError(
+                f"{p}: is an ONNX model, not an adapter (.safetensors, format v1); "
+                "give the adapter it was exported from"
+            )
         if length > size - 8:
-            raise AdapterFormatError(f"{p}: not a valid safetensors file (header length {length} "
-                                     f"is past the end of the {size}-byte file)")
+            raise AdapterFormatError(
+                f"{p}: not a valid safetensors file (header length {length} is past the end of the {size}-byte file)"
+            )
         if length > MAX_HEADER_BYTES:
-            raise AdapterFormatError(f"{p}: header of {length:,} bytes is over the {MAX_HEADER_BYTES:,}-byte bound "
-                                     "of an adapter (a note too large?)")
+            raise AdapterFormatError(
+                f"{p}: header of {length:,} bytes is over the {MAX_HEADER_BYTES:,}-byte bound "
+                "of an adapter (a note too large?)"
+            )
         f.seek(8)
-        header = jsontext.loads(f.read(length), f"{p}: not a valid safetensors file; header",
-                                AdapterFormatError)
+        header = jsontext.loads(f.read(length), f"{p}: not a valid safetensors file; header", AdapterFormatError)
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{p}: not a valid safetensors file (the header is not a JSON object)")
     return header, 8 + length
@@ -240,8 +254,12 @@ MAX_HEADER_BYTES = 16 << 20
 def _looks_like_onnx(head: bytes) -> bool:
     """An ONNX ModelProto starts with field 1 (ir_version, a small varint), then another field
     of the message: producer name, graph, opset import..."""
-    return len(head) >= 3 and head[0] == 0x08 and 0 < head[1] < 0x80 and head[2] in (
-        0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x40, 0x42, 0x52, 0x5A, 0x62, 0x72, 0x7A)
+    return (
+        len(head) >= 3
+        and head[0] == 0x08
+        and 0 < head[1] < 0x80
+        and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x40, 0x42, 0x52, 0x5A, 0x62, 0x72, 0x7A)
+    )
 
 
 def config_from_metadata(metadata: Mapping[str, str]) -> AdapterConfig:
@@ -414,7 +432,8 @@ def describe(config: AdapterConfig, tensors: Mapping[str, Any]) -> dict[str, Any
         "out_dim": config.out_dim,
         "combine": config.combine,
         "combine_weights": [float(v) for v in arrays["combine.weight"].astype(np.float32)]
-        if config.combine == "weighted" else None,
+        if config.combine == "weighted"
+        else None,
         "pipes": pipes,
         "params": totals["params"],
         "bytes": totals["bytes"],

@@ -64,17 +64,31 @@ SCHEMA: dict[str, Any] = {
         "built_by": {"const": BUILT_BY},
         "name": {"type": "string"},
         "target": {"enum": list(TARGET_CHOICES)},
-        "tokenizers": {"type": "object", "additionalProperties": False,
-                       "properties": {"first": _PATH, "last": _PATH}},
+        "tokenizers": {"type": "object", "additionalProperties": False, "properties": {"first": _PATH, "last": _PATH}},
         "stages": {
-            "type": "array", "minItems": 3,
-            "items": {"oneOf": [
-                {"type": "object", "additionalProperties": False, "required": ["model"],
-                 "properties": {"model": _PATH, "hf": _PATH, **_COMMON}},
-                {"type": "object", "additionalProperties": False, "required": ["adapter"],
-                 "properties": {"adapter": _PATH, "reference": _PATH, "precision": {"enum": list(PRECISIONS)},
-                                **_COMMON}},
-            ]},
+            "type": "array",
+            "minItems": 3,
+            "items": {
+                "oneOf": [
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["model"],
+                        "properties": {"model": _PATH, "hf": _PATH, **_COMMON},
+                    },
+                    {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["adapter"],
+                        "properties": {
+                            "adapter": _PATH,
+                            "reference": _PATH,
+                            "precision": {"enum": list(PRECISIONS)},
+                            **_COMMON,
+                        },
+                    },
+                ]
+            },
         },
     },
 }
@@ -157,11 +171,14 @@ def chain_from_object(obj: Any, path: Path | None = None) -> ChainSpec:
 
     where = str(path) if path is not None else "chain"
     if isinstance(obj, dict) and isinstance(obj.get("stages"), list):
-        graphish = next((i for i, s in enumerate(obj["stages"]) if isinstance(s, dict) and {"inputs", "fusion"} & set(s)),
-                        None)
+        graphish = next(
+            (i for i, s in enumerate(obj["stages"]) if isinstance(s, dict) and {"inputs", "fusion"} & set(s)), None
+        )
         if graphish is not None:
-            raise GraphFileAsChain(f"{where}: stages.{graphish} (stage {graphish + 1}) names its inputs or is a fusion: "
-                                   "a graph file, not a chain file")
+            raise GraphFileAsChain(
+                f"{where}: stages.{graphish} (stage {graphish + 1}) names its inputs or is a fusion: "
+                "a graph file, not a chain file"
+            )
     try:
         jsonschema.validate(obj, SCHEMA)
     except jsonschema.ValidationError as exc:
@@ -192,17 +209,29 @@ def stages_from_object(raw_stages: list[Any], path: Path | None, alternate: bool
         kind = "model" if "model" in raw else "adapter"
         expected = "model" if i % 2 == 0 else "adapter"
         if alternate and kind != expected:
-            raise PrismInputError(f"{where}: stages.{i} (stage {i + 1}): a {kind}, but stages alternate model, adapter, "
-                                  "model, ... and start and end with a model")
+            raise PrismInputError(
+                f"{where}: stages.{i} (stage {i + 1}): a {kind}, but stages alternate model, adapter, "
+                "model, ... and start and end with a model"
+            )
         name = str(raw.get("name") or Path(raw[kind]).stem or raw[kind])
         if not name.isprintable():  # names are printed and become folder names: no line breaks or escapes
-            raise PrismInputError(f"{where}: stages.{i} (stage {i + 1}): the name {name!r} holds control characters; "
-                                  "give it a printable name")
-        stages.append(StageSpec(
-            index=i, kind=kind, path=_resolve(base, raw[kind]), name=name,
-            target=raw.get("target"), precision=Precision(raw["precision"]) if raw.get("precision") else None,
-            hf=_resolve(base, raw["hf"]) if "hf" in raw else None,
-            reference=_resolve(base, raw["reference"]) if "reference" in raw else None, sha256=raw.get("sha256")))
+            raise PrismInputError(
+                f"{where}: stages.{i} (stage {i + 1}): the name {name!r} holds control characters; "
+                "give it a printable name"
+            )
+        stages.append(
+            StageSpec(
+                index=i,
+                kind=kind,
+                path=_resolve(base, raw[kind]),
+                name=name,
+                target=raw.get("target"),
+                precision=Precision(raw["precision"]) if raw.get("precision") else None,
+                hf=_resolve(base, raw["hf"]) if "hf" in raw else None,
+                reference=_resolve(base, raw["reference"]) if "reference" in raw else None,
+                sha256=raw.get("sha256"),
+            )
+        )
     return stages
 
 
@@ -226,8 +255,10 @@ def check_stage_files(spec: ChainSpec, stage: StageSpec) -> None:
     if stage.sha256 is not None:
         digest = stage_digest(stage.path)
         if digest != stage.sha256:
-            raise PrismInputError(f"{where}: {stage.path}: sha256 {str(digest)[:12]}... does not match the chain "
-                                  f"file's {stage.sha256[:12]}... (changed since the chain was written)")
+            raise PrismInputError(
+                f"{where}: {stage.path}: sha256 {str(digest)[:12]}... does not match the chain "
+                f"file's {stage.sha256[:12]}... (changed since the chain was written)"
+            )
     if stage.kind == "model" and stage.path.is_dir() and not (stage.path / MANIFEST_NAME).is_file():
         from prism_deploy.format import model_folder
 
@@ -235,7 +266,6 @@ def check_stage_files(spec: ChainSpec, stage: StageSpec) -> None:
             model_folder.verify_files(stage.path, model_folder.read_model_json(stage.path))
         except PrismInputError as exc:
             raise PrismInputError(f"{where}: {exc}") from None
-
 
 
 def role_at(index: int, count: int) -> str:
@@ -267,8 +297,10 @@ def _widths(spec: ChainSpec, stage: StageSpec, count: int) -> tuple[int | None, 
     if path.is_dir():
         if build is None:
             if (path / MODEL_JSON).is_file():
-                raise PrismInputError(f"{where}: {path}: a model export folder, where an adapter belongs (an adapter "
-                                      ".safetensors, .onnx or build folder)")
+                raise PrismInputError(
+                    f"{where}: {path}: a model export folder, where an adapter belongs (an adapter "
+                    ".safetensors, .onnx or build folder)"
+                )
             raise PrismInputError(f"{where}: {path}: a folder without manifest.json (not an adapter build folder)")
         if source_kind(build) != "adapter":
             raise PrismInputError(f"{where}: {path}: a build of a model, where an adapter belongs")
@@ -296,16 +328,20 @@ def check_chain(spec: ChainSpec) -> None:
         widths.append(_widths(spec, stage, count))
     for i in range(1, count, 2):
         (in_dim, out_dim), before, after = widths[i], spec.stages[i - 1], spec.stages[i + 1]
-        for side, have, want, what in (("in_dim", in_dim, widths[i - 1][1], f"the hidden width {{}} of {before.label}"),
-                                       ("out_dim", out_dim, widths[i + 1][0], f"the embedding width {{}} of {after.label}")):
+        for side, have, want, what in (
+            ("in_dim", in_dim, widths[i - 1][1], f"the hidden width {{}} of {before.label}"),
+            ("out_dim", out_dim, widths[i + 1][0], f"the embedding width {{}} of {after.label}"),
+        ):
             if have is not None and want is not None and have != want:
-                raise PrismInputError(f"{spec.where()}: {spec.stages[i].label}: {side} {have} does not match "
-                                      + what.format(want))
+                raise PrismInputError(
+                    f"{spec.where()}: {spec.stages[i].label}: {side} {have} does not match " + what.format(want)
+                )
 
 
 def chain_to_object(spec: ChainSpec, relative_to: Path, built: bool = False) -> dict[str, Any]:
     """The chain file's JSON form, paths relative to ``relative_to`` where they lie below it;
     ``built``: marked as ``build --chain``'s own file."""
+
     def rel(p: Path) -> str:
         try:
             return str(p.resolve().relative_to(relative_to.resolve()))

@@ -20,8 +20,14 @@ import numpy as np
 
 from prism_deploy.core.errors import AdapterFormatError, PrismInputError, brief, require_torch
 from prism_deploy.core.tiles import real_blocks
-from prism_deploy.format.adapter_file import FLOAT_DTYPES, AdapterTensors, _as_numpy, validate_tensors, write_adapter_file
 from prism_deploy.format.adapter_config import AdapterConfig, PipeSpec
+from prism_deploy.format.adapter_file import (
+    FLOAT_DTYPES,
+    AdapterTensors,
+    _as_numpy,
+    validate_tensors,
+    write_adapter_file,
+)
 
 
 def load_seed_tiles(path: str | os.PathLike[str]) -> np.ndarray:
@@ -43,19 +49,25 @@ def load_seed_tiles(path: str | os.PathLike[str]) -> np.ndarray:
             "torch.save'd tensor is accepted, and no code in the file is ever run"
         ) from None
     except Exception as exc:  # torch.load's many ways to fail on a file that is not a .pt
-        raise PrismInputError(f"{p}: not a file torch.load can read ({brief(f'{type(exc).__name__}: {exc}')})") from None
+        raise PrismInputError(
+            f"{p}: not a file torch.load can read ({brief(f'{type(exc).__name__}: {exc}')})"
+        ) from None
     if not isinstance(obj, torch.Tensor):
         raise PrismInputError(f"{p}: holds a {type(obj).__name__}, expected one tensor [workers, tile_rows, tile_cols]")
     if obj.dim() != 3:
-        raise PrismInputError(f"{p}: tensor has shape {list(obj.shape)}, expected 3 dims [workers, tile_rows, tile_cols]")
+        raise PrismInputError(
+            f"{p}: tensor has shape {list(obj.shape)}, expected 3 dims [workers, tile_rows, tile_cols]"
+        )
     if not obj.is_floating_point():
         raise PrismInputError(f"{p}: tensor dtype {_dtype(obj)} is not a float type")
     if 0 in obj.shape:
         raise PrismInputError(f"{p}: tensor has an empty dimension, shape {list(obj.shape)}")
     if obj.untyped_storage().nbytes() < obj.numel() * obj.element_size():
         # an expanded view (stride 0) of a small storage: its dense copy could be terabytes
-        raise PrismInputError(f"{p}: tensor of shape {list(obj.shape)} is a view of a storage of "
-                              f"{obj.untyped_storage().nbytes()} bytes (an expanded tensor); save a plain tensor")
+        raise PrismInputError(
+            f"{p}: tensor of shape {list(obj.shape)} is a view of a storage of "
+            f"{obj.untyped_storage().nbytes()} bytes (an expanded tensor); save a plain tensor"
+        )
     if obj.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         # float64 (what a float64 least-squares solve gives) is not a format v1 dtype
         obj = obj.to(torch.float32)
@@ -143,7 +155,6 @@ def _weights_only_reason(exc: BaseException) -> str:
             if marker in line and not line.startswith("Please file an issue"):
                 return line.rstrip(".")
     return "weights_only load failed"
-
 
 
 def _dtype(t: Any) -> str:

@@ -56,15 +56,24 @@ _NAME = {"type": "string", "minLength": 1}
 # (a name such as "/etc/passwd" must never reach a read, a hash or a delete)
 _FILE = {"type": "string", "pattern": PLAIN_FILE_NAME}
 _COUNT = {"type": "integer", "minimum": 0}
-_RANGE = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "integer", "minimum": 1, "maximum": PROFILE_MAX}}
+_RANGE = {
+    "type": "array",
+    "minItems": 3,
+    "maxItems": 3,
+    "items": {"type": "integer", "minimum": 1, "maximum": PROFILE_MAX},
+}
 _PART = {
     "type": "object",
     "required": ["file", "sha256", "bytes"],
     "properties": {
-        "file": _FILE, "sha256": _SHA, "bytes": _COUNT,
+        "file": _FILE,
+        "sha256": _SHA,
+        "bytes": _COUNT,
         "data_file": {"anyOf": [_FILE, {"type": "null"}]},
-        "data_sha256": {**_SHA, "type": ["string", "null"]}, "data_bytes": {"type": ["integer", "null"], "minimum": 0},
-        "pipe": {"type": ["integer", "null"], "minimum": 0}, "graph": {"type": "string"},
+        "data_sha256": {**_SHA, "type": ["string", "null"]},
+        "data_bytes": {"type": ["integer", "null"], "minimum": 0},
+        "pipe": {"type": ["integer", "null"], "minimum": 0},
+        "graph": {"type": "string"},
         "form": {"type": "string", "minLength": 1},
     },
 }
@@ -72,7 +81,8 @@ _BUCKET = {
     "type": "object",
     "required": ["max_tokens", "timed_tokens", "form", "seconds", "passed"],
     "properties": {
-        "max_tokens": {"type": "integer", "minimum": 1}, "timed_tokens": {"type": "integer", "minimum": 1},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "timed_tokens": {"type": "integer", "minimum": 1},
         "form": {"type": "string", "minLength": 1},
         "seconds": {"type": "object", "additionalProperties": {"type": ["number", "null"], "minimum": 0}},
         "passed": {"type": "object", "additionalProperties": {"type": "boolean"}},
@@ -81,9 +91,11 @@ _BUCKET = {
 _FORMS = {
     "type": "object",
     "required": ["candidates", "buckets"],
-    "properties": {"candidates": {"type": "array", "minItems": 1, "items": {"type": "string"}},
-                   "method": {"type": "string"},
-                   "buckets": {"type": "array", "minItems": 1, "items": _BUCKET}},
+    "properties": {
+        "candidates": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        "method": {"type": "string"},
+        "buckets": {"type": "array", "minItems": 1, "items": _BUCKET},
+    },
 }
 _ENTRY = {
     "type": "object",
@@ -92,22 +104,34 @@ _ENTRY = {
         "id": _NAME,
         "target": {"enum": list(TARGETS)},
         "configuration": {
-            "type": "object", "required": ["target", "precision"],
-            "properties": {"target": {"enum": list(TARGETS)},
-                           "precision": {"enum": sorted(set(PRECISIONS) | set(MODEL_PRECISIONS))},
-                           "plugin": {"type": "boolean"}, "layout": {"type": "string"},
-                           "profile": {"type": "object", "required": ["batch", "seq"],
-                                       "properties": {"batch": _RANGE, "seq": _RANGE}},
-                           "version_compatible": {"type": "boolean"}},
+            "type": "object",
+            "required": ["target", "precision"],
+            "properties": {
+                "target": {"enum": list(TARGETS)},
+                "precision": {"enum": sorted(set(PRECISIONS) | set(MODEL_PRECISIONS))},
+                "plugin": {"type": "boolean"},
+                "layout": {"type": "string"},
+                "profile": {
+                    "type": "object",
+                    "required": ["batch", "seq"],
+                    "properties": {"batch": _RANGE, "seq": _RANGE},
+                },
+                "version_compatible": {"type": "boolean"},
+            },
         },
         "parts": {"type": "array", "minItems": 1, "items": _PART},
         "combine_weights": {"type": ["array", "null"], "items": {"type": "number"}},
-        "session": {"type": ["object", "null"], "required": ["provider", "load_graph_optimization_level"],
-                    "properties": {"provider": {"enum": ["cpu", "cuda"]},
-                                   "load_graph_optimization_level": {"enum": ["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC",
-                                                                               "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"]},
-                                   "load_session_config": {"type": "object",
-                                                           "additionalProperties": {"type": "string"}}}},
+        "session": {
+            "type": ["object", "null"],
+            "required": ["provider", "load_graph_optimization_level"],
+            "properties": {
+                "provider": {"enum": ["cpu", "cuda"]},
+                "load_graph_optimization_level": {
+                    "enum": ["ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"]
+                },
+                "load_session_config": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
         "tools": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
         "device": {"type": "object"},
         "cache_key": _SHA,
@@ -120,14 +144,31 @@ SCHEMA: dict[str, Any] = {
     "properties": {
         "schema": {"const": SCHEMA_NAME},
         "schema_version": {"type": "integer", "enum": list(READABLE_SCHEMA_VERSIONS)},
-        "adapter": {"type": "object", "required": ["file", "sha256", "config"],
-                    "properties": {"file": _NAME, "sha256": _SHA,
-                                   "config": {"type": "object", "required": ["in_dim", "out_dim"],
-                                              "properties": {"in_dim": {"type": "integer", "minimum": 1},
-                                                             "out_dim": {"type": "integer", "minimum": 1}}}}},
-        "model": {"type": "object", "required": ["role", "model_json_sha256", "copies"],
-                  "properties": {"role": {"type": "string"}, "model_json_sha256": _SHA,
-                                 "copies": {"type": "array", "items": _PART}}},
+        "adapter": {
+            "type": "object",
+            "required": ["file", "sha256", "config"],
+            "properties": {
+                "file": _NAME,
+                "sha256": _SHA,
+                "config": {
+                    "type": "object",
+                    "required": ["in_dim", "out_dim"],
+                    "properties": {
+                        "in_dim": {"type": "integer", "minimum": 1},
+                        "out_dim": {"type": "integer", "minimum": 1},
+                    },
+                },
+            },
+        },
+        "model": {
+            "type": "object",
+            "required": ["role", "model_json_sha256", "copies"],
+            "properties": {
+                "role": {"type": "string"},
+                "model_json_sha256": _SHA,
+                "copies": {"type": "array", "items": _PART},
+            },
+        },
         "engines": {"type": "array", "items": _ENTRY},
     },
     "oneOf": [{"required": ["adapter"]}, {"required": ["model"]}],
@@ -162,9 +203,11 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
         raise EngineFileError(f"{path}: not a prism-deploy engine manifest (schema != {SCHEMA_NAME!r})")
     version = obj.get("schema_version")
     if not (isinstance(version, int) and not isinstance(version, bool)) or version not in READABLE_SCHEMA_VERSIONS:
-        raise EngineFileError(f"{path}: manifest schema_version {version!r} is not supported "
-                              f"(this tool reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); "
-                              "rebuild into a new folder")
+        raise EngineFileError(
+            f"{path}: manifest schema_version {version!r} is not supported "
+            f"(this tool reads {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); "
+            "rebuild into a new folder"
+        )
     validate_manifest(obj, path)
     return obj
 
@@ -179,8 +222,10 @@ def validate_manifest(obj: Any, where: str | os.PathLike[str]) -> None:
     except jsonschema.ValidationError as exc:
         field = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
         if exc.schema is _FILE or (exc.validator == "pattern" and field.endswith("file")):
-            raise EngineFileError(f"{where}: {field}: {exc.instance!r} is not a plain file name inside the "
-                                  "folder (no folder, no '..', not absolute)") from None
+            raise EngineFileError(
+                f"{where}: {field}: {exc.instance!r} is not a plain file name inside the "
+                "folder (no folder, no '..', not absolute)"
+            ) from None
         raise EngineFileError(f"{where}: {field}: {brief(exc.message)}") from None
     ids = [e["id"] for e in obj["engines"]]
     if len(set(ids)) != len(ids):
@@ -198,18 +243,22 @@ def validate_manifest(obj: Any, where: str | os.PathLike[str]) -> None:
         profile = entry["configuration"].get("profile") or {}
         for axis, (lo, opt, hi) in ((k, v) for k, v in profile.items() if k in ("batch", "seq")):
             if not lo <= opt <= hi:
-                raise EngineFileError(f"{where}: engines.{i}.configuration.profile.{axis}: {[lo, opt, hi]} is not "
-                                      "MIN <= OPT <= MAX")
+                raise EngineFileError(
+                    f"{where}: engines.{i}.configuration.profile.{axis}: {[lo, opt, hi]} is not MIN <= OPT <= MAX"
+                )
         for j, part in enumerate(entry["parts"]):
             if config is not None and part.get("pipe") is not None and part["pipe"] >= config.num_pipes:
-                raise EngineFileError(f"{where}: engines.{i}.parts.{j}.pipe: {part['pipe']} is not a pipe of the "
-                                      f"adapter ({config.num_pipes} pipe(s))")
+                raise EngineFileError(
+                    f"{where}: engines.{i}.parts.{j}.pipe: {part['pipe']} is not a pipe of the "
+                    f"adapter ({config.num_pipes} pipe(s))"
+                )
         _check_forms(entry, f"{where}: engines.{i}")
         weights = entry.get("combine_weights")
         if weights is not None:
             if len(weights) != len(entry["parts"]):
-                raise EngineFileError(f"{where}: engines.{i}.combine_weights: {len(weights)} weight(s) for "
-                                      f"{len(entry['parts'])} part(s)")
+                raise EngineFileError(
+                    f"{where}: engines.{i}.combine_weights: {len(weights)} weight(s) for {len(entry['parts'])} part(s)"
+                )
             if not all(math.isfinite(w) and abs(w) <= FLOAT32_MAX for w in weights):
                 raise EngineFileError(f"{where}: engines.{i}.combine_weights: not finite in float32")
 
@@ -227,8 +276,9 @@ def _check_forms(entry: dict[str, Any], where: str) -> None:
         raise EngineFileError(f"{where}.parts: with forms, every part names a form, each once")
     chosen = [b["form"] for b in forms["buckets"]]
     if set(chosen) != set(part_forms):
-        raise EngineFileError(f"{where}.forms: the buckets choose {sorted(set(chosen))}, the parts hold "
-                              f"{sorted(set(part_forms))}")
+        raise EngineFileError(
+            f"{where}.forms: the buckets choose {sorted(set(chosen))}, the parts hold {sorted(set(part_forms))}"
+        )
     tops = [b["max_tokens"] for b in forms["buckets"]]
     if tops != sorted(set(tops)):
         raise EngineFileError(f"{where}.forms.buckets: max_tokens must rise")
@@ -276,13 +326,16 @@ def verify_part(directory: Path, part: dict[str, Any]) -> Path:
         except PrismInputError as exc:
             raise EngineFileError(str(exc)) from None
         if not path.is_file():
-            raise EngineFileError(f"{path}: engine file missing (the manifest lists it); "
-                                  "rebuild with `prism-deploy build`")
+            raise EngineFileError(
+                f"{path}: engine file missing (the manifest lists it); rebuild with `prism-deploy build`"
+            )
         actual = file_sha256(path)
         if actual != expected:
-            raise EngineFileError(f"{path}: sha256 {actual[:12]}... does not match the manifest's "
-                                  f"{expected[:12]}... (corrupt or replaced engine); "
-                                  "rebuild with `prism-deploy build --force`")
+            raise EngineFileError(
+                f"{path}: sha256 {actual[:12]}... does not match the manifest's "
+                f"{expected[:12]}... (corrupt or replaced engine); "
+                "rebuild with `prism-deploy build --force`"
+            )
     return directory / part["file"]
 
 

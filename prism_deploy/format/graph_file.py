@@ -77,10 +77,18 @@ def _graph_schema() -> dict[str, Any]:
     model["properties"].update(inputs=_INPUTS, tokenizer=chain_file._PATH)
     adapter["properties"].update(inputs=_INPUTS)
     stages["items"]["oneOf"].append(
-        {"type": "object", "additionalProperties": False, "required": ["fusion", "inputs", "weights"],
-         "properties": {"fusion": {"enum": list(FUSIONS)}, "inputs": {**_INPUTS, "minItems": 2},
-                        "weights": {"type": "array", "minItems": 2, "items": {"type": "number", "exclusiveMinimum": 0}},
-                        "name": {"type": "string", "minLength": 1}}})
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["fusion", "inputs", "weights"],
+            "properties": {
+                "fusion": {"enum": list(FUSIONS)},
+                "inputs": {**_INPUTS, "minItems": 2},
+                "weights": {"type": "array", "minItems": 2, "items": {"type": "number", "exclusiveMinimum": 0}},
+                "name": {"type": "string", "minLength": 1},
+            },
+        }
+    )
     schema["properties"]["built_by"] = {"enum": [chain_file.BUILT_BY, BUILT_BY]}
     return schema
 
@@ -145,8 +153,13 @@ class GraphSpec:
 
     def as_chain(self) -> ChainSpec:
         """The chain this graph is (only when :meth:`is_chain`)."""
-        return ChainSpec(self.path, [n.stage for n in self.nodes if n.stage is not None], self.name, self.target,
-                         dict(self.tokenizers))
+        return ChainSpec(
+            self.path,
+            [n.stage for n in self.nodes if n.stage is not None],
+            self.name,
+            self.target,
+            dict(self.tokenizers),
+        )
 
 
 def read_graph_file(path: str | os.PathLike[str]) -> GraphSpec:
@@ -172,18 +185,28 @@ def graph_from_object(obj: Any, path: Path | None = None) -> GraphSpec:
     nodes = []
     for i, (raw, st) in enumerate(zip(raw_stages, parsed)):
         if st is None:
-            nodes.append(GraphNode(i, "fusion", str(raw.get("name") or f"fusion_{i + 1}"), [],
-                                   weights=[float(w) for w in raw["weights"]]))
+            nodes.append(
+                GraphNode(
+                    i,
+                    "fusion",
+                    str(raw.get("name") or f"fusion_{i + 1}"),
+                    [],
+                    weights=[float(w) for w in raw["weights"]],
+                )
+            )
         else:
             tok = raw.get("tokenizer")
-            nodes.append(GraphNode(i, st.kind, st.name, [], st,
-                                   tokenizer=(base / os.path.expanduser(tok)) if tok else st.hf))
+            nodes.append(
+                GraphNode(i, st.kind, st.name, [], st, tokenizer=(base / os.path.expanduser(tok)) if tok else st.hf)
+            )
     by_name: dict[str, int] = {}
     named_inputs = any("inputs" in s for s in raw_stages)
     for n in nodes:
         if named_inputs and n.name in by_name:
-            raise PrismInputError(f"{where}: {n.label}: the name {n.name!r} is also stage {by_name[n.name] + 1}'s; "
-                                  "stages that inputs name need names of their own")
+            raise PrismInputError(
+                f"{where}: {n.label}: the name {n.name!r} is also stage {by_name[n.name] + 1}'s; "
+                "stages that inputs name need names of their own"
+            )
         by_name.setdefault(n.name, n.index)
     for n, raw in zip(nodes, raw_stages):
         if "inputs" not in raw:
@@ -194,12 +217,19 @@ def graph_from_object(obj: Any, path: Path | None = None) -> GraphSpec:
             if j is None or not 0 <= j < len(nodes):
                 raise PrismInputError(f"{where}: {n.label}: input {ref!r} is no stage's name or number")
             if j == n.index:
-                raise PrismInputError(f"{where}: {n.label}: edge {n.name} -> {n.name}: a stage cannot take its own output")
+                raise PrismInputError(
+                    f"{where}: {n.label}: edge {n.name} -> {n.name}: a stage cannot take its own output"
+                )
             if j in n.inputs:
                 raise PrismInputError(f"{where}: {n.label}: input {ref!r} is named twice")
             n.inputs.append(j)
-    spec = GraphSpec(path, nodes, obj.get("name"), obj.get("target"),
-                     {k: base / os.path.expanduser(v) for k, v in obj.get("tokenizers", {}).items()})
+    spec = GraphSpec(
+        path,
+        nodes,
+        obj.get("name"),
+        obj.get("target"),
+        {k: base / os.path.expanduser(v) for k, v in obj.get("tokenizers", {}).items()},
+    )
     check_structure(spec)
     check_files(spec)
     return spec
@@ -210,8 +240,9 @@ def check_structure(spec: GraphSpec) -> None:
     where, nodes = spec.where(), spec.nodes
     sources = [n for n in nodes if not n.inputs]
     if len(sources) > 1:
-        raise PrismInputError(f"{where}: {sources[0].label} and {sources[1].label} both take no input; "
-                              "a graph has one source")
+        raise PrismInputError(
+            f"{where}: {sources[0].label} and {sources[1].label} both take no input; a graph has one source"
+        )
     cycle = _find_cycle(nodes)
     if cycle:
         path = " -> ".join(nodes[i].name for i in cycle)
@@ -228,8 +259,10 @@ def check_structure(spec: GraphSpec) -> None:
             feeds_output.update(nodes[i].inputs)
     for n in nodes:
         if n.index not in feeds_output:
-            raise PrismInputError(f"{where}: {n.label}: unreachable from the output: no path of edges leads from it to "
-                                  f"{out.label}, the graph's output (the stage listed last)")
+            raise PrismInputError(
+                f"{where}: {n.label}: unreachable from the output: no path of edges leads from it to "
+                f"{out.label}, the graph's output (the stage listed last)"
+            )
     if nodes[0].kind != "model":
         raise PrismInputError(f"{where}: {nodes[0].label}: the source is a model (token ids in)")
     if out.kind == "adapter":
@@ -255,14 +288,17 @@ def check_structure(spec: GraphSpec) -> None:
         for i in n.inputs:
             after = [nodes[j] for j in spec.consumers(i)]
             if nodes[i].kind == "model" and any(c.kind == "fusion" for c in after) and len(after) > 1:
-                raise PrismInputError(f"{where}: {nodes[i].label}: edge {nodes[i].name} -> "
-                                      f"{', '.join(c.name for c in after)}: a model feeding a logit fusion is a last "
-                                      "model and feeds nothing else")
+                raise PrismInputError(
+                    f"{where}: {nodes[i].label}: edge {nodes[i].name} -> "
+                    f"{', '.join(c.name for c in after)}: a model feeding a logit fusion is a last "
+                    "model and feeds nothing else"
+                )
     for n in nodes:
         if n.kind == "model":
             after = [nodes[j] for j in spec.consumers(n.index)]
-            spec.roles[n.index] = ("first" if n.index == 0 else
-                                   "middle" if any(c.kind == "adapter" for c in after) else "last")
+            spec.roles[n.index] = (
+                "first" if n.index == 0 else "middle" if any(c.kind == "adapter" for c in after) else "last"
+            )
 
 
 def _find_cycle(nodes: list[GraphNode]) -> list[int]:
@@ -275,7 +311,7 @@ def _find_cycle(nodes: list[GraphNode]) -> list[int]:
         stack.append(i)
         for j in [n.index for n in nodes if i in n.inputs]:
             if state.get(j) == 1:
-                return stack[stack.index(j):] + [j]
+                return stack[stack.index(j) :] + [j]
             if j not in state:
                 found = visit(j)
                 if found:
@@ -314,6 +350,7 @@ def levels(spec: GraphSpec) -> list[list[int]]:
 
 # ---- what the files tell --------------------------------------------------------------------------
 
+
 def _model_dims(node: GraphNode) -> dict[str, Any] | None:
     """A model folder's ``model.json`` (role and dims), None when it cannot be read here (the
     runtime says why when it opens the folder)."""
@@ -351,8 +388,10 @@ def check_files(spec: GraphSpec) -> None:
     models = {n.index: _model_dims(n) for n in nodes if n.kind == "model"}
     for i, m in models.items():
         if m is not None and m["role"] != spec.roles[i]:
-            raise PrismInputError(f"{where}: {nodes[i].label}: exported as role {m['role']!r}; its place in the graph "
-                                  f"needs a {spec.roles[i]!r} model")
+            raise PrismInputError(
+                f"{where}: {nodes[i].label}: exported as role {m['role']!r}; its place in the graph "
+                f"needs a {spec.roles[i]!r} model"
+            )
     for n in nodes:
         if n.kind == "adapter":
             dims = _adapter_dims(n)
@@ -362,29 +401,39 @@ def check_files(spec: GraphSpec) -> None:
             widths = [int(m["dims"]["hidden"]) for m in known if m is not None]
             if len(widths) == len(known) and dims[0] != sum(widths):
                 said = " + ".join(map(str, widths)) + (f" = {sum(widths)}" if len(widths) > 1 else "")
-                raise PrismInputError(f"{where}: {n.label}: edge {spec.edge(n)}: in_dim {dims[0]} does not match the "
-                                      f"hidden width{'s' if len(widths) > 1 else ''} {said}")
+                raise PrismInputError(
+                    f"{where}: {n.label}: edge {spec.edge(n)}: in_dim {dims[0]} does not match the "
+                    f"hidden width{'s' if len(widths) > 1 else ''} {said}"
+                )
             for j in spec.consumers(n.index):
                 m = models.get(j)
                 if m is not None and dims[1] != m["dims"]["hidden"]:
-                    raise PrismInputError(f"{where}: {n.label}: edge {n.name} -> {nodes[j].name}: out_dim {dims[1]} "
-                                          f"does not match the embedding width {m['dims']['hidden']} of {nodes[j].label}")
+                    raise PrismInputError(
+                        f"{where}: {n.label}: edge {n.name} -> {nodes[j].name}: out_dim {dims[1]} "
+                        f"does not match the embedding width {m['dims']['hidden']} of {nodes[j].label}"
+                    )
         elif n.kind == "fusion":
             toks = [(nodes[i], nodes[i].tokenizer) for i in n.inputs]
             missing = [node.name for node, t in toks if t is None]
             if missing:
-                raise PrismInputError(f"{where}: {n.label}: edge {spec.edge(n)}: a logit fusion needs each input's "
-                                      f"tokenizer (`hf` or `tokenizer` on {', '.join(missing)})")
+                raise PrismInputError(
+                    f"{where}: {n.label}: edge {spec.edge(n)}: a logit fusion needs each input's "
+                    f"tokenizer (`hf` or `tokenizer` on {', '.join(missing)})"
+                )
             first_node, first_tok = toks[0]
             want = tokenizer_digest(first_tok)  # type: ignore[arg-type]
             for other, t in toks[1:]:
                 if tokenizer_digest(t) != want or not want:  # type: ignore[arg-type]
-                    raise PrismInputError(f"{where}: {n.label}: edge {spec.edge(n)}: {other.name}'s tokenizer ({t}) is not "
-                                          f"{first_node.name}'s ({first_tok}); logit fusion needs one shared tokenizer")
+                    raise PrismInputError(
+                        f"{where}: {n.label}: edge {spec.edge(n)}: {other.name}'s tokenizer ({t}) is not "
+                        f"{first_node.name}'s ({first_tok}); logit fusion needs one shared tokenizer"
+                    )
             vocabs = {nodes[i].name: m["dims"]["vocab"] for i in n.inputs if (m := models[i]) is not None}
             if len(set(vocabs.values())) > 1:
-                raise PrismInputError(f"{where}: {n.label}: edge {spec.edge(n)}: a logit fusion joins one vocabulary, "
-                                      f"got {', '.join(f'{k} {v}' for k, v in vocabs.items())}")
+                raise PrismInputError(
+                    f"{where}: {n.label}: edge {spec.edge(n)}: a logit fusion joins one vocabulary, "
+                    f"got {', '.join(f'{k} {v}' for k, v in vocabs.items())}"
+                )
 
 
 def graph_to_object(spec: GraphSpec, stages: list[dict[str, Any]], built: bool = False) -> dict[str, Any]:

@@ -50,7 +50,9 @@ GRAPHS = {"first": ("graph",), "middle": ("graph",), "last": ("graph", "graph_wi
 # builder: one graph per role, with a KV cache that past and present share in one buffer.
 GRAPH_FORMS = ("portable", "ort")
 GRAPHS_BY_FORM: dict[str, dict[str, tuple[str, ...]]] = {
-    "portable": GRAPHS, "ort": {"first": ("graph",), "middle": ("graph",), "last": ("graph",)}}
+    "portable": GRAPHS,
+    "ort": {"first": ("graph",), "middle": ("graph",), "last": ("graph",)},
+}
 # What the ort form's graph of each role gives (ONNX Runtime GenAI's names).
 OUTPUT_ORT_FORM = {"first": "hidden_states", "middle": "hidden_states", "last": "logits"}
 # Files that travel with the graphs (copied into a build folder so that it runs on its own).
@@ -73,34 +75,70 @@ def canonical_role(role: str, option: str = "--role") -> str:
         raise PrismInputError(f"{option}: {role!r} is not one of {', '.join(ROLES)}")
     return role
 
-_FILE = {"type": "object", "required": ["name", "sha256"],
-         "properties": {"name": {"type": "string", "pattern": PLAIN_FILE_NAME},
-                        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}
+
+_FILE = {
+    "type": "object",
+    "required": ["name", "sha256"],
+    "properties": {
+        "name": {"type": "string", "pattern": PLAIN_FILE_NAME},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    },
+}
 _POS_INT = {"type": "integer", "minimum": 1}
 # int8 / int4 exports (docs/quantized-models.md, "What model.json records"): the options, and per
 # graph the plan ({node: 4, 8, or null for float}) and one record per weight, with the error
 # measured on calibration text where the mixed plan measured it ({"4": e, "8": e}).
-_ERRORS = {"type": "object", "additionalProperties": {"type": "number", "minimum": 0},
-           "propertyNames": {"enum": ["4", "8"]}}
-_LAYER = {"type": "object", "required": ["node"],
-          "properties": {"node": {"type": "string"}, "bits": {"enum": [4, 8]},
-                         "algorithm": {"enum": ["rtn", "hqq", "k_quant", "gptq"]}, "error": _ERRORS,
-                         "quantized": {"type": "string"}, "kept": {"type": "string"}}}
-_QUANT_GRAPH = {"type": "object", "required": ["layers"],
-                "properties": {"plan": {"type": "object", "additionalProperties": {"enum": [4, 8, None]}},
-                               "layers": {"type": "array", "items": _LAYER}}}
+_ERRORS = {
+    "type": "object",
+    "additionalProperties": {"type": "number", "minimum": 0},
+    "propertyNames": {"enum": ["4", "8"]},
+}
+_LAYER = {
+    "type": "object",
+    "required": ["node"],
+    "properties": {
+        "node": {"type": "string"},
+        "bits": {"enum": [4, 8]},
+        "algorithm": {"enum": ["rtn", "hqq", "k_quant", "gptq"]},
+        "error": _ERRORS,
+        "quantized": {"type": "string"},
+        "kept": {"type": "string"},
+    },
+}
+_QUANT_GRAPH = {
+    "type": "object",
+    "required": ["layers"],
+    "properties": {
+        "plan": {"type": "object", "additionalProperties": {"enum": [4, 8, None]}},
+        "layers": {"type": "array", "items": _LAYER},
+    },
+}
 _QUANTIZATION = {
-    "type": "object", "required": ["bits", "form", "graphs"],
-    "properties": {"bits": {"enum": [4, 8]}, "form": {"enum": ["nbits", "dq"]},
-                   "algorithm": {"enum": ["rtn", "hqq", "k_quant", "gptq"]}, "mixed": {"type": "boolean"},
-                   "max_error": {"type": ["number", "null"], "exclusiveMinimum": 0},
-                   "calibration": {"type": "object", "required": ["source", "tokens"],
-                                   # source "chain": the hop's adapter outputs on text (export-model --calibration-chain)
-                                   "properties": {"source": {"type": "string"}, "tokens": _POS_INT,
-                                                  "chain": {"type": "string"}, "hop": _POS_INT,
-                                                  "upstream_model": {"type": "string"}, "adapter": {"type": "string"},
-                                                  "adapter_sha256": {"type": "string"}, "text": {"type": "string"}}},
-                   "graphs": {"type": "object", "additionalProperties": _QUANT_GRAPH}},
+    "type": "object",
+    "required": ["bits", "form", "graphs"],
+    "properties": {
+        "bits": {"enum": [4, 8]},
+        "form": {"enum": ["nbits", "dq"]},
+        "algorithm": {"enum": ["rtn", "hqq", "k_quant", "gptq"]},
+        "mixed": {"type": "boolean"},
+        "max_error": {"type": ["number", "null"], "exclusiveMinimum": 0},
+        "calibration": {
+            "type": "object",
+            "required": ["source", "tokens"],
+            # source "chain": the hop's adapter outputs on text (export-model --calibration-chain)
+            "properties": {
+                "source": {"type": "string"},
+                "tokens": _POS_INT,
+                "chain": {"type": "string"},
+                "hop": _POS_INT,
+                "upstream_model": {"type": "string"},
+                "adapter": {"type": "string"},
+                "adapter_sha256": {"type": "string"},
+                "text": {"type": "string"},
+            },
+        },
+        "graphs": {"type": "object", "additionalProperties": _QUANT_GRAPH},
+    },
 }
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -111,8 +149,11 @@ SCHEMA: dict[str, Any] = {
         "role": {"enum": [*ROLES, *ROLE_ALIASES]},
         "precision": {"enum": list(MODEL_PRECISIONS)},
         "max_seq": {"type": "integer", "minimum": 2},
-        "dims": {"type": "object", "required": ["hidden", "vocab", "layers", "kv_heads", "head_dim"],
-                 "properties": {k: _POS_INT for k in ("hidden", "vocab", "layers", "kv_heads", "head_dim")}},
+        "dims": {
+            "type": "object",
+            "required": ["hidden", "vocab", "layers", "kv_heads", "head_dim"],
+            "properties": {k: _POS_INT for k in ("hidden", "vocab", "layers", "kv_heads", "head_dim")},
+        },
         "files": {"type": "object", "required": ["graph"], "additionalProperties": _FILE},
         "eos_token_id": {"type": ["integer", "null"], "minimum": 0},
         "graph_form": {"enum": list(GRAPH_FORMS)},
@@ -131,8 +172,11 @@ def io_description(role: str, layers: int) -> dict[str, Any]:
     description: dict[str, Any] = {"inputs": _named(inputs), "outputs": _named(outputs)}
     if role == "last":
         with_past = decode_io(layers)
-        description["with_past"] = {"inputs": _named(with_past[0]), "outputs": _named(with_past[1]),
-                                    "optional_inputs": {LOGITS_START: [1]}}
+        description["with_past"] = {
+            "inputs": _named(with_past[0]),
+            "outputs": _named(with_past[1]),
+            "optional_inputs": {LOGITS_START: [1]},
+        }
     return description
 
 
@@ -143,13 +187,25 @@ def graph_form(manifest: dict[str, Any]) -> str:
 
 def ort_form_io(role: str, layers: int) -> dict[str, Any]:
     """Inputs and outputs of the ``ort`` form's one graph per role (ONNX Runtime GenAI's names)."""
-    inputs: dict[str, Any] = {"input_ids": ["batch", "seq"]} if role == "first" else {"inputs_embeds": ["batch", "seq", "hidden"]}
-    inputs.update({"attention_mask": ["batch", "total_seq"],
-                   **{n: ["batch", "kv_heads", "past_seq", "head_dim"] for n in past_names(layers)}})
+    inputs: dict[str, Any] = (
+        {"input_ids": ["batch", "seq"]} if role == "first" else {"inputs_embeds": ["batch", "seq", "hidden"]}
+    )
+    inputs.update(
+        {
+            "attention_mask": ["batch", "total_seq"],
+            **{n: ["batch", "kv_heads", "past_seq", "head_dim"] for n in past_names(layers)},
+        }
+    )
     out = {OUTPUT_ORT_FORM[role]: ["batch", "seq", "vocab" if role == "last" else "hidden"]}
     optional = {"optional_inputs": {LOGITS_START: [1]}} if role == "last" else {}
-    return {"inputs": inputs, "outputs": {**out, **{n: ["batch", "kv_heads", "total_seq", "head_dim"]
-                                                     for n in past_names(layers, "present")}}, **optional}
+    return {
+        "inputs": inputs,
+        "outputs": {
+            **out,
+            **{n: ["batch", "kv_heads", "total_seq", "head_dim"] for n in past_names(layers, "present")},
+        },
+        **optional,
+    }
 
 
 def right_padding_shifts(attention_mask: Any) -> Any:
@@ -182,14 +238,15 @@ def validate_model_json(manifest: Any, where: str) -> dict[str, Any]:
     except jsonschema.ValidationError as exc:
         field = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
         if exc.validator == "pattern" and field.endswith(".name"):
-            raise PrismInputError(f"{where}: {field}: {exc.instance!r} is not a plain file name inside the folder "
-                                  "(no folder, no '..', not absolute)") from None
+            raise PrismInputError(
+                f"{where}: {field}: {exc.instance!r} is not a plain file name inside the folder "
+                "(no folder, no '..', not absolute)"
+            ) from None
         raise PrismInputError(f"{where}: {field}: {brief(exc.message)}") from None
     manifest = dict(manifest)
     manifest["role"] = ROLE_ALIASES.get(manifest["role"], manifest["role"])
     graphs = GRAPHS_BY_FORM[graph_form(manifest)][manifest["role"]]
-    missing = [g for g in (*graphs, *(TABLES if manifest["role"] == "last" else ()))
-               if g not in manifest["files"]]
+    missing = [g for g in (*graphs, *(TABLES if manifest["role"] == "last" else ())) if g not in manifest["files"]]
     if missing:
         raise PrismInputError(f"{where}: files: role {manifest['role']!r} needs {', '.join(missing)}")
     return manifest
@@ -230,8 +287,9 @@ def verify_files(model_dir: str | os.PathLike[str], manifest: dict[str, Any]) ->
         if not path.is_file():
             raise PrismInputError(f"{path}: missing ({MODEL_JSON} lists it as {key!r})")
         if file_sha256(path) != record["sha256"]:
-            raise PrismInputError(f"{path}: sha256 differs from {MODEL_JSON} (changed after the export; "
-                                  "export the model again)")
+            raise PrismInputError(
+                f"{path}: sha256 differs from {MODEL_JSON} (changed after the export; export the model again)"
+            )
 
 
 def not_an_adapter(path: str | os.PathLike[str]) -> str | None:
@@ -239,15 +297,18 @@ def not_an_adapter(path: str | os.PathLike[str]) -> str | None:
     export or build folder); None when it is none of those."""
     p = Path(path)
     if p.is_dir() and (p / MODEL_JSON).is_file():
-        return ("a model folder (export-model or build --model), where an adapter belongs: give an adapter "
-                ".safetensors, .onnx or build folder")
+        return (
+            "a model folder (export-model or build --model), where an adapter belongs: give an adapter "
+            ".safetensors, .onnx or build folder"
+        )
     return None
 
 
 def is_own_trace(path: Path) -> bool:
     """A scratch folder export-model made (its name and its mark), left by a killed export."""
-    return (path.name.startswith(TRACE_PREFIX) and not path.is_symlink() and path.is_dir()
-            and (path / TRACE_MARK).is_file())
+    return (
+        path.name.startswith(TRACE_PREFIX) and not path.is_symlink() and path.is_dir() and (path / TRACE_MARK).is_file()
+    )
 
 
 def check_export_folder(model_dir: str | os.PathLike[str], force: bool = False) -> None:
@@ -265,10 +326,15 @@ def check_export_folder(model_dir: str | os.PathLike[str], force: bool = False) 
             listed = {MODEL_JSON, *(r["name"] for r in read_model_json(folder)["files"].values())}
         except PrismInputError:
             listed = set()
-    foreign = sorted(n for n in names - listed if n != LOCK_NAME and not (n.startswith(".") and n.endswith(".tmp"))
-                     and not is_own_trace(folder / n))
+    foreign = sorted(
+        n
+        for n in names - listed
+        if n != LOCK_NAME and not (n.startswith(".") and n.endswith(".tmp")) and not is_own_trace(folder / n)
+    )
     if foreign and not force:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise PrismInputError(f"-o {model_dir}: holds files export-model did not write ({shown}); export into a "
-                              "new or empty folder, or pass --force (they are kept; files of the same names "
-                              "as the export's are replaced)")
+        raise PrismInputError(
+            f"-o {model_dir}: holds files export-model did not write ({shown}); export into a "
+            "new or empty folder, or pass --force (they are kept; files of the same names "
+            "as the export's are replaced)"
+        )

@@ -45,8 +45,10 @@ _HIDDEN = StageTensor("hidden", "float32", ("batch", "seq", "hidden"))
 # needs onnx, which the serving backend's environment may lack).
 STAGE_IO: dict[str, tuple[tuple[StageTensor, ...], tuple[StageTensor, ...]]] = {
     "first": ((_IDS, _MASK), (_HIDDEN,)),
-    "adapter": ((StageTensor("hidden", "float32", ("batch", "seq", "in_dim")),),
-                (StageTensor("adapted", "float32", ("batch", "seq", "out_dim")),)),
+    "adapter": (
+        (StageTensor("hidden", "float32", ("batch", "seq", "in_dim")),),
+        (StageTensor("adapted", "float32", ("batch", "seq", "out_dim")),),
+    ),
     "middle": ((_EMBEDS, _MASK), (_HIDDEN,)),
     "last": ((_EMBEDS, _MASK), (StageTensor("logits", "float32", ("batch", "seq", "vocab")),)),
 }
@@ -72,7 +74,10 @@ def decode_io(layers: int) -> tuple[tuple[StageTensor, ...], tuple[StageTensor, 
     mask over past + new positions and the past cache -> logits and the grown cache."""
     kv_in = ("batch", "kv_heads", "past_seq", "head_dim")
     kv_out = ("batch", "kv_heads", "total_seq", "head_dim")
-    inputs = (_EMBEDS, StageTensor("attention_mask", "int64", ("batch", "total_seq")),
-              *(StageTensor(n, "float32", kv_in) for n in past_names(layers)))
+    inputs = (
+        _EMBEDS,
+        StageTensor("attention_mask", "int64", ("batch", "total_seq")),
+        *(StageTensor(n, "float32", kv_in) for n in past_names(layers)),
+    )
     outputs = (STAGE_IO["last"][1][0], *(StageTensor(n, "float32", kv_out) for n in past_names(layers, "present")))
     return inputs, outputs

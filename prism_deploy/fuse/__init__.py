@@ -12,5 +12,13 @@ from prism_deploy.fuse.gated_pipes import (
     lowering_metadata,
 )
 
-__all__ = ["DOMAIN", "FUSION_KEY", "OP_TYPE", "export_fused", "fuse_gated_pipes", "fuse_onnx_file", "is_fused",
-           "lowering_metadata"]
+__all__ = [
+    "DOMAIN",
+    "FUSION_KEY",
+    "OP_TYPE",
+    "export_fused",
+    "fuse_gated_pipes",
+    "fuse_onnx_file",
+    "is_fused",
+    "lowering_metadata",
+]

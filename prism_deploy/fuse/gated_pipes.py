@@ -60,8 +60,10 @@ def fuse_gated_pipes(model: onnx.ModelProto) -> onnx.ModelProto:
 
     meta = lowering_metadata(model)
     if is_fused(model):
-        raise PrismInputError(f"fuse: the model is already fused (it has {DOMAIN}::{OP_TYPE} nodes): "
-                              "fuse the graph prism-deploy export wrote")
+        raise PrismInputError(
+            f"fuse: the model is already fused (it has {DOMAIN}::{OP_TYPE} nodes): "
+            "fuse the graph prism-deploy export wrote"
+        )
     if meta["precision"].quantizes_activations:  # a Precision: read_metadata parsed it
         raise PrismInputError(
             "fuse: precision int8-qdq is not supported by the tile_dispatch plugin: it quantizes activations "
@@ -109,14 +111,19 @@ def fuse_gated_pipes(model: onnx.ModelProto) -> onnx.ModelProto:
             init.dims.extend(reshaped[init.name])
     onnx.helper.set_model_props(
         result,
-        {**{p.key: p.value for p in model.metadata_props},
-         FUSION_KEY: json.dumps({"version": FUSION_VERSION, "op": f"{DOMAIN}::{OP_TYPE}", "pipes": fused}, sort_keys=True)},
+        {
+            **{p.key: p.value for p in model.metadata_props},
+            FUSION_KEY: json.dumps(
+                {"version": FUSION_VERSION, "op": f"{DOMAIN}::{OP_TYPE}", "pipes": fused}, sort_keys=True
+            ),
+        },
     )
     return result
 
 
-def _fuse_one(graph: Any, tensors: dict[str, Any], meta: dict[str, Any], pipe: dict[str, Any],
-              reshaped: dict[str, list[int]]) -> dict[str, Any]:
+def _fuse_one(
+    graph: Any, tensors: dict[str, Any], meta: dict[str, Any], pipe: dict[str, Any], reshaped: dict[str, list[int]]
+) -> dict[str, Any]:
     import onnx_graphsurgeon as gs
 
     where = f"gated pipe {pipe['index']} ({pipe['name']})"
@@ -153,16 +160,33 @@ def _fuse_one(graph: Any, tensors: dict[str, Any], meta: dict[str, Any], pipe: d
     reshaped[tiles.name] = [W, tr, tc]
 
     attrs = {
-        "R": R, "C": C, "tr": tr, "tc": tc, "top_k": int(pipe["top_k"]),
-        "gate_scale": float(pipe["gate_scale"]), "out_dim": int(meta["out_dim"]),
-        "plugin_namespace": DOMAIN, "aot": 1,
+        "R": R,
+        "C": C,
+        "tr": tr,
+        "tc": tc,
+        "top_k": int(pipe["top_k"]),
+        "gate_scale": float(pipe["gate_scale"]),
+        "out_dim": int(meta["out_dim"]),
+        "plugin_namespace": DOMAIN,
+        "aot": 1,
     }
     output.inputs.clear()  # detach the masked subgraph; cleanup() drops what no longer feeds anything
-    node = gs.Node(op=OP_TYPE, name=f"{pipe['node_prefix']}tile_dispatch", domain=DOMAIN, attrs=attrs,
-                   inputs=[hidden, scores, tiles, scales], outputs=[output])
+    node = gs.Node(
+        op=OP_TYPE,
+        name=f"{pipe['node_prefix']}tile_dispatch",
+        domain=DOMAIN,
+        attrs=attrs,
+        inputs=[hidden, scores, tiles, scales],
+        outputs=[output],
+    )
     graph.nodes.append(node)
-    return {"index": pipe["index"], "name": pipe["name"], "node": node.name, "tile_dtype": tile_dtype.name,
-            "attributes": {k: attrs[k] for k in ("R", "C", "tr", "tc", "top_k", "gate_scale", "out_dim")}}
+    return {
+        "index": pipe["index"],
+        "name": pipe["name"],
+        "node": node.name,
+        "tile_dtype": tile_dtype.name,
+        "attributes": {k: attrs[k] for k in ("R", "C", "tr", "tc", "top_k", "gate_scale", "out_dim")},
+    }
 
 
 def _restore_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
@@ -202,12 +226,15 @@ def fuse_onnx_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
     info = json.loads(next((p.value for p in fused.metadata_props if p.key == FUSION_KEY), '{"pipes": []}'))
     nodes_after = len(fused.graph.node)
     written = save_model(fused, dst)
-    return {"paths": [str(p) for p in written], "nodes_before": nodes_before, "nodes_after": nodes_after,
-            "fused_pipes": info["pipes"]}
+    return {
+        "paths": [str(p) for p in written],
+        "nodes_before": nodes_before,
+        "nodes_after": nodes_after,
+        "fused_pipes": info["pipes"],
+    }
 
 
-def export_fused(adapter: Any, path: str | os.PathLike[str], *, progress: bool = False,
-                 **export_options: Any) -> Any:
+def export_fused(adapter: Any, path: str | os.PathLike[str], *, progress: bool = False, **export_options: Any) -> Any:
     """``prism-deploy export --plugin`` as a function: lower (``prism_deploy.lower.build_model``),
     fuse, save atomically. ``export_options`` are build_model's (precision, io_dtype, calib, ...);
     ``progress`` shows a tqdm bar on stderr when it is a terminal. Returns the lowering's
@@ -218,22 +245,28 @@ def export_fused(adapter: Any, path: str | os.PathLike[str], *, progress: bool =
 
     from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
 
-    from prism_deploy.lower import DEFAULT_GATED_FORM, ExportResult, build_model
     from prism_deploy.core.onnx_io import save_model
-
     from prism_deploy.format import adapter_arrays
+    from prism_deploy.lower import DEFAULT_GATED_FORM, ExportResult, build_model
 
     adapter = adapter_arrays(adapter)
-    with tqdm(total=adapter.config.num_pipes + 2, desc="export --plugin", unit="step",
-              disable=None if progress else True, file=sys.stderr, leave=False) as bar:
+    with tqdm(
+        total=adapter.config.num_pipes + 2,
+        desc="export --plugin",
+        unit="step",
+        disable=None if progress else True,
+        file=sys.stderr,
+        leave=False,
+    ) as bar:
         model = build_model(adapter, _on_pipe=bar.update, **export_options)
         bar.set_postfix_str("fusing")
         fused = fuse_gated_pipes(model)
         del model
         bar.update(1)
         metadata = read_metadata(fused)
-        metadata["fused"] = json.loads(next((p.value for p in fused.metadata_props if p.key == FUSION_KEY),
-                                            '{"pipes": []}'))["pipes"]
+        metadata["fused"] = json.loads(
+            next((p.value for p in fused.metadata_props if p.key == FUSION_KEY), '{"pipes": []}')
+        )["pipes"]
         node_count = len(fused.graph.node)
         bar.set_postfix_str("saving")
         written = save_model(fused, path)

@@ -45,24 +45,35 @@ def register_twin() -> str:
         f = PyCustomOpDef.dt_float
         i = PyCustomOpDef.dt_int64
 
-        @onnx_op(op_type=f"{DOMAIN}::{OP_TYPE}", inputs=[f, f, f, f], outputs=[f],
-                 attrs={"R": i, "C": i, "tr": i, "tc": i, "top_k": i, "gate_scale": f, "out_dim": i})
-        def _tile_dispatch_twin(hidden: np.ndarray, scores: np.ndarray, tiles: np.ndarray, scales: np.ndarray,
-                                **attrs: Any) -> np.ndarray:
+        @onnx_op(
+            op_type=f"{DOMAIN}::{OP_TYPE}",
+            inputs=[f, f, f, f],
+            outputs=[f],
+            attrs={"R": i, "C": i, "tr": i, "tc": i, "top_k": i, "gate_scale": f, "out_dim": i},
+        )
+        def _tile_dispatch_twin(
+            hidden: np.ndarray, scores: np.ndarray, tiles: np.ndarray, scales: np.ndarray, **attrs: Any
+        ) -> np.ndarray:
             return tile_dispatch_twin(hidden, scores, tiles, scales, **attrs)
 
-        @onnx_op(op_type=f"{DOMAIN}::{TWIN_OP_TYPES['host']}", inputs=[f, f, f, f], outputs=[f],
-                 attrs={"R": i, "C": i, "tr": i, "tc": i, "top_k": i, "gate_scale": f, "out_dim": i})
-        def _tile_dispatch_host(hidden: np.ndarray, scores: np.ndarray, tiles: np.ndarray, scales: np.ndarray,
-                                **attrs: Any) -> np.ndarray:
+        @onnx_op(
+            op_type=f"{DOMAIN}::{TWIN_OP_TYPES['host']}",
+            inputs=[f, f, f, f],
+            outputs=[f],
+            attrs={"R": i, "C": i, "tr": i, "tc": i, "top_k": i, "gate_scale": f, "out_dim": i},
+        )
+        def _tile_dispatch_host(
+            hidden: np.ndarray, scores: np.ndarray, tiles: np.ndarray, scales: np.ndarray, **attrs: Any
+        ) -> np.ndarray:
             return tile_dispatch_host_twin(hidden, scores, tiles, scales, **attrs)
 
         _registered = True
     return str(get_library_path())
 
 
-def tile_dispatch_twin(hidden: np.ndarray, scores: np.ndarray, tiles: np.ndarray, scales: np.ndarray,
-                       **attrs: Any) -> np.ndarray:
+def tile_dispatch_twin(
+    hidden: np.ndarray, scores: np.ndarray, tiles: np.ndarray, scales: np.ndarray, **attrs: Any
+) -> np.ndarray:
     R, C, tr, tc = (int(attrs[k]) for k in ("R", "C", "tr", "tc"))
     W = R * C
     t = np.asarray(tiles, dtype=np.float32).reshape(W, tr, tc)
@@ -72,13 +83,23 @@ def tile_dispatch_twin(hidden: np.ndarray, scores: np.ndarray, tiles: np.ndarray
     elif s.size != 1:
         raise ValueError(f"tile_dispatch: scales has {s.size} elements, expected 1 or R*C*tr={W * tr}")
     return tile_dispatch(
-        hidden, scores, t, None, R=R, C=C, tr=tr, tc=tc, top_k=int(attrs["top_k"]),
-        gate_scale=float(attrs["gate_scale"]), out_dim=int(attrs["out_dim"]),
+        hidden,
+        scores,
+        t,
+        None,
+        R=R,
+        C=C,
+        tr=tr,
+        tc=tc,
+        top_k=int(attrs["top_k"]),
+        gate_scale=float(attrs["gate_scale"]),
+        out_dim=int(attrs["out_dim"]),
     )
 
 
-def tile_dispatch_host_twin(hidden: np.ndarray, scores: np.ndarray, tiles: np.ndarray, scales: np.ndarray,
-                            **attrs: Any) -> np.ndarray:
+def tile_dispatch_host_twin(
+    hidden: np.ndarray, scores: np.ndarray, tiles: np.ndarray, scales: np.ndarray, **attrs: Any
+) -> np.ndarray:
     """The op computed by the kernel's CUDA source on the CPU (see the module docstring)."""
     from prism_deploy.kernel.host import run_on_host
     from prism_deploy.kernel.spec import TileDispatchSpec
@@ -87,8 +108,17 @@ def tile_dispatch_host_twin(hidden: np.ndarray, scores: np.ndarray, tiles: np.nd
     W = R * C
     s = np.asarray(scales, dtype=np.float32)
     int8 = s.size == W * tr and s.size != 1
-    spec = TileDispatchSpec(R, C, tr, tc, int(attrs["top_k"]), float(attrs["gate_scale"]), int(attrs["out_dim"]),
-                            "float32", "int8" if int8 else "float32")
+    spec = TileDispatchSpec(
+        R,
+        C,
+        tr,
+        tc,
+        int(attrs["top_k"]),
+        float(attrs["gate_scale"]),
+        int(attrs["out_dim"]),
+        "float32",
+        "int8" if int8 else "float32",
+    )
     t = np.asarray(tiles, dtype=np.float32).reshape(W, tr, tc)
     if int8:
         t = t.astype(np.int8)  # integers in float32: exact both ways
@@ -106,8 +136,10 @@ def twin_model(model: onnx.ModelProto, kernel: str = "semantics") -> onnx.ModelP
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inferred = onnx.shape_inference.infer_shapes(out)
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    }
     types.update({t.name: t.data_type for t in out.graph.initializer})
     nodes = []
     for node in out.graph.node:
@@ -140,8 +172,13 @@ def _original_input_type(model: onnx.ModelProto, types: dict[str, int], node: on
     return TensorProto.FLOAT
 
 
-def make_twin_session(model: onnx.ModelProto, intra_op_threads: int | None = None, *,
-                      kernel: str = "semantics", session_config: dict[str, str] | None = None) -> Any:
+def make_twin_session(
+    model: onnx.ModelProto,
+    intra_op_threads: int | None = None,
+    *,
+    kernel: str = "semantics",
+    session_config: dict[str, str] | None = None,
+) -> Any:
     """An ONNX Runtime CPU session running a fused model with the twin op (``kernel``: see
     ``twin_model``)."""
     from prism_deploy.core.ort_session import make_session
@@ -149,8 +186,13 @@ def make_twin_session(model: onnx.ModelProto, intra_op_threads: int | None = Non
     library = register_twin()
     if kernel == "host":
         _build_host_runners(model)
-    return make_session(twin_model(model, kernel).SerializeToString(), "cpu", custom_ops_library=library,
-                        intra_op_threads=intra_op_threads, session_config=session_config)
+    return make_session(
+        twin_model(model, kernel).SerializeToString(),
+        "cpu",
+        custom_ops_library=library,
+        intra_op_threads=intra_op_threads,
+        session_config=session_config,
+    )
 
 
 def _build_host_runners(model: onnx.ModelProto) -> None:
@@ -165,6 +207,16 @@ def _build_host_runners(model: onnx.ModelProto) -> None:
         if node.op_type != OP_TYPE or node.domain != DOMAIN:
             continue
         a = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
-        build_host_runner(TileDispatchSpec(int(a["R"]), int(a["C"]), int(a["tr"]), int(a["tc"]), int(a["top_k"]),
-                                           float(a["gate_scale"]), int(a["out_dim"]), "float32",
-                                           "int8" if node.input[2] in int8 else "float32"))
+        build_host_runner(
+            TileDispatchSpec(
+                int(a["R"]),
+                int(a["C"]),
+                int(a["tr"]),
+                int(a["tc"]),
+                int(a["top_k"]),
+                float(a["gate_scale"]),
+                int(a["out_dim"]),
+                "float32",
+                "int8" if node.input[2] in int8 else "float32",
+            )
+        )

@@ -61,7 +61,11 @@ def build_host_runner(spec: TileDispatchSpec, *, use_cache: bool = True) -> Path
     sources = host_sources()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     h = hashlib.sha256()
-    for part in [*(p.read_bytes() for p in sources), *(s.encode() for s in spec.defines()), *(v.encode() for v in version)]:
+    for part in [
+        *(p.read_bytes() for p in sources),
+        *(s.encode() for s in spec.defines()),
+        *(v.encode() for v in version),
+    ]:
         h.update(hashlib.sha256(part).digest())
     exe = cache_dir() / f"tile_dispatch-host-{h.hexdigest()[:24]}"
     if use_cache and exe.is_file() and os.access(exe, os.X_OK):  # a copy without its x bit is rebuilt
@@ -97,8 +101,17 @@ def run_on_host(
     overruns, ``"start"`` underruns). ``unread_workers``: workers whose tiles must not be
     touched (needs ``guard="start"`` and tiles of whole pages); touching one is a HostRunError.
     """
-    out, _ = _run(spec, hidden, scores, tiles, scales, guard=guard, unread_workers=unread_workers,
-                  count_reads=False, timeout=timeout)
+    out, _ = _run(
+        spec,
+        hidden,
+        scores,
+        tiles,
+        scales,
+        guard=guard,
+        unread_workers=unread_workers,
+        count_reads=False,
+        timeout=timeout,
+    )
     return out
 
 
@@ -119,8 +132,9 @@ def count_tile_reads(
     row_bytes = spec.tc * np.dtype(spec.tile_dtype).itemsize
     if row_bytes % 16:
         raise PrismInputError(f"count_tile_reads needs tile rows of whole 16-byte pieces, got {row_bytes} bytes")
-    out, reads = _run(spec, hidden, scores, tiles, scales, guard="end", unread_workers=(), count_reads=True,
-                      timeout=timeout)
+    out, reads = _run(
+        spec, hidden, scores, tiles, scales, guard="end", unread_workers=(), count_reads=True, timeout=timeout
+    )
     assert reads is not None
     return out, reads.reshape(spec.workers, spec.tr, row_bytes // 16)
 
@@ -152,8 +166,17 @@ def _run(
         if count_reads:
             Path(d, "count_reads").touch()
         # at least one token chunk, as the TensorRT plugin launches it (T = 0 included)
-        argv = [str(exe), str(cfg.grid_x), str(max(cfg.grid_y, 1)), str(cfg.block_x), str(cfg.shared_mem),
-                str(T), str(in_dim), guard, d]
+        argv = [
+            str(exe),
+            str(cfg.grid_x),
+            str(max(cfg.grid_y, 1)),
+            str(cfg.block_x),
+            str(cfg.shared_mem),
+            str(T),
+            str(in_dim),
+            guard,
+            d,
+        ]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise HostRunError(_describe_failure(done.returncode, done.stderr))
@@ -182,11 +205,16 @@ def _checked_inputs(
         raise PrismInputError(f"scores must be [{T}, {spec.workers}] float32, got {scores.dtype} {scores.shape}")
     if tiles.shape != (spec.workers, spec.tr, spec.tc) or tiles.dtype != np.dtype(spec.tile_dtype):
         raise PrismInputError(
-            f"tiles must be [{spec.workers}, {spec.tr}, {spec.tc}] {spec.tile_dtype}, got {tiles.dtype} {tiles.shape}")
+            f"tiles must be [{spec.workers}, {spec.tr}, {spec.tc}] {spec.tile_dtype}, got {tiles.dtype} {tiles.shape}"
+        )
     if spec.tile_dtype == "int8":
         if scales is None or scales.shape != (spec.workers, spec.tr) or scales.dtype != np.float32:
             raise PrismInputError(f"int8 tiles need scales [{spec.workers}, {spec.tr}] float32")
     elif scales is None:
         scales = np.ones(1, np.float32)
-    return (np.ascontiguousarray(hidden), np.ascontiguousarray(scores), np.ascontiguousarray(tiles),
-            np.ascontiguousarray(scales, dtype=np.float32))
+    return (
+        np.ascontiguousarray(hidden),
+        np.ascontiguousarray(scores),
+        np.ascontiguousarray(tiles),
+        np.ascontiguousarray(scales, dtype=np.float32),
+    )

@@ -79,8 +79,12 @@ def device_arch(device: int = 0) -> str:
     _check(init, "cuInit")
     dev = _check(driver.cuDeviceGet(device), "cuDeviceGet")
     attr = driver.CUdevice_attribute
-    major = _check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute")
-    minor = _check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute")
+    major = _check(
+        driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute"
+    )
+    minor = _check(
+        driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute"
+    )
     return f"compute_{major}{minor}"
 
 
@@ -105,7 +109,9 @@ class TileDispatchLauncher:
         # NUL-terminated PTX in a buffer that outlives the call, passed by address
         self._image = np.frombuffer(self.kernel.ptx.rstrip(b"\0") + b"\0", dtype=np.uint8).copy()
         self._module = _check(driver.cuModuleLoadData(self._image.ctypes.data), "cuModuleLoadData")
-        self._function = _check(driver.cuModuleGetFunction(self._module, self.kernel.name.encode()), "cuModuleGetFunction")
+        self._function = _check(
+            driver.cuModuleGetFunction(self._module, self.kernel.name.encode()), "cuModuleGetFunction"
+        )
 
     def __call__(self, hidden: Any, scores: Any, tiles: Any, scales: Any, out: Any, stream: int = 0) -> None:
         """Launch on ``stream`` (a raw ``cudaStream_t`` as int; 0 = legacy default stream)."""
@@ -118,12 +124,16 @@ class TileDispatchLauncher:
         q = DeviceArray.of(scales, "scales")
         o = DeviceArray.of(out, "out")
         if len(h.shape) != 2 or h.dtype != spec.hidden_dtype:
-            raise PrismInputError(f"tile_dispatch: hidden must be [T, in_dim] {spec.hidden_dtype}, got {h.shape} {h.dtype}")
+            raise PrismInputError(
+                f"tile_dispatch: hidden must be [T, in_dim] {spec.hidden_dtype}, got {h.shape} {h.dtype}"
+            )
         T, in_dim = h.shape
         if in_dim > spec.padded_in:
             raise PrismInputError(f"tile_dispatch: hidden has in_dim={in_dim} > C*tc={spec.padded_in}")
         if s.shape != (T, spec.workers) or s.dtype != "float32":
-            raise PrismInputError(f"tile_dispatch: scores must be [{T}, {spec.workers}] float32, got {s.shape} {s.dtype}")
+            raise PrismInputError(
+                f"tile_dispatch: scores must be [{T}, {spec.workers}] float32, got {s.shape} {s.dtype}"
+            )
         if t.dtype != spec.tile_dtype or _numel(t.shape) != spec.workers * spec.tr * spec.tc:
             raise PrismInputError(f"tile_dispatch: tiles must hold R*C*tr*tc {spec.tile_dtype} elements")
         if spec.tile_dtype == "int8" and (_numel(q.shape) != spec.workers * spec.tr or q.dtype != "float32"):
@@ -137,11 +147,28 @@ class TileDispatchLauncher:
             return
         cfg = launch_config(spec, T)
         args = (h.ptr, s.ptr, t.ptr, q.ptr, T, in_dim, o.ptr)
-        types = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+        types = (
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        )
         _check(
             driver.cuLaunchKernel(
-                self._function, cfg.grid_x, cfg.grid_y, 1, cfg.block_x, 1, 1, cfg.shared_mem,
-                driver.CUstream(stream), (args, types), 0,
+                self._function,
+                cfg.grid_x,
+                cfg.grid_y,
+                1,
+                cfg.block_x,
+                1,
+                1,
+                cfg.shared_mem,
+                driver.CUstream(stream),
+                (args, types),
+                0,
             ),
             "cuLaunchKernel",
         )
@@ -162,7 +189,11 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def tile_dispatch_torch(
-    hidden: Any, scores: Any, tiles: Any, scales: Any | None, spec: TileDispatchSpec,
+    hidden: Any,
+    scores: Any,
+    tiles: Any,
+    scales: Any | None,
+    spec: TileDispatchSpec,
     launcher: TileDispatchLauncher | None = None,
 ) -> Any:
     """Convenience for torch CUDA tensors: allocate the output and launch on torch's stream."""
@@ -172,8 +203,14 @@ def tile_dispatch_torch(
     out = torch.empty(hidden.shape[0], spec.out_dim, dtype=hidden.dtype, device=hidden.device)
     if scales is None:
         scales = torch.ones(1, dtype=torch.float32, device=hidden.device)
-    launcher(hidden.contiguous(), scores.contiguous(), tiles.contiguous(), scales.contiguous(), out,
-             stream=torch.cuda.current_stream(hidden.device).cuda_stream)
+    launcher(
+        hidden.contiguous(),
+        scores.contiguous(),
+        tiles.contiguous(),
+        scales.contiguous(),
+        out,
+        stream=torch.cuda.current_stream(hidden.device).cuda_stream,
+    )
     return out
 
 

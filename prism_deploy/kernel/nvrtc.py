@@ -164,8 +164,9 @@ class Resources:
     spill_load_bytes: int
 
 
-def ptxas_resources(spec: TileDispatchSpec, arch: str | int | tuple[int, int] = "sm_90",
-                    *, source: str | None = None) -> Resources:
+def ptxas_resources(
+    spec: TileDispatchSpec, arch: str | int | tuple[int, int] = "sm_90", *, source: str | None = None
+) -> Resources:
     """Registers, stack and spills of the kernel for ``spec`` on a real architecture (``sm_XX``).
 
     NVRTC compiles to a cubin with ptxas verbose, so this needs no GPU and no CUDA toolkit."""
@@ -183,8 +184,12 @@ def ptxas_resources(spec: TileDispatchSpec, arch: str | int | tuple[int, int] = 
 
 def _cache_key(text: str, arch: str, options: tuple[str, ...]) -> str:
     payload = json.dumps(
-        {"source": hashlib.sha256(text.encode()).hexdigest(), "arch": arch, "options": list(options),
-         "nvrtc": list(nvrtc_version())},
+        {
+            "source": hashlib.sha256(text.encode()).hexdigest(),
+            "arch": arch,
+            "options": list(options),
+            "nvrtc": list(nvrtc_version()),
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()

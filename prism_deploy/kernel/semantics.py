@@ -62,7 +62,9 @@ def tile_dispatch(
     t = np.asarray(tiles).reshape(R * C, tr, tc)
     if t.dtype == np.int8 and scales is None:
         raise ValueError("int8 tiles need scales of shape [R*C, tr]")
-    w = (dequantize_rows(t, scales) if scales is not None and t.dtype == np.int8 else t.astype(np.float32)).reshape(R, C, tr, tc)
+    w = (dequantize_rows(t, scales) if scales is not None and t.dtype == np.int8 else t.astype(np.float32)).reshape(
+        R, C, tr, tc
+    )
     # As the reference: scale each token's column blocks by the gate of the worker reading
     # them, then one product per row-block whose reduction runs over all C*tc columns.
     scaled = g[:, :, :, None] * xp[:, None, :, :]  # [T, R, C, tc]
@@ -71,8 +73,15 @@ def tile_dispatch(
 
 
 def random_inputs(
-    rng: np.random.Generator, T: int, in_dim: int, R: int, C: int, tr: int, tc: int,
-    tile_dtype: str, hidden_dtype: str = "float32",
+    rng: np.random.Generator,
+    T: int,
+    in_dim: int,
+    R: int,
+    C: int,
+    tr: int,
+    tc: int,
+    tile_dtype: str,
+    hidden_dtype: str = "float32",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Random ``(hidden, scores, tiles, scales)`` for the op, drawn in that order (tests, tools).
 

@@ -49,10 +49,14 @@ def kernel_source_path() -> Path:
     import sys
 
     root = os.environ.get("PRISM_DEPLOY_PLUGINS")
-    candidates = [Path(root)] if root else [
-        Path(__file__).resolve().parents[2] / "plugins",
-        Path(sys.prefix) / "share" / "prism-deploy" / "plugins",
-    ]
+    candidates = (
+        [Path(root)]
+        if root
+        else [
+            Path(__file__).resolve().parents[2] / "plugins",
+            Path(sys.prefix) / "share" / "prism-deploy" / "plugins",
+        ]
+    )
     for base in candidates:
         path = base / "tile_dispatch" / "tile_dispatch.cu"
         if path.is_file():
@@ -86,7 +90,9 @@ class TileDispatchSpec:
         if not math.isfinite(self.gate_scale):
             raise PrismInputError(f"tile_dispatch: gate_scale must be finite, got {self.gate_scale!r}")
         if self.hidden_dtype not in HIDDEN_DTYPES:
-            raise PrismInputError(f"tile_dispatch: hidden dtype {self.hidden_dtype!r} is not one of {sorted(HIDDEN_DTYPES)}")
+            raise PrismInputError(
+                f"tile_dispatch: hidden dtype {self.hidden_dtype!r} is not one of {sorted(HIDDEN_DTYPES)}"
+            )
         if self.tile_dtype not in TILE_DTYPES:
             raise PrismInputError(f"tile_dispatch: tile dtype {self.tile_dtype!r} is not one of {sorted(TILE_DTYPES)}")
         if shared_bytes(self.C, 32) > SMEM_LIMIT:
@@ -121,7 +127,9 @@ class TileDispatchSpec:
         """1, 2, 4 or 8: the largest that still leaves TARGET_BLOCKS row slabs (or 1)."""
         live_row_blocks = min(self.R, real_blocks(self.out_dim, self.tr))
         rpw = 1
-        while rpw < MAX_ROWS_PER_WARP and live_row_blocks * ceil_div(self.tr, WARPS_PER_BLOCK * rpw * 2) >= TARGET_BLOCKS:
+        while (
+            rpw < MAX_ROWS_PER_WARP and live_row_blocks * ceil_div(self.tr, WARPS_PER_BLOCK * rpw * 2) >= TARGET_BLOCKS
+        ):
             rpw *= 2
         return rpw
 
@@ -151,8 +159,13 @@ class TileDispatchSpec:
     def attributes(self) -> dict[str, Any]:
         """The ONNX node / plugin attributes (dtypes come from the tensors)."""
         return {
-            "R": self.R, "C": self.C, "tr": self.tr, "tc": self.tc,
-            "top_k": self.top_k, "gate_scale": float(self.gate_scale), "out_dim": self.out_dim,
+            "R": self.R,
+            "C": self.C,
+            "tr": self.tr,
+            "tc": self.tc,
+            "top_k": self.top_k,
+            "gate_scale": float(self.gate_scale),
+            "out_dim": self.out_dim,
         }
 
 

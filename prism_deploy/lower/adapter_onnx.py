@@ -111,8 +111,15 @@ def pipe_prefixes(names: list[str]) -> list[str]:
 class AdapterGraphBuilder:
     """Builds the graph for one adapter, precision and io dtype."""
 
-    def __init__(self, adapter: AdapterTensors, precision: Precision, io_dtype: str, gated_form: str,
-                 gate_dtype: str = "float32", ort_nbits: bool = False) -> None:
+    def __init__(
+        self,
+        adapter: AdapterTensors,
+        precision: Precision,
+        io_dtype: str,
+        gated_form: str,
+        gate_dtype: str = "float32",
+        ort_nbits: bool = False,
+    ) -> None:
         self.adapter = adapter
         self.config = adapter.config
         self.precision = precision
@@ -187,8 +194,10 @@ class AdapterGraphBuilder:
         model.opset_import.append(helper.make_opsetid("", OPSET))
         if any(p.get("nbits_weight") for p in self.pipe_meta):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-        model.doc_string = (f"PRISM adapter {cfg.in_dim} -> {cfg.out_dim}, {cfg.num_pipes} pipe(s), "
-                            f"precision {self.precision}, lowered by prism-deploy")
+        model.doc_string = (
+            f"PRISM adapter {cfg.in_dim} -> {cfg.out_dim}, {cfg.num_pipes} pipe(s), "
+            f"precision {self.precision}, lowered by prism-deploy"
+        )
         write_metadata(model, self.metadata())
         if not defer:
             g.materialize()
@@ -200,8 +209,7 @@ class AdapterGraphBuilder:
         runs: list[list[int]] = []
         for i, spec in enumerate(self.config.pipes):
             prev = runs[-1][-1] if runs else None
-            if (not self.int8 and not spec.gated and prev is not None
-                    and not self.config.pipes[prev].gated):
+            if not self.int8 and not spec.gated and prev is not None and not self.config.pipes[prev].gated:
                 runs[-1].append(i)
             else:
                 runs.append([i])
@@ -217,12 +225,20 @@ class AdapterGraphBuilder:
         # rows dies of SIGFPE (and int8's DynamicQuantizeLinear has no range to take), so the
         # graph computes on one row of zeros when there are none and keeps only the real rows
         # at the end (output/rows): for T > 0 the pad is zero rows and the slice keeps all.
-        self.rows = g.op("Slice", [g.op("Shape", [x2], "input/Shape2d"), g.ints("input/zero_", [0]),
-                                   g.ints("input/one", [1])], "input/rows")
-        empty = g.op("Cast", [g.op("Equal", [self.rows, g.ints("input/none", [0])], "input/Equal")],
-                     "input/empty", to=TensorProto.INT64)
-        pads = g.op("Concat", [g.ints("input/pads_begin", [0, 0]), empty, g.ints("input/pads_col", [0])],
-                    "input/pads", axis=0)
+        self.rows = g.op(
+            "Slice",
+            [g.op("Shape", [x2], "input/Shape2d"), g.ints("input/zero_", [0]), g.ints("input/one", [1])],
+            "input/rows",
+        )
+        empty = g.op(
+            "Cast",
+            [g.op("Equal", [self.rows, g.ints("input/none", [0])], "input/Equal")],
+            "input/empty",
+            to=TensorProto.INT64,
+        )
+        pads = g.op(
+            "Concat", [g.ints("input/pads_begin", [0, 0]), empty, g.ints("input/pads_col", [0])], "input/pads", axis=0
+        )
         x2 = g.op("Pad", [x2, pads], "input/Pad", outputs=[name])
         return x2, lead
 
@@ -245,11 +261,23 @@ class AdapterGraphBuilder:
     def _pipe_entry(self, i: int, **extra: Any) -> dict[str, Any]:
         spec = self.config.pipes[i]
         entry: dict[str, Any] = {
-            "index": i, "name": spec.name, "gated": spec.gated,
-            "R": spec.rows, "C": spec.cols, "tr": spec.tile_rows, "tc": spec.tile_cols,
-            "top_k": spec.top_k, "gate_scale": spec.gate_scale if spec.gated else None,
-            "scores": None, "output": None, "tiles": None, "scales": None,
-            "dense_weight": None, "folded_into": None, "form": None, "node_prefix": self.prefixes[i],
+            "index": i,
+            "name": spec.name,
+            "gated": spec.gated,
+            "R": spec.rows,
+            "C": spec.cols,
+            "tr": spec.tile_rows,
+            "tc": spec.tile_cols,
+            "top_k": spec.top_k,
+            "gate_scale": spec.gate_scale if spec.gated else None,
+            "scores": None,
+            "output": None,
+            "tiles": None,
+            "scales": None,
+            "dense_weight": None,
+            "folded_into": None,
+            "form": None,
+            "node_prefix": self.prefixes[i],
         }
         entry.update(extra)
         return entry
@@ -261,8 +289,11 @@ class AdapterGraphBuilder:
         time when it is written; the tiles themselves are only viewed."""
         spec, cfg = self.config.pipes[i], self.config
         tiles = self.adapter.tiles(i)
-        return DeferredTensor((cfg.in_dim, cfg.out_dim), np.dtype(dtype), lambda a, b: dense_rows(
-            tiles, spec.grid, spec.tile, a, b, crop=(cfg.out_dim, cfg.in_dim), dtype=dtype))
+        return DeferredTensor(
+            (cfg.in_dim, cfg.out_dim),
+            np.dtype(dtype),
+            lambda a, b: dense_rows(tiles, spec.grid, spec.tile, a, b, crop=(cfg.out_dim, cfg.in_dim), dtype=dtype),
+        )
 
     def _tiles_in_storage_order(self, i: int) -> tuple[str, str | None, str]:
         """The tile initializer in storage order -> (tiles name, scales name, compute-dtype
@@ -273,18 +304,25 @@ class AdapterGraphBuilder:
         W, (tr, tc) = spec.workers, spec.tile
         source, cd = self.adapter.tiles(i), self.cd
         if not self.int8:
-            tiles = g.initializer(f"{p}tiles", DeferredTensor(
-                (W, tr, tc), cd, lambda a, b: np.ascontiguousarray(source[a:b], dtype=cd)))
+            tiles = g.initializer(
+                f"{p}tiles", DeferredTensor((W, tr, tc), cd, lambda a, b: np.ascontiguousarray(source[a:b], dtype=cd))
+            )
             return tiles, None, tiles
         # quantize_rows, split: the scales (4 bytes per tile row) in one pass now, the int8
         # values a block of tile rows at a time when they are written
         rows = source.reshape(W * tr, tc)
         scales = row_scales(rows)
-        tiles = g.initializer(f"{p}tiles", DeferredTensor(
-            (W * tr, tc), np.dtype(np.int8), lambda a, b: quantize_with_scales(rows[a:b], scales[a:b])))
+        tiles = g.initializer(
+            f"{p}tiles",
+            DeferredTensor((W * tr, tc), np.dtype(np.int8), lambda a, b: quantize_with_scales(rows[a:b], scales[a:b])),
+        )
         scale_name = g.initializer(f"{p}tiles/scales", scales)
-        deq = g.op("DequantizeLinear", [tiles, scale_name, g.const(f"{p}tiles/zero_point", np.zeros(W * tr), np.int8)],
-                   f"{p}tiles/DequantizeLinear", axis=0)
+        deq = g.op(
+            "DequantizeLinear",
+            [tiles, scale_name, g.const(f"{p}tiles/zero_point", np.zeros(W * tr), np.int8)],
+            f"{p}tiles/DequantizeLinear",
+            axis=0,
+        )
         # DequantizeLinear's output type is the scale's (float32, per the metadata contract)
         deq = g.op("Cast", [deq], f"{p}tiles/Cast", to=self.cd_onnx)
         return tiles, scale_name, g.op("Reshape", [deq, g.ints(f"{p}tiles/shape", [W, tr, tc])], f"{p}tiles/Reshape")
@@ -329,8 +367,11 @@ class AdapterGraphBuilder:
         t4 = g.op("Reshape", [t3, g.ints(f"{p}weight/shape4", [R, C, tr, tc])], f"{p}weight/Reshape4")
         tt = g.op("Transpose", [t4], f"{p}weight/Transpose", perm=[1, 3, 0, 2])  # [C, tc, R, tr]
         dense = g.op("Reshape", [tt, g.ints(f"{p}weight/shape2", [C * tc, R * tr])], f"{p}weight/Reshape2")
-        w = g.op("Slice", [dense, g.ints(f"{p}weight/starts", [0, 0]),
-                           g.ints(f"{p}weight/ends", [cfg.in_dim, cfg.out_dim])], f"{p}weight/Slice")
+        w = g.op(
+            "Slice",
+            [dense, g.ints(f"{p}weight/starts", [0, 0]), g.ints(f"{p}weight/ends", [cfg.in_dim, cfg.out_dim])],
+            f"{p}weight/Slice",
+        )
         x = self._act_qdq(self.x_cd, f"{p}input/")
         out = g.op("MatMul", [x, w], f"{p}MatMul", outputs=[f"{p}output"])
         self.pipe_meta.append(self._pipe_entry(i, output=out, tiles=tiles, scales=scales))
@@ -355,15 +396,27 @@ class AdapterGraphBuilder:
         q = quantize_with_scales(rows, scales).reshape(R, C, tr, tc)
         n_blocks = real_blocks(cfg.in_dim, tc)
         # [R, C, tr, tc] -> [R, tr, C, tc] -> [R*tr, C, tc]: output row n, block c
-        packed = (q.transpose(0, 2, 1, 3).reshape(R * tr, C, tc)[:cfg.out_dim, :n_blocks].astype(np.int16) + 128)
+        packed = q.transpose(0, 2, 1, 3).reshape(R * tr, C, tc)[: cfg.out_dim, :n_blocks].astype(np.int16) + 128
         packed = packed.astype(np.uint8)
-        block_scales = scales.reshape(R, C, tr).transpose(0, 2, 1).reshape(R * tr, C)[:cfg.out_dim, :n_blocks]
+        block_scales = scales.reshape(R, C, tr).transpose(0, 2, 1).reshape(R * tr, C)[: cfg.out_dim, :n_blocks]
         w = g.initializer(f"{p}nbits/weight", np.ascontiguousarray(packed))
         s = g.initializer(f"{p}nbits/scales", np.ascontiguousarray(block_scales.reshape(-1), dtype=np.float32))
-        y = g.op("MatMulNBits", [self.x_f32, w, s], f"{p}MatMulNBits", domain=MS_DOMAIN,
-                 K=cfg.in_dim, N=cfg.out_dim, bits=8, block_size=tc, accuracy_level=4)
-        out = y if self.cd == np.float32 else g.op("Cast", [y], f"{p}output/Cast", to=self.cd_onnx,
-                                                    outputs=[f"{p}output"])
+        y = g.op(
+            "MatMulNBits",
+            [self.x_f32, w, s],
+            f"{p}MatMulNBits",
+            domain=MS_DOMAIN,
+            K=cfg.in_dim,
+            N=cfg.out_dim,
+            bits=8,
+            block_size=tc,
+            accuracy_level=4,
+        )
+        out = (
+            y
+            if self.cd == np.float32
+            else g.op("Cast", [y], f"{p}output/Cast", to=self.cd_onnx, outputs=[f"{p}output"])
+        )
         self.pipe_meta.append(self._pipe_entry(i, output=out, nbits_weight=w, nbits_scales=s))
         return out
 
@@ -392,7 +445,9 @@ class AdapterGraphBuilder:
                 _check_float16_range(f"the folded weight of pipes {run}", float(acc.min()), float(acc.max()))
             return acc.astype(cd, copy=False)
 
-        w = g.initializer(f"{prefix}weight", DeferredTensor((self.config.in_dim, self.config.out_dim), np.dtype(cd), rows))
+        w = g.initializer(
+            f"{prefix}weight", DeferredTensor((self.config.in_dim, self.config.out_dim), np.dtype(cd), rows)
+        )
         out = g.op("MatMul", [self.x_cd, w], f"{prefix}MatMul", outputs=[f"{prefix}output"])
         for i in run:
             self.pipe_meta.append(self._pipe_entry(i, dense_weight=w, folded_into=prefix))
@@ -412,30 +467,54 @@ class AdapterGraphBuilder:
         assert gate is not None and spec.top_k is not None
         gd = self.gate_dtype
         gw = gate[0]
-        wt = g.initializer(f"{p}gate/weight_t", DeferredTensor(  # [in_dim, W]: read a block of columns at a time
-            (self.config.in_dim, spec.workers), gd,
-            lambda a, b: np.ascontiguousarray(np.asarray(gw[:, a:b], dtype=np.float32).T, dtype=gd)))
+        wt = g.initializer(
+            f"{p}gate/weight_t",
+            DeferredTensor(  # [in_dim, W]: read a block of columns at a time
+                (self.config.in_dim, spec.workers),
+                gd,
+                lambda a, b: np.ascontiguousarray(np.asarray(gw[:, a:b], dtype=np.float32).T, dtype=gd),
+            ),
+        )
         b = g.initializer(f"{p}gate/bias", np.asarray(gate[1], dtype=np.float32).astype(gd))
         if gd == np.float32:
             mm = g.op("MatMul", [self.x_f32, wt], f"{p}gate/MatMul")
             scores = g.op("Add", [mm, b], f"{p}gate/Add", outputs=[f"{p}gate/scores"])
         else:  # measurement only: float16 scores, widened afterwards (TopK order unchanged)
-            x16 = self.x_cd if self.cd == np.float16 else g.op("Cast", [self.x_cd], f"{p}gate/Cast16", to=TensorProto.FLOAT16)
+            x16 = (
+                self.x_cd
+                if self.cd == np.float16
+                else g.op("Cast", [self.x_cd], f"{p}gate/Cast16", to=TensorProto.FLOAT16)
+            )
             mm = g.op("MatMul", [x16, wt], f"{p}gate/MatMul")
             s16 = g.op("Add", [mm, b], f"{p}gate/Add")
             scores = g.op("Cast", [s16], f"{p}gate/CastScores", to=TensorProto.FLOAT)
-        values, indices = g.op("TopK", [scores, g.ints(f"{p}gate/k", [spec.top_k])], f"{p}gate/TopK",
-                               outputs=[f"{p}gate/topk_values", f"{p}gate/topk_indices"],
-                               axis=-1, largest=1, sorted=1)
+        values, indices = g.op(
+            "TopK",
+            [scores, g.ints(f"{p}gate/k", [spec.top_k])],
+            f"{p}gate/TopK",
+            outputs=[f"{p}gate/topk_values", f"{p}gate/topk_indices"],
+            axis=-1,
+            largest=1,
+            sorted=1,
+        )
         soft = g.op("Softmax", [values], f"{p}gate/Softmax", axis=-1)
-        weights = g.op("Mul", [soft, g.const(f"{p}gate/scale", spec.gate_scale, np.float32)], f"{p}gate/Mul",
-                       outputs=[f"{p}gate/weights"])
+        weights = g.op(
+            "Mul",
+            [soft, g.const(f"{p}gate/scale", spec.gate_scale, np.float32)],
+            f"{p}gate/Mul",
+            outputs=[f"{p}gate/weights"],
+        )
         shape = g.op("Shape", [scores], f"{p}gate/Shape")
-        zeros = g.op("ConstantOfShape", [shape], f"{p}gate/ConstantOfShape",
-                     value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0]))
+        zeros = g.op(
+            "ConstantOfShape",
+            [shape],
+            f"{p}gate/ConstantOfShape",
+            value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0]),
+        )
         # no reduction: indices are distinct (TopK), and reduction="add" fails in float16 on ORT
-        dense = g.op("ScatterElements", [zeros, indices, weights], f"{p}gate/ScatterElements",
-                     outputs=[f"{p}gate/dense"], axis=1)
+        dense = g.op(
+            "ScatterElements", [zeros, indices, weights], f"{p}gate/ScatterElements", outputs=[f"{p}gate/dense"], axis=1
+        )
         if self.cd != np.float32:
             dense = g.op("Cast", [dense], f"{p}gate/Cast", to=self.cd_onnx)
         return scores, indices, dense
@@ -454,8 +533,7 @@ class AdapterGraphBuilder:
         tiles, scales, t3 = self._tiles_in_storage_order(i)
         # zero-pad the input to C*tc (always present, a no-op when C*tc == in_dim, so that
         # the node count never depends on the grid)
-        xp = g.op("Pad", [self.x_cd, g.ints(f"{p}pad/pads", [0, 0, 0, spec.padded_in - cfg.in_dim])],
-                  f"{p}Pad")
+        xp = g.op("Pad", [self.x_cd, g.ints(f"{p}pad/pads", [0, 0, 0, spec.padded_in - cfg.in_dim])], f"{p}Pad")
         t4 = g.op("Reshape", [t3, g.ints(f"{p}tiles/shape4", [R, C, tr, tc])], f"{p}tiles/Reshape4")
         if form == "A":
             # weights [R, C*tc, tr]: per row-block, the tiles of its C workers stacked along K
@@ -483,14 +561,23 @@ class AdapterGraphBuilder:
             gt = g.op("Transpose", [g3], f"{p}gates/Transpose", perm=[2, 0, 1])  # [C, T, R]
             g4 = g.op("Unsqueeze", [gt, g.ints(f"{p}gates/axes", [3])], f"{p}gates/Unsqueeze")
             weighted = g.op("Mul", [part, g4], f"{p}partials/Mul")  # [C, T, R, tr]
-            y = g.op("ReduceSum", [weighted, g.ints(f"{p}partials/axes", [0])], f"{p}partials/ReduceSum",
-                     keepdims=0)  # [T, R, tr]
+            y = g.op(
+                "ReduceSum", [weighted, g.ints(f"{p}partials/axes", [0])], f"{p}partials/ReduceSum", keepdims=0
+            )  # [T, R, tr]
         y = g.op("Reshape", [y, g.ints(f"{p}output/shape", [-1, R * tr])], f"{p}output/Reshape")
-        out = g.op("Slice", [y, g.ints(f"{p}output/starts", [0]), g.ints(f"{p}output/ends", [cfg.out_dim]),
-                             g.ints(f"{p}output/axes", [1])], f"{p}output/Slice", outputs=[f"{p}output"])
+        out = g.op(
+            "Slice",
+            [
+                y,
+                g.ints(f"{p}output/starts", [0]),
+                g.ints(f"{p}output/ends", [cfg.out_dim]),
+                g.ints(f"{p}output/axes", [1]),
+            ],
+            f"{p}output/Slice",
+            outputs=[f"{p}output"],
+        )
         self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales, form=form))
         return out
-
 
     def _gated_sparse(self, i: int) -> str:
         """Only the selected tiles: the union ``S`` of the tokens' TopK sets, each tile read once.
@@ -514,14 +601,25 @@ class AdapterGraphBuilder:
         (R, C), (tr, tc) = spec.grid, spec.tile
         scores, indices, gates = self._gate(i)
         # the union of the selections: a [W] mask from TopK's indices, then its nonzero positions
-        ones = g.op("ConstantOfShape", [g.op("Shape", [indices], f"{p}select/ShapeK")], f"{p}select/Ones",
-                    value=helper.make_tensor("value", TensorProto.FLOAT, [1], [1.0]))
-        zeros = g.op("ConstantOfShape", [g.op("Shape", [scores], f"{p}select/Shape")], f"{p}select/Zeros",
-                     value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0]))
+        ones = g.op(
+            "ConstantOfShape",
+            [g.op("Shape", [indices], f"{p}select/ShapeK")],
+            f"{p}select/Ones",
+            value=helper.make_tensor("value", TensorProto.FLOAT, [1], [1.0]),
+        )
+        zeros = g.op(
+            "ConstantOfShape",
+            [g.op("Shape", [scores], f"{p}select/Shape")],
+            f"{p}select/Zeros",
+            value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0]),
+        )
         hits = g.op("ScatterElements", [zeros, indices, ones], f"{p}select/ScatterElements", axis=1)  # [T, W]
         mask = g.op("ReduceMax", [hits, g.ints(f"{p}select/axes", [0])], f"{p}select/ReduceMax", keepdims=0)
-        sel = g.op("Reshape", [g.op("NonZero", [mask], f"{p}select/NonZero"), g.ints(f"{p}select/flat", [-1])],
-                   f"{p}select/indices")  # [n], ascending worker index
+        sel = g.op(
+            "Reshape",
+            [g.op("NonZero", [mask], f"{p}select/NonZero"), g.ints(f"{p}select/flat", [-1])],
+            f"{p}select/indices",
+        )  # [n], ascending worker index
         # weight-only INT8: the gathered int8 tiles multiply in float32 and their row scales
         # apply to the [n, tr, T] products (one pass over the gathered tiles, not three)
         scaled_after = self.int8 and not self.qdq
@@ -538,8 +636,19 @@ class AdapterGraphBuilder:
         part = g.op("MatMul", [t3, xs], f"{p}MatMul")  # [n, tr, T]
         if scaled_after:
             assert scales is not None  # int8 tiles always have their row scales
-            s = g.op("Gather", [g.op("Reshape", [scales, g.ints(f"{p}tiles/scale_shape", [spec.workers, tr, 1])],
-                                     f"{p}tiles/ReshapeScales"), sel], f"{p}tiles/GatherScales", axis=0)
+            s = g.op(
+                "Gather",
+                [
+                    g.op(
+                        "Reshape",
+                        [scales, g.ints(f"{p}tiles/scale_shape", [spec.workers, tr, 1])],
+                        f"{p}tiles/ReshapeScales",
+                    ),
+                    sel,
+                ],
+                f"{p}tiles/GatherScales",
+                axis=0,
+            )
             part = g.op("Mul", [part, s], f"{p}partials/Scale")  # [n, tr, T] * [n, tr, 1]
             if self.cd != np.float32:
                 part = g.op("Cast", [part], f"{p}partials/Cast", to=self.cd_onnx)
@@ -548,17 +657,30 @@ class AdapterGraphBuilder:
         gsel = g.op("Gather", [gates, sel], f"{p}gates/Gather", axis=1)  # [T, n]
         gsel = g.op("Unsqueeze", [gsel, g.ints(f"{p}gates/axes", [1])], f"{p}gates/Unsqueeze")  # [T, 1, n]
         rows_r = g.ints(f"{p}select/rows", list(range(R)))
-        onehot = g.op("Equal", [g.op("Unsqueeze", [row, g.ints(f"{p}select/axes0", [0])], f"{p}select/Unsqueeze"),
-                                g.op("Unsqueeze", [rows_r, g.ints(f"{p}select/axes1", [1])], f"{p}select/Unsqueeze_")],
-                      f"{p}select/Equal")  # [R, n]
+        onehot = g.op(
+            "Equal",
+            [
+                g.op("Unsqueeze", [row, g.ints(f"{p}select/axes0", [0])], f"{p}select/Unsqueeze"),
+                g.op("Unsqueeze", [rows_r, g.ints(f"{p}select/axes1", [1])], f"{p}select/Unsqueeze_"),
+            ],
+            f"{p}select/Equal",
+        )  # [R, n]
         onehot = g.op("Cast", [onehot], f"{p}select/onehot", to=self.cd_onnx)
         coef = g.op("Mul", [gsel, onehot], f"{p}gates/Mul")  # [T, R, n]
         y = g.op("MatMul", [coef, part], f"{p}partials/MatMul")  # [T, R, tr]
         y = g.op("Reshape", [y, g.ints(f"{p}output/shape", [-1, R * tr])], f"{p}output/Reshape")
-        out = g.op("Slice", [y, g.ints(f"{p}output/starts", [0]), g.ints(f"{p}output/ends", [cfg.out_dim]),
-                             g.ints(f"{p}output/axes", [1])], f"{p}output/Slice", outputs=[f"{p}output"])
-        self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales,
-                                               form="sparse"))
+        out = g.op(
+            "Slice",
+            [
+                y,
+                g.ints(f"{p}output/starts", [0]),
+                g.ints(f"{p}output/ends", [cfg.out_dim]),
+                g.ints(f"{p}output/axes", [1]),
+            ],
+            f"{p}output/Slice",
+            outputs=[f"{p}output"],
+        )
+        self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales, form="sparse"))
         return out
 
     def _gated_grouped(self, i: int) -> str:
@@ -589,32 +711,74 @@ class AdapterGraphBuilder:
         tiles, scales, t3 = self._tiles_in_storage_order(i)
         wt = g.op("Transpose", [t3], f"{p}tiles/Transpose", perm=[0, 2, 1])  # [W, tc, tr]
         one_f = helper.make_tensor("value", TensorProto.FLOAT, [1], [1.0])
-        hits = g.op("ScatterElements", [
-            g.op("ConstantOfShape", [g.op("Shape", [scores], f"{p}group/Shape")], f"{p}group/Zeros",
-                 value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0])),
-            indices, g.op("ConstantOfShape", [g.op("Shape", [indices], f"{p}group/ShapeK")], f"{p}group/Ones",
-                          value=one_f)], f"{p}group/hits", axis=1)  # [T, W]
-        pos = g.op("Cast", [g.op("CumSum", [hits, g.ints(f"{p}group/axis0", [0])], f"{p}group/CumSum",
-                                 exclusive=1)], f"{p}group/pos", to=TensorProto.INT64)  # [T, W]
-        m = g.op("Cast", [g.op("ReduceMax", [g.op("ReduceSum", [hits, g.ints(f"{p}group/axes0", [0])],
-                                                   f"{p}group/counts", keepdims=0)],
-                               f"{p}group/m_f", keepdims=1)], f"{p}group/m", to=TensorProto.INT64)  # [1]
+        hits = g.op(
+            "ScatterElements",
+            [
+                g.op(
+                    "ConstantOfShape",
+                    [g.op("Shape", [scores], f"{p}group/Shape")],
+                    f"{p}group/Zeros",
+                    value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0]),
+                ),
+                indices,
+                g.op("ConstantOfShape", [g.op("Shape", [indices], f"{p}group/ShapeK")], f"{p}group/Ones", value=one_f),
+            ],
+            f"{p}group/hits",
+            axis=1,
+        )  # [T, W]
+        pos = g.op(
+            "Cast",
+            [g.op("CumSum", [hits, g.ints(f"{p}group/axis0", [0])], f"{p}group/CumSum", exclusive=1)],
+            f"{p}group/pos",
+            to=TensorProto.INT64,
+        )  # [T, W]
+        m = g.op(
+            "Cast",
+            [
+                g.op(
+                    "ReduceMax",
+                    [g.op("ReduceSum", [hits, g.ints(f"{p}group/axes0", [0])], f"{p}group/counts", keepdims=0)],
+                    f"{p}group/m_f",
+                    keepdims=1,
+                )
+            ],
+            f"{p}group/m",
+            to=TensorProto.INT64,
+        )  # [1]
         # T here counts the rows the gate saw (one zero row when the call has no tokens)
         shape_k = g.op("Shape", [indices], f"{p}group/ShapeK2")
         rows = g.op("Slice", [shape_k, g.ints(f"{p}group/s0", [0]), g.ints(f"{p}group/s1", [1])], f"{p}group/T")
-        table = g.op("ConstantOfShape", [g.op("Concat", [g.ints(f"{p}group/W", [W]), m], f"{p}group/table_shape",
-                                              axis=0)], f"{p}group/table0",
-                     value=helper.make_tensor("value", TensorProto.INT64, [1], [0]))
+        table = g.op(
+            "ConstantOfShape",
+            [g.op("Concat", [g.ints(f"{p}group/W", [W]), m], f"{p}group/table_shape", axis=0)],
+            f"{p}group/table0",
+            value=helper.make_tensor("value", TensorProto.INT64, [1], [0]),
+        )
         table = g.op("Add", [table, rows], f"{p}group/table_T")  # [W, m] filled with T (the zero row)
         tpos = g.op("GatherElements", [pos, indices], f"{p}group/tpos", axis=1)  # [T, k]
-        token_ids = g.op("Range", [g.const(f"{p}group/zero_s", 0, np.int64),
-                                   g.op("Squeeze", [rows], f"{p}group/T_s"),
-                                   g.const(f"{p}group/one_s", 1, np.int64)], f"{p}group/Range")  # [T]
-        tok = g.op("Expand", [g.op("Unsqueeze", [token_ids, g.ints(f"{p}group/axes1", [1])], f"{p}group/tok1"),
-                              shape_k], f"{p}group/tok")  # [T, k]
-        where = g.op("Concat", [g.op("Unsqueeze", [indices, g.ints(f"{p}group/axes_l", [2])], f"{p}group/w3"),
-                                g.op("Unsqueeze", [tpos, g.ints(f"{p}group/axes_l2", [2])], f"{p}group/p3")],
-                     f"{p}group/where", axis=2)  # [T, k, 2]
+        token_ids = g.op(
+            "Range",
+            [
+                g.const(f"{p}group/zero_s", 0, np.int64),
+                g.op("Squeeze", [rows], f"{p}group/T_s"),
+                g.const(f"{p}group/one_s", 1, np.int64),
+            ],
+            f"{p}group/Range",
+        )  # [T]
+        tok = g.op(
+            "Expand",
+            [g.op("Unsqueeze", [token_ids, g.ints(f"{p}group/axes1", [1])], f"{p}group/tok1"), shape_k],
+            f"{p}group/tok",
+        )  # [T, k]
+        where = g.op(
+            "Concat",
+            [
+                g.op("Unsqueeze", [indices, g.ints(f"{p}group/axes_l", [2])], f"{p}group/w3"),
+                g.op("Unsqueeze", [tpos, g.ints(f"{p}group/axes_l2", [2])], f"{p}group/p3"),
+            ],
+            f"{p}group/where",
+            axis=2,
+        )  # [T, k, 2]
         table = g.op("ScatterND", [table, where, tok], f"{p}group/table")  # [W, m] token per slot
         # inputs: x padded to C*tc, one zero row appended (index T), as [T+1, C, tc]
         xp = g.op("Pad", [self.x_cd, g.ints(f"{p}pad/pads", [0, 0, 1, spec.padded_in - cfg.in_dim])], f"{p}Pad")
@@ -622,29 +786,58 @@ class AdapterGraphBuilder:
         x3 = g.op("Reshape", [xq, g.ints(f"{p}input/shape", [-1, C, tc])], f"{p}input/Reshape")
         colw = g.initializer(f"{p}group/col_of_worker", np.array([[w % C] for w in range(W)], dtype=np.int64))
         col = g.op("Expand", [colw, g.op("Shape", [table], f"{p}group/ShapeTable2")], f"{p}group/col")  # [W, m]
-        nd = g.op("Concat", [g.op("Unsqueeze", [table, g.ints(f"{p}group/axes_t", [2])], f"{p}group/t3"),
-                             g.op("Unsqueeze", [col, g.ints(f"{p}group/axes_c", [2])], f"{p}group/c3")],
-                  f"{p}group/nd", axis=2)  # [W, m, 2]
+        nd = g.op(
+            "Concat",
+            [
+                g.op("Unsqueeze", [table, g.ints(f"{p}group/axes_t", [2])], f"{p}group/t3"),
+                g.op("Unsqueeze", [col, g.ints(f"{p}group/axes_c", [2])], f"{p}group/c3"),
+            ],
+            f"{p}group/nd",
+            axis=2,
+        )  # [W, m, 2]
         xg = g.op("GatherND", [x3, nd], f"{p}input/GatherND")  # [W, m, tc]
         part = g.op("MatMul", [xg, wt], f"{p}MatMul")  # [W, m, tr]
         flat = g.op("Reshape", [part, g.ints(f"{p}partials/flat", [-1, tr])], f"{p}partials/Reshape")
         slot = g.op("Add", [g.op("Mul", [indices, m], f"{p}group/slot_w"), tpos], f"{p}group/slot")  # [T, k]
         mine = g.op("Gather", [flat, slot], f"{p}partials/Gather", axis=0)  # [T, k, tr]
         roww = g.op("Div", [indices, g.ints(f"{p}group/C", [C])], f"{p}group/row")  # [T, k]
-        onehot = g.op("Cast", [g.op("Equal", [g.op("Unsqueeze", [roww, g.ints(f"{p}group/axes_r", [1])],
-                                                   f"{p}group/row3"),
-                                              g.initializer(f"{p}group/row_ids",
-                                                            np.arange(R, dtype=np.int64).reshape(1, R, 1))],
-                                      f"{p}group/Equal")], f"{p}group/onehot", to=self.cd_onnx)  # [T, R, k]
+        onehot = g.op(
+            "Cast",
+            [
+                g.op(
+                    "Equal",
+                    [
+                        g.op("Unsqueeze", [roww, g.ints(f"{p}group/axes_r", [1])], f"{p}group/row3"),
+                        g.initializer(f"{p}group/row_ids", np.arange(R, dtype=np.int64).reshape(1, R, 1)),
+                    ],
+                    f"{p}group/Equal",
+                )
+            ],
+            f"{p}group/onehot",
+            to=self.cd_onnx,
+        )  # [T, R, k]
         gw = weights if self.cd == np.float32 else g.op("Cast", [weights], f"{p}gates/Cast", to=self.cd_onnx)
-        coef = g.op("Mul", [onehot, g.op("Unsqueeze", [gw, g.ints(f"{p}gates/axes", [1])], f"{p}gates/Unsqueeze")],
-                    f"{p}gates/Mul")  # [T, R, k]
+        coef = g.op(
+            "Mul",
+            [onehot, g.op("Unsqueeze", [gw, g.ints(f"{p}gates/axes", [1])], f"{p}gates/Unsqueeze")],
+            f"{p}gates/Mul",
+        )  # [T, R, k]
         y = g.op("MatMul", [coef, mine], f"{p}partials/MatMul")  # [T, R, tr]
         y = g.op("Reshape", [y, g.ints(f"{p}output/shape", [-1, R * tr])], f"{p}output/Reshape")
-        out = g.op("Slice", [y, g.ints(f"{p}output/starts", [0]), g.ints(f"{p}output/ends", [cfg.out_dim]),
-                             g.ints(f"{p}output/axes", [1])], f"{p}output/Slice", outputs=[f"{p}output"])
-        self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales,
-                                               form="grouped"))
+        out = g.op(
+            "Slice",
+            [
+                y,
+                g.ints(f"{p}output/starts", [0]),
+                g.ints(f"{p}output/ends", [cfg.out_dim]),
+                g.ints(f"{p}output/axes", [1]),
+            ],
+            f"{p}output/Slice",
+            outputs=[f"{p}output"],
+        )
+        self.pipe_meta.append(
+            self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales, form="grouped")
+        )
         return out
 
     def _tiles_gathered(self, i: int, sel: str, scaled_after: bool = False) -> tuple[str, str | None, str]:
@@ -657,21 +850,35 @@ class AdapterGraphBuilder:
         W, (tr, tc) = spec.workers, spec.tile
         source, cd = self.adapter.tiles(i), self.cd
         if not self.int8:
-            tiles = g.initializer(f"{p}tiles", DeferredTensor(
-                (W, tr, tc), cd, lambda a, b: np.ascontiguousarray(source[a:b], dtype=cd)))
+            tiles = g.initializer(
+                f"{p}tiles", DeferredTensor((W, tr, tc), cd, lambda a, b: np.ascontiguousarray(source[a:b], dtype=cd))
+            )
             return tiles, None, g.op("Gather", [tiles, sel], f"{p}tiles/Gather", axis=0)
         rows = source.reshape(W * tr, tc)
         scales = row_scales(rows)
         # the contract's shapes ([R*C*tr, tc] int8, [R*C*tr] float32); the graph views them per worker
-        tiles = g.initializer(f"{p}tiles", DeferredTensor(
-            (W * tr, tc), np.dtype(np.int8), lambda a, b: quantize_with_scales(rows[a:b], scales[a:b])))
+        tiles = g.initializer(
+            f"{p}tiles",
+            DeferredTensor((W * tr, tc), np.dtype(np.int8), lambda a, b: quantize_with_scales(rows[a:b], scales[a:b])),
+        )
         scale_name = g.initializer(f"{p}tiles/scales", scales)
-        q = g.op("Gather", [g.op("Reshape", [tiles, g.ints(f"{p}tiles/shape", [W, tr, tc])], f"{p}tiles/Reshape"),
-                            sel], f"{p}tiles/Gather", axis=0)  # [n, tr, tc] int8
+        q = g.op(
+            "Gather",
+            [g.op("Reshape", [tiles, g.ints(f"{p}tiles/shape", [W, tr, tc])], f"{p}tiles/Reshape"), sel],
+            f"{p}tiles/Gather",
+            axis=0,
+        )  # [n, tr, tc] int8
         if scaled_after:
             return tiles, scale_name, g.op("Cast", [q], f"{p}tiles/CastQ", to=TensorProto.FLOAT)
-        s = g.op("Gather", [g.op("Reshape", [scale_name, g.ints(f"{p}tiles/scale_shape", [W, tr, 1])],
-                                 f"{p}tiles/ReshapeScales"), sel], f"{p}tiles/GatherScales", axis=0)  # [n, tr, 1]
+        s = g.op(
+            "Gather",
+            [
+                g.op("Reshape", [scale_name, g.ints(f"{p}tiles/scale_shape", [W, tr, 1])], f"{p}tiles/ReshapeScales"),
+                sel,
+            ],
+            f"{p}tiles/GatherScales",
+            axis=0,
+        )  # [n, tr, 1]
         deq = g.op("Mul", [g.op("Cast", [q], f"{p}tiles/CastQ", to=TensorProto.FLOAT), s], f"{p}tiles/Dequantize")
         if self.cd != np.float32:
             deq = g.op("Cast", [deq], f"{p}tiles/Cast", to=self.cd_onnx)
@@ -681,8 +888,9 @@ class AdapterGraphBuilder:
 def _check_float16_range(what: str, lo: float, hi: float) -> None:
     """float16 graphs hold the weights in float16: values past 65504 would become inf."""
     if max(abs(lo), abs(hi)) > FLOAT16_MAX:
-        raise PrismInputError(f"{what}: values up to {max(abs(lo), abs(hi)):.4g} exceed the float16 range "
-                              f"(65504); use --precision fp32")
+        raise PrismInputError(
+            f"{what}: values up to {max(abs(lo), abs(hi)):.4g} exceed the float16 range (65504); use --precision fp32"
+        )
 
 
 def _min_max(a: np.ndarray) -> tuple[float, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -54,8 +55,14 @@ class ActivationObserver:
         return float(np.float16(bound / QMAX)) or float(np.finfo(np.float16).tiny)
 
 
-def calibrate(model: onnx.ModelProto, act_scales: dict[str, str], io_dtype: str, compute_dtype: np.dtype,
-              data: np.ndarray, calibrator: str) -> None:
+def calibrate(
+    model: onnx.ModelProto,
+    act_scales: dict[str, str],
+    io_dtype: str,
+    compute_dtype: np.dtype,
+    data: np.ndarray,
+    calibrator: str,
+) -> None:
     """Run the graph on the calibration rows, observe each Q/DQ'd activation, set its scale.
 
     The observed tensors lie upstream of their own QuantizeLinear and depend only on the
@@ -90,7 +97,7 @@ def calibrate(model: onnx.ModelProto, act_scales: dict[str, str], io_dtype: str,
             del model.graph.output[:]
             model.graph.output.extend(real_outputs)
         for start in range(0, data.shape[0], CALIB_BATCH_ROWS):
-            rows = data[start:start + CALIB_BATCH_ROWS].astype(io)[None]
+            rows = data[start : start + CALIB_BATCH_ROWS].astype(io)[None]
             for name, value in zip(observed, sess.run(observed, {INPUT_NAME: rows})):
                 observers[name].observe(value)
     values = {scale: observers[x].scale() for scale, x in act_scales.items()}

@@ -23,8 +23,20 @@ METADATA_KEY = "prism.lowering"
 METADATA_VERSION = 1
 # Keys every contract has, and keys a gated pipe's entry must fill (what fuse rewrites by).
 REQUIRED = ("precision", "io_dtype", "hidden_2d", "pipes", "in_dim", "out_dim")
-GATED_PIPE_KEYS = ("index", "name", "R", "C", "tr", "tc", "top_k", "gate_scale", "scores", "output", "tiles",
-                   "node_prefix")
+GATED_PIPE_KEYS = (
+    "index",
+    "name",
+    "R",
+    "C",
+    "tr",
+    "tc",
+    "top_k",
+    "gate_scale",
+    "scores",
+    "output",
+    "tiles",
+    "node_prefix",
+)
 
 
 def write_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:

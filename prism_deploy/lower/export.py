@@ -74,11 +74,25 @@ def export_onnx(
 
     prec = check_options(precision, io_dtype, calibrator, gated_form)
     data = adapter_arrays(adapter)
-    with tqdm(total=data.config.num_pipes + 1, desc="export", unit="step", disable=None if progress else True,
-              file=sys.stderr, leave=False) as bar:
-        model, deferred = _lower(data, precision=prec, io_dtype=io_dtype, calib=calib, calibrator=calibrator,
-                                 gated_form=gated_form, on_pipe=bar.update, defer=True,
-                                 ort_nbits=ort_nbits)
+    with tqdm(
+        total=data.config.num_pipes + 1,
+        desc="export",
+        unit="step",
+        disable=None if progress else True,
+        file=sys.stderr,
+        leave=False,
+    ) as bar:
+        model, deferred = _lower(
+            data,
+            precision=prec,
+            io_dtype=io_dtype,
+            calib=calib,
+            calibrator=calibrator,
+            gated_form=gated_form,
+            on_pipe=bar.update,
+            defer=True,
+            ort_nbits=ort_nbits,
+        )
         node_count = len(model.graph.node)
         metadata = read_metadata(model)
         bar.set_postfix_str("saving")
@@ -110,21 +124,41 @@ def build_model(
     """The ONNX model of ``adapter`` at ``precision``, in memory (finalized: opset 19, IR 9);
     ``precision`` as ``export_onnx`` takes it."""
     prec = check_options(precision, io_dtype, calibrator, gated_form)
-    model, _ = _lower(adapter, precision=prec, io_dtype=io_dtype, calib=calib, calibrator=calibrator,
-                      gated_form=gated_form, on_pipe=_on_pipe, defer=False, ort_nbits=ort_nbits)
+    model, _ = _lower(
+        adapter,
+        precision=prec,
+        io_dtype=io_dtype,
+        calib=calib,
+        calibrator=calibrator,
+        gated_form=gated_form,
+        on_pipe=_on_pipe,
+        defer=False,
+        ort_nbits=ort_nbits,
+    )
     return model
 
 
-def _lower(adapter: Any, *, precision: Precision, io_dtype: str, calib: np.ndarray | str | os.PathLike[str] | None,
-           calibrator: str, gated_form: str, on_pipe: Callable[[int], Any] | None,
-           defer: bool, ort_nbits: bool = False) -> tuple[onnx.ModelProto, dict[str, DeferredTensor]]:
+def _lower(
+    adapter: Any,
+    *,
+    precision: Precision,
+    io_dtype: str,
+    calib: np.ndarray | str | os.PathLike[str] | None,
+    calibrator: str,
+    gated_form: str,
+    on_pipe: Callable[[int], Any] | None,
+    defer: bool,
+    ort_nbits: bool = False,
+) -> tuple[onnx.ModelProto, dict[str, DeferredTensor]]:
     """The model, and (``defer``) its large initializers left for ``save_model`` to write."""
     data = adapter_arrays(adapter)
     calib_data = None
     if precision.quantizes_activations:
         if calib is None:
-            raise PrismInputError("--precision int8-qdq needs calibration data: pass --calib FILE "
-                                  "(.npy or .safetensors of model-A hidden states [n, in_dim])")
+            raise PrismInputError(
+                "--precision int8-qdq needs calibration data: pass --calib FILE "
+                "(.npy or .safetensors of model-A hidden states [n, in_dim])"
+            )
         calib_data = _load_calib(calib, data.config.in_dim)
     builder = AdapterGraphBuilder(data, precision, io_dtype, gated_form, ort_nbits=ort_nbits)
     builder.on_pipe = on_pipe
@@ -154,8 +188,9 @@ def _load_calib(calib: np.ndarray | str | os.PathLike[str], in_dim: int) -> np.n
 
         data, label = load_matrix(calib), str(calib)
     if data.ndim != 2 or data.shape[1] != in_dim or data.shape[0] == 0:
-        raise PrismInputError(f"{label}: calibration data must have shape [n, {in_dim}] with n >= 1, "
-                              f"got {list(data.shape)}")
+        raise PrismInputError(
+            f"{label}: calibration data must have shape [n, {in_dim}] with n >= 1, got {list(data.shape)}"
+        )
     data = np.asarray(data, dtype=np.float32)
     if not np.isfinite(data).all():
         raise PrismInputError(f"{label}: calibration data holds NaN or Inf")

@@ -53,8 +53,9 @@ class GraphBuilder:
         self._names.add(name)
         return name
 
-    def op(self, op_type: str, inputs: Sequence[str], name: str, *, outputs: int | Sequence[str] = 1,
-           **attrs: Any) -> Any:
+    def op(
+        self, op_type: str, inputs: Sequence[str], name: str, *, outputs: int | Sequence[str] = 1, **attrs: Any
+    ) -> Any:
         """Add node ``name``; its outputs are ``name`` (one) or ``name:i`` / given names."""
         if isinstance(outputs, int):
             outs = [name] if outputs == 1 else [f"{name}:{i}" for i in range(outputs)]

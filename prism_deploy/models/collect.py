@@ -23,8 +23,8 @@ In ``last`` and ``mean``, "text tokens" are the real tokens that are not special
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,7 +57,9 @@ def char_span(start: int, end: int) -> tuple[int, int]:
     return (start, end) if end > start else (max(start - 1, 0), max(start, 1) if start > 0 else 0)
 
 
-def align_by_offsets(a_offsets: list[tuple[int, int] | None], b_offsets: list[tuple[int, int] | None]) -> list[tuple[int, int]]:
+def align_by_offsets(
+    a_offsets: list[tuple[int, int] | None], b_offsets: list[tuple[int, int] | None]
+) -> list[tuple[int, int]]:
     """(A index, B index) pairs: each A token -> the B token holding the A token's last character.
 
     ``None`` marks a special token (no characters), left out on both sides. Spans of one
@@ -66,7 +68,9 @@ def align_by_offsets(a_offsets: list[tuple[int, int] | None], b_offsets: list[tu
     """
     import bisect
 
-    b_spans = [(char_span(*o)[0], j) for j, o in enumerate(b_offsets) if o is not None and char_span(*o)[1] > char_span(*o)[0]]
+    b_spans = [
+        (char_span(*o)[0], j) for j, o in enumerate(b_offsets) if o is not None and char_span(*o)[1] > char_span(*o)[0]
+    ]
     if not b_spans:
         return []
     starts = [s for s, _ in b_spans]
@@ -82,9 +86,18 @@ def align_by_offsets(a_offsets: list[tuple[int, int] | None], b_offsets: list[tu
     return pairs
 
 
-def collect_pairs(model_a_dir: str | os.PathLike[str], model_b_dir: str | os.PathLike[str], texts: list[str], *,
-                  pool: str = "last", max_seq: int = 512, batch: int = 8, tokenizer_a: str | None = None,
-                  tokenizer_b: str | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def collect_pairs(
+    model_a_dir: str | os.PathLike[str],
+    model_b_dir: str | os.PathLike[str],
+    texts: list[str],
+    *,
+    pool: str = "last",
+    max_seq: int = 512,
+    batch: int = 8,
+    tokenizer_a: str | None = None,
+    tokenizer_b: str | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(X [n, d_A], Z [n, d_B], info) for ``texts``; tokenizers default to the model folders."""
     if pool not in POOLS:
         raise PrismInputError(f"--pool: {pool!r} is not one of {', '.join(POOLS)}")
@@ -108,11 +121,24 @@ def collect_pairs(model_a_dir: str | os.PathLike[str], model_b_dir: str | os.Pat
     skipped = 0
     truncated = 0
     for start in tqdm(range(0, len(texts), batch), desc="collect", unit="batch", disable=None if progress else True):
-        chunk = texts[start:start + batch]
-        enc_a = tok_a(chunk, padding=True, truncation=True, max_length=max_seq, return_tensors="pt",
-                      return_offsets_mapping=offsets, return_special_tokens_mask=True)
-        enc_b = tok_b(chunk, add_special_tokens=False, truncation=True, max_length=max_seq,
-                      return_offsets_mapping=offsets, return_special_tokens_mask=True)
+        chunk = texts[start : start + batch]
+        enc_a = tok_a(
+            chunk,
+            padding=True,
+            truncation=True,
+            max_length=max_seq,
+            return_tensors="pt",
+            return_offsets_mapping=offsets,
+            return_special_tokens_mask=True,
+        )
+        enc_b = tok_b(
+            chunk,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_seq,
+            return_offsets_mapping=offsets,
+            return_special_tokens_mask=True,
+        )
         with torch.no_grad():
             hidden = hf.final_hidden(model_a, enc_a["input_ids"], enc_a["attention_mask"]).float().numpy()
         for r in range(len(chunk)):
@@ -128,8 +154,13 @@ def collect_pairs(model_a_dir: str | os.PathLike[str], model_b_dir: str | os.Pat
                 continue
             h = hidden[r, :n_a]
             if pool == "tokens":
-                a_off: list[tuple[int, int] | None] = [None if special_a[i] else (int(o[0]), int(o[1])) for i, o in enumerate(enc_a["offset_mapping"][r][:n_a])]
-                b_off: list[tuple[int, int] | None] = [None if special_b[j] else (int(o[0]), int(o[1])) for j, o in enumerate(enc_b["offset_mapping"][r])]
+                a_off: list[tuple[int, int] | None] = [
+                    None if special_a[i] else (int(o[0]), int(o[1]))
+                    for i, o in enumerate(enc_a["offset_mapping"][r][:n_a])
+                ]
+                b_off: list[tuple[int, int] | None] = [
+                    None if special_b[j] else (int(o[0]), int(o[1])) for j, o in enumerate(enc_b["offset_mapping"][r])
+                ]
                 pairs = align_by_offsets(a_off, b_off)
                 if not pairs:
                     skipped += 1
@@ -148,9 +179,18 @@ def collect_pairs(model_a_dir: str | os.PathLike[str], model_b_dir: str | os.Pat
         raise PrismInputError("no pairs: every text was empty after tokenization")
     x = np.concatenate(xs).astype(np.float32)
     z = np.concatenate(zs).astype(np.float32)
-    info = {"pool": pool, "texts": len(texts), "skipped_texts": skipped, "truncated_texts": truncated,
-            "rows": int(x.shape[0]), "d_a": int(x.shape[1]), "d_b": int(z.shape[1]), "max_seq": max_seq,
-            "model_a": str(Path(model_a_dir).resolve()), "model_b": str(Path(model_b_dir).resolve())}
+    info = {
+        "pool": pool,
+        "texts": len(texts),
+        "skipped_texts": skipped,
+        "truncated_texts": truncated,
+        "rows": int(x.shape[0]),
+        "d_a": int(x.shape[1]),
+        "d_b": int(z.shape[1]),
+        "max_seq": max_seq,
+        "model_a": str(Path(model_a_dir).resolve()),
+        "model_b": str(Path(model_b_dir).resolve()),
+    }
     return x, z, info
 
 
@@ -160,13 +200,21 @@ def save_pairs(path: str | os.PathLike[str], x: np.ndarray, z: np.ndarray, info:
     from prism_deploy.format.adapter_file import save_safetensors
 
     with atomic_output(path) as tmp:
-        save_safetensors({"X": np.ascontiguousarray(x), "Z": np.ascontiguousarray(z)}, tmp,
-                         {k: str(v) for k, v in info.items()})
+        save_safetensors(
+            {"X": np.ascontiguousarray(x), "Z": np.ascontiguousarray(z)}, tmp, {k: str(v) for k, v in info.items()}
+        )
 
 
-def collect_fusion_pairs(input_dirs: Sequence[str | os.PathLike[str]], model_b_dir: str | os.PathLike[str], texts: list[str],
-                         *, pool: str = "tokens", max_seq: int = 512, batch: int = 8,
-                         progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def collect_fusion_pairs(
+    input_dirs: Sequence[str | os.PathLike[str]],
+    model_b_dir: str | os.PathLike[str],
+    texts: list[str],
+    *,
+    pool: str = "tokens",
+    max_seq: int = 512,
+    batch: int = 8,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(X [n, sum of the inputs' widths], Z [n, d_B], info) for a fusion adapter: the inputs'
     hidden states side by side, in ``input_dirs`` order, against model B's embeddings.
 
@@ -187,10 +235,19 @@ def collect_fusion_pairs(input_dirs: Sequence[str | os.PathLike[str]], model_b_d
     zs: list[np.ndarray] = []
     skipped = 0
     for t, text in enumerate(texts):
-        enc_b = tok_b(text, add_special_tokens=False, truncation=True, max_length=max_seq, return_offsets_mapping=True,
-                      return_special_tokens_mask=True)
+        enc_b = tok_b(
+            text,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=max_seq,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
         ids_b = list(enc_b["input_ids"])
-        b_off = [None if sp else (int(o[0]), int(o[1])) for o, sp in zip(enc_b["offset_mapping"], enc_b["special_tokens_mask"])]
+        b_off = [
+            None if sp else (int(o[0]), int(o[1]))
+            for o, sp in zip(enc_b["offset_mapping"], enc_b["special_tokens_mask"])
+        ]
         states = [s for s in (p[t] for p in per_input) if s is not None]  # (hidden [n, d], offsets) per input
         if len(states) < len(per_input) or not any(o is not None for o in b_off):
             skipped += 1
@@ -203,8 +260,11 @@ def collect_fusion_pairs(input_dirs: Sequence[str | os.PathLike[str]], model_b_d
             if not rows:
                 skipped += 1
                 continue
-            xs.append(np.concatenate([first_h[rows]] + [h[[o[i] for i in rows]] for (h, _), o in zip(states[1:], others)],
-                                     axis=1))
+            xs.append(
+                np.concatenate(
+                    [first_h[rows]] + [h[[o[i] for i in rows]] for (h, _), o in zip(states[1:], others)], axis=1
+                )
+            )
             zs.append(embed_b[[ids_b[to_b[i]] for i in rows]])
             continue
         real_b = [ids_b[j] for j, o in enumerate(b_off) if o is not None]
@@ -218,14 +278,24 @@ def collect_fusion_pairs(input_dirs: Sequence[str | os.PathLike[str]], model_b_d
         raise PrismInputError("no pairs: no text gave tokens every model could align")
     x = np.concatenate(xs).astype(np.float32)
     z = np.concatenate(zs).astype(np.float32)
-    info = {"pool": pool, "texts": len(texts), "skipped_texts": skipped, "truncated_texts": 0, "rows": int(x.shape[0]),
-            "d_a": int(x.shape[1]), "d_b": int(z.shape[1]), "max_seq": max_seq,
-            "inputs": ",".join(str(Path(d).resolve()) for d in input_dirs), "model_b": str(Path(model_b_dir).resolve())}
+    info = {
+        "pool": pool,
+        "texts": len(texts),
+        "skipped_texts": skipped,
+        "truncated_texts": 0,
+        "rows": int(x.shape[0]),
+        "d_a": int(x.shape[1]),
+        "d_b": int(z.shape[1]),
+        "max_seq": max_seq,
+        "inputs": ",".join(str(Path(d).resolve()) for d in input_dirs),
+        "model_b": str(Path(model_b_dir).resolve()),
+    }
     return x, z, info
 
 
-def _token_states(model_dir: str | os.PathLike[str], texts: list[str], *, max_seq: int, batch: int,
-                  progress: bool) -> list[tuple[np.ndarray, list[tuple[int, int] | None]] | None]:
+def _token_states(
+    model_dir: str | os.PathLike[str], texts: list[str], *, max_seq: int, batch: int, progress: bool
+) -> list[tuple[np.ndarray, list[tuple[int, int] | None]] | None]:
     """Per text: the model's final hidden states over its own tokens [n, d] (tokenized as the
     pipeline does) and each token's character offsets (None for a special token); None for a
     text with no real token."""
@@ -239,23 +309,37 @@ def _token_states(model_dir: str | os.PathLike[str], texts: list[str], *, max_se
     from tqdm.auto import tqdm
 
     out: list[tuple[np.ndarray, list[tuple[int, int] | None]] | None] = []
-    for start in tqdm(range(0, len(texts), batch), desc=f"collect {Path(model_dir).name}", unit="batch",
-                      disable=None if progress else True):
-        chunk = texts[start:start + batch]
-        enc = tok(chunk, padding=True, truncation=True, max_length=max_seq, return_tensors="pt",
-                  return_offsets_mapping=True, return_special_tokens_mask=True)
+    for start in tqdm(
+        range(0, len(texts), batch),
+        desc=f"collect {Path(model_dir).name}",
+        unit="batch",
+        disable=None if progress else True,
+    ):
+        chunk = texts[start : start + batch]
+        enc = tok(
+            chunk,
+            padding=True,
+            truncation=True,
+            max_length=max_seq,
+            return_tensors="pt",
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
         with torch.no_grad():
             hidden = hf.final_hidden(model, enc["input_ids"], enc["attention_mask"]).float().numpy()
         for r in range(len(chunk)):
             n = int(enc["attention_mask"][r].sum())
             special = [bool(v) for v in enc["special_tokens_mask"][r][:n]]
-            offsets = [None if special[i] else (int(o[0]), int(o[1])) for i, o in enumerate(enc["offset_mapping"][r][:n])]
+            offsets = [
+                None if special[i] else (int(o[0]), int(o[1])) for i, o in enumerate(enc["offset_mapping"][r][:n])
+            ]
             out.append((hidden[r, :n], offsets) if any(o is not None for o in offsets) else None)
     return out
 
 
-def hidden_states_on_texts(model_dir: str | os.PathLike[str], texts: list[str], *, tokens: int,
-                           max_seq: int) -> list[np.ndarray]:
+def hidden_states_on_texts(
+    model_dir: str | os.PathLike[str], texts: list[str], *, tokens: int, max_seq: int
+) -> list[np.ndarray]:
     """The model's final hidden states ``[n, d]`` per text, over its own tokens (as ``collect``
     takes model A's), one text at a time until ``tokens`` tokens are held; texts with no token
     are left out."""

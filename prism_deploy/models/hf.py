@@ -40,12 +40,24 @@ EXTRA_KEYS_ALLOWED: dict[str, tuple[str, ...]] = {"bert": (r"(bert\.)?pooler\..*
 TIED_HEAD_KEYS = (r"lm_head\.weight", r"cls\.predictions\.decoder\.weight")
 
 # The sizes config.json may declare (a field outside them is a broken config, not a big model).
-CONFIG_BOUNDS = {"num_hidden_layers": 1024, "num_attention_heads": 4096, "num_key_value_heads": 4096,
-                 "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "vocab_size": 1 << 23,
-                 "max_position_embeddings": 1 << 24, "head_dim": 1 << 14}
+CONFIG_BOUNDS = {
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "vocab_size": 1 << 23,
+    "max_position_embeddings": 1 << 24,
+    "head_dim": 1 << 14,
+}
 # config.json names some of them differently per family (GPT-2 keeps its own names).
-_CONFIG_ALIASES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embd",
-                   "max_position_embeddings": "n_positions", "intermediate_size": "n_inner"}
+_CONFIG_ALIASES = {
+    "num_hidden_layers": "n_layer",
+    "num_attention_heads": "n_head",
+    "hidden_size": "n_embd",
+    "max_position_embeddings": "n_positions",
+    "intermediate_size": "n_inner",
+}
 _REQUIRED = ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size")
 # A config whose float32 weights are this many times its checkpoint's bytes does not describe that
 # checkpoint (fp16/bf16 checkpoints load at 2x): refused before anything is allocated.
@@ -88,15 +100,20 @@ def check_config(config: Any, where: object) -> None:
         values[key] = value
     heads, kv_heads = values["num_attention_heads"], values.get("num_key_value_heads", values["num_attention_heads"])
     if "head_dim" not in values and values["hidden_size"] % heads:
-        raise PrismInputError(f"{where}: hidden_size {values['hidden_size']} is not a multiple of "
-                              f"num_attention_heads {heads}")
+        raise PrismInputError(
+            f"{where}: hidden_size {values['hidden_size']} is not a multiple of num_attention_heads {heads}"
+        )
     if heads % kv_heads:
-        raise PrismInputError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        raise PrismInputError(
+            f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
     for source in (config, getattr(config, "generation_config", None)):
         eos = getattr(source, "eos_token_id", None)
         ids = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < values["vocab_size"] for i in ids):
-            raise PrismInputError(f"{where}: eos_token_id {eos!r} is not a token id below vocab_size {values['vocab_size']}")
+            raise PrismInputError(
+                f"{where}: eos_token_id {eos!r} is not a token id below vocab_size {values['vocab_size']}"
+            )
 
 
 def _checkpoint_files(path: Path) -> list[Path]:
@@ -129,12 +146,19 @@ def _check_size(config: Any, files: list[Path], where: object) -> None:
         return
     declared = 4 * sum(p.numel() for p in skeleton.parameters())
     if declared > _CHECKPOINT_GROWTH * held + (64 << 20):
-        raise PrismInputError(f"{where}: config.json describes {declared / 2**20:.0f} MiB of float32 weights, "
-                              f"the checkpoint holds {held / 2**20:.1f} MiB: the config does not match the checkpoint")
+        raise PrismInputError(
+            f"{where}: config.json describes {declared / 2**20:.0f} MiB of float32 weights, "
+            f"the checkpoint holds {held / 2**20:.1f} MiB: the config does not match the checkpoint"
+        )
 
 
-def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
-                   attn_implementation: str | None = None, *, uses_head: bool = True) -> Any:
+def load_causal_lm(
+    hf_dir: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    *,
+    uses_head: bool = True,
+) -> Any:
     """Load a local ``*ForCausalLM`` folder, or a ``.gguf`` file, in eval mode (no download, ever).
 
     Every weight must come from the checkpoint: missing, unexpected or mis-sized keys are bad
@@ -152,8 +176,13 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
     config = load_config(path)
     files = _checkpoint_files(path)
     _check_size(config, files, hf_dir)
-    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype, "config": config,
-                              "output_loading_info": True, "ignore_mismatched_sizes": True}
+    kwargs: dict[str, Any] = {
+        "local_files_only": True,
+        "dtype": dtype,
+        "config": config,
+        "output_loading_info": True,
+        "ignore_mismatched_sizes": True,
+    }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -162,11 +191,14 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
             loaded: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
             model, info = loaded
     except pickle.UnpicklingError as exc:
-        raise PrismInputError(f"{hf_dir}: its PyTorch checkpoint holds more than tensors, and pickled objects are "
-                              f"not loaded (they could run code); save it as safetensors ({brief(exc, 80)})") from None
+        raise PrismInputError(
+            f"{hf_dir}: its PyTorch checkpoint holds more than tensors, and pickled objects are "
+            f"not loaded (they could run code); save it as safetensors ({brief(exc, 80)})"
+        ) from None
     except Exception as exc:  # a pickled .bin, an unknown architecture...: many types, one line
-        raise PrismInputError(f"{hf_dir}: transformers cannot load it as a causal LM "
-                              f"({type(exc).__name__}: {brief(exc, 300)})") from None
+        raise PrismInputError(
+            f"{hf_dir}: transformers cannot load it as a causal LM ({type(exc).__name__}: {brief(exc, 300)})"
+        ) from None
     model.eval()
     if getattr(model.config, "is_encoder_decoder", False):
         raise PrismInputError(f"{hf_dir}: encoder-decoder models are not supported (decoder-only causal LMs only)")
@@ -174,8 +206,7 @@ def load_causal_lm(hf_dir: str | os.PathLike[str], dtype: torch.dtype = torch.fl
     return model
 
 
-def _load_gguf_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: str | None, *,
-                         uses_head: bool) -> Any:
+def _load_gguf_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: str | None, *, uses_head: bool) -> Any:
     """A ``*ForCausalLM`` from a GGUF file, its weights dequantized to ``dtype``; its keys are
     checked as a folder's are (:func:`check_loaded_keys`)."""
     from transformers import AutoModelForCausalLM
@@ -190,8 +221,7 @@ def _load_gguf_causal_lm(path: Path, dtype: torch.dtype, attn_implementation: st
             loaded: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         model, info = loaded
     except gguf.LOAD_ERRORS as exc:
-        raise PrismInputError(f"{path}: transformers cannot load it as a causal LM "
-                              f"({brief(exc, 300)})") from None
+        raise PrismInputError(f"{path}: transformers cannot load it as a causal LM ({brief(exc, 300)})") from None
     model.eval()
     check_loaded_keys(model, info, path, uses_head=uses_head)
     return model
@@ -235,16 +265,23 @@ def check_loaded_keys(model: Any, info: dict[str, Any], where: object, *, uses_h
         return not uses_head and bool(base) and not key.startswith(base)  # the head, unused by this role
 
     missing = sorted(k for k in info.get("missing_keys", ()) if not lacks_legitimately(k))
-    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not any(re.fullmatch(p, k) for p in allowed_extra))
+    unexpected = sorted(
+        k for k in info.get("unexpected_keys", ()) if not any(re.fullmatch(p, k) for p in allowed_extra)
+    )
     mismatched = sorted(str(m[0]) if isinstance(m, (list, tuple)) else str(m) for m in info.get("mismatched_keys", ()))
     problems = []
-    for what, keys in (("missing from the checkpoint", missing), ("in the checkpoint but not in the model", unexpected),
-                       ("of another shape in the checkpoint than config.json says", mismatched)):
+    for what, keys in (
+        ("missing from the checkpoint", missing),
+        ("in the checkpoint but not in the model", unexpected),
+        ("of another shape in the checkpoint than config.json says", mismatched),
+    ):
         if keys:
             problems.append(f"{len(keys)} weight(s) {what}: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}")
     if problems:
-        raise PrismInputError(f"{where}: the checkpoint does not match config.json ({'; '.join(problems)}); "
-                              "nothing is initialised at random")
+        raise PrismInputError(
+            f"{where}: the checkpoint does not match config.json ({'; '.join(problems)}); "
+            "nothing is initialised at random"
+        )
 
 
 def family(model: Any) -> str:
@@ -303,29 +340,52 @@ def cache_pairs(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k, v) for k, v in cache]
 
 
-def causal_lm_forward(model: Any, *, attention_mask: torch.Tensor, input_ids: torch.Tensor | None = None,
-                      inputs_embeds: torch.Tensor | None = None, cache: Any = None, use_cache: bool = False,
-                      position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+def causal_lm_forward(
+    model: Any,
+    *,
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    cache: Any = None,
+    use_cache: bool = False,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Any]:
     """(logits, returned cache) with positions taken from the mask unless given."""
     if position_ids is None:
         position_ids = positions_from_mask(attention_mask)
         new = (input_ids if input_ids is not None else inputs_embeds).shape[1]  # type: ignore[union-attr]
         position_ids = position_ids[:, -new:]
     kwargs = {_cache_kwarg(model): cache} if cache is not None else {}
-    out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                position_ids=position_ids, use_cache=use_cache, **kwargs)
+    out = model(
+        input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=use_cache,
+        **kwargs,
+    )
     # read as a mapping: transformers 5 warns on the old attribute name, even to say it is unset
     keys = out.keys() if hasattr(out, "keys") else ()
     returned = out["cache"] if "cache" in keys else out["past_key_values"] if "past_key_values" in keys else None
     return out.logits, returned
 
 
-def final_hidden(model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *,
-                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+def final_hidden(
+    model: Any,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The decoder's last hidden state after its final norm, before the LM head, from token ids
     (a chain's first model) or from input embeddings (a middle model)."""
-    out = model.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           position_ids=positions_from_mask(attention_mask), use_cache=False)
+    out = model.base_model(
+        input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=positions_from_mask(attention_mask),
+        use_cache=False,
+    )
     return out.last_hidden_state
 
 

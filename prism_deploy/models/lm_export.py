@@ -50,14 +50,25 @@ from prism_deploy.core.errors import CheckFailed, PrismInputError, brief
 from prism_deploy.core.fsutil import file_sha256, folder_lock
 from prism_deploy.core.metrics import compare, compare_logits, merge
 from prism_deploy.core.precision import ModelPrecision
-from prism_deploy.format.model_folder import (FORMAT, LOCK_NAME, MODEL_JSON, TRACE_MARK, TRACE_PREFIX, VERSION,
-                                             canonical_role, check_export_folder, io_description, is_own_trace,
-                                             past_names)
+from prism_deploy.format.model_folder import (
+    FORMAT,
+    LOCK_NAME,
+    MODEL_JSON,
+    TRACE_MARK,
+    TRACE_PREFIX,
+    VERSION,
+    canonical_role,
+    check_export_folder,
+    io_description,
+    is_own_trace,
+    past_names,
+)
 from prism_deploy.models import gguf, hf
 
 # Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
 # (relative L2 over the real tokens, the smallest per-token cosine, top-1 agreement of logits on
 # tokens whose reference top-1/top-2 gap is clear).
+
 
 class _First(torch.nn.Module):
     def __init__(self, model: Any) -> None:
@@ -93,21 +104,38 @@ class _LastWithPast(torch.nn.Module):
         self.model = model
         self.layers = layers
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
-        logits, cache = hf.causal_lm_forward(self.model, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                             cache=hf.make_cache(pairs), use_cache=True)
+        logits, cache = hf.causal_lm_forward(
+            self.model,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=hf.make_cache(pairs),
+            use_cache=True,
+        )
         flat: list[torch.Tensor] = [logits]
         for k, v in hf.cache_pairs(cache):
             flat += [k, v]
         return tuple(flat)
 
 
-def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.PathLike[str], *,
-                 precision: ModelPrecision | str = defaults.MODEL_PRECISION, max_seq: int | None = None,
-                 validate: bool = True, seed: int = 0, quantization: Any = None, force: bool = False,
-                 text: str | os.PathLike[str] | None = None, calibration_text: str | None = None,
-                 calibration_inputs: tuple[list[np.ndarray], dict[str, Any]] | None = None) -> dict[str, Any]:
+def export_model(
+    hf_dir: str | os.PathLike[str],
+    role: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    precision: ModelPrecision | str = defaults.MODEL_PRECISION,
+    max_seq: int | None = None,
+    validate: bool = True,
+    seed: int = 0,
+    quantization: Any = None,
+    force: bool = False,
+    text: str | os.PathLike[str] | None = None,
+    calibration_text: str | None = None,
+    calibration_inputs: tuple[list[np.ndarray], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Export ``hf_dir`` as ``role`` into ``out_dir`` and validate it; returns the manifest.
 
     ``int8``/``int4``: the float32 graphs are traced, then their weights quantized
@@ -134,8 +162,9 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
     from prism_deploy.models import quantize
 
     if calibration_inputs is not None and role == "first":
-        raise PrismInputError("--calibration-chain: a first model reads token ids, not an adapter's output; "
-                              "it calibrates on text")
+        raise PrismInputError(
+            "--calibration-chain: a first model reads token ids, not an adapter's output; it calibrates on text"
+        )
     if prec.weight_only and quantization is None:
         quantization = quantize.make_spec(prec)
     if quantization is not None and prec.bits != quantization.bits:
@@ -203,9 +232,14 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                         if key in files:  # quantized in place; a float graph's external data file goes
                             stale = out / (files[key] + ".data")
                             # the KV graph has the same nodes and weights: it takes the first graph's plan
-                            quantized[key] = quantize.quantize_graph(out / files[key], out / files[key], quantization,
-                                                                     activations=activations, plan=plan,
-                                                                     plan_errors=plan_errors)
+                            quantized[key] = quantize.quantize_graph(
+                                out / files[key],
+                                out / files[key],
+                                quantization,
+                                activations=activations,
+                                plan=plan,
+                                plan_errors=plan_errors,
+                            )
                             if quantization.mixed:
                                 plan, plan_errors = quantize.plan_of(quantized[key])
                             written += quantized[key]["files"]
@@ -227,29 +261,47 @@ def export_model(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.Pa
                     checker = {"first": _validate_first, "middle": _validate_middle, "last": _validate_last}[role]
                     gate_random = real is None or not real["language_model"]
                     validation = checker(reference, out, files, prec, max_seq, seed, gate_random)
-                    validation["random_inputs"] = "gated" if gate_random else "reported (real text gates a language model)"
+                    validation["random_inputs"] = (
+                        "gated" if gate_random else "reported (real text gates a language model)"
+                    )
                     if real is not None:
                         validation["real_text"] = _validate_real_text(reference, out, files, role, prec, real)
                 manifest = {
-                    "format": FORMAT, "version": VERSION, "role": role, "family": hf.family(reference),
-                    "known_family": hf.family(reference) in hf.KNOWN_FAMILIES, "source": str(Path(hf_dir).resolve()),
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "role": role,
+                    "family": hf.family(reference),
+                    "known_family": hf.family(reference) in hf.KNOWN_FAMILIES,
+                    "source": str(Path(hf_dir).resolve()),
                     **source_file,
-                    "precision": prec.value, "max_seq": max_seq,
-                    "dims": {"hidden": dims["hidden"], "vocab": vocab, "layers": dims["layers"], "kv_heads": dims["kv_heads"],
-                             "head_dim": dims["head_dim"]},
+                    "precision": prec.value,
+                    "max_seq": max_seq,
+                    "dims": {
+                        "hidden": dims["hidden"],
+                        "vocab": vocab,
+                        "layers": dims["layers"],
+                        "kv_heads": dims["kv_heads"],
+                        "head_dim": dims["head_dim"],
+                    },
                     # the scale of its input embeddings: random inputs of that size check a middle model's build
                     "embed_std": embed_std,
                     "io": io_description(role, dims["layers"]),
                     "files": {key: {"name": name, "sha256": file_sha256(out / name)} for key, name in files.items()},
                     "position_ids": "cumsum(attention_mask) - 1 (padding slots: 1), computed inside each graph",
                     "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False), eager attention",
-                    "opset": _opset(quantized), "export_seconds": round(export_s, 3), "eos_token_id": _eos_token_id(reference),
-                    "validation": validation, "versions": _versions(),
+                    "opset": _opset(quantized),
+                    "export_seconds": round(export_s, 3),
+                    "eos_token_id": _eos_token_id(reference),
+                    "validation": validation,
+                    "versions": _versions(),
                 }
                 if quantized:
                     # the form, block size and per-layer choices of each graph; weights stay float in embed_tokens.npy
-                    manifest["quantization"] = {**quantization.to_json(), "graphs": quantized,
-                                                **({"calibration": calibration} if calibration else {})}
+                    manifest["quantization"] = {
+                        **quantization.to_json(),
+                        "graphs": quantized,
+                        **({"calibration": calibration} if calibration else {}),
+                    }
                 from prism_deploy.core.fsutil import write_text_atomic
 
                 write_text_atomic(out / MODEL_JSON, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -279,7 +331,9 @@ def default_calibration_text() -> tuple[str, str]:
     return default.text("calibration"), f"{default.name} (calibration part)"
 
 
-def _calibration_feeds(hf_dir: Any, reference: Any, role: str, text: str | None) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+def _calibration_feeds(
+    hf_dir: Any, reference: Any, role: str, text: str | None
+) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
     """The graph's inputs on calibration text: token ids (first) or their input embeddings
     (middle, last), ``CALIBRATION_TOKENS`` tokens in windows of ``CALIBRATION_WINDOW``."""
     from prism_deploy.models.tokenizers import load_tokenizer
@@ -294,14 +348,19 @@ def _calibration_feeds(hf_dir: Any, reference: Any, role: str, text: str | None)
     table = hf.input_embedding_matrix(reference) if role != "first" else None
     feeds: list[dict[str, np.ndarray]] = []
     for start in range(0, len(ids), CALIBRATION_WINDOW):
-        window = ids[None, start:start + CALIBRATION_WINDOW]
+        window = ids[None, start : start + CALIBRATION_WINDOW]
         mask = np.ones_like(window)
-        feeds.append({"input_ids": window, "attention_mask": mask} if table is None else
-                     {"inputs_embeds": table[window].astype(np.float32), "attention_mask": mask})
+        feeds.append(
+            {"input_ids": window, "attention_mask": mask}
+            if table is None
+            else {"inputs_embeds": table[window].astype(np.float32), "attention_mask": mask}
+        )
     return feeds, {"source": source, "tokens": int(len(ids)), "window": CALIBRATION_WINDOW}
 
 
-def embedding_feeds(inputs: list[np.ndarray], source: dict[str, Any], hidden: int) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+def embedding_feeds(
+    inputs: list[np.ndarray], source: dict[str, Any], hidden: int
+) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
     """A middle or last graph's inputs from the embeddings it will read in its chain (one
     ``[tokens, hidden]`` array per text, e.g. the upstream adapter's outputs): the first
     ``CALIBRATION_TOKENS`` tokens, each text in windows of ``CALIBRATION_WINDOW``."""
@@ -310,13 +369,14 @@ def embedding_feeds(inputs: list[np.ndarray], source: dict[str, Any], hidden: in
     tokens = 0
     for rows in inputs:
         if rows.ndim != 2 or rows.shape[1] != hidden:
-            raise PrismInputError(f"{where}: the calibration inputs are {list(rows.shape)} wide rows; "
-                                  f"this model reads [tokens, {hidden}]")
-        rows = np.asarray(rows[:CALIBRATION_TOKENS - tokens], dtype=np.float32)
+            raise PrismInputError(
+                f"{where}: the calibration inputs are {list(rows.shape)} wide rows; this model reads [tokens, {hidden}]"
+            )
+        rows = np.asarray(rows[: CALIBRATION_TOKENS - tokens], dtype=np.float32)
         if not np.isfinite(rows).all():
             raise PrismInputError(f"{where}: the calibration inputs hold NaN or Inf")
         for start in range(0, len(rows), CALIBRATION_WINDOW):
-            window = rows[None, start:start + CALIBRATION_WINDOW]
+            window = rows[None, start : start + CALIBRATION_WINDOW]
             feeds.append({"inputs_embeds": window, "attention_mask": np.ones(window.shape[:2], dtype=np.int64)})
         tokens += len(rows)
         if tokens >= CALIBRATION_TOKENS:
@@ -329,8 +389,11 @@ def embedding_feeds(inputs: list[np.ndarray], source: dict[str, Any], hidden: in
 def _remove_export_files(out: Path, role: str) -> None:
     """The files an export of ``role`` writes (graphs, their external data, the embedding table),
     removed after a failure: without a model.json they are no usable export."""
-    names = {"first": ["first.onnx"], "middle": ["middle.onnx"],
-             "last": ["last.onnx", "last_with_past.onnx", "embed_tokens.npy"]}[role]
+    names = {
+        "first": ["first.onnx"],
+        "middle": ["middle.onnx"],
+        "last": ["last.onnx", "last_with_past.onnx", "embed_tokens.npy"],
+    }[role]
     for name in [*names, *(n + ".data" for n in names)]:
         with contextlib.suppress(OSError):
             (out / name).unlink(missing_ok=True)
@@ -343,9 +406,18 @@ def _export_first(traced: Any, out: Path, vocab: int) -> tuple[dict[str, str], l
     files = {"graph": "first.onnx"}
     g = torch.Generator().manual_seed(0)
     example = (torch.randint(0, vocab, (2, 4), generator=g), torch.ones(2, 4, dtype=torch.int64))
-    written = _export_graph(_First(traced), example, out / files["graph"], ["input_ids", "attention_mask"], ["hidden"],
-                            {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                             "hidden": {0: "batch", 1: "seq"}})
+    written = _export_graph(
+        _First(traced),
+        example,
+        out / files["graph"],
+        ["input_ids", "attention_mask"],
+        ["hidden"],
+        {
+            "input_ids": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "seq"},
+            "hidden": {0: "batch", 1: "seq"},
+        },
+    )
     return files, written
 
 
@@ -354,9 +426,18 @@ def _export_middle(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[s
     dtype = next(traced.parameters()).dtype
     g = torch.Generator().manual_seed(0)
     example = (torch.randn(2, 4, dims["hidden"], generator=g).to(dtype), torch.ones(2, 4, dtype=torch.int64))
-    written = _export_graph(_Middle(traced), example, out / files["graph"], ["inputs_embeds", "attention_mask"],
-                            ["hidden"], {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                                         "hidden": {0: "batch", 1: "seq"}})
+    written = _export_graph(
+        _Middle(traced),
+        example,
+        out / files["graph"],
+        ["inputs_embeds", "attention_mask"],
+        ["hidden"],
+        {
+            "inputs_embeds": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "seq"},
+            "hidden": {0: "batch", 1: "seq"},
+        },
+    )
     return files, written
 
 
@@ -367,25 +448,47 @@ def _export_last(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[str
     g = torch.Generator().manual_seed(0)
     d, layers = dims["hidden"], dims["layers"]
     emb = torch.randn(2, 4, d, generator=g).to(dtype)
-    written = _export_graph(_Last(traced), (emb, torch.ones(2, 4, dtype=torch.int64)), out / files["graph"],
-                            ["inputs_embeds", "attention_mask"], ["logits"],
-                            {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                             "logits": {0: "batch", 1: "seq"}})
+    written = _export_graph(
+        _Last(traced),
+        (emb, torch.ones(2, 4, dtype=torch.int64)),
+        out / files["graph"],
+        ["inputs_embeds", "attention_mask"],
+        ["logits"],
+        {
+            "inputs_embeds": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "seq"},
+            "logits": {0: "batch", 1: "seq"},
+        },
+    )
     # Traced with a past of 3 and 2 new tokens: the general path, valid for past 0 and new 1 too.
     past = [torch.randn(2, dims["kv_heads"], 3, dims["head_dim"], generator=g).to(dtype) for _ in range(2 * layers)]
     emb2 = torch.randn(2, 2, d, generator=g).to(dtype)
-    axes: dict[str, dict[int, str]] = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total_seq"},
-                                       "logits": {0: "batch", 1: "seq"}}
+    axes: dict[str, dict[int, str]] = {
+        "inputs_embeds": {0: "batch", 1: "seq"},
+        "attention_mask": {0: "batch", 1: "total_seq"},
+        "logits": {0: "batch", 1: "seq"},
+    }
     axes.update({n: {0: "batch", 2: "past_seq"} for n in past_names(layers)})
     axes.update({n: {0: "batch", 2: "total_seq"} for n in past_names(layers, "present")})
-    written += _export_graph(_LastWithPast(traced, layers), (emb2, torch.ones(2, 5, dtype=torch.int64), *past),
-                             out / files["graph_with_past"], ["inputs_embeds", "attention_mask", *past_names(layers)],
-                             ["logits", *past_names(layers, "present")], axes)
+    written += _export_graph(
+        _LastWithPast(traced, layers),
+        (emb2, torch.ones(2, 5, dtype=torch.int64), *past),
+        out / files["graph_with_past"],
+        ["inputs_embeds", "attention_mask", *past_names(layers)],
+        ["logits", *past_names(layers, "present")],
+        axes,
+    )
     return files, written
 
 
-def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-                  output_names: list[str], dynamic_axes: dict[str, dict[int, str]]) -> list[str]:
+def _export_graph(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> list[str]:
     """Trace into a scratch folder (over 2 GiB the tracer writes one file per weight there),
     then save once through ``finalize`` + ``save_model``. Returns the file names written."""
     import tempfile
@@ -406,13 +509,23 @@ def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
             # step is what checks that the frozen branches hold for other shapes.
             warnings.simplefilter("ignore")
             try:
-                torch.onnx.export(module, args, str(traced), input_names=input_names, output_names=output_names,
-                                  dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(traced),
+                    input_names=input_names,
+                    output_names=output_names,
+                    dynamic_axes=dynamic_axes,
+                    opset_version=OPSET,
+                    dynamo=False,
+                    do_constant_folding=True,
+                )
             except OSError:
                 raise  # a full disk or a read-only folder is not the model's fault (the CLI names the output)
             except Exception as exc:  # the tracer raises many types; the CLI promises one line
-                raise PrismInputError(f"{path.name}: torch.onnx.export cannot trace this model "
-                                      f"({type(exc).__name__}: {brief(exc, 300)})") from exc
+                raise PrismInputError(
+                    f"{path.name}: torch.onnx.export cannot trace this model ({type(exc).__name__}: {brief(exc, 300)})"
+                ) from exc
         model = onnx.load(str(traced))  # pulls external weights into memory before the folder goes
     return [p.name for p in save_model(finalize(model), path)]
 
@@ -420,15 +533,19 @@ def _export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
 # -- validation ---------------------------------------------------------------------------------------
 
 
-def _check(name: str, fig: dict[str, Any], tol: tolerances.Tolerances, precision: ModelPrecision, gate: bool = True) -> None:
+def _check(
+    name: str, fig: dict[str, Any], tol: tolerances.Tolerances, precision: ModelPrecision, gate: bool = True
+) -> None:
     """Raise ``CheckFailed`` for figures outside ``tol``; with ``gate`` off, note them in ``fig``."""
     bad = tol.failures(fig)
     if bad and not gate:
         fig["outside_bounds"] = bad
         return
     if bad:
-        raise CheckFailed(f"{name} ({precision}) diverges from the transformers model: {'; '.join(bad)} "
-                          f"(max abs {fig['max_abs']:.3g})")
+        raise CheckFailed(
+            f"{name} ({precision}) diverges from the transformers model: {'; '.join(bad)} "
+            f"(max abs {fig['max_abs']:.3g})"
+        )
 
 
 def _validation_masks(batch_seq: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -445,8 +562,15 @@ def _shapes(max_seq: int) -> list[tuple[int, int]]:
     return [(2, min(max_seq, 11)), (1, 1), (3, min(max_seq, 5))]
 
 
-def _validate_first(reference: Any, out: Path, files: dict[str, str], precision: ModelPrecision, max_seq: int, seed: int,
-                    gate: bool = True) -> dict[str, Any]:
+def _validate_first(
+    reference: Any,
+    out: Path,
+    files: dict[str, str],
+    precision: ModelPrecision,
+    max_seq: int,
+    seed: int,
+    gate: bool = True,
+) -> dict[str, Any]:
     from prism_deploy.core.ort_session import make_session
 
     tol = tolerances.model_export(precision)
@@ -478,8 +602,15 @@ def _embedding_scale_inputs(reference: Any, seed: int) -> Any:
     return random_embeds
 
 
-def _validate_middle(reference: Any, out: Path, files: dict[str, str], precision: ModelPrecision, max_seq: int, seed: int,
-                     gate: bool = True) -> dict[str, Any]:
+def _validate_middle(
+    reference: Any,
+    out: Path,
+    files: dict[str, str],
+    precision: ModelPrecision,
+    max_seq: int,
+    seed: int,
+    gate: bool = True,
+) -> dict[str, Any]:
     from prism_deploy.core.ort_session import make_session
 
     tol = tolerances.model_export(precision)
@@ -498,8 +629,15 @@ def _validate_middle(reference: Any, out: Path, files: dict[str, str], precision
     return {"provider": "cpu", "tolerances": tol.to_json(), "hidden": fig}
 
 
-def _validate_last(reference: Any, out: Path, files: dict[str, str], precision: ModelPrecision, max_seq: int, seed: int,
-                   gate: bool = True) -> dict[str, Any]:
+def _validate_last(
+    reference: Any,
+    out: Path,
+    files: dict[str, str],
+    precision: ModelPrecision,
+    max_seq: int,
+    seed: int,
+    gate: bool = True,
+) -> dict[str, Any]:
     from prism_deploy.core.ort_session import make_session
 
     tol = tolerances.model_export(precision)
@@ -512,7 +650,9 @@ def _validate_last(reference: Any, out: Path, files: dict[str, str], precision: 
         emb = random_embeds(*mask.shape)
         got = plain.run(["logits"], {"inputs_embeds": emb.astype(io_dtype), "attention_mask": mask})[0]
         with torch.no_grad():
-            ref, _ = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(emb), attention_mask=torch.from_numpy(mask))
+            ref, _ = hf.causal_lm_forward(
+                reference, inputs_embeds=torch.from_numpy(emb), attention_mask=torch.from_numpy(mask)
+            )
         figs.append(compare_logits(got, ref.numpy(), mask, tie_gap=tol.tie_gap))
     fig_plain = merge(figs)
     _check("last graph `logits`", fig_plain, tol, precision, gate)
@@ -533,8 +673,11 @@ def _validate_last(reference: Any, out: Path, files: dict[str, str], precision: 
         outs = past_graph.run(None, feeds)
         past = dict(zip(names, outs[1:]))
         with torch.no_grad():
-            ref, _ = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(emb_all[:, :stop]),
-                                          attention_mask=torch.from_numpy(mask_all[:, :stop]))
+            ref, _ = hf.causal_lm_forward(
+                reference,
+                inputs_embeds=torch.from_numpy(emb_all[:, :stop]),
+                attention_mask=torch.from_numpy(mask_all[:, :stop]),
+            )
         figs.append(compare_logits(outs[0], ref.numpy()[:, start:stop], mask_all[:, start:stop], tie_gap=tol.tie_gap))
         start = stop
     fig_past = merge(figs)
@@ -571,8 +714,13 @@ def _real_text_windows(hf_dir: Any, reference: Any, text_corpus: Any, max_seq: i
     ids = np.asarray(windows, dtype=np.int64)
     logits = _reference_logits(reference, ids)
     ppl = float(np.mean([perplexity(logits[i], ids[i]) for i in range(len(ids))]))
-    return {"ids": ids, "corpus": text_corpus.describe(), "part": "held_out", "reference_logits": logits,
-            "language_model": bool(ppl < 0.1 * vocab)}
+    return {
+        "ids": ids,
+        "corpus": text_corpus.describe(),
+        "part": "held_out",
+        "reference_logits": logits,
+        "language_model": bool(ppl < 0.1 * vocab),
+    }
 
 
 def _reference_logits(reference: Any, ids: np.ndarray) -> np.ndarray:
@@ -589,8 +737,9 @@ def _head(reference: Any, hidden: np.ndarray) -> np.ndarray:
         return head(torch.from_numpy(np.asarray(hidden, np.float32))).float().numpy()
 
 
-def _validate_real_text(reference: Any, out: Path, files: dict[str, str], role: str, precision: ModelPrecision,
-                        real: dict[str, Any]) -> dict[str, Any]:
+def _validate_real_text(
+    reference: Any, out: Path, files: dict[str, str], role: str, precision: ModelPrecision, real: dict[str, Any]
+) -> dict[str, Any]:
     """The exported graph on real text against the float32 model: its output's figures and,
     through the model's LM head for a first or middle graph, next-token agreement and perplexity."""
     from prism_deploy.core.metrics import next_token_quality
@@ -621,12 +770,23 @@ def _validate_real_text(reference: Any, out: Path, files: dict[str, str], role: 
     quality = next_token_quality(list(got_logits), list(ref_logits), list(ids))
     # a model that does not predict the text (random weights, an encoder without its LM head):
     # its outputs are checked, its perplexity means nothing
-    bounds = tol if real["language_model"] else tol.replace(agreement_min=None, perplexity_ratio_max=None,
-                                                            top1_min=None, kl_max=None)
+    bounds = (
+        tol
+        if real["language_model"]
+        else tol.replace(agreement_min=None, perplexity_ratio_max=None, top1_min=None, kl_max=None)
+    )
     _check_real_text(f"{role} graph", fig, quality, bounds, precision)
-    result = {"provider": "cpu", "corpus": real["corpus"], "part": real["part"], "windows": int(ids.shape[0]),
-              "window_tokens": int(ids.shape[1]), "language_model": real["language_model"],
-              "tolerances": bounds.to_json(), "output": fig, "next_token": quality}
+    result = {
+        "provider": "cpu",
+        "corpus": real["corpus"],
+        "part": real["part"],
+        "windows": int(ids.shape[0]),
+        "window_tokens": int(ids.shape[1]),
+        "language_model": real["language_model"],
+        "tolerances": bounds.to_json(),
+        "output": fig,
+        "next_token": quality,
+    }
     if role == "last" and "graph_with_past" in files:
         # the decoding graph on the same text: a prefill of three quarters of each window, then
         # the rest read against that cache
@@ -637,8 +797,7 @@ def _validate_real_text(reference: Any, out: Path, files: dict[str, str], role: 
         cut = max(1, ids.shape[1] * 3 // 4)
         past = {n: np.zeros((ids.shape[0], d["kv_heads"], 0, d["head_dim"]), dtype=io_dtype) for n in names}
         head = decoder.run(None, {"inputs_embeds": emb[:, :cut], "attention_mask": mask[:, :cut], **past})
-        tail = decoder.run(None, {"inputs_embeds": emb[:, cut:], "attention_mask": mask,
-                                  **dict(zip(names, head[1:]))})
+        tail = decoder.run(None, {"inputs_embeds": emb[:, cut:], "attention_mask": mask, **dict(zip(names, head[1:]))})
         got_kv = np.concatenate([np.asarray(head[0], np.float32), np.asarray(tail[0], np.float32)], axis=1)
         fig_kv = compare_logits(got_kv, ref_logits, mask, tie_gap=tolerances.model_export(precision).tie_gap)
         quality_kv = next_token_quality(list(got_kv), list(ref_logits), list(ids))
@@ -648,8 +807,9 @@ def _validate_real_text(reference: Any, out: Path, files: dict[str, str], role: 
     return result
 
 
-def _check_real_text(name: str, fig: dict[str, Any], quality: dict[str, Any], bounds: tolerances.Tolerances,
-                     precision: ModelPrecision) -> None:
+def _check_real_text(
+    name: str, fig: dict[str, Any], quality: dict[str, Any], bounds: tolerances.Tolerances, precision: ModelPrecision
+) -> None:
     bad = bounds.failures({**fig, **{k: v for k, v in quality.items() if k != "tokens"}})
     if bad:
         raise CheckFailed(f"{name} on real text ({precision}) diverges from the transformers model: {'; '.join(bad)}")
@@ -666,13 +826,14 @@ def _eos_token_id(model: Any) -> int | None:
     return None
 
 
-
 def _opset(quantized: dict[str, Any]) -> dict[str, int]:
     """The opset and IR version the folder's graphs were written at (int4 graphs: 21 / 10)."""
     from prism_deploy.core.onnx_io import IR_VERSION, OPSET
 
-    return {"opset": max([OPSET, *(int(q["opset"]) for q in quantized.values())]),
-            "ir_version": max([IR_VERSION, *(int(q["ir_version"]) for q in quantized.values())])}
+    return {
+        "opset": max([OPSET, *(int(q["opset"]) for q in quantized.values())]),
+        "ir_version": max([IR_VERSION, *(int(q["ir_version"]) for q in quantized.values())]),
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -682,5 +843,10 @@ def _versions() -> dict[str, str]:
 
     from prism_deploy.core.version import __version__
 
-    return {"prism_deploy": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {
+        "prism_deploy": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }

@@ -49,17 +49,25 @@ def add_logits_start(path: str | os.PathLike[str], output: str = "logits") -> No
     heads = [n for n in graph.node if output in n.output]
     if len(heads) != 1 or heads[0].op_type not in HEAD_OPS:
         found = heads[0].op_type if heads else "no node"
-        raise CheckFailed(f"{path}: `{output}` is written by {found}, not an LM head ({' or '.join(HEAD_OPS)}): "
-                          f"cannot add {LOGITS_START}")
+        raise CheckFailed(
+            f"{path}: `{output}` is written by {found}, not an LM head ({' or '.join(HEAD_OPS)}): "
+            f"cannot add {LOGITS_START}"
+        )
     head = heads[0]
     at = list(graph.node).index(head)
     ends, axes, sliced = f"/{LOGITS_START}/ends", f"/{LOGITS_START}/axes", f"/{LOGITS_START}/hidden"
-    graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), LOGITS_START),
-                              numpy_helper.from_array(np.array([_INT64_MAX], np.int64), ends),
-                              numpy_helper.from_array(np.array([1], np.int64), axes)])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([0], np.int64), LOGITS_START),
+            numpy_helper.from_array(np.array([_INT64_MAX], np.int64), ends),
+            numpy_helper.from_array(np.array([1], np.int64), axes),
+        ]
+    )
     graph.input.append(helper.make_tensor_value_info(LOGITS_START, TensorProto.INT64, [1]))
-    graph.node.insert(at, helper.make_node("Slice", [head.input[0], LOGITS_START, ends, axes], [sliced],
-                                           name=f"/{LOGITS_START}/Slice"))
+    graph.node.insert(
+        at,
+        helper.make_node("Slice", [head.input[0], LOGITS_START, ends, axes], [sliced], name=f"/{LOGITS_START}/Slice"),
+    )
     head.input[0] = sliced
     for value in graph.output:  # the positions it gives are no longer the input's
         if value.name == output and len(value.type.tensor_type.shape.dim) == 3:

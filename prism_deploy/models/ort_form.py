@@ -41,31 +41,51 @@ from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.fsutil import atomic_output, file_sha256, folder_lock, write_text_atomic
 from prism_deploy.core.metrics import compare, compare_logits, merge
 from prism_deploy.core.precision import ModelPrecision
-from prism_deploy.format.model_folder import (FORMAT, LOCK_NAME, MODEL_JSON, VERSION, canonical_role,
-                                             check_export_folder, ort_form_io,
-                                             OUTPUT_ORT_FORM as OUTPUT, past_names, right_padding_shifts,
-                                             roll_rows)
+from prism_deploy.format.model_folder import (
+    FORMAT,
+    LOCK_NAME,
+    MODEL_JSON,
+    VERSION,
+    canonical_role,
+    check_export_folder,
+    ort_form_io,
+    past_names,
+    right_padding_shifts,
+    roll_rows,
+)
+from prism_deploy.format.model_folder import OUTPUT_ORT_FORM as OUTPUT
 
 # The builder's precision names on the CPU execution provider (fp16 graphs are written for CUDA).
 BUILDER_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
-ROLE_OPTIONS = {"first": {"exclude_lm_head": "true"},
-                "middle": {"exclude_embeds": "true", "exclude_lm_head": "true"},
-                "last": {"exclude_embeds": "true"}}
+ROLE_OPTIONS = {
+    "first": {"exclude_lm_head": "true"},
+    "middle": {"exclude_embeds": "true", "exclude_lm_head": "true"},
+    "last": {"exclude_embeds": "true"},
+}
 
 
 def builder_missing() -> str | None:
     """Why the ``ort`` form cannot be written here (None when it can)."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
-        return ("the ort graph form is written by ONNX Runtime GenAI's model builder: "
-                "pip install --no-deps onnxruntime-genai==0.18.0 (without --no-deps it pulls the CPU onnxruntime "
-                "over onnxruntime-gpu)")
+        return (
+            "the ort graph form is written by ONNX Runtime GenAI's model builder: "
+            "pip install --no-deps onnxruntime-genai==0.18.0 (without --no-deps it pulls the CPU onnxruntime "
+            "over onnxruntime-gpu)"
+        )
     return None
 
 
-def export_ort_form(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os.PathLike[str], *,
-                    precision: ModelPrecision | str = defaults.MODEL_PRECISION, max_seq: int | None = None,
-                    validate: bool = True, seed: int = 0,
-                    force: bool = False) -> dict[str, Any]:
+def export_ort_form(
+    hf_dir: str | os.PathLike[str],
+    role: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    precision: ModelPrecision | str = defaults.MODEL_PRECISION,
+    max_seq: int | None = None,
+    validate: bool = True,
+    seed: int = 0,
+    force: bool = False,
+) -> dict[str, Any]:
     """Export ``hf_dir`` as ``role`` in the ``ort`` form into ``out_dir``, validate it against
     transformers and write model.json; returns the manifest."""
     from prism_deploy.models import hf
@@ -73,8 +93,10 @@ def export_ort_form(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os
     role = canonical_role(role)
     prec = ModelPrecision.parse(precision)  # the export's edge: a name from an API caller is parsed once, here
     if prec not in BUILDER_PRECISION:
-        raise PrismInputError(f"--precision {prec}: the ort graph form is written for the CPU at "
-                              f"{', '.join(BUILDER_PRECISION)} (fp16: the portable form)")
+        raise PrismInputError(
+            f"--precision {prec}: the ort graph form is written for the CPU at "
+            f"{', '.join(BUILDER_PRECISION)} (fp16: the portable form)"
+        )
     why = builder_missing()
     if why:
         raise PrismInputError(f"--graph-form ort: {why}")
@@ -91,8 +113,10 @@ def export_ort_form(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os
         raise PrismInputError(f"--max-seq: {max_seq} must be in 2..{limit or 'inf'} (the model's position limit)")
     dims = hf.cache_dims(reference.config)
     if dims["head_dim"] % 16:  # ONNX Runtime's GroupQueryAttention refuses others when it runs
-        raise PrismInputError(f"{hf_dir}: head size {dims['head_dim']}: the ort graph form needs a multiple of 16 "
-                              "(GroupQueryAttention); use the portable form")
+        raise PrismInputError(
+            f"{hf_dir}: head size {dims['head_dim']}: the ort graph form needs a multiple of 16 "
+            "(GroupQueryAttention); use the portable form"
+        )
     table = reference.get_input_embeddings() if role == "first" else reference.get_output_embeddings()
     vocab = int(table.weight.shape[0])
     graph_name = f"{role}.onnx"
@@ -117,18 +141,32 @@ def export_ort_form(hf_dir: str | os.PathLike[str], role: str, out_dir: str | os
                 if validate:
                     validation = _validate(reference, out / graph_name, role, prec, max_seq, dims, seed)
                 manifest = {
-                    "format": FORMAT, "version": VERSION, "role": role, "graph_form": "ort",
-                    "family": hf.family(reference), "known_family": hf.family(reference) in hf.KNOWN_FAMILIES,
-                    "source": str(Path(hf_dir).resolve()), "precision": prec.value, "max_seq": max_seq,
-                    "dims": {"hidden": dims["hidden"], "vocab": vocab, "layers": dims["layers"],
-                             "kv_heads": dims["kv_heads"], "head_dim": dims["head_dim"]},
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "role": role,
+                    "graph_form": "ort",
+                    "family": hf.family(reference),
+                    "known_family": hf.family(reference) in hf.KNOWN_FAMILIES,
+                    "source": str(Path(hf_dir).resolve()),
+                    "precision": prec.value,
+                    "max_seq": max_seq,
+                    "dims": {
+                        "hidden": dims["hidden"],
+                        "vocab": vocab,
+                        "layers": dims["layers"],
+                        "kv_heads": dims["kv_heads"],
+                        "head_dim": dims["head_dim"],
+                    },
                     "embed_std": float(hf.input_embedding_matrix(reference).std()),
                     "io": ort_form_io(role, dims["layers"]),
                     "files": {key: {"name": name, "sha256": file_sha256(out / name)} for key, name in files.items()},
                     "position_ids": "from the attention mask inside GroupQueryAttention (real tokens counted from the "
-                                    "left: the runners feed left-padded rows right-padded)",
-                    "exporter": builder, "export_seconds": round(export_s, 3),
-                    "eos_token_id": _eos_token_id(reference), "validation": validation, "versions": _versions(),
+                    "left: the runners feed left-padded rows right-padded)",
+                    "exporter": builder,
+                    "export_seconds": round(export_s, 3),
+                    "eos_token_id": _eos_token_id(reference),
+                    "validation": validation,
+                    "versions": _versions(),
                 }
                 write_text_atomic(out / MODEL_JSON, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             except BaseException:
@@ -153,41 +191,62 @@ def _run_builder(hf_dir: Path, role: str, out: Path, graph_name: str, precision:
     options = {**ROLE_OPTIONS[role], "filename": graph_name}
     with tempfile.TemporaryDirectory(prefix=".genai-", dir=out) as scratch:
         work = Path(scratch)
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(work / "out"),
-               "-p", BUILDER_PRECISION[precision], "-e", "cpu", "-c", str(work / "cache"),
-               "--extra_options", *(f"{k}={v}" for k, v in options.items())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(hf_dir),
+            "-o",
+            str(work / "out"),
+            "-p",
+            BUILDER_PRECISION[precision],
+            "-e",
+            "cpu",
+            "-c",
+            str(work / "cache"),
+            "--extra_options",
+            *(f"{k}={v}" for k, v in options.items()),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         graph = work / "out" / graph_name
         if done.returncode != 0 or not graph.is_file():
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise PrismInputError(f"{hf_dir}: ONNX Runtime GenAI's model builder cannot export this model "
-                                  f"({brief(tail[0], 300)})")
+            raise PrismInputError(
+                f"{hf_dir}: ONNX Runtime GenAI's model builder cannot export this model ({brief(tail[0], 300)})"
+            )
         model = onnx.load(str(graph), load_external_data=False)
         data = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
         if data - {graph_name + ".data"}:  # the builder's file names are part of the folder's schema
-            raise PrismInputError(f"{hf_dir}: the model builder wrote external data as {sorted(data)}, "
-                                  f"not {graph_name}.data")
+            raise PrismInputError(
+                f"{hf_dir}: the model builder wrote external data as {sorted(data)}, not {graph_name}.data"
+            )
         for name in (graph_name + ".data", graph_name):  # the data first: a graph never points at nothing
             shutil.move(str(work / "out" / name), str(out / name))
     import onnxruntime_genai
 
-    return (f"onnxruntime_genai.models.builder {onnxruntime_genai.__version__} (-p {BUILDER_PRECISION[precision]} "
-            f"-e cpu, {' '.join(f'{k}={v}' for k, v in ROLE_OPTIONS[role].items())})")
+    return (
+        f"onnxruntime_genai.models.builder {onnxruntime_genai.__version__} (-p {BUILDER_PRECISION[precision]} "
+        f"-e cpu, {' '.join(f'{k}={v}' for k, v in ROLE_OPTIONS[role].items())})"
+    )
 
 
 def run_graph(session: Any, role: str, x: np.ndarray, mask: np.ndarray, dims: dict[str, int]) -> np.ndarray:
     """One plain call of an ``ort``-form graph (an empty past), left padding fed as right padding."""
     shifts = right_padding_shifts(mask)
-    feeds = {"input_ids" if role == "first" else "inputs_embeds": roll_rows(x, shifts),
-             "attention_mask": roll_rows(mask, shifts)}
+    feeds = {
+        "input_ids" if role == "first" else "inputs_embeds": roll_rows(x, shifts),
+        "attention_mask": roll_rows(mask, shifts),
+    }
     dtype = np.float32
     empty = np.zeros((x.shape[0], dims["kv_heads"], 0, dims["head_dim"]), dtype=dtype)
     feeds.update({n: empty for n in past_names(dims["layers"])})
     return roll_rows(session.run([OUTPUT[role]], feeds)[0], shifts, sign=1)
 
 
-def _validate(reference: Any, graph: Path, role: str, precision: ModelPrecision, max_seq: int, dims: dict[str, int],
-              seed: int) -> dict[str, Any]:
+def _validate(
+    reference: Any, graph: Path, role: str, precision: ModelPrecision, max_seq: int, dims: dict[str, int], seed: int
+) -> dict[str, Any]:
     import torch
 
     from prism_deploy.core.ort_session import make_session
@@ -213,7 +272,9 @@ def _validate(reference: Any, graph: Path, role: str, precision: ModelPrecision,
                 if role == "middle":
                     ref = hf.final_hidden(reference, None, tmask, inputs_embeds=torch.from_numpy(emb)).numpy()
                 else:
-                    ref = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(emb), attention_mask=tmask)[0].numpy()
+                    ref = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(emb), attention_mask=tmask)[
+                        0
+                    ].numpy()
         figs.append(compare_logits(got, ref, mask, tie_gap=tol.tie_gap) if role == "last" else compare(got, ref, mask))
     fig = merge(figs)
     _check(f"{role} graph `{OUTPUT[role]}` (ort form)", fig, tol, precision)
@@ -232,4 +293,3 @@ def _versions() -> dict[str, str]:
     from prism_deploy.models.lm_export import _versions as versions
 
     return {**versions(), "onnxruntime_genai": onnxruntime_genai.__version__}
-

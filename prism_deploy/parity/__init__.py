@@ -6,8 +6,14 @@ from __future__ import annotations
 
 from prism_deploy.core.lazy import lazy_getattr
 
-__all__ = ["ParityReport", "adapter_engine_check", "check_parity", "default_tolerances", "model_graph_check",
-           "simulated_stored_tiles"]
+__all__ = [
+    "ParityReport",
+    "adapter_engine_check",
+    "check_parity",
+    "default_tolerances",
+    "model_graph_check",
+    "simulated_stored_tiles",
+]
 
 _LAZY = {
     "ParityReport": "prism_deploy.parity.check",

@@ -38,8 +38,9 @@ def blame_workers(reference: Any, runner: Any, x: np.ndarray, top: int = TOP_WOR
     return _probe(reference, runner, x)[:top]
 
 
-def worker_errors(adapter: PrismAdapter, stored: dict[int, np.ndarray], x: np.ndarray,
-                  notes: list[str]) -> list[dict[str, Any]]:
+def worker_errors(
+    adapter: PrismAdapter, stored: dict[int, np.ndarray], x: np.ndarray, notes: list[str]
+) -> list[dict[str, Any]]:
     """Each worker's tile alone on the same inputs: ``||x_c (T_stored - T_ref)^T||_F``.
 
     Computed from the Gram matrix of each column-block of the inputs, without forming the
@@ -51,8 +52,9 @@ def worker_errors(adapter: PrismAdapter, stored: dict[int, np.ndarray], x: np.nd
     for i, pipe in enumerate(adapter.pipe_list()):
         spec = pipe.spec
         if i not in stored:
-            notes.append(f"pipe {spec.name!r}: folded into one weight with its ungated neighbours; "
-                         "no per-worker figures")
+            notes.append(
+                f"pipe {spec.name!r}: folded into one weight with its ungated neighbours; no per-worker figures"
+            )
             continue
         (R, C), (tr, tc) = spec.grid, spec.tile
         xp = torch.nn.functional.pad(xt, (0, spec.padded_in - adapter.in_dim)).reshape(-1, C, tc)
@@ -66,8 +68,17 @@ def worker_errors(adapter: PrismAdapter, stored: dict[int, np.ndarray], x: np.nd
         for w in order:
             r, c = divmod(w, C)
             e, b = float(err[r, c]), float(base[r, c])
-            rows.append({"pipe": i, "name": spec.name, "worker": w, "r": r, "c": c, "error": e,
-                         "relative": e / b if b > 0 else (0.0 if e == 0 else math.inf)})
+            rows.append(
+                {
+                    "pipe": i,
+                    "name": spec.name,
+                    "worker": w,
+                    "r": r,
+                    "c": c,
+                    "error": e,
+                    "relative": e / b if b > 0 else (0.0 if e == 0 else math.inf),
+                }
+            )
     rows.sort(key=lambda r: (-r["error"], r["pipe"], r["worker"]))
     return rows[:TOP_WORKERS]
 
@@ -97,15 +108,24 @@ def _probe(reference: Any, runner: Any, x: np.ndarray) -> list[dict[str, Any]]:
                 if out_rows.start == out_rows.stop:
                     continue
                 n_rows = out_rows.stop - out_rows.start
-                contrib = (xc[:, cols].astype(np.float64) @ tiles[w, :n_rows, : cols.stop - cols.start].numpy().T)
+                contrib = xc[:, cols].astype(np.float64) @ tiles[w, :n_rows, : cols.stop - cols.start].numpy().T
                 contrib *= float(betas[p])
                 if gates is not None:
-                    contrib *= gates[:, w: w + 1]
+                    contrib *= gates[:, w : w + 1]
                 e = err[:, out_rows]
                 den = float((contrib * contrib).sum())
                 score = float((e * contrib).sum()) ** 2 / den if den > 0 else 0.0
                 error = math.sqrt(max(score, 0.0))
-                rows.append({"pipe": p, "name": spec.name, "worker": w, "r": r, "c": c, "error": error,
-                             "relative": error / math.sqrt(den) if den > 0 else (0.0 if error == 0 else math.inf)})
+                rows.append(
+                    {
+                        "pipe": p,
+                        "name": spec.name,
+                        "worker": w,
+                        "r": r,
+                        "c": c,
+                        "error": error,
+                        "relative": error / math.sqrt(den) if den > 0 else (0.0 if error == 0 else math.inf),
+                    }
+                )
     rows.sort(key=lambda row: (-row["error"], row["pipe"], row["worker"]))
     return rows

@@ -51,8 +51,9 @@ def adapter_engine_check(adapter_path: str | os.PathLike[str]) -> EngineCheck:
         adapter = state["adapter"]
         loaded = open_entry(folder, entry, adapter.config.to_json())
         batch, seq = checked_shape(unit.config.profile)
-        report = check_parity(adapter, loaded, precision=unit.config.precision, samples=PARITY_SAMPLES,
-                              batch=batch, seq=seq, seed=0)
+        report = check_parity(
+            adapter, loaded, precision=unit.config.precision, samples=PARITY_SAMPLES, batch=batch, seq=seq, seed=0
+        )
         figures, passed, failures = report.to_json(), bool(report.passed), list(report.failures)
         # an entry with a form per token bucket: every chosen form is checked too, at the token
         # count it was timed at (the profile's shape above runs only one of them)
@@ -63,8 +64,7 @@ def adapter_engine_check(adapter_path: str | os.PathLike[str]) -> EngineCheck:
                 continue
             checked.add(bucket["form"])
             tokens = min(bucket["timed_tokens"], PARITY_FORM_TOKENS)
-            r = check_parity(adapter, loaded, precision=unit.config.precision, samples=1,
-                             batch=1, seq=tokens, seed=1)
+            r = check_parity(adapter, loaded, precision=unit.config.precision, samples=1, batch=1, seq=tokens, seed=1)
             by_form[bucket["form"]] = {"tokens": tokens, **r.to_json()}
             passed = passed and bool(r.passed)
             failures += [f"form {bucket['form']} at {tokens} token(s): {f}" for f in r.failures]
@@ -99,8 +99,9 @@ def model_graph_check(model_dir: str | os.PathLike[str]) -> EngineCheck:
     return check
 
 
-def graph_parity(source_onnx: Path, work: Path, entry: dict[str, Any], model: dict[str, Any], key: str,
-                 seed: int = 0) -> CheckResult:
+def graph_parity(
+    source_onnx: Path, work: Path, entry: dict[str, Any], model: dict[str, Any], key: str, seed: int = 0
+) -> CheckResult:
     """Run the built graph and the source ONNX on the same random inputs; relative L2 on every
     output, top-1 agreement on logits."""
     from prism_deploy.format.engine_manifest import verify_part
@@ -115,12 +116,20 @@ def graph_parity(source_onnx: Path, work: Path, entry: dict[str, Any], model: di
     figures: dict[str, Any] = {"checked": True, "tolerances": tol.to_json(), "outputs": {}}
     bad: list[str] = []
     # the ort form's present.* past its real tokens is not written (GroupQueryAttention): its output only
-    names = ([model_folder.OUTPUT_ORT_FORM[model["role"]]] if model_folder.graph_form(model) == "ort"
-             else reference.output_names)
+    names = (
+        [model_folder.OUTPUT_ORT_FORM[model["role"]]]
+        if model_folder.graph_form(model) == "ort"
+        else reference.output_names
+    )
     for name in names:
         is_logits = name == "logits"
-        fig = compare(got[name], want[name], mask if is_logits or name in ("hidden", "hidden_states") else None, logits=is_logits,
-                      tie_gap=tol.tie_gap)
+        fig = compare(
+            got[name],
+            want[name],
+            mask if is_logits or name in ("hidden", "hidden_states") else None,
+            logits=is_logits,
+            tie_gap=tol.tie_gap,
+        )
         figures["outputs"][name] = fig
         bad += tol.failures({k: fig[k] for k in ("rel_l2", "top1") if k in fig}, name)
     figures["rel_l2"] = max(f["rel_l2"] for f in figures["outputs"].values())
@@ -137,8 +146,9 @@ def _empty_ort_past(runner: Any, feeds: dict[str, Any], dims: dict[str, Any]) ->
     return {**feeds, **{n: empty for n in names}}
 
 
-def parity_inputs(runner: Any, model: dict[str, Any], key: str, seed: int,
-                  model_dir: Path) -> tuple[dict[str, Any], np.ndarray]:
+def parity_inputs(
+    runner: Any, model: dict[str, Any], key: str, seed: int, model_dir: Path
+) -> tuple[dict[str, Any], np.ndarray]:
     """Random feeds for one graph: ids/mask (first), embeds/mask (middle, last), plus a short past
     (KV graph). Returns (feeds, mask over the new tokens)."""
     rng = np.random.default_rng(seed)

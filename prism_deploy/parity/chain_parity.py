@@ -41,11 +41,14 @@ class ReferenceChain:
         from prism_deploy.reference import PrismAdapter, load_adapter
 
         if len(models) != len(adapters) + 1:
-            raise PrismInputError(f"reference chain: {len(models)} models need {len(models) - 1} adapters, "
-                                  f"got {len(adapters)}")
+            raise PrismInputError(
+                f"reference chain: {len(models)} models need {len(models) - 1} adapters, got {len(adapters)}"
+            )
         # only the last model's LM head is used: the others read their base model's hidden states
-        self.models = [hf.load_causal_lm(m, uses_head=i == len(models) - 1) if isinstance(m, (str, os.PathLike)) else m
-                       for i, m in enumerate(models)]
+        self.models = [
+            hf.load_causal_lm(m, uses_head=i == len(models) - 1) if isinstance(m, (str, os.PathLike)) else m
+            for i, m in enumerate(models)
+        ]
         self.adapters = [a if isinstance(a, PrismAdapter) else load_adapter(a) for a in adapters]
         self.sources = [str(m) if isinstance(m, (str, os.PathLike)) else type(m).__name__ for m in models]
         self.adapter_sources = [str(a) if not isinstance(a, PrismAdapter) else "adapter" for a in adapters]
@@ -68,7 +71,9 @@ class ReferenceChain:
         """Raise unless every reference part has the sizes of the deployed stage it checks (a
         reference of another model is bad input, not a shape error halfway through the run)."""
         if len(chain.stages) != 2 * len(self.models) - 1:
-            raise PrismInputError(f"reference chain: {len(self.models)} models for a chain of {len(chain.stages)} stages")
+            raise PrismInputError(
+                f"reference chain: {len(self.models)} models for a chain of {len(chain.stages)} stages"
+            )
         for i, want in enumerate(self.widths()):
             stage, name = chain.stages[i], chain.names[i]
             if i % 2:
@@ -82,9 +87,11 @@ class ReferenceChain:
             for key, value in have.items():
                 if value is not None and int(value) != want[key]:
                     kind = "adapter" if i % 2 else "model"
-                    raise PrismInputError(f"stage {i + 1} ({kind} {printable(name)}): its reference {printable(source)} "
-                                          f"has {key} {want[key]}, the deployed stage {value}: "
-                                          "the reference is not this stage's source")
+                    raise PrismInputError(
+                        f"stage {i + 1} ({kind} {printable(name)}): its reference {printable(source)} "
+                        f"has {key} {want[key]}, the deployed stage {value}: "
+                        "the reference is not this stage's source"
+                    )
 
     def stage(self, i: int, value: Any, mask: np.ndarray) -> np.ndarray:
         """Stage ``i`` (0-based, models at even indices) on ``value``: ids for the first model,
@@ -133,8 +140,16 @@ def chain_precision(chain: Any) -> str:
     return loosest([m.precision for m in chain.models] + [defaults.runner_precision(a) for a in chain.adapters])
 
 
-def check_chain_parity(chain: Any, reference: ReferenceChain, input_ids: Any, attention_mask: Any = None, *,
-                       tolerance: str | None = None, new_tokens: int = 0, bisect: bool = False) -> dict[str, Any]:
+def check_chain_parity(
+    chain: Any,
+    reference: ReferenceChain,
+    input_ids: Any,
+    attention_mask: Any = None,
+    *,
+    tolerance: str | None = None,
+    new_tokens: int = 0,
+    bisect: bool = False,
+) -> dict[str, Any]:
     """Compare ``chain`` with ``reference`` on ``input_ids``; returns a report (``passed``,
     ``failures`` one line each, ``stages`` per hop, ``logits`` end to end, ``bisect``)."""
     reference.check_matches(chain)
@@ -142,8 +157,14 @@ def check_chain_parity(chain: Any, reference: ReferenceChain, input_ids: Any, at
     ref = reference.outputs(ids, mask)
     precision = tolerance or chain_precision(chain)
     tol = tolerances.pipeline(precision)
-    report: dict[str, Any] = {"precision": precision, "tolerances": tol.to_json(), "chain": chain.describe(),
-                              "batch": int(ids.shape[0]), "seq": int(ids.shape[1]), "tokens": int(mask.sum())}
+    report: dict[str, Any] = {
+        "precision": precision,
+        "tolerances": tol.to_json(),
+        "chain": chain.describe(),
+        "batch": int(ids.shape[0]),
+        "seq": int(ids.shape[1]),
+        "tokens": int(mask.sum()),
+    }
 
     # per hop: each deployed stage on the reference's own input for it
     hops = []
@@ -156,11 +177,22 @@ def check_chain_parity(chain: Any, reference: ReferenceChain, input_ids: Any, at
         hop_tol = tolerances.hop(kind, prec)
         fig = compare(got, ref[i], mask, logits=is_logits, tie_gap=hop_tol.tie_gap)
         bad = hop_tol.failures({k: fig[k] for k in ("rel_l2", "min_cosine", "top1") if k in fig})
-        hop: dict[str, Any] = {"stage": i + 1, "index": i, "name": chain.names[i], "kind": kind, "precision": prec,
-                               "tolerances": hop_tol.to_json(), **fig}
+        hop: dict[str, Any] = {
+            "stage": i + 1,
+            "index": i,
+            "name": chain.names[i],
+            "kind": kind,
+            "precision": prec,
+            "tolerances": hop_tol.to_json(),
+            **fig,
+        }
         if is_logits:  # the last model decodes with its KV-cache graph: check that graph too
             hop["graphs"] = _last_model_graphs(chain, reference, ref[i - 1], mask, hop_tol)
-            bad += [f"{g}: " + "; ".join(f["failures"]) for g, f in hop["graphs"].items() if not f["passed"] and g != "graph"]
+            bad += [
+                f"{g}: " + "; ".join(f["failures"])
+                for g, f in hop["graphs"].items()
+                if not f["passed"] and g != "graph"
+            ]
         hops.append({**hop, "passed": not bad, "failures": bad})
     report["stages"] = hops
 
@@ -175,11 +207,17 @@ def check_chain_parity(chain: Any, reference: ReferenceChain, input_ids: Any, at
         want_tokens = reference.generate(ids, mask, new_tokens)
         match = float((got_tokens == want_tokens[:, : got_tokens.shape[1]]).mean())
         judged = precision == "fp32"
-        report["greedy"] = {"new_tokens": new_tokens, "chain": got_tokens.tolist(), "reference": want_tokens.tolist(),
-                            "match": match, "judged": judged,
-                            "why": "fp32: rounding cannot move a greedy token but on a tie" if judged else
-                            f"not part of the check at {precision}: its rounding moves a token wherever two logits "
-                            "are close, and every later token follows that one; the logits bounds above are the check"}
+        report["greedy"] = {
+            "new_tokens": new_tokens,
+            "chain": got_tokens.tolist(),
+            "reference": want_tokens.tolist(),
+            "match": match,
+            "judged": judged,
+            "why": "fp32: rounding cannot move a greedy token but on a tie"
+            if judged
+            else f"not part of the check at {precision}: its rounding moves a token wherever two logits "
+            "are close, and every later token follows that one; the logits bounds above are the check",
+        }
         if judged and match < 1.0:
             failures.append(f"greedy tokens differ from the reference chain's ({match:.3f} of them agree)")
     failed_hops = [h for h in hops if not h["passed"]]
@@ -201,28 +239,41 @@ def _run_stage(chain: Any, i: int, given: Any, mask: np.ndarray) -> np.ndarray:
     return np.asarray(stage.run(np.asarray(given, np.float32)), dtype=np.float32)
 
 
-def _bisect(chain: Any, reference: ReferenceChain, ids: np.ndarray, mask: np.ndarray, ref: list[np.ndarray],
-            hops: list[dict[str, Any]]) -> dict[str, Any]:
+def _bisect(
+    chain: Any,
+    reference: ReferenceChain,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    ref: list[np.ndarray],
+    hops: list[dict[str, Any]],
+) -> dict[str, Any]:
     """The first stage out of its bound, and inside it the part most to blame."""
     failing = [h for h in hops if not h["passed"]]
     if not failing:
         worst = max(hops, key=lambda h: h["rel_l2"] / max(h["tolerances"]["rel_l2_max"], 1e-30))
-        return {"found": None, "summary": "every stage is within its own bound: the error accumulates over the chain "
-                                          f"(closest to its bound: stage {worst['stage']} {worst['name']})"}
+        return {
+            "found": None,
+            "summary": "every stage is within its own bound: the error accumulates over the chain "
+            f"(closest to its bound: stage {worst['stage']} {worst['name']})",
+        }
     h = failing[0]
     i = h["index"]
     out: dict[str, Any] = {"found": h["stage"], "index": i, "name": h["name"], "kind": h["kind"], "rel_l2": h["rel_l2"]}
     if h["kind"] == "adapter":
         from prism_deploy.parity.blame import blame_workers
 
-        x = np.asarray(ref[i - 1], np.float32).reshape(-1, ref[i - 1].shape[-1])[np.asarray(mask).reshape(-1).astype(bool)]
+        x = np.asarray(ref[i - 1], np.float32).reshape(-1, ref[i - 1].shape[-1])[
+            np.asarray(mask).reshape(-1).astype(bool)
+        ]
         workers = blame_workers(reference.adapters[i // 2], chain.stages[i], x)
         out["workers"] = workers[:5]
         if workers:
             top = workers[0]
             out["pipe"] = {"index": top["pipe"], "name": top["name"]}
-            out["summary"] = (f"stage {h['stage']} (adapter {h['name']}), pipe {top['pipe']} ({top['name']}), "
-                              f"worker {top['worker']} (row block {top['r']}, column block {top['c']})")
+            out["summary"] = (
+                f"stage {h['stage']} (adapter {h['name']}), pipe {top['pipe']} ({top['name']}), "
+                f"worker {top['worker']} (row block {top['r']}, column block {top['c']})"
+            )
         else:
             out["summary"] = f"stage {h['stage']} (adapter {h['name']})"
     else:
@@ -241,16 +292,18 @@ def blamed_graph(stage: Any, graphs: dict[str, Any]) -> str:
     return name
 
 
-def _last_model_graphs(chain: Any, reference: ReferenceChain, embeds: np.ndarray, mask: np.ndarray,
-                       tol: tolerances.Tolerances) -> dict[str, Any]:
+def _last_model_graphs(
+    chain: Any, reference: ReferenceChain, embeds: np.ndarray, mask: np.ndarray, tol: tolerances.Tolerances
+) -> dict[str, Any]:
     """The last model's prefill graph and its KV-cache graph, each against transformers on the
     reference's embeddings: the prefill on every position, the KV graph as a prefill of all but
     the last position and one decoding step."""
     return last_model_graphs(chain.last, reference.stage(len(chain.stages) - 1, embeds, mask), embeds, mask, tol)
 
 
-def last_model_graphs(last: Any, want: np.ndarray, embeds: np.ndarray, mask: np.ndarray,
-                      tol: tolerances.Tolerances) -> dict[str, Any]:
+def last_model_graphs(
+    last: Any, want: np.ndarray, embeds: np.ndarray, mask: np.ndarray, tol: tolerances.Tolerances
+) -> dict[str, Any]:
     """A last model's two graphs on ``embeds`` against the reference logits ``want``."""
     plain = compare(last.run(embeds, mask), want, mask, logits=True, tie_gap=tol.tie_gap)
     seq = embeds.shape[1]
@@ -265,9 +318,16 @@ def last_model_graphs(last: Any, want: np.ndarray, embeds: np.ndarray, mask: np.
         # (whose logits, of the last position, are what the step gives)
         cache = last.empty_past(embeds.shape[0])
         last.step(embeds[:, : seq - 1], mask[:, : seq - 1], cache)
-        step, _ = last.step(embeds[:, seq - 1:], mask, cache)
-        figures["graph_with_past"] = judged(compare(np.asarray(step, np.float32)[:, None], want[:, seq - 1:],
-                                                    mask[:, seq - 1:], logits=True, tie_gap=tol.tie_gap))
+        step, _ = last.step(embeds[:, seq - 1 :], mask, cache)
+        figures["graph_with_past"] = judged(
+            compare(
+                np.asarray(step, np.float32)[:, None],
+                want[:, seq - 1 :],
+                mask[:, seq - 1 :],
+                logits=True,
+                tie_gap=tol.tie_gap,
+            )
+        )
     elif seq >= 2:
         past = last.empty_past(embeds.shape[0])
         feeds = {"inputs_embeds": embeds[:, : seq - 1], "attention_mask": mask[:, : seq - 1], **past}
@@ -275,7 +335,7 @@ def last_model_graphs(last: Any, want: np.ndarray, embeds: np.ndarray, mask: np.
         from prism_deploy.format.model_folder import past_names
 
         cache = dict(zip(past_names(last.layers), outs[1:]))
-        feeds = {"inputs_embeds": embeds[:, seq - 1:], "attention_mask": mask, **cache}
+        feeds = {"inputs_embeds": embeds[:, seq - 1 :], "attention_mask": mask, **cache}
         step = np.asarray(last.past_graph.run(feeds, ["logits"])["logits"], np.float32)
         got = np.concatenate([np.asarray(outs[0].numpy(), np.float32), step], axis=1)
         figures["graph_with_past"] = judged(compare(got, want, mask, logits=True, tie_gap=tol.tie_gap))
@@ -284,8 +344,17 @@ def last_model_graphs(last: Any, want: np.ndarray, embeds: np.ndarray, mask: np.
 
 # ---- the two-model case ---------------------------------------------------------------------------
 
-def check_pipeline_parity(model_a_hf: Any, adapter: Any, model_b_hf: Any, pipeline: Any, input_ids: Any,
-                          attention_mask: Any = None, *, tolerance: str | None = None) -> dict[str, Any]:
+
+def check_pipeline_parity(
+    model_a_hf: Any,
+    adapter: Any,
+    model_b_hf: Any,
+    pipeline: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    *,
+    tolerance: str | None = None,
+) -> dict[str, Any]:
     """``check_chain_parity`` for a two-model ``Pipeline``, with the report's stages also under
     ``hidden``, ``adapted`` and ``logits`` (model A's, the adapter's and model B's outputs)."""
     reference = ReferenceChain([model_a_hf, model_b_hf], [adapter])

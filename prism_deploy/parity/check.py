@@ -125,15 +125,33 @@ def check_parity(
         tokens, ambiguous, matched = sel_counts[i]
         spec = adapter.config.pipes[i]
         if tokens == 0:  # the runner gave no selections for this pipe
-            selection.append({"pipe": i, "name": spec.name, "top_k": spec.top_k, "tokens": None,
-                              "ambiguous": None, "match_fraction": None})
+            selection.append(
+                {
+                    "pipe": i,
+                    "name": spec.name,
+                    "top_k": spec.top_k,
+                    "tokens": None,
+                    "ambiguous": None,
+                    "match_fraction": None,
+                }
+            )
             continue
         clear = tokens - ambiguous
-        selection.append({"pipe": i, "name": spec.name, "top_k": spec.top_k, "tokens": tokens,
-                          "ambiguous": ambiguous, "match_fraction": matched / clear if clear else 1.0})
+        selection.append(
+            {
+                "pipe": i,
+                "name": spec.name,
+                "top_k": spec.top_k,
+                "tokens": tokens,
+                "ambiguous": ambiguous,
+                "match_fraction": matched / clear if clear else 1.0,
+            }
+        )
     if any(s["tokens"] is None for s in selection):
-        notes.append("the runner does not expose the selected workers of every gated pipe: "
-                     "selection match not measured for those")
+        notes.append(
+            "the runner does not expose the selected workers of every gated pipe: "
+            "selection match not measured for those"
+        )
 
     stored, how = _stored_tiles(runner, adapter, prec)
     notes.append(f"per-worker errors: {how}")
@@ -143,20 +161,31 @@ def check_parity(
     failures = Tolerances(**tol).failures(acc.figures())
     for s in selection:
         if s["match_fraction"] is not None and s["match_fraction"] < tol["selection_match_min"]:
-            failures.append(f"pipe {s['name']!r}: selection match {s['match_fraction']:.4f} < {tol['selection_match_min']}")
+            failures.append(
+                f"pipe {s['name']!r}: selection match {s['match_fraction']:.4f} < {tol['selection_match_min']}"
+            )
     return ParityReport(
-        precision=prec, runner=_describe(runner), tokens=acc.tokens,
-        max_abs=acc.max_abs, rel_l2=acc.rel_l2, cosine=acc.cosine,
-        selection=selection, top_workers=top, tolerances=tol,
-        passed=not failures, failures=failures, notes=notes,
+        precision=prec,
+        runner=_describe(runner),
+        tokens=acc.tokens,
+        max_abs=acc.max_abs,
+        rel_l2=acc.rel_l2,
+        cosine=acc.cosine,
+        selection=selection,
+        top_workers=top,
+        tolerances=tol,
+        passed=not failures,
+        failures=failures,
+        notes=notes,
     )
 
 
 # ---- pieces ------------------------------------------------------------------------------
 
 
-def _input_batches(in_dim: int, inputs: np.ndarray | str | os.PathLike[str] | None, samples: int,
-                   batch: int, seq: int, seed: int) -> Any:
+def _input_batches(
+    in_dim: int, inputs: np.ndarray | str | os.PathLike[str] | None, samples: int, batch: int, seq: int, seed: int
+) -> Any:
     for name, v in (("samples", samples), ("batch", batch), ("seq", seq)):
         if v < 1:
             raise PrismInputError(f"--{name} must be >= 1, got {v}")
@@ -180,7 +209,7 @@ def _input_batches(in_dim: int, inputs: np.ndarray | str | os.PathLike[str] | No
         raise PrismInputError(f"{label}: inputs hold NaN or Inf")
     step = batch * seq
     for start in range(0, rows.shape[0], step):
-        chunk = rows[start:start + step]
+        chunk = rows[start : start + step]
         yield chunk.reshape(batch, seq, in_dim) if chunk.shape[0] == step else chunk[None]
 
 
@@ -193,26 +222,33 @@ def check_lowered_from(adapter: PrismAdapter, metadata: dict[str, Any] | None, g
         return  # lowered before graphs recorded their adapter
     name = graph or "the graph"
     if record.get("topology") != adapter.config.topology():
-        raise PrismInputError(f"{name}: lowered from an adapter of another layout than this one "
-                              f"(pipes {_pipes(record.get('topology'))} vs {_pipes(adapter.config.topology())})")
+        raise PrismInputError(
+            f"{name}: lowered from an adapter of another layout than this one "
+            f"(pipes {_pipes(record.get('topology'))} vs {_pipes(adapter.config.topology())})"
+        )
     digest = adapter.arrays().content_digest()
     if record.get("digest") != digest:
-        raise CheckFailed(f"{name}: lowered from another adapter of the same layout (weights {str(record.get('digest'))[7:19]} "
-                          f"in the graph, {digest[7:19]} here); export this adapter again to check it")
+        raise CheckFailed(
+            f"{name}: lowered from another adapter of the same layout (weights {str(record.get('digest'))[7:19]} "
+            f"in the graph, {digest[7:19]} here); export this adapter again to check it"
+        )
 
 
 def _pipes(topology: Any) -> str:
     pipes = topology.get("pipes", []) if isinstance(topology, dict) else []
-    return ", ".join(f"{p.get('name')} {_x(p.get('grid'))} of {_x(p.get('tile'))}" for p in pipes
-                     if isinstance(p, dict)) or "?"
+    return (
+        ", ".join(f"{p.get('name')} {_x(p.get('grid'))} of {_x(p.get('tile'))}" for p in pipes if isinstance(p, dict))
+        or "?"
+    )
 
 
 def _x(pair: Any) -> str:
     return "x".join(str(v) for v in pair) if isinstance(pair, list) else "?"
 
 
-def _count_selections(adapter: PrismAdapter, i: int, x2: torch.Tensor, routing: Any, got: np.ndarray,
-                      rounding: float, counts: list[int]) -> None:
+def _count_selections(
+    adapter: PrismAdapter, i: int, x2: torch.Tensor, routing: Any, got: np.ndarray, rounding: float, counts: list[int]
+) -> None:
     """Add to ``counts`` = [tokens, ambiguous, matched among unambiguous] for pipe ``i``."""
     pipe = adapter.pipe_list()[i]
     k = pipe.spec.top_k

@@ -52,8 +52,9 @@ class ReferenceGraph:
                 assert n.stage is not None
                 ref = n.stage.reference or n.stage.path
                 if ref.suffix != ".safetensors":
-                    raise PrismInputError(f"{spec.where()}: {n.label}: give `reference = \"<adapter>.safetensors\"` "
-                                          "for parity")
+                    raise PrismInputError(
+                        f'{spec.where()}: {n.label}: give `reference = "<adapter>.safetensors"` for parity'
+                    )
                 self.adapters[n.index] = load_adapter(ref)
         for i, a in self.adapters.items():
             if not isinstance(a, PrismAdapter):
@@ -120,8 +121,16 @@ def _stage_precision(graph: Any, i: int) -> str:
     return loosest([graph.stages[j].precision for j in n.inputs])
 
 
-def check_graph_parity(graph: Any, reference: ReferenceGraph, input_ids: Any, attention_mask: Any = None, *,
-                       tolerance: str | None = None, new_tokens: int = 0, bisect: bool = False) -> dict[str, Any]:
+def check_graph_parity(
+    graph: Any,
+    reference: ReferenceGraph,
+    input_ids: Any,
+    attention_mask: Any = None,
+    *,
+    tolerance: str | None = None,
+    new_tokens: int = 0,
+    bisect: bool = False,
+) -> dict[str, Any]:
     """``graph`` (a :class:`~prism_deploy.runtime.graph.Graph`) against ``reference``; the report
     has ``passed``, ``failures`` (one line each), ``stages`` (per stage, with its edge),
     ``logits`` end to end, ``greedy`` and ``bisect``."""
@@ -130,8 +139,14 @@ def check_graph_parity(graph: Any, reference: ReferenceGraph, input_ids: Any, at
     ref = reference.outputs(ids, mask)
     precision = tolerance or graph.precision
     tol = tolerances.pipeline(precision)
-    report: dict[str, Any] = {"precision": precision, "tolerances": tol.to_json(), "graph": graph.describe(),
-                              "batch": int(ids.shape[0]), "seq": int(ids.shape[1]), "tokens": int(mask.sum())}
+    report: dict[str, Any] = {
+        "precision": precision,
+        "tolerances": tol.to_json(),
+        "graph": graph.describe(),
+        "batch": int(ids.shape[0]),
+        "seq": int(ids.shape[1]),
+        "tokens": int(mask.sum()),
+    }
     hops = []
     for i in spec.order:
         n = spec.nodes[i]
@@ -142,11 +157,23 @@ def check_graph_parity(graph: Any, reference: ReferenceGraph, input_ids: Any, at
         hop_tol = tolerances.hop("adapter" if n.kind == "adapter" else "model", prec)
         fig = compare(got, ref[i], mask, logits=is_logits, tie_gap=hop_tol.tie_gap)
         bad = hop_tol.failures({k: fig[k] for k in ("rel_l2", "min_cosine", "top1") if k in fig})
-        hop: dict[str, Any] = {"stage": i + 1, "index": i, "name": n.name, "kind": n.kind, "edge": spec.edge(n),
-                               "precision": prec, "tolerances": hop_tol.to_json(), **fig}
+        hop: dict[str, Any] = {
+            "stage": i + 1,
+            "index": i,
+            "name": n.name,
+            "kind": n.kind,
+            "edge": spec.edge(n),
+            "precision": prec,
+            "tolerances": hop_tol.to_json(),
+            **fig,
+        }
         if n.kind == "model" and spec.roles[i] == "last":
             hop["graphs"] = last_model_graphs(graph.stages[i], ref[i], ref[n.inputs[0]], mask, hop_tol)
-            bad += [f"{g}: " + "; ".join(f["failures"]) for g, f in hop["graphs"].items() if not f["passed"] and g != "graph"]
+            bad += [
+                f"{g}: " + "; ".join(f["failures"])
+                for g, f in hop["graphs"].items()
+                if not f["passed"] and g != "graph"
+            ]
         hops.append({**hop, "passed": not bad, "failures": bad})
     report["stages"] = hops
 
@@ -159,13 +186,19 @@ def check_graph_parity(graph: Any, reference: ReferenceGraph, input_ids: Any, at
         got_tokens = graph.generate(ids, mask, max_new_tokens=new_tokens)
         want_tokens = reference.generate(ids, mask, new_tokens)
         match = float((got_tokens == want_tokens[:, : got_tokens.shape[1]]).mean())
-        report["greedy"] = {"new_tokens": new_tokens, "graph": got_tokens.tolist(), "reference": want_tokens.tolist(),
-                            "match": match}
+        report["greedy"] = {
+            "new_tokens": new_tokens,
+            "graph": got_tokens.tolist(),
+            "reference": want_tokens.tolist(),
+            "match": match,
+        }
         if precision == "fp32" and match < 1.0:
             failures.append(f"greedy tokens differ from the reference graph's ({match:.3f} of them agree)")
     for h in hops:
         if not h["passed"]:
-            failures.append(f"stage {h['stage']} ({h['kind']} {h['name']}, edge {h['edge']}): " + "; ".join(h["failures"]))
+            failures.append(
+                f"stage {h['stage']} ({h['kind']} {h['name']}, edge {h['edge']}): " + "; ".join(h["failures"])
+            )
     report["passed"] = not failures
     report["failures"] = failures
     if failures or bisect:
@@ -186,21 +219,32 @@ def _stage_on(graph: Any, i: int, given: list[Any], mask: np.ndarray) -> np.ndar
     return np.asarray(stage.run(x), np.float32)
 
 
-def _bisect(graph: Any, reference: ReferenceGraph, mask: np.ndarray, ref: list[np.ndarray],
-            hops: list[dict[str, Any]]) -> dict[str, Any]:
+def _bisect(
+    graph: Any, reference: ReferenceGraph, mask: np.ndarray, ref: list[np.ndarray], hops: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The first stage (in topological order) out of its bound, its edge, and inside it the part
     most to blame."""
     failing = [h for h in hops if not h["passed"]]
     if not failing:
         worst = max(hops, key=lambda h: h["rel_l2"] / max(h["tolerances"]["rel_l2_max"], 1e-30))
-        return {"found": None, "summary": "every stage is within its own bound: the error accumulates over the graph "
-                                          f"(closest to its bound: stage {worst['stage']} {worst['name']})"}
+        return {
+            "found": None,
+            "summary": "every stage is within its own bound: the error accumulates over the graph "
+            f"(closest to its bound: stage {worst['stage']} {worst['name']})",
+        }
     h = failing[0]
     i = h["index"]
     n = graph.nodes[i]
     head = f"stage {h['stage']} ({h['kind']} {h['name']}) on edge {h['edge']}"
-    out: dict[str, Any] = {"found": h["stage"], "index": i, "name": h["name"], "kind": h["kind"], "edge": h["edge"],
-                           "rel_l2": h["rel_l2"], "summary": head}
+    out: dict[str, Any] = {
+        "found": h["stage"],
+        "index": i,
+        "name": h["name"],
+        "kind": h["kind"],
+        "edge": h["edge"],
+        "rel_l2": h["rel_l2"],
+        "summary": head,
+    }
     if n.kind == "adapter":
         from prism_deploy.parity.blame import blame_workers
 
@@ -211,8 +255,10 @@ def _bisect(graph: Any, reference: ReferenceGraph, mask: np.ndarray, ref: list[n
         if workers:
             top = workers[0]
             out["pipe"] = {"index": top["pipe"], "name": top["name"]}
-            out["summary"] = (f"{head}, pipe {top['pipe']} ({top['name']}), worker {top['worker']} "
-                              f"(row block {top['r']}, column block {top['c']})")
+            out["summary"] = (
+                f"{head}, pipe {top['pipe']} ({top['name']}), worker {top['worker']} "
+                f"(row block {top['r']}, column block {top['c']})"
+            )
     elif n.kind == "model":
         out["graph"] = blamed_graph(graph.stages[i], h.get("graphs", {}))
         out["summary"] = f"{head}, graph {out['graph']}"

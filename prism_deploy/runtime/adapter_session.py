@@ -31,14 +31,19 @@ from prism_deploy.lower.contract import graph_precision, has_metadata, read_meta
 from prism_deploy.runtime.onnx_runner import OnnxRunner, shape_of
 
 
-
 class AdapterGraph:
     """An adapter graph on ONNX Runtime (see the module docstring)."""
 
     kind = "onnx"
 
-    def __init__(self, onnx_path: str | os.PathLike[str], provider: str = "cpu", *,
-                 intra_op_threads: int | None = None, twin: str = "semantics") -> None:
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike[str],
+        provider: str = "cpu",
+        *,
+        intra_op_threads: int | None = None,
+        twin: str = "semantics",
+    ) -> None:
         """``twin``: for a fused graph, which implementation computes its ``prism::tile_dispatch``
         nodes on the CPU: ``"semantics"`` (numpy) or ``"host"`` (the CUDA kernel's own source)."""
         self.path = Path(onnx_path)
@@ -54,7 +59,9 @@ class AdapterGraph:
         except Exception as exc:  # onnx raises DecodeError and friends
             raise PrismInputError(f"{self.path}: not an ONNX model ({brief(exc)})") from None
         try:
-            self.metadata: dict[str, Any] | None = read_metadata(self._skeleton) if has_metadata(self._skeleton) else None
+            self.metadata: dict[str, Any] | None = (
+                read_metadata(self._skeleton) if has_metadata(self._skeleton) else None
+            )
             self.precision: Precision = graph_precision(self._skeleton)
         except PrismInputError as exc:
             raise PrismInputError(f"{self.path}: {exc}") from None
@@ -87,8 +94,10 @@ class AdapterGraph:
             from prism_deploy.fuse.tile_dispatch_twin import make_twin_session
 
             if self.provider != "cpu":
-                raise PrismInputError(f"{self.path}: a fused graph (prism::tile_dispatch nodes) runs on ONNX Runtime "
-                                      "only on the CPU, through the op's twin; TensorRT runs the plugin itself")
+                raise PrismInputError(
+                    f"{self.path}: a fused graph (prism::tile_dispatch nodes) runs on ONNX Runtime "
+                    "only on the CPU, through the op's twin; TensorRT runs the plugin itself"
+                )
             model = onnx.load_model(str(self.path))  # the twin rewrite needs the weights in memory
             session = make_twin_session(model, self.intra_op_threads, kernel=self.twin, session_config=config)
             return OnnxRunner(session, "cpu", str(self.path))
@@ -99,8 +108,9 @@ class AdapterGraph:
         for name in self.selection_outputs.values():
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
         if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in probe.graph.initializer):
-            runner = OnnxRunner.open(probe.SerializeToString(), self.provider, threads=self.intra_op_threads,
-                                     session_config=config)
+            runner = OnnxRunner.open(
+                probe.SerializeToString(), self.provider, threads=self.intra_op_threads, session_config=config
+            )
             runner.label = str(self.path)
             return runner
         # External weights are found relative to the model file: write the extended skeleton
@@ -165,8 +175,9 @@ class AdapterGraph:
                 out[pipe["index"]] = tiles_from_dense(weight, (pipe["R"], pipe["C"]), (pipe["tr"], pipe["tc"]))
             elif pipe.get("dense_weight") is not None and pipe.get("folded_into") is None:
                 weight_t = numpy_helper.to_array(inits[pipe["dense_weight"]]).astype(np.float32)
-                out[pipe["index"]] = tiles_from_dense(weight_t, (pipe["R"], pipe["C"]), (pipe["tr"], pipe["tc"]),
-                                                      transposed=True)
+                out[pipe["index"]] = tiles_from_dense(
+                    weight_t, (pipe["R"], pipe["C"]), (pipe["tr"], pipe["tc"]), transposed=True
+                )
         return out
 
     def describe(self) -> str:
@@ -186,9 +197,16 @@ def _check_interface(model: onnx.ModelProto, path: Path) -> None:
     inputs = [i for i in model.graph.input if i.name not in initializers]
     outputs = [o.name for o in model.graph.output]
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-    ok = (len(inputs) == 1 and inputs[0].name == INPUT_NAME and inputs[0].type.tensor_type.elem_type in floats
-          and len(inputs[0].type.tensor_type.shape.dim) == 3 and OUTPUT_NAME in outputs)
+    ok = (
+        len(inputs) == 1
+        and inputs[0].name == INPUT_NAME
+        and inputs[0].type.tensor_type.elem_type in floats
+        and len(inputs[0].type.tensor_type.shape.dim) == 3
+        and OUTPUT_NAME in outputs
+    )
     if not ok:
         have = ", ".join(i.name for i in inputs) or "none"
-        raise PrismInputError(f"{path}: not an adapter graph (one float input {INPUT_NAME!r} [batch, seq, in_dim], "
-                              f"output {OUTPUT_NAME!r}); it takes {have} and gives {', '.join(outputs) or 'nothing'}")
+        raise PrismInputError(
+            f"{path}: not an adapter graph (one float input {INPUT_NAME!r} [batch, seq, in_dim], "
+            f"output {OUTPUT_NAME!r}); it takes {have} and gives {', '.join(outputs) or 'nothing'}"
+        )

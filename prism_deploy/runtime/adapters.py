@@ -33,8 +33,14 @@ from prism_deploy.format.engine_manifest import MANIFEST_NAME
 CACHE_FOLDER = ".prism-cache"
 
 
-def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: Precision | str | None = None,
-                   cache_dir: str | os.PathLike[str] | None = None, threads: int | None = None) -> Any:
+def adapter_runner(
+    adapter: Any,
+    target: str = "ort-cpu",
+    *,
+    precision: Precision | str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+) -> Any:
     """The runner for ``adapter``: a build folder, an ``.onnx``, a ``.safetensors``, or a runner object.
 
     ``precision``: the engine to load, or the precision to lower a ``.safetensors`` at (a name
@@ -64,7 +70,9 @@ def adapter_runner(adapter: Any, target: str = "ort-cpu", *, precision: Precisio
     if not path.exists():
         raise PrismInputError(f"{adapter}: no such adapter file or build folder")
     if not path.is_file():
-        raise PrismInputError(f"{adapter}: not a regular file (give an adapter .safetensors or .onnx, or a build folder)")
+        raise PrismInputError(
+            f"{adapter}: not a regular file (give an adapter .safetensors or .onnx, or a build folder)"
+        )
     from prism_deploy.runtime.adapter_session import AdapterGraph
 
     if path.suffix == ".onnx":
@@ -91,8 +99,11 @@ def lowered_graph(path: Path, precision: Precision, cache_dir: str | os.PathLike
     want = {"adapter_sha256": sha, "precision": precision.value, "prism_deploy": __version__}
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        if ({k: record.get(k) for k in want} == want and onnx_path.is_file()
-                and file_sha256(onnx_path) == record.get("onnx_sha256")):
+        if (
+            {k: record.get(k) for k in want} == want
+            and onnx_path.is_file()
+            and file_sha256(onnx_path) == record.get("onnx_sha256")
+        ):
             return onnx_path
     except (OSError, ValueError):
         pass  # no record, or one that is not ours to trust: lower again

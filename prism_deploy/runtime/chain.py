@@ -63,10 +63,18 @@ class Chain:
     ``generate`` adds ``<last>_prefill``, ``<last>_decode`` and ``steps``.
     """
 
-    def __init__(self, stages: Sequence[Any], target: str = "ort-cpu", *, names: Sequence[str] | None = None,
-                 precisions: Sequence[Precision | str | None] | None = None, targets: Sequence[str | None] | None = None,
-                 spec: ChainSpec | None = None, threads: int | None = None,
-                 precision_keyword: str = "precisions=[...]") -> None:
+    def __init__(
+        self,
+        stages: Sequence[Any],
+        target: str = "ort-cpu",
+        *,
+        names: Sequence[str] | None = None,
+        precisions: Sequence[Precision | str | None] | None = None,
+        targets: Sequence[str | None] | None = None,
+        spec: ChainSpec | None = None,
+        threads: int | None = None,
+        precision_keyword: str = "precisions=[...]",
+    ) -> None:
         """``stages``: model folders and adapters, alternating, models first and last. ``names``,
         ``precisions`` (adapters) and ``targets`` (per stage, defaulting to ``target``) are optional;
         ``threads``: ONNX Runtime's intra-op threads for the models and ONNX adapters (its own
@@ -95,8 +103,9 @@ class Chain:
                     obj = adapter_runner(stage, stage_targets[i], precision=precisions[i], threads=threads)
                     self.adapters.append(obj)
             except AmbiguousEngines as exc:  # said in this API's words
-                raise exc.saying(f"pick one with {precision_keyword} (one of {', '.join(sorted(_precisions(exc.ids)))})"
-                                 ) from None
+                raise exc.saying(
+                    f"pick one with {precision_keyword} (one of {', '.join(sorted(_precisions(exc.ids)))})"
+                ) from None
             except PrismInputError as exc:  # the same kind of error (an engine's stays an EngineFileError), labelled
                 raise type(exc)(f"{label}: {exc}") from None
             self.stages.append(obj)
@@ -111,9 +120,15 @@ class Chain:
         spec = path if isinstance(path, ChainSpec) else read_chain_file(path)
         for s in spec.stages:
             check_stage_files(spec, s)
-        return cls([s.path for s in spec.stages], target or spec.target or "ort-cpu", names=[s.name for s in spec.stages],
-                    precisions=[s.precision for s in spec.stages], targets=[s.target for s in spec.stages], spec=spec,
-                   precision_keyword=f"precision = \"...\" on that stage of {spec.path}")
+        return cls(
+            [s.path for s in spec.stages],
+            target or spec.target or "ort-cpu",
+            names=[s.name for s in spec.stages],
+            precisions=[s.precision for s in spec.stages],
+            targets=[s.target for s in spec.stages],
+            spec=spec,
+            precision_keyword=f'precision = "..." on that stage of {spec.path}',
+        )
 
     # ---- structure --------------------------------------------------------------------------------
     @property
@@ -132,10 +147,20 @@ class Chain:
     def _check_widths(self) -> None:
         for i in range(1, len(self.stages), 2):
             adapter, before, after = self.stages[i], self.stages[i - 1], self.stages[i + 1]
-            for side, have, want, what in (("in_dim", getattr(adapter, "in_dim", None), before.out_width,
-                                            f"the hidden width {before.out_width} of stage {i} ({before.name})"),
-                                           ("out_dim", getattr(adapter, "out_dim", None), after.in_width,
-                                            f"the embedding width {after.in_width} of stage {i + 2} ({after.name})")):
+            for side, have, want, what in (
+                (
+                    "in_dim",
+                    getattr(adapter, "in_dim", None),
+                    before.out_width,
+                    f"the hidden width {before.out_width} of stage {i} ({before.name})",
+                ),
+                (
+                    "out_dim",
+                    getattr(adapter, "out_dim", None),
+                    after.in_width,
+                    f"the embedding width {after.in_width} of stage {i + 2} ({after.name})",
+                ),
+            ):
                 if have is not None and want is not None and int(have) != int(want):
                     raise PrismInputError(f"{self._label(i)}: {side} {have} does not match {what}")
 
@@ -144,15 +169,28 @@ class Chain:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "target": self.target, "provider": self.provider, "provider_reason": self.provider_reason,
+            "target": self.target,
+            "provider": self.provider,
+            "provider_reason": self.provider_reason,
             "max_seq": self.max_seq,
-            "stages": [{"name": self.names[i], "kind": "model" if i % 2 == 0 else "adapter",
-                        **({"role": s.role, "folder": str(s.dir), "width": s.out_width, "precision": s.precision}
-                           if i % 2 == 0 else
-                           {"runner": str(getattr(s, "kind", type(s).__name__)), "in_dim": getattr(s, "in_dim", None),
-                            "out_dim": getattr(s, "out_dim", None), "precision": getattr(s, "precision", None),
-                            "on_device": self._adapter_on_device(i)})}
-                       for i, s in enumerate(self.stages)],
+            "stages": [
+                {
+                    "name": self.names[i],
+                    "kind": "model" if i % 2 == 0 else "adapter",
+                    **(
+                        {"role": s.role, "folder": str(s.dir), "width": s.out_width, "precision": s.precision}
+                        if i % 2 == 0
+                        else {
+                            "runner": str(getattr(s, "kind", type(s).__name__)),
+                            "in_dim": getattr(s, "in_dim", None),
+                            "out_dim": getattr(s, "out_dim", None),
+                            "precision": getattr(s, "precision", None),
+                            "on_device": self._adapter_on_device(i),
+                        }
+                    ),
+                }
+                for i, s in enumerate(self.stages)
+            ],
         }
 
     # ---- running ----------------------------------------------------------------------------------
@@ -165,8 +203,10 @@ class Chain:
         if ids.ndim == 1:
             ids = ids[None, :]
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise PrismInputError(f"input_ids: expected integer ids [batch, seq] with batch >= 1 and seq >= 1, "
-                                  f"got {ids.dtype} {list(ids.shape)}")
+            raise PrismInputError(
+                f"input_ids: expected integer ids [batch, seq] with batch >= 1 and seq >= 1, "
+                f"got {ids.dtype} {list(ids.shape)}"
+            )
         vocab = self.first.vocab
         if ids.min() < 0 or ids.max() >= vocab:
             raise PrismInputError(f"input_ids: ids must be in 0..{vocab - 1} (the first model's vocabulary)")
@@ -174,8 +214,10 @@ class Chain:
         if mask.ndim == 1:
             mask = mask[None, :]
         if mask.shape != ids.shape or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
-            raise PrismInputError(f"attention_mask: shape {list(mask.shape)} {mask.dtype} differs from input_ids "
-                                  f"{list(ids.shape)} (integers 0/1 expected)")
+            raise PrismInputError(
+                f"attention_mask: shape {list(mask.shape)} {mask.dtype} differs from input_ids "
+                f"{list(ids.shape)} (integers 0/1 expected)"
+            )
         problem = mask_problem(mask)
         if problem is not None:
             raise PrismInputError(problem)
@@ -209,8 +251,9 @@ class Chain:
                 value = self._adapt(i, value)
                 want = (*ids.shape, self.stages[i + 1].in_width)
                 if shape_of(value) != want:
-                    raise PrismInputError(f"{self._label(i)}: output has shape {list(shape_of(value))}, "
-                                          f"stage {i + 2} needs {list(want)}")
+                    raise PrismInputError(
+                        f"{self._label(i)}: output has shape {list(shape_of(value))}, stage {i + 2} needs {list(want)}"
+                    )
             self.timings[self.names[i]] = time.perf_counter() - t0
         return value
 
@@ -241,8 +284,9 @@ class Chain:
         self.timings[self.names[-1]] = time.perf_counter() - t0
         return np.asarray(logits, dtype=np.float32)
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 16,
-                 eos_token_id: int | None = None) -> np.ndarray:
+    def generate(
+        self, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 16, eos_token_id: int | None = None
+    ) -> np.ndarray:
         """Greedy continuation in the last model after the prefix: new token ids [batch, <= max_new_tokens].
 
         The prefix goes through the chain once; step 0 feeds the last model the handed-over
@@ -255,8 +299,10 @@ class Chain:
         ids, mask = self.prepare_inputs(input_ids, attention_mask)
         last = self.last
         if mask.shape[1] + max_new_tokens - 1 > last.max_seq:
-            raise PrismInputError(f"{mask.shape[1]} prefix tokens + {max_new_tokens} new ones exceed the last model's "
-                                  f"exported max_seq {last.max_seq}")
+            raise PrismInputError(
+                f"{mask.shape[1]} prefix tokens + {max_new_tokens} new ones exceed the last model's "
+                f"exported max_seq {last.max_seq}"
+            )
         embeds = self._forward(ids, mask)
         batch = mask.shape[0]
         _ = last.past_graph, last.embed_tokens  # opened outside the timed steps
@@ -269,6 +315,7 @@ class Chain:
             nonlocal past
             next_logits, past = last.step(np.asarray(table[token])[:, None, :], mask, past)
             return next_logits
+
         chosen = list(greedy_tokens(logits, mask, step, max_new_tokens, eos_token_id))
         t2 = time.perf_counter()
         name = self.names[-1]
@@ -280,15 +327,27 @@ class Pipeline(Chain):
     """The two-model chain: tokens -> model A -> adapter -> model B logits (stage names
     ``model_a``, ``adapter``, ``model_b``)."""
 
-    def __init__(self, model_a: str | os.PathLike[str], adapter: Any, model_b: str | os.PathLike[str],
-                 target: str = "ort-cpu", *, adapter_precision: Precision | str | None = None, threads: int | None = None,
-                 precision_keyword: str = "adapter_precision=") -> None:
+    def __init__(
+        self,
+        model_a: str | os.PathLike[str],
+        adapter: Any,
+        model_b: str | os.PathLike[str],
+        target: str = "ort-cpu",
+        *,
+        adapter_precision: Precision | str | None = None,
+        threads: int | None = None,
+        precision_keyword: str = "adapter_precision=",
+    ) -> None:
         # width refusals name the files given (set before the base class checks them)
-        self._sources = [str(model_a), str(adapter) if isinstance(adapter, (str, os.PathLike)) else None,
-                         str(model_b)]
-        super().__init__([model_a, adapter, model_b], target, names=["model_a", "adapter", "model_b"],
-                         precisions=[None, adapter_precision, None], threads=threads,
-                         precision_keyword=precision_keyword)
+        self._sources = [str(model_a), str(adapter) if isinstance(adapter, (str, os.PathLike)) else None, str(model_b)]
+        super().__init__(
+            [model_a, adapter, model_b],
+            target,
+            names=["model_a", "adapter", "model_b"],
+            precisions=[None, adapter_precision, None],
+            threads=threads,
+            precision_keyword=precision_keyword,
+        )
 
     def _check_widths(self) -> None:
         self._by_file = True  # a width refusal is about the files given: name them (a load error already does)
@@ -314,8 +373,16 @@ class Pipeline(Chain):
     def describe(self) -> dict[str, Any]:
         """The chain's description, and the two-model names it had before chains."""
         a, b = self.models
-        return {**super().describe(), "adapter_runner": self.adapter_kind, "model_a": str(a.dir), "model_b": str(b.dir),
-                "d_a": a.hidden_size, "d_b": b.hidden_size, "vocab_b": b.vocab, "adapter_on_device": self._adapter_on_device(1)}
+        return {
+            **super().describe(),
+            "adapter_runner": self.adapter_kind,
+            "model_a": str(a.dir),
+            "model_b": str(b.dir),
+            "d_a": a.hidden_size,
+            "d_b": b.hidden_size,
+            "vocab_b": b.vocab,
+            "adapter_on_device": self._adapter_on_device(1),
+        }
 
 
 def _precisions(ids: list[str]) -> set[str]:

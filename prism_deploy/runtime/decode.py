@@ -24,8 +24,9 @@ import numpy as np
 Step = Callable[[np.ndarray, np.ndarray], Any]
 
 
-def greedy_tokens(logits: Any, attention_mask: np.ndarray, step: Step, max_new_tokens: int,
-                  eos_token_id: int | None = None) -> Iterator[np.ndarray]:
+def greedy_tokens(
+    logits: Any, attention_mask: np.ndarray, step: Step, max_new_tokens: int, eos_token_id: int | None = None
+) -> Iterator[np.ndarray]:
     """The chosen tokens [batch], one per step, starting from the prefix's last-position
     ``logits`` [batch, vocab] under ``attention_mask`` [batch, prefix]."""
     mask = attention_mask

@@ -97,8 +97,9 @@ class LoadedEngines:
         x = hidden if device is not None else as_hidden(hidden, self.in_dim)
         shape = tuple(x.shape)
         if len(shape) not in (2, 3) or shape[-1] != self.in_dim:
-            raise PrismInputError(f"hidden must be [batch, seq, {self.in_dim}] or [tokens, {self.in_dim}], "
-                                  f"got {list(shape)}")
+            raise PrismInputError(
+                f"hidden must be [batch, seq, {self.in_dim}] or [tokens, {self.in_dim}], got {list(shape)}"
+            )
         if device is None and 0 in shape and not backend_for(self.target).answers_zero_tokens:
             # zero tokens: the ONNX graphs answer them themselves (lower/adapter_onnx.py); a
             # TensorRT engine's profile starts at one token, so the answer is made here
@@ -135,8 +136,13 @@ def open_entry(directory: str | os.PathLike[str], entry: dict[str, Any], config:
 class AmbiguousEngines(EngineFileError):
     """Several engines of a build folder match; ``how`` says how the caller's API picks one."""
 
-    def __init__(self, directory: Any, want: str, ids: list[str],
-                 how: str = "pass precision=, target=, per_pipe=, plugin= or engine_id= to pick one") -> None:
+    def __init__(
+        self,
+        directory: Any,
+        want: str,
+        ids: list[str],
+        how: str = "pass precision=, target=, per_pipe=, plugin= or engine_id= to pick one",
+    ) -> None:
         self.directory, self.want, self.ids = directory, want, ids
         super().__init__(f"{directory}: {len(ids)} engines match {want or 'any'} ({', '.join(ids)}); {how}")
 
@@ -144,24 +150,44 @@ class AmbiguousEngines(EngineFileError):
         return AmbiguousEngines(self.directory, self.want, self.ids, how)
 
 
-def select_entry(manifest: dict[str, Any], directory: Path, *, precision: str | None = None,
-                 target: str | None = None, per_pipe: bool | None = None, plugin: bool | None = None,
-                 layout: str | None = None, engine_id: str | None = None) -> dict[str, Any]:
+def select_entry(
+    manifest: dict[str, Any],
+    directory: Path,
+    *,
+    precision: str | None = None,
+    target: str | None = None,
+    per_pipe: bool | None = None,
+    plugin: bool | None = None,
+    layout: str | None = None,
+    engine_id: str | None = None,
+) -> dict[str, Any]:
     """The one entry matching the filters; none or several is an error listing what exists."""
+
     def matches(e: dict[str, Any]) -> bool:
         c = e["configuration"]
-        return ((engine_id is None or e["id"] == engine_id)
-                and (precision is None or c["precision"] == precision)
-                and (target is None or e["target"] == target)
-                and (per_pipe is None or (c.get("layout") == "per-pipe") == per_pipe)
-                and (layout is None or c.get("layout") == layout)
-                and (plugin is None or bool(c.get("plugin")) == plugin))
+        return (
+            (engine_id is None or e["id"] == engine_id)
+            and (precision is None or c["precision"] == precision)
+            and (target is None or e["target"] == target)
+            and (per_pipe is None or (c.get("layout") == "per-pipe") == per_pipe)
+            and (layout is None or c.get("layout") == layout)
+            and (plugin is None or bool(c.get("plugin")) == plugin)
+        )
 
     found = [e for e in manifest["engines"] if matches(e)]
     have = ", ".join(e["id"] for e in manifest["engines"]) or "none"
-    want = ", ".join(f"{k}={v}" for k, v in (("precision", precision), ("target", target), ("per_pipe", per_pipe),
-                                             ("plugin", plugin), ("layout", layout), ("engine_id", engine_id))
-                     if v is not None)
+    want = ", ".join(
+        f"{k}={v}"
+        for k, v in (
+            ("precision", precision),
+            ("target", target),
+            ("per_pipe", per_pipe),
+            ("plugin", plugin),
+            ("layout", layout),
+            ("engine_id", engine_id),
+        )
+        if v is not None
+    )
     if not found:
         raise EngineFileError(f"{directory}: no engine matches {want or 'any'} (built: {have})")
     if len(found) > 1:
@@ -169,9 +195,15 @@ def select_entry(manifest: dict[str, Any], directory: Path, *, precision: str | 
     return found[0]
 
 
-def load_engines(directory: str | os.PathLike[str], precision: str | None = None, target: str | None = None, *,
-                 per_pipe: bool | None = None, plugin: bool | None = None,
-                 engine_id: str | None = None) -> LoadedEngines:
+def load_engines(
+    directory: str | os.PathLike[str],
+    precision: str | None = None,
+    target: str | None = None,
+    *,
+    per_pipe: bool | None = None,
+    plugin: bool | None = None,
+    engine_id: str | None = None,
+) -> LoadedEngines:
     """Open the engine(s) of one configuration built into ``directory`` by ``prism-deploy build``."""
     base = Path(directory)
     manifest = read_manifest(base)
@@ -179,6 +211,7 @@ def load_engines(directory: str | os.PathLike[str], precision: str | None = None
         raise EngineFileError(f"{base}: no manifest.json (build engines with `prism-deploy build` first)")
     if source_kind(manifest) != "adapter":
         raise EngineFileError(f"{base}: a `build --model` folder (model graphs), not adapter engines")
-    entry = select_entry(manifest, base, precision=precision, target=target, per_pipe=per_pipe,
-                         plugin=plugin, engine_id=engine_id)
+    entry = select_entry(
+        manifest, base, precision=precision, target=target, per_pipe=per_pipe, plugin=plugin, engine_id=engine_id
+    )
     return open_entry(base, entry, manifest["adapter"]["config"])

@@ -58,8 +58,15 @@ class Graph:
     logit fusion); ``timings``: seconds per stage in the last call, by name.
     """
 
-    def __init__(self, spec: GraphSpec, target: str | None = None, *, threads: int | None = None,
-                 concurrent: bool = True, adapters: dict[int, Any] | None = None) -> None:
+    def __init__(
+        self,
+        spec: GraphSpec,
+        target: str | None = None,
+        *,
+        threads: int | None = None,
+        concurrent: bool = True,
+        adapters: dict[int, Any] | None = None,
+    ) -> None:
         """``adapters``: runner objects to use for some adapter stages instead of their files
         (by stage index; parity's reference, or a planted fault in a test)."""
         self.spec = spec
@@ -71,8 +78,11 @@ class Graph:
         self.stages: list[Any] = []
         opened: dict[tuple[str, ...], Any] = {}  # a model folder several stages name is opened once
         for n in spec.nodes:
-            key = ((str(n.stage.path.resolve()), spec.roles[n.index], n.stage.target or self.target)
-                   if n.kind == "model" and n.stage is not None else None)
+            key = (
+                (str(n.stage.path.resolve()), spec.roles[n.index], n.stage.target or self.target)
+                if n.kind == "model" and n.stage is not None
+                else None
+            )
             if key is not None and key in opened:
                 self.stages.append(opened[key])
                 continue
@@ -104,8 +114,9 @@ class Graph:
             if n.kind == "model":
                 provider, _ = target_provider(stage_target)
                 return ModelStage(n.stage.path, self.spec.roles[n.index], provider, n.name, threads=threads)
-            return adapter_runner(given if given is not None else n.stage.path, stage_target,
-                                  precision=n.stage.precision, threads=threads)
+            return adapter_runner(
+                given if given is not None else n.stage.path, stage_target, precision=n.stage.precision, threads=threads
+            )
         except PrismInputError as exc:
             raise type(exc)(f"{self.spec.where()}: {n.label}: {exc}") from None
 
@@ -151,32 +162,52 @@ class Graph:
             widths = [self.stages[i].out_width for i in n.inputs]
             in_dim, out_dim = getattr(s, "in_dim", None), getattr(s, "out_dim", None)
             if in_dim is not None and int(in_dim) != sum(widths):
-                raise PrismInputError(f"{self.spec.where()}: {n.label}: edge {self.spec.edge(n)}: in_dim {in_dim} does "
-                                      f"not match the hidden width(s) {' + '.join(map(str, widths))}")
+                raise PrismInputError(
+                    f"{self.spec.where()}: {n.label}: edge {self.spec.edge(n)}: in_dim {in_dim} does "
+                    f"not match the hidden width(s) {' + '.join(map(str, widths))}"
+                )
             for j in self.spec.consumers(n.index):
                 want = self.stages[j].in_width
                 if out_dim is not None and want is not None and int(out_dim) != int(want):
-                    raise PrismInputError(f"{self.spec.where()}: {n.label}: edge {n.name} -> {self.names[j]}: out_dim "
-                                          f"{out_dim} does not match the embedding width {want}")
+                    raise PrismInputError(
+                        f"{self.spec.where()}: {n.label}: edge {n.name} -> {self.names[j]}: out_dim "
+                        f"{out_dim} does not match the embedding width {want}"
+                    )
         vocabs = {self.stages[i].vocab for i, _ in self.heads}
         if len(vocabs) > 1:
-            raise PrismInputError(f"{self.spec.where()}: {self.spec.output.label}: vocabularies {sorted(vocabs)} differ")
+            raise PrismInputError(
+                f"{self.spec.where()}: {self.spec.output.label}: vocabularies {sorted(vocabs)} differ"
+            )
 
     def describe(self) -> dict[str, Any]:
         stages = []
         for n, s in zip(self.nodes, self.stages):
-            item: dict[str, Any] = {"name": n.name, "kind": n.kind, "index": n.index,
-                                    "inputs": [self.names[i] for i in n.inputs]}
+            item: dict[str, Any] = {
+                "name": n.name,
+                "kind": n.kind,
+                "index": n.index,
+                "inputs": [self.names[i] for i in n.inputs],
+            }
             if n.kind == "model":
                 item.update(role=s.role, folder=str(s.dir), width=s.out_width, precision=s.precision)
             elif n.kind == "adapter":
-                item.update(runner=str(getattr(s, "kind", type(s).__name__)), in_dim=getattr(s, "in_dim", None),
-                            out_dim=getattr(s, "out_dim", None), precision=getattr(s, "precision", None))
+                item.update(
+                    runner=str(getattr(s, "kind", type(s).__name__)),
+                    in_dim=getattr(s, "in_dim", None),
+                    out_dim=getattr(s, "out_dim", None),
+                    precision=getattr(s, "precision", None),
+                )
             else:
                 item.update(fusion="logits", weights=list(n.weights))
             stages.append(item)
-        return {"target": self.target, "provider": self.provider, "provider_reason": self.provider_reason,
-                "max_seq": self.max_seq, "waves": [[self.names[i] for i in w] for w in self.waves], "stages": stages}
+        return {
+            "target": self.target,
+            "provider": self.provider,
+            "provider_reason": self.provider_reason,
+            "max_seq": self.max_seq,
+            "waves": [[self.names[i] for i in w] for w in self.waves],
+            "stages": stages,
+        }
 
     # ---- running ----------------------------------------------------------------------------------
     def prepare_inputs(self, input_ids: Any, attention_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -191,8 +222,11 @@ class Graph:
             return stage.run_device(_on_device(inputs[0], stage.device), mask)
         if n.kind == "fusion":
             return fuse_logits([host(v) for v in inputs], n.weights)
-        if len(inputs) == 1 and hasattr(stage, "run_device") and getattr(stage, "device", None) == \
-                getattr(self.stages[n.inputs[0]], "device", None):
+        if (
+            len(inputs) == 1
+            and hasattr(stage, "run_device")
+            and getattr(stage, "device", None) == getattr(self.stages[n.inputs[0]], "device", None)
+        ):
             value = stage.run_device(inputs[0])
         else:
             self.host_round_trips += 1
@@ -213,8 +247,10 @@ class Graph:
                 for j in self.spec.consumers(i):
                     want = (*ids.shape, self.stages[j].in_width)
                     if shape_of(out) != want:
-                        raise PrismInputError(f"{n.label}: output has shape {list(shape_of(out))}, "
-                                              f"{self.nodes[j].label} needs {list(want)}")
+                        raise PrismInputError(
+                            f"{n.label}: output has shape {list(shape_of(out))}, "
+                            f"{self.nodes[j].label} needs {list(want)}"
+                        )
             return i, out, time.perf_counter() - t0
 
         pool = ThreadPoolExecutor(max_workers=max(len(w) for w in self.waves)) if self.concurrent else None
@@ -242,8 +278,9 @@ class Graph:
         values = self._run_waves(ids, mask, lambda i: False)
         return np.asarray(host(values[self.spec.output.index]), np.float32)
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 16,
-                 eos_token_id: int | None = None) -> np.ndarray:
+    def generate(
+        self, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 16, eos_token_id: int | None = None
+    ) -> np.ndarray:
         """Greedy tokens from the output [batch, <= max_new_tokens]: the prefix goes through the
         graph once; each last model behind the output then decodes with its KV cache, and the
         token chosen from the (fused) distribution is fed back to every one of them."""
@@ -253,8 +290,10 @@ class Graph:
         heads = self.heads
         for i, _ in heads:
             if mask.shape[1] + max_new_tokens - 1 > self.stages[i].max_seq:
-                raise PrismInputError(f"{mask.shape[1]} prefix tokens + {max_new_tokens} new ones exceed "
-                                      f"{self.nodes[i].label}'s exported max_seq {self.stages[i].max_seq}")
+                raise PrismInputError(
+                    f"{mask.shape[1]} prefix tokens + {max_new_tokens} new ones exceed "
+                    f"{self.nodes[i].label}'s exported max_seq {self.stages[i].max_seq}"
+                )
         head_ids = {i for i, _ in heads}
         # everything but the last models (and the fusion): their inputs are what decoding starts from
         values = self._run_waves(ids, mask, lambda i: i in head_ids or self.nodes[i].kind == "fusion")
@@ -277,6 +316,7 @@ class Graph:
                 logits, pasts[i] = last.step(np.asarray(last.embed_tokens[token])[:, None, :], mask, pasts[i])
                 head_logits.append(logits)
             return fuse_logits(head_logits, weights)  # every head fed the token, one distribution
+
         chosen = list(greedy_tokens(fuse_logits(step_logits, weights), mask, step, max_new_tokens, eos_token_id))
         t2 = time.perf_counter()
         name = self.spec.output.name

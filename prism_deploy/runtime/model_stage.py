@@ -37,8 +37,9 @@ class ModelFolder:
         want = None if role is None else model_folder.canonical_role(role, "role")
         if self.build is not None:
             if source_kind(self.build) != "model":
-                raise EngineFileError(f"{self.dir}: holds adapter engines, not a model build"
-                                      + (f" (role {want} needed)" if want else ""))
+                raise EngineFileError(
+                    f"{self.dir}: holds adapter engines, not a model build" + (f" (role {want} needed)" if want else "")
+                )
             built_role = model_folder.ROLE_ALIASES.get(self.build["model"].get("role"), self.build["model"].get("role"))
             if want is not None and built_role != want:
                 raise EngineFileError(f"{self.dir}: a build of role {built_role!r}, {want!r} is needed here")
@@ -73,8 +74,15 @@ class ModelStage:
     """One model of a chain, by role: ``first`` (token ids -> hidden), ``middle`` (embeddings ->
     hidden) or ``last`` (embeddings -> logits, and the KV-cache graph for generation)."""
 
-    def __init__(self, directory: str | os.PathLike[str], role: str | None = None, provider: str = "cpu",
-                 name: str = "model", *, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        role: str | None = None,
+        provider: str = "cpu",
+        name: str = "model",
+        *,
+        threads: int | None = None,
+    ) -> None:
         self.folder = ModelFolder(directory, role)
         self.dir = self.folder.dir
         self.name = name
@@ -96,15 +104,17 @@ class ModelStage:
 
             self.output_name = model_folder.OUTPUT_ORT_FORM[self.role]
             self.shares_past_graph = self.role == "last"
-            self.graph = OrtFormGraph(self.folder.runner("graph", provider, threads=threads), self.role, dims,
-                                      self.max_seq)
+            self.graph = OrtFormGraph(
+                self.folder.runner("graph", provider, threads=threads), self.role, dims, self.max_seq
+            )
         else:
             # One set of weights in memory: a last model runs its KV-cache graph for plain calls too
             # (a past of length zero), instead of opening ``graph`` beside it with a second copy of
             # every weight (docs/model-forms.md has the resident memory before and after).
             self.shares_past_graph = self.role == "last" and "graph_with_past" in self.manifest["files"]
-            self.graph = self.folder.runner("graph_with_past" if self.shares_past_graph else "graph", provider,
-                                            threads=threads)
+            self.graph = self.folder.runner(
+                "graph_with_past" if self.shares_past_graph else "graph", provider, threads=threads
+            )
         self.device = self.graph.device
         self.dtype = self.graph.input_dtype(self.input_name)  # None for token ids
         self._past: Any = self.graph if self.shares_past_graph else None
@@ -153,11 +163,14 @@ class ModelStage:
         if self.graph_form == "ort":
             return self.graph.new_cache(batch)
         dtype = self.dtype or np.float32
-        return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=dtype)
-                for n in model_folder.past_names(self.layers)}
+        return {
+            n: np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=dtype)
+            for n in model_folder.past_names(self.layers)
+        }
 
-    def step(self, inputs_embeds: Any, attention_mask: np.ndarray, past: Any, *,
-             positions: str = "last") -> tuple[np.ndarray, Any]:
+    def step(
+        self, inputs_embeds: Any, attention_mask: np.ndarray, past: Any, *, positions: str = "last"
+    ) -> tuple[np.ndarray, Any]:
         """Logits on the host and the cache grown by the new positions (OrtValues left on the
         device; the ort form's cache, written in place). The mask covers past + new tokens.
         ``positions``: ``"last"`` gives the last position's logits [batch, vocab], all greedy
@@ -174,4 +187,6 @@ class ModelStage:
             feeds[model_folder.LOGITS_START] = np.array([-1], dtype=np.int64)
         outs = self.past_graph.run_device(feeds)
         logits = host(outs[0])
-        return (logits[:, -1] if positions == "last" else logits), dict(zip(model_folder.past_names(self.layers), outs[1:]))
+        return (logits[:, -1] if positions == "last" else logits), dict(
+            zip(model_folder.past_names(self.layers), outs[1:])
+        )

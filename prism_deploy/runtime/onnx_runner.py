@@ -21,8 +21,11 @@ import numpy as np
 from prism_deploy.core.ort_session import make_session
 
 DEVICES = ("cpu", "cuda")
-_FLOAT_TYPES: dict[str, np.dtype] = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
-                "tensor(double)": np.dtype(np.float64)}
+_FLOAT_TYPES: dict[str, np.dtype] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+}
 
 
 class OnnxRunner:
@@ -43,12 +46,25 @@ class OnnxRunner:
         self.output_shapes = {o.name: list(o.shape) for o in session.get_outputs()}
 
     @classmethod
-    def open(cls, model: str | os.PathLike[str] | bytes, provider: str = "cpu", *, threads: int | None = None,
-             optimization_level: str | None = None, session_config: dict[str, str] | None = None,
-             custom_ops_library: str | None = None) -> OnnxRunner:
+    def open(
+        cls,
+        model: str | os.PathLike[str] | bytes,
+        provider: str = "cpu",
+        *,
+        threads: int | None = None,
+        optimization_level: str | None = None,
+        session_config: dict[str, str] | None = None,
+        custom_ops_library: str | None = None,
+    ) -> OnnxRunner:
         """The loader: a session on ``model`` (a path or serialized bytes) on ``provider``."""
-        session = make_session(model, provider, intra_op_threads=threads, graph_optimization_level=optimization_level,
-                               session_config=session_config, custom_ops_library=custom_ops_library)
+        session = make_session(
+            model,
+            provider,
+            intra_op_threads=threads,
+            graph_optimization_level=optimization_level,
+            session_config=session_config,
+            custom_ops_library=custom_ops_library,
+        )
         return cls(session, provider, "model" if isinstance(model, bytes) else str(model))
 
     def input_dtype(self, name: str) -> np.dtype | None:

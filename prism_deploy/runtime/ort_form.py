@@ -76,8 +76,11 @@ class OrtFormGraph:
         mask = np.asarray(host(attention_mask), dtype=np.int64)
         shifts = right_padding_shifts(mask)
         empty = np.zeros((mask.shape[0], self.kv_heads, 0, self.head_dim), dtype=self.dtype)
-        feeds = {self.input_name: roll_rows(host(x), shifts), "attention_mask": roll_rows(mask, shifts),
-                 **{n: empty for n in self.names}}
+        feeds = {
+            self.input_name: roll_rows(host(x), shifts),
+            "attention_mask": roll_rows(mask, shifts),
+            **{n: empty for n in self.names},
+        }
         out = self.runner.run(feeds, [self.output_name])[self.output_name]
         return roll_rows(out, shifts, sign=1)
 
@@ -87,8 +90,9 @@ class OrtFormGraph:
 
         shape = (batch, self.kv_heads, self.max_seq, self.head_dim)
         # on the CPU the OrtValue wraps the numpy array (and keeps it alive): no copy
-        values = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype), self.device, 0)
-                  for n in self.names}
+        values = {
+            n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype), self.device, 0) for n in self.names
+        }
         return KvCache(values, batch)
 
     def step(self, x: Any, attention_mask: Any, cache: KvCache) -> np.ndarray:

@@ -58,8 +58,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         if params.get("numpy_check", "below-2") != "off" and not numpy_ok(np.__version__):
-            raise RuntimeError(f"numpy {np.__version__} in the Python backend environment: Triton's bundled Python "
-                               "backend needs numpy < 2 (it serves empty outputs with numpy 2); see docs/serving.md")
+            raise RuntimeError(
+                f"numpy {np.__version__} in the Python backend environment: Triton's bundled Python "
+                "backend needs numpy < 2 (it serves empty outputs with numpy 2); see docs/serving.md"
+            )
         kind = params["prism_kind"]
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         self.name = config["name"]
@@ -105,8 +107,9 @@ class StageModel:
 
     def __init__(self, kind: str, version_dir: Path, params: dict[str, str], config: dict[str, Any]) -> None:
         self.kind = kind
-        self.stage: Any = stage_runtime.open_stage(version_dir / stage_runtime.STAGE_DIR, kind,
-                                              params.get("prism_provider", "cpu"))
+        self.stage: Any = stage_runtime.open_stage(
+            version_dir / stage_runtime.STAGE_DIR, kind, params.get("prism_provider", "cpu")
+        )
         self.max_seq = int(params["max_seq"])
         inputs = {i["name"]: i for i in config["input"]}
         self.width = int(inputs[input_names(kind)[0]]["dims"][-1]) if kind != "first" else None
@@ -127,7 +130,9 @@ class StageModel:
         # zero tokens are legal adapter input, answered with zero rows as by ``load_engines(...).run``;
         # a model stage needs at least one position
         if x.ndim < 2 or x.shape[1] < (0 if self.kind == "adapter" else 1):
-            raise RequestError(f"{names[0]}: expected [batch, seq{', width' if self.width else ''}], got {list(x.shape)}")
+            raise RequestError(
+                f"{names[0]}: expected [batch, seq{', width' if self.width else ''}], got {list(x.shape)}"
+            )
         if x.shape[1] > self.max_seq:
             raise RequestError(f"{names[0]}: {x.shape[1]} positions, more than this model's {self.max_seq}")
         if self.width is not None and (x.ndim != 3 or x.shape[2] != self.width):
@@ -184,7 +189,7 @@ class StageModel:
             outs, start = [], 0
             for _, x, _ in group:
                 n = x.shape[0] * x.shape[1]
-                outs.append(np.ascontiguousarray(y[start:start + n].reshape(*x.shape[:2], y.shape[-1])))
+                outs.append(np.ascontiguousarray(y[start : start + n].reshape(*x.shape[:2], y.shape[-1])))
                 start += n
             return outs
         x = np.concatenate([x for _, x, _ in group], axis=0)
@@ -202,7 +207,9 @@ class DecodeModel:
     def __init__(self, version_dir: Path, params: dict[str, str]) -> None:
         from prism_deploy.runtime.model_stage import ModelStage
 
-        stage = stage_runtime.open_stage(version_dir / stage_runtime.STAGE_DIR, "last", params.get("prism_provider", "cpu"))
+        stage = stage_runtime.open_stage(
+            version_dir / stage_runtime.STAGE_DIR, "last", params.get("prism_provider", "cpu")
+        )
         assert isinstance(stage, ModelStage)
         self.stage = stage
         self.past_inputs, self.present_outputs = past_names(stage.layers), past_names(stage.layers, "present")
@@ -224,8 +231,10 @@ class DecodeModel:
                     past = {k: v for k, v in past_given.items() if v is not None}
                 past_len = next(iter(past.values())).shape[2]
                 if mask.shape != (embeds.shape[0], past_len + embeds.shape[1]):
-                    raise RequestError(f"attention_mask: expected [{embeds.shape[0]}, {past_len + embeds.shape[1]}] "
-                                       f"(past + new positions), got {list(mask.shape)}")
+                    raise RequestError(
+                        f"attention_mask: expected [{embeds.shape[0]}, {past_len + embeds.shape[1]}] "
+                        f"(past + new positions), got {list(mask.shape)}"
+                    )
                 if mask.shape[1] > self.stage.max_seq:
                     raise RequestError(f"{mask.shape[1]} positions, more than the model's max_seq {self.stage.max_seq}")
                 logits, present = self.stage.step(embeds, mask.astype(np.int64, copy=False), past)
@@ -237,8 +246,10 @@ class DecodeModel:
                 continue
             # float32 at the Triton interface, whatever the graph's own dtype
             tensors = [pb.Tensor("logits", np.ascontiguousarray(logits, dtype=np.float32))]
-            tensors += [pb.Tensor(out, np.ascontiguousarray(host(present[inp]), dtype=np.float32))
-                        for inp, out in zip(self.past_inputs, self.present_outputs)]
+            tensors += [
+                pb.Tensor(out, np.ascontiguousarray(host(present[inp]), dtype=np.float32))
+                for inp, out in zip(self.past_inputs, self.present_outputs)
+            ]
             responses.append(pb.InferenceResponse(output_tensors=tensors))
         return responses
 
@@ -264,8 +275,9 @@ class GenerateModel:
         # an ort-form last model decodes here, on its shared KV buffer (repository._generate_in_process)
         self.last: Any = None
         if params.get("decode_in_process") == "1":
-            self.last = stage_runtime.open_stage(version_dir / stage_runtime.STAGE_DIR, "last",
-                                                 params.get("prism_provider", "cpu"))
+            self.last = stage_runtime.open_stage(
+                version_dir / stage_runtime.STAGE_DIR, "last", params.get("prism_provider", "cpu")
+            )
         else:
             self.embed = np.load(version_dir / params["embed_tokens"], mmap_mode="r")
             self.present = json.loads(params["present_outputs"])
@@ -273,8 +285,11 @@ class GenerateModel:
 
     def _bls(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         pb = _pb()
-        request = pb.InferenceRequest(model_name=model, requested_output_names=outputs,
-                                      inputs=[pb.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()])
+        request = pb.InferenceRequest(
+            model_name=model,
+            requested_output_names=outputs,
+            inputs=[pb.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()],
+        )
         response = request.exec()
         if response.has_error():
             raise RequestError(f"{model}: {response.error().message()}")
@@ -298,7 +313,9 @@ class GenerateModel:
         if not 1 <= max_new <= self.max_new_limit:
             raise RequestError(f"max_new_tokens: {max_new} must be in 1..{self.max_new_limit}")
         if ids.shape[1] + max_new - 1 > self.max_seq:
-            raise RequestError(f"{ids.shape[1]} prefix tokens + {max_new} new ones exceed the chain's max_seq {self.max_seq}")
+            raise RequestError(
+                f"{ids.shape[1]} prefix tokens + {max_new} new ones exceed the chain's max_seq {self.max_seq}"
+            )
         e = _input(request, "eos_token_id", required=False)
         eos = self.default_eos if e is None else int(np.asarray(e).reshape(-1)[0])
         return ids.astype(np.int64), mask.astype(np.int64), max_new, (None if eos is None or eos < 0 else eos)
@@ -321,18 +338,23 @@ class GenerateModel:
             return
         first = {"inputs_embeds": embeds, "attention_mask": mask}
         if self.empty_past is not None:  # a native decode model has no optional inputs: an empty cache
-            first.update({n: np.zeros((ids.shape[0], self.empty_past[0], 0, self.empty_past[1]), np.float32)
-                          for n in self.past})
+            first.update(
+                {n: np.zeros((ids.shape[0], self.empty_past[0], 0, self.empty_past[1]), np.float32) for n in self.past}
+            )
         outs = self._bls(self.decode_model, first, ["logits", *self.present])
         logits, past = _last_position(outs[0]), dict(zip(self.past, outs[1:]))
 
         def step(token: np.ndarray, mask: np.ndarray) -> np.ndarray:
             nonlocal past
             step_embeds = np.asarray(self.embed[token], dtype=np.float32)[:, None, :]
-            outs = self._bls(self.decode_model, {"inputs_embeds": step_embeds, "attention_mask": mask, **past},
-                             ["logits", *self.present])
+            outs = self._bls(
+                self.decode_model,
+                {"inputs_embeds": step_embeds, "attention_mask": mask, **past},
+                ["logits", *self.present],
+            )
             past = dict(zip(self.past, outs[1:]))
             return _last_position(outs[0])
+
         for token in greedy_tokens(logits, mask, step, max_new, eos):
             yield token.astype(np.int64)
 
@@ -345,6 +367,7 @@ class GenerateModel:
         def step(token: np.ndarray, mask: np.ndarray) -> np.ndarray:
             step_embeds = np.asarray(last.embed_tokens[token], dtype=np.float32)[:, None, :]
             return last.step(step_embeds, mask, cache)[0]
+
         for token in greedy_tokens(logits, mask, step, max_new, eos):
             yield token.astype(np.int64)
 
@@ -360,8 +383,10 @@ class GenerateModel:
                 except RequestError as exc:
                     sender.send(_error_response(str(exc)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 except Exception as exc:
-                    sender.send(_error_response(f"generate failed: {exc}", invalid=False),
-                                flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    sender.send(
+                        _error_response(f"generate failed: {exc}", invalid=False),
+                        flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                    )
             return None
         responses = []
         for request in requests:

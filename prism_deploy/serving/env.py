@@ -64,8 +64,15 @@ class EnvSpec:
 
     @property
     def key(self) -> str:
-        text = json.dumps({"python": self.python, "requirements": sorted(self.requirements),
-                           "machine": self.machine, "implementation": sys.implementation.name}, sort_keys=True)
+        text = json.dumps(
+            {
+                "python": self.python,
+                "requirements": sorted(self.requirements),
+                "machine": self.machine,
+                "implementation": sys.implementation.name,
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
@@ -73,7 +80,12 @@ class EnvSpec:
         return f"env-py{self.python}-{self.key}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"python": self.python, "requirements": list(self.requirements), "machine": self.machine, "key": self.key}
+        return {
+            "python": self.python,
+            "requirements": list(self.requirements),
+            "machine": self.machine,
+            "key": self.key,
+        }
 
 
 def spec_for(onnxruntime_version: str, *, gpu: bool = False) -> EnvSpec:
@@ -81,10 +93,17 @@ def spec_for(onnxruntime_version: str, *, gpu: bool = False) -> EnvSpec:
     import onnx
 
     ort = "onnxruntime-gpu" if gpu else "onnxruntime"
-    return EnvSpec(python=f"{sys.version_info.major}.{sys.version_info.minor}",
-                   requirements=(NUMPY_REQUIREMENT, f"{ort}=={onnxruntime_version}", f"onnx=={onnx.__version__}",
-                                 # the project's torch-free core validates manifests with jsonschema
-                                 "jsonschema>=4.0", PYTRITON_REQUIREMENT))
+    return EnvSpec(
+        python=f"{sys.version_info.major}.{sys.version_info.minor}",
+        requirements=(
+            NUMPY_REQUIREMENT,
+            f"{ort}=={onnxruntime_version}",
+            f"onnx=={onnx.__version__}",
+            # the project's torch-free core validates manifests with jsonschema
+            "jsonschema>=4.0",
+            PYTRITON_REQUIREMENT,
+        ),
+    )
 
 
 @dataclass
@@ -128,28 +147,56 @@ def ensure_env(spec: EnvSpec, log: Callable[[str], None] | None = None) -> Path:
         if (final / MARKER).is_file():
             return final
         if final.exists():
-            raise PrismInputError(f"{final}: exists without {MARKER} (not a finished prism-deploy environment); "
-                                  "move it away and run again")
+            raise PrismInputError(
+                f"{final}: exists without {MARKER} (not a finished prism-deploy environment); "
+                "move it away and run again"
+            )
         partial = root / f"{spec.folder_name}.partial-{secrets.token_hex(4)}"
-        _say(log, f"creating the Triton backend environment {final} ({', '.join(spec.requirements)}); "
-                  "first use only, a few minutes")
+        _say(
+            log,
+            f"creating the Triton backend environment {final} ({', '.join(spec.requirements)}); "
+            "first use only, a few minutes",
+        )
         started = time.monotonic()
         _run([sys.executable, "-m", "venv", str(partial)], "python -m venv", timeout=300)
         python = partial / "bin" / "python"
-        _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-              "--progress-bar", "off", *spec.requirements], "pip install", timeout=PIP_TIMEOUT_S, log=log)
+        _run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--progress-bar",
+                "off",
+                *spec.requirements,
+            ],
+            "pip install",
+            timeout=PIP_TIMEOUT_S,
+            log=log,
+        )
         site = _site_packages(python)
         _install_stub(site, spec.python)
-        record = {**spec.to_json(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "seconds": round(time.monotonic() - started, 1)}
+        record = {
+            **spec.to_json(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.monotonic() - started, 1),
+        }
         (partial / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         os.replace(partial, final)
         _say(log, f"backend environment ready in {record['seconds']} s")
     return final
 
 
-def _run(cmd: list[str], what: str, *, timeout: float, log: Callable[[str], None] | None = None,
-         env: dict[str, str] | None = None) -> str:
+def _run(
+    cmd: list[str],
+    what: str,
+    *,
+    timeout: float,
+    log: Callable[[str], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
     """Run ``cmd`` to completion within ``timeout``; with ``log``, its progress lines go there as they come."""
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -177,8 +224,9 @@ def _run(cmd: list[str], what: str, *, timeout: float, log: Callable[[str], None
 
 
 def _site_packages(python: Path) -> Path:
-    out = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], "site-packages",
-               timeout=60)
+    out = _run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], "site-packages", timeout=60
+    )
     return Path(out.strip().splitlines()[-1])
 
 
@@ -198,8 +246,11 @@ def code_overlay(log: Callable[[str], None] | None = None) -> Path:
     import prism_deploy
 
     source = Path(prism_deploy.__file__).resolve().parent
-    files = sorted(p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                   and p.suffix in (".py", ".typed", ".json"))
+    files = sorted(
+        p
+        for p in source.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".typed", ".json")
+    )
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -213,7 +264,9 @@ def code_overlay(log: Callable[[str], None] | None = None) -> Path:
         dest = partial / "prism_deploy" / path.relative_to(source)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, dest)
-    (partial / CODE_MARKER).write_text(json.dumps({"source": str(source), "files": len(files)}) + "\n", encoding="utf-8")
+    (partial / CODE_MARKER).write_text(
+        json.dumps({"source": str(source), "files": len(files)}) + "\n", encoding="utf-8"
+    )
     try:
         os.replace(partial, final)
     except OSError:  # another process put the same content there first
@@ -269,32 +322,49 @@ def check_env(env_path: Path, code: Path, *, onnxruntime_version: str | None) ->
     if not python.exists():
         raise PrismInputError(f"{env_path}: not a Python environment (no bin/python)")
     model_py = Path(__file__).with_name("triton_model.py")
-    out = _run([str(python), "-c", _CHECK, str(model_py)], f"{env_path}: environment check", timeout=CHECK_TIMEOUT_S,
-               env=backend_process_env(env_path, code))
+    out = _run(
+        [str(python), "-c", _CHECK, str(model_py)],
+        f"{env_path}: environment check",
+        timeout=CHECK_TIMEOUT_S,
+        env=backend_process_env(env_path, code),
+    )
     try:
         info = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
         raise PrismInputError(f"{env_path}: environment check printed no result") from None
     if info.get("missing"):
-        wanted = {"numpy": "'numpy<2'", "onnxruntime": f"onnxruntime=={onnxruntime_version}" if onnxruntime_version
-                  else "onnxruntime"}
-        raise PrismInputError(f"{env_path}: the backend environment lacks {' and '.join(info['missing'])}; it needs "
-                              f"numpy < 2 and the engines' onnxruntime: {python} -m pip install "
-                              + " ".join(wanted[m] for m in info["missing"]))
+        wanted = {
+            "numpy": "'numpy<2'",
+            "onnxruntime": f"onnxruntime=={onnxruntime_version}" if onnxruntime_version else "onnxruntime",
+        }
+        raise PrismInputError(
+            f"{env_path}: the backend environment lacks {' and '.join(info['missing'])}; it needs "
+            f"numpy < 2 and the engines' onnxruntime: {python} -m pip install "
+            + " ".join(wanted[m] for m in info["missing"])
+        )
     major = int(str(info["numpy"]).split(".")[0])
     if major >= 2:
-        raise PrismInputError(f"{env_path}: numpy {info['numpy']} in the backend environment; Triton's bundled Python "
-                              "backend needs numpy < 2 (with numpy 2 it serves empty outputs and zeros)")
+        raise PrismInputError(
+            f"{env_path}: numpy {info['numpy']} in the backend environment; Triton's bundled Python "
+            "backend needs numpy < 2 (with numpy 2 it serves empty outputs and zeros)"
+        )
     if info["torch_imported"]:
         raise PrismInputError(f"{env_path}: importing the serving code pulled in PyTorch; the backend must not")
     if onnxruntime_version is not None and info["onnxruntime"] != onnxruntime_version:
-        raise PrismInputError(f"{env_path}: onnxruntime {info['onnxruntime']} in the backend environment, the engines "
-                              f"were built with {onnxruntime_version}")
+        raise PrismInputError(
+            f"{env_path}: onnxruntime {info['onnxruntime']} in the backend environment, the engines "
+            f"were built with {onnxruntime_version}"
+        )
     return BackendEnv(env_path, code, info)
 
 
-def prepare(onnxruntime_version: str, *, gpu: bool = False, env_path: str | os.PathLike[str] | None = None,
-            log: Callable[[str], None] | None = None) -> BackendEnv:
+def prepare(
+    onnxruntime_version: str,
+    *,
+    gpu: bool = False,
+    env_path: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> BackendEnv:
     """The checked backend environment: ``env_path`` as given, else the cached one for the spec."""
     if env_path is not None:
         path = Path(env_path)

@@ -66,7 +66,9 @@ class _PerRequest:
         for request in requests:
             try:
                 out = self.compute(request)
-                responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(self.output, np.ascontiguousarray(out))]))
+                responses.append(
+                    pb.InferenceResponse(output_tensors=[pb.Tensor(self.output, np.ascontiguousarray(out))])
+                )
             except RequestError as exc:
                 responses.append(_error_response(str(exc)))
             except Exception as exc:
@@ -149,5 +151,6 @@ class GraphGenerateModel(GenerateModel):
                 step_logits, pasts[k] = self._step(head, {"inputs_embeds": embeds, "attention_mask": mask, **pasts[k]})
                 head_logits.append(step_logits)
             return fuse_logits(head_logits, weights)  # every head fed the token, one distribution
+
         for token in greedy_tokens(fuse_logits(logits, weights), mask, step, max_new, eos):
             yield token.astype(np.int64)

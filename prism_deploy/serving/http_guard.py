@@ -35,7 +35,7 @@ HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te"
 def declared_too_much(body: bytes, inference_header_length: str | None) -> str | None:
     """Why this inference request must not reach Triton, or None."""
     try:
-        head = body[:int(inference_header_length)] if inference_header_length else body
+        head = body[: int(inference_header_length)] if inference_header_length else body
         request = json.loads(head)
     except (ValueError, UnicodeDecodeError):
         return None  # not ours to judge: Triton refuses malformed JSON itself, allocating nothing
@@ -50,8 +50,10 @@ def declared_too_much(body: bytes, inference_header_length: str | None) -> str |
         for d in shape:
             values *= max(d, 0)
         if values > len(body):
-            return (f"input {str(item.get('name'))[:64]!r}: shape {shape[:8]} declares {values} values, the request "
-                    f"carries {len(body)} bytes")
+            return (
+                f"input {str(item.get('name'))[:64]!r}: shape {shape[:8]} declares {values} values, the request "
+                f"carries {len(body)} bytes"
+            )
     return None
 
 
@@ -85,8 +87,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not length.isdigit():
             return self._refuse(400, "Content-Length is not a number", close=True)
         if int(length) > MAX_BODY_BYTES:
-            return self._refuse(413, f"request body of {length} bytes, over the {MAX_BODY_BYTES} this server reads",
-                                close=True)
+            return self._refuse(
+                413, f"request body of {length} bytes, over the {MAX_BODY_BYTES} this server reads", close=True
+            )
         body = self.rfile.read(int(length)) if int(length) else b""
         if self.command == "POST" and INFER_PATH.match(self.path.split("?", 1)[0]):
             why = declared_too_much(body, self.headers.get("Inference-Header-Content-Length"))
@@ -95,8 +98,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
         conn = self.server.upstream()
         try:
-            conn.request(self.command, self.path, body=body if body or self.command == "POST" else None,
-                         headers=headers)
+            conn.request(
+                self.command, self.path, body=body if body or self.command == "POST" else None, headers=headers
+            )
             response = conn.getresponse()
         except (OSError, http.client.HTTPException):
             self.server.drop(conn)

@@ -77,8 +77,10 @@ def prepare_folder(folder: str | os.PathLike[str]) -> Path:
     if info.st_uid != os.getuid():
         raise PrismInputError(f"--record {folder}: owned by another user; recorded text must stay owner-only")
     if stat.S_IMODE(info.st_mode) & 0o077:
-        raise PrismInputError(f"--record {folder}: group or others may access it (mode "
-                              f"{stat.S_IMODE(info.st_mode):o}); recorded text must stay owner-only: chmod 700 it")
+        raise PrismInputError(
+            f"--record {folder}: group or others may access it (mode "
+            f"{stat.S_IMODE(info.st_mode):o}); recorded text must stay owner-only: chmod 700 it"
+        )
     if not os.access(path, os.W_OK | os.X_OK):
         raise PrismInputError(f"--record {folder}: not writable")
     return path
@@ -117,8 +119,9 @@ def enforce_budget(folder: Path, budget_bytes: int) -> int:
 class Recorder:
     """Keeps a sample of one model's requests (token ids only) in the record folder."""
 
-    def __init__(self, settings: RecordSettings, model: str, tokenizer: str, vocab: int,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, settings: RecordSettings, model: str, tokenizer: str, vocab: int, rng: random.Random | None = None
+    ) -> None:
         self.settings = settings
         self.model = model
         self.tokenizer = tokenizer
@@ -138,9 +141,17 @@ class Recorder:
         return self.write(rows)
 
     def write(self, rows: list[list[int]]) -> Path | None:
-        body = json.dumps({"format": RECORD_FORMAT, "version": RECORD_VERSION, "model": self.model,
-                           "tokenizer": self.tokenizer, "vocab": self.vocab, "time": time.time(),
-                           "ids": rows}).encode()
+        body = json.dumps(
+            {
+                "format": RECORD_FORMAT,
+                "version": RECORD_VERSION,
+                "model": self.model,
+                "tokenizer": self.tokenizer,
+                "vocab": self.vocab,
+                "time": time.time(),
+                "ids": rows,
+            }
+        ).encode()
         if len(body) > self.settings.budget_bytes:
             return None  # it would only be dropped again
         folder = self.settings.folder

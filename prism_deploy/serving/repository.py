@@ -38,8 +38,14 @@ from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import write_errors
 from prism_deploy.format.stage_io import input_names, output_name
 from prism_deploy.serving import triton_config as cfg
-from prism_deploy.serving.stage_runtime import (STAGE_DIR, StageInfo, TensorSpec, graph_io, inspect_stage,
-                                                   write_stage_files)
+from prism_deploy.serving.stage_runtime import (
+    STAGE_DIR,
+    StageInfo,
+    TensorSpec,
+    graph_io,
+    inspect_stage,
+    write_stage_files,
+)
 from prism_deploy.target_backends import backend_for
 
 REPO_MANIFEST = "prism-repository.json"
@@ -117,18 +123,29 @@ def check_chain(infos: list[StageInfo]) -> bool:
     kinds = [i.kind for i in infos]
     if all(k == "adapter" for k in kinds):
         return False
-    shape_ok = (len(kinds) >= 3 and kinds[0] == "first" and kinds[-1] == "last"
-                and all(k == "adapter" for k in kinds[1::2]) and all(k == "middle" for k in kinds[2:-1:2]))
+    shape_ok = (
+        len(kinds) >= 3
+        and kinds[0] == "first"
+        and kinds[-1] == "last"
+        and all(k == "adapter" for k in kinds[1::2])
+        and all(k == "middle" for k in kinds[2:-1:2])
+    )
     if not shape_ok:
-        raise PrismInputError(f"stages {' -> '.join(kinds)}: a chain is first, adapter, (middle, adapter)..., last "
-                              "(or give adapter build folders only)")
+        raise PrismInputError(
+            f"stages {' -> '.join(kinds)}: a chain is first, adapter, (middle, adapter)..., last "
+            "(or give adapter build folders only)"
+        )
     for before, adapter, after in zip(infos[0::2], infos[1::2], infos[2::2]):
         if adapter.width_in != before.width_out:
-            raise PrismInputError(f"{adapter.source}: adapter in_dim {adapter.width_in} does not match {before.source}'s "
-                                  f"hidden size {before.width_out}")
+            raise PrismInputError(
+                f"{adapter.source}: adapter in_dim {adapter.width_in} does not match {before.source}'s "
+                f"hidden size {before.width_out}"
+            )
         if adapter.width_out != after.width_in:
-            raise PrismInputError(f"{adapter.source}: adapter out_dim {adapter.width_out} does not match "
-                                  f"{after.source}'s embedding size {after.width_in}")
+            raise PrismInputError(
+                f"{adapter.source}: adapter out_dim {adapter.width_out} does not match "
+                f"{after.source}'s embedding size {after.width_in}"
+            )
     return True
 
 
@@ -139,6 +156,7 @@ def _fill_python(info: StageInfo) -> Callable[[Path], None]:
     def fill(vdir: Path) -> None:
         shutil.copy2(ENTRY_FILE, vdir / "model.py")
         write_stage_files(info, vdir / STAGE_DIR)
+
     return fill
 
 
@@ -146,8 +164,11 @@ def _python_stage(name: str, info: StageInfo, options: Options) -> ModelEntry:
     from prism_deploy.serving.stage_runtime import provider_of
 
     config = {
-        "name": name, "backend": "python", "max_batch_size": info.max_batch,
-        "input": [_tensor(t) for t in info.inputs], "output": [_tensor(t) for t in info.outputs],
+        "name": name,
+        "backend": "python",
+        "max_batch_size": info.max_batch,
+        "input": [_tensor(t) for t in info.inputs],
+        "output": [_tensor(t) for t in info.outputs],
         "dynamic_batching": _batching(info, options),
         "instance_group": _instance_group(info.target, options.instances),
         "version_policy": {"latest": {"num_versions": 1}},
@@ -162,7 +183,9 @@ def _python_decode(name: str, info: StageInfo, options: Options) -> ModelEntry:
     assert info.decode is not None
     inputs, outputs = info.decode
     config = {
-        "name": name, "backend": "python", "max_batch_size": 0,
+        "name": name,
+        "backend": "python",
+        "max_batch_size": 0,
         "input": [_tensor(t, optional=t.name.startswith("past_key_values.")) for t in inputs],
         "output": [_tensor(t) for t in outputs],
         "instance_group": _instance_group(info.target, options.instances),
@@ -178,8 +201,10 @@ def _native_files(info: StageInfo, key: str) -> tuple[str, list[str]]:
     """(the graph/engine file of ``key``, the external data files that must sit beside it)."""
     main = info.graphs.get(key)
     if main is None:
-        raise PrismInputError(f"{info.source}: the native form needs one engine file for {key!r} "
-                              "(a per-pipe adapter build has one per pipe: serve it with --backend python)")
+        raise PrismInputError(
+            f"{info.source}: the native form needs one engine file for {key!r} "
+            "(a per-pipe adapter build has one per pipe: serve it with --backend python)"
+        )
     stem = main.split(".")[0]
     extra = [f for f in info.files if f != main and (f.endswith((".data", ".ort.data")) and f.startswith(stem))]
     return main, extra
@@ -196,8 +221,11 @@ def _native_model(name: str, info: StageInfo, key: str, options: Options, batche
             inputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in inputs]
             outputs = [TensorSpec(t.name, t.dtype, t.dims[1:]) for t in outputs]
     config: dict[str, Any] = {
-        "name": name, "platform": platform, "max_batch_size": info.max_batch if batched else 0,
-        "input": [_tensor(t) for t in inputs], "output": [_tensor(t) for t in outputs],
+        "name": name,
+        "platform": platform,
+        "max_batch_size": info.max_batch if batched else 0,
+        "input": [_tensor(t) for t in inputs],
+        "output": [_tensor(t) for t in outputs],
         "instance_group": _instance_group(info.target, options.instances),
         "version_policy": {"latest": {"num_versions": 1}},
     }
@@ -211,6 +239,7 @@ def _native_model(name: str, info: StageInfo, key: str, options: Options, batche
         _link_or_copy(info.source / main, vdir / model_file)
         for name_ in extra:
             _link_or_copy(info.source / name_, vdir / name_)
+
     entry = ModelEntry(name, "decode" if key == "graph_with_past" else "stage", config, fill, info)
     entry.record["native_file"] = str(info.source / main)
     return entry
@@ -231,14 +260,17 @@ def check_native_onnx(config_text: str, onnx_path: Path, where: str) -> None:
     for group, declared, actual in (("input", message.input, inputs), ("output", message.output, outputs)):
         have = {t.name: t for t in actual}
         if [t.name for t in declared] != [t.name for t in actual]:
-            raise PrismInputError(f"{where}: {group}s {[t.name for t in declared]} differ from {onnx_path}'s "
-                                  f"{[t.name for t in actual]}")
+            raise PrismInputError(
+                f"{where}: {group}s {[t.name for t in declared]} differ from {onnx_path}'s {[t.name for t in actual]}"
+            )
         for t in declared:
             real = have[t.name]
             dims = real.dims[1:] if batched else real.dims
             if cfg.DTYPES[real.dtype] != _dtype_name(t.data_type) or list(t.dims) != dims:
-                raise PrismInputError(f"{where}: {group} {t.name!r} declared {_dtype_name(t.data_type)} {list(t.dims)}, "
-                                      f"{onnx_path} has {cfg.DTYPES[real.dtype]} {dims}")
+                raise PrismInputError(
+                    f"{where}: {group} {t.name!r} declared {_dtype_name(t.data_type)} {list(t.dims)}, "
+                    f"{onnx_path} has {cfg.DTYPES[real.dtype]} {dims}"
+                )
 
 
 def _dtype_name(value: int) -> str:
@@ -263,17 +295,29 @@ def _ensemble(names: list[str], infos: list[StageInfo], entries: dict[str, Model
     logits = next(o for o in last["output"] if o["name"] == "logits")
     first = entries[names[0]].config
     config = {
-        "name": "chain", "platform": "ensemble",
+        "name": "chain",
+        "platform": "ensemble",
         "max_batch_size": min(entries[n].config["max_batch_size"] for n in names),
-        "input": [dict(t) for t in first["input"]], "output": [dict(logits)],
+        "input": [dict(t) for t in first["input"]],
+        "output": [dict(logits)],
         "ensemble_scheduling": {"step": steps},
     }
     return ModelEntry("chain", "ensemble", config, lambda vdir: None)
 
 
-def generate_entry(name: str, prism_kind: str, models: list[StageInfo], source: StageInfo, head: StageInfo,
-                   options: Options, decoupled: bool, fill: Callable[[Path], None], *,
-                   lead: dict[str, Any], tail: dict[str, Any] | None = None) -> ModelEntry:
+def generate_entry(
+    name: str,
+    prism_kind: str,
+    models: list[StageInfo],
+    source: StageInfo,
+    head: StageInfo,
+    options: Options,
+    decoupled: bool,
+    fill: Callable[[Path], None],
+    *,
+    lead: dict[str, Any],
+    tail: dict[str, Any] | None = None,
+) -> ModelEntry:
     """The greedy ``generate`` model of a chain or a graph (a Python model, BLS over the stage
     models): token ids -> new tokens. ``models``: the stages whose limits bound it (max_seq of
     the models, max_batch of all), ``source`` the model reading the ids (its vocabulary),
@@ -282,26 +326,36 @@ def generate_entry(name: str, prism_kind: str, models: list[StageInfo], source: 
     assert source.model is not None and head.model is not None
     eos = head.model.get("eos_token_id")
     config: dict[str, Any] = {
-        "name": name, "backend": "python", "max_batch_size": 0,
-        "input": [{"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1, -1]},
-                  {"name": "attention_mask", "data_type": "TYPE_INT64", "dims": [-1, -1], "optional": True},
-                  {"name": "max_new_tokens", "data_type": "TYPE_INT32", "dims": [1], "optional": True},
-                  {"name": "eos_token_id", "data_type": "TYPE_INT64", "dims": [1], "optional": True}],
+        "name": name,
+        "backend": "python",
+        "max_batch_size": 0,
+        "input": [
+            {"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1, -1]},
+            {"name": "attention_mask", "data_type": "TYPE_INT64", "dims": [-1, -1], "optional": True},
+            {"name": "max_new_tokens", "data_type": "TYPE_INT32", "dims": [1], "optional": True},
+            {"name": "eos_token_id", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
+        ],
         "output": [{"name": "tokens", "data_type": "TYPE_INT64", "dims": [-1, -1]}],
         "instance_group": [{"kind": "KIND_CPU", "count": options.instances}],
         "parameters": _params(
-            prism_kind=prism_kind, **lead,
-            max_seq=min(i.max_seq for i in models if i.model is not None), max_batch=min(i.max_batch for i in models),
-            vocab_first=source.model["dims"]["vocab"], eos_token_id="none" if eos is None else eos,
-            max_new_tokens_limit=options.max_new_tokens_limit, **(tail or {})),
+            prism_kind=prism_kind,
+            **lead,
+            max_seq=min(i.max_seq for i in models if i.model is not None),
+            max_batch=min(i.max_batch for i in models),
+            vocab_first=source.model["dims"]["vocab"],
+            eos_token_id="none" if eos is None else eos,
+            max_new_tokens_limit=options.max_new_tokens_limit,
+            **(tail or {}),
+        ),
     }
     if decoupled:
         config["model_transaction_policy"] = {"decoupled": True}
     return ModelEntry(name, "generate", config, fill)
 
 
-def _generate_in_process(name: str, names: list[str], infos: list[StageInfo], options: Options,
-                         decoupled: bool) -> ModelEntry:
+def _generate_in_process(
+    name: str, names: list[str], infos: list[StageInfo], options: Options, decoupled: bool
+) -> ModelEntry:
     """``generate`` over an ``ort``-form last model: the stages before it through BLS, then the
     last model's prefill and steps in the generate model's own process, on the runtime's shared,
     preallocated KV buffer (docs/model-forms.md). A ``last_decode`` model would hand the whole
@@ -313,15 +367,34 @@ def _generate_in_process(name: str, names: list[str], infos: list[StageInfo], op
     def fill(vdir: Path) -> None:
         shutil.copy2(ENTRY_FILE, vdir / "model.py")
         write_stage_files(last, vdir / STAGE_DIR)
+
     return generate_entry(
-        name, "generate", infos, infos[0], last, options, decoupled, fill,
-        lead={"stages": json.dumps([{"model": n, "kind": i.kind} for n, i in zip(names[:-1], infos[:-1])]),
-              "decode_model": "", "embed_tokens": ""},
-        tail={"decode_in_process": "1", "prism_provider": provider_of(last.target)})
+        name,
+        "generate",
+        infos,
+        infos[0],
+        last,
+        options,
+        decoupled,
+        fill,
+        lead={
+            "stages": json.dumps([{"model": n, "kind": i.kind} for n, i in zip(names[:-1], infos[:-1])]),
+            "decode_model": "",
+            "embed_tokens": "",
+        },
+        tail={"decode_in_process": "1", "prism_provider": provider_of(last.target)},
+    )
 
 
-def _generate(name: str, names: list[str], infos: list[StageInfo], decode: ModelEntry, options: Options,
-              decoupled: bool, native: bool) -> ModelEntry:
+def _generate(
+    name: str,
+    names: list[str],
+    infos: list[StageInfo],
+    decode: ModelEntry,
+    options: Options,
+    decoupled: bool,
+    native: bool,
+) -> ModelEntry:
     last = infos[-1]
     assert last.model is not None and last.decode is not None
     embed = last.model["files"]["embed_tokens"]["name"]
@@ -330,14 +403,28 @@ def _generate(name: str, names: list[str], infos: list[StageInfo], decode: Model
     def fill(vdir: Path) -> None:
         shutil.copy2(ENTRY_FILE, vdir / "model.py")
         _link_or_copy(last.source / embed, vdir / embed)
+
     return generate_entry(
-        name, "generate", infos, infos[0], last, options, decoupled, fill,
-        lead={"stages": json.dumps([{"model": n, "kind": i.kind} for n, i in zip(names[:-1], infos[:-1])]),
-              "decode_model": decode.name, "embed_tokens": embed},
-        tail={"past_inputs": json.dumps([t.name for t in decode_inputs if t.name.startswith("past_key_values.")]),
-              "present_outputs": json.dumps([t.name for t in decode_outputs if t.name.startswith("present.")]),
-              "decode_needs_past": "1" if native else "0",
-              "past_shape": json.dumps([last.model["dims"]["kv_heads"], last.model["dims"]["head_dim"]])})
+        name,
+        "generate",
+        infos,
+        infos[0],
+        last,
+        options,
+        decoupled,
+        fill,
+        lead={
+            "stages": json.dumps([{"model": n, "kind": i.kind} for n, i in zip(names[:-1], infos[:-1])]),
+            "decode_model": decode.name,
+            "embed_tokens": embed,
+        },
+        tail={
+            "past_inputs": json.dumps([t.name for t in decode_inputs if t.name.startswith("past_key_values.")]),
+            "present_outputs": json.dumps([t.name for t in decode_outputs if t.name.startswith("present.")]),
+            "decode_needs_past": "1" if native else "0",
+            "past_shape": json.dumps([last.model["dims"]["kv_heads"], last.model["dims"]["head_dim"]]),
+        },
+    )
 
 
 # ---- planning and writing ------------------------------------------------------------------
@@ -351,15 +438,18 @@ def plan(paths: list[str | os.PathLike[str]], options: Options) -> tuple[list[Mo
         raise PrismInputError("give at least one build folder")
     if options.instances < 1:
         raise PrismInputError(f"--instances: {options.instances} must be at least 1")
-    infos = [inspect_stage(p, precision=options.precision, target=options.target, engine_id=options.engine_id)
-             for p in paths]
+    infos = [
+        inspect_stage(p, precision=options.precision, target=options.target, engine_id=options.engine_id) for p in paths
+    ]
     chain = check_chain(infos)
     native = options.backend == "native"
     for info in infos:
         if native and info.graph_form == "ort":
-            raise PrismInputError(f"{info.source}: the ort graph form is served by the Python backend only "
-                                  "(--backend python): its GroupQueryAttention reads a KV buffer that past and "
-                                  "present share, which Triton's ONNX Runtime backend cannot bind")
+            raise PrismInputError(
+                f"{info.source}: the ort graph form is served by the Python backend only "
+                "(--backend python): its GroupQueryAttention reads a KV buffer that past and "
+                "present share, which Triton's ONNX Runtime backend cannot bind"
+            )
     names = stage_names(infos)
     entries: dict[str, ModelEntry] = {}
     for name, info in zip(names, infos):
@@ -369,12 +459,15 @@ def plan(paths: list[str | os.PathLike[str]], options: Options) -> tuple[list[Mo
             entries[name] = _python_stage(name, info, options)
     if chain and infos[-1].graph_form == "ort":  # no decode model: generate decodes in process
         entries["chain"] = _ensemble(names, infos, entries)
-        for name, decoupled in (("generate", False), ("generate_stream", True))[:2 if options.stream else 1]:
+        for name, decoupled in (("generate", False), ("generate_stream", True))[: 2 if options.stream else 1]:
             entries[name] = _generate_in_process(name, names, infos, options, decoupled)
     elif chain:
         last = infos[-1]
-        decode = (_native_model("last_decode", last, "graph_with_past", options, batched=False) if native
-                  else _python_decode("last_decode", last, options))
+        decode = (
+            _native_model("last_decode", last, "graph_with_past", options, batched=False)
+            if native
+            else _python_decode("last_decode", last, options)
+        )
         entries[decode.name] = decode
         entries["chain"] = _ensemble(names, infos, entries)
         entries["generate"] = _generate("generate", names, infos, decode, options, False, native)
@@ -391,10 +484,15 @@ def plan(paths: list[str | os.PathLike[str]], options: Options) -> tuple[list[Mo
                 check_native_onnx(entry.text, Path(entry.record["native_file"]), f"model {entry.name!r}")
     versions = {i.onnxruntime for i in infos if i.onnxruntime}
     if len(versions) > 1:
-        raise PrismInputError(f"the stages were built with different ONNX Runtime versions ({', '.join(sorted(versions))}); "
-                              "one Python backend environment runs them all: rebuild them with one")
+        raise PrismInputError(
+            f"the stages were built with different ONNX Runtime versions ({', '.join(sorted(versions))}); "
+            "one Python backend environment runs them all: rebuild them with one"
+        )
     manifest = {
-        "format": REPO_FORMAT, "version": REPO_VERSION, "backend": options.backend, "chain": names if chain else [],
+        "format": REPO_FORMAT,
+        "version": REPO_VERSION,
+        "backend": options.backend,
+        "chain": names if chain else [],
         "onnxruntime": versions.pop() if versions else None,
         "gpu": any(backend_for(i.target).gpu for i in infos),
         "models": {e.name: _record(e) for e in entries.values()},
@@ -406,10 +504,20 @@ def _record(entry: ModelEntry) -> dict[str, Any]:
     rec: dict[str, Any] = {"role": entry.role, "versions": [1]}
     info = entry.stage
     if info is not None:
-        rec.update({"kind": info.kind, "source": str(info.source.resolve()), "layout": info.layout,
-                    "target": info.target, "precision": info.precision, "profile": info.profile,
-                    "inputs": [t.__dict__ for t in info.inputs], "outputs": [t.__dict__ for t in info.outputs],
-                    "sources": {"1": str(info.source.resolve())}, **info.details})
+        rec.update(
+            {
+                "kind": info.kind,
+                "source": str(info.source.resolve()),
+                "layout": info.layout,
+                "target": info.target,
+                "precision": info.precision,
+                "profile": info.profile,
+                "inputs": [t.__dict__ for t in info.inputs],
+                "outputs": [t.__dict__ for t in info.outputs],
+                "sources": {"1": str(info.source.resolve())},
+                **info.details,
+            }
+        )
     return rec
 
 
@@ -417,8 +525,10 @@ def write(out: str | os.PathLike[str], entries: list[ModelEntry], manifest: dict
     """Assemble the repository in a temporary sibling folder, then rename it to ``out``."""
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise PrismInputError(f"{out}: exists and is not an empty folder (write a new repository, or use "
-                              "`prism-deploy triton update` to add an adapter version)")
+        raise PrismInputError(
+            f"{out}: exists and is not an empty folder (write a new repository, or use "
+            "`prism-deploy triton update` to add an adapter version)"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     work = target.parent / f".{target.name}.partial-{secrets.token_hex(4)}"
     work.mkdir()

@@ -166,8 +166,10 @@ class TritonServer:
     def restriction(self) -> list[str]:
         if not self.secret:
             if self.host not in LOOPBACK_HOSTS:
-                raise PrismInputError(f"--host {self.host}: refusing to serve the model-control APIs unrestricted "
-                                      "beyond this machine (no secret)")
+                raise PrismInputError(
+                    f"--host {self.host}: refusing to serve the model-control APIs unrestricted "
+                    "beyond this machine (no secret)"
+                )
             return []
         group = f"{','.join(RESTRICTED_APIS)}:{SECRET_HEADER}={self.secret}"
         return [f"--http-restricted-api={group}", f"--grpc-restricted-protocol={group}"]
@@ -176,14 +178,26 @@ class TritonServer:
         restriction = self.restriction()
         binary = self.binary or find_tritonserver(self.env)
         self.binary = binary
-        cmd = [str(binary.path), f"--model-repository={self.repo.resolve()}",
-               f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
-               f"--http-address={self.http_host or self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
-               "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.load),
-               # our configs are complete: no auto-complete stub process per Python model at load
-               "--disable-auto-complete-config", "--strict-readiness=true", "--exit-on-error=true",
-               f"--exit-timeout-secs={self.exit_timeout_s}", "--allow-gpu-metrics=false", "--log-verbose=0",
-               *restriction]
+        cmd = [
+            str(binary.path),
+            f"--model-repository={self.repo.resolve()}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--http-address={self.http_host or self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self.load),
+            # our configs are complete: no auto-complete stub process per Python model at load
+            "--disable-auto-complete-config",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            "--allow-gpu-metrics=false",
+            "--log-verbose=0",
+            *restriction,
+        ]
         if binary.backend_dir is not None:
             cmd.append(f"--backend-directory={binary.backend_dir}")
         return cmd
@@ -197,12 +211,21 @@ class TritonServer:
     def start(self) -> None:
         cmd = self.command()
         if self.log_path is None:
-            self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"prism-tritonserver-{os.getpid()}-{self.http_port}.log"
+            self.log_path = (
+                Path(os.environ.get("TMPDIR", "/tmp")) / f"prism-tritonserver-{os.getpid()}-{self.http_port}.log"
+            )
             self._temp_log = True
         self._log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                         env=self.environment(), start_new_session=True, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         except OSError as exc:
             raise PrismInputError(f"{cmd[0]}: cannot start ({exc})") from None
 
@@ -219,15 +242,17 @@ class TritonServer:
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
             if self.proc.poll() is not None:
-                raise PrismInputError(f"{self.repo}: tritonserver ended while loading ({self.exit_cause()}); "
-                                      f"log: {self.log_path}")
+                raise PrismInputError(
+                    f"{self.repo}: tritonserver ended while loading ({self.exit_cause()}); log: {self.log_path}"
+                )
             if self.ready():
                 return time.monotonic() - started
             time.sleep(0.2)
         self._temp_log = False  # the error names the log: it stays
         self.stop()
-        raise PrismInputError(f"{self.repo}: tritonserver not ready within {timeout_s:.0f} s ({self.log_reason()}); "
-                              f"log: {self.log_path}")
+        raise PrismInputError(
+            f"{self.repo}: tritonserver not ready within {timeout_s:.0f} s ({self.log_reason()}); log: {self.log_path}"
+        )
 
     def log_reason(self) -> str:
         """The most telling lines of the server's log (see :func:`log_reason`)."""
@@ -376,11 +401,15 @@ def check_ports_free(host: str, *ports_: int) -> None:
                 s.bind((bind_host, port))
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    raise PrismInputError(f"port {port} in use (on {bind_host}); choose another or stop what holds it") from None
+                    raise PrismInputError(
+                        f"port {port} in use (on {bind_host}); choose another or stop what holds it"
+                    ) from None
                 raise PrismInputError(f"--host {host}: cannot bind port {port} ({exc.strerror})") from None
 
 
 def ports(host: str, http: int, grpc: int, metrics: int) -> tuple[int, int, int]:
     """The ports to use: 0 picks a free one."""
-    return tuple(p if p else free_port(host if host not in ("0.0.0.0", "") else "127.0.0.1")  # type: ignore[return-value]
-                 for p in (http, grpc, metrics))
+    return tuple(
+        p if p else free_port(host if host not in ("0.0.0.0", "") else "127.0.0.1")  # type: ignore[return-value]
+        for p in (http, grpc, metrics)
+    )

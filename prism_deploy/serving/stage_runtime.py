@@ -140,16 +140,24 @@ def _decode_io(model: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec
     return _specs(inputs, model["dims"], batched=False), specs
 
 
-def inspect_stage(path: str | os.PathLike[str], *, precision: str | None = None, target: str | None = None,
-                  engine_id: str | None = None) -> StageInfo:
+def inspect_stage(
+    path: str | os.PathLike[str],
+    *,
+    precision: str | None = None,
+    target: str | None = None,
+    engine_id: str | None = None,
+) -> StageInfo:
     """Describe a build folder (adapter or model) or a model export folder as a chain stage."""
     from prism_deploy.format.engine_manifest import MANIFEST_NAME
     from prism_deploy.format.model_folder import MODEL_JSON
 
     folder = Path(path)
     if not folder.is_dir():
-        what = ("a file, not a folder: give the stage folders (a build --chain folder's chain.json lists them)"
-                if folder.is_file() else "no such folder")
+        what = (
+            "a file, not a folder: give the stage folders (a build --chain folder's chain.json lists them)"
+            if folder.is_file()
+            else "no such folder"
+        )
         raise PrismInputError(f"{path}: {what} (give `prism-deploy build` or `export-model` folders)")
     if (folder / MANIFEST_NAME).is_file():
         from prism_deploy.format.engine_manifest import read_manifest, source_kind
@@ -164,8 +172,9 @@ def inspect_stage(path: str | os.PathLike[str], *, precision: str | None = None,
     raise PrismInputError(f"{path}: neither a build folder (manifest.json) nor a model export folder (model.json)")
 
 
-def _adapter_stage(folder: Path, manifest: dict[str, Any], precision: str | None, target: str | None,
-                   engine_id: str | None = None) -> StageInfo:
+def _adapter_stage(
+    folder: Path, manifest: dict[str, Any], precision: str | None, target: str | None, engine_id: str | None = None
+) -> StageInfo:
     from prism_deploy.format.engine_manifest import part_files
     from prism_deploy.runtime.engines import AmbiguousEngines, select_entry
 
@@ -186,15 +195,32 @@ def _adapter_stage(folder: Path, manifest: dict[str, Any], precision: str | None
         form = bucket_for(entry["forms"]["buckets"], opt)["form"]
         graphs = {"graph": next(p["file"] for p in entry["parts"] if p.get("form") == form)}
     sizes = {"in_dim": int(config["in_dim"]), "out_dim": int(config["out_dim"])}
-    adapter_io = (_specs(STAGE_IO["adapter"][0], sizes, batched=True), _specs(STAGE_IO["adapter"][1], sizes, batched=True))
+    adapter_io = (
+        _specs(STAGE_IO["adapter"][0], sizes, batched=True),
+        _specs(STAGE_IO["adapter"][1], sizes, batched=True),
+    )
     return StageInfo(
-        kind="adapter", source=folder, layout="adapter-build", target=entry["target"], precision=cfg["precision"],
-        profile=dict(cfg["profile"]), inputs=adapter_io[0], outputs=adapter_io[1], files=files,
+        kind="adapter",
+        source=folder,
+        layout="adapter-build",
+        target=entry["target"],
+        precision=cfg["precision"],
+        profile=dict(cfg["profile"]),
+        inputs=adapter_io[0],
+        outputs=adapter_io[1],
+        files=files,
         sha256={name: sha for part in entry["parts"] for name, sha in part_files(part)},
-        onnxruntime=entry["tools"].get("onnxruntime"), manifest={**manifest, "engines": [entry]}, graphs=graphs,
-        details={"engine_id": entry["id"], "adapter_sha256": manifest["adapter"]["sha256"],
-                 "topology_sha256": manifest["adapter"].get("topology_sha256"), "engine_layout": cfg["layout"],
-                 "plugin": bool(cfg.get("plugin"))})
+        onnxruntime=entry["tools"].get("onnxruntime"),
+        manifest={**manifest, "engines": [entry]},
+        graphs=graphs,
+        details={
+            "engine_id": entry["id"],
+            "adapter_sha256": manifest["adapter"]["sha256"],
+            "topology_sha256": manifest["adapter"].get("topology_sha256"),
+            "engine_layout": cfg["layout"],
+            "plugin": bool(cfg.get("plugin")),
+        },
+    )
 
 
 def _model_build_stage(folder: Path, manifest: dict[str, Any], target: str | None) -> StageInfo:
@@ -221,12 +247,23 @@ def _model_build_stage(folder: Path, manifest: dict[str, Any], target: str | Non
     inputs, outputs = _model_io(kind, model)
     profile = chosen[0]["configuration"].get("profile") or defaults.SERVING_PROFILE
     return StageInfo(
-        kind=kind, source=folder, layout="model-build", target=target, precision=str(model.get("precision", "fp32")),
-        profile=dict(profile), inputs=inputs, outputs=outputs, files=files, sha256=copies,
-        onnxruntime=chosen[0]["tools"].get("onnxruntime"), manifest={**manifest, "engines": chosen}, model=model,
+        kind=kind,
+        source=folder,
+        layout="model-build",
+        target=target,
+        precision=str(model.get("precision", "fp32")),
+        profile=dict(profile),
+        inputs=inputs,
+        outputs=outputs,
+        files=files,
+        sha256=copies,
+        onnxruntime=chosen[0]["tools"].get("onnxruntime"),
+        manifest={**manifest, "engines": chosen},
+        model=model,
         graphs={g: entries[g]["parts"][0]["file"] for g in graphs_needed},
         decode=_decode_io(model) if kind == "last" and form == "portable" else None,
-        details={"role": model["role"], "graph_form": form})
+        details={"role": model["role"], "graph_form": form},
+    )
 
 
 def _model_export_stage(folder: Path) -> StageInfo:
@@ -242,11 +279,22 @@ def _model_export_stage(folder: Path) -> StageInfo:
     hashes = {record["name"]: record["sha256"] for record in model["files"].values()}
     graphs = {k: model["files"][k]["name"] for k in ("graph", "graph_with_past") if k in model["files"]}
     return StageInfo(
-        kind=kind, source=folder, layout="model-export", target="ort-cpu", precision=str(model.get("precision", "fp32")),
-        profile={key: list(values) for key, values in defaults.SERVING_PROFILE.items()}, inputs=inputs,
-        outputs=outputs, files=files, sha256=hashes, onnxruntime=None, model=model, graphs=graphs,
+        kind=kind,
+        source=folder,
+        layout="model-export",
+        target="ort-cpu",
+        precision=str(model.get("precision", "fp32")),
+        profile={key: list(values) for key, values in defaults.SERVING_PROFILE.items()},
+        inputs=inputs,
+        outputs=outputs,
+        files=files,
+        sha256=hashes,
+        onnxruntime=None,
+        model=model,
+        graphs=graphs,
         decode=_decode_io(model) if kind == "last" and graph_form(model) == "portable" else None,
-        details={"role": model["role"], "graph_form": graph_form(model)})
+        details={"role": model["role"], "graph_form": graph_form(model)},
+    )
 
 
 def stage_manifest_text(info: StageInfo) -> str | None:
@@ -272,8 +320,10 @@ def write_stage_files(info: StageInfo, dest: Path) -> None:
         except OSError:
             shutil.copyfile(src, dst)
         if name in info.sha256 and file_sha256(dst) != info.sha256[name]:
-            raise PrismInputError(f"{src}: sha256 differs from what its folder's manifest records (changed after "
-                                  "the build or export; build or export it again)")
+            raise PrismInputError(
+                f"{src}: sha256 differs from what its folder's manifest records (changed after "
+                "the build or export; build or export it again)"
+            )
     text = stage_manifest_text(info)
     if text is not None:
         (dest / MANIFEST_NAME).write_text(text, encoding="utf-8")
@@ -285,13 +335,20 @@ def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     from prism_deploy.core.ort_session import make_session
 
     session = make_session(path, "cpu", graph_optimization_level="ORT_DISABLE_ALL")
-    numpy_of = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-                "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(int8)": "int8"}
+    numpy_of = {
+        "tensor(float)": "float32",
+        "tensor(float16)": "float16",
+        "tensor(int64)": "int64",
+        "tensor(int32)": "int32",
+        "tensor(bool)": "bool",
+        "tensor(int8)": "int8",
+    }
 
     def spec(arg: Any) -> TensorSpec:
         if arg.type not in numpy_of:
             raise PrismInputError(f"{path}: tensor {arg.name!r} of type {arg.type} has no Triton data type here")
         return TensorSpec(arg.name, numpy_of[arg.type], [d if isinstance(d, int) and d > 0 else -1 for d in arg.shape])
+
     return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
 
 
@@ -336,5 +393,7 @@ def provider_of(target: str) -> str:
     backend = backend_for(target)
     if backend.runtime_tool == "onnxruntime":
         return backend.provider
-    raise PrismInputError(f"target {target!r}: the Python backend form runs ONNX Runtime engines only "
-                          "(TensorRT engines: use --backend native)")
+    raise PrismInputError(
+        f"target {target!r}: the Python backend form runs ONNX Runtime engines only "
+        "(TensorRT engines: use --backend native)"
+    )

@@ -15,16 +15,24 @@ from typing import Any
 
 from prism_deploy.core.errors import PrismInputError
 
-DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
-          "bool": "TYPE_BOOL", "int8": "TYPE_INT8"}
+DTYPES = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32",
+    "bool": "TYPE_BOOL",
+    "int8": "TYPE_INT8",
+}
 
 
 def _message_type() -> Any:
     try:
         from tritonclient.grpc import model_config_pb2
     except ImportError:
-        raise PrismInputError("tritonclient is not installed (pip install 'prism-deploy[serve]'); it carries "
-                              "Triton's model configuration schema") from None
+        raise PrismInputError(
+            "tritonclient is not installed (pip install 'prism-deploy[serve]'); it carries "
+            "Triton's model configuration schema"
+        ) from None
     return model_config_pb2.ModelConfig
 
 
@@ -35,8 +43,10 @@ def to_message(config: dict[str, Any]) -> Any:
     try:
         return json_format.ParseDict(config, _message_type()())
     except json_format.ParseError as exc:
-        raise PrismInputError(f"model {config.get('name', '?')!r}: config.pbtxt does not fit Triton's schema "
-                              f"({' '.join(str(exc).split())})") from None
+        raise PrismInputError(
+            f"model {config.get('name', '?')!r}: config.pbtxt does not fit Triton's schema "
+            f"({' '.join(str(exc).split())})"
+        ) from None
 
 
 def parse_text(text: str, where: str) -> Any:
@@ -46,7 +56,9 @@ def parse_text(text: str, where: str) -> Any:
     try:
         return text_format.Parse(text, _message_type()())
     except text_format.ParseError as exc:
-        raise PrismInputError(f"{where}: not a valid Triton model configuration ({' '.join(str(exc).split())})") from None
+        raise PrismInputError(
+            f"{where}: not a valid Triton model configuration ({' '.join(str(exc).split())})"
+        ) from None
 
 
 def render(config: dict[str, Any]) -> str:
@@ -121,20 +133,26 @@ def _check_ensemble(message: Any, messages: dict[str, Any]) -> None:
         if target is None:
             raise PrismInputError(f"{where}: step model {step.model_name!r} is not in the repository")
         if target.max_batch_size < message.max_batch_size:
-            raise PrismInputError(f"{where}: max_batch_size {message.max_batch_size} over step "
-                                  f"{step.model_name!r}'s {target.max_batch_size}")
+            raise PrismInputError(
+                f"{where}: max_batch_size {message.max_batch_size} over step "
+                f"{step.model_name!r}'s {target.max_batch_size}"
+            )
         inputs, outputs = _tensor_map(target.input), _tensor_map(target.output)
         for key, value in step.input_map.items():
             if key not in inputs:
                 raise PrismInputError(f"{where}: step {step.model_name!r} has no input {key!r}")
             if value not in available:
-                raise PrismInputError(f"{where}: step {step.model_name!r} reads {value!r}, which no earlier step "
-                                      "or ensemble input provides")
+                raise PrismInputError(
+                    f"{where}: step {step.model_name!r} reads {value!r}, which no earlier step "
+                    "or ensemble input provides"
+                )
             dtype, dims = available[value]
             want = inputs[key]
             if dtype != want.data_type or not _dims_agree(dims, list(want.dims)):
-                raise PrismInputError(f"{where}: {value!r} ({_type_name(dtype)} {dims}) does not fit "
-                                      f"{step.model_name}.{key} ({_type_name(want.data_type)} {list(want.dims)})")
+                raise PrismInputError(
+                    f"{where}: {value!r} ({_type_name(dtype)} {dims}) does not fit "
+                    f"{step.model_name}.{key} ({_type_name(want.data_type)} {list(want.dims)})"
+                )
         missing = set(inputs) - set(step.input_map) - {k for k, t in inputs.items() if t.optional}
         if missing:
             raise PrismInputError(f"{where}: step {step.model_name!r} leaves input(s) {sorted(missing)} unfed")
@@ -147,10 +165,17 @@ def _check_ensemble(message: Any, messages: dict[str, Any]) -> None:
             raise PrismInputError(f"{where}: output {out.name!r} is produced by no step")
         dtype, dims = available[out.name]
         if dtype != out.data_type or not _dims_agree(dims, list(out.dims)):
-            raise PrismInputError(f"{where}: output {out.name!r} is {_type_name(dtype)} {dims}, declared "
-                                  f"{_type_name(out.data_type)} {list(out.dims)}")
+            raise PrismInputError(
+                f"{where}: output {out.name!r} is {_type_name(dtype)} {dims}, declared "
+                f"{_type_name(out.data_type)} {list(out.dims)}"
+            )
 
 
 def _type_name(value: int) -> str:
-    return str(_message_type().DESCRIPTOR.fields_by_name["max_batch_size"].file.enum_types_by_name["DataType"]
-               .values_by_number[value].name)
+    return str(
+        _message_type()
+        .DESCRIPTOR.fields_by_name["max_batch_size"]
+        .file.enum_types_by_name["DataType"]
+        .values_by_number[value]
+        .name
+    )

@@ -37,7 +37,9 @@ UPDATE_LOCK = ".prism-update.lock"  # in the repository folder; Triton ignores f
 
 
 def versions_of(model_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
+    return sorted(
+        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")
+    )
 
 
 def server_endpoint(repo: Path, url: str | None) -> tuple[str | None, dict[str, str]]:
@@ -50,9 +52,17 @@ def server_endpoint(repo: Path, url: str | None) -> tuple[str | None, dict[str, 
     return (str(state["http"]) if state.get("http") else None), headers
 
 
-def update_adapter(repo: str | os.PathLike[str], adapter: str | os.PathLike[str], *,
-                   build: Callable[[Any], Any], model: str | None = None, allow_shape_change: bool = False,
-                   url: str | None = None, load: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def update_adapter(
+    repo: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    *,
+    build: Callable[[Any], Any],
+    model: str | None = None,
+    allow_shape_change: bool = False,
+    url: str | None = None,
+    load: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """``build(BuildRequest) -> BuildResult`` is the caller's: the CLI passes the builder with its
     parity check (this layer does not import the parity layer), and ``update_adapter`` refuses a
     result that was not checked."""
@@ -63,16 +73,24 @@ def update_adapter(repo: str | os.PathLike[str], adapter: str | os.PathLike[str]
     # one writer of the repository at a time: the manifest is read, the version chosen and the
     # manifest written again under the lock, so a concurrent update of another model is kept
     with folder_lock(root, UPDATE_LOCK, log):
-        report = _add_adapter_version(root, repo, adapter, build=build, model=model,
-                                      allow_shape_change=allow_shape_change)
+        report = _add_adapter_version(
+            root, repo, adapter, build=build, model=model, allow_shape_change=allow_shape_change
+        )
     endpoint, headers = server_endpoint(root, url)
     if load and endpoint is not None:
         report["server"] = swap(endpoint, report["model"], report["version"], headers=headers)
     return report
 
 
-def _add_adapter_version(root: Path, repo: str | os.PathLike[str], adapter: str | os.PathLike[str], *,
-                         build: Callable[[Any], Any], model: str | None, allow_shape_change: bool) -> dict[str, Any]:
+def _add_adapter_version(
+    root: Path,
+    repo: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    *,
+    build: Callable[[Any], Any],
+    model: str | None,
+    allow_shape_change: bool,
+) -> dict[str, Any]:
     from prism_deploy.builder import BuildRequest, Profile
     from prism_deploy.format import read_adapter_config
 
@@ -107,10 +125,17 @@ def _add_adapter_version(root: Path, repo: str | os.PathLike[str], adapter: str 
     build_dir = Path(tempfile.mkdtemp(prefix=f"{repo_mod.STAGING_PREFIX}build-", dir=model_dir))
     started = time.monotonic()
     try:
-        result = build(BuildRequest(adapter=new_path, out_dir=build_dir, target=record["target"],
-                                    precisions=(record["precision"],), profile=profile,
-                                    per_pipe=record.get("engine_layout") == "per-pipe",
-                                    plugin="on" if record.get("plugin") else "off"))
+        result = build(
+            BuildRequest(
+                adapter=new_path,
+                out_dir=build_dir,
+                target=record["target"],
+                precisions=(record["precision"],),
+                profile=profile,
+                per_pipe=record.get("engine_layout") == "per-pipe",
+                plugin="on" if record.get("plugin") else "off",
+            )
+        )
         result.raise_for_failures()  # the parity gate: exit 1, nothing written
         outcome = result.outcomes[0]
         if not (outcome.entry or {}).get("parity"):
@@ -138,10 +163,18 @@ def _add_adapter_version(root: Path, repo: str | os.PathLike[str], adapter: str 
     record["adapter_sha256"] = info.details.get("adapter_sha256")
     repo_mod.write_manifest(root, manifest)
     report: dict[str, Any] = {
-        "repository": str(root), "model": model, "version": version, "version_dir": str(vdir),
-        "previous": version - 1 if version > 1 else None, "engine": outcome.config.id, "build": outcome.action,
-        "build_seconds": round(build_s, 3), "parity": (outcome.entry or {}).get("parity"),
-        "shape_changed": shape_changed, "server": None}
+        "repository": str(root),
+        "model": model,
+        "version": version,
+        "version_dir": str(vdir),
+        "previous": version - 1 if version > 1 else None,
+        "engine": outcome.config.id,
+        "build": outcome.action,
+        "build_seconds": round(build_s, 3),
+        "parity": (outcome.entry or {}).get("parity"),
+        "shape_changed": shape_changed,
+        "server": None,
+    }
     return report
 
 
@@ -156,8 +189,9 @@ def _with_widths(text: str, in_dim: int, out_dim: int) -> str:
     return out
 
 
-def swap(url: str, model: str, version: int, *, wait_s: float = UNLOAD_WAIT_S,
-         headers: dict[str, str] | None = None) -> dict[str, Any]:
+def swap(
+    url: str, model: str, version: int, *, wait_s: float = UNLOAD_WAIT_S, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Load ``model`` again (its newest version serves) and wait until older versions are unloaded."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
@@ -175,10 +209,16 @@ def swap(url: str, model: str, version: int, *, wait_s: float = UNLOAD_WAIT_S,
     old_ready = True
     while time.monotonic() < deadline:
         index = client.get_model_repository_index(headers=headers)
-        old_ready = any(m.get("name") == model and m.get("version") not in (None, "", str(version))
-                        and m.get("state") == "READY" for m in index)
+        old_ready = any(
+            m.get("name") == model and m.get("version") not in (None, "", str(version)) and m.get("state") == "READY"
+            for m in index
+        )
         if not old_ready:
             break
         time.sleep(0.1)
-    return {"url": url, "loaded_seconds": round(loaded_s, 3), "old_unloaded": not old_ready,
-            "old_unloaded_seconds": round(time.monotonic() - started, 3) if not old_ready else None}
+    return {
+        "url": url,
+        "loaded_seconds": round(loaded_s, 3),
+        "old_unloaded": not old_ready,
+        "old_unloaded_seconds": round(time.monotonic() - started, 3) if not old_ready else None,
+    }

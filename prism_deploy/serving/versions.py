@@ -60,8 +60,9 @@ def round_lock(root: Path, model: str) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise PrismInputError(f"{root}: an adaptation round on {model} is running already; "
-                              "nothing was changed") from None
+        raise PrismInputError(
+            f"{root}: an adaptation round on {model} is running already; nothing was changed"
+        ) from None
     try:
         yield
     finally:
@@ -81,8 +82,16 @@ def origin_of(record: dict[str, Any], version: int) -> int:
     return int(record.get("restored_from", {}).get(str(version), version))
 
 
-def rollback(repo: str | os.PathLike[str], model: str | None = None, *, to: int | None = None, url: str | None = None,
-             load: bool = True, keep: int = DEFAULT_KEEP, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def rollback(
+    repo: str | os.PathLike[str],
+    model: str | None = None,
+    *,
+    to: int | None = None,
+    url: str | None = None,
+    load: bool = True,
+    keep: int = DEFAULT_KEEP,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     from prism_deploy.core.fsutil import folder_lock
 
     root = Path(repo)
@@ -99,8 +108,10 @@ def rollback(repo: str | os.PathLike[str], model: str | None = None, *, to: int 
         if to is None:
             earlier = [v for v in versions if v < origin_of(record, served)]
             if not earlier:
-                raise PrismInputError(f"{repo}: {model} version {served} has no earlier version kept "
-                                      f"(kept: {', '.join(map(str, versions))})")
+                raise PrismInputError(
+                    f"{repo}: {model} version {served} has no earlier version kept "
+                    f"(kept: {', '.join(map(str, versions))})"
+                )
             to = earlier[-1]
         if to not in versions:
             raise PrismInputError(f"--to {to}: {model} keeps versions {', '.join(map(str, versions))}")
@@ -116,8 +127,15 @@ def rollback(repo: str | os.PathLike[str], model: str | None = None, *, to: int 
         record.setdefault("restored_from", {})[str(new)] = origin_of(record, to)
         record["adapter_sha256"] = version_adapter_sha256(mdir, to)
         repo_mod.write_manifest(root, manifest)
-    report: dict[str, Any] = {"repository": str(root), "model": model, "version": new, "version_dir": str(vdir),
-                              "restored": to, "previous": served, "server": None}
+    report: dict[str, Any] = {
+        "repository": str(root),
+        "model": model,
+        "version": new,
+        "version_dir": str(vdir),
+        "restored": to,
+        "previous": served,
+        "server": None,
+    }
     endpoint, headers = server_endpoint(root, url)
     if load and endpoint is not None:
         report["server"] = swap(endpoint, model, new, headers=headers)

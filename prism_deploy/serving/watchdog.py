@@ -72,8 +72,9 @@ class StubWatch:
         import tritonclient.http as httpclient
 
         started = time.monotonic()
-        client = httpclient.InferenceServerClient(self.server.http_url, connection_timeout=10,
-                                                  network_timeout=RESTART_TIMEOUT_S)
+        client = httpclient.InferenceServerClient(
+            self.server.http_url, connection_timeout=10, network_timeout=RESTART_TIMEOUT_S
+        )
         headers = self.server.control_headers
         outcome: dict[str, Any] = {"model": model, "ok": False}
         try:
@@ -109,8 +110,10 @@ class StubWatch:
             outcome = self.restart(model)
             (self.pending.discard if outcome["ok"] else self.pending.add)(model)
             if self.log is not None:
-                self.log(f"{model}: its backend process died; restarted in {outcome['seconds']} s"
-                         if outcome["ok"] else f"{model}: its backend process died; restart failed "
-                         f"({outcome.get('error', 'not ready')})")
+                self.log(
+                    f"{model}: its backend process died; restarted in {outcome['seconds']} s"
+                    if outcome["ok"]
+                    else f"{model}: its backend process died; restart failed ({outcome.get('error', 'not ready')})"
+                )
             done.append(outcome)
         return done

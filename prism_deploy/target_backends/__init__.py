@@ -30,5 +30,13 @@ def graph_backend(provider: str) -> TargetBackend:
     raise ValueError(f"no target opens model graphs on provider {provider!r}")
 
 
-__all__ = ["BACKENDS", "AdapterRunner", "BuiltEngine", "EngineBuild", "GraphLoader", "TargetBackend", "backend_for",
-           "graph_backend"]
+__all__ = [
+    "BACKENDS",
+    "AdapterRunner",
+    "BuiltEngine",
+    "EngineBuild",
+    "GraphLoader",
+    "TargetBackend",
+    "backend_for",
+    "graph_backend",
+]

@@ -38,8 +38,15 @@ class AdapterRunner(Protocol):
 class GraphLoader(Protocol):
     """The runtime's loader of ONNX graphs (``OnnxRunner.open``)."""
 
-    def __call__(self, model: Any, provider: str = "cpu", *, threads: int | None = None,
-                 optimization_level: str | None = None, session_config: dict[str, str] | None = None) -> Any: ...
+    def __call__(
+        self,
+        model: Any,
+        provider: str = "cpu",
+        *,
+        threads: int | None = None,
+        optimization_level: str | None = None,
+        session_config: dict[str, str] | None = None,
+    ) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -107,8 +114,11 @@ class TargetBackend:
 
     def describe(self) -> dict[str, Any]:
         """What this target is, on this machine: for reports and benchmark records."""
-        return {"target": self.target.value, "provider": self.provider,
-                "tools": {k: v for k, v in targets.tool_versions(self.target).items() if k == self.runtime_tool}}
+        return {
+            "target": self.target.value,
+            "provider": self.provider,
+            "tools": {k: v for k, v in targets.tool_versions(self.target).items() if k == self.runtime_tool},
+        }
 
     def check_environment(self, entry: dict[str, Any]) -> None:
         """Refuse an engine built with another runtime version (``EngineFileError``)."""
@@ -116,8 +126,10 @@ class TargetBackend:
         built = entry["tools"].get(tool)
         here = self._version_here(entry, built)
         if built != here:
-            raise EngineFileError(f"engine {entry['id']}: built with {tool} {built}, this environment has "
-                                  f"{here}; rebuild with `prism-deploy build`")
+            raise EngineFileError(
+                f"engine {entry['id']}: built with {tool} {built}, this environment has "
+                f"{here}; rebuild with `prism-deploy build`"
+            )
 
     def _version_here(self, entry: dict[str, Any], built: Any) -> Any:
         return targets.tool_versions(self.target).get(self.runtime_tool)
@@ -130,8 +142,9 @@ class TargetBackend:
         """An adapter engine of ``entry`` at ``path``, ready to ``run(hidden)`` and say ``widths()``."""
         raise NotImplementedError
 
-    def open_graph(self, path: Path, entry: dict[str, Any], load_graph: GraphLoader, *,
-                   threads: int | None = None) -> Any:
+    def open_graph(
+        self, path: Path, entry: dict[str, Any], load_graph: GraphLoader, *, threads: int | None = None
+    ) -> Any:
         """A built model graph of ``entry`` at ``path``, as an ``OnnxRunner``."""
         raise EngineFileError(f"engine {entry['id']}: no {self.tool} runner for model graphs yet")
 

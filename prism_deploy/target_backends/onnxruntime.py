@@ -43,9 +43,14 @@ EXTERNAL_MIN_SIZE_KEY = "session.optimized_model_external_initializers_min_size_
 BUILD_SESSION_CONFIG = {"session.disable_prepacking": "1"}
 
 
-def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
-                     external_data: str | None = None,
-                     precision: Precision | ModelPrecision | None = None) -> dict[str, Any]:
+def build_ort_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    target: str,
+    *,
+    external_data: str | None = None,
+    precision: Precision | ModelPrecision | None = None,
+) -> dict[str, Any]:
     """Optimize ``onnx_path`` for ``target``'s provider into ``engine_path``; return the session record.
 
     ``external_data``: a file name (in ``engine_path``'s folder) for the initializers of a
@@ -57,8 +62,13 @@ def build_ort_engine(onnx_path: Path, engine_path: Path, target: str, *,
     config = dict(BUILD_SESSION_CONFIG)
     if external_data is not None:
         config.update({EXTERNAL_FILE_KEY: external_data, EXTERNAL_MIN_SIZE_KEY: str(EXTERNAL_MIN_BYTES)})
-    make_session(onnx_path, provider, optimized_model_path=str(engine_path),
-                 graph_optimization_level=BUILD_OPTIMIZATION_LEVEL, session_config=config)
+    make_session(
+        onnx_path,
+        provider,
+        optimized_model_path=str(engine_path),
+        graph_optimization_level=BUILD_OPTIMIZATION_LEVEL,
+        session_config=config,
+    )
     if not engine_path.is_file():
         raise RuntimeError(f"{onnx_path}: ONNX Runtime did not write the optimized model")
     if external_data is not None and not (engine_path.parent / external_data).is_file():
@@ -140,20 +150,33 @@ class OnnxRuntimeTarget(TargetBackend):
             # an engine the current manifest lists
             data_file = f"{stem}.{secrets.token_hex(6)}.ort.data"
         try:
-            session = build_ort_engine(onnx_path, engine, self.target.value, external_data=data_file,
-                                       precision=request.precision)
+            session = build_ort_engine(
+                onnx_path, engine, self.target.value, external_data=data_file, precision=request.precision
+            )
         except PrismInputError as exc:  # ORT refused a graph we were given to build: a failed build
             raise CheckFailed(f"ONNX Runtime build failed: {exc}") from None
         return BuiltEngine(engine, ".ort.onnx", session, data_file)
 
     def open(self, path: Path, entry: dict[str, Any], load_graph: GraphLoader, out_dim: int) -> OrtEngineRunner:
         session = session_record(entry)
-        return OrtEngineRunner(load_graph(path, session["provider"],
-                                          optimization_level=session["load_graph_optimization_level"],
-                                          session_config=session.get("load_session_config")), out_dim)
+        return OrtEngineRunner(
+            load_graph(
+                path,
+                session["provider"],
+                optimization_level=session["load_graph_optimization_level"],
+                session_config=session.get("load_session_config"),
+            ),
+            out_dim,
+        )
 
-    def open_graph(self, path: Path, entry: dict[str, Any], load_graph: GraphLoader, *,
-                   threads: int | None = None) -> Any:
+    def open_graph(
+        self, path: Path, entry: dict[str, Any], load_graph: GraphLoader, *, threads: int | None = None
+    ) -> Any:
         session = session_record(entry)
-        return load_graph(path, self.provider, optimization_level=session["load_graph_optimization_level"],
-                          session_config=session.get("load_session_config"), threads=threads)
+        return load_graph(
+            path,
+            self.provider,
+            optimization_level=session["load_graph_optimization_level"],
+            session_config=session.get("load_session_config"),
+            threads=threads,
+        )

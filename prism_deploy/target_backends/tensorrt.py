@@ -24,8 +24,7 @@ class TensorRTTarget(TargetBackend):
     provider: ClassVar[str] = "cuda"
     gpu: ClassVar[bool] = True
     tool: ClassVar[str] = "TensorRT"
-    engine_options: ClassVar[frozenset[str]] = frozenset({"--refittable", "--version-compatible",
-                                                          "--weight-streaming"})
+    engine_options: ClassVar[frozenset[str]] = frozenset({"--refittable", "--version-compatible", "--weight-streaming"})
     fuses_plugin: ClassVar[bool] = True
     refits: ClassVar[bool] = True
     # TensorRT's parser takes MatMulNBits with float16 activations only; model graphs are float32
@@ -46,9 +45,11 @@ class TensorRTTarget(TargetBackend):
         # version compatibility is not hardware compatibility: the GPU must match
         gpu = targets.device_info(self.target)
         if gpu.get("compute_capability") != entry["device"].get("compute_capability"):
-            raise EngineFileError(f"engine {entry['id']}: built for compute capability "
-                                  f"{entry['device'].get('compute_capability')}, this GPU is "
-                                  f"{gpu.get('compute_capability')}; rebuild with `prism-deploy build`")
+            raise EngineFileError(
+                f"engine {entry['id']}: built for compute capability "
+                f"{entry['device'].get('compute_capability')}, this GPU is "
+                f"{gpu.get('compute_capability')}; rebuild with `prism-deploy build`"
+            )
 
     def build(self, onnx_path: Path, work: Path, stem: str, request: EngineBuild) -> BuiltEngine:
         from prism_deploy.trt import engine as trt_engine
@@ -60,14 +61,20 @@ class TensorRTTarget(TargetBackend):
 
     def _serialized(self, trt_engine: Any, onnx_path: Path, request: EngineBuild) -> bytes:
         if request.refit_from is not None:
-            return bytes(trt_engine.refit_serialized_engine(request.refit_from.read_bytes(), onnx_path,
-                                                            plugin=request.plugin))
+            return bytes(
+                trt_engine.refit_serialized_engine(request.refit_from.read_bytes(), onnx_path, plugin=request.plugin)
+            )
         lo, opt, hi = request.shapes or (UNUSED_SHAPE, UNUSED_SHAPE, UNUSED_SHAPE)
-        settings = trt_engine.TrtBuildSettings(min_shape=lo, opt_shape=opt, max_shape=hi,
-                                               refittable=request.refittable,
-                                               version_compatible=request.version_compatible,
-                                               weight_streaming=request.weight_streaming, plugin=request.plugin,
-                                               input_shapes=request.input_shapes)
+        settings = trt_engine.TrtBuildSettings(
+            min_shape=lo,
+            opt_shape=opt,
+            max_shape=hi,
+            refittable=request.refittable,
+            version_compatible=request.version_compatible,
+            weight_streaming=request.weight_streaming,
+            plugin=request.plugin,
+            input_shapes=request.input_shapes,
+        )
         cache = None
         if request.cache_dir is not None:
             cc = str(targets.device_info(self.target).get("compute_capability", "unknown")).replace(".", "")

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 
-
 class TensorRTError(RuntimeError):
     """TensorRT refused a step (parse, build, refit, deserialize); the message says which."""
 
@@ -74,8 +73,9 @@ def _import_plugin() -> None:
     register_tile_dispatch_plugin()
 
 
-def parse_network(onnx_path: str | os.PathLike[str], *, plugin: bool = False,
-                  trt_module: Any = None) -> tuple[trt.Builder, trt.INetworkDefinition, trt.OnnxParser]:
+def parse_network(
+    onnx_path: str | os.PathLike[str], *, plugin: bool = False, trt_module: Any = None
+) -> tuple[trt.Builder, trt.INetworkDefinition, trt.OnnxParser]:
     """``(builder, network, parser)``: ``onnx_path`` parsed into a strongly typed network.
 
     ``trt_module`` is ``tensorrt`` unless given: TensorRT-RTX's ``tensorrt_rtx`` has the same
@@ -97,8 +97,13 @@ def parse_network(onnx_path: str | os.PathLike[str], *, plugin: bool = False,
     return builder, network, parser
 
 
-def build_serialized_engine(onnx_path: str | os.PathLike[str], settings: TrtBuildSettings,
-                            timing_cache: Path | None = None, *, trt_module: Any = None) -> bytes:
+def build_serialized_engine(
+    onnx_path: str | os.PathLike[str],
+    settings: TrtBuildSettings,
+    timing_cache: Path | None = None,
+    *,
+    trt_module: Any = None,
+) -> bytes:
     """Parse ``onnx_path`` into a strongly typed network and build a serialized engine.
 
     ``timing_cache`` is read when it exists and rewritten (atomically) after the build, so
@@ -116,8 +121,9 @@ def build_serialized_engine(onnx_path: str | os.PathLike[str], settings: TrtBuil
     if settings.workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
     profile = builder.create_optimization_profile()
-    for name, lo, opt, hi in settings.input_shapes or ((INPUT_NAME, settings.min_shape, settings.opt_shape,
-                                                        settings.max_shape),):
+    for name, lo, opt, hi in settings.input_shapes or (
+        (INPUT_NAME, settings.min_shape, settings.opt_shape, settings.max_shape),
+    ):
         profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
     config.add_optimization_profile(profile)
     if settings.refittable:
@@ -139,8 +145,7 @@ def build_serialized_engine(onnx_path: str | os.PathLike[str], settings: TrtBuil
     return bytes(memoryview(serialized))
 
 
-def refit_serialized_engine(engine_bytes: bytes, onnx_path: str | os.PathLike[str], *,
-                            plugin: bool = False) -> bytes:
+def refit_serialized_engine(engine_bytes: bytes, onnx_path: str | os.PathLike[str], *, plugin: bool = False) -> bytes:
     """Replace every weight of a REFIT engine by the initializers of ``onnx_path`` (same topology)."""
     import tensorrt as trt
 
@@ -195,8 +200,14 @@ class TrtRunner:
     DLPack with no host copy, on the caller's current torch stream.
     """
 
-    def __init__(self, engine_path: str | os.PathLike[str], *, plugin: bool = False,
-                 version_compatible: bool = False, weight_streaming_budget: int | None = None) -> None:
+    def __init__(
+        self,
+        engine_path: str | os.PathLike[str],
+        *,
+        plugin: bool = False,
+        version_compatible: bool = False,
+        weight_streaming_budget: int | None = None,
+    ) -> None:
         from cuda.bindings import runtime as cudart
 
         trt_module = _runtime_module(version_compatible)
@@ -209,8 +220,10 @@ class TrtRunner:
             self._runtime.engine_host_code_allowed = True
         self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
-            raise PrismInputError(f"{engine_path}: TensorRT cannot deserialize this engine "
-                                  "(built by another TensorRT version or for another GPU?)")
+            raise PrismInputError(
+                f"{engine_path}: TensorRT cannot deserialize this engine "
+                "(built by another TensorRT version or for another GPU?)"
+            )
         if weight_streaming_budget is not None:
             self.engine.weight_streaming_budget_v2 = weight_streaming_budget
         self.context = self.engine.create_execution_context()
@@ -219,8 +232,10 @@ class TrtRunner:
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         # engines are exported with float32 I/O; ask the engine where the module can say
         to_numpy = getattr(trt_module, "nptype", None)
-        self._dtypes = {name: np.dtype(to_numpy(self.engine.get_tensor_dtype(name)) if to_numpy else np.float32)
-                        for name in (INPUT_NAME, OUTPUT_NAME)}
+        self._dtypes = {
+            name: np.dtype(to_numpy(self.engine.get_tensor_dtype(name)) if to_numpy else np.float32)
+            for name in (INPUT_NAME, OUTPUT_NAME)
+        }
 
     def widths(self) -> tuple[int, int]:
         """The last dimension of ``hidden`` and of ``adapted``, as the engine says."""
@@ -258,12 +273,16 @@ class TrtRunner:
         self.context.set_tensor_address(INPUT_NAME, d_in)
         self.context.set_tensor_address(OUTPUT_NAME, d_out)
         kind = cudart.cudaMemcpyKind
-        _check(cudart.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, kind.cudaMemcpyHostToDevice, self._stream),
-               "copy to device")
+        _check(
+            cudart.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, kind.cudaMemcpyHostToDevice, self._stream),
+            "copy to device",
+        )
         if not self.context.execute_async_v3(int(self._stream)):
             raise TensorRTError("execute_async_v3 failed")
-        _check(cudart.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, kind.cudaMemcpyDeviceToHost,
-                                      self._stream), "copy to host")
+        _check(
+            cudart.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, kind.cudaMemcpyDeviceToHost, self._stream),
+            "copy to host",
+        )
         _check(cudart.cudaStreamSynchronize(self._stream), "stream synchronize")
         return out
 

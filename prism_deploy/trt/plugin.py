@@ -56,10 +56,20 @@ def _dtype_name(dtype: Any) -> str:
     return names[dtype]
 
 
-def _spec(hidden_dtype: Any, tile_dtype: Any, R: int, C: int, tr: int, tc: int, top_k: int,
-          gate_scale: float, out_dim: int) -> TileDispatchSpec:
-    return TileDispatchSpec(R, C, tr, tc, top_k, gate_scale, out_dim,
-                            hidden_dtype=_dtype_name(hidden_dtype), tile_dtype=_dtype_name(tile_dtype))
+def _spec(
+    hidden_dtype: Any, tile_dtype: Any, R: int, C: int, tr: int, tc: int, top_k: int, gate_scale: float, out_dim: int
+) -> TileDispatchSpec:
+    return TileDispatchSpec(
+        R,
+        C,
+        tr,
+        tc,
+        top_k,
+        gate_scale,
+        out_dim,
+        hidden_dtype=_dtype_name(hidden_dtype),
+        tile_dtype=_dtype_name(tile_dtype),
+    )
 
 
 def build_arch() -> str:
@@ -77,14 +87,26 @@ def _define_plugin() -> None:
 
     @trtp.register(PLUGIN_ID)
     def tile_dispatch_desc(
-        hidden: trtp.TensorDesc, scores: trtp.TensorDesc, tiles: trtp.TensorDesc, scales: trtp.TensorDesc,
-        R: int, C: int, tr: int, tc: int, top_k: int, gate_scale: float, out_dim: int,
+        hidden: trtp.TensorDesc,
+        scores: trtp.TensorDesc,
+        tiles: trtp.TensorDesc,
+        scales: trtp.TensorDesc,
+        R: int,
+        C: int,
+        tr: int,
+        tc: int,
+        top_k: int,
+        gate_scale: float,
+        out_dim: int,
     ) -> trtp.TensorDesc:
         return trtp.from_shape_expr((hidden.shape_expr[0], out_dim), dtype=hidden.dtype)
 
     @trtp.autotune(PLUGIN_ID)
     def tile_dispatch_autotune(
-        hidden: trtp.TensorDesc, scores: trtp.TensorDesc, tiles: trtp.TensorDesc, scales: trtp.TensorDesc,
+        hidden: trtp.TensorDesc,
+        scores: trtp.TensorDesc,
+        tiles: trtp.TensorDesc,
+        scales: trtp.TensorDesc,
         outputs: Tuple[trtp.TensorDesc],
     ) -> List[trtp.AutoTuneCombination]:
         # positions: hidden, scores, tiles, scales, out. '|' ties hidden to out; '*' lets the
@@ -93,9 +115,19 @@ def _define_plugin() -> None:
 
     @trtp.aot_impl(PLUGIN_ID)
     def tile_dispatch_aot(
-        hidden: trtp.TensorDesc, scores: trtp.TensorDesc, tiles: trtp.TensorDesc, scales: trtp.TensorDesc,
-        R: int, C: int, tr: int, tc: int, top_k: int, gate_scale: float, out_dim: int,
-        outputs: Tuple[trtp.TensorDesc], tactic: int,
+        hidden: trtp.TensorDesc,
+        scores: trtp.TensorDesc,
+        tiles: trtp.TensorDesc,
+        scales: trtp.TensorDesc,
+        R: int,
+        C: int,
+        tr: int,
+        tc: int,
+        top_k: int,
+        gate_scale: float,
+        out_dim: int,
+        outputs: Tuple[trtp.TensorDesc],
+        tactic: int,
     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         from prism_deploy.kernel.nvrtc import compile_ptx
 
@@ -120,9 +152,19 @@ def _define_plugin() -> None:
 
     @trtp.impl(PLUGIN_ID)
     def tile_dispatch_jit(
-        hidden: trtp.Tensor, scores: trtp.Tensor, tiles: trtp.Tensor, scales: trtp.Tensor,
-        R: int, C: int, tr: int, tc: int, top_k: int, gate_scale: float, out_dim: int,
-        outputs: Tuple[trtp.Tensor], stream: int,
+        hidden: trtp.Tensor,
+        scores: trtp.Tensor,
+        tiles: trtp.Tensor,
+        scales: trtp.Tensor,
+        R: int,
+        C: int,
+        tr: int,
+        tc: int,
+        top_k: int,
+        gate_scale: float,
+        out_dim: int,
+        outputs: Tuple[trtp.Tensor],
+        stream: int,
     ) -> None:
         import torch
 
@@ -134,8 +176,9 @@ def _define_plugin() -> None:
         launcher(h, s, t, q, o, stream=stream)
 
 
-def add_tile_dispatch(network: Any, hidden: Any, scores: Any, tiles: Any, scales: Any, spec: TileDispatchSpec,
-                      aot: bool = True) -> Any:
+def add_tile_dispatch(
+    network: Any, hidden: Any, scores: Any, tiles: Any, scales: Any, spec: TileDispatchSpec, aot: bool = True
+) -> Any:
     """Add the plugin to a ``trt.INetworkDefinition`` directly (the ONNX route needs no call)."""
     import tensorrt.plugin as trtp  # type: ignore[import-untyped,unused-ignore]
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prism_deploy.bench import bytes_must_move, case_floor, floor_seconds, flops_must_do
-from prism_deploy.bench import machine
+from prism_deploy.bench import bytes_must_move, case_floor, floor_seconds, flops_must_do, machine
 from prism_deploy.bench.memory import PeakMemory
 from prism_deploy.bench.timing import time_cpu
 from prism_deploy.cli.main import main
@@ -47,19 +46,25 @@ def _bench(args: list[str], capsys) -> tuple[int, str, str]:
 
 # ---- the floor, checked by hand -------------------------------------------------------------
 
-HAND = AdapterConfig(8, 4, (
-    PipeSpec("all", (2, 2), (2, 4)),             # ungated: 4 tiles of 2x4
-    PipeSpec("gated", (2, 2), (2, 4), top_k=1),  # gate [4, 8] + bias [4]
-))
+HAND = AdapterConfig(
+    8,
+    4,
+    (
+        PipeSpec("all", (2, 2), (2, 4)),  # ungated: 4 tiles of 2x4
+        PipeSpec("gated", (2, 2), (2, 4), top_k=1),  # gate [4, 8] + bias [4]
+    ),
+)
 
 
 def test_floor_bytes_by_hand():
     # 3 tokens; the gate picked 2 distinct tiles among them.
     fp32 = bytes_must_move(HAND, "fp32", 3, [None, 2])
-    assert fp32 == {"tiles": 4 * 8 * 4 + 2 * 8 * 4,      # 128 + 64
-                    "gates": 4 * 8 * 4 + 4 * 4,           # weight 128 + bias 16
-                    "activations": 3 * (8 + 4) * 4,       # 144
-                    "total": 192 + 144 + 144}
+    assert fp32 == {
+        "tiles": 4 * 8 * 4 + 2 * 8 * 4,  # 128 + 64
+        "gates": 4 * 8 * 4 + 4 * 4,  # weight 128 + bias 16
+        "activations": 3 * (8 + 4) * 4,  # 144
+        "total": 192 + 144 + 144,
+    }
     fp16 = bytes_must_move(HAND, "fp16", 3, [None, 2])
     assert (fp16["tiles"], fp16["gates"], fp16["total"]) == (96, 64 + 8, 96 + 72 + 144)
     int8 = bytes_must_move(HAND, "int8", 3, [None, 2])
@@ -99,6 +104,7 @@ def test_floor_rejects_unknown_precision():
 
 # ---- timing and memory mechanics --------------------------------------------------------------
 
+
 def test_time_cpu_rotates_buffers_and_counts_samples():
     seen: list[int] = []
     inputs = list(range(4))
@@ -122,9 +128,26 @@ def test_peak_memory_sees_a_transient_allocation():
 
 # ---- the command ------------------------------------------------------------------------------
 
-CASE_FIELDS = {"backend", "precision", "batch", "seq", "tokens", "median_s", "p10_s", "p90_s", "samples",
-               "tokens_per_s", "ratio_to_torch", "floor_s", "ratio_to_floor", "memory", "max_abs_err",
-               "max_rel_err", "method", "buffers"}
+CASE_FIELDS = {
+    "backend",
+    "precision",
+    "batch",
+    "seq",
+    "tokens",
+    "median_s",
+    "p10_s",
+    "p90_s",
+    "samples",
+    "tokens_per_s",
+    "ratio_to_torch",
+    "floor_s",
+    "ratio_to_floor",
+    "memory",
+    "max_abs_err",
+    "max_rel_err",
+    "method",
+    "buffers",
+}
 
 
 def _check_results(data: dict, batches: list[int]) -> None:
@@ -151,8 +174,22 @@ def _check_results(data: dict, batches: list[int]) -> None:
 
 def test_bench_runs_torch_and_ort_cpu(tiny: Path, tmp_path: Path, capsys):
     out = tmp_path / "r" / "bench.json"
-    code, text, _ = _bench([str(tiny), "--backends", "torch,ort-cpu", "--batch", "1,4", "--repeat", "3",
-                            "--warmup", "0", "--json-out", str(out)], capsys)
+    code, text, _ = _bench(
+        [
+            str(tiny),
+            "--backends",
+            "torch,ort-cpu",
+            "--batch",
+            "1,4",
+            "--repeat",
+            "3",
+            "--warmup",
+            "0",
+            "--json-out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, text
     data = json.loads(out.read_text())
     _check_results(data, [1, 4])
@@ -161,8 +198,9 @@ def test_bench_runs_torch_and_ort_cpu(tiny: Path, tmp_path: Path, capsys):
     assert sorted(c["batch"] for c in ort) == [1, 4]
     for c in ort:  # the same inputs as torch: fp32 agrees with the reference
         assert c["max_rel_err"] < 1e-4
-        torch_median = next(t["median_s"] for t in data["cases"]
-                            if t["backend"] == "torch" and t["batch"] == c["batch"])
+        torch_median = next(
+            t["median_s"] for t in data["cases"] if t["backend"] == "torch" and t["batch"] == c["batch"]
+        )
         assert c["ratio_to_torch"] == pytest.approx(c["median_s"] / torch_median)
     assert "ort-cpu" in text and "torch" in text
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temp file left
@@ -170,8 +208,24 @@ def test_bench_runs_torch_and_ort_cpu(tiny: Path, tmp_path: Path, capsys):
 
 def test_bench_torch_json_and_unavailable_reasons(tiny: Path, tmp_path: Path, capsys):
     out = tmp_path / "bench.json"
-    code, text, _ = _bench([str(tiny), "--backends", "torch,ort-cuda,trt,kernel", "--precision", "fp32,fp16,int8",
-                            "--batch", "1,2", "--repeat", "3", "--warmup", "0", "--json-out", str(out)], capsys)
+    code, text, _ = _bench(
+        [
+            str(tiny),
+            "--backends",
+            "torch,ort-cuda,trt,kernel",
+            "--precision",
+            "fp32,fp16,int8",
+            "--batch",
+            "1,2",
+            "--repeat",
+            "3",
+            "--warmup",
+            "0",
+            "--json-out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0
     data = json.loads(out.read_text())
     _check_results(data, [1, 2])
@@ -189,8 +243,26 @@ def test_bench_torch_json_and_unavailable_reasons(tiny: Path, tmp_path: Path, ca
 
 def test_bench_baseline_is_measured_when_fp32_not_asked(tiny: Path, tmp_path: Path, capsys):
     out = tmp_path / "bench.json"
-    code, _, _ = _bench([str(tiny), "--backends", "torch", "--precision", "fp16", "--batch", "2", "--seq", "3",
-                         "--repeat", "3", "--warmup", "0", "--json-out", str(out)], capsys)
+    code, _, _ = _bench(
+        [
+            str(tiny),
+            "--backends",
+            "torch",
+            "--precision",
+            "fp16",
+            "--batch",
+            "2",
+            "--seq",
+            "3",
+            "--repeat",
+            "3",
+            "--warmup",
+            "0",
+            "--json-out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0
     data = json.loads(out.read_text())
     pairs = {(c["precision"], c["ratio_to_torch"] is not None) for c in data["cases"]}
@@ -203,8 +275,10 @@ def test_bench_baseline_is_measured_when_fp32_not_asked(tiny: Path, tmp_path: Pa
 def test_bench_plot(tiny: Path, tmp_path: Path, capsys):
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
-    code, _, _ = _bench([str(tiny), "--backends", "torch", "--batch", "1,2", "--repeat", "3", "--warmup", "0",
-                         "--plot", str(png)], capsys)
+    code, _, _ = _bench(
+        [str(tiny), "--backends", "torch", "--batch", "1,2", "--repeat", "3", "--warmup", "0", "--plot", str(png)],
+        capsys,
+    )
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -212,14 +286,35 @@ def test_bench_plot(tiny: Path, tmp_path: Path, capsys):
 def test_bench_runs_each_gated_form_side_by_side(tiny: Path, tmp_path: Path, capsys):
     out = tmp_path / "forms.json"
     backends = "ort-cpu,ort-cpu/A,ort-cpu/B,ort-cpu/sparse"
-    code, text, _ = _bench([str(tiny), "--backends", backends, "--precision", "fp32,int8", "--batch", "1,4",
-                            "--repeat", "3", "--warmup", "0", "--json-out", str(out)], capsys)
+    code, text, _ = _bench(
+        [
+            str(tiny),
+            "--backends",
+            backends,
+            "--precision",
+            "fp32,int8",
+            "--batch",
+            "1,4",
+            "--repeat",
+            "3",
+            "--warmup",
+            "0",
+            "--json-out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, text
     data = json.loads(out.read_text())
     assert data["backends"]["ran"] == sorted(backends.split(","))
     for backend in backends.split(","):
         cases = [c for c in data["cases"] if c["backend"] == backend]
-        assert sorted((c["precision"], c["batch"]) for c in cases) == [("fp32", 1), ("fp32", 4), ("int8", 1), ("int8", 4)]
+        assert sorted((c["precision"], c["batch"]) for c in cases) == [
+            ("fp32", 1),
+            ("fp32", 4),
+            ("int8", 1),
+            ("int8", 4),
+        ]
         for c in cases:  # each form against the same floor, and right
             assert c["floor_s"] > 0 and c["max_rel_err"] < (1e-4 if c["precision"] == "fp32" else 5e-2)
         assert backend in text
@@ -227,22 +322,26 @@ def test_bench_runs_each_gated_form_side_by_side(tiny: Path, tmp_path: Path, cap
     assert details["ort-cpu/sparse"]["precisions"]["fp32"]["export"]["gated_form"] == "sparse"
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--backends", "torch,cuda-magic"], "--backends"),
-    (["--precision", "fp8"], "--precision"),
-    (["--batch", "0"], "--batch"),
-    (["--batch", "one"], "--batch"),
-    (["--repeat", "0"], "--repeat"),
-    (["--warmup", "-5"], "--warmup"),
-    (["--seq", "x"], "--seq"),
-    (["--threads", "0"], "--threads"),
-    (["--engines", "/nonexistent/engines"], "--engines"),
-    (["--backends", "torch/sparse"], "--backends"),
-    (["--backends", "ort-cpu/C"], "--backends"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--backends", "torch,cuda-magic"], "--backends"),
+        (["--precision", "fp8"], "--precision"),
+        (["--batch", "0"], "--batch"),
+        (["--batch", "one"], "--batch"),
+        (["--repeat", "0"], "--repeat"),
+        (["--warmup", "-5"], "--warmup"),
+        (["--seq", "x"], "--seq"),
+        (["--threads", "0"], "--threads"),
+        (["--engines", "/nonexistent/engines"], "--engines"),
+        (["--backends", "torch/sparse"], "--backends"),
+        (["--backends", "ort-cpu/C"], "--backends"),
+    ],
+)
 def test_bench_bad_options_exit_2(tiny: Path, capsys, args, fragment):
-    code, _, err = _bench([str(tiny), "--backends", "torch", *args] if "--backends" not in args else [str(tiny), *args],
-                          capsys)
+    code, _, err = _bench(
+        [str(tiny), "--backends", "torch", *args] if "--backends" not in args else [str(tiny), *args], capsys
+    )
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0]
@@ -269,8 +368,26 @@ def test_bench_runs_built_engines(tiny: Path, tmp_path: Path, capsys):
     assert main(["build", str(tiny), "-o", str(engines), "--target", "ort-cpu", "--precision", "fp32"]) == 0
     capsys.readouterr()
     out = tmp_path / "bench.json"
-    code, text, _ = _bench([str(tiny), "--engines", str(engines), "--backends", "torch,ort-cpu", "--precision",
-                            "fp32,fp16", "--batch", "2", "--repeat", "3", "--warmup", "0", "--json-out", str(out)], capsys)
+    code, text, _ = _bench(
+        [
+            str(tiny),
+            "--engines",
+            str(engines),
+            "--backends",
+            "torch,ort-cpu",
+            "--precision",
+            "fp32,fp16",
+            "--batch",
+            "2",
+            "--repeat",
+            "3",
+            "--warmup",
+            "0",
+            "--json-out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0
     data = json.loads(out.read_text())
     ort = [c for c in data["cases"] if c["backend"] == "ort-cpu"]
@@ -278,8 +395,10 @@ def test_bench_runs_built_engines(tiny: Path, tmp_path: Path, capsys):
     detail = next(d for d in data["backends"]["details"] if d["name"] == "ort-cpu")
     assert detail["precisions"]["fp32"]["source"] == "engines"
     # no fp16 engine was built: listed with the reason, not dropped
-    assert any(u["backend"] == "ort-cpu" and u["precision"] == "fp16" and "fp16" in u["reason"]
-               for u in data["backends"]["unavailable"])
+    assert any(
+        u["backend"] == "ort-cpu" and u["precision"] == "fp16" and "fp16" in u["reason"]
+        for u in data["backends"]["unavailable"]
+    )
 
 
 def test_a_result_records_the_command_without_the_checkouts_folder():
@@ -288,6 +407,9 @@ def test_a_result_records_the_command_without_the_checkouts_folder():
     from prism_deploy.bench.machine import recorded_argv
 
     main_py = str(Path(prism_deploy.__file__).resolve().parent / "__main__.py")
-    assert recorded_argv([main_py, "bench", "/data/a.safetensors"]) == ["prism_deploy/__main__.py", "bench",
-                                                                         "/data/a.safetensors"]
+    assert recorded_argv([main_py, "bench", "/data/a.safetensors"]) == [
+        "prism_deploy/__main__.py",
+        "bench",
+        "/data/a.safetensors",
+    ]
     assert recorded_argv(["/usr/local/bin/prism-deploy", "bench"]) == ["/usr/local/bin/prism-deploy", "bench"]

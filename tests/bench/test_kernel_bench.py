@@ -28,10 +28,22 @@ def test_gather_baseline_matches_reference(tile_dtype):
         tiles, scales = rng.standard_normal((W, SMALL.tr, SMALL.tc)).astype(tile_dtype), None
     hidden = torch.float32 if tile_dtype == "float32" else torch.float16
     xpad = torch.nn.functional.pad(torch.from_numpy(x), (0, SMALL.C * SMALL.tc - SMALL.in_dim)).to(hidden)
-    got = bench.gather_sparse(xpad, torch.from_numpy(s), torch.from_numpy(tiles),
-                              None if scales is None else torch.from_numpy(scales), SMALL)
-    ref = tile_dispatch(xpad.float().numpy()[:, :SMALL.in_dim], s, tiles, scales, R=SMALL.R, C=SMALL.C,
-                        tr=SMALL.tr, tc=SMALL.tc, top_k=SMALL.top_k, gate_scale=1.0, out_dim=SMALL.out_dim)
+    got = bench.gather_sparse(
+        xpad, torch.from_numpy(s), torch.from_numpy(tiles), None if scales is None else torch.from_numpy(scales), SMALL
+    )
+    ref = tile_dispatch(
+        xpad.float().numpy()[:, : SMALL.in_dim],
+        s,
+        tiles,
+        scales,
+        R=SMALL.R,
+        C=SMALL.C,
+        tr=SMALL.tr,
+        tc=SMALL.tc,
+        top_k=SMALL.top_k,
+        gate_scale=1.0,
+        out_dim=SMALL.out_dim,
+    )
     assert got.shape == (T, SMALL.out_dim) and got.dtype == hidden
     err = bench.relative_error(got, torch.from_numpy(ref))
     assert err < (1e-6 if tile_dtype == "float32" else bench.CHECK_TOLERANCE / 3)

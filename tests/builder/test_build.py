@@ -16,28 +16,37 @@ import pytest
 import torch
 
 from prism_deploy.builder import adapter_source, loop
-from prism_deploy.target_backends import onnxruntime as ort_engine
-from prism_deploy.core import targets
-from prism_deploy.format.engine_manifest import EngineFileError, read_manifest
 from prism_deploy.cli.main import main
+from prism_deploy.core import targets
 from prism_deploy.format import AdapterConfig, PipeSpec
+from prism_deploy.format.engine_manifest import EngineFileError, read_manifest
 from prism_deploy.reference import random_adapter
 from prism_deploy.runtime import load_engines
+from prism_deploy.target_backends import onnxruntime as ort_engine
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "demo-adapter.safetensors"
 # The shipped example's layout (examples/demo-adapter.safetensors), for when the file is absent.
-DEMO_CONFIG = AdapterConfig(256, 160, (
-    PipeSpec("dense", (4, 4), (40, 64)),
-    PipeSpec("routed", (8, 8), (20, 32), top_k=16),
-    PipeSpec("coarse", (2, 4), (80, 64), top_k=3),
-), "weighted")
-SMALL_CONFIG = AdapterConfig(48, 40, (
-    PipeSpec("plain", (2, 2), (20, 24)),
-    PipeSpec("gated", (4, 3), (10, 16), top_k=4, gate_scale=1.5),
-), "weighted")
+DEMO_CONFIG = AdapterConfig(
+    256,
+    160,
+    (
+        PipeSpec("dense", (4, 4), (40, 64)),
+        PipeSpec("routed", (8, 8), (20, 32), top_k=16),
+        PipeSpec("coarse", (2, 4), (80, 64), top_k=3),
+    ),
+    "weighted",
+)
+SMALL_CONFIG = AdapterConfig(
+    48,
+    40,
+    (
+        PipeSpec("plain", (2, 2), (20, 24)),
+        PipeSpec("gated", (4, 3), (10, 16), top_k=4, gate_scale=1.5),
+    ),
+    "weighted",
+)
 # small profile: parity runs 2 batches of 2x8 tokens
 FAST = ["--batch", "1:2:4", "--seq", "1:8:16"]
-
 
 
 def _adapter(tmp_path: Path, config: AdapterConfig = SMALL_CONFIG, seed: int = 0, name: str = "small") -> Path:
@@ -158,8 +167,20 @@ def test_concurrent_builds_into_one_dir_leave_a_valid_manifest(tmp_path):
     codes: dict[str, int] = {}
 
     def build(precision: str) -> None:
-        codes[precision] = main(["build", str(adapter), "-o", str(out_dir), "--target", "ort-cpu",
-                                 "--precision", precision, "--json", *FAST])
+        codes[precision] = main(
+            [
+                "build",
+                str(adapter),
+                "-o",
+                str(out_dir),
+                "--target",
+                "ort-cpu",
+                "--precision",
+                precision,
+                "--json",
+                *FAST,
+            ]
+        )
 
     threads = [threading.Thread(target=build, args=(p,)) for p in ("fp32", "fp16")]
     for t in threads:
@@ -215,19 +236,22 @@ def test_per_pipe_engines_sum_to_the_whole_adapter_engine(tmp_path, capsys):
         load_engines(out_dir)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--batch", "1:2"], "--batch"),
-    (["--batch", "8:2:16"], "--batch"),
-    (["--seq", "a:b:c"], "--seq"),
-    (["--precision", "fp8"], "--precision"),
-    (["--precision", ""], "--precision"),
-    (["--target", "tpu"], "--target"),
-    (["--target", "ort-cpu", "--precision", "int8-qdq"], "--calib"),
-    (["--target", "ort-cpu", "--plugin", "on"], "--plugin"),
-    (["--target", "ort-cpu", "--plugin", "maybe"], "--plugin"),
-    (["--target", "ort-cpu", "--refittable"], "--refittable"),
-    (["--target", "ort-cpu", "--calib", "/nonexistent.npy"], "--calib"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch", "1:2"], "--batch"),
+        (["--batch", "8:2:16"], "--batch"),
+        (["--seq", "a:b:c"], "--seq"),
+        (["--precision", "fp8"], "--precision"),
+        (["--precision", ""], "--precision"),
+        (["--target", "tpu"], "--target"),
+        (["--target", "ort-cpu", "--precision", "int8-qdq"], "--calib"),
+        (["--target", "ort-cpu", "--plugin", "on"], "--plugin"),
+        (["--target", "ort-cpu", "--plugin", "maybe"], "--plugin"),
+        (["--target", "ort-cpu", "--refittable"], "--refittable"),
+        (["--target", "ort-cpu", "--calib", "/nonexistent.npy"], "--calib"),
+    ],
+)
 def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys, extra, message):
     adapter = _adapter(tmp_path)
     code, out, err = _build(capsys, str(adapter), "-o", str(tmp_path / "eng"), *extra)
@@ -277,6 +301,7 @@ def test_crash_mid_build_leaves_previous_engines_and_manifest(tmp_path, capsys, 
     args = [str(adapter), "-o", str(out_dir), "--target", "ort-cpu", *FAST]
     assert _build(capsys, *args)[0] == 0
     before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
+
     def crash(onnx_path, engine_path, target, **options):
         engine_path.write_bytes(b"half an engine")
         raise KeyboardInterrupt
@@ -300,8 +325,9 @@ def test_a_build_error_fails_that_configuration_only(tmp_path, capsys, monkeypat
         return real(onnx_path, engine_path, target, **options)
 
     monkeypatch.setattr(ort_engine, "build_ort_engine", refuse_fp16)
-    code, out, err = _build(capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu",
-                            "--precision", "fp16,fp32", *FAST)
+    code, out, err = _build(
+        capsys, str(adapter), "-o", str(out_dir), "--target", "ort-cpu", "--precision", "fp16,fp32", *FAST
+    )
     assert code == 1 and "ort-cpu/fp16/whole" in err and "ONNX Runtime build failed" in err
     assert [e["configuration"]["precision"] for e in read_manifest(out_dir)["engines"]] == ["fp32"]
 
@@ -313,8 +339,11 @@ def test_a_second_build_waits_for_the_lock(tmp_path):
     out_dir.mkdir()
     codes: list[int] = []
     with folder_lock(out_dir, loop.LOCK_NAME):
-        t = threading.Thread(target=lambda: codes.append(main(
-            ["build", str(adapter), "-o", str(out_dir), "--target", "ort-cpu", "--json", *FAST])))
+        t = threading.Thread(
+            target=lambda: codes.append(
+                main(["build", str(adapter), "-o", str(out_dir), "--target", "ort-cpu", "--json", *FAST])
+            )
+        )
         t.start()
         t.join(timeout=1.0)
         assert t.is_alive() and not (out_dir / "manifest.json").exists()  # blocked on the lock
@@ -338,19 +367,39 @@ def test_retrained_adapter_keeps_topology_key_and_finds_refit_source(tmp_path):
     keys = [loop.cache_key(loop.Unit(cfg, {"adapter": file_sha256(a)}, cfg.id), tools, device) for a in (a0, a1)]
     assert keys[0] != keys[1]
     tkey = adapter_source.topology_key(topo, cfg, tools, device)
-    other = AdapterConfig(48, 40, (PipeSpec("plain", (2, 2), (20, 24)),
-                                   PipeSpec("gated", (4, 3), (10, 16), top_k=5, gate_scale=1.5)), "weighted")
+    other = AdapterConfig(
+        48,
+        40,
+        (PipeSpec("plain", (2, 2), (20, 24)), PipeSpec("gated", (4, 3), (10, 16), top_k=5, gate_scale=1.5)),
+        "weighted",
+    )
     assert adapter_source.topology_key(other.topology(), cfg, tools, device) != tkey
     assert adapter_source.topology_key(topo, cfg, tools, {**device, "compute_capability": "8.0"}) != tkey
 
     old_dir = tmp_path / "engines" / f"a-{keys[0][:8]}"
     old_dir.mkdir(parents=True)
     (old_dir / "x.engine").write_bytes(b"plan")
-    part = {"pipe": None, "pipe_name": None, "file": "x.engine", "sha256": file_sha256(old_dir / "x.engine"), "bytes": 4}
-    entry = {"id": cfg.id, "configuration": cfg.to_json(), "target": "trt", "parts": [part], "tools": tools,
-             "device": device, "cache_key": keys[0], "topology_key": tkey}
-    write_manifest(old_dir, new_manifest({"file": "a.safetensors", "sha256": file_sha256(a0),
-                                          "config": SMALL_CONFIG.to_json()}, [entry]))
+    part = {
+        "pipe": None,
+        "pipe_name": None,
+        "file": "x.engine",
+        "sha256": file_sha256(old_dir / "x.engine"),
+        "bytes": 4,
+    }
+    entry = {
+        "id": cfg.id,
+        "configuration": cfg.to_json(),
+        "target": "trt",
+        "parts": [part],
+        "tools": tools,
+        "device": device,
+        "cache_key": keys[0],
+        "topology_key": tkey,
+    }
+    write_manifest(
+        old_dir,
+        new_manifest({"file": "a.safetensors", "sha256": file_sha256(a0), "config": SMALL_CONFIG.to_json()}, [entry]),
+    )
     source = adapter_source.AdapterSource(adapter_source.BuildRequest(adapter=tmp_path / "a.safetensors"))
     new_dir = tmp_path / "engines" / "a-new"
     unit = loop.Unit(cfg, {}, cfg.id, topology_key=tkey)
@@ -439,7 +488,11 @@ def test_build_session_skips_prepacking_and_writes_the_same_model(tmp_path, prec
     monkeypatch.setattr(ort_session, "make_session", spy)
     ort_engine.build_ort_engine(tmp_path / "m.onnx", tmp_path / "built.onnx", "ort-cpu", precision=precision)
     assert configs == [{"session.disable_prepacking": "1"}]
-    real(tmp_path / "m.onnx", "cpu", optimized_model_path=str(tmp_path / "prepacked.onnx"),
-         graph_optimization_level=ort_engine.BUILD_OPTIMIZATION_LEVEL)
+    real(
+        tmp_path / "m.onnx",
+        "cpu",
+        optimized_model_path=str(tmp_path / "prepacked.onnx"),
+        graph_optimization_level=ort_engine.BUILD_OPTIMIZATION_LEVEL,
+    )
     digest = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("built.onnx", "prepacked.onnx")]
     assert digest[0] == digest[1]

@@ -19,8 +19,12 @@ from prism_deploy.format.engine_manifest import EngineFileError, read_manifest
 from prism_deploy.reference import load_adapter, random_adapter
 from prism_deploy.runtime import load_engines
 
-TINY = AdapterConfig(24, 20, (PipeSpec("plain", (1, 1), (20, 24)),
-                              PipeSpec("gated", (4, 3), (5, 8), top_k=3, gate_scale=1.5)), "weighted")
+TINY = AdapterConfig(
+    24,
+    20,
+    (PipeSpec("plain", (1, 1), (20, 24)), PipeSpec("gated", (4, 3), (5, 8), top_k=3, gate_scale=1.5)),
+    "weighted",
+)
 PROFILE = Profile((1, 2, 4), (1, 8, 32))  # buckets 1, 8, 64, 128 tokens
 
 
@@ -41,8 +45,12 @@ def _build(tmp_path: Path, timer, precisions=("fp32",)) -> tuple[Path, Path]:
     if not adapter.exists():
         random_adapter(TINY, seed=3).save(adapter)
     out = tmp_path / "e"
-    build_engines(BuildRequest(adapter=adapter, out_dir=out, target="ort-cpu", precisions=precisions,
-                               profile=PROFILE, form_timer=timer), log=lambda _m: None).raise_for_failures()
+    build_engines(
+        BuildRequest(
+            adapter=adapter, out_dir=out, target="ort-cpu", precisions=precisions, profile=PROFILE, form_timer=timer
+        ),
+        log=lambda _m: None,
+    ).raise_for_failures()
     return adapter, out
 
 
@@ -53,10 +61,13 @@ def test_token_buckets_cover_the_profile():
 
 
 def test_choose_form_takes_the_fastest_that_passed():
-    assert choose_form({"A": 2.0, "B": 1.0, "sparse": 0.5}, {"A": True, "B": True, "sparse": False},
-                       CANDIDATE_FORMS) == "B"
-    assert choose_form({"A": 1.0, "B": 1.0, "sparse": 3.0}, dict.fromkeys(CANDIDATE_FORMS, True),
-                       CANDIDATE_FORMS) == "A"  # ties: the earlier candidate
+    assert (
+        choose_form({"A": 2.0, "B": 1.0, "sparse": 0.5}, {"A": True, "B": True, "sparse": False}, CANDIDATE_FORMS)
+        == "B"
+    )
+    assert (
+        choose_form({"A": 1.0, "B": 1.0, "sparse": 3.0}, dict.fromkeys(CANDIDATE_FORMS, True), CANDIDATE_FORMS) == "A"
+    )  # ties: the earlier candidate
     assert choose_form({"A": None}, {"A": False}, ["A"]) is None
 
 
@@ -127,8 +138,17 @@ def test_version_1_manifest_is_still_read_and_mismatched_forms_are_refused(tmp_p
 def test_forms_auto_builds_one_graph(tmp_path):
     adapter = tmp_path / "tiny.safetensors"
     random_adapter(TINY, seed=3).save(adapter)
-    build_engines(BuildRequest(adapter=adapter, out_dir=tmp_path / "e", target="ort-cpu", precisions=("fp32",),
-                               profile=PROFILE, forms="auto"), log=lambda _m: None).raise_for_failures()
+    build_engines(
+        BuildRequest(
+            adapter=adapter,
+            out_dir=tmp_path / "e",
+            target="ort-cpu",
+            precisions=("fp32",),
+            profile=PROFILE,
+            forms="auto",
+        ),
+        log=lambda _m: None,
+    ).raise_for_failures()
     entry = read_manifest(tmp_path / "e")["engines"][0]
     assert entry.get("forms") is None and len(entry["parts"]) == 1
 
@@ -139,8 +159,17 @@ def test_the_lowering_rule_graph_is_a_candidate_and_kept_when_nothing_is_faster(
     mixed = AdapterConfig(24, 20, (PipeSpec("a", (2, 3), (10, 8), top_k=2), PipeSpec("b", (4, 2), (5, 12), top_k=3)))
     adapter = tmp_path / "mixed.safetensors"
     random_adapter(mixed, seed=5).save(adapter)
-    build_engines(BuildRequest(adapter=adapter, out_dir=tmp_path / "e", target="ort-cpu", precisions=("fp32",),
-                               profile=PROFILE, form_timer=planted({})), log=lambda _m: None).raise_for_failures()
+    build_engines(
+        BuildRequest(
+            adapter=adapter,
+            out_dir=tmp_path / "e",
+            target="ort-cpu",
+            precisions=("fp32",),
+            profile=PROFILE,
+            form_timer=planted({}),
+        ),
+        log=lambda _m: None,
+    ).raise_for_failures()
     entry = read_manifest(tmp_path / "e")["engines"][0]
     assert entry["forms"]["baseline"] == "auto" and entry["forms"]["candidates"][0] == "auto"
     assert [b["form"] for b in entry["forms"]["buckets"]] == ["auto"] * 4

@@ -110,7 +110,10 @@ def test_corrupt_engine_is_refused_by_the_pipeline_and_rebuilt(exports, tmp_path
         Pipeline(out, exports["adapter"], exports["B"], target="ort-cpu")
     code, result, _ = _build(capsys, "--model", str(exports["A"]), "-o", str(out), "--target", "ort-cpu", "--json")
     assert code == 0 and [e["action"] for e in result["engines"]] == ["built"]
-    assert file_sha256(out / result["engines"][0]["entry"]["parts"][0]["file"]) == result["engines"][0]["entry"]["parts"][0]["sha256"]
+    assert (
+        file_sha256(out / result["engines"][0]["entry"]["parts"][0]["file"])
+        == result["engines"][0]["entry"]["parts"][0]["sha256"]
+    )
 
 
 def test_failed_parity_exits_1_and_keeps_the_manifest(exports, tmp_path, capsys, monkeypatch):
@@ -149,7 +152,9 @@ def test_pipeline_from_built_folders_equals_pipeline_from_exports(exports, built
     want, got = plain(ids, mask), engines(ids, mask)
     assert got.shape == (3, 9, 320)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(engines.generate(ids, mask, max_new_tokens=6), plain.generate(ids, mask, max_new_tokens=6))
+    np.testing.assert_array_equal(
+        engines.generate(ids, mask, max_new_tokens=6), plain.generate(ids, mask, max_new_tokens=6)
+    )
 
 
 def test_run_cli_accepts_built_folders(exports, built, capsys):
@@ -161,7 +166,10 @@ def test_run_cli_accepts_built_folders(exports, built, capsys):
     from_built = json.loads(capsys.readouterr().out)
     assert main([*argv, "--model-a", str(exports["A"]), "--model-b", str(exports["B"])]) == 0
     from_export = json.loads(capsys.readouterr().out)
-    assert from_built["generated_ids"] == from_export["generated_ids"] and from_built["next_token"] == from_export["next_token"]
+    assert (
+        from_built["generated_ids"] == from_export["generated_ids"]
+        and from_built["next_token"] == from_export["next_token"]
+    )
 
 
 def test_built_folder_of_the_wrong_role_is_refused(exports, built):
@@ -174,18 +182,26 @@ def test_built_folder_of_the_wrong_role_is_refused(exports, built):
         Pipeline(exports["A"], built["A"], exports["B"], target="ort-cpu")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "{empty}"], "no model.json"),
-    (["{adapter}", "--model", "{A}"], "not both"),
-    ([], "give ADAPTER"),
-    (["--model", "{A}", "--precision", "fp16"], "--precision"),
-    (["--model", "{missing}"], "not a folder"),
-    (["--model", "{built}"], "already a build folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "{empty}"], "no model.json"),
+        (["{adapter}", "--model", "{A}"], "not both"),
+        ([], "give ADAPTER"),
+        (["--model", "{A}", "--precision", "fp16"], "--precision"),
+        (["--model", "{missing}"], "not a folder"),
+        (["--model", "{built}"], "already a build folder"),
+    ],
+)
 def test_bad_input_exits_2_with_one_error_line(exports, built, tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
-    names = {"empty": tmp_path / "empty", "adapter": exports["adapter"], "A": exports["A"],
-             "missing": tmp_path / "nope", "built": built["A"]}
+    names = {
+        "empty": tmp_path / "empty",
+        "adapter": exports["adapter"],
+        "A": exports["A"],
+        "missing": tmp_path / "nope",
+        "built": built["A"],
+    }
     capsys.readouterr()
     code = main(["build", *(a.format(**names) for a in argv), "-o", str(tmp_path / "out")])
     _, err = capsys.readouterr()
@@ -202,9 +218,29 @@ def test_default_output_is_role_and_model_json_hash(exports, tmp_path, capsys, m
 
 def test_end_to_end_parity_from_built_folders(exports, built, capsys):
     capsys.readouterr()
-    assert main(["parity-pipeline", "--model-a-hf", str(exports["llama"]), "--model-a", str(built["A"]),
-                 "--model-b-hf", str(exports["qwen2"]), "--model-b", str(built["B"]),
-                 "--adapter", str(exports["adapter"]), "--batch", "2", "--seq", "6", "--json"]) == 0
+    assert (
+        main(
+            [
+                "parity-pipeline",
+                "--model-a-hf",
+                str(exports["llama"]),
+                "--model-a",
+                str(built["A"]),
+                "--model-b-hf",
+                str(exports["qwen2"]),
+                "--model-b",
+                str(built["B"]),
+                "--adapter",
+                str(exports["adapter"]),
+                "--batch",
+                "2",
+                "--seq",
+                "6",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["logits"]["kl_max"] < 1e-8
 

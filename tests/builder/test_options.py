@@ -16,8 +16,9 @@ from prism_deploy.core.precision import ModelPrecision, Precision
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.reference import random_adapter
 
-SMALL = AdapterConfig(48, 40, (PipeSpec("plain", (2, 2), (20, 24)),
-                                PipeSpec("gated", (4, 3), (10, 16), top_k=4)), "weighted")
+SMALL = AdapterConfig(
+    48, 40, (PipeSpec("plain", (2, 2), (20, 24)), PipeSpec("gated", (4, 3), (10, 16), top_k=4)), "weighted"
+)
 
 
 def test_engine_config_carries_a_typed_precision_and_writes_its_name():
@@ -36,13 +37,17 @@ def test_engine_config_carries_a_typed_precision_and_writes_its_name():
 
 
 def test_build_request_parses_names_and_checks_its_options_when_made(tmp_path):
-    assert BuildRequest(adapter=tmp_path / "a", precisions=("fp16", Precision.INT8)).precisions == \
-        (Precision.FP16, Precision.INT8)
-    for kwargs, message in (({"precisions": ("fp8",)}, "--precision: 'fp8'"),
-                            ({"plugin": "maybe"}, "--plugin: 'maybe'"),
-                            ({"forms": "fast"}, "--forms: 'fast'"),
-                            ({"precisions": ("int8-qdq",)}, "needs --calib FILE"),
-                            ({"calib": tmp_path / "none.npy"}, "--calib: .*no such file")):
+    assert BuildRequest(adapter=tmp_path / "a", precisions=("fp16", Precision.INT8)).precisions == (
+        Precision.FP16,
+        Precision.INT8,
+    )
+    for kwargs, message in (
+        ({"precisions": ("fp8",)}, "--precision: 'fp8'"),
+        ({"plugin": "maybe"}, "--plugin: 'maybe'"),
+        ({"forms": "fast"}, "--forms: 'fast'"),
+        ({"precisions": ("int8-qdq",)}, "needs --calib FILE"),
+        ({"calib": tmp_path / "none.npy"}, "--calib: .*no such file"),
+    ):
         with pytest.raises(PrismInputError, match=message):
             BuildRequest(adapter=tmp_path / "a", **kwargs)
     calib = tmp_path / "c.npy"

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prism_deploy.core.targets import gpu_present
-from prism_deploy.core.targets import tensorrt_available
+from prism_deploy.core.targets import gpu_present, tensorrt_available
 
 ROOT = Path(__file__).resolve().parents[2]
 HAVE_TRT, TRT_WHY = tensorrt_available()
-needs_trt = pytest.mark.skipif(not (HAVE_TRT and gpu_present()),
-                               reason=f"needs a real TensorRT and a GPU ({TRT_WHY}; GPU present: {gpu_present()})")
+needs_trt = pytest.mark.skipif(
+    not (HAVE_TRT and gpu_present()),
+    reason=f"needs a real TensorRT and a GPU ({TRT_WHY}; GPU present: {gpu_present()})",
+)
 
 
 # prism_deploy/trt/engine.py is type-checked against tensorrt-stubs by tests/trt/test_plugin.py,
@@ -33,8 +34,8 @@ def test_stubs_are_not_mistaken_for_tensorrt():
 
 @needs_trt
 def test_trt_build_runs_and_matches_reference(tmp_path, capsys):  # pragma: no cover - GPU only
-    from prism_deploy.format.engine_manifest import read_manifest
     from prism_deploy.cli.main import main
+    from prism_deploy.format.engine_manifest import read_manifest
     from prism_deploy.reference import random_adapter, simple_config
     from prism_deploy.runtime import load_engines
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 import random
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,8 +67,9 @@ def test_budget_with_two_processes_recording_into_one_folder(tmp_path):
     (two model instances) overshoot by at most that many records each, never more."""
     folder = record.prepare_folder(tmp_path / "rec")
     budget = 3000
-    recs = [record.Recorder(record.RecordSettings(folder, budget_bytes=budget), "first", "llama", 300)
-            for _ in range(2)]
+    recs = [
+        record.Recorder(record.RecordSettings(folder, budget_bytes=budget), "first", "llama", 300) for _ in range(2)
+    ]
     sizes = []
     for i in range(150):
         written = recs[i % 2].write([list(range(i, i + 10))])
@@ -156,14 +157,34 @@ def _tree(folder):
     """Every file under ``folder`` with its bytes' hash (what a refusal must leave alone)."""
     import hashlib
 
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
 
 
 def _adapt(served, repo, *extra, records=None):
-    return main(["adapt", str(repo), "--from", str(records or served["records"]), "--model-a", str(served["llama"]),
-                 "--model-b", str(served["qwen2"]), "--original", str(served["pairs"]), "--adapter",
-                 str(served["adapter"]), "--max-seq", "32", "--no-load", *extra])
+    return main(
+        [
+            "adapt",
+            str(repo),
+            "--from",
+            str(records or served["records"]),
+            "--model-a",
+            str(served["llama"]),
+            "--model-b",
+            str(served["qwen2"]),
+            "--original",
+            str(served["pairs"]),
+            "--adapter",
+            str(served["adapter"]),
+            "--max-seq",
+            "32",
+            "--no-load",
+            *extra,
+        ]
+    )
 
 
 def test_a_round_goes_live_when_better_and_logs_it(served, tmp_path, capsys):
@@ -212,13 +233,19 @@ def test_degenerate_data_stops_in_one_line_and_changes_nothing(served, tmp_path,
     before = _tree(repo)
     folder = record.prepare_folder(tmp_path / "rec")
     _, code = prose_and_code()
-    record_texts(folder, served["llama"], {"one-text": [code[0]] * 20, "too-few": code[:3],
-                                           "rank-deficient": code[:12]}[case], per_request=1)
+    record_texts(
+        folder,
+        served["llama"],
+        {"one-text": [code[0]] * 20, "too-few": code[:3], "rank-deficient": code[:12]}[case],
+        per_request=1,
+    )
     extra = ["--pool", "last", "--min-texts", "2"] if case == "rank-deficient" else []
     assert _adapt(served, repo, *extra, records=folder) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "nothing was changed" in err[0]
-    assert {"one-text": "same text", "too-few": "fewer than --min-texts", "rank-deficient": "rank-deficient"}[case] in err[0]
+    assert {"one-text": "same text", "too-few": "fewer than --min-texts", "rank-deficient": "rank-deficient"}[
+        case
+    ] in err[0]
     assert _tree(repo) == before
 
 
@@ -289,6 +316,7 @@ def test_decide():
 
 # ---------------------------------------------------------------------------------------------
 # triton rollback
+
 
 def test_rollback_restores_the_previous_files_exactly_and_keeps_k(served, tmp_path, capsys):
     import json

@@ -21,24 +21,51 @@ from prism_deploy.models.lm_export import embedding_feeds
 from prism_deploy.models.tokenizers import load_tokenizer
 from prism_deploy.reference import load_adapter
 
-TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog, then rests by the river bank."
-                   for i in range(12))
+TEXT = "\n\n".join(
+    f"Paragraph {i}: the quick brown fox jumps over the lazy dog, then rests by the river bank." for i in range(12)
+)
 
 
 @pytest.fixture
 def chain(zoo, tmp_path):
     (tmp_path / "calib.txt").write_text(TEXT, encoding="utf-8")
     path = tmp_path / "chain.json"
-    path.write_text(json.dumps({"stages": [{"model": str(zoo["A"]), "hf": str(zoo["llama"]), "name": "llama"},
-                                           {"adapter": str(zoo["adapter"]), "name": "a"},
-                                           {"model": str(zoo["B"]), "hf": str(zoo["qwen2"]), "name": "qwen2"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "stages": [
+                    {"model": str(zoo["A"]), "hf": str(zoo["llama"]), "name": "llama"},
+                    {"adapter": str(zoo["adapter"]), "name": "a"},
+                    {"model": str(zoo["B"]), "hf": str(zoo["qwen2"]), "name": "qwen2"},
+                ]
+            }
+        )
+    )
     return path
 
 
 def _export(zoo, tmp_path, chain, *extra):
-    return main(["export-model", str(zoo["qwen2"]), "--role", "last", "-o", str(tmp_path / "out"), "--max-seq", "32",
-                 "--precision", "int4", "--mixed", "--calibration-text", str(tmp_path / "calib.txt"),
-                 "--calibration-chain", str(chain), *extra, "--json"])
+    return main(
+        [
+            "export-model",
+            str(zoo["qwen2"]),
+            "--role",
+            "last",
+            "-o",
+            str(tmp_path / "out"),
+            "--max-seq",
+            "32",
+            "--precision",
+            "int4",
+            "--mixed",
+            "--calibration-text",
+            str(tmp_path / "calib.txt"),
+            "--calibration-chain",
+            str(chain),
+            *extra,
+            "--json",
+        ]
+    )
 
 
 def test_feeds_are_the_adapter_outputs_on_the_chain_text(zoo, tmp_path, chain, monkeypatch, capsys):
@@ -64,9 +91,11 @@ def test_feeds_are_the_adapter_outputs_on_the_chain_text(zoo, tmp_path, chain, m
     np.testing.assert_allclose(first, expected, rtol=1e-4, atol=1e-5)
     # not the rows of qwen2's own embedding table for its tokens of that text
     own_ids = load_tokenizer(zoo["qwen2"])(paragraph)["input_ids"]
-    table = transformers.AutoModelForCausalLM.from_pretrained(zoo["qwen2"]).get_input_embeddings().weight.detach().numpy()
-    rows = table[own_ids[:len(first)]]
-    assert np.abs(first[:len(rows)] - rows).max() > 1e-2
+    table = (
+        transformers.AutoModelForCausalLM.from_pretrained(zoo["qwen2"]).get_input_embeddings().weight.detach().numpy()
+    )
+    rows = table[own_ids[: len(first)]]
+    assert np.abs(first[: len(rows)] - rows).max() > 1e-2
 
     calibration = manifest["quantization"]["calibration"]
     assert calibration["source"] == "chain" and calibration["hop"] == 1 and calibration["chain"] == str(chain)
@@ -78,11 +107,14 @@ def test_feeds_are_the_adapter_outputs_on_the_chain_text(zoo, tmp_path, chain, m
     assert read_model_json(tmp_path / "out", "last")["quantization"]["calibration"] == calibration
 
 
-@pytest.mark.parametrize("change,expected", [
-    (("--hop", "1", "--calibration-chain", "missing.toml"), "missing.toml: no such chain file"),
-    (("--hop", "2"), "--hop: 2 must be in 1..1"),
-    (("--hop", "1", "--role", "first"), "--calibration-chain: a first model reads token ids"),
-])
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (("--hop", "1", "--calibration-chain", "missing.toml"), "missing.toml: no such chain file"),
+        (("--hop", "2"), "--hop: 2 must be in 1..1"),
+        (("--hop", "1", "--role", "first"), "--calibration-chain: a first model reads token ids"),
+    ],
+)
 def test_bad_chain_calibration_is_one_error_line(zoo, tmp_path, chain, capsys, change, expected):
     assert _export(zoo, tmp_path, chain, *change) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -91,8 +123,26 @@ def test_bad_chain_calibration_is_one_error_line(zoo, tmp_path, chain, capsys, c
 
 
 def test_wrong_model_for_the_hop_is_refused(zoo, tmp_path, chain, capsys):
-    assert main(["export-model", str(zoo["llama"]), "--role", "last", "-o", str(tmp_path / "out"), "--precision", "int4",
-                 "--mixed", "--calibration-chain", str(chain), "--hop", "1"]) == 2
+    assert (
+        main(
+            [
+                "export-model",
+                str(zoo["llama"]),
+                "--role",
+                "last",
+                "-o",
+                str(tmp_path / "out"),
+                "--precision",
+                "int4",
+                "--mixed",
+                "--calibration-chain",
+                str(chain),
+                "--hop",
+                "1",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "must be the one the hop's adapter feeds" in err[0]
 
@@ -100,7 +150,9 @@ def test_wrong_model_for_the_hop_is_refused(zoo, tmp_path, chain, capsys):
 def test_inputs_of_the_wrong_width_are_refused():
     with pytest.raises(PrismInputError, match=r"chain.json: .*\[40, 64\].*\[tokens, 96\]"):
         embedding_feeds([np.zeros((40, 64), np.float32)], {"source": "chain", "chain": "chain.json"}, 96)
-    feeds, record = embedding_feeds([np.ones((300, 96), np.float32), np.ones((300, 96), np.float32)], {"source": "x"}, 96)
+    feeds, record = embedding_feeds(
+        [np.ones((300, 96), np.float32), np.ones((300, 96), np.float32)], {"source": "x"}, 96
+    )
     assert [f["inputs_embeds"].shape[1] for f in feeds] == [256, 44, 212] and record["tokens"] == 512
 
 
@@ -127,7 +179,27 @@ def test_adapter_int8_calibration_reads_a_collect_pairs_file_as_its_hidden_state
 
 
 def test_the_summary_names_the_chain(zoo, tmp_path, chain, capsys):
-    assert main(["export-model", str(zoo["qwen2"]), "--role", "last", "-o", str(tmp_path / "out"), "--max-seq", "32",
-                 "--precision", "int8", "--mixed", "--calibration-chain", str(chain), "--hop", "1"]) == 0
+    assert (
+        main(
+            [
+                "export-model",
+                str(zoo["qwen2"]),
+                "--role",
+                "last",
+                "-o",
+                str(tmp_path / "out"),
+                "--max-seq",
+                "32",
+                "--precision",
+                "int8",
+                "--mixed",
+                "--calibration-chain",
+                str(chain),
+                "--hop",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"through hop 1 of {chain}" in out and "(calibration part)" in out

@@ -103,13 +103,14 @@ def _header(edit: Callable[[bytes], bytes]) -> Callable[[Path], None]:
 
 def _header_text(edit: Callable[[str], str]) -> Callable[[Path], None]:
     """Edit the header's JSON text (the length prefix follows; tensor data is unchanged)."""
+
     def build(path: Path) -> None:
         metadata, tensors = valid_parts()
         raw_file(path, metadata, tensors)
         data = path.read_bytes()
         (length,) = struct.unpack("<Q", data[:8])
-        header = edit(data[8:8 + length].decode()).encode()
-        path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length:])
+        header = edit(data[8 : 8 + length].decode()).encode()
+        path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length :])
 
     return build
 
@@ -119,9 +120,12 @@ def _onnx_bytes() -> bytes:
 
     from prism_deploy.core.onnx_io import finalize
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
     return finalize(helper.make_model(graph)).SerializeToString()
 
 
@@ -177,21 +181,31 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "gate_scale on ungated": (_config(_set("pipes/0/gate_scale", 2.0)), "config.pipes[0].gate_scale"),
     "gate_scale NaN": (_config(_set("pipes/1/gate_scale", float("nan"))), "NaN is not a JSON number"),
     # finite in float64, infinite in float32, where the gate uses it
-    "gate_scale 1e308": (_config(_set("pipes/1/gate_scale", 1e308)), "config.pipes[1].gate_scale: must be finite in float32"),
+    "gate_scale 1e308": (
+        _config(_set("pipes/1/gate_scale", 1e308)),
+        "config.pipes[1].gate_scale: must be finite in float32",
+    ),
     "gate_scale 3.5e38": (_config(_set("pipes/1/gate_scale", -3.5e38)), "config.pipes[1].gate_scale"),
     "NaN in a source note": (_config(_set("source", {"loss": float("nan")})), "NaN is not a JSON number"),
     "Infinity in a note": (_config(_set("target", {"x": float("inf")})), "Infinity is not a JSON number"),
-    "repeated config key": (_meta(config=CONFIG.dumps().replace('{"combine"', '{"in_dim":7,"combine"', 1)),
-                            "key 'in_dim' appears twice"),
-    "repeated tensor key": (_header_text(lambda h: h.replace('{', '{"pipes.0.tiles":{"dtype":"F32","shape":[1],'
-                                                               '"data_offsets":[0,4]},', 1)),
-                            "key 'pipes.0.tiles' appears twice"),
+    "repeated config key": (
+        _meta(config=CONFIG.dumps().replace('{"combine"', '{"in_dim":7,"combine"', 1)),
+        "key 'in_dim' appears twice",
+    ),
+    "repeated tensor key": (
+        _header_text(lambda h: h.replace("{", '{"pipes.0.tiles":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},', 1)),
+        "key 'pipes.0.tiles' appears twice",
+    ),
     "header over the bound": (_config(_set("source", {"lists": [[]] * (6 << 20)})), "over the"),
-    "deeply nested note": (_meta(config=CONFIG.dumps()[:-1] + ',"source":{"a":' + "[" * 100000 + "]" * 100000 + "}}"),
-                           "nested too deeply"),
+    "deeply nested note": (
+        _meta(config=CONFIG.dumps()[:-1] + ',"source":{"a":' + "[" * 100000 + "]" * 100000 + "}}"),
+        "nested too deeply",
+    ),
     "an ONNX model": (lambda path: path.write_bytes(_onnx_bytes()), "is an ONNX model"),
-    "gate_scale too big": (_meta(config=CONFIG.dumps().replace('"gate_scale":0.5', '"gate_scale":1' + "0" * 400)),
-                           "config.pipes[1].gate_scale"),
+    "gate_scale too big": (
+        _meta(config=CONFIG.dumps().replace('"gate_scale":0.5', '"gate_scale":1' + "0" * 400)),
+        "config.pipes[1].gate_scale",
+    ),
     "duplicate names": (_config(_set("pipes/1/name", "dense")), "config.pipes[1].name"),
     "lone surrogate name": (_meta(config=CONFIG.dumps().replace('"routed"', '"\\ud800"')), "config.pipes[1].name"),
     "coverage in": (_config(_set("pipes/0/tile", [3, 2])), "config.pipes[0]"),  # 2*2 = 4 < in_dim 6
@@ -208,14 +222,22 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "Inf in gate": (_tensors(_poison("pipes.1.gate.weight", float("inf"))), "'pipes.1.gate.weight'"),
     "-Inf in bias": (_tensors(_poison("pipes.1.gate.bias", float("-inf"))), "'pipes.1.gate.bias'"),
     "NaN in combine": (_tensors(_poison("combine.weight", float("nan"))), "'combine.weight'"),
-    "int tiles": (_tensors(lambda d: d.__setitem__("pipes.0.tiles", d["pipes.0.tiles"].to(torch.int32))),
-                  "'pipes.0.tiles': dtype int32"),
-    "uint8 bias": (_tensors(lambda d: d.__setitem__("pipes.1.gate.bias", d["pipes.1.gate.bias"].to(torch.uint8))),
-                   "'pipes.1.gate.bias': dtype uint8"),
-    "bool combine": (_tensors(lambda d: d.__setitem__("combine.weight", d["combine.weight"] > 0)),
-                     "'combine.weight': dtype bool"),
-    "float64 tiles": (_tensors(lambda d: d.__setitem__("pipes.1.tiles", d["pipes.1.tiles"].double())),
-                      "'pipes.1.tiles': dtype float64"),
+    "int tiles": (
+        _tensors(lambda d: d.__setitem__("pipes.0.tiles", d["pipes.0.tiles"].to(torch.int32))),
+        "'pipes.0.tiles': dtype int32",
+    ),
+    "uint8 bias": (
+        _tensors(lambda d: d.__setitem__("pipes.1.gate.bias", d["pipes.1.gate.bias"].to(torch.uint8))),
+        "'pipes.1.gate.bias': dtype uint8",
+    ),
+    "bool combine": (
+        _tensors(lambda d: d.__setitem__("combine.weight", d["combine.weight"] > 0)),
+        "'combine.weight': dtype bool",
+    ),
+    "float64 tiles": (
+        _tensors(lambda d: d.__setitem__("pipes.1.tiles", d["pipes.1.tiles"].double())),
+        "'pipes.1.tiles': dtype float64",
+    ),
 }
 
 
@@ -273,7 +295,10 @@ def test_subprocess_shows_no_traceback(tmp_path):
     path, expected = make_case(tmp_path, "header length > file")
     proc = subprocess.run(
         [sys.executable, "-m", "prism_deploy", "inspect", str(path)],
-        capture_output=True, text=True, timeout=120, cwd=os.getcwd(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.getcwd(),
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and expected in proc.stderr

@@ -22,9 +22,12 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "demo-adapter.safet
 def padded_fp16(tmp_path) -> Path:
     # 3 row-blocks of 4 over out_dim 7: row-block 2 starts at 8 > 7, so 2 workers are pure padding
     cfg = AdapterConfig(
-        9, 7,
+        9,
+        7,
         (PipeSpec("wide", (3, 2), (4, 5), None), PipeSpec("gated", (1, 3), (7, 3), 2, 0.25)),
-        "sum", source={"model": "a", "layer": -1}, target=None,
+        "sum",
+        source={"model": "a", "layer": -1},
+        target=None,
     )
     path = tmp_path / "padded.safetensors"
     random_adapter(cfg, seed=5, dtype=torch.float16).save(path)
@@ -69,14 +72,17 @@ def test_padding_workers_are_reported(padded_fp16, capsys):
 
 
 def test_inspect_example_via_subprocess():
-    proc = subprocess.run([sys.executable, "-m", "prism_deploy", "inspect", str(EXAMPLE)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prism_deploy", "inspect", str(EXAMPLE)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and proc.stderr == ""
     assert "256 -> 160, 3 pipe(s), combine=weighted" in proc.stdout
-
 
 
 def test_a_folder_that_is_neither_build_nor_model_is_named(tmp_path, capsys):
     """A model folder is named as such (tests/cli/test_wording.py); any other folder as not a build."""
     assert main(["inspect", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path}: a folder without manifest.json (not a `prism-deploy build` folder)\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: {tmp_path}: a folder without manifest.json (not a `prism-deploy build` folder)\n"
+    )

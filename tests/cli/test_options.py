@@ -15,8 +15,26 @@ from hypothesis import strategies as st
 
 from prism_deploy.cli.main import build_parser, main
 
-HOSTILE = ["nan", "-nan", "inf", "-inf", "1e308", "-1e308", "9" * 250, "-" + "9" * 250, "-1", "0.5", "1e3",
-           "0x10", "", " ", "1_000", "١٢", "3.0e400", "NaN"]
+HOSTILE = [
+    "nan",
+    "-nan",
+    "inf",
+    "-inf",
+    "1e308",
+    "-1e308",
+    "9" * 250,
+    "-" + "9" * 250,
+    "-1",
+    "0.5",
+    "1e3",
+    "0x10",
+    "",
+    " ",
+    "1_000",
+    "١٢",
+    "3.0e400",
+    "NaN",
+]
 
 
 def numeric_options() -> list[tuple[str, str, argparse.Action]]:
@@ -36,8 +54,12 @@ OPTIONS = numeric_options()
 def test_every_numeric_option_is_checked():
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    bare = [(c, a.option_strings or a.dest) for c, p in sub.choices.items() for a in p._actions
-            if a.type in (int, float) and not a.choices]
+    bare = [
+        (c, a.option_strings or a.dest)
+        for c, p in sub.choices.items()
+        for a in p._actions
+        if a.type in (int, float) and not a.choices
+    ]
     assert bare == [], "numeric options without a range (use prism_deploy.cli.numbers.number)"
     assert len(OPTIONS) > 40
 
@@ -77,8 +99,10 @@ def test_hostile_values_are_one_line_before_any_work(command, option, action, ca
 
 
 @settings(max_examples=300, deadline=None)
-@given(index=st.integers(0, len(OPTIONS) - 1), text=st.one_of(st.text(max_size=30), st.integers().map(str),
-                                                          st.floats().map(repr)))
+@given(
+    index=st.integers(0, len(OPTIONS) - 1),
+    text=st.one_of(st.text(max_size=30), st.integers().map(str), st.floats().map(repr)),
+)
 def test_any_text_parses_into_the_range_or_is_refused(index, text):
     _, _, action = OPTIONS[index]
     limit = action.type.limit

@@ -107,8 +107,11 @@ def test_devices_fifos_and_paths_below_a_file_are_refused_before_any_work(comman
     template = {**WRITERS, **FOLDER_WRITERS}[command]
     fifo = inputs / "fifo"
     os.mkfifo(fifo)
-    for out, needle in ((Path("/dev/null"), "is a device"), (fifo, "is a FIFO"),
-                        (inputs / "a.safetensors" / "x", "is a file, not a folder")):
+    for out, needle in (
+        (Path("/dev/null"), "is a device"),
+        (fifo, "is a FIFO"),
+        (inputs / "a.safetensors" / "x", "is a file, not a folder"),
+    ):
         if command in FOLDER_WRITERS and out == Path("/dev/null"):
             needle = "is not a folder"
         if command in FOLDER_WRITERS and out == fifo:
@@ -170,8 +173,10 @@ def test_export_model_refuses_a_folder_of_foreign_files(tmp_path):
 
 # ---- the write itself ----------------------------------------------------------------------------
 
+
 def _read_only_folder(tmp_path: Path) -> contextlib.AbstractContextManager[Path | None]:
     """A folder the user cannot write: a read-only tmpfs as root, chmod 0555 otherwise."""
+
     @contextlib.contextmanager
     def folder():
         ro = tmp_path / "ro"
@@ -183,8 +188,12 @@ def _read_only_folder(tmp_path: Path) -> contextlib.AbstractContextManager[Path 
             finally:
                 ro.chmod(0o755)
             return
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
-                                 capture_output=True).returncode == 0
+        mounted = (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True
+            ).returncode
+            == 0
+        )
         try:
             yield ro if mounted else None
         finally:
@@ -214,8 +223,14 @@ def _limited(code: str, limit: int, cwd: Path) -> subprocess.CompletedProcess[st
         resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
         sys.dont_write_bytecode = True
     """)
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 @pytest.mark.parametrize("command", ["export", "fit", "build"])
@@ -227,7 +242,9 @@ def test_a_full_disk_is_one_line_naming_the_users_path_and_leaves_nothing(comman
     proc = _limited(f"from prism_deploy.cli.main import main\nsys.exit(main({argv!r}))", 4096, inputs)
     assert proc.returncode == 3, proc.stderr
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {out}: ") and "too large" in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {out}: ") and "too large" in lines[0], (
+        proc.stderr
+    )
     assert ".tmp" not in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in inputs.iterdir()) == before  # no temp file, no empty folder
 
@@ -301,8 +318,12 @@ def test_onnx_save_names_the_users_path(tmp_path):
 
 def test_a_closed_pipe_ends_quietly(tmp_path):
     """``inspect | head -1``: the reader goes away; no traceback, the exit of a tool killed by SIGPIPE."""
-    proc = subprocess.Popen([sys.executable, "-m", "prism_deploy", "inspect", str(EXAMPLE)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prism_deploy", "inspect", str(EXAMPLE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # before the command prints
     err = proc.stderr.read().decode()
@@ -315,8 +336,22 @@ def test_an_output_inside_an_input_folder_replaces_nothing_there(inputs, capsys)
     hf = inputs / "hf"
     hf.mkdir()
     (hf / "model.safetensors").write_bytes(b"weights")
-    assert run_cli(["collect", "--model-a", hf, "--model-b", hf, "--text", inputs / "texts.txt",
-                    "-o", hf / "model.safetensors"]) == 2
+    assert (
+        run_cli(
+            [
+                "collect",
+                "--model-a",
+                hf,
+                "--model-b",
+                hf,
+                "--text",
+                inputs / "texts.txt",
+                "-o",
+                hf / "model.safetensors",
+            ]
+        )
+        == 2
+    )
     one_error_line(capsys, "is inside", "would replace a file the command reads")
     assert (hf / "model.safetensors").read_bytes() == b"weights"
     # a new file inside a folder prism-deploy owns (a build folder given as input) is refused too
@@ -329,8 +364,7 @@ def test_an_output_inside_an_input_folder_replaces_nothing_there(inputs, capsys)
 
 
 @pytest.mark.parametrize("errno_name, code", [("ENOSPC", 3), ("EROFS", 3), ("ENOENT", 2)])
-def test_an_os_error_from_inside_a_library_is_said_of_the_users_output(errno_name, code, tmp_path, capsys,
-                                                                       monkeypatch):
+def test_an_os_error_from_inside_a_library_is_said_of_the_users_output(errno_name, code, tmp_path, capsys, monkeypatch):
     """An OSError that escapes every write helper (a library writing its own temporary file): a full
     or read-only file system is exit 3 naming the output given; any other OSError stays exit 2."""
     import errno

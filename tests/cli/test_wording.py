@@ -45,12 +45,15 @@ def test_every_flag_typo_gets_its_flag_suggested():
             assert f"{typo}: did you mean --" in message, (name, message)
 
 
-@pytest.mark.parametrize("argv,command,meant", [
-    (["run", "--chain", "c.toml", "--text", "hi", "--max-new-token", "3"], "run", "--max-new-tokens"),
-    (["export-model", "m", "--role", "first", "-o", "o", "--max-seqs", "3"], "export-model", "--max-seq"),
-    (["build", "a.safetensors", "--targt", "ort-cpu"], "build", "--target"),
-    (["parity", "--chain", "c.toml", "--bisekt"], "parity-chain", "--bisect"),
-])
+@pytest.mark.parametrize(
+    "argv,command,meant",
+    [
+        (["run", "--chain", "c.toml", "--text", "hi", "--max-new-token", "3"], "run", "--max-new-tokens"),
+        (["export-model", "m", "--role", "first", "-o", "o", "--max-seqs", "3"], "export-model", "--max-seq"),
+        (["build", "a.safetensors", "--targt", "ort-cpu"], "build", "--target"),
+        (["parity", "--chain", "c.toml", "--bisekt"], "parity-chain", "--bisect"),
+    ],
+)
 def test_a_typo_names_the_sub_command_and_the_flag(argv, command, meant, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

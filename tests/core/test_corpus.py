@@ -65,8 +65,18 @@ def test_next_token_figures():
 
 
 def test_export_model_text_that_cannot_be_read_is_one_line(zoo, tmp_path, capsys):
-    code = main(["export-model", str(zoo["llama"]), "--role", "last", "-o", str(tmp_path / "out"),
-                 "--text", str(tmp_path / "absent.txt")])
+    code = main(
+        [
+            "export-model",
+            str(zoo["llama"]),
+            "--role",
+            "last",
+            "-o",
+            str(tmp_path / "out"),
+            "--text",
+            str(tmp_path / "absent.txt"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "absent.txt" in err
     assert not (tmp_path / "out").exists()

@@ -147,9 +147,13 @@ def test_a_folder_is_not_an_output_file(tmp_path):
 
 def test_save_model_leaves_only_its_files_even_when_external(tmp_path):
     w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [w],
+    )
     written = save_model(helper.make_model(graph), tmp_path / "m.onnx", external=True)
     assert [p.name for p in written] == ["m.onnx", "m.onnx.data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]

@@ -32,8 +32,9 @@ def test_covering_tile_is_the_smallest_that_covers():
 
 
 def test_worker_counts_match_the_listed_padding_workers():
-    for grid, tile, in_dim, out_dim in itertools.product([(1, 1), (3, 2), (4, 4)], [(1, 1), (2, 3), (5, 2)],
-                                                         range(1, 12, 3), range(1, 12, 4)):
+    for grid, tile, in_dim, out_dim in itertools.product(
+        [(1, 1), (3, 2), (4, 4)], [(1, 1), (2, 3), (5, 2)], range(1, 12, 3), range(1, 12, 4)
+    ):
         spec = PipeSpec("p", grid, tile)
         listed = spec.padding_workers(in_dim, out_dim)
         assert padding_worker_count(grid, tile, in_dim, out_dim) == len(listed)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.tiles import dense_from_tiles, tiles_from_dense
 from prism_deploy.fit import FitOptions, PairedData, fit_adapter, fit_config, holdout_mask
 from prism_deploy.fit.normal import accumulate_normal
 from prism_deploy.fit.solve import solve_normal
-from prism_deploy.core.tiles import dense_from_tiles, tiles_from_dense
 from tests.fit_data import full_ls_holdout_error, synthetic_pair
 
 
@@ -87,8 +87,9 @@ def test_per_tile_recipe_is_measurably_worse(tmp_path):
 def test_three_ungated_pipes_split_the_full_solution(tmp_path):
     x, z, _ = synthetic_pair(800, 30, 20, cond=10, seed=5)
     data = open_pair(tmp_path, x, z, holdout=0.2)
-    _, err_ref = full_ls_holdout_error(x.astype(np.float32).astype(np.float64),
-                                       z.astype(np.float32).astype(np.float64), held_rows(data))
+    _, err_ref = full_ls_holdout_error(
+        x.astype(np.float32).astype(np.float64), z.astype(np.float32).astype(np.float64), held_rows(data)
+    )
     adapter, report = fit_adapter(fit_config(30, 20, grid=(2, 3), pipes=3), data)
     assert report.holdout.rel_err == pytest.approx(err_ref, rel=1e-3)
     mats = [p.dense_weight(torch.float64) for p in adapter.pipe_list()]

@@ -41,7 +41,9 @@ def raw_bytes(t: torch.Tensor) -> bytes:
 def test_fit_writes_a_valid_adapter_and_reports(capsys, pair, tmp_path):
     x, z = pair
     out = tmp_path / "a.safetensors"
-    code, stdout, _ = run_cli(capsys, "fit", "--x", x, "--z", z, "-o", out, "--grid", 3, 4, "--dtype", "float16", "--json")
+    code, stdout, _ = run_cli(
+        capsys, "fit", "--x", x, "--z", z, "-o", out, "--grid", 3, 4, "--dtype", "float16", "--json"
+    )
     assert code == 0
     info = json.loads(stdout)
     adapter = load_adapter(out)
@@ -65,7 +67,9 @@ def test_corrupted_worker_is_found_and_repaired(capsys, pair, tmp_path, top_k):
     adapter = load_adapter(good)
     with torch.no_grad():
         tiles = adapter.pipe_list()[0].tiles
-        tiles[bad_worker] += 3 * tiles[bad_worker].std() * torch.randn(tiles.shape[1:], generator=torch.Generator().manual_seed(0))
+        tiles[bad_worker] += (
+            3 * tiles[bad_worker].std() * torch.randn(tiles.shape[1:], generator=torch.Generator().manual_seed(0))
+        )
     bad = tmp_path / "bad.safetensors"
     save_adapter(adapter, bad)
     assert holdout_error(bad, x, z) > 1.3 * original

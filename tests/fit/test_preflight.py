@@ -62,6 +62,7 @@ def wide_pair(tmp_path):
 @pytest.fixture
 def no_pass(monkeypatch):
     """Fail the test if any pass over the data starts: 'before computing' means before this."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a pass over the data started")
 
@@ -137,15 +138,34 @@ def test_three_pipe_plan_on_a_small_map_is_refused_with_the_numbers(capsys, wide
 def test_adapt_replans_only_the_padded_pipes_and_says_so(capsys, wide_pair, tmp_path):
     x, z = wide_pair
     out = tmp_path / "a.safetensors"
-    code, stdout, err = run_cli(capsys, "fit", "--x", x, "--z", z, "-o", out, "--pipes", 3, "--ridge", "1e-3",
-                                "--mostly-padding", "adapt", "--json")
+    code, stdout, err = run_cli(
+        capsys,
+        "fit",
+        "--x",
+        x,
+        "--z",
+        z,
+        "-o",
+        out,
+        "--pipes",
+        3,
+        "--ridge",
+        "1e-3",
+        "--mostly-padding",
+        "adapt",
+        "--json",
+    )
     assert code == 0
     notes = [line for line in err.splitlines() if line.startswith("note: ")]
     assert len(notes) == 2 and all("re-planned as 16x32 of 10x8 tiles" in n for n in notes)
     cfg = load_adapter(out).config
     # pipes 1 and 2 re-planned; pipe 3 (37.5 % padding) kept as the planner made it
     layer3 = plan_layer3_pipe(256, 160)
-    assert [(p.grid, p.tile) for p in cfg.pipes] == [((16, 32), (10, 8)), ((16, 32), (10, 8)), (layer3.grid, layer3.tile)]
+    assert [(p.grid, p.tile) for p in cfg.pipes] == [
+        ((16, 32), (10, 8)),
+        ((16, 32), (10, 8)),
+        (layer3.grid, layer3.tile),
+    ]
     assert json.loads(stdout)["layout_notes"] == [n.removeprefix("note: ") for n in notes]
 
 
@@ -176,8 +196,9 @@ def test_large_steps_are_cut_into_bounded_chunks():
     cfg = fit_config(256, 160, pipes=3, top_k=8, padding="keep")
     est = budget_mod.estimate_fit(cfg, rows_train=8000, rows_holdout=800, chunk_rows=4096, itemsize=4, gate_batch=256)
     assert est.chunk_rows < 4096 and est.chunk_rows * est.row_bytes <= budget_mod.STEP_BYTES
-    small = budget_mod.estimate_fit(fit_config(256, 160, workers=32), rows_train=8000, rows_holdout=800,
-                                    chunk_rows=4096, itemsize=4, gate_batch=256)
+    small = budget_mod.estimate_fit(
+        fit_config(256, 160, workers=32), rows_train=8000, rows_holdout=800, chunk_rows=4096, itemsize=4, gate_batch=256
+    )
     assert small.chunk_rows == 4096
 
 
@@ -259,7 +280,10 @@ def test_overall_estimate_is_the_work_the_steps_report(tmp_path, monkeypatch, ki
     cfg, opts = {
         "gated": (fit_config(32, 24, grid=(3, 4), top_k=4), FitOptions(rounds=2, gate_steps=20, gate_batch=128)),
         "ungated": (fit_config(32, 24, grid=(3, 4)), FitOptions()),
-        "three gated pipes": (fit_config(32, 24, grid=(2, 3), pipes=3, top_k=2), FitOptions(rounds=1, gate_steps=10, sweeps=2)),
+        "three gated pipes": (
+            fit_config(32, 24, grid=(2, 3), pipes=3, top_k=2),
+            FitOptions(rounds=1, gate_steps=10, sweeps=2),
+        ),
         "per-tile": (fit_config(32, 24, grid=(3, 4)), FitOptions(method="per-tile")),
     }[kind]
     _Recorder.bars.clear()
@@ -311,7 +335,14 @@ def test_check_number_edges():
     from prism_deploy.fit.option_ranges import check_number
 
     assert check_number("seed", 3.0) == 3 and check_number("ridge", 1) == 1.0
-    for name, value in (("seed", 10**400), ("ridge", 10**400), ("seed", True), ("seed", "3"), ("seed", 2.5),
-                        ("gate_lr", 0.0), ("holdout", float("nan"))):
+    for name, value in (
+        ("seed", 10**400),
+        ("ridge", 10**400),
+        ("seed", True),
+        ("seed", "3"),
+        ("seed", 2.5),
+        ("gate_lr", 0.0),
+        ("holdout", float("nan")),
+    ):
         with pytest.raises(PrismInputError):
             check_number(name, value)

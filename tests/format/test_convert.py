@@ -31,7 +31,7 @@ def seed_formula(tiles: torch.Tensor, grid, in_dim: int, out_dim: int, x: torch.
     out = torch.zeros(x.shape[0], R * tr, dtype=torch.float64)
     for w in range(R * C):
         r, c = w // C, w % C
-        out[:, r * tr:(r + 1) * tr] += xp[:, c * tc:(c + 1) * tc] @ tiles[w].double().T
+        out[:, r * tr : (r + 1) * tr] += xp[:, c * tc : (c + 1) * tc] @ tiles[w].double().T
     return out[:, :out_dim]
 
 
@@ -65,8 +65,26 @@ def test_explicit_grid_name_and_dtypes(tmp_path):
     # 4 workers of 3x3 over 3 -> 3: 1x4, 2x2 and 4x1 all cover, so the grid must be given
     assert run_cli(["convert", str(src), "--in-dim", "3", "--out-dim", "3", "-o", str(dst)]) == 2
     assert not dst.exists()
-    assert run_cli(["convert", str(src), "--in-dim", "3", "--out-dim", "3", "--grid", "2", "2",
-                    "--name", "seed", "-o", str(dst)]) == 0
+    assert (
+        run_cli(
+            [
+                "convert",
+                str(src),
+                "--in-dim",
+                "3",
+                "--out-dim",
+                "3",
+                "--grid",
+                "2",
+                "2",
+                "--name",
+                "seed",
+                "-o",
+                str(dst),
+            ]
+        )
+        == 0
+    )
     a = load_adapter(dst)
     assert a.config.pipes[0].name == "seed" and a.config.pipes[0].grid == (2, 2)
     assert a.pipe_list()[0].tiles.dtype == torch.float32  # float64 is not a v1 dtype
@@ -167,9 +185,11 @@ def test_convert_subprocess_prints_no_traceback(tmp_path):
     torch.save(Payload(marker), path)
     out = tmp_path / "a.safetensors"
     proc = subprocess.run(
-        [sys.executable, "-m", "prism_deploy", "convert", str(path), "--in-dim", "4", "--out-dim", "4",
-         "-o", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=os.getcwd(),
+        [sys.executable, "-m", "prism_deploy", "convert", str(path), "--in-dim", "4", "--out-dim", "4", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.getcwd(),
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1, proc.stderr
@@ -189,5 +209,6 @@ def test_json_prints_one_object(tmp_path, capsys):
     report = json.loads(captured.out)
     assert (report["in_dim"], report["out_dim"], report["grid"], report["tile"]) == (13, 10, [3, 2], [4, 7])
     assert report["output"] == str(dst) and report["padding_workers"] == len(
-        load_adapter(dst).config.pipes[0].padding_workers(13, 10))
+        load_adapter(dst).config.pipes[0].padding_workers(13, 10)
+    )
     assert captured.err == ""

@@ -21,15 +21,15 @@ pytest.importorskip("onnxruntime_extensions", reason="onnxruntime-extensions is 
 
 from prism_deploy.cli.main import main  # noqa: E402
 from prism_deploy.core.errors import PrismInputError  # noqa: E402
+from prism_deploy.core.onnx_io import save_model  # noqa: E402
+from prism_deploy.core.ort_session import make_session  # noqa: E402
 from prism_deploy.core.precision import Precision  # noqa: E402
 from prism_deploy.core.tiles import stored_as  # noqa: E402
-from prism_deploy.lower import build_model  # noqa: E402
 from prism_deploy.format import AdapterConfig, PipeSpec  # noqa: E402
 from prism_deploy.fuse import FUSION_KEY, fuse_gated_pipes  # noqa: E402
 from prism_deploy.fuse.tile_dispatch_twin import make_twin_session, tile_dispatch_twin  # noqa: E402
 from prism_deploy.kernel.semantics import gate_weights, top_k_select  # noqa: E402
-from prism_deploy.core.onnx_io import save_model  # noqa: E402
-from prism_deploy.core.ort_session import make_session  # noqa: E402
+from prism_deploy.lower import build_model  # noqa: E402
 from prism_deploy.reference import random_adapter, top_k_indices  # noqa: E402
 from prism_deploy.reference.routing import route  # noqa: E402
 
@@ -40,11 +40,16 @@ TOL = {"fp32": 1e-5, "fp16": 2e-3, "int8": 2e-3}
 
 def _config() -> AdapterConfig:
     # gated pipe with padding on both sides, an ungated pipe, a gated pipe with top_k = R*C
-    return AdapterConfig(37, 29, (
-        PipeSpec("p1", (3, 4), (10, 10), 5, 1.7),
-        PipeSpec("p2", (2, 2), (15, 19), None, 1.0),
-        PipeSpec("p3", (1, 5), (29, 8), 5, 0.5),
-    ), "weighted")
+    return AdapterConfig(
+        37,
+        29,
+        (
+            PipeSpec("p1", (3, 4), (10, 10), 5, 1.7),
+            PipeSpec("p2", (2, 2), (15, 19), None, 1.0),
+            PipeSpec("p3", (1, 5), (29, 8), 5, 0.5),
+        ),
+        "weighted",
+    )
 
 
 def _rel(y, ref):
@@ -95,7 +100,9 @@ def test_fused_graph_matches_reference_on_ort(adapter, x, precision):
         assert _rel(y, unfused) < TOL[precision], (source, _rel(y, unfused))
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++ compiler for the host kernel")
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++ compiler for the host kernel"
+)
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_fused_graph_with_the_kernel_source_matches_reference(adapter, x, precision):
     """The fused graph on ONNX Runtime CPU with its tile_dispatch nodes computed by the CUDA
@@ -209,13 +216,17 @@ def test_fuse_command(adapter, x, tmp_path, capsys):
 
 # ---- the twin's semantics on hard gates (ties, all-negative, signed zeros, extremes) ---------
 
+
 def _hard_scores():
-    return np.array([
-        [-3.0, -1.0, -1.0, -2.0, -1.0, -5.0],   # all negative, a three-way tie at the top
-        [0.0, -0.0, 0.0, -0.0, 1.0, 0.0],        # signed zeros compare equal: ties by index
-        [2.0, 2.0, 2.0, 2.0, 2.0, 2.0],          # everything tied
-        [1e30, -1e30, 3.0, 1e30, 0.0, -3.0],     # extremes
-    ], dtype=np.float32)
+    return np.array(
+        [
+            [-3.0, -1.0, -1.0, -2.0, -1.0, -5.0],  # all negative, a three-way tie at the top
+            [0.0, -0.0, 0.0, -0.0, 1.0, 0.0],  # signed zeros compare equal: ties by index
+            [2.0, 2.0, 2.0, 2.0, 2.0, 2.0],  # everything tied
+            [1e30, -1e30, 3.0, 1e30, 0.0, -3.0],  # extremes
+        ],
+        dtype=np.float32,
+    )
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 6])
@@ -307,5 +318,6 @@ def test_parity_cli_checks_fused_graphs_through_the_twin(adapter, tmp_path, caps
     assert f"tile_dispatch twin: {twin}" in out and "PASSED" in out
     other = tmp_path / "other.safetensors"
     random_adapter(_config(), seed=4).save(other)
-    assert main(["parity", str(other), "--onnx", str(fused), "--twin", twin, "--provider", "cpu",
-                 "--samples", "2"]) == 1
+    assert (
+        main(["parity", str(other), "--onnx", str(fused), "--twin", twin, "--provider", "cpu", "--samples", "2"]) == 1
+    )

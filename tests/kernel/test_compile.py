@@ -38,8 +38,9 @@ def _private_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("hidden_dtype,tile_dtype", VARIANTS)
 def test_compiles_to_ptx_with_entry_point(arch, hidden_dtype, tile_dtype):
     # odd sizes: tc not a multiple of the 16-byte vector, C odd, padding rows
-    spec = TileDispatchSpec(R=3, C=5, tr=7, tc=13, top_k=4, gate_scale=1.3, out_dim=19,
-                            hidden_dtype=hidden_dtype, tile_dtype=tile_dtype)
+    spec = TileDispatchSpec(
+        R=3, C=5, tr=7, tc=13, top_k=4, gate_scale=1.3, out_dim=19, hidden_dtype=hidden_dtype, tile_dtype=tile_dtype
+    )
     k = compile_ptx(spec, arch)
     assert ptx_entry_points(k.ptx) == [KERNEL_NAME]
     text = k.ptx.decode()
@@ -50,11 +51,14 @@ def test_compiles_to_ptx_with_entry_point(arch, hidden_dtype, tile_dtype):
     assert kinds == ["u64"] * 4 + ["u32", "u32"] + ["u64"] or kinds == ["u64"] * 4 + ["s32", "s32"] + ["u64"]
 
 
-@pytest.mark.parametrize("spec", [
-    # the benchmark shapes: 4096->4096 pipe of 512 workers, seed pipe 3 layout
-    TileDispatchSpec(16, 32, 256, 128, 154, 1.0, 4096, "float16", "float16"),
-    TileDispatchSpec(256, 2, 512, 2048, 154, 1.0, 128256, "float16", "int8"),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        # the benchmark shapes: 4096->4096 pipe of 512 workers, seed pipe 3 layout
+        TileDispatchSpec(16, 32, 256, 128, 154, 1.0, 4096, "float16", "float16"),
+        TileDispatchSpec(256, 2, 512, 2048, 154, 1.0, 128256, "float16", "int8"),
+    ],
+)
 def test_benchmark_shapes_compile(spec):
     assert ptx_entry_points(compile_ptx(spec, "sm_90").ptx) == [KERNEL_NAME]
 
@@ -114,8 +118,10 @@ def test_bad_specs_and_archs_rejected():
     assert normalize_arch((9, 0)) == normalize_arch("sm_90") == normalize_arch(90) == "compute_90"
 
 
-@pytest.mark.parametrize("R,C,tr,tc,out_dim", [(16, 32, 256, 128, 4096), (256, 2, 512, 2048, 128256),
-                                                (3, 5, 7, 13, 19), (1, 371, 4, 4, 4), (4, 1, 9, 3, 30)])
+@pytest.mark.parametrize(
+    "R,C,tr,tc,out_dim",
+    [(16, 32, 256, 128, 4096), (256, 2, 512, 2048, 128256), (3, 5, 7, 13, 19), (1, 371, 4, 4, 4), (4, 1, 9, 3, 30)],
+)
 @pytest.mark.parametrize("T", [1, 31, 32, 33, 64, 256, 1000])
 def test_launch_config_invariants(R, C, tr, tc, out_dim, T):
     spec = TileDispatchSpec(R, C, tr, tc, 1, 1.0, out_dim)
@@ -129,9 +135,13 @@ def test_launch_config_invariants(R, C, tr, tc, out_dim, T):
     rpb, rpw = spec.rows_per_block, spec.rows_per_warp
     assert rpb == WARPS_PER_BLOCK * rpw and rpw in (1, 2, 4, 8)
     slabs = -(-tr // rpb)
-    owners = [(b // slabs) * tr + (b % slabs) * rpb + i * WARPS_PER_BLOCK + w
-              for b in range(cfg.grid_x) for w in range(WARPS_PER_BLOCK) for i in range(rpw)
-              if (b % slabs) * rpb + i * WARPS_PER_BLOCK + w < tr]
+    owners = [
+        (b // slabs) * tr + (b % slabs) * rpb + i * WARPS_PER_BLOCK + w
+        for b in range(cfg.grid_x)
+        for w in range(WARPS_PER_BLOCK)
+        for i in range(rpw)
+        if (b % slabs) * rpb + i * WARPS_PER_BLOCK + w < tr
+    ]
     assert len(owners) == len(set(owners))
     assert set(range(out_dim)) <= set(owners) and max(owners) < R * tr
     assert (cfg.grid_x // slabs - 1) * tr < out_dim

@@ -43,17 +43,23 @@ def _inputs(case, T, tile_dtype, seed=0):
 def _run(spec, x, s, tiles, scales):
     dev = torch.device("cuda")
     hd = getattr(torch, spec.hidden_dtype)
-    out = tile_dispatch_torch(torch.from_numpy(x).to(dev, hd), torch.from_numpy(s).to(dev),
-                              torch.from_numpy(tiles).to(dev), None if scales is None else torch.from_numpy(scales).to(dev),
-                              spec)
+    out = tile_dispatch_torch(
+        torch.from_numpy(x).to(dev, hd),
+        torch.from_numpy(s).to(dev),
+        torch.from_numpy(tiles).to(dev),
+        None if scales is None else torch.from_numpy(scales).to(dev),
+        spec,
+    )
     torch.cuda.synchronize()
     return out.float().cpu().numpy()
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("T", [1, 7, 33, 256])
-@pytest.mark.parametrize("hidden_dtype,tile_dtype", [("float32", "float32"), ("float16", "float16"), ("float16", "int8"),
-                                                     ("float32", "int8")])
+@pytest.mark.parametrize(
+    "hidden_dtype,tile_dtype",
+    [("float32", "float32"), ("float16", "float16"), ("float16", "int8"), ("float32", "int8")],
+)
 def test_kernel_matches_reference(case, T, hidden_dtype, tile_dtype):
     R, C, tr, tc, k, in_dim, out_dim = case
     spec = TileDispatchSpec(R, C, tr, tc, k, 1.3, out_dim, hidden_dtype, tile_dtype)
@@ -80,15 +86,22 @@ def test_bit_identical_reruns_and_batch_invariance(tile_dtype):
     b = _run(spec, x, s, tiles, scales)
     np.testing.assert_array_equal(a, b)
     for i in (0, 31, 63):
-        np.testing.assert_array_equal(_run(spec, x[i:i + 1], s[i:i + 1], tiles, scales)[0], a[i])
+        np.testing.assert_array_equal(_run(spec, x[i : i + 1], s[i : i + 1], tiles, scales)[0], a[i])
 
 
 def test_hard_gates():
     case = (2, 4, 16, 16, 3, 60, 30)
     spec = TileDispatchSpec(*case[:5], 0.5, case[6], "float32", "float32")
     x, _, tiles, scales = _inputs(case, 4, "float32")
-    s = np.array([[-3, -1, -1, -2, -1, -5, -1, -7], [0.0, -0.0, 0, -0.0, 1, 0, -0.0, -1],
-                  [2.0] * 8, [3e38, -3e38, 3, 3e38, 0, -3, 1e-38, -1e-38]], np.float32)
+    s = np.array(
+        [
+            [-3, -1, -1, -2, -1, -5, -1, -7],
+            [0.0, -0.0, 0, -0.0, 1, 0, -0.0, -1],
+            [2.0] * 8,
+            [3e38, -3e38, 3, 3e38, 0, -3, 1e-38, -1e-38],
+        ],
+        np.float32,
+    )
     y = _run(spec, x, s, tiles, scales)
     ref = tile_dispatch(x, s, tiles, scales, R=2, C=4, tr=16, tc=16, top_k=3, gate_scale=0.5, out_dim=30)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)

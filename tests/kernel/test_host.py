@@ -28,16 +28,16 @@ TOL = {"float32": 1e-6, "float16": 2e-3}
 
 CASES = [
     # R, C, tr, tc, top_k, in_dim, out_dim, hidden dtype, tile dtype, T
-    (3, 4, 10, 10, 5, 37, 29, "float32", "float32", 7),       # padding rows and columns, scalar loads
-    (3, 4, 10, 16, 5, 60, 29, "float16", "int8", 40),         # int8 with row scales, vector loads
-    (2, 3, 7, 300, 1, 850, 13, "float16", "float16", 33),     # top_k = 1, a row-block wholly in padding
-    (4, 2, 5, 40, 8, 70, 20, "float32", "int8", 5),           # top_k = R*C
-    (1, 5, 3, 13, 5, 40, 3, "float32", "float32", 3),         # whole column blocks in the padding
-    (2, 2, 8, 2100, 2, 4000, 16, "float16", "float16", 3),    # tiles wider than one 2048-column segment
-    (4, 8, 16, 64, 3, 500, 60, "float32", "float16", 300),    # two token chunks, the second partial
+    (3, 4, 10, 10, 5, 37, 29, "float32", "float32", 7),  # padding rows and columns, scalar loads
+    (3, 4, 10, 16, 5, 60, 29, "float16", "int8", 40),  # int8 with row scales, vector loads
+    (2, 3, 7, 300, 1, 850, 13, "float16", "float16", 33),  # top_k = 1, a row-block wholly in padding
+    (4, 2, 5, 40, 8, 70, 20, "float32", "int8", 5),  # top_k = R*C
+    (1, 5, 3, 13, 5, 40, 3, "float32", "float32", 3),  # whole column blocks in the padding
+    (2, 2, 8, 2100, 2, 4000, 16, "float16", "float16", 3),  # tiles wider than one 2048-column segment
+    (4, 8, 16, 64, 3, 500, 60, "float32", "float16", 300),  # two token chunks, the second partial
     (32, 2, 1024, 8, 3, 16, 32668, "float32", "float32", 2),  # 4 rows per warp (a 1024-block grid)
-    (2, 40, 3, 8, 30, 310, 5, "float32", "float32", 9),       # C > 32: two list words, batches of 32
-    (2, 2, 4, 2100, 2, 4100, 8, "float16", "int8", 3),        # int8 rows over one segment
+    (2, 40, 3, 8, 30, 310, 5, "float32", "float32", 9),  # C > 32: two list words, batches of 32
+    (2, 2, 4, 2100, 2, 4100, 8, "float16", "int8", 3),  # int8 rows over one segment
 ]
 
 
@@ -79,13 +79,16 @@ def test_kernel_source_matches_reference_adapter_pipe():
     assert _rel(out, ref) < 1e-6
 
 
-HARD = np.array([
-    [-3.0, -1.0, -1.0, -2.0, -1.0, -5.0, -1.0, -7.0],           # all negative, four-way tie
-    [0.0, -0.0, 0.0, -0.0, 1.0, 0.0, -0.0, -1.0],              # signed zeros compare equal
-    [2.0] * 8,                                                 # everything tied
-    [3e38, -3e38, 3.0, 3e38, 0.0, -3.0, 1e-38, -1e-38],         # extremes, denormal-adjacent
-    [1.0, np.nextafter(np.float32(1), np.float32(2)), 1.0, 1.0, 0.5, 0.5, 0.5, 0.5],  # one ulp apart
-], dtype=np.float32)
+HARD = np.array(
+    [
+        [-3.0, -1.0, -1.0, -2.0, -1.0, -5.0, -1.0, -7.0],  # all negative, four-way tie
+        [0.0, -0.0, 0.0, -0.0, 1.0, 0.0, -0.0, -1.0],  # signed zeros compare equal
+        [2.0] * 8,  # everything tied
+        [3e38, -3e38, 3.0, 3e38, 0.0, -3.0, 1e-38, -1e-38],  # extremes, denormal-adjacent
+        [1.0, np.nextafter(np.float32(1), np.float32(2)), 1.0, 1.0, 0.5, 0.5, 0.5, 0.5],  # one ulp apart
+    ],
+    dtype=np.float32,
+)
 
 
 @pytest.mark.parametrize("k", [1, 3, 4, 5, 8])
@@ -120,7 +123,7 @@ def test_kernel_source_is_batch_invariant():
     spec, x, s, tiles, scales = _inputs(CASES[6], seed=3)
     batch = run_on_host(spec, x, s, tiles, scales)
     for i in (0, 137, 299):
-        alone = run_on_host(spec, x[i:i + 1], s[i:i + 1], tiles, scales)
+        alone = run_on_host(spec, x[i : i + 1], s[i : i + 1], tiles, scales)
         np.testing.assert_array_equal(alone[0], batch[i])
 
 
@@ -140,8 +143,9 @@ def test_kernel_source_with_no_tokens_reads_and_writes_nothing():
         run_on_host(spec, x[:1], s[:1], tiles, scales, guard="start", unread_workers=range(R * C))
 
 
-@pytest.mark.parametrize("hd,td,tr,tc", [("float32", "float32", 16, 64), ("float16", "float16", 32, 64),
-                                         ("float16", "int8", 64, 64)])
+@pytest.mark.parametrize(
+    "hd,td,tr,tc", [("float32", "float32", 16, 64), ("float16", "float16", 32, 64), ("float16", "int8", 64, 64)]
+)
 @pytest.mark.parametrize("T", [1, 4])
 def test_kernel_source_never_touches_unselected_tiles(hd, td, tr, tc, T):
     """Tiles of exactly one page each; every tile no token selected is made inaccessible."""
@@ -175,9 +179,16 @@ def _mutated_plugins(tmp_path, old, new):
 
 def test_a_wrong_tie_break_in_the_source_is_caught(tmp_path, monkeypatch):
     monkeypatch.setenv("PRISM_DEPLOY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PRISM_DEPLOY_PLUGINS", str(_mutated_plugins(
-        tmp_path, "const bool sel = kw > tau || (kw == tau && w <= cutoff);",
-        "const bool sel = kw > tau || (kw == tau && w >= cutoff);")))
+    monkeypatch.setenv(
+        "PRISM_DEPLOY_PLUGINS",
+        str(
+            _mutated_plugins(
+                tmp_path,
+                "const bool sel = kw > tau || (kw == tau && w <= cutoff);",
+                "const bool sel = kw > tau || (kw == tau && w >= cutoff);",
+            )
+        ),
+    )
     rng = np.random.default_rng(0)
     spec = TileDispatchSpec(2, 4, 3, 8, 3, 1.3, 6, "float32", "float32")
     x = rng.standard_normal((len(HARD), 32)).astype(np.float32)
@@ -188,9 +199,16 @@ def test_a_wrong_tie_break_in_the_source_is_caught(tmp_path, monkeypatch):
 
 def test_a_collective_in_a_divergent_branch_is_reported_as_deadlock(tmp_path, monkeypatch):
     monkeypatch.setenv("PRISM_DEPLOY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PRISM_DEPLOY_PLUGINS", str(_mutated_plugins(
-        tmp_path, "for (int q = 0; q < RPL; ++q) p[q] = group_sum_float(p[q]);",
-        "for (int q = 0; q < RPL; ++q) if (lane < 16) p[q] = group_sum_float(p[q]);")))
+    monkeypatch.setenv(
+        "PRISM_DEPLOY_PLUGINS",
+        str(
+            _mutated_plugins(
+                tmp_path,
+                "for (int q = 0; q < RPL; ++q) p[q] = group_sum_float(p[q]);",
+                "for (int q = 0; q < RPL; ++q) if (lane < 16) p[q] = group_sum_float(p[q]);",
+            )
+        ),
+    )
     spec, x, s, tiles, scales = _inputs(CASES[0])
     with pytest.raises(HostRunError, match="deadlock"):
         run_on_host(spec, x, s, tiles, scales)
@@ -201,8 +219,17 @@ def _run_exe(spec, x, s, tiles, tmp_path, *, grid_x=None, shared=None):
     cfg = launch_config(spec, x.shape[0])
     for name, arr in (("hidden", x), ("scores", s), ("tiles", tiles), ("scales", np.ones(1, np.float32))):
         arr.tofile(tmp_path / f"{name}.bin")
-    argv = [str(build_host_runner(spec)), str(grid_x or cfg.grid_x), str(cfg.grid_y), str(cfg.block_x),
-            str(cfg.shared_mem if shared is None else shared), str(x.shape[0]), str(x.shape[1]), "end", str(tmp_path)]
+    argv = [
+        str(build_host_runner(spec)),
+        str(grid_x or cfg.grid_x),
+        str(cfg.grid_y),
+        str(cfg.block_x),
+        str(cfg.shared_mem if shared is None else shared),
+        str(x.shape[0]),
+        str(x.shape[1]),
+        "end",
+        str(tmp_path),
+    ]
     return subprocess.run(argv, capture_output=True, text=True)
 
 
@@ -230,11 +257,25 @@ from hypothesis import strategies as st  # noqa: E402
 
 @settings(max_examples=12, deadline=None)
 @given(
-    R=st.integers(1, 4), C=st.integers(1, 6), tr=st.integers(1, 9), tc=st.integers(1, 40),
-    T=st.integers(1, 5), k_frac=st.floats(0, 1), pad_in=st.integers(0, 39), pad_out=st.integers(0, 8),
-    dtypes=st.sampled_from([("float32", "float32"), ("float32", "float16"), ("float16", "float16"),
-                            ("float16", "int8"), ("float32", "int8")]),
-    tie_step=st.sampled_from([0.0, 0.5]), seed=st.integers(0, 2**16),
+    R=st.integers(1, 4),
+    C=st.integers(1, 6),
+    tr=st.integers(1, 9),
+    tc=st.integers(1, 40),
+    T=st.integers(1, 5),
+    k_frac=st.floats(0, 1),
+    pad_in=st.integers(0, 39),
+    pad_out=st.integers(0, 8),
+    dtypes=st.sampled_from(
+        [
+            ("float32", "float32"),
+            ("float32", "float16"),
+            ("float16", "float16"),
+            ("float16", "int8"),
+            ("float32", "int8"),
+        ]
+    ),
+    tie_step=st.sampled_from([0.0, 0.5]),
+    seed=st.integers(0, 2**16),
 )
 def test_kernel_source_matches_reference_property(R, C, tr, tc, T, k_frac, pad_in, pad_out, dtypes, tie_step, seed):
     """Random grids (each a new compile), padding on both sides, every top_k, coarse scores."""
@@ -248,8 +289,10 @@ def test_kernel_source_matches_reference_property(R, C, tr, tc, T, k_frac, pad_i
     np.testing.assert_allclose(out.astype(np.float32), ref, rtol=tol, atol=tol * max(1.0, float(np.abs(ref).max())))
 
 
-@pytest.mark.parametrize("hd,td,T", [("float32", "float32", 300), ("float16", "float16", 1),
-                                     ("float16", "int8", 40), ("float32", "float16", 260)])
+@pytest.mark.parametrize(
+    "hd,td,T",
+    [("float32", "float32", 300), ("float16", "float16", 1), ("float16", "int8", 40), ("float32", "float16", 260)],
+)
 def test_each_selected_tile_row_is_loaded_once_per_token_chunk(hd, td, T):
     """Every 16-byte load of the tiles is counted: a live piece of worker w is loaded exactly once
     per token chunk in which some token selected w, and nothing else is ever loaded (unselected
@@ -262,7 +305,7 @@ def test_each_selected_tile_row_is_loaded_once_per_token_chunk(hd, td, T):
     assert _rel(out, _reference(spec, x, s, tiles, scales)) < TOL[hd]
     tpb = launch_config(spec, T).tokens_per_block
     selected = gate_weights(s, k, 1.7) != 0
-    chunks = np.stack([selected[i:i + tpb].any(axis=0) for i in range(0, T, tpb)]).sum(axis=0)  # [W]
+    chunks = np.stack([selected[i : i + tpb].any(axis=0) for i in range(0, T, tpb)]).sum(axis=0)  # [W]
     expected = np.zeros_like(reads)
     live_rows = np.arange(R * tr).reshape(R, tr) < spec.out_dim  # [R, tr]
     for w in range(R * C):
@@ -331,7 +374,9 @@ def test_bad_inputs_and_builds_are_clean_errors(tmp_path, monkeypatch):
         run_on_host(i8, x, s, tiles.astype(np.int8))
     # a broken source: one line naming the defines and the compiler's first error
     monkeypatch.setenv("PRISM_DEPLOY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PRISM_DEPLOY_PLUGINS", str(_mutated_plugins(tmp_path, "float part = 0.0f;", "float part = nope;")))
+    monkeypatch.setenv(
+        "PRISM_DEPLOY_PLUGINS", str(_mutated_plugins(tmp_path, "float part = 0.0f;", "float part = nope;"))
+    )
     with pytest.raises(HostRunError, match="host build of tile_dispatch.cu failed .*-DPRISM_R=3.*nope"):
         build_host_runner(spec)
     monkeypatch.setenv("CXX", "no-such-compiler-here")

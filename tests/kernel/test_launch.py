@@ -21,8 +21,13 @@ class FakeCudaArray:
     """Just enough of ``__cuda_array_interface__`` (v3) for the launcher."""
 
     def __init__(self, ptr, shape, dtype, strides=None):
-        self.__cuda_array_interface__ = {"data": (ptr, False), "shape": shape, "typestr": TYPESTR[dtype],
-                                         "strides": strides, "version": 3}
+        self.__cuda_array_interface__ = {
+            "data": (ptr, False),
+            "shape": shape,
+            "typestr": TYPESTR[dtype],
+            "strides": strides,
+            "version": 3,
+        }
 
 
 def _launcher(spec):

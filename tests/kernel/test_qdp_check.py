@@ -19,8 +19,9 @@ SOURCE = os.environ.get("PRISM_DEPLOY_TRT_SOURCE")
 
 
 def test_without_a_tensorrt_source_it_is_bad_input(tmp_path):
-    done = subprocess.run([sys.executable, str(TOOL), "--trt-source", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(TOOL), "--trt-source", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: --trt-source") and len(done.stderr.strip().splitlines()) == 1
 
@@ -33,7 +34,8 @@ def test_plugin_definitions_pass_under_tensorrt_plugin():
     ok, why = nvrtc_status()
     if not ok:
         pytest.skip(f"aot_impl compiles the kernel with NVRTC: {why}")
-    done = subprocess.run([sys.executable, str(TOOL), "--trt-source", SOURCE],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, str(TOOL), "--trt-source", SOURCE], capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "negative control" in done.stdout and "FAIL" not in done.stdout

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import pytest
 import torch
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.onnx_io import IR_VERSION, OPSET
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.lower import build_model, export_onnx, read_metadata
-from prism_deploy.core.onnx_io import IR_VERSION, OPSET
 from prism_deploy.reference import random_adapter
 from tests.lower_helpers import ort_run, reference, rel_l2, selections_agree
 
-MIXED = AdapterConfig(50, 37, (
-    PipeSpec("dense", (3, 2), (13, 26), None),
-    PipeSpec("dense two", (2, 3), (19, 17), None),
-    PipeSpec("routed", (4, 3), (10, 20), 5, 1.5),
-    PipeSpec("coarse", (2, 2), (20, 25), 2),
-), "weighted")
+MIXED = AdapterConfig(
+    50,
+    37,
+    (
+        PipeSpec("dense", (3, 2), (13, 26), None),
+        PipeSpec("dense two", (2, 3), (19, 17), None),
+        PipeSpec("routed", (4, 3), (10, 20), 5, 1.5),
+        PipeSpec("coarse", (2, 2), (20, 25), 2),
+    ),
+    "weighted",
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +67,9 @@ def test_int8_qdq_calibrated(mixed, calibrator):
     model = build_model(mixed, precision="int8-qdq", calib=calib, calibrator=calibrator)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") == 4  # one activation Q/DQ per pipe's MatMul
-    scales = {i.name: float(onnx.numpy_helper.to_array(i)) for i in model.graph.initializer
-              if i.name.endswith("act_scale")}
+    scales = {
+        i.name: float(onnx.numpy_helper.to_array(i)) for i in model.graph.initializer if i.name.endswith("act_scale")
+    }
     assert len(scales) == 4 and all(0 < s < 1 for s in scales.values())
     x = _x(50, seed=9)
     assert rel_l2(ort_run(model, x), reference(mixed, x)) < 5e-2
@@ -122,8 +127,14 @@ def test_fp32_folds_consecutive_ungated_pipes(mixed):
 def test_node_count_independent_of_workers():
     counts = set()
     for grid, top_k in [((1, 2), 1), ((4, 4), 3), ((16, 32), 100)]:
-        cfg = AdapterConfig(64, 64, (PipeSpec("g", grid, (64 // grid[0], 64 // grid[1]), top_k),
-                                     PipeSpec("u", grid, (64 // grid[0], 64 // grid[1]), None)))
+        cfg = AdapterConfig(
+            64,
+            64,
+            (
+                PipeSpec("g", grid, (64 // grid[0], 64 // grid[1]), top_k),
+                PipeSpec("u", grid, (64 // grid[0], 64 // grid[1]), None),
+            ),
+        )
         for precision in ("fp32", "int8"):
             counts.add((precision, len(build_model(random_adapter(cfg), precision=precision).graph.node)))
     assert len({c for c in counts if c[0] == "fp32"}) == 1 and len({c for c in counts if c[0] == "int8"}) == 1
@@ -182,7 +193,7 @@ def test_batch_invariance(mixed):
     whole = ort_run(model, x)
     for b in range(3):
         for s in range(5):
-            alone = ort_run(model, x[b:b + 1, s:s + 1])
+            alone = ort_run(model, x[b : b + 1, s : s + 1])
             np.testing.assert_allclose(alone[0, 0], whole[b, s], rtol=2e-3, atol=2e-3)
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prism_deploy.lower import export_onnx
 from prism_deploy.core.ort_session import make_session
-from prism_deploy.reference import random_adapter, simple_config
 from prism_deploy.core.precision import loosest
+from prism_deploy.lower import export_onnx
+from prism_deploy.reference import random_adapter, simple_config
 from prism_deploy.runtime.adapter_session import AdapterGraph
 
 KEY = "session.disable_quant_qdq"
@@ -52,8 +52,8 @@ def test_folding_changes_only_rounding(adapter, tmp_path):
 
 
 def test_built_int8_engine_folds_at_load(adapter, tmp_path):
-    from prism_deploy.format.engine_manifest import read_manifest
     from prism_deploy.cli.main import main
+    from prism_deploy.format.engine_manifest import read_manifest
     from prism_deploy.runtime import load_engines
 
     src = tmp_path / "a.safetensors"

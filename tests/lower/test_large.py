@@ -130,8 +130,14 @@ GiB = 2**30
 
 def _measure(tmp_path: Path, *argv: str) -> dict:
     result = tmp_path / "measured.json"
-    proc = subprocess.run([sys.executable, "-c", MEASURE, *argv, str(result)], capture_output=True, text=True,
-                          env=ENV, timeout=3000, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, *argv, str(result)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=3000,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(result.read_text())
 
@@ -174,8 +180,10 @@ def test_export_from_file_holds_the_weights_plus_a_bounded_set(tmp_path, issue_a
     r = _measure(tmp_path, "export", str(issue_adapter), str(out), precision)
     assert r["returned"] == 0
     total, own = (r["peak"] - r["rss_before"]) / ISSUE_WEIGHTS, (r["anon"] - r["anon_before"]) / ISSUE_WEIGHTS
-    print(f"\nexport {precision}: weights {ISSUE_WEIGHTS / GiB:.2f} GiB, peak above the interpreter "
-          f"{(r['peak'] - r['rss_before']) / GiB:.2f} GiB = {total:.2f}x, anonymous {own:.2f}x, {r['seconds']:.1f} s")
+    print(
+        f"\nexport {precision}: weights {ISSUE_WEIGHTS / GiB:.2f} GiB, peak above the interpreter "
+        f"{(r['peak'] - r['rss_before']) / GiB:.2f} GiB = {total:.2f}x, anonymous {own:.2f}x, {r['seconds']:.1f} s"
+    )
     assert total <= 1.5, f"export peaked at {total:.2f}x the weights"
     assert own <= 0.5, f"export held {own:.2f}x the weights of its own"
     model = onnx.load(str(out), load_external_data=False)
@@ -200,10 +208,12 @@ def test_build_export_step_holds_the_weights_plus_a_bounded_set(tmp_path, issue_
     export = (r["export_peak"] - r["rss_before"]) / ISSUE_WEIGHTS
     own = (r["export_anon"] - r["anon_before"]) / ISSUE_WEIGHTS
     ort = (r["peak"] - r["after_export"]) / ISSUE_WEIGHTS
-    print(f"\nbuild fp32: export step {export:.2f}x the weights (anonymous {own:.2f}x), {r['export_seconds']:.1f} s; "
-          f"ONNX Runtime step peak {r['peak'] / GiB:.2f} GiB = {ort:.2f}x the weights above the RSS after the "
-          f"export (anonymous {(r['anon'] - r['anon_before']) / ISSUE_WEIGHTS:.2f}x), "
-          f"{r['seconds'] - r['export_seconds']:.1f} s")
+    print(
+        f"\nbuild fp32: export step {export:.2f}x the weights (anonymous {own:.2f}x), {r['export_seconds']:.1f} s; "
+        f"ONNX Runtime step peak {r['peak'] / GiB:.2f} GiB = {ort:.2f}x the weights above the RSS after the "
+        f"export (anonymous {(r['anon'] - r['anon_before']) / ISSUE_WEIGHTS:.2f}x), "
+        f"{r['seconds'] - r['export_seconds']:.1f} s"
+    )
     assert export <= 1.5, f"the build's export step peaked at {export:.2f}x the weights"
     assert own <= 0.5, f"the build's export step held {own:.2f}x the weights of its own"
 
@@ -216,8 +226,10 @@ def test_large_export_of_an_adapter_in_memory(tmp_path, out_dim, dtype, precisio
     path = tmp_path / "big.onnx"
     r = _measure(tmp_path, "memory", str(out_dim), dtype, precision, str(path))
     extra = (r["peak"] - r["rss_before"]) / r["weights"]
-    print(f"\n{out_dim} {precision}: weights {r['weights'] / GiB:.2f} GiB, export peak above the adapter "
-          f"{(r['peak'] - r['rss_before']) / GiB:.2f} GiB = {extra:.2f}x, {r['seconds']:.0f} s")
+    print(
+        f"\n{out_dim} {precision}: weights {r['weights'] / GiB:.2f} GiB, export peak above the adapter "
+        f"{(r['peak'] - r['rss_before']) / GiB:.2f} GiB = {extra:.2f}x, {r['seconds']:.0f} s"
+    )
     assert r["returned"] == [str(path), str(path) + ".data"]  # over 2 GiB: external data
     assert extra <= 0.5, f"export held {extra:.2f}x the weights beyond the adapter"
     model = onnx.load(str(path), load_external_data=False)

@@ -14,9 +14,17 @@ from tests.lower_helpers import ort_run, reference, rel_l2
 
 # "u" and "w" have power-of-two tile widths (MatMulNBits blocks); "odd" (tc 20) falls back to
 # DequantizeLinear; in_dim 60 leaves the last 16-wide block partly padding
-MIXED = AdapterConfig(60, 50, (PipeSpec("u", (3, 4), (17, 16), None), PipeSpec("g", (2, 2), (25, 32), 2),
-                               PipeSpec("odd", (2, 3), (25, 20), None), PipeSpec("w", (2, 2), (25, 32), None)),
-                      "weighted")
+MIXED = AdapterConfig(
+    60,
+    50,
+    (
+        PipeSpec("u", (3, 4), (17, 16), None),
+        PipeSpec("g", (2, 2), (25, 32), 2),
+        PipeSpec("odd", (2, 3), (25, 20), None),
+        PipeSpec("w", (2, 2), (25, 32), None),
+    ),
+    "weighted",
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,19 @@ from tests.lower_helpers import ort_run, reference, rel_l2, selections_agree
 # padded tiles (in 23 -> 3 col-blocks of 9, out 17 -> 4 row-blocks of 5), top_k 1 and all
 SHAPES = {
     "top1": AdapterConfig(23, 17, (PipeSpec("g", (4, 3), (5, 9), 1, 2.5),)),
-    "all": AdapterConfig(23, 17, (PipeSpec("g", (4, 3), (5, 9), 12),
-                                  PipeSpec("u", (1, 1), (17, 23), None)), "weighted"),
-    "mixed": AdapterConfig(40, 24, (PipeSpec("a", (3, 5), (8, 8), 4, 0.5), PipeSpec("b", (2, 2), (12, 20), 2),
-                                    PipeSpec("c", (1, 1), (24, 40), None)), "weighted"),
+    "all": AdapterConfig(
+        23, 17, (PipeSpec("g", (4, 3), (5, 9), 12), PipeSpec("u", (1, 1), (17, 23), None)), "weighted"
+    ),
+    "mixed": AdapterConfig(
+        40,
+        24,
+        (
+            PipeSpec("a", (3, 5), (8, 8), 4, 0.5),
+            PipeSpec("b", (2, 2), (12, 20), 2),
+            PipeSpec("c", (1, 1), (24, 40), None),
+        ),
+        "weighted",
+    ),
 }
 BOUNDS = {"fp32": 1e-5, "fp16": 2e-3, "int8": 2e-2}
 TOKENS = [(1, 1), (2, 3), (4, 40)]  # one token, a few, many (every tile selected by someone)

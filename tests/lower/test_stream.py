@@ -31,12 +31,17 @@ from tests.lower_helpers import ort_run
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 # folded ungated pipes (crossing tile edges and a crop), gated pipes of both forms, weights
-MIXED = AdapterConfig(50, 37, (
-    PipeSpec("dense", (3, 2), (13, 26), None),
-    PipeSpec("dense two", (2, 3), (19, 17), None),
-    PipeSpec("routed", (4, 3), (10, 20), 5, 1.5),
-    PipeSpec("coarse", (2, 2), (20, 25), 2),
-), "weighted")
+MIXED = AdapterConfig(
+    50,
+    37,
+    (
+        PipeSpec("dense", (3, 2), (13, 26), None),
+        PipeSpec("dense two", (2, 3), (19, 17), None),
+        PipeSpec("routed", (4, 3), (10, 20), 5, 1.5),
+        PipeSpec("coarse", (2, 2), (20, 25), 2),
+    ),
+    "weighted",
+)
 # one ungated pipe alone: the dense weight itself, not a fold
 SINGLE = AdapterConfig(30, 20, (PipeSpec("u", (3, 4), (7, 8), None),))
 
@@ -65,10 +70,13 @@ def _sha(path):
 # ---- the pieces ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grid,tile,crop", [((3, 4), (7, 8), (20, 30)), ((4, 3), (6, 5), (19, 13)),
-                                            ((2, 2), (5, 3), (10, 6)), ((1, 1), (4, 4), (1, 1))])
-@pytest.mark.parametrize("dtype,out", [(np.float32, np.float32), (np.float16, np.float32), (BF16, np.float16),
-                                       (np.float32, np.float16)])
+@pytest.mark.parametrize(
+    "grid,tile,crop",
+    [((3, 4), (7, 8), (20, 30)), ((4, 3), (6, 5), (19, 13)), ((2, 2), (5, 3), (10, 6)), ((1, 1), (4, 4), (1, 1))],
+)
+@pytest.mark.parametrize(
+    "dtype,out", [(np.float32, np.float32), (np.float16, np.float32), (BF16, np.float16), (np.float32, np.float16)]
+)
 def test_dense_rows_are_the_dense_matrix_rows(grid, tile, crop, dtype, out):
     (R, C), (tr, tc) = grid, tile
     tiles = np.random.default_rng(0).standard_normal((R * C, tr, tc)).astype(dtype)
@@ -79,8 +87,10 @@ def test_dense_rows_are_the_dense_matrix_rows(grid, tile, crop, dtype, out):
             assert got.dtype == out and got.flags.c_contiguous
             assert got.tobytes() == whole[start:stop].tobytes(), (start, stop)
     # without a crop: the whole padded matrix
-    assert dense_rows(tiles, grid, tile, 0, C * tc).tobytes() == \
-        np.ascontiguousarray(dense_from_tiles(tiles, grid, tile, transpose=True)).tobytes()
+    assert (
+        dense_rows(tiles, grid, tile, 0, C * tc).tobytes()
+        == np.ascontiguousarray(dense_from_tiles(tiles, grid, tile, transpose=True)).tobytes()
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16])
@@ -188,8 +198,9 @@ def test_in_memory_weights_are_the_tile_layout(adapter_files, tiny_blocks):
     """Independent of the block code: the dense weight is dense_from_tiles, int8 tiles are quantize_rows."""
     data = read_adapter_file(adapter_files["single"])
     inits = {t.name: numpy_helper.to_array(t) for t in build_model(data, precision="fp16").graph.initializer}
-    expect = np.ascontiguousarray(dense_from_tiles(data.tiles(0), (3, 4), (7, 8), crop=(20, 30), transpose=True),
-                                  dtype=np.float16)
+    expect = np.ascontiguousarray(
+        dense_from_tiles(data.tiles(0), (3, 4), (7, 8), crop=(20, 30), transpose=True), dtype=np.float16
+    )
     assert inits["u/weight"].tobytes() == expect.tobytes()
     inits = {t.name: numpy_helper.to_array(t) for t in build_model(data, precision="int8").graph.initializer}
     q, s = quantize_rows(data.tiles(0))

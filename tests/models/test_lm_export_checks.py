@@ -80,8 +80,12 @@ def test_checkpoint_keys_must_match_the_config(tiny, tmp_path, capsys, kind, cas
     _edit_weights(folder, edit)
     # every role refuses it: the broken tensor is in the base model (or foreign to it)
     for role in ("first", "last"):
-        err = _refused(["export-model", str(folder), "--role", role, "-o", str(tmp_path / role), "--max-seq", "16"],
-                       capsys, str(folder), "does not match config.json")
+        err = _refused(
+            ["export-model", str(folder), "--role", role, "-o", str(tmp_path / role), "--max-seq", "16"],
+            capsys,
+            str(folder),
+            "does not match config.json",
+        )
         assert any(name.split(".", 1)[-1] in err for name in removed), err
         assert not (tmp_path / role).exists()  # a folder it made is gone
 
@@ -90,18 +94,29 @@ def test_checkpoint_keys_must_match_the_config(tiny, tmp_path, capsys, kind, cas
 def test_num_hidden_layers_other_than_the_checkpoint(tiny, tmp_path, capsys, layers):
     folder = _copy(tiny["llama"], tmp_path / "m")
     _edit_config(folder, num_hidden_layers=layers)
-    _refused(["export-model", str(folder), "--role", "last", "-o", str(tmp_path / "o")], capsys,
-             "model.layers.2." if layers == 3 else "model.layers.1.",
-             "missing from the checkpoint" if layers == 3 else "not in the model")
+    _refused(
+        ["export-model", str(folder), "--role", "last", "-o", str(tmp_path / "o")],
+        capsys,
+        "model.layers.2." if layers == 3 else "model.layers.1.",
+        "missing from the checkpoint" if layers == 3 else "not in the model",
+    )
 
 
 def test_a_tied_head_need_not_be_in_the_checkpoint(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=32,
-                                 tie_word_embeddings=True)).save_pretrained(str(tmp_path / "tied"))
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            tie_word_embeddings=True,
+        )
+    ).save_pretrained(str(tmp_path / "tied"))
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "tied" / "model.safetensors"), framework="pt") as fh:
@@ -117,8 +132,16 @@ def sentence_bert(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("bert") / "bert"
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(str(folder))
+    BertModel(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(str(folder))
     return folder
 
 
@@ -145,7 +168,7 @@ BROKEN_CONFIGS = [
     ({"hidden_size": 0}, "hidden_size"),
     ({"hidden_size": -64}, "hidden_size"),
     ({"vocab_size": 10}, "model.embed_tokens.weight"),
-    ({"vocab_size": 10 ** 12}, "vocab_size"),
+    ({"vocab_size": 10**12}, "vocab_size"),
     ({"vocab_size": 1e12}, "vocab_size"),
     ({"vocab_size": 4_000_000}, "does not match the checkpoint"),
     ({"num_hidden_layers": 0}, "num_hidden_layers"),
@@ -204,8 +227,12 @@ def test_a_killed_exports_scratch_folders_are_removed_by_the_next(tiny, tmp_path
     assert not left.exists() and not any(p.name.startswith((".trace-", ".export.lock")) for p in out.iterdir())
     users = out / ".trace-notours1"  # the same name pattern without the mark is not provably ours
     users.mkdir()
-    _refused(["export-model", str(tiny["gpt2"]), "--role", "first", "-o", str(out), "--max-seq", "16"], capsys,
-             ".trace-notours1")
-    assert main(["export-model", str(tiny["gpt2"]), "--role", "first", "-o", str(out), "--max-seq", "16",
-                 "--force"]) == 0
+    _refused(
+        ["export-model", str(tiny["gpt2"]), "--role", "first", "-o", str(out), "--max-seq", "16"],
+        capsys,
+        ".trace-notours1",
+    )
+    assert (
+        main(["export-model", str(tiny["gpt2"]), "--role", "first", "-o", str(out), "--max-seq", "16", "--force"]) == 0
+    )
     assert users.is_dir()  # kept

@@ -63,8 +63,12 @@ def test_logits_start_gives_the_last_positions_of_the_full_output(lasts, precisi
         for keep in (1, 2):
             part = session.run(["logits", *presents], {**feeds, LOGITS_START: np.array([-keep], np.int64)})
             assert part[0].shape == (3, min(keep, stop - start), dims["vocab"])
-            np.testing.assert_allclose(part[0].astype(np.float32), full[0][:, -part[0].shape[1]:].astype(np.float32),
-                                       rtol=CLOSE[precision], atol=CLOSE[precision])
+            np.testing.assert_allclose(
+                part[0].astype(np.float32),
+                full[0][:, -part[0].shape[1] :].astype(np.float32),
+                rtol=CLOSE[precision],
+                atol=CLOSE[precision],
+            )
             for got, want in zip(part[1:], full[1:]):  # the cache does not depend on which logits are asked
                 np.testing.assert_array_equal(got, want)
         past = dict(zip(names, full[1:]))

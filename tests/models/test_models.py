@@ -17,13 +17,14 @@ import torch
 
 from prism_deploy.cli.main import main
 from prism_deploy.core.errors import CheckFailed, PrismInputError
-from prism_deploy.models import hf
-from prism_deploy.models.tokenizers import load_tokenizer
 from prism_deploy.format.model_folder import past_names
 from prism_deploy.format.model_folder import read_model_json as read_manifest
+from prism_deploy.models import hf
 from prism_deploy.models.lm_export import export_model
+from prism_deploy.models.tokenizers import load_tokenizer
 from prism_deploy.reference import load_adapter, random_adapter, simple_config
 from tests.model_helpers import SENTENCES
+
 
 @pytest.fixture(scope="session")
 def pipeline(zoo):
@@ -59,14 +60,19 @@ def test_first_export_matches_transformers_on_new_inputs(zoo):
     got = make_session(zoo["A"] / "first.onnx", "cpu").run(["hidden"], {"input_ids": ids, "attention_mask": mask})[0]
     reference = hf.load_causal_lm(zoo["llama"])
     with torch.no_grad():
-        ref = reference.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                              position_ids=hf.positions_from_mask(torch.from_numpy(mask))).last_hidden_state.numpy()
+        ref = reference.model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=hf.positions_from_mask(torch.from_numpy(mask)),
+        ).last_hidden_state.numpy()
     real = mask.astype(bool)
     assert got.shape == (4, 13, 64)
     np.testing.assert_allclose(got[real], ref[real], rtol=1e-4, atol=1e-4)
     # the hidden state is taken after the final norm: the LM head applied to it gives the logits
     with torch.no_grad():
-        logits = reference(input_ids=torch.from_numpy(ids[:1]), attention_mask=torch.from_numpy(mask[:1])).logits.numpy()
+        logits = reference(
+            input_ids=torch.from_numpy(ids[:1]), attention_mask=torch.from_numpy(mask[:1])
+        ).logits.numpy()
     np.testing.assert_allclose(got[:1] @ reference.lm_head.weight.detach().numpy().T, logits, rtol=1e-4, atol=1e-4)
 
 
@@ -81,7 +87,12 @@ def test_last_export_graphs_names_and_embedding_table(zoo):
     with_past = onnx.load(str(zoo["B"] / "last_with_past.onnx"))
     onnx.checker.check_model(with_past, full_check=True)
     # logits_start: an initializer listed as an input too (fed only to compute fewer positions' logits)
-    assert [i.name for i in with_past.graph.input] == ["inputs_embeds", "attention_mask", *past_names(2), "logits_start"]
+    assert [i.name for i in with_past.graph.input] == [
+        "inputs_embeds",
+        "attention_mask",
+        *past_names(2),
+        "logits_start",
+    ]
     assert "logits_start" in {t.name for t in with_past.graph.initializer}
     assert [o.name for o in with_past.graph.output] == ["logits", *past_names(2, "present")]
     table = np.load(zoo["B"] / "embed_tokens.npy")
@@ -104,9 +115,18 @@ def test_mistral_with_sliding_window_exports(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(4)
-    MistralForCausalLM(MistralConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                     sliding_window=4)).save_pretrained(str(tmp_path / "mistral"))
+    MistralForCausalLM(
+        MistralConfig(
+            vocab_size=200,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            sliding_window=4,
+        )
+    ).save_pretrained(str(tmp_path / "mistral"))
     up = export_model(tmp_path / "mistral", "first", tmp_path / "up", max_seq=32)
     low = export_model(tmp_path / "mistral", "last", tmp_path / "low", max_seq=32)
     assert up["family"] == "mistral" and up["validation"]["hidden"]["rel_l2"] < 1e-5
@@ -115,8 +135,8 @@ def test_mistral_with_sliding_window_exports(tmp_path):
 
 def test_export_fails_when_the_graph_diverges(zoo, tmp_path, monkeypatch):
     """Perturb the exported weights after tracing: the validation must catch it, and no manifest is left."""
-    from prism_deploy.models import lm_export as export_mod
     from prism_deploy.core.onnx_io import save_model
+    from prism_deploy.models import lm_export as export_mod
 
     original = export_mod._export_graph
 
@@ -146,7 +166,15 @@ def test_export_with_external_weights(zoo, tmp_path, monkeypatch):
     assert m["files"]["last_data"]["name"] == "last.onnx.data"
     assert m["files"]["last_with_past_data"]["name"] == "last_with_past.onnx.data"
     assert sorted(p.name for p in (tmp_path / "B").iterdir()) == sorted(  # and nothing else (no lock file)
-        ["embed_tokens.npy", "last.onnx", "last.onnx.data", "last_with_past.onnx", "last_with_past.onnx.data", "model.json"])
+        [
+            "embed_tokens.npy",
+            "last.onnx",
+            "last.onnx.data",
+            "last_with_past.onnx",
+            "last_with_past.onnx.data",
+            "model.json",
+        ]
+    )
     # the weights really are outside (only tensors under 1 KiB, norms and biases, stay inline)
     assert (tmp_path / "B" / "last.onnx").stat().st_size * 4 < (tmp_path / "B" / "last.onnx.data").stat().st_size
     pipe = Pipeline(zoo["A"], zoo["adapter"], tmp_path / "B")
@@ -162,12 +190,30 @@ def test_export_fp16_lower_validates(zoo, tmp_path):
 
 
 def test_export_model_cli_and_bad_inputs(zoo, tmp_path, capsys):
-    assert main(["export-model", str(zoo["gpt2"]), "--role", "first", "-o", str(tmp_path / "g"), "--max-seq", "16", "--json"]) == 0
+    assert (
+        main(
+            [
+                "export-model",
+                str(zoo["gpt2"]),
+                "--role",
+                "first",
+                "-o",
+                str(tmp_path / "g"),
+                "--max-seq",
+                "16",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["role"] == "first"
     for argv, needle in (
         (["export-model", str(tmp_path / "missing"), "--role", "first", "-o", str(tmp_path / "x")], "not a folder"),
         (["export-model", str(tmp_path), "--role", "first", "-o", str(tmp_path / "x")], "no config.json"),
-        (["export-model", str(zoo["gpt2"]), "--role", "first", "-o", str(tmp_path / "x"), "--max-seq", "4096"], "--max-seq"),
+        (
+            ["export-model", str(zoo["gpt2"]), "--role", "first", "-o", str(tmp_path / "x"), "--max-seq", "4096"],
+            "--max-seq",
+        ),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err
@@ -214,8 +260,14 @@ def test_greedy_generation_equals_transformers(zoo, pipeline):
     model_a, model_b = hf.load_causal_lm(zoo["llama"]), hf.load_causal_lm(zoo["qwen2"])
     with torch.no_grad():
         prefix = adapter(hf.final_hidden(model_a, torch.from_numpy(ids), torch.from_numpy(mask)))
-        want = model_b.generate(inputs_embeds=prefix, attention_mask=torch.from_numpy(mask), max_new_tokens=7,
-                                do_sample=False, eos_token_id=None, pad_token_id=0)
+        want = model_b.generate(
+            inputs_embeds=prefix,
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=7,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     np.testing.assert_array_equal(got, want.numpy())
 
 
@@ -255,10 +307,12 @@ def write_dense_adapter_onnx(adapter, path) -> None:
     d_in, d_out = adapter.config.in_dim, adapter.config.out_dim
     weight = adapter.dense_matrix(torch.float32).numpy().T.copy()  # [in, out]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["hidden", "W"], ["adapted"])], "dense_adapter",
+        [helper.make_node("MatMul", ["hidden", "W"], ["adapted"])],
+        "dense_adapter",
         [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "seq", d_in])],
         [helper.make_tensor_value_info("adapted", TensorProto.FLOAT, ["batch", "seq", d_out])],
-        [numpy_helper.from_array(weight, "W")])
+        [numpy_helper.from_array(weight, "W")],
+    )
     save_model(finalize(helper.make_model(graph)), path)
 
 
@@ -333,11 +387,36 @@ def test_build_folder_runs_in_the_pipeline(zoo, pipeline, tmp_path, capsys):
     assert built.describe()["adapter_runner"] != "onnx"  # the build layer's own runner
     ids, mask = padded_batch(300, batch=2, seq=7, seed=2)
     np.testing.assert_allclose(built(ids, mask), pipeline(ids, mask), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(built.generate(ids, mask, max_new_tokens=4), pipeline.generate(ids, mask, max_new_tokens=4))
+    np.testing.assert_array_equal(
+        built.generate(ids, mask, max_new_tokens=4), pipeline.generate(ids, mask, max_new_tokens=4)
+    )
     # the documented spelling: `parity --pipeline` routes to the end-to-end check
-    assert main(["parity", "--pipeline", "--model-a-hf", str(zoo["llama"]), "--model-a", str(zoo["A"]),
-                 "--model-b-hf", str(zoo["qwen2"]), "--model-b", str(zoo["B"]), "--adapter", str(engines),
-                 "--adapter-file", str(zoo["adapter"]), "--batch", "2", "--seq", "6", "--json"]) == 0
+    assert (
+        main(
+            [
+                "parity",
+                "--pipeline",
+                "--model-a-hf",
+                str(zoo["llama"]),
+                "--model-a",
+                str(zoo["A"]),
+                "--model-b-hf",
+                str(zoo["qwen2"]),
+                "--model-b",
+                str(zoo["B"]),
+                "--adapter",
+                str(engines),
+                "--adapter-file",
+                str(zoo["adapter"]),
+                "--batch",
+                "2",
+                "--seq",
+                "6",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["passed"]
 
 
@@ -352,16 +431,34 @@ def test_pipeline_on_ort_cuda_matches_cpu(zoo, pipeline):
     gpu = Pipeline(zoo["A"], zoo["adapter"], zoo["B"], target="ort-cuda")
     ids, mask = padded_batch(300)
     np.testing.assert_allclose(gpu(ids, mask), pipeline(ids, mask), rtol=1e-3, atol=1e-3)
-    np.testing.assert_array_equal(gpu.generate(ids, mask, max_new_tokens=5), pipeline.generate(ids, mask, max_new_tokens=5))
+    np.testing.assert_array_equal(
+        gpu.generate(ids, mask, max_new_tokens=5), pipeline.generate(ids, mask, max_new_tokens=5)
+    )
 
 
 # -- CLI: run and parity-pipeline ----------------------------------------------------------------------
 
 
 def test_run_cli_text_to_generated_tokens(zoo, capsys):
-    argv = ["run", "--model-a", str(zoo["A"]), "--adapter", str(zoo["adapter"]), "--model-b", str(zoo["B"]),
-            "--text", "The quick brown fox", "--tokenizer-a", str(zoo["llama"]), "--tokenizer-b", str(zoo["qwen2"]),
-            "--max-new-tokens", "4", "--ignore-eos", "--json"]
+    argv = [
+        "run",
+        "--model-a",
+        str(zoo["A"]),
+        "--adapter",
+        str(zoo["adapter"]),
+        "--model-b",
+        str(zoo["B"]),
+        "--text",
+        "The quick brown fox",
+        "--tokenizer-a",
+        str(zoo["llama"]),
+        "--tokenizer-b",
+        str(zoo["qwen2"]),
+        "--max-new-tokens",
+        "4",
+        "--ignore-eos",
+        "--json",
+    ]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["generated_ids"][0]) == 4 and isinstance(out["generated_text"][0], str)
@@ -386,17 +483,34 @@ def test_run_cli_ids_file_and_errors(zoo, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["logits_shape"] == [2, 3, 320]
     ragged = tmp_path / "ragged.json"
     ragged.write_text("[[1, 2], [3]]")
-    for extra, needle in (([ "--ids", str(ragged)], "same length"), (["--text", "hi"], "--tokenizer-a"),
-                          (["--ids", str(tmp_path / "none.npy")], "no such file")):
+    for extra, needle in (
+        (["--ids", str(ragged)], "same length"),
+        (["--text", "hi"], "--tokenizer-a"),
+        (["--ids", str(tmp_path / "none.npy")], "no such file"),
+    ):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1
 
 
 def test_parity_pipeline_cli_passes_and_fails(zoo, tmp_path, capsys):
-    base = ["parity-pipeline", "--model-a-hf", str(zoo["llama"]), "--model-a", str(zoo["A"]),
-            "--model-b-hf", str(zoo["qwen2"]), "--model-b", str(zoo["B"]), "--adapter", str(zoo["adapter"]),
-            "--batch", "2", "--seq", "6"]
+    base = [
+        "parity-pipeline",
+        "--model-a-hf",
+        str(zoo["llama"]),
+        "--model-a",
+        str(zoo["A"]),
+        "--model-b-hf",
+        str(zoo["qwen2"]),
+        "--model-b",
+        str(zoo["B"]),
+        "--adapter",
+        str(zoo["adapter"]),
+        "--batch",
+        "2",
+        "--seq",
+        "6",
+    ]
     assert main([*base, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["logits"]["kl_max"] < 1e-8
@@ -446,8 +560,26 @@ def test_collect_pools_against_transformers(zoo, tmp_path):
     table_b = hf.load_causal_lm(zoo["qwen2"]).get_input_embeddings().weight.detach().numpy()
     for pool in ("last", "mean", "tokens"):
         out = tmp_path / f"pairs-{pool}.safetensors"
-        assert main(["collect", "--model-a", str(zoo["llama"]), "--model-b", str(zoo["qwen2"]), "--text", str(texts),
-                     "-o", str(out), "--pool", pool, "--batch", "3"]) == 0
+        assert (
+            main(
+                [
+                    "collect",
+                    "--model-a",
+                    str(zoo["llama"]),
+                    "--model-b",
+                    str(zoo["qwen2"]),
+                    "--text",
+                    str(texts),
+                    "-o",
+                    str(out),
+                    "--pool",
+                    pool,
+                    "--batch",
+                    "3",
+                ]
+            )
+            == 0
+        )
         x, z = MatrixFile(out, "X").read(), MatrixFile(out, "Z").read()
         assert x.shape[1] == 64 and z.shape[1] == 96 and x.shape[0] == z.shape[0]
         # recompute the third text (the second batch) independently, one text at a time
@@ -468,6 +600,7 @@ def test_collect_pools_against_transformers(zoo, tmp_path):
             counts = [len(tok_a(t)["input_ids"]) for t in SENTENCES[:4]]
             assert x.shape[0] == sum(counts)
             start = sum(counts[:2])
+
             def chars(s, e):  # a trimmed whitespace token (s, s) stands for the character s-1
                 return (s, e) if e > s else (s - 1, s)
 
@@ -483,8 +616,10 @@ def test_collect_bad_inputs(zoo, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     base = ["collect", "--model-a", str(zoo["llama"]), "--model-b", str(zoo["qwen2"])]
-    for extra, needle in ((["--text", str(empty), "-o", str(tmp_path / "p.safetensors")], "no non-empty lines"),
-                          (["--text", str(empty), "-o", str(tmp_path / "p.npy")], ".safetensors")):
+    for extra, needle in (
+        (["--text", str(empty), "-o", str(tmp_path / "p.safetensors")], "no non-empty lines"),
+        (["--text", str(empty), "-o", str(tmp_path / "p.npy")], ".safetensors"),
+    ):
         assert main([*base, *extra]) == 2
         assert needle in capsys.readouterr().err
     assert not (tmp_path / "p.safetensors").exists()
@@ -520,8 +655,14 @@ def test_gpt2_as_model_b_generates_like_transformers(zoo, tmp_path):
     model_a, model_b = hf.load_causal_lm(zoo["llama"]), hf.load_causal_lm(zoo["gpt2"])
     with torch.no_grad():
         prefix = load_adapter(path)(hf.final_hidden(model_a, torch.from_numpy(ids), torch.from_numpy(mask)))
-        want = model_b.generate(inputs_embeds=prefix, attention_mask=torch.from_numpy(mask), max_new_tokens=6,
-                                do_sample=False, eos_token_id=None, pad_token_id=0)
+        want = model_b.generate(
+            inputs_embeds=prefix,
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     np.testing.assert_array_equal(got, want.numpy())
 
 
@@ -533,25 +674,96 @@ def test_chain_collect_fit_run_parity(zoo, tmp_path, capsys):
 
     rnd = random.Random(0)
     words = " ".join(SENTENCES).split()
-    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 12)))
-                                                   for _ in range(40)) + "\n")
+    (tmp_path / "corpus.txt").write_text(
+        "\n".join(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 12))) for _ in range(40)) + "\n"
+    )
     pairs = tmp_path / "pairs.safetensors"
-    assert main(["collect", "--model-a", str(zoo["llama"]), "--model-b", str(zoo["qwen2"]), "--text",
-                 str(tmp_path / "corpus.txt"), "-o", str(pairs), "--pool", "tokens", "--batch", "16"]) == 0
+    assert (
+        main(
+            [
+                "collect",
+                "--model-a",
+                str(zoo["llama"]),
+                "--model-b",
+                str(zoo["qwen2"]),
+                "--text",
+                str(tmp_path / "corpus.txt"),
+                "-o",
+                str(pairs),
+                "--pool",
+                "tokens",
+                "--batch",
+                "16",
+            ]
+        )
+        == 0
+    )
     data = load_file(str(pairs))
     # `fit` reads one array per file today: hand it X and Z as .npy (see the report on names)
     np.save(tmp_path / "X.npy", data["X"])
     np.save(tmp_path / "Z.npy", data["Z"])
     fitted = tmp_path / "fitted.safetensors"
-    assert main(["fit", "--x", str(tmp_path / "X.npy"), "--z", str(tmp_path / "Z.npy"), "-o", str(fitted),
-                 "--grid", "4", "2", "--top-k", "3", "--rounds", "1", "--gate-steps", "50"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--x",
+                str(tmp_path / "X.npy"),
+                "--z",
+                str(tmp_path / "Z.npy"),
+                "-o",
+                str(fitted),
+                "--grid",
+                "4",
+                "2",
+                "--top-k",
+                "3",
+                "--rounds",
+                "1",
+                "--gate-steps",
+                "50",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     base = ["--model-a", str(zoo["A"]), "--adapter", str(fitted), "--model-b", str(zoo["B"])]
-    assert main(["run", *base, "--text", "the lazy dog", "--tokenizer-a", str(zoo["llama"]),
-                 "--tokenizer-b", str(zoo["qwen2"]), "--max-new-tokens", "5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                *base,
+                "--text",
+                "the lazy dog",
+                "--tokenizer-a",
+                str(zoo["llama"]),
+                "--tokenizer-b",
+                str(zoo["qwen2"]),
+                "--max-new-tokens",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)["generated_ids"][0]) == 5
-    assert main(["parity-pipeline", *base, "--model-a-hf", str(zoo["llama"]), "--model-b-hf", str(zoo["qwen2"]),
-                 "--text", "Tiles of weights are routed", "--tokenizer-a", str(zoo["llama"])]) == 0
+    assert (
+        main(
+            [
+                "parity-pipeline",
+                *base,
+                "--model-a-hf",
+                str(zoo["llama"]),
+                "--model-b-hf",
+                str(zoo["qwen2"]),
+                "--text",
+                "Tiles of weights are routed",
+                "--tokenizer-a",
+                str(zoo["llama"]),
+            ]
+        )
+        == 0
+    )
     assert "parity: passed" in capsys.readouterr().out
 
 
@@ -563,8 +775,16 @@ def test_loading_a_sentence_encoder_as_a_first_model_says_nothing(tmp_path, capf
     from transformers.utils import logging as hf_logging
 
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=32)).save_pretrained(str(tmp_path))
+    BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    ).save_pretrained(str(tmp_path))
     verbosity = hf_logging.get_verbosity()
     capfd.readouterr()
     model = hf.load_causal_lm(tmp_path, uses_head=False)

@@ -29,7 +29,9 @@ def test_last_stage_holds_one_session_and_matches_the_plain_graph(zoo):
     assert stage.shares_past_graph and stage.graph is stage.past_graph  # one session, one copy of the weights
     emb, mask = _left_padded(2, 9, stage.hidden_size)
     got = stage.run(emb, mask)
-    plain = make_session(zoo["B"] / "last.onnx", "cpu").run(["logits"], {"inputs_embeds": emb, "attention_mask": mask})[0]
+    plain = make_session(zoo["B"] / "last.onnx", "cpu").run(["logits"], {"inputs_embeds": emb, "attention_mask": mask})[
+        0
+    ]
     real = mask.astype(bool)
     assert got.shape == plain.shape
     np.testing.assert_allclose(got[real], plain[real], rtol=1e-4, atol=1e-4)
@@ -42,7 +44,9 @@ def test_served_last_stage_is_the_runtime_stage_with_one_session(zoo):
     assert isinstance(served, ModelStage)  # no serving copy of the model stage
     assert served.shares_past_graph and served.graph is served.past_graph
     emb, mask = _left_padded(2, 6, served.hidden_size)
-    plain = make_session(zoo["B"] / "last.onnx", "cpu").run(["logits"], {"inputs_embeds": emb, "attention_mask": mask})[0]
+    plain = make_session(zoo["B"] / "last.onnx", "cpu").run(["logits"], {"inputs_embeds": emb, "attention_mask": mask})[
+        0
+    ]
     real = mask.astype(bool)
     np.testing.assert_allclose(served.run(emb, mask)[real], plain[real], rtol=1e-4, atol=1e-4)
 
@@ -52,7 +56,9 @@ def test_step_gives_the_last_position_or_all_of_them(zoo):
     emb, mask = _left_padded(2, 6, stage.hidden_size)
     last, _ = stage.step(emb, mask, stage.empty_past(2))
     every, present = stage.step(emb, mask, stage.empty_past(2), positions="all")
-    plain = make_session(zoo["B"] / "last.onnx", "cpu").run(["logits"], {"inputs_embeds": emb, "attention_mask": mask})[0]
+    plain = make_session(zoo["B"] / "last.onnx", "cpu").run(["logits"], {"inputs_embeds": emb, "attention_mask": mask})[
+        0
+    ]
     assert last.shape == (2, stage.vocab) and every.shape == plain.shape
     np.testing.assert_array_equal(every[:, -1], last)
     real = mask.astype(bool)
@@ -63,6 +69,7 @@ def test_step_gives_the_last_position_or_all_of_them(zoo):
 
 
 # -- the ort form ------------------------------------------------------------------------------------
+
 
 def _builder_or_skip() -> None:
     from prism_deploy.models.ort_form import builder_missing
@@ -119,10 +126,15 @@ def test_ort_form_is_fused_and_matches_transformers(ort_forms, zoo, role):
     with torch.no_grad():
         if role == "first":
             ids = np.random.default_rng(3).integers(0, 300, size=mask.shape, dtype=np.int64)
-            got, want = stage.run(ids, mask), hf.final_hidden(reference, torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+            got, want = (
+                stage.run(ids, mask),
+                hf.final_hidden(reference, torch.from_numpy(ids), torch.from_numpy(mask)).numpy(),
+            )
         else:
             got = stage.run(emb, mask)
-            want = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(emb), attention_mask=torch.from_numpy(mask))[0].numpy()
+            want = hf.causal_lm_forward(
+                reference, inputs_embeds=torch.from_numpy(emb), attention_mask=torch.from_numpy(mask)
+            )[0].numpy()
     real = mask.astype(bool)
     np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-4)
 
@@ -155,7 +167,7 @@ def test_shared_kv_buffer_decodes_as_the_plain_graph_token_by_token(ort_forms):
     assert key.shape[2] == stage.max_seq
     real = seq_mask.sum(axis=1) - 1  # the last step's own position is written by the next call only
     for row, n in enumerate(real):
-        assert np.abs(key[row, :, :n]).min(axis=-1).max() > 0 and not key[row, :, n + 1:].any()
+        assert np.abs(key[row, :, :n]).min(axis=-1).max() > 0 and not key[row, :, n + 1 :].any()
 
 
 def _assert_logits_start_selects(graph, dims, seed: int = 5) -> None:
@@ -234,22 +246,51 @@ def test_ort_form_cli_refusals(ort_forms, zoo, tmp_path, capsys):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "prism_deploy", "export-model", str(zoo["llama"]), "--role", "last", "-o",
-           str(tmp_path / "x"), "--graph-form", "ort", "--precision", "int4", "--block-size", "64"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prism_deploy",
+        "export-model",
+        str(zoo["llama"]),
+        "--role",
+        "last",
+        "-o",
+        str(tmp_path / "x"),
+        "--graph-form",
+        "ort",
+        "--precision",
+        "int4",
+        "--block-size",
+        "64",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: --graph-form ort: the quantization options are the model builder's own (block 32, symmetric, round to nearest); "
-        "give only --precision"]
+        "give only --precision"
+    ]
     assert not (tmp_path / "x").exists()
     folder = ort_forms["ort_last"]
-    for target, why in (("trt", "TensorRT cannot parse its GroupQueryAttention"),
-                        ("ort-cuda", "it is written for the CPU execution provider (float32 GroupQueryAttention)")):
-        cmd = [sys.executable, "-m", "prism_deploy", "build", "--model", str(folder), "--target", target,
-               "-o", str(tmp_path / "b")]
+    for target, why in (
+        ("trt", "TensorRT cannot parse its GroupQueryAttention"),
+        ("ort-cuda", "it is written for the CPU execution provider (float32 GroupQueryAttention)"),
+    ):
+        cmd = [
+            sys.executable,
+            "-m",
+            "prism_deploy",
+            "build",
+            "--model",
+            str(folder),
+            "--target",
+            target,
+            "-o",
+            str(tmp_path / "b"),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         assert done.returncode == 2 and done.stderr.strip().splitlines() == [
             f"error: --model {folder}: the ort graph form builds for ort-cpu only, not {target}: {why}; "
-            f"export --graph-form portable for {target}"]
+            f"export --graph-form portable for {target}"
+        ]
         assert not (tmp_path / "b").exists()
 
 
@@ -271,17 +312,23 @@ def test_build_model_of_the_ort_form_runs_as_its_export(ort_forms, tmp_path, rol
     assert built.folder.built and built.graph_form == "ort"
     mask = np.ones((2, 7), dtype=np.int64)
     mask[1, :3] = 0
-    x = (np.random.default_rng(2).integers(0, 300, size=mask.shape, dtype=np.int64) if role == "first"
-         else _left_padded(2, 7, 64, seed=2)[0])
+    x = (
+        np.random.default_rng(2).integers(0, 300, size=mask.shape, dtype=np.int64)
+        if role == "first"
+        else _left_padded(2, 7, 64, seed=2)[0]
+    )
     real = mask.astype(bool)
     np.testing.assert_allclose(built.run(x, mask)[real], exported.run(x, mask)[real], rtol=1e-5, atol=1e-5)
     if role == "last":  # prefill + a step on the built graph's shared buffer
         cache_b, cache_e = built.empty_past(2), exported.empty_past(2)
-        np.testing.assert_allclose(built.step(x, mask, cache_b)[0], exported.step(x, mask, cache_e)[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            built.step(x, mask, cache_b)[0], exported.step(x, mask, cache_e)[0], rtol=1e-5, atol=1e-5
+        )
         step = np.asarray(built.embed_tokens[[1, 2]])[:, None, :]
         longer = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
-        np.testing.assert_allclose(built.step(step, longer, cache_b)[0], exported.step(step, longer, cache_e)[0],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            built.step(step, longer, cache_b)[0], exported.step(step, longer, cache_e)[0], rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.slow
@@ -302,11 +349,13 @@ def test_ort_form_quantized_roles(zoo, tmp_path, precision):
     assert main(["build", "--model", str(tmp_path / "last"), "--target", "ort-cpu", "-o", str(tmp_path / "b")]) == 0
     x = np.random.default_rng(0).normal(0, 0.05, (1, 5, 64)).astype(np.float32)
     mask = np.ones((1, 5), dtype=np.int64)
-    np.testing.assert_allclose(ModelStage(tmp_path / "b").run(x, mask), ModelStage(tmp_path / "last").run(x, mask),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ModelStage(tmp_path / "b").run(x, mask), ModelStage(tmp_path / "last").run(x, mask), rtol=1e-5, atol=1e-5
+    )
 
 
 # -- bench --model: peers and unstable timings --------------------------------------------------------
+
 
 def _case(name, median, p10, p90, **info):
     from prism_deploy.bench.models import _instability
@@ -338,8 +387,11 @@ def test_bench_peers_say_why_they_are_skipped(monkeypatch):
     from prism_deploy.bench import peers
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(peers.importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("llama_cpp", "onnxruntime_genai") else real(name, *a))
+    monkeypatch.setattr(
+        peers.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("llama_cpp", "onnxruntime_genai") else real(name, *a),
+    )
     reasons = peers.peer_reasons()
     assert reasons["llama.cpp"].startswith("llama_cpp is not installed")
     assert "pip install --no-deps onnxruntime-genai" in reasons["onnxruntime-genai"]
@@ -350,8 +402,15 @@ def test_bench_times_genai_beside_both_forms(ort_forms, zoo, tmp_path):
     """bench --model on the two forms of one last model, with ONNX Runtime GenAI beside them."""
     from prism_deploy.bench.models import run_model_bench
 
-    results = run_model_bench([ort_forms["portable_last"], ort_forms["ort_last"]], prompt=4, new_tokens=3, repeat=2,
-                              warmup=0, eager=False, hf_dir=str(zoo["llama"]))
+    results = run_model_bench(
+        [ort_forms["portable_last"], ort_forms["ort_last"]],
+        prompt=4,
+        new_tokens=3,
+        repeat=2,
+        warmup=0,
+        eager=False,
+        hf_dir=str(zoo["llama"]),
+    )
     cases = {c["name"]: c for c in results["cases"]}
     assert set(cases) == {"portable_last", "ort_last", "onnxruntime-genai fp32"}
     assert cases["ort_last"]["graph_form"] == "ort" and cases["onnxruntime-genai fp32"]["decode"]["samples"] == 6

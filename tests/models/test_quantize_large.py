@@ -96,8 +96,14 @@ def test_quantizing_a_graph_over_2_gib_holds_less_than_its_weights(tmp_path, pre
     subprocess.run([sys.executable, "-c", MAKE, str(LAYERS), str(WIDTH), str(src)], check=True, env=ENV, timeout=1800)
     assert (tmp_path / "big.onnx.data").stat().st_size >= FLOAT_BYTES > 2 * 2**30
     result = tmp_path / "measured.json"
-    proc = subprocess.run([sys.executable, "-c", MEASURE, str(src), str(tmp_path / "q.onnx"), precision, str(result)],
-                          capture_output=True, text=True, env=ENV, timeout=3000, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(src), str(tmp_path / "q.onnx"), precision, str(result)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=3000,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads(result.read_text())
     print(precision, json.dumps(m))

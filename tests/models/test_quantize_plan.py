@@ -59,8 +59,10 @@ def _session(path):
     return make_session(path, "cpu")
 
 
-@pytest.mark.parametrize("algorithm,precision", [("rtn", "int4"), ("hqq", "int4"), ("k_quant", "int4"),
-                                                 ("k_quant", "int8"), ("gptq", "int4")])
+@pytest.mark.parametrize(
+    "algorithm,precision",
+    [("rtn", "int4"), ("hqq", "int4"), ("k_quant", "int4"), ("k_quant", "int8"), ("gptq", "int4")],
+)
 def test_each_algorithm_runs_as_the_weights_it_stores(qwen, tmp_path, algorithm, precision):
     src = qwen["fp32"] / "last.onnx"
     # block 16: ONNX Runtime's k_quant writer needs an even number of blocks along K (96 wide)
@@ -85,30 +87,36 @@ def test_each_algorithm_runs_as_the_weights_it_stores(qwen, tmp_path, algorithm,
 
 def test_k_quant_with_an_odd_block_count_is_refused(qwen, tmp_path):
     with pytest.raises(PrismInputError, match="even number of blocks"):
-        quantize.quantize_graph(qwen["fp32"] / "last.onnx", tmp_path / "q.onnx",
-                                quantize.make_spec("int4", algorithm="k_quant"))
+        quantize.quantize_graph(
+            qwen["fp32"] / "last.onnx", tmp_path / "q.onnx", quantize.make_spec("int4", algorithm="k_quant")
+        )
     assert not (tmp_path / "q.onnx").exists()
 
 
 def test_accuracy_level_is_set_on_every_algorithm(qwen, tmp_path):
     """HQQ's writer sets no accuracy_level: the spec's goes onto every MatMulNBits node."""
-    quantize.quantize_graph(qwen["fp32"] / "last.onnx", tmp_path / "q.onnx", quantize.make_spec("int4", algorithm="hqq"))
+    quantize.quantize_graph(
+        qwen["fp32"] / "last.onnx", tmp_path / "q.onnx", quantize.make_spec("int4", algorithm="hqq")
+    )
     nodes = [n for n in onnx.load(str(tmp_path / "q.onnx")).graph.node if n.op_type == "MatMulNBits"]
-    assert nodes and all(onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "accuracy_level")) == 4
-                         for n in nodes)
+    assert nodes and all(
+        onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "accuracy_level")) == 4 for n in nodes
+    )
 
 
 def test_mixed_plan_follows_the_measured_errors(qwen, tmp_path):
     src = qwen["fp32"] / "last.onnx"
     acts = quantize.layer_inputs(src, [_feeds(src, seed=2)])
     # all int4 with a loose bound, then a bound between the layers' int4 errors
-    loose = quantize.quantize_graph(src, tmp_path / "a.onnx", quantize.make_spec("int4", mixed=True, max_error=0.9),
-                                    activations=acts)
+    loose = quantize.quantize_graph(
+        src, tmp_path / "a.onnx", quantize.make_spec("int4", mixed=True, max_error=0.9), activations=acts
+    )
     err4 = sorted(layer["error"]["4"] for layer in loose["layers"] if "error" in layer)
     assert set(loose["plan"].values()) == {4}
     bound = float(np.median(err4))
-    rec = quantize.quantize_graph(src, tmp_path / "b.onnx", quantize.make_spec("int4", mixed=True, max_error=bound),
-                                  activations=acts)
+    rec = quantize.quantize_graph(
+        src, tmp_path / "b.onnx", quantize.make_spec("int4", mixed=True, max_error=bound), activations=acts
+    )
     weights = quantize.dequantized_weights(onnx.load(str(tmp_path / "b.onnx")))
     original = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(src)).graph.initializer}
     seen = set()
@@ -127,15 +135,22 @@ def test_mixed_plan_follows_the_measured_errors(qwen, tmp_path):
             assert "kept" in layer and "max-error" in layer["kept"]
     assert {4, 8} <= seen
     # a bound below every int8 error keeps every weight float
-    tight = quantize.quantize_graph(src, tmp_path / "c.onnx", quantize.make_spec("int8", mixed=True, max_error=1e-9),
-                                    activations=acts)
+    tight = quantize.quantize_graph(
+        src, tmp_path / "c.onnx", quantize.make_spec("int8", mixed=True, max_error=1e-9), activations=acts
+    )
     assert set(tight["plan"].values()) == {None} and tight["quantized_bytes"] == 0
 
 
 def test_export_mixed_records_the_plan_and_shares_it_with_the_kv_graph(qwen, tmp_path):
     out = tmp_path / "mixed"
-    manifest = export_model(qwen["hf"], "last", out, precision="int4", max_seq=32,
-                            quantization=quantize.make_spec("int4", algorithm="hqq", mixed=True, max_error=0.05))
+    manifest = export_model(
+        qwen["hf"],
+        "last",
+        out,
+        precision="int4",
+        max_seq=32,
+        quantization=quantize.make_spec("int4", algorithm="hqq", mixed=True, max_error=0.05),
+    )
     from prism_deploy.format.model_folder import read_model_json
 
     q = read_model_json(out, "last")["quantization"]  # the schema holds the plan and its errors
@@ -146,13 +161,21 @@ def test_export_mixed_records_the_plan_and_shares_it_with_the_kv_graph(qwen, tmp
     with_past = q["graphs"]["graph_with_past"]["layers"]
     assert all("error" in layer for layer in with_past if "quantized" in layer)
     # hqq at 4 bits, round to nearest where the plan says 8
-    assert {(layer["bits"], layer["algorithm"]) for layer in with_past if "quantized" in layer} <= {(4, "hqq"), (8, "rtn")}
+    assert {(layer["bits"], layer["algorithm"]) for layer in with_past if "quantized" in layer} <= {
+        (4, "hqq"),
+        (8, "rtn"),
+    }
 
 
 def test_options_refused_as_one_line():
-    for kwargs, words in [({"algorithm": "gptq"}, "4-bit"), ({"algorithm": "hqq"}, "8-bit"), ({"algorithm": "hqq", "form": "dq"}, "dq form"),
-                          ({"max_error": 0.1}, "--mixed"), ({"algorithm": "nope"}, "--algorithm"),
-                          ({"mixed": True, "max_error": 2.0}, "(0, 1)")]:
+    for kwargs, words in [
+        ({"algorithm": "gptq"}, "4-bit"),
+        ({"algorithm": "hqq"}, "8-bit"),
+        ({"algorithm": "hqq", "form": "dq"}, "dq form"),
+        ({"max_error": 0.1}, "--mixed"),
+        ({"algorithm": "nope"}, "--algorithm"),
+        ({"mixed": True, "max_error": 2.0}, "(0, 1)"),
+    ]:
         with pytest.raises(PrismInputError, match=words.replace("(", r"\(").replace(")", r"\)")):
             quantize.make_spec("int8", **kwargs)
 

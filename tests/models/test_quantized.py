@@ -17,8 +17,8 @@ import pytest
 
 from prism_deploy.cli.main import main
 from prism_deploy.core.errors import PrismInputError
-from prism_deploy.models import quantize
 from prism_deploy.format.model_folder import read_model_json as read_manifest
+from prism_deploy.models import quantize
 from prism_deploy.models.lm_export import export_model
 from prism_deploy.reference import random_adapter, simple_config
 from tests.model_helpers import make_model
@@ -78,14 +78,17 @@ def _rel(a, b):
 # -- the lowering, reference first ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("graph,precision,options", [
-    (("qwen2", "last", "last_with_past.onnx"), "int8", {"accuracy_level": 0}),
-    (("qwen2", "last", "last.onnx"), "int4", {"accuracy_level": 0, "symmetric": False, "block_size": 16}),
-    (("llama", "first", "first.onnx"), "int4", {"accuracy_level": 0, "embedding": True}),
-    (("gpt2", "last", "last.onnx"), "int8", {"form": "dq"}),
-    (("qwen2", "last", "last_with_past.onnx"), "int4", {"form": "dq"}),
-    (("gpt2", "last", "last_with_past.onnx"), "int4", {"accuracy_level": 0}),
-])
+@pytest.mark.parametrize(
+    "graph,precision,options",
+    [
+        (("qwen2", "last", "last_with_past.onnx"), "int8", {"accuracy_level": 0}),
+        (("qwen2", "last", "last.onnx"), "int4", {"accuracy_level": 0, "symmetric": False, "block_size": 16}),
+        (("llama", "first", "first.onnx"), "int4", {"accuracy_level": 0, "embedding": True}),
+        (("gpt2", "last", "last.onnx"), "int8", {"form": "dq"}),
+        (("qwen2", "last", "last_with_past.onnx"), "int4", {"form": "dq"}),
+        (("gpt2", "last", "last_with_past.onnx"), "int4", {"accuracy_level": 0}),
+    ],
+)
 def test_quantized_graph_equals_its_dequantized_reference(zoo, tmp_path, graph, precision, options):
     """ONNX Runtime on the quantized graph = the float graph of the weights it stores (read back
     by this project's own unpacking), to float rounding; and each stored weight is the original
@@ -150,8 +153,13 @@ def test_forms_opsets_and_records(zoo, tmp_path):
     initializers (dq int4, int4 embedding tables) take opset 21 / IR 10. Every MatMul weight
     (the LM head included) is quantized; embedding tables are recorded as kept."""
     src = zoo["llama", "first", "fp32"] / "first.onnx"
-    expect = {("int8", "nbits", False): (19, 9), ("int4", "nbits", False): (19, 9), ("int8", "dq", False): (19, 9),
-              ("int4", "dq", False): (21, 10), ("int4", "nbits", True): (21, 10)}
+    expect = {
+        ("int8", "nbits", False): (19, 9),
+        ("int4", "nbits", False): (19, 9),
+        ("int8", "dq", False): (19, 9),
+        ("int4", "dq", False): (21, 10),
+        ("int4", "nbits", True): (21, 10),
+    }
     for (precision, form, embedding), (opset, ir) in expect.items():
         spec = quantize.make_spec(precision, form=form, embedding=embedding)
         rec = quantize.quantize_graph(src, tmp_path / "q.onnx", spec)
@@ -164,11 +172,14 @@ def test_forms_opsets_and_records(zoo, tmp_path):
         assert rec["domains"] == (["com.microsoft"] if form == "nbits" else [])
         # 14 projections in 2 layers, nothing left float but the embedding table (unless asked)
         assert sum("quantized" in layer for layer in rec["layers"]) == 14 + embedding
-        assert [layer["kept"][:15] for layer in rec["layers"] if "kept" in layer] == ([] if embedding else ["embedding table"])
+        assert [layer["kept"][:15] for layer in rec["layers"] if "kept" in layer] == (
+            [] if embedding else ["embedding table"]
+        )
         # int8: 1 byte + a float32 scale per 32 weights (or per column); int4: half a byte + a scale per 32
         assert rec["quantized_bytes"] < rec["quantized_bytes_float"] / (3.5 if precision == "int8" else 6)
-    lm_head = quantize.quantize_graph(zoo["qwen2", "last", "fp32"] / "last.onnx", tmp_path / "b.onnx",
-                                      quantize.make_spec("int4"))
+    lm_head = quantize.quantize_graph(
+        zoo["qwen2", "last", "fp32"] / "last.onnx", tmp_path / "b.onnx", quantize.make_spec("int4")
+    )
     assert any(layer["node"] == "/model/lm_head/MatMul" and "quantized" in layer for layer in lm_head["layers"])
 
 
@@ -199,7 +210,9 @@ def test_every_role_exports_validates_and_runs_in_the_chain(zoo, exports, precis
     for folder, outputs in ((a, ("hidden",)), (b, ("logits", "logits_with_past"))):
         manifest = read_manifest(folder)
         q = manifest["quantization"]
-        assert manifest["precision"] == precision and q["form"] == form and q["bits"] == {"int8": 8, "int4": 4}[precision]
+        assert (
+            manifest["precision"] == precision and q["form"] == form and q["bits"] == {"int8": 8, "int4": 4}[precision]
+        )
         assert q["block_size"] == (None if (precision, form) == ("int8", "dq") else 32)
         assert set(q["graphs"]) == ({"graph"} if folder == a else {"graph", "graph_with_past"})
         for key, graph in q["graphs"].items():
@@ -232,7 +245,9 @@ def test_gpt2_gemm_weights_are_quantized(zoo, tmp_path, role):
     graph = m["quantization"]["graphs"]["graph"]
     done = [layer["node"] for layer in graph["layers"] if "quantized" in layer]
     assert sum("/Gemm" in n for n in done) == 8  # 4 per layer
-    assert not any(n.op_type == "Gemm" for n in onnx.load(str(tmp_path / role / m["files"]["graph"]["name"])).graph.node)
+    assert not any(
+        n.op_type == "Gemm" for n in onnx.load(str(tmp_path / role / m["files"]["graph"]["name"])).graph.node
+    )
 
 
 def test_a_model_that_fails_validation_writes_nothing(zoo, tmp_path, monkeypatch, capsys):
@@ -252,27 +267,35 @@ def test_a_model_that_fails_validation_writes_nothing(zoo, tmp_path, monkeypatch
 
     monkeypatch.setattr(quantize, "quantize_graph", quantize_then_break)
     out = tmp_path / "bad"
-    code = main(["export-model", str(zoo["qwen2"]), "--role", "last", "-o", str(out), "--precision", "int8",
-                 "--max-seq", "16"])
+    code = main(
+        ["export-model", str(zoo["qwen2"]), "--role", "last", "-o", str(out), "--precision", "int8", "--max-seq", "16"]
+    )
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: check failed: last graph `logits` (int8) diverges") and err.count("\n") == 1
+    assert (
+        code == 1
+        and err.startswith("error: check failed: last graph `logits` (int8) diverges")
+        and err.count("\n") == 1
+    )
     assert not (out / "model.json").exists()
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--precision", "int4", "--block-size", "48"], "--block-size: 48 must be a power of two from 16 to 256"),
-    (["--precision", "int8", "--block-size", "8"], "--block-size: 8 must be a power of two from 16 to 256"),
-    (["--precision", "int4", "--block-size", "512"], "--block-size: 512 must be a power of two from 16 to 256"),
-    (["--precision", "int8", "--block-size", "65536"], "--block-size: 65536 must be a power of two from 16 to 256"),
-    (["--precision", "int4", "--form", "dq", "--asymmetric"], "--asymmetric: the dq form"),
-    (["--precision", "int8", "--form", "dq", "--block-size", "32"], "int8 in the dq form is per output channel"),
-    (["--precision", "int8", "--quantize-embedding"], "4 bits only"),
-    (["--precision", "int4", "--form", "dq", "--quantize-embedding"], "only the nbits form"),
-    (["--precision", "int4", "--form", "dq", "--accuracy-level", "4"], "--accuracy-level: a MatMulNBits attribute"),
-    (["--precision", "int4", "--accuracy-level", "7"], "--accuracy-level: 7 is not an integer in [0, 4]"),
-    (["--block-size", "32"], "--block-size: only with --precision int8 or int4"),
-    (["--precision", "int4", "--form", "qdq"], "invalid choice: 'qdq'"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--precision", "int4", "--block-size", "48"], "--block-size: 48 must be a power of two from 16 to 256"),
+        (["--precision", "int8", "--block-size", "8"], "--block-size: 8 must be a power of two from 16 to 256"),
+        (["--precision", "int4", "--block-size", "512"], "--block-size: 512 must be a power of two from 16 to 256"),
+        (["--precision", "int8", "--block-size", "65536"], "--block-size: 65536 must be a power of two from 16 to 256"),
+        (["--precision", "int4", "--form", "dq", "--asymmetric"], "--asymmetric: the dq form"),
+        (["--precision", "int8", "--form", "dq", "--block-size", "32"], "int8 in the dq form is per output channel"),
+        (["--precision", "int8", "--quantize-embedding"], "4 bits only"),
+        (["--precision", "int4", "--form", "dq", "--quantize-embedding"], "only the nbits form"),
+        (["--precision", "int4", "--form", "dq", "--accuracy-level", "4"], "--accuracy-level: a MatMulNBits attribute"),
+        (["--precision", "int4", "--accuracy-level", "7"], "--accuracy-level: 7 is not an integer in [0, 4]"),
+        (["--block-size", "32"], "--block-size: only with --precision int8 or int4"),
+        (["--precision", "int4", "--form", "qdq"], "invalid choice: 'qdq'"),
+    ],
+)
 def test_bad_quantization_options_exit_2_with_one_line(zoo, tmp_path, capsys, extra, needle):
     out = tmp_path / "never"
     try:
@@ -287,10 +310,30 @@ def test_bad_quantization_options_exit_2_with_one_line(zoo, tmp_path, capsys, ex
 
 def test_export_model_cli_prints_the_quantization(zoo, tmp_path, capsys):
     out = tmp_path / "A4"
-    assert main(["export-model", str(zoo["llama"]), "--role", "first", "-o", str(out), "--precision", "int4",
-                 "--block-size", "64", "--max-seq", "16"]) == 0
+    assert (
+        main(
+            [
+                "export-model",
+                str(zoo["llama"]),
+                "--role",
+                "first",
+                "-o",
+                str(out),
+                "--precision",
+                "int4",
+                "--block-size",
+                "64",
+                "--max-seq",
+                "16",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
-    assert "quantized: int4 nbits, block 64, symmetric, accuracy level 4; graph: 14 weights quantized, 1 kept float" in text
+    assert (
+        "quantized: int4 nbits, block 64, symmetric, accuracy level 4; graph: 14 weights quantized, 1 kept float"
+        in text
+    )
     manifest = json.loads((out / "model.json").read_text())
     assert manifest["quantization"]["block_size"] == 64 and manifest["quantization"]["graphs"]["graph"]["layers"]
 
@@ -341,8 +384,14 @@ def test_tensorrt_parses_and_builds_the_dq_form_only(zoo, tmp_path):
         assert len(dq) == 15 and all(layer.get_input(0).dtype == dtype for layer in dq)
         assert all(layer.get_output(0).dtype == trt.DataType.FLOAT for layer in dq)
         unused = (0, 0, 0)
-        assert len(build_serialized_engine(path, TrtBuildSettings(unused, unused, unused, input_shapes=shapes),
-                                           trt_module=trt)) > 100_000
+        assert (
+            len(
+                build_serialized_engine(
+                    path, TrtBuildSettings(unused, unused, unused, input_shapes=shapes), trt_module=trt
+                )
+            )
+            > 100_000
+        )
     nbits = tmp_path / "nbits.onnx"
     quantize.quantize_graph(folder / "last_with_past.onnx", nbits, quantize.make_spec("int4"))
     with pytest.raises(TensorRTError, match="MatMulNBits"):
@@ -353,11 +402,31 @@ def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys, monkeypatch):
     """`bench --model` (routed to bench-model): every folder and transformers eager timed on the
     same inputs; floors from the graphs' bytes; the issue's targets evaluated, not enforced."""
     # the peers (ONNX Runtime GenAI, llama.cpp) where installed: tests/models/test_ort_form.py
-    monkeypatch.setattr("prism_deploy.bench.peers.peer_reasons", lambda: {"onnxruntime-genai": "off", "llama.cpp": "off"})
+    monkeypatch.setattr(
+        "prism_deploy.bench.peers.peer_reasons", lambda: {"onnxruntime-genai": "off", "llama.cpp": "off"}
+    )
     folders = [zoo["qwen2", "last", "fp32"], exports["B", "int8", "nbits"], exports["B", "int4", "dq"]]
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", *map(str, folders), "--prompt", "4", "--new-tokens", "3", "--repeat", "1",
-                 "--warmup", "0", "--json-out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                *map(str, folders),
+                "--prompt",
+                "4",
+                "--new-tokens",
+                "3",
+                "--repeat",
+                "1",
+                "--warmup",
+                "0",
+                "--json-out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "transformers eager" in text and ("target int4" in text or "unstable: " in text)
     assert "the targets apply to" in text or "unstable: " in text
@@ -368,14 +437,20 @@ def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys, monkeypatch):
         assert c["prefill"]["samples"] == 1 and c["decode"]["samples"] == 3 and c["floor"]["decode_s"] > 0
     fp32, int8, int4 = (cases[f.name] for f in folders)
     # bytes per token: the graph's weights as stored, without the embedding table (not in model B's graph)
-    assert fp32["weight_bytes_per_token"] > 3.5 * int8["weight_bytes_per_token"] > 3.5 * 1.6 * int4["weight_bytes_per_token"]
+    assert (
+        fp32["weight_bytes_per_token"]
+        > 3.5 * int8["weight_bytes_per_token"]
+        > 3.5 * 1.6 * int4["weight_bytes_per_token"]
+    )
     # fp32 is its own base: 1.0, unless its own timing was unstable (3 samples on a busy machine)
     assert fp32["decode"].get("speedup_vs_fp32") == 1.0 or fp32["decode"].get("unstable_vs_fp32")
     assert results["machine"]["load_average_start"] is not None
     # each quantized folder is judged against its target, or says why not: a timing too unstable to compare
     judged = {t["precision"] for t in results["targets"]}
-    assert all(p in judged or (c["decode"].get("unstable_vs_fp32") and "speedup_vs_fp32" not in c["decode"])
-               for p, c in (("int8", int8), ("int4", int4)))
+    assert all(
+        p in judged or (c["decode"].get("unstable_vs_fp32") and "speedup_vs_fp32" not in c["decode"])
+        for p, c in (("int8", int8), ("int4", int4))
+    )
     # bad input, before any timing: mixed roles, a folder that is not an export
     assert main(["bench-model", str(zoo["qwen2", "last", "fp32"]), str(zoo["llama", "first", "fp32"])]) == 2
     assert "share one role" in capsys.readouterr().err
@@ -409,6 +484,8 @@ def test_model_json_says_the_opset_its_graphs_were_written_at():
     from prism_deploy.models.lm_export import _opset
 
     assert _opset({}) == {"opset": 19, "ir_version": 9}
-    assert _opset({"graph": {"opset": 21, "ir_version": 10}, "graph_with_past": {"opset": 21, "ir_version": 10}}) == \
-        {"opset": 21, "ir_version": 10}
+    assert _opset({"graph": {"opset": 21, "ir_version": 10}, "graph_with_past": {"opset": 21, "ir_version": 10}}) == {
+        "opset": 21,
+        "ir_version": 10,
+    }
     assert _opset({"graph": {"opset": 19, "ir_version": 9}}) == {"opset": 19, "ir_version": 9}

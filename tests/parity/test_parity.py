@@ -9,17 +9,22 @@ import pytest
 import torch
 
 from prism_deploy.cli.main import main
+from prism_deploy.core.targets import cuda_provider_available
 from prism_deploy.format import AdapterConfig, PipeSpec
 from prism_deploy.lower import export_onnx
-from prism_deploy.core.targets import cuda_provider_available
 from prism_deploy.parity import check_parity, default_tolerances
 from prism_deploy.reference import random_adapter
 from prism_deploy.runtime.adapter_session import AdapterGraph
 
-CFG = AdapterConfig(40, 24, (
-    PipeSpec("dense", (2, 2), (12, 20), None),
-    PipeSpec("routed", (4, 4), (6, 10), 3, 2.0),
-), "weighted")
+CFG = AdapterConfig(
+    40,
+    24,
+    (
+        PipeSpec("dense", (2, 2), (12, 20), None),
+        PipeSpec("routed", (4, 4), (6, 10), 3, 2.0),
+    ),
+    "weighted",
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,7 @@ def test_int8_worker_errors_are_the_quantization_errors(files):
     stored = AdapterGraph(d / "int8.onnx").stored_tiles()[w["pipe"]][w["worker"]]
     x = np.random.default_rng(0).standard_normal((1, 8, 40)).astype(np.float32).reshape(8, 40)
     tc = pipe.spec.tile_cols
-    xp = np.pad(x, ((0, 0), (0, pipe.spec.padded_in - 40)))[:, w["c"] * tc:(w["c"] + 1) * tc]
+    xp = np.pad(x, ((0, 0), (0, pipe.spec.padded_in - 40)))[:, w["c"] * tc : (w["c"] + 1) * tc]
     direct = np.linalg.norm(xp.astype(np.float64) @ (stored - pipe.tiles[w["worker"]].numpy()).T.astype(np.float64))
     assert direct == pytest.approx(w["error"], rel=1e-6)
 
@@ -102,13 +107,44 @@ def test_ambiguous_tokens_counted_apart(files):
 
 def test_cli_exit_codes(files, capsys):
     d, _ = files
-    assert main(["parity", str(d / "a.safetensors"), "--onnx", str(d / "int8.onnx"), "--provider", "cpu",
-                 "--samples", "1", "--seq", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "parity",
+                str(d / "a.safetensors"),
+                "--onnx",
+                str(d / "int8.onnx"),
+                "--provider",
+                "cpu",
+                "--samples",
+                "1",
+                "--seq",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["passed"] and out["precision"] == "int8" and out["provider"] == "cpu"
     # the wrong adapter: said before any number is compared -> exit 1
-    assert main(["parity", str(d / "other.safetensors"), "--onnx", str(d / "fp32.onnx"), "--provider", "cpu",
-                 "--samples", "1", "--seq", "4"]) == 1
+    assert (
+        main(
+            [
+                "parity",
+                str(d / "other.safetensors"),
+                "--onnx",
+                str(d / "fp32.onnx"),
+                "--provider",
+                "cpu",
+                "--samples",
+                "1",
+                "--seq",
+                "4",
+            ]
+        )
+        == 1
+    )
     assert "lowered from another adapter" in capsys.readouterr().err
     # the right adapter, a graph whose weights changed after export: the check runs and fails -> exit 1
     import onnx
@@ -118,8 +154,23 @@ def test_cli_exit_codes(files, capsys):
     biggest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
     biggest.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(biggest) * 1.5, biggest.name))
     onnx.save(model, str(d / "tampered.onnx"))
-    assert main(["parity", str(d / "a.safetensors"), "--onnx", str(d / "tampered.onnx"), "--provider", "cpu",
-                 "--samples", "1", "--seq", "4"]) == 1
+    assert (
+        main(
+            [
+                "parity",
+                str(d / "a.safetensors"),
+                "--onnx",
+                str(d / "tampered.onnx"),
+                "--provider",
+                "cpu",
+                "--samples",
+                "1",
+                "--seq",
+                "4",
+            ]
+        )
+        == 1
+    )
     assert "FAILED" in capsys.readouterr().out
     # bad input -> exit 2 with one error line
     assert main(["parity", str(d / "a.safetensors"), "--onnx", str(d / "missing.onnx")]) == 2
@@ -134,12 +185,43 @@ def test_cli_export_and_int8_qdq_without_calib(files, capsys, tmp_path):
     assert not (tmp_path / "q.onnx").exists()
     calib = tmp_path / "calib.npy"
     np.save(calib, np.random.default_rng(0).standard_normal((64, 40)).astype(np.float32))
-    assert main(["export", str(d / "a.safetensors"), "-o", str(tmp_path / "q.onnx"), "--precision", "int8-qdq",
-                 "--calib", str(calib), "--calibrator", "percentile", "--json"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(d / "a.safetensors"),
+                "-o",
+                str(tmp_path / "q.onnx"),
+                "--precision",
+                "int8-qdq",
+                "--calib",
+                str(calib),
+                "--calibrator",
+                "percentile",
+                "--json",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["precision"] == "int8-qdq" and res["metadata"]["pipes"][1]["node_prefix"] == "routed/"
-    assert main(["parity", str(d / "a.safetensors"), "--onnx", str(tmp_path / "q.onnx"), "--provider", "auto",
-                 "--samples", "1", "--seq", "4"]) == 0
+    assert (
+        main(
+            [
+                "parity",
+                str(d / "a.safetensors"),
+                "--onnx",
+                str(tmp_path / "q.onnx"),
+                "--provider",
+                "auto",
+                "--samples",
+                "1",
+                "--seq",
+                "4",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.gpu
@@ -167,8 +249,21 @@ def test_cli_export_bad_calib(files, tmp_path, capsys):
     d, _ = files
     np.save(tmp_path / "bad.npy", np.zeros((5, 3), np.float32))
     for calib in ("bad.npy", "missing.npy"):
-        assert main(["export", str(d / "a.safetensors"), "-o", str(tmp_path / "q.onnx"), "--precision",
-                     "int8-qdq", "--calib", str(tmp_path / calib)]) == 2
+        assert (
+            main(
+                [
+                    "export",
+                    str(d / "a.safetensors"),
+                    "-o",
+                    str(tmp_path / "q.onnx"),
+                    "--precision",
+                    "int8-qdq",
+                    "--calib",
+                    str(tmp_path / calib),
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and calib in err[0]
     assert not (tmp_path / "q.onnx").exists()

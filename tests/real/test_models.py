@@ -8,9 +8,9 @@ import zipfile
 
 import pytest
 
-from tests.conftest import real_model_dir
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.models import real
+from tests.conftest import real_model_dir
 
 # one worker for the real set: the models are converted and exported once
 pytestmark = [pytest.mark.real, pytest.mark.xdist_group("real-models")]
@@ -19,8 +19,12 @@ pytestmark = [pytest.mark.real, pytest.mark.xdist_group("real-models")]
 def test_smollm2_folder_is_the_real_model_and_answers():
     folder = real_model_dir(real.SMOLLM2)
     config = json.loads((folder / "config.json").read_text())
-    assert (config["model_type"], config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == \
-        ("llama", 576, 30, 49152)
+    assert (config["model_type"], config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (
+        "llama",
+        576,
+        30,
+        49152,
+    )
     assert config["tie_word_embeddings"] is True
     assert "quantization_config" not in config  # a plain float folder, not a GGUF-quantized one
     import torch
@@ -31,7 +35,7 @@ def test_smollm2_folder_is_the_real_model_and_answers():
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=2, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
 
 
 def test_minilm_folder_is_the_real_encoder():

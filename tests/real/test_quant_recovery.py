@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import real_model_dir
 from prism_deploy.models import real
+from tests.conftest import real_model_dir
 
 pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.xdist_group("real-models")]
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,9 +22,25 @@ def test_int4_first_adapter_fp32_last_recovers_over_identity_and_reports_the_ref
     smol = real_model_dir(real.SMOLLM2)
     out = tmp_path / "recovery.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quant_recovery.py"), "--model", str(smol),
-                           "--work", str(tmp_path / "work"), "--texts", "40", "--windows", "2", "-o", str(out)],
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "quant_recovery.py"),
+            "--model",
+            str(smol),
+            "--work",
+            str(tmp_path / "work"),
+            "--texts",
+            "40",
+            "--windows",
+            "2",
+            "-o",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads(out.read_text())
     # the export's own validation refuses plain int4 on this model (measured: agreement 0.695)

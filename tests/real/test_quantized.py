@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import real_model_dir
 from prism_deploy.models import quantize, real
 from prism_deploy.models.lm_export import export_model
+from tests.conftest import real_model_dir
 
 pytestmark = pytest.mark.real
 
@@ -29,7 +29,7 @@ def smol(tmp_path_factory):
     import pydoc_data.topics as topics
 
     keys = sorted(topics.topics)
-    text = "\n\n".join(topics.topics[k] for k in keys[len(keys) // 2:])
+    text = "\n\n".join(topics.topics[k] for k in keys[len(keys) // 2 :])
     ids = np.asarray(load_tokenizer(folder)(text)["input_ids"][:256], dtype=np.int64)
     table = np.load(out / "embed_tokens.npy")
     return {"hf": folder, "fp32": out, "ids": ids, "table": table, "ref": _logits(out / "last.onnx", table, ids)}
@@ -70,8 +70,9 @@ def test_int4_mixed_plan_beats_plain_int4_on_real_text(smol, tmp_path):
     feeds, _ = _calibration_feeds(smol["hf"], hf.load_causal_lm(smol["hf"]), "last", None)
     acts = quantize.layer_inputs(src, feeds)
     plain = quantize.quantize_graph(src, tmp_path / "plain.onnx", quantize.make_spec("int4"))
-    mixed = quantize.quantize_graph(src, tmp_path / "mixed.onnx", quantize.make_spec("int4", mixed=True),
-                                    activations=acts)
+    mixed = quantize.quantize_graph(
+        src, tmp_path / "mixed.onnx", quantize.make_spec("int4", mixed=True), activations=acts
+    )
     bits = list(mixed["plan"].values())
     assert bits.count(4) > len(bits) // 2 and 8 in bits  # mostly int4; the sensitive layers at int8
     top1_plain, ratio_plain = _measure(smol, tmp_path / "plain.onnx")

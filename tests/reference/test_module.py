@@ -33,7 +33,7 @@ def naive_forward(adapter, x: torch.Tensor) -> torch.Tensor:
             yp = torch.zeros(R * tr, dtype=torch.float64)
             for w in range(R * C):
                 r, c = divmod(w, C)
-                yp[r * tr:(r + 1) * tr] += g[w] * (tiles[w] @ xp[c * tc:(c + 1) * tc])
+                yp[r * tr : (r + 1) * tr] += g[w] * (tiles[w] @ xp[c * tc : (c + 1) * tc])
             out[n] += beta * yp[: cfg.out_dim]
     return out.reshape(*x.shape[:-1], cfg.out_dim)
 
@@ -102,7 +102,7 @@ def test_batch_invariance(rng):
     x = torch.randn(9, 16, generator=rng)
     whole = adapter(x)
     for i in (0, 4, 8):
-        torch.testing.assert_close(adapter(x[i:i + 1])[0], whole[i], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(adapter(x[i : i + 1])[0], whole[i], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -37,8 +37,12 @@ def parts(zoo, tmp_path_factory):
     adapters between every pair of widths used."""
     root = tmp_path_factory.mktemp("chain")
     p = {"hf": zoo}
-    for name, kind, role in (("gpt2_first", "gpt2", "first"), ("llama_middle", "llama", "middle"),
-                             ("qwen2_middle", "qwen2", "middle"), ("gpt2_last", "gpt2", "last")):
+    for name, kind, role in (
+        ("gpt2_first", "gpt2", "first"),
+        ("llama_middle", "llama", "middle"),
+        ("qwen2_middle", "qwen2", "middle"),
+        ("gpt2_last", "gpt2", "last"),
+    ):
         p[name] = root / name
         export_model(zoo[kind], role, p[name], max_seq=64)
     p["qwen2_last"] = zoo["B"]
@@ -57,11 +61,13 @@ def write_chain(path: Path, stages: list[dict], **top) -> Path:
 
 def three_model_stages(parts) -> list[dict]:
     hfz = parts["hf"]
-    return [{"model": str(parts["gpt2_first"]), "hf": str(hfz["gpt2"]), "name": "gpt2"},
-            {"adapter": str(parts["gpt2-llama"]), "name": "a1"},
-            {"model": str(parts["llama_middle"]), "hf": str(hfz["llama"]), "name": "llama"},
-            {"adapter": str(parts["llama-qwen2"]), "name": "a2"},
-            {"model": str(parts["qwen2_last"]), "hf": str(hfz["qwen2"]), "name": "qwen2"}]
+    return [
+        {"model": str(parts["gpt2_first"]), "hf": str(hfz["gpt2"]), "name": "gpt2"},
+        {"adapter": str(parts["gpt2-llama"]), "name": "a1"},
+        {"model": str(parts["llama_middle"]), "hf": str(hfz["llama"]), "name": "llama"},
+        {"adapter": str(parts["llama-qwen2"]), "name": "a2"},
+        {"model": str(parts["qwen2_last"]), "hf": str(hfz["qwen2"]), "name": "qwen2"},
+    ]
 
 
 def ids_and_mask(vocab: int, batch: int = 2, seq: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -94,9 +100,11 @@ def transformers_greedy(parts, hf_kinds: list[str], adapters: list[Path], ids, m
 
 
 def test_roles_are_named_by_what_goes_in_and_out(parts):
-    for name, role, inputs, output in (("gpt2_first", "first", "input_ids", "hidden"),
-                                       ("llama_middle", "middle", "inputs_embeds", "hidden"),
-                                       ("qwen2_last", "last", "inputs_embeds", "logits")):
+    for name, role, inputs, output in (
+        ("gpt2_first", "first", "input_ids", "hidden"),
+        ("llama_middle", "middle", "inputs_embeds", "hidden"),
+        ("qwen2_last", "last", "inputs_embeds", "logits"),
+    ):
         manifest = json.loads((parts[name] / "model.json").read_text())
         assert manifest["role"] == role
         model = onnx.load(str(parts[name] / manifest["files"]["graph"]["name"]), load_external_data=False)
@@ -107,8 +115,22 @@ def test_roles_are_named_by_what_goes_in_and_out(parts):
 
 def test_old_role_names_still_work_and_say_the_new_one(zoo, tmp_path, capsys):
     capsys.readouterr()
-    assert main(["export-model", str(zoo["gpt2"]), "--role", "upper", "-o", str(tmp_path / "g"), "--max-seq", "16",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "export-model",
+                str(zoo["gpt2"]),
+                "--role",
+                "upper",
+                "-o",
+                str(tmp_path / "g"),
+                "--max-seq",
+                "16",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert json.loads(out)["role"] == "first"
     assert err.strip().splitlines() == ["note: --role upper is now called --role first"]
@@ -126,8 +148,25 @@ def test_three_model_chain_matches_transformers_and_the_reference(parts, tmp_pat
     chain_file = write_chain(tmp_path / "chain.json", three_model_stages(parts))
     if built:
         capsys.readouterr()
-        assert main(["build", "--chain", str(chain_file), "-o", str(tmp_path / "out"), "--target", "ort-cpu",
-                     "--batch", "1:2:4", "--seq", "1:8:16", "--json"]) == 0
+        assert (
+            main(
+                [
+                    "build",
+                    "--chain",
+                    str(chain_file),
+                    "-o",
+                    str(tmp_path / "out"),
+                    "--target",
+                    "ort-cpu",
+                    "--batch",
+                    "1:2:4",
+                    "--seq",
+                    "1:8:16",
+                    "--json",
+                ]
+            )
+            == 0
+        )
         report = json.loads(capsys.readouterr().out)
         assert len(report["stages"]) == 5 and report["chain_file"] == str(tmp_path / "out" / "chain.json")
         chain_file = tmp_path / "out" / "chain.json"
@@ -135,32 +174,49 @@ def test_three_model_chain_matches_transformers_and_the_reference(parts, tmp_pat
     assert [m.role for m in chain.models] == ["first", "middle", "last"]
     assert all(m.folder.built == built for m in chain.models)
     ids, mask = ids_and_mask(chain.first.vocab)
-    ref = ReferenceChain([parts["hf"][k] for k in ("gpt2", "llama", "qwen2")],
-                         [parts["gpt2-llama"], parts["llama-qwen2"]])
+    ref = ReferenceChain(
+        [parts["hf"][k] for k in ("gpt2", "llama", "qwen2")], [parts["gpt2-llama"], parts["llama-qwen2"]]
+    )
     report = check_chain_parity(chain, ref, ids, mask, new_tokens=4)
     assert report["passed"], report["failures"]
     assert report["logits"]["rel_l2"] <= 1e-4 and report["logits"]["top1"] >= 0.99
     assert [h["passed"] for h in report["stages"]] == [True] * 5
-    want = transformers_greedy(parts, ["gpt2", "llama", "qwen2"], [parts["gpt2-llama"], parts["llama-qwen2"]],
-                               ids, mask, 4)
+    want = transformers_greedy(
+        parts, ["gpt2", "llama", "qwen2"], [parts["gpt2-llama"], parts["llama-qwen2"]], ids, mask, 4
+    )
     np.testing.assert_array_equal(chain.generate(ids, mask, max_new_tokens=4), want)
     assert set(chain.timings) >= {"gpt2", "a1", "llama", "a2", "qwen2_prefill", "qwen2_decode", "steps"}
 
 
 def test_four_model_chain(parts):
     hfz = parts["hf"]
-    stages = [parts["gpt2_first"], parts["gpt2-llama"], parts["llama_middle"], parts["llama-qwen2"],
-              parts["qwen2_middle"], parts["qwen2-gpt2"], parts["gpt2_last"]]
+    stages = [
+        parts["gpt2_first"],
+        parts["gpt2-llama"],
+        parts["llama_middle"],
+        parts["llama-qwen2"],
+        parts["qwen2_middle"],
+        parts["qwen2-gpt2"],
+        parts["gpt2_last"],
+    ]
     chain = Chain(stages)
     assert [m.role for m in chain.models] == ["first", "middle", "middle", "last"]
     ids, mask = ids_and_mask(chain.first.vocab, seed=3)
-    ref = ReferenceChain([hfz["gpt2"], hfz["llama"], hfz["qwen2"], hfz["gpt2"]],
-                         [parts["gpt2-llama"], parts["llama-qwen2"], parts["qwen2-gpt2"]])
+    ref = ReferenceChain(
+        [hfz["gpt2"], hfz["llama"], hfz["qwen2"], hfz["gpt2"]],
+        [parts["gpt2-llama"], parts["llama-qwen2"], parts["qwen2-gpt2"]],
+    )
     report = check_chain_parity(chain, ref, ids, mask, new_tokens=3)
     assert report["passed"], report["failures"]
     assert report["logits"]["rel_l2"] <= 1e-4
-    want = transformers_greedy(parts, ["gpt2", "llama", "qwen2", "gpt2"],
-                               [parts["gpt2-llama"], parts["llama-qwen2"], parts["qwen2-gpt2"]], ids, mask, 3)
+    want = transformers_greedy(
+        parts,
+        ["gpt2", "llama", "qwen2", "gpt2"],
+        [parts["gpt2-llama"], parts["llama-qwen2"], parts["qwen2-gpt2"]],
+        ids,
+        mask,
+        3,
+    )
     np.testing.assert_array_equal(chain.generate(ids, mask, max_new_tokens=3), want)
 
 
@@ -169,7 +225,9 @@ def test_two_model_chain_is_the_pipeline(zoo):
     chain = Chain([zoo["A"], zoo["adapter"], zoo["B"]])
     pipe = Pipeline(zoo["A"], zoo["adapter"], zoo["B"])
     np.testing.assert_array_equal(chain(ids, mask), pipe(ids, mask))
-    np.testing.assert_array_equal(chain.generate(ids, mask, max_new_tokens=5), pipe.generate(ids, mask, max_new_tokens=5))
+    np.testing.assert_array_equal(
+        chain.generate(ids, mask, max_new_tokens=5), pipe.generate(ids, mask, max_new_tokens=5)
+    )
     assert set(pipe.timings) >= {"model_a", "adapter", "model_b_prefill", "model_b_decode"}
 
 
@@ -188,8 +246,9 @@ def test_bisect_names_the_adapter_its_pipe_and_worker(parts, tmp_path, as_engine
     stages[3] = {"adapter": str(bad), "reference": str(parts["llama-qwen2"]), "name": "a2"}
     if as_engines:  # a black box: the blame comes from probing, not from stored tiles
         capsys.readouterr()
-        assert main(["build", str(bad), "-o", str(tmp_path / "eng"), "--target", "ort-cpu", "--no-parity",
-                     "--json"]) == 0
+        assert (
+            main(["build", str(bad), "-o", str(tmp_path / "eng"), "--target", "ort-cpu", "--no-parity", "--json"]) == 0
+        )
         stages[3]["adapter"] = str(tmp_path / "eng")
     chain_file = write_chain(tmp_path / "chain.json", stages)
     capsys.readouterr()
@@ -219,10 +278,16 @@ def test_bisect_names_a_broken_middle_model(parts, tmp_path, capsys):
     chain = Chain.from_file(write_chain(tmp_path / "chain.json", stages))
     ids, mask = ids_and_mask(chain.first.vocab)
     hfz = parts["hf"]
-    report = check_chain_parity(chain, ReferenceChain([hfz["gpt2"], hfz["llama"], hfz["qwen2"]],
-                                                      [parts["gpt2-llama"], parts["llama-qwen2"]]), ids, mask)
+    report = check_chain_parity(
+        chain,
+        ReferenceChain([hfz["gpt2"], hfz["llama"], hfz["qwen2"]], [parts["gpt2-llama"], parts["llama-qwen2"]]),
+        ids,
+        mask,
+    )
     assert not report["passed"]
-    assert report["bisect"]["found"] == 3 and report["bisect"]["kind"] == "model" and report["bisect"]["graph"] == "graph"
+    assert (
+        report["bisect"]["found"] == 3 and report["bisect"]["kind"] == "model" and report["bisect"]["graph"] == "graph"
+    )
     assert [h["passed"] for h in report["stages"]][:2] == [True, True] and not report["stages"][2]["passed"]
 
 
@@ -242,9 +307,14 @@ def test_bisect_names_the_decoding_graph_of_the_last_model(parts, tmp_path):
     chain = Chain.from_file(write_chain(tmp_path / "chain.json", stages))
     ids, mask = ids_and_mask(chain.first.vocab)
     hfz = parts["hf"]
-    report = check_chain_parity(chain, ReferenceChain([hfz["gpt2"], hfz["llama"], hfz["qwen2"]],
-                                                      [parts["gpt2-llama"], parts["llama-qwen2"]]), ids, mask,
-                                new_tokens=3, bisect=True)
+    report = check_chain_parity(
+        chain,
+        ReferenceChain([hfz["gpt2"], hfz["llama"], hfz["qwen2"]], [parts["gpt2-llama"], parts["llama-qwen2"]]),
+        ids,
+        mask,
+        new_tokens=3,
+        bisect=True,
+    )
     # the last model runs its plain calls on the KV-cache graph too (one set of weights,
     # docs/model-forms.md): the prefill and the decoding figures both fail, and the file named is that graph
     graphs = report["stages"][4]["graphs"]
@@ -309,8 +379,8 @@ def test_chain_toml_runs_from_its_own_folder(parts, tmp_path, capsys):
         shutil.copy(parts[key], tmp_path / f"{key}.safetensors")
     (tmp_path / "chain.toml").write_text(f'''name = "three"
 [tokenizers]
-first = "{hfz['gpt2']}"
-last = "{hfz['qwen2']}"
+first = "{hfz["gpt2"]}"
+last = "{hfz["qwen2"]}"
 
 [[stages]]
 model = "gpt2_first"
@@ -324,8 +394,21 @@ adapter = "llama-qwen2.safetensors"
 model = "qwen2_last"
 ''')
     capsys.readouterr()
-    assert main(["run", "--chain", str(tmp_path / "chain.toml"), "--text", "the quick brown fox",
-                 "--max-new-tokens", "3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--chain",
+                str(tmp_path / "chain.toml"),
+                "--text",
+                "the quick brown fox",
+                "--max-new-tokens",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert len(result["generated_ids"][0]) == 3 and len(result["generated_text"]) == 1
     assert [s["kind"] for s in result["stages"]] == ["model", "adapter", "model", "adapter", "model"]
@@ -337,48 +420,154 @@ def test_whole_cli_path_export_collect_fit_build_run_parity(zoo, tmp_path, capsy
 
     rnd = random.Random(0)
     words = " ".join(SENTENCES).split()
-    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 12)))
-                                                   for _ in range(40)) + "\n")
+    (tmp_path / "corpus.txt").write_text(
+        "\n".join(" ".join(rnd.choice(words) for _ in range(rnd.randint(4, 12))) for _ in range(40)) + "\n"
+    )
     for kind, role in (("gpt2", "first"), ("llama", "middle"), ("qwen2", "last")):
-        assert main(["export-model", str(zoo[kind]), "--role", role, "-o", str(tmp_path / kind), "--max-seq", "32",
-                     "--json"]) == 0
-    stages: list[dict] = [{"model": "gpt2", "hf": str(zoo["gpt2"])}, {"adapter": "a1.safetensors"},
-                          {"model": "llama", "hf": str(zoo["llama"])}, {"adapter": "a2.safetensors"},
-                          {"model": "qwen2", "hf": str(zoo["qwen2"])}]
-    chain = write_chain(tmp_path / "chain.json", stages, tokenizers={"first": str(zoo["gpt2"]), "last": str(zoo["qwen2"])})
+        assert (
+            main(
+                [
+                    "export-model",
+                    str(zoo[kind]),
+                    "--role",
+                    role,
+                    "-o",
+                    str(tmp_path / kind),
+                    "--max-seq",
+                    "32",
+                    "--json",
+                ]
+            )
+            == 0
+        )
+    stages: list[dict] = [
+        {"model": "gpt2", "hf": str(zoo["gpt2"])},
+        {"adapter": "a1.safetensors"},
+        {"model": "llama", "hf": str(zoo["llama"])},
+        {"adapter": "a2.safetensors"},
+        {"model": "qwen2", "hf": str(zoo["qwen2"])},
+    ]
+    chain = write_chain(
+        tmp_path / "chain.json", stages, tokenizers={"first": str(zoo["gpt2"]), "last": str(zoo["qwen2"])}
+    )
     for hop, out in ((1, "a1"), (2, "a2")):
         pairs = tmp_path / f"pairs{hop}.safetensors"
-        assert main(["collect", "--chain", str(chain), "--hop", str(hop), "--text", str(tmp_path / "corpus.txt"),
-                     "-o", str(pairs), "--pool", "tokens", "--batch", "16", "--json"]) == 0
-        assert main(["fit", "--x", f"{pairs}:X", "--z", f"{pairs}:Z", "-o", str(tmp_path / f"{out}.safetensors"),
-                     "--grid", "4", "2", "--top-k", "3", "--rounds", "1", "--gate-steps", "30", "--ridge", "1e-3",
-                     "--json"]) == 0
+        assert (
+            main(
+                [
+                    "collect",
+                    "--chain",
+                    str(chain),
+                    "--hop",
+                    str(hop),
+                    "--text",
+                    str(tmp_path / "corpus.txt"),
+                    "-o",
+                    str(pairs),
+                    "--pool",
+                    "tokens",
+                    "--batch",
+                    "16",
+                    "--json",
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "fit",
+                    "--x",
+                    f"{pairs}:X",
+                    "--z",
+                    f"{pairs}:Z",
+                    "-o",
+                    str(tmp_path / f"{out}.safetensors"),
+                    "--grid",
+                    "4",
+                    "2",
+                    "--top-k",
+                    "3",
+                    "--rounds",
+                    "1",
+                    "--gate-steps",
+                    "30",
+                    "--ridge",
+                    "1e-3",
+                    "--json",
+                ]
+            )
+            == 0
+        )
     capsys.readouterr()
-    assert main(["build", "--chain", str(chain), "-o", str(tmp_path / "built"), "--target", "ort-cpu",
-                 "--batch", "1:2:4", "--seq", "1:8:16", "--json"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "--chain",
+                str(chain),
+                "-o",
+                str(tmp_path / "built"),
+                "--target",
+                "ort-cpu",
+                "--batch",
+                "1:2:4",
+                "--seq",
+                "1:8:16",
+                "--json",
+            ]
+        )
+        == 0
+    )
     first = json.loads(capsys.readouterr().out)
-    assert main(["build", "--chain", str(chain), "-o", str(tmp_path / "built"), "--target", "ort-cpu",
-                 "--batch", "1:2:4", "--seq", "1:8:16", "--json"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "--chain",
+                str(chain),
+                "-o",
+                str(tmp_path / "built"),
+                "--target",
+                "ort-cpu",
+                "--batch",
+                "1:2:4",
+                "--seq",
+                "1:8:16",
+                "--json",
+            ]
+        )
+        == 0
+    )
     again = json.loads(capsys.readouterr().out)
     assert all(e["action"] == "built" for s in first["stages"] for e in s["engines"])
     assert all(e["action"] == "reused" for s in again["stages"] for e in s["engines"])  # a rebuild reuses every stage
-    assert main(["run", "--chain", str(tmp_path / "built"), "--text", "the lazy dog", "--max-new-tokens", "4",
-                 "--json"]) == 0
+    assert (
+        main(["run", "--chain", str(tmp_path / "built"), "--text", "the lazy dog", "--max-new-tokens", "4", "--json"])
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)["generated_ids"][0]) == 4
-    assert main(["parity", "--chain", str(tmp_path / "built"), "--text", "Tiles of weights are routed",
-                 "--new-tokens", "3"]) == 0
+    assert (
+        main(
+            ["parity", "--chain", str(tmp_path / "built"), "--text", "Tiles of weights are routed", "--new-tokens", "3"]
+        )
+        == 0
+    )
     assert "parity: passed" in capsys.readouterr().out
 
 
 def test_chain_refuses_bad_inputs(parts):
-    chain = Chain([parts["gpt2_first"], parts["gpt2-llama"], parts["llama_middle"], parts["llama-qwen2"],
-                   parts["qwen2_last"]])
+    chain = Chain(
+        [parts["gpt2_first"], parts["gpt2-llama"], parts["llama_middle"], parts["llama-qwen2"], parts["qwen2_last"]]
+    )
     with pytest.raises(PrismInputError, match="vocabulary"):
         chain([[0, 10**6]])
     with pytest.raises(PrismInputError, match="max_new_tokens"):
         chain.generate([[1, 2]], max_new_tokens=0)
     with pytest.raises(PrismInputError, match="stage 3 \\(model model_2\\).*role 'first', 'middle' is needed"):
-        Chain([parts["gpt2_first"], parts["gpt2-llama"], parts["gpt2_first"], parts["llama-qwen2"], parts["qwen2_last"]])
+        Chain(
+            [parts["gpt2_first"], parts["gpt2-llama"], parts["gpt2_first"], parts["llama-qwen2"], parts["qwen2_last"]]
+        )
 
 
 def test_ids_the_chain_refuses_are_charged_to_the_users_file(parts, tmp_path, capsys):
@@ -401,13 +590,27 @@ def test_a_two_model_width_refusal_names_the_adapter_file(zoo, tmp_path, capsys)
     """run --model-a/--adapter/--model-b named the adapter `stage 2 (adapter adapter)`."""
     narrow = tmp_path / "narrow.safetensors"
     random_adapter(simple_config(64, 48, (4, 2)), seed=1).save(narrow)
-    with pytest.raises(PrismInputError, match=f"^{narrow} \\(adapter\\): out_dim 48 does not match the embedding "
-                                              "width 96"):
+    with pytest.raises(
+        PrismInputError, match=f"^{narrow} \\(adapter\\): out_dim 48 does not match the embedding width 96"
+    ):
         Pipeline(zoo["A"], narrow, zoo["B"])
-    code = main(["run", "--model-a", str(zoo["A"]), "--adapter", str(narrow), "--model-b", str(zoo["B"]),
-                 "--ids", str(write_ids(tmp_path))])
+    code = main(
+        [
+            "run",
+            "--model-a",
+            str(zoo["A"]),
+            "--adapter",
+            str(narrow),
+            "--model-b",
+            str(zoo["B"]),
+            "--ids",
+            str(write_ids(tmp_path)),
+        ]
+    )
     assert code == 2 and capsys.readouterr().err.startswith(f"error: {narrow} (adapter): out_dim 48")
-    with pytest.raises(PrismInputError, match="^stage 2 \\(adapter adapter\\): .*missing"):  # a load error names it once
+    with pytest.raises(
+        PrismInputError, match="^stage 2 \\(adapter adapter\\): .*missing"
+    ):  # a load error names it once
         Pipeline(zoo["A"], tmp_path / "missing.safetensors", zoo["B"])
 
 
@@ -416,13 +619,26 @@ def test_an_ambiguous_adapter_build_names_the_keyword_of_the_api_in_use(zoo, tmp
     from prism_deploy.builder import BuildRequest, build_engines
 
     build = tmp_path / "a"
-    build_engines(BuildRequest(adapter=zoo["adapter"], out_dir=build, target="ort-cpu",
-                               precisions=("fp32", "fp16")), log=lambda _m: None).raise_for_failures()
+    build_engines(
+        BuildRequest(adapter=zoo["adapter"], out_dir=build, target="ort-cpu", precisions=("fp32", "fp16")),
+        log=lambda _m: None,
+    ).raise_for_failures()
     with pytest.raises(PrismInputError, match=r"pick one with adapter_precision= \(one of fp16, fp32\)"):
         Pipeline(zoo["A"], build, zoo["B"])
     assert Pipeline(zoo["A"], build, zoo["B"], adapter_precision="fp16").adapter.precision == "fp16"
-    code = main(["run", "--model-a", str(zoo["A"]), "--adapter", str(build), "--model-b", str(zoo["B"]),
-                 "--ids", str(write_ids(tmp_path))])
+    code = main(
+        [
+            "run",
+            "--model-a",
+            str(zoo["A"]),
+            "--adapter",
+            str(build),
+            "--model-b",
+            str(zoo["B"]),
+            "--ids",
+            str(write_ids(tmp_path)),
+        ]
+    )
     assert code == 2 and "pick one with --adapter-precision" in capsys.readouterr().err
 
 
@@ -451,14 +667,21 @@ def test_build_chain_writes_only_into_a_folder_it_owns(parts, tmp_path, capsys):
     (notes / "chain.json").unlink()
     (notes / "mine.txt").write_text("mine")
     assert main(["build", "--chain", str(chain_file), "-o", str(notes), "--target", "ort-cpu"]) == 2
-    assert "did not write (mine.txt)" in capsys.readouterr().err and sorted(p.name for p in notes.iterdir()) == ["mine.txt"]
+    assert "did not write (mine.txt)" in capsys.readouterr().err and sorted(p.name for p in notes.iterdir()) == [
+        "mine.txt"
+    ]
 
 
 def wrong_reference_cases(parts) -> list[tuple[int, str, str]]:
     """(stage index, key in the chain file, the wrong reference) for every kind of stage."""
     hfz = parts["hf"]
-    return [(0, "hf", str(hfz["llama"])), (2, "hf", str(hfz["gpt2"])), (4, "hf", str(hfz["gpt2"])),
-            (1, "reference", str(parts["llama-qwen2"])), (3, "reference", str(parts["gpt2-llama"]))]
+    return [
+        (0, "hf", str(hfz["llama"])),
+        (2, "hf", str(hfz["gpt2"])),
+        (4, "hf", str(hfz["gpt2"])),
+        (1, "reference", str(parts["llama-qwen2"])),
+        (3, "reference", str(parts["gpt2-llama"])),
+    ]
 
 
 @pytest.mark.parametrize("bisect", [False, True])
@@ -468,8 +691,9 @@ def test_parity_with_another_models_reference_is_one_line(parts, tmp_path, capsy
         stages[index][key] = wrong
         chain_file = write_chain(tmp_path / f"chain{index}.json", stages)
         capsys.readouterr()
-        code = main(["parity", "--chain", str(chain_file), "--seq", "6", "--new-tokens", "2",
-                     *(["--bisect"] if bisect else [])])
+        code = main(
+            ["parity", "--chain", str(chain_file), "--seq", "6", "--new-tokens", "2", *(["--bisect"] if bisect else [])]
+        )
         out, err = capsys.readouterr()
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (index, err)
         assert f"stage {index + 1} (" in err and wrong in err and "not this stage's source" in err, err
@@ -486,8 +710,7 @@ def unbuildable_chain_cases(parts, tmp_path) -> list[tuple[str, list[dict], str]
 
     return [
         ("width in", changed(1, adapter=str(parts["llama-qwen2"])), "stage 2 (adapter a1): in_dim 64 does not match"),
-        ("width out", changed(3, adapter=str(parts["gpt2-llama"])),
-         "stage 4 (adapter a2): in_dim 48 does not match"),
+        ("width out", changed(3, adapter=str(parts["gpt2-llama"])), "stage 4 (adapter a2): in_dim 48 does not match"),
         ("role first", changed(0, model=str(parts["llama_middle"])), "stage 1 (model gpt2)"),
         ("role middle", changed(2, model=str(parts["qwen2_last"])), "'last', 'middle' is needed"),
         ("role last", changed(4, model=str(parts["qwen2_middle"])), "'middle', 'last' is needed"),
@@ -527,8 +750,10 @@ def test_a_failed_chain_build_leaves_nothing(parts, tmp_path, capsys, monkeypatc
     assert not out.exists()  # stages 1 and 2 were built, then removed with the folder this run made
     out.mkdir()
     (out / "kept.txt").write_text("mine")
-    assert main(["build", "--chain", str(chain_file), "-o", str(out), "--target", "ort-cpu", "--no-parity",
-                 "--force"]) == 2
+    assert (
+        main(["build", "--chain", str(chain_file), "-o", str(out), "--target", "ort-cpu", "--no-parity", "--force"])
+        == 2
+    )
     assert sorted(p.name for p in out.iterdir()) == ["kept.txt"]  # the user's file stays, the stages go
 
 

@@ -45,8 +45,23 @@ def built(tmp_path_factory) -> dict[str, Path]:
     b = root / "b.safetensors"
     random_adapter(simple_config(24, 20, (2, 2), top_k=2, pipes=2, combine="weighted"), seed=1).save(a)
     random_adapter(simple_config(24, 20, (4, 1)), seed=2).save(b)
-    assert main(["build", str(a), "-o", str(root / "eng"), "--target", "ort-cpu", "--precision", "fp32",
-                 "--per-pipe", *FAST]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(a),
+                "-o",
+                str(root / "eng"),
+                "--target",
+                "ort-cpu",
+                "--precision",
+                "fp32",
+                "--per-pipe",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     return {"a": a, "b": b, "eng": root / "eng"}
 
 
@@ -67,12 +82,26 @@ def one_error_line(err: str) -> str:
 
 def build_into(capsys, adapter: Path, folder: Path, *extra: str) -> tuple[int, str]:
     capsys.readouterr()
-    code = main(["build", str(adapter), "-o", str(folder), "--target", "ort-cpu", "--precision", "fp32",
-                 "--per-pipe", *FAST, *extra])
+    code = main(
+        [
+            "build",
+            str(adapter),
+            "-o",
+            str(folder),
+            "--target",
+            "ort-cpu",
+            "--precision",
+            "fp32",
+            "--per-pipe",
+            *FAST,
+            *extra,
+        ]
+    )
     return code, capsys.readouterr().err
 
 
 # ---- 1. ownership -------------------------------------------------------------------------------
+
 
 def test_a_users_file_in_the_folder_is_refused_and_kept(built, tmp_path, capsys):
     eng = copy_build(built, tmp_path / "eng")
@@ -84,8 +113,9 @@ def test_a_users_file_in_the_folder_is_refused_and_kept(built, tmp_path, capsys)
     assert code == 0 and (eng / "my.ort.onnx").read_bytes() == b"mine"
 
 
-@pytest.mark.parametrize("manifest", ["{not json", '{"schema": "prism-deploy.engines", "schema_version": 99, '
-                                                   '"adapter": {}, "engines": []}'])
+@pytest.mark.parametrize(
+    "manifest", ["{not json", '{"schema": "prism-deploy.engines", "schema_version": 99, "adapter": {}, "engines": []}']
+)
 def test_an_unreadable_or_newer_manifest_is_refused_and_nothing_deleted(manifest, built, tmp_path, capsys):
     eng = copy_build(built, tmp_path / "eng")
     (eng / "manifest.json").write_text(manifest)
@@ -114,9 +144,16 @@ def test_concurrent_builds_of_different_adapters_lose_nothing(built, tmp_path):
     final manifest lists is there and intact."""
     eng = tmp_path / "eng"
     argv = ["--target", "ort-cpu", "--precision", "fp32", *FAST, "-o", str(eng)]
-    procs = [subprocess.Popen([sys.executable, "-m", "prism_deploy", "build", str(built[k]), *argv],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-             for k in ("a", "b", "a", "b")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "prism_deploy", "build", str(built[k]), *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for k in ("a", "b", "a", "b")
+    ]
     results = [(p.wait(timeout=300), p.stderr.read() if p.stderr else "") for p in procs]
     codes = [c for c, _ in results]
     assert set(codes) <= {0, 2} and codes.count(0) >= 1 and codes.count(2) >= 1, results
@@ -134,6 +171,7 @@ def test_a_failed_build_leaves_no_folder_behind(built, tmp_path, capsys):
 
 
 # ---- 3. nothing outside its folder ----------------------------------------------------------------
+
 
 def _first_part(manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest["engines"][0]["parts"][0]
@@ -169,8 +207,9 @@ def test_manifest_paths_stay_inside_the_folder(where, built, tmp_path, capsys):
 
         assert hashlib.sha256((tmp_path / "passwd").read_bytes()).hexdigest()[:12] not in message
     capsys.readouterr()
-    assert main(["build", str(built["a"]), "-o", str(eng), "--target", "ort-cpu", "--precision", "fp32",
-                 "--per-pipe", *FAST]) in (0, 2)
+    assert main(
+        ["build", str(built["a"]), "-o", str(eng), "--target", "ort-cpu", "--precision", "fp32", "--per-pipe", *FAST]
+    ) in (0, 2)
     assert (outside / name).is_file()  # nothing outside was touched: not read, not hashed, not deleted
     if where == "passwd":
         assert (tmp_path / "passwd").read_text() == "root:x:0:0::/root:/bin/sh\n"
@@ -222,8 +261,9 @@ def check_folder(eng: Path, adapter: Path, capsys) -> None:
         assert y.shape == (1, 3, 20) and np.isfinite(y).all()
     before = files(eng)
     capsys.readouterr()
-    code = main(["build", str(adapter), "-o", str(eng), "--target", "ort-cpu", "--precision", "fp32",
-                 "--per-pipe", *FAST])
+    code = main(
+        ["build", str(adapter), "-o", str(eng), "--target", "ort-cpu", "--precision", "fp32", "--per-pipe", *FAST]
+    )
     err = capsys.readouterr().err
     assert code in (0, 2), err
     if code == 2:
@@ -245,11 +285,19 @@ def test_each_wrong_manifest_field_is_one_clean_error(case, built, tmp_path, cap
 
 
 JSON_VALUES = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(1 << 70), max_value=1 << 70),
-              st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-              st.sampled_from(["../x.ort.onnx", "/nonexistent/prism-deploy-victim", "", ".", "fp32", "ort-cpu", "trt", "per-pipe"])),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(1 << 70), max_value=1 << 70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=12),
+        st.sampled_from(
+            ["../x.ort.onnx", "/nonexistent/prism-deploy-victim", "", ".", "fp32", "ort-cpu", "trt", "per-pipe"]
+        ),
+    ),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-    max_leaves=6)
+    max_leaves=6,
+)
 
 
 def _paths(obj: Any, prefix: str = "") -> list[str]:
@@ -262,7 +310,11 @@ def _paths(obj: Any, prefix: str = "") -> list[str]:
     return out
 
 
-@settings(max_examples=int(os.environ.get("PRISM_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("PRISM_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_mutated_manifests_load_cleanly_or_fail_cleanly(built, tmp_path_factory, capsys, data):
     eng = copy_build(built, tmp_path_factory.mktemp("fuzz") / "eng")
@@ -317,8 +369,23 @@ def test_an_interrupted_commit_leaves_the_folder_as_it_was(built, tmp_path, caps
         raise KeyboardInterrupt
 
     monkeypatch.setattr(loop, "write_manifest", interrupted)
-    assert main(["build", str(built["a"]), "-o", str(eng), "--target", "ort-cpu", "--precision", "fp16",
-                 "--per-pipe", *FAST]) == 130  # "error: interrupted"
+    assert (
+        main(
+            [
+                "build",
+                str(built["a"]),
+                "-o",
+                str(eng),
+                "--target",
+                "ort-cpu",
+                "--precision",
+                "fp16",
+                "--per-pipe",
+                *FAST,
+            ]
+        )
+        == 130
+    )  # "error: interrupted"
     assert files(eng) == before
     monkeypatch.undo()
     code, _ = build_into(capsys, built["a"], eng)

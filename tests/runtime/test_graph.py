@@ -36,8 +36,14 @@ def parts(zoo, tmp_path_factory):
     for name, kind, role in (("B", "gpt2", "middle"), ("C", "qwen2", "middle"), ("G", "gpt2", "last")):
         p[name] = root / name
         export_model(zoo[kind], role, p[name], max_seq=32)
-    for name, d_in, d_out, seed in (("a-b", 64, 48, 21), ("a-c", 64, 96, 22), ("fuse", 48 + 96, 96, 23),
-                                    ("a-d1", 64, 96, 24), ("a-d2", 64, 96, 25), ("a-g", 64, 48, 26)):
+    for name, d_in, d_out, seed in (
+        ("a-b", 64, 48, 21),
+        ("a-c", 64, 96, 22),
+        ("fuse", 48 + 96, 96, 23),
+        ("a-d1", 64, 96, 24),
+        ("a-d2", 64, 96, 25),
+        ("a-g", 64, 48, 26),
+    ):
         p[name] = root / f"{name}.safetensors"
         random_adapter(simple_config(d_in, d_out, (4, 2), top_k=3), seed=seed).save(p[name])
     return p
@@ -45,23 +51,27 @@ def parts(zoo, tmp_path_factory):
 
 def diamond(p) -> list[dict]:
     hfz = p["hf"]
-    return [{"model": str(p["A"]), "hf": str(hfz["llama"]), "name": "A"},
-            {"adapter": str(p["a-b"]), "name": "a-b"},
-            {"model": str(p["B"]), "hf": str(hfz["gpt2"]), "name": "B"},
-            {"adapter": str(p["a-c"]), "name": "a-c", "inputs": ["A"]},
-            {"model": str(p["C"]), "hf": str(hfz["qwen2"]), "name": "C"},
-            {"adapter": str(p["fuse"]), "name": "fuse", "inputs": ["B", "C"]},
-            {"model": str(p["D"]), "hf": str(hfz["qwen2"]), "name": "D"}]
+    return [
+        {"model": str(p["A"]), "hf": str(hfz["llama"]), "name": "A"},
+        {"adapter": str(p["a-b"]), "name": "a-b"},
+        {"model": str(p["B"]), "hf": str(hfz["gpt2"]), "name": "B"},
+        {"adapter": str(p["a-c"]), "name": "a-c", "inputs": ["A"]},
+        {"model": str(p["C"]), "hf": str(hfz["qwen2"]), "name": "C"},
+        {"adapter": str(p["fuse"]), "name": "fuse", "inputs": ["B", "C"]},
+        {"model": str(p["D"]), "hf": str(hfz["qwen2"]), "name": "D"},
+    ]
 
 
 def logit_fusion(p) -> list[dict]:
     hfz = p["hf"]
-    return [{"model": str(p["A"]), "hf": str(hfz["llama"]), "name": "A"},
-            {"adapter": str(p["a-d1"]), "name": "a-d1"},
-            {"model": str(p["D"]), "hf": str(hfz["qwen2"]), "name": "D1"},
-            {"adapter": str(p["a-d2"]), "name": "a-d2", "inputs": ["A"]},
-            {"model": str(p["D"]), "hf": str(hfz["qwen2"]), "name": "D2"},
-            {"fusion": "logits", "inputs": ["D1", "D2"], "weights": [0.7, 0.3], "name": "mix"}]
+    return [
+        {"model": str(p["A"]), "hf": str(hfz["llama"]), "name": "A"},
+        {"adapter": str(p["a-d1"]), "name": "a-d1"},
+        {"model": str(p["D"]), "hf": str(hfz["qwen2"]), "name": "D1"},
+        {"adapter": str(p["a-d2"]), "name": "a-d2", "inputs": ["A"]},
+        {"model": str(p["D"]), "hf": str(hfz["qwen2"]), "name": "D2"},
+        {"fusion": "logits", "inputs": ["D1", "D2"], "weights": [0.7, 0.3], "name": "mix"},
+    ]
 
 
 def write(path: Path, stages: list[dict], **top) -> Path:
@@ -173,8 +183,11 @@ def test_bisect_names_the_edge_pipe_and_worker(parts, tmp_path, capsys, index, e
 
 def test_chain_files_run_as_graphs_unchanged(parts, tmp_path, capsys):
     hfz = parts["hf"]
-    stages = [{"model": str(parts["A"]), "hf": str(hfz["llama"])}, {"adapter": str(parts["a-d1"])},
-              {"model": str(parts["D"]), "hf": str(hfz["qwen2"])}]
+    stages = [
+        {"model": str(parts["A"]), "hf": str(hfz["llama"])},
+        {"adapter": str(parts["a-d1"])},
+        {"model": str(parts["D"]), "hf": str(hfz["qwen2"])},
+    ]
     path = write(tmp_path / "chain.json", stages)
     ids, mask = ids_and_mask()
     spec = read_graph_file(path)
@@ -212,12 +225,18 @@ def bad_graphs(p) -> list[tuple[str, list[dict], str]]:
     adapter_to_adapter[3]["inputs"] = ["a-b"]
     return [
         ("role", role, "stage 7 (model D): exported as role 'middle'; its place in the graph needs a 'last' model"),
-        ("adapter to adapter", adapter_to_adapter, "stage 4 (adapter a-c): edge a-b -> a-c: an adapter takes models' "
-                                                   "hidden states"),
+        (
+            "adapter to adapter",
+            adapter_to_adapter,
+            "stage 4 (adapter a-c): edge a-b -> a-c: an adapter takes models' hidden states",
+        ),
         ("cycle", cycle, "a cycle through the edges"),
         ("two sources", two_sources, "stage 1 (model A) and stage 4 (adapter a-c) both take no input"),
-        ("width", width, "stage 6 (adapter fuse): edge B + C -> fuse: in_dim 64 does not match the hidden widths "
-                         "48 + 96 = 144"),
+        (
+            "width",
+            width,
+            "stage 6 (adapter fuse): edge B + C -> fuse: in_dim 64 does not match the hidden widths 48 + 96 = 144",
+        ),
         ("unreachable", unreachable, "stage 7 (adapter dangling): unreachable from the output"),
         ("tokenizers", tokenizers, "stage 6 (fusion mix): edge D1 + G -> mix: G's tokenizer"),
     ]
@@ -248,17 +267,33 @@ def test_collect_and_fit_per_edge_including_the_fusion(parts, tmp_path, capsys):
     """collect --graph --edge: a plain edge pairs as collect --hop does; the fusion edge's X is
     B's and C's hidden states side by side (48 + 96), aligned by characters; fit makes an
     adapter of in_dim 144 that the diamond runs with, matching its reference."""
-    from tests.model_helpers import SENTENCES
-
     from prism_deploy.models.collect import collect_pairs
+    from tests.model_helpers import SENTENCES
 
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(SENTENCES))
     graph = write(tmp_path / "graph.json", diamond(parts))
     for edge in ("a-b", "fuse"):
         capsys.readouterr()
-        assert main(["collect", "--graph", str(graph), "--edge", edge, "--text", str(texts), "-o",
-                     str(tmp_path / f"{edge}.safetensors"), "--pool", "tokens", "--json"]) == 0
+        assert (
+            main(
+                [
+                    "collect",
+                    "--graph",
+                    str(graph),
+                    "--edge",
+                    edge,
+                    "--text",
+                    str(texts),
+                    "-o",
+                    str(tmp_path / f"{edge}.safetensors"),
+                    "--pool",
+                    "tokens",
+                    "--json",
+                ]
+            )
+            == 0
+        )
         info = json.loads(capsys.readouterr().out)
         assert (info["d_a"], info["d_b"]) == {"a-b": (64, 48), "fuse": (144, 96)}[edge]
     from safetensors.numpy import load_file
@@ -272,8 +307,26 @@ def test_collect_and_fit_per_edge_including_the_fusion(parts, tmp_path, capsys):
     assert fused["X"].shape[1] == 144 and fused["X"].shape[0] == xb.shape[0]  # one row per B token
     assert np.allclose(fused["X"][:, :48], xb)  # B's side is B's own collect
     fitted = tmp_path / "fuse-fit.safetensors"
-    assert main(["fit", "--x", f"{tmp_path / 'fuse.safetensors'}:X", "--z", f"{tmp_path / 'fuse.safetensors'}:Z",
-                 "-o", str(fitted), "--grid", "2", "2", "--ridge", "1e-3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--x",
+                f"{tmp_path / 'fuse.safetensors'}:X",
+                "--z",
+                f"{tmp_path / 'fuse.safetensors'}:Z",
+                "-o",
+                str(fitted),
+                "--grid",
+                "2",
+                "2",
+                "--ridge",
+                "1e-3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert load_adapter(fitted).config.in_dim == 144
     stages = diamond(parts)
     stages[5]["adapter"] = str(fitted)
@@ -307,11 +360,18 @@ def test_build_graph_builds_each_source_once_and_runs_as_the_graph(opened, parts
     assert main(["run", "--graph", str(out), "--ids", str(ids_file), "--max-new-tokens", "3", "--json"]) == 0
     want = json.loads(capsys.readouterr().out)["generated_ids"]
     block = "import sys\nfor _name in ('torch', 'transformers'):\n    sys.modules[_name] = None\n"
-    code = (block + "from prism_deploy.cli.main import main\n"
-            f"sys.exit(main(['run', '--graph', {str(out)!r}, '--ids', {str(ids_file)!r}, '--max-new-tokens', '3', "
-            "'--json']))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    code = (
+        block + "from prism_deploy.cli.main import main\n"
+        f"sys.exit(main(['run', '--graph', {str(out)!r}, '--ids', {str(ids_file)!r}, '--max-new-tokens', '3', "
+        "'--json']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["generated_ids"] == want
     # a second build reuses every stage
@@ -330,8 +390,25 @@ def test_collect_per_edge_defaults_to_the_real_text_corpus(parts, tmp_path, caps
 
     graph = write(tmp_path / "graph.json", diamond(parts))
     capsys.readouterr()
-    assert main(["collect", "--graph", str(graph), "--edge", "a-c", "-o", str(tmp_path / "a-c.safetensors"),
-                 "--pool", "last", "--max-seq", "16", "--json"]) == 0
+    assert (
+        main(
+            [
+                "collect",
+                "--graph",
+                str(graph),
+                "--edge",
+                "a-c",
+                "-o",
+                str(tmp_path / "a-c.safetensors"),
+                "--pool",
+                "last",
+                "--max-seq",
+                "16",
+                "--json",
+            ]
+        )
+        == 0
+    )
     info = json.loads(capsys.readouterr().out)
     assert info["texts"] == len(corpus.default().calibration) and (info["d_a"], info["d_b"]) == (64, 96)
 
@@ -353,20 +430,39 @@ def test_a_graph_file_given_as_a_chain_suggests_what_the_command_takes(tmp_path,
     each command that reads a chain file says --graph only where it has it."""
     from prism_deploy.serving.repository import REPO_FORMAT, REPO_VERSION, write_manifest
 
-    graph = write(tmp_path / "g.json", [{"model": "A", "name": "A"}, {"adapter": "a.safetensors"},
-                                        {"model": "B", "name": "B"}, {"adapter": "c.safetensors", "inputs": ["A"]},
-                                        {"model": "C"}])
+    graph = write(
+        tmp_path / "g.json",
+        [
+            {"model": "A", "name": "A"},
+            {"adapter": "a.safetensors"},
+            {"model": "B", "name": "B"},
+            {"adapter": "c.safetensors", "inputs": ["A"]},
+            {"model": "C"},
+        ],
+    )
     what = f"error: {graph}: stages.3 (stage 4) names its inputs or is a fusion: a graph file, not a chain file; "
     repo = tmp_path / "repo"
     repo.mkdir()
     write_manifest(repo, {"format": REPO_FORMAT, "version": REPO_VERSION, "models": {"ad": {"kind": "adapter"}}})
     (tmp_path / "pairs.safetensors").write_bytes(b"")
-    commands = {"run": ["run", "--chain", str(graph), "--text", "hi"],
-                "build": ["build", "--chain", str(graph), "-o", str(tmp_path / "out")],
-                "collect": ["collect", "--chain", str(graph), "--hop", "1", "-o", str(tmp_path / "pairs.safetensors")],
-                "parity": ["parity", "--chain", str(graph)],
-                "adapt": ["adapt", str(repo), "--from", str(tmp_path), "--original", str(tmp_path / "pairs.safetensors"),
-                          "--chain", str(graph), "--hop", "1"]}
+    commands = {
+        "run": ["run", "--chain", str(graph), "--text", "hi"],
+        "build": ["build", "--chain", str(graph), "-o", str(tmp_path / "out")],
+        "collect": ["collect", "--chain", str(graph), "--hop", "1", "-o", str(tmp_path / "pairs.safetensors")],
+        "parity": ["parity", "--chain", str(graph)],
+        "adapt": [
+            "adapt",
+            str(repo),
+            "--from",
+            str(tmp_path),
+            "--original",
+            str(tmp_path / "pairs.safetensors"),
+            "--chain",
+            str(graph),
+            "--hop",
+            "1",
+        ],
+    }
     for name, argv in commands.items():
         assert main(argv) == 2, name
         err = capsys.readouterr().err

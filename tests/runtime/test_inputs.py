@@ -27,8 +27,25 @@ def engines(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     adapter = random_adapter(simple_config(16, 12, (2, 2), top_k=2), seed=4)
     adapter.save(root / "a.safetensors")
-    assert main(["build", str(root / "a.safetensors"), "-o", str(root / "e"), "--target", "ort-cpu",
-                 "--precision", "fp32", "--batch", "1:2:4", "--seq", "1:4:8"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(root / "a.safetensors"),
+                "-o",
+                str(root / "e"),
+                "--target",
+                "ort-cpu",
+                "--precision",
+                "fp32",
+                "--batch",
+                "1:2:4",
+                "--seq",
+                "1:4:8",
+            ]
+        )
+        == 0
+    )
     return load_engines(root / "e"), adapter
 
 
@@ -45,14 +62,17 @@ def test_array_likes_run_and_agree(engines):
     assert runner.run(x[0]).shape == (3, 12)  # [tokens, in_dim]
 
 
-@pytest.mark.parametrize("bad, words", [
-    (np.zeros((1, 2, 15), np.float32), "must be"),
-    (np.zeros((1, 1, 2, 16), np.float32), "must be"),
-    (np.array([[object()] * 16]), "not a number type"),
-    ("sixteen floats", "not a number type"),
-    ([[1.0] * 16, [1.0] * 15], "hidden"),
-    (None, "hidden"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (np.zeros((1, 2, 15), np.float32), "must be"),
+        (np.zeros((1, 1, 2, 16), np.float32), "must be"),
+        (np.array([[object()] * 16]), "not a number type"),
+        ("sixteen floats", "not a number type"),
+        ([[1.0] * 16, [1.0] * 15], "hidden"),
+        (None, "hidden"),
+    ],
+)
 def test_anything_else_is_one_clean_error(engines, bad, words):
     runner, _ = engines
     with pytest.raises(PrismInputError, match=words) as info:
@@ -84,7 +104,9 @@ def test_an_expanded_tensor_is_refused_before_it_is_copied(tmp_path, capsys):
     src = tmp_path / "tiles.pt"
     torch.save(torch.zeros(1).expand(4096, 4096, 4096), src)  # 256 GiB dense, 4 bytes stored
     assert src.stat().st_size < 10_000
-    assert main(["convert", str(src), "--in-dim", "4096", "--out-dim", "4096", "-o", str(tmp_path / "a.safetensors")]) == 2
+    assert (
+        main(["convert", str(src), "--in-dim", "4096", "--out-dim", "4096", "-o", str(tmp_path / "a.safetensors")]) == 2
+    )
     assert "expanded tensor" in capsys.readouterr().err and not (tmp_path / "a.safetensors").exists()
 
 
@@ -95,18 +117,45 @@ def test_run_ids_files_are_checked(ids, zoo, tmp_path):
         np.save(path, np.array([[object()]], dtype=object), allow_pickle=True)
     else:
         path = tmp_path / "ids.json"
-        path.write_text({"deep": "[" * 100_000 + "]" * 100_000, "ragged": "[[1, 2], [3]]", "floats": "[[1.5, 2]]",
-                         "empty": "[]"}[ids])
-    out = subprocess.run([sys.executable, "-m", "prism_deploy", "run", "--model-a", str(zoo["A"]), "--adapter",
-                          str(zoo["adapter"]), "--model-b", str(zoo["B"]), "--ids", str(path)],
-                         capture_output=True, text=True, timeout=300, cwd=REPO)
+        path.write_text(
+            {"deep": "[" * 100_000 + "]" * 100_000, "ragged": "[[1, 2], [3]]", "floats": "[[1.5, 2]]", "empty": "[]"}[
+                ids
+            ]
+        )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prism_deploy",
+            "run",
+            "--model-a",
+            str(zoo["A"]),
+            "--adapter",
+            str(zoo["adapter"]),
+            "--model-b",
+            str(zoo["B"]),
+            "--ids",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert out.returncode == 2 and out.stdout == "", out.stderr
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}") and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("ids, words", [([[]], "batch >= 1 and seq >= 1"), (np.zeros((0, 4), np.int64), "batch >= 1"),
-                                        ([[1, 2], [3]], "same length"), ([[1.5, 2.0]], "integer")])
+@pytest.mark.parametrize(
+    "ids, words",
+    [
+        ([[]], "batch >= 1 and seq >= 1"),
+        (np.zeros((0, 4), np.int64), "batch >= 1"),
+        ([[1, 2], [3]], "same length"),
+        ([[1.5, 2.0]], "integer"),
+    ],
+)
 def test_the_chain_refuses_bad_ids_in_one_line(zoo, ids, words):
     from prism_deploy.runtime.chain import Pipeline
 

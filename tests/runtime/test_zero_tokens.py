@@ -24,8 +24,9 @@ SHAPES = [(0, 5), (2, 0), (0, 0), (1, 3)]  # [batch, seq]; the last one is the c
 
 
 def run_child(code: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-600:]}"
     return json.loads(proc.stdout.splitlines()[-1])
 
@@ -41,8 +42,9 @@ def test_every_graph_answers_zero_tokens_itself(precision, form, tmp_path):
         export_fused(adapter, path)
     else:
         calib = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
-        export_onnx(adapter, path, precision=precision, gated_form=form,
-                    calib=calib if precision == "int8-qdq" else None)
+        export_onnx(
+            adapter, path, precision=precision, gated_form=form, calib=calib if precision == "int8-qdq" else None
+        )
     out = run_child(f"""
         import json, numpy as np
         from prism_deploy.runtime.adapter_session import AdapterGraph
@@ -60,8 +62,10 @@ def test_every_graph_answers_zero_tokens_itself(precision, form, tmp_path):
 def test_built_engines_answer_zero_tokens(tmp_path):
     from prism_deploy.builder import BuildRequest, build_engines
 
-    build_engines(BuildRequest(adapter=EXAMPLE, out_dir=tmp_path / "e", target="ort-cpu",
-                               precisions=("fp32", "fp16", "int8")), log=lambda _m: None).raise_for_failures()
+    build_engines(
+        BuildRequest(adapter=EXAMPLE, out_dir=tmp_path / "e", target="ort-cpu", precisions=("fp32", "fp16", "int8")),
+        log=lambda _m: None,
+    ).raise_for_failures()
     out = run_child(f"""
         import json, numpy as np
         from prism_deploy.runtime import load_engines

@@ -41,11 +41,34 @@ def test_recorded_drift_adapted_live_under_load_and_rolled_back(zoo, serving_env
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop(record.RECORD_VARIABLE, None)
     # `serve --record` as a user runs it; adapt and rollback find it (and its secret) in REPO/.prism-serve.json
-    proc = subprocess.Popen([sys.executable, "-m", "prism_deploy", "serve", str(repo), "--http-port", ports[0],
-                             "--grpc-port", ports[1], "--metrics-port", ports[2], "--log", str(tmp_path / "server.log"),
-                             "--exit-timeout", "5", "--record", str(records), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prism_deploy",
+            "serve",
+            str(repo),
+            "--http-port",
+            ports[0],
+            "--grpc-port",
+            ports[1],
+            "--metrics-port",
+            ports[2],
+            "--log",
+            str(tmp_path / "server.log"),
+            "--exit-timeout",
+            "5",
+            "--record",
+            str(records),
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        start_new_session=True,
+    )
     url = f"127.0.0.1:{http}"
     try:
         wait_ready(url, proc)
@@ -56,8 +79,10 @@ def test_recorded_drift_adapted_live_under_load_and_rolled_back(zoo, serving_env
         sent = []
         for text in code:  # the drifted traffic, through the ensemble
             ids = tok([text], truncation=True, max_length=MAX_SEQ, return_tensors="np")["input_ids"].astype(np.int64)
-            client.infer("chain", [http_input("input_ids", ids, "INT64"),
-                                   http_input("attention_mask", np.ones_like(ids), "INT64")])
+            client.infer(
+                "chain",
+                [http_input("input_ids", ids, "INT64"), http_input("attention_mask", np.ones_like(ids), "INT64")],
+            )
             sent.append(ids[0].tolist())
         kept = record.read_records(records)
         assert [r["ids"][0] for r in kept] == sent and all(r["tokenizer"] == "llama" for r in kept)
@@ -82,10 +107,31 @@ def test_recorded_drift_adapted_live_under_load_and_rolled_back(zoo, serving_env
         for t in threads:
             t.start()
         try:
-            code_rc = main(["adapt", str(repo), "--model", "adapter", "--from", str(records), "--model-a",
-                            str(zoo["llama"]), "--model-b", str(zoo["qwen2"]), "--original", str(fitted["pairs"]),
-                            "--adapter", str(fitted["adapter"]), "--max-seq", str(MAX_SEQ), "--top", "2",
-                            "--margin", "0.2", "--json"])
+            code_rc = main(
+                [
+                    "adapt",
+                    str(repo),
+                    "--model",
+                    "adapter",
+                    "--from",
+                    str(records),
+                    "--model-a",
+                    str(zoo["llama"]),
+                    "--model-b",
+                    str(zoo["qwen2"]),
+                    "--original",
+                    str(fitted["pairs"]),
+                    "--adapter",
+                    str(fitted["adapter"]),
+                    "--max-seq",
+                    str(MAX_SEQ),
+                    "--top",
+                    "2",
+                    "--margin",
+                    "0.2",
+                    "--json",
+                ]
+            )
             time.sleep(0.3)
         finally:
             stop.set()

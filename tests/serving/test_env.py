@@ -30,7 +30,9 @@ def test_the_temporary_server_log_goes_when_the_server_stops_cleanly(tmp_path, m
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     for exit_code, kept in ((0, False), (3, True)):
         server = TritonServer(repo=tmp_path, env=None, http_port=1, grpc_port=2, metrics_port=3)  # type: ignore[arg-type]
-        monkeypatch.setattr(server, "command", lambda code=exit_code: [sys.executable, "-c", f"raise SystemExit({code})"])
+        monkeypatch.setattr(
+            server, "command", lambda code=exit_code: [sys.executable, "-c", f"raise SystemExit({code})"]
+        )
         monkeypatch.setattr(server, "environment", lambda: None)
         server.start()
         log = server.log_path

@@ -19,8 +19,8 @@ from prism_deploy.cli.main import main
 from prism_deploy.format.graph_file import read_graph_file
 from prism_deploy.reference import random_adapter, simple_config
 from prism_deploy.runtime.graph import Graph
-from tests.serving_helpers import http_input, rel_l2, running_server
 from tests.runtime.test_graph import diamond, ids_and_mask, parts, write  # noqa: F401 (parts: the fixture)
+from tests.serving_helpers import http_input, rel_l2, running_server
 
 httpclient = pytest.importorskip("tritonclient.http")
 
@@ -28,15 +28,30 @@ httpclient = pytest.importorskip("tritonclient.http")
 def both_fusions(p) -> list[dict]:
     stages = diamond(p)
     stages[-1] = {**stages[-1], "name": "D1"}
-    return stages + [{"adapter": str(p["a-d2"]), "name": "a-d2", "inputs": ["A"]},
-                     {"model": str(p["D"]), "hf": str(p["hf"]["qwen2"]), "name": "D2"},
-                     {"fusion": "logits", "inputs": ["D1", "D2"], "weights": [0.7, 0.3], "name": "mix"}]
+    return stages + [
+        {"adapter": str(p["a-d2"]), "name": "a-d2", "inputs": ["A"]},
+        {"model": str(p["D"]), "hf": str(p["hf"]["qwen2"]), "name": "D2"},
+        {"fusion": "logits", "inputs": ["D1", "D2"], "weights": [0.7, 0.3], "name": "mix"},
+    ]
 
 
 def test_served_graph_equals_the_in_process_graph_and_hot_swaps_one_adapter(parts, serving_env, tmp_path, capsys):  # noqa: F811
     built = tmp_path / "built"
-    assert main(["build", "--graph", str(write(tmp_path / "graph.json", both_fusions(parts))), "-o", str(built),
-                 "--target", "ort-cpu", "--json"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "--graph",
+                str(write(tmp_path / "graph.json", both_fusions(parts))),
+                "-o",
+                str(built),
+                "--target",
+                "ort-cpu",
+                "--json",
+            ]
+        )
+        == 0
+    )
     repo = tmp_path / "repo"
     capsys.readouterr()
     # the native form is refused in one line, before anything is written
@@ -45,8 +60,23 @@ def test_served_graph_equals_the_in_process_graph_and_hot_swaps_one_adapter(part
     assert len(err) == 1 and "python form only" in err[0] and not repo.exists()
     assert main(["triton", str(built), "-o", str(repo), "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
-    assert {"A", "a-b", "B", "a-c", "C", "fuse_concat", "fuse", "D1", "a-d2", "D2", "mix", "D1_decode", "D2_decode",
-            "graph", "generate"} == set(manifest["models"])
+    assert {
+        "A",
+        "a-b",
+        "B",
+        "a-c",
+        "C",
+        "fuse_concat",
+        "fuse",
+        "D1",
+        "a-d2",
+        "D2",
+        "mix",
+        "D1_decode",
+        "D2_decode",
+        "graph",
+        "generate",
+    } == set(manifest["models"])
     steps = (repo / "graph" / "config.pbtxt").read_text()
     assert steps.count("step {") == 11  # one per stage, and the fusion adapter's concatenation
 
@@ -67,11 +97,27 @@ def test_served_graph_equals_the_in_process_graph_and_hot_swaps_one_adapter(part
             got = client.infer("graph", feeds).as_numpy("logits")
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-            tokens = client.infer("generate", [*feeds, http_input("max_new_tokens", np.array([4], np.int32), "INT32")]
-                                  ).as_numpy("tokens")
+            tokens = client.infer(
+                "generate", [*feeds, http_input("max_new_tokens", np.array([4], np.int32), "INT32")]
+            ).as_numpy("tokens")
             np.testing.assert_array_equal(tokens, want_tokens)
-            assert main(["triton", "update", str(repo), "--adapter", str(new_adapter), "--model", "a-c",
-                         "--url", server.http_url, "--json"]) == 0
+            assert (
+                main(
+                    [
+                        "triton",
+                        "update",
+                        str(repo),
+                        "--adapter",
+                        str(new_adapter),
+                        "--model",
+                        "a-c",
+                        "--url",
+                        server.http_url,
+                        "--json",
+                    ]
+                )
+                == 0
+            )
             report = json.loads(capsys.readouterr().out)
             assert report["model"] == "a-c" and report["version"] == 2 and report["server"]["old_unloaded"]
             after = client.infer("graph", feeds).as_numpy("logits")

@@ -19,7 +19,14 @@ import numpy as np
 import pytest
 
 from prism_deploy.cli.main import main
-from prism_deploy.serving.server import GRPC_SECRET_HEADER, SECRET_HEADER, SERVE_STATE, ServerBinary, TritonServer, free_port
+from prism_deploy.serving.server import (
+    GRPC_SECRET_HEADER,
+    SECRET_HEADER,
+    SERVE_STATE,
+    ServerBinary,
+    TritonServer,
+    free_port,
+)
 from tests.serving_helpers import http_input, reference, rel_l2, serve_process, stop_process_group, wait_ready
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -51,7 +58,9 @@ def test_the_control_apis_are_restricted_on_both_protocols_and_never_open_beyond
     grpc = [a for a in cmd if a.startswith("--grpc-restricted-protocol=")]
     assert len(http) == 1 and len(grpc) == 1
     apis, header = http[0].split("=", 1)[1].split(":")
-    assert {"model-repository", "model-config", "shared-memory", "statistics", "trace", "logging"} <= set(apis.split(","))
+    assert {"model-repository", "model-config", "shared-memory", "statistics", "trace", "logging"} <= set(
+        apis.split(",")
+    )
     assert "inference" not in apis and header == f"{SECRET_HEADER}={server.secret}" and len(server.secret or "") >= 32
     assert grpc[0].split("=", 1)[1] == http[0].split("=", 1)[1]
     assert TritonServer(Path("repo"), None, 1, 2, 3, binary=binary).secret != server.secret  # one per server
@@ -65,7 +74,8 @@ def test_the_control_apis_are_restricted_on_both_protocols_and_never_open_beyond
 
 
 def test_a_request_without_the_secret_cannot_load_code_or_unload_and_triton_update_still_swaps(
-        serving_stages, serving_env, tmp_path):
+    serving_stages, serving_env, tmp_path
+):
     z = serving_stages
     repo = tmp_path / "repo"
     assert main(["triton", str(z["dense_build"]), "-o", str(repo)]) == 0
@@ -83,11 +93,16 @@ def test_a_request_without_the_secret_cannot_load_code_or_unload_and_triton_upda
         # the exploit: a model config and a model.py in the load request, under the served name
         marker = tmp_path / "ran"
         code = f"open({str(marker)!r}, 'w').write('x')\nclass TritonPythonModel:\n    def execute(self, r):\n        return []\n"
-        config = {"name": "adapter", "backend": "python", "max_batch_size": 0,
-                  "input": [{"name": "hidden", "data_type": "TYPE_FP32", "dims": [-1]}],
-                  "output": [{"name": "adapted", "data_type": "TYPE_FP32", "dims": [-1]}]}
-        body = json.dumps({"parameters": {"config": json.dumps(config),
-                                          "file:1/model.py": base64.b64encode(code.encode()).decode()}}).encode()
+        config = {
+            "name": "adapter",
+            "backend": "python",
+            "max_batch_size": 0,
+            "input": [{"name": "hidden", "data_type": "TYPE_FP32", "dims": [-1]}],
+            "output": [{"name": "adapted", "data_type": "TYPE_FP32", "dims": [-1]}],
+        }
+        body = json.dumps(
+            {"parameters": {"config": json.dumps(config), "file:1/model.py": base64.b64encode(code.encode()).decode()}}
+        ).encode()
         base = f"http://{http_url}/v2/repository/models/adapter"
         status, text = _post(f"{base}/load", body, {"Content-Type": "application/json"})
         assert status in (401, 403), (status, text)
@@ -99,8 +114,11 @@ def test_a_request_without_the_secret_cannot_load_code_or_unload_and_triton_upda
         status, _ = _post(f"http://{http_url}/v2/repository/index", b"{}", {})
         assert status in (401, 403)
         grpc = grpcclient.InferenceServerClient(grpc_url)
-        for control in (lambda: grpc.unload_model("adapter"), lambda: grpc.get_model_config("adapter"),
-                        lambda: grpc.get_inference_statistics("adapter")):
+        for control in (
+            lambda: grpc.unload_model("adapter"),
+            lambda: grpc.get_model_config("adapter"),
+            lambda: grpc.get_inference_statistics("adapter"),
+        ):
             with pytest.raises(InferenceServerException):
                 control()
         grpc.get_inference_statistics("adapter", headers={GRPC_SECRET_HEADER: str(state["secret"])})  # the owner may
@@ -128,20 +146,25 @@ def test_a_server_that_aborted_is_reported_by_its_fatal_lines_not_its_gpu_noise(
     from prism_deploy.serving.server import exit_status, log_reason
 
     log = tmp_path / "server.log"
-    log.write_text('I1206 19:48:46.6 13006 server.cc:100] "started"\n'
-                   'E1206 19:48:46.6 13006 server.cc:241] "CudaDriverHelper has not been initialized."\n'
-                   "terminate called after throwing an instance of 'std::bad_alloc'\n  what():  std::bad_alloc\n"
-                   "Signal (6) received.\n 0# 0x00005570A913F29C in tritonserver\n 1# 0x00007FB3B37278EC in libc.so.6\n")
+    log.write_text(
+        'I1206 19:48:46.6 13006 server.cc:100] "started"\n'
+        'E1206 19:48:46.6 13006 server.cc:241] "CudaDriverHelper has not been initialized."\n'
+        "terminate called after throwing an instance of 'std::bad_alloc'\n  what():  std::bad_alloc\n"
+        "Signal (6) received.\n 0# 0x00005570A913F29C in tritonserver\n 1# 0x00007FB3B37278EC in libc.so.6\n"
+    )
     reason = log_reason(log)
     assert "std::bad_alloc" in reason and "Signal (6)" in reason and "Cuda" not in reason and "0x" not in reason
-    log.write_text('E1206 1 model_lifecycle.cc:1] "failed to load \'adapter\'"\nE1206 2 server.cc:241] "CudaDriverHelper x"\n')
+    log.write_text(
+        'E1206 1 model_lifecycle.cc:1] "failed to load \'adapter\'"\nE1206 2 server.cc:241] "CudaDriverHelper x"\n'
+    )
     assert "failed to load" in log_reason(log) and "Cuda" not in log_reason(log)
     assert exit_status(-6) == "killed by SIGABRT (exit code -6)" and exit_status(137).startswith("killed by SIGKILL")
     assert exit_status(1) == "exit code 1"
 
 
 def test_requests_over_the_declared_bounds_get_one_line_400s_and_the_server_keeps_serving(
-        serving_stages, serving_env, tmp_path):
+    serving_stages, serving_env, tmp_path
+):
     from tests.serving_helpers import running_server
 
     z = serving_stages
@@ -160,8 +183,18 @@ def test_requests_over_the_declared_bounds_get_one_line_400s_and_the_server_keep
             "wrong width": ([1, 2, 48], 2 * 48 * 4),
         }
         for what, (shape, nbytes) in cases.items():
-            head = json.dumps({"inputs": [{"name": "hidden", "shape": shape, "datatype": "FP32",
-                                           "parameters": {"binary_data_size": nbytes}}]}).encode()
+            head = json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "hidden",
+                            "shape": shape,
+                            "datatype": "FP32",
+                            "parameters": {"binary_data_size": nbytes},
+                        }
+                    ]
+                }
+            ).encode()
             status, text = _post(url, head + b"\0" * nbytes, {"Inference-Header-Content-Length": str(len(head))})
             assert status == 400, (what, status, text)
             message = json.loads(text)["error"]
@@ -235,9 +268,29 @@ def test_concurrent_updates_of_two_models_of_one_repository_both_stay_recorded(s
         new[model] = tmp_path / f"{model}-new.safetensors"
         random_adapter(simple_config(64, 96, (4, 2)), seed=seed).save(new[model])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-m", "prism_deploy", "triton", "update", str(repo), "--adapter",
-                               str(new[m]), "--model", m, "--no-load", "--json"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for m in new]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prism_deploy",
+                "triton",
+                "update",
+                str(repo),
+                "--adapter",
+                str(new[m]),
+                "--model",
+                m,
+                "--no-load",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for m in new
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     manifest = json.loads((repo / "prism-repository.json").read_text())
@@ -268,12 +321,29 @@ def test_serve_refuses_ports_in_use_before_starting(serving_stages, tmp_path):
         port = taken.getsockname()[1]
         for flag in ("--http-port", "--grpc-port", "--metrics-port"):
             others = [f for f in ("--http-port", "--grpc-port", "--metrics-port") if f != flag]
-            out = subprocess.run([sys.executable, "-m", "prism_deploy", "serve", str(repo), flag, str(port),
-                                  others[0], "0", others[1], "0"], capture_output=True, text=True, timeout=120,
-                                 env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "prism_deploy",
+                    "serve",
+                    str(repo),
+                    flag,
+                    str(port),
+                    others[0],
+                    "0",
+                    others[1],
+                    "0",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+            )
             assert out.returncode == 2, out.stderr
-            assert out.stderr.strip().splitlines() == [f"error: port {port} in use (on 127.0.0.1); choose another "
-                                                       "or stop what holds it"], out.stderr
+            assert out.stderr.strip().splitlines() == [
+                f"error: port {port} in use (on 127.0.0.1); choose another or stop what holds it"
+            ], out.stderr
             assert not (repo / SERVE_STATE).exists() and out.stdout == ""
 
 
@@ -304,7 +374,8 @@ def test_the_served_adapter_answers_zero_tokens_as_load_engines_does(serving_sta
 
 
 def test_serve_refuses_a_json_request_declaring_more_values_than_it_carries_and_keeps_serving(
-        serving_stages, serving_env, tmp_path):
+    serving_stages, serving_env, tmp_path
+):
     """Triton 2.51 allocates a JSON input's declared shape before reading it ([1, 10^9, 48] with two
     numbers aborted it); serve's HTTP front refuses such a request, and passes the rest through."""
     z = serving_stages
@@ -319,16 +390,28 @@ def test_serve_refuses_a_json_request_declaring_more_values_than_it_carries_and_
         _wait_state(repo)
         url = f"http://{http_url}/v2/models/adapter/infer"
         for shape in ([1, 10**9, 48], [10**6, 1, 64], [1, 2**40, 64]):
-            body = json.dumps({"inputs": [{"name": "hidden", "shape": shape, "datatype": "FP32",
-                                           "data": [1.0, 2.0]}]}).encode()
+            body = json.dumps(
+                {"inputs": [{"name": "hidden", "shape": shape, "datatype": "FP32", "data": [1.0, 2.0]}]}
+            ).encode()
             status, text = _post(url, body, {"Content-Type": "application/json"})
             assert status == 400 and "declares" in json.loads(text)["error"] and "\n" not in text, (shape, text)
-        head = json.dumps({"inputs": [{"name": "hidden", "shape": [1, 10**9, 48], "datatype": "FP32",
-                                       "parameters": {"binary_data_size": 8}}]}).encode()
+        head = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "hidden",
+                        "shape": [1, 10**9, 48],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 8},
+                    }
+                ]
+            }
+        ).encode()
         status, text = _post(url, head + b"\0" * 8, {"Inference-Header-Content-Length": str(len(head))})
         assert status == 400, text  # Triton's own check, through the front
-        ok = json.dumps({"inputs": [{"name": "hidden", "shape": [1, 2, 64], "datatype": "FP32",
-                                     "data": x.ravel().tolist()}]}).encode()
+        ok = json.dumps(
+            {"inputs": [{"name": "hidden", "shape": [1, 2, 64], "datatype": "FP32", "data": x.ravel().tolist()}]}
+        ).encode()
         status, text = _post(url, ok, {"Content-Type": "application/json"})
         assert status == 200
         got = np.asarray(json.loads(text)["outputs"][0]["data"], np.float32).reshape(1, 2, 96)
@@ -373,10 +456,27 @@ def test_serve_removes_its_default_log_after_a_clean_stop(serving_stages, servin
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     ports = [free_port() for _ in range(3)]
-    proc = subprocess.Popen([sys.executable, "-m", "prism_deploy", "serve", str(repo), "--http-port", str(ports[0]),
-                             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prism_deploy",
+            "serve",
+            str(repo),
+            "--http-port",
+            str(ports[0]),
+            "--grpc-port",
+            str(ports[1]),
+            "--metrics-port",
+            str(ports[2]),
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir)},
+    )
     try:
         wait_ready(f"127.0.0.1:{ports[0]}", proc)
         _wait_state(repo)
@@ -437,8 +537,11 @@ def test_the_backend_refuses_attention_mask_values_other_than_0_and_1(monkeypatc
     from prism_deploy.serving import backend
 
     tensors = {"attention_mask": np.asarray(values, dtype=np.int64), "input_ids": np.ones((1, 3), np.int64)}
-    fake_pb = SimpleNamespace(get_input_tensor_by_name=lambda request, name: (
-        SimpleNamespace(as_numpy=lambda: tensors[name]) if name in tensors else None))
+    fake_pb = SimpleNamespace(
+        get_input_tensor_by_name=lambda request, name: (
+            SimpleNamespace(as_numpy=lambda: tensors[name]) if name in tensors else None
+        )
+    )
     monkeypatch.setattr(backend, "_pb", lambda: fake_pb)
     with pytest.raises(backend.RequestError, match="attention_mask: values must be 0"):
         backend._input(object(), "attention_mask")

@@ -35,15 +35,20 @@ def ort_chain(zoo, tmp_path_factory):
     export_ort_form(zoo["llama"], "first", root / "first", max_seq=32)
     export_ort_form(zoo["llama"], "last", root / "last", max_seq=32)
     random_adapter(simple_config(64, 64, (4, 2)), seed=3).save(root / "a.safetensors")
-    build_engines(BuildRequest(adapter=root / "a.safetensors", out_dir=root / "a", target="ort-cpu",
-                               precisions=("fp32",)), log=lambda _m: None).raise_for_failures()
+    build_engines(
+        BuildRequest(adapter=root / "a.safetensors", out_dir=root / "a", target="ort-cpu", precisions=("fp32",)),
+        log=lambda _m: None,
+    ).raise_for_failures()
     return [root / "first", root / "a", root / "last"]
 
 
 def _generate_inputs(ids, mask, n):
-    return [http_input("input_ids", ids, "INT64"), http_input("attention_mask", mask, "INT64"),
-            http_input("max_new_tokens", np.array([n], np.int32), "INT32"),
-            http_input("eos_token_id", np.array([-1], np.int64), "INT64")]
+    return [
+        http_input("input_ids", ids, "INT64"),
+        http_input("attention_mask", mask, "INT64"),
+        http_input("max_new_tokens", np.array([n], np.int32), "INT32"),
+        http_input("eos_token_id", np.array([-1], np.int64), "INT64"),
+    ]
 
 
 def test_repository_of_an_ort_chain_decodes_in_process(ort_chain, tmp_path):
@@ -95,8 +100,9 @@ def test_served_ort_chain_answers_as_the_runtime_chain(ort_chain, serving_env, t
     ref_logits, ref_tokens = chain(ids, mask), chain.generate(ids, mask, max_new_tokens=8)
     with running_server(repo, serving_env, tmp_path / "server.log") as server:
         client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
-        logits = client.infer("chain", [http_input("input_ids", ids, "INT64"),
-                                        http_input("attention_mask", mask, "INT64")]).as_numpy("logits")
+        logits = client.infer(
+            "chain", [http_input("input_ids", ids, "INT64"), http_input("attention_mask", mask, "INT64")]
+        ).as_numpy("logits")
         tokens = client.infer("generate", _generate_inputs(ids, mask, 8)).as_numpy("tokens")
         # a second generation in the same model: a fresh cache, the same tokens
         again = client.infer("generate", _generate_inputs(ids, mask, 8)).as_numpy("tokens")

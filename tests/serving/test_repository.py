@@ -15,17 +15,21 @@ import pytest
 
 from prism_deploy.cli.main import main
 from prism_deploy.core.errors import PrismInputError
-from prism_deploy.serving import triton_config as cfg
-from prism_deploy.serving import repository
-from prism_deploy.serving.stage_runtime import inspect_stage
 from prism_deploy.models.lm_export import export_model
+from prism_deploy.serving import repository
+from prism_deploy.serving import triton_config as cfg
+from prism_deploy.serving.stage_runtime import inspect_stage
 
 
 def _adapter_config(**overrides):
-    base = {"name": "adapter", "backend": "python", "max_batch_size": 8,
-            "input": [{"name": "hidden", "data_type": "TYPE_FP32", "dims": [-1, 64]}],
-            "output": [{"name": "adapted", "data_type": "TYPE_FP32", "dims": [-1, 96]}],
-            "dynamic_batching": {"max_queue_delay_microseconds": 100}}
+    base = {
+        "name": "adapter",
+        "backend": "python",
+        "max_batch_size": 8,
+        "input": [{"name": "hidden", "data_type": "TYPE_FP32", "dims": [-1, 64]}],
+        "output": [{"name": "adapted", "data_type": "TYPE_FP32", "dims": [-1, 96]}],
+        "dynamic_batching": {"max_queue_delay_microseconds": 100},
+    }
     base.update(overrides)
     return base
 
@@ -37,13 +41,16 @@ def test_config_renders_text_that_triton_parses_back():
     assert message.dynamic_batching.max_queue_delay_microseconds == 100
 
 
-@pytest.mark.parametrize("bad, words", [
-    ({"max_batch_sizes": 4}, "does not fit Triton's schema"),                    # unknown field
-    ({"input": [{"name": "hidden", "data_type": "TYPE_FP33", "dims": [64]}]}, "schema"),  # unknown enum
-    ({"max_batch_size": 0}, "dynamic batching needs max_batch_size > 0"),
-    ({"input": [{"name": "hidden", "data_type": "TYPE_FP32", "dims": [0, 64]}]}, "dims"),
-    ({"dynamic_batching": {"preferred_batch_size": [16]}}, "preferred batch size 16"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"max_batch_sizes": 4}, "does not fit Triton's schema"),  # unknown field
+        ({"input": [{"name": "hidden", "data_type": "TYPE_FP33", "dims": [64]}]}, "schema"),  # unknown enum
+        ({"max_batch_size": 0}, "dynamic batching needs max_batch_size > 0"),
+        ({"input": [{"name": "hidden", "data_type": "TYPE_FP32", "dims": [0, 64]}]}, "dims"),
+        ({"dynamic_batching": {"preferred_batch_size": [16]}}, "preferred batch size 16"),
+    ],
+)
 def test_config_refuses_what_triton_would(bad, words):
     with pytest.raises(PrismInputError, match=words):
         cfg.render(_adapter_config(**bad))
@@ -55,24 +62,45 @@ def test_text_parser_names_the_file_on_a_typo():
 
 
 def _ensemble(steps, outputs=None):
-    return {"name": "chain", "platform": "ensemble", "max_batch_size": 8,
-            "input": [{"name": "h", "data_type": "TYPE_FP32", "dims": [-1, 64]}],
-            "output": outputs or [{"name": "out", "data_type": "TYPE_FP32", "dims": [-1, 96]}],
-            "ensemble_scheduling": {"step": steps}}
+    return {
+        "name": "chain",
+        "platform": "ensemble",
+        "max_batch_size": 8,
+        "input": [{"name": "h", "data_type": "TYPE_FP32", "dims": [-1, 64]}],
+        "output": outputs or [{"name": "out", "data_type": "TYPE_FP32", "dims": [-1, 96]}],
+        "ensemble_scheduling": {"step": steps},
+    }
 
 
 def test_ensemble_wiring_is_checked():
     adapter = cfg.parse_text(cfg.render(_adapter_config()), "a")
-    good = _ensemble([{"model_name": "adapter", "model_version": -1, "input_map": {"hidden": "h"},
-                       "output_map": {"adapted": "out"}}])
+    good = _ensemble(
+        [{"model_name": "adapter", "model_version": -1, "input_map": {"hidden": "h"}, "output_map": {"adapted": "out"}}]
+    )
     cfg.check_repository({"adapter": adapter, "chain": cfg.parse_text(cfg.render(good), "c")})
-    unfed = _ensemble([{"model_name": "adapter", "model_version": -1, "input_map": {"hidden": "nowhere"},
-                        "output_map": {"adapted": "out"}}])
+    unfed = _ensemble(
+        [
+            {
+                "model_name": "adapter",
+                "model_version": -1,
+                "input_map": {"hidden": "nowhere"},
+                "output_map": {"adapted": "out"},
+            }
+        ]
+    )
     with pytest.raises(PrismInputError, match="reads 'nowhere'"):
         cfg.check_repository({"adapter": adapter, "chain": cfg.parse_text(cfg.render(unfed), "c")})
-    wrong = _ensemble([{"model_name": "adapter", "model_version": -1, "input_map": {"hidden": "h"},
-                        "output_map": {"adapted": "out"}}],
-                      outputs=[{"name": "out", "data_type": "TYPE_FP16", "dims": [-1, 96]}])
+    wrong = _ensemble(
+        [
+            {
+                "model_name": "adapter",
+                "model_version": -1,
+                "input_map": {"hidden": "h"},
+                "output_map": {"adapted": "out"},
+            }
+        ],
+        outputs=[{"name": "out", "data_type": "TYPE_FP16", "dims": [-1, 96]}],
+    )
     with pytest.raises(PrismInputError, match="output 'out' is TYPE_FP32"):
         cfg.check_repository({"adapter": adapter, "chain": cfg.parse_text(cfg.render(wrong), "c")})
 
@@ -97,7 +125,9 @@ def test_python_form_of_the_two_model_chain(serving_stages, tmp_path, capsys):
     assert steps == ["first", "adapter", "last"]
     assert configs["generate_stream"].model_transaction_policy.decoupled
     assert json.loads(configs["generate"].parameters["stages"].string_value) == [
-        {"model": "first", "kind": "first"}, {"model": "adapter", "kind": "adapter"}]
+        {"model": "first", "kind": "first"},
+        {"model": "adapter", "kind": "adapter"},
+    ]
     # each version carries the entry point and its stage's files, hashes as the sources'
     assert (repo / "adapter" / "1" / "model.py").read_text() == repository.ENTRY_FILE.read_text()
     stage_manifest = json.loads((repo / "adapter" / "1" / "stage" / "manifest.json").read_text())
@@ -112,7 +142,9 @@ def test_python_form_of_the_two_model_chain(serving_stages, tmp_path, capsys):
 def test_native_form_configs_match_the_engines(serving_stages, tmp_path):
     z = serving_stages
     repo = tmp_path / "native"
-    assert main(["triton", str(z["A"]), str(z["gated_build"]), str(z["B"]), "-o", str(repo), "--backend", "native"]) == 0
+    assert (
+        main(["triton", str(z["A"]), str(z["gated_build"]), str(z["B"]), "-o", str(repo), "--backend", "native"]) == 0
+    )
     configs = _written_configs(repo)
     cfg.check_repository(configs)
     for name in ("first", "adapter", "last", "last_decode"):
@@ -122,7 +154,10 @@ def test_native_form_configs_match_the_engines(serving_stages, tmp_path):
         repository.check_native_onnx(text, repo / name / "1" / "model.onnx", name)  # as ONNX Runtime opens it
     adapter = configs["adapter"]
     config = json.loads((z["gated_build"] / "manifest.json").read_text())["adapter"]["config"]
-    assert [list(adapter.input[0].dims), list(adapter.output[0].dims)] == [[-1, config["in_dim"]], [-1, config["out_dim"]]]
+    assert [list(adapter.input[0].dims), list(adapter.output[0].dims)] == [
+        [-1, config["in_dim"]],
+        [-1, config["out_dim"]],
+    ]
     assert adapter.optimization.graph.level == 2  # built engines are optimized offline: ORT_DISABLE_ALL
     assert configs["last_decode"].max_batch_size == 0 and configs["generate"].backend == "python"
     # a config that disagrees with its model.onnx is caught
@@ -159,8 +194,12 @@ def test_three_model_chain_falls_out_of_the_same_code(serving_stages, tmp_path):
     middle = tmp_path / "M"
     export_model(z["qwen2"], "middle", middle, max_seq=64)
     random_adapter(simple_config(96, 96, (4, 4)), seed=9).save(tmp_path / "a2.safetensors")
-    build_engines(BuildRequest(adapter=tmp_path / "a2.safetensors", out_dir=tmp_path / "a2", target="ort-cpu",
-                               precisions=("fp32",)), log=lambda _m: None).raise_for_failures()
+    build_engines(
+        BuildRequest(
+            adapter=tmp_path / "a2.safetensors", out_dir=tmp_path / "a2", target="ort-cpu", precisions=("fp32",)
+        ),
+        log=lambda _m: None,
+    ).raise_for_failures()
     stages = [z["A"], z["gated_build"], middle, tmp_path / "a2", z["B"]]
     entries, manifest = repository.plan(stages, repository.Options())
     names = [e.name for e in entries]
@@ -170,7 +209,12 @@ def test_three_model_chain_falls_out_of_the_same_code(serving_stages, tmp_path):
     assert [s["model_name"] for s in chain] == names[:5]
     assert chain[2]["input_map"] == {"inputs_embeds": "adapter_1_adapted", "attention_mask": "attention_mask"}
     generate = next(e for e in entries if e.name == "generate").config["parameters"]
-    assert [s["kind"] for s in json.loads(generate["stages"]["string_value"])] == ["first", "adapter", "middle", "adapter"]
+    assert [s["kind"] for s in json.loads(generate["stages"]["string_value"])] == [
+        "first",
+        "adapter",
+        "middle",
+        "adapter",
+    ]
     # a width that does not connect is refused before anything is written
     with pytest.raises(PrismInputError, match="does not match"):
         repository.plan([z["A"], z["gated_build"], middle, z["gated_build"], z["B"]], repository.Options())
@@ -285,8 +329,12 @@ def test_engine_id_picks_among_a_whole_and_a_per_pipe_build(serving_stages, tmp_
 
     out = tmp_path / "eng"
     for per_pipe in (False, True):
-        build_engines(BuildRequest(adapter=serving_stages["gated"], out_dir=out, target="ort-cpu",
-                                   precisions=("fp32",), per_pipe=per_pipe), log=lambda _m: None).raise_for_failures()
+        build_engines(
+            BuildRequest(
+                adapter=serving_stages["gated"], out_dir=out, target="ort-cpu", precisions=("fp32",), per_pipe=per_pipe
+            ),
+            log=lambda _m: None,
+        ).raise_for_failures()
     with pytest.raises(PrismInputError, match="--engine-id"):
         inspect_stage(out, precision="fp32")
     ids = [e["id"] for e in json.loads((out / "manifest.json").read_text())["engines"]]

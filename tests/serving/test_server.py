@@ -22,8 +22,17 @@ import pytest
 
 from prism_deploy.cli.main import main
 from prism_deploy.serving.server import group_members, stub_region
-from tests.serving_helpers import (children, grpc_input, http_input, reference, rel_l2, running_server, serve_process,
-                                   stop_process_group, wait_ready)
+from tests.serving_helpers import (
+    children,
+    grpc_input,
+    http_input,
+    reference,
+    rel_l2,
+    running_server,
+    serve_process,
+    stop_process_group,
+    wait_ready,
+)
 
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -49,8 +58,20 @@ def adapters_server(serving_stages, serving_env, tmp_path_factory):
     # more than one request, which must not hang on how the shared 2-core machine schedules the
     # client threads (one loaded full run failed that test with 100 us, cause not captured; four
     # reruns passed)
-    assert main(["triton", str(z["dense_build"]), str(z["gated_build"]), "-o", str(root / "repo"),
-                 "--max-queue-delay-us", "5000"]) == 0
+    assert (
+        main(
+            [
+                "triton",
+                str(z["dense_build"]),
+                str(z["gated_build"]),
+                "-o",
+                str(root / "repo"),
+                "--max-queue-delay-us",
+                "5000",
+            ]
+        )
+        == 0
+    )
     with running_server(root / "repo", serving_env, root / "server.log") as server:
         yield server
 
@@ -132,8 +153,10 @@ def test_bad_requests_get_clean_errors_and_the_server_keeps_serving(adapters_ser
         "wrong dtype": ([http_input("hidden", x.astype(np.float64), "FP64")], "FP64"),
         "missing input": ([], "expected 1 inputs but got 0"),
         "batch over max_batch_size": ([http_input("hidden", np.zeros((33, 2, 64), np.float32), "FP32")], "batch"),
-        "longer than the profile": ([http_input("hidden", np.zeros((1, 1500, 64), np.float32), "FP32")],
-                                    "1500 positions, more than this model's 1024"),
+        "longer than the profile": (
+            [http_input("hidden", np.zeros((1, 1500, 64), np.float32), "FP32")],
+            "1500 positions, more than this model's 1024",
+        ),
     }
     for case, (inputs, words) in cases.items():
         with pytest.raises(InferenceServerException, match=words):
@@ -166,8 +189,12 @@ def test_chain_ensemble_logits_equal_the_pipeline(chain_server, pipeline):
 
 
 def _generate_inputs(make, ids, mask, n, eos):
-    return [make("input_ids", ids, "INT64"), make("attention_mask", mask, "INT64"),
-            make("max_new_tokens", np.array([n], np.int32), "INT32"), make("eos_token_id", np.array([eos], np.int64), "INT64")]
+    return [
+        make("input_ids", ids, "INT64"),
+        make("attention_mask", mask, "INT64"),
+        make("max_new_tokens", np.array([n], np.int32), "INT32"),
+        make("eos_token_id", np.array([eos], np.int64), "INT64"),
+    ]
 
 
 def test_generate_equals_in_process_greedy_generation(chain_server, pipeline):
@@ -222,8 +249,9 @@ def test_built_model_folders_serve_the_same_chain(serving_stages, serving_env, t
     mask[1, :2] = 0
     with running_server(repo, serving_env, tmp_path / "server.log") as server:
         client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
-        logits = client.infer("chain", [http_input("input_ids", ids, "INT64"),
-                                        http_input("attention_mask", mask, "INT64")]).as_numpy("logits")
+        logits = client.infer(
+            "chain", [http_input("input_ids", ids, "INT64"), http_input("attention_mask", mask, "INT64")]
+        ).as_numpy("logits")
         tokens = client.infer("generate", _generate_inputs(http_input, ids, mask, 6, -1)).as_numpy("tokens")
         client.close()
     real = mask.astype(bool)
@@ -238,7 +266,9 @@ def test_generate_refuses_bad_requests_cleanly(chain_server):
         client.infer("generate", _generate_inputs(http_input, ids, np.ones_like(ids), 62, -1))
     with pytest.raises(InferenceServerException, match="ids must be in 0..299"):
         client.infer("generate", _generate_inputs(http_input, ids + 300, np.ones_like(ids), 2, -1))
-    assert client.infer("generate", _generate_inputs(http_input, ids, np.ones_like(ids), 2, -1)).as_numpy("tokens").shape == (1, 2)
+    assert client.infer("generate", _generate_inputs(http_input, ids, np.ones_like(ids), 2, -1)).as_numpy(
+        "tokens"
+    ).shape == (1, 2)
     client.close()
 
 
@@ -264,7 +294,9 @@ def test_hot_swap_under_load(serving_stages, serving_env, tmp_path):
                     return
                 t0 = time.monotonic()
                 try:
-                    out: np.ndarray | Exception = c.infer("adapter", [http_input("hidden", x, "FP32")]).as_numpy("adapted")
+                    out: np.ndarray | Exception = c.infer("adapter", [http_input("hidden", x, "FP32")]).as_numpy(
+                        "adapted"
+                    )
                 except Exception as exc:  # counted as a failure below
                     out = exc
                 with lock:
@@ -275,8 +307,21 @@ def test_hot_swap_under_load(serving_stages, serving_env, tmp_path):
             t.start()
         try:
             time.sleep(0.5)
-            assert main(["triton", "update", str(repo), "--adapter", str(z["dense_new"]), "--url", server.http_url,
-                         "--json"]) == 0
+            assert (
+                main(
+                    [
+                        "triton",
+                        "update",
+                        str(repo),
+                        "--adapter",
+                        str(z["dense_new"]),
+                        "--url",
+                        server.http_url,
+                        "--json",
+                    ]
+                )
+                == 0
+            )
             swapped = time.monotonic()
             time.sleep(0.5)
         finally:
@@ -287,12 +332,16 @@ def test_hot_swap_under_load(serving_stages, serving_env, tmp_path):
         assert rel_l2(new, reference(z["dense_new"], x)) <= 1e-5 and not np.allclose(new, old)
         failures = [r for _, _, r in results if isinstance(r, Exception)]
         assert failures == []
-        kinds = ["old" if np.array_equal(r, old) else "new" if np.array_equal(r, new) else "other"
-                 for _, _, r in results]
+        kinds = [
+            "old" if np.array_equal(r, old) else "new" if np.array_equal(r, new) else "other" for _, _, r in results
+        ]
         assert "other" not in kinds and "old" in kinds and "new" in kinds
         assert all(k == "new" for (t0, _, _), k in zip(results, kinds) if t0 > swapped)
         assert len(results) > 50
-        index = {(m["name"], m["version"]): m.get("state") for m in client.get_model_repository_index(headers=server.control_headers)}
+        index = {
+            (m["name"], m["version"]): m.get("state")
+            for m in client.get_model_repository_index(headers=server.control_headers)
+        }
         client.close()
         assert index[("adapter", "2")] == "READY" and index.get(("adapter", "1")) != "READY"
 
@@ -388,9 +437,27 @@ def test_serve_refuses_an_environment_with_numpy_2(serving_stages, tmp_path):
     (purelib / "numpy").mkdir()
     (purelib / "numpy" / "__init__.py").write_text("__version__ = '2.1.0'\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    out = subprocess.run([sys.executable, "-m", "prism_deploy", "serve", str(repo), "--env", str(fake),
-                          "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
-                         capture_output=True, text=True, timeout=180, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prism_deploy",
+            "serve",
+            str(repo),
+            "--env",
+            str(fake),
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("error:")]
     assert out.returncode == 2 and len(lines) == 1 and "numpy 2.1.0" in lines[0] and str(fake) in lines[0], out.stderr
     assert "Traceback" not in out.stderr and not (repo / ".prism-serve.json").exists()
@@ -416,11 +483,28 @@ def test_a_three_model_chain_serves_like_its_stages_run_in_process(serving_stage
     middle = tmp_path / "M"
     export_model(z["qwen2"], "middle", middle, max_seq=64)
     random_adapter(simple_config(96, 96, (4, 4)), seed=9).save(tmp_path / "a2.safetensors")
-    build_engines(BuildRequest(adapter=tmp_path / "a2.safetensors", out_dir=tmp_path / "a2", target="ort-cpu",
-                               precisions=("fp32",)), log=lambda _m: None).raise_for_failures()
+    build_engines(
+        BuildRequest(
+            adapter=tmp_path / "a2.safetensors", out_dir=tmp_path / "a2", target="ort-cpu", precisions=("fp32",)
+        ),
+        log=lambda _m: None,
+    ).raise_for_failures()
     repo = tmp_path / "repo"
-    assert main(["triton", str(z["A"]), str(z["gated_build"]), str(middle), str(tmp_path / "a2"), str(z["B"]),
-                 "-o", str(repo)]) == 0
+    assert (
+        main(
+            [
+                "triton",
+                str(z["A"]),
+                str(z["gated_build"]),
+                str(middle),
+                str(tmp_path / "a2"),
+                str(z["B"]),
+                "-o",
+                str(repo),
+            ]
+        )
+        == 0
+    )
     chain = Chain([z["A"], z["gated_build"], middle, tmp_path / "a2", z["B"]], target="ort-cpu")
     ids = np.random.default_rng(12).integers(0, 300, size=(2, 6), dtype=np.int64)
     mask = np.ones_like(ids)
@@ -429,8 +513,9 @@ def test_a_three_model_chain_serves_like_its_stages_run_in_process(serving_stage
     ref_tokens = chain.generate(ids, mask, max_new_tokens=5)
     with running_server(repo, serving_env, tmp_path / "server.log") as server:
         client = httpclient.InferenceServerClient(server.http_url, network_timeout=120)
-        logits_served = client.infer("chain", [http_input("input_ids", ids, "INT64"),
-                                               http_input("attention_mask", mask, "INT64")]).as_numpy("logits")
+        logits_served = client.infer(
+            "chain", [http_input("input_ids", ids, "INT64"), http_input("attention_mask", mask, "INT64")]
+        ).as_numpy("logits")
         tokens = client.infer("generate", _generate_inputs(http_input, ids, mask, 5, -1)).as_numpy("tokens")
         client.close()
     real = mask.astype(bool)

@@ -20,18 +20,45 @@ CONFIG = AdapterConfig(16, 12, (PipeSpec("plain", (1, 1), (12, 16)),), "weighted
 
 # What the package used to decide with `if target == ...` in 13 files, per target.
 EXPECTED = {
-    Target.TRT: dict(provider="cuda", gpu=True, fuses_plugin=True, refits=True, times_gated_forms=False,
-                     nbits_export=False, takes_nbits_models=False, opens_model_graphs=False,
-                     answers_zero_tokens=False, triton_platform=("tensorrt_plan", "model.plan"),
-                     runtime_tool="tensorrt"),
-    Target.ORT_CUDA: dict(provider="cuda", gpu=True, fuses_plugin=False, refits=False, times_gated_forms=True,
-                          nbits_export=False, takes_nbits_models=True, opens_model_graphs=True,
-                          answers_zero_tokens=True, triton_platform=("onnxruntime_onnx", "model.onnx"),
-                          runtime_tool="onnxruntime"),
-    Target.ORT_CPU: dict(provider="cpu", gpu=False, fuses_plugin=False, refits=False, times_gated_forms=True,
-                         nbits_export=True, takes_nbits_models=True, opens_model_graphs=True,
-                         answers_zero_tokens=True, triton_platform=("onnxruntime_onnx", "model.onnx"),
-                         runtime_tool="onnxruntime"),
+    Target.TRT: dict(
+        provider="cuda",
+        gpu=True,
+        fuses_plugin=True,
+        refits=True,
+        times_gated_forms=False,
+        nbits_export=False,
+        takes_nbits_models=False,
+        opens_model_graphs=False,
+        answers_zero_tokens=False,
+        triton_platform=("tensorrt_plan", "model.plan"),
+        runtime_tool="tensorrt",
+    ),
+    Target.ORT_CUDA: dict(
+        provider="cuda",
+        gpu=True,
+        fuses_plugin=False,
+        refits=False,
+        times_gated_forms=True,
+        nbits_export=False,
+        takes_nbits_models=True,
+        opens_model_graphs=True,
+        answers_zero_tokens=True,
+        triton_platform=("onnxruntime_onnx", "model.onnx"),
+        runtime_tool="onnxruntime",
+    ),
+    Target.ORT_CPU: dict(
+        provider="cpu",
+        gpu=False,
+        fuses_plugin=False,
+        refits=False,
+        times_gated_forms=True,
+        nbits_export=True,
+        takes_nbits_models=True,
+        opens_model_graphs=True,
+        answers_zero_tokens=True,
+        triton_platform=("onnxruntime_onnx", "model.onnx"),
+        runtime_tool="onnxruntime",
+    ),
 }
 
 
@@ -63,8 +90,13 @@ def test_model_graphs_open_on_the_provider_s_onnx_runtime_target():
 
 
 def _entry(target: Target, tools: dict, **configuration) -> dict:
-    return {"id": f"{target.value}/fp32/whole", "target": target.value, "tools": tools,
-            "configuration": configuration, "device": {"compute_capability": "9.0"}}
+    return {
+        "id": f"{target.value}/fp32/whole",
+        "target": target.value,
+        "tools": tools,
+        "configuration": configuration,
+        "device": {"compute_capability": "9.0"},
+    }
 
 
 def test_an_engine_of_another_runtime_version_is_refused():

@@ -20,8 +20,9 @@ def _stubs_installed() -> bool:
 
 
 needs_mypy = pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed")
-needs_stubs = pytest.mark.skipif(not _stubs_installed(),
-                                 reason="tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
+needs_stubs = pytest.mark.skipif(
+    not _stubs_installed(), reason="tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)"
+)
 
 
 @needs_mypy
@@ -34,8 +35,9 @@ def test_trt_package_type_checks_against_stubs(tmp_path):
         "import tensorrt as trt\nimport tensorrt.plugin as trtp\n\n\n"
         "def f() -> None:\n    trtp.register(3)\n    trt.Builder().no_such_method()\n"
     )
-    out = subprocess.run([sys.executable, str(TOOL), "prism_deploy/trt", str(bad)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(TOOL), "prism_deploy/trt", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     errors = [ln for ln in out.stdout.splitlines() if ": error:" in ln]
     assert out.returncode == 1, out.stdout + out.stderr
     assert all(ln.startswith(str(bad)) for ln in errors), "\n".join(errors)

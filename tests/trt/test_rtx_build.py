@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prism_deploy.reference.module import load_adapter
-from prism_deploy.fuse import fuse_gated_pipes
-from prism_deploy.lower import export_onnx
 from prism_deploy.core.onnx_io import save_model
 from prism_deploy.core.precision import PRECISIONS
+from prism_deploy.fuse import fuse_gated_pipes
+from prism_deploy.lower import export_onnx
+from prism_deploy.reference.module import load_adapter
 from prism_deploy.trt.engine import TensorRTError, TrtBuildSettings, build_serialized_engine, parse_network
 
 try:
@@ -45,8 +45,9 @@ def graphs(tmp_path_factory):
     for precision in PRECISIONS:
         for form in ("A", "B"):
             path = out / f"{precision}-{form}.onnx"
-            export_onnx(adapter, path, precision=precision, gated_form=form,
-                        calib=calib if precision == "int8-qdq" else None)
+            export_onnx(
+                adapter, path, precision=precision, gated_form=form, calib=calib if precision == "int8-qdq" else None
+            )
             paths[precision, form] = path
     return paths
 
@@ -57,8 +58,7 @@ def _matmuls(network):
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         if layer.type in (trt.LayerType.MATRIX_MULTIPLY, trt.LayerType.DEQUANTIZE, trt.LayerType.QUANTIZE):
-            found[layer.name] = ([layer.get_input(j).dtype for j in range(layer.num_inputs)],
-                                 layer.get_output(0).dtype)
+            found[layer.name] = ([layer.get_input(j).dtype for j in range(layer.num_inputs)], layer.get_output(0).dtype)
     return found
 
 

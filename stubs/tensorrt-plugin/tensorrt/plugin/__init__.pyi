@@ -7,7 +7,8 @@
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from tensorrt import DataType, ITensor, KernelLaunchParams as KernelLaunchParams
+from tensorrt import DataType
+from tensorrt import KernelLaunchParams as KernelLaunchParams
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -58,8 +59,9 @@ class SymIntExprs(SymExprs):
     def from_tuple(cls, exprs: Sequence[SymInt32]) -> SymIntExprs: ...
 
 class AutoTuneCombination:
-    def __init__(self, io_types: str | None = None, layouts: str | None = None,
-                 tactics: Iterable[int] | None = None) -> None: ...
+    def __init__(
+        self, io_types: str | None = None, layouts: str | None = None, tactics: Iterable[int] | None = None
+    ) -> None: ...
     def pos(self, pos: Iterable[int], io_types: str, layouts: str = ...) -> None: ...
     def tactics(self, tactics: Iterable[int]) -> None: ...
 
