@@ -26,8 +26,8 @@ def padded_fp16(tmp_path) -> Path:
         7,
         (PipeSpec("wide", (3, 2), (4, 5), None), PipeSpec("gated", (1, 3), (7, 3), 2, 0.25)),
         "sum",
-        source={"model": "a", "layer": -1},
-        target=None,
+        source_model={"model": "a", "layer": -1},
+        target_model=None,
     )
     path = tmp_path / "padded.safetensors"
     random_adapter(cfg, seed=5, dtype=torch.float16).save(path)
