@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = _chain_inputs(args, spec, text)
     if args.graph_form == "ort":
         from prism_deploy.core.errors import PrismInputError
-        from prism_deploy.models.ort_form import export_ort_form
+        from prism_deploy.models.ort_form_builder import export_ort_form
 
         if any(
             v not in (None, False)

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         raise PrismInputError(f"--new-tokens: {args.new_tokens} must be >= 0")
     chain = open_chain(args)
     if args.graph is not None:
-        from prism_deploy.parity.graph import ReferenceGraph
+        from prism_deploy.parity.graph_parity import ReferenceGraph
 
         reference: Any = ReferenceGraph(chain.spec)
     else:
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         ids = rng.integers(0, chain.first.vocab, size=(args.batch, min(args.seq, chain.max_seq)), dtype=np.int64)
         mask = None
     if args.graph is not None:
-        from prism_deploy.parity.graph import check_graph_parity
+        from prism_deploy.parity.graph_parity import check_graph_parity
 
         report = check_graph_parity(
             chain, reference, ids, mask, tolerance=args.tolerance, new_tokens=args.new_tokens, bisect=args.bisect

@@ -40,7 +40,7 @@ from prism_deploy.core.tiles import (
 )
 from prism_deploy.format import AdapterTensors
 from prism_deploy.lower.contract import write_metadata
-from prism_deploy.lower.graph import DTYPE_NAMES, NP_TO_ONNX, GraphBuilder
+from prism_deploy.lower.graph_writer import DTYPE_NAMES, NP_TO_ONNX, GraphBuilder
 
 GATED_FORMS = ("auto", "A", "B", "sparse", "grouped")
 DEFAULT_GATED_FORM = "auto"

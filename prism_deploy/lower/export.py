@@ -25,7 +25,7 @@ from prism_deploy.format import adapter_arrays
 from prism_deploy.lower.adapter_onnx import DEFAULT_GATED_FORM, GATED_FORMS, AdapterGraphBuilder
 from prism_deploy.lower.calibrate import calibrate
 from prism_deploy.lower.contract import read_metadata
-from prism_deploy.lower.graph import DTYPE_NAMES
+from prism_deploy.lower.graph_writer import DTYPE_NAMES
 
 IO_DTYPES = tuple(DTYPE_NAMES)
 

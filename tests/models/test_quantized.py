@@ -401,7 +401,7 @@ def test_tensorrt_parses_and_builds_the_dq_form_only(zoo, tmp_path):
 def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys, monkeypatch):
     """`bench --model` (routed to bench-model): every folder and transformers eager timed on the
     same inputs; floors from the graphs' bytes; the issue's targets evaluated, not enforced."""
-    # the peers (ONNX Runtime GenAI, llama.cpp) where installed: tests/models/test_ort_form.py
+    # the peers (ONNX Runtime GenAI, llama.cpp) where installed: tests/models/test_ort_form_builder.py
     monkeypatch.setattr(
         "prism_deploy.bench.peers.peer_reasons", lambda: {"onnxruntime-genai": "off", "llama.cpp": "off"}
     )

@@ -21,7 +21,7 @@ import pytest
 from prism_deploy.cli.main import main
 from prism_deploy.core.errors import PrismInputError
 from prism_deploy.format.graph_file import read_graph_file
-from prism_deploy.parity.graph import ReferenceGraph, check_graph_parity
+from prism_deploy.parity.graph_parity import ReferenceGraph, check_graph_parity
 from prism_deploy.reference import load_adapter, random_adapter, simple_config
 from prism_deploy.runtime.chain import Chain
 from prism_deploy.runtime.graph import Graph, log_softmax

@@ -22,13 +22,13 @@ httpclient = pytest.importorskip("tritonclient.http")
 @pytest.fixture(scope="module")
 def ort_chain(zoo, tmp_path_factory):
     """ort-form first and last of the tiny Llama (head size 16), and a 64 -> 64 adapter built for ort-cpu."""
-    from prism_deploy.models.ort_form import builder_missing
+    from prism_deploy.models.ort_form_builder import builder_missing
 
     why = builder_missing()
     if why:
         pytest.skip(why)
     from prism_deploy.builder import BuildRequest, build_engines
-    from prism_deploy.models.ort_form import export_ort_form
+    from prism_deploy.models.ort_form_builder import export_ort_form
     from prism_deploy.reference import random_adapter, simple_config
 
     root = tmp_path_factory.mktemp("ort_chain")

@@ -72,7 +72,7 @@ def test_step_gives_the_last_position_or_all_of_them(zoo):
 
 
 def _builder_or_skip() -> None:
-    from prism_deploy.models.ort_form import builder_missing
+    from prism_deploy.models.ort_form_builder import builder_missing
 
     why = builder_missing()
     if why:
@@ -84,7 +84,7 @@ def ort_forms(zoo, tmp_path_factory):
     """The tiny Llama (head size 16, as GroupQueryAttention needs) exported in both forms."""
     _builder_or_skip()
     from prism_deploy.models.lm_export import export_model
-    from prism_deploy.models.ort_form import export_ort_form
+    from prism_deploy.models.ort_form_builder import export_ort_form
 
     root = tmp_path_factory.mktemp("forms")
     out = {"ort_first": root / "ort_first", "ort_last": root / "ort_last", "portable_last": root / "portable_last"}
@@ -335,7 +335,7 @@ def test_build_model_of_the_ort_form_runs_as_its_export(ort_forms, tmp_path, rol
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_ort_form_quantized_roles(zoo, tmp_path, precision):
     _builder_or_skip()
-    from prism_deploy.models.ort_form import export_ort_form
+    from prism_deploy.models.ort_form_builder import export_ort_form
 
     for role in ("middle", "last"):
         manifest = export_ort_form(zoo["llama"], role, tmp_path / role, precision=precision, max_seq=32)
