@@ -26,8 +26,8 @@ ADAPTER_LAYOUTS = ("whole", "per-pipe")
 
 
 def default_precisions(target: Target | str) -> tuple[Precision, ...]:
-    """FP16 and weight-only INT8 where a GPU runs them; FP32 on the CPU, which has no fast FP16."""
-    return (Precision.FP16, Precision.INT8) if Target(target).gpu else (Precision.FP32,)
+    """The precisions a build for ``target`` makes when none is named (core/defaults)."""
+    return defaults.GPU_BUILD_PRECISIONS if Target(target).gpu else defaults.CPU_BUILD_PRECISIONS
 
 
 def parse_range(text: str, option: str) -> tuple[int, int, int]:

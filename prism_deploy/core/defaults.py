@@ -20,8 +20,11 @@ SEQ_RANGE: tuple[int, int, int] = (1, 64, 1024)
 # names none): the build's own default profile.
 SERVING_PROFILE: dict[str, list[int]] = {"batch": list(BATCH_RANGE), "seq": list(SEQ_RANGE)}
 
-# Precisions: what an adapter is lowered at to run when none is named (``run``, chains; the
-# build's per-target defaults are ``builder.options.default_precisions``) ...
+# Precisions a build makes when none is named: FP16 and weight-only INT8 where a GPU runs them;
+# FP32 on the CPU, which has no fast FP16.
+GPU_BUILD_PRECISIONS: tuple[Precision, ...] = (Precision.FP16, Precision.INT8)
+CPU_BUILD_PRECISIONS: tuple[Precision, ...] = (Precision.FP32,)
+# What an adapter is lowered at to run when none is named (``run``, chains) ...
 CPU_RUN_PRECISION = Precision.FP32
 GPU_RUN_PRECISION = Precision.FP16
 # ... and what ``export`` / ``export-model`` write, and a file that names none was written at.
