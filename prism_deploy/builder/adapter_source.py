@@ -334,6 +334,8 @@ def export_graph(
 
     # ONNX Runtime CPU: INT8 ungated pipes as MatMulNBits, weights read at 8 bits (lower/adapter_onnx.py)
     nbits = backend_for(cfg.target).nbits_export and not cfg.plugin
+    if cfg.adapter_precision == "int4" and not nbits:  # int4 is MatMulNBits only (docs/precision.md)
+        raise PrismInputError(f"--precision int4: target {cfg.target} has no MatMulNBits (ONNX Runtime CPU only)")
     result = export_onnx(
         adapter,
         path,

@@ -27,6 +27,7 @@ class Precision(str, Enum):
     FP16 = "fp16"  # float16 weights and compute (gates stay float32)
     INT8 = "int8"  # int8 tiles with a float32 scale per tile row, float16 compute
     INT8_QDQ = "int8-qdq"  # int8 tiles and int8 activations (calibrated), float16 compute
+    INT4 = "int4"  # 4-bit tiles (MatMulNBits, ungated pipes), a float32 scale per tile row, float16 compute
 
     def __str__(self) -> str:
         return self.value
@@ -47,8 +48,13 @@ class Precision(str, Enum):
 
     @property
     def quantized(self) -> bool:
-        """int8 weights (dequantized in the graph, or by the kernel)."""
-        return self in (Precision.INT8, Precision.INT8_QDQ)
+        """Integer weights (int8 dequantized in the graph or by the kernel; int4 by MatMulNBits)."""
+        return self in (Precision.INT8, Precision.INT8_QDQ, Precision.INT4)
+
+    @property
+    def bits(self) -> int | None:
+        """Bits per stored weight of a quantized precision (None for the float ones)."""
+        return {Precision.INT8: 8, Precision.INT8_QDQ: 8, Precision.INT4: 4}.get(self)
 
     @property
     def quantizes_activations(self) -> bool:
@@ -56,7 +62,7 @@ class Precision(str, Enum):
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes per stored tile value."""
+        """Bytes per stored tile value (int4: 1, an upper bound; two values share a byte)."""
         return self.weight_dtype.itemsize
 
     @property

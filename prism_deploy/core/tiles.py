@@ -33,6 +33,7 @@ from prism_deploy.core.blocks import blocks
 from prism_deploy.core.precision import Precision
 
 QMAX = 127.0
+QMAX_INT4 = 7.0  # symmetric 4-bit: codes -7..7 (the -8 code unused, as for int8's -128)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -181,40 +182,41 @@ def quantize_rows(tiles: Any) -> tuple[np.ndarray, np.ndarray]:
     return q, scales
 
 
-def row_scales(tiles: np.ndarray) -> np.ndarray:
-    """The float32 scales ``quantize_rows`` gives (shape ``tiles.shape[:-1]``), a block at a time."""
+def row_scales(tiles: np.ndarray, qmax: float = QMAX) -> np.ndarray:
+    """The float32 scales ``quantize_rows`` gives (shape ``tiles.shape[:-1]``), a block at a time;
+    ``qmax`` ``QMAX_INT4``: the scales of 4-bit codes."""
     scales = np.empty(tuple(tiles.shape[:-1]), dtype=np.float32)
     at = 0
     for block in blocks(tiles):
-        scales[at : at + len(block)] = _scales(np.asarray(block, dtype=np.float32))
+        scales[at : at + len(block)] = _scales(np.asarray(block, dtype=np.float32), qmax)
         at += len(block)
     return scales
 
 
-def quantize_with_scales(tiles: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def quantize_with_scales(tiles: np.ndarray, scales: np.ndarray, qmax: float = QMAX) -> np.ndarray:
     """The int8 values ``quantize_rows`` gives for ``tiles`` (any block of rows), given their
     scales from ``row_scales``: ``quantize_rows`` is these two, one block at a time."""
     q = np.empty(tuple(tiles.shape), dtype=np.int8)
     at = 0
     for block in blocks(tiles):  # int8 is a quarter of float32: the float32 work, a block at a time
         q[at : at + len(block)] = _quantize(
-            np.asarray(block, dtype=np.float32), np.asarray(scales[at : at + len(block)], dtype=np.float32)
+            np.asarray(block, dtype=np.float32), np.asarray(scales[at : at + len(block)], dtype=np.float32), qmax
         )
         at += len(block)
     return q
 
 
-def _scales(t: np.ndarray) -> np.ndarray:
+def _scales(t: np.ndarray, qmax: float = QMAX) -> np.ndarray:
     amax = np.abs(t).max(axis=-1)
-    return np.where(amax > 0, amax / np.float32(QMAX), np.float32(1.0)).astype(np.float32)
+    return np.where(amax > 0, amax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
 
 
-def _quantize(t: np.ndarray, s: np.ndarray) -> np.ndarray:
+def _quantize(t: np.ndarray, s: np.ndarray, qmax: float = QMAX) -> np.ndarray:
     # float32 division then round-half-even: the same steps the graph's DequantizeLinear
     # inverts, so dequantize(quantize(t)) is what every backend computes with
     x = t / s[..., None]
     np.rint(x, out=x)
-    np.clip(x, -QMAX, QMAX, out=x)
+    np.clip(x, -qmax, qmax, out=x)
     return x.astype(np.int8)
 
 

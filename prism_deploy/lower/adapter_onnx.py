@@ -33,6 +33,8 @@ from prism_deploy.core.limits import FLOAT16_MAX
 from prism_deploy.core.onnx_io import INPUT_NAME, OPSET, OUTPUT_NAME, finalize
 from prism_deploy.core.precision import Precision
 from prism_deploy.core.tiles import (
+    QMAX,
+    QMAX_INT4,
     dense_rows,
     quantize_with_scales,
     real_blocks,
@@ -81,6 +83,19 @@ def nbits_applies(spec: Any) -> bool:
     that each block is one tile row and its scale the tile row's own (no requantization)."""
     tc = spec.tile[1]
     return tc >= 16 and tc & (tc - 1) == 0
+
+
+def _check_int4_applies(config: Any) -> None:
+    """int4 is lowered only to MatMulNBits (ONNX Runtime): every pipe ungated, with a tile width
+    MatMulNBits takes as its block; otherwise one error line naming the first pipe that is not."""
+    for spec in config.pipes:
+        if spec.gated:
+            why = "is gated (int4 covers ungated pipes only: MatMulNBits; use int8)"
+        elif not nbits_applies(spec):
+            why = f"has tile width {spec.tile[1]}, not a power of two >= 16 (MatMulNBits' block size)"
+        else:
+            continue
+        raise PrismInputError(f"--precision int4: pipe {spec.name!r} {why}")
 
 
 def sanitize_name(name: str) -> str:
@@ -141,6 +156,9 @@ class AdapterGraphBuilder:
         # ONNX Runtime only: INT8 ungated pipes as com.microsoft MatMulNBits (8-bit weights read at
         # their own width; see _ungated_nbits); TensorRT does not know the op
         self.ort_nbits = ort_nbits and self.int8 and not self.qdq
+        if self.precision is Precision.INT4:  # int4 exists only as MatMulNBits (docs/precision.md)
+            _check_int4_applies(self.config)
+            self.ort_nbits = True
 
     # -- whole graph --------------------------------------------------------------------
     def model(self, *, defer: bool = False) -> onnx.ModelProto:
@@ -378,26 +396,31 @@ class AdapterGraphBuilder:
         return out
 
     def _ungated_nbits(self, i: int) -> str:
-        """INT8 ungated pipe as ONNX Runtime's ``MatMulNBits`` (bits 8, blocks of ``tc`` along K):
-        the weights stay 8-bit where the product reads them.
+        """INT8/INT4 ungated pipe as ONNX Runtime's ``MatMulNBits`` (bits 8 or 4, blocks of ``tc``
+        along K): the weights stay 8-bit (4-bit) where the product reads them.
 
         The same int8 values and scales as the DequantizeLinear path (``quantize_rows``): block
         ``c`` of output ``n`` is tile ``(n // tr, c)``'s row ``n % tr``, stored as ``q + 128``
         (MatMulNBits' default zero point for 8 bits). ``accuracy_level`` 4 runs ONNX Runtime's
         int8 CPU kernel, which also quantizes the input per block to int8 (the other levels take
-        a slow path on CPU; docs/onnx-lowering.md has the figures and the error).
+        a slow path on CPU; docs/onnx-lowering.md has the figures and the error). INT4: symmetric
+        round-to-nearest codes ``-7..7`` (scale ``max|row| / 7``), stored as ``q + 8`` two to a
+        byte, the even element in the low nibble (MatMulNBits' layout and 4-bit zero point).
         """
         g, p = self.g, self.prefixes[i]
         spec, cfg = self.config.pipes[i], self.config
         (R, C), (tr, tc) = spec.grid, spec.tile
         W = spec.workers
+        bits = self.precision.bits or 8
+        qmax = QMAX_INT4 if bits == 4 else QMAX
         rows = self.adapter.tiles(i).reshape(W * tr, tc)
-        scales = row_scales(rows)
-        q = quantize_with_scales(rows, scales).reshape(R, C, tr, tc)
+        scales = row_scales(rows, qmax)
+        q = quantize_with_scales(rows, scales, qmax).reshape(R, C, tr, tc)
         n_blocks = real_blocks(cfg.in_dim, tc)
         # [R, C, tr, tc] -> [R, tr, C, tc] -> [R*tr, C, tc]: output row n, block c
-        packed = q.transpose(0, 2, 1, 3).reshape(R * tr, C, tc)[: cfg.out_dim, :n_blocks].astype(np.int16) + 128
-        packed = packed.astype(np.uint8)
+        codes = q.transpose(0, 2, 1, 3).reshape(R * tr, C, tc)[: cfg.out_dim, :n_blocks].astype(np.int16)
+        codes = (codes + (1 << (bits - 1))).astype(np.uint8)
+        packed = codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
         block_scales = scales.reshape(R, C, tr).transpose(0, 2, 1).reshape(R * tr, C)[: cfg.out_dim, :n_blocks]
         w = g.initializer(f"{p}nbits/weight", np.ascontiguousarray(packed))
         s = g.initializer(f"{p}nbits/scales", np.ascontiguousarray(block_scales.reshape(-1), dtype=np.float32))
@@ -408,7 +431,7 @@ class AdapterGraphBuilder:
             domain=MS_DOMAIN,
             K=cfg.in_dim,
             N=cfg.out_dim,
-            bits=8,
+            bits=bits,
             block_size=tc,
             accuracy_level=4,
         )

@@ -168,8 +168,8 @@ class AdapterGraph:
                     out[pipe["index"]] = dequantize_rows(tiles, numpy_helper.to_array(inits[pipe["scales"]]))
                 else:
                     out[pipe["index"]] = tiles.astype(np.float32)
-            elif pipe.get("nbits_weight") is not None:  # MatMulNBits: [out_dim, blocks, tc] of q + 128
-                packed = numpy_helper.to_array(inits[pipe["nbits_weight"]]).astype(np.float32) - 128.0
+            elif pipe.get("nbits_weight") is not None:  # MatMulNBits: [out_dim, blocks, tc*bits/8]
+                packed = nbits_codes(numpy_helper.to_array(inits[pipe["nbits_weight"]]), pipe["tc"])
                 scales = numpy_helper.to_array(inits[pipe["nbits_scales"]]).reshape(packed.shape[:2])
                 weight = (packed * scales[..., None]).reshape(packed.shape[0], -1)  # [out_dim, blocks*tc]
                 out[pipe["index"]] = tiles_from_dense(weight, (pipe["R"], pipe["C"]), (pipe["tr"], pipe["tc"]))
@@ -210,3 +210,14 @@ def _check_interface(model: onnx.ModelProto, path: Path) -> None:
             f"{path}: not an adapter graph (one float input {INPUT_NAME!r} [batch, seq, in_dim], "
             f"output {OUTPUT_NAME!r}); it takes {have} and gives {', '.join(outputs) or 'nothing'}"
         )
+
+
+def nbits_codes(blob: np.ndarray, block: int) -> np.ndarray:
+    """MatMulNBits' stored weight ``[N, blocks, block*bits/8]`` -> the signed codes ``[N, blocks,
+    block]`` float32: 8 bits are ``q + 128``; 4 bits are ``q + 8`` two to a byte, low nibble first."""
+    if blob.shape[-1] == block:
+        return blob.astype(np.float32) - 128.0
+    codes = np.empty((*blob.shape[:-1], block), dtype=np.float32)
+    codes[..., 0::2] = blob & 0x0F
+    codes[..., 1::2] = blob >> 4
+    return codes - 8.0
