@@ -85,3 +85,27 @@ def test_int4_refuses_what_matmulnbits_cannot_take(pipe, why):
     cfg = AdapterConfig(60, 50, (pipe,), "sum")
     with pytest.raises(PrismInputError, match=f"--precision int4: {why}"):
         build_model(random_adapter(cfg, seed=0), precision="int4")
+
+
+def test_cli_export_and_build_int4_on_ort_cpu(adapter, tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from prism_deploy.cli.main import main
+    from prism_deploy.reference import save_adapter
+
+    src = tmp_path / "a.safetensors"
+    save_adapter(adapter, src)
+    assert main(["export", str(src), "-o", str(tmp_path / "a.onnx"), "--precision", "int4"]) == 0
+    assert main(["build", str(src), "-o", str(tmp_path / "eng"), "--target", "ort-cpu", "--precision", "int4"]) == 0
+    manifest = json.loads((tmp_path / "eng" / "manifest.json").read_text())
+    (engine,) = manifest["engines"]
+    assert engine["configuration"]["precision"] == "int4" and engine["configuration"]["target"] == "ort-cpu"
+    assert engine["parity"]["passed"] and engine["parity"]["tolerances"]["rel_l2_max"] == BOUND.rel_l2_max
+    capsys.readouterr()
+    demo = Path(__file__).resolve().parents[2] / "examples" / "demo-adapter.safetensors"  # has gated pipes
+    assert main(["export", str(demo), "-o", str(tmp_path / "d.onnx"), "--precision", "int4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --precision int4: pipe 'routed' is gated (int4 covers ungated pipes only: MatMulNBits; use int8)"
+    ]
