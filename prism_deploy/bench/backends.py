@@ -457,7 +457,7 @@ class KernelBackend(Backend):
         from prism_deploy.kernel import TileDispatchSpec
         from prism_deploy.kernel.launch import tile_dispatch_torch
 
-        if self.precision.quantizes_activations:
+        if self.precision.quantizes_activations or self.precision is Precision.INT4:
             raise BackendUnavailable(f"kernel: tiles come in fp32, fp16 or int8, not {self.precision}")
         self.launch = tile_dispatch_torch
         cfg = self.adapter.config

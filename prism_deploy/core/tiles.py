@@ -230,8 +230,12 @@ def dequantize_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 def stored_as(tiles: Any, precision: Precision) -> np.ndarray:
     """The tiles as a graph of ``precision`` stores them, back in float32: rounded to the
-    precision's weight dtype (float16 for ``fp16``), quantize-dequantize for the int8 precisions."""
+    precision's weight dtype (float16 for ``fp16``), quantize-dequantize for the int8 precisions
+    (int4: the 4-bit codes, one scale per tile row)."""
     t = tiles.detach().float().cpu().numpy() if hasattr(tiles, "detach") else np.asarray(tiles, np.float32)
+    if precision is Precision.INT4:
+        scales = row_scales(t, QMAX_INT4)
+        return dequantize_rows(quantize_with_scales(t, scales, QMAX_INT4), scales)
     if precision.quantized:
         return dequantize_rows(*quantize_rows(t))
     return t.astype(precision.weight_dtype).astype(np.float32)

@@ -109,3 +109,17 @@ def test_cli_export_and_build_int4_on_ort_cpu(adapter, tmp_path, capsys):
     assert err == [
         "error: --precision int4: pipe 'routed' is gated (int4 covers ungated pipes only: MatMulNBits; use int8)"
     ]
+
+
+def test_simulated_stored_tiles_are_the_graphs(adapter, tmp_path):
+    from prism_deploy.core.precision import Precision
+    from prism_deploy.core.tiles import stored_as
+
+    export_onnx(adapter, tmp_path / "a.onnx", precision="int4")
+    got = AdapterGraph(tmp_path / "a.onnx", "cpu").stored_tiles()
+    for i, pipe in enumerate(UNGATED.pipes):
+        (R, C), (tr, tc) = pipe.grid, pipe.tile
+        want = stored_as(adapter.pipes[i].tiles, Precision.INT4).reshape(R, C, tr, tc)
+        rows = min(50 - (R - 1) * tr, tr)
+        np.testing.assert_array_equal(got[i].reshape(R, C, tr, tc)[-1, :, :rows], want[-1, :, :rows])
+        np.testing.assert_array_equal(got[i].reshape(R, C, tr, tc)[:-1], want[:-1])
