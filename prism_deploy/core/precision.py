@@ -43,8 +43,10 @@ class Precision(str, Enum):
 
     @property
     def weight_dtype(self) -> np.dtype:
-        """The dtype the graph stores its tiles in."""
-        return np.dtype({Precision.FP32: np.float32, Precision.FP16: np.float16}.get(self, np.int8))
+        """The dtype the graph stores its tiles in (int4: uint8 bytes of two 4-bit codes)."""
+        return np.dtype(
+            {Precision.FP32: np.float32, Precision.FP16: np.float16, Precision.INT4: np.uint8}.get(self, np.int8)
+        )
 
     @property
     def quantized(self) -> bool:
@@ -61,9 +63,9 @@ class Precision(str, Enum):
         return self is Precision.INT8_QDQ
 
     @property
-    def weight_bytes(self) -> int:
-        """Bytes per stored tile value (int4: 1, an upper bound; two values share a byte)."""
-        return self.weight_dtype.itemsize
+    def weight_bytes(self) -> float:
+        """Bytes per stored tile value (int4: 0.5, two values share a byte)."""
+        return 0.5 if self is Precision.INT4 else float(self.weight_dtype.itemsize)
 
     @property
     def side_bytes(self) -> int:

@@ -16,9 +16,10 @@ from prism_deploy.core.tiles import stored_as
 
 
 def test_each_precision_names_its_own_dtypes():
-    assert [p.weight_dtype.name for p in Precision] == ["float32", "float16", "int8", "int8"]
-    assert [p.compute_dtype.name for p in Precision] == ["float32", "float16", "float16", "float16"]
-    assert [p.weight_bytes for p in Precision] == [4, 2, 1, 1]
+    assert [p.weight_dtype.name for p in Precision] == ["float32", "float16", "int8", "int8", "uint8"]
+    assert [p.compute_dtype.name for p in Precision] == ["float32", "float16", "float16", "float16", "float16"]
+    assert [p.weight_bytes for p in Precision] == [4, 2, 1, 1, 0.5]
+    assert [p.bits for p in Precision] == [None, None, 8, 8, 4]
     assert [m.float_dtype.name for m in ModelPrecision] == ["float32", "float16", "float32", "float32"]
     assert [m.bits for m in ModelPrecision] == [None, None, 8, 4]
 
@@ -36,7 +37,7 @@ def test_a_parsed_precision_serialises_as_its_name():
     assert parsed == (Precision.INT8_QDQ, Precision.FP16)
     assert json.dumps({"precisions": parsed}) == '{"precisions": ["int8-qdq", "fp16"]}'
     assert f"{parsed[0]}" == "int8-qdq"
-    with pytest.raises(PrismInputError, match="--precision: 'fp8' is not one of fp32, fp16, int8, int8-qdq"):
+    with pytest.raises(PrismInputError, match="--precision: 'fp8' is not one of fp32, fp16, int8, int8-qdq, int4"):
         parse_precision_list("fp16,fp8")
 
 
