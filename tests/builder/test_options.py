@@ -32,8 +32,9 @@ def test_engine_config_carries_a_typed_precision_and_writes_its_name():
     assert model.precision is ModelPrecision.INT4
     with pytest.raises(TypeError):
         model.adapter_precision
-    with pytest.raises(PrismInputError, match="precision: 'int4' is not one of"):
-        EngineConfig("ort-cpu", "int4", Profile())
+    assert EngineConfig("ort-cpu", "int4", Profile()).adapter_precision is Precision.INT4  # an adapter's int4
+    with pytest.raises(PrismInputError, match="precision: 'fp8' is not one of"):
+        EngineConfig("ort-cpu", "fp8", Profile())
 
 
 def test_build_request_parses_names_and_checks_its_options_when_made(tmp_path):
