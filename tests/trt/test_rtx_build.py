@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from prism_deploy.core.onnx_io import save_model
-from prism_deploy.core.precision import PRECISIONS
+from prism_deploy.core.precision import PRECISIONS as ALL_PRECISIONS
 from prism_deploy.fuse import fuse_gated_pipes
 from prism_deploy.lower import export_onnx
 from prism_deploy.reference.module import load_adapter
@@ -29,6 +29,9 @@ except ImportError as exc:  # pragma: no cover - the dev extra installs it
     WHY = f"needs TensorRT-RTX (pip install tensorrt-rtx-cu13): {exc}"
 else:
     WHY = ""
+# int4 is MatMulNBits (ONNX Runtime) only: TensorRT builds are refused it (docs/precision.md)
+PRECISIONS = tuple(p for p in ALL_PRECISIONS if p != "int4")
+
 pytestmark = pytest.mark.skipif(trt is None, reason=WHY)
 
 EXAMPLE = "examples/demo-adapter.safetensors"
