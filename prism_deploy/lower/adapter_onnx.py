@@ -587,20 +587,18 @@ class AdapterGraphBuilder:
             y = g.op(
                 "ReduceSum", [weighted, g.ints(f"{p}partials/axes", [0])], f"{p}partials/ReduceSum", keepdims=0
             )  # [T, R, tr]
-        y = g.op("Reshape", [y, g.ints(f"{p}output/shape", [-1, R * tr])], f"{p}output/Reshape")
-        out = g.op(
-            "Slice",
-            [
-                y,
-                g.ints(f"{p}output/starts", [0]),
-                g.ints(f"{p}output/ends", [cfg.out_dim]),
-                g.ints(f"{p}output/axes", [1]),
-            ],
-            f"{p}output/Slice",
-            outputs=[f"{p}output"],
-        )
+        out = self._pipe_rows(p, y, R * tr)
         self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales, form=form))
         return out
+
+    def _pipe_rows(self, p: str, y: str, rows: int) -> str:
+        """A gated pipe's ``[T, R, tr]`` partial sums as ``[T, out_dim]``: the tile rows flattened,
+        the padding rows cut off (every gated form ends so)."""
+        g = self.g
+        y = g.op("Reshape", [y, g.ints(f"{p}output/shape", [-1, rows])], f"{p}output/Reshape")
+        starts, ends = g.ints(f"{p}output/starts", [0]), g.ints(f"{p}output/ends", [self.config.out_dim])
+        axes = g.ints(f"{p}output/axes", [1])
+        return g.op("Slice", [y, starts, ends, axes], f"{p}output/Slice", outputs=[f"{p}output"])
 
     def _gated_sparse(self, i: int) -> str:
         """Only the selected tiles: the union ``S`` of the tokens' TopK sets, each tile read once.
@@ -691,18 +689,7 @@ class AdapterGraphBuilder:
         onehot = g.op("Cast", [onehot], f"{p}select/onehot", to=self.cd_onnx)
         coef = g.op("Mul", [gsel, onehot], f"{p}gates/Mul")  # [T, R, n]
         y = g.op("MatMul", [coef, part], f"{p}partials/MatMul")  # [T, R, tr]
-        y = g.op("Reshape", [y, g.ints(f"{p}output/shape", [-1, R * tr])], f"{p}output/Reshape")
-        out = g.op(
-            "Slice",
-            [
-                y,
-                g.ints(f"{p}output/starts", [0]),
-                g.ints(f"{p}output/ends", [cfg.out_dim]),
-                g.ints(f"{p}output/axes", [1]),
-            ],
-            f"{p}output/Slice",
-            outputs=[f"{p}output"],
-        )
+        out = self._pipe_rows(p, y, R * tr)
         self.pipe_meta.append(self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales, form="sparse"))
         return out
 
@@ -846,18 +833,7 @@ class AdapterGraphBuilder:
             f"{p}gates/Mul",
         )  # [T, R, k]
         y = g.op("MatMul", [coef, mine], f"{p}partials/MatMul")  # [T, R, tr]
-        y = g.op("Reshape", [y, g.ints(f"{p}output/shape", [-1, R * tr])], f"{p}output/Reshape")
-        out = g.op(
-            "Slice",
-            [
-                y,
-                g.ints(f"{p}output/starts", [0]),
-                g.ints(f"{p}output/ends", [cfg.out_dim]),
-                g.ints(f"{p}output/axes", [1]),
-            ],
-            f"{p}output/Slice",
-            outputs=[f"{p}output"],
-        )
+        out = self._pipe_rows(p, y, R * tr)
         self.pipe_meta.append(
             self._pipe_entry(i, scores=scores, output=out, tiles=tiles, scales=scales, form="grouped")
         )

@@ -63,6 +63,7 @@ from prism_deploy.format.model_folder import (
     is_own_trace,
     past_names,
 )
+from prism_deploy.format.stage_io import STAGE_IO
 from prism_deploy.models import gguf, hf
 
 # Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
@@ -402,43 +403,32 @@ def _remove_export_files(out: Path, role: str) -> None:
 # -- export -------------------------------------------------------------------------------------------
 
 
-def _export_first(traced: Any, out: Path, vocab: int) -> tuple[dict[str, str], list[str]]:
-    files = {"graph": "first.onnx"}
-    g = torch.Generator().manual_seed(0)
-    example = (torch.randint(0, vocab, (2, 4), generator=g), torch.ones(2, 4, dtype=torch.int64))
+def _export_hidden_role(
+    role: str, traced: Any, out: Path, example: tuple[Any, ...]
+) -> tuple[dict[str, str], list[str]]:
+    """``first.onnx`` or ``middle.onnx``: the role's inputs -> ``hidden``, names and dynamic dims
+    from the stage I/O contract (format/stage_io)."""
+    files = {"graph": f"{role}.onnx"}
+    inputs, outputs = STAGE_IO[role]
+    dynamic = {t.name: {i: d for i, d in enumerate(t.dims) if d in ("batch", "seq")} for t in (*inputs, *outputs)}
+    module = _First(traced) if role == "first" else _Middle(traced)
     written = _export_graph(
-        _First(traced),
-        example,
-        out / files["graph"],
-        ["input_ids", "attention_mask"],
-        ["hidden"],
-        {
-            "input_ids": {0: "batch", 1: "seq"},
-            "attention_mask": {0: "batch", 1: "seq"},
-            "hidden": {0: "batch", 1: "seq"},
-        },
+        module, example, out / files["graph"], [t.name for t in inputs], [t.name for t in outputs], dynamic
     )
     return files, written
+
+
+def _export_first(traced: Any, out: Path, vocab: int) -> tuple[dict[str, str], list[str]]:
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randint(0, vocab, (2, 4), generator=g), torch.ones(2, 4, dtype=torch.int64))
+    return _export_hidden_role("first", traced, out, example)
 
 
 def _export_middle(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[str, str], list[str]]:
-    files = {"graph": "middle.onnx"}
     dtype = next(traced.parameters()).dtype
     g = torch.Generator().manual_seed(0)
     example = (torch.randn(2, 4, dims["hidden"], generator=g).to(dtype), torch.ones(2, 4, dtype=torch.int64))
-    written = _export_graph(
-        _Middle(traced),
-        example,
-        out / files["graph"],
-        ["inputs_embeds", "attention_mask"],
-        ["hidden"],
-        {
-            "inputs_embeds": {0: "batch", 1: "seq"},
-            "attention_mask": {0: "batch", 1: "seq"},
-            "hidden": {0: "batch", 1: "seq"},
-        },
-    )
-    return files, written
+    return _export_hidden_role("middle", traced, out, example)
 
 
 def _export_last(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[str, str], list[str]]:
