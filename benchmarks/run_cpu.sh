@@ -13,9 +13,9 @@ common="--precision fp32,fp16,int8 --batch 1,8,64 --threads 1 --warmup 300"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 python benchmarks/make_adapters.py -o "$adapters"
 $bench examples/demo-adapter.safetensors --backends torch,torch-compile,ort-cpu $common --repeat 50 \
-    --json "$out/$tag-cpu-example.json" --plot "$out/$tag-cpu-example.png"
+    --json-out "$out/$tag-cpu-example.json" --plot "$out/$tag-cpu-example.png"
 $bench "$adapters/big-dense.safetensors" --backends torch,ort-cpu $common --repeat 30 \
-    --json "$out/$tag-cpu-4096-dense.json" --plot "$out/$tag-cpu-4096-dense.png"
+    --json-out "$out/$tag-cpu-4096-dense.json" --plot "$out/$tag-cpu-4096-dense.png"
 $bench "$adapters/big-3pipe.safetensors" --backends torch,ort-cpu $common --repeat 20 \
-    --json "$out/$tag-cpu-4096-3pipe.json" --plot "$out/$tag-cpu-4096-3pipe.png"
+    --json-out "$out/$tag-cpu-4096-3pipe.json" --plot "$out/$tag-cpu-4096-3pipe.png"
 python benchmarks/summarize.py "$out/$tag-cpu-example.json" "$out/$tag-cpu-4096-dense.json" "$out/$tag-cpu-4096-3pipe.json"

@@ -30,12 +30,12 @@ export_one lower model-b B-int4-acc0 --precision int4 --accuracy-level 0
 
 E=$exports
 $pd bench --model $E/B-fp32 $E/B-int8 $E/B-int4 $E/B-int4-b128 $E/B-int8-dq $E/B-int4-dq $E/B-int8-acc0 $E/B-int4-acc0 \
-    --threads 1 --prompt 64 --new-tokens 32 --repeat 8 --json "$out/$tag-cpu-model-b.json"
+    --threads 1 --prompt 64 --new-tokens 32 --repeat 8 --json-out "$out/$tag-cpu-model-b.json"
 $pd bench --model $E/A-fp32 $E/A-int8 $E/A-int4 $E/A-int4-b128 $E/A-int8-dq $E/A-int4-dq \
-    --threads 1 --prompt 64 --repeat 8 --json "$out/$tag-cpu-model-a.json"
+    --threads 1 --prompt 64 --repeat 8 --json-out "$out/$tag-cpu-model-a.json"
 python benchmarks/profile_model.py $E/B-fp32 $E/B-int8 $E/B-int4 $E/B-int4-b128 $E/B-int8-dq $E/B-int4-dq \
     --weights-only --calls 50 --json "$out/$tag-cpu-model-b-weights-only.json"
 python benchmarks/bench_chain.py --a-hf $models/model-a --b-hf $models/model-b --repeat 5 \
     --chain fp32=$E/A-fp32,$E/B-fp32 --chain int8=$E/A-int8,$E/B-int8 --chain int4=$E/A-int4,$E/B-int4 \
     --chain int4-b128=$E/A-int4-b128,$E/B-int4-b128 --chain int8-dq=$E/A-int8-dq,$E/B-int8-dq \
-    --chain int4-dq=$E/A-int4-dq,$E/B-int4-dq --json "$out/$tag-cpu-chain.json"
+    --chain int4-dq=$E/A-int4-dq,$E/B-int4-dq --json-out "$out/$tag-cpu-chain.json"
