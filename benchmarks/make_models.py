@@ -1,7 +1,7 @@
 """Write the benchmark models of issue 18 as local Hugging Face folders, seeded, so that
 results can be reproduced.
 
-    python benchmarks/make_models.py [-o build/bench-models] [model-a] [model-b]
+    python benchmarks/make_models.py [-o build/bench-models] [model-a] [model-b] [model-l]
 
 - ``model-b``: Qwen2-like, hidden 640, 8 layers, 10 heads of 64 (2 KV heads), MLP 1664,
   vocabulary 32,000, untied LM head: 74.4 M parameters, of which a decoding step reads all
@@ -9,6 +9,10 @@ results can be reproduced.
   the LM head = 53.9 M weights, about 216 MB in float32 (the issue's "about 216 MB a token").
 - ``model-a``: Llama-like, hidden 512, 8 layers, 8 heads of 64 (2 KV heads), MLP 1408,
   vocabulary 32,000.
+- ``model-l`` (issue 28; not made unless named: 3.3 GB): TinyLlama-shaped, hidden 2048,
+  16 layers, 32 heads of 64 (4 KV heads), MLP 5632, vocabulary 32,000, untied LM head:
+  16 x (2 x 2048^2 + 2 x 2048 x 256 + 3 x 2048 x 5632) + 2 x 32,000 x 2048 + norms
+  = 704.6 M + 131.1 M = 835.7 M parameters.
 
 Weights are the transformers initialisation under ``torch.manual_seed`` (1 for A, 2 for B):
 random, so the figures say nothing about a trained model's accuracy under quantization, only
@@ -64,8 +68,25 @@ def make(name: str, folder: Path) -> Path:
                 pad_token_id=0,
             )
         )
+    elif name == "model-l":
+        torch.manual_seed(3)
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=2048,
+                intermediate_size=5632,
+                num_hidden_layers=16,
+                num_attention_heads=32,
+                num_key_value_heads=4,
+                max_position_embeddings=2048,
+                tie_word_embeddings=False,
+                bos_token_id=None,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
+        )
     else:
-        raise SystemExit(f"unknown model {name!r}: model-a or model-b")
+        raise SystemExit(f"unknown model {name!r}: model-a, model-b or model-l")
     model.save_pretrained(str(folder))
     _tokenizer(folder)
     return folder
@@ -82,7 +103,7 @@ def _tokenizer(folder: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--out", default="build/bench-models", help="output folder")
-    parser.add_argument("names", nargs="*", default=["model-a", "model-b"], help="which (model-a, model-b)")
+    parser.add_argument("names", nargs="*", default=["model-a", "model-b"], help="which (model-a, model-b, model-l)")
     args = parser.parse_args(argv)
     for name in args.names:
         path = make(name, Path(args.out) / name)

@@ -1,6 +1,6 @@
 """Where ONNX Runtime CPU spends a call: kernel time per op type of the exported graph.
 
-    python benchmarks/profile_ort.py ADAPTER --precision int8 --batch 1 [--threads 1] [--calls 5] [--json FILE]
+    python benchmarks/profile_ort.py ADAPTER --precision int8 --batch 1 [--form sparse] [--threads 1] [--calls 5] [--json FILE]
 
 Exports the adapter with ``prism_deploy.lower.export_onnx``, runs it with ONNX Runtime's
 profiler on, and reports each op type's (and the top nodes') mean kernel time per call. It
@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def profile(adapter_path: str, precision: str, batch: int, threads: int, calls: int) -> dict:
+def profile(adapter_path: str, precision: str, batch: int, threads: int, calls: int, form: str = "auto") -> dict:
     import numpy as np
     import onnxruntime as ort
 
@@ -34,7 +34,7 @@ def profile(adapter_path: str, precision: str, batch: int, threads: int, calls: 
             extra["calib"] = np.random.default_rng(12345).standard_normal(
                 (256, adapter.config.in_dim), dtype=np.float32
             )
-        export_onnx(adapter, path, precision=precision, **extra)
+        export_onnx(adapter, path, precision=precision, gated_form=form, **extra)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.enable_profiling = True
@@ -61,6 +61,7 @@ def profile(adapter_path: str, precision: str, batch: int, threads: int, calls: 
     return {
         "adapter": adapter_path,
         "precision": precision,
+        "gated_form": form,
         "batch": batch,
         "threads": threads,
         "calls": calls,
@@ -83,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--form", default="auto", help="gated form: auto, A, B, sparse, grouped")
     p.add_argument("--json", help="append this profile to a JSON list in FILE")
     args = p.parse_args(argv)
-    result = profile(args.adapter, args.precision, args.batch, args.threads, args.calls)
+    result = profile(args.adapter, args.precision, args.batch, args.threads, args.calls, args.form)
     print(
-        f"{args.adapter} {args.precision} batch {args.batch}, {args.threads} thread(s): "
+        f"{args.adapter} {args.precision} form {args.form} batch {args.batch}, {args.threads} thread(s): "
         f"{result['model_run_ms']:.2f} ms per run, {result['kernel_ms']:.2f} ms in kernels"
     )
     for row in result["by_op_type"][:8]:
