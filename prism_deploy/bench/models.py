@@ -273,25 +273,33 @@ def run_model_bench(
     eager: bool = True,
     hf_dir: str | None = None,
     peers: bool = True,
+    peer_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Time every folder (and transformers eager on their source, and the installed peers of
-    :mod:`prism_deploy.bench.peers` for a last model) interleaved; see the module docstring."""
+    :mod:`prism_deploy.bench.peers` for a last model) interleaved; see the module docstring.
+    ``peer_dir``: keep the peers' builds there and reuse them in later runs (default: a
+    temporary folder, removed at the end)."""
+    import functools
     import tempfile
 
+    run = functools.partial(
+        _run_model_bench,
+        folders,
+        threads=threads,
+        prompt=prompt,
+        new_tokens=new_tokens,
+        repeat=repeat,
+        warmup=warmup,
+        seed=seed,
+        eager=eager,
+        hf_dir=hf_dir,
+        peers=peers,
+    )
+    if peer_dir is not None:
+        Path(peer_dir).mkdir(parents=True, exist_ok=True)
+        return run(scratch=Path(peer_dir))
     with tempfile.TemporaryDirectory(prefix="prism-bench-peers-") as scratch:
-        return _run_model_bench(
-            folders,
-            threads=threads,
-            prompt=prompt,
-            new_tokens=new_tokens,
-            repeat=repeat,
-            warmup=warmup,
-            seed=seed,
-            eager=eager,
-            hf_dir=hf_dir,
-            peers=peers,
-            scratch=Path(scratch),
-        )
+        return run(scratch=Path(scratch))
 
 
 def _run_model_bench(
