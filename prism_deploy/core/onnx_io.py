@@ -41,6 +41,30 @@ def finalize(model: onnx.ModelProto, producer: str = "prism-deploy") -> onnx.Mod
     return model
 
 
+def check_graph(model: onnx.ModelProto) -> None:
+    """ONNX's checker on the graph, its weights left out: each initializer is given to it as a
+    typed graph input instead, so no tensor's bytes are read or copied. An in-memory check
+    resolves external data against the working directory, not the model's folder (a model whose
+    weights stay in their source file fails it wherever it runs from), and cannot take a
+    message over 2 GiB."""
+    from onnx import helper
+
+    graph = model.graph
+    declared = {i.name for i in graph.input}
+    weights = [
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in graph.initializer
+        if t.name not in declared
+    ]
+    light = helper.make_model(
+        helper.make_graph(graph.node, graph.name, [*graph.input, *weights], graph.output, value_info=graph.value_info),
+        opset_imports=model.opset_import,
+        functions=model.functions,
+    )
+    light.ir_version = model.ir_version
+    onnx.checker.check_model(light)
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike[str],
