@@ -8,15 +8,18 @@ float16 scale (weight-only INT8 with float16 activations).
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from prism_deploy.core.blocks import DeferredTensor
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import output_path, temp_sibling, write_errors
 
 OPSET = 19
@@ -286,3 +289,77 @@ def _varint(value: int) -> bytes:
 
 def _key(number: int) -> bytes:
     return _varint(number << 3 | _LEN)
+
+
+class WeightReader:
+    """A graph's initializers as arrays, read one at a time: from ``raw_data`` when the graph
+    holds its bytes, else from its external data files (in ``folder``) with plain reads (not a
+    mapping, whose pages would stay in the process for the whole run: reading every weight of a
+    10 GB graph through one would hold the 10 GB). :meth:`deferred` gives the external tensors
+    as ``DeferredTensor``, copied from their files a block at a time while saving, so a graph
+    over 2 GiB is re-saved (quantized, or traced into a scratch folder) without holding its
+    weights."""
+
+    def __init__(self, model: Any, folder: Path) -> None:
+        self.folder = folder
+        self.external = {
+            t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer if t.data_location == 1
+        }  # onnx.TensorProto.EXTERNAL
+        self.meta = {t.name: t for t in model.graph.initializer}
+
+    def _read(self, tensor: Any, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` (along the first axis) of an external tensor."""
+        from onnx import helper
+
+        from prism_deploy.core.fsutil import inside
+
+        info = self.external[tensor.name]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        shape = tuple(int(d) for d in tensor.dims)
+        row = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
+        stop = (shape[0] if shape else 1) if stop is None else stop
+        path = inside(self.folder, info["location"], "external data location")
+        offset = int(info.get("offset", 0)) + start * row * dtype.itemsize
+        count = (stop - start) * row
+        out = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        if out.size != count:
+            raise PrismInputError(f"{path.name}: ends before tensor {tensor.name!r} does")
+        return out.reshape((stop - start, *shape[1:]) if shape else ())
+
+    def array(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        tensor = self.meta[name]
+        if name in self.external:
+            return self._read(tensor)
+        return numpy_helper.to_array(tensor)
+
+    def add(self, tensor: Any) -> None:
+        self.meta[tensor.name] = tensor
+
+    def deferred(self, model: Any) -> dict[str, Any]:
+        """The graph's remaining external tensors, copied from the source as the file is saved."""
+        from onnx import helper
+
+        out = {}
+        for tensor in model.graph.initializer:
+            if tensor.name not in self.external or tensor.data_location != 1:
+                continue
+            shape = tuple(int(d) for d in tensor.dims)
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+            if not shape:
+                value = self._read(tensor)
+            del tensor.external_data[:]
+            tensor.data_location = 0  # onnx.TensorProto.DEFAULT: the saver writes its bytes
+            if not shape:
+                tensor.raw_data = value.tobytes()
+                continue
+            out[tensor.name] = DeferredTensor(
+                shape, dtype, functools.partial(self._read_rows, tensor, self.external[tensor.name])
+            )
+        return out
+
+    def _read_rows(self, tensor: Any, info: dict[str, str], start: int, stop: int) -> np.ndarray:
+        # the tensor's external fields are cleared by now: read with the ones it had
+        self.external[tensor.name] = info
+        return self._read(tensor, start, stop)

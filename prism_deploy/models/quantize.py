@@ -39,7 +39,6 @@ they check the lowering, not only a tolerance.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import os
@@ -50,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.onnx_io import WeightReader
 from prism_deploy.core.precision import ModelPrecision
 from prism_deploy.core.tiles import ceil_div
 
@@ -254,7 +254,7 @@ def quantize_graph(
 
     src = Path(src)
     model = onnx.load(str(src), load_external_data=False)  # weights stay in their file until used
-    weights = _WeightReader(model, src.parent)
+    weights = WeightReader(model, src.parent)
     layers: list[dict[str, Any]] = []
     _gemm_to_matmul(model, weights, layers)
     candidates = _matmul_weights(model, layers)
@@ -540,7 +540,7 @@ def _ort_quantize(model: Any, spec: QuantSpec, bits: int, x: np.ndarray | None) 
     return out
 
 
-def _splice(model: Any, replaced: dict[str, tuple[list[Any], list[Any]]], weights: "_WeightReader") -> None:
+def _splice(model: Any, replaced: dict[str, tuple[list[Any], list[Any]]], weights: WeightReader) -> None:
     """Each quantized node replaced by its nodes, their initializers added, float weights no
     longer read by any node dropped."""
     nodes = []
@@ -556,80 +556,6 @@ def _splice(model: Any, replaced: dict[str, tuple[list[Any], list[Any]]], weight
     _drop_unused_initializers(model)
 
 
-class _WeightReader:
-    """The graph's initializers as arrays, read one at a time: from ``raw_data`` when the graph
-    holds its bytes, else from its external data file with plain reads (not a mapping, whose
-    pages would stay in the process for the whole run: reading every weight of a 10 GB graph
-    through one would hold the 10 GB). :meth:`deferred` gives the kept external tensors as
-    ``DeferredTensor``, copied from the source file a block at a time while saving."""
-
-    def __init__(self, model: Any, folder: Path) -> None:
-        self.folder = folder
-        self.external = {
-            t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer if t.data_location == 1
-        }  # onnx.TensorProto.EXTERNAL
-        self.meta = {t.name: t for t in model.graph.initializer}
-
-    def _read(self, tensor: Any, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` (along the first axis) of an external tensor."""
-        from onnx import helper
-
-        from prism_deploy.core.fsutil import inside
-
-        info = self.external[tensor.name]
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        shape = tuple(int(d) for d in tensor.dims)
-        row = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
-        stop = (shape[0] if shape else 1) if stop is None else stop
-        path = inside(self.folder, info["location"], "external data location")
-        offset = int(info.get("offset", 0)) + start * row * dtype.itemsize
-        count = (stop - start) * row
-        out = np.fromfile(path, dtype=dtype, count=count, offset=offset)
-        if out.size != count:
-            raise PrismInputError(f"{path.name}: ends before tensor {tensor.name!r} does")
-        return out.reshape((stop - start, *shape[1:]) if shape else ())
-
-    def array(self, name: str) -> np.ndarray:
-        from onnx import numpy_helper
-
-        tensor = self.meta[name]
-        if name in self.external:
-            return self._read(tensor)
-        return numpy_helper.to_array(tensor)
-
-    def add(self, tensor: Any) -> None:
-        self.meta[tensor.name] = tensor
-
-    def deferred(self, model: Any) -> dict[str, Any]:
-        """The graph's remaining external tensors, copied from the source as the file is saved."""
-        from onnx import helper
-
-        from prism_deploy.core.blocks import DeferredTensor
-
-        out = {}
-        for tensor in model.graph.initializer:
-            if tensor.name not in self.external or tensor.data_location != 1:
-                continue
-            shape = tuple(int(d) for d in tensor.dims)
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-            if not shape:
-                value = self._read(tensor)
-            del tensor.external_data[:]
-            tensor.data_location = 0  # onnx.TensorProto.DEFAULT: the saver writes its bytes
-            if not shape:
-                tensor.raw_data = value.tobytes()
-                continue
-            out[tensor.name] = DeferredTensor(
-                shape, dtype, functools.partial(self._read_rows, tensor, self.external[tensor.name])
-            )
-        return out
-
-    def _read_rows(self, tensor: Any, info: dict[str, str], start: int, stop: int) -> np.ndarray:
-        # the tensor's external fields are cleared by now: read with the ones it had
-        self.external[tensor.name] = info
-        return self._read(tensor, start, stop)
-
-
 def _initializers(model: Any) -> dict[str, Any]:
     return {t.name: t for t in model.graph.initializer}
 
@@ -640,7 +566,7 @@ def _is_float(tensor: Any) -> bool:
     return tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
-def _gemm_to_matmul(model: Any, weights: _WeightReader, layers: list[dict[str, Any]]) -> None:
+def _gemm_to_matmul(model: Any, weights: WeightReader, layers: list[dict[str, Any]]) -> None:
     """``Gemm(A, B, C)`` with constant 2-D ``B``, alpha = beta = 1, no transA -> ``MatMul`` and
     ``Add``: the same arithmetic, in the op type ONNX Runtime's quantizer handles. ``transB``
     is applied to the stored weight."""
