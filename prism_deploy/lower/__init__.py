@@ -6,7 +6,6 @@ numpy and onnx only: lowering never needs PyTorch.
 from prism_deploy.lower.adapter_onnx import DEFAULT_GATED_FORM, GATED_FORMS, choose_gated_form, pipe_prefixes
 from prism_deploy.lower.contract import METADATA_KEY, graph_precision, read_metadata
 from prism_deploy.lower.export import IO_DTYPES, ExportResult, build_model, export_onnx
-from prism_deploy.lower.nbits import form_refusal
 
 __all__ = [
     "DEFAULT_GATED_FORM",
@@ -17,7 +16,6 @@ __all__ = [
     "build_model",
     "choose_gated_form",
     "export_onnx",
-    "form_refusal",
     "graph_precision",
     "pipe_prefixes",
     "read_metadata",

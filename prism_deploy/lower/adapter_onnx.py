@@ -10,7 +10,7 @@ Graph, for ``hidden`` ``[batch, seq, in_dim]``:
                [T, R*C] -> batched MatMul over the tile grid (form A or B below), or only
                the selected tiles (the sparse and grouped forms)
       INT8 ungated with ``ort_nbits``, INT4 ungated: ONNX Runtime's MatMulNBits on the packed weights
-      INT4 gated: the sparse form only, its tiles gathered at 4 bits (lower/nbits.py)
+      INT4 gated: the tiles packed, dequantized by GatherBlockQuantized (lower/nbits.py)
     combine: Mul by the combine weight (weighted), Sum over pipes -> Cast -> Reshape = adapted
 
 The node count depends on the pipes and the precision, never on the number of workers. The
@@ -60,7 +60,8 @@ DEFAULT_GATED_FORM = "auto"
 # "auto" picks per pipe the form with the smaller intermediate (A when tc <= tr; ties -> A,
 # which keeps the reference's summation order), except for int8-qdq, where it always takes B
 # (form A would quantize the gate-scaled input g*x, whose values span the gate's whole range),
-# and for int4, where it takes the sparse form, the only one int4 lowers (lower/nbits.py).
+# and for int4, where it takes the sparse form: A and B dequantize every 4-bit tile on every
+# call (lower/nbits.py), the sparse form only the selected ones, and no dense form is folded.
 # The measurements behind both rules are in docs/onnx-lowering.md ("Gated pipes: form A and form B").
 #   sparse: only the tiles selected by at least one token of the call (the union of the
 #      tokens' TopK sets) are gathered, each once, and multiplied; never picked by "auto"
@@ -142,7 +143,7 @@ class AdapterGraphBuilder:
         # their own width; see _ungated_nbits); TensorRT does not know the op
         self.ort_nbits = ort_nbits and self.int8 and not self.qdq
         if self.precision is Precision.INT4:  # int4 exists only in ONNX Runtime's 4-bit ops (lower/nbits.py)
-            check_int4_applies(self.config, gated_form)
+            check_int4_applies(self.config)
             self.ort_nbits = True
 
     # -- whole graph --------------------------------------------------------------------
@@ -301,11 +302,17 @@ class AdapterGraphBuilder:
     def _tiles_in_storage_order(self, i: int) -> tuple[str, str | None, str]:
         """The tile initializer in storage order -> (tiles name, scales name, compute-dtype
         tensor ``[R*C, tr, tc]``). INT8 tiles are dequantized in the graph (per axis, on the
-        tiles flattened to ``[R*C*tr, tc]``, axis 0: one scale per tile row)."""
+        tiles flattened to ``[R*C*tr, tc]``, axis 0: one scale per tile row). INT4 tiles are
+        gathered whole and dequantized by ``GatherBlockQuantized`` on every call (lower/nbits.py)."""
         g, p = self.g, self.prefixes[i]
         spec = self.config.pipes[i]
         W, (tr, tc) = spec.workers, spec.tile
         source, cd = self.adapter.tiles(i), self.cd
+        if self.precision is Precision.INT4:
+            tiles, scale_name = int4_tiles(g, p, spec, source)
+            every = g.initializer(f"{p}tiles/every", np.arange(W, dtype=np.int64))
+            deq = int4_gathered(g, p, spec, tiles, scale_name, every)  # [W, tr, tc] float32
+            return tiles, scale_name, g.op("Cast", [deq], f"{p}tiles/Cast", to=self.cd_onnx)
         if not self.int8:
             tiles = g.initializer(
                 f"{p}tiles", DeferredTensor((W, tr, tc), cd, lambda a, b: np.ascontiguousarray(source[a:b], dtype=cd))

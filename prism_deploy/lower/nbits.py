@@ -6,24 +6,27 @@ to a byte (``core.tiles.pack_int4``: the one byte layout): ``MatMulNBits`` for a
 (the whole pipe as one ``[N, K]`` weight, ``adapter_onnx._ungated_nbits``) and
 ``GatherBlockQuantized`` for a gated pipe's sparse form (here).
 
-Gated pipes at int4 are lowered in the sparse form only. Its tiles are read through a runtime
-index (the union of the call's selections), so they stay 4-bit in the file, in the engine and
-in memory: ``GatherBlockQuantized`` gathers the selected tiles' bytes and dequantizes them in
-one pass to float32 ``q * s``, bit for bit the tile ``core.tiles.stored_as(.., INT4)`` gives;
-the products are then taken in float32, as int8's sparse form does. Measured on the 4096 ->
-4096 pipe's 256x128 tiles (2-core CPU, one thread, ONNX Runtime 1.31, 2026-12-07): gathering
-and dequantizing 154 of 512 tiles took 3.9 ms with it against 18.2 ms with the standard ops
-(Gather, BitwiseAnd, BitShift, Concat, Cast, Sub, Mul); all 512: 26 ms against 38 ms. Same
-values (max difference 0).
+Gated pipes at int4, every form: the tiles are stored packed in storage order and read through
+``GatherBlockQuantized``, which gathers tiles' bytes and dequantizes them in one pass to float32
+``q * s``, bit for bit the tile ``core.tiles.stored_as(.., INT4)`` gives. The sparse form gathers
+the union of the call's selections (its products then in float32, as int8's sparse form); forms
+A, B and grouped gather every tile (a constant index) and go on as at int8, in float16. Measured
+on the 4096 -> 4096 pipe's 256x128 tiles (2-core CPU, one thread, ONNX Runtime 1.31,
+2026-12-07): gathering and dequantizing 154 of 512 tiles took 3.9 ms with it against 18.2 ms
+with standard ops (Gather, BitwiseAnd, BitShift, Concat, Cast, Sub, Mul); all 512: 26 ms against
+38 ms; the same values (max difference 0).
 
-The other forms are not lowered at int4 (``form_refusal``): they read every tile as a constant.
-``MatMulNBits`` takes one 2-D weight, and form A's ``[R, C*tc, tr]`` and form B's ``[C, tc, R*tr]``
-are batched (one node per row- or column-block would make the node count follow the grid);
-grouped multiplies per-tile token groups, no ``[N, K]`` product at all. Unpacking a constant in
-the graph instead (standard ops, or ``GatherBlockQuantized`` with every index) is constant-folded
-when the ort-cpu engine is optimized at build time: the engine would store the tiles as floats,
-which is form A/B at fp32/fp16 under another name. (int8 escapes this because ONNX Runtime
-leaves ``DequantizeLinear`` unfolded; a 4-bit ``DequantizeLinear`` needs opset 21 / IR 10.)
+Why not unpack with standard ops in forms A, B and grouped, whose tiles are constants: ONNX
+Runtime constant-folds them when the ort-cpu engine is optimized at build time (checked: a
+BitwiseAnd/BitShift/Concat/Cast unpack of an initializer is saved as a float initializer), and the
+engine would hold float tiles: the form at fp32/fp16 under another name. It does not fold
+``GatherBlockQuantized`` (checked the same way), so those forms stay 4-bit in the file and in
+memory and pay the dequantization on every call; the build's timing (builder/forms.py) decides
+per token bucket whether that ever beats the sparse form. ``MatMulNBits`` itself takes one 2-D
+weight: form A's ``[R, C*tc, tr]`` and form B's ``[C, tc, R*tr]`` are batched, and one node per
+row- or column-block would make the node count follow the grid. (int8 keeps its tiles int8 in
+the file because ONNX Runtime leaves ``DequantizeLinear`` unfolded; a 4-bit ``DequantizeLinear``
+needs opset 21 / IR 10, past the graphs' opset 19 / IR 9.)
 """
 
 from __future__ import annotations
@@ -34,16 +37,10 @@ import numpy as np
 
 from prism_deploy.core.blocks import DeferredTensor
 from prism_deploy.core.errors import PrismInputError
-from prism_deploy.core.precision import Precision
 from prism_deploy.core.tiles import QMAX_INT4, pack_int4, quantize_with_scales, row_scales
 from prism_deploy.lower.graph_writer import GraphBuilder
 
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits, GatherBlockQuantized)
-INT4_GATED_FORMS = ("sparse",)
-INT4_FORM_WHY = (
-    "int4 lowers gated pipes in the sparse form only (GatherBlockQuantized on the selected tiles); "
-    "forms A, B and grouped read every tile as a constant, which the engine build would fold to floats"
-)
 
 
 def nbits_applies(spec: Any) -> bool:
@@ -54,23 +51,13 @@ def nbits_applies(spec: Any) -> bool:
     return tc >= 16 and tc & (tc - 1) == 0
 
 
-def form_refusal(form: str, precision: Precision) -> str | None:
-    """Why gated form ``form`` is not lowered at ``precision`` (None: it is)."""
-    if precision is Precision.INT4 and form not in (*INT4_GATED_FORMS, "auto"):
-        return INT4_FORM_WHY
-    return None
-
-
-def check_int4_applies(config: Any, gated_form: str) -> None:
-    """int4 needs every pipe's tile width to be a block size of the 4-bit ops, and gated pipes in
-    a form int4 lowers; otherwise one error line naming the first pipe or the form."""
+def check_int4_applies(config: Any) -> None:
+    """int4 needs every pipe's tile width to be a block size of the 4-bit ops; otherwise one
+    error line naming the first pipe whose width is not."""
     for spec in config.pipes:
         if not nbits_applies(spec):
             why = f"has tile width {spec.tile[1]}, not a power of two >= 16 (MatMulNBits' block size)"
             raise PrismInputError(f"--precision int4: pipe {spec.name!r} {why}")
-    refusal = form_refusal(gated_form, Precision.INT4)
-    if config.gated_pipes and refusal is not None:
-        raise PrismInputError(f"--precision int4: gated form {gated_form!r} is not lowered ({refusal}); use sparse")
 
 
 def int4_tiles(g: GraphBuilder, prefix: str, spec: Any, source: np.ndarray) -> tuple[str, str]:
@@ -92,7 +79,8 @@ def int4_tiles(g: GraphBuilder, prefix: str, spec: Any, source: np.ndarray) -> t
 
 
 def int4_gathered(g: GraphBuilder, prefix: str, spec: Any, tiles: str, scales: str, sel: str) -> str:
-    """The tiles ``sel`` ``[n]`` picks, dequantized: ``[n, tr, tc]`` float32, read at 4 bits."""
+    """The tiles ``sel`` ``[n]`` (a tensor of worker indices) picks, dequantized: ``[n, tr, tc]``
+    float32, read at 4 bits."""
     W, (tr, tc) = spec.workers, spec.tile
     data = g.op("Reshape", [tiles, g.ints(f"{prefix}tiles/shape", [W, tr, tc // 2])], f"{prefix}tiles/Reshape")
     s = g.op("Reshape", [scales, g.ints(f"{prefix}tiles/scale_shape", [W, tr, 1])], f"{prefix}tiles/ReshapeScales")

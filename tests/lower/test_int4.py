@@ -93,7 +93,6 @@ def test_int4_refuses_what_matmulnbits_cannot_take(pipe, why):
 
 
 def test_cli_export_and_build_int4_on_ort_cpu(adapter, tmp_path, capsys):
-    import json
     from pathlib import Path
 
     from prism_deploy.cli.main import main
@@ -110,12 +109,15 @@ def test_cli_export_and_build_int4_on_ort_cpu(adapter, tmp_path, capsys):
     capsys.readouterr()
     demo = Path(__file__).resolve().parents[2] / "examples" / "demo-adapter.safetensors"  # has gated pipes
     assert main(["export", str(demo), "-o", str(tmp_path / "d.onnx"), "--precision", "int4"]) == 0
+    assert main(["build", str(demo), "-o", str(tmp_path / "demo"), "--target", "ort-cpu", "--precision", "int4"]) == 0
+    manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
+    (engine,) = manifest["engines"]
+    assert engine["parity"]["passed"] and engine["forms"]["candidates"] == ["A", "B", "sparse", "grouped"]
     meta = AdapterGraph(tmp_path / "d.onnx", "cpu").metadata
     assert meta is not None and [p["form"] for p in meta["pipes"] if p["gated"]] == ["sparse", "sparse"]
 
 
 def test_simulated_stored_tiles_are_the_graphs(adapter, tmp_path):
-    from prism_deploy.core.precision import Precision
     from prism_deploy.core.tiles import stored_as
 
     export_onnx(adapter, tmp_path / "a.onnx", precision="int4")
@@ -153,7 +155,6 @@ def _int4_rounded(adapter):
 
     import torch
 
-    from prism_deploy.core.precision import Precision
     from prism_deploy.core.tiles import stored_as
 
     sim = copy.deepcopy(adapter)
@@ -168,12 +169,14 @@ def gated():
     return random_adapter(GATED, seed=11)
 
 
-@pytest.mark.parametrize("form", ["auto", "sparse"])
+@pytest.mark.parametrize("form", ["auto", "A", "B", "sparse", "grouped"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_int4_gated_matches_the_reference_and_the_int4_rounded_one(gated, form, shape):
     from tests.lower_helpers import selections_agree
 
     model = build_model(gated, precision="int4", gated_form=form)
+    meta = json.loads(next(p.value for p in model.metadata_props if p.key == "prism.lowering"))
+    assert [p["form"] for p in meta["pipes"]] == [form if form != "auto" else "sparse"] * 2  # auto: sparse
     x = np.random.default_rng(sum(shape) + 1).standard_normal((*shape, 60)).astype(np.float32)
     y = ort_run(model, x)
     assert y.shape == (*shape, 50) and y.dtype == np.float32
@@ -185,8 +188,8 @@ def test_int4_gated_matches_the_reference_and_the_int4_rounded_one(gated, form, 
     yy, rr = y.reshape(-1, 50), ref.reshape(-1, 50)
     cos = (yy * rr).sum(-1) / np.linalg.norm(yy, axis=-1) / np.linalg.norm(rr, axis=-1)
     assert cos.min() > BOUND.cosine_min
-    # the same tiles as the int4-rounded reference: what is left is float16 compute (the products
-    # are float32, the per-row-block sums float16), within fp16's bound, not int4's rounding
+    # the same tiles as the int4-rounded reference: what is left is float16 compute (sparse: float32
+    # products, float16 sums), within fp16's bound, not int4's rounding
     assert rel_l2(y, reference(_int4_rounded(gated), x)) < ADAPTER["fp16"].rel_l2_max
     assert rel_l2(y, ref) > 10 * ADAPTER["fp16"].rel_l2_max  # and the rounding is really 4-bit
 
@@ -244,11 +247,13 @@ def test_pack_int4_is_the_layout_matmulnbits_reads():
     np.testing.assert_array_equal(unpack_int4(packed), codes.astype(np.float32))
 
 
-@pytest.mark.parametrize("form", ["A", "B", "grouped"])
-def test_int4_refuses_the_forms_that_read_every_tile_as_a_constant(gated, form):
-    from prism_deploy.lower import form_refusal
+@pytest.mark.parametrize(("target", "plugin"), [("trt", False), ("trt", True), ("ort-cuda", False)])
+def test_int4_targets_without_matmulnbits_still_refuse(gated, tmp_path, target, plugin):
+    """int4 lives in ONNX Runtime CPU's contrib ops: the other targets refuse it, gated pipes or not."""
+    from prism_deploy.builder.adapter_source import export_graph
+    from prism_deploy.builder.options import EngineConfig, Profile
 
-    with pytest.raises(PrismInputError, match=f"^--precision int4: gated form '{form}' is not lowered"):
-        build_model(gated, precision="int4", gated_form=form)
-    assert form_refusal(form, Precision.INT4) and form_refusal(form, Precision.INT8) is None
-    build_model(random_adapter(UNGATED, seed=0), precision="int4", gated_form=form)  # no gated pipe: no form
+    cfg = EngineConfig(target, "int4", Profile(), plugin=plugin)
+    with pytest.raises(PrismInputError, match=f"^--precision int4: target {target} has no MatMulNBits"):
+        export_graph(gated.arrays(), tmp_path / "a.onnx", cfg, None)
+    assert not (tmp_path / "a.onnx").exists()
