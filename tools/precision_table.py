@@ -29,6 +29,7 @@ VARIANTS = [  # (label, precision, io dtype, calibrator)
     ("int8", "int8", "float32", None),
     ("int8-qdq, max", "int8-qdq", "float32", "max"),
     ("int8-qdq, percentile", "int8-qdq", "float32", "percentile"),
+    ("int4", "int4", "float32", None),  # MatMulNBits / GatherBlockQuantized: ONNX Runtime CPU
 ]
 
 

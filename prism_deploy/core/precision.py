@@ -27,7 +27,7 @@ class Precision(str, Enum):
     FP16 = "fp16"  # float16 weights and compute (gates stay float32)
     INT8 = "int8"  # int8 tiles with a float32 scale per tile row, float16 compute
     INT8_QDQ = "int8-qdq"  # int8 tiles and int8 activations (calibrated), float16 compute
-    INT4 = "int4"  # 4-bit tiles (MatMulNBits, ungated pipes), a float32 scale per tile row, float16 compute
+    INT4 = "int4"  # 4-bit tiles (MatMulNBits; gated: GatherBlockQuantized), a float32 scale per tile row, fp16 compute
 
     def __str__(self) -> str:
         return self.value
@@ -50,7 +50,8 @@ class Precision(str, Enum):
 
     @property
     def quantized(self) -> bool:
-        """Integer weights (int8 dequantized in the graph or by the kernel; int4 by MatMulNBits)."""
+        """Integer weights (int8 dequantized in the graph or by the kernel; int4 by ONNX Runtime's
+        MatMulNBits or GatherBlockQuantized)."""
         return self in (Precision.INT8, Precision.INT8_QDQ, Precision.INT4)
 
     @property

@@ -15,7 +15,8 @@ padding the same way.
 INT8 tiles: symmetric, one float32 scale per tile row (scales ``[R*C, tr]``), so a worker never
 shares a scale with another and a small tile keeps its own resolution: ``q = round(t / s)``
 clipped to [-127, 127], ``s = max|row| / 127`` (a row of zeros gets scale 1, so dequantization
-is exact and nothing divides by zero).
+is exact and nothing divides by zero). INT4 tiles: the same with codes -7..7 (``QMAX_INT4``),
+stored two to a byte (``pack_int4``).
 
 The layout functions take numpy arrays or torch tensors and return the same kind, so the
 PyTorch reference, the fitting code and the numpy lowering share one definition. The
@@ -226,6 +227,24 @@ def dequantize_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     q = np.asarray(q)
     s = np.asarray(scales, dtype=np.float32).reshape(q.shape[:-1])
     return q.astype(np.float32) * s[..., None]
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """Signed 4-bit codes ``[..., n]`` (``n`` even, values -7..7) -> uint8 ``[..., n/2]``: each
+    code stored as ``q + 8`` (the unsigned zero point 8), two to a byte, the even element in the
+    low nibble. The one int4 byte layout of the project: ONNX Runtime's ``MatMulNBits`` and
+    ``GatherBlockQuantized`` (bits 4, no zero points) read it."""
+    u = (np.asarray(codes).astype(np.int16) + 8).astype(np.uint8)
+    return np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """``pack_int4`` undone: uint8 ``[..., n/2]`` -> the signed codes ``[..., n]`` as float32."""
+    packed = np.asarray(packed)
+    codes = np.empty((*packed.shape[:-1], 2 * packed.shape[-1]), dtype=np.float32)
+    codes[..., 0::2] = packed & 0x0F
+    codes[..., 1::2] = packed >> 4
+    return codes - 8.0
 
 
 def stored_as(tiles: Any, precision: Precision) -> np.ndarray:

@@ -9,7 +9,8 @@ Graph, for ``hidden`` ``[batch, seq, in_dim]``:
                gate/Mul (gate_scale) -> gate/ScatterElements into gate/ConstantOfShape zeros
                [T, R*C] -> batched MatMul over the tile grid (form A or B below), or only
                the selected tiles (the sparse and grouped forms)
-      INT8 ungated with ``ort_nbits``: ONNX Runtime's MatMulNBits on the 8-bit weights
+      INT8 ungated with ``ort_nbits``, INT4 ungated: ONNX Runtime's MatMulNBits on the packed weights
+      INT4 gated: the tiles packed, dequantized by GatherBlockQuantized (lower/nbits.py)
     combine: Mul by the combine weight (weighted), Sum over pipes -> Cast -> Reshape = adapted
 
 The node count depends on the pipes and the precision, never on the number of workers. The
@@ -36,6 +37,7 @@ from prism_deploy.core.tiles import (
     QMAX,
     QMAX_INT4,
     dense_rows,
+    pack_int4,
     quantize_with_scales,
     real_blocks,
     row_scales,
@@ -43,6 +45,7 @@ from prism_deploy.core.tiles import (
 from prism_deploy.format import AdapterTensors
 from prism_deploy.lower.contract import write_metadata
 from prism_deploy.lower.graph_writer import DTYPE_NAMES, NP_TO_ONNX, GraphBuilder
+from prism_deploy.lower.nbits import MS_DOMAIN, check_int4_applies, int4_gathered, int4_tiles, nbits_applies
 
 GATED_FORMS = ("auto", "A", "B", "sparse", "grouped")
 DEFAULT_GATED_FORM = "auto"
@@ -56,7 +59,9 @@ DEFAULT_GATED_FORM = "auto"
 #      C * T * R*tr values, plus a separate reduction pass.
 # "auto" picks per pipe the form with the smaller intermediate (A when tc <= tr; ties -> A,
 # which keeps the reference's summation order), except for int8-qdq, where it always takes B
-# (form A would quantize the gate-scaled input g*x, whose values span the gate's whole range).
+# (form A would quantize the gate-scaled input g*x, whose values span the gate's whole range),
+# and for int4, where it takes the sparse form: A and B dequantize every 4-bit tile on every
+# call (lower/nbits.py), the sparse form only the selected ones, and no dense form is folded.
 # The measurements behind both rules are in docs/onnx-lowering.md ("Gated pipes: form A and form B").
 #   sparse: only the tiles selected by at least one token of the call (the union of the
 #      tokens' TopK sets) are gathered, each once, and multiplied; never picked by "auto"
@@ -67,6 +72,8 @@ DEFAULT_GATED_FORM = "auto"
 
 def choose_gated_form(spec: Any, precision: Precision = defaults.PRECISION) -> str:
     """``auto``'s choice for one gated pipe (see above)."""
+    if precision is Precision.INT4:
+        return "sparse"
     if precision.quantizes_activations:
         return "B"
     R, C = spec.grid
@@ -75,27 +82,6 @@ def choose_gated_form(spec: Any, precision: Precision = defaults.PRECISION) -> s
 
 
 RESERVED_PREFIXES = ("input", "combine", "output")
-MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits)
-
-
-def nbits_applies(spec: Any) -> bool:
-    """MatMulNBits takes blocks of a power of two >= 16 along K: the tile width must be one, so
-    that each block is one tile row and its scale the tile row's own (no requantization)."""
-    tc = spec.tile[1]
-    return tc >= 16 and tc & (tc - 1) == 0
-
-
-def _check_int4_applies(config: Any) -> None:
-    """int4 is lowered only to MatMulNBits (ONNX Runtime): every pipe ungated, with a tile width
-    MatMulNBits takes as its block; otherwise one error line naming the first pipe that is not."""
-    for spec in config.pipes:
-        if spec.gated:
-            why = "is gated (int4 covers ungated pipes only: MatMulNBits; use int8)"
-        elif not nbits_applies(spec):
-            why = f"has tile width {spec.tile[1]}, not a power of two >= 16 (MatMulNBits' block size)"
-        else:
-            continue
-        raise PrismInputError(f"--precision int4: pipe {spec.name!r} {why}")
 
 
 def sanitize_name(name: str) -> str:
@@ -156,8 +142,8 @@ class AdapterGraphBuilder:
         # ONNX Runtime only: INT8 ungated pipes as com.microsoft MatMulNBits (8-bit weights read at
         # their own width; see _ungated_nbits); TensorRT does not know the op
         self.ort_nbits = ort_nbits and self.int8 and not self.qdq
-        if self.precision is Precision.INT4:  # int4 exists only as MatMulNBits (docs/precision.md)
-            _check_int4_applies(self.config)
+        if self.precision is Precision.INT4:  # int4 exists only in ONNX Runtime's 4-bit ops (lower/nbits.py)
+            check_int4_applies(self.config)
             self.ort_nbits = True
 
     # -- whole graph --------------------------------------------------------------------
@@ -210,7 +196,7 @@ class AdapterGraphBuilder:
         graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, io_type, ["batch", "seq", cfg.out_dim]))
         model = g.model  # built in place: make_graph/make_model would copy the weights twice
         model.opset_import.append(helper.make_opsetid("", OPSET))
-        if any(p.get("nbits_weight") for p in self.pipe_meta):
+        if any(n.domain == MS_DOMAIN for n in g.graph.node):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
         model.doc_string = (
             f"PRISM adapter {cfg.in_dim} -> {cfg.out_dim}, {cfg.num_pipes} pipe(s), "
@@ -316,11 +302,17 @@ class AdapterGraphBuilder:
     def _tiles_in_storage_order(self, i: int) -> tuple[str, str | None, str]:
         """The tile initializer in storage order -> (tiles name, scales name, compute-dtype
         tensor ``[R*C, tr, tc]``). INT8 tiles are dequantized in the graph (per axis, on the
-        tiles flattened to ``[R*C*tr, tc]``, axis 0: one scale per tile row)."""
+        tiles flattened to ``[R*C*tr, tc]``, axis 0: one scale per tile row). INT4 tiles are
+        gathered whole and dequantized by ``GatherBlockQuantized`` on every call (lower/nbits.py)."""
         g, p = self.g, self.prefixes[i]
         spec = self.config.pipes[i]
         W, (tr, tc) = spec.workers, spec.tile
         source, cd = self.adapter.tiles(i), self.cd
+        if self.precision is Precision.INT4:
+            tiles, scale_name = int4_tiles(g, p, spec, source)
+            every = g.initializer(f"{p}tiles/every", np.arange(W, dtype=np.int64))
+            deq = int4_gathered(g, p, spec, tiles, scale_name, every)  # [W, tr, tc] float32
+            return tiles, scale_name, g.op("Cast", [deq], f"{p}tiles/Cast", to=self.cd_onnx)
         if not self.int8:
             tiles = g.initializer(
                 f"{p}tiles", DeferredTensor((W, tr, tc), cd, lambda a, b: np.ascontiguousarray(source[a:b], dtype=cd))
@@ -418,9 +410,8 @@ class AdapterGraphBuilder:
         q = quantize_with_scales(rows, scales, qmax).reshape(R, C, tr, tc)
         n_blocks = real_blocks(cfg.in_dim, tc)
         # [R, C, tr, tc] -> [R, tr, C, tc] -> [R*tr, C, tc]: output row n, block c
-        codes = q.transpose(0, 2, 1, 3).reshape(R * tr, C, tc)[: cfg.out_dim, :n_blocks].astype(np.int16)
-        codes = (codes + (1 << (bits - 1))).astype(np.uint8)
-        packed = codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
+        codes = q.transpose(0, 2, 1, 3).reshape(R * tr, C, tc)[: cfg.out_dim, :n_blocks]
+        packed = (codes.astype(np.int16) + 128).astype(np.uint8) if bits == 8 else pack_int4(codes)
         block_scales = scales.reshape(R, C, tr).transpose(0, 2, 1).reshape(R * tr, C)[: cfg.out_dim, :n_blocks]
         w = g.initializer(f"{p}nbits/weight", np.ascontiguousarray(packed))
         s = g.initializer(f"{p}nbits/scales", np.ascontiguousarray(block_scales.reshape(-1), dtype=np.float32))
@@ -641,12 +632,14 @@ class AdapterGraphBuilder:
             [g.op("NonZero", [mask], f"{p}select/NonZero"), g.ints(f"{p}select/flat", [-1])],
             f"{p}select/indices",
         )  # [n], ascending worker index
-        # weight-only INT8: the gathered int8 tiles multiply in float32 and their row scales
-        # apply to the [n, tr, T] products (one pass over the gathered tiles, not three)
-        scaled_after = self.int8 and not self.qdq
+        # weight-only INT8 / INT4: the gathered tiles multiply in float32; INT8's row scales
+        # apply to the [n, tr, T] products (one pass over the gathered tiles, not three), INT4's
+        # tiles arrive dequantized (GatherBlockQuantized)
+        in_f32 = self.int8 and not self.qdq
+        scaled_after = in_f32 and self.precision is not Precision.INT4
         tiles, scales, t3 = self._tiles_gathered(i, sel, scaled_after)  # [n, tr, tc]
         # the input column block of each selected tile: x as [C, T, tc], gathered by c = w % C
-        x_in = self.x_f32 if scaled_after else self.x_cd
+        x_in = self.x_f32 if in_f32 else self.x_cd
         xp = g.op("Pad", [x_in, g.ints(f"{p}pad/pads", [0, 0, 0, spec.padded_in - cfg.in_dim])], f"{p}Pad")
         xq = self._act_qdq(xp, f"{p}input/")
         x3 = g.op("Reshape", [xq, g.ints(f"{p}input/shape", [-1, C, tc])], f"{p}input/Reshape")
@@ -671,8 +664,8 @@ class AdapterGraphBuilder:
                 axis=0,
             )
             part = g.op("Mul", [part, s], f"{p}partials/Scale")  # [n, tr, T] * [n, tr, 1]
-            if self.cd != np.float32:
-                part = g.op("Cast", [part], f"{p}partials/Cast", to=self.cd_onnx)
+        if in_f32 and self.cd != np.float32:
+            part = g.op("Cast", [part], f"{p}partials/Cast", to=self.cd_onnx)
         part = g.op("Transpose", [part], f"{p}partials/Transpose", perm=[2, 0, 1])  # [T, n, tr]
         # coefficients [T, R, n]: the tile's gate where R is its row-block, 0 elsewhere
         gsel = g.op("Gather", [gates, sel], f"{p}gates/Gather", axis=1)  # [T, n]
@@ -843,11 +836,15 @@ class AdapterGraphBuilder:
         """The selected tiles ``[n, tr, tc]`` in the compute dtype, gathered from the storage-order
         initializer (``_tiles_in_storage_order``'s, which stays the contract's ``tiles``).
         INT8: gathered at 1 byte a value, dequantized after the gather; with ``scaled_after``
-        only cast to float32 (the caller applies the row scales to the products)."""
+        only cast to float32 (the caller applies the row scales to the products). INT4: gathered
+        at half a byte a value and dequantized in the same op, float32 (lower/nbits.py)."""
         g, p = self.g, self.prefixes[i]
         spec = self.config.pipes[i]
         W, (tr, tc) = spec.workers, spec.tile
         source, cd = self.adapter.tiles(i), self.cd
+        if self.precision is Precision.INT4:
+            tiles, scale_name = int4_tiles(g, p, spec, source)
+            return tiles, scale_name, int4_gathered(g, p, spec, tiles, scale_name, sel)
         if not self.int8:
             tiles = g.initializer(
                 f"{p}tiles", DeferredTensor((W, tr, tc), cd, lambda a, b: np.ascontiguousarray(source[a:b], dtype=cd))

@@ -26,7 +26,7 @@ from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.onnx_io import INPUT_NAME, OUTPUT_NAME
 from prism_deploy.core.ort_session import session_config_for
 from prism_deploy.core.precision import Precision
-from prism_deploy.core.tiles import dequantize_rows, tiles_from_dense
+from prism_deploy.core.tiles import dequantize_rows, tiles_from_dense, unpack_int4
 from prism_deploy.lower.contract import graph_precision, has_metadata, read_metadata
 from prism_deploy.runtime.onnx_runner import OnnxRunner, shape_of
 
@@ -154,7 +154,7 @@ class AdapterGraph:
     # ---- what parity wants ------------------------------------------------------------------
     def stored_tiles(self) -> dict[int, np.ndarray]:
         """Per pipe index, the tiles ``[R*C, tr, tc]`` float32 as the graph computes with them
-        (dequantized for INT8). Pipes folded with others at export are left out."""
+        (dequantized for INT8 and INT4). Pipes folded with others at export are left out."""
         if self.metadata is None:
             return {}
         model = onnx.load_model(str(self.path))
@@ -163,7 +163,10 @@ class AdapterGraph:
         for pipe in self.metadata["pipes"]:
             shape = (pipe["R"] * pipe["C"], pipe["tr"], pipe["tc"])
             if pipe.get("tiles") is not None:
-                tiles = numpy_helper.to_array(inits[pipe["tiles"]]).reshape(shape)
+                tiles = numpy_helper.to_array(inits[pipe["tiles"]])
+                if self.precision is Precision.INT4:  # 4-bit codes, two to a byte
+                    tiles = unpack_int4(tiles)
+                tiles = tiles.reshape(shape)
                 if pipe.get("scales") is not None:
                     out[pipe["index"]] = dequantize_rows(tiles, numpy_helper.to_array(inits[pipe["scales"]]))
                 else:
@@ -217,7 +220,4 @@ def nbits_codes(blob: np.ndarray, block: int) -> np.ndarray:
     block]`` float32: 8 bits are ``q + 128``; 4 bits are ``q + 8`` two to a byte, low nibble first."""
     if blob.shape[-1] == block:
         return blob.astype(np.float32) - 128.0
-    codes = np.empty((*blob.shape[:-1], block), dtype=np.float32)
-    codes[..., 0::2] = blob & 0x0F
-    codes[..., 1::2] = blob >> 4
-    return codes - 8.0
+    return unpack_int4(blob)
