@@ -273,6 +273,8 @@ def run_model_bench(
     eager: bool = True,
     hf_dir: str | None = None,
     peers: bool = True,
+    gguf: str | os.PathLike[str] | None = None,
+    memory: bool = False,
 ) -> dict[str, Any]:
     """Time every folder (and transformers eager on their source, and the installed peers of
     :mod:`prism_deploy.bench.peers` for a last model) interleaved; see the module docstring."""
@@ -290,6 +292,8 @@ def run_model_bench(
             eager=eager,
             hf_dir=hf_dir,
             peers=peers,
+            gguf=gguf,
+            memory=memory,
             scratch=Path(scratch),
         )
 
@@ -306,6 +310,8 @@ def _run_model_bench(
     eager: bool,
     hf_dir: str | None,
     peers: bool,
+    gguf: str | os.PathLike[str] | None,
+    memory: bool,
     scratch: Path,
 ) -> dict[str, Any]:
     import torch
@@ -362,28 +368,30 @@ def _run_model_bench(
         steps = [rows[None, prompt + i : prompt + i + 1] for i in range(new_tokens)]
 
     peer_skipped: dict[str, str] = {}
+    peer_names: set[str] = set()
     if peers and role == "last":
-        from prism_deploy.bench.peers import GENAI_PRECISIONS, GenAIPeer, peer_reasons
+        from prism_deploy.bench.peers import make_peers
 
-        for peer_name, why in peer_reasons().items():
-            if why:
-                peer_skipped[peer_name] = why
         precisions = sorted(
             {str(r.manifest.get("precision", "fp32")) for r in runners.values() if isinstance(r, _OrtModel)}
         )
-        if "onnxruntime-genai" not in peer_skipped:
-            if not (source and (Path(source) / "config.json").is_file()):
-                peer_skipped["onnxruntime-genai"] = f"no Hugging Face folder at {source!r} (give --hf)"
-            for precision in precisions:
-                if precision not in GENAI_PRECISIONS or "onnxruntime-genai" in peer_skipped:
-                    continue
-                try:
-                    peer = GenAIPeer(str(source), precision, threads, prompt + new_tokens, scratch)
-                except Exception as exc:  # the builder or GenAI's loader: the peer is skipped, with the reason
-                    peer_skipped[f"onnxruntime-genai {precision}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    continue
-                peer.ids = token_ids[None, :prompt]
-                runners[f"onnxruntime-genai {precision}"] = peer
+        made, peer_skipped = make_peers(
+            source,
+            precisions,
+            threads=threads,
+            max_length=prompt + new_tokens,
+            ids=token_ids[None, :prompt],
+            scratch=scratch,
+            dims=dims,
+            gguf=gguf,
+        )
+        runners.update(made)
+        peer_names = set(made)
+    elif gguf is not None:
+        why = (
+            "with --no-peers it is not used" if role == "last" else f"it goes beside a last model, and these are {role}"
+        )
+        raise PrismInputError(f"--gguf {gguf}: the llama.cpp peer's file, but {why}")
     machine = describe_machine()
     matrix_rate = measure_matrix_rate("cpu", "fp32", threads=threads)
     fp32_runs = [r for r in runners.values() if isinstance(r, _OrtModel) and r.describe()["precision"] == "fp32"]
@@ -409,7 +417,6 @@ def _run_model_bench(
     prefill: dict[str, list[float]] = {n: [] for n in runners}
     decode: dict[str, list[float]] = {n: [] for n in runners}
     first_call: dict[str, float] = {}
-    peer_names = {n for n in runners if n.startswith("onnxruntime-genai")}
     for rep in range(warmup + repeat):
         for name, runner in list(runners.items()):
             t0 = time.perf_counter()
@@ -459,6 +466,21 @@ def _run_model_bench(
         case["unstable"] = _instability(case)
         cases.append(case)
     _ratios(cases)
+    resident: dict[str, Any] = {}
+    if memory:  # each case again in a child process of its own, after the timing
+        from prism_deploy.bench import resident as rs
+
+        arrays: dict[str, Any] = {"first": first_in, "steps": np.asarray(steps)}
+        if role == "last":
+            arrays["ids"] = token_ids[None, :prompt]
+        np.savez(scratch / "inputs.npz", **arrays)
+        common = {"threads": threads, "max_length": prompt + new_tokens, "scratch": str(scratch)}
+        specs = [rs.spec_of(name, r, {**common, "inputs": str(scratch / "inputs.npz")}) for name, r in runners.items()]
+        runners.clear()  # the bench's own copies, released before the children load theirs
+        baseline, figures = rs.measure(specs, scratch)
+        for case in cases:
+            case["memory"] = figures[case["name"]]
+        resident = {"method": rs.METHOD, "baseline": baseline}
     return {
         "kind": "model-bench",
         "role": role,
@@ -482,6 +504,7 @@ def _run_model_bench(
         "rates": {"matrix_rate_fp32": matrix_rate, "copy_bandwidth": {str(k): v for k, v in bandwidths.items()}},
         "eager_unavailable": eager_reason,
         "peers_skipped": peer_skipped,
+        "memory": resident or None,
         "unstable_spread": UNSTABLE_SPREAD,
         "cases": cases,
         "targets": _targets(cases) if role == "last" else [],
