@@ -35,8 +35,8 @@ FIELDS = {"rss_bytes": "VmRSS", "hwm_bytes": "VmHWM"}
 # what each kind of case imports before it loads (the baseline: nothing beyond this module)
 IMPORTS = {
     "baseline": (),
-    "folder": ("onnxruntime", "prism_deploy.bench.models", "prism_deploy.runtime.model_stage"),
-    "transformers eager": ("torch", "transformers", "prism_deploy.bench.models", "prism_deploy.models.hf"),
+    "folder": ("onnxruntime", "prism_deploy.bench.model_runners", "prism_deploy.runtime.model_stage"),
+    "transformers eager": ("torch", "transformers", "prism_deploy.bench.model_runners", "prism_deploy.models.hf"),
     "onnxruntime-genai": ("onnxruntime_genai", "prism_deploy.bench.peers"),
     "llama.cpp": ("llama_cpp", "prism_deploy.bench.llamacpp"),
 }
@@ -108,16 +108,16 @@ def _load(spec: dict[str, Any]) -> Any:
     if kind == "baseline":
         return None
     if kind == "folder":
-        from prism_deploy.bench.models import _OrtModel
+        from prism_deploy.bench.model_runners import OrtModel
 
-        return _OrtModel(Path(spec["path"]), threads)
+        return OrtModel(Path(spec["path"]), threads)
     if kind == "transformers eager":
         import torch
 
-        from prism_deploy.bench.models import _EagerModel
+        from prism_deploy.bench.model_runners import EagerModel
 
         torch.set_num_threads(threads)
-        return _EagerModel(spec["path"], spec["role"])
+        return EagerModel(spec["path"], spec["role"])
     if kind == "onnxruntime-genai":
         from prism_deploy.bench.peers import GenAIPeer
 
