@@ -100,7 +100,7 @@ def run_model_bench(
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="prism-bench-peers-") as scratch:
-        return _run_model_bench(
+        results, specs = _run_model_bench(
             folders,
             threads=threads,
             prompt=prompt,
@@ -115,6 +115,17 @@ def run_model_bench(
             memory=memory,
             scratch=Path(scratch),
         )
+        if memory:  # each case again in a child process of its own, once the bench's copies are released
+            import gc
+
+            from prism_deploy.bench import resident
+
+            gc.collect()
+            baseline, figures = resident.measure(specs, Path(scratch))
+            for case in results["cases"]:
+                case["memory"] = figures[case["name"]]
+            results["memory"] = {"method": resident.METHOD, "baseline": baseline}
+        return results
 
 
 def _run_model_bench(
@@ -132,7 +143,8 @@ def _run_model_bench(
     gguf: str | os.PathLike[str] | None,
     memory: bool,
     scratch: Path,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the results, what a child needs to load each case again where ``memory``)."""
     import torch
 
     from prism_deploy.bench.machine import describe_machine, load_average, measure_copy_bandwidth, measure_matrix_rate
@@ -285,22 +297,17 @@ def _run_model_bench(
         case["unstable"] = _instability(case)
         cases.append(case)
     _ratios(cases)
-    resident: dict[str, Any] = {}
-    if memory:  # each case again in a child process of its own, after the timing
-        from prism_deploy.bench import resident as rs
+    specs = []
+    if memory:
+        from prism_deploy.bench.resident import spec_of
 
         arrays: dict[str, Any] = {"first": first_in, "steps": np.asarray(steps)}
         if role == "last":
             arrays["ids"] = token_ids[None, :prompt]
         np.savez(scratch / "inputs.npz", **arrays)
         common = {"threads": threads, "max_length": prompt + new_tokens, "scratch": str(scratch)}
-        specs = [rs.spec_of(name, r, {**common, "inputs": str(scratch / "inputs.npz")}) for name, r in runners.items()]
-        runners.clear()  # the bench's own copies, released before the children load theirs
-        baseline, figures = rs.measure(specs, scratch)
-        for case in cases:
-            case["memory"] = figures[case["name"]]
-        resident = {"method": rs.METHOD, "baseline": baseline}
-    return {
+        specs = [spec_of(name, r, {**common, "inputs": str(scratch / "inputs.npz")}) for name, r in runners.items()]
+    results = {
         "kind": "model-bench",
         "role": role,
         "dims": dims,
@@ -323,12 +330,13 @@ def _run_model_bench(
         "rates": {"matrix_rate_fp32": matrix_rate, "copy_bandwidth": {str(k): v for k, v in bandwidths.items()}},
         "eager_unavailable": eager_reason,
         "peers_skipped": peer_skipped,
-        "memory": resident or None,
+        "memory": None,
         "unstable_spread": UNSTABLE_SPREAD,
         "cases": cases,
         "targets": _targets(cases) if role == "last" else [],
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    return results, specs
 
 
 def _bytes_per_weight(info: dict[str, Any]) -> float:

@@ -103,7 +103,7 @@ def llama_gguf(zoo, tmp_path_factory):
     return gguf, folders
 
 
-def test_llama_cpp_runs_at_each_precisions_type(llama_gguf, zoo, tmp_path):
+def test_llama_cpp_runs_at_each_precisions_type_with_its_memory(llama_gguf, zoo, tmp_path):
     from prism_deploy.bench.models import run_model_bench
 
     gguf, folders = llama_gguf
@@ -117,8 +117,11 @@ def test_llama_cpp_runs_at_each_precisions_type(llama_gguf, zoo, tmp_path):
         eager=False,
         hf_dir=str(zoo["llama"]),
         gguf=gguf,
+        memory=True,
     )
     cases = {c["name"]: c for c in results["cases"]}
+    for case in cases.values():  # every case, the peers' too, loaded again in a process of its own
+        assert case["memory"]["net_peak_bytes"] > 0, (case["name"], case["memory"])
     f32, q8 = cases["llama.cpp F32"], cases["llama.cpp Q8_0"]
     assert (f32["precision"], f32["path"], f32["made_from"]) == ("fp32", str(gguf), None)
     assert (q8["precision"], q8["gguf_type"], q8["made_from"]) == ("int8", "Q8_0", str(gguf))
