@@ -171,3 +171,14 @@ def test_the_bench_reuses_a_quantized_file_and_refuses_a_folder_of_another_model
     assert main(["bench", "--model", str(zoo["B"]), "--gguf", str(copy), "--no-eager", "--json"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and str(copy) in captured.err
+
+
+def test_llama_cpp_is_skipped_without_a_file_and_runs_with_one(monkeypatch):
+    from prism_deploy.bench import peers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        peers.importlib.util, "find_spec", lambda name, *a: object() if name == "llama_cpp" else real(name, *a)
+    )
+    assert "--gguf FILE" in peers.peer_reasons()["llama.cpp"]
+    assert peers.peer_reasons("model-f32.gguf")["llama.cpp"] is None
