@@ -143,6 +143,7 @@ def print_report(results: dict[str, Any]) -> None:
             + (f" {c['form']}" if c.get("form") else "")
             + (f" b{c['block_size']}" if c.get("block_size") else "")
             + (f" acc{c['accuracy_level']}" if c.get("accuracy_level") is not None else "")
+            + (f" as {c['gguf_type']}" if c.get("gguf_type") else "")
         )
         rows.append(
             [
