@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     for folder in args.folders:
         if not Path(folder, MODEL_JSON).is_file():
             raise PrismInputError(f"{folder}: no model.json (not a folder from export-model or build --model)")
+    if args.gguf is not None and not Path(args.gguf).is_file():
+        raise PrismInputError(f"{args.gguf}: no such file (--gguf: a float GGUF file of the folders' model)")
     from prism_deploy.bench.models import run_model_bench
     from prism_deploy.core.fsutil import write_text_atomic
 

@@ -63,6 +63,15 @@ def test_gguf_metadata_is_checked_against_the_folders(tmp_path):
         model_shape(Path(__file__))
 
 
+def test_bench_refuses_a_missing_gguf_file(zoo, tmp_path, capsys):
+    missing = tmp_path / "none.gguf"
+    assert main(["bench", "--model", str(zoo["B"]), "--gguf", str(missing), "--no-eager"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {missing}: no such file (--gguf: a float GGUF file of the folders' model)"
+    )
+
+
 def test_bench_refuses_a_gguf_of_another_model(zoo, tmp_path, capsys):
     pytest.importorskip("llama_cpp", reason="the GGUF file is checked where llama.cpp can run it")
     other = _write_gguf(tmp_path / "other.gguf", hidden=64, layers=2, vocab=300)  # the Llama's, not B's Qwen2
