@@ -63,6 +63,16 @@ def test_gguf_metadata_is_checked_against_the_folders(tmp_path):
         model_shape(Path(__file__))
 
 
+def test_a_float_file_stands_for_fp32_and_fp16_as_it_is(tmp_path):
+    from prism_deploy.bench.llamacpp import gguf_for
+
+    given = tmp_path / "model-f16.gguf"
+    assert gguf_for("fp32", given, "F16", tmp_path, threads=1) == ("F16", given)  # named "llama.cpp F16"
+    assert gguf_for("fp16", given, "F16", tmp_path, threads=1) == ("F16", given)
+    assert gguf_for("fp32", given, "BF16", tmp_path, threads=1) == ("BF16", given)
+    assert list(tmp_path.iterdir()) == []  # nothing quantized
+
+
 def test_bench_refuses_a_missing_gguf_file(zoo, tmp_path, capsys):
     missing = tmp_path / "none.gguf"
     assert main(["bench", "--model", str(zoo["B"]), "--gguf", str(missing), "--no-eager"]) == 2
