@@ -30,6 +30,8 @@ METHOD = (
     "after the load and after one generation (the prompt's prefill, then the decode steps); "
     "net_peak_bytes: the case's VmHWM after the run less a baseline child's (Python, numpy, nothing loaded)"
 )
+# a child that loads and runs one model for longer than this is stopped (its case says so)
+CHILD_TIMEOUT_S = 3600
 # the figures a child reads at each point, and their keys in /proc/self/status
 FIELDS = {"rss_bytes": "VmRSS", "hwm_bytes": "VmHWM"}
 # what each kind of case imports before it loads (the baseline: nothing beyond this module)
@@ -92,9 +94,16 @@ def measure(specs: list[dict[str, Any]], scratch: Path) -> tuple[dict[str, Any],
 def _child(spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
     path = scratch / f"resident-{len(list(scratch.glob('resident-*.json')))}.json"
     path.write_text(json.dumps(spec))
-    done = subprocess.run(
-        [sys.executable, "-m", "prism_deploy.bench.resident", str(path)], capture_output=True, text=True, check=False
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "prism_deploy.bench.resident", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=CHILD_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"the child process ran past {CHILD_TIMEOUT_S} s and was stopped"}
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
