@@ -73,13 +73,17 @@ def test_a_float_file_stands_for_fp32_and_fp16_as_it_is(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing quantized
 
 
-def test_bench_refuses_a_missing_gguf_file(zoo, tmp_path, capsys):
+def test_bench_refuses_a_missing_or_unused_gguf_file(zoo, tmp_path, capsys):
     missing = tmp_path / "none.gguf"
     assert main(["bench", "--model", str(zoo["B"]), "--gguf", str(missing), "--no-eager"]) == 2
     assert (
         capsys.readouterr().err.strip()
         == f"error: {missing}: no such file (--gguf: a float GGUF file of the folders' model)"
     )
+    given = _write_gguf(tmp_path / "b.gguf", hidden=96, layers=2, vocab=320)
+    assert main(["bench", "--model", str(zoo["B"]), "--gguf", str(given), "--no-peers", "--no-eager"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --gguf {given}: the llama.cpp peer's file, but with --no-peers it is not used"]
 
 
 def test_bench_refuses_a_gguf_of_another_model(zoo, tmp_path, capsys):
