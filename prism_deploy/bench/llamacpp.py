@@ -97,7 +97,11 @@ def gguf_for(precision: str, given: Path, given_type: str, scratch: Path, thread
     wanted = TYPE_FOR_PRECISION[precision]
     if wanted is None or wanted == given_type:
         return given_type, given
-    out = scratch / f"{given.stem}-{wanted.lower()}.gguf"
+    import hashlib
+
+    stat = given.resolve().stat()  # a kept scratch folder (--peer-dir) reuses a file made from this one only
+    digest = hashlib.sha256(f"{given.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = scratch / f"{given.stem}-{digest}-{wanted.lower()}.gguf"
     if not out.is_file():
         quantize(given, out, wanted, threads)
     return wanted, out

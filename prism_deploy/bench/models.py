@@ -94,38 +94,52 @@ def run_model_bench(
     peers: bool = True,
     gguf: str | os.PathLike[str] | None = None,
     memory: bool = False,
+    peer_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Time every folder (and transformers eager on their source, and the installed peers of
-    :mod:`prism_deploy.bench.peers` for a last model) interleaved; see the module docstring."""
+    :mod:`prism_deploy.bench.peers` for a last model) interleaved; see the module docstring.
+    ``peer_dir``: keep the peers' builds there and reuse them in later runs (default: a
+    temporary folder, removed at the end)."""
+    import functools
     import tempfile
 
+    run = functools.partial(
+        _run_model_bench,
+        folders,
+        threads=threads,
+        prompt=prompt,
+        new_tokens=new_tokens,
+        repeat=repeat,
+        warmup=warmup,
+        seed=seed,
+        eager=eager,
+        hf_dir=hf_dir,
+        peers=peers,
+        gguf=gguf,
+        memory=memory,
+    )
+    if peer_dir is not None:
+        Path(peer_dir).mkdir(parents=True, exist_ok=True)
+        return _with_memory(*run(scratch=Path(peer_dir)), Path(peer_dir))
     with tempfile.TemporaryDirectory(prefix="prism-bench-peers-") as scratch:
-        results, specs = _run_model_bench(
-            folders,
-            threads=threads,
-            prompt=prompt,
-            new_tokens=new_tokens,
-            repeat=repeat,
-            warmup=warmup,
-            seed=seed,
-            eager=eager,
-            hf_dir=hf_dir,
-            peers=peers,
-            gguf=gguf,
-            memory=memory,
-            scratch=Path(scratch),
-        )
-        if memory:  # each case again in a child process of its own, once the bench's copies are released
-            import gc
+        return _with_memory(*run(scratch=Path(scratch)), Path(scratch))
 
-            from prism_deploy.bench import resident
 
-            gc.collect()
-            baseline, figures = resident.measure(specs, Path(scratch))
-            for case in results["cases"]:
-                case["memory"] = figures[case["name"]]
-            results["memory"] = {"method": resident.METHOD, "baseline": baseline}
+def _with_memory(results: dict[str, Any], specs: list[dict[str, Any]], scratch: Path) -> dict[str, Any]:
+    """The results, with each case's resident memory where ``specs`` (``--memory``): each case
+    again in a child process of its own, once the bench's own copies are released."""
+    if not specs:
         return results
+    import gc
+
+    from prism_deploy.bench import resident
+
+    gc.collect()
+    baseline, figures = resident.measure(specs, scratch)
+    for case in results["cases"]:
+        case["memory"] = figures[case["name"]]
+    results["memory"] = {"method": resident.METHOD, "baseline": baseline}
+    return results
 
 
 def _run_model_bench(

@@ -34,6 +34,17 @@ import numpy as np
 GENAI_PRECISIONS = ("fp32", "int8", "int4")
 
 
+def source_digest(hf_dir: str) -> str:
+    """A short name for one source model (its resolved path and config), so that peer builds
+    kept in a ``--peer-dir`` between runs are never reused for another model."""
+    import hashlib
+
+    path = Path(hf_dir).resolve()
+    config = path / "config.json"
+    text = config.read_bytes() if config.is_file() else b""
+    return hashlib.sha256(str(path).encode() + b"\0" + text).hexdigest()[:12]
+
+
 def peer_reasons(gguf: str | os.PathLike[str] | None = None) -> dict[str, str | None]:
     """Why each peer is skipped (None: it runs); llama.cpp runs on the GGUF file ``gguf``."""
     genai = (
@@ -60,7 +71,7 @@ class GenAIPeer:
         self.og = og
         self.precision = precision
         self.source = hf_dir
-        out = scratch / f"genai-{precision}"
+        out = scratch / f"genai-{precision}-{source_digest(hf_dir)}"
         cmd = [
             sys.executable,
             "-m",

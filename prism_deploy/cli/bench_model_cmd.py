@@ -79,7 +79,13 @@ def register(subparsers: Any) -> None:
         help="print every figure and the machine description as one JSON object (instead of the tables)",
     )
     p.add_argument("--json-out", metavar="FILE", help="also write that JSON object to FILE")
-    declare_outputs(p, files=("json_out",), folders=())
+    p.add_argument(
+        "--peer-dir",
+        metavar="DIR",
+        help="keep the peers' builds (ONNX Runtime GenAI's model folders, one per source model and "
+        "precision) in DIR and reuse them in later runs (default: built in a temporary folder each run)",
+    )
+    declare_outputs(p, files=("json_out",), folders=("peer_dir",))
     p.set_defaults(func=run)
 
 
@@ -107,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         peers=not args.no_peers,
         gguf=args.gguf,
         memory=args.memory,
+        peer_dir=args.peer_dir,
     )
     if args.json:
         print_json(results)

@@ -8,15 +8,18 @@ float16 scale (weight-only INT8 with float16 activations).
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from prism_deploy.core.blocks import DeferredTensor
+from prism_deploy.core.errors import PrismInputError
 from prism_deploy.core.fsutil import output_path, temp_sibling, write_errors
 
 OPSET = 19
@@ -39,6 +42,30 @@ def finalize(model: onnx.ModelProto, producer: str = "prism-deploy") -> onnx.Mod
         if imp.domain in ("", "ai.onnx"):
             imp.version = OPSET
     return model
+
+
+def check_graph(model: onnx.ModelProto) -> None:
+    """ONNX's checker on the graph, its weights left out: each initializer is given to it as a
+    typed graph input instead, so no tensor's bytes are read or copied. An in-memory check
+    resolves external data against the working directory, not the model's folder (a model whose
+    weights stay in their source file fails it wherever it runs from), and cannot take a
+    message over 2 GiB."""
+    from onnx import helper
+
+    graph = model.graph
+    declared = {i.name for i in graph.input}
+    weights = [
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in graph.initializer
+        if t.name not in declared
+    ]
+    light = helper.make_model(
+        helper.make_graph(graph.node, graph.name, [*graph.input, *weights], graph.output, value_info=graph.value_info),
+        opset_imports=model.opset_import,
+        functions=model.functions,
+    )
+    light.ir_version = model.ir_version
+    onnx.checker.check_model(light)
 
 
 def save_model(
@@ -165,14 +192,16 @@ def _write_streamed(model: onnx.ModelProto, path: Path, deferred: Mapping[str, D
     pieces = _streamed_pieces(model, deferred)
     with open(path, "xb") as f:
         for piece in pieces:
-            if isinstance(piece, bytes):
+            if isinstance(piece, (bytes, memoryview)):
                 f.write(piece)
             else:
                 for block in piece.blocks():
                     f.write(_bytes_of(block))
 
 
-Piece = bytes | DeferredTensor
+# Serialized bytes are passed as views of the one serialization, never sliced into copies: the
+# quantized tensors are in it (0.8 GB for model L's int8 graph), and each copy would hold them again.
+Piece = bytes | memoryview | DeferredTensor
 
 
 def _streamed_pieces(model: onnx.ModelProto, deferred: Mapping[str, DeferredTensor]) -> list[Piece]:
@@ -181,7 +210,7 @@ def _streamed_pieces(model: onnx.ModelProto, deferred: Mapping[str, DeferredTens
     found = [t.name for t in inits if t.name in deferred]
     if sorted(found) != sorted(deferred):
         raise ValueError(f"deferred tensors not among the graph's initializers: {sorted(set(deferred) - set(found))}")
-    model_bytes = model.SerializeToString()  # small: the deferred tensors' bytes are not in it
+    model_bytes = memoryview(model.SerializeToString())  # without the deferred tensors' bytes
     graph_bytes = _field_payload(model_bytes, _MODEL_GRAPH)
     graph: list[Piece] = []
     k = 0
@@ -201,7 +230,7 @@ def _streamed_pieces(model: onnx.ModelProto, deferred: Mapping[str, DeferredTens
     return out
 
 
-def _with_raw_data(tensor: bytes, data: DeferredTensor) -> list[Piece]:
+def _with_raw_data(tensor: memoryview, data: DeferredTensor) -> list[Piece]:
     """A serialized TensorProto without ``raw_data``, with it: the field goes after the fields
     numbered below it, as protobuf writes fields in number order."""
     at = next((start for number, start, _, _ in _fields(tensor) if number > _TENSOR_RAW_DATA), len(tensor))
@@ -209,16 +238,18 @@ def _with_raw_data(tensor: bytes, data: DeferredTensor) -> list[Piece]:
 
 
 def _message_field(number: int, pieces: list[Piece]) -> list[Piece]:
-    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
+    size = sum(p.nbytes if isinstance(p, (memoryview, DeferredTensor)) else len(p) for p in pieces)
     return [_key(number) + _varint(size), *pieces]
 
 
-def _field_payload(message: bytes, number: int) -> bytes:
-    """The payload of the (one) length-delimited field ``number`` of ``message``."""
-    return b"".join(message[body:end] for n, _, body, end in _fields(message) if n == number)
+def _field_payload(message: memoryview, number: int) -> memoryview:
+    """The payload of the length-delimited field ``number`` of ``message`` (a view of it when
+    the field occurs once, as a serializer writes it)."""
+    parts = [message[body:end] for n, _, body, end in _fields(message) if n == number]
+    return parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
 
 
-def _fields(message: bytes) -> Iterator[tuple[int, int, int, int]]:
+def _fields(message: bytes | memoryview) -> Iterator[tuple[int, int, int, int]]:
     """``(field number, start, payload start, end)`` of each field of a serialized message."""
     pos = 0
     while pos < len(message):
@@ -240,7 +271,7 @@ def _fields(message: bytes) -> Iterator[tuple[int, int, int, int]]:
         yield key >> 3, start, body, pos
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+def _read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         byte = data[pos]
@@ -262,3 +293,77 @@ def _varint(value: int) -> bytes:
 
 def _key(number: int) -> bytes:
     return _varint(number << 3 | _LEN)
+
+
+class WeightReader:
+    """A graph's initializers as arrays, read one at a time: from ``raw_data`` when the graph
+    holds its bytes, else from its external data files (in ``folder``) with plain reads (not a
+    mapping, whose pages would stay in the process for the whole run: reading every weight of a
+    10 GB graph through one would hold the 10 GB). :meth:`deferred` gives the external tensors
+    as ``DeferredTensor``, copied from their files a block at a time while saving, so a graph
+    over 2 GiB is re-saved (quantized, or traced into a scratch folder) without holding its
+    weights."""
+
+    def __init__(self, model: Any, folder: Path) -> None:
+        self.folder = folder
+        self.external = {
+            t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer if t.data_location == 1
+        }  # onnx.TensorProto.EXTERNAL
+        self.meta = {t.name: t for t in model.graph.initializer}
+
+    def _read(self, tensor: Any, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` (along the first axis) of an external tensor."""
+        from onnx import helper
+
+        from prism_deploy.core.fsutil import inside
+
+        info = self.external[tensor.name]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        shape = tuple(int(d) for d in tensor.dims)
+        row = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
+        stop = (shape[0] if shape else 1) if stop is None else stop
+        path = inside(self.folder, info["location"], "external data location")
+        offset = int(info.get("offset", 0)) + start * row * dtype.itemsize
+        count = (stop - start) * row
+        out = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        if out.size != count:
+            raise PrismInputError(f"{path.name}: ends before tensor {tensor.name!r} does")
+        return out.reshape((stop - start, *shape[1:]) if shape else ())
+
+    def array(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        tensor = self.meta[name]
+        if name in self.external:
+            return self._read(tensor)
+        return numpy_helper.to_array(tensor)
+
+    def add(self, tensor: Any) -> None:
+        self.meta[tensor.name] = tensor
+
+    def deferred(self, model: Any) -> dict[str, Any]:
+        """The graph's remaining external tensors, copied from the source as the file is saved."""
+        from onnx import helper
+
+        out = {}
+        for tensor in model.graph.initializer:
+            if tensor.name not in self.external or tensor.data_location != 1:
+                continue
+            shape = tuple(int(d) for d in tensor.dims)
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+            if not shape:
+                value = self._read(tensor)
+            del tensor.external_data[:]
+            tensor.data_location = 0  # onnx.TensorProto.DEFAULT: the saver writes its bytes
+            if not shape:
+                tensor.raw_data = value.tobytes()
+                continue
+            out[tensor.name] = DeferredTensor(
+                shape, dtype, functools.partial(self._read_rows, tensor, self.external[tensor.name])
+            )
+        return out
+
+    def _read_rows(self, tensor: Any, info: dict[str, str], start: int, stop: int) -> np.ndarray:
+        # the tensor's external fields are cleared by now: read with the ones it had
+        self.external[tensor.name] = info
+        return self._read(tensor, start, stop)

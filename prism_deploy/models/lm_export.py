@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import os
 import shutil
@@ -195,6 +196,7 @@ def export_model(
     table = reference.get_input_embeddings() if role == "first" else reference.get_output_embeddings()
     vocab = int(table.weight.shape[0])
     embed_std = float(hf.input_embedding_matrix(reference).std())
+    family, eos_token_id = hf.family(reference), _eos_token_id(reference)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -229,6 +231,12 @@ def export_model(
                         else:
                             feeds, calibration = _calibration_feeds(hf_dir, reference, role, calibration_text)
                         activations = quantize.layer_inputs(out / files["graph"], feeds)
+                    if _holds_over_2_gib(reference) and not quantization.needs_calibration:
+                        # The PyTorch model is let go while the graphs are quantized (and loaded
+                        # again for the validation): holding both took model L's (3.3 GB) int8
+                        # export to 2.7x its float weights.
+                        reference = traced = table = None
+                        gc.collect()
                     for key in ("graph", "graph_with_past"):
                         if key in files:  # quantized in place; a float graph's external data file goes
                             stale = out / (files[key] + ".data")
@@ -258,6 +266,8 @@ def export_model(
 
                 validation: dict[str, Any] = {"skipped": True}
                 if validate:
+                    if reference is None:  # let go while quantizing
+                        reference = hf.load_causal_lm(hf_dir, attn_implementation="eager", uses_head=role == "last")
                     real = _real_text_windows(hf_dir, reference, text_corpus, max_seq)
                     checker = {"first": _validate_first, "middle": _validate_middle, "last": _validate_last}[role]
                     gate_random = real is None or not real["language_model"]
@@ -271,8 +281,8 @@ def export_model(
                     "format": FORMAT,
                     "version": VERSION,
                     "role": role,
-                    "family": hf.family(reference),
-                    "known_family": hf.family(reference) in hf.KNOWN_FAMILIES,
+                    "family": family,
+                    "known_family": family in hf.KNOWN_FAMILIES,
                     "source": str(Path(hf_dir).resolve()),
                     **source_file,
                     "precision": prec.value,
@@ -292,7 +302,7 @@ def export_model(
                     "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False), eager attention",
                     "opset": _opset(quantized),
                     "export_seconds": round(export_s, 3),
-                    "eos_token_id": _eos_token_id(reference),
+                    "eos_token_id": eos_token_id,
                     "validation": validation,
                     "versions": _versions(),
                 }
@@ -316,6 +326,13 @@ def export_model(
                 out.rmdir()
         raise
     return manifest
+
+
+def _holds_over_2_gib(model: Any) -> bool:
+    """Whether the PyTorch model's weights pass the size above which graphs keep external data."""
+    from prism_deploy.core.onnx_io import EXTERNAL_DATA_THRESHOLD
+
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_THRESHOLD
 
 
 # Calibration for GPTQ and the mixed plan: this many tokens of text, in windows of this many.
@@ -480,12 +497,13 @@ def _export_graph(
     dynamic_axes: dict[str, dict[int, str]],
 ) -> list[str]:
     """Trace into a scratch folder (over 2 GiB the tracer writes one file per weight there),
-    then save once through ``finalize`` + ``save_model``. Returns the file names written."""
+    then save once through ``finalize`` + ``save_model``, the weights streamed from the scratch
+    files. Returns the file names written."""
     import tempfile
 
     import onnx
 
-    from prism_deploy.core.onnx_io import OPSET, finalize, save_model
+    from prism_deploy.core.onnx_io import OPSET, WeightReader, finalize, save_model
 
     # The exporter puts the module back in the training mode it found it in: a fresh wrapper is
     # in training mode, which would switch on the wrapped model's dropout for the validation
@@ -516,8 +534,13 @@ def _export_graph(
                 raise PrismInputError(
                     f"{path.name}: torch.onnx.export cannot trace this model ({type(exc).__name__}: {brief(exc, 300)})"
                 ) from exc
-        model = onnx.load(str(traced))  # pulls external weights into memory before the folder goes
-    return [p.name for p in save_model(finalize(model), path)]
+        # Over 2 GiB the tracer writes each weight to its own file: they are copied from there into
+        # the folder's one data file a block at a time, never all held at once beside the
+        # PyTorch model (loading them whole took the export of a 3.3 GB model to twice its weights).
+        model = onnx.load(str(traced), load_external_data=False)
+        weights = WeightReader(model, Path(scratch))
+        written = save_model(finalize(model), path, deferred=weights.deferred(model))
+    return [p.name for p in written]
 
 
 # -- validation ---------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from prism_deploy.core.errors import PrismInputError
+from prism_deploy.core.onnx_io import WeightReader
 from prism_deploy.core.precision import ModelPrecision
 from prism_deploy.core.tiles import ceil_div
 
@@ -250,11 +251,11 @@ def quantize_graph(
     """
     import onnx
 
-    from prism_deploy.core.onnx_io import finalize, save_model
+    from prism_deploy.core.onnx_io import check_graph, finalize, save_model
 
     src = Path(src)
     model = onnx.load(str(src), load_external_data=False)  # weights stay in their file until used
-    weights = _WeightReader(model, src.parent)
+    weights = WeightReader(model, src.parent)
     layers: list[dict[str, Any]] = []
     _gemm_to_matmul(model, weights, layers)
     candidates = _matmul_weights(model, layers)
@@ -315,6 +316,10 @@ def quantize_graph(
             }
         )
         del w
+    # The quantized weights are held as arrays and written from there: serialized inside the
+    # model they were copied twice over (protobuf's serializer took model L's int8 graph, 0.8 GB
+    # of weights, from 2.6 to 5.4 GB).
+    held = _hold_as_arrays(replaced)
     _splice(model, {name: (n, i) for name, (n, i, _) in replaced.items()}, weights)
     if spec.accuracy_level:
         _set_accuracy_level(model, spec.accuracy_level)
@@ -331,13 +336,13 @@ def quantize_graph(
         for imp in model.opset_import:
             if imp.domain in ("", "ai.onnx"):
                 imp.version = 21
-    # The checker sees the graph without the bytes of the float tensors it kept (they are
-    # deferred: read from the source file while saving), so it never holds a >2 GiB message.
-    onnx.checker.check_model(model)
+    # The float tensors kept are still in the source's data file (read from it while saving):
+    # the graph is checked without any weight's bytes.
+    check_graph(model)
     opset = next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx"))
     ir_version = model.ir_version
     domains = sorted({imp.domain for imp in model.opset_import if imp.domain not in ("", "ai.onnx")})
-    written_files = save_model(model, dst, deferred=weights.deferred(model))
+    written_files = save_model(model, dst, deferred={**weights.deferred(model), **held})
     done = [layer for layer in layers if "quantized" in layer]
     return {
         "format": RECORD_FORMAT,
@@ -478,6 +483,31 @@ def _quantize_one(
     return nodes, [_copy(t) for t in out.graph.initializer]
 
 
+def _hold_as_arrays(replaced: dict[str, tuple[list[Any], list[Any], Any]]) -> dict[str, Any]:
+    """Each quantized initializer of 1 KiB or more as an array, its message left without its
+    bytes (name, type and dims only): ``{name: DeferredTensor}`` for the saver."""
+    from onnx import numpy_helper
+
+    from prism_deploy.core.blocks import DeferredTensor
+    from prism_deploy.core.onnx_io import EXTERNAL_MIN_BYTES
+
+    held = {}
+    for _, inits, _ in replaced.values():
+        for tensor in inits:
+            if not tensor.dims or tensor.data_location != 0 or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+                continue
+            array = numpy_helper.to_array(tensor)
+            if array.nbytes != len(tensor.raw_data):
+                continue  # packed types (INT4 / UINT4): numpy holds one value a byte; left in the message
+            tensor.ClearField("raw_data")
+            held[tensor.name] = DeferredTensor(array.shape, array.dtype, functools.partial(_rows_of, array))
+    return held
+
+
+def _rows_of(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    return array[start:stop]
+
+
 def _copy(message: Any) -> Any:
     fresh = type(message)()
     fresh.CopyFrom(message)
@@ -540,7 +570,7 @@ def _ort_quantize(model: Any, spec: QuantSpec, bits: int, x: np.ndarray | None) 
     return out
 
 
-def _splice(model: Any, replaced: dict[str, tuple[list[Any], list[Any]]], weights: "_WeightReader") -> None:
+def _splice(model: Any, replaced: dict[str, tuple[list[Any], list[Any]]], weights: WeightReader) -> None:
     """Each quantized node replaced by its nodes, their initializers added, float weights no
     longer read by any node dropped."""
     nodes = []
@@ -556,80 +586,6 @@ def _splice(model: Any, replaced: dict[str, tuple[list[Any], list[Any]]], weight
     _drop_unused_initializers(model)
 
 
-class _WeightReader:
-    """The graph's initializers as arrays, read one at a time: from ``raw_data`` when the graph
-    holds its bytes, else from its external data file with plain reads (not a mapping, whose
-    pages would stay in the process for the whole run: reading every weight of a 10 GB graph
-    through one would hold the 10 GB). :meth:`deferred` gives the kept external tensors as
-    ``DeferredTensor``, copied from the source file a block at a time while saving."""
-
-    def __init__(self, model: Any, folder: Path) -> None:
-        self.folder = folder
-        self.external = {
-            t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer if t.data_location == 1
-        }  # onnx.TensorProto.EXTERNAL
-        self.meta = {t.name: t for t in model.graph.initializer}
-
-    def _read(self, tensor: Any, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` (along the first axis) of an external tensor."""
-        from onnx import helper
-
-        from prism_deploy.core.fsutil import inside
-
-        info = self.external[tensor.name]
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        shape = tuple(int(d) for d in tensor.dims)
-        row = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
-        stop = (shape[0] if shape else 1) if stop is None else stop
-        path = inside(self.folder, info["location"], "external data location")
-        offset = int(info.get("offset", 0)) + start * row * dtype.itemsize
-        count = (stop - start) * row
-        out = np.fromfile(path, dtype=dtype, count=count, offset=offset)
-        if out.size != count:
-            raise PrismInputError(f"{path.name}: ends before tensor {tensor.name!r} does")
-        return out.reshape((stop - start, *shape[1:]) if shape else ())
-
-    def array(self, name: str) -> np.ndarray:
-        from onnx import numpy_helper
-
-        tensor = self.meta[name]
-        if name in self.external:
-            return self._read(tensor)
-        return numpy_helper.to_array(tensor)
-
-    def add(self, tensor: Any) -> None:
-        self.meta[tensor.name] = tensor
-
-    def deferred(self, model: Any) -> dict[str, Any]:
-        """The graph's remaining external tensors, copied from the source as the file is saved."""
-        from onnx import helper
-
-        from prism_deploy.core.blocks import DeferredTensor
-
-        out = {}
-        for tensor in model.graph.initializer:
-            if tensor.name not in self.external or tensor.data_location != 1:
-                continue
-            shape = tuple(int(d) for d in tensor.dims)
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-            if not shape:
-                value = self._read(tensor)
-            del tensor.external_data[:]
-            tensor.data_location = 0  # onnx.TensorProto.DEFAULT: the saver writes its bytes
-            if not shape:
-                tensor.raw_data = value.tobytes()
-                continue
-            out[tensor.name] = DeferredTensor(
-                shape, dtype, functools.partial(self._read_rows, tensor, self.external[tensor.name])
-            )
-        return out
-
-    def _read_rows(self, tensor: Any, info: dict[str, str], start: int, stop: int) -> np.ndarray:
-        # the tensor's external fields are cleared by now: read with the ones it had
-        self.external[tensor.name] = info
-        return self._read(tensor, start, stop)
-
-
 def _initializers(model: Any) -> dict[str, Any]:
     return {t.name: t for t in model.graph.initializer}
 
@@ -640,7 +596,7 @@ def _is_float(tensor: Any) -> bool:
     return tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
-def _gemm_to_matmul(model: Any, weights: _WeightReader, layers: list[dict[str, Any]]) -> None:
+def _gemm_to_matmul(model: Any, weights: WeightReader, layers: list[dict[str, Any]]) -> None:
     """``Gemm(A, B, C)`` with constant 2-D ``B``, alpha = beta = 1, no transA -> ``MatMul`` and
     ``Add``: the same arithmetic, in the op type ONNX Runtime's quantizer handles. ``transB``
     is applied to the stored weight."""

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -436,3 +438,46 @@ def test_chain_runs_on_the_ort_form(ort_forms, zoo, tmp_path):
     report = check_chain_parity(chain, ReferenceChain([zoo["llama"], zoo["llama"]], [adapter]), ids, mask, new_tokens=3)
     assert report["passed"], report["failures"]
     assert report["stages"][-1]["graphs"]["graph_with_past"]["passed"]
+
+
+def test_peer_builds_kept_in_a_peer_dir_are_named_by_their_source(tmp_path):
+    """--peer-dir reuses a peer's build only for the same source model: the build's folder name
+    carries a digest of the source's resolved path and config."""
+    from prism_deploy.bench.peers import source_digest
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, width in ((a, 64), (b, 64)):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"hidden_size": width}))
+    assert source_digest(str(a)) == source_digest(str(tmp_path / "x" / ".." / "a"))
+    assert source_digest(str(a)) != source_digest(str(b))  # same config, another folder
+    before = source_digest(str(a))
+    (a / "config.json").write_text(json.dumps({"hidden_size": 128}))
+    assert source_digest(str(a)) != before  # the folder's model changed
+
+
+@pytest.mark.slow
+def test_bench_reuses_peer_builds_from_a_peer_dir(ort_forms, zoo, tmp_path):
+    """A second run with the same --peer-dir times the GenAI build the first run made."""
+    from prism_deploy.bench.models import run_model_bench
+
+    def bench():
+        return run_model_bench(
+            [ort_forms["ort_last"]],
+            prompt=4,
+            new_tokens=2,
+            repeat=1,
+            warmup=0,
+            eager=False,
+            hf_dir=str(zoo["llama"]),
+            peer_dir=tmp_path / "peers",
+        )
+
+    bench()
+    built = sorted(p.name for p in (tmp_path / "peers").iterdir() if p.name.startswith("genai-"))
+    assert len(built) == 1 and built[0].startswith("genai-fp32-")
+    graph = next((tmp_path / "peers" / built[0]).glob("*.onnx"))
+    stamp = graph.stat().st_mtime_ns
+    results = bench()
+    assert graph.stat().st_mtime_ns == stamp  # not rebuilt
+    assert any(c["name"] == "onnxruntime-genai fp32" for c in results["cases"])

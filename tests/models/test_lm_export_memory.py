@@ -1,0 +1,44 @@
+"""A model over 2 GiB lets its PyTorch copy go while its graphs are quantized, and loads it
+again for the validation: the export's result is the same as when it is held throughout.
+
+The real case (model L, 3.3 GB) is measured in docs/quantized-models.md; here the size test
+is forced on a tiny model so that the release and reload path runs in the default suite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prism_deploy.models import lm_export
+from prism_deploy.models.lm_export import export_model
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_released_model_exports_and_validates_as_a_held_one(zoo, tmp_path, monkeypatch, precision):
+    held = export_model(zoo["qwen2"], "last", tmp_path / "held", precision=precision, max_seq=32)
+    loads = []
+    real_load = lm_export.hf.load_causal_lm
+
+    def counted(*args, **kwargs):
+        loads.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(lm_export, "_holds_over_2_gib", lambda model: True)
+    monkeypatch.setattr(lm_export.hf, "load_causal_lm", counted)
+    released = export_model(zoo["qwen2"], "last", tmp_path / "released", precision=precision, max_seq=32)
+    assert len(loads) == 2  # once to trace, once more to validate
+    for key in ("graph", "graph_with_past"):
+        assert released["files"][key]["sha256"] == held["files"][key]["sha256"]
+    assert released["validation"] == held["validation"]
+    assert released["family"] == held["family"] and released["eos_token_id"] == held["eos_token_id"]
+    assert json.loads((tmp_path / "released" / "model.json").read_text())["precision"] == precision
+
+
+def test_without_validation_the_model_is_loaded_once(zoo, tmp_path, monkeypatch):
+    loads = []
+    real_load = lm_export.hf.load_causal_lm
+    monkeypatch.setattr(lm_export, "_holds_over_2_gib", lambda model: True)
+    monkeypatch.setattr(lm_export.hf, "load_causal_lm", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    manifest = export_model(zoo["qwen2"], "last", tmp_path / "q", precision="int8", max_seq=32, validate=False)
+    assert len(loads) == 1 and manifest["validation"] == {"skipped": True}
