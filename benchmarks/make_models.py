@@ -1,7 +1,7 @@
 """Write the benchmark models of issue 18 as local Hugging Face folders, seeded, so that
 results can be reproduced.
 
-    python benchmarks/make_models.py [-o build/bench-models] [model-a] [model-b] [model-l]
+    python benchmarks/make_models.py [-o build/bench-models] [--gguf LLAMA_CPP_SRC] [model-a] [model-b] [model-l]
 
 - ``model-b``: Qwen2-like, hidden 640, 8 layers, 10 heads of 64 (2 KV heads), MLP 1664,
   vocabulary 32,000, untied LM head: 74.4 M parameters, of which a decoding step reads all
@@ -9,12 +9,23 @@ results can be reproduced.
   the LM head = 53.9 M weights, about 216 MB in float32 (the issue's "about 216 MB a token").
 - ``model-a``: Llama-like, hidden 512, 8 layers, 8 heads of 64 (2 KV heads), MLP 1408,
   vocabulary 32,000.
-- ``model-l`` (issue 28; not made unless named: 3.3 GB): TinyLlama-shaped, hidden 2048,
-  16 layers, 32 heads of 64 (4 KV heads), MLP 5632, vocabulary 32,000, untied LM head:
-  16 x (2 x 2048^2 + 2 x 2048 x 256 + 3 x 2048 x 5632) + 2 x 32,000 x 2048 + norms
-  = 704.6 M + 131.1 M = 835.7 M parameters.
+- ``model-l``: TinyLlama-shaped Llama, hidden 2048, 16 layers, 32 heads of 64 (4 KV heads), MLP
+  5632, vocabulary 32,000, untied LM head, 2,048 positions: a layer holds 2048 x 2048 x 2 (q, o)
+  + 2048 x 256 x 2 (k, v) + 2048 x 5632 x 3 (MLP) + 2 x 2048 (norms) = 44,044,288 weights, 16 of
+  them 704,708,608; the embedding table and the LM head 32,000 x 2048 = 65,536,000 each; the
+  final norm 2,048: 835,782,656 parameters (836 M), 3.34 GB in float32, of which a decoding step
+  reads all but the embedding table: 770,246,656 weights, 3.08 GB. Not made by default (its size):
+  ``python benchmarks/make_models.py model-l``.
 
-Weights are the transformers initialisation under ``torch.manual_seed`` (1 for A, 2 for B):
+``--gguf LLAMA_CPP_SRC`` also writes ``NAME-f32.gguf`` beside each folder, for ``bench --model
+--gguf`` (the llama.cpp peer), by llama.cpp's converter (``LLAMA_CPP_SRC``: the llama-cpp-python
+sdist's ``vendor/llama.cpp``, docs/real-models.md). The converter knows a byte-level BPE
+tokenizer only by the hash of a published one, so it converts a view of the folder with a
+SentencePiece stand-in tokenizer (``tests/model_helpers.sentencepiece_view``, needs
+``sentencepiece``): the GGUF's vocabulary is not the folder's tokenizer, which does not matter to
+the bench (it feeds token ids) but does to any use of text.
+
+Weights are the transformers initialisation under ``torch.manual_seed`` (1 for A, 2 for B, 3 for L):
 random, so the figures say nothing about a trained model's accuracy under quantization, only
 about speed and the lowering. Each folder gets a byte-level BPE tokenizer trained on a few
 sentences (as the tests' models), so ``prism-deploy run --text`` works on them. ``build/`` is
@@ -28,6 +39,8 @@ import sys
 from pathlib import Path
 
 VOCAB = 32000
+NAMES = ("model-a", "model-b", "model-l")
+DEFAULT_NAMES = ["model-a", "model-b"]  # model-l (3.3 GB) only when named
 
 
 def make(name: str, folder: Path) -> Path:
@@ -86,7 +99,7 @@ def make(name: str, folder: Path) -> Path:
             )
         )
     else:
-        raise SystemExit(f"unknown model {name!r}: model-a, model-b or model-l")
+        raise SystemExit(f"unknown model {name!r}: {', '.join(NAMES)}")
     model.save_pretrained(str(folder))
     _tokenizer(folder)
     return folder
@@ -100,14 +113,42 @@ def _tokenizer(folder: Path) -> None:
     make_tokenizer(folder, 512)
 
 
+def write_gguf(folder: Path, llama_cpp_src: Path) -> Path:
+    """``folder`` as ``<folder>-f32.gguf`` beside it (llama.cpp's converter on a view of it with a
+    SentencePiece stand-in tokenizer: see the module docstring)."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from prism_deploy.bench.llamacpp import convert_hf_to_gguf
+    from tests.model_helpers import sentencepiece_view
+
+    out = folder.parent / f"{folder.name}-f32.gguf"
+    with tempfile.TemporaryDirectory(prefix="gguf-view-") as view:
+        convert_hf_to_gguf(llama_cpp_src, sentencepiece_view(folder, Path(view) / folder.name), out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--out", default="build/bench-models", help="output folder")
-    parser.add_argument("names", nargs="*", default=["model-a", "model-b"], help="which (model-a, model-b, model-l)")
+    parser.add_argument(
+        "--gguf", metavar="LLAMA_CPP_SRC", help="also write NAME-f32.gguf by llama.cpp's converter found here"
+    )
+    parser.add_argument(
+        "names",
+        nargs="*",
+        default=DEFAULT_NAMES,
+        help=f"which ({', '.join(NAMES)}; default: {' '.join(DEFAULT_NAMES)})",
+    )
     args = parser.parse_args(argv)
+    for name in args.names:
+        if name not in NAMES:
+            parser.error(f"unknown model {name!r}: {', '.join(NAMES)}")
     for name in args.names:
         path = make(name, Path(args.out) / name)
         print(f"wrote {path}")
+        if args.gguf:
+            print(f"wrote {write_gguf(path, Path(args.gguf))}")
     return 0
 
 

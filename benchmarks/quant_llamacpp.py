@@ -36,7 +36,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,11 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quant_real import WINDOW, _public, held_out_ids, perplexity
 
-# llama.cpp's file types (enum llama_ftype); F32 is the converter's output, not a quantization.
-# "-pure": every tensor at that type (llama.cpp's --pure), the tied embedding / LM head included,
-# which llama.cpp otherwise keeps at more bits by rule
-FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q4_K_S": 14, "Q4_K_M": 15, "Q6_K": 18}
-PURE = "-pure"
+from prism_deploy.bench.llamacpp import FTYPES, PURE, convert_hf_to_gguf, quantize
+
 REFERENCE = "F32"
 PEER = "Q4_K_M"
 LOCAL = ("--work", "--model", "--llama-cpp-src", "--gguf")  # local paths, left out of the recorded command
@@ -62,36 +58,6 @@ def skip_reason() -> str | None:
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama_cpp is not installed (pip install llama-cpp-python: a source build, docs/real-models.md)"
     return None
-
-
-def convert(src: Path, model: Path, out: Path) -> None:
-    """The HF folder as an F32 GGUF, by llama.cpp's converter with its own gguf-py."""
-    script = src / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        raise SystemExit(f"error: {src}: no convert_hf_to_gguf.py (the sdist's vendor/llama.cpp)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, str(script), str(model), "--outtype", "f32", "--outfile", str(out)],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0 or not out.is_file():
-        raise SystemExit(f"error: convert_hf_to_gguf.py failed: {done.stderr.strip().splitlines()[-1:]}")
-
-
-def quantize(source: Path, out: Path, name: str, threads: int) -> None:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    ftype = FTYPES[name.removesuffix(PURE)]
-    params.ftype = ftype
-    params.pure = name.endswith(PURE)
-    params.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
-    if rc != 0 or not out.is_file():
-        raise SystemExit(f"error: llama_model_quantize to ftype {ftype} failed (rc {rc})")
 
 
 def tensor_types(path: Path) -> dict[str, int]:
@@ -211,13 +177,19 @@ def main() -> int:
             print("error: no GGUF file: pass --llama-cpp-src (llama.cpp's converter) or --gguf")
             return 2
         t0 = time.time()
-        convert(Path(args.llama_cpp_src), Path(args.model), files[REFERENCE])
+        try:
+            convert_hf_to_gguf(Path(args.llama_cpp_src), Path(args.model), files[REFERENCE])
+        except RuntimeError as exc:
+            raise SystemExit(f"error: {exc}") from None
         print(f"{REFERENCE}: converted ({time.time() - t0:.0f} s)", flush=True)
     for t in types:
         files[t] = work / f"model-{t.lower()}.gguf"
         if not files[t].is_file():
             t0 = time.time()
-            quantize(files[REFERENCE], files[t], t, args.threads)
+            try:
+                quantize(files[REFERENCE], files[t], t, args.threads)
+            except RuntimeError as exc:
+                raise SystemExit(f"error: {exc}") from None
             print(f"{t}: quantized ({time.time() - t0:.0f} s)", flush=True)
     names = [REFERENCE, *types]
     windows = held_out_ids(load_tokenizer(args.model), args.windows)

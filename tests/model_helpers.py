@@ -93,3 +93,31 @@ def make_model(kind: str, folder: Path) -> Path:
     model.save_pretrained(str(folder))
     make_tokenizer(folder, vocab)
     return folder
+
+
+def sentencepiece_view(hf_dir: Path, out: Path, vocab_size: int = 100) -> Path:
+    """A view of the Hugging Face folder ``hf_dir`` that llama.cpp's converter accepts: its
+    config and weights linked, its tokenizer replaced by a SentencePiece model trained on the
+    same sentences (needs ``sentencepiece``). The converter recognises a byte-level BPE
+    tokenizer only by the hash of a known one, which these trained tokenizers never match; with
+    a SentencePiece model it pads the vocabulary to the config's. The GGUF's vocabulary is then
+    not the folder's tokenizer: fine where token ids are fed (the bench's peers)."""
+    import io
+
+    import sentencepiece
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in hf_dir.iterdir():
+        if f.is_file() and not f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            (out / f.name).symlink_to(f.resolve())
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 4),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    return out

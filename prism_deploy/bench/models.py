@@ -21,8 +21,14 @@ Interleaving: each repetition runs every folder (and eager) once, in turn, so a 
 on a shared machine hits all of them alike. Everything is single-batch (batch 1).
 
 Peers (a last model): ONNX Runtime GenAI on the same source model at the folders' precisions,
-where installed, and llama.cpp's reason for being skipped (:mod:`prism_deploy.bench.peers`).
-Folders of either graph form (docs/model-forms.md) are timed as the chain runs them.
+where installed, and llama.cpp on a float GGUF file of the model given with ``gguf``, at the
+type matching each precision (:mod:`prism_deploy.bench.peers`); each is skipped with its reason
+otherwise. Folders of either graph form (docs/model-forms.md) are timed as the chain runs them
+(:mod:`prism_deploy.bench.model_runners`).
+
+Memory (``memory``): after the timing, each case again in a fresh child process of its own, its
+resident set after the load and after one generation, and a baseline process's
+(:mod:`prism_deploy.bench.resident`).
 
 Stability: a timing whose p90 / p10 exceeds :data:`UNSTABLE_SPREAD` is flagged ``unstable``
 and gives no speed-up, as base or subject (a baseline that collapsed on a busy machine once read
@@ -38,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from prism_deploy.bench.model_runners import EagerModel, OrtModel
 from prism_deploy.core import defaults
 from prism_deploy.core.errors import PrismInputError
 
@@ -58,194 +65,6 @@ DEFAULT_PROMPT, DEFAULT_NEW_TOKENS = 64, 32
 # A timing whose 90th percentile exceeds its 10th by more than this is unstable (a core taken by
 # another job, PyTorch's threads collapsing): flagged, and never the base of a speed-up.
 UNSTABLE_SPREAD = 1.5
-
-
-def graph_bytes(path: str | os.PathLike[str]) -> dict[str, int]:
-    """Bytes of a graph's initializers: ``per_token`` (read by every call: all but the tables
-    that Gather / GatherBlockQuantized read, which give one row per token) and ``tables``."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    gathered = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
-    other = {i for n in model.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for i in n.input}
-    out = {"per_token": 0, "tables": 0}
-    for t in model.graph.initializer:
-        n = _nbytes(t)
-        out["tables" if t.name in gathered and t.name not in other else "per_token"] += n
-    return out
-
-
-def _nbytes(t: Any) -> int:
-    import onnx
-
-    for entry in t.external_data:
-        if entry.key == "length":
-            return int(entry.value)
-    if t.raw_data:
-        return len(t.raw_data)
-    count = int(np.prod(t.dims)) if len(t.dims) else 1
-    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        return (count + 1) // 2
-    return count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-
-
-class _OrtModel:
-    """One folder's graph on ONNX Runtime CPU with the benchmark's thread count."""
-
-    def __init__(self, folder: Path, threads: int | None) -> None:
-        from prism_deploy.runtime.model_stage import ModelFolder
-
-        self.folder = ModelFolder(folder)
-        self.role = self.folder.role
-        self.manifest = self.folder.manifest
-        from prism_deploy.format.model_folder import graph_form
-
-        self.graph_form = graph_form(self.manifest)
-        self.key = "graph_with_past" if self.role == "last" and self.graph_form == "portable" else "graph"
-        runner = self.folder.runner(self.key, "cpu", threads=threads)
-        self.session = runner.session
-        self.ort_form: Any = None
-        if self.graph_form == "ort":  # the fused graph on its shared, preallocated KV buffer
-            from prism_deploy.runtime.ort_form import OrtFormGraph
-
-            self.ort_form = OrtFormGraph(runner, self.role, self.manifest["dims"], int(self.manifest["max_seq"]))
-        dims = self.manifest["dims"]
-        self.layers, self.kv, self.hd = int(dims["layers"]), int(dims["kv_heads"]), int(dims["head_dim"])
-        self.dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
-        path = self.folder.dir / self.manifest["files"][self.key]["name"]
-        if self.folder.build is not None:  # the engine file the session opened
-            from prism_deploy.runtime.engines import select_entry
-
-            entry = select_entry(self.folder.build, self.folder.dir, target="ort-cpu", layout=self.key)
-            path = self.folder.dir / entry["parts"][0]["file"]
-        self.bytes = graph_bytes(path)
-
-    def describe(self) -> dict[str, Any]:
-        q = self.manifest.get("quantization") or {}
-        return {
-            "path": str(self.folder.dir),
-            "role": self.role,
-            "precision": self.manifest.get("precision", "fp32"),
-            "form": q.get("form"),
-            "block_size": q.get("block_size"),
-            "symmetric": q.get("symmetric"),
-            "accuracy_level": q.get("accuracy_level"),
-            "built": self.folder.built,
-            "graph": self.key,
-            "graph_form": self.graph_form,
-            "weight_bytes_per_token": self.bytes["per_token"],
-            "table_bytes": self.bytes["tables"],
-            "source": self.manifest.get("source"),
-        }
-
-    def generate(self, first: np.ndarray, steps: list[np.ndarray]) -> tuple[float, list[float]]:
-        """(prefill seconds, per-step decode seconds). ``first``: ids [1, P] (a first model) or
-        embeddings [1, P, d] (middle, last); ``steps``: embeddings [1, 1, d] fed one by one (last only)."""
-        from prism_deploy.format.model_folder import past_names
-
-        if self.ort_form is not None:
-            return self._generate_ort_form(first, steps)
-        if self.role in ("first", "middle"):
-            mask = np.ones(first.shape[:2], dtype=np.int64)
-            feed = {"input_ids": first} if self.role == "first" else {"inputs_embeds": first.astype(self.dtype)}
-            t0 = time.perf_counter_ns()
-            self.session.run(["hidden"], {**feed, "attention_mask": mask})
-            return (time.perf_counter_ns() - t0) * 1e-9, []
-        names = past_names(self.layers)
-        past = {n: np.zeros((1, self.kv, 0, self.hd), dtype=self.dtype) for n in names}
-        length = int(first.shape[1])
-        outputs = ["logits", *past_names(self.layers, "present")]
-        t0 = time.perf_counter_ns()
-        out = self.session.run(
-            outputs,
-            {"inputs_embeds": first.astype(self.dtype), "attention_mask": np.ones((1, length), dtype=np.int64), **past},
-        )
-        prefill = (time.perf_counter_ns() - t0) * 1e-9
-        decode = []
-        for emb in steps:
-            past = dict(zip(names, out[1:]))
-            length += 1
-            mask = np.ones((1, length), dtype=np.int64)
-            t0 = time.perf_counter_ns()
-            out = self.session.run(outputs, {"inputs_embeds": emb.astype(self.dtype), "attention_mask": mask, **past})
-            decode.append((time.perf_counter_ns() - t0) * 1e-9)
-        return prefill, decode
-
-    def _generate_ort_form(self, first: np.ndarray, steps: list[np.ndarray]) -> tuple[float, list[float]]:
-        graph = self.ort_form
-        x = first if self.role == "first" else first.astype(self.dtype)
-        length = int(first.shape[1])
-        if self.role in ("first", "middle"):
-            t0 = time.perf_counter_ns()
-            graph.run(x, np.ones((1, length), dtype=np.int64))
-            return (time.perf_counter_ns() - t0) * 1e-9, []
-        cache = graph.new_cache(1)  # allocated once per generation, outside the timed calls, as the chain does
-        t0 = time.perf_counter_ns()
-        graph.step(x, np.ones((1, length), dtype=np.int64), cache)
-        prefill = (time.perf_counter_ns() - t0) * 1e-9
-        decode = []
-        for emb in steps:
-            length += 1
-            mask = np.ones((1, length), dtype=np.int64)
-            t0 = time.perf_counter_ns()
-            graph.step(emb.astype(self.dtype), mask, cache)
-            decode.append((time.perf_counter_ns() - t0) * 1e-9)
-        return prefill, decode
-
-
-class _EagerModel:
-    """The folder's source model in transformers, float32, eager PyTorch, the same thread count."""
-
-    def __init__(self, hf_dir: str, role: str) -> None:
-        from prism_deploy.models import hf
-
-        self.hf, self.role = hf, role
-        self.model = hf.load_causal_lm(hf_dir, uses_head=role == "last")
-        self.source = hf_dir
-
-    def describe(self) -> dict[str, Any]:
-        import torch
-        import transformers
-
-        return {
-            "path": self.source,
-            "role": self.role,
-            "precision": "fp32",
-            "backend": "transformers eager",
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
-        }
-
-    def generate(self, first: np.ndarray, steps: list[np.ndarray]) -> tuple[float, list[float]]:
-        import torch
-
-        hf = self.hf
-        with torch.no_grad():
-            if self.role in ("first", "middle"):
-                x = torch.from_numpy(first if self.role == "first" else first.astype(np.float32))
-                mask = torch.ones(x.shape[:2], dtype=torch.int64)
-                t0 = time.perf_counter_ns()
-                if self.role == "first":
-                    hf.final_hidden(self.model, x, mask)
-                else:
-                    hf.final_hidden(self.model, None, mask, inputs_embeds=x)
-                return (time.perf_counter_ns() - t0) * 1e-9, []
-            emb = torch.from_numpy(first.astype(np.float32))
-            mask = torch.ones(emb.shape[:2], dtype=torch.int64)
-            t0 = time.perf_counter_ns()
-            _, cache = hf.causal_lm_forward(self.model, inputs_embeds=emb, attention_mask=mask, use_cache=True)
-            prefill = (time.perf_counter_ns() - t0) * 1e-9
-            decode = []
-            for step in steps:
-                mask = torch.ones((1, mask.shape[1] + 1), dtype=torch.int64)
-                x = torch.from_numpy(step.astype(np.float32))
-                t0 = time.perf_counter_ns()
-                _, cache = hf.causal_lm_forward(
-                    self.model, inputs_embeds=x, attention_mask=mask, cache=cache, use_cache=True
-                )
-                decode.append((time.perf_counter_ns() - t0) * 1e-9)
-        return prefill, decode
 
 
 def _stats(samples: list[float]) -> dict[str, float] | None:
@@ -273,6 +92,8 @@ def run_model_bench(
     eager: bool = True,
     hf_dir: str | None = None,
     peers: bool = True,
+    gguf: str | os.PathLike[str] | None = None,
+    memory: bool = False,
     peer_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Time every folder (and transformers eager on their source, and the installed peers of
@@ -294,12 +115,31 @@ def run_model_bench(
         eager=eager,
         hf_dir=hf_dir,
         peers=peers,
+        gguf=gguf,
+        memory=memory,
     )
     if peer_dir is not None:
         Path(peer_dir).mkdir(parents=True, exist_ok=True)
-        return run(scratch=Path(peer_dir))
+        return _with_memory(*run(scratch=Path(peer_dir)), Path(peer_dir))
     with tempfile.TemporaryDirectory(prefix="prism-bench-peers-") as scratch:
-        return run(scratch=Path(scratch))
+        return _with_memory(*run(scratch=Path(scratch)), Path(scratch))
+
+
+def _with_memory(results: dict[str, Any], specs: list[dict[str, Any]], scratch: Path) -> dict[str, Any]:
+    """The results, with each case's resident memory where ``specs`` (``--memory``): each case
+    again in a child process of its own, once the bench's own copies are released."""
+    if not specs:
+        return results
+    import gc
+
+    from prism_deploy.bench import resident
+
+    gc.collect()
+    baseline, figures = resident.measure(specs, scratch)
+    for case in results["cases"]:
+        case["memory"] = figures[case["name"]]
+    results["memory"] = {"method": resident.METHOD, "baseline": baseline}
+    return results
 
 
 def _run_model_bench(
@@ -314,8 +154,11 @@ def _run_model_bench(
     eager: bool,
     hf_dir: str | None,
     peers: bool,
+    gguf: str | os.PathLike[str] | None,
+    memory: bool,
     scratch: Path,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the results, what a child needs to load each case again where ``memory``)."""
     import torch
 
     from prism_deploy.bench.machine import describe_machine, load_average, measure_copy_bandwidth, measure_matrix_rate
@@ -331,7 +174,7 @@ def _run_model_bench(
         name = Path(folder).name
         if name in runners:
             name = str(folder)
-        runners[name] = _OrtModel(Path(folder), threads)
+        runners[name] = OrtModel(Path(folder), threads)
     roles = {r.role for r in runners.values()}
     if len(roles) != 1:
         raise PrismInputError("the folders must share one role (first, middle or last): they are timed side by side")
@@ -348,7 +191,7 @@ def _run_model_bench(
     eager_reason = None
     if eager:
         if source and (Path(source) / "config.json").is_file():
-            runners["transformers eager"] = _EagerModel(str(source), role)
+            runners["transformers eager"] = EagerModel(str(source), role)
         else:
             eager_reason = f"no Hugging Face folder at {source!r} (give --hf)"
     # inputs: the same for every runner; embedding-table rows for model B (what the chain feeds it)
@@ -370,36 +213,38 @@ def _run_model_bench(
         steps = [rows[None, prompt + i : prompt + i + 1] for i in range(new_tokens)]
 
     peer_skipped: dict[str, str] = {}
+    peer_names: set[str] = set()
     if peers and role == "last":
-        from prism_deploy.bench.peers import GENAI_PRECISIONS, GenAIPeer, peer_reasons
+        from prism_deploy.bench.peers import make_peers
 
-        for peer_name, why in peer_reasons().items():
-            if why:
-                peer_skipped[peer_name] = why
         precisions = sorted(
-            {str(r.manifest.get("precision", "fp32")) for r in runners.values() if isinstance(r, _OrtModel)}
+            {str(r.manifest.get("precision", "fp32")) for r in runners.values() if isinstance(r, OrtModel)}
         )
-        if "onnxruntime-genai" not in peer_skipped:
-            if not (source and (Path(source) / "config.json").is_file()):
-                peer_skipped["onnxruntime-genai"] = f"no Hugging Face folder at {source!r} (give --hf)"
-            for precision in precisions:
-                if precision not in GENAI_PRECISIONS or "onnxruntime-genai" in peer_skipped:
-                    continue
-                try:
-                    peer = GenAIPeer(str(source), precision, threads, prompt + new_tokens, scratch)
-                except Exception as exc:  # the builder or GenAI's loader: the peer is skipped, with the reason
-                    peer_skipped[f"onnxruntime-genai {precision}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    continue
-                peer.ids = token_ids[None, :prompt]
-                runners[f"onnxruntime-genai {precision}"] = peer
+        made, peer_skipped = make_peers(
+            source,
+            precisions,
+            threads=threads,
+            max_length=prompt + new_tokens,
+            ids=token_ids[None, :prompt],
+            scratch=scratch,
+            dims=dims,
+            gguf=gguf,
+        )
+        runners.update(made)
+        peer_names = set(made)
+    elif gguf is not None:
+        why = (
+            "with --no-peers it is not used" if role == "last" else f"it goes beside a last model, and these are {role}"
+        )
+        raise PrismInputError(f"--gguf {gguf}: the llama.cpp peer's file, but {why}")
     machine = describe_machine()
     matrix_rate = measure_matrix_rate("cpu", "fp32", threads=threads)
-    fp32_runs = [r for r in runners.values() if isinstance(r, _OrtModel) and r.describe()["precision"] == "fp32"]
-    same_precision = {str(r.manifest.get("precision", "fp32")): r for r in runners.values() if isinstance(r, _OrtModel)}
+    fp32_runs = [r for r in runners.values() if isinstance(r, OrtModel) and r.describe()["precision"] == "fp32"]
+    same_precision = {str(r.manifest.get("precision", "fp32")): r for r in runners.values() if isinstance(r, OrtModel)}
     weights_of = {
         name: (
             r.bytes["per_token"]
-            if isinstance(r, _OrtModel)  # eager: the fp32 graph's weights
+            if isinstance(r, OrtModel)  # eager: the fp32 graph's weights
             else same_precision[r.precision].bytes["per_token"]  # a peer: the folder's of its precision
             if getattr(r, "precision", None) in same_precision
             else (fp32_runs[0].bytes["per_token"] if fp32_runs else None)
@@ -417,7 +262,6 @@ def _run_model_bench(
     prefill: dict[str, list[float]] = {n: [] for n in runners}
     decode: dict[str, list[float]] = {n: [] for n in runners}
     first_call: dict[str, float] = {}
-    peer_names = {n for n in runners if n.startswith("onnxruntime-genai")}
     for rep in range(warmup + repeat):
         for name, runner in list(runners.items()):
             t0 = time.perf_counter()
@@ -467,7 +311,17 @@ def _run_model_bench(
         case["unstable"] = _instability(case)
         cases.append(case)
     _ratios(cases)
-    return {
+    specs = []
+    if memory:
+        from prism_deploy.bench.resident import spec_of
+
+        arrays: dict[str, Any] = {"first": first_in, "steps": np.asarray(steps)}
+        if role == "last":
+            arrays["ids"] = token_ids[None, :prompt]
+        np.savez(scratch / "inputs.npz", **arrays)
+        common = {"threads": threads, "max_length": prompt + new_tokens, "scratch": str(scratch)}
+        specs = [spec_of(name, r, {**common, "inputs": str(scratch / "inputs.npz")}) for name, r in runners.items()]
+    results = {
         "kind": "model-bench",
         "role": role,
         "dims": dims,
@@ -490,11 +344,13 @@ def _run_model_bench(
         "rates": {"matrix_rate_fp32": matrix_rate, "copy_bandwidth": {str(k): v for k, v in bandwidths.items()}},
         "eager_unavailable": eager_reason,
         "peers_skipped": peer_skipped,
+        "memory": None,
         "unstable_spread": UNSTABLE_SPREAD,
         "cases": cases,
         "targets": _targets(cases) if role == "last" else [],
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    return results, specs
 
 
 def _bytes_per_weight(info: dict[str, Any]) -> float:

@@ -1,4 +1,4 @@
-"""ONNX peers timed beside the model folders in ``bench --model``: ONNX Runtime GenAI and llama.cpp.
+"""Peers timed beside a last model's folders in ``bench --model``: ONNX Runtime GenAI and llama.cpp.
 
 Each is optional; where it is not installed the results carry the reason it was skipped, never
 a figure. A peer runs the folder's source model (the Hugging Face folder in model.json) whole,
@@ -12,14 +12,17 @@ decode step), in the same interleaved repetitions.
   only picks from the prefill's logits) are the prefill, each later ``generate_next_token`` a
   decode step (one model run on the token picked before, greedy), on its KV cache shared
   between past and present.
-- **llama.cpp** (``llama_cpp``): needs a GGUF file of the model, which this project does not
-  write; it is listed with that reason where installed, and as not installed otherwise.
+- **llama.cpp** (``llama_cpp``): on a float GGUF file of the model given with ``--gguf`` (this
+  project writes none), at the type that matches each folder precision
+  (:mod:`prism_deploy.bench.llamacpp`); without the file, or without ``llama_cpp``, it is listed
+  with the reason.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -42,8 +45,8 @@ def source_digest(hf_dir: str) -> str:
     return hashlib.sha256(str(path).encode() + b"\0" + text).hexdigest()[:12]
 
 
-def peer_reasons() -> dict[str, str | None]:
-    """Why each peer is skipped (None: it runs)."""
+def peer_reasons(gguf: str | os.PathLike[str] | None = None) -> dict[str, str | None]:
+    """Why each peer is skipped (None: it runs); llama.cpp runs on the GGUF file ``gguf``."""
     genai = (
         None
         if importlib.util.find_spec("onnxruntime_genai")
@@ -52,7 +55,9 @@ def peer_reasons() -> dict[str, str | None]:
     llama = (
         "llama_cpp is not installed (pip install llama-cpp-python)"
         if importlib.util.find_spec("llama_cpp") is None
-        else "llama_cpp is installed, but timing it needs a GGUF file of the model, which prism-deploy does not write"
+        else None
+        if gguf
+        else "needs a float GGUF file of the model (--gguf FILE), which prism-deploy does not write"
     )
     return {"onnxruntime-genai": genai, "llama.cpp": llama}
 
@@ -127,3 +132,58 @@ class GenAIPeer:
             generator.generate_next_token()
             decode.append((time.perf_counter_ns() - t0) * 1e-9)
         return prefill, decode
+
+
+def make_peers(
+    source: str | None,
+    precisions: list[str],
+    *,
+    threads: int,
+    max_length: int,
+    ids: np.ndarray,
+    scratch: Path,
+    dims: dict[str, Any],
+    gguf: str | os.PathLike[str] | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """({case name: peer}, {peer: why it is skipped}) for a last model's folders at
+    ``precisions``; each peer gets the prompt's token ids ``ids`` [1, P]. A GGUF file that is not
+    a float file of the model (``dims``) raises ``PrismInputError`` before any peer is built."""
+    peers: dict[str, Any] = {}
+    skipped = {name: why for name, why in peer_reasons(gguf).items() if why}
+    llama_cpp = None
+    if "llama.cpp" not in skipped and gguf is not None:
+        from prism_deploy.bench.llamacpp import check_gguf
+
+        llama_cpp = check_gguf(gguf, dims)  # before anything is built: bad input, exit 2
+    if "onnxruntime-genai" not in skipped:
+        if not (source and (Path(source) / "config.json").is_file()):
+            skipped["onnxruntime-genai"] = f"no Hugging Face folder at {source!r} (give --hf)"
+        for precision in precisions:
+            if precision not in GENAI_PRECISIONS or "onnxruntime-genai" in skipped:
+                continue
+            try:
+                genai = GenAIPeer(str(source), precision, threads, max_length, scratch)
+            except Exception as exc:  # the builder or GenAI's loader: the peer is skipped, with the reason
+                skipped[f"onnxruntime-genai {precision}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            genai.ids = ids
+            peers[f"onnxruntime-genai {precision}"] = genai
+    if llama_cpp is not None and gguf is not None:
+        from prism_deploy.bench.llamacpp import TYPE_FOR_PRECISION, LlamaCppPeer, gguf_for
+
+        for precision in precisions:
+            if precision not in TYPE_FOR_PRECISION:
+                skipped[f"llama.cpp {precision}"] = f"no llama.cpp type is matched to {precision}"
+                continue
+            try:
+                gguf_type, path = gguf_for(precision, Path(gguf), llama_cpp["weight_type"], scratch, threads)
+                if f"llama.cpp {gguf_type}" in peers:  # fp32 and fp16 folders beside one F16 file: timed once
+                    continue
+                llama = LlamaCppPeer(path, gguf_type, precision, threads, max_length)
+            except Exception as exc:  # llama.cpp's quantizer or loader: skipped, with the reason
+                skipped[f"llama.cpp {precision}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            llama.ids = ids
+            llama.made_from = None if path == Path(gguf) else Path(gguf)
+            peers[f"llama.cpp {gguf_type}"] = llama
+    return peers, skipped

@@ -34,6 +34,18 @@ def register(subparsers: Any) -> None:
         help="skip the ONNX peers (ONNX Runtime GenAI, llama.cpp) timed beside a last model where installed",
     )
     p.add_argument(
+        "--gguf",
+        metavar="FILE",
+        help="a float (F32/F16/BF16) GGUF file of the folders' model: llama.cpp is timed beside a last "
+        "model at the type matching each folder precision (fp32: the file; int8: Q8_0; int4: Q4_0)",
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure each case's resident memory (VmRSS, VmHWM) in a fresh child process "
+        "after the timing, and a baseline Python process's (Linux)",
+    )
+    p.add_argument(
         "--threads",
         type=number(THREADS),
         default=defaults.BENCH_THREADS,
@@ -83,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     for folder in args.folders:
         if not Path(folder, MODEL_JSON).is_file():
             raise PrismInputError(f"{folder}: no model.json (not a folder from export-model or build --model)")
+    if args.gguf is not None and not Path(args.gguf).is_file():
+        raise PrismInputError(f"{args.gguf}: no such file (--gguf: a float GGUF file of the folders' model)")
     from prism_deploy.bench.models import run_model_bench
     from prism_deploy.core.fsutil import write_text_atomic
 
@@ -97,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         eager=not args.no_eager,
         hf_dir=args.hf,
         peers=not args.no_peers,
+        gguf=args.gguf,
+        memory=args.memory,
         peer_dir=args.peer_dir,
     )
     if args.json:
@@ -136,6 +152,7 @@ def print_report(results: dict[str, Any]) -> None:
             + (f" {c['form']}" if c.get("form") else "")
             + (f" b{c['block_size']}" if c.get("block_size") else "")
             + (f" acc{c['accuracy_level']}" if c.get("accuracy_level") is not None else "")
+            + (f" as {c['gguf_type']}" if c.get("gguf_type") else "")
         )
         rows.append(
             [
@@ -151,6 +168,7 @@ def print_report(results: dict[str, Any]) -> None:
                 _ratio(dec, "speedup_vs_eager"),
                 _ms(floor, "decode_s"),
                 (dec or {}).get("ratio_to_floor"),
+                *([_resident(c.get("memory") or {})] if results.get("memory") else []),
             ]
         )
     print_table(
@@ -167,6 +185,7 @@ def print_report(results: dict[str, Any]) -> None:
             "x eager",
             "floor ms",
             "x floor",
+            *(["peak RSS (net)"] if results.get("memory") else []),
         ],
         rows,
     )
@@ -184,7 +203,26 @@ def print_report(results: dict[str, Any]) -> None:
                 f"unstable: {c['name']}: {'; '.join(c['unstable'])}: its speed-ups are not given "
                 "(a busy machine; rerun on a quiet one)"
             )
+    memory = results.get("memory")
+    if memory:
+        base = memory["baseline"]
+        print(
+            "peak RSS: VmHWM of a fresh process that loaded the case and ran one generation; (net): less "
+            + (
+                f"a bare Python process's {human_bytes(base['after_run']['hwm_bytes'])}"
+                if "after_run" in base
+                else f"nothing ({base.get('not_measured') or base.get('error')})"
+            )
+        )
     for peer, why in (results.get("peers_skipped") or {}).items():
         print(f"skipped: {peer}: {why}")
     if results.get("eager_unavailable"):
         print(f"unavailable: transformers eager: {results['eager_unavailable']}")
+
+
+def _resident(memory: dict[str, Any]) -> str:
+    """A case's peak resident set and, in brackets, net of the baseline process's."""
+    if "after_run" not in memory:
+        return "not measured" if memory.get("not_measured") else "failed"
+    net = memory.get("net_peak_bytes")
+    return human_bytes(memory["after_run"]["hwm_bytes"]) + (f" ({human_bytes(net)})" if net is not None else "")

@@ -51,3 +51,41 @@ def source_record(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     p = Path(path)
     return {"name": p.name, "format": "gguf", "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+
+
+def model_shape(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a GGUF file's metadata says of its model: ``architecture``, ``hidden``, ``layers``,
+    ``vocab`` (its ``<arch>.vocab_size``, else the length of its token list) and ``weight_type``
+    (the ggml type most of its matrices are stored in: ``F32``, ``F16``, ``Q8_0`` ...). Read with
+    the ``gguf`` package, which maps the file rather than reading it."""
+    require("gguf", "reading a .gguf file")
+    from gguf import GGUFReader
+
+    p = Path(path)
+    if not p.is_file():
+        raise PrismInputError(f"{path}: not a file (a .gguf model file is expected)")
+    try:
+        reader = GGUFReader(str(p))
+        fields = reader.fields
+
+        def value(key: str) -> Any:
+            return fields[key].contents() if key in fields else None
+
+        arch = str(value("general.architecture"))
+        vocab = value(f"{arch}.vocab_size")
+        if vocab is None and "tokenizer.ggml.tokens" in fields:
+            vocab = len(fields["tokenizer.ggml.tokens"].data)
+        counts: dict[str, int] = {}
+        for tensor in reader.tensors:
+            if len(tensor.shape) > 1 and int(min(tensor.shape)) > 1:
+                counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise PrismInputError(f"{path}: not a readable GGUF file ({brief(exc, 300)})") from None
+    hidden, layers = value(f"{arch}.embedding_length"), value(f"{arch}.block_count")
+    return {
+        "architecture": arch,
+        "hidden": None if hidden is None else int(hidden),
+        "layers": None if layers is None else int(layers),
+        "vocab": None if vocab is None else int(vocab),
+        "weight_type": max(counts, key=lambda k: counts[k]) if counts else None,
+    }

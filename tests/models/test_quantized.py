@@ -403,7 +403,7 @@ def test_bench_model_side_by_side(zoo, exports, tmp_path, capsys, monkeypatch):
     same inputs; floors from the graphs' bytes; the issue's targets evaluated, not enforced."""
     # the peers (ONNX Runtime GenAI, llama.cpp) where installed: tests/models/test_ort_form_builder.py
     monkeypatch.setattr(
-        "prism_deploy.bench.peers.peer_reasons", lambda: {"onnxruntime-genai": "off", "llama.cpp": "off"}
+        "prism_deploy.bench.peers.peer_reasons", lambda gguf=None: {"onnxruntime-genai": "off", "llama.cpp": "off"}
     )
     folders = [zoo["qwen2", "last", "fp32"], exports["B", "int8", "nbits"], exports["B", "int4", "dq"]]
     out = tmp_path / "bench.json"
