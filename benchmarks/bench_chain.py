@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from prism_deploy.runtime.pipeline import Pipeline
+    from prism_deploy.runtime.chain import Pipeline
 
     from prism_deploy.bench.machine import describe_machine, load_average
     from prism_deploy.models import hf
