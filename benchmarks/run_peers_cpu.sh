@@ -55,3 +55,5 @@ python benchmarks/bench_chain.py --a-hf $M/model-a --b-hf $M/model-b --repeat 5 
     --chain fp32=$E/A-fp32,$E/B-fp32 --chain int8=$E/A-int8,$E/B-int8 --chain int4=$E/A-int4,$E/B-int4 \
     --chain ort-fp32=$E/A-ort-fp32,$E/B-ort-fp32 --chain ort-int8=$E/A-ort-int8,$E/B-ort-int8 \
     --chain ort-int4=$E/A-ort-int4,$E/B-ort-int4 --json "$out/$tag-cpu-chain.json"
+# the files are committed: paths inside the checkout are written relative to it
+sed -i "s#$PWD/##g" "$out/$tag"-cpu-peers-*.json "$out/$tag-cpu-chain.json"
