@@ -43,63 +43,43 @@ NAMES = ("model-a", "model-b", "model-l")
 DEFAULT_NAMES = ["model-a", "model-b"]  # model-l (3.3 GB) only when named
 
 
+# name -> (seed, family, width, MLP width, layers, heads, KV heads); the rest is shared (COMMON)
+SHAPES = {
+    "model-a": (1, "llama", 512, 1408, 8, 8, 2),
+    "model-b": (2, "qwen2", 640, 1664, 8, 10, 2),
+    "model-l": (3, "llama", 2048, 5632, 16, 32, 4),
+}
+COMMON = dict(
+    vocab_size=VOCAB,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    bos_token_id=None,
+    eos_token_id=0,
+    pad_token_id=0,
+)
+
+
 def make(name: str, folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    if name == "model-b":
-        torch.manual_seed(2)
-        model = Qwen2ForCausalLM(
-            Qwen2Config(
-                vocab_size=VOCAB,
-                hidden_size=640,
-                intermediate_size=1664,
-                num_hidden_layers=8,
-                num_attention_heads=10,
-                num_key_value_heads=2,
-                max_position_embeddings=2048,
-                tie_word_embeddings=False,
-                bos_token_id=None,
-                eos_token_id=0,
-                pad_token_id=0,
-            )
-        )
-    elif name == "model-a":
-        torch.manual_seed(1)
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=VOCAB,
-                hidden_size=512,
-                intermediate_size=1408,
-                num_hidden_layers=8,
-                num_attention_heads=8,
-                num_key_value_heads=2,
-                max_position_embeddings=2048,
-                tie_word_embeddings=False,
-                bos_token_id=None,
-                eos_token_id=0,
-                pad_token_id=0,
-            )
-        )
-    elif name == "model-l":
-        torch.manual_seed(3)
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=VOCAB,
-                hidden_size=2048,
-                intermediate_size=5632,
-                num_hidden_layers=16,
-                num_attention_heads=32,
-                num_key_value_heads=4,
-                max_position_embeddings=2048,
-                tie_word_embeddings=False,
-                bos_token_id=None,
-                eos_token_id=0,
-                pad_token_id=0,
-            )
-        )
-    else:
+    if name not in SHAPES:
         raise SystemExit(f"unknown model {name!r}: {', '.join(NAMES)}")
+    seed, family, hidden, mlp, layers, heads, kv_heads = SHAPES[name]
+    config_class, model_class = (
+        (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    )
+    torch.manual_seed(seed)
+    model = model_class(
+        config_class(
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            **COMMON,
+        )
+    )
     model.save_pretrained(str(folder))
     _tokenizer(folder)
     return folder

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import onnxruntime_genai as og
+from bench_ort_step import _TimedSession
 
 from prism_deploy.bench.machine import load_average
 from prism_deploy.runtime.model_stage import ModelStage
@@ -54,25 +55,16 @@ def ours():
 
 
 def raw_run_only():
-    # the same steps, but time run_with_iobinding alone
+    # the same steps, but time run_with_iobinding alone (bench_ort_step's timed session)
     cache = graph.new_cache(1)
     mask = np.ones((1, 64), np.int64)
     graph.step(emb, mask, cache)
-    t = []
-    sess = graph.session
-    orig = sess.run_with_iobinding
+    session = graph.session
+    graph.session = timed = _TimedSession(session)
     for i, x in enumerate(steps):
-        mask = np.ones((1, 65 + i), np.int64)
-
-        def timed(b, *a):
-            t0 = time.perf_counter()
-            orig(b, *a)
-            t.append(time.perf_counter() - t0)
-
-        graph.session = type("S", (), {"run_with_iobinding": staticmethod(timed)})()
-        graph.step(x, mask, cache)
-        graph.session = sess
-    return statistics.median(t)
+        graph.step(x, np.ones((1, 65 + i), np.int64), cache)
+    graph.session = session
+    return statistics.median(timed.times)
 
 
 prefills = {"ours": [], "genai": []}

@@ -486,19 +486,22 @@ def _quantize_one(
 def _hold_as_arrays(replaced: dict[str, tuple[list[Any], list[Any], Any]]) -> dict[str, Any]:
     """Each quantized initializer of 1 KiB or more as an array, its message left without its
     bytes (name, type and dims only): ``{name: DeferredTensor}`` for the saver."""
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     from prism_deploy.core.blocks import DeferredTensor
     from prism_deploy.core.onnx_io import EXTERNAL_MIN_BYTES
 
+    # numpy holds packed 4-bit types one value a byte: those stay in the message. Reading
+    # ``raw_data`` copies it, so each tensor's bytes are read once (by to_array).
+    packed = (TensorProto.INT4, TensorProto.UINT4)
     held = {}
     for _, inits, _ in replaced.values():
         for tensor in inits:
-            if not tensor.dims or tensor.data_location != 0 or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+            if not tensor.dims or not tensor.HasField("raw_data") or tensor.data_type in packed:
                 continue
             array = numpy_helper.to_array(tensor)
-            if array.nbytes != len(tensor.raw_data):
-                continue  # packed types (INT4 / UINT4): numpy holds one value a byte; left in the message
+            if array.nbytes < EXTERNAL_MIN_BYTES:
+                continue
             tensor.ClearField("raw_data")
             held[tensor.name] = DeferredTensor(array.shape, array.dtype, functools.partial(_rows_of, array))
     return held

@@ -14,9 +14,9 @@ from prism_deploy.models import lm_export
 from prism_deploy.models.lm_export import export_model
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_a_released_model_exports_and_validates_as_a_held_one(zoo, tmp_path, monkeypatch, precision):
-    held = export_model(zoo["qwen2"], "last", tmp_path / "held", precision=precision, max_seq=32)
+@pytest.fixture
+def released_loads(monkeypatch):
+    """Every model counts as over 2 GiB; the list fills with each load of a PyTorch model."""
     loads = []
     real_load = lm_export.hf.load_causal_lm
 
@@ -26,6 +26,13 @@ def test_a_released_model_exports_and_validates_as_a_held_one(zoo, tmp_path, mon
 
     monkeypatch.setattr(lm_export, "_holds_over_2_gib", lambda model: True)
     monkeypatch.setattr(lm_export.hf, "load_causal_lm", counted)
+    return loads
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_released_model_exports_and_validates_as_a_held_one(zoo, tmp_path, request, precision):
+    held = export_model(zoo["qwen2"], "last", tmp_path / "held", precision=precision, max_seq=32)
+    loads = request.getfixturevalue("released_loads")  # from here on, models are let go
     released = export_model(zoo["qwen2"], "last", tmp_path / "released", precision=precision, max_seq=32)
     assert len(loads) == 2  # once to trace, once more to validate
     for key in ("graph", "graph_with_past"):
@@ -35,10 +42,6 @@ def test_a_released_model_exports_and_validates_as_a_held_one(zoo, tmp_path, mon
     assert json.loads((tmp_path / "released" / "model.json").read_text())["precision"] == precision
 
 
-def test_without_validation_the_model_is_loaded_once(zoo, tmp_path, monkeypatch):
-    loads = []
-    real_load = lm_export.hf.load_causal_lm
-    monkeypatch.setattr(lm_export, "_holds_over_2_gib", lambda model: True)
-    monkeypatch.setattr(lm_export.hf, "load_causal_lm", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+def test_without_validation_the_model_is_loaded_once(zoo, tmp_path, released_loads):
     manifest = export_model(zoo["qwen2"], "last", tmp_path / "q", precision="int8", max_seq=32, validate=False)
-    assert len(loads) == 1 and manifest["validation"] == {"skipped": True}
+    assert len(released_loads) == 1 and manifest["validation"] == {"skipped": True}
