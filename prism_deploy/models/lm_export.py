@@ -66,6 +66,7 @@ from prism_deploy.format.model_folder import (
 )
 from prism_deploy.format.stage_io import STAGE_IO
 from prism_deploy.models import gguf, hf
+from prism_deploy.models.logits_positions import add_logits_start_to
 
 # Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
 # (relative L2 over the real tokens, the smallest per-token cosine, top-1 agreement of logits on
@@ -209,12 +210,15 @@ def export_model(
                 # An old manifest would describe graphs this run is about to replace: drop it first, write it last.
                 (out / MODEL_JSON).unlink(missing_ok=True)
 
+                # a float graph about to be quantized keeps its weights in a data file whatever its
+                # size: the quantizer reads them one at a time instead of parsing the whole graph
+                external = True if quantization is not None else None
                 if role == "first":
-                    files, written = _export_first(traced, out, vocab)
+                    files, written = _export_first(traced, out, vocab, external)
                 elif role == "middle":
-                    files, written = _export_middle(traced, out, dims)
+                    files, written = _export_middle(traced, out, dims, external)
                 else:
-                    files, written = _export_last(traced, out, dims)
+                    files, written = _export_last(traced, out, dims, external)
                     from prism_deploy.core.fsutil import atomic_output
 
                     with atomic_output(out / files["embed_tokens"]) as tmp:
@@ -255,10 +259,6 @@ def export_model(
                             if stale.name not in quantized[key]["files"]:
                                 stale.unlink(missing_ok=True)
                     del activations
-                if role == "last":  # generation asks for the last position's logits only
-                    from prism_deploy.models.logits_positions import add_logits_start
-
-                    add_logits_start(out / files["graph_with_past"])
                 for name in written:
                     if name.endswith(".data"):  # external weights of a graph over 2 GiB
                         files[name.split(".")[0] + "_data"] = name
@@ -421,7 +421,7 @@ def _remove_export_files(out: Path, role: str) -> None:
 
 
 def _export_hidden_role(
-    role: str, traced: Any, out: Path, example: tuple[Any, ...]
+    role: str, traced: Any, out: Path, example: tuple[Any, ...], external: bool | None
 ) -> tuple[dict[str, str], list[str]]:
     """``first.onnx`` or ``middle.onnx``: the role's inputs -> ``hidden``, names and dynamic dims
     from the stage I/O contract (format/stage_io)."""
@@ -430,25 +430,29 @@ def _export_hidden_role(
     dynamic = {t.name: {i: d for i, d in enumerate(t.dims) if d in ("batch", "seq")} for t in (*inputs, *outputs)}
     module = _First(traced) if role == "first" else _Middle(traced)
     written = _export_graph(
-        module, example, out / files["graph"], [t.name for t in inputs], [t.name for t in outputs], dynamic
+        module, example, out / files["graph"], [t.name for t in inputs], [t.name for t in outputs], dynamic, external
     )
     return files, written
 
 
-def _export_first(traced: Any, out: Path, vocab: int) -> tuple[dict[str, str], list[str]]:
+def _export_first(traced: Any, out: Path, vocab: int, external: bool | None) -> tuple[dict[str, str], list[str]]:
     g = torch.Generator().manual_seed(0)
     example = (torch.randint(0, vocab, (2, 4), generator=g), torch.ones(2, 4, dtype=torch.int64))
-    return _export_hidden_role("first", traced, out, example)
+    return _export_hidden_role("first", traced, out, example, external)
 
 
-def _export_middle(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[str, str], list[str]]:
+def _export_middle(
+    traced: Any, out: Path, dims: dict[str, int], external: bool | None
+) -> tuple[dict[str, str], list[str]]:
     dtype = next(traced.parameters()).dtype
     g = torch.Generator().manual_seed(0)
     example = (torch.randn(2, 4, dims["hidden"], generator=g).to(dtype), torch.ones(2, 4, dtype=torch.int64))
-    return _export_hidden_role("middle", traced, out, example)
+    return _export_hidden_role("middle", traced, out, example, external)
 
 
-def _export_last(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[str, str], list[str]]:
+def _export_last(
+    traced: Any, out: Path, dims: dict[str, int], external: bool | None
+) -> tuple[dict[str, str], list[str]]:
     """``last.onnx`` and ``last_with_past.onnx`` (the embedding table is written by the caller)."""
     files = {"graph": "last.onnx", "graph_with_past": "last_with_past.onnx", "embed_tokens": "embed_tokens.npy"}
     dtype = next(traced.parameters()).dtype
@@ -466,6 +470,7 @@ def _export_last(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[str
             "attention_mask": {0: "batch", 1: "seq"},
             "logits": {0: "batch", 1: "seq"},
         },
+        external,
     )
     # Traced with a past of 3 and 2 new tokens: the general path, valid for past 0 and new 1 too.
     past = [torch.randn(2, dims["kv_heads"], 3, dims["head_dim"], generator=g).to(dtype) for _ in range(2 * layers)]
@@ -484,6 +489,9 @@ def _export_last(traced: Any, out: Path, dims: dict[str, int]) -> tuple[dict[str
         ["inputs_embeds", "attention_mask", *past_names(layers)],
         ["logits", *past_names(layers, "present")],
         axes,
+        external,
+        # generation asks for the last position's logits only
+        edit=lambda model: add_logits_start_to(model, files["graph_with_past"]),
     )
     return files, written
 
@@ -495,15 +503,20 @@ def _export_graph(
     input_names: list[str],
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
+    external: bool | None = None,
+    edit: Any = None,
 ) -> list[str]:
-    """Trace into a scratch folder (over 2 GiB the tracer writes one file per weight there),
-    then save once through ``finalize`` + ``save_model``, the weights streamed from the scratch
-    files. Returns the file names written."""
+    """Trace the graph without its weights into a scratch folder, then save it once through
+    ``finalize`` + ``save_model``, the weights streamed from the PyTorch tensors
+    (:mod:`prism_deploy.models.trace`). ``external``: weights in ``<name>.data`` whatever their
+    size (a float graph about to be quantized: the quantizer then reads one weight at a time).
+    ``edit(model)``: a change to the graph before it is saved. Returns the file names written."""
     import tempfile
 
     import onnx
 
     from prism_deploy.core.onnx_io import OPSET, WeightReader, finalize, save_model
+    from prism_deploy.models import trace
 
     # The exporter puts the module back in the training mode it found it in: a fresh wrapper is
     # in training mode, which would switch on the wrapped model's dropout for the validation
@@ -512,7 +525,7 @@ def _export_graph(
     with tempfile.TemporaryDirectory(prefix=TRACE_PREFIX, dir=path.parent) as scratch:
         (Path(scratch) / TRACE_MARK).touch()  # proves the folder ours if this process is killed
         traced = Path(scratch) / "model.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), trace.exported_weights() as weights:
             # The tracer warns about every Python-side shape test it freezes; the validation
             # step is what checks that the frozen branches hold for other shapes.
             warnings.simplefilter("ignore")
@@ -527,6 +540,7 @@ def _export_graph(
                     opset_version=OPSET,
                     dynamo=False,
                     do_constant_folding=True,
+                    export_params=weights is None,
                 )
             except OSError:
                 raise  # a full disk or a read-only folder is not the model's fault (the CLI names the output)
@@ -534,12 +548,15 @@ def _export_graph(
                 raise PrismInputError(
                     f"{path.name}: torch.onnx.export cannot trace this model ({type(exc).__name__}: {brief(exc, 300)})"
                 ) from exc
-        # Over 2 GiB the tracer writes each weight to its own file: they are copied from there into
-        # the folder's one data file a block at a time, never all held at once beside the
-        # PyTorch model (loading them whole took the export of a 3.3 GB model to twice its weights).
-        model = onnx.load(str(traced), load_external_data=False)
-        weights = WeightReader(model, Path(scratch))
-        written = save_model(finalize(model), path, deferred=weights.deferred(model))
+            model = onnx.load(str(traced), load_external_data=False)
+            if weights is not None:
+                deferred = trace.attach_weights(model, weights)
+            else:  # a torch without the exporter table: its own file(s), copied a block at a time
+                deferred = WeightReader(model, Path(scratch)).deferred(model)
+            if edit is not None:
+                edit(model)
+            written = save_model(finalize(model), path, external=external, deferred=deferred)
+            del weights
     return [p.name for p in written]
 
 

@@ -24,6 +24,7 @@ without loading external weights.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -38,19 +39,29 @@ def add_logits_start(path: str | os.PathLike[str], output: str = "logits") -> No
     """Give the graph at ``path`` the optional ``logits_start`` input, slicing the LM head's
     input (the node that writes ``output``); rewritten in place, external data untouched."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     from prism_deploy.core.fsutil import atomic_output
 
     model = onnx.load(str(path), load_external_data=False)
+    if add_logits_start_to(model, str(path), output):
+        with atomic_output(path) as tmp:
+            onnx.save_model(model, str(tmp))
+
+
+def add_logits_start_to(model: Any, where: str, output: str = "logits") -> bool:
+    """:func:`add_logits_start` on a loaded ``model`` (``where`` names it in errors); False when
+    it has the input already. An export applies it before its graph is first saved, so that a
+    graph whose weights are inline is not parsed and written again for it."""
+    from onnx import TensorProto, helper, numpy_helper
+
     graph = model.graph
     if any(t.name == LOGITS_START for t in graph.initializer):
-        return
+        return False
     heads = [n for n in graph.node if output in n.output]
     if len(heads) != 1 or heads[0].op_type not in HEAD_OPS:
         found = heads[0].op_type if heads else "no node"
         raise CheckFailed(
-            f"{path}: `{output}` is written by {found}, not an LM head ({' or '.join(HEAD_OPS)}): "
+            f"{where}: `{output}` is written by {found}, not an LM head ({' or '.join(HEAD_OPS)}): "
             f"cannot add {LOGITS_START}"
         )
     head = heads[0]
@@ -72,5 +83,4 @@ def add_logits_start(path: str | os.PathLike[str], output: str = "logits") -> No
     for value in graph.output:  # the positions it gives are no longer the input's
         if value.name == output and len(value.type.tensor_type.shape.dim) == 3:
             value.type.tensor_type.shape.dim[1].dim_param = "logits_seq"
-    with atomic_output(path) as tmp:
-        onnx.save_model(model, str(tmp))
+    return True
