@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from prism_deploy.runtime.chain import Pipeline
 
     from prism_deploy.bench.machine import describe_machine, load_average
     from prism_deploy.models import hf
     from prism_deploy.reference import load_adapter, random_adapter, simple_config
+    from prism_deploy.runtime.chain import Pipeline
 
     torch.set_num_threads(args.threads)
     load_start = load_average()

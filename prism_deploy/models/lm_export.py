@@ -46,10 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from prism_deploy.core import defaults, tolerances
-from prism_deploy.core.errors import CheckFailed, PrismInputError, brief
+from prism_deploy.core import defaults
+from prism_deploy.core.errors import PrismInputError, brief
 from prism_deploy.core.fsutil import file_sha256, folder_lock
-from prism_deploy.core.metrics import compare, compare_logits, merge
 from prism_deploy.core.precision import ModelPrecision
 from prism_deploy.format.model_folder import (
     FORMAT,
@@ -65,7 +64,7 @@ from prism_deploy.format.model_folder import (
     past_names,
 )
 from prism_deploy.format.stage_io import STAGE_IO
-from prism_deploy.models import gguf, hf
+from prism_deploy.models import export_checks, gguf, hf
 from prism_deploy.models.logits_positions import add_logits_start_to
 
 # Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
@@ -268,15 +267,13 @@ def export_model(
                 if validate:
                     if reference is None:  # let go while quantizing
                         reference = hf.load_causal_lm(hf_dir, attn_implementation="eager", uses_head=role == "last")
-                    real = _real_text_windows(hf_dir, reference, text_corpus, max_seq)
-                    checker = {"first": _validate_first, "middle": _validate_middle, "last": _validate_last}[role]
-                    gate_random = real is None or not real["language_model"]
-                    validation = checker(reference, out, files, prec, max_seq, seed, gate_random)
-                    validation["random_inputs"] = (
-                        "gated" if gate_random else "reported (real text gates a language model)"
-                    )
-                    if real is not None:
-                        validation["real_text"] = _validate_real_text(reference, out, files, role, prec, real)
+                    # the float model's side first, then the graphs' with the model let go: one
+                    # session at a time, never beside the float weights (models/export_checks.py)
+                    expected = export_checks.expect(reference, role, max_seq, seed, hf_dir, text_corpus)
+                    reference = traced = table = None
+                    gc.collect()
+                    gate_random = expected.real is None or not expected.real["language_model"]
+                    validation = export_checks.check(expected, out, files, prec, gate_random)
                 manifest = {
                     "format": FORMAT,
                     "version": VERSION,
@@ -558,291 +555,6 @@ def _export_graph(
             written = save_model(finalize(model), path, external=external, deferred=deferred)
             del weights
     return [p.name for p in written]
-
-
-# -- validation ---------------------------------------------------------------------------------------
-
-
-def _check(
-    name: str, fig: dict[str, Any], tol: tolerances.Tolerances, precision: ModelPrecision, gate: bool = True
-) -> None:
-    """Raise ``CheckFailed`` for figures outside ``tol``; with ``gate`` off, note them in ``fig``."""
-    bad = tol.failures(fig)
-    if bad and not gate:
-        fig["outside_bounds"] = bad
-        return
-    if bad:
-        raise CheckFailed(
-            f"{name} ({precision}) diverges from the transformers model: {'; '.join(bad)} "
-            f"(max abs {fig['max_abs']:.3g})"
-        )
-
-
-def _validation_masks(batch_seq: list[tuple[int, int]]) -> list[np.ndarray]:
-    masks = []
-    for b, s in batch_seq:
-        m = np.ones((b, s), dtype=np.int64)
-        if b > 1 and s > 2:
-            m[-1, : s // 3] = 0  # one left-padded row, as batched generation makes
-        masks.append(m)
-    return masks
-
-
-def _shapes(max_seq: int) -> list[tuple[int, int]]:
-    return [(2, min(max_seq, 11)), (1, 1), (3, min(max_seq, 5))]
-
-
-def _validate_first(
-    reference: Any,
-    out: Path,
-    files: dict[str, str],
-    precision: ModelPrecision,
-    max_seq: int,
-    seed: int,
-    gate: bool = True,
-) -> dict[str, Any]:
-    from prism_deploy.core.ort_session import make_session
-
-    tol = tolerances.model_export(precision)
-    session = make_session(out / files["graph"], "cpu")
-    rng = np.random.default_rng(seed)
-    figs = []
-    for mask in _validation_masks(_shapes(max_seq)):
-        ids = rng.integers(0, reference.config.vocab_size, size=mask.shape, dtype=np.int64)
-        got = session.run(["hidden"], {"input_ids": ids, "attention_mask": mask})[0]
-        with torch.no_grad():
-            ref = hf.final_hidden(reference, torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-        figs.append(compare(got, ref, mask))
-    fig = merge(figs)
-    _check("first graph `hidden`", fig, tol, precision, gate)
-    return {"provider": "cpu", "tolerances": tol.to_json(), "hidden": fig}
-
-
-def _embedding_scale_inputs(reference: Any, seed: int) -> Any:
-    """Random inputs the size real adapted prefixes have: rows of the model's own embedding
-    matrix plus noise of the same scale."""
-    rng = np.random.default_rng(seed)
-    table = hf.input_embedding_matrix(reference)
-    scale = float(table.std()) or 1.0
-
-    def random_embeds(b: int, s: int) -> np.ndarray:
-        rows = table[rng.integers(0, table.shape[0], size=(b, s))]
-        return (rows + rng.normal(0, scale, size=rows.shape)).astype(np.float32)
-
-    return random_embeds
-
-
-def _validate_middle(
-    reference: Any,
-    out: Path,
-    files: dict[str, str],
-    precision: ModelPrecision,
-    max_seq: int,
-    seed: int,
-    gate: bool = True,
-) -> dict[str, Any]:
-    from prism_deploy.core.ort_session import make_session
-
-    tol = tolerances.model_export(precision)
-    session = make_session(out / files["graph"], "cpu")
-    io_dtype = precision.float_dtype
-    random_embeds = _embedding_scale_inputs(reference, seed)
-    figs = []
-    for mask in _validation_masks(_shapes(max_seq)):
-        emb = random_embeds(*mask.shape)
-        got = session.run(["hidden"], {"inputs_embeds": emb.astype(io_dtype), "attention_mask": mask})[0]
-        with torch.no_grad():
-            ref = hf.final_hidden(reference, None, torch.from_numpy(mask), inputs_embeds=torch.from_numpy(emb)).numpy()
-        figs.append(compare(got, ref, mask))
-    fig = merge(figs)
-    _check("middle graph `hidden`", fig, tol, precision, gate)
-    return {"provider": "cpu", "tolerances": tol.to_json(), "hidden": fig}
-
-
-def _validate_last(
-    reference: Any,
-    out: Path,
-    files: dict[str, str],
-    precision: ModelPrecision,
-    max_seq: int,
-    seed: int,
-    gate: bool = True,
-) -> dict[str, Any]:
-    from prism_deploy.core.ort_session import make_session
-
-    tol = tolerances.model_export(precision)
-    d = hf.cache_dims(reference.config)
-    io_dtype = precision.float_dtype
-    random_embeds = _embedding_scale_inputs(reference, seed)
-    plain = make_session(out / files["graph"], "cpu")
-    figs = []
-    for mask in _validation_masks(_shapes(max_seq)):
-        emb = random_embeds(*mask.shape)
-        got = plain.run(["logits"], {"inputs_embeds": emb.astype(io_dtype), "attention_mask": mask})[0]
-        with torch.no_grad():
-            ref, _ = hf.causal_lm_forward(
-                reference, inputs_embeds=torch.from_numpy(emb), attention_mask=torch.from_numpy(mask)
-            )
-        figs.append(compare_logits(got, ref.numpy(), mask, tie_gap=tol.tie_gap))
-    fig_plain = merge(figs)
-    _check("last graph `logits`", fig_plain, tol, precision, gate)
-
-    # KV graph: prefill with an empty past, then two steps of 1 and 2 new tokens; each step's
-    # logits against transformers run on the whole sequence so far.
-    past_graph = make_session(out / files["graph_with_past"], "cpu")
-    names = past_names(d["layers"])
-    figs = []
-    b, prefix = 2, min(max_seq - 3, 6)
-    emb_all = random_embeds(b, prefix + 3)
-    mask_all = np.ones((b, prefix + 3), dtype=np.int64)
-    mask_all[1, :2] = 0
-    past = {n: np.zeros((b, d["kv_heads"], 0, d["head_dim"]), dtype=io_dtype) for n in names}
-    start = 0
-    for stop in (prefix, prefix + 1, prefix + 3):
-        feeds = {"inputs_embeds": emb_all[:, start:stop].astype(io_dtype), "attention_mask": mask_all[:, :stop], **past}
-        outs = past_graph.run(None, feeds)
-        past = dict(zip(names, outs[1:]))
-        with torch.no_grad():
-            ref, _ = hf.causal_lm_forward(
-                reference,
-                inputs_embeds=torch.from_numpy(emb_all[:, :stop]),
-                attention_mask=torch.from_numpy(mask_all[:, :stop]),
-            )
-        figs.append(compare_logits(outs[0], ref.numpy()[:, start:stop], mask_all[:, start:stop], tie_gap=tol.tie_gap))
-        start = stop
-    fig_past = merge(figs)
-    _check("last KV-cache graph `logits`", fig_past, tol, precision, gate)
-    return {"provider": "cpu", "tolerances": tol.to_json(), "logits": fig_plain, "logits_with_past": fig_past}
-
-
-# -- validation on real text --------------------------------------------------------------------------
-
-REAL_WINDOWS = 4  # windows of REAL_WINDOW tokens of the corpus' held-out part: 256 tokens
-REAL_WINDOW = 64
-
-
-def _real_text_windows(hf_dir: Any, reference: Any, text_corpus: Any, max_seq: int) -> dict[str, Any] | None:
-    """Token windows of the held-out text under the model's own tokenizer, and whether the
-    float model predicts that text (its perplexity under a tenth of the vocabulary's: a model
-    with random weights scores about the vocabulary size). None without a tokenizer."""
-    from prism_deploy.core import corpus
-    from prism_deploy.core.metrics import perplexity
-    from prism_deploy.models.tokenizers import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(hf_dir)
-    except PrismInputError:
-        return None  # a folder without a tokenizer (the tests' random models): random inputs only
-    length = min(REAL_WINDOW, max_seq)
-    windows = corpus.token_windows(tokenizer, text_corpus.text("held_out"), length, REAL_WINDOWS)
-    if not windows:
-        windows = corpus.token_windows(tokenizer, text_corpus.text("calibration"), length, REAL_WINDOWS)
-    vocab = int(reference.get_input_embeddings().weight.shape[0])
-    windows = [w for w in windows if max(w) < vocab]
-    if not windows:
-        return None
-    ids = np.asarray(windows, dtype=np.int64)
-    logits = _reference_logits(reference, ids)
-    ppl = float(np.mean([perplexity(logits[i], ids[i]) for i in range(len(ids))]))
-    return {
-        "ids": ids,
-        "corpus": text_corpus.describe(),
-        "part": "held_out",
-        "reference_logits": logits,
-        "language_model": bool(ppl < 0.1 * vocab),
-    }
-
-
-def _reference_logits(reference: Any, ids: np.ndarray) -> np.ndarray:
-    mask = torch.ones(ids.shape, dtype=torch.int64)
-    with torch.no_grad():
-        hidden = hf.final_hidden(reference, torch.from_numpy(ids), mask)
-        return _head(reference, hidden.numpy())
-
-
-def _head(reference: Any, hidden: np.ndarray) -> np.ndarray:
-    """The reference's LM head applied to final hidden states (after the final norm)."""
-    head = reference.get_output_embeddings()
-    with torch.no_grad():
-        return head(torch.from_numpy(np.asarray(hidden, np.float32))).float().numpy()
-
-
-def _validate_real_text(
-    reference: Any, out: Path, files: dict[str, str], role: str, precision: ModelPrecision, real: dict[str, Any]
-) -> dict[str, Any]:
-    """The exported graph on real text against the float32 model: its output's figures and,
-    through the model's LM head for a first or middle graph, next-token agreement and perplexity."""
-    from prism_deploy.core.metrics import next_token_quality
-    from prism_deploy.core.ort_session import make_session
-
-    ids = real["ids"]
-    mask = np.ones(ids.shape, dtype=np.int64)
-    io_dtype = precision.float_dtype
-    session = make_session(out / files["graph"], "cpu")
-    table = hf.input_embedding_matrix(reference)
-    if role == "first":
-        got = session.run(["hidden"], {"input_ids": ids, "attention_mask": mask})[0]
-    else:
-        name = "logits" if role == "last" else "hidden"
-        got = session.run([name], {"inputs_embeds": table[ids].astype(io_dtype), "attention_mask": mask})[0]
-    got = np.asarray(got, np.float32)
-    ref_logits = real["reference_logits"]
-    if role == "last":
-        got_logits = got
-        tol = tolerances.real_text(precision) if real["language_model"] else tolerances.model_export(precision)
-        fig = compare_logits(got_logits, ref_logits, mask, tie_gap=tolerances.model_export(precision).tie_gap)
-    else:
-        with torch.no_grad():
-            ref_hidden = hf.final_hidden(reference, torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-        got_logits = _head(reference, got)
-        tol = tolerances.real_text(precision) if real["language_model"] else tolerances.model_export(precision)
-        fig = compare(got, ref_hidden, mask)
-    quality = next_token_quality(list(got_logits), list(ref_logits), list(ids))
-    # a model that does not predict the text (random weights, an encoder without its LM head):
-    # its outputs are checked, its perplexity means nothing
-    bounds = (
-        tol
-        if real["language_model"]
-        else tol.replace(agreement_min=None, perplexity_ratio_max=None, top1_min=None, kl_max=None)
-    )
-    _check_real_text(f"{role} graph", fig, quality, bounds, precision)
-    result = {
-        "provider": "cpu",
-        "corpus": real["corpus"],
-        "part": real["part"],
-        "windows": int(ids.shape[0]),
-        "window_tokens": int(ids.shape[1]),
-        "language_model": real["language_model"],
-        "tolerances": bounds.to_json(),
-        "output": fig,
-        "next_token": quality,
-    }
-    if role == "last" and "graph_with_past" in files:
-        # the decoding graph on the same text: a prefill of three quarters of each window, then
-        # the rest read against that cache
-        d = hf.cache_dims(reference.config)
-        names = past_names(d["layers"])
-        decoder = make_session(out / files["graph_with_past"], "cpu")
-        emb = table[ids].astype(io_dtype)
-        cut = max(1, ids.shape[1] * 3 // 4)
-        past = {n: np.zeros((ids.shape[0], d["kv_heads"], 0, d["head_dim"]), dtype=io_dtype) for n in names}
-        head = decoder.run(None, {"inputs_embeds": emb[:, :cut], "attention_mask": mask[:, :cut], **past})
-        tail = decoder.run(None, {"inputs_embeds": emb[:, cut:], "attention_mask": mask, **dict(zip(names, head[1:]))})
-        got_kv = np.concatenate([np.asarray(head[0], np.float32), np.asarray(tail[0], np.float32)], axis=1)
-        fig_kv = compare_logits(got_kv, ref_logits, mask, tie_gap=tolerances.model_export(precision).tie_gap)
-        quality_kv = next_token_quality(list(got_kv), list(ref_logits), list(ids))
-        _check_real_text("last KV-cache graph", fig_kv, quality_kv, bounds, precision)
-        result["output_with_past"] = fig_kv
-        result["next_token_with_past"] = quality_kv
-    return result
-
-
-def _check_real_text(
-    name: str, fig: dict[str, Any], quality: dict[str, Any], bounds: tolerances.Tolerances, precision: ModelPrecision
-) -> None:
-    bad = bounds.failures({**fig, **{k: v for k, v in quality.items() if k != "tokens"}})
-    if bad:
-        raise CheckFailed(f"{name} on real text ({precision}) diverges from the transformers model: {'; '.join(bad)}")
 
 
 def _eos_token_id(model: Any) -> int | None:

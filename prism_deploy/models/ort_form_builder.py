@@ -251,14 +251,14 @@ def _validate(
 
     from prism_deploy.core.ort_session import make_session
     from prism_deploy.models import hf
-    from prism_deploy.models.lm_export import _check, _embedding_scale_inputs, _shapes, _validation_masks
+    from prism_deploy.models.export_checks import check_figures, embedding_scale_inputs, shapes, validation_masks
 
     tol = tolerances.model_export(precision)
     session = make_session(graph, "cpu")
     rng = np.random.default_rng(seed)
-    random_embeds = _embedding_scale_inputs(reference, seed)
+    random_embeds = embedding_scale_inputs(reference, seed)
     figs = []
-    for mask in _validation_masks(_shapes(max_seq)):
+    for mask in validation_masks(shapes(max_seq)):
         tmask = torch.from_numpy(mask)
         if role == "first":
             ids = rng.integers(0, reference.config.vocab_size, size=mask.shape, dtype=np.int64)
@@ -277,7 +277,7 @@ def _validate(
                     ].numpy()
         figs.append(compare_logits(got, ref, mask, tie_gap=tol.tie_gap) if role == "last" else compare(got, ref, mask))
     fig = merge(figs)
-    _check(f"{role} graph `{OUTPUT[role]}` (ort form)", fig, tol, precision)
+    check_figures(f"{role} graph `{OUTPUT[role]}` (ort form)", fig, tol, precision)
     return {"provider": "cpu", "tolerances": tol.to_json(), OUTPUT[role]: fig}
 
 
