@@ -48,6 +48,7 @@ class KvCache:
         self.real_column = self.real[:, None]  # a view of ``real`` as [batch, 1], the mask's comparand
         self.length = 0  # the mask's length so far, padding included
         self.mask_buffer = np.empty(0, dtype=np.int64)  # made by the prefill
+        self.mask_address = 0  # where mask_buffer's data lies, for binding it by pointer
         # the host arrays the binding points at, kept alive until the next step rebinds them
         self.bound: tuple[np.ndarray, ...] = ()
         # the decode steps' input buffer, bound once (CPU only; None until the first decode step)
@@ -134,7 +135,8 @@ class OrtFormGraph:
         np.less(self._positions(length), cache.real_column, out=feed_mask, casting="unsafe")
         logits = np.empty((batch, 1, self.vocab), dtype=self.output_dtype)
         binding = cache.binding
-        self._bind_array(binding.bind_input, "attention_mask", feed_mask)
+        # the mask by the buffer's address, known since the prefill (numpy's ctypes.data is slow)
+        binding.bind_input("attention_mask", "cpu", 0, feed_mask.dtype, [batch, length], cache.mask_address)
         self._bind_array(binding.bind_output, self.output_name, logits)
         cache.bound = (buffer, feed_mask, logits)
         self.session.run_with_iobinding(binding)
@@ -158,6 +160,7 @@ class OrtFormGraph:
             cache.real = mask.sum(axis=1)
             cache.real_column = cache.real[:, None]
             cache.mask_buffer = np.empty(batch * self.max_seq, dtype=np.int64)
+            cache.mask_address = cache.mask_buffer.ctypes.data
             cache.binding = self._bind_cache(cache)
         elif length != cache.length + new:
             raise ValueError(f"a mask of {length} tokens after {cache.length} cached and {new} new")
