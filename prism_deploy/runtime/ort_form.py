@@ -5,8 +5,11 @@ cache that past and present share. Plain calls feed an empty past. Generation pr
 buffer per layer's key and value at the run's maximum length, ``[batch, kv_heads, max_seq,
 head_dim]``, and binds it (IO binding) as both the past input and the present output: each step
 writes its new positions in place, with no allocation or copy of the cache per step. The
-generation keeps one IO binding (docs/model-forms.md, "The step loop"): a step rebinds only its
-input, mask and logits.
+generation keeps one IO binding (docs/model-forms.md, "The step loop"). On the CPU a decode step
+(one new token per row, after the first such step) binds only what must change: the mask, whose
+shape grows by one each step, and the step's own logits array. Its input goes by a copy into a
+buffer bound once, and ``logits_start`` stays bound, so the Python around the graph run (the part
+of a step ONNX Runtime GenAI does in C++) is a few numpy calls and two binds.
 
 GroupQueryAttention counts a row's real tokens from position 0 (right padding); this project's
 batches are left-padded. The runner feeds each row rolled left by its padding
@@ -32,7 +35,9 @@ class KvCache:
     It also holds the generation's one IO binding (the past/present buffers bound once, each step
     rebinding only its input, mask and logits) and a mask buffer of ``batch * max_seq`` whose
     first ``batch * length`` entries are each step's mask: the step's Python work stays a few
-    binds instead of a new binding, mask and copies per token."""
+    binds instead of a new binding, mask and copies per token. On the CPU the first decode step
+    makes ``step_input``, the ``[batch, 1, hidden]`` input buffer the binding keeps pointing at
+    (with ``logits_start``) for every later decode step."""
 
     def __init__(self, values: dict[str, Any], batch: int) -> None:
         self.values = values
@@ -40,10 +45,14 @@ class KvCache:
         self.shifts: np.ndarray | None = None  # set by the prefill
         self.binding: Any = None  # made by the first step
         self.real = np.zeros(batch, dtype=np.int64)  # each row's real tokens so far (set by the prefill)
+        self.real_column = self.real[:, None]  # a view of ``real`` as [batch, 1], the mask's comparand
         self.length = 0  # the mask's length so far, padding included
         self.mask_buffer = np.empty(0, dtype=np.int64)  # made by the prefill
+        self.mask_address = 0  # where mask_buffer's data lies, for binding it by pointer
         # the host arrays the binding points at, kept alive until the next step rebinds them
         self.bound: tuple[np.ndarray, ...] = ()
+        # the decode steps' input buffer, bound once (CPU only; None until the first decode step)
+        self.step_input: np.ndarray | None = None
 
 
 class OrtFormGraph:
@@ -67,6 +76,8 @@ class OrtFormGraph:
         # a last graph that takes logits_start: a step computes logits at the positions it reads only
         self.selects_positions = LOGITS_START in runner.optional_inputs
         self._starts: dict[int, np.ndarray] = {}
+        # the dtype a step's input is cast to (runner.feed's cast), None where it is fed as given
+        self._input_cast = runner.input_dtype(self.input_name)
 
     def input_dtype(self, name: str) -> np.dtype | None:
         return self.runner.input_dtype(name)
@@ -98,7 +109,42 @@ class OrtFormGraph:
     def step(self, x: Any, attention_mask: Any, cache: KvCache) -> np.ndarray:
         """Logits of each row's last position [batch, vocab]; the new positions written into
         ``cache`` in place. The first call is the prefill (any left padding); later calls add
-        real tokens only. ``attention_mask`` covers past + new tokens, left-padded as elsewhere."""
+        real tokens only. ``attention_mask`` covers past + new tokens, left-padded as elsewhere.
+
+        Each call returns a new array: logits kept from earlier steps stay as they were."""
+        buffer = cache.step_input
+        if buffer is not None:
+            x = host(x)
+            if x.shape == buffer.shape and (self._input_cast is not None or x.dtype == buffer.dtype):
+                return self._decode_step(x, attention_mask, cache, buffer)
+        return self._step(x, attention_mask, cache)
+
+    def _decode_step(self, x: np.ndarray, attention_mask: Any, cache: KvCache, buffer: np.ndarray) -> np.ndarray:
+        """A CPU decode step once the binding holds the input buffer and ``logits_start``: the
+        input copied into the buffer, the grown mask and a new logits array bound, the run."""
+        length = int(shape_of(attention_mask)[1])
+        if length > self.max_seq:
+            raise ValueError(f"{length} tokens exceed the cache's {self.max_seq}")
+        if length != cache.length + 1:
+            raise ValueError(f"a mask of {length} tokens after {cache.length} cached and 1 new")
+        cache.real += 1
+        cache.length = length
+        np.copyto(buffer, x, casting="unsafe")  # runner.feed's cast, into the bound buffer
+        batch = buffer.shape[0]
+        feed_mask = cache.mask_buffer[: batch * length].reshape(batch, length)
+        np.less(self._positions(length), cache.real_column, out=feed_mask, casting="unsafe")
+        logits = np.empty((batch, 1, self.vocab), dtype=self.output_dtype)
+        binding = cache.binding
+        # the mask by the buffer's address, known since the prefill (numpy's ctypes.data is slow)
+        binding.bind_input("attention_mask", "cpu", 0, feed_mask.dtype, [batch, length], cache.mask_address)
+        self._bind_array(binding.bind_output, self.output_name, logits)
+        cache.bound = (buffer, feed_mask, logits)
+        self.session.run_with_iobinding(binding)
+        return logits[:, 0]
+
+    def _step(self, x: Any, attention_mask: Any, cache: KvCache) -> np.ndarray:
+        """Any step: the prefill, a step of several tokens, any step off the CPU, and the first
+        decode step, which binds the input buffer and ``logits_start`` that later ones keep."""
         import onnxruntime as ort
 
         length = int(shape_of(attention_mask)[1])
@@ -112,7 +158,9 @@ class OrtFormGraph:
             shifts = cache.shifts = right_padding_shifts(mask)
             x = roll_rows(x, shifts)
             cache.real = mask.sum(axis=1)
+            cache.real_column = cache.real[:, None]
             cache.mask_buffer = np.empty(batch * self.max_seq, dtype=np.int64)
+            cache.mask_address = cache.mask_buffer.ctypes.data
             cache.binding = self._bind_cache(cache)
         elif length != cache.length + new:
             raise ValueError(f"a mask of {length} tokens after {cache.length} cached and {new} new")
@@ -121,7 +169,7 @@ class OrtFormGraph:
         cache.length = length
         # right-padded: each row's real tokens counted from position 0, written into the buffer
         feed_mask = cache.mask_buffer[: batch * length].reshape(batch, length)
-        np.less(self._positions(length), cache.real[:, None], out=feed_mask, casting="unsafe")
+        np.less(self._positions(length), cache.real_column, out=feed_mask, casting="unsafe")
         binding = cache.binding
         value = np.ascontiguousarray(self.runner.feed(self.input_name, x))
         # the positions whose logits are read: each row's last real one. The prefill's rows are fed
@@ -133,6 +181,9 @@ class OrtFormGraph:
         logits = np.empty((batch, keep, self.vocab), dtype=self.output_dtype)
         start = self._start(keep)
         if self.device == "cpu":  # bind the host arrays where they are: no OrtValue per step
+            cache.step_input = None
+            if not prefill and new == 1:  # the decode steps' input buffer, bound from here on
+                value = cache.step_input = value.copy()
             self._bind_array(binding.bind_input, self.input_name, value)
             self._bind_array(binding.bind_input, "attention_mask", feed_mask)
             if self.selects_positions:

@@ -244,6 +244,43 @@ def test_interleaved_generations_keep_their_own_binding(ort_forms):
         stage.step(np.asarray(table[[0]])[:, None, :], np.ones((1, 20), dtype=np.int64), cb)
 
 
+@pytest.fixture(scope="module")
+def ort_last_int4(zoo, tmp_path_factory):
+    """The tiny Llama's last role in the ort form at int4 (the builder's MatMulNBits)."""
+    _builder_or_skip()
+    from prism_deploy.models.ort_form_builder import export_ort_form
+
+    out = tmp_path_factory.mktemp("forms_int4") / "ort_last"
+    export_ort_form(zoo["llama"], "last", out, precision="int4", max_seq=32)
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_decode_steps_on_the_bound_input_give_the_step_logic_logits_bit_for_bit(ort_forms, ort_last_int4, precision):
+    """Decode steps past the first copy their input into a buffer the binding keeps: a long
+    generation (batch 1, and batch 2 with left padding) gives bit for bit the logits of the
+    step logic that binds each step's input anew, each step's logits its own array."""
+    stage = ModelStage(ort_forms["ort_last"] if precision == "fp32" else ort_last_int4)
+    graph, table = stage.graph, stage.embed_tokens
+    for batch, seed in ((1, 11), (2, 12)):
+        emb, mask = _left_padded(batch, 6, stage.hidden_size, seed=seed)
+        fast, plain = graph.new_cache(batch), graph.new_cache(batch)
+        got, want = [graph.step(emb, mask, fast)], [graph._step(emb, mask, plain)]
+        while mask.shape[1] < graph.max_seq:
+            step = np.asarray(table[want[-1].argmax(-1)])[:, None, :]
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            got.append(graph.step(step, mask, fast))
+            want.append(graph._step(step, mask, plain))  # binds the input anew each step
+            assert fast.bound[0] is fast.step_input  # the bound buffer, not a new input
+        assert len(got) == graph.max_seq - 5
+        for x, y in zip(got, want):  # kept logits untouched by later steps, and equal bit for bit
+            np.testing.assert_array_equal(x, y)
+        for name in graph.names:
+            np.testing.assert_array_equal(fast.values[name].numpy(), plain.values[name].numpy())
+        with pytest.raises(ValueError, match="33 tokens exceed the cache's 32"):
+            graph.step(step, np.ones((batch, 33), dtype=np.int64), fast)
+
+
 def test_ort_form_cli_refusals(ort_forms, zoo, tmp_path, capsys):
     import subprocess
     import sys
