@@ -65,6 +65,11 @@ DEFAULT_PROMPT, DEFAULT_NEW_TOKENS = 64, 32
 # A timing whose 90th percentile exceeds its 10th by more than this is unstable (a core taken by
 # another job, PyTorch's threads collapsing): flagged, and never the base of a speed-up.
 UNSTABLE_SPREAD = 1.5
+# A pause before each runner's generation: the runner timed before it leaves its worker threads
+# spinning for a while after its last call (ONNX Runtime's, GenAI's), and on a 2-core machine they
+# shared the cores with the next one's prefill (model B's ort form at 2 threads: 40.8 ms without
+# the pause, 22.3 ms with it; alone, 21.8 ms; docs/model-forms.md).
+SETTLE_S = 0.05
 
 
 def _stats(samples: list[float]) -> dict[str, float] | None:
@@ -264,6 +269,7 @@ def _run_model_bench(
     first_call: dict[str, float] = {}
     for rep in range(warmup + repeat):
         for name, runner in list(runners.items()):
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             try:
                 p, d = runner.generate(first_in, steps)
