@@ -45,3 +45,34 @@ def test_a_released_model_exports_and_validates_as_a_held_one(zoo, tmp_path, req
 def test_without_validation_the_model_is_loaded_once(zoo, tmp_path, released_loads):
     manifest = export_model(zoo["qwen2"], "last", tmp_path / "q", precision="int8", max_seq=32, validate=False)
     assert len(released_loads) == 1 and manifest["validation"] == {"skipped": True}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_the_graphs_are_validated_with_the_pytorch_model_let_go(zoo, tmp_path, monkeypatch, precision):
+    """Validation runs the float model first and opens the exported graphs' sessions only once
+    it is gone (models/export_checks.py): no PyTorch model is alive when a session opens."""
+    import gc
+    import weakref
+
+    from prism_deploy.core import ort_session
+
+    models, sessions_opened = [], []
+    real_load, real_session = lm_export.hf.load_causal_lm, ort_session.make_session
+
+    def tracked_load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model
+
+    def checked_session(*args, **kwargs):
+        gc.collect()
+        sessions_opened.append([m for m in models if m() is not None])
+        return real_session(*args, **kwargs)
+
+    monkeypatch.setattr(lm_export.hf, "load_causal_lm", tracked_load)
+    monkeypatch.setattr(ort_session, "make_session", checked_session)
+    manifest = export_model(zoo["qwen2"], "last", tmp_path / "m", precision=precision, max_seq=32)
+    assert manifest["validation"]["logits"] and manifest["validation"]["logits_with_past"]
+    # the plain graph and the KV-cache graph on random inputs, then both on real text
+    assert models and len(sessions_opened) == 4 and "real_text" in manifest["validation"]
+    assert sessions_opened == [[], [], [], []]
