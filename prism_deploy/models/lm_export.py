@@ -67,9 +67,7 @@ from prism_deploy.format.stage_io import STAGE_IO
 from prism_deploy.models import export_checks, gguf, hf
 from prism_deploy.models.logits_positions import add_logits_start_to
 
-# Validation against the float32 transformers model: prism_deploy.core.tolerances.model_export
-# (relative L2 over the real tokens, the smallest per-token cosine, top-1 agreement of logits on
-# tokens whose reference top-1/top-2 gap is clear).
+# Validation against the float32 transformers model: prism_deploy.models.export_checks.
 
 
 class _First(torch.nn.Module):
