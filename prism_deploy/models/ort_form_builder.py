@@ -23,6 +23,7 @@ padding, :func:`prism_deploy.format.model_folder.right_padding_shifts`).
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import json
 import os
@@ -105,20 +106,20 @@ def export_ort_form(
         raise PrismInputError(f"{out_dir}: exists and is not a folder")
     check_export_folder(out, force)
     started = time.perf_counter()
-    reference = hf.load_causal_lm(hf_dir, attn_implementation="eager")
-    limit = hf.max_positions(reference.config)
+    # The sizes from the config: the weights are loaded once the builder's process, which holds
+    # its own copy of them, has ended, so the two are never in memory together.
+    config = hf.load_config(hf_dir)
+    limit = hf.max_positions(config)
     if max_seq is None:
         max_seq = min(limit or 2048, 2048)
     if max_seq < 2 or (limit is not None and max_seq > limit):
         raise PrismInputError(f"--max-seq: {max_seq} must be in 2..{limit or 'inf'} (the model's position limit)")
-    dims = hf.cache_dims(reference.config)
+    dims = hf.cache_dims(config)
     if dims["head_dim"] % 16:  # ONNX Runtime's GroupQueryAttention refuses others when it runs
         raise PrismInputError(
             f"{hf_dir}: head size {dims['head_dim']}: the ort graph form needs a multiple of 16 "
             "(GroupQueryAttention); use the portable form"
         )
-    table = reference.get_input_embeddings() if role == "first" else reference.get_output_embeddings()
-    vocab = int(table.weight.shape[0])
     graph_name = f"{role}.onnx"
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -129,24 +130,37 @@ def export_ort_form(
                 (out / MODEL_JSON).unlink(missing_ok=True)
                 files = {"graph": graph_name, "graph_data": graph_name + ".data"}
                 builder = _run_builder(Path(hf_dir), role, out, graph_name, prec, max_seq)
+                reference = hf.load_causal_lm(hf_dir, attn_implementation="eager")
+                table = reference.get_input_embeddings() if role == "first" else reference.get_output_embeddings()
+                vocab = int(table.weight.shape[0])
+                embeddings = hf.input_embedding_matrix(reference)
+                family, eos_token_id, embed_std = (
+                    hf.family(reference),
+                    _eos_token_id(reference),
+                    float(embeddings.std()),
+                )
                 if role == "last":
                     from prism_deploy.models.logits_positions import add_logits_start
 
                     add_logits_start(out / graph_name)  # generation asks for the last position's logits only
                     files["embed_tokens"] = "embed_tokens.npy"
                     with atomic_output(out / files["embed_tokens"]) as tmp, open(tmp, "wb") as fh:
-                        np.save(fh, hf.input_embedding_matrix(reference).astype(np.float32))
+                        np.save(fh, embeddings.astype(np.float32))
                 export_s = time.perf_counter() - started
+                # the float model's outputs first, then the graph's with the model let go (export_checks)
+                expected = _expect(reference, role, max_seq, seed) if validate else None
+                del reference, table, embeddings
+                gc.collect()
                 validation: dict[str, Any] = {"skipped": True}
-                if validate:
-                    validation = _validate(reference, out / graph_name, role, prec, max_seq, dims, seed)
+                if expected is not None:
+                    validation = _check_graph(expected, out / graph_name, role, prec, dims)
                 manifest = {
                     "format": FORMAT,
                     "version": VERSION,
                     "role": role,
                     "graph_form": "ort",
-                    "family": hf.family(reference),
-                    "known_family": hf.family(reference) in hf.KNOWN_FAMILIES,
+                    "family": family,
+                    "known_family": family in hf.KNOWN_FAMILIES,
                     "source": str(Path(hf_dir).resolve()),
                     "precision": prec.value,
                     "max_seq": max_seq,
@@ -157,14 +171,14 @@ def export_ort_form(
                         "kv_heads": dims["kv_heads"],
                         "head_dim": dims["head_dim"],
                     },
-                    "embed_std": float(hf.input_embedding_matrix(reference).std()),
+                    "embed_std": embed_std,
                     "io": ort_form_io(role, dims["layers"]),
                     "files": {key: {"name": name, "sha256": file_sha256(out / name)} for key, name in files.items()},
                     "position_ids": "from the attention mask inside GroupQueryAttention (real tokens counted from the "
                     "left: the runners feed left-padded rows right-padded)",
                     "exporter": builder,
                     "export_seconds": round(export_s, 3),
-                    "eos_token_id": _eos_token_id(reference),
+                    "eos_token_id": eos_token_id,
                     "validation": validation,
                     "versions": _versions(),
                 }
@@ -244,37 +258,49 @@ def run_graph(session: Any, role: str, x: np.ndarray, mask: np.ndarray, dims: di
     return roll_rows(session.run([OUTPUT[role]], feeds)[0], shifts, sign=1)
 
 
-def _validate(
-    reference: Any, graph: Path, role: str, precision: ModelPrecision, max_seq: int, dims: dict[str, int], seed: int
-) -> dict[str, Any]:
+def _expect(reference: Any, role: str, max_seq: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The checks' inputs, each with the float32 model's output: (input, mask, reference)."""
     import torch
 
-    from prism_deploy.core.ort_session import make_session
     from prism_deploy.models import hf
-    from prism_deploy.models.export_checks import check_figures, embedding_scale_inputs, shapes, validation_masks
+    from prism_deploy.models.export_checks import embedding_scale_inputs, shapes, validation_masks
+
+    rng = np.random.default_rng(seed)
+    random_embeds = embedding_scale_inputs(reference, seed)
+    expected = []
+    for mask in validation_masks(shapes(max_seq)):
+        tmask = torch.from_numpy(mask)
+        with torch.no_grad():
+            if role == "first":
+                x = rng.integers(0, reference.config.vocab_size, size=mask.shape, dtype=np.int64)
+                ref = hf.final_hidden(reference, torch.from_numpy(x), tmask).numpy()
+            else:
+                x = random_embeds(*mask.shape)
+                if role == "middle":
+                    ref = hf.final_hidden(reference, None, tmask, inputs_embeds=torch.from_numpy(x)).numpy()
+                else:
+                    ref = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(x), attention_mask=tmask)[
+                        0
+                    ].numpy()
+        expected.append((x, mask, ref))
+    return expected
+
+
+def _check_graph(
+    expected: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    graph: Path,
+    role: str,
+    precision: ModelPrecision,
+    dims: dict[str, int],
+) -> dict[str, Any]:
+    from prism_deploy.core.ort_session import make_session
+    from prism_deploy.models.export_checks import check_figures
 
     tol = tolerances.model_export(precision)
     session = make_session(graph, "cpu")
-    rng = np.random.default_rng(seed)
-    random_embeds = embedding_scale_inputs(reference, seed)
     figs = []
-    for mask in validation_masks(shapes(max_seq)):
-        tmask = torch.from_numpy(mask)
-        if role == "first":
-            ids = rng.integers(0, reference.config.vocab_size, size=mask.shape, dtype=np.int64)
-            got = run_graph(session, role, ids, mask, dims)
-            with torch.no_grad():
-                ref = hf.final_hidden(reference, torch.from_numpy(ids), tmask).numpy()
-        else:
-            emb = random_embeds(*mask.shape)
-            got = run_graph(session, role, emb, mask, dims)
-            with torch.no_grad():
-                if role == "middle":
-                    ref = hf.final_hidden(reference, None, tmask, inputs_embeds=torch.from_numpy(emb)).numpy()
-                else:
-                    ref = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(emb), attention_mask=tmask)[
-                        0
-                    ].numpy()
+    for x, mask, ref in expected:
+        got = run_graph(session, role, x, mask, dims)
         figs.append(compare_logits(got, ref, mask, tie_gap=tol.tie_gap) if role == "last" else compare(got, ref, mask))
     fig = merge(figs)
     check_figures(f"{role} graph `{OUTPUT[role]}` (ort form)", fig, tol, precision)
