@@ -76,3 +76,17 @@ def test_the_child_module_imports_no_torch():
     code = "import sys, prism_deploy.bench.resident, prism_deploy.bench.models; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_folder_case_reads_its_graphs_weights_only_when_asked(zoo, monkeypatch):
+    """Loading a case (what ``--memory``'s child measures) opens its session and nothing else:
+    parsing a graph whose weights are inline would hold them twice more in the measured process."""
+    from prism_deploy.bench import model_runners
+
+    read = []
+    real = model_runners.graph_bytes
+    monkeypatch.setattr(model_runners, "graph_bytes", lambda path: read.append(path) or real(path))
+    case = model_runners.OrtModel(zoo["B"], threads=1)
+    assert read == []
+    assert case.bytes["per_token"] > 0 and read == [case.graph_path]
+    assert case.describe()["weight_bytes_per_token"] == case.bytes["per_token"] and len(read) == 1
