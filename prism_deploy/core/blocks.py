@@ -68,6 +68,12 @@ class DeferredTensor:
         for start, stop in row_ranges(self.shape[0], row_bytes, budget):
             yield self._checked(self.rows(start, stop), (stop - start, *self.shape[1:]))
 
+    @classmethod
+    def of_array(cls, a: np.ndarray) -> DeferredTensor:
+        """An array already in memory, written a block of rows at a time (a strided view, such
+        as a transposed weight, is copied one block at a time, never whole)."""
+        return cls(tuple(int(d) for d in a.shape), a.dtype, lambda start, stop: np.ascontiguousarray(a[start:stop]))
+
     def materialize(self) -> np.ndarray:
         """The whole value as one array (the in-memory model)."""
         out = np.empty(self.shape, dtype=self.dtype)

@@ -93,9 +93,19 @@ def embedding_scale_inputs(reference: Any, seed: int) -> Any:
 # -- pass 1: the PyTorch model ------------------------------------------------------------------------
 
 
-def expect(reference: Any, role: str, max_seq: int, seed: int, hf_dir: Any = None, text_corpus: Any = None) -> Expected:
+def expect(
+    reference: Any,
+    role: str,
+    max_seq: int,
+    seed: int,
+    hf_dir: Any = None,
+    text_corpus: Any = None,
+    *,
+    kv: bool = True,
+) -> Expected:
     """Every input the checks of a ``role`` folder feed, with the float32 model's outputs;
-    real text where ``hf_dir`` has a tokenizer and ``text_corpus`` is given."""
+    real text where ``hf_dir`` has a tokenizer and ``text_corpus`` is given; ``kv``: a last
+    model's KV-cache sequence too."""
     dims = hf.cache_dims(reference.config)
     expected = Expected(role, dims)
     masks = validation_masks(shapes(max_seq))
@@ -116,7 +126,7 @@ def expect(reference: Any, role: str, max_seq: int, seed: int, hf_dir: Any = Non
                 else:
                     ref = hf.causal_lm_forward(reference, inputs_embeds=temb, attention_mask=tmask)[0].numpy()
                 expected.plain.append((emb, mask, ref))
-            if role == "last":
+            if role == "last" and kv:
                 expected.kv = _expect_kv(reference, random_embeds, max_seq)
     if text_corpus is not None:
         expected.real = _expect_real_text(hf_dir, reference, role, text_corpus, max_seq)

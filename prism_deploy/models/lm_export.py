@@ -191,8 +191,9 @@ def export_model(
     traced = reference if dtype == torch.float32 else copy.deepcopy(reference).to(dtype)
     dims = hf.cache_dims(reference.config)
     # first: the ids its embedding table accepts; middle, last: the width of its logits
-    table = reference.get_input_embeddings() if role == "first" else reference.get_output_embeddings()
-    vocab = int(table.weight.shape[0])
+    vocab = int(
+        (reference.get_input_embeddings() if role == "first" else reference.get_output_embeddings()).weight.shape[0]
+    )
     embed_std = float(hf.input_embedding_matrix(reference).std())
     family, eos_token_id = hf.family(reference), _eos_token_id(reference)
     created = not out.exists()
@@ -236,7 +237,7 @@ def export_model(
                         # The PyTorch model is let go while the graphs are quantized (and loaded
                         # again for the validation): holding both took model L's (3.3 GB) int8
                         # export to 2.7x its float weights.
-                        reference = traced = table = None
+                        reference = traced = None
                         gc.collect()
                     for key in ("graph", "graph_with_past"):
                         if key in files:  # quantized in place; a float graph's external data file goes
@@ -268,7 +269,7 @@ def export_model(
                     # the float model's side first, then the graphs' with the model let go: one
                     # session at a time, never beside the float weights (models/export_checks.py)
                     expected = export_checks.expect(reference, role, max_seq, seed, hf_dir, text_corpus)
-                    reference = traced = table = None
+                    reference = traced = None
                     gc.collect()
                     gate_random = expected.real is None or not expected.real["language_model"]
                     validation = export_checks.check(expected, out, files, prec, gate_random)

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,6 +55,9 @@ from prism_deploy.format.model_folder import (
     roll_rows,
 )
 from prism_deploy.format.model_folder import OUTPUT_ORT_FORM as OUTPUT
+
+if TYPE_CHECKING:  # the module loads torch: imported where the export runs
+    from prism_deploy.models.export_checks import Expected
 
 # The builder's precision names on the CPU execution provider (fp16 graphs are written for CUDA).
 BUILDER_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
@@ -89,7 +92,7 @@ def export_ort_form(
 ) -> dict[str, Any]:
     """Export ``hf_dir`` as ``role`` in the ``ort`` form into ``out_dir``, validate it against
     transformers and write model.json; returns the manifest."""
-    from prism_deploy.models import hf
+    from prism_deploy.models import export_checks, hf
 
     role = canonical_role(role)
     prec = ModelPrecision.parse(precision)  # the export's edge: a name from an API caller is parsed once, here
@@ -148,7 +151,7 @@ def export_ort_form(
                         np.save(fh, embeddings.astype(np.float32))
                 export_s = time.perf_counter() - started
                 # the float model's outputs first, then the graph's with the model let go (export_checks)
-                expected = _expect(reference, role, max_seq, seed) if validate else None
+                expected = export_checks.expect(reference, role, max_seq, seed, kv=False) if validate else None
                 del reference, table, embeddings
                 gc.collect()
                 validation: dict[str, Any] = {"skipped": True}
@@ -258,36 +261,8 @@ def run_graph(session: Any, role: str, x: np.ndarray, mask: np.ndarray, dims: di
     return roll_rows(session.run([OUTPUT[role]], feeds)[0], shifts, sign=1)
 
 
-def _expect(reference: Any, role: str, max_seq: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The checks' inputs, each with the float32 model's output: (input, mask, reference)."""
-    import torch
-
-    from prism_deploy.models import hf
-    from prism_deploy.models.export_checks import embedding_scale_inputs, shapes, validation_masks
-
-    rng = np.random.default_rng(seed)
-    random_embeds = embedding_scale_inputs(reference, seed)
-    expected = []
-    for mask in validation_masks(shapes(max_seq)):
-        tmask = torch.from_numpy(mask)
-        with torch.no_grad():
-            if role == "first":
-                x = rng.integers(0, reference.config.vocab_size, size=mask.shape, dtype=np.int64)
-                ref = hf.final_hidden(reference, torch.from_numpy(x), tmask).numpy()
-            else:
-                x = random_embeds(*mask.shape)
-                if role == "middle":
-                    ref = hf.final_hidden(reference, None, tmask, inputs_embeds=torch.from_numpy(x)).numpy()
-                else:
-                    ref = hf.causal_lm_forward(reference, inputs_embeds=torch.from_numpy(x), attention_mask=tmask)[
-                        0
-                    ].numpy()
-        expected.append((x, mask, ref))
-    return expected
-
-
 def _check_graph(
-    expected: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    expected: Expected,
     graph: Path,
     role: str,
     precision: ModelPrecision,
@@ -299,7 +274,7 @@ def _check_graph(
     tol = tolerances.model_export(precision)
     session = make_session(graph, "cpu")
     figs = []
-    for x, mask, ref in expected:
+    for x, mask, ref in expected.plain:
         got = run_graph(session, role, x, mask, dims)
         figs.append(compare_logits(got, ref, mask, tie_gap=tol.tie_gap) if role == "last" else compare(got, ref, mask))
     fig = merge(figs)

@@ -39,7 +39,6 @@ they check the lowering, not only a tolerance.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import os
@@ -503,12 +502,8 @@ def _hold_as_arrays(replaced: dict[str, tuple[list[Any], list[Any], Any]]) -> di
             if array.nbytes < EXTERNAL_MIN_BYTES:
                 continue
             tensor.ClearField("raw_data")
-            held[tensor.name] = DeferredTensor(array.shape, array.dtype, functools.partial(_rows_of, array))
+            held[tensor.name] = DeferredTensor.of_array(array)
     return held
-
-
-def _rows_of(array: np.ndarray, start: int, stop: int) -> np.ndarray:
-    return array[start:stop]
 
 
 def _copy(message: Any) -> Any:

@@ -102,15 +102,8 @@ def attach_weights(model: Any, weights: dict[str, torch.Tensor]) -> dict[str, An
         if tensor.dim() == 0:
             init.raw_data = tensor.cpu().numpy().tobytes()
             continue
-        deferred[value.name] = DeferredTensor(tuple(int(d) for d in tensor.shape), dtype, _rows_of(tensor))
+        # a view of the tensor's memory (strided for a folded transpose): rows are copied as written
+        deferred[value.name] = DeferredTensor.of_array(tensor.cpu().numpy())
     del graph.input[:]
     graph.input.extend(i for i in inputs if i.name not in weights)
     return deferred
-
-
-def _rows_of(tensor: torch.Tensor) -> Any:
-    def rows(start: int, stop: int) -> np.ndarray:
-        # a view of the tensor's memory where it is contiguous: nothing is copied but the rows written
-        return np.ascontiguousarray(tensor[start:stop].cpu().contiguous().numpy())
-
-    return rows
